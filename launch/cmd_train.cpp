@@ -1,0 +1,35 @@
+// `peerless train CONFIG [--set key=value]... [--dry-run]`.
+#include <cstdio>
+
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "launch/trainer.h"
+#include "parallel/comm.h"
+#include "runtime/config.h"
+
+namespace peerless {
+
+int cmd_train(const Args& args) {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  bool dry_run = false, overwrite = false, list_keys = false;
+  ArgParser p("train", "Train a model. Writes runs/<run.name>/: config.toml, metrics.jsonl, model.h5, samples.txt.");
+  p.positional("CONFIG", &config_path, "TOML config (see configs/); keys not given keep their defaults");
+  p.repeated("set", &overrides, "KEY=VALUE", "override one config key, e.g. --set optim.lr=1e-3");
+  p.flag("dry-run", &dry_run, "validate config and data, print parameter and memory accounting, exit");
+  p.flag("overwrite", &overwrite, "replace an existing run directory of the same name");
+  p.flag("list-keys", &list_keys, "print every config key with its default and allowed range");
+  if (!p.parse(args)) return 0;
+  if (list_keys) {
+    RunConfig defaults;
+    ConfigSchema schema;
+    defaults.bind(schema);
+    std::fputs(schema.help_text().c_str(), stdout);
+    return 0;
+  }
+  RunConfig cfg = load_run_config(config_path, overrides);
+  auto comm = make_single_comm();
+  return run_training(cfg, TrainOptions{dry_run, overwrite}, *comm);
+}
+
+}  // namespace peerless

@@ -1,0 +1,18 @@
+// The subcommand table of the `peerless` binary. Each subcommand lives in launch/cmd_<name>.cpp,
+// takes its arguments (without the subcommand name) and returns the process exit status. Errors
+// are thrown as peerless::Error and reported by main.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace peerless {
+
+using Args = std::vector<std::string>;
+
+int cmd_prepare(const Args& args);
+int cmd_train(const Args& args);
+int cmd_eval(const Args& args);
+int cmd_sample(const Args& args);
+
+}  // namespace peerless

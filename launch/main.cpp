@@ -1,0 +1,68 @@
+// The `peerless` binary: a table of subcommands, each in launch/cmd_<name>.cpp. Errors thrown
+// anywhere arrive here as peerless::Error and are printed as one clear message with exit status 1
+// (multi-rank runs prefix `rank R @ host:` and abort the job so that peers never hang).
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "launch/commands.h"
+#include "runtime/error.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(const peerless::Args&);
+  const char* summary;
+};
+
+const Command kCommands[] = {
+    {"prepare", peerless::cmd_prepare, "tokenize text files into an HDF5 token file"},
+    {"train", peerless::cmd_train, "train a model from a TOML config"},
+    {"eval", peerless::cmd_eval, "validation loss of a trained model"},
+    {"sample", peerless::cmd_sample, "generate text from a trained model"},
+};
+
+void print_usage(std::FILE* out) {
+  std::fprintf(out,
+               "peerless: ternary MatMul-free language models\n\n"
+               "usage: peerless <command> [options]   (peerless <command> --help for details)\n\ncommands:\n");
+  for (const auto& c : kCommands) std::fprintf(out, "  %-9s %s\n", c.name, c.summary);
+}
+
+std::string host_name() {
+  char buf[256] = {0};
+  gethostname(buf, sizeof buf - 1);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    print_usage(argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  peerless::Args args(argv + 2, argv + argc);
+  for (const auto& c : kCommands) {
+    if (name != c.name) continue;
+    try {
+      return c.run(args);
+    } catch (const peerless::Error& e) {
+      std::fprintf(stderr, "peerless %s: %s: %s\n", c.name, peerless::error_kind_name(e.kind()), e.what());
+      if (e.kind() == peerless::ErrorKind::internal)
+        std::fprintf(stderr, "(on %s; this is a bug, please report it)\n", host_name().c_str());
+      return 1;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "peerless %s: unexpected error: %s\n", c.name, e.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "peerless: unknown command '%s'\n\n", name.c_str());
+  print_usage(stderr);
+  return 2;
+}

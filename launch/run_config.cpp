@@ -1,0 +1,93 @@
+// Keys, ranges and help of every config field, and whole-config validation.
+#include "launch/run_config.h"
+
+#include <limits>
+
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+constexpr int64_t kBig = int64_t{1} << 40;
+}
+
+void RunConfig::bind(ConfigSchema& s) {
+  s.add_string("run.name", &run.name, "run directory name (runs/<name>/)");
+  s.add_string("run.out_dir", &run.out_dir, "parent directory of run directories");
+  s.add_int("run.seed", &run.seed, 0, kBig, "seed for initialization and data order");
+  s.add_int("run.threads", &run.threads, 0, 1024, "CPU threads (0 = all cores)");
+
+  s.add_int("model.vocab_size", &model.vocab_size, 0, 1 << 24, "vocabulary size (0 = from the data file)");
+  s.add_int("model.d_model", &model.d_model, 1, 65536, "model width d");
+  s.add_int("model.n_layers", &model.n_layers, 1, 1024, "number of blocks L");
+  s.add_int("model.intermediate", &model.intermediate, 0, 1 << 20, "GLU width I (0 = 256*ceil(int(8d/3)/256))");
+  s.add_float("model.norm_eps", &model.norm_eps, 1e-12, 1e-2, "RMSNorm epsilon");
+  s.add_float("model.init_std", &model.init_std, 1e-6, 1.0, "std of the normal initializations");
+  s.add_choice("model.gate_form", &model.gate_form, {"code", "paper"},
+               "MLGRU output gate: code = RMSNorm(g)*h*sigmoid(h), paper = sigmoid(g)*h");
+  s.add_choice("model.quant", &model.quant, {"ternary", "none"},
+               "projections: ternary BitLinear, or full precision (ablation, gradient checks)");
+  s.add_choice("model.glu_activation", &model.glu_activation, {"silu", "relu2"}, "channel-mixer activation");
+
+  s.add_string("data.path", &data.path, "token file made by `peerless prepare`");
+  s.add_int("data.seq_len", &data.seq_len, 1, 1 << 20, "tokens per training window T");
+
+  s.add_int("train.micro_batch", &train.micro_batch, 1, 1 << 20, "sequences per micro-batch");
+  s.add_int("train.accum_steps", &train.accum_steps, 1, 1 << 16, "micro-batches per optimizer step");
+  s.add_int("train.max_steps", &train.max_steps, 1, kBig, "optimizer steps");
+  s.add_float("train.time_limit_minutes", &train.time_limit_minutes, 0, 1e7, "stop after this long (0 = none)");
+  s.add_int("train.log_every", &train.log_every, 1, kBig, "steps between metrics lines");
+  s.add_int("train.eval_every", &train.eval_every, 0, kBig, "steps between validation evals (0 = end only)");
+  s.add_int("train.eval_windows", &train.eval_windows, 0, kBig, "validation windows per eval (0 = all)");
+  s.add_int("train.final_eval_windows", &train.final_eval_windows, 0, kBig, "validation windows at the end (0 = all)");
+  s.add_int("train.sample_tokens", &train.sample_tokens, 0, 1 << 20, "tokens sampled at the end (0 = none)");
+  s.add_string("train.sample_prompt", &train.sample_prompt, "prompt of the final sample");
+  s.add_float("train.sample_temperature", &train.sample_temperature, 0, 100, "temperature of the final sample");
+
+  s.add_float("optim.lr", &optim.lr, 0, 10, "peak learning rate");
+  s.add_float("optim.lr_min", &optim.lr_min, 0, 10, "final learning rate of the decay");
+  s.add_int("optim.warmup_steps", &optim.warmup_steps, 0, kBig, "linear warmup steps");
+  s.add_choice("optim.schedule", &optim.schedule, {"cosine", "linear", "constant"}, "decay after warmup");
+  s.add_float("optim.beta1", &optim.beta1, 0, 0.999999, "AdamW beta1");
+  s.add_float("optim.beta2", &optim.beta2, 0, 0.999999999, "AdamW beta2");
+  s.add_float("optim.eps", &optim.eps, 1e-30, 1, "AdamW epsilon");
+  s.add_float("optim.weight_decay", &optim.weight_decay, 0, 10, "decoupled weight decay");
+  s.add_bool("optim.decay_embedding", &optim.decay_embedding, "apply weight decay to the embedding");
+  s.add_bool("optim.decay_gains", &optim.decay_gains, "apply weight decay to RMSNorm gains");
+  s.add_bool("optim.decay_lower_bounds", &optim.decay_lower_bounds, "apply weight decay to MLGRU lower bounds");
+  s.add_float("optim.grad_clip", &optim.grad_clip, 0, 1e9, "max global gradient L2 norm (0 = off)");
+}
+
+static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
+                        const std::string& context, std::string* toml_text) {
+  schema.check_ranges(errors);
+  cfg.model.validate(errors);
+  cfg.optim.validate(errors);
+  if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
+    errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
+  if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");
+  throw_if_errors(errors, context);
+  if (toml_text) *toml_text = schema.to_toml();
+  return cfg;
+}
+
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides, std::string* toml_text) {
+  RunConfig cfg;
+  ConfigSchema schema;
+  cfg.bind(schema);
+  std::vector<std::string> errors;
+  if (!path.empty()) schema.load_toml_file(path, errors);
+  for (const auto& o : overrides) schema.apply_override(o, errors);
+  return finish(cfg, schema, errors, cat("invalid config ", path.empty() ? "(defaults)" : path), toml_text);
+}
+
+RunConfig parse_run_config_text(const std::string& text, const std::string& origin) {
+  RunConfig cfg;
+  ConfigSchema schema;
+  cfg.bind(schema);
+  std::vector<std::string> errors;
+  schema.load_toml_string(text, origin, errors);
+  return finish(cfg, schema, errors, cat("invalid config ", origin), nullptr);
+}
+
+}  // namespace peerless

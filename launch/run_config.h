@@ -1,0 +1,60 @@
+// The effective configuration of a run: plain structs with defaults, bound to TOML keys with their
+// allowed ranges (run_config.cpp), loaded from a file plus `--set section.key=value` overrides and
+// validated as a whole (every problem reported at once).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/model_config.h"
+#include "model/optimizer.h"
+#include "runtime/config.h"
+
+namespace peerless {
+
+struct RunSection {
+  std::string name = "default";  // run directory name under out_dir
+  std::string out_dir = "runs";
+  int64_t seed = 1234;           // initialization and data order
+  int64_t threads = 0;           // CPU threads; 0 = all cores
+};
+
+struct DataSection {
+  std::string path = "runs/data/tinyshakespeare-byte.h5";  // made by `peerless prepare`
+  int64_t seq_len = 256;         // T: tokens per training window
+};
+
+struct TrainSection {
+  int64_t micro_batch = 16;      // sequences per forward/backward on one rank
+  int64_t accum_steps = 1;       // micro-batches per optimizer step
+  int64_t max_steps = 1000;
+  double time_limit_minutes = 0; // stop early (and still evaluate/save) after this long; 0 = none
+  int64_t log_every = 10;
+  int64_t eval_every = 100;      // 0 = only at the end
+  int64_t eval_windows = 32;     // validation windows per periodic eval; 0 = the whole split
+  int64_t final_eval_windows = 0;  // at the end; 0 = the whole validation split
+  int64_t sample_tokens = 400;   // sample written at the end; 0 = none
+  std::string sample_prompt = "";
+  double sample_temperature = 0.8;
+};
+
+struct RunConfig {
+  RunSection run;
+  ModelConfig model;
+  DataSection data;
+  TrainSection train;
+  OptimConfig optim;
+
+  // Binds every field to its key, range and help text.
+  void bind(ConfigSchema& schema);
+};
+
+// Defaults ← TOML file (may be empty for pure defaults) ← overrides; throws a config Error listing
+// every problem. `toml_text` receives the effective config.
+RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides,
+                          std::string* toml_text = nullptr);
+// Same, from TOML text (used when reloading the config stored with a model).
+RunConfig parse_run_config_text(const std::string& text, const std::string& origin);
+
+}  // namespace peerless

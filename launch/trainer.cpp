@@ -1,0 +1,331 @@
+// The training loop (see trainer.h).
+#include "launch/trainer.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "data/dataset.h"
+#include "data/loader.h"
+#include "launch/model_file.h"
+#include "model/cpu_threads.h"
+#include "model/optimizer.h"
+#include "runtime/error.h"
+#include "runtime/rng.h"
+
+namespace peerless {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) b /= 1024, ++u;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f %s", b, units[u]);
+  return buf;
+}
+
+std::string human_count(int64_t n) {
+  std::string s = std::to_string(n), out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i && (s.size() - i) % 3 == 0) out += ',';
+    out += s[i];
+  }
+  return out;
+}
+
+std::string human_duration(double s) {
+  char buf[64];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s) / 3600, (static_cast<int>(s) / 60) % 60);
+  return buf;
+}
+
+// One line of metrics.jsonl. Keys are exactly those documented in the README.
+std::string metrics_line(int64_t step, int64_t tokens, double loss, double lr, double grad_norm, double tokens_per_s,
+                         const double* val_loss) {
+  char buf[512];
+  int n = std::snprintf(buf, sizeof buf,
+                        "{\"step\": %lld, \"tokens\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, "
+                        "\"tokens_per_s\": %.1f",
+                        static_cast<long long>(step), static_cast<long long>(tokens), loss, lr, grad_norm, tokens_per_s);
+  if (val_loss) n += std::snprintf(buf + n, sizeof buf - n, ", \"val_loss\": %.6f", *val_loss);
+  std::snprintf(buf + n, sizeof buf - n, "}\n");
+  return buf;
+}
+
+void write_text_file(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    out.flush();
+    PL_CHECK(out.good(), io, "cannot write ", tmp.string(), " (disk full or no permission?)");
+  }
+  fs::rename(tmp, path);
+}
+
+}  // namespace
+
+std::string describe_model(const Model& model, const RunConfig& cfg, int world) {
+  const ParamLayout& layout = model.layout();
+  const int64_t total = layout.count(), ternary = layout.count(ParamKind::ternary_weight);
+  const double latent = 4.0 * static_cast<double>(layout.total());
+  const double grads = latent, adam = 2 * latent, codes = static_cast<double>(ternary);
+  const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
+  const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
+  std::ostringstream os;
+  os << "parameters: " << total << "\n";
+  os << "  ternary: " << ternary << " (" << human_count(ternary) << "), full precision: " << total - ternary
+     << " (embedding " << layout.count(ParamKind::embedding) << ", gains " << layout.count(ParamKind::gain)
+     << ", lower bounds " << layout.count(ParamKind::lower_bound) << ")\n";
+  os << "  model: d_model " << cfg.model.d_model << ", layers " << cfg.model.n_layers << ", GLU width "
+     << model.intermediate() << ", vocab " << cfg.model.vocab_size << ", quant " << cfg.model.quant << "\n";
+  os << "memory per rank (world " << world << "): latent fp32 " << human_bytes(latent) << ", gradients "
+     << human_bytes(grads) << ", AdamW moments " << human_bytes(adam) << ", ternary codes " << human_bytes(codes)
+     << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
+     << cfg.data.seq_len << ")\n";
+  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + acts) << "\n";
+  return os.str();
+}
+
+EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
+                    int64_t seq_len, int64_t max_windows, int64_t batch) {
+  const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
+  EvalWindows windows(tokens, seq_len, max_windows);
+  EvalResult r;
+  double sum = 0;
+  ForwardContext ctx;
+  std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
+  for (int64_t first = 0; first < windows.count(); first += batch) {
+    const int64_t n = std::min(batch, windows.count() - first);
+    windows.fill(first, n, inputs.data(), targets.data());
+    sum += model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
+    r.tokens += n * seq_len;
+  }
+  r.mean_loss = r.tokens ? sum / static_cast<double>(r.tokens) : 0.0;
+  return r;
+}
+
+std::vector<int32_t> sample_tokens(const Model& model, const float* params, const std::vector<int32_t>& prompt,
+                                   int64_t n_tokens, double temperature, int64_t top_k, uint64_t seed) {
+  PL_CHECK(!prompt.empty(), config, "sampling needs a prompt of at least one token");
+  Model::DecodeState state;
+  model.decode_reset(state);
+  for (int32_t t : prompt) model.decode_step(params, t, state);
+  std::vector<int32_t> out = prompt;
+  Rng rng(hash_keys(seed, 0x5A3));
+  const int64_t V = model.config().vocab_size;
+  std::vector<std::pair<float, int32_t>> order(V);
+  std::vector<double> probs(V);
+  for (int64_t i = 0; i < n_tokens; ++i) {
+    const float* logits = state.logits.data();
+    int32_t next = 0;
+    if (temperature <= 0) {
+      next = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+    } else {
+      for (int64_t v = 0; v < V; ++v) order[v] = {logits[v], static_cast<int32_t>(v)};
+      int64_t k = (top_k > 0 && top_k < V) ? top_k : V;
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+      double z = 0;
+      for (int64_t j = 0; j < k; ++j) z += probs[j] = std::exp((order[j].first - order[0].first) / temperature);
+      double u = rng.uniform() * z;
+      next = order[k - 1].second;
+      for (int64_t j = 0; j < k; ++j) {
+        if ((u -= probs[j]) <= 0) {
+          next = order[j].second;
+          break;
+        }
+      }
+    }
+    out.push_back(next);
+    model.decode_step(params, next, state);
+  }
+  return out;
+}
+
+int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
+  const int rank = comm.rank(), world = comm.size();
+  const bool lead = rank == 0;
+  if (cfg.run.threads > 0) set_cpu_threads(static_cast<int>(cfg.run.threads));
+
+  // Data first: it decides the vocabulary when the config leaves it open.
+  std::unique_ptr<TokenDataset> data;
+  std::string data_note;
+  if (fs::exists(cfg.data.path) || !options.dry_run) {
+    data = std::make_unique<TokenDataset>(cfg.data.path);
+    if (cfg.model.vocab_size == 0) cfg.model.vocab_size = data->vocab_size();
+    PL_CHECK(data->vocab_size() <= cfg.model.vocab_size, config, "the data file ", cfg.data.path, " has vocabulary ",
+             data->vocab_size(), " but model.vocab_size = ", cfg.model.vocab_size,
+             " (set model.vocab_size = 0 to take it from the data)");
+    const int64_t n_train = data->split(Split::train).size(), n_val = data->split(Split::val).size();
+    PL_CHECK(n_train >= cfg.data.seq_len + 1, data, "the train split of ", cfg.data.path, " has ", n_train,
+             " tokens, fewer than data.seq_len + 1 = ", cfg.data.seq_len + 1);
+    PL_CHECK(n_val >= cfg.data.seq_len + 1, data, "the validation split of ", cfg.data.path, " has ", n_val,
+             " tokens, fewer than data.seq_len + 1 = ", cfg.data.seq_len + 1, " (prepare with a larger --val-fraction)");
+    data_note = cat("data: ", cfg.data.path, " (", data->tokenizer().kind(), " tokenizer, vocab ", data->vocab_size(),
+                    ", train ", human_count(n_train), " tokens, val ", human_count(n_val), " tokens)");
+  } else {
+    PL_CHECK(cfg.model.vocab_size > 0, config, "data file '", cfg.data.path,
+             "' does not exist and model.vocab_size = 0 leaves the vocabulary open; prepare the data first");
+    data_note = cat("data: ", cfg.data.path, " does not exist yet (prepare it before training)");
+  }
+  ConfigSchema schema;
+  cfg.bind(schema);
+  const std::string config_text = schema.to_toml();
+
+  Model model(cfg.model);
+  if (lead) std::printf("%s%s\n", describe_model(model, cfg, world).c_str(), data_note.c_str());
+  if (options.dry_run) {
+    if (lead) std::printf("dry run: config valid, nothing trained\n");
+    return 0;
+  }
+
+  const fs::path run_dir = fs::path(cfg.run.out_dir) / cfg.run.name;
+  if (lead) {
+    if (fs::exists(run_dir / "metrics.jsonl") && !options.overwrite)
+      PL_FAIL(config, "run directory ", run_dir.string(), " already holds a run; choose another run.name (--set run.name=...) or pass --overwrite");
+    fs::create_directories(run_dir);
+    write_text_file(run_dir / "config.toml", config_text);
+  }
+  comm.barrier();
+
+  const int64_t T = cfg.data.seq_len, B = cfg.train.micro_batch, A = cfg.train.accum_steps;
+  const int64_t G = B * A * world;  // sequences per optimizer step
+  const int64_t total = model.layout().total();
+  std::vector<float> params(total), grads(total);
+  model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
+  model.refresh_ternary(params.data());
+  AdamW adam(cfg.optim, model.layout());
+  BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
+
+  std::FILE* metrics = nullptr;
+  if (lead) {
+    metrics = std::fopen((run_dir / "metrics.jsonl").c_str(), "w");
+    PL_CHECK(metrics, io, "cannot create ", (run_dir / "metrics.jsonl").string());
+    std::printf("run: %s  (global batch %lld sequences x %lld tokens = %lld tokens/step, %lld steps)\n",
+                run_dir.c_str(), static_cast<long long>(G), static_cast<long long>(T), static_cast<long long>(G * T),
+                static_cast<long long>(cfg.train.max_steps));
+    std::fflush(stdout);
+  }
+
+  ForwardContext ctx;
+  std::vector<int32_t> inputs(B * T), targets(B * T);
+  const auto t_start = Clock::now();
+  auto t_window = t_start;
+  int64_t tokens_seen = 0, window_tokens = 0, last_step = 0;
+  double window_loss = 0;
+  int64_t window_steps = 0;
+  bool stopped_by_time = false;
+  const float grad_scale = 1.0f / static_cast<float>(G * T);
+
+  for (int64_t step = 1; step <= cfg.train.max_steps; ++step) {
+    std::fill(grads.begin(), grads.end(), 0.f);
+    double loss_sum = 0;
+    for (int64_t a = 0; a < A; ++a) {
+      const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
+      loader.fill(step, first, n, inputs.data(), targets.data());
+      const double loss = model.forward(params.data(), inputs.data(), targets.data(), n, T, ctx);
+      PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
+               "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr,
+               ") or check the data; the metrics so far are in ", (run_dir / "metrics.jsonl").string());
+      model.backward(params.data(), ctx, grad_scale, grads.data());
+      loss_sum += loss;
+    }
+    comm.all_reduce(grads.data(), total, DType::f32, ReduceOp::sum);
+    comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
+    const double step_loss = loss_sum / static_cast<double>(G * T);
+    const double gnorm = grad_norm_l2(grads.data(), total);
+    PL_CHECK(std::isfinite(gnorm), numeric, "the gradient norm is ", gnorm, " at step ", step, " (loss ", step_loss,
+             "); stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
+    if (cfg.optim.grad_clip > 0 && gnorm > cfg.optim.grad_clip)
+      scale_in_place(grads.data(), total, static_cast<float>(cfg.optim.grad_clip / gnorm));
+    const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
+    adam.step(params.data(), grads.data(), 0, total, step, lr);
+    model.refresh_ternary(params.data());
+
+    tokens_seen += G * T;
+    window_tokens += G * T;
+    window_loss += step_loss;
+    ++window_steps;
+    last_step = step;
+    const double elapsed = seconds_since(t_start);
+    stopped_by_time = cfg.train.time_limit_minutes > 0 && elapsed > 60.0 * cfg.train.time_limit_minutes;
+    const bool last = step == cfg.train.max_steps || stopped_by_time;
+    const bool eval_now = !last && cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0;
+    if (step % cfg.train.log_every == 0 || eval_now || last) {
+      double val = 0;
+      if (eval_now) val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B).mean_loss;
+      const double tps = static_cast<double>(window_tokens) / std::max(1e-9, seconds_since(t_window));
+      if (lead) {
+        const double avg_loss = window_loss / static_cast<double>(window_steps);
+        const double per_step = elapsed / static_cast<double>(step);
+        double eta = per_step * static_cast<double>(cfg.train.max_steps - step);
+        if (cfg.train.time_limit_minutes > 0) eta = std::min(eta, 60.0 * cfg.train.time_limit_minutes - elapsed);
+        std::fputs(metrics_line(step, tokens_seen, avg_loss, lr, gnorm, tps, eval_now ? &val : nullptr).c_str(), metrics);
+        std::fflush(metrics);
+        std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | ETA %s%s\n",
+                    static_cast<long long>(step), static_cast<long long>(cfg.train.max_steps), avg_loss, lr, gnorm, tps,
+                    human_duration(std::max(0.0, eta)).c_str(), eval_now ? cat(" | val ", val).c_str() : "");
+        std::fflush(stdout);
+      }
+      t_window = Clock::now();
+      window_tokens = 0;
+      window_loss = 0;
+      window_steps = 0;
+    }
+    if (stopped_by_time) {
+      if (lead) std::printf("time limit of %.1f minutes reached after step %lld\n", cfg.train.time_limit_minutes,
+                            static_cast<long long>(step));
+      break;
+    }
+  }
+  const double train_seconds = seconds_since(t_start);
+
+  // Final evaluation on the held-out split, the model file and a sample.
+  const EvalResult final_eval = evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B);
+  PL_CHECK(std::isfinite(final_eval.mean_loss), numeric, "the final validation loss is ", final_eval.mean_loss);
+  if (lead) {
+    std::fputs(metrics_line(last_step, tokens_seen, final_eval.mean_loss, learning_rate(cfg.optim, last_step, cfg.train.max_steps),
+                            0.0, static_cast<double>(tokens_seen) / train_seconds, &final_eval.mean_loss)
+                   .c_str(),
+               metrics);
+    std::fclose(metrics);
+    save_model_file((run_dir / "model.h5").string(), model, params.data(), config_text, last_step, tokens_seen);
+    std::printf("trained %lld steps (%s tokens) in %s, %.0f tokens/s\n", static_cast<long long>(last_step),
+                human_count(tokens_seen).c_str(), human_duration(train_seconds).c_str(),
+                static_cast<double>(tokens_seen) / train_seconds);
+    std::printf("validation loss: %.4f nats/token over %s held-out tokens (%.4f bits/token)\n", final_eval.mean_loss,
+                human_count(final_eval.tokens).c_str(), final_eval.mean_loss / std::log(2.0));
+    if (cfg.train.sample_tokens > 0) {
+      const Tokenizer& tok = data->tokenizer();
+      std::vector<int32_t> prompt = tok.encode(cfg.train.sample_prompt.empty() ? "\n" : cfg.train.sample_prompt);
+      if (prompt.empty()) prompt.push_back(0);
+      const auto ids = sample_tokens(model, params.data(), prompt, cfg.train.sample_tokens,
+                                     cfg.train.sample_temperature, 0, static_cast<uint64_t>(cfg.run.seed));
+      write_text_file(run_dir / "samples.txt", tok.decode(ids) + "\n");
+    }
+    std::printf("run directory: %s (config.toml, metrics.jsonl, model.h5%s)\n", run_dir.c_str(),
+                cfg.train.sample_tokens > 0 ? ", samples.txt" : "");
+  }
+  return 0;
+}
+
+}  // namespace peerless

@@ -1,0 +1,44 @@
+// The training loop: data-parallel ready (a Comm, (rank, world) sharding of every global batch),
+// gradient accumulation, clipping, AdamW on the latent weights with the ternary forward copies
+// refreshed after each update, periodic validation, metrics.jsonl, a progress line, NaN guards,
+// and the run directory (effective config, metrics, model, samples).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "launch/run_config.h"
+#include "model/model.h"
+#include "parallel/comm.h"
+
+namespace peerless {
+
+class TokenDataset;
+
+struct TrainOptions {
+  bool dry_run = false;
+  bool overwrite = false;  // replace an existing run directory
+};
+
+// Trains per `cfg`; returns the process exit status.
+int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm);
+
+// Mean loss (nats/token) of the model over contiguous non-overlapping windows of seq_len + 1
+// tokens of `split_tokens`, at most max_windows of them (0 = all), batch windows at a time.
+struct EvalResult {
+  double mean_loss = 0;
+  int64_t tokens = 0;
+};
+EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
+                    int64_t seq_len, int64_t max_windows, int64_t batch);
+
+// Samples `n_tokens` continuation tokens of `prompt` ids with temperature (0 = greedy), top-k (0 =
+// off) and a seed. Returns prompt + continuation ids.
+std::vector<int32_t> sample_tokens(const Model& model, const float* params, const std::vector<int32_t>& prompt,
+                                   int64_t n_tokens, double temperature, int64_t top_k, uint64_t seed);
+
+// Parameter and memory accounting printed by --dry-run and at the start of training.
+std::string describe_model(const Model& model, const RunConfig& cfg, int world);
+
+}  // namespace peerless

@@ -1,0 +1,116 @@
+// The MatMul-free LM (SPEC §2): embedding, L blocks of [RMSNorm → MLGRU token mixer, RMSNorm → GLU
+// channel mixer] on an fp32 residual stream, final RMSNorm, ternary lm_head, cross-entropy.
+//
+// Parameters live in flat buffers described by a ParamLayout (runtime/param_layout.h); the model
+// holds the layout plus the ternary forward copies (int8 codes + one β per weight tensor), which
+// refresh_ternary() recomputes from the latent weights after every optimizer update. forward()
+// fills a ForwardContext with everything backward() needs; backward() consumes it and accumulates
+// into a gradient buffer of the same layout.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/model_config.h"
+#include "model/ops/glu.h"
+#include "model/ops/mlgru.h"
+#include "runtime/param_layout.h"
+
+namespace peerless {
+
+// Index of each parameter of one block in the layout.
+struct BlockParams {
+  int mixer_norm, i_gain, i_w, f_gain, f_w, g_gain, g_w, g_norm, o_gain, o_w;
+  int mlp_norm, gate_gain, gate_w, down_gain, down_w;
+};
+
+// Saved activations of one BitLinear call: reciprocal std of its RMSNorm, int8 activation codes and
+// per-token scales (enough to recompute both straight-through products in backward).
+struct BitLinearCache {
+  std::vector<float> rstd;     // (M)
+  std::vector<int8_t> codes;   // (M, K)
+  std::vector<float> scale;    // (M)
+};
+
+struct BlockCache {
+  std::vector<float> x_in;        // (M, d) residual stream entering the block
+  std::vector<float> xn, rstd1;   // (M, d), (M) mixer pre-norm
+  std::vector<float> ihat, fhat, ghat;  // (M, d)
+  std::vector<float> f, h;        // (M, d) gate and hidden state of the scan
+  std::vector<float> gn, g_rstd;  // (M, d), (M) RMSNorm_g(ĝ) (code form)
+  std::vector<float> o;           // (M, d) gated output, input of o_proj
+  std::vector<float> x_mid;       // (M, d) residual after the mixer
+  std::vector<float> xn2, rstd2;  // (M, d), (M) channel-mixer pre-norm
+  std::vector<float> au;          // (M, 2I)
+  std::vector<float> z;           // (M, I)
+  BitLinearCache bl_i, bl_f, bl_g, bl_o, bl_gate, bl_down;
+};
+
+// Everything forward() produced that backward() needs. Reused across steps (buffers only grow).
+struct ForwardContext {
+  int64_t batch = 0, seq = 0;
+  std::vector<int32_t> ids, targets;  // (M)
+  std::vector<float> lb;              // (L, d) lower bounds
+  std::vector<BlockCache> blocks;
+  std::vector<float> x_final, xf, rstd_f;  // (M, d), (M, d), (M)
+  BitLinearCache bl_head;
+  std::vector<float> logits;          // (M, V); holds dlogits after backward starts
+  std::vector<float> losses;          // (M) per-token loss
+  double loss_sum = 0;                // Σ losses (nats)
+};
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& config);  // config.vocab_size must be resolved (> 0)
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  int64_t intermediate() const { return inter_; }
+
+  // Fills params (layout().total()) with the SPEC §2 initialization, deterministic from seed.
+  void init_params(float* params, uint64_t seed) const;
+  // Recomputes the ternary forward copies (codes, β) from the latent weights.
+  void refresh_ternary(const float* params);
+  const std::vector<int8_t>& codes() const { return codes_; }
+  std::vector<int8_t>& mutable_codes();  // allocates on first use
+  const std::vector<float>& betas() const { return betas_; }  // indexed by parameter index
+  std::vector<float>& mutable_betas() { return betas_; }
+
+  // ids, targets: (batch, seq). Returns the summed loss in nats. When targets is null only
+  // logits are computed (ctx.losses empty).
+  double forward(const float* params, const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
+                 ForwardContext& ctx) const;
+  // Accumulates into grads (layout().total()) the gradient of grad_scale · Σ losses.
+  void backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads) const;
+
+  // Recurrent inference: one token at a time with per-layer hidden state (B = 1).
+  struct DecodeState {
+    std::vector<float> h;  // (L, d)
+    std::vector<float> logits;  // (V)
+  };
+  void decode_reset(DecodeState& state) const;
+  void decode_step(const float* params, int32_t token, DecodeState& state) const;
+
+  // Bytes of activations that forward saves per token (for the memory estimate).
+  int64_t activation_bytes_per_token() const;
+
+ private:
+  // One BitLinear (or its full-precision ablation when quant = "none").
+  void linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
+                      BitLinearCache& cache) const;
+  void linear_backward(const float* params, int gain, int weight, int64_t rows, const float* x,
+                       const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
+
+  ModelConfig config_;
+  int64_t inter_ = 0;
+  GateForm gate_form_ = GateForm::code;
+  GluActivation glu_act_ = GluActivation::silu;
+  bool quantize_ = true;
+  ParamLayout layout_;
+  int embed_ = -1, lower_bounds_ = -1, final_norm_ = -1, head_gain_ = -1, head_w_ = -1;
+  std::vector<BlockParams> blocks_;
+  std::vector<int8_t> codes_;  // (layout().total()) ternary codes at each weight's offset
+  std::vector<float> betas_;   // (n params) β per ternary weight, 0 elsewhere
+};
+
+}  // namespace peerless

@@ -1,0 +1,19 @@
+// The channel mixer's gate (SPEC §2): au = [a | u] (rows, 2I) from one fused BitLinear,
+// z = SiLU(a) ⊙ u (rows, I). Q-Sparse's squared-ReLU option (SPEC §4): z = ReLU(a)² ⊙ u.
+#pragma once
+
+#include <cstdint>
+
+namespace peerless {
+
+enum class GluActivation { silu, relu2 };
+
+// The double overloads exist for float64 finite-difference checks of the op itself.
+void glu_forward_cpu(GluActivation act, int64_t rows, int64_t inter, const float* au, float* z);
+void glu_forward_cpu(GluActivation act, int64_t rows, int64_t inter, const double* au, double* z);
+// dau (rows, 2I) overwritten.
+void glu_backward_cpu(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, float* dau);
+void glu_backward_cpu(GluActivation act, int64_t rows, int64_t inter, const double* au, const double* dz,
+                      double* dau);
+
+}  // namespace peerless

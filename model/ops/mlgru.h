@@ -1,0 +1,53 @@
+// The MLGRU token mixer's elementwise parts (SPEC §2, code form). The projections are BitLinears
+// (bitlinear.h); this file holds the learned lower bounds, the gated linear recurrence and the
+// output gate.
+#pragma once
+
+#include <cstdint>
+
+namespace peerless {
+
+// Lower bounds across layers: raw (L, d), P = softmax over the layer axis (per column),
+// lb = cumsum(P) − P_0, so lb_0 = 0 and, at raw = 0, lb_l = l/L.
+// The double overloads (here and below) exist for float64 finite-difference checks of the ops.
+void lower_bounds_forward_cpu(int64_t L, int64_t d, const float* raw, float* lb);
+void lower_bounds_forward_cpu(int64_t L, int64_t d, const double* raw, double* lb);
+// draw (L, d) += gradient of Σ dlb ⊙ lb through the cumsum and the softmax.
+void lower_bounds_backward_cpu(int64_t L, int64_t d, const float* raw, const float* dlb, float* draw);
+void lower_bounds_backward_cpu(int64_t L, int64_t d, const double* raw, const double* dlb, double* draw);
+
+struct ScanShape {
+  int64_t batch = 0;
+  int64_t seq = 0;
+  int64_t dim = 0;
+};
+
+// ihat, fhat (B, T, d) and this layer's lower bound lb (d) ->
+//   f = lb + (1 − lb) ⊙ σ(fhat), i = SiLU(ihat) ⊙ (1 − f), h_t = f_t ⊙ h_{t−1} + i_t, h_0 = 0.
+// Saves f (B,T,d); writes h (B,T,d). lb may be null: a zero lower bound (layer 0).
+void mlgru_scan_forward_cpu(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
+                            float* h);
+void mlgru_scan_forward_cpu(const ScanShape& s, const double* ihat, const double* fhat, const double* lb,
+                            double* f, double* h);
+// dh (B,T,d): gradient w.r.t. h from above. Writes dihat, dfhat (B,T,d); accumulates dlb (d) +=.
+//   dh_t += f_{t+1} ⊙ dh_{t+1} (reverse scan); di_t = dh_t; df_t = dh_t ⊙ h_{t−1}, plus the paths
+//   through i = SiLU(ihat)(1 − f) and f = lb + (1 − lb)σ(fhat).
+//   dlb may be null (no lower-bound gradient wanted); it is reduced over (B, T) in a fixed order.
+void mlgru_scan_backward_cpu(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
+                             const float* f, const float* h, const float* dh, float* dihat, float* dfhat, float* dlb);
+void mlgru_scan_backward_cpu(const ScanShape& s, const double* ihat, const double* fhat, const double* lb,
+                             const double* f, const double* h, const double* dh, double* dihat, double* dfhat,
+                             double* dlb);
+
+// Output gate, code form: o = gn ⊙ h ⊙ σ(h) where gn = RMSNorm_g(ĝ) is computed by rmsnorm.h.
+// Paper form (option): o = σ(ĝ) ⊙ h, here with gn = ĝ (the raw projection).
+enum class GateForm { code, paper };
+void output_gate_forward_cpu(GateForm form, int64_t n, const float* gn, const float* h, float* o);
+void output_gate_forward_cpu(GateForm form, int64_t n, const double* gn, const double* h, double* o);
+// Writes dgn and dh (both overwritten).
+void output_gate_backward_cpu(GateForm form, int64_t n, const float* gn, const float* h, const float* dout,
+                              float* dgn, float* dh);
+void output_gate_backward_cpu(GateForm form, int64_t n, const double* gn, const double* h, const double* dout,
+                              double* dgn, double* dh);
+
+}  // namespace peerless

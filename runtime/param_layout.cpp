@@ -1,0 +1,54 @@
+// Name table for the flat parameter buffers (see param_layout.h).
+#include "runtime/param_layout.h"
+
+#include "runtime/error.h"
+
+namespace peerless {
+
+const char* param_kind_name(ParamKind kind) {
+  switch (kind) {
+    case ParamKind::ternary_weight: return "ternary_weight";
+    case ParamKind::embedding: return "embedding";
+    case ParamKind::gain: return "gain";
+    case ParamKind::lower_bound: return "lower_bound";
+  }
+  return "?";
+}
+
+int ParamLayout::add(const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
+  PL_CHECK(find(name) < 0, internal, "duplicate parameter name ", name);
+  ParamInfo p;
+  p.name = name;
+  p.numel = 1;
+  for (int64_t s : shape) {
+    PL_CHECK(s > 0, internal, "parameter ", name, " has a non-positive dimension");
+    p.numel *= s;
+  }
+  p.shape = std::move(shape);
+  p.kind = kind;
+  p.offset = total_;
+  total_ += (p.numel + 15) / 16 * 16;
+  entries_.push_back(std::move(p));
+  return static_cast<int>(entries_.size()) - 1;
+}
+
+int ParamLayout::find(const std::string& name) const {
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (entries_[i].name == name) return static_cast<int>(i);
+  return -1;
+}
+
+int64_t ParamLayout::count() const {
+  int64_t n = 0;
+  for (const auto& p : entries_) n += p.numel;
+  return n;
+}
+
+int64_t ParamLayout::count(ParamKind kind) const {
+  int64_t n = 0;
+  for (const auto& p : entries_)
+    if (p.kind == kind) n += p.numel;
+  return n;
+}
+
+}  // namespace peerless

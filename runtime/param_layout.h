@@ -1,0 +1,44 @@
+// Flat parameter storage. All parameters of a model live in one fp32 buffer, all gradients in a
+// second buffer of the same layout, all optimizer moments in two more. Modules hold named views
+// (offset + shape) into them. A gradient exchange is then one bucketed collective over one buffer,
+// ZeRO sharding is offset arithmetic, and a checkpoint is a walk over this name table.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace peerless {
+
+// What a parameter is decides how it is trained: ternary weights get a quantized forward copy and
+// weight decay; embeddings, norm gains and lower bounds stay full precision (decay is a config choice).
+enum class ParamKind { ternary_weight, embedding, gain, lower_bound };
+
+const char* param_kind_name(ParamKind kind);
+
+struct ParamInfo {
+  std::string name;             // "blocks/3/mixer/i_proj/weight"
+  std::vector<int64_t> shape;   // row-major; weights are (out, in)
+  int64_t offset = 0;           // into the flat buffers, in elements
+  int64_t numel = 0;
+  ParamKind kind = ParamKind::gain;
+};
+
+class ParamLayout {
+ public:
+  // Appends a parameter; offsets are aligned to 16 elements (64 bytes) so every view starts on a
+  // cache line and, later, a vector load boundary. Returns its index.
+  int add(const std::string& name, std::vector<int64_t> shape, ParamKind kind);
+  int find(const std::string& name) const;  // -1 when absent
+  const ParamInfo& at(int index) const { return entries_[index]; }
+  const std::vector<ParamInfo>& entries() const { return entries_; }
+  int64_t total() const { return total_; }          // buffer length incl. alignment padding
+  int64_t count() const;                            // sum of numel (what "parameters:" prints)
+  int64_t count(ParamKind kind) const;
+
+ private:
+  std::vector<ParamInfo> entries_;
+  int64_t total_ = 0;
+};
+
+}  // namespace peerless
