@@ -24,8 +24,9 @@ struct TrainOptions {
 // Trains per `cfg`; returns the process exit status.
 int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm);
 
-// Mean loss (nats/token) of the model over contiguous non-overlapping windows of seq_len + 1
-// tokens of `split_tokens`, at most max_windows of them (0 = all), batch windows at a time.
+// Mean loss (nats/token) of the model over consecutive windows of the split: window i reads
+// tokens [i·T, i·T + T] (inputs and shifted targets), so every token after the first is predicted
+// exactly once; at most max_windows windows (0 = all), `batch` windows per forward pass.
 struct EvalResult {
   double mean_loss = 0;
   int64_t tokens = 0;

@@ -181,7 +181,10 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   lower_bounds_forward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.lb.data());
   ctx.blocks.resize(L);
 
-  std::vector<float> x(M * d), tmp(M * d);  // (M, d) residual stream and a scratch
+  std::vector<float>& x = ctx.x;  // (M, d) residual stream
+  std::vector<float>& tmp = ctx.tmp;
+  grow(x, M * d);
+  grow(tmp, M * d);
   embedding_forward_cpu(M, d, ids, params + layout_.at(embed_).offset, x.data());
   const RmsNormShape nd{M, d, eps};
   for (int64_t l = 0; l < L; ++l) {
@@ -214,7 +217,7 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
     linear_forward(params, b.down_gain, b.down_w, M, c.z.data(), tmp.data(), c.bl_down);
     add_into(x.data(), tmp.data(), M * d);
   }
-  ctx.x_final = std::move(x);
+  ctx.x_final = x;
   grow(ctx.xf, M * d);
   grow(ctx.rstd_f, M);
   rmsnorm_forward_cpu(nd, ctx.x_final.data(), params + layout_.at(final_norm_).offset, ctx.xf.data(), ctx.rstd_f.data());
@@ -241,8 +244,12 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
 
   // dlogits overwrite the logits in place.
   cross_entropy_cpu(M, V, ctx.logits.data(), ctx.targets.data(), ctx.losses.data(), ctx.logits.data(), grad_scale);
-  std::vector<float> dx(M * d), t0(M * d), t1(M * d), dh(M * d), dgn(M * d), dghat(M * d);
-  std::vector<float> dihat(M * d), dfhat(M * d), dz(M * I), dau(M * 2 * I), dlb(L * d, 0.f);
+  for (auto* v : {&ctx.dx, &ctx.t0, &ctx.t1, &ctx.dh, &ctx.dgn, &ctx.dghat, &ctx.dihat, &ctx.dfhat}) grow(*v, M * d);
+  grow(ctx.dz, M * I);
+  grow(ctx.dau, M * 2 * I);
+  ctx.dlb.assign(L * d, 0.f);
+  std::vector<float>&dx = ctx.dx, &t0 = ctx.t0, &t1 = ctx.t1, &dh = ctx.dh, &dgn = ctx.dgn, &dghat = ctx.dghat;
+  std::vector<float>&dihat = ctx.dihat, &dfhat = ctx.dfhat, &dz = ctx.dz, &dau = ctx.dau, &dlb = ctx.dlb;
 
   linear_backward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0.data(), grads);
   rmsnorm_backward_cpu(nd, ctx.x_final.data(), params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0.data(),

@@ -57,6 +57,10 @@ struct ForwardContext {
   std::vector<float> logits;          // (M, V); holds dlogits after backward starts
   std::vector<float> losses;          // (M) per-token loss
   double loss_sum = 0;                // Σ losses (nats)
+  // Scratch kept across steps: fresh multi-MB buffers every step cost page faults and zeroing.
+  std::vector<float> x, tmp;                              // (M, d) forward residual and scratch
+  std::vector<float> dx, t0, t1, dh, dgn, dghat, dihat, dfhat;  // (M, d) backward
+  std::vector<float> dz, dau, dlb;                        // (M, I), (M, 2I), (L, d)
 };
 
 class Model {

@@ -1,6 +1,8 @@
 // Argument checks shared by every backend, and the single-process backend.
 #include "parallel/comm.h"
 
+#include <cstring>
+
 #include "runtime/error.h"
 
 namespace peerless {
@@ -16,18 +18,68 @@ size_t dtype_size(DType t) {
   return 0;
 }
 
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "f32";
+    case DType::f64: return "f64";
+    case DType::i32: return "i32";
+    case DType::i64: return "i64";
+    case DType::u8: return "u8";
+  }
+  return "?";
+}
+
+namespace {
+void check_buffer(const char* what, const void* p, int64_t count) {
+  PL_CHECK(count >= 0, internal, what, ": negative count ", count);
+  PL_CHECK(count == 0 || p, internal, what, ": null buffer for ", count, " elements");
+}
+void check_v(const char* what, const std::vector<int64_t>& counts, const std::vector<int64_t>& offsets, int size) {
+  PL_CHECK(static_cast<int>(counts.size()) == size && static_cast<int>(offsets.size()) == size, internal, what,
+           ": counts/offsets need one entry per rank (", size, ")");
+  for (int r = 0; r < size; ++r)
+    PL_CHECK(counts[r] >= 0 && offsets[r] >= 0, internal, what, ": negative count or offset for rank ", r);
+}
+}  // namespace
+
 void Comm::all_reduce(void* buf, int64_t count, DType type, ReduceOp op) {
-  PL_CHECK(count >= 0 && (count == 0 || buf), internal, "all_reduce: bad buffer/count ", count);
-  all_reduce_impl(buf, count, type, op);
+  check_buffer("all_reduce", buf, count);
+  if (count) all_reduce_impl(buf, count, type, op);
+}
+
+void Comm::reduce_scatter(const void* send, void* recv, int64_t recv_count, DType type, ReduceOp op) {
+  check_buffer("reduce_scatter send", send, recv_count * size_);
+  check_buffer("reduce_scatter recv", recv, recv_count);
+  if (recv_count) reduce_scatter_impl(send, recv, recv_count, type, op);
+}
+
+void Comm::all_gather(const void* send, void* recv, int64_t send_count, DType type) {
+  check_buffer("all_gather send", send, send_count);
+  check_buffer("all_gather recv", recv, send_count * size_);
+  if (send_count) all_gather_impl(send, recv, send_count, type);
+}
+
+void Comm::all_to_all_v(const void* send, const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_offsets, void* recv, const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_offsets, DType type) {
+  check_v("all_to_all_v send", send_counts, send_offsets, size_);
+  check_v("all_to_all_v recv", recv_counts, recv_offsets, size_);
+  all_to_all_v_impl(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, type);
 }
 
 void Comm::broadcast(void* buf, int64_t count, DType type, int root) {
-  PL_CHECK(count >= 0 && (count == 0 || buf), internal, "broadcast: bad buffer/count ", count);
+  check_buffer("broadcast", buf, count);
   PL_CHECK(root >= 0 && root < size_, internal, "broadcast: root ", root, " outside [0, ", size_, ")");
-  broadcast_impl(buf, count, type, root);
+  if (count) broadcast_impl(buf, count, type, root);
 }
 
 void Comm::barrier() { barrier_impl(); }
+void Comm::synchronize() { synchronize_impl(); }
+
+std::unique_ptr<Comm> Comm::split(int color, int key) {
+  PL_CHECK(color >= 0, internal, "split: color must be >= 0 (got ", color, ")");
+  return split_impl(color, key);
+}
 
 namespace {
 
@@ -38,8 +90,21 @@ class SingleComm final : public Comm {
 
  protected:
   void all_reduce_impl(void*, int64_t, DType, ReduceOp) override {}
+  void reduce_scatter_impl(const void* send, void* recv, int64_t n, DType t, ReduceOp) override {
+    if (send != recv) std::memmove(recv, send, n * dtype_size(t));
+  }
+  void all_gather_impl(const void* send, void* recv, int64_t n, DType t) override {
+    if (send != recv) std::memmove(recv, send, n * dtype_size(t));
+  }
+  void all_to_all_v_impl(const void* send, const std::vector<int64_t>& sc, const std::vector<int64_t>& so, void* recv,
+                         const std::vector<int64_t>& rc, const std::vector<int64_t>& ro, DType t) override {
+    PL_CHECK(sc[0] == rc[0], internal, "all_to_all_v: rank 0 sends ", sc[0], " elements to itself but expects ", rc[0]);
+    const size_t e = dtype_size(t);
+    std::memmove(static_cast<char*>(recv) + ro[0] * e, static_cast<const char*>(send) + so[0] * e, sc[0] * e);
+  }
   void broadcast_impl(void*, int64_t, DType, int) override {}
   void barrier_impl() override {}
+  std::unique_ptr<Comm> split_impl(int, int) override { return std::make_unique<SingleComm>(); }
 };
 
 }  // namespace

@@ -1,16 +1,23 @@
-// Communicator interface used by the training loop.
+// Communicator interface: the only way ranks exchange data.
 //
-// Contract: every rank of a communicator calls the same collectives, in the same order, with the
-// same counts and types. Calls are ordered with respect to each other (and, for device buffers, to
-// the communicator's stream) but are not necessarily complete on return: a buffer passed in may be
-// read or written until the next synchronizing call (barrier, or a host read that the backend
-// documents as synchronizing). The CPU backends here complete before returning.
+// Contract:
+// - Every rank of a communicator calls the same collectives, in the same order, with the same
+//   counts, types and roots. Violations are undefined (typically a hang that the timeout turns
+//   into an abort), never silently wrong on purpose.
+// - Calls are ordered with respect to each other and, for device buffers, to the communicator's
+//   stream. They are not necessarily complete on return: a buffer may be read or written until
+//   synchronize() returns (or a later call on the same stream consumes it). The MPI and
+//   single-process backends complete before returning; the NCCL backend enqueues on its stream.
+// - Buffers may be host or device memory (backends find out); in-place calls pass the same pointer
+//   as send and receive where the signature allows.
+// - Counts are elements, not bytes; zero counts are legal and move nothing.
 // Public methods check arguments once and call the backend's virtual *_impl.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace peerless {
 
@@ -18,6 +25,7 @@ enum class DType { f32, f64, i32, i64, u8 };
 enum class ReduceOp { sum, max, min };
 
 size_t dtype_size(DType t);
+const char* dtype_name(DType t);
 
 class Comm {
  public:
@@ -26,23 +34,45 @@ class Comm {
   int size() const { return size_; }
   virtual std::string backend_name() const = 0;
 
-  // In place: buf (count) ← reduction over ranks.
-  void all_reduce(void* buf, int64_t count, DType type, ReduceOp op);
+  // In place: buf (count) ← reduction over ranks of buf.
+  void all_reduce(void* buf, int64_t count, DType type, ReduceOp op = ReduceOp::sum);
+  // send (size·recv_count), rank r receives the reduction of block r: recv (recv_count).
+  void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType type, ReduceOp op = ReduceOp::sum);
+  // send (send_count) from every rank → recv (size·send_count) in rank order. send may equal
+  // recv + rank·send_count (in place).
+  void all_gather(const void* send, void* recv, int64_t send_count, DType type);
+  // Personalised exchange: send_counts[r] elements at send_offsets[r] go to rank r, and
+  // recv_counts[r] elements from rank r land at recv_offsets[r]. Each vector has size() entries.
+  void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, const std::vector<int64_t>& send_offsets,
+                    void* recv, const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_offsets,
+                    DType type);
   // buf (count) on every rank ← root's buf.
   void broadcast(void* buf, int64_t count, DType type, int root);
   void barrier();
+  // Waits until every call issued so far has completed.
+  void synchronize();
+  // Ranks with the same color form a new communicator, ordered by (key, old rank). Collective.
+  std::unique_ptr<Comm> split(int color, int key);
 
  protected:
   Comm(int rank, int size) : rank_(rank), size_(size) {}
   virtual void all_reduce_impl(void* buf, int64_t count, DType type, ReduceOp op) = 0;
+  virtual void reduce_scatter_impl(const void* send, void* recv, int64_t recv_count, DType type, ReduceOp op) = 0;
+  virtual void all_gather_impl(const void* send, void* recv, int64_t send_count, DType type) = 0;
+  virtual void all_to_all_v_impl(const void* send, const std::vector<int64_t>& send_counts,
+                                 const std::vector<int64_t>& send_offsets, void* recv,
+                                 const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_offsets,
+                                 DType type) = 0;
   virtual void broadcast_impl(void* buf, int64_t count, DType type, int root) = 0;
   virtual void barrier_impl() = 0;
+  virtual void synchronize_impl() {}
+  virtual std::unique_ptr<Comm> split_impl(int color, int key) = 0;
 
  private:
   int rank_, size_;
 };
 
-// One process, world size 1: every collective is the identity.
+// One process, world size 1: every collective copies send to receive (or does nothing in place).
 std::unique_ptr<Comm> make_single_comm();
 
 }  // namespace peerless

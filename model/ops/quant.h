@@ -1,6 +1,6 @@
 // The two quantizers of BitLinear (SPEC §1).
 // Activations, per token: s = 127 / max(max_j |x_j|, 1e-5), a = clamp(round(x·s), −128, 127), with
-// round half away from zero; dequantized value a / s.
+// round half away from zero; dequantized value a / s. A row holding a NaN gets s = NaN.
 // Weights, per tensor: β = max(mean|W|, 1e-5), t = clamp(round(W/β), −1, 1); value t·β.
 #pragma once
 
@@ -14,11 +14,23 @@ void act_quant_cpu(int64_t rows, int64_t dim, const float* x, int8_t* codes, flo
 // w: (n) -> codes (n); returns β. mean|W| is summed in float64 in a fixed order (deterministic).
 float weight_quant_cpu(int64_t n, const float* w, int8_t* codes);
 // The scalar rules, shared by the CPU and (later) CUDA paths and by tests.
-// std::round is round-half-away-from-zero and exact for every float (no v + 0.5 double rounding).
+// Round half away from zero, exact for every float: v − trunc(v) is exact in floating point, so
+// stepping away from zero when it is at least one half rounds correctly, with no v + 0.5 double
+// rounding. Bit-identical to std::round on all 2^32 floats (checked exhaustively once; the tests
+// re-check ties, their neighbours and random bit patterns), but unlike std::round (an out-of-line
+// libm call) loops over it vectorise, which makes act_quant_cpu several times faster.
+inline float round_half_away(float v) {
+  const float t = std::trunc(v);
+  const float away = t + std::copysign(1.0f, v);
+  return std::fabs(v - t) >= 0.5f ? away : t;
+}
+// clamp(round(v), lo, hi) as an integer code; NaN gives 0 (its row's scale is NaN as well, so the
+// NaN still reaches the output).
 inline int8_t quant_round_clamp(float v, float lo, float hi) {
-  float r = std::round(v);
+  float r = round_half_away(v);
   r = r < lo ? lo : (r > hi ? hi : r);
-  return static_cast<int8_t>(r);
+  r = r == r ? r : 0.0f;
+  return static_cast<int8_t>(static_cast<int32_t>(r));
 }
 
 }  // namespace peerless

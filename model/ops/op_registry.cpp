@@ -1,0 +1,35 @@
+// The table behind op_registry.h: every op of the model, the header that declares it and the
+// backends that implement it.
+#include "model/ops/op_registry.h"
+
+#include <array>
+
+namespace peerless {
+namespace {
+
+constexpr std::array kOps = {
+    OpInfo{"gemm", "gemm.h", true, false},
+    OpInfo{"rmsnorm", "rmsnorm.h", true, false},
+    OpInfo{"act_quant", "quant.h", true, false},
+    OpInfo{"weight_quant", "quant.h", true, false},
+    OpInfo{"ternary_int8_matmul", "bitlinear.h", true, false},
+    OpInfo{"bitlinear", "bitlinear.h", true, false},
+    OpInfo{"embedding", "embedding.h", true, false},
+    OpInfo{"lower_bounds", "mlgru.h", true, false},
+    OpInfo{"mlgru_scan", "mlgru.h", true, false},
+    OpInfo{"output_gate", "mlgru.h", true, false},
+    OpInfo{"glu", "glu.h", true, false},
+    OpInfo{"cross_entropy", "cross_entropy.h", true, false},
+};
+
+}  // namespace
+
+std::span<const OpInfo> op_registry() { return kOps; }
+
+const OpInfo* find_op(std::string_view name) {
+  for (const OpInfo& op : kOps)
+    if (op.name == name) return &op;
+  return nullptr;
+}
+
+}  // namespace peerless

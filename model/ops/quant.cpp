@@ -1,0 +1,59 @@
+// CPU reference of BitLinear's two quantizers (SPEC §1): per-token absmax int8 activations and
+// per-tensor absmean ternary weights. Both use quant_round_clamp (quant.h), the one scalar rule the
+// CUDA path shares, so codes agree bit-for-bit across backends.
+// Values are unaffected by -fno-trapping-math (it only drops the promise that floating-point
+// exception flags are raised exactly as written); it lets GCC turn trunc into one vector instruction
+// and if-convert the clamps, so the quantizer loops vectorise.
+#pragma GCC optimize("no-trapping-math")
+
+#include "model/ops/quant.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+
+#include "model/ops/row_math.h"
+#include "model/ops/scratch.h"
+
+namespace peerless {
+
+void act_quant_cpu(int64_t rows, int64_t dim, const float* x, int8_t* codes, float* scale) {
+#pragma omp parallel for schedule(static) if (rows * dim >= detail::kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    int8_t* cr = codes + r * dim;
+    // max |x| over the bit patterns: for non-negative floats the integer order is the float order,
+    // and a NaN's pattern is above +inf's, so a NaN anywhere in the row makes amax (and s) NaN.
+    // Exact, order-independent and vectorisable (a float max reduction is not, without fast-math).
+    uint32_t amax_bits = 0;
+    for (int64_t j = 0; j < dim; ++j) amax_bits = std::max(amax_bits, std::bit_cast<uint32_t>(xr[j]) & 0x7fffffffu);
+    const float amax = std::bit_cast<float>(amax_bits);
+    const float s = 127.0f / std::max(amax, 1e-5f);  // std::max(NaN, 1e-5f) is NaN
+    scale[r] = s;
+    for (int64_t j = 0; j < dim; ++j) cr[j] = quant_round_clamp(xr[j] * s, -128.0f, 127.0f);
+  }
+}
+
+float weight_quant_cpu(int64_t n, const float* w, int8_t* codes) {
+  // mean|W| in float64 over fixed chunks, partials added in chunk order: the same β for any thread
+  // count, and no float32 drift on multi-million-element tensors.
+  constexpr int64_t chunk = 1 << 15;
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  double* partials = detail::scratch<double>(detail::ScratchSlot::weight_quant_partials, n_chunks);
+#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    double acc = 0.0;
+    const int64_t end = std::min(n, (c + 1) * chunk);
+    for (int64_t i = c * chunk; i < end; ++i) acc += std::fabs(static_cast<double>(w[i]));
+    partials[c] = acc;
+  }
+  double sum = 0.0;
+  for (int64_t c = 0; c < n_chunks; ++c) sum += partials[c];
+  const double mean = n > 0 ? sum / static_cast<double>(n) : 0.0;
+  const float beta = static_cast<float>(std::max(mean, 1e-5));
+#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
+  for (int64_t i = 0; i < n; ++i) codes[i] = quant_round_clamp(w[i] / beta, -1.0f, 1.0f);
+  return beta;
+}
+
+}  // namespace peerless
