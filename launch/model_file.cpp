@@ -70,8 +70,9 @@ void save_model_file(const std::string& path, const Model& model, const float* p
       const ParamInfo& p = entries[idx];
       const size_t slash = p.name.rfind('/');
       {
-        h5::Handle g = ensure_groups(file, "model/" + p.name.substr(0, slash));
-        const std::string leaf = p.name.substr(slash + 1);
+        const std::string parent = slash == std::string::npos ? "model" : "model/" + p.name.substr(0, slash);
+        h5::Handle g = ensure_groups(file, parent);
+        const std::string leaf = slash == std::string::npos ? p.name : p.name.substr(slash + 1);
         h5::write_1d(g, leaf, h5::Dtype::f32, params + p.offset, p.numel);
         h5::Handle ds = h5::open_dataset(g, leaf);
         h5::write_attr(ds, "shape", shape_text(p.shape));

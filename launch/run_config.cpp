@@ -61,8 +61,11 @@ void RunConfig::bind(ConfigSchema& s) {
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
                         const std::string& context, std::string* toml_text) {
   schema.check_ranges(errors);
-  cfg.model.validate(errors);
-  cfg.optim.validate(errors);
+  // Relations between keys only mean something once every key is valid on its own.
+  if (errors.empty()) {
+    cfg.model.validate(errors);
+    cfg.optim.validate(errors);
+  }
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

@@ -1,6 +1,7 @@
 // ConfigSchema: TOML in, validated struct fields out (see config.h).
 #include "runtime/config.h"
 
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -36,11 +37,11 @@ ConfigSchema::Field* ConfigSchema::find(const std::string& key) {
   return nullptr;
 }
 
+// Shortest text that reads back as the same double (0.1, not 0.10000000000000001).
 static std::string format_number(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
 }
 
 std::string ConfigSchema::range_text(const Field& f) const {
@@ -86,6 +87,7 @@ static std::string node_text(const toml::node& node) {
   if (node.is_string()) os << '"' << *node.value<std::string>() << '"';
   else if (node.is_table()) os << "{table}";
   else if (node.is_array()) os << "[array]";
+  else if (auto d = node.value_exact<double>()) os << format_number(*d);
   else node.visit([&](auto&& n) { os << n; });
   return os.str();
 }

@@ -10,7 +10,7 @@ expect_error "missing data file" "missing.h5" "$bin" train "$src/configs/tiny.to
 [[ ! -e runs ]] || fail "a run directory was created for a missing data file"
 
 # A token file whose ids exceed its vocabulary.
-python3 - <<'PY'
+/usr/bin/python3 - <<'PY'
 import h5py, shutil
 shutil.copy("good.h5", "bad_ids.h5")
 with h5py.File("bad_ids.h5", "r+") as f:

@@ -7,7 +7,7 @@ run a > a.log
 run b > b.log
 m=runs/a/metrics.jsonl
 [[ -s $m ]] || fail "no metrics"
-python3 - "$m" runs/b/metrics.jsonl <<'PY'
+/usr/bin/python3 - "$m" runs/b/metrics.jsonl <<'PY'
 import json, math, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = [json.loads(l) for l in open(sys.argv[2])]
