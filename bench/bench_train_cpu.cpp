@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
       std::fill(grads.begin(), grads.end(), 0.f);
       model.forward(params.data(), ids.data(), targets.data(), B, T, ctx);
       model.backward(params.data(), ctx, 1.f / static_cast<float>(B * T), grads.data());
-      adam.step(params.data(), grads.data(), 0, total, step, 1e-3);
+      adam.step(params.data(), grads.data(), step, 1e-3);
       model.refresh_ternary(params.data());
     };
     one_step(1);  // warm-up: allocations, BLAS buffers

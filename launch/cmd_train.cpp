@@ -4,6 +4,7 @@
 #include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
+#include "parallel/bootstrap.h"
 #include "parallel/comm.h"
 #include "runtime/config.h"
 
@@ -28,7 +29,8 @@ int cmd_train(const Args& args) {
     return 0;
   }
   RunConfig cfg = load_run_config(config_path, overrides);
-  auto comm = make_single_comm();
+  auto comm = dry_run ? make_single_comm()
+                      : make_world_comm(process_info(), cfg.parallel.backend, cfg.parallel.timeout_s);
   return run_training(cfg, TrainOptions{dry_run, overwrite}, *comm);
 }
 

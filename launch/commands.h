@@ -14,5 +14,6 @@ int cmd_prepare(const Args& args);
 int cmd_train(const Args& args);
 int cmd_eval(const Args& args);
 int cmd_sample(const Args& args);
+int cmd_bench(const Args& args);
 
 }  // namespace peerless

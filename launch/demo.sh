@@ -15,7 +15,7 @@ if [[ ! -f "$data" ]]; then
   mkdir -p runs/data
   build/bin/peerless prepare --default --tokenizer byte --out "$data"
 fi
-build/bin/peerless train configs/shakespeare-byte.toml --overwrite "$@"
+build/bin/peerless train configs/shakespeare-byte.toml --overwrite "$@" | tee runs/demo-train.log
 run=runs/shakespeare-byte
 echo
 echo "run:      $run"
@@ -24,3 +24,5 @@ echo "samples:  $run/samples.txt  (more: build/bin/peerless sample $run --prompt
 echo "--- sample ---"
 head -c 600 "$run/samples.txt"
 echo
+echo "--- result ---"
+grep -E "^(trained|validation loss)" runs/demo-train.log

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "launch/commands.h"
+#include "parallel/bootstrap.h"
 #include "runtime/error.h"
 
 namespace {
@@ -33,15 +34,12 @@ void print_usage(std::FILE* out) {
   for (const auto& c : kCommands) std::fprintf(out, "  %-9s %s\n", c.name, c.summary);
 }
 
-std::string host_name() {
-  char buf[256] = {0};
-  gethostname(buf, sizeof buf - 1);
-  return buf;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under mpirun this initialises MPI (and picks this rank's GPU); otherwise it is a no-op.
+  const peerless::ProcessInfo& proc = peerless::bootstrap(&argc, &argv);
+  const bool multi_rank = proc.under_mpi && proc.world_size > 1;
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     print_usage(argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
@@ -50,17 +48,22 @@ int main(int argc, char** argv) {
   peerless::Args args(argv + 2, argv + argc);
   for (const auto& c : kCommands) {
     if (name != c.name) continue;
+    std::string failure;
     try {
-      return c.run(args);
+      const int status = c.run(args);
+      peerless::finalize();
+      return status;
     } catch (const peerless::Error& e) {
-      std::fprintf(stderr, "peerless %s: %s: %s\n", c.name, peerless::error_kind_name(e.kind()), e.what());
-      if (e.kind() == peerless::ErrorKind::internal)
-        std::fprintf(stderr, "(on %s; this is a bug, please report it)\n", host_name().c_str());
-      return 1;
+      failure = peerless::cat("peerless ", c.name, ": ", peerless::error_kind_name(e.kind()), ": ", e.what());
+      if (e.kind() == peerless::ErrorKind::internal) failure += "\n(this is a bug, please report it)";
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "peerless %s: unexpected error: %s\n", c.name, e.what());
-      return 1;
+      failure = peerless::cat("peerless ", c.name, ": unexpected error: ", e.what());
     }
+    // One rank failing ends the whole job at once: peers blocked in a collective never hang.
+    if (multi_rank) peerless::abort_job(failure);
+    std::fprintf(stderr, "%s\n", failure.c_str());
+    peerless::finalize();
+    return 1;
   }
   std::fprintf(stderr, "peerless: unknown command '%s'\n\n", name.c_str());
   print_usage(stderr);

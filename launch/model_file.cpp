@@ -11,23 +11,6 @@ namespace peerless {
 
 namespace fs = std::filesystem;
 
-std::vector<uint8_t> pack_ternary(const int8_t* codes, int64_t n) {
-  std::vector<uint8_t> out((n + 3) / 4, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t c = codes[i] == 0 ? 0 : (codes[i] > 0 ? 1 : 2);
-    out[i / 4] |= static_cast<uint8_t>(c << (2 * (i % 4)));
-  }
-  return out;
-}
-
-void unpack_ternary(const uint8_t* packed, int64_t n, int8_t* codes) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t c = (packed[i / 4] >> (2 * (i % 4))) & 3;
-    PL_CHECK(c != 3, data, "invalid 2-bit ternary code at element ", i);
-    codes[i] = c == 0 ? 0 : (c == 1 ? 1 : -1);
-  }
-}
-
 namespace {
 
 // Opens or creates every group along "a/b/c" under loc and returns the innermost.

@@ -11,6 +11,7 @@
 
 #include "launch/run_config.h"
 #include "model/model.h"
+#include "model/ternary_pack.h"
 
 namespace peerless {
 
@@ -25,9 +26,5 @@ struct LoadedModel {
 };
 // Accepts the file itself or a run directory holding model.h5.
 LoadedModel load_model_file(const std::string& path_or_run_dir);
-
-// 2-bit packing of ternary codes: 0 → 0b00, +1 → 0b01, −1 → 0b10, four codes per byte, low bits first.
-std::vector<uint8_t> pack_ternary(const int8_t* codes, int64_t n);
-void unpack_ternary(const uint8_t* packed, int64_t n, int8_t* codes);
 
 }  // namespace peerless

@@ -44,6 +44,14 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("train.sample_prompt", &train.sample_prompt, "prompt of the final sample");
   s.add_float("train.sample_temperature", &train.sample_temperature, 0, 100, "temperature of the final sample");
 
+  s.add_choice("parallel.backend", &parallel.backend, {"auto", "mpi", "nccl", "single"},
+               "communication backend (auto = NCCL on GPUs, MPI under mpirun, else single process)");
+  s.add_bool("parallel.zero1", &parallel.zero1, "ZeRO-1: shard AdamW state over data-parallel ranks");
+  s.add_int("parallel.bucket_mb", &parallel.bucket_mb, 1, 1 << 16, "gradient exchange bucket size in MiB");
+  s.add_float("parallel.timeout_s", &parallel.timeout_s, 0, 1e6, "abort when a collective takes longer (0 = never)");
+  s.add_int("parallel.expert_parallel", &parallel.expert_parallel, 0, 1 << 20,
+            "ranks per expert-parallel group (0 = all ranks)");
+
   s.add_float("optim.lr", &optim.lr, 0, 10, "peak learning rate");
   s.add_float("optim.lr_min", &optim.lr_min, 0, 10, "final learning rate of the decay");
   s.add_int("optim.warmup_steps", &optim.warmup_steps, 0, kBig, "linear warmup steps");

@@ -15,7 +15,10 @@
 #include "data/loader.h"
 #include "launch/model_file.h"
 #include "model/cpu_threads.h"
+#include "model/data_parallel.h"
 #include "model/optimizer.h"
+#include "parallel/consistency.h"
+#include "parallel/topology.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
 
@@ -62,10 +65,10 @@ std::string metrics_line(int64_t step, int64_t tokens, double loss, double lr, d
                          const double* val_loss) {
   char buf[512];
   int n = std::snprintf(buf, sizeof buf,
-                        "{\"step\": %lld, \"tokens\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, "
+                        "{\"step\": %lld, \"tokens\": %lld, \"loss\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, "
                         "\"tokens_per_s\": %.1f",
                         static_cast<long long>(step), static_cast<long long>(tokens), loss, lr, grad_norm, tokens_per_s);
-  if (val_loss) n += std::snprintf(buf + n, sizeof buf - n, ", \"val_loss\": %.6f", *val_loss);
+  if (val_loss) n += std::snprintf(buf + n, sizeof buf - n, ", \"val_loss\": %.9g", *val_loss);
   std::snprintf(buf + n, sizeof buf - n, "}\n");
   return buf;
 }
@@ -87,7 +90,8 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
   const ParamLayout& layout = model.layout();
   const int64_t total = layout.count(), ternary = layout.count(ParamKind::ternary_weight);
   const double latent = 4.0 * static_cast<double>(layout.total());
-  const double grads = latent, adam = 2 * latent, codes = static_cast<double>(ternary);
+  const double grads = latent, codes = static_cast<double>(ternary);
+  const double adam = 2 * latent / (cfg.parallel.zero1 ? world : 1);
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
   const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
   std::ostringstream os;
@@ -98,7 +102,9 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
   os << "  model: d_model " << cfg.model.d_model << ", layers " << cfg.model.n_layers << ", GLU width "
      << model.intermediate() << ", vocab " << cfg.model.vocab_size << ", quant " << cfg.model.quant << "\n";
   os << "memory per rank (world " << world << "): latent fp32 " << human_bytes(latent) << ", gradients "
-     << human_bytes(grads) << ", AdamW moments " << human_bytes(adam) << ", ternary codes " << human_bytes(codes)
+     << human_bytes(grads) << ", AdamW moments " << human_bytes(adam)
+     << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", ternary codes "
+     << human_bytes(codes)
      << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
      << cfg.data.seq_len << ")\n";
   os << "  total ≈ " << human_bytes(latent + grads + adam + codes + acts) << "\n";
@@ -106,20 +112,25 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
 }
 
 EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
-                    int64_t seq_len, int64_t max_windows, int64_t batch) {
+                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm) {
   const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
   EvalWindows windows(tokens, seq_len, max_windows);
-  EvalResult r;
-  double sum = 0;
+  // Ranks take contiguous ranges of windows; the sums are added across ranks.
+  const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
+  const int64_t lo = windows.count() * rank / world, hi = windows.count() * (rank + 1) / world;
+  double sums[2] = {0, 0};  // loss, tokens
   ForwardContext ctx;
   std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
-  for (int64_t first = 0; first < windows.count(); first += batch) {
-    const int64_t n = std::min(batch, windows.count() - first);
+  for (int64_t first = lo; first < hi; first += batch) {
+    const int64_t n = std::min(batch, hi - first);
     windows.fill(first, n, inputs.data(), targets.data());
-    sum += model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
-    r.tokens += n * seq_len;
+    sums[0] += model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
+    sums[1] += static_cast<double>(n * seq_len);
   }
-  r.mean_loss = r.tokens ? sum / static_cast<double>(r.tokens) : 0.0;
+  if (comm) comm->all_reduce(sums, 2, DType::f64, ReduceOp::sum);
+  EvalResult r;
+  r.tokens = static_cast<int64_t>(sums[1]);
+  r.mean_loss = r.tokens ? sums[0] / sums[1] : 0.0;
   return r;
 }
 
@@ -164,6 +175,9 @@ std::vector<int32_t> sample_tokens(const Model& model, const float* params, cons
 int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const int rank = comm.rank(), world = comm.size();
   const bool lead = rank == 0;
+  // Dense parameters are data-parallel over all ranks; the expert-parallel split (PEER tables)
+  // only regroups ranks, so it is validated and printed here.
+  const Topology topology = make_topology(rank, world, static_cast<int>(cfg.parallel.expert_parallel));
   if (cfg.run.threads > 0) set_cpu_threads(static_cast<int>(cfg.run.threads));
 
   // Data first: it decides the vocabulary when the config leaves it open.
@@ -193,6 +207,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 
   Model model(cfg.model);
   if (lead) std::printf("%s%s\n", describe_model(model, cfg, world).c_str(), data_note.c_str());
+  if (lead && world > 1) std::printf("%s\n", topology.describe().c_str());
   if (options.dry_run) {
     if (lead) std::printf("dry run: config valid, nothing trained\n");
     return 0;
@@ -207,14 +222,30 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   }
   comm.barrier();
 
+  // Every rank must train the same thing on the same data: compare hashes before step 1.
+  check_same_everywhere(comm, fnv1a64(config_text), "effective config");
+  check_same_everywhere(comm, data->content_hash(), cat("data file ", cfg.data.path));
+
   const int64_t T = cfg.data.seq_len, B = cfg.train.micro_batch, A = cfg.train.accum_steps;
   const int64_t G = B * A * world;  // sequences per optimizer step
   const int64_t total = model.layout().total();
   std::vector<float> params(total), grads(total);
   model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
   model.refresh_ternary(params.data());
-  AdamW adam(cfg.optim, model.layout());
+  DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20);
+  AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
+  if (lead && world > 1) {
+    const auto tr = dp.traffic();
+    std::printf("data parallel: %d ranks, backend %s, %zu buckets, ZeRO-1 %s; optimizer state per rank %s of %s\n",
+                world, comm.backend_name().c_str(), dp.buckets().size(), cfg.parallel.zero1 ? "on" : "off",
+                human_bytes(8.0 * static_cast<double>(adam.state_elements())).c_str(),
+                human_bytes(8.0 * static_cast<double>(total)).c_str());
+    std::printf("  bytes per step: gradients %s%s\n", human_bytes(tr.grad_bytes).c_str(),
+                cfg.parallel.zero1 ? cat(", parameter all-gather ", human_bytes(tr.gather_bytes), " (bf16 weights would be ",
+                                         human_bytes(tr.bf16_gather_bytes), ")").c_str()
+                                   : "");
+  }
 
   std::FILE* metrics = nullptr;
   if (lead) {
@@ -236,8 +267,10 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   bool stopped_by_time = false;
   const float grad_scale = 1.0f / static_cast<float>(G * T);
 
+  const Model::GradReady grad_ready = [&](int param) { dp.param_ready(param, grads.data()); };
   for (int64_t step = 1; step <= cfg.train.max_steps; ++step) {
     std::fill(grads.begin(), grads.end(), 0.f);
+    dp.begin_step();
     double loss_sum = 0;
     for (int64_t a = 0; a < A; ++a) {
       const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
@@ -246,20 +279,21 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
                "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr,
                ") or check the data; the metrics so far are in ", (run_dir / "metrics.jsonl").string());
-      model.backward(params.data(), ctx, grad_scale, grads.data());
+      // The last micro-batch's backward starts each bucket's exchange as soon as it is final.
+      model.backward(params.data(), ctx, grad_scale, grads.data(), a + 1 == A ? grad_ready : nullptr);
       loss_sum += loss;
     }
-    comm.all_reduce(grads.data(), total, DType::f32, ReduceOp::sum);
+    dp.finish_gradients(grads.data());
     comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
     const double step_loss = loss_sum / static_cast<double>(G * T);
-    const double gnorm = grad_norm_l2(grads.data(), total);
+    const double gnorm = dp.grad_norm(grads.data());
     PL_CHECK(std::isfinite(gnorm), numeric, "the gradient norm is ", gnorm, " at step ", step, " (loss ", step_loss,
              "); stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
     if (cfg.optim.grad_clip > 0 && gnorm > cfg.optim.grad_clip)
-      scale_in_place(grads.data(), total, static_cast<float>(cfg.optim.grad_clip / gnorm));
+      dp.scale_gradients(grads.data(), static_cast<float>(cfg.optim.grad_clip / gnorm));
     const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
-    adam.step(params.data(), grads.data(), 0, total, step, lr);
-    model.refresh_ternary(params.data());
+    adam.step(params.data(), grads.data(), step, lr);
+    dp.refresh_and_gather(model, params.data());
 
     tokens_seen += G * T;
     window_tokens += G * T;
@@ -267,12 +301,17 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     ++window_steps;
     last_step = step;
     const double elapsed = seconds_since(t_start);
-    stopped_by_time = cfg.train.time_limit_minutes > 0 && elapsed > 60.0 * cfg.train.time_limit_minutes;
+    if (cfg.train.time_limit_minutes > 0) {
+      // Ranks' clocks differ: rank 0 decides, everyone follows.
+      int64_t stop = elapsed > 60.0 * cfg.train.time_limit_minutes ? 1 : 0;
+      comm.broadcast(&stop, 1, DType::i64, 0);
+      stopped_by_time = stop != 0;
+    }
     const bool last = step == cfg.train.max_steps || stopped_by_time;
     const bool eval_now = !last && cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0;
     if (step % cfg.train.log_every == 0 || eval_now || last) {
       double val = 0;
-      if (eval_now) val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B).mean_loss;
+      if (eval_now) val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B, &comm).mean_loss;
       const double tps = static_cast<double>(window_tokens) / std::max(1e-9, seconds_since(t_window));
       if (lead) {
         const double avg_loss = window_loss / static_cast<double>(window_steps);
@@ -300,7 +339,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const double train_seconds = seconds_since(t_start);
 
   // Final evaluation on the held-out split, the model file and a sample.
-  const EvalResult final_eval = evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B);
+  const EvalResult final_eval = evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B, &comm);
+  dp.gather_full_params(params.data());  // ZeRO-1: rank 0 needs every latent weight to save the model
   PL_CHECK(std::isfinite(final_eval.mean_loss), numeric, "the final validation loss is ", final_eval.mean_loss);
   if (lead) {
     std::fputs(metrics_line(last_step, tokens_seen, final_eval.mean_loss, learning_rate(cfg.optim, last_step, cfg.train.max_steps),

@@ -31,8 +31,9 @@ struct EvalResult {
   double mean_loss = 0;
   int64_t tokens = 0;
 };
+// With a communicator the windows are split over its ranks and the result is global.
 EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
-                    int64_t seq_len, int64_t max_windows, int64_t batch);
+                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm = nullptr);
 
 // Samples `n_tokens` continuation tokens of `prompt` ids with temperature (0 = greedy), top-k (0 =
 // off) and a seed. Returns prompt + continuation ids.

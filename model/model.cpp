@@ -235,7 +235,12 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   return sum;
 }
 
-void Model::backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads) const {
+void Model::backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
+                     const GradReady& grad_ready) const {
+  auto ready = [&](std::initializer_list<int> indices) {
+    if (grad_ready)
+      for (int i : indices) grad_ready(i);
+  };
   PL_CHECK(!ctx.targets.empty(), internal, "backward() needs a forward() with targets");
   const int64_t B = ctx.batch, T = ctx.seq, M = B * T;
   const int64_t d = config_.d_model, V = config_.vocab_size, I = inter_, L = config_.n_layers;
@@ -254,6 +259,7 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
   linear_backward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0.data(), grads);
   rmsnorm_backward_cpu(nd, ctx.x_final.data(), params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0.data(),
                        dx.data(), grads + layout_.at(final_norm_).offset);
+  ready({head_w_, head_gain_, final_norm_});
 
   for (int64_t l = L - 1; l >= 0; --l) {
     const BlockParams& b = blocks_[l];
@@ -285,10 +291,13 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
     rmsnorm_backward_cpu(nd, c.x_in.data(), params + layout_.at(b.mixer_norm).offset, c.rstd1.data(), t0.data(),
                          t1.data(), grads + layout_.at(b.mixer_norm).offset);
     add_into(dx.data(), t1.data(), M * d);
+    ready({b.down_w, b.down_gain, b.gate_w, b.gate_gain, b.mlp_norm, b.o_w, b.o_gain, b.g_norm, b.i_w, b.i_gain,
+           b.f_w, b.f_gain, b.g_w, b.g_gain, b.mixer_norm});
   }
   embedding_backward_cpu(M, d, ctx.ids.data(), dx.data(), grads + layout_.at(embed_).offset);
   lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, dlb.data(),
                             grads + layout_.at(lower_bounds_).offset);
+  ready({embed_, lower_bounds_});
 }
 
 void Model::decode_reset(DecodeState& state) const {

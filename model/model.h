@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "model/model_config.h"
@@ -84,8 +85,12 @@ class Model {
   // logits are computed (ctx.losses empty).
   double forward(const float* params, const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                  ForwardContext& ctx) const;
-  // Accumulates into grads (layout().total()) the gradient of grad_scale · Σ losses.
-  void backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads) const;
+  // Accumulates into grads (layout().total()) the gradient of grad_scale · Σ losses. When given,
+  // grad_ready(param index) is called as soon as that parameter's gradient is final (used to start
+  // the gradient exchange of a bucket while the rest of the backward runs).
+  using GradReady = std::function<void(int param)>;
+  void backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
+                const GradReady& grad_ready = nullptr) const;
 
   // Recurrent inference: one token at a time with per-layer hidden state (B = 1).
   struct DecodeState {

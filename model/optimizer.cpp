@@ -25,7 +25,8 @@ double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps) {
   return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1.0 + std::cos(M_PI * progress));
 }
 
-AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout) : config_(config) {
+AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned)
+    : config_(config), owned_(std::move(owned)) {
   decay_.assign(layout.total(), 0);
   for (const auto& p : layout.entries()) {
     bool decay = true;
@@ -34,18 +35,17 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout) : config_(con
     if (p.kind == ParamKind::lower_bound) decay = config.decay_lower_bounds;
     if (decay) std::fill(decay_.begin() + p.offset, decay_.begin() + p.offset + p.numel, 1);
   }
-  set_range(0, layout.total());
+  if (owned_.empty()) owned_.push_back({0, layout.total()});
+  int64_t n = 0;
+  for (const auto& [b, e] : owned_) {
+    PL_ASSERT(b >= 0 && b <= e && e <= layout.total());
+    n += e - b;
+  }
+  m_.assign(n, 0.f);
+  v_.assign(n, 0.f);
 }
 
-void AdamW::set_range(int64_t begin, int64_t end) {
-  begin_ = begin;
-  end_ = end;
-  m_.assign(end - begin, 0.f);
-  v_.assign(end - begin, 0.f);
-}
-
-void AdamW::step(float* params, const float* grads, int64_t begin, int64_t end, int64_t t, double lr) {
-  PL_ASSERT(begin >= begin_ && end <= end_);
+void AdamW::step(float* params, const float* grads, int64_t t, double lr) {
   const double bc1 = 1.0 - std::pow(config_.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(config_.beta2, static_cast<double>(t));
   const float b1 = static_cast<float>(config_.beta1), b2 = static_cast<float>(config_.beta2);
@@ -53,17 +53,22 @@ void AdamW::step(float* params, const float* grads, int64_t begin, int64_t end, 
   const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
   const float eps = static_cast<float>(config_.eps);
   const float decay = static_cast<float>(lr * config_.weight_decay);
-  float* m = m_.data() - begin_;
-  float* v = v_.data() - begin_;
+  int64_t state = 0;
+  for (const auto& [begin, end] : owned_) {
+    float* m = m_.data() + state - begin;
+    float* v = v_.data() + state - begin;
+    const uint8_t* dec = decay_.data();
 #pragma omp parallel for simd schedule(static)
-  for (int64_t i = begin; i < end; ++i) {
-    const float g = grads[i];
-    m[i] = b1 * m[i] + (1.f - b1) * g;
-    v[i] = b2 * v[i] + (1.f - b2) * g * g;
-    // Decoupled weight decay (AdamW): p ← p − lr·wd·p − lr·m̂/(sqrt(v̂)+eps).
-    float p = params[i];
-    if (decay_[i]) p -= decay * p;
-    params[i] = p - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = grads[i];
+      m[i] = b1 * m[i] + (1.f - b1) * g;
+      v[i] = b2 * v[i] + (1.f - b2) * g * g;
+      // Decoupled weight decay (AdamW): p ← p − lr·wd·p − lr·m̂/(sqrt(v̂)+eps).
+      float p = params[i];
+      if (dec[i]) p -= decay * p;
+      params[i] = p - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+    }
+    state += end - begin;
   }
 }
 

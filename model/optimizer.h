@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/param_layout.h"
@@ -32,24 +33,27 @@ struct OptimConfig {
 // Learning rate at optimizer step `step` (1-based) of `max_steps`.
 double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps);
 
+// A half-open range [begin, end) of the flat parameter buffer.
+using Range = std::pair<int64_t, int64_t>;
+
 class AdamW {
  public:
-  AdamW(const OptimConfig& config, const ParamLayout& layout);
-  // Per-element weight-decay flags follow the layout; padding elements are never touched.
-  // Updates params[begin, end) with grads[begin, end) (already scaled/clipped) at step t (1-based).
-  void step(float* params, const float* grads, int64_t begin, int64_t end, int64_t t, double lr);
+  // Moments are kept for `owned` ranges only (everything by default; one ZeRO-1 shard otherwise),
+  // concatenated in range order. Per-element weight-decay flags follow the layout.
+  AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned = {});
+  // Updates params over the owned ranges with grads (already reduced, scaled, clipped) at step t
+  // (1-based). Elements outside the owned ranges are not touched.
+  void step(float* params, const float* grads, int64_t t, double lr);
+  const std::vector<Range>& owned() const { return owned_; }
+  int64_t state_elements() const { return static_cast<int64_t>(m_.size()); }
   std::vector<float>& m() { return m_; }
   std::vector<float>& v() { return v_; }
-  // Moments cover [begin, end) of the flat buffer; resize() sets that range (ZeRO-1 shards).
-  void set_range(int64_t begin, int64_t end);
-  int64_t range_begin() const { return begin_; }
-  int64_t range_end() const { return end_; }
 
  private:
   OptimConfig config_;
   std::vector<uint8_t> decay_;  // (total) 1 where weight decay applies
-  std::vector<float> m_, v_;    // (end − begin)
-  int64_t begin_ = 0, end_ = 0;
+  std::vector<Range> owned_;
+  std::vector<float> m_, v_;    // (Σ owned lengths)
 };
 
 // Global L2 norm of grads[0, n) accumulated in float64 in a fixed order.

@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "parallel/memory.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -91,16 +92,16 @@ class SingleComm final : public Comm {
  protected:
   void all_reduce_impl(void*, int64_t, DType, ReduceOp) override {}
   void reduce_scatter_impl(const void* send, void* recv, int64_t n, DType t, ReduceOp) override {
-    if (send != recv) std::memmove(recv, send, n * dtype_size(t));
+    copy_bytes(recv, send, n * dtype_size(t));
   }
   void all_gather_impl(const void* send, void* recv, int64_t n, DType t) override {
-    if (send != recv) std::memmove(recv, send, n * dtype_size(t));
+    copy_bytes(recv, send, n * dtype_size(t));
   }
   void all_to_all_v_impl(const void* send, const std::vector<int64_t>& sc, const std::vector<int64_t>& so, void* recv,
                          const std::vector<int64_t>& rc, const std::vector<int64_t>& ro, DType t) override {
     PL_CHECK(sc[0] == rc[0], internal, "all_to_all_v: rank 0 sends ", sc[0], " elements to itself but expects ", rc[0]);
     const size_t e = dtype_size(t);
-    std::memmove(static_cast<char*>(recv) + ro[0] * e, static_cast<const char*>(send) + so[0] * e, sc[0] * e);
+    copy_bytes(static_cast<char*>(recv) + ro[0] * e, static_cast<const char*>(send) + so[0] * e, sc[0] * e);
   }
   void broadcast_impl(void*, int64_t, DType, int) override {}
   void barrier_impl() override {}

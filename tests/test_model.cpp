@@ -194,7 +194,7 @@ TEST(Optimizer, AdamWFirstStepAndDecayMask) {
   AdamW adam(o, m.layout());
   std::vector<float> params(m.layout().total(), 1.f), grads(m.layout().total(), 0.f);
   for (auto& g : grads) g = -2.f;
-  adam.step(params.data(), grads.data(), 0, m.layout().total(), 1, o.lr);
+  adam.step(params.data(), grads.data(), 1, o.lr);
   for (const auto& p : m.layout().entries()) {
     // First Adam step moves by lr·sign(g) (bias-corrected m̂/sqrt(v̂) = ±1, up to eps); decay only on
     // ternary weights by default.

@@ -34,9 +34,9 @@ void act_quant_cpu(int64_t rows, int64_t dim, const float* x, int8_t* codes, flo
   }
 }
 
-float weight_quant_cpu(int64_t n, const float* w, int8_t* codes) {
-  // mean|W| in float64 over fixed chunks, partials added in chunk order: the same β for any thread
-  // count, and no float32 drift on multi-million-element tensors.
+double abs_sum_cpu(int64_t n, const float* w) {
+  // float64 over fixed chunks, partials added in chunk order: the same sum for any thread count,
+  // and no float32 drift on multi-million-element tensors.
   constexpr int64_t chunk = 1 << 15;
   const int64_t n_chunks = (n + chunk - 1) / chunk;
   double* partials = detail::scratch<double>(detail::ScratchSlot::weight_quant_partials, n_chunks);
@@ -49,10 +49,22 @@ float weight_quant_cpu(int64_t n, const float* w, int8_t* codes) {
   }
   double sum = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) sum += partials[c];
-  const double mean = n > 0 ? sum / static_cast<double>(n) : 0.0;
-  const float beta = static_cast<float>(std::max(mean, 1e-5));
+  return sum;
+}
+
+float ternary_beta(double abs_sum, int64_t n) {
+  const double mean = n > 0 ? abs_sum / static_cast<double>(n) : 0.0;
+  return static_cast<float>(std::max(mean, 1e-5));
+}
+
+void ternary_codes_cpu(int64_t n, const float* w, float beta, int8_t* codes) {
 #pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
   for (int64_t i = 0; i < n; ++i) codes[i] = quant_round_clamp(w[i] / beta, -1.0f, 1.0f);
+}
+
+float weight_quant_cpu(int64_t n, const float* w, int8_t* codes) {
+  const float beta = ternary_beta(abs_sum_cpu(n, w), n);
+  ternary_codes_cpu(n, w, beta, codes);
   return beta;
 }
 

@@ -13,6 +13,11 @@ namespace peerless {
 void act_quant_cpu(int64_t rows, int64_t dim, const float* x, int8_t* codes, float* scale);
 // w: (n) -> codes (n); returns β. mean|W| is summed in float64 in a fixed order (deterministic).
 float weight_quant_cpu(int64_t n, const float* w, int8_t* codes);
+// Its two halves, for tensors sharded over ranks (ZeRO-1): each rank sums |W| over its part, the
+// sums are all-reduced, β = ternary_beta(total, numel), then each rank quantizes its part.
+double abs_sum_cpu(int64_t n, const float* w);
+float ternary_beta(double abs_sum, int64_t numel);
+void ternary_codes_cpu(int64_t n, const float* w, float beta, int8_t* codes);
 // The scalar rules, shared by the CPU and (later) CUDA paths and by tests.
 // Round half away from zero, exact for every float: v − trunc(v) is exact in floating point, so
 // stepping away from zero when it is at least one half rounds correctly, with no v + 0.5 double

@@ -20,3 +20,8 @@ expect_error() {
   grep -Eq "$pattern" "$work/err.txt" || { cat "$work/err.txt"; fail "$name: stderr lacks /$pattern/"; }
   echo "ok: $name -> $(head -c 300 "$work/err.txt" | tr '\n' ' ')"
 }
+
+# Open MPI as root on a 2-core machine: allow root, oversubscribe, yield when idle.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+export OMPI_MCA_rmaps_base_oversubscribe=1
+mpi() { mpirun --oversubscribe -np "$@"; }

@@ -1,0 +1,227 @@
+// Bucketed gradient exchange and ZeRO-1 (see data_parallel.h).
+#include "model/data_parallel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "model/ops/quant.h"
+#include "model/ternary_pack.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+constexpr int64_t kAlign = 16;  // slice granularity: 4 codes per byte, 64-byte lines
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+}  // namespace
+
+DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes)
+    : model_(model), dp_(dp), zero1_(zero1) {
+  const auto& entries = model.layout().entries();
+  const bool quantized = model.config().quant == "ternary";
+  const int64_t cap = std::max<int64_t>(kAlign, round_up(bucket_bytes / 4, kAlign));
+  const int W = dp.size();
+  // Walk parameters in backward order (reverse layout), closing a bucket when it is full or the
+  // class (ternary / full precision) changes; split parameters larger than one bucket.
+  Bucket cur;
+  bool open = false;
+  auto close = [&]() {
+    if (!open) return;
+    cur.slice = round_up((cur.end - cur.begin + W - 1) / W, kAlign);
+    buckets_.push_back(cur);
+    cur = Bucket{};
+    open = false;
+  };
+  for (int idx = static_cast<int>(entries.size()) - 1; idx >= 0; --idx) {
+    const ParamInfo& p = entries[idx];
+    const bool ternary = quantized && p.kind == ParamKind::ternary_weight;
+    const int64_t p_end = round_up(p.offset + p.numel, kAlign);
+    if (open && (cur.ternary != ternary || cur.end - p.offset > cap)) close();
+    int64_t hi = p_end;
+    // Pieces of at most `cap` elements, taken from the end (backward order within the tensor is
+    // irrelevant: the whole gradient is final at once).
+    while (hi - p.offset > cap) {
+      close();
+      Bucket piece;
+      piece.begin = hi - cap;
+      piece.end = hi;
+      piece.ternary = ternary;
+      piece.params = {idx};
+      piece.slice = round_up((cap + W - 1) / W, kAlign);
+      buckets_.push_back(piece);
+      hi -= cap;
+    }
+    if (!open) {
+      cur.end = hi;
+      cur.ternary = ternary;
+      open = true;
+    }
+    cur.begin = p.offset;
+    cur.params.push_back(idx);
+  }
+  close();
+  param_buckets_.assign(entries.size(), {});
+  for (size_t b = 0; b < buckets_.size(); ++b)
+    for (int idx : buckets_[b].params) param_buckets_[idx].push_back(static_cast<int>(b));
+  int64_t max_slice = 0;
+  for (const auto& b : buckets_) max_slice = std::max(max_slice, b.slice);
+  if (zero1_ && W > 1) {
+    stage_.resize(W * max_slice);
+    recv_.resize(max_slice);
+    stage_u8_.resize(W * max_slice / 4);
+    code_slice_.resize(max_slice);
+  }
+}
+
+int64_t DataParallel::owned_end(const Bucket& b) const {
+  return std::min(b.end, b.begin + (dp_.rank() + 1) * b.slice);
+}
+
+std::vector<Range> DataParallel::owned() const {
+  if (!zero1_) return {{0, model_.layout().total()}};
+  std::vector<Range> r;
+  for (const auto& b : buckets_) {
+    const int64_t lo = owned_begin(b), hi = owned_end(b);
+    if (lo < hi) r.push_back({lo, hi});
+  }
+  std::sort(r.begin(), r.end());
+  return r;
+}
+
+DataParallel::Traffic DataParallel::traffic() const {
+  Traffic t;
+  const int W = dp_.size();
+  for (const auto& b : buckets_) {
+    const double n = static_cast<double>(zero1_ ? W * b.slice : b.end - b.begin);
+    t.grad_bytes += 4 * n;
+    if (zero1_) t.gather_bytes += b.ternary ? n / 4 : 4 * n;
+    t.bf16_gather_bytes += 2 * n;
+  }
+  return t;
+}
+
+void DataParallel::begin_step() {
+  pending_params_.assign(buckets_.size(), 0);
+  for (size_t b = 0; b < buckets_.size(); ++b) pending_params_[b] = static_cast<int>(buckets_[b].params.size());
+  param_seen_.assign(param_buckets_.size(), 0);
+  started_.assign(buckets_.size(), 0);
+}
+
+void DataParallel::param_ready(int param, float* grads) {
+  if (param_seen_[param]) return;
+  param_seen_[param] = 1;
+  for (int b : param_buckets_[param])
+    if (--pending_params_[b] == 0) exchange(b, grads);
+}
+
+void DataParallel::finish_gradients(float* grads) {
+  for (size_t b = 0; b < buckets_.size(); ++b)
+    if (!started_[b]) exchange(static_cast<int>(b), grads);
+  dp_.synchronize();
+}
+
+void DataParallel::exchange(int bucket, float* grads) {
+  started_[bucket] = 1;
+  const Bucket& b = buckets_[bucket];
+  const int W = dp_.size();
+  if (W == 1) return;
+  if (!zero1_) {
+    dp_.all_reduce(grads + b.begin, b.end - b.begin, DType::f32, ReduceOp::sum);
+    return;
+  }
+  // Stage into W equal slices (zero padding past the bucket), reduce-scatter, keep our slice.
+  const int64_t n = b.end - b.begin;
+  std::memcpy(stage_.data(), grads + b.begin, sizeof(float) * n);
+  std::fill(stage_.begin() + n, stage_.begin() + W * b.slice, 0.f);
+  dp_.reduce_scatter(stage_.data(), recv_.data(), b.slice, DType::f32, ReduceOp::sum);
+  dp_.synchronize();  // the staging buffers are reused by the next bucket
+  const int64_t lo = owned_begin(b), hi = owned_end(b);
+  if (lo < hi) std::memcpy(grads + lo, recv_.data(), sizeof(float) * (hi - lo));
+}
+
+double DataParallel::grad_norm(const float* grads) {
+  double sq = 0;
+  for (const auto& [lo, hi] : owned()) {
+    const double n = grad_norm_l2(grads + lo, hi - lo);
+    sq += n * n;
+  }
+  if (zero1_ && dp_.size() > 1) dp_.all_reduce(&sq, 1, DType::f64, ReduceOp::sum);
+  return std::sqrt(sq);
+}
+
+void DataParallel::scale_gradients(float* grads, float factor) {
+  for (const auto& [lo, hi] : owned()) scale_in_place(grads + lo, hi - lo, factor);
+}
+
+void DataParallel::refresh_and_gather(Model& model, float* params) {
+  if (!zero1_ || dp_.size() == 1) {
+    model.refresh_ternary(params);
+    return;
+  }
+  const auto& entries = model.layout().entries();
+  const int W = dp_.size();
+  // β per ternary tensor from the owners' partial Σ|W|.
+  std::vector<double> abs_sums(entries.size(), 0.0);
+  for (const auto& b : buckets_) {
+    if (!b.ternary) continue;
+    const int64_t lo = owned_begin(b), hi = owned_end(b);
+    for (int idx : b.params) {
+      const ParamInfo& p = entries[idx];
+      const int64_t a = std::max(lo, p.offset), z = std::min(hi, p.offset + p.numel);
+      if (a < z) abs_sums[idx] += abs_sum_cpu(z - a, params + a);
+    }
+  }
+  dp_.all_reduce(abs_sums.data(), static_cast<int64_t>(abs_sums.size()), DType::f64, ReduceOp::sum);
+  std::vector<int8_t>& codes = model.mutable_codes();
+  std::vector<float>& betas = model.mutable_betas();
+  for (size_t idx = 0; idx < entries.size(); ++idx)
+    if (entries[idx].kind == ParamKind::ternary_weight) betas[idx] = ternary_beta(abs_sums[idx], entries[idx].numel);
+
+  for (const auto& b : buckets_) {
+    const int64_t lo = owned_begin(b), hi = std::max(lo, owned_end(b));
+    if (b.ternary) {
+      // Codes of our slice (0 in padding between tensors and past the bucket), packed, gathered.
+      std::fill(code_slice_.begin(), code_slice_.begin() + b.slice, 0);
+      for (int idx : b.params) {
+        const ParamInfo& p = entries[idx];
+        const int64_t a = std::max(lo, p.offset), z = std::min(hi, p.offset + p.numel);
+        if (a < z) ternary_codes_cpu(z - a, params + a, betas[idx], code_slice_.data() + (a - lo));
+      }
+      const auto packed = pack_ternary(code_slice_.data(), b.slice);
+      uint8_t* mine = stage_u8_.data() + dp_.rank() * (b.slice / 4);
+      std::memcpy(mine, packed.data(), packed.size());
+      dp_.all_gather(mine, stage_u8_.data(), b.slice / 4, DType::u8);
+      dp_.synchronize();
+      // Unpack every rank's slice into the codes of the bucket range.
+      for (int r = 0; r < W; ++r) {
+        const int64_t s_lo = b.begin + r * b.slice, s_hi = std::min(b.end, s_lo + b.slice);
+        if (s_lo < s_hi) unpack_ternary(stage_u8_.data() + r * (b.slice / 4), s_hi - s_lo, codes.data() + s_lo);
+      }
+    } else {
+      float* mine = stage_.data() + dp_.rank() * b.slice;
+      std::fill(mine, mine + b.slice, 0.f);
+      std::memcpy(mine, params + lo, sizeof(float) * (hi - lo));
+      dp_.all_gather(mine, stage_.data(), b.slice, DType::f32);
+      dp_.synchronize();
+      std::memcpy(params + b.begin, stage_.data(), sizeof(float) * (b.end - b.begin));
+    }
+  }
+  (void)W;
+}
+
+void DataParallel::gather_full_params(float* params) {
+  if (!zero1_ || dp_.size() == 1) return;
+  for (const auto& b : buckets_) {
+    if (!b.ternary) continue;  // full-precision buckets are gathered every step
+    const int64_t lo = owned_begin(b), hi = std::max(lo, owned_end(b));
+    float* mine = stage_.data() + dp_.rank() * b.slice;
+    std::fill(mine, mine + b.slice, 0.f);
+    std::memcpy(mine, params + lo, sizeof(float) * (hi - lo));
+    dp_.all_gather(mine, stage_.data(), b.slice, DType::f32);
+    dp_.synchronize();
+    std::memcpy(params + b.begin, stage_.data(), sizeof(float) * (b.end - b.begin));
+  }
+}
+
+}  // namespace peerless

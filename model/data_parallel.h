@@ -1,0 +1,84 @@
+// Data parallelism over the flat parameter/gradient buffers: bucketed gradient exchange and ZeRO-1.
+//
+// Buckets are runs of whole parameters (large ones split) in backward order, each holding only
+// ternary weights or only full-precision parameters, about `bucket_bytes` of fp32 each. Backward
+// reports each parameter whose gradient is final (on the last micro-step); a bucket's exchange
+// starts as soon as all of its parameters are final.
+//
+// Without ZeRO-1 every bucket is all-reduced and every rank updates the whole model.
+// With ZeRO-1 each bucket is cut into dp_size equal slices (a multiple of 16 elements); rank r
+// owns slice r of every bucket: the gradients are reduce-scattered, the AdamW moments exist only
+// for owned slices, rank r updates its slices, and then
+//   - ternary buckets: β = mean|W| per tensor from an all-reduced Σ|W| over the owners, codes of
+//     the owned slices packed at 2 bits per weight, all-gathered;
+//   - full-precision buckets (embedding, gains, lower bounds): fp32 values all-gathered.
+// The latent fp32 weights of ternary tensors outside a rank's slices are then stale on that rank;
+// the forward never reads them (it uses codes and β), and gather_full_params() fetches them when
+// a full copy is needed (saving the model).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "model/optimizer.h"
+#include "parallel/comm.h"
+
+namespace peerless {
+
+class DataParallel {
+ public:
+  struct Bucket {
+    int64_t begin = 0, end = 0;  // [begin, end) of the flat buffers
+    bool ternary = false;        // codes are gathered instead of fp32 values (ZeRO-1)
+    int64_t slice = 0;           // ZeRO-1 elements per rank (multiple of 16); dp_size·slice ≥ end − begin
+    std::vector<int> params;     // parameter indices overlapping the bucket
+  };
+  // Bytes one rank sends+receives per optimizer step, as counted by the collectives' sizes.
+  struct Traffic {
+    double grad_bytes = 0;        // gradient all-reduce or reduce-scatter payload
+    double gather_bytes = 0;      // ZeRO-1: packed codes + fp32 full-precision parameters
+    double bf16_gather_bytes = 0; // the same gather if it carried bf16 weights
+  };
+
+  DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes);
+
+  bool zero1() const { return zero1_; }
+  const std::vector<Bucket>& buckets() const { return buckets_; }
+  // Ranges of the flat buffer this rank updates (everything without ZeRO-1).
+  std::vector<Range> owned() const;
+  Traffic traffic() const;
+
+  // Gradient exchange of one optimizer step.
+  void begin_step();
+  void param_ready(int param, float* grads);  // from Model::backward on the last micro-step
+  void finish_gradients(float* grads);        // exchanges any bucket not yet started
+  // Global L2 norm of the reduced gradient (over owned ranges, summed across ranks with ZeRO-1).
+  double grad_norm(const float* grads);
+  void scale_gradients(float* grads, float factor);  // owned ranges only
+
+  // After the optimizer step: new ternary forward copies everywhere (and ZeRO-1 gathers).
+  void refresh_and_gather(Model& model, float* params);
+  // ZeRO-1: all-gathers the fp32 latent values of every bucket (no-op otherwise).
+  void gather_full_params(float* params);
+
+ private:
+  void exchange(int bucket, float* grads);
+  int64_t owned_begin(const Bucket& b) const { return b.begin + dp_.rank() * b.slice; }
+  int64_t owned_end(const Bucket& b) const;
+
+  const Model& model_;
+  Comm& dp_;
+  bool zero1_;
+  std::vector<Bucket> buckets_;
+  std::vector<std::vector<int>> param_buckets_;  // param index → buckets it overlaps
+  std::vector<int> pending_params_;              // per bucket: parameters not yet final
+  std::vector<uint8_t> param_seen_, started_;
+  std::vector<float> stage_, recv_;              // ZeRO-1 staging (dp·slice), (slice)
+  std::vector<uint8_t> stage_u8_;
+  std::vector<int8_t> code_slice_;
+};
+
+}  // namespace peerless
