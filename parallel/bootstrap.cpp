@@ -10,6 +10,7 @@
 
 #include "parallel/mpi_comm.h"
 #include "parallel/nccl_comm.h"
+#include "parallel/staging_comm.h"
 #include "runtime/error.h"
 
 #ifdef PEERLESS_HAVE_CUDA
@@ -174,7 +175,9 @@ std::unique_ptr<Comm> make_world_comm(const ProcessInfo& info, const std::string
              "parallel.backend = 'nccl' needs a GPU, and none is visible to this rank; use auto, mpi or single "
              "(allowed values: ",
              kAllowedBackends, ")");
-    return make_nccl_comm(info.under_mpi ? MPI_COMM_WORLD : MPI_COMM_NULL, info.device, nullptr, timeout_seconds);
+    // Host buffers (the CPU training loop) are staged through device memory; device buffers pass.
+    return make_host_staging_comm(
+        make_nccl_comm(info.under_mpi ? MPI_COMM_WORLD : MPI_COMM_NULL, info.device, nullptr, timeout_seconds));
 #else
     PL_FAIL(config, "parallel.backend = 'nccl' is not available: this binary was built without CUDA/NCCL; use auto, "
                     "mpi or single (allowed values: ", kAllowedBackends, ")");
