@@ -45,6 +45,9 @@ void copy_bytes(void* dst, const void* src, size_t bytes) {
   }
   const cudaError_t rc = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
   PL_CHECK(rc == cudaSuccess, device, "cudaMemcpy of ", bytes, " bytes failed: ", cudaGetErrorString(rc));
+  // From pageable host memory cudaMemcpy may return before the DMA lands; kernels on other
+  // (non-blocking) streams, such as NCCL's, would then read stale data. Wait for it.
+  device_synchronize();
 }
 
 void device_synchronize() {
