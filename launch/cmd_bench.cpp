@@ -25,7 +25,8 @@ const char* kBenchUsage =
     "usage: peerless bench <what> [options]   (peerless bench <what> --help for details)\n\n"
     "benchmarks:\n"
     "  comm      collective bandwidth of a communication backend (nccl-tests columns);\n"
-    "            multi-rank: mpirun -np N peerless bench comm\n";
+    "            multi-rank: mpirun -np N peerless bench comm\n"
+    "  checkpoint  checkpoint write/read throughput against the raw disk (launch/bench_checkpoint.cpp)\n";
 
 enum class Op { all_reduce, reduce_scatter, all_gather, all_to_all };
 const Op kOps[] = {Op::all_reduce, Op::reduce_scatter, Op::all_gather, Op::all_to_all};
@@ -277,7 +278,8 @@ int cmd_bench(const Args& args) {
     return 0;
   }
   if (args[0] == "comm") return bench_comm(Args(args.begin() + 1, args.end()));
-  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm (see: peerless bench --help)");
+  if (args[0] == "checkpoint") return bench_checkpoint(Args(args.begin() + 1, args.end()));
+  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint (see: peerless bench --help)");
 }
 
 }  // namespace peerless

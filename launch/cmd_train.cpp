@@ -1,4 +1,4 @@
-// `peerless train CONFIG [--set key=value]... [--dry-run]`.
+// `peerless train CONFIG [--set key=value]... [--dry-run] [--resume auto|PATH]`.
 #include <cstdio>
 
 #include "launch/args.h"
@@ -14,11 +14,15 @@ int cmd_train(const Args& args) {
   std::string config_path;
   std::vector<std::string> overrides;
   bool dry_run = false, overwrite = false, list_keys = false;
+  std::string resume;
   ArgParser p("train", "Train a model. Writes runs/<run.name>/: config.toml, metrics.jsonl, model.h5, samples.txt.");
   p.positional("CONFIG", &config_path, "TOML config (see configs/); keys not given keep their defaults");
   p.repeated("set", &overrides, "KEY=VALUE", "override one config key, e.g. --set optim.lr=1e-3");
   p.flag("dry-run", &dry_run, "validate config and data, print parameter and memory accounting, exit");
   p.flag("overwrite", &overwrite, "replace an existing run directory of the same name");
+  p.option("resume", &resume, "auto|PATH",
+           "continue from a checkpoint: auto = the newest complete one of this run (none: start at step 0), or a "
+           "checkpoint directory; re-uses the run directory");
   p.flag("list-keys", &list_keys, "print every config key with its default and allowed range");
   if (!p.parse(args)) return 0;
   if (list_keys) {
@@ -31,7 +35,7 @@ int cmd_train(const Args& args) {
   RunConfig cfg = load_run_config(config_path, overrides);
   auto comm = dry_run ? make_single_comm()
                       : make_world_comm(process_info(), cfg.parallel.backend, cfg.parallel.timeout_s);
-  return run_training(cfg, TrainOptions{dry_run, overwrite}, *comm);
+  return run_training(cfg, TrainOptions{dry_run, overwrite, resume}, *comm);
 }
 
 }  // namespace peerless

@@ -14,6 +14,8 @@ int cmd_prepare(const Args& args);
 int cmd_train(const Args& args);
 int cmd_eval(const Args& args);
 int cmd_sample(const Args& args);
+int cmd_inspect(const Args& args);
 int cmd_bench(const Args& args);
+int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
 
 }  // namespace peerless

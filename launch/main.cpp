@@ -25,7 +25,8 @@ const Command kCommands[] = {
     {"train", peerless::cmd_train, "train a model from a TOML config"},
     {"eval", peerless::cmd_eval, "validation loss of a trained model"},
     {"sample", peerless::cmd_sample, "generate text from a trained model"},
-    {"bench", peerless::cmd_bench, "benchmarks: collective bandwidth (bench comm)"},
+    {"inspect", peerless::cmd_inspect, "show and verify a checkpoint: config, step, tensors, checksums"},
+    {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},
 };
 
 void print_usage(std::FILE* out) {

@@ -13,26 +13,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Opens or creates every group along "a/b/c" under loc and returns the innermost.
-h5::Handle ensure_groups(hid_t loc, const std::string& path) {
-  h5::Handle current;
-  hid_t at = loc;
-  size_t start = 0;
-  while (start < path.size()) {
-    const size_t slash = path.find('/', start);
-    const std::string name = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
-    h5::Handle next = h5::exists(at, name) ? h5::open_group(at, name) : h5::create_group(at, name);
-    current = std::move(next);
-    at = current.get();
-    if (slash == std::string::npos) break;
-    start = slash + 1;
-  }
-  return current;
-}
-
 std::string shape_text(const std::vector<int64_t>& shape) {
   std::string s;
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(shape[i]);
+  }
   return s;
 }
 
@@ -54,7 +40,7 @@ void save_model_file(const std::string& path, const Model& model, const float* p
       const size_t slash = p.name.rfind('/');
       {
         const std::string parent = slash == std::string::npos ? "model" : "model/" + p.name.substr(0, slash);
-        h5::Handle g = ensure_groups(file, parent);
+        h5::Handle g = h5::ensure_groups(file, parent);
         const std::string leaf = slash == std::string::npos ? p.name : p.name.substr(slash + 1);
         h5::write_1d(g, leaf, h5::Dtype::f32, params + p.offset, p.numel);
         h5::Handle ds = h5::open_dataset(g, leaf);
@@ -62,7 +48,7 @@ void save_model_file(const std::string& path, const Model& model, const float* p
         h5::write_attr(ds, "kind", param_kind_name(p.kind));
       }
       if (p.kind == ParamKind::ternary_weight) {
-        h5::Handle g = ensure_groups(file, "ternary/" + p.name);
+        h5::Handle g = h5::ensure_groups(file, "ternary/" + p.name);
         const auto packed = pack_ternary(model.codes().data() + p.offset, p.numel);
         h5::write_1d(g, "codes", h5::Dtype::u8, packed.data(), static_cast<int64_t>(packed.size()));
         h5::write_attr(g, "beta", static_cast<double>(model.betas()[idx]));

@@ -64,6 +64,11 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_bool("optim.decay_gains", &optim.decay_gains, "apply weight decay to RMSNorm gains");
   s.add_bool("optim.decay_lower_bounds", &optim.decay_lower_bounds, "apply weight decay to MLGRU lower bounds");
   s.add_float("optim.grad_clip", &optim.grad_clip, 0, 1e9, "max global gradient L2 norm (0 = off)");
+
+  s.add_int("checkpoint.every_steps", &checkpoint.every_steps, 0, kBig, "steps between checkpoints (0 = off)");
+  s.add_float("checkpoint.every_minutes", &checkpoint.every_minutes, 0, 1e7, "minutes between checkpoints (0 = off)");
+  s.add_int("checkpoint.keep", &checkpoint.keep, 1, 1 << 20, "complete checkpoints kept; older ones are deleted");
+  s.add_string("checkpoint.dir", &checkpoint.dir, "checkpoint directory (\"\" = <run.out_dir>/<run.name>/checkpoints)");
 }
 
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,

@@ -47,6 +47,13 @@ struct ParallelSection {
   int64_t expert_parallel = 1;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
 };
 
+struct CheckpointSection {
+  int64_t every_steps = 0;       // write a checkpoint every N optimizer steps; 0 = off
+  double every_minutes = 0;      // and/or every M minutes of training; 0 = off
+  int64_t keep = 3;              // complete checkpoints kept (older ones are deleted)
+  std::string dir = "";          // "" = <run.out_dir>/<run.name>/checkpoints
+};
+
 struct RunConfig {
   RunSection run;
   ParallelSection parallel;
@@ -54,6 +61,7 @@ struct RunConfig {
   DataSection data;
   TrainSection train;
   OptimConfig optim;
+  CheckpointSection checkpoint;
 
   // Binds every field to its key, range and help text.
   void bind(ConfigSchema& schema);

@@ -9,11 +9,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "data/dataset.h"
 #include "data/loader.h"
+#include "launch/checkpoint.h"
 #include "launch/model_file.h"
+#include "launch/signals.h"
 #include "model/cpu_threads.h"
 #include "model/data_parallel.h"
 #include "model/optimizer.h"
@@ -82,6 +85,39 @@ void write_text_file(const fs::path& path, const std::string& text) {
     PL_CHECK(out.good(), io, "cannot write ", tmp.string(), " (disk full or no permission?)");
   }
   fs::rename(tmp, path);
+}
+
+// A resumed run continues metrics.jsonl after `step`: later lines (written after the checkpoint by
+// the interrupted run) and a torn last line are dropped. A second line of the same step is the
+// final evaluation of a run that ended there; it goes too, since training continues.
+void truncate_metrics(const fs::path& path, int64_t step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  int64_t last = -1;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    int64_t s = 0;
+    try {
+      s = nlohmann::json::parse(line).at("step").get<int64_t>();
+    } catch (const std::exception&) {
+      break;
+    }
+    if (s > step || (s == step && last == step)) break;
+    kept += line + "\n";
+    last = s;
+  }
+  in.close();
+  write_text_file(path, kept);
+}
+
+// Rank 0's string on every rank.
+std::string broadcast_string(Comm& comm, std::string text) {
+  int64_t n = static_cast<int64_t>(text.size());
+  comm.broadcast(&n, 1, DType::i64, 0);
+  text.resize(static_cast<size_t>(n));
+  if (n > 0) comm.broadcast(text.data(), n, DType::u8, 0);
+  return text;
 }
 
 }  // namespace
@@ -214,9 +250,26 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   }
 
   const fs::path run_dir = fs::path(cfg.run.out_dir) / cfg.run.name;
+  const std::string ckpt_root = checkpoint_root(cfg);
+  // --resume: rank 0 picks and verifies the checkpoint, every rank loads it.
+  std::string resume_dir;
+  if (!options.resume.empty()) {
+    if (lead) {
+      std::vector<std::string> notes;
+      const bool automatic = options.resume == "auto";
+      resume_dir = automatic ? find_resumable(ckpt_root, &notes) : resolve_resume_path(options.resume, &notes);
+      for (const auto& n : notes) std::printf("resume: %s\n", n.c_str());
+      if (automatic && resume_dir.empty())
+        std::printf("resume auto: no complete checkpoint under %s; starting from step 0\n", ckpt_root.c_str());
+      else if (!notes.empty())
+        std::printf("resume: falling back to %s, the newest complete checkpoint\n", resume_dir.c_str());
+      std::fflush(stdout);
+    }
+    resume_dir = broadcast_string(comm, resume_dir);
+  }
   if (lead) {
-    if (fs::exists(run_dir / "metrics.jsonl") && !options.overwrite)
-      PL_FAIL(config, "run directory ", run_dir.string(), " already holds a run; choose another run.name (--set run.name=...) or pass --overwrite");
+    if (fs::exists(run_dir / "metrics.jsonl") && !options.overwrite && options.resume.empty())
+      PL_FAIL(config, "run directory ", run_dir.string(), " already holds a run; choose another run.name (--set run.name=...), pass --overwrite, or continue it with --resume auto");
     fs::create_directories(run_dir);
     write_text_file(run_dir / "config.toml", config_text);
   }
@@ -235,7 +288,35 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20);
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
-  if (lead && world > 1) {
+  loader.seek({static_cast<uint64_t>(cfg.run.seed), 1});
+  int64_t start_step = 0, tokens_seen = 0, window_steps = 0;
+  double window_loss = 0;
+  if (!resume_dir.empty()) {
+    const CheckpointMeta meta = read_checkpoint_meta(resume_dir);
+    const std::vector<std::string> changes = compare_configs(meta.config_text, config_text, resume_dir);
+    // Codes and β as stored (never recomputed), moments of the ranges this rank owns now.
+    load_checkpoint_tensors(resume_dir, model, params.data(), adam);
+    loader.seek(meta.state.loader);
+    start_step = meta.state.step;
+    tokens_seen = meta.state.tokens;
+    window_loss = meta.state.window_loss;
+    window_steps = meta.state.window_steps;
+    if (lead) {
+      std::printf("resumed from %s: step %lld, %s tokens; written by %d rank%s (ZeRO-1 %s), continuing on %d\n",
+                  resume_dir.c_str(), static_cast<long long>(start_step), human_count(tokens_seen).c_str(), meta.world,
+                  meta.world == 1 ? "" : "s", meta.zero1 ? "on" : "off", world);
+      for (const auto& c : changes) std::printf("  config change on resume: %s\n", c.c_str());
+      if (meta.state.global_batch != G)
+        std::printf("  note: the global batch was %lld sequences, now %lld: the data order differs from the original "
+                    "run (keep micro_batch x accum_steps x ranks constant to preserve it)\n",
+                    static_cast<long long>(meta.state.global_batch), static_cast<long long>(G));
+      if (meta.state.data_hash != data->content_hash())
+        std::printf("  note: the training data file differs from the one the checkpoint was trained on\n");
+      if (start_step >= cfg.train.max_steps)
+        std::printf("  note: the checkpoint is at step %lld >= train.max_steps = %lld: nothing left to train\n",
+                    static_cast<long long>(start_step), static_cast<long long>(cfg.train.max_steps));
+    }
+  }  if (lead && world > 1) {
     const auto tr = dp.traffic();
     std::printf("data parallel: %d ranks, backend %s, %zu buckets, ZeRO-1 %s; optimizer state per rank %s of %s\n",
                 world, comm.backend_name().c_str(), dp.buckets().size(), cfg.parallel.zero1 ? "on" : "off",
@@ -249,7 +330,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 
   std::FILE* metrics = nullptr;
   if (lead) {
-    metrics = std::fopen((run_dir / "metrics.jsonl").c_str(), "w");
+    if (!resume_dir.empty()) truncate_metrics(run_dir / "metrics.jsonl", start_step);
+    metrics = std::fopen((run_dir / "metrics.jsonl").c_str(), resume_dir.empty() ? "w" : "a");
     PL_CHECK(metrics, io, "cannot create ", (run_dir / "metrics.jsonl").string());
     std::printf("run: %s  (global batch %lld sequences x %lld tokens = %lld tokens/step, %lld steps)\n",
                 run_dir.c_str(), static_cast<long long>(G), static_cast<long long>(T), static_cast<long long>(G * T),
@@ -260,15 +342,15 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   ForwardContext ctx;
   std::vector<int32_t> inputs(B * T), targets(B * T);
   const auto t_start = Clock::now();
-  auto t_window = t_start;
-  int64_t tokens_seen = 0, window_tokens = 0, last_step = 0;
-  double window_loss = 0;
-  int64_t window_steps = 0;
+  auto t_window = t_start, t_checkpoint = t_start;
+  int64_t window_tokens = 0, last_step = start_step;
   bool stopped_by_time = false;
+  const StopSignals stop_signals;
   const float grad_scale = 1.0f / static_cast<float>(G * T);
 
   const Model::GradReady grad_ready = [&](int param) { dp.param_ready(param, grads.data()); };
-  for (int64_t step = 1; step <= cfg.train.max_steps; ++step) {
+  for (int64_t step = start_step + 1; step <= cfg.train.max_steps; ++step) {
+    PL_ASSERT(loader.step() == step);
     std::fill(grads.begin(), grads.end(), 0.f);
     dp.begin_step();
     double loss_sum = 0;
@@ -294,6 +376,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
     adam.step(params.data(), grads.data(), step, lr);
     dp.refresh_and_gather(model, params.data());
+    loader.advance();
 
     tokens_seen += G * T;
     window_tokens += G * T;
@@ -301,12 +384,16 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     ++window_steps;
     last_step = step;
     const double elapsed = seconds_since(t_start);
-    if (cfg.train.time_limit_minutes > 0) {
-      // Ranks' clocks differ: rank 0 decides, everyone follows.
-      int64_t stop = elapsed > 60.0 * cfg.train.time_limit_minutes ? 1 : 0;
-      comm.broadcast(&stop, 1, DType::i64, 0);
-      stopped_by_time = stop != 0;
+    // Stop and checkpoint decisions must be the same on every rank: a signal may reach only some
+    // ranks, and clocks differ (rank 0's decides).
+    int64_t flags[3] = {StopSignals::received(), 0, 0};  // signal, time limit, checkpoint by time
+    if (lead) {
+      flags[1] = cfg.train.time_limit_minutes > 0 && elapsed > 60.0 * cfg.train.time_limit_minutes;
+      flags[2] = cfg.checkpoint.every_minutes > 0 && seconds_since(t_checkpoint) > 60.0 * cfg.checkpoint.every_minutes;
     }
+    if (world > 1) comm.all_reduce(flags, 3, DType::i64, ReduceOp::max);
+    const int stop_signal = static_cast<int>(flags[0]);
+    stopped_by_time = flags[1] != 0;
     const bool last = step == cfg.train.max_steps || stopped_by_time;
     const bool eval_now = !last && cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0;
     if (step % cfg.train.log_every == 0 || eval_now || last) {
@@ -315,7 +402,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       const double tps = static_cast<double>(window_tokens) / std::max(1e-9, seconds_since(t_window));
       if (lead) {
         const double avg_loss = window_loss / static_cast<double>(window_steps);
-        const double per_step = elapsed / static_cast<double>(step);
+        const double per_step = elapsed / static_cast<double>(step - start_step);
         double eta = per_step * static_cast<double>(cfg.train.max_steps - step);
         if (cfg.train.time_limit_minutes > 0) eta = std::min(eta, 60.0 * cfg.train.time_limit_minutes - elapsed);
         std::fputs(metrics_line(step, tokens_seen, avg_loss, lr, gnorm, tps, eval_now ? &val : nullptr).c_str(), metrics);
@@ -329,6 +416,30 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       window_tokens = 0;
       window_loss = 0;
       window_steps = 0;
+    }
+    const bool checkpoint_now = stop_signal != 0 || flags[2] != 0 ||
+                                (cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0);
+    if (checkpoint_now) {
+      const TrainState state{step, tokens_seen, loader.cursor(), G, window_loss, window_steps, data->content_hash()};
+      const auto written = write_checkpoint(ckpt_root, cfg, config_text, model, dp, params.data(), adam, state, comm);
+      t_checkpoint = Clock::now();
+      t_window += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(written.seconds));
+      if (lead) {
+        std::printf("checkpoint %s: %s in %.2f s (%.0f MB/s)\n", written.dir.c_str(),
+                    human_bytes(static_cast<double>(written.bytes)).c_str(), written.seconds,
+                    static_cast<double>(written.bytes) / 1e6 / std::max(1e-9, written.seconds));
+        std::fflush(stdout);
+      }
+      if (stop_signal != 0) {
+        if (lead) {
+          std::fclose(metrics);
+          std::printf("received %s: stopped after step %lld with checkpoint %s; continue with: peerless train CONFIG "
+                      "--resume auto\n",
+                      signal_name(stop_signal), static_cast<long long>(step), written.dir.c_str());
+          std::fflush(stdout);
+        }
+        return 0;
+      }
     }
     if (stopped_by_time) {
       if (lead) std::printf("time limit of %.1f minutes reached after step %lld\n", cfg.train.time_limit_minutes,
@@ -344,14 +455,16 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   PL_CHECK(std::isfinite(final_eval.mean_loss), numeric, "the final validation loss is ", final_eval.mean_loss);
   if (lead) {
     std::fputs(metrics_line(last_step, tokens_seen, final_eval.mean_loss, learning_rate(cfg.optim, last_step, cfg.train.max_steps),
-                            0.0, static_cast<double>(tokens_seen) / train_seconds, &final_eval.mean_loss)
+                            0.0, static_cast<double>((last_step - start_step) * G * T) / train_seconds,
+                            &final_eval.mean_loss)
                    .c_str(),
                metrics);
     std::fclose(metrics);
     save_model_file((run_dir / "model.h5").string(), model, params.data(), config_text, last_step, tokens_seen);
+    const int64_t session_tokens = (last_step - start_step) * G * T;  // trained by this process
     std::printf("trained %lld steps (%s tokens) in %s, %.0f tokens/s\n", static_cast<long long>(last_step),
                 human_count(tokens_seen).c_str(), human_duration(train_seconds).c_str(),
-                static_cast<double>(tokens_seen) / train_seconds);
+                static_cast<double>(session_tokens) / train_seconds);
     std::printf("validation loss: %.4f nats/token over %s held-out tokens (%.4f bits/token)\n", final_eval.mean_loss,
                 human_count(final_eval.tokens).c_str(), final_eval.mean_loss / std::log(2.0));
     if (cfg.train.sample_tokens > 0) {

@@ -1,7 +1,8 @@
 // The training loop: data-parallel ready (a Comm, (rank, world) sharding of every global batch),
 // gradient accumulation, clipping, AdamW on the latent weights with the ternary forward copies
 // refreshed after each update, periodic validation, metrics.jsonl, a progress line, NaN guards,
-// and the run directory (effective config, metrics, model, samples).
+// the run directory (effective config, metrics, model, samples), checkpoints (periodic, on SIGTERM
+// or SIGINT) and resuming from one bit-identically (launch/checkpoint.h).
 #pragma once
 
 #include <cstdint>
@@ -19,6 +20,7 @@ class TokenDataset;
 struct TrainOptions {
   bool dry_run = false;
   bool overwrite = false;  // replace an existing run directory
+  std::string resume;      // "" = fresh start; "auto" = newest complete checkpoint if any; or a path
 };
 
 // Trains per `cfg`; returns the process exit status.

@@ -16,12 +16,12 @@ constexpr int64_t kAlign = 16;  // slice granularity: 4 codes per byte, 64-byte 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 }  // namespace
 
-DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes)
-    : model_(model), dp_(dp), zero1_(zero1) {
+std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model, int world, int64_t bucket_bytes) {
+  std::vector<Bucket> buckets;
   const auto& entries = model.layout().entries();
   const bool quantized = model.config().quant == "ternary";
   const int64_t cap = std::max<int64_t>(kAlign, round_up(bucket_bytes / 4, kAlign));
-  const int W = dp.size();
+  const int W = world;
   // Walk parameters in backward order (reverse layout), closing a bucket when it is full or the
   // class (ternary / full precision) changes; split parameters larger than one bucket.
   Bucket cur;
@@ -29,7 +29,7 @@ DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t buc
   auto close = [&]() {
     if (!open) return;
     cur.slice = round_up((cur.end - cur.begin + W - 1) / W, kAlign);
-    buckets_.push_back(cur);
+    buckets.push_back(cur);
     cur = Bucket{};
     open = false;
   };
@@ -49,7 +49,7 @@ DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t buc
       piece.ternary = ternary;
       piece.params = {idx};
       piece.slice = round_up((cap + W - 1) / W, kAlign);
-      buckets_.push_back(piece);
+      buckets.push_back(piece);
       hi -= cap;
     }
     if (!open) {
@@ -61,6 +61,14 @@ DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t buc
     cur.params.push_back(idx);
   }
   close();
+  return buckets;
+}
+
+DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes)
+    : model_(model), dp_(dp), zero1_(zero1) {
+  const auto& entries = model.layout().entries();
+  const int W = dp.size();
+  buckets_ = plan_buckets(model, W, bucket_bytes);
   param_buckets_.assign(entries.size(), {});
   for (size_t b = 0; b < buckets_.size(); ++b)
     for (int idx : buckets_[b].params) param_buckets_[idx].push_back(static_cast<int>(b));
@@ -78,15 +86,24 @@ int64_t DataParallel::owned_end(const Bucket& b) const {
   return std::min(b.end, b.begin + (dp_.rank() + 1) * b.slice);
 }
 
-std::vector<Range> DataParallel::owned() const {
-  if (!zero1_) return {{0, model_.layout().total()}};
+std::vector<Range> DataParallel::owned_ranges(const std::vector<Bucket>& buckets, int rank, bool zero1, int world,
+                                              int64_t total) {
+  if (!zero1) return {{0, total}};
+  PL_CHECK(rank >= 0 && rank < world, internal, "rank ", rank, " outside world ", world);
   std::vector<Range> r;
-  for (const auto& b : buckets_) {
-    const int64_t lo = owned_begin(b), hi = owned_end(b);
+  for (const auto& b : buckets) {
+    const int64_t lo = b.begin + rank * b.slice, hi = std::min(b.end, b.begin + (rank + 1) * b.slice);
     if (lo < hi) r.push_back({lo, hi});
   }
   std::sort(r.begin(), r.end());
   return r;
+}
+
+std::vector<Range> DataParallel::owned() const { return owned_by(dp_.rank()); }
+
+std::vector<Range> DataParallel::owned_by(int rank) const {
+  PL_CHECK(rank >= 0 && rank < dp_.size(), internal, "owned_by(", rank, ") outside world ", dp_.size());
+  return owned_ranges(buckets_, rank, zero1_, dp_.size(), model_.layout().total());
 }
 
 DataParallel::Traffic DataParallel::traffic() const {

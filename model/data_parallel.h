@@ -45,10 +45,19 @@ class DataParallel {
 
   DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes);
 
+  // The bucket plan for `world` ranks and the ranges rank `rank` owns under it: pure functions of
+  // their arguments, so a checkpoint can name every rank's shard and tests can check any
+  // (rank, world) in one process. Without ZeRO-1 a rank owns [0, total).
+  static std::vector<Bucket> plan_buckets(const Model& model, int world, int64_t bucket_bytes);
+  static std::vector<Range> owned_ranges(const std::vector<Bucket>& buckets, int rank, bool zero1, int world,
+                                         int64_t total);
+
   bool zero1() const { return zero1_; }
   const std::vector<Bucket>& buckets() const { return buckets_; }
   // Ranges of the flat buffer this rank updates (everything without ZeRO-1).
   std::vector<Range> owned() const;
+  // The ranges rank `rank` of this communicator owns (ZeRO-1 shards of the other ranks).
+  std::vector<Range> owned_by(int rank) const;
   Traffic traffic() const;
 
   // Gradient exchange of one optimizer step.

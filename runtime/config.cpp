@@ -216,6 +216,12 @@ std::string ConfigSchema::to_toml() const {
   return os.str();
 }
 
+std::vector<std::pair<std::string, ConfigSchema::Value>> ConfigSchema::values() const {
+  std::vector<std::pair<std::string, Value>> out;
+  for (const auto& f : fields_) std::visit([&](auto* p) { out.emplace_back(f.key, Value(*p)); }, f.target);
+  return out;
+}
+
 std::string ConfigSchema::help_text() const {
   std::ostringstream os;
   for (const auto& f : fields_)

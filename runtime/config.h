@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -30,6 +31,10 @@ class ConfigSchema {
 
   std::string to_toml() const;   // effective config, grouped by section, in declaration order
   std::string help_text() const; // one line per key: key, type/range, default, help
+  // Every key with its current value, in declaration order (checkpoints store them as attributes
+  // and compare them on resume).
+  using Value = std::variant<int64_t, double, bool, std::string>;
+  std::vector<std::pair<std::string, Value>> values() const;
 
  private:
   struct Field {

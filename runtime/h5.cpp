@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <mutex>
 
 #include "runtime/error.h"
@@ -273,6 +274,34 @@ void write_1d(hid_t loc, const std::string& name, Dtype dtype, const void* data,
   if (n > 0) check(H5Dwrite(ds, mem_type(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "write dataset", where);
 }
 
+void write_1d_pieces(hid_t loc, const std::string& name, Dtype dtype, int64_t n, const std::vector<WritePiece>& pieces,
+                     int64_t chunk) {
+  silence_errors();
+  const std::string where = child(loc, name);
+  const hsize_t dims[1] = {static_cast<hsize_t>(n)};
+  Handle space(H5Screate_simple(1, dims, nullptr), HandleKind::dataspace);
+  check(space, "create dataspace", where);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), HandleKind::plist);
+  check(dcpl, "create property list", where);
+  if (chunk > 0 && n > 0) {
+    const hsize_t cdims[1] = {static_cast<hsize_t>(std::min(chunk, n))};
+    check(H5Pset_chunk(dcpl, 1, cdims), "set chunk size", where);
+  }
+  Handle ds(H5Dcreate2(loc, name.c_str(), file_type(dtype), space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+            HandleKind::dataset);
+  check(ds, "create dataset", where);
+  for (const auto& p : pieces) {
+    if (p.count == 0) continue;
+    PL_CHECK(p.offset >= 0 && p.offset + p.count <= n, internal, "piece [", p.offset, ", ", p.offset + p.count,
+             ") outside ", where);
+    const hsize_t start[1] = {static_cast<hsize_t>(p.offset)}, count[1] = {static_cast<hsize_t>(p.count)};
+    check(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, count, nullptr), "select range", where);
+    Handle mspace(H5Screate_simple(1, count, nullptr), HandleKind::dataspace);
+    check(mspace, "create dataspace", where);
+    check(H5Dwrite(ds, mem_type(dtype), mspace, space, H5P_DEFAULT, p.data), "write dataset", where);
+  }
+}
+
 DatasetInfo dataset_info(hid_t loc, const std::string& name) {
   Handle ds = open_dataset(loc, name);
   const std::string where = child(loc, name);
@@ -329,6 +358,91 @@ void read_1d_range(hid_t loc, const std::string& name, Dtype dtype, int64_t offs
   Handle mspace(H5Screate_simple(1, count, nullptr), HandleKind::dataspace);
   check(mspace, "create dataspace", where);
   check(H5Dread(ds, mem_type(dtype), mspace, fspace, H5P_DEFAULT, out), "read dataset (corrupt file?)", where);
+}
+
+void write_virtual_1d(hid_t loc, const std::string& name, Dtype dtype, int64_t length,
+                      const std::vector<VirtualPiece>& pieces) {
+  silence_errors();
+  const std::string where = child(loc, name);
+  const hsize_t dims[1] = {static_cast<hsize_t>(length)};
+  Handle vspace(H5Screate_simple(1, dims, nullptr), HandleKind::dataspace);
+  check(vspace, "create dataspace", where);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), HandleKind::plist);
+  check(dcpl, "create property list", where);
+  // Fill value: NaN for floats, all bits set for integers (see the header).
+  alignas(8) unsigned char fill[8];
+  if (dtype == Dtype::f32) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(fill, &nan, sizeof nan);
+  } else if (dtype == Dtype::f64) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    std::memcpy(fill, &nan, sizeof nan);
+  } else {
+    std::memset(fill, 0xFF, sizeof fill);
+  }
+  check(H5Pset_fill_value(dcpl, mem_type(dtype), fill), "set fill value", where);
+  for (const auto& p : pieces) {
+    if (p.count == 0) continue;
+    PL_CHECK(p.dst_offset >= 0 && p.dst_offset + p.count <= length, internal, "virtual piece [", p.dst_offset, ", ",
+             p.dst_offset + p.count, ") outside ", where, " (", length, " elements)");
+    const hsize_t dst[1] = {static_cast<hsize_t>(p.dst_offset)}, count[1] = {static_cast<hsize_t>(p.count)};
+    check(H5Sselect_hyperslab(vspace, H5S_SELECT_SET, dst, nullptr, count, nullptr), "select virtual range", where);
+    // The source dataspace is described by its extent up to the piece's end; HDF5 only needs the
+    // selection to fit inside the real source when it reads.
+    const hsize_t src_dims[1] = {static_cast<hsize_t>(p.src_offset + p.count)};
+    Handle sspace(H5Screate_simple(1, src_dims, nullptr), HandleKind::dataspace);
+    check(sspace, "create source dataspace", where);
+    const hsize_t src[1] = {static_cast<hsize_t>(p.src_offset)};
+    check(H5Sselect_hyperslab(sspace, H5S_SELECT_SET, src, nullptr, count, nullptr), "select source range", where);
+    check(H5Pset_virtual(dcpl, vspace, p.file.c_str(), p.dataset.c_str(), sspace),
+          cat("map ", p.file, ":", p.dataset, " into the virtual dataset"), where);
+  }
+  Handle ds(H5Dcreate2(loc, name.c_str(), file_type(dtype), vspace, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+            HandleKind::dataset);
+  check(ds, "create virtual dataset", where);
+}
+
+Handle ensure_groups(hid_t loc, const std::string& path) {
+  Handle current;
+  hid_t at = loc;
+  size_t start = 0;
+  while (start < path.size()) {
+    const size_t slash = path.find('/', start);
+    const std::string name = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+    Handle next = exists(at, name) ? open_group(at, name) : create_group(at, name);
+    current = std::move(next);
+    at = current.get();
+    if (slash == std::string::npos) break;
+    start = slash + 1;
+  }
+  return current;
+}
+
+std::vector<std::string> list_children(hid_t group) {
+  silence_errors();
+  H5G_info_t info;
+  check(H5Gget_info(group, &info), "list group", describe(group));
+  std::vector<std::string> names;
+  for (hsize_t i = 0; i < info.nlinks; ++i) {
+    const ssize_t len = H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+    check(len, "read link name", describe(group));
+    std::string name(static_cast<size_t>(len) + 1, '\0');
+    check(H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size(), H5P_DEFAULT),
+          "read link name", describe(group));
+    name.resize(static_cast<size_t>(len));
+    names.push_back(name);
+  }
+  return names;
+}
+
+bool is_group(hid_t loc, const std::string& name) {
+  silence_errors();
+  if (!exists(loc, name)) return false;
+  const hid_t obj = H5Oopen(loc, name.c_str(), H5P_DEFAULT);
+  check(obj, "open object", child(loc, name));
+  const bool group = H5Iget_type(obj) == H5I_GROUP;
+  H5Oclose(obj);
+  return group;
 }
 
 void write_text(hid_t loc, const std::string& name, const std::string& text) {

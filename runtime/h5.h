@@ -3,7 +3,8 @@
 // negative return becomes a peerless::Error of kind io naming the file and the object, and HDF5's
 // own error-stack printing is switched off so that users see one clear message, not a C stack dump.
 // Only what the project needs is here: files, groups, scalar attributes (string, integer, float),
-// 1-D datasets (optionally chunked), hyperslab reads of 1-D ranges, and text stored as a dataset.
+// 1-D datasets (optionally chunked), hyperslab reads of 1-D ranges, text stored as a dataset, and
+// 1-D virtual datasets (VDS) that present pieces of datasets in other files as one dataset.
 #pragma once
 
 #include <hdf5.h>
@@ -99,6 +100,15 @@ void write_1d(hid_t loc, const std::string& name, std::span<const T> data, int64
   write_1d(loc, name, dtype_of<T>(), data.data(), static_cast<int64_t>(data.size()), chunk);
 }
 
+// Writes a 1-D dataset of n elements from pieces of memory, each landing at its offset (pieces
+// must cover [0, n)); no staging copy of scattered ranges.
+struct WritePiece {
+  const void* data = nullptr;
+  int64_t offset = 0, count = 0;
+};
+void write_1d_pieces(hid_t loc, const std::string& name, Dtype dtype, int64_t n, const std::vector<WritePiece>& pieces,
+                     int64_t chunk = 0);
+
 // Shape and element type of a 1-D dataset; ErrorKind::data if it is not 1-D or of another type.
 struct DatasetInfo {
   int64_t length = 0;
@@ -120,6 +130,25 @@ std::vector<T> read_1d(hid_t loc, const std::string& name) {
   read_1d_range(loc, name, dtype_of<T>(), 0, static_cast<int64_t>(out.size()), out.data());
   return out;
 }
+
+// A 1-D virtual dataset of `length` elements whose ranges come from 1-D datasets of other files
+// (checkpoint indexes: one global tensor assembled from the ranks' shards). Source file names are
+// stored as given; relative names resolve against the virtual dataset's own directory, so a
+// directory of files can be moved or renamed as a whole. Elements no piece covers read as the
+// fill value: NaN for floats, all bits set for integers (an invalid 2-bit ternary code), so that a
+// missing piece never reads as plausible zeros.
+struct VirtualPiece {
+  std::string file, dataset;  // source
+  int64_t src_offset = 0, dst_offset = 0, count = 0;
+};
+void write_virtual_1d(hid_t loc, const std::string& name, Dtype dtype, int64_t length,
+                      const std::vector<VirtualPiece>& pieces);
+// Opens or creates every group along "a/b/c" under loc and returns the innermost.
+Handle ensure_groups(hid_t loc, const std::string& path);
+// Names of the links directly under a group, in name order.
+std::vector<std::string> list_children(hid_t group);
+// True when `name` under loc is a group (false for datasets and missing links).
+bool is_group(hid_t loc, const std::string& name);
 
 // Arbitrary text (may be megabytes, may hold any bytes) as a scalar fixed-length string dataset,
 // which h5dump prints as text. Attributes are limited to 64 KiB, hence datasets for big text.

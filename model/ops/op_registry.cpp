@@ -20,6 +20,11 @@ constexpr std::array kOps = {
     OpInfo{"output_gate", "mlgru.h", true, false},
     OpInfo{"glu", "glu.h", true, false},
     OpInfo{"cross_entropy", "cross_entropy.h", true, false},
+    OpInfo{"peer_retrieval", "peer_retrieval.h", true, false},
+    OpInfo{"peer_experts", "peer_experts.h", true, false},
+    OpInfo{"peer_layer", "peer_layer.h", true, false},
+    OpInfo{"qsparse_topk", "qsparse.h", true, false},
+    OpInfo{"qsparse_block", "qsparse.h", true, false},
 };
 
 }  // namespace

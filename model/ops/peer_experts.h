@@ -1,0 +1,70 @@
+// The PEER expert layer (SPEC §3): given the experts a token retrieved, one-neuron experts
+// e_i(x) = σ(u_iᵀx)·v_i mixed by per-head softmax gates:
+//   out = Σ_heads Σ_j g_j σ(u_jᵀx) v_j,   g = softmax over that head's k scores.
+// The table keeps one expert per row, row i = [u_i | v_i] (N, 2d), so one gather feeds both halves.
+// The table gradient comes back sparse (touched rows only) and is reduced deterministically: the
+// (row, token, coefficient) triples are sorted by row, then token, and summed per row: no float
+// atomics, and never a (tokens, heads·k, d) gathered copy of the weights.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace peerless {
+
+// σ of the experts. gelu is the exact (erf) form: σ(z) = z·Φ(z) = ½z(1 + erf(z/√2)).
+enum class PeerActivation { relu, gelu };
+
+struct PeerExpertsShape {
+  int64_t tokens = 0;
+  int64_t dim = 0;        // d; table rows are 2d wide
+  int64_t heads = 0;
+  int64_t k = 0;          // experts per head
+  int64_t n_experts = 0;  // N table rows; ids must lie in [0, N)
+  PeerActivation act = PeerActivation::relu;
+};
+
+void validate(const PeerExpertsShape& s);
+
+// What forward saves for backward (caller-owned storage).
+template <typename T>
+struct PeerExpertsSaved {
+  T* gates = nullptr;    // (tokens, heads, k) softmax of the scores
+  T* pre_act = nullptr;  // (tokens, heads, k) z = u_idᵀx
+};
+
+// A sparse gradient of a row table: rows lists every table row selected in the batch (ascending,
+// each once, even when its gradient happens to be zero, e.g. a ReLU expert that was off), values
+// holds their gradient rows. Memory: U·width with U ≤ min(N, tokens·heads·k).
+template <typename T>
+struct PeerSparseGrad {
+  int64_t width = 0;          // 2d
+  std::vector<int32_t> rows;  // (U)
+  std::vector<T> values;      // (U, width)
+};
+
+// x (tokens, d), ids (tokens, heads, k) in [0, N), scores (tokens, heads, k), table (N, 2d)
+// -> out (tokens, d) overwritten. Bit-identical for any thread count.
+void peer_experts_forward_cpu(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* scores,
+                              const float* table, float* out, const PeerExpertsSaved<float>& saved);
+void peer_experts_forward_cpu(const PeerExpertsShape& s, const double* x, const int32_t* ids, const double* scores,
+                              const double* table, double* out, const PeerExpertsSaved<double>& saved);
+
+// dy (tokens, d) -> dx (tokens, d) and dscores (tokens, heads, k) overwritten, dtable replaced by the
+// sparse table gradient [du_i | dv_i]. Per (token, expert j), with a = σ(z), w = g·a:
+//   dv_j += w·dy; dw = v_jᵀdy; dz = g·dw·σ′(z); du_j += dz·x; dx += dz·u_j; dg_j = a·dw;
+//   ds = g ⊙ (dg − ⟨g, dg⟩)   (softmax backward; top-k itself has no gradient).
+// σ′ of ReLU at 0 is taken as 0. Bit-identical for any thread count.
+// gates and pre_act are what forward saved (PeerExpertsSaved).
+void peer_experts_backward_cpu(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* table,
+                               const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores,
+                               PeerSparseGrad<float>& dtable);
+void peer_experts_backward_cpu(const PeerExpertsShape& s, const double* x, const int32_t* ids, const double* table,
+                               const double* gates, const double* pre_act, const double* dy, double* dx,
+                               double* dscores, PeerSparseGrad<double>& dtable);
+
+// dense (N, width) += the sparse gradient (each listed row is added once, so no ordering question).
+void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<float>& g, float* dense);
+void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* dense);
+
+}  // namespace peerless

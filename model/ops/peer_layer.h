@@ -1,0 +1,96 @@
+// The whole PEER layer (SPEC §3) as one CPU reference: query projection, query BatchNorm,
+// product-key retrieval, experts.
+//   q_raw = x·W_qᵀ                      (tokens, heads·key_dim), full precision
+//   q     = γ ⊙ (q_raw − μ)·rstd + β     BatchNorm over the tokens of the batch, per channel
+//   ids, scores = peer_retrieval(q)      (tokens, heads, k)
+//   out   = peer_experts(x, ids, scores)
+// forward() returns a context that backward() consumes. Backward gives dx, dW_q, dγ, dβ, dC, dC′
+// (through the scores s = q₁·c_a + q₂·c′_b) and the sparse table gradient; top-k has no gradient.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/ops/peer_experts.h"
+#include "model/ops/peer_retrieval.h"
+
+namespace peerless {
+
+// train: normalise with the batch statistics (biased variance) and update the running statistics,
+// running = (1 − momentum)·running + momentum·batch, with the unbiased variance (PyTorch's
+// convention). eval: normalise with the running statistics, which are then constants for backward.
+enum class PeerNormMode { train, eval };
+
+struct PeerLayerShape {
+  int64_t tokens = 0;
+  int64_t dim = 0;       // d
+  int64_t heads = 8;
+  int64_t key_dim = 0;   // d_k per head
+  int64_t n_sub = 1024;  // n; N = n² experts
+  int64_t k = 16;
+  PeerKeySharing keys = PeerKeySharing::shared;
+  PeerActivation act = PeerActivation::relu;
+  float bn_eps = 1e-5f;
+  float bn_momentum = 0.1f;
+
+  PeerRetrievalShape retrieval() const { return {tokens, heads, key_dim, n_sub, k, keys}; }
+  PeerExpertsShape experts() const { return {tokens, dim, heads, k, n_sub * n_sub, act}; }
+  int64_t channels() const { return heads * key_dim; }  // query width
+  int64_t sub_key_rows() const { return keys == PeerKeySharing::shared ? n_sub : heads * n_sub; }
+};
+
+void validate(const PeerLayerShape& s);
+
+template <typename T>
+struct PeerLayerParams {
+  const T* w_q = nullptr;         // (heads·key_dim, d)
+  const T* bn_gamma = nullptr;    // (heads·key_dim)
+  const T* bn_beta = nullptr;     // (heads·key_dim)
+  T* bn_running_mean = nullptr;   // (heads·key_dim), updated by a train-mode forward
+  T* bn_running_var = nullptr;    // (heads·key_dim), updated by a train-mode forward
+  const T* sub_keys1 = nullptr;   // C : (n, key_dim/2), or (heads, n, key_dim/2) per head
+  const T* sub_keys2 = nullptr;   // C′: same shape
+  const T* table = nullptr;       // (n², 2d), rows [u_i | v_i]
+};
+
+// Parameter gradients: accumulated (+=), like every op's parameter gradient; the table gradient is
+// sparse and replaced (peer_sparse_grad_scatter_add_cpu adds it to a dense one).
+template <typename T>
+struct PeerLayerGrads {
+  T* w_q = nullptr;        // (heads·key_dim, d)
+  T* bn_gamma = nullptr;   // (heads·key_dim)
+  T* bn_beta = nullptr;    // (heads·key_dim)
+  T* sub_keys1 = nullptr;  // like PeerLayerParams::sub_keys1
+  T* sub_keys2 = nullptr;
+  PeerSparseGrad<T>* table = nullptr;
+};
+
+// Everything backward needs from forward.
+template <typename T>
+struct PeerLayerContext {
+  PeerNormMode mode = PeerNormMode::train;
+  std::vector<T> q_hat;      // (tokens, heads·key_dim) normalised query, before γ and β
+  std::vector<T> q;          // (tokens, heads·key_dim) the retrieval query γ ⊙ q̂ + β
+  std::vector<T> bn_rstd;    // (heads·key_dim) 1/√(var + eps) of the statistics used
+  std::vector<int32_t> ids;  // (tokens, heads, k)
+  std::vector<T> scores;     // (tokens, heads, k) sorted descending per head
+  std::vector<T> gates;      // (tokens, heads, k)
+  std::vector<T> pre_act;    // (tokens, heads, k)
+};
+
+// x (tokens, d) -> out (tokens, d) overwritten. Train mode needs tokens >= 2 (a batch variance).
+PeerLayerContext<float> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
+                                               const PeerLayerParams<float>& p, const float* x, float* out);
+PeerLayerContext<double> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
+                                                const PeerLayerParams<double>& p, const double* x, double* out);
+
+// dy (tokens, d) -> dx (tokens, d) overwritten; g accumulated as documented on PeerLayerGrads.
+// Bit-identical for any thread count.
+void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<float>& p,
+                             const PeerLayerContext<float>& ctx, const float* x, const float* dy, float* dx,
+                             const PeerLayerGrads<float>& g);
+void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<double>& p,
+                             const PeerLayerContext<double>& ctx, const double* x, const double* dy, double* dx,
+                             const PeerLayerGrads<double>& g);
+
+}  // namespace peerless

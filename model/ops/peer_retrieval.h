@@ -1,0 +1,48 @@
+// PEER product-key retrieval (SPEC §3): per token and head, the k experts whose keys
+// [c_a | c′_b] score highest against the query q = [q₁ | q₂], found without scoring all N = n²
+// keys: top-k of q₁·Cᵀ and of q₂·C′ᵀ, the k² sums of those, top-k of the sums. Expert id = a·n + b.
+// The query is already normalised (BatchNorm) by the caller. Top-k has no gradient; the gradient
+// of the scores w.r.t. q and the sub-keys is in peer_layer.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace peerless {
+
+// Whether the heads share one pair of sub-key tables (the paper's text, the default) or each head
+// has its own (what the public re-implementations do).
+enum class PeerKeySharing { shared, per_head };
+
+struct PeerRetrievalShape {
+  int64_t tokens = 0;
+  int64_t heads = 0;
+  int64_t key_dim = 0;  // d_k, even: q₁ and q₂ have d_k/2 each
+  int64_t n_sub = 0;    // n sub-keys per table; N = n² experts (n ≤ 46340 so ids fit int32)
+  int64_t k = 0;        // experts per head, 1 ≤ k ≤ n
+  PeerKeySharing keys = PeerKeySharing::shared;
+};
+
+// Throws a config error naming the offending field when the shape is unusable.
+void validate(const PeerRetrievalShape& s);
+
+// q (tokens, heads, key_dim); sub_keys1 = C, sub_keys2 = C′: (n_sub, key_dim/2) when shared,
+// (heads, n_sub, key_dim/2) per head. ids (tokens, heads, k) and scores (tokens, heads, k) are
+// written sorted by descending score.
+// Order: higher score first, equal scores by lower index (sub-key index in the two sub-key top-ks,
+// expert id in the final one); NaN ranks last. With exactly computed sums (e.g. integer-valued
+// data) the result then equals brute force under the same order, ties included; with rounded sums a
+// tie created by rounding alone may resolve differently (the tests use tie-free data).
+// The float version scores sub-keys with gemm_cpu; the double one (for float64 gradient checks of
+// peer_layer) with plain loops. Bit-identical for any thread count.
+void peer_retrieval_cpu(const PeerRetrievalShape& s, const float* q, const float* sub_keys1, const float* sub_keys2,
+                        int32_t* ids, float* scores);
+void peer_retrieval_cpu(const PeerRetrievalShape& s, const double* q, const double* sub_keys1,
+                        const double* sub_keys2, int32_t* ids, double* scores);
+
+// The test reference: scores all N keys q·[c_a | c′_b] in float64 and takes the top k in the same
+// order. Here k may be anything up to N (tests ask for k + 1 to measure the selection margin).
+// O(tokens·heads·N): keep tokens small at N = 1024².
+void peer_retrieval_bruteforce_cpu(const PeerRetrievalShape& s, const double* q, const double* sub_keys1,
+                                   const double* sub_keys2, int32_t* ids, double* scores);
+
+}  // namespace peerless

@@ -1,0 +1,33 @@
+// Q-Sparse (SPEC §4): top-K sparsification of the input of a BitLinear, y = x ⊙ M with M keeping
+// the K largest |x_j| of each token (after the RMSNorm, before activation quantization), and its
+// block variant N:M (the N largest |x_j| within every block of M consecutive channels, 16:32).
+// Backward is straight-through: dx = dy, not masked.
+#pragma once
+
+#include <cstdint>
+
+namespace peerless {
+
+struct QSparseShape {
+  int64_t rows = 0;  // tokens
+  int64_t dim = 0;   // channels
+};
+
+// K for a target sparsity S ∈ [0, 1]: dim − round(S·dim), rounding half away from zero, so
+// S = 0.4 at dim = 1000 keeps exactly 600. Throws when S is outside [0, 1].
+int64_t qsparse_keep_count(int64_t dim, double sparsity);
+
+// x, y (rows, dim); y may alias x. Keeps the `keep` (0 ≤ keep ≤ dim) entries of largest |x| per row,
+// ties broken by lower index, NaN ranking above everything (a NaN is kept, so it stays visible).
+// mask (rows, dim), 1 = kept, may be null. Exactly `keep` entries per row are kept.
+void qsparse_topk_forward_cpu(const QSparseShape& s, int64_t keep, const float* x, float* y, uint8_t* mask);
+
+// The N:M variant: within each block of `block` channels (dim % block == 0) keep the `keep`
+// (0 ≤ keep ≤ block) largest |x|, same order as above. Default 16:32.
+void qsparse_block_forward_cpu(const QSparseShape& s, int64_t keep, int64_t block, const float* x, float* y,
+                               uint8_t* mask);
+
+// Straight-through backward of both: dx = dy (rows, dim), unmasked. dx may alias dy.
+void qsparse_backward_cpu(const QSparseShape& s, const float* dy, float* dx);
+
+}  // namespace peerless
