@@ -366,8 +366,9 @@ TEST(DefaultData, EnvThenSharedThenSynthetic) {
   EXPECT_THROW(resolve_default_data(""), Error);
 
   unsetenv("PEERLESS_DATA_DIR");
-  TempDir tmp;
-  fs::current_path(tmp.path);
+  // From "/" no ancestor can hold shared/data (a temp dir might: /tmp/shared is a common layout).
+  ASSERT_FALSE(fs::exists("/shared/data/tinyshakespeare/input.txt")) << "this test needs / without shared/data";
+  fs::current_path("/");
   s = resolve_default_data("");
   EXPECT_EQ(s.kind, DefaultSourceKind::synthetic) << s.description;
   ASSERT_EQ(s.memory_inputs.size(), 1u);
