@@ -28,6 +28,18 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("model.quant", &model.quant, {"ternary", "none"},
                "projections: ternary BitLinear, or full precision (ablation, gradient checks)");
   s.add_choice("model.glu_activation", &model.glu_activation, {"silu", "relu2"}, "channel-mixer activation");
+  s.add_string("model.peer_blocks", &model.peer_blocks,
+               "blocks whose GLU is replaced by a PEER layer: comma-separated indices (\"\" = none)");
+  s.add_int("model.peer_n_sub", &model.peer_n_sub, 1, 46340, "PEER sub-keys per table n (N = n^2 experts)");
+  s.add_int("model.peer_heads", &model.peer_heads, 1, 1024, "PEER retrieval heads h");
+  s.add_int("model.peer_topk", &model.peer_topk, 1, 46340, "PEER experts per head k");
+  s.add_int("model.peer_key_dim", &model.peer_key_dim, 2, 65536, "PEER query/key width per head d_k (even)");
+  s.add_choice("model.peer_activation", &model.peer_activation, {"relu", "gelu"}, "PEER expert activation");
+  s.add_bool("model.peer_query_bn", &model.peer_query_bn, "BatchNorm on the PEER query (paper default)");
+  s.add_bool("model.peer_shared_keys", &model.peer_shared_keys, "PEER heads share the sub-key tables C, C'");
+  s.add_float("model.qsparse", &model.qsparse, 0, 0.999999, "Q-Sparse sparsity of BitLinear inputs (0 = off)");
+  s.add_int("model.qsparse_block", &model.qsparse_block, 0, 1 << 20,
+            "Q-Sparse block size M for N:M sparsity (0 = per-token top-K)");
 
   s.add_string("data.path", &data.path, "token file made by `peerless prepare`");
   s.add_int("data.seq_len", &data.seq_len, 1, 1 << 20, "tokens per training window T");

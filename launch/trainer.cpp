@@ -64,16 +64,49 @@ std::string human_duration(double s) {
 }
 
 // One line of metrics.jsonl. Keys are exactly those documented in the README.
+// PEER expert usage over one logging window: per layer the fraction of experts retrieved at least
+// once and the unevenness KL(z ‖ uniform) = log N + Σ z log z of the retrieval frequencies z.
+struct PeerUsage {
+  std::vector<double> usage, kl;
+};
+
+PeerUsage peer_usage(const std::vector<double>& counts, int layers, int64_t N) {
+  PeerUsage u;
+  for (int l = 0; l < layers; ++l) {
+    const double* c = counts.data() + l * N;
+    double total = 0, used = 0, ent = 0;
+    for (int64_t i = 0; i < N; ++i) total += c[i], used += c[i] > 0;
+    for (int64_t i = 0; i < N; ++i)
+      if (c[i] > 0) ent += (c[i] / total) * std::log(c[i] / total);
+    u.usage.push_back(used / static_cast<double>(N));
+    u.kl.push_back(total > 0 ? std::log(static_cast<double>(N)) + ent : 0.0);
+  }
+  return u;
+}
+
+std::string json_array(const std::vector<double>& v) {
+  std::string s = "[";
+  char buf[32];
+  for (size_t i = 0; i < v.size(); ++i) {
+    std::snprintf(buf, sizeof buf, "%s%.6g", i ? ", " : "", v[i]);
+    s += buf;
+  }
+  return s + "]";
+}
+
 std::string metrics_line(int64_t step, int64_t tokens, double loss, double lr, double grad_norm, double tokens_per_s,
-                         const double* val_loss) {
+                         const double* val_loss, const PeerUsage* peer = nullptr) {
   char buf[512];
   int n = std::snprintf(buf, sizeof buf,
                         "{\"step\": %lld, \"tokens\": %lld, \"loss\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, "
                         "\"tokens_per_s\": %.1f",
                         static_cast<long long>(step), static_cast<long long>(tokens), loss, lr, grad_norm, tokens_per_s);
   if (val_loss) n += std::snprintf(buf + n, sizeof buf - n, ", \"val_loss\": %.9g", *val_loss);
-  std::snprintf(buf + n, sizeof buf - n, "}\n");
-  return buf;
+  std::string line = buf;
+  // Only models with PEER layers get these keys: a dense model's key set stays exactly as documented.
+  if (peer && !peer->usage.empty())
+    line += ", \"peer_usage\": " + json_array(peer->usage) + ", \"peer_kl\": " + json_array(peer->kl);
+  return line + "}\n";
 }
 
 void write_text_file(const fs::path& path, const std::string& text) {
@@ -144,6 +177,29 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
      << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
      << cfg.data.seq_len << ")\n";
   os << "  total ≈ " << human_bytes(latent + grads + adam + codes + acts) << "\n";
+  if (model.n_peer_layers() > 0) {
+    // PEER tables are replicated on every rank today (no expert-parallel sharding yet): per rank =
+    // the full tables. Weights, dense gradients and the two AdamW moments are fp32 each.
+    const auto& b = model.peer_blocks();
+    const ParamInfo& t = layout.at(layout.find(cat("blocks/", b[0], "/peer/table")));
+    const double table = 4.0 * static_cast<double>(t.numel) * model.n_peer_layers();
+    const double peer_adam = 2 * table / (cfg.parallel.zero1 ? world : 1);
+    const PeerLayerShape ps = model.peer_shape(0);
+    const double peer_acts = tokens * model.n_peer_layers() *
+                             (4.0 * 2 * static_cast<double>(ps.channels()) + 16.0 * static_cast<double>(ps.heads * ps.k));
+    os << "  PEER: " << model.n_peer_layers() << " layer(s) in block(s) " << cfg.model.peer_blocks << ", N = "
+       << human_count(model.peer_experts()) << " experts, h " << ps.heads << ", k " << ps.k << ", d_k " << ps.key_dim
+       << "; tables per rank: weights " << human_bytes(table) << ", gradients " << human_bytes(table)
+       << ", AdamW moments " << human_bytes(peer_adam) << ", PEER activations " << human_bytes(peer_acts)
+       << " (replicated: expert-parallel sharding is not implemented yet)\n";
+    // The reference point, independent of this config: one PEER layer at d = 1024,
+    // N = 1024² (rows [u | v] of 2d floats) on 8 ranks.
+    const double rows = 1024.0 * 1024.0, width = 2 * 1024.0, w = 4.0 * rows * width;
+    os << "  PEER reference (d 1024, N 1024^2, 8 ranks), per rank per layer: today (replicated) weights "
+       << human_bytes(w) << " + gradients " << human_bytes(w) << " + AdamW " << human_bytes(2 * w) << " = "
+       << human_bytes(4 * w) << "; sharded by rows over 8 ranks (not implemented yet) " << human_bytes(4 * w / 8)
+       << "\n";
+  }
   return os.str();
 }
 
@@ -156,6 +212,7 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
   const int64_t lo = windows.count() * rank / world, hi = windows.count() * (rank + 1) / world;
   double sums[2] = {0, 0};  // loss, tokens
   ForwardContext ctx;
+  ctx.peer_mode = PeerNormMode::eval;  // PEER query BatchNorm: running statistics
   std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
   for (int64_t first = lo; first < hi; first += batch) {
     const int64_t n = std::min(batch, hi - first);
@@ -349,6 +406,9 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const float grad_scale = 1.0f / static_cast<float>(G * T);
 
   const Model::GradReady grad_ready = [&](int param) { dp.param_ready(param, grads.data()); };
+  const int n_peer = model.n_peer_layers();
+  std::vector<double> expert_counts;  // (n_peer, N) retrievals in the current logging window
+  if (n_peer > 0) expert_counts.assign(n_peer * model.peer_experts(), 0.0);
   for (int64_t step = start_step + 1; step <= cfg.train.max_steps; ++step) {
     PL_ASSERT(loader.step() == step);
     std::fill(grads.begin(), grads.end(), 0.f);
@@ -363,9 +423,12 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                ") or check the data; the metrics so far are in ", (run_dir / "metrics.jsonl").string());
       // The last micro-batch's backward starts each bucket's exchange as soon as it is final.
       model.backward(params.data(), ctx, grad_scale, grads.data(), a + 1 == A ? grad_ready : nullptr);
+      if (n_peer > 0) model.add_expert_counts(ctx, expert_counts);
       loss_sum += loss;
     }
     dp.finish_gradients(grads.data());
+    // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches.
+    if (n_peer > 0) model.update_buffers(params.data(), grads.data(), A * world, dp.owned());
     comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
     const double step_loss = loss_sum / static_cast<double>(G * T);
     const double gnorm = dp.grad_norm(grads.data());
@@ -399,17 +462,32 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     if (step % cfg.train.log_every == 0 || eval_now || last) {
       double val = 0;
       if (eval_now) val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B, &comm).mean_loss;
+      PeerUsage usage;
+      if (n_peer > 0) {
+        if (world > 1)
+          comm.all_reduce(expert_counts.data(), static_cast<int64_t>(expert_counts.size()), DType::f64, ReduceOp::sum);
+        usage = peer_usage(expert_counts, n_peer, model.peer_experts());
+        std::fill(expert_counts.begin(), expert_counts.end(), 0.0);
+      }
       const double tps = static_cast<double>(window_tokens) / std::max(1e-9, seconds_since(t_window));
       if (lead) {
         const double avg_loss = window_loss / static_cast<double>(window_steps);
         const double per_step = elapsed / static_cast<double>(step - start_step);
         double eta = per_step * static_cast<double>(cfg.train.max_steps - step);
         if (cfg.train.time_limit_minutes > 0) eta = std::min(eta, 60.0 * cfg.train.time_limit_minutes - elapsed);
-        std::fputs(metrics_line(step, tokens_seen, avg_loss, lr, gnorm, tps, eval_now ? &val : nullptr).c_str(), metrics);
+        std::fputs(metrics_line(step, tokens_seen, avg_loss, lr, gnorm, tps, eval_now ? &val : nullptr, &usage).c_str(),
+                   metrics);
         std::fflush(metrics);
-        std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | ETA %s%s\n",
+        std::string peer_note;
+        for (int l = 0; l < n_peer; ++l) {
+          char buf[96];
+          std::snprintf(buf, sizeof buf, " | peer%d usage %.3f kl %.3f", l, usage.usage[l], usage.kl[l]);
+          peer_note += buf;
+        }
+        std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | ETA %s%s%s\n",
                     static_cast<long long>(step), static_cast<long long>(cfg.train.max_steps), avg_loss, lr, gnorm, tps,
-                    human_duration(std::max(0.0, eta)).c_str(), eval_now ? cat(" | val ", val).c_str() : "");
+                    human_duration(std::max(0.0, eta)).c_str(), eval_now ? cat(" | val ", val).c_str() : "",
+                    peer_note.c_str());
         std::fflush(stdout);
       }
       t_window = Clock::now();

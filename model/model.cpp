@@ -11,6 +11,7 @@
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
 #include "model/ops/gemm.h"
+#include "model/ops/qsparse.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
 #include "runtime/error.h"
@@ -40,6 +41,7 @@ Model::Model(const ModelConfig& config) : config_(config) {
   quantize_ = config.quant == "ternary";
   const int64_t d = config.d_model, V = config.vocab_size, I = inter_, L = config.n_layers;
 
+  peer_blocks_ = config.peer_block_list();
   embed_ = layout_.add("embed/weight", {V, d}, ParamKind::embedding);
   for (int64_t l = 0; l < L; ++l) {
     const std::string p = "blocks/" + std::to_string(l) + "/";
@@ -55,10 +57,30 @@ Model::Model(const ModelConfig& config) : config_(config) {
     b.o_gain = layout_.add(p + "mixer/o_proj/gain", {d}, ParamKind::gain);
     b.o_w = layout_.add(p + "mixer/o_proj/weight", {d, d}, ParamKind::ternary_weight);
     b.mlp_norm = layout_.add(p + "mlp_norm/gain", {d}, ParamKind::gain);
-    b.gate_gain = layout_.add(p + "mlp/gate_proj/gain", {d}, ParamKind::gain);
-    b.gate_w = layout_.add(p + "mlp/gate_proj/weight", {2 * I, d}, ParamKind::ternary_weight);
-    b.down_gain = layout_.add(p + "mlp/down_proj/gain", {I}, ParamKind::gain);
-    b.down_w = layout_.add(p + "mlp/down_proj/weight", {d, I}, ParamKind::ternary_weight);
+    const auto peer_it = std::find(peer_blocks_.begin(), peer_blocks_.end(), l);
+    if (peer_it == peer_blocks_.end()) {
+      b.gate_gain = layout_.add(p + "mlp/gate_proj/gain", {d}, ParamKind::gain);
+      b.gate_w = layout_.add(p + "mlp/gate_proj/weight", {2 * I, d}, ParamKind::ternary_weight);
+      b.down_gain = layout_.add(p + "mlp/down_proj/gain", {I}, ParamKind::gain);
+      b.down_w = layout_.add(p + "mlp/down_proj/weight", {d, I}, ParamKind::ternary_weight);
+    } else {
+      // PEER replaces the GLU: query projection (full precision), query BatchNorm (γ, β trained;
+      // running statistics are buffers), the two sub-key tables and the expert table [u | v].
+      b.gate_gain = b.gate_w = b.down_gain = b.down_w = -1;
+      b.peer = static_cast<int>(peer_it - peer_blocks_.begin());
+      const PeerLayerShape ps = peer_shape(0);
+      const int64_t C = ps.channels(), half = config.peer_key_dim / 2;
+      b.peer_wq = layout_.add(p + "peer/query/weight", {C, d}, ParamKind::full_weight);
+      b.peer_bn_gamma = layout_.add(p + "peer/query_bn/gamma", {C}, ParamKind::gain);
+      b.peer_bn_beta = layout_.add(p + "peer/query_bn/beta", {C}, ParamKind::gain);
+      b.peer_bn_mean = layout_.add(p + "peer/query_bn/running_mean", {C}, ParamKind::buffer);
+      b.peer_bn_var = layout_.add(p + "peer/query_bn/running_var", {C}, ParamKind::buffer);
+      std::vector<int64_t> key_shape = {ps.sub_key_rows(), half};
+      if (ps.keys == PeerKeySharing::per_head) key_shape = {ps.heads, ps.n_sub, half};
+      b.peer_keys1 = layout_.add(p + "peer/sub_keys1", key_shape, ParamKind::full_weight);
+      b.peer_keys2 = layout_.add(p + "peer/sub_keys2", key_shape, ParamKind::full_weight);
+      b.peer_table = layout_.add(p + "peer/table", {peer_experts(), 2 * d}, ParamKind::full_weight);
+    }
     blocks_.push_back(b);
   }
   lower_bounds_ = layout_.add("lower_bounds", {L, d}, ParamKind::lower_bound);
@@ -87,6 +109,7 @@ void Model::init_params(float* params, uint64_t seed) const {
       continue;
     }
     if (p.kind == ParamKind::lower_bound) continue;  // zeros
+    if (p.kind == ParamKind::full_weight || p.kind == ParamKind::buffer) continue;  // PEER: below
     const bool xavier = std::find(is_xavier.begin(), is_xavier.end(), static_cast<int>(idx)) != is_xavier.end();
     const bool down = std::find(is_down.begin(), is_down.end(), static_cast<int>(idx)) != is_down.end();
     // xavier_uniform with gain 2^-2.5 for i/f/g/o; N(0, std) for the rest, down also / sqrt(2L).
@@ -104,6 +127,108 @@ void Model::init_params(float* params, uint64_t seed) const {
         w[i] = xavier ? static_cast<float>((2.0 * rng.uniform() - 1.0) * bound) : static_cast<float>(rng.normal() * std_dev);
     }
   }
+  // PEER blocks. Query W_q: xavier_uniform (gain 1). BatchNorm: γ = 1, β = 0, running mean 0 and
+  // variance 1. Sub-keys ~ N(0, 1/d_k), so a normalised query half scores O(1). Table rows [u | v]:
+  // u ~ N(0, 1/d) so that σ(uᵀx̂) is O(1) for an RMS-normalised x̂; v ~ N(0, init_std²/(2L)) like
+  // the GLU's down projection, so a PEER block starts as a small residual update.
+  const int64_t d = config_.d_model;
+  for (const auto& b : blocks_) {
+    if (b.peer < 0) continue;
+    auto fill = [&](int idx, auto&& value) {
+      const ParamInfo& p = layout_.at(idx);
+      Rng rng(hash_keys(seed, 0x9EE2, idx));
+      for (int64_t i = 0; i < p.numel; ++i) params[p.offset + i] = value(rng, i);
+    };
+    const ParamInfo& wq = layout_.at(b.peer_wq);
+    const double bound = std::sqrt(6.0 / static_cast<double>(wq.shape[0] + wq.shape[1]));
+    fill(b.peer_wq, [&](Rng& r, int64_t) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
+    fill(b.peer_bn_beta, [](Rng&, int64_t) { return 0.f; });
+    fill(b.peer_bn_mean, [](Rng&, int64_t) { return 0.f; });
+    fill(b.peer_bn_var, [](Rng&, int64_t) { return 1.f; });
+    const double key_std = 1.0 / std::sqrt(static_cast<double>(config_.peer_key_dim));
+    fill(b.peer_keys1, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
+    fill(b.peer_keys2, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
+    const double u_std = 1.0 / std::sqrt(static_cast<double>(d));
+    const double v_std = config_.init_std / std::sqrt(2.0 * static_cast<double>(L));
+    fill(b.peer_table, [&](Rng& r, int64_t i) {
+      return static_cast<float>(r.normal() * ((i % (2 * d)) < d ? u_std : v_std));
+    });
+  }
+}
+
+PeerLayerShape Model::peer_shape(int64_t tokens) const {
+  PeerLayerShape s;
+  s.tokens = tokens;
+  s.dim = config_.d_model;
+  s.heads = config_.peer_heads;
+  s.key_dim = config_.peer_key_dim;
+  s.n_sub = config_.peer_n_sub;
+  s.k = config_.peer_topk;
+  s.keys = config_.peer_shared_keys ? PeerKeySharing::shared : PeerKeySharing::per_head;
+  s.act = config_.peer_activation == "gelu" ? PeerActivation::gelu : PeerActivation::relu;
+  return s;
+}
+
+void Model::add_expert_counts(const ForwardContext& ctx, std::vector<double>& counts) const {
+  const int64_t N = peer_experts();
+  if (counts.size() != static_cast<size_t>(n_peer_layers() * N)) counts.assign(n_peer_layers() * N, 0.0);
+  for (const auto& b : blocks_) {
+    if (b.peer < 0) continue;
+    const auto& ids = ctx.blocks[peer_blocks_[b.peer]].peer.ids;
+    double* c = counts.data() + b.peer * N;
+    for (int32_t id : ids) c[id] += 1.0;
+  }
+}
+
+void Model::update_buffers(float* params, float* grads, int64_t micro_batches, const std::vector<Range>& ranges) const {
+  const float m = peer_shape(0).bn_momentum;
+  const float inv = 1.f / static_cast<float>(std::max<int64_t>(1, micro_batches));
+  for (const auto& p : layout_.entries()) {
+    if (p.kind != ParamKind::buffer) continue;
+    for (const auto& [lo, hi] : ranges) {
+      const int64_t a = std::max(lo, p.offset), z = std::min(hi, p.offset + p.numel);
+      for (int64_t i = a; i < z; ++i) {
+        params[i] = (1.f - m) * params[i] + m * (grads[i] * inv);
+        grads[i] = 0.f;
+      }
+    }
+  }
+}
+
+namespace {
+// The PEER layer's parameter views of block b; the running statistics are the given pointers.
+PeerLayerParams<float> peer_params(const ParamLayout& layout, const BlockParams& b, const float* params, float* mean,
+                                   float* var) {
+  PeerLayerParams<float> p;
+  p.w_q = params + layout.at(b.peer_wq).offset;
+  p.bn_gamma = params + layout.at(b.peer_bn_gamma).offset;
+  p.bn_beta = params + layout.at(b.peer_bn_beta).offset;
+  p.bn_running_mean = mean;
+  p.bn_running_var = var;
+  p.sub_keys1 = params + layout.at(b.peer_keys1).offset;
+  p.sub_keys2 = params + layout.at(b.peer_keys2).offset;
+  p.table = params + layout.at(b.peer_table).offset;
+  return p;
+}
+// Eval mode only reads the running statistics, which live in the (const) parameter buffer.
+float* buffer_ptr(const ParamLayout& layout, const float* params, int idx) {
+  return const_cast<float*>(params + layout.at(idx).offset);
+}
+}  // namespace
+
+int64_t Model::qsparse_keep(int64_t K) const {
+  if (config_.qsparse <= 0) return K;
+  if (config_.qsparse_block > 0) return qsparse_keep_count(config_.qsparse_block, config_.qsparse);
+  return qsparse_keep_count(K, config_.qsparse);
+}
+
+void Model::sparsify(int64_t rows, int64_t K, float* xt) const {
+  if (config_.qsparse <= 0) return;
+  const QSparseShape qs{rows, K};
+  if (config_.qsparse_block > 0)
+    qsparse_block_forward_cpu(qs, qsparse_keep(K), config_.qsparse_block, xt, xt, nullptr);
+  else
+    qsparse_topk_forward_cpu(qs, qsparse_keep(K), xt, xt, nullptr);
 }
 
 std::vector<int8_t>& Model::mutable_codes() {
@@ -127,6 +252,28 @@ void Model::linear_forward(const float* params, int gain, int weight, int64_t ro
   const int64_t N = w.shape[0], K = w.shape[1];
   grow(cache.rstd, rows);
   grow(cache.scale, rows);
+  if (quantize_ && config_.qsparse > 0) {
+    // Q-Sparse: the BitLinear forward spelled out with the public ops, the top-K between the
+    // RMSNorm and the activation quantizer: RMSNorm → top-K → int8 codes → exact product → ·β/s.
+    // bitlinear_backward_cpu then is the straight-through backward as is: it uses the saved (sparse)
+    // codes for dW and does not mask dx̃.
+    grow(cache.codes, rows * K);
+    thread_local std::vector<float> xt;
+    thread_local std::vector<int32_t> acc;
+    grow(xt, rows * K);
+    grow(acc, rows * N);
+    rmsnorm_forward_cpu(RmsNormShape{rows, K, static_cast<float>(config_.norm_eps)}, x,
+                        params + layout_.at(gain).offset, xt.data(), cache.rstd.data());
+    sparsify(rows, K, xt.data());
+    act_quant_cpu(rows, K, xt.data(), cache.codes.data(), cache.scale.data());
+    ternary_int8_matmul_cpu(rows, N, K, cache.codes.data(), codes_.data() + w.offset, acc.data());
+    const float beta = betas_[weight];
+    for (int64_t m = 0; m < rows; ++m) {
+      const float factor = beta / cache.scale[m];
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] = static_cast<float>(acc[m * N + n]) * factor;
+    }
+    return;
+  }
   if (quantize_) {
     grow(cache.codes, rows * K);
     BitLinearShape s{rows, K, N, static_cast<float>(config_.norm_eps)};
@@ -139,6 +286,7 @@ void Model::linear_forward(const float* params, int gain, int weight, int64_t ro
   grow(xt, rows * K);
   RmsNormShape ns{rows, K, static_cast<float>(config_.norm_eps)};
   rmsnorm_forward_cpu(ns, x, params + layout_.at(gain).offset, xt.data(), cache.rstd.data());
+  sparsify(rows, K, xt.data());
   gemm_cpu(Trans::no, Trans::yes, rows, N, K, 1.f, xt.data(), K, params + w.offset, K, 0.f, y, N);
 }
 
@@ -163,6 +311,7 @@ void Model::linear_backward(const float* params, int gain, int weight, int64_t r
   // Recompute x̃ (cheaper than storing it for every projection).
   std::vector<float> rstd_tmp(rows);
   rmsnorm_forward_cpu(ns, x, params + g.offset, xt.data(), rstd_tmp.data());
+  sparsify(rows, K, xt.data());  // dW uses what forward multiplied; dx̃ is not masked (straight-through)
   gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, xt.data(), K, 1.f, grads + w.offset, K);  // dW += dyᵀ x̃
   gemm_cpu(Trans::no, Trans::no, rows, K, N, 1.f, dy, N, params + w.offset, K, 0.f, dxt.data(), K);  // dx̃ = dy W
   rmsnorm_backward_cpu(ns, x, params + g.offset, cache.rstd.data(), dxt.data(), dx, grads + g.offset);
@@ -193,8 +342,10 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
     c.x_in = x;
     for (auto* v : {&c.xn, &c.ihat, &c.fhat, &c.ghat, &c.f, &c.h, &c.gn, &c.o, &c.xn2}) grow(*v, M * d);
     for (auto* v : {&c.rstd1, &c.g_rstd, &c.rstd2}) grow(*v, M);
-    grow(c.au, M * 2 * I);
-    grow(c.z, M * I);
+    if (b.peer < 0) {
+      grow(c.au, M * 2 * I);
+      grow(c.z, M * I);
+    }
 
     rmsnorm_forward_cpu(nd, x.data(), params + layout_.at(b.mixer_norm).offset, c.xn.data(), c.rstd1.data());
     linear_forward(params, b.i_gain, b.i_w, M, c.xn.data(), c.ihat.data(), c.bl_i);
@@ -212,6 +363,26 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
     c.x_mid = x;
 
     rmsnorm_forward_cpu(nd, x.data(), params + layout_.at(b.mlp_norm).offset, c.xn2.data(), c.rstd2.data());
+    if (b.peer >= 0) {
+      // PEER channel mixer. Train mode: the op's running-statistics update with momentum 1 leaves
+      // exactly the batch statistics in c.peer_batch_*; backward hands them to update_buffers().
+      PeerLayerShape ps = peer_shape(M);
+      const bool train = ctx.peer_mode == PeerNormMode::train;
+      PL_CHECK(!train || M >= 2, config, "a PEER block in train mode needs at least 2 tokens per forward (got ", M,
+               "); use eval mode (ForwardContext::peer_mode) for single tokens");
+      float *mean = buffer_ptr(layout_, params, b.peer_bn_mean), *var = buffer_ptr(layout_, params, b.peer_bn_var);
+      if (train) {
+        ps.bn_momentum = 1.f;
+        c.peer_batch_mean.assign(ps.channels(), 0.f);
+        c.peer_batch_var.assign(ps.channels(), 0.f);
+        mean = c.peer_batch_mean.data();
+        var = c.peer_batch_var.data();
+      }
+      c.peer = peer_layer_forward_cpu(ps, ctx.peer_mode, peer_params(layout_, b, params, mean, var), c.xn2.data(),
+                                      tmp.data());
+      add_into(x.data(), tmp.data(), M * d);
+      continue;
+    }
     linear_forward(params, b.gate_gain, b.gate_w, M, c.xn2.data(), c.au.data(), c.bl_gate);
     glu_forward_cpu(glu_act_, M, I, c.au.data(), c.z.data());
     linear_forward(params, b.down_gain, b.down_w, M, c.z.data(), tmp.data(), c.bl_down);
@@ -264,10 +435,32 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
   for (int64_t l = L - 1; l >= 0; --l) {
     const BlockParams& b = blocks_[l];
     const BlockCache& c = ctx.blocks[l];
-    // Channel mixer: x_out = x_mid + down(glu(gate(norm(x_mid)))).
-    linear_backward(params, b.down_gain, b.down_w, M, c.z.data(), c.bl_down, dx.data(), dz.data(), grads);
-    glu_backward_cpu(glu_act_, M, I, c.au.data(), dz.data(), dau.data());
-    linear_backward(params, b.gate_gain, b.gate_w, M, c.xn2.data(), c.bl_gate, dau.data(), t0.data(), grads);
+    if (b.peer >= 0) {
+      // Channel mixer: x_out = x_mid + PEER(norm(x_mid)). The table gradient comes back sparse and
+      // is added into the dense gradient (the data-parallel all-reduce then sums it over ranks).
+      const PeerLayerShape ps = peer_shape(M);
+      PeerSparseGrad<float>& sg = ctx.peer_table_grad;
+      PeerLayerGrads<float> pg;
+      pg.w_q = grads + layout_.at(b.peer_wq).offset;
+      pg.bn_gamma = grads + layout_.at(b.peer_bn_gamma).offset;
+      pg.bn_beta = grads + layout_.at(b.peer_bn_beta).offset;
+      pg.sub_keys1 = grads + layout_.at(b.peer_keys1).offset;
+      pg.sub_keys2 = grads + layout_.at(b.peer_keys2).offset;
+      pg.table = &sg;
+      const auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
+                                  buffer_ptr(layout_, params, b.peer_bn_var));
+      peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx.data(), t0.data(), pg);
+      peer_sparse_grad_scatter_add_cpu(sg, grads + layout_.at(b.peer_table).offset);
+      if (c.peer.mode == PeerNormMode::train) {
+        add_into(grads + layout_.at(b.peer_bn_mean).offset, c.peer_batch_mean.data(), ps.channels());
+        add_into(grads + layout_.at(b.peer_bn_var).offset, c.peer_batch_var.data(), ps.channels());
+      }
+    } else {
+      // Channel mixer: x_out = x_mid + down(glu(gate(norm(x_mid)))).
+      linear_backward(params, b.down_gain, b.down_w, M, c.z.data(), c.bl_down, dx.data(), dz.data(), grads);
+      glu_backward_cpu(glu_act_, M, I, c.au.data(), dz.data(), dau.data());
+      linear_backward(params, b.gate_gain, b.gate_w, M, c.xn2.data(), c.bl_gate, dau.data(), t0.data(), grads);
+    }
     rmsnorm_backward_cpu(nd, c.x_mid.data(), params + layout_.at(b.mlp_norm).offset, c.rstd2.data(), t0.data(),
                          t1.data(), grads + layout_.at(b.mlp_norm).offset);
     add_into(dx.data(), t1.data(), M * d);
@@ -291,8 +484,12 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
     rmsnorm_backward_cpu(nd, c.x_in.data(), params + layout_.at(b.mixer_norm).offset, c.rstd1.data(), t0.data(),
                          t1.data(), grads + layout_.at(b.mixer_norm).offset);
     add_into(dx.data(), t1.data(), M * d);
-    ready({b.down_w, b.down_gain, b.gate_w, b.gate_gain, b.mlp_norm, b.o_w, b.o_gain, b.g_norm, b.i_w, b.i_gain,
-           b.f_w, b.f_gain, b.g_w, b.g_gain, b.mixer_norm});
+    if (b.peer >= 0)
+      ready({b.peer_table, b.peer_keys2, b.peer_keys1, b.peer_bn_var, b.peer_bn_mean, b.peer_bn_beta,
+             b.peer_bn_gamma, b.peer_wq});
+    else
+      ready({b.down_w, b.down_gain, b.gate_w, b.gate_gain});
+    ready({b.mlp_norm, b.o_w, b.o_gain, b.g_norm, b.i_w, b.i_gain, b.f_w, b.f_gain, b.g_w, b.g_gain, b.mixer_norm});
   }
   embedding_backward_cpu(M, d, ctx.ids.data(), dx.data(), grads + layout_.at(embed_).offset);
   lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, dlb.data(),
@@ -334,6 +531,14 @@ void Model::decode_step(const float* params, int32_t token, DecodeState& state) 
     linear_forward(params, b.o_gain, b.o_w, 1, o.data(), y.data(), cache);
     for (int64_t j = 0; j < d; ++j) x[j] += y[j];
     rmsnorm_forward_cpu(n1, x.data(), params + layout_.at(b.mlp_norm).offset, xn.data(), &rstd);
+    if (b.peer >= 0) {
+      // One token: the query BatchNorm uses the running statistics (eval mode).
+      const auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
+                                  buffer_ptr(layout_, params, b.peer_bn_var));
+      peer_layer_forward_cpu(peer_shape(1), PeerNormMode::eval, pp, xn.data(), y.data());
+      for (int64_t j = 0; j < d; ++j) x[j] += y[j];
+      continue;
+    }
     linear_forward(params, b.gate_gain, b.gate_w, 1, xn.data(), au.data(), cache);
     glu_forward_cpu(glu_act_, 1, I, au.data(), z.data());
     linear_forward(params, b.down_gain, b.down_w, 1, z.data(), y.data(), cache);
@@ -348,7 +553,11 @@ int64_t Model::activation_bytes_per_token() const {
   // Per block: 12 (d)-vectors of float, au (2I) and z (I) floats, 3 norms' rstd, the int8 codes of
   // six BitLinear inputs (4d + d + I) and their two floats each.
   const int64_t per_block = 4 * (12 * d + 3 * I + 3) + (5 * d + I) + 6 * 8;
-  return config_.n_layers * per_block + 4 * (3 * d + 1 + V) + d + 8 + 4;
+  // A PEER block saves no au, z or GLU codes, but q̂ and q (2·h·d_k floats) and, per (head, expert),
+  // id, score, gate and pre-activation (4 × 4 bytes).
+  const int64_t glu_part = 4 * 3 * I + I + d + 2 * 8;
+  const int64_t peer_part = 4 * 2 * config_.peer_heads * config_.peer_key_dim + 16 * config_.peer_heads * config_.peer_topk;
+  return config_.n_layers * per_block + n_peer_layers() * (peer_part - glu_part) + 4 * (3 * d + 1 + V) + d + 8 + 4;
 }
 
 }  // namespace peerless

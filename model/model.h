@@ -15,14 +15,20 @@
 #include "model/model_config.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
+#include "model/ops/peer_layer.h"
+#include "model/optimizer.h"
 #include "runtime/param_layout.h"
 
 namespace peerless {
 
 // Index of each parameter of one block in the layout.
+// In a PEER block gate_*/down_* are -1 and the peer_* indices are set (else -1).
 struct BlockParams {
   int mixer_norm, i_gain, i_w, f_gain, f_w, g_gain, g_w, g_norm, o_gain, o_w;
   int mlp_norm, gate_gain, gate_w, down_gain, down_w;
+  int peer = -1;  // index of this block among the PEER blocks, -1 = GLU block
+  int peer_wq = -1, peer_bn_gamma = -1, peer_bn_beta = -1, peer_bn_mean = -1, peer_bn_var = -1;
+  int peer_keys1 = -1, peer_keys2 = -1, peer_table = -1;
 };
 
 // Saved activations of one BitLinear call: reciprocal std of its RMSNorm, int8 activation codes and
@@ -45,10 +51,17 @@ struct BlockCache {
   std::vector<float> au;          // (M, 2I)
   std::vector<float> z;           // (M, I)
   BitLinearCache bl_i, bl_f, bl_g, bl_o, bl_gate, bl_down;
+  // PEER block: the layer's context and, in train mode, the batch statistics of its query BatchNorm
+  // (added into the gradient buffer at the running-statistics buffers by backward, see update_buffers).
+  PeerLayerContext<float> peer;
+  std::vector<float> peer_batch_mean, peer_batch_var;  // (heads·key_dim)
 };
 
 // Everything forward() produced that backward() needs. Reused across steps (buffers only grow).
 struct ForwardContext {
+  // PEER query BatchNorm: train = batch statistics (training), eval = running statistics
+  // (validation, decoding). Ignored by models without PEER blocks.
+  PeerNormMode peer_mode = PeerNormMode::train;
   int64_t batch = 0, seq = 0;
   std::vector<int32_t> ids, targets;  // (M)
   std::vector<float> lb;              // (L, d) lower bounds
@@ -62,6 +75,7 @@ struct ForwardContext {
   std::vector<float> x, tmp;                              // (M, d) forward residual and scratch
   std::vector<float> dx, t0, t1, dh, dgn, dghat, dihat, dfhat;  // (M, d) backward
   std::vector<float> dz, dau, dlb;                        // (M, I), (M, 2I), (L, d)
+  PeerSparseGrad<float> peer_table_grad;                  // (U, 2d) scratch of a PEER backward
 };
 
 class Model {
@@ -103,6 +117,24 @@ class Model {
   // Bytes of activations that forward saves per token (for the memory estimate).
   int64_t activation_bytes_per_token() const;
 
+  // PEER blocks (in block order) and the shape of their layer for `tokens` tokens.
+  int n_peer_layers() const { return static_cast<int>(peer_blocks_.size()); }
+  const std::vector<int64_t>& peer_blocks() const { return peer_blocks_; }
+  int64_t peer_experts() const { return config_.peer_n_sub * config_.peer_n_sub; }
+  PeerLayerShape peer_shape(int64_t tokens) const;
+  // Adds the retrieval counts of the last forward to counts (n_peer_layers(), N): how often each
+  // expert was selected (over all heads and tokens).
+  void add_expert_counts(const ForwardContext& ctx, std::vector<double>& counts) const;
+
+  // Buffers (ParamKind::buffer: the PEER BatchNorm running statistics). A train-mode backward adds
+  // each micro-batch's batch statistics into grads at the buffers' offsets, so the gradient
+  // exchange sums them over micro-batches and ranks. After the exchange, update_buffers() applies
+  // running = (1 − momentum)·running + momentum·(sum / micro_batches) on the given ranges (this
+  // rank's owned ranges under ZeRO-1; the parameter gather then spreads them) and zeroes those
+  // gradient entries so that clipping and AdamW never see them. The result depends only on the
+  // global batch's micro-batches, not on how they are spread over ranks.
+  void update_buffers(float* params, float* grads, int64_t micro_batches, const std::vector<Range>& ranges) const;
+
  private:
   // One BitLinear (or its full-precision ablation when quant = "none").
   void linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
@@ -118,6 +150,15 @@ class Model {
   ParamLayout layout_;
   int embed_ = -1, lower_bounds_ = -1, final_norm_ = -1, head_gain_ = -1, head_w_ = -1;
   std::vector<BlockParams> blocks_;
+  std::vector<int64_t> peer_blocks_;  // block index of each PEER layer
+  // Q-Sparse of one BitLinear's normalised input (rows, K) in place; no-op when model.qsparse = 0.
+  void sparsify(int64_t rows, int64_t K, float* xt) const;
+
+ public:
+  // The number of entries Q-Sparse keeps per row of a K-wide input (K when off).
+  int64_t qsparse_keep(int64_t K) const;
+
+ private:
   std::vector<int8_t> codes_;  // (layout().total()) ternary codes at each weight's offset
   std::vector<float> betas_;   // (n params) β per ternary weight, 0 elsewhere
 };

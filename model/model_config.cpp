@@ -1,6 +1,9 @@
 // Derived sizes and cross-field validation of ModelConfig.
 #include "model/model_config.h"
 
+#include <algorithm>
+#include <sstream>
+
 #include "runtime/error.h"
 
 namespace peerless {
@@ -11,10 +14,71 @@ int64_t ModelConfig::glu_width() const {
   return 256 * ((base + 255) / 256);
 }
 
+namespace {
+// Parses "1, 3" into {1, 3}; problems go to errors (when given) or are thrown.
+std::vector<int64_t> parse_blocks(const std::string& text, int64_t n_layers, std::vector<std::string>* errors) {
+  std::vector<int64_t> out;
+  std::stringstream ss(text);
+  std::string item;
+  auto bad = [&](const std::string& msg) {
+    if (errors) errors->push_back(msg);
+    else PL_FAIL(config, msg);
+  };
+  while (std::getline(ss, item, ',')) {
+    const auto b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+    const std::string t = b == std::string::npos ? "" : item.substr(b, e - b + 1);
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(t, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (t.empty() || used != t.size()) {
+      bad(cat("key 'model.peer_blocks' = \"", text, "\": '", t, "' is not a block index (allowed: comma-separated integers in [0, ",
+              n_layers, "))"));
+      continue;
+    }
+    if (v < 0 || v >= n_layers) {
+      bad(cat("key 'model.peer_blocks' = \"", text, "\": block ", v, " is outside [0, model.n_layers = ", n_layers, ")"));
+      continue;
+    }
+    if (std::find(out.begin(), out.end(), v) != out.end()) {
+      bad(cat("key 'model.peer_blocks' = \"", text, "\": block ", v, " is listed twice"));
+      continue;
+    }
+    out.push_back(v);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+}  // namespace
+
+std::vector<int64_t> ModelConfig::peer_block_list() const { return parse_blocks(peer_blocks, n_layers, nullptr); }
+
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
   if (intermediate > 0 && intermediate < 1)
     errors.push_back(cat("model.intermediate must be 0 (auto) or positive (got ", intermediate, ")"));
+  const bool peer = !parse_blocks(peer_blocks, n_layers, &errors).empty();
+  if (peer) {
+    if (peer_key_dim % 2 != 0)
+      errors.push_back(cat("model.peer_key_dim must be even: the query splits into two halves (got ", peer_key_dim, ")"));
+    if (peer_topk > peer_n_sub)
+      errors.push_back(cat("model.peer_topk = ", peer_topk, " must not exceed model.peer_n_sub = ", peer_n_sub,
+                           " (top-k of each sub-key table)"));
+    if (!peer_query_bn)
+      errors.push_back("model.peer_query_bn = false is not implemented yet (the PEER layer always normalises its query)");
+    if (peer_n_sub > 46340)
+      errors.push_back(cat("model.peer_n_sub = ", peer_n_sub, " must be <= 46340 so expert ids fit int32"));
+  }
+  if (qsparse_block > 0 && qsparse > 0) {
+    std::vector<int64_t> widths = {d_model, glu_width()};
+    for (int64_t w : widths)
+      if (w % qsparse_block != 0)
+        errors.push_back(cat("model.qsparse_block = ", qsparse_block, " must divide every BitLinear input width (",
+                             w, " is not a multiple; d_model = ", d_model, ", GLU width = ", glu_width(), ")"));
+  }
 }
 
 }  // namespace peerless

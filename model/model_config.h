@@ -19,6 +19,23 @@ struct ModelConfig {
   std::string quant = "ternary";   // "ternary" (BitLinear) or "none" (full-precision ablation)
   std::string glu_activation = "silu";  // "silu" or "relu2" (Q-Sparse squared ReLU)
 
+  // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
+  // PEER block, replicated on every rank (expert-parallel sharding is not implemented yet).
+  std::string peer_blocks = "";   // comma-separated block indices, "" = none
+  int64_t peer_n_sub = 32;        // n sub-keys per table; N = n² experts
+  int64_t peer_heads = 8;         // h retrieval heads
+  int64_t peer_topk = 16;         // k experts per head
+  int64_t peer_key_dim = 128;     // d_k per head (even: q₁, q₂ have d_k/2)
+  std::string peer_activation = "relu";  // "relu" or "gelu"
+  bool peer_query_bn = true;      // BatchNorm on the query (paper default); off = identity
+  bool peer_shared_keys = true;   // heads share C, C′ (paper text); false = per-head sub-keys
+  // Q-Sparse (SPEC §4): top-K of every BitLinear input after its RMSNorm, before quantization.
+  double qsparse = 0;             // sparsity ratio S in [0, 1); 0 = off
+  int64_t qsparse_block = 0;      // 0 = per-token top-K; M > 0 = N:M within blocks of M channels
+
+  // The parsed peer_blocks (throws a config error naming the key when malformed).
+  std::vector<int64_t> peer_block_list() const;
+
   int64_t glu_width() const;
   // Cross-field problems (appended, never thrown).
   void validate(std::vector<std::string>& errors) const;

@@ -33,6 +33,12 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
     if (p.kind == ParamKind::embedding) decay = config.decay_embedding;
     if (p.kind == ParamKind::gain) decay = config.decay_gains;
     if (p.kind == ParamKind::lower_bound) decay = config.decay_lower_bounds;
+    // full_weight (PEER query, sub-keys, expert tables) decays like the ternary weights; buffers
+    // are not trained at all (kFrozen).
+    if (p.kind == ParamKind::buffer) {
+      std::fill(decay_.begin() + p.offset, decay_.begin() + p.offset + p.numel, kFrozen);
+      continue;
+    }
     if (decay) std::fill(decay_.begin() + p.offset, decay_.begin() + p.offset + p.numel, 1);
   }
   if (owned_.empty()) owned_.push_back({0, layout.total()});
@@ -65,8 +71,9 @@ void AdamW::step(float* params, const float* grads, int64_t t, double lr) {
       v[i] = b2 * v[i] + (1.f - b2) * g * g;
       // Decoupled weight decay (AdamW): p ← p − lr·wd·p − lr·m̂/(sqrt(v̂)+eps).
       float p = params[i];
-      if (dec[i]) p -= decay * p;
-      params[i] = p - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+      if (dec[i] == 1) p -= decay * p;
+      const float updated = p - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+      params[i] = dec[i] == kFrozen ? p : updated;
     }
     state += end - begin;
   }

@@ -51,7 +51,8 @@ class AdamW {
 
  private:
   OptimConfig config_;
-  std::vector<uint8_t> decay_;  // (total) 1 where weight decay applies
+  static constexpr uint8_t kFrozen = 2;  // decay_ value of buffers: never updated
+  std::vector<uint8_t> decay_;  // (total) 1 where weight decay applies, kFrozen for buffers
   std::vector<Range> owned_;
   std::vector<float> m_, v_;    // (Σ owned lengths)
 };

@@ -11,6 +11,8 @@ const char* param_kind_name(ParamKind kind) {
     case ParamKind::embedding: return "embedding";
     case ParamKind::gain: return "gain";
     case ParamKind::lower_bound: return "lower_bound";
+    case ParamKind::full_weight: return "full_weight";
+    case ParamKind::buffer: return "buffer";
   }
   return "?";
 }

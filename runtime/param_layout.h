@@ -12,7 +12,10 @@ namespace peerless {
 
 // What a parameter is decides how it is trained: ternary weights get a quantized forward copy and
 // weight decay; embeddings, norm gains and lower bounds stay full precision (decay is a config choice).
-enum class ParamKind { ternary_weight, embedding, gain, lower_bound };
+// full_weight: full-precision matrices (PEER query projection, sub-keys, expert table), weight decay on.
+// buffer: state that is stored with the parameters (checkpoints, ZeRO-1 gathers) but never trained
+// by the optimizer, e.g. the PEER query BatchNorm running statistics (Model::update_buffers).
+enum class ParamKind { ternary_weight, embedding, gain, lower_bound, full_weight, buffer };
 
 const char* param_kind_name(ParamKind kind);
 
