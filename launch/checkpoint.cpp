@@ -224,7 +224,10 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
   const auto pieces = map_tensor_pieces(model.layout(), plan);
   const auto& entries = model.layout().entries();
   h5::Handle optim = h5::create_group(file, "optim");
-  h5::write_attr(optim, "algorithm", "AdamW");
+  h5::write_attr(optim, "algorithm", cfg.optim.table_optimizer == "lazy_adam"
+                                         ? "AdamW; PEER expert tables: lazy Adam (rows retrieved in a step only)"
+                                         : "AdamW");
+  h5::write_attr(optim, "table_lr_scale", cfg.optim.table_lr_scale);
   h5::write_attr(optim, "beta1", cfg.optim.beta1);
   h5::write_attr(optim, "beta2", cfg.optim.beta2);
   h5::write_attr(optim, "eps", cfg.optim.eps);

@@ -76,6 +76,10 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_bool("optim.decay_gains", &optim.decay_gains, "apply weight decay to RMSNorm gains");
   s.add_bool("optim.decay_lower_bounds", &optim.decay_lower_bounds, "apply weight decay to MLGRU lower bounds");
   s.add_float("optim.grad_clip", &optim.grad_clip, 0, 1e9, "max global gradient L2 norm (0 = off)");
+  s.add_float("optim.table_lr_scale", &optim.table_lr_scale, 0, 1e6,
+              "learning-rate multiplier for the PEER expert tables and sub-keys");
+  s.add_choice("optim.table_optimizer", &optim.table_optimizer, {"adamw", "lazy_adam"},
+               "PEER expert tables: dense AdamW, or lazy Adam (only rows retrieved this step are updated)");
 
   s.add_int("checkpoint.every_steps", &checkpoint.every_steps, 0, kBig, "steps between checkpoints (0 = off)");
   s.add_float("checkpoint.every_minutes", &checkpoint.every_minutes, 0, 1e7, "minutes between checkpoints (0 = off)");

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -144,6 +145,15 @@ void truncate_metrics(const fs::path& path, int64_t step) {
   write_text_file(path, kept);
 }
 
+// Peak resident set size of this process (VmHWM of /proc/self/status) in bytes; 0 where unknown.
+int64_t peak_rss_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return 1024 * std::atoll(line.c_str() + 6);  // "VmHWM:  123 kB"
+  return 0;
+}
+
 // Rank 0's string on every rank.
 std::string broadcast_string(Comm& comm, std::string text) {
   int64_t n = static_cast<int64_t>(text.size());
@@ -159,7 +169,10 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
   const ParamLayout& layout = model.layout();
   const int64_t total = layout.count(), ternary = layout.count(ParamKind::ternary_weight);
   const double latent = 4.0 * static_cast<double>(layout.total());
-  const double grads = latent, codes = static_cast<double>(ternary);
+  // The int8 code buffer and the optimizer's per-element flags span the whole flat buffer (one
+  // byte per element each, the PEER tables included).
+  const double grads = latent, codes = static_cast<double>(layout.total());
+  const double flags = static_cast<double>(layout.total());
   const double adam = 2 * latent / (cfg.parallel.zero1 ? world : 1);
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
   const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
@@ -172,11 +185,18 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
      << model.intermediate() << ", vocab " << cfg.model.vocab_size << ", quant " << cfg.model.quant << "\n";
   os << "memory per rank (world " << world << "): latent fp32 " << human_bytes(latent) << ", gradients "
      << human_bytes(grads) << ", AdamW moments " << human_bytes(adam)
-     << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", ternary codes "
-     << human_bytes(codes)
+     << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", int8 code buffer "
+     << human_bytes(codes) << ", optimizer flags " << human_bytes(flags)
      << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
      << cfg.data.seq_len << ")\n";
-  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + acts) << "\n";
+  // PEER bookkeeping per layer and expert: fp64 retrieval counts of the logging window, and with
+  // lazy Adam one touched flag.
+  const double peer_counters = static_cast<double>(model.n_peer_layers() * model.peer_experts()) *
+                               (8.0 + (cfg.optim.table_optimizer == "lazy_adam" ? 1.0 : 0.0));
+  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters)
+     << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
+                           : std::string())
+     << "\n";
   if (model.n_peer_layers() > 0) {
     // PEER tables are replicated on every rank today (no expert-parallel sharding yet): per rank =
     // the full tables. Weights, dense gradients and the two AdamW moments are fp32 each.
@@ -192,6 +212,9 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
        << "; tables per rank: weights " << human_bytes(table) << ", gradients " << human_bytes(table)
        << ", AdamW moments " << human_bytes(peer_adam) << ", PEER activations " << human_bytes(peer_acts)
        << " (replicated: expert-parallel sharding is not implemented yet)\n";
+    os << "  PEER tables per rank (weights + gradients + AdamW moments): " << human_bytes(2 * table + peer_adam)
+       << " = " << static_cast<int64_t>(2 * table + peer_adam) << " bytes; optimizer "
+       << cfg.optim.table_optimizer << ", table lr scale " << cfg.optim.table_lr_scale << "\n";
     // The reference point, independent of this config: one PEER layer at d = 1024,
     // N = 1024² (rows [u | v] of 2d floats) on 8 ranks.
     const double rows = 1024.0 * 1024.0, width = 2 * 1024.0, w = 4.0 * rows * width;
@@ -409,9 +432,16 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const int n_peer = model.n_peer_layers();
   std::vector<double> expert_counts;  // (n_peer, N) retrievals in the current logging window
   if (n_peer > 0) expert_counts.assign(n_peer * model.peer_experts(), 0.0);
+  // Lazy Adam: the expert-table rows retrieved in this step anywhere in the global batch, (n_peer, N).
+  std::vector<uint8_t> touched;
+  if (adam.lazy_tables()) {
+    PL_ASSERT(adam.table_rows() == n_peer * model.peer_experts());
+    touched.assign(adam.table_rows(), 0);
+  }
   for (int64_t step = start_step + 1; step <= cfg.train.max_steps; ++step) {
     PL_ASSERT(loader.step() == step);
     std::fill(grads.begin(), grads.end(), 0.f);
+    std::fill(touched.begin(), touched.end(), 0);
     dp.begin_step();
     double loss_sum = 0;
     for (int64_t a = 0; a < A; ++a) {
@@ -424,9 +454,13 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       // The last micro-batch's backward starts each bucket's exchange as soon as it is final.
       model.backward(params.data(), ctx, grad_scale, grads.data(), a + 1 == A ? grad_ready : nullptr);
       if (n_peer > 0) model.add_expert_counts(ctx, expert_counts);
+      if (!touched.empty()) model.mark_touched_rows(ctx, touched.data());
       loss_sum += loss;
     }
     dp.finish_gradients(grads.data());
+    // A row is touched if any rank retrieved it: the union of the flags (N bytes per layer).
+    if (!touched.empty() && world > 1)
+      comm.all_reduce(touched.data(), static_cast<int64_t>(touched.size()), DType::u8, ReduceOp::max);
     // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches.
     if (n_peer > 0) model.update_buffers(params.data(), grads.data(), A * world, dp.owned());
     comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
@@ -437,7 +471,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     if (cfg.optim.grad_clip > 0 && gnorm > cfg.optim.grad_clip)
       dp.scale_gradients(grads.data(), static_cast<float>(cfg.optim.grad_clip / gnorm));
     const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
-    adam.step(params.data(), grads.data(), step, lr);
+    adam.step(params.data(), grads.data(), step, lr, touched.empty() ? nullptr : touched.data());
     dp.refresh_and_gather(model, params.data());
     loader.advance();
 
@@ -526,6 +560,18 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     }
   }
   const double train_seconds = seconds_since(t_start);
+  // Peak memory of every rank over the training steps (before the final evaluation and saving), to
+  // hold against the accounting printed at the start.
+  std::vector<int64_t> peaks(world, 0);
+  peaks[rank] = peak_rss_bytes();
+  if (world > 1) comm.all_reduce(peaks.data(), world, DType::i64, ReduceOp::sum);
+  if (lead) {
+    std::string line = "peak memory per rank (VmHWM):";
+    for (int r = 0; r < world; ++r)
+      line += cat(r ? "," : "", " rank ", r, " ", human_bytes(static_cast<double>(peaks[r])), " = ", peaks[r], " bytes");
+    std::printf("%s\n", line.c_str());
+    std::fflush(stdout);
+  }
 
   // Final evaluation on the held-out split, the model file and a sample.
   const EvalResult final_eval = evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B, &comm);

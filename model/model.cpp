@@ -180,6 +180,15 @@ void Model::add_expert_counts(const ForwardContext& ctx, std::vector<double>& co
   }
 }
 
+void Model::mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const {
+  const int64_t N = peer_experts();
+  for (const auto& b : blocks_) {
+    if (b.peer < 0) continue;
+    uint8_t* t = touched + b.peer * N;
+    for (int32_t id : ctx.blocks[peer_blocks_[b.peer]].peer.ids) t[id] = 1;
+  }
+}
+
 void Model::update_buffers(float* params, float* grads, int64_t micro_batches, const std::vector<Range>& ranges) const {
   const float m = peer_shape(0).bn_momentum;
   const float inv = 1.f / static_cast<float>(std::max<int64_t>(1, micro_batches));

@@ -125,6 +125,9 @@ class Model {
   // Adds the retrieval counts of the last forward to counts (n_peer_layers(), N): how often each
   // expert was selected (over all heads and tokens).
   void add_expert_counts(const ForwardContext& ctx, std::vector<double>& counts) const;
+  // Sets touched[layer · N + id] = 1 for every expert the last forward retrieved (touched:
+  // (n_peer_layers(), N), PEER layers in block order, which is also their layout order).
+  void mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const;
 
   // Buffers (ParamKind::buffer: the PEER BatchNorm running statistics). A train-mode backward adds
   // each micro-batch's batch statistics into grads at the buffers' offsets, so the gradient

@@ -12,6 +12,19 @@ namespace peerless {
 void OptimConfig::validate(std::vector<std::string>& errors) const {
   if (lr_min > lr)
     errors.push_back(cat("optim.lr_min = ", lr_min, " must not exceed optim.lr = ", lr));
+  if (table_optimizer != "adamw" && table_optimizer != "lazy_adam")
+    errors.push_back(cat("optim.table_optimizer = \"", table_optimizer, "\" (allowed: \"adamw\", \"lazy_adam\")"));
+}
+
+namespace {
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+}  // namespace
+
+bool is_peer_table(const ParamInfo& p) { return ends_with(p.name, "/peer/table"); }
+bool is_peer_sub_keys(const ParamInfo& p) {
+  return ends_with(p.name, "/peer/sub_keys1") || ends_with(p.name, "/peer/sub_keys2");
 }
 
 double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps) {
@@ -41,6 +54,35 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
     }
     if (decay) std::fill(decay_.begin() + p.offset, decay_.begin() + p.offset + p.numel, 1);
   }
+  // Segments: runs of elements with one lr scale; each lazy table is a segment of its own.
+  lazy_ = config.table_optimizer == "lazy_adam";
+  std::vector<const ParamInfo*> order;
+  for (const auto& p : layout.entries()) order.push_back(&p);
+  std::sort(order.begin(), order.end(), [](const ParamInfo* a, const ParamInfo* b) { return a->offset < b->offset; });
+  auto push = [&](int64_t b, int64_t e, double scale, int64_t width, int64_t first_row) {
+    if (b >= e) return;
+    if (!segments_.empty() && width == 0 && segments_.back().width == 0 && segments_.back().lr_scale == scale &&
+        segments_.back().end == b) {
+      segments_.back().end = e;
+      return;
+    }
+    segments_.push_back({b, e, scale, width, first_row});
+  };
+  int64_t at = 0;
+  for (const ParamInfo* p : order) {
+    push(at, p->offset, 1.0, 0, 0);  // alignment padding (zero gradients)
+    const bool table = is_peer_table(*p);
+    const double scale = table || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0;
+    if (table && lazy_) {
+      PL_ASSERT(p->shape.size() == 2 && p->shape[0] * p->shape[1] == p->numel);
+      push(p->offset, p->offset + p->numel, scale, p->shape[1], table_rows_);
+    } else {
+      push(p->offset, p->offset + p->numel, scale, 0, 0);
+    }
+    if (table) table_rows_ += p->shape[0];
+    at = std::max(at, p->offset + p->numel);
+  }
+  push(at, layout.total(), 1.0, 0, 0);
   if (owned_.empty()) owned_.push_back({0, layout.total()});
   int64_t n = 0;
   for (const auto& [b, e] : owned_) {
@@ -51,29 +93,61 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
   v_.assign(n, 0.f);
 }
 
-void AdamW::step(float* params, const float* grads, int64_t t, double lr) {
+namespace {
+// The AdamW update of elements [begin, end) (indices into the flat buffers; m and v are offset so
+// that m[i] belongs to element i).
+struct AdamCoefficients {
+  float b1, b2, step_size, inv_sqrt_bc2, eps, decay;
+};
+
+inline void adam_update(const AdamCoefficients& c, const uint8_t* dec, float* params, const float* grads, float* m,
+                        float* v, int64_t i) {
+  const float g = grads[i];
+  m[i] = c.b1 * m[i] + (1.f - c.b1) * g;
+  v[i] = c.b2 * v[i] + (1.f - c.b2) * g * g;
+  // Decoupled weight decay (AdamW): p ← p − lr·wd·p − lr·m̂/(sqrt(v̂)+eps).
+  float p = params[i];
+  if (dec[i] == 1) p -= c.decay * p;
+  const float updated = p - c.step_size * m[i] / (std::sqrt(v[i]) * c.inv_sqrt_bc2 + c.eps);
+  params[i] = dec[i] == 2 ? p : updated;
+}
+}  // namespace
+
+void AdamW::step(float* params, const float* grads, int64_t t, double lr, const uint8_t* touched) {
+  PL_ASSERT(!lazy_ || table_rows_ == 0 || touched != nullptr);
+  static_assert(kFrozen == 2);
+  // Bias correction with the global step t for every element, lazy table rows included (docs/peer.md).
   const double bc1 = 1.0 - std::pow(config_.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(config_.beta2, static_cast<double>(t));
-  const float b1 = static_cast<float>(config_.beta1), b2 = static_cast<float>(config_.beta2);
-  const float step_size = static_cast<float>(lr / bc1);
-  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
-  const float eps = static_cast<float>(config_.eps);
-  const float decay = static_cast<float>(lr * config_.weight_decay);
+  auto coefficients = [&](double scale) {
+    const double seg_lr = lr * scale;
+    return AdamCoefficients{static_cast<float>(config_.beta1), static_cast<float>(config_.beta2),
+                            static_cast<float>(seg_lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
+                            static_cast<float>(config_.eps), static_cast<float>(seg_lr * config_.weight_decay)};
+  };
+  const uint8_t* dec = decay_.data();
   int64_t state = 0;
   for (const auto& [begin, end] : owned_) {
     float* m = m_.data() + state - begin;
     float* v = v_.data() + state - begin;
-    const uint8_t* dec = decay_.data();
+    for (const Segment& s : segments_) {
+      const int64_t lo = std::max(begin, s.begin), hi = std::min(end, s.end);
+      if (lo >= hi) continue;
+      const AdamCoefficients c = coefficients(s.lr_scale);
+      if (s.width == 0) {
 #pragma omp parallel for simd schedule(static)
-    for (int64_t i = begin; i < end; ++i) {
-      const float g = grads[i];
-      m[i] = b1 * m[i] + (1.f - b1) * g;
-      v[i] = b2 * v[i] + (1.f - b2) * g * g;
-      // Decoupled weight decay (AdamW): p ← p − lr·wd·p − lr·m̂/(sqrt(v̂)+eps).
-      float p = params[i];
-      if (dec[i] == 1) p -= decay * p;
-      const float updated = p - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
-      params[i] = dec[i] == kFrozen ? p : updated;
+        for (int64_t i = lo; i < hi; ++i) adam_update(c, dec, params, grads, m, v, i);
+        continue;
+      }
+      // Lazy table: whole rows (or the owned part of a row cut by a ZeRO-1 slice) when touched.
+      const int64_t r0 = (lo - s.begin) / s.width, r1 = (hi - 1 - s.begin) / s.width + 1;
+      const uint8_t* rows = touched + s.first_row;
+#pragma omp parallel for schedule(static)
+      for (int64_t r = r0; r < r1; ++r) {
+        if (!rows[r]) continue;
+        const int64_t a = std::max(lo, s.begin + r * s.width), b = std::min(hi, s.begin + (r + 1) * s.width);
+        for (int64_t i = a; i < b; ++i) adam_update(c, dec, params, grads, m, v, i);
+      }
     }
     state += end - begin;
   }

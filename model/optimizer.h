@@ -2,6 +2,11 @@
 // clipping. The choices that papers leave implicit are explicit config fields: betas, eps, weight
 // decay, and which parameter kinds it skips. The update works on an element range so that ZeRO-1
 // can run it on one rank's shard by offset arithmetic.
+//
+// PEER tables (docs/peer.md): the expert tables and sub-keys train at lr · optim.table_lr_scale, and
+// with optim.table_optimizer = "lazy_adam" the expert tables are updated lazily: only rows retrieved
+// somewhere in the global batch of this step get a moment and weight update; the other rows and their
+// moments stay exactly as they are. Bias correction uses the global optimizer step t for every row.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +31,8 @@ struct OptimConfig {
   bool decay_gains = false;         // RMSNorm gains
   bool decay_lower_bounds = false;  // MLGRU lower bounds
   double grad_clip = 1.0;           // max global L2 norm; 0 disables clipping
+  double table_lr_scale = 1.0;      // PEER expert tables and sub-keys train at lr · table_lr_scale
+  std::string table_optimizer = "adamw";  // PEER expert tables: "adamw" (dense) | "lazy_adam"
 
   void validate(std::vector<std::string>& errors) const;
 };
@@ -36,14 +43,24 @@ double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps);
 // A half-open range [begin, end) of the flat parameter buffer.
 using Range = std::pair<int64_t, int64_t>;
 
+// PEER parameters, recognised by name (Model lays them out as blocks/<l>/peer/...): the expert
+// table (N, 2d) and the two sub-key tables.
+bool is_peer_table(const ParamInfo& p);
+bool is_peer_sub_keys(const ParamInfo& p);
+
 class AdamW {
  public:
   // Moments are kept for `owned` ranges only (everything by default; one ZeRO-1 shard otherwise),
   // concatenated in range order. Per-element weight-decay flags follow the layout.
   AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned = {});
   // Updates params over the owned ranges with grads (already reduced, scaled, clipped) at step t
-  // (1-based). Elements outside the owned ranges are not touched.
-  void step(float* params, const float* grads, int64_t t, double lr);
+  // (1-based). Elements outside the owned ranges are not touched. With lazy tables
+  // (lazy_tables()), touched holds one flag per expert-table row, tables in layout order
+  // (table_rows() entries): 1 = the row was retrieved by some rank in this step (the union over
+  // ranks and micro-batches, not "its reduced gradient is non-zero", which can be exactly zero).
+  void step(float* params, const float* grads, int64_t t, double lr, const uint8_t* touched = nullptr);
+  bool lazy_tables() const { return lazy_; }
+  int64_t table_rows() const { return table_rows_; }  // Σ rows of the PEER expert tables
   const std::vector<Range>& owned() const { return owned_; }
   int64_t state_elements() const { return static_cast<int64_t>(m_.size()); }
   std::vector<float>& m() { return m_; }
@@ -55,6 +72,17 @@ class AdamW {
   std::vector<uint8_t> decay_;  // (total) 1 where weight decay applies, kFrozen for buffers
   std::vector<Range> owned_;
   std::vector<float> m_, v_;    // (Σ owned lengths)
+  // [0, total) cut into runs that share a learning-rate scale; lazy expert tables are their own
+  // segments, with the row width and the index of their first row in the touched flags.
+  struct Segment {
+    int64_t begin = 0, end = 0;
+    double lr_scale = 1.0;
+    int64_t width = 0;           // > 0: a lazily updated expert table with rows of this many elements
+    int64_t first_row = 0;       // its first row's index in the touched flags
+  };
+  std::vector<Segment> segments_;
+  bool lazy_ = false;
+  int64_t table_rows_ = 0;
 };
 
 // Global L2 norm of grads[0, n) accumulated in float64 in a fixed order.
