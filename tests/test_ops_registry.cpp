@@ -1,7 +1,9 @@
 // The op coverage check: every op in model/ops/op_registry.cpp must be named by an OP_TEST(<name>)
 // marker in some tests/test_*.cpp file, and every marker must name a registered op. The markers are
 // real tests (each checks its op is registered); this file reads the test sources at run time to
-// see which ones exist, so adding an op to the registry without a test fails the suite.
+// see which ones exist, so adding an op to the registry without a test fails the suite. Likewise an op
+// registered with has_cuda needs an OP_TEST_CUDA(<name>) marker (a CPU-vs-CUDA comparison, in the
+// gpu-labelled tests/test_ops_cuda.cpp), and every such marker needs has_cuda.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -27,10 +29,10 @@ fs::path tests_dir() {
   return fs::path(__FILE__).parent_path();
 }
 
-// marker name -> files that contain it.
-std::map<std::string, std::set<std::string>> scan_markers(const fs::path& dir) {
+// marker name -> files that contain it, for markers `<macro>(<op>)` (OP_TEST or OP_TEST_CUDA).
+std::map<std::string, std::set<std::string>> scan_markers(const fs::path& dir, const std::string& macro = "OP_TEST") {
   // At the start of a line, so the marker's own #define (and prose mentioning it) do not count.
-  static const std::regex marker(R"(^[ \t]*OP_TEST\(\s*([A-Za-z0-9_]+)\s*\))");
+  const std::regex marker("^[ \t]*" + macro + R"(\(\s*([A-Za-z0-9_]+)\s*\))");
   std::map<std::string, std::set<std::string>> found;
   for (const auto& entry : fs::recursive_directory_iterator(dir)) {
     const fs::path& p = entry.path();
@@ -71,6 +73,28 @@ TEST(op_registry, every_registered_op_has_a_test) {
     for (const auto& f : files) where << f << ' ';
     EXPECT_NE(find_op(name), nullptr) << "OP_TEST(" << name << ") in " << where.str()
                                       << "names an op missing from model/ops/op_registry.cpp";
+  }
+}
+
+TEST(op_registry, every_cuda_op_has_a_cuda_test) {
+  const fs::path dir = tests_dir();
+  ASSERT_TRUE(fs::is_directory(dir)) << "test sources not found at " << dir
+                                     << " (set PEERLESS_SOURCE_DIR to the repository root)";
+  const auto markers = scan_markers(dir, "OP_TEST_CUDA");
+  for (const OpInfo& op : op_registry()) {
+    if (!op.has_cuda) continue;
+    EXPECT_TRUE(markers.count(std::string(op.name)))
+        << "op '" << op.name << "' is registered with has_cuda but has no OP_TEST_CUDA(" << op.name
+        << ") marker in any " << dir.string() << "/test_*.cpp (compare it with the CPU reference in "
+        << "tests/test_ops_cuda.cpp)";
+  }
+  for (const auto& [name, files] : markers) {
+    std::ostringstream where;
+    for (const auto& f : files) where << f << ' ';
+    const OpInfo* op = find_op(name);
+    EXPECT_TRUE(op && op->has_cuda) << "OP_TEST_CUDA(" << name << ") in " << where.str()
+                                    << "names an op that is not registered with has_cuda in "
+                                    << "model/ops/op_registry.cpp";
   }
 }
 

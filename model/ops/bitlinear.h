@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 struct BitLinearShape {
@@ -38,5 +40,12 @@ void ternary_int8_matmul_reference(int64_t M, int64_t N, int64_t K, const int8_t
 // integer loops). Tests compare it bit-for-bit with the reference.
 void ternary_int8_matmul_cpu(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
                              int32_t* acc);
+
+// ---- CUDA (model/ops/bitlinear.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// acc (M,N) = a_codes (M,K) · w_codesᵀ in int32, exact: bit-identical to the CPU reference. A simple
+// shared-memory tiled kernel (int8 tensor cores through cuBLASLt/CUTLASS are the follow-up).
+void ternary_int8_matmul_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
+                              int32_t* acc, cudaStream_t stream);
 
 }  // namespace peerless

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 // logits (rows, V), targets (rows) in [0, V) -> losses (rows) in nats. When dlogits is not null it
@@ -12,5 +14,12 @@ void cross_entropy_cpu(int64_t rows, int64_t vocab, const float* logits, const i
                        float* dlogits, float grad_scale);
 void cross_entropy_cpu(int64_t rows, int64_t vocab, const double* logits, const int32_t* targets, double* losses,
                        double* dlogits, double grad_scale);
+
+// ---- CUDA (model/ops/cross_entropy.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// One block per row (block reductions for the max and the sum); same contract as the CPU version,
+// dlogits may alias logits.
+void cross_entropy_cuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses,
+                        float* dlogits, float grad_scale, cudaStream_t stream);
 
 }  // namespace peerless

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 // ids (rows) in [0, vocab) -> out (rows, dim). Caller guarantees the range (the loader checks it).
@@ -12,5 +14,15 @@ void embedding_forward_cpu(int64_t rows, int64_t dim, const int32_t* ids, const 
 // dtable (vocab, dim) += scatter of dout; deterministic (rows applied in order per table row).
 void embedding_backward_cpu(int64_t rows, int64_t dim, const int32_t* ids, const float* dout, float* dtable);
 void embedding_backward_cpu(int64_t rows, int64_t dim, const int32_t* ids, const double* dout, double* dtable);
+
+// ---- CUDA (model/ops/embedding.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+void embedding_forward_cuda(int64_t rows, int64_t dim, const int32_t* ids, const float* table, float* out,
+                            cudaStream_t stream);
+// One thread per column walking the rows in order: deterministic, no atomics, and bit-identical to
+// the CPU scatter (same additions in the same order). Parallel over columns only (sort + segment sum
+// is the faster follow-up).
+void embedding_backward_cuda(int64_t rows, int64_t dim, const int32_t* ids, const float* dout, float* dtable,
+                             cudaStream_t stream);
 
 }  // namespace peerless

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 enum class GluActivation { silu, relu2 };
@@ -15,5 +17,11 @@ void glu_forward_cpu(GluActivation act, int64_t rows, int64_t inter, const doubl
 void glu_backward_cpu(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, float* dau);
 void glu_backward_cpu(GluActivation act, int64_t rows, int64_t inter, const double* au, const double* dz,
                       double* dau);
+
+// ---- CUDA (model/ops/glu.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, float* z, cudaStream_t stream);
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, float* dau,
+                       cudaStream_t stream);
 
 }  // namespace peerless

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 // Lower bounds across layers: raw (L, d), P = softmax over the layer axis (per column),
@@ -49,5 +51,20 @@ void output_gate_backward_cpu(GateForm form, int64_t n, const float* gn, const f
                               float* dgn, float* dh);
 void output_gate_backward_cpu(GateForm form, int64_t n, const double* gn, const double* h, const double* dout,
                               double* dgn, double* dh);
+
+// ---- CUDA (model/ops/mlgru.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// The scan, one thread per (batch, channel) looping over time (a simple, obviously right first
+// version; a chunked two-pass parallel scan over time is the next step, SPEC §2).
+void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
+                             float* h, cudaStream_t stream);
+// dlb (when not null) += the lower-bound gradient, reduced deterministically: per-batch-row partials
+// go to `workspace` (B·d floats, device; may be null when dlb is null), then are added in batch order.
+void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
+                              const float* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream);
+void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const float* h, float* o, cudaStream_t stream);
+void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const float* h, const float* dout, float* dgn,
+                               float* dh, cudaStream_t stream);
 
 }  // namespace peerless

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 // x: (rows, dim) -> codes (rows, dim), scale (rows) holding s.
@@ -38,5 +40,19 @@ inline int8_t quant_round_clamp(float v, float lo, float hi) {
   r = r == r ? r : 0.0f;
   return static_cast<int8_t>(static_cast<int32_t>(r));
 }
+
+// ---- CUDA (model/ops/quant.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// act_quant_cpu on the GPU; codes are bit-identical (same scalar rule, no contracted multiplies).
+void act_quant_cuda(int64_t rows, int64_t dim, const float* x, int8_t* codes, float* scale, cudaStream_t stream);
+// Σ|w| in float64 into *sum (one device double), in a fixed two-pass order: kAbsSumPartials block
+// partials (written to `partials`, a device buffer of that many doubles), then one block adds them
+// in a fixed tree. Deterministic for a given n; it agrees with abs_sum_cpu to ~1e-15 relative, not
+// bit for bit (a different order). β then comes from ternary_beta on the host (after an all-reduce
+// of the sums when sharded).
+inline constexpr int kAbsSumPartials = 256;
+void abs_sum_cuda(int64_t n, const float* w, double* partials, double* sum, cudaStream_t stream);
+// ternary_codes_cpu on the GPU; codes bit-identical for the same β.
+void ternary_codes_cuda(int64_t n, const float* w, float beta, int8_t* codes, cudaStream_t stream);
 
 }  // namespace peerless

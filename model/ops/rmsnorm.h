@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 struct RmsNormShape {
@@ -22,5 +24,14 @@ void rmsnorm_backward_cpu(const RmsNormShape& s, const float* x, const float* ga
                           const float* dy, float* dx, float* dgain);
 void rmsnorm_backward_cpu(const RmsNormShape& s, const double* x, const double* gain, const double* rstd,
                           const double* dy, double* dx, double* dgain);
+
+// ---- CUDA (model/ops/rmsnorm.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// Same contracts as the CPU overloads (float only). Backward: dgain (when not null) is summed over rows
+// in row order per column (deterministic, no atomics), before dx is written, so dx may alias dy.
+void rmsnorm_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, float* y, float* rstd,
+                          cudaStream_t stream);
+void rmsnorm_backward_cuda(const RmsNormShape& s, const float* x, const float* gain, const float* rstd, const float* dy,
+                           float* dx, float* dgain, cudaStream_t stream);
 
 }  // namespace peerless

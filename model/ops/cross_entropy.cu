@@ -1,0 +1,97 @@
+// CUDA softmax cross-entropy fused with its gradient: one block per row, three passes over the row
+// (max with its first index, Σ exp over the other entries, then the gradient), each reduced with a
+// fixed block tree. Same numerics as the CPU reference: the argmax's own term is left out of the sum
+// so the loss is (max − target) + log1p(rest); a NaN logit makes the row's loss NaN. dlogits may
+// alias logits: every read of the row (the target logit included) happens before a barrier that
+// precedes the first write. Next optimisation: one-pass online softmax and float4 loads.
+#include <cfloat>
+
+#include "model/ops/block_reduce.cuh"
+#include "model/ops/cross_entropy.h"
+#include "model/ops/cuda_check.h"
+
+namespace peerless {
+namespace {
+
+using cuda_detail::block_reduce;
+using cuda_detail::kWarp;
+using cuda_detail::Sum;
+
+constexpr int kThreads = 256;
+
+// (value, index) with the CPU's rule: strictly greater wins, ties go to the smaller index, NaN never
+// wins (the CPU loop `if (l > m)` skips it).
+struct ArgMax {
+  float v;
+  int64_t i;
+};
+__device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
+  if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
+  return a;
+}
+
+__device__ ArgMax block_argmax(ArgMax x, ArgMax* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int n_warps = (blockDim.x + kWarp - 1) / kWarp;
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    ArgMax o;
+    o.v = __shfl_xor_sync(0xffffffffu, x.v, off);
+    o.i = __shfl_xor_sync(0xffffffffu, x.i, off);
+    x = better(x, o);
+  }
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  ArgMax r = lane < n_warps ? scratch[lane] : ArgMax{-INFINITY, INT64_MAX};
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    ArgMax o;
+    o.v = __shfl_xor_sync(0xffffffffu, r.v, off);
+    o.i = __shfl_xor_sync(0xffffffffu, r.i, off);
+    r = better(r, o);
+  }
+  return r;
+}
+
+__global__ void cross_entropy_kernel(int64_t vocab, const float* logits, const int32_t* __restrict__ targets,
+                                     float* __restrict__ losses, float* dlogits, float grad_scale) {
+  __shared__ ArgMax am_scratch[32];
+  __shared__ float sum_scratch[32];
+  const int64_t r = blockIdx.x;
+  const float* lr = logits + r * vocab;
+  // The CPU starts from (−inf, index 0): a row of −inf and NaN keeps index 0.
+  ArgMax best{-INFINITY, 0};
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) best = better(best, ArgMax{lr[v], v});
+  if (best.v == -INFINITY) best.i = 0;  // only (−inf, 0) may stand for "nothing greater than −inf"
+  const ArgMax top = block_argmax(best, am_scratch);
+  const float m = top.v;
+  float rest = 0.0f;
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
+    if (v != top.i) rest += expf(lr[v] - m);
+  rest = block_reduce(rest, Sum{}, 0.0f, sum_scratch);
+  const int64_t tgt = targets[r];
+  const float target_logit = lr[tgt];
+  if (threadIdx.x == 0) losses[r] = (m - target_logit) + log1pf(rest);
+  if (!dlogits) return;
+  __syncthreads();  // every thread has read target_logit and the row before any write (in-place case)
+  float* dr = dlogits + r * vocab;
+  const float inv = grad_scale / (1.0f + rest);
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+    const float g = expf(lr[v] - m) * inv;
+    dr[v] = v == tgt ? g - grad_scale : g;
+  }
+}
+
+}  // namespace
+
+void cross_entropy_cuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses,
+                        float* dlogits, float grad_scale, cudaStream_t stream) {
+  PL_CHECK(rows >= 0 && vocab > 0 && rows <= 0x7fffffff, internal, "cross_entropy_cuda: bad shape rows=", rows,
+           " vocab=", vocab);
+  if (rows == 0) return;
+  PL_CHECK(logits && targets && losses, internal, "cross_entropy_cuda: null pointer");
+  cross_entropy_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(vocab, logits, targets, losses, dlogits,
+                                                                             grad_scale);
+  PL_CUDA_CHECK_LAUNCH(cross_entropy_kernel);
+}
+
+}  // namespace peerless

@@ -1,0 +1,508 @@
+// Every CUDA op against its CPU reference (the ggml test-backend-ops idea): fresh random inputs each
+// run (the seed is printed, and PEERLESS_TEST_SEED replays one), guard values around every device
+// output (poisoned before the launch, checked untouched after), NaN/Inf at the same places, integer
+// outputs (quantizer codes, the ternary x int8 product, embedding rows) bit-identical, float outputs
+// within a stated norm-wise relative tolerance. Launches go to a non-default stream.
+// These tests need a GPU: CMake labels them `gpu` (CPU-only CI runs `ctest -LE gpu`); run them with
+// `ctest -L gpu` on a GPU machine. Without a visible GPU, or in a build without CUDA, they fail
+// with a message saying so, never skip silently.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "model/ops/bitlinear.h"
+#include "model/ops/cross_entropy.h"
+#include "model/ops/embedding.h"
+#include "model/ops/glu.h"
+#include "model/ops/mlgru.h"
+#include "model/ops/op_registry.h"
+#include "model/ops/quant.h"
+#include "model/ops/rmsnorm.h"
+
+namespace peerless {
+namespace {
+
+// CUDA coverage markers read by tests/test_ops_registry.cpp: every op registered with has_cuda needs
+// one, and each checks that its op is registered with has_cuda.
+#define OP_TEST_CUDA(op)                                                                           \
+  TEST(op_coverage_cuda, op) {                                                                     \
+    const OpInfo* info = find_op(#op);                                                             \
+    ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
+    EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
+  }
+OP_TEST_CUDA(rmsnorm)
+OP_TEST_CUDA(act_quant)
+OP_TEST_CUDA(weight_quant)
+OP_TEST_CUDA(ternary_int8_matmul)
+OP_TEST_CUDA(glu)
+OP_TEST_CUDA(mlgru_scan)
+OP_TEST_CUDA(output_gate)
+OP_TEST_CUDA(cross_entropy)
+OP_TEST_CUDA(embedding)
+
+}  // namespace
+}  // namespace peerless
+
+#ifndef PEERLESS_HAVE_CUDA
+
+TEST(cuda_backend, built_without_cuda) {
+  FAIL() << "this build has no CUDA backend (PEERLESS_CUDA=OFF or no nvcc): the gpu-labelled tests need a "
+            "CUDA build on a GPU machine; CPU-only runs exclude them with ctest -LE gpu";
+}
+
+#else  // PEERLESS_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include "model/ops/cuda_check.h"
+#include "parallel/memory.h"
+
+namespace peerless {
+namespace {
+
+// ---- helpers -------------------------------------------------------------------------------------
+
+uint64_t test_seed() {
+  if (const char* s = std::getenv("PEERLESS_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  static const uint64_t seed = std::random_device{}();
+  return seed;
+}
+
+std::vector<float> normal(std::mt19937_64& rng, int64_t n, float sd = 1.0f, float mean = 0.0f) {
+  std::normal_distribution<float> dist(mean, sd);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+constexpr size_t kGuard = 64;            // guard elements on each side of a device buffer
+constexpr unsigned char kPoison = 0xA5;  // every byte of a fresh buffer (guards and interior)
+
+// A device array of n elements with kGuard poisoned elements on each side. Everything starts
+// poisoned, so an output element the kernel forgets to write shows up as a mismatch, and a write
+// outside [0, n) shows up in check_guards.
+template <typename T>
+class Guarded {
+ public:
+  explicit Guarded(size_t n) : n_(n), mem_((n + 2 * kGuard) * sizeof(T)) {
+    std::vector<unsigned char> poison((n + 2 * kGuard) * sizeof(T), kPoison);
+    PL_CUDA_CHECK(cudaMemcpy(mem_.get(), poison.data(), poison.size(), cudaMemcpyHostToDevice));
+  }
+  explicit Guarded(const std::vector<T>& v) : Guarded(v.size()) { upload(v); }
+  T* get() const { return static_cast<T*>(mem_.get()) + kGuard; }
+  void upload(const std::vector<T>& v) {
+    PL_CHECK(v.size() == n_, internal, "upload of ", v.size(), " elements into a buffer of ", n_);
+    PL_CUDA_CHECK(cudaMemcpy(get(), v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  // Waits for all device work, checks both guards and returns the n interior elements.
+  std::vector<T> download(const std::string& what) const {
+    PL_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<unsigned char> all((n_ + 2 * kGuard) * sizeof(T));
+    PL_CUDA_CHECK(cudaMemcpy(all.data(), mem_.get(), all.size(), cudaMemcpyDeviceToHost));
+    const size_t g = kGuard * sizeof(T), body = n_ * sizeof(T);
+    size_t bad_lo = 0, bad_hi = 0;
+    for (size_t i = 0; i < g; ++i) bad_lo += all[i] != kPoison, bad_hi += all[g + body + i] != kPoison;
+    EXPECT_EQ(bad_lo, 0u) << what << ": " << bad_lo << " guard bytes before the buffer were overwritten";
+    EXPECT_EQ(bad_hi, 0u) << what << ": " << bad_hi << " guard bytes after the buffer were overwritten";
+    std::vector<T> out(n_);
+    std::memcpy(out.data(), all.data() + g, body);
+    return out;
+  }
+
+ private:
+  size_t n_;
+  DeviceBytes mem_;
+};
+
+// NaN and ±Inf at the same places; over the finite entries max|gpu − cpu| / max|cpu| ≤ tol.
+void expect_close(const std::vector<float>& gpu, const std::vector<float>& cpu, double tol, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  size_t nonfinite_mismatch = 0, first_bad = 0;
+  double num = 0, den = 0;
+  size_t worst = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const float a = gpu[i], b = cpu[i];
+    if (std::isnan(a) || std::isnan(b) || std::isinf(a) || std::isinf(b)) {
+      const bool same = (std::isnan(a) && std::isnan(b)) || a == b;
+      if (!same && nonfinite_mismatch++ == 0) first_bad = i;
+      continue;
+    }
+    const double d = std::fabs(static_cast<double>(a) - b);
+    if (d > num) num = d, worst = i;
+    den = std::max(den, std::fabs(static_cast<double>(b)));
+  }
+  EXPECT_EQ(nonfinite_mismatch, 0u) << what << ": NaN/Inf disagree at " << nonfinite_mismatch << " places, first at "
+                                    << first_bad << " (gpu " << gpu[first_bad] << ", cpu " << cpu[first_bad] << ")";
+  const double rel = den > 0 ? num / den : num;
+  EXPECT_LE(rel, tol) << what << ": relative error " << rel << " (tolerance " << tol << "), worst at " << worst
+                      << ": gpu " << gpu[worst] << " cpu " << cpu[worst];
+}
+
+// Bit-identical (floats compared by bit pattern, except that any NaN equals any NaN).
+template <typename T>
+void expect_identical(const std::vector<T>& gpu, const std::vector<T>& cpu, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    bool same;
+    if constexpr (std::is_floating_point_v<T>)
+      same = (std::isnan(gpu[i]) && std::isnan(cpu[i])) || std::memcmp(&gpu[i], &cpu[i], sizeof(T)) == 0;
+    else
+      same = gpu[i] == cpu[i];
+    if (!same && bad++ == 0) first = i;
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << cpu.size() << " elements differ, first at " << first
+                     << " (gpu " << +gpu[first] << ", cpu " << +cpu[first] << ")";
+}
+
+struct StreamDeleter {
+  void operator()(CUstream_st* s) const { cudaStreamDestroy(s); }
+};
+
+// Fails (never skips) when no GPU is visible; gives each test its own non-default stream.
+class Cuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int n = 0;
+    const cudaError_t rc = cudaGetDeviceCount(&n);
+    if (rc != cudaSuccess || n == 0) {
+      cudaGetLastError();
+      GTEST_FAIL() << "no GPU visible (" << cudaGetErrorString(rc)
+                   << "): the gpu-labelled tests need one; CPU-only runs exclude them with ctest -LE gpu";
+    }
+    cudaStream_t s = nullptr;
+    PL_CUDA_CHECK(cudaStreamCreate(&s));
+    stream_.reset(s);
+    rng_.seed(test_seed() + static_cast<uint64_t>(std::hash<std::string>{}(
+                                ::testing::UnitTest::GetInstance()->current_test_info()->name())));
+    RecordProperty("seed", std::to_string(test_seed()));
+    std::printf("[ seed     ] PEERLESS_TEST_SEED=%llu\n", static_cast<unsigned long long>(test_seed()));
+  }
+  cudaStream_t stream() const { return stream_.get(); }
+  std::mt19937_64& rng() { return rng_; }
+
+ private:
+  std::unique_ptr<CUstream_st, StreamDeleter> stream_;
+  std::mt19937_64 rng_;
+};
+
+std::string shape_name(std::initializer_list<std::pair<const char*, int64_t> > fields) {
+  std::string s;
+  for (const auto& [k, v] : fields) {
+    if (!s.empty()) s += ',';
+    s += k;
+    s += '=';
+    s += std::to_string(v);
+  }
+  return s;
+}
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+const float kInf = std::numeric_limits<float>::infinity();
+
+// ---- rmsnorm -------------------------------------------------------------------------------------
+
+TEST_F(Cuda, rmsnorm_forward_backward) {
+  struct Case {
+    int64_t rows, dim;
+  };
+  for (const Case c : {Case{1, 5}, Case{3, 7}, Case{37, 256}, Case{64, 1000}, Case{300, 2048}}) {
+    const std::string name = shape_name({{"rows", c.rows}, {"dim", c.dim}});
+    SCOPED_TRACE(name);
+    const RmsNormShape s{c.rows, c.dim, 1e-6f};
+    const int64_t n = c.rows * c.dim;
+    std::vector<float> x = normal(rng(), n, 2.0f), gain = normal(rng(), c.dim, 0.5f, 1.0f);
+    std::vector<float> dy = normal(rng(), n), dgain0 = normal(rng(), c.dim);
+
+    // Forward, with a NaN row and an Inf row when there are enough rows.
+    std::vector<float> xf = x;
+    if (c.rows >= 3) xf[1 * c.dim] = kNaN, xf[2 * c.dim + c.dim - 1] = -kInf;
+    std::vector<float> y_cpu(n), rstd_cpu(c.rows);
+    rmsnorm_forward_cpu(s, xf.data(), gain.data(), y_cpu.data(), rstd_cpu.data());
+    Guarded<float> d_x(xf), d_gain(gain), d_y(n), d_rstd(c.rows);
+    rmsnorm_forward_cuda(s, d_x.get(), d_gain.get(), d_y.get(), d_rstd.get(), stream());
+    expect_close(d_y.download("y"), y_cpu, 1e-5, "rmsnorm y " + name);
+    expect_close(d_rstd.download("rstd"), rstd_cpu, 1e-5, "rmsnorm rstd " + name);
+
+    // Backward on finite inputs, dgain accumulated onto non-zero values.
+    rmsnorm_forward_cpu(s, x.data(), gain.data(), y_cpu.data(), rstd_cpu.data());
+    std::vector<float> dx_cpu(n), dgain_cpu = dgain0;
+    rmsnorm_backward_cpu(s, x.data(), gain.data(), rstd_cpu.data(), dy.data(), dx_cpu.data(), dgain_cpu.data());
+    d_x.upload(x);
+    d_rstd.upload(rstd_cpu);
+    Guarded<float> d_dy(dy), d_dx(n), d_dgain(dgain0);
+    rmsnorm_backward_cuda(s, d_x.get(), d_gain.get(), d_rstd.get(), d_dy.get(), d_dx.get(), d_dgain.get(), stream());
+    expect_close(d_dx.download("dx"), dx_cpu, 2e-5, "rmsnorm dx " + name);
+    expect_close(d_dgain.download("dgain"), dgain_cpu, 2e-5, "rmsnorm dgain " + name);
+
+    // In place (dx aliases dy) and without dgain.
+    rmsnorm_backward_cuda(s, d_x.get(), d_gain.get(), d_rstd.get(), d_dy.get(), d_dy.get(), nullptr, stream());
+    expect_close(d_dy.download("dx in place"), dx_cpu, 2e-5, "rmsnorm dx in place " + name);
+  }
+}
+
+// ---- quantizers ----------------------------------------------------------------------------------
+
+TEST_F(Cuda, act_quant_codes_bit_exact) {
+  struct Case {
+    int64_t rows, dim;
+  };
+  for (const Case c : {Case{1, 1}, Case{6, 33}, Case{64, 1024}, Case{129, 4096}}) {
+    const std::string name = shape_name({{"rows", c.rows}, {"dim", c.dim}});
+    SCOPED_TRACE(name);
+    const int64_t n = c.rows * c.dim;
+    std::vector<float> x = normal(rng(), n, 3.0f);
+    if (c.rows >= 6) {
+      // Row 0: amax = 127 so s = 1 exactly, and the rest are exact ties k + 0.5 (round half away).
+      std::uniform_int_distribution<int> k(-127, 126);
+      x[0] = 127.0f;
+      for (int64_t j = 1; j < c.dim; ++j) x[j] = static_cast<float>(k(rng())) + 0.5f;
+      x[1 * c.dim + c.dim / 2] = kNaN;                                // row 1: NaN scale, codes 0
+      x[2 * c.dim] = kInf;                                            // row 2: s = 0
+      for (int64_t j = 0; j < c.dim; ++j) x[3 * c.dim + j] = 0.0f;    // row 3: the 1e-5 floor
+      for (int64_t j = 0; j < c.dim; ++j) x[4 * c.dim + j] *= 1e-7f;  // row 4: below the floor
+      x[5 * c.dim] = -std::numeric_limits<float>::denorm_min();       // row 5: a subnormal
+    }
+    std::vector<int8_t> codes_cpu(n);
+    std::vector<float> scale_cpu(c.rows);
+    act_quant_cpu(c.rows, c.dim, x.data(), codes_cpu.data(), scale_cpu.data());
+    Guarded<float> d_x(x), d_scale(c.rows);
+    Guarded<int8_t> d_codes(n);
+    act_quant_cuda(c.rows, c.dim, d_x.get(), d_codes.get(), d_scale.get(), stream());
+    expect_identical(d_codes.download("codes"), codes_cpu, "act_quant codes " + name);
+    expect_identical(d_scale.download("scale"), scale_cpu, "act_quant scale " + name);
+  }
+}
+
+TEST_F(Cuda, weight_quant_abs_sum_and_codes) {
+  for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{1000}, int64_t{(1 << 20) + 3}}) {
+    const std::string name = shape_name({{"n", n}});
+    SCOPED_TRACE(name);
+    std::vector<float> w = normal(rng(), n, 0.02f);
+    const double sum_cpu = abs_sum_cpu(n, w.data());
+    Guarded<float> d_w(w);
+    Guarded<double> d_partials(kAbsSumPartials), d_sum(1);
+    abs_sum_cuda(n, d_w.get(), d_partials.get(), d_sum.get(), stream());
+    const double sum_gpu = d_sum.download("sum")[0];
+    d_partials.download("partials");
+    EXPECT_NEAR(sum_gpu, sum_cpu, 1e-12 * std::max(1.0, std::fabs(sum_cpu))) << "abs_sum " << name;
+    const float beta_cpu = ternary_beta(sum_cpu, n);
+    EXPECT_NEAR(ternary_beta(sum_gpu, n), beta_cpu, 1e-6 * beta_cpu) << "beta " << name;
+
+    // Codes from the same β: exact ties (±β/2 → ±1), NaN (→ 0) and ±Inf (→ ±1) mixed in.
+    if (n >= 1000) {
+      w[0] = beta_cpu / 2, w[1] = -beta_cpu / 2, w[2] = 1.5f * beta_cpu, w[3] = kNaN, w[4] = kInf, w[5] = -kInf;
+      w[6] = std::nextafter(beta_cpu / 2, 0.0f);
+      d_w.upload(w);
+    }
+    std::vector<int8_t> codes_cpu(n);
+    ternary_codes_cpu(n, w.data(), beta_cpu, codes_cpu.data());
+    Guarded<int8_t> d_codes(n);
+    ternary_codes_cuda(n, d_w.get(), beta_cpu, d_codes.get(), stream());
+    expect_identical(d_codes.download("codes"), codes_cpu, "ternary codes " + name);
+  }
+}
+
+// ---- ternary x int8 product ----------------------------------------------------------------------
+
+TEST_F(Cuda, ternary_int8_matmul_exact) {
+  struct Case {
+    int64_t M, N, K;
+  };
+  for (const Case c : {Case{1, 1, 1}, Case{17, 33, 65}, Case{128, 96, 1024}, Case{5, 300, 2000}, Case{3, 4, 0}}) {
+    const std::string name = shape_name({{"M", c.M}, {"N", c.N}, {"K", c.K}});
+    SCOPED_TRACE(name);
+    std::uniform_int_distribution<int> a_dist(-128, 127), w_dist(-1, 1);
+    std::vector<int8_t> a(c.M * c.K), w(c.N * c.K);
+    for (int8_t& v : a) v = static_cast<int8_t>(a_dist(rng()));
+    for (int8_t& v : w) v = static_cast<int8_t>(w_dist(rng()));
+    if (!a.empty()) a[0] = -128;  // the extremes
+    std::vector<int32_t> acc_cpu(c.M * c.N);
+    ternary_int8_matmul_reference(c.M, c.N, c.K, a.data(), w.data(), acc_cpu.data());
+    Guarded<int8_t> d_a(a), d_w(w);
+    Guarded<int32_t> d_acc(c.M * c.N);
+    ternary_int8_matmul_cuda(c.M, c.N, c.K, d_a.get(), d_w.get(), d_acc.get(), stream());
+    expect_identical(d_acc.download("acc"), acc_cpu, "ternary_int8_matmul " + name);
+  }
+}
+
+// ---- glu -----------------------------------------------------------------------------------------
+
+TEST_F(Cuda, glu_forward_backward) {
+  struct Case {
+    int64_t rows, inter;
+  };
+  for (const GluActivation act : {GluActivation::silu, GluActivation::relu2}) {
+    for (const Case c : {Case{1, 1}, Case{7, 33}, Case{64, 2816}}) {
+      const std::string name = std::string(act == GluActivation::silu ? "silu " : "relu2 ") +
+                               shape_name({{"rows", c.rows}, {"inter", c.inter}});
+      SCOPED_TRACE(name);
+      std::vector<float> au = normal(rng(), c.rows * 2 * c.inter, 2.0f), dz = normal(rng(), c.rows * c.inter);
+      if (c.rows >= 7) au[3] = kNaN, au[2 * c.inter + 1] = kInf, au[4 * c.inter + c.inter] = -kInf;
+      std::vector<float> z_cpu(c.rows * c.inter), dau_cpu(c.rows * 2 * c.inter);
+      glu_forward_cpu(act, c.rows, c.inter, au.data(), z_cpu.data());
+      glu_backward_cpu(act, c.rows, c.inter, au.data(), dz.data(), dau_cpu.data());
+      Guarded<float> d_au(au), d_dz(dz), d_z(z_cpu.size()), d_dau(dau_cpu.size());
+      glu_forward_cuda(act, c.rows, c.inter, d_au.get(), d_z.get(), stream());
+      glu_backward_cuda(act, c.rows, c.inter, d_au.get(), d_dz.get(), d_dau.get(), stream());
+      expect_close(d_z.download("z"), z_cpu, 1e-5, "glu z " + name);
+      expect_close(d_dau.download("dau"), dau_cpu, 1e-5, "glu dau " + name);
+    }
+  }
+}
+
+// ---- mlgru scan and output gate ------------------------------------------------------------------
+
+TEST_F(Cuda, mlgru_scan_forward_backward) {
+  struct Case {
+    int64_t B, T, D;
+  };
+  for (const bool with_lb : {false, true}) {
+    for (const Case c : {Case{1, 1, 1}, Case{2, 17, 33}, Case{4, 64, 256}, Case{2, 512, 64}}) {
+      const std::string name =
+          std::string(with_lb ? "lb " : "no_lb ") + shape_name({{"B", c.B}, {"T", c.T}, {"D", c.D}});
+      SCOPED_TRACE(name);
+      const ScanShape s{c.B, c.T, c.D};
+      const int64_t n = c.B * c.T * c.D;
+      std::vector<float> ihat = normal(rng(), n), fhat = normal(rng(), n, 1.0f, 1.0f), dh = normal(rng(), n);
+      std::vector<float> lb(c.D), dlb0 = normal(rng(), c.D);
+      std::uniform_real_distribution<float> u01(0.0f, 0.9f);
+      for (float& v : lb) v = u01(rng());
+      const float* lb_cpu = with_lb ? lb.data() : nullptr;
+      std::vector<float> f_cpu(n), h_cpu(n), di_cpu(n), df_cpu(n), dlb_cpu = dlb0;
+      mlgru_scan_forward_cpu(s, ihat.data(), fhat.data(), lb_cpu, f_cpu.data(), h_cpu.data());
+      mlgru_scan_backward_cpu(s, ihat.data(), fhat.data(), lb_cpu, f_cpu.data(), h_cpu.data(), dh.data(), di_cpu.data(),
+                              df_cpu.data(), dlb_cpu.data());
+
+      Guarded<float> d_i(ihat), d_f_hat(fhat), d_lb(lb), d_f(n), d_h(n);
+      const float* d_lb_ptr = with_lb ? d_lb.get() : nullptr;
+      mlgru_scan_forward_cuda(s, d_i.get(), d_f_hat.get(), d_lb_ptr, d_f.get(), d_h.get(), stream());
+      expect_close(d_f.download("f"), f_cpu, 1e-5, "scan f " + name);
+      expect_close(d_h.download("h"), h_cpu, 1e-5, "scan h " + name);
+
+      // Backward from the CPU's saved f and h, so only the backward's own error is measured.
+      d_f.upload(f_cpu);
+      d_h.upload(h_cpu);
+      Guarded<float> d_dh(dh), d_di(n), d_df(n), d_dlb(dlb0), d_ws(c.B * c.D);
+      mlgru_scan_backward_cuda(s, d_i.get(), d_f_hat.get(), d_lb_ptr, d_f.get(), d_h.get(), d_dh.get(), d_di.get(),
+                               d_df.get(), d_dlb.get(), d_ws.get(), stream());
+      expect_close(d_di.download("dihat"), di_cpu, 5e-5, "scan dihat " + name);
+      expect_close(d_df.download("dfhat"), df_cpu, 5e-5, "scan dfhat " + name);
+      expect_close(d_dlb.download("dlb"), dlb_cpu, 5e-5, "scan dlb " + name);
+      d_ws.download("workspace");
+    }
+  }
+}
+
+TEST_F(Cuda, output_gate_forward_backward) {
+  for (const GateForm form : {GateForm::code, GateForm::paper}) {
+    for (const int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1 << 18}}) {
+      const std::string name = std::string(form == GateForm::code ? "code " : "paper ") + shape_name({{"n", n}});
+      SCOPED_TRACE(name);
+      std::vector<float> gn = normal(rng(), n, 2.0f), h = normal(rng(), n, 2.0f), dout = normal(rng(), n);
+      if (n >= 1000) gn[5] = kNaN, h[6] = kInf, h[7] = -kInf;
+      std::vector<float> o_cpu(n), dgn_cpu(n), dh_cpu(n);
+      output_gate_forward_cpu(form, n, gn.data(), h.data(), o_cpu.data());
+      output_gate_backward_cpu(form, n, gn.data(), h.data(), dout.data(), dgn_cpu.data(), dh_cpu.data());
+      Guarded<float> d_gn(gn), d_h(h), d_dout(dout), d_o(n), d_dgn(n), d_dh(n);
+      output_gate_forward_cuda(form, n, d_gn.get(), d_h.get(), d_o.get(), stream());
+      output_gate_backward_cuda(form, n, d_gn.get(), d_h.get(), d_dout.get(), d_dgn.get(), d_dh.get(), stream());
+      expect_close(d_o.download("o"), o_cpu, 1e-5, "gate o " + name);
+      expect_close(d_dgn.download("dgn"), dgn_cpu, 1e-5, "gate dgn " + name);
+      expect_close(d_dh.download("dh"), dh_cpu, 1e-5, "gate dh " + name);
+    }
+  }
+}
+
+// ---- cross entropy -------------------------------------------------------------------------------
+
+TEST_F(Cuda, cross_entropy_fused) {
+  struct Case {
+    int64_t rows, vocab;
+  };
+  for (const Case c : {Case{1, 1}, Case{4, 10}, Case{17, 1000}, Case{8, 32000}}) {
+    const std::string name = shape_name({{"rows", c.rows}, {"vocab", c.vocab}});
+    SCOPED_TRACE(name);
+    const int64_t n = c.rows * c.vocab;
+    std::vector<float> logits = normal(rng(), n, 3.0f);
+    std::uniform_int_distribution<int32_t> tdist(0, static_cast<int32_t>(c.vocab - 1));
+    std::vector<int32_t> targets(c.rows);
+    for (int32_t& t : targets) t = tdist(rng());
+    if (c.rows >= 4) {
+      logits[1 * c.vocab + c.vocab / 2] = kNaN;                              // row 1: NaN loss and gradient
+      for (int64_t v = 0; v < c.vocab; ++v) logits[2 * c.vocab + v] = 1.0f;  // row 2: all tied
+      logits[3 * c.vocab + targets[3]] += 40.0f;                             // row 3: confident (log1p path)
+    }
+    const float grad_scale = 1.0f / static_cast<float>(c.rows);
+    std::vector<float> loss_cpu(c.rows), dl_cpu(n);
+    cross_entropy_cpu(c.rows, c.vocab, logits.data(), targets.data(), loss_cpu.data(), dl_cpu.data(), grad_scale);
+    Guarded<float> d_logits(logits), d_loss(c.rows), d_dl(n);
+    Guarded<int32_t> d_t(targets);
+    cross_entropy_cuda(c.rows, c.vocab, d_logits.get(), d_t.get(), d_loss.get(), d_dl.get(), grad_scale, stream());
+    expect_close(d_loss.download("losses"), loss_cpu, 1e-5, "ce loss " + name);
+    expect_close(d_dl.download("dlogits"), dl_cpu, 1e-5, "ce dlogits " + name);
+    // In place (dlogits aliases logits), and losses only.
+    Guarded<float> d_loss2(c.rows);
+    cross_entropy_cuda(c.rows, c.vocab, d_logits.get(), d_t.get(), d_loss2.get(), nullptr, grad_scale, stream());
+    expect_close(d_loss2.download("losses only"), loss_cpu, 1e-5, "ce loss only " + name);
+    cross_entropy_cuda(c.rows, c.vocab, d_logits.get(), d_t.get(), d_loss.get(), d_logits.get(), grad_scale, stream());
+    expect_close(d_logits.download("dlogits in place"), dl_cpu, 1e-5, "ce dlogits in place " + name);
+    expect_close(d_loss.download("losses in place"), loss_cpu, 1e-5, "ce loss in place " + name);
+  }
+}
+
+// ---- embedding -----------------------------------------------------------------------------------
+
+TEST_F(Cuda, embedding_forward_backward_exact) {
+  struct Case {
+    int64_t rows, vocab, dim;
+  };
+  for (const Case c : {Case{1, 1, 1}, Case{100, 7, 33}, Case{512, 1000, 256}}) {
+    const std::string name = shape_name({{"rows", c.rows}, {"vocab", c.vocab}, {"dim", c.dim}});
+    SCOPED_TRACE(name);
+    std::uniform_int_distribution<int32_t> idist(0, static_cast<int32_t>(c.vocab - 1));
+    std::vector<int32_t> ids(c.rows);
+    for (int32_t& id : ids) id = idist(rng());  // few distinct ids when vocab is small: repeats
+    std::vector<float> table = normal(rng(), c.vocab * c.dim), dout = normal(rng(), c.rows * c.dim);
+    std::vector<float> out_cpu(c.rows * c.dim), dtable_cpu = table;
+    embedding_forward_cpu(c.rows, c.dim, ids.data(), table.data(), out_cpu.data());
+    embedding_backward_cpu(c.rows, c.dim, ids.data(), dout.data(), dtable_cpu.data());
+    Guarded<int32_t> d_ids(ids);
+    Guarded<float> d_table(table), d_out(out_cpu.size()), d_dout(dout);
+    embedding_forward_cuda(c.rows, c.dim, d_ids.get(), d_table.get(), d_out.get(), stream());
+    expect_identical(d_out.download("out"), out_cpu, "embedding out " + name);
+    embedding_backward_cuda(c.rows, c.dim, d_ids.get(), d_dout.get(), d_table.get(), stream());
+    expect_identical(d_table.download("dtable"), dtable_cpu, "embedding dtable " + name);
+  }
+}
+
+// ---- launcher preconditions ----------------------------------------------------------------------
+
+TEST_F(Cuda, launchers_reject_bad_arguments) {
+  EXPECT_THROW(act_quant_cuda(2, 0, nullptr, nullptr, nullptr, stream()), Error);
+  EXPECT_THROW(rmsnorm_forward_cuda(RmsNormShape{4, 8}, nullptr, nullptr, nullptr, nullptr, stream()), Error);
+  EXPECT_THROW(mlgru_scan_backward_cuda(ScanShape{1, 1, 1}, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                        nullptr, nullptr, reinterpret_cast<float*>(16), nullptr, stream()),
+               Error);
+  // Empty work is a no-op, not a launch of an empty grid.
+  EXPECT_NO_THROW(cross_entropy_cuda(0, 10, nullptr, nullptr, nullptr, nullptr, 1.0f, stream()));
+  EXPECT_NO_THROW(ternary_int8_matmul_cuda(0, 5, 7, nullptr, nullptr, nullptr, stream()));
+  PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+}  // namespace
+}  // namespace peerless
+
+#endif  // PEERLESS_HAVE_CUDA
