@@ -16,39 +16,15 @@
 #include "data/synthetic.h"
 #include "runtime/error.h"
 #include "runtime/h5.h"
+#include "tests/test_util.h"
 
 namespace peerless {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::string shared_data() {
-  const char* env = std::getenv("PEERLESS_SHARED");
-  if (!env || !*env) {
-    ADD_FAILURE()
-        << "PEERLESS_SHARED is not set; run through CTest or set it to the shared directory (e.g. /work/shared)";
-    return "";
-  }
-  const std::string dir = std::string(env) + "/data";
-  if (!fs::is_directory(dir)) {
-    ADD_FAILURE() << "PEERLESS_SHARED/data = " << dir << " is not a directory";
-    return "";
-  }
-  return dir;
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "peerless-test-XXXXXX").string();
-    path = mkdtemp(templ.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using test::shared_data;
+using test::TempDir;
 
 std::string slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -15,6 +15,7 @@
 #include "data/tokenizer.h"
 #include "runtime/error.h"
 #include "runtime/h5.h"
+#include "tests/test_util.h"
 #include "runtime/rng.h"
 
 namespace peerless {
@@ -22,33 +23,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Shared data is required: a missing PEERLESS_SHARED fails the test, it never skips it.
-std::string shared_data() {
-  const char* env = std::getenv("PEERLESS_SHARED");
-  if (!env || !*env) {
-    ADD_FAILURE()
-        << "PEERLESS_SHARED is not set; run through CTest or set it to the shared directory (e.g. /work/shared)";
-    return "";
-  }
-  const std::string dir = std::string(env) + "/data";
-  if (!fs::is_directory(dir)) {
-    ADD_FAILURE() << "PEERLESS_SHARED/data = " << dir << " is not a directory";
-    return "";
-  }
-  return dir;
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "peerless-test-XXXXXX").string();
-    path = mkdtemp(templ.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using test::shared_data;
+using test::TempDir;
 
 const std::unique_ptr<BpeTokenizer>& gpt2() {
   static std::unique_ptr<BpeTokenizer> tok = [] {
