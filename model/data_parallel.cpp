@@ -171,6 +171,17 @@ void DataParallel::scale_gradients(float* grads, float factor) {
   for (const auto& [lo, hi] : owned()) scale_in_place(grads + lo, hi - lo, factor);
 }
 
+void DataParallel::gather_values(const Bucket& b, float* params) {
+  // Our slice (zero past the bucket) into its place in the staging buffer, all-gathered, copied back.
+  const int64_t lo = owned_begin(b), hi = std::max(lo, owned_end(b));
+  float* mine = stage_.data() + dp_.rank() * b.slice;
+  std::fill(mine, mine + b.slice, 0.f);
+  std::memcpy(mine, params + lo, sizeof(float) * (hi - lo));
+  dp_.all_gather(mine, stage_.data(), b.slice, DType::f32);
+  dp_.synchronize();
+  std::memcpy(params + b.begin, stage_.data(), sizeof(float) * (b.end - b.begin));
+}
+
 void DataParallel::refresh_and_gather(Model& model, float* params) {
   if (!zero1_ || dp_.size() == 1) {
     model.refresh_ternary(params);
@@ -205,9 +216,8 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
         const int64_t a = std::max(lo, p.offset), z = std::min(hi, p.offset + p.numel);
         if (a < z) ternary_codes_cpu(z - a, params + a, betas[idx], code_slice_.data() + (a - lo));
       }
-      const auto packed = pack_ternary(code_slice_.data(), b.slice);
       uint8_t* mine = stage_u8_.data() + dp_.rank() * (b.slice / 4);
-      std::memcpy(mine, packed.data(), packed.size());
+      pack_ternary(code_slice_.data(), b.slice, mine);
       dp_.all_gather(mine, stage_u8_.data(), b.slice / 4, DType::u8);
       dp_.synchronize();
       // Unpack every rank's slice into the codes of the bucket range.
@@ -216,28 +226,15 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
         if (s_lo < s_hi) unpack_ternary(stage_u8_.data() + r * (b.slice / 4), s_hi - s_lo, codes.data() + s_lo);
       }
     } else {
-      float* mine = stage_.data() + dp_.rank() * b.slice;
-      std::fill(mine, mine + b.slice, 0.f);
-      std::memcpy(mine, params + lo, sizeof(float) * (hi - lo));
-      dp_.all_gather(mine, stage_.data(), b.slice, DType::f32);
-      dp_.synchronize();
-      std::memcpy(params + b.begin, stage_.data(), sizeof(float) * (b.end - b.begin));
+      gather_values(b, params);
     }
   }
-  (void)W;
 }
 
 void DataParallel::gather_full_params(float* params) {
   if (!zero1_ || dp_.size() == 1) return;
   for (const auto& b : buckets_) {
-    if (!b.ternary) continue;  // full-precision buckets are gathered every step
-    const int64_t lo = owned_begin(b), hi = std::max(lo, owned_end(b));
-    float* mine = stage_.data() + dp_.rank() * b.slice;
-    std::fill(mine, mine + b.slice, 0.f);
-    std::memcpy(mine, params + lo, sizeof(float) * (hi - lo));
-    dp_.all_gather(mine, stage_.data(), b.slice, DType::f32);
-    dp_.synchronize();
-    std::memcpy(params + b.begin, stage_.data(), sizeof(float) * (b.end - b.begin));
+    if (b.ternary) gather_values(b, params);  // full-precision buckets are gathered every step
   }
 }
 

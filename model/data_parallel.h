@@ -75,6 +75,7 @@ class DataParallel {
 
  private:
   void exchange(int bucket, float* grads);
+  void gather_values(const Bucket& b, float* params);  // ZeRO-1: fp32 all-gather of one bucket
   int64_t owned_begin(const Bucket& b) const { return b.begin + dp_.rank() * b.slice; }
   int64_t owned_end(const Bucket& b) const;
 

@@ -9,6 +9,8 @@
 namespace peerless {
 
 std::vector<uint8_t> pack_ternary(const int8_t* codes, int64_t n);
+// Into caller memory of (n + 3) / 4 bytes (no allocation: used every step by ZeRO-1).
+void pack_ternary(const int8_t* codes, int64_t n, uint8_t* out);
 void unpack_ternary(const uint8_t* packed, int64_t n, int8_t* codes);
 
 }  // namespace peerless
