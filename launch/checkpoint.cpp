@@ -142,8 +142,77 @@ void write_config(hid_t file, const std::string& config_text) {
   }
 }
 
+// The checkpoint's flat buffer is the unsharded model's layout. A rank of an expert-parallel run
+// holds shard e of every PEER table (rows [e·R, (e+1)·R) in its own layout at the table's offset);
+// everything else sits one to one. These map pieces of a rank's flat buffer to the checkpoint's.
+struct Source {
+  int64_t global = 0, local = 0, count = 0;
+};
+
+// Offsets of every parameter in the unsharded layout.
+std::vector<int64_t> global_offsets(const Model& model) {
+  std::vector<int64_t> out;
+  int64_t at = 0;
+  for (const auto& p : model.layout().entries()) {
+    out.push_back(at);
+    at += is_peer_table(p) && model.experts_sharded() ? p.numel * model.expert_shard().shards : p.numel;
+  }
+  return out;
+}
+
+// The pieces of the local ranges `local` (of a rank holding table shard `shard`) that lie in dense
+// parameters (when `dense`) or in tables (when `tables`), mapped to the checkpoint's flat buffer;
+// runs contiguous on both sides are merged.
+std::vector<Source> to_global(const Model& model, int shard, const std::vector<Range>& local, bool dense, bool tables) {
+  const auto& entries = model.layout().entries();
+  const auto goff = global_offsets(model);
+  std::vector<Source> out;
+  for (const auto& [lo, hi] : local) {
+    auto it = std::lower_bound(entries.begin(), entries.end(), lo,
+                               [](const ParamInfo& p, int64_t x) { return p.offset + p.numel <= x; });
+    for (; it != entries.end() && it->offset < hi; ++it) {
+      const int64_t a = std::max(lo, it->offset), z = std::min(hi, it->offset + it->numel);
+      const bool table = model.experts_sharded() && is_peer_table(*it);
+      if (a >= z || (table ? !tables : !dense)) continue;
+      const int64_t g = goff[it - entries.begin()] + (table ? shard * it->numel : 0) + (a - it->offset);
+      if (!out.empty() && out.back().local + out.back().count == a && out.back().global + out.back().count == g)
+        out.back().count += z - a;
+      else
+        out.push_back({g, a, z - a});
+    }
+  }
+  return out;
+}
+
+// What writer w stores, in its own flat buffer. Without expert parallelism: the ZeRO-1 owners their
+// slices, else rank 0 everything. With it (ep = table shards): ZeRO-1: every rank its dense slices,
+// and the ranks of the first expert group (ranks 0..ep-1) their table rows; without ZeRO-1: rank 0
+// the dense parameters, ranks 0..ep-1 their table rows.
+int writer_count(const Model& model, const DataParallel& dp, int world) {
+  if (dp.zero1()) return world;
+  return model.experts_sharded() ? model.expert_shard().shards : 1;
+}
+std::vector<Source> writer_sources(const Model& model, const DataParallel& dp, int writer) {
+  const int64_t total = model.layout().total();
+  const int ep = model.expert_shard().shards;
+  const std::vector<Range> local = dp.zero1() ? dp.owned_by(writer) : std::vector<Range>{{0, total}};
+  const bool dense = dp.zero1() || writer == 0;
+  const bool tables = writer < ep;  // dp_rank 0: the first copy of every shard
+  return to_global(model, writer % ep, local, dense, tables);
+}
+
+// Position of local flat element `at` in the optimizer state (the owned ranges concatenated).
+int64_t state_position(const std::vector<Range>& owned, int64_t at) {
+  int64_t pos = 0;
+  for (const auto& [lo, hi] : owned) {
+    if (at >= lo && at < hi) return pos + (at - lo);
+    pos += hi - lo;
+  }
+  PL_FAIL(internal, "flat element ", at, " is not in this rank's optimizer state");
+}
+
 // Writer w's shard: its flat ranges of latent weights and moments; writer 0 adds codes and β.
-void write_shard(const fs::path& path, int writer, int writers, const std::vector<Range>& ranges, const Model& model,
+void write_shard(const fs::path& path, int writer, int writers, const std::vector<Source>& sources, const Model& model,
                  const float* params, AdamW& adam, int64_t step) {
   h5::Handle file = h5::create_file(path.string());
   h5::write_attr(file, "format", "peerless-checkpoint-shard");
@@ -151,22 +220,24 @@ void write_shard(const fs::path& path, int writer, int writers, const std::vecto
   h5::write_attr(file, "writer", static_cast<int64_t>(writer));
   h5::write_attr(file, "writers", static_cast<int64_t>(writers));
   h5::write_attr(file, "step", step);
-  std::vector<int64_t> flat_ranges;  // (2·ranges): begin, end pairs
+  std::vector<int64_t> flat_ranges;  // (2·ranges): begin, end pairs of the checkpoint's flat buffer
   int64_t n = 0;
-  for (const auto& [lo, hi] : ranges) flat_ranges.push_back(lo), flat_ranges.push_back(hi), n += hi - lo;
-  PL_ASSERT(n == adam.state_elements());
-  h5::write_1d(file, "ranges", std::span<const int64_t>(flat_ranges));
-  // The latent ranges go straight from the parameter buffer (no staging copy: fresh memory is
+  // The pieces go straight from the parameter and state buffers (no staging copy: fresh memory is
   // slow to touch, and the copy would cost as much as the write).
-  std::vector<h5::WritePiece> latent;
-  int64_t at = 0;
-  for (const auto& [lo, hi] : ranges) {
-    latent.push_back({params + lo, at, hi - lo});
-    at += hi - lo;
+  std::vector<h5::WritePiece> latent, m, v;
+  for (const auto& src : sources) {
+    flat_ranges.push_back(src.global), flat_ranges.push_back(src.global + src.count);
+    const int64_t state = state_position(adam.owned(), src.local);
+    PL_ASSERT(state_position(adam.owned(), src.local + src.count - 1) == state + src.count - 1);
+    latent.push_back({params + src.local, n, src.count});
+    m.push_back({adam.m().data() + state, n, src.count});
+    v.push_back({adam.v().data() + state, n, src.count});
+    n += src.count;
   }
+  h5::write_1d(file, "ranges", std::span<const int64_t>(flat_ranges));
   h5::write_1d_pieces(file, "latent", h5::Dtype::f32, n, latent, kChunk);
-  h5::write_1d(file, "adam_m", h5::Dtype::f32, adam.m().data(), n, kChunk);
-  h5::write_1d(file, "adam_v", h5::Dtype::f32, adam.v().data(), n, kChunk);
+  h5::write_1d_pieces(file, "adam_m", h5::Dtype::f32, n, m, kChunk);
+  h5::write_1d_pieces(file, "adam_v", h5::Dtype::f32, n, v, kChunk);
   if (writer != 0) return;
   const auto& entries = model.layout().entries();
   std::vector<uint8_t> codes;
@@ -181,8 +252,11 @@ void write_shard(const fs::path& path, int writer, int writers, const std::vecto
   h5::write_1d(file, "betas", std::span<const float>(model.betas()));
 }
 
-void write_index(const fs::path& path, const RunConfig& cfg, const std::string& config_text, const Model& model,
-                 const ShardPlan& plan, const TrainState& s, int world, bool zero1) {
+// `layout` is the unsharded model's (the checkpoint's tensors are whole); betas are per parameter
+// index, which sharding does not change.
+void write_index(const fs::path& path, const RunConfig& cfg, const std::string& config_text, const ParamLayout& layout,
+                 const std::vector<float>& betas, const ShardPlan& plan, const TrainState& s, int world, bool zero1,
+                 int expert_parallel) {
   h5::Handle file = h5::create_file(path.string());
   h5::write_attr(file, "format", "peerless-checkpoint");
   h5::write_attr(file, "format_version", kFormatVersion);
@@ -191,6 +265,7 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
   h5::write_attr(file, "writers", static_cast<int64_t>(plan.ranges.size()));
   h5::write_attr(file, "world", static_cast<int64_t>(world));
   h5::write_attr(file, "zero1", static_cast<int64_t>(zero1));
+  h5::write_attr(file, "expert_parallel", static_cast<int64_t>(expert_parallel));
   write_config(file, config_text);
   {
     h5::Handle g = h5::create_group(file, "state");
@@ -221,8 +296,8 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
     h5::write_attr(g, "algorithm", "counter-based: hash_keys(seed, step, sequence) for data order, "
                                    "hash_keys(seed, ...) for initialization and sampling; no other state");
   }
-  const auto pieces = map_tensor_pieces(model.layout(), plan);
-  const auto& entries = model.layout().entries();
+  const auto pieces = map_tensor_pieces(layout, plan);
+  const auto& entries = layout.entries();
   h5::Handle optim = h5::create_group(file, "optim");
   h5::write_attr(optim, "algorithm", cfg.optim.table_optimizer == "lazy_adam"
                                          ? "AdamW; PEER expert tables: lazy Adam (rows retrieved in a step only)"
@@ -259,7 +334,7 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
       h5::write_attr(ds, "numel", p.numel);
       h5::write_attr(ds, "dtype", "ternary2");
       h5::write_attr(ds, "encoding", "2-bit: 0b00=0, 0b01=+1, 0b10=-1, 4 per byte, low bits first");
-      h5::write_attr(g, "beta", static_cast<double>(model.betas()[idx]));  // float → double is exact
+      h5::write_attr(g, "beta", static_cast<double>(betas[idx]));  // float → double is exact
       code_offset += bytes;
     }
   }
@@ -281,12 +356,12 @@ void prune(const fs::path& root, int64_t keep, const fs::path& just_written) {
 
 }  // namespace
 
-ShardPlan make_shard_plan(const DataParallel& dp, int world, int64_t total) {
+ShardPlan make_shard_plan(const Model& model, const DataParallel& dp, int world) {
   ShardPlan plan;
-  if (dp.zero1()) {
-    for (int r = 0; r < world; ++r) plan.ranges.push_back(dp.owned_by(r));
-  } else {
-    plan.ranges.push_back({{0, total}});
+  for (int w = 0; w < writer_count(model, dp, world); ++w) {
+    std::vector<Range> ranges;
+    for (const auto& src : writer_sources(model, dp, w)) ranges.push_back({src.global, src.global + src.count});
+    plan.ranges.push_back(std::move(ranges));
   }
   return plan;
 }
@@ -343,7 +418,7 @@ CheckpointWriteStats write_checkpoint(const std::string& root_s, const RunConfig
   }
   comm.barrier();
 
-  const ShardPlan plan = make_shard_plan(dp, world, model.layout().total());
+  const ShardPlan plan = make_shard_plan(model, dp, world);
   const int writers = static_cast<int>(plan.ranges.size());
   std::vector<char> record(kRecord, 0);
   CheckpointWriteStats stats;
@@ -354,10 +429,9 @@ CheckpointWriteStats write_checkpoint(const std::string& root_s, const RunConfig
     return s;
   };
   if (rank < writers) {
-    PL_ASSERT(plan.ranges[rank] == adam.owned());
     const fs::path path = tmp / shard_name(rank);
     lap();
-    write_shard(path, rank, writers, plan.ranges[rank], model, params, adam, state.step);
+    write_shard(path, rank, writers, writer_sources(model, dp, rank), model, params, adam, state.step);
     stats.shard_s = lap();
     // The flush to disk and the SHA-256 (of the bytes as stored, read back from the page cache)
     // overlap: one waits on the disk, the other on the CPU.
@@ -399,7 +473,9 @@ CheckpointWriteStats write_checkpoint(const std::string& root_s, const RunConfig
       stats.bytes += bytes;
     }
     const fs::path index = tmp / "index.h5";
-    write_index(index, cfg, config_text, model, plan, state, world, dp.zero1());
+    const Model whole(model.config());  // the layout of the checkpoint's tensors
+    write_index(index, cfg, config_text, whole.layout(), model.betas(), plan, state, world, dp.zero1(),
+                model.expert_shard().shards);
     fsync_path(index, false);
     int64_t index_bytes = 0;
     const std::string index_sha = sha256_file(index.string(), &index_bytes);
@@ -568,15 +644,24 @@ void load_checkpoint_tensors(const std::string& dir, Model& model, float* params
   std::vector<int8_t>& codes = model.mutable_codes();
   std::vector<float>& betas = model.mutable_betas();
   std::vector<uint8_t> packed;
+  // A sharded table reads its rows of the whole table: the tensor offset of local element i is
+  // first + i (first = 0 for everything else).
+  const bool sharded = model.experts_sharded();
+  auto first_of = [&](const ParamInfo& p) -> int64_t {
+    return sharded && is_peer_table(p) ? model.expert_shard().shard * p.numel : 0;
+  };
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
     const std::string name = "model/" + p.name;
     PL_CHECK(h5::exists(file, name), data, path, " has no tensor /", name, " (a checkpoint of another model?)");
     h5::Handle ds = h5::open_dataset(file, name);
     const std::string shape = h5::read_string_attr(ds, "shape");
-    PL_CHECK(shape == shape_text(p.shape) && h5::dataset_info(file, name).length == p.numel, data, path, ":/", name,
-             " has shape (", shape, "), the model expects (", shape_text(p.shape), ")");
-    h5::read_1d_range(file, name, h5::Dtype::f32, 0, p.numel, params + p.offset);
+    std::vector<int64_t> whole_shape = p.shape;
+    if (sharded && is_peer_table(p)) whole_shape[0] *= model.expert_shard().shards;
+    const int64_t whole_numel = sharded && is_peer_table(p) ? p.numel * model.expert_shard().shards : p.numel;
+    PL_CHECK(shape == shape_text(whole_shape) && h5::dataset_info(file, name).length == whole_numel, data, path, ":/",
+             name, " has shape (", shape, "), the model expects (", shape_text(whole_shape), ")");
+    h5::read_1d_range(file, name, h5::Dtype::f32, first_of(p), p.numel, params + p.offset);
     if (p.kind == ParamKind::ternary_weight) {
       h5::Handle g = h5::open_group(file, "ternary/" + p.name);
       packed.resize(static_cast<size_t>((p.numel + 3) / 4));
@@ -593,10 +678,9 @@ void load_checkpoint_tensors(const std::string& dir, Model& model, float* params
     for (; it != entries.end() && it->offset < hi; ++it) {
       const int64_t a = std::max(lo, it->offset), z = std::min(hi, it->offset + it->numel);
       if (a >= z) continue;
-      h5::read_1d_range(file, "optim/adam_m/" + it->name, h5::Dtype::f32, a - it->offset, z - a,
-                        adam.m().data() + state + (a - lo));
-      h5::read_1d_range(file, "optim/adam_v/" + it->name, h5::Dtype::f32, a - it->offset, z - a,
-                        adam.v().data() + state + (a - lo));
+      const int64_t at = first_of(*it) + (a - it->offset);
+      h5::read_1d_range(file, "optim/adam_m/" + it->name, h5::Dtype::f32, at, z - a, adam.m().data() + state + (a - lo));
+      h5::read_1d_range(file, "optim/adam_v/" + it->name, h5::Dtype::f32, at, z - a, adam.v().data() + state + (a - lo));
     }
     state += hi - lo;
   }

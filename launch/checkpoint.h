@@ -45,12 +45,13 @@ struct TrainState {
   uint64_t data_hash = 0;    // content hash of the training data file
 };
 
-// Who writes what: writer w stores the flat ranges ranges[w] (sorted, disjoint, covering the
-// whole buffer together).
+// Who writes what: writer w stores the flat ranges ranges[w] of the checkpoint's flat buffer, which
+// is the unsharded model's layout (sorted, disjoint, covering the whole buffer together). Writers
+// are ranks 0..writers-1; with expert-parallel tables each writes its own rows at their global rows.
 struct ShardPlan {
   std::vector<std::vector<Range>> ranges;
 };
-ShardPlan make_shard_plan(const DataParallel& dp, int world, int64_t total);
+ShardPlan make_shard_plan(const Model& model, const DataParallel& dp, int world);
 
 // `count` elements starting at `tensor_offset` of a tensor are stored in writer `shard`'s
 // concatenated buffer at `shard_offset`.
@@ -103,7 +104,8 @@ std::vector<std::string> compare_configs(const std::string& saved_text, const st
                                          const std::string& origin);
 
 // Reads the whole latent weights into params (layout().total()), the stored ternary codes and β
-// into the model, and the AdamW moments of adam.owned() (any ZeRO-1 plan, any world size).
+// into the model, and the AdamW moments of adam.owned() (any ZeRO-1 plan, any world size, any
+// expert-parallel size: a sharded model reads its rows of each table).
 void load_checkpoint_tensors(const std::string& dir, Model& model, float* params, AdamW& adam);
 
 }  // namespace peerless

@@ -44,7 +44,7 @@ struct ParallelSection {
   bool zero1 = false;            // shard fp32 latent weights' optimizer state over data-parallel ranks
   int64_t bucket_mb = 16;        // gradient exchange bucket size (MiB of fp32)
   double timeout_s = 300;        // a collective not done within this aborts the job (0 = never)
-  int64_t expert_parallel = 1;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
+  int64_t expert_parallel = 0;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
 };
 
 struct CheckpointSection {

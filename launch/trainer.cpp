@@ -163,6 +163,46 @@ std::string broadcast_string(Comm& comm, std::string text) {
   return text;
 }
 
+// The unsharded model from the shards of one expert-parallel group (collective over `ep`): rank 0
+// of the group gets every parameter in `whole_params` (the others only pass their rows through).
+// Dense parameters, codes and β are this rank's (identical on every rank); each table is assembled
+// with one broadcast per shard, so no rank but the first holds more than its own rows extra.
+std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<float>& params, Comm& ep,
+                                          std::vector<float>& whole_params) {
+  auto whole = std::make_unique<Model>(model.config());
+  const bool root = ep.rank() == 0;
+  if (root) {
+    whole_params.assign(whole->layout().total(), 0.f);
+    Model::copy_dense_params(model, params.data(), *whole, whole_params.data());
+    if (!model.codes().empty()) {
+      std::vector<int8_t>& codes = whole->mutable_codes();
+      const auto& from = model.layout().entries();
+      const auto& to = whole->layout().entries();
+      for (size_t i = 0; i < from.size(); ++i)
+        if (!is_peer_table(from[i]))
+          std::copy_n(model.codes().data() + from[i].offset, from[i].numel, codes.data() + to[i].offset);
+    }
+    whole->mutable_betas() = model.betas();
+  }
+  std::vector<float> scratch;
+  for (const auto& p : model.layout().entries()) {
+    if (!is_peer_table(p)) continue;
+    const int64_t n = p.numel;
+    const ParamInfo& q = whole->layout().at(whole->layout().find(p.name));
+    for (int r = 0; r < ep.size(); ++r) {
+      float* buf = nullptr;
+      if (root) {
+        buf = whole_params.data() + q.offset + r * n;
+        if (r == 0) std::copy_n(params.data() + p.offset, n, buf);
+      }
+      else if (r == ep.rank()) buf = const_cast<float*>(params.data()) + p.offset;  // sent, unchanged
+      else buf = (scratch.resize(n), scratch.data());
+      ep.broadcast(buf, n, DType::f32, r);
+    }
+  }
+  return whole;
+}
+
 }  // namespace
 
 std::string describe_model(const Model& model, const RunConfig& cfg, int world) {
@@ -173,7 +213,12 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
   // byte per element each, the PEER tables included).
   const double grads = latent, codes = static_cast<double>(layout.total());
   const double flags = static_cast<double>(layout.total());
-  const double adam = 2 * latent / (cfg.parallel.zero1 ? world : 1);
+  // Sharded PEER tables are never cut by ZeRO-1 (their state is sharded with the rows already).
+  double sharded_tables = 0;
+  if (model.experts_sharded())
+    for (const auto& p : layout.entries())
+      if (is_peer_table(p)) sharded_tables += 4.0 * static_cast<double>(p.numel);
+  const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
   const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
   std::ostringstream os;
@@ -191,19 +236,22 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
      << cfg.data.seq_len << ")\n";
   // PEER bookkeeping per layer and expert: fp64 retrieval counts of the logging window, and with
   // lazy Adam one touched flag.
-  const double peer_counters = static_cast<double>(model.n_peer_layers() * model.peer_experts()) *
-                               (8.0 + (cfg.optim.table_optimizer == "lazy_adam" ? 1.0 : 0.0));
+  const double peer_counters =
+      static_cast<double>(model.n_peer_layers()) *
+      (8.0 * static_cast<double>(model.peer_experts()) +
+       (cfg.optim.table_optimizer == "lazy_adam" ? static_cast<double>(model.peer_table_rows()) : 0.0));
   os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters)
      << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
                            : std::string())
      << "\n";
   if (model.n_peer_layers() > 0) {
-    // PEER tables are replicated on every rank today (no expert-parallel sharding yet): per rank =
-    // the full tables. Weights, dense gradients and the two AdamW moments are fp32 each.
+    // Per rank: this rank's rows of every table (all rows when replicated). Weights, dense
+    // gradients and the two AdamW moments are fp32 each; ZeRO-1 cuts only replicated tables.
     const auto& b = model.peer_blocks();
     const ParamInfo& t = layout.at(layout.find(cat("blocks/", b[0], "/peer/table")));
     const double table = 4.0 * static_cast<double>(t.numel) * model.n_peer_layers();
-    const double peer_adam = 2 * table / (cfg.parallel.zero1 ? world : 1);
+    const ExpertShard& es = model.expert_shard();
+    const double peer_adam = 2 * table / (cfg.parallel.zero1 && !model.experts_sharded() ? world : 1);
     const PeerLayerShape ps = model.peer_shape(0);
     const double peer_acts = tokens * model.n_peer_layers() *
                              (4.0 * 2 * static_cast<double>(ps.channels()) + 16.0 * static_cast<double>(ps.heads * ps.k));
@@ -211,17 +259,21 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
        << human_count(model.peer_experts()) << " experts, h " << ps.heads << ", k " << ps.k << ", d_k " << ps.key_dim
        << "; tables per rank: weights " << human_bytes(table) << ", gradients " << human_bytes(table)
        << ", AdamW moments " << human_bytes(peer_adam) << ", PEER activations " << human_bytes(peer_acts)
-       << " (replicated: expert-parallel sharding is not implemented yet)\n";
+       << (model.experts_sharded()
+               ? cat(" (sharded by rows over ", es.shards, " ranks: this rank holds rows [",
+                     es.first_row(model.peer_experts()), ", ", es.first_row(model.peer_experts()) + model.peer_table_rows(), "))")
+               : std::string(" (replicated)"))
+       << "\n";
     os << "  PEER tables per rank (weights + gradients + AdamW moments): " << human_bytes(2 * table + peer_adam)
        << " = " << static_cast<int64_t>(2 * table + peer_adam) << " bytes; optimizer "
        << cfg.optim.table_optimizer << ", table lr scale " << cfg.optim.table_lr_scale << "\n";
     // The reference point, independent of this config: one PEER layer at d = 1024,
     // N = 1024² (rows [u | v] of 2d floats) on 8 ranks.
     const double rows = 1024.0 * 1024.0, width = 2 * 1024.0, w = 4.0 * rows * width;
-    os << "  PEER reference (d 1024, N 1024^2, 8 ranks), per rank per layer: today (replicated) weights "
+    os << "  PEER reference (d 1024, N 1024^2, 8 ranks), per rank per layer: replicated: weights "
        << human_bytes(w) << " + gradients " << human_bytes(w) << " + AdamW " << human_bytes(2 * w) << " = "
-       << human_bytes(4 * w) << "; sharded by rows over 8 ranks (not implemented yet) " << human_bytes(4 * w / 8)
-       << "\n";
+       << human_bytes(4 * w) << "; sharded by rows over 8 ranks (parallel.expert_parallel = 8): "
+       << human_bytes(4 * w / 8) << "\n";
   }
   return os.str();
 }
@@ -237,7 +289,20 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
   ForwardContext ctx;
   ctx.peer_mode = PeerNormMode::eval;  // PEER query BatchNorm: running statistics
   std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
-  for (int64_t first = lo; first < hi; first += batch) {
+  // Sharded expert tables make every forward collective over the expert group: then every rank
+  // runs as many forwards as the rank with the most windows, the extra ones on window 0, uncounted.
+  int64_t iterations = (hi - lo + batch - 1) / batch;
+  if (comm && model.experts_sharded()) {
+    const int64_t most = (windows.count() + world - 1) / world;
+    iterations = (most + batch - 1) / batch;
+  }
+  for (int64_t i = 0; i < iterations; ++i) {
+    const int64_t first = lo + i * batch;
+    if (first >= hi) {
+      windows.fill(0, 1, inputs.data(), targets.data());
+      model.forward(params, inputs.data(), targets.data(), 1, seq_len, ctx);
+      continue;
+    }
     const int64_t n = std::min(batch, hi - first);
     windows.fill(first, n, inputs.data(), targets.data());
     sums[0] += model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
@@ -321,7 +386,17 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   cfg.bind(schema);
   const std::string config_text = schema.to_toml();
 
-  Model model(cfg.model);
+  // Expert parallelism: the PEER tables are sharded by rows over groups of ep_size consecutive
+  // ranks (model/expert_parallel.h); `replicas` joins the ranks holding the same rows.
+  const bool shard_experts = topology.ep_size > 1 && !cfg.model.peer_block_list().empty();
+  std::unique_ptr<Comm> ep_comm, replicas;
+  if (shard_experts && !options.dry_run) {
+    ep_comm = comm.split(topology.dp_rank, topology.ep_rank);
+    replicas = comm.split(topology.ep_rank, topology.dp_rank);
+  }
+  const ExpertShard shard = shard_experts ? ExpertShard{topology.ep_size, topology.ep_rank} : ExpertShard{};
+  Model model(cfg.model, shard);
+  model.set_expert_comm(ep_comm.get());
   if (lead) std::printf("%s%s\n", describe_model(model, cfg, world).c_str(), data_note.c_str());
   if (lead && world > 1) std::printf("%s\n", topology.describe().c_str());
   if (options.dry_run) {
@@ -365,7 +440,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   std::vector<float> params(total), grads(total);
   model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
   model.refresh_ternary(params.data());
-  DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20);
+  DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20, replicas.get(), ep_comm.get());
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
   loader.seek({static_cast<uint64_t>(cfg.run.seed), 1});
@@ -435,7 +510,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   // Lazy Adam: the expert-table rows retrieved in this step anywhere in the global batch, (n_peer, N).
   std::vector<uint8_t> touched;
   if (adam.lazy_tables()) {
-    PL_ASSERT(adam.table_rows() == n_peer * model.peer_experts());
+    PL_ASSERT(adam.table_rows() == n_peer * model.peer_table_rows());
     touched.assign(adam.table_rows(), 0);
   }
   for (int64_t step = start_step + 1; step <= cfg.train.max_steps; ++step) {
@@ -458,9 +533,11 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       loss_sum += loss;
     }
     dp.finish_gradients(grads.data());
-    // A row is touched if any rank retrieved it: the union of the flags (N bytes per layer).
-    if (!touched.empty() && world > 1)
-      comm.all_reduce(touched.data(), static_cast<int64_t>(touched.size()), DType::u8, ReduceOp::max);
+    // A row is touched if any rank retrieved it: the union of the flags (N bytes per layer). With
+    // sharded tables the owner already has its group's union; the replicas of its rows add theirs.
+    Comm& touch_comm = replicas ? *replicas : comm;
+    if (!touched.empty() && touch_comm.size() > 1)
+      touch_comm.all_reduce(touched.data(), static_cast<int64_t>(touched.size()), DType::u8, ReduceOp::max);
     // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches.
     if (n_peer > 0) model.update_buffers(params.data(), grads.data(), A * world, dp.owned());
     comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
@@ -577,6 +654,13 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const EvalResult final_eval = evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B, &comm);
   dp.gather_full_params(params.data());  // ZeRO-1: rank 0 needs every latent weight to save the model
   PL_CHECK(std::isfinite(final_eval.mean_loss), numeric, "the final validation loss is ", final_eval.mean_loss);
+  // Sharded tables: rank 0 assembles the unsharded model (its group's shards; the other groups hold
+  // the same rows) to save it and to sample from it.
+  std::unique_ptr<Model> whole;
+  std::vector<float> whole_params;
+  if (model.experts_sharded() && topology.dp_rank == 0) whole = assemble_unsharded(model, params, *ep_comm, whole_params);
+  const Model& out_model = whole ? *whole : model;
+  const float* out_params = whole ? whole_params.data() : params.data();
   if (lead) {
     std::fputs(metrics_line(last_step, tokens_seen, final_eval.mean_loss, learning_rate(cfg.optim, last_step, cfg.train.max_steps),
                             0.0, static_cast<double>((last_step - start_step) * G * T) / train_seconds,
@@ -584,7 +668,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                    .c_str(),
                metrics);
     std::fclose(metrics);
-    save_model_file((run_dir / "model.h5").string(), model, params.data(), config_text, last_step, tokens_seen);
+    save_model_file((run_dir / "model.h5").string(), out_model, out_params, config_text, last_step, tokens_seen);
     const int64_t session_tokens = (last_step - start_step) * G * T;  // trained by this process
     std::printf("trained %lld steps (%s tokens) in %s, %.0f tokens/s\n", static_cast<long long>(last_step),
                 human_count(tokens_seen).c_str(), human_duration(train_seconds).c_str(),
@@ -595,7 +679,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       const Tokenizer& tok = data->tokenizer();
       std::vector<int32_t> prompt = tok.encode(cfg.train.sample_prompt.empty() ? "\n" : cfg.train.sample_prompt);
       if (prompt.empty()) prompt.push_back(0);
-      const auto ids = sample_tokens(model, params.data(), prompt, cfg.train.sample_tokens,
+      const auto ids = sample_tokens(out_model, out_params, prompt, cfg.train.sample_tokens,
                                      cfg.train.sample_temperature, 0, static_cast<uint64_t>(cfg.run.seed));
       write_text_file(run_dir / "samples.txt", tok.decode(ids) + "\n");
     }

@@ -22,8 +22,9 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
   const bool quantized = model.config().quant == "ternary";
   const int64_t cap = std::max<int64_t>(kAlign, round_up(bucket_bytes / 4, kAlign));
   const int W = world;
+  const bool sharded = model.experts_sharded();
   // Walk parameters in backward order (reverse layout), closing a bucket when it is full or the
-  // class (ternary / full precision) changes; split parameters larger than one bucket.
+  // class (ternary / full precision / sharded table) changes; split parameters larger than one bucket.
   Bucket cur;
   bool open = false;
   auto close = [&]() {
@@ -36,8 +37,9 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
   for (int idx = static_cast<int>(entries.size()) - 1; idx >= 0; --idx) {
     const ParamInfo& p = entries[idx];
     const bool ternary = quantized && p.kind == ParamKind::ternary_weight;
+    const bool expert = sharded && is_peer_table(p);
     const int64_t p_end = round_up(p.offset + p.numel, kAlign);
-    if (open && (cur.ternary != ternary || cur.end - p.offset > cap)) close();
+    if (open && (cur.ternary != ternary || cur.expert != expert || cur.end - p.offset > cap)) close();
     int64_t hi = p_end;
     // Pieces of at most `cap` elements, taken from the end (backward order within the tensor is
     // irrelevant: the whole gradient is final at once).
@@ -47,6 +49,7 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
       piece.begin = hi - cap;
       piece.end = hi;
       piece.ternary = ternary;
+      piece.expert = expert;
       piece.params = {idx};
       piece.slice = round_up((cap + W - 1) / W, kAlign);
       buckets.push_back(piece);
@@ -55,6 +58,7 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
     if (!open) {
       cur.end = hi;
       cur.ternary = ternary;
+      cur.expert = expert;
       open = true;
     }
     cur.begin = p.offset;
@@ -64,8 +68,11 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
   return buckets;
 }
 
-DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes)
-    : model_(model), dp_(dp), zero1_(zero1) {
+DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes, Comm* replicas,
+                           Comm* expert_group)
+    : model_(model), dp_(dp), replicas_(replicas), expert_group_(expert_group), zero1_(zero1) {
+  PL_CHECK(!model.experts_sharded() || (replicas && expert_group), internal,
+           "a model with sharded expert tables needs the replica and expert-group communicators");
   const auto& entries = model.layout().entries();
   const int W = dp.size();
   buckets_ = plan_buckets(model, W, bucket_bytes);
@@ -92,6 +99,10 @@ std::vector<Range> DataParallel::owned_ranges(const std::vector<Bucket>& buckets
   PL_CHECK(rank >= 0 && rank < world, internal, "rank ", rank, " outside world ", world);
   std::vector<Range> r;
   for (const auto& b : buckets) {
+    if (b.expert) {  // sharded tables: every holder of the rows updates them
+      r.push_back({b.begin, b.end});
+      continue;
+    }
     const int64_t lo = b.begin + rank * b.slice, hi = std::min(b.end, b.begin + (rank + 1) * b.slice);
     if (lo < hi) r.push_back({lo, hi});
   }
@@ -110,6 +121,10 @@ DataParallel::Traffic DataParallel::traffic() const {
   Traffic t;
   const int W = dp_.size();
   for (const auto& b : buckets_) {
+    if (b.expert) {
+      if (replicas_->size() > 1) t.grad_bytes += 4.0 * static_cast<double>(b.end - b.begin);
+      continue;
+    }
     const double n = static_cast<double>(zero1_ ? W * b.slice : b.end - b.begin);
     t.grad_bytes += 4 * n;
     if (zero1_) t.gather_bytes += b.ternary ? n / 4 : 4 * n;
@@ -142,6 +157,10 @@ void DataParallel::exchange(int bucket, float* grads) {
   started_[bucket] = 1;
   const Bucket& b = buckets_[bucket];
   const int W = dp_.size();
+  if (b.expert) {
+    if (replicas_->size() > 1) replicas_->all_reduce(grads + b.begin, b.end - b.begin, DType::f32, ReduceOp::sum);
+    return;
+  }
   if (W == 1) return;
   if (!zero1_) {
     dp_.all_reduce(grads + b.begin, b.end - b.begin, DType::f32, ReduceOp::sum);
@@ -158,13 +177,22 @@ void DataParallel::exchange(int bucket, float* grads) {
 }
 
 double DataParallel::grad_norm(const float* grads) {
-  double sq = 0;
+  double sq = 0, sq_expert = 0;  // replicated (or ZeRO-1 sliced) parameters, sharded tables
+  for (const auto& b : buckets_) {
+    if (b.expert) {
+      const double n = grad_norm_l2(grads + b.begin, b.end - b.begin);
+      sq_expert += n * n;
+    }
+  }
   for (const auto& [lo, hi] : owned()) {
     const double n = grad_norm_l2(grads + lo, hi - lo);
     sq += n * n;
   }
+  sq -= sq_expert;  // owned() includes the tables; counted apart below
   if (zero1_ && dp_.size() > 1) dp_.all_reduce(&sq, 1, DType::f64, ReduceOp::sum);
-  return std::sqrt(sq);
+  if (expert_group_ && expert_group_->size() > 1)
+    expert_group_->all_reduce(&sq_expert, 1, DType::f64, ReduceOp::sum);
+  return std::sqrt(std::max(0.0, sq) + sq_expert);
 }
 
 void DataParallel::scale_gradients(float* grads, float factor) {
@@ -207,6 +235,7 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
     if (entries[idx].kind == ParamKind::ternary_weight) betas[idx] = ternary_beta(abs_sums[idx], entries[idx].numel);
 
   for (const auto& b : buckets_) {
+    if (b.expert) continue;  // every holder updated its rows itself
     const int64_t lo = owned_begin(b), hi = std::max(lo, owned_end(b));
     if (b.ternary) {
       // Codes of our slice (0 in padding between tensors and past the bucket), packed, gathered.

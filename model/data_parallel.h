@@ -15,6 +15,12 @@
 // The latent fp32 weights of ternary tensors outside a rank's slices are then stale on that rank;
 // the forward never reads them (it uses codes and β), and gather_full_params() fetches them when
 // a full copy is needed (saving the model).
+//
+// Expert parallelism (Model::experts_sharded()): each PEER table holds this rank's rows only. The
+// tables get buckets of their own ("expert" buckets), all-reduced over `replicas` (the ranks holding
+// the same rows: equal ep_rank) instead of over all ranks, never cut by ZeRO-1 (the table's
+// optimizer state is already sharded with the table), and their squares in the gradient norm are
+// summed over `expert_group` (one copy of every row).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +39,7 @@ class DataParallel {
   struct Bucket {
     int64_t begin = 0, end = 0;  // [begin, end) of the flat buffers
     bool ternary = false;        // codes are gathered instead of fp32 values (ZeRO-1)
+    bool expert = false;         // a sharded PEER table: reduced over the replicas, owned whole
     int64_t slice = 0;           // ZeRO-1 elements per rank (multiple of 16); dp_size·slice ≥ end − begin
     std::vector<int> params;     // parameter indices overlapping the bucket
   };
@@ -43,7 +50,9 @@ class DataParallel {
     double bf16_gather_bytes = 0; // the same gather if it carried bf16 weights
   };
 
-  DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes);
+  // replicas and expert_group are needed when the model's tables are sharded (else ignored).
+  DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes, Comm* replicas = nullptr,
+               Comm* expert_group = nullptr);
 
   // The bucket plan for `world` ranks and the ranges rank `rank` owns under it: pure functions of
   // their arguments, so a checkpoint can name every rank's shard and tests can check any
@@ -81,6 +90,8 @@ class DataParallel {
 
   const Model& model_;
   Comm& dp_;
+  Comm* replicas_ = nullptr;
+  Comm* expert_group_ = nullptr;
   bool zero1_;
   std::vector<Bucket> buckets_;
   std::vector<std::vector<int>> param_buckets_;  // param index → buckets it overlaps

@@ -33,8 +33,10 @@ void add_into(float* dst, const float* src, int64_t n) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& config) : config_(config) {
+Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), shard_(shard) {
   PL_CHECK(config.vocab_size > 0, config, "model.vocab_size must be resolved before building the model");
+  PL_CHECK(shard.shards >= 1 && shard.shard >= 0 && shard.shard < shard.shards, internal, "expert shard ",
+           shard.shard, " of ", shard.shards);
   inter_ = config.glu_width();
   gate_form_ = config.gate_form == "paper" ? GateForm::paper : GateForm::code;
   glu_act_ = config.glu_activation == "relu2" ? GluActivation::relu2 : GluActivation::silu;
@@ -79,7 +81,9 @@ Model::Model(const ModelConfig& config) : config_(config) {
       if (ps.keys == PeerKeySharing::per_head) key_shape = {ps.heads, ps.n_sub, half};
       b.peer_keys1 = layout_.add(p + "peer/sub_keys1", key_shape, ParamKind::full_weight);
       b.peer_keys2 = layout_.add(p + "peer/sub_keys2", key_shape, ParamKind::full_weight);
-      b.peer_table = layout_.add(p + "peer/table", {peer_experts(), 2 * d}, ParamKind::full_weight);
+      PL_CHECK(peer_experts() % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
+               " must divide the number of experts N = model.peer_n_sub² = ", peer_experts());
+      b.peer_table = layout_.add(p + "peer/table", {peer_table_rows(), 2 * d}, ParamKind::full_weight);
     }
     blocks_.push_back(b);
   }
@@ -150,9 +154,15 @@ void Model::init_params(float* params, uint64_t seed) const {
     fill(b.peer_keys2, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
     const double u_std = 1.0 / std::sqrt(static_cast<double>(d));
     const double v_std = config_.init_std / std::sqrt(2.0 * static_cast<double>(L));
-    fill(b.peer_table, [&](Rng& r, int64_t i) {
-      return static_cast<float>(r.normal() * ((i % (2 * d)) < d ? u_std : v_std));
-    });
+    // One stream per global row, so the shards of a sharded table equal the unsharded table.
+    const ParamInfo& t = layout_.at(b.peer_table);
+    const int64_t first = shard_.first_row(peer_experts());
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < t.shape[0]; ++row) {
+      Rng rng(hash_keys(seed, 0x9EE3, b.peer_table, first + row));
+      float* w = params + t.offset + row * 2 * d;
+      for (int64_t c = 0; c < 2 * d; ++c) w[c] = static_cast<float>(rng.normal() * (c < d ? u_std : v_std));
+    }
   }
 }
 
@@ -181,11 +191,27 @@ void Model::add_expert_counts(const ForwardContext& ctx, std::vector<double>& co
 }
 
 void Model::mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const {
-  const int64_t N = peer_experts();
+  const int64_t R = peer_table_rows();
   for (const auto& b : blocks_) {
     if (b.peer < 0) continue;
-    uint8_t* t = touched + b.peer * N;
-    for (int32_t id : ctx.blocks[peer_blocks_[b.peer]].peer.ids) t[id] = 1;
+    uint8_t* t = touched + b.peer * R;
+    const BlockCache& c = ctx.blocks[peer_blocks_[b.peer]];
+    if (experts_sharded()) {
+      c.peer_ep->mark_rows(t);
+      continue;
+    }
+    for (int32_t id : c.peer.ids) t[id] = 1;
+  }
+}
+
+void Model::copy_dense_params(const Model& from, const float* src, const Model& to, float* dst) {
+  const auto& a = from.layout().entries();
+  const auto& b = to.layout().entries();
+  PL_CHECK(a.size() == b.size(), internal, "copy_dense_params: layouts of different models");
+  for (size_t i = 0; i < a.size(); ++i) {
+    PL_CHECK(a[i].name == b[i].name, internal, "copy_dense_params: ", a[i].name, " vs ", b[i].name);
+    if (is_peer_table(a[i])) continue;
+    std::copy(src + a[i].offset, src + a[i].offset + a[i].numel, dst + b[i].offset);
   }
 }
 
@@ -387,8 +413,13 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
         mean = c.peer_batch_mean.data();
         var = c.peer_batch_var.data();
       }
-      c.peer = peer_layer_forward_cpu(ps, ctx.peer_mode, peer_params(layout_, b, params, mean, var), c.xn2.data(),
-                                      tmp.data());
+      const auto pp = peer_params(layout_, b, params, mean, var);
+      if (experts_sharded()) {
+        PL_CHECK(ep_comm_ != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
+        if (!c.peer_ep) c.peer_ep = std::make_shared<ShardedPeerExperts>(*ep_comm_, peer_experts());
+        c.peer_ep->set_table(pp.table);
+      }
+      c.peer = peer_layer_forward_cpu(ps, ctx.peer_mode, pp, c.xn2.data(), tmp.data(), c.peer_ep.get());
       add_into(x.data(), tmp.data(), M * d);
       continue;
     }
@@ -458,8 +489,10 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
       pg.table = &sg;
       const auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
                                   buffer_ptr(layout_, params, b.peer_bn_var));
-      peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx.data(), t0.data(), pg);
-      peer_sparse_grad_scatter_add_cpu(sg, grads + layout_.at(b.peer_table).offset);
+      peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx.data(), t0.data(), pg, c.peer_ep.get());
+      // Sharded: the gradient of this rank's rows, from every token of the group that retrieved them.
+      peer_sparse_grad_scatter_add_cpu(c.peer_ep ? c.peer_ep->table_grad() : sg,
+                                       grads + layout_.at(b.peer_table).offset);
       if (c.peer.mode == PeerNormMode::train) {
         add_into(grads + layout_.at(b.peer_bn_mean).offset, c.peer_batch_mean.data(), ps.channels());
         add_into(grads + layout_.at(b.peer_bn_var).offset, c.peer_batch_var.data(), ps.channels());
@@ -512,6 +545,7 @@ void Model::decode_reset(DecodeState& state) const {
 }
 
 void Model::decode_step(const float* params, int32_t token, DecodeState& state) const {
+  PL_CHECK(!experts_sharded(), internal, "decode_step needs the whole expert tables (an unsharded model)");
   const int64_t d = config_.d_model, I = inter_, L = config_.n_layers;
   PL_CHECK(token >= 0 && token < config_.vocab_size, data, "token id ", token, " is outside the vocabulary [0, ",
            config_.vocab_size, ")");

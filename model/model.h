@@ -10,8 +10,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
+#include "model/expert_parallel.h"
 #include "model/model_config.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
@@ -55,6 +57,7 @@ struct BlockCache {
   // (added into the gradient buffer at the running-statistics buffers by backward, see update_buffers).
   PeerLayerContext<float> peer;
   std::vector<float> peer_batch_mean, peer_batch_var;  // (heads·key_dim)
+  std::shared_ptr<ShardedPeerExperts> peer_ep;  // the expert exchange, when the table is sharded
 };
 
 // Everything forward() produced that backward() needs. Reused across steps (buffers only grow).
@@ -80,7 +83,16 @@ struct ForwardContext {
 
 class Model {
  public:
-  explicit Model(const ModelConfig& config);  // config.vocab_size must be resolved (> 0)
+  // config.vocab_size must be resolved (> 0). With shard.shards > 1 each PEER table holds only this
+  // rank's rows (N/P, 2d) and forward/backward exchange entries over the expert-parallel group
+  // given to set_expert_comm() (collective over it; see model/expert_parallel.h).
+  explicit Model(const ModelConfig& config, ExpertShard shard = {});
+  const ExpertShard& expert_shard() const { return shard_; }
+  bool experts_sharded() const { return shard_.shards > 1; }
+  void set_expert_comm(Comm* ep) { ep_comm_ = ep; }
+  // Copies one rank's parameters into another layout of the same model (e.g. a sharded rank's into
+  // the unsharded one): every parameter but the expert tables, which the caller assembles.
+  static void copy_dense_params(const Model& from, const float* src, const Model& to, float* dst);
 
   const ModelConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
@@ -121,12 +133,14 @@ class Model {
   int n_peer_layers() const { return static_cast<int>(peer_blocks_.size()); }
   const std::vector<int64_t>& peer_blocks() const { return peer_blocks_; }
   int64_t peer_experts() const { return config_.peer_n_sub * config_.peer_n_sub; }
+  int64_t peer_table_rows() const { return shard_.rows(peer_experts()); }  // rows held by this rank
   PeerLayerShape peer_shape(int64_t tokens) const;
   // Adds the retrieval counts of the last forward to counts (n_peer_layers(), N): how often each
   // expert was selected (over all heads and tokens).
   void add_expert_counts(const ForwardContext& ctx, std::vector<double>& counts) const;
-  // Sets touched[layer · N + id] = 1 for every expert the last forward retrieved (touched:
-  // (n_peer_layers(), N), PEER layers in block order, which is also their layout order).
+  // Sets touched[layer · R + row] = 1 for every row of this rank's tables (R = peer_table_rows())
+  // that the last forward retrieved (touched: (n_peer_layers(), R), PEER layers in block order,
+  // which is also their layout order). Sharded: rows retrieved by any rank of the group.
   void mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const;
 
   // Buffers (ParamKind::buffer: the PEER BatchNorm running statistics). A train-mode backward adds
@@ -146,6 +160,8 @@ class Model {
                        const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
 
   ModelConfig config_;
+  ExpertShard shard_;
+  Comm* ep_comm_ = nullptr;
   int64_t inter_ = 0;
   GateForm gate_form_ = GateForm::code;
   GluActivation glu_act_ = GluActivation::silu;

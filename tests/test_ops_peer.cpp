@@ -350,6 +350,91 @@ TEST_P(peer_experts, float_matches_double_and_stays_in_bounds) {
 // SPEC §3: with k = 1 the softmax over one score is exactly 1, and if every token retrieves the same
 // expert e_h in head h, PEER is an MLP with h hidden neurons: out = Σ_h σ(u_{e_h}ᵀx) v_{e_h}.
 // A repeated expert (two heads, one neuron) counts twice, in the output and in its gradient.
+// Expert parallelism's view of the op: the table cut into P row shards, each owner running the
+// gated form on the entries of its rows (ragged per token, gates from the sender's softmax), the
+// partial outputs / dx summed in owner order, dgates back through the softmax. P = 1 is the dense
+// op bit for bit; P > 1 only reorders float sums (relative 1e-5), and the table gradients of the
+// shards are exactly the rows the dense op lists.
+TEST_P(peer_experts, gated_shards_sum_to_the_dense_op) {
+  const PeerExpertsShape s{21, 16, 3, 4, 48, GetParam()};
+  const int64_t hk = s.heads * s.k, d = s.dim, T = s.tokens;
+  const ExpertsData e = make_experts(s, 77);
+  const auto x = to_float(e.x), scores = to_float(e.scores), table = to_float(e.table);
+  std::mt19937_64 rng(5);
+  const auto dy = to_float(normal(rng, T * d));
+  std::vector<float> out(T * d), gates(T * hk), pre(T * hk), dx(T * d), ds(T * hk);
+  PeerSparseGrad<float> dt;
+  peer_experts_forward_cpu(s, x.data(), e.ids.data(), scores.data(), table.data(), out.data(),
+                           {gates.data(), pre.data()});
+  peer_experts_backward_cpu(s, x.data(), e.ids.data(), table.data(), gates.data(), pre.data(), dy.data(), dx.data(),
+                            ds.data(), dt);
+  std::vector<float> dense_dt(s.n_experts * 2 * d, 0.f);
+  peer_sparse_grad_scatter_add_cpu(dt, dense_dt.data());
+
+  for (int64_t P : {1, 2, 3, 4}) {
+    const int64_t rows = s.n_experts / P;
+    std::vector<float> g(T * hk), o_sum(T * d, 0.f), dx_sum(T * d, 0.f), dg(T * hk), ds2(T * hk);
+    std::vector<float> dt_sum(s.n_experts * 2 * d, 0.f);
+    std::vector<int32_t> listed;
+    peer_softmax_gates_cpu(T * s.heads, s.k, scores.data(), g.data());
+    for (int64_t o = 0; o < P; ++o) {
+      // The owner's ragged lists: tokens with at least one entry in its rows.
+      std::vector<int64_t> offsets{0}, entry;
+      std::vector<int32_t> tok, local;
+      std::vector<float> gate, xs, dys;
+      for (int64_t t = 0; t < T; ++t) {
+        const size_t before = entry.size();
+        for (int64_t j = 0; j < hk; ++j)
+          if (e.ids[t * hk + j] / rows == o) {
+            entry.push_back(t * hk + j);
+            local.push_back(static_cast<int32_t>(e.ids[t * hk + j] - o * rows));
+            gate.push_back(g[t * hk + j]);
+          }
+        if (entry.size() == before) continue;
+        tok.push_back(static_cast<int32_t>(t));
+        offsets.push_back(static_cast<int64_t>(entry.size()));
+        xs.insert(xs.end(), x.begin() + t * d, x.begin() + (t + 1) * d);
+        dys.insert(dys.end(), dy.begin() + t * d, dy.begin() + (t + 1) * d);
+      }
+      const int64_t R = static_cast<int64_t>(tok.size());
+      const PeerGatedShape gs{R, d, rows, s.act};
+      std::vector<float> part(R * d), pa(entry.size()), dxp(R * d), dgp(entry.size());
+      const float* shard = table.data() + o * rows * 2 * d;
+      peer_experts_gated_forward_cpu(gs, xs.data(), offsets.data(), local.data(), gate.data(), shard, part.data(),
+                                     pa.data());
+      PeerSparseGrad<float> sg;
+      peer_experts_gated_backward_cpu(gs, xs.data(), offsets.data(), local.data(), gate.data(), pa.data(), shard,
+                                      dys.data(), dxp.data(), dgp.data(), sg);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < d; ++c) {
+          o_sum[tok[r] * d + c] += part[r * d + c];
+          dx_sum[tok[r] * d + c] += dxp[r * d + c];
+        }
+      for (size_t i = 0; i < entry.size(); ++i) dg[entry[i]] = dgp[i];
+      for (size_t i = 0; i < sg.rows.size(); ++i) {
+        listed.push_back(static_cast<int32_t>(sg.rows[i] + o * rows));
+        std::copy_n(sg.values.begin() + i * 2 * d, 2 * d, dt_sum.begin() + (sg.rows[i] + o * rows) * 2 * d);
+      }
+    }
+    peer_softmax_gates_backward_cpu(T * s.heads, s.k, g.data(), dg.data(), ds2.data());
+    EXPECT_EQ(listed, dt.rows) << "P=" << P;
+    EXPECT_EQ(g, gates) << "P=" << P;
+    auto close = [&](const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+      double worst = 0, scale = 0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+        scale = std::max(scale, std::fabs(double(b[i])));
+      }
+      if (P == 1) EXPECT_EQ(a, b) << what << " P=1 must be the dense op bit for bit";
+      EXPECT_LE(worst, 1e-5 * scale) << what << " P=" << P;
+    };
+    close(o_sum, out, "out");
+    close(dx_sum, dx, "dx");
+    close(ds2, ds, "dscores");
+    close(dt_sum, dense_dt, "table gradient");
+  }
+}
+
 TEST_P(peer_experts, k1_equals_an_mlp_with_heads_neurons) {
   for (const std::vector<int32_t>& neurons : {std::vector<int32_t>{5, 2, 9, 0}, std::vector<int32_t>{7, 3, 7}}) {
     const int64_t heads = static_cast<int64_t>(neurons.size());

@@ -63,6 +63,34 @@ void peer_experts_backward_cpu(const PeerExpertsShape& s, const double* x, const
                                const double* gates, const double* pre_act, const double* dy, double* dx,
                                double* dscores, PeerSparseGrad<double>& dtable);
 
+// The gated, ragged form behind both of the above and behind expert parallelism (model/
+// expert_parallel.h), where the owner of a row range receives, per token, only the entries of its
+// rows with their gates already computed by the sender: token r of `tokens` has the entries
+// [offsets[r], offsets[r+1]) (offsets: tokens + 1, offsets[0] = 0), each a table row in
+// [0, n_rows) and a gate. out[r] = Σ_entries g·σ(u_rowᵀx_r)·v_row in entry order.
+struct PeerGatedShape {
+  int64_t tokens = 0;
+  int64_t dim = 0;
+  int64_t n_rows = 0;  // rows of the (local) table
+  PeerActivation act = PeerActivation::relu;
+};
+// -> out (tokens, d) overwritten, pre_act (entries) = u_rowᵀx. Bit-identical for any thread count.
+void peer_experts_gated_forward_cpu(const PeerGatedShape& s, const float* x, const int64_t* offsets,
+                                    const int32_t* rows, const float* gates, const float* table, float* out,
+                                    float* pre_act);
+// -> dx (tokens, d) and dgates (entries) overwritten (dg = σ(z)·v_rowᵀdy), dtable replaced by the
+// sparse gradient of the rows listed (sorted by row, then entry). Bit-identical for any thread count.
+void peer_experts_gated_backward_cpu(const PeerGatedShape& s, const float* x, const int64_t* offsets,
+                                     const int32_t* rows, const float* gates, const float* pre_act,
+                                     const float* table, const float* dy, float* dx, float* dgates,
+                                     PeerSparseGrad<float>& dtable);
+
+// gates (tokens, heads, k) = softmax of each head's k scores (max-shifted), and its backward
+// dscores = g ⊙ (dg − ⟨g, dg⟩) per head; what peer_experts_* compute around the gated form.
+void peer_softmax_gates_cpu(int64_t groups, int64_t k, const float* scores, float* gates);
+void peer_softmax_gates_backward_cpu(int64_t groups, int64_t k, const float* gates, const float* dgates,
+                                     float* dscores);
+
 // dense (N, width) += the sparse gradient (each listed row is added once, so no ordering question).
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<float>& g, float* dense);
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* dense);

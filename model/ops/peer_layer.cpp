@@ -8,6 +8,7 @@
 #include "model/ops/peer_layer.h"
 
 #include <cmath>
+#include <type_traits>
 
 #include "model/ops/peer_detail.h"
 #include "model/ops/row_math.h"
@@ -27,7 +28,7 @@ namespace {
 
 template <typename T>
 PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<T>& p, const T* x,
-                                 T* out) {
+                                 T* out, PeerExpertsRunner* runner) {
   validate(s);
   PL_CHECK(mode == PeerNormMode::eval || s.tokens >= 2, config,
            "peer layer: a train-mode BatchNorm needs at least 2 tokens for a batch variance (got ", s.tokens,
@@ -78,6 +79,13 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
   }
 
   peer_retrieval_cpu(s.retrieval(), ctx.q.data(), p.sub_keys1, p.sub_keys2, ctx.ids.data(), ctx.scores.data());
+  if constexpr (std::is_same_v<T, float>) {
+    if (runner) {
+      peer_softmax_gates_cpu(T_ * s.heads, s.k, ctx.scores.data(), ctx.gates.data());
+      runner->forward(s.experts(), x, ctx.ids.data(), ctx.gates.data(), out);
+      return ctx;
+    }
+  }
   peer_experts_forward_cpu(s.experts(), x, ctx.ids.data(), ctx.scores.data(), p.table, out,
                            PeerExpertsSaved<T>{ctx.gates.data(), ctx.pre_act.data()});
   return ctx;
@@ -112,7 +120,7 @@ void sub_key_grad(const PeerLayerShape& s, const PeerLayerContext<T>& ctx, const
 
 template <typename T>
 void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const PeerLayerContext<T>& ctx, const T* x,
-                   const T* dy, T* dx, const PeerLayerGrads<T>& g) {
+                   const T* dy, T* dx, const PeerLayerGrads<T>& g, PeerExpertsRunner* runner) {
   validate(s);
   const int64_t T_ = s.tokens, C = s.channels(), d = s.dim, hk = s.heads * s.k, n = s.n_sub;
   const int64_t half = s.key_dim / 2;
@@ -122,10 +130,21 @@ void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const P
 
   // Experts: dx (overwritten), dscores, the sparse table gradient.
   std::vector<T> dscores(static_cast<size_t>(T_ * hk));
-  PeerSparseGrad<T> local_table;
-  PeerSparseGrad<T>& dtable = g.table ? *g.table : local_table;
-  peer_experts_backward_cpu(s.experts(), x, ctx.ids.data(), p.table, ctx.gates.data(), ctx.pre_act.data(), dy, dx,
-                            dscores.data(), dtable);
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (runner) {
+      std::vector<T> dgates(static_cast<size_t>(T_ * hk));
+      runner->backward(s.experts(), x, ctx.ids.data(), ctx.gates.data(), dy, dx, dgates.data());
+      peer_softmax_gates_backward_cpu(T_ * s.heads, s.k, ctx.gates.data(), dgates.data(), dscores.data());
+      done = true;
+    }
+  }
+  if (!done) {
+    PeerSparseGrad<T> local_table;
+    PeerSparseGrad<T>& dtable = g.table ? *g.table : local_table;
+    peer_experts_backward_cpu(s.experts(), x, ctx.ids.data(), p.table, ctx.gates.data(), ctx.pre_act.data(), dy, dx,
+                              dscores.data(), dtable);
+  }
 
   // Scores -> query: dq₁ = Σ_j ds_j c_a, dq₂ = Σ_j ds_j c′_b, per (token, head) in j order.
   std::vector<T> dq(static_cast<size_t>(T_ * C));  // (T, C)
@@ -178,22 +197,23 @@ void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const P
 }  // namespace
 
 PeerLayerContext<float> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
-                                               const PeerLayerParams<float>& p, const float* x, float* out) {
-  return forward_impl(s, mode, p, x, out);
+                                               const PeerLayerParams<float>& p, const float* x, float* out,
+                                               PeerExpertsRunner* runner) {
+  return forward_impl(s, mode, p, x, out, runner);
 }
 PeerLayerContext<double> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
                                                 const PeerLayerParams<double>& p, const double* x, double* out) {
-  return forward_impl(s, mode, p, x, out);
+  return forward_impl(s, mode, p, x, out, nullptr);
 }
 void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<float>& p,
                              const PeerLayerContext<float>& ctx, const float* x, const float* dy, float* dx,
-                             const PeerLayerGrads<float>& g) {
-  backward_impl(s, p, ctx, x, dy, dx, g);
+                             const PeerLayerGrads<float>& g, PeerExpertsRunner* runner) {
+  backward_impl(s, p, ctx, x, dy, dx, g, runner);
 }
 void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<double>& p,
                              const PeerLayerContext<double>& ctx, const double* x, const double* dy, double* dx,
                              const PeerLayerGrads<double>& g) {
-  backward_impl(s, p, ctx, x, dy, dx, g);
+  backward_impl(s, p, ctx, x, dy, dx, g, nullptr);
 }
 
 }  // namespace peerless

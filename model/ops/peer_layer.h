@@ -78,17 +78,34 @@ struct PeerLayerContext {
   std::vector<T> pre_act;    // (tokens, heads, k)
 };
 
+// The expert half of the layer with the gates given (softmax of the scores, computed by the layer).
+// Without a runner the layer calls peer_experts_* on p.table; expert parallelism
+// (model/expert_parallel.h) passes one that routes each entry to the rank owning its row, where
+// p.table is unused. ids are global expert ids (tokens, heads, k).
+class PeerExpertsRunner {
+ public:
+  virtual ~PeerExpertsRunner() = default;
+  // -> out (tokens, d) overwritten.
+  virtual void forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
+                       float* out) = 0;
+  // -> dx (tokens, d) and dgates (tokens, heads, k) overwritten; the table gradient is the runner's.
+  virtual void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
+                        const float* dy, float* dx, float* dgates) = 0;
+};
+
 // x (tokens, d) -> out (tokens, d) overwritten. Train mode needs tokens >= 2 (a batch variance).
 PeerLayerContext<float> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
-                                               const PeerLayerParams<float>& p, const float* x, float* out);
+                                               const PeerLayerParams<float>& p, const float* x, float* out,
+                                               PeerExpertsRunner* runner = nullptr);
 PeerLayerContext<double> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
                                                 const PeerLayerParams<double>& p, const double* x, double* out);
 
 // dy (tokens, d) -> dx (tokens, d) overwritten; g accumulated as documented on PeerLayerGrads.
 // Bit-identical for any thread count.
+// With a runner, g.table is left alone (the runner keeps the table gradient) and ctx.pre_act is unused.
 void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<float>& p,
                              const PeerLayerContext<float>& ctx, const float* x, const float* dy, float* dx,
-                             const PeerLayerGrads<float>& g);
+                             const PeerLayerGrads<float>& g, PeerExpertsRunner* runner = nullptr);
 void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<double>& p,
                              const PeerLayerContext<double>& ctx, const double* x, const double* dy, double* dx,
                              const PeerLayerGrads<double>& g);

@@ -1,0 +1,166 @@
+// Row-sharded PEER experts (see expert_parallel.h).
+#include "model/expert_parallel.h"
+
+#include <algorithm>
+
+#include "runtime/error.h"
+
+namespace peerless {
+
+ShardedPeerExperts::ShardedPeerExperts(Comm& ep, int64_t n_experts) : ep_(ep), n_experts_(n_experts) {
+  PL_CHECK(ep.size() >= 1 && n_experts % ep.size() == 0, config, "parallel.expert_parallel = ", ep.size(),
+           " must divide the number of experts N = ", n_experts, " (model.peer_n_sub²)");
+  rows_per_ = n_experts / ep.size();
+}
+
+ShardedPeerExperts::Lists ShardedPeerExperts::lists_of(std::vector<int64_t> counts) {
+  Lists l;
+  l.offsets.resize(counts.size());
+  int64_t sum = 0;
+  for (size_t r = 0; r < counts.size(); ++r) l.offsets[r] = sum, sum += counts[r];
+  l.counts = std::move(counts);
+  return l;
+}
+
+ShardedPeerExperts::Lists ShardedPeerExperts::scaled(const Lists& l, int64_t by) {
+  Lists s = l;
+  for (auto& c : s.counts) c *= by;
+  for (auto& o : s.offsets) o *= by;
+  return s;
+}
+
+void ShardedPeerExperts::send_rows(const float* src, const Lists& send, float* dst, const Lists& recv,
+                                   int64_t width) {
+  const Lists s = scaled(send, width), r = scaled(recv, width);
+  ep_.all_to_all_v(src, s.counts, s.offsets, dst, r.counts, r.offsets, DType::f32);
+}
+
+void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
+                                 float* out) {
+  PL_CHECK(table_ != nullptr, internal, "ShardedPeerExperts::forward without set_table()");
+  PL_CHECK(s.n_experts == n_experts_, internal, "ShardedPeerExperts: table of ", s.n_experts,
+           " experts, runner made for ", n_experts_);
+  const int P = ep_.size();
+  const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
+  dim_ = d;
+  act_ = s.act;
+  for (int64_t i = 0; i < T * hk; ++i)
+    PL_CHECK(ids[i] >= 0 && ids[i] < n_experts_, data, "peer experts: expert id ", ids[i], " at entry ", i,
+             " is outside [0, ", n_experts_, ")");
+
+  // The send plan: owner-major, tokens ascending, each token's entries in (head, j) order.
+  std::vector<int64_t> tok_count(P, 0), ent_count(P, 0);
+  std::vector<int64_t> last_token(P, -1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < hk; ++j) {
+      const int o = static_cast<int>(ids[t * hk + j] / rows_per_);
+      ++ent_count[o];
+      if (last_token[o] != t) last_token[o] = t, ++tok_count[o];
+    }
+  send_tokens_ = lists_of(tok_count);
+  send_entries_ = lists_of(ent_count);
+  send_token_.resize(send_tokens_.total());
+  send_entry_.resize(send_entries_.total());
+  std::vector<int64_t> per_token_entries(send_tokens_.total());
+  std::vector<int32_t> send_rows_local(send_entries_.total());
+  std::vector<float> send_gates(send_entries_.total());
+  {
+    std::vector<int64_t> tok_at = send_tokens_.offsets, ent_at = send_entries_.offsets;
+    std::fill(last_token.begin(), last_token.end(), -1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < hk; ++j) {
+        const int64_t e = t * hk + j, id = ids[e];
+        const int o = static_cast<int>(id / rows_per_);
+        if (last_token[o] != t) {
+          last_token[o] = t;
+          send_token_[tok_at[o]] = static_cast<int32_t>(t);
+          per_token_entries[tok_at[o]] = 0;
+          ++tok_at[o];
+        }
+        ++per_token_entries[tok_at[o] - 1];
+        send_entry_[ent_at[o]] = e;
+        send_rows_local[ent_at[o]] = static_cast<int32_t>(id - o * rows_per_);
+        send_gates[ent_at[o]] = gates[e];
+        ++ent_at[o];
+      }
+  }
+
+  // Counts: (tokens, entries) per pair of ranks.
+  std::vector<int64_t> send_counts(2 * P), recv_counts(2 * P);
+  for (int o = 0; o < P; ++o) send_counts[2 * o] = tok_count[o], send_counts[2 * o + 1] = ent_count[o];
+  const Lists pairs = lists_of(std::vector<int64_t>(P, 2));
+  ep_.all_to_all_v(send_counts.data(), pairs.counts, pairs.offsets, recv_counts.data(), pairs.counts, pairs.offsets,
+                   DType::i64);
+  std::vector<int64_t> rt(P), re(P);
+  for (int r = 0; r < P; ++r) rt[r] = recv_counts[2 * r], re[r] = recv_counts[2 * r + 1];
+  recv_tokens_ = lists_of(rt);
+  recv_entries_ = lists_of(re);
+  const int64_t R = recv_tokens_.total(), E = recv_entries_.total();
+
+  // x once per (token, owner); the entry lists.
+  std::vector<float> send_x(send_tokens_.total() * d);
+  for (int64_t i = 0; i < send_tokens_.total(); ++i)
+    std::copy(x + send_token_[i] * d, x + (send_token_[i] + 1) * d, send_x.begin() + i * d);
+  recv_x_.resize(R * d);
+  send_rows(send_x.data(), send_tokens_, recv_x_.data(), recv_tokens_, d);
+  std::vector<int64_t> recv_per_token(R);
+  ep_.all_to_all_v(per_token_entries.data(), send_tokens_.counts, send_tokens_.offsets, recv_per_token.data(),
+                   recv_tokens_.counts, recv_tokens_.offsets, DType::i64);
+  recv_rows_.resize(E);
+  ep_.all_to_all_v(send_rows_local.data(), send_entries_.counts, send_entries_.offsets, recv_rows_.data(),
+                   recv_entries_.counts, recv_entries_.offsets, DType::i32);
+  recv_gates_.resize(E);
+  ep_.all_to_all_v(send_gates.data(), send_entries_.counts, send_entries_.offsets, recv_gates_.data(),
+                   recv_entries_.counts, recv_entries_.offsets, DType::f32);
+  recv_offsets_.assign(R + 1, 0);
+  for (int64_t i = 0; i < R; ++i) recv_offsets_[i + 1] = recv_offsets_[i] + recv_per_token[i];
+  PL_CHECK(recv_offsets_[R] == E, internal, "expert exchange: ", E, " entries announced, ", recv_offsets_[R],
+           " listed");
+
+  // The owner's partial outputs, back to the senders.
+  std::vector<float> partial(R * d);
+  recv_pre_act_.resize(E);
+  peer_experts_gated_forward_cpu(PeerGatedShape{R, d, rows_per_, s.act}, recv_x_.data(), recv_offsets_.data(),
+                                 recv_rows_.data(), recv_gates_.data(), table_, partial.data(), recv_pre_act_.data());
+  send_rows(partial.data(), recv_tokens_, send_x.data(), send_tokens_, d);
+  std::fill(out, out + T * d, 0.f);
+  for (int64_t i = 0; i < send_tokens_.total(); ++i) {  // owner order
+    float* o = out + send_token_[i] * d;
+    const float* p = send_x.data() + i * d;
+    for (int64_t c = 0; c < d; ++c) o[c] += p[c];
+  }
+}
+
+void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const int32_t*, const float*,
+                                  const float* dy, float* dx, float* dgates) {
+  PL_CHECK(s.dim == dim_ && static_cast<int64_t>(recv_offsets_.size()) == recv_tokens_.total() + 1, internal,
+           "ShardedPeerExperts::backward without a matching forward");
+  const int64_t T = s.tokens, d = s.dim, R = recv_tokens_.total(), E = recv_entries_.total();
+  std::vector<float> send_buf(send_tokens_.total() * d), recv_dy(R * d);
+  for (int64_t i = 0; i < send_tokens_.total(); ++i)
+    std::copy(dy + send_token_[i] * d, dy + (send_token_[i] + 1) * d, send_buf.begin() + i * d);
+  send_rows(send_buf.data(), send_tokens_, recv_dy.data(), recv_tokens_, d);
+
+  std::vector<float> dx_partial(R * d), recv_dgates(E);
+  peer_experts_gated_backward_cpu(PeerGatedShape{R, d, rows_per_, act_}, recv_x_.data(), recv_offsets_.data(),
+                                  recv_rows_.data(), recv_gates_.data(), recv_pre_act_.data(), table_, recv_dy.data(),
+                                  dx_partial.data(), recv_dgates.data(), table_grad_);
+
+  send_rows(dx_partial.data(), recv_tokens_, send_buf.data(), send_tokens_, d);
+  std::vector<float> back_dgates(send_entries_.total());
+  ep_.all_to_all_v(recv_dgates.data(), recv_entries_.counts, recv_entries_.offsets, back_dgates.data(),
+                   send_entries_.counts, send_entries_.offsets, DType::f32);
+  std::fill(dx, dx + T * d, 0.f);
+  for (int64_t i = 0; i < send_tokens_.total(); ++i) {  // owner order
+    float* o = dx + send_token_[i] * d;
+    const float* p = send_buf.data() + i * d;
+    for (int64_t c = 0; c < d; ++c) o[c] += p[c];
+  }
+  for (int64_t i = 0; i < send_entries_.total(); ++i) dgates[send_entry_[i]] = back_dgates[i];
+}
+
+void ShardedPeerExperts::mark_rows(uint8_t* touched) const {
+  for (int32_t r : recv_rows_) touched[r] = 1;
+}
+
+}  // namespace peerless

@@ -1,0 +1,76 @@
+// Expert parallelism for PEER (docs/peer.md): the expert tables are sharded by rows over an
+// expert-parallel group of P ranks; rank e of the group owns rows [e·N/P, (e+1)·N/P) of every
+// table. Retrieval (query, BatchNorm, sub-keys) stays replicated; only the expert half moves:
+//   forward   each rank sends, per owner, the distinct tokens that retrieved one of its rows (x, d
+//             floats, once per token and owner) and their entries (local row, gate); the owner
+//             runs peer_experts_gated_* on its rows and sends one partial output per token back;
+//             the sender adds the partials in owner order (deterministic).
+//   backward  dy goes the same way; the owner returns dx partials and the gates' gradients and
+//             keeps the sparse gradient of its rows (sorted by row, then sender rank, token,
+//             entry: deterministic, no atomics).
+// Four all_to_all_v calls forward (counts, x, entry lists, partials back) and four backward.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/ops/peer_layer.h"
+#include "parallel/comm.h"
+
+namespace peerless {
+
+// Which rows of each expert table this rank holds.
+struct ExpertShard {
+  int shards = 1, shard = 0;
+  int64_t rows(int64_t n_experts) const { return n_experts / shards; }
+  int64_t first_row(int64_t n_experts) const { return shard * rows(n_experts); }
+};
+
+// The expert half of one PEER layer for one micro-batch, its table sharded over `ep` (ranks in
+// ep-rank order). Collective over `ep`: every rank of the group must run forward (and backward)
+// of the same layers in the same order, with any number of tokens (0 included).
+class ShardedPeerExperts final : public PeerExpertsRunner {
+ public:
+  ShardedPeerExperts(Comm& ep, int64_t n_experts);
+
+  // This rank's rows (N/P, 2d) of the table; set before forward, unchanged until backward.
+  void set_table(const float* local_rows) { table_ = local_rows; }
+  void forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
+               float* out) override;
+  void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
+                const float* dy, float* dx, float* dgates) override;
+
+  // After backward: the gradient of this rank's rows (local row numbers) from every token of the
+  // group that retrieved them.
+  const PeerSparseGrad<float>& table_grad() const { return table_grad_; }
+  // Sets touched[r] = 1 for every local row some rank of the group retrieved in the last forward.
+  void mark_rows(uint8_t* touched) const;
+
+ private:
+  // Per owner o: a count of the items this rank sends to o, and their start in the send buffer.
+  struct Lists {
+    std::vector<int64_t> counts, offsets;
+    int64_t total() const { return offsets.empty() ? 0 : offsets.back() + counts.back(); }
+  };
+  static Lists lists_of(std::vector<int64_t> counts);
+  static Lists scaled(const Lists& l, int64_t by);
+  void send_rows(const float* src, const Lists& send, float* dst, const Lists& recv, int64_t width);
+
+  Comm& ep_;
+  int64_t n_experts_, rows_per_;
+  const float* table_ = nullptr;
+  int64_t dim_ = 0;
+  PeerActivation act_ = PeerActivation::relu;
+  // Sender side: the (owner, token) pairs in send order (owner-major, tokens ascending), and the
+  // entry index (into ids / gates) of every entry sent, in send order.
+  std::vector<int32_t> send_token_;
+  std::vector<int64_t> send_entry_;
+  Lists send_tokens_, send_entries_, recv_tokens_, recv_entries_;
+  // Owner side: what was received (tokens of every sender, in rank order).
+  std::vector<float> recv_x_, recv_gates_, recv_pre_act_;
+  std::vector<int64_t> recv_offsets_;  // (received tokens + 1)
+  std::vector<int32_t> recv_rows_;
+  PeerSparseGrad<float> table_grad_;
+};
+
+}  // namespace peerless
