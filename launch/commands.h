@@ -17,5 +17,6 @@ int cmd_sample(const Args& args);
 int cmd_inspect(const Args& args);
 int cmd_bench(const Args& args);
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
+int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp
 
 }  // namespace peerless

@@ -2,6 +2,7 @@
 #include "model/expert_parallel.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "runtime/error.h"
 
@@ -29,10 +30,18 @@ ShardedPeerExperts::Lists ShardedPeerExperts::scaled(const Lists& l, int64_t by)
   return s;
 }
 
+void ShardedPeerExperts::exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type) {
+  const auto t0 = std::chrono::steady_clock::now();
+  ep_.all_to_all_v(send, s.counts, s.offsets, recv, r.counts, r.offsets, type);
+  ep_.synchronize();
+  stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int o = 0; o < ep_.size(); ++o)
+    if (o != ep_.rank()) stats_.bytes_sent += s.counts[o] * static_cast<int64_t>(dtype_size(type));
+}
+
 void ShardedPeerExperts::send_rows(const float* src, const Lists& send, float* dst, const Lists& recv,
                                    int64_t width) {
-  const Lists s = scaled(send, width), r = scaled(recv, width);
-  ep_.all_to_all_v(src, s.counts, s.offsets, dst, r.counts, r.offsets, DType::f32);
+  exchange(src, scaled(send, width), dst, scaled(recv, width), DType::f32);
 }
 
 void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
@@ -89,8 +98,7 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
   std::vector<int64_t> send_counts(2 * P), recv_counts(2 * P);
   for (int o = 0; o < P; ++o) send_counts[2 * o] = tok_count[o], send_counts[2 * o + 1] = ent_count[o];
   const Lists pairs = lists_of(std::vector<int64_t>(P, 2));
-  ep_.all_to_all_v(send_counts.data(), pairs.counts, pairs.offsets, recv_counts.data(), pairs.counts, pairs.offsets,
-                   DType::i64);
+  exchange(send_counts.data(), pairs, recv_counts.data(), pairs, DType::i64);
   std::vector<int64_t> rt(P), re(P);
   for (int r = 0; r < P; ++r) rt[r] = recv_counts[2 * r], re[r] = recv_counts[2 * r + 1];
   recv_tokens_ = lists_of(rt);
@@ -104,14 +112,11 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
   recv_x_.resize(R * d);
   send_rows(send_x.data(), send_tokens_, recv_x_.data(), recv_tokens_, d);
   std::vector<int64_t> recv_per_token(R);
-  ep_.all_to_all_v(per_token_entries.data(), send_tokens_.counts, send_tokens_.offsets, recv_per_token.data(),
-                   recv_tokens_.counts, recv_tokens_.offsets, DType::i64);
+  exchange(per_token_entries.data(), send_tokens_, recv_per_token.data(), recv_tokens_, DType::i64);
   recv_rows_.resize(E);
-  ep_.all_to_all_v(send_rows_local.data(), send_entries_.counts, send_entries_.offsets, recv_rows_.data(),
-                   recv_entries_.counts, recv_entries_.offsets, DType::i32);
+  exchange(send_rows_local.data(), send_entries_, recv_rows_.data(), recv_entries_, DType::i32);
   recv_gates_.resize(E);
-  ep_.all_to_all_v(send_gates.data(), send_entries_.counts, send_entries_.offsets, recv_gates_.data(),
-                   recv_entries_.counts, recv_entries_.offsets, DType::f32);
+  exchange(send_gates.data(), send_entries_, recv_gates_.data(), recv_entries_, DType::f32);
   recv_offsets_.assign(R + 1, 0);
   for (int64_t i = 0; i < R; ++i) recv_offsets_[i + 1] = recv_offsets_[i] + recv_per_token[i];
   PL_CHECK(recv_offsets_[R] == E, internal, "expert exchange: ", E, " entries announced, ", recv_offsets_[R],
@@ -148,8 +153,7 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
 
   send_rows(dx_partial.data(), recv_tokens_, send_buf.data(), send_tokens_, d);
   std::vector<float> back_dgates(send_entries_.total());
-  ep_.all_to_all_v(recv_dgates.data(), recv_entries_.counts, recv_entries_.offsets, back_dgates.data(),
-                   send_entries_.counts, send_entries_.offsets, DType::f32);
+  exchange(recv_dgates.data(), recv_entries_, back_dgates.data(), send_entries_, DType::f32);
   std::fill(dx, dx + T * d, 0.f);
   for (int64_t i = 0; i < send_tokens_.total(); ++i) {  // owner order
     float* o = dx + send_token_[i] * d;

@@ -46,6 +46,14 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   // Sets touched[r] = 1 for every local row some rank of the group retrieved in the last forward.
   void mark_rows(uint8_t* touched) const;
 
+  // Time spent in (and bytes this rank sent to other ranks through) the exchange's collectives,
+  // summed since construction.
+  struct Stats {
+    double seconds = 0;
+    int64_t bytes_sent = 0;
+  };
+  const Stats& stats() const { return stats_; }
+
  private:
   // Per owner o: a count of the items this rank sends to o, and their start in the send buffer.
   struct Lists {
@@ -55,6 +63,8 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   static Lists lists_of(std::vector<int64_t> counts);
   static Lists scaled(const Lists& l, int64_t by);
   void send_rows(const float* src, const Lists& send, float* dst, const Lists& recv, int64_t width);
+  // all_to_all_v over ep_, counted in stats_.
+  void exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type);
 
   Comm& ep_;
   int64_t n_experts_, rows_per_;
@@ -71,6 +81,7 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   std::vector<int64_t> recv_offsets_;  // (received tokens + 1)
   std::vector<int32_t> recv_rows_;
   PeerSparseGrad<float> table_grad_;
+  Stats stats_;
 };
 
 }  // namespace peerless
