@@ -231,6 +231,11 @@ int run(int argc, char** argv) {
       gemm_bf16_cuda(blas, Trans::no, Trans::yes, M, N, K, 1.0f, a16, K, w16, K, 0.0f, yf, N, stream);
     });
     row("bf16 plain GEMM, fp32 out", t_plain);
+    const double t_plain16 = time_ms(stream, reps, [&] {
+      gemm_bf16_cuda(blas, Trans::no, Trans::yes, M, N, K, 1.0f, a16, K, w16, K, 0.0f, GemmOut::bf16, yb.get(), N,
+                     stream);
+    });
+    row("bf16 plain GEMM, bf16 out", t_plain16);
     // Backward: dy from this forward's output (values do not matter for speed).
     rows_to_bf16_cuda(M, N, yf, nullptr, dy16, stream);
     rows_to_bf16_cuda(M, N, yf, sc, dys16, stream);

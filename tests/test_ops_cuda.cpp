@@ -606,6 +606,11 @@ TEST_F(Cuda, bitlinear_forward_imma_and_bf16_exact) {
     const std::vector<float> y_imma = d_y.download("imma y");
     expect_identical(y_imma, y_cpu, "imma y f32 " + name);
     expect_identical(from_bf16(d_yb.download("imma y bf16")), y_cpu_bf16, "imma y bf16 " + name);
+    // The shipped entry point (IMMA into the BlasLt's scratch, then the epilogue).
+    Guarded<float> d_y2(c.M * c.N);
+    bitlinear_matmul_cuda(blas, c.M, c.N, c.K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y2.get(),
+                          stream());
+    expect_identical(d_y2.download("bitlinear_matmul y"), y_cpu, "bitlinear_matmul_cuda y f32 " + name);
     // Error against the exact value: one rounding of β/s and one of the product, ≤ 2u + u², u = 2^-24.
     const RelErr e32 = rel_err(y_imma, y64);
     std::printf("[ exact    ] %s: fp32 output max relative error vs float64 %.3g\n", name.c_str(), e32.max_elem);
@@ -630,9 +635,9 @@ TEST_F(Cuda, bitlinear_forward_imma_and_bf16_exact) {
     }
 
     // The alternative the codes path avoids: dequantized activations a/s rounded to bf16 (weights as
-    // codes, β as alpha). Each a/s carries a relative rounding error ≤ 2^-9 (rms 2^-9/√3 for random
-    // values), so the output's norm-wise error is about 1e-3 and must stay below 2^-9; elementwise it
-    // is unbounded where the sum cancels.
+    // codes, β as alpha). bf16 keeps 8 significant bits: each a/s carries a relative rounding error
+    // ≤ u = 2^-8, rms 2^-7/√24 ≈ 1.6e-3 over a uniform mantissa, so the output's norm-wise error is
+    // about 1.6e-3 and must stay below u; elementwise it is unbounded where the sum cancels.
     std::vector<uint16_t> as_host(a.size());
     for (int64_t m = 0; m < c.M; ++m)
       for (int64_t k = 0; k < c.K; ++k) as_host[m * c.K + k] = to_bf16(static_cast<float>(a[m * c.K + k]) / scale[m]);
@@ -642,7 +647,7 @@ TEST_F(Cuda, bitlinear_forward_imma_and_bf16_exact) {
     const RelErr eas = rel_err(d_y.download("a/s bf16 y"), y64);
     std::printf("[ a/s bf16 ] %s: dequantized-activation bf16 GEMM vs float64: max elementwise %.3g, norm-wise %.3g\n",
                 name.c_str(), eas.max_elem, eas.frobenius);
-    EXPECT_LE(eas.frobenius, std::ldexp(1.0, -9)) << name;
+    EXPECT_LE(eas.frobenius, std::ldexp(1.0, -8)) << name;
   }
 }
 
@@ -671,7 +676,7 @@ TEST_F(Cuda, gemm_bf16_vs_cpu) {
         const float alpha = 0.75f, beta = -0.5f;
         std::vector<float> C_cpu = C;
         gemm_cpu(ta, tb, c.M, c.N, c.K, alpha, A.data(), lda, B.data(), ldb, beta, C_cpu.data(), ldc);
-        std::vector<double> C64(C.size());
+        std::vector<double> C64(C.size()), P64(C.size());
         for (int64_t m = 0; m < c.M; ++m)
           for (int64_t n = 0; n < ldc; ++n) {
             if (n >= c.N) {
@@ -682,6 +687,7 @@ TEST_F(Cuda, gemm_bf16_vs_cpu) {
             for (int64_t k = 0; k < c.K; ++k)
               sum += static_cast<double>(ta == Trans::no ? A[m * lda + k] : A[k * lda + m]) *
                      (tb == Trans::no ? B[k * ldb + n] : B[n * ldb + k]);
+            P64[m * ldc + n] = alpha * sum;
             C64[m * ldc + n] = alpha * sum + beta * static_cast<double>(C[m * ldc + n]);
           }
         Guarded<uint16_t> d_A(Ab), d_B(Bb);
@@ -695,15 +701,33 @@ TEST_F(Cuda, gemm_bf16_vs_cpu) {
         for (int64_t m = 0; m < c.M; ++m)
           for (int64_t n = c.N; n < ldc; ++n)
             ASSERT_EQ(std::memcmp(&C_gpu[m * ldc + n], &C[m * ldc + n], 4), 0) << name << ": padding written";
+        if (c.K == 0) continue;
+        // bf16 C (beta = 0): the fp32 result rounded once more, relative ≤ 2^-8 of each entry.
+        Guarded<uint16_t> d_Cb(C.size());
+        gemm_bf16_cuda(blas, ta, tb, c.M, c.N, c.K, alpha, as_bf16(d_A), lda, as_bf16(d_B), ldb, 0.0f, GemmOut::bf16,
+                       d_Cb.get(), ldc, stream());
+        const std::vector<uint16_t> Cb = d_Cb.download("C bf16");
+        std::vector<float> Cb_valid, P_valid;
+        for (int64_t m = 0; m < c.M; ++m)
+          for (int64_t n = 0; n < ldc; ++n) {
+            if (n >= c.N) {
+              ASSERT_EQ(Cb[m * ldc + n], 0xA5A5) << name << ": bf16 padding written";
+              continue;
+            }
+            Cb_valid.push_back(from_bf16(Cb[m * ldc + n]));
+            P_valid.push_back(static_cast<float>(P64[m * ldc + n]));
+          }
+        expect_close(Cb_valid, P_valid, std::ldexp(1.0, -8) + 1e-5, "gemm_bf16 bf16 out vs float64 " + name);
       }
     }
   }
 }
 
 // The BitLinear backward products (bf16 inputs, fp32 accumulation) against the CPU backward's own
-// sgemm calls. The only rounding beyond fp32 is dy (and dy/s) to bf16: relative ≤ 2^-9 per element,
-// rms 2^-9/√3 ≈ 1.1e-3, so the norm-wise error against float64 stays below 2^-9, and the max-norm
-// error against the CPU (max|Δ| / max|cpu|, outputs ≈ 3-4σ at the max) below 2^-8.
+// sgemm calls. The only rounding beyond fp32 is dy (and dy/s) to bf16: relative ≤ u = 2^-8 per
+// element, rms ≈ 1.6e-3 (see above), so the norm-wise error against float64 stays below u (2.4x
+// margin), and the max-norm error against the CPU (max|Δ| / max|cpu|; the largest errors and the
+// largest outputs are both a few σ out) below 2u.
 TEST_F(Cuda, bitlinear_backward_gemms_vs_cpu) {
   struct Case {
     int64_t M, N, K;
@@ -755,13 +779,13 @@ TEST_F(Cuda, bitlinear_backward_gemms_vs_cpu) {
     expect_identical(from_bf16(d_dyb.download("dy bf16")), dyb_cpu, "rows_to_bf16 " + name);
     expect_identical(from_bf16(d_dysb.download("dy/s bf16")), dysb_cpu, "rows_to_bf16 with divisor " + name);
     const std::vector<float> dxt = d_dxt.download("dxt"), dw = d_dw.download("dw");
-    expect_close(dxt, dxt_cpu, std::ldexp(1.0, -8), "dxt " + name);
-    expect_close(dw, dw_cpu, std::ldexp(1.0, -8), "dw " + name);
+    expect_close(dxt, dxt_cpu, std::ldexp(1.0, -7), "dxt " + name);
+    expect_close(dw, dw_cpu, std::ldexp(1.0, -7), "dw " + name);
     const RelErr ex = rel_err(dxt, dxt64), ew = rel_err(dw, dw64);
     std::printf("[ bf16 bwd ] %s: vs float64 norm-wise dxt %.3g, dw %.3g (max elementwise %.3g, %.3g)\n", name.c_str(),
                 ex.frobenius, ew.frobenius, ex.max_elem, ew.max_elem);
-    EXPECT_LE(ex.frobenius, std::ldexp(1.0, -9)) << name;
-    EXPECT_LE(ew.frobenius, std::ldexp(1.0, -9)) << name;
+    EXPECT_LE(ex.frobenius, std::ldexp(1.0, -8)) << name;
+    EXPECT_LE(ew.frobenius, std::ldexp(1.0, -8)) << name;
   }
 }
 

@@ -255,13 +255,28 @@ __global__ void codes_to_bf16_kernel(int64_t n, const int8_t* __restrict__ codes
     out[i] = __int2bfloat16_rn(codes[i]);
 }
 
+// out (rows, cols) = bf16(x / divisor[r]); V = 4: 16-byte loads and 8-byte stores (cols % 4 == 0 and
+// aligned rows).
+template <int V>
 __global__ void rows_to_bf16_kernel(int64_t rows, int64_t cols, const float* __restrict__ x,
                                     const float* __restrict__ divisor, __nv_bfloat16* __restrict__ out) {
+  const int64_t nv = cols / V;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const float d = divisor ? divisor[r] : 1.0f;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols;
-         c += static_cast<int64_t>(gridDim.x) * blockDim.x)
-      out[r * cols + c] = __float2bfloat16_rn(divisor ? x[r * cols + c] / d : x[r * cols + c]);
+    const float* xr = x + r * cols;
+    __nv_bfloat16* orow = out + r * cols;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nv;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      if constexpr (V == 4) {
+        float4 v = reinterpret_cast<const float4*>(xr)[j];
+        if (divisor) {
+          const float d = divisor[r];
+          v.x /= d, v.y /= d, v.z /= d, v.w /= d;
+        }
+        store4(orow + 4 * j, v.x, v.y, v.z, v.w);
+      } else {
+        orow[j] = __float2bfloat16_rn(divisor ? xr[j] / divisor[r] : xr[j]);
+      }
+    }
   }
 }
 
@@ -358,6 +373,19 @@ void bitlinear_dequant_cuda(int64_t M, int64_t N, const float* acc, const float*
   dequant_launch(M, N, acc, a_scale, beta, out, y, stream);
 }
 
+void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                           const int8_t* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
+                           cudaStream_t stream) {
+  if (M <= 0 || N <= 0) {
+    ternary_int8_matmul_imma_cuda(blas, M, N, K, a_codes, w_codes, nullptr, stream);  // checks the shape
+    return;
+  }
+  BlasLt::Impl& impl = blas.impl();
+  auto* acc = static_cast<int32_t*>(impl.scratch(impl.stage_scratch, M * N * sizeof(int32_t), stream));
+  ternary_int8_matmul_imma_cuda(blas, M, N, K, a_codes, w_codes, acc, stream);
+  dequant_launch(M, N, static_cast<const int32_t*>(acc), a_scale, beta, out, y, stream);
+}
+
 bool bitlinear_bf16_scale_fused(BlasLt& blas, int64_t M, int64_t N, int64_t K, GemmOut out) {
   // Alignment 256 stands for cudaMalloc'ed buffers (the real call asks again with its pointers).
   const void* aligned = reinterpret_cast<const void*>(uintptr_t{256});
@@ -393,7 +421,8 @@ void bitlinear_matmul_bf16_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, c
 }
 
 void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
-                    int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
+                    int64_t lda, const bf16* B, int64_t ldb, float beta, GemmOut out, void* C, int64_t ldc,
+                    cudaStream_t stream) {
   PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "gemm_bf16_cuda: bad shape M=", M, " N=", N, " K=", K);
   if (M == 0 || N == 0) return;
   // Row-major storage: A is (M,K) or, transposed, (K,M); likewise B; C is (M,N).
@@ -402,14 +431,20 @@ void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int6
            internal, "gemm_bf16_cuda: leading dimension too small (lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
   PL_CHECK(C && (K == 0 || (A && B)), internal, "gemm_bf16_cuda: null pointer");
   if (K == 0) {  // C = beta · C; cuBLASLt wants k ≥ 1
-    scale_matrix_kernel<<<row_grid(M, N), kThreads, 0, stream>>>(M, N, beta, C, ldc);
+    PL_CHECK(out == GemmOut::f32, internal, "gemm_bf16_cuda: K=0 with a bf16 C is not supported");
+    scale_matrix_kernel<<<row_grid(M, N), kThreads, 0, stream>>>(M, N, beta, static_cast<float*>(C), ldc);
     PL_CUDA_CHECK_LAUNCH(scale_matrix_kernel);
     return;
   }
   LtProblem p = row_major_problem(ta, tb, M, N, K, lda, ldb, ldc, A, B, C);
-  p.a_type = CUDA_R_16BF, p.b_type = CUDA_R_16BF, p.d_type = CUDA_R_32F;
+  p.a_type = CUDA_R_16BF, p.b_type = CUDA_R_16BF, p.d_type = out == GemmOut::f32 ? CUDA_R_32F : CUDA_R_16BF;
   p.scale_type = CUDA_R_32F, p.compute = CUBLAS_COMPUTE_32F;
   lt_matmul(blas, p, &alpha, B, A, &beta, C, stream, "gemm_bf16_cuda");
+}
+
+void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+                    int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
+  gemm_bf16_cuda(blas, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, GemmOut::f32, C, ldc, stream);
 }
 
 void bitlinear_backward_gemms_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* dy,
@@ -434,7 +469,10 @@ void rows_to_bf16_cuda(int64_t rows, int64_t cols, const float* x, const float* 
   PL_CHECK(rows >= 0 && cols >= 0, internal, "rows_to_bf16_cuda: bad shape rows=", rows, " cols=", cols);
   if (rows == 0 || cols == 0) return;
   PL_CHECK(x && out, internal, "rows_to_bf16_cuda: null pointer");
-  rows_to_bf16_kernel<<<row_grid(rows, cols), kThreads, 0, stream>>>(rows, cols, x, divisor, out);
+  if (cols % 4 == 0 && alignment(x) >= 16 && alignment(out) >= 8)
+    rows_to_bf16_kernel<4><<<row_grid(rows, cols / 4), kThreads, 0, stream>>>(rows, cols, x, divisor, out);
+  else
+    rows_to_bf16_kernel<1><<<row_grid(rows, cols), kThreads, 0, stream>>>(rows, cols, x, divisor, out);
   PL_CUDA_CHECK_LAUNCH(rows_to_bf16_kernel);
 }
 

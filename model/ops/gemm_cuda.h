@@ -75,6 +75,13 @@ void bitlinear_dequant_cuda(int64_t M, int64_t N, const int32_t* acc, const floa
 void bitlinear_dequant_cuda(int64_t M, int64_t N, const float* acc, const float* a_scale, float beta, GemmOut out,
                             void* y, cudaStream_t stream);
 
+// The forward product the model uses: IMMA into the BlasLt's int32 scratch, then the epilogue. Chosen
+// over path B because it was faster at every measured shape (bench/RESULTS.md, "Tensor-core GEMMs");
+// both are exact. Same shape rules as ternary_int8_matmul_imma_cuda.
+void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                           const int8_t* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
+                           cudaStream_t stream);
+
 // ---- forward path B: bf16 tensor cores on exact codes ----------------------------------------------
 enum class Epilogue {
   best,      // β/s fused into cuBLASLt (per-row alpha vector) when it offers that, else separate
@@ -94,12 +101,17 @@ bool bitlinear_bf16_scale_fused(BlasLt& blas, int64_t M, int64_t N, int64_t K, G
 // gemm_cpu; bf16 inputs, fp32 accumulation and fp32 C.
 void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
                     int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream);
+// The same with C of either type (`C` is float* or bf16* as `out` says); bf16 C needs K ≥ 1.
+void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+                    int64_t lda, const bf16* B, int64_t ldb, float beta, GemmOut out, void* C, int64_t ldc,
+                    cudaStream_t stream);
 
 // The two backward products of BitLinear (SPEC §1), straight-through:
 //   dxt (M,K)  = β · dy (M,N) · w_codes (N,K)            (overwritten)
 //   dw  (N,K) += dy_over_s (M,N)ᵀ · a_codes (M,K)        (accumulated, fp32 for the latent weights)
 // dy_over_s[m,:] = dy[m,:] / s[m] (rows_to_bf16_cuda with the scales): folding 1/s into dy instead of
-// dequantizing a keeps a_codes exact, so each product has one bf16 rounding per input element.
+// dequantizing a keeps a_codes exact, so each product has one bf16 rounding per input element
+// (relative ≤ 2^-8, rms ≈ 1.6e-3; measured norm-wise error of both products 1.65e-3).
 // dw may be null (no weight gradient).
 void bitlinear_backward_gemms_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* dy,
                                    const bf16* dy_over_s, const bf16* w_codes, const bf16* a_codes, float beta,
