@@ -25,6 +25,8 @@
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
+#include "model/ops/gemm.h"
+#include "model/ops/gemm_cuda.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
 #include "model/ops/op_registry.h"
@@ -42,6 +44,7 @@ namespace {
     ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
     EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
   }
+OP_TEST_CUDA(gemm)
 OP_TEST_CUDA(rmsnorm)
 OP_TEST_CUDA(act_quant)
 OP_TEST_CUDA(weight_quant)
@@ -488,6 +491,304 @@ TEST_F(Cuda, embedding_forward_backward_exact) {
   }
 }
 
+// ---- tensor-core GEMMs (model/ops/gemm_cuda.h) -----------------------------------------------------
+
+// bf16 on the host as its bit pattern: round to nearest even (what __float2bfloat16_rn does), and back.
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i) f[i] = from_bf16(v[i]);
+  return f;
+}
+bf16* as_bf16(const Guarded<uint16_t>& g) { return reinterpret_cast<bf16*>(g.get()); }
+
+std::vector<int8_t> random_codes(std::mt19937_64& rng, int64_t n, int lo, int hi) {
+  std::uniform_int_distribution<int> dist(lo, hi);
+  std::vector<int8_t> v(static_cast<size_t>(n));
+  for (int8_t& c : v) c = static_cast<int8_t>(dist(rng));
+  return v;
+}
+
+// Over entries finite in both: max |gpu − ref| / |ref| (ref ≠ 0) and ‖gpu − ref‖₂ / ‖ref‖₂.
+struct RelErr {
+  double max_elem = 0, frobenius = 0;
+};
+RelErr rel_err(const std::vector<float>& gpu, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  RelErr e;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(gpu[i]) || !std::isfinite(ref[i])) continue;
+    const double d = gpu[i] - ref[i];
+    num += d * d, den += ref[i] * ref[i];
+    if (ref[i] != 0) e.max_elem = std::max(e.max_elem, std::fabs(d / ref[i]));
+  }
+  e.frobenius = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return e;
+}
+
+TEST_F(Cuda, ternary_int8_matmul_imma_exact) {
+  struct Case {
+    int64_t M, N, K;
+  };
+  BlasLt blas;
+  // K = 20 and 68 are multiples of 4 but not of 16; M is unrestricted.
+  for (const Case c : {Case{1, 4, 4}, Case{17, 36, 20}, Case{33, 100, 68}, Case{128, 96, 1024}, Case{5, 300, 2000},
+                       Case{257, 1024, 2816}}) {
+    const std::string name = shape_name({{"M", c.M}, {"N", c.N}, {"K", c.K}});
+    SCOPED_TRACE(name);
+    std::vector<int8_t> a = random_codes(rng(), c.M * c.K, -128, 127), w = random_codes(rng(), c.N * c.K, -1, 1);
+    // The extremes: row 0 of a all −128 against row 0 of w all −1 gives acc = 128·K.
+    for (int64_t k = 0; k < c.K; ++k) a[k] = -128, w[k] = -1;
+    std::vector<int32_t> acc_cpu(c.M * c.N);
+    ternary_int8_matmul_reference(c.M, c.N, c.K, a.data(), w.data(), acc_cpu.data());
+    ASSERT_EQ(acc_cpu[0], 128 * c.K);
+    Guarded<int8_t> d_a(a), d_w(w);
+    Guarded<int32_t> d_acc(c.M * c.N);
+    ternary_int8_matmul_imma_cuda(blas, c.M, c.N, c.K, d_a.get(), d_w.get(), d_acc.get(), stream());
+    expect_identical(d_acc.download("acc"), acc_cpu, "imma " + name);
+  }
+  // Shapes IMMA cannot take are refused with a message, never computed wrongly.
+  Guarded<int8_t> d_a(64 * 68), d_w(64 * 68);
+  Guarded<int32_t> d_acc(64 * 64);
+  EXPECT_THROW(ternary_int8_matmul_imma_cuda(blas, 8, 8, 65, d_a.get(), d_w.get(), d_acc.get(), stream()), Error);
+  EXPECT_THROW(ternary_int8_matmul_imma_cuda(blas, 8, 6, 64, d_a.get(), d_w.get(), d_acc.get(), stream()), Error);
+  d_acc.download("acc after refusals");
+}
+
+// The whole BitLinear forward product on both tensor-core paths against bitlinear_forward_cpu: codes
+// and scales from the CPU forward, then y from the GPU, bit-identical in fp32 and in bf16.
+TEST_F(Cuda, bitlinear_forward_imma_and_bf16_exact) {
+  struct Case {
+    int64_t M, N, K;
+  };
+  BlasLt blas;
+  const float beta = 0.0173f;
+  for (const Case c : {Case{7, 36, 64}, Case{100, 1024, 1024}, Case{300, 260, 2816}}) {
+    const std::string name = shape_name({{"M", c.M}, {"N", c.N}, {"K", c.K}});
+    SCOPED_TRACE(name);
+    const BitLinearShape s{c.M, c.K, c.N};
+    std::vector<float> x = normal(rng(), c.M * c.K, 2.0f), gain = normal(rng(), c.K, 0.1f, 1.0f);
+    x[1 * c.K + 3] = kNaN;                                     // row 1: NaN scale, NaN outputs
+    for (int64_t k = 0; k < c.K; ++k) x[2 * c.K + k] = 0.0f;  // row 2: zero codes, the 1e-5 floor
+    const std::vector<int8_t> w = random_codes(rng(), c.N * c.K, -1, 1);
+    std::vector<float> y_cpu(c.M * c.N), rstd(c.M), scale(c.M);
+    std::vector<int8_t> a(c.M * c.K);
+    bitlinear_forward_cpu(s, x.data(), gain.data(), w.data(), beta, y_cpu.data(), {rstd.data(), a.data(), scale.data()});
+    std::vector<float> y_cpu_bf16(y_cpu.size());
+    for (size_t i = 0; i < y_cpu.size(); ++i) y_cpu_bf16[i] = from_bf16(to_bf16(y_cpu[i]));
+    // The exact value in float64: the integer sum times β / s.
+    std::vector<int32_t> acc(c.M * c.N);
+    ternary_int8_matmul_reference(c.M, c.N, c.K, a.data(), w.data(), acc.data());
+    std::vector<double> y64(acc.size());
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) y64[m * c.N + n] = acc[m * c.N + n] * static_cast<double>(beta) / scale[m];
+
+    Guarded<int8_t> d_a(a), d_w(w);
+    Guarded<float> d_scale(scale), d_y(c.M * c.N);
+    Guarded<int32_t> d_acc(c.M * c.N);
+    Guarded<uint16_t> d_yb(c.M * c.N), d_ab(c.M * c.K), d_wb(c.N * c.K);
+    // Path A: IMMA, then the separate epilogue.
+    ternary_int8_matmul_imma_cuda(blas, c.M, c.N, c.K, d_a.get(), d_w.get(), d_acc.get(), stream());
+    bitlinear_dequant_cuda(c.M, c.N, d_acc.get(), d_scale.get(), beta, GemmOut::f32, d_y.get(), stream());
+    bitlinear_dequant_cuda(c.M, c.N, d_acc.get(), d_scale.get(), beta, GemmOut::bf16, d_yb.get(), stream());
+    const std::vector<float> y_imma = d_y.download("imma y");
+    expect_identical(y_imma, y_cpu, "imma y f32 " + name);
+    expect_identical(from_bf16(d_yb.download("imma y bf16")), y_cpu_bf16, "imma y bf16 " + name);
+    // The shipped entry point (IMMA into the BlasLt's scratch, then the epilogue).
+    Guarded<float> d_y2(c.M * c.N);
+    bitlinear_matmul_cuda(blas, c.M, c.N, c.K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y2.get(),
+                          stream());
+    expect_identical(d_y2.download("bitlinear_matmul y"), y_cpu, "bitlinear_matmul_cuda y f32 " + name);
+    // Error against the exact value: one rounding of β/s and one of the product, ≤ 2u + u², u = 2^-24.
+    const RelErr e32 = rel_err(y_imma, y64);
+    std::printf("[ exact    ] %s: fp32 output max relative error vs float64 %.3g\n", name.c_str(), e32.max_elem);
+    EXPECT_LE(e32.max_elem, 1.2e-7) << name;
+
+    // Path B: codes as bf16 (exact), both epilogues.
+    codes_to_bf16_cuda(c.M * c.K, d_a.get(), as_bf16(d_ab), stream());
+    codes_to_bf16_cuda(c.N * c.K, d_w.get(), as_bf16(d_wb), stream());
+    std::vector<float> a_f(a.begin(), a.end());
+    expect_identical(from_bf16(d_ab.download("a bf16")), a_f, "codes_to_bf16 " + name);
+    std::printf("[ fused    ] %s: beta/s fused into cuBLASLt: f32 %s, bf16 %s\n", name.c_str(),
+                bitlinear_bf16_scale_fused(blas, c.M, c.N, c.K, GemmOut::f32) ? "yes" : "no",
+                bitlinear_bf16_scale_fused(blas, c.M, c.N, c.K, GemmOut::bf16) ? "yes" : "no");
+    for (const Epilogue ep : {Epilogue::best, Epilogue::separate}) {
+      const std::string tag = std::string(ep == Epilogue::best ? "best " : "separate ") + name;
+      bitlinear_matmul_bf16_cuda(blas, c.M, c.N, c.K, as_bf16(d_ab), as_bf16(d_wb), d_scale.get(), beta, GemmOut::f32,
+                                 d_y.get(), stream(), ep);
+      expect_identical(d_y.download("bf16 path y"), y_cpu, "bf16 path y f32 " + tag);
+      bitlinear_matmul_bf16_cuda(blas, c.M, c.N, c.K, as_bf16(d_ab), as_bf16(d_wb), d_scale.get(), beta, GemmOut::bf16,
+                                 d_yb.get(), stream(), ep);
+      expect_identical(from_bf16(d_yb.download("bf16 path y bf16")), y_cpu_bf16, "bf16 path y bf16 " + tag);
+    }
+
+    // The alternative the codes path avoids: dequantized activations a/s rounded to bf16 (weights as
+    // codes, β as alpha). bf16 keeps 8 significant bits: each a/s carries a relative rounding error
+    // ≤ u = 2^-8, rms 2^-7/√24 ≈ 1.6e-3 over a uniform mantissa, so the output's norm-wise error is
+    // about 1.6e-3 and must stay below u; elementwise it is unbounded where the sum cancels.
+    std::vector<uint16_t> as_host(a.size());
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t k = 0; k < c.K; ++k) as_host[m * c.K + k] = to_bf16(static_cast<float>(a[m * c.K + k]) / scale[m]);
+    Guarded<uint16_t> d_as(as_host);
+    gemm_bf16_cuda(blas, Trans::no, Trans::yes, c.M, c.N, c.K, beta, as_bf16(d_as), c.K, as_bf16(d_wb), c.K, 0.0f,
+                   d_y.get(), c.N, stream());
+    const RelErr eas = rel_err(d_y.download("a/s bf16 y"), y64);
+    std::printf("[ a/s bf16 ] %s: dequantized-activation bf16 GEMM vs float64: max elementwise %.3g, norm-wise %.3g\n",
+                name.c_str(), eas.max_elem, eas.frobenius);
+    EXPECT_LE(eas.frobenius, std::ldexp(1.0, -8)) << name;
+  }
+}
+
+// gemm_bf16_cuda against gemm_cpu on the same bf16-representable inputs, all four transposes, padded
+// leading dimensions (the padding must stay untouched) and beta ≠ 0. Both accumulate in fp32 in
+// different orders; against the float64 product of the same inputs the error is that of fp32
+// accumulation, ≈ √K·2^-24 relative: the bound 1e-5 allows K up to ~2·10^4 at 3σ-like margins.
+TEST_F(Cuda, gemm_bf16_vs_cpu) {
+  struct Case {
+    int64_t M, N, K;
+  };
+  BlasLt blas;
+  for (const Trans ta : {Trans::no, Trans::yes}) {
+    for (const Trans tb : {Trans::no, Trans::yes}) {
+      for (const Case c : {Case{1, 1, 1}, Case{17, 33, 65}, Case{64, 48, 1000}, Case{3, 5, 0}}) {
+        const std::string name = std::string(ta == Trans::yes ? "T" : "N") + (tb == Trans::yes ? "T " : "N ") +
+                                 shape_name({{"M", c.M}, {"N", c.N}, {"K", c.K}});
+        SCOPED_TRACE(name);
+        const int64_t ar = ta == Trans::no ? c.M : c.K, ac = ta == Trans::no ? c.K : c.M;  // stored A (ar, ac)
+        const int64_t br = tb == Trans::no ? c.K : c.N, bc = tb == Trans::no ? c.N : c.K;
+        const int64_t lda = ac + 3, ldb = bc + 1, ldc = c.N + 2;
+        std::vector<float> A = normal(rng(), ar * lda), B = normal(rng(), br * ldb), C = normal(rng(), c.M * ldc);
+        std::vector<uint16_t> Ab(A.size()), Bb(B.size());
+        for (size_t i = 0; i < A.size(); ++i) Ab[i] = to_bf16(A[i]), A[i] = from_bf16(Ab[i]);
+        for (size_t i = 0; i < B.size(); ++i) Bb[i] = to_bf16(B[i]), B[i] = from_bf16(Bb[i]);
+        const float alpha = 0.75f, beta = -0.5f;
+        std::vector<float> C_cpu = C;
+        gemm_cpu(ta, tb, c.M, c.N, c.K, alpha, A.data(), lda, B.data(), ldb, beta, C_cpu.data(), ldc);
+        std::vector<double> C64(C.size()), P64(C.size());
+        for (int64_t m = 0; m < c.M; ++m)
+          for (int64_t n = 0; n < ldc; ++n) {
+            if (n >= c.N) {
+              C64[m * ldc + n] = C[m * ldc + n];  // padding: untouched
+              continue;
+            }
+            double sum = 0;
+            for (int64_t k = 0; k < c.K; ++k)
+              sum += static_cast<double>(ta == Trans::no ? A[m * lda + k] : A[k * lda + m]) *
+                     (tb == Trans::no ? B[k * ldb + n] : B[n * ldb + k]);
+            P64[m * ldc + n] = alpha * sum;
+            C64[m * ldc + n] = alpha * sum + beta * static_cast<double>(C[m * ldc + n]);
+          }
+        Guarded<uint16_t> d_A(Ab), d_B(Bb);
+        Guarded<float> d_C(C);
+        gemm_bf16_cuda(blas, ta, tb, c.M, c.N, c.K, alpha, as_bf16(d_A), lda, as_bf16(d_B), ldb, beta, d_C.get(), ldc,
+                       stream());
+        const std::vector<float> C_gpu = d_C.download("C");
+        expect_close(C_gpu, C_cpu, 1e-5, "gemm_bf16 vs gemm_cpu " + name);
+        std::vector<float> C64f(C64.begin(), C64.end());
+        expect_close(C_gpu, C64f, 1e-5, "gemm_bf16 vs float64 " + name);
+        for (int64_t m = 0; m < c.M; ++m)
+          for (int64_t n = c.N; n < ldc; ++n)
+            ASSERT_EQ(std::memcmp(&C_gpu[m * ldc + n], &C[m * ldc + n], 4), 0) << name << ": padding written";
+        if (c.K == 0) continue;
+        // bf16 C (beta = 0): the fp32 result rounded once more, relative ≤ 2^-8 of each entry.
+        Guarded<uint16_t> d_Cb(C.size());
+        gemm_bf16_cuda(blas, ta, tb, c.M, c.N, c.K, alpha, as_bf16(d_A), lda, as_bf16(d_B), ldb, 0.0f, GemmOut::bf16,
+                       d_Cb.get(), ldc, stream());
+        const std::vector<uint16_t> Cb = d_Cb.download("C bf16");
+        std::vector<float> Cb_valid, P_valid;
+        for (int64_t m = 0; m < c.M; ++m)
+          for (int64_t n = 0; n < ldc; ++n) {
+            if (n >= c.N) {
+              ASSERT_EQ(Cb[m * ldc + n], 0xA5A5) << name << ": bf16 padding written";
+              continue;
+            }
+            Cb_valid.push_back(from_bf16(Cb[m * ldc + n]));
+            P_valid.push_back(static_cast<float>(P64[m * ldc + n]));
+          }
+        expect_close(Cb_valid, P_valid, std::ldexp(1.0, -8) + 1e-5, "gemm_bf16 bf16 out vs float64 " + name);
+      }
+    }
+  }
+}
+
+// The BitLinear backward products (bf16 inputs, fp32 accumulation) against the CPU backward's own
+// sgemm calls. The only rounding beyond fp32 is dy (and dy/s) to bf16: relative ≤ u = 2^-8 per
+// element, rms ≈ 1.6e-3 (see above), so the norm-wise error against float64 stays below u (2.4x
+// margin), and the max-norm error against the CPU (max|Δ| / max|cpu|; the largest errors and the
+// largest outputs are both a few σ out) below 2u.
+TEST_F(Cuda, bitlinear_backward_gemms_vs_cpu) {
+  struct Case {
+    int64_t M, N, K;
+  };
+  BlasLt blas;
+  const float beta = 0.021f;
+  for (const Case c : {Case{37, 36, 20}, Case{256, 1024, 512}, Case{512, 260, 1024}}) {
+    const std::string name = shape_name({{"M", c.M}, {"N", c.N}, {"K", c.K}});
+    SCOPED_TRACE(name);
+    std::vector<float> xt = normal(rng(), c.M * c.K), dy = normal(rng(), c.M * c.N), dw0 = normal(rng(), c.N * c.K);
+    std::vector<int8_t> a(c.M * c.K);
+    std::vector<float> scale(c.M);
+    act_quant_cpu(c.M, c.K, xt.data(), a.data(), scale.data());
+    const std::vector<int8_t> w = random_codes(rng(), c.N * c.K, -1, 1);
+    dy[5 * c.N + 7] = kNaN;  // a NaN gradient poisons its row of dxt and its column n of dw
+    // CPU: the two products exactly as bitlinear_backward_cpu forms them.
+    std::vector<float> wf(w.begin(), w.end()), af(a.size()), dxt_cpu(c.M * c.K), dw_cpu = dw0;
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t k = 0; k < c.K; ++k) af[m * c.K + k] = static_cast<float>(a[m * c.K + k]) / scale[m];
+    gemm_cpu(Trans::no, Trans::no, c.M, c.K, c.N, beta, dy.data(), c.N, wf.data(), c.K, 0.0f, dxt_cpu.data(), c.K);
+    gemm_cpu(Trans::yes, Trans::no, c.N, c.K, c.M, 1.0f, dy.data(), c.N, af.data(), c.K, 1.0f, dw_cpu.data(), c.K);
+    // float64 of the unrounded fp32 inputs.
+    std::vector<double> dxt64(dxt_cpu.size(), 0.0), dw64(dw0.begin(), dw0.end());
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        const double g = dy[m * c.N + n];
+        for (int64_t k = 0; k < c.K; ++k) {
+          dxt64[m * c.K + k] += beta * g * w[n * c.K + k];
+          dw64[n * c.K + k] += g * a[m * c.K + k] / static_cast<double>(scale[m]);
+        }
+      }
+
+    Guarded<float> d_dy(dy), d_scale(scale), d_dxt(c.M * c.K), d_dw(dw0);
+    Guarded<int8_t> d_a(a), d_w(w);
+    Guarded<uint16_t> d_dyb(c.M * c.N), d_dysb(c.M * c.N), d_ab(c.M * c.K), d_wb(c.N * c.K);
+    rows_to_bf16_cuda(c.M, c.N, d_dy.get(), nullptr, as_bf16(d_dyb), stream());
+    rows_to_bf16_cuda(c.M, c.N, d_dy.get(), d_scale.get(), as_bf16(d_dysb), stream());
+    codes_to_bf16_cuda(c.M * c.K, d_a.get(), as_bf16(d_ab), stream());
+    codes_to_bf16_cuda(c.N * c.K, d_w.get(), as_bf16(d_wb), stream());
+    bitlinear_backward_gemms_cuda(blas, c.M, c.N, c.K, as_bf16(d_dyb), as_bf16(d_dysb), as_bf16(d_wb), as_bf16(d_ab),
+                                  beta, d_dxt.get(), d_dw.get(), stream());
+    // The conversions are bit-exact (one IEEE division, one round to nearest even).
+    std::vector<float> dyb_cpu(dy.size()), dysb_cpu(dy.size());
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        dyb_cpu[m * c.N + n] = from_bf16(to_bf16(dy[m * c.N + n]));
+        dysb_cpu[m * c.N + n] = from_bf16(to_bf16(dy[m * c.N + n] / scale[m]));
+      }
+    expect_identical(from_bf16(d_dyb.download("dy bf16")), dyb_cpu, "rows_to_bf16 " + name);
+    expect_identical(from_bf16(d_dysb.download("dy/s bf16")), dysb_cpu, "rows_to_bf16 with divisor " + name);
+    const std::vector<float> dxt = d_dxt.download("dxt"), dw = d_dw.download("dw");
+    expect_close(dxt, dxt_cpu, std::ldexp(1.0, -7), "dxt " + name);
+    expect_close(dw, dw_cpu, std::ldexp(1.0, -7), "dw " + name);
+    const RelErr ex = rel_err(dxt, dxt64), ew = rel_err(dw, dw64);
+    std::printf("[ bf16 bwd ] %s: vs float64 norm-wise dxt %.3g, dw %.3g (max elementwise %.3g, %.3g)\n", name.c_str(),
+                ex.frobenius, ew.frobenius, ex.max_elem, ew.max_elem);
+    EXPECT_LE(ex.frobenius, std::ldexp(1.0, -8)) << name;
+    EXPECT_LE(ew.frobenius, std::ldexp(1.0, -8)) << name;
+  }
+}
+
 // ---- launcher preconditions ----------------------------------------------------------------------
 
 TEST_F(Cuda, launchers_reject_bad_arguments) {
@@ -499,6 +800,12 @@ TEST_F(Cuda, launchers_reject_bad_arguments) {
   // Empty work is a no-op, not a launch of an empty grid.
   EXPECT_NO_THROW(cross_entropy_cuda(0, 10, nullptr, nullptr, nullptr, nullptr, 1.0f, stream()));
   EXPECT_NO_THROW(ternary_int8_matmul_cuda(0, 5, 7, nullptr, nullptr, nullptr, stream()));
+  BlasLt blas;
+  EXPECT_NO_THROW(ternary_int8_matmul_imma_cuda(blas, 0, 4, 4, nullptr, nullptr, nullptr, stream()));
+  // Beyond K = 131072 fp32 no longer holds the code sums exactly: the bf16 path refuses.
+  EXPECT_THROW(bitlinear_matmul_bf16_cuda(blas, 4, 4, (1 << 17) + 4, nullptr, nullptr, nullptr, 1.0f, GemmOut::f32,
+                                          nullptr, stream()),
+               Error);
   PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 

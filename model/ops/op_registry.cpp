@@ -8,7 +8,7 @@ namespace peerless {
 namespace {
 
 constexpr std::array kOps = {
-    OpInfo{"gemm", "gemm.h", true, false},
+    OpInfo{"gemm", "gemm.h", true, true},
     OpInfo{"rmsnorm", "rmsnorm.h", true, true},
     OpInfo{"act_quant", "quant.h", true, true},
     OpInfo{"weight_quant", "quant.h", true, true},
