@@ -16,6 +16,7 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("run.out_dir", &run.out_dir, "parent directory of run directories");
   s.add_int("run.seed", &run.seed, 0, kBig, "seed for initialization and data order");
   s.add_int("run.threads", &run.threads, 0, 1024, "CPU threads (0 = all cores)");
+  s.add_choice("run.device", &run.device, {"cpu", "cuda"}, "where training runs (cuda: one GPU, dense models)");
 
   s.add_int("model.vocab_size", &model.vocab_size, 0, 1 << 24, "vocabulary size (0 = from the data file)");
   s.add_int("model.d_model", &model.d_model, 1, 65536, "model width d");

@@ -18,6 +18,7 @@ struct RunSection {
   std::string out_dir = "runs";
   int64_t seed = 1234;           // initialization and data order
   int64_t threads = 0;           // CPU threads; 0 = all cores
+  std::string device = "cpu";    // "cpu" or "cuda" (one GPU; model/cuda_model.h)
 };
 
 struct DataSection {

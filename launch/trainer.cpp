@@ -19,6 +19,9 @@
 #include "launch/model_file.h"
 #include "launch/signals.h"
 #include "model/cpu_threads.h"
+#ifdef PEERLESS_HAVE_CUDA
+#include "model/cuda_model.h"
+#endif
 #include "model/data_parallel.h"
 #include "model/optimizer.h"
 #include "parallel/consistency.h"
@@ -471,7 +474,27 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
         std::printf("  note: the checkpoint is at step %lld >= train.max_steps = %lld: nothing left to train\n",
                     static_cast<long long>(start_step), static_cast<long long>(cfg.train.max_steps));
     }
-  }  if (lead && world > 1) {
+  }  // run.device = "cuda": one GPU holds parameters, gradients, moments and activations; the host
+  // copies (params, adam, the model's codes and β) are refreshed by sync_host() when needed.
+  const bool gpu = cfg.run.device == "cuda";
+#ifdef PEERLESS_HAVE_CUDA
+  std::unique_ptr<CudaModel> cuda;
+  if (gpu) {
+    PL_CHECK(world == 1, config, "run.device = \"cuda\" trains on one GPU for now (got ", world,
+             " ranks); data-parallel GPU training is not wired yet");
+    cuda = std::make_unique<CudaModel>(model, adam, B * T);
+    cuda->upload(params.data(), adam);
+    if (lead) std::printf("device: cuda, %s allocated on the GPU for a micro-batch of %lld tokens\n",
+                          human_bytes(static_cast<double>(cuda->device_bytes())).c_str(), static_cast<long long>(B * T));
+  }
+  auto sync_host = [&] {
+    if (cuda) cuda->download(params.data(), adam);
+  };
+#else
+  PL_CHECK(!gpu, config, "run.device = \"cuda\" needs a build with CUDA (this binary has none)");
+  auto sync_host = [] {};
+#endif
+  if (lead && world > 1) {
     const auto tr = dp.traffic();
     std::printf("data parallel: %d ranks, backend %s, %zu buckets, ZeRO-1 %s; optimizer state per rank %s of %s\n",
                 world, comm.backend_name().c_str(), dp.buckets().size(), cfg.parallel.zero1 ? "on" : "off",
@@ -513,8 +536,32 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     PL_ASSERT(adam.table_rows() == n_peer * model.peer_table_rows());
     touched.assign(adam.table_rows(), 0);
   }
+  double gpu_step_loss = 0, gpu_gnorm = 0;  // this step's loss and gradient norm (either path)
   for (int64_t step = start_step + 1; step <= cfg.train.max_steps; ++step) {
     PL_ASSERT(loader.step() == step);
+#ifdef PEERLESS_HAVE_CUDA
+    if (cuda) {
+      // One GPU: the same step as below, every tensor on the device.
+      cuda->zero_grads();
+      double loss_sum = 0;
+      for (int64_t a = 0; a < A; ++a) {
+        const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
+        loader.fill(step, first, n, inputs.data(), targets.data());
+        const double loss = cuda->forward_backward(inputs.data(), targets.data(), n, T, grad_scale);
+        PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
+                 "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr, ")");
+        loss_sum += loss;
+      }
+      gpu_step_loss = loss_sum / static_cast<double>(G * T);
+      gpu_gnorm = cuda->grad_norm();
+      PL_CHECK(std::isfinite(gpu_gnorm), numeric, "the gradient norm is ", gpu_gnorm, " at step ", step);
+      if (cfg.optim.grad_clip > 0 && gpu_gnorm > cfg.optim.grad_clip)
+        cuda->scale_grads(static_cast<float>(cfg.optim.grad_clip / gpu_gnorm));
+      cuda->adam_step(step, learning_rate(cfg.optim, step, cfg.train.max_steps));
+      cuda->refresh_ternary();
+    }
+#endif
+    if (!gpu) {
     std::fill(grads.begin(), grads.end(), 0.f);
     std::fill(touched.begin(), touched.end(), 0);
     dp.begin_step();
@@ -550,6 +597,11 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
     adam.step(params.data(), grads.data(), step, lr, touched.empty() ? nullptr : touched.data());
     dp.refresh_and_gather(model, params.data());
+    gpu_step_loss = step_loss;
+    gpu_gnorm = gnorm;
+    }
+    const double step_loss = gpu_step_loss, gnorm = gpu_gnorm;
+    const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
     loader.advance();
 
     tokens_seen += G * T;
@@ -572,7 +624,10 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const bool eval_now = !last && cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0;
     if (step % cfg.train.log_every == 0 || eval_now || last) {
       double val = 0;
-      if (eval_now) val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B, &comm).mean_loss;
+      if (eval_now) {
+        sync_host();
+        val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B, &comm).mean_loss;
+      }
       PeerUsage usage;
       if (n_peer > 0) {
         if (world > 1)
@@ -609,6 +664,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const bool checkpoint_now = stop_signal != 0 || flags[2] != 0 ||
                                 (cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0);
     if (checkpoint_now) {
+      sync_host();
       const TrainState state{step, tokens_seen, loader.cursor(), G, window_loss, window_steps, data->content_hash()};
       const auto written = write_checkpoint(ckpt_root, cfg, config_text, model, dp, params.data(), adam, state, comm);
       t_checkpoint = Clock::now();
@@ -637,6 +693,13 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     }
   }
   const double train_seconds = seconds_since(t_start);
+  sync_host();
+#ifdef PEERLESS_HAVE_CUDA
+  if (cuda && lead)
+    std::printf("GPU memory: %s allocated by the model, %s in use on the device at the end\n",
+                human_bytes(static_cast<double>(cuda->device_bytes())).c_str(),
+                human_bytes(static_cast<double>(cuda->peak_bytes())).c_str());
+#endif
   // Peak memory of every rank over the training steps (before the final evaluation and saving), to
   // hold against the accounting printed at the start.
   std::vector<int64_t> peaks(world, 0);

@@ -126,6 +126,16 @@ class Model {
   void decode_reset(DecodeState& state) const;
   void decode_step(const float* params, int32_t token, DecodeState& state) const;
 
+  // Parameter indices, for other implementations of the same forward/backward (model/cuda_model.h).
+  struct Index {
+    int embed, lower_bounds, final_norm, head_gain, head_w;
+  };
+  Index index() const { return {embed_, lower_bounds_, final_norm_, head_gain_, head_w_}; }
+  const std::vector<BlockParams>& blocks() const { return blocks_; }
+  bool quantized() const { return quantize_; }
+  GateForm gate_form() const { return gate_form_; }
+  GluActivation glu_activation() const { return glu_act_; }
+
   // Bytes of activations that forward saves per token (for the memory estimate).
   int64_t activation_bytes_per_token() const;
 

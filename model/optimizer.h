@@ -63,6 +63,9 @@ class AdamW {
   int64_t table_rows() const { return table_rows_; }  // Σ rows of the PEER expert tables
   const std::vector<Range>& owned() const { return owned_; }
   int64_t state_elements() const { return static_cast<int64_t>(m_.size()); }
+  // Per element of the layout: 1 = weight decay applies, 0 = none, 2 = frozen (buffers).
+  const std::vector<uint8_t>& decay_flags() const { return decay_; }
+  const OptimConfig& config() const { return config_; }
   std::vector<float>& m() { return m_; }
   std::vector<float>& v() { return v_; }
 

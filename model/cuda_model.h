@@ -1,0 +1,60 @@
+// The MatMul-free LM trained on one GPU: the same forward and backward as Model (model/model.h),
+// op for op, through the CUDA launchers of model/ops (every op tested against its CPU reference in
+// tests/test_ops_cuda.cpp), plus AdamW, the gradient norm and the ternary refresh on the device.
+//
+// Parameters, gradients, AdamW moments, ternary codes and activations live on the GPU in the same
+// flat layout as on the host; the host copies (the caller's params, the AdamW moments, the Model's
+// codes and β) are brought up to date by download() when something needs them (evaluation,
+// checkpoints, the model file) and pushed by upload() after a resume.
+//
+// Numerics against the CPU model: the forward is the same up to float rounding order (the BitLinear
+// products are exact in both: IMMA int32 here, integer loops there); the backward GEMMs run in bf16
+// with fp32 accumulation (dy and dy/s rounded to bf16, codes exact), a relative error of ~2^-9 per
+// product that the CPU's fp32 GEMMs do not have. tests/test_cuda_model.cpp compares loss curves.
+//
+// This first version covers dense models (no PEER block, no Q-Sparse, quant = ternary) on one GPU.
+// Every device buffer is allocated once, at construction, for the largest micro-batch (an arena in
+// effect); peak_bytes() reports what the process holds on the device.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "model/model.h"
+#include "model/optimizer.h"
+
+namespace peerless {
+
+class CudaModel {
+ public:
+  // tokens: the largest micro-batch (batch·seq) forward_backward() will see.
+  CudaModel(Model& host, const AdamW& adam, int64_t tokens);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  // Whether this model/optimizer can run here; else a config error naming what is unsupported.
+  static void check_supported(const Model& host, const AdamW& adam);
+
+  void upload(const float* params, const AdamW& adam);  // params, moments, and the host model's codes and β
+  void download(float* params, AdamW& adam);            // params and moments; codes and β into the host model
+
+  void zero_grads();
+  // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
+  // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order.
+  double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale);
+  double grad_norm();            // L2 norm of the gradient, accumulated in float64
+  void scale_grads(float factor);
+  void adam_step(int64_t t, double lr);  // AdamW exactly as AdamW::step (one learning rate)
+  void refresh_ternary();               // codes and β from the latent weights (β also to the host model)
+
+  int64_t device_bytes() const;  // bytes this model allocated on the device
+  int64_t peak_bytes() const;    // peak device memory in use by the process (cudaMemGetInfo)
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace peerless
