@@ -17,5 +17,6 @@ int cmd_sample(const Args& args);
 int cmd_inspect(const Args& args);
 int cmd_bench(const Args& args);
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
+int bench_ops(const Args& args);         // `bench ops`, launch/bench_ops.cpp
 
 }  // namespace peerless
