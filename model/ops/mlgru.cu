@@ -6,8 +6,9 @@
 // The chunked scan is what mlgru_scan_{forward,backward}_cuda run. The recurrence is linear,
 // h_t = f_t h_{t−1} + i_t, so a run of steps acts on its incoming state as h ↦ A·h + H with
 // A = Π f and H = the run's final state from a zero start; two runs compose as
-// (A1, H1) then (A2, H2) = (A1·A2, A2·H1 + H2). One block owns C channels of one batch row and
-// splits time into tiles of P·L steps: thread (p, c) loads its L consecutive steps into registers,
+// (A1, H1) then (A2, H2) = (A1·A2, A2·H1 + H2). One block owns C ≥ 16 channels of one batch row and
+// splits time into tiles of P·L steps (L = 16; P ≤ 32 forward, ≤ 16 backward, so tiles of up to 512
+// and 256 steps, walked in order inside the block): thread (p, c) loads its L consecutive steps into registers,
 // forms its chunk's (A, H) (chunk 0 starts from the previous tile's final state), the block scans
 // the P chunk aggregates of each channel in shared memory (Hillis–Steele, log2 P rounds), then each
 // thread replays its L steps from the carry it receives and writes f and h. Every input is read
@@ -93,21 +94,23 @@ __global__ void mlgru_dlb_kernel(int64_t B, int64_t D, const float* __restrict__
 
 // ---- chunked scan --------------------------------------------------------------------------------
 
-constexpr int kScanSteps = 16;      // L: time steps per thread per tile, held in registers
-constexpr int kScanThreads = 512;   // C channels × P chunks per block
-constexpr int kScanMaxChunks = 64;  // P at most: a tile is at most 1024 steps
+constexpr int kScanSteps = 16;        // L: time steps per thread per tile, held in registers
+constexpr int kScanMinChannels = 16;  // C at least: 64 contiguous bytes per row of a chunk
+constexpr int kScanFwdThreads = 512;  // C × P per block, forward (~64 registers: 2 blocks per SM)
+constexpr int kScanBwdThreads = 256;  // backward (5 inputs per step in registers, ~100 registers)
 
-// P chunks per tile (a power of two, as few as cover T, at most kScanMaxChunks); C = threads / P.
-int scan_chunks(int64_t T) {
+// P chunks per tile (a power of two, as few as cover T, at most threads / kScanMinChannels);
+// C = threads / P channels per block.
+int scan_chunks(int64_t T, int threads) {
   int p = 1;
-  while (p < kScanMaxChunks && static_cast<int64_t>(p) * kScanSteps < T) p *= 2;
+  while (p < threads / kScanMinChannels && static_cast<int64_t>(p) * kScanSteps < T) p *= 2;
   return p;
 }
 
 // Inclusive scan over the chunk index q (0..P−1) of per-thread affine maps (a, h), for each of the C
 // channels of the block: on return (a, h) composes the maps of chunks 0..q of this thread's channel,
-// and agg[q·C + c] holds it for every (q, c). `agg` is kScanThreads float2 of shared memory; every
-// thread of the block calls, each with its own (q, c).
+// and agg[q·C + c] holds it for every (q, c). `agg` is C·P float2 of shared memory; every thread of
+// the block calls, each with its own (q, c).
 __device__ __forceinline__ void block_affine_scan(int q, int c, int C, int P, float& a, float& h, float2* agg) {
   const int slot = q * C + c;
   for (int off = 1; off < P; off *= 2) {
@@ -126,13 +129,15 @@ __device__ __forceinline__ void block_affine_scan(int q, int c, int C, int P, fl
 }
 
 // Forward. Grid (ceil(D / C), B); thread tid = p·C + c owns channel j = blockIdx.x·C + c and, in each
-// tile starting at t0, the steps t0 + p·L .. t0 + p·L + L − 1.
-__global__ void __launch_bounds__(kScanThreads, 2)
+// tile starting at t0, the steps t0 + p·L .. t0 + p·L + L − 1. All of a chunk's loads are issued
+// before any of them is used (a warp stalls at the first use of a pending load, so interleaving
+// loads with the gate arithmetic would expose one memory latency per step).
+__global__ void __launch_bounds__(kScanFwdThreads, 2)
     mlgru_scan_forward_chunked_kernel(int64_t T, int64_t D, int P, const float* __restrict__ ihat,
                                       const float* __restrict__ fhat, const float* __restrict__ lb,
                                       float* __restrict__ f, float* __restrict__ h) {
-  __shared__ float2 agg[kScanThreads];
-  const int C = kScanThreads / P;
+  __shared__ float2 agg[kScanFwdThreads];
+  const int C = kScanFwdThreads / P;
   const int c = threadIdx.x % C, p = threadIdx.x / C;
   const int64_t b = blockIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * C + c;
@@ -142,15 +147,28 @@ __global__ void __launch_bounds__(kScanThreads, 2)
   const int64_t tile = static_cast<int64_t>(P) * kScanSteps;
   for (int64_t t0 = 0; t0 < T; t0 += tile) {
     const int64_t tc = t0 + static_cast<int64_t>(p) * kScanSteps;  // first step of this thread's chunk
-    float fv[kScanSteps], iv[kScanSteps];
+    const int64_t k0 = (b * T + tc) * D + j;                         // its element at step tc
+    const int n_valid = !live ? 0 : (tc >= T ? 0 : static_cast<int>(T - tc < kScanSteps ? T - tc : kScanSteps));
+    float fv[kScanSteps], iv[kScanSteps];  // raw f̂, î, then the gates f, i
+    if (n_valid == kScanSteps) {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) fv[l] = fhat[k0 + l * D], iv[l] = ihat[k0 + l * D];
+    } else {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) {
+        fv[l] = 0.0f, iv[l] = 0.0f;
+        if (l < n_valid) fv[l] = fhat[k0 + l * D], iv[l] = ihat[k0 + l * D];
+      }
+    }
 #pragma unroll
     for (int l = 0; l < kScanSteps; ++l) {
-      fv[l] = 1.0f, iv[l] = 0.0f;  // past the end: the identity step
-      if (live && tc + l < T) {
-        const int64_t k = (b * T + tc + l) * D + j;
-        fv[l] = lbj + (1.0f - lbj) * sigmoidf_dev(fhat[k]);
-        const float x = ihat[k];
-        iv[l] = x * sigmoidf_dev(x) * (1.0f - fv[l]);
+      if (l < n_valid) {
+        const float fg = lbj + (1.0f - lbj) * sigmoidf_dev(fv[l]);
+        const float x = iv[l];
+        iv[l] = x * sigmoidf_dev(x) * (1.0f - fg);
+        fv[l] = fg;
+      } else {
+        fv[l] = 1.0f, iv[l] = 0.0f;  // past the end: the identity step
       }
     }
     // This chunk's map; chunk 0 folds in the carry, so the scan yields states, not maps.
@@ -165,28 +183,29 @@ __global__ void __launch_bounds__(kScanThreads, 2)
     carry = agg[(P - 1) * C + c].y;
 #pragma unroll
     for (int l = 0; l < kScanSteps; ++l) {
-      if (live && tc + l < T) {
-        const int64_t k = (b * T + tc + l) * D + j;
+      if (l < n_valid) {
         hv = fmaf(fv[l], hv, iv[l]);  // the sequential kernel's step, bit for bit
-        f[k] = fv[l];
-        h[k] = hv;
+        f[k0 + l * D] = fv[l];
+        h[k0 + l * D] = hv;
       }
     }
   }
 }
 
-// Backward, reverse time: tiles from the last, and chunk order q = P − 1 − p within a tile.
+// Backward, reverse time: tiles from the last, and chunk order q = P − 1 − p within a tile. All five
+// inputs of a chunk are loaded into registers up front (f, dh for the carry scan; î, f̂, h_{t−1}
+// for the gradients), for the same reason as in the forward.
 // Writes dihat, dfhat and, when partials is not null, Σ_t of the lower-bound gradient for (b, j)
 // into partials[b·D + j] (per thread in time order within its chunks, tiles last to first, then the
 // P chunk sums in chunk order: a fixed order).
-__global__ void __launch_bounds__(kScanThreads, 2)
+__global__ void __launch_bounds__(kScanBwdThreads, 2)
     mlgru_scan_backward_chunked_kernel(int64_t T, int64_t D, int P, const float* __restrict__ ihat,
                                        const float* __restrict__ fhat, const float* __restrict__ lb,
                                        const float* __restrict__ f, const float* __restrict__ h,
                                        const float* __restrict__ dh, float* __restrict__ dihat,
                                        float* __restrict__ dfhat, float* __restrict__ partials) {
-  __shared__ float2 agg[kScanThreads];
-  const int C = kScanThreads / P;
+  __shared__ float2 agg[kScanBwdThreads];
+  const int C = kScanBwdThreads / P;
   const int c = threadIdx.x % C, p = threadIdx.x / C, q = P - 1 - p;
   const int64_t b = blockIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * C + c;
@@ -198,14 +217,25 @@ __global__ void __launch_bounds__(kScanThreads, 2)
   const int64_t n_tiles = (T + tile - 1) / tile;
   for (int64_t ti = n_tiles - 1; ti >= 0; --ti) {
     const int64_t tc = ti * tile + static_cast<int64_t>(p) * kScanSteps;
-    float fv[kScanSteps], gv[kScanSteps];
+    const int64_t k0 = (b * T + tc) * D + j;
+    const int n_valid = !live ? 0 : (tc >= T ? 0 : static_cast<int>(T - tc < kScanSteps ? T - tc : kScanSteps));
+    float fv[kScanSteps], gv[kScanSteps], xv[kScanSteps], fh[kScanSteps], hp[kScanSteps];
+    if (n_valid == kScanSteps) {
 #pragma unroll
-    for (int l = 0; l < kScanSteps; ++l) {
-      fv[l] = 1.0f, gv[l] = 0.0f;
-      if (live && tc + l < T) {
-        const int64_t k = (b * T + tc + l) * D + j;
-        fv[l] = f[k];
-        gv[l] = dh[k];
+      for (int l = 0; l < kScanSteps; ++l) {
+        const int64_t k = k0 + l * D;
+        fv[l] = f[k], gv[l] = dh[k], xv[l] = ihat[k], fh[l] = fhat[k];
+        hp[l] = (l > 0 || tc > 0) ? h[k - D] : 0.0f;
+      }
+    } else {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) {
+        fv[l] = 1.0f, gv[l] = 0.0f, xv[l] = 0.0f, fh[l] = 0.0f, hp[l] = 0.0f;  // past the end: identity
+        if (l < n_valid) {
+          const int64_t k = k0 + l * D;
+          fv[l] = f[k], gv[l] = dh[k], xv[l] = ihat[k], fh[l] = fhat[k];
+          hp[l] = (l > 0 || tc > 0) ? h[k - D] : 0.0f;
+        }
       }
     }
     float a = 1.0f, cc = q == 0 ? carry : 0.0f;
@@ -220,18 +250,16 @@ __global__ void __launch_bounds__(kScanThreads, 2)
     carry = agg[(P - 1) * C + c].y;
 #pragma unroll
     for (int l = kScanSteps - 1; l >= 0; --l) {
-      const int64_t t = tc + l;
-      if (live && t < T) {
-        const int64_t k = (b * T + t) * D + j;
+      if (l < n_valid) {
+        const int64_t k = k0 + l * D;
         const float g = gv[l] + cv;  // total dL/dh_t
         const float fk = fv[l];
-        const float hprev = t > 0 ? h[k - D] : 0.0f;
-        const float x = ihat[k];
+        const float x = xv[l];
         const float sx = sigmoidf_dev(x);
         const float silu = x * sx;
         dihat[k] = g * (1.0f - fk) * (sx * (1.0f + x * (1.0f - sx)));
-        const float df = g * hprev - g * silu;
-        const float sf = sigmoidf_dev(fhat[k]);
+        const float df = g * hp[l] - g * silu;
+        const float sf = sigmoidf_dev(fh[l]);
         dfhat[k] = df * (1.0f - lbj) * (sf * (1.0f - sf));
         dlb_acc += df * (1.0f - sf);
         cv = fk * g;
@@ -285,9 +313,9 @@ void check_scan(const char* who, const ScanShape& s) {
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-// The chunked scan's grid: (channel groups of C = kScanThreads / P, batch rows).
-dim3 scan_grid(const char* who, const ScanShape& s) {
-  const int64_t C = kScanThreads / scan_chunks(s.seq);
+// The chunked scan's grid: (channel groups of C = threads / P, batch rows).
+dim3 scan_grid(const char* who, const ScanShape& s, int threads) {
+  const int64_t C = threads / scan_chunks(s.seq, threads);
   const int64_t gx = (s.dim + C - 1) / C;
   PL_CHECK(gx <= 0x7fffffff && s.batch <= 65535, internal, who, ": batch=", s.batch, " dim=", s.dim,
            " exceed the grid limits (batch at most 65535)");
@@ -328,9 +356,9 @@ void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float*
   check_scan("mlgru_scan_forward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(ihat && fhat && f && h, internal, "mlgru_scan_forward_cuda: null pointer");
-  const dim3 grid = scan_grid("mlgru_scan_forward_cuda", s);
-  mlgru_scan_forward_chunked_kernel<<<grid, kScanThreads, 0, stream>>>(s.seq, s.dim, scan_chunks(s.seq), ihat, fhat,
-                                                                       lb, f, h);
+  const dim3 grid = scan_grid("mlgru_scan_forward_cuda", s, kScanFwdThreads);
+  mlgru_scan_forward_chunked_kernel<<<grid, kScanFwdThreads, 0, stream>>>(
+      s.seq, s.dim, scan_chunks(s.seq, kScanFwdThreads), ihat, fhat, lb, f, h);
   PL_CUDA_CHECK_LAUNCH(mlgru_scan_forward_chunked_kernel);
 }
 
@@ -342,9 +370,10 @@ void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float
   PL_CHECK(ihat && fhat && f && h && dh && dihat && dfhat, internal, "mlgru_scan_backward_cuda: null pointer");
   PL_CHECK(!dlb || workspace, internal,
            "mlgru_scan_backward_cuda: dlb needs a workspace of batch*dim floats (got null)");
-  const dim3 grid = scan_grid("mlgru_scan_backward_cuda", s);
-  mlgru_scan_backward_chunked_kernel<<<grid, kScanThreads, 0, stream>>>(
-      s.seq, s.dim, scan_chunks(s.seq), ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb ? workspace : nullptr);
+  const dim3 grid = scan_grid("mlgru_scan_backward_cuda", s, kScanBwdThreads);
+  mlgru_scan_backward_chunked_kernel<<<grid, kScanBwdThreads, 0, stream>>>(
+      s.seq, s.dim, scan_chunks(s.seq, kScanBwdThreads), ihat, fhat, lb, f, h, dh, dihat, dfhat,
+      dlb ? workspace : nullptr);
   PL_CUDA_CHECK_LAUNCH(mlgru_scan_backward_chunked_kernel);
   if (!dlb) return;
   mlgru_dlb_kernel<<<blocks_for(s.dim), kThreads, 0, stream>>>(s.batch, s.dim, workspace, dlb);

@@ -55,7 +55,7 @@ void output_gate_backward_cpu(GateForm form, int64_t n, const double* gn, const 
 // ---- CUDA (model/ops/mlgru.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
 // All pointers are device memory; the calls are ordered on `stream` and not complete on return.
 // The scan: mlgru_scan_{forward,backward}_cuda run the chunked parallel scan over time (tiles of
-// up to 1024 steps split into 16-step chunks per thread, chunk carries scanned in shared memory:
+// up to 512 steps split into 16-step chunks per thread, chunk carries scanned in shared memory:
 // each input read once, each output written once; see mlgru.cu). Inside a chunk the arithmetic is
 // the sequential kernel's; the carries are reassociated, so results agree with the sequential
 // version to rounding (~1e-6 relative), not bit for bit. Same contracts as the CPU overloads.

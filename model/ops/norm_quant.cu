@@ -1,7 +1,7 @@
 // CUDA fused RMSNorm + int8 activation quantizer (norm_quant.h, SPEC §1).
-// Forward: one block per row. The row is read from memory once into shared memory; Σx² is then
+// Forward: one warp per row. The row is read from memory once into shared memory; Σx² is then
 // summed exactly as the CPU reference does it (row_math.h dot_fma: 8 interleaved lanes of fmas, the
-// lanes added pairwise, the tail fma'd on; here 8 threads run the lanes), so rstd, x̃ = (x·rstd)·γ,
+// lanes added pairwise, the tail fma'd on; here 8 lanes of the warp run the lanes), so rstd, x̃ = (x·rstd)·γ,
 // max|x̃|, s and the codes are bit-identical to rmsnorm_forward_cpu -> act_quant_cpu. Every other
 // operation is explicitly rounded (__fmul_rn, __fdiv_rn, __fsqrt_rn) so that nvcc cannot contract
 // or approximate it. Memory: 4 bytes read and 1 byte written per element (the unfused pair moves 13:
@@ -26,99 +26,99 @@ using cuda_detail::MaxU32;
 using cuda_detail::quant_round_clamp_dev;
 using cuda_detail::Sum;
 
-constexpr int kFwdThreads = 128;
 constexpr int kLanes = 8;  // row_math.h kLanes: the CPU's interleaved partial sums
+constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
+// Rows per block (one warp each): as many as keep a block's shared memory at 32 KB.
+int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 : 1; }
+
+// One warp per row, `rows_per_block` warps per block; shared memory holds the block's rows. A row
+// is warp-private, so the warp synchronises with __syncwarp only and rows proceed independently:
+// many rows in flight per SM hide both the memory latency and the serial part (the 8-lane sum of
+// squares, dim/8 dependent fmas per lane).
 // kVec: dim % 4 == 0 and x, gain 16-byte aligned (float4 loads, char4 stores of codes).
 template <bool kVec>
-__global__ void __launch_bounds__(kFwdThreads)
-    rmsnorm_act_quant_forward_kernel(int64_t dim, float eps, const float* __restrict__ x,
+__global__ void __launch_bounds__(128)
+    rmsnorm_act_quant_forward_kernel(int64_t rows, int64_t dim, float eps, const float* __restrict__ x,
                                      const float* __restrict__ gain, int8_t* __restrict__ codes,
                                      float* __restrict__ scale, float* __restrict__ rstd) {
-  extern __shared__ float xs[];  // (dim) this row: x, then x̃
-  __shared__ uint32_t red[32];
-  __shared__ float rs_shared;
-  const int64_t r = blockIdx.x;
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
+  if (r >= rows) return;  // a whole warp leaves; no block-wide barrier follows
+  float* xs = smem + static_cast<int64_t>(warp) * dim;  // (dim) this row: x, then x̃
   const float* xr = x + r * dim;
   int8_t* cr = codes + r * dim;
-  const int tid = threadIdx.x;
 
   // 1. The row into shared memory (coalesced; each element read from memory once).
   if constexpr (kVec) {
     const float4* x4 = reinterpret_cast<const float4*>(xr);
     float4* s4 = reinterpret_cast<float4*>(xs);
-    for (int64_t q = tid; q < dim / 4; q += kFwdThreads) s4[q] = x4[q];
+    for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) s4[v] = x4[v];
   } else {
-    for (int64_t j = tid; j < dim; j += kFwdThreads) xs[j] = xr[j];
+    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp) xs[j] = xr[j];
   }
-  __syncthreads();
+  __syncwarp();
 
-  // 2. Σx² in dot_fma's order; thread l < 8 runs lane l, thread 0 combines and adds the tail.
-  if (tid < cuda_detail::kWarp) {
-    const int64_t d8 = dim - dim % kLanes;
-    float acc = 0.0f;
-    if (tid < kLanes) {
+  // 2. Σx² in dot_fma's order: lane l < 8 runs the CPU's lane l, lane 0 combines and adds the tail.
+  const int64_t d8 = dim - dim % kLanes;
+  float acc = 0.0f;
+  if (lane < kLanes) {
 #pragma unroll 8
-      for (int64_t j = tid; j < d8; j += kLanes) acc = fmaf(xs[j], xs[j], acc);
-    }
-    float a[kLanes];
-#pragma unroll
-    for (int l = 0; l < kLanes; ++l) a[l] = __shfl_sync(0xffffffffu, acc, l);
-    if (tid == 0) {
-      float sum = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
-                            __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
-      for (int64_t j = d8; j < dim; ++j) sum = fmaf(xs[j], xs[j], sum);
-      const float ms = __fdiv_rn(sum, static_cast<float>(dim));
-      const float rs = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
-      rs_shared = rs;
-      rstd[r] = rs;
-    }
+    for (int64_t j = lane; j < d8; j += kLanes) acc = fmaf(xs[j], xs[j], acc);
   }
-  __syncthreads();
-  const float rs = rs_shared;
+  float a[kLanes];
+#pragma unroll
+  for (int l = 0; l < kLanes; ++l) a[l] = __shfl_sync(kFull, acc, l);
+  float sum = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
+                        __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
+  for (int64_t j = d8; j < dim; ++j) sum = fmaf(xs[j], xs[j], sum);  // every lane, same value
+  const float ms = __fdiv_rn(sum, static_cast<float>(dim));
+  const float rs = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+  if (lane == 0) rstd[r] = rs;
 
-  // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Each thread
-  //    rereads in step 4 exactly the elements it wrote here, so no barrier is needed between them
-  //    beyond the reduction's own.
+  // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Each lane
+  //    rereads in step 4 exactly the elements it wrote here.
   uint32_t m = 0;
   if constexpr (kVec) {
     const float4* g4 = reinterpret_cast<const float4*>(gain);
     float4* s4 = reinterpret_cast<float4*>(xs);
-    for (int64_t q = tid; q < dim / 4; q += kFwdThreads) {
-      float4 v = s4[q];
-      const float4 g = g4[q];
-      v.x = __fmul_rn(__fmul_rn(v.x, rs), g.x);
-      v.y = __fmul_rn(__fmul_rn(v.y, rs), g.y);
-      v.z = __fmul_rn(__fmul_rn(v.z, rs), g.z);
-      v.w = __fmul_rn(__fmul_rn(v.w, rs), g.w);
-      s4[q] = v;
-      m = max(max(max(m, abs_bits(v.x)), abs_bits(v.y)), max(abs_bits(v.z), abs_bits(v.w)));
+    for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) {
+      float4 y = s4[v];
+      const float4 g = g4[v];
+      y.x = __fmul_rn(__fmul_rn(y.x, rs), g.x);
+      y.y = __fmul_rn(__fmul_rn(y.y, rs), g.y);
+      y.z = __fmul_rn(__fmul_rn(y.z, rs), g.z);
+      y.w = __fmul_rn(__fmul_rn(y.w, rs), g.w);
+      s4[v] = y;
+      m = max(max(max(m, abs_bits(y.x)), abs_bits(y.y)), max(abs_bits(y.z), abs_bits(y.w)));
     }
   } else {
-    for (int64_t j = tid; j < dim; j += kFwdThreads) {
-      const float v = __fmul_rn(__fmul_rn(xs[j], rs), gain[j]);
-      xs[j] = v;
-      m = max(m, abs_bits(v));
+    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp) {
+      const float y = __fmul_rn(__fmul_rn(xs[j], rs), gain[j]);
+      xs[j] = y;
+      m = max(m, abs_bits(y));
     }
   }
-  const float s = act_scale_dev(__uint_as_float(block_reduce(m, MaxU32{}, 0u, red)));
-  if (tid == 0) scale[r] = s;
+  const float s = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
+  if (lane == 0) scale[r] = s;
 
   // 4. The codes.
   if constexpr (kVec) {
     const float4* s4 = reinterpret_cast<const float4*>(xs);
     char4* c4 = reinterpret_cast<char4*>(cr);
-    for (int64_t q = tid; q < dim / 4; q += kFwdThreads) {
-      const float4 v = s4[q];
-      c4[q] = make_char4(quant_round_clamp_dev(__fmul_rn(v.x, s), -128.0f, 127.0f),
-                         quant_round_clamp_dev(__fmul_rn(v.y, s), -128.0f, 127.0f),
-                         quant_round_clamp_dev(__fmul_rn(v.z, s), -128.0f, 127.0f),
-                         quant_round_clamp_dev(__fmul_rn(v.w, s), -128.0f, 127.0f));
+    for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) {
+      const float4 y = s4[v];
+      c4[v] = make_char4(quant_round_clamp_dev(__fmul_rn(y.x, s), -128.0f, 127.0f),
+                         quant_round_clamp_dev(__fmul_rn(y.y, s), -128.0f, 127.0f),
+                         quant_round_clamp_dev(__fmul_rn(y.z, s), -128.0f, 127.0f),
+                         quant_round_clamp_dev(__fmul_rn(y.w, s), -128.0f, 127.0f));
     }
   } else {
-    for (int64_t j = tid; j < dim; j += kFwdThreads) cr[j] = quant_round_clamp_dev(__fmul_rn(xs[j], s), -128.0f, 127.0f);
+    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp)
+      cr[j] = quant_round_clamp_dev(__fmul_rn(xs[j], s), -128.0f, 127.0f);
   }
 }
 
@@ -223,16 +223,18 @@ void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const
   check_shape("rmsnorm_act_quant_forward_cuda", s);
   if (s.rows == 0) return;
   PL_CHECK(x && gain && codes && scale && rstd, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
-  const auto blocks = static_cast<unsigned>(s.rows);
-  const size_t smem = static_cast<size_t>(s.dim) * sizeof(float);
+  const int per_block = fwd_rows_per_block(s.dim);
+  const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
+  const int threads = per_block * 32;
+  const size_t smem = static_cast<size_t>(per_block) * static_cast<size_t>(s.dim) * sizeof(float);  // ≤ 32 KB
   // Every row start is 16-byte aligned when dim % 4 == 0 and x is; codes need 4-byte alignment.
   const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(gain) && (reinterpret_cast<uintptr_t>(codes) & 3u) == 0;
   if (vec)
-    rmsnorm_act_quant_forward_kernel<true><<<blocks, kFwdThreads, smem, stream>>>(s.dim, s.eps, x, gain, codes, scale,
-                                                                                  rstd);
+    rmsnorm_act_quant_forward_kernel<true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain, codes,
+                                                                             scale, rstd);
   else
-    rmsnorm_act_quant_forward_kernel<false><<<blocks, kFwdThreads, smem, stream>>>(s.dim, s.eps, x, gain, codes,
-                                                                                   scale, rstd);
+    rmsnorm_act_quant_forward_kernel<false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain, codes,
+                                                                              scale, rstd);
   PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_forward_kernel);
 }
 

@@ -29,7 +29,7 @@ void rmsnorm_act_quant_backward_cpu(const RmsNormShape& s, const float* x, const
 
 // ---- CUDA (model/ops/norm_quant.cu; built when PEERLESS_HAVE_CUDA) --------------------------------
 // All pointers are device memory; the calls are ordered on `stream` and not complete on return.
-// dim ≤ kNormQuantMaxDim. Forward: one block per row; codes, scale and rstd bit-identical to the CPU.
+// dim ≤ kNormQuantMaxDim. Forward: one warp per row; codes, scale and rstd bit-identical to the CPU.
 void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
                                     float* scale, float* rstd, cudaStream_t stream);
 // Floats of device workspace the backward needs when dgain is wanted: one partial row of dgain per
