@@ -28,6 +28,7 @@ using cuda_detail::Sum;
 
 constexpr int kLanes = 8;  // row_math.h kLanes: the CPU's interleaved partial sums
 constexpr unsigned kFull = 0xffffffffu;
+constexpr int kBatch = 8;  // loads in flight per lane before their first use
 
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
@@ -52,13 +53,33 @@ __global__ void __launch_bounds__(128)
   const float* xr = x + r * dim;
   int8_t* cr = codes + r * dim;
 
-  // 1. The row into shared memory (coalesced; each element read from memory once).
+  // 1. The row into shared memory (coalesced; each element read from memory once), kBatch loads
+  //    per lane issued before the first store: a warp stalls at the first use of a pending load, so
+  //    a load-store loop would pay one memory latency per iteration.
+  constexpr int kW = cuda_detail::kWarp;
   if constexpr (kVec) {
     const float4* x4 = reinterpret_cast<const float4*>(xr);
     float4* s4 = reinterpret_cast<float4*>(xs);
-    for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) s4[v] = x4[v];
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
+    }
   } else {
-    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp) xs[j] = xr[j];
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
+    }
   }
   __syncwarp();
 
@@ -81,25 +102,46 @@ __global__ void __launch_bounds__(128)
 
   // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Each lane
   //    rereads in step 4 exactly the elements it wrote here.
+  //    γ is read (from L2) in batches like x above.
   uint32_t m = 0;
   if constexpr (kVec) {
     const float4* g4 = reinterpret_cast<const float4*>(gain);
     float4* s4 = reinterpret_cast<float4*>(xs);
-    for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) {
-      float4 y = s4[v];
-      const float4 g = g4[v];
-      y.x = __fmul_rn(__fmul_rn(y.x, rs), g.x);
-      y.y = __fmul_rn(__fmul_rn(y.y, rs), g.y);
-      y.z = __fmul_rn(__fmul_rn(y.z, rs), g.z);
-      y.w = __fmul_rn(__fmul_rn(y.w, rs), g.w);
-      s4[v] = y;
-      m = max(max(max(m, abs_bits(y.x)), abs_bits(y.y)), max(abs_bits(y.z), abs_bits(y.w)));
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 g[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) g[u] = g4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t v = base + u * kW;
+        if (v < n4) {
+          float4 y = s4[v];
+          y.x = __fmul_rn(__fmul_rn(y.x, rs), g[u].x);
+          y.y = __fmul_rn(__fmul_rn(y.y, rs), g[u].y);
+          y.z = __fmul_rn(__fmul_rn(y.z, rs), g[u].z);
+          y.w = __fmul_rn(__fmul_rn(y.w, rs), g[u].w);
+          s4[v] = y;
+          m = max(max(max(m, abs_bits(y.x)), abs_bits(y.y)), max(abs_bits(y.z), abs_bits(y.w)));
+        }
+      }
     }
   } else {
-    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp) {
-      const float y = __fmul_rn(__fmul_rn(xs[j], rs), gain[j]);
-      xs[j] = y;
-      m = max(m, abs_bits(y));
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float g[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) g[u] = gain[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = base + u * kW;
+        if (j < dim) {
+          const float y = __fmul_rn(__fmul_rn(xs[j], rs), g[u]);
+          xs[j] = y;
+          m = max(m, abs_bits(y));
+        }
+      }
     }
   }
   const float s = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
