@@ -28,7 +28,9 @@ const char* kBenchUsage =
     "            multi-rank: mpirun -np N peerless bench comm\n"
     "  checkpoint  checkpoint write/read throughput against the raw disk (launch/bench_checkpoint.cpp)\n"
     "  peer      expert parallelism of one PEER layer: rows exchange vs the column alternative's collectives\n"
-    "            (launch/bench_peer.cpp); mpirun -np P peerless bench peer\n";
+    "            (launch/bench_peer.cpp); mpirun -np P peerless bench peer\n"
+    "  ops       CUDA op kernels (fused norm + int8 quantizer, MLGRU scan) in GB/s against a device copy\n"
+    "            (launch/bench_ops.cpp)\n";
 
 enum class Op { all_reduce, reduce_scatter, all_gather, all_to_all };
 const Op kOps[] = {Op::all_reduce, Op::reduce_scatter, Op::all_gather, Op::all_to_all};
@@ -282,7 +284,8 @@ int cmd_bench(const Args& args) {
   if (args[0] == "comm") return bench_comm(Args(args.begin() + 1, args.end()));
   if (args[0] == "checkpoint") return bench_checkpoint(Args(args.begin() + 1, args.end()));
   if (args[0] == "peer") return bench_peer(Args(args.begin() + 1, args.end()));
-  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint, peer (see: peerless bench --help)");
+  if (args[0] == "ops") return bench_ops(Args(args.begin() + 1, args.end()));
+  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint, peer, ops (see: peerless bench --help)");
 }
 
 }  // namespace peerless

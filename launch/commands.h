@@ -18,5 +18,6 @@ int cmd_inspect(const Args& args);
 int cmd_bench(const Args& args);
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
 int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp
+int bench_ops(const Args& args);         // `bench ops`, launch/bench_ops.cpp
 
 }  // namespace peerless

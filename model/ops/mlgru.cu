@@ -1,10 +1,25 @@
 // CUDA MLGRU scan and output gate (SPEC §2, code form; paper gate as an option).
-// The scan is the simple correct version: one thread per (batch, channel) running the whole time
-// loop (coalesced across channels at each step). It is sequential in T, so at T = 2048 it leaves
-// most of the GPU idle: the next step is the chunked two-pass parallel scan over time (per-chunk
-// products of f and local states, then a scan over chunk carries), ~5x faster per SPEC §2.
-// The lower-bound gradient is reduced deterministically: per-(batch, channel) sums over time into a
-// workspace, then a second kernel adds them over batch in order (no atomics).
+// Two scans live here. The sequential one (one thread per (batch, channel) running the whole time
+// loop, coalesced across channels at each step) is the obviously right version, kept as the
+// reference on the GPU and as a fallback. It is sequential in T, so at T = 2048 with B·d = 8192
+// channels it keeps ~60 threads per SM busy and leaves the memory system idle.
+// The chunked scan is what mlgru_scan_{forward,backward}_cuda run. The recurrence is linear,
+// h_t = f_t h_{t−1} + i_t, so a run of steps acts on its incoming state as h ↦ A·h + H with
+// A = Π f and H = the run's final state from a zero start; two runs compose as
+// (A1, H1) then (A2, H2) = (A1·A2, A2·H1 + H2). One block owns C ≥ 16 channels of one batch row and
+// splits time into tiles of P·L steps (L = 16; P ≤ 32 forward, ≤ 16 backward, so tiles of up to 512
+// and 256 steps, walked in order inside the block): thread (p, c) loads its L consecutive steps into registers,
+// forms its chunk's (A, H) (chunk 0 starts from the previous tile's final state), the block scans
+// the P chunk aggregates of each channel in shared memory (Hillis–Steele, log2 P rounds), then each
+// thread replays its L steps from the carry it receives and writes f and h. Every input is read
+// from memory once and every output written once (16 bytes per element forward, the floor), with
+// no traffic between blocks. The backward is the same in reverse time, with the carry
+// c = f_{t+1}·dh_{t+1} (the gradient reaching h_t through h_{t+1}): a run maps c ↦ (Π f)·c + H.
+// Rounding: inside a chunk the arithmetic is the sequential kernel's; only the carries are
+// reassociated (a product of up to T f's and a log-depth tree of fmas), so the error bound is of
+// the sequential loop's order (see tests/test_ops_cuda.cpp for the stated tolerance).
+// The lower-bound gradient is reduced deterministically: per-(batch, channel) sums over time (in a
+// fixed order) into a workspace, then a second kernel adds them over batch in order (no atomics).
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/mlgru.h"
@@ -77,6 +92,191 @@ __global__ void mlgru_dlb_kernel(int64_t B, int64_t D, const float* __restrict__
   dlb[j] += acc;
 }
 
+// ---- chunked scan --------------------------------------------------------------------------------
+
+constexpr int kScanSteps = 16;        // L: time steps per thread per tile, held in registers
+constexpr int kScanMinChannels = 16;  // C at least: 64 contiguous bytes per row of a chunk
+constexpr int kScanFwdThreads = 512;  // C × P per block, forward (~64 registers: 2 blocks per SM)
+constexpr int kScanBwdThreads = 256;  // backward (5 inputs per step in registers, ~100 registers)
+
+// P chunks per tile (a power of two, as few as cover T, at most threads / kScanMinChannels);
+// C = threads / P channels per block.
+int scan_chunks(int64_t T, int threads) {
+  int p = 1;
+  while (p < threads / kScanMinChannels && static_cast<int64_t>(p) * kScanSteps < T) p *= 2;
+  return p;
+}
+
+// Inclusive scan over the chunk index q (0..P−1) of per-thread affine maps (a, h), for each of the C
+// channels of the block: on return (a, h) composes the maps of chunks 0..q of this thread's channel,
+// and agg[q·C + c] holds it for every (q, c). `agg` is C·P float2 of shared memory; every thread of
+// the block calls, each with its own (q, c).
+__device__ __forceinline__ void block_affine_scan(int q, int c, int C, int P, float& a, float& h, float2* agg) {
+  const int slot = q * C + c;
+  for (int off = 1; off < P; off *= 2) {
+    __syncthreads();  // the previous round's (or the caller's) reads of agg are done
+    agg[slot] = make_float2(a, h);
+    __syncthreads();
+    if (q >= off) {
+      const float2 prev = agg[slot - off * C];  // the earlier run, then this one
+      h = fmaf(a, prev.y, h);
+      a = prev.x * a;
+    }
+  }
+  __syncthreads();
+  agg[slot] = make_float2(a, h);
+  __syncthreads();
+}
+
+// Forward. Grid (ceil(D / C), B); thread tid = p·C + c owns channel j = blockIdx.x·C + c and, in each
+// tile starting at t0, the steps t0 + p·L .. t0 + p·L + L − 1. All of a chunk's loads are issued
+// before any of them is used (a warp stalls at the first use of a pending load, so interleaving
+// loads with the gate arithmetic would expose one memory latency per step).
+__global__ void __launch_bounds__(kScanFwdThreads, 2)
+    mlgru_scan_forward_chunked_kernel(int64_t T, int64_t D, int P, const float* __restrict__ ihat,
+                                      const float* __restrict__ fhat, const float* __restrict__ lb,
+                                      float* __restrict__ f, float* __restrict__ h) {
+  __shared__ float2 agg[kScanFwdThreads];
+  const int C = kScanFwdThreads / P;
+  const int c = threadIdx.x % C, p = threadIdx.x / C;
+  const int64_t b = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * C + c;
+  const bool live = j < D;
+  const float lbj = live && lb ? lb[j] : 0.0f;
+  float carry = 0.0f;  // h at the end of the previous tile (this channel)
+  const int64_t tile = static_cast<int64_t>(P) * kScanSteps;
+  for (int64_t t0 = 0; t0 < T; t0 += tile) {
+    const int64_t tc = t0 + static_cast<int64_t>(p) * kScanSteps;  // first step of this thread's chunk
+    const int64_t k0 = (b * T + tc) * D + j;                         // its element at step tc
+    const int n_valid = !live ? 0 : (tc >= T ? 0 : static_cast<int>(T - tc < kScanSteps ? T - tc : kScanSteps));
+    float fv[kScanSteps], iv[kScanSteps];  // raw f̂, î, then the gates f, i
+    if (n_valid == kScanSteps) {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) fv[l] = fhat[k0 + l * D], iv[l] = ihat[k0 + l * D];
+    } else {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) {
+        fv[l] = 0.0f, iv[l] = 0.0f;
+        if (l < n_valid) fv[l] = fhat[k0 + l * D], iv[l] = ihat[k0 + l * D];
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < kScanSteps; ++l) {
+      if (l < n_valid) {
+        const float fg = lbj + (1.0f - lbj) * sigmoidf_dev(fv[l]);
+        const float x = iv[l];
+        iv[l] = x * sigmoidf_dev(x) * (1.0f - fg);
+        fv[l] = fg;
+      } else {
+        fv[l] = 1.0f, iv[l] = 0.0f;  // past the end: the identity step
+      }
+    }
+    // This chunk's map; chunk 0 folds in the carry, so the scan yields states, not maps.
+    float a = 1.0f, hh = p == 0 ? carry : 0.0f;
+#pragma unroll
+    for (int l = 0; l < kScanSteps; ++l) {
+      hh = fmaf(fv[l], hh, iv[l]);
+      a *= fv[l];
+    }
+    block_affine_scan(p, c, C, P, a, hh, agg);
+    float hv = p == 0 ? carry : agg[(p - 1) * C + c].y;  // the state entering this chunk
+    carry = agg[(P - 1) * C + c].y;
+#pragma unroll
+    for (int l = 0; l < kScanSteps; ++l) {
+      if (l < n_valid) {
+        hv = fmaf(fv[l], hv, iv[l]);  // the sequential kernel's step, bit for bit
+        f[k0 + l * D] = fv[l];
+        h[k0 + l * D] = hv;
+      }
+    }
+  }
+}
+
+// Backward, reverse time: tiles from the last, and chunk order q = P − 1 − p within a tile. All five
+// inputs of a chunk are loaded into registers up front (f, dh for the carry scan; î, f̂, h_{t−1}
+// for the gradients), for the same reason as in the forward.
+// Writes dihat, dfhat and, when partials is not null, Σ_t of the lower-bound gradient for (b, j)
+// into partials[b·D + j] (per thread in time order within its chunks, tiles last to first, then the
+// P chunk sums in chunk order: a fixed order).
+__global__ void __launch_bounds__(kScanBwdThreads, 2)
+    mlgru_scan_backward_chunked_kernel(int64_t T, int64_t D, int P, const float* __restrict__ ihat,
+                                       const float* __restrict__ fhat, const float* __restrict__ lb,
+                                       const float* __restrict__ f, const float* __restrict__ h,
+                                       const float* __restrict__ dh, float* __restrict__ dihat,
+                                       float* __restrict__ dfhat, float* __restrict__ partials) {
+  __shared__ float2 agg[kScanBwdThreads];
+  const int C = kScanBwdThreads / P;
+  const int c = threadIdx.x % C, p = threadIdx.x / C, q = P - 1 - p;
+  const int64_t b = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * C + c;
+  const bool live = j < D;
+  const float lbj = live && lb ? lb[j] : 0.0f;
+  float carry = 0.0f;  // f_{t+1}·dh_{t+1} entering the tile from the right (this channel)
+  float dlb_acc = 0.0f;
+  const int64_t tile = static_cast<int64_t>(P) * kScanSteps;
+  const int64_t n_tiles = (T + tile - 1) / tile;
+  for (int64_t ti = n_tiles - 1; ti >= 0; --ti) {
+    const int64_t tc = ti * tile + static_cast<int64_t>(p) * kScanSteps;
+    const int64_t k0 = (b * T + tc) * D + j;
+    const int n_valid = !live ? 0 : (tc >= T ? 0 : static_cast<int>(T - tc < kScanSteps ? T - tc : kScanSteps));
+    float fv[kScanSteps], gv[kScanSteps], xv[kScanSteps], fh[kScanSteps], hp[kScanSteps];
+    if (n_valid == kScanSteps) {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) {
+        const int64_t k = k0 + l * D;
+        fv[l] = f[k], gv[l] = dh[k], xv[l] = ihat[k], fh[l] = fhat[k];
+        hp[l] = (l > 0 || tc > 0) ? h[k - D] : 0.0f;
+      }
+    } else {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l) {
+        fv[l] = 1.0f, gv[l] = 0.0f, xv[l] = 0.0f, fh[l] = 0.0f, hp[l] = 0.0f;  // past the end: identity
+        if (l < n_valid) {
+          const int64_t k = k0 + l * D;
+          fv[l] = f[k], gv[l] = dh[k], xv[l] = ihat[k], fh[l] = fhat[k];
+          hp[l] = (l > 0 || tc > 0) ? h[k - D] : 0.0f;
+        }
+      }
+    }
+    float a = 1.0f, cc = q == 0 ? carry : 0.0f;
+#pragma unroll
+    for (int l = kScanSteps - 1; l >= 0; --l) {
+      cc = fv[l] * (gv[l] + cc);  // the sequential kernel's carry = f·(dh + carry)
+      a *= fv[l];
+    }
+    // The chunk to the right (q − 1) holds the carry entering this one.
+    block_affine_scan(q, c, C, P, a, cc, agg);
+    float cv = q == 0 ? carry : agg[(q - 1) * C + c].y;
+    carry = agg[(P - 1) * C + c].y;
+#pragma unroll
+    for (int l = kScanSteps - 1; l >= 0; --l) {
+      if (l < n_valid) {
+        const int64_t k = k0 + l * D;
+        const float g = gv[l] + cv;  // total dL/dh_t
+        const float fk = fv[l];
+        const float x = xv[l];
+        const float sx = sigmoidf_dev(x);
+        const float silu = x * sx;
+        dihat[k] = g * (1.0f - fk) * (sx * (1.0f + x * (1.0f - sx)));
+        const float df = g * hp[l] - g * silu;
+        const float sf = sigmoidf_dev(fh[l]);
+        dfhat[k] = df * (1.0f - lbj) * (sf * (1.0f - sf));
+        dlb_acc += df * (1.0f - sf);
+        cv = fk * g;
+      }
+    }
+  }
+  if (!partials) return;
+  __syncthreads();
+  agg[threadIdx.x].x = dlb_acc;
+  __syncthreads();
+  if (p == 0 && live) {
+    float acc = 0.0f;
+    for (int r = 0; r < P; ++r) acc += agg[r * C + c].x;
+    partials[b * D + j] = acc;
+  }
+}
+
 __global__ void output_gate_forward_kernel(bool code_form, int64_t n, const float* __restrict__ gn,
                                            const float* __restrict__ h, float* __restrict__ o) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -113,16 +313,53 @@ void check_scan(const char* who, const ScanShape& s) {
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
+// The chunked scan's grid: (channel groups of C = threads / P, batch rows).
+dim3 scan_grid(const char* who, const ScanShape& s, int threads) {
+  const int64_t C = threads / scan_chunks(s.seq, threads);
+  const int64_t gx = (s.dim + C - 1) / C;
+  PL_CHECK(gx <= 0x7fffffff && s.batch <= 65535, internal, who, ": batch=", s.batch, " dim=", s.dim,
+           " exceed the grid limits (batch at most 65535)");
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(s.batch));
+}
+
 }  // namespace
+
+void mlgru_scan_forward_sequential_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
+                                        float* f, float* h, cudaStream_t stream) {
+  check_scan("mlgru_scan_forward_sequential_cuda", s);
+  if (s.batch == 0 || s.seq == 0) return;
+  PL_CHECK(ihat && fhat && f && h, internal, "mlgru_scan_forward_sequential_cuda: null pointer");
+  mlgru_scan_forward_kernel<<<blocks_for(s.batch * s.dim), kThreads, 0, stream>>>(s.batch, s.seq, s.dim, ihat, fhat, lb,
+                                                                                  f, h);
+  PL_CUDA_CHECK_LAUNCH(mlgru_scan_forward_kernel);
+}
+
+void mlgru_scan_backward_sequential_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
+                                         const float* f, const float* h, const float* dh, float* dihat, float* dfhat,
+                                         float* dlb, float* workspace, cudaStream_t stream) {
+  check_scan("mlgru_scan_backward_sequential_cuda", s);
+  if (s.batch == 0 || s.seq == 0) return;  // dlb += 0
+  PL_CHECK(ihat && fhat && f && h && dh && dihat && dfhat, internal,
+           "mlgru_scan_backward_sequential_cuda: null pointer");
+  PL_CHECK(!dlb || workspace, internal,
+           "mlgru_scan_backward_sequential_cuda: dlb needs a workspace of batch*dim floats (got null)");
+  mlgru_scan_backward_kernel<<<blocks_for(s.batch * s.dim), kThreads, 0, stream>>>(
+      s.batch, s.seq, s.dim, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb ? workspace : nullptr);
+  PL_CUDA_CHECK_LAUNCH(mlgru_scan_backward_kernel);
+  if (!dlb) return;
+  mlgru_dlb_kernel<<<blocks_for(s.dim), kThreads, 0, stream>>>(s.batch, s.dim, workspace, dlb);
+  PL_CUDA_CHECK_LAUNCH(mlgru_dlb_kernel);
+}
 
 void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
                              float* h, cudaStream_t stream) {
   check_scan("mlgru_scan_forward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(ihat && fhat && f && h, internal, "mlgru_scan_forward_cuda: null pointer");
-  mlgru_scan_forward_kernel<<<blocks_for(s.batch * s.dim), kThreads, 0, stream>>>(s.batch, s.seq, s.dim, ihat, fhat, lb,
-                                                                                  f, h);
-  PL_CUDA_CHECK_LAUNCH(mlgru_scan_forward_kernel);
+  const dim3 grid = scan_grid("mlgru_scan_forward_cuda", s, kScanFwdThreads);
+  mlgru_scan_forward_chunked_kernel<<<grid, kScanFwdThreads, 0, stream>>>(
+      s.seq, s.dim, scan_chunks(s.seq, kScanFwdThreads), ihat, fhat, lb, f, h);
+  PL_CUDA_CHECK_LAUNCH(mlgru_scan_forward_chunked_kernel);
 }
 
 void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
@@ -133,9 +370,11 @@ void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float
   PL_CHECK(ihat && fhat && f && h && dh && dihat && dfhat, internal, "mlgru_scan_backward_cuda: null pointer");
   PL_CHECK(!dlb || workspace, internal,
            "mlgru_scan_backward_cuda: dlb needs a workspace of batch*dim floats (got null)");
-  mlgru_scan_backward_kernel<<<blocks_for(s.batch * s.dim), kThreads, 0, stream>>>(
-      s.batch, s.seq, s.dim, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb ? workspace : nullptr);
-  PL_CUDA_CHECK_LAUNCH(mlgru_scan_backward_kernel);
+  const dim3 grid = scan_grid("mlgru_scan_backward_cuda", s, kScanBwdThreads);
+  mlgru_scan_backward_chunked_kernel<<<grid, kScanBwdThreads, 0, stream>>>(
+      s.seq, s.dim, scan_chunks(s.seq, kScanBwdThreads), ihat, fhat, lb, f, h, dh, dihat, dfhat,
+      dlb ? workspace : nullptr);
+  PL_CUDA_CHECK_LAUNCH(mlgru_scan_backward_chunked_kernel);
   if (!dlb) return;
   mlgru_dlb_kernel<<<blocks_for(s.dim), kThreads, 0, stream>>>(s.batch, s.dim, workspace, dlb);
   PL_CUDA_CHECK_LAUNCH(mlgru_dlb_kernel);

@@ -54,8 +54,11 @@ void output_gate_backward_cpu(GateForm form, int64_t n, const double* gn, const 
 
 // ---- CUDA (model/ops/mlgru.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
 // All pointers are device memory; the calls are ordered on `stream` and not complete on return.
-// The scan, one thread per (batch, channel) looping over time (a simple, obviously right first
-// version; a chunked two-pass parallel scan over time is the next step, SPEC §2).
+// The scan: mlgru_scan_{forward,backward}_cuda run the chunked parallel scan over time (tiles of
+// up to 512 steps split into 16-step chunks per thread, chunk carries scanned in shared memory:
+// each input read once, each output written once; see mlgru.cu). Inside a chunk the arithmetic is
+// the sequential kernel's; the carries are reassociated, so results agree with the sequential
+// version to rounding (~1e-6 relative), not bit for bit. Same contracts as the CPU overloads.
 void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
                              float* h, cudaStream_t stream);
 // dlb (when not null) += the lower-bound gradient, reduced deterministically: per-batch-row partials
@@ -63,6 +66,14 @@ void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float*
 void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
                               const float* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
                               cudaStream_t stream);
+// The sequential scans, one thread per (batch, channel) looping over time: the obviously right
+// version, kept as the GPU reference for the chunked one and as a fallback (benchmarked against it
+// by `peerless bench ops`). Same contracts as above.
+void mlgru_scan_forward_sequential_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
+                                        float* f, float* h, cudaStream_t stream);
+void mlgru_scan_backward_sequential_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
+                                         const float* f, const float* h, const float* dh, float* dihat, float* dfhat,
+                                         float* dlb, float* workspace, cudaStream_t stream);
 void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const float* h, float* o, cudaStream_t stream);
 void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const float* h, const float* dout, float* dgn,
                                float* dh, cudaStream_t stream);

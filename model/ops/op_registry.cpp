@@ -11,6 +11,7 @@ constexpr std::array kOps = {
     OpInfo{"gemm", "gemm.h", true, true},
     OpInfo{"rmsnorm", "rmsnorm.h", true, true},
     OpInfo{"act_quant", "quant.h", true, true},
+    OpInfo{"rmsnorm_act_quant", "norm_quant.h", true, true},
     OpInfo{"weight_quant", "quant.h", true, true},
     OpInfo{"ternary_int8_matmul", "bitlinear.h", true, true},
     OpInfo{"bitlinear", "bitlinear.h", true, false},

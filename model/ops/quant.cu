@@ -1,12 +1,12 @@
 // CUDA BitLinear quantizers (SPEC §1). Integer codes must be bit-identical to the CPU reference, so
-// the scalar rule of quant.h (round half away from zero, clamp, NaN -> 0) is repeated here for the
-// device with every operation explicitly rounded (__fmul_rn, __fdiv_rn, __fsub_rn): nvcc contracts
-// a*b − c into one fma by default, and fma(x, s, −trunc(x·s)) would misplace ties.
+// the scalar rule of quant.h is repeated for the device (quant_rules.cuh) with every operation
+// explicitly rounded (__fmul_rn, __fdiv_rn, __fsub_rn).
 // abs_sum is a fixed two-pass float64 reduction (block partials, then one block), so β is
 // deterministic; it is not bit-identical to abs_sum_cpu's order (~1e-16 relative).
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/quant.h"
+#include "model/ops/quant_rules.cuh"
 
 namespace peerless {
 namespace {
@@ -14,22 +14,10 @@ namespace {
 using cuda_detail::block_reduce;
 using cuda_detail::MaxU32;
 using cuda_detail::Sum;
+using cuda_detail::act_scale_dev;
+using cuda_detail::quant_round_clamp_dev;
 
 constexpr int kThreads = 256;
-
-// round_half_away (quant.h) on the device.
-__device__ __forceinline__ float round_half_away_dev(float v) {
-  const float t = truncf(v);
-  const float away = __fadd_rn(t, copysignf(1.0f, v));
-  return fabsf(__fsub_rn(v, t)) >= 0.5f ? away : t;
-}
-// quant_round_clamp (quant.h) on the device.
-__device__ __forceinline__ int8_t quant_round_clamp_dev(float v, float lo, float hi) {
-  float r = round_half_away_dev(v);
-  r = r < lo ? lo : (r > hi ? hi : r);
-  r = r == r ? r : 0.0f;
-  return static_cast<int8_t>(static_cast<int32_t>(r));
-}
 
 __global__ void act_quant_kernel(int64_t dim, const float* __restrict__ x, int8_t* __restrict__ codes,
                                  float* __restrict__ scale) {
@@ -44,8 +32,7 @@ __global__ void act_quant_kernel(int64_t dim, const float* __restrict__ x, int8_
     m = b > m ? b : m;
   }
   const float amax = __uint_as_float(block_reduce(m, MaxU32{}, 0u, scratch));
-  // std::max(amax, 1e-5f) keeps a NaN (fmaxf would drop it).
-  const float s = __fdiv_rn(127.0f, amax < 1e-5f ? 1e-5f : amax);
+  const float s = act_scale_dev(amax);
   if (threadIdx.x == 0) scale[r] = s;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x)
     cr[j] = quant_round_clamp_dev(__fmul_rn(xr[j], s), -128.0f, 127.0f);

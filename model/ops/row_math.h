@@ -23,6 +23,22 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// The same sum with every product-add written as one fused multiply-add (std::fma, one rounding):
+// the arithmetic is then fixed by the source rather than by the compiler's contraction choices, so
+// the CUDA kernels can reproduce it bit for bit (RMSNorm's mean square feeds the int8 activation
+// codes, which must agree exactly across backends). With -march=native on an FMA machine this is
+// what GCC emits for dot() as well; std::fma vectorises to the same instructions.
+template <typename T>
+inline T dot_fma(const T* a, const T* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = std::fma(a[j + l], b[j + l], acc[l]);
+  T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s = std::fma(a[j], b[j], s);
+  return s;
+}
+
 template <typename T>
 inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));

@@ -18,6 +18,7 @@ enum class ScratchSlot : int {
   mlgru_partials,
   lower_bounds,
   weight_quant_partials,
+  norm_quant_xt,
   count
 };
 

@@ -1,6 +1,10 @@
 # Data parallelism keeps the maths: the same global batch trained 20 steps on 1 rank with 4
 # accumulation steps, on 2 ranks with 2 and on 4 ranks with 1 gives the same losses (relative
-# difference < 1e-5), with and without ZeRO-1; ZeRO-1 holds 1/N of the optimizer state per rank.
+# difference < 1e-4), with and without ZeRO-1; ZeRO-1 holds 1/N of the optimizer state per rank.
+# Why 1e-4: the ranks sum gradients in another order than one rank's accumulation, and once in a
+# while that flips one int8 activation code (SPEC §2); on this config the 4-rank run matches to
+# ~3e-7 until one flip at step 8 moves it to 4e-5. Real data-parallel bugs (a wrong scale, a
+# bucket not exchanged, a stale ZeRO-1 slice) show differences of 1e-3 and more within a few steps.
 source "$(dirname "$0")/common.sh"
 "$bin" prepare --input "$shared/tinyshakespeare/input.txt" --tokenizer byte --out ts.h5 --quiet >/dev/null
 common=(--set data.path=ts.h5 --set run.out_dir=runs --set run.threads=1 --set train.sample_tokens=0
@@ -23,7 +27,7 @@ for name in ["n2zfalse", "n4zfalse", "n1ztrue", "n2ztrue", "n4ztrue"]:
     other = losses(name)
     worst = max(abs(a - b) / abs(a) for a, b in zip(base, other))
     print(f"{name}: max relative loss difference to 1 rank x 4 accumulation = {worst:.2e}")
-    assert len(other) == 20 and worst < 1e-5, (name, worst)
+    assert len(other) == 20 and worst < 1e-4, (name, worst)
 # ZeRO-1: optimizer state per rank is 1/N of the unsharded size.
 units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 for n in (2, 4):

@@ -1,0 +1,236 @@
+// `peerless bench ops`: the CUDA op kernels at the 370M shapes, held against what the memory
+// system promises. Each row is the median of --iters cudaEvent-timed calls after --warmup untimed
+// ones, with the bytes the implementation moves (napkin math: every input read once, every output
+// written once, plus its own intermediates) and the achieved GB/s; the device-to-device copy of
+// 1 GiB (cudaMemcpy, read + write) measured in the same run is the reference ceiling. The ops are
+// memory-bound (a few flops per byte), so GB/s against the copy is the figure of merit.
+// Rows: the fused RMSNorm + int8 quantizer (forward, backward) beside the unfused pair and the
+// plain RMSNorm backward it replaces; the MLGRU scan, chunked (the shipped launcher) beside the
+// sequential one, forward and backward.
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "runtime/error.h"
+
+#ifdef PEERLESS_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "model/ops/cuda_check.h"
+#include "model/ops/mlgru.h"
+#include "model/ops/norm_quant.h"
+#include "model/ops/quant.h"
+#include "model/ops/rmsnorm.h"
+#include "parallel/memory.h"
+#endif
+
+namespace peerless {
+
+#ifdef PEERLESS_HAVE_CUDA
+namespace {
+
+// A cudaEvent_t that destroys itself.
+class Event {
+ public:
+  Event() { PL_CUDA_CHECK(cudaEventCreate(&e_)); }
+  ~Event() { cudaEventDestroy(e_); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  cudaEvent_t get() const { return e_; }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+};
+
+// A non-default stream that destroys itself.
+class Stream {
+ public:
+  Stream() { PL_CUDA_CHECK(cudaStreamCreate(&s_)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+// n floats of device memory filled with a cheap deterministic pseudo-random pattern in
+// [lo, hi) (the timings do not depend on the values, only on there being no NaNs or denormals).
+DeviceBytes device_floats(int64_t n, float lo, float hi, uint64_t seed) {
+  std::vector<float> h(static_cast<size_t>(n));
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (float& v : h) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    v = lo + (hi - lo) * static_cast<float>((s >> 40) * (1.0 / (1ull << 24)));
+  }
+  DeviceBytes d(h.size() * sizeof(float));
+  PL_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+  return d;
+}
+
+float* f32(const DeviceBytes& b) { return static_cast<float*>(b.get()); }
+
+struct Timing {
+  int warmup = 3, iters = 20;
+};
+
+// Median wall time of `call` on `stream`, in microseconds.
+template <typename F>
+double median_us(const Timing& t, cudaStream_t stream, F&& call) {
+  for (int i = 0; i < t.warmup; ++i) call();
+  PL_CUDA_CHECK(cudaStreamSynchronize(stream));
+  Event start, stop;
+  std::vector<float> ms;
+  for (int i = 0; i < t.iters; ++i) {
+    PL_CUDA_CHECK(cudaEventRecord(start.get(), stream));
+    call();
+    PL_CUDA_CHECK(cudaEventRecord(stop.get(), stream));
+    PL_CUDA_CHECK(cudaEventSynchronize(stop.get()));
+    float v = 0;
+    PL_CUDA_CHECK(cudaEventElapsedTime(&v, start.get(), stop.get()));
+    ms.push_back(v);
+  }
+  std::sort(ms.begin(), ms.end());
+  return 1e3 * ms[ms.size() / 2];
+}
+
+struct Printer {
+  double copy_gbs = 0;
+  void header() const {
+    std::printf("  %-42s %-16s %10s %10s %8s %7s\n", "op", "shape", "time_us", "MB_moved", "GB/s", "%copy");
+  }
+  double row(const std::string& op, const std::string& shape, double us, double bytes) const {
+    const double gbs = bytes / (us * 1e-6) / 1e9;
+    std::printf("  %-42s %-16s %10.1f %10.1f %8.1f %6.0f%%\n", op.c_str(), shape.c_str(), us, bytes / 1e6, gbs,
+                copy_gbs > 0 ? 100.0 * gbs / copy_gbs : 0.0);
+    std::fflush(stdout);
+    return us;
+  }
+};
+
+}  // namespace
+#endif
+
+int bench_ops(const Args& args) {
+  std::string tokens_s = "16384", dim_s = "1024", batch_s = "8", seq_s = "2048", iters_s = "20", warmup_s = "3";
+  ArgParser p("bench ops",
+              "Times the CUDA ops (fused RMSNorm + int8 quantizer, MLGRU scan chunked vs sequential) at the 370M "
+              "shapes: median of --iters cudaEvent-timed calls after --warmup, bytes moved, GB/s, and the same as a "
+              "percentage of a 1 GiB device-to-device cudaMemcpy measured in the same run.");
+  p.option("tokens", &tokens_s, "N", "rows of the norm + quantizer (default 16384)");
+  p.option("dim", &dim_s, "N", "row width d of the norm and channels of the scan (default 1024)");
+  p.option("batch", &batch_s, "N", "scan batch B (default 8)");
+  p.option("seq", &seq_s, "N", "scan length T (default 2048)");
+  p.option("iters", &iters_s, "N", "timed calls per row (default 20)");
+  p.option("warmup", &warmup_s, "N", "untimed calls before timing (default 3)");
+  if (!p.parse(args)) return 0;
+  const int64_t R = parse_int_arg("tokens", tokens_s), D = parse_int_arg("dim", dim_s);
+  const int64_t B = parse_int_arg("batch", batch_s), T = parse_int_arg("seq", seq_s);
+  const int64_t iters = parse_int_arg("iters", iters_s), warmup = parse_int_arg("warmup", warmup_s);
+  PL_CHECK(R >= 1 && D >= 1 && B >= 1 && T >= 1 && iters >= 1 && warmup >= 0, config,
+           "--tokens, --dim, --batch, --seq and --iters must be >= 1 and --warmup >= 0 (got ", R, ", ", D, ", ", B,
+           ", ", T, ", ", iters, ", ", warmup, ")");
+#ifndef PEERLESS_HAVE_CUDA
+  PL_FAIL(config, "peerless bench ops needs a CUDA build (this binary was built without CUDA: PEERLESS_CUDA=OFF or no "
+                  "nvcc)");
+#else
+  const Timing tm{static_cast<int>(warmup), static_cast<int>(iters)};
+  int dev = 0;
+  cudaDeviceProp prop{};
+  PL_CUDA_CHECK(cudaGetDevice(&dev));
+  PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("# peerless bench ops: %s, %d SMs, median of %lld calls after %lld warm-up\n", prop.name,
+              prop.multiProcessorCount, static_cast<long long>(iters), static_cast<long long>(warmup));
+  Stream stream;
+  const cudaStream_t st = stream.get();
+  Printer out;
+  out.header();
+
+  // Reference: device-to-device copy of 1 GiB (read 1 GiB + write 1 GiB).
+  {
+    const size_t bytes = size_t{1} << 30;
+    DeviceBytes a(bytes), b(bytes);
+    PL_CUDA_CHECK(cudaMemsetAsync(a.get(), 1, bytes, st));
+    const double us = median_us(tm, st, [&] {
+      PL_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, st));
+    });
+    out.copy_gbs = 2.0 * bytes / (us * 1e-6) / 1e9;
+    out.row("d2d copy (cudaMemcpy, read+write)", "1 GiB", us, 2.0 * bytes);
+  }
+
+  // RMSNorm + int8 activation quantization, (R, D).
+  {
+    const RmsNormShape s{R, D, 1e-6f};
+    const double n = static_cast<double>(R) * D;
+    const std::string shape = std::to_string(R) + "x" + std::to_string(D);
+    DeviceBytes x = device_floats(R * D, -2.0f, 2.0f, 1), gain = device_floats(D, 0.5f, 1.5f, 2);
+    DeviceBytes dy = device_floats(R * D, -1.0f, 1.0f, 3), dx(R * D * sizeof(float)), y(R * D * sizeof(float));
+    DeviceBytes codes(R * D), scale(R * sizeof(float)), rstd(R * sizeof(float)), dgain(D * sizeof(float));
+    DeviceBytes ws(rmsnorm_act_quant_backward_workspace(s) * sizeof(float));
+    auto* c8 = static_cast<int8_t*>(codes.get());
+    // Forward fused: read x (4 B/elt), write codes (1 B/elt), plus γ and two floats per row.
+    const double fwd_bytes = 5 * n + 4.0 * D + 8.0 * R;
+    out.row("rmsnorm_act_quant fwd (fused)", shape, median_us(tm, st, [&] {
+              rmsnorm_act_quant_forward_cuda(s, f32(x), f32(gain), c8, f32(scale), f32(rstd), st);
+            }), fwd_bytes);
+    // Unfused: rmsnorm writes x̃ (4 + 4 B/elt), act_quant reads it back (4 + 1 B/elt).
+    out.row("rmsnorm fwd + act_quant (unfused)", shape, median_us(tm, st, [&] {
+              rmsnorm_forward_cuda(s, f32(x), f32(gain), f32(y), f32(rstd), st);
+              act_quant_cuda(R, D, f32(y), c8, f32(scale), st);
+            }), 13 * n + 4.0 * D + 12.0 * R);
+    // Backward fused: read x, dy, write dx (12 B/elt), plus the dγ partials written and read back.
+    const double parts = static_cast<double>(rmsnorm_act_quant_backward_workspace(s));
+    out.row("rmsnorm_act_quant bwd (fused, dgain)", shape, median_us(tm, st, [&] {
+              rmsnorm_act_quant_backward_cuda(s, f32(x), f32(gain), f32(rstd), f32(dy), f32(dx), f32(dgain), f32(ws),
+                                              st);
+            }), 12 * n + 8 * parts + 4.0 * R + 12.0 * D);
+    // The plain RMSNorm backward: a dgain pass over x and dy (8 B/elt), then dx (12 B/elt).
+    out.row("rmsnorm bwd (rmsnorm_backward_cuda)", shape, median_us(tm, st, [&] {
+              rmsnorm_backward_cuda(s, f32(x), f32(gain), f32(rstd), f32(dy), f32(dx), f32(dgain), st);
+            }), 20 * n + 8.0 * R + 12.0 * D);
+  }
+
+  // MLGRU scan, (B, T, D).
+  {
+    const ScanShape s{B, T, D};
+    const double n = static_cast<double>(B) * T * D;
+    const std::string shape = std::to_string(B) + "x" + std::to_string(T) + "x" + std::to_string(D);
+    DeviceBytes ihat = device_floats(B * T * D, -2.0f, 2.0f, 4), fhat = device_floats(B * T * D, -1.0f, 3.0f, 5);
+    DeviceBytes lb = device_floats(D, 0.0f, 0.9f, 6), dh = device_floats(B * T * D, -1.0f, 1.0f, 7);
+    DeviceBytes f(B * T * D * sizeof(float)), h(B * T * D * sizeof(float));
+    DeviceBytes di(B * T * D * sizeof(float)), df(B * T * D * sizeof(float));
+    DeviceBytes dlb(D * sizeof(float)), ws(B * D * sizeof(float));
+    // Forward: read ihat, fhat, write f, h (16 B/elt).
+    const double fwd_bytes = 16 * n + 4.0 * D;
+    const double fwd_chunked = out.row("mlgru scan fwd chunked (shipped)", shape, median_us(tm, st, [&] {
+                                         mlgru_scan_forward_cuda(s, f32(ihat), f32(fhat), f32(lb), f32(f), f32(h), st);
+                                       }), fwd_bytes);
+    const double fwd_seq = out.row("mlgru scan fwd sequential", shape, median_us(tm, st, [&] {
+                                     mlgru_scan_forward_sequential_cuda(s, f32(ihat), f32(fhat), f32(lb), f32(f),
+                                                                        f32(h), st);
+                                   }), fwd_bytes);
+    // Backward: read ihat, fhat, f, h, dh, write dihat, dfhat (28 B/elt), plus the dlb partials.
+    const double bwd_bytes = 28 * n + 8.0 * B * D + 12.0 * D;
+    const double bwd_chunked = out.row("mlgru scan bwd chunked (shipped, dlb)", shape, median_us(tm, st, [&] {
+                                         mlgru_scan_backward_cuda(s, f32(ihat), f32(fhat), f32(lb), f32(f), f32(h),
+                                                                  f32(dh), f32(di), f32(df), f32(dlb), f32(ws), st);
+                                       }), bwd_bytes);
+    const double bwd_seq = out.row("mlgru scan bwd sequential (dlb)", shape, median_us(tm, st, [&] {
+                                     mlgru_scan_backward_sequential_cuda(s, f32(ihat), f32(fhat), f32(lb), f32(f),
+                                                                         f32(h), f32(dh), f32(di), f32(df), f32(dlb),
+                                                                         f32(ws), st);
+                                   }), bwd_bytes);
+    std::printf("# scan speedup, chunked over sequential: forward %.2fx, backward %.2fx, forward+backward %.2fx\n",
+                fwd_seq / fwd_chunked, bwd_seq / bwd_chunked, (fwd_seq + bwd_seq) / (fwd_chunked + bwd_chunked));
+  }
+  PL_CUDA_CHECK(cudaDeviceSynchronize());
+  return 0;
+#endif
+}
+
+}  // namespace peerless

@@ -1,0 +1,306 @@
+// CUDA fused RMSNorm + int8 activation quantizer (norm_quant.h, SPEC §1).
+// Forward: one warp per row. The row is read from memory once into shared memory; Σx² is then
+// summed exactly as the CPU reference does it (row_math.h dot_fma: 8 interleaved lanes of fmas, the
+// lanes added pairwise, the tail fma'd on; here 8 lanes of the warp run the lanes), so rstd, x̃ = (x·rstd)·γ,
+// max|x̃|, s and the codes are bit-identical to rmsnorm_forward_cpu -> act_quant_cpu. Every other
+// operation is explicitly rounded (__fmul_rn, __fdiv_rn, __fsqrt_rn) so that nvcc cannot contract
+// or approximate it. Memory: 4 bytes read and 1 byte written per element (the unfused pair moves 13:
+// x̃ written and read back in fp32).
+// Backward: the straight-through RMSNorm backward, recomputing x̂ = x·rstd from x and the saved rstd.
+// A block owns kBwdRows consecutive rows and keeps γ and its running dγ partials in registers (each
+// thread owns columns tid + 256·k); per row one block reduction gives mean(x̂⊙γ⊙dy), then dx is
+// written. The per-block dγ partials go to a workspace and a second kernel adds them in block order:
+// deterministic without atomics. Memory: 8 bytes read and 4 written per element, plus the partials
+// (rows/kBwdRows · d floats written and read, ~6% at 16 rows per block).
+#include "model/ops/block_reduce.cuh"
+#include "model/ops/cuda_check.h"
+#include "model/ops/norm_quant.h"
+#include "model/ops/quant_rules.cuh"
+
+namespace peerless {
+namespace {
+
+using cuda_detail::act_scale_dev;
+using cuda_detail::block_reduce;
+using cuda_detail::MaxU32;
+using cuda_detail::quant_round_clamp_dev;
+using cuda_detail::Sum;
+
+constexpr int kLanes = 8;  // row_math.h kLanes: the CPU's interleaved partial sums
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kBatch = 8;  // loads in flight per lane before their first use
+
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+// Rows per block (one warp each): as many as keep a block's shared memory at 32 KB.
+int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 : 1; }
+
+// One warp per row, `rows_per_block` warps per block; shared memory holds the block's rows. A row
+// is warp-private, so the warp synchronises with __syncwarp only and rows proceed independently:
+// many rows in flight per SM hide both the memory latency and the serial part (the 8-lane sum of
+// squares, dim/8 dependent fmas per lane).
+// kVec: dim % 4 == 0 and x, gain 16-byte aligned (float4 loads, char4 stores of codes).
+template <bool kVec>
+__global__ void __launch_bounds__(128)
+    rmsnorm_act_quant_forward_kernel(int64_t rows, int64_t dim, float eps, const float* __restrict__ x,
+                                     const float* __restrict__ gain, int8_t* __restrict__ codes,
+                                     float* __restrict__ scale, float* __restrict__ rstd) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
+  if (r >= rows) return;  // a whole warp leaves; no block-wide barrier follows
+  float* xs = smem + static_cast<int64_t>(warp) * dim;  // (dim) this row: x, then x̃
+  const float* xr = x + r * dim;
+  int8_t* cr = codes + r * dim;
+
+  // 1. The row into shared memory (coalesced; each element read from memory once), kBatch loads
+  //    per lane issued before the first store: a warp stalls at the first use of a pending load, so
+  //    a load-store loop would pay one memory latency per iteration.
+  constexpr int kW = cuda_detail::kWarp;
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    float4* s4 = reinterpret_cast<float4*>(xs);
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
+    }
+  } else {
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
+    }
+  }
+  __syncwarp();
+
+  // 2. Σx² in dot_fma's order: lane l < 8 runs the CPU's lane l, lane 0 combines and adds the tail.
+  const int64_t d8 = dim - dim % kLanes;
+  float acc = 0.0f;
+  if (lane < kLanes) {
+#pragma unroll 8
+    for (int64_t j = lane; j < d8; j += kLanes) acc = fmaf(xs[j], xs[j], acc);
+  }
+  float a[kLanes];
+#pragma unroll
+  for (int l = 0; l < kLanes; ++l) a[l] = __shfl_sync(kFull, acc, l);
+  float sum = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
+                        __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
+  for (int64_t j = d8; j < dim; ++j) sum = fmaf(xs[j], xs[j], sum);  // every lane, same value
+  const float ms = __fdiv_rn(sum, static_cast<float>(dim));
+  const float rs = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+  if (lane == 0) rstd[r] = rs;
+
+  // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Each lane
+  //    rereads in step 4 exactly the elements it wrote here.
+  //    γ is read (from L2) in batches like x above.
+  uint32_t m = 0;
+  if constexpr (kVec) {
+    const float4* g4 = reinterpret_cast<const float4*>(gain);
+    float4* s4 = reinterpret_cast<float4*>(xs);
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 g[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) g[u] = g4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t v = base + u * kW;
+        if (v < n4) {
+          float4 y = s4[v];
+          y.x = __fmul_rn(__fmul_rn(y.x, rs), g[u].x);
+          y.y = __fmul_rn(__fmul_rn(y.y, rs), g[u].y);
+          y.z = __fmul_rn(__fmul_rn(y.z, rs), g[u].z);
+          y.w = __fmul_rn(__fmul_rn(y.w, rs), g[u].w);
+          s4[v] = y;
+          m = max(max(max(m, abs_bits(y.x)), abs_bits(y.y)), max(abs_bits(y.z), abs_bits(y.w)));
+        }
+      }
+    }
+  } else {
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float g[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) g[u] = gain[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = base + u * kW;
+        if (j < dim) {
+          const float y = __fmul_rn(__fmul_rn(xs[j], rs), g[u]);
+          xs[j] = y;
+          m = max(m, abs_bits(y));
+        }
+      }
+    }
+  }
+  const float s = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
+  if (lane == 0) scale[r] = s;
+
+  // 4. The codes.
+  if constexpr (kVec) {
+    const float4* s4 = reinterpret_cast<const float4*>(xs);
+    char4* c4 = reinterpret_cast<char4*>(cr);
+    for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) {
+      const float4 y = s4[v];
+      c4[v] = make_char4(quant_round_clamp_dev(__fmul_rn(y.x, s), -128.0f, 127.0f),
+                         quant_round_clamp_dev(__fmul_rn(y.y, s), -128.0f, 127.0f),
+                         quant_round_clamp_dev(__fmul_rn(y.z, s), -128.0f, 127.0f),
+                         quant_round_clamp_dev(__fmul_rn(y.w, s), -128.0f, 127.0f));
+    }
+  } else {
+    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp)
+      cr[j] = quant_round_clamp_dev(__fmul_rn(xs[j], s), -128.0f, 127.0f);
+  }
+}
+
+constexpr int kBwdThreads = 256;
+constexpr int kBwdRows = 16;  // rows per block, i.e. per partial row of dγ
+
+// K columns per thread: j = tid + kBwdThreads·k. dy and dx may alias (each element is read into a
+// register before the same thread writes it, and the row's mean is complete, behind the
+// reduction's barriers, before any write).
+template <int K>
+__global__ void __launch_bounds__(kBwdThreads)
+    rmsnorm_act_quant_backward_kernel(int64_t rows, int64_t dim, const float* __restrict__ x,
+                                      const float* __restrict__ gain, const float* __restrict__ rstd, const float* dy,
+                                      float* dx, float* __restrict__ partials) {
+  __shared__ float red[32];
+  float g[K], p[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    g[k] = j < dim ? gain[j] : 0.0f;
+    p[k] = 0.0f;
+  }
+  const float inv_dim = 1.0f / static_cast<float>(dim);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float rs = rstd[r];
+    float xv[K], dv[K];
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      xv[k] = 0.0f, dv[k] = 0.0f;
+      if (j < dim) xv[k] = x[r * dim + j], dv[k] = dy[r * dim + j];
+      acc = fmaf(xv[k] * rs, g[k] * dv[k], acc);
+    }
+    const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;  // mean(x̂ ⊙ γ ⊙ dy)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      if (j < dim) {
+        const float xh = xv[k] * rs;
+        dx[r * dim + j] = rs * (g[k] * dv[k] - xh * m);
+        p[k] = fmaf(dv[k], xh, p[k]);
+      }
+    }
+  }
+  if (!partials) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    if (j < dim) partials[static_cast<int64_t>(blockIdx.x) * dim + j] = p[k];
+  }
+}
+
+constexpr int kSumCols = 32;    // columns per block (one warp's width: coalesced rows of partials)
+constexpr int kSumGroups = 16;  // runs of partial rows per column, one warp each
+
+// dgain_j += Σ_i partials[i·dim + j], i in order within each of kSumGroups runs, then the runs in order.
+__global__ void __launch_bounds__(kSumCols* kSumGroups)
+    rmsnorm_dgain_sum_kernel(int64_t n_parts, int64_t dim, const float* __restrict__ partials,
+                             float* __restrict__ dgain) {
+  __shared__ float run[kSumGroups][kSumCols + 1];
+  const int cx = threadIdx.x % kSumCols, grp = threadIdx.x / kSumCols;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumCols + cx;
+  const int64_t per = (n_parts + kSumGroups - 1) / kSumGroups;
+  const int64_t i0 = grp * per, i1 = i0 + per < n_parts ? i0 + per : n_parts;
+  float acc = 0.0f;
+  if (j < dim)
+    for (int64_t i = i0; i < i1; ++i) acc += partials[i * dim + j];
+  run[grp][cx] = acc;
+  __syncthreads();
+  if (grp == 0 && j < dim) {
+    float total = 0.0f;
+    for (int q = 0; q < kSumGroups; ++q) total += run[q][cx];
+    dgain[j] += total;
+  }
+}
+
+void check_shape(const char* who, const RmsNormShape& s) {
+  PL_CHECK(s.rows >= 0 && s.dim > 0 && s.dim <= kNormQuantMaxDim, internal, who, ": bad shape rows=", s.rows,
+           " dim=", s.dim, " (dim must be in 1..", kNormQuantMaxDim, ")");
+  PL_CHECK(s.rows <= 0x7fffffff, internal, who, ": rows=", s.rows, " exceeds the grid limit 2^31-1");
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int64_t bwd_blocks(int64_t rows) { return (rows + kBwdRows - 1) / kBwdRows; }
+
+template <int K>
+void launch_backward(const RmsNormShape& s, const float* x, const float* gain, const float* rstd, const float* dy,
+                     float* dx, float* partials, cudaStream_t stream) {
+  rmsnorm_act_quant_backward_kernel<K><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
+      s.rows, s.dim, x, gain, rstd, dy, dx, partials);
+  PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_backward_kernel);
+}
+
+}  // namespace
+
+void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
+                                    float* scale, float* rstd, cudaStream_t stream) {
+  check_shape("rmsnorm_act_quant_forward_cuda", s);
+  if (s.rows == 0) return;
+  PL_CHECK(x && gain && codes && scale && rstd, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
+  const int per_block = fwd_rows_per_block(s.dim);
+  const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
+  const int threads = per_block * 32;
+  const size_t smem = static_cast<size_t>(per_block) * static_cast<size_t>(s.dim) * sizeof(float);  // ≤ 32 KB
+  // Every row start is 16-byte aligned when dim % 4 == 0 and x is; codes need 4-byte alignment.
+  const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(gain) && (reinterpret_cast<uintptr_t>(codes) & 3u) == 0;
+  if (vec)
+    rmsnorm_act_quant_forward_kernel<true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain, codes,
+                                                                             scale, rstd);
+  else
+    rmsnorm_act_quant_forward_kernel<false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain, codes,
+                                                                              scale, rstd);
+  PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_forward_kernel);
+}
+
+int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s) { return bwd_blocks(s.rows) * s.dim; }
+
+void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const float* x, const float* gain, const float* rstd,
+                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream) {
+  check_shape("rmsnorm_act_quant_backward_cuda", s);
+  if (s.rows == 0) return;  // dgain += 0
+  PL_CHECK(x && gain && rstd && dy && dx, internal, "rmsnorm_act_quant_backward_cuda: null pointer");
+  PL_CHECK(!dgain || workspace, internal, "rmsnorm_act_quant_backward_cuda: dgain needs a workspace of ",
+           rmsnorm_act_quant_backward_workspace(s), " floats (got null)");
+  float* partials = dgain ? workspace : nullptr;
+  const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;  // ≤ 32 since dim ≤ 8192
+  if (per_thread <= 1) launch_backward<1>(s, x, gain, rstd, dy, dx, partials, stream);
+  else if (per_thread <= 2) launch_backward<2>(s, x, gain, rstd, dy, dx, partials, stream);
+  else if (per_thread <= 4) launch_backward<4>(s, x, gain, rstd, dy, dx, partials, stream);
+  else if (per_thread <= 8) launch_backward<8>(s, x, gain, rstd, dy, dx, partials, stream);
+  else if (per_thread <= 16) launch_backward<16>(s, x, gain, rstd, dy, dx, partials, stream);
+  else launch_backward<32>(s, x, gain, rstd, dy, dx, partials, stream);
+  if (!dgain) return;
+  const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
+  rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, workspace, dgain);
+  PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
+}
+
+}  // namespace peerless
