@@ -29,6 +29,7 @@ const char* kBenchUsage =
     "  checkpoint  checkpoint write/read throughput against the raw disk (launch/bench_checkpoint.cpp)\n"
     "  peer      expert parallelism of one PEER layer: rows exchange vs the column alternative's collectives\n"
     "            (launch/bench_peer.cpp); mpirun -np P peerless bench peer\n"
+    "  train     training tokens/s, MFU and peak memory of a config on one GPU (launch/bench_train.cu)\n"
     "  ops       CUDA op kernels (fused norm + int8 quantizer, MLGRU scan) in GB/s against a device copy\n"
     "            (launch/bench_ops.cpp)\n";
 
@@ -285,7 +286,12 @@ int cmd_bench(const Args& args) {
   if (args[0] == "checkpoint") return bench_checkpoint(Args(args.begin() + 1, args.end()));
   if (args[0] == "peer") return bench_peer(Args(args.begin() + 1, args.end()));
   if (args[0] == "ops") return bench_ops(Args(args.begin() + 1, args.end()));
-  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint, peer, ops (see: peerless bench --help)");
+#ifdef PEERLESS_HAVE_CUDA
+  if (args[0] == "train") return bench_train(Args(args.begin() + 1, args.end()));
+#else
+  PL_CHECK(args[0] != "train", config, "bench train needs a CUDA build");
+#endif
+  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint, peer, ops, train (see: peerless bench --help)");
 }
 
 }  // namespace peerless

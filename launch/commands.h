@@ -19,5 +19,6 @@ int cmd_bench(const Args& args);
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
 int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp
 int bench_ops(const Args& args);         // `bench ops`, launch/bench_ops.cpp
+int bench_train(const Args& args);       // `bench train`, launch/bench_train.cu (CUDA builds)
 
 }  // namespace peerless

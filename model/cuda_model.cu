@@ -15,6 +15,7 @@
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
+#include "model/ops/norm_quant.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
 #include "model/ops/bitlinear.h"
@@ -121,7 +122,7 @@ struct CudaModel::Impl {
   DevBuf<int32_t> ids, targets;
   DevBuf<float> lb, dlb, scan_ws, x, tmp, x_final, xf, rstd_f, logits, losses;
   DevBuf<float> dx, t0, t1, dh, dgn, dghat, dihat, dfhat, dz, dau;
-  DevBuf<float> xt, dxt;          // BitLinear scratch: normalised input, its gradient (M, max K)
+  DevBuf<float> dxt, norm_ws;     // BitLinear scratch: dx̃ (M, max K); RMSNorm backward partials
   DevBuf<int32_t> acc;             // (M, max N) int32 products (shapes IMMA refuses)
   DevBuf<bf16> dy_bf, dyos_bf, a_bf, w_bf;
   DevBuf<double> partials, sums;
@@ -188,8 +189,8 @@ struct CudaModel::Impl {
       alloc_linear(b.bl_down, p.down_w);
     }
     alloc_linear(bl_head, idx.head_w);
-    xt.resize(M * max_k, bytes);
     dxt.resize(M * max_k, bytes);
+    norm_ws.resize(rmsnorm_act_quant_backward_workspace(RmsNormShape{M, std::max(max_k, d), eps}), bytes);
     acc.resize(M * max_n, bytes);
     dy_bf.resize(M * max_n, bytes);
     dyos_bf.resize(M * max_n, bytes);
@@ -211,8 +212,9 @@ struct CudaModel::Impl {
   void linear_forward(int gain, int weight, int64_t rows, const float* in, float* y, LinearCache& c) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
-    rmsnorm_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), xt.get(), c.rstd.get(), stream);
-    act_quant_cuda(rows, K, xt.get(), c.codes.get(), c.scale.get(), stream);
+    // Fused: x̃ is never written; codes, scales and rstd bit-identical to the CPU's.
+    rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), c.codes.get(), c.scale.get(), c.rstd.get(),
+                                   stream);
     const float beta = betas[weight];
     if (K % 4 == 0 && N % 4 == 0) {
       bitlinear_matmul_cuda(blas, rows, N, K, c.codes.get(), C(weight), c.scale.get(), beta, GemmOut::f32, y, stream);
@@ -233,7 +235,13 @@ struct CudaModel::Impl {
     codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
     bitlinear_backward_gemms_cuda(blas, rows, N, K, dy_bf.get(), dyos_bf.get(), w_bf.get(), a_bf.get(), betas[weight],
                                   dxt.get(), G(weight), stream);
-    rmsnorm_backward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), c.rstd.get(), dxt.get(), dx_out, G(gain), stream);
+    norm_backward(RmsNormShape{rows, K, eps}, in, P(gain), c.rstd.get(), dxt.get(), dx_out, G(gain));
+  }
+
+  // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
+  void norm_backward(const RmsNormShape& ns, const float* in, const float* gain, const float* rstd, const float* dy,
+                     float* dx_out, float* dgain) {
+    rmsnorm_act_quant_backward_cuda(ns, in, gain, rstd, dy, dx_out, dgain, norm_ws.get(), stream);
   }
 };
 
@@ -246,6 +254,9 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   PL_CHECK(host.quantized(), config, "run.device = \"cuda\" trains quant = \"ternary\" models only (model.quant = '",
            c.quant, "')");
   PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\": lazy Adam is for PEER tables");
+  PL_CHECK(c.d_model <= kNormQuantMaxDim && host.intermediate() <= kNormQuantMaxDim, config,
+           "run.device = \"cuda\": model.d_model and the GLU width must be <= ", kNormQuantMaxDim, " (got ",
+           c.d_model, " and ", host.intermediate(), ")");
 }
 
 CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens) : impl_(std::make_unique<Impl>(host, tokens)) {
@@ -349,21 +360,20 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
   float *dx = g.dx.get(), *t0 = g.t0.get(), *t1 = g.t1.get();
   PL_CUDA_CHECK(cudaMemsetAsync(g.dlb.get(), 0, sizeof(float) * L * d, s));
   g.linear_backward(g.idx.head_gain, g.idx.head_w, M, g.xf.get(), g.bl_head, g.logits.get(), t0);
-  rmsnorm_backward_cuda(nd, g.x_final.get(), g.P(g.idx.final_norm), g.rstd_f.get(), t0, dx, g.G(g.idx.final_norm), s);
+  g.norm_backward(nd, g.x_final.get(), g.P(g.idx.final_norm), g.rstd_f.get(), t0, dx, g.G(g.idx.final_norm));
   for (int64_t l = L - 1; l >= 0; --l) {
     const BlockParams& b = g.host.blocks()[l];
     const BlockBufs& c = g.blocks[l];
     g.linear_backward(b.down_gain, b.down_w, M, c.z.get(), c.bl_down, dx, g.dz.get());
     glu_backward_cuda(act, M, I, c.au.get(), g.dz.get(), g.dau.get(), s);
     g.linear_backward(b.gate_gain, b.gate_w, M, c.xn2.get(), c.bl_gate, g.dau.get(), t0);
-    rmsnorm_backward_cuda(nd, c.x_mid.get(), g.P(b.mlp_norm), c.rstd2.get(), t0, t1, g.G(b.mlp_norm), s);
+    g.norm_backward(nd, c.x_mid.get(), g.P(b.mlp_norm), c.rstd2.get(), t0, t1, g.G(b.mlp_norm));
     g.add(dx, t1, M * d);
 
     g.linear_backward(b.o_gain, b.o_w, M, c.o.get(), c.bl_o, dx, t0);
     output_gate_backward_cuda(form, M * d, c.gn.get(), c.h.get(), t0, g.dgn.get(), g.dh.get(), s);
     if (form == GateForm::code)
-      rmsnorm_backward_cuda(nd, c.ghat.get(), g.P(b.g_norm), c.g_rstd.get(), g.dgn.get(), g.dghat.get(),
-                            g.G(b.g_norm), s);
+      g.norm_backward(nd, c.ghat.get(), g.P(b.g_norm), c.g_rstd.get(), g.dgn.get(), g.dghat.get(), g.G(b.g_norm));
     else
       g.copy(g.dghat.get(), g.dgn.get(), M * d);
     mlgru_scan_backward_cuda(ScanShape{batch, seq, d}, c.ihat.get(), c.fhat.get(), g.lb.get() + l * d, c.f.get(),
@@ -374,7 +384,7 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
     g.add(t0, t1, M * d);
     g.linear_backward(b.g_gain, b.g_w, M, c.xn.get(), c.bl_g, g.dghat.get(), t1);
     g.add(t0, t1, M * d);
-    rmsnorm_backward_cuda(nd, c.x_in.get(), g.P(b.mixer_norm), c.rstd1.get(), t0, t1, g.G(b.mixer_norm), s);
+    g.norm_backward(nd, c.x_in.get(), g.P(b.mixer_norm), c.rstd1.get(), t0, t1, g.G(b.mixer_norm));
     g.add(dx, t1, M * d);
   }
   embedding_backward_cuda(M, d, g.ids.get(), dx, g.G(g.idx.embed), s);
