@@ -20,7 +20,7 @@ struct ModelConfig {
   std::string glu_activation = "silu";  // "silu" or "relu2" (Q-Sparse squared ReLU)
 
   // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
-  // PEER block, replicated on every rank (expert-parallel sharding is not implemented yet).
+  // PEER block, sharded by rows over parallel.expert_parallel ranks (model/expert_parallel.h).
   std::string peer_blocks = "";   // comma-separated block indices, "" = none
   int64_t peer_n_sub = 32;        // n sub-keys per table; N = n² experts
   int64_t peer_heads = 8;         // h retrieval heads
