@@ -131,8 +131,8 @@ _JUST_BELOW_HALF = 0.49999997  # nextafter(0.5, 0) in fp32
 def round_half_away(v):
     """Round half away from zero (torch.round rounds half to even), fp32: trunc(v ± (0.5 − ulp)).
     Adding 0.5 itself fails at 0.49999997 (the sum rounds up to 1); adding nextafter(0.5, 0)
-    agrees with the exact form trunc(v) + sign(v)·[|v − trunc(v)| ≥ 0.5] on every finite fp32
-    (checked exhaustively). Other dtypes take the exact form."""
+    agrees with the exact form trunc(v) + sign(v)·[|v − trunc(v)| ≥ 0.5] on all 2,516,582,400 fp32
+    with |v| < 2^23 (checked exhaustively; above that both return v). Other dtypes: the exact form."""
     if v.dtype == torch.float32:
         return torch.trunc(torch.add(v, torch.sign(v), alpha=_JUST_BELOW_HALF))  # ±c·1 is exact
     return round_half_away_exact(v)
