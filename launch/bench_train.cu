@@ -146,6 +146,17 @@ int bench_train(const Args& args) {
                 static_cast<long long>(T), 1e3 * sec, tps, 100 * mfu,
                 static_cast<double>(cuda->device_bytes()) / (1 << 30),
                 static_cast<double>(cuda->peak_bytes()) / (1 << 30), static_cast<long long>(n_params));
+    // Breakdown: two more steps with the stream synchronised between kinds of work.
+    cuda->set_profiling(true);
+    for (int64_t i = 0; i < 2; ++i) step(warmup + steps + i + 1);
+    const auto prof = cuda->profile();
+    cuda->set_profiling(false);
+    double total = 0;
+    for (double t : prof) total += t;
+    std::printf("       breakdown (2 synchronised steps, %.1f ms per step):", 1e3 * total / 2);
+    for (int c = 0; c < CudaModel::kCategories; ++c)
+      std::printf("%s %s %.1f%%", c ? ";" : "", CudaModel::category_name(c), 100 * prof[c] / total);
+    std::printf("\n");
     std::fflush(stdout);
   }
   return 0;

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <vector>
 
@@ -130,6 +131,18 @@ struct CudaModel::Impl {
   std::vector<BlockBufs> blocks;
   std::vector<float> lb_host, lb_raw_host;
   int64_t max_k = 0, max_n = 0, max_w = 0;
+  // Profiling (set_profiling): each tick() waits for the stream and charges the time since the
+  // previous tick to a category; the synchronisations cost a little throughput.
+  bool profiling = false;
+  std::vector<double> profile;
+  std::chrono::steady_clock::time_point last;
+  void tick(int cat) {
+    if (!profiling) return;
+    PL_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const auto now = std::chrono::steady_clock::now();
+    profile[cat] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
 
   Impl(Model& h, int64_t tokens)
       : host(h), layout(h.layout()), idx(h.index()), max_tokens(tokens) {
@@ -212,9 +225,11 @@ struct CudaModel::Impl {
   void linear_forward(int gain, int weight, int64_t rows, const float* in, float* y, LinearCache& c) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
+    tick(CudaModel::other);
     // Fused: x̃ is never written; codes, scales and rstd bit-identical to the CPU's.
     rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), c.codes.get(), c.scale.get(), c.rstd.get(),
                                    stream);
+    tick(CudaModel::norm_quant);
     const float beta = betas[weight];
     if (K % 4 == 0 && N % 4 == 0) {
       bitlinear_matmul_cuda(blas, rows, N, K, c.codes.get(), C(weight), c.scale.get(), beta, GemmOut::f32, y, stream);
@@ -222,6 +237,7 @@ struct CudaModel::Impl {
       ternary_int8_matmul_cuda(rows, N, K, c.codes.get(), C(weight), acc.get(), stream);
       bitlinear_dequant_cuda(rows, N, acc.get(), c.scale.get(), beta, GemmOut::f32, y, stream);
     }
+    tick(CudaModel::gemm_forward);
   }
 
   // Straight-through backward: dx̃ = β·dy·t, dW += (dy/s)ᵀ·a (bf16 GEMMs), then RMSNorm backward.
@@ -229,13 +245,16 @@ struct CudaModel::Impl {
                        float* dx_out) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
+    tick(CudaModel::other);
     rows_to_bf16_cuda(rows, N, dy, nullptr, dy_bf.get(), stream);
     rows_to_bf16_cuda(rows, N, dy, c.scale.get(), dyos_bf.get(), stream);
     codes_to_bf16_cuda(rows * K, c.codes.get(), a_bf.get(), stream);
     codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
     bitlinear_backward_gemms_cuda(blas, rows, N, K, dy_bf.get(), dyos_bf.get(), w_bf.get(), a_bf.get(), betas[weight],
                                   dxt.get(), G(weight), stream);
+    tick(CudaModel::gemm_backward);
     norm_backward(RmsNormShape{rows, K, eps}, in, P(gain), c.rstd.get(), dxt.get(), dx_out, G(gain));
+    tick(CudaModel::norm_quant);
   }
 
   // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
@@ -332,8 +351,10 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
     g.linear_forward(b.i_gain, b.i_w, M, c.xn.get(), c.ihat.get(), c.bl_i);
     g.linear_forward(b.f_gain, b.f_w, M, c.xn.get(), c.fhat.get(), c.bl_f);
     g.linear_forward(b.g_gain, b.g_w, M, c.xn.get(), c.ghat.get(), c.bl_g);
+    g.tick(other);
     mlgru_scan_forward_cuda(ScanShape{batch, seq, d}, c.ihat.get(), c.fhat.get(), g.lb.get() + l * d, c.f.get(),
                             c.h.get(), s);
+    g.tick(scan);
     if (form == GateForm::code)
       rmsnorm_forward_cuda(nd, c.ghat.get(), g.P(b.g_norm), c.gn.get(), c.g_rstd.get(), s);
     else
@@ -352,7 +373,9 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
   rmsnorm_forward_cuda(nd, g.x_final.get(), g.P(g.idx.final_norm), g.xf.get(), g.rstd_f.get(), s);
   g.linear_forward(g.idx.head_gain, g.idx.head_w, M, g.xf.get(), g.logits.get(), g.bl_head);
   // Losses and dlogits (in place) in one pass.
+  g.tick(other);
   cross_entropy_cuda(M, V, g.logits.get(), g.targets.get(), g.losses.get(), g.logits.get(), grad_scale, s);
+  g.tick(loss);
   std::vector<float> losses(M);
   PL_CUDA_CHECK(cudaMemcpyAsync(losses.data(), g.losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
 
@@ -376,9 +399,11 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
       g.norm_backward(nd, c.ghat.get(), g.P(b.g_norm), c.g_rstd.get(), g.dgn.get(), g.dghat.get(), g.G(b.g_norm));
     else
       g.copy(g.dghat.get(), g.dgn.get(), M * d);
+    g.tick(other);
     mlgru_scan_backward_cuda(ScanShape{batch, seq, d}, c.ihat.get(), c.fhat.get(), g.lb.get() + l * d, c.f.get(),
                              c.h.get(), g.dh.get(), g.dihat.get(), g.dfhat.get(), g.dlb.get() + l * d,
                              g.scan_ws.get(), s);
+    g.tick(scan);
     g.linear_backward(b.i_gain, b.i_w, M, c.xn.get(), c.bl_i, g.dihat.get(), t0);
     g.linear_backward(b.f_gain, b.f_w, M, c.xn.get(), c.bl_f, g.dfhat.get(), t1);
     g.add(t0, t1, M * d);
@@ -387,7 +412,9 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
     g.norm_backward(nd, c.x_in.get(), g.P(b.mixer_norm), c.rstd1.get(), t0, t1, g.G(b.mixer_norm));
     g.add(dx, t1, M * d);
   }
+  g.tick(other);
   embedding_backward_cuda(M, d, g.ids.get(), dx, g.G(g.idx.embed), s);
+  g.tick(embedding);
   // Lower bounds: dlb to the host, through the cumsum and softmax there, added into the gradient.
   const ParamInfo& lbp = g.layout.at(g.idx.lower_bounds);
   std::vector<float> dlb(L * d), draw(lbp.numel);
@@ -399,6 +426,7 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
   PL_CUDA_CHECK(cudaMemcpyAsync(g.G(g.idx.lower_bounds), draw.data(), sizeof(float) * lbp.numel,
                                 cudaMemcpyHostToDevice, s));
   PL_CUDA_CHECK(cudaStreamSynchronize(s));  // draw is a local
+  g.tick(other);
   double sum = 0;
   for (int64_t i = 0; i < M; ++i) sum += losses[i];  // token order, as Model::forward
   return sum;
@@ -406,6 +434,7 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
 
 double CudaModel::grad_norm() {
   Impl& g = *impl_;
+  g.tick(other);
   const int64_t n = g.layout.total();
   sumsq_kernel<<<kNormBlocks, kThreads, 0, g.stream>>>(g.grads.get(), n, g.partials.get());
   PL_CUDA_CHECK_LAUNCH(sumsq_kernel);
@@ -436,10 +465,12 @@ void CudaModel::adam_step(int64_t t, double lr) {
       static_cast<float>(c.beta2), static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
       static_cast<float>(c.eps), static_cast<float>(lr * c.weight_decay));
   PL_CUDA_CHECK_LAUNCH(adam_kernel);
+  g.tick(optimizer);
 }
 
 void CudaModel::refresh_ternary() {
   Impl& g = *impl_;
+  g.tick(other);
   const auto& entries = g.layout.entries();
   // Σ|W| per ternary tensor (fixed-order float64 on the device), one copy to the host, β there.
   std::vector<int> ternary;
@@ -465,6 +496,25 @@ void CudaModel::refresh_ternary() {
                                 cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
   g.host.mutable_betas() = g.betas;
+  g.tick(optimizer);
+}
+
+void CudaModel::set_profiling(bool on) {
+  Impl& g = *impl_;
+  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
+  g.profiling = on;
+  g.profile.assign(kCategories, 0.0);
+  g.last = std::chrono::steady_clock::now();
+}
+
+std::vector<double> CudaModel::profile() const { return impl_->profile; }
+
+const char* CudaModel::category_name(int c) {
+  static const char* names[] = {"norm+quant (fwd, bwd)", "GEMM forward (IMMA + epilogue)",
+                                "GEMM backward (bf16 + conversions)", "MLGRU scan (fwd, bwd)", "cross-entropy",
+                                "embedding backward", "optimizer + grad norm + ternary refresh",
+                                "other (elementwise, norms' copies, host transfers)"};
+  return c >= 0 && c < kCategories ? names[c] : "?";
 }
 
 int64_t CudaModel::device_bytes() const { return impl_->bytes; }

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "model/model.h"
 #include "model/optimizer.h"
@@ -47,6 +48,13 @@ class CudaModel {
   void scale_grads(float factor);
   void adam_step(int64_t t, double lr);  // AdamW exactly as AdamW::step (one learning rate)
   void refresh_ternary();               // codes and β from the latent weights (β also to the host model)
+
+  // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
+  // wall time charged to it (seconds, summed since set_profiling(true)).
+  enum Category { norm_quant, gemm_forward, gemm_backward, scan, loss, embedding, optimizer, other, kCategories };
+  void set_profiling(bool on);
+  std::vector<double> profile() const;
+  static const char* category_name(int c);
 
   int64_t device_bytes() const;  // bytes this model allocated on the device
   int64_t peak_bytes() const;    // peak device memory in use by the process (cudaMemGetInfo)
