@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -148,14 +149,17 @@ void truncate_metrics(const fs::path& path, int64_t step) {
   write_text_file(path, kept);
 }
 
-// Peak resident set size of this process (VmHWM of /proc/self/status) in bytes; 0 where unknown.
-int64_t peak_rss_bytes() {
+// A "Vm...:  123 kB" line of /proc/self/status in bytes; 0 where unknown.
+int64_t proc_status_bytes(const char* key) {
   std::ifstream in("/proc/self/status");
   std::string line;
+  const size_t n = std::strlen(key);
   while (std::getline(in, line))
-    if (line.rfind("VmHWM:", 0) == 0) return 1024 * std::atoll(line.c_str() + 6);  // "VmHWM:  123 kB"
+    if (line.rfind(key, 0) == 0) return 1024 * std::atoll(line.c_str() + n);
   return 0;
 }
+// Peak resident set size of this process (VmHWM) in bytes.
+int64_t peak_rss_bytes() { return proc_status_bytes("VmHWM:"); }
 
 // Rank 0's string on every rank.
 std::string broadcast_string(Comm& comm, std::string text) {
@@ -440,6 +444,11 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const int64_t T = cfg.data.seq_len, B = cfg.train.micro_batch, A = cfg.train.accum_steps;
   const int64_t G = B * A * world;  // sequences per optimizer step
   const int64_t total = model.layout().total();
+  // What the process holds before the model's buffers (libraries: MPI, HDF5, OpenBLAS, and the
+  // CUDA libraries of a CUDA build, whose loading alone touches ~140 MiB), for the memory check.
+  const int64_t base_rss = proc_status_bytes("VmRSS:");
+  if (lead) std::printf("process before the model's buffers (VmRSS): %s = %lld bytes\n",
+                        human_bytes(static_cast<double>(base_rss)).c_str(), static_cast<long long>(base_rss));
   std::vector<float> params(total), grads(total);
   model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
   model.refresh_ternary(params.data());
