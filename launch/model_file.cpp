@@ -95,6 +95,7 @@ LoadedModel load_model_file(const std::string& path_or_run_dir) {
       out.model->mutable_betas()[idx] = static_cast<float>(h5::read_float_attr(g, "beta"));
     }
   }
+  out.model->refresh_peer_tables(out.params.data(), nullptr);  // model.peer_ternary: the tables' t·β
   return out;
 }
 

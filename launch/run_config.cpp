@@ -38,6 +38,8 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("model.peer_activation", &model.peer_activation, {"relu", "gelu"}, "PEER expert activation");
   s.add_bool("model.peer_query_bn", &model.peer_query_bn, "BatchNorm on the PEER query (paper default)");
   s.add_bool("model.peer_shared_keys", &model.peer_shared_keys, "PEER heads share the sub-key tables C, C'");
+  s.add_bool("model.peer_ternary", &model.peer_ternary,
+             "PEER experts compute with ternary forward copies t*beta of the table (one beta per table, STE)");
   s.add_float("model.qsparse", &model.qsparse, 0, 0.999999, "Q-Sparse sparsity of BitLinear inputs (0 = off)");
   s.add_int("model.qsparse_block", &model.qsparse_block, 0, 1 << 20,
             "Q-Sparse block size M for N:M sparsity (0 = per-token top-K)");

@@ -207,6 +207,7 @@ std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<
       ep.broadcast(buf, n, DType::f32, r);
     }
   }
+  if (root) whole->refresh_peer_tables(whole_params.data(), nullptr);  // model.peer_ternary only
   return whole;
 }
 
@@ -452,6 +453,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   std::vector<float> params(total), grads(total);
   model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
   model.refresh_ternary(params.data());
+  model.refresh_peer_tables(params.data(), ep_comm.get());  // model.peer_ternary only
   DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20, replicas.get(), ep_comm.get());
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
@@ -463,6 +465,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const std::vector<std::string> changes = compare_configs(meta.config_text, config_text, resume_dir);
     // Codes and β as stored (never recomputed), moments of the ranges this rank owns now.
     load_checkpoint_tensors(resume_dir, model, params.data(), adam);
+    model.refresh_peer_tables(params.data(), ep_comm.get());
     loader.seek(meta.state.loader);
     start_step = meta.state.step;
     tokens_seen = meta.state.tokens;
@@ -606,6 +609,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
     adam.step(params.data(), grads.data(), step, lr, touched.empty() ? nullptr : touched.data());
     dp.refresh_and_gather(model, params.data());
+    model.refresh_peer_tables(params.data(), ep_comm.get());
     gpu_step_loss = step_loss;
     gpu_gnorm = gnorm;
     }

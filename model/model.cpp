@@ -271,6 +271,36 @@ std::vector<int8_t>& Model::mutable_codes() {
   return codes_;
 }
 
+void Model::refresh_peer_tables(const float* params, Comm* ep) {
+  if (!config_.peer_ternary) return;
+  peer_tables_.resize(peer_blocks_.size());
+  std::vector<double> sums;
+  for (const auto& b : blocks_)
+    if (b.peer >= 0) {
+      const ParamInfo& t = layout_.at(b.peer_table);
+      sums.push_back(abs_sum_cpu(t.numel, params + t.offset));
+    }
+  if (ep && ep->size() > 1) ep->all_reduce(sums.data(), static_cast<int64_t>(sums.size()), DType::f64, ReduceOp::sum);
+  std::vector<int8_t> codes;
+  for (const auto& b : blocks_) {
+    if (b.peer < 0) continue;
+    const ParamInfo& t = layout_.at(b.peer_table);
+    const float beta = ternary_beta(sums[b.peer], t.numel * (ep ? ep->size() : 1));
+    codes.resize(t.numel);
+    ternary_codes_cpu(t.numel, params + t.offset, beta, codes.data());
+    auto& q = peer_tables_[b.peer];
+    q.resize(t.numel);
+    for (int64_t i = 0; i < t.numel; ++i) q[i] = static_cast<float>(codes[i]) * beta;
+  }
+}
+
+const float* Model::peer_table(const float* params, const BlockParams& b) const {
+  if (!config_.peer_ternary) return params + layout_.at(b.peer_table).offset;
+  PL_CHECK(b.peer < static_cast<int>(peer_tables_.size()) && !peer_tables_[b.peer].empty(), internal,
+           "model.peer_ternary: the tables' forward copies are missing (refresh_peer_tables not called)");
+  return peer_tables_[b.peer].data();
+}
+
 void Model::refresh_ternary(const float* params) {
   mutable_codes();
   const auto& entries = layout_.entries();
@@ -413,7 +443,8 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
         mean = c.peer_batch_mean.data();
         var = c.peer_batch_var.data();
       }
-      const auto pp = peer_params(layout_, b, params, mean, var);
+      auto pp = peer_params(layout_, b, params, mean, var);
+      pp.table = peer_table(params, b);
       if (experts_sharded()) {
         PL_CHECK(ep_comm_ != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
         if (!c.peer_ep) c.peer_ep = std::make_shared<ShardedPeerExperts>(*ep_comm_, peer_experts());
@@ -487,8 +518,9 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
       pg.sub_keys1 = grads + layout_.at(b.peer_keys1).offset;
       pg.sub_keys2 = grads + layout_.at(b.peer_keys2).offset;
       pg.table = &sg;
-      const auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
-                                  buffer_ptr(layout_, params, b.peer_bn_var));
+      auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
+                            buffer_ptr(layout_, params, b.peer_bn_var));
+      pp.table = peer_table(params, b);  // straight-through: the gradient of the copy is the latent's
       peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx.data(), t0.data(), pg, c.peer_ep.get());
       // Sharded: the gradient of this rank's rows, from every token of the group that retrieved them.
       peer_sparse_grad_scatter_add_cpu(c.peer_ep ? c.peer_ep->table_grad() : sg,
@@ -576,8 +608,9 @@ void Model::decode_step(const float* params, int32_t token, DecodeState& state) 
     rmsnorm_forward_cpu(n1, x.data(), params + layout_.at(b.mlp_norm).offset, xn.data(), &rstd);
     if (b.peer >= 0) {
       // One token: the query BatchNorm uses the running statistics (eval mode).
-      const auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
-                                  buffer_ptr(layout_, params, b.peer_bn_var));
+      auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
+                            buffer_ptr(layout_, params, b.peer_bn_var));
+      pp.table = peer_table(params, b);
       peer_layer_forward_cpu(peer_shape(1), PeerNormMode::eval, pp, xn.data(), y.data());
       for (int64_t j = 0; j < d; ++j) x[j] += y[j];
       continue;

@@ -100,8 +100,13 @@ class Model {
 
   // Fills params (layout().total()) with the SPEC §2 initialization, deterministic from seed.
   void init_params(float* params, uint64_t seed) const;
-  // Recomputes the ternary forward copies (codes, β) from the latent weights.
+  // Recomputes the ternary forward copies (codes, β) of the BitLinear weights from the latent ones.
   void refresh_ternary(const float* params);
+  // model.peer_ternary: the expert tables' forward copies t·β, β = max(mean|W|, 1e-5) over the whole
+  // table (Σ|W| all-reduced over the expert group `ep` when sharded; null = this rank's rows are the
+  // table). The experts compute with the copy; the gradient goes straight through to the latent
+  // table. Call after every change of the latent tables (the trainer does, after each update).
+  void refresh_peer_tables(const float* params, Comm* ep);
   const std::vector<int8_t>& codes() const { return codes_; }
   std::vector<int8_t>& mutable_codes();  // allocates on first use
   const std::vector<float>& betas() const { return betas_; }  // indexed by parameter index
@@ -189,6 +194,8 @@ class Model {
 
  private:
   std::vector<int8_t> codes_;  // (layout().total()) ternary codes at each weight's offset
+  std::vector<std::vector<float>> peer_tables_;  // model.peer_ternary: t·β per PEER layer (this rank's rows)
+  const float* peer_table(const float* params, const BlockParams& b) const;
   std::vector<float> betas_;   // (n params) β per ternary weight, 0 elsewhere
 };
 

@@ -29,6 +29,7 @@ struct ModelConfig {
   std::string peer_activation = "relu";  // "relu" or "gelu"
   bool peer_query_bn = true;      // BatchNorm on the query (paper default); off = identity
   bool peer_shared_keys = true;   // heads share C, C′ (paper text); false = per-head sub-keys
+  bool peer_ternary = false;      // experts use ternary forward copies t·β of the table (one β per table)
   // Q-Sparse (SPEC §4): top-K of every BitLinear input after its RMSNorm, before quantization.
   double qsparse = 0;             // sparsity ratio S in [0, 1); 0 = off
   int64_t qsparse_block = 0;      // 0 = per-token top-K; M > 0 = N:M within blocks of M channels

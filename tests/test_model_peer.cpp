@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <set>
 #include <vector>
 
 #include "model/model.h"
@@ -232,6 +233,48 @@ TEST(ModelPeer, BuffersAreFrozenForAdamWAndAveragedOverMicroBatches) {
   EXPECT_FLOAT_EQ(params[mean.offset], 0.9f + 0.1f * 1.5f);
   EXPECT_EQ(grads[mean.offset], 0.f);
   EXPECT_EQ(params[0], 1.f);  // not a buffer: untouched
+}
+
+// model.peer_ternary: the experts compute with t·β of the table (β = max(mean|W|, 1e-5) over the
+// table) and the gradient goes straight through to the latent table. So a ternary-expert model
+// must give exactly the loss and gradients of a plain model whose table holds t·β — the table's
+// gradient included (the STE) — and its copy must hold three values per table at most.
+TEST(ModelPeer, TernaryExpertsAreAStraightThroughCopy) {
+  ModelConfig c = peer_config("ternary");
+  c.peer_activation = "relu";
+  ModelConfig c_plain = c;
+  c.peer_ternary = true;
+  Model tern(c), plain(c_plain);
+  std::vector<float> params(tern.layout().total());
+  tern.init_params(params.data(), 5);
+  perturb(tern, params, 6);
+  tern.refresh_ternary(params.data());
+  tern.refresh_peer_tables(params.data(), nullptr);
+  // The plain model's table := t·β computed by hand.
+  std::vector<float> dequant = params;
+  const ParamInfo& t = tern.layout().at(tern.layout().find("blocks/1/peer/table"));
+  const float beta = ternary_beta(abs_sum_cpu(t.numel, params.data() + t.offset), t.numel);
+  std::vector<int8_t> codes(t.numel);
+  ternary_codes_cpu(t.numel, params.data() + t.offset, beta, codes.data());
+  std::set<float> values;
+  for (int64_t i = 0; i < t.numel; ++i) values.insert(dequant[t.offset + i] = codes[i] * beta);
+  EXPECT_LE(values.size(), 3u);
+  EXPECT_GT(values.size(), 1u);
+  plain.refresh_ternary(dequant.data());
+
+  const Batch batch(c.vocab_size, 3);
+  ForwardContext ct, cp;
+  const double lt = tern.forward(params.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, ct);
+  const double lp = plain.forward(dequant.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, cp);
+  EXPECT_EQ(lt, lp);
+  std::vector<float> gt(params.size(), 0.f), gp(params.size(), 0.f);
+  tern.backward(params.data(), ct, 1.f, gt.data());
+  plain.backward(dequant.data(), cp, 1.f, gp.data());
+  EXPECT_EQ(gt, gp);
+  // And it differs from the model on the latent table (the copy is used at all).
+  ForwardContext cl;
+  const double ll = plain.forward(params.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, cl);
+  EXPECT_NE(ll, lt);
 }
 
 TEST(ModelPeer, TrainModeNeedsTwoTokens) {

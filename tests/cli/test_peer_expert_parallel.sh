@@ -6,7 +6,8 @@
 #     table's largest entry (the owner sums the partial outputs and gradients in another order
 #     than one rank does, and AdamW turns a last-bit difference of a near-zero gradient into up to
 #     one learning rate of difference in that element: 1e-4 is ~6x the worst measured, 1.7e-5);
-#   - ep 2 x dp 2 with ZeRO-1 on 4 ranks agrees the same way;
+#   - ep 2 x dp 2 with ZeRO-1 on 4 ranks agrees the same way, and so do ternary expert copies
+#     (model.peer_ternary: one β per table from Σ|W| all-reduced over the shards) on 1 vs 2 ranks;
 #   - 3 shards of 4096 experts are a config error naming parallel.expert_parallel;
 #   - a checkpoint written with the table in 2 shards resumes bit-identically on the same 2 ranks,
 #     and on 1 and on 4 ranks (other shard counts) within the same 1e-5.
@@ -30,6 +31,8 @@ run d4z 4 1 --set parallel.expert_parallel=2 --set parallel.zero1=true
 run l1 1 4 "${lazy[@]}"
 run l2 2 2 "${lazy[@]}"
 run l4 4 1 "${lazy[@]}"
+run t1 1 4 --set model.peer_ternary=true  # ternary expert copies: β over the whole table (all-reduced)
+run t2 2 2 --set model.peer_ternary=true
 grep -q "sharded by rows over 2 ranks: this rank holds rows \[0, 2048)" d2.log || { cat d2.log; fail "no shard line"; }
 grep -q "sharded by rows over 4 ranks" d4.log || fail "no shard line at 4 ranks"
 grep -q "(replicated)" d1.log || fail "1 rank should replicate"
@@ -46,7 +49,7 @@ def table(name):
     return np.asarray(h5py.File(f"runs/{name}/model.h5")["model/blocks/0/peer/table"], dtype=np.float64)
 def rel(a, b):
     return max(abs(x - y) / abs(x) for x, y in zip(a, b))
-for ref, others in [("d1", ["d2", "d4", "d4z"]), ("l1", ["l2", "l4"])]:
+for ref, others in [("d1", ["d2", "d4", "d4z"]), ("l1", ["l2", "l4"]), ("t1", ["t2"])]:
     base, t0 = losses(ref), table(ref)
     assert len(base) == 11, (ref, len(base))
     for name in others:
@@ -57,6 +60,7 @@ for ref, others in [("d1", ["d2", "d4", "d4z"]), ("l1", ["l2", "l4"])]:
         assert len(other) == 11 and worst < 1e-5, (name, worst)
         assert t.shape == t0.shape and tdiff < 1e-4, (name, tdiff)
 assert losses("d1") != losses("l1"), "lazy Adam changed nothing"
+assert losses("d1") != losses("t1"), "ternary expert copies changed nothing"
 # Resume (new run directories): steps 6..10 + the final validation.
 full2 = losses("d2")[5:]
 r2, r1, r4 = losses("r2"), losses("r1"), losses("r4")
