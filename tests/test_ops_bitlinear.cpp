@@ -20,9 +20,12 @@
 #include "model/ops/op_registry.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
+#include "tests/ops_test_util.h"
 
 namespace peerless {
 namespace {
+
+using namespace test;
 
 // Coverage markers read by tests/test_ops_registry.cpp; each also checks the op is registered.
 #define OP_TEST(op) \
@@ -33,56 +36,12 @@ OP_TEST(weight_quant)
 OP_TEST(ternary_int8_matmul)
 OP_TEST(bitlinear)
 
-// "M7_N5_K33": a readable GoogleTest parameter name (letters, digits and '_' only).
-std::string case_name(std::initializer_list<std::pair<const char*, int64_t>> fields) {
-  std::string s;
-  for (const auto& [key, value] : fields) {
-    if (!s.empty()) s += '_';
-    s += key;
-    s += std::to_string(value);
-  }
-  return s;
-}
-
 std::vector<float> normal(std::mt19937_64& rng, int64_t n, float sd = 1.0f, float mean = 0.0f) {
   std::normal_distribution<float> dist(mean, sd);
   std::vector<float> v(static_cast<size_t>(n));
   for (float& x : v) x = dist(rng);
   return v;
 }
-
-template <typename A, typename B>
-double rel_err(const A& a, const B& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
-    den = std::max(den, std::fabs(static_cast<double>(b[i])));
-  }
-  return den > 0 ? num / den : num;
-}
-
-// An output buffer with sentinel elements before and after: catches writes out of range.
-template <typename T>
-class Guarded {
- public:
-  static constexpr int64_t kPad = 16;
-  explicit Guarded(int64_t n, T fill = T(0)) : n_(n), buf_(static_cast<size_t>(n + 2 * kPad), sentinel()) {
-    std::fill(data(), data() + n, fill);
-  }
-  T* data() { return buf_.data() + kPad; }
-  std::vector<T> values() const { return {buf_.begin() + kPad, buf_.begin() + kPad + n_}; }
-  bool intact() const {
-    for (int64_t i = 0; i < kPad; ++i)
-      if (buf_[i] != sentinel() || buf_[kPad + n_ + i] != sentinel()) return false;
-    return true;
-  }
-
- private:
-  static T sentinel() { return static_cast<T>(std::is_floating_point_v<T> ? -1234.5 : 0x5A); }
-  int64_t n_;
-  std::vector<T> buf_;
-};
 
 // ---- gemm --------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@
 #include "model/ops/peer_experts.h"
 #include "model/ops/peer_layer.h"
 #include "model/ops/peer_retrieval.h"
+#include "tests/ops_test_util.h"
 
 namespace peerless {
 namespace {
@@ -33,86 +34,7 @@ OP_TEST(peer_retrieval)
 OP_TEST(peer_experts)
 OP_TEST(peer_layer)
 
-using Vec = std::vector<double>;
-
-Vec normal(std::mt19937_64& rng, int64_t n, double sd = 1.0, double mean = 0.0) {
-  std::normal_distribution<double> dist(mean, sd);
-  Vec v(static_cast<size_t>(n));
-  for (double& x : v) x = dist(rng);
-  return v;
-}
-
-// Rounded to float and back: the double reference then sees exactly the float inputs.
-Vec float_rounded(const Vec& v) {
-  Vec r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = static_cast<double>(static_cast<float>(v[i]));
-  return r;
-}
-std::vector<float> to_float(const Vec& v) { return std::vector<float>(v.begin(), v.end()); }
-
-// max_i |a_i − b_i| / max_i |b_i|.
-template <typename A, typename B>
-double rel_err(const A& a, const B& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    num = std::max(num, std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
-    den = std::max(den, std::fabs(static_cast<double>(b[i])));
-  }
-  return den > 0 ? num / den : num;
-}
-
-// Central differences of loss() with respect to every element of x (perturbed in place, restored).
-Vec numeric_grad(Vec& x, const std::function<double()>& loss, double h = 1e-5) {
-  Vec g(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    const double keep = x[i];
-    x[i] = keep + h;
-    const double up = loss();
-    x[i] = keep - h;
-    const double down = loss();
-    x[i] = keep;
-    g[i] = (up - down) / (2 * h);
-  }
-  loss();
-  return g;
-}
-
-double weighted_sum(const Vec& w, const Vec& y) {
-  double s = 0;
-  for (size_t i = 0; i < y.size(); ++i) s += w[i] * y[i];
-  return s;
-}
-
-Vec minus(const Vec& a, const Vec& b) {
-  Vec d(a.size());
-  for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
-  return d;
-}
-
-constexpr double kGradTol = 1e-6;   // float64 analytic vs finite differences
-constexpr double kFloatTol = 1e-5;  // float32 vs float64
-
-// A float output buffer with sentinel elements before and after: catches writes out of range.
-class Guarded {
- public:
-  static constexpr int64_t kPad = 16;
-  explicit Guarded(int64_t n) : n_(n), buf_(static_cast<size_t>(n + 2 * kPad), kSentinel) {
-    std::fill(data(), data() + n, 0.0f);
-  }
-  float* data() { return buf_.data() + kPad; }
-  std::vector<float> values() const { return {buf_.begin() + kPad, buf_.begin() + kPad + n_}; }
-  bool intact() const {
-    for (int64_t i = 0; i < kPad; ++i)
-      if (buf_[i] != kSentinel || buf_[kPad + n_ + i] != kSentinel) return false;
-    return true;
-  }
-
- private:
-  static constexpr float kSentinel = -1234.5f;
-  int64_t n_;
-  std::vector<float> buf_;
-};
+using namespace test;
 
 std::vector<double> dense_table_grad(const PeerSparseGrad<double>& g, int64_t n_rows) {
   std::vector<double> dense(static_cast<size_t>(n_rows * g.width), 0.0);

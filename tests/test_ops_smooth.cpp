@@ -21,6 +21,7 @@
 #include "model/ops/mlgru.h"
 #include "model/ops/op_registry.h"
 #include "model/ops/rmsnorm.h"
+#include "tests/ops_test_util.h"
 
 namespace peerless {
 namespace {
@@ -36,98 +37,7 @@ OP_TEST(output_gate)
 OP_TEST(glu)
 OP_TEST(cross_entropy)
 
-using Vec = std::vector<double>;
-
-// "M7_N5_K33": a readable GoogleTest parameter name (letters, digits and '_' only).
-std::string case_name(std::initializer_list<std::pair<const char*, int64_t>> fields) {
-  std::string s;
-  for (const auto& [key, value] : fields) {
-    if (!s.empty()) s += '_';
-    s += key;
-    s += std::to_string(value);
-  }
-  return s;
-}
-
-Vec normal(std::mt19937_64& rng, int64_t n, double sd = 1.0, double mean = 0.0) {
-  std::normal_distribution<double> dist(mean, sd);
-  Vec v(static_cast<size_t>(n));
-  for (double& x : v) x = dist(rng);
-  return v;
-}
-
-std::vector<float> to_float(const Vec& v) { return std::vector<float>(v.begin(), v.end()); }
-
-// max_i |a_i − b_i| / max_i |b_i|: a norm-wise relative error that is not fooled by entries near 0.
-template <typename A, typename B>
-double rel_err(const A& a, const B& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
-    den = std::max(den, std::fabs(static_cast<double>(b[i])));
-  }
-  return den > 0 ? num / den : num;
-}
-
-double max_abs(const Vec& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-
-// Central differences of loss() with respect to every element of x (perturbed in place, restored).
-Vec numeric_grad(Vec& x, const std::function<double()>& loss, double h = 1e-5) {
-  Vec g(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    const double keep = x[i];
-    x[i] = keep + h;
-    const double up = loss();
-    x[i] = keep - h;
-    const double down = loss();
-    x[i] = keep;
-    g[i] = (up - down) / (2 * h);
-  }
-  loss();  // leave the outputs of the unperturbed point in the caller's buffers
-  return g;
-}
-
-double weighted_sum(const Vec& w, const Vec& y) {
-  double s = 0;
-  for (size_t i = 0; i < y.size(); ++i) s += w[i] * y[i];
-  return s;
-}
-
-Vec minus(const Vec& a, const Vec& b) {
-  Vec d(a.size());
-  for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
-  return d;
-}
-
-constexpr double kGradTol = 1e-6;   // float64 analytic vs finite differences
-constexpr double kFloatTol = 1e-5;  // float32 forward vs float64 forward
-
-// A float output buffer with sentinel elements before and after: catches writes out of range.
-class Guarded {
- public:
-  static constexpr int64_t kPad = 16;
-  explicit Guarded(int64_t n, float fill = 0.0f) : n_(n), buf_(static_cast<size_t>(n + 2 * kPad), kSentinel) {
-    std::fill(data(), data() + n, fill);
-  }
-  float* data() { return buf_.data() + kPad; }
-  std::vector<float> values() const { return {buf_.begin() + kPad, buf_.begin() + kPad + n_}; }
-  bool intact() const {
-    for (int64_t i = 0; i < kPad; ++i)
-      if (!same(buf_[i]) || !same(buf_[kPad + n_ + i])) return false;
-    return true;
-  }
-
- private:
-  static constexpr float kSentinel = -1234.5f;
-  static bool same(float v) { return v == kSentinel; }
-  int64_t n_;
-  std::vector<float> buf_;
-};
+using namespace test;
 
 // ---- rmsnorm -----------------------------------------------------------------------------------
 
