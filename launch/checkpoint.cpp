@@ -34,15 +34,6 @@ constexpr size_t kRecord = 64 + 8;            // all-gathered per writer: hex SH
 
 std::string shard_name(int writer) { return cat("shard_", writer, ".h5"); }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s;
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ',';
-    s += std::to_string(shape[i]);
-  }
-  return s;
-}
-
 // Test hook (docs/checkpoints.md): PEERLESS_CHECKPOINT_FAULT=<phase>[@<step>] kills rank 0 with
 // SIGKILL at that point of the commit protocol (of the checkpoint of that step), to check that an
 // interrupted write never harms the older checkpoints.

@@ -11,19 +11,6 @@ namespace peerless {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s;
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ',';
-    s += std::to_string(shape[i]);
-  }
-  return s;
-}
-
-}  // namespace
-
 void save_model_file(const std::string& path, const Model& model, const float* params, const std::string& config_text,
                      int64_t step, int64_t tokens) {
   const std::string tmp = path + ".tmp";

@@ -291,9 +291,8 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens) : impl_(std
 
 CudaModel::~CudaModel() = default;
 
-void CudaModel::upload(const float* params, const AdamW& adam_const) {
+void CudaModel::upload(const float* params, const AdamW& adam) {
   Impl& g = *impl_;
-  AdamW& adam = const_cast<AdamW&>(adam_const);  // read only
   const int64_t total = g.layout.total();
   PL_CUDA_CHECK(cudaMemcpyAsync(g.params.get(), params, sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
   PL_CUDA_CHECK(cudaMemcpyAsync(g.m.get(), adam.m().data(), sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));

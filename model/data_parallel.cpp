@@ -79,6 +79,9 @@ DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t buc
   param_buckets_.assign(entries.size(), {});
   for (size_t b = 0; b < buckets_.size(); ++b)
     for (int idx : buckets_[b].params) param_buckets_[idx].push_back(static_cast<int>(b));
+  for (const auto& b : buckets_)
+    if (b.expert) expert_ranges_.push_back({b.begin, b.end});
+  std::sort(expert_ranges_.begin(), expert_ranges_.end());
   int64_t max_slice = 0;
   for (const auto& b : buckets_) max_slice = std::max(max_slice, b.slice);
   if (zero1_ && W > 1) {
@@ -177,22 +180,28 @@ void DataParallel::exchange(int bucket, float* grads) {
 }
 
 double DataParallel::grad_norm(const float* grads) {
-  double sq = 0, sq_expert = 0;  // replicated (or ZeRO-1 sliced) parameters, sharded tables
-  for (const auto& b : buckets_) {
-    if (b.expert) {
-      const double n = grad_norm_l2(grads + b.begin, b.end - b.begin);
-      sq_expert += n * n;
-    }
-  }
-  for (const auto& [lo, hi] : owned()) {
+  // Replicated (or ZeRO-1 sliced) parameters and sharded tables are summed over different groups,
+  // so the owned ranges are split at the tables' ranges.
+  double sq = 0, sq_expert = 0;
+  auto add = [&](double& acc, int64_t lo, int64_t hi) {
+    if (lo >= hi) return;
     const double n = grad_norm_l2(grads + lo, hi - lo);
-    sq += n * n;
+    acc += n * n;
+  };
+  for (const auto& [lo, hi] : owned()) {
+    int64_t at = lo;
+    for (const auto& [e_lo, e_hi] : expert_ranges_) {
+      if (e_hi <= at || e_lo >= hi) continue;
+      add(sq, at, e_lo);
+      add(sq_expert, std::max(at, e_lo), std::min(hi, e_hi));
+      at = std::min(hi, e_hi);
+    }
+    add(sq, at, hi);
   }
-  sq -= sq_expert;  // owned() includes the tables; counted apart below
   if (zero1_ && dp_.size() > 1) dp_.all_reduce(&sq, 1, DType::f64, ReduceOp::sum);
   if (expert_group_ && expert_group_->size() > 1)
     expert_group_->all_reduce(&sq_expert, 1, DType::f64, ReduceOp::sum);
-  return std::sqrt(std::max(0.0, sq) + sq_expert);
+  return std::sqrt(sq + sq_expert);
 }
 
 void DataParallel::scale_gradients(float* grads, float factor) {

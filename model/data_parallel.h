@@ -95,6 +95,7 @@ class DataParallel {
   bool zero1_;
   std::vector<Bucket> buckets_;
   std::vector<std::vector<int>> param_buckets_;  // param index → buckets it overlaps
+  std::vector<Range> expert_ranges_;             // the sharded tables' buckets, ascending
   std::vector<int> pending_params_;              // per bucket: parameters not yet final
   std::vector<uint8_t> param_seen_, started_;
   std::vector<float> stage_, recv_;              // ZeRO-1 staging (dp·slice), (slice)

@@ -67,6 +67,8 @@ class AdamW {
   const std::vector<uint8_t>& decay_flags() const { return decay_; }
   const OptimConfig& config() const { return config_; }
   std::vector<float>& m() { return m_; }
+  const std::vector<float>& m() const { return m_; }
+  const std::vector<float>& v() const { return v_; }
   std::vector<float>& v() { return v_; }
 
  private:

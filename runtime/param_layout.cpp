@@ -53,4 +53,13 @@ int64_t ParamLayout::count(ParamKind kind) const {
   return n;
 }
 
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(shape[i]);
+  }
+  return s;
+}
+
 }  // namespace peerless

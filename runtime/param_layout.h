@@ -44,4 +44,7 @@ class ParamLayout {
   int64_t total_ = 0;
 };
 
+// "1024,2816": a shape as the files store it (HDF5 "shape" attributes).
+std::string shape_text(const std::vector<int64_t>& shape);
+
 }  // namespace peerless

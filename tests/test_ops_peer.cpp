@@ -347,7 +347,9 @@ TEST_P(peer_experts, gated_shards_sum_to_the_dense_op) {
         worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
         scale = std::max(scale, std::fabs(double(b[i])));
       }
-      if (P == 1) EXPECT_EQ(a, b) << what << " P=1 must be the dense op bit for bit";
+      if (P == 1) {
+        EXPECT_EQ(a, b) << what << " P=1 must be the dense op bit for bit";
+      }
       EXPECT_LE(worst, 1e-5 * scale) << what << " P=" << P;
     };
     close(o_sum, out, "out");
