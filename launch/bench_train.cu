@@ -79,7 +79,8 @@ std::vector<int64_t> parse_list(const std::string& option, const std::string& te
 }  // namespace
 
 int bench_train(const Args& args) {
-  std::string config = "configs/mmf-370m.toml", batches_s = "4,8,16", seq_s = "2048", steps_s = "5", warmup_s = "2";
+  std::string config = "configs/mmf-370m.toml", batches_s = "4,8,16", seq_s = "2048", steps_s = "5", warmup_s = "2",
+              activations = "bf16";
   ArgParser p("bench train",
               "Training throughput of a config on one GPU (run.device = cuda): tokens/s, MFU against the bf16 GEMM "
               "peak measured in the same run, and peak device memory, per micro-batch size. Random token ids.");
@@ -88,12 +89,13 @@ int bench_train(const Args& args) {
   p.option("seq", &seq_s, "T", "sequence length (default 2048)");
   p.option("steps", &steps_s, "N", "timed steps per batch size (default 5)");
   p.option("warmup", &warmup_s, "N", "untimed steps first (default 2)");
+  p.option("activations", &activations, "bf16|fp32", "storage of the saved activations (run.activations; default bf16)");
   if (!p.parse(args)) return 0;
   const auto batches = parse_list("batch", batches_s);
   const int64_t T = parse_int_arg("seq", seq_s), steps = parse_int_arg("steps", steps_s),
                 warmup = parse_int_arg("warmup", warmup_s);
   PL_CHECK(steps >= 1 && warmup >= 0 && T >= 2, config, "--steps >= 1, --warmup >= 0, --seq >= 2");
-  RunConfig cfg = load_run_config(config, {"run.device=cuda"});
+  RunConfig cfg = load_run_config(config, {"run.device=cuda", "run.activations=" + activations});
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = 32000;
 
   int dev = 0;
@@ -101,8 +103,8 @@ int bench_train(const Args& args) {
   PL_CUDA_CHECK(cudaGetDevice(&dev));
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   const double peak = bf16_peak_tflops();
-  std::printf("# peerless bench train: %s on %s; bf16 GEMM peak measured %.0f TFLOP/s (8192^3)\n", config.c_str(),
-              prop.name, peak);
+  std::printf("# peerless bench train: %s on %s, activations %s; bf16 GEMM peak measured %.0f TFLOP/s (8192^3)\n",
+              config.c_str(), prop.name, cfg.run.activations.c_str(), peak);
   std::printf("%6s %6s %10s %12s %8s %12s %12s %s\n", "batch", "seq", "step_ms", "tokens/s", "MFU", "model_GiB",
               "device_GiB", "params");
   for (int64_t B : batches) {
@@ -114,7 +116,9 @@ int bench_train(const Args& args) {
     AdamW adam(cfg.optim, model.layout());
     std::unique_ptr<CudaModel> cuda;
     try {
-      cuda = std::make_unique<CudaModel>(model, adam, B * T);
+      CudaModelOptions copt;
+      copt.bf16_activations = cfg.run.activations == "bf16";
+      cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
     } catch (const Error& e) {
       std::printf("%6lld %6lld  out of memory or unsupported: %s\n", static_cast<long long>(B),
                   static_cast<long long>(T), e.what());

@@ -17,6 +17,9 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_int("run.seed", &run.seed, 0, kBig, "seed for initialization and data order");
   s.add_int("run.threads", &run.threads, 0, 1024, "CPU threads (0 = all cores)");
   s.add_choice("run.device", &run.device, {"cpu", "cuda"}, "where training runs (cuda: one GPU, dense models)");
+  s.add_choice("run.activations", &run.activations, {"bf16", "fp32"},
+               "run.device = cuda: storage of the activations the backward keeps (bf16 halves their memory; "
+               "fp32 keeps the forward equal to the CPU's)");
 
   s.add_int("model.vocab_size", &model.vocab_size, 0, 1 << 24, "vocabulary size (0 = from the data file)");
   s.add_int("model.d_model", &model.d_model, 1, 65536, "model width d");

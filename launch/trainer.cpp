@@ -494,7 +494,9 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   if (gpu) {
     PL_CHECK(world == 1, config, "run.device = \"cuda\" trains on one GPU for now (got ", world,
              " ranks); data-parallel GPU training is not wired yet");
-    cuda = std::make_unique<CudaModel>(model, adam, B * T);
+    CudaModelOptions copt;
+    copt.bf16_activations = cfg.run.activations == "bf16";
+    cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
     cuda->upload(params.data(), adam);
     if (lead) std::printf("device: cuda, %s allocated on the GPU for a micro-batch of %lld tokens\n",
                           human_bytes(static_cast<double>(cuda->device_bytes())).c_str(), static_cast<long long>(B * T));

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -94,24 +95,27 @@ struct DevBuf {
   T* get() const { return p; }
 };
 
-struct LinearCache {
-  DevBuf<float> rstd, scale;
-  DevBuf<int8_t> codes;
+// What the backward keeps of one block (cuda_model.h, "Activation memory"). A is the storage type.
+template <typename A>
+struct BlockSaved {
+  DevBuf<float> x_mid, rstd1, g_rstd, rstd2;  // x_in of block l is the residual stream's resid[l]
+  DevBuf<A> ihat, fhat, h, ghat, au;
 };
 
-struct BlockBufs {
-  DevBuf<float> x_in, xn, rstd1, ihat, fhat, ghat, f, h, gn, g_rstd, o, x_mid, xn2, rstd2, au, z;
-  LinearCache bl_i, bl_f, bl_g, bl_o, bl_gate, bl_down;
-};
+__global__ void to_f32_kernel(const bf16* in, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(in[i]);
+}
 
 }  // namespace
 
 struct CudaModel::Impl {
   Model& host;
+  CudaModelOptions opt;
   OptimConfig optim;
   const ParamLayout& layout;
   Model::Index idx;
-  int64_t max_tokens, d, V, I, L;
+  int64_t max_tokens, d, V, I, L, head_rows;
   float eps;
   cudaStream_t stream = nullptr;
   BlasLt blas;
@@ -121,16 +125,22 @@ struct CudaModel::Impl {
   DevBuf<int8_t> codes;
   std::vector<float> betas;  // host, per parameter index
   DevBuf<int32_t> ids, targets;
-  DevBuf<float> lb, dlb, scan_ws, x, tmp, x_final, xf, rstd_f, logits, losses;
-  DevBuf<float> dx, t0, t1, dh, dgn, dghat, dihat, dfhat, dz, dau;
-  DevBuf<float> dxt, norm_ws;     // BitLinear scratch: dx̃ (M, max K); RMSNorm backward partials
-  DevBuf<int32_t> acc;             // (M, max N) int32 products (shapes IMMA refuses)
-  DevBuf<bf16> dy_bf, dyos_bf, a_bf, w_bf;
+  std::vector<DevBuf<float>> resid;  // (L + 1) residual stream: resid[l] enters block l, resid[L] = x_final
+  std::vector<BlockSaved<float>> saved32;
+  std::vector<BlockSaved<bf16>> saved16;
+  DevBuf<float> lb, dlb, scan_ws, rstd_f, losses;
+  // One block's scratch, forward and backward (recomputed values and gradients).
+  DevBuf<float> xn, gn, o, xn2, z, xf, logits, dx, t0, dgn, dh, dihat, dfhat, dghat, dz, dau;
+  DevBuf<float> q_scale, q_rstd;   // the current BitLinear's per-row scale and rstd
+  DevBuf<int8_t> q_codes;          // its int8 codes (forward), (M, max K)
+  DevBuf<bf16> a_bf, dy_bf, w_bf;  // backward operands: a/s (M, max K), dy (M, max N), weight codes
+  DevBuf<float> dxt, norm_ws;      // dx̃ (M, max K); RMSNorm backward partials
+  DevBuf<int32_t> acc;             // (M, max N) int32 products, only for shapes IMMA refuses
+  DevBuf<float> tmp;               // (M, d) the non-IMMA residual path's product
   DevBuf<double> partials, sums;
-  LinearCache bl_head;
-  std::vector<BlockBufs> blocks;
   std::vector<float> lb_host, lb_raw_host;
   int64_t max_k = 0, max_n = 0, max_w = 0;
+  bool all_imma = true;
   // Profiling (set_profiling): each tick() waits for the stream and charges the time since the
   // previous tick to a category; the synchronisations cost a little throughput.
   bool profiling = false;
@@ -144,11 +154,13 @@ struct CudaModel::Impl {
     last = now;
   }
 
-  Impl(Model& h, int64_t tokens)
-      : host(h), layout(h.layout()), idx(h.index()), max_tokens(tokens) {
+  Impl(Model& h, int64_t tokens, CudaModelOptions o)
+      : host(h), opt(o), layout(h.layout()), idx(h.index()), max_tokens(tokens) {
     const ModelConfig& c = h.config();
     d = c.d_model, V = c.vocab_size, I = h.intermediate(), L = c.n_layers;
     eps = static_cast<float>(c.norm_eps);
+    PL_CHECK(opt.head_chunk >= 1, internal, "CudaModelOptions::head_chunk = ", opt.head_chunk);
+    head_rows = std::min(max_tokens, opt.head_chunk);
     PL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   }
   ~Impl() {
@@ -159,14 +171,24 @@ struct CudaModel::Impl {
   float* G(int i) const { return grads.get() + layout.at(i).offset; }
   const int8_t* C(int i) const { return codes.get() + layout.at(i).offset; }
 
-  void alloc_linear(LinearCache& c, int weight) {
+  void note_linear(int weight, int64_t rows) {
     const ParamInfo& w = layout.at(weight);
-    c.rstd.resize(max_tokens, bytes);
-    c.scale.resize(max_tokens, bytes);
-    c.codes.resize(max_tokens * w.shape[1], bytes);
-    max_n = std::max(max_n, w.shape[0]);
+    max_n = std::max(max_n, rows * w.shape[0]);  // as elements of dy: rows × N
     max_k = std::max(max_k, w.shape[1]);
     max_w = std::max(max_w, w.numel);
+    if (w.shape[0] % 4 != 0 || w.shape[1] % 4 != 0) all_imma = false;
+  }
+
+  template <typename A>
+  void alloc_saved(std::vector<BlockSaved<A>>& saved) {
+    const int64_t M = max_tokens;
+    saved.resize(L);
+    for (BlockSaved<A>& b : saved) {
+      b.x_mid.resize(M * d, bytes);
+      for (auto* buf : {&b.rstd1, &b.g_rstd, &b.rstd2}) buf->resize(M, bytes);
+      for (auto* buf : {&b.ihat, &b.fhat, &b.h, &b.ghat}) buf->resize(M * d, bytes);
+      b.au.resize(M * 2 * I, bytes);
+    }
   }
 
   void allocate() {
@@ -179,36 +201,32 @@ struct CudaModel::Impl {
     lb.resize(L * d, bytes);
     dlb.resize(L * d, bytes);
     scan_ws.resize(M * d, bytes);  // B·d ≤ M·d
-    for (auto* b : {&x, &tmp, &x_final, &xf, &dx, &t0, &t1, &dh, &dgn, &dghat, &dihat, &dfhat}) b->resize(M * d, bytes);
-    rstd_f.resize(M, bytes);
-    logits.resize(M * V, bytes);
-    losses.resize(M, bytes);
+    resid.resize(L + 1);
+    for (auto& r : resid) r.resize(M * d, bytes);
+    if (opt.bf16_activations) alloc_saved(saved16);
+    else alloc_saved(saved32);
+    for (auto* b : {&xn, &gn, &o, &xn2, &xf, &dx, &t0, &dgn, &dh, &dihat, &dfhat, &dghat}) b->resize(M * d, bytes);
+    z.resize(M * I, bytes);
     dz.resize(M * I, bytes);
     dau.resize(M * 2 * I, bytes);
-    blocks.resize(L);
-    for (int64_t l = 0; l < L; ++l) {
-      const BlockParams& p = host.blocks()[l];
-      BlockBufs& b = blocks[l];
-      for (auto* buf : {&b.x_in, &b.xn, &b.ihat, &b.fhat, &b.ghat, &b.f, &b.h, &b.gn, &b.o, &b.x_mid, &b.xn2})
-        buf->resize(M * d, bytes);
-      for (auto* buf : {&b.rstd1, &b.g_rstd, &b.rstd2}) buf->resize(M, bytes);
-      b.au.resize(M * 2 * I, bytes);
-      b.z.resize(M * I, bytes);
-      alloc_linear(b.bl_i, p.i_w);
-      alloc_linear(b.bl_f, p.f_w);
-      alloc_linear(b.bl_g, p.g_w);
-      alloc_linear(b.bl_o, p.o_w);
-      alloc_linear(b.bl_gate, p.gate_w);
-      alloc_linear(b.bl_down, p.down_w);
-    }
-    alloc_linear(bl_head, idx.head_w);
+    rstd_f.resize(M, bytes);
+    losses.resize(M, bytes);
+    logits.resize(head_rows * V, bytes);
+    for (const BlockParams& p : host.blocks())
+      for (int w : {p.i_w, p.f_w, p.g_w, p.o_w, p.gate_w, p.down_w}) note_linear(w, M);
+    note_linear(idx.head_w, head_rows);
+    q_scale.resize(M, bytes);
+    q_rstd.resize(M, bytes);
+    q_codes.resize(M * max_k, bytes);
+    a_bf.resize(M * max_k, bytes);
+    dy_bf.resize(max_n, bytes);
+    w_bf.resize(max_w, bytes);
     dxt.resize(M * max_k, bytes);
     norm_ws.resize(rmsnorm_act_quant_backward_workspace(RmsNormShape{M, std::max(max_k, d), eps}), bytes);
-    acc.resize(M * max_n, bytes);
-    dy_bf.resize(M * max_n, bytes);
-    dyos_bf.resize(M * max_n, bytes);
-    a_bf.resize(M * max_k, bytes);
-    w_bf.resize(max_w, bytes);
+    if (!all_imma) {
+      acc.resize(max_n, bytes);
+      tmp.resize(M * d, bytes);
+    }
     partials.resize(std::max(kNormBlocks, kAbsSumPartials), bytes);
     sums.resize(layout.entries().size(), bytes);
   }
@@ -217,52 +235,196 @@ struct CudaModel::Impl {
     add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(dst, src, n);
     PL_CUDA_CHECK_LAUNCH(add_kernel);
   }
-  void copy(float* dst, const float* src, int64_t n) {
-    PL_CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(float) * n, cudaMemcpyDeviceToDevice, stream));
-  }
 
-  // BitLinear: RMSNorm(x; γ) → int8 codes (saved with rstd and scale) → exact product → ·β/s.
-  void linear_forward(int gain, int weight, int64_t rows, const float* in, float* y, LinearCache& c) {
+  // BitLinear forward: RMSNorm(x; γ) → int8 codes and scales (q_codes, q_scale; fused, bit-identical
+  // to the CPU's) → exact product → y = ·β/s, stored as Y (float or bf16), or, with a residual,
+  // y = residual + ·β/s in fp32 (the CPU's y then x += y, bit for bit).
+  template <typename Y>
+  void linear_forward(int gain, int weight, int64_t rows, const float* in, Y* y, const float* residual = nullptr) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
+    constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
     tick(CudaModel::other);
-    // Fused: x̃ is never written; codes, scales and rstd bit-identical to the CPU's.
-    rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), c.codes.get(), c.scale.get(), c.rstd.get(),
+    rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), q_codes.get(), q_scale.get(), q_rstd.get(),
                                    stream);
     tick(CudaModel::norm_quant);
     const float beta = betas[weight];
     if (K % 4 == 0 && N % 4 == 0) {
-      bitlinear_matmul_cuda(blas, rows, N, K, c.codes.get(), C(weight), c.scale.get(), beta, GemmOut::f32, y, stream);
+      if (residual) {
+        if constexpr (std::is_same_v<Y, float>)
+          bitlinear_matmul_residual_cuda(blas, rows, N, K, q_codes.get(), C(weight), q_scale.get(), beta, residual, y,
+                                         stream);
+      } else {
+        bitlinear_matmul_cuda(blas, rows, N, K, q_codes.get(), C(weight), q_scale.get(), beta, out, y, stream);
+      }
     } else {
-      ternary_int8_matmul_cuda(rows, N, K, c.codes.get(), C(weight), acc.get(), stream);
-      bitlinear_dequant_cuda(rows, N, acc.get(), c.scale.get(), beta, GemmOut::f32, y, stream);
+      ternary_int8_matmul_cuda(rows, N, K, q_codes.get(), C(weight), acc.get(), stream);
+      if (residual) {
+        bitlinear_dequant_cuda(rows, N, acc.get(), q_scale.get(), beta, GemmOut::f32, tmp.get(), stream);
+        if constexpr (std::is_same_v<Y, float>) {
+          if (y != residual)
+            PL_CUDA_CHECK(cudaMemcpyAsync(y, residual, sizeof(float) * rows * N, cudaMemcpyDeviceToDevice, stream));
+          add(y, tmp.get(), rows * N);
+        }
+      } else {
+        bitlinear_dequant_cuda(rows, N, acc.get(), q_scale.get(), beta, out, y, stream);
+      }
     }
     tick(CudaModel::gemm_forward);
   }
 
-  // Straight-through backward: dx̃ = β·dy·t, dW += (dy/s)ᵀ·a (bf16 GEMMs), then RMSNorm backward.
-  void linear_backward(int gain, int weight, int64_t rows, const float* in, const LinearCache& c, const float* dy,
-                       float* dx_out) {
+  // Straight-through backward from the layer's input: the norm+quant forward again (a/s in bf16,
+  // and the rstd), dx̃ = β·dy·t and dW += dyᵀ·(a/s) (bf16 GEMMs, fp32 accumulation), then the RMSNorm
+  // backward into dx_out (overwritten, or accumulated).
+  void linear_backward(int gain, int weight, int64_t rows, const float* in, const float* dy, float* dx_out,
+                       bool accumulate) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
+    const RmsNormShape ns{rows, K, eps};
     tick(CudaModel::other);
+    rmsnorm_act_quant_dequant_cuda(ns, in, P(gain), a_bf.get(), q_scale.get(), q_rstd.get(), stream);
+    tick(CudaModel::norm_quant);
     rows_to_bf16_cuda(rows, N, dy, nullptr, dy_bf.get(), stream);
-    rows_to_bf16_cuda(rows, N, dy, c.scale.get(), dyos_bf.get(), stream);
-    codes_to_bf16_cuda(rows * K, c.codes.get(), a_bf.get(), stream);
     codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
-    bitlinear_backward_gemms_cuda(blas, rows, N, K, dy_bf.get(), dyos_bf.get(), w_bf.get(), a_bf.get(), betas[weight],
-                                  dxt.get(), G(weight), stream);
+    // dx̃ (rows,K) = β · dy (rows,N) · t (N,K); dW (N,K) += dyᵀ (N,rows) · (a/s) (rows,K)
+    gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy_bf.get(), N, w_bf.get(), K, 0.0f,
+                   dxt.get(), K, stream);
+    gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy_bf.get(), N, a_bf.get(), K, 1.0f, G(weight), K,
+                   stream);
     tick(CudaModel::gemm_backward);
-    norm_backward(RmsNormShape{rows, K, eps}, in, P(gain), c.rstd.get(), dxt.get(), dx_out, G(gain));
+    rmsnorm_act_quant_backward_cuda(ns, in, P(gain), q_rstd.get(), dxt.get(), dx_out, G(gain), norm_ws.get(), stream,
+                                    accumulate);
     tick(CudaModel::norm_quant);
   }
 
   // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
-  void norm_backward(const RmsNormShape& ns, const float* in, const float* gain, const float* rstd, const float* dy,
-                     float* dx_out, float* dgain) {
-    rmsnorm_act_quant_backward_cuda(ns, in, gain, rstd, dy, dx_out, dgain, norm_ws.get(), stream);
+  template <typename X>
+  void norm_backward(const RmsNormShape& ns, const X* in, const float* gain, const float* rstd, const float* dy,
+                     float* dx_out, float* dgain, bool accumulate) {
+    rmsnorm_act_quant_backward_cuda(ns, in, gain, rstd, dy, dx_out, dgain, norm_ws.get(), stream, accumulate);
   }
+
+  // gn (M, d) fp32 from ĝ: RMSNorm_g(ĝ) in the code form, ĝ itself (as fp32) in the paper form.
+  template <typename A>
+  void gate_input(GateForm form, const RmsNormShape& nd, const A* ghat, const float* gain, float* rstd, float* out) {
+    if (form == GateForm::code) {
+      rmsnorm_forward_cuda(nd, ghat, gain, out, rstd, stream);
+    } else if constexpr (std::is_same_v<A, float>) {
+      PL_CUDA_CHECK(cudaMemcpyAsync(out, ghat, sizeof(float) * nd.rows * nd.dim, cudaMemcpyDeviceToDevice, stream));
+    } else {
+      to_f32_kernel<<<blocks_for(nd.rows * nd.dim), kThreads, 0, stream>>>(ghat, out, nd.rows * nd.dim);
+      PL_CUDA_CHECK_LAUNCH(to_f32_kernel);
+    }
+  }
+
+  template <typename A>
+  double forward_backward(std::vector<BlockSaved<A>>& saved, int64_t batch, int64_t seq, float grad_scale);
 };
+
+// The forward and backward of one micro-batch (ids and targets already on the device). Follows
+// Model::forward / Model::backward op for op, with the activation plan of cuda_model.h.
+template <typename A>
+double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int64_t batch, int64_t seq,
+                                         float grad_scale) {
+  Impl& g = *this;
+  const int64_t M = batch * seq;
+  const RmsNormShape nd{M, d, eps};
+  const GateForm form = host.gate_form();
+  const GluActivation act = host.glu_activation();
+  const ScanShape ss{batch, seq, d};
+  cudaStream_t s = stream;
+
+  // ---- forward (Model::forward) ----
+  embedding_forward_cuda(M, d, ids.get(), P(idx.embed), resid[0].get(), s);
+  for (int64_t l = 0; l < L; ++l) {
+    const BlockParams& b = host.blocks()[l];
+    BlockSaved<A>& c = saved[l];
+    const float* x_in = resid[l].get();
+    rmsnorm_forward_cuda(nd, x_in, P(b.mixer_norm), xn.get(), c.rstd1.get(), s);
+    linear_forward(b.i_gain, b.i_w, M, xn.get(), c.ihat.get());
+    linear_forward(b.f_gain, b.f_w, M, xn.get(), c.fhat.get());
+    linear_forward(b.g_gain, b.g_w, M, xn.get(), c.ghat.get());
+    g.tick(other);
+    mlgru_scan_forward_cuda(ss, c.ihat.get(), c.fhat.get(), lb.get() + l * d, static_cast<A*>(nullptr), c.h.get(), s);
+    g.tick(scan);
+    gate_input(form, nd, c.ghat.get(), P(b.g_norm), c.g_rstd.get(), gn.get());
+    output_gate_forward_cuda(form, M * d, gn.get(), c.h.get(), o.get(), s);
+    linear_forward(b.o_gain, b.o_w, M, o.get(), c.x_mid.get(), x_in);
+    rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
+    linear_forward(b.gate_gain, b.gate_w, M, xn2.get(), c.au.get());
+    glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
+    linear_forward(b.down_gain, b.down_w, M, z.get(), resid[l + 1].get(), c.x_mid.get());
+  }
+  const float* x_final = resid[L].get();
+  rmsnorm_forward_cuda(nd, x_final, P(idx.final_norm), xf.get(), rstd_f.get(), s);
+  // The head in chunks of rows: logits, losses and dlogits (in place), and the head's backward.
+  for (int64_t r0 = 0; r0 < M; r0 += head_rows) {
+    const int64_t rows = std::min(head_rows, M - r0);
+    linear_forward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, logits.get());
+    g.tick(other);
+    cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, logits.get(), grad_scale, s);
+    g.tick(loss);
+    linear_backward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, logits.get(), t0.get() + r0 * d, false);
+  }
+  std::vector<float> loss_host(M);
+  PL_CUDA_CHECK(cudaMemcpyAsync(loss_host.data(), losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
+
+  // ---- backward (Model::backward) ----
+  float* dxp = dx.get();
+  PL_CUDA_CHECK(cudaMemsetAsync(dlb.get(), 0, sizeof(float) * L * d, s));
+  norm_backward(nd, x_final, P(idx.final_norm), rstd_f.get(), t0.get(), dxp, G(idx.final_norm), false);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const BlockParams& b = host.blocks()[l];
+    BlockSaved<A>& c = saved[l];
+    const float* x_in = resid[l].get();
+    // Channel mixer: recompute x̃₂ and z, then back through down, the GLU, gate and the MLP norm.
+    g.tick(other);
+    rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
+    glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
+    linear_backward(b.down_gain, b.down_w, M, z.get(), dxp, dz.get(), false);
+    glu_backward_cuda(act, M, I, c.au.get(), dz.get(), dau.get(), s);
+    linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), dau.get(), t0.get(), false);
+    norm_backward(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), t0.get(), dxp, G(b.mlp_norm), true);
+
+    // Token mixer: recompute gn and o, then back through o, the gate, the scan and i, f, g.
+    gate_input(form, nd, c.ghat.get(), P(b.g_norm), c.g_rstd.get(), gn.get());
+    output_gate_forward_cuda(form, M * d, gn.get(), c.h.get(), o.get(), s);
+    linear_backward(b.o_gain, b.o_w, M, o.get(), dxp, t0.get(), false);
+    output_gate_backward_cuda(form, M * d, gn.get(), c.h.get(), t0.get(), dgn.get(), dh.get(), s);
+    const float* dghat_p = dgn.get();
+    if (form == GateForm::code) {
+      norm_backward(nd, c.ghat.get(), P(b.g_norm), c.g_rstd.get(), dgn.get(), dghat.get(), G(b.g_norm), false);
+      dghat_p = dghat.get();
+    }
+    g.tick(other);
+    mlgru_scan_backward_cuda(ss, c.ihat.get(), c.fhat.get(), lb.get() + l * d, static_cast<const A*>(nullptr),
+                             c.h.get(), dh.get(), dihat.get(), dfhat.get(), dlb.get() + l * d, scan_ws.get(), s);
+    g.tick(scan);
+    rmsnorm_forward_cuda(nd, x_in, P(b.mixer_norm), xn.get(), c.rstd1.get(), s);
+    linear_backward(b.i_gain, b.i_w, M, xn.get(), dihat.get(), t0.get(), false);
+    linear_backward(b.f_gain, b.f_w, M, xn.get(), dfhat.get(), t0.get(), true);
+    linear_backward(b.g_gain, b.g_w, M, xn.get(), dghat_p, t0.get(), true);
+    norm_backward(nd, x_in, P(b.mixer_norm), c.rstd1.get(), t0.get(), dxp, G(b.mixer_norm), true);
+  }
+  g.tick(other);
+  embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), s);
+  g.tick(embedding);
+  // Lower bounds: dlb to the host, through the cumsum and softmax there, added into the gradient.
+  const ParamInfo& lbp = layout.at(idx.lower_bounds);
+  std::vector<float> dlb_host(L * d), draw(lbp.numel);
+  PL_CUDA_CHECK(cudaMemcpyAsync(dlb_host.data(), dlb.get(), sizeof(float) * L * d, cudaMemcpyDeviceToHost, s));
+  PL_CUDA_CHECK(cudaMemcpyAsync(draw.data(), G(idx.lower_bounds), sizeof(float) * lbp.numel, cudaMemcpyDeviceToHost,
+                                s));
+  PL_CUDA_CHECK(cudaStreamSynchronize(s));
+  lower_bounds_backward_cpu(L, d, lb_raw_host.data(), dlb_host.data(), draw.data());
+  PL_CUDA_CHECK(cudaMemcpyAsync(G(idx.lower_bounds), draw.data(), sizeof(float) * lbp.numel, cudaMemcpyHostToDevice,
+                                s));
+  PL_CUDA_CHECK(cudaStreamSynchronize(s));  // draw is a local
+  g.tick(other);
+  double sum = 0;
+  for (int64_t i = 0; i < M; ++i) sum += loss_host[i];  // token order, as Model::forward
+  return sum;
+}
 
 void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   const ModelConfig& c = host.config();
@@ -278,7 +440,8 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
            c.d_model, " and ", host.intermediate(), ")");
 }
 
-CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens) : impl_(std::make_unique<Impl>(host, tokens)) {
+CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOptions options)
+    : impl_(std::make_unique<Impl>(host, tokens, options)) {
   check_supported(host, adam);
   impl_->optim = adam.config();
   PL_CHECK(adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total()), config,
@@ -326,11 +489,8 @@ void CudaModel::zero_grads() {
 double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                                    float grad_scale) {
   Impl& g = *impl_;
-  const int64_t M = batch * seq, d = g.d, V = g.V, I = g.I, L = g.L;
+  const int64_t M = batch * seq, L = g.L, d = g.d;
   PL_CHECK(M <= g.max_tokens, internal, "CudaModel: micro-batch of ", M, " tokens, allocated for ", g.max_tokens);
-  const RmsNormShape nd{M, d, g.eps};
-  const GateForm form = g.host.gate_form();
-  const GluActivation act = g.host.glu_activation();
   cudaStream_t s = g.stream;
   PL_CUDA_CHECK(cudaMemcpyAsync(g.ids.get(), ids, sizeof(int32_t) * M, cudaMemcpyHostToDevice, s));
   PL_CUDA_CHECK(cudaMemcpyAsync(g.targets.get(), targets, sizeof(int32_t) * M, cudaMemcpyHostToDevice, s));
@@ -338,97 +498,8 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
   g.lb_host.resize(L * d);
   lower_bounds_forward_cpu(L, d, g.lb_raw_host.data(), g.lb_host.data());
   PL_CUDA_CHECK(cudaMemcpyAsync(g.lb.get(), g.lb_host.data(), sizeof(float) * L * d, cudaMemcpyHostToDevice, s));
-
-  // ---- forward (Model::forward) ----
-  float* x = g.x.get();
-  embedding_forward_cuda(M, d, g.ids.get(), g.P(g.idx.embed), x, s);
-  for (int64_t l = 0; l < L; ++l) {
-    const BlockParams& b = g.host.blocks()[l];
-    BlockBufs& c = g.blocks[l];
-    g.copy(c.x_in.get(), x, M * d);
-    rmsnorm_forward_cuda(nd, x, g.P(b.mixer_norm), c.xn.get(), c.rstd1.get(), s);
-    g.linear_forward(b.i_gain, b.i_w, M, c.xn.get(), c.ihat.get(), c.bl_i);
-    g.linear_forward(b.f_gain, b.f_w, M, c.xn.get(), c.fhat.get(), c.bl_f);
-    g.linear_forward(b.g_gain, b.g_w, M, c.xn.get(), c.ghat.get(), c.bl_g);
-    g.tick(other);
-    mlgru_scan_forward_cuda(ScanShape{batch, seq, d}, c.ihat.get(), c.fhat.get(), g.lb.get() + l * d, c.f.get(),
-                            c.h.get(), s);
-    g.tick(scan);
-    if (form == GateForm::code)
-      rmsnorm_forward_cuda(nd, c.ghat.get(), g.P(b.g_norm), c.gn.get(), c.g_rstd.get(), s);
-    else
-      g.copy(c.gn.get(), c.ghat.get(), M * d);
-    output_gate_forward_cuda(form, M * d, c.gn.get(), c.h.get(), c.o.get(), s);
-    g.linear_forward(b.o_gain, b.o_w, M, c.o.get(), g.tmp.get(), c.bl_o);
-    g.add(x, g.tmp.get(), M * d);
-    g.copy(c.x_mid.get(), x, M * d);
-    rmsnorm_forward_cuda(nd, x, g.P(b.mlp_norm), c.xn2.get(), c.rstd2.get(), s);
-    g.linear_forward(b.gate_gain, b.gate_w, M, c.xn2.get(), c.au.get(), c.bl_gate);
-    glu_forward_cuda(act, M, I, c.au.get(), c.z.get(), s);
-    g.linear_forward(b.down_gain, b.down_w, M, c.z.get(), g.tmp.get(), c.bl_down);
-    g.add(x, g.tmp.get(), M * d);
-  }
-  g.copy(g.x_final.get(), x, M * d);
-  rmsnorm_forward_cuda(nd, g.x_final.get(), g.P(g.idx.final_norm), g.xf.get(), g.rstd_f.get(), s);
-  g.linear_forward(g.idx.head_gain, g.idx.head_w, M, g.xf.get(), g.logits.get(), g.bl_head);
-  // Losses and dlogits (in place) in one pass.
-  g.tick(other);
-  cross_entropy_cuda(M, V, g.logits.get(), g.targets.get(), g.losses.get(), g.logits.get(), grad_scale, s);
-  g.tick(loss);
-  std::vector<float> losses(M);
-  PL_CUDA_CHECK(cudaMemcpyAsync(losses.data(), g.losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
-
-  // ---- backward (Model::backward) ----
-  float *dx = g.dx.get(), *t0 = g.t0.get(), *t1 = g.t1.get();
-  PL_CUDA_CHECK(cudaMemsetAsync(g.dlb.get(), 0, sizeof(float) * L * d, s));
-  g.linear_backward(g.idx.head_gain, g.idx.head_w, M, g.xf.get(), g.bl_head, g.logits.get(), t0);
-  g.norm_backward(nd, g.x_final.get(), g.P(g.idx.final_norm), g.rstd_f.get(), t0, dx, g.G(g.idx.final_norm));
-  for (int64_t l = L - 1; l >= 0; --l) {
-    const BlockParams& b = g.host.blocks()[l];
-    const BlockBufs& c = g.blocks[l];
-    g.linear_backward(b.down_gain, b.down_w, M, c.z.get(), c.bl_down, dx, g.dz.get());
-    glu_backward_cuda(act, M, I, c.au.get(), g.dz.get(), g.dau.get(), s);
-    g.linear_backward(b.gate_gain, b.gate_w, M, c.xn2.get(), c.bl_gate, g.dau.get(), t0);
-    g.norm_backward(nd, c.x_mid.get(), g.P(b.mlp_norm), c.rstd2.get(), t0, t1, g.G(b.mlp_norm));
-    g.add(dx, t1, M * d);
-
-    g.linear_backward(b.o_gain, b.o_w, M, c.o.get(), c.bl_o, dx, t0);
-    output_gate_backward_cuda(form, M * d, c.gn.get(), c.h.get(), t0, g.dgn.get(), g.dh.get(), s);
-    if (form == GateForm::code)
-      g.norm_backward(nd, c.ghat.get(), g.P(b.g_norm), c.g_rstd.get(), g.dgn.get(), g.dghat.get(), g.G(b.g_norm));
-    else
-      g.copy(g.dghat.get(), g.dgn.get(), M * d);
-    g.tick(other);
-    mlgru_scan_backward_cuda(ScanShape{batch, seq, d}, c.ihat.get(), c.fhat.get(), g.lb.get() + l * d, c.f.get(),
-                             c.h.get(), g.dh.get(), g.dihat.get(), g.dfhat.get(), g.dlb.get() + l * d,
-                             g.scan_ws.get(), s);
-    g.tick(scan);
-    g.linear_backward(b.i_gain, b.i_w, M, c.xn.get(), c.bl_i, g.dihat.get(), t0);
-    g.linear_backward(b.f_gain, b.f_w, M, c.xn.get(), c.bl_f, g.dfhat.get(), t1);
-    g.add(t0, t1, M * d);
-    g.linear_backward(b.g_gain, b.g_w, M, c.xn.get(), c.bl_g, g.dghat.get(), t1);
-    g.add(t0, t1, M * d);
-    g.norm_backward(nd, c.x_in.get(), g.P(b.mixer_norm), c.rstd1.get(), t0, t1, g.G(b.mixer_norm));
-    g.add(dx, t1, M * d);
-  }
-  g.tick(other);
-  embedding_backward_cuda(M, d, g.ids.get(), dx, g.G(g.idx.embed), s);
-  g.tick(embedding);
-  // Lower bounds: dlb to the host, through the cumsum and softmax there, added into the gradient.
-  const ParamInfo& lbp = g.layout.at(g.idx.lower_bounds);
-  std::vector<float> dlb(L * d), draw(lbp.numel);
-  PL_CUDA_CHECK(cudaMemcpyAsync(dlb.data(), g.dlb.get(), sizeof(float) * L * d, cudaMemcpyDeviceToHost, s));
-  PL_CUDA_CHECK(cudaMemcpyAsync(draw.data(), g.G(g.idx.lower_bounds), sizeof(float) * lbp.numel,
-                                cudaMemcpyDeviceToHost, s));
-  PL_CUDA_CHECK(cudaStreamSynchronize(s));
-  lower_bounds_backward_cpu(L, d, g.lb_raw_host.data(), dlb.data(), draw.data());
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.G(g.idx.lower_bounds), draw.data(), sizeof(float) * lbp.numel,
-                                cudaMemcpyHostToDevice, s));
-  PL_CUDA_CHECK(cudaStreamSynchronize(s));  // draw is a local
-  g.tick(other);
-  double sum = 0;
-  for (int64_t i = 0; i < M; ++i) sum += losses[i];  // token order, as Model::forward
-  return sum;
+  return g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, grad_scale)
+                                : g.forward_backward(g.saved32, batch, seq, grad_scale);
 }
 
 double CudaModel::grad_norm() {

@@ -7,14 +7,33 @@
 // codes and β) are brought up to date by download() when something needs them (evaluation,
 // checkpoints, the model file) and pushed by upload() after a resume.
 //
-// Numerics against the CPU model: the forward is the same up to float rounding order (the BitLinear
-// products are exact in both: IMMA int32 here, integer loops there); the backward GEMMs run in bf16
-// with fp32 accumulation (dy and dy/s rounded to bf16, codes exact), a relative error of ~2^-9 per
-// product that the CPU's fp32 GEMMs do not have. tests/test_cuda_model.cpp compares loss curves.
+// Numerics against the CPU model: with fp32 activation storage the forward is the same up to float
+// rounding order (the BitLinear products are exact in both: IMMA int32 here, integer loops there);
+// the backward GEMMs run in bf16 with fp32 accumulation (dy and the dequantized activation a/s
+// rounded to bf16, the weight codes exact), a relative error of ~2^-9 per product that the CPU's fp32
+// GEMMs do not have. tests/test_model_cuda.cpp compares loss curves in both storage modes.
 //
-// This first version covers dense models (no PEER block, no Q-Sparse, quant = ternary) on one GPU.
-// Every device buffer is allocated once, at construction, for the largest micro-batch (an arena in
-// effect); peak_bytes() reports what the process holds on the device.
+// Activation memory (the plan; bytes per token per block at d, GLU width I, A = 2 for bf16 storage,
+// 4 for fp32): the backward keeps only what it cannot recompute cheaply:
+//   x_in, x_mid            fp32 residual stream (the norms' inputs)                8d
+//   î, f̂, h, ĝ             the scan's inputs and output, the gate's input          4d·A
+//   [a | u]                the GLU input                                           2I·A
+// (+ three rstd per token). Recomputed in the backward, into one block's scratch: the normalised
+// x̃ and x̃₂ (one RMSNorm forward each), f (from f̂, inside the scan backward), gn and o (RMSNorm of ĝ
+// and the gate), z (the GLU), and every BitLinear's quantized input: the fused norm+quant kernel runs
+// again and writes the dequantized a/s in bf16, the operand of the weight gradient, instead of the
+// int8 codes ever being kept. At d 1024, I 2816: 27 KiB per token per block with bf16 storage
+// (against 86 KiB when everything was kept in fp32), 46.5 KiB with fp32 storage.
+// The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
+// never exist at once.
+// With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,
+// [a|u] as bf16; the scan stores h as bf16), so the recomputation in the backward is exact: the
+// model trains on the bf16-rounded activations, like the reference's bf16 autocast. fp32 storage
+// keeps the forward equal to the CPU model's up to float summation order (the tests use both).
+//
+// Dense models only (no PEER block, no Q-Sparse, quant = ternary) on one GPU. Every device buffer is
+// allocated once, at construction, for the largest micro-batch (an arena in effect); peak_bytes()
+// reports what the process holds on the device.
 #pragma once
 
 #include <cstdint>
@@ -26,10 +45,15 @@
 
 namespace peerless {
 
+struct CudaModelOptions {
+  bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
+  int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
+};
+
 class CudaModel {
  public:
   // tokens: the largest micro-batch (batch·seq) forward_backward() will see.
-  CudaModel(Model& host, const AdamW& adam, int64_t tokens);
+  CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOptions options = {});
   ~CudaModel();
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;

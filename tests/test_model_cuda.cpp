@@ -11,6 +11,10 @@
 // relative of the CPU's and the mean difference over the 50 steps below 5e-3, with both runs
 // learning (final loss at least 1.0 nat below the first). The measured figures are printed and
 // recorded in bench/RESULTS.md.
+// Run twice: with fp32 activation storage (the above), and with bf16 storage (the default of
+// run.device = cuda), where the forward itself reads bf16-rounded î, f̂, ĝ, h and [a|u] (relative
+// rounding 2^-9 per element): step 1 is then asserted within 5e-3 (a 2^-9 relative perturbation of
+// inputs to smooth functions, averaged over tokens), every step within 3e-2 and the mean within 1e-2.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -38,7 +42,10 @@ bool have_gpu() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-TEST(cuda_model, fifty_steps_match_the_cpu_loss_curve) {
+class CudaModelCurve : public ::testing::TestWithParam<bool> {};  // bf16 activation storage?
+
+TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
+  const bool bf16 = GetParam();
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
   const std::string dir = test::shared_data();
   std::ifstream in(dir + "/tinyshakespeare/input.txt", std::ios::binary);
@@ -65,7 +72,10 @@ TEST(cuda_model, fifty_steps_match_the_cpu_loss_curve) {
   cpu.refresh_ternary(p_cpu.data());
   gpu_host.refresh_ternary(p_gpu.data());
   AdamW adam_cpu(oc, cpu.layout()), adam_gpu(oc, gpu_host.layout());
-  CudaModel cuda(gpu_host, adam_gpu, B * T);
+  CudaModelOptions copt;
+  copt.bf16_activations = bf16;
+  copt.head_chunk = 200;  // several head chunks, the last one partial (B·T = 512)
+  CudaModel cuda(gpu_host, adam_gpu, B * T, copt);
   cuda.upload(p_gpu.data(), adam_gpu);
 
   std::vector<int32_t> ids(B * T), targets(B * T);
@@ -99,7 +109,8 @@ TEST(cuda_model, fifty_steps_match_the_cpu_loss_curve) {
     loss_cpu.push_back(lc / (B * T));
     loss_gpu.push_back(lg / (B * T));
     if (step == 1) {
-      EXPECT_NEAR(ng, nc, 5e-3 * nc) << "gradient norm at step 1";
+      EXPECT_NEAR(ng, nc, (bf16 ? 2e-2 : 5e-3) * nc) << "gradient norm at step 1";
+      std::printf("step 1 gradient norm: cpu %.6f gpu %.6f\n", nc, ng);
     }
   }
   double worst = 0, mean = 0;
@@ -112,9 +123,10 @@ TEST(cuda_model, fifty_steps_match_the_cpu_loss_curve) {
   }
   std::printf("max relative loss difference %.3e, mean %.3e over %lld steps\n", worst, mean,
               static_cast<long long>(steps));
-  EXPECT_LT(std::fabs(loss_gpu[0] - loss_cpu[0]) / loss_cpu[0], 1e-5) << "step 1 is a forward of equal parameters";
-  EXPECT_LT(worst, 2e-2);
-  EXPECT_LT(mean, 5e-3);
+  EXPECT_LT(std::fabs(loss_gpu[0] - loss_cpu[0]) / loss_cpu[0], bf16 ? 5e-3 : 1e-5)
+      << "step 1 is a forward of equal parameters";
+  EXPECT_LT(worst, bf16 ? 3e-2 : 2e-2);
+  EXPECT_LT(mean, bf16 ? 1e-2 : 5e-3);
   EXPECT_LT(loss_cpu.back(), loss_cpu.front() - 1.0);
   EXPECT_LT(loss_gpu.back(), loss_gpu.front() - 1.0);
 
@@ -126,6 +138,9 @@ TEST(cuda_model, fifty_steps_match_the_cpu_loss_curve) {
   std::printf("max |parameter difference| after %lld steps: %.3e\n", static_cast<long long>(steps), diff);
   EXPECT_LT(diff, 5e-2);
 }
+
+INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "bf16" : "fp32"; });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }
 #endif

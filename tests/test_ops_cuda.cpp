@@ -439,6 +439,12 @@ TEST_F(Cuda, glu_forward_backward) {
 
 // ---- mlgru scan and output gate ------------------------------------------------------------------
 
+// The float overloads of the chunked scan (the launchers are overloaded for bf16 storage too).
+void (*const kScanForward)(const ScanShape&, const float*, const float*, const float*, float*, float*,
+                           cudaStream_t) = mlgru_scan_forward_cuda;
+void (*const kScanBackward)(const ScanShape&, const float*, const float*, const float*, const float*, const float*,
+                            const float*, float*, float*, float*, float*, cudaStream_t) = mlgru_scan_backward_cuda;
+
 TEST_F(Cuda, mlgru_scan_forward_backward) {
   struct Case {
     int64_t B, T, D;
@@ -464,8 +470,8 @@ TEST_F(Cuda, mlgru_scan_forward_backward) {
         const std::string tag = std::string(chunked ? "chunked " : "sequential ") + name;
         Guarded<float> d_i(ihat), d_f_hat(fhat), d_lb(lb), d_f(n), d_h(n);
         const float* d_lb_ptr = with_lb ? d_lb.get() : nullptr;
-        (chunked ? mlgru_scan_forward_cuda : mlgru_scan_forward_sequential_cuda)(s, d_i.get(), d_f_hat.get(), d_lb_ptr,
-                                                                                 d_f.get(), d_h.get(), stream());
+        (chunked ? kScanForward : mlgru_scan_forward_sequential_cuda)(s, d_i.get(), d_f_hat.get(), d_lb_ptr, d_f.get(),
+                                                                      d_h.get(), stream());
         expect_close(d_f.download("f"), f_cpu, 1e-5, "scan f " + tag);
         expect_close(d_h.download("h"), h_cpu, 1e-5, "scan h " + tag);
 
@@ -473,7 +479,7 @@ TEST_F(Cuda, mlgru_scan_forward_backward) {
         d_f.upload(f_cpu);
         d_h.upload(h_cpu);
         Guarded<float> d_dh(dh), d_di(n), d_df(n), d_dlb(dlb0), d_ws(c.B * c.D);
-        (chunked ? mlgru_scan_backward_cuda : mlgru_scan_backward_sequential_cuda)(
+        (chunked ? kScanBackward : mlgru_scan_backward_sequential_cuda)(
             s, d_i.get(), d_f_hat.get(), d_lb_ptr, d_f.get(), d_h.get(), d_dh.get(), d_di.get(), d_df.get(),
             d_dlb.get(), d_ws.get(), stream());
         expect_close(d_di.download("dihat"), di_cpu, 5e-5, "scan dihat " + tag);
@@ -538,7 +544,7 @@ TEST_F(Cuda, mlgru_scan_chunked_vs_float64) {
       std::vector<float> f_gpu[2], h_gpu[2];  // [0] chunked, [1] sequential
       for (int v = 0; v < 2; ++v) {
         Guarded<float> d_i(ihat), d_fh(fhat), d_lb(lb), d_f(n), d_h(n);
-        (v == 0 ? mlgru_scan_forward_cuda : mlgru_scan_forward_sequential_cuda)(
+        (v == 0 ? kScanForward : mlgru_scan_forward_sequential_cuda)(
             s, d_i.get(), d_fh.get(), uniform ? nullptr : d_lb.get(), d_f.get(), d_h.get(), stream());
         f_gpu[v] = d_f.download("f"), h_gpu[v] = d_h.download("h");
         const std::string tag = std::string(v == 0 ? "chunked " : "sequential ") + name;
@@ -577,7 +583,7 @@ TEST_F(Cuda, mlgru_scan_chunked_vs_float64) {
       for (int v = 0; v < 3; ++v) {  // chunked, sequential, chunked again (determinism)
         Guarded<float> d_i(ihat), d_fh(fhat), d_lb(lb), d_f(f_in), d_h(h_in), d_dh(dh), d_di(n), d_df(n), d_dlb(dlb0),
             d_ws(c.B * c.D);
-        (v == 1 ? mlgru_scan_backward_sequential_cuda : mlgru_scan_backward_cuda)(
+        (v == 1 ? mlgru_scan_backward_sequential_cuda : kScanBackward)(
             s, d_i.get(), d_fh.get(), uniform ? nullptr : d_lb.get(), d_f.get(), d_h.get(), d_dh.get(), d_di.get(),
             d_df.get(), uniform ? nullptr : d_dlb.get(), d_ws.get(), stream());
         const std::string tag = std::string(v == 1 ? "sequential " : "chunked ") + name;
@@ -985,9 +991,177 @@ TEST_F(Cuda, bitlinear_backward_gemms_vs_cpu) {
 
 // ---- launcher preconditions ----------------------------------------------------------------------
 
+// ---- what the GPU model's activation plan uses (model/cuda_model.h) ---------------------------------
+
+std::vector<float> bf16_round(const std::vector<float>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = from_bf16(to_bf16(v[i]));
+  return r;
+}
+std::vector<uint16_t> bf16_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = to_bf16(v[i]);
+  return r;
+}
+
+// The backward's recomputation of a BitLinear input: the fused norm+quant forward writing a/s as
+// bf16 instead of the codes. Bit-identical to the CPU forward's codes divided by its scale, rounded
+// to nearest even; scale and rstd bit-identical as in the forward.
+TEST_F(Cuda, rmsnorm_act_quant_dequant_exact) {
+  for (const auto& [rows, dim] : {std::pair<int64_t, int64_t>{1, 1}, {37, 256}, {64, 1000}, {40, 2816}}) {
+    const std::string name = shape_name({{"rows", rows}, {"dim", dim}});
+    SCOPED_TRACE(name);
+    const RmsNormShape s{rows, dim, 1e-6f};
+    const int64_t n = rows * dim;
+    std::vector<float> x = normal(rng(), n, 2.0f), gain = normal(rng(), dim, 0.5f, 1.0f);
+    if (rows > 3) x[2 * dim] = kNaN;  // a NaN row: scale NaN, codes 0, a/s = 0/NaN = NaN
+    std::vector<float> xt(n), rstd_cpu(rows), scale_cpu(rows), dq_cpu(n);
+    std::vector<int8_t> codes(n);
+    rmsnorm_forward_cpu(s, x.data(), gain.data(), xt.data(), rstd_cpu.data());
+    act_quant_cpu(rows, dim, xt.data(), codes.data(), scale_cpu.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < dim; ++j) dq_cpu[r * dim + j] = static_cast<float>(codes[r * dim + j]) / scale_cpu[r];
+    Guarded<float> d_x(x), d_gain(gain), d_scale(rows), d_rstd(rows);
+    Guarded<uint16_t> d_dq(n);
+    rmsnorm_act_quant_dequant_cuda(s, d_x.get(), d_gain.get(), as_bf16(d_dq), d_scale.get(), d_rstd.get(), stream());
+    expect_identical(from_bf16(d_dq.download("a/s")), bf16_round(dq_cpu), "a/s bf16 " + name);
+    expect_identical(d_scale.download("scale"), scale_cpu, "scale " + name);
+    expect_identical(d_rstd.download("rstd"), rstd_cpu, "rstd " + name);
+  }
+}
+
+// The forward product with the residual add in its epilogue: bit-identical to the CPU's product
+// (exact integers times β/s, one rounding) followed by the add (a second rounding), in place too.
+TEST_F(Cuda, bitlinear_matmul_residual_exact) {
+  BlasLt blas;
+  const float beta = 0.0173f;
+  for (const auto& [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{5, 8, 12}, {130, 1024, 2816}, {64, 36, 1024}}) {
+    const std::string name = shape_name({{"M", M}, {"N", N}, {"K", K}});
+    SCOPED_TRACE(name);
+    const std::vector<int8_t> a = random_codes(rng(), M * K, -128, 127), w = random_codes(rng(), N * K, -1, 1);
+    std::vector<float> scale(M), res = normal(rng(), M * N);
+    std::uniform_real_distribution<float> sd(0.5f, 60.0f);
+    for (float& v : scale) v = sd(rng());
+    std::vector<int32_t> acc(M * N);
+    ternary_int8_matmul_reference(M, N, K, a.data(), w.data(), acc.data());
+    std::vector<float> y_cpu(M * N);
+    for (int64_t m = 0; m < M; ++m) {
+      const float factor = beta / scale[m];
+      for (int64_t j = 0; j < N; ++j) {
+        volatile float prod = static_cast<float>(acc[m * N + j]) * factor;  // no contraction into an fma
+        y_cpu[m * N + j] = res[m * N + j] + prod;
+      }
+    }
+    Guarded<int8_t> d_a(a), d_w(w);
+    Guarded<float> d_scale(scale), d_res(res), d_y(M * N);
+    bitlinear_matmul_residual_cuda(blas, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, d_res.get(), d_y.get(),
+                                   stream());
+    expect_identical(d_y.download("y"), y_cpu, "residual epilogue " + name);
+    bitlinear_matmul_residual_cuda(blas, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, d_res.get(), d_res.get(),
+                                   stream());
+    expect_identical(d_res.download("y in place"), y_cpu, "residual epilogue in place " + name);
+  }
+}
+
+// bf16 storage: each op reads bf16 inputs into fp32, so the reference is the CPU op on the same
+// bf16-rounded values; outputs kept in fp32 then agree as the fp32 ops do (1e-5, 2e-5, 5e-5 as in
+// their own tests). The scan stores h as bf16 (rounded from its fp32 state): within one bf16 rounding
+// (2^-8 relative of the largest |h|) of the CPU's h. The backward recomputes f from f̂ (no f saved)
+// and reads the bf16 h; its reference is the CPU backward given the CPU's f and the GPU's bf16 h.
+// The norm backward's `accumulate` adds onto dx.
+TEST_F(Cuda, bf16_storage_variants) {
+  const int64_t B = 2, T = 300, D = 96, n = B * T * D;
+  const ScanShape ss{B, T, D};
+  std::vector<float> ihat = bf16_round(normal(rng(), n)), fhat = bf16_round(normal(rng(), n, 1.0f, 1.0f));
+  std::vector<float> dh = normal(rng(), n), lb(D), dlb0 = normal(rng(), D);
+  std::uniform_real_distribution<float> u01(0.0f, 0.9f);
+  for (float& v : lb) v = u01(rng());
+  std::vector<float> f_cpu(n), h_cpu(n);
+  mlgru_scan_forward_cpu(ss, ihat.data(), fhat.data(), lb.data(), f_cpu.data(), h_cpu.data());
+  Guarded<uint16_t> d_i(bf16_bits(ihat)), d_fh(bf16_bits(fhat)), d_h(n), d_fs(n);
+  Guarded<float> d_lb(lb), d_dh(dh), d_di(n), d_df(n), d_dlb(dlb0), d_ws(B * D);
+  mlgru_scan_forward_cuda(ss, as_bf16(d_i), as_bf16(d_fh), d_lb.get(), as_bf16(d_fs), as_bf16(d_h), stream());
+  const std::vector<float> h_gpu = from_bf16(d_h.download("h bf16"));
+  expect_close(h_gpu, h_cpu, std::ldexp(1.0, -8), "scan h bf16");
+  expect_close(from_bf16(d_fs.download("f bf16")), f_cpu, std::ldexp(1.0, -8), "scan f bf16");
+  std::vector<float> di_cpu(n), df_cpu(n), dlb_cpu = dlb0;
+  mlgru_scan_backward_cpu(ss, ihat.data(), fhat.data(), lb.data(), f_cpu.data(), h_gpu.data(), dh.data(),
+                          di_cpu.data(), df_cpu.data(), dlb_cpu.data());
+  mlgru_scan_backward_cuda(ss, as_bf16(d_i), as_bf16(d_fh), d_lb.get(), static_cast<const bf16*>(nullptr),
+                           as_bf16(d_h), d_dh.get(), d_di.get(), d_df.get(), d_dlb.get(), d_ws.get(), stream());
+  expect_close(d_di.download("dihat"), di_cpu, 5e-5, "scan dihat, bf16 storage, f recomputed");
+  expect_close(d_df.download("dfhat"), df_cpu, 5e-5, "scan dfhat, bf16 storage, f recomputed");
+  expect_close(d_dlb.download("dlb"), dlb_cpu, 1e-4, "scan dlb, bf16 storage");
+  // The float scan without f saved recomputes exactly what the saving forward stores.
+  {
+    Guarded<float> d_if(ihat), d_fhf(fhat), d_f(n), d_hf(n), d_di2(n), d_df2(n), d_di3(n), d_df3(n);
+    mlgru_scan_forward_cuda(ss, d_if.get(), d_fhf.get(), d_lb.get(), d_f.get(), d_hf.get(), stream());
+    kScanBackward(ss, d_if.get(), d_fhf.get(), d_lb.get(), d_f.get(), d_hf.get(), d_dh.get(), d_di2.get(), d_df2.get(),
+                  nullptr, nullptr, stream());
+    kScanBackward(ss, d_if.get(), d_fhf.get(), d_lb.get(), nullptr, d_hf.get(), d_dh.get(), d_di3.get(), d_df3.get(),
+                  nullptr, nullptr, stream());
+    expect_identical(d_di3.download("dihat f recomputed"), d_di2.download("dihat f saved"), "scan f recomputed dihat");
+    expect_identical(d_df3.download("dfhat f recomputed"), d_df2.download("dfhat f saved"), "scan f recomputed dfhat");
+  }
+
+  // GLU over bf16 [a | u].
+  const int64_t rows = 33, inter = 200;
+  const std::vector<float> au = bf16_round(normal(rng(), rows * 2 * inter, 2.0f)), dz = normal(rng(), rows * inter);
+  std::vector<float> z_cpu(rows * inter), dau_cpu(rows * 2 * inter);
+  for (const GluActivation act : {GluActivation::silu, GluActivation::relu2}) {
+    glu_forward_cpu(act, rows, inter, au.data(), z_cpu.data());
+    glu_backward_cpu(act, rows, inter, au.data(), dz.data(), dau_cpu.data());
+    Guarded<uint16_t> d_au(bf16_bits(au));
+    Guarded<float> d_dz(dz), d_z(z_cpu.size()), d_dau(dau_cpu.size());
+    glu_forward_cuda(act, rows, inter, as_bf16(d_au), d_z.get(), stream());
+    glu_backward_cuda(act, rows, inter, as_bf16(d_au), d_dz.get(), d_dau.get(), stream());
+    expect_close(d_z.download("z"), z_cpu, 1e-5, "glu z, bf16 au");
+    expect_close(d_dau.download("dau"), dau_cpu, 1e-5, "glu dau, bf16 au");
+  }
+
+  // Output gate over bf16 h.
+  const int64_t m = 4000;
+  const std::vector<float> gn = normal(rng(), m), hb = bf16_round(normal(rng(), m)), dout = normal(rng(), m);
+  for (const GateForm form : {GateForm::code, GateForm::paper}) {
+    std::vector<float> o_cpu(m), dgn_cpu(m), dhh_cpu(m);
+    output_gate_forward_cpu(form, m, gn.data(), hb.data(), o_cpu.data());
+    output_gate_backward_cpu(form, m, gn.data(), hb.data(), dout.data(), dgn_cpu.data(), dhh_cpu.data());
+    Guarded<uint16_t> d_hb(bf16_bits(hb));
+    Guarded<float> d_gn(gn), d_dout(dout), d_o(m), d_dgn(m), d_dhh(m);
+    output_gate_forward_cuda(form, m, d_gn.get(), as_bf16(d_hb), d_o.get(), stream());
+    output_gate_backward_cuda(form, m, d_gn.get(), as_bf16(d_hb), d_dout.get(), d_dgn.get(), d_dhh.get(), stream());
+    expect_close(d_o.download("o"), o_cpu, 1e-5, "gate o, bf16 h");
+    expect_close(d_dgn.download("dgn"), dgn_cpu, 1e-5, "gate dgn, bf16 h");
+    expect_close(d_dhh.download("dh"), dhh_cpu, 1e-5, "gate dh, bf16 h");
+  }
+
+  // RMSNorm forward over bf16 x, and the fused backward over bf16 x, overwriting and accumulating.
+  const RmsNormShape ns{70, 1024, 1e-6f};
+  const int64_t nn = ns.rows * ns.dim;
+  const std::vector<float> xb = bf16_round(normal(rng(), nn, 2.0f)), gain = normal(rng(), ns.dim, 0.5f, 1.0f);
+  const std::vector<float> dy = normal(rng(), nn), dx0 = normal(rng(), nn), dg0 = normal(rng(), ns.dim);
+  std::vector<float> y_cpu(nn), rstd_cpu(ns.rows), dx_cpu(nn), dg_cpu = dg0;
+  rmsnorm_forward_cpu(ns, xb.data(), gain.data(), y_cpu.data(), rstd_cpu.data());
+  rmsnorm_backward_cpu(ns, xb.data(), gain.data(), rstd_cpu.data(), dy.data(), dx_cpu.data(), dg_cpu.data());
+  Guarded<uint16_t> d_xb(bf16_bits(xb));
+  Guarded<float> d_gain(gain), d_y(nn), d_rstd(ns.rows), d_dy(dy), d_dx(dx0), d_dg(dg0),
+      d_nws(rmsnorm_act_quant_backward_workspace(ns));
+  rmsnorm_forward_cuda(ns, as_bf16(d_xb), d_gain.get(), d_y.get(), d_rstd.get(), stream());
+  expect_close(d_y.download("y"), y_cpu, 1e-5, "rmsnorm y, bf16 x");
+  expect_close(d_rstd.download("rstd"), rstd_cpu, 1e-5, "rmsnorm rstd, bf16 x");
+  rmsnorm_act_quant_backward_cuda(ns, as_bf16(d_xb), d_gain.get(), d_rstd.get(), d_dy.get(), d_dx.get(), d_dg.get(),
+                                  d_nws.get(), stream(), /*accumulate=*/true);
+  std::vector<float> dx_acc(nn);
+  for (int64_t i = 0; i < nn; ++i) dx_acc[i] = dx0[i] + dx_cpu[i];
+  expect_close(d_dx.download("dx accumulated"), dx_acc, 2e-5, "norm backward, bf16 x, accumulate");
+  expect_close(d_dg.download("dgain"), dg_cpu, 2e-5, "norm backward dgain, bf16 x");
+}
+
 TEST_F(Cuda, launchers_reject_bad_arguments) {
   EXPECT_THROW(act_quant_cuda(2, 0, nullptr, nullptr, nullptr, stream()), Error);
-  EXPECT_THROW(rmsnorm_forward_cuda(RmsNormShape{4, 8}, nullptr, nullptr, nullptr, nullptr, stream()), Error);
+  EXPECT_THROW(rmsnorm_forward_cuda(RmsNormShape{4, 8}, static_cast<const float*>(nullptr), nullptr, nullptr, nullptr,
+                                    stream()),
+               Error);
   EXPECT_THROW(rmsnorm_act_quant_forward_cuda(RmsNormShape{4, kNormQuantMaxDim + 1}, nullptr, nullptr, nullptr, nullptr,
                                               nullptr, stream()),
                Error);
@@ -996,8 +1170,8 @@ TEST_F(Cuda, launchers_reject_bad_arguments) {
                                                reinterpret_cast<float*>(16), reinterpret_cast<float*>(16),
                                                reinterpret_cast<float*>(16), nullptr, stream()),
                Error);
-  EXPECT_THROW(mlgru_scan_backward_cuda(ScanShape{1, 1, 1}, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                        nullptr, nullptr, reinterpret_cast<float*>(16), nullptr, stream()),
+  EXPECT_THROW(kScanBackward(ScanShape{1, 1, 1}, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                             reinterpret_cast<float*>(16), nullptr, stream()),
                Error);
   // Empty work is a no-op, not a launch of an empty grid.
   EXPECT_NO_THROW(cross_entropy_cuda(0, 10, nullptr, nullptr, nullptr, nullptr, 1.0f, stream()));

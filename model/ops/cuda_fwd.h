@@ -8,3 +8,9 @@
 // an identical typedef is legal C++, so this header and <cuda_runtime.h> mix in either order.
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
+
+// bf16 as cuda_bf16.h declares it, for the launchers that take bf16 storage.
+struct __nv_bfloat16;
+namespace peerless {
+using bf16 = __nv_bfloat16;
+}  // namespace peerless

@@ -242,6 +242,32 @@ __global__ void bitlinear_dequant_kernel(int64_t M, int64_t N, const In* acc, co
   }
 }
 
+// y (M,N) = residual + float(acc)·(β/s[m]) in fp32: the product rounded first, then the sum (no fma),
+// the CPU's "y = dequant; x += y" exactly. V = 4 as above.
+template <int V>
+__global__ void bitlinear_dequant_residual_kernel(int64_t M, int64_t N, const int32_t* __restrict__ acc,
+                                                  const float* __restrict__ scale, float beta,
+                                                  const float* residual, float* y) {
+  const int64_t nv = N / V;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const float factor = beta / scale[m];
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nv;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      if constexpr (V == 4) {
+        const int4 a = reinterpret_cast<const int4*>(acc + m * N)[j];
+        const float4 r = reinterpret_cast<const float4*>(residual + m * N)[j];
+        reinterpret_cast<float4*>(y + m * N)[j] =
+            make_float4(__fadd_rn(r.x, __fmul_rn(static_cast<float>(a.x), factor)),
+                        __fadd_rn(r.y, __fmul_rn(static_cast<float>(a.y), factor)),
+                        __fadd_rn(r.z, __fmul_rn(static_cast<float>(a.z), factor)),
+                        __fadd_rn(r.w, __fmul_rn(static_cast<float>(a.w), factor)));
+      } else {
+        y[m * N + j] = __fadd_rn(residual[m * N + j], __fmul_rn(static_cast<float>(acc[m * N + j]), factor));
+      }
+    }
+  }
+}
+
 // alpha[m] = β / s[m], the per-row alpha vector of the fused bf16 path (same division as above).
 __global__ void row_factor_kernel(int64_t M, const float* __restrict__ scale, float beta, float* __restrict__ alpha) {
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; m < M;
@@ -384,6 +410,26 @@ void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const 
   auto* acc = static_cast<int32_t*>(impl.scratch(impl.stage_scratch, M * N * sizeof(int32_t), stream));
   ternary_int8_matmul_imma_cuda(blas, M, N, K, a_codes, w_codes, acc, stream);
   dequant_launch(M, N, static_cast<const int32_t*>(acc), a_scale, beta, out, y, stream);
+}
+
+void bitlinear_matmul_residual_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                                    const int8_t* w_codes, const float* a_scale, float beta, const float* residual,
+                                    float* y, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) {
+    ternary_int8_matmul_imma_cuda(blas, M, N, K, a_codes, w_codes, nullptr, stream);  // checks the shape
+    return;
+  }
+  PL_CHECK(a_scale && residual && y, internal, "bitlinear_matmul_residual_cuda: null pointer");
+  BlasLt::Impl& impl = blas.impl();
+  auto* acc = static_cast<int32_t*>(impl.scratch(impl.stage_scratch, M * N * sizeof(int32_t), stream));
+  ternary_int8_matmul_imma_cuda(blas, M, N, K, a_codes, w_codes, acc, stream);
+  const bool vec = N % 4 == 0 && alignment(acc) >= 16 && alignment(residual) >= 16 && alignment(y) >= 16;
+  const dim3 grid = row_grid(M, vec ? N / 4 : N);
+  if (vec)
+    bitlinear_dequant_residual_kernel<4><<<grid, kThreads, 0, stream>>>(M, N, acc, a_scale, beta, residual, y);
+  else
+    bitlinear_dequant_residual_kernel<1><<<grid, kThreads, 0, stream>>>(M, N, acc, a_scale, beta, residual, y);
+  PL_CUDA_CHECK_LAUNCH(bitlinear_dequant_residual_kernel);
 }
 
 bool bitlinear_bf16_scale_fused(BlasLt& blas, int64_t M, int64_t N, int64_t K, GemmOut out) {

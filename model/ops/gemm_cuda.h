@@ -26,11 +26,8 @@
 // cuda_bf16.h), so the header compiles without them.
 struct cublasLtContext;
 typedef struct cublasLtContext* cublasLtHandle_t;
-struct __nv_bfloat16;
 
 namespace peerless {
-
-using bf16 = __nv_bfloat16;
 
 enum class GemmOut { f32, bf16 };
 
@@ -81,6 +78,13 @@ void bitlinear_dequant_cuda(int64_t M, int64_t N, const float* acc, const float*
 void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
                            const int8_t* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
                            cudaStream_t stream);
+
+// The same with the residual add fused into the epilogue: y = residual + (a·tᵀ)·β/s in fp32, each
+// element the rounded product plus the residual (no fma): bit-identical to the CPU's y then x += y.
+// y may alias residual (in place).
+void bitlinear_matmul_residual_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                                    const int8_t* w_codes, const float* a_scale, float beta, const float* residual,
+                                    float* y, cudaStream_t stream);
 
 // ---- forward path B: bf16 tensor cores on exact codes ----------------------------------------------
 enum class Epilogue {

@@ -2,6 +2,8 @@
 // ReLU². Elementwise over (rows, I) with a grid-stride loop; the activation is a runtime switch
 // (one kernel per direction, few instantiations). Next optimisation: fuse into the BitLinear
 // epilogue/prologue around it.
+#include <cuda_bf16.h>
+
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/glu.h"
@@ -13,13 +15,17 @@ using cuda_detail::sigmoidf_dev;
 
 constexpr int kThreads = 256;
 
-__global__ void glu_forward_kernel(bool silu, int64_t rows, int64_t inter, const float* __restrict__ au,
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+template <typename A>
+__global__ void glu_forward_kernel(bool silu, int64_t rows, int64_t inter, const A* __restrict__ au,
                                    float* __restrict__ z) {
   const int64_t n = rows * inter;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
     const int64_t r = e / inter, i = e - r * inter;
-    const float a = au[r * 2 * inter + i], u = au[r * 2 * inter + inter + i];
+    const float a = ld(au + r * 2 * inter + i), u = ld(au + r * 2 * inter + inter + i);
     if (silu) {
       z[e] = (a * sigmoidf_dev(a)) * u;
     } else {
@@ -29,14 +35,15 @@ __global__ void glu_forward_kernel(bool silu, int64_t rows, int64_t inter, const
   }
 }
 
-__global__ void glu_backward_kernel(bool silu, int64_t rows, int64_t inter, const float* __restrict__ au,
+template <typename A>
+__global__ void glu_backward_kernel(bool silu, int64_t rows, int64_t inter, const A* __restrict__ au,
                                     const float* __restrict__ dz, float* __restrict__ dau) {
   const int64_t n = rows * inter;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
     const int64_t r = e / inter, i = e - r * inter;
     const int64_t ia = r * 2 * inter + i, iu = ia + inter;
-    const float a = au[ia], u = au[iu], g = dz[e];
+    const float a = ld(au + ia), u = ld(au + iu), g = dz[e];
     if (silu) {
       const float s = sigmoidf_dev(a);
       dau[ia] = g * u * (s * (1.0f + a * (1.0f - s)));  // SiLU'(a) = σ(a)(1 + a(1 − σ(a)))
@@ -55,25 +62,46 @@ void check_shape(const char* who, int64_t rows, int64_t inter) {
 
 }  // namespace
 
-void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, float* z, cudaStream_t stream) {
+namespace {
+
+template <typename A>
+void forward(GluActivation act, int64_t rows, int64_t inter, const A* au, float* z, cudaStream_t stream) {
   check_shape("glu_forward_cuda", rows, inter);
   if (rows == 0) return;
   PL_CHECK(au && z, internal, "glu_forward_cuda: null pointer");
   const int64_t n = rows * inter;
-  glu_forward_kernel<<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(act == GluActivation::silu,
-                                                                                            rows, inter, au, z);
+  glu_forward_kernel<A><<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+      act == GluActivation::silu, rows, inter, au, z);
   PL_CUDA_CHECK_LAUNCH(glu_forward_kernel);
 }
 
-void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, float* dau,
-                       cudaStream_t stream) {
+template <typename A>
+void backward(GluActivation act, int64_t rows, int64_t inter, const A* au, const float* dz, float* dau,
+              cudaStream_t stream) {
   check_shape("glu_backward_cuda", rows, inter);
   if (rows == 0) return;
   PL_CHECK(au && dz && dau, internal, "glu_backward_cuda: null pointer");
   const int64_t n = rows * inter;
-  glu_backward_kernel<<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(act == GluActivation::silu,
-                                                                                             rows, inter, au, dz, dau);
+  glu_backward_kernel<A><<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+      act == GluActivation::silu, rows, inter, au, dz, dau);
   PL_CUDA_CHECK_LAUNCH(glu_backward_kernel);
+}
+
+}  // namespace
+
+void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, float* z, cudaStream_t stream) {
+  forward(act, rows, inter, au, z, stream);
+}
+void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, float* z, cudaStream_t stream) {
+  forward(act, rows, inter, au, z, stream);
+}
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, float* dau,
+                       cudaStream_t stream) {
+  backward(act, rows, inter, au, dz, dau, stream);
+}
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, const float* dz, float* dau,
+                       cudaStream_t stream) {
+  backward(act, rows, inter, au, dz, dau, stream);
 }
 
 }  // namespace peerless

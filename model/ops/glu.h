@@ -23,5 +23,9 @@ void glu_backward_cpu(GluActivation act, int64_t rows, int64_t inter, const doub
 void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, float* z, cudaStream_t stream);
 void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, float* dau,
                        cudaStream_t stream);
+// au stored as bf16 (read into fp32; z and dau stay fp32).
+void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, float* z, cudaStream_t stream);
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, const float* dz, float* dau,
+                       cudaStream_t stream);
 
 }  // namespace peerless

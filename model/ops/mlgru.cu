@@ -20,6 +20,8 @@
 // the sequential loop's order (see tests/test_ops_cuda.cpp for the stated tolerance).
 // The lower-bound gradient is reduced deterministically: per-(batch, channel) sums over time (in a
 // fixed order) into a workspace, then a second kernel adds them over batch in order (no atomics).
+#include <cuda_bf16.h>
+
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/mlgru.h"
@@ -31,6 +33,16 @@ using cuda_detail::sigmoidf_dev;
 
 constexpr int kThreads = 256;
 
+// Activations are stored as float or bf16 (the model's bf16 storage); arithmetic is fp32.
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// f = lb + (1 − lb)·σ(f̂), one explicit fma so that the backward's recomputation (when the forward
+// did not save f) is bit-identical to the forward's value.
+__device__ __forceinline__ float forget_gate(float lbj, float fh) { return fmaf(1.0f - lbj, sigmoidf_dev(fh), lbj); }
+
 __global__ void mlgru_scan_forward_kernel(int64_t B, int64_t T, int64_t D, const float* __restrict__ ihat,
                                           const float* __restrict__ fhat, const float* __restrict__ lb,
                                           float* __restrict__ f, float* __restrict__ h) {
@@ -41,7 +53,7 @@ __global__ void mlgru_scan_forward_kernel(int64_t B, int64_t T, int64_t D, const
   float hprev = 0.0f;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t k = (b * T + t) * D + j;
-    const float fv = lbj + (1.0f - lbj) * sigmoidf_dev(fhat[k]);
+    const float fv = forget_gate(lbj, fhat[k]);
     const float x = ihat[k];
     const float iv = x * sigmoidf_dev(x) * (1.0f - fv);
     hprev = fv * hprev + iv;
@@ -132,10 +144,12 @@ __device__ __forceinline__ void block_affine_scan(int q, int c, int C, int P, fl
 // tile starting at t0, the steps t0 + p·L .. t0 + p·L + L − 1. All of a chunk's loads are issued
 // before any of them is used (a warp stalls at the first use of a pending load, so interleaving
 // loads with the gate arithmetic would expose one memory latency per step).
+// A: the storage type of î, f̂, f and h (float or bf16). f may be null (not saved).
+template <typename A>
 __global__ void __launch_bounds__(kScanFwdThreads, 2)
-    mlgru_scan_forward_chunked_kernel(int64_t T, int64_t D, int P, const float* __restrict__ ihat,
-                                      const float* __restrict__ fhat, const float* __restrict__ lb,
-                                      float* __restrict__ f, float* __restrict__ h) {
+    mlgru_scan_forward_chunked_kernel(int64_t T, int64_t D, int P, const A* __restrict__ ihat,
+                                      const A* __restrict__ fhat, const float* __restrict__ lb,
+                                      A* __restrict__ f, A* __restrict__ h) {
   __shared__ float2 agg[kScanFwdThreads];
   const int C = kScanFwdThreads / P;
   const int c = threadIdx.x % C, p = threadIdx.x / C;
@@ -152,18 +166,18 @@ __global__ void __launch_bounds__(kScanFwdThreads, 2)
     float fv[kScanSteps], iv[kScanSteps];  // raw f̂, î, then the gates f, i
     if (n_valid == kScanSteps) {
 #pragma unroll
-      for (int l = 0; l < kScanSteps; ++l) fv[l] = fhat[k0 + l * D], iv[l] = ihat[k0 + l * D];
+      for (int l = 0; l < kScanSteps; ++l) fv[l] = ld(fhat + k0 + l * D), iv[l] = ld(ihat + k0 + l * D);
     } else {
 #pragma unroll
       for (int l = 0; l < kScanSteps; ++l) {
         fv[l] = 0.0f, iv[l] = 0.0f;
-        if (l < n_valid) fv[l] = fhat[k0 + l * D], iv[l] = ihat[k0 + l * D];
+        if (l < n_valid) fv[l] = ld(fhat + k0 + l * D), iv[l] = ld(ihat + k0 + l * D);
       }
     }
 #pragma unroll
     for (int l = 0; l < kScanSteps; ++l) {
       if (l < n_valid) {
-        const float fg = lbj + (1.0f - lbj) * sigmoidf_dev(fv[l]);
+        const float fg = forget_gate(lbj, fv[l]);
         const float x = iv[l];
         iv[l] = x * sigmoidf_dev(x) * (1.0f - fg);
         fv[l] = fg;
@@ -185,8 +199,8 @@ __global__ void __launch_bounds__(kScanFwdThreads, 2)
     for (int l = 0; l < kScanSteps; ++l) {
       if (l < n_valid) {
         hv = fmaf(fv[l], hv, iv[l]);  // the sequential kernel's step, bit for bit
-        f[k0 + l * D] = fv[l];
-        h[k0 + l * D] = hv;
+        if (f) st(f + k0 + l * D, fv[l]);
+        st(h + k0 + l * D, hv);
       }
     }
   }
@@ -198,10 +212,13 @@ __global__ void __launch_bounds__(kScanFwdThreads, 2)
 // Writes dihat, dfhat and, when partials is not null, Σ_t of the lower-bound gradient for (b, j)
 // into partials[b·D + j] (per thread in time order within its chunks, tiles last to first, then the
 // P chunk sums in chunk order: a fixed order).
+// A: the storage type of î, f̂, f and h. f may be null: recomputed from f̂ (forget_gate, the
+// forward's expression), bit-identical to what the forward would have saved.
+template <typename A>
 __global__ void __launch_bounds__(kScanBwdThreads, 2)
-    mlgru_scan_backward_chunked_kernel(int64_t T, int64_t D, int P, const float* __restrict__ ihat,
-                                       const float* __restrict__ fhat, const float* __restrict__ lb,
-                                       const float* __restrict__ f, const float* __restrict__ h,
+    mlgru_scan_backward_chunked_kernel(int64_t T, int64_t D, int P, const A* __restrict__ ihat,
+                                       const A* __restrict__ fhat, const float* __restrict__ lb,
+                                       const A* __restrict__ f, const A* __restrict__ h,
                                        const float* __restrict__ dh, float* __restrict__ dihat,
                                        float* __restrict__ dfhat, float* __restrict__ partials) {
   __shared__ float2 agg[kScanBwdThreads];
@@ -224,8 +241,9 @@ __global__ void __launch_bounds__(kScanBwdThreads, 2)
 #pragma unroll
       for (int l = 0; l < kScanSteps; ++l) {
         const int64_t k = k0 + l * D;
-        fv[l] = f[k], gv[l] = dh[k], xv[l] = ihat[k], fh[l] = fhat[k];
-        hp[l] = (l > 0 || tc > 0) ? h[k - D] : 0.0f;
+        gv[l] = dh[k], xv[l] = ld(ihat + k), fh[l] = ld(fhat + k);
+        fv[l] = f ? ld(f + k) : forget_gate(lbj, fh[l]);
+        hp[l] = (l > 0 || tc > 0) ? ld(h + k - D) : 0.0f;
       }
     } else {
 #pragma unroll
@@ -233,8 +251,9 @@ __global__ void __launch_bounds__(kScanBwdThreads, 2)
         fv[l] = 1.0f, gv[l] = 0.0f, xv[l] = 0.0f, fh[l] = 0.0f, hp[l] = 0.0f;  // past the end: identity
         if (l < n_valid) {
           const int64_t k = k0 + l * D;
-          fv[l] = f[k], gv[l] = dh[k], xv[l] = ihat[k], fh[l] = fhat[k];
-          hp[l] = (l > 0 || tc > 0) ? h[k - D] : 0.0f;
+          gv[l] = dh[k], xv[l] = ld(ihat + k), fh[l] = ld(fhat + k);
+          fv[l] = f ? ld(f + k) : forget_gate(lbj, fh[l]);
+          hp[l] = (l > 0 || tc > 0) ? ld(h + k - D) : 0.0f;
         }
       }
     }
@@ -277,23 +296,26 @@ __global__ void __launch_bounds__(kScanBwdThreads, 2)
   }
 }
 
+template <typename H>
 __global__ void output_gate_forward_kernel(bool code_form, int64_t n, const float* __restrict__ gn,
-                                           const float* __restrict__ h, float* __restrict__ o) {
+                                           const H* __restrict__ h, float* __restrict__ o) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float hv = ld(h + i);
     if (code_form)
-      o[i] = gn[i] * (h[i] * sigmoidf_dev(h[i]));  // o = gn ⊙ swish(h)
+      o[i] = gn[i] * (hv * sigmoidf_dev(hv));  // o = gn ⊙ swish(h)
     else
-      o[i] = sigmoidf_dev(gn[i]) * h[i];  // o = σ(ĝ) ⊙ h
+      o[i] = sigmoidf_dev(gn[i]) * hv;  // o = σ(ĝ) ⊙ h
   }
 }
 
+template <typename H>
 __global__ void output_gate_backward_kernel(bool code_form, int64_t n, const float* __restrict__ gn,
-                                            const float* __restrict__ h, const float* __restrict__ dout,
+                                            const H* __restrict__ h, const float* __restrict__ dout,
                                             float* __restrict__ dgn, float* __restrict__ dh) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float g = dout[i], hv = h[i];
+    const float g = dout[i], hv = ld(h + i);
     if (code_form) {
       const float sh = sigmoidf_dev(hv);
       dgn[i] = g * (hv * sh);
@@ -351,27 +373,29 @@ void mlgru_scan_backward_sequential_cuda(const ScanShape& s, const float* ihat, 
   PL_CUDA_CHECK_LAUNCH(mlgru_dlb_kernel);
 }
 
-void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
-                             float* h, cudaStream_t stream) {
+namespace {
+
+template <typename A>
+void scan_forward(const ScanShape& s, const A* ihat, const A* fhat, const float* lb, A* f, A* h, cudaStream_t stream) {
   check_scan("mlgru_scan_forward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;
-  PL_CHECK(ihat && fhat && f && h, internal, "mlgru_scan_forward_cuda: null pointer");
+  PL_CHECK(ihat && fhat && h, internal, "mlgru_scan_forward_cuda: null pointer");
   const dim3 grid = scan_grid("mlgru_scan_forward_cuda", s, kScanFwdThreads);
-  mlgru_scan_forward_chunked_kernel<<<grid, kScanFwdThreads, 0, stream>>>(
+  mlgru_scan_forward_chunked_kernel<A><<<grid, kScanFwdThreads, 0, stream>>>(
       s.seq, s.dim, scan_chunks(s.seq, kScanFwdThreads), ihat, fhat, lb, f, h);
   PL_CUDA_CHECK_LAUNCH(mlgru_scan_forward_chunked_kernel);
 }
 
-void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
-                              const float* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
-                              cudaStream_t stream) {
+template <typename A>
+void scan_backward(const ScanShape& s, const A* ihat, const A* fhat, const float* lb, const A* f, const A* h,
+                   const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace, cudaStream_t stream) {
   check_scan("mlgru_scan_backward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;  // dlb += 0
-  PL_CHECK(ihat && fhat && f && h && dh && dihat && dfhat, internal, "mlgru_scan_backward_cuda: null pointer");
+  PL_CHECK(ihat && fhat && h && dh && dihat && dfhat, internal, "mlgru_scan_backward_cuda: null pointer");
   PL_CHECK(!dlb || workspace, internal,
            "mlgru_scan_backward_cuda: dlb needs a workspace of batch*dim floats (got null)");
   const dim3 grid = scan_grid("mlgru_scan_backward_cuda", s, kScanBwdThreads);
-  mlgru_scan_backward_chunked_kernel<<<grid, kScanBwdThreads, 0, stream>>>(
+  mlgru_scan_backward_chunked_kernel<A><<<grid, kScanBwdThreads, 0, stream>>>(
       s.seq, s.dim, scan_chunks(s.seq, kScanBwdThreads), ihat, fhat, lb, f, h, dh, dihat, dfhat,
       dlb ? workspace : nullptr);
   PL_CUDA_CHECK_LAUNCH(mlgru_scan_backward_chunked_kernel);
@@ -380,24 +404,64 @@ void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float
   PL_CUDA_CHECK_LAUNCH(mlgru_dlb_kernel);
 }
 
-void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const float* h, float* o,
-                              cudaStream_t stream) {
+template <typename H>
+void gate_forward(GateForm form, int64_t n, const float* gn, const H* h, float* o, cudaStream_t stream) {
   PL_CHECK(n >= 0, internal, "output_gate_forward_cuda: n=", n);
   if (n == 0) return;
   PL_CHECK(gn && h && o, internal, "output_gate_forward_cuda: null pointer");
-  output_gate_forward_kernel<<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+  output_gate_forward_kernel<H><<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
       form == GateForm::code, n, gn, h, o);
   PL_CUDA_CHECK_LAUNCH(output_gate_forward_kernel);
 }
 
-void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const float* h, const float* dout, float* dgn,
-                               float* dh, cudaStream_t stream) {
+template <typename H>
+void gate_backward(GateForm form, int64_t n, const float* gn, const H* h, const float* dout, float* dgn, float* dh,
+                   cudaStream_t stream) {
   PL_CHECK(n >= 0, internal, "output_gate_backward_cuda: n=", n);
   if (n == 0) return;
   PL_CHECK(gn && h && dout && dgn && dh, internal, "output_gate_backward_cuda: null pointer");
-  output_gate_backward_kernel<<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+  output_gate_backward_kernel<H><<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
       form == GateForm::code, n, gn, h, dout, dgn, dh);
   PL_CUDA_CHECK_LAUNCH(output_gate_backward_kernel);
+}
+
+}  // namespace
+
+void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
+                             float* h, cudaStream_t stream) {
+  scan_forward(s, ihat, fhat, lb, f, h, stream);
+}
+void mlgru_scan_forward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, bf16* f, bf16* h,
+                             cudaStream_t stream) {
+  scan_forward(s, ihat, fhat, lb, f, h, stream);
+}
+
+void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
+                              const float* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream) {
+  scan_backward(s, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb, workspace, stream);
+}
+void mlgru_scan_backward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, const bf16* f,
+                              const bf16* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream) {
+  scan_backward(s, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb, workspace, stream);
+}
+
+void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const float* h, float* o,
+                              cudaStream_t stream) {
+  gate_forward(form, n, gn, h, o, stream);
+}
+void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const bf16* h, float* o, cudaStream_t stream) {
+  gate_forward(form, n, gn, h, o, stream);
+}
+
+void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const float* h, const float* dout, float* dgn,
+                               float* dh, cudaStream_t stream) {
+  gate_backward(form, n, gn, h, dout, dgn, dh, stream);
+}
+void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const bf16* h, const float* dout, float* dgn,
+                               float* dh, cudaStream_t stream) {
+  gate_backward(form, n, gn, h, dout, dgn, dh, stream);
 }
 
 }  // namespace peerless

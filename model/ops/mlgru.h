@@ -61,10 +61,18 @@ void output_gate_backward_cpu(GateForm form, int64_t n, const double* gn, const 
 // version to rounding (~1e-6 relative), not bit for bit. Same contracts as the CPU overloads.
 void mlgru_scan_forward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
                              float* h, cudaStream_t stream);
+// bf16 storage of î, f̂, f and h (what the GPU model keeps for its backward): values are read into
+// fp32, the recurrence runs in fp32, and f, h are rounded to bf16 when stored. In both forms f may be
+// null: not saved (the backward then recomputes it from f̂ with the forward's expression, bit for bit).
+void mlgru_scan_forward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, bf16* f, bf16* h,
+                             cudaStream_t stream);
 // dlb (when not null) += the lower-bound gradient, reduced deterministically: per-batch-row partials
 // go to `workspace` (B·d floats, device; may be null when dlb is null), then are added in batch order.
 void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
                               const float* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream);
+void mlgru_scan_backward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, const bf16* f,
+                              const bf16* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
                               cudaStream_t stream);
 // The sequential scans, one thread per (batch, channel) looping over time: the obviously right
 // version, kept as the GPU reference for the chunked one and as a fallback (benchmarked against it
@@ -76,6 +84,10 @@ void mlgru_scan_backward_sequential_cuda(const ScanShape& s, const float* ihat, 
                                          float* dlb, float* workspace, cudaStream_t stream);
 void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const float* h, float* o, cudaStream_t stream);
 void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const float* h, const float* dout, float* dgn,
+                               float* dh, cudaStream_t stream);
+// h stored as bf16 (read into fp32).
+void output_gate_forward_cuda(GateForm form, int64_t n, const float* gn, const bf16* h, float* o, cudaStream_t stream);
+void output_gate_backward_cuda(GateForm form, int64_t n, const float* gn, const bf16* h, const float* dout, float* dgn,
                                float* dh, cudaStream_t stream);
 
 }  // namespace peerless

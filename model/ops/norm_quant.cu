@@ -12,6 +12,8 @@
 // written. The per-block dγ partials go to a workspace and a second kernel adds them in block order:
 // deterministic without atomics. Memory: 8 bytes read and 4 written per element, plus the partials
 // (rows/kBwdRows · d floats written and read, ~6% at 16 rows per block).
+#include <cuda_bf16.h>
+
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/norm_quant.h"
@@ -31,6 +33,8 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kBatch = 8;  // loads in flight per lane before their first use
 
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 // Rows per block (one warp each): as many as keep a block's shared memory at 32 KB.
 int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 : 1; }
@@ -40,11 +44,13 @@ int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 :
 // many rows in flight per SM hide both the memory latency and the serial part (the 8-lane sum of
 // squares, dim/8 dependent fmas per lane).
 // kVec: dim % 4 == 0 and x, gain 16-byte aligned (float4 loads, char4 stores of codes).
-template <bool kVec>
+// kDequant: instead of the codes, write a / s rounded to bf16 into `dequant` (codes unused).
+template <bool kVec, bool kDequant>
 __global__ void __launch_bounds__(128)
     rmsnorm_act_quant_forward_kernel(int64_t rows, int64_t dim, float eps, const float* __restrict__ x,
                                      const float* __restrict__ gain, int8_t* __restrict__ codes,
-                                     float* __restrict__ scale, float* __restrict__ rstd) {
+                                     __nv_bfloat16* __restrict__ dequant, float* __restrict__ scale,
+                                     float* __restrict__ rstd) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
@@ -147,8 +153,14 @@ __global__ void __launch_bounds__(128)
   const float s = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
   if (lane == 0) scale[r] = s;
 
-  // 4. The codes.
-  if constexpr (kVec) {
+  // 4. The codes (or their dequantized values a / s in bf16).
+  if constexpr (kDequant) {
+    __nv_bfloat16* dr = dequant + r * dim;
+    for (int64_t j = lane; j < dim; j += cuda_detail::kWarp) {
+      const float a = quant_round_clamp_dev(__fmul_rn(xs[j], s), -128.0f, 127.0f);
+      dr[j] = __float2bfloat16_rn(__fdiv_rn(a, s));
+    }
+  } else if constexpr (kVec) {
     const float4* s4 = reinterpret_cast<const float4*>(xs);
     char4* c4 = reinterpret_cast<char4*>(cr);
     for (int64_t v = lane; v < dim / 4; v += cuda_detail::kWarp) {
@@ -170,11 +182,11 @@ constexpr int kBwdRows = 16;  // rows per block, i.e. per partial row of dγ
 // K columns per thread: j = tid + kBwdThreads·k. dy and dx may alias (each element is read into a
 // register before the same thread writes it, and the row's mean is complete, behind the
 // reduction's barriers, before any write).
-template <int K>
+template <int K, typename X>
 __global__ void __launch_bounds__(kBwdThreads)
-    rmsnorm_act_quant_backward_kernel(int64_t rows, int64_t dim, const float* __restrict__ x,
+    rmsnorm_act_quant_backward_kernel(int64_t rows, int64_t dim, const X* __restrict__ x,
                                       const float* __restrict__ gain, const float* __restrict__ rstd, const float* dy,
-                                      float* dx, float* __restrict__ partials) {
+                                      float* dx, float* __restrict__ partials, bool accumulate) {
   __shared__ float red[32];
   float g[K], p[K];
 #pragma unroll
@@ -194,7 +206,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     for (int k = 0; k < K; ++k) {
       const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
       xv[k] = 0.0f, dv[k] = 0.0f;
-      if (j < dim) xv[k] = x[r * dim + j], dv[k] = dy[r * dim + j];
+      if (j < dim) xv[k] = ld(x + r * dim + j), dv[k] = dy[r * dim + j];
       acc = fmaf(xv[k] * rs, g[k] * dv[k], acc);
     }
     const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;  // mean(x̂ ⊙ γ ⊙ dy)
@@ -203,7 +215,8 @@ __global__ void __launch_bounds__(kBwdThreads)
       const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
       if (j < dim) {
         const float xh = xv[k] * rs;
-        dx[r * dim + j] = rs * (g[k] * dv[k] - xh * m);
+        const float v = rs * (g[k] * dv[k] - xh * m);
+        dx[r * dim + j] = accumulate ? dx[r * dim + j] + v : v;
         p[k] = fmaf(dv[k], xh, p[k]);
       }
     }
@@ -250,40 +263,67 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 int64_t bwd_blocks(int64_t rows) { return (rows + kBwdRows - 1) / kBwdRows; }
 
-template <int K>
-void launch_backward(const RmsNormShape& s, const float* x, const float* gain, const float* rstd, const float* dy,
-                     float* dx, float* partials, cudaStream_t stream) {
-  rmsnorm_act_quant_backward_kernel<K><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
-      s.rows, s.dim, x, gain, rstd, dy, dx, partials);
+template <int K, typename X>
+void launch_backward(const RmsNormShape& s, const X* x, const float* gain, const float* rstd, const float* dy,
+                     float* dx, float* partials, bool accumulate, cudaStream_t stream) {
+  rmsnorm_act_quant_backward_kernel<K, X><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
+      s.rows, s.dim, x, gain, rstd, dy, dx, partials, accumulate);
   PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_backward_kernel);
 }
 
 }  // namespace
 
-void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
-                                    float* scale, float* rstd, cudaStream_t stream) {
-  check_shape("rmsnorm_act_quant_forward_cuda", s);
+namespace {
+
+void forward(const char* who, const RmsNormShape& s, const float* x, const float* gain, int8_t* codes, bf16* dequant,
+             float* scale, float* rstd, cudaStream_t stream) {
+  check_shape(who, s);
   if (s.rows == 0) return;
-  PL_CHECK(x && gain && codes && scale && rstd, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
+  PL_CHECK(x && gain && (codes || dequant) && scale && rstd, internal, who, ": null pointer");
   const int per_block = fwd_rows_per_block(s.dim);
   const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
   const int threads = per_block * 32;
   const size_t smem = static_cast<size_t>(per_block) * static_cast<size_t>(s.dim) * sizeof(float);  // ≤ 32 KB
   // Every row start is 16-byte aligned when dim % 4 == 0 and x is; codes need 4-byte alignment.
   const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(gain) && (reinterpret_cast<uintptr_t>(codes) & 3u) == 0;
-  if (vec)
-    rmsnorm_act_quant_forward_kernel<true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain, codes,
-                                                                             scale, rstd);
-  else
-    rmsnorm_act_quant_forward_kernel<false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain, codes,
-                                                                              scale, rstd);
+  if (dequant) {
+    if (vec)
+      rmsnorm_act_quant_forward_kernel<true, true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
+                                                                                     nullptr, dequant, scale, rstd);
+    else
+      rmsnorm_act_quant_forward_kernel<false, true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
+                                                                                      nullptr, dequant, scale, rstd);
+  } else if (vec) {
+    rmsnorm_act_quant_forward_kernel<true, false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
+                                                                                    codes, nullptr, scale, rstd);
+  } else {
+    rmsnorm_act_quant_forward_kernel<false, false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
+                                                                                     codes, nullptr, scale, rstd);
+  }
   PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_forward_kernel);
+}
+
+}  // namespace
+
+void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
+                                    float* scale, float* rstd, cudaStream_t stream) {
+  PL_CHECK(codes, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
+  forward("rmsnorm_act_quant_forward_cuda", s, x, gain, codes, nullptr, scale, rstd, stream);
+}
+
+void rmsnorm_act_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* gain, bf16* a_over_s,
+                                    float* scale, float* rstd, cudaStream_t stream) {
+  PL_CHECK(a_over_s, internal, "rmsnorm_act_quant_dequant_cuda: null pointer");
+  forward("rmsnorm_act_quant_dequant_cuda", s, x, gain, nullptr, a_over_s, scale, rstd, stream);
 }
 
 int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s) { return bwd_blocks(s.rows) * s.dim; }
 
-void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const float* x, const float* gain, const float* rstd,
-                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream) {
+namespace {
+
+template <typename X>
+void backward(const RmsNormShape& s, const X* x, const float* gain, const float* rstd, const float* dy, float* dx,
+              float* dgain, float* workspace, cudaStream_t stream, bool accumulate) {
   check_shape("rmsnorm_act_quant_backward_cuda", s);
   if (s.rows == 0) return;  // dgain += 0
   PL_CHECK(x && gain && rstd && dy && dx, internal, "rmsnorm_act_quant_backward_cuda: null pointer");
@@ -291,16 +331,29 @@ void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const float* x, cons
            rmsnorm_act_quant_backward_workspace(s), " floats (got null)");
   float* partials = dgain ? workspace : nullptr;
   const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;  // ≤ 32 since dim ≤ 8192
-  if (per_thread <= 1) launch_backward<1>(s, x, gain, rstd, dy, dx, partials, stream);
-  else if (per_thread <= 2) launch_backward<2>(s, x, gain, rstd, dy, dx, partials, stream);
-  else if (per_thread <= 4) launch_backward<4>(s, x, gain, rstd, dy, dx, partials, stream);
-  else if (per_thread <= 8) launch_backward<8>(s, x, gain, rstd, dy, dx, partials, stream);
-  else if (per_thread <= 16) launch_backward<16>(s, x, gain, rstd, dy, dx, partials, stream);
-  else launch_backward<32>(s, x, gain, rstd, dy, dx, partials, stream);
+  if (per_thread <= 1) launch_backward<1, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  else if (per_thread <= 2) launch_backward<2, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  else if (per_thread <= 4) launch_backward<4, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  else if (per_thread <= 8) launch_backward<8, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  else if (per_thread <= 16) launch_backward<16, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  else launch_backward<32, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
   if (!dgain) return;
   const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
   rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, workspace, dgain);
   PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
+}
+
+}  // namespace
+
+void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const float* x, const float* gain, const float* rstd,
+                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream,
+                                     bool accumulate) {
+  backward(s, x, gain, rstd, dy, dx, dgain, workspace, stream, accumulate);
+}
+void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const bf16* x, const float* gain, const float* rstd,
+                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream,
+                                     bool accumulate) {
+  backward(s, x, gain, rstd, dy, dx, dgain, workspace, stream, accumulate);
 }
 
 }  // namespace peerless

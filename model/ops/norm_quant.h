@@ -35,10 +35,22 @@ void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const
 // Floats of device workspace the backward needs when dgain is wanted: one partial row of dgain per
 // block of rows.
 int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s);
+// The forward again, writing a / s rounded to bf16 (round to nearest even of the IEEE quotient of
+// the code by the scale) instead of the codes: the dequantized activation, the A operand of the
+// weight gradient dW += dyᵀ·(a/s) in the GPU model's backward, which recomputes it from x instead of
+// keeping the codes. scale and rstd are written as by the forward (the same values).
+void rmsnorm_act_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* gain, bf16* a_over_s,
+                                    float* scale, float* rstd, cudaStream_t stream);
 // Backward: each block handles a fixed run of rows, writes dx and its partial column sums of dγ to
 // `workspace`; a second kernel adds the partials in block order (deterministic, no atomics; agrees
 // with the CPU to rounding, not bit for bit). dx may alias dy; dgain may be null (then workspace may be).
+// accumulate: dx += the gradient instead of dx = (dx must not alias dy then).
 void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const float* x, const float* gain, const float* rstd,
-                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream);
+                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream,
+                                     bool accumulate = false);
+// x stored as bf16 (read into fp32).
+void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const bf16* x, const float* gain, const float* rstd,
+                                     const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream,
+                                     bool accumulate = false);
 
 }  // namespace peerless

@@ -31,6 +31,10 @@ void rmsnorm_backward_cpu(const RmsNormShape& s, const double* x, const double* 
 // in row order per column (deterministic, no atomics), before dx is written, so dx may alias dy.
 void rmsnorm_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, float* y, float* rstd,
                           cudaStream_t stream);
+// x stored as bf16 (read into fp32; y and rstd fp32). Its backward is rmsnorm_act_quant_backward_cuda's
+// bf16 overload (norm_quant.h: the same straight-through RMSNorm backward, with fixed-order dγ).
+void rmsnorm_forward_cuda(const RmsNormShape& s, const bf16* x, const float* gain, float* y, float* rstd,
+                          cudaStream_t stream);
 void rmsnorm_backward_cuda(const RmsNormShape& s, const float* x, const float* gain, const float* rstd, const float* dy,
                            float* dx, float* dgain, cudaStream_t stream);
 
