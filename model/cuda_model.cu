@@ -130,7 +130,8 @@ struct CudaModel::Impl {
   std::vector<BlockSaved<bf16>> saved16;
   DevBuf<float> lb, dlb, scan_ws, rstd_f, losses;
   // One block's scratch, forward and backward (recomputed values and gradients).
-  DevBuf<float> xn, gn, o, xn2, z, xf, logits, dx, t0, dgn, dh, dihat, dfhat, dghat, dz, dau;
+  DevBuf<float> xn, gn, o, xn2, z, xf, logits, dx, t0, dgn, dh, dghat, dz;
+  DevBuf<bf16> dihat, dfhat, dau;  // gradients only ever used as a backward GEMM's bf16 operand
   DevBuf<float> q_scale, q_rstd;   // the current BitLinear's per-row scale and rstd
   DevBuf<int8_t> q_codes;          // its int8 codes (forward), (M, max K)
   DevBuf<bf16> a_bf, dy_bf, w_bf;  // backward operands: a/s (M, max K), dy (M, max N), weight codes
@@ -138,6 +139,7 @@ struct CudaModel::Impl {
   DevBuf<int32_t> acc;             // (M, max N) int32 products, only for shapes IMMA refuses
   DevBuf<float> tmp;               // (M, d) the non-IMMA residual path's product
   DevBuf<double> partials, sums;
+  DevBuf<char> emb_ws;  // the embedding backward's sort
   std::vector<float> lb_host, lb_raw_host;
   int64_t max_k = 0, max_n = 0, max_w = 0;
   bool all_imma = true;
@@ -205,7 +207,9 @@ struct CudaModel::Impl {
     for (auto& r : resid) r.resize(M * d, bytes);
     if (opt.bf16_activations) alloc_saved(saved16);
     else alloc_saved(saved32);
-    for (auto* b : {&xn, &gn, &o, &xn2, &xf, &dx, &t0, &dgn, &dh, &dihat, &dfhat, &dghat}) b->resize(M * d, bytes);
+    for (auto* b : {&xn, &gn, &o, &xn2, &xf, &dx, &t0, &dgn, &dh, &dghat}) b->resize(M * d, bytes);
+    dihat.resize(M * d, bytes);
+    dfhat.resize(M * d, bytes);
     z.resize(M * I, bytes);
     dz.resize(M * I, bytes);
     dau.resize(M * 2 * I, bytes);
@@ -227,6 +231,7 @@ struct CudaModel::Impl {
       acc.resize(max_n, bytes);
       tmp.resize(M * d, bytes);
     }
+    emb_ws.resize(static_cast<int64_t>(embedding_backward_workspace(M)), bytes);
     partials.resize(std::max(kNormBlocks, kAbsSumPartials), bytes);
     sums.resize(layout.entries().size(), bytes);
   }
@@ -275,8 +280,8 @@ struct CudaModel::Impl {
 
   // Straight-through backward from the layer's input: the norm+quant forward again (a/s in bf16,
   // and the rstd), dx̃ = β·dy·t and dW += dyᵀ·(a/s) (bf16 GEMMs, fp32 accumulation), then the RMSNorm
-  // backward into dx_out (overwritten, or accumulated).
-  void linear_backward(int gain, int weight, int64_t rows, const float* in, const float* dy, float* dx_out,
+  // backward into dx_out (overwritten, or accumulated). dy in bf16 (rows, N), as its producer wrote it.
+  void linear_backward(int gain, int weight, int64_t rows, const float* in, const bf16* dy, float* dx_out,
                        bool accumulate) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
@@ -284,17 +289,23 @@ struct CudaModel::Impl {
     tick(CudaModel::other);
     rmsnorm_act_quant_dequant_cuda(ns, in, P(gain), a_bf.get(), q_scale.get(), q_rstd.get(), stream);
     tick(CudaModel::norm_quant);
-    rows_to_bf16_cuda(rows, N, dy, nullptr, dy_bf.get(), stream);
     codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
     // dx̃ (rows,K) = β · dy (rows,N) · t (N,K); dW (N,K) += dyᵀ (N,rows) · (a/s) (rows,K)
-    gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy_bf.get(), N, w_bf.get(), K, 0.0f,
-                   dxt.get(), K, stream);
-    gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy_bf.get(), N, a_bf.get(), K, 1.0f, G(weight), K,
+    gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt.get(), K,
                    stream);
+    gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_bf.get(), K, 1.0f, G(weight), K, stream);
     tick(CudaModel::gemm_backward);
     rmsnorm_act_quant_backward_cuda(ns, in, P(gain), q_rstd.get(), dxt.get(), dx_out, G(gain), norm_ws.get(), stream,
                                     accumulate);
     tick(CudaModel::norm_quant);
+  }
+  // dy in fp32 (the residual stream's gradient): rounded to bf16 first.
+  void linear_backward(int gain, int weight, int64_t rows, const float* in, const float* dy, float* dx_out,
+                       bool accumulate) {
+    tick(CudaModel::other);
+    rows_to_bf16_cuda(rows, layout.at(weight).shape[0], dy, nullptr, dy_bf.get(), stream);
+    tick(CudaModel::gemm_backward);
+    linear_backward(gain, weight, rows, in, static_cast<const bf16*>(dy_bf.get()), dx_out, accumulate);
   }
 
   // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
@@ -362,9 +373,10 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     const int64_t rows = std::min(head_rows, M - r0);
     linear_forward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, logits.get());
     g.tick(other);
-    cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, logits.get(), grad_scale, s);
+    cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, dy_bf.get(), grad_scale, s);
     g.tick(loss);
-    linear_backward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, logits.get(), t0.get() + r0 * d, false);
+    linear_backward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, static_cast<const bf16*>(dy_bf.get()),
+                    t0.get() + r0 * d, false);
   }
   std::vector<float> loss_host(M);
   PL_CUDA_CHECK(cudaMemcpyAsync(loss_host.data(), losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
@@ -383,7 +395,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
     linear_backward(b.down_gain, b.down_w, M, z.get(), dxp, dz.get(), false);
     glu_backward_cuda(act, M, I, c.au.get(), dz.get(), dau.get(), s);
-    linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), dau.get(), t0.get(), false);
+    linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), static_cast<const bf16*>(dau.get()), t0.get(), false);
     norm_backward(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), t0.get(), dxp, G(b.mlp_norm), true);
 
     // Token mixer: recompute gn and o, then back through o, the gate, the scan and i, f, g.
@@ -401,13 +413,13 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
                              c.h.get(), dh.get(), dihat.get(), dfhat.get(), dlb.get() + l * d, scan_ws.get(), s);
     g.tick(scan);
     rmsnorm_forward_cuda(nd, x_in, P(b.mixer_norm), xn.get(), c.rstd1.get(), s);
-    linear_backward(b.i_gain, b.i_w, M, xn.get(), dihat.get(), t0.get(), false);
-    linear_backward(b.f_gain, b.f_w, M, xn.get(), dfhat.get(), t0.get(), true);
+    linear_backward(b.i_gain, b.i_w, M, xn.get(), static_cast<const bf16*>(dihat.get()), t0.get(), false);
+    linear_backward(b.f_gain, b.f_w, M, xn.get(), static_cast<const bf16*>(dfhat.get()), t0.get(), true);
     linear_backward(b.g_gain, b.g_w, M, xn.get(), dghat_p, t0.get(), true);
     norm_backward(nd, x_in, P(b.mixer_norm), c.rstd1.get(), t0.get(), dxp, G(b.mixer_norm), true);
   }
   g.tick(other);
-  embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), s);
+  embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);
   g.tick(embedding);
   // Lower bounds: dlb to the host, through the cumsum and softmax there, added into the gradient.
   const ParamInfo& lbp = layout.at(idx.lower_bounds);

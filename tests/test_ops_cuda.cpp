@@ -658,7 +658,8 @@ TEST_F(Cuda, cross_entropy_fused) {
     expect_close(d_dl.download("dlogits"), dl_cpu, 1e-5, "ce dlogits " + name);
     // In place (dlogits aliases logits), and losses only.
     Guarded<float> d_loss2(c.rows);
-    cross_entropy_cuda(c.rows, c.vocab, d_logits.get(), d_t.get(), d_loss2.get(), nullptr, grad_scale, stream());
+    cross_entropy_cuda(c.rows, c.vocab, d_logits.get(), d_t.get(), d_loss2.get(), static_cast<float*>(nullptr), grad_scale,
+                       stream());
     expect_close(d_loss2.download("losses only"), loss_cpu, 1e-5, "ce loss only " + name);
     cross_entropy_cuda(c.rows, c.vocab, d_logits.get(), d_t.get(), d_loss.get(), d_logits.get(), grad_scale, stream());
     expect_close(d_logits.download("dlogits in place"), dl_cpu, 1e-5, "ce dlogits in place " + name);
@@ -672,7 +673,8 @@ TEST_F(Cuda, embedding_forward_backward_exact) {
   struct Case {
     int64_t rows, vocab, dim;
   };
-  for (const Case c : {Case{1, 1, 1}, Case{100, 7, 33}, Case{512, 1000, 256}}) {
+  for (const Case c : {Case{1, 1, 1}, Case{100, 7, 33}, Case{512, 1000, 256}, Case{5000, 50, 64},
+                       Case{20000, 32000, 128}}) {
     const std::string name = shape_name({{"rows", c.rows}, {"vocab", c.vocab}, {"dim", c.dim}});
     SCOPED_TRACE(name);
     std::uniform_int_distribution<int32_t> idist(0, static_cast<int32_t>(c.vocab - 1));
@@ -686,7 +688,9 @@ TEST_F(Cuda, embedding_forward_backward_exact) {
     Guarded<float> d_table(table), d_out(out_cpu.size()), d_dout(dout);
     embedding_forward_cuda(c.rows, c.dim, d_ids.get(), d_table.get(), d_out.get(), stream());
     expect_identical(d_out.download("out"), out_cpu, "embedding out " + name);
-    embedding_backward_cuda(c.rows, c.dim, d_ids.get(), d_dout.get(), d_table.get(), stream());
+    const size_t ws_bytes = embedding_backward_workspace(c.rows);
+    Guarded<char> d_ws(ws_bytes);
+    embedding_backward_cuda(c.rows, c.dim, d_ids.get(), d_dout.get(), d_table.get(), d_ws.get(), ws_bytes, stream());
     expect_identical(d_table.download("dtable"), dtable_cpu, "embedding dtable " + name);
   }
 }
@@ -1092,6 +1096,13 @@ TEST_F(Cuda, bf16_storage_variants) {
   expect_close(d_di.download("dihat"), di_cpu, 5e-5, "scan dihat, bf16 storage, f recomputed");
   expect_close(d_df.download("dfhat"), df_cpu, 5e-5, "scan dfhat, bf16 storage, f recomputed");
   expect_close(d_dlb.download("dlb"), dlb_cpu, 1e-4, "scan dlb, bf16 storage");
+  {  // bf16 gradients: the fp32 ones rounded to nearest even, bit for bit.
+    Guarded<uint16_t> d_dib(n), d_dfb(n);
+    mlgru_scan_backward_cuda(ss, as_bf16(d_i), as_bf16(d_fh), d_lb.get(), static_cast<const bf16*>(nullptr),
+                             as_bf16(d_h), d_dh.get(), as_bf16(d_dib), as_bf16(d_dfb), nullptr, nullptr, stream());
+    expect_identical(from_bf16(d_dib.download("dihat bf16")), bf16_round(d_di.download("dihat")), "scan dihat bf16 out");
+    expect_identical(from_bf16(d_dfb.download("dfhat bf16")), bf16_round(d_df.download("dfhat")), "scan dfhat bf16 out");
+  }
   // The float scan without f saved recomputes exactly what the saving forward stores.
   {
     Guarded<float> d_if(ihat), d_fhf(fhat), d_f(n), d_hf(n), d_di2(n), d_df2(n), d_di3(n), d_df3(n);
@@ -1117,6 +1128,9 @@ TEST_F(Cuda, bf16_storage_variants) {
     glu_backward_cuda(act, rows, inter, as_bf16(d_au), d_dz.get(), d_dau.get(), stream());
     expect_close(d_z.download("z"), z_cpu, 1e-5, "glu z, bf16 au");
     expect_close(d_dau.download("dau"), dau_cpu, 1e-5, "glu dau, bf16 au");
+    Guarded<uint16_t> d_daub(dau_cpu.size());
+    glu_backward_cuda(act, rows, inter, as_bf16(d_au), d_dz.get(), as_bf16(d_daub), stream());
+    expect_identical(from_bf16(d_daub.download("dau bf16")), bf16_round(d_dau.download("dau")), "glu dau bf16 out");
   }
 
   // Output gate over bf16 h.
@@ -1155,6 +1169,20 @@ TEST_F(Cuda, bf16_storage_variants) {
   for (int64_t i = 0; i < nn; ++i) dx_acc[i] = dx0[i] + dx_cpu[i];
   expect_close(d_dx.download("dx accumulated"), dx_acc, 2e-5, "norm backward, bf16 x, accumulate");
   expect_close(d_dg.download("dgain"), dg_cpu, 2e-5, "norm backward dgain, bf16 x");
+
+  // Cross-entropy writing bf16 dlogits: the fp32 kernel's values rounded, bit for bit.
+  const int64_t cr = 40, cv = 3000;
+  const std::vector<float> logits = normal(rng(), cr * cv, 3.0f);
+  std::vector<int32_t> tg(cr);
+  for (int64_t r = 0; r < cr; ++r) tg[r] = static_cast<int32_t>((r * 977) % cv);
+  Guarded<float> d_logits(logits), d_l32(cr), d_l16(cr), d_dl(cr * cv);
+  Guarded<int32_t> d_tg(tg);
+  Guarded<uint16_t> d_dlg(cr * cv);
+  cross_entropy_cuda(cr, cv, d_logits.get(), d_tg.get(), d_l32.get(), d_dl.get(), 0.01f, stream());
+  cross_entropy_cuda(cr, cv, d_logits.get(), d_tg.get(), d_l16.get(), as_bf16(d_dlg), 0.01f, stream());
+  expect_identical(d_l16.download("losses"), d_l32.download("losses"), "cross-entropy losses, bf16 dlogits");
+  expect_identical(from_bf16(d_dlg.download("dlogits bf16")), bf16_round(d_dl.download("dlogits")),
+                   "cross-entropy dlogits bf16 out");
 }
 
 TEST_F(Cuda, launchers_reject_bad_arguments) {
@@ -1174,7 +1202,7 @@ TEST_F(Cuda, launchers_reject_bad_arguments) {
                              reinterpret_cast<float*>(16), nullptr, stream()),
                Error);
   // Empty work is a no-op, not a launch of an empty grid.
-  EXPECT_NO_THROW(cross_entropy_cuda(0, 10, nullptr, nullptr, nullptr, nullptr, 1.0f, stream()));
+  EXPECT_NO_THROW(cross_entropy_cuda(0, 10, nullptr, nullptr, nullptr, static_cast<float*>(nullptr), 1.0f, stream()));
   EXPECT_NO_THROW(ternary_int8_matmul_cuda(0, 5, 7, nullptr, nullptr, nullptr, stream()));
   BlasLt blas;
   EXPECT_NO_THROW(ternary_int8_matmul_imma_cuda(blas, 0, 4, 4, nullptr, nullptr, nullptr, stream()));

@@ -4,6 +4,8 @@
 // so the loss is (max − target) + log1p(rest); a NaN logit makes the row's loss NaN. dlogits may
 // alias logits: every read of the row (the target logit included) happens before a barrier that
 // precedes the first write. Next optimisation: one-pass online softmax and float4 loads.
+#include <cuda_bf16.h>
+
 #include <cfloat>
 
 #include "model/ops/block_reduce.cuh"
@@ -52,8 +54,13 @@ __device__ ArgMax block_argmax(ArgMax x, ArgMax* scratch) {
   return r;
 }
 
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// D: the type of dlogits (float, may alias logits; or bf16, the backward GEMM's operand).
+template <typename D>
 __global__ void cross_entropy_kernel(int64_t vocab, const float* logits, const int32_t* __restrict__ targets,
-                                     float* __restrict__ losses, float* dlogits, float grad_scale) {
+                                     float* __restrict__ losses, D* dlogits, float grad_scale) {
   __shared__ ArgMax am_scratch[32];
   __shared__ float sum_scratch[32];
   const int64_t r = blockIdx.x;
@@ -73,25 +80,39 @@ __global__ void cross_entropy_kernel(int64_t vocab, const float* logits, const i
   if (threadIdx.x == 0) losses[r] = (m - target_logit) + log1pf(rest);
   if (!dlogits) return;
   __syncthreads();  // every thread has read target_logit and the row before any write (in-place case)
-  float* dr = dlogits + r * vocab;
+  D* dr = dlogits + r * vocab;
   const float inv = grad_scale / (1.0f + rest);
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
     const float g = expf(lr[v] - m) * inv;
-    dr[v] = v == tgt ? g - grad_scale : g;
+    st(dr + v, v == tgt ? g - grad_scale : g);
   }
+}
+
+}  // namespace
+
+namespace {
+
+template <typename D>
+void launch(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses, D* dlogits,
+            float grad_scale, cudaStream_t stream) {
+  PL_CHECK(rows >= 0 && vocab > 0 && rows <= 0x7fffffff, internal, "cross_entropy_cuda: bad shape rows=", rows,
+           " vocab=", vocab);
+  if (rows == 0) return;
+  PL_CHECK(logits && targets && losses, internal, "cross_entropy_cuda: null pointer");
+  cross_entropy_kernel<D><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(vocab, logits, targets, losses,
+                                                                                dlogits, grad_scale);
+  PL_CUDA_CHECK_LAUNCH(cross_entropy_kernel);
 }
 
 }  // namespace
 
 void cross_entropy_cuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses,
                         float* dlogits, float grad_scale, cudaStream_t stream) {
-  PL_CHECK(rows >= 0 && vocab > 0 && rows <= 0x7fffffff, internal, "cross_entropy_cuda: bad shape rows=", rows,
-           " vocab=", vocab);
-  if (rows == 0) return;
-  PL_CHECK(logits && targets && losses, internal, "cross_entropy_cuda: null pointer");
-  cross_entropy_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(vocab, logits, targets, losses, dlogits,
-                                                                             grad_scale);
-  PL_CUDA_CHECK_LAUNCH(cross_entropy_kernel);
+  launch(rows, vocab, logits, targets, losses, dlogits, grad_scale, stream);
+}
+void cross_entropy_cuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses,
+                        bf16* dlogits, float grad_scale, cudaStream_t stream) {
+  launch(rows, vocab, logits, targets, losses, dlogits, grad_scale, stream);
 }
 
 }  // namespace peerless

@@ -21,5 +21,9 @@ void cross_entropy_cpu(int64_t rows, int64_t vocab, const double* logits, const 
 // dlogits may alias logits.
 void cross_entropy_cuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses,
                         float* dlogits, float grad_scale, cudaStream_t stream);
+// dlogits as bf16 (each the fp32 value rounded to nearest even; must not alias logits): the operand
+// of the LM head's backward GEMMs, written directly.
+void cross_entropy_cuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets, float* losses,
+                        bf16* dlogits, float grad_scale, cudaStream_t stream);
 
 }  // namespace peerless

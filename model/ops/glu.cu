@@ -17,6 +17,8 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float ld(const float* p) { return *p; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <typename A>
 __global__ void glu_forward_kernel(bool silu, int64_t rows, int64_t inter, const A* __restrict__ au,
@@ -35,9 +37,9 @@ __global__ void glu_forward_kernel(bool silu, int64_t rows, int64_t inter, const
   }
 }
 
-template <typename A>
+template <typename A, typename D>
 __global__ void glu_backward_kernel(bool silu, int64_t rows, int64_t inter, const A* __restrict__ au,
-                                    const float* __restrict__ dz, float* __restrict__ dau) {
+                                    const float* __restrict__ dz, D* __restrict__ dau) {
   const int64_t n = rows * inter;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
@@ -46,12 +48,12 @@ __global__ void glu_backward_kernel(bool silu, int64_t rows, int64_t inter, cons
     const float a = ld(au + ia), u = ld(au + iu), g = dz[e];
     if (silu) {
       const float s = sigmoidf_dev(a);
-      dau[ia] = g * u * (s * (1.0f + a * (1.0f - s)));  // SiLU'(a) = σ(a)(1 + a(1 − σ(a)))
-      dau[iu] = g * (a * s);
+      st(dau + ia, g * u * (s * (1.0f + a * (1.0f - s))));  // SiLU'(a) = σ(a)(1 + a(1 − σ(a)))
+      st(dau + iu, g * (a * s));
     } else {
       const float p = a > 0.0f ? a : 0.0f;
-      dau[ia] = g * u * (2.0f * p);  // d ReLU(a)²/da = 2 ReLU(a)
-      dau[iu] = g * (p * p);
+      st(dau + ia, g * u * (2.0f * p));  // d ReLU(a)²/da = 2 ReLU(a)
+      st(dau + iu, g * (p * p));
     }
   }
 }
@@ -75,14 +77,14 @@ void forward(GluActivation act, int64_t rows, int64_t inter, const A* au, float*
   PL_CUDA_CHECK_LAUNCH(glu_forward_kernel);
 }
 
-template <typename A>
-void backward(GluActivation act, int64_t rows, int64_t inter, const A* au, const float* dz, float* dau,
+template <typename A, typename D>
+void backward(GluActivation act, int64_t rows, int64_t inter, const A* au, const float* dz, D* dau,
               cudaStream_t stream) {
   check_shape("glu_backward_cuda", rows, inter);
   if (rows == 0) return;
   PL_CHECK(au && dz && dau, internal, "glu_backward_cuda: null pointer");
   const int64_t n = rows * inter;
-  glu_backward_kernel<A><<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+  glu_backward_kernel<A, D><<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
       act == GluActivation::silu, rows, inter, au, dz, dau);
   PL_CUDA_CHECK_LAUNCH(glu_backward_kernel);
 }
@@ -100,6 +102,14 @@ void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const flo
   backward(act, rows, inter, au, dz, dau, stream);
 }
 void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, const float* dz, float* dau,
+                       cudaStream_t stream) {
+  backward(act, rows, inter, au, dz, dau, stream);
+}
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, const float* dz, bf16* dau,
+                       cudaStream_t stream) {
+  backward(act, rows, inter, au, dz, dau, stream);
+}
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, bf16* dau,
                        cudaStream_t stream) {
   backward(act, rows, inter, au, dz, dau, stream);
 }

@@ -27,5 +27,11 @@ void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const flo
 void glu_forward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, float* z, cudaStream_t stream);
 void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, const float* dz, float* dau,
                        cudaStream_t stream);
+// dau written as bf16 (the fp32 value rounded to nearest even): the gate projection's backward
+// operand, written directly.
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const float* au, const float* dz, bf16* dau,
+                       cudaStream_t stream);
+void glu_backward_cuda(GluActivation act, int64_t rows, int64_t inter, const bf16* au, const float* dz, bf16* dau,
+                       cudaStream_t stream);
 
 }  // namespace peerless

@@ -214,13 +214,14 @@ __global__ void __launch_bounds__(kScanFwdThreads, 2)
 // P chunk sums in chunk order: a fixed order).
 // A: the storage type of î, f̂, f and h. f may be null: recomputed from f̂ (forget_gate, the
 // forward's expression), bit-identical to what the forward would have saved.
-template <typename A>
+// G: the type of dihat and dfhat (float, or bf16 for the projections' backward GEMMs).
+template <typename A, typename G>
 __global__ void __launch_bounds__(kScanBwdThreads, 2)
     mlgru_scan_backward_chunked_kernel(int64_t T, int64_t D, int P, const A* __restrict__ ihat,
                                        const A* __restrict__ fhat, const float* __restrict__ lb,
                                        const A* __restrict__ f, const A* __restrict__ h,
-                                       const float* __restrict__ dh, float* __restrict__ dihat,
-                                       float* __restrict__ dfhat, float* __restrict__ partials) {
+                                       const float* __restrict__ dh, G* __restrict__ dihat,
+                                       G* __restrict__ dfhat, float* __restrict__ partials) {
   __shared__ float2 agg[kScanBwdThreads];
   const int C = kScanBwdThreads / P;
   const int c = threadIdx.x % C, p = threadIdx.x / C, q = P - 1 - p;
@@ -276,10 +277,10 @@ __global__ void __launch_bounds__(kScanBwdThreads, 2)
         const float x = xv[l];
         const float sx = sigmoidf_dev(x);
         const float silu = x * sx;
-        dihat[k] = g * (1.0f - fk) * (sx * (1.0f + x * (1.0f - sx)));
+        st(dihat + k, g * (1.0f - fk) * (sx * (1.0f + x * (1.0f - sx))));
         const float df = g * hp[l] - g * silu;
         const float sf = sigmoidf_dev(fh[l]);
-        dfhat[k] = df * (1.0f - lbj) * (sf * (1.0f - sf));
+        st(dfhat + k, df * (1.0f - lbj) * (sf * (1.0f - sf)));
         dlb_acc += df * (1.0f - sf);
         cv = fk * g;
       }
@@ -386,16 +387,16 @@ void scan_forward(const ScanShape& s, const A* ihat, const A* fhat, const float*
   PL_CUDA_CHECK_LAUNCH(mlgru_scan_forward_chunked_kernel);
 }
 
-template <typename A>
+template <typename A, typename G>
 void scan_backward(const ScanShape& s, const A* ihat, const A* fhat, const float* lb, const A* f, const A* h,
-                   const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace, cudaStream_t stream) {
+                   const float* dh, G* dihat, G* dfhat, float* dlb, float* workspace, cudaStream_t stream) {
   check_scan("mlgru_scan_backward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;  // dlb += 0
   PL_CHECK(ihat && fhat && h && dh && dihat && dfhat, internal, "mlgru_scan_backward_cuda: null pointer");
   PL_CHECK(!dlb || workspace, internal,
            "mlgru_scan_backward_cuda: dlb needs a workspace of batch*dim floats (got null)");
   const dim3 grid = scan_grid("mlgru_scan_backward_cuda", s, kScanBwdThreads);
-  mlgru_scan_backward_chunked_kernel<A><<<grid, kScanBwdThreads, 0, stream>>>(
+  mlgru_scan_backward_chunked_kernel<A, G><<<grid, kScanBwdThreads, 0, stream>>>(
       s.seq, s.dim, scan_chunks(s.seq, kScanBwdThreads), ihat, fhat, lb, f, h, dh, dihat, dfhat,
       dlb ? workspace : nullptr);
   PL_CUDA_CHECK_LAUNCH(mlgru_scan_backward_chunked_kernel);
@@ -443,6 +444,16 @@ void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float
 }
 void mlgru_scan_backward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, const bf16* f,
                               const bf16* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream) {
+  scan_backward(s, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb, workspace, stream);
+}
+void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
+                              const float* h, const float* dh, bf16* dihat, bf16* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream) {
+  scan_backward(s, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb, workspace, stream);
+}
+void mlgru_scan_backward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, const bf16* f,
+                              const bf16* h, const float* dh, bf16* dihat, bf16* dfhat, float* dlb, float* workspace,
                               cudaStream_t stream) {
   scan_backward(s, ihat, fhat, lb, f, h, dh, dihat, dfhat, dlb, workspace, stream);
 }

@@ -74,6 +74,14 @@ void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float
 void mlgru_scan_backward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, const bf16* f,
                               const bf16* h, const float* dh, float* dihat, float* dfhat, float* dlb, float* workspace,
                               cudaStream_t stream);
+// dihat and dfhat written as bf16 (each fp32 value rounded to nearest even): the i and f
+// projections' backward operands, written directly; dlb is still summed in fp32.
+void mlgru_scan_backward_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, const float* f,
+                              const float* h, const float* dh, bf16* dihat, bf16* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream);
+void mlgru_scan_backward_cuda(const ScanShape& s, const bf16* ihat, const bf16* fhat, const float* lb, const bf16* f,
+                              const bf16* h, const float* dh, bf16* dihat, bf16* dfhat, float* dlb, float* workspace,
+                              cudaStream_t stream);
 // The sequential scans, one thread per (batch, channel) looping over time: the obviously right
 // version, kept as the GPU reference for the chunked one and as a fallback (benchmarked against it
 // by `peerless bench ops`). Same contracts as above.
