@@ -16,7 +16,7 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("run.out_dir", &run.out_dir, "parent directory of run directories");
   s.add_int("run.seed", &run.seed, 0, kBig, "seed for initialization and data order");
   s.add_int("run.threads", &run.threads, 0, 1024, "CPU threads (0 = all cores)");
-  s.add_choice("run.device", &run.device, {"cpu", "cuda"}, "where training runs (cuda: one GPU, dense models)");
+  s.add_choice("run.device", &run.device, {"cpu", "cuda"}, "where training runs (cuda: one GPU; model/cuda_model.h lists what it trains)");
   s.add_choice("run.activations", &run.activations, {"bf16", "fp32"},
                "run.device = cuda: storage of the activations the backward keeps (bf16 halves their memory; "
                "fp32 keeps the forward equal to the CPU's)");

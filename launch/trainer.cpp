@@ -567,6 +567,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
         loss_sum += loss;
       }
       gpu_step_loss = loss_sum / static_cast<double>(G * T);
+      if (n_peer > 0) cuda->update_buffers(A);
       gpu_gnorm = cuda->grad_norm();
       PL_CHECK(std::isfinite(gpu_gnorm), numeric, "the gradient norm is ", gpu_gnorm, " at step ", step);
       if (cfg.optim.grad_clip > 0 && gpu_gnorm > cfg.optim.grad_clip)

@@ -21,6 +21,7 @@
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
 #include "model/ops/bitlinear.h"
+#include "model/ops/peer_layer.h"
 
 namespace peerless {
 
@@ -102,6 +103,21 @@ struct BlockSaved {
   DevBuf<A> ihat, fhat, h, ghat, au;
 };
 
+// out = a + b (the residual add of a PEER channel mixer).
+__global__ void add2_kernel(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = a[i] + b[i];
+}
+
+// Model::update_buffers on the device: running = (1 − m)·running + m·(Σ batch statistics / micro-batches),
+// and the statistics' slots in the gradient cleared.
+__global__ void update_buffer_kernel(float* params, float* grads, int64_t n, float m, float inv) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    params[i] = (1.f - m) * params[i] + m * (grads[i] * inv);
+    grads[i] = 0.f;
+  }
+}
+
 __global__ void to_f32_kernel(const bf16* in, float* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = __bfloat162float(in[i]);
@@ -140,6 +156,11 @@ struct CudaModel::Impl {
   DevBuf<float> tmp;               // (M, d) the non-IMMA residual path's product
   DevBuf<double> partials, sums;
   DevBuf<char> emb_ws;  // the embedding backward's sort
+  // PEER channel mixers, by PEER index: the layer's device state (what its forward saves, its
+  // scratch), this micro-batch's BatchNorm statistics, and the layer's output before the residual add.
+  std::vector<std::unique_ptr<PeerLayerCuda>> peer;
+  std::vector<DevBuf<float>> peer_mean, peer_var;
+  DevBuf<float> peer_out;
   std::vector<float> lb_host, lb_raw_host;
   int64_t max_k = 0, max_n = 0, max_w = 0;
   bool all_imma = true;
@@ -185,11 +206,12 @@ struct CudaModel::Impl {
   void alloc_saved(std::vector<BlockSaved<A>>& saved) {
     const int64_t M = max_tokens;
     saved.resize(L);
-    for (BlockSaved<A>& b : saved) {
+    for (int64_t l = 0; l < L; ++l) {
+      BlockSaved<A>& b = saved[l];
       b.x_mid.resize(M * d, bytes);
       for (auto* buf : {&b.rstd1, &b.g_rstd, &b.rstd2}) buf->resize(M, bytes);
       for (auto* buf : {&b.ihat, &b.fhat, &b.h, &b.ghat}) buf->resize(M * d, bytes);
-      b.au.resize(M * 2 * I, bytes);
+      if (host.blocks()[l].peer < 0) b.au.resize(M * 2 * I, bytes);  // a PEER block has no GLU
     }
   }
 
@@ -217,7 +239,21 @@ struct CudaModel::Impl {
     losses.resize(M, bytes);
     logits.resize(head_rows * V, bytes);
     for (const BlockParams& p : host.blocks())
-      for (int w : {p.i_w, p.f_w, p.g_w, p.o_w, p.gate_w, p.down_w}) note_linear(w, M);
+      for (int w : {p.i_w, p.f_w, p.g_w, p.o_w, p.gate_w, p.down_w})
+        if (w >= 0) note_linear(w, M);
+    const int n_peer = host.n_peer_layers();
+    if (n_peer > 0) {
+      const PeerLayerShape ps = host.peer_shape(M);
+      peer_out.resize(M * d, bytes);
+      peer_mean.resize(n_peer);
+      peer_var.resize(n_peer);
+      for (int i = 0; i < n_peer; ++i) {
+        peer.push_back(std::make_unique<PeerLayerCuda>(ps));
+        bytes += static_cast<int64_t>(peer.back()->device_bytes());
+        peer_mean[i].resize(ps.channels(), bytes);
+        peer_var[i].resize(ps.channels(), bytes);
+      }
+    }
     note_linear(idx.head_w, head_rows);
     q_scale.resize(M, bytes);
     q_rstd.resize(M, bytes);
@@ -328,6 +364,20 @@ struct CudaModel::Impl {
     }
   }
 
+  // The PEER layer's parameter views of block b (device), BatchNorm statistics as given.
+  PeerLayerParams<float> peer_params(const BlockParams& b, float* mean, float* var) const {
+    PeerLayerParams<float> p;
+    p.w_q = P(b.peer_wq);
+    p.bn_gamma = P(b.peer_bn_gamma);
+    p.bn_beta = P(b.peer_bn_beta);
+    p.bn_running_mean = mean;
+    p.bn_running_var = var;
+    p.sub_keys1 = P(b.peer_keys1);
+    p.sub_keys2 = P(b.peer_keys2);
+    p.table = P(b.peer_table);
+    return p;
+  }
+
   template <typename A>
   double forward_backward(std::vector<BlockSaved<A>>& saved, int64_t batch, int64_t seq, float grad_scale);
 };
@@ -362,6 +412,19 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     output_gate_forward_cuda(form, M * d, gn.get(), c.h.get(), o.get(), s);
     linear_forward(b.o_gain, b.o_w, M, o.get(), c.x_mid.get(), x_in);
     rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
+    if (b.peer >= 0) {
+      // PEER channel mixer (Model::forward): train-mode BatchNorm with momentum 1 into this
+      // micro-batch's statistics, which the backward adds into their gradient slots (update_buffers).
+      PeerLayerShape ps = host.peer_shape(M);
+      ps.bn_momentum = 1.f;
+      g.tick(other);
+      peer_layer_forward_cuda(ps, PeerNormMode::train, peer_params(b, peer_mean[b.peer].get(), peer_var[b.peer].get()),
+                              xn2.get(), peer_out.get(), *peer[b.peer], s);
+      g.tick(peer_layer);
+      add2_kernel<<<blocks_for(M * d), kThreads, 0, s>>>(resid[l + 1].get(), c.x_mid.get(), peer_out.get(), M * d);
+      PL_CUDA_CHECK_LAUNCH(add2_kernel);
+      continue;
+    }
     linear_forward(b.gate_gain, b.gate_w, M, xn2.get(), c.au.get());
     glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
     linear_forward(b.down_gain, b.down_w, M, z.get(), resid[l + 1].get(), c.x_mid.get());
@@ -392,10 +455,29 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     // Channel mixer: recompute x̃₂ and z, then back through down, the GLU, gate and the MLP norm.
     g.tick(other);
     rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
-    glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
-    linear_backward(b.down_gain, b.down_w, M, z.get(), dxp, dz.get(), false);
-    glu_backward_cuda(act, M, I, c.au.get(), dz.get(), dau.get(), s);
-    linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), static_cast<const bf16*>(dau.get()), t0.get(), false);
+    if (b.peer >= 0) {
+      PeerLayerShape ps = host.peer_shape(M);
+      ps.bn_momentum = 1.f;
+      PeerLayerGradsCuda pg;
+      pg.w_q = G(b.peer_wq);
+      pg.bn_gamma = G(b.peer_bn_gamma);
+      pg.bn_beta = G(b.peer_bn_beta);
+      pg.sub_keys1 = G(b.peer_keys1);
+      pg.sub_keys2 = G(b.peer_keys2);
+      pg.table.form = PeerTableGradForm::dense_accumulate;
+      pg.table.dense = G(b.peer_table);
+      g.tick(other);
+      peer_layer_backward_cuda(ps, peer_params(b, peer_mean[b.peer].get(), peer_var[b.peer].get()), *peer[b.peer],
+                               xn2.get(), dxp, t0.get(), pg, s);
+      g.tick(peer_layer);
+      add(G(b.peer_bn_mean), peer_mean[b.peer].get(), ps.channels());
+      add(G(b.peer_bn_var), peer_var[b.peer].get(), ps.channels());
+    } else {
+      glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
+      linear_backward(b.down_gain, b.down_w, M, z.get(), dxp, dz.get(), false);
+      glu_backward_cuda(act, M, I, c.au.get(), dz.get(), dau.get(), s);
+      linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), static_cast<const bf16*>(dau.get()), t0.get(), false);
+    }
     norm_backward(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), t0.get(), dxp, G(b.mlp_norm), true);
 
     // Token mixer: recompute gn and o, then back through o, the gate, the scan and i, f, g.
@@ -440,13 +522,20 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
 
 void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   const ModelConfig& c = host.config();
-  PL_CHECK(host.n_peer_layers() == 0, config, "run.device = \"cuda\" does not train PEER blocks yet (model.peer_blocks = '",
-           c.peer_blocks, "'); use run.device = \"cpu\"");
+  if (host.n_peer_layers() > 0) {
+    PL_CHECK(!c.peer_ternary, config, "run.device = \"cuda\" trains PEER tables in full precision only "
+             "(model.peer_ternary = true); use run.device = \"cpu\"");
+    PL_CHECK(c.peer_query_bn, config, "run.device = \"cuda\": PEER needs model.peer_query_bn = true");
+    PL_CHECK(host.peer_table_rows() == host.peer_experts(), config,
+             "run.device = \"cuda\" holds whole PEER tables on one GPU (parallel.expert_parallel must leave them "
+             "unsharded)");
+  }
   PL_CHECK(c.qsparse == 0, config, "run.device = \"cuda\" does not support Q-Sparse yet (model.qsparse = ", c.qsparse,
            "); use run.device = \"cpu\"");
   PL_CHECK(host.quantized(), config, "run.device = \"cuda\" trains quant = \"ternary\" models only (model.quant = '",
            c.quant, "')");
-  PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\": lazy Adam is for PEER tables");
+  PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\" updates PEER tables with dense AdamW only "
+           "(optim.table_optimizer = \"lazy_adam\" is CPU-only)");
   PL_CHECK(c.d_model <= kNormQuantMaxDim && host.intermediate() <= kNormQuantMaxDim, config,
            "run.device = \"cuda\": model.d_model and the GLU width must be <= ", kNormQuantMaxDim, " (got ",
            c.d_model, " and ", host.intermediate(), ")");
@@ -512,6 +601,19 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
   PL_CUDA_CHECK(cudaMemcpyAsync(g.lb.get(), g.lb_host.data(), sizeof(float) * L * d, cudaMemcpyHostToDevice, s));
   return g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, grad_scale)
                                 : g.forward_backward(g.saved32, batch, seq, grad_scale);
+}
+
+void CudaModel::update_buffers(int64_t micro_batches) {
+  Impl& g = *impl_;
+  if (g.host.n_peer_layers() == 0) return;
+  const float m = g.host.peer_shape(0).bn_momentum;
+  const float inv = 1.f / static_cast<float>(std::max<int64_t>(1, micro_batches));
+  for (const ParamInfo& p : g.layout.entries()) {
+    if (p.kind != ParamKind::buffer) continue;
+    update_buffer_kernel<<<blocks_for(p.numel), kThreads, 0, g.stream>>>(g.params.get() + p.offset,
+                                                                          g.grads.get() + p.offset, p.numel, m, inv);
+    PL_CUDA_CHECK_LAUNCH(update_buffer_kernel);
+  }
 }
 
 double CudaModel::grad_norm() {
@@ -593,7 +695,8 @@ std::vector<double> CudaModel::profile() const { return impl_->profile; }
 
 const char* CudaModel::category_name(int c) {
   static const char* names[] = {"norm+quant (fwd, bwd)", "GEMM forward (IMMA + epilogue)",
-                                "GEMM backward (bf16 + conversions)", "MLGRU scan (fwd, bwd)", "cross-entropy",
+                                "GEMM backward (bf16 + conversions)", "MLGRU scan (fwd, bwd)", "PEER layer (fwd, bwd)",
+                                "cross-entropy",
                                 "embedding backward", "optimizer + grad norm + ternary refresh",
                                 "other (elementwise, norms' copies, host transfers)"};
   return c >= 0 && c < kCategories ? names[c] : "?";

@@ -31,7 +31,8 @@
 // model trains on the bf16-rounded activations, like the reference's bf16 autocast. fp32 storage
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
-// Dense models only (no PEER block, no Q-Sparse, quant = ternary) on one GPU. Every device buffer is
+// PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, dense
+// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; one GPU. Every device buffer is
 // allocated once, at construction, for the largest micro-batch (an arena in effect); peak_bytes()
 // reports what the process holds on the device.
 #pragma once
@@ -68,6 +69,9 @@ class CudaModel {
   // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
   // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order.
   double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale);
+  // PEER BatchNorm running statistics from the batch statistics the backwards summed into their
+  // gradient slots (Model::update_buffers); call once per step after the last micro-batch.
+  void update_buffers(int64_t micro_batches);
   double grad_norm();            // L2 norm of the gradient, accumulated in float64
   void scale_grads(float factor);
   void adam_step(int64_t t, double lr);  // AdamW exactly as AdamW::step (one learning rate)
@@ -75,7 +79,8 @@ class CudaModel {
 
   // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
   // wall time charged to it (seconds, summed since set_profiling(true)).
-  enum Category { norm_quant, gemm_forward, gemm_backward, scan, loss, embedding, optimizer, other, kCategories };
+  enum Category { norm_quant, gemm_forward, gemm_backward, scan, peer_layer, loss, embedding, optimizer, other,
+                  kCategories };
   void set_profiling(bool on);
   std::vector<double> profile() const;
   static const char* category_name(int c);

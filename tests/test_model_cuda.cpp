@@ -15,6 +15,9 @@
 // run.device = cuda), where the forward itself reads bf16-rounded î, f̂, ĝ, h and [a|u] (relative
 // rounding 2^-9 per element): step 1 is then asserted within 5e-3 (a 2^-9 relative perturbation of
 // inputs to smooth functions, averaged over tokens), every step within 3e-2 and the mean within 1e-2.
+// And once with block 1's GLU replaced by a PEER layer (fp32 storage; the same tolerances: the PEER
+// layer is fp32 on both sides, and a retrieval that flips between two near-tied experts after the
+// trajectories separate changes one of 4 gates of one token, a small loss change).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -42,10 +45,15 @@ bool have_gpu() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-class CudaModelCurve : public ::testing::TestWithParam<bool> {};  // bf16 activation storage?
+struct CurveCase {
+  bool bf16;  // bf16 activation storage
+  bool peer;  // block 1's GLU replaced by a PEER layer
+};
+
+class CudaModelCurve : public ::testing::TestWithParam<CurveCase> {};
 
 TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
-  const bool bf16 = GetParam();
+  const bool bf16 = GetParam().bf16, peer = GetParam().peer;
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
   const std::string dir = test::shared_data();
   std::ifstream in(dir + "/tinyshakespeare/input.txt", std::ios::binary);
@@ -58,6 +66,13 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   mc.d_model = 64;
   mc.n_layers = 2;
   mc.intermediate = 256;
+  if (peer) {  // N = 16² experts, 2 heads of 4, query width 2·16
+    mc.peer_blocks = "1";
+    mc.peer_n_sub = 16;
+    mc.peer_heads = 2;
+    mc.peer_topk = 4;
+    mc.peer_key_dim = 16;
+  }
   OptimConfig oc;
   oc.lr = 3e-3;
   oc.weight_decay = 0.1;
@@ -95,6 +110,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     std::fill(grads.begin(), grads.end(), 0.f);
     const double lc = cpu.forward(p_cpu.data(), ids.data(), targets.data(), B, T, ctx);
     cpu.backward(p_cpu.data(), ctx, grad_scale, grads.data());
+    if (peer) cpu.update_buffers(p_cpu.data(), grads.data(), 1, {Range(0, cpu.layout().total())});
     const double nc = grad_norm_l2(grads.data(), static_cast<int64_t>(grads.size()));
     if (nc > oc.grad_clip) scale_in_place(grads.data(), static_cast<int64_t>(grads.size()), oc.grad_clip / nc);
     adam_cpu.step(p_cpu.data(), grads.data(), step, lr);
@@ -102,6 +118,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     // GPU step.
     cuda.zero_grads();
     const double lg = cuda.forward_backward(ids.data(), targets.data(), B, T, grad_scale);
+    if (peer) cuda.update_buffers(1);
     const double ng = cuda.grad_norm();
     if (ng > oc.grad_clip) cuda.scale_grads(static_cast<float>(oc.grad_clip / ng));
     cuda.adam_step(step, lr);
@@ -139,8 +156,11 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   EXPECT_LT(diff, 5e-2);
 }
 
-INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "bf16" : "fp32"; });
+INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
+                         ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true}),
+                         [](const ::testing::TestParamInfo<CurveCase>& i) {
+                           return std::string(i.param.bf16 ? "bf16" : "fp32") + (i.param.peer ? "_peer" : "");
+                         });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }
 #endif
