@@ -21,9 +21,9 @@ constexpr std::array kOps = {
     OpInfo{"output_gate", "mlgru.h", true, true},
     OpInfo{"glu", "glu.h", true, true},
     OpInfo{"cross_entropy", "cross_entropy.h", true, true},
-    OpInfo{"peer_retrieval", "peer_retrieval.h", true, false},
-    OpInfo{"peer_experts", "peer_experts.h", true, false},
-    OpInfo{"peer_layer", "peer_layer.h", true, false},
+    OpInfo{"peer_retrieval", "peer_retrieval.h", true, true},
+    OpInfo{"peer_experts", "peer_experts.h", true, true},
+    OpInfo{"peer_layer", "peer_layer.h", true, true},
     OpInfo{"qsparse_topk", "qsparse.h", true, false},
     OpInfo{"qsparse_block", "qsparse.h", true, false},
 };

@@ -7,8 +7,11 @@
 // atomics, and never a (tokens, heads·k, d) gathered copy of the weights.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
+
+#include "model/ops/cuda_fwd.h"
 
 namespace peerless {
 
@@ -94,5 +97,49 @@ void peer_softmax_gates_backward_cpu(int64_t groups, int64_t k, const float* gat
 // dense (N, width) += the sparse gradient (each listed row is added once, so no ordering question).
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<float>& g, float* dense);
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* dense);
+
+// ---- CUDA (model/ops/peer_experts.cu; PEERLESS_HAVE_CUDA builds) -----------------------------------
+// All pointers are device memory; calls are ordered on `stream`, not complete on return. Same
+// equations and expression order as the CPU functions above; every output is a fixed-order sum (no
+// float atomics), so a call repeated on the same inputs gives bit-identical results.
+
+void peer_softmax_gates_cuda(int64_t groups, int64_t k, const float* scores, float* gates, cudaStream_t stream);
+void peer_softmax_gates_backward_cuda(int64_t groups, int64_t k, const float* gates, const float* dgates,
+                                      float* dscores, cudaStream_t stream);
+
+// The fused forward: per token, the gates (softmax of scores), z = u_idᵀx for each of its h·k
+// entries (one gather of the row [u|v] per entry), then out = Σ g·σ(z)·v in (head, j) order. The
+// gathered (tokens, h·k, d) weights never exist. ids must lie in [0, N) (not checked on the device).
+void peer_experts_forward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* scores,
+                               const float* table, float* out, const PeerExpertsSaved<float>& saved,
+                               cudaStream_t stream);
+
+// Where the table gradient of peer_experts_backward_cuda goes.
+enum class PeerTableGradForm {
+  sparse,            // rows (U) ascending + values (U, 2d), like PeerSparseGrad; U on the device
+  dense_accumulate,  // dense (N, 2d) += the gradient of every selected row (each row by one block)
+};
+struct PeerTableGradCuda {
+  PeerTableGradForm form = PeerTableGradForm::sparse;
+  // sparse: capacity = peer_table_grad_capacity(s) rows; the first *count are written.
+  int32_t* rows = nullptr;   // (capacity)
+  float* values = nullptr;   // (capacity, 2d)
+  int32_t* count = nullptr;  // (1) U, the number of distinct selected rows
+  // dense_accumulate:
+  float* dense = nullptr;    // (N, 2d)
+};
+// min(N, tokens·heads·k): the most distinct rows a batch can select.
+int64_t peer_table_grad_capacity(const PeerExpertsShape& s);
+// Device scratch of peer_experts_backward_cuda for this shape (O(tokens·heads·k) words + cub's).
+size_t peer_experts_backward_workspace_bytes(const PeerExpertsShape& s);
+
+// dy (tokens, d) -> dx (tokens, d), dscores (tokens, heads, k) overwritten; the table gradient as
+// `dtable` says. Per token: dw = v_idᵀdy and dx = Σ dz·u_id (one more gather of each selected row);
+// then the (row, entry) pairs are sorted by row (stable cub radix sort: entries in token order within
+// a row) and each distinct row is summed by one block in that order: du = Σ dz·x_t, dv = Σ g·a·dy_t.
+void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* table,
+                                const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores,
+                                const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream);
 
 }  // namespace peerless

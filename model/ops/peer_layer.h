@@ -9,10 +9,16 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/ops/peer_experts.h"
 #include "model/ops/peer_retrieval.h"
+#include "parallel/memory.h"
+
+// As driver_types.h declares it, so this header compiles without the CUDA headers.
+struct CUevent_st;
+typedef struct CUevent_st* cudaEvent_t;
 
 namespace peerless {
 
@@ -109,5 +115,71 @@ void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<floa
 void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<double>& p,
                              const PeerLayerContext<double>& ctx, const double* x, const double* dy, double* dx,
                              const PeerLayerGrads<double>& g);
+
+// ---- CUDA (model/ops/peer_layer.cu; PEERLESS_HAVE_CUDA builds) -------------------------------------
+
+// The device state of one PEER layer: a cuBLAS handle, what forward saves for backward and the
+// scratch of both passes, all allocated once for a largest shape (any call may use fewer tokens;
+// every other field must match). Caller-owned; one forward/backward pair at a time, on one stream.
+// Move-only (it owns device memory).
+class PeerLayerCuda {
+ public:
+  explicit PeerLayerCuda(const PeerLayerShape& max_shape);
+  const PeerLayerShape& max_shape() const { return max_; }
+  PeerBlas& blas() { return blas_; }
+  size_t device_bytes() const { return mem_.size(); }
+
+  // Saved by the last forward (device pointers; shapes for its token count):
+  float* q_hat = nullptr;    // (tokens, heads·key_dim) normalised query before γ, β
+  float* q = nullptr;        // (tokens, heads·key_dim) retrieval query
+  float* bn_mean = nullptr;  // (heads·key_dim) statistics used (batch or running)
+  float* bn_rstd = nullptr;  // (heads·key_dim)
+  int32_t* ids = nullptr;    // (tokens, heads, k)
+  float* scores = nullptr;   // (tokens, heads, k)
+  float* gates = nullptr;    // (tokens, heads, k)
+  float* pre_act = nullptr;  // (tokens, heads, k)
+  PeerNormMode mode = PeerNormMode::train;
+  int64_t tokens = -1;       // of the last forward
+
+  // Optional phase markers for benchmarks: when set (7 events), forward records [0] at its start,
+  // [1] after projection + BatchNorm, [2] after retrieval, [3] after the experts; backward records
+  // [4] at its start, [5] after the experts' backward (table gradient included), [6] at its end.
+  const cudaEvent_t* phase_marks = nullptr;
+
+  // Scratch (internal to peer_layer.cu).
+  struct Scratch;
+  Scratch& scratch() const { return *scratch_; }
+  ~PeerLayerCuda();
+  PeerLayerCuda(PeerLayerCuda&&) noexcept;
+  PeerLayerCuda& operator=(PeerLayerCuda&&) noexcept;
+
+ private:
+  PeerLayerShape max_;
+  PeerBlas blas_;
+  DeviceBytes mem_;
+  std::unique_ptr<Scratch> scratch_;
+};
+
+// Parameter gradients on the device: accumulated (+=), like the CPU's; any may be null (not
+// wanted). The table gradient goes where `table` says (sparse rows + values, or a dense += ).
+struct PeerLayerGradsCuda {
+  float* w_q = nullptr;        // (heads·key_dim, d)
+  float* bn_gamma = nullptr;   // (heads·key_dim)
+  float* bn_beta = nullptr;    // (heads·key_dim)
+  float* sub_keys1 = nullptr;  // like PeerLayerParams::sub_keys1
+  float* sub_keys2 = nullptr;
+  PeerTableGradCuda table;     // buffers required
+};
+
+// The CPU contract of peer_layer_forward_cpu on device pointers (params included), saving into ctx.
+// q_raw = x·W_qᵀ by an fp32 cuBLAS GEMM; BatchNorm statistics per channel as fixed-order sums.
+void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
+                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream);
+// The CPU contract of peer_layer_backward_cpu: dx overwritten, g accumulated. dC and dC′ are
+// reduced like the table gradient (entries sorted by sub-key row, one block per row, entry order):
+// no float atomics anywhere, so repeated calls give bit-identical results.
+void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
+                              const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
+                              cudaStream_t stream);
 
 }  // namespace peerless

@@ -5,7 +5,14 @@
 // of the scores w.r.t. q and the sub-keys is in peer_layer.cpp.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+
+#include "model/ops/cuda_fwd.h"
+
+// As cublas_api.h declares it, so this header compiles without the CUDA headers.
+struct cublasContext;
+typedef struct cublasContext* cublasHandle_t;
 
 namespace peerless {
 
@@ -44,5 +51,36 @@ void peer_retrieval_cpu(const PeerRetrievalShape& s, const double* q, const doub
 // O(tokens·heads·N): keep tokens small at N = 1024².
 void peer_retrieval_bruteforce_cpu(const PeerRetrievalShape& s, const double* q, const double* sub_keys1,
                                    const double* sub_keys2, int32_t* ids, double* scores);
+
+// ---- CUDA (model/ops/peer_retrieval.cu; PEERLESS_HAVE_CUDA builds) ---------------------------------
+
+// A cuBLAS handle for the fp32 GEMMs of the PEER ops (default math mode: true fp32, no TF32), bound
+// to the device current at construction. One handle serves one stream at a time. Move-only.
+class PeerBlas {
+ public:
+  PeerBlas();
+  ~PeerBlas();
+  PeerBlas(PeerBlas&& o) noexcept : h_(o.h_) { o.h_ = nullptr; }
+  PeerBlas& operator=(PeerBlas&& o) noexcept;
+  PeerBlas(const PeerBlas&) = delete;
+  PeerBlas& operator=(const PeerBlas&) = delete;
+  cublasHandle_t get() const { return h_; }
+
+ private:
+  cublasHandle_t h_ = nullptr;
+};
+
+// Device scratch of peer_retrieval_cuda: the two (tokens·heads, n) sub-key score matrices.
+size_t peer_retrieval_workspace_bytes(const PeerRetrievalShape& s);
+
+// The same contract as peer_retrieval_cpu on device pointers, ordered on `stream`: the sub-key
+// scores by two fp32 GEMMs (strided-batched over heads for per-head keys), then one warp per
+// (token, head) selects the k best of each half, forms the k² sums and selects their k best, under
+// the same total order (score descending, lower index first, NaN last). Scores differ from the
+// CPU's by the GEMMs' rounding only; with exactly representable sums (integer-valued data) ids and
+// scores are bit-identical to the CPU's. k ≤ 512.
+void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const float* q, const float* sub_keys1,
+                         const float* sub_keys2, int32_t* ids, float* scores, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace peerless

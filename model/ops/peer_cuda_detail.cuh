@@ -1,0 +1,226 @@
+// Device helpers shared by the PEER CUDA ops (peer_experts.cu, peer_retrieval.cu, peer_layer.cu): the
+// expert activations in the CPU reference's exact expression order, V-wide loads (float4 when the row
+// width allows it), a bump allocator that carves one workspace into typed slices (the same code
+// measures the workspace and hands out the pointers), and the deterministic replacement for
+// scatter-adds with float atomics: entries grouped by row with a stable cub radix sort (rows, then
+// entry order within a row, as detail::group_by_row does on the CPU), run-length encoded into the
+// distinct rows and their segment offsets, which a kernel then sums one row per block in entry order.
+// Not part of the public op interface; include from .cu files only.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cub/cub.cuh>
+
+#include "model/ops/cuda_check.h"
+#include "model/ops/gemm.h"
+#include "model/ops/peer_experts.h"
+#include "runtime/error.h"
+
+namespace peerless::peer_cuda {
+
+inline constexpr int kWarp = 32;
+
+// cuBLAS status check: throws a device error naming the call.
+#define PL_CUBLAS_CHECK(expr)                                                                              \
+  do {                                                                                                     \
+    const cublasStatus_t pl_cublas_rc_ = (expr);                                                           \
+    if (pl_cublas_rc_ != CUBLAS_STATUS_SUCCESS)                                                            \
+      ::peerless::throw_error(::peerless::ErrorKind::device,                                               \
+                              ::peerless::cat(#expr, " failed: ", cublasGetStatusString(pl_cublas_rc_)), \
+                              __FILE__, __LINE__);                                                         \
+  } while (0)
+
+// Row-major fp32 C (M,N) = alpha·op(A)·op(B) + beta·C through column-major cuBLAS (computes Cᵀ =
+// op(B)ᵀ·op(A)ᵀ, which is the same memory). `batch` > 1: strided batched, strides in elements.
+inline void sgemm_rm(cublasHandle_t h, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                     cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
+                     int64_t stride_c = 0) {
+  PL_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
+               ldc <= INT32_MAX && batch <= INT32_MAX,
+           config, "peer gemm: a dimension exceeds 2^31 (M ", M, ", N ", N, ", K ", K, ")");
+  if (M == 0 || N == 0 || batch == 0) return;
+  PL_CUBLAS_CHECK(cublasSetStream(h, stream));
+  const cublasOperation_t oa = ta == Trans::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t ob = tb == Trans::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (batch == 1)
+    PL_CUBLAS_CHECK(cublasSgemm(h, ob, oa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
+                                static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C, static_cast<int>(ldc)));
+  else
+    PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, static_cast<int>(N), static_cast<int>(M),
+                                              static_cast<int>(K), &alpha, B, static_cast<int>(ldb), stride_b, A,
+                                              static_cast<int>(lda), stride_a, &beta, C, static_cast<int>(ldc),
+                                              stride_c, static_cast<int>(batch)));
+}
+
+// σ and σ′ exactly as peer_experts.cpp writes them (ReLU of NaN is 0, ReLU′(0) = 0; GELU in erf form).
+__device__ __forceinline__ float activation(PeerActivation act, float z) {
+  if (act == PeerActivation::relu) return z > 0.0f ? z : 0.0f;
+  return 0.5f * z * (1.0f + erff(z * 0.70710678118654752440f));
+}
+__device__ __forceinline__ float activation_grad(PeerActivation act, float z) {
+  if (act == PeerActivation::relu) return z > 0.0f ? 1.0f : 0.0f;
+  const float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752440f));
+  const float pdf = expf(-0.5f * z * z) * 0.39894228040143267794f;  // 1/√(2π)
+  return cdf + z * pdf;
+}
+
+// V consecutive floats (V = 4: one 16-byte load; the caller guarantees alignment).
+template <int V>
+struct Vec {
+  float v[V];
+};
+template <int V>
+__device__ __forceinline__ Vec<V> load(const float* p) {
+  Vec<V> r;
+  if constexpr (V == 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    r.v[0] = f.x, r.v[1] = f.y, r.v[2] = f.z, r.v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) r.v[i] = p[i];
+  }
+  return r;
+}
+template <int V>
+__device__ __forceinline__ void store(float* p, const Vec<V>& r) {
+  if constexpr (V == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = r.v[i];
+  }
+}
+
+// A butterfly sum over the warp: a fixed tree, every lane gets the same bits.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Carves typed, 256-byte aligned slices out of one block of memory. With base == nullptr it only
+// measures: run the same sequence of take() calls once to size the workspace, once to use it.
+class Carve {
+ public:
+  explicit Carve(void* base) : base_(static_cast<char*>(base)) {}
+  template <typename T>
+  T* take(int64_t n) {
+    const size_t at = (used_ + 255) & ~size_t{255};
+    used_ = at + static_cast<size_t>(n) * sizeof(T);
+    return base_ ? reinterpret_cast<T*>(base_ + at) : nullptr;
+  }
+  void* take_bytes(size_t bytes) { return take<char>(static_cast<int64_t>(bytes)); }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+// Bits needed to hold every row index in [0, n_rows).
+inline int row_bits(int64_t n_rows) {
+  int b = 1;
+  while (b < 31 && (int64_t{1} << b) < n_rows) ++b;
+  return b;
+}
+
+// Entries grouped by row. entries (count): entry indices sorted by row, then by entry; rows (≤ cap)
+// the distinct rows ascending, `offsets` (cap + 1) where each starts in `entries`, *n_rows (device)
+// how many there are. offsets[U] = count; offsets beyond U are count too.
+struct RowGroups {
+  const int32_t* entries = nullptr;
+  const int32_t* rows = nullptr;
+  const int32_t* offsets = nullptr;
+  const int32_t* n_rows = nullptr;
+};
+
+static __global__ void iota_kernel(int32_t* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = static_cast<int32_t>(i);
+}
+
+// The workspace group_rows needs, carved from `c` (pass a measuring Carve to size it).
+struct GroupScratch {
+  int32_t* keys_out = nullptr;  // (count)
+  int32_t* vals_in = nullptr;   // (count)
+  int32_t* vals_out = nullptr;  // (count)
+  int32_t* rows = nullptr;      // (cap)  used when the caller does not supply its own
+  int32_t* counts = nullptr;    // (cap + 1)
+  int32_t* offsets = nullptr;   // (cap + 1)
+  int32_t* n_rows = nullptr;    // (1)    used when the caller does not supply its own
+  void* temp = nullptr;
+  size_t temp_bytes = 0;
+};
+inline size_t group_temp_bytes(int64_t count, int64_t cap, int bits) {
+  size_t sort = 0, rle = 0, scan = 0;
+  const int n = static_cast<int>(count);
+  PL_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort, static_cast<const int32_t*>(nullptr),
+                                                static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                static_cast<int32_t*>(nullptr), n, 0, bits));
+  PL_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, rle, static_cast<const int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), n));
+  PL_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan, static_cast<const int32_t*>(nullptr),
+                                              static_cast<int32_t*>(nullptr), static_cast<int>(cap + 1)));
+  return sort > rle ? (sort > scan ? sort : scan) : (rle > scan ? rle : scan);
+}
+// Carves the scratch for `count` entries and at most `cap` distinct rows below 2^bits. The cub
+// temporary size is asked of cub only when actually carving (measuring passes ask too: sizes only).
+inline GroupScratch carve_group_scratch(Carve& c, int64_t count, int64_t cap, int bits) {
+  GroupScratch g;
+  g.keys_out = c.take<int32_t>(count);
+  g.vals_in = c.take<int32_t>(count);
+  g.vals_out = c.take<int32_t>(count);
+  g.rows = c.take<int32_t>(cap);
+  g.counts = c.take<int32_t>(cap + 1);
+  g.offsets = c.take<int32_t>(cap + 1);
+  g.n_rows = c.take<int32_t>(1);
+  g.temp_bytes = count > 0 ? group_temp_bytes(count, cap, bits) : 0;
+  g.temp = c.take_bytes(g.temp_bytes);
+  return g;
+}
+
+// Groups entries 0..count-1 by row_of_entry[i] (each in [0, 2^bits)). rows_out / n_rows_out may be
+// the caller's (the sparse gradient's row list and count) or null for the scratch's own.
+inline RowGroups group_rows(const int32_t* row_of_entry, int64_t count, int64_t cap, int bits, const GroupScratch& g,
+                            int32_t* rows_out, int32_t* n_rows_out, cudaStream_t stream) {
+  int32_t* rows = rows_out ? rows_out : g.rows;
+  int32_t* n_rows = n_rows_out ? n_rows_out : g.n_rows;
+  const int n = static_cast<int>(count);
+  // counts beyond the U runs stay 0, so the scan over cap + 1 slots gives offsets[U..cap] = count.
+  PL_CUDA_CHECK(cudaMemsetAsync(g.counts, 0, static_cast<size_t>(cap + 1) * sizeof(int32_t), stream));
+  if (count == 0) {
+    PL_CUDA_CHECK(cudaMemsetAsync(n_rows, 0, sizeof(int32_t), stream));
+    PL_CUDA_CHECK(cudaMemsetAsync(g.offsets, 0, static_cast<size_t>(cap + 1) * sizeof(int32_t), stream));
+    return {g.vals_out, rows, g.offsets, n_rows};
+  }
+  const int threads = 256;
+  const int64_t blocks = (count + threads - 1) / threads;
+  iota_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0, stream>>>(g.vals_in, count);
+  PL_CUDA_CHECK_LAUNCH(iota_kernel);
+  size_t temp = g.temp_bytes;
+  // LSD radix sort is stable: within a row the entries keep their ascending input order.
+  PL_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(g.temp, temp, row_of_entry, g.keys_out, g.vals_in, g.vals_out, n, 0,
+                                                bits, stream));
+  temp = g.temp_bytes;
+  PL_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(g.temp, temp, g.keys_out, rows, g.counts, n_rows, n, stream));
+  temp = g.temp_bytes;
+  PL_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(g.temp, temp, g.counts, g.offsets, static_cast<int>(cap + 1), stream));
+  return {g.vals_out, rows, g.offsets, n_rows};
+}
+
+// Blocks for a kernel that walks the (device-counted) distinct rows with a grid stride: enough to
+// fill the GPU several times over, never more than there can be rows.
+inline unsigned int row_blocks(int64_t cap) {
+  int dev = 0, sms = 0;
+  PL_CUDA_CHECK(cudaGetDevice(&dev));
+  PL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t want = int64_t{sms} * 16;
+  return static_cast<unsigned int>(cap < want ? (cap > 0 ? cap : 1) : want);
+}
+
+}  // namespace peerless::peer_cuda

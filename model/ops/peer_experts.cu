@@ -1,0 +1,322 @@
+// The PEER expert layer on the GPU (SPEC §3), the CUDA side of peer_experts.cpp.
+// Forward is one block per token: the token's x sits in shared memory, each warp takes entries
+// (head, j) in turn and computes z = u_idᵀx with a butterfly sum, then every thread owns V columns
+// of the output and adds g·σ(z)·v_id over the entries in (head, j) order. Each selected row [u|v]
+// is read once from the table and nothing of it is kept: the (tokens, h·k, d) gathered weights
+// never exist. Backward repeats the per-token pass (dw = v_idᵀdy, dx = Σ dz·u_id, softmax backward)
+// and leaves two coefficients per entry (dz for the u half, g·σ(z) for the v half); the table
+// gradient is then a transposed product reduced without atomics: entries sorted by row (stable cub
+// radix sort), one block per distinct row summing dz·x_t and g·a·dy_t in entry (= token) order.
+// Memory traffic per token at d = 1024, h·k = 128: forward 128 rows x 8 KiB = 1 MiB of table reads;
+// backward the same again plus the gradient rows written (8 KiB per distinct row) and x/dy re-read
+// per entry (mostly from L2). bench_peer_layer.cu measures it.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "model/ops/cuda_check.h"
+#include "model/ops/peer_cuda_detail.cuh"
+#include "model/ops/peer_experts.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+
+using namespace peer_cuda;
+
+constexpr int kThreads = 256;
+
+// One thread per (token, head) group of k scores: max-shifted softmax in the CPU's order.
+__global__ void peer_softmax_gates_kernel(int64_t groups, int64_t k, const float* scores, float* gates) {
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    const float* s = scores + g * k;
+    float* out = gates + g * k;
+    float m = s[0];
+    for (int64_t j = 1; j < k; ++j) m = m < s[j] ? s[j] : m;  // std::max's NaN behaviour
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) sum += (out[j] = expf(s[j] - m));
+    for (int64_t j = 0; j < k; ++j) out[j] /= sum;
+  }
+}
+
+__global__ void peer_softmax_gates_backward_kernel(int64_t groups, int64_t k, const float* gates, const float* dgates,
+                                                   float* dscores) {
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    const float* gt = gates + g * k;
+    const float* dg = dgates + g * k;
+    float gdg = 0.0f;
+    for (int64_t j = 0; j < k; ++j) gdg += gt[j] * dg[j];
+    for (int64_t j = 0; j < k; ++j) dscores[g * k + j] = gt[j] * (dg[j] - gdg);
+  }
+}
+
+unsigned int group_blocks(int64_t groups) {
+  const int64_t b = (groups + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::clamp<int64_t>(b, 1, 65535));
+}
+
+// z = row[0:d]·vec (vec in shared memory) by one warp; every lane gets the same bits.
+template <int V>
+__device__ __forceinline__ float warp_dot(const float* row, const float* vec, int64_t d) {
+  float acc = 0.0f;
+  for (int64_t c = int64_t{threadIdx.x % kWarp} * V; c < d; c += kWarp * V) {
+    const Vec<V> a = load<V>(row + c), b = load<V>(vec + c);
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc += a.v[i] * b.v[i];
+  }
+  return warp_sum(acc);
+}
+
+// Block per token. Shared: x (d), w (hk), ids (hk).
+template <int V>
+__global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t d, int hk, PeerActivation act,
+                                                                        const float* x, const int32_t* ids,
+                                                                        const float* gates, const float* table,
+                                                                        float* out, float* pre_act) {
+  extern __shared__ float smem[];
+  float* xs = smem;
+  float* ws = xs + ((d + 3) & ~int64_t{3});
+  int32_t* id_s = reinterpret_cast<int32_t*>(ws + hk);
+  const int64_t t = blockIdx.x, width = 2 * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) xs[c] = x[t * d + c];
+  for (int e = threadIdx.x; e < hk; e += blockDim.x) id_s[e] = ids[t * hk + e];
+  __syncthreads();
+  const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  for (int e = warp; e < hk; e += n_warps) {
+    const float z = warp_dot<V>(table + int64_t{id_s[e]} * width, xs, d);
+    if (threadIdx.x % kWarp == 0) {
+      pre_act[t * hk + e] = z;
+      ws[e] = gates[t * hk + e] * activation(act, z);
+    }
+  }
+  __syncthreads();
+  for (int64_t c = int64_t{threadIdx.x} * V; c < d; c += int64_t{blockDim.x} * V) {
+    Vec<V> o;
+#pragma unroll
+    for (int i = 0; i < V; ++i) o.v[i] = 0.0f;
+#pragma unroll 4
+    for (int e = 0; e < hk; ++e) {
+      const float w = ws[e];
+      const Vec<V> v = load<V>(table + int64_t{id_s[e]} * width + d + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o.v[i] += w * v.v[i];
+    }
+    store<V>(out + t * d + c, o);
+  }
+}
+
+// Block per token: dw, dz, dgates per entry (warps), dx (threads over columns), softmax backward
+// (threads over heads). Shared: dy (d), dz (hk), dg (hk), ids (hk).
+template <int V>
+__global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
+    int64_t d, int heads, int k, PeerActivation act, const int32_t* ids, const float* table, const float* gates,
+    const float* pre_act, const float* dy, float* dx, float* dscores, float* coef_u, float* coef_v) {
+  extern __shared__ float smem[];
+  const int hk = heads * k;
+  float* dys = smem;
+  float* dzs = dys + ((d + 3) & ~int64_t{3});
+  float* dgs = dzs + hk;
+  int32_t* id_s = reinterpret_cast<int32_t*>(dgs + hk);
+  const int64_t t = blockIdx.x, width = 2 * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dys[c] = dy[t * d + c];
+  for (int e = threadIdx.x; e < hk; e += blockDim.x) id_s[e] = ids[t * hk + e];
+  __syncthreads();
+  const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  for (int e = warp; e < hk; e += n_warps) {
+    const float dw = warp_dot<V>(table + int64_t{id_s[e]} * width + d, dys, d);
+    if (threadIdx.x % kWarp == 0) {
+      const int64_t i = t * hk + e;
+      const float z = pre_act[i], g = gates[i];
+      const float a = activation(act, z);
+      const float dz = g * dw * activation_grad(act, z);
+      dzs[e] = dz;
+      dgs[e] = a * dw;
+      coef_u[i] = dz;
+      coef_v[i] = g * a;
+    }
+  }
+  __syncthreads();
+  for (int64_t c = int64_t{threadIdx.x} * V; c < d; c += int64_t{blockDim.x} * V) {
+    Vec<V> o;
+#pragma unroll
+    for (int i = 0; i < V; ++i) o.v[i] = 0.0f;
+#pragma unroll 4
+    for (int e = 0; e < hk; ++e) {
+      const float dz = dzs[e];
+      const Vec<V> u = load<V>(table + int64_t{id_s[e]} * width + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o.v[i] += dz * u.v[i];
+    }
+    store<V>(dx + t * d + c, o);
+  }
+  for (int h = threadIdx.x; h < heads; h += blockDim.x) {
+    const float* gt = gates + t * hk + h * k;
+    const float* dg = dgs + h * k;
+    float gdg = 0.0f;
+    for (int j = 0; j < k; ++j) gdg += gt[j] * dg[j];
+    for (int j = 0; j < k; ++j) dscores[t * hk + h * k + j] = gt[j] * (dg[j] - gdg);
+  }
+}
+
+// One block per distinct row (grid stride over the device-held count): du = Σ dz·x_t and
+// dv = Σ g·a·dy_t over the row's entries in entry order, written to the sparse slot of the row or
+// added to the dense gradient's row.
+template <int V>
+__global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, const float* x, const float* dy,
+                                                                   const float* coef_u, const float* coef_v,
+                                                                   RowGroups groups, float* sparse_values,
+                                                                   float* dense) {
+  const int64_t n_rows = *groups.n_rows, width = 2 * d;
+  for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+    const int32_t beg = groups.offsets[r], end = groups.offsets[r + 1];
+    float* dst = dense ? dense + int64_t{groups.rows[r]} * width : sparse_values + r * width;
+    for (int64_t c = int64_t{threadIdx.x} * V; c < d; c += int64_t{blockDim.x} * V) {
+      Vec<V> du, dv;
+#pragma unroll
+      for (int i = 0; i < V; ++i) du.v[i] = 0.0f, dv.v[i] = 0.0f;
+      for (int32_t e = beg; e < end; ++e) {
+        const int64_t entry = groups.entries[e], t = entry / hk;
+        const float cu = coef_u[entry], cv = coef_v[entry];
+        const Vec<V> xv = load<V>(x + t * d + c), dyv = load<V>(dy + t * d + c);
+#pragma unroll
+        for (int i = 0; i < V; ++i) du.v[i] += cu * xv.v[i], dv.v[i] += cv * dyv.v[i];
+      }
+      if (dense) {
+        const Vec<V> a = load<V>(dst + c), b = load<V>(dst + d + c);
+#pragma unroll
+        for (int i = 0; i < V; ++i) du.v[i] = a.v[i] + du.v[i], dv.v[i] = b.v[i] + dv.v[i];
+      }
+      store<V>(dst + c, du);
+      store<V>(dst + d + c, dv);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The workspace of the backward, carved in one fixed order (measuring when base is null).
+struct BackwardScratch {
+  float* coef_u = nullptr;  // (tokens·hk)
+  float* coef_v = nullptr;  // (tokens·hk)
+  GroupScratch group;
+  size_t bytes = 0;
+};
+BackwardScratch carve_backward(const PeerExpertsShape& s, void* base) {
+  const int64_t count = s.tokens * s.heads * s.k;
+  Carve c(base);
+  BackwardScratch b;
+  b.coef_u = c.take<float>(count);
+  b.coef_v = c.take<float>(count);
+  b.group = carve_group_scratch(c, count, peer_table_grad_capacity(s), row_bits(s.n_experts));
+  b.bytes = c.used();
+  return b;
+}
+
+size_t token_smem(int64_t d, int64_t hk, int arrays) {
+  return static_cast<size_t>(((d + 3) & ~int64_t{3}) + arrays * hk) * sizeof(float);
+}
+
+void check_smem(size_t bytes, const char* what) {
+  PL_CHECK(bytes <= 48 * 1024, config, what, ": dim + heads·k too large for one block's shared memory (",
+           bytes, " bytes > 48 KiB)");
+}
+
+}  // namespace
+
+void peer_softmax_gates_cuda(int64_t groups, int64_t k, const float* scores, float* gates, cudaStream_t stream) {
+  PL_CHECK(groups >= 0 && k >= 1, config, "peer softmax gates: groups >= 0 and k >= 1 (got ", groups, ", ", k, ")");
+  if (groups == 0) return;
+  peer_softmax_gates_kernel<<<group_blocks(groups), kThreads, 0, stream>>>(groups, k, scores, gates);
+  PL_CUDA_CHECK_LAUNCH(peer_softmax_gates_kernel);
+}
+
+void peer_softmax_gates_backward_cuda(int64_t groups, int64_t k, const float* gates, const float* dgates,
+                                      float* dscores, cudaStream_t stream) {
+  PL_CHECK(groups >= 0 && k >= 1, config, "peer softmax gates backward: groups >= 0 and k >= 1 (got ", groups, ", ",
+           k, ")");
+  if (groups == 0) return;
+  peer_softmax_gates_backward_kernel<<<group_blocks(groups), kThreads, 0, stream>>>(groups, k, gates, dgates,
+                                                                                     dscores);
+  PL_CUDA_CHECK_LAUNCH(peer_softmax_gates_backward_kernel);
+}
+
+void peer_experts_forward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* scores,
+                               const float* table, float* out, const PeerExpertsSaved<float>& saved,
+                               cudaStream_t stream) {
+  validate(s);
+  PL_CHECK(s.tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", s.tokens, ")");
+  if (s.tokens == 0) return;
+  const int64_t hk = s.heads * s.k;
+  peer_softmax_gates_cuda(s.tokens * s.heads, s.k, scores, saved.gates, stream);
+  const size_t smem = token_smem(s.dim, hk, 2);
+  check_smem(smem, "peer experts forward (cuda)");
+  const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(table) && aligned16(out);
+  const dim3 grid(static_cast<unsigned>(s.tokens));
+  if (vec)
+    peer_experts_forward_kernel<4><<<grid, kThreads, smem, stream>>>(s.dim, static_cast<int>(hk), s.act, x, ids,
+                                                                     saved.gates, table, out, saved.pre_act);
+  else
+    peer_experts_forward_kernel<1><<<grid, kThreads, smem, stream>>>(s.dim, static_cast<int>(hk), s.act, x, ids,
+                                                                     saved.gates, table, out, saved.pre_act);
+  PL_CUDA_CHECK_LAUNCH(peer_experts_forward_kernel);
+}
+
+int64_t peer_table_grad_capacity(const PeerExpertsShape& s) {
+  return std::min(s.n_experts, s.tokens * s.heads * s.k);
+}
+
+size_t peer_experts_backward_workspace_bytes(const PeerExpertsShape& s) {
+  validate(s);
+  return carve_backward(s, nullptr).bytes;
+}
+
+void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* table,
+                                const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores,
+                                const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream) {
+  validate(s);
+  PL_CHECK(s.tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", s.tokens, ")");
+  const bool sparse = dtable.form == PeerTableGradForm::sparse;
+  PL_CHECK(sparse ? (dtable.rows && dtable.values && dtable.count) : dtable.dense != nullptr, config,
+           "peer experts backward (cuda): the ", sparse ? "sparse" : "dense",
+           " table gradient needs its buffers (rows, values, count / dense)");
+  const BackwardScratch b = carve_backward(s, workspace);
+  PL_CHECK(workspace && workspace_bytes >= b.bytes, config, "peer experts backward (cuda): workspace of ",
+           workspace_bytes, " bytes, needs ", b.bytes, " (peer_experts_backward_workspace_bytes)");
+  const int64_t hk = s.heads * s.k, count = s.tokens * hk, cap = peer_table_grad_capacity(s);
+  if (s.tokens == 0) {
+    if (sparse) PL_CUDA_CHECK(cudaMemsetAsync(dtable.count, 0, sizeof(int32_t), stream));
+    return;
+  }
+  const size_t smem = token_smem(s.dim, hk, 3);
+  check_smem(smem, "peer experts backward (cuda)");
+  const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(table) && aligned16(dy) && aligned16(dx) &&
+                   (sparse ? aligned16(dtable.values) : aligned16(dtable.dense));
+  const dim3 grid(static_cast<unsigned>(s.tokens));
+  const int heads = static_cast<int>(s.heads), k = static_cast<int>(s.k);
+  if (vec)
+    peer_experts_backward_token_kernel<4><<<grid, kThreads, smem, stream>>>(
+        s.dim, heads, k, s.act, ids, table, gates, pre_act, dy, dx, dscores, b.coef_u, b.coef_v);
+  else
+    peer_experts_backward_token_kernel<1><<<grid, kThreads, smem, stream>>>(
+        s.dim, heads, k, s.act, ids, table, gates, pre_act, dy, dx, dscores, b.coef_u, b.coef_v);
+  PL_CUDA_CHECK_LAUNCH(peer_experts_backward_token_kernel);
+
+  const RowGroups groups = group_rows(ids, count, cap, row_bits(s.n_experts), b.group, sparse ? dtable.rows : nullptr,
+                                      sparse ? dtable.count : nullptr, stream);
+  float* values = sparse ? dtable.values : nullptr;
+  float* dense = sparse ? nullptr : dtable.dense;
+  const unsigned blocks = row_blocks(cap);
+  const int hk_i = static_cast<int>(hk);
+  if (vec)
+    peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, x, dy, b.coef_u, b.coef_v, groups, values,
+                                                               dense);
+  else
+    peer_table_grad_kernel<1><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, x, dy, b.coef_u, b.coef_v, groups, values,
+                                                               dense);
+  PL_CUDA_CHECK_LAUNCH(peer_table_grad_kernel);
+}
+
+}  // namespace peerless

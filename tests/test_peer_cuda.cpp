@@ -1,0 +1,586 @@
+// The PEER CUDA ops against their CPU references (SPEC §3): the softmax gates, the fused expert
+// forward and its backward (dx, dscores, the table gradient sparse and dense-accumulated), product-key
+// retrieval (bit-identical ids and scores on integer-valued data, up to N = 1024²; float data with a
+// selection-margin rule) and the whole layer in train and eval mode. Random inputs each run (the seed
+// is printed; PEERLESS_TEST_SEED replays one), guard bytes around every device output (poisoned,
+// checked untouched), NaN/Inf at the same places, integer outputs (ids, sparse row lists, counts)
+// bit-identical, float outputs within a stated norm-wise relative tolerance, and every GPU op run
+// twice on the same inputs giving bit-identical outputs (no float atomics anywhere).
+// Tolerances: the GPU sums in other orders than the CPU (butterfly dots of length d, cuBLAS GEMMs,
+// strided per-channel partial sums), so each fp32 output carries ~√n·ε relative error of its
+// n-term sums; norm-wise 2e-5 for forward values and 1e-4 for gradients (sums of products of sums,
+// and BatchNorm's mean-subtractions) leave a 10x margin over what such orders produce at these sizes.
+// Labelled `gpu` in CMake (tests/test_*_cuda.cpp); without a GPU or CUDA they fail, never skip.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "model/ops/op_registry.h"
+#include "model/ops/peer_experts.h"
+#include "model/ops/peer_layer.h"
+#include "model/ops/peer_retrieval.h"
+#include "tests/ops_test_util.h"
+
+namespace peerless {
+namespace {
+
+// CUDA coverage markers read by tests/test_ops_registry.cpp; each checks the op has has_cuda.
+#define OP_TEST_CUDA(op)                                                                           \
+  TEST(op_coverage_cuda, op) {                                                                     \
+    const OpInfo* info = find_op(#op);                                                             \
+    ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
+    EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
+  }
+OP_TEST_CUDA(peer_experts)
+OP_TEST_CUDA(peer_retrieval)
+OP_TEST_CUDA(peer_layer)
+
+}  // namespace
+}  // namespace peerless
+
+#ifndef PEERLESS_HAVE_CUDA
+
+TEST(cuda_backend, built_without_cuda) {
+  FAIL() << "this build has no CUDA backend (PEERLESS_CUDA=OFF or no nvcc): the gpu-labelled tests need a "
+            "CUDA build on a GPU machine; CPU-only runs exclude them with ctest -LE gpu";
+}
+
+#else  // PEERLESS_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include "model/ops/cuda_check.h"
+#include "parallel/memory.h"
+
+namespace peerless {
+namespace {
+
+using test::case_name;
+
+uint64_t test_seed() {
+  if (const char* s = std::getenv("PEERLESS_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  static const uint64_t seed = std::random_device{}();
+  return seed;
+}
+
+std::vector<float> normal_f(std::mt19937_64& rng, int64_t n, double sd = 1.0, double mean = 0.0) {
+  return test::to_float(test::normal(rng, n, sd, mean));
+}
+
+constexpr size_t kGuard = 64;
+constexpr unsigned char kPoison = 0xA5;
+
+// A device array with kGuard poisoned elements each side; the interior starts poisoned too.
+template <typename T>
+class DevBuf {
+ public:
+  explicit DevBuf(size_t n) : n_(n), mem_((n + 2 * kGuard) * sizeof(T)) {
+    std::vector<unsigned char> poison((n + 2 * kGuard) * sizeof(T), kPoison);
+    PL_CUDA_CHECK(cudaMemcpy(mem_.get(), poison.data(), poison.size(), cudaMemcpyHostToDevice));
+  }
+  explicit DevBuf(const std::vector<T>& v) : DevBuf(v.size()) { upload(v); }
+  T* get() const { return static_cast<T*>(mem_.get()) + kGuard; }
+  void upload(const std::vector<T>& v) {
+    PL_CHECK(v.size() == n_, internal, "upload of ", v.size(), " elements into ", n_);
+    PL_CUDA_CHECK(cudaMemcpy(get(), v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  // Synchronises, checks both guards, returns the first `count` interior elements (all by default).
+  std::vector<T> download(const std::string& what, size_t count = SIZE_MAX) const {
+    PL_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<unsigned char> all((n_ + 2 * kGuard) * sizeof(T));
+    PL_CUDA_CHECK(cudaMemcpy(all.data(), mem_.get(), all.size(), cudaMemcpyDeviceToHost));
+    const size_t g = kGuard * sizeof(T), body = n_ * sizeof(T);
+    size_t lo = 0, hi = 0;
+    for (size_t i = 0; i < g; ++i) lo += all[i] != kPoison, hi += all[g + body + i] != kPoison;
+    EXPECT_EQ(lo, 0u) << what << ": " << lo << " guard bytes before the buffer overwritten";
+    EXPECT_EQ(hi, 0u) << what << ": " << hi << " guard bytes after the buffer overwritten";
+    std::vector<T> out(std::min(n_, count));
+    std::memcpy(out.data(), all.data() + g, out.size() * sizeof(T));
+    return out;
+  }
+
+ private:
+  size_t n_;
+  DeviceBytes mem_;
+};
+
+// NaN and ±Inf at the same places; over finite entries max|gpu − cpu| / max|cpu| ≤ tol.
+void expect_close(const std::vector<float>& gpu, const std::vector<float>& cpu, double tol, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  size_t bad_nonfinite = 0, first_bad = 0, worst = 0;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const float a = gpu[i], b = cpu[i];
+    if (!std::isfinite(a) || !std::isfinite(b)) {
+      const bool same = (std::isnan(a) && std::isnan(b)) || a == b;
+      if (!same && bad_nonfinite++ == 0) first_bad = i;
+      continue;
+    }
+    const double d = std::fabs(static_cast<double>(a) - b);
+    if (d > num) num = d, worst = i;
+    den = std::max(den, std::fabs(static_cast<double>(b)));
+  }
+  EXPECT_EQ(bad_nonfinite, 0u) << what << ": NaN/Inf disagree at " << bad_nonfinite << " places, first at "
+                               << first_bad << " (gpu " << gpu[first_bad] << ", cpu " << cpu[first_bad] << ")";
+  const double rel = den > 0 ? num / den : num;
+  EXPECT_LE(rel, tol) << what << ": relative error " << rel << " (tolerance " << tol << "), worst at " << worst
+                      << ": gpu " << gpu[worst] << " cpu " << cpu[worst];
+}
+
+// Bit-identical (floats by bit pattern; any NaN equals any NaN).
+template <typename T>
+void expect_identical(const std::vector<T>& a, const std::vector<T>& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    bool same;
+    if constexpr (std::is_floating_point_v<T>)
+      same = (std::isnan(a[i]) && std::isnan(b[i])) || std::memcmp(&a[i], &b[i], sizeof(T)) == 0;
+    else
+      same = a[i] == b[i];
+    if (!same && bad++ == 0) first = i;
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << a.size() << " elements differ, first at " << first << " ("
+                     << +a[first] << " vs " << +b[first] << ")";
+}
+
+struct StreamDeleter {
+  void operator()(CUstream_st* s) const { cudaStreamDestroy(s); }
+};
+
+class Cuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int n = 0;
+    const cudaError_t rc = cudaGetDeviceCount(&n);
+    if (rc != cudaSuccess || n == 0) {
+      cudaGetLastError();
+      GTEST_FAIL() << "no GPU visible (" << cudaGetErrorString(rc)
+                   << "): the gpu-labelled tests need one; CPU-only runs exclude them with ctest -LE gpu";
+    }
+    cudaStream_t s = nullptr;
+    PL_CUDA_CHECK(cudaStreamCreate(&s));
+    stream_.reset(s);
+    rng_.seed(test_seed() + std::hash<std::string>{}(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    std::printf("[ seed     ] PEERLESS_TEST_SEED=%llu\n", static_cast<unsigned long long>(test_seed()));
+  }
+  cudaStream_t stream() const { return stream_.get(); }
+  std::mt19937_64& rng() { return rng_; }
+
+ private:
+  std::unique_ptr<CUstream_st, StreamDeleter> stream_;
+  std::mt19937_64 rng_;
+};
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+const float kInf = std::numeric_limits<float>::infinity();
+
+const char* act_name(PeerActivation a) { return a == PeerActivation::relu ? "relu" : "gelu"; }
+
+// ---- softmax gates -------------------------------------------------------------------------------
+
+TEST_F(Cuda, peer_softmax_gates_forward_backward) {
+  for (const int64_t k : {1, 4, 16, 33}) {
+    const int64_t groups = 300, n = groups * k;
+    SCOPED_TRACE(case_name({{"groups", groups}, {"k", k}}));
+    std::vector<float> s = normal_f(rng(), n, 3.0), dg = normal_f(rng(), n);
+    s[0] = kNaN;                                 // group 0: NaN first
+    if (k > 1) s[k + 1] = kInf, s[2 * k + 1] = -kInf;  // group 1: +Inf; group 2: −Inf
+    std::vector<float> g_cpu(n), ds_cpu(n);
+    peer_softmax_gates_cpu(groups, k, s.data(), g_cpu.data());
+    DevBuf<float> d_s(s), d_g(n), d_dg(dg), d_ds(n);
+    peer_softmax_gates_cuda(groups, k, d_s.get(), d_g.get(), stream());
+    const std::vector<float> g_gpu = d_g.download("gates");
+    expect_close(g_gpu, g_cpu, 1e-6, "gates");
+    peer_softmax_gates_backward_cpu(groups, k, g_cpu.data(), dg.data(), ds_cpu.data());
+    d_g.upload(g_cpu);
+    peer_softmax_gates_backward_cuda(groups, k, d_g.get(), d_dg.get(), d_ds.get(), stream());
+    expect_close(d_ds.download("dscores"), ds_cpu, 1e-6, "dscores");
+  }
+}
+
+// ---- experts ---------------------------------------------------------------------------------------
+
+struct ExpertsCase {
+  int64_t tokens, dim, heads, k, n_experts;
+  PeerActivation act;
+};
+
+// Everything one GPU forward + backward produces, downloaded.
+struct ExpertsOut {
+  std::vector<float> out, gates, pre_act, dx, dscores, values, dense;
+  std::vector<int32_t> rows;
+  int32_t count = 0;
+};
+
+TEST_F(Cuda, peer_experts_forward_backward_match_cpu_and_are_deterministic) {
+  const ExpertsCase cases[] = {
+      {37, 64, 2, 4, 97, PeerActivation::relu},    {37, 64, 2, 4, 97, PeerActivation::gelu},
+      {19, 37, 3, 5, 50, PeerActivation::gelu},    {23, 10, 1, 3, 4, PeerActivation::relu},
+      {128, 256, 4, 8, 4096, PeerActivation::relu}, {64, 1024, 8, 16, 3000, PeerActivation::gelu},
+  };
+  for (const ExpertsCase& c : cases) {
+    const std::string name = case_name({{"tokens", c.tokens}, {"dim", c.dim}, {"heads", c.heads}, {"k", c.k},
+                                        {"N", c.n_experts}}) +
+                             "_" + act_name(c.act);
+    SCOPED_TRACE(name);
+    const PeerExpertsShape s{c.tokens, c.dim, c.heads, c.k, c.n_experts, c.act};
+    const int64_t T = c.tokens, d = c.dim, hk = c.heads * c.k, E = T * hk, W = 2 * d;
+    std::vector<float> x = normal_f(rng(), T * d), scores = normal_f(rng(), E, 2.0);
+    std::vector<float> table = normal_f(rng(), c.n_experts * W, 1.0 / std::sqrt(static_cast<double>(d)));
+    std::vector<float> dy = normal_f(rng(), T * d);
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(c.n_experts - 1));
+    std::vector<int32_t> ids(E);
+    for (auto& id : ids) id = pick(rng());
+    // Duplicates within a head and across heads of one token.
+    for (int64_t t = 0; t < T; t += 2) {
+      if (c.k > 1) ids[t * hk + 1] = ids[t * hk];
+      if (c.heads > 1) ids[t * hk + c.k] = ids[t * hk];
+    }
+    // Non-finite inputs: NaN in x of token 1, +Inf score in token 2, Inf in dy of token 3.
+    x[1 * d + d / 2] = kNaN;
+    scores[2 * hk] = kInf;
+    dy[3 * d] = kInf;
+
+    // CPU.
+    std::vector<float> out_cpu(T * d), gates_cpu(E), pre_cpu(E), dx_cpu(T * d), ds_cpu(E);
+    peer_experts_forward_cpu(s, x.data(), ids.data(), scores.data(), table.data(), out_cpu.data(),
+                             PeerExpertsSaved<float>{gates_cpu.data(), pre_cpu.data()});
+    PeerSparseGrad<float> g_cpu;
+    peer_experts_backward_cpu(s, x.data(), ids.data(), table.data(), gates_cpu.data(), pre_cpu.data(), dy.data(),
+                              dx_cpu.data(), ds_cpu.data(), g_cpu);
+    const std::vector<float> dense0 = normal_f(rng(), c.n_experts * W);
+    std::vector<float> dense_cpu = dense0;
+    peer_sparse_grad_scatter_add_cpu(g_cpu, dense_cpu.data());
+
+    // GPU, twice.
+    const int64_t cap = peer_table_grad_capacity(s);
+    DevBuf<float> d_x(x), d_scores(scores), d_table(table), d_dy(dy);
+    DevBuf<int32_t> d_ids(ids);
+    const size_t ws_bytes = peer_experts_backward_workspace_bytes(s);
+    DeviceBytes ws(ws_bytes);
+    auto run = [&]() {
+      DevBuf<float> d_out(T * d), d_gates(E), d_pre(E), d_dx(T * d), d_ds(E), d_values(cap * W), d_dense(dense0);
+      DevBuf<int32_t> d_rows(cap), d_count(1);
+      peer_experts_forward_cuda(s, d_x.get(), d_ids.get(), d_scores.get(), d_table.get(), d_out.get(),
+                                PeerExpertsSaved<float>{d_gates.get(), d_pre.get()}, stream());
+      PeerTableGradCuda sparse;
+      sparse.rows = d_rows.get(), sparse.values = d_values.get(), sparse.count = d_count.get();
+      peer_experts_backward_cuda(s, d_x.get(), d_ids.get(), d_table.get(), d_gates.get(), d_pre.get(), d_dy.get(),
+                                 d_dx.get(), d_ds.get(), sparse, ws.get(), ws_bytes, stream());
+      ExpertsOut o;
+      o.count = d_count.download("count")[0];
+      o.rows = d_rows.download("rows", static_cast<size_t>(std::max(o.count, 0)));
+      o.values = d_values.download("values", static_cast<size_t>(std::max(o.count, 0)) * W);
+      PeerTableGradCuda dense;
+      dense.form = PeerTableGradForm::dense_accumulate;
+      dense.dense = d_dense.get();
+      peer_experts_backward_cuda(s, d_x.get(), d_ids.get(), d_table.get(), d_gates.get(), d_pre.get(), d_dy.get(),
+                                 d_dx.get(), d_ds.get(), dense, ws.get(), ws_bytes, stream());
+      o.out = d_out.download("out");
+      o.gates = d_gates.download("gates");
+      o.pre_act = d_pre.download("pre_act");
+      o.dx = d_dx.download("dx");
+      o.dscores = d_ds.download("dscores");
+      o.dense = d_dense.download("dense");
+      return o;
+    };
+    const ExpertsOut a = run(), b = run();
+
+    expect_close(a.out, out_cpu, 2e-5, "out " + name);
+    expect_close(a.gates, gates_cpu, 2e-6, "gates " + name);
+    expect_close(a.pre_act, pre_cpu, 2e-5, "pre_act " + name);
+    expect_close(a.dx, dx_cpu, 1e-4, "dx " + name);
+    expect_close(a.dscores, ds_cpu, 1e-4, "dscores " + name);
+    ASSERT_EQ(a.count, static_cast<int32_t>(g_cpu.rows.size())) << "distinct rows " << name;
+    expect_identical(a.rows, g_cpu.rows, "sparse rows " + name);
+    expect_close(a.values, g_cpu.values, 1e-4, "sparse values " + name);
+    expect_close(a.dense, dense_cpu, 1e-4, "dense table grad " + name);
+
+    expect_identical(a.out, b.out, "out, run twice " + name);
+    expect_identical(a.pre_act, b.pre_act, "pre_act, run twice " + name);
+    expect_identical(a.dx, b.dx, "dx, run twice " + name);
+    expect_identical(a.dscores, b.dscores, "dscores, run twice " + name);
+    expect_identical(a.rows, b.rows, "rows, run twice " + name);
+    expect_identical(a.values, b.values, "values, run twice " + name);
+    expect_identical(a.dense, b.dense, "dense, run twice " + name);
+  }
+}
+
+// ---- retrieval -------------------------------------------------------------------------------------
+
+struct RetrievalRun {
+  std::vector<int32_t> ids;
+  std::vector<float> scores;
+};
+
+RetrievalRun retrieve_gpu(PeerBlas& blas, const PeerRetrievalShape& s, const std::vector<float>& q,
+                          const std::vector<float>& c1, const std::vector<float>& c2, cudaStream_t stream) {
+  const int64_t out = s.tokens * s.heads * s.k;
+  DevBuf<float> d_q(q), d_c1(c1), d_c2(c2), d_scores(out);
+  DevBuf<int32_t> d_ids(out);
+  const size_t ws_bytes = peer_retrieval_workspace_bytes(s);
+  DeviceBytes ws(ws_bytes);
+  peer_retrieval_cuda(blas, s, d_q.get(), d_c1.get(), d_c2.get(), d_ids.get(), d_scores.get(), ws.get(), ws_bytes,
+                      stream);
+  return {d_ids.download("ids"), d_scores.download("scores")};
+}
+
+std::string retrieval_name(const PeerRetrievalShape& s) {
+  return case_name({{"tokens", s.tokens}, {"heads", s.heads}, {"dk", s.key_dim}, {"n", s.n_sub}, {"k", s.k}}) +
+         (s.keys == PeerKeySharing::shared ? "_shared" : "_perhead");
+}
+
+// Integer-valued queries and keys: every sub-score and sum is exact in fp32 in any order, so the GPU
+// must give the CPU's ids and scores bit for bit, ties (plentiful here) resolved by lower index.
+// One query has a NaN (its whole row ranks by index).
+TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
+  PeerBlas blas;
+  const PeerRetrievalShape shapes[] = {
+      {32, 8, 64, 1024, 16, PeerKeySharing::shared},  // N = 1024²
+      {16, 4, 32, 1024, 16, PeerKeySharing::per_head},
+      {37, 3, 6, 40, 7, PeerKeySharing::shared},
+      {37, 3, 6, 40, 40, PeerKeySharing::per_head},  // k = n
+      {5, 2, 2, 1, 1, PeerKeySharing::shared},
+  };
+  for (const PeerRetrievalShape& s : shapes) {
+    const std::string name = retrieval_name(s);
+    SCOPED_TRACE(name);
+    const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
+    std::uniform_int_distribution<int> small(-3, 3);
+    auto ints = [&](int64_t n) {
+      std::vector<float> v(n);
+      for (auto& e : v) e = static_cast<float>(small(rng()));
+      return v;
+    };
+    std::vector<float> q = ints(s.tokens * s.heads * s.key_dim), c1 = ints(rows * half), c2 = ints(rows * half);
+    if (s.tokens > 1) q[s.heads * s.key_dim + 0] = kNaN;  // token 1, head 0, first half
+    const int64_t out = s.tokens * s.heads * s.k;
+    std::vector<int32_t> ids_cpu(out);
+    std::vector<float> scores_cpu(out);
+    peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
+    const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
+    expect_identical(a.ids, ids_cpu, "ids " + name);
+    expect_identical(a.scores, scores_cpu, "scores " + name);
+    expect_identical(a.ids, b.ids, "ids, run twice " + name);
+    expect_identical(a.scores, b.scores, "scores, run twice " + name);
+  }
+}
+
+// Normal data: scores within float tolerance of the CPU's, and ids equal wherever the CPU's selection
+// is decided by more than rounding (both neighbours in the sorted list at least 1e-4·max|score| away).
+TEST_F(Cuda, peer_retrieval_float_data_matches_cpu) {
+  PeerBlas blas;
+  const PeerRetrievalShape shapes[] = {
+      {64, 4, 128, 256, 16, PeerKeySharing::shared},
+      {48, 8, 64, 512, 8, PeerKeySharing::per_head},
+  };
+  for (const PeerRetrievalShape& s : shapes) {
+    const std::string name = retrieval_name(s);
+    SCOPED_TRACE(name);
+    const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
+    std::vector<float> q = normal_f(rng(), s.tokens * s.heads * s.key_dim), c1 = normal_f(rng(), rows * half),
+                       c2 = normal_f(rng(), rows * half);
+    const int64_t pairs = s.tokens * s.heads, out = pairs * s.k;
+    std::vector<int32_t> ids_cpu(out);
+    std::vector<float> scores_cpu(out);
+    peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
+    const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
+    expect_close(a.scores, scores_cpu, 1e-5, "scores " + name);
+    double scale = 0;
+    for (float v : scores_cpu) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+    const double gap = 1e-4 * scale;
+    int64_t checked = 0, differ = 0;
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t j = 0; j < s.k; ++j) {
+        const float* sc = scores_cpu.data() + p * s.k;
+        const bool clear_above = j == 0 || sc[j - 1] - sc[j] > gap;
+        const bool clear_below = j + 1 == s.k || sc[j] - sc[j + 1] > gap;
+        if (!clear_above || !clear_below) continue;
+        ++checked;
+        differ += a.ids[p * s.k + j] != ids_cpu[p * s.k + j];
+      }
+    EXPECT_EQ(differ, 0) << name << ": " << differ << " of " << checked << " clearly separated ids differ";
+    EXPECT_GT(checked, out / 2) << name;
+    expect_identical(a.ids, b.ids, "ids, run twice " + name);
+    expect_identical(a.scores, b.scores, "scores, run twice " + name);
+  }
+}
+
+// ---- whole layer -----------------------------------------------------------------------------------
+
+struct LayerCase {
+  PeerLayerShape s;
+  PeerNormMode mode;
+};
+
+TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
+  auto shape = [](int64_t T, int64_t d, int64_t h, int64_t dk, int64_t n, int64_t k, PeerKeySharing keys,
+                  PeerActivation act) {
+    PeerLayerShape s;
+    s.tokens = T, s.dim = d, s.heads = h, s.key_dim = dk, s.n_sub = n, s.k = k, s.keys = keys, s.act = act;
+    return s;
+  };
+  const LayerCase cases[] = {
+      {shape(48, 32, 2, 16, 24, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::train},
+      {shape(48, 32, 2, 16, 24, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::eval},
+      {shape(33, 20, 3, 8, 10, 3, PeerKeySharing::per_head, PeerActivation::gelu), PeerNormMode::train},
+      {shape(64, 64, 4, 32, 32, 8, PeerKeySharing::per_head, PeerActivation::relu), PeerNormMode::train},
+  };
+  for (const LayerCase& lc : cases) {
+    const PeerLayerShape& s = lc.s;
+    const std::string name =
+        case_name({{"tokens", s.tokens}, {"dim", s.dim}, {"heads", s.heads}, {"dk", s.key_dim}, {"n", s.n_sub},
+                   {"k", s.k}}) +
+        (s.keys == PeerKeySharing::shared ? "_shared_" : "_perhead_") + act_name(s.act) +
+        (lc.mode == PeerNormMode::train ? "_train" : "_eval");
+    SCOPED_TRACE(name);
+    const int64_t T = s.tokens, d = s.dim, C = s.channels(), hk = s.heads * s.k, E = T * hk;
+    const int64_t N = s.n_sub * s.n_sub, W = 2 * d, half = s.key_dim / 2, key_elems = s.sub_key_rows() * half;
+
+    // Draw until every (token, head) top-k (and the k+1-th) is separated by more than rounding, so
+    // the GPU's rounding cannot reorder the selection (see test_ops_peer.cpp's retrieval tests).
+    std::vector<float> x, wq, gamma, beta, rm, rv, c1, c2, table;
+    bool ok = false;
+    for (int attempt = 0; attempt < 50 && !ok; ++attempt) {
+      x = normal_f(rng(), T * d);
+      wq = normal_f(rng(), C * d, 1.0 / std::sqrt(static_cast<double>(d)));
+      gamma = normal_f(rng(), C, 0.2, 1.0);
+      beta = normal_f(rng(), C, 0.1);
+      rm = normal_f(rng(), C, 0.1);
+      rv = normal_f(rng(), C, 0.1, 1.0);
+      for (auto& v : rv) v = std::fabs(v);
+      c1 = normal_f(rng(), key_elems);
+      c2 = normal_f(rng(), key_elems);
+      table = normal_f(rng(), N * W, 1.0 / std::sqrt(static_cast<double>(d)));
+      std::vector<float> rm0 = rm, rv0 = rv, out(T * d);
+      const PeerLayerParams<float> p{wq.data(), gamma.data(), beta.data(), rm0.data(), rv0.data(),
+                                     c1.data(), c2.data(), table.data()};
+      const PeerLayerContext<float> ctx = peer_layer_forward_cpu(s, lc.mode, p, x.data(), out.data());
+      PeerRetrievalShape r = s.retrieval();
+      r.k = s.k + 1;
+      std::vector<int32_t> ids(T * s.heads * r.k);
+      std::vector<float> sc(T * s.heads * r.k);
+      peer_retrieval_cpu(r, ctx.q.data(), c1.data(), c2.data(), ids.data(), sc.data());
+      double scale = 0, min_gap = 1e30;
+      for (float v : sc) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+      for (int64_t g = 0; g < T * s.heads; ++g)
+        for (int64_t j = 0; j < s.k; ++j) min_gap = std::min(min_gap, double(sc[g * r.k + j]) - sc[g * r.k + j + 1]);
+      ok = min_gap > 2e-4 * scale;
+    }
+    ASSERT_TRUE(ok) << "no draw with a clear selection margin in 50 attempts";
+
+    const std::vector<float> dy = normal_f(rng(), T * d);
+    const std::vector<float> dwq0 = normal_f(rng(), C * d), dg0 = normal_f(rng(), C), db0 = normal_f(rng(), C);
+    const std::vector<float> dc10 = normal_f(rng(), key_elems), dc20 = normal_f(rng(), key_elems);
+    const std::vector<float> dense0 = normal_f(rng(), N * W);
+
+    // CPU.
+    std::vector<float> rm_cpu = rm, rv_cpu = rv, out_cpu(T * d), dx_cpu(T * d);
+    const PeerLayerParams<float> p_cpu{wq.data(), gamma.data(), beta.data(), rm_cpu.data(), rv_cpu.data(),
+                                       c1.data(), c2.data(), table.data()};
+    const PeerLayerContext<float> ctx_cpu = peer_layer_forward_cpu(s, lc.mode, p_cpu, x.data(), out_cpu.data());
+    std::vector<float> dwq_cpu = dwq0, dg_cpu = dg0, db_cpu = db0, dc1_cpu = dc10, dc2_cpu = dc20;
+    PeerSparseGrad<float> dt_cpu;
+    peer_layer_backward_cpu(s, p_cpu, ctx_cpu, x.data(), dy.data(), dx_cpu.data(),
+                            PeerLayerGrads<float>{dwq_cpu.data(), dg_cpu.data(), db_cpu.data(), dc1_cpu.data(),
+                                                  dc2_cpu.data(), &dt_cpu});
+    std::vector<float> dense_cpu = dense0;
+    peer_sparse_grad_scatter_add_cpu(dt_cpu, dense_cpu.data());
+
+    // GPU, twice (sparse table gradient the first time in each run, then dense).
+    struct Out {
+      std::vector<float> out, q, scores, gates, rm, rv, dx, dwq, dg, db, dc1, dc2, values, dense, dx2;
+      std::vector<int32_t> ids, rows;
+    };
+    DevBuf<float> d_x(x), d_wq(wq), d_gamma(gamma), d_beta(beta), d_c1(c1), d_c2(c2), d_table(table), d_dy(dy);
+    PeerLayerCuda ctx(s);
+    auto run = [&]() {
+      DevBuf<float> d_rm(rm), d_rv(rv), d_out(T * d), d_dx(T * d), d_dwq(dwq0), d_dg(dg0), d_db(db0), d_dc1(dc10),
+          d_dc2(dc20), d_values(std::min(N, E) * W), d_dense(dense0);
+      DevBuf<int32_t> d_rows(std::min(N, E)), d_count(1);
+      const PeerLayerParams<float> p{d_wq.get(), d_gamma.get(), d_beta.get(), d_rm.get(), d_rv.get(),
+                                     d_c1.get(),  d_c2.get(),    d_table.get()};
+      peer_layer_forward_cuda(s, lc.mode, p, d_x.get(), d_out.get(), ctx, stream());
+      PeerLayerGradsCuda g{d_dwq.get(), d_dg.get(), d_db.get(), d_dc1.get(), d_dc2.get(), {}};
+      g.table.rows = d_rows.get(), g.table.values = d_values.get(), g.table.count = d_count.get();
+      peer_layer_backward_cuda(s, p, ctx, d_x.get(), d_dy.get(), d_dx.get(), g, stream());
+      Out o;
+      o.out = d_out.download("out");
+      o.rm = d_rm.download("running mean");
+      o.rv = d_rv.download("running var");
+      o.dx = d_dx.download("dx");
+      o.dwq = d_dwq.download("dW_q");
+      o.dg = d_dg.download("dgamma");
+      o.db = d_db.download("dbeta");
+      o.dc1 = d_dc1.download("dC");
+      o.dc2 = d_dc2.download("dC'");
+      const int32_t count = d_count.download("count")[0];
+      EXPECT_EQ(count, static_cast<int32_t>(dt_cpu.rows.size()));
+      o.rows = d_rows.download("rows", static_cast<size_t>(std::max(count, 0)));
+      o.values = d_values.download("values", static_cast<size_t>(std::max(count, 0)) * W);
+      auto pull = [&](const auto* dev, int64_t n, auto& host) {
+        host.resize(static_cast<size_t>(n));
+        PL_CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(*dev), cudaMemcpyDeviceToHost));
+      };
+      pull(ctx.q, T * C, o.q);
+      pull(ctx.ids, E, o.ids);
+      pull(ctx.scores, E, o.scores);
+      pull(ctx.gates, E, o.gates);
+      // The same backward with the dense table gradient (sub-key and projection grads not wanted).
+      PeerLayerGradsCuda g2;
+      g2.table.form = PeerTableGradForm::dense_accumulate;
+      g2.table.dense = d_dense.get();
+      peer_layer_backward_cuda(s, p, ctx, d_x.get(), d_dy.get(), d_dx.get(), g2, stream());
+      o.dense = d_dense.download("dense");
+      o.dx2 = d_dx.download("dx (second backward)");
+      return o;
+    };
+    const Out a = run(), b = run();
+
+    expect_close(a.q, ctx_cpu.q, 2e-5, "q " + name);
+    expect_identical(a.ids, ctx_cpu.ids, "ids " + name);
+    expect_close(a.scores, ctx_cpu.scores, 2e-5, "scores " + name);
+    expect_close(a.gates, ctx_cpu.gates, 2e-5, "gates " + name);
+    expect_close(a.out, out_cpu, 2e-5, "out " + name);
+    expect_close(a.rm, rm_cpu, 2e-5, "running mean " + name);
+    expect_close(a.rv, rv_cpu, 2e-5, "running var " + name);
+    expect_close(a.dx, dx_cpu, 1e-4, "dx " + name);
+    expect_close(a.dwq, dwq_cpu, 1e-4, "dW_q " + name);
+    expect_close(a.dg, dg_cpu, 1e-4, "dgamma " + name);
+    expect_close(a.db, db_cpu, 1e-4, "dbeta " + name);
+    expect_close(a.dc1, dc1_cpu, 1e-4, "dC " + name);
+    expect_close(a.dc2, dc2_cpu, 1e-4, "dC' " + name);
+    expect_identical(a.rows, dt_cpu.rows, "table rows " + name);
+    expect_close(a.values, dt_cpu.values, 1e-4, "table values " + name);
+    expect_close(a.dense, dense_cpu, 1e-4, "dense table grad " + name);
+    expect_identical(a.dx2, a.dx, "dx of the second backward " + name);
+
+    expect_identical(a.out, b.out, "out, run twice " + name);
+    expect_identical(a.ids, b.ids, "ids, run twice " + name);
+    expect_identical(a.dx, b.dx, "dx, run twice " + name);
+    expect_identical(a.dwq, b.dwq, "dW_q, run twice " + name);
+    expect_identical(a.dg, b.dg, "dgamma, run twice " + name);
+    expect_identical(a.dc1, b.dc1, "dC, run twice " + name);
+    expect_identical(a.dc2, b.dc2, "dC', run twice " + name);
+    expect_identical(a.values, b.values, "table values, run twice " + name);
+    expect_identical(a.dense, b.dense, "dense, run twice " + name);
+  }
+}
+
+}  // namespace
+}  // namespace peerless
+
+#endif  // PEERLESS_HAVE_CUDA
