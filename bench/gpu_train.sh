@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for the GPU machine (the device tool) for the CUDA training path: build for sm_90,
 # run the GPU tests (ctest -L gpu: op tests and the 50-step GPU-vs-CPU loss curves), the op and
-# GEMM benchmarks, `peerless bench train` on the 370M config, a 1-GPU training run on Tiny
-# Shakespeare, and the PyTorch baseline (bench/torch_mmf.py) when asked. Logs under $OUT.
+# GEMM benchmarks, `peerless bench train` on the 370M config, `peerless bench peer-layer`, 1-GPU
+# training runs on Tiny Shakespeare (the dense demo and its PEER variant), and the PyTorch baseline
+# (bench/torch_mmf.py) when asked. Logs under $OUT.
 # Needs .deps/ carried (toml++ and pcre2 headers, shared data). Usage:
 #   bash bench/gpu_train.sh [--torch] [--skip-tests] [--no-shakespeare]
 set -uo pipefail
@@ -21,7 +22,7 @@ export PEERLESS_SHARED="$root/../shared"
 nvidia-smi -L | tee "$OUT/gpu.txt"
 { cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DPEERLESS_EXTRA_INCLUDE="$root/.deps/include" &&
-  cmake --build build-gpu -j 16 --target ${TARGETS:-peerless test_ops_cuda test_model_cuda bench_gemm_cuda}; } > "$OUT/build.log" 2>&1 \
+  cmake --build build-gpu -j 16 --target ${TARGETS:-peerless test_ops_cuda test_model_cuda test_peer_cuda bench_gemm_cuda}; } > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build ok"
 b=build-gpu/bin/peerless
@@ -32,6 +33,8 @@ if [[ $tests == 1 ]]; then
 fi
 echo "== bench train (370M)"
 timeout 300 $b bench train --config configs/mmf-370m.toml --batch 4,8,16 --seq 2048 --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_train.txt"
+echo "== bench peer-layer"
+timeout 200 $b bench peer-layer 2>&1 | tee "$OUT/bench_peer_layer.txt" | tail -30
 if [[ $shakespeare == 1 ]]; then
 echo "== train on Tiny Shakespeare, one GPU"
 $b prepare --input ../shared/data/tinyshakespeare/input.txt --out /tmp/ts.h5 --quiet > /dev/null
@@ -39,6 +42,11 @@ timeout 240 $b train configs/shakespeare-byte.toml --set data.path=/tmp/ts.h5 --
   --set run.device=cuda --set train.log_every=50 --overwrite > "$OUT/train_gpu.log" 2>&1; echo "rc=$?"
 grep -E "step .*(50|100|200|300|400|500)/|validation|trained|GPU memory|device:" "$OUT/train_gpu.log" | tail -16
 cp /tmp/runs/gpu/metrics.jsonl "$OUT/train_gpu_metrics.jsonl" 2>/dev/null
+echo "== train the PEER variant on Tiny Shakespeare, one GPU"
+timeout 300 $b train configs/shakespeare-peer.toml --set data.path=/tmp/ts.h5 --set run.out_dir=/tmp/runs --set run.name=gpu-peer \
+  --set run.device=cuda --set train.log_every=100 --overwrite > "$OUT/train_gpu_peer.log" 2>&1; echo "rc=$?"
+grep -E "step .*00/|validation|trained|GPU memory|device:" "$OUT/train_gpu_peer.log" | tail -30
+cp /tmp/runs/gpu-peer/metrics.jsonl "$OUT/train_gpu_peer_metrics.jsonl" 2>/dev/null
 fi
 if [[ $torch == 1 && -f bench/torch_mmf.py ]]; then
   echo "== PyTorch baseline"
