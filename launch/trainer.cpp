@@ -562,6 +562,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
         const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
         loader.fill(step, first, n, inputs.data(), targets.data());
         const double loss = cuda->forward_backward(inputs.data(), targets.data(), n, T, grad_scale);
+        if (n_peer > 0) cuda->add_expert_counts(expert_counts);
         PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
                  "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr, ")");
         loss_sum += loss;

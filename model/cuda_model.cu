@@ -603,6 +603,25 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
                                 : g.forward_backward(g.saved32, batch, seq, grad_scale);
 }
 
+void CudaModel::add_expert_counts(std::vector<double>& counts) {
+  Impl& g = *impl_;
+  const int n_peer = g.host.n_peer_layers();
+  if (n_peer == 0) return;
+  const int64_t N = g.host.peer_experts();
+  if (counts.size() != static_cast<size_t>(n_peer * N)) counts.assign(n_peer * N, 0.0);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < n_peer; ++i) {
+    const PeerLayerCuda& ctx = *g.peer[i];
+    if (ctx.tokens <= 0) continue;
+    const PeerLayerShape ps = g.host.peer_shape(ctx.tokens);
+    ids.resize(ps.tokens * ps.heads * ps.k);
+    PL_CUDA_CHECK(cudaMemcpyAsync(ids.data(), ctx.ids, sizeof(int32_t) * ids.size(), cudaMemcpyDeviceToHost, g.stream));
+    PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    double* c = counts.data() + i * N;
+    for (int32_t id : ids) c[id] += 1.0;
+  }
+}
+
 void CudaModel::update_buffers(int64_t micro_batches) {
   Impl& g = *impl_;
   if (g.host.n_peer_layers() == 0) return;

@@ -69,6 +69,9 @@ class CudaModel {
   // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
   // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order.
   double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale);
+  // Adds the retrievals of the last forward to counts (n_peer_layers(), N), as Model::add_expert_counts
+  // (one copy of the ids to the host per PEER layer: 4·tokens·h·k bytes).
+  void add_expert_counts(std::vector<double>& counts);
   // PEER BatchNorm running statistics from the batch statistics the backwards summed into their
   // gradient slots (Model::update_buffers); call once per step after the last micro-batch.
   void update_buffers(int64_t micro_batches);

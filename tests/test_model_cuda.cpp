@@ -153,7 +153,9 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   double diff = 0;
   for (size_t i = 0; i < p_gpu.size(); ++i) diff = std::max(diff, std::fabs(double(p_gpu[i]) - p_cpu[i]));
   std::printf("max |parameter difference| after %lld steps: %.3e\n", static_cast<long long>(steps), diff);
-  EXPECT_LT(diff, 5e-2);
+  // PEER: a table row that only one side retrieved at some step (a near tie flipped by the separated
+  // trajectories) gets an AdamW step of up to lr on that side only: up to 50·lr = 0.15 apart.
+  EXPECT_LT(diff, peer ? 0.15 : 5e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
