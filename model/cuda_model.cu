@@ -118,11 +118,6 @@ __global__ void update_buffer_kernel(float* params, float* grads, int64_t n, flo
   }
 }
 
-__global__ void to_f32_kernel(const bf16* in, float* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = __bfloat162float(in[i]);
-}
-
 }  // namespace
 
 struct CudaModel::Impl {
@@ -146,8 +141,8 @@ struct CudaModel::Impl {
   std::vector<BlockSaved<bf16>> saved16;
   DevBuf<float> lb, dlb, scan_ws, rstd_f, losses;
   // One block's scratch, forward and backward (recomputed values and gradients).
-  DevBuf<float> xn, gn, o, xn2, z, xf, logits, dx, t0, dgn, dh, dghat, dz;
-  DevBuf<bf16> dihat, dfhat, dau;  // gradients only ever used as a backward GEMM's bf16 operand
+  DevBuf<float> xn, xn2, xf, logits, dx, t0, dh;
+  DevBuf<bf16> dihat, dfhat, dghat, dau;  // gradients only ever used as a backward GEMM's bf16 operand
   DevBuf<float> q_scale, q_rstd;   // the current BitLinear's per-row scale and rstd
   DevBuf<int8_t> q_codes;          // its int8 codes (forward), (M, max K)
   DevBuf<bf16> a_bf, dy_bf, w_bf;  // backward operands: a/s (M, max K), dy (M, max N), weight codes
@@ -229,11 +224,8 @@ struct CudaModel::Impl {
     for (auto& r : resid) r.resize(M * d, bytes);
     if (opt.bf16_activations) alloc_saved(saved16);
     else alloc_saved(saved32);
-    for (auto* b : {&xn, &gn, &o, &xn2, &xf, &dx, &t0, &dgn, &dh, &dghat}) b->resize(M * d, bytes);
-    dihat.resize(M * d, bytes);
-    dfhat.resize(M * d, bytes);
-    z.resize(M * I, bytes);
-    dz.resize(M * I, bytes);
+    for (auto* b : {&xn, &xn2, &xf, &dx, &t0, &dh}) b->resize(M * d, bytes);
+    for (auto* b : {&dihat, &dfhat, &dghat}) b->resize(M * d, bytes);
     dau.resize(M * 2 * I, bytes);
     rstd_f.resize(M, bytes);
     losses.resize(M, bytes);
@@ -262,7 +254,8 @@ struct CudaModel::Impl {
     dy_bf.resize(max_n, bytes);
     w_bf.resize(max_w, bytes);
     dxt.resize(M * max_k, bytes);
-    norm_ws.resize(rmsnorm_act_quant_backward_workspace(RmsNormShape{M, std::max(max_k, d), eps}), bytes);
+    // The largest norm backward's partials; the output-gate backward needs two rows of d.
+    norm_ws.resize(rmsnorm_act_quant_backward_workspace(RmsNormShape{M, std::max(max_k, 2 * d), eps}), bytes);
     if (!all_imma) {
       acc.resize(max_n, bytes);
       tmp.resize(M * d, bytes);
@@ -277,18 +270,14 @@ struct CudaModel::Impl {
     PL_CUDA_CHECK_LAUNCH(add_kernel);
   }
 
-  // BitLinear forward: RMSNorm(x; γ) → int8 codes and scales (q_codes, q_scale; fused, bit-identical
-  // to the CPU's) → exact product → y = ·β/s, stored as Y (float or bf16), or, with a residual,
-  // y = residual + ·β/s in fp32 (the CPU's y then x += y, bit for bit).
+  // BitLinear forward, second half: the exact product of the codes in q_codes (scales in q_scale,
+  // written by a fused norm+quant kernel) with the weight's codes, y = ·β/s stored as Y (float or
+  // bf16), or, with a residual, y = residual + ·β/s in fp32 (the CPU's y then x += y, bit for bit).
   template <typename Y>
-  void linear_forward(int gain, int weight, int64_t rows, const float* in, Y* y, const float* residual = nullptr) {
+  void product(int weight, int64_t rows, Y* y, const float* residual) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
     constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
-    tick(CudaModel::other);
-    rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), q_codes.get(), q_scale.get(), q_rstd.get(),
-                                   stream);
-    tick(CudaModel::norm_quant);
     const float beta = betas[weight];
     if (K % 4 == 0 && N % 4 == 0) {
       if (residual) {
@@ -314,23 +303,50 @@ struct CudaModel::Impl {
     tick(CudaModel::gemm_forward);
   }
 
-  // Straight-through backward from the layer's input: the norm+quant forward again (a/s in bf16,
-  // and the rstd), dx̃ = β·dy·t and dW += dyᵀ·(a/s) (bf16 GEMMs, fp32 accumulation), then the RMSNorm
-  // backward into dx_out (overwritten, or accumulated). dy in bf16 (rows, N), as its producer wrote it.
-  void linear_backward(int gain, int weight, int64_t rows, const float* in, const bf16* dy, float* dx_out,
-                       bool accumulate) {
+  // BitLinear forward: RMSNorm(x; γ) → int8 codes and scales (fused, bit-identical to the CPU's) →
+  // the product.
+  template <typename Y>
+  void linear_forward(int gain, int weight, int64_t rows, const float* in, Y* y, const float* residual = nullptr) {
+    tick(CudaModel::other);
+    rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, layout.at(weight).shape[1], eps}, in, P(gain), q_codes.get(),
+                                   q_scale.get(), q_rstd.get(), stream);
+    tick(CudaModel::norm_quant);
+    product(weight, rows, y, residual);
+  }
+
+  // The down projection on z = GLU([a | u]): the GLU, norm and quantizer in one kernel (z never in
+  // memory), then the product with the residual add.
+  template <typename A>
+  void down_forward(const BlockParams& b, int64_t rows, const A* au, float* y, const float* residual) {
+    tick(CudaModel::other);
+    glu_act_quant_forward_cuda(host.glu_activation(), RmsNormShape{rows, I, eps}, au, P(b.down_gain), q_codes.get(),
+                               q_scale.get(), q_rstd.get(), stream);
+    tick(CudaModel::norm_quant);
+    product(b.down_w, rows, y, residual);
+  }
+
+  // The two backward products with dy in bf16 (rows, N) and a/s in a_bf: dxt (rows,K) = β·dy·t,
+  // dW (N,K) += dyᵀ·(a/s) (bf16 GEMMs, fp32 accumulation).
+  void backward_products(int weight, int64_t rows, const bf16* dy) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
-    const RmsNormShape ns{rows, K, eps};
-    tick(CudaModel::other);
-    rmsnorm_act_quant_dequant_cuda(ns, in, P(gain), a_bf.get(), q_scale.get(), q_rstd.get(), stream);
-    tick(CudaModel::norm_quant);
     codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
-    // dx̃ (rows,K) = β · dy (rows,N) · t (N,K); dW (N,K) += dyᵀ (N,rows) · (a/s) (rows,K)
     gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt.get(), K,
                    stream);
     gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_bf.get(), K, 1.0f, G(weight), K, stream);
     tick(CudaModel::gemm_backward);
+  }
+
+  // Straight-through backward from the layer's input: the norm+quant forward again (a/s in bf16,
+  // and the rstd), the products, then the RMSNorm backward into dx_out (overwritten, or
+  // accumulated). dy in bf16 (rows, N), as its producer wrote it.
+  void linear_backward(int gain, int weight, int64_t rows, const float* in, const bf16* dy, float* dx_out,
+                       bool accumulate) {
+    const RmsNormShape ns{rows, layout.at(weight).shape[1], eps};
+    tick(CudaModel::other);
+    rmsnorm_act_quant_dequant_cuda(ns, in, P(gain), a_bf.get(), q_scale.get(), q_rstd.get(), stream);
+    tick(CudaModel::norm_quant);
+    backward_products(weight, rows, dy);
     rmsnorm_act_quant_backward_cuda(ns, in, P(gain), q_rstd.get(), dxt.get(), dx_out, G(gain), norm_ws.get(), stream,
                                     accumulate);
     tick(CudaModel::norm_quant);
@@ -344,6 +360,23 @@ struct CudaModel::Impl {
     linear_backward(gain, weight, rows, in, static_cast<const bf16*>(dy_bf.get()), dx_out, accumulate);
   }
 
+  // The down projection backward from [a | u]: a/s recomputed through the GLU, the products, then one
+  // kernel for the norm backward and the GLU backward, writing d[a | u] in bf16.
+  template <typename A>
+  void down_backward(const BlockParams& b, int64_t rows, const A* au, const float* dy, bf16* dau_out) {
+    const RmsNormShape ns{rows, I, eps};
+    tick(CudaModel::other);
+    rows_to_bf16_cuda(rows, d, dy, nullptr, dy_bf.get(), stream);
+    tick(CudaModel::gemm_backward);
+    glu_act_quant_dequant_cuda(host.glu_activation(), ns, au, P(b.down_gain), a_bf.get(), q_scale.get(), q_rstd.get(),
+                               stream);
+    tick(CudaModel::norm_quant);
+    backward_products(b.down_w, rows, dy_bf.get());
+    glu_act_quant_backward_cuda(host.glu_activation(), ns, au, P(b.down_gain), q_rstd.get(), dxt.get(), dau_out,
+                                G(b.down_gain), norm_ws.get(), stream);
+    tick(CudaModel::norm_quant);
+  }
+
   // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
   template <typename X>
   void norm_backward(const RmsNormShape& ns, const X* in, const float* gain, const float* rstd, const float* dy,
@@ -351,17 +384,38 @@ struct CudaModel::Impl {
     rmsnorm_act_quant_backward_cuda(ns, in, gain, rstd, dy, dx_out, dgain, norm_ws.get(), stream, accumulate);
   }
 
-  // gn (M, d) fp32 from ĝ: RMSNorm_g(ĝ) in the code form, ĝ itself (as fp32) in the paper form.
+  // The o projection on o = gate(RMSNorm_g(ĝ), h): the gate, both norms and the quantizer in one
+  // kernel (gn and o never in memory), then the product with the residual add.
   template <typename A>
-  void gate_input(GateForm form, const RmsNormShape& nd, const A* ghat, const float* gain, float* rstd, float* out) {
-    if (form == GateForm::code) {
-      rmsnorm_forward_cuda(nd, ghat, gain, out, rstd, stream);
-    } else if constexpr (std::is_same_v<A, float>) {
-      PL_CUDA_CHECK(cudaMemcpyAsync(out, ghat, sizeof(float) * nd.rows * nd.dim, cudaMemcpyDeviceToDevice, stream));
-    } else {
-      to_f32_kernel<<<blocks_for(nd.rows * nd.dim), kThreads, 0, stream>>>(ghat, out, nd.rows * nd.dim);
-      PL_CUDA_CHECK_LAUNCH(to_f32_kernel);
-    }
+  void o_forward(const BlockParams& b, int64_t rows, const A* ghat, const A* h, float* g_rstd, float* y,
+                 const float* residual) {
+    const GateForm form = host.gate_form();
+    tick(CudaModel::other);
+    gate_act_quant_forward_cuda(form, RmsNormShape{rows, d, eps}, ghat, h, form == GateForm::code ? P(b.g_norm) : nullptr,
+                                g_rstd, P(b.o_gain), q_codes.get(), q_scale.get(), q_rstd.get(), stream);
+    tick(CudaModel::norm_quant);
+    product(b.o_w, rows, y, residual);
+  }
+
+  // Its backward from dy = dL/dx_mid: a/s of o recomputed, the products, then one kernel for the o
+  // norm, the gate and the g norm backwards: dh (fp32) for the scan, dĝ (bf16) for the g projection.
+  template <typename A>
+  void o_backward(const BlockParams& b, int64_t rows, const A* ghat, const A* h, float* g_rstd, const float* dy,
+                  float* dh_out, bf16* dghat_out) {
+    const GateForm form = host.gate_form();
+    const bool code = form == GateForm::code;
+    const RmsNormShape ns{rows, d, eps};
+    tick(CudaModel::other);
+    rows_to_bf16_cuda(rows, d, dy, nullptr, dy_bf.get(), stream);
+    tick(CudaModel::gemm_backward);
+    gate_act_quant_dequant_cuda(form, ns, ghat, h, code ? P(b.g_norm) : nullptr, g_rstd, P(b.o_gain), a_bf.get(),
+                                q_scale.get(), q_rstd.get(), stream);
+    tick(CudaModel::norm_quant);
+    backward_products(b.o_w, rows, dy_bf.get());
+    gate_act_quant_backward_cuda(form, ns, ghat, h, code ? P(b.g_norm) : nullptr, g_rstd, P(b.o_gain), q_rstd.get(),
+                                 dxt.get(), dh_out, dghat_out, G(b.o_gain), code ? G(b.g_norm) : nullptr,
+                                 norm_ws.get(), stream);
+    tick(CudaModel::norm_quant);
   }
 
   // The PEER layer's parameter views of block b (device), BatchNorm statistics as given.
@@ -390,8 +444,6 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
   Impl& g = *this;
   const int64_t M = batch * seq;
   const RmsNormShape nd{M, d, eps};
-  const GateForm form = host.gate_form();
-  const GluActivation act = host.glu_activation();
   const ScanShape ss{batch, seq, d};
   cudaStream_t s = stream;
 
@@ -408,9 +460,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     g.tick(other);
     mlgru_scan_forward_cuda(ss, c.ihat.get(), c.fhat.get(), lb.get() + l * d, static_cast<A*>(nullptr), c.h.get(), s);
     g.tick(scan);
-    gate_input(form, nd, c.ghat.get(), P(b.g_norm), c.g_rstd.get(), gn.get());
-    output_gate_forward_cuda(form, M * d, gn.get(), c.h.get(), o.get(), s);
-    linear_forward(b.o_gain, b.o_w, M, o.get(), c.x_mid.get(), x_in);
+    o_forward(b, M, c.ghat.get(), c.h.get(), c.g_rstd.get(), c.x_mid.get(), x_in);
     rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
     if (b.peer >= 0) {
       // PEER channel mixer (Model::forward): train-mode BatchNorm with momentum 1 into this
@@ -426,8 +476,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
       continue;
     }
     linear_forward(b.gate_gain, b.gate_w, M, xn2.get(), c.au.get());
-    glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
-    linear_forward(b.down_gain, b.down_w, M, z.get(), resid[l + 1].get(), c.x_mid.get());
+    down_forward(b, M, c.au.get(), resid[l + 1].get(), c.x_mid.get());
   }
   const float* x_final = resid[L].get();
   rmsnorm_forward_cuda(nd, x_final, P(idx.final_norm), xf.get(), rstd_f.get(), s);
@@ -473,23 +522,13 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
       add(G(b.peer_bn_mean), peer_mean[b.peer].get(), ps.channels());
       add(G(b.peer_bn_var), peer_var[b.peer].get(), ps.channels());
     } else {
-      glu_forward_cuda(act, M, I, c.au.get(), z.get(), s);
-      linear_backward(b.down_gain, b.down_w, M, z.get(), dxp, dz.get(), false);
-      glu_backward_cuda(act, M, I, c.au.get(), dz.get(), dau.get(), s);
+      down_backward(b, M, c.au.get(), dxp, dau.get());
       linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), static_cast<const bf16*>(dau.get()), t0.get(), false);
     }
     norm_backward(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), t0.get(), dxp, G(b.mlp_norm), true);
 
-    // Token mixer: recompute gn and o, then back through o, the gate, the scan and i, f, g.
-    gate_input(form, nd, c.ghat.get(), P(b.g_norm), c.g_rstd.get(), gn.get());
-    output_gate_forward_cuda(form, M * d, gn.get(), c.h.get(), o.get(), s);
-    linear_backward(b.o_gain, b.o_w, M, o.get(), dxp, t0.get(), false);
-    output_gate_backward_cuda(form, M * d, gn.get(), c.h.get(), t0.get(), dgn.get(), dh.get(), s);
-    const float* dghat_p = dgn.get();
-    if (form == GateForm::code) {
-      norm_backward(nd, c.ghat.get(), P(b.g_norm), c.g_rstd.get(), dgn.get(), dghat.get(), G(b.g_norm), false);
-      dghat_p = dghat.get();
-    }
+    // Token mixer: back through o, the gate and the g norm (one fused kernel), the scan and i, f, g.
+    o_backward(b, M, c.ghat.get(), c.h.get(), c.g_rstd.get(), dxp, dh.get(), dghat.get());
     g.tick(other);
     mlgru_scan_backward_cuda(ss, c.ihat.get(), c.fhat.get(), lb.get() + l * d, static_cast<const A*>(nullptr),
                              c.h.get(), dh.get(), dihat.get(), dfhat.get(), dlb.get() + l * d, scan_ws.get(), s);
@@ -497,7 +536,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     rmsnorm_forward_cuda(nd, x_in, P(b.mixer_norm), xn.get(), c.rstd1.get(), s);
     linear_backward(b.i_gain, b.i_w, M, xn.get(), static_cast<const bf16*>(dihat.get()), t0.get(), false);
     linear_backward(b.f_gain, b.f_w, M, xn.get(), static_cast<const bf16*>(dfhat.get()), t0.get(), true);
-    linear_backward(b.g_gain, b.g_w, M, xn.get(), dghat_p, t0.get(), true);
+    linear_backward(b.g_gain, b.g_w, M, xn.get(), static_cast<const bf16*>(dghat.get()), t0.get(), true);
     norm_backward(nd, x_in, P(b.mixer_norm), c.rstd1.get(), t0.get(), dxp, G(b.mixer_norm), true);
   }
   g.tick(other);

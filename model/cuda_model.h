@@ -20,9 +20,10 @@
 //   [a | u]                the GLU input                                           2I·A
 // (+ three rstd per token). Recomputed in the backward, into one block's scratch: the normalised
 // x̃ and x̃₂ (one RMSNorm forward each), f (from f̂, inside the scan backward), gn and o (RMSNorm of ĝ
-// and the gate), z (the GLU), and every BitLinear's quantized input: the fused norm+quant kernel runs
-// again and writes the dequantized a/s in bf16, the operand of the weight gradient, instead of the
-// int8 codes ever being kept. At d 1024, I 2816: 27 KiB per token per block with bf16 storage
+// and the gate), and every BitLinear's quantized input: the fused norm+quant kernel runs again and
+// writes the dequantized a/s in bf16, the operand of the weight gradient, instead of the int8 codes
+// ever being kept. The GLU output z never exists: the down projection's norm+quant computes it from
+// [a|u] on the fly, forward and backward (norm_quant.h, glu_act_quant_*). At d 1024, I 2816: 27 KiB per token per block with bf16 storage
 // (against 86 KiB when everything was kept in fp32), 46.5 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
 // never exist at once.

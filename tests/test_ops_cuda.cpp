@@ -1185,6 +1185,162 @@ TEST_F(Cuda, bf16_storage_variants) {
                    "cross-entropy dlogits bf16 out");
 }
 
+// The GLU fused in front of the down projection's norm+quant (norm_quant.h): equal, bit for bit, to
+// the unfused GPU ops it replaces (glu_forward_cuda then the fused norm+quant; the norm backward then
+// glu_backward_cuda with bf16 output: the same expressions in the same order), and to the CPU ops
+// composed, within their own tolerances (codes exact except where an ulp of z from expf moves a
+// rounding boundary: at most 1 in 10⁴ codes, by one step).
+TEST_F(Cuda, glu_act_quant_fused_vs_unfused) {
+  for (const GluActivation act : {GluActivation::silu, GluActivation::relu2}) {
+    for (const auto& [rows, inter] : {std::pair<int64_t, int64_t>{3, 5}, {37, 256}, {70, 2816}}) {
+      const std::string name = std::string(act == GluActivation::silu ? "silu " : "relu2 ") +
+                               shape_name({{"rows", rows}, {"inter", inter}});
+      SCOPED_TRACE(name);
+      const RmsNormShape s{rows, inter, 1e-6f};
+      const int64_t n = rows * inter;
+      const std::vector<float> au = normal(rng(), 2 * n, 1.5f), gain = normal(rng(), inter, 0.5f, 1.0f);
+      const std::vector<float> dy = normal(rng(), n), dg0 = normal(rng(), inter);
+      for (const bool bf : {false, true}) {
+        const std::string tag = name + (bf ? " bf16 au" : " f32 au");
+        const std::vector<float> auv = bf ? bf16_round(au) : au;
+        Guarded<float> d_au(auv), d_gain(gain), d_z(n), d_s1(rows), d_r1(rows), d_s2(rows), d_r2(rows), d_dy(dy),
+            d_dz(n), d_dg1(dg0), d_dg2(dg0), d_ws(rmsnorm_act_quant_backward_workspace(s));
+        Guarded<uint16_t> d_aub(bf16_bits(au)), d_dq1(n), d_dq2(n), d_dau1(2 * n), d_dau2(2 * n);
+        Guarded<int8_t> d_c1(n), d_c2(n);
+        // Unfused: z, then the norm+quant of z.
+        if (bf) glu_forward_cuda(act, rows, inter, as_bf16(d_aub), d_z.get(), stream());
+        else glu_forward_cuda(act, rows, inter, d_au.get(), d_z.get(), stream());
+        rmsnorm_act_quant_forward_cuda(s, d_z.get(), d_gain.get(), d_c1.get(), d_s1.get(), d_r1.get(), stream());
+        rmsnorm_act_quant_dequant_cuda(s, d_z.get(), d_gain.get(), as_bf16(d_dq1), d_s1.get(), d_r1.get(), stream());
+        rmsnorm_act_quant_backward_cuda(s, d_z.get(), d_gain.get(), d_r1.get(), d_dy.get(), d_dz.get(), d_dg1.get(),
+                                        d_ws.get(), stream());
+        if (bf) glu_backward_cuda(act, rows, inter, as_bf16(d_aub), d_dz.get(), as_bf16(d_dau1), stream());
+        else glu_backward_cuda(act, rows, inter, d_au.get(), d_dz.get(), as_bf16(d_dau1), stream());
+        // Fused.
+        if (bf) {
+          glu_act_quant_forward_cuda(act, s, as_bf16(d_aub), d_gain.get(), d_c2.get(), d_s2.get(), d_r2.get(), stream());
+          glu_act_quant_dequant_cuda(act, s, as_bf16(d_aub), d_gain.get(), as_bf16(d_dq2), d_s2.get(), d_r2.get(),
+                                     stream());
+          glu_act_quant_backward_cuda(act, s, as_bf16(d_aub), d_gain.get(), d_r2.get(), d_dy.get(), as_bf16(d_dau2),
+                                      d_dg2.get(), d_ws.get(), stream());
+        } else {
+          glu_act_quant_forward_cuda(act, s, d_au.get(), d_gain.get(), d_c2.get(), d_s2.get(), d_r2.get(), stream());
+          glu_act_quant_dequant_cuda(act, s, d_au.get(), d_gain.get(), as_bf16(d_dq2), d_s2.get(), d_r2.get(),
+                                     stream());
+          glu_act_quant_backward_cuda(act, s, d_au.get(), d_gain.get(), d_r2.get(), d_dy.get(), as_bf16(d_dau2),
+                                      d_dg2.get(), d_ws.get(), stream());
+        }
+        const std::vector<int8_t> codes = d_c2.download("codes");
+        expect_identical(codes, d_c1.download("codes unfused"), "fused codes " + tag);
+        expect_identical(d_s2.download("scale"), d_s1.download("scale unfused"), "fused scale " + tag);
+        expect_identical(d_r2.download("rstd"), d_r1.download("rstd unfused"), "fused rstd " + tag);
+        expect_identical(d_dq2.download("a/s"), d_dq1.download("a/s unfused"), "fused a/s " + tag);
+        const std::vector<uint16_t> dau = d_dau2.download("dau");
+        expect_identical(dau, d_dau1.download("dau unfused"), "fused dau " + tag);
+        const std::vector<float> dg = d_dg2.download("dgain");
+        expect_identical(dg, d_dg1.download("dgain unfused"), "fused dgain " + tag);
+        // Against the CPU ops composed (fp32 au only; the bf16 case differs from fp32 only in its input).
+        if (bf) continue;
+        std::vector<float> z(n), xt(n), rstd(rows), scale(rows), dz(n), dau_cpu(2 * n), dg_cpu = dg0;
+        std::vector<int8_t> codes_cpu(n);
+        glu_forward_cpu(act, rows, inter, au.data(), z.data());
+        rmsnorm_forward_cpu(s, z.data(), gain.data(), xt.data(), rstd.data());
+        act_quant_cpu(rows, inter, xt.data(), codes_cpu.data(), scale.data());
+        int64_t off = 0, worst = 0;
+        for (int64_t i = 0; i < n; ++i)
+          if (codes[i] != codes_cpu[i]) ++off, worst = std::max<int64_t>(worst, std::abs(codes[i] - codes_cpu[i]));
+        EXPECT_LE(off, std::max<int64_t>(1, n / 10000)) << "codes differing from the CPU's " << tag;
+        EXPECT_LE(worst, 1) << tag;
+        rmsnorm_backward_cpu(s, z.data(), gain.data(), rstd.data(), dy.data(), dz.data(), dg_cpu.data());
+        glu_backward_cpu(act, rows, inter, au.data(), dz.data(), dau_cpu.data());
+        expect_close(from_bf16(dau), dau_cpu, std::ldexp(1.0, -7), "fused dau vs cpu " + tag);
+        expect_close(dg, dg_cpu, 2e-5, "fused dgain vs cpu " + tag);
+      }
+    }
+  }
+}
+
+// The MLGRU output gate fused in front of the o projection's norm+quant (norm_quant.h), against the
+// CPU ops composed: RMSNorm_g (whose rstd the fused kernel reproduces bit for bit), the gate, the
+// norm+quant of o; backward: RMSNorm_o backward, gate backward, RMSNorm_g backward. The gate's σ uses
+// expf (an ulp from the CPU's exp), so o may differ in its last bit: codes within one step at no more
+// than 1 in 10⁴, scales 1e-6; gradients at the fp32 ops' tolerances (dĝ is bf16: 2^-7).
+// Run twice: bit-identical (deterministic).
+TEST_F(Cuda, gate_act_quant_fused_vs_cpu) {
+  for (const GateForm form : {GateForm::code, GateForm::paper}) {
+    for (const bool bf : {false, true}) {
+      const int64_t rows = 70, dim = 1024, n = rows * dim;
+      const std::string tag = std::string(form == GateForm::code ? "code" : "paper") + (bf ? " bf16" : " f32");
+      SCOPED_TRACE(tag);
+      const RmsNormShape s{rows, dim, 1e-6f};
+      std::vector<float> ghat = normal(rng(), n, 2.0f), h = normal(rng(), n);
+      if (bf) ghat = bf16_round(ghat), h = bf16_round(h);
+      const std::vector<float> gg = normal(rng(), dim, 0.5f, 1.0f), go = normal(rng(), dim, 0.5f, 1.0f);
+      const std::vector<float> dxt = normal(rng(), n), dgo0 = normal(rng(), dim), dgg0 = normal(rng(), dim);
+      // CPU.
+      std::vector<float> gn(n), rg(rows), o(n), xt(n), ro(rows), sc(rows), d_o(n), dgn(n), dh(n), dgh(n);
+      std::vector<float> dgo = dgo0, dgg = dgg0;
+      std::vector<int8_t> codes_cpu(n);
+      if (form == GateForm::code) rmsnorm_forward_cpu(s, ghat.data(), gg.data(), gn.data(), rg.data());
+      else gn = ghat;
+      output_gate_forward_cpu(form, n, gn.data(), h.data(), o.data());
+      rmsnorm_forward_cpu(s, o.data(), go.data(), xt.data(), ro.data());
+      act_quant_cpu(rows, dim, xt.data(), codes_cpu.data(), sc.data());
+      rmsnorm_backward_cpu(s, o.data(), go.data(), ro.data(), dxt.data(), d_o.data(), dgo.data());
+      output_gate_backward_cpu(form, n, gn.data(), h.data(), d_o.data(), dgn.data(), dh.data());
+      if (form == GateForm::code) rmsnorm_backward_cpu(s, ghat.data(), gg.data(), rg.data(), dgn.data(), dgh.data(),
+                                                       dgg.data());
+      else dgh = dgn;
+      // GPU.
+      Guarded<float> d_g(ghat), d_h(h), d_gg(gg), d_go(go), d_rg(rows), d_sc(rows), d_ro(rows), d_dxt(dxt), d_dh(n),
+          d_dgo(dgo0), d_dgg(dgg0), d_ws(2 * rmsnorm_act_quant_backward_workspace(s));
+      Guarded<uint16_t> d_gb(bf16_bits(ghat)), d_hb(bf16_bits(h)), d_dgh(n), d_dq(n);
+      Guarded<int8_t> d_codes(n);
+      std::vector<float> dh_gpu[2], dgo_gpu[2], dgg_gpu[2];
+      std::vector<uint16_t> dgh_gpu[2];
+      for (int run = 0; run < 2; ++run) {
+        d_dgo.upload(dgo0), d_dgg.upload(dgg0);
+        if (bf) {
+          gate_act_quant_forward_cuda(form, s, as_bf16(d_gb), as_bf16(d_hb), d_gg.get(), d_rg.get(), d_go.get(),
+                                      d_codes.get(), d_sc.get(), d_ro.get(), stream());
+          gate_act_quant_dequant_cuda(form, s, as_bf16(d_gb), as_bf16(d_hb), d_gg.get(), d_rg.get(), d_go.get(),
+                                      as_bf16(d_dq), d_sc.get(), d_ro.get(), stream());
+          gate_act_quant_backward_cuda(form, s, as_bf16(d_gb), as_bf16(d_hb), d_gg.get(), d_rg.get(), d_go.get(),
+                                       d_ro.get(), d_dxt.get(), d_dh.get(), as_bf16(d_dgh), d_dgo.get(), d_dgg.get(),
+                                       d_ws.get(), stream());
+        } else {
+          gate_act_quant_forward_cuda(form, s, d_g.get(), d_h.get(), d_gg.get(), d_rg.get(), d_go.get(), d_codes.get(),
+                                      d_sc.get(), d_ro.get(), stream());
+          gate_act_quant_dequant_cuda(form, s, d_g.get(), d_h.get(), d_gg.get(), d_rg.get(), d_go.get(), as_bf16(d_dq),
+                                      d_sc.get(), d_ro.get(), stream());
+          gate_act_quant_backward_cuda(form, s, d_g.get(), d_h.get(), d_gg.get(), d_rg.get(), d_go.get(), d_ro.get(),
+                                       d_dxt.get(), d_dh.get(), as_bf16(d_dgh), d_dgo.get(), d_dgg.get(), d_ws.get(),
+                                       stream());
+        }
+        dh_gpu[run] = d_dh.download("dh"), dgh_gpu[run] = d_dgh.download("dghat");
+        dgo_gpu[run] = d_dgo.download("dgamma_o"), dgg_gpu[run] = d_dgg.download("dgamma_g");
+      }
+      const std::vector<int8_t> codes = d_codes.download("codes");
+      int64_t off = 0, worst = 0;
+      for (int64_t i = 0; i < n; ++i)
+        if (codes[i] != codes_cpu[i]) ++off, worst = std::max<int64_t>(worst, std::abs(codes[i] - codes_cpu[i]));
+      EXPECT_LE(off, std::max<int64_t>(1, n / 10000)) << "codes differing from the CPU's";
+      EXPECT_LE(worst, 1);
+      if (form == GateForm::code) expect_identical(d_rg.download("g rstd"), rg, "g rstd " + tag);
+      expect_close(d_sc.download("scale"), sc, 1e-6, "o scale " + tag);
+      expect_close(d_ro.download("o rstd"), ro, 1e-6, "o rstd " + tag);
+      expect_close(dh_gpu[0], dh, 2e-5, "dh " + tag);
+      expect_close(from_bf16(dgh_gpu[0]), dgh, std::ldexp(1.0, -7), "dghat " + tag);
+      expect_close(dgo_gpu[0], dgo, 2e-5, "dgamma_o " + tag);
+      if (form == GateForm::code) expect_close(dgg_gpu[0], dgg, 2e-5, "dgamma_g " + tag);
+      expect_identical(dh_gpu[1], dh_gpu[0], "dh run to run " + tag);
+      expect_identical(dgh_gpu[1], dgh_gpu[0], "dghat run to run " + tag);
+      expect_identical(dgo_gpu[1], dgo_gpu[0], "dgamma_o run to run " + tag);
+      expect_identical(dgg_gpu[1], dgg_gpu[0], "dgamma_g run to run " + tag);
+    }
+  }
+}
+
 TEST_F(Cuda, launchers_reject_bad_arguments) {
   EXPECT_THROW(act_quant_cuda(2, 0, nullptr, nullptr, nullptr, stream()), Error);
   EXPECT_THROW(rmsnorm_forward_cuda(RmsNormShape{4, 8}, static_cast<const float*>(nullptr), nullptr, nullptr, nullptr,

@@ -14,6 +14,8 @@
 // (rows/kBwdRows · d floats written and read, ~6% at 16 rows per block).
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/norm_quant.h"
@@ -35,6 +37,7 @@ constexpr int kBatch = 8;  // loads in flight per lane before their first use
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 __device__ __forceinline__ float ld(const float* p) { return *p; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Rows per block (one warp each): as many as keep a block's shared memory at 32 KB.
 int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 : 1; }
@@ -45,51 +48,10 @@ int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 :
 // squares, dim/8 dependent fmas per lane).
 // kVec: dim % 4 == 0 and x, gain 16-byte aligned (float4 loads, char4 stores of codes).
 // kDequant: instead of the codes, write a / s rounded to bf16 into `dequant` (codes unused).
-template <bool kVec, bool kDequant>
-__global__ void __launch_bounds__(128)
-    rmsnorm_act_quant_forward_kernel(int64_t rows, int64_t dim, float eps, const float* __restrict__ x,
-                                     const float* __restrict__ gain, int8_t* __restrict__ codes,
-                                     __nv_bfloat16* __restrict__ dequant, float* __restrict__ scale,
-                                     float* __restrict__ rstd) {
-  extern __shared__ float smem[];
-  const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
-  if (r >= rows) return;  // a whole warp leaves; no block-wide barrier follows
-  float* xs = smem + static_cast<int64_t>(warp) * dim;  // (dim) this row: x, then x̃
-  const float* xr = x + r * dim;
-  int8_t* cr = codes + r * dim;
-
-  // 1. The row into shared memory (coalesced; each element read from memory once), kBatch loads
-  //    per lane issued before the first store: a warp stalls at the first use of a pending load, so
-  //    a load-store loop would pay one memory latency per iteration.
-  constexpr int kW = cuda_detail::kWarp;
-  if constexpr (kVec) {
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
-    float4* s4 = reinterpret_cast<float4*>(xs);
-    const int64_t n4 = dim / 4;
-    for (int64_t base = lane; base < n4; base += kBatch * kW) {
-      float4 buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
-    }
-  } else {
-    for (int64_t base = lane; base < dim; base += kBatch * kW) {
-      float buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
-    }
-  }
-  __syncwarp();
-
-  // 2. Σx² in dot_fma's order: lane l < 8 runs the CPU's lane l, lane 0 combines and adds the tail.
+// rstd = 1/√(mean(x²) + eps) of the warp's row in shared memory, with Σx² in dot_fma's order (lane
+// l < 8 runs the CPU's lane l, the lanes are added pairwise, the tail fma'd on): bit-identical to
+// rmsnorm_forward_cpu's. Every lane gets the value.
+__device__ __forceinline__ float row_rstd(const float* xs, int64_t dim, float eps, int lane) {
   const int64_t d8 = dim - dim % kLanes;
   float acc = 0.0f;
   if (lane < kLanes) {
@@ -103,7 +65,128 @@ __global__ void __launch_bounds__(128)
                         __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
   for (int64_t j = d8; j < dim; ++j) sum = fmaf(xs[j], xs[j], sum);  // every lane, same value
   const float ms = __fdiv_rn(sum, static_cast<float>(dim));
-  const float rs = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+  return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+}
+
+// Src: where row r comes from. PlainRows: x itself (rows, dim). GluRows: z = act(a) ⊙ u computed from
+// [a | u] (rows, 2·dim) as glu.cu computes it (the same expression, so the same bits).
+struct PlainRows {
+  const float* x;
+};
+template <typename Src>
+struct AOf {
+  using type = float;
+};
+template <template <typename> class S, typename A>
+struct AOf<S<A>> {
+  using type = A;
+};
+template <typename Src>
+using A_of = typename AOf<Src>::type;
+template <typename A>
+struct GluRows {
+  const A* au;
+  bool silu;
+  __device__ __forceinline__ float z(int64_t r, int64_t dim, int64_t j) const {
+    const float a = ld(au + r * 2 * dim + j), u = ld(au + r * 2 * dim + dim + j);
+    if (silu) return (a * cuda_detail::sigmoidf_dev(a)) * u;
+    const float p = a > 0.0f ? a : 0.0f;
+    return (p * p) * u;
+  }
+};
+
+// GateRows: the MLGRU output o = gn ⊙ h ⊙ σ(h), gn = RMSNorm(ĝ; γ_g) (code form; rstd of ĝ written to
+// g_rstd, computed as the CPU's RMSNorm computes it), or o = σ(ĝ) ⊙ h (paper form), from ĝ and h
+// (mlgru.h's output gate, its expressions).
+template <typename A>
+struct GateRows {
+  const A* ghat;
+  const A* h;
+  const float* g_gain;
+  float* g_rstd;
+  bool code_form;
+};
+
+template <typename Src>
+struct IsGateRows : std::false_type {};
+template <typename A>
+struct IsGateRows<GateRows<A>> : std::true_type {};
+
+template <bool kVec, bool kDequant, typename Src>
+__global__ void __launch_bounds__(128)
+    rmsnorm_act_quant_forward_kernel(int64_t rows, int64_t dim, float eps, Src src, const float* __restrict__ gain,
+                                     int8_t* __restrict__ codes, __nv_bfloat16* __restrict__ dequant,
+                                     float* __restrict__ scale, float* __restrict__ rstd) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
+  if (r >= rows) return;  // a whole warp leaves; no block-wide barrier follows
+  float* xs = smem + static_cast<int64_t>(warp) * dim;  // (dim) this row: x, then x̃
+  int8_t* cr = codes + r * dim;
+
+  // 1. The row into shared memory (coalesced; each element read from memory once), kBatch loads
+  //    per lane issued before the first store: a warp stalls at the first use of a pending load, so
+  //    a load-store loop would pay one memory latency per iteration.
+  constexpr int kW = cuda_detail::kWarp;
+  if constexpr (IsGateRows<Src>::value) {
+    const A_of<Src>* gr = src.ghat + r * dim;
+    const A_of<Src>* hr = src.h + r * dim;
+    for (int64_t j = lane; j < dim; j += kW) xs[j] = ld(gr + j);
+    __syncwarp();
+    float rg = 0.0f;
+    if (src.code_form) {
+      rg = row_rstd(xs, dim, eps, lane);
+      if (lane == 0) src.g_rstd[r] = rg;
+    }
+    for (int64_t j = lane; j < dim; j += kW) {
+      const float hv = ld(hr + j);
+      if (src.code_form) {
+        const float gn = __fmul_rn(__fmul_rn(xs[j], rg), src.g_gain[j]);
+        xs[j] = gn * (hv * cuda_detail::sigmoidf_dev(hv));
+      } else {
+        xs[j] = cuda_detail::sigmoidf_dev(xs[j]) * hv;
+      }
+    }
+  } else if constexpr (!std::is_same_v<Src, PlainRows>) {
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) buf[u] = src.z(r, dim, base + u * kW);
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
+    }
+  } else if constexpr (kVec) {
+    const float* xr = src.x + r * dim;
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    float4* s4 = reinterpret_cast<float4*>(xs);
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
+    }
+  } else {
+    const float* xr = src.x + r * dim;
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
+    }
+  }
+  __syncwarp();
+
+  // 2. rstd of the row, exactly as the CPU's RMSNorm.
+  const float rs = row_rstd(xs, dim, eps, lane);
   if (lane == 0) rstd[r] = rs;
 
   // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Each lane
@@ -229,6 +312,169 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
+// The channel mixer's down projection input path backwards: z = act(a) ⊙ u recomputed from [a | u]
+// in registers, the RMSNorm backward of the fused kernel above (same thread layout, same sums) gives
+// dz, then the GLU backward (glu.cu's expressions) writes d[a | u] as D (bf16 for the gate
+// projection's backward GEMMs). dγ partials as above.
+template <int K, typename A, typename D>
+__global__ void __launch_bounds__(kBwdThreads)
+    glu_act_quant_backward_kernel(int64_t rows, int64_t dim, bool silu, const A* __restrict__ au,
+                                  const float* __restrict__ gain, const float* __restrict__ rstd,
+                                  const float* __restrict__ dy, D* __restrict__ dau, float* __restrict__ partials) {
+  __shared__ float red[32];
+  float g[K], p[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    g[k] = j < dim ? gain[j] : 0.0f;
+    p[k] = 0.0f;
+  }
+  const float inv_dim = 1.0f / static_cast<float>(dim);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float rs = rstd[r];
+    float av[K], uv[K], xv[K], dv[K];
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      av[k] = 0.0f, uv[k] = 0.0f, xv[k] = 0.0f, dv[k] = 0.0f;
+      if (j < dim) {
+        av[k] = ld(au + r * 2 * dim + j), uv[k] = ld(au + r * 2 * dim + dim + j), dv[k] = dy[r * dim + j];
+        if (silu) {
+          xv[k] = (av[k] * cuda_detail::sigmoidf_dev(av[k])) * uv[k];
+        } else {
+          const float q = av[k] > 0.0f ? av[k] : 0.0f;
+          xv[k] = (q * q) * uv[k];
+        }
+      }
+      acc = fmaf(xv[k] * rs, g[k] * dv[k], acc);
+    }
+    const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;  // mean(x̂ ⊙ γ ⊙ dy)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      if (j < dim) {
+        const float xh = xv[k] * rs;
+        const float dz = rs * (g[k] * dv[k] - xh * m);
+        p[k] = fmaf(dv[k], xh, p[k]);
+        const float a = av[k], u = uv[k];
+        if (silu) {
+          const float sg = cuda_detail::sigmoidf_dev(a);
+          st(dau + r * 2 * dim + j, dz * u * (sg * (1.0f + a * (1.0f - sg))));
+          st(dau + r * 2 * dim + dim + j, dz * (a * sg));
+        } else {
+          const float q = a > 0.0f ? a : 0.0f;
+          st(dau + r * 2 * dim + j, dz * u * (2.0f * q));
+          st(dau + r * 2 * dim + dim + j, dz * (q * q));
+        }
+      }
+    }
+  }
+  if (!partials) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    if (j < dim) partials[static_cast<int64_t>(blockIdx.x) * dim + j] = p[k];
+  }
+}
+
+// The token mixer's output path backwards, per row: o recomputed from ĝ and h (GateRows), the RMSNorm
+// backward of the o projection's input (dxt = dL/dõ) into do, the output gate's backward into dgn and
+// dh, and (code form) the RMSNorm_g backward of dgn into dĝ. dh is written fp32 (the scan's input),
+// dĝ as G (bf16: the g projection's backward operand). dγ_o and dγ_g partials go to two workspaces.
+template <int K, typename A, typename G>
+__global__ void __launch_bounds__(kBwdThreads)
+    gate_act_quant_backward_kernel(int64_t rows, int64_t dim, bool code_form, const A* __restrict__ ghat,
+                                   const A* __restrict__ h, const float* __restrict__ g_gain,
+                                   const float* __restrict__ g_rstd, const float* __restrict__ o_gain,
+                                   const float* __restrict__ o_rstd, const float* __restrict__ dxt,
+                                   float* __restrict__ dh, G* __restrict__ dghat, float* __restrict__ o_partials,
+                                   float* __restrict__ g_partials) {
+  __shared__ float red[32];
+  float go[K], gg[K], po[K], pg[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    go[k] = j < dim ? o_gain[j] : 0.0f;
+    gg[k] = j < dim && code_form ? g_gain[j] : 0.0f;
+    po[k] = 0.0f, pg[k] = 0.0f;
+  }
+  const float inv_dim = 1.0f / static_cast<float>(dim);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float rg = code_form ? g_rstd[r] : 0.0f, ro = o_rstd[r];
+    float gv[K], hv[K], gn[K], ov[K], dv[K];
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      gv[k] = 0.0f, hv[k] = 0.0f, gn[k] = 0.0f, ov[k] = 0.0f, dv[k] = 0.0f;
+      if (j < dim) {
+        gv[k] = ld(ghat + r * dim + j), hv[k] = ld(h + r * dim + j), dv[k] = dxt[r * dim + j];
+        if (code_form) {
+          gn[k] = __fmul_rn(__fmul_rn(gv[k], rg), gg[k]);
+          ov[k] = gn[k] * (hv[k] * cuda_detail::sigmoidf_dev(hv[k]));
+        } else {
+          gn[k] = gv[k];
+          ov[k] = cuda_detail::sigmoidf_dev(gv[k]) * hv[k];
+        }
+      }
+      acc = fmaf(ov[k] * ro, go[k] * dv[k], acc);
+    }
+    const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;  // mean(ô ⊙ γ_o ⊙ dxt)
+    float acc2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      if (j < dim) {
+        const float oh = ov[k] * ro;
+        const float d_o = ro * (go[k] * dv[k] - oh * m);
+        po[k] = fmaf(dv[k], oh, po[k]);
+        float dgn;
+        if (code_form) {
+          const float sh = cuda_detail::sigmoidf_dev(hv[k]);
+          dgn = d_o * (hv[k] * sh);
+          dh[r * dim + j] = d_o * gn[k] * (sh * (1.0f + hv[k] * (1.0f - sh)));
+        } else {
+          const float sg = cuda_detail::sigmoidf_dev(gv[k]);
+          dgn = d_o * hv[k] * (sg * (1.0f - sg));
+          dh[r * dim + j] = d_o * sg;
+        }
+        dv[k] = dgn;  // reused: now dL/dgn
+        acc2 = fmaf(gv[k] * rg, gg[k] * dgn, acc2);
+      }
+    }
+    if (!code_form) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+        if (j < dim) st(dghat + r * dim + j, dv[k]);
+      }
+      continue;
+    }
+    const float m2 = block_reduce(acc2, Sum{}, 0.0f, red) * inv_dim;  // mean(ĝ̂ ⊙ γ_g ⊙ dgn)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      if (j < dim) {
+        const float xh = gv[k] * rg;
+        st(dghat + r * dim + j, rg * (gg[k] * dv[k] - xh * m2));
+        pg[k] = fmaf(dv[k], xh, pg[k]);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    if (j >= dim) continue;
+    if (o_partials) o_partials[static_cast<int64_t>(blockIdx.x) * dim + j] = po[k];
+    if (g_partials && code_form) g_partials[static_cast<int64_t>(blockIdx.x) * dim + j] = pg[k];
+  }
+}
+
 constexpr int kSumCols = 32;    // columns per block (one warp's width: coalesced rows of partials)
 constexpr int kSumGroups = 16;  // runs of partial rows per column, one warp each
 
@@ -275,30 +521,31 @@ void launch_backward(const RmsNormShape& s, const X* x, const float* gain, const
 
 namespace {
 
-void forward(const char* who, const RmsNormShape& s, const float* x, const float* gain, int8_t* codes, bf16* dequant,
-             float* scale, float* rstd, cudaStream_t stream) {
+template <typename Src>
+void forward(const char* who, const RmsNormShape& s, Src src, bool vec_src, const float* gain, int8_t* codes,
+             bf16* dequant, float* scale, float* rstd, cudaStream_t stream) {
   check_shape(who, s);
   if (s.rows == 0) return;
-  PL_CHECK(x && gain && (codes || dequant) && scale && rstd, internal, who, ": null pointer");
+  PL_CHECK(gain && (codes || dequant) && scale && rstd, internal, who, ": null pointer");
   const int per_block = fwd_rows_per_block(s.dim);
   const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
   const int threads = per_block * 32;
   const size_t smem = static_cast<size_t>(per_block) * static_cast<size_t>(s.dim) * sizeof(float);  // ≤ 32 KB
   // Every row start is 16-byte aligned when dim % 4 == 0 and x is; codes need 4-byte alignment.
-  const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(gain) && (reinterpret_cast<uintptr_t>(codes) & 3u) == 0;
+  const bool vec = s.dim % 4 == 0 && vec_src && aligned16(gain) && (reinterpret_cast<uintptr_t>(codes) & 3u) == 0;
   if (dequant) {
     if (vec)
-      rmsnorm_act_quant_forward_kernel<true, true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
-                                                                                     nullptr, dequant, scale, rstd);
+      rmsnorm_act_quant_forward_kernel<true, true, Src><<<blocks, threads, smem, stream>>>(
+          s.rows, s.dim, s.eps, src, gain, nullptr, dequant, scale, rstd);
     else
-      rmsnorm_act_quant_forward_kernel<false, true><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
-                                                                                      nullptr, dequant, scale, rstd);
+      rmsnorm_act_quant_forward_kernel<false, true, Src><<<blocks, threads, smem, stream>>>(
+          s.rows, s.dim, s.eps, src, gain, nullptr, dequant, scale, rstd);
   } else if (vec) {
-    rmsnorm_act_quant_forward_kernel<true, false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
-                                                                                    codes, nullptr, scale, rstd);
+    rmsnorm_act_quant_forward_kernel<true, false, Src><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, src,
+                                                                                         gain, codes, nullptr, scale, rstd);
   } else {
-    rmsnorm_act_quant_forward_kernel<false, false><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, gain,
-                                                                                     codes, nullptr, scale, rstd);
+    rmsnorm_act_quant_forward_kernel<false, false, Src><<<blocks, threads, smem, stream>>>(
+        s.rows, s.dim, s.eps, src, gain, codes, nullptr, scale, rstd);
   }
   PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_forward_kernel);
 }
@@ -307,14 +554,15 @@ void forward(const char* who, const RmsNormShape& s, const float* x, const float
 
 void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
                                     float* scale, float* rstd, cudaStream_t stream) {
-  PL_CHECK(codes, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
-  forward("rmsnorm_act_quant_forward_cuda", s, x, gain, codes, nullptr, scale, rstd, stream);
+  PL_CHECK(x && codes, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
+  forward("rmsnorm_act_quant_forward_cuda", s, PlainRows{x}, aligned16(x), gain, codes, nullptr, scale, rstd, stream);
 }
 
 void rmsnorm_act_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* gain, bf16* a_over_s,
                                     float* scale, float* rstd, cudaStream_t stream) {
-  PL_CHECK(a_over_s, internal, "rmsnorm_act_quant_dequant_cuda: null pointer");
-  forward("rmsnorm_act_quant_dequant_cuda", s, x, gain, nullptr, a_over_s, scale, rstd, stream);
+  PL_CHECK(x && a_over_s, internal, "rmsnorm_act_quant_dequant_cuda: null pointer");
+  forward("rmsnorm_act_quant_dequant_cuda", s, PlainRows{x}, aligned16(x), gain, nullptr, a_over_s, scale, rstd,
+          stream);
 }
 
 int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s) { return bwd_blocks(s.rows) * s.dim; }
@@ -355,5 +603,136 @@ void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const bf16* x, const
                                      bool accumulate) {
   backward(s, x, gain, rstd, dy, dx, dgain, workspace, stream, accumulate);
 }
+
+namespace {
+
+template <int K, typename A, typename D>
+void launch_glu_backward(const RmsNormShape& s, bool silu, const A* au, const float* gain, const float* rstd,
+                         const float* dy, D* dau, float* partials, cudaStream_t stream) {
+  glu_act_quant_backward_kernel<K, A, D><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
+      s.rows, s.dim, silu, au, gain, rstd, dy, dau, partials);
+  PL_CUDA_CHECK_LAUNCH(glu_act_quant_backward_kernel);
+}
+
+template <typename A, typename D>
+void glu_backward(GluActivation act, const RmsNormShape& s, const A* au, const float* gain, const float* rstd,
+                  const float* dy, D* dau, float* dgain, float* workspace, cudaStream_t stream) {
+  check_shape("glu_act_quant_backward_cuda", s);
+  if (s.rows == 0) return;
+  PL_CHECK(au && gain && rstd && dy && dau, internal, "glu_act_quant_backward_cuda: null pointer");
+  PL_CHECK(!dgain || workspace, internal, "glu_act_quant_backward_cuda: dgain needs a workspace");
+  float* partials = dgain ? workspace : nullptr;
+  const bool silu = act == GluActivation::silu;
+  const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;
+  if (per_thread <= 1) launch_glu_backward<1>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else if (per_thread <= 2) launch_glu_backward<2>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else if (per_thread <= 4) launch_glu_backward<4>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else if (per_thread <= 8) launch_glu_backward<8>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else if (per_thread <= 16) launch_glu_backward<16>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else launch_glu_backward<32>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  if (!dgain) return;
+  const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
+  rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, workspace, dgain);
+  PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
+}
+
+}  // namespace
+
+#define PL_GLU_NQ(A)                                                                                                \
+  void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,         \
+                                  int8_t* codes, float* scale, float* rstd, cudaStream_t stream) {                  \
+    PL_CHECK(au && codes, internal, "glu_act_quant_forward_cuda: null pointer");                                     \
+    forward("glu_act_quant_forward_cuda", s, GluRows<A>{au, act == GluActivation::silu}, true, gain, codes, nullptr, \
+            scale, rstd, stream);                                                                                   \
+  }                                                                                                                 \
+  void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,         \
+                                  bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream) {                 \
+    PL_CHECK(au && a_over_s, internal, "glu_act_quant_dequant_cuda: null pointer");                                  \
+    forward("glu_act_quant_dequant_cuda", s, GluRows<A>{au, act == GluActivation::silu}, true, gain, nullptr,        \
+            a_over_s, scale, rstd, stream);                                                                         \
+  }                                                                                                                 \
+  void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,        \
+                                   const float* rstd, const float* dy, bf16* dau, float* dgain, float* workspace,   \
+                                   cudaStream_t stream) {                                                           \
+    glu_backward(act, s, au, gain, rstd, dy, dau, dgain, workspace, stream);                                        \
+  }
+PL_GLU_NQ(float)
+PL_GLU_NQ(bf16)
+#undef PL_GLU_NQ
+
+namespace {
+
+template <int K, typename A>
+void launch_gate_backward(const RmsNormShape& s, bool code_form, const A* ghat, const A* h, const float* g_gain,
+                          const float* g_rstd, const float* o_gain, const float* o_rstd, const float* dxt, float* dh,
+                          bf16* dghat, float* o_partials, float* g_partials, cudaStream_t stream) {
+  gate_act_quant_backward_kernel<K, A, bf16><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
+      s.rows, s.dim, code_form, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, o_partials, g_partials);
+  PL_CUDA_CHECK_LAUNCH(gate_act_quant_backward_kernel);
+}
+
+template <typename A>
+void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A* h, const float* g_gain,
+                   const float* g_rstd, const float* o_gain, const float* o_rstd, const float* dxt, float* dh,
+                   bf16* dghat, float* do_gain, float* dg_gain, float* workspace, cudaStream_t stream) {
+  check_shape("gate_act_quant_backward_cuda", s);
+  if (s.rows == 0) return;
+  const bool code = form == GateForm::code;
+  PL_CHECK(ghat && h && o_gain && o_rstd && dxt && dh && dghat && (!code || (g_gain && g_rstd)), internal,
+           "gate_act_quant_backward_cuda: null pointer");
+  PL_CHECK((!do_gain && !dg_gain) || workspace, internal, "gate_act_quant_backward_cuda: dγ needs a workspace");
+  const int64_t part = rmsnorm_act_quant_backward_workspace(s);
+  float* op = do_gain ? workspace : nullptr;
+  float* gp = dg_gain && code ? workspace + part : nullptr;
+  const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;
+#define PL_GATE_BWD(KK) \
+  launch_gate_backward<KK>(s, code, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, op, gp, stream)
+  if (per_thread <= 1) PL_GATE_BWD(1);
+  else if (per_thread <= 2) PL_GATE_BWD(2);
+  else if (per_thread <= 4) PL_GATE_BWD(4);
+  else if (per_thread <= 8) PL_GATE_BWD(8);
+  else if (per_thread <= 16) PL_GATE_BWD(16);
+  else PL_GATE_BWD(32);
+#undef PL_GATE_BWD
+  const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
+  if (op) {
+    rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, op, do_gain);
+    PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
+  }
+  if (gp) {
+    rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, gp, dg_gain);
+    PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
+  }
+}
+
+}  // namespace
+
+#define PL_GATE_NQ(A)                                                                                               \
+  void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
+                                   const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes,          \
+                                   float* scale, float* rstd, cudaStream_t stream) {                                \
+    PL_CHECK(ghat && h && codes && (form == GateForm::paper || (g_gain && g_rstd)), internal,                        \
+             "gate_act_quant_forward_cuda: null pointer");                                                          \
+    forward("gate_act_quant_forward_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code}, true,    \
+            o_gain, codes, nullptr, scale, rstd, stream);                                                           \
+  }                                                                                                                 \
+  void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
+                                   const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s,         \
+                                   float* scale, float* rstd, cudaStream_t stream) {                                \
+    PL_CHECK(ghat && h && a_over_s && (form == GateForm::paper || (g_gain && g_rstd)), internal,                     \
+             "gate_act_quant_dequant_cuda: null pointer");                                                          \
+    forward("gate_act_quant_dequant_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code}, true,    \
+            o_gain, nullptr, a_over_s, scale, rstd, stream);                                                        \
+  }                                                                                                                 \
+  void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,               \
+                                    const float* g_gain, const float* g_rstd, const float* o_gain,                  \
+                                    const float* o_rstd, const float* dxt, float* dh, bf16* dghat, float* do_gain,  \
+                                    float* dg_gain, float* workspace, cudaStream_t stream) {                        \
+    gate_backward(form, s, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, do_gain, dg_gain, workspace,     \
+                  stream);                                                                                          \
+  }
+PL_GATE_NQ(float)
+PL_GATE_NQ(bf16)
+#undef PL_GATE_NQ
 
 }  // namespace peerless

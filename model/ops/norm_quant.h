@@ -11,6 +11,8 @@
 #include <cstdint>
 
 #include "model/ops/cuda_fwd.h"
+#include "model/ops/glu.h"
+#include "model/ops/mlgru.h"
 #include "model/ops/rmsnorm.h"
 
 namespace peerless {
@@ -52,5 +54,59 @@ void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const float* x, cons
 void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const bf16* x, const float* gain, const float* rstd,
                                      const float* dy, float* dx, float* dgain, float* workspace, cudaStream_t stream,
                                      bool accumulate = false);
+
+// ---- the GLU fused in front (the down projection's input path; CUDA only) ------------------------
+// z = act(a) ⊙ u from au = [a | u] (rows, 2·I) (glu.h), then the fused RMSNorm + quantizer above on z
+// (s.dim = I), without z ever in memory: the forward writes the codes (or, for the backward's
+// recomputation, a/s in bf16), scale and rstd, exactly what glu_forward_cuda followed by
+// rmsnorm_act_quant_forward_cuda (or _dequant_cuda) write. The backward recomputes z, runs the
+// RMSNorm backward of dy (rows, I) into dz and the GLU backward of dz into dau (rows, 2I, bf16, the
+// gate projection's backward operand), dγ as rmsnorm_act_quant_backward_cuda; its results equal that
+// backward followed by glu_backward_cuda with bf16 output.
+void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const float* au, const float* gain,
+                                int8_t* codes, float* scale, float* rstd, cudaStream_t stream);
+void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const bf16* au, const float* gain,
+                                int8_t* codes, float* scale, float* rstd, cudaStream_t stream);
+void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const float* au, const float* gain,
+                                bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream);
+void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const bf16* au, const float* gain,
+                                bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream);
+// workspace: rmsnorm_act_quant_backward_workspace(s) floats when dgain is wanted.
+void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const float* au, const float* gain,
+                                 const float* rstd, const float* dy, bf16* dau, float* dgain, float* workspace,
+                                 cudaStream_t stream);
+void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const bf16* au, const float* gain,
+                                 const float* rstd, const float* dy, bf16* dau, float* dgain, float* workspace,
+                                 cudaStream_t stream);
+
+// ---- the MLGRU output gate fused in front (the o projection's input path; CUDA only) -------------
+// o = gn ⊙ h ⊙ σ(h) with gn = RMSNorm(ĝ; γ_g) (GateForm::code; its rstd written to g_rstd, computed as
+// the CPU's RMSNorm computes it), or o = σ(ĝ) ⊙ h (paper; g_gain, g_rstd unused), then the fused
+// RMSNorm + quantizer on o with γ_o (s.dim = d): neither gn nor o is ever in memory. Forward writes
+// the codes (or a/s in bf16 for the backward's recomputation), scale and rstd of o.
+// Backward: from dxt = dL/dõ (rows, d): the norm backward into do, the gate's backward into dh (fp32,
+// written) and dgn, then (code form) RMSNorm_g's backward into dĝ (bf16, written); dγ_o and dγ_g
+// accumulated (either may be null) through a workspace of 2·rmsnorm_act_quant_backward_workspace(s)
+// floats. The same expressions as the unfused ops (mlgru.h output gate, rmsnorm, norm_quant).
+void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const float* ghat, const float* h,
+                                 const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes, float* scale,
+                                 float* rstd, cudaStream_t stream);
+void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const bf16* ghat, const bf16* h,
+                                 const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes, float* scale,
+                                 float* rstd, cudaStream_t stream);
+void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const float* ghat, const float* h,
+                                 const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s, float* scale,
+                                 float* rstd, cudaStream_t stream);
+void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const bf16* ghat, const bf16* h,
+                                 const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s, float* scale,
+                                 float* rstd, cudaStream_t stream);
+void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const float* ghat, const float* h,
+                                  const float* g_gain, const float* g_rstd, const float* o_gain, const float* o_rstd,
+                                  const float* dxt, float* dh, bf16* dghat, float* do_gain, float* dg_gain,
+                                  float* workspace, cudaStream_t stream);
+void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const bf16* ghat, const bf16* h,
+                                  const float* g_gain, const float* g_rstd, const float* o_gain, const float* o_rstd,
+                                  const float* dxt, float* dh, bf16* dghat, float* do_gain, float* dg_gain,
+                                  float* workspace, cudaStream_t stream);
 
 }  // namespace peerless
