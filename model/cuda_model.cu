@@ -321,7 +321,7 @@ struct CudaModel::Impl {
     tick(CudaModel::other);
     glu_act_quant_forward_cuda(host.glu_activation(), RmsNormShape{rows, I, eps}, au, P(b.down_gain), q_codes.get(),
                                q_scale.get(), q_rstd.get(), stream);
-    tick(CudaModel::norm_quant);
+    tick(CudaModel::glu_path);
     product(b.down_w, rows, y, residual);
   }
 
@@ -370,11 +370,11 @@ struct CudaModel::Impl {
     tick(CudaModel::gemm_backward);
     glu_act_quant_dequant_cuda(host.glu_activation(), ns, au, P(b.down_gain), a_bf.get(), q_scale.get(), q_rstd.get(),
                                stream);
-    tick(CudaModel::norm_quant);
+    tick(CudaModel::glu_path);
     backward_products(b.down_w, rows, dy_bf.get());
     glu_act_quant_backward_cuda(host.glu_activation(), ns, au, P(b.down_gain), q_rstd.get(), dxt.get(), dau_out,
                                 G(b.down_gain), norm_ws.get(), stream);
-    tick(CudaModel::norm_quant);
+    tick(CudaModel::glu_path);
   }
 
   // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
@@ -393,7 +393,7 @@ struct CudaModel::Impl {
     tick(CudaModel::other);
     gate_act_quant_forward_cuda(form, RmsNormShape{rows, d, eps}, ghat, h, form == GateForm::code ? P(b.g_norm) : nullptr,
                                 g_rstd, P(b.o_gain), q_codes.get(), q_scale.get(), q_rstd.get(), stream);
-    tick(CudaModel::norm_quant);
+    tick(CudaModel::gate_path);
     product(b.o_w, rows, y, residual);
   }
 
@@ -410,12 +410,12 @@ struct CudaModel::Impl {
     tick(CudaModel::gemm_backward);
     gate_act_quant_dequant_cuda(form, ns, ghat, h, code ? P(b.g_norm) : nullptr, g_rstd, P(b.o_gain), a_bf.get(),
                                 q_scale.get(), q_rstd.get(), stream);
-    tick(CudaModel::norm_quant);
+    tick(CudaModel::gate_path);
     backward_products(b.o_w, rows, dy_bf.get());
     gate_act_quant_backward_cuda(form, ns, ghat, h, code ? P(b.g_norm) : nullptr, g_rstd, P(b.o_gain), q_rstd.get(),
                                  dxt.get(), dh_out, dghat_out, G(b.o_gain), code ? G(b.g_norm) : nullptr,
                                  norm_ws.get(), stream);
-    tick(CudaModel::norm_quant);
+    tick(CudaModel::gate_path);
   }
 
   // The PEER layer's parameter views of block b (device), BatchNorm statistics as given.
@@ -752,7 +752,8 @@ void CudaModel::set_profiling(bool on) {
 std::vector<double> CudaModel::profile() const { return impl_->profile; }
 
 const char* CudaModel::category_name(int c) {
-  static const char* names[] = {"norm+quant (fwd, bwd)", "GEMM forward (IMMA + epilogue)",
+  static const char* names[] = {"norm+quant (fwd, bwd)", "GLU + down norm+quant (fused, fwd/bwd)",
+                                "output gate + o norms+quant (fused, fwd/bwd)", "GEMM forward (IMMA + epilogue)",
                                 "GEMM backward (bf16 + conversions)", "MLGRU scan (fwd, bwd)", "PEER layer (fwd, bwd)",
                                 "cross-entropy",
                                 "embedding backward", "optimizer + grad norm + ternary refresh",

@@ -87,12 +87,6 @@ template <typename A>
 struct GluRows {
   const A* au;
   bool silu;
-  __device__ __forceinline__ float z(int64_t r, int64_t dim, int64_t j) const {
-    const float a = ld(au + r * 2 * dim + j), u = ld(au + r * 2 * dim + dim + j);
-    if (silu) return (a * cuda_detail::sigmoidf_dev(a)) * u;
-    const float p = a > 0.0f ? a : 0.0f;
-    return (p * p) * u;
-  }
 };
 
 // GateRows: the MLGRU output o = gn ⊙ h ⊙ σ(h), gn = RMSNorm(ĝ; γ_g) (code form; rstd of ĝ written to
@@ -111,6 +105,63 @@ template <typename Src>
 struct IsGateRows : std::false_type {};
 template <typename A>
 struct IsGateRows<GateRows<A>> : std::true_type {};
+
+// Elements per 16-byte vector of A, and its unpacking into floats.
+template <typename A>
+constexpr int kPer16 = 16 / static_cast<int>(sizeof(A));
+template <typename A>
+__device__ __forceinline__ void unpack16(const uint4& v, float* f) {
+  if constexpr (std::is_same_v<A, float>) {
+    f[0] = __uint_as_float(v.x), f[1] = __uint_as_float(v.y), f[2] = __uint_as_float(v.z), f[3] = __uint_as_float(v.w);
+  } else {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 t = __bfloat1622float2(p[i]);
+      f[2 * i] = t.x, f[2 * i + 1] = t.y;
+    }
+  }
+}
+
+// Calls f(j, a_j, b_j) for every element j < dim of two rows a, b of A (b may equal a), the warp's
+// lanes reading 16 bytes each per load with kBatch loads per row in flight before the first use
+// (a warp stalls at the first use of a pending load). kVec: dim % kPer16<A> == 0 and both rows
+// 16-byte aligned; otherwise element loads, batched the same way.
+template <bool kVec, typename A, typename F>
+__device__ __forceinline__ void for_rows(const A* a, const A* b, int64_t dim, int lane, F f) {
+  constexpr int kW = cuda_detail::kWarp;
+  if constexpr (kVec) {
+    constexpr int V = kPer16<A>;
+    const uint4* a4 = reinterpret_cast<const uint4*>(a);
+    const uint4* b4 = reinterpret_cast<const uint4*>(b);
+    const int64_t nv = dim / V;
+    for (int64_t base = lane; base < nv; base += kBatch * kW) {
+      uint4 va[kBatch], vb[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < nv) va[u] = a4[base + u * kW], vb[u] = b4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (base + u * kW >= nv) continue;
+        float fa[V], fb[V];
+        unpack16<A>(va[u], fa);
+        unpack16<A>(vb[u], fb);
+#pragma unroll
+        for (int e = 0; e < V; ++e) f((base + u * kW) * V + e, fa[e], fb[e]);
+      }
+    }
+  } else {
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float fa[kBatch], fb[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) fa[u] = ld(a + base + u * kW), fb[u] = ld(b + base + u * kW);
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) f(base + u * kW, fa[u], fb[u]);
+    }
+  }
+}
 
 template <bool kVec, bool kDequant, typename Src>
 __global__ void __launch_bounds__(128)
@@ -131,32 +182,35 @@ __global__ void __launch_bounds__(128)
   if constexpr (IsGateRows<Src>::value) {
     const A_of<Src>* gr = src.ghat + r * dim;
     const A_of<Src>* hr = src.h + r * dim;
-    for (int64_t j = lane; j < dim; j += kW) xs[j] = ld(gr + j);
+    for_rows<kVec>(gr, gr, dim, lane, [&](int64_t j, float g, float) { xs[j] = g; });
     __syncwarp();
     float rg = 0.0f;
     if (src.code_form) {
       rg = row_rstd(xs, dim, eps, lane);
       if (lane == 0) src.g_rstd[r] = rg;
     }
-    for (int64_t j = lane; j < dim; j += kW) {
-      const float hv = ld(hr + j);
-      if (src.code_form) {
-        const float gn = __fmul_rn(__fmul_rn(xs[j], rg), src.g_gain[j]);
+    const float* gg = src.g_gain;
+    const bool code = src.code_form;
+    // Each lane rewrites exactly the elements it loaded above (same j mapping).
+    for_rows<kVec>(hr, hr, dim, lane, [&](int64_t j, float hv, float) {
+      if (code) {
+        const float gn = __fmul_rn(__fmul_rn(xs[j], rg), gg[j]);
         xs[j] = gn * (hv * cuda_detail::sigmoidf_dev(hv));
       } else {
         xs[j] = cuda_detail::sigmoidf_dev(xs[j]) * hv;
       }
-    }
+    });
   } else if constexpr (!std::is_same_v<Src, PlainRows>) {
-    for (int64_t base = lane; base < dim; base += kBatch * kW) {
-      float buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) buf[u] = src.z(r, dim, base + u * kW);
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
-    }
+    const A_of<Src>* ar = src.au + r * 2 * dim;
+    const bool silu = src.silu;
+    for_rows<kVec>(ar, ar + dim, dim, lane, [&](int64_t j, float a, float u) {
+      if (silu) {
+        xs[j] = (a * cuda_detail::sigmoidf_dev(a)) * u;
+      } else {
+        const float p = a > 0.0f ? a : 0.0f;
+        xs[j] = (p * p) * u;
+      }
+    });
   } else if constexpr (kVec) {
     const float* xr = src.x + r * dim;
     const float4* x4 = reinterpret_cast<const float4*>(xr);
@@ -642,13 +696,15 @@ void glu_backward(GluActivation act, const RmsNormShape& s, const A* au, const f
   void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,         \
                                   int8_t* codes, float* scale, float* rstd, cudaStream_t stream) {                  \
     PL_CHECK(au && codes, internal, "glu_act_quant_forward_cuda: null pointer");                                     \
-    forward("glu_act_quant_forward_cuda", s, GluRows<A>{au, act == GluActivation::silu}, true, gain, codes, nullptr, \
+    forward("glu_act_quant_forward_cuda", s, GluRows<A>{au, act == GluActivation::silu},                            \
+            s.dim % kPer16<A> == 0 && aligned16(au), gain, codes, nullptr,                                           \
             scale, rstd, stream);                                                                                   \
   }                                                                                                                 \
   void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,         \
                                   bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream) {                 \
     PL_CHECK(au && a_over_s, internal, "glu_act_quant_dequant_cuda: null pointer");                                  \
-    forward("glu_act_quant_dequant_cuda", s, GluRows<A>{au, act == GluActivation::silu}, true, gain, nullptr,        \
+    forward("glu_act_quant_dequant_cuda", s, GluRows<A>{au, act == GluActivation::silu},                            \
+            s.dim % kPer16<A> == 0 && aligned16(au), gain, nullptr,                                                  \
             a_over_s, scale, rstd, stream);                                                                         \
   }                                                                                                                 \
   void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,        \
@@ -713,7 +769,8 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
                                    float* scale, float* rstd, cudaStream_t stream) {                                \
     PL_CHECK(ghat && h && codes && (form == GateForm::paper || (g_gain && g_rstd)), internal,                        \
              "gate_act_quant_forward_cuda: null pointer");                                                          \
-    forward("gate_act_quant_forward_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code}, true,    \
+    forward("gate_act_quant_forward_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},         \
+            s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h),                                               \
             o_gain, codes, nullptr, scale, rstd, stream);                                                           \
   }                                                                                                                 \
   void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
@@ -721,7 +778,8 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
                                    float* scale, float* rstd, cudaStream_t stream) {                                \
     PL_CHECK(ghat && h && a_over_s && (form == GateForm::paper || (g_gain && g_rstd)), internal,                     \
              "gate_act_quant_dequant_cuda: null pointer");                                                          \
-    forward("gate_act_quant_dequant_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code}, true,    \
+    forward("gate_act_quant_dequant_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},         \
+            s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h),                                               \
             o_gain, nullptr, a_over_s, scale, rstd, stream);                                                        \
   }                                                                                                                 \
   void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,               \
