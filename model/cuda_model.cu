@@ -141,7 +141,7 @@ struct CudaModel::Impl {
   std::vector<BlockSaved<bf16>> saved16;
   DevBuf<float> lb, dlb, scan_ws, rstd_f, losses;
   // One block's scratch, forward and backward (recomputed values and gradients).
-  DevBuf<float> xn, xn2, xf, logits, dx, t0, dh;
+  DevBuf<float> xn2, xf, logits, dx, t0, dh;
   DevBuf<bf16> dihat, dfhat, dghat, dau;  // gradients only ever used as a backward GEMM's bf16 operand
   DevBuf<float> q_scale, q_rstd;   // the current BitLinear's per-row scale and rstd
   DevBuf<int8_t> q_codes;          // its int8 codes (forward), (M, max K)
@@ -224,7 +224,8 @@ struct CudaModel::Impl {
     for (auto& r : resid) r.resize(M * d, bytes);
     if (opt.bf16_activations) alloc_saved(saved16);
     else alloc_saved(saved32);
-    for (auto* b : {&xn, &xn2, &xf, &dx, &t0, &dh}) b->resize(M * d, bytes);
+    for (auto* b : {&xf, &dx, &t0, &dh}) b->resize(M * d, bytes);
+    if (host.n_peer_layers() > 0) xn2.resize(M * d, bytes);
     for (auto* b : {&dihat, &dfhat, &dghat}) b->resize(M * d, bytes);
     dau.resize(M * 2 * I, bytes);
     rstd_f.resize(M, bytes);
@@ -247,15 +248,18 @@ struct CudaModel::Impl {
       }
     }
     note_linear(idx.head_w, head_rows);
-    q_scale.resize(M, bytes);
+    const int64_t wide = std::max(max_k, 3 * d);  // i, f, g side by side
+    q_scale.resize(3 * M, bytes);
     q_rstd.resize(M, bytes);
-    q_codes.resize(M * max_k, bytes);
-    a_bf.resize(M * max_k, bytes);
+    q_codes.resize(M * wide, bytes);
+    a_bf.resize(M * wide, bytes);
     dy_bf.resize(max_n, bytes);
     w_bf.resize(max_w, bytes);
-    dxt.resize(M * max_k, bytes);
+    dxt.resize(M * wide, bytes);
     // The largest norm backward's partials; the output-gate backward needs two rows of d.
-    norm_ws.resize(rmsnorm_act_quant_backward_workspace(RmsNormShape{M, std::max(max_k, 2 * d), eps}), bytes);
+    norm_ws.resize(std::max(rmsnorm_act_quant_backward_workspace(RmsNormShape{M, std::max(max_k, 2 * d), eps}),
+                            norm_norm_quant_backward_workspace(RmsNormShape{M, d, eps}, 3)),
+                   bytes);
     if (!all_imma) {
       acc.resize(max_n, bytes);
       tmp.resize(M * d, bytes);
@@ -274,7 +278,9 @@ struct CudaModel::Impl {
   // written by a fused norm+quant kernel) with the weight's codes, y = ·β/s stored as Y (float or
   // bf16), or, with a residual, y = residual + ·β/s in fp32 (the CPU's y then x += y, bit for bit).
   template <typename Y>
-  void product(int weight, int64_t rows, Y* y, const float* residual) {
+  void product(int weight, int64_t rows, Y* y, const float* residual, const int8_t* a_codes = nullptr,
+               const float* a_scale = nullptr) {
+    if (!a_codes) a_codes = q_codes.get(), a_scale = q_scale.get();
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
     constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
@@ -282,22 +288,21 @@ struct CudaModel::Impl {
     if (K % 4 == 0 && N % 4 == 0) {
       if (residual) {
         if constexpr (std::is_same_v<Y, float>)
-          bitlinear_matmul_residual_cuda(blas, rows, N, K, q_codes.get(), C(weight), q_scale.get(), beta, residual, y,
-                                         stream);
+          bitlinear_matmul_residual_cuda(blas, rows, N, K, a_codes, C(weight), a_scale, beta, residual, y, stream);
       } else {
-        bitlinear_matmul_cuda(blas, rows, N, K, q_codes.get(), C(weight), q_scale.get(), beta, out, y, stream);
+        bitlinear_matmul_cuda(blas, rows, N, K, a_codes, C(weight), a_scale, beta, out, y, stream);
       }
     } else {
-      ternary_int8_matmul_cuda(rows, N, K, q_codes.get(), C(weight), acc.get(), stream);
+      ternary_int8_matmul_cuda(rows, N, K, a_codes, C(weight), acc.get(), stream);
       if (residual) {
-        bitlinear_dequant_cuda(rows, N, acc.get(), q_scale.get(), beta, GemmOut::f32, tmp.get(), stream);
+        bitlinear_dequant_cuda(rows, N, acc.get(), a_scale, beta, GemmOut::f32, tmp.get(), stream);
         if constexpr (std::is_same_v<Y, float>) {
           if (y != residual)
             PL_CUDA_CHECK(cudaMemcpyAsync(y, residual, sizeof(float) * rows * N, cudaMemcpyDeviceToDevice, stream));
           add(y, tmp.get(), rows * N);
         }
       } else {
-        bitlinear_dequant_cuda(rows, N, acc.get(), q_scale.get(), beta, out, y, stream);
+        bitlinear_dequant_cuda(rows, N, acc.get(), a_scale, beta, out, y, stream);
       }
     }
     tick(CudaModel::gemm_forward);
@@ -327,13 +332,15 @@ struct CudaModel::Impl {
 
   // The two backward products with dy in bf16 (rows, N) and a/s in a_bf: dxt (rows,K) = β·dy·t,
   // dW (N,K) += dyᵀ·(a/s) (bf16 GEMMs, fp32 accumulation).
-  void backward_products(int weight, int64_t rows, const bf16* dy) {
+  void backward_products(int weight, int64_t rows, const bf16* dy, const bf16* a_over_s = nullptr,
+                         float* dxt_out = nullptr) {
     const ParamInfo& w = layout.at(weight);
     const int64_t N = w.shape[0], K = w.shape[1];
+    if (!a_over_s) a_over_s = a_bf.get(), dxt_out = dxt.get();
     codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
-    gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt.get(), K,
+    gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt_out, K,
                    stream);
-    gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_bf.get(), K, 1.0f, G(weight), K, stream);
+    gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_over_s, K, 1.0f, G(weight), K, stream);
     tick(CudaModel::gemm_backward);
   }
 
@@ -453,16 +460,21 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     const BlockParams& b = host.blocks()[l];
     BlockSaved<A>& c = saved[l];
     const float* x_in = resid[l].get();
-    rmsnorm_forward_cuda(nd, x_in, P(b.mixer_norm), xn.get(), c.rstd1.get(), s);
-    linear_forward(b.i_gain, b.i_w, M, xn.get(), c.ihat.get());
-    linear_forward(b.f_gain, b.f_w, M, xn.get(), c.fhat.get());
-    linear_forward(b.g_gain, b.g_w, M, xn.get(), c.ghat.get());
+    // The mixer norm and the i, f, g BitLinears' norm+quant in one kernel, then the three products.
+    const float* ifg_gains[3] = {P(b.i_gain), P(b.f_gain), P(b.g_gain)};
+    g.tick(other);
+    norm_norm_quant_forward_cuda(nd, x_in, P(b.mixer_norm), c.rstd1.get(), 3, ifg_gains, q_codes.get(), q_scale.get(),
+                                 q_rstd.get(), s);
+    g.tick(norm_quant);
+    product(b.i_w, M, c.ihat.get(), nullptr, q_codes.get(), q_scale.get());
+    product(b.f_w, M, c.fhat.get(), nullptr, q_codes.get() + M * d, q_scale.get() + M);
+    product(b.g_w, M, c.ghat.get(), nullptr, q_codes.get() + 2 * M * d, q_scale.get() + 2 * M);
     g.tick(other);
     mlgru_scan_forward_cuda(ss, c.ihat.get(), c.fhat.get(), lb.get() + l * d, static_cast<A*>(nullptr), c.h.get(), s);
     g.tick(scan);
     o_forward(b, M, c.ghat.get(), c.h.get(), c.g_rstd.get(), c.x_mid.get(), x_in);
-    rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
     if (b.peer >= 0) {
+      rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
       // PEER channel mixer (Model::forward): train-mode BatchNorm with momentum 1 into this
       // micro-batch's statistics, which the backward adds into their gradient slots (update_buffers).
       PeerLayerShape ps = host.peer_shape(M);
@@ -475,7 +487,13 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
       PL_CUDA_CHECK_LAUNCH(add2_kernel);
       continue;
     }
-    linear_forward(b.gate_gain, b.gate_w, M, xn2.get(), c.au.get());
+    // The MLP norm and the gate BitLinear's norm+quant in one kernel.
+    const float* gate_gain = P(b.gate_gain);
+    g.tick(other);
+    norm_norm_quant_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), 1, &gate_gain, q_codes.get(),
+                                 q_scale.get(), q_rstd.get(), s);
+    g.tick(norm_quant);
+    product(b.gate_w, M, c.au.get(), nullptr);
     down_forward(b, M, c.au.get(), resid[l + 1].get(), c.x_mid.get());
   }
   const float* x_final = resid[L].get();
@@ -501,10 +519,10 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     const BlockParams& b = host.blocks()[l];
     BlockSaved<A>& c = saved[l];
     const float* x_in = resid[l].get();
-    // Channel mixer: recompute x̃₂ and z, then back through down, the GLU, gate and the MLP norm.
+    // Channel mixer: back through down and the GLU, gate and the MLP norm (or the PEER layer).
     g.tick(other);
-    rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
     if (b.peer >= 0) {
+      rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
       PeerLayerShape ps = host.peer_shape(M);
       ps.bn_momentum = 1.f;
       PeerLayerGradsCuda pg;
@@ -521,11 +539,21 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
       g.tick(peer_layer);
       add(G(b.peer_bn_mean), peer_mean[b.peer].get(), ps.channels());
       add(G(b.peer_bn_var), peer_var[b.peer].get(), ps.channels());
+      norm_backward(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), t0.get(), dxp, G(b.mlp_norm), true);
     } else {
       down_backward(b, M, c.au.get(), dxp, dau.get());
-      linear_backward(b.gate_gain, b.gate_w, M, xn2.get(), static_cast<const bf16*>(dau.get()), t0.get(), false);
+      // gate: a/s recomputed from x_mid through both norms, the products, both norms' backwards.
+      const float* gate_gain = P(b.gate_gain);
+      float* d_gate_gain = G(b.gate_gain);
+      g.tick(other);
+      norm_norm_quant_dequant_cuda(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), 1, &gate_gain, a_bf.get(),
+                                   q_scale.get(), q_rstd.get(), s);
+      g.tick(norm_quant);
+      backward_products(b.gate_w, M, dau.get());
+      norm_norm_quant_backward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), 1, &gate_gain, q_rstd.get(),
+                                    dxt.get(), dxp, G(b.mlp_norm), &d_gate_gain, norm_ws.get(), s);
+      g.tick(norm_quant);
     }
-    norm_backward(nd, c.x_mid.get(), P(b.mlp_norm), c.rstd2.get(), t0.get(), dxp, G(b.mlp_norm), true);
 
     // Token mixer: back through o, the gate and the g norm (one fused kernel), the scan and i, f, g.
     o_backward(b, M, c.ghat.get(), c.h.get(), c.g_rstd.get(), dxp, dh.get(), dghat.get());
@@ -533,11 +561,20 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     mlgru_scan_backward_cuda(ss, c.ihat.get(), c.fhat.get(), lb.get() + l * d, static_cast<const A*>(nullptr),
                              c.h.get(), dh.get(), dihat.get(), dfhat.get(), dlb.get() + l * d, scan_ws.get(), s);
     g.tick(scan);
-    rmsnorm_forward_cuda(nd, x_in, P(b.mixer_norm), xn.get(), c.rstd1.get(), s);
-    linear_backward(b.i_gain, b.i_w, M, xn.get(), static_cast<const bf16*>(dihat.get()), t0.get(), false);
-    linear_backward(b.f_gain, b.f_w, M, xn.get(), static_cast<const bf16*>(dfhat.get()), t0.get(), true);
-    linear_backward(b.g_gain, b.g_w, M, xn.get(), static_cast<const bf16*>(dghat.get()), t0.get(), true);
-    norm_backward(nd, x_in, P(b.mixer_norm), c.rstd1.get(), t0.get(), dxp, G(b.mixer_norm), true);
+    // i, f, g: their a/s recomputed from x_in through both norms (one kernel), the three products into
+    // dxt side by side, then one kernel for the three BitLinear norms' and the mixer norm's backwards.
+    const float* ifg_gains[3] = {P(b.i_gain), P(b.f_gain), P(b.g_gain)};
+    float* d_ifg_gains[3] = {G(b.i_gain), G(b.f_gain), G(b.g_gain)};
+    g.tick(other);
+    norm_norm_quant_dequant_cuda(nd, x_in, P(b.mixer_norm), c.rstd1.get(), 3, ifg_gains, a_bf.get(), q_scale.get(),
+                                 q_rstd.get(), s);
+    g.tick(norm_quant);
+    backward_products(b.i_w, M, dihat.get(), a_bf.get(), dxt.get());
+    backward_products(b.f_w, M, dfhat.get(), a_bf.get() + M * d, dxt.get() + M * d);
+    backward_products(b.g_w, M, dghat.get(), a_bf.get() + 2 * M * d, dxt.get() + 2 * M * d);
+    norm_norm_quant_backward_cuda(nd, x_in, P(b.mixer_norm), c.rstd1.get(), 3, ifg_gains, q_rstd.get(), dxt.get(),
+                                  dxp, G(b.mixer_norm), d_ifg_gains, norm_ws.get(), s);
+    g.tick(norm_quant);
   }
   g.tick(other);
   embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);

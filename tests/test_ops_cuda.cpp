@@ -1341,6 +1341,81 @@ TEST_F(Cuda, gate_act_quant_fused_vs_cpu) {
   }
 }
 
+// A block's input norm fused with its BitLinears' norm+quant (norm_quant.h): forward bit-identical to
+// the CPU ops composed (outer RMSNorm, then per BitLinear RMSNorm and the quantizer): codes, scales,
+// both rstds; a/s the CPU codes over their scale, rounded to bf16. Backward against the CPU's
+// per-BitLinear norm backwards summed and the outer norm's backward (fp32 tolerance 5e-5: the fused
+// kernel sums the BitLinears' terms before the mean instead of after), accumulated into dx; run
+// twice, bit-identical.
+TEST_F(Cuda, norm_norm_quant_fused_vs_cpu) {
+  for (const int ng : {1, 3}) {
+    for (const auto& [rows, dim] : {std::pair<int64_t, int64_t>{5, 7}, {70, 1024}, {33, 2816}}) {
+      const std::string name = "gains=" + std::to_string(ng) + "," + shape_name({{"rows", rows}, {"dim", dim}});
+      SCOPED_TRACE(name);
+      const RmsNormShape s{rows, dim, 1e-6f};
+      const int64_t n = rows * dim;
+      const std::vector<float> x = normal(rng(), n, 2.0f), go = normal(rng(), dim, 0.5f, 1.0f);
+      std::vector<std::vector<float>> gk(ng);
+      for (auto& g : gk) g = normal(rng(), dim, 0.5f, 1.0f);
+      // CPU forward.
+      std::vector<float> xn(n), r1(rows), rk(rows), xt(n), sc_cpu(ng * rows), dq_cpu(ng * n);
+      std::vector<int8_t> codes_cpu(ng * n);
+      rmsnorm_forward_cpu(s, x.data(), go.data(), xn.data(), r1.data());
+      for (int k = 0; k < ng; ++k) {
+        rmsnorm_forward_cpu(s, xn.data(), gk[k].data(), xt.data(), rk.data());
+        act_quant_cpu(rows, dim, xt.data(), codes_cpu.data() + k * n, sc_cpu.data() + k * rows);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < dim; ++j)
+            dq_cpu[k * n + r * dim + j] =
+                from_bf16(to_bf16(static_cast<float>(codes_cpu[k * n + r * dim + j]) / sc_cpu[k * rows + r]));
+      }
+      // CPU backward.
+      const std::vector<float> dxt = normal(rng(), ng * n), dx0 = normal(rng(), n), dgo0 = normal(rng(), dim);
+      std::vector<float> dxn(n, 0.0f), tk(n), dx_cpu(n), dgo = dgo0;
+      std::vector<std::vector<float>> dgk(ng, std::vector<float>(dim, 0.0f));
+      for (int k = 0; k < ng; ++k) {
+        rmsnorm_backward_cpu(s, xn.data(), gk[k].data(), rk.data(), dxt.data() + k * n, tk.data(), dgk[k].data());
+        for (int64_t i = 0; i < n; ++i) dxn[i] += tk[i];
+      }
+      rmsnorm_backward_cpu(s, x.data(), go.data(), r1.data(), dxn.data(), dx_cpu.data(), dgo.data());
+      for (int64_t i = 0; i < n; ++i) dx_cpu[i] += dx0[i];
+      // GPU.
+      Guarded<float> d_x(x), d_go(go), d_r1(rows), d_rk(rows), d_sc(ng * rows), d_dxt(dxt), d_dx(dx0), d_dgo(dgo0),
+          d_ws(norm_norm_quant_backward_workspace(s, ng));
+      std::vector<Guarded<float>> d_gk, d_dgk;
+      for (int k = 0; k < ng; ++k) d_gk.emplace_back(gk[k]), d_dgk.emplace_back(std::vector<float>(dim, 0.0f));
+      const float* gains[3];
+      float* dgains[3];
+      for (int k = 0; k < ng; ++k) gains[k] = d_gk[k].get(), dgains[k] = d_dgk[k].get();
+      Guarded<int8_t> d_codes(ng * n);
+      Guarded<uint16_t> d_dq(ng * n);
+      norm_norm_quant_forward_cuda(s, d_x.get(), d_go.get(), d_r1.get(), ng, gains, d_codes.get(), d_sc.get(),
+                                   d_rk.get(), stream());
+      expect_identical(d_codes.download("codes"), codes_cpu, "codes " + name);
+      expect_identical(d_sc.download("scales"), sc_cpu, "scales " + name);
+      expect_identical(d_r1.download("outer rstd"), r1, "outer rstd " + name);
+      expect_identical(d_rk.download("inner rstd"), rk, "inner rstd " + name);
+      norm_norm_quant_dequant_cuda(s, d_x.get(), d_go.get(), d_r1.get(), ng, gains, as_bf16(d_dq), d_sc.get(),
+                                   d_rk.get(), stream());
+      expect_identical(from_bf16(d_dq.download("a/s")), dq_cpu, "a/s " + name);
+      std::vector<float> dx_gpu[2], dgo_gpu[2];
+      for (int run = 0; run < 2; ++run) {
+        d_dx.upload(dx0), d_dgo.upload(dgo0);
+        for (int k = 0; k < ng; ++k) d_dgk[k].upload(std::vector<float>(dim, 0.0f));
+        norm_norm_quant_backward_cuda(s, d_x.get(), d_go.get(), d_r1.get(), ng, gains, d_rk.get(), d_dxt.get(),
+                                      d_dx.get(), d_dgo.get(), dgains, d_ws.get(), stream());
+        dx_gpu[run] = d_dx.download("dx"), dgo_gpu[run] = d_dgo.download("dgamma outer");
+      }
+      expect_close(dx_gpu[0], dx_cpu, 5e-5, "dx " + name);
+      expect_close(dgo_gpu[0], dgo, 5e-5, "dgamma outer " + name);
+      for (int k = 0; k < ng; ++k)
+        expect_close(d_dgk[k].download("dgamma k"), dgk[k], 5e-5, "dgamma " + std::to_string(k) + " " + name);
+      expect_identical(dx_gpu[1], dx_gpu[0], "dx run to run " + name);
+      expect_identical(dgo_gpu[1], dgo_gpu[0], "dgamma outer run to run " + name);
+    }
+  }
+}
+
 TEST_F(Cuda, launchers_reject_bad_arguments) {
   EXPECT_THROW(act_quant_cuda(2, 0, nullptr, nullptr, nullptr, stream()), Error);
   EXPECT_THROW(rmsnorm_forward_cuda(RmsNormShape{4, 8}, static_cast<const float*>(nullptr), nullptr, nullptr, nullptr,

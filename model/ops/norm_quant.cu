@@ -529,6 +529,157 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
+// ---- a block's input norm and its BitLinears' norm+quant, fused (norm_quant.h) ----------------------
+
+constexpr int kMaxGains = 3;
+struct Gains {
+  const float* g[kMaxGains];
+};
+
+// Row r: xn = (x·r₁)·γ_outer (RMSNorm, r₁ saved to outer_rstd), then for each of NG BitLinears on xn
+// (all with the same inner rstd r of xn, saved once): x̃_k = (xn·r)·γ_k, its scale and codes (or a/s
+// in bf16) into slice k of codes/dequant (rows·dim each) and scale (rows each). One warp per row, the
+// row in shared memory; every value computed as in the single-gain kernel above, so codes and scales
+// are bit-identical to rmsnorm_forward_cpu (outer) -> rmsnorm_forward_cpu -> act_quant_cpu.
+template <bool kVec, bool kDequant, int NG>
+__global__ void __launch_bounds__(128)
+    norm_norm_quant_forward_kernel(int64_t rows, int64_t dim, float eps, const float* __restrict__ x,
+                                   const float* __restrict__ outer_gain, float* __restrict__ outer_rstd, Gains gains,
+                                   int8_t* __restrict__ codes, __nv_bfloat16* __restrict__ dequant,
+                                   float* __restrict__ scale, float* __restrict__ inner_rstd) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
+  if (r >= rows) return;
+  float* xs = smem + static_cast<int64_t>(warp) * dim;
+  const float* xr = x + r * dim;
+  constexpr int kW = cuda_detail::kWarp;
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    float4* s4 = reinterpret_cast<float4*>(xs);
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
+    }
+  } else {
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
+    }
+  }
+  __syncwarp();
+  const float r1 = row_rstd(xs, dim, eps, lane);
+  if (lane == 0) outer_rstd[r] = r1;
+  __syncwarp();  // every lane has read the row for r1 before it is overwritten
+  for (int64_t j = lane; j < dim; j += kW) xs[j] = __fmul_rn(__fmul_rn(xs[j], r1), outer_gain[j]);
+  __syncwarp();
+  const float rs = row_rstd(xs, dim, eps, lane);
+  if (lane == 0) inner_rstd[r] = rs;
+#pragma unroll
+  for (int k = 0; k < NG; ++k) {
+    const float* gk = gains.g[k];
+    uint32_t m = 0;
+    for (int64_t j = lane; j < dim; j += kW) m = max(m, abs_bits(__fmul_rn(__fmul_rn(xs[j], rs), gk[j])));
+    const float sk = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
+    if (lane == 0) scale[k * rows + r] = sk;
+    if constexpr (kDequant) {
+      __nv_bfloat16* dr = dequant + (k * rows + r) * dim;
+      for (int64_t j = lane; j < dim; j += kW) {
+        const float a = quant_round_clamp_dev(__fmul_rn(__fmul_rn(__fmul_rn(xs[j], rs), gk[j]), sk), -128.0f, 127.0f);
+        dr[j] = __float2bfloat16_rn(__fdiv_rn(a, sk));
+      }
+    } else {
+      int8_t* cr = codes + (k * rows + r) * dim;
+      for (int64_t j = lane; j < dim; j += kW)
+        cr[j] = quant_round_clamp_dev(__fmul_rn(__fmul_rn(__fmul_rn(xs[j], rs), gk[j]), sk), -128.0f, 127.0f);
+    }
+  }
+}
+
+// The backward of the above, straight through the quantizers: dxt holds NG slices dL/dx̃_k (rows·dim
+// each). The NG BitLinear norms share xn and r, so their backwards sum to one:
+//   dxn = r·(Σ_k γ_k⊙dxt_k − x̂·mean(x̂ ⊙ Σ_k γ_k⊙dxt_k)),  x̂ = xn·r,  dγ_k += Σ_rows dxt_k⊙x̂,
+// then the outer norm's: dx += r₁·(γ_o⊙dxn − x̂₁·mean(x̂₁⊙γ_o⊙dxn)), dγ_o += Σ_rows dxn⊙x̂₁. xn is
+// recomputed from x. dγ partials: slice k < NG for γ_k, slice NG for γ_o (each bwd_blocks·dim).
+template <int K, int NG>
+__global__ void __launch_bounds__(kBwdThreads)
+    norm_norm_quant_backward_kernel(int64_t rows, int64_t dim, const float* __restrict__ x,
+                                    const float* __restrict__ outer_gain, const float* __restrict__ outer_rstd,
+                                    Gains gains, const float* __restrict__ inner_rstd, const float* __restrict__ dxt,
+                                    float* __restrict__ dx, float* __restrict__ partials) {
+  __shared__ float red[32];
+  float go[K], gk[NG][K], pk[NG][K], po[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    go[k] = j < dim ? outer_gain[j] : 0.0f;
+    po[k] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < NG; ++q) gk[q][k] = j < dim ? gains.g[q][j] : 0.0f, pk[q][k] = 0.0f;
+  }
+  const float inv_dim = 1.0f / static_cast<float>(dim);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float ro = outer_rstd[r], rs = inner_rstd[r];
+    float xv[K], xh[K], comb[K];
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      xv[k] = 0.0f, xh[k] = 0.0f, comb[k] = 0.0f;
+      if (j < dim) {
+        xv[k] = x[r * dim + j];
+        xh[k] = __fmul_rn(__fmul_rn(xv[k], ro), go[k]) * rs;
+#pragma unroll
+        for (int q = 0; q < NG; ++q) {
+          const float d = dxt[(q * rows + r) * dim + j];
+          comb[k] = fmaf(gk[q][k], d, comb[k]);
+          pk[q][k] = fmaf(d, xh[k], pk[q][k]);
+        }
+      }
+      acc = fmaf(xh[k], comb[k], acc);
+    }
+    const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;
+    float acc2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      comb[k] = rs * (comb[k] - xh[k] * m);  // now dxn
+      acc2 = fmaf(xv[k] * ro, go[k] * comb[k], acc2);
+    }
+    const float m2 = block_reduce(acc2, Sum{}, 0.0f, red) * inv_dim;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      if (j < dim) {
+        const float x1 = xv[k] * ro;
+        dx[r * dim + j] += ro * (go[k] * comb[k] - x1 * m2);
+        po[k] = fmaf(comb[k], x1, po[k]);
+      }
+    }
+  }
+  const int64_t slice = ((rows + kBwdRows - 1) / kBwdRows) * dim;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    if (j >= dim) continue;
+#pragma unroll
+    for (int q = 0; q < NG; ++q) partials[q * slice + static_cast<int64_t>(blockIdx.x) * dim + j] = pk[q][k];
+    partials[NG * slice + static_cast<int64_t>(blockIdx.x) * dim + j] = po[k];
+  }
+}
+
 constexpr int kSumCols = 32;    // columns per block (one warp's width: coalesced rows of partials)
 constexpr int kSumGroups = 16;  // runs of partial rows per column, one warp each
 
@@ -792,5 +943,118 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
 PL_GATE_NQ(float)
 PL_GATE_NQ(bf16)
 #undef PL_GATE_NQ
+
+namespace {
+
+template <int NG>
+void nnq_forward(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd, const Gains& g,
+                 int8_t* codes, bf16* dequant, float* scale, float* inner_rstd, cudaStream_t stream) {
+  const int per_block = fwd_rows_per_block(s.dim);
+  const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
+  const int threads = per_block * 32;
+  const size_t smem = static_cast<size_t>(per_block) * static_cast<size_t>(s.dim) * sizeof(float);
+  const bool vec = s.dim % 4 == 0 && aligned16(x);
+  if (dequant) {
+    if (vec)
+      norm_norm_quant_forward_kernel<true, true, NG><<<blocks, threads, smem, stream>>>(
+          s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, nullptr, dequant, scale, inner_rstd);
+    else
+      norm_norm_quant_forward_kernel<false, true, NG><<<blocks, threads, smem, stream>>>(
+          s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, nullptr, dequant, scale, inner_rstd);
+  } else if (vec) {
+    norm_norm_quant_forward_kernel<true, false, NG><<<blocks, threads, smem, stream>>>(
+        s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, codes, nullptr, scale, inner_rstd);
+  } else {
+    norm_norm_quant_forward_kernel<false, false, NG><<<blocks, threads, smem, stream>>>(
+        s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, codes, nullptr, scale, inner_rstd);
+  }
+  PL_CUDA_CHECK_LAUNCH(norm_norm_quant_forward_kernel);
+}
+
+Gains make_gains(int n, const float* const* gains) {
+  Gains g{};
+  for (int i = 0; i < n; ++i) g.g[i] = gains[i];
+  return g;
+}
+
+void nnq_forward_any(const char* who, const RmsNormShape& s, const float* x, const float* outer_gain,
+                     float* outer_rstd, int n_gains, const float* const* gains, int8_t* codes, bf16* dequant,
+                     float* scale, float* inner_rstd, cudaStream_t stream) {
+  check_shape(who, s);
+  PL_CHECK(n_gains == 1 || n_gains == 3, internal, who, ": ", n_gains, " gains (1 or 3 supported)");
+  if (s.rows == 0) return;
+  PL_CHECK(x && outer_gain && outer_rstd && gains && (codes || dequant) && scale && inner_rstd, internal, who,
+           ": null pointer");
+  for (int i = 0; i < n_gains; ++i) PL_CHECK(gains[i], internal, who, ": null gain ", i);
+  const Gains g = make_gains(n_gains, gains);
+  if (n_gains == 1) nnq_forward<1>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, stream);
+  else nnq_forward<3>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, stream);
+}
+
+template <int K, int NG>
+void launch_nnq_backward(const RmsNormShape& s, const float* x, const float* outer_gain, const float* outer_rstd,
+                         const Gains& g, const float* inner_rstd, const float* dxt, float* dx, float* partials,
+                         cudaStream_t stream) {
+  norm_norm_quant_backward_kernel<K, NG><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
+      s.rows, s.dim, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials);
+  PL_CUDA_CHECK_LAUNCH(norm_norm_quant_backward_kernel);
+}
+
+template <int NG>
+void nnq_backward(const RmsNormShape& s, const float* x, const float* outer_gain, const float* outer_rstd,
+                  const Gains& g, const float* inner_rstd, const float* dxt, float* dx, float* partials,
+                  cudaStream_t stream) {
+  const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;
+  if (per_thread <= 1) launch_nnq_backward<1, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  else if (per_thread <= 2) launch_nnq_backward<2, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  else if (per_thread <= 4) launch_nnq_backward<4, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  else if (per_thread <= 8) launch_nnq_backward<8, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  else if (per_thread <= 16) launch_nnq_backward<16, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  else launch_nnq_backward<32, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+}
+
+}  // namespace
+
+void norm_norm_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
+                                  int n_gains, const float* const* gains, int8_t* codes, float* scale,
+                                  float* inner_rstd, cudaStream_t stream) {
+  PL_CHECK(codes, internal, "norm_norm_quant_forward_cuda: null pointer");
+  nnq_forward_any("norm_norm_quant_forward_cuda", s, x, outer_gain, outer_rstd, n_gains, gains, codes, nullptr, scale,
+                  inner_rstd, stream);
+}
+
+void norm_norm_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
+                                  int n_gains, const float* const* gains, bf16* a_over_s, float* scale,
+                                  float* inner_rstd, cudaStream_t stream) {
+  PL_CHECK(a_over_s, internal, "norm_norm_quant_dequant_cuda: null pointer");
+  nnq_forward_any("norm_norm_quant_dequant_cuda", s, x, outer_gain, outer_rstd, n_gains, gains, nullptr, a_over_s,
+                  scale, inner_rstd, stream);
+}
+
+int64_t norm_norm_quant_backward_workspace(const RmsNormShape& s, int n_gains) {
+  return (n_gains + 1) * rmsnorm_act_quant_backward_workspace(s);
+}
+
+void norm_norm_quant_backward_cuda(const RmsNormShape& s, const float* x, const float* outer_gain,
+                                   const float* outer_rstd, int n_gains, const float* const* gains,
+                                   const float* inner_rstd, const float* dxt, float* dx, float* d_outer_gain,
+                                   float* const* d_gains, float* workspace, cudaStream_t stream) {
+  check_shape("norm_norm_quant_backward_cuda", s);
+  PL_CHECK(n_gains == 1 || n_gains == 3, internal, "norm_norm_quant_backward_cuda: ", n_gains, " gains");
+  if (s.rows == 0) return;
+  PL_CHECK(x && outer_gain && outer_rstd && gains && inner_rstd && dxt && dx && d_outer_gain && d_gains && workspace,
+           internal, "norm_norm_quant_backward_cuda: null pointer");
+  const Gains g = make_gains(n_gains, gains);
+  if (n_gains == 1) nnq_backward<1>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, workspace, stream);
+  else nnq_backward<3>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, workspace, stream);
+  const int64_t slice = rmsnorm_act_quant_backward_workspace(s);
+  const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
+  for (int q = 0; q <= n_gains; ++q) {
+    float* target = q < n_gains ? d_gains[q] : d_outer_gain;
+    rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim,
+                                                                          workspace + q * slice, target);
+    PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
+  }
+}
 
 }  // namespace peerless

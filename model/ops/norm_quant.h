@@ -109,4 +109,28 @@ void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const bf
                                   const float* dxt, float* dh, bf16* dghat, float* do_gain, float* dg_gain,
                                   float* workspace, cudaStream_t stream);
 
+// ---- a block's input RMSNorm fused with its BitLinears' norm+quant (CUDA only) -------------------
+// The token mixer's x̃ = RMSNorm(x; γ_mixer) feeds three BitLinears (i, f, g), the channel mixer's
+// RMSNorm(x; γ_mlp) one (gate); each BitLinear normalises it again with its own gain. One kernel reads
+// x once: r₁ (saved to outer_rstd), xn = (x·r₁)·γ_outer in shared memory, the inner rstd r of xn (the
+// same for every BitLinear, saved to inner_rstd), then per BitLinear k its scale (scale + k·rows) and
+// codes (codes + k·rows·dim), or a/s in bf16 for the backward's recomputation. xn is never in memory.
+// Bit-identical to rmsnorm_forward_cpu -> rmsnorm_forward_cpu -> act_quant_cpu per BitLinear.
+// n_gains: 1 or 3.
+void norm_norm_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
+                                  int n_gains, const float* const* gains, int8_t* codes, float* scale,
+                                  float* inner_rstd, cudaStream_t stream);
+void norm_norm_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
+                                  int n_gains, const float* const* gains, bf16* a_over_s, float* scale,
+                                  float* inner_rstd, cudaStream_t stream);
+// Backward from dxt (n_gains slices of rows·dim: dL/dx̃_k), straight through the quantizers: the
+// BitLinear norms' backwards (they share xn and r, so they sum into one) and the outer norm's, added
+// into dx (accumulated); d_gains[k] and d_outer_gain accumulated (fixed-order partials, no atomics).
+// workspace: norm_norm_quant_backward_workspace(s, n_gains) floats.
+int64_t norm_norm_quant_backward_workspace(const RmsNormShape& s, int n_gains);
+void norm_norm_quant_backward_cuda(const RmsNormShape& s, const float* x, const float* outer_gain,
+                                   const float* outer_rstd, int n_gains, const float* const* gains,
+                                   const float* inner_rstd, const float* dxt, float* dx, float* d_outer_gain,
+                                   float* const* d_gains, float* workspace, cudaStream_t stream);
+
 }  // namespace peerless
