@@ -6,7 +6,10 @@
 // memory-bound (a few flops per byte), so GB/s against the copy is the figure of merit.
 // Rows: the fused RMSNorm + int8 quantizer (forward, backward) beside the unfused pair and the
 // plain RMSNorm backward it replaces; the MLGRU scan, chunked (the shipped launcher) beside the
-// sequential one, forward and backward.
+// sequential one, forward and backward; the fused input paths of the GPU model (model/cuda_model.h)
+// at its shapes with bf16 storage: block norm + BitLinear norms + quantizer (1 and 3 gains), the GLU
+// in front of the down projection's, the output gate in front of the o projection's, each forward,
+// recomputation (a/s) and backward, beside the unfused GLU + norm+quant they replace.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -21,6 +24,8 @@
 #include <cuda_runtime.h>
 
 #include "model/ops/cuda_check.h"
+#include "model/ops/gemm_cuda.h"
+#include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
 #include "model/ops/norm_quant.h"
 #include "model/ops/quant.h"
@@ -74,6 +79,7 @@ DeviceBytes device_floats(int64_t n, float lo, float hi, uint64_t seed) {
 }
 
 float* f32(const DeviceBytes& b) { return static_cast<float*>(b.get()); }
+bf16* b16(const DeviceBytes& b) { return static_cast<bf16*>(b.get()); }
 
 struct Timing {
   int warmup = 3, iters = 20;
@@ -193,6 +199,75 @@ int bench_ops(const Args& args) {
     out.row("rmsnorm bwd (rmsnorm_backward_cuda)", shape, median_us(tm, st, [&] {
               rmsnorm_backward_cuda(s, f32(x), f32(gain), f32(rstd), f32(dy), f32(dx), f32(dgain), st);
             }), 20 * n + 8.0 * R + 12.0 * D);
+  }
+
+  // The GPU model's fused input paths, (R rows; d = D, I = the 370M GLU width 2816), bf16 storage.
+  {
+    const int64_t I = 2816;
+    const RmsNormShape sd{R, D, 1e-6f}, si{R, I, 1e-6f};
+    const double nd = static_cast<double>(R) * D, ni = static_cast<double>(R) * I;
+    const std::string shd = std::to_string(R) + "x" + std::to_string(D), shi = std::to_string(R) + "x" + std::to_string(I);
+    DeviceBytes x = device_floats(R * D, -2.0f, 2.0f, 11), gain = device_floats(I, 0.5f, 1.5f, 12);
+    DeviceBytes dxt = device_floats(3 * R * I, -1.0f, 1.0f, 13), dx = device_floats(R * D, -1.0f, 1.0f, 14);
+    DeviceBytes au(R * 2 * I * 2), gh(R * D * 2), hh(R * D * 2), codes(3 * R * I), dq(3 * R * I * 2);
+    DeviceBytes scale(3 * R * sizeof(float)), rstd(R * sizeof(float)), rstd2(R * sizeof(float));
+    DeviceBytes dgain(4 * I * sizeof(float)), dh(R * D * sizeof(float)), dau(R * 2 * I * 2), dgh(R * D * 2);
+    DeviceBytes z(R * I * sizeof(float));
+    DeviceBytes ws(std::max(norm_norm_quant_backward_workspace(sd, 3), 2 * rmsnorm_act_quant_backward_workspace(si)) *
+                   sizeof(float));
+    {  // bf16 inputs from random floats
+      DeviceBytes t = device_floats(R * 2 * I, -2.0f, 2.0f, 15);
+      rows_to_bf16_cuda(R, 2 * I, f32(t), nullptr, b16(au), st);
+      rows_to_bf16_cuda(R, D, f32(t), nullptr, b16(gh), st);
+      rows_to_bf16_cuda(R, D, f32(t) + R * D, nullptr, b16(hh), st);
+    }
+    auto* c8 = static_cast<int8_t*>(codes.get());
+    const float* g3[3] = {f32(gain), f32(gain) + 1, f32(gain) + 2};
+    float* dg3[3] = {f32(dgain), f32(dgain) + D, f32(dgain) + 2 * D};
+    out.row("block norm + 3 BitLinear nq fwd (fused)", shd, median_us(tm, st, [&] {
+              norm_norm_quant_forward_cuda(sd, f32(x), f32(gain), f32(rstd2), 3, g3, c8, f32(scale), f32(rstd), st);
+            }), 7 * nd);
+    out.row("block norm + 3 BitLinear a/s (fused)", shd, median_us(tm, st, [&] {
+              norm_norm_quant_dequant_cuda(sd, f32(x), f32(gain), f32(rstd2), 3, g3, b16(dq), f32(scale), f32(rstd),
+                                           st);
+            }), 10 * nd);
+    out.row("block norm + 3 BitLinear norm bwd (fused)", shd, median_us(tm, st, [&] {
+              norm_norm_quant_backward_cuda(sd, f32(x), f32(gain), f32(rstd2), 3, g3, f32(rstd), f32(dxt), f32(dx),
+                                            f32(gain) + 3, dg3, f32(ws), st);
+            }), 24 * nd);
+    out.row("GLU + down nq fwd (fused, bf16 au)", shi, median_us(tm, st, [&] {
+              glu_act_quant_forward_cuda(GluActivation::silu, si, b16(au), f32(gain), c8, f32(scale), f32(rstd), st);
+            }), 5 * ni);
+    out.row("GLU fwd + nq fwd (unfused, bf16 au)", shi, median_us(tm, st, [&] {
+              glu_forward_cuda(GluActivation::silu, R, I, b16(au), f32(z), st);
+              rmsnorm_act_quant_forward_cuda(si, f32(z), f32(gain), c8, f32(scale), f32(rstd), st);
+            }), 13 * ni);
+    out.row("GLU + down a/s (fused)", shi, median_us(tm, st, [&] {
+              glu_act_quant_dequant_cuda(GluActivation::silu, si, b16(au), f32(gain), b16(dq), f32(scale), f32(rstd),
+                                         st);
+            }), 6 * ni);
+    out.row("GLU + down norm bwd (fused, dau bf16)", shi, median_us(tm, st, [&] {
+              glu_act_quant_backward_cuda(GluActivation::silu, si, b16(au), f32(gain), f32(rstd), f32(dxt), b16(dau),
+                                          f32(dgain), f32(ws), st);
+            }), 12 * ni);
+    out.row("nq bwd (z) + GLU bwd (unfused)", shi, median_us(tm, st, [&] {
+              rmsnorm_act_quant_backward_cuda(si, f32(z), f32(gain), f32(rstd), f32(dxt), f32(dxt) + R * I, f32(dgain),
+                                              f32(ws), st);
+              glu_backward_cuda(GluActivation::silu, R, I, b16(au), f32(dxt) + R * I, b16(dau), st);
+            }), 28 * ni);
+    out.row("gate + o nq fwd (fused)", shd, median_us(tm, st, [&] {
+              gate_act_quant_forward_cuda(GateForm::code, sd, b16(gh), b16(hh), f32(gain), f32(rstd2), f32(gain) + 1,
+                                          c8, f32(scale), f32(rstd), st);
+            }), 5 * nd);
+    out.row("gate + o a/s (fused)", shd, median_us(tm, st, [&] {
+              gate_act_quant_dequant_cuda(GateForm::code, sd, b16(gh), b16(hh), f32(gain), f32(rstd2), f32(gain) + 1,
+                                          b16(dq), f32(scale), f32(rstd), st);
+            }), 6 * nd);
+    out.row("gate + o norms bwd (fused)", shd, median_us(tm, st, [&] {
+              gate_act_quant_backward_cuda(GateForm::code, sd, b16(gh), b16(hh), f32(gain), f32(rstd2), f32(gain) + 1,
+                                           f32(rstd), f32(dxt), f32(dh), b16(dgh), f32(dgain), f32(dgain) + D, f32(ws),
+                                           st);
+            }), 14 * nd);
   }
 
   // MLGRU scan, (B, T, D).

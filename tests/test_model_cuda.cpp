@@ -126,7 +126,9 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     loss_cpu.push_back(lc / (B * T));
     loss_gpu.push_back(lg / (B * T));
     if (step == 1) {
-      EXPECT_NEAR(ng, nc, (bf16 ? 2e-2 : 5e-3) * nc) << "gradient norm at step 1";
+      // fp32 storage, dense: only the bf16 backward GEMMs differ (measured 4e-6); with a PEER block its
+      // tables' sparse gradients average fewer rounded terms (measured 3e-4); bf16 storage 6e-4.
+      EXPECT_NEAR(ng, nc, (bf16 ? 2e-2 : peer ? 5e-3 : 1e-4) * nc) << "gradient norm at step 1";
       std::printf("step 1 gradient norm: cpu %.6f gpu %.6f\n", nc, ng);
     }
   }
@@ -153,9 +155,11 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   double diff = 0;
   for (size_t i = 0; i < p_gpu.size(); ++i) diff = std::max(diff, std::fabs(double(p_gpu[i]) - p_cpu[i]));
   std::printf("max |parameter difference| after %lld steps: %.3e\n", static_cast<long long>(steps), diff);
-  // PEER: a table row that only one side retrieved at some step (a near tie flipped by the separated
-  // trajectories) gets an AdamW step of up to lr on that side only: up to 50·lr = 0.15 apart.
-  EXPECT_LT(diff, peer ? 0.15 : 5e-2);
+  // Not a tight check: once the trajectories separate, a weight whose gradient is near zero can take
+  // AdamW steps of up to lr in opposite directions on the two sides (and a PEER row retrieved on one
+  // side only moves there alone): up to 50·lr = 0.15 apart. The loss curves and step 1 above are the
+  // real checks.
+  EXPECT_LT(diff, 0.15);
 }
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
