@@ -370,8 +370,14 @@ __global__ void __launch_bounds__(kBwdThreads)
 // in registers, the RMSNorm backward of the fused kernel above (same thread layout, same sums) gives
 // dz, then the GLU backward (glu.cu's expressions) writes d[a | u] as D (bf16 for the gate
 // projection's backward GEMMs). dγ partials as above.
+// 512 threads per block (kGluBwdThreads): at I = 2816 each thread holds 6 columns (a, u, dy, γ and
+// its dγ partial in registers). With 256 threads and 11-16 columns per thread the kernel ran at 19%
+// of the copy bandwidth (register-bound occupancy; `peerless bench ops`). z is recomputed from a, u
+// where needed instead of held.
+constexpr int kGluBwdThreads = 512;
+
 template <int K, typename A, typename D>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kGluBwdThreads)
     glu_act_quant_backward_kernel(int64_t rows, int64_t dim, bool silu, const A* __restrict__ au,
                                   const float* __restrict__ gain, const float* __restrict__ rstd,
                                   const float* __restrict__ dy, D* __restrict__ dau, float* __restrict__ partials) {
@@ -379,38 +385,35 @@ __global__ void __launch_bounds__(kBwdThreads)
   float g[K], p[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kGluBwdThreads) * k;
     g[k] = j < dim ? gain[j] : 0.0f;
     p[k] = 0.0f;
   }
+  auto glu = [silu](float a, float u) {
+    if (silu) return (a * cuda_detail::sigmoidf_dev(a)) * u;
+    const float q = a > 0.0f ? a : 0.0f;
+    return (q * q) * u;
+  };
   const float inv_dim = 1.0f / static_cast<float>(dim);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
   const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
   for (int64_t r = r0; r < r1; ++r) {
     const float rs = rstd[r];
-    float av[K], uv[K], xv[K], dv[K];
+    float av[K], uv[K], dv[K];
     float acc = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
-      av[k] = 0.0f, uv[k] = 0.0f, xv[k] = 0.0f, dv[k] = 0.0f;
-      if (j < dim) {
-        av[k] = ld(au + r * 2 * dim + j), uv[k] = ld(au + r * 2 * dim + dim + j), dv[k] = dy[r * dim + j];
-        if (silu) {
-          xv[k] = (av[k] * cuda_detail::sigmoidf_dev(av[k])) * uv[k];
-        } else {
-          const float q = av[k] > 0.0f ? av[k] : 0.0f;
-          xv[k] = (q * q) * uv[k];
-        }
-      }
-      acc = fmaf(xv[k] * rs, g[k] * dv[k], acc);
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kGluBwdThreads) * k;
+      av[k] = 0.0f, uv[k] = 0.0f, dv[k] = 0.0f;
+      if (j < dim) av[k] = ld(au + r * 2 * dim + j), uv[k] = ld(au + r * 2 * dim + dim + j), dv[k] = dy[r * dim + j];
+      acc = fmaf(glu(av[k], uv[k]) * rs, g[k] * dv[k], acc);
     }
     const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;  // mean(x̂ ⊙ γ ⊙ dy)
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kGluBwdThreads) * k;
       if (j < dim) {
-        const float xh = xv[k] * rs;
+        const float xh = glu(av[k], uv[k]) * rs;
         const float dz = rs * (g[k] * dv[k] - xh * m);
         p[k] = fmaf(dv[k], xh, p[k]);
         const float a = av[k], u = uv[k];
@@ -429,7 +432,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   if (!partials) return;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+    const int64_t j = threadIdx.x + static_cast<int64_t>(kGluBwdThreads) * k;
     if (j < dim) partials[static_cast<int64_t>(blockIdx.x) * dim + j] = p[k];
   }
 }
@@ -814,7 +817,7 @@ namespace {
 template <int K, typename A, typename D>
 void launch_glu_backward(const RmsNormShape& s, bool silu, const A* au, const float* gain, const float* rstd,
                          const float* dy, D* dau, float* partials, cudaStream_t stream) {
-  glu_act_quant_backward_kernel<K, A, D><<<static_cast<unsigned>(bwd_blocks(s.rows)), kBwdThreads, 0, stream>>>(
+  glu_act_quant_backward_kernel<K, A, D><<<static_cast<unsigned>(bwd_blocks(s.rows)), kGluBwdThreads, 0, stream>>>(
       s.rows, s.dim, silu, au, gain, rstd, dy, dau, partials);
   PL_CUDA_CHECK_LAUNCH(glu_act_quant_backward_kernel);
 }
@@ -828,13 +831,13 @@ void glu_backward(GluActivation act, const RmsNormShape& s, const A* au, const f
   PL_CHECK(!dgain || workspace, internal, "glu_act_quant_backward_cuda: dgain needs a workspace");
   float* partials = dgain ? workspace : nullptr;
   const bool silu = act == GluActivation::silu;
-  const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;
+  const int64_t per_thread = (s.dim + kGluBwdThreads - 1) / kGluBwdThreads;  // ≤ 16 since dim ≤ 8192
   if (per_thread <= 1) launch_glu_backward<1>(s, silu, au, gain, rstd, dy, dau, partials, stream);
   else if (per_thread <= 2) launch_glu_backward<2>(s, silu, au, gain, rstd, dy, dau, partials, stream);
   else if (per_thread <= 4) launch_glu_backward<4>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else if (per_thread <= 6) launch_glu_backward<6>(s, silu, au, gain, rstd, dy, dau, partials, stream);
   else if (per_thread <= 8) launch_glu_backward<8>(s, silu, au, gain, rstd, dy, dau, partials, stream);
-  else if (per_thread <= 16) launch_glu_backward<16>(s, silu, au, gain, rstd, dy, dau, partials, stream);
-  else launch_glu_backward<32>(s, silu, au, gain, rstd, dy, dau, partials, stream);
+  else launch_glu_backward<16>(s, silu, au, gain, rstd, dy, dau, partials, stream);
   if (!dgain) return;
   const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
   rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, workspace, dgain);
