@@ -160,24 +160,29 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
   }
 }
 
-// One block per distinct row (grid stride over the device-held count): du = Σ dz·x_t and
+// One warp per distinct row (grid stride over the device-held count): du = Σ dz·x_t and
 // dv = Σ g·a·dy_t over the row's entries in entry order, written to the sparse slot of the row or
-// added to the dense gradient's row.
+// added to the dense gradient's row. A warp, not a block, per row: most rows have one or two entries,
+// so a row is a short chain of dependent loads (offsets, entries, coefficients, x/dy rows) and many
+// rows must be in flight at once to cover the latency.
 template <int V>
 __global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, const float* x, const float* dy,
                                                                    const float* coef_u, const float* coef_v,
                                                                    RowGroups groups, float* sparse_values,
                                                                    float* dense) {
   const int64_t n_rows = *groups.n_rows, width = 2 * d;
-  for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / kWarp);
+  for (int64_t r = blockIdx.x * int64_t{blockDim.x / kWarp} + threadIdx.x / kWarp; r < n_rows; r += warps) {
     const int32_t beg = groups.offsets[r], end = groups.offsets[r + 1];
     float* dst = dense ? dense + int64_t{groups.rows[r]} * width : sparse_values + r * width;
-    for (int64_t c = int64_t{threadIdx.x} * V; c < d; c += int64_t{blockDim.x} * V) {
+    for (int64_t c = int64_t{lane} * V; c < d; c += kWarp * V) {
       Vec<V> du, dv;
 #pragma unroll
       for (int i = 0; i < V; ++i) du.v[i] = 0.0f, dv.v[i] = 0.0f;
       for (int32_t e = beg; e < end; ++e) {
-        const int64_t entry = groups.entries[e], t = entry / hk;
+        const int32_t entry = groups.entries[e];
+        const int64_t t = entry / hk;
         const float cu = coef_u[entry], cv = coef_v[entry];
         const Vec<V> xv = load<V>(x + t * d + c), dyv = load<V>(dy + t * d + c);
 #pragma unroll
@@ -308,7 +313,7 @@ void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const
                                       sparse ? dtable.count : nullptr, stream);
   float* values = sparse ? dtable.values : nullptr;
   float* dense = sparse ? nullptr : dtable.dense;
-  const unsigned blocks = row_blocks(cap);
+  const unsigned blocks = row_blocks((cap + kThreads / kWarp - 1) / (kThreads / kWarp));
   const int hk_i = static_cast<int>(hk);
   if (vec)
     peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, x, dy, b.coef_u, b.coef_v, groups, values,

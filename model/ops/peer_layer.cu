@@ -37,7 +37,7 @@ struct PeerLayerCuda::Scratch {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kStatX = 32, kStatY = 16;  // channel tile x token shares of the per-channel sums
+constexpr int kStatX = 32, kStatY = 32;  // channel tile x token shares of the per-channel sums
 
 struct Views {
   float *q_hat, *q, *bn_mean, *bn_rstd, *scores, *gates, *pre_act;
@@ -91,6 +91,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   }
   float sum = 0.0f;
   if (on)
+#pragma unroll 4
     for (int64_t t = ty; t < T; t += kStatY) sum += q_raw[t * C + c];
   part[ty][tx] = sum;
   __syncthreads();
@@ -103,6 +104,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   const float mean = mean_s[tx];
   float sq = 0.0f;
   if (on)
+#pragma unroll 4
     for (int64_t t = ty; t < T; t += kStatY) {
       const float e = q_raw[t * C + c] - mean;
       sq += e * e;
@@ -169,6 +171,10 @@ __global__ void sub_rows_kernel(int64_t count, int hk, int k, int64_t n, int whi
 
 // dkeys[row] += Σ over the row's entries (entry order) of ds·(the query half that scored it); one
 // block per distinct row, threads over the half's columns, added onto dkeys term by term like the CPU.
+// A row of shared keys has ~tokens·h·k/n entries (1024 at the bench shape), each a chain of dependent
+// loads (entry, then ds and q): batches of kBatch independent chains are issued before their terms
+// are added in order.
+constexpr int kBatch = 8;
 __global__ void sub_key_grad_kernel(int64_t C, int64_t key_dim, int hk, int k, int which, const float* dscores,
                                     const float* q, RowGroups groups, float* dkeys) {
   const int64_t n_rows = *groups.n_rows, half = key_dim / 2;
@@ -177,9 +183,20 @@ __global__ void sub_key_grad_kernel(int64_t C, int64_t key_dim, int hk, int k, i
     float* dst = dkeys + int64_t{groups.rows[r]} * half;
     for (int64_t c = threadIdx.x; c < half; c += blockDim.x) {
       float acc = dst[c];
-      for (int32_t e = beg; e < end; ++e) {
-        const int64_t i = groups.entries[e], t = i / hk, h = (i % hk) / k;
-        acc += dscores[i] * q[t * C + h * key_dim + which * half + c];
+      for (int32_t e0 = beg; e0 < end; e0 += kBatch) {
+        float ds[kBatch], qv[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          ds[u] = 0.0f, qv[u] = 0.0f;
+          if (e0 + u < end) {
+            const int32_t i = groups.entries[e0 + u], t = i / hk, h = (i - t * hk) / k;
+            ds[u] = dscores[i];
+            qv[u] = q[int64_t{t} * C + h * key_dim + which * half + c];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          if (e0 + u < end) acc += ds[u] * qv[u];
       }
       dst[c] = acc;
     }
@@ -197,6 +214,7 @@ __global__ void bn_backward_stats_kernel(int64_t T, int64_t C, int train, const 
   const bool on = c < C;
   float s1 = 0.0f, s2 = 0.0f;
   if (on)
+#pragma unroll 4
     for (int64_t t = ty; t < T; t += kStatY) {
       const float g = dq[t * C + c];
       s1 += g;
