@@ -34,26 +34,12 @@ __device__ __forceinline__ bool ranks_before(float ka, int32_t ia, float kb, int
   return ka > kb || (ka == kb && ia < ib);
 }
 
-// Levels W, W/2, ..., 1 of a tournament: slot m keeps the better of m and m + W (slot −1: empty).
-// Template recursion, so every index is a constant and the arrays stay in registers.
-template <int W>
-__device__ __forceinline__ void tournament(float* key, int32_t* idx, int32_t* slot) {
-  if constexpr (W >= 1) {
-#pragma unroll
-    for (int m = 0; m < W; ++m)
-      if (slot[m + W] >= 0 && (slot[m] < 0 || ranks_before(key[m + W], idx[m + W], key[m], idx[m])))
-        key[m] = key[m + W], idx[m] = idx[m + W], slot[m] = slot[m + W];
-    tournament<W / 2>(key, idx, slot);
-  }
-}
-
 // The k best of `count` items in rank order, their item numbers written to out (k, shared memory).
 // item(i, v, idx) gives the raw score and the index that breaks ties. Called by a whole warp.
 // ITEMS > 0: each lane caches its items i = lane + 32·m (m < ITEMS, count ≤ 32·ITEMS) in registers,
 // so a rescan is ITEMS register compares; ITEMS = 0: rescans call item() again (any count).
 template <int ITEMS, typename Item>
 __device__ void warp_select(int count, int k, Item item, int32_t* out) {
-  static_assert(ITEMS >= 0 && ITEMS <= 32 && (ITEMS & (ITEMS - 1)) == 0, "ITEMS: 0 or a power of two <= 32");
   const int lane = threadIdx.x % kWarp;
   constexpr int kCache = ITEMS > 0 ? ITEMS : 1;
   float key[kCache];
@@ -70,24 +56,16 @@ __device__ void warp_select(int count, int k, Item item, int32_t* out) {
   }
   float bk = -INFINITY;
   int32_t bi = INT_MAX, bitem = -1;
-  // The lane's best item ranking after (tk, ti) (all items when !after). Cached: a tournament over
-  // the ITEMS registers (depth log2 ITEMS, the compares of a level independent), not a running best
-  // whose dependency chain is ITEMS compares long.
+  // The lane's best item ranking after (tk, ti) (all items when !after).
   auto rescan = [&](bool after, float tk, int32_t ti) {
+    bk = -INFINITY, bi = INT_MAX, bitem = -1;
     if constexpr (ITEMS > 0) {
-      float tkey[ITEMS];
-      int32_t tidx[ITEMS], tm[ITEMS];
 #pragma unroll
       for (int m = 0; m < ITEMS; ++m) {
         const bool open = !after || ranks_before(tk, ti, key[m], idx[m]);
-        tkey[m] = open ? key[m] : -INFINITY;
-        tidx[m] = open ? idx[m] : INT_MAX;
-        tm[m] = open ? m : -1;
+        if (open && (bitem < 0 || ranks_before(key[m], idx[m], bk, bi))) bk = key[m], bi = idx[m], bitem = lane + kWarp * m;
       }
-      tournament<ITEMS / 2>(tkey, tidx, tm);
-      bk = tkey[0], bi = tidx[0], bitem = tm[0] < 0 ? -1 : lane + kWarp * tm[0];
     } else {
-      bk = -INFINITY, bi = INT_MAX, bitem = -1;
       for (int i = lane; i < count; i += kWarp) {
         float v;
         int32_t id;
