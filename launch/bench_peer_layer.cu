@@ -21,6 +21,7 @@
 #include "launch/args.h"
 #include "launch/commands.h"
 #include "model/ops/cuda_check.h"
+#include "model/ops/peer_cuda_detail.cuh"
 #include "model/ops/peer_layer.h"
 #include "parallel/memory.h"
 #include "runtime/error.h"
@@ -269,6 +270,48 @@ int bench_peer_layer(const Args& args) {
       std::printf("  %-38s %9.3f %9.3f\n", "forward + backward", total, predicted_total);
       std::printf("  tokens/s %.0f (forward + backward; predicted %.0f); peak device memory %.2f GiB\n",
                   T / (total * 1e-3), T / (predicted_total * 1e-3), peak / (1024.0 * 1024 * 1024));
+      std::fflush(stdout);
+    }
+
+    // The fp32 GEMMs inside the phases, timed alone at the same shapes (cuBLAS, the layer's handle):
+    // what of each phase is matrix arithmetic and what is the rest.
+    {
+      DeviceBytes qs(static_cast<size_t>(T * C) * sizeof(float)), ss(static_cast<size_t>(pairs * n_sub) * sizeof(float));
+      DeviceBytes gw(static_cast<size_t>(C * d) * sizeof(float)), gx(static_cast<size_t>(T * d) * sizeof(float));
+      cublasHandle_t h = ctx.blas().get();
+      Event e0, e1;
+      auto time_ms = [&](auto&& call) {
+        std::vector<double> ms;
+        for (int64_t i = 0; i < warmup + iters; ++i) {
+          PL_CUDA_CHECK(cudaEventRecord(e0.get(), st));
+          call();
+          PL_CUDA_CHECK(cudaEventRecord(e1.get(), st));
+          PL_CUDA_CHECK(cudaEventSynchronize(e1.get()));
+          float v = 0;
+          PL_CUDA_CHECK(cudaEventElapsedTime(&v, e0.get(), e1.get()));
+          if (i >= warmup) ms.push_back(v);
+        }
+        return median(ms);
+      };
+      using peer_cuda::sgemm_rm;
+      const double proj = time_ms([&] {
+        sgemm_rm(h, Trans::no, Trans::yes, T, C, d, 1.0f, f32(x), d, f32(w_q), d, 0.0f, f32(qs), C, st);
+      });
+      const double scores = time_ms([&] {
+        sgemm_rm(h, Trans::no, Trans::yes, pairs, n_sub, half, 1.0f, f32(qs), key_dim, f32(c1), half, 0.0f, f32(ss),
+                 n_sub, st);
+        sgemm_rm(h, Trans::no, Trans::yes, pairs, n_sub, half, 1.0f, f32(qs) + half, key_dim, f32(c2), half, 0.0f,
+                 f32(ss), n_sub, st);
+      });
+      const double back = time_ms([&] {
+        sgemm_rm(h, Trans::yes, Trans::no, C, d, T, 1.0f, f32(qs), C, f32(x), d, 1.0f, f32(gw), d, st);
+        sgemm_rm(h, Trans::no, Trans::no, T, d, C, 1.0f, f32(qs), C, f32(w_q), d, 1.0f, f32(gx), d, st);
+      });
+      const double fl = 2.0 * T * C * d;
+      std::printf("  fp32 GEMMs alone (tokens %lld): projection %.3f ms (%.1f TFLOP/s), sub-key scores %.3f ms "
+                  "(%.1f TFLOP/s), backward projection pair %.3f ms (%.1f TFLOP/s)\n",
+                  static_cast<long long>(T), proj, fl / (proj * 1e-3) / 1e12, scores,
+                  2.0 * pairs * n_sub * key_dim / (scores * 1e-3) / 1e12, back, 2 * fl / (back * 1e-3) / 1e12);
       std::fflush(stdout);
     }
   }

@@ -352,7 +352,9 @@ TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
       {32, 8, 64, 1024, 16, PeerKeySharing::shared},  // N = 1024²
       {16, 4, 32, 1024, 16, PeerKeySharing::per_head},
       {37, 3, 6, 40, 7, PeerKeySharing::shared},
-      {37, 3, 6, 40, 40, PeerKeySharing::per_head},  // k = n
+      {37, 3, 6, 40, 40, PeerKeySharing::per_head},  // k = n; k² > 256: uncached candidate selection
+      {8, 2, 8, 1100, 20, PeerKeySharing::shared},   // n > 1024: uncached sub-key selection
+      {8, 2, 8, 1100, 7, PeerKeySharing::per_head},
       {5, 2, 2, 1, 1, PeerKeySharing::shared},
   };
   for (const PeerRetrievalShape& s : shapes) {
@@ -437,7 +439,7 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
       {shape(48, 32, 2, 16, 24, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::train},
       {shape(48, 32, 2, 16, 24, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::eval},
       {shape(33, 20, 3, 8, 10, 3, PeerKeySharing::per_head, PeerActivation::gelu), PeerNormMode::train},
-      {shape(64, 64, 4, 32, 32, 8, PeerKeySharing::per_head, PeerActivation::relu), PeerNormMode::train},
+      {shape(48, 64, 4, 32, 32, 6, PeerKeySharing::per_head, PeerActivation::relu), PeerNormMode::train},
   };
   for (const LayerCase& lc : cases) {
     const PeerLayerShape& s = lc.s;
@@ -451,7 +453,9 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
     const int64_t N = s.n_sub * s.n_sub, W = 2 * d, half = s.key_dim / 2, key_elems = s.sub_key_rows() * half;
 
     // Draw until every (token, head) top-k (and the k+1-th) is separated by more than rounding, so
-    // the GPU's rounding cannot reorder the selection (see test_ops_peer.cpp's retrieval tests).
+    // the GPU's rounding cannot reorder the selection (see test_ops_peer.cpp's retrieval tests). The
+    // GPU's query differs from the CPU's by ~1e-6 relative (GEMM and BatchNorm sums in other orders),
+    // so a gap of 3e-5·max|score| leaves a 30x margin.
     std::vector<float> x, wq, gamma, beta, rm, rv, c1, c2, table;
     bool ok = false;
     for (int attempt = 0; attempt < 50 && !ok; ++attempt) {
@@ -478,7 +482,7 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
       for (float v : sc) scale = std::max(scale, std::fabs(static_cast<double>(v)));
       for (int64_t g = 0; g < T * s.heads; ++g)
         for (int64_t j = 0; j < s.k; ++j) min_gap = std::min(min_gap, double(sc[g * r.k + j]) - sc[g * r.k + j + 1]);
-      ok = min_gap > 2e-4 * scale;
+      ok = min_gap > 3e-5 * scale;
     }
     ASSERT_TRUE(ok) << "no draw with a clear selection margin in 50 attempts";
 

@@ -6,7 +6,8 @@
 // never exist. Backward repeats the per-token pass (dw = v_idᵀdy, dx = Σ dz·u_id, softmax backward)
 // and leaves two coefficients per entry (dz for the u half, g·σ(z) for the v half); the table
 // gradient is then a transposed product reduced without atomics: entries sorted by row (stable cub
-// radix sort), one block per distinct row summing dz·x_t and g·a·dy_t in entry (= token) order.
+// radix sort), one block per distinct row summing dz·x_t, then (a second pass, so each pass re-reads one
+// L2-sized matrix) g·a·dy_t, in entry (= token) order.
 // Memory traffic per token at d = 1024, h·k = 128: forward 128 rows x 8 KiB = 1 MiB of table reads;
 // backward the same again plus the gradient rows written (8 KiB per distinct row) and x/dy re-read
 // per entry (mostly from L2). bench_peer_layer.cu measures it.
@@ -160,36 +161,49 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
   }
 }
 
-// One block per distinct row (grid stride over the device-held count): du = Σ dz·x_t and
-// dv = Σ g·a·dy_t over the row's entries in entry order, written to the sparse slot of the row or
-// added to the dense gradient's row.
+// One block per distinct row (grid stride over the device-held count), for one half of the row:
+// half 0: du = Σ dz·x_t, half 1: dv = Σ g·a·dy_t over the row's entries in entry order, written to
+// the sparse slot of the row or added to the dense gradient's row. The two halves are two launches so
+// that each pass re-reads only one (tokens, d) matrix per entry: 32 MiB at 8192 tokens, which stays
+// in L2 (x and dy together would not); the gradient rows are stored with the streaming hint so that
+// they do not push it out.
 template <int V>
-__global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, const float* x, const float* dy,
-                                                                   const float* coef_u, const float* coef_v,
-                                                                   RowGroups groups, float* sparse_values,
-                                                                   float* dense) {
+__device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
+  if constexpr (V == 4) {
+    __stcs(reinterpret_cast<float4*>(p), make_float4(r.v[0], r.v[1], r.v[2], r.v[3]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) __stcs(p + i, r.v[i]);
+  }
+}
+template <int V>
+__global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, int half, const float* src,
+                                                                   const float* coef, RowGroups groups,
+                                                                   float* sparse_values, float* dense) {
   const int64_t n_rows = *groups.n_rows, width = 2 * d;
   for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
     const int32_t beg = groups.offsets[r], end = groups.offsets[r + 1];
-    float* dst = dense ? dense + int64_t{groups.rows[r]} * width : sparse_values + r * width;
+    float* dst = (dense ? dense + int64_t{groups.rows[r]} * width : sparse_values + r * width) + half * d;
     for (int64_t c = int64_t{threadIdx.x} * V; c < d; c += int64_t{blockDim.x} * V) {
-      Vec<V> du, dv;
+      Vec<V> acc;
 #pragma unroll
-      for (int i = 0; i < V; ++i) du.v[i] = 0.0f, dv.v[i] = 0.0f;
+      for (int i = 0; i < V; ++i) acc.v[i] = 0.0f;
       for (int32_t e = beg; e < end; ++e) {
-        const int64_t entry = groups.entries[e], t = entry / hk;
-        const float cu = coef_u[entry], cv = coef_v[entry];
-        const Vec<V> xv = load<V>(x + t * d + c), dyv = load<V>(dy + t * d + c);
+        const int32_t entry = groups.entries[e];
+        const int64_t t = entry / hk;
+        const float cf = coef[entry];
+        const Vec<V> sv = load<V>(src + t * d + c);
 #pragma unroll
-        for (int i = 0; i < V; ++i) du.v[i] += cu * xv.v[i], dv.v[i] += cv * dyv.v[i];
+        for (int i = 0; i < V; ++i) acc.v[i] += cf * sv.v[i];
       }
       if (dense) {
-        const Vec<V> a = load<V>(dst + c), b = load<V>(dst + d + c);
+        const Vec<V> a = load<V>(dst + c);
 #pragma unroll
-        for (int i = 0; i < V; ++i) du.v[i] = a.v[i] + du.v[i], dv.v[i] = b.v[i] + dv.v[i];
+        for (int i = 0; i < V; ++i) acc.v[i] = a.v[i] + acc.v[i];
+        store<V>(dst + c, acc);
+      } else {
+        store_streaming<V>(dst + c, acc);
       }
-      store<V>(dst + c, du);
-      store<V>(dst + d + c, dv);
     }
   }
 }
@@ -310,12 +324,14 @@ void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const
   float* dense = sparse ? nullptr : dtable.dense;
   const unsigned blocks = row_blocks(cap);
   const int hk_i = static_cast<int>(hk);
-  if (vec)
-    peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, x, dy, b.coef_u, b.coef_v, groups, values,
-                                                               dense);
-  else
-    peer_table_grad_kernel<1><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, x, dy, b.coef_u, b.coef_v, groups, values,
-                                                               dense);
+  for (int half = 0; half < 2; ++half) {
+    const float* src = half == 0 ? x : dy;
+    const float* coef = half == 0 ? b.coef_u : b.coef_v;
+    if (vec)
+      peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, half, src, coef, groups, values, dense);
+    else
+      peer_table_grad_kernel<1><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, half, src, coef, groups, values, dense);
+  }
   PL_CUDA_CHECK_LAUNCH(peer_table_grad_kernel);
 }
 

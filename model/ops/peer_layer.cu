@@ -37,7 +37,7 @@ struct PeerLayerCuda::Scratch {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kStatX = 32, kStatY = 16;  // channel tile x token shares of the per-channel sums
+constexpr int kStatX = 32, kStatY = 32;  // channel tile x token shares of the per-channel sums
 
 struct Views {
   float *q_hat, *q, *bn_mean, *bn_rstd, *scores, *gates, *pre_act;
@@ -91,6 +91,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   }
   float sum = 0.0f;
   if (on)
+#pragma unroll 4
     for (int64_t t = ty; t < T; t += kStatY) sum += q_raw[t * C + c];
   part[ty][tx] = sum;
   __syncthreads();
@@ -103,6 +104,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   const float mean = mean_s[tx];
   float sq = 0.0f;
   if (on)
+#pragma unroll 4
     for (int64_t t = ty; t < T; t += kStatY) {
       const float e = q_raw[t * C + c] - mean;
       sq += e * e;
@@ -126,7 +128,7 @@ __global__ void bn_apply_kernel(int64_t T, int64_t C, const float* mean, const f
                                 const float* beta, float* q_hat, float* q) {
   const int64_t n = T * C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t c = i % C;
+    const int64_t c = n <= UINT32_MAX ? static_cast<uint32_t>(i) % static_cast<uint32_t>(C) : i % C;
     const float qh = (q_hat[i] - mean[c]) * rstd[c];
     q_hat[i] = qh;
     q[i] = gamma[c] * qh + beta[c];
@@ -135,25 +137,32 @@ __global__ void bn_apply_kernel(int64_t T, int64_t C, const float* mean, const f
 
 // dq (T, C): per token (block) and channel (threads), Σ_j ds[t,h,j]·key[j][c] over that head's k
 // entries in j order; channel c of head h reads C (first half) or C′ (second half) at its sub-key row.
-__global__ void dq_kernel(int64_t C, int64_t key_dim, int64_t n, int heads, int k, int shared_keys,
-                          const int32_t* ids, const float* dscores, const float* keys1, const float* keys2, float* dq) {
+// The sub-key rows (id / n, id % n) are computed once per entry into shared memory, and the channel
+// arithmetic is 32-bit: integer division is tens of instructions, and this loop runs tokens·C·k times.
+__global__ void dq_kernel(int C, int key_dim, int n, int heads, int k, int shared_keys, const int32_t* ids,
+                          const float* dscores, const float* keys1, const float* keys2, float* dq) {
   extern __shared__ float sm[];
-  const int hk = heads * k;
+  const int hk = heads * k, half = key_dim / 2;
   float* ds_s = sm;
-  int32_t* id_s = reinterpret_cast<int32_t*>(ds_s + hk);
-  const int64_t t = blockIdx.x, half = key_dim / 2;
-  for (int e = threadIdx.x; e < hk; e += blockDim.x) ds_s[e] = dscores[t * hk + e], id_s[e] = ids[t * hk + e];
+  int32_t* row1 = reinterpret_cast<int32_t*>(ds_s + hk);  // (hk) offset of the entry's row in C (elements)
+  int32_t* row2 = row1 + hk;                              // (hk) and in C′
+  const int64_t t = blockIdx.x;
+  for (int e = threadIdx.x; e < hk; e += blockDim.x) {
+    const int32_t id = ids[t * hk + e];
+    const int32_t base = shared_keys ? 0 : (e / k) * n * half;
+    ds_s[e] = dscores[t * hk + e];
+    row1[e] = base + (id / n) * half;
+    row2[e] = base + (id % n) * half;
+  }
   __syncthreads();
-  for (int64_t ch = threadIdx.x; ch < C; ch += blockDim.x) {
-    const int h = static_cast<int>(ch / key_dim);
-    const int64_t c = ch % key_dim, col = c % half;
+  for (int ch = threadIdx.x; ch < C; ch += blockDim.x) {
+    const int h = ch / key_dim, c = ch - h * key_dim;
     const bool second = c >= half;
-    const float* keys = (second ? keys2 : keys1) + (shared_keys ? 0 : h * n * half);
+    const int col = second ? c - half : c;
+    const float* keys = second ? keys2 : keys1;
+    const int32_t* rows = second ? row2 : row1;
     float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      const int64_t id = id_s[h * k + j], sub = second ? id % n : id / n;
-      acc += ds_s[h * k + j] * keys[sub * half + col];
-    }
+    for (int j = 0; j < k; ++j) acc += ds_s[h * k + j] * keys[rows[h * k + j] + col];
     dq[t * C + ch] = acc;
   }
 }
@@ -169,6 +178,10 @@ __global__ void sub_rows_kernel(int64_t count, int hk, int k, int64_t n, int whi
 
 // dkeys[row] += Σ over the row's entries (entry order) of ds·(the query half that scored it); one
 // block per distinct row, threads over the half's columns, added onto dkeys term by term like the CPU.
+// A row of shared keys has ~tokens·h·k/n entries (1024 at the bench shape), each a chain of dependent
+// loads (entry, then ds and q): batches of kBatch independent chains are issued before their terms
+// are added in order.
+constexpr int kBatch = 8;
 __global__ void sub_key_grad_kernel(int64_t C, int64_t key_dim, int hk, int k, int which, const float* dscores,
                                     const float* q, RowGroups groups, float* dkeys) {
   const int64_t n_rows = *groups.n_rows, half = key_dim / 2;
@@ -177,9 +190,20 @@ __global__ void sub_key_grad_kernel(int64_t C, int64_t key_dim, int hk, int k, i
     float* dst = dkeys + int64_t{groups.rows[r]} * half;
     for (int64_t c = threadIdx.x; c < half; c += blockDim.x) {
       float acc = dst[c];
-      for (int32_t e = beg; e < end; ++e) {
-        const int64_t i = groups.entries[e], t = i / hk, h = (i % hk) / k;
-        acc += dscores[i] * q[t * C + h * key_dim + which * half + c];
+      for (int32_t e0 = beg; e0 < end; e0 += kBatch) {
+        float ds[kBatch], qv[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          ds[u] = 0.0f, qv[u] = 0.0f;
+          if (e0 + u < end) {
+            const int32_t i = groups.entries[e0 + u], t = i / hk, h = (i - t * hk) / k;
+            ds[u] = dscores[i];
+            qv[u] = q[int64_t{t} * C + h * key_dim + which * half + c];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          if (e0 + u < end) acc += ds[u] * qv[u];
       }
       dst[c] = acc;
     }
@@ -197,6 +221,7 @@ __global__ void bn_backward_stats_kernel(int64_t T, int64_t C, int train, const 
   const bool on = c < C;
   float s1 = 0.0f, s2 = 0.0f;
   if (on)
+#pragma unroll 4
     for (int64_t t = ty; t < T; t += kStatY) {
       const float g = dq[t * C + c];
       s1 += g;
@@ -221,7 +246,7 @@ __global__ void bn_backward_apply_kernel(int64_t T, int64_t C, int train, const 
                                          const float* m_dq, const float* m_dqqh, float* dq) {
   const int64_t n = T * C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t c = i % C;
+    const int64_t c = n <= UINT32_MAX ? static_cast<uint32_t>(i) % static_cast<uint32_t>(C) : i % C;
     dq[i] = train ? scale[c] * (dq[i] - m_dq[c] - q_hat[i] * m_dqqh[c]) : scale[c] * dq[i];
   }
 }
@@ -302,6 +327,7 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
   PL_CHECK(ctx.tokens == s.tokens, config, "peer layer backward (cuda): the saved forward had ", ctx.tokens,
            " tokens, this backward ", s.tokens, " (run forward with this shape first)");
   const int64_t T = s.tokens, C = s.channels(), d = s.dim, hk = s.heads * s.k, n = s.n_sub, E = T * hk;
+  const int64_t half = s.key_dim / 2;
   const int train = ctx.mode == PeerNormMode::train;
   PeerLayerCuda::Scratch& w = ctx.scratch();
   mark(ctx, 4, stream);
@@ -316,10 +342,13 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
   const int heads = static_cast<int>(s.heads), k = static_cast<int>(s.k);
   const int shared_keys = s.keys == PeerKeySharing::shared;
   // Scores -> query.
-  const size_t dq_smem = static_cast<size_t>(hk) * (sizeof(float) + sizeof(int32_t));
+  const size_t dq_smem = static_cast<size_t>(hk) * (sizeof(float) + 2 * sizeof(int32_t));
   PL_CHECK(dq_smem <= 48 * 1024, config, "peer layer (cuda): heads·k too large (", hk, ")");
-  dq_kernel<<<static_cast<unsigned>(T), kThreads, dq_smem, stream>>>(C, s.key_dim, n, heads, k, shared_keys, ctx.ids,
-                                                                      w.dscores, p.sub_keys1, p.sub_keys2, w.dq);
+  PL_CHECK(s.sub_key_rows() * half <= INT32_MAX && C <= INT32_MAX, config,
+           "peer layer (cuda): sub-key tables or query width beyond 2^31 elements");
+  dq_kernel<<<static_cast<unsigned>(T), kThreads, dq_smem, stream>>>(
+      static_cast<int>(C), static_cast<int>(s.key_dim), static_cast<int>(n), heads, k, shared_keys, ctx.ids, w.dscores,
+      p.sub_keys1, p.sub_keys2, w.dq);
   PL_CUDA_CHECK_LAUNCH(dq_kernel);
   // Scores -> sub-keys.
   const int64_t rows = s.sub_key_rows(), cap = std::min(rows, E);

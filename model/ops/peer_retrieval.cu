@@ -6,8 +6,9 @@
 // lane that owned the winner rescans its share for its next best, among items ranking after the
 // winner. Items ranking before the last winner are exactly those already taken (the order is total:
 // score descending, lower index first, NaN as −inf), so no "taken" flags are needed. k rounds cost
-// k butterflies plus k rescans of n/32 items. The k² candidate sums are the third selection, over
-// items computed on the fly from the two top-k lists in shared memory.
+// k butterflies plus k rescans of n/32 items, held in registers when n ≤ 1024 (uncached otherwise).
+// The k² candidate sums are the third selection, over items computed from the two top-k lists in
+// shared memory (register-cached when k² ≤ 256).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,22 +35,45 @@ __device__ __forceinline__ bool ranks_before(float ka, int32_t ia, float kb, int
 }
 
 // The k best of `count` items in rank order, their item numbers written to out (k, shared memory).
-// item(i) gives (raw score, index for tie-breaking). Called by a whole warp.
-template <typename Item>
-__device__ void warp_select(int64_t count, int k, Item item, int32_t* out) {
+// item(i, v, idx) gives the raw score and the index that breaks ties. Called by a whole warp.
+// ITEMS > 0: each lane caches its items i = lane + 32·m (m < ITEMS, count ≤ 32·ITEMS) in registers,
+// so a rescan is ITEMS register compares; ITEMS = 0: rescans call item() again (any count).
+template <int ITEMS, typename Item>
+__device__ void warp_select(int count, int k, Item item, int32_t* out) {
   const int lane = threadIdx.x % kWarp;
+  constexpr int kCache = ITEMS > 0 ? ITEMS : 1;
+  float key[kCache];
+  int32_t idx[kCache];
+  if constexpr (ITEMS > 0) {
+#pragma unroll
+    for (int m = 0; m < ITEMS; ++m) {
+      const int i = lane + kWarp * m;
+      float v = -INFINITY;
+      int32_t id = INT_MAX;  // padding ranks after every real item and is never selected (k ≤ count)
+      if (i < count) item(i, v, id);
+      key[m] = rank_key(v), idx[m] = id;
+    }
+  }
   float bk = -INFINITY;
-  int32_t bi = INT_MAX;
-  int32_t bitem = -1;
+  int32_t bi = INT_MAX, bitem = -1;
+  // The lane's best item ranking after (tk, ti) (all items when !after).
   auto rescan = [&](bool after, float tk, int32_t ti) {
     bk = -INFINITY, bi = INT_MAX, bitem = -1;
-    for (int64_t i = lane; i < count; i += kWarp) {
-      float v;
-      int32_t idx;
-      item(i, v, idx);
-      const float kk = rank_key(v);
-      if (after && !ranks_before(tk, ti, kk, idx)) continue;  // taken already
-      if (bitem < 0 || ranks_before(kk, idx, bk, bi)) bk = kk, bi = idx, bitem = static_cast<int32_t>(i);
+    if constexpr (ITEMS > 0) {
+#pragma unroll
+      for (int m = 0; m < ITEMS; ++m) {
+        const bool open = !after || ranks_before(tk, ti, key[m], idx[m]);
+        if (open && (bitem < 0 || ranks_before(key[m], idx[m], bk, bi))) bk = key[m], bi = idx[m], bitem = lane + kWarp * m;
+      }
+    } else {
+      for (int i = lane; i < count; i += kWarp) {
+        float v;
+        int32_t id;
+        item(i, v, id);
+        const float kk = rank_key(v);
+        if (after && !ranks_before(tk, ti, kk, id)) continue;  // taken already
+        if (bitem < 0 || ranks_before(kk, id, bk, bi)) bk = kk, bi = id, bitem = i;
+      }
     }
   };
   rescan(false, 0.0f, 0);
@@ -69,9 +93,11 @@ __device__ void warp_select(int64_t count, int k, Item item, int32_t* out) {
 }
 
 // One warp per (token, head) pair p: s1, s2 (pairs, n). Shared per warp: top1, top2 (k ints),
-// sc1, sc2 (k floats).
+// sc1, sc2 (k floats). HALF_ITEMS / CAND_ITEMS: register caches of the two kinds of selection
+// (32·HALF_ITEMS ≥ n, 32·CAND_ITEMS ≥ k²), 0 for the uncached path.
+template <int HALF_ITEMS, int CAND_ITEMS>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
-    peer_topk_kernel(int64_t pairs, int64_t n, int k, const float* s1, const float* s2, int32_t* ids, float* scores) {
+    peer_topk_kernel(int64_t pairs, int n, int k, const float* s1, const float* s2, int32_t* ids, float* scores) {
   extern __shared__ int32_t sm[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   int32_t* top1 = sm + warp * 4 * k;
@@ -82,20 +108,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   if (p >= pairs) return;  // whole warps only
   const float* r1 = s1 + p * n;
   const float* r2 = s2 + p * n;
-  warp_select(n, k, [r1](int64_t i, float& v, int32_t& idx) { v = r1[i], idx = static_cast<int32_t>(i); }, top1);
-  warp_select(n, k, [r2](int64_t i, float& v, int32_t& idx) { v = r2[i], idx = static_cast<int32_t>(i); }, top2);
+  warp_select<HALF_ITEMS>(n, k, [r1](int i, float& v, int32_t& idx) { v = r1[i], idx = i; }, top1);
+  warp_select<HALF_ITEMS>(n, k, [r2](int i, float& v, int32_t& idx) { v = r2[i], idx = i; }, top2);
   for (int j = lane; j < k; j += kWarp) sc1[j] = r1[top1[j]], sc2[j] = r2[top2[j]];
   __syncwarp();
-  const int32_t n32 = static_cast<int32_t>(n);
-  auto cand = [=](int64_t c, float& v, int32_t& idx) {
-    const int i = static_cast<int>(c / k), j = static_cast<int>(c % k);
+  auto cand = [=](int c, float& v, int32_t& idx) {
+    const int i = c / k, j = c - i * k;
     v = sc1[i] + sc2[j];
-    idx = top1[i] * n32 + top2[j];
+    idx = top1[i] * n + top2[j];
   };
   // The winning candidates' item numbers (k ≤ kMaxK).
   __shared__ int32_t best_store[kWarpsPerBlock][kMaxK];
   int32_t* best = best_store[warp];
-  warp_select(int64_t{k} * k, k, cand, best);
+  warp_select<CAND_ITEMS>(k * k, k, cand, best);
   for (int r = lane; r < k; r += kWarp) {
     float v;
     int32_t idx;
@@ -165,8 +190,18 @@ void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const floa
   const int64_t blocks = (pairs + kWarpsPerBlock - 1) / kWarpsPerBlock;
   PL_CHECK(blocks <= INT32_MAX, config, "peer retrieval (cuda): too many (token, head) pairs (", pairs, ")");
   const size_t smem = static_cast<size_t>(kWarpsPerBlock) * 4 * s.k * sizeof(int32_t);
-  peer_topk_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarp, smem, stream>>>(
-      pairs, n, static_cast<int>(s.k), w.s1, w.s2, ids, scores);
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kWarpsPerBlock * kWarp);
+  const int n_i = static_cast<int>(n), k_i = static_cast<int>(s.k);
+  // Register-cached selections where they fit (n ≤ 1024 sub-keys, k² ≤ 256 candidates).
+  const bool half_cached = n <= 32 * 32, cand_cached = s.k * s.k <= 32 * 8;
+  if (half_cached && cand_cached)
+    peer_topk_kernel<32, 8><<<grid, block, smem, stream>>>(pairs, n_i, k_i, w.s1, w.s2, ids, scores);
+  else if (half_cached)
+    peer_topk_kernel<32, 0><<<grid, block, smem, stream>>>(pairs, n_i, k_i, w.s1, w.s2, ids, scores);
+  else if (cand_cached)
+    peer_topk_kernel<0, 8><<<grid, block, smem, stream>>>(pairs, n_i, k_i, w.s1, w.s2, ids, scores);
+  else
+    peer_topk_kernel<0, 0><<<grid, block, smem, stream>>>(pairs, n_i, k_i, w.s1, w.s2, ids, scores);
   PL_CUDA_CHECK_LAUNCH(peer_topk_kernel);
 }
 
