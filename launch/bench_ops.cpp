@@ -23,6 +23,7 @@
 #ifdef PEERLESS_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "launch/cuda_bench_util.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/glu.h"
@@ -38,31 +39,8 @@ namespace peerless {
 #ifdef PEERLESS_HAVE_CUDA
 namespace {
 
-// A cudaEvent_t that destroys itself.
-class Event {
- public:
-  Event() { PL_CUDA_CHECK(cudaEventCreate(&e_)); }
-  ~Event() { cudaEventDestroy(e_); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  cudaEvent_t get() const { return e_; }
-
- private:
-  cudaEvent_t e_ = nullptr;
-};
-
-// A non-default stream that destroys itself.
-class Stream {
- public:
-  Stream() { PL_CUDA_CHECK(cudaStreamCreate(&s_)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return s_; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
+using Event = CudaEvent;
+using Stream = CudaStream;
 
 // n floats of device memory filled with a cheap deterministic pseudo-random pattern in
 // [lo, hi) (the timings do not depend on the values, only on there being no NaNs or denormals).

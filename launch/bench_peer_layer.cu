@@ -20,6 +20,7 @@
 
 #include "launch/args.h"
 #include "launch/commands.h"
+#include "launch/cuda_bench_util.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/peer_cuda_detail.cuh"
 #include "model/ops/peer_layer.h"
@@ -49,28 +50,8 @@ DeviceBytes device_uniform(int64_t n, float lo, float hi, uint64_t seed) {
 }
 float* f32(const DeviceBytes& b) { return static_cast<float*>(b.get()); }
 
-class Event {
- public:
-  Event() { PL_CUDA_CHECK(cudaEventCreate(&e_)); }
-  ~Event() { cudaEventDestroy(e_); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  cudaEvent_t get() const { return e_; }
-
- private:
-  cudaEvent_t e_ = nullptr;
-};
-class Stream {
- public:
-  Stream() { PL_CUDA_CHECK(cudaStreamCreate(&s_)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return s_; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
+using Event = CudaEvent;
+using Stream = CudaStream;
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

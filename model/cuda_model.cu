@@ -358,14 +358,6 @@ struct CudaModel::Impl {
                                     accumulate);
     tick(CudaModel::norm_quant);
   }
-  // dy in fp32 (the residual stream's gradient): rounded to bf16 first.
-  void linear_backward(int gain, int weight, int64_t rows, const float* in, const float* dy, float* dx_out,
-                       bool accumulate) {
-    tick(CudaModel::other);
-    rows_to_bf16_cuda(rows, layout.at(weight).shape[0], dy, nullptr, dy_bf.get(), stream);
-    tick(CudaModel::gemm_backward);
-    linear_backward(gain, weight, rows, in, static_cast<const bf16*>(dy_bf.get()), dx_out, accumulate);
-  }
 
   // The down projection backward from [a | u]: a/s recomputed through the GLU, the products, then one
   // kernel for the norm backward and the GLU backward, writing d[a | u] in bf16.

@@ -59,133 +59,18 @@ TEST(cuda_backend, built_without_cuda) {
 
 #else  // PEERLESS_HAVE_CUDA
 
-#include <cuda_runtime.h>
-
-#include "model/ops/cuda_check.h"
-#include "parallel/memory.h"
+#include "tests/cuda_test_util.h"
 
 namespace peerless {
 namespace {
 
 using test::case_name;
 
-uint64_t test_seed() {
-  if (const char* s = std::getenv("PEERLESS_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  static const uint64_t seed = std::random_device{}();
-  return seed;
-}
+using namespace cuda_test;
 
 std::vector<float> normal_f(std::mt19937_64& rng, int64_t n, double sd = 1.0, double mean = 0.0) {
   return test::to_float(test::normal(rng, n, sd, mean));
 }
-
-constexpr size_t kGuard = 64;
-constexpr unsigned char kPoison = 0xA5;
-
-// A device array with kGuard poisoned elements each side; the interior starts poisoned too.
-template <typename T>
-class DevBuf {
- public:
-  explicit DevBuf(size_t n) : n_(n), mem_((n + 2 * kGuard) * sizeof(T)) {
-    std::vector<unsigned char> poison((n + 2 * kGuard) * sizeof(T), kPoison);
-    PL_CUDA_CHECK(cudaMemcpy(mem_.get(), poison.data(), poison.size(), cudaMemcpyHostToDevice));
-  }
-  explicit DevBuf(const std::vector<T>& v) : DevBuf(v.size()) { upload(v); }
-  T* get() const { return static_cast<T*>(mem_.get()) + kGuard; }
-  void upload(const std::vector<T>& v) {
-    PL_CHECK(v.size() == n_, internal, "upload of ", v.size(), " elements into ", n_);
-    PL_CUDA_CHECK(cudaMemcpy(get(), v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  // Synchronises, checks both guards, returns the first `count` interior elements (all by default).
-  std::vector<T> download(const std::string& what, size_t count = SIZE_MAX) const {
-    PL_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<unsigned char> all((n_ + 2 * kGuard) * sizeof(T));
-    PL_CUDA_CHECK(cudaMemcpy(all.data(), mem_.get(), all.size(), cudaMemcpyDeviceToHost));
-    const size_t g = kGuard * sizeof(T), body = n_ * sizeof(T);
-    size_t lo = 0, hi = 0;
-    for (size_t i = 0; i < g; ++i) lo += all[i] != kPoison, hi += all[g + body + i] != kPoison;
-    EXPECT_EQ(lo, 0u) << what << ": " << lo << " guard bytes before the buffer overwritten";
-    EXPECT_EQ(hi, 0u) << what << ": " << hi << " guard bytes after the buffer overwritten";
-    std::vector<T> out(std::min(n_, count));
-    std::memcpy(out.data(), all.data() + g, out.size() * sizeof(T));
-    return out;
-  }
-
- private:
-  size_t n_;
-  DeviceBytes mem_;
-};
-
-// NaN and ±Inf at the same places; over finite entries max|gpu − cpu| / max|cpu| ≤ tol.
-void expect_close(const std::vector<float>& gpu, const std::vector<float>& cpu, double tol, const std::string& what) {
-  ASSERT_EQ(gpu.size(), cpu.size()) << what;
-  size_t bad_nonfinite = 0, first_bad = 0, worst = 0;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < cpu.size(); ++i) {
-    const float a = gpu[i], b = cpu[i];
-    if (!std::isfinite(a) || !std::isfinite(b)) {
-      const bool same = (std::isnan(a) && std::isnan(b)) || a == b;
-      if (!same && bad_nonfinite++ == 0) first_bad = i;
-      continue;
-    }
-    const double d = std::fabs(static_cast<double>(a) - b);
-    if (d > num) num = d, worst = i;
-    den = std::max(den, std::fabs(static_cast<double>(b)));
-  }
-  EXPECT_EQ(bad_nonfinite, 0u) << what << ": NaN/Inf disagree at " << bad_nonfinite << " places, first at "
-                               << first_bad << " (gpu " << gpu[first_bad] << ", cpu " << cpu[first_bad] << ")";
-  const double rel = den > 0 ? num / den : num;
-  EXPECT_LE(rel, tol) << what << ": relative error " << rel << " (tolerance " << tol << "), worst at " << worst
-                      << ": gpu " << gpu[worst] << " cpu " << cpu[worst];
-}
-
-// Bit-identical (floats by bit pattern; any NaN equals any NaN).
-template <typename T>
-void expect_identical(const std::vector<T>& a, const std::vector<T>& b, const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  size_t bad = 0, first = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    bool same;
-    if constexpr (std::is_floating_point_v<T>)
-      same = (std::isnan(a[i]) && std::isnan(b[i])) || std::memcmp(&a[i], &b[i], sizeof(T)) == 0;
-    else
-      same = a[i] == b[i];
-    if (!same && bad++ == 0) first = i;
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << a.size() << " elements differ, first at " << first << " ("
-                     << +a[first] << " vs " << +b[first] << ")";
-}
-
-struct StreamDeleter {
-  void operator()(CUstream_st* s) const { cudaStreamDestroy(s); }
-};
-
-class Cuda : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int n = 0;
-    const cudaError_t rc = cudaGetDeviceCount(&n);
-    if (rc != cudaSuccess || n == 0) {
-      cudaGetLastError();
-      GTEST_FAIL() << "no GPU visible (" << cudaGetErrorString(rc)
-                   << "): the gpu-labelled tests need one; CPU-only runs exclude them with ctest -LE gpu";
-    }
-    cudaStream_t s = nullptr;
-    PL_CUDA_CHECK(cudaStreamCreate(&s));
-    stream_.reset(s);
-    rng_.seed(test_seed() + std::hash<std::string>{}(::testing::UnitTest::GetInstance()->current_test_info()->name()));
-    std::printf("[ seed     ] PEERLESS_TEST_SEED=%llu\n", static_cast<unsigned long long>(test_seed()));
-  }
-  cudaStream_t stream() const { return stream_.get(); }
-  std::mt19937_64& rng() { return rng_; }
-
- private:
-  std::unique_ptr<CUstream_st, StreamDeleter> stream_;
-  std::mt19937_64 rng_;
-};
-
-const float kNaN = std::numeric_limits<float>::quiet_NaN();
-const float kInf = std::numeric_limits<float>::infinity();
 
 const char* act_name(PeerActivation a) { return a == PeerActivation::relu ? "relu" : "gelu"; }
 
@@ -200,7 +85,7 @@ TEST_F(Cuda, peer_softmax_gates_forward_backward) {
     if (k > 1) s[k + 1] = kInf, s[2 * k + 1] = -kInf;  // group 1: +Inf; group 2: −Inf
     std::vector<float> g_cpu(n), ds_cpu(n);
     peer_softmax_gates_cpu(groups, k, s.data(), g_cpu.data());
-    DevBuf<float> d_s(s), d_g(n), d_dg(dg), d_ds(n);
+    Guarded<float> d_s(s), d_g(n), d_dg(dg), d_ds(n);
     peer_softmax_gates_cuda(groups, k, d_s.get(), d_g.get(), stream());
     const std::vector<float> g_gpu = d_g.download("gates");
     expect_close(g_gpu, g_cpu, 1e-6, "gates");
@@ -267,13 +152,13 @@ TEST_F(Cuda, peer_experts_forward_backward_match_cpu_and_are_deterministic) {
 
     // GPU, twice.
     const int64_t cap = peer_table_grad_capacity(s);
-    DevBuf<float> d_x(x), d_scores(scores), d_table(table), d_dy(dy);
-    DevBuf<int32_t> d_ids(ids);
+    Guarded<float> d_x(x), d_scores(scores), d_table(table), d_dy(dy);
+    Guarded<int32_t> d_ids(ids);
     const size_t ws_bytes = peer_experts_backward_workspace_bytes(s);
     DeviceBytes ws(ws_bytes);
     auto run = [&]() {
-      DevBuf<float> d_out(T * d), d_gates(E), d_pre(E), d_dx(T * d), d_ds(E), d_values(cap * W), d_dense(dense0);
-      DevBuf<int32_t> d_rows(cap), d_count(1);
+      Guarded<float> d_out(T * d), d_gates(E), d_pre(E), d_dx(T * d), d_ds(E), d_values(cap * W), d_dense(dense0);
+      Guarded<int32_t> d_rows(cap), d_count(1);
       peer_experts_forward_cuda(s, d_x.get(), d_ids.get(), d_scores.get(), d_table.get(), d_out.get(),
                                 PeerExpertsSaved<float>{d_gates.get(), d_pre.get()}, stream());
       PeerTableGradCuda sparse;
@@ -329,8 +214,8 @@ struct RetrievalRun {
 RetrievalRun retrieve_gpu(PeerBlas& blas, const PeerRetrievalShape& s, const std::vector<float>& q,
                           const std::vector<float>& c1, const std::vector<float>& c2, cudaStream_t stream) {
   const int64_t out = s.tokens * s.heads * s.k;
-  DevBuf<float> d_q(q), d_c1(c1), d_c2(c2), d_scores(out);
-  DevBuf<int32_t> d_ids(out);
+  Guarded<float> d_q(q), d_c1(c1), d_c2(c2), d_scores(out);
+  Guarded<int32_t> d_ids(out);
   const size_t ws_bytes = peer_retrieval_workspace_bytes(s);
   DeviceBytes ws(ws_bytes);
   peer_retrieval_cuda(blas, s, d_q.get(), d_c1.get(), d_c2.get(), d_ids.get(), d_scores.get(), ws.get(), ws_bytes,
@@ -509,12 +394,12 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
       std::vector<float> out, q, scores, gates, rm, rv, dx, dwq, dg, db, dc1, dc2, values, dense, dx2;
       std::vector<int32_t> ids, rows;
     };
-    DevBuf<float> d_x(x), d_wq(wq), d_gamma(gamma), d_beta(beta), d_c1(c1), d_c2(c2), d_table(table), d_dy(dy);
+    Guarded<float> d_x(x), d_wq(wq), d_gamma(gamma), d_beta(beta), d_c1(c1), d_c2(c2), d_table(table), d_dy(dy);
     PeerLayerCuda ctx(s);
     auto run = [&]() {
-      DevBuf<float> d_rm(rm), d_rv(rv), d_out(T * d), d_dx(T * d), d_dwq(dwq0), d_dg(dg0), d_db(db0), d_dc1(dc10),
+      Guarded<float> d_rm(rm), d_rv(rv), d_out(T * d), d_dx(T * d), d_dwq(dwq0), d_dg(dg0), d_db(db0), d_dc1(dc10),
           d_dc2(dc20), d_values(std::min(N, E) * W), d_dense(dense0);
-      DevBuf<int32_t> d_rows(std::min(N, E)), d_count(1);
+      Guarded<int32_t> d_rows(std::min(N, E)), d_count(1);
       const PeerLayerParams<float> p{d_wq.get(), d_gamma.get(), d_beta.get(), d_rm.get(), d_rv.get(),
                                      d_c1.get(),  d_c2.get(),    d_table.get()};
       peer_layer_forward_cuda(s, lc.mode, p, d_x.get(), d_out.get(), ctx, stream());

@@ -717,6 +717,18 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 int64_t bwd_blocks(int64_t rows) { return (rows + kBwdRows - 1) / kBwdRows; }
 
+// Calls f(std::integral_constant<int, K>{}) with the smallest K of 1, 2, 4, 8, 16, 32 that covers
+// per_thread columns: the backward kernels' register-array width.
+template <typename F>
+void with_columns(int64_t per_thread, F&& f) {
+  if (per_thread <= 1) f(std::integral_constant<int, 1>{});
+  else if (per_thread <= 2) f(std::integral_constant<int, 2>{});
+  else if (per_thread <= 4) f(std::integral_constant<int, 4>{});
+  else if (per_thread <= 8) f(std::integral_constant<int, 8>{});
+  else if (per_thread <= 16) f(std::integral_constant<int, 16>{});
+  else f(std::integral_constant<int, 32>{});
+}
+
 template <int K, typename X>
 void launch_backward(const RmsNormShape& s, const X* x, const float* gain, const float* rstd, const float* dy,
                      float* dx, float* partials, bool accumulate, cudaStream_t stream) {
@@ -787,12 +799,9 @@ void backward(const RmsNormShape& s, const X* x, const float* gain, const float*
            rmsnorm_act_quant_backward_workspace(s), " floats (got null)");
   float* partials = dgain ? workspace : nullptr;
   const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;  // ≤ 32 since dim ≤ 8192
-  if (per_thread <= 1) launch_backward<1, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
-  else if (per_thread <= 2) launch_backward<2, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
-  else if (per_thread <= 4) launch_backward<4, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
-  else if (per_thread <= 8) launch_backward<8, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
-  else if (per_thread <= 16) launch_backward<16, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
-  else launch_backward<32, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  with_columns(per_thread, [&](auto K) {
+    launch_backward<decltype(K)::value, X>(s, x, gain, rstd, dy, dx, partials, accumulate, stream);
+  });
   if (!dgain) return;
   const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
   rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, workspace, dgain);
@@ -895,15 +904,10 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
   float* op = do_gain ? workspace : nullptr;
   float* gp = dg_gain && code ? workspace + part : nullptr;
   const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;
-#define PL_GATE_BWD(KK) \
-  launch_gate_backward<KK>(s, code, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, op, gp, stream)
-  if (per_thread <= 1) PL_GATE_BWD(1);
-  else if (per_thread <= 2) PL_GATE_BWD(2);
-  else if (per_thread <= 4) PL_GATE_BWD(4);
-  else if (per_thread <= 8) PL_GATE_BWD(8);
-  else if (per_thread <= 16) PL_GATE_BWD(16);
-  else PL_GATE_BWD(32);
-#undef PL_GATE_BWD
+  with_columns(per_thread, [&](auto K) {
+    launch_gate_backward<decltype(K)::value>(s, code, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, op, gp,
+                                             stream);
+  });
   const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
   if (op) {
     rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, op, do_gain);
@@ -1008,12 +1012,9 @@ void nnq_backward(const RmsNormShape& s, const float* x, const float* outer_gain
                   const Gains& g, const float* inner_rstd, const float* dxt, float* dx, float* partials,
                   cudaStream_t stream) {
   const int64_t per_thread = (s.dim + kBwdThreads - 1) / kBwdThreads;
-  if (per_thread <= 1) launch_nnq_backward<1, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
-  else if (per_thread <= 2) launch_nnq_backward<2, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
-  else if (per_thread <= 4) launch_nnq_backward<4, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
-  else if (per_thread <= 8) launch_nnq_backward<8, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
-  else if (per_thread <= 16) launch_nnq_backward<16, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
-  else launch_nnq_backward<32, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  with_columns(per_thread, [&](auto K) {
+    launch_nnq_backward<decltype(K)::value, NG>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, partials, stream);
+  });
 }
 
 }  // namespace
