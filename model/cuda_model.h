@@ -1,6 +1,7 @@
 // The MatMul-free LM trained on one GPU: the same forward and backward as Model (model/model.h),
 // op for op, through the CUDA launchers of model/ops (every op tested against its CPU reference in
-// tests/test_ops_cuda.cpp), plus AdamW, the gradient norm and the ternary refresh on the device.
+// tests/test_ops_cuda.cpp and tests/test_peer_cuda.cpp), plus AdamW, the gradient norm and the
+// ternary refresh on the device.
 //
 // Parameters, gradients, AdamW moments, ternary codes and activations live on the GPU in the same
 // flat layout as on the host; the host copies (the caller's params, the AdamW moments, the Model's
@@ -18,13 +19,17 @@
 //   x_in, x_mid            fp32 residual stream (the norms' inputs)                8d
 //   î, f̂, h, ĝ             the scan's inputs and output, the gate's input          4d·A
 //   [a | u]                the GLU input                                           2I·A
-// (+ three rstd per token). Recomputed in the backward, into one block's scratch: the normalised
-// x̃ and x̃₂ (one RMSNorm forward each), f (from f̂, inside the scan backward), gn and o (RMSNorm of ĝ
-// and the gate), and every BitLinear's quantized input: the fused norm+quant kernel runs again and
-// writes the dequantized a/s in bf16, the operand of the weight gradient, instead of the int8 codes
-// ever being kept. The GLU output z never exists: the down projection's norm+quant computes it from
-// [a|u] on the fly, forward and backward (norm_quant.h, glu_act_quant_*). At d 1024, I 2816: 27 KiB per token per block with bf16 storage
-// (against 86 KiB when everything was kept in fp32), 46.5 KiB with fp32 storage.
+// (+ three rstd per token). Nothing else is stored: the normalised block inputs, f, gn, o, z and every
+// BitLinear's quantized input are recomputed inside fused kernels (model/ops/norm_quant.h), which
+// read what is kept and write only what the next GEMM needs:
+//   block norm + BitLinear norm+quant   x_in → i, f, g codes (one read); x_mid → gate codes
+//   GLU + down norm+quant               [a|u] → down codes (z never exists)
+//   gate + both norms + o norm+quant    ĝ, h → o codes (gn, o never exist)
+// each with a recomputation variant for the backward that writes a/s in bf16 (the weight gradient's
+// operand; no int8 codes are kept) and a fused backward (the norms' backwards, the GLU's or the
+// gate's, into dx or into the next bf16 GEMM operand). f is recomputed inside the scan backward.
+// At d 1024, I 2816: 27 KiB per token per block with bf16 storage (86 KiB when everything was kept
+// in fp32), 46.5 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
 // never exist at once.
 // With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,
@@ -33,9 +38,9 @@
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
 // PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, dense
-// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; one GPU. Every device buffer is
-// allocated once, at construction, for the largest micro-batch (an arena in effect); peak_bytes()
-// reports what the process holds on the device.
+// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; one GPU. Every device buffer
+// is allocated once, at construction, for the largest micro-batch (an arena in effect);
+// peak_bytes() reports what the process holds on the device.
 #pragma once
 
 #include <cstdint>
