@@ -245,6 +245,9 @@ struct CudaModel::Impl {
         bytes += static_cast<int64_t>(peer.back()->device_bytes());
         peer_mean[i].resize(ps.channels(), bytes);
         peer_var[i].resize(ps.channels(), bytes);
+        // The layer blends into these with momentum 1, (1 − 1)·old + batch: old must not be NaN.
+        PL_CUDA_CHECK(cudaMemset(peer_mean[i].get(), 0, sizeof(float) * ps.channels()));
+        PL_CUDA_CHECK(cudaMemset(peer_var[i].get(), 0, sizeof(float) * ps.channels()));
       }
     }
     note_linear(idx.head_w, head_rows);
@@ -287,6 +290,7 @@ struct CudaModel::Impl {
     const float beta = betas[weight];
     if (K % 4 == 0 && N % 4 == 0) {
       if (residual) {
+        PL_CHECK((std::is_same_v<Y, float>), internal, "CudaModel::product: a residual needs an fp32 output");
         if constexpr (std::is_same_v<Y, float>)
           bitlinear_matmul_residual_cuda(blas, rows, N, K, a_codes, C(weight), a_scale, beta, residual, y, stream);
       } else {
@@ -295,6 +299,7 @@ struct CudaModel::Impl {
     } else {
       ternary_int8_matmul_cuda(rows, N, K, a_codes, C(weight), acc.get(), stream);
       if (residual) {
+        PL_CHECK((std::is_same_v<Y, float>), internal, "CudaModel::product: a residual needs an fp32 output");
         bitlinear_dequant_cuda(rows, N, acc.get(), a_scale, beta, GemmOut::f32, tmp.get(), stream);
         if constexpr (std::is_same_v<Y, float>) {
           if (y != residual)

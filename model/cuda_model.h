@@ -33,14 +33,18 @@
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
 // never exist at once.
 // With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,
-// [a|u] as bf16; the scan stores h as bf16), so the recomputation in the backward is exact: the
+// [a|u] as bf16; the scan stores h as bf16 and the gate reads that), so what the backward
+// recomputes equals what the forward used; the one exception is the scan's own recurrence, which
+// carries h in fp32 while its backward reads the stored bf16 h_{t−1} (a bf16 rounding in df). The
 // model trains on the bf16-rounded activations, like the reference's bf16 autocast. fp32 storage
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
 // PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, dense
 // AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; one GPU. Every device buffer
-// is allocated once, at construction, for the largest micro-batch (an arena in effect);
-// peak_bytes() reports what the process holds on the device.
+// of the model is allocated once, at construction, for the largest micro-batch (an arena in effect;
+// device_bytes() counts them); cuBLASLt's scratch for the int32 products (BlasLt, up to tokens × 2I
+// int32) grows on the first step and is not in device_bytes(); peak_bytes() reports everything the
+// process holds on the device.
 #pragma once
 
 #include <cstdint>

@@ -189,6 +189,7 @@ __global__ void __launch_bounds__(128)
       rg = row_rstd(xs, dim, eps, lane);
       if (lane == 0) src.g_rstd[r] = rg;
     }
+    __syncwarp();  // every lane has read the row (row_rstd reads the tail in all lanes) before it is overwritten
     const float* gg = src.g_gain;
     const bool code = src.code_form;
     // Each lane rewrites exactly the elements it loaded above (same j mapping).
@@ -242,9 +243,11 @@ __global__ void __launch_bounds__(128)
   // 2. rstd of the row, exactly as the CPU's RMSNorm.
   const float rs = row_rstd(xs, dim, eps, lane);
   if (lane == 0) rstd[r] = rs;
+  __syncwarp();  // every lane has read the row (row_rstd reads the tail in all lanes) before it is overwritten
 
-  // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Each lane
-  //    rereads in step 4 exactly the elements it wrote here.
+  // 3. x̃ = (x·rstd)·γ in place, and max |x̃| on the bit patterns (exact; a NaN wins). Step 4's
+  //    codes path rereads exactly the elements each lane wrote here; its a/s path does not (float4
+  //    groups here, single elements there), hence the __syncwarp before it.
   //    γ is read (from L2) in batches like x above.
   uint32_t m = 0;
   if constexpr (kVec) {
@@ -289,6 +292,7 @@ __global__ void __launch_bounds__(128)
   }
   const float s = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
   if (lane == 0) scale[r] = s;
+  __syncwarp();
 
   // 4. The codes (or their dequantized values a / s in bf16).
   if constexpr (kDequant) {
