@@ -68,6 +68,39 @@ __device__ __forceinline__ float row_rstd(const float* xs, int64_t dim, float ep
   return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
 }
 
+// The warp's row xr (dim floats) into shared memory xs, coalesced, each element read once, kBatch
+// loads per lane issued before the first store (a warp stalls at the first use of a pending load,
+// so a load-store loop would pay one memory latency per iteration). kVec: float4 loads (dim % 4 ==
+// 0, xr 16-byte aligned).
+template <bool kVec>
+__device__ __forceinline__ void load_row(const float* __restrict__ xr, float* xs, int64_t dim, int lane) {
+  constexpr int kW = cuda_detail::kWarp;
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    float4* s4 = reinterpret_cast<float4*>(xs);
+    const int64_t n4 = dim / 4;
+    for (int64_t base = lane; base < n4; base += kBatch * kW) {
+      float4 buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
+    }
+  } else {
+    for (int64_t base = lane; base < dim; base += kBatch * kW) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
+    }
+  }
+}
+
 // Src: where row r comes from. PlainRows: x itself (rows, dim). GluRows: z = act(a) ⊙ u computed from
 // [a | u] (rows, 2·dim) as glu.cu computes it (the same expression, so the same bits).
 struct PlainRows {
@@ -212,31 +245,8 @@ __global__ void __launch_bounds__(128)
         xs[j] = (p * p) * u;
       }
     });
-  } else if constexpr (kVec) {
-    const float* xr = src.x + r * dim;
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
-    float4* s4 = reinterpret_cast<float4*>(xs);
-    const int64_t n4 = dim / 4;
-    for (int64_t base = lane; base < n4; base += kBatch * kW) {
-      float4 buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
-    }
   } else {
-    const float* xr = src.x + r * dim;
-    for (int64_t base = lane; base < dim; base += kBatch * kW) {
-      float buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
-    }
+    load_row<kVec>(src.x + r * dim, xs, dim, lane);
   }
   __syncwarp();
 
@@ -559,32 +569,8 @@ __global__ void __launch_bounds__(128)
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
   if (r >= rows) return;
   float* xs = smem + static_cast<int64_t>(warp) * dim;
-  const float* xr = x + r * dim;
+  load_row<kVec>(x + r * dim, xs, dim, lane);
   constexpr int kW = cuda_detail::kWarp;
-  if constexpr (kVec) {
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
-    float4* s4 = reinterpret_cast<float4*>(xs);
-    const int64_t n4 = dim / 4;
-    for (int64_t base = lane; base < n4; base += kBatch * kW) {
-      float4 buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < n4) buf[u] = x4[base + u * kW];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < n4) s4[base + u * kW] = buf[u];
-    }
-  } else {
-    for (int64_t base = lane; base < dim; base += kBatch * kW) {
-      float buf[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) buf[u] = xr[base + u * kW];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        if (base + u * kW < dim) xs[base + u * kW] = buf[u];
-    }
-  }
   __syncwarp();
   const float r1 = row_rstd(xs, dim, eps, lane);
   if (lane == 0) outer_rstd[r] = r1;
