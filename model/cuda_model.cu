@@ -610,7 +610,7 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\" updates PEER tables with dense AdamW only "
            "(optim.table_optimizer = \"lazy_adam\" is CPU-only)");
   PL_CHECK(c.d_model <= kNormQuantMaxDim && host.intermediate() <= kNormQuantMaxDim, config,
-           "run.device = \"cuda\": model.d_model and the GLU width must be <= ", kNormQuantMaxDim, " (got ",
+           "run.device = \"cuda\": model.d_model and model.intermediate (the GLU width) must be <= ", kNormQuantMaxDim, " (got ",
            c.d_model, " and ", host.intermediate(), ")");
 }
 
