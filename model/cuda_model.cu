@@ -313,15 +313,14 @@ struct CudaModel::Impl {
     tick(CudaModel::gemm_forward);
   }
 
-  // BitLinear forward: RMSNorm(x; γ) → int8 codes and scales (fused, bit-identical to the CPU's) →
-  // the product.
-  template <typename Y>
-  void linear_forward(int gain, int weight, int64_t rows, const float* in, Y* y, const float* residual = nullptr) {
+  // A BitLinear on a plain input (the LM head): RMSNorm(x; γ) → int8 codes and scales (fused,
+  // bit-identical to the CPU's) → the product, y in fp32.
+  void linear_forward(int gain, int weight, int64_t rows, const float* in, float* y) {
     tick(CudaModel::other);
     rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, layout.at(weight).shape[1], eps}, in, P(gain), q_codes.get(),
                                    q_scale.get(), q_rstd.get(), stream);
     tick(CudaModel::norm_quant);
-    product(weight, rows, y, residual);
+    product(weight, rows, y, nullptr);
   }
 
   // The down projection on z = GLU([a | u]): the GLU, norm and quantizer in one kernel (z never in
@@ -382,8 +381,7 @@ struct CudaModel::Impl {
   }
 
   // RMSNorm backward from the saved rstd (the fused kernel's backward: deterministic dγ partials).
-  template <typename X>
-  void norm_backward(const RmsNormShape& ns, const X* in, const float* gain, const float* rstd, const float* dy,
+  void norm_backward(const RmsNormShape& ns, const float* in, const float* gain, const float* rstd, const float* dy,
                      float* dx_out, float* dgain, bool accumulate) {
     rmsnorm_act_quant_backward_cuda(ns, in, gain, rstd, dy, dx_out, dgain, norm_ws.get(), stream, accumulate);
   }

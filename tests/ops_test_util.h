@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "model/ops/op_registry.h"
+
 namespace peerless::test {
 
 using Vec = std::vector<double>;
@@ -118,3 +120,13 @@ class Guarded {
 };
 
 }  // namespace peerless::test
+
+// A CUDA coverage marker, `OP_TEST_CUDA(<op>)` at the start of a line of a tests/test_*_cuda.cpp
+// file: tests/test_ops_registry.cpp requires one for every op registered with has_cuda, and the
+// test it defines checks that the op is registered with has_cuda. Use inside namespace peerless.
+#define OP_TEST_CUDA(op)                                                                           \
+  TEST(op_coverage_cuda, op) {                                                                     \
+    const OpInfo* info = find_op(#op);                                                             \
+    ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
+    EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
+  }

@@ -33,18 +33,12 @@
 #include "model/ops/op_registry.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
+#include "tests/ops_test_util.h"
 
 namespace peerless {
 namespace {
 
-// CUDA coverage markers read by tests/test_ops_registry.cpp: every op registered with has_cuda needs
-// one, and each checks that its op is registered with has_cuda.
-#define OP_TEST_CUDA(op)                                                                           \
-  TEST(op_coverage_cuda, op) {                                                                     \
-    const OpInfo* info = find_op(#op);                                                             \
-    ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
-    EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
-  }
+// CUDA coverage markers read by tests/test_ops_registry.cpp (OP_TEST_CUDA: tests/ops_test_util.h).
 OP_TEST_CUDA(gemm)
 OP_TEST_CUDA(rmsnorm)
 OP_TEST_CUDA(act_quant)

@@ -36,13 +36,7 @@
 namespace peerless {
 namespace {
 
-// CUDA coverage markers read by tests/test_ops_registry.cpp; each checks the op has has_cuda.
-#define OP_TEST_CUDA(op)                                                                           \
-  TEST(op_coverage_cuda, op) {                                                                     \
-    const OpInfo* info = find_op(#op);                                                             \
-    ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
-    EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
-  }
+// CUDA coverage markers read by tests/test_ops_registry.cpp (OP_TEST_CUDA: tests/ops_test_util.h).
 OP_TEST_CUDA(peer_experts)
 OP_TEST_CUDA(peer_retrieval)
 OP_TEST_CUDA(peer_layer)

@@ -8,6 +8,7 @@
 
 #include <cfloat>
 
+#include "model/ops/bf16_io.cuh"
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/cuda_check.h"
@@ -15,6 +16,7 @@
 namespace peerless {
 namespace {
 
+using cuda_detail::st;
 using cuda_detail::block_reduce;
 using cuda_detail::kWarp;
 using cuda_detail::Sum;
@@ -53,9 +55,6 @@ __device__ ArgMax block_argmax(ArgMax x, ArgMax* scratch) {
   }
   return r;
 }
-
-__device__ __forceinline__ void st(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // D: the type of dlogits (float, may alias logits; or bf16, the backward GEMM's operand).
 template <typename D>

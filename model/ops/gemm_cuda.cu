@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "model/ops/bf16_io.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
 #include "parallel/memory.h"
@@ -215,8 +216,6 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, float a, float b, float
   std::memcpy(&u.y, &hi, 4);
   *reinterpret_cast<uint2*>(p) = u;
 }
-__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // y (M,N) = float(acc) · (β / s[m]): one IEEE division per row (nvcc's default -prec-div=true) and one
 // multiply per element, the same operations as bitlinear_forward_cpu, hence bit-identical. acc and y
@@ -236,7 +235,7 @@ __global__ void bitlinear_dequant_kernel(int64_t M, int64_t N, const In* acc, co
         store4(yr + 4 * j, to_float(v.x) * factor, to_float(v.y) * factor, to_float(v.z) * factor,
                to_float(v.w) * factor);
       } else {
-        store1(yr + j, to_float(ar[j]) * factor);
+        cuda_detail::st(yr + j, to_float(ar[j]) * factor);
       }
     }
   }

@@ -4,6 +4,7 @@
 // epilogue/prologue around it.
 #include <cuda_bf16.h>
 
+#include "model/ops/bf16_io.cuh"
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/glu.h"
@@ -11,14 +12,11 @@
 namespace peerless {
 namespace {
 
+using cuda_detail::ld;
+using cuda_detail::st;
 using cuda_detail::sigmoidf_dev;
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void st(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <typename A>
 __global__ void glu_forward_kernel(bool silu, int64_t rows, int64_t inter, const A* __restrict__ au,

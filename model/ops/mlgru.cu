@@ -22,6 +22,7 @@
 // fixed order) into a workspace, then a second kernel adds them over batch in order (no atomics).
 #include <cuda_bf16.h>
 
+#include "model/ops/bf16_io.cuh"
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/mlgru.h"
@@ -29,15 +30,11 @@
 namespace peerless {
 namespace {
 
+using cuda_detail::ld;
+using cuda_detail::st;
 using cuda_detail::sigmoidf_dev;
 
 constexpr int kThreads = 256;
-
-// Activations are stored as float or bf16 (the model's bf16 storage); arithmetic is fp32.
-__device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void st(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // f = lb + (1 − lb)·σ(f̂), one explicit fma so that the backward's recomputation (when the forward
 // did not save f) is bit-identical to the forward's value.

@@ -16,6 +16,7 @@
 
 #include <type_traits>
 
+#include "model/ops/bf16_io.cuh"
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/norm_quant.h"
@@ -24,6 +25,8 @@
 namespace peerless {
 namespace {
 
+using cuda_detail::ld;
+using cuda_detail::st;
 using cuda_detail::act_scale_dev;
 using cuda_detail::block_reduce;
 using cuda_detail::MaxU32;
@@ -35,9 +38,6 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kBatch = 8;  // loads in flight per lane before their first use
 
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
-__device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Rows per block (one warp each): as many as keep a block's shared memory at 32 KB.
 int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 : 1; }

@@ -5,6 +5,7 @@
 // vectorised float4 loads; the dgain pass is parallel over columns only.
 #include <cuda_bf16.h>
 
+#include "model/ops/bf16_io.cuh"
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/rmsnorm.h"
@@ -12,13 +13,11 @@
 namespace peerless {
 namespace {
 
+using cuda_detail::ld;
 using cuda_detail::block_reduce;
 using cuda_detail::Sum;
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 template <typename X>
 __global__ void rmsnorm_forward_kernel(int64_t dim, float eps, const X* __restrict__ x,
