@@ -147,6 +147,9 @@ TEST_F(Cuda, act_quant_codes_bit_exact) {
       std::uniform_int_distribution<int> k(-127, 126);
       x[0] = 127.0f;
       for (int64_t j = 1; j < c.dim; ++j) x[j] = static_cast<float>(k(rng())) + 0.5f;
+      // Just below ties (0.5 − 2^-25 + 0.5 rounds up to 1 under round to nearest) and the extremes.
+      const float near_ties[] = {0.49999997f, -0.49999997f, 1.4999999f, -126.49999f, 126.5f, -127.0f};
+      for (int i = 0; i < 6; ++i) x[1 + i] = near_ties[i];
       x[1 * c.dim + c.dim / 2] = kNaN;                                // row 1: NaN scale, codes 0
       x[2 * c.dim] = kInf;                                            // row 2: s = 0
       for (int64_t j = 0; j < c.dim; ++j) x[3 * c.dim + j] = 0.0f;    // row 3: the 1e-5 floor

@@ -8,19 +8,15 @@
 
 namespace peerless::cuda_detail {
 
-// round_half_away (quant.h) on the device.
-__device__ __forceinline__ float round_half_away_dev(float v) {
-  const float t = truncf(v);
-  const float away = __fadd_rn(t, copysignf(1.0f, v));
-  return fabsf(__fsub_rn(v, t)) >= 0.5f ? away : t;
-}
-
-// quant_round_clamp (quant.h) on the device.
+// quant_round_clamp (quant.h) on the device, for integer bounds lo ≤ 0 ≤ hi. Round half away from
+// zero of |v| is floor(|v| + 0.5): the sum rounded toward zero cannot pass an integer (integers are
+// floats here), so truncating it gives the floor; the float-to-int conversion truncates, saturates
+// ±Inf and turns NaN into 0 (PTX cvt.rzi), and the bounds then clamp. Equal to quant.h's
+// round_half_away, clamp and NaN -> 0 for every float.
 __device__ __forceinline__ int8_t quant_round_clamp_dev(float v, float lo, float hi) {
-  float r = round_half_away_dev(v);
-  r = r < lo ? lo : (r > hi ? hi : r);
-  r = r == r ? r : 0.0f;
-  return static_cast<int8_t>(static_cast<int32_t>(r));
+  const int mag = __float2int_rz(__fadd_rz(fabsf(v), 0.5f));
+  const int r = signbit(v) ? max(-mag, static_cast<int>(lo)) : min(mag, static_cast<int>(hi));
+  return static_cast<int8_t>(r);
 }
 
 // act_quant's per-token scale from the row's max |x|: s = 127 / max(amax, 1e-5). std::max(amax,
