@@ -280,6 +280,18 @@ int bench_ops(const Args& args) {
                                    }), bwd_bytes);
     std::printf("# scan speedup, chunked over sequential: forward %.2fx, backward %.2fx, forward+backward %.2fx\n",
                 fwd_seq / fwd_chunked, bwd_seq / bwd_chunked, (fwd_seq + bwd_seq) / (fwd_chunked + bwd_chunked));
+    // The GPU model's form (bf16 storage): forward reads î, f̂ and writes h (f not saved: 6 B/elt);
+    // backward reads î, f̂, h, dh (fp32) and writes dî, df̂ in bf16 (14 B/elt).
+    DeviceBytes ib(B * T * D * 2), fb(B * T * D * 2), hb(B * T * D * 2), dib(B * T * D * 2), dfb(B * T * D * 2);
+    rows_to_bf16_cuda(B * T, D, f32(ihat), nullptr, b16(ib), st);
+    rows_to_bf16_cuda(B * T, D, f32(fhat), nullptr, b16(fb), st);
+    out.row("mlgru scan fwd chunked, bf16 (model)", shape, median_us(tm, st, [&] {
+              mlgru_scan_forward_cuda(s, b16(ib), b16(fb), f32(lb), static_cast<bf16*>(nullptr), b16(hb), st);
+            }), 6 * n + 4.0 * D);
+    out.row("mlgru scan bwd chunked, bf16 (model)", shape, median_us(tm, st, [&] {
+              mlgru_scan_backward_cuda(s, b16(ib), b16(fb), f32(lb), static_cast<const bf16*>(nullptr), b16(hb),
+                                       f32(dh), b16(dib), b16(dfb), f32(dlb), f32(ws), st);
+            }), 14 * n + 8.0 * B * D + 12.0 * D);
   }
   PL_CUDA_CHECK(cudaDeviceSynchronize());
   return 0;

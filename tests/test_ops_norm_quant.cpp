@@ -1,12 +1,10 @@
 // CPU tests of the fused RMSNorm + int8 activation quantizer (model/ops/norm_quant.h): the fused
 // reference against the two ops it composes, its Σx² against a plain scalar loop written in the
-// order the CUDA kernel reproduces (a warp of 32 lanes, lane l running four std::fma chains over
-// elements 4l..4l+3 of every 128-element block, its chains added pairwise, the lanes combined in a
-// butterfly: pins the arithmetic so that codes can be compared bit for bit across backends), codes
+// order the CUDA kernel reproduces (8 interleaved lanes of std::fma, lanes added pairwise, tail
+// fma'd on: pins the arithmetic so that codes can be compared bit for bit across backends), codes
 // against float64 ideal rounding, and the backward against rmsnorm_backward_cpu.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,21 +35,15 @@ std::vector<float> normal(std::mt19937_64& rng, int64_t n, float sd, float mean 
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
-// rstd as the CUDA kernel computes it, lane by lane of a simulated warp.
+// rstd as the CUDA kernel computes it, in scalar steps.
 float rstd_scalar(const float* x, int64_t d, float eps) {
-  float lane[32];
-  for (int l = 0; l < 32; ++l) {
-    float c[4] = {};
-    for (int64_t j = 4 * l; j < d; j += 128)
-      for (int e = 0; e < 4 && j + e < d; ++e) c[e] = std::fma(x[j + e], x[j + e], c[e]);
-    lane[l] = (c[0] + c[1]) + (c[2] + c[3]);
-  }
-  for (int off = 16; off >= 1; off /= 2) {  // each lane adds the value of lane l ^ off
-    float next[32];
-    for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ off];
-    std::copy(next, next + 32, lane);
-  }
-  return 1.0f / std::sqrt(lane[0] / static_cast<float>(d) + eps);
+  float lane[8] = {};
+  const int64_t d8 = d - d % 8;
+  for (int l = 0; l < 8; ++l)
+    for (int64_t j = l; j < d8; j += 8) lane[l] = std::fma(x[j], x[j], lane[l]);
+  float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (int64_t j = d8; j < d; ++j) s = std::fma(x[j], x[j], s);
+  return 1.0f / std::sqrt(s / static_cast<float>(d) + eps);
 }
 
 TEST(rmsnorm_act_quant, forward_is_the_composition_with_pinned_arithmetic) {

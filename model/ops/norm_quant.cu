@@ -1,8 +1,8 @@
 // CUDA fused RMSNorm + int8 activation quantizer (norm_quant.h, SPEC §1).
 // Forward: one warp per row. The row is read from memory once into shared memory; Σx² is then
-// summed exactly as the CPU reference does it (row_math.h sum_squares_fma, whose order is the warp's:
-// 128 fma chains, four per lane, then a butterfly over the lanes), so rstd, x̃ = (x·rstd)·γ, max|x̃|, s
-// and the codes are bit-identical to rmsnorm_forward_cpu -> act_quant_cpu. Every other operation is
+// summed exactly as the CPU reference does it (row_math.h dot_fma: 8 interleaved lanes of fmas, the
+// lanes added pairwise, the tail fma'd on; here 8 lanes of the warp run the lanes), so rstd,
+// x̃ = (x·rstd)·γ, max|x̃|, s and the codes are bit-identical to rmsnorm_forward_cpu -> act_quant_cpu. Every other operation is
 // explicitly rounded (__fmul_rn, __fdiv_rn, __fsqrt_rn) so that nvcc cannot contract or approximate
 // it. Memory: 4 bytes read and 1 byte written per element (the unfused pair moves 13: x̃ written and
 // read back in fp32). The kernels are issue-bound rather than memory-bound at d = 1024 (ncu: 80-85%
@@ -35,6 +35,7 @@ using cuda_detail::MaxU32;
 using cuda_detail::quant_round_clamp_dev;
 using cuda_detail::Sum;
 
+constexpr int kLanes = 8;  // row_math.h kLanes: the CPU's interleaved partial sums
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kBatch = 8;  // loads in flight per lane before their first use
 
@@ -49,31 +50,23 @@ int fwd_rows_per_block(int64_t dim) { return dim <= 2048 ? 4 : dim <= 4096 ? 2 :
 // squares, dim/8 dependent fmas per lane).
 // kVec: dim % 4 == 0 and x, gain 16-byte aligned (float4 loads, char4 stores of codes).
 // kDequant: instead of the codes, write a / s rounded to bf16 into `dequant` (codes unused).
-// rstd = 1/√(mean(x²) + eps) of the warp's row in shared memory, with Σx² in sum_squares_fma's order
-// (row_math.h: lane l runs chains 4l..4l+3, one per float4 component, over the row's 128-element
-// blocks; its four sums added pairwise; then a butterfly over the lanes): bit-identical to
+// rstd = 1/√(mean(x²) + eps) of the warp's row in shared memory, with Σx² in dot_fma's order (lane
+// l < 8 runs the CPU's lane l, the lanes are added pairwise, the tail fma'd on): bit-identical to
 // rmsnorm_forward_cpu's. Every lane gets the value.
-__device__ __forceinline__ float row_rstd(const float* xs, int dim, float eps, int lane) {
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-  if (dim % 4 == 0) {  // xs is then 16-byte aligned
-    const float4* s4 = reinterpret_cast<const float4*>(xs);
-#pragma unroll 4
-    for (int v = lane; v < dim / 4; v += cuda_detail::kWarp) {
-      const float4 t = s4[v];
-      a0 = fmaf(t.x, t.x, a0), a1 = fmaf(t.y, t.y, a1), a2 = fmaf(t.z, t.z, a2), a3 = fmaf(t.w, t.w, a3);
-    }
-  } else {
-    for (int j = 4 * lane; j < dim; j += 4 * cuda_detail::kWarp) {
-      a0 = fmaf(xs[j], xs[j], a0);
-      if (j + 1 < dim) a1 = fmaf(xs[j + 1], xs[j + 1], a1);
-      if (j + 2 < dim) a2 = fmaf(xs[j + 2], xs[j + 2], a2);
-      if (j + 3 < dim) a3 = fmaf(xs[j + 3], xs[j + 3], a3);
-    }
+__device__ __forceinline__ float row_rstd(const float* xs, int64_t dim, float eps, int lane) {
+  const int64_t d8 = dim - dim % kLanes;
+  float acc = 0.0f;
+  if (lane < kLanes) {
+#pragma unroll 8
+    for (int64_t j = lane; j < d8; j += kLanes) acc = fmaf(xs[j], xs[j], acc);
   }
-  float q = __fadd_rn(__fadd_rn(a0, a1), __fadd_rn(a2, a3));
+  float a[kLanes];
 #pragma unroll
-  for (int off = cuda_detail::kWarp / 2; off > 0; off /= 2) q = __fadd_rn(q, __shfl_xor_sync(kFull, q, off));
-  const float ms = __fdiv_rn(q, static_cast<float>(dim));
+  for (int l = 0; l < kLanes; ++l) a[l] = __shfl_sync(kFull, acc, l);
+  float sum = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[1]), __fadd_rn(a[2], a[3])),
+                        __fadd_rn(__fadd_rn(a[4], a[5]), __fadd_rn(a[6], a[7])));
+  for (int64_t j = d8; j < dim; ++j) sum = fmaf(xs[j], xs[j], sum);  // every lane, same value
+  const float ms = __fdiv_rn(sum, static_cast<float>(dim));
   return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
 }
 

@@ -20,9 +20,9 @@ void forward_impl(const RmsNormShape& s, const T* x, const T* gain, T* y, T* rst
   for (int64_t r = 0; r < s.rows; ++r) {
     const T* xr = x + r * D;
     T* yr = y + r * D;
-    // Σx² with explicit fmas in a warp's order (row_math.h): fixed arithmetic that the fused CUDA
-    // RMSNorm + int8 quantizer (norm_quant.cu) reproduces bit for bit, so rstd and the codes agree.
-    const T ms = detail::sum_squares_fma(xr, D) / T(D);
+    // Σx² with explicit fmas (row_math.h): fixed arithmetic that the fused CUDA RMSNorm + int8
+    // quantizer (norm_quant.cu) reproduces bit for bit, so rstd and the codes agree exactly.
+    const T ms = detail::dot_fma(xr, xr, D) / T(D);
     const T rs = T(1) / std::sqrt(ms + T(s.eps));
     rstd[r] = rs;
     // x̂ first, then the gain: the order of the reference implementation (x̂ = x·rstd; y = x̂·γ).
