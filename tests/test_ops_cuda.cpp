@@ -1300,7 +1300,8 @@ TEST_F(Cuda, norm_norm_quant_fused_vs_cpu) {
 // Forward and backward against lower_bounds_*_cpu. One thread per channel runs the CPU's loop term
 // for term; only expf (≤ 2 ulp on the GPU, < 1 ulp in glibc) and the order of the backward's dot
 // product (reversed) differ, so the errors are a few ulps of values of order 1 summed over L ≤ 32
-// layers: ≤ 1e-5 norm-wise (max|Δ| / max|cpu|), measured far below (printed). lb_0 is exactly 0 on
+// layers: ≤ 1e-5 norm-wise (max|Δ| / max|cpu|); measured (printed) max |Δ| ≤ 3.6e-7 for lb and
+// ≤ 1.4e-6 for draw (values up to ~4) at L = 32 on an H100. lb_0 is exactly 0 on
 // both (cumsum(P)_0 − P_0 from the same expression), checked bit for bit. Columns holding a NaN or
 // +Inf are NaN throughout on both; a −Inf entry is an exact zero weight. The backward accumulates
 // onto non-zero draw.
@@ -1476,9 +1477,10 @@ TEST_F(Cuda, qsparse_backward_copies) {
 // bf16 (relative ≤ 2^-8 per element, rms ≈ 1.6e-3) before its fp32-accumulating GEMMs; dx̃ and dW
 // carry that error norm-wise (see bitlinear_backward_gemms_vs_cpu), and dx and dγ are fixed linear
 // maps of dx̃ per row and sums over rows of it, so they carry the same order of error. Bound: 2^-7
-// max-norm relative (max|Δ| / max|cpu|) for dx, dγ and dW, 3-5x the measured error (printed). With
-// dy already bf16-representable, dx̃ is exact up to fp32 summation order, so dx and dγ must then agree
-// to 5e-5 (the norm backward's own 2e-5, see rmsnorm_act_quant_fused, plus the GEMM's order). dγ
+// max-norm relative (max|Δ| / max|cpu|) for dx, dγ and dW; measured (printed) 1.5e-3 to 2.8e-3 on
+// an H100. With dy already bf16-representable, dx̃ is exact up to fp32 summation order, so dx and dγ
+// must then agree to the norm backward's own bound, 2e-5 (see rmsnorm_act_quant_fused; measured
+// ≤ 3.1e-7), while dW keeps the rounding of dy/s. dγ
 // and dW accumulate onto non-zero values; null dγ and dW leave dx bit-identical; a NaN in dy gives NaN
 // at the CPU's places.
 TEST_F(Cuda, bitlinear_forward_backward) {
@@ -1553,7 +1555,7 @@ TEST_F(Cuda, bitlinear_forward_backward) {
     };
     const std::vector<float> dy = normal(rng(), ny);
     backward_both(dy, std::ldexp(1.0, -7), "dy " + name);
-    backward_both(bf16_round(dy), 5e-5, "bf16-exact dy " + name);
+    backward_both(bf16_round(dy), 2e-5, "bf16-exact dy " + name);
     if (c.M >= 3) {
       std::vector<float> dy_nan = dy;
       dy_nan[2 * c.N + c.N / 2] = kNaN;  // row 2 of dx and all of dγ NaN; one row of dW NaN
