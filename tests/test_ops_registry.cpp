@@ -3,7 +3,8 @@
 // real tests (each checks its op is registered); this file reads the test sources at run time to
 // see which ones exist, so adding an op to the registry without a test fails the suite. Likewise an op
 // registered with has_cuda needs an OP_TEST_CUDA(<name>) marker (a CPU-vs-CUDA comparison, in the
-// gpu-labelled tests/test_ops_cuda.cpp), and every such marker needs has_cuda.
+// gpu-labelled tests/test_ops_cuda.cpp), and every such marker needs has_cuda. And every op must have
+// has_cuda: an op without a GPU implementation tested against its CPU reference fails the suite.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -56,6 +57,14 @@ TEST(op_registry, names_are_unique_and_have_a_backend) {
     EXPECT_EQ(find_op(op.name), &op);
   }
   EXPECT_EQ(find_op("no_such_op"), nullptr);
+}
+
+TEST(op_registry, every_op_has_a_cuda_backend) {
+  for (const OpInfo& op : op_registry())
+    EXPECT_TRUE(op.has_cuda) << "op '" << op.name << "' (model/ops/" << op.header
+                             << ") has no CUDA backend: add its <op>_cuda launcher, compare it with the CPU "
+                             << "reference in tests/test_ops_cuda.cpp under an OP_TEST_CUDA(" << op.name
+                             << ") marker, and set has_cuda in model/ops/op_registry.cpp";
 }
 
 TEST(op_registry, every_registered_op_has_a_test) {

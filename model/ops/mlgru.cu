@@ -1,4 +1,4 @@
-// CUDA MLGRU scan and output gate (SPEC §2, code form; paper gate as an option).
+// CUDA MLGRU lower bounds, scan and output gate (SPEC §2, code form; paper gate as an option).
 // Two scans live here. The sequential one (one thread per (batch, channel) running the whole time
 // loop, coalesced across channels at each step) is the obviously right version, kept as the
 // reference on the GPU and as a fallback. It is sequential in T, so at T = 2048 with B·d = 8192
@@ -99,6 +99,58 @@ __global__ void mlgru_dlb_kernel(int64_t B, int64_t D, const float* __restrict__
   float acc = 0.0f;
   for (int64_t b = 0; b < B; ++b) acc += partials[b * D + j];
   dlb[j] += acc;
+}
+
+// ---- lower bounds --------------------------------------------------------------------------------
+// One thread per channel j, looping over the L layers (column j of raw is strided by d, so a warp's
+// loads are coalesced across channels). The arithmetic is lower_bounds_*_cpu's, term for term.
+
+// std::max(m, v) as the CPU evaluates it: m unless m < v (a NaN v is passed over, a NaN m stays).
+__device__ __forceinline__ float cpu_max(float m, float v) { return m < v ? v : m; }
+
+// The softmax's shift and normaliser of column j: m = max_l raw, sum = Σ_l exp(raw − m).
+__device__ __forceinline__ float2 softmax_stats(int64_t L, int64_t d, const float* raw, int64_t j) {
+  float m = raw[j];
+  for (int64_t l = 1; l < L; ++l) m = cpu_max(m, raw[l * d + j]);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < L; ++l) sum += expf(raw[l * d + j] - m);
+  return make_float2(m, sum);
+}
+
+__global__ void lower_bounds_forward_kernel(int64_t L, int64_t d, const float* __restrict__ raw,
+                                            float* __restrict__ lb) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const float2 ms = softmax_stats(L, d, raw, j);
+  // lb = cumsum(P) − P_0 in that order, so lb_0 = P_0 − P_0 is exactly 0.
+  const float p0 = expf(raw[j] - ms.x) / ms.y;
+  float c = 0.0f;
+  for (int64_t l = 0; l < L; ++l) {
+    c += expf(raw[l * d + j] - ms.x) / ms.y;
+    lb[l * d + j] = c - p0;
+  }
+}
+
+// dP_l = Σ_{k≥l} dlb_k for l ≥ 1, dP_0 = 0; draw_l += P_l (dP_l − Σ_m P_m dP_m). The suffix sums are
+// formed twice, in the same reverse order (identical values), instead of kept in an array of L:
+// once for the dot product, once for the update. Only the dot's summation order differs from the
+// CPU's (reverse instead of forward).
+__global__ void lower_bounds_backward_kernel(int64_t L, int64_t d, const float* __restrict__ raw,
+                                             const float* __restrict__ dlb, float* __restrict__ draw) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const float2 ms = softmax_stats(L, d, raw, j);
+  float tail = 0.0f, dot = 0.0f;
+  for (int64_t l = L - 1; l >= 1; --l) {
+    tail += dlb[l * d + j];
+    dot += (expf(raw[l * d + j] - ms.x) / ms.y) * tail;
+  }
+  tail = 0.0f;
+  for (int64_t l = L - 1; l >= 1; --l) {
+    tail += dlb[l * d + j];
+    draw[l * d + j] += (expf(raw[l * d + j] - ms.x) / ms.y) * (tail - dot);
+  }
+  draw[j] += (expf(raw[j] - ms.x) / ms.y) * (0.0f - dot);
 }
 
 // ---- chunked scan --------------------------------------------------------------------------------
@@ -343,6 +395,23 @@ dim3 scan_grid(const char* who, const ScanShape& s, int threads) {
 }
 
 }  // namespace
+
+void lower_bounds_forward_cuda(int64_t L, int64_t d, const float* raw, float* lb, cudaStream_t stream) {
+  PL_CHECK(L >= 0 && d >= 0, internal, "lower_bounds_forward_cuda: bad shape L=", L, " d=", d);
+  if (L == 0 || d == 0) return;
+  PL_CHECK(raw && lb, internal, "lower_bounds_forward_cuda: null pointer");
+  lower_bounds_forward_kernel<<<blocks_for(d), kThreads, 0, stream>>>(L, d, raw, lb);
+  PL_CUDA_CHECK_LAUNCH(lower_bounds_forward_kernel);
+}
+
+void lower_bounds_backward_cuda(int64_t L, int64_t d, const float* raw, const float* dlb, float* draw,
+                                cudaStream_t stream) {
+  PL_CHECK(L >= 0 && d >= 0, internal, "lower_bounds_backward_cuda: bad shape L=", L, " d=", d);
+  if (L == 0 || d == 0) return;
+  PL_CHECK(raw && dlb && draw, internal, "lower_bounds_backward_cuda: null pointer");
+  lower_bounds_backward_kernel<<<blocks_for(d), kThreads, 0, stream>>>(L, d, raw, dlb, draw);
+  PL_CUDA_CHECK_LAUNCH(lower_bounds_backward_kernel);
+}
 
 void mlgru_scan_forward_sequential_cuda(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
                                         float* f, float* h, cudaStream_t stream) {

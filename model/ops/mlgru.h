@@ -54,6 +54,13 @@ void output_gate_backward_cpu(GateForm form, int64_t n, const double* gn, const 
 
 // ---- CUDA (model/ops/mlgru.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
 // All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// The lower bounds, one thread per channel running the softmax and cumsum over the L layers in the
+// CPU's order (float only). expf differs from the host's by an ulp or two, so results agree with the
+// CPU to rounding (~1e-7 relative), not bit for bit; lb_0 is exactly 0 as on the CPU, and a column
+// holding a NaN or +Inf is NaN throughout, as on the CPU. The backward accumulates (draw +=).
+void lower_bounds_forward_cuda(int64_t L, int64_t d, const float* raw, float* lb, cudaStream_t stream);
+void lower_bounds_backward_cuda(int64_t L, int64_t d, const float* raw, const float* dlb, float* draw,
+                                cudaStream_t stream);
 // The scan: mlgru_scan_{forward,backward}_cuda run the chunked parallel scan over time (tiles of
 // up to 512 steps split into 16-step chunks per thread, chunk carries scanned in shared memory:
 // each input read once, each output written once; see mlgru.cu). Inside a chunk the arithmetic is

@@ -14,9 +14,9 @@ constexpr std::array kOps = {
     OpInfo{"rmsnorm_act_quant", "norm_quant.h", true, true},
     OpInfo{"weight_quant", "quant.h", true, true},
     OpInfo{"ternary_int8_matmul", "bitlinear.h", true, true},
-    OpInfo{"bitlinear", "bitlinear.h", true, false},
+    OpInfo{"bitlinear", "bitlinear.h", true, true},
     OpInfo{"embedding", "embedding.h", true, true},
-    OpInfo{"lower_bounds", "mlgru.h", true, false},
+    OpInfo{"lower_bounds", "mlgru.h", true, true},
     OpInfo{"mlgru_scan", "mlgru.h", true, true},
     OpInfo{"output_gate", "mlgru.h", true, true},
     OpInfo{"glu", "glu.h", true, true},
@@ -24,8 +24,8 @@ constexpr std::array kOps = {
     OpInfo{"peer_retrieval", "peer_retrieval.h", true, true},
     OpInfo{"peer_experts", "peer_experts.h", true, true},
     OpInfo{"peer_layer", "peer_layer.h", true, true},
-    OpInfo{"qsparse_topk", "qsparse.h", true, false},
-    OpInfo{"qsparse_block", "qsparse.h", true, false},
+    OpInfo{"qsparse_topk", "qsparse.h", true, true},
+    OpInfo{"qsparse_block", "qsparse.h", true, true},
 };
 
 }  // namespace

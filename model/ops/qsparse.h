@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 struct QSparseShape {
@@ -29,5 +31,17 @@ void qsparse_block_forward_cpu(const QSparseShape& s, int64_t keep, int64_t bloc
 
 // Straight-through backward of both: dx = dy (rows, dim), unmasked. dx may alias dy.
 void qsparse_backward_cpu(const QSparseShape& s, const float* dy, float* dx);
+
+// ---- CUDA (model/ops/qsparse.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// All pointers are device memory; the calls are ordered on `stream` and not complete on return.
+// Same contracts as the CPU functions (y may alias x, mask may be null), and the same selection:
+// y and mask are bit-identical to the CPU's. Segments (rows, or N:M blocks) of more than 32 channels
+// take one thread block each (a radix select of the threshold, then an ordered pass for ties at it);
+// blocks of up to 32 channels one group of lanes of a warp each (every lane ranks its own entry).
+void qsparse_topk_forward_cuda(const QSparseShape& s, int64_t keep, const float* x, float* y, uint8_t* mask,
+                               cudaStream_t stream);
+void qsparse_block_forward_cuda(const QSparseShape& s, int64_t keep, int64_t block, const float* x, float* y,
+                                uint8_t* mask, cudaStream_t stream);
+void qsparse_backward_cuda(const QSparseShape& s, const float* dy, float* dx, cudaStream_t stream);
 
 }  // namespace peerless
