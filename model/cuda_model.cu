@@ -156,7 +156,6 @@ struct CudaModel::Impl {
   std::vector<std::unique_ptr<PeerLayerCuda>> peer;
   std::vector<DevBuf<float>> peer_mean, peer_var;
   DevBuf<float> peer_out;
-  std::vector<float> lb_host, lb_raw_host;
   int64_t max_k = 0, max_n = 0, max_w = 0;
   bool all_imma = true;
   // Profiling (set_profiling): each tick() waits for the stream and charges the time since the
@@ -574,17 +573,8 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
   g.tick(other);
   embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);
   g.tick(embedding);
-  // Lower bounds: dlb to the host, through the cumsum and softmax there, added into the gradient.
-  const ParamInfo& lbp = layout.at(idx.lower_bounds);
-  std::vector<float> dlb_host(L * d), draw(lbp.numel);
-  PL_CUDA_CHECK(cudaMemcpyAsync(dlb_host.data(), dlb.get(), sizeof(float) * L * d, cudaMemcpyDeviceToHost, s));
-  PL_CUDA_CHECK(cudaMemcpyAsync(draw.data(), G(idx.lower_bounds), sizeof(float) * lbp.numel, cudaMemcpyDeviceToHost,
-                                s));
-  PL_CUDA_CHECK(cudaStreamSynchronize(s));
-  lower_bounds_backward_cpu(L, d, lb_raw_host.data(), dlb_host.data(), draw.data());
-  PL_CUDA_CHECK(cudaMemcpyAsync(G(idx.lower_bounds), draw.data(), sizeof(float) * lbp.numel, cudaMemcpyHostToDevice,
-                                s));
-  PL_CUDA_CHECK(cudaStreamSynchronize(s));  // draw is a local
+  // Lower bounds: dlb through the cumsum and the softmax, added into the gradient.
+  lower_bounds_backward_cuda(L, d, P(idx.lower_bounds), dlb.get(), G(idx.lower_bounds), s);
   g.tick(other);
   double sum = 0;
   for (int64_t i = 0; i < M; ++i) sum += loss_host[i];  // token order, as Model::forward
@@ -636,8 +626,6 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   PL_CHECK(static_cast<int64_t>(codes.size()) == total, internal, "CudaModel::upload: the host model has no codes");
   PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), total, cudaMemcpyHostToDevice, g.stream));
   g.betas = g.host.betas();
-  const ParamInfo& lbp = g.layout.at(g.idx.lower_bounds);
-  g.lb_raw_host.assign(params + lbp.offset, params + lbp.offset + lbp.numel);
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
 }
 
@@ -666,10 +654,8 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
   cudaStream_t s = g.stream;
   PL_CUDA_CHECK(cudaMemcpyAsync(g.ids.get(), ids, sizeof(int32_t) * M, cudaMemcpyHostToDevice, s));
   PL_CUDA_CHECK(cudaMemcpyAsync(g.targets.get(), targets, sizeof(int32_t) * M, cudaMemcpyHostToDevice, s));
-  // Lower bounds (L·d numbers) on the host from the host mirror of their raw parameters.
-  g.lb_host.resize(L * d);
-  lower_bounds_forward_cpu(L, d, g.lb_raw_host.data(), g.lb_host.data());
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.lb.get(), g.lb_host.data(), sizeof(float) * L * d, cudaMemcpyHostToDevice, s));
+  // Lower bounds (L·d numbers) from their raw parameters.
+  lower_bounds_forward_cuda(L, d, g.P(g.idx.lower_bounds), g.lb.get(), s);
   return g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, grad_scale)
                                 : g.forward_backward(g.saved32, batch, seq, grad_scale);
 }
@@ -763,12 +749,6 @@ void CudaModel::refresh_ternary() {
     g.betas[ternary[j]] = ternary_beta(sums[j], p.numel);
     ternary_codes_cuda(p.numel, g.P(ternary[j]), g.betas[ternary[j]], g.codes.get() + p.offset, g.stream);
   }
-  // The lower bounds' raw parameters, mirrored for the next forward.
-  const ParamInfo& lbp = g.layout.at(g.idx.lower_bounds);
-  g.lb_raw_host.resize(lbp.numel);
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.lb_raw_host.data(), g.P(g.idx.lower_bounds), sizeof(float) * lbp.numel,
-                                cudaMemcpyDeviceToHost, g.stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
   g.host.mutable_betas() = g.betas;
   g.tick(optimizer);
 }
