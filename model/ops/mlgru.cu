@@ -287,12 +287,14 @@ __global__ void __launch_bounds__(kScanBwdThreads, 2)
     const int64_t k0 = (b * T + tc) * D + j;
     const int n_valid = !live ? 0 : (tc >= T ? 0 : static_cast<int>(T - tc < kScanSteps ? T - tc : kScanSteps));
     float fv[kScanSteps], gv[kScanSteps], xv[kScanSteps], fh[kScanSteps], hp[kScanSteps];
+    // Every load issued before the first use of any: computing f from f̂ inside this loop (f not
+    // saved) would stall on each step's load in turn.
     if (n_valid == kScanSteps) {
 #pragma unroll
       for (int l = 0; l < kScanSteps; ++l) {
         const int64_t k = k0 + l * D;
         gv[l] = dh[k], xv[l] = ld(ihat + k), fh[l] = ld(fhat + k);
-        fv[l] = f ? ld(f + k) : forget_gate(lbj, fh[l]);
+        if (f) fv[l] = ld(f + k);
         hp[l] = (l > 0 || tc > 0) ? ld(h + k - D) : 0.0f;
       }
     } else {
@@ -302,10 +304,15 @@ __global__ void __launch_bounds__(kScanBwdThreads, 2)
         if (l < n_valid) {
           const int64_t k = k0 + l * D;
           gv[l] = dh[k], xv[l] = ld(ihat + k), fh[l] = ld(fhat + k);
-          fv[l] = f ? ld(f + k) : forget_gate(lbj, fh[l]);
+          if (f) fv[l] = ld(f + k);
           hp[l] = (l > 0 || tc > 0) ? ld(h + k - D) : 0.0f;
         }
       }
+    }
+    if (!f) {
+#pragma unroll
+      for (int l = 0; l < kScanSteps; ++l)
+        if (l < n_valid) fv[l] = forget_gate(lbj, fh[l]);
     }
     float a = 1.0f, cc = q == 0 ? carry : 0.0f;
 #pragma unroll
