@@ -222,11 +222,16 @@ std::string retrieval_name(const PeerRetrievalShape& s) {
          (s.keys == PeerKeySharing::shared ? "_shared" : "_perhead");
 }
 
+const PeerGemmMath kMaths[] = {PeerGemmMath::fp32, PeerGemmMath::tf32x3};
+const char* math_name(PeerGemmMath m) { return m == PeerGemmMath::fp32 ? "_fp32" : "_tf32x3"; }
+
 // Integer-valued queries and keys: every sub-score and sum is exact in fp32 in any order, so the GPU
 // must give the CPU's ids and scores bit for bit, ties (plentiful here) resolved by lower index.
 // One query has a NaN (its whole row ranks by index).
+// Both GEMM maths: tf32x3 carries integers below 2^11 exactly (their low parts are 0).
 TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
-  PeerBlas blas;
+  for (const PeerGemmMath math : kMaths) {
+  PeerBlas blas(math);
   const PeerRetrievalShape shapes[] = {
       {32, 8, 64, 1024, 16, PeerKeySharing::shared},  // N = 1024²
       {16, 4, 32, 1024, 16, PeerKeySharing::per_head},
@@ -237,7 +242,7 @@ TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
       {5, 2, 2, 1, 1, PeerKeySharing::shared},
   };
   for (const PeerRetrievalShape& s : shapes) {
-    const std::string name = retrieval_name(s);
+    const std::string name = retrieval_name(s) + math_name(math);
     SCOPED_TRACE(name);
     const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
     std::uniform_int_distribution<int> small(-3, 3);
@@ -258,18 +263,60 @@ TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
     expect_identical(a.ids, b.ids, "ids, run twice " + name);
     expect_identical(a.scores, b.scores, "scores, run twice " + name);
   }
+  }
+}
+
+// The selection's threshold path gives up when more than its candidate buffer (128) rank at or before
+// the threshold, the k-th best of the 32 lane bests (a lane holds sub-keys lane, lane + 32, ...), and
+// falls back to k rounds. Crowd the first half: sub-key i of lane l < 16 scores 1000 + 100·l + i/32,
+// the other lanes i/32, so the threshold is lane 0's best and lanes 1..15 put all 32 of theirs
+// above it (481 candidates); the second half is random (threshold path). Integer-valued, exact: the
+// ids and scores must equal the CPU's bit for bit, in both GEMM maths.
+TEST_F(Cuda, peer_retrieval_crowded_lanes_take_the_fallback_and_match_cpu) {
+  for (const PeerGemmMath math : kMaths) {
+    PeerBlas blas(math);
+    const PeerRetrievalShape s{24, 2, 16, 1024, 16, PeerKeySharing::shared};
+    const std::string name = retrieval_name(s) + math_name(math);
+    SCOPED_TRACE(name);
+    const int64_t half = s.key_dim / 2;
+    std::uniform_int_distribution<int> small(-3, 3);
+    std::vector<float> q(s.tokens * s.heads * s.key_dim), c1(s.n_sub * half), c2(s.n_sub * half);
+    for (auto& v : c2) v = static_cast<float>(small(rng()));
+    for (int64_t i = 0; i < s.n_sub; ++i) {
+      const int64_t lane = i % 32, m = i / 32;
+      for (int64_t c = 0; c < half; ++c) c1[i * half + c] = static_cast<float>(small(rng()));
+      c1[i * half] = static_cast<float>(lane < 16 ? 1000 + 100 * lane + m : m);
+    }
+    for (int64_t p = 0; p < s.tokens * s.heads; ++p) {
+      float* qp = q.data() + p * s.key_dim;
+      for (int64_t c = 0; c < half; ++c) qp[c] = 0.0f;
+      qp[0] = static_cast<float>(1 + p % 2);  // positive: the crowded order holds for every query
+      for (int64_t c = half; c < s.key_dim; ++c) qp[c] = static_cast<float>(small(rng()));
+    }
+    const int64_t out = s.tokens * s.heads * s.k;
+    std::vector<int32_t> ids_cpu(out);
+    std::vector<float> scores_cpu(out);
+    peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
+    const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream());
+    expect_identical(a.ids, ids_cpu, "ids " + name);
+    expect_identical(a.scores, scores_cpu, "scores " + name);
+    // The crowded half really selected from the crowded lanes: the best sub-key is lane 15's last.
+    EXPECT_EQ(ids_cpu[0] / s.n_sub, 15 + 32 * 31) << name;
+  }
 }
 
 // Normal data: scores within float tolerance of the CPU's, and ids equal wherever the CPU's selection
 // is decided by more than rounding (both neighbours in the sorted list at least 1e-4·max|score| away).
 TEST_F(Cuda, peer_retrieval_float_data_matches_cpu) {
-  PeerBlas blas;
+  for (const PeerGemmMath math : kMaths) {
+  PeerBlas blas(math);
   const PeerRetrievalShape shapes[] = {
       {64, 4, 128, 256, 16, PeerKeySharing::shared},
       {48, 8, 64, 512, 8, PeerKeySharing::per_head},
+      {32, 8, 512, 1024, 16, PeerKeySharing::shared},  // the bench's shape, 256 (token, head) pairs
   };
   for (const PeerRetrievalShape& s : shapes) {
-    const std::string name = retrieval_name(s);
+    const std::string name = retrieval_name(s) + math_name(math);
     SCOPED_TRACE(name);
     const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
     std::vector<float> q = normal_f(rng(), s.tokens * s.heads * s.key_dim), c1 = normal_f(rng(), rows * half),
@@ -298,6 +345,7 @@ TEST_F(Cuda, peer_retrieval_float_data_matches_cpu) {
     expect_identical(a.ids, b.ids, "ids, run twice " + name);
     expect_identical(a.scores, b.scores, "scores, run twice " + name);
   }
+  }
 }
 
 // ---- whole layer -----------------------------------------------------------------------------------
@@ -319,21 +367,25 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
       {shape(48, 32, 2, 16, 24, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::eval},
       {shape(33, 20, 3, 8, 10, 3, PeerKeySharing::per_head, PeerActivation::gelu), PeerNormMode::train},
       {shape(48, 64, 4, 32, 32, 6, PeerKeySharing::per_head, PeerActivation::relu), PeerNormMode::train},
+      // 25 experts: each sub-key row gets hundreds of entries, so the sub-key gradient's rows span
+      // several of its 128-entry tiles (first, middle and last partials).
+      {shape(256, 16, 2, 8, 5, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::train},
   };
+  for (const PeerGemmMath math : kMaths)
   for (const LayerCase& lc : cases) {
     const PeerLayerShape& s = lc.s;
     const std::string name =
         case_name({{"tokens", s.tokens}, {"dim", s.dim}, {"heads", s.heads}, {"dk", s.key_dim}, {"n", s.n_sub},
                    {"k", s.k}}) +
         (s.keys == PeerKeySharing::shared ? "_shared_" : "_perhead_") + act_name(s.act) +
-        (lc.mode == PeerNormMode::train ? "_train" : "_eval");
+        (lc.mode == PeerNormMode::train ? "_train" : "_eval") + math_name(math);
     SCOPED_TRACE(name);
     const int64_t T = s.tokens, d = s.dim, C = s.channels(), hk = s.heads * s.k, E = T * hk;
     const int64_t N = s.n_sub * s.n_sub, W = 2 * d, half = s.key_dim / 2, key_elems = s.sub_key_rows() * half;
 
     // Draw until every (token, head) top-k (and the k+1-th) is separated by more than rounding, so
     // the GPU's rounding cannot reorder the selection (see test_ops_peer.cpp's retrieval tests). The
-    // GPU's query differs from the CPU's by ~1e-6 relative (GEMM and BatchNorm sums in other orders),
+    // GPU's query differs from the CPU's by ~1e-6 relative (GEMM and BatchNorm sums in other orders, 3xTF32),
     // so a gap of 3e-5·max|score| leaves a 30x margin.
     std::vector<float> x, wq, gamma, beta, rm, rv, c1, c2, table;
     bool ok = false;
@@ -390,6 +442,7 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
     };
     Guarded<float> d_x(x), d_wq(wq), d_gamma(gamma), d_beta(beta), d_c1(c1), d_c2(c2), d_table(table), d_dy(dy);
     PeerLayerCuda ctx(s);
+    ctx.blas().set_math(math);
     auto run = [&]() {
       Guarded<float> d_rm(rm), d_rv(rv), d_out(T * d), d_dx(T * d), d_dwq(dwq0), d_dg(dg0), d_db(db0), d_dc1(dc10),
           d_dc2(dc20), d_values(std::min(N, E) * W), d_dense(dense0);
