@@ -304,4 +304,18 @@ inline unsigned int row_blocks(int64_t cap) {
   return static_cast<unsigned int>(cap < want ? (cap > 0 ? cap : 1) : want);
 }
 
+// Blocks of `threads` for `kernel`, which walks the (device-counted) distinct rows one warp per row
+// with a grid stride: as many as are resident at once (the occupancy of that kernel), never more
+// than the rows need.
+template <typename Kernel>
+inline unsigned int warp_row_blocks(Kernel kernel, int64_t cap, int threads) {
+  int dev = 0, sms = 0, per_sm = 0;
+  PL_CUDA_CHECK(cudaGetDevice(&dev));
+  PL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  PL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int64_t want = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
+  const int64_t need = (cap + threads / kWarp - 1) / (threads / kWarp);
+  return static_cast<unsigned int>(need < want ? (need > 0 ? need : 1) : want);
+}
+
 }  // namespace peerless::peer_cuda

@@ -6,7 +6,7 @@
 // never exist. Backward repeats the per-token pass (dw = v_idᵀdy, dx = Σ dz·u_id, softmax backward)
 // and leaves two coefficients per entry (dz for the u half, g·σ(z) for the v half); the table
 // gradient is then a transposed product reduced without atomics: entries sorted by row (stable cub
-// radix sort), one block per distinct row summing dz·x_t, then (a second pass, so each pass re-reads one
+// radix sort), one warp per distinct row summing dz·x_t, then (a second pass, so each pass re-reads one
 // L2-sized matrix) g·a·dy_t, in entry (= token) order.
 // Memory traffic per token at d = 1024, h·k = 128: forward 128 rows x 8 KiB = 1 MiB of table reads;
 // backward the same again plus the gradient rows written (8 KiB per distinct row) and x/dy re-read
@@ -161,12 +161,16 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
   }
 }
 
-// One block per distinct row (grid stride over the device-held count), for one half of the row:
+// One warp per distinct row (grid stride over the device-held count), for one half of the row:
 // half 0: du = Σ dz·x_t, half 1: dv = Σ g·a·dy_t over the row's entries in entry order, written to
 // the sparse slot of the row or added to the dense gradient's row. The two halves are two launches so
 // that each pass re-reads only one (tokens, d) matrix per entry: 32 MiB at 8192 tokens, which stays
 // in L2 (x and dy together would not); the gradient rows are stored with the streaming hint so that
-// they do not push it out.
+// they do not push it out. A warp, not a block, per row: at the bench shape a row has ~1.6 entries,
+// so its work is a short chain of dependent loads (offsets, entries, coefficients, source rows) that
+// a block per row waited out with one row in flight per 256 threads; a warp per row keeps 8 rows in
+// flight per block. The lanes fetch up to 32 of the row's entries at once and hand them out by
+// shuffles; each lane then owns kGradChunk V-wide column groups of the row (the whole row at d = 1024).
 template <int V>
 __device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
   if constexpr (V == 4) {
@@ -176,33 +180,58 @@ __device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
     for (int i = 0; i < V; ++i) __stcs(p + i, r.v[i]);
   }
 }
+constexpr int kGradChunk = 8;
 template <int V>
 __global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, int half, const float* src,
                                                                    const float* coef, RowGroups groups,
                                                                    float* sparse_values, float* dense) {
   const int64_t n_rows = *groups.n_rows, width = 2 * d;
-  for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+  const int lane = threadIdx.x % kWarp, warps_per_block = blockDim.x / kWarp;
+  const int64_t n_warps = int64_t{gridDim.x} * warps_per_block;
+  for (int64_t r = blockIdx.x * int64_t{warps_per_block} + threadIdx.x / kWarp; r < n_rows; r += n_warps) {
     const int32_t beg = groups.offsets[r], end = groups.offsets[r + 1];
     float* dst = (dense ? dense + int64_t{groups.rows[r]} * width : sparse_values + r * width) + half * d;
-    for (int64_t c = int64_t{threadIdx.x} * V; c < d; c += int64_t{blockDim.x} * V) {
-      Vec<V> acc;
+    for (int64_t c0 = 0; c0 < d; c0 += int64_t{kWarp} * V * kGradChunk) {
+      Vec<V> acc[kGradChunk];
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc.v[i] = 0.0f;
-      for (int32_t e = beg; e < end; ++e) {
-        const int32_t entry = groups.entries[e];
-        const int64_t t = entry / hk;
-        const float cf = coef[entry];
-        const Vec<V> sv = load<V>(src + t * d + c);
+      for (int m = 0; m < kGradChunk; ++m)
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc.v[i] += cf * sv.v[i];
+        for (int i = 0; i < V; ++i) acc[m].v[i] = 0.0f;
+      for (int32_t e0 = beg; e0 < end; e0 += kWarp) {
+        int64_t my_off = 0;  // this lane's entry e0 + lane: its token's row offset in src, its coefficient
+        float my_cf = 0.0f;
+        if (e0 + lane < end) {
+          const int32_t entry = groups.entries[e0 + lane];
+          my_off = int64_t{entry / hk} * d;
+          my_cf = coef[entry];
+        }
+        const int n = end - e0 < kWarp ? end - e0 : kWarp;
+        for (int u = 0; u < n; ++u) {
+          const int64_t off = __shfl_sync(0xffffffffu, my_off, u);
+          const float cf = __shfl_sync(0xffffffffu, my_cf, u);
+#pragma unroll
+          for (int m = 0; m < kGradChunk; ++m) {
+            const int64_t c = c0 + (int64_t{m} * kWarp + lane) * V;
+            if (c < d) {
+              const Vec<V> sv = load<V>(src + off + c);
+#pragma unroll
+              for (int i = 0; i < V; ++i) acc[m].v[i] += cf * sv.v[i];
+            }
+          }
+        }
       }
-      if (dense) {
-        const Vec<V> a = load<V>(dst + c);
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc.v[i] = a.v[i] + acc.v[i];
-        store<V>(dst + c, acc);
-      } else {
-        store_streaming<V>(dst + c, acc);
+      for (int m = 0; m < kGradChunk; ++m) {
+        const int64_t c = c0 + (int64_t{m} * kWarp + lane) * V;
+        if (c >= d) continue;
+        if (dense) {
+          const Vec<V> a = load<V>(dst + c);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[m].v[i] = a.v[i] + acc[m].v[i];
+          store<V>(dst + c, acc[m]);
+        } else {
+          store_streaming<V>(dst + c, acc[m]);
+        }
       }
     }
   }
@@ -322,7 +351,8 @@ void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const
                                       sparse ? dtable.count : nullptr, stream);
   float* values = sparse ? dtable.values : nullptr;
   float* dense = sparse ? nullptr : dtable.dense;
-  const unsigned blocks = row_blocks(cap);
+  const unsigned blocks = vec ? warp_row_blocks(peer_table_grad_kernel<4>, cap, kThreads)
+                             : warp_row_blocks(peer_table_grad_kernel<1>, cap, kThreads);
   const int hk_i = static_cast<int>(hk);
   for (int half = 0; half < 2; ++half) {
     const float* src = half == 0 ? x : dy;
