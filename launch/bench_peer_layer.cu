@@ -268,7 +268,8 @@ int bench_peer_layer(const Args& args) {
       DeviceBytes qs(static_cast<size_t>(T * C * r) * sizeof(float));
       DeviceBytes ss(static_cast<size_t>(pairs * n_sub) * sizeof(float));
       DeviceBytes gw(static_cast<size_t>(C * d) * sizeof(float)), gx(static_cast<size_t>(T * d * r) * sizeof(float));
-      DeviceBytes wq3(static_cast<size_t>(C * d * r) * sizeof(float)), c13(static_cast<size_t>(n_sub * half * r) * sizeof(float));
+      DeviceBytes wq3(static_cast<size_t>(C * d * r) * sizeof(float));
+      DeviceBytes c13(static_cast<size_t>(n_sub * half * r) * sizeof(float));
       DeviceBytes dxs(static_cast<size_t>(T * d) * sizeof(float));
       PL_CUDA_CHECK(cudaMemsetAsync(qs.get(), 0, qs.size(), st));
       PL_CUDA_CHECK(cudaMemsetAsync(gx.get(), 0, gx.size(), st));

@@ -80,7 +80,8 @@ __device__ void warp_select(int count, int k, Item item, int32_t* out, CandBuf& 
 #pragma unroll
       for (int m = 0; m < ITEMS; ++m) {
         const bool open = !after || ranks_before(tk, ti, key[m], idx[m]);
-        if (open && (bitem < 0 || ranks_before(key[m], idx[m], bk, bi))) bk = key[m], bi = idx[m], bitem = lane + kWarp * m;
+        if (open && (bitem < 0 || ranks_before(key[m], idx[m], bk, bi)))
+          bk = key[m], bi = idx[m], bitem = lane + kWarp * m;
       }
     } else {
       for (int i = lane; i < count; i += kWarp) {
