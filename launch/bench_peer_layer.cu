@@ -85,7 +85,7 @@ struct Row {
 
 int bench_peer_layer(const Args& args) {
   std::string tokens_s = "8192,2048", dim_s = "1024", heads_s = "8", key_dim_s = "512", n_sub_s = "1024", k_s = "16";
-  std::string iters_s = "10", warmup_s = "2", grad_s = "both", act_s = "relu", tflops_s = "50";
+  std::string iters_s = "10", warmup_s = "2", grad_s = "both", act_s = "relu", tflops_s = "50", gemm_s = "tf32x3";
   ArgParser p("bench peer-layer",
               "Times one PEER layer forward + backward on one GPU (train-mode BatchNorm, shared sub-keys, fp32 "
               "tables): tokens/s, median time per phase, napkin bytes and FLOPs with a prediction, GB/s of the "
@@ -98,6 +98,7 @@ int bench_peer_layer(const Args& args) {
   p.option("k", &k_s, "N", "experts per head (default 16)");
   p.option("table-grad", &grad_s, "FORM", "table gradient form timed: sparse, dense or both (default both)");
   p.option("act", &act_s, "NAME", "expert activation: relu or gelu (default relu)");
+  p.option("gemm", &gemm_s, "MATH", "GEMM math: fp32 (SGEMM) or tf32x3 (fp32-accurate 3xTF32; default)");
   p.option("fp32-tflops", &tflops_s, "X", "assumed fp32 GEMM rate for the predictions (default 50)");
   p.option("iters", &iters_s, "N", "timed iterations (default 10)");
   p.option("warmup", &warmup_s, "N", "untimed iterations first (default 2)");
@@ -111,6 +112,8 @@ int bench_peer_layer(const Args& args) {
   PL_CHECK(grad_s == "sparse" || grad_s == "dense" || grad_s == "both", config,
            "--table-grad must be sparse, dense or both (got ", grad_s, ")");
   PL_CHECK(act_s == "relu" || act_s == "gelu", config, "--act must be relu or gelu (got ", act_s, ")");
+  PL_CHECK(gemm_s == "fp32" || gemm_s == "tf32x3", config, "--gemm must be fp32 or tf32x3 (got ", gemm_s, ")");
+  const PeerGemmMath math = gemm_s == "fp32" ? PeerGemmMath::fp32 : PeerGemmMath::tf32x3;
   PL_CHECK(iters >= 1 && warmup >= 0 && tflops > 0, config, "--iters >= 1, --warmup >= 0, --fp32-tflops > 0");
   const bool want_sparse = grad_s != "dense", want_dense = grad_s != "sparse";
 
@@ -120,10 +123,10 @@ int bench_peer_layer(const Args& args) {
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   const double base_used = used_device_bytes();
   std::printf("# peerless bench peer-layer: %s, %d SMs; N = %lld² experts, d = %lld, h = %lld, k = %lld, d_k = %lld "
-              "(%lld per half), %s, fp32 tables; median of %lld iterations after %lld warm-up\n",
+              "(%lld per half), %s, fp32 tables, %s GEMMs; median of %lld iterations after %lld warm-up\n",
               prop.name, prop.multiProcessorCount, static_cast<long long>(n_sub), static_cast<long long>(d),
               static_cast<long long>(heads), static_cast<long long>(k), static_cast<long long>(key_dim),
-              static_cast<long long>(key_dim / 2), act_s.c_str(), static_cast<long long>(iters),
+              static_cast<long long>(key_dim / 2), act_s.c_str(), gemm_s.c_str(), static_cast<long long>(iters),
               static_cast<long long>(warmup));
   Stream stream;
   const cudaStream_t st = stream.get();
@@ -176,6 +179,7 @@ int bench_peer_layer(const Args& args) {
     PeerLayerShape s = shape;
     s.tokens = T;
     PeerLayerCuda ctx(s);
+    ctx.blas().set_math(math);
     const int64_t E = T * heads * k, cap = std::min(N, E), pairs = T * heads;
     DeviceBytes x = device_uniform(T * d, -1.0f, 1.0f, 20), dy = device_uniform(T * d, -1e-3f, 1e-3f, 21);
     DeviceBytes out(static_cast<size_t>(T * d) * sizeof(float)), dx(static_cast<size_t>(T * d) * sizeof(float));
@@ -254,11 +258,23 @@ int bench_peer_layer(const Args& args) {
       std::fflush(stdout);
     }
 
-    // The fp32 GEMMs inside the phases, timed alone at the same shapes (cuBLAS, the layer's handle):
-    // what of each phase is matrix arithmetic and what is the rest.
+    // The GEMMs inside the phases, timed alone at the same shapes (cuBLAS, the layer's handle and
+    // math; tf32x3: the GEMM with the tripled reduction on operands split beforehand, the splits
+    // themselves not timed): what of each phase is matrix arithmetic and what is the rest.
     {
-      DeviceBytes qs(static_cast<size_t>(T * C) * sizeof(float)), ss(static_cast<size_t>(pairs * n_sub) * sizeof(float));
-      DeviceBytes gw(static_cast<size_t>(C * d) * sizeof(float)), gx(static_cast<size_t>(T * d) * sizeof(float));
+      const bool x3 = math == PeerGemmMath::tf32x3;
+      const int64_t r = x3 ? 3 : 1;  // reduction length factor
+      const peer_cuda::GemmInputs in = x3 ? peer_cuda::GemmInputs::tf32 : peer_cuda::GemmInputs::fp32;
+      DeviceBytes qs(static_cast<size_t>(T * C * r) * sizeof(float));
+      DeviceBytes ss(static_cast<size_t>(pairs * n_sub) * sizeof(float));
+      DeviceBytes gw(static_cast<size_t>(C * d) * sizeof(float)), gx(static_cast<size_t>(T * d * r) * sizeof(float));
+      DeviceBytes wq3(static_cast<size_t>(C * d * r) * sizeof(float));
+      DeviceBytes c13(static_cast<size_t>(n_sub * half * r) * sizeof(float));
+      DeviceBytes dxs(static_cast<size_t>(T * d) * sizeof(float));
+      PL_CUDA_CHECK(cudaMemsetAsync(qs.get(), 0, qs.size(), st));
+      PL_CUDA_CHECK(cudaMemsetAsync(gx.get(), 0, gx.size(), st));
+      PL_CUDA_CHECK(cudaMemsetAsync(wq3.get(), 0, wq3.size(), st));
+      PL_CUDA_CHECK(cudaMemsetAsync(c13.get(), 0, c13.size(), st));
       cublasHandle_t h = ctx.blas().get();
       Event e0, e1;
       auto time_ms = [&](auto&& call) {
@@ -274,24 +290,24 @@ int bench_peer_layer(const Args& args) {
         }
         return median(ms);
       };
-      using peer_cuda::sgemm_rm;
+      using peer_cuda::gemm_rm;
       const double proj = time_ms([&] {
-        sgemm_rm(h, Trans::no, Trans::yes, T, C, d, 1.0f, f32(x), d, f32(w_q), d, 0.0f, f32(qs), C, st);
+        gemm_rm(h, in, Trans::no, Trans::yes, T, C, r * d, 1.0f, f32(gx), r * d, f32(wq3), r * d, 0.0f, f32(qs), C, st);
       });
       const double scores = time_ms([&] {
-        sgemm_rm(h, Trans::no, Trans::yes, pairs, n_sub, half, 1.0f, f32(qs), key_dim, f32(c1), half, 0.0f, f32(ss),
-                 n_sub, st);
-        sgemm_rm(h, Trans::no, Trans::yes, pairs, n_sub, half, 1.0f, f32(qs) + half, key_dim, f32(c2), half, 0.0f,
-                 f32(ss), n_sub, st);
+        for (int which = 0; which < 2; ++which)
+          gemm_rm(h, in, Trans::no, Trans::yes, pairs, n_sub, r * half, 1.0f, f32(qs) + which * r * half,
+                  r * key_dim, f32(c13), r * half, 0.0f, f32(ss), n_sub, st);
       });
       const double back = time_ms([&] {
-        sgemm_rm(h, Trans::yes, Trans::no, C, d, T, 1.0f, f32(qs), C, f32(x), d, 1.0f, f32(gw), d, st);
-        sgemm_rm(h, Trans::no, Trans::no, T, d, C, 1.0f, f32(qs), C, f32(w_q), d, 1.0f, f32(gx), d, st);
+        for (int64_t i = 0; i < r; ++i)
+          gemm_rm(h, in, Trans::yes, Trans::no, C, d, T, 1.0f, f32(qs), r * C, f32(gx), r * d, 1.0f, f32(gw), d, st);
+        gemm_rm(h, in, Trans::no, Trans::no, T, d, r * C, 1.0f, f32(qs), r * C, f32(wq3), d, 1.0f, f32(dxs), d, st);
       });
-      const double fl = 2.0 * T * C * d;
-      std::printf("  fp32 GEMMs alone (tokens %lld): projection %.3f ms (%.1f TFLOP/s), sub-key scores %.3f ms "
-                  "(%.1f TFLOP/s), backward projection pair %.3f ms (%.1f TFLOP/s)\n",
-                  static_cast<long long>(T), proj, fl / (proj * 1e-3) / 1e12, scores,
+      const double fl = 2.0 * T * C * d;  // useful FLOPs (the fp32 product)
+      std::printf("  %s GEMMs alone (tokens %lld; useful fp32 FLOPs): projection %.3f ms (%.1f TFLOP/s), sub-key "
+                  "scores %.3f ms (%.1f TFLOP/s), backward projection pair %.3f ms (%.1f TFLOP/s)\n",
+                  gemm_s.c_str(), static_cast<long long>(T), proj, fl / (proj * 1e-3) / 1e12, scores,
                   2.0 * pairs * n_sub * key_dim / (scores * 1e-3) / 1e12, back, 2 * fl / (back * 1e-3) / 1e12);
       std::fflush(stdout);
     }

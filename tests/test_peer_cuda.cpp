@@ -222,81 +222,129 @@ std::string retrieval_name(const PeerRetrievalShape& s) {
          (s.keys == PeerKeySharing::shared ? "_shared" : "_perhead");
 }
 
+const PeerGemmMath kMaths[] = {PeerGemmMath::fp32, PeerGemmMath::tf32x3};
+const char* math_name(PeerGemmMath m) { return m == PeerGemmMath::fp32 ? "_fp32" : "_tf32x3"; }
+
 // Integer-valued queries and keys: every sub-score and sum is exact in fp32 in any order, so the GPU
 // must give the CPU's ids and scores bit for bit, ties (plentiful here) resolved by lower index.
 // One query has a NaN (its whole row ranks by index).
+// Both GEMM maths: tf32x3 carries integers below 2^11 exactly (their low parts are 0).
 TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
-  PeerBlas blas;
-  const PeerRetrievalShape shapes[] = {
-      {32, 8, 64, 1024, 16, PeerKeySharing::shared},  // N = 1024²
-      {16, 4, 32, 1024, 16, PeerKeySharing::per_head},
-      {37, 3, 6, 40, 7, PeerKeySharing::shared},
-      {37, 3, 6, 40, 40, PeerKeySharing::per_head},  // k = n; k² > 256: uncached candidate selection
-      {8, 2, 8, 1100, 20, PeerKeySharing::shared},   // n > 1024: uncached sub-key selection
-      {8, 2, 8, 1100, 7, PeerKeySharing::per_head},
-      {5, 2, 2, 1, 1, PeerKeySharing::shared},
-  };
-  for (const PeerRetrievalShape& s : shapes) {
-    const std::string name = retrieval_name(s);
-    SCOPED_TRACE(name);
-    const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
-    std::uniform_int_distribution<int> small(-3, 3);
-    auto ints = [&](int64_t n) {
-      std::vector<float> v(n);
-      for (auto& e : v) e = static_cast<float>(small(rng()));
-      return v;
+  for (const PeerGemmMath math : kMaths) {
+    PeerBlas blas(math);
+    const PeerRetrievalShape shapes[] = {
+        {32, 8, 64, 1024, 16, PeerKeySharing::shared},    // N = 1024²
+        {16, 4, 32, 1024, 16, PeerKeySharing::per_head},  // threshold selections, per-head keys
+        {37, 3, 6, 40, 7, PeerKeySharing::shared},        // fewer items than lanes x 2
+        {37, 3, 6, 40, 40, PeerKeySharing::per_head},     // k = n; k² > 256: uncached candidate selection
+        {8, 2, 8, 1100, 20, PeerKeySharing::shared},      // n > 1024: uncached sub-key selection
+        {8, 2, 8, 1100, 7, PeerKeySharing::per_head},     // the same, per head
+        {5, 2, 2, 1, 1, PeerKeySharing::shared},          // one sub-key, k = 1
     };
-    std::vector<float> q = ints(s.tokens * s.heads * s.key_dim), c1 = ints(rows * half), c2 = ints(rows * half);
-    if (s.tokens > 1) q[s.heads * s.key_dim + 0] = kNaN;  // token 1, head 0, first half
+    for (const PeerRetrievalShape& s : shapes) {
+      const std::string name = retrieval_name(s) + math_name(math);
+      SCOPED_TRACE(name);
+      const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
+      std::uniform_int_distribution<int> small(-3, 3);
+      auto ints = [&](int64_t n) {
+        std::vector<float> v(n);
+        for (auto& e : v) e = static_cast<float>(small(rng()));
+        return v;
+      };
+      std::vector<float> q = ints(s.tokens * s.heads * s.key_dim), c1 = ints(rows * half), c2 = ints(rows * half);
+      if (s.tokens > 1) q[s.heads * s.key_dim + 0] = kNaN;  // token 1, head 0, first half
+      const int64_t out = s.tokens * s.heads * s.k;
+      std::vector<int32_t> ids_cpu(out);
+      std::vector<float> scores_cpu(out);
+      peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
+      const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
+      expect_identical(a.ids, ids_cpu, "ids " + name);
+      expect_identical(a.scores, scores_cpu, "scores " + name);
+      expect_identical(a.ids, b.ids, "ids, run twice " + name);
+      expect_identical(a.scores, b.scores, "scores, run twice " + name);
+    }
+  }
+}
+
+// The selection's threshold path gives up when more than its candidate buffer (128) rank at or before
+// the threshold, the k-th best of the 32 lane bests (a lane holds sub-keys lane, lane + 32, ...), and
+// falls back to k rounds. Crowd the first half: sub-key i of lane l < 16 scores 1000 + 100·l + i/32,
+// the other lanes i/32, so the threshold is lane 0's best and lanes 1..15 put all 32 of theirs
+// above it (481 candidates); the second half is random (threshold path). Integer-valued, exact: the
+// ids and scores must equal the CPU's bit for bit, in both GEMM maths.
+TEST_F(Cuda, peer_retrieval_crowded_lanes_take_the_fallback_and_match_cpu) {
+  for (const PeerGemmMath math : kMaths) {
+    PeerBlas blas(math);
+    const PeerRetrievalShape s{24, 2, 16, 1024, 16, PeerKeySharing::shared};
+    const std::string name = retrieval_name(s) + math_name(math);
+    SCOPED_TRACE(name);
+    const int64_t half = s.key_dim / 2;
+    std::uniform_int_distribution<int> small(-3, 3);
+    std::vector<float> q(s.tokens * s.heads * s.key_dim), c1(s.n_sub * half), c2(s.n_sub * half);
+    for (auto& v : c2) v = static_cast<float>(small(rng()));
+    for (int64_t i = 0; i < s.n_sub; ++i) {
+      const int64_t lane = i % 32, m = i / 32;
+      for (int64_t c = 0; c < half; ++c) c1[i * half + c] = static_cast<float>(small(rng()));
+      c1[i * half] = static_cast<float>(lane < 16 ? 1000 + 100 * lane + m : m);
+    }
+    for (int64_t p = 0; p < s.tokens * s.heads; ++p) {
+      float* qp = q.data() + p * s.key_dim;
+      for (int64_t c = 0; c < half; ++c) qp[c] = 0.0f;
+      qp[0] = static_cast<float>(1 + p % 2);  // positive: the crowded order holds for every query
+      for (int64_t c = half; c < s.key_dim; ++c) qp[c] = static_cast<float>(small(rng()));
+    }
     const int64_t out = s.tokens * s.heads * s.k;
     std::vector<int32_t> ids_cpu(out);
     std::vector<float> scores_cpu(out);
     peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
-    const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
+    const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream());
     expect_identical(a.ids, ids_cpu, "ids " + name);
     expect_identical(a.scores, scores_cpu, "scores " + name);
-    expect_identical(a.ids, b.ids, "ids, run twice " + name);
-    expect_identical(a.scores, b.scores, "scores, run twice " + name);
+    // The crowded half really selected from the crowded lanes: the best sub-key is lane 15's last.
+    EXPECT_EQ(ids_cpu[0] / s.n_sub, 15 + 32 * 31) << name;
   }
 }
 
 // Normal data: scores within float tolerance of the CPU's, and ids equal wherever the CPU's selection
 // is decided by more than rounding (both neighbours in the sorted list at least 1e-4·max|score| away).
 TEST_F(Cuda, peer_retrieval_float_data_matches_cpu) {
-  PeerBlas blas;
-  const PeerRetrievalShape shapes[] = {
-      {64, 4, 128, 256, 16, PeerKeySharing::shared},
-      {48, 8, 64, 512, 8, PeerKeySharing::per_head},
-  };
-  for (const PeerRetrievalShape& s : shapes) {
-    const std::string name = retrieval_name(s);
-    SCOPED_TRACE(name);
-    const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
-    std::vector<float> q = normal_f(rng(), s.tokens * s.heads * s.key_dim), c1 = normal_f(rng(), rows * half),
-                       c2 = normal_f(rng(), rows * half);
-    const int64_t pairs = s.tokens * s.heads, out = pairs * s.k;
-    std::vector<int32_t> ids_cpu(out);
-    std::vector<float> scores_cpu(out);
-    peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
-    const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
-    expect_close(a.scores, scores_cpu, 1e-5, "scores " + name);
-    double scale = 0;
-    for (float v : scores_cpu) scale = std::max(scale, std::fabs(static_cast<double>(v)));
-    const double gap = 1e-4 * scale;
-    int64_t checked = 0, differ = 0;
-    for (int64_t p = 0; p < pairs; ++p)
-      for (int64_t j = 0; j < s.k; ++j) {
-        const float* sc = scores_cpu.data() + p * s.k;
-        const bool clear_above = j == 0 || sc[j - 1] - sc[j] > gap;
-        const bool clear_below = j + 1 == s.k || sc[j] - sc[j + 1] > gap;
-        if (!clear_above || !clear_below) continue;
-        ++checked;
-        differ += a.ids[p * s.k + j] != ids_cpu[p * s.k + j];
-      }
-    EXPECT_EQ(differ, 0) << name << ": " << differ << " of " << checked << " clearly separated ids differ";
-    EXPECT_GT(checked, out / 2) << name;
-    expect_identical(a.ids, b.ids, "ids, run twice " + name);
-    expect_identical(a.scores, b.scores, "scores, run twice " + name);
+  for (const PeerGemmMath math : kMaths) {
+    PeerBlas blas(math);
+    const PeerRetrievalShape shapes[] = {
+        {64, 4, 128, 256, 16, PeerKeySharing::shared},
+        {48, 8, 64, 512, 8, PeerKeySharing::per_head},
+        {32, 8, 512, 1024, 16, PeerKeySharing::shared},  // the bench's shape, 256 (token, head) pairs
+    };
+    for (const PeerRetrievalShape& s : shapes) {
+      const std::string name = retrieval_name(s) + math_name(math);
+      SCOPED_TRACE(name);
+      const int64_t half = s.key_dim / 2, rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
+      std::vector<float> q = normal_f(rng(), s.tokens * s.heads * s.key_dim), c1 = normal_f(rng(), rows * half),
+                         c2 = normal_f(rng(), rows * half);
+      const int64_t pairs = s.tokens * s.heads, out = pairs * s.k;
+      std::vector<int32_t> ids_cpu(out);
+      std::vector<float> scores_cpu(out);
+      peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
+      const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
+      expect_close(a.scores, scores_cpu, 1e-5, "scores " + name);
+      double scale = 0;
+      for (float v : scores_cpu) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+      const double gap = 1e-4 * scale;
+      int64_t checked = 0, differ = 0;
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t j = 0; j < s.k; ++j) {
+          const float* sc = scores_cpu.data() + p * s.k;
+          const bool clear_above = j == 0 || sc[j - 1] - sc[j] > gap;
+          const bool clear_below = j + 1 == s.k || sc[j] - sc[j + 1] > gap;
+          if (!clear_above || !clear_below) continue;
+          ++checked;
+          differ += a.ids[p * s.k + j] != ids_cpu[p * s.k + j];
+        }
+      EXPECT_EQ(differ, 0) << name << ": " << differ << " of " << checked << " clearly separated ids differ";
+      EXPECT_GT(checked, out / 2) << name;
+      expect_identical(a.ids, b.ids, "ids, run twice " + name);
+      expect_identical(a.scores, b.scores, "scores, run twice " + name);
+    }
   }
 }
 
@@ -319,148 +367,156 @@ TEST_F(Cuda, peer_layer_forward_backward_match_cpu_and_are_deterministic) {
       {shape(48, 32, 2, 16, 24, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::eval},
       {shape(33, 20, 3, 8, 10, 3, PeerKeySharing::per_head, PeerActivation::gelu), PeerNormMode::train},
       {shape(48, 64, 4, 32, 32, 6, PeerKeySharing::per_head, PeerActivation::relu), PeerNormMode::train},
+      // 25 experts: each sub-key row gets hundreds of entries, so the sub-key gradient's rows span
+      // several of its 128-entry tiles (first, middle and last partials).
+      {shape(256, 16, 2, 8, 5, 4, PeerKeySharing::shared, PeerActivation::relu), PeerNormMode::train},
   };
-  for (const LayerCase& lc : cases) {
-    const PeerLayerShape& s = lc.s;
-    const std::string name =
-        case_name({{"tokens", s.tokens}, {"dim", s.dim}, {"heads", s.heads}, {"dk", s.key_dim}, {"n", s.n_sub},
-                   {"k", s.k}}) +
-        (s.keys == PeerKeySharing::shared ? "_shared_" : "_perhead_") + act_name(s.act) +
-        (lc.mode == PeerNormMode::train ? "_train" : "_eval");
-    SCOPED_TRACE(name);
-    const int64_t T = s.tokens, d = s.dim, C = s.channels(), hk = s.heads * s.k, E = T * hk;
-    const int64_t N = s.n_sub * s.n_sub, W = 2 * d, half = s.key_dim / 2, key_elems = s.sub_key_rows() * half;
+  for (const PeerGemmMath math : kMaths)
+    for (const LayerCase& lc : cases) {
+      const PeerLayerShape& s = lc.s;
+      const std::string name = case_name({{"tokens", s.tokens},
+                                          {"dim", s.dim},
+                                          {"heads", s.heads},
+                                          {"dk", s.key_dim},
+                                          {"n", s.n_sub},
+                                          {"k", s.k}}) +
+                               (s.keys == PeerKeySharing::shared ? "_shared_" : "_perhead_") + act_name(s.act) +
+                               (lc.mode == PeerNormMode::train ? "_train" : "_eval") + math_name(math);
+      SCOPED_TRACE(name);
+      const int64_t T = s.tokens, d = s.dim, C = s.channels(), hk = s.heads * s.k, E = T * hk;
+      const int64_t N = s.n_sub * s.n_sub, W = 2 * d, half = s.key_dim / 2, key_elems = s.sub_key_rows() * half;
 
-    // Draw until every (token, head) top-k (and the k+1-th) is separated by more than rounding, so
-    // the GPU's rounding cannot reorder the selection (see test_ops_peer.cpp's retrieval tests). The
-    // GPU's query differs from the CPU's by ~1e-6 relative (GEMM and BatchNorm sums in other orders),
-    // so a gap of 3e-5·max|score| leaves a 30x margin.
-    std::vector<float> x, wq, gamma, beta, rm, rv, c1, c2, table;
-    bool ok = false;
-    for (int attempt = 0; attempt < 50 && !ok; ++attempt) {
-      x = normal_f(rng(), T * d);
-      wq = normal_f(rng(), C * d, 1.0 / std::sqrt(static_cast<double>(d)));
-      gamma = normal_f(rng(), C, 0.2, 1.0);
-      beta = normal_f(rng(), C, 0.1);
-      rm = normal_f(rng(), C, 0.1);
-      rv = normal_f(rng(), C, 0.1, 1.0);
-      for (auto& v : rv) v = std::fabs(v);
-      c1 = normal_f(rng(), key_elems);
-      c2 = normal_f(rng(), key_elems);
-      table = normal_f(rng(), N * W, 1.0 / std::sqrt(static_cast<double>(d)));
-      std::vector<float> rm0 = rm, rv0 = rv, out(T * d);
-      const PeerLayerParams<float> p{wq.data(), gamma.data(), beta.data(), rm0.data(), rv0.data(),
-                                     c1.data(), c2.data(), table.data()};
-      const PeerLayerContext<float> ctx = peer_layer_forward_cpu(s, lc.mode, p, x.data(), out.data());
-      PeerRetrievalShape r = s.retrieval();
-      r.k = s.k + 1;
-      std::vector<int32_t> ids(T * s.heads * r.k);
-      std::vector<float> sc(T * s.heads * r.k);
-      peer_retrieval_cpu(r, ctx.q.data(), c1.data(), c2.data(), ids.data(), sc.data());
-      double scale = 0, min_gap = 1e30;
-      for (float v : sc) scale = std::max(scale, std::fabs(static_cast<double>(v)));
-      for (int64_t g = 0; g < T * s.heads; ++g)
-        for (int64_t j = 0; j < s.k; ++j) min_gap = std::min(min_gap, double(sc[g * r.k + j]) - sc[g * r.k + j + 1]);
-      ok = min_gap > 3e-5 * scale;
-    }
-    ASSERT_TRUE(ok) << "no draw with a clear selection margin in 50 attempts";
+      // Draw until every (token, head) top-k (and the k+1-th) is separated by more than rounding, so
+      // the GPU's rounding cannot reorder the selection (see test_ops_peer.cpp's retrieval tests). The
+      // GPU's query differs from the CPU's by ~1e-6 relative (GEMM and BatchNorm sums in other orders, 3xTF32),
+      // so a gap of 3e-5·max|score| leaves a 30x margin.
+      std::vector<float> x, wq, gamma, beta, rm, rv, c1, c2, table;
+      bool ok = false;
+      for (int attempt = 0; attempt < 50 && !ok; ++attempt) {
+        x = normal_f(rng(), T * d);
+        wq = normal_f(rng(), C * d, 1.0 / std::sqrt(static_cast<double>(d)));
+        gamma = normal_f(rng(), C, 0.2, 1.0);
+        beta = normal_f(rng(), C, 0.1);
+        rm = normal_f(rng(), C, 0.1);
+        rv = normal_f(rng(), C, 0.1, 1.0);
+        for (auto& v : rv) v = std::fabs(v);
+        c1 = normal_f(rng(), key_elems);
+        c2 = normal_f(rng(), key_elems);
+        table = normal_f(rng(), N * W, 1.0 / std::sqrt(static_cast<double>(d)));
+        std::vector<float> rm0 = rm, rv0 = rv, out(T * d);
+        const PeerLayerParams<float> p{wq.data(),  gamma.data(), beta.data(), rm0.data(),
+                                       rv0.data(), c1.data(),    c2.data(),   table.data()};
+        const PeerLayerContext<float> ctx = peer_layer_forward_cpu(s, lc.mode, p, x.data(), out.data());
+        PeerRetrievalShape r = s.retrieval();
+        r.k = s.k + 1;
+        std::vector<int32_t> ids(T * s.heads * r.k);
+        std::vector<float> sc(T * s.heads * r.k);
+        peer_retrieval_cpu(r, ctx.q.data(), c1.data(), c2.data(), ids.data(), sc.data());
+        double scale = 0, min_gap = 1e30;
+        for (float v : sc) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+        for (int64_t g = 0; g < T * s.heads; ++g)
+          for (int64_t j = 0; j < s.k; ++j) min_gap = std::min(min_gap, double(sc[g * r.k + j]) - sc[g * r.k + j + 1]);
+        ok = min_gap > 3e-5 * scale;
+      }
+      ASSERT_TRUE(ok) << "no draw with a clear selection margin in 50 attempts";
 
-    const std::vector<float> dy = normal_f(rng(), T * d);
-    const std::vector<float> dwq0 = normal_f(rng(), C * d), dg0 = normal_f(rng(), C), db0 = normal_f(rng(), C);
-    const std::vector<float> dc10 = normal_f(rng(), key_elems), dc20 = normal_f(rng(), key_elems);
-    const std::vector<float> dense0 = normal_f(rng(), N * W);
+      const std::vector<float> dy = normal_f(rng(), T * d);
+      const std::vector<float> dwq0 = normal_f(rng(), C * d), dg0 = normal_f(rng(), C), db0 = normal_f(rng(), C);
+      const std::vector<float> dc10 = normal_f(rng(), key_elems), dc20 = normal_f(rng(), key_elems);
+      const std::vector<float> dense0 = normal_f(rng(), N * W);
 
-    // CPU.
-    std::vector<float> rm_cpu = rm, rv_cpu = rv, out_cpu(T * d), dx_cpu(T * d);
-    const PeerLayerParams<float> p_cpu{wq.data(), gamma.data(), beta.data(), rm_cpu.data(), rv_cpu.data(),
-                                       c1.data(), c2.data(), table.data()};
-    const PeerLayerContext<float> ctx_cpu = peer_layer_forward_cpu(s, lc.mode, p_cpu, x.data(), out_cpu.data());
-    std::vector<float> dwq_cpu = dwq0, dg_cpu = dg0, db_cpu = db0, dc1_cpu = dc10, dc2_cpu = dc20;
-    PeerSparseGrad<float> dt_cpu;
-    peer_layer_backward_cpu(s, p_cpu, ctx_cpu, x.data(), dy.data(), dx_cpu.data(),
-                            PeerLayerGrads<float>{dwq_cpu.data(), dg_cpu.data(), db_cpu.data(), dc1_cpu.data(),
-                                                  dc2_cpu.data(), &dt_cpu});
-    std::vector<float> dense_cpu = dense0;
-    peer_sparse_grad_scatter_add_cpu(dt_cpu, dense_cpu.data());
+      // CPU.
+      std::vector<float> rm_cpu = rm, rv_cpu = rv, out_cpu(T * d), dx_cpu(T * d);
+      const PeerLayerParams<float> p_cpu{wq.data(),     gamma.data(), beta.data(), rm_cpu.data(),
+                                         rv_cpu.data(), c1.data(),    c2.data(),   table.data()};
+      const PeerLayerContext<float> ctx_cpu = peer_layer_forward_cpu(s, lc.mode, p_cpu, x.data(), out_cpu.data());
+      std::vector<float> dwq_cpu = dwq0, dg_cpu = dg0, db_cpu = db0, dc1_cpu = dc10, dc2_cpu = dc20;
+      PeerSparseGrad<float> dt_cpu;
+      peer_layer_backward_cpu(
+          s, p_cpu, ctx_cpu, x.data(), dy.data(), dx_cpu.data(),
+          PeerLayerGrads<float>{dwq_cpu.data(), dg_cpu.data(), db_cpu.data(), dc1_cpu.data(), dc2_cpu.data(), &dt_cpu});
+      std::vector<float> dense_cpu = dense0;
+      peer_sparse_grad_scatter_add_cpu(dt_cpu, dense_cpu.data());
 
-    // GPU, twice (sparse table gradient the first time in each run, then dense).
-    struct Out {
-      std::vector<float> out, q, scores, gates, rm, rv, dx, dwq, dg, db, dc1, dc2, values, dense, dx2;
-      std::vector<int32_t> ids, rows;
-    };
-    Guarded<float> d_x(x), d_wq(wq), d_gamma(gamma), d_beta(beta), d_c1(c1), d_c2(c2), d_table(table), d_dy(dy);
-    PeerLayerCuda ctx(s);
-    auto run = [&]() {
-      Guarded<float> d_rm(rm), d_rv(rv), d_out(T * d), d_dx(T * d), d_dwq(dwq0), d_dg(dg0), d_db(db0), d_dc1(dc10),
-          d_dc2(dc20), d_values(std::min(N, E) * W), d_dense(dense0);
-      Guarded<int32_t> d_rows(std::min(N, E)), d_count(1);
-      const PeerLayerParams<float> p{d_wq.get(), d_gamma.get(), d_beta.get(), d_rm.get(), d_rv.get(),
-                                     d_c1.get(),  d_c2.get(),    d_table.get()};
-      peer_layer_forward_cuda(s, lc.mode, p, d_x.get(), d_out.get(), ctx, stream());
-      PeerLayerGradsCuda g{d_dwq.get(), d_dg.get(), d_db.get(), d_dc1.get(), d_dc2.get(), {}};
-      g.table.rows = d_rows.get(), g.table.values = d_values.get(), g.table.count = d_count.get();
-      peer_layer_backward_cuda(s, p, ctx, d_x.get(), d_dy.get(), d_dx.get(), g, stream());
-      Out o;
-      o.out = d_out.download("out");
-      o.rm = d_rm.download("running mean");
-      o.rv = d_rv.download("running var");
-      o.dx = d_dx.download("dx");
-      o.dwq = d_dwq.download("dW_q");
-      o.dg = d_dg.download("dgamma");
-      o.db = d_db.download("dbeta");
-      o.dc1 = d_dc1.download("dC");
-      o.dc2 = d_dc2.download("dC'");
-      const int32_t count = d_count.download("count")[0];
-      EXPECT_EQ(count, static_cast<int32_t>(dt_cpu.rows.size()));
-      o.rows = d_rows.download("rows", static_cast<size_t>(std::max(count, 0)));
-      o.values = d_values.download("values", static_cast<size_t>(std::max(count, 0)) * W);
-      auto pull = [&](const auto* dev, int64_t n, auto& host) {
-        host.resize(static_cast<size_t>(n));
-        PL_CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(*dev), cudaMemcpyDeviceToHost));
+      // GPU, twice (sparse table gradient the first time in each run, then dense).
+      struct Out {
+        std::vector<float> out, q, scores, gates, rm, rv, dx, dwq, dg, db, dc1, dc2, values, dense, dx2;
+        std::vector<int32_t> ids, rows;
       };
-      pull(ctx.q, T * C, o.q);
-      pull(ctx.ids, E, o.ids);
-      pull(ctx.scores, E, o.scores);
-      pull(ctx.gates, E, o.gates);
-      // The same backward with the dense table gradient (sub-key and projection grads not wanted).
-      PeerLayerGradsCuda g2;
-      g2.table.form = PeerTableGradForm::dense_accumulate;
-      g2.table.dense = d_dense.get();
-      peer_layer_backward_cuda(s, p, ctx, d_x.get(), d_dy.get(), d_dx.get(), g2, stream());
-      o.dense = d_dense.download("dense");
-      o.dx2 = d_dx.download("dx (second backward)");
-      return o;
-    };
-    const Out a = run(), b = run();
+      Guarded<float> d_x(x), d_wq(wq), d_gamma(gamma), d_beta(beta), d_c1(c1), d_c2(c2), d_table(table), d_dy(dy);
+      PeerLayerCuda ctx(s);
+      ctx.blas().set_math(math);
+      auto run = [&]() {
+        Guarded<float> d_rm(rm), d_rv(rv), d_out(T * d), d_dx(T * d), d_dwq(dwq0), d_dg(dg0), d_db(db0), d_dc1(dc10),
+            d_dc2(dc20), d_values(std::min(N, E) * W), d_dense(dense0);
+        Guarded<int32_t> d_rows(std::min(N, E)), d_count(1);
+        const PeerLayerParams<float> p{d_wq.get(), d_gamma.get(), d_beta.get(), d_rm.get(),
+                                       d_rv.get(), d_c1.get(),    d_c2.get(),   d_table.get()};
+        peer_layer_forward_cuda(s, lc.mode, p, d_x.get(), d_out.get(), ctx, stream());
+        PeerLayerGradsCuda g{d_dwq.get(), d_dg.get(), d_db.get(), d_dc1.get(), d_dc2.get(), {}};
+        g.table.rows = d_rows.get(), g.table.values = d_values.get(), g.table.count = d_count.get();
+        peer_layer_backward_cuda(s, p, ctx, d_x.get(), d_dy.get(), d_dx.get(), g, stream());
+        Out o;
+        o.out = d_out.download("out");
+        o.rm = d_rm.download("running mean");
+        o.rv = d_rv.download("running var");
+        o.dx = d_dx.download("dx");
+        o.dwq = d_dwq.download("dW_q");
+        o.dg = d_dg.download("dgamma");
+        o.db = d_db.download("dbeta");
+        o.dc1 = d_dc1.download("dC");
+        o.dc2 = d_dc2.download("dC'");
+        const int32_t count = d_count.download("count")[0];
+        EXPECT_EQ(count, static_cast<int32_t>(dt_cpu.rows.size()));
+        o.rows = d_rows.download("rows", static_cast<size_t>(std::max(count, 0)));
+        o.values = d_values.download("values", static_cast<size_t>(std::max(count, 0)) * W);
+        auto pull = [&](const auto* dev, int64_t n, auto& host) {
+          host.resize(static_cast<size_t>(n));
+          PL_CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(*dev), cudaMemcpyDeviceToHost));
+        };
+        pull(ctx.q, T * C, o.q);
+        pull(ctx.ids, E, o.ids);
+        pull(ctx.scores, E, o.scores);
+        pull(ctx.gates, E, o.gates);
+        // The same backward with the dense table gradient (sub-key and projection grads not wanted).
+        PeerLayerGradsCuda g2;
+        g2.table.form = PeerTableGradForm::dense_accumulate;
+        g2.table.dense = d_dense.get();
+        peer_layer_backward_cuda(s, p, ctx, d_x.get(), d_dy.get(), d_dx.get(), g2, stream());
+        o.dense = d_dense.download("dense");
+        o.dx2 = d_dx.download("dx (second backward)");
+        return o;
+      };
+      const Out a = run(), b = run();
 
-    expect_close(a.q, ctx_cpu.q, 2e-5, "q " + name);
-    expect_identical(a.ids, ctx_cpu.ids, "ids " + name);
-    expect_close(a.scores, ctx_cpu.scores, 2e-5, "scores " + name);
-    expect_close(a.gates, ctx_cpu.gates, 2e-5, "gates " + name);
-    expect_close(a.out, out_cpu, 2e-5, "out " + name);
-    expect_close(a.rm, rm_cpu, 2e-5, "running mean " + name);
-    expect_close(a.rv, rv_cpu, 2e-5, "running var " + name);
-    expect_close(a.dx, dx_cpu, 1e-4, "dx " + name);
-    expect_close(a.dwq, dwq_cpu, 1e-4, "dW_q " + name);
-    expect_close(a.dg, dg_cpu, 1e-4, "dgamma " + name);
-    expect_close(a.db, db_cpu, 1e-4, "dbeta " + name);
-    expect_close(a.dc1, dc1_cpu, 1e-4, "dC " + name);
-    expect_close(a.dc2, dc2_cpu, 1e-4, "dC' " + name);
-    expect_identical(a.rows, dt_cpu.rows, "table rows " + name);
-    expect_close(a.values, dt_cpu.values, 1e-4, "table values " + name);
-    expect_close(a.dense, dense_cpu, 1e-4, "dense table grad " + name);
-    expect_identical(a.dx2, a.dx, "dx of the second backward " + name);
+      expect_close(a.q, ctx_cpu.q, 2e-5, "q " + name);
+      expect_identical(a.ids, ctx_cpu.ids, "ids " + name);
+      expect_close(a.scores, ctx_cpu.scores, 2e-5, "scores " + name);
+      expect_close(a.gates, ctx_cpu.gates, 2e-5, "gates " + name);
+      expect_close(a.out, out_cpu, 2e-5, "out " + name);
+      expect_close(a.rm, rm_cpu, 2e-5, "running mean " + name);
+      expect_close(a.rv, rv_cpu, 2e-5, "running var " + name);
+      expect_close(a.dx, dx_cpu, 1e-4, "dx " + name);
+      expect_close(a.dwq, dwq_cpu, 1e-4, "dW_q " + name);
+      expect_close(a.dg, dg_cpu, 1e-4, "dgamma " + name);
+      expect_close(a.db, db_cpu, 1e-4, "dbeta " + name);
+      expect_close(a.dc1, dc1_cpu, 1e-4, "dC " + name);
+      expect_close(a.dc2, dc2_cpu, 1e-4, "dC' " + name);
+      expect_identical(a.rows, dt_cpu.rows, "table rows " + name);
+      expect_close(a.values, dt_cpu.values, 1e-4, "table values " + name);
+      expect_close(a.dense, dense_cpu, 1e-4, "dense table grad " + name);
+      expect_identical(a.dx2, a.dx, "dx of the second backward " + name);
 
-    expect_identical(a.out, b.out, "out, run twice " + name);
-    expect_identical(a.ids, b.ids, "ids, run twice " + name);
-    expect_identical(a.dx, b.dx, "dx, run twice " + name);
-    expect_identical(a.dwq, b.dwq, "dW_q, run twice " + name);
-    expect_identical(a.dg, b.dg, "dgamma, run twice " + name);
-    expect_identical(a.dc1, b.dc1, "dC, run twice " + name);
-    expect_identical(a.dc2, b.dc2, "dC', run twice " + name);
-    expect_identical(a.values, b.values, "table values, run twice " + name);
-    expect_identical(a.dense, b.dense, "dense, run twice " + name);
-  }
+      expect_identical(a.out, b.out, "out, run twice " + name);
+      expect_identical(a.ids, b.ids, "ids, run twice " + name);
+      expect_identical(a.dx, b.dx, "dx, run twice " + name);
+      expect_identical(a.dwq, b.dwq, "dW_q, run twice " + name);
+      expect_identical(a.dg, b.dg, "dgamma, run twice " + name);
+      expect_identical(a.dc1, b.dc1, "dC, run twice " + name);
+      expect_identical(a.dc2, b.dc2, "dC', run twice " + name);
+      expect_identical(a.values, b.values, "table values, run twice " + name);
+      expect_identical(a.dense, b.dense, "dense, run twice " + name);
+    }
 }
 
 }  // namespace

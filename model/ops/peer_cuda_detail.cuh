@@ -34,12 +34,16 @@ inline constexpr int kWarp = 32;
                               __FILE__, __LINE__);                                                         \
   } while (0)
 
-// Row-major fp32 C (M,N) = alpha·op(A)·op(B) + beta·C through column-major cuBLAS (computes Cᵀ =
+// What a GEMM's inputs are multiplied as: fp32 (cuBLAS SGEMM, no tensor cores) or TF32 tensor-core
+// products with fp32 accumulation (only exact when the inputs are TF32 values: the tf32x3 splits below).
+enum class GemmInputs { fp32, tf32 };
+
+// Row-major C (M,N) = alpha·op(A)·op(B) + beta·C through column-major cuBLAS (computes Cᵀ =
 // op(B)ᵀ·op(A)ᵀ, which is the same memory). `batch` > 1: strided batched, strides in elements.
-inline void sgemm_rm(cublasHandle_t h, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
-                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                     cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
-                     int64_t stride_c = 0) {
+inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
+                    float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                    int64_t ldc, cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
+                    int64_t stride_c = 0) {
   PL_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
                ldc <= INT32_MAX && batch <= INT32_MAX,
            config, "peer gemm: a dimension exceeds 2^31 (M ", M, ", N ", N, ", K ", K, ")");
@@ -47,14 +51,91 @@ inline void sgemm_rm(cublasHandle_t h, Trans ta, Trans tb, int64_t M, int64_t N,
   PL_CUBLAS_CHECK(cublasSetStream(h, stream));
   const cublasOperation_t oa = ta == Trans::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t ob = tb == Trans::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
-  if (batch == 1)
-    PL_CUBLAS_CHECK(cublasSgemm(h, ob, oa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
-                                static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C, static_cast<int>(ldc)));
-  else
-    PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, static_cast<int>(N), static_cast<int>(M),
-                                              static_cast<int>(K), &alpha, B, static_cast<int>(ldb), stride_b, A,
-                                              static_cast<int>(lda), stride_a, &beta, C, static_cast<int>(ldc),
-                                              stride_c, static_cast<int>(batch)));
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if (in == GemmInputs::fp32) {
+    if (batch == 1)
+      PL_CUBLAS_CHECK(cublasSgemm(h, ob, oa, m, n, k, &alpha, B, la, A, lb, &beta, C, lc));
+    else
+      PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, m, n, k, &alpha, B, la, stride_b, A, lb, stride_a, &beta,
+                                                C, lc, stride_c, static_cast<int>(batch)));
+  } else {
+    const cublasComputeType_t ct = CUBLAS_COMPUTE_32F_FAST_TF32;
+    if (batch == 1)
+      PL_CUBLAS_CHECK(cublasGemmEx(h, ob, oa, m, n, k, &alpha, B, CUDA_R_32F, la, A, CUDA_R_32F, lb, &beta, C,
+                                   CUDA_R_32F, lc, ct, CUBLAS_GEMM_DEFAULT));
+    else
+      PL_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, ob, oa, m, n, k, &alpha, B, CUDA_R_32F, la, stride_b, A,
+                                                 CUDA_R_32F, lb, stride_a, &beta, C, CUDA_R_32F, lc, stride_c,
+                                                 static_cast<int>(batch), ct, CUBLAS_GEMM_DEFAULT));
+  }
+}
+inline void sgemm_rm(cublasHandle_t h, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                     cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
+                     int64_t stride_c = 0) {
+  gemm_rm(h, GemmInputs::fp32, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream, batch, stride_a,
+          stride_b, stride_c);
+}
+
+// ---- fp32-accurate products on TF32 tensor cores (3xTF32) -----------------------------------------
+// x = hi + lo + r with hi = tf32(x), lo = tf32(x − hi) (x − hi is exact in fp32) and |r| ≤ 2⁻²²|x|.
+// a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi (the dropped a_lo·b_lo is ~2⁻²²|ab|), so a GEMM whose
+// reduction dimension K is tripled, A′ = [A_hi | A_lo | A_hi] and B′ = [B_hi ; B_hi ; B_lo] along K,
+// gives fp32-level accuracy (~1e-6 relative instead of SGEMM's ~1e-7) from TF32 tensor cores at
+// ~3x the TF32 cost, still ~2-3x faster than SGEMM on H100. One GEMM with 3K, not three GEMMs, so
+// that C is written once. Integer-valued inputs below 2^11 have lo = 0, so their products stay
+// exact. Non-finite inputs: hi carries them and lo = 0, so an Inf meeting a zero lo of the other
+// side gives NaN where fp32 could give ±Inf (both mean the step has failed).
+enum class Tf32Part { a, b };  // the order of the three copies: a: hi, lo, hi; b: hi, hi, lo
+
+// Round to the nearest TF32 value (ties away from zero), NaN canonical, ±Inf kept.
+__device__ __forceinline__ float tf32_round(float x) {
+  const uint32_t u = __float_as_uint(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return (u & 0x007fffffu) ? __uint_as_float(0x7fc00000u) : x;
+  return __uint_as_float((u + 0x1000u) & 0xffffe000u);
+}
+__device__ __forceinline__ void tf32_split(float x, float& hi, float& lo) {
+  hi = tf32_round(x);
+  if (isinf(hi) && !isinf(x)) hi = __uint_as_float(__float_as_uint(x) & 0xffffe000u);  // no overflow to Inf
+  lo = isfinite(x) ? tf32_round(x - hi) : 0.0f;
+}
+// Writes the three copies of x (hi, lo, hi for part a; hi, hi, lo for part b) at p, p + stride, p + 2·stride.
+__device__ __forceinline__ void tf32x3_store(Tf32Part part, float x, float* p, int64_t stride) {
+  float hi, lo;
+  tf32_split(x, hi, lo);
+  p[0] = hi;
+  p[stride] = part == Tf32Part::a ? lo : hi;
+  p[2 * stride] = part == Tf32Part::a ? hi : lo;
+}
+
+// src (rows, K) with leading dimension ld -> dst (rows, 3K): each segment of `seg` columns (seg
+// divides K) becomes three segments, the copies of the part. seg = K: the whole row tripled along K;
+// rows = 1, K = seg = R·C: an (R, C) matrix stacked three times along its rows.
+static __global__ void tf32x3_split_kernel(int64_t rows, int64_t K, int64_t seg, int64_t ld, Tf32Part part,
+                                           const float* src, float* dst) {
+  const int64_t n = rows * K;
+  const bool narrow = n <= UINT32_MAX;  // 32-bit division where it suffices (64-bit is several times slower)
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    int64_t r, c, s;
+    if (narrow) {
+      const uint32_t r32 = static_cast<uint32_t>(i) / static_cast<uint32_t>(K);
+      r = r32, c = i - r * K;
+      s = static_cast<uint32_t>(c) / static_cast<uint32_t>(seg);
+    } else {
+      r = i / K, c = i - r * K, s = c / seg;
+    }
+    tf32x3_store(part, src[r * ld + c], dst + r * 3 * K + s * 3 * seg + (c - s * seg), seg);
+  }
+}
+inline void tf32x3_split(int64_t rows, int64_t K, int64_t seg, int64_t ld, Tf32Part part, const float* src,
+                         float* dst, cudaStream_t stream) {
+  const int64_t n = rows * K;
+  if (n == 0) return;
+  const int64_t blocks = (n + 255) / 256;
+  tf32x3_split_kernel<<<static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16), 256, 0, stream>>>(
+      rows, K, seg, ld, part, src, dst);
+  PL_CUDA_CHECK_LAUNCH(tf32x3_split_kernel);
 }
 
 // σ and σ′ exactly as peer_experts.cpp writes them (ReLU of NaN is 0, ReLU′(0) = 0; GELU in erf form).
@@ -221,6 +302,20 @@ inline unsigned int row_blocks(int64_t cap) {
   PL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t want = int64_t{sms} * 16;
   return static_cast<unsigned int>(cap < want ? (cap > 0 ? cap : 1) : want);
+}
+
+// Blocks of `threads` for `kernel`, which walks the (device-counted) distinct rows one warp per row
+// with a grid stride: as many as are resident at once (the occupancy of that kernel), never more
+// than the rows need.
+template <typename Kernel>
+inline unsigned int warp_row_blocks(Kernel kernel, int64_t cap, int threads) {
+  int dev = 0, sms = 0, per_sm = 0;
+  PL_CUDA_CHECK(cudaGetDevice(&dev));
+  PL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  PL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int64_t want = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
+  const int64_t need = (cap + threads / kWarp - 1) / (threads / kWarp);
+  return static_cast<unsigned int>(need < want ? (need > 0 ? need : 1) : want);
 }
 
 }  // namespace peerless::peer_cuda

@@ -117,7 +117,7 @@ void peer_experts_forward_cuda(const PeerExpertsShape& s, const float* x, const 
 // Where the table gradient of peer_experts_backward_cuda goes.
 enum class PeerTableGradForm {
   sparse,            // rows (U) ascending + values (U, 2d), like PeerSparseGrad; U on the device
-  dense_accumulate,  // dense (N, 2d) += the gradient of every selected row (each row by one block)
+  dense_accumulate,  // dense (N, 2d) += the gradient of every selected row (each row by one warp)
 };
 struct PeerTableGradCuda {
   PeerTableGradForm form = PeerTableGradForm::sparse;
@@ -136,7 +136,7 @@ size_t peer_experts_backward_workspace_bytes(const PeerExpertsShape& s);
 // dy (tokens, d) -> dx (tokens, d), dscores (tokens, heads, k) overwritten; the table gradient as
 // `dtable` says. Per token: dw = v_idᵀdy and dx = Σ dz·u_id (one more gather of each selected row);
 // then the (row, entry) pairs are sorted by row (stable cub radix sort: entries in token order within
-// a row) and each distinct row is summed by one block in that order: du = Σ dz·x_t, dv = Σ g·a·dy_t.
+// a row) and each distinct row is summed by one warp in that order: du = Σ dz·x_t, dv = Σ g·a·dy_t.
 void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* table,
                                 const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores,
                                 const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,

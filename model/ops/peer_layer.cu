@@ -1,11 +1,12 @@
 // The whole PEER layer on the GPU (SPEC §3), the CUDA side of peer_layer.cpp: the query projection
-// (fp32 cuBLAS GEMM), query BatchNorm (per-channel statistics as fixed-order sums: each thread sums a
-// strided share of the tokens, the shares are combined in thread order), peer_retrieval_cuda,
-// peer_experts_*_cuda, and the backward paths those leave out: scores -> query (dq₁ = Σ ds·c_a,
-// dq₂ = Σ ds·c′_b per (token, head), j order), scores -> sub-keys (dC, dC′: a scatter onto n rows hit
-// by many tokens, reduced like the table gradient: entries sorted by sub-key row, one block per row,
-// entry order, no atomics), BatchNorm backward and the two projection GEMMs. Every buffer lives in a
-// caller-owned PeerLayerCuda sized once for the largest shape.
+// (cuBLAS GEMM, fp32 or fp32-accurate 3xTF32 as the layer's PeerBlas says), query BatchNorm
+// (per-channel statistics as fixed-order sums: each thread sums a strided share of the tokens, the
+// shares are combined in thread order), peer_retrieval_cuda, peer_experts_*_cuda, and the backward
+// paths those leave out: scores -> query (dq₁ = Σ ds·c_a, dq₂ = Σ ds·c′_b per (token, head), over the
+// distinct rows used, in j order), scores -> sub-keys (dC, dC′: a scatter onto n rows hit by many
+// tokens, reduced without atomics: entries sorted by sub-key row, fixed tiles of sorted entries, a
+// second pass for rows crossing tiles), BatchNorm backward and the two projection GEMMs. Every
+// buffer lives in a caller-owned PeerLayerCuda sized once for the largest shape.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,12 +27,16 @@ struct PeerLayerCuda::Scratch {
   float* ch_scale = nullptr;    // (C) BatchNorm backward: γ·rstd
   float* ch_m_dq = nullptr;     // (C) mean of dq over tokens
   float* ch_m_dqqh = nullptr;   // (C) mean of dq·q̂ over tokens
-  int32_t* sub_rows = nullptr;  // (tokens·hk) sub-key row of each entry
+  int32_t* sub_rows = nullptr;  // (2·tokens·hk) sub-key row (C rows, then C′ rows) of each entry's first use
+  float* sub_ds = nullptr;      // (2·tokens·hk) the summed ds that goes with it
+  float* sub_carry = nullptr;   // (tiles, 2, half) partial sums of rows that cross reduction tiles
   GroupScratch group;           // grouping of entries by sub-key row
-  void* retrieval = nullptr;
-  size_t retrieval_bytes = 0;
   void* experts = nullptr;
   size_t experts_bytes = 0;
+  // One region used by one phase at a time: the retrieval's workspace in forward, and the tf32x3
+  // copies of the projection's operands (forward: x3, w3c; backward: x3, w3r, dq3).
+  void* phase = nullptr;
+  size_t phase_bytes = 0;
 };
 
 namespace {
@@ -39,11 +44,31 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kStatX = 32, kStatY = 32;  // channel tile x token shares of the per-channel sums
 
+constexpr int kSubTile = 128;  // sorted entries per block of the sub-key gradient's first pass
+
 struct Views {
   float *q_hat, *q, *bn_mean, *bn_rstd, *scores, *gates, *pre_act;
   int32_t* ids;
   PeerLayerCuda::Scratch w;
 };
+
+// The tf32x3 copies of the projection's operands, carved from the phase region (measuring when base
+// is null): x3 (T, 3d) as A′ = [hi | lo | hi] of x; forward w3c (C, 3d) = [hi | hi | lo] of W_q
+// along d; backward w3r (3C, d) = W_q's rows stacked hi, hi, lo, and dq3 (T, 3C) = [hi | lo | hi].
+struct ProjSplits {
+  float *x3 = nullptr, *w3 = nullptr, *dq3 = nullptr;
+  size_t bytes = 0;
+};
+ProjSplits carve_proj_splits(const PeerLayerShape& s, void* base, bool backward) {
+  const int64_t T = s.tokens, C = s.channels(), d = s.dim;
+  Carve c(base);
+  ProjSplits p;
+  p.x3 = c.take<float>(T * 3 * d);
+  p.w3 = c.take<float>(C * 3 * d);
+  if (backward) p.dq3 = c.take<float>(T * 3 * C);
+  p.bytes = c.used();
+  return p;
+}
 
 // Every buffer of a PeerLayerCuda for shape s, carved in one fixed order (measuring when base is null).
 size_t carve_layer(const PeerLayerShape& s, void* base, Views& v) {
@@ -62,13 +87,16 @@ size_t carve_layer(const PeerLayerShape& s, void* base, Views& v) {
   v.w.ch_scale = c.take<float>(C);
   v.w.ch_m_dq = c.take<float>(C);
   v.w.ch_m_dqqh = c.take<float>(C);
-  v.w.sub_rows = c.take<int32_t>(E);
-  const int64_t rows = s.sub_key_rows();
-  v.w.group = carve_group_scratch(c, E, std::min(rows, E), row_bits(rows));
-  v.w.retrieval_bytes = peer_retrieval_workspace_bytes(s.retrieval());
-  v.w.retrieval = c.take_bytes(v.w.retrieval_bytes);
+  v.w.sub_rows = c.take<int32_t>(2 * E);
+  v.w.sub_ds = c.take<float>(2 * E);
+  v.w.sub_carry = c.take<float>((2 * E + kSubTile - 1) / kSubTile * 2 * (s.key_dim / 2));
+  const int64_t rows = 2 * s.sub_key_rows();  // C and C′ rows in one key space, + 1 sentinel row
+  v.w.group = carve_group_scratch(c, 2 * E, std::min(rows, 2 * E) + 1, row_bits(rows + 1));
   v.w.experts_bytes = peer_experts_backward_workspace_bytes(s.experts());
   v.w.experts = c.take_bytes(v.w.experts_bytes);
+  v.w.phase_bytes = std::max({peer_retrieval_workspace_bytes(s.retrieval()),
+                              carve_proj_splits(s, nullptr, false).bytes, carve_proj_splits(s, nullptr, true).bytes});
+  v.w.phase = c.take_bytes(v.w.phase_bytes);
   return c.used();
 }
 
@@ -135,24 +163,44 @@ __global__ void bn_apply_kernel(int64_t T, int64_t C, const float* mean, const f
   }
 }
 
-// dq (T, C): per token (block) and channel (threads), Σ_j ds[t,h,j]·key[j][c] over that head's k
-// entries in j order; channel c of head h reads C (first half) or C′ (second half) at its sub-key row.
-// The sub-key rows (id / n, id % n) are computed once per entry into shared memory, and the channel
-// arithmetic is 32-bit: integer division is tens of instructions, and this loop runs tokens·C·k times.
+// dq (T, C): per token (block) and channel (threads), Σ over the distinct sub-key rows that head h's
+// k entries used of (their ds summed in j order)·key[row][c]; channel c of head h reads C (first
+// half) or C′ (second half). The k best sums come from few rows of each top-k list (the top-left
+// corner of the k x k grid), so a head uses ~k/3 distinct rows per half, not k. The rows and the
+// summed ds are prepared once per entry in shared memory (row −1: a row an earlier entry of the
+// head already counts); the channel arithmetic is 32-bit: integer division is tens of instructions,
+// and this loop runs tokens·C·(rows per head) times.
 __global__ void dq_kernel(int C, int key_dim, int n, int heads, int k, int shared_keys, const int32_t* ids,
                           const float* dscores, const float* keys1, const float* keys2, float* dq) {
   extern __shared__ float sm[];
   const int hk = heads * k, half = key_dim / 2;
-  float* ds_s = sm;
-  int32_t* row1 = reinterpret_cast<int32_t*>(ds_s + hk);  // (hk) offset of the entry's row in C (elements)
-  int32_t* row2 = row1 + hk;                              // (hk) and in C′
+  float* ds1 = sm;  // (hk) summed ds of the entry's C row (first use), C′ row
+  float* ds2 = ds1 + hk;
+  int32_t* sub1 = reinterpret_cast<int32_t*>(ds2 + hk);  // (hk) the entry's sub-key indices a, b
+  int32_t* sub2 = sub1 + hk;
+  int32_t* row1 = sub2 + hk;  // (hk) offset of the entry's row in C (elements), −1 if counted already
+  int32_t* row2 = row1 + hk;  // and in C′
   const int64_t t = blockIdx.x;
   for (int e = threadIdx.x; e < hk; e += blockDim.x) {
     const int32_t id = ids[t * hk + e];
-    const int32_t base = shared_keys ? 0 : (e / k) * n * half;
-    ds_s[e] = dscores[t * hk + e];
-    row1[e] = base + (id / n) * half;
-    row2[e] = base + (id % n) * half;
+    sub1[e] = id / n, sub2[e] = id % n;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < hk; e += blockDim.x) {
+    const int h = e / k, j = e - h * k, h0 = h * k;
+    const int32_t a = sub1[e], b = sub2[e];
+    bool first_a = true, first_b = true;
+    for (int jj = 0; jj < j; ++jj) first_a &= sub1[h0 + jj] != a, first_b &= sub2[h0 + jj] != b;
+    float sa = 0.0f, sb = 0.0f;
+    for (int jj = j; jj < k; ++jj) {
+      const float g = dscores[t * hk + h0 + jj];
+      if (sub1[h0 + jj] == a) sa += g;
+      if (sub2[h0 + jj] == b) sb += g;
+    }
+    const int32_t base = shared_keys ? 0 : h * n * half;
+    ds1[e] = sa, ds2[e] = sb;
+    row1[e] = first_a ? base + a * half : -1;
+    row2[e] = first_b ? base + b * half : -1;
   }
   __syncthreads();
   for (int ch = threadIdx.x; ch < C; ch += blockDim.x) {
@@ -160,51 +208,140 @@ __global__ void dq_kernel(int C, int key_dim, int n, int heads, int k, int share
     const bool second = c >= half;
     const int col = second ? c - half : c;
     const float* keys = second ? keys2 : keys1;
-    const int32_t* rows = second ? row2 : row1;
+    const int32_t* rows = (second ? row2 : row1) + h * k;
+    const float* dss = (second ? ds2 : ds1) + h * k;
     float acc = 0.0f;
-    for (int j = 0; j < k; ++j) acc += ds_s[h * k + j] * keys[rows[h * k + j] + col];
+    for (int j = 0; j < k; ++j)
+      if (rows[j] >= 0) acc += dss[j] * keys[rows[j] + col];
     dq[t * C + ch] = acc;
   }
 }
 
-// The sub-key row each entry's score used: (id / n) for C, (id % n) for C′, offset by h·n per head.
-__global__ void sub_rows_kernel(int64_t count, int hk, int k, int64_t n, int which, int shared_keys,
-                                const int32_t* ids, int32_t* rows) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t id = ids[i], sub = which == 0 ? id / n : id % n;
-    rows[i] = static_cast<int32_t>(shared_keys ? sub : ((i % hk) / k) * n + sub);
+// Scores -> sub-keys: dC[a] += Σ ds·q₁ and dC′[b] += Σ ds·q₂ over the entries that used the row,
+// a scatter onto few rows hit by many tokens (~tokens·h·k/n each), reduced without atomics in three
+// steps: (1) per entry slot (which·E + i, i = p·k + j, pair p = t·heads + h) the key of the row its
+// score used, which·rows + (h·n per head) + (id / n or id % n), and the pair's ds summed over its
+// entries that used the same row (j order), carried by the first of them; the later ones (and every
+// entry of a table whose gradient is not wanted) get the sentinel key 2·rows, sorted last, never
+// summed; (2) a stable sort by key (group_rows); (3) fixed tiles of kSubTile sorted entries, one
+// block each: a row inside one tile is summed and added there, a row crossing tiles leaves a partial
+// per tile, added in tile order by a second pass. Every sum has a fixed order: bit-reproducible.
+// A long row (1,024 entries at the bench shape) is spread over ~8 blocks instead of one.
+__global__ void sub_rows_kernel(int64_t E, int k, int heads, int n, int32_t rows, int shared_keys, int want1,
+                                int want2, const int32_t* ids, const float* dscores, int32_t* keys, float* dsum) {
+  const int32_t sentinel = 2 * rows;
+  for (int64_t slot = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; slot < 2 * E;
+       slot += int64_t{gridDim.x} * blockDim.x) {
+    const int which = slot >= E;
+    const int32_t i = static_cast<int32_t>(slot - which * E), p = i / k, j = i - p * k;
+    const int32_t* pid = ids + int64_t{p} * k;
+    auto sub = [&](int32_t id) { return which ? id % n : id / n; };
+    const int32_t me = sub(pid[j]);
+    int32_t key = sentinel;
+    float acc = 0.0f;
+    if (which ? want2 : want1) {
+      bool first = true;
+      for (int jj = 0; jj < j && first; ++jj) first = sub(pid[jj]) != me;
+      if (first) {
+        for (int jj = j; jj < k; ++jj)
+          if (sub(pid[jj]) == me) acc += dscores[int64_t{p} * k + jj];
+        key = which * rows + (shared_keys ? 0 : (p % heads) * n) + me;
+      }
+    }
+    keys[slot] = key;
+    dsum[slot] = acc;
   }
 }
 
-// dkeys[row] += Σ over the row's entries (entry order) of ds·(the query half that scored it); one
-// block per distinct row, threads over the half's columns, added onto dkeys term by term like the CPU.
-// A row of shared keys has ~tokens·h·k/n entries (1024 at the bench shape), each a chain of dependent
-// loads (entry, then ds and q): batches of kBatch independent chains are issued before their terms
-// are added in order.
-constexpr int kBatch = 8;
-__global__ void sub_key_grad_kernel(int64_t C, int64_t key_dim, int hk, int k, int which, const float* dscores,
-                                    const float* q, RowGroups groups, float* dkeys) {
-  const int64_t n_rows = *groups.n_rows, half = key_dim / 2;
+// Step (3), first pass. Block b: sorted positions [b·kSubTile, (b+1)·kSubTile) prepared in shared
+// memory (the key of each position and of its two neighbours across the tile's ends, the query
+// offset, the summed ds, what to do at the end of each row's run), then threads over the half's
+// columns sum each run in position order, 8 independent query loads in flight per thread. A run's
+// end: add to dkeys (the row lies inside the tile) or leave the partial in carry[b][slot] (slot 0:
+// the tile's first run, 1: its last; a crossing row is one of those two).
+__global__ void sub_key_grad_tiles_kernel(int64_t count, int32_t rows, int64_t E, int k, int64_t key_dim,
+                                          const int32_t* __restrict__ keys_sorted,
+                                          const int32_t* __restrict__ entries, const float* __restrict__ dsum,
+                                          const float* __restrict__ q, float* dkeys1, float* dkeys2,
+                                          float* __restrict__ carry) {
+  __shared__ int32_t key_s[kSubTile + 2];  // positions beg − 1 .. beg + kSubTile; −1 outside [0, count)
+  __shared__ int64_t qoff_s[kSubTile];
+  __shared__ float ds_s[kSubTile];
+  __shared__ int32_t flush_s[kSubTile];  // −1: the run goes on; 0, 1: carry slot; 2: add to dkeys
+  __shared__ int n_real_s;
+  const int32_t sentinel = 2 * rows;
+  const int64_t beg = blockIdx.x * int64_t{kSubTile}, half = key_dim / 2;
+  auto real = [&](int32_t key) { return key >= 0 && key < sentinel; };
+  for (int u = threadIdx.x; u < kSubTile + 2; u += blockDim.x) {
+    const int64_t g = beg - 1 + u;
+    key_s[u] = g >= 0 && g < count ? keys_sorted[g] : -1;
+  }
+  __syncthreads();
+  if (!real(key_s[1])) return;  // only sentinels (sorted last) or nothing: the whole block leaves
+  for (int u = threadIdx.x; u < kSubTile; u += blockDim.x) {
+    const int32_t key = key_s[u + 1];
+    int32_t fl = -1;
+    float ds = 0.0f;
+    int64_t off = 0;
+    if (real(key)) {
+      const int32_t slot = entries[beg + u];
+      const int which = slot >= E;
+      off = ((slot - which * E) / k) * key_dim + which * half;
+      ds = dsum[slot];
+      const bool last_here = u == kSubTile - 1 || key_s[u + 2] != key;
+      if (last_here) {
+        const bool from_start = key_s[1] == key;
+        const bool crossing = (from_start && key_s[0] == key) || (u == kSubTile - 1 && key_s[kSubTile + 1] == key);
+        fl = crossing ? (from_start ? 0 : 1) : 2;
+      }
+      if (u == kSubTile - 1 || !real(key_s[u + 2])) n_real_s = u + 1;
+    }
+    qoff_s[u] = off, ds_s[u] = ds, flush_s[u] = fl;
+  }
+  __syncthreads();
+  const int nr = n_real_s;
+  constexpr int kLoads = 8;
+  for (int64_t c = threadIdx.x; c < half; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int u0 = 0; u0 < nr; u0 += kLoads) {
+      float qv[kLoads];
+#pragma unroll
+      for (int v = 0; v < kLoads; ++v) qv[v] = u0 + v < nr ? q[qoff_s[u0 + v] + c] : 0.0f;
+#pragma unroll
+      for (int v = 0; v < kLoads; ++v) {
+        const int u = u0 + v;
+        if (u >= nr) break;
+        acc += ds_s[u] * qv[v];
+        const int fl = flush_s[u];
+        if (fl < 0) continue;
+        if (fl == 2) {
+          const int32_t key = key_s[u + 1];
+          float* dst = key < rows ? dkeys1 + int64_t{key} * half : dkeys2 + int64_t{key - rows} * half;
+          dst[c] += acc;
+        } else {
+          carry[(blockIdx.x * int64_t{2} + fl) * half + c] = acc;
+        }
+        acc = 0.0f;
+      }
+    }
+  }
+}
+
+// Step (3), second pass: per distinct row crossing tiles (block per row, threads over columns),
+// dkeys[row] += the tiles' partials in tile order.
+__global__ void sub_key_grad_carry_kernel(int32_t rows, int64_t half, RowGroups groups, const float* carry,
+                                          float* dkeys1, float* dkeys2) {
+  const int64_t n_rows = *groups.n_rows;
   for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
-    const int32_t beg = groups.offsets[r], end = groups.offsets[r + 1];
-    float* dst = dkeys + int64_t{groups.rows[r]} * half;
+    const int32_t key = groups.rows[r];
+    if (key < 0 || key >= 2 * rows) continue;
+    const int64_t beg = groups.offsets[r], end = groups.offsets[r + 1];
+    const int64_t tb = beg / kSubTile, te = (end - 1) / kSubTile;
+    if (tb == te) continue;  // added by its tile
+    float* dst = key < rows ? dkeys1 + int64_t{key} * half : dkeys2 + int64_t{key - rows} * half;
     for (int64_t c = threadIdx.x; c < half; c += blockDim.x) {
       float acc = dst[c];
-      for (int32_t e0 = beg; e0 < end; e0 += kBatch) {
-        float ds[kBatch], qv[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          ds[u] = 0.0f, qv[u] = 0.0f;
-          if (e0 + u < end) {
-            const int32_t i = groups.entries[e0 + u], t = i / hk, h = (i - t * hk) / k;
-            ds[u] = dscores[i];
-            qv[u] = q[int64_t{t} * C + h * key_dim + which * half + c];
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u)
-          if (e0 + u < end) acc += ds[u] * qv[u];
-      }
+      for (int64_t t = tb; t <= te; ++t) acc += carry[(t * 2 + (t == tb && beg != tb * kSubTile ? 1 : 0)) * half + c];
       dst[c] = acc;
     }
   }
@@ -241,13 +378,17 @@ __global__ void bn_backward_stats_kernel(int64_t T, int64_t C, int train, const 
 }
 
 // dq_raw = γ·rstd·(dq − mean(dq) − q̂·mean(dq⊙q̂)) in train mode, γ·rstd·dq in eval mode (the
-// means are 0 there), in place.
+// means are 0 there), in place; or, with dq3, written as its tf32x3 copies (T, 3C) = [hi | lo | hi].
 __global__ void bn_backward_apply_kernel(int64_t T, int64_t C, int train, const float* q_hat, const float* scale,
-                                         const float* m_dq, const float* m_dqqh, float* dq) {
+                                         const float* m_dq, const float* m_dqqh, float* dq, float* dq3) {
   const int64_t n = T * C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t c = n <= UINT32_MAX ? static_cast<uint32_t>(i) % static_cast<uint32_t>(C) : i % C;
-    dq[i] = train ? scale[c] * (dq[i] - m_dq[c] - q_hat[i] * m_dqqh[c]) : scale[c] * dq[i];
+    const int64_t t = n <= UINT32_MAX ? static_cast<uint32_t>(i) / static_cast<uint32_t>(C) : i / C, c = i - t * C;
+    const float v = train ? scale[c] * (dq[i] - m_dq[c] - q_hat[i] * m_dqqh[c]) : scale[c] * dq[i];
+    if (dq3)
+      tf32x3_store(Tf32Part::a, v, dq3 + t * 3 * C + c, C);
+    else
+      dq[i] = v;
   }
 }
 
@@ -302,7 +443,15 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
   }
   PeerLayerCuda::Scratch& w = ctx.scratch();
   // q_raw (T, C) = x (T, d) · W_qᵀ, held in q_hat until normalised in place.
-  sgemm_rm(ctx.blas().get(), Trans::no, Trans::yes, T, C, d, 1.0f, x, d, p.w_q, d, 0.0f, ctx.q_hat, C, stream);
+  if (ctx.blas().math() == PeerGemmMath::tf32x3) {
+    const ProjSplits sp = carve_proj_splits(s, w.phase, false);
+    tf32x3_split(T, d, d, d, Tf32Part::a, x, sp.x3, stream);
+    tf32x3_split(C, d, d, d, Tf32Part::b, p.w_q, sp.w3, stream);
+    gemm_rm(ctx.blas().get(), GemmInputs::tf32, Trans::no, Trans::yes, T, C, 3 * d, 1.0f, sp.x3, 3 * d, sp.w3, 3 * d,
+            0.0f, ctx.q_hat, C, stream);
+  } else {
+    sgemm_rm(ctx.blas().get(), Trans::no, Trans::yes, T, C, d, 1.0f, x, d, p.w_q, d, 0.0f, ctx.q_hat, C, stream);
+  }
   const dim3 stat_block(kStatX, kStatY), stat_grid(static_cast<unsigned>((C + kStatX - 1) / kStatX));
   bn_stats_kernel<<<stat_grid, stat_block, 0, stream>>>(T, C, ctx.q_hat, mode == PeerNormMode::train, s.bn_momentum,
                                                         s.bn_eps, p.bn_running_mean, p.bn_running_var, ctx.bn_mean,
@@ -312,8 +461,8 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
                                                                       p.bn_beta, ctx.q_hat, ctx.q);
   PL_CUDA_CHECK_LAUNCH(bn_apply_kernel);
   mark(ctx, 1, stream);
-  peer_retrieval_cuda(ctx.blas(), s.retrieval(), ctx.q, p.sub_keys1, p.sub_keys2, ctx.ids, ctx.scores, w.retrieval,
-                      w.retrieval_bytes, stream);
+  peer_retrieval_cuda(ctx.blas(), s.retrieval(), ctx.q, p.sub_keys1, p.sub_keys2, ctx.ids, ctx.scores, w.phase,
+                      w.phase_bytes, stream);
   mark(ctx, 2, stream);
   peer_experts_forward_cuda(s.experts(), x, ctx.ids, ctx.scores, p.table, out,
                             PeerExpertsSaved<float>{ctx.gates, ctx.pre_act}, stream);
@@ -342,39 +491,63 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
   const int heads = static_cast<int>(s.heads), k = static_cast<int>(s.k);
   const int shared_keys = s.keys == PeerKeySharing::shared;
   // Scores -> query.
-  const size_t dq_smem = static_cast<size_t>(hk) * (sizeof(float) + 2 * sizeof(int32_t));
+  const size_t dq_smem = static_cast<size_t>(hk) * (2 * sizeof(float) + 4 * sizeof(int32_t));
   PL_CHECK(dq_smem <= 48 * 1024, config, "peer layer (cuda): heads·k too large (", hk, ")");
-  PL_CHECK(s.sub_key_rows() * half <= INT32_MAX && C <= INT32_MAX, config,
-           "peer layer (cuda): sub-key tables or query width beyond 2^31 elements");
+  PL_CHECK(s.sub_key_rows() * half <= INT32_MAX && C <= INT32_MAX && 2 * E <= INT32_MAX, config,
+           "peer layer (cuda): sub-key tables, query width or entries beyond 2^31");
   dq_kernel<<<static_cast<unsigned>(T), kThreads, dq_smem, stream>>>(
       static_cast<int>(C), static_cast<int>(s.key_dim), static_cast<int>(n), heads, k, shared_keys, ctx.ids, w.dscores,
       p.sub_keys1, p.sub_keys2, w.dq);
   PL_CUDA_CHECK_LAUNCH(dq_kernel);
-  // Scores -> sub-keys.
-  const int64_t rows = s.sub_key_rows(), cap = std::min(rows, E);
-  float* dkeys[2] = {g.sub_keys1, g.sub_keys2};
-  for (int which = 0; which < 2; ++which) {
-    if (!dkeys[which]) continue;
-    sub_rows_kernel<<<elementwise_grid(E), kThreads, 0, stream>>>(E, static_cast<int>(hk), k, n, which, shared_keys,
-                                                                  ctx.ids, w.sub_rows);
+  // Scores -> sub-keys (both tables in one key space, one sort).
+  if (g.sub_keys1 || g.sub_keys2) {
+    const int64_t rows = s.sub_key_rows(), count = 2 * E, cap = std::min(2 * rows, count) + 1;
+    const int rows_i = static_cast<int>(rows);
+    sub_rows_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(
+        E, k, heads, static_cast<int>(n), rows_i, shared_keys, g.sub_keys1 != nullptr, g.sub_keys2 != nullptr,
+        ctx.ids, w.dscores, w.sub_rows, w.sub_ds);
     PL_CUDA_CHECK_LAUNCH(sub_rows_kernel);
-    const RowGroups groups = group_rows(w.sub_rows, E, cap, row_bits(rows), w.group, nullptr, nullptr, stream);
-    sub_key_grad_kernel<<<row_blocks(cap), kThreads, 0, stream>>>(C, s.key_dim, static_cast<int>(hk), k, which,
-                                                                  w.dscores, ctx.q, groups, dkeys[which]);
-    PL_CUDA_CHECK_LAUNCH(sub_key_grad_kernel);
+    const RowGroups groups = group_rows(w.sub_rows, count, cap, row_bits(2 * rows + 1), w.group, nullptr, nullptr,
+                                        stream);
+    const int threads = static_cast<int>(std::clamp<int64_t>((half + kWarp - 1) / kWarp * kWarp, kWarp, kThreads));
+    const int64_t tiles = (count + kSubTile - 1) / kSubTile;
+    sub_key_grad_tiles_kernel<<<static_cast<unsigned>(tiles), threads, 0, stream>>>(
+        count, rows_i, E, k, s.key_dim, w.group.keys_out, groups.entries, w.sub_ds, ctx.q, g.sub_keys1, g.sub_keys2,
+        w.sub_carry);
+    PL_CUDA_CHECK_LAUNCH(sub_key_grad_tiles_kernel);
+    sub_key_grad_carry_kernel<<<row_blocks(cap), threads, 0, stream>>>(rows_i, half, groups, w.sub_carry,
+                                                                       g.sub_keys1, g.sub_keys2);
+    PL_CUDA_CHECK_LAUNCH(sub_key_grad_carry_kernel);
   }
-  // BatchNorm backward: dq becomes dq_raw.
+  // BatchNorm backward: dq becomes dq_raw (or its tf32x3 copies for the projection's GEMMs).
+  const bool x3 = ctx.blas().math() == PeerGemmMath::tf32x3;
+  const ProjSplits sp = carve_proj_splits(s, w.phase, true);
   const dim3 stat_block(kStatX, kStatY), stat_grid(static_cast<unsigned>((C + kStatX - 1) / kStatX));
   bn_backward_stats_kernel<<<stat_grid, stat_block, 0, stream>>>(T, C, train, w.dq, ctx.q_hat, p.bn_gamma,
                                                                  ctx.bn_rstd, g.bn_gamma, g.bn_beta, w.ch_scale,
                                                                  w.ch_m_dq, w.ch_m_dqqh);
   PL_CUDA_CHECK_LAUNCH(bn_backward_stats_kernel);
-  bn_backward_apply_kernel<<<elementwise_grid(T * C), kThreads, 0, stream>>>(T, C, train, ctx.q_hat, w.ch_scale,
-                                                                             w.ch_m_dq, w.ch_m_dqqh, w.dq);
+  bn_backward_apply_kernel<<<elementwise_grid(T * C), kThreads, 0, stream>>>(
+      T, C, train, ctx.q_hat, w.ch_scale, w.ch_m_dq, w.ch_m_dqqh, w.dq, x3 ? sp.dq3 : nullptr);
   PL_CUDA_CHECK_LAUNCH(bn_backward_apply_kernel);
   // Projection: dW_q (C, d) += dq_rawᵀ · x; dx (T, d) += dq_raw · W_q.
-  if (g.w_q) sgemm_rm(ctx.blas().get(), Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
-  sgemm_rm(ctx.blas().get(), Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
+  cublasHandle_t h = ctx.blas().get();
+  if (x3) {
+    // x3 = [x_hi | x_lo | x_hi] (T, 3d); w3 = W_q's rows stacked hi, hi, lo (3C, d); dq3 (T, 3C).
+    tf32x3_split(T, d, d, d, Tf32Part::a, x, sp.x3, stream);
+    tf32x3_split(1, C * d, C * d, C * d, Tf32Part::b, p.w_q, sp.w3, stream);
+    const GemmInputs tf = GemmInputs::tf32;
+    if (g.w_q) {  // reduction over tokens: three products into the small dW_q, the cross terms first
+      const float *dq_hi = sp.dq3, *dq_lo = sp.dq3 + C, *x_hi = sp.x3, *x_lo = sp.x3 + d;
+      gemm_rm(h, tf, Trans::yes, Trans::no, C, d, T, 1.0f, dq_lo, 3 * C, x_hi, 3 * d, 1.0f, g.w_q, d, stream);
+      gemm_rm(h, tf, Trans::yes, Trans::no, C, d, T, 1.0f, dq_hi, 3 * C, x_lo, 3 * d, 1.0f, g.w_q, d, stream);
+      gemm_rm(h, tf, Trans::yes, Trans::no, C, d, T, 1.0f, dq_hi, 3 * C, x_hi, 3 * d, 1.0f, g.w_q, d, stream);
+    }
+    gemm_rm(h, tf, Trans::no, Trans::no, T, d, 3 * C, 1.0f, sp.dq3, 3 * C, sp.w3, d, 1.0f, dx, d, stream);
+  } else {
+    if (g.w_q) sgemm_rm(h, Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
+    sgemm_rm(h, Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
+  }
   mark(ctx, 6, stream);
 }
 

@@ -172,12 +172,14 @@ struct PeerLayerGradsCuda {
 };
 
 // The CPU contract of peer_layer_forward_cpu on device pointers (params included), saving into ctx.
-// q_raw = x·W_qᵀ by an fp32 cuBLAS GEMM; BatchNorm statistics per channel as fixed-order sums.
+// q_raw = x·W_qᵀ by a cuBLAS GEMM in ctx.blas().math(); BatchNorm statistics per channel as
+// fixed-order sums.
 void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
                              const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream);
 // The CPU contract of peer_layer_backward_cpu: dx overwritten, g accumulated. dC and dC′ are
-// reduced like the table gradient (entries sorted by sub-key row, one block per row, entry order):
-// no float atomics anywhere, so repeated calls give bit-identical results.
+// reduced like the table gradient (entries sorted by sub-key row, summed in that order in fixed
+// tiles, partials of rows crossing tiles added in tile order): no float atomics anywhere, so
+// repeated calls give bit-identical results. The GEMMs use ctx.blas().math() (default tf32x3).
 void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
                               const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
                               cudaStream_t stream);

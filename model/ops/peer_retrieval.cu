@@ -1,14 +1,12 @@
 // PEER product-key retrieval on the GPU (SPEC §3), the CUDA side of peer_retrieval.cpp.
-// The arithmetic is two fp32 GEMMs into (tokens·heads, n) sub-key score matrices (cuBLAS, default
-// math: no TF32, so the scores are fp32 products like the CPU's). Selection is one warp per
-// (token, head): each lane keeps the best of its strided share of the items, the warp takes the
-// best of the 32 lane candidates with a butterfly (every lane agrees on the winner), and only the
-// lane that owned the winner rescans its share for its next best, among items ranking after the
-// winner. Items ranking before the last winner are exactly those already taken (the order is total:
-// score descending, lower index first, NaN as −inf), so no "taken" flags are needed. k rounds cost
-// k butterflies plus k rescans of n/32 items, held in registers when n ≤ 1024 (uncached otherwise).
-// The k² candidate sums are the third selection, over items computed from the two top-k lists in
-// shared memory (register-cached when k² ≤ 256).
+// The arithmetic is two GEMMs into (tokens·heads, n) sub-key score matrices (cuBLAS; fp32 SGEMM or
+// fp32-accurate 3xTF32 as PeerBlas says). Selection is one warp per (token, head), three times
+// (the k best of n sub-keys per half, then the k best of the k² sums of those): each lane holds a
+// strided share of the items in registers, the k-th best of the 32 lane bests is a threshold that
+// the k best cannot rank after, and the few items at or before it (~20-40 of 1024 random scores)
+// are ranked by counting (warp_select says why that is exact). Cost per selection: one pass over
+// the lane's items, 32 shuffles, a compaction and a candidates² / 32 rank count, instead of k rounds
+// of butterfly + rescan; the rounds remain as the fallback (k > 32, crowded candidates, n > 1024).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,12 +32,31 @@ __device__ __forceinline__ bool ranks_before(float ka, int32_t ia, float kb, int
   return ka > kb || (ka == kb && ia < ib);
 }
 
+// Shared per warp: the candidates of a threshold selection (key, tie index, item number).
+constexpr int kCandCap = 128;
+struct CandBuf {
+  float key[kCandCap];
+  int32_t idx[kCandCap];
+  int32_t item[kCandCap];
+};
+
 // The k best of `count` items in rank order, their item numbers written to out (k, shared memory).
 // item(i, v, idx) gives the raw score and the index that breaks ties. Called by a whole warp.
-// ITEMS > 0: each lane caches its items i = lane + 32·m (m < ITEMS, count ≤ 32·ITEMS) in registers,
-// so a rescan is ITEMS register compares; ITEMS = 0: rescans call item() again (any count).
+// ITEMS > 0: each lane caches its items i = lane + 32·m (m < ITEMS, count ≤ 32·ITEMS) in registers;
+// ITEMS = 0: items are produced by item() on every visit (any count).
+//
+// Threshold path (ITEMS > 0, k ≤ 32): the k-th best of the 32 lane bests, τ, ranks at or after the
+// k-th best item (k lanes hold an item at least as good), so the k best all rank at or before τ. The
+// items that do ("candidates": ≥ k, ~20-40 of 1024 random ones, at most k·ITEMS) are compacted into
+// `cb`; each candidate's rank is the number of candidates ranking before it, and the ones with rank
+// < k are written to out[rank]. The order is total (score descending, lower index first, NaN as
+// −inf; padding ranks after every real item), so the result is the one the CPU computes.
+// Otherwise (k > 32, more than kCandCap candidates, or uncached items) the rounds path: the warp
+// takes the best of the 32 lane candidates with a butterfly (every lane agrees on the winner), and
+// only the lane that owned the winner rescans its share for its next best, among items ranking after
+// the winner (items ranking before the last winner are exactly those already taken). k rounds.
 template <int ITEMS, typename Item>
-__device__ void warp_select(int count, int k, Item item, int32_t* out) {
+__device__ void warp_select(int count, int k, Item item, int32_t* out, CandBuf& cb) {
   const int lane = threadIdx.x % kWarp;
   constexpr int kCache = ITEMS > 0 ? ITEMS : 1;
   float key[kCache];
@@ -63,7 +80,8 @@ __device__ void warp_select(int count, int k, Item item, int32_t* out) {
 #pragma unroll
       for (int m = 0; m < ITEMS; ++m) {
         const bool open = !after || ranks_before(tk, ti, key[m], idx[m]);
-        if (open && (bitem < 0 || ranks_before(key[m], idx[m], bk, bi))) bk = key[m], bi = idx[m], bitem = lane + kWarp * m;
+        if (open && (bitem < 0 || ranks_before(key[m], idx[m], bk, bi)))
+          bk = key[m], bi = idx[m], bitem = lane + kWarp * m;
       }
     } else {
       for (int i = lane; i < count; i += kWarp) {
@@ -77,6 +95,65 @@ __device__ void warp_select(int count, int k, Item item, int32_t* out) {
     }
   };
   rescan(false, 0.0f, 0);
+  if constexpr (ITEMS > 0) {
+    if (k <= kWarp) {
+      // Rank of this lane's best among the 32 lane bests; the lane of rank k − 1 holds τ. Real items
+      // have distinct indices and min(count, 32) ≥ k lanes hold one, so exactly one lane has it.
+      int rank = 0;
+      for (int l = 0; l < kWarp; ++l) {
+        const float ok = __shfl_sync(0xffffffffu, bk, l);
+        const int32_t oi = __shfl_sync(0xffffffffu, bi, l);
+        rank += ranks_before(ok, oi, bk, bi);
+      }
+      const unsigned holder = __ballot_sync(0xffffffffu, rank == k - 1);
+      const float tk = __shfl_sync(0xffffffffu, bk, holder ? __ffs(holder) - 1 : 0);
+      const int32_t ti = __shfl_sync(0xffffffffu, bi, holder ? __ffs(holder) - 1 : 0);
+      unsigned mine = 0;  // bit m: item m is a candidate (ranks at or before τ)
+      int n_mine = 0;
+#pragma unroll
+      for (int m = 0; m < ITEMS; ++m)
+        if (!ranks_before(tk, ti, key[m], idx[m])) mine |= 1u << m, ++n_mine;
+      int incl = n_mine;  // inclusive prefix sum of the candidate counts over the lanes
+      for (int off = 1; off < kWarp; off *= 2) {
+        const int o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
+      }
+      const int total = __shfl_sync(0xffffffffu, incl, kWarp - 1);
+      if (holder != 0 && total <= kCandCap) {
+        int at = incl - n_mine;
+#pragma unroll
+        for (int m = 0; m < ITEMS; ++m)
+          if (mine >> m & 1u) cb.key[at] = key[m], cb.idx[at] = idx[m], cb.item[at] = lane + kWarp * m, ++at;
+        __syncwarp();
+        constexpr int kSlots = kCandCap / kWarp;
+        float sk[kSlots];
+        int32_t si[kSlots];
+        int srank[kSlots];
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+          const int c = lane + kWarp * u;
+          sk[u] = c < total ? cb.key[c] : -INFINITY;
+          si[u] = c < total ? cb.idx[c] : INT_MAX;
+          srank[u] = 0;
+        }
+        const int slots = (total + kWarp - 1) / kWarp;
+        for (int c = 0; c < total; ++c) {
+          const float ck = cb.key[c];
+          const int32_t ci = cb.idx[c];
+#pragma unroll
+          for (int u = 0; u < kSlots; ++u)
+            if (u < slots) srank[u] += ranks_before(ck, ci, sk[u], si[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+          const int c = lane + kWarp * u;
+          if (c < total && srank[u] < k) out[srank[u]] = cb.item[c];
+        }
+        __syncwarp();
+        return;
+      }
+    }
+  }
   for (int r = 0; r < k; ++r) {
     float wk = bk;
     int32_t wi = bi, witem = bitem;
@@ -108,8 +185,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   if (p >= pairs) return;  // whole warps only
   const float* r1 = s1 + p * n;
   const float* r2 = s2 + p * n;
-  warp_select<HALF_ITEMS>(n, k, [r1](int i, float& v, int32_t& idx) { v = r1[i], idx = i; }, top1);
-  warp_select<HALF_ITEMS>(n, k, [r2](int i, float& v, int32_t& idx) { v = r2[i], idx = i; }, top2);
+  __shared__ CandBuf cand_store[kWarpsPerBlock];
+  CandBuf& cb = cand_store[warp];
+  warp_select<HALF_ITEMS>(n, k, [r1](int i, float& v, int32_t& idx) { v = r1[i], idx = i; }, top1, cb);
+  warp_select<HALF_ITEMS>(n, k, [r2](int i, float& v, int32_t& idx) { v = r2[i], idx = i; }, top2, cb);
   for (int j = lane; j < k; j += kWarp) sc1[j] = r1[top1[j]], sc2[j] = r2[top2[j]];
   __syncwarp();
   auto cand = [=](int c, float& v, int32_t& idx) {
@@ -120,7 +199,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   // The winning candidates' item numbers (k ≤ kMaxK).
   __shared__ int32_t best_store[kWarpsPerBlock][kMaxK];
   int32_t* best = best_store[warp];
-  warp_select<CAND_ITEMS>(k * k, k, cand, best);
+  warp_select<CAND_ITEMS>(k * k, k, cand, best, cb);
   for (int r = lane; r < k; r += kWarp) {
     float v;
     int32_t idx;
@@ -133,20 +212,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
 struct Scratch {
   float* s1 = nullptr;
   float* s2 = nullptr;
+  float* q3 = nullptr;     // (pairs, 2, 3·half) tf32x3 copies of each query half: hi, lo, hi
+  float* keys3a = nullptr; // (rows, 3·half) tf32x3 copies of each C row: hi, hi, lo
+  float* keys3b = nullptr; // the same for C′
   size_t bytes = 0;
 };
 Scratch carve(const PeerRetrievalShape& s, void* base) {
   Carve c(base);
   Scratch r;
+  const int64_t rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * s.n_sub;
   r.s1 = c.take<float>(s.tokens * s.heads * s.n_sub);
   r.s2 = c.take<float>(s.tokens * s.heads * s.n_sub);
+  r.q3 = c.take<float>(s.tokens * s.heads * 3 * s.key_dim);
+  r.keys3a = c.take<float>(rows * 3 * (s.key_dim / 2));
+  r.keys3b = c.take<float>(rows * 3 * (s.key_dim / 2));
   r.bytes = c.used();
   return r;
 }
 
 }  // namespace
 
-PeerBlas::PeerBlas() { PL_CUBLAS_CHECK(cublasCreate(&h_)); }
+PeerBlas::PeerBlas(PeerGemmMath math) : math_(math) { PL_CUBLAS_CHECK(cublasCreate(&h_)); }
 PeerBlas::~PeerBlas() {
   if (h_) cublasDestroy(h_);
 }
@@ -154,6 +240,7 @@ PeerBlas& PeerBlas::operator=(PeerBlas&& o) noexcept {
   if (this != &o) {
     if (h_) cublasDestroy(h_);
     h_ = o.h_;
+    math_ = o.math_;
     o.h_ = nullptr;
   }
   return *this;
@@ -174,18 +261,29 @@ void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const floa
            " bytes, needs ", w.bytes, " (peer_retrieval_workspace_bytes)");
   const int64_t n = s.n_sub, half = s.key_dim / 2, pairs = s.tokens * s.heads;
   if (pairs == 0) return;
+  // Sub-key scores s1 = q₁·Cᵀ, s2 = q₂·C′ᵀ, (pairs, n) each: fp32, or tf32x3 with K tripled.
+  const bool x3 = blas.math() == PeerGemmMath::tf32x3;
+  const GemmInputs in = x3 ? GemmInputs::tf32 : GemmInputs::fp32;
+  const int64_t rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * n;
+  const float *qa = q, *qb = q + half, *ka = sub_keys1, *kb = sub_keys2;
+  int64_t kk = half, ld_q = s.key_dim, ld_k = half;  // reduction length, leading dimensions
+  if (x3) {
+    tf32x3_split(pairs * 2, half, half, half, Tf32Part::a, q, w.q3, stream);
+    tf32x3_split(rows, half, half, half, Tf32Part::b, sub_keys1, w.keys3a, stream);
+    tf32x3_split(rows, half, half, half, Tf32Part::b, sub_keys2, w.keys3b, stream);
+    qa = w.q3, qb = w.q3 + 3 * half, ka = w.keys3a, kb = w.keys3b;
+    kk = 3 * half, ld_q = 3 * s.key_dim, ld_k = 3 * half;
+  }
   if (s.keys == PeerKeySharing::shared) {
-    sgemm_rm(blas.get(), Trans::no, Trans::yes, pairs, n, half, 1.0f, q, s.key_dim, sub_keys1, half, 0.0f, w.s1, n,
-             stream);
-    sgemm_rm(blas.get(), Trans::no, Trans::yes, pairs, n, half, 1.0f, q + half, s.key_dim, sub_keys2, half, 0.0f, w.s2,
-             n, stream);
+    gemm_rm(blas.get(), in, Trans::no, Trans::yes, pairs, n, kk, 1.0f, qa, ld_q, ka, ld_k, 0.0f, w.s1, n, stream);
+    gemm_rm(blas.get(), in, Trans::no, Trans::yes, pairs, n, kk, 1.0f, qb, ld_q, kb, ld_k, 0.0f, w.s2, n, stream);
   } else {
     // Head h: s[t, h, :] = q[t, h, half]·C_hᵀ; row p = t·heads + h of s, as in the shared case.
-    const int64_t ld_q = s.heads * s.key_dim, ld_s = s.heads * n;
-    sgemm_rm(blas.get(), Trans::no, Trans::yes, s.tokens, n, half, 1.0f, q, ld_q, sub_keys1, half, 0.0f, w.s1, ld_s,
-             stream, s.heads, s.key_dim, n * half, n);
-    sgemm_rm(blas.get(), Trans::no, Trans::yes, s.tokens, n, half, 1.0f, q + half, ld_q, sub_keys2, half, 0.0f, w.s2,
-             ld_s, stream, s.heads, s.key_dim, n * half, n);
+    const int64_t ld_qt = s.heads * ld_q, ld_s = s.heads * n;
+    gemm_rm(blas.get(), in, Trans::no, Trans::yes, s.tokens, n, kk, 1.0f, qa, ld_qt, ka, ld_k, 0.0f, w.s1, ld_s,
+            stream, s.heads, ld_q, n * ld_k, n);
+    gemm_rm(blas.get(), in, Trans::no, Trans::yes, s.tokens, n, kk, 1.0f, qb, ld_qt, kb, ld_k, 0.0f, w.s2, ld_s,
+            stream, s.heads, ld_q, n * ld_k, n);
   }
   const int64_t blocks = (pairs + kWarpsPerBlock - 1) / kWarpsPerBlock;
   PL_CHECK(blocks <= INT32_MAX, config, "peer retrieval (cuda): too many (token, head) pairs (", pairs, ")");

@@ -54,31 +54,42 @@ void peer_retrieval_bruteforce_cpu(const PeerRetrievalShape& s, const double* q,
 
 // ---- CUDA (model/ops/peer_retrieval.cu; PEERLESS_HAVE_CUDA builds) ---------------------------------
 
-// A cuBLAS handle for the fp32 GEMMs of the PEER ops (default math mode: true fp32, no TF32), bound
-// to the device current at construction. One handle serves one stream at a time. Move-only.
+// How the PEER ops' GEMMs (query projection, sub-key scores, the projection's backward) multiply:
+// fp32: cuBLAS SGEMM (no tensor cores); tf32x3: the fp32 inputs split into two TF32 parts each and
+// three TF32 tensor-core products summed in one GEMM with a tripled reduction length (3xTF32, see
+// peer_cuda_detail.cuh): ~1e-6 relative error instead of SGEMM's ~1e-7 (plain TF32 would be ~1e-3),
+// exact on integer-valued data like SGEMM, ~2-3x faster on H100.
+enum class PeerGemmMath { fp32, tf32x3 };
+
+// A cuBLAS handle for the GEMMs of the PEER ops with their math (default tf32x3), bound to the
+// device current at construction. One handle serves one stream at a time. Move-only.
 class PeerBlas {
  public:
-  PeerBlas();
+  explicit PeerBlas(PeerGemmMath math = PeerGemmMath::tf32x3);
   ~PeerBlas();
-  PeerBlas(PeerBlas&& o) noexcept : h_(o.h_) { o.h_ = nullptr; }
+  PeerBlas(PeerBlas&& o) noexcept : h_(o.h_), math_(o.math_) { o.h_ = nullptr; }
   PeerBlas& operator=(PeerBlas&& o) noexcept;
   PeerBlas(const PeerBlas&) = delete;
   PeerBlas& operator=(const PeerBlas&) = delete;
   cublasHandle_t get() const { return h_; }
+  PeerGemmMath math() const { return math_; }
+  void set_math(PeerGemmMath m) { math_ = m; }
 
  private:
   cublasHandle_t h_ = nullptr;
+  PeerGemmMath math_ = PeerGemmMath::tf32x3;
 };
 
-// Device scratch of peer_retrieval_cuda: the two (tokens·heads, n) sub-key score matrices.
+// Device scratch of peer_retrieval_cuda: the two (tokens·heads, n) sub-key score matrices and the
+// tf32x3 copies of the query and the sub-keys.
 size_t peer_retrieval_workspace_bytes(const PeerRetrievalShape& s);
 
 // The same contract as peer_retrieval_cpu on device pointers, ordered on `stream`: the sub-key
-// scores by two fp32 GEMMs (strided-batched over heads for per-head keys), then one warp per
-// (token, head) selects the k best of each half, forms the k² sums and selects their k best, under
-// the same total order (score descending, lower index first, NaN last). Scores differ from the
-// CPU's by the GEMMs' rounding only; with exactly representable sums (integer-valued data) ids and
-// scores are bit-identical to the CPU's. k ≤ 512.
+// scores by two GEMMs in blas.math() (strided-batched over heads for per-head keys), then one warp
+// per (token, head) selects the k best of each half, forms the k² sums and selects their k best,
+// under the same total order (score descending, lower index first, NaN last). Scores differ from
+// the CPU's by the GEMMs' rounding only; with exactly representable sums (integer-valued data) ids
+// and scores are bit-identical to the CPU's. k ≤ 512.
 void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const float* q, const float* sub_keys1,
                          const float* sub_keys2, int32_t* ids, float* scores, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);
