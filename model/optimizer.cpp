@@ -94,11 +94,6 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
   v_.assign(n, 0.f);
 }
 
-// The update rounds after every operation as written, like the fused op (model/ops/adamw.h) on both
-// backends: GCC would otherwise contract a·b + c into fma on FMA machines, even with -std=c++20.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-
 namespace {
 // The AdamW update of elements [begin, end) (indices into the flat buffers; m and v are offset so
 // that m[i] belongs to element i).
@@ -149,8 +144,6 @@ void AdamW::step(float* params, const float* grads, int64_t t, double lr, const 
     state += end - begin;
   }
 }
-
-#pragma GCC pop_options
 
 std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& adam) {
   PL_CHECK(!adam.lazy_tables() && adam.owned().size() == 1 && adam.owned()[0] == Range(0, layout.total()), internal,

@@ -6,7 +6,11 @@
 //
 // The element update is AdamW::step's (model/optimizer.cpp), the same float expressions evaluated as
 // written (no contracted multiply-adds, on either backend), with the gradient read as g·grad_factor:
-// equal, bit for bit, to scaling the gradient first (scale_in_place) and then stepping.
+// equal, bit for bit, to scaling the gradient first (scale_in_place) and then stepping. AdamW::step
+// itself is compiled with GCC's default contraction, so on FMA machines it may fuse some a·b + c
+// into one rounding and agrees with this op to float rounding only (tests/test_ops_adamw.cpp).
+// Compiling it as written changes the CPU training trajectories (tried: test_peer_train.sh's 1e-5
+// agreement of 1 vs 2 ranks then fails by a top-k flip, 5e-4), so it is left as it is.
 //
 // Σ|p_new| order (both backends, so that β is bit-identical between them): a tensor is cut into
 // chunks of kAdamwChunk elements. In a chunk, element j belongs to thread (j mod 1024) / 4 of 256,
