@@ -134,9 +134,7 @@ int bench_train(const Args& args) {
       cuda->zero_grads();
       cuda->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(B * T));
       const double n = cuda->grad_norm();
-      if (n > 1.0) cuda->scale_grads(static_cast<float>(1.0 / n));
-      cuda->adam_step(t, 1e-3);
-      cuda->refresh_ternary();
+      cuda->optimizer_step(t, 1e-3, n > 1.0 ? static_cast<float>(1.0 / n) : 1.0f);
     };
     for (int64_t i = 0; i < warmup; ++i) step(i + 1);
     PL_CUDA_CHECK(cudaDeviceSynchronize());

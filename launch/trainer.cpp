@@ -571,10 +571,11 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       if (n_peer > 0) cuda->update_buffers(A);
       gpu_gnorm = cuda->grad_norm();
       PL_CHECK(std::isfinite(gpu_gnorm), numeric, "the gradient norm is ", gpu_gnorm, " at step ", step);
-      if (cfg.optim.grad_clip > 0 && gpu_gnorm > cfg.optim.grad_clip)
-        cuda->scale_grads(static_cast<float>(cfg.optim.grad_clip / gpu_gnorm));
-      cuda->adam_step(step, learning_rate(cfg.optim, step, cfg.train.max_steps));
-      cuda->refresh_ternary();
+      // Clipping as on the CPU path; the factor is applied as the optimizer reads the gradient.
+      const float clip = cfg.optim.grad_clip > 0 && gpu_gnorm > cfg.optim.grad_clip
+                             ? static_cast<float>(cfg.optim.grad_clip / gpu_gnorm)
+                             : 1.0f;
+      cuda->optimizer_step(step, learning_rate(cfg.optim, step, cfg.train.max_steps), clip);
     }
 #endif
     if (!gpu) {

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "model/ops/adamw.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/embedding.h"
@@ -33,28 +34,6 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 __global__ void add_kernel(float* dst, const float* src, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     dst[i] += src[i];
-}
-
-__global__ void scale_kernel(float* x, float f, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    x[i] *= f;
-}
-
-// AdamW::step's element update, same float expression.
-__global__ void adam_kernel(float* params, const float* grads, float* m, float* v, const uint8_t* dec, int64_t n,
-                            float b1, float b2, float step_size, float inv_sqrt_bc2, float eps, float decay) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float g = grads[i];
-    // No contracted multiply-adds: the same roundings as the host loop.
-    const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(1.f - b1, g));
-    const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(1.f - b2, g), g));
-    m[i] = mi;
-    v[i] = vi;
-    float p = params[i];
-    if (dec[i] == 1) p = __fsub_rn(p, __fmul_rn(decay, p));
-    const float updated = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mi), __fadd_rn(__fmul_rn(sqrtf(vi), inv_sqrt_bc2), eps)));
-    params[i] = dec[i] == 2 ? p : updated;
-  }
 }
 
 // Σ x² in float64: per-block partials (grid-stride), summed on the host in block order.
@@ -132,7 +111,6 @@ struct CudaModel::Impl {
   BlasLt blas;
   int64_t bytes = 0;
   DevBuf<float> params, grads, m, v;
-  DevBuf<uint8_t> decay;
   DevBuf<int8_t> codes;
   std::vector<float> betas;  // host, per parameter index
   DevBuf<int32_t> ids, targets;
@@ -149,7 +127,11 @@ struct CudaModel::Impl {
   DevBuf<float> dxt, norm_ws;      // dx̃ (M, max K); RMSNorm backward partials
   DevBuf<int32_t> acc;             // (M, max N) int32 products, only for shapes IMMA refuses
   DevBuf<float> tmp;               // (M, d) the non-IMMA residual path's product
-  DevBuf<double> partials, sums;
+  DevBuf<double> partials;  // the gradient norm's block sums
+  // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
+  // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
+  std::unique_ptr<AdamwTernaryCuda> adamw;
+  DevBuf<float> betas_dev;  // (n entries)
   DevBuf<char> emb_ws;  // the embedding backward's sort
   // PEER channel mixers, by PEER index: the layer's device state (what its forward saves, its
   // scratch), this micro-batch's BatchNorm statistics, and the layer's output before the residual add.
@@ -212,7 +194,6 @@ struct CudaModel::Impl {
   void allocate() {
     const int64_t total = layout.total(), M = max_tokens;
     for (auto* b : {&params, &grads, &m, &v}) b->resize(total, bytes);
-    decay.resize(total, bytes);
     codes.resize(total, bytes);
     ids.resize(M, bytes);
     targets.resize(M, bytes);
@@ -267,8 +248,8 @@ struct CudaModel::Impl {
       tmp.resize(M * d, bytes);
     }
     emb_ws.resize(static_cast<int64_t>(embedding_backward_workspace(M)), bytes);
-    partials.resize(std::max(kNormBlocks, kAbsSumPartials), bytes);
-    sums.resize(layout.entries().size(), bytes);
+    partials.resize(kNormBlocks, bytes);
+    betas_dev.resize(static_cast<int64_t>(layout.entries().size()), bytes);
   }
 
   void add(float* dst, const float* src, int64_t n) {
@@ -609,9 +590,9 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOp
   PL_CHECK(adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total()), config,
            "run.device = \"cuda\" needs the whole optimizer state on this rank (one GPU, no ZeRO-1)");
   impl_->allocate();
-  PL_CUDA_CHECK(cudaMemcpyAsync(impl_->decay.get(), adam.decay_flags().data(), adam.decay_flags().size(),
-                                cudaMemcpyHostToDevice, impl_->stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  const std::vector<AdamwTensor> tensors = adamw_tensors(host.layout(), adam);
+  impl_->adamw = std::make_unique<AdamwTernaryCuda>(tensors);
+  impl_->bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
 }
 
 CudaModel::~CudaModel() = default;
@@ -626,6 +607,9 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   PL_CHECK(static_cast<int64_t>(codes.size()) == total, internal, "CudaModel::upload: the host model has no codes");
   PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), total, cudaMemcpyHostToDevice, g.stream));
   g.betas = g.host.betas();
+  PL_CHECK(g.betas.size() == g.layout.entries().size(), internal, "CudaModel::upload: the host model has no β");
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.betas_dev.get(), g.betas.data(), sizeof(float) * g.betas.size(),
+                                cudaMemcpyHostToDevice, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
 }
 
@@ -707,48 +691,16 @@ double CudaModel::grad_norm() {
   return std::sqrt(total);
 }
 
-void CudaModel::scale_grads(float factor) {
+void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor) {
   Impl& g = *impl_;
-  const int64_t n = g.layout.total();
-  scale_kernel<<<blocks_for(n), kThreads, 0, g.stream>>>(g.grads.get(), factor, n);
-  PL_CUDA_CHECK_LAUNCH(scale_kernel);
-}
-
-void CudaModel::adam_step(int64_t t, double lr) {
-  Impl& g = *impl_;
-  const OptimConfig& c = g.optim;
-  const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
-  const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
-  const int64_t n = g.layout.total();
-  adam_kernel<<<blocks_for(n), kThreads, 0, g.stream>>>(
-      g.params.get(), g.grads.get(), g.m.get(), g.v.get(), g.decay.get(), n, static_cast<float>(c.beta1),
-      static_cast<float>(c.beta2), static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
-      static_cast<float>(c.eps), static_cast<float>(lr * c.weight_decay));
-  PL_CUDA_CHECK_LAUNCH(adam_kernel);
-  g.tick(optimizer);
-}
-
-void CudaModel::refresh_ternary() {
-  Impl& g = *impl_;
-  g.tick(other);
-  const auto& entries = g.layout.entries();
-  // Σ|W| per ternary tensor (fixed-order float64 on the device), one copy to the host, β there.
-  std::vector<int> ternary;
-  for (size_t i = 0; i < entries.size(); ++i)
-    if (entries[i].kind == ParamKind::ternary_weight) ternary.push_back(static_cast<int>(i));
-  for (size_t j = 0; j < ternary.size(); ++j) {
-    const ParamInfo& p = entries[ternary[j]];
-    abs_sum_cuda(p.numel, g.P(ternary[j]), g.partials.get(), g.sums.get() + j, g.stream);
-  }
-  std::vector<double> sums(ternary.size());
-  PL_CUDA_CHECK(cudaMemcpyAsync(sums.data(), g.sums.get(), sizeof(double) * sums.size(), cudaMemcpyDeviceToHost,
-                                g.stream));
+  // The fused pass (model/ops/adamw.h): AdamW on grads · grad_factor, then β and the codes of every
+  // ternary weight; β (one float per entry) comes to the host after it, one synchronisation.
+  const AdamwStep step = adamw_step(g.optim, t, lr, grad_factor);
+  adamw_ternary_cuda(*g.adamw, step, g.params.get(), g.grads.get(), g.m.get(), g.v.get(), g.codes.get(),
+                     g.betas_dev.get(), g.stream);
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.betas.data(), g.betas_dev.get(), sizeof(float) * g.betas.size(),
+                                cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
-  for (size_t j = 0; j < ternary.size(); ++j) {
-    const ParamInfo& p = entries[ternary[j]];
-    g.betas[ternary[j]] = ternary_beta(sums[j], p.numel);
-    ternary_codes_cuda(p.numel, g.P(ternary[j]), g.betas[ternary[j]], g.codes.get() + p.offset, g.stream);
-  }
   g.host.mutable_betas() = g.betas;
   g.tick(optimizer);
 }

@@ -1,12 +1,13 @@
 // The MatMul-free LM trained on one GPU: the same forward and backward as Model (model/model.h),
 // op for op, through the CUDA launchers of model/ops (every op tested against its CPU reference in
-// tests/test_ops_cuda.cpp and tests/test_peer_cuda.cpp), plus AdamW, the gradient norm and the
-// ternary refresh on the device.
+// tests/test_ops_cuda.cpp and tests/test_peer_cuda.cpp), plus the gradient norm and AdamW fused with
+// the ternary refresh on the device.
 //
 // Parameters, gradients, AdamW moments, ternary codes and activations live on the GPU in the same
 // flat layout as on the host; the host copies (the caller's params, the AdamW moments, the Model's
 // codes and β) are brought up to date by download() when something needs them (evaluation,
-// checkpoints, the model file) and pushed by upload() after a resume.
+// checkpoints, the model file) and pushed by upload() after a resume. β of the ternary weights also
+// reaches the host model after every optimizer step (one float per parameter tensor).
 //
 // Numerics against the CPU model: with fp32 activation storage the forward is the same up to float
 // rounding order (the BitLinear products are exact in both: IMMA int32 here, integer loops there);
@@ -85,10 +86,12 @@ class CudaModel {
   // PEER BatchNorm running statistics from the batch statistics the backwards summed into their
   // gradient slots (Model::update_buffers); call once per step after the last micro-batch.
   void update_buffers(int64_t micro_batches);
-  double grad_norm();            // L2 norm of the gradient, accumulated in float64
-  void scale_grads(float factor);
-  void adam_step(int64_t t, double lr);  // AdamW exactly as AdamW::step (one learning rate)
-  void refresh_ternary();               // codes and β from the latent weights (β also to the host model)
+  double grad_norm();  // L2 norm of the gradient, accumulated in float64
+  // One optimizer step, fused (model/ops/adamw.h): AdamW exactly as AdamW::step on the gradient
+  // scaled by grad_factor (the clipping factor, 1 for none; equal to scaling first), the PEER tables
+  // and sub-keys at lr · optim.table_lr_scale, then every ternary weight's codes and β from the
+  // updated latent weights (β also to the host model). Waits for the step to finish.
+  void optimizer_step(int64_t t, double lr, float grad_factor);
 
   // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
   // wall time charged to it (seconds, summed since set_profiling(true)).

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "model/ops/adamw.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -96,11 +97,7 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
 namespace {
 // The AdamW update of elements [begin, end) (indices into the flat buffers; m and v are offset so
 // that m[i] belongs to element i).
-struct AdamCoefficients {
-  float b1, b2, step_size, inv_sqrt_bc2, eps, decay;
-};
-
-inline void adam_update(const AdamCoefficients& c, const uint8_t* dec, float* params, const float* grads, float* m,
+inline void adam_update(const AdamwScalars& c, const uint8_t* dec, float* params, const float* grads, float* m,
                         float* v, int64_t i) {
   const float g = grads[i];
   m[i] = c.b1 * m[i] + (1.f - c.b1) * g;
@@ -117,13 +114,8 @@ void AdamW::step(float* params, const float* grads, int64_t t, double lr, const 
   PL_ASSERT(!lazy_ || table_rows_ == 0 || touched != nullptr);
   static_assert(kFrozen == 2);
   // Bias correction with the global step t for every element, lazy table rows included (docs/peer.md).
-  const double bc1 = 1.0 - std::pow(config_.beta1, static_cast<double>(t));
-  const double bc2 = 1.0 - std::pow(config_.beta2, static_cast<double>(t));
   auto coefficients = [&](double scale) {
-    const double seg_lr = lr * scale;
-    return AdamCoefficients{static_cast<float>(config_.beta1), static_cast<float>(config_.beta2),
-                            static_cast<float>(seg_lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
-                            static_cast<float>(config_.eps), static_cast<float>(seg_lr * config_.weight_decay)};
+    return adamw_scalars(config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, lr * scale);
   };
   const uint8_t* dec = decay_.data();
   int64_t state = 0;
@@ -133,7 +125,7 @@ void AdamW::step(float* params, const float* grads, int64_t t, double lr, const 
     for (const Segment& s : segments_) {
       const int64_t lo = std::max(begin, s.begin), hi = std::min(end, s.end);
       if (lo >= hi) continue;
-      const AdamCoefficients c = coefficients(s.lr_scale);
+      const AdamwScalars c = coefficients(s.lr_scale);
       if (s.width == 0) {
 #pragma omp parallel for simd schedule(static)
         for (int64_t i = lo; i < hi; ++i) adam_update(c, dec, params, grads, m, v, i);
@@ -151,6 +143,37 @@ void AdamW::step(float* params, const float* grads, int64_t t, double lr, const 
     }
     state += end - begin;
   }
+}
+
+std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& adam) {
+  PL_CHECK(!adam.lazy_tables() && adam.owned().size() == 1 && adam.owned()[0] == Range(0, layout.total()), internal,
+           "adamw_tensors: dense AdamW over the whole layout only");
+  const std::vector<uint8_t>& flags = adam.decay_flags();
+  PL_CHECK(static_cast<int64_t>(flags.size()) == layout.total(), internal, "adamw_tensors: AdamW of another layout");
+  std::vector<AdamwTensor> tensors;
+  for (const ParamInfo& p : layout.entries()) {
+    AdamwTensor t;
+    t.offset = p.offset;
+    t.numel = p.numel;
+    const uint8_t mode = p.numel > 0 ? flags[p.offset] : 0;
+    PL_CHECK(std::all_of(flags.begin() + p.offset, flags.begin() + p.offset + p.numel,
+                         [&](uint8_t f) { return f == mode; }),
+             internal, "adamw_tensors: AdamW's decay flags vary inside ", p.name);
+    t.decay = static_cast<AdamwDecay>(mode);
+    t.ternary = p.kind == ParamKind::ternary_weight;
+    t.group = is_peer_table(p) || is_peer_sub_keys(p) ? 1 : 0;
+    tensors.push_back(t);
+  }
+  return tensors;
+}
+
+AdamwStep adamw_step(const OptimConfig& c, int64_t t, double lr, float grad_factor) {
+  static_assert(kAdamwGroups == 2);
+  AdamwStep s;
+  s.group[0] = adamw_scalars(c.beta1, c.beta2, c.eps, c.weight_decay, t, lr);
+  s.group[1] = adamw_scalars(c.beta1, c.beta2, c.eps, c.weight_decay, t, lr * c.table_lr_scale);
+  s.grad_factor = grad_factor;
+  return s;
 }
 
 double grad_norm_l2(const float* grads, int64_t n) {

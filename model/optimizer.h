@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "model/ops/adamw.h"
 #include "runtime/param_layout.h"
 
 namespace peerless {
@@ -89,6 +90,16 @@ class AdamW {
   bool lazy_ = false;
   int64_t table_rows_ = 0;
 };
+
+// This AdamW as the fused multi-tensor op sees it (model/ops/adamw.h): one tensor per layout entry,
+// in layout order, with the entry's decay mode (AdamW's flags, constant over an entry), ternary
+// weights marked for the refresh, PEER tables and sub-keys in group 1 (lr · table_lr_scale). The
+// alignment padding between entries is left out: its gradient is zero, so AdamW leaves it as it is.
+// Dense AdamW over the whole layout only (no lazy tables, no ZeRO-1 shard).
+std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& adam);
+// The step's scalars for adamw_ternary_cpu/_cuda: AdamW::step's at step t and learning rate lr,
+// the gradient read as g · grad_factor.
+AdamwStep adamw_step(const OptimConfig& c, int64_t t, double lr, float grad_factor);
 
 // Global L2 norm of grads[0, n) accumulated in float64 in a fixed order.
 double grad_norm_l2(const float* grads, int64_t n);

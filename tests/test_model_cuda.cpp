@@ -125,9 +125,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     const double lg = cuda.forward_backward(ids.data(), targets.data(), B, T, grad_scale);
     if (peer) cuda.update_buffers(1);
     const double ng = cuda.grad_norm();
-    if (ng > oc.grad_clip) cuda.scale_grads(static_cast<float>(oc.grad_clip / ng));
-    cuda.adam_step(step, lr);
-    cuda.refresh_ternary();
+    cuda.optimizer_step(step, lr, ng > oc.grad_clip ? static_cast<float>(oc.grad_clip / ng) : 1.0f);
     loss_cpu.push_back(lc / (B * T));
     loss_gpu.push_back(lg / (B * T));
     if (step == 1) {

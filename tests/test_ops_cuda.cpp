@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "model/ops/adamw.h"
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
@@ -55,6 +56,7 @@ OP_TEST_CUDA(lower_bounds)
 OP_TEST_CUDA(qsparse_topk)
 OP_TEST_CUDA(qsparse_block)
 OP_TEST_CUDA(bitlinear)
+OP_TEST_CUDA(adamw_ternary)
 
 }  // namespace
 }  // namespace peerless
@@ -1606,6 +1608,83 @@ TEST_F(Cuda, launchers_reject_bad_arguments) {
   EXPECT_THROW(bitlinear_matmul_bf16_cuda(blas, 4, 4, (1 << 17) + 4, nullptr, nullptr, nullptr, 1.0f, GemmOut::f32,
                                           nullptr, stream()),
                Error);
+  PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+// ---- fused multi-tensor AdamW + ternary refresh ---------------------------------------------------
+
+// Random layouts (tensor order, gaps, decay modes, ternary or not, learning-rate group), sizes around
+// the float4 width and the chunk (8192), tensors smaller than a chunk and of no elements; four steps
+// with clip factors ≠ 1: p, m, v, codes and β bit-identical to adamw_ternary_cpu after every step,
+// nothing written outside the tensors (codes and β of other tensors keep their poison, the gaps of p,
+// m, v their values, the guards are intact). A NaN and an Inf gradient in the last layout.
+TEST_F(Cuda, adamw_ternary_bit_exact) {
+  std::vector<int64_t> sizes = {1,    3,    4,    5,    17,   1000, 1023,  1024,          1025,
+                                8191, 8192, 8193, 3 * 8192 + 17, 100003, 0,    0};
+  for (int layout = 0; layout < 3; ++layout) {
+    SCOPED_TRACE("layout " + std::to_string(layout));
+    std::shuffle(sizes.begin(), sizes.end(), rng());
+    std::uniform_int_distribution<int> gap(0, 3), mode(0, 2), coin(0, 1);
+    std::vector<AdamwTensor> tensors;
+    int64_t at = 0;
+    for (const int64_t n : sizes) {
+      AdamwTensor t;
+      t.offset = at + 4 * gap(rng());
+      t.numel = n;
+      t.decay = static_cast<AdamwDecay>(mode(rng()));
+      t.ternary = coin(rng()) == 1;
+      t.group = coin(rng());
+      at = (t.offset + n + 3) / 4 * 4;
+      tensors.push_back(t);
+    }
+    tensors[0].ternary = true, tensors[1].ternary = false;  // both kinds in every layout
+    const int64_t total = at + 4, n_tensors = static_cast<int64_t>(tensors.size());
+    std::vector<float> p = normal(rng(), total, 0.05f), m = normal(rng(), total, 1e-3f), v = normal(rng(), total, 1e-5f);
+    for (float& x : v) x = std::fabs(x);
+    std::vector<int8_t> codes(total);
+    std::memset(codes.data(), kPoison, codes.size());
+    std::vector<float> betas(n_tensors);
+    std::memset(betas.data(), kPoison, sizeof(float) * betas.size());
+    Guarded<float> d_p(p), d_m(m), d_v(v), d_g(static_cast<size_t>(total));
+    Guarded<int8_t> d_codes(static_cast<size_t>(total));
+    Guarded<float> d_betas(static_cast<size_t>(n_tensors));
+    const AdamwTernaryCuda plan(tensors);
+
+    const float factors[] = {1.0f, 0.37f, 2.5f, 1.0f};
+    for (int64_t t = 1; t <= 4; ++t) {
+      SCOPED_TRACE("step " + std::to_string(t));
+      std::vector<float> g = normal(rng(), total, 1e-2f);
+      if (layout == 2 && t == 2) {
+        for (const AdamwTensor& x : tensors)
+          if (x.numel > 0) g[x.offset + x.numel - 1] = x.ternary ? kNaN : kInf;
+      }
+      d_g.upload(g);
+      AdamwStep step;
+      const double lr = 1e-2 / static_cast<double>(t);
+      step.group[0] = adamw_scalars(0.9, 0.95, 1e-8, 0.1, t, lr);
+      step.group[1] = adamw_scalars(0.9, 0.95, 1e-8, 0.1, t, lr * 3.0);
+      step.grad_factor = factors[t - 1];
+      adamw_ternary_cpu(tensors, step, p.data(), g.data(), m.data(), v.data(), codes.data(), betas.data());
+      adamw_ternary_cuda(plan, step, d_p.get(), d_g.get(), d_m.get(), d_v.get(), d_codes.get(), d_betas.get(),
+                         stream());
+      expect_identical(d_p.download("params"), p, "params");
+      expect_identical(d_m.download("m"), m, "m");
+      expect_identical(d_v.download("v"), v, "v");
+      expect_identical(d_codes.download("codes"), codes, "codes");
+      expect_identical(d_betas.download("betas"), betas, "betas");
+      d_g.download("grads");  // the guards only
+    }
+    for (int64_t i = 0; i < n_tensors; ++i) {
+      if (tensors[i].ternary && tensors[i].numel == 0) {
+        EXPECT_EQ(betas[i], 1e-5f) << "β of an empty ternary tensor";
+      }
+    }
+  }
+  // No tensors: nothing to launch.
+  const AdamwTernaryCuda empty(std::vector<AdamwTensor>{});
+  Guarded<float> d_x(16);
+  EXPECT_NO_THROW(adamw_ternary_cuda(empty, AdamwStep{}, d_x.get(), d_x.get(), d_x.get(), d_x.get(), nullptr, nullptr,
+                                     stream()));
   PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 

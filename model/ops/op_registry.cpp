@@ -26,6 +26,7 @@ constexpr std::array kOps = {
     OpInfo{"peer_layer", "peer_layer.h", true, true},
     OpInfo{"qsparse_topk", "qsparse.h", true, true},
     OpInfo{"qsparse_block", "qsparse.h", true, true},
+    OpInfo{"adamw_ternary", "adamw.h", true, true},
 };
 
 }  // namespace
