@@ -24,7 +24,7 @@ export PEERLESS_SHARED="$root/../shared"
 nvidia-smi -L | tee "$OUT/gpu.txt"
 { cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DPEERLESS_EXTRA_INCLUDE="$root/.deps/include" &&
-  cmake --build build-gpu -j 16 --target ${TARGETS:-peerless test_ops_cuda test_model_cuda test_peer_cuda}; } > "$OUT/build.log" 2>&1 \
+  cmake --build build-gpu -j 16 --target ${TARGETS:-peerless test_ops_cuda test_fused_cuda test_model_cuda test_peer_cuda}; } > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build ok"
 b=build-gpu/bin/peerless

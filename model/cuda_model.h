@@ -1,7 +1,7 @@
 // The MatMul-free LM trained on one GPU: the same forward and backward as Model (model/model.h),
 // op for op, through the CUDA launchers of model/ops (every op tested against its CPU reference in
-// tests/test_ops_cuda.cpp and tests/test_peer_cuda.cpp), plus the gradient norm and AdamW fused with
-// the ternary refresh on the device.
+// tests/test_ops_cuda.cpp, tests/test_fused_cuda.cpp and tests/test_peer_cuda.cpp), plus the
+// gradient norm and AdamW fused with the ternary refresh on the device.
 //
 // Parameters, gradients, AdamW moments, ternary codes and activations live on the GPU in the same
 // flat layout as on the host; the host copies (the caller's params, the AdamW moments, the Model's

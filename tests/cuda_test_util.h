@@ -1,5 +1,6 @@
 // What the GPU op tests (tests/test_*_cuda.cpp) share: the seed, device buffers with poisoned guard
-// bytes, the closeness and identity checks, and the fixture that fails (never skips) without a GPU.
+// bytes, the closeness and identity checks, the fixture that fails (never skips) without a GPU, and
+// the inputs and names the tests build (float normals, int8 codes, shape names, bf16 on the host).
 // Include only in CUDA builds (PEERLESS_HAVE_CUDA).
 #pragma once
 
@@ -14,14 +15,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "model/ops/cuda_check.h"
+#include "model/ops/mlgru.h"
 #include "parallel/memory.h"
 
 namespace peerless::cuda_test {
@@ -148,5 +152,67 @@ class Cuda : public ::testing::Test {
 
 inline const float kNaN = std::numeric_limits<float>::quiet_NaN();
 inline const float kInf = std::numeric_limits<float>::infinity();
+
+// ---- inputs and names ---------------------------------------------------------------------------
+
+// n floats from N(mean, sd²) (the float twin of test::normal in tests/ops_test_util.h).
+inline std::vector<float> normal(std::mt19937_64& rng, int64_t n, float sd = 1.0f, float mean = 0.0f) {
+  std::normal_distribution<float> dist(mean, sd);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// n int8 codes uniform in [lo, hi].
+inline std::vector<int8_t> random_codes(std::mt19937_64& rng, int64_t n, int lo, int hi) {
+  std::uniform_int_distribution<int> dist(lo, hi);
+  std::vector<int8_t> v(static_cast<size_t>(n));
+  for (int8_t& c : v) c = static_cast<int8_t>(dist(rng));
+  return v;
+}
+
+// "M=7,N=5,K=33": a case's shape for SCOPED_TRACE and failure messages.
+inline std::string shape_name(std::initializer_list<std::pair<const char*, int64_t> > fields) {
+  std::string s;
+  for (const auto& [k, v] : fields) {
+    if (!s.empty()) s += ',';
+    s += k;
+    s += '=';
+    s += std::to_string(v);
+  }
+  return s;
+}
+
+// bf16 on the host as its bit pattern: round to nearest even (what __float2bfloat16_rn does), and back.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i) f[i] = from_bf16(v[i]);
+  return f;
+}
+// Each value rounded to the nearest bf16, kept as float.
+inline std::vector<float> bf16_round(const std::vector<float>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = from_bf16(to_bf16(v[i]));
+  return r;
+}
+
+// The float overloads of the chunked scan (the launchers are overloaded for bf16 storage too).
+void (*const kScanForward)(const ScanShape&, const float*, const float*, const float*, float*, float*,
+                           cudaStream_t) = mlgru_scan_forward_cuda;
+void (*const kScanBackward)(const ScanShape&, const float*, const float*, const float*, const float*, const float*,
+                            const float*, float*, float*, float*, float*, cudaStream_t) = mlgru_scan_backward_cuda;
 
 }  // namespace peerless::cuda_test

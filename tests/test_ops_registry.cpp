@@ -2,8 +2,8 @@
 // marker in some tests/test_*.cpp file, and every marker must name a registered op. The markers are
 // real tests (each checks its op is registered); this file reads the test sources at run time to
 // see which ones exist, so adding an op to the registry without a test fails the suite. Likewise an op
-// registered with has_cuda needs an OP_TEST_CUDA(<name>) marker (a CPU-vs-CUDA comparison, in the
-// gpu-labelled tests/test_ops_cuda.cpp), and every such marker needs has_cuda. And every op must have
+// registered with has_cuda needs an OP_TEST_CUDA(<name>) marker (a CPU-vs-CUDA comparison, in a
+// gpu-labelled tests/test_*_cuda.cpp), and every such marker needs has_cuda. And every op must have
 // has_cuda: an op without a GPU implementation tested against its CPU reference fails the suite.
 #include <gtest/gtest.h>
 

@@ -61,7 +61,7 @@ void ternary_int8_matmul_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_c
 //             into dx, dW += (dy/s)ᵀ·a), then rmsnorm_act_quant_backward_cuda in place on dx. Same
 //             contract as bitlinear_backward_cpu: dx overwritten, dgain and dw accumulated, either of
 //             them may be null. Agrees with the CPU to the bf16 rounding of dy and dy/s (relative
-//             ≤ 2^-8 per element; norm-wise ~1.6e-3): see tests/test_ops_cuda.cpp.
+//             ≤ 2^-8 per element; norm-wise ~1.6e-3): see tests/test_fused_cuda.cpp.
 // saved points to device memory the caller owns (as for the CPU). 1 ≤ in ≤ kNormQuantMaxDim
 // (norm_quant.h), out ≥ 1; `blas` serves this stream only (gemm_cuda.h). workspace: device memory
 // of the size below (256-byte aligned; may be null when the size is 0).

@@ -2,7 +2,7 @@
 // tests/test_ops_registry.cpp fails when an op listed here has no test marker (OP_TEST(<name>) in a
 // tests/test_*.cpp file), or when a marker names an op that is not listed. Add an op here when its
 // header lands in model/ops/, and flip has_cuda when its .cu launcher lands together with an
-// OP_TEST_CUDA(<name>) marker in tests/test_ops_cuda.cpp (the CPU-vs-CUDA comparison); the coverage
+// OP_TEST_CUDA(<name>) marker in a tests/test_*_cuda.cpp (the CPU-vs-CUDA comparison); the coverage
 // test fails when the two disagree, and when any op has has_cuda = false (every op needs a GPU
 // implementation tested against its CPU reference).
 #pragma once
