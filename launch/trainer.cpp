@@ -287,7 +287,7 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
 }
 
 EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
-                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm) {
+                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm, const EvalForward& forward) {
   const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
   EvalWindows windows(tokens, seq_len, max_windows);
   // Ranks take contiguous ranges of windows; the sums are added across ranks.
@@ -313,7 +313,8 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
     }
     const int64_t n = std::min(batch, hi - first);
     windows.fill(first, n, inputs.data(), targets.data());
-    sums[0] += model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
+    sums[0] += forward ? forward(inputs.data(), targets.data(), n, seq_len)
+                       : model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
     sums[1] += static_cast<double>(n * seq_len);
   }
   if (comm) comm->all_reduce(sums, 2, DType::f64, ReduceOp::sum);
@@ -504,9 +505,14 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   auto sync_host = [&] {
     if (cuda) cuda->download(params.data(), adam);
   };
+  // Evaluation runs on the GPU too (no host copy of the weights needed for it).
+  EvalForward eval_forward;
+  if (cuda)
+    eval_forward = [&](const int32_t* in, const int32_t* tg, int64_t n, int64_t t) { return cuda->forward_loss(in, tg, n, t); };
 #else
   PL_CHECK(!gpu, config, "run.device = \"cuda\" needs a build with CUDA (this binary has none)");
   auto sync_host = [] {};
+  const EvalForward eval_forward;
 #endif
   if (lead && world > 1) {
     const auto tr = dp.traffic();
@@ -643,8 +649,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     if (step % cfg.train.log_every == 0 || eval_now || last) {
       double val = 0;
       if (eval_now) {
-        sync_host();
-        val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B, &comm).mean_loss;
+        if (!eval_forward) sync_host();
+        val = evaluate(model, params.data(), *data, true, T, cfg.train.eval_windows, B, &comm, eval_forward).mean_loss;
       }
       PeerUsage usage;
       if (n_peer > 0) {
@@ -732,7 +738,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   }
 
   // Final evaluation on the held-out split, the model file and a sample.
-  const EvalResult final_eval = evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B, &comm);
+  const EvalResult final_eval =
+      evaluate(model, params.data(), *data, true, T, cfg.train.final_eval_windows, B, &comm, eval_forward);
   dp.gather_full_params(params.data());  // ZeRO-1: rank 0 needs every latent weight to save the model
   PL_CHECK(std::isfinite(final_eval.mean_loss), numeric, "the final validation loss is ", final_eval.mean_loss);
   // Sharded tables: rank 0 assembles the unsharded model (its group's shards; the other groups hold

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -33,9 +34,13 @@ struct EvalResult {
   double mean_loss = 0;
   int64_t tokens = 0;
 };
-// With a communicator the windows are split over its ranks and the result is global.
+// With a communicator the windows are split over its ranks and the result is global. `forward`,
+// when set, runs the batches instead of model.forward (the GPU model's CudaModel::forward_loss):
+// Σ losses of n windows of seq_len inputs and targets.
+using EvalForward = std::function<double(const int32_t* inputs, const int32_t* targets, int64_t n, int64_t seq_len)>;
 EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
-                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm = nullptr);
+                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm = nullptr,
+                    const EvalForward& forward = {});
 
 // Samples `n_tokens` continuation tokens of `prompt` ids with temperature (0 = greedy), top-k (0 =
 // off) and a seed. Returns prompt + continuation ids.

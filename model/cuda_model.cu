@@ -415,14 +415,17 @@ struct CudaModel::Impl {
   }
 
   template <typename A>
-  double forward_backward(std::vector<BlockSaved<A>>& saved, int64_t batch, int64_t seq, float grad_scale);
+  double forward_backward(std::vector<BlockSaved<A>>& saved, int64_t batch, int64_t seq, float grad_scale,
+                          bool backward = true);
+  // ids, targets (M tokens, host) to the device, and the lower bounds from their parameters.
+  void upload_batch(const int32_t* ids_host, const int32_t* targets_host, int64_t M);
 };
 
 // The forward and backward of one micro-batch (ids and targets already on the device). Follows
 // Model::forward / Model::backward op for op, with the activation plan of cuda_model.h.
 template <typename A>
 double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int64_t batch, int64_t seq,
-                                         float grad_scale) {
+                                         float grad_scale, bool backward) {
   Impl& g = *this;
   const int64_t M = batch * seq;
   const RmsNormShape nd{M, d, eps};
@@ -451,12 +454,17 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     if (b.peer >= 0) {
       rmsnorm_forward_cuda(nd, c.x_mid.get(), P(b.mlp_norm), xn2.get(), c.rstd2.get(), s);
       // PEER channel mixer (Model::forward): train-mode BatchNorm with momentum 1 into this
-      // micro-batch's statistics, which the backward adds into their gradient slots (update_buffers).
+      // micro-batch's statistics, which the backward adds into their gradient slots (update_buffers);
+      // a forward without backward (evaluation) normalises with the running statistics instead.
       PeerLayerShape ps = host.peer_shape(M);
       ps.bn_momentum = 1.f;
       g.tick(other);
-      peer_layer_forward_cuda(ps, PeerNormMode::train, peer_params(b, peer_mean[b.peer].get(), peer_var[b.peer].get()),
-                              xn2.get(), peer_out.get(), *peer[b.peer], s);
+      if (backward)
+        peer_layer_forward_cuda(ps, PeerNormMode::train, peer_params(b, peer_mean[b.peer].get(), peer_var[b.peer].get()),
+                                xn2.get(), peer_out.get(), *peer[b.peer], s);
+      else
+        peer_layer_forward_cuda(ps, PeerNormMode::eval, peer_params(b, P(b.peer_bn_mean), P(b.peer_bn_var)), xn2.get(),
+                                peer_out.get(), *peer[b.peer], s);
       g.tick(peer_layer);
       add2_kernel<<<blocks_for(M * d), kThreads, 0, s>>>(resid[l + 1].get(), c.x_mid.get(), peer_out.get(), M * d);
       PL_CUDA_CHECK_LAUNCH(add2_kernel);
@@ -480,11 +488,16 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     g.tick(other);
     cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, dy_bf.get(), grad_scale, s);
     g.tick(loss);
-    linear_backward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, static_cast<const bf16*>(dy_bf.get()),
-                    t0.get() + r0 * d, false);
+    if (backward)
+      linear_backward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, static_cast<const bf16*>(dy_bf.get()),
+                      t0.get() + r0 * d, false);
   }
   std::vector<float> loss_host(M);
   PL_CUDA_CHECK(cudaMemcpyAsync(loss_host.data(), losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
+  PL_CUDA_CHECK(cudaStreamSynchronize(s));  // loss_host is read below
+  double sum = 0;
+  for (int64_t i = 0; i < M; ++i) sum += loss_host[i];  // token order, as Model::forward
+  if (!backward) return sum;
 
   // ---- backward (Model::backward) ----
   float* dxp = dx.get();
@@ -557,8 +570,6 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
   // Lower bounds: dlb through the cumsum and the softmax, added into the gradient.
   lower_bounds_backward_cuda(L, d, P(idx.lower_bounds), dlb.get(), G(idx.lower_bounds), s);
   g.tick(other);
-  double sum = 0;
-  for (int64_t i = 0; i < M; ++i) sum += loss_host[i];  // token order, as Model::forward
   return sum;
 }
 
@@ -630,18 +641,27 @@ void CudaModel::zero_grads() {
   PL_CUDA_CHECK(cudaMemsetAsync(g.grads.get(), 0, sizeof(float) * g.layout.total(), g.stream));
 }
 
+void CudaModel::Impl::upload_batch(const int32_t* ids_host, const int32_t* targets_host, int64_t M) {
+  PL_CHECK(M <= max_tokens, internal, "CudaModel: micro-batch of ", M, " tokens, allocated for ", max_tokens);
+  PL_CUDA_CHECK(cudaMemcpyAsync(ids.get(), ids_host, sizeof(int32_t) * M, cudaMemcpyHostToDevice, stream));
+  PL_CUDA_CHECK(cudaMemcpyAsync(targets.get(), targets_host, sizeof(int32_t) * M, cudaMemcpyHostToDevice, stream));
+  // Lower bounds (L·d numbers) from their raw parameters.
+  lower_bounds_forward_cuda(L, d, P(idx.lower_bounds), lb.get(), stream);
+}
+
 double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                                    float grad_scale) {
   Impl& g = *impl_;
-  const int64_t M = batch * seq, L = g.L, d = g.d;
-  PL_CHECK(M <= g.max_tokens, internal, "CudaModel: micro-batch of ", M, " tokens, allocated for ", g.max_tokens);
-  cudaStream_t s = g.stream;
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.ids.get(), ids, sizeof(int32_t) * M, cudaMemcpyHostToDevice, s));
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.targets.get(), targets, sizeof(int32_t) * M, cudaMemcpyHostToDevice, s));
-  // Lower bounds (L·d numbers) from their raw parameters.
-  lower_bounds_forward_cuda(L, d, g.P(g.idx.lower_bounds), g.lb.get(), s);
+  g.upload_batch(ids, targets, batch * seq);
   return g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, grad_scale)
                                 : g.forward_backward(g.saved32, batch, seq, grad_scale);
+}
+
+double CudaModel::forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq) {
+  Impl& g = *impl_;
+  g.upload_batch(ids, targets, batch * seq);
+  return g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, 0.f, false)
+                                : g.forward_backward(g.saved32, batch, seq, 0.f, false);
 }
 
 void CudaModel::add_expert_counts(std::vector<double>& counts) {

@@ -80,6 +80,9 @@ class CudaModel {
   // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
   // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order.
   double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale);
+  // The forward alone (evaluation): Σ losses of the micro-batch, PEER BatchNorm on its running
+  // statistics (Model::forward with PeerNormMode::eval). Leaves the gradient untouched.
+  double forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq);
   // Adds the retrievals of the last forward to counts (n_peer_layers(), N), as Model::add_expert_counts
   // (one copy of the ids to the host per PEER layer: 4·tokens·h·k bytes).
   void add_expert_counts(std::vector<double>& counts);

@@ -152,9 +152,20 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   EXPECT_LT(loss_cpu.back(), loss_cpu.front() - 1.0);
   EXPECT_LT(loss_gpu.back(), loss_gpu.front() - 1.0);
 
-  // The downloaded parameters are the GPU's, and a CPU forward of them gives the GPU's next loss
-  // up to the forward's float order.
+  // Evaluation on the GPU (forward only, PEER BatchNorm on its running statistics) equals the CPU's
+  // eval-mode forward of the downloaded GPU parameters, to the tolerance of a forward of equal
+  // parameters (step 1 above), and leaves the gradient alone.
+  const double g_before = cuda.grad_norm();
+  const double eval_gpu = cuda.forward_loss(ids.data(), targets.data(), B, T);
+  EXPECT_EQ(cuda.grad_norm(), g_before) << "forward_loss touched the gradient";
   cuda.download(p_gpu.data(), adam_gpu);
+  ForwardContext eval_ctx;
+  eval_ctx.peer_mode = PeerNormMode::eval;
+  const double eval_cpu = gpu_host.forward(p_gpu.data(), ids.data(), targets.data(), B, T, eval_ctx);
+  std::printf("evaluation of the GPU's parameters: cpu %.6f gpu %.6f\n", eval_cpu / (B * T), eval_gpu / (B * T));
+  EXPECT_LT(std::fabs(eval_gpu - eval_cpu) / eval_cpu, bf16 ? 5e-3 : 1e-5);
+
+  // The downloaded parameters are the GPU's: how far the two trajectories ended apart.
   double diff = 0;
   for (size_t i = 0; i < p_gpu.size(); ++i) diff = std::max(diff, std::fabs(double(p_gpu[i]) - p_cpu[i]));
   std::printf("max |parameter difference| after %lld steps: %.3e\n", static_cast<long long>(steps), diff);
