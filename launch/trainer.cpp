@@ -493,8 +493,14 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 #ifdef PEERLESS_HAVE_CUDA
   std::unique_ptr<CudaModel> cuda;
   if (gpu) {
-    PL_CHECK(world == 1, config, "run.device = \"cuda\" trains on one GPU for now (got ", world,
-             " ranks); data-parallel GPU training is not wired yet");
+    // Data parallel over GPUs (one rank each): whole weights and optimizer state on every rank, the
+    // gradient summed over the ranks after the backwards (CudaModel::all_reduce_grads).
+    PL_CHECK(world == 1 || !cfg.parallel.zero1, config,
+             "parallel.zero1 = true is not supported with run.device = \"cuda\" (every GPU keeps the whole "
+             "optimizer state); set parallel.zero1 = false");
+    PL_CHECK(!model.experts_sharded(), config, "parallel.expert_parallel = ", cfg.parallel.expert_parallel,
+             " shards the PEER tables over ranks, which run.device = \"cuda\" does not support; set "
+             "parallel.expert_parallel = 1 (every GPU holds whole tables)");
     CudaModelOptions copt;
     copt.bf16_activations = cfg.run.activations == "bf16";
     cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
@@ -561,7 +567,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     PL_ASSERT(loader.step() == step);
 #ifdef PEERLESS_HAVE_CUDA
     if (cuda) {
-      // One GPU: the same step as below, every tensor on the device.
+      // The same step as below, every tensor on the device; data parallel: one GPU per rank.
       cuda->zero_grads();
       double loss_sum = 0;
       for (int64_t a = 0; a < A; ++a) {
@@ -573,8 +579,12 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                  "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr, ")");
         loss_sum += loss;
       }
+      if (world > 1) {
+        cuda->all_reduce_grads(comm);
+        comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
+      }
       gpu_step_loss = loss_sum / static_cast<double>(G * T);
-      if (n_peer > 0) cuda->update_buffers(A);
+      if (n_peer > 0) cuda->update_buffers(A * world);
       gpu_gnorm = cuda->grad_norm();
       PL_CHECK(std::isfinite(gpu_gnorm), numeric, "the gradient norm is ", gpu_gnorm, " at step ", step);
       // Clipping as on the CPU path; the factor is applied as the optimizer reads the gradient.

@@ -54,6 +54,7 @@
 
 #include "model/model.h"
 #include "model/optimizer.h"
+#include "parallel/comm.h"
 
 namespace peerless {
 
@@ -89,6 +90,10 @@ class CudaModel {
   // PEER BatchNorm running statistics from the batch statistics the backwards summed into their
   // gradient slots (Model::update_buffers); call once per step after the last micro-batch.
   void update_buffers(int64_t micro_batches);
+  // Data parallel: sums the gradient (and the PEER BatchNorm statistics in its buffer slots) over
+  // comm's ranks, in place. NCCL reduces the device array directly; host backends (MPI) go through a
+  // host copy. Waits for the backward first and for the reduction after. No-op on one rank.
+  void all_reduce_grads(Comm& comm);
   double grad_norm();  // L2 norm of the gradient, accumulated in float64
   // One optimizer step, fused (model/ops/adamw.h): AdamW exactly as AdamW::step on the gradient
   // scaled by grad_factor (the clipping factor, 1 for none; equal to scaling first), the PEER tables
