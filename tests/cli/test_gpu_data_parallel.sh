@@ -1,8 +1,9 @@
 # Data parallel on GPUs (run.device = cuda, labelled gpu: needs a GPU): the same global batch trained
-# 20 steps on 1 rank with 2 accumulation steps and on 2 ranks with 1 gives the same losses (relative
-# difference < 1e-4, the bound and the reason of test_dp_equivalence.sh: the ranks sum the gradient
-# in another order, which once in a while flips an int8 activation code), and the same final
-# validation loss, which the GPU now computes itself. The 2-rank run uses the MPI backend, so both
+# 20 steps on 1 rank with 2 accumulation steps and on 2 ranks with 1 gives the same losses and
+# validation losses (relative difference < 3e-4). Why not equal: the ranks sum the gradient in another
+# order, which once in a while flips an int8 activation code (test_dp_equivalence.sh); measured on the
+# H100: 8.6e-5 for the losses, 5.0e-5 for the validations (the GPU computes them itself). Real
+# data-parallel bugs (a wrong scale, a missing reduction) show 1e-3 and more within a few steps. The 2-rank run uses the MPI backend, so both
 # ranks may share one GPU (NCCL refuses that; with one GPU per rank the NCCL path reduces the device
 # gradient directly). Settings the GPU model does not support are config errors naming their key.
 source "$(dirname "$0")/common.sh"
@@ -22,14 +23,14 @@ base, other = rows("g1"), rows("g2")
 assert len(base) == 21 and len(other) == 21, (len(base), len(other))
 worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(base, other))
 print(f"g2: max relative loss difference (20 steps + final validation) to 1 rank x 2 accumulation = {worst:.2e}")
-assert worst < 1e-4, worst
+assert worst < 3e-4, worst
 assert base[-1]["loss"] < base[0]["loss"] - 0.3, "the model did not learn"
 # Validation on the GPU: the in-loop evaluation at step 10 and the final one (the last line).
 vals = [(a["val_loss"], b["val_loss"]) for a, b in zip(base, other) if "val_loss" in a]
 assert len(vals) == 2, vals
 worst_val = max(abs(x - y) / x for x, y in vals)
 print(f"g2: validation {vals}, max relative difference {worst_val:.2e}")
-assert worst_val < 1e-4, worst_val
+assert worst_val < 3e-4, worst_val
 PY
 expect_error "GPU data parallel with ZeRO-1" "parallel.zero1" \
   mpi 2 "$bin" train "$src/configs/tiny.toml" "${common[@]}" --set parallel.backend=mpi --set run.name=gz \
