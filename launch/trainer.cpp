@@ -499,6 +499,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
              "parallel.zero1 = true is not supported with run.device = \"cuda\" (every GPU keeps the whole "
              "optimizer state); set parallel.zero1 = false");
     PL_CHECK(!model.experts_sharded(), config, "parallel.expert_parallel = ", cfg.parallel.expert_parallel,
+             cfg.parallel.expert_parallel == 0 ? " (all ranks)" : "",
              " shards the PEER tables over ranks, which run.device = \"cuda\" does not support; set "
              "parallel.expert_parallel = 1 (every GPU holds whole tables)");
     CudaModelOptions copt;
@@ -575,13 +576,19 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
         loader.fill(step, first, n, inputs.data(), targets.data());
         const double loss = cuda->forward_backward(inputs.data(), targets.data(), n, T, grad_scale);
         if (n_peer > 0) cuda->add_expert_counts(expert_counts);
-        PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
-                 "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr, ")");
+        // One rank: stop at once. Several: after the sums below, so that every rank stops together
+        // (a rank leaving alone would leave the others waiting in the collective).
+        PL_CHECK(world > 1 || std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step,
+                 " (micro-batch ", a, "); stopping before it corrupts the weights. Lower optim.lr (now ",
+                 cfg.optim.lr, ")");
         loss_sum += loss;
       }
       if (world > 1) {
         cuda->all_reduce_grads(comm);
         comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
+        PL_CHECK(std::isfinite(loss_sum), numeric, "the training loss is ", loss_sum, " at step ", step,
+                 " (summed over the ranks); stopping before it corrupts the weights. Lower optim.lr (now ",
+                 cfg.optim.lr, ")");
       }
       gpu_step_loss = loss_sum / static_cast<double>(G * T);
       if (n_peer > 0) cuda->update_buffers(A * world);

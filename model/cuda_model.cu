@@ -707,10 +707,16 @@ void CudaModel::all_reduce_grads(Comm& comm) {
     comm.synchronize();
     return;
   }
+  // Both copies on the model's stream (a non-blocking stream: the legacy stream of a plain cudaMemcpy
+  // is not ordered with it, and a pageable host-to-device copy may return before it lands).
   g.grads_host.resize(static_cast<size_t>(n));
-  PL_CUDA_CHECK(cudaMemcpy(g.grads_host.data(), g.grads.get(), sizeof(float) * n, cudaMemcpyDeviceToHost));
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.grads_host.data(), g.grads.get(), sizeof(float) * n, cudaMemcpyDeviceToHost,
+                                g.stream));
+  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
   comm.all_reduce(g.grads_host.data(), n, DType::f32, ReduceOp::sum);
-  PL_CUDA_CHECK(cudaMemcpy(g.grads.get(), g.grads_host.data(), sizeof(float) * n, cudaMemcpyHostToDevice));
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.grads.get(), g.grads_host.data(), sizeof(float) * n, cudaMemcpyHostToDevice,
+                                g.stream));
+  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // grads_host may be reused or resized after return
 }
 
 double CudaModel::grad_norm() {
