@@ -607,9 +607,13 @@ TEST_F(Cuda, glu_act_quant_fused_vs_unfused) {
 // Run twice: bit-identical (deterministic).
 TEST_F(Cuda, gate_act_quant_fused_vs_cpu) {
   for (const GateForm form : {GateForm::code, GateForm::paper}) {
-    for (const bool bf : {false, true}) {
-      const int64_t rows = 70, dim = 1024, n = rows * dim;
-      const std::string tag = std::string(form == GateForm::code ? "code" : "paper") + (bf ? " bf16" : " f32");
+    // dim 7: element loads and single columns; 770: column pairs with idle threads, element loads
+    // forward; 1024: 16-byte loads, every thread busy.
+    for (const bool bf : {false, true})
+      for (const int64_t dim : {int64_t{7}, int64_t{770}, int64_t{1024}}) {
+      const int64_t rows = 70, n = rows * dim;
+      const std::string tag = std::string(form == GateForm::code ? "code" : "paper") + (bf ? " bf16" : " f32") +
+                              " dim " + std::to_string(dim);
       SCOPED_TRACE(tag);
       const RmsNormShape s{rows, dim, 1e-6f};
       std::vector<float> ghat = normal(rng(), n, 2.0f), h = normal(rng(), n);
