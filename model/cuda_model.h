@@ -1,12 +1,13 @@
-// The MatMul-free LM trained on one GPU: the same forward and backward as Model (model/model.h),
+// The MatMul-free LM trained on a GPU (one per rank; all_reduce_grads sums the gradient over ranks):
+// the same forward and backward as Model (model/model.h),
 // op for op, through the CUDA launchers of model/ops (every op tested against its CPU reference in
 // tests/test_ops_cuda.cpp, tests/test_fused_cuda.cpp and tests/test_peer_cuda.cpp), plus the
 // gradient norm and AdamW fused with the ternary refresh on the device.
 //
 // Parameters, gradients, AdamW moments, ternary codes and activations live on the GPU in the same
 // flat layout as on the host; the host copies (the caller's params, the AdamW moments, the Model's
-// codes and β) are brought up to date by download() when something needs them (evaluation,
-// checkpoints, the model file) and pushed by upload() after a resume. β of the ternary weights also
+// codes and β) are brought up to date by download() when something needs them (checkpoints, the
+// model file, sampling; evaluation runs here, forward_loss) and pushed by upload() after a resume. β of the ternary weights also
 // reaches the host model after every optimizer step (one float per parameter tensor).
 //
 // Numerics against the CPU model: with fp32 activation storage the forward is the same up to float
@@ -41,7 +42,7 @@
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
 // PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, dense
-// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; one GPU. Every device buffer
+// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; no ZeRO-1. Every device buffer
 // of the model is allocated once, at construction, for the largest micro-batch (an arena in effect;
 // device_bytes() counts them); cuBLASLt's scratch for the int32 products (BlasLt, up to tokens × 2I
 // int32) grows on the first step and is not in device_bytes(); peak_bytes() reports everything the
