@@ -1,6 +1,6 @@
 // The MatMul-free LM trained on a GPU (one per rank; all_reduce_grads sums the gradient over ranks):
-// the same forward and backward as Model (model/model.h),
-// op for op, through the CUDA launchers of model/ops (every op tested against its CPU reference in
+// the same forward and backward as Model (model/model.h), op for op, through the CUDA launchers of
+// model/ops (every op tested against its CPU reference in
 // tests/test_ops_cuda.cpp, tests/test_fused_cuda.cpp and tests/test_peer_cuda.cpp), plus the
 // gradient norm and AdamW fused with the ternary refresh on the device.
 //
