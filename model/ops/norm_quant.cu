@@ -231,8 +231,8 @@ __device__ __forceinline__ void for_rows(const A* a, const A* b, int dim, int la
   }
 }
 
-// Shared memory per warp of the forward kernels: its row (dim floats), then the a/s table of
-// quant_row (kTableSlots bf16 bit patterns, 16-byte padded).
+// Shared memory per warp of the forward kernels: its row (dim floats); after all the block's rows,
+// one a/s table of quant_row per warp (kTableSlots ≥ 129 bf16 bit patterns, 2-byte aligned).
 constexpr int kTableSlots = 136;
 size_t fwd_smem_per_warp(int64_t dim) { return static_cast<size_t>(dim) * sizeof(float) + kTableSlots * 2; }
 __device__ __forceinline__ uint16_t* warp_table(float* smem, int64_t dim, int warp) {
