@@ -130,3 +130,11 @@ class Guarded {
     ASSERT_NE(info, nullptr) << #op " is missing from model/ops/op_registry.cpp";                  \
     EXPECT_TRUE(info->has_cuda) << #op " has a CUDA test but has_cuda = false in op_registry.cpp"; \
   }
+
+// What a gpu-labelled tests/test_*_cuda.cpp holds in a build without CUDA: one failing test saying
+// why, so the label never passes vacuously. Use at namespace scope under #ifndef PEERLESS_HAVE_CUDA.
+#define CUDA_TESTS_NEED_A_CUDA_BUILD()                                                                       \
+  TEST(cuda_backend, built_without_cuda) {                                                                 \
+    FAIL() << "this build has no CUDA backend (PEERLESS_CUDA=OFF or no nvcc): the gpu-labelled tests need a " \
+              "CUDA build on a GPU machine; CPU-only runs exclude them with ctest -LE gpu";                  \
+  }

@@ -66,10 +66,7 @@ OP_TEST_CUDA(adamw_ternary)
 
 #ifndef PEERLESS_HAVE_CUDA
 
-TEST(cuda_backend, built_without_cuda) {
-  FAIL() << "this build has no CUDA backend (PEERLESS_CUDA=OFF or no nvcc): the gpu-labelled tests need a "
-            "CUDA build on a GPU machine; CPU-only runs exclude them with ctest -LE gpu";
-}
+CUDA_TESTS_NEED_A_CUDA_BUILD()
 
 #else  // PEERLESS_HAVE_CUDA
 
