@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "data/synthetic.h"
 #include "runtime/error.h"
@@ -14,18 +15,35 @@ namespace fs = std::filesystem;
 namespace {
 
 const char* shakespeare_rel = "tinyshakespeare/input.txt";
+const char* brown_rel = "brown/input.txt";
 
-// The first ancestor of `start` (itself included) holding shared/data/tinyshakespeare/input.txt.
-std::string find_shared_upward(fs::path start) {
+// The first ancestor of `start` (itself included) holding the file `rel`.
+std::string find_upward(fs::path start, const fs::path& rel) {
   std::error_code ec;
   start = fs::absolute(start, ec);
   if (ec) return "";
   for (fs::path dir = start; !dir.empty(); dir = dir.parent_path()) {
-    const fs::path candidate = dir / "shared" / "data" / shakespeare_rel;
+    const fs::path candidate = dir / rel;
     if (fs::is_regular_file(candidate, ec)) return candidate.lexically_normal().string();
     if (dir == dir.parent_path()) break;
   }
   return "";
+}
+
+// find_upward from the current directory, then from the executable's directory.
+std::string find_from_cwd_or_exe(const fs::path& rel, const std::string& exe_path) {
+  std::string found = find_upward(fs::current_path(), rel);
+  if (found.empty() && !exe_path.empty()) found = find_upward(fs::path(exe_path).parent_path(), rel);
+  return found;
+}
+
+// The first line of the SOURCE file beside `file` (written by launch/fetch_default_text.sh), or "".
+std::string source_note(const std::string& file) {
+  std::ifstream in(fs::path(file).parent_path() / "SOURCE");
+  std::string line;
+  if (!in || !std::getline(in, line)) return "";
+  if (line.size() > 300) line.resize(300);
+  return line;
 }
 
 }  // namespace
@@ -41,20 +59,31 @@ DefaultSource resolve_default_data(const std::string& exe_path) {
     src.description = cat("Tiny Shakespeare from $PEERLESS_DATA_DIR (", file.string(), ")");
     return src;
   }
-  std::string found = find_shared_upward(fs::current_path());
-  if (found.empty() && !exe_path.empty()) found = find_shared_upward(fs::path(exe_path).parent_path());
-  if (!found.empty()) {
+  if (const std::string found = find_from_cwd_or_exe(fs::path("shared/data") / shakespeare_rel, exe_path);
+      !found.empty()) {
     src.kind = DefaultSourceKind::shared;
     src.inputs = {found};
     src.description = cat("Tiny Shakespeare from the shared data directory (", found, ")");
+    return src;
+  }
+  for (const char* rel : {shakespeare_rel, brown_rel}) {
+    const std::string found = find_from_cwd_or_exe(fs::path(default_fetched_dir) / rel, exe_path);
+    if (found.empty()) continue;
+    src.kind = DefaultSourceKind::fetched;
+    src.inputs = {found};
+    std::string note = source_note(found);
+    if (note.empty()) note = rel == shakespeare_rel ? "Tiny Shakespeare" : "the Brown corpus (POS tags stripped)";
+    src.description = cat(note, ", fetched by launch/fetch_default_text.sh (", found, ")");
     return src;
   }
   src.kind = DefaultSourceKind::synthetic;
   const std::string name = cat("synthetic:seed=", default_synthetic_seed, ",bytes=", default_synthetic_bytes);
   src.memory_inputs = {{name, generate_synthetic_text(default_synthetic_seed, default_synthetic_bytes)}};
   src.description = cat("the built-in synthetic language (", default_synthetic_bytes, " bytes, seed ",
-                        default_synthetic_seed, "): no PEERLESS_DATA_DIR and no shared/data/", shakespeare_rel,
-                        " above the current or the executable's directory");
+                        default_synthetic_seed, "): no PEERLESS_DATA_DIR, no shared/data/", shakespeare_rel,
+                        " and no text fetched into ", default_fetched_dir,
+                        " (launch/fetch_default_text.sh; needs the network) above the current or the executable's "
+                        "directory");
   return src;
 }
 
