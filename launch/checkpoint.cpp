@@ -268,6 +268,14 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
     char hash[32];
     std::snprintf(hash, sizeof hash, "%016llx", static_cast<unsigned long long>(s.data_hash));
     h5::write_attr(g, "data_hash", std::string(hash));
+    if (!s.grad_exponents.empty()) {
+      std::string e;
+      for (int32_t v : s.grad_exponents) {
+        if (!e.empty()) e += ',';
+        e += std::to_string(v);
+      }
+      h5::write_attr(g, "grad_exponents", e);
+    }
   }
   {
     // The schedule is a pure function of (step, max_steps, optim.*): its state is the step.
@@ -599,6 +607,25 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   m.state.window_loss = h5::read_float_attr(g, "window_loss");
   m.state.window_steps = h5::read_int_attr(g, "window_steps");
   m.state.data_hash = std::stoull(h5::read_string_attr(g, "data_hash"), nullptr, 16);
+  if (h5::has_attr(g, "grad_exponents")) {
+    const std::string e = h5::read_string_attr(g, "grad_exponents");
+    size_t at = 0;
+    while (at < e.size()) {
+      size_t used = 0;
+      int v = 0;
+      try {
+        v = std::stoi(e.substr(at), &used);
+      } catch (const std::exception&) {
+        PL_FAIL(data, path, ": state/grad_exponents is not a list of integers");
+      }
+      m.state.grad_exponents.push_back(v);
+      at += used;
+      if (at < e.size()) {
+        PL_CHECK(e[at] == ',', data, path, ": state/grad_exponents is not a comma-separated list");
+        ++at;
+      }
+    }
+  }
   PL_CHECK(m.state.loader.step == m.state.step + 1, data, path, ": loader cursor step ", m.state.loader.step,
            " does not follow the checkpoint step ", m.state.step);
   return m;

@@ -43,6 +43,9 @@ struct TrainState {
   double window_loss = 0;    // metrics averaging window: Σ step losses not yet logged
   int64_t window_steps = 0;
   uint64_t data_hash = 0;    // content hash of the training data file
+  // Deterministic mode: the fixed-point gradient exponent of every parameter (ExactGradSum), in
+  // layout order; empty when off (a resumed deterministic run then probes them again).
+  std::vector<int32_t> grad_exponents;
 };
 
 // Who writes what: writer w stores the flat ranges ranges[w] of the checkpoint's flat buffer, which

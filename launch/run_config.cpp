@@ -69,6 +69,8 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_float("parallel.timeout_s", &parallel.timeout_s, 0, 1e6, "abort when a collective takes longer (0 = never)");
   s.add_int("parallel.expert_parallel", &parallel.expert_parallel, 0, 1 << 20,
             "ranks per expert-parallel group (0 = all ranks)");
+  s.add_choice("parallel.deterministic", &parallel.deterministic, {"auto", "on", "off"},
+               "exact, split-independent sums: the same bits for any world size (auto = on)");
 
   s.add_float("optim.lr", &optim.lr, 0, 10, "peak learning rate");
   s.add_float("optim.lr_min", &optim.lr_min, 0, 10, "final learning rate of the decay");

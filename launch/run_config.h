@@ -47,6 +47,9 @@ struct ParallelSection {
   int64_t bucket_mb = 16;        // gradient exchange bucket size (MiB of fp32)
   double timeout_s = 300;        // a collective not done within this aborts the job (0 = never)
   int64_t expert_parallel = 0;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
+  // Bit-identical training for any world size / accumulation split (docs/parallel.md): "on" | "off" |
+  // "auto" (on; see deterministic_on()).
+  std::string deterministic = "auto";
 };
 
 struct CheckpointSection {

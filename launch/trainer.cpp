@@ -24,6 +24,7 @@
 #include "model/cuda_model.h"
 #endif
 #include "model/data_parallel.h"
+#include "model/exact_sum.h"
 #include "model/optimizer.h"
 #include "parallel/consistency.h"
 #include "parallel/topology.h"
@@ -103,10 +104,10 @@ std::string metrics_line(int64_t step, int64_t tokens, double loss, double lr, d
                          const double* val_loss, const PeerUsage* peer = nullptr) {
   char buf[512];
   int n = std::snprintf(buf, sizeof buf,
-                        "{\"step\": %lld, \"tokens\": %lld, \"loss\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, "
+                        "{\"step\": %lld, \"tokens\": %lld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.17g, "
                         "\"tokens_per_s\": %.1f",
                         static_cast<long long>(step), static_cast<long long>(tokens), loss, lr, grad_norm, tokens_per_s);
-  if (val_loss) n += std::snprintf(buf + n, sizeof buf - n, ", \"val_loss\": %.9g", *val_loss);
+  if (val_loss) n += std::snprintf(buf + n, sizeof buf - n, ", \"val_loss\": %.17g", *val_loss);
   std::string line = buf;
   // Only models with PEER layers get these keys: a dense model's key set stays exactly as documented.
   if (peer && !peer->usage.empty())
@@ -290,37 +291,35 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
                     int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm, const EvalForward& forward) {
   const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
   EvalWindows windows(tokens, seq_len, max_windows);
-  // Ranks take contiguous ranges of windows; the sums are added across ranks.
+  // Batch j holds windows [j·batch, (j + 1)·batch) whatever the world size, rank r runs batches
+  // j ≡ r (mod world), and the per-batch sums are added in batch order (ordered_sum): the result
+  // has the same bits on any number of ranks.
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
-  const int64_t lo = windows.count() * rank / world, hi = windows.count() * (rank + 1) / world;
-  double sums[2] = {0, 0};  // loss, tokens
+  const int64_t n_batches = (windows.count() + batch - 1) / batch;
+  std::vector<double> batch_loss(static_cast<size_t>(n_batches), 0.0);
   ForwardContext ctx;
   ctx.peer_mode = PeerNormMode::eval;  // PEER query BatchNorm: running statistics
   std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
   // Sharded expert tables make every forward collective over the expert group: then every rank
-  // runs as many forwards as the rank with the most windows, the extra ones on window 0, uncounted.
-  int64_t iterations = (hi - lo + batch - 1) / batch;
-  if (comm && model.experts_sharded()) {
-    const int64_t most = (windows.count() + world - 1) / world;
-    iterations = (most + batch - 1) / batch;
-  }
+  // runs as many forwards as the rank with the most batches, the extra ones on window 0, uncounted.
+  int64_t iterations = (n_batches - rank + world - 1) / world;
+  if (comm && model.experts_sharded()) iterations = (n_batches + world - 1) / world;
   for (int64_t i = 0; i < iterations; ++i) {
-    const int64_t first = lo + i * batch;
-    if (first >= hi) {
+    const int64_t j = i * world + rank;
+    if (j >= n_batches) {
       windows.fill(0, 1, inputs.data(), targets.data());
       model.forward(params, inputs.data(), targets.data(), 1, seq_len, ctx);
       continue;
     }
-    const int64_t n = std::min(batch, hi - first);
+    const int64_t first = j * batch, n = std::min(batch, windows.count() - first);
     windows.fill(first, n, inputs.data(), targets.data());
-    sums[0] += forward ? forward(inputs.data(), targets.data(), n, seq_len)
-                       : model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
-    sums[1] += static_cast<double>(n * seq_len);
+    batch_loss[j] = forward ? forward(inputs.data(), targets.data(), n, seq_len)
+                            : model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
   }
-  if (comm) comm->all_reduce(sums, 2, DType::f64, ReduceOp::sum);
   EvalResult r;
-  r.tokens = static_cast<int64_t>(sums[1]);
-  r.mean_loss = r.tokens ? sums[0] / sums[1] : 0.0;
+  r.tokens = windows.count() * seq_len;
+  const double loss = ordered_sum(batch_loss, comm);
+  r.mean_loss = r.tokens ? loss / static_cast<double>(r.tokens) : 0.0;
   return r;
 }
 
@@ -456,6 +455,10 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   model.refresh_ternary(params.data());
   model.refresh_peer_tables(params.data(), ep_comm.get());  // model.peer_ternary only
   DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20, replicas.get(), ep_comm.get());
+  const bool gpu = cfg.run.device == "cuda";
+  // parallel.deterministic = auto: on for the CPU path (docs/parallel.md: its cost there).
+  const bool deterministic = cfg.parallel.deterministic == "on" || (cfg.parallel.deterministic == "auto" && !gpu);
+  if (deterministic) dp.set_deterministic(A * world);
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
   loader.seek({static_cast<uint64_t>(cfg.run.seed), 1});
@@ -472,6 +475,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     tokens_seen = meta.state.tokens;
     window_loss = meta.state.window_loss;
     window_steps = meta.state.window_steps;
+    if (deterministic && !meta.state.grad_exponents.empty()) dp.exact()->set_exponents(meta.state.grad_exponents);
     if (lead) {
       std::printf("resumed from %s: step %lld, %s tokens; written by %d rank%s (ZeRO-1 %s), continuing on %d\n",
                   resume_dir.c_str(), static_cast<long long>(start_step), human_count(tokens_seen).c_str(), meta.world,
@@ -489,7 +493,6 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     }
   }  // run.device = "cuda": one GPU holds parameters, gradients, moments and activations; the host
   // copies (params, adam, the model's codes and β) are refreshed by sync_host() when needed.
-  const bool gpu = cfg.run.device == "cuda";
 #ifdef PEERLESS_HAVE_CUDA
   std::unique_ptr<CudaModel> cuda;
   if (gpu) {
@@ -602,44 +605,62 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     }
 #endif
     if (!gpu) {
-    std::fill(grads.begin(), grads.end(), 0.f);
-    std::fill(touched.begin(), touched.end(), 0);
-    dp.begin_step();
-    double loss_sum = 0;
-    for (int64_t a = 0; a < A; ++a) {
-      const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
-      loader.fill(step, first, n, inputs.data(), targets.data());
-      const double loss = model.forward(params.data(), inputs.data(), targets.data(), n, T, ctx);
-      PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
-               "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr,
-               ") or check the data; the metrics so far are in ", (run_dir / "metrics.jsonl").string());
-      // The last micro-batch's backward starts each bucket's exchange as soon as it is final.
-      model.backward(params.data(), ctx, grad_scale, grads.data(), a + 1 == A ? grad_ready : nullptr);
-      if (n_peer > 0) model.add_expert_counts(ctx, expert_counts);
-      if (!touched.empty()) model.mark_touched_rows(ctx, touched.data());
-      loss_sum += loss;
-    }
-    dp.finish_gradients(grads.data());
-    // A row is touched if any rank retrieved it: the union of the flags (N bytes per layer). With
-    // sharded tables the owner already has its group's union; the replicas of its rows add theirs.
-    Comm& touch_comm = replicas ? *replicas : comm;
-    if (!touched.empty() && touch_comm.size() > 1)
-      touch_comm.all_reduce(touched.data(), static_cast<int64_t>(touched.size()), DType::u8, ReduceOp::max);
-    // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches.
-    if (n_peer > 0) model.update_buffers(params.data(), grads.data(), A * world, dp.owned());
-    comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
-    const double step_loss = loss_sum / static_cast<double>(G * T);
-    const double gnorm = dp.grad_norm(grads.data());
-    PL_CHECK(std::isfinite(gnorm), numeric, "the gradient norm is ", gnorm, " at step ", step, " (loss ", step_loss,
-             "); stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
-    if (cfg.optim.grad_clip > 0 && gnorm > cfg.optim.grad_clip)
-      dp.scale_gradients(grads.data(), static_cast<float>(cfg.optim.grad_clip / gnorm));
-    const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
-    adam.step(params.data(), grads.data(), step, lr, touched.empty() ? nullptr : touched.data());
-    dp.refresh_and_gather(model, params.data());
-    model.refresh_peer_tables(params.data(), ep_comm.get());
-    gpu_step_loss = step_loss;
-    gpu_gnorm = gnorm;
+      // Deterministic mode: each micro-batch's gradient goes to the exact sum, which may ask for the
+      // step again (a gradient outgrew its fixed-point grid; always on the first step it runs).
+      const std::vector<double> counts_before = dp.deterministic() ? expert_counts : std::vector<double>{};
+      std::vector<double> micro_loss(static_cast<size_t>(A * world), 0.0);  // by global micro-batch
+      for (int attempt = 0;; ++attempt) {
+        std::fill(grads.begin(), grads.end(), 0.f);
+        std::fill(touched.begin(), touched.end(), 0);
+        dp.begin_step();
+        for (int64_t a = 0; a < A; ++a) {
+          const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
+          loader.fill(step, first, n, inputs.data(), targets.data());
+          const double loss = model.forward(params.data(), inputs.data(), targets.data(), n, T, ctx);
+          PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
+                   "); stopping before it corrupts the weights. Lower optim.lr (now ", cfg.optim.lr,
+                   ") or check the data; the metrics so far are in ", (run_dir / "metrics.jsonl").string());
+          if (dp.deterministic()) {
+            if (a > 0) std::fill(grads.begin(), grads.end(), 0.f);
+            model.backward(params.data(), ctx, grad_scale, grads.data(), nullptr, dp.exact());
+            dp.add_micro_batch(grads.data());
+          } else {
+            // The last micro-batch's backward starts each bucket's exchange as soon as it is final.
+            model.backward(params.data(), ctx, grad_scale, grads.data(), a + 1 == A ? grad_ready : nullptr);
+          }
+          if (n_peer > 0) model.add_expert_counts(ctx, expert_counts);
+          if (!touched.empty()) model.mark_touched_rows(ctx, touched.data());
+          micro_loss[first / B] = loss;
+        }
+        if (!dp.deterministic()) {
+          dp.finish_gradients(grads.data());
+          break;
+        }
+        if (dp.finish_exact(grads.data())) break;
+        if (n_peer > 0) expert_counts = counts_before;
+        if (lead && step > start_step + 1)
+          std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
+                      static_cast<long long>(step));
+      }
+      // A row is touched if any rank retrieved it: the union of the flags (N bytes per layer). With
+      // sharded tables the owner already has its group's union; the replicas of its rows add theirs.
+      Comm& touch_comm = replicas ? *replicas : comm;
+      if (!touched.empty() && touch_comm.size() > 1)
+        touch_comm.all_reduce(touched.data(), static_cast<int64_t>(touched.size()), DType::u8, ReduceOp::max);
+      // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches.
+      if (n_peer > 0) model.update_buffers(params.data(), grads.data(), A * world, dp.owned());
+      const double step_loss = ordered_sum(micro_loss, &comm) / static_cast<double>(G * T);
+      const double gnorm = dp.grad_norm(grads.data());
+      PL_CHECK(std::isfinite(gnorm), numeric, "the gradient norm is ", gnorm, " at step ", step, " (loss ", step_loss,
+               "); stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
+      if (cfg.optim.grad_clip > 0 && gnorm > cfg.optim.grad_clip)
+        dp.scale_gradients(grads.data(), static_cast<float>(cfg.optim.grad_clip / gnorm));
+      const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
+      adam.step(params.data(), grads.data(), step, lr, touched.empty() ? nullptr : touched.data());
+      dp.refresh_and_gather(model, params.data());
+      model.refresh_peer_tables(params.data(), ep_comm.get());
+      gpu_step_loss = step_loss;
+      gpu_gnorm = gnorm;
     }
     const double step_loss = gpu_step_loss, gnorm = gpu_gnorm;
     const double lr = learning_rate(cfg.optim, step, cfg.train.max_steps);
@@ -706,7 +727,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                                 (cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0);
     if (checkpoint_now) {
       sync_host();
-      const TrainState state{step, tokens_seen, loader.cursor(), G, window_loss, window_steps, data->content_hash()};
+      TrainState state{step, tokens_seen, loader.cursor(), G, window_loss, window_steps, data->content_hash(), {}};
+      if (dp.deterministic()) state.grad_exponents = dp.exact()->exponents();
       const auto written = write_checkpoint(ckpt_root, cfg, config_text, model, dp, params.data(), adam, state, comm);
       t_checkpoint = Clock::now();
       t_window += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(written.seconds));

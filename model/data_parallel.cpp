@@ -120,23 +120,43 @@ std::vector<Range> DataParallel::owned_by(int rank) const {
   return owned_ranges(buckets_, rank, zero1_, dp_.size(), model_.layout().total());
 }
 
+void DataParallel::set_deterministic(int64_t micro_batches) {
+  const auto& entries = model_.layout().entries();
+  std::vector<uint8_t> sparse(entries.size(), 0);
+  sharded_params_.assign(entries.size(), 0);
+  for (size_t i = 0; i < entries.size(); ++i)
+    if (is_peer_table(entries[i])) sparse[i] = 1, sharded_params_[i] = model_.experts_sharded();
+  exact_ = std::make_unique<ExactGradSum>(model_.layout(), micro_batches, std::move(sparse));
+}
+
+void DataParallel::add_micro_batch(const float* grads) { exact_->add_dense(grads); }
+
+bool DataParallel::finish_exact(float* grads) {
+  if (!exact_->fits(dp_)) return false;
+  exact_->reduce(dp_, replicas_, sharded_params_, grads);
+  return true;
+}
+
 DataParallel::Traffic DataParallel::traffic() const {
   Traffic t;
   const int W = dp_.size();
+  // Deterministic mode: int64 sums, all-reduced whole; ZeRO-1 gathers fp32 values of every bucket.
+  const double grad_word = exact_ ? 8.0 : 4.0;
   for (const auto& b : buckets_) {
     if (b.expert) {
-      if (replicas_->size() > 1) t.grad_bytes += 4.0 * static_cast<double>(b.end - b.begin);
+      if (replicas_->size() > 1) t.grad_bytes += grad_word * static_cast<double>(b.end - b.begin);
       continue;
     }
     const double n = static_cast<double>(zero1_ ? W * b.slice : b.end - b.begin);
-    t.grad_bytes += 4 * n;
-    if (zero1_) t.gather_bytes += b.ternary ? n / 4 : 4 * n;
+    t.grad_bytes += grad_word * (exact_ && zero1_ ? 2 * n : n);  // an all-reduce moves twice a reduce-scatter
+    if (zero1_) t.gather_bytes += b.ternary && !exact_ ? n / 4 : 4 * n;
     t.bf16_gather_bytes += 2 * n;
   }
   return t;
 }
 
 void DataParallel::begin_step() {
+  if (exact_) exact_->begin_step();
   pending_params_.assign(buckets_.size(), 0);
   for (size_t b = 0; b < buckets_.size(); ++b) pending_params_[b] = static_cast<int>(buckets_[b].params.size());
   param_seen_.assign(param_buckets_.size(), 0);
@@ -179,7 +199,23 @@ void DataParallel::exchange(int bucket, float* grads) {
   if (lo < hi) std::memcpy(grads + lo, recv_.data(), sizeof(float) * (hi - lo));
 }
 
+double DataParallel::grad_norm_exact(const float* grads) {
+  // Every rank holds the whole sum: parameters in layout order, tables as row partials in row order.
+  double total = 0;
+  for (const auto& p : model_.layout().entries()) {
+    if (!is_peer_table(p)) {
+      total += sum_squares(grads + p.offset, p.numel);
+      continue;
+    }
+    const int64_t width = p.shape[1], rows = p.numel / width, N = model_.peer_experts();
+    total += row_ordered_sum(grads + p.offset, rows, width, model_.expert_shard().first_row(N), N, RowSum::squares,
+                             model_.experts_sharded() ? expert_group_ : nullptr);
+  }
+  return std::sqrt(total);
+}
+
 double DataParallel::grad_norm(const float* grads) {
+  if (exact_) return grad_norm_exact(grads);
   // Replicated (or ZeRO-1 sliced) parameters and sharded tables are summed over different groups,
   // so the owned ranges are split at the tables' ranges.
   double sq = 0, sq_expert = 0;
@@ -221,6 +257,12 @@ void DataParallel::gather_values(const Bucket& b, float* params) {
 
 void DataParallel::refresh_and_gather(Model& model, float* params) {
   if (!zero1_ || dp_.size() == 1) {
+    model.refresh_ternary(params);
+    return;
+  }
+  if (exact_) {  // every owner's fp32 values, then β and codes from whole tensors as on one rank
+    for (const auto& b : buckets_)
+      if (!b.expert) gather_values(b, params);
     model.refresh_ternary(params);
     return;
   }

@@ -16,6 +16,14 @@
 // the forward never reads them (it uses codes and β), and gather_full_params() fetches them when
 // a full copy is needed (saving the model).
 //
+// Deterministic mode (parallel.deterministic, docs/parallel.md): the step's gradient is summed exactly
+// in fixed point (model/exact_sum.h: every micro-batch's gradient added in int64, all-reduced as
+// int64), so its bits do not depend on the world size or the accumulation split; with ZeRO-1 the
+// whole sum is all-reduced (every rank then computes the norm over the whole gradient, in the same
+// order as one rank) and the ternary buckets are gathered as fp32 values, from which every rank
+// computes β and the codes exactly as one rank does. Sharded PEER tables enter the norm as per-row
+// partial sums in row order (the same sum for any number of shards).
+//
 // Expert parallelism (Model::experts_sharded()): each PEER table holds this rank's rows only. The
 // tables get buckets of their own ("expert" buckets), all-reduced over `replicas` (the ranks holding
 // the same rows: equal ep_rank) instead of over all ranks, never cut by ZeRO-1 (the table's
@@ -25,9 +33,11 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "model/exact_sum.h"
 #include "model/model.h"
 #include "model/optimizer.h"
 #include "parallel/comm.h"
@@ -53,6 +63,10 @@ class DataParallel {
   // replicas and expert_group are needed when the model's tables are sharded (else ignored).
   DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes, Comm* replicas = nullptr,
                Comm* expert_group = nullptr);
+  // Deterministic mode over `micro_batches` global micro-batches per step (see above).
+  void set_deterministic(int64_t micro_batches);
+  bool deterministic() const { return exact_ != nullptr; }
+  ExactGradSum* exact() { return exact_.get(); }
 
   // The bucket plan for `world` ranks and the ranges rank `rank` owns under it: pure functions of
   // their arguments, so a checkpoint can name every rank's shard and tests can check any
@@ -73,6 +87,11 @@ class DataParallel {
   void begin_step();
   void param_ready(int param, float* grads);  // from Model::backward on the last micro-step
   void finish_gradients(float* grads);        // exchanges any bucket not yet started
+  // Deterministic mode: each micro-batch's gradient (zeroed before its backward) goes to
+  // add_micro_batch(); finish_exact() then sums over ranks into grads, or returns false when the
+  // step must be recomputed (ExactGradSum::fits()).
+  void add_micro_batch(const float* grads);
+  bool finish_exact(float* grads);
   // Global L2 norm of the reduced gradient (over owned ranges, summed across ranks with ZeRO-1).
   double grad_norm(const float* grads);
   void scale_gradients(float* grads, float factor);  // owned ranges only
@@ -84,6 +103,7 @@ class DataParallel {
 
  private:
   void exchange(int bucket, float* grads);
+  double grad_norm_exact(const float* grads);
   void gather_values(const Bucket& b, float* params);  // ZeRO-1: fp32 all-gather of one bucket
   int64_t owned_begin(const Bucket& b) const { return b.begin + dp_.rank() * b.slice; }
   int64_t owned_end(const Bucket& b) const;
@@ -101,6 +121,8 @@ class DataParallel {
   std::vector<float> stage_, recv_;              // ZeRO-1 staging (dp·slice), (slice)
   std::vector<uint8_t> stage_u8_;
   std::vector<int8_t> code_slice_;
+  std::unique_ptr<ExactGradSum> exact_;
+  std::vector<uint8_t> sharded_params_;  // per parameter: a sharded PEER table
 };
 
 }  // namespace peerless

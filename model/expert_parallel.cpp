@@ -147,9 +147,19 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
   send_rows(send_buf.data(), send_tokens_, recv_dy.data(), recv_tokens_, d);
 
   std::vector<float> dx_partial(R * d), recv_dgates(E);
-  peer_experts_gated_backward_cpu(PeerGatedShape{R, d, rows_per_, act_}, recv_x_.data(), recv_offsets_.data(),
-                                  recv_rows_.data(), recv_gates_.data(), recv_pre_act_.data(), table_, recv_dy.data(),
-                                  dx_partial.data(), recv_dgates.data(), table_grad_);
+  // One call per sender: each sender's rows summed apart (table_grads()); per-token results are the
+  // same as from one call.
+  table_grads_.resize(ep_.size());
+  std::vector<int64_t> offsets;
+  for (int r = 0; r < ep_.size(); ++r) {
+    const int64_t t0 = recv_tokens_.offsets[r], nt = recv_tokens_.counts[r], e0 = recv_entries_.offsets[r];
+    offsets.resize(nt + 1);
+    for (int64_t i = 0; i <= nt; ++i) offsets[i] = recv_offsets_[t0 + i] - e0;
+    peer_experts_gated_backward_cpu(PeerGatedShape{nt, d, rows_per_, act_}, recv_x_.data() + t0 * d, offsets.data(),
+                                    recv_rows_.data() + e0, recv_gates_.data() + e0, recv_pre_act_.data() + e0, table_,
+                                    recv_dy.data() + t0 * d, dx_partial.data() + t0 * d, recv_dgates.data() + e0,
+                                    table_grads_[r]);
+  }
 
   send_rows(dx_partial.data(), recv_tokens_, send_buf.data(), send_tokens_, d);
   std::vector<float> back_dgates(send_entries_.total());

@@ -6,8 +6,8 @@
 //             runs peer_experts_gated_* on its rows and sends one partial output per token back;
 //             the sender adds the partials in owner order (deterministic).
 //   backward  dy goes the same way; the owner returns dx partials and the gates' gradients and
-//             keeps the sparse gradient of its rows (sorted by row, then sender rank, token,
-//             entry: deterministic, no atomics).
+//             keeps the sparse gradient of its rows per sender rank (each sorted by row, then
+//             token, entry: deterministic, no atomics).
 // Four all_to_all_v calls forward (counts, x, entry lists, partials back) and four backward.
 #pragma once
 
@@ -40,9 +40,11 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
                 const float* dy, float* dx, float* dgates) override;
 
-  // After backward: the gradient of this rank's rows (local row numbers) from every token of the
-  // group that retrieved them.
-  const PeerSparseGrad<float>& table_grad() const { return table_grad_; }
+  // After backward: the gradient of this rank's rows (local row numbers), one sparse gradient per
+  // sender rank of the group (from that rank's tokens: one micro-batch), in rank order. Kept apart so
+  // that a row's sum over one micro-batch is the same float sum as on one rank (deterministic mode
+  // adds the micro-batches exactly; otherwise they are added in rank order).
+  const std::vector<PeerSparseGrad<float>>& table_grads() const { return table_grads_; }
   // Sets touched[r] = 1 for every local row some rank of the group retrieved in the last forward.
   void mark_rows(uint8_t* touched) const;
 
@@ -80,7 +82,7 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   std::vector<float> recv_x_, recv_gates_, recv_pre_act_;
   std::vector<int64_t> recv_offsets_;  // (received tokens + 1)
   std::vector<int32_t> recv_rows_;
-  PeerSparseGrad<float> table_grad_;
+  std::vector<PeerSparseGrad<float>> table_grads_;
   Stats stats_;
 };
 

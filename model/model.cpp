@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "model/exact_sum.h"
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
@@ -478,7 +479,7 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
 }
 
 void Model::backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
-                     const GradReady& grad_ready) const {
+                     const GradReady& grad_ready, ExactGradSum* exact) const {
   auto ready = [&](std::initializer_list<int> indices) {
     if (grad_ready)
       for (int i : indices) grad_ready(i);
@@ -523,8 +524,17 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
       pp.table = peer_table(params, b);  // straight-through: the gradient of the copy is the latent's
       peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx.data(), t0.data(), pg, c.peer_ep.get());
       // Sharded: the gradient of this rank's rows, from every token of the group that retrieved them.
-      peer_sparse_grad_scatter_add_cpu(c.peer_ep ? c.peer_ep->table_grad() : sg,
-                                       grads + layout_.at(b.peer_table).offset);
+      if (exact) {  // one micro-batch (one sender's tokens) at a time
+        if (c.peer_ep)
+          for (const auto& g : c.peer_ep->table_grads()) exact->add_rows(b.peer_table, g);
+        else
+          exact->add_rows(b.peer_table, sg);
+      } else if (c.peer_ep) {
+        for (const auto& g : c.peer_ep->table_grads())
+          peer_sparse_grad_scatter_add_cpu(g, grads + layout_.at(b.peer_table).offset);
+      } else {
+        peer_sparse_grad_scatter_add_cpu(sg, grads + layout_.at(b.peer_table).offset);
+      }
       if (c.peer.mode == PeerNormMode::train) {
         add_into(grads + layout_.at(b.peer_bn_mean).offset, c.peer_batch_mean.data(), ps.channels());
         add_into(grads + layout_.at(b.peer_bn_var).offset, c.peer_batch_var.data(), ps.channels());

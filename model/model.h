@@ -23,6 +23,8 @@
 
 namespace peerless {
 
+class ExactGradSum;
+
 // Index of each parameter of one block in the layout.
 // In a PEER block gate_*/down_* are -1 and the peer_* indices are set (else -1).
 struct BlockParams {
@@ -119,9 +121,11 @@ class Model {
   // Accumulates into grads (layout().total()) the gradient of grad_scale · Σ losses. When given,
   // grad_ready(param index) is called as soon as that parameter's gradient is final (used to start
   // the gradient exchange of a bucket while the rest of the backward runs).
+  // With `exact` (deterministic mode, model/exact_sum.h) the PEER tables' gradients are added there,
+  // one micro-batch's rows at a time, instead of into grads.
   using GradReady = std::function<void(int param)>;
   void backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
-                const GradReady& grad_ready = nullptr) const;
+                const GradReady& grad_ready = nullptr, ExactGradSum* exact = nullptr) const;
 
   // Recurrent inference: one token at a time with per-layer hidden state (B = 1).
   struct DecodeState {

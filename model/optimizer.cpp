@@ -176,7 +176,9 @@ AdamwStep adamw_step(const OptimConfig& c, int64_t t, double lr, float grad_fact
   return s;
 }
 
-double grad_norm_l2(const float* grads, int64_t n) {
+double grad_norm_l2(const float* grads, int64_t n) { return std::sqrt(sum_squares(grads, n)); }
+
+double sum_squares(const float* grads, int64_t n) {
   // Fixed chunks summed in order: the same bits for any thread count.
   constexpr int64_t kChunk = 1 << 14;
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
@@ -190,7 +192,7 @@ double grad_norm_l2(const float* grads, int64_t n) {
   }
   double total = 0;
   for (double s : partial) total += s;
-  return std::sqrt(total);
+  return total;
 }
 
 void scale_in_place(float* x, int64_t n, float factor) {

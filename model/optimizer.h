@@ -103,6 +103,8 @@ AdamwStep adamw_step(const OptimConfig& c, int64_t t, double lr, float grad_fact
 
 // Global L2 norm of grads[0, n) accumulated in float64 in a fixed order.
 double grad_norm_l2(const float* grads, int64_t n);
+// Σ g² in float64 over fixed chunks added in order: the same bits for any thread count.
+double sum_squares(const float* grads, int64_t n);
 void scale_in_place(float* x, int64_t n, float factor);
 
 }  // namespace peerless

@@ -1,0 +1,173 @@
+// Exact, split-independent sums (see exact_sum.h).
+#include "model/exact_sum.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "runtime/error.h"
+
+namespace peerless {
+
+int fixed_bits(int64_t n) {
+  PL_CHECK(n >= 1, internal, "fixed_bits(", n, ")");
+  int b = 0;
+  while ((int64_t{1} << b) < n) ++b;
+  PL_CHECK(b <= 40, config, "a deterministic sum of ", n, " terms leaves too few fixed-point bits");
+  return 62 - b;
+}
+
+int exponent_above(double max_abs) {
+  if (max_abs == 0) return kNoExponent;
+  int e = 0;
+  std::frexp(max_abs, &e);  // max_abs = f·2^e, f in [0.5, 1): max_abs < 2^e
+  return e;
+}
+
+double fixed_scale(int bits, int e) { return std::ldexp(1.0, bits - e); }
+
+double ordered_sum(std::vector<double>& values, Comm* comm) {
+  if (comm && comm->size() > 1 && !values.empty())
+    comm->all_reduce(values.data(), static_cast<int64_t>(values.size()), DType::f64, ReduceOp::sum);
+  double s = 0;
+  for (double v : values) s += v;
+  return s;
+}
+
+double row_ordered_sum(const float* local, int64_t rows, int64_t width, int64_t first, int64_t total_rows,
+                       RowSum what, Comm* group) {
+  PL_CHECK(first >= 0 && first + rows <= total_rows, internal, "row_ordered_sum: rows outside the table");
+  std::vector<double> part(static_cast<size_t>(total_rows), 0.0);
+#pragma omp parallel for schedule(static) if (rows * width >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* w = local + r * width;
+    double s = 0;
+    if (what == RowSum::squares)
+      for (int64_t c = 0; c < width; ++c) s += static_cast<double>(w[c]) * w[c];
+    else
+      for (int64_t c = 0; c < width; ++c) s += std::fabs(static_cast<double>(w[c]));
+    part[first + r] = s;
+  }
+  return ordered_sum(part, group);
+}
+
+ExactGradSum::ExactGradSum(const ParamLayout& layout, int64_t micro_batches, std::vector<uint8_t> sparse)
+    : layout_(layout), bits_(fixed_bits(micro_batches)), sparse_(std::move(sparse)) {
+  sparse_.resize(layout.entries().size(), 0);
+  exp_.assign(layout.entries().size(), kNoExponent);
+  max_.assign(layout.entries().size(), 0.f);
+  acc_.assign(layout.total(), 0);
+}
+
+void ExactGradSum::begin_step() {
+  std::fill(acc_.begin(), acc_.end(), 0);
+  std::fill(max_.begin(), max_.end(), 0.f);
+}
+
+void ExactGradSum::set_exponents(const std::vector<int32_t>& e) {
+  PL_CHECK(e.size() == exp_.size(), data, "deterministic gradient exponents: ", e.size(), " stored for ",
+           exp_.size(), " parameters");
+  exp_ = e;
+}
+
+void ExactGradSum::note_max(int param, float m) {
+  // NaN and ±Inf become +Inf, which every later max keeps.
+  if (!std::isfinite(m)) m = INFINITY;
+  max_[param] = std::max(max_[param], m);
+}
+
+namespace {
+// max |g| over n floats (+Inf when one is not finite).
+float max_abs(const float* g, int64_t n) {
+  float m = 0;
+  bool bad = false;
+#pragma omp parallel for simd reduction(max : m) reduction(|| : bad) schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) {
+    m = std::max(m, std::fabs(g[i]));
+    bad = bad || !std::isfinite(g[i]);
+  }
+  return bad ? INFINITY : m;
+}
+
+// acc += round(g · scale), element-wise (exact: the product is a float times a power of two).
+void add_fixed(const float* g, int64_t n, double scale, int64_t* acc) {
+#pragma omp parallel for simd schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) acc[i] += std::llrint(static_cast<double>(g[i]) * scale);
+}
+}  // namespace
+
+void ExactGradSum::add_dense(const float* grads) {
+  const auto& entries = layout_.entries();
+  for (size_t p = 0; p < entries.size(); ++p) {
+    if (sparse_[p]) continue;
+    const ParamInfo& info = entries[p];
+    const float m = max_abs(grads + info.offset, info.numel);
+    note_max(static_cast<int>(p), m);
+    // A term outside the grid (or an unknown grid) is not added: fits() will ask for the step again.
+    if (exp_[p] == kNoExponent || !(m < std::ldexp(1.0, exp_[p]))) continue;
+    add_fixed(grads + info.offset, info.numel, fixed_scale(bits_, exp_[p]), acc_.data() + info.offset);
+  }
+}
+
+void ExactGradSum::add_rows(int param, const PeerSparseGrad<float>& g) {
+  PL_CHECK(sparse_[param], internal, "ExactGradSum::add_rows on a dense parameter");
+  const ParamInfo& info = layout_.at(param);
+  const int64_t rows = static_cast<int64_t>(g.rows.size()), w = g.width;
+  const float m = max_abs(g.values.data(), rows * w);
+  note_max(param, m);
+  if (exp_[param] == kNoExponent || !(m < std::ldexp(1.0, exp_[param]))) return;
+  const double scale = fixed_scale(bits_, exp_[param]);
+  for (int64_t r = 0; r < rows; ++r) {
+    PL_CHECK((g.rows[r] + 1) * w <= info.numel, internal, "ExactGradSum::add_rows: row ", g.rows[r], " outside ",
+             info.name);
+    add_fixed(g.values.data() + r * w, w, scale, acc_.data() + info.offset + g.rows[r] * w);
+  }
+}
+
+bool ExactGradSum::fits(Comm& world) {
+  if (world.size() > 1) world.all_reduce(max_.data(), static_cast<int64_t>(max_.size()), DType::f32, ReduceOp::max);
+  bool ok = true;
+  const auto& entries = layout_.entries();
+  for (size_t p = 0; p < entries.size(); ++p) {
+    PL_CHECK(std::isfinite(max_[p]), numeric, "the gradient of ", entries[p].name,
+             " is not finite; stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
+    const int need = exponent_above(max_[p]);
+    if (need == kNoExponent || (exp_[p] != kNoExponent && need <= exp_[p])) continue;
+    exp_[p] = need + kHeadroom;
+    ok = false;
+  }
+  if (!ok) ++retries_;
+  return ok;
+}
+
+void ExactGradSum::reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& sharded, float* grads) {
+  const auto& entries = layout_.entries();
+  // Runs of consecutive parameters reduced over the same communicator, one all-reduce each.
+  size_t p = 0;
+  while (p < entries.size()) {
+    const bool sh = p < sharded.size() && sharded[p];
+    size_t q = p + 1;
+    while (q < entries.size() && (q < sharded.size() && sharded[q]) == sh) ++q;
+    Comm* c = sh ? replicas : &dp;
+    const int64_t lo = entries[p].offset;
+    const int64_t hi = q < entries.size() ? entries[q].offset : layout_.total();
+    if (c && c->size() > 1) c->all_reduce(acc_.data() + lo, hi - lo, DType::i64, ReduceOp::sum);
+    p = q;
+  }
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const ParamInfo& info = entries[i];
+    float* g = grads + info.offset;
+    const int64_t* a = acc_.data() + info.offset;
+    if (exp_[i] == kNoExponent) {
+      std::fill(g, g + info.numel, 0.f);
+      continue;
+    }
+    const double inv = std::ldexp(1.0, exp_[i] - bits_);
+#pragma omp parallel for simd schedule(static) if (info.numel >= (1 << 16))
+    for (int64_t j = 0; j < info.numel; ++j) g[j] = static_cast<float>(static_cast<double>(a[j]) * inv);
+    // The next step's grid: this step's largest term with headroom.
+    const int seen = exponent_above(max_[i]);
+    if (seen != kNoExponent) exp_[i] = seen + kHeadroom;
+  }
+}
+
+}  // namespace peerless

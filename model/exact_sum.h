@@ -1,0 +1,95 @@
+// Sums whose bits do not depend on how the work is split over ranks (parallel.deterministic,
+// docs/parallel.md "Deterministic reductions").
+//
+// Float addition is not associative: 1 rank summing 4 micro-batch gradients in a row, 2 ranks summing
+// 2 each and then each other's, and a ring all-reduce over 4 ranks give different last bits, and the
+// model's discrete decisions (ternary codes, int8 activation codes, PEER top-k) turn last bits into
+// different trajectories. Two tools make every world-size-dependent sum exact instead:
+//
+//  - Fixed point. A value x is rounded once to q = round(x · 2^(bits − e)) (int64), on a grid fixed by
+//    an exponent e that bounds every |x| of the sum (|x| < 2^e) and bits = 62 − ⌈log2 n⌉ for n terms.
+//    Integer sums are exact, so the result is the same for any order and any split; it is converted
+//    back to float once. The rounding loses nothing a float keeps unless |x| < 2^(e − bits + 24),
+//    i.e. about 2^−(38 − ⌈log2 n⌉) of the bound.
+//  - Ordered sums of owned values. A list of partial sums, each computed by exactly one rank, is
+//    all-reduced with zeros in the other ranks' places (x + 0 = x exactly, in any order), then summed
+//    in index order on every rank.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/ops/peer_experts.h"
+#include "parallel/comm.h"
+#include "runtime/param_layout.h"
+
+namespace peerless {
+
+// Grid bits for sums of at most n terms: 62 − ⌈log2 n⌉ (n ≥ 1), so n terms of |q| ≤ 2^bits fit in int64.
+int fixed_bits(int64_t n);
+// The smallest e with |x| < 2^e for every |x| ≤ max_abs (max_abs finite, ≥ 0); kNoExponent for 0.
+int exponent_above(double max_abs);
+inline constexpr int kNoExponent = -100000;
+// 2^(bits − e): multiplying a float by it is exact in double; llrint of the product is q.
+double fixed_scale(int bits, int e);
+
+// Σ values[i] in index order after an all-reduce over comm (null = this rank only), where every index
+// was filled by exactly one rank and is 0 on the others. values is overwritten.
+double ordered_sum(std::vector<double>& values, Comm* comm);
+
+// Σ over a row table sharded by rows over `group` (this rank holds rows [first, first + rows) of
+// total_rows, `width` floats each; null group = all rows here) of |w| or of w²: one float64 partial
+// per row in element order, then the partials in row order. The same bits for any number of shards.
+enum class RowSum { abs, squares };
+double row_ordered_sum(const float* local, int64_t rows, int64_t width, int64_t first, int64_t total_rows,
+                       RowSum what, Comm* group);
+
+// The exact gradient sum of one optimizer step over micro-batches and ranks.
+//
+// Every micro-batch's gradient is computed into zeroed floats and added here in fixed point, with one
+// exponent per parameter tensor. The exponent must bound the step's gradients before they exist, so
+// it comes from the previous step (its largest |g| times 2^kHeadroom); a step whose gradient does not
+// fit is detected by every rank alike (the maxima are all-reduced, and each micro-batch's maximum does
+// not depend on where it ran) and is recomputed with the exponents raised. Step 1 has no previous
+// step: it always runs twice. The exponents are training state: checkpoints store them.
+class ExactGradSum {
+ public:
+  static constexpr int kHeadroom = 4;  // the next step's bound: this step's max · 16
+
+  // micro_batches: the step's global number of micro-batches (terms per element). Parameters with
+  // sparse[p] get their gradient through add_rows() only (add_dense() skips them).
+  ExactGradSum(const ParamLayout& layout, int64_t micro_batches, std::vector<uint8_t> sparse);
+
+  void begin_step();  // zeroes the sums and the observed maxima
+  // One micro-batch's dense gradient (layout().total() floats).
+  void add_dense(const float* grads);
+  // One micro-batch's gradient of some rows of parameter `param` (rows of g.width elements, the
+  // parameter's local row numbers).
+  void add_rows(int param, const PeerSparseGrad<float>& g);
+
+  // Collective over `world`: all-reduces the observed maxima. True when every term fitted its grid;
+  // otherwise raises the exponents that overflowed and returns false: recompute the step. Throws a
+  // numeric error when a gradient is not finite.
+  bool fits(Comm& world);
+  // After fits(): the int64 sums over `dp` (or, for parameters with sharded[p], over `replicas`),
+  // written to grads as floats; then the exponents for the next step.
+  void reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& sharded, float* grads);
+
+  // Per parameter; kNoExponent = unknown (the next step probes).
+  const std::vector<int32_t>& exponents() const { return exp_; }
+  void set_exponents(const std::vector<int32_t>& e);
+  int bits() const { return bits_; }
+  int64_t retries() const { return retries_; }
+
+ private:
+  void note_max(int param, float m);
+  const ParamLayout& layout_;
+  int bits_;
+  std::vector<uint8_t> sparse_;
+  std::vector<int32_t> exp_;
+  std::vector<float> max_;  // per parameter: max |g| of any micro-batch term this step (NaN sticks)
+  std::vector<int64_t> acc_;
+  int64_t retries_ = 0;
+};
+
+}  // namespace peerless
