@@ -450,14 +450,15 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const int64_t base_rss = proc_status_bytes("VmRSS:");
   if (lead) std::printf("process before the model's buffers (VmRSS): %s = %lld bytes\n",
                         human_bytes(static_cast<double>(base_rss)).c_str(), static_cast<long long>(base_rss));
+  const bool gpu = cfg.run.device == "cuda";
+  // parallel.deterministic = auto: on for the CPU path (docs/parallel.md: its cost there).
+  const bool deterministic = cfg.parallel.deterministic == "on" || (cfg.parallel.deterministic == "auto" && !gpu);
+  model.set_deterministic(deterministic);
   std::vector<float> params(total), grads(total);
   model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
   model.refresh_ternary(params.data());
   model.refresh_peer_tables(params.data(), ep_comm.get());  // model.peer_ternary only
   DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20, replicas.get(), ep_comm.get());
-  const bool gpu = cfg.run.device == "cuda";
-  // parallel.deterministic = auto: on for the CPU path (docs/parallel.md: its cost there).
-  const bool deterministic = cfg.parallel.deterministic == "on" || (cfg.parallel.deterministic == "auto" && !gpu);
   if (deterministic) dp.set_deterministic(A * world);
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
@@ -647,8 +648,11 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
       Comm& touch_comm = replicas ? *replicas : comm;
       if (!touched.empty() && touch_comm.size() > 1)
         touch_comm.all_reduce(touched.data(), static_cast<int64_t>(touched.size()), DType::u8, ReduceOp::max);
-      // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches.
-      if (n_peer > 0) model.update_buffers(params.data(), grads.data(), A * world, dp.owned());
+      // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches
+      // (deterministic mode: every rank holds the whole sum and updates every buffer).
+      if (n_peer > 0)
+        model.update_buffers(params.data(), grads.data(), A * world,
+                             dp.deterministic() ? std::vector<Range>{{0, total}} : dp.owned());
       const double step_loss = ordered_sum(micro_loss, &comm) / static_cast<double>(G * T);
       const double gnorm = dp.grad_norm(grads.data());
       PL_CHECK(std::isfinite(gnorm), numeric, "the gradient norm is ", gnorm, " at step ", step, " (loss ", step_loss,

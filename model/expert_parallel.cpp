@@ -3,10 +3,69 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+
+#include "model/exact_sum.h"
 
 #include "runtime/error.h"
 
 namespace peerless {
+
+PeerTableBounds peer_table_bounds(const float* table, int64_t n_rows, int64_t d, Comm* group) {
+  double b[4] = {0, 0, 0, 0};  // max ‖u‖₁, max ‖v‖₁, max |u|, max |v|
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* u = table + r * 2 * d;
+    double l1u = 0, l1v = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      l1u += std::fabs(u[c]), l1v += std::fabs(u[d + c]);
+      b[2] = std::max(b[2], static_cast<double>(std::fabs(u[c])));
+      b[3] = std::max(b[3], static_cast<double>(std::fabs(u[d + c])));
+    }
+    b[0] = std::max(b[0], l1u), b[1] = std::max(b[1], l1v);
+  }
+  if (group && group->size() > 1) group->all_reduce(b, 4, DType::f64, ReduceOp::max);
+  return {b[0], b[1], b[2], b[3]};
+}
+
+namespace {
+// Per token t of rows (n, d): scale[t] = 2^(bits − e) with every term below 2^e, e from the bound
+// coef·max|row_t| + add (doubled for the float rounding of the terms).
+std::vector<double> token_scales(const float* rows, int64_t n, int64_t d, double coef, double add, int bits) {
+  std::vector<double> scale(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    double m = 0;
+    for (int64_t c = 0; c < d; ++c) m = std::max(m, static_cast<double>(std::fabs(rows[t * d + c])));
+    const double bound = 2 * (coef * m + add);
+    PL_CHECK(std::isfinite(bound), numeric, "PEER experts: a token's input or gradient is not finite");
+    const int e = exponent_above(bound);
+    scale[t] = e == kNoExponent ? 1.0 : fixed_scale(bits, e);
+  }
+  return scale;
+}
+}  // namespace
+
+void ShardedPeerExperts::gather_partials(const void* partial, int64_t T, int64_t d, const std::vector<double>& scale,
+                                         float* out) {
+  const int64_t S = send_tokens_.total();
+  if (!bounds_) {
+    std::vector<float> back(S * d);
+    send_rows(static_cast<const float*>(partial), recv_tokens_, back.data(), send_tokens_, d);
+    std::fill(out, out + T * d, 0.f);
+    for (int64_t i = 0; i < S; ++i) {  // owner order
+      float* o = out + send_token_[i] * d;
+      for (int64_t c = 0; c < d; ++c) o[c] += back[i * d + c];
+    }
+    return;
+  }
+  std::vector<int64_t> back(S * d), sum(T * d, 0);
+  exchange(partial, scaled(recv_tokens_, d), back.data(), scaled(send_tokens_, d), DType::i64);
+  for (int64_t i = 0; i < S; ++i) {
+    int64_t* o = sum.data() + send_token_[i] * d;
+    for (int64_t c = 0; c < d; ++c) o[c] += back[i * d + c];
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < d; ++c) out[t * d + c] = static_cast<float>(static_cast<double>(sum[t * d + c]) / scale[t]);
+}
 
 ShardedPeerExperts::ShardedPeerExperts(Comm& ep, int64_t n_experts) : ep_(ep), n_experts_(n_experts) {
   PL_CHECK(ep.size() >= 1 && n_experts % ep.size() == 0, config, "parallel.expert_parallel = ", ep.size(),
@@ -123,17 +182,25 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
            " listed");
 
   // The owner's partial outputs, back to the senders.
-  std::vector<float> partial(R * d);
   recv_pre_act_.resize(E);
-  peer_experts_gated_forward_cpu(PeerGatedShape{R, d, rows_per_, s.act}, recv_x_.data(), recv_offsets_.data(),
-                                 recv_rows_.data(), recv_gates_.data(), table_, partial.data(), recv_pre_act_.data());
-  send_rows(partial.data(), recv_tokens_, send_x.data(), send_tokens_, d);
-  std::fill(out, out + T * d, 0.f);
-  for (int64_t i = 0; i < send_tokens_.total(); ++i) {  // owner order
-    float* o = out + send_token_[i] * d;
-    const float* p = send_x.data() + i * d;
-    for (int64_t c = 0; c < d; ++c) o[c] += p[c];
+  std::vector<float> partial;
+  std::vector<int64_t> partial_q;
+  PeerFixedOut fixed;
+  std::vector<double> recv_scale, scale;
+  if (bounds_) {
+    bits_ = fixed_bits(hk);
+    const double coef = bounds_->u_l1 * bounds_->v_max, add = bounds_->v_max;
+    recv_scale = token_scales(recv_x_.data(), R, d, coef, add, bits_);
+    scale = token_scales(x, T, d, coef, add, bits_);
+    partial_q.resize(R * d);
+    fixed = {recv_scale.data(), partial_q.data()};
+  } else {
+    partial.resize(R * d);
   }
+  peer_experts_gated_forward_cpu(PeerGatedShape{R, d, rows_per_, s.act}, recv_x_.data(), recv_offsets_.data(),
+                                 recv_rows_.data(), recv_gates_.data(), table_, partial.data(), recv_pre_act_.data(),
+                                 fixed);
+  gather_partials(bounds_ ? static_cast<const void*>(partial_q.data()) : partial.data(), T, d, scale, out);
 }
 
 void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const int32_t*, const float*,
@@ -146,7 +213,14 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
     std::copy(dy + send_token_[i] * d, dy + (send_token_[i] + 1) * d, send_buf.begin() + i * d);
   send_rows(send_buf.data(), send_tokens_, recv_dy.data(), recv_tokens_, d);
 
-  std::vector<float> dx_partial(R * d), recv_dgates(E);
+  std::vector<float> dx_partial(bounds_ ? 0 : R * d), recv_dgates(E);
+  std::vector<int64_t> dx_q(bounds_ ? R * d : 0);
+  std::vector<double> recv_scale, scale;
+  if (bounds_) {  // 1.2 ≥ max σ′ (GELU′ peaks at 1.13)
+    const double coef = 1.2 * bounds_->v_l1 * bounds_->u_max;
+    recv_scale = token_scales(recv_dy.data(), R, d, coef, 0, bits_);
+    scale = token_scales(dy, T, d, coef, 0, bits_);
+  }
   // One call per sender: each sender's rows summed apart (table_grads()); per-token results are the
   // same as from one call.
   table_grads_.resize(ep_.size());
@@ -155,21 +229,16 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
     const int64_t t0 = recv_tokens_.offsets[r], nt = recv_tokens_.counts[r], e0 = recv_entries_.offsets[r];
     offsets.resize(nt + 1);
     for (int64_t i = 0; i <= nt; ++i) offsets[i] = recv_offsets_[t0 + i] - e0;
+    const PeerFixedOut fixed = bounds_ ? PeerFixedOut{recv_scale.data() + t0, dx_q.data() + t0 * d} : PeerFixedOut{};
     peer_experts_gated_backward_cpu(PeerGatedShape{nt, d, rows_per_, act_}, recv_x_.data() + t0 * d, offsets.data(),
                                     recv_rows_.data() + e0, recv_gates_.data() + e0, recv_pre_act_.data() + e0, table_,
-                                    recv_dy.data() + t0 * d, dx_partial.data() + t0 * d, recv_dgates.data() + e0,
-                                    table_grads_[r]);
+                                    recv_dy.data() + t0 * d, bounds_ ? nullptr : dx_partial.data() + t0 * d,
+                                    recv_dgates.data() + e0, table_grads_[r], fixed);
   }
 
-  send_rows(dx_partial.data(), recv_tokens_, send_buf.data(), send_tokens_, d);
+  gather_partials(bounds_ ? static_cast<const void*>(dx_q.data()) : dx_partial.data(), T, d, scale, dx);
   std::vector<float> back_dgates(send_entries_.total());
   exchange(recv_dgates.data(), recv_entries_, back_dgates.data(), send_entries_, DType::f32);
-  std::fill(dx, dx + T * d, 0.f);
-  for (int64_t i = 0; i < send_tokens_.total(); ++i) {  // owner order
-    float* o = dx + send_token_[i] * d;
-    const float* p = send_buf.data() + i * d;
-    for (int64_t c = 0; c < d; ++c) o[c] += p[c];
-  }
   for (int64_t i = 0; i < send_entries_.total(); ++i) dgates[send_entry_[i]] = back_dgates[i];
 }
 

@@ -19,6 +19,19 @@
 
 namespace peerless {
 
+// Deterministic mode (parallel.deterministic): the owners' partial sums (outputs forward, dx
+// backward) are int64 fixed point on a per-token grid (PeerFixedOut) fixed by a bound on the terms
+// that sender and owners compute alike from the token's row (x or dy, which both hold bit for bit)
+// and these whole-table bounds: forward |g·σ(uᵀx)·v_c| ≤ max‖u‖₁·max|x_t|·max|v|, backward
+// |dz·u_c| ≤ max‖v‖₁·max|dy_t|·max σ′·max|u|. The sums are exact, so 1, 2 or 4 shards (and one rank
+// with no sharding, which runs the same exchange over itself) give the same bits. Extra bytes: the
+// partials travel as int64 instead of float (2x those two messages).
+struct PeerTableBounds {
+  double u_l1 = 0, v_l1 = 0, u_max = 0, v_max = 0;
+};
+// The bounds of a table of n_rows rows [u | v] (2d floats each), max-reduced over `group` (null = here).
+PeerTableBounds peer_table_bounds(const float* table, int64_t n_rows, int64_t d, Comm* group);
+
 // Which rows of each expert table this rank holds.
 struct ExpertShard {
   int shards = 1, shard = 0;
@@ -35,6 +48,8 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
 
   // This rank's rows (N/P, 2d) of the table; set before forward, unchanged until backward.
   void set_table(const float* local_rows) { table_ = local_rows; }
+  // Deterministic mode: fixed-point partial sums on grids from these bounds (null = float partials).
+  void set_fixed(const PeerTableBounds* bounds) { bounds_ = bounds; }
   void forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
                float* out) override;
   void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
@@ -65,12 +80,17 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   static Lists lists_of(std::vector<int64_t> counts);
   static Lists scaled(const Lists& l, int64_t by);
   void send_rows(const float* src, const Lists& send, float* dst, const Lists& recv, int64_t width);
+  // The owners' partial rows (float, or int64 when fixed) back to the senders, added per token into
+  // out (T, d): in owner order (float) or exactly (int64, then divided by the token's scale).
+  void gather_partials(const void* partial, int64_t T, int64_t d, const std::vector<double>& scale, float* out);
   // all_to_all_v over ep_, counted in stats_.
   void exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type);
 
   Comm& ep_;
   int64_t n_experts_, rows_per_;
   const float* table_ = nullptr;
+  const PeerTableBounds* bounds_ = nullptr;
+  int bits_ = 0;  // fixed-point grid bits for heads·k terms per token
   int64_t dim_ = 0;
   PeerActivation act_ = PeerActivation::relu;
   // Sender side: the (owner, token) pairs in send order (owner-major, tokens ascending), and the

@@ -272,16 +272,38 @@ std::vector<int8_t>& Model::mutable_codes() {
   return codes_;
 }
 
+void Model::set_deterministic(bool on) {
+  deterministic_ = on;
+  if (on && !experts_sharded() && !peer_blocks_.empty() && !self_comm_) self_comm_ = make_single_comm();
+}
+
 void Model::refresh_peer_tables(const float* params, Comm* ep) {
+  if (deterministic_) {  // the experts' fixed-point grids, from the tables they will compute with
+    refresh_peer_copies(params, ep);
+    peer_bounds_.clear();
+    const int64_t d = config_.d_model;
+    for (const auto& b : blocks_)
+      if (b.peer >= 0) peer_bounds_.push_back(peer_table_bounds(peer_table(params, b), peer_table_rows(), d, ep));
+    return;
+  }
+  refresh_peer_copies(params, ep);
+}
+
+void Model::refresh_peer_copies(const float* params, Comm* ep) {
   if (!config_.peer_ternary) return;
   peer_tables_.resize(peer_blocks_.size());
   std::vector<double> sums;
+  const int64_t N = peer_experts(), width = 2 * config_.d_model;
   for (const auto& b : blocks_)
     if (b.peer >= 0) {
       const ParamInfo& t = layout_.at(b.peer_table);
-      sums.push_back(abs_sum_cpu(t.numel, params + t.offset));
+      // Deterministic: row partials in row order, the same sum for any number of shards.
+      sums.push_back(deterministic_ ? row_ordered_sum(params + t.offset, peer_table_rows(), width,
+                                                      shard_.first_row(N), N, RowSum::abs, ep)
+                                    : abs_sum_cpu(t.numel, params + t.offset));
     }
-  if (ep && ep->size() > 1) ep->all_reduce(sums.data(), static_cast<int64_t>(sums.size()), DType::f64, ReduceOp::sum);
+  if (!deterministic_ && ep && ep->size() > 1)
+    ep->all_reduce(sums.data(), static_cast<int64_t>(sums.size()), DType::f64, ReduceOp::sum);
   std::vector<int8_t> codes;
   for (const auto& b : blocks_) {
     if (b.peer < 0) continue;
@@ -446,10 +468,15 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
       }
       auto pp = peer_params(layout_, b, params, mean, var);
       pp.table = peer_table(params, b);
-      if (experts_sharded()) {
-        PL_CHECK(ep_comm_ != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
-        if (!c.peer_ep) c.peer_ep = std::make_shared<ShardedPeerExperts>(*ep_comm_, peer_experts());
+      if (experts_sharded() || deterministic_) {
+        PL_CHECK(expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
+        if (!c.peer_ep) c.peer_ep = std::make_shared<ShardedPeerExperts>(*expert_comm(), peer_experts());
         c.peer_ep->set_table(pp.table);
+        if (deterministic_) {
+          PL_CHECK(b.peer < static_cast<int>(peer_bounds_.size()), internal,
+                   "deterministic PEER experts without table bounds (refresh_peer_tables not called)");
+          c.peer_ep->set_fixed(&peer_bounds_[b.peer]);
+        }
       }
       c.peer = peer_layer_forward_cpu(ps, ctx.peer_mode, pp, c.xn2.data(), tmp.data(), c.peer_ep.get());
       add_into(x.data(), tmp.data(), M * d);

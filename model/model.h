@@ -92,6 +92,13 @@ class Model {
   const ExpertShard& expert_shard() const { return shard_; }
   bool experts_sharded() const { return shard_.shards > 1; }
   void set_expert_comm(Comm* ep) { ep_comm_ = ep; }
+  // parallel.deterministic: PEER experts sum on fixed-point grids (model/expert_parallel.h), through
+  // the expert exchange even when the tables are not sharded (over this rank alone), and the tables'
+  // β of model.peer_ternary is a row-ordered sum; either way the bits do not depend on the number
+  // of shards. refresh_peer_tables() computes the grids' table bounds: call it after every change of
+  // the tables (the trainer does).
+  void set_deterministic(bool on);
+  bool deterministic() const { return deterministic_; }
   // Copies one rank's parameters into another layout of the same model (e.g. a sharded rank's into
   // the unsharded one): every parameter but the expert tables, which the caller assembles.
   static void copy_dense_params(const Model& from, const float* src, const Model& to, float* dst);
@@ -181,6 +188,10 @@ class Model {
   ModelConfig config_;
   ExpertShard shard_;
   Comm* ep_comm_ = nullptr;
+  bool deterministic_ = false;
+  std::unique_ptr<Comm> self_comm_;            // deterministic, unsharded: the exchange over this rank
+  std::vector<PeerTableBounds> peer_bounds_;   // deterministic: per PEER layer (refresh_peer_tables)
+  Comm* expert_comm() const { return experts_sharded() ? ep_comm_ : self_comm_.get(); }
   int64_t inter_ = 0;
   GateForm gate_form_ = GateForm::code;
   GluActivation glu_act_ = GluActivation::silu;
@@ -200,6 +211,7 @@ class Model {
   std::vector<int8_t> codes_;  // (layout().total()) ternary codes at each weight's offset
   std::vector<std::vector<float>> peer_tables_;  // model.peer_ternary: t·β per PEER layer (this rank's rows)
   const float* peer_table(const float* params, const BlockParams& b) const;
+  void refresh_peer_copies(const float* params, Comm* ep);  // model.peer_ternary: t·β
   std::vector<float> betas_;   // (n params) β per ternary weight, 0 elsewhere
 };
 

@@ -92,23 +92,50 @@ void check_gated(const PeerGatedShape& s, const int64_t* offsets, const int32_t*
              " is outside [0, ", s.n_rows, ")");
 }
 
+// One token's output row: floats summed in entry order, or (fixed) int64 sums of the terms rounded on
+// the token's grid, q += round(term · scale): exact, so any split of the entries adds up the same.
+template <typename T>
+struct RowSum {
+  T* f = nullptr;
+  int64_t* q = nullptr;
+  double scale = 0;
+  void zero(int64_t d) {
+    for (int64_t c = 0; c < d; ++c) q ? void(q[c] = 0) : void(f[c] = T(0));
+  }
+  void add(const T w, const T* v, int64_t d) {
+    if (q) {
+      for (int64_t c = 0; c < d; ++c) {
+        const T term = w * v[c];
+        q[c] += std::llrint(static_cast<double>(term) * scale);
+      }
+    } else {
+      for (int64_t c = 0; c < d; ++c) f[c] += w * v[c];
+    }
+  }
+};
+template <typename T>
+RowSum<T> row_sum(T* out, const PeerFixedOut& fixed, int64_t t, int64_t d) {
+  if (fixed.q) return {nullptr, fixed.q + t * d, fixed.scale[t]};
+  return {out + t * d, nullptr, 0};
+}
+
 template <typename T>
 void gated_forward(const PeerGatedShape& s, const T* x, const int64_t* offsets, const int32_t* rows, const T* gates,
-                   const T* table, T* out, T* pre_act) {
+                   const T* table, T* out, T* pre_act, const PeerFixedOut& fixed = {}) {
   const int64_t d = s.dim;
   const int64_t entries = s.tokens ? offsets[s.tokens] : 0;
 #pragma omp parallel for schedule(static) if (entries * d >= detail::kParallelMin)
   for (int64_t t = 0; t < s.tokens; ++t) {
     const T* xt = x + t * d;
-    T* ot = out + t * d;
-    for (int64_t c = 0; c < d; ++c) ot[c] = T(0);
+    RowSum<T> ot = row_sum(out, fixed, t, d);
+    ot.zero(d);
     for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
       const T* u = table + static_cast<int64_t>(rows[e]) * 2 * d;
       const T* v = u + d;
       const T z = detail::dot(u, xt, d);
       pre_act[e] = z;
       const T w = gates[e] * activation(s.act, z);
-      for (int64_t c = 0; c < d; ++c) ot[c] += w * v[c];
+      ot.add(w, v, d);
     }
   }
 }
@@ -117,7 +144,8 @@ void gated_forward(const PeerGatedShape& s, const T* x, const int64_t* offsets, 
 //   dv_row += w·dy_t; dw = v_rowᵀdy_t; dz = g·dw·σ′(z); du_row += dz·x_t; dx_t += dz·u_row; dg = a·dw.
 template <typename T>
 void gated_backward(const PeerGatedShape& s, const T* x, const int64_t* offsets, const int32_t* rows, const T* gates,
-                    const T* pre_act, const T* table, const T* dy, T* dx, T* dgates, PeerSparseGrad<T>& dtable) {
+                    const T* pre_act, const T* table, const T* dy, T* dx, T* dgates, PeerSparseGrad<T>& dtable,
+                    const PeerFixedOut& fixed = {}) {
   const int64_t d = s.dim;
   const int64_t count = s.tokens ? offsets[s.tokens] : 0;
   // Per entry: the coefficient of x_t in du_row and of dy_t in dv_row, and the entry's token.
@@ -126,8 +154,8 @@ void gated_backward(const PeerGatedShape& s, const T* x, const int64_t* offsets,
 #pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
   for (int64_t t = 0; t < s.tokens; ++t) {
     const T* dyt = dy + t * d;
-    T* dxt = dx + t * d;
-    for (int64_t c = 0; c < d; ++c) dxt[c] = T(0);
+    RowSum<T> dxt = row_sum(dx, fixed, t, d);
+    dxt.zero(d);
     for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
       const T* u = table + static_cast<int64_t>(rows[e]) * 2 * d;
       const T* v = u + d;
@@ -135,7 +163,7 @@ void gated_backward(const PeerGatedShape& s, const T* x, const int64_t* offsets,
       const T a = activation(s.act, z);
       const T dw = detail::dot(v, dyt, d);
       const T dz = g * dw * activation_grad(s.act, z);
-      for (int64_t c = 0; c < d; ++c) dxt[c] += dz * u[c];
+      dxt.add(dz, u, d);
       coef_u[e] = dz;
       coef_v[e] = g * a;
       dgates[e] = a * dw;
@@ -233,16 +261,16 @@ void peer_experts_backward_cpu(const PeerExpertsShape& s, const double* x, const
 }
 void peer_experts_gated_forward_cpu(const PeerGatedShape& s, const float* x, const int64_t* offsets,
                                     const int32_t* rows, const float* gates, const float* table, float* out,
-                                    float* pre_act) {
+                                    float* pre_act, const PeerFixedOut& fixed) {
   check_gated<float>(s, offsets, rows);
-  gated_forward(s, x, offsets, rows, gates, table, out, pre_act);
+  gated_forward(s, x, offsets, rows, gates, table, out, pre_act, fixed);
 }
 void peer_experts_gated_backward_cpu(const PeerGatedShape& s, const float* x, const int64_t* offsets,
                                      const int32_t* rows, const float* gates, const float* pre_act,
                                      const float* table, const float* dy, float* dx, float* dgates,
-                                     PeerSparseGrad<float>& dtable) {
+                                     PeerSparseGrad<float>& dtable, const PeerFixedOut& fixed) {
   check_gated<float>(s, offsets, rows);
-  gated_backward(s, x, offsets, rows, gates, pre_act, table, dy, dx, dgates, dtable);
+  gated_backward(s, x, offsets, rows, gates, pre_act, table, dy, dx, dgates, dtable, fixed);
 }
 void peer_softmax_gates_cpu(int64_t groups, int64_t k, const float* scores, float* gates) {
   softmax_gates(groups, k, scores, gates);

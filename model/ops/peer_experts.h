@@ -77,16 +77,25 @@ struct PeerGatedShape {
   int64_t n_rows = 0;  // rows of the (local) table
   PeerActivation act = PeerActivation::relu;
 };
+// Fixed-point per-token sums (parallel.deterministic, model/expert_parallel.h): when q is set, the
+// output rows (out of the forward, dx of the backward) are written to q (tokens, d) instead, as
+// Σ_entries round(term · scale[t]) in int64, every term the float the float path would add. With a
+// scale that bounds the terms (|term·scale| ≤ 2^(62 − ⌈log2 entries⌉)) the sums are exact, so owners'
+// partial sums over any split of a token's entries add up to the same integers.
+struct PeerFixedOut {
+  const double* scale = nullptr;  // (tokens) powers of two
+  int64_t* q = nullptr;           // (tokens, d)
+};
 // -> out (tokens, d) overwritten, pre_act (entries) = u_rowᵀx. Bit-identical for any thread count.
 void peer_experts_gated_forward_cpu(const PeerGatedShape& s, const float* x, const int64_t* offsets,
                                     const int32_t* rows, const float* gates, const float* table, float* out,
-                                    float* pre_act);
+                                    float* pre_act, const PeerFixedOut& fixed = {});
 // -> dx (tokens, d) and dgates (entries) overwritten (dg = σ(z)·v_rowᵀdy), dtable replaced by the
 // sparse gradient of the rows listed (sorted by row, then entry). Bit-identical for any thread count.
 void peer_experts_gated_backward_cpu(const PeerGatedShape& s, const float* x, const int64_t* offsets,
                                      const int32_t* rows, const float* gates, const float* pre_act,
                                      const float* table, const float* dy, float* dx, float* dgates,
-                                     PeerSparseGrad<float>& dtable);
+                                     PeerSparseGrad<float>& dtable, const PeerFixedOut& fixed = {});
 
 // gates (tokens, heads, k) = softmax of each head's k scores (max-shifted), and its backward
 // dscores = g ⊙ (dg − ⟨g, dg⟩) per head; what peer_experts_* compute around the gated form.
