@@ -22,6 +22,7 @@
 #include "launch/commands.h"
 #include "launch/run_config.h"
 #include "model/cuda_model.h"
+#include "model/exact_sum.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
 #include "runtime/error.h"
@@ -80,7 +81,7 @@ std::vector<int64_t> parse_list(const std::string& option, const std::string& te
 
 int bench_train(const Args& args) {
   std::string config = "configs/mmf-370m.toml", batches_s = "4,8,16", seq_s = "2048", steps_s = "5", warmup_s = "2",
-              activations = "bf16";
+              activations = "bf16", deterministic = "both";
   ArgParser p("bench train",
               "Training throughput of a config on one GPU (run.device = cuda): tokens/s, MFU against the bf16 GEMM "
               "peak measured in the same run, and peak device memory, per micro-batch size. Random token ids.");
@@ -90,11 +91,19 @@ int bench_train(const Args& args) {
   p.option("steps", &steps_s, "N", "timed steps per batch size (default 5)");
   p.option("warmup", &warmup_s, "N", "untimed steps first (default 2)");
   p.option("activations", &activations, "bf16|fp32", "storage of the saved activations (run.activations; default bf16)");
+  p.option("deterministic", &deterministic, "off|on|both",
+           "exact fixed-point gradient sums (parallel.deterministic) off, on, or both side by side (default both)");
   if (!p.parse(args)) return 0;
   const auto batches = parse_list("batch", batches_s);
   const int64_t T = parse_int_arg("seq", seq_s), steps = parse_int_arg("steps", steps_s),
                 warmup = parse_int_arg("warmup", warmup_s);
   PL_CHECK(steps >= 1 && warmup >= 0 && T >= 2, config, "--steps >= 1, --warmup >= 0, --seq >= 2");
+  PL_CHECK(deterministic == "off" || deterministic == "on" || deterministic == "both", config,
+           "--deterministic is off, on or both (got '", deterministic, "')");
+  std::vector<bool> modes;
+  if (deterministic != "on") modes.push_back(false);
+  if (deterministic != "off") modes.push_back(true);
+  auto single = make_single_comm();
   RunConfig cfg = load_run_config(config, {"run.device=cuda", "run.activations=" + activations});
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = 32000;
 
@@ -105,9 +114,10 @@ int bench_train(const Args& args) {
   const double peak = bf16_peak_tflops();
   std::printf("# peerless bench train: %s on %s, activations %s; bf16 GEMM peak measured %.0f TFLOP/s (8192^3)\n",
               config.c_str(), prop.name, cfg.run.activations.c_str(), peak);
-  std::printf("%6s %6s %10s %12s %8s %12s %12s %s\n", "batch", "seq", "step_ms", "tokens/s", "MFU", "model_GiB",
-              "device_GiB", "params");
-  for (int64_t B : batches) {
+  std::printf("%6s %6s %5s %10s %12s %8s %12s %12s %s\n", "batch", "seq", "det", "step_ms", "tokens/s", "MFU",
+              "model_GiB", "device_GiB", "params");
+  for (int64_t B : batches)
+  for (const bool det : modes) {
     Model model(cfg.model);
     const int64_t n_params = model.layout().count();
     std::vector<float> params(model.layout().total());
@@ -130,9 +140,21 @@ int bench_train(const Args& args) {
     Rng rng(11);
     for (int64_t i = 0; i < B * T; ++i) ids[i] = static_cast<int32_t>(rng.uniform() * cfg.model.vocab_size);
     for (int64_t i = 0; i < B * T; ++i) targets[i] = ids[(i + 1) % (B * T)];
+    // Deterministic: the micro-batch's gradient into the device's int64 sums and back (one rank: the
+    // all-reduce is a no-op, so this is the mode's compute cost; its bytes are in docs/parallel.md).
+    ExactGradSum exact(model.layout(), 1, {});
     auto step = [&](int64_t t) {
-      cuda->zero_grads();
-      cuda->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(B * T));
+      for (int attempt = 0;; ++attempt) {
+        cuda->zero_grads();
+        if (det) exact.begin_step(), cuda->exact_begin();
+        cuda->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(B * T));
+        if (!det) break;
+        cuda->exact_add(exact);
+        if (exact.fits(*single)) {
+          cuda->exact_reduce(exact, *single);
+          break;
+        }
+      }
       const double n = cuda->grad_norm();
       cuda->optimizer_step(t, 1e-3, n > 1.0 ? static_cast<float>(1.0 / n) : 1.0f);
     };
@@ -144,8 +166,8 @@ int bench_train(const Args& args) {
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
     const double tps = static_cast<double>(B * T) / sec;
     const double mfu = 6.0 * static_cast<double>(n_params) * tps / (peak * 1e12);
-    std::printf("%6lld %6lld %10.1f %12.0f %7.1f%% %12.2f %12.2f %lld\n", static_cast<long long>(B),
-                static_cast<long long>(T), 1e3 * sec, tps, 100 * mfu,
+    std::printf("%6lld %6lld %5s %10.1f %12.0f %7.1f%% %12.2f %12.2f %lld\n", static_cast<long long>(B),
+                static_cast<long long>(T), det ? "on" : "off", 1e3 * sec, tps, 100 * mfu,
                 static_cast<double>(cuda->device_bytes()) / (1 << 30),
                 static_cast<double>(cuda->peak_bytes()) / (1 << 30), static_cast<long long>(n_params));
     // Breakdown: two more steps with the stream synchronised between kinds of work.

@@ -459,7 +459,12 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   model.refresh_ternary(params.data());
   model.refresh_peer_tables(params.data(), ep_comm.get());  // model.peer_ternary only
   DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20, replicas.get(), ep_comm.get());
-  if (deterministic) dp.set_deterministic(A * world);
+  // Deterministic mode: the CPU path's exact sum lives in dp, the GPU path's here (its int64 sums on
+  // the device, CudaModel::exact_add).
+  std::unique_ptr<ExactGradSum> gpu_exact;
+  if (deterministic && !gpu) dp.set_deterministic(A * world);
+  if (deterministic && gpu) gpu_exact = std::make_unique<ExactGradSum>(model.layout(), A * world, std::vector<uint8_t>{});
+  ExactGradSum* const exact_state = gpu ? gpu_exact.get() : dp.exact();
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
   loader.seek({static_cast<uint64_t>(cfg.run.seed), 1});
@@ -476,7 +481,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     tokens_seen = meta.state.tokens;
     window_loss = meta.state.window_loss;
     window_steps = meta.state.window_steps;
-    if (deterministic && !meta.state.grad_exponents.empty()) dp.exact()->set_exponents(meta.state.grad_exponents);
+    if (exact_state && !meta.state.grad_exponents.empty()) exact_state->set_exponents(meta.state.grad_exponents);
     if (lead) {
       std::printf("resumed from %s: step %lld, %s tokens; written by %d rank%s (ZeRO-1 %s), continuing on %d\n",
                   resume_dir.c_str(), static_cast<long long>(start_step), human_count(tokens_seen).c_str(), meta.world,
@@ -573,27 +578,42 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 #ifdef PEERLESS_HAVE_CUDA
     if (cuda) {
       // The same step as below, every tensor on the device; data parallel: one GPU per rank.
-      cuda->zero_grads();
-      double loss_sum = 0;
-      for (int64_t a = 0; a < A; ++a) {
-        const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
-        loader.fill(step, first, n, inputs.data(), targets.data());
-        const double loss = cuda->forward_backward(inputs.data(), targets.data(), n, T, grad_scale);
-        if (n_peer > 0) cuda->add_expert_counts(expert_counts);
-        // One rank: stop at once. Several: after the sums below, so that every rank stops together
-        // (a rank leaving alone would leave the others waiting in the collective).
-        PL_CHECK(world > 1 || std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step,
-                 " (micro-batch ", a, "); stopping before it corrupts the weights. Lower optim.lr (now ",
-                 cfg.optim.lr, ")");
-        loss_sum += loss;
+      const std::vector<double> counts_before = gpu_exact ? expert_counts : std::vector<double>{};
+      std::vector<double> micro_loss(static_cast<size_t>(A * world), 0.0);  // by global micro-batch
+      for (int attempt = 0;; ++attempt) {
+        cuda->zero_grads();
+        if (gpu_exact) gpu_exact->begin_step(), cuda->exact_begin();
+        for (int64_t a = 0; a < A; ++a) {
+          const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
+          loader.fill(step, first, n, inputs.data(), targets.data());
+          if (gpu_exact && a > 0) cuda->zero_grads();
+          const double loss = cuda->forward_backward(inputs.data(), targets.data(), n, T, grad_scale);
+          if (gpu_exact) cuda->exact_add(*gpu_exact);
+          if (n_peer > 0) cuda->add_expert_counts(expert_counts);
+          // One rank: stop at once. Several: after the sums below, so that every rank stops together
+          // (a rank leaving alone would leave the others waiting in the collective).
+          PL_CHECK(world > 1 || std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step,
+                   " (micro-batch ", a, "); stopping before it corrupts the weights. Lower optim.lr (now ",
+                   cfg.optim.lr, ")");
+          micro_loss[first / B] = loss;
+        }
+        if (!gpu_exact) {
+          if (world > 1) cuda->all_reduce_grads(comm);
+          break;
+        }
+        if (gpu_exact->fits(comm)) {
+          cuda->exact_reduce(*gpu_exact, comm);
+          break;
+        }
+        if (n_peer > 0) expert_counts = counts_before;
+        if (lead && step > start_step + 1)
+          std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
+                      static_cast<long long>(step));
       }
-      if (world > 1) {
-        cuda->all_reduce_grads(comm);
-        comm.all_reduce(&loss_sum, 1, DType::f64, ReduceOp::sum);
-        PL_CHECK(std::isfinite(loss_sum), numeric, "the training loss is ", loss_sum, " at step ", step,
-                 " (summed over the ranks); stopping before it corrupts the weights. Lower optim.lr (now ",
-                 cfg.optim.lr, ")");
-      }
+      const double loss_sum = ordered_sum(micro_loss, &comm);
+      PL_CHECK(std::isfinite(loss_sum), numeric, "the training loss is ", loss_sum, " at step ", step,
+               " (summed over the ranks); stopping before it corrupts the weights. Lower optim.lr (now ",
+               cfg.optim.lr, ")");
       gpu_step_loss = loss_sum / static_cast<double>(G * T);
       if (n_peer > 0) cuda->update_buffers(A * world);
       gpu_gnorm = cuda->grad_norm();
@@ -732,7 +752,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     if (checkpoint_now) {
       sync_host();
       TrainState state{step, tokens_seen, loader.cursor(), G, window_loss, window_steps, data->content_hash(), {}};
-      if (dp.deterministic()) state.grad_exponents = dp.exact()->exponents();
+      if (exact_state) state.grad_exponents = exact_state->exponents();
       const auto written = write_checkpoint(ckpt_root, cfg, config_text, model, dp, params.data(), adam, state, comm);
       t_checkpoint = Clock::now();
       t_window += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(written.seconds));

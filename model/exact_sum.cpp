@@ -55,7 +55,6 @@ ExactGradSum::ExactGradSum(const ParamLayout& layout, int64_t micro_batches, std
   sparse_.resize(layout.entries().size(), 0);
   exp_.assign(layout.entries().size(), kNoExponent);
   max_.assign(layout.entries().size(), 0.f);
-  acc_.assign(layout.total(), 0);
 }
 
 void ExactGradSum::begin_step() {
@@ -75,51 +74,39 @@ void ExactGradSum::note_max(int param, float m) {
   max_[param] = std::max(max_[param], m);
 }
 
-namespace {
-// max |g| over n floats (+Inf when one is not finite).
-float max_abs(const float* g, int64_t n) {
-  float m = 0;
-  bool bad = false;
-#pragma omp parallel for simd reduction(max : m) reduction(|| : bad) schedule(static) if (n >= (1 << 16))
-  for (int64_t i = 0; i < n; ++i) {
-    m = std::max(m, std::fabs(g[i]));
-    bad = bad || !std::isfinite(g[i]);
-  }
-  return bad ? INFINITY : m;
+bool ExactGradSum::on_grid(int param, float m) const {
+  return exp_[param] != kNoExponent && m < std::ldexp(1.0, exp_[param]);
 }
 
-// acc += round(g · scale), element-wise (exact: the product is a float times a power of two).
-void add_fixed(const float* g, int64_t n, double scale, int64_t* acc) {
-#pragma omp parallel for simd schedule(static) if (n >= (1 << 16))
-  for (int64_t i = 0; i < n; ++i) acc[i] += std::llrint(static_cast<double>(g[i]) * scale);
-}
-}  // namespace
+double ExactGradSum::scale(int param) const { return fixed_scale(bits_, exp_[param]); }
+double ExactGradSum::inv_scale(int param) const { return std::ldexp(1.0, exp_[param] - bits_); }
 
 void ExactGradSum::add_dense(const float* grads) {
+  if (acc_.empty()) acc_.assign(layout_.total(), 0);
   const auto& entries = layout_.entries();
   for (size_t p = 0; p < entries.size(); ++p) {
     if (sparse_[p]) continue;
     const ParamInfo& info = entries[p];
-    const float m = max_abs(grads + info.offset, info.numel);
+    const float m = max_abs_cpu(info.numel, grads + info.offset);
     note_max(static_cast<int>(p), m);
     // A term outside the grid (or an unknown grid) is not added: fits() will ask for the step again.
-    if (exp_[p] == kNoExponent || !(m < std::ldexp(1.0, exp_[p]))) continue;
-    add_fixed(grads + info.offset, info.numel, fixed_scale(bits_, exp_[p]), acc_.data() + info.offset);
+    if (on_grid(static_cast<int>(p), m))
+      fixed_add_cpu(info.numel, grads + info.offset, scale(static_cast<int>(p)), acc_.data() + info.offset);
   }
 }
 
 void ExactGradSum::add_rows(int param, const PeerSparseGrad<float>& g) {
   PL_CHECK(sparse_[param], internal, "ExactGradSum::add_rows on a dense parameter");
+  if (acc_.empty()) acc_.assign(layout_.total(), 0);
   const ParamInfo& info = layout_.at(param);
   const int64_t rows = static_cast<int64_t>(g.rows.size()), w = g.width;
-  const float m = max_abs(g.values.data(), rows * w);
+  const float m = max_abs_cpu(rows * w, g.values.data());
   note_max(param, m);
-  if (exp_[param] == kNoExponent || !(m < std::ldexp(1.0, exp_[param]))) return;
-  const double scale = fixed_scale(bits_, exp_[param]);
+  if (!on_grid(param, m)) return;
   for (int64_t r = 0; r < rows; ++r) {
     PL_CHECK((g.rows[r] + 1) * w <= info.numel, internal, "ExactGradSum::add_rows: row ", g.rows[r], " outside ",
              info.name);
-    add_fixed(g.values.data() + r * w, w, scale, acc_.data() + info.offset + g.rows[r] * w);
+    fixed_add_cpu(w, g.values.data() + r * w, scale(param), acc_.data() + info.offset + g.rows[r] * w);
   }
 }
 
@@ -139,7 +126,15 @@ bool ExactGradSum::fits(Comm& world) {
   return ok;
 }
 
+void ExactGradSum::next_exponents() {
+  for (size_t p = 0; p < exp_.size(); ++p) {
+    const int seen = exponent_above(max_[p]);
+    if (seen != kNoExponent) exp_[p] = seen + kHeadroom;
+  }
+}
+
 void ExactGradSum::reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& sharded, float* grads) {
+  if (acc_.empty()) acc_.assign(layout_.total(), 0);
   const auto& entries = layout_.entries();
   // Runs of consecutive parameters reduced over the same communicator, one all-reduce each.
   size_t p = 0;
@@ -155,19 +150,12 @@ void ExactGradSum::reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& 
   }
   for (size_t i = 0; i < entries.size(); ++i) {
     const ParamInfo& info = entries[i];
-    float* g = grads + info.offset;
-    const int64_t* a = acc_.data() + info.offset;
-    if (exp_[i] == kNoExponent) {
-      std::fill(g, g + info.numel, 0.f);
-      continue;
-    }
-    const double inv = std::ldexp(1.0, exp_[i] - bits_);
-#pragma omp parallel for simd schedule(static) if (info.numel >= (1 << 16))
-    for (int64_t j = 0; j < info.numel; ++j) g[j] = static_cast<float>(static_cast<double>(a[j]) * inv);
-    // The next step's grid: this step's largest term with headroom.
-    const int seen = exponent_above(max_[i]);
-    if (seen != kNoExponent) exp_[i] = seen + kHeadroom;
+    if (exp_[i] == kNoExponent)
+      std::fill(grads + info.offset, grads + info.offset + info.numel, 0.f);
+    else
+      fixed_to_float_cpu(info.numel, acc_.data() + info.offset, inv_scale(static_cast<int>(i)), grads + info.offset);
   }
+  next_exponents();
 }
 
 }  // namespace peerless

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/ops/fixed_point.h"
 #include "model/ops/peer_experts.h"
 #include "parallel/comm.h"
 #include "runtime/param_layout.h"
@@ -81,14 +82,22 @@ class ExactGradSum {
   int bits() const { return bits_; }
   int64_t retries() const { return retries_; }
 
- private:
+  // The grid bookkeeping alone, for a caller that keeps the int64 sums itself (CudaModel, on the
+  // device): per micro-batch note_max() for every parameter, fixed_add of the ones on_grid() with
+  // scale(); then fits(); then the all-reduced sums to floats with inv_scale() and next_exponents().
   void note_max(int param, float m);
+  bool on_grid(int param, float m) const;
+  double scale(int param) const;
+  double inv_scale(int param) const;
+  void next_exponents();
+
+ private:
   const ParamLayout& layout_;
   int bits_;
   std::vector<uint8_t> sparse_;
   std::vector<int32_t> exp_;
   std::vector<float> max_;  // per parameter: max |g| of any micro-batch term this step (NaN sticks)
-  std::vector<int64_t> acc_;
+  std::vector<int64_t> acc_;  // the host sums (allocated by the first add)
   int64_t retries_ = 0;
 };
 

@@ -30,6 +30,7 @@
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
+#include "model/ops/fixed_point.h"
 #include "model/ops/gemm.h"
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/glu.h"
@@ -60,6 +61,7 @@ OP_TEST_CUDA(qsparse_topk)
 OP_TEST_CUDA(qsparse_block)
 OP_TEST_CUDA(bitlinear)
 OP_TEST_CUDA(adamw_ternary)
+OP_TEST_CUDA(fixed_point)
 
 }  // namespace
 }  // namespace peerless
@@ -939,6 +941,44 @@ TEST_F(Cuda, adamw_ternary_bit_exact) {
   EXPECT_NO_THROW(adamw_ternary_cuda(empty, AdamwStep{}, d_x.get(), d_x.get(), d_x.get(), d_x.get(), nullptr, nullptr,
                                      stream()));
   PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+
+// ---- fixed_point (deterministic sums) --------------------------------------------------------------
+
+// max |x|, the int64 grid sums and the conversion back: the same bits as the CPU reference, over
+// values spanning many binades, exact zeros, and sizes that leave partial warps and blocks.
+TEST_F(Cuda, fixed_point_matches_cpu_bit_for_bit) {
+  for (const int64_t n : {int64_t{1}, int64_t{31}, int64_t{1000}, int64_t{1} << 20}) {
+    SCOPED_TRACE("n " + std::to_string(n));
+    std::vector<float> x = normal(rng(), n);
+    for (int64_t i = 0; i < n; ++i) x[i] = i % 17 == 0 ? 0.f : std::ldexp(x[i], static_cast<int>(i % 41) - 30);
+    const float m = max_abs_cpu(n, x.data());
+    int e = 0;
+    std::frexp(static_cast<double>(m), &e);
+    const double scale = std::ldexp(1.0, 61 - e), inv = 1.0 / scale;
+    std::vector<int64_t> acc(n);
+    for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<int64_t>(i % 5) - 2;  // a running sum to add to
+    Guarded<float> d_x(x), d_out(n), d_m(1);
+    Guarded<int64_t> d_acc(acc);
+    max_abs_cuda(n, d_x.get(), d_m.get(), stream());
+    fixed_add_cuda(n, d_x.get(), scale, d_acc.get(), stream());
+    fixed_add_cuda(n, d_x.get(), scale, d_acc.get(), stream());
+    fixed_add_cpu(n, x.data(), scale, acc.data());
+    fixed_add_cpu(n, x.data(), scale, acc.data());
+    EXPECT_EQ(d_m.download("max")[0], m);
+    EXPECT_EQ(d_acc.download("acc"), acc);
+    std::vector<float> out(n);
+    fixed_to_float_cpu(n, acc.data(), inv, out.data());
+    fixed_to_float_cuda(n, d_acc.get(), inv, d_out.get(), stream());
+    EXPECT_EQ(d_out.download("out"), out);
+  }
+  // A non-finite element makes the maximum non-finite on both.
+  std::vector<float> bad = {1.f, NAN, 2.f};
+  Guarded<float> d_bad(bad), d_m(1);
+  max_abs_cuda(3, d_bad.get(), d_m.get(), stream());
+  EXPECT_FALSE(std::isfinite(d_m.download("max")[0]));
+  EXPECT_FALSE(std::isfinite(max_abs_cpu(3, bad.data())));
 }
 
 }  // namespace

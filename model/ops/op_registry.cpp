@@ -27,6 +27,7 @@ constexpr std::array kOps = {
     OpInfo{"qsparse_topk", "qsparse.h", true, true},
     OpInfo{"qsparse_block", "qsparse.h", true, true},
     OpInfo{"adamw_ternary", "adamw.h", true, true},
+    OpInfo{"fixed_point", "fixed_point.h", true, true},
 };
 
 }  // namespace
