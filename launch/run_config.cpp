@@ -111,6 +111,10 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
   return cfg;
 }
 
+bool deterministic_on(const RunConfig& cfg) {
+  return cfg.parallel.deterministic == "on" || (cfg.parallel.deterministic == "auto" && cfg.run.device == "cpu");
+}
+
 RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides, std::string* toml_text) {
   RunConfig cfg;
   ConfigSchema schema;

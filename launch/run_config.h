@@ -48,7 +48,7 @@ struct ParallelSection {
   double timeout_s = 300;        // a collective not done within this aborts the job (0 = never)
   int64_t expert_parallel = 0;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
   // Bit-identical training for any world size / accumulation split (docs/parallel.md): "on" | "off" |
-  // "auto" (on; see deterministic_on()).
+  // "auto" (on for run.device = "cpu"; deterministic_on()).
   std::string deterministic = "auto";
 };
 
@@ -74,6 +74,10 @@ struct RunConfig {
 
 // Defaults ← TOML file (may be empty for pure defaults) ← overrides; throws a config Error listing
 // every problem. `toml_text` receives the effective config.
+// parallel.deterministic resolved: "on", or "auto" on the CPU path (docs/parallel.md says why not on
+// GPUs by default).
+bool deterministic_on(const RunConfig& cfg);
+
 RunConfig load_run_config(const std::string& path, const std::vector<std::string>& overrides,
                           std::string* toml_text = nullptr);
 // Same, from TOML text (used when reloading the config stored with a model).

@@ -228,6 +228,10 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
     for (const auto& p : layout.entries())
       if (is_peer_table(p)) sharded_tables += 4.0 * static_cast<double>(p.numel);
   const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
+  // Deterministic mode on the CPU: the int64 gradient sums (8 bytes per element; on a GPU they are in
+  // device memory).
+  const double exact_sums =
+      deterministic_on(cfg) && cfg.run.device == "cpu" ? 8.0 * static_cast<double>(layout.total()) : 0.0;
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
   const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
   std::ostringstream os;
@@ -242,14 +246,15 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
      << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", int8 code buffer "
      << human_bytes(codes) << ", optimizer flags " << human_bytes(flags)
      << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
-     << cfg.data.seq_len << ")\n";
+     << cfg.data.seq_len << ")"
+     << (exact_sums > 0 ? cat(", exact gradient sums (int64) ", human_bytes(exact_sums)) : std::string()) << "\n";
   // PEER bookkeeping per layer and expert: fp64 retrieval counts of the logging window, and with
   // lazy Adam one touched flag.
   const double peer_counters =
       static_cast<double>(model.n_peer_layers()) *
       (8.0 * static_cast<double>(model.peer_experts()) +
        (cfg.optim.table_optimizer == "lazy_adam" ? static_cast<double>(model.peer_table_rows()) : 0.0));
-  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters)
+  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters + exact_sums)
      << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
                            : std::string())
      << "\n";
@@ -451,8 +456,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   if (lead) std::printf("process before the model's buffers (VmRSS): %s = %lld bytes\n",
                         human_bytes(static_cast<double>(base_rss)).c_str(), static_cast<long long>(base_rss));
   const bool gpu = cfg.run.device == "cuda";
-  // parallel.deterministic = auto: on for the CPU path (docs/parallel.md: its cost there).
-  const bool deterministic = cfg.parallel.deterministic == "on" || (cfg.parallel.deterministic == "auto" && !gpu);
+  const bool deterministic = deterministic_on(cfg);
   model.set_deterministic(deterministic);
   std::vector<float> params(total), grads(total);
   model.init_params(params.data(), static_cast<uint64_t>(cfg.run.seed));
@@ -532,8 +536,10 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 #endif
   if (lead && world > 1) {
     const auto tr = dp.traffic();
-    std::printf("data parallel: %d ranks, backend %s, %zu buckets, ZeRO-1 %s; optimizer state per rank %s of %s\n",
+    std::printf("data parallel: %d ranks, backend %s, %zu buckets, ZeRO-1 %s, deterministic %s; optimizer state per "
+                "rank %s of %s\n",
                 world, comm.backend_name().c_str(), dp.buckets().size(), cfg.parallel.zero1 ? "on" : "off",
+                deterministic ? "on" : "off",
                 human_bytes(8.0 * static_cast<double>(adam.state_elements())).c_str(),
                 human_bytes(8.0 * static_cast<double>(total)).c_str());
     std::printf("  bytes per step: gradients %s%s\n", human_bytes(tr.grad_bytes).c_str(),

@@ -145,7 +145,11 @@ void ExactGradSum::reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& 
     Comm* c = sh ? replicas : &dp;
     const int64_t lo = entries[p].offset;
     const int64_t hi = q < entries.size() ? entries[q].offset : layout_.total();
-    if (c && c->size() > 1) c->all_reduce(acc_.data() + lo, hi - lo, DType::i64, ReduceOp::sum);
+    // In pieces of 16 MiB, as the float path's buckets: MPI's reduction scratch grows with the message.
+    constexpr int64_t kPiece = int64_t{1} << 21;
+    if (c && c->size() > 1)
+      for (int64_t at = lo; at < hi; at += kPiece)
+        c->all_reduce(acc_.data() + at, std::min(kPiece, hi - at), DType::i64, ReduceOp::sum);
     p = q;
   }
   for (size_t i = 0; i < entries.size(); ++i) {
