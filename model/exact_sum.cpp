@@ -13,7 +13,7 @@ int fixed_bits(int64_t n) {
   int b = 0;
   while ((int64_t{1} << b) < n) ++b;
   PL_CHECK(b <= 40, config, "a deterministic sum of ", n, " terms leaves too few fixed-point bits");
-  return 62 - b;
+  return std::min(kMaxFixedBits, 62 - b);
 }
 
 int exponent_above(double max_abs) {

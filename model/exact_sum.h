@@ -7,10 +7,11 @@
 // different trajectories. Two tools make every world-size-dependent sum exact instead:
 //
 //  - Fixed point. A value x is rounded once to q = round(x · 2^(bits − e)) (int64), on a grid fixed by
-//    an exponent e that bounds every |x| of the sum (|x| < 2^e) and bits = 62 − ⌈log2 n⌉ for n terms.
+//    an exponent e that bounds every |x| of the sum (|x| < 2^e) and bits = min(51, 62 − ⌈log2 n⌉)
+//    for n terms (n·2^bits fits in int64; 51 keeps the rounding vectorisable, fixed_point.h).
 //    Integer sums are exact, so the result is the same for any order and any split; it is converted
 //    back to float once. The rounding loses nothing a float keeps unless |x| < 2^(e − bits + 24),
-//    i.e. about 2^−(38 − ⌈log2 n⌉) of the bound.
+//    i.e. about 2^−27 of the bound (n ≤ 2048).
 //  - Ordered sums of owned values. A list of partial sums, each computed by exactly one rank, is
 //    all-reduced with zeros in the other ranks' places (x + 0 = x exactly, in any order), then summed
 //    in index order on every rank.
@@ -26,7 +27,8 @@
 
 namespace peerless {
 
-// Grid bits for sums of at most n terms: 62 − ⌈log2 n⌉ (n ≥ 1), so n terms of |q| ≤ 2^bits fit in int64.
+// Grid bits for sums of at most n terms: min(51, 62 − ⌈log2 n⌉) (n ≥ 1), so n terms of |q| ≤ 2^bits
+// fit in int64 and every q comes from fixed_point.h's rounding.
 int fixed_bits(int64_t n);
 // The smallest e with |x| < 2^e for every |x| ≤ max_abs (max_abs finite, ≥ 0); kNoExponent for 0.
 int exponent_above(double max_abs);

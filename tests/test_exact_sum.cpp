@@ -41,10 +41,23 @@ std::vector<float> wide_values(int64_t n, Rng& rng) {
 }
 
 TEST(fixed_point, helpers) {
-  EXPECT_EQ(fixed_bits(1), 62);
-  EXPECT_EQ(fixed_bits(2), 61);
-  EXPECT_EQ(fixed_bits(3), 60);
-  EXPECT_EQ(fixed_bits(1024), 52);
+  EXPECT_EQ(fixed_bits(1), 51);
+  EXPECT_EQ(fixed_bits(2048), 51);
+  EXPECT_EQ(fixed_bits(2049), 50);
+  EXPECT_EQ(fixed_bits(1 << 20), 42);
+  // The rounding: half to even, both signs, up to 2^51.
+  EXPECT_EQ(round_to_int64(2.5), 2);
+  EXPECT_EQ(round_to_int64(3.5), 4);
+  EXPECT_EQ(round_to_int64(-2.5), -2);
+  EXPECT_EQ(round_to_int64(-0.75), -1);
+  EXPECT_EQ(round_to_int64(0x1p51), int64_t{1} << 51);
+  EXPECT_EQ(round_to_int64(-0x1p51), -(int64_t{1} << 51));
+  EXPECT_EQ(round_to_int64(0x1p51 - 0.5), (int64_t{1} << 51));  // 2^51 − ½: the even neighbour
+  Rng r(1);
+  for (int i = 0; i < 100000; ++i) {
+    const double v = std::ldexp(r.normal(), static_cast<int>(r.uniform() * 50));
+    ASSERT_EQ(round_to_int64(v), std::llrint(v)) << v;
+  }
   EXPECT_EQ(exponent_above(0.0), kNoExponent);
   EXPECT_EQ(exponent_above(1.0), 1);     // 1 < 2^1
   EXPECT_EQ(exponent_above(0.75), 0);    // 0.75 < 2^0
@@ -69,6 +82,7 @@ TEST(fixed_point, sums_do_not_depend_on_order_or_grouping) {
     m = std::max(m, max_abs_cpu(n, t.back().data()));
   }
   const int bits = fixed_bits(terms), e = exponent_above(m);
+  ASSERT_EQ(bits, 51);
   const double scale = fixed_scale(bits, e);
   // In order; reversed; as two partial sums of four added afterwards (two "ranks").
   std::vector<int64_t> a(n, 0), b(n, 0), p0(n, 0), p1(n, 0);
@@ -250,7 +264,7 @@ TEST(peer_fixed, split_entries_add_up_exactly) {
   for (auto& r : rows) r = static_cast<int32_t>(rng.uniform() * n_rows);
   std::vector<int64_t> offsets(tokens + 1);
   for (int64_t t = 0; t <= tokens; ++t) offsets[t] = t * per_token;
-  std::vector<double> scale(tokens, std::ldexp(1.0, 50));
+  std::vector<double> scale(tokens, std::ldexp(1.0, 40));  // |terms| < 2^11 here: within 2^51
   const PeerGatedShape s{tokens, d, n_rows, PeerActivation::gelu};
   // All entries at once.
   std::vector<int64_t> q_all(tokens * d), dq_all(tokens * d);

@@ -11,6 +11,7 @@
 
 #include <cmath>
 
+#include "model/ops/fixed_point.h"
 #include "model/ops/peer_detail.h"
 #include "model/ops/row_math.h"
 #include "runtime/error.h"
@@ -106,7 +107,7 @@ struct RowSum {
     if (q) {
       for (int64_t c = 0; c < d; ++c) {
         const T term = w * v[c];
-        q[c] += std::llrint(static_cast<double>(term) * scale);
+        q[c] += round_to_int64(static_cast<double>(term) * scale);
       }
     } else {
       for (int64_t c = 0; c < d; ++c) f[c] += w * v[c];
