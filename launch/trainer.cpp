@@ -30,6 +30,7 @@
 #include "parallel/topology.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
+#include "runtime/sha256.h"
 
 namespace peerless {
 
@@ -826,6 +827,10 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                metrics);
     std::fclose(metrics);
     save_model_file((run_dir / "model.h5").string(), out_model, out_params, config_text, last_step, tokens_seen);
+    // One line to compare runs by (deterministic mode: equal on any world size): the saved latent
+    // parameters' bytes in layout order.
+    std::printf("parameters sha256: %s\n",
+                sha256_hex(out_params, sizeof(float) * static_cast<size_t>(out_model.layout().total())).c_str());
     const int64_t session_tokens = (last_step - start_step) * G * T;  // trained by this process
     std::printf("trained %lld steps (%s tokens) in %s, %.0f tokens/s\n", static_cast<long long>(last_step),
                 human_count(tokens_seen).c_str(), human_duration(train_seconds).c_str(),
