@@ -613,7 +613,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
           break;
         }
         if (n_peer > 0) expert_counts = counts_before;
-        if (lead && step > start_step + 1)
+        if (lead && !gpu_exact->probed())
           std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
                       static_cast<long long>(step));
       }
@@ -666,7 +666,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
         }
         if (dp.finish_exact(grads.data())) break;
         if (n_peer > 0) expert_counts = counts_before;
-        if (lead && step > start_step + 1)
+        if (lead && !dp.exact()->probed())
           std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
                       static_cast<long long>(step));
       }

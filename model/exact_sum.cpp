@@ -113,12 +113,14 @@ void ExactGradSum::add_rows(int param, const PeerSparseGrad<float>& g) {
 bool ExactGradSum::fits(Comm& world) {
   if (world.size() > 1) world.all_reduce(max_.data(), static_cast<int64_t>(max_.size()), DType::f32, ReduceOp::max);
   bool ok = true;
+  probed_ = true;
   const auto& entries = layout_.entries();
   for (size_t p = 0; p < entries.size(); ++p) {
     PL_CHECK(std::isfinite(max_[p]), numeric, "the gradient of ", entries[p].name,
              " is not finite; stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
     const int need = exponent_above(max_[p]);
     if (need == kNoExponent || (exp_[p] != kNoExponent && need <= exp_[p])) continue;
+    probed_ = probed_ && exp_[p] == kNoExponent;
     exp_[p] = need + kHeadroom;
     ok = false;
   }

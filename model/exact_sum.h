@@ -83,6 +83,8 @@ class ExactGradSum {
   void set_exponents(const std::vector<int32_t>& e);
   int bits() const { return bits_; }
   int64_t retries() const { return retries_; }
+  // After fits() returned false: whether only unknown grids were set (a probe), not outgrown ones.
+  bool probed() const { return probed_; }
 
   // The grid bookkeeping alone, for a caller that keeps the int64 sums itself (CudaModel, on the
   // device): per micro-batch note_max() for every parameter, fixed_add of the ones on_grid() with
@@ -101,6 +103,7 @@ class ExactGradSum {
   std::vector<float> max_;  // per parameter: max |g| of any micro-batch term this step (NaN sticks)
   std::vector<int64_t> acc_;  // the host sums (allocated by the first add)
   int64_t retries_ = 0;
+  bool probed_ = false;
 };
 
 }  // namespace peerless

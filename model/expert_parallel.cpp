@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "model/exact_sum.h"
+#include "model/ops/fixed_point.h"
 
 #include "runtime/error.h"
 
@@ -22,6 +23,9 @@ PeerTableBounds peer_table_bounds(const float* table, int64_t n_rows, int64_t d,
       b[3] = std::max(b[3], static_cast<double>(std::fabs(u[d + c])));
     }
     b[0] = std::max(b[0], l1u), b[1] = std::max(b[1], l1v);
+    // A NaN or Inf anywhere in the row makes its 1-norm non-finite (std::max would drop a NaN): the
+    // bounds become +Inf, which every rank's max keeps and token_scales() refuses.
+    if (!std::isfinite(l1u) || !std::isfinite(l1v)) std::fill(b, b + 4, INFINITY);
   }
   if (group && group->size() > 1) group->all_reduce(b, 4, DType::f64, ReduceOp::max);
   return {b[0], b[1], b[2], b[3]};
@@ -33,10 +37,10 @@ namespace {
 std::vector<double> token_scales(const float* rows, int64_t n, int64_t d, double coef, double add, int bits) {
   std::vector<double> scale(static_cast<size_t>(n));
   for (int64_t t = 0; t < n; ++t) {
-    double m = 0;
-    for (int64_t c = 0; c < d; ++c) m = std::max(m, static_cast<double>(std::fabs(rows[t * d + c])));
+    const double m = max_abs_cpu(d, rows + t * d);  // +Inf when the row holds a NaN or Inf
     const double bound = 2 * (coef * m + add);
-    PL_CHECK(std::isfinite(bound), numeric, "PEER experts: a token's input or gradient is not finite");
+    PL_CHECK(std::isfinite(bound), numeric,
+             "PEER experts: a token's input or gradient, or the expert table, is not finite");
     const int e = exponent_above(bound);
     scale[t] = e == kNoExponent ? 1.0 : fixed_scale(bits, e);
   }

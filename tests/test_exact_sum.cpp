@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "model/exact_sum.h"
+#include "model/expert_parallel.h"
 #include "model/ops/fixed_point.h"
 #include "model/ops/op_registry.h"
 #include "model/ops/peer_experts.h"
@@ -157,6 +158,7 @@ TEST(exact_grad_sum, probes_then_grows_and_shrinks_its_grid) {
   sum.begin_step();
   sum.add_dense(g.data());
   EXPECT_FALSE(sum.fits(*single));  // unknown grids: the first step probes
+  EXPECT_TRUE(sum.probed());
   EXPECT_EQ(sum.exponents()[0], 0 + ExactGradSum::kHeadroom);
   EXPECT_EQ(sum.exponents()[1], 2 + ExactGradSum::kHeadroom);
   EXPECT_EQ(sum.retries(), 1);
@@ -172,6 +174,7 @@ TEST(exact_grad_sum, probes_then_grows_and_shrinks_its_grid) {
   sum.begin_step();
   sum.add_dense(g.data());
   EXPECT_FALSE(sum.fits(*single));
+  EXPECT_FALSE(sum.probed());  // outgrown, not probed: the trainer says so
   EXPECT_EQ(sum.exponents()[1], 8 + ExactGradSum::kHeadroom);
   // Smaller gradients narrow it again after a successful step.
   g[16] = 0.001f;
@@ -302,6 +305,21 @@ TEST(peer_fixed, split_entries_add_up_exactly) {
   peer_experts_gated_forward_cpu(s, x.data(), offsets.data(), rows.data(), gates.data(), table.data(), out.data(),
                                  pre.data());
   for (int64_t i = 0; i < tokens * d; ++i) EXPECT_NEAR(out[i], static_cast<double>(q_all[i]) / scale[i / d], 1e-5);
+}
+
+// The whole-table bounds of the PEER grids: the norms and maxima of the rows, and +Inf (never a
+// dropped NaN) when the table holds a non-finite value.
+TEST(peer_fixed, table_bounds_and_non_finite_tables) {
+  std::vector<float> t = {1, -2, 0.5f, 0.25f,  // row 0: u = (1, -2), v = (0.5, 0.25)
+                          -3, 0, 1, -1};       // row 1: u = (-3, 0), v = (1, -1)
+  const PeerTableBounds b = peer_table_bounds(t.data(), 2, 2, nullptr);
+  EXPECT_EQ(b.u_l1, 3.0);
+  EXPECT_EQ(b.v_l1, 2.0);
+  EXPECT_EQ(b.u_max, 3.0);
+  EXPECT_EQ(b.v_max, 1.0);
+  t[6] = NAN;
+  const PeerTableBounds bad = peer_table_bounds(t.data(), 2, 2, nullptr);
+  EXPECT_TRUE(std::isinf(bad.u_l1) && std::isinf(bad.v_max)) << bad.u_l1 << " " << bad.v_max;
 }
 
 }  // namespace

@@ -96,7 +96,7 @@ void check_gated(const PeerGatedShape& s, const int64_t* offsets, const int32_t*
 // One token's output row: floats summed in entry order, or (fixed) int64 sums of the terms rounded on
 // the token's grid, q += round(term · scale): exact, so any split of the entries adds up the same.
 template <typename T>
-struct RowSum {
+struct TokenRowAcc {
   T* f = nullptr;
   int64_t* q = nullptr;
   double scale = 0;
@@ -115,7 +115,7 @@ struct RowSum {
   }
 };
 template <typename T>
-RowSum<T> row_sum(T* out, const PeerFixedOut& fixed, int64_t t, int64_t d) {
+TokenRowAcc<T> row_sum(T* out, const PeerFixedOut& fixed, int64_t t, int64_t d) {
   if (fixed.q) return {nullptr, fixed.q + t * d, fixed.scale[t]};
   return {out + t * d, nullptr, 0};
 }
@@ -128,7 +128,7 @@ void gated_forward(const PeerGatedShape& s, const T* x, const int64_t* offsets, 
 #pragma omp parallel for schedule(static) if (entries * d >= detail::kParallelMin)
   for (int64_t t = 0; t < s.tokens; ++t) {
     const T* xt = x + t * d;
-    RowSum<T> ot = row_sum(out, fixed, t, d);
+    TokenRowAcc<T> ot = row_sum(out, fixed, t, d);
     ot.zero(d);
     for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
       const T* u = table + static_cast<int64_t>(rows[e]) * 2 * d;
@@ -155,7 +155,7 @@ void gated_backward(const PeerGatedShape& s, const T* x, const int64_t* offsets,
 #pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
   for (int64_t t = 0; t < s.tokens; ++t) {
     const T* dyt = dy + t * d;
-    RowSum<T> dxt = row_sum(dx, fixed, t, d);
+    TokenRowAcc<T> dxt = row_sum(dx, fixed, t, d);
     dxt.zero(d);
     for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
       const T* u = table + static_cast<int64_t>(rows[e]) * 2 * d;
