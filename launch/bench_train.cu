@@ -143,15 +143,17 @@ int bench_train(const Args& args) {
     // Deterministic: the micro-batch's gradient into the device's int64 sums and back (one rank: the
     // all-reduce is a no-op, so this is the mode's compute cost; its bytes are in docs/parallel.md).
     ExactGradSum exact(model.layout(), 1, {});
+    std::unique_ptr<ExactGradSumDevice> exact_dev;
+    if (det) exact_dev = std::make_unique<ExactGradSumDevice>(exact, cuda->stream());
     auto step = [&](int64_t t) {
-      for (int attempt = 0;; ++attempt) {
+      for (;;) {
         cuda->zero_grads();
-        if (det) exact.begin_step(), cuda->exact_begin();
+        if (det) exact_dev->begin_step();
         cuda->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(B * T));
         if (!det) break;
-        cuda->exact_add(exact);
+        exact_dev->add(cuda->device_grads());
         if (exact.fits(*single)) {
-          cuda->exact_reduce(exact, *single);
+          exact_dev->reduce(*single, cuda->device_grads());
           break;
         }
       }

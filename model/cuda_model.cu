@@ -11,12 +11,10 @@
 #include <cmath>
 #include <vector>
 
-#include "model/exact_sum.h"
 #include "model/ops/adamw.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/embedding.h"
-#include "model/ops/fixed_point.h"
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
@@ -131,9 +129,6 @@ struct CudaModel::Impl {
   DevBuf<int32_t> acc;             // (M, max N) int32 products, only for shapes IMMA refuses
   DevBuf<float> tmp;               // (M, d) the non-IMMA residual path's product
   DevBuf<double> partials;  // the gradient norm's block sums
-  DevBuf<int64_t> exact_acc;  // deterministic mode: the step's int64 gradient sums (allocated on first use)
-  DevBuf<float> exact_max;    // per parameter: max |g| of the last micro-batch
-  std::vector<int64_t> exact_host;  // the int64 sums through a host backend
   // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
   // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
   std::unique_ptr<AdamwTernaryCuda> adamw;
@@ -724,64 +719,8 @@ void CudaModel::all_reduce_grads(Comm& comm) {
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // grads_host may be reused or resized after return
 }
 
-void CudaModel::exact_begin() {
-  Impl& g = *impl_;
-  if (g.exact_acc.n > 0)
-    PL_CUDA_CHECK(cudaMemsetAsync(g.exact_acc.get(), 0, sizeof(int64_t) * g.exact_acc.n, g.stream));
-}
-
-void CudaModel::exact_add(ExactGradSum& sum) {
-  Impl& g = *impl_;
-  const auto& entries = g.layout.entries();
-  const int64_t P = static_cast<int64_t>(entries.size());
-  if (g.exact_acc.n == 0) {
-    g.exact_acc.resize(g.layout.total(), g.bytes);
-    g.exact_max.resize(P, g.bytes);
-    exact_begin();
-  }
-  for (int64_t p = 0; p < P; ++p)
-    max_abs_cuda(entries[p].numel, g.grads.get() + entries[p].offset, g.exact_max.get() + p, g.stream);
-  std::vector<float> m(static_cast<size_t>(P));
-  PL_CUDA_CHECK(cudaMemcpyAsync(m.data(), g.exact_max.get(), sizeof(float) * P, cudaMemcpyDeviceToHost, g.stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
-  for (int64_t p = 0; p < P; ++p) {
-    const int i = static_cast<int>(p);
-    sum.note_max(i, m[p]);
-    if (sum.on_grid(i, m[p]))
-      fixed_add_cuda(entries[p].numel, g.grads.get() + entries[p].offset, sum.scale(i),
-                     g.exact_acc.get() + entries[p].offset, g.stream);
-  }
-}
-
-void CudaModel::exact_reduce(ExactGradSum& sum, Comm& comm) {
-  Impl& g = *impl_;
-  const int64_t n = g.layout.total();
-  PL_CHECK(g.exact_acc.n > 0, internal, "CudaModel::exact_reduce before exact_add");
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
-  if (comm.size() > 1 && comm.backend_name() == "nccl") {
-    comm.all_reduce(g.exact_acc.get(), n, DType::i64, ReduceOp::sum);
-    comm.synchronize();
-  } else if (comm.size() > 1) {  // host backends: through a host copy, as all_reduce_grads
-    g.exact_host.resize(static_cast<size_t>(n));
-    PL_CUDA_CHECK(cudaMemcpyAsync(g.exact_host.data(), g.exact_acc.get(), sizeof(int64_t) * n,
-                                  cudaMemcpyDeviceToHost, g.stream));
-    PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
-    comm.all_reduce(g.exact_host.data(), n, DType::i64, ReduceOp::sum);
-    PL_CUDA_CHECK(cudaMemcpyAsync(g.exact_acc.get(), g.exact_host.data(), sizeof(int64_t) * n,
-                                  cudaMemcpyHostToDevice, g.stream));
-  }
-  const auto& entries = g.layout.entries();
-  for (size_t p = 0; p < entries.size(); ++p) {
-    float* out = g.grads.get() + entries[p].offset;
-    if (sum.exponents()[p] == kNoExponent)
-      PL_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(float) * entries[p].numel, g.stream));
-    else
-      fixed_to_float_cuda(entries[p].numel, g.exact_acc.get() + entries[p].offset, sum.inv_scale(static_cast<int>(p)),
-                          out, g.stream);
-  }
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // exact_host may be reused after return
-  sum.next_exponents();
-}
+float* CudaModel::device_grads() { return impl_->grads.get(); }
+cudaStream_t CudaModel::stream() const { return impl_->stream; }
 
 double CudaModel::grad_norm() {
   Impl& g = *impl_;

@@ -53,8 +53,8 @@
 #include <memory>
 #include <vector>
 
-#include "model/exact_sum.h"
 #include "model/model.h"
+#include "model/ops/cuda_fwd.h"
 #include "model/optimizer.h"
 #include "parallel/comm.h"
 
@@ -96,15 +96,10 @@ class CudaModel {
   // comm's ranks, in place. NCCL reduces the device array directly; host backends (MPI) go through a
   // host copy. Waits for the backward first and for the reduction after. No-op on one rank.
   void all_reduce_grads(Comm& comm);
-  // Deterministic mode (parallel.deterministic, model/exact_sum.h): zero_grads() before every
-  // micro-batch, exact_add() after its forward_backward (the device gradient added to an int64 sum
-  // on the device, on sum's grids, its maxima noted in sum); after the last one sum.fits(world) says
-  // whether the step stands (else exact_begin() and recompute it); exact_reduce() then all-reduces
-  // the int64 sums over comm (NCCL on the device array, host backends through a host copy) and
-  // writes them to the gradient as floats. Extra device memory: 8 bytes per parameter.
-  void exact_begin();
-  void exact_add(ExactGradSum& sum);
-  void exact_reduce(ExactGradSum& sum, Comm& comm);
+  // The gradient (device memory, the layout's total floats) and the stream every call is ordered on:
+  // deterministic mode sums it exactly after each micro-batch (ExactGradSumDevice, model/exact_sum.h).
+  float* device_grads();
+  cudaStream_t stream() const;
   double grad_norm();  // L2 norm of the gradient, accumulated in float64
   // One optimizer step, fused (model/ops/adamw.h): AdamW exactly as AdamW::step on the gradient
   // scaled by grad_factor (the clipping factor, 1 for none; equal to scaling first), the PEER tables

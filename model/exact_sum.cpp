@@ -154,14 +154,12 @@ void ExactGradSum::reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& 
         c->all_reduce(acc_.data() + at, std::min(kPiece, hi - at), DType::i64, ReduceOp::sum);
     p = q;
   }
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const ParamInfo& info = entries[i];
-    if (exp_[i] == kNoExponent)
-      std::fill(grads + info.offset, grads + info.offset + info.numel, 0.f);
+  finish([&](int64_t offset, int64_t n, double inv) {
+    if (inv == 0)
+      std::fill(grads + offset, grads + offset + n, 0.f);
     else
-      fixed_to_float_cpu(info.numel, acc_.data() + info.offset, inv_scale(static_cast<int>(i)), grads + info.offset);
-  }
-  next_exponents();
+      fixed_to_float_cpu(n, acc_.data() + offset, inv, grads + offset);
+  });
 }
 
 }  // namespace peerless

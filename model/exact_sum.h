@@ -23,6 +23,7 @@
 #include "model/ops/fixed_point.h"
 #include "model/ops/peer_experts.h"
 #include "parallel/comm.h"
+#include "parallel/memory.h"
 #include "runtime/param_layout.h"
 
 namespace peerless {
@@ -86,16 +87,26 @@ class ExactGradSum {
   // After fits() returned false: whether only unknown grids were set (a probe), not outgrown ones.
   bool probed() const { return probed_; }
 
-  // The grid bookkeeping alone, for a caller that keeps the int64 sums itself (CudaModel, on the
-  // device): per micro-batch note_max() for every parameter, fixed_add of the ones on_grid() with
-  // scale(); then fits(); then the all-reduced sums to floats with inv_scale() and next_exponents().
+  // The grid bookkeeping alone, for a caller that keeps the int64 sums itself (ExactGradSumDevice):
+  // per micro-batch note_max() for every parameter, fixed_add of the ones on_grid() with scale();
+  // then fits(); then the all-reduced sums to floats through finish().
   void note_max(int param, float m);
   bool on_grid(int param, float m) const;
   double scale(int param) const;
-  double inv_scale(int param) const;
-  void next_exponents();
+  const ParamLayout& layout() const { return layout_; }
+  // to_float(offset, numel, inv) for every parameter (inv = 1/scale; 0 where the grid is unknown, so
+  // the sums are 0: write zeros), then the next step's exponents from this step's maxima.
+  template <typename ToFloat>
+  void finish(ToFloat&& to_float) {
+    const auto& entries = layout_.entries();
+    for (size_t p = 0; p < entries.size(); ++p)
+      to_float(entries[p].offset, entries[p].numel, exp_[p] == kNoExponent ? 0.0 : inv_scale(static_cast<int>(p)));
+    next_exponents();
+  }
 
  private:
+  double inv_scale(int param) const;
+  void next_exponents();
   const ParamLayout& layout_;
   int bits_;
   std::vector<uint8_t> sparse_;
@@ -104,6 +115,26 @@ class ExactGradSum {
   std::vector<int64_t> acc_;  // the host sums (allocated by the first add)
   int64_t retries_ = 0;
   bool probed_ = false;
+};
+
+// The same sums on a GPU (model/exact_sum_cuda.cu, CUDA builds only): the int64 sums in device memory
+// (8 bytes per element of the layout), fed from a device gradient (CudaModel::device_grads()) on the
+// model's stream. The grids, the bookkeeping and the bits are `sum`'s (the fixed_point op's CUDA
+// kernels equal its CPU reference).
+class ExactGradSumDevice {
+ public:
+  ExactGradSumDevice(ExactGradSum& sum, cudaStream_t stream);
+  ExactGradSum& sum() { return sum_; }
+  void begin_step();              // sum.begin_step(), the device sums zeroed
+  void add(const float* grads);   // one micro-batch's gradient (device memory)
+  // After sum.fits(): the sums all-reduced over comm (any backend; MPI stages device buffers) and
+  // written to grads as floats. Waits for the device.
+  void reduce(Comm& comm, float* grads);
+
+ private:
+  ExactGradSum& sum_;
+  cudaStream_t stream_;
+  DeviceBytes acc_, max_;  // int64 (layout total), float (per parameter)
 };
 
 }  // namespace peerless
