@@ -17,6 +17,7 @@
 #include "data/dataset.h"
 #include "data/loader.h"
 #include "launch/checkpoint.h"
+#include "launch/format.h"
 #include "launch/model_file.h"
 #include "launch/signals.h"
 #include "model/cpu_threads.h"
@@ -42,32 +43,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string human_bytes(double b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (b >= 1024 && u < 4) b /= 1024, ++u;
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f %s", b, units[u]);
-  return buf;
-}
-
-std::string human_count(int64_t n) {
-  std::string s = std::to_string(n), out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (i && (s.size() - i) % 3 == 0) out += ',';
-    out += s[i];
-  }
-  return out;
-}
-
-std::string human_duration(double s) {
-  char buf[64];
-  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
-  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
-  else std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s) / 3600, (static_cast<int>(s) / 60) % 60);
-  return buf;
 }
 
 // One line of metrics.jsonl. Keys are exactly those documented in the README.
@@ -213,159 +188,24 @@ std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<
   return whole;
 }
 
+// One optimizer step's micro-batches with deterministic mode's retry: `pass` runs them all (resetting
+// what they accumulate), `sum_gradients` ends the step's gradient sum and says whether it stands
+// (always, without `exact`); a pass that does not stand (a gradient outgrew its fixed-point grid, or
+// the first step's probe) runs again, with the expert counts it added undone.
+void run_micro_batches(const std::function<void()>& pass, const std::function<bool()>& sum_gradients,
+                       const ExactGradSum* exact, std::vector<double>& expert_counts, bool lead, int64_t step) {
+  const std::vector<double> counts_before = exact ? expert_counts : std::vector<double>{};
+  for (;;) {
+    pass();
+    if (sum_gradients()) return;
+    expert_counts = counts_before;
+    if (lead && !exact->probed())
+      std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
+                  static_cast<long long>(step));
+  }
+}
+
 }  // namespace
-
-std::string describe_model(const Model& model, const RunConfig& cfg, int world) {
-  const ParamLayout& layout = model.layout();
-  const int64_t total = layout.count(), ternary = layout.count(ParamKind::ternary_weight);
-  const double latent = 4.0 * static_cast<double>(layout.total());
-  // The int8 code buffer and the optimizer's per-element flags span the whole flat buffer (one
-  // byte per element each, the PEER tables included).
-  const double grads = latent, codes = static_cast<double>(layout.total());
-  const double flags = static_cast<double>(layout.total());
-  // Sharded PEER tables are never cut by ZeRO-1 (their state is sharded with the rows already).
-  double sharded_tables = 0;
-  if (model.experts_sharded())
-    for (const auto& p : layout.entries())
-      if (is_peer_table(p)) sharded_tables += 4.0 * static_cast<double>(p.numel);
-  const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
-  // Deterministic mode on the CPU: the int64 gradient sums (8 bytes per element; on a GPU they are in
-  // device memory).
-  const double exact_sums =
-      deterministic_on(cfg) && cfg.run.device == "cpu" ? 8.0 * static_cast<double>(layout.total()) : 0.0;
-  const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
-  const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
-  std::ostringstream os;
-  os << "parameters: " << total << "\n";
-  os << "  ternary: " << ternary << " (" << human_count(ternary) << "), full precision: " << total - ternary
-     << " (embedding " << layout.count(ParamKind::embedding) << ", gains " << layout.count(ParamKind::gain)
-     << ", lower bounds " << layout.count(ParamKind::lower_bound) << ")\n";
-  os << "  model: d_model " << cfg.model.d_model << ", layers " << cfg.model.n_layers << ", GLU width "
-     << model.intermediate() << ", vocab " << cfg.model.vocab_size << ", quant " << cfg.model.quant << "\n";
-  os << "memory per rank (world " << world << "): latent fp32 " << human_bytes(latent) << ", gradients "
-     << human_bytes(grads) << ", AdamW moments " << human_bytes(adam)
-     << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", int8 code buffer "
-     << human_bytes(codes) << ", optimizer flags " << human_bytes(flags)
-     << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
-     << cfg.data.seq_len << ")"
-     << (exact_sums > 0 ? cat(", exact gradient sums (int64) ", human_bytes(exact_sums)) : std::string()) << "\n";
-  // PEER bookkeeping per layer and expert: fp64 retrieval counts of the logging window, and with
-  // lazy Adam one touched flag.
-  const double peer_counters =
-      static_cast<double>(model.n_peer_layers()) *
-      (8.0 * static_cast<double>(model.peer_experts()) +
-       (cfg.optim.table_optimizer == "lazy_adam" ? static_cast<double>(model.peer_table_rows()) : 0.0));
-  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters + exact_sums)
-     << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
-                           : std::string())
-     << "\n";
-  if (model.n_peer_layers() > 0) {
-    // Per rank: this rank's rows of every table (all rows when replicated). Weights, dense
-    // gradients and the two AdamW moments are fp32 each; ZeRO-1 cuts only replicated tables.
-    const auto& b = model.peer_blocks();
-    const ParamInfo& t = layout.at(layout.find(cat("blocks/", b[0], "/peer/table")));
-    const double table = 4.0 * static_cast<double>(t.numel) * model.n_peer_layers();
-    const ExpertShard& es = model.expert_shard();
-    const double peer_adam = 2 * table / (cfg.parallel.zero1 && !model.experts_sharded() ? world : 1);
-    const PeerLayerShape ps = model.peer_shape(0);
-    const double peer_acts = tokens * model.n_peer_layers() *
-                             (4.0 * 2 * static_cast<double>(ps.channels()) + 16.0 * static_cast<double>(ps.heads * ps.k));
-    os << "  PEER: " << model.n_peer_layers() << " layer(s) in block(s) " << cfg.model.peer_blocks << ", N = "
-       << human_count(model.peer_experts()) << " experts, h " << ps.heads << ", k " << ps.k << ", d_k " << ps.key_dim
-       << "; tables per rank: weights " << human_bytes(table) << ", gradients " << human_bytes(table)
-       << ", AdamW moments " << human_bytes(peer_adam) << ", PEER activations " << human_bytes(peer_acts)
-       << (model.experts_sharded()
-               ? cat(" (sharded by rows over ", es.shards, " ranks: this rank holds rows [",
-                     es.first_row(model.peer_experts()), ", ", es.first_row(model.peer_experts()) + model.peer_table_rows(), "))")
-               : std::string(" (replicated)"))
-       << "\n";
-    os << "  PEER tables per rank (weights + gradients + AdamW moments): " << human_bytes(2 * table + peer_adam)
-       << " = " << static_cast<int64_t>(2 * table + peer_adam) << " bytes; optimizer "
-       << cfg.optim.table_optimizer << ", table lr scale " << cfg.optim.table_lr_scale << "\n";
-    // The reference point, independent of this config: one PEER layer at d = 1024,
-    // N = 1024² (rows [u | v] of 2d floats) on 8 ranks.
-    const double rows = 1024.0 * 1024.0, width = 2 * 1024.0, w = 4.0 * rows * width;
-    os << "  PEER reference (d 1024, N 1024^2, 8 ranks), per rank per layer: replicated: weights "
-       << human_bytes(w) << " + gradients " << human_bytes(w) << " + AdamW " << human_bytes(2 * w) << " = "
-       << human_bytes(4 * w) << "; sharded by rows over 8 ranks (parallel.expert_parallel = 8): "
-       << human_bytes(4 * w / 8) << "\n";
-  }
-  return os.str();
-}
-
-EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
-                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm, const EvalForward& forward) {
-  const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
-  EvalWindows windows(tokens, seq_len, max_windows);
-  // Batch j holds windows [j·batch, (j + 1)·batch) whatever the world size, rank r runs batches
-  // j ≡ r (mod world), and the per-batch sums are added in batch order (ordered_sum): the result
-  // has the same bits on any number of ranks.
-  const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
-  const int64_t n_batches = (windows.count() + batch - 1) / batch;
-  std::vector<double> batch_loss(static_cast<size_t>(n_batches), 0.0);
-  ForwardContext ctx;
-  ctx.peer_mode = PeerNormMode::eval;  // PEER query BatchNorm: running statistics
-  std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
-  // Sharded expert tables make every forward collective over the expert group: then every rank
-  // runs as many forwards as the rank with the most batches, the extra ones on window 0, uncounted.
-  int64_t iterations = (n_batches - rank + world - 1) / world;
-  if (comm && model.experts_sharded()) iterations = (n_batches + world - 1) / world;
-  for (int64_t i = 0; i < iterations; ++i) {
-    const int64_t j = i * world + rank;
-    if (j >= n_batches) {
-      windows.fill(0, 1, inputs.data(), targets.data());
-      model.forward(params, inputs.data(), targets.data(), 1, seq_len, ctx);
-      continue;
-    }
-    const int64_t first = j * batch, n = std::min(batch, windows.count() - first);
-    windows.fill(first, n, inputs.data(), targets.data());
-    batch_loss[j] = forward ? forward(inputs.data(), targets.data(), n, seq_len)
-                            : model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
-  }
-  EvalResult r;
-  r.tokens = windows.count() * seq_len;
-  const double loss = ordered_sum(batch_loss, comm);
-  r.mean_loss = r.tokens ? loss / static_cast<double>(r.tokens) : 0.0;
-  return r;
-}
-
-std::vector<int32_t> sample_tokens(const Model& model, const float* params, const std::vector<int32_t>& prompt,
-                                   int64_t n_tokens, double temperature, int64_t top_k, uint64_t seed) {
-  PL_CHECK(!prompt.empty(), config, "sampling needs a prompt of at least one token");
-  Model::DecodeState state;
-  model.decode_reset(state);
-  for (int32_t t : prompt) model.decode_step(params, t, state);
-  std::vector<int32_t> out = prompt;
-  Rng rng(hash_keys(seed, 0x5A3));
-  const int64_t V = model.config().vocab_size;
-  std::vector<std::pair<float, int32_t>> order(V);
-  std::vector<double> probs(V);
-  for (int64_t i = 0; i < n_tokens; ++i) {
-    const float* logits = state.logits.data();
-    int32_t next = 0;
-    if (temperature <= 0) {
-      next = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
-    } else {
-      for (int64_t v = 0; v < V; ++v) order[v] = {logits[v], static_cast<int32_t>(v)};
-      int64_t k = (top_k > 0 && top_k < V) ? top_k : V;
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-      double z = 0;
-      for (int64_t j = 0; j < k; ++j) z += probs[j] = std::exp((order[j].first - order[0].first) / temperature);
-      double u = rng.uniform() * z;
-      next = order[k - 1].second;
-      for (int64_t j = 0; j < k; ++j) {
-        if ((u -= probs[j]) <= 0) {
-          next = order[j].second;
-          break;
-        }
-      }
-    }
-    out.push_back(next);
-    model.decode_step(params, next, state);
-  }
-  return out;
-}
 
 int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const int rank = comm.rank(), world = comm.size();
@@ -465,11 +305,11 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   model.refresh_peer_tables(params.data(), ep_comm.get());  // model.peer_ternary only
   DataParallel dp(model, comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20, replicas.get(), ep_comm.get());
   // Deterministic mode: the CPU path's exact sum lives in dp, the GPU path's here (its int64 sums on
-  // the device, CudaModel::exact_add).
-  std::unique_ptr<ExactGradSum> gpu_exact;
+  // the device, ExactGradSumDevice).
+  std::unique_ptr<ExactGradSum> gpu_sum;
   if (deterministic && !gpu) dp.set_deterministic(A * world);
-  if (deterministic && gpu) gpu_exact = std::make_unique<ExactGradSum>(model.layout(), A * world, std::vector<uint8_t>{});
-  ExactGradSum* const exact_state = gpu ? gpu_exact.get() : dp.exact();
+  if (deterministic && gpu) gpu_sum = std::make_unique<ExactGradSum>(model.layout(), A * world, std::vector<uint8_t>{});
+  ExactGradSum* const exact_state = gpu ? gpu_sum.get() : dp.exact();
   AdamW adam(cfg.optim, model.layout(), dp.owned());
   BatchLoader loader(data->split(Split::train), T, static_cast<uint64_t>(cfg.run.seed));
   loader.seek({static_cast<uint64_t>(cfg.run.seed), 1});
@@ -506,6 +346,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   // copies (params, adam, the model's codes and β) are refreshed by sync_host() when needed.
 #ifdef PEERLESS_HAVE_CUDA
   std::unique_ptr<CudaModel> cuda;
+  std::unique_ptr<ExactGradSumDevice> gpu_exact;  // deterministic mode: gpu_sum's int64 sums on the GPU
   if (gpu) {
     // Data parallel over GPUs (one rank each): whole weights and optimizer state on every rank, the
     // gradient summed over the ranks after the backwards (CudaModel::all_reduce_grads).
@@ -520,6 +361,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     copt.bf16_activations = cfg.run.activations == "bf16";
     cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
     cuda->upload(params.data(), adam);
+    if (gpu_sum) gpu_exact = std::make_unique<ExactGradSumDevice>(*gpu_sum, cuda->stream());
     if (lead) std::printf("device: cuda, %s allocated on the GPU for a micro-batch of %lld tokens\n",
                           human_bytes(static_cast<double>(cuda->device_bytes())).c_str(), static_cast<long long>(B * T));
   }
@@ -585,17 +427,16 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 #ifdef PEERLESS_HAVE_CUDA
     if (cuda) {
       // The same step as below, every tensor on the device; data parallel: one GPU per rank.
-      const std::vector<double> counts_before = gpu_exact ? expert_counts : std::vector<double>{};
       std::vector<double> micro_loss(static_cast<size_t>(A * world), 0.0);  // by global micro-batch
-      for (int attempt = 0;; ++attempt) {
+      const auto pass = [&] {
         cuda->zero_grads();
-        if (gpu_exact) gpu_exact->begin_step(), cuda->exact_begin();
+        if (gpu_exact) gpu_exact->begin_step();
         for (int64_t a = 0; a < A; ++a) {
           const auto [first, n] = BatchLoader::shard(G, A, a, rank, world);
           loader.fill(step, first, n, inputs.data(), targets.data());
           if (gpu_exact && a > 0) cuda->zero_grads();
           const double loss = cuda->forward_backward(inputs.data(), targets.data(), n, T, grad_scale);
-          if (gpu_exact) cuda->exact_add(*gpu_exact);
+          if (gpu_exact) gpu_exact->add(cuda->device_grads());
           if (n_peer > 0) cuda->add_expert_counts(expert_counts);
           // One rank: stop at once. Several: after the sums below, so that every rank stops together
           // (a rank leaving alone would leave the others waiting in the collective).
@@ -604,19 +445,17 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                    cfg.optim.lr, ")");
           micro_loss[first / B] = loss;
         }
+      };
+      const auto sum_gradients = [&] {
         if (!gpu_exact) {
           if (world > 1) cuda->all_reduce_grads(comm);
-          break;
+          return true;
         }
-        if (gpu_exact->fits(comm)) {
-          cuda->exact_reduce(*gpu_exact, comm);
-          break;
-        }
-        if (n_peer > 0) expert_counts = counts_before;
-        if (lead && !gpu_exact->probed())
-          std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
-                      static_cast<long long>(step));
-      }
+        if (!gpu_exact->sum().fits(comm)) return false;
+        gpu_exact->reduce(comm, cuda->device_grads());
+        return true;
+      };
+      run_micro_batches(pass, sum_gradients, gpu_exact ? &gpu_exact->sum() : nullptr, expert_counts, lead, step);
       const double loss_sum = ordered_sum(micro_loss, &comm);
       PL_CHECK(std::isfinite(loss_sum), numeric, "the training loss is ", loss_sum, " at step ", step,
                " (summed over the ranks); stopping before it corrupts the weights. Lower optim.lr (now ",
@@ -634,10 +473,9 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 #endif
     if (!gpu) {
       // Deterministic mode: each micro-batch's gradient goes to the exact sum, which may ask for the
-      // step again (a gradient outgrew its fixed-point grid; always on the first step it runs).
-      const std::vector<double> counts_before = dp.deterministic() ? expert_counts : std::vector<double>{};
+      // step again (run_micro_batches).
       std::vector<double> micro_loss(static_cast<size_t>(A * world), 0.0);  // by global micro-batch
-      for (int attempt = 0;; ++attempt) {
+      const auto pass = [&] {
         std::fill(grads.begin(), grads.end(), 0.f);
         std::fill(touched.begin(), touched.end(), 0);
         dp.begin_step();
@@ -660,16 +498,13 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
           if (!touched.empty()) model.mark_touched_rows(ctx, touched.data());
           micro_loss[first / B] = loss;
         }
-        if (!dp.deterministic()) {
-          dp.finish_gradients(grads.data());
-          break;
-        }
-        if (dp.finish_exact(grads.data())) break;
-        if (n_peer > 0) expert_counts = counts_before;
-        if (lead && !dp.exact()->probed())
-          std::printf("step %lld: a gradient outgrew its fixed-point grid; step recomputed (parallel.deterministic)\n",
-                      static_cast<long long>(step));
-      }
+      };
+      const auto sum_gradients = [&] {
+        if (dp.deterministic()) return dp.finish_exact(grads.data());
+        dp.finish_gradients(grads.data());
+        return true;
+      };
+      run_micro_batches(pass, sum_gradients, dp.exact(), expert_counts, lead, step);
       // A row is touched if any rank retrieved it: the union of the flags (N bytes per layer). With
       // sharded tables the owner already has its group's union; the replicas of its rows add theirs.
       Comm& touch_comm = replicas ? *replicas : comm;

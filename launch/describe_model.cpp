@@ -1,0 +1,90 @@
+// The parameter and memory accounting printed by --dry-run and at the start of training (trainer.h).
+#include <sstream>
+#include <string>
+
+#include "launch/format.h"
+#include "launch/trainer.h"
+#include "model/optimizer.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+std::string describe_model(const Model& model, const RunConfig& cfg, int world) {
+  const ParamLayout& layout = model.layout();
+  const int64_t total = layout.count(), ternary = layout.count(ParamKind::ternary_weight);
+  const double latent = 4.0 * static_cast<double>(layout.total());
+  // The int8 code buffer and the optimizer's per-element flags span the whole flat buffer (one
+  // byte per element each, the PEER tables included).
+  const double grads = latent, codes = static_cast<double>(layout.total());
+  const double flags = static_cast<double>(layout.total());
+  // Sharded PEER tables are never cut by ZeRO-1 (their state is sharded with the rows already).
+  double sharded_tables = 0;
+  if (model.experts_sharded())
+    for (const auto& p : layout.entries())
+      if (is_peer_table(p)) sharded_tables += 4.0 * static_cast<double>(p.numel);
+  const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
+  // Deterministic mode on the CPU: the int64 gradient sums (8 bytes per element; on a GPU they are in
+  // device memory).
+  const double exact_sums =
+      deterministic_on(cfg) && cfg.run.device == "cpu" ? 8.0 * static_cast<double>(layout.total()) : 0.0;
+  const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
+  const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
+  std::ostringstream os;
+  os << "parameters: " << total << "\n";
+  os << "  ternary: " << ternary << " (" << human_count(ternary) << "), full precision: " << total - ternary
+     << " (embedding " << layout.count(ParamKind::embedding) << ", gains " << layout.count(ParamKind::gain)
+     << ", lower bounds " << layout.count(ParamKind::lower_bound) << ")\n";
+  os << "  model: d_model " << cfg.model.d_model << ", layers " << cfg.model.n_layers << ", GLU width "
+     << model.intermediate() << ", vocab " << cfg.model.vocab_size << ", quant " << cfg.model.quant << "\n";
+  os << "memory per rank (world " << world << "): latent fp32 " << human_bytes(latent) << ", gradients "
+     << human_bytes(grads) << ", AdamW moments " << human_bytes(adam)
+     << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", int8 code buffer "
+     << human_bytes(codes) << ", optimizer flags " << human_bytes(flags)
+     << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
+     << cfg.data.seq_len << ")"
+     << (exact_sums > 0 ? cat(", exact gradient sums (int64) ", human_bytes(exact_sums)) : std::string()) << "\n";
+  // PEER bookkeeping per layer and expert: fp64 retrieval counts of the logging window, and with
+  // lazy Adam one touched flag.
+  const double peer_counters =
+      static_cast<double>(model.n_peer_layers()) *
+      (8.0 * static_cast<double>(model.peer_experts()) +
+       (cfg.optim.table_optimizer == "lazy_adam" ? static_cast<double>(model.peer_table_rows()) : 0.0));
+  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters + exact_sums)
+     << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
+                           : std::string())
+     << "\n";
+  if (model.n_peer_layers() > 0) {
+    // Per rank: this rank's rows of every table (all rows when replicated). Weights, dense
+    // gradients and the two AdamW moments are fp32 each; ZeRO-1 cuts only replicated tables.
+    const auto& b = model.peer_blocks();
+    const ParamInfo& t = layout.at(layout.find(cat("blocks/", b[0], "/peer/table")));
+    const double table = 4.0 * static_cast<double>(t.numel) * model.n_peer_layers();
+    const ExpertShard& es = model.expert_shard();
+    const double peer_adam = 2 * table / (cfg.parallel.zero1 && !model.experts_sharded() ? world : 1);
+    const PeerLayerShape ps = model.peer_shape(0);
+    const double peer_acts = tokens * model.n_peer_layers() *
+                             (4.0 * 2 * static_cast<double>(ps.channels()) + 16.0 * static_cast<double>(ps.heads * ps.k));
+    os << "  PEER: " << model.n_peer_layers() << " layer(s) in block(s) " << cfg.model.peer_blocks << ", N = "
+       << human_count(model.peer_experts()) << " experts, h " << ps.heads << ", k " << ps.k << ", d_k " << ps.key_dim
+       << "; tables per rank: weights " << human_bytes(table) << ", gradients " << human_bytes(table)
+       << ", AdamW moments " << human_bytes(peer_adam) << ", PEER activations " << human_bytes(peer_acts)
+       << (model.experts_sharded()
+               ? cat(" (sharded by rows over ", es.shards, " ranks: this rank holds rows [",
+                     es.first_row(model.peer_experts()), ", ", es.first_row(model.peer_experts()) + model.peer_table_rows(), "))")
+               : std::string(" (replicated)"))
+       << "\n";
+    os << "  PEER tables per rank (weights + gradients + AdamW moments): " << human_bytes(2 * table + peer_adam)
+       << " = " << static_cast<int64_t>(2 * table + peer_adam) << " bytes; optimizer "
+       << cfg.optim.table_optimizer << ", table lr scale " << cfg.optim.table_lr_scale << "\n";
+    // The reference point, independent of this config: one PEER layer at d = 1024,
+    // N = 1024² (rows [u | v] of 2d floats) on 8 ranks.
+    const double rows = 1024.0 * 1024.0, width = 2 * 1024.0, w = 4.0 * rows * width;
+    os << "  PEER reference (d 1024, N 1024^2, 8 ranks), per rank per layer: replicated: weights "
+       << human_bytes(w) << " + gradients " << human_bytes(w) << " + AdamW " << human_bytes(2 * w) << " = "
+       << human_bytes(4 * w) << "; sharded by rows over 8 ranks (parallel.expert_parallel = 8): "
+       << human_bytes(4 * w / 8) << "\n";
+  }
+  return os.str();
+}
+
+}  // namespace peerless

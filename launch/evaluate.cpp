@@ -1,0 +1,90 @@
+// Evaluation over held-out windows and sampling (trainer.h).
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "data/dataset.h"
+#include "data/loader.h"
+#include "launch/trainer.h"
+#include "model/exact_sum.h"
+#include "runtime/error.h"
+#include "runtime/rng.h"
+
+namespace peerless {
+
+EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
+                    int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm, const EvalForward& forward) {
+  const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
+  EvalWindows windows(tokens, seq_len, max_windows);
+  // Batch j holds windows [j·batch, (j + 1)·batch) whatever the world size, rank r runs batches
+  // j ≡ r (mod world), and the per-batch sums are added in batch order (ordered_sum): the result
+  // has the same bits on any number of ranks.
+  const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
+  const int64_t n_batches = (windows.count() + batch - 1) / batch;
+  std::vector<double> batch_loss(static_cast<size_t>(n_batches), 0.0);
+  ForwardContext ctx;
+  ctx.peer_mode = PeerNormMode::eval;  // PEER query BatchNorm: running statistics
+  std::vector<int32_t> inputs(batch * seq_len), targets(batch * seq_len);
+  // Sharded expert tables make every forward collective over the expert group: then every rank
+  // runs as many forwards as the rank with the most batches, the extra ones on window 0, uncounted.
+  int64_t iterations = (n_batches - rank + world - 1) / world;
+  if (comm && model.experts_sharded()) iterations = (n_batches + world - 1) / world;
+  for (int64_t i = 0; i < iterations; ++i) {
+    const int64_t j = i * world + rank;
+    if (j >= n_batches) {
+      windows.fill(0, 1, inputs.data(), targets.data());
+      model.forward(params, inputs.data(), targets.data(), 1, seq_len, ctx);
+      continue;
+    }
+    const int64_t first = j * batch, n = std::min(batch, windows.count() - first);
+    windows.fill(first, n, inputs.data(), targets.data());
+    batch_loss[j] = forward ? forward(inputs.data(), targets.data(), n, seq_len)
+                            : model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
+  }
+  EvalResult r;
+  r.tokens = windows.count() * seq_len;
+  const double loss = ordered_sum(batch_loss, comm);
+  r.mean_loss = r.tokens ? loss / static_cast<double>(r.tokens) : 0.0;
+  return r;
+}
+
+std::vector<int32_t> sample_tokens(const Model& model, const float* params, const std::vector<int32_t>& prompt,
+                                   int64_t n_tokens, double temperature, int64_t top_k, uint64_t seed) {
+  PL_CHECK(!prompt.empty(), config, "sampling needs a prompt of at least one token");
+  Model::DecodeState state;
+  model.decode_reset(state);
+  for (int32_t t : prompt) model.decode_step(params, t, state);
+  std::vector<int32_t> out = prompt;
+  Rng rng(hash_keys(seed, 0x5A3));
+  const int64_t V = model.config().vocab_size;
+  std::vector<std::pair<float, int32_t>> order(V);
+  std::vector<double> probs(V);
+  for (int64_t i = 0; i < n_tokens; ++i) {
+    const float* logits = state.logits.data();
+    int32_t next = 0;
+    if (temperature <= 0) {
+      next = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+    } else {
+      for (int64_t v = 0; v < V; ++v) order[v] = {logits[v], static_cast<int32_t>(v)};
+      int64_t k = (top_k > 0 && top_k < V) ? top_k : V;
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+      double z = 0;
+      for (int64_t j = 0; j < k; ++j) z += probs[j] = std::exp((order[j].first - order[0].first) / temperature);
+      double u = rng.uniform() * z;
+      next = order[k - 1].second;
+      for (int64_t j = 0; j < k; ++j) {
+        if ((u -= probs[j]) <= 0) {
+          next = order[j].second;
+          break;
+        }
+      }
+    }
+    out.push_back(next);
+    model.decode_step(params, next, state);
+  }
+  return out;
+}
+
+}  // namespace peerless
