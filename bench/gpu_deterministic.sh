@@ -5,22 +5,8 @@
 # `peerless bench train` on the 370M config with deterministic off and on side by side. Logs under
 # $OUT. Needs .deps/ carried (toml++ and pcre2 headers, shared data; see bench/gpu_train.sh).
 # Usage: bash bench/gpu_deterministic.sh
-set -uo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
-[[ -e ../shared ]] || ln -s "$root/.deps/shared" ../shared
-export PEERLESS_SHARED="$root/../shared"
-nvidia-smi -L | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD >> "$OUT/gpu.txt" 2>/dev/null
-{ cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DPEERLESS_EXTRA_INCLUDE="$root/.deps/include" &&
-  cmake --build build-gpu -j 16 --target peerless test_ops_cuda; } > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build ok"
-b=build-gpu/bin/peerless
+source "$(dirname "$0")/gpu_common.sh"
+gpu_build peerless test_ops_cuda
 # The fixed-point op against its CPU reference, and 2 ranks on the GPU against 1 rank x 2 accumulation.
 (cd build-gpu && ctest -L gpu -R "fixed_point|cli.test_gpu_data_parallel" --timeout 400 --output-on-failure \
   > "$OUT/ctest_gpu.log" 2>&1)

@@ -8,26 +8,14 @@
 # the machine stays warm).
 # Needs .deps/ carried (toml++ and pcre2 headers, shared data). Usage:
 #   bash bench/gpu_train.sh [--torch] [--skip-tests] [--no-shakespeare]
-set -uo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_common.sh"
 torch=0 tests=1 shakespeare=1
 for a in "$@"; do
   [[ $a == --torch ]] && torch=1
   [[ $a == --skip-tests ]] && tests=0
   [[ $a == --no-shakespeare ]] && shakespeare=0
 done
-[[ -e ../shared ]] || ln -s "$root/.deps/shared" ../shared
-export PEERLESS_SHARED="$root/../shared"
-nvidia-smi -L | tee "$OUT/gpu.txt"
-{ cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DPEERLESS_EXTRA_INCLUDE="$root/.deps/include" &&
-  cmake --build build-gpu -j 16 --target ${TARGETS:-peerless test_ops_cuda test_fused_cuda test_model_cuda test_peer_cuda}; } > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build ok"
-b=build-gpu/bin/peerless
+gpu_build ${TARGETS:-peerless test_ops_cuda test_fused_cuda test_model_cuda test_peer_cuda}
 if [[ $tests == 1 ]]; then
   # Every gpu-labelled test, the GPU-vs-CPU loss curves included (~5 min on the H100 with -j 2).
   (cd build-gpu && ctest -L gpu -j 2 --timeout 400 --output-on-failure > "$OUT/ctest_gpu.log" 2>&1)
