@@ -2,14 +2,50 @@
 // so an interrupted write never leaves a half file under the final name.
 #include "launch/model_file.h"
 
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 
 #include "runtime/error.h"
 #include "runtime/h5.h"
+#include "runtime/sha256.h"
 
 namespace peerless {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+// Group and leaf of a parameter path under a root ("model/blocks/0/mixer/i_proj" + "weight").
+std::pair<std::string, std::string> split_path(const std::string& root, const std::string& name) {
+  const size_t slash = name.rfind('/');
+  if (slash == std::string::npos) return {root, name};
+  return {root + "/" + name.substr(0, slash), name.substr(slash + 1)};
+}
+
+void write_checked(hid_t file, const std::string& group, const std::string& leaf, h5::Dtype dtype, const void* data,
+                   size_t bytes, const std::vector<int64_t>& dims) {
+  h5::Handle g = h5::ensure_groups(file, group);
+  h5::write_nd(g, leaf, dtype, data, dims);
+  h5::Handle ds = h5::open_dataset(g, leaf);
+  h5::write_attr(ds, "sha256", sha256_hex(data, bytes));
+}
+
+// Reads a whole dataset of `numel` elements and, when the file has checksums, verifies them.
+void read_checked(hid_t file, const std::string& path, const std::string& name, h5::Dtype dtype, int64_t numel,
+                  size_t elem_bytes, void* out, bool verify) {
+  h5::read_all(file, name, dtype, numel, out);
+  if (!verify) return;
+  h5::Handle ds = h5::open_dataset(file, name);
+  PL_CHECK(h5::has_attr(ds, "sha256"), data, path, ":/", name, " has no sha256 attribute (format version ",
+           kModelFileVersion, " requires one on every dataset; the file was altered or written by another tool)");
+  const std::string want = h5::read_string_attr(ds, "sha256");
+  const std::string got = sha256_hex(out, static_cast<size_t>(numel) * elem_bytes);
+  PL_CHECK(got == want, data, path, ":/", name, " is corrupt: its sha256 is ", got, ", the file records ", want,
+           " (restore the file from a copy or re-export it from a checkpoint)");
+}
+
+}  // namespace
 
 void save_model_file(const std::string& path, const Model& model, const float* params, const std::string& config_text,
                      int64_t step, int64_t tokens) {
@@ -17,27 +53,25 @@ void save_model_file(const std::string& path, const Model& model, const float* p
   {
     h5::Handle file = h5::create_file(tmp);
     h5::write_attr(file, "format", "peerless-model");
-    h5::write_attr(file, "format_version", int64_t{1});
+    h5::write_attr(file, "format_version", kModelFileVersion);
     h5::write_attr(file, "step", step);
     h5::write_attr(file, "tokens", tokens);
     h5::write_text(file, "config", config_text);
     const auto& entries = model.layout().entries();
     for (size_t idx = 0; idx < entries.size(); ++idx) {
       const ParamInfo& p = entries[idx];
-      const size_t slash = p.name.rfind('/');
+      const auto [group, leaf] = split_path("model", p.name);
+      write_checked(file, group, leaf, h5::Dtype::f32, params + p.offset, p.numel * sizeof(float), p.shape);
       {
-        const std::string parent = slash == std::string::npos ? "model" : "model/" + p.name.substr(0, slash);
-        h5::Handle g = h5::ensure_groups(file, parent);
-        const std::string leaf = slash == std::string::npos ? p.name : p.name.substr(slash + 1);
-        h5::write_1d(g, leaf, h5::Dtype::f32, params + p.offset, p.numel);
-        h5::Handle ds = h5::open_dataset(g, leaf);
-        h5::write_attr(ds, "shape", shape_text(p.shape));
+        h5::Handle ds = h5::open_dataset(file, group + "/" + leaf);
         h5::write_attr(ds, "kind", param_kind_name(p.kind));
       }
       if (p.kind == ParamKind::ternary_weight) {
-        h5::Handle g = h5::ensure_groups(file, "ternary/" + p.name);
+        const std::string tgroup = "ternary/" + p.name;
         const auto packed = pack_ternary(model.codes().data() + p.offset, p.numel);
-        h5::write_1d(g, "codes", h5::Dtype::u8, packed.data(), static_cast<int64_t>(packed.size()));
+        write_checked(file, tgroup, "codes", h5::Dtype::u8, packed.data(), packed.size(),
+                      {static_cast<int64_t>(packed.size())});
+        h5::Handle g = h5::open_group(file, tgroup);
         h5::write_attr(g, "beta", static_cast<double>(model.betas()[idx]));
         h5::write_attr(g, "numel", p.numel);
         h5::write_attr(g, "shape", shape_text(p.shape));
@@ -50,39 +84,66 @@ void save_model_file(const std::string& path, const Model& model, const float* p
   PL_CHECK(!ec, io, "cannot rename ", tmp, " to ", path, ": ", ec.message());
 }
 
-LoadedModel load_model_file(const std::string& path_or_run_dir) {
+std::string model_file_path(const std::string& path_or_run_dir) {
   std::string path = path_or_run_dir;
   if (fs::is_directory(path)) path = (fs::path(path) / "model.h5").string();
   PL_CHECK(fs::exists(path), io, "model file ", path, " does not exist (train a model first: peerless train CONFIG)");
+  return path;
+}
+
+bool is_model_file(const std::string& path) {
+  if (!fs::is_regular_file(path) || !h5::is_hdf5(path)) return false;
+  h5::Handle file = h5::open_file(path);
+  return h5::has_attr(file, "format") && h5::read_string_attr(file, "format") == "peerless-model";
+}
+
+LoadedModel load_model_file(const std::string& path_or_run_dir) {
+  const std::string path = model_file_path(path_or_run_dir);
   PL_CHECK(h5::is_hdf5(path), io, path, " is not an HDF5 file");
   h5::Handle file = h5::open_file(path);
   PL_CHECK(h5::has_attr(file, "format") && h5::read_string_attr(file, "format") == "peerless-model", data, path,
            " is not a peerless model file (attribute format != \"peerless-model\")");
   LoadedModel out;
-  out.config = parse_run_config_text(h5::read_text(file, "config"), path + ":/config");
+  out.path = path;
+  out.format_version = h5::read_int_attr(file, "format_version");
+  PL_CHECK(out.format_version >= 1 && out.format_version <= kModelFileVersion, data, path, " has format_version ",
+           out.format_version, "; this peerless reads versions 1 to ", kModelFileVersion, " (upgrade peerless)");
+  const bool verify = out.format_version >= 2;
+  if (!verify)
+    std::fprintf(stderr, "warning: %s is a format_version 1 model file: no checksums to verify (files written by "
+                 "this peerless have them)\n", path.c_str());
+  out.config_text = h5::read_text(file, "config");
+  out.config = parse_run_config_text(out.config_text, path + ":/config");
   out.step = h5::read_int_attr(file, "step");
   out.tokens = h5::read_int_attr(file, "tokens");
   out.model = std::make_unique<Model>(out.config.model);
-  const Model& model = *out.model;
+  Model& model = *out.model;
   out.params.assign(model.layout().total(), 0.f);
   const auto& entries = model.layout().entries();
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
     const std::string ds = "model/" + p.name;
-    const auto info = h5::dataset_info(file, ds);
-    PL_CHECK(info.length == p.numel, data, path, ":/", ds, " has ", info.length, " elements, the config expects ",
-             p.numel);
-    h5::read_1d_range(file, ds, h5::Dtype::f32, 0, p.numel, out.params.data() + p.offset);
-    if (p.kind == ParamKind::ternary_weight) {
-      h5::Handle g = h5::open_group(file, "ternary/" + p.name);
-      const auto packed = h5::read_1d<uint8_t>(g, "codes");
-      PL_CHECK(static_cast<int64_t>(packed.size()) == (p.numel + 3) / 4, data, path, ":/ternary/", p.name,
-               "/codes has the wrong length");
-      unpack_ternary(packed.data(), p.numel, out.model->mutable_codes().data() + p.offset);
-      out.model->mutable_betas()[idx] = static_cast<float>(h5::read_float_attr(g, "beta"));
+    if (verify) {
+      const auto shape = h5::dataset_shape(file, ds);
+      PL_CHECK(shape.dims == p.shape, data, path, ":/", ds, " has shape ", shape_text(shape.dims),
+               ", the config expects ", shape_text(p.shape));
     }
+    read_checked(file, path, ds, h5::Dtype::f32, p.numel, sizeof(float), out.params.data() + p.offset, verify);
+    if (p.kind != ParamKind::ternary_weight) continue;
+    const std::string tg = "ternary/" + p.name;
+    const int64_t bytes = (p.numel + 3) / 4;
+    std::vector<uint8_t> packed(static_cast<size_t>(bytes));
+    read_checked(file, path, tg + "/codes", h5::Dtype::u8, bytes, 1, packed.data(), verify);
+    int8_t* codes = model.mutable_codes().data() + p.offset;
+    unpack_ternary(packed.data(), p.numel, codes);
+    const float beta = static_cast<float>(h5::read_float_attr(h5::open_group(file, tg), "beta"));
+    bool any = false;
+    for (int64_t i = 0; i < p.numel && !any; ++i) any = codes[i] != 0;
+    PL_CHECK(std::isfinite(beta) && (beta > 0 || !any), data, path, ":/", tg, " has beta = ", beta,
+             " (must be finite and > 0 for nonzero codes)");
+    model.mutable_betas()[idx] = beta;
   }
-  out.model->refresh_peer_tables(out.params.data(), nullptr);  // model.peer_ternary: the tables' t·β
+  model.refresh_peer_tables(out.params.data(), nullptr);  // model.peer_ternary: the tables' t·β
   return out;
 }
 

@@ -302,45 +302,77 @@ void write_1d_pieces(hid_t loc, const std::string& name, Dtype dtype, int64_t n,
   }
 }
 
-DatasetInfo dataset_info(hid_t loc, const std::string& name) {
+namespace {
+Dtype element_dtype(hid_t ds, const std::string& where) {
+  Handle type(H5Dget_type(ds), HandleKind::datatype);
+  check(type, "get element type", where);
+  const H5T_class_t cls = H5Tget_class(type);
+  const size_t size = H5Tget_size(type);
+  if (cls == H5T_INTEGER) {
+    const bool is_signed = H5Tget_sign(type) == H5T_SGN_2;
+    if (!is_signed && size == 1) return Dtype::u8;
+    if (!is_signed && size == 2) return Dtype::u16;
+    if (!is_signed && size == 4) return Dtype::u32;
+    if (is_signed && size == 4) return Dtype::i32;
+    if (is_signed && size == 8) return Dtype::i64;
+    PL_FAIL(data, "HDF5 dataset ", where, " has an unsupported integer type (", is_signed ? "signed" : "unsigned",
+            ", ", size, " bytes)");
+  }
+  if (cls == H5T_FLOAT && size == 4) return Dtype::f32;
+  if (cls == H5T_FLOAT && size == 8) return Dtype::f64;
+  PL_FAIL(data, "HDF5 dataset ", where, " has an unsupported element type (class ", static_cast<int>(cls), ", ", size,
+          " bytes)");
+}
+}  // namespace
+
+DatasetShape dataset_shape(hid_t loc, const std::string& name) {
   Handle ds = open_dataset(loc, name);
   const std::string where = child(loc, name);
   Handle space(H5Dget_space(ds), HandleKind::dataspace);
   check(space, "get dataspace", where);
   const int rank = H5Sget_simple_extent_ndims(space);
-  PL_CHECK(rank == 1, data, "HDF5 dataset ", where, " has ", rank, " dimensions, expected 1");
-  hsize_t dims[1] = {0};
+  PL_CHECK(rank >= 1 && rank <= 8, data, "HDF5 dataset ", where, " has ", rank, " dimensions, expected 1 to 8");
+  hsize_t dims[8] = {};
   check(H5Sget_simple_extent_dims(space, dims, nullptr), "get dimensions", where);
-  Handle type(H5Dget_type(ds), HandleKind::datatype);
-  check(type, "get element type", where);
-  DatasetInfo info;
-  info.length = static_cast<int64_t>(dims[0]);
-  const H5T_class_t cls = H5Tget_class(type);
-  const size_t size = H5Tget_size(type);
-  if (cls == H5T_INTEGER) {
-    const bool is_signed = H5Tget_sign(type) == H5T_SGN_2;
-    if (!is_signed && size == 1)
-      info.dtype = Dtype::u8;
-    else if (!is_signed && size == 2)
-      info.dtype = Dtype::u16;
-    else if (!is_signed && size == 4)
-      info.dtype = Dtype::u32;
-    else if (is_signed && size == 4)
-      info.dtype = Dtype::i32;
-    else if (is_signed && size == 8)
-      info.dtype = Dtype::i64;
-    else
-      PL_FAIL(data, "HDF5 dataset ", where, " has an unsupported integer type (", is_signed ? "signed" : "unsigned",
-              ", ", size, " bytes)");
-  } else if (cls == H5T_FLOAT && size == 4) {
-    info.dtype = Dtype::f32;
-  } else if (cls == H5T_FLOAT && size == 8) {
-    info.dtype = Dtype::f64;
-  } else {
-    PL_FAIL(data, "HDF5 dataset ", where, " has an unsupported element type (class ", static_cast<int>(cls), ", ", size,
-            " bytes)");
+  DatasetShape out;
+  out.numel = 1;
+  for (int i = 0; i < rank; ++i) {
+    out.dims.push_back(static_cast<int64_t>(dims[i]));
+    out.numel *= static_cast<int64_t>(dims[i]);
   }
-  return info;
+  out.dtype = element_dtype(ds, where);
+  return out;
+}
+
+DatasetInfo dataset_info(hid_t loc, const std::string& name) {
+  const DatasetShape shape = dataset_shape(loc, name);
+  PL_CHECK(shape.dims.size() == 1, data, "HDF5 dataset ", child(loc, name), " has ", shape.dims.size(),
+           " dimensions, expected 1");
+  return DatasetInfo{shape.numel, shape.dtype};
+}
+
+void write_nd(hid_t loc, const std::string& name, Dtype dtype, const void* data, const std::vector<int64_t>& dims) {
+  silence_errors();
+  const std::string where = child(loc, name);
+  PL_CHECK(!dims.empty() && dims.size() <= 8, internal, "write_nd of ", where, " with ", dims.size(), " dimensions");
+  std::vector<hsize_t> hd(dims.begin(), dims.end());
+  int64_t n = 1;
+  for (int64_t v : dims) n *= v;
+  Handle space(H5Screate_simple(static_cast<int>(hd.size()), hd.data(), nullptr), HandleKind::dataspace);
+  check(space, "create dataspace", where);
+  Handle ds(H5Dcreate2(loc, name.c_str(), file_type(dtype), space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+            HandleKind::dataset);
+  check(ds, "create dataset", where);
+  if (n > 0) check(H5Dwrite(ds, mem_type(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "write dataset", where);
+}
+
+void read_all(hid_t loc, const std::string& name, Dtype dtype, int64_t numel, void* out) {
+  const std::string where = child(loc, name);
+  const DatasetShape shape = dataset_shape(loc, name);
+  PL_CHECK(shape.numel == numel, data, "HDF5 dataset ", where, " has ", shape.numel, " elements, expected ", numel);
+  if (numel == 0) return;
+  Handle ds = open_dataset(loc, name);
+  check(H5Dread(ds, mem_type(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, out), "read dataset (corrupt file?)", where);
 }
 
 void read_1d_range(hid_t loc, const std::string& name, Dtype dtype, int64_t offset, int64_t n, void* out) {

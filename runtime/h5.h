@@ -3,7 +3,7 @@
 // negative return becomes a peerless::Error of kind io naming the file and the object, and HDF5's
 // own error-stack printing is switched off so that users see one clear message, not a C stack dump.
 // Only what the project needs is here: files, groups, scalar attributes (string, integer, float),
-// 1-D datasets (optionally chunked), hyperslab reads of 1-D ranges, text stored as a dataset, and
+// 1-D datasets (optionally chunked), hyperslab reads of 1-D ranges, whole N-d datasets (model files), text stored as a dataset, and
 // 1-D virtual datasets (VDS) that present pieces of datasets in other files as one dataset.
 #pragma once
 
@@ -99,6 +99,18 @@ template <typename T>
 void write_1d(hid_t loc, const std::string& name, std::span<const T> data, int64_t chunk = 0) {
   write_1d(loc, name, dtype_of<T>(), data.data(), static_cast<int64_t>(data.size()), chunk);
 }
+
+// Writes a dataset of shape `dims` (row-major, any rank ≥ 1; the product is the element count).
+void write_nd(hid_t loc, const std::string& name, Dtype dtype, const void* data, const std::vector<int64_t>& dims);
+// Shape and element type of a dataset of any rank.
+struct DatasetShape {
+  std::vector<int64_t> dims;
+  int64_t numel = 0;
+  Dtype dtype = Dtype::u8;
+};
+DatasetShape dataset_shape(hid_t loc, const std::string& name);
+// Reads a whole dataset of any rank (numel elements, checked against the file) converting to dtype.
+void read_all(hid_t loc, const std::string& name, Dtype dtype, int64_t numel, void* out);
 
 // Writes a 1-D dataset of n elements from pieces of memory, each landing at its offset (pieces
 // must cover [0, n)); no staging copy of scattered ranges.
