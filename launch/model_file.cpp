@@ -48,7 +48,7 @@ void read_checked(hid_t file, const std::string& path, const std::string& name, 
 }  // namespace
 
 void save_model_file(const std::string& path, const Model& model, const float* params, const std::string& config_text,
-                     int64_t step, int64_t tokens) {
+                     int64_t step, int64_t tokens, const Tokenizer* tokenizer) {
   const std::string tmp = path + ".tmp";
   {
     h5::Handle file = h5::create_file(tmp);
@@ -57,6 +57,7 @@ void save_model_file(const std::string& path, const Model& model, const float* p
     h5::write_attr(file, "step", step);
     h5::write_attr(file, "tokens", tokens);
     h5::write_text(file, "config", config_text);
+    if (tokenizer) tokenizer->save_to_h5(h5::create_group(file, "tokenizer"));
     const auto& entries = model.layout().entries();
     for (size_t idx = 0; idx < entries.size(); ++idx) {
       const ParamInfo& p = entries[idx];
@@ -144,7 +145,19 @@ LoadedModel load_model_file(const std::string& path_or_run_dir) {
     model.mutable_betas()[idx] = beta;
   }
   model.refresh_peer_tables(out.params.data(), nullptr);  // model.peer_ternary: the tables' t·β
+  if (h5::exists(file, "tokenizer")) out.tokenizer = Tokenizer::load_from_h5(h5::open_group(file, "tokenizer"));
   return out;
+}
+
+std::shared_ptr<Tokenizer> model_tokenizer(const LoadedModel& m, const std::string& data_path) {
+  if (data_path.empty() && m.tokenizer) return m.tokenizer;
+  const std::string path = data_path.empty() ? m.config.data.path : data_path;
+  PL_CHECK(!path.empty() && fs::exists(path) && h5::is_hdf5(path), io, m.path,
+           " holds no tokenizer and the token file ", path.empty() ? "(none)" : path,
+           " is not readable: pass the token file the model was trained on (--data PATH)");
+  h5::Handle file = h5::open_file(path);
+  PL_CHECK(h5::exists(file, "tokenizer"), data, path, " has no /tokenizer group (not a peerless token file?)");
+  return Tokenizer::load_from_h5(h5::open_group(file, "tokenizer"));
 }
 
 }  // namespace peerless
