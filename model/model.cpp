@@ -252,19 +252,10 @@ float* buffer_ptr(const ParamLayout& layout, const float* params, int idx) {
 }
 }  // namespace
 
-int64_t Model::qsparse_keep(int64_t K) const {
-  if (config_.qsparse <= 0) return K;
-  if (config_.qsparse_block > 0) return qsparse_keep_count(config_.qsparse_block, config_.qsparse);
-  return qsparse_keep_count(K, config_.qsparse);
-}
+int64_t Model::qsparse_keep(int64_t K) const { return qsparse_keep_for(K, config_.qsparse, config_.qsparse_block); }
 
 void Model::sparsify(int64_t rows, int64_t K, float* xt) const {
-  if (config_.qsparse <= 0) return;
-  const QSparseShape qs{rows, K};
-  if (config_.qsparse_block > 0)
-    qsparse_block_forward_cpu(qs, qsparse_keep(K), config_.qsparse_block, xt, xt, nullptr);
-  else
-    qsparse_topk_forward_cpu(qs, qsparse_keep(K), xt, xt, nullptr);
+  qsparse_apply_cpu(config_.qsparse, config_.qsparse_block, rows, K, xt);
 }
 
 std::vector<int8_t>& Model::mutable_codes() {
@@ -315,6 +306,35 @@ void Model::refresh_peer_copies(const float* params, Comm* ep) {
     q.resize(t.numel);
     for (int64_t i = 0; i < t.numel; ++i) q[i] = static_cast<float>(codes[i]) * beta;
   }
+}
+
+const float* Model::peer_forward_table(const float* params, int64_t layer) const {
+  PL_CHECK(layer >= 0 && layer < config_.n_layers && blocks_[layer].peer >= 0, internal, "block ", layer,
+           " has no PEER layer");
+  return peer_table(params, blocks_[layer]);
+}
+
+void Model::peer_table_ternary(int64_t layer, std::vector<int8_t>& codes, float& beta) const {
+  PL_CHECK(config_.peer_ternary && layer >= 0 && layer < config_.n_layers && blocks_[layer].peer >= 0, internal,
+           "block ", layer, " has no ternary PEER table");
+  const auto& q = peer_tables_.at(blocks_[layer].peer);
+  codes.resize(q.size());
+  beta = 0.f;
+  // q = t·β exactly (a product by ±1 or 0), so the codes are the signs and β any nonzero magnitude.
+  for (size_t i = 0; i < q.size(); ++i) {
+    codes[i] = static_cast<int8_t>((q[i] > 0.f) - (q[i] < 0.f));
+    if (q[i] != 0.f) beta = std::fabs(q[i]);
+  }
+  if (beta == 0.f) beta = ternary_beta(0.0, static_cast<int64_t>(q.size()));  // all zero: the floor β
+}
+
+void Model::set_peer_table_ternary(int64_t layer, const int8_t* codes, float beta) {
+  PL_CHECK(config_.peer_ternary && layer >= 0 && layer < config_.n_layers && blocks_[layer].peer >= 0, internal,
+           "block ", layer, " has no ternary PEER table");
+  peer_tables_.resize(peer_blocks_.size());
+  auto& q = peer_tables_[blocks_[layer].peer];
+  q.resize(static_cast<size_t>(layout_.at(blocks_[layer].peer_table).numel));
+  for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(codes[i]) * beta;
 }
 
 const float* Model::peer_table(const float* params, const BlockParams& b) const {
