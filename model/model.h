@@ -141,14 +141,6 @@ class Model {
   void backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
                 const GradReady& grad_ready = nullptr, ExactGradSum* exact = nullptr) const;
 
-  // Recurrent inference: one token at a time with per-layer hidden state (B = 1).
-  struct DecodeState {
-    std::vector<float> h;  // (L, d)
-    std::vector<float> logits;  // (V)
-  };
-  void decode_reset(DecodeState& state) const;
-  void decode_step(const float* params, int32_t token, DecodeState& state) const;
-
   // Parameter indices, for other implementations of the same forward/backward (model/cuda_model.h).
   struct Index {
     int embed, lower_bounds, final_norm, head_gain, head_w;

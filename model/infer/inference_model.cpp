@@ -5,6 +5,7 @@
 #include <map>
 
 #include "model/infer/ternary_kernels.h"
+#include "model/ops/gemm.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
 #include "model/ops/qsparse.h"
@@ -33,6 +34,7 @@ struct InferenceModel::Linear {
   std::vector<float> norm;   // (K)
   std::vector<uint8_t> own;  // r4 bytes when repacked at load
   const uint8_t* packed = nullptr;
+  std::vector<float> w;      // (N, K) model.quant = "none": the full-precision weights instead
 };
 
 // token_embd: dequantized one row at a time (decode reads one row per token).
@@ -72,8 +74,6 @@ InferenceModel::~InferenceModel() = default;
 
 std::unique_ptr<InferenceModel> InferenceModel::load(const gguf::File& f) {
   const ModelConfig config = arch::read_config(f);
-  PL_CHECK(config.quant == "ternary", config, f.path(), " is a full-precision model (peerless.quant = \"",
-           config.quant, "\"): generate runs ternary models");
   const Model structure(config);
   arch::check_tensors(f, arch::tensors(structure), arch::read_layout(f) == arch::kLayoutR4);
   const GgufValues values(f);
@@ -83,7 +83,6 @@ std::unique_ptr<InferenceModel> InferenceModel::load(const gguf::File& f) {
 }
 
 std::unique_ptr<InferenceModel> InferenceModel::from_model(const Model& model, const float* params) {
-  PL_CHECK(model.quantized(), config, "inference runs ternary models (this one has model.quant = \"none\")");
   PL_CHECK(!model.experts_sharded(), internal, "inference needs the whole expert tables (an unsharded model)");
   const MemoryParams source(model, params);
   const ModelValues values(model, source);
@@ -108,6 +107,11 @@ void InferenceModel::build(const Model& structure, const TensorValues& values, c
     l.K = w.shape[1];
     l.Kp = round_up(l.K, kR4PanelK);
     l.norm = floats(base + ".norm");
+    if (w.source == arch::Source::copy) {  // the full-precision ablation
+      l.Kp = l.K;
+      l.w = floats(w.name);
+      return l;
+    }
     std::vector<int8_t> codes;
     values.ternary(w, codes, l.beta);
     if (file && file->r4()) {  // the packed profile: the kernels read the file's bytes in place
@@ -187,6 +191,10 @@ void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y
   rmsnorm_forward_cpu(RmsNormShape{M, l.K, static_cast<float>(config_.norm_eps)}, x, l.norm.data(), xt,
                       grow(sc.rstd, M));
   qsparse_apply_cpu(config_.qsparse, config_.qsparse_block, M, l.K, xt);
+  if (!l.w.empty()) {  // full precision: the trainer's sgemm
+    gemm_cpu(Trans::no, Trans::yes, M, l.N, l.K, 1.f, xt, l.K, l.w.data(), l.K, 0.f, y, l.N);
+    return;
+  }
   if (l.Kp != l.K)  // re-stride to the padded width, zeros beyond K (last row first: in place)
     for (int64_t m = M - 1; m >= 0; --m) {
       std::memmove(xt + m * l.Kp, xt + m * l.K, static_cast<size_t>(l.K) * sizeof(float));
@@ -209,7 +217,7 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
   }
   float *xn = grow(sc.xn, M * d), *y = grow(sc.y, M * d), *hs = grow(sc.hs, M * d);
   float *ih = grow(sc.ihat, M * d), *fh = grow(sc.fhat, M * d), *gh = grow(sc.ghat, M * d);
-  float *f = grow(sc.f, d), *gn = grow(sc.gn, M * d), *o = grow(sc.o, M * d);
+  float *gn = grow(sc.gn, M * d), *o = grow(sc.o, M * d);
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     const Block& b = blocks_[static_cast<size_t>(l)];
     float* h = s.h.data() + l * d;
@@ -217,13 +225,9 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     linear(b.i, M, xn, ih, sc);
     linear(b.f, M, xn, fh, sc);
     linear(b.g, M, xn, gh, sc);
-    // The scan one token at a time from the carried state: a one-step scan from zero gives f and
-    // (1 − f)·silu(î); h = f·h + that is the trainer's scan step exactly.
-    for (int64_t t = 0; t < M; ++t) {
-      mlgru_scan_forward_cpu(ScanShape{1, 1, d}, ih + t * d, fh + t * d, b.lb.data(), f, hs + t * d);
-      for (int64_t j = 0; j < d; ++j) h[j] = f[j] * h[j] + hs[t * d + j];
-      std::memcpy(hs + t * d, h, static_cast<size_t>(d) * sizeof(float));
-    }
+    // The trainer's scan over the M tokens, starting from the carried state; the last h is carried on.
+    mlgru_scan_forward_cpu(ScanShape{1, M, d}, ih, fh, b.lb.data(), grow(sc.f, M * d), hs, h);
+    std::memcpy(h, hs + (M - 1) * d, static_cast<size_t>(d) * sizeof(float));
     if (form == GateForm::code)
       rmsnorm_forward_cpu(nd, gh, b.out_norm.data(), gn, grow(sc.rstd, M));
     else
@@ -260,7 +264,9 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
 }
 
 int64_t InferenceModel::bytes_per_token() const {
-  auto lin = [](const Linear& l) { return ternary_r4_bytes(l.N, l.Kp) + 4 * l.K + 4; };
+  auto lin = [](const Linear& l) {
+    return (l.w.empty() ? ternary_r4_bytes(l.N, l.Kp) + 4 : 4 * l.N * l.K) + 4 * l.K;
+  };
   int64_t total = lin(*head_) + embed_->d * (embed_->type == TensorType::f32 ? 4 : 2);
   for (const Block& b : blocks_) {
     total += lin(b.i) + lin(b.f) + lin(b.g) + lin(b.o);
@@ -276,7 +282,7 @@ int64_t InferenceModel::bytes_per_token() const {
 
 int64_t InferenceModel::resident_bytes() const {
   int64_t total = static_cast<int64_t>(embed_->own.size()) * 4;
-  auto lin = [](const Linear& l) { return static_cast<int64_t>(l.own.size() + 4 * l.norm.size()); };
+  auto lin = [](const Linear& l) { return static_cast<int64_t>(l.own.size() + 4 * (l.norm.size() + l.w.size())); };
   total += lin(*head_);
   for (const Block& b : blocks_) {
     total += lin(b.i) + lin(b.f) + lin(b.g) + lin(b.o) + lin(b.gate_up) + lin(b.down);

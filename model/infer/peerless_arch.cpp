@@ -16,9 +16,10 @@ std::string key(const std::string& k) { return kp + k; }
 
 void add_bitlinear(std::vector<Tensor>& out, const Model& m, const std::string& base, int gain, int weight) {
   const auto& shape = m.layout().at(weight).shape;
-  out.push_back({base + ".weight", Source::ternary, shape, weight});
+  // model.quant = "none" (the full-precision ablation): F32 weights, no β.
+  out.push_back({base + ".weight", m.quantized() ? Source::ternary : Source::copy, shape, weight});
   out.push_back({base + ".norm", Source::copy, m.layout().at(gain).shape, gain});
-  out.push_back({base + ".scale", Source::ternary_scale, {1}, weight});
+  if (m.quantized()) out.push_back({base + ".scale", Source::ternary_scale, {1}, weight});
 }
 
 void add_copy(std::vector<Tensor>& out, const Model& m, const std::string& name, int param,

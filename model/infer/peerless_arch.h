@@ -11,6 +11,7 @@
 //    them by a softmax and a cumsum, which floats cannot invert exactly) so that import is exact.
 //  - `peerless.qsparse.ratio` and `peerless.qsparse.block` carry Q-Sparse as the trainer defines it
 //    (a ratio, per token or N:M); `peerless.qsparse.top_k` is the kept count of a d-wide input.
+//  - model.quant = "none" (the full-precision ablation) stores X.weight as F32 and no X.scale.
 //  - A ternary weight whose input width is not a multiple of 256 (tiny test models) is stored as I8
 //    codes t ∈ {−1, 0, 1}, row-major (ne {K, N}), in the "reference" layout.
 #pragma once
