@@ -114,14 +114,16 @@ ExportReport export_gguf(const ModelFileReader& reader, const Tokenizer& tokeniz
   ExportReport report;
   std::vector<uint8_t> bytes;
   int64_t done = 0;
+  double last_report = -1;
   for (size_t i = 0; i < table.size(); ++i) {
     int64_t held = 0;
     encode(table[i], types[i], r4, values, c, bytes, held);
     w.write_tensor(table[i].name, bytes.data(), bytes.size());
     report.peak_bytes = std::max(report.peak_bytes, held);
     done += static_cast<int64_t>(bytes.size());
-    if (o.progress) {
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (o.progress && (s - last_report >= 0.5 || i + 1 == table.size())) {
+      last_report = s;
       const double eta = done > 0 ? s * static_cast<double>(total - done) / static_cast<double>(done) : 0;
       std::fprintf(stderr, "\rexport: %zu/%zu tensors, %s of %s, ETA %s   ", i + 1, table.size(),
                    human_bytes(static_cast<double>(done)).c_str(), human_bytes(static_cast<double>(total)).c_str(),
