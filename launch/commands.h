@@ -15,6 +15,9 @@ int cmd_train(const Args& args);
 int cmd_eval(const Args& args);
 int cmd_sample(const Args& args);
 int cmd_inspect(const Args& args);
+int cmd_export(const Args& args);
+int cmd_import(const Args& args);
+int cmd_generate(const Args& args);
 int cmd_bench(const Args& args);
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
 int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp

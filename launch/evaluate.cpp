@@ -8,6 +8,7 @@
 #include "data/loader.h"
 #include "launch/trainer.h"
 #include "model/exact_sum.h"
+#include "model/infer/sampler.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
 
@@ -51,40 +52,8 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
 
 std::vector<int32_t> sample_tokens(const Model& model, const float* params, const std::vector<int32_t>& prompt,
                                    int64_t n_tokens, double temperature, int64_t top_k, uint64_t seed) {
-  PL_CHECK(!prompt.empty(), config, "sampling needs a prompt of at least one token");
-  Model::DecodeState state;
-  model.decode_reset(state);
-  for (int32_t t : prompt) model.decode_step(params, t, state);
-  std::vector<int32_t> out = prompt;
-  Rng rng(hash_keys(seed, 0x5A3));
-  const int64_t V = model.config().vocab_size;
-  std::vector<std::pair<float, int32_t>> order(V);
-  std::vector<double> probs(V);
-  for (int64_t i = 0; i < n_tokens; ++i) {
-    const float* logits = state.logits.data();
-    int32_t next = 0;
-    if (temperature <= 0) {
-      next = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
-    } else {
-      for (int64_t v = 0; v < V; ++v) order[v] = {logits[v], static_cast<int32_t>(v)};
-      int64_t k = (top_k > 0 && top_k < V) ? top_k : V;
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-      double z = 0;
-      for (int64_t j = 0; j < k; ++j) z += probs[j] = std::exp((order[j].first - order[0].first) / temperature);
-      double u = rng.uniform() * z;
-      next = order[k - 1].second;
-      for (int64_t j = 0; j < k; ++j) {
-        if ((u -= probs[j]) <= 0) {
-          next = order[j].second;
-          break;
-        }
-      }
-    }
-    out.push_back(next);
-    model.decode_step(params, next, state);
-  }
-  return out;
+  const auto m = InferenceModel::from_model(model, params);
+  return generate(*m, prompt, n_tokens, SamplerOptions{temperature, top_k, 1.0, seed});
 }
 
 }  // namespace peerless

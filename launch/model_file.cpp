@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "model/ops/quant.h"
 #include "runtime/error.h"
 #include "runtime/h5.h"
 #include "runtime/sha256.h"
@@ -45,10 +46,43 @@ void read_checked(hid_t file, const std::string& path, const std::string& name, 
            " (restore the file from a copy or re-export it from a checkpoint)");
 }
 
+void write_ternary(hid_t file, const ParamInfo& p, const int8_t* codes, float beta) {
+  const std::string tgroup = "ternary/" + p.name;
+  const auto packed = pack_ternary(codes, p.numel);
+  write_checked(file, tgroup, "codes", h5::Dtype::u8, packed.data(), packed.size(), {static_cast<int64_t>(packed.size())});
+  h5::Handle g = h5::open_group(file, tgroup);
+  h5::write_attr(g, "beta", static_cast<double>(beta));
+  h5::write_attr(g, "numel", p.numel);
+  h5::write_attr(g, "shape", shape_text(p.shape));
+  h5::write_attr(g, "encoding", "2-bit: 0b00=0, 0b01=+1, 0b10=-1, 4 per byte, low bits first");
+}
+
+// Reads /ternary/<name> (codes, β) with the checks every reader applies.
+void read_ternary_group(hid_t file, const std::string& path, const ParamInfo& p, bool verify, int8_t* codes,
+                        float& beta) {
+  const std::string tg = "ternary/" + p.name;
+  const int64_t bytes = (p.numel + 3) / 4;
+  std::vector<uint8_t> packed(static_cast<size_t>(bytes));
+  read_checked(file, path, tg + "/codes", h5::Dtype::u8, bytes, 1, packed.data(), verify);
+  unpack_ternary(packed.data(), p.numel, codes);
+  beta = static_cast<float>(h5::read_float_attr(h5::open_group(file, tg), "beta"));
+  bool any = false;
+  for (int64_t i = 0; i < p.numel && !any; ++i) any = codes[i] != 0;
+  PL_CHECK(std::isfinite(beta) && (beta > 0 || !any), data, path, ":/", tg, " has beta = ", beta,
+           " (must be finite and > 0 for nonzero codes)");
+}
+
 }  // namespace
 
+int64_t peer_table_layer(const Model& model, int param) {
+  if (!model.config().peer_ternary) return -1;
+  for (size_t l = 0; l < model.blocks().size(); ++l)
+    if (model.blocks()[l].peer >= 0 && model.blocks()[l].peer_table == param) return static_cast<int64_t>(l);
+  return -1;
+}
+
 void save_model_file(const std::string& path, const Model& model, const float* params, const std::string& config_text,
-                     int64_t step, int64_t tokens) {
+                     int64_t step, int64_t tokens, const Tokenizer* tokenizer) {
   const std::string tmp = path + ".tmp";
   {
     h5::Handle file = h5::create_file(tmp);
@@ -57,6 +91,7 @@ void save_model_file(const std::string& path, const Model& model, const float* p
     h5::write_attr(file, "step", step);
     h5::write_attr(file, "tokens", tokens);
     h5::write_text(file, "config", config_text);
+    if (tokenizer) tokenizer->save_to_h5(h5::create_group(file, "tokenizer"));
     const auto& entries = model.layout().entries();
     for (size_t idx = 0; idx < entries.size(); ++idx) {
       const ParamInfo& p = entries[idx];
@@ -66,17 +101,17 @@ void save_model_file(const std::string& path, const Model& model, const float* p
         h5::Handle ds = h5::open_dataset(file, group + "/" + leaf);
         h5::write_attr(ds, "kind", param_kind_name(p.kind));
       }
+      std::vector<int8_t> table_codes;
+      float beta = 0.f;
+      const int8_t* codes = nullptr;
       if (p.kind == ParamKind::ternary_weight) {
-        const std::string tgroup = "ternary/" + p.name;
-        const auto packed = pack_ternary(model.codes().data() + p.offset, p.numel);
-        write_checked(file, tgroup, "codes", h5::Dtype::u8, packed.data(), packed.size(),
-                      {static_cast<int64_t>(packed.size())});
-        h5::Handle g = h5::open_group(file, tgroup);
-        h5::write_attr(g, "beta", static_cast<double>(model.betas()[idx]));
-        h5::write_attr(g, "numel", p.numel);
-        h5::write_attr(g, "shape", shape_text(p.shape));
-        h5::write_attr(g, "encoding", "2-bit: 0b00=0, 0b01=+1, 0b10=-1, 4 per byte, low bits first");
+        codes = model.codes().data() + p.offset;
+        beta = model.betas()[idx];
+      } else if (const int64_t layer = peer_table_layer(model, static_cast<int>(idx)); layer >= 0) {
+        model.peer_table_ternary(layer, table_codes, beta);  // model.peer_ternary: the experts' copy
+        codes = table_codes.data();
       }
+      if (codes) write_ternary(file, p, codes, beta);
     }
   }
   std::error_code ec;
@@ -97,54 +132,102 @@ bool is_model_file(const std::string& path) {
   return h5::has_attr(file, "format") && h5::read_string_attr(file, "format") == "peerless-model";
 }
 
-LoadedModel load_model_file(const std::string& path_or_run_dir) {
-  const std::string path = model_file_path(path_or_run_dir);
-  PL_CHECK(h5::is_hdf5(path), io, path, " is not an HDF5 file");
-  h5::Handle file = h5::open_file(path);
-  PL_CHECK(h5::has_attr(file, "format") && h5::read_string_attr(file, "format") == "peerless-model", data, path,
+ModelFileReader::ModelFileReader(const std::string& path_or_run_dir) : path_(model_file_path(path_or_run_dir)) {
+  PL_CHECK(h5::is_hdf5(path_), io, path_, " is not an HDF5 file");
+  file_ = h5::open_file(path_);
+  PL_CHECK(h5::has_attr(file_, "format") && h5::read_string_attr(file_, "format") == "peerless-model", data, path_,
            " is not a peerless model file (attribute format != \"peerless-model\")");
-  LoadedModel out;
-  out.path = path;
-  out.format_version = h5::read_int_attr(file, "format_version");
-  PL_CHECK(out.format_version >= 1 && out.format_version <= kModelFileVersion, data, path, " has format_version ",
-           out.format_version, "; this peerless reads versions 1 to ", kModelFileVersion, " (upgrade peerless)");
-  const bool verify = out.format_version >= 2;
-  if (!verify)
+  version_ = h5::read_int_attr(file_, "format_version");
+  PL_CHECK(version_ >= 1 && version_ <= kModelFileVersion, data, path_, " has format_version ", version_,
+           "; this peerless reads versions 1 to ", kModelFileVersion, " (upgrade peerless)");
+  if (version_ < 2)
     std::fprintf(stderr, "warning: %s is a format_version 1 model file: no checksums to verify (files written by "
-                 "this peerless have them)\n", path.c_str());
-  out.config_text = h5::read_text(file, "config");
-  out.config = parse_run_config_text(out.config_text, path + ":/config");
-  out.step = h5::read_int_attr(file, "step");
-  out.tokens = h5::read_int_attr(file, "tokens");
+                 "this peerless have them)\n", path_.c_str());
+  config_text_ = h5::read_text(file_, "config");
+  config_ = parse_run_config_text(config_text_, path_ + ":/config");
+  step_ = h5::read_int_attr(file_, "step");
+  tokens_ = h5::read_int_attr(file_, "tokens");
+  structure_ = std::make_unique<Model>(config_.model);
+}
+
+std::shared_ptr<Tokenizer> ModelFileReader::tokenizer() const {
+  if (!h5::exists(file_, "tokenizer")) return nullptr;
+  return Tokenizer::load_from_h5(h5::open_group(file_, "tokenizer"));
+}
+
+void ModelFileReader::read_into(int param, float* dst) const {
+  const ParamInfo& p = structure_->layout().at(param);
+  const std::string ds = "model/" + p.name;
+  const bool verify = version_ >= 2;
+  if (verify) {
+    const auto shape = h5::dataset_shape(file_, ds);
+    PL_CHECK(shape.dims == p.shape, data, path_, ":/", ds, " has shape ", shape_text(shape.dims),
+             ", the config expects ", shape_text(p.shape));
+  }
+  read_checked(file_, path_, ds, h5::Dtype::f32, p.numel, sizeof(float), dst, verify);
+}
+
+void ModelFileReader::read(int param, std::vector<float>& out) const {
+  out.resize(static_cast<size_t>(structure_->layout().at(param).numel));
+  read_into(param, out.data());
+}
+
+void ModelFileReader::read_ternary(int param, std::vector<int8_t>& codes, float& beta) const {
+  const ParamInfo& p = structure_->layout().at(param);
+  codes.resize(static_cast<size_t>(p.numel));
+  if (p.kind == ParamKind::ternary_weight || h5::exists(file_, "ternary/" + p.name)) {
+    read_ternary_group(file_, path_, p, version_ >= 2, codes.data(), beta);
+    return;
+  }
+  PL_CHECK(peer_table_layer(*structure_, param) >= 0, internal, p.name, " has no ternary codes");
+  std::vector<float> w;
+  read(param, w);
+  beta = ternary_beta(abs_sum_cpu(p.numel, w.data()), p.numel);  // as Model::refresh_peer_tables
+  ternary_codes_cpu(p.numel, w.data(), beta, codes.data());
+}
+
+LoadedModel load_model_file(const std::string& path_or_run_dir) {
+  const ModelFileReader reader(path_or_run_dir);
+  LoadedModel out;
+  out.path = reader.path();
+  out.format_version = reader.format_version();
+  out.config_text = reader.config_text();
+  out.config = reader.config();
+  out.step = reader.step();
+  out.tokens = reader.tokens();
+  out.tokenizer = reader.tokenizer();
   out.model = std::make_unique<Model>(out.config.model);
   Model& model = *out.model;
   out.params.assign(model.layout().total(), 0.f);
   const auto& entries = model.layout().entries();
+  std::vector<int8_t> codes;
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
-    const std::string ds = "model/" + p.name;
-    if (verify) {
-      const auto shape = h5::dataset_shape(file, ds);
-      PL_CHECK(shape.dims == p.shape, data, path, ":/", ds, " has shape ", shape_text(shape.dims),
-               ", the config expects ", shape_text(p.shape));
-    }
-    read_checked(file, path, ds, h5::Dtype::f32, p.numel, sizeof(float), out.params.data() + p.offset, verify);
+    reader.read_into(static_cast<int>(idx), out.params.data() + p.offset);
     if (p.kind != ParamKind::ternary_weight) continue;
-    const std::string tg = "ternary/" + p.name;
-    const int64_t bytes = (p.numel + 3) / 4;
-    std::vector<uint8_t> packed(static_cast<size_t>(bytes));
-    read_checked(file, path, tg + "/codes", h5::Dtype::u8, bytes, 1, packed.data(), verify);
-    int8_t* codes = model.mutable_codes().data() + p.offset;
-    unpack_ternary(packed.data(), p.numel, codes);
-    const float beta = static_cast<float>(h5::read_float_attr(h5::open_group(file, tg), "beta"));
-    bool any = false;
-    for (int64_t i = 0; i < p.numel && !any; ++i) any = codes[i] != 0;
-    PL_CHECK(std::isfinite(beta) && (beta > 0 || !any), data, path, ":/", tg, " has beta = ", beta,
-             " (must be finite and > 0 for nonzero codes)");
-    model.mutable_betas()[idx] = beta;
+    reader.read_ternary(static_cast<int>(idx), codes, model.mutable_betas()[idx]);
+    std::copy(codes.begin(), codes.end(), model.mutable_codes().begin() + p.offset);
   }
   model.refresh_peer_tables(out.params.data(), nullptr);  // model.peer_ternary: the tables' t·β
+  for (size_t idx = 0; idx < entries.size(); ++idx) {  // the stored copies, exactly, where there are some
+    const int64_t layer = peer_table_layer(model, static_cast<int>(idx));
+    if (layer < 0) continue;
+    float beta = 0.f;
+    reader.read_ternary(static_cast<int>(idx), codes, beta);
+    model.set_peer_table_ternary(layer, codes.data(), beta);
+  }
   return out;
+}
+
+std::shared_ptr<Tokenizer> model_tokenizer(const LoadedModel& m, const std::string& data_path) {
+  if (data_path.empty() && m.tokenizer) return m.tokenizer;
+  const std::string path = data_path.empty() ? m.config.data.path : data_path;
+  PL_CHECK(!path.empty() && fs::exists(path) && h5::is_hdf5(path), io, m.path,
+           " holds no tokenizer and the token file ", path.empty() ? "(none)" : path,
+           " is not readable: pass the token file the model was trained on (--data PATH)");
+  h5::Handle file = h5::open_file(path);
+  PL_CHECK(h5::exists(file, "tokenizer"), data, path, " has no /tokenizer group (not a peerless token file?)");
+  return Tokenizer::load_from_h5(h5::open_group(file, "tokenizer"));
 }
 
 }  // namespace peerless

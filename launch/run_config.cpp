@@ -134,4 +134,10 @@ RunConfig parse_run_config_text(const std::string& text, const std::string& orig
   return finish(cfg, schema, errors, cat("invalid config ", origin), nullptr);
 }
 
+std::string run_config_toml(RunConfig cfg) {
+  ConfigSchema schema;
+  cfg.bind(schema);
+  return schema.to_toml();
+}
+
 }  // namespace peerless

@@ -82,5 +82,7 @@ RunConfig load_run_config(const std::string& path, const std::vector<std::string
                           std::string* toml_text = nullptr);
 // Same, from TOML text (used when reloading the config stored with a model).
 RunConfig parse_run_config_text(const std::string& text, const std::string& origin);
+// The config as TOML text (every key, in declaration order), as stored in model files.
+std::string run_config_toml(RunConfig cfg);
 
 }  // namespace peerless

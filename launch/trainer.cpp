@@ -661,7 +661,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
                    .c_str(),
                metrics);
     std::fclose(metrics);
-    save_model_file((run_dir / "model.h5").string(), out_model, out_params, config_text, last_step, tokens_seen);
+    save_model_file((run_dir / "model.h5").string(), out_model, out_params, config_text, last_step, tokens_seen,
+                    &data->tokenizer());
     // One line to compare runs by (deterministic mode: equal on any world size): the saved latent
     // parameters' bytes in layout order.
     std::printf("parameters sha256: %s\n",

@@ -252,19 +252,10 @@ float* buffer_ptr(const ParamLayout& layout, const float* params, int idx) {
 }
 }  // namespace
 
-int64_t Model::qsparse_keep(int64_t K) const {
-  if (config_.qsparse <= 0) return K;
-  if (config_.qsparse_block > 0) return qsparse_keep_count(config_.qsparse_block, config_.qsparse);
-  return qsparse_keep_count(K, config_.qsparse);
-}
+int64_t Model::qsparse_keep(int64_t K) const { return qsparse_keep_for(K, config_.qsparse, config_.qsparse_block); }
 
 void Model::sparsify(int64_t rows, int64_t K, float* xt) const {
-  if (config_.qsparse <= 0) return;
-  const QSparseShape qs{rows, K};
-  if (config_.qsparse_block > 0)
-    qsparse_block_forward_cpu(qs, qsparse_keep(K), config_.qsparse_block, xt, xt, nullptr);
-  else
-    qsparse_topk_forward_cpu(qs, qsparse_keep(K), xt, xt, nullptr);
+  qsparse_apply_cpu(config_.qsparse, config_.qsparse_block, rows, K, xt);
 }
 
 std::vector<int8_t>& Model::mutable_codes() {
@@ -315,6 +306,35 @@ void Model::refresh_peer_copies(const float* params, Comm* ep) {
     q.resize(t.numel);
     for (int64_t i = 0; i < t.numel; ++i) q[i] = static_cast<float>(codes[i]) * beta;
   }
+}
+
+const float* Model::peer_forward_table(const float* params, int64_t layer) const {
+  PL_CHECK(layer >= 0 && layer < config_.n_layers && blocks_[layer].peer >= 0, internal, "block ", layer,
+           " has no PEER layer");
+  return peer_table(params, blocks_[layer]);
+}
+
+void Model::peer_table_ternary(int64_t layer, std::vector<int8_t>& codes, float& beta) const {
+  PL_CHECK(config_.peer_ternary && layer >= 0 && layer < config_.n_layers && blocks_[layer].peer >= 0, internal,
+           "block ", layer, " has no ternary PEER table");
+  const auto& q = peer_tables_.at(blocks_[layer].peer);
+  codes.resize(q.size());
+  beta = 0.f;
+  // q = t·β exactly (a product by ±1 or 0), so the codes are the signs and β any nonzero magnitude.
+  for (size_t i = 0; i < q.size(); ++i) {
+    codes[i] = static_cast<int8_t>((q[i] > 0.f) - (q[i] < 0.f));
+    if (q[i] != 0.f) beta = std::fabs(q[i]);
+  }
+  if (beta == 0.f) beta = ternary_beta(0.0, static_cast<int64_t>(q.size()));  // all zero: the floor β
+}
+
+void Model::set_peer_table_ternary(int64_t layer, const int8_t* codes, float beta) {
+  PL_CHECK(config_.peer_ternary && layer >= 0 && layer < config_.n_layers && blocks_[layer].peer >= 0, internal,
+           "block ", layer, " has no ternary PEER table");
+  peer_tables_.resize(peer_blocks_.size());
+  auto& q = peer_tables_[blocks_[layer].peer];
+  q.resize(static_cast<size_t>(layout_.at(blocks_[layer].peer_table).numel));
+  for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(codes[i]) * beta;
 }
 
 const float* Model::peer_table(const float* params, const BlockParams& b) const {
@@ -606,59 +626,6 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
   lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, dlb.data(),
                             grads + layout_.at(lower_bounds_).offset);
   ready({embed_, lower_bounds_});
-}
-
-void Model::decode_reset(DecodeState& state) const {
-  state.h.assign(config_.n_layers * config_.d_model, 0.f);
-  state.logits.assign(config_.vocab_size, 0.f);
-}
-
-void Model::decode_step(const float* params, int32_t token, DecodeState& state) const {
-  PL_CHECK(!experts_sharded(), internal, "decode_step needs the whole expert tables (an unsharded model)");
-  const int64_t d = config_.d_model, I = inter_, L = config_.n_layers;
-  PL_CHECK(token >= 0 && token < config_.vocab_size, data, "token id ", token, " is outside the vocabulary [0, ",
-           config_.vocab_size, ")");
-  const RmsNormShape n1{1, d, static_cast<float>(config_.norm_eps)};
-  std::vector<float> lb(L * d), x(d), xn(d), ihat(d), fhat(d), ghat(d), f(d), hstep(d), gn(d), o(d), y(d);
-  std::vector<float> au(2 * I), z(I);
-  float rstd;
-  BitLinearCache cache;
-  lower_bounds_forward_cpu(L, d, params + layout_.at(lower_bounds_).offset, lb.data());
-  embedding_forward_cpu(1, d, &token, params + layout_.at(embed_).offset, x.data());
-  for (int64_t l = 0; l < L; ++l) {
-    const BlockParams& b = blocks_[l];
-    float* h = state.h.data() + l * d;
-    rmsnorm_forward_cpu(n1, x.data(), params + layout_.at(b.mixer_norm).offset, xn.data(), &rstd);
-    linear_forward(params, b.i_gain, b.i_w, 1, xn.data(), ihat.data(), cache);
-    linear_forward(params, b.f_gain, b.f_w, 1, xn.data(), fhat.data(), cache);
-    linear_forward(params, b.g_gain, b.g_w, 1, xn.data(), ghat.data(), cache);
-    // A one-step scan from zero state yields f and i; the carried state adds f ⊙ h_prev.
-    mlgru_scan_forward_cpu(ScanShape{1, 1, d}, ihat.data(), fhat.data(), lb.data() + l * d, f.data(), hstep.data());
-    for (int64_t j = 0; j < d; ++j) h[j] = f[j] * h[j] + hstep[j];
-    if (gate_form_ == GateForm::code)
-      rmsnorm_forward_cpu(n1, ghat.data(), params + layout_.at(b.g_norm).offset, gn.data(), &rstd);
-    else
-      gn = ghat;
-    output_gate_forward_cpu(gate_form_, d, gn.data(), h, o.data());
-    linear_forward(params, b.o_gain, b.o_w, 1, o.data(), y.data(), cache);
-    for (int64_t j = 0; j < d; ++j) x[j] += y[j];
-    rmsnorm_forward_cpu(n1, x.data(), params + layout_.at(b.mlp_norm).offset, xn.data(), &rstd);
-    if (b.peer >= 0) {
-      // One token: the query BatchNorm uses the running statistics (eval mode).
-      auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
-                            buffer_ptr(layout_, params, b.peer_bn_var));
-      pp.table = peer_table(params, b);
-      peer_layer_forward_cpu(peer_shape(1), PeerNormMode::eval, pp, xn.data(), y.data());
-      for (int64_t j = 0; j < d; ++j) x[j] += y[j];
-      continue;
-    }
-    linear_forward(params, b.gate_gain, b.gate_w, 1, xn.data(), au.data(), cache);
-    glu_forward_cpu(glu_act_, 1, I, au.data(), z.data());
-    linear_forward(params, b.down_gain, b.down_w, 1, z.data(), y.data(), cache);
-    for (int64_t j = 0; j < d; ++j) x[j] += y[j];
-  }
-  rmsnorm_forward_cpu(n1, x.data(), params + layout_.at(final_norm_).offset, xn.data(), &rstd);
-  linear_forward(params, head_gain_, head_w_, 1, xn.data(), state.logits.data(), cache);
 }
 
 int64_t Model::activation_bytes_per_token() const {

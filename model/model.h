@@ -116,6 +116,13 @@ class Model {
   // table). The experts compute with the copy; the gradient goes straight through to the latent
   // table. Call after every change of the latent tables (the trainer does, after each update).
   void refresh_peer_tables(const float* params, Comm* ep);
+  // The expert table a PEER block (block index `layer`) computes with: the latent table, or its
+  // ternary copy t·β under model.peer_ternary.
+  const float* peer_forward_table(const float* params, int64_t layer) const;
+  // model.peer_ternary: the copy of block `layer`'s table as codes and β (model files store it, so
+  // that a reloaded or imported model computes with exactly these), and setting it from them.
+  void peer_table_ternary(int64_t layer, std::vector<int8_t>& codes, float& beta) const;
+  void set_peer_table_ternary(int64_t layer, const int8_t* codes, float beta);
   const std::vector<int8_t>& codes() const { return codes_; }
   std::vector<int8_t>& mutable_codes();  // allocates on first use
   const std::vector<float>& betas() const { return betas_; }  // indexed by parameter index
@@ -133,14 +140,6 @@ class Model {
   using GradReady = std::function<void(int param)>;
   void backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
                 const GradReady& grad_ready = nullptr, ExactGradSum* exact = nullptr) const;
-
-  // Recurrent inference: one token at a time with per-layer hidden state (B = 1).
-  struct DecodeState {
-    std::vector<float> h;  // (L, d)
-    std::vector<float> logits;  // (V)
-  };
-  void decode_reset(DecodeState& state) const;
-  void decode_step(const float* params, int32_t token, DecodeState& state) const;
 
   // Parameter indices, for other implementations of the same forward/backward (model/cuda_model.h).
   struct Index {

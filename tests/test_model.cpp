@@ -9,6 +9,7 @@
 
 #include "launch/model_file.h"
 #include "launch/run_config.h"
+#include "model/infer/inference_model.h"
 #include "model/model.h"
 #include "model/optimizer.h"
 #include "runtime/rng.h"
@@ -139,24 +140,33 @@ TEST(ModelGradient, TinyFullPrecisionModelMatchesFiniteDifferences) {
   }
 }
 
-// Recurrent decoding (one token at a time, carried state) gives the logits of the parallel forward.
-TEST(ModelDecode, StepwiseLogitsEqualForward) {
-  ModelConfig c = tiny_config("ternary");
-  Model m(c);
-  std::vector<float> params(m.layout().total());
-  m.init_params(params.data(), 21);
-  perturb(m, params, 22);
-  m.refresh_ternary(params.data());
-  Batch b(c.vocab_size, 4);
-  ForwardContext ctx;
-  m.forward(params.data(), b.ids.data(), nullptr, 1, b.T, ctx);
-  Model::DecodeState st;
-  m.decode_reset(st);
-  for (int64_t t = 0; t < b.T; ++t) {
-    m.decode_step(params.data(), b.ids[t], st);
-    for (int64_t v = 0; v < c.vocab_size; ++v)
-      EXPECT_NEAR(st.logits[v], ctx.logits[t * c.vocab_size + v], 1e-4f * (1 + std::fabs(st.logits[v])))
-          << "t=" << t << " v=" << v;
+// Recurrent decoding (model/infer: one token at a time with carried state, or the prompt at once)
+// gives the parallel forward's logits bit for bit: the same ops in the same order, and the BitLinear
+// products exact in int32 on both sides (the r4 kernels against the trainer's float product of codes).
+TEST(ModelDecode, StepwiseLogitsEqualForwardBitForBit) {
+  for (const char* gate : {"code", "paper"}) {
+    ModelConfig c = tiny_config("ternary");
+    c.gate_form = gate;
+    Model m(c);
+    std::vector<float> params(m.layout().total());
+    m.init_params(params.data(), 21);
+    perturb(m, params, 22);
+    m.refresh_ternary(params.data());
+    Batch b(c.vocab_size, 4);
+    ForwardContext ctx;
+    m.forward(params.data(), b.ids.data(), nullptr, 1, b.T, ctx);
+    const auto inf = InferenceModel::from_model(m, params.data());
+    auto st = inf->new_state();
+    std::vector<float> logits(c.vocab_size);
+    for (int64_t t = 0; t < b.T; ++t) {
+      inf->forward(&b.ids[t], 1, st, logits.data());
+      for (int64_t v = 0; v < c.vocab_size; ++v)
+        ASSERT_EQ(logits[v], ctx.logits[t * c.vocab_size + v]) << gate << " t=" << t << " v=" << v;
+    }
+    auto whole = inf->new_state();
+    std::vector<float> all(b.T * c.vocab_size);
+    inf->forward(b.ids.data(), b.T, whole, all.data(), true);
+    for (int64_t i = 0; i < b.T * c.vocab_size; ++i) ASSERT_EQ(all[i], ctx.logits[i]) << gate << " prompt i=" << i;
   }
 }
 

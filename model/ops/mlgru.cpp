@@ -65,7 +65,7 @@ void lower_bounds_backward_impl(int64_t L, int64_t d, const T* raw, const T* dlb
 constexpr int64_t kChannelBlock = 64;  // channels per task; the time loop runs inside
 
 template <typename T>
-void scan_forward_impl(const ScanShape& s, const T* ihat, const T* fhat, const T* lb, T* f, T* h) {
+void scan_forward_impl(const ScanShape& s, const T* ihat, const T* fhat, const T* lb, T* f, T* h, const T* h0) {
   const int64_t B = s.batch, Tn = s.seq, D = s.dim;
   const int64_t n_blocks = (D + kChannelBlock - 1) / kChannelBlock;
 #pragma omp parallel for collapse(2) schedule(static) if (B * Tn * D >= detail::kParallelMin)
@@ -79,7 +79,7 @@ void scan_forward_impl(const ScanShape& s, const T* ihat, const T* fhat, const T
           const T fv = lbj + (T(1) - lbj) * sigmoid(fhat[base + j]);
           const T x = ihat[base + j];
           const T iv = x * sigmoid(x) * (T(1) - fv);
-          const T hprev = t > 0 ? h[base - D + j] : T(0);
+          const T hprev = t > 0 ? h[base - D + j] : (h0 ? h0[b * D + j] : T(0));
           f[base + j] = fv;
           h[base + j] = fv * hprev + iv;
         }
@@ -186,12 +186,12 @@ void lower_bounds_backward_cpu(int64_t L, int64_t d, const double* raw, const do
 }
 
 void mlgru_scan_forward_cpu(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
-                            float* h) {
-  scan_forward_impl(s, ihat, fhat, lb, f, h);
+                            float* h, const float* h0) {
+  scan_forward_impl(s, ihat, fhat, lb, f, h, h0);
 }
 void mlgru_scan_forward_cpu(const ScanShape& s, const double* ihat, const double* fhat, const double* lb,
-                            double* f, double* h) {
-  scan_forward_impl(s, ihat, fhat, lb, f, h);
+                            double* f, double* h, const double* h0) {
+  scan_forward_impl(s, ihat, fhat, lb, f, h, h0);
 }
 void mlgru_scan_backward_cpu(const ScanShape& s, const float* ihat, const float* fhat, const float* lb,
                              const float* f, const float* h, const float* dh, float* dihat, float* dfhat,

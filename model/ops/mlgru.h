@@ -25,12 +25,13 @@ struct ScanShape {
 };
 
 // ihat, fhat (B, T, d) and this layer's lower bound lb (d) ->
-//   f = lb + (1 − lb) ⊙ σ(fhat), i = SiLU(ihat) ⊙ (1 − f), h_t = f_t ⊙ h_{t−1} + i_t, h_0 = 0.
-// Saves f (B,T,d); writes h (B,T,d). lb may be null: a zero lower bound (layer 0).
+//   f = lb + (1 − lb) ⊙ σ(fhat), i = SiLU(ihat) ⊙ (1 − f), h_t = f_t ⊙ h_{t−1} + i_t, h_{-1} = h0.
+// Saves f (B,T,d); writes h (B,T,d). lb may be null: a zero lower bound (layer 0). h0 (B, d) is the
+// state carried in from earlier tokens (recurrent inference), null = zero (training windows).
 void mlgru_scan_forward_cpu(const ScanShape& s, const float* ihat, const float* fhat, const float* lb, float* f,
-                            float* h);
+                            float* h, const float* h0 = nullptr);
 void mlgru_scan_forward_cpu(const ScanShape& s, const double* ihat, const double* fhat, const double* lb,
-                            double* f, double* h);
+                            double* f, double* h, const double* h0 = nullptr);
 // dh (B,T,d): gradient w.r.t. h from above. Writes dihat, dfhat (B,T,d); accumulates dlb (d) +=.
 //   dh_t += f_{t+1} ⊙ dh_{t+1} (reverse scan); di_t = dh_t; df_t = dh_t ⊙ h_{t−1}, plus the paths
 //   through i = SiLU(ihat)(1 − f) and f = lb + (1 − lb)σ(fhat).

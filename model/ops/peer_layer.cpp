@@ -33,6 +33,8 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
   PL_CHECK(mode == PeerNormMode::eval || s.tokens >= 2, config,
            "peer layer: a train-mode BatchNorm needs at least 2 tokens for a batch variance (got ", s.tokens,
            "); use eval mode for single tokens");
+  PL_CHECK(!p.bn_scale == !p.bn_shift && (!p.bn_scale || mode == PeerNormMode::eval), config,
+           "peer layer: a folded BatchNorm (bn_scale, bn_shift) needs both and eval mode");
   const int64_t T_ = s.tokens, C = s.channels(), d = s.dim, hk = s.heads * s.k;
   PeerLayerContext<T> ctx;
   ctx.mode = mode;
@@ -50,6 +52,10 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
 
 #pragma omp parallel for schedule(static) if (T_ * C >= detail::kParallelMin)
   for (int64_t c = 0; c < C; ++c) {
+    if (p.bn_scale) {  // folded by the exporter (eval mode only, checked above)
+      for (int64_t t = 0; t < T_; ++t) ctx.q[t * C + c] = ctx.q_hat[t * C + c] * p.bn_scale[c] + p.bn_shift[c];
+      continue;
+    }
     T mean, var;
     if (mode == PeerNormMode::train) {
       // Two passes (mean, then centred squares) for accuracy; token order on one thread.
@@ -71,10 +77,14 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
     }
     const T rstd = T(1) / std::sqrt(var + T(s.bn_eps));
     ctx.bn_rstd[c] = rstd;
+    // Eval: the folded affine map of deployment (peer_bn_fold); train: γ ⊙ q̂ + β.
+    T scale = T(0), shift = T(0);
+    if (mode == PeerNormMode::eval) peer_bn_fold(p.bn_gamma[c], p.bn_beta[c], mean, var, T(s.bn_eps), scale, shift);
     for (int64_t t = 0; t < T_; ++t) {
-      const T qh = (ctx.q_hat[t * C + c] - mean) * rstd;
+      const T raw = ctx.q_hat[t * C + c];
+      const T qh = (raw - mean) * rstd;
       ctx.q_hat[t * C + c] = qh;
-      ctx.q[t * C + c] = p.bn_gamma[c] * qh + p.bn_beta[c];
+      ctx.q[t * C + c] = mode == PeerNormMode::eval ? raw * scale + shift : p.bn_gamma[c] * qh + p.bn_beta[c];
     }
   }
 
@@ -126,6 +136,7 @@ void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const P
   const int64_t half = s.key_dim / 2;
   PL_CHECK(static_cast<int64_t>(ctx.ids.size()) == T_ * hk && static_cast<int64_t>(ctx.q.size()) == T_ * C, config,
            "peer layer backward: the context does not match the shape (was it made by a forward with this shape?)");
+  PL_CHECK(!p.bn_scale, config, "peer layer backward: a folded BatchNorm (inference parameters) has no backward");
   if (T_ == 0) return;
 
   // Experts: dx (overwritten), dscores, the sparse table gradient.

@@ -8,6 +8,7 @@
 // (through the scores s = q₁·c_a + q₂·c′_b) and the sparse table gradient; top-k has no gradient.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -57,7 +58,21 @@ struct PeerLayerParams {
   const T* sub_keys1 = nullptr;   // C : (n, key_dim/2), or (heads, n, key_dim/2) per head
   const T* sub_keys2 = nullptr;   // C′: same shape
   const T* table = nullptr;       // (n², 2d), rows [u_i | v_i]
+  // Eval mode only, optional: the BatchNorm already folded (peer_bn_fold), as an exported model
+  // stores it; when set, γ, β and the running statistics are not read (and backward is not allowed).
+  const T* bn_scale = nullptr;    // (heads·key_dim)
+  const T* bn_shift = nullptr;    // (heads·key_dim)
 };
+
+// The eval-mode BatchNorm as one affine map per channel, the form deployment stores (FORMATS §3):
+// rstd = 1/√(var + eps), scale = γ·rstd, shift = β − μ·scale, q = q_raw·scale + shift. The eval-mode
+// forward computes exactly this, so an exported model reproduces the trainer's eval forward bit for bit.
+template <typename T>
+inline void peer_bn_fold(T gamma, T beta, T mean, T var, T eps, T& scale, T& shift) {
+  const T rstd = T(1) / std::sqrt(var + eps);
+  scale = gamma * rstd;
+  shift = beta - mean * scale;
+}
 
 // Parameter gradients: accumulated (+=), like every op's parameter gradient; the table gradient is
 // sparse and replaced (peer_sparse_grad_scatter_add_cpu adds it to a dense one).

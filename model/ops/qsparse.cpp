@@ -89,4 +89,19 @@ void qsparse_backward_cpu(const QSparseShape& s, const float* dy, float* dx) {
   std::copy(dy, dy + n, dx);
 }
 
+int64_t qsparse_keep_for(int64_t dim, double sparsity, int64_t block) {
+  if (sparsity <= 0) return dim;
+  return qsparse_keep_count(block > 0 ? block : dim, sparsity);
+}
+
+void qsparse_apply_cpu(double sparsity, int64_t block, int64_t rows, int64_t dim, float* x) {
+  if (sparsity <= 0) return;
+  const QSparseShape qs{rows, dim};
+  const int64_t keep = qsparse_keep_for(dim, sparsity, block);
+  if (block > 0)
+    qsparse_block_forward_cpu(qs, keep, block, x, x, nullptr);
+  else
+    qsparse_topk_forward_cpu(qs, keep, x, x, nullptr);
+}
+
 }  // namespace peerless

@@ -29,6 +29,12 @@ void qsparse_topk_forward_cpu(const QSparseShape& s, int64_t keep, const float* 
 void qsparse_block_forward_cpu(const QSparseShape& s, int64_t keep, int64_t block, const float* x, float* y,
                                uint8_t* mask);
 
+// A BitLinear input in place as a model configures Q-Sparse: off when sparsity is 0, N:M when
+// block > 0, else per-row top-K; keep counts from qsparse_keep_count. Shared by the trainer's model
+// and the inference model, so both sparsify identically.
+int64_t qsparse_keep_for(int64_t dim, double sparsity, int64_t block);
+void qsparse_apply_cpu(double sparsity, int64_t block, int64_t rows, int64_t dim, float* x);
+
 // Straight-through backward of both: dx = dy (rows, dim), unmasked. dx may alias dy.
 void qsparse_backward_cpu(const QSparseShape& s, const float* dy, float* dx);
 

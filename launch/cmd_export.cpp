@@ -1,0 +1,83 @@
+// `peerless export RUN|MODEL.h5 --format gguf|packed --out PATH`: a trained model to a deployment file,
+// one tensor at a time (launch/export.h), and `peerless import FILE.gguf --out MODEL.h5` back.
+#include <cstdio>
+
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "launch/export.h"
+#include "launch/format.h"
+#include "launch/import.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+
+TensorType parse_type(const std::string& option, const std::string& v, std::initializer_list<TensorType> allowed) {
+  std::string list;
+  for (TensorType t : allowed) {
+    std::string name = tensor_type_name(t);
+    for (char& c : name) c = static_cast<char>(std::tolower(c));
+    if (v == name) return t;
+    list += (list.empty() ? "" : ", ") + name;
+  }
+  PL_FAIL(config, "--", option, " = \"", v, "\" is not one of ", list);
+}
+
+}  // namespace
+
+int cmd_export(const Args& args) {
+  std::string target, format = "gguf", out, ternary = "tq2_0", embedding = "f16", data, name;
+  bool quiet = false;
+  ArgParser p("export",
+              "Write a trained model for deployment: GGUF (ternary weights TQ2_0/TQ1_0, the tokenizer inside) or the "
+              "packed profile the CPU kernels read in place (peerless-r4-v1). Streams one tensor at a time.");
+  p.positional("MODEL", &target, "run directory (runs/<name>) or model file (.h5)");
+  p.option("format", &format, "F", "gguf (default) or packed");
+  p.option("out", &out, "PATH", "output file (written as PATH.tmp, renamed when complete)");
+  p.option("ternary", &ternary, "T", "gguf: tq2_0 (default, 2.06 bits/weight) or tq1_0 (1.69 bits/weight)");
+  p.option("embedding", &embedding, "T", "token embedding: f16 (default), q8_0 or f32");
+  p.option("data", &data, "PATH", "token file holding the tokenizer, for model files that do not store one");
+  p.option("name", &name, "NAME", "general.name (default: the run's name)");
+  p.flag("quiet", &quiet, "no progress line");
+  if (!p.parse(args)) return 0;
+  PL_CHECK(!out.empty(), config, "export needs --out PATH");
+  PL_CHECK(format == "gguf" || format == "packed", config, "--format = \"", format,
+           "\" is not one of gguf, packed");
+  ExportOptions o;
+  o.format = format;
+  o.ternary = parse_type("ternary", ternary, {TensorType::tq2_0, TensorType::tq1_0});
+  o.embedding = parse_type("embedding", embedding, {TensorType::f16, TensorType::q8_0, TensorType::f32});
+  o.name = name;
+  o.progress = !quiet;
+  const ModelFileReader reader(target);
+  auto tokenizer = reader.tokenizer();
+  if (!tokenizer || !data.empty()) {
+    LoadedModel probe;  // model_tokenizer's fallbacks: --data, else the config's data.path
+    probe.path = reader.path();
+    probe.config = reader.config();
+    tokenizer = model_tokenizer(probe, data);
+  }
+  const ExportReport r = export_gguf(reader, *tokenizer, o, out);
+  std::printf("wrote %s: %lld tensors, %s in %s; peak memory for tensor data %s (the largest tensor and its "
+              "encoding)\n",
+              out.c_str(), static_cast<long long>(r.tensors), human_bytes(static_cast<double>(r.bytes)).c_str(),
+              human_duration(r.seconds).c_str(), human_bytes(static_cast<double>(r.peak_bytes)).c_str());
+  return 0;
+}
+
+int cmd_import(const Args& args) {
+  std::string in, out;
+  ArgParser p("import", "Read a peerless GGUF file (either profile) back into a model file (model.h5).");
+  p.positional("FILE", &in, "a .gguf file written by peerless export");
+  p.option("out", &out, "PATH", "model file to write");
+  if (!p.parse(args)) return 0;
+  PL_CHECK(!out.empty(), config, "import needs --out PATH");
+  const gguf::File f(in);
+  const LoadedModel m = import_gguf(f);
+  save_model_file(out, *m.model, m.params.data(), m.config_text, m.step, m.tokens, m.tokenizer.get());
+  std::printf("wrote %s (%s parameters)\n", out.c_str(), human_count(m.model->layout().total()).c_str());
+  return 0;
+}
+
+}  // namespace peerless

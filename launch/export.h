@@ -1,0 +1,39 @@
+// `peerless export`: a model file to deployment formats, streaming one tensor at a time (peak memory
+// is the largest tensor plus its encoding, reported). Every format is one walk over the `peerless`
+// architecture's tensor table (model/infer/peerless_arch.h) with values from the model file
+// (ModelValues over a ModelFileReader).
+//  - gguf:   GGUF v3, ternary weights TQ2_0 (default) or TQ1_0 in the peerless profile (d = 1, β in
+//            X.scale), embedding F16 (default), Q8_0 or F32, everything else F32, the tokenizer inside.
+//  - packed: the native profile "peerless-r4-v1" (FORMATS §6): BitLinear weights as I8 in the 4-row
+//            interleaved layout the CPU kernels read in place (alignment 64); expert tables as TQ2_0
+//            rows, each expert's u‖v one contiguous record.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "data/tokenizer.h"
+#include "launch/model_file.h"
+#include "runtime/quant_formats.h"
+
+namespace peerless {
+
+struct ExportOptions {
+  std::string format = "gguf";                 // gguf | packed
+  TensorType ternary = TensorType::tq2_0;      // gguf: tq2_0 | tq1_0
+  TensorType embedding = TensorType::f16;      // f16 | q8_0 | f32
+  std::string name;                            // general.name ("" = the run's name)
+  bool progress = true;                        // a progress line on stderr
+};
+
+struct ExportReport {
+  int64_t tensors = 0;
+  int64_t bytes = 0;       // file size
+  int64_t peak_bytes = 0;  // largest tensor's values + encoding held at once
+  double seconds = 0;
+};
+
+ExportReport export_gguf(const ModelFileReader& reader, const Tokenizer& tokenizer, const ExportOptions& options,
+                         const std::string& out_path);
+
+}  // namespace peerless

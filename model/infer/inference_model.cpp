@@ -1,0 +1,294 @@
+// The recurrent CPU inference model (see inference_model.h).
+#include "model/infer/inference_model.h"
+
+#include <cstring>
+#include <map>
+
+#include "model/infer/ternary_kernels.h"
+#include "model/ops/gemm.h"
+#include "model/ops/glu.h"
+#include "model/ops/mlgru.h"
+#include "model/ops/qsparse.h"
+#include "model/ops/rmsnorm.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+}  // namespace
+
+// One BitLinear: RMSNorm gain, β and the codes in r4 layout over a K padded to a multiple of 128
+// (the padding codes are 0 and the padded activations 0, so the products are unchanged).
+struct InferenceModel::Linear {
+  int64_t N = 0, K = 0, Kp = 0;
+  float beta = 0.f;
+  std::vector<float> norm;   // (K)
+  std::vector<uint8_t> own;  // r4 bytes when repacked at load
+  const uint8_t* packed = nullptr;
+  std::vector<float> w;      // (N, K) model.quant = "none": the full-precision weights instead
+};
+
+// token_embd: dequantized one row at a time (decode reads one row per token).
+struct InferenceModel::Embedding {
+  TensorType type = TensorType::f32;
+  int64_t V = 0, d = 0;
+  const uint8_t* data = nullptr;  // the file's bytes, or own
+  std::vector<float> own;
+  void row(int32_t id, float* out) const {
+    const int64_t n = d;
+    switch (type) {
+      case TensorType::f32: std::memcpy(out, data + id * n * 4, static_cast<size_t>(n) * 4); break;
+      case TensorType::f16: fp16_to_fp32_row(reinterpret_cast<const uint16_t*>(data) + id * n, out, n); break;
+      case TensorType::bf16: bf16_to_fp32_row(reinterpret_cast<const uint16_t*>(data) + id * n, out, n); break;
+      case TensorType::q8_0: dequantize_q8_0(data + id * (n / 32) * 34, n, out); break;
+      default: PL_FAIL(internal, "embedding type ", tensor_type_name(type));
+    }
+  }
+};
+
+struct InferenceModel::Block {
+  std::vector<float> attn_norm, out_norm, lb, ffn_norm;  // (d)
+  Linear i, f, g, o, gate_up, down;
+  bool peer = false;
+  PeerLayerShape ps;
+  std::vector<float> wq, bn_scale, bn_shift, keys1, keys2, table_own;
+  const float* table = nullptr;
+};
+
+struct InferenceModel::State::Scratch {
+  std::vector<float> x, xn, ihat, fhat, ghat, f, hs, gn, o, y, au, z, xt;
+  std::vector<int8_t> a;
+  std::vector<float> s, rstd;
+};
+
+InferenceModel::~InferenceModel() = default;
+
+std::unique_ptr<InferenceModel> InferenceModel::load(const gguf::File& f) {
+  const ModelConfig config = arch::read_config(f);
+  const Model structure(config);
+  arch::check_tensors(f, arch::tensors(structure), arch::read_layout(f) == arch::kLayoutR4);
+  const GgufValues values(f);
+  std::unique_ptr<InferenceModel> m(new InferenceModel());
+  m->build(structure, values, &values);
+  return m;
+}
+
+std::unique_ptr<InferenceModel> InferenceModel::from_model(const Model& model, const float* params) {
+  PL_CHECK(!model.experts_sharded(), internal, "inference needs the whole expert tables (an unsharded model)");
+  const MemoryParams source(model, params);
+  const ModelValues values(model, source);
+  std::unique_ptr<InferenceModel> m(new InferenceModel());
+  m->build(model, values, nullptr);
+  return m;
+}
+
+void InferenceModel::build(const Model& structure, const TensorValues& values, const GgufValues* file) {
+  config_ = structure.config();
+  std::map<std::string, arch::Tensor> table;
+  for (const auto& t : arch::tensors(structure)) table.emplace(t.name, t);
+  auto floats = [&](const std::string& name) {
+    std::vector<float> v;
+    values.floats(table.at(name), v);
+    return v;
+  };
+  auto linear = [&](const std::string& base) {
+    const arch::Tensor& w = table.at(base + ".weight");
+    Linear l;
+    l.N = w.shape[0];
+    l.K = w.shape[1];
+    l.Kp = round_up(l.K, kR4PanelK);
+    l.norm = floats(base + ".norm");
+    if (w.source == arch::Source::copy) {  // the full-precision ablation
+      l.Kp = l.K;
+      l.w = floats(w.name);
+      return l;
+    }
+    std::vector<int8_t> codes;
+    values.ternary(w, codes, l.beta);
+    if (file && file->r4()) {  // the packed profile: the kernels read the file's bytes in place
+      l.packed = file->file().data(file->file().tensor(w.name));
+      return l;
+    }
+    if (l.Kp != l.K) {
+      std::vector<int8_t> padded(static_cast<size_t>(l.N * l.Kp), 0);
+      for (int64_t n = 0; n < l.N; ++n) std::memcpy(&padded[n * l.Kp], &codes[n * l.K], static_cast<size_t>(l.K));
+      codes.swap(padded);
+    }
+    l.own = pack_ternary_r4(l.N, l.Kp, codes.data());
+    l.packed = l.own.data();
+    return l;
+  };
+
+  embed_ = std::make_unique<Embedding>();
+  embed_->V = config_.vocab_size;
+  embed_->d = config_.d_model;
+  const gguf::TensorInfo* e = file ? &file->file().tensor("token_embd.weight") : nullptr;
+  if (e && e->type != TensorType::q8_0) {  // Q8_0 scales are checked once, by dequantizing it all
+    embed_->type = e->type;
+    embed_->data = file->file().data(*e);
+  } else {
+    embed_->own = floats("token_embd.weight");
+    embed_->data = reinterpret_cast<const uint8_t*>(embed_->own.data());
+  }
+  blocks_.resize(static_cast<size_t>(config_.n_layers));
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    Block& b = blocks_[static_cast<size_t>(l)];
+    b.attn_norm = floats(arch::blk(l, "attn_norm.weight"));
+    b.i = linear(arch::blk(l, "mlgru_i"));
+    b.f = linear(arch::blk(l, "mlgru_f"));
+    b.g = linear(arch::blk(l, "mlgru_g"));
+    b.o = linear(arch::blk(l, "mlgru_o"));
+    if (config_.gate_form == "code") b.out_norm = floats(arch::blk(l, "mlgru_out_norm.weight"));
+    b.lb = floats(arch::blk(l, "mlgru_lb"));
+    b.ffn_norm = floats(arch::blk(l, "ffn_norm.weight"));
+    b.peer = structure.blocks()[static_cast<size_t>(l)].peer >= 0;
+    if (!b.peer) {
+      b.gate_up = linear(arch::blk(l, "ffn_gate_up"));
+      b.down = linear(arch::blk(l, "ffn_down"));
+      continue;
+    }
+    b.ps = structure.peer_shape(0);
+    b.wq = floats(arch::blk(l, "peer_query.weight"));
+    b.bn_scale = floats(arch::blk(l, "peer_query_bn_scale"));
+    b.bn_shift = floats(arch::blk(l, "peer_query_bn_shift"));
+    b.keys1 = floats(arch::blk(l, "peer_keys_a"));
+    b.keys2 = floats(arch::blk(l, "peer_keys_b"));
+    const arch::Tensor& uv = table.at(arch::blk(l, "peer_uv"));
+    if (config_.peer_ternary) {  // the trainer's forward copy t·β, exactly
+      std::vector<int8_t> codes;
+      float beta = 0.f;
+      values.ternary(uv, codes, beta);
+      b.table_own.resize(codes.size());
+      for (size_t i = 0; i < codes.size(); ++i) b.table_own[i] = static_cast<float>(codes[i]) * beta;
+    } else {
+      b.table_own = floats(uv.name);
+    }
+    b.table = b.table_own.data();
+  }
+  final_norm_ = floats("output_norm.weight");
+  head_ = std::make_unique<Linear>(linear("output"));
+}
+
+InferenceModel::State InferenceModel::new_state() const {
+  State s;
+  s.h.assign(static_cast<size_t>(config_.n_layers * config_.d_model), 0.f);
+  s.scratch = std::make_shared<State::Scratch>();
+  return s;
+}
+
+// y (M, N) = BitLinear(x (M, K)): RMSNorm, Q-Sparse, int8 codes, ternary product, ·β/s.
+void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc) const {
+  float* xt = grow(sc.xt, M * l.Kp);
+  rmsnorm_forward_cpu(RmsNormShape{M, l.K, static_cast<float>(config_.norm_eps)}, x, l.norm.data(), xt,
+                      grow(sc.rstd, M));
+  qsparse_apply_cpu(config_.qsparse, config_.qsparse_block, M, l.K, xt);
+  if (!l.w.empty()) {  // full precision: the trainer's sgemm
+    gemm_cpu(Trans::no, Trans::yes, M, l.N, l.K, 1.f, xt, l.K, l.w.data(), l.K, 0.f, y, l.N);
+    return;
+  }
+  if (l.Kp != l.K)  // re-stride to the padded width, zeros beyond K (last row first: in place)
+    for (int64_t m = M - 1; m >= 0; --m) {
+      std::memmove(xt + m * l.Kp, xt + m * l.K, static_cast<size_t>(l.K) * sizeof(float));
+      std::fill(xt + m * l.Kp + l.K, xt + (m + 1) * l.Kp, 0.f);
+    }
+  ternary_linear_r4(M, l.N, l.Kp, xt, l.packed, l.beta, grow(sc.a, M * l.Kp), grow(sc.s, M), y);
+}
+
+void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits) const {
+  PL_CHECK(M >= 1, config, "inference needs at least one token");
+  const int64_t d = config_.d_model, I = config_.glu_width(), V = config_.vocab_size;
+  State::Scratch& sc = *s.scratch;
+  const RmsNormShape nd{M, d, static_cast<float>(config_.norm_eps)};
+  const GateForm form = config_.gate_form == "code" ? GateForm::code : GateForm::paper;
+  const GluActivation act = config_.glu_activation == "relu2" ? GluActivation::relu2 : GluActivation::silu;
+  float* x = grow(sc.x, M * d);
+  for (int64_t t = 0; t < M; ++t) {
+    PL_CHECK(tokens[t] >= 0 && tokens[t] < V, data, "token id ", tokens[t], " is outside the vocabulary [0, ", V, ")");
+    embed_->row(tokens[t], x + t * d);
+  }
+  float *xn = grow(sc.xn, M * d), *y = grow(sc.y, M * d), *hs = grow(sc.hs, M * d);
+  float *ih = grow(sc.ihat, M * d), *fh = grow(sc.fhat, M * d), *gh = grow(sc.ghat, M * d);
+  float *gn = grow(sc.gn, M * d), *o = grow(sc.o, M * d);
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    const Block& b = blocks_[static_cast<size_t>(l)];
+    float* h = s.h.data() + l * d;
+    rmsnorm_forward_cpu(nd, x, b.attn_norm.data(), xn, grow(sc.rstd, M));
+    linear(b.i, M, xn, ih, sc);
+    linear(b.f, M, xn, fh, sc);
+    linear(b.g, M, xn, gh, sc);
+    // The trainer's scan over the M tokens, starting from the carried state; the last h is carried on.
+    mlgru_scan_forward_cpu(ScanShape{1, M, d}, ih, fh, b.lb.data(), grow(sc.f, M * d), hs, h);
+    std::memcpy(h, hs + (M - 1) * d, static_cast<size_t>(d) * sizeof(float));
+    if (form == GateForm::code)
+      rmsnorm_forward_cpu(nd, gh, b.out_norm.data(), gn, grow(sc.rstd, M));
+    else
+      std::memcpy(gn, gh, static_cast<size_t>(M * d) * sizeof(float));
+    output_gate_forward_cpu(form, M * d, gn, hs, o);
+    linear(b.o, M, o, y, sc);
+    for (int64_t i = 0; i < M * d; ++i) x[i] += y[i];
+    rmsnorm_forward_cpu(nd, x, b.ffn_norm.data(), xn, grow(sc.rstd, M));
+    if (b.peer) {
+      PeerLayerShape ps = b.ps;
+      ps.tokens = M;
+      PeerLayerParams<float> pp;
+      pp.w_q = b.wq.data();
+      pp.bn_scale = b.bn_scale.data();
+      pp.bn_shift = b.bn_shift.data();
+      pp.sub_keys1 = b.keys1.data();
+      pp.sub_keys2 = b.keys2.data();
+      pp.table = b.table;
+      peer_layer_forward_cpu(ps, PeerNormMode::eval, pp, xn, y);
+    } else {
+      float* au = grow(sc.au, M * 2 * I);
+      float* z = grow(sc.z, M * I);
+      linear(b.gate_up, M, xn, au, sc);
+      glu_forward_cpu(act, M, I, au, z);
+      linear(b.down, M, z, y, sc);
+    }
+    for (int64_t i = 0; i < M * d; ++i) x[i] += y[i];
+  }
+  s.position += M;
+  const int64_t first = all_logits ? 0 : M - 1, rows = M - first;
+  rmsnorm_forward_cpu(RmsNormShape{rows, d, static_cast<float>(config_.norm_eps)}, x + first * d,
+                      final_norm_.data(), xn, grow(sc.rstd, rows));
+  linear(*head_, rows, xn, logits, sc);
+}
+
+int64_t InferenceModel::bytes_per_token() const {
+  auto lin = [](const Linear& l) {
+    return (l.w.empty() ? ternary_r4_bytes(l.N, l.Kp) + 4 : 4 * l.N * l.K) + 4 * l.K;
+  };
+  int64_t total = lin(*head_) + embed_->d * (embed_->type == TensorType::f32 ? 4 : 2);
+  for (const Block& b : blocks_) {
+    total += lin(b.i) + lin(b.f) + lin(b.g) + lin(b.o);
+    if (!b.peer) {
+      total += lin(b.gate_up) + lin(b.down);
+      continue;
+    }
+    const int64_t hk = b.ps.heads * b.ps.k;
+    total += 4 * static_cast<int64_t>(b.wq.size() + b.keys1.size() + b.keys2.size()) + hk * 2 * b.ps.dim * 4;
+  }
+  return total;
+}
+
+int64_t InferenceModel::resident_bytes() const {
+  int64_t total = static_cast<int64_t>(embed_->own.size()) * 4;
+  auto lin = [](const Linear& l) { return static_cast<int64_t>(l.own.size() + 4 * (l.norm.size() + l.w.size())); };
+  total += lin(*head_);
+  for (const Block& b : blocks_) {
+    total += lin(b.i) + lin(b.f) + lin(b.g) + lin(b.o) + lin(b.gate_up) + lin(b.down);
+    total += 4 * static_cast<int64_t>(b.wq.size() + b.keys1.size() + b.keys2.size() + b.table_own.size());
+  }
+  return total;
+}
+
+}  // namespace peerless

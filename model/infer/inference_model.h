@@ -1,0 +1,71 @@
+// Recurrent CPU inference of the MatMul-free LM (with PEER layers): the decoder `peerless generate`
+// runs, and the trainer's samples. The MLGRU makes the state constant-size: one (d) vector per
+// layer, however long the text. Ternary BitLinears run on the int8 x 2-bit kernels
+// (model/infer/ternary_kernels.h) over weights in the r4 layout: read in place from a packed file's
+// mapping, or repacked once at load from TQ2_0/TQ1_0/I8 codes. Everything else calls the trainer's
+// own CPU ops in the trainer's order, so the integer parts (activation codes, accumulators) are the
+// trainer's exactly and the float parts follow the same arithmetic (docs/deployment.md states where
+// they can differ: only the PEER query projection, an sgemm whose blocking depends on the token count).
+//
+// Contract: weights are read-only after construction and every call takes the state it updates, so
+// one model can decode several sequences on several threads. A model loaded from a file keeps
+// pointers into the file's mapping: the gguf::File must outlive it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/infer/tensor_values.h"
+#include "model/model_config.h"
+#include "model/ops/peer_layer.h"
+#include "runtime/gguf.h"
+
+namespace peerless {
+
+class InferenceModel {
+ public:
+  static std::unique_ptr<InferenceModel> load(const gguf::File& f);
+  // From a model in memory (the trainer's samples; tests).
+  static std::unique_ptr<InferenceModel> from_model(const Model& m, const float* params);
+
+  const ModelConfig& config() const { return config_; }
+  int64_t vocab_size() const { return config_.vocab_size; }
+
+  // The recurrent state of one sequence plus its scratch.
+  struct State {
+    std::vector<float> h;  // (L, d) MLGRU hidden state per layer
+    int64_t position = 0;  // tokens consumed
+    struct Scratch;
+    std::shared_ptr<Scratch> scratch;
+  };
+  State new_state() const;
+  // Feeds tokens[0..M) (a prompt: the BitLinears run as M-row products; the scan is sequential)
+  // and writes the logits of every position into logits (M, V), or only of the last one when
+  // `all_logits` is false (logits (V)).
+  void forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits = false) const;
+
+  // Bytes of weights read per decoded token (codes, scales, one embedding row, PEER retrieval and
+  // the rows it gathers): the numerator of the decode roofline (FORMATS §8).
+  int64_t bytes_per_token() const;
+  // Bytes held in memory by this object (repacked weights and copies; excludes a file's mapping).
+  int64_t resident_bytes() const;
+
+  struct Linear;
+  struct Block;
+  struct Embedding;
+  ~InferenceModel();
+
+ private:
+  InferenceModel() = default;
+  void build(const Model& structure, const TensorValues& values, const GgufValues* in_place);
+  void linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc) const;
+
+  ModelConfig config_;
+  std::unique_ptr<Embedding> embed_;
+  std::vector<Block> blocks_;
+  std::vector<float> final_norm_;
+  std::unique_ptr<Linear> head_;
+};
+
+}  // namespace peerless
