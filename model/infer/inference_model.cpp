@@ -29,6 +29,7 @@ T* grow(std::vector<T>& v, int64_t n) {
 // One BitLinear: RMSNorm gain, β and the codes in r4 layout over a K padded to a multiple of 128
 // (the padding codes are 0 and the padded activations 0, so the products are unchanged).
 struct InferenceModel::Linear {
+  std::string name;  // GGUF base name
   int64_t N = 0, K = 0, Kp = 0;
   float beta = 0.f;
   std::vector<float> norm;   // (K)
@@ -103,6 +104,7 @@ void InferenceModel::build(const Model& structure, const TensorValues& values, c
   auto linear = [&](const std::string& base) {
     const arch::Tensor& w = table.at(base + ".weight");
     Linear l;
+    l.name = base;
     l.N = w.shape[0];
     l.K = w.shape[1];
     l.Kp = round_up(l.K, kR4PanelK);
@@ -186,7 +188,8 @@ InferenceModel::State InferenceModel::new_state() const {
 }
 
 // y (M, N) = BitLinear(x (M, K)): RMSNorm, Q-Sparse, int8 codes, ternary product, ·β/s.
-void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc) const {
+void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc,
+                            const InferenceTrace* trace) const {
   float* xt = grow(sc.xt, M * l.Kp);
   rmsnorm_forward_cpu(RmsNormShape{M, l.K, static_cast<float>(config_.norm_eps)}, x, l.norm.data(), xt,
                       grow(sc.rstd, M));
@@ -201,9 +204,15 @@ void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y
       std::fill(xt + m * l.Kp + l.K, xt + (m + 1) * l.Kp, 0.f);
     }
   ternary_linear_r4(M, l.N, l.Kp, xt, l.packed, l.beta, grow(sc.a, M * l.Kp), grow(sc.s, M), y);
+  if (trace && trace->linear) {  // x̃ back to K-wide rows for the tap
+    std::vector<float> xk(static_cast<size_t>(M * l.K));
+    for (int64_t m = 0; m < M; ++m) std::memcpy(&xk[m * l.K], xt + m * l.Kp, static_cast<size_t>(l.K) * sizeof(float));
+    trace->linear(l.name, M, l.K, l.N, xk.data(), sc.a.data(), sc.s.data(), l.packed, l.Kp, l.beta, y);
+  }
 }
 
-void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits) const {
+void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits,
+                             const InferenceTrace* trace) const {
   PL_CHECK(M >= 1, config, "inference needs at least one token");
   const int64_t d = config_.d_model, I = config_.glu_width(), V = config_.vocab_size;
   State::Scratch& sc = *s.scratch;
@@ -222,9 +231,9 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     const Block& b = blocks_[static_cast<size_t>(l)];
     float* h = s.h.data() + l * d;
     rmsnorm_forward_cpu(nd, x, b.attn_norm.data(), xn, grow(sc.rstd, M));
-    linear(b.i, M, xn, ih, sc);
-    linear(b.f, M, xn, fh, sc);
-    linear(b.g, M, xn, gh, sc);
+    linear(b.i, M, xn, ih, sc, trace);
+    linear(b.f, M, xn, fh, sc, trace);
+    linear(b.g, M, xn, gh, sc, trace);
     // The trainer's scan over the M tokens, starting from the carried state; the last h is carried on.
     mlgru_scan_forward_cpu(ScanShape{1, M, d}, ih, fh, b.lb.data(), grow(sc.f, M * d), hs, h);
     std::memcpy(h, hs + (M - 1) * d, static_cast<size_t>(d) * sizeof(float));
@@ -233,7 +242,7 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     else
       std::memcpy(gn, gh, static_cast<size_t>(M * d) * sizeof(float));
     output_gate_forward_cpu(form, M * d, gn, hs, o);
-    linear(b.o, M, o, y, sc);
+    linear(b.o, M, o, y, sc, trace);
     for (int64_t i = 0; i < M * d; ++i) x[i] += y[i];
     rmsnorm_forward_cpu(nd, x, b.ffn_norm.data(), xn, grow(sc.rstd, M));
     if (b.peer) {
@@ -250,17 +259,18 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     } else {
       float* au = grow(sc.au, M * 2 * I);
       float* z = grow(sc.z, M * I);
-      linear(b.gate_up, M, xn, au, sc);
+      linear(b.gate_up, M, xn, au, sc, trace);
       glu_forward_cpu(act, M, I, au, z);
-      linear(b.down, M, z, y, sc);
+      linear(b.down, M, z, y, sc, trace);
     }
     for (int64_t i = 0; i < M * d; ++i) x[i] += y[i];
+    if (trace && trace->block) trace->block(l, M, hs, x);
   }
   s.position += M;
   const int64_t first = all_logits ? 0 : M - 1, rows = M - first;
   rmsnorm_forward_cpu(RmsNormShape{rows, d, static_cast<float>(config_.norm_eps)}, x + first * d,
                       final_norm_.data(), xn, grow(sc.rstd, rows));
-  linear(*head_, rows, xn, logits, sc);
+  linear(*head_, rows, xn, logits, sc, trace);
 }
 
 int64_t InferenceModel::bytes_per_token() const {

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -22,6 +24,18 @@
 #include "runtime/gguf.h"
 
 namespace peerless {
+
+// Taps into a forward pass, for golden vectors (the FPGA bundle) and debugging. Each is optional.
+struct InferenceTrace {
+  // After every BitLinear: its GGUF base name ("blk.0.mlgru_i", "output"), the rows M, its input
+  // width K and outputs N, x̃ (M, K) after RMSNorm (and Q-Sparse), int8 codes a (M, Kp) and scales
+  // s (M) (Kp = K rounded up to 128, zero-padded), the r4 codes (N, Kp), β, and y (M, N).
+  std::function<void(const std::string& name, int64_t M, int64_t K, int64_t N, const float* x_tilde,
+                     const int8_t* a, const float* s, const uint8_t* packed, int64_t Kp, float beta, const float* y)>
+      linear;
+  // After every block: the MLGRU state h (M, d) at each position and the block's output x (M, d).
+  std::function<void(int64_t layer, int64_t M, const float* h, const float* x)> block;
+};
 
 class InferenceModel {
  public:
@@ -43,7 +57,8 @@ class InferenceModel {
   // Feeds tokens[0..M) (a prompt: the BitLinears run as M-row products; the scan is sequential)
   // and writes the logits of every position into logits (M, V), or only of the last one when
   // `all_logits` is false (logits (V)).
-  void forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits = false) const;
+  void forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits = false,
+               const InferenceTrace* trace = nullptr) const;
 
   // Bytes of weights read per decoded token (codes, scales, one embedding row, PEER retrieval and
   // the rows it gathers): the numerator of the decode roofline (FORMATS §8).
@@ -59,7 +74,8 @@ class InferenceModel {
  private:
   InferenceModel() = default;
   void build(const Model& structure, const TensorValues& values, const GgufValues* in_place);
-  void linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc) const;
+  void linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc,
+              const InferenceTrace* trace) const;
 
   ModelConfig config_;
   std::unique_ptr<Embedding> embed_;
