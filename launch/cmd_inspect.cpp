@@ -12,6 +12,8 @@
 #include "launch/args.h"
 #include "launch/checkpoint.h"
 #include "launch/commands.h"
+#include "launch/inspect_files.h"
+#include "launch/model_file.h"
 #include "model/ternary_pack.h"
 #include "runtime/error.h"
 #include "runtime/h5.h"
@@ -84,13 +86,17 @@ int cmd_inspect(const Args& args) {
   ArgParser p("inspect",
               "Show a checkpoint: step and run state, SHA-256 verification of every file, the config, and every "
               "global tensor with shape, dtype, size, min/max/mean (ternary codes: fractions of 0/+1/-1 and beta).");
-  p.positional("PATH", &path, "a checkpoint directory (step_<N>/), its index.h5, or a run / checkpoints directory");
+  p.positional("PATH", &path,
+               "a checkpoint directory (step_<N>/), its index.h5, a run / checkpoints directory, or a single file: "
+               "model.h5, .gguf, .safetensors");
   p.flag("no-stats", &no_stats, "list tensors without reading their values");
   p.flag("no-verify", &no_verify, "skip checksum verification");
   p.option("tensor", &tensor, "NAME",
            "print the values of one global tensor, one per line (e.g. model/blocks/0/mixer/i_proj/weight, "
            "ternary/head/weight/codes prints the codes as -1/0/1)");
   if (!p.parse(args)) return 0;
+  if (int status = 0; tensor.empty() && fs::is_regular_file(path) && inspect_single_file(path, no_stats, status))
+    return status;
   const std::string dir = find_checkpoint_dir(path);
   const std::string index_path = (fs::path(dir) / "index.h5").string();
 
