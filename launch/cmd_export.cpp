@@ -5,6 +5,7 @@
 #include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/export.h"
+#include "launch/export_safetensors.h"
 #include "launch/format.h"
 #include "launch/import.h"
 #include "runtime/error.h"
@@ -24,6 +25,13 @@ TensorType parse_type(const std::string& option, const std::string& v, std::init
   PL_FAIL(config, "--", option, " = \"", v, "\" is not one of ", list);
 }
 
+void report(const std::string& out, const ExportReport& r) {
+  std::printf("wrote %s: %lld tensors, %s in %s; peak memory for tensor data %s (the largest tensor and its "
+              "encoding)\n",
+              out.c_str(), static_cast<long long>(r.tensors), human_bytes(static_cast<double>(r.bytes)).c_str(),
+              human_duration(r.seconds).c_str(), human_bytes(static_cast<double>(r.peak_bytes)).c_str());
+}
+
 }  // namespace
 
 int cmd_export(const Args& args) {
@@ -33,7 +41,7 @@ int cmd_export(const Args& args) {
               "Write a trained model for deployment: GGUF (ternary weights TQ2_0/TQ1_0, the tokenizer inside) or the "
               "packed profile the CPU kernels read in place (peerless-r4-v1). Streams one tensor at a time.");
   p.positional("MODEL", &target, "run directory (runs/<name>) or model file (.h5)");
-  p.option("format", &format, "F", "gguf (default) or packed");
+  p.option("format", &format, "F", "gguf (default), packed or safetensors");
   p.option("out", &out, "PATH", "output file (written as PATH.tmp, renamed when complete)");
   p.option("ternary", &ternary, "T", "gguf: tq2_0 (default, 2.06 bits/weight) or tq1_0 (1.69 bits/weight)");
   p.option("embedding", &embedding, "T", "token embedding: f16 (default), q8_0 or f32");
@@ -42,8 +50,8 @@ int cmd_export(const Args& args) {
   p.flag("quiet", &quiet, "no progress line");
   if (!p.parse(args)) return 0;
   PL_CHECK(!out.empty(), config, "export needs --out PATH");
-  PL_CHECK(format == "gguf" || format == "packed", config, "--format = \"", format,
-           "\" is not one of gguf, packed");
+  PL_CHECK(format == "gguf" || format == "packed" || format == "safetensors", config, "--format = \"", format,
+           "\" is not one of gguf, packed, safetensors");
   ExportOptions o;
   o.format = format;
   o.ternary = parse_type("ternary", ternary, {TensorType::tq2_0, TensorType::tq1_0});
@@ -51,6 +59,10 @@ int cmd_export(const Args& args) {
   o.name = name;
   o.progress = !quiet;
   const ModelFileReader reader(target);
+  if (format == "safetensors") {
+    report(out, export_safetensors(reader, o, out));
+    return 0;
+  }
   auto tokenizer = reader.tokenizer();
   if (!tokenizer || !data.empty()) {
     LoadedModel probe;  // model_tokenizer's fallbacks: --data, else the config's data.path
@@ -58,11 +70,7 @@ int cmd_export(const Args& args) {
     probe.config = reader.config();
     tokenizer = model_tokenizer(probe, data);
   }
-  const ExportReport r = export_gguf(reader, *tokenizer, o, out);
-  std::printf("wrote %s: %lld tensors, %s in %s; peak memory for tensor data %s (the largest tensor and its "
-              "encoding)\n",
-              out.c_str(), static_cast<long long>(r.tensors), human_bytes(static_cast<double>(r.bytes)).c_str(),
-              human_duration(r.seconds).c_str(), human_bytes(static_cast<double>(r.peak_bytes)).c_str());
+  report(out, export_gguf(reader, *tokenizer, o, out));
   return 0;
 }
 

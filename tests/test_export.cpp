@@ -12,6 +12,9 @@
 #include <iterator>
 
 #include "launch/export.h"
+#include "launch/export_safetensors.h"
+#include "runtime/error.h"
+#include "runtime/safetensors.h"
 #include "launch/import.h"
 #include "model/infer/inference_model.h"
 #include "model/infer/sampler.h"
@@ -198,4 +201,55 @@ TEST(Export, PeerLogitsAgreeWithTheTrainerToRounding) {
   // The query projection is one sgemm over the window in the trainer and per prompt here (the same
   // M, so usually the same bits); 1e-4 relative bounds the rounding of the scores and expert sums.
   for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-4f * (1 + std::fabs(want[i]))) << i;
+}
+
+TEST(ExportSafetensors, HfPackedLayoutMatchesTheWorkedExample) {
+  // FORMATS §4: N = 8, K = 1, t = (+1, 0, −1, −1, 0, +1, +1, 0) -> 92 61.
+  const int8_t t[8] = {1, 0, -1, -1, 0, 1, 1, 0};
+  uint8_t b[2];
+  pack_hf_bitnet(t, 8, 1, b);
+  EXPECT_EQ(b[0], 0x92);
+  EXPECT_EQ(b[1], 0x61);
+  int8_t back[8];
+  unpack_hf_bitnet(b, 8, 1, back);
+  EXPECT_EQ(0, std::memcmp(back, t, 8));
+  const uint8_t bad = 0xFF;
+  EXPECT_THROW(unpack_hf_bitnet(&bad, 4, 1, back), Error);
+}
+
+TEST(ExportSafetensors, CodesScalesAndFloatsReadBackExactly) {
+  Fixture fx(config_text(true, true));
+  ExportOptions o;
+  o.format = "safetensors";
+  o.embedding = TensorType::f32;
+  const std::string path = (fx.dir.path / "m.safetensors").string();
+  const ModelFileReader reader(fx.model_path);
+  export_safetensors(reader, o, path);
+  const safetensors::File f(path);
+  EXPECT_EQ(*f.find_metadata("peerless.architecture"), "peerless");
+  const MemoryParams mem(*fx.m.model, fx.m.params.data());
+  const ModelValues want(*fx.m.model, mem);
+  std::vector<int8_t> codes, got;
+  std::vector<float> x;
+  for (const auto& t : arch::tensors(*fx.m.model)) {
+    if (t.source == arch::Source::ternary || t.source == arch::Source::peer_table) {
+      float beta = 0;
+      want.ternary(t, codes, beta);
+      got.resize(codes.size());
+      unpack_hf_bitnet(f.data(f.tensor(t.name)), t.shape[0], t.shape[1], got.data());
+      EXPECT_EQ(got, codes) << t.name;
+      if (t.source == arch::Source::ternary) {
+        std::string s = t.name;
+        s.replace(s.size() - 6, 6, "weight_scale");
+        float stored = 0;
+        std::memcpy(&stored, f.data(f.tensor(s)), 4);
+        EXPECT_EQ(stored, beta) << s;
+      }
+    } else if (t.source != arch::Source::ternary_scale) {
+      want.floats(t, x);
+      const auto& info = f.tensor(t.name);
+      ASSERT_EQ(info.nbytes(), x.size() * 4) << t.name;
+      EXPECT_EQ(0, std::memcmp(f.data(info), x.data(), info.nbytes())) << t.name;
+    }
+  }
 }

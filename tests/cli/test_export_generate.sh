@@ -18,6 +18,9 @@ for m in dense peer; do
   "$bin" export runs/$m --out $m-f32.gguf --embedding f32 --quiet > /dev/null
   "$bin" export runs/$m --out $m-tq1.gguf --ternary tq1_0 --embedding q8_0 --quiet > /dev/null
   "$bin" export runs/$m --out $m-packed.gguf --format packed --embedding f32 --quiet > /dev/null
+  "$bin" export runs/$m --out $m.safetensors --format safetensors > /dev/null
+  "$bin" inspect $m.safetensors > inspect.txt
+  grep -q "peerless.architecture = peerless" inspect.txt || fail "$m: inspect safetensors"
   gen runs/$m > $m-model.txt
   [[ $(wc -c < $m-model.txt) -gt 200 ]] || fail "$m: generate printed too little"
   for f in $m-f32.gguf $m-packed.gguf; do
