@@ -409,12 +409,12 @@ void use_safetensors(const std::string& path) {
 }
 
 Buf with_header(const std::string& json, const Buf& data, std::optional<uint64_t> n = std::nullopt) {
-  Buf b(8);
   const uint64_t len = n.value_or(json.size());
-  std::memcpy(b.data(), &len, 8);
-  b.insert(b.end(), json.begin(), json.end());
-  b.insert(b.end(), data.begin(), data.end());
-  return b;
+  std::string s(8, '\0');  // assembled as a string: GCC 12 warns falsely on inserts into a small vector
+  std::memcpy(s.data(), &len, 8);
+  s += json;
+  s.append(data.begin(), data.end());
+  return Buf(s.begin(), s.end());
 }
 
 Buf writer_safetensors(const std::string& path) {
