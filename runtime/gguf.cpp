@@ -67,6 +67,43 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
   return *this;
 }
 
+// ---- UTF-8 -------------------------------------------------------------------------------------
+
+bool is_valid_utf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int len = 0;
+    uint32_t cp = 0;
+    if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1Fu;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0Fu;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07u;
+    } else {
+      return false;
+    }
+    if (s.size() - i < static_cast<size_t>(len)) return false;
+    for (int k = 1; k < len; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + static_cast<size_t>(k)]);
+      if ((d & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3Fu);
+    }
+    static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};  // overlong forms are invalid
+    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += static_cast<size_t>(len);
+  }
+  return true;
+}
+
 // ---- AtomicFile ---------------------------------------------------------------------------------
 
 namespace {
@@ -161,7 +198,7 @@ namespace {
 
 constexpr uint32_t kMagic = 0x46554747u;  // "GGUF" read as a little-endian u32
 constexpr uint64_t kMaxKeyBytes = 65535;
-constexpr uint64_t kMaxNameBytes = 63;   // GGML_MAX_NAME 64 including the NUL
+constexpr uint64_t kMaxNameBytes = 63;  // GGML_MAX_NAME 64 including the NUL
 constexpr uint32_t kDefaultAlignment = 32;
 
 // A name or key for an error message: printable, shortened.
@@ -177,8 +214,10 @@ std::string printable(std::string_view s) {
       out += buf;
     }
   }
-  if (s.size() > 96) out += cat("...' (", s.size(), " bytes)");
-  else out += "'";
+  if (s.size() > 96)
+    out += cat("...' (", s.size(), " bytes)");
+  else
+    out += "'";
   return out;
 }
 
@@ -197,30 +236,56 @@ std::string type_desc(const Value& v) {
 
 const char* value_type_name(ValueType type) {
   switch (type) {
-    case ValueType::u8: return "u8";
-    case ValueType::i8: return "i8";
-    case ValueType::u16: return "u16";
-    case ValueType::i16: return "i16";
-    case ValueType::u32: return "u32";
-    case ValueType::i32: return "i32";
-    case ValueType::f32: return "f32";
-    case ValueType::boolean: return "bool";
-    case ValueType::str: return "str";
-    case ValueType::array: return "array";
-    case ValueType::u64: return "u64";
-    case ValueType::i64: return "i64";
-    case ValueType::f64: return "f64";
+    case ValueType::u8:
+      return "u8";
+    case ValueType::i8:
+      return "i8";
+    case ValueType::u16:
+      return "u16";
+    case ValueType::i16:
+      return "i16";
+    case ValueType::u32:
+      return "u32";
+    case ValueType::i32:
+      return "i32";
+    case ValueType::f32:
+      return "f32";
+    case ValueType::boolean:
+      return "bool";
+    case ValueType::str:
+      return "str";
+    case ValueType::array:
+      return "array";
+    case ValueType::u64:
+      return "u64";
+    case ValueType::i64:
+      return "i64";
+    case ValueType::f64:
+      return "f64";
   }
   return "invalid";
 }
 
 int value_type_size(ValueType type) {
   switch (type) {
-    case ValueType::u8: case ValueType::i8: case ValueType::boolean: return 1;
-    case ValueType::u16: case ValueType::i16: return 2;
-    case ValueType::u32: case ValueType::i32: case ValueType::f32: return 4;
-    case ValueType::u64: case ValueType::i64: case ValueType::f64: return 8;
-    case ValueType::str: case ValueType::array: return 0;
+    case ValueType::u8:
+    case ValueType::i8:
+    case ValueType::boolean:
+      return 1;
+    case ValueType::u16:
+    case ValueType::i16:
+      return 2;
+    case ValueType::u32:
+    case ValueType::i32:
+    case ValueType::f32:
+      return 4;
+    case ValueType::u64:
+    case ValueType::i64:
+    case ValueType::f64:
+      return 8;
+    case ValueType::str:
+    case ValueType::array:
+      return 0;
   }
   return 0;
 }
@@ -228,8 +293,8 @@ int value_type_size(ValueType type) {
 Value Value::scalar(ValueType type, uint64_t bits) {
   const int size = value_type_size(type);
   PL_CHECK(size > 0, internal, "Value::scalar: ", value_type_name(type), " is not a scalar type");
-  PL_CHECK(size == 8 || bits >> (8 * size) == 0, internal, "Value::scalar: bits 0x", std::hex, bits,
-           " do not fit a ", value_type_name(type));
+  PL_CHECK(size == 8 || bits >> (8 * size) == 0, internal, "Value::scalar: bits 0x", std::hex, bits, " do not fit a ",
+           value_type_name(type));
   PL_CHECK(type != ValueType::boolean || bits <= 1, data, "bool value ", bits, " (must be 0 or 1)");
   Value v;
   v.type_ = type;
@@ -292,29 +357,49 @@ uint64_t Value::count() const {
 
 bool Value::is_integer() const {
   switch (type_) {
-    case ValueType::u8: case ValueType::i8: case ValueType::u16: case ValueType::i16: case ValueType::u32:
-    case ValueType::i32: case ValueType::u64: case ValueType::i64: return true;
-    default: return false;
+    case ValueType::u8:
+    case ValueType::i8:
+    case ValueType::u16:
+    case ValueType::i16:
+    case ValueType::u32:
+    case ValueType::i32:
+    case ValueType::u64:
+    case ValueType::i64:
+      return true;
+    default:
+      return false;
   }
 }
 
 namespace {
 __int128 integer_of(ValueType type, uint64_t bits) {
   switch (type) {
-    case ValueType::u8: case ValueType::u16: case ValueType::u32: case ValueType::u64: return bits;
-    case ValueType::i8: return static_cast<int8_t>(bits);
-    case ValueType::i16: return static_cast<int16_t>(bits);
-    case ValueType::i32: return static_cast<int32_t>(bits);
-    case ValueType::i64: return static_cast<int64_t>(bits);
-    default: PL_FAIL(internal, "integer_of: ", value_type_name(type), " is not an integer type");
+    case ValueType::u8:
+    case ValueType::u16:
+    case ValueType::u32:
+    case ValueType::u64:
+      return bits;
+    case ValueType::i8:
+      return static_cast<int8_t>(bits);
+    case ValueType::i16:
+      return static_cast<int16_t>(bits);
+    case ValueType::i32:
+      return static_cast<int32_t>(bits);
+    case ValueType::i64:
+      return static_cast<int64_t>(bits);
+    default:
+      PL_FAIL(internal, "integer_of: ", value_type_name(type), " is not an integer type");
   }
 }
 
 std::string scalar_text(ValueType type, uint64_t bits) {
   switch (type) {
-    case ValueType::f32: return cat(std::bit_cast<float>(static_cast<uint32_t>(bits)));
-    case ValueType::f64: return cat(std::bit_cast<double>(bits));
-    case ValueType::boolean: return bits ? "true" : "false";
+    case ValueType::f32:
+      return cat(std::bit_cast<float>(static_cast<uint32_t>(bits)));
+    case ValueType::f64:
+      return cat(std::bit_cast<double>(bits));
+    case ValueType::boolean:
+      return bits ? "true" : "false";
     default: {
       const __int128 v = integer_of(type, bits);
       return v < 0 ? cat(static_cast<int64_t>(v)) : cat(static_cast<uint64_t>(v));
@@ -332,8 +417,8 @@ double Value::floating() const {
 }
 
 uint64_t Value::element_bits(uint64_t i) const {
-  PL_CHECK(type_ == ValueType::array && element_ != ValueType::str && i < count(), internal,
-           "Value::element_bits(", i, ") on a ", type_desc(*this), " of ", count());
+  PL_CHECK(type_ == ValueType::array && element_ != ValueType::str && i < count(), internal, "Value::element_bits(", i,
+           ") on a ", type_desc(*this), " of ", count());
   const int size = value_type_size(element_);
   uint64_t bits = 0;
   std::memcpy(&bits, bytes_.data() + i * static_cast<uint64_t>(size), static_cast<size_t>(size));
@@ -381,8 +466,8 @@ class Cursor {
 
   void need(uint64_t n, const std::string& what, int64_t index = -1, const char* part = "") const {
     if (n > left())
-      PL_FAIL(data, "gguf ", path_, ": ", label(what, index), part, " at byte ", pos_, " needs ", n,
-              " bytes but only ", left(), " are left (file size ", size_, ")");
+      PL_FAIL(data, "gguf ", path_, ": ", label(what, index), part, " at byte ", pos_, " needs ", n, " bytes but only ",
+              left(), " are left (file size ", size_, ")");
   }
   uint64_t scalar(int size, const std::string& what, int64_t index = -1, const char* part = "") {
     need(static_cast<uint64_t>(size), what, index, part);
@@ -400,8 +485,8 @@ class Cursor {
   // n items of at least `min_size` bytes each must fit in what is left (checked before allocating).
   void check_count(uint64_t n, uint64_t min_size, const std::string& what) const {
     PL_CHECK(min_size == 0 || n <= left() / min_size, data, "gguf ", path_, ": ", what, " = ", n, " at byte ", pos_,
-             " cannot fit: ", n, " x ", min_size, " bytes at least, but only ", left(),
-             " bytes are left (file size ", size_, ")");
+             " cannot fit: ", n, " x ", min_size, " bytes at least, but only ", left(), " bytes are left (file size ",
+             size_, ")");
   }
   std::string str(const std::string& what, uint64_t max_len, int64_t index = -1) {
     const uint64_t len = count(what, index, " length");
@@ -472,7 +557,8 @@ File::File(const std::string& path) : path_(path), map_(path) { parse(); }
 
 void File::parse() {
   const uint64_t size = map_.size();
-  PL_CHECK(size >= 24, data, "gguf ", path_, ": file size ", size, " bytes is below the 24-byte minimum of a GGUF header");
+  PL_CHECK(size >= 24, data, "gguf ", path_, ": file size ", size,
+           " bytes is below the 24-byte minimum of a GGUF header");
   Cursor c(map_.data(), size, path_);
   const uint32_t magic = c.u32("magic");
   PL_CHECK(magic == kMagic, data, "gguf ", path_, ": magic bytes ", cat(std::hex, magic),
@@ -503,8 +589,8 @@ void File::parse() {
     PL_CHECK(!key.empty(), data, "gguf ", path_, ": ", where, " has an empty key");
     for (const char ch : key) {
       const auto u = static_cast<unsigned char>(ch);
-      PL_CHECK(u >= 0x20 && u < 0x7F, data, "gguf ", path_, ": ", where, " key ", printable(key),
-               " holds byte 0x", cat(std::hex, static_cast<int>(u)), " (keys are printable ASCII)");
+      PL_CHECK(u >= 0x20 && u < 0x7F, data, "gguf ", path_, ": ", where, " key ", printable(key), " holds byte 0x",
+               cat(std::hex, static_cast<int>(u)), " (keys are printable ASCII)");
     }
     PL_CHECK(!kv_index_.count(key), data, "gguf ", path_, ": ", where, ": duplicate key ", printable(key));
     const uint32_t type = c.u32(cat(where, " ", printable(key), " type"));
@@ -518,8 +604,8 @@ void File::parse() {
     PL_CHECK(a->type() == ValueType::u32, data, "gguf ", path_, ": general.alignment has type ", type_desc(*a),
              " (must be u32)");
     alignment_ = static_cast<uint32_t>(a->bits());
-    PL_CHECK(is_power_of_two(alignment_) && alignment_ % 8 == 0, data, "gguf ", path_, ": general.alignment = ",
-             alignment_, " (must be a power of two and a multiple of 8)");
+    PL_CHECK(is_power_of_two(alignment_) && alignment_ % 8 == 0, data, "gguf ", path_,
+             ": general.alignment = ", alignment_, " (must be a power of two and a multiple of 8)");
   }
 
   tensors_.reserve(tensor_count);
@@ -530,12 +616,11 @@ void File::parse() {
     const std::string label = cat(where, " ", printable(t.name));
     PL_CHECK(!tensor_index_.count(t.name), data, "gguf ", path_, ": ", label, ": duplicate tensor name");
     const uint32_t n_dims = c.u32(cat(label, " n_dims"));
-    PL_CHECK(n_dims >= 1 && n_dims <= 4, data, "gguf ", path_, ": ", label, " n_dims = ", n_dims,
-             " (allowed 1 to 4)");
+    PL_CHECK(n_dims >= 1 && n_dims <= 4, data, "gguf ", path_, ": ", label, " n_dims = ", n_dims, " (allowed 1 to 4)");
     for (uint32_t d = 0; d < n_dims; ++d) {
       const uint64_t ne = c.count(cat(label, " ne[", d, "]"));
-      PL_CHECK(ne >= 1 && ne <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), data, "gguf ", path_,
-               ": ", label, " ne[", d, "] = ", ne, " (allowed 1 to 2^63 - 1)");
+      PL_CHECK(ne >= 1 && ne <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), data, "gguf ", path_, ": ",
+               label, " ne[", d, "] = ", ne, " (allowed 1 to 2^63 - 1)");
       t.ne.push_back(static_cast<int64_t>(ne));
     }
     const uint32_t type = c.u32(cat(label, " type"));
@@ -557,7 +642,8 @@ void File::parse() {
   for (const TensorInfo& t : tensors_) {
     PL_CHECK(t.offset % alignment_ == 0, data, "gguf ", path_, ": tensor ", printable(t.name), " offset ", t.offset,
              " is not a multiple of the alignment ", alignment_);
-    const bool fits = data_start_ <= size && t.offset <= size - data_start_ && t.nbytes <= size - data_start_ - t.offset;
+    const bool fits =
+        data_start_ <= size && t.offset <= size - data_start_ && t.nbytes <= size - data_start_ - t.offset;
     PL_CHECK(fits, data, "gguf ", path_, ": tensor ", printable(t.name), " data [", t.offset, ", +", t.nbytes,
              ") from data_start ", data_start_, " runs past the end of the file (size ", size, ")");
   }
@@ -608,8 +694,8 @@ uint64_t File::get_u64(std::string_view key) const {
       v.type() != ValueType::i64)
     wrong_type(path_, key, v, "u64, or non-negative u32/i32/i64");
   const __int128 x = v.integer();
-  PL_CHECK(x >= 0, data, "gguf ", path_, ": key ", printable(key), " = ", v.to_string(), " (", value_type_name(v.type()),
-           ") is negative");
+  PL_CHECK(x >= 0, data, "gguf ", path_, ": key ", printable(key), " = ", v.to_string(), " (",
+           value_type_name(v.type()), ") is negative");
   return static_cast<uint64_t>(x);
 }
 
@@ -650,8 +736,8 @@ std::vector<float> File::get_f32_array(std::string_view key) const {
 
 std::vector<int32_t> File::get_i32_array(std::string_view key) const {
   const Value& v = get(key);
-  const bool ok = v.type() == ValueType::array &&
-                  (v.element_type() == ValueType::i32 || v.element_type() == ValueType::u32);
+  const bool ok =
+      v.type() == ValueType::array && (v.element_type() == ValueType::i32 || v.element_type() == ValueType::u32);
   if (!ok) wrong_type(path_, key, v, "array of i32, or of u32 in range");
   std::vector<int32_t> out(v.count());
   for (uint64_t i = 0; i < out.size(); ++i) {
@@ -665,8 +751,8 @@ std::vector<int32_t> File::get_i32_array(std::string_view key) const {
 
 std::vector<uint32_t> File::get_u32_array(std::string_view key) const {
   const Value& v = get(key);
-  const bool ok = v.type() == ValueType::array &&
-                  (v.element_type() == ValueType::u32 || v.element_type() == ValueType::i32);
+  const bool ok =
+      v.type() == ValueType::array && (v.element_type() == ValueType::u32 || v.element_type() == ValueType::i32);
   if (!ok) wrong_type(path_, key, v, "array of u32, or of non-negative i32");
   std::vector<uint32_t> out(v.count());
   for (uint64_t i = 0; i < out.size(); ++i) {
@@ -760,6 +846,20 @@ void Writer::add_kv(const std::string& key, Value value) {
   PL_CHECK(is_writer_key(key), data, "gguf writer ", out_.path(), ": key ", printable(key),
            " is not ASCII lower_snake_case segments joined by dots (at most ", kMaxKeyBytes, " bytes)");
   PL_CHECK(!kv_index_.count(key), data, "gguf writer ", out_.path(), ": duplicate key ", printable(key));
+  if (value.type() == ValueType::str)
+    PL_CHECK(is_valid_utf8(value.string()), data, "gguf writer ", out_.path(), ": key ", printable(key),
+             " holds a string that is not valid UTF-8");
+  if (value.type() == ValueType::array && value.element_type() == ValueType::str)
+    for (size_t i = 0; i < value.strings().size(); ++i)
+      PL_CHECK(is_valid_utf8(value.strings()[i]), data, "gguf writer ", out_.path(), ": key ", printable(key), "[", i,
+               "] = ", printable(value.strings()[i]), " is not valid UTF-8");
+  if (key == "general.architecture") {
+    const bool ok = value.type() == ValueType::str && !value.string().empty() &&
+                    std::all_of(value.string().begin(), value.string().end(),
+                                [](char ch) { return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9'); });
+    PL_CHECK(ok, data, "gguf writer ", out_.path(), ": general.architecture = ", value.to_string(),
+             " (must be a str of [a-z0-9]+)");
+  }
   if (key == "general.alignment")
     PL_CHECK(value.type() == ValueType::u32 && value.bits() == alignment_, data, "gguf writer ", out_.path(),
              ": general.alignment = ", value.to_string(), " (", type_desc(value),
@@ -792,22 +892,23 @@ void Writer::add_tensor(const std::string& name, std::vector<int64_t> ne, Tensor
 }
 
 void Writer::write_header() {
-  std::vector<KeyValue> kvs = kvs_;
-  if (!kv_index_.count("general.alignment")) kvs.push_back({"general.alignment", Value::u32(alignment_)});
+  std::vector<KeyValue> extra;  // the keys the writer adds
+  if (!kv_index_.count("general.alignment")) extra.push_back({"general.alignment", Value::u32(alignment_)});
   const bool quantized = std::any_of(tensors_.begin(), tensors_.end(),
                                      [](const TensorInfo& t) { return tensor_type_is_quantized(t.type); });
   if (quantized && !kv_index_.count("general.quantization_version"))
-    kvs.push_back({"general.quantization_version", Value::u32(2)});
+    extra.push_back({"general.quantization_version", Value::u32(2)});
 
   std::vector<uint8_t> h;
   put_u32(h, kMagic);
   put_u32(h, 3);
   put_u64(h, tensors_.size());
-  put_u64(h, kvs.size());
-  for (const KeyValue& kv : kvs) {
-    put_str(h, kv.key);
-    put_value(h, kv.value);
-  }
+  put_u64(h, kvs_.size() + extra.size());
+  for (const std::vector<KeyValue>* list : {&kvs_, &extra})
+    for (const KeyValue& kv : *list) {
+      put_str(h, kv.key);
+      put_value(h, kv.value);
+    }
   for (const TensorInfo& t : tensors_) {
     put_str(h, t.name);
     put_u32(h, static_cast<uint32_t>(t.ne.size()));
@@ -822,8 +923,8 @@ void Writer::write_header() {
 
 void Writer::write_tensor(const std::string& name, const void* data, size_t bytes) {
   PL_CHECK(next_ >= tensors_.size() || written_ == 0, internal, "gguf writer ", out_.path(), ": write_tensor(",
-           printable(name), ") while tensor ", printable(tensors_[next_].name), " is partly written (", written_, " of ",
-           tensors_[next_].nbytes, " bytes)");
+           printable(name), ") while tensor ", printable(tensors_[next_].name), " is partly written (", written_,
+           " of ", tensors_[next_].nbytes, " bytes)");
   if (next_ < tensors_.size() && tensors_[next_].name == name)
     PL_CHECK(bytes == tensors_[next_].nbytes, data, "gguf writer ", out_.path(), ": tensor ", printable(name), " got ",
              bytes, " bytes, expected ", tensors_[next_].nbytes, " (", tensor_type_name(tensors_[next_].type), ")");

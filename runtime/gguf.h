@@ -5,7 +5,7 @@
 // Every failure is a peerless::Error naming the file, the field, the value and the limit.
 //
 // Also here: MappedFile and AtomicFile, the read-only mapping and the "write to PATH.tmp, fsync,
-// rename" output file that the safetensors reader and writer share.
+// rename" output file that the safetensors reader and writer share, and a UTF-8 check.
 #pragma once
 
 #include <cstddef>
@@ -63,12 +63,26 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+// Well-formed UTF-8 (no overlong forms, surrogates or code points above U+10FFFF).
+bool is_valid_utf8(std::string_view s);
+
 namespace gguf {
 
 // KV value types, ids as in the file (FORMATS §1).
 enum class ValueType : uint32_t {
-  u8 = 0, i8 = 1, u16 = 2, i16 = 3, u32 = 4, i32 = 5, f32 = 6, boolean = 7, str = 8, array = 9,
-  u64 = 10, i64 = 11, f64 = 12
+  u8 = 0,
+  i8 = 1,
+  u16 = 2,
+  i16 = 3,
+  u32 = 4,
+  i32 = 5,
+  f32 = 6,
+  boolean = 7,
+  str = 8,
+  array = 9,
+  u64 = 10,
+  i64 = 11,
+  f64 = 12
 };
 const char* value_type_name(ValueType type);  // "u32", "str", "array", ...
 int value_type_size(ValueType type);          // bytes of a scalar; 0 for str and array
@@ -105,9 +119,9 @@ class Value {
   uint64_t bits() const { return bits_; }              // scalar bits, zero-extended
   // Integer scalars as a signed 128-bit value (exact for every integer type).
   __int128 integer() const;
-  double floating() const;                             // f32 or f64 scalars
-  const std::string& string() const { return str_; }   // str
-  const std::vector<std::string>& strings() const { return strs_; }  // array of str
+  double floating() const;                                            // f32 or f64 scalars
+  const std::string& string() const { return str_; }                  // str
+  const std::vector<std::string>& strings() const { return strs_; }   // array of str
   const std::vector<uint8_t>& array_bytes() const { return bytes_; }  // array of scalars, packed
   // Element i of a scalar array as a 64-bit value with the scalar()'s bit convention.
   uint64_t element_bits(uint64_t i) const;
@@ -132,7 +146,7 @@ struct TensorInfo {
   std::string name;
   std::vector<int64_t> ne;  // ne[0] innermost (contiguous): W[N][K] is {K, N}
   TensorType type = TensorType::f32;
-  uint64_t offset = 0;      // from data_start, a multiple of the alignment
+  uint64_t offset = 0;  // from data_start, a multiple of the alignment
   uint64_t nbytes = 0;
   int64_t n_elements() const;
 };
@@ -197,7 +211,8 @@ class File {
 // complete, fsyncs and renames PATH.tmp onto PATH; a Writer destroyed before finish() leaves no file.
 // The writer adds general.alignment always and general.quantization_version = 2 when a tensor is
 // quantized and the caller did not set it. Keys: ASCII lower_snake_case segments joined by dots,
-// unique; tensor names: 1 to 63 bytes, unique; shapes: 1 to 4 dimensions, ne0 % block == 0.
+// unique; string values UTF-8; general.architecture a str of [a-z0-9]+; tensor names: 1 to 63
+// bytes, unique; shapes: 1 to 4 dimensions, ne0 % block == 0.
 class Writer {
  public:
   explicit Writer(std::string path, uint32_t alignment = 32);
@@ -231,8 +246,8 @@ class Writer {
   std::unordered_map<std::string, size_t> kv_index_, tensor_index_;
   uint64_t data_bytes_ = 0;  // Σ align(nbytes) of the declared tensors
   bool header_written_ = false, finished_ = false;
-  size_t next_ = 0;          // tensor being written
-  uint64_t written_ = 0;     // bytes of tensors_[next_] written so far
+  size_t next_ = 0;       // tensor being written
+  uint64_t written_ = 0;  // bytes of tensors_[next_] written so far
 };
 
 }  // namespace gguf

@@ -25,12 +25,12 @@ uint16_t fp32_to_fp16(float x) {
   if (abs < 0x38800000u) {
     // Below 2^-14: an fp16 subnormal m·2^-24 (or zero). 2^-25 itself is a tie that goes to even (0).
     if (abs <= 0x33000000u) return static_cast<uint16_t>(sign);
-    const uint32_t exp = abs >> 23;                        // 102..112
-    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;   // value = mant·2^(exp-150)
-    const uint32_t shift = 126 - exp;                      // value·2^24 = mant >> shift
+    const uint32_t exp = abs >> 23;                       // 102..112
+    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;  // value = mant·2^(exp-150)
+    const uint32_t shift = 126 - exp;                     // value·2^24 = mant >> shift
     uint32_t m = mant >> shift;
     const uint32_t rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rest > half || (rest == half && (m & 1u))) ++m;    // may carry into the smallest normal
+    if (rest > half || (rest == half && (m & 1u))) ++m;  // may carry into the smallest normal
     return static_cast<uint16_t>(sign | m);
   }
   // Normal: rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits; a carry out of
@@ -77,42 +77,71 @@ void bf16_to_fp32_row(const uint16_t* h, float* x, int64_t n) {
 
 bool is_supported_tensor_type(uint32_t id) {
   switch (id) {
-    case 0: case 1: case 8: case 24: case 26: case 30: case 34: case 35: return true;
-    default: return false;
+    case 0:
+    case 1:
+    case 8:
+    case 24:
+    case 26:
+    case 30:
+    case 34:
+    case 35:
+      return true;
+    default:
+      return false;
   }
 }
 
 const char* tensor_type_name(TensorType type) {
   switch (type) {
-    case TensorType::f32: return "F32";
-    case TensorType::f16: return "F16";
-    case TensorType::q8_0: return "Q8_0";
-    case TensorType::i8: return "I8";
-    case TensorType::i32: return "I32";
-    case TensorType::bf16: return "BF16";
-    case TensorType::tq1_0: return "TQ1_0";
-    case TensorType::tq2_0: return "TQ2_0";
+    case TensorType::f32:
+      return "F32";
+    case TensorType::f16:
+      return "F16";
+    case TensorType::q8_0:
+      return "Q8_0";
+    case TensorType::i8:
+      return "I8";
+    case TensorType::i32:
+      return "I32";
+    case TensorType::bf16:
+      return "BF16";
+    case TensorType::tq1_0:
+      return "TQ1_0";
+    case TensorType::tq2_0:
+      return "TQ2_0";
   }
   return "unknown";
 }
 
 int64_t tensor_type_block(TensorType type) {
   switch (type) {
-    case TensorType::q8_0: return kQ8Block;
-    case TensorType::tq1_0: return kTq1Block;
-    case TensorType::tq2_0: return kTq2Block;
-    default: return 1;
+    case TensorType::q8_0:
+      return kQ8Block;
+    case TensorType::tq1_0:
+      return kTq1Block;
+    case TensorType::tq2_0:
+      return kTq2Block;
+    default:
+      return 1;
   }
 }
 
 int64_t tensor_type_size(TensorType type) {
   switch (type) {
-    case TensorType::f32: case TensorType::i32: return 4;
-    case TensorType::f16: case TensorType::bf16: return 2;
-    case TensorType::i8: return 1;
-    case TensorType::q8_0: return kQ8Bytes;
-    case TensorType::tq1_0: return kTq1Bytes;
-    case TensorType::tq2_0: return kTq2Bytes;
+    case TensorType::f32:
+    case TensorType::i32:
+      return 4;
+    case TensorType::f16:
+    case TensorType::bf16:
+      return 2;
+    case TensorType::i8:
+      return 1;
+    case TensorType::q8_0:
+      return kQ8Bytes;
+    case TensorType::tq1_0:
+      return kTq1Bytes;
+    case TensorType::tq2_0:
+      return kTq2Bytes;
   }
   PL_FAIL(internal, "tensor_type_size: type id ", static_cast<uint32_t>(type), " is not supported");
 }
@@ -127,8 +156,8 @@ int64_t tensor_nbytes(TensorType type, std::span<const int64_t> ne) {
   int64_t elements = 1;
   for (size_t i = 0; i < ne.size(); ++i) {
     PL_CHECK(ne[i] >= 1, data, "tensor dimension ne[", i, "] = ", ne[i], " (must be >= 1)");
-    PL_CHECK(!__builtin_mul_overflow(elements, ne[i], &elements), data, "tensor element count overflows 2^63 at ne[",
-             i, "] = ", ne[i]);
+    PL_CHECK(!__builtin_mul_overflow(elements, ne[i], &elements), data, "tensor element count overflows 2^63 at ne[", i,
+             "] = ", ne[i]);
   }
   const int64_t block = tensor_type_block(type);
   PL_CHECK(ne[0] % block == 0, data, "ne[0] = ", ne[0], " is not a multiple of the ", tensor_type_name(type),
@@ -144,13 +173,11 @@ int64_t tensor_nbytes(TensorType type, std::span<const int64_t> ne) {
 namespace {
 
 void check_blocks(const char* what, int64_t n, int64_t block) {
-  PL_CHECK(n >= 0 && n % block == 0, data, what, ": element count ", n, " is not a multiple of the block size ",
-           block);
+  PL_CHECK(n >= 0 && n % block == 0, data, what, ": element count ", n, " is not a multiple of the block size ", block);
 }
 
 uint8_t code_of(const int8_t* t, int64_t i) {
-  PL_CHECK(t[i] >= -1 && t[i] <= 1, data, "ternary value t[", i, "] = ", static_cast<int>(t[i]),
-           " (allowed -1, 0, 1)");
+  PL_CHECK(t[i] >= -1 && t[i] <= 1, data, "ternary value t[", i, "] = ", static_cast<int>(t[i]), " (allowed -1, 0, 1)");
   return static_cast<uint8_t>(t[i] + 1);
 }
 

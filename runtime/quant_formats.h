@@ -34,9 +34,9 @@ inline constexpr int64_t kQ8Block = 32, kQ8Bytes = 34;     // f16 d, i8 q[32]
 
 // True for the ids listed above; a reader checks this before casting a file's u32 to TensorType.
 bool is_supported_tensor_type(uint32_t id);
-const char* tensor_type_name(TensorType type);  // "F32", "TQ2_0", ...
-int64_t tensor_type_block(TensorType type);     // elements per block (1 for plain types)
-int64_t tensor_type_size(TensorType type);      // bytes per block
+const char* tensor_type_name(TensorType type);   // "F32", "TQ2_0", ...
+int64_t tensor_type_block(TensorType type);      // elements per block (1 for plain types)
+int64_t tensor_type_size(TensorType type);       // bytes per block
 bool tensor_type_is_quantized(TensorType type);  // q8_0, tq1_0, tq2_0
 // Bytes of a tensor with dimensions ne (ne[0] innermost): ne[0]/block · size · ne[1] · ...
 // Throws ErrorKind::data when a dimension is < 1, ne[0] is not a multiple of the block, there are

@@ -25,11 +25,11 @@ struct DtypeRow {
   int size;
 };
 constexpr DtypeRow kDtypes[] = {
-    {Dtype::BOOL, "BOOL", 1}, {Dtype::U8, "U8", 1},           {Dtype::I8, "I8", 1},
-    {Dtype::U16, "U16", 2},   {Dtype::I16, "I16", 2},         {Dtype::F16, "F16", 2},
-    {Dtype::BF16, "BF16", 2}, {Dtype::U32, "U32", 4},         {Dtype::I32, "I32", 4},
-    {Dtype::F32, "F32", 4},   {Dtype::U64, "U64", 8},         {Dtype::I64, "I64", 8},
-    {Dtype::F64, "F64", 8},   {Dtype::F8_E5M2, "F8_E5M2", 1}, {Dtype::F8_E4M3, "F8_E4M3", 1},
+    {Dtype::BOOL, "BOOL", 1},       {Dtype::U8, "U8", 1},           {Dtype::I8, "I8", 1},
+    {Dtype::U16, "U16", 2},         {Dtype::I16, "I16", 2},         {Dtype::F16, "F16", 2},
+    {Dtype::BF16, "BF16", 2},       {Dtype::U32, "U32", 4},         {Dtype::I32, "I32", 4},
+    {Dtype::F32, "F32", 4},         {Dtype::U64, "U64", 8},         {Dtype::I64, "I64", 8},
+    {Dtype::F64, "F64", 8},         {Dtype::F8_E5M2, "F8_E5M2", 1}, {Dtype::F8_E4M3, "F8_E4M3", 1},
     {Dtype::F8_E8M0, "F8_E8M0", 1},
 };
 
@@ -50,30 +50,6 @@ std::string printable(std::string_view s) {
     }
   }
   return out + (s.size() > 96 ? "...'" : "'");
-}
-
-bool valid_utf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    int len = 0;
-    uint32_t cp = 0;
-    if (c < 0x80) { ++i; continue; }
-    if ((c & 0xE0) == 0xC0) { len = 2; cp = c & 0x1F; }
-    else if ((c & 0xF0) == 0xE0) { len = 3; cp = c & 0x0F; }
-    else if ((c & 0xF8) == 0xF0) { len = 4; cp = c & 0x07; }
-    else return false;
-    if (i + static_cast<size_t>(len) > s.size()) return false;
-    for (int k = 1; k < len; ++k) {
-      const auto d = static_cast<unsigned char>(s[i + static_cast<size_t>(k)]);
-      if ((d & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (d & 0x3F);
-    }
-    const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += static_cast<size_t>(len);
-  }
-  return true;
 }
 
 void append_json_string(std::string& out, std::string_view s) {
@@ -175,7 +151,8 @@ File::File(const std::string& path) : path_(path), map_(path) {
                  printable(key), " in the header");
         break;
       }
-      case json::parse_event_t::value: break;
+      case json::parse_event_t::value:
+        break;
     }
     return true;
   };
@@ -239,9 +216,9 @@ File::File(const std::string& path) : path_(path), map_(path) {
                                                      static_cast<uint64_t>(dtype_size(t.dtype)), &want);
     PL_CHECK(ok, data, "safetensors ", path_, ": ", label, " shape ", shape_text(t.shape),
              " has a byte count beyond 2^63");
-    PL_CHECK(t.end - t.begin == want, data, "safetensors ", path_, ": ", label, " data_offsets [", t.begin, ", ",
-             t.end, "] hold ", t.end - t.begin, " bytes but shape ", shape_text(t.shape), " of ",
-             dtype_name(t.dtype), " needs ", want);
+    PL_CHECK(t.end - t.begin == want, data, "safetensors ", path_, ": ", label, " data_offsets [", t.begin, ", ", t.end,
+             "] hold ", t.end - t.begin, " bytes but shape ", shape_text(t.shape), " of ", dtype_name(t.dtype),
+             " needs ", want);
     index_.emplace(t.name, tensors_.size());
     tensors_.push_back(std::move(t));
   }
@@ -256,8 +233,8 @@ File::File(const std::string& path) : path_(path), map_(path) {
   uint64_t expected = 0;
   for (const size_t i : order) {
     const TensorInfo& t = tensors_[i];
-    PL_CHECK(t.begin == expected, data, "safetensors ", path_, ": tensor ", printable(t.name), " begins at buffer byte ",
-             t.begin, " but the tensors before it end at ", expected,
+    PL_CHECK(t.begin == expected, data, "safetensors ", path_, ": tensor ", printable(t.name),
+             " begins at buffer byte ", t.begin, " but the tensors before it end at ", expected,
              " (tensors must tile the buffer from 0 without gaps or overlaps)");
     expected = t.end;
   }
@@ -308,8 +285,8 @@ Writer::Writer(std::string path) : out_(std::move(path)) {}
 
 void Writer::add_metadata(const std::string& key, const std::string& value) {
   PL_CHECK(!header_written_, internal, "safetensors writer ", out_.path(), ": add_metadata after data started");
-  PL_CHECK(valid_utf8(key) && valid_utf8(value), data, "safetensors writer ", out_.path(), ": metadata ", printable(key),
-           " is not valid UTF-8");
+  PL_CHECK(is_valid_utf8(key) && is_valid_utf8(value), data, "safetensors writer ", out_.path(), ": metadata ",
+           printable(key), " is not valid UTF-8");
   if (key == "format") {
     PL_CHECK(value == "pt", data, "safetensors writer ", out_.path(), ": metadata format = ", printable(value),
              " (transformers needs \"pt\")");
@@ -323,7 +300,7 @@ void Writer::add_metadata(const std::string& key, const std::string& value) {
 void Writer::add_tensor(const std::string& name, Dtype dtype, std::vector<int64_t> shape) {
   PL_CHECK(!header_written_, internal, "safetensors writer ", out_.path(), ": add_tensor(", printable(name),
            ") after data started");
-  PL_CHECK(!name.empty() && name != "__metadata__" && valid_utf8(name), data, "safetensors writer ", out_.path(),
+  PL_CHECK(!name.empty() && name != "__metadata__" && is_valid_utf8(name), data, "safetensors writer ", out_.path(),
            ": tensor name ", printable(name), " (must be non-empty UTF-8 and not __metadata__)");
   PL_CHECK(!index_.count(name), data, "safetensors writer ", out_.path(), ": duplicate tensor name ", printable(name));
   const std::optional<int64_t> numel = numel_of(shape);
@@ -351,8 +328,8 @@ void Writer::write_header() {
   for (size_t i = 0; i < tensors_.size(); ++i) {
     TensorInfo& t = tensors_[i];
     const uint64_t bytes = t.end;
-    PL_CHECK(!__builtin_add_overflow(offset, bytes, &t.end) && t.end < (uint64_t{1} << 62), data,
-             "safetensors writer ", out_.path(), ": tensor data exceeds 2^62 bytes at tensor ", printable(t.name));
+    PL_CHECK(!__builtin_add_overflow(offset, bytes, &t.end) && t.end < (uint64_t{1} << 62), data, "safetensors writer ",
+             out_.path(), ": tensor data exceeds 2^62 bytes at tensor ", printable(t.name));
     t.begin = offset;
     offset = t.end;
     index_.emplace(t.name, i);

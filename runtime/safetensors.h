@@ -20,14 +20,14 @@
 namespace peerless::safetensors {
 
 enum class Dtype { BOOL, U8, I8, U16, I16, F16, BF16, U32, I32, F32, U64, I64, F64, F8_E5M2, F8_E4M3, F8_E8M0 };
-const char* dtype_name(Dtype dtype);                       // as written in the JSON: "BF16"
+const char* dtype_name(Dtype dtype);  // as written in the JSON: "BF16"
 std::optional<Dtype> dtype_from_name(std::string_view name);
-int dtype_size(Dtype dtype);                               // bytes per element (BOOL: 1)
+int dtype_size(Dtype dtype);  // bytes per element (BOOL: 1)
 
 struct TensorInfo {
   std::string name;
   Dtype dtype = Dtype::F32;
-  std::vector<int64_t> shape;  // row-major; empty = a scalar (0-rank); zeros allowed (empty tensor)
+  std::vector<int64_t> shape;   // row-major; empty = a scalar (0-rank); zeros allowed (empty tensor)
   uint64_t begin = 0, end = 0;  // byte range in the buffer (after the header)
   uint64_t nbytes() const { return end - begin; }
   int64_t numel() const;
@@ -41,15 +41,15 @@ class File {
  public:
   explicit File(const std::string& path);
   const std::string& path() const { return path_; }
-  uint64_t header_size() const { return header_size_; }   // N
+  uint64_t header_size() const { return header_size_; }  // N
   uint64_t data_start() const { return 8 + header_size_; }
   uint64_t file_size() const { return map_.size(); }
   const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }  // JSON order
-  const std::string* find_metadata(std::string_view key) const;  // nullptr when absent
+  const std::string* find_metadata(std::string_view key) const;                                   // nullptr when absent
   const std::vector<TensorInfo>& tensors() const { return tensors_; }  // in buffer (offset) order
-  const TensorInfo* find_tensor(std::string_view name) const;      // nullptr when absent
-  const TensorInfo& tensor(std::string_view name) const;           // throws naming the missing tensor
-  const uint8_t* data(const TensorInfo& info) const;               // info.nbytes() bytes in the mapping
+  const TensorInfo* find_tensor(std::string_view name) const;          // nullptr when absent
+  const TensorInfo& tensor(std::string_view name) const;               // throws naming the missing tensor
+  const uint8_t* data(const TensorInfo& info) const;                   // info.nbytes() bytes in the mapping
   void read(const TensorInfo& info, void* dst) const;
 
  private:

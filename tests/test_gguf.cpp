@@ -54,11 +54,17 @@ std::vector<uint8_t> read_bytes(const std::string& path) {
 struct Bytes {
   std::vector<uint8_t> b;
   bool v1 = false;
-  Bytes& u8(uint8_t v) { b.push_back(v); return *this; }
+  Bytes& u8(uint8_t v) {
+    b.push_back(v);
+    return *this;
+  }
   Bytes& u32(uint32_t v) { return raw(&v, 4); }
   Bytes& u64(uint64_t v) { return raw(&v, 8); }
   Bytes& cnt(uint64_t v) { return v1 ? u32(static_cast<uint32_t>(v)) : u64(v); }
-  Bytes& str(std::string_view s) { cnt(s.size()); return raw(s.data(), s.size()); }
+  Bytes& str(std::string_view s) {
+    cnt(s.size());
+    return raw(s.data(), s.size());
+  }
   Bytes& raw(const void* p, size_t n) {
     const auto* c = static_cast<const uint8_t*>(p);
     b.insert(b.end(), c, c + n);
@@ -127,7 +133,8 @@ TEST(GgufGolden, TinyllamasHeaderBytes) {
   want.raw("GGUF", 4).u32(1).u32(0x30).u32(0x12).str("general.architecture").u32(8).str("llama");
   ASSERT_EQ(want.b.size(), 53u);
   EXPECT_EQ(std::vector<uint8_t>(bytes.begin(), bytes.begin() + 53), want.b);
-  const std::vector<uint8_t> prefix = {0x47, 0x47, 0x55, 0x46, 0x01, 0, 0, 0, 0x30, 0, 0, 0, 0x12, 0, 0, 0, 0x14, 0, 0, 0};
+  const std::vector<uint8_t> prefix = {0x47, 0x47, 0x55, 0x46, 0x01, 0, 0,    0, 0x30, 0,
+                                       0,    0,    0x12, 0,    0,    0, 0x14, 0, 0,    0};
   EXPECT_EQ(std::vector<uint8_t>(bytes.begin(), bytes.begin() + 20), prefix);
 }
 
@@ -309,7 +316,8 @@ void round_trip(uint32_t alignment) {
 
   // Declaration order, offsets Σ align(nbytes), bytes as written, padding zeros, size to the last pad.
   const std::vector<std::pair<std::string, const std::vector<uint8_t>*>> want = {
-      {"f32", &f32}, {"f16", &f16}, {"bf16", &bf16}, {"q8", &q8}, {"tq1", &tq1}, {"tq2", &tq2}, {"i8", &i8}, {"i32", &i32}};
+      {"f32", &f32}, {"f16", &f16}, {"bf16", &bf16}, {"q8", &q8},
+      {"tq1", &tq1}, {"tq2", &tq2}, {"i8", &i8},     {"i32", &i32}};
   ASSERT_EQ(f.tensors().size(), want.size());
   uint64_t offset = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -371,10 +379,18 @@ TEST(GgufWriter, RejectsBadDeclarations) {
   w.add_tensor(std::string(63, 'n'), {4}, TensorType::f32);
   expect_error([&] { w.add_tensor(std::string(63, 'n'), {4}, TensorType::f32); }, ErrorKind::data,
                {"duplicate tensor name"});
-  expect_error([&] { w.add_tensor("t", {100}, TensorType::tq2_0); }, ErrorKind::data,
-               {"'t'", "ne[0] = 100", "256"});
+  expect_error([&] { w.add_tensor("t", {100}, TensorType::tq2_0); }, ErrorKind::data, {"'t'", "ne[0] = 100", "256"});
   expect_error([&] { w.add_tensor("t", {1, 1, 1, 1, 1}, TensorType::f32); }, ErrorKind::data, {"5 dimensions"});
   expect_error([&] { w.add_tensor("t", {4, 0}, TensorType::f32); }, ErrorKind::data, {"ne[1] = 0"});
+  expect_error([&] { w.kv_str("general.architecture", "Llama-2"); }, ErrorKind::data,
+               {"general.architecture = \"Llama-2\"", "[a-z0-9]+"});
+  expect_error([&] { w.kv_u32("general.architecture", 1); }, ErrorKind::data, {"general.architecture", "[a-z0-9]+"});
+  expect_error([&] { w.kv_str("bad.utf8", "\xC3("); }, ErrorKind::data, {"'bad.utf8'", "not valid UTF-8"});
+  expect_error(
+      [&] {
+        w.kv_str_array("bad.tokens", {"ok", "\xED\xA0\x80"});
+      },
+      ErrorKind::data, {"'bad.tokens'[1]", "not valid UTF-8"});
   expect_error([&] { Writer bad(dir / "a.gguf", 12); }, ErrorKind::data, {"alignment 12"});
   expect_error([] { Value::scalar_array(ValueType::array, {}); }, ErrorKind::data, {"nested arrays"});
 }

@@ -27,7 +27,8 @@ void expect_error(F&& f, ErrorKind kind, std::initializer_list<const char*> part
     ADD_FAILURE() << "no error thrown";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), kind) << e.what();
-    for (const char* p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "'" << p << "' not in: " << e.what();
+    for (const char* p : parts)
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "'" << p << "' not in: " << e.what();
   }
 }
 
@@ -79,21 +80,21 @@ TEST(Fp16, RoundsToNearestEven) {
   EXPECT_EQ(fp32_to_fp16(0.5f), 0x3800);
   EXPECT_EQ(fp32_to_fp16(-2.0f), 0xC000);
   EXPECT_EQ(fp32_to_fp16(-0.0f), 0x8000);
-  EXPECT_EQ(fp32_to_fp16(1.0f + 0x1p-11f), 0x3C00);         // tie -> even (down)
-  EXPECT_EQ(fp32_to_fp16(1.0f + 3 * 0x1p-11f), 0x3C02);     // tie -> even (up)
+  EXPECT_EQ(fp32_to_fp16(1.0f + 0x1p-11f), 0x3C00);             // tie -> even (down)
+  EXPECT_EQ(fp32_to_fp16(1.0f + 3 * 0x1p-11f), 0x3C02);         // tie -> even (up)
   EXPECT_EQ(fp32_to_fp16(1.0f + 0x1p-11f + 0x1p-20f), 0x3C01);  // above the tie
-  EXPECT_EQ(fp32_to_fp16(65504.0f), 0x7BFF);                // largest finite
+  EXPECT_EQ(fp32_to_fp16(65504.0f), 0x7BFF);                    // largest finite
   EXPECT_EQ(fp32_to_fp16(65519.99f), 0x7BFF);
-  EXPECT_EQ(fp32_to_fp16(65520.0f), 0x7C00);                // tie rounds up into inf
+  EXPECT_EQ(fp32_to_fp16(65520.0f), 0x7C00);  // tie rounds up into inf
   EXPECT_EQ(fp32_to_fp16(1e10f), 0x7C00);
   EXPECT_EQ(fp32_to_fp16(-std::numeric_limits<float>::infinity()), 0xFC00);
-  EXPECT_EQ(fp32_to_fp16(0x1p-24f), 0x0001);                // smallest subnormal
-  EXPECT_EQ(fp32_to_fp16(0x1p-25f), 0x0000);                // tie -> even (zero)
+  EXPECT_EQ(fp32_to_fp16(0x1p-24f), 0x0001);  // smallest subnormal
+  EXPECT_EQ(fp32_to_fp16(0x1p-25f), 0x0000);  // tie -> even (zero)
   EXPECT_EQ(fp32_to_fp16(0x1.000002p-25f), 0x0001);
-  EXPECT_EQ(fp32_to_fp16(3 * 0x1p-25f), 0x0002);            // tie 1.5 -> 2
-  EXPECT_EQ(fp32_to_fp16(0x1.ffcp-15f), 0x0400);            // subnormal tie carries into the smallest normal
+  EXPECT_EQ(fp32_to_fp16(3 * 0x1p-25f), 0x0002);  // tie 1.5 -> 2
+  EXPECT_EQ(fp32_to_fp16(0x1.ffcp-15f), 0x0400);  // subnormal tie carries into the smallest normal
   EXPECT_EQ(fp32_to_fp16(1e-30f), 0x0000);
-  EXPECT_EQ(fp32_to_fp16(4.0f / 127.0f), 0x2808);           // the Q8_0 example's d
+  EXPECT_EQ(fp32_to_fp16(4.0f / 127.0f), 0x2808);  // the Q8_0 example's d
   const uint16_t nan = fp32_to_fp16(std::numeric_limits<float>::quiet_NaN());
   EXPECT_EQ(nan & 0x7C00, 0x7C00);
   EXPECT_NE(nan & 0x3FF, 0);
@@ -126,7 +127,7 @@ TEST(Bf16, RoundTripAndRounding) {
   EXPECT_EQ(fp32_to_bf16(1.0f + 0x1p-8f), 0x3F80);      // tie -> even (down)
   EXPECT_EQ(fp32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3F82);  // tie -> even (up)
   EXPECT_EQ(fp32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3F81);
-  EXPECT_EQ(fp32_to_bf16(std::numeric_limits<float>::max()), 0x7F80);  // rounds to inf
+  EXPECT_EQ(fp32_to_bf16(std::numeric_limits<float>::max()), 0x7F80);    // rounds to inf
   const uint16_t nan = fp32_to_bf16(std::bit_cast<float>(0x7F800001u));  // signalling, low payload
   EXPECT_TRUE(std::isnan(bf16_to_fp32(nan)));
   std::vector<float> x = {1.5f, -2.25f, 3.0e38f};
@@ -154,16 +155,28 @@ TEST(TensorTypes, TableAndByteCounts) {
   EXPECT_EQ(tensor_nbytes(TensorType::tq1_0, std::vector<int64_t>{256, 2, 2, 2}), 54 * 8);
   EXPECT_EQ(tensor_nbytes(TensorType::q8_0, std::vector<int64_t>{64}), 68);
   EXPECT_EQ(tensor_nbytes(TensorType::i8, std::vector<int64_t>{5}), 5);
-  expect_error([] { tensor_nbytes(TensorType::tq2_0, std::vector<int64_t>{100, 2}); }, ErrorKind::data,
-               {"ne[0] = 100", "multiple", "256"});
-  expect_error([] { tensor_nbytes(TensorType::f32, std::vector<int64_t>{1, 1, 1, 1, 1}); }, ErrorKind::data,
-               {"5 dimensions"});
+  expect_error(
+      [] {
+        tensor_nbytes(TensorType::tq2_0, std::vector<int64_t>{100, 2});
+      },
+      ErrorKind::data, {"ne[0] = 100", "multiple", "256"});
+  expect_error(
+      [] {
+        tensor_nbytes(TensorType::f32, std::vector<int64_t>{1, 1, 1, 1, 1});
+      },
+      ErrorKind::data, {"5 dimensions"});
   expect_error([] { tensor_nbytes(TensorType::f32, std::vector<int64_t>{}); }, ErrorKind::data, {"0 dimensions"});
   expect_error([] { tensor_nbytes(TensorType::f32, std::vector<int64_t>{4, 0}); }, ErrorKind::data, {"ne[1] = 0"});
-  expect_error([] { tensor_nbytes(TensorType::f32, std::vector<int64_t>{int64_t{1} << 40, int64_t{1} << 30}); },
-               ErrorKind::data, {"element count overflows"});
-  expect_error([] { tensor_nbytes(TensorType::f32, std::vector<int64_t>{int64_t{1} << 31, int64_t{1} << 31}); },
-               ErrorKind::data, {"byte count", "overflows"});
+  expect_error(
+      [] {
+        tensor_nbytes(TensorType::f32, std::vector<int64_t>{int64_t{1} << 40, int64_t{1} << 30});
+      },
+      ErrorKind::data, {"element count overflows"});
+  expect_error(
+      [] {
+        tensor_nbytes(TensorType::f32, std::vector<int64_t>{int64_t{1} << 31, int64_t{1} << 31});
+      },
+      ErrorKind::data, {"byte count", "overflows"});
 }
 
 TEST(Tq2_0, WorkedBlockFromCodesAndFloats) {
@@ -240,9 +253,9 @@ TEST(Ternary, RandomRoundTripsSeveralBlocks) {
 TEST(Ternary, ReferenceQuantizerRoundingAndZeroBlock) {
   std::vector<float> x(512, 0.0f);  // block 0 all zero, block 1 mixed
   x[256] = 2.0f;
-  x[257] = 0.9f;    // 0.45 -> 0
-  x[258] = -1.0f;   // -0.5 -> -1 (lroundf rounds halves away from zero)
-  x[259] = 1.02f;   // 0.51 -> 1
+  x[257] = 0.9f;   // 0.45 -> 0
+  x[258] = -1.0f;  // -0.5 -> -1 (lroundf rounds halves away from zero)
+  x[259] = 1.02f;  // 0.51 -> 1
   std::vector<uint8_t> out(2 * 66);
   quantize_tq2_0_ref(x.data(), 512, out.data());
   EXPECT_EQ(out[64], 0);
