@@ -1,10 +1,11 @@
-// `peerless export RUN|MODEL.h5 --format gguf|packed --out PATH`: a trained model to a deployment file,
+// `peerless export RUN|MODEL.h5 --format gguf|packed|fpga --out PATH`: a trained model to a deployment file,
 // one tensor at a time (launch/export.h), and `peerless import FILE.gguf --out MODEL.h5` back.
 #include <cstdio>
 
 #include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/export.h"
+#include "launch/export_fpga.h"
 #include "launch/export_safetensors.h"
 #include "launch/format.h"
 #include "launch/import.h"
@@ -36,13 +37,20 @@ void report(const std::string& out, const ExportReport& r) {
 
 int cmd_export(const Args& args) {
   std::string target, format = "gguf", out, ternary = "tq2_0", embedding = "f16", data, name;
+  std::string tile_rows = "16", tile_cols = "128", tile_order = "rk", code_map = "u2";
   bool quiet = false;
   ArgParser p("export",
-              "Write a trained model for deployment: GGUF (ternary weights TQ2_0/TQ1_0, the tokenizer inside) or the "
-              "packed profile the CPU kernels read in place (peerless-r4-v1). Streams one tensor at a time.");
+              "Write a trained model for deployment: GGUF (ternary weights TQ2_0/TQ1_0, the tokenizer inside), the "
+              "packed profile the CPU kernels read in place (peerless-r4-v1), safetensors, or an FPGA bundle with "
+              "golden vectors. Streams one tensor at a time.");
   p.positional("MODEL", &target, "run directory (runs/<name>) or model file (.h5)");
-  p.option("format", &format, "F", "gguf (default), packed or safetensors");
-  p.option("out", &out, "PATH", "output file (written as PATH.tmp, renamed when complete)");
+  p.option("format", &format, "F",
+           "gguf (default), packed, safetensors, or fpga (a bundle directory, docs/deployment-fpga.md)");
+  p.option("out", &out, "PATH", "output file or fpga directory (written as PATH.tmp, renamed when complete)");
+  p.option("tile-rows", &tile_rows, "TR", "fpga: weight rows per tile (default 16)");
+  p.option("tile-cols", &tile_cols, "TK", "fpga: inputs per tile (default 128)");
+  p.option("tile-order", &tile_order, "O", "fpga: rk (default, tiles row-major) or kr");
+  p.option("code-map", &code_map, "M", "fpga: u2 (default, c = t + 1), s2 (01 = +1, 10 = -1) or t5 (5 trits a byte)");
   p.option("ternary", &ternary, "T", "gguf: tq2_0 (default, 2.06 bits/weight) or tq1_0 (1.69 bits/weight)");
   p.option("embedding", &embedding, "T", "token embedding: f16 (default), q8_0 or f32");
   p.option("data", &data, "PATH", "token file holding the tokenizer, for model files that do not store one");
@@ -50,8 +58,9 @@ int cmd_export(const Args& args) {
   p.flag("quiet", &quiet, "no progress line");
   if (!p.parse(args)) return 0;
   PL_CHECK(!out.empty(), config, "export needs --out PATH");
-  PL_CHECK(format == "gguf" || format == "packed" || format == "safetensors", config, "--format = \"", format,
-           "\" is not one of gguf, packed, safetensors");
+  PL_CHECK(format == "gguf" || format == "packed" || format == "safetensors" || format == "fpga", config,
+           "--format = \"", format, "\" is not one of gguf, packed, safetensors, fpga");
+  const FpgaOptions fpga = parse_fpga_options(tile_rows, tile_cols, tile_order, code_map);
   ExportOptions o;
   o.format = format;
   o.ternary = parse_type("ternary", ternary, {TensorType::tq2_0, TensorType::tq1_0});
@@ -69,6 +78,14 @@ int cmd_export(const Args& args) {
     probe.path = reader.path();
     probe.config = reader.config();
     tokenizer = model_tokenizer(probe, data);
+  }
+  if (format == "fpga") {
+    const FpgaReport r = export_fpga(reader.path(), *tokenizer, fpga, out);
+    std::printf("wrote %s: %lld weight streams, %lld f32 tensors, %lld golden files, %s in %s\n", out.c_str(),
+                static_cast<long long>(r.weight_files), static_cast<long long>(r.float_files),
+                static_cast<long long>(r.golden_files), human_bytes(static_cast<double>(r.bytes)).c_str(),
+                human_duration(r.seconds).c_str());
+    return 0;
   }
   report(out, export_gguf(reader, *tokenizer, o, out));
   return 0;
