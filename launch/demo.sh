@@ -39,6 +39,10 @@ echo "samples:  $run/samples.txt  (more: build/bin/peerless sample $run --prompt
 echo "--- sample ---"
 head -c 600 "$run/samples.txt"
 echo
+echo "--- deployment: GGUF export and CPU generation (docs/deployment.md) ---"
+build/bin/peerless export "$run" --out "$run/model.gguf" --quiet
+build/bin/peerless generate "$run/model.gguf" --prompt "ROMEO:" --tokens 200 --temperature 0.8 --seed 1
+echo
 echo "--- result ---"
 sed -n 's/^prepare: default data: /data: /p' runs/demo-prepare.log
 grep -E "^(trained|validation loss)" runs/demo-train.log
