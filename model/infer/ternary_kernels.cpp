@@ -9,9 +9,13 @@
 //
 // Why each SIMD variant has a function-level target attribute and no `-m` flags: the build uses
 // -march=native of whatever machine compiles it, and every variant must still compile on an
-// AVX2-only machine (or a non-x86 one, where only the portable code exists). The AVX2 and AVX-VNNI
-// variants also say no-avx512f, so on an AVX-512 build machine they hold no EVEX instructions and
-// PEERLESS_TERNARY_KERNEL=avx2 runs what an AVX2-only CPU would run.
+// AVX2-only machine (or a non-x86 one, where only the portable code exists); which one runs is
+// decided from the CPU at run time. A target attribute adds to the build's ISA, so on an AVX-512
+// build machine GCC may encode a few instructions of the AVX2 variant in EVEX form (a shift with a
+// memory operand, a broadcast from a register): PEERLESS_TERNARY_KERNEL=avx2 there runs the AVX2
+// algorithm, while a build on an AVX2-only machine holds VEX code only. (Removing AVX-512 from the
+// AVX2 functions, target "no-avx512f", is not possible under -march=native: the intrinsics then
+// carry more ISA than the function and GCC refuses to inline them.)
 #include "model/infer/ternary_kernels.h"
 
 #include <omp.h>
@@ -25,29 +29,12 @@
 #include "runtime/error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-// The AVX2 and AVX-VNNI variants are compiled without AVX-512 (GCC: the no-avx512f regions here and
-// around them below). Under -march=native on an AVX-512 machine GCC would otherwise slip EVEX forms
-// (memory-operand shifts, broadcasts from a register) into them, and forcing avx2 here would not run
-// what an AVX2-only CPU runs. <immintrin.h> is included in such a region so that the AVX2
-// intrinsics carry the reduced target and inline there (an intrinsic inlines only into a function
-// whose target includes its own); the AVX-512 ones still inline into the AVX-512 functions. GCC
-// notes at the end of the file that those zmm-returning intrinsics were declared "without AVX-512"
-// (-Wpsabi, an ABI change); they are always inlined and every function here with vector arguments
-// is internal, so no ABI is crossed and the note is silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC push_options
-#pragma GCC target("no-avx512f")
-#endif
 // GCC 12's AVX-512 headers self-initialise their "undefined" vectors and warn about it at every
 // inlined use (GCC bug 105593, fixed in 13); the warning is located in the header, so this covers it.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
 #define PL_R4_X86 1
 // AVX-VNNI (VEX vpdpbusd) is known to GCC from 11 and clang from 12.
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
@@ -193,10 +180,6 @@ void r4_portable(const R4Job& job, int64_t g0, int64_t g1) {
 }
 
 #ifdef PL_R4_X86
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("no-avx512f")  // see the include of <immintrin.h>
-#endif
 
 // ---- AVX2 (256-bit: one ymm = one row's 32-byte chunk)
 
@@ -302,9 +285,6 @@ __attribute__((target("avx2,avxvnni"))) void r4_avxvnni(const R4Job& job, int64_
     for (int64_t m = 0; m < job.M; ++m) r4_avxvnni_token(job, m, gc, gc + step < g1 ? gc + step : g1);
 }
 #endif  // PL_R4_AVXVNNI
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
 
 // ---- AVX-512 VNNI (512-bit: one zmm = two rows' chunks; activations broadcast to both halves)
 
