@@ -1,10 +1,11 @@
 // `peerless bench infer`: the CPU inference kernels of model/infer/ternary_kernels.h (int8
 // activations × r4-packed ternary weights, with the BitLinear float epilogue) against the roofline of
 // FORMATS.md §8. First the streaming read bandwidth of this machine: the sum of the 64-bit words of
-// a ≥ 1 GiB buffer with the same thread counts as the kernel rows, median of several runs. Then each
-// weight shape × tokens M × threads: the median time of single calls, the GB/s of packed weight
-// bytes read (N·K/4 per call), that as a percentage of the read bandwidth, GOPS (2·M·N·K per call)
-// and the outputs that differ from the trainer's product (#wrong, expected 0).
+// a ≥ 1 GiB buffer with the same thread counts as the kernel rows, median of several runs (measured
+// again before each shape: the figure drifts on a shared machine). Then each weight shape × tokens
+// M × threads: the median time of single calls, the GB/s of packed weight bytes read (N·K/4 per
+// call), that as a percentage of the read bandwidth, GOPS (2·M·N·K per call) and the outputs that
+// differ from the trainer's product (#wrong, expected 0).
 //
 // Decode streams the whole model through the caches once per token, so a matrix of a few MB that
 // would otherwise stay in L2/L3 between calls is rotated: the weights exist in enough copies to
@@ -131,11 +132,11 @@ int bench_infer(const Args& args) {
   ArgParser p("bench infer",
               "Times the CPU ternary inference kernels (int8 activations x r4-packed ternary weights, float epilogue; "
               "model/infer/ternary_kernels.h) against the machine's streaming read bandwidth (sum of 64-bit words "
-              "over a --bw-mib buffer, median of --bw-reps runs, at each thread count). Per weight shape NxK, tokens "
-              "M and thread count: median time of --iters single calls, GB/s of packed weight bytes (N*K/4), % of the "
-              "read bandwidth at that thread count, GOPS (2*M*N*K), and outputs that differ from the trainer's "
-              "product. Weights rotate through copies totalling --rotate-mib so every call reads from DRAM, as in "
-              "decode.");
+              "over a --bw-mib buffer, median of --bw-reps runs, at each thread count; measured at the start and "
+              "again before each shape). Per weight shape NxK, tokens M and thread count: median time of --iters "
+              "single calls, GB/s of packed weight bytes (N*K/4), % of the read bandwidth measured before the shape "
+              "at that thread count, GOPS (2*M*N*K), and outputs that differ from the trainer's product. Weights "
+              "rotate through copies totalling --rotate-mib so every call reads from DRAM, as in decode.");
   p.option("shapes", &shapes_s, "NxK,...", "weight shapes (default 2048x2048,2560x6912,6912x2560,1024x1024,5632x1024)");
   p.option("m", &m_s, "M,...", "tokens per call (default 1,32,128)");
   p.option("threads", &threads_s, "T,...", "thread counts (default 1,2)");
