@@ -521,11 +521,8 @@ void run_r4(int64_t M, int64_t N, int64_t K, const int8_t* a, const uint8_t* pac
             const float* factor, float* y, const TernaryKernelOptions& opt) {
   check_r4_shape(N, K);
   PL_CHECK(M >= 0, data, "ternary r4: M must be >= 0 (got ", M, ")");
-  TernaryVariant v = active_variant();
-  if (opt.variant) {
-    check_supported(*opt.variant, "ternary_matmul_r4");
-    v = *opt.variant;
-  }
+  if (opt.variant) check_supported(*opt.variant, "ternary_matmul_r4");
+  const TernaryVariant v = opt.variant ? *opt.variant : active_variant();
   const KernelFn kernel = kernel_of(v);
   PL_ASSERT(kernel != nullptr);
   if (M == 0 || N == 0) return;
