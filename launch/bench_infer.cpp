@@ -1,11 +1,11 @@
 // `peerless bench infer`: the CPU inference kernels of model/infer/ternary_kernels.h (int8
 // activations × r4-packed ternary weights, with the BitLinear float epilogue) against the roofline of
 // FORMATS.md §8. First the streaming read bandwidth of this machine: the sum of the 64-bit words of
-// a ≥ 1 GiB buffer with the same thread counts as the kernel rows, median of several runs (measured
-// again before each shape: the figure drifts on a shared machine). Then each weight shape × tokens
-// M × threads: the median time of single calls, the GB/s of packed weight bytes read (N·K/4 per
-// call), that as a percentage of the read bandwidth, GOPS (2·M·N·K per call) and the outputs that
-// differ from the trainer's product (#wrong, expected 0).
+// a ≥ 1 GiB buffer with the same thread counts as the kernel rows, median of several runs (for each
+// row again, interleaved with its calls: the figure drifts on a shared machine). Then each weight
+// shape × tokens M × threads: the median time of single calls, the GB/s of packed weight bytes read
+// (N·K/4 per call), that as a percentage of the read bandwidth, GOPS (2·M·N·K per call) and the
+// outputs that differ from the trainer's product (#wrong, expected 0).
 //
 // Decode streams the whole model through the caches once per token, so a matrix of a few MB that
 // would otherwise stay in L2/L3 between calls is rotated: the weights exist in enough copies to
@@ -72,30 +72,24 @@ std::string l3_size() {
 
 // Streaming read: Σ of the 64-bit words of buf with `threads` threads, each summing one contiguous
 // part (as the kernels split their weights) into four independent vector accumulators (one chain
-// costs a few per cent at 1 thread). Median GB/s over `reps` runs.
-double read_bandwidth(const uint64_t* buf, int64_t words, int threads, int reps) {
-  std::vector<double> gbs;
-  uint64_t sink = 0;
-  for (int r = 0; r < reps; ++r) {
-    uint64_t sum = 0;
-    const auto t0 = Clock::now();
+// costs a few per cent at 1 thread). GB/s of one run.
+double read_bandwidth(const uint64_t* buf, int64_t words, int threads) {
+  uint64_t sum = 0;
+  const auto t0 = Clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : sum)
-    {
-      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-      const int64_t lo = words * t / n, hi = words * (t + 1) / n;
-      uint64_t acc[32] = {};  // vectorised: four 64-byte accumulators
-      int64_t i = lo;
-      for (; i + 32 <= hi; i += 32)
-        for (int k = 0; k < 32; ++k) acc[k] += buf[i + k];
-      for (; i < hi; ++i) acc[0] += buf[i];
-      for (uint64_t v : acc) sum += v;
-    }
-    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    sink += sum;
-    gbs.push_back(static_cast<double>(words) * 8 / s / 1e9);
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t lo = words * t / n, hi = words * (t + 1) / n;
+    uint64_t acc[32] = {};  // vectorised: four 64-byte accumulators
+    int64_t i = lo;
+    for (; i + 32 <= hi; i += 32)
+      for (int k = 0; k < 32; ++k) acc[k] += buf[i + k];
+    for (; i < hi; ++i) acc[0] += buf[i];
+    for (uint64_t v : acc) sum += v;
   }
-  if (sink == 42) std::printf(" ");  // keeps the sums alive
-  return median(gbs);
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (sum == 42) std::printf(" ");  // keeps the sum alive
+  return static_cast<double>(words) * 8 / s / 1e9;
 }
 
 std::vector<int64_t> parse_list(const std::string& option, const std::string& value) {
@@ -132,15 +126,15 @@ int bench_infer(const Args& args) {
   ArgParser p("bench infer",
               "Times the CPU ternary inference kernels (int8 activations x r4-packed ternary weights, float epilogue; "
               "model/infer/ternary_kernels.h) against the machine's streaming read bandwidth (sum of 64-bit words "
-              "over a --bw-mib buffer, median of --bw-reps runs, at each thread count; measured at the start and "
-              "again before each shape). Per weight shape NxK, tokens M and thread count: median time of --iters "
-              "single calls, GB/s of packed weight bytes (N*K/4), % of the read bandwidth measured before the shape "
-              "at that thread count, GOPS (2*M*N*K), and outputs that differ from the trainer's product. Weights "
+              "over a --bw-mib buffer, median of --bw-reps runs, at each thread count; measured at the start and, "
+              "for each row, interleaved with its calls). Per weight shape NxK, tokens M and thread count: median "
+              "time of --iters single calls, GB/s of packed weight bytes (N*K/4), % of the row's read bandwidth, "
+              "GOPS (2*M*N*K), and outputs that differ from the trainer's product. Weights "
               "rotate through copies totalling --rotate-mib so every call reads from DRAM, as in decode.");
   p.option("shapes", &shapes_s, "NxK,...", "weight shapes (default 2048x2048,2560x6912,6912x2560,1024x1024,5632x1024)");
   p.option("m", &m_s, "M,...", "tokens per call (default 1,32,128)");
   p.option("threads", &threads_s, "T,...", "thread counts (default 1,2)");
-  p.option("iters", &iters_s, "N", "timed calls per row (default 50)");
+  p.option("iters", &iters_s, "N", "timed calls per row, in --bw-reps rounds (default 50)");
   p.option("warmup", &warmup_s, "N", "untimed calls per row (default 3)");
   p.option("rotate-mib", &rotate_s, "MIB", "total size of the weight copies; 0 = one copy (default 256)");
   p.option("bw-mib", &bw_s, "MIB", "read-bandwidth buffer (default 1024; at least 1024 for FORMATS §8 figures)");
@@ -168,31 +162,29 @@ int bench_infer(const Args& args) {
               cpu_model().c_str(), sysconf(_SC_NPROCESSORS_ONLN), l3_size().c_str(), variant_name(variant),
               variant_name(best_variant()));
 
-  // ---- read bandwidth. This machine's DRAM is shared with other tenants and drifts by tens of per
-  // cent within minutes, so besides the figures at the start it is measured again right before each
-  // weight shape, and every row is held against the figure of its own shape and thread count.
+  // ---- read bandwidth. This machine's DRAM is shared with other tenants and its speed drifts by
+  // tens of per cent within minutes, so besides the figures at the start, each row interleaves its
+  // timed calls with --bw-reps read-bandwidth runs at its thread count and is held against their
+  // median (read_GB/s).
   const int64_t bw_words = (bw_mib << 20) / 8;
   AlignedBytes bw_buf(static_cast<size_t>(bw_words * 8));
   uint64_t* words = reinterpret_cast<uint64_t*>(bw_buf.ptr);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < bw_words; ++i) words[i] = static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull;
-  auto measure_bw = [&] {
-    std::vector<double> bw;
-    for (int64_t threads : thread_counts)
-      bw.push_back(read_bandwidth(words, bw_words, static_cast<int>(threads), static_cast<int>(bw_reps)));
-    return bw;
-  };
-  const std::vector<double> bw_start = measure_bw();
-  for (size_t i = 0; i < thread_counts.size(); ++i)
+  for (int64_t threads : thread_counts) {
+    std::vector<double> gbs;
+    for (int64_t r = 0; r < bw_reps; ++r) gbs.push_back(read_bandwidth(words, bw_words, static_cast<int>(threads)));
     std::printf("# read bandwidth: sum of the 64-bit words of %lld MiB, %lld thread(s): %.2f GB/s (median of %lld)\n",
-                static_cast<long long>(bw_mib), static_cast<long long>(thread_counts[i]), bw_start[i],
+                static_cast<long long>(bw_mib), static_cast<long long>(threads), median(gbs),
                 static_cast<long long>(bw_reps));
+  }
+  const int64_t per_round = (iters + bw_reps - 1) / bw_reps;  // timed calls between two bandwidth runs
   std::printf("# weights %s; each row: median of %lld calls after %lld warm-up, y = (float)acc * beta/s;\n"
-              "# read_GB/s: the read bandwidth at the row's thread count measured right before its shape\n",
+              "# read_GB/s: median of the read-bandwidth runs interleaved with the row's calls\n",
               rotate_mib > 0 ? "rotated through copies of >= --rotate-mib MiB in all (beyond the L3): read from DRAM "
                                "on every call"
                              : "in one copy (cache-hot when they fit)",
-              static_cast<long long>(iters), static_cast<long long>(warmup));
+              static_cast<long long>(per_round * bw_reps), static_cast<long long>(warmup));
   std::printf("# %6s %6s %4s %3s %7s %10s %9s %8s %9s %6s %8s %7s\n", "N", "K", "M", "thr", "copies", "time_us",
               "weight_MB", "GB/s", "read_GB/s", "%read", "GOPS", "#wrong");
   int64_t total_wrong = 0;
@@ -208,7 +200,6 @@ int bench_infer(const Args& args) {
     pack_ternary_r4(N, K, t.data(), weights.ptr);
     for (int64_t c = 1; c < copies; ++c) std::memcpy(weights.ptr + c * bytes, weights.ptr, static_cast<size_t>(bytes));
 
-    const std::vector<double> bw = measure_bw();
     for (int64_t M : ms) {
       std::vector<int8_t> a(static_cast<size_t>(M * K));  // (M, K)
       std::uniform_int_distribution<int> act(-128, 127);
@@ -228,11 +219,15 @@ int bench_infer(const Args& args) {
           ternary_matmul_r4_scaled(M, N, K, a.data(), scale.data(), w, beta, y.data(), opt);
         };
         for (int64_t i = 0; i < warmup; ++i) run();
-        std::vector<double> us;
-        for (int64_t i = 0; i < iters; ++i) {
-          const auto t0 = Clock::now();
-          run();
-          us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        std::vector<double> us, bws;
+        for (int64_t r = 0; r < bw_reps; ++r) {
+          bws.push_back(read_bandwidth(words, bw_words, opt.threads));
+          run();  // untimed: the bandwidth run evicted the activations
+          for (int64_t i = 0; i < per_round; ++i) {
+            const auto t0 = Clock::now();
+            run();
+            us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+          }
         }
         int64_t wrong = 0;  // the last call's outputs against the trainer's expression
         for (int64_t m = 0; m < M; ++m) {
@@ -240,13 +235,13 @@ int bench_infer(const Args& args) {
           for (int64_t n = 0; n < N; ++n) wrong += y[m * N + n] != static_cast<float>(acc_ref[m * N + n]) * factor;
         }
         total_wrong += wrong;
-        const double med = median(us);
+        const double med = median(us), bw = median(bws);
         const double gbs = static_cast<double>(bytes) / (med * 1e-6) / 1e9;
         const double gops = 2.0 * M * N * K / (med * 1e-6) / 1e9;
         std::printf("  %6lld %6lld %4lld %3lld %7lld %10.1f %9.3f %8.2f %9.2f %5.0f%% %8.1f %7lld\n",
                     static_cast<long long>(N), static_cast<long long>(K), static_cast<long long>(M),
                     static_cast<long long>(thread_counts[ti]), static_cast<long long>(copies), med, bytes / 1e6, gbs,
-                    bw[ti], 100.0 * gbs / bw[ti], gops, static_cast<long long>(wrong));
+                    bw, 100.0 * gbs / bw, gops, static_cast<long long>(wrong));
         std::fflush(stdout);
       }
     }
