@@ -11,6 +11,7 @@
 // would otherwise stay in L2/L3 between calls is rotated: the weights exist in enough copies to
 // exceed the last-level cache (default 256 MiB in all) and successive calls read successive copies,
 // each from DRAM. --rotate-mib 0 keeps one copy (cache-hot when it fits).
+#include <omp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,8 +26,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <omp.h>
 
 #include "launch/args.h"
 #include "launch/commands.h"
@@ -179,12 +178,13 @@ int bench_infer(const Args& args) {
                 static_cast<long long>(bw_reps));
   }
   const int64_t per_round = (iters + bw_reps - 1) / bw_reps;  // timed calls between two bandwidth runs
-  std::printf("# weights %s; each row: median of %lld calls after %lld warm-up, y = (float)acc * beta/s;\n"
-              "# read_GB/s: median of the read-bandwidth runs interleaved with the row's calls\n",
-              rotate_mib > 0 ? "rotated through copies of >= --rotate-mib MiB in all (beyond the L3): read from DRAM "
-                               "on every call"
-                             : "in one copy (cache-hot when they fit)",
-              static_cast<long long>(per_round * bw_reps), static_cast<long long>(warmup));
+  std::printf(
+      "# weights %s; each row: median of %lld calls after %lld warm-up, y = (float)acc * beta/s;\n"
+      "# read_GB/s: median of the read-bandwidth runs interleaved with the row's calls\n",
+      rotate_mib > 0 ? "rotated through copies of >= --rotate-mib MiB in all (beyond the L3): read from DRAM "
+                       "on every call"
+                     : "in one copy (cache-hot when they fit)",
+      static_cast<long long>(per_round * bw_reps), static_cast<long long>(warmup));
   std::printf("# %6s %6s %4s %3s %7s %10s %9s %8s %9s %6s %8s %7s\n", "N", "K", "M", "thr", "copies", "time_us",
               "weight_MB", "GB/s", "read_GB/s", "%read", "GOPS", "#wrong");
   int64_t total_wrong = 0;
