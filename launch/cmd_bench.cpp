@@ -275,6 +275,8 @@ int bench_comm(const Args& args) {
 
 }  // namespace
 
+int bench_infer(const Args& args);  // `bench infer`, launch/bench_infer.cpp
+
 int cmd_bench(const Args& args) {
   if (args.empty()) {
     std::fputs(kBenchUsage, stderr);
@@ -288,6 +290,7 @@ int cmd_bench(const Args& args) {
   if (args[0] == "checkpoint") return bench_checkpoint(Args(args.begin() + 1, args.end()));
   if (args[0] == "peer") return bench_peer(Args(args.begin() + 1, args.end()));
   if (args[0] == "ops") return bench_ops(Args(args.begin() + 1, args.end()));
+  if (args[0] == "infer") return bench_infer(Args(args.begin() + 1, args.end()));  // launch/bench_infer.cpp
 #ifdef PEERLESS_HAVE_CUDA
   if (args[0] == "train") return bench_train(Args(args.begin() + 1, args.end()));
   if (args[0] == "peer-layer") return bench_peer_layer(Args(args.begin() + 1, args.end()));

@@ -160,8 +160,7 @@ TEST(ternary_r4_layout, rejects_code_3_bad_padding_and_bad_shapes) {
   EXPECT_EQ(error_kind_of([&] { pack_ternary_r4(N, 100, t.data()); }), ErrorKind::data);
   std::vector<int32_t> acc(N);
   std::vector<int8_t> a(K);
-  EXPECT_EQ(error_kind_of([&] { ternary_matmul_r4(1, N, 96, a.data(), packed.data(), acc.data()); }),
-            ErrorKind::data);
+  EXPECT_EQ(error_kind_of([&] { ternary_matmul_r4(1, N, 96, a.data(), packed.data(), acc.data()); }), ErrorKind::data);
 }
 
 // ---- Variants -----------------------------------------------------------------------------------
@@ -187,8 +186,8 @@ TEST(ternary_r4_variants, dispatcher_reports_this_cpu) {
   } else {
     EXPECT_EQ(active_variant(), best);
   }
-  std::printf("ternary kernels:%s; best %s, active %s (PEERLESS_TERNARY_KERNEL=%s)\n", line.c_str(),
-              variant_name(best), variant_name(active_variant()), env ? env : "");
+  std::printf("ternary kernels:%s; best %s, active %s (PEERLESS_TERNARY_KERNEL=%s)\n", line.c_str(), variant_name(best),
+              variant_name(active_variant()), env ? env : "");
   force_variant(TernaryVariant::portable);
   EXPECT_EQ(active_variant(), TernaryVariant::portable);
   clear_forced_variant();
@@ -213,7 +212,9 @@ TEST_P(ternary_r4_variants, refused_when_unsupported) {
   const std::vector<int8_t> t(4 * 128, 0), a(128, 1);
   const std::vector<uint8_t> packed = pack_ternary_r4(4, 128, t.data());
   std::vector<int32_t> acc(4);
-  EXPECT_EQ(error_kind_of([&] { ternary_matmul_r4(1, 4, 128, a.data(), packed.data(), acc.data(), {1, v}); }),
+  EXPECT_EQ(error_kind_of([&] {
+              ternary_matmul_r4(1, 4, 128, a.data(), packed.data(), acc.data(), {1, v});
+            }),
             ErrorKind::config);
 }
 

@@ -9,9 +9,13 @@
 //
 // Why each SIMD variant has a function-level target attribute and no `-m` flags: the build uses
 // -march=native of whatever machine compiles it, and every variant must still compile on an
-// AVX2-only machine (or a non-x86 one, where only the portable code exists). The AVX2 and AVX-VNNI
-// variants also say no-avx512f, so on an AVX-512 build machine they hold no EVEX instructions and
-// PEERLESS_TERNARY_KERNEL=avx2 runs what an AVX2-only CPU would run.
+// AVX2-only machine (or a non-x86 one, where only the portable code exists); which one runs is
+// decided from the CPU at run time. A target attribute adds to the build's ISA, so on an AVX-512
+// build machine GCC may encode a few instructions of the AVX2 variant in EVEX form (a shift with a
+// memory operand, a broadcast from a register): PEERLESS_TERNARY_KERNEL=avx2 there runs the AVX2
+// algorithm, while a build on an AVX2-only machine holds VEX code only. (Removing AVX-512 from the
+// AVX2 functions, target "no-avx512f", is not possible under -march=native: the intrinsics then
+// carry more ISA than the function and GCC refuses to inline them.)
 #include "model/infer/ternary_kernels.h"
 
 #include <omp.h>
@@ -25,29 +29,12 @@
 #include "runtime/error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-// The AVX2 and AVX-VNNI variants are compiled without AVX-512 (GCC: the no-avx512f regions here and
-// around them below). Under -march=native on an AVX-512 machine GCC would otherwise slip EVEX forms
-// (memory-operand shifts, broadcasts from a register) into them, and forcing avx2 here would not run
-// what an AVX2-only CPU runs. <immintrin.h> is included in such a region so that the AVX2
-// intrinsics carry the reduced target and inline there (an intrinsic inlines only into a function
-// whose target includes its own); the AVX-512 ones still inline into the AVX-512 functions. GCC
-// notes at the end of the file that those zmm-returning intrinsics were declared "without AVX-512"
-// (-Wpsabi, an ABI change); they are always inlined and every function here with vector arguments
-// is internal, so no ABI is crossed and the note is silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC push_options
-#pragma GCC target("no-avx512f")
-#endif
 // GCC 12's AVX-512 headers self-initialise their "undefined" vectors and warn about it at every
 // inlined use (GCC bug 105593, fixed in 13); the warning is located in the header, so this covers it.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
 #define PL_R4_X86 1
 // AVX-VNNI (VEX vpdpbusd) is known to GCC from 11 and clang from 12.
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
@@ -63,9 +50,8 @@ namespace {
 
 void check_r4_shape(int64_t N, int64_t K) {
   PL_CHECK(N >= 0, data, "ternary r4: N must be >= 0 (got ", N, ")");
-  PL_CHECK(K > 0 && K % kR4PanelK == 0 && K <= kR4MaxK, data,
-           "ternary r4: K must be a positive multiple of 128 up to ", kR4MaxK, " (got ", K,
-           "); pad the input dimension with zero columns");
+  PL_CHECK(K > 0 && K % kR4PanelK == 0 && K <= kR4MaxK, data, "ternary r4: K must be a positive multiple of 128 up to ",
+           kR4MaxK, " (got ", K, "); pad the input dimension with zero columns");
 }
 
 // Byte offset of row n's 32-byte chunk in panel b.
@@ -137,9 +123,7 @@ std::vector<uint8_t> pack_ternary_r4(int64_t N, int64_t K, const int8_t* codes) 
   return packed;
 }
 
-void unpack_ternary_r4(int64_t N, int64_t K, const uint8_t* packed, int8_t* codes) {
-  decode_r4(N, K, packed, codes);
-}
+void unpack_ternary_r4(int64_t N, int64_t K, const uint8_t* packed, int8_t* codes) { decode_r4(N, K, packed, codes); }
 
 void check_ternary_r4(int64_t N, int64_t K, const uint8_t* packed) { decode_r4(N, K, packed, nullptr); }
 
@@ -151,10 +135,10 @@ namespace {
 
 struct R4Job {
   int64_t M = 0, N = 0, K = 0;
-  const int8_t* a = nullptr;     // (M, K) activation codes
-  const uint8_t* w = nullptr;    // ⌈N/4⌉·K packed weights
-  const int32_t* asum = nullptr; // (M) A = Σ_k a
-  int32_t* acc = nullptr;        // (M, N)
+  const int8_t* a = nullptr;      // (M, K) activation codes
+  const uint8_t* w = nullptr;     // ⌈N/4⌉·K packed weights
+  const int32_t* asum = nullptr;  // (M) A = Σ_k a
+  int32_t* acc = nullptr;         // (M, N)
 };
 
 // For M > 1 the groups are walked in chunks of about this many weight bytes, every token block
@@ -193,23 +177,17 @@ void r4_portable(const R4Job& job, int64_t g0, int64_t g1) {
 }
 
 #ifdef PL_R4_X86
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("no-avx512f")  // see the include of <immintrin.h>
-#endif
 
 // ---- AVX2 (256-bit: one ymm = one row's 32-byte chunk)
 
 // Four row vectors of 8 int32 -> their four sums [r0, r1, r2, r3].
-__attribute__((target("avx2"))) inline __m128i sum4_avx2(__m256i r0, __m256i r1, __m256i r2,
-                                                                     __m256i r3) {
+__attribute__((target("avx2"))) inline __m128i sum4_avx2(__m256i r0, __m256i r1, __m256i r2, __m256i r3) {
   const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(r0, r1), _mm256_hadd_epi32(r2, r3));
   return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
 // acc[m][4g..4g+3] = sums − A, the last group cut at N.
-__attribute__((target("avx2"))) inline void store4_avx2(const R4Job& job, int64_t m, int64_t g,
-                                                                    __m128i sums) {
+__attribute__((target("avx2"))) inline void store4_avx2(const R4Job& job, int64_t m, int64_t g, __m128i sums) {
   sums = _mm_sub_epi32(sums, _mm_set1_epi32(job.asum[m]));
   int32_t* out = job.acc + m * job.N + 4 * g;
   if (4 * g + 4 <= job.N) {
@@ -223,8 +201,8 @@ __attribute__((target("avx2"))) inline void store4_avx2(const R4Job& job, int64_
 
 // One row chunk against the panel's four activation runs: Σ over 128 inputs as 8 int32 lanes.
 // pmaddubsw pairs are ≤ 2·2·128 = 512 in magnitude and four of them ≤ 2048: no int16 saturation.
-__attribute__((target("avx2"))) inline __m256i chunk_dot_avx2(__m256i w, __m256i x0, __m256i x1,
-                                                                          __m256i x2, __m256i x3) {
+__attribute__((target("avx2"))) inline __m256i chunk_dot_avx2(__m256i w, __m256i x0, __m256i x1, __m256i x2,
+                                                              __m256i x3) {
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i c0 = _mm256_and_si256(w, mask);
   const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
@@ -235,8 +213,7 @@ __attribute__((target("avx2"))) inline __m256i chunk_dot_avx2(__m256i w, __m256i
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avx2"))) void r4_avx2_token(const R4Job& job, int64_t m, int64_t g0,
-                                                               int64_t g1) {
+__attribute__((target("avx2"))) void r4_avx2_token(const R4Job& job, int64_t m, int64_t g0, int64_t g1) {
   const int64_t K = job.K, panels = K / kR4PanelK;
   const int8_t* a = job.a + m * K;
   for (int64_t g = g0; g < g1; ++g) {
@@ -267,8 +244,7 @@ __attribute__((target("avx2"))) void r4_avx2(const R4Job& job, int64_t g0, int64
 // ---- AVX-VNNI (256-bit vpdpbusd, VEX): the AVX2 structure with u8·s8 dot products into int32.
 // Two accumulators per row (planes 0, 2 and 1, 3) halve the dependency chains.
 
-__attribute__((target("avx2,avxvnni"))) void r4_avxvnni_token(const R4Job& job, int64_t m, int64_t g0,
-                                                                          int64_t g1) {
+__attribute__((target("avx2,avxvnni"))) void r4_avxvnni_token(const R4Job& job, int64_t m, int64_t g0, int64_t g1) {
   const int64_t K = job.K, panels = K / kR4PanelK;
   const int8_t* a = job.a + m * K;
   const __m256i mask = _mm256_set1_epi8(3);
@@ -302,9 +278,6 @@ __attribute__((target("avx2,avxvnni"))) void r4_avxvnni(const R4Job& job, int64_
     for (int64_t m = 0; m < job.M; ++m) r4_avxvnni_token(job, m, gc, gc + step < g1 ? gc + step : g1);
 }
 #endif  // PL_R4_AVXVNNI
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
 
 // ---- AVX-512 VNNI (512-bit: one zmm = two rows' chunks; activations broadcast to both halves)
 
@@ -312,9 +285,8 @@ __attribute__((target("avx2,avxvnni"))) void r4_avxvnni(const R4Job& job, int64_
 
 // h0 = rows 0 | 1 (8 lanes each), h1 = rows 2 | 3 -> [r0, r1, r2, r3].
 PL_R4_AVX512 inline __m128i sum4_avx512(__m512i h0, __m512i h1) {
-  const __m256i s = _mm256_hadd_epi32(
-      _mm256_hadd_epi32(_mm512_castsi512_si256(h0), _mm512_extracti64x4_epi64(h0, 1)),
-      _mm256_hadd_epi32(_mm512_castsi512_si256(h1), _mm512_extracti64x4_epi64(h1, 1)));
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(_mm512_castsi512_si256(h0), _mm512_extracti64x4_epi64(h0, 1)),
+                                      _mm256_hadd_epi32(_mm512_castsi512_si256(h1), _mm512_extracti64x4_epi64(h1, 1)));
   return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
@@ -421,15 +393,20 @@ using KernelFn = void (*)(const R4Job&, int64_t, int64_t);
 
 KernelFn kernel_of(TernaryVariant v) {
   switch (v) {
-    case TernaryVariant::portable: return r4_portable;
+    case TernaryVariant::portable:
+      return r4_portable;
 #ifdef PL_R4_X86
-    case TernaryVariant::avx2: return r4_avx2;
-    case TernaryVariant::avx512vnni: return r4_avx512vnni;
+    case TernaryVariant::avx2:
+      return r4_avx2;
+    case TernaryVariant::avx512vnni:
+      return r4_avx512vnni;
 #ifdef PL_R4_AVXVNNI
-    case TernaryVariant::avxvnni: return r4_avxvnni;
+    case TernaryVariant::avxvnni:
+      return r4_avxvnni;
 #endif
 #endif
-    default: return nullptr;
+    default:
+      return nullptr;
   }
 }
 
@@ -437,8 +414,10 @@ bool cpu_runs(TernaryVariant v) {
 #ifdef PL_R4_X86
   __builtin_cpu_init();  // idempotent; needed only before main, harmless after
   switch (v) {
-    case TernaryVariant::portable: return true;
-    case TernaryVariant::avx2: return __builtin_cpu_supports("avx2");
+    case TernaryVariant::portable:
+      return true;
+    case TernaryVariant::avx2:
+      return __builtin_cpu_supports("avx2");
     case TernaryVariant::avxvnni:
 #ifdef PL_R4_AVXVNNI
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
@@ -490,10 +469,14 @@ std::atomic<int> g_forced{-1};  // a TernaryVariant, or -1
 
 const char* variant_name(TernaryVariant v) {
   switch (v) {
-    case TernaryVariant::portable: return "portable";
-    case TernaryVariant::avx2: return "avx2";
-    case TernaryVariant::avxvnni: return "avxvnni";
-    case TernaryVariant::avx512vnni: return "avx512vnni";
+    case TernaryVariant::portable:
+      return "portable";
+    case TernaryVariant::avx2:
+      return "avx2";
+    case TernaryVariant::avxvnni:
+      return "avxvnni";
+    case TernaryVariant::avx512vnni:
+      return "avx512vnni";
   }
   return "?";
 }
@@ -505,10 +488,10 @@ std::optional<TernaryVariant> parse_variant(std::string_view name) {
 }
 
 bool variant_supported(TernaryVariant v) {
-  static const bool supported[4] = {cpu_runs(TernaryVariant::portable), kernel_of(TernaryVariant::avx2) &&
-                                    cpu_runs(TernaryVariant::avx2), kernel_of(TernaryVariant::avxvnni) &&
-                                    cpu_runs(TernaryVariant::avxvnni), kernel_of(TernaryVariant::avx512vnni) &&
-                                    cpu_runs(TernaryVariant::avx512vnni)};
+  static const bool supported[4] = {cpu_runs(TernaryVariant::portable),
+                                    kernel_of(TernaryVariant::avx2) && cpu_runs(TernaryVariant::avx2),
+                                    kernel_of(TernaryVariant::avxvnni) && cpu_runs(TernaryVariant::avxvnni),
+                                    kernel_of(TernaryVariant::avx512vnni) && cpu_runs(TernaryVariant::avx512vnni)};
   return supported[static_cast<int>(v)];
 }
 
@@ -537,15 +520,12 @@ namespace {
 
 // acc (M, N) for groups split over threads; when y is set, each thread then applies the epilogue
 // y = (float)acc · factor[m] to its own columns (acc is then scratch).
-void run_r4(int64_t M, int64_t N, int64_t K, const int8_t* a, const uint8_t* packed, int32_t* acc,
-            const float* factor, float* y, const TernaryKernelOptions& opt) {
+void run_r4(int64_t M, int64_t N, int64_t K, const int8_t* a, const uint8_t* packed, int32_t* acc, const float* factor,
+            float* y, const TernaryKernelOptions& opt) {
   check_r4_shape(N, K);
   PL_CHECK(M >= 0, data, "ternary r4: M must be >= 0 (got ", M, ")");
-  TernaryVariant v = active_variant();
-  if (opt.variant) {
-    check_supported(*opt.variant, "ternary_matmul_r4");
-    v = *opt.variant;
-  }
+  if (opt.variant) check_supported(*opt.variant, "ternary_matmul_r4");
+  const TernaryVariant v = opt.variant ? *opt.variant : active_variant();
   const KernelFn kernel = kernel_of(v);
   PL_ASSERT(kernel != nullptr);
   if (M == 0 || N == 0) return;

@@ -23,9 +23,9 @@
 namespace peerless {
 
 // ---- The r4 layout ------------------------------------------------------------------------------
-inline constexpr int64_t kR4GroupRows = 4;   // rows interleaved in one panel
-inline constexpr int64_t kR4PanelK = 128;    // inputs per panel (K must be a multiple)
-inline constexpr uint8_t kR4ZeroByte = 0x55; // four codes of zero: padding rows
+inline constexpr int64_t kR4GroupRows = 4;    // rows interleaved in one panel
+inline constexpr int64_t kR4PanelK = 128;     // inputs per panel (K must be a multiple)
+inline constexpr uint8_t kR4ZeroByte = 0x55;  // four codes of zero: padding rows
 // Largest K the kernels accept: the AVX-512 path keeps per-plane lane sums that grow by at most
 // 2^16 per panel, so K/128 panels stay below 2^31 up to K = 2^21 (far above any model's width).
 inline constexpr int64_t kR4MaxK = int64_t{1} << 21;
