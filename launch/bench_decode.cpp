@@ -58,9 +58,10 @@ void run_one(const char* label, const InferenceModel& m, const DecodeBenchOption
     }
     const double decode_s = seconds_since(t0);
     const double tps = static_cast<double>(o.decode_tokens) / decode_s;
-    const double roof = o.read_gbps[i] * 1e9 / bytes;
+    const double bw = o.read_gbps(static_cast<int>(o.threads[i]));
+    const double roof = bw * 1e9 / bytes;
     std::printf("%-26s %3lld %10.1f %10.2f %11s %9.1f %9.1f %7.1f%%\n", label, static_cast<long long>(o.threads[i]),
-                static_cast<double>(o.prompt_tokens) / prompt_s, tps, human_bytes(bytes).c_str(), o.read_gbps[i],
+                static_cast<double>(o.prompt_tokens) / prompt_s, tps, human_bytes(bytes).c_str(), bw,
                 roof, 100.0 * tps / roof);
     std::fflush(stdout);
   }
@@ -69,16 +70,15 @@ void run_one(const char* label, const InferenceModel& m, const DecodeBenchOption
 }  // namespace
 
 void bench_decode_models(const DecodeBenchOptions& o) {
-  PL_CHECK(o.threads.size() == o.read_gbps.size() && !o.threads.empty(), internal, "decode bench: one bandwidth per "
-           "thread count");
+  PL_CHECK(!o.threads.empty() && o.read_gbps, internal, "decode bench: thread counts and a bandwidth probe needed");
   std::printf("\n# end-to-end decoding, random weights (InferenceModel; kernel %s); roofline = read GB/s / bytes "
               "read per token\n",
               variant_name(active_variant()));
   std::printf("# %-24s %3s %10s %10s %11s %9s %9s %8s\n", "model", "thr", "prompt_t/s", "decode_t/s", "bytes/token",
               "read_GB/s", "roof_t/s", "%roof");
-  ModelConfig dense = load_run_config(o.config, {}).model;
-  if (dense.vocab_size == 0) dense.vocab_size = 32000;
-  {
+  if (o.dense) {
+    ModelConfig dense = load_run_config(o.config, {}).model;
+    if (dense.vocab_size == 0) dense.vocab_size = 32000;
     auto t0 = Clock::now();
     const auto m = random_model(dense);
     std::printf("# %s: d %lld, %lld layers, I %lld, V %lld (built in %s)\n", o.config.c_str(),

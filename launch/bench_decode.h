@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -12,9 +13,10 @@ namespace peerless {
 struct DecodeBenchOptions {
   std::string config = "configs/mmf-370m.toml";  // the dense model (its [model] section)
   int64_t prompt_tokens = 128, decode_tokens = 64;
-  bool peer = true;                 // also a 1M-expert PEER model (d 256, N = 1024², h 8, k 16)
+  bool dense = true;                // the dense model of `config`
+  bool peer = true;                 // a 1M-expert PEER model (d 256, N = 1024², h 8, k 16)
   std::vector<int64_t> threads;     // thread counts
-  std::vector<double> read_gbps;    // the read bandwidth measured at each thread count
+  std::function<double(int threads)> read_gbps;  // measures the read bandwidth (GB/s) now
 };
 
 void bench_decode_models(const DecodeBenchOptions& o);

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "launch/args.h"
+#include "launch/bench_decode.h"
 #include "launch/commands.h"
 #include "model/infer/ternary_kernels.h"
 #include "model/ops/bitlinear.h"
@@ -121,7 +122,8 @@ std::vector<Shape> parse_shapes(const std::string& value) {
 
 int bench_infer(const Args& args) {
   std::string shapes_s = "2048x2048,2560x6912,6912x2560,1024x1024,5632x1024", m_s = "1,32,128", threads_s = "1,2",
-              iters_s = "50", warmup_s = "3", rotate_s = "256", bw_s = "1024", bw_reps_s = "7", variant_s;
+              iters_s = "50", warmup_s = "3", rotate_s = "256", bw_s = "1024", bw_reps_s = "7", variant_s,
+              models_s = "dense,peer", config_s = "configs/mmf-370m.toml", prompt_s = "128", decode_s = "64";
   ArgParser p("bench infer",
               "Times the CPU ternary inference kernels (int8 activations x r4-packed ternary weights, float epilogue; "
               "model/infer/ternary_kernels.h) against the machine's streaming read bandwidth (sum of 64-bit words "
@@ -139,7 +141,15 @@ int bench_infer(const Args& args) {
   p.option("bw-mib", &bw_s, "MIB", "read-bandwidth buffer (default 1024; at least 1024 for FORMATS §8 figures)");
   p.option("bw-reps", &bw_reps_s, "N", "read-bandwidth runs per thread count (default 7)");
   p.option("variant", &variant_s, "NAME", "portable|avx2|avxvnni|avx512vnni (default: the active one)");
+  p.option("models", &models_s, "LIST", "end-to-end decoding after the kernels: dense (--config), peer (N = 1024^2 "
+           "experts at d 256), both (default dense,peer) or none");
+  p.option("config", &config_s, "PATH", "the dense model's config (default configs/mmf-370m.toml)");
+  p.option("prompt", &prompt_s, "N", "prompt tokens of the end-to-end runs (default 128)");
+  p.option("decode", &decode_s, "N", "decoded tokens of the end-to-end runs (default 64)");
   if (!p.parse(args)) return 0;
+  PL_CHECK(models_s == "none" || models_s == "dense" || models_s == "peer" || models_s == "dense,peer" ||
+               models_s == "peer,dense",
+           config, "--models must be dense, peer, dense,peer or none (got '", models_s, "')");
   const std::vector<Shape> shapes = parse_shapes(shapes_s);
   const std::vector<int64_t> ms = parse_list("m", m_s), thread_counts = parse_list("threads", threads_s);
   const int64_t iters = parse_int_arg("iters", iters_s), warmup = parse_int_arg("warmup", warmup_s);
@@ -170,9 +180,11 @@ int bench_infer(const Args& args) {
   uint64_t* words = reinterpret_cast<uint64_t*>(bw_buf.ptr);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < bw_words; ++i) words[i] = static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull;
+  std::vector<double> start_bw;
   for (int64_t threads : thread_counts) {
     std::vector<double> gbs;
     for (int64_t r = 0; r < bw_reps; ++r) gbs.push_back(read_bandwidth(words, bw_words, static_cast<int>(threads)));
+    start_bw.push_back(median(gbs));
     std::printf("# read bandwidth: sum of the 64-bit words of %lld MiB, %lld thread(s): %.2f GB/s (median of %lld)\n",
                 static_cast<long long>(bw_mib), static_cast<long long>(threads), median(gbs),
                 static_cast<long long>(bw_reps));
@@ -247,6 +259,22 @@ int bench_infer(const Args& args) {
     }
   }
   if (total_wrong) std::printf("# %lld wrong outputs in total\n", static_cast<long long>(total_wrong));
+  if (models_s != "none") {
+    DecodeBenchOptions d;
+    d.config = config_s;
+    d.prompt_tokens = parse_int_arg("prompt", prompt_s);
+    d.decode_tokens = parse_int_arg("decode", decode_s);
+    d.dense = models_s.find("dense") != std::string::npos;
+    d.peer = models_s.find("peer") != std::string::npos;
+    d.threads = thread_counts;
+    // The bandwidth again, right before each model's runs, at each thread count (the DRAM drifts).
+    d.read_gbps = [&, words, bw_words](int threads) {
+      std::vector<double> gbs;
+      for (int64_t r = 0; r < bw_reps; ++r) gbs.push_back(read_bandwidth(words, bw_words, threads));
+      return median(gbs);
+    };
+    bench_decode_models(d);
+  }
   if (!variant_s.empty()) clear_forced_variant();
   return total_wrong ? 1 : 0;
 }

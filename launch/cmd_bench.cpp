@@ -33,7 +33,9 @@ const char* kBenchUsage =
     "  peer-layer  one PEER layer forward + backward on one GPU at N = 1024², d = 1024, h = 8, k = 16: tokens/s,\n"
     "            time per phase, GB/s of the expert phases against a device copy (launch/bench_peer_layer.cu)\n"
     "  ops       CUDA op kernels (fused norm + int8 quantizer, MLGRU scan) in GB/s against a device copy\n"
-    "            (launch/bench_ops.cpp)\n";
+    "            (launch/bench_ops.cpp)\n"
+    "  infer     CPU ternary GEMV/GEMM against the read bandwidth, then end-to-end decoding of the 370M config\n"
+    "            and a 1M-expert PEER model against the decode roofline (launch/bench_infer.cpp)\n";
 
 enum class Op { all_reduce, reduce_scatter, all_gather, all_to_all };
 const Op kOps[] = {Op::all_reduce, Op::reduce_scatter, Op::all_gather, Op::all_to_all};
@@ -274,8 +276,6 @@ int bench_comm(const Args& args) {
 }
 
 }  // namespace
-
-int bench_infer(const Args& args);  // `bench infer`, launch/bench_infer.cpp
 
 int cmd_bench(const Args& args) {
   if (args.empty()) {
