@@ -51,14 +51,23 @@ void run_one(const char* label, const InferenceModel& m, const DecodeBenchOption
     const double prompt_s = seconds_since(t0);
     Sampler greedy(SamplerOptions{0, 0, 1, 1});
     int32_t next = greedy.next(logits.data(), m.vocab_size());
-    t0 = Clock::now();
-    for (int64_t k = 0; k < o.decode_tokens; ++k) {
-      m.forward(&next, 1, st, logits.data());
-      next = greedy.next(logits.data(), m.vocab_size());
+    // The DRAM is shared and drifts: decode rounds alternate with read-bandwidth runs, and the medians
+    // of both are compared (tokens/s of a round against the bandwidth around it).
+    constexpr int kRounds = 8;
+    const int64_t per_round = std::max<int64_t>(1, o.decode_tokens / kRounds);
+    std::vector<double> round_tps, round_bw;
+    for (int r = 0; r < kRounds; ++r) {
+      t0 = Clock::now();
+      for (int64_t k = 0; k < per_round; ++k) {
+        m.forward(&next, 1, st, logits.data());
+        next = greedy.next(logits.data(), m.vocab_size());
+      }
+      round_tps.push_back(static_cast<double>(per_round) / seconds_since(t0));
+      round_bw.push_back(o.read_gbps(static_cast<int>(o.threads[i])));
     }
-    const double decode_s = seconds_since(t0);
-    const double tps = static_cast<double>(o.decode_tokens) / decode_s;
-    const double bw = o.read_gbps(static_cast<int>(o.threads[i]));
+    std::sort(round_tps.begin(), round_tps.end());
+    std::sort(round_bw.begin(), round_bw.end());
+    const double tps = round_tps[kRounds / 2], bw = round_bw[kRounds / 2];
     const double roof = bw * 1e9 / bytes;
     std::printf("%-26s %3lld %10.1f %10.2f %11s %9.1f %9.1f %7.1f%%\n", label, static_cast<long long>(o.threads[i]),
                 static_cast<double>(o.prompt_tokens) / prompt_s, tps, human_bytes(bytes).c_str(), bw,

@@ -267,12 +267,8 @@ int bench_infer(const Args& args) {
     d.dense = models_s.find("dense") != std::string::npos;
     d.peer = models_s.find("peer") != std::string::npos;
     d.threads = thread_counts;
-    // The bandwidth again, right before each model's runs, at each thread count (the DRAM drifts).
-    d.read_gbps = [&, words, bw_words](int threads) {
-      std::vector<double> gbs;
-      for (int64_t r = 0; r < bw_reps; ++r) gbs.push_back(read_bandwidth(words, bw_words, threads));
-      return median(gbs);
-    };
+    // One read-bandwidth run per call, interleaved with the decode rounds (bench_decode.cpp).
+    d.read_gbps = [words, bw_words](int threads) { return read_bandwidth(words, bw_words, threads); };
     bench_decode_models(d);
   }
   if (!variant_s.empty()) clear_forced_variant();
