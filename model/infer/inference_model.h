@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <memory>
@@ -82,6 +83,12 @@ class InferenceModel {
   std::vector<Block> blocks_;
   std::vector<float> final_norm_;
   std::unique_ptr<Linear> head_;
+  void gather_weights();
+  struct FreeDeleter {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, FreeDeleter> arena_;  // the repacked BitLinear weights, execution order
+  int64_t arena_bytes_ = 0;
 };
 
 }  // namespace peerless
