@@ -70,6 +70,7 @@ int cmd_generate(const Args& args) {
            },
            &st);
   std::fputs("\n", stdout);
+  std::fflush(stdout);  // the text before the speeds when both go to one terminal or file
   if (!quiet) {
     const double decoded = static_cast<double>(std::max<int64_t>(st.new_tokens - 1, 0));
     std::fprintf(stderr,
