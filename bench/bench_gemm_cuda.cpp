@@ -21,7 +21,7 @@
 
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 namespace peerless {
 namespace {

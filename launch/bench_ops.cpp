@@ -31,7 +31,7 @@
 #include "model/ops/norm_quant.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #endif
 
 namespace peerless {

@@ -24,7 +24,7 @@
 #include "model/ops/cuda_check.h"
 #include "model/ops/peer_cuda_detail.cuh"
 #include "model/ops/peer_layer.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "runtime/error.h"
 
 namespace peerless {

@@ -14,7 +14,7 @@
 #include "launch/commands.h"
 #include "parallel/bootstrap.h"
 #include "parallel/comm.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "runtime/error.h"
 
 namespace peerless {

@@ -23,7 +23,7 @@
 #include "model/ops/fixed_point.h"
 #include "model/ops/peer_experts.h"
 #include "parallel/comm.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "runtime/param_layout.h"
 
 namespace peerless {

@@ -3,7 +3,7 @@
 
 #include <cstring>
 
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "runtime/error.h"
 
 namespace peerless {

@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "runtime/error.h"
 
 namespace peerless {

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "parallel/bootstrap.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "parallel/watchdog.h"
 #include "runtime/error.h"
 

@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "parallel/bootstrap.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "parallel/watchdog.h"
 #include "runtime/error.h"
 

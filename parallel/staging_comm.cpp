@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 namespace peerless {
 

@@ -26,7 +26,7 @@
 
 #include "model/ops/cuda_check.h"
 #include "model/ops/mlgru.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 namespace peerless::cuda_test {
 

@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "model/ops/cuda_fwd.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 namespace peerless {
 

@@ -14,7 +14,7 @@
 #include "model/ops/bf16_io.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 #define PL_CUBLAS_CHECK(expr)                                                                             \
   do {                                                                                                    \

@@ -15,7 +15,7 @@
 
 #include "model/ops/peer_experts.h"
 #include "model/ops/peer_retrieval.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 // As driver_types.h declares it, so this header compiles without the CUDA headers.
 struct CUevent_st;

@@ -23,7 +23,7 @@
 #include "parallel/bootstrap.h"
 #include "parallel/comm.h"
 #include "parallel/consistency.h"
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/topology.h"
 #include "parallel/watchdog.h"

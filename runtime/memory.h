@@ -1,6 +1,7 @@
-// Where a communication buffer lives, asked of the CUDA runtime when the binary has it. Backends use
-// this to stage device buffers through host memory (MPI), to refuse host buffers (NCCL) and to copy
-// between any two buffers (the single-process backend). CPU-only builds answer "host" everywhere.
+// Where a buffer lives (host or device memory), asked of the CUDA runtime when the binary has it, and
+// the RAII owner of device memory. It sits in runtime/ so that ops and models own device memory without
+// depending on parallel/; the communication backends use it to stage device buffers through host memory
+// (MPI), to refuse host buffers (NCCL) and to copy between any two buffers (the single-process backend).
 #pragma once
 
 #include <cstddef>

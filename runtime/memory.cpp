@@ -1,6 +1,6 @@
-// The CUDA side of parallel/memory.h lives here behind PEERLESS_HAVE_CUDA; without CUDA every
+// The CUDA side of runtime/memory.h lives here behind PEERLESS_HAVE_CUDA; without CUDA every
 // pointer is host memory and copies are memmove.
-#include "parallel/memory.h"
+#include "runtime/memory.h"
 
 #include <cstring>
 #include <utility>
