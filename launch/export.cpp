@@ -25,13 +25,9 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
   return n;
 }
 
-bool is_codes(const arch::Tensor& t, const ModelConfig& c) {
-  return t.source == arch::Source::ternary || (t.source == arch::Source::peer_table && c.peer_ternary);
-}
-
 // The stored type of a tensor: codes as asked when their rows fit the block, else I8 codes.
 TensorType stored_type(const arch::Tensor& t, const ModelConfig& c, const ExportOptions& o, bool r4) {
-  if (is_codes(t, c)) {
+  if (arch::holds_codes(t, c)) {
     const int64_t K = t.shape.back();
     if (r4 && t.source == arch::Source::ternary) {
       PL_CHECK(K % kR4PanelK == 0, config, "export --format packed: ", t.name, " has input width ", K,
@@ -53,7 +49,7 @@ void encode(const arch::Tensor& t, TensorType type, bool r4, const TensorValues&
   bytes.resize(static_cast<size_t>(tensor_nbytes(type, r4 && t.source == arch::Source::ternary
                                                            ? arch::stored_ne(t, true)
                                                            : arch::gguf_ne(t.shape))));
-  if (is_codes(t, c)) {
+  if (arch::holds_codes(t, c)) {
     std::vector<int8_t> codes;
     float beta = 0.f;
     values.ternary(t, codes, beta);

@@ -60,11 +60,8 @@ ExportReport export_safetensors(const ModelFileReader& reader, const ExportOptio
                                {"peer_activation", c.peer_activation}, {"peer_ternary", c.peer_ternary},
                                {"context_length", reader.config().data.seq_len}};
   w.add_metadata("peerless.config", keys.dump());
-  auto codes_of = [&](const arch::Tensor& t) {
-    return t.source == arch::Source::ternary || (t.source == arch::Source::peer_table && c.peer_ternary);
-  };
   for (const auto& t : table) {
-    if (codes_of(t)) {
+    if (arch::holds_codes(t, c)) {
       const int64_t N = t.shape[0], K = t.shape[1];
       if (N % 4 == 0)
         w.add_tensor(t.name, safetensors::Dtype::U8, {N / 4, K});
@@ -82,7 +79,7 @@ ExportReport export_safetensors(const ModelFileReader& reader, const ExportOptio
   std::vector<float> x;
   std::vector<uint8_t> bytes;
   for (const auto& t : table) {
-    if (codes_of(t)) {
+    if (arch::holds_codes(t, c)) {
       float beta = 0.f;
       values.ternary(t, codes, beta);
       const int64_t N = t.shape[0], K = t.shape[1];

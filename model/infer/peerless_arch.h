@@ -49,6 +49,12 @@ struct Tensor {
   int64_t layer = -1;          // block index (lower_bounds, bn_*, peer_*)
 };
 
+// True when the tensor holds ternary codes (+ β): BitLinear weights, and expert tables when
+// model.peer_ternary.
+inline bool holds_codes(const Tensor& t, const ModelConfig& c) {
+  return t.source == Source::ternary || (t.source == Source::peer_table && c.peer_ternary);
+}
+
 // Every tensor of the model's GGUF, in file order.
 std::vector<Tensor> tensors(const Model& m);
 // "blk.3.mlgru_i"
