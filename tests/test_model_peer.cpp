@@ -216,6 +216,22 @@ TEST(ModelPeer, TrainedModelDecodesLikeTheEvalForward) {
       EXPECT_NEAR(logits[v], ev.logits[t * c.vocab_size + v], 1e-4f * (1 + std::fabs(logits[v])))
           << "t=" << t << " v=" << v;
   }
+  // Within the inference model the logits of a position do not depend on how many tokens share the
+  // call (the query projection runs per token): the prompt at once equals the steps bit for bit, and
+  // a state restored from the per-position states continues exactly as the stepwise state did.
+  auto whole = inf->new_state();
+  std::vector<float> all(b.T * c.vocab_size), states(b.T * c.n_layers * c.d_model);
+  inf->forward(b.ids.data(), b.T, whole, all.data(), true, nullptr, states.data());
+  auto step = inf->new_state();
+  for (int64_t t = 0; t < b.T; ++t) {
+    inf->forward(&b.ids[t], 1, step, logits.data());
+    for (int64_t v = 0; v < c.vocab_size; ++v) ASSERT_EQ(all[t * c.vocab_size + v], logits[v]) << "t=" << t;
+  }
+  inf->restore(whole, states.data(), 2, 3);
+  auto ref = inf->new_state();
+  inf->forward(b.ids.data(), 3, ref, logits.data());
+  EXPECT_EQ(whole.h, ref.h);
+  EXPECT_EQ(whole.position, 3);
 }
 
 TEST(ModelPeer, BuffersAreFrozenForAdamWAndAveragedOverMicroBatches) {

@@ -211,6 +211,12 @@ void InferenceModel::gather_weights() {
   arena_bytes_ = static_cast<int64_t>(bytes);
 }
 
+void InferenceModel::restore(State& s, const float* states, int64_t j, int64_t position) const {
+  const int64_t n = config_.n_layers * config_.d_model;
+  std::memcpy(s.h.data(), states + j * n, static_cast<size_t>(n) * sizeof(float));
+  s.position = position;
+}
+
 InferenceModel::State InferenceModel::new_state() const {
   State s;
   s.h.assign(static_cast<size_t>(config_.n_layers * config_.d_model), 0.f);
@@ -225,8 +231,9 @@ void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y
   rmsnorm_forward_cpu(RmsNormShape{M, l.K, static_cast<float>(config_.norm_eps)}, x, l.norm.data(), xt,
                       grow(sc.rstd, M));
   qsparse_apply_cpu(config_.qsparse, config_.qsparse_block, M, l.K, xt);
-  if (!l.w.empty()) {  // full precision: the trainer's sgemm
-    gemm_cpu(Trans::no, Trans::yes, M, l.N, l.K, 1.f, xt, l.K, l.w.data(), l.K, 0.f, y, l.N);
+  if (!l.w.empty()) {  // full precision: the trainer's sgemm, one row at a time (as the PEER query below)
+    for (int64_t m = 0; m < M; ++m)
+      gemm_cpu(Trans::no, Trans::yes, 1, l.N, l.K, 1.f, xt + m * l.K, l.K, l.w.data(), l.K, 0.f, y + m * l.N, l.N);
     return;
   }
   if (l.Kp != l.K)  // re-stride to the padded width, zeros beyond K (last row first: in place)
@@ -243,7 +250,7 @@ void InferenceModel::linear(const Linear& l, int64_t M, const float* x, float* y
 }
 
 void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits,
-                             const InferenceTrace* trace) const {
+                             const InferenceTrace* trace, float* states) const {
   PL_CHECK(M >= 1, config, "inference needs at least one token");
   const int64_t d = config_.d_model, I = config_.glu_width(), V = config_.vocab_size;
   State::Scratch& sc = *s.scratch;
@@ -268,6 +275,9 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     // The trainer's scan over the M tokens, starting from the carried state; the last h is carried on.
     mlgru_scan_forward_cpu(ScanShape{1, M, d}, ih, fh, b.lb.data(), grow(sc.f, M * d), hs, h);
     std::memcpy(h, hs + (M - 1) * d, static_cast<size_t>(d) * sizeof(float));
+    if (states)
+      for (int64_t t = 0; t < M; ++t)
+        std::memcpy(states + (t * config_.n_layers + l) * d, hs + t * d, static_cast<size_t>(d) * sizeof(float));
     if (form == GateForm::code)
       rmsnorm_forward_cpu(nd, gh, b.out_norm.data(), gn, grow(sc.rstd, M));
     else
@@ -277,8 +287,11 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     for (int64_t i = 0; i < M * d; ++i) x[i] += y[i];
     rmsnorm_forward_cpu(nd, x, b.ffn_norm.data(), xn, grow(sc.rstd, M));
     if (b.peer) {
+      // One token at a time: the query projection's sgemm blocks by the token count, and the
+      // logits of a position must not depend on how many tokens share the call (a verified draft
+      // must give the single-token logits bit for bit, FORMATS §9).
       PeerLayerShape ps = b.ps;
-      ps.tokens = M;
+      ps.tokens = 1;
       PeerLayerParams<float> pp;
       pp.w_q = b.wq.data();
       pp.bn_scale = b.bn_scale.data();
@@ -286,7 +299,7 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
       pp.sub_keys1 = b.keys1.data();
       pp.sub_keys2 = b.keys2.data();
       pp.table = b.table;
-      peer_layer_forward_cpu(ps, PeerNormMode::eval, pp, xn, y);
+      for (int64_t t = 0; t < M; ++t) peer_layer_forward_cpu(ps, PeerNormMode::eval, pp, xn + t * d, y + t * d);
     } else {
       float* au = grow(sc.au, M * 2 * I);
       float* z = grow(sc.z, M * I);

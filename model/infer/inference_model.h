@@ -58,8 +58,14 @@ class InferenceModel {
   // Feeds tokens[0..M) (a prompt: the BitLinears run as M-row products; the scan is sequential)
   // and writes the logits of every position into logits (M, V), or only of the last one when
   // `all_logits` is false (logits (V)).
+  // The logits of a position do not depend on M: feeding tokens one at a time gives the same bits
+  // (speculative decoding verifies a draft in one call and relies on it).
+  // `states` (optional, (M, L, d)): the state h after each position, for restore().
   void forward(const int32_t* tokens, int64_t M, State& s, float* logits, bool all_logits = false,
-               const InferenceTrace* trace = nullptr) const;
+               const InferenceTrace* trace = nullptr, float* states = nullptr) const;
+  // Rolls s back to the state after position j of a forward's `states` (a rejected draft's tail is
+  // forgotten); `position` is the token count consumed up to and including j.
+  void restore(State& s, const float* states, int64_t j, int64_t position) const;
 
   // Bytes of weights read per decoded token (codes, scales, one embedding row, PEER retrieval and
   // the rows it gathers): the numerator of the decode roofline (FORMATS §8).
