@@ -1,0 +1,127 @@
+// The optimizer step on one GPU per rank (see train_session.h): parameters, gradients, AdamW
+// moments, codes and activations on the device (model/cuda_model.h); data parallel: the gradient
+// summed over the ranks after the backwards; deterministic mode's exact sums on the device.
+#include <cmath>
+
+#include "launch/format.h"
+#include "launch/train_session.h"
+#include "runtime/error.h"
+#ifdef PEERLESS_HAVE_CUDA
+#include "model/cuda_model.h"
+#endif
+
+namespace peerless {
+
+#ifndef PEERLESS_HAVE_CUDA
+
+std::unique_ptr<StepRunner> make_cuda_step_runner(TrainSession&) {
+  PL_FAIL(config, "run.device = \"cuda\" needs a build with CUDA (this binary has none)");
+}
+
+#else
+
+namespace {
+
+class CudaStepRunner final : public StepRunner {
+ public:
+  explicit CudaStepRunner(TrainSession& s) : s_(s) {
+    // Data parallel over GPUs (one rank each): whole weights and optimizer state on every rank.
+    PL_CHECK(s.world == 1 || !s.cfg.parallel.zero1, config,
+             "parallel.zero1 = true is not supported with run.device = \"cuda\" (every GPU keeps the whole "
+             "optimizer state); set parallel.zero1 = false");
+    PL_CHECK(!s.model->experts_sharded(), config, "parallel.expert_parallel = ", s.cfg.parallel.expert_parallel,
+             s.cfg.parallel.expert_parallel == 0 ? " (all ranks)" : "",
+             " shards the PEER tables over ranks, which run.device = \"cuda\" does not support; set "
+             "parallel.expert_parallel = 1 (every GPU holds whole tables)");
+    // Deterministic mode: the exact sum's bookkeeping on the host, its int64 sums on the device.
+    if (deterministic_on(s.cfg))
+      sum_ = std::make_unique<ExactGradSum>(s.model->layout(), s.A * s.world, std::vector<uint8_t>{});
+    inputs_.resize(s.B * s.T);
+    targets_.resize(s.B * s.T);
+  }
+  ExactGradSum* exact() override { return sum_.get(); }
+
+  void start() override {
+    CudaModelOptions copt;
+    copt.bf16_activations = s_.cfg.run.activations == "bf16";
+    cuda_ = std::make_unique<CudaModel>(*s_.model, *s_.adam, s_.B * s_.T, copt);
+    cuda_->upload(s_.params.data(), *s_.adam);
+    if (sum_) exact_ = std::make_unique<ExactGradSumDevice>(*sum_, cuda_->stream());
+    if (s_.lead)
+      std::printf("device: cuda, %s allocated on the GPU for a micro-batch of %lld tokens\n",
+                  human_bytes(static_cast<double>(cuda_->device_bytes())).c_str(), static_cast<long long>(s_.B * s_.T));
+  }
+  void sync_host() override { cuda_->download(s_.params.data(), *s_.adam); }
+  // Evaluation runs on the GPU too (no host copy of the weights needed for it).
+  EvalForward eval_forward() override {
+    return [this](const int32_t* in, const int32_t* tg, int64_t n, int64_t t) { return cuda_->forward_loss(in, tg, n, t); };
+  }
+  std::string memory_report() override {
+    return cat("GPU memory: ", human_bytes(static_cast<double>(cuda_->device_bytes())), " allocated by the model, ",
+               human_bytes(static_cast<double>(cuda_->peak_bytes())), " in use on the device at the end");
+  }
+
+  StepResult step(int64_t step) override {
+    std::vector<double> micro_loss(static_cast<size_t>(s_.A * s_.world), 0.0);  // by global micro-batch
+    const auto pass = [&] { micro_batches(step, micro_loss); };
+    const auto sum_gradients = [&] {
+      if (!exact_) {
+        if (s_.world > 1) cuda_->all_reduce_grads(s_.comm);
+        return true;
+      }
+      if (!exact_->sum().fits(s_.comm)) return false;
+      exact_->reduce(s_.comm, cuda_->device_grads());
+      return true;
+    };
+    run_micro_batches(pass, sum_gradients, exact_ ? &exact_->sum() : nullptr, s_.expert_counts, s_.lead, step);
+    const double loss_sum = ordered_sum(micro_loss, &s_.comm);
+    PL_CHECK(std::isfinite(loss_sum), numeric, "the training loss is ", loss_sum, " at step ", step,
+             " (summed over the ranks); stopping before it corrupts the weights. Lower optim.lr (now ",
+             s_.cfg.optim.lr, ")");
+    StepResult r;
+    r.loss = loss_sum / static_cast<double>(s_.G * s_.T);
+    if (s_.model->n_peer_layers() > 0) cuda_->update_buffers(s_.A * s_.world);
+    r.grad_norm = cuda_->grad_norm();
+    PL_CHECK(std::isfinite(r.grad_norm), numeric, "the gradient norm is ", r.grad_norm, " at step ", step);
+    // Clipping as on the CPU path; the factor is applied as the optimizer reads the gradient.
+    const OptimConfig& o = s_.cfg.optim;
+    const float clip = o.grad_clip > 0 && r.grad_norm > o.grad_clip ? static_cast<float>(o.grad_clip / r.grad_norm) : 1.0f;
+    cuda_->optimizer_step(step, learning_rate(o, step, s_.cfg.train.max_steps), clip);
+    return r;
+  }
+
+ private:
+  void micro_batches(int64_t step, std::vector<double>& micro_loss) {
+    cuda_->zero_grads();
+    if (exact_) exact_->begin_step();
+    const float grad_scale = 1.0f / static_cast<float>(s_.G * s_.T);
+    for (int64_t a = 0; a < s_.A; ++a) {
+      const auto [first, n] = BatchLoader::shard(s_.G, s_.A, a, s_.rank, s_.world);
+      s_.loader->fill(step, first, n, inputs_.data(), targets_.data());
+      if (exact_ && a > 0) cuda_->zero_grads();
+      const double loss = cuda_->forward_backward(inputs_.data(), targets_.data(), n, s_.T, grad_scale);
+      if (exact_) exact_->add(cuda_->device_grads());
+      if (s_.model->n_peer_layers() > 0) cuda_->add_expert_counts(s_.expert_counts);
+      // One rank: stop at once. Several: after the sums, so that every rank stops together (a rank
+      // leaving alone would leave the others waiting in the collective).
+      PL_CHECK(s_.world > 1 || std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step,
+               " (micro-batch ", a, "); stopping before it corrupts the weights. Lower optim.lr (now ",
+               s_.cfg.optim.lr, ")");
+      micro_loss[first / s_.B] = loss;
+    }
+  }
+
+  TrainSession& s_;
+  std::unique_ptr<ExactGradSum> sum_;
+  std::unique_ptr<CudaModel> cuda_;
+  std::unique_ptr<ExactGradSumDevice> exact_;
+  std::vector<int32_t> inputs_, targets_;
+};
+
+}  // namespace
+
+std::unique_ptr<StepRunner> make_cuda_step_runner(TrainSession& s) { return std::make_unique<CudaStepRunner>(s); }
+
+#endif
+
+}  // namespace peerless
