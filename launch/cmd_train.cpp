@@ -7,6 +7,7 @@
 #include "parallel/bootstrap.h"
 #include "parallel/comm.h"
 #include "runtime/config.h"
+#include "runtime/error.h"
 
 namespace peerless {
 
@@ -24,7 +25,21 @@ int cmd_train(const Args& args) {
            "continue from a checkpoint: auto = the newest complete one of this run (none: start at step 0), or a "
            "checkpoint directory; re-uses the run directory");
   p.flag("list-keys", &list_keys, "print every config key with its default and allowed range");
+  std::string world, expert_parallel;
+  p.option("world", &world, "N",
+           "with --dry-run: plan rank 0 of N ranks (memory per rank, bytes sent per step) without running them");
+  p.option("expert-parallel", &expert_parallel, "E",
+           "with --world: ranks per expert-parallel group (default: the config's parallel.expert_parallel)");
   if (!p.parse(args)) return 0;
+  TrainOptions options{dry_run, overwrite, resume};
+  if (!world.empty()) {
+    PL_CHECK(dry_run, config, "--world plans a run that is not happening: give it with --dry-run");
+    options.plan_world = static_cast<int>(parse_int_arg("world", world));
+  }
+  if (!expert_parallel.empty()) {
+    PL_CHECK(!world.empty(), config, "--expert-parallel needs --world N");
+    options.plan_expert_parallel = static_cast<int>(parse_int_arg("expert-parallel", expert_parallel));
+  }
   if (list_keys) {
     RunConfig defaults;
     ConfigSchema schema;
@@ -35,7 +50,7 @@ int cmd_train(const Args& args) {
   RunConfig cfg = load_run_config(config_path, overrides);
   auto comm = dry_run ? make_single_comm()
                       : make_world_comm(process_info(), cfg.parallel.backend, cfg.parallel.timeout_s);
-  return run_training(cfg, TrainOptions{dry_run, overwrite, resume}, *comm);
+  return run_training(cfg, options, *comm);
 }
 
 }  // namespace peerless

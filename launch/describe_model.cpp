@@ -1,9 +1,11 @@
 // The parameter and memory accounting printed by --dry-run and at the start of training (trainer.h).
+#include <algorithm>
 #include <sstream>
 #include <string>
 
 #include "launch/format.h"
 #include "launch/trainer.h"
+#include "model/data_parallel.h"
 #include "model/optimizer.h"
 #include "runtime/error.h"
 
@@ -27,6 +29,17 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
   // device memory).
   const double exact_sums =
       deterministic_on(cfg) && cfg.run.device == "cpu" ? 8.0 * static_cast<double>(layout.total()) : 0.0;
+  // The gradient exchange's own buffers: ZeRO-1 staging, and on host backends (MPI) the library's
+  // scratch copy of the largest all-reduced bucket (Open MPI's ring all-reduce holds one).
+  const auto buckets = DataParallel::plan_buckets(model, world, cfg.parallel.bucket_mb << 20);
+  double exchange = static_cast<double>(DataParallel::staging_bytes(buckets, world, cfg.parallel.zero1));
+  if (world > 1 && cfg.run.device == "cpu") {
+    double largest = 0;
+    for (const auto& b : buckets)
+      if (b.expert ? world > model.expert_shard().shards : !cfg.parallel.zero1)
+        largest = std::max(largest, 4.0 * static_cast<double>(b.end - b.begin));
+    exchange += largest;
+  }
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.data.seq_len);
   const double acts = tokens * static_cast<double>(model.activation_bytes_per_token());
   std::ostringstream os;
@@ -42,14 +55,15 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
      << human_bytes(codes) << ", optimizer flags " << human_bytes(flags)
      << ", activations " << human_bytes(acts) << " (micro-batch " << cfg.train.micro_batch << " x "
      << cfg.data.seq_len << ")"
-     << (exact_sums > 0 ? cat(", exact gradient sums (int64) ", human_bytes(exact_sums)) : std::string()) << "\n";
+     << (exact_sums > 0 ? cat(", exact gradient sums (int64) ", human_bytes(exact_sums)) : std::string())
+     << (exchange > 0 ? cat(", exchange buffers ", human_bytes(exchange)) : std::string()) << "\n";
   // PEER bookkeeping per layer and expert: fp64 retrieval counts of the logging window, and with
   // lazy Adam one touched flag.
   const double peer_counters =
       static_cast<double>(model.n_peer_layers()) *
       (8.0 * static_cast<double>(model.peer_experts()) +
        (cfg.optim.table_optimizer == "lazy_adam" ? static_cast<double>(model.peer_table_rows()) : 0.0));
-  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters + exact_sums)
+  os << "  total ≈ " << human_bytes(latent + grads + adam + codes + flags + acts + peer_counters + exact_sums + exchange)
      << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
                            : std::string())
      << "\n";

@@ -228,11 +228,17 @@ bool setup_session(TrainSession& s) {
   s.rank = s.comm.rank();
   s.world = s.comm.size();
   s.lead = s.rank == 0;
+  const std::string data_note = open_data(s);
+  if (s.options.plan_world > 0) {  // a world that is not running: its plan instead of this rank's accounting
+    const int ep = s.options.plan_expert_parallel >= 0 ? s.options.plan_expert_parallel
+                                                       : static_cast<int>(cfg.parallel.expert_parallel);
+    std::printf("%s%s\n", describe_plan(cfg, s.options.plan_world, ep).c_str(), data_note.c_str());
+    return false;
+  }
   // Dense parameters are data-parallel over all ranks; the expert-parallel split (PEER tables)
   // only regroups ranks, so it is validated and printed here.
   s.topology = make_topology(s.rank, s.world, static_cast<int>(cfg.parallel.expert_parallel));
   if (cfg.run.threads > 0) set_cpu_threads(static_cast<int>(cfg.run.threads));
-  const std::string data_note = open_data(s);
   ConfigSchema schema;
   cfg.bind(schema);
   s.config_text = schema.to_toml();
@@ -384,7 +390,25 @@ StopFlags agree_on_stop(TrainSession& s) {
   return StopFlags{static_cast<int>(flags[0]), flags[1] != 0, flags[2] != 0};
 }
 
-void account_step(TrainSession& s, int64_t step, const StepResult& r) {
+CommSnapshot comm_snapshot(const TrainSession& s) {
+  CommSnapshot c;
+  c.world = s.comm.traffic();
+  if (s.ep_comm) c.experts = s.ep_comm->traffic();
+  if (s.replicas) c.replicas = s.replicas->traffic();
+  return c;
+}
+
+void account_step(TrainSession& s, int64_t step, const StepResult& r, const CommSnapshot& before) {
+  // By communicator and kind, as launch/plan.cpp predicts them (the small all-reduces of the loss
+  // and the gradient norm land in "gradients").
+  const CommSnapshot now = comm_snapshot(s);
+  const CommTraffic world = now.world - before.world, experts = now.experts - before.experts,
+                    replicas = now.replicas - before.replicas;
+  s.sent.gradients += world[Collective::all_reduce].sent + world[Collective::reduce_scatter].sent;
+  s.sent.gathers += world[Collective::all_gather].sent;
+  s.sent.expert_gradients += replicas[Collective::all_reduce].sent;
+  s.sent.expert_exchange += experts[Collective::all_to_all].sent;
+  ++s.sent_steps;
   s.loader->advance();
   s.tokens_seen += s.G * s.T;
   s.window_tokens += s.G * s.T;
@@ -488,6 +512,14 @@ void print_peak_memory(TrainSession& s, StepRunner& runner) {
   for (int r = 0; r < s.world; ++r)
     line += cat(r ? "," : "", " rank ", r, " ", human_bytes(static_cast<double>(peaks[r])), " = ", peaks[r], " bytes");
   std::printf("%s\n", line.c_str());
+  if (s.world > 1 && s.sent_steps > 0) {
+    const double n = static_cast<double>(s.sent_steps);
+    const StepTrafficPlan& t = s.sent;
+    std::printf("bytes rank 0 sent per optimizer step (measured, mean of %lld): gradients %.0f, gathers %.0f, expert "
+                "gradients %.0f, expert exchange %.0f, total %.0f\n",
+                static_cast<long long>(s.sent_steps), t.gradients / n, t.gathers / n, t.expert_gradients / n,
+                t.expert_exchange / n, t.total() / n);
+  }
   std::fflush(stdout);
 }
 

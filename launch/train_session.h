@@ -16,6 +16,7 @@
 
 #include "data/dataset.h"
 #include "data/loader.h"
+#include "launch/plan.h"
 #include "launch/trainer.h"
 #include "model/data_parallel.h"
 #include "model/exact_sum.h"
@@ -55,6 +56,9 @@ struct TrainSession {
   int64_t window_steps = 0, window_tokens = 0;
   double window_loss = 0;
   std::vector<double> expert_counts;  // (PEER layers, N)
+  // Bytes this rank sent inside the optimizer steps, by purpose (launch/plan.h), and over how many.
+  StepTrafficPlan sent;
+  int64_t sent_steps = 0;
   using Clock = std::chrono::steady_clock;
   Clock::time_point t_start, t_window, t_checkpoint;  // training start, window start, last checkpoint
 };
@@ -104,8 +108,13 @@ struct StopFlags {
   bool checkpoint_due = false;  // checkpoint.every_minutes elapsed
 };
 StopFlags agree_on_stop(TrainSession& s);
-// Counts a finished step into the totals and the logging window.
-void account_step(TrainSession& s, int64_t step, const StepResult& r);
+// What the session's communicators have sent so far.
+struct CommSnapshot {
+  CommTraffic world, experts, replicas;
+};
+CommSnapshot comm_snapshot(const TrainSession& s);
+// Counts a finished step into the totals, the logging window and the bytes sent since `before`.
+void account_step(TrainSession& s, int64_t step, const StepResult& r, const CommSnapshot& before);
 // The window's progress line and metrics (with a validation pass when due).
 void log_progress(TrainSession& s, StepRunner& runner, int64_t step, const StepResult& r, bool eval_now);
 // Writes a checkpoint of the state after `step`; returns its directory.

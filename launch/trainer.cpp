@@ -24,8 +24,9 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const TrainSection& train = s.cfg.train;
   for (int64_t step = s.start_step + 1; step <= train.max_steps; ++step) {
     PL_ASSERT(s.loader->step() == step);
+    const CommSnapshot before = comm_snapshot(s);
     const StepResult r = runner->step(step);
-    account_step(s, step, r);
+    account_step(s, step, r, before);
     const StopFlags stop = agree_on_stop(s);
     const bool last = step == train.max_steps || stop.time_limit;
     const bool eval_now = !last && train.eval_every > 0 && step % train.eval_every == 0;

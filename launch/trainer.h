@@ -22,6 +22,10 @@ struct TrainOptions {
   bool dry_run = false;
   bool overwrite = false;  // replace an existing run directory
   std::string resume;      // "" = fresh start; "auto" = newest complete checkpoint if any; or a path
+  // Dry run for a world that is not running (launch/plan.h): > 0 prints the plan of rank 0 of
+  // plan_world ranks with plan_expert_parallel ranks per expert group (-1: the config's).
+  int plan_world = 0;
+  int plan_expert_parallel = -1;
 };
 
 // Trains per `cfg`; returns the process exit status.

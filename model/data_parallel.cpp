@@ -82,14 +82,26 @@ DataParallel::DataParallel(const Model& model, Comm& dp, bool zero1, int64_t buc
   for (const auto& b : buckets_)
     if (b.expert) expert_ranges_.push_back({b.begin, b.end});
   std::sort(expert_ranges_.begin(), expert_ranges_.end());
-  int64_t max_slice = 0;
-  for (const auto& b : buckets_) max_slice = std::max(max_slice, b.slice);
+  const int64_t max_slice = max_staged_slice(buckets_);
   if (zero1_ && W > 1) {
     stage_.resize(W * max_slice);
     recv_.resize(max_slice);
     stage_u8_.resize(W * max_slice / 4);
     code_slice_.resize(max_slice);
   }
+}
+
+int64_t DataParallel::max_staged_slice(const std::vector<Bucket>& buckets) {
+  int64_t m = 0;
+  for (const auto& b : buckets)
+    if (!b.expert) m = std::max(m, b.slice);  // expert buckets are all-reduced in place, never staged
+  return m;
+}
+
+int64_t DataParallel::staging_bytes(const std::vector<Bucket>& buckets, int world, bool zero1) {
+  if (!zero1 || world == 1) return 0;
+  const int64_t s = max_staged_slice(buckets);
+  return 4 * world * s + 4 * s + world * s / 4 + s;  // stage_, recv_, stage_u8_, code_slice_
 }
 
 int64_t DataParallel::owned_end(const Bucket& b) const {
@@ -138,18 +150,32 @@ bool DataParallel::finish_exact(float* grads) {
 }
 
 DataParallel::Traffic DataParallel::traffic() const {
+  return plan_traffic(buckets_, dp_.size(), zero1_, exact_ != nullptr, replicas_ ? replicas_->size() : 1);
+}
+
+DataParallel::Traffic DataParallel::plan_traffic(const std::vector<Bucket>& buckets, int world, bool zero1,
+                                                 bool deterministic, int replicas) {
   Traffic t;
-  const int W = dp_.size();
+  const double W = world, R = replicas;
   // Deterministic mode: int64 sums, all-reduced whole; ZeRO-1 gathers fp32 values of every bucket.
-  const double grad_word = exact_ ? 8.0 : 4.0;
-  for (const auto& b : buckets_) {
+  const double grad_word = deterministic ? 8.0 : 4.0;
+  for (const auto& b : buckets) {
+    const double elems = static_cast<double>(b.end - b.begin);
     if (b.expert) {
-      if (replicas_->size() > 1) t.grad_bytes += grad_word * static_cast<double>(b.end - b.begin);
+      if (replicas > 1) t.grad_bytes += grad_word * elems, t.expert_grad_sent += 2 * (R - 1) / R * grad_word * elems;
       continue;
     }
-    const double n = static_cast<double>(zero1_ ? W * b.slice : b.end - b.begin);
-    t.grad_bytes += grad_word * (exact_ && zero1_ ? 2 * n : n);  // an all-reduce moves twice a reduce-scatter
-    if (zero1_) t.gather_bytes += b.ternary && !exact_ ? n / 4 : 4 * n;
+    if (world == 1) continue;
+    const double n = zero1 ? W * static_cast<double>(b.slice) : elems;
+    // An all-reduce sends 2(W−1)/W of its buffer, a reduce-scatter (W−1)/W.
+    const bool all_reduce = deterministic || !zero1;
+    t.grad_bytes += grad_word * (deterministic && zero1 ? 2 * n : n);
+    t.grad_sent += (all_reduce ? 2 : 1) * (W - 1) / W * grad_word * (deterministic ? elems : n);
+    if (zero1) {
+      const double gathered = b.ternary && !deterministic ? n / 4 : 4 * n;
+      t.gather_bytes += gathered;
+      t.gather_sent += (W - 1) / W * gathered;
+    }
     t.bf16_gather_bytes += 2 * n;
   }
   return t;

@@ -53,12 +53,20 @@ class DataParallel {
     int64_t slice = 0;           // ZeRO-1 elements per rank (multiple of 16); dp_size·slice ≥ end − begin
     std::vector<int> params;     // parameter indices overlapping the bucket
   };
-  // Bytes one rank sends+receives per optimizer step, as counted by the collectives' sizes.
+  // One rank's collectives per optimizer step: payload (the buffers' sizes) and the bytes it sends
+  // under ring algorithms (CommTraffic's model, parallel/comm.h), which the trainer measures.
   struct Traffic {
     double grad_bytes = 0;        // gradient all-reduce or reduce-scatter payload
     double gather_bytes = 0;      // ZeRO-1: packed codes + fp32 full-precision parameters
     double bf16_gather_bytes = 0; // the same gather if it carried bf16 weights
+    double grad_sent = 0;         // sent: dense gradients (all-reduce or reduce-scatter over all ranks)
+    double gather_sent = 0;       // sent: ZeRO-1 gathers
+    double expert_grad_sent = 0;  // sent: sharded tables' gradients, all-reduced over their replicas
   };
+  // The traffic of a bucket plan on `world` ranks, with `replicas` ranks holding each table shard,
+  // without a communicator (the planner for world sizes that are not running uses it).
+  static Traffic plan_traffic(const std::vector<Bucket>& buckets, int world, bool zero1, bool deterministic,
+                              int replicas);
 
   // replicas and expert_group are needed when the model's tables are sharded (else ignored).
   DataParallel(const Model& model, Comm& dp, bool zero1, int64_t bucket_bytes, Comm* replicas = nullptr,
@@ -75,6 +83,8 @@ class DataParallel {
   static std::vector<Range> owned_ranges(const std::vector<Bucket>& buckets, int rank, bool zero1, int world,
                                          int64_t total);
 
+  // ZeRO-1's staging buffers (bytes) for a bucket plan: one bucket's slices at a time.
+  static int64_t staging_bytes(const std::vector<Bucket>& buckets, int world, bool zero1);
   bool zero1() const { return zero1_; }
   const std::vector<Bucket>& buckets() const { return buckets_; }
   // Ranges of the flat buffer this rank updates (everything without ZeRO-1).
@@ -105,6 +115,7 @@ class DataParallel {
   void exchange(int bucket, float* grads);
   double grad_norm_exact(const float* grads);
   void gather_values(const Bucket& b, float* params);  // ZeRO-1: fp32 all-gather of one bucket
+  static int64_t max_staged_slice(const std::vector<Bucket>& buckets);
   int64_t owned_begin(const Bucket& b) const { return b.begin + dp_.rank() * b.slice; }
   int64_t owned_end(const Bucket& b) const;
 

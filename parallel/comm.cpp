@@ -43,20 +43,63 @@ void check_v(const char* what, const std::vector<int64_t>& counts, const std::ve
 }
 }  // namespace
 
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::all_reduce: return "all_reduce";
+    case Collective::reduce_scatter: return "reduce_scatter";
+    case Collective::all_gather: return "all_gather";
+    case Collective::all_to_all: return "all_to_all";
+    case Collective::broadcast: return "broadcast";
+    default: return "?";
+  }
+}
+
+CommTraffic& CommTraffic::operator+=(const CommTraffic& o) {
+  for (int k = 0; k < static_cast<int>(Collective::kCount); ++k) {
+    by_kind[k].calls += o.by_kind[k].calls;
+    by_kind[k].payload += o.by_kind[k].payload;
+    by_kind[k].sent += o.by_kind[k].sent;
+  }
+  return *this;
+}
+
+CommTraffic CommTraffic::operator-(const CommTraffic& o) const {
+  CommTraffic d = *this;
+  for (int k = 0; k < static_cast<int>(Collective::kCount); ++k) {
+    d.by_kind[k].calls -= o.by_kind[k].calls;
+    d.by_kind[k].payload -= o.by_kind[k].payload;
+    d.by_kind[k].sent -= o.by_kind[k].sent;
+  }
+  return d;
+}
+
+void Comm::count(Collective c, double payload, double sent) {
+  CommCounter& k = traffic_[c];
+  ++k.calls;
+  k.payload += payload;
+  k.sent += size_ > 1 ? sent : 0.0;
+}
+
 void Comm::all_reduce(void* buf, int64_t count, DType type, ReduceOp op) {
   check_buffer("all_reduce", buf, count);
+  const double n = static_cast<double>(count) * static_cast<double>(dtype_size(type)), W = size_;
+  this->count(Collective::all_reduce, n, 2 * (W - 1) / W * n);
   if (count) all_reduce_impl(buf, count, type, op);
 }
 
 void Comm::reduce_scatter(const void* send, void* recv, int64_t recv_count, DType type, ReduceOp op) {
   check_buffer("reduce_scatter send", send, recv_count * size_);
   check_buffer("reduce_scatter recv", recv, recv_count);
+  const double n = static_cast<double>(recv_count * size_) * static_cast<double>(dtype_size(type)), W = size_;
+  count(Collective::reduce_scatter, n, (W - 1) / W * n);
   if (recv_count) reduce_scatter_impl(send, recv, recv_count, type, op);
 }
 
 void Comm::all_gather(const void* send, void* recv, int64_t send_count, DType type) {
   check_buffer("all_gather send", send, send_count);
   check_buffer("all_gather recv", recv, send_count * size_);
+  const double n = static_cast<double>(send_count * size_) * static_cast<double>(dtype_size(type)), W = size_;
+  count(Collective::all_gather, n, (W - 1) / W * n);
   if (send_count) all_gather_impl(send, recv, send_count, type);
 }
 
@@ -65,12 +108,21 @@ void Comm::all_to_all_v(const void* send, const std::vector<int64_t>& send_count
                         const std::vector<int64_t>& recv_offsets, DType type) {
   check_v("all_to_all_v send", send_counts, send_offsets, size_);
   check_v("all_to_all_v recv", recv_counts, recv_offsets, size_);
+  double payload = 0, away = 0;
+  for (int r = 0; r < size_; ++r) {
+    payload += static_cast<double>(send_counts[r]);
+    if (r != rank_) away += static_cast<double>(send_counts[r]);
+  }
+  const double es = static_cast<double>(dtype_size(type));
+  count(Collective::all_to_all, payload * es, away * es);
   all_to_all_v_impl(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, type);
 }
 
 void Comm::broadcast(void* buf, int64_t count, DType type, int root) {
   check_buffer("broadcast", buf, count);
   PL_CHECK(root >= 0 && root < size_, internal, "broadcast: root ", root, " outside [0, ", size_, ")");
+  const double n = static_cast<double>(count) * static_cast<double>(dtype_size(type));
+  this->count(Collective::broadcast, n, n);
   if (count) broadcast_impl(buf, count, type, root);
 }
 

@@ -27,6 +27,26 @@ enum class ReduceOp { sum, max, min };
 size_t dtype_size(DType t);
 const char* dtype_name(DType t);
 
+// What one rank handed to each kind of collective since its communicator was made: calls, payload
+// bytes (the buffer sizes) and the bytes this rank sends under the bandwidth-optimal ring algorithms
+// that NCCL and Open MPI use for large messages: all-reduce 2(W−1)/W·n, reduce-scatter and
+// all-gather (W−1)/W·n of the whole n-byte result, all-to-all the blocks addressed to other ranks,
+// broadcast n (a pipelined chain: every rank but the last forwards the message). The training
+// planner (launch/plan.h) predicts the same quantities; the trainer prints them measured.
+enum class Collective { all_reduce, reduce_scatter, all_gather, all_to_all, broadcast, kCount };
+const char* collective_name(Collective c);
+struct CommCounter {
+  int64_t calls = 0;
+  double payload = 0, sent = 0;
+};
+struct CommTraffic {
+  CommCounter by_kind[static_cast<int>(Collective::kCount)];
+  CommCounter& operator[](Collective c) { return by_kind[static_cast<int>(c)]; }
+  const CommCounter& operator[](Collective c) const { return by_kind[static_cast<int>(c)]; }
+  CommTraffic& operator+=(const CommTraffic& o);
+  CommTraffic operator-(const CommTraffic& o) const;
+};
+
 class Comm {
  public:
   virtual ~Comm() = default;
@@ -53,6 +73,7 @@ class Comm {
   void synchronize();
   // Ranks with the same color form a new communicator, ordered by (key, old rank). Collective.
   std::unique_ptr<Comm> split(int color, int key);
+  const CommTraffic& traffic() const { return traffic_; }
 
  protected:
   Comm(int rank, int size) : rank_(rank), size_(size) {}
@@ -69,7 +90,9 @@ class Comm {
   virtual std::unique_ptr<Comm> split_impl(int color, int key) = 0;
 
  private:
+  void count(Collective c, double payload, double sent);
   int rank_, size_;
+  CommTraffic traffic_;
 };
 
 // One process, world size 1: every collective copies send to receive (or does nothing in place).

@@ -1,0 +1,99 @@
+// The planner of --dry-run --world (see plan.h).
+#include "launch/plan.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "launch/format.h"
+#include "launch/trainer.h"
+#include "model/data_parallel.h"
+#include "model/model.h"
+#include "parallel/topology.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+
+// The expert exchange of one rank per optimizer step (model/expert_parallel.h: four all-to-alls
+// forward, four backward, per PEER layer and micro-batch). Per token, its h·k entries go to the
+// owners of their rows; a token reaches D distinct other owners. With the entries spread uniformly
+// over P owners, D = (P − 1)·(1 − (1 − 1/P)^(h·k)) and (P − 1)/P of the entries are remote. A rank
+// sends, as the sender of its tokens: x and dy (d floats each) and the entries' count (8 B) per
+// token-owner pair, row and gate (8 B) per entry; as an owner, returning what its peers sent it
+// (the same amounts on average): the partial outputs and dx (d floats each; int64 in deterministic
+// mode) per pair and the gates' gradients (4 B) per entry. Routing concentrated on few owners sends
+// less (fewer distinct owners per token); the measured figure says by how much.
+double expert_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
+  const ModelConfig& m = cfg.model;
+  const auto layers = static_cast<double>(m.peer_block_list().size());
+  if (expert_parallel <= 1 || layers == 0) return 0;
+  const double P = expert_parallel, E = static_cast<double>(m.peer_heads * m.peer_topk), d = static_cast<double>(m.d_model);
+  const double pairs = (P - 1) * (1 - std::pow(1 - 1 / P, E)), remote_entries = E * (P - 1) / P;
+  const double partial_word = deterministic_on(cfg) ? 8.0 : 4.0;
+  const double as_sender = pairs * (4 * d + 4 * d + 8) + remote_entries * 8;
+  const double as_owner = pairs * 2 * partial_word * d + remote_entries * 4;
+  const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.train.accum_steps * cfg.data.seq_len);
+  // The counts exchange: 2 int64 per owner forward.
+  const double counts = 16 * (P - 1) * static_cast<double>(cfg.train.accum_steps);
+  return layers * (tokens * (as_sender + as_owner) + counts);
+}
+
+Topology plan_topology(const RunConfig& cfg, int world, int expert_parallel) {
+  PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
+  return make_topology(0, world, expert_parallel);
+}
+
+}  // namespace
+
+StepTrafficPlan plan_step_traffic(const RunConfig& cfg, int world, int expert_parallel) {
+  const Topology topo = plan_topology(cfg, world, expert_parallel);
+  const bool shard = topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
+  const Model model(cfg.model, shard ? ExpertShard{topo.ep_size, 0} : ExpertShard{});
+  const auto buckets = DataParallel::plan_buckets(model, world, cfg.parallel.bucket_mb << 20);
+  const bool deterministic = deterministic_on(cfg);
+  const auto t = DataParallel::plan_traffic(buckets, world, cfg.parallel.zero1, deterministic, shard ? topo.dp_size : 1);
+  StepTrafficPlan p;
+  p.gradients = t.grad_sent;
+  p.gathers = t.gather_sent;
+  p.expert_gradients = t.expert_grad_sent;
+  p.expert_exchange = shard ? expert_exchange_bytes(cfg, topo.ep_size) : 0;
+  // Lazy AdamW on the CPU: the union of the rows each rank retrieved, one byte per row of every
+  // table, all-reduced over the ranks holding the same rows (all ranks when the tables are whole).
+  if (cfg.optim.table_optimizer == "lazy_adam" && cfg.run.device == "cpu" && model.n_peer_layers() > 0) {
+    const double R = shard ? topo.dp_size : world;
+    const double flags = 2 * (R - 1) / R * static_cast<double>(model.n_peer_layers() * model.peer_table_rows());
+    (shard ? p.expert_gradients : p.gradients) += flags;
+  }
+  return p;
+}
+
+std::string describe_plan(const RunConfig& cfg, int world, int expert_parallel) {
+  const Topology topo = plan_topology(cfg, world, expert_parallel);
+  const bool shard = topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
+  const Model model(cfg.model, shard ? ExpertShard{topo.ep_size, 0} : ExpertShard{});
+  RunConfig at = cfg;
+  at.parallel.expert_parallel = topo.ep_size;
+  const StepTrafficPlan t = plan_step_traffic(cfg, world, topo.ep_size);
+  std::ostringstream os;
+  os << "plan for world " << world << " (" << topo.dp_size << " data-parallel replica" << (topo.dp_size == 1 ? "" : "s")
+     << " x " << topo.ep_size << " expert shard" << (topo.ep_size == 1 ? "" : "s") << "), rank 0, run.device "
+     << cfg.run.device << ":\n";
+  os << describe_model(model, at, world);
+  const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.train.accum_steps * cfg.data.seq_len);
+  os << "bytes rank 0 sends per optimizer step (ring algorithms; " << human_count(static_cast<int64_t>(tokens))
+     << " tokens on this rank):\n";
+  os << "  gradients " << human_bytes(t.gradients) << " = " << static_cast<int64_t>(t.gradients) << "\n";
+  os << "  gathers " << human_bytes(t.gathers) << " = " << static_cast<int64_t>(t.gathers) << "\n";
+  os << "  expert gradients " << human_bytes(t.expert_gradients) << " = " << static_cast<int64_t>(t.expert_gradients)
+     << "\n";
+  os << "  expert exchange " << human_bytes(t.expert_exchange) << " = " << static_cast<int64_t>(t.expert_exchange)
+     << (shard ? " (uniform routing)" : "") << "\n";
+  os << "  total " << human_bytes(t.total()) << " = " << static_cast<int64_t>(t.total()) << "\n";
+  if (cfg.run.device == "cuda")
+    os << "device memory: the GPU path's estimate is not in the planner yet; `peerless train` prints the measured "
+          "figure at start (docs/architecture.md)\n";
+  return os.str();
+}
+
+}  // namespace peerless
