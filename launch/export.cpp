@@ -88,17 +88,25 @@ void encode(const arch::Tensor& t, TensorType type, bool r4, const TensorValues&
 
 ExportReport export_gguf(const ModelFileReader& reader, const Tokenizer& tokenizer, const ExportOptions& o,
                          const std::string& out_path) {
+  const ModelValues values(reader.structure(), reader);
+  const ExportSource src{reader.structure(), values, reader.config().data.seq_len, reader.config().run.name,
+                         reader.step(), reader.tokens()};
+  return export_gguf(src, tokenizer, o, out_path);
+}
+
+ExportReport export_gguf(const ExportSource& src, const Tokenizer& tokenizer, const ExportOptions& o,
+                         const std::string& out_path) {
   const auto t0 = std::chrono::steady_clock::now();
   PL_CHECK(o.format == "gguf" || o.format == "packed", config, "export format \"", o.format, "\"");
   const bool r4 = o.format == "packed";
-  const Model& structure = reader.structure();
+  const Model& structure = src.structure;
   const ModelConfig& c = structure.config();
   const auto table = arch::tensors(structure);
-  const ModelValues values(structure, reader);
+  const TensorValues& values = src.values;
 
   gguf::Writer w(out_path, r4 ? 64 : 32);
-  arch::write_keys(w, c, reader.config().data.seq_len, r4 ? arch::kLayoutR4 : arch::kLayoutReference);
-  w.kv_str("general.name", o.name.empty() ? reader.config().run.name : o.name);
+  arch::write_keys(w, c, src.context_length, r4 ? arch::kLayoutR4 : arch::kLayoutReference);
+  w.kv_str("general.name", o.name.empty() ? src.name : o.name);
   w.kv_str("general.type", "model");
   w.kv_u32("general.quantization_version", 2);
   if (!r4) w.kv_u32("general.file_type", o.ternary == TensorType::tq1_0 ? 36 : 37);
@@ -106,8 +114,8 @@ ExportReport export_gguf(const ModelFileReader& reader, const Tokenizer& tokeniz
     w.kv_str(arch::kExpertTypeKey, arch::writes_peer_records(c, r4) ? arch::kExpertTypeR1U2
                                    : c.peer_ternary                  ? "tq2_0"
                                                                      : "f32");
-  w.kv_u64("peerless.trained_steps", static_cast<uint64_t>(reader.step()));
-  w.kv_u64("peerless.trained_tokens", static_cast<uint64_t>(reader.tokens()));
+  w.kv_u64("peerless.trained_steps", static_cast<uint64_t>(src.step));
+  w.kv_u64("peerless.trained_tokens", static_cast<uint64_t>(src.tokens));
   write_gguf_tokenizer(w, tokenizer, c.vocab_size);
   std::vector<TensorType> types;
   int64_t total = 0;

@@ -15,6 +15,7 @@
 
 #include "data/tokenizer.h"
 #include "launch/model_file.h"
+#include "model/infer/tensor_values.h"
 #include "runtime/quant_formats.h"
 
 namespace peerless {
@@ -35,6 +36,17 @@ struct ExportReport {
 };
 
 ExportReport export_gguf(const ModelFileReader& reader, const Tokenizer& tokenizer, const ExportOptions& options,
+                         const std::string& out_path);
+
+// The same from any source of tensor values (synthetic models for benchmarks and tests).
+struct ExportSource {
+  const Model& structure;
+  const TensorValues& values;
+  int64_t context_length = 0;
+  std::string name;
+  int64_t step = 0, tokens = 0;
+};
+ExportReport export_gguf(const ExportSource& source, const Tokenizer& tokenizer, const ExportOptions& options,
                          const std::string& out_path);
 
 }  // namespace peerless
