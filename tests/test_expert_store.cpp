@@ -346,7 +346,7 @@ int64_t status_kib(const char* field) {
 
 }  // namespace
 
-// A table 4x the cap: the streamed run's peak RSS growth (VmHWM after the run minus VmRSS before,
+// A table far beyond 4x the cap (16 MiB of records, 64 KiB cap): the streamed run's peak RSS growth (VmHWM after the run minus VmRSS before,
 // the peak reset through /proc/self/clear_refs) stays under cap + dense weights + index + 8 MiB, and
 // the text equals the resident run's. The allowance covers scratch, thread stacks and the allocator;
 // touching the table through gguf::File's mapping (16 MiB) or building its floats (256 MiB) would
@@ -355,7 +355,7 @@ TEST(ExpertStreaming, PeakRssStaysUnderTheCapWithATableFourTimesLarger) {
   test::TempDir dir;
   const std::string path = dir / "big.gguf";
   write_random_model(peer_config(512, 4, 8, "1"), path, "packed", 21);  // N = 262144, 16 MiB of records
-  const int64_t cap = 4 << 20;
+  const int64_t cap = 64 << 10;  // 1024 records: the 72 tokens' 2304 lookups overflow it
   int64_t table_bytes = 0, file_bytes = 0;
   {
     const gguf::File f(path);
@@ -391,7 +391,7 @@ TEST(ExpertStreaming, PeakRssStaysUnderTheCapWithATableFourTimesLarger) {
   EXPECT_LE(peak - before, cap + dense + st.overhead_bytes + allowance)
       << "peak RSS growth " << (peak - before) << " B; cap " << cap << ", dense " << dense << ", index+staging "
       << st.overhead_bytes;
-  EXPECT_GT(st.misses, 0);
+  EXPECT_EQ(st.cache_peak_bytes, cap);  // the cap was reached: eviction ran
   const gguf::File f(path);
   std::vector<int32_t> resident_text;
   greedy_logits(*InferenceModel::load(f), 64, &resident_text);
