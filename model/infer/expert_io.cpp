@@ -142,6 +142,7 @@ void RecordCache::evict(int32_t slot) {
 }
 
 void RecordCache::make_room(int64_t need, int64_t now, int64_t window, uint64_t epoch) {
+  if (window == 0 && count_ + need <= slots_) return;  // room without a scan: nothing has to leave
   std::vector<int32_t> victims, others;
   for (int32_t s = 0; s < count_; ++s) {
     if (pin_[s] == epoch) continue;
