@@ -29,6 +29,7 @@
 
 #include "launch/args.h"
 #include "launch/bench_decode.h"
+#include "launch/bench_stream.h"
 #include "launch/commands.h"
 #include "model/infer/ternary_kernels.h"
 #include "model/ops/bitlinear.h"
@@ -123,7 +124,8 @@ std::vector<Shape> parse_shapes(const std::string& value) {
 int bench_infer(const Args& args) {
   std::string shapes_s = "2048x2048,2560x6912,6912x2560,1024x1024,5632x1024", m_s = "1,32,128", threads_s = "1,2",
               iters_s = "50", warmup_s = "3", rotate_s = "256", bw_s = "1024", bw_reps_s = "7", variant_s,
-              models_s = "dense,peer", config_s = "configs/mmf-370m.toml", prompt_s = "128", decode_s = "64";
+              models_s = "dense,peer", config_s = "configs/mmf-370m.toml", prompt_s = "128", decode_s = "64",
+              stream_file_s = "bench-stream.gguf", stream_dim_s = "256", io_depth_s = "8";
   ArgParser p("bench infer",
               "Times the CPU ternary inference kernels (int8 activations x r4-packed ternary weights, float epilogue; "
               "model/infer/ternary_kernels.h) against the machine's streaming read bandwidth (sum of 64-bit words "
@@ -142,14 +144,22 @@ int bench_infer(const Args& args) {
   p.option("bw-reps", &bw_reps_s, "N", "read-bandwidth runs per thread count (default 7)");
   p.option("variant", &variant_s, "NAME", "portable|avx2|avxvnni|avx512vnni (default: the active one)");
   p.option("models", &models_s, "LIST", "end-to-end decoding after the kernels: dense (--config), peer (N = 1024^2 "
-           "experts at d 256), both (default dense,peer) or none");
+           "experts at d 256), stream (that PEER model with experts streamed from disk at 100/25/5% of the table "
+           "resident, direct I/O and mmap, against the disk's random-read IOPS), a list (default dense,peer) or none");
   p.option("config", &config_s, "PATH", "the dense model's config (default configs/mmf-370m.toml)");
   p.option("prompt", &prompt_s, "N", "prompt tokens of the end-to-end runs (default 128)");
   p.option("decode", &decode_s, "N", "decoded tokens of the end-to-end runs (default 64)");
+  p.option("stream-file", &stream_file_s, "PATH", "--models stream: the synthetic 1M-expert packed model, written "
+           "when absent (default bench-stream.gguf, ~150 MB at d 256)");
+  p.option("stream-dim", &stream_dim_s, "D", "--models stream: d of that model (default 256)");
+  p.option("io-depth", &io_depth_s, "N", "--models stream: reads in flight (default 8)");
   if (!p.parse(args)) return 0;
-  PL_CHECK(models_s == "none" || models_s == "dense" || models_s == "peer" || models_s == "dense,peer" ||
-               models_s == "peer,dense",
-           config, "--models must be dense, peer, dense,peer or none (got '", models_s, "')");
+  {
+    std::stringstream ss(models_s);
+    for (std::string m; std::getline(ss, m, ',');)
+      PL_CHECK(m == "none" || m == "dense" || m == "peer" || m == "stream", config,
+               "--models is a list of dense, peer, stream, or none (got '", models_s, "')");
+  }
   const std::vector<Shape> shapes = parse_shapes(shapes_s);
   const std::vector<int64_t> ms = parse_list("m", m_s), thread_counts = parse_list("threads", threads_s);
   const int64_t iters = parse_int_arg("iters", iters_s), warmup = parse_int_arg("warmup", warmup_s);
@@ -259,7 +269,7 @@ int bench_infer(const Args& args) {
     }
   }
   if (total_wrong) std::printf("# %lld wrong outputs in total\n", static_cast<long long>(total_wrong));
-  if (models_s != "none") {
+  if (models_s.find("dense") != std::string::npos || models_s.find("peer") != std::string::npos) {
     DecodeBenchOptions d;
     d.config = config_s;
     d.prompt_tokens = parse_int_arg("prompt", prompt_s);
@@ -270,6 +280,18 @@ int bench_infer(const Args& args) {
     // One read-bandwidth run per call, interleaved with the decode rounds (bench_decode.cpp).
     d.read_gbps = [words, bw_words](int threads) { return read_bandwidth(words, bw_words, threads); };
     bench_decode_models(d);
+  }
+  if (models_s.find("stream") != std::string::npos) {
+    StreamBenchOptions so;
+    so.path = stream_file_s;
+    so.dim = parse_int_arg("stream-dim", stream_dim_s);
+    so.prompt_tokens = std::min<int64_t>(parse_int_arg("prompt", prompt_s), 16);
+    so.decode_tokens = parse_int_arg("decode", decode_s);
+    so.depth = static_cast<int>(parse_int_arg("io-depth", io_depth_s));
+    so.threads = static_cast<int>(thread_counts.back());
+    PL_CHECK(so.dim >= 256 && so.dim % 128 == 0 && so.depth >= 1, config,
+             "--stream-dim must be a multiple of 128, >= 256, and --io-depth >= 1");
+    bench_stream(so);
   }
   if (!variant_s.empty()) clear_forced_variant();
   return total_wrong ? 1 : 0;

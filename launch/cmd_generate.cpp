@@ -3,7 +3,9 @@
 #include <omp.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 
 #include "launch/args.h"
@@ -17,6 +19,50 @@
 #include "runtime/gguf.h"
 
 namespace peerless {
+
+namespace {
+
+InferenceOptions inference_options(const std::string& mb, const std::string& io, const std::string& window,
+                                   const std::string& depth) {
+  InferenceOptions o;
+  if (mb.empty()) return o;
+  o.stream_experts = true;
+  const double m = parse_float_arg("max-resident-mb", mb);
+  PL_CHECK(m > 0, config, "--max-resident-mb must be > 0 (got ", mb, ")");
+  o.max_resident_bytes = static_cast<int64_t>(m * 1048576.0);
+  o.io = parse_expert_io(io);
+  o.window = parse_int_arg("expert-window", window);
+  o.io_depth = static_cast<int>(parse_int_arg("io-depth", depth));
+  PL_CHECK(o.window >= 0 && o.io_depth >= 1 && o.io_depth <= 256, config,
+           "--expert-window must be >= 0 and --io-depth in [1, 256] (got ", window, ", ", depth, ")");
+  return o;
+}
+
+int64_t status_kib(const char* field) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(field, 0) == 0) return std::stoll(line.substr(std::strlen(field) + 1));
+  return -1;
+}
+
+void print_expert_stats(const ExpertStoreStats& s, int64_t tokens) {
+  std::fprintf(stderr,
+               "experts (%s): %lld lookups, %lld hits (%.1f%%), %lld misses; %lld reads, %s read (%s per token); "
+               "read latency mean %.0f us, p99 %.0f us; cache %s of %s cap (peak %s), index+staging %s; "
+               "peak RSS (VmHWM) %s\n",
+               s.io.c_str(), static_cast<long long>(s.lookups), static_cast<long long>(s.hits),
+               100.0 * static_cast<double>(s.hits) / static_cast<double>(std::max<int64_t>(s.lookups, 1)),
+               static_cast<long long>(s.misses), static_cast<long long>(s.reads),
+               human_bytes(static_cast<double>(s.bytes_read)).c_str(),
+               human_bytes(static_cast<double>(s.bytes_read) / static_cast<double>(std::max<int64_t>(tokens, 1))).c_str(),
+               s.read_us_mean, s.read_us_p99, human_bytes(static_cast<double>(s.cache_bytes)).c_str(),
+               human_bytes(static_cast<double>(s.cap_bytes)).c_str(),
+               human_bytes(static_cast<double>(s.cache_peak_bytes)).c_str(),
+               human_bytes(static_cast<double>(s.overhead_bytes)).c_str(),
+               human_bytes(static_cast<double>(status_kib("VmHWM:")) * 1024).c_str());
+}
+
+}  // namespace
 
 int cmd_generate(const Args& args) {
   std::string target, prompt = "\n", tokens = "200", temperature = "0.8", top_k = "0", top_p = "1", seed = "1",
@@ -35,7 +81,17 @@ int cmd_generate(const Args& args) {
   p.option("threads", &threads, "N", "CPU threads (default: all)");
   p.option("data", &data, "PATH", "token file with the tokenizer (model files without one)");
   p.flag("quiet", &quiet, "print only the text (no speeds)");
+  std::string max_resident_mb, expert_io = "direct", expert_window = "0", io_depth = "8";
+  p.option("max-resident-mb", &max_resident_mb, "MB",
+           "stream PEER experts from the .gguf: keep at most MB (MiB, may be fractional) of expert records in "
+           "memory (default: the whole tables resident as floats)");
+  p.option("expert-io", &expert_io, "MODE", "streamed experts: direct (O_DIRECT, default), pread (page cache) or "
+           "mmap (the baseline: the file's mapping, pages dropped at the cap)");
+  p.option("expert-window", &expert_window, "W", "streamed experts: records unused for W tokens leave the cache "
+           "(default 0: only the cap evicts, least recently used first)");
+  p.option("io-depth", &io_depth, "N", "streamed experts: reads in flight (default 8)");
   if (!p.parse(args)) return 0;
+  const InferenceOptions io_opts = inference_options(max_resident_mb, expert_io, expert_window, io_depth);
   SamplerOptions so;
   so.temperature = parse_float_arg("temperature", temperature);
   so.top_k = parse_int_arg("top-k", top_k);
@@ -50,9 +106,11 @@ int cmd_generate(const Args& args) {
   std::shared_ptr<Tokenizer> tokenizer;
   if (std::filesystem::is_regular_file(target) && !is_model_file(target)) {
     file = std::make_unique<gguf::File>(target);
-    model = InferenceModel::load(*file);
+    model = InferenceModel::load(*file, io_opts);
     tokenizer = read_gguf_tokenizer(*file);
   } else {
+    PL_CHECK(!io_opts.stream_experts, config, "--max-resident-mb streams experts from a .gguf file; ", target,
+             " is a model file (export it first)");
     const LoadedModel m = load_model_file(target);
     model = InferenceModel::from_model(*m.model, m.params.data());
     tokenizer = model_tokenizer(m, data);
@@ -81,6 +139,7 @@ int cmd_generate(const Args& args) {
                  static_cast<long long>(st.new_tokens), 1e3 * st.decode_seconds,
                  decoded / std::max(st.decode_seconds, 1e-9), variant_name(active_variant()), omp_get_max_threads(),
                  human_bytes(static_cast<double>(model->bytes_per_token())).c_str());
+    if (io_opts.stream_experts) print_expert_stats(model->expert_stats(), st.prompt_tokens + st.new_tokens);
   }
   return 0;
 }

@@ -5,8 +5,9 @@
 //  - gguf:   GGUF v3, ternary weights TQ2_0 (default) or TQ1_0 in the peerless profile (d = 1, β in
 //            X.scale), embedding F16 (default), Q8_0 or F32, everything else F32, the tokenizer inside.
 //  - packed: the native profile "peerless-r4-v1" (FORMATS §6): BitLinear weights as I8 in the 4-row
-//            interleaved layout the CPU kernels read in place (alignment 64); expert tables as TQ2_0
-//            rows, each expert's u‖v one contiguous record.
+//            interleaved layout the CPU kernels read in place (alignment 64); ternary expert tables
+//            as r1-u2 records (d/2 bytes per expert, FORMATS §6) when d % 128 = 0, else as the gguf
+//            profile stores them; each expert's u‖v is one contiguous record.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,7 @@
 
 #include "data/tokenizer.h"
 #include "launch/model_file.h"
+#include "model/infer/tensor_values.h"
 #include "runtime/quant_formats.h"
 
 namespace peerless {
@@ -34,6 +36,17 @@ struct ExportReport {
 };
 
 ExportReport export_gguf(const ModelFileReader& reader, const Tokenizer& tokenizer, const ExportOptions& options,
+                         const std::string& out_path);
+
+// The same from any source of tensor values (synthetic models for benchmarks and tests).
+struct ExportSource {
+  const Model& structure;
+  const TensorValues& values;
+  int64_t context_length = 0;
+  std::string name;
+  int64_t step = 0, tokens = 0;
+};
+ExportReport export_gguf(const ExportSource& source, const Tokenizer& tokenizer, const ExportOptions& options,
                          const std::string& out_path);
 
 }  // namespace peerless

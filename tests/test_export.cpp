@@ -25,8 +25,8 @@ using namespace peerless;
 
 namespace {
 
-std::string config_text(bool peer, bool peer_ternary, double qsparse = 0) {
-  std::string s = "[model]\nvocab_size = 256\nd_model = 256\nn_layers = 2\nintermediate = 512\n";
+std::string config_text(bool peer, bool peer_ternary, double qsparse = 0, int d = 256) {
+  std::string s = "[model]\nvocab_size = 256\nd_model = " + std::to_string(d) + "\nn_layers = 2\nintermediate = 512\n";
   if (peer) {
     s += "peer_blocks = \"1\"\npeer_n_sub = 8\npeer_heads = 2\npeer_topk = 4\npeer_key_dim = 16\n";
     s += std::string("peer_ternary = ") + (peer_ternary ? "true" : "false") + "\n";
@@ -139,8 +139,9 @@ TEST(Export, CodesBetasAndNormsSurviveEveryProfileExactly) {
 }
 
 TEST(Export, ImportThenExportIsAFixedPoint) {
-  for (bool peer : {false, true}) {
-    Fixture fx(config_text(peer, peer));
+  // d = 128 (peer): the smallest width of r1-u2 expert records (64 B each) in the packed profile.
+  for (const auto& [peer, d] : {std::pair{false, 256}, std::pair{true, 256}, std::pair{true, 128}}) {
+    Fixture fx(config_text(peer, peer, 0, d));
     for (const auto& o : {opts("gguf", TensorType::tq2_0, TensorType::f16), opts("gguf", TensorType::tq1_0, TensorType::q8_0),
                           opts("packed", TensorType::tq2_0, TensorType::f16)}) {
       const std::string first = fx.export_to("a.gguf", o);
@@ -155,7 +156,11 @@ TEST(Export, ImportThenExportIsAFixedPoint) {
       q.name = f.get_str("general.name");
       const std::string second = (fx.dir.path / "b.gguf").string();
       export_gguf(reader, *reader.tokenizer(), q, second);
-      EXPECT_EQ(bytes_of(first), bytes_of(second)) << "peer=" << peer << " " << o.format << " "
+      if (peer && o.format == "packed") {  // the tables went out as r1-u2 records
+        EXPECT_EQ(f.get_str("peerless.peer.expert_type"), "r1-u2");
+        EXPECT_EQ(f.tensor("blk.1.peer_uv").ne, (std::vector<int64_t>{d / 2, 64}));
+      }
+      EXPECT_EQ(bytes_of(first), bytes_of(second)) << "peer=" << peer << " d=" << d << " " << o.format << " "
                                                    << tensor_type_name(o.ternary);
     }
   }

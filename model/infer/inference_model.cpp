@@ -3,9 +3,11 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <unordered_set>
 
 #include "model/infer/ternary_kernels.h"
 #include "model/ops/gemm.h"
@@ -26,6 +28,43 @@ T* grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
 }
+
+// Where a streamed table's records are: the file offset of record 0, their format, β.
+StreamedTable streamed_table(const GgufValues& file, const arch::Tensor& uv, const ModelConfig& c) {
+  const gguf::File& f = file.file();
+  const gguf::TensorInfo& info = f.tensor(uv.name);
+  StreamedTable t;
+  t.name = uv.name;
+  t.n_experts = uv.shape[0];
+  t.file_offset = f.data_start() + info.offset;
+  const bool r1u2 = file.peer_records() && c.peer_ternary;
+  t.format = expert_record_format(info.type, r1u2, c.d_model, f.path() + ": " + uv.name);
+  PL_CHECK(static_cast<int64_t>(info.nbytes) == t.n_experts * t.format.bytes, data, f.path(), ": tensor ", uv.name,
+           " holds ", info.nbytes, " bytes, ", t.n_experts, " records of ", t.format.bytes, " expected");
+  PL_CHECK(c.peer_ternary == (t.format.type != ExpertRecordType::f32), data, f.path(), ": tensor ", uv.name,
+           " is ", expert_record_name(t.format.type), " but peerless.peer.ternary is ", c.peer_ternary);
+  if (c.peer_ternary) {
+    std::vector<float> s;
+    file.floats(arch::Tensor{arch::blk(uv.layer, "peer_scale"), arch::Source::copy, {2}}, s);
+    t.beta = s[0];  // finite (floats() checks); β > 0 is checked per record, against its codes
+  }
+  return t;
+}
+
+// Stands in for the PEER layer's experts: keeps the ids and gates one token retrieved, so that the
+// experts of all the forward's tokens can run after one fetch of their rows.
+struct RecordingRunner final : PeerExpertsRunner {
+  int32_t* ids = nullptr;  // (h·k) of the current token
+  float* gates = nullptr;  // (h·k)
+  void forward(const PeerExpertsShape& s, const float*, const int32_t* id, const float* g, float*) override {
+    std::copy(id, id + s.heads * s.k, ids);
+    std::copy(g, g + s.heads * s.k, gates);
+  }
+  void backward(const PeerExpertsShape&, const float*, const int32_t*, const float*, const float*, float*,
+                float*) override {
+    PL_FAIL(internal, "inference has no backward");
+  }
+};
 
 }  // namespace
 
@@ -64,24 +103,30 @@ struct InferenceModel::Block {
   Linear i, f, g, o, gate_up, down;
   bool peer = false;
   PeerLayerShape ps;
-  std::vector<float> wq, bn_scale, bn_shift, keys1, keys2, table_own;
-  const float* table = nullptr;
+  std::vector<float> wq, bn_scale, bn_shift, keys1, keys2;
+  int64_t peer_index = -1;  // which of the expert store's tables
 };
 
 struct InferenceModel::State::Scratch {
   std::vector<float> x, xn, ihat, fhat, ghat, f, hs, gn, o, y, au, z, xt;
   std::vector<int8_t> a;
   std::vector<float> s, rstd;
+  // PEER blocks: (M, h·k) ids and gates; a group's distinct ids, their rows and the remapped entries.
+  std::vector<int32_t> peer_ids, uniq, rows;
+  std::vector<float> peer_gates, compact, pre_act;
+  std::vector<int64_t> stamps, offsets;
+  std::vector<std::pair<int32_t, int64_t>> pairs;
 };
 
 InferenceModel::~InferenceModel() = default;
 
-std::unique_ptr<InferenceModel> InferenceModel::load(const gguf::File& f) {
+std::unique_ptr<InferenceModel> InferenceModel::load(const gguf::File& f, const InferenceOptions& options) {
   const ModelConfig config = arch::read_config(f);
   const Model structure(config);
   arch::check_tensors(f, arch::tensors(structure), arch::read_layout(f) == arch::kLayoutR4);
   const GgufValues values(f);
   std::unique_ptr<InferenceModel> m(new InferenceModel());
+  m->options_ = options;
   m->build(structure, values, &values);
   return m;
 }
@@ -144,6 +189,10 @@ void InferenceModel::build(const Model& structure, const TensorValues& values, c
     embed_->own = floats("token_embd.weight");
     embed_->data = reinterpret_cast<const uint8_t*>(embed_->own.data());
   }
+  const bool stream = options_.stream_experts;
+  PL_CHECK(!stream || file, config, "streamed experts need a GGUF file (a model file's tables are in memory)");
+  std::vector<StreamedTable> streamed;
+  std::vector<std::vector<float>> resident;
   blocks_.resize(static_cast<size_t>(config_.n_layers));
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     Block& b = blocks_[static_cast<size_t>(l)];
@@ -168,17 +217,25 @@ void InferenceModel::build(const Model& structure, const TensorValues& values, c
     b.keys1 = floats(arch::blk(l, "peer_keys_a"));
     b.keys2 = floats(arch::blk(l, "peer_keys_b"));
     const arch::Tensor& uv = table.at(arch::blk(l, "peer_uv"));
-    if (config_.peer_ternary) {  // the trainer's forward copy t·β, exactly
+    b.peer_index = static_cast<int64_t>(stream ? streamed.size() : resident.size());
+    if (stream) {  // the records stay in the file: only where they are and β
+      streamed.push_back(streamed_table(*file, uv, config_));
+    } else if (config_.peer_ternary) {  // the trainer's forward copy t·β, exactly
       std::vector<int8_t> codes;
       float beta = 0.f;
       values.ternary(uv, codes, beta);
-      b.table_own.resize(codes.size());
-      for (size_t i = 0; i < codes.size(); ++i) b.table_own[i] = static_cast<float>(codes[i]) * beta;
+      resident.emplace_back(codes.size());
+      for (size_t i = 0; i < codes.size(); ++i) resident.back()[i] = static_cast<float>(codes[i]) * beta;
     } else {
-      b.table_own = floats(uv.name);
+      resident.push_back(floats(uv.name));
     }
-    b.table = b.table_own.data();
   }
+  if (stream && !streamed.empty())
+    experts_ = make_streamed_store(file->file().path(), std::move(streamed),
+                                   StreamOptions{options_.max_resident_bytes, options_.window, options_.io,
+                                                 options_.io_depth});
+  else if (!resident.empty())
+    experts_ = make_resident_store(std::move(resident), config_.d_model);
   final_norm_ = floats("output_norm.weight");
   head_ = std::make_unique<Linear>(linear("output"));
   gather_weights();
@@ -287,19 +344,7 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     for (int64_t i = 0; i < M * d; ++i) x[i] += y[i];
     rmsnorm_forward_cpu(nd, x, b.ffn_norm.data(), xn, grow(sc.rstd, M));
     if (b.peer) {
-      // One token at a time: the query projection's sgemm blocks by the token count, and the
-      // logits of a position must not depend on how many tokens share the call (a verified draft
-      // must give the single-token logits bit for bit, FORMATS §9).
-      PeerLayerShape ps = b.ps;
-      ps.tokens = 1;
-      PeerLayerParams<float> pp;
-      pp.w_q = b.wq.data();
-      pp.bn_scale = b.bn_scale.data();
-      pp.bn_shift = b.bn_shift.data();
-      pp.sub_keys1 = b.keys1.data();
-      pp.sub_keys2 = b.keys2.data();
-      pp.table = b.table;
-      for (int64_t t = 0; t < M; ++t) peer_layer_forward_cpu(ps, PeerNormMode::eval, pp, xn + t * d, y + t * d);
+      peer_block(b, M, xn, y, sc);
     } else {
       float* au = grow(sc.au, M * 2 * I);
       float* z = grow(sc.z, M * I);
@@ -311,6 +356,10 @@ void InferenceModel::forward(const int32_t* tokens, int64_t M, State& s, float* 
     if (trace && trace->block) trace->block(l, M, hs, x);
   }
   s.position += M;
+  if (experts_) {
+    std::lock_guard<std::mutex> lock(experts_mu_);
+    experts_->advance(M);  // the window moves on by the forward's tokens
+  }
   const int64_t first = all_logits ? 0 : M - 1, rows = M - first;
   rmsnorm_forward_cpu(RmsNormShape{rows, d, static_cast<float>(config_.norm_eps)}, x + first * d,
                       final_norm_.data(), xn, grow(sc.rstd, rows));
@@ -340,9 +389,97 @@ int64_t InferenceModel::resident_bytes() const {
   total += lin(*head_);
   for (const Block& b : blocks_) {
     total += lin(b.i) + lin(b.f) + lin(b.g) + lin(b.o) + lin(b.gate_up) + lin(b.down);
-    total += 4 * static_cast<int64_t>(b.wq.size() + b.keys1.size() + b.keys2.size() + b.table_own.size());
+    total += 4 * static_cast<int64_t>(b.wq.size() + b.keys1.size() + b.keys2.size());
   }
-  return total;
+  return total + (experts_ ? expert_stats().cache_bytes : 0);
+}
+
+// ---- PEER blocks ----------------------------------------------------------------------------------
+
+// The PEER layer of M tokens: query and retrieval one token at a time (the query projection's sgemm
+// blocks by the token count, and a position's logits must not depend on how many tokens share the
+// call: a verified draft must give the single-token logits bit for bit, FORMATS §9), then the
+// experts of groups of tokens, each group's rows fetched from the store at once.
+void InferenceModel::peer_block(const Block& b, int64_t M, const float* xn, float* y, State::Scratch& sc) const {
+  const int64_t d = config_.d_model, hk = b.ps.heads * b.ps.k;
+  PeerLayerShape ps = b.ps;
+  ps.tokens = 1;
+  PeerLayerParams<float> pp;
+  pp.w_q = b.wq.data();
+  pp.bn_scale = b.bn_scale.data();
+  pp.bn_shift = b.bn_shift.data();
+  pp.sub_keys1 = b.keys1.data();
+  pp.sub_keys2 = b.keys2.data();
+  int32_t* ids = grow(sc.peer_ids, M * hk);  // (M, h·k)
+  float* gates = grow(sc.peer_gates, M * hk);
+  RecordingRunner rec;
+  for (int64_t t = 0; t < M; ++t) {
+    rec.ids = ids + t * hk;
+    rec.gates = gates + t * hk;
+    peer_layer_forward_cpu(ps, PeerNormMode::eval, pp, xn + t * d, y + t * d, &rec);
+  }
+  std::lock_guard<std::mutex> lock(experts_mu_);
+  for (int64_t t0 = 0; t0 < M;) {
+    const int64_t t1 = peer_group_end(b, ids, t0, M);
+    peer_experts(b, t0, t1, xn, y, sc);
+    t0 = t1;
+  }
+}
+
+// Tokens [t0, end) whose distinct experts fit one fetch and a compact float table of ≤ 8 MiB
+// (at least one token: the store holds a token's h·k records, checked at load).
+int64_t InferenceModel::peer_group_end(const Block& b, const int32_t* ids, int64_t t0, int64_t M) const {
+  const int64_t hk = b.ps.heads * b.ps.k;
+  const int64_t limit = std::min(experts_->capacity(), std::max(hk, (int64_t{8} << 20) / (8 * config_.d_model)));
+  PL_CHECK(limit >= hk, config, "the expert cache holds ", limit, " records; one token needs h*k = ", hk,
+           " per PEER block (raise --max-resident-mb)");
+  std::unordered_set<int32_t> seen;
+  int64_t t = t0;
+  for (; t < M; ++t) {
+    int64_t fresh = 0;
+    for (int64_t e = 0; e < hk; ++e) fresh += !seen.count(ids[t * hk + e]);
+    if (t > t0 && static_cast<int64_t>(seen.size()) + fresh > limit) break;
+    seen.insert(ids + t * hk, ids + (t + 1) * hk);
+  }
+  return t;
+}
+
+// The experts of tokens [t0, t1) on a compact table: their distinct ids (sorted) fetched, gathered
+// as rows, the entries remapped to row numbers. The gated forward then does per token exactly what
+// it does on the whole table (same rows, same entry order), so the output bits are the same.
+void InferenceModel::peer_experts(const Block& b, int64_t t0, int64_t t1, const float* xn, float* y,
+                                  State::Scratch& sc) const {
+  const int64_t d = config_.d_model, hk = b.ps.heads * b.ps.k, T = t1 - t0, n = T * hk;
+  const int32_t* ids = sc.peer_ids.data() + t0 * hk;
+  sc.pairs.clear();
+  for (int64_t e = 0; e < n; ++e) sc.pairs.emplace_back(ids[e], e / hk);
+  std::sort(sc.pairs.begin(), sc.pairs.end());
+  sc.uniq.clear();
+  sc.stamps.clear();
+  for (const auto& [id, t] : sc.pairs) {  // sorted by id, then token: the last pair of an id is its last use
+    if (sc.uniq.empty() || sc.uniq.back() != id) {
+      sc.uniq.push_back(id);
+      sc.stamps.push_back(t0 + t);
+    }
+    sc.stamps.back() = t0 + t;
+  }
+  const auto U = static_cast<int64_t>(sc.uniq.size());
+  experts_->fetch(b.peer_index, sc.uniq.data(), sc.stamps.data(), U);
+  float* compact = grow(sc.compact, U * 2 * d);  // (U, 2d)
+  for (int64_t u = 0; u < U; ++u) experts_->row(b.peer_index, sc.uniq[u], compact + u * 2 * d);
+  int32_t* rows = grow(sc.rows, n);
+  for (int64_t e = 0; e < n; ++e)
+    rows[e] = static_cast<int32_t>(std::lower_bound(sc.uniq.begin(), sc.uniq.end(), ids[e]) - sc.uniq.begin());
+  int64_t* offsets = grow(sc.offsets, T + 1);
+  for (int64_t t = 0; t <= T; ++t) offsets[t] = t * hk;
+  peer_experts_gated_forward_cpu(PeerGatedShape{T, d, U, b.ps.act}, xn + t0 * d, offsets, rows,
+                                 sc.peer_gates.data() + t0 * hk, compact, y + t0 * d, grow(sc.pre_act, n));
+}
+
+ExpertStoreStats InferenceModel::expert_stats() const {
+  if (!experts_) return {};
+  std::lock_guard<std::mutex> lock(experts_mu_);
+  return experts_->stats();
 }
 
 }  // namespace peerless

@@ -8,8 +8,14 @@
 // they can differ: only the PEER query projection, an sgemm whose blocking depends on the token count).
 //
 // Contract: weights are read-only after construction and every call takes the state it updates, so
-// one model can decode several sequences on several threads. A model loaded from a file keeps
+// one model can decode several sequences on several threads (with streamed experts the PEER blocks
+// of concurrent calls take turns: the record cache is shared). A model loaded from a file keeps
 // pointers into the file's mapping: the gguf::File must outlive it.
+//
+// PEER blocks get their expert rows from an ExpertStore (model/infer/expert_store.h): the resident
+// float tables, or records streamed from the file into a capped cache (InferenceOptions). Either
+// way the experts run on a compact table of the rows gathered for the tokens, with the same float
+// operations in the same order, so the logits are bit-identical.
 #pragma once
 
 #include <cstdint>
@@ -17,8 +23,10 @@
 #include <functional>
 #include <string>
 #include <memory>
+#include <mutex>
 #include <vector>
 
+#include "model/infer/expert_store.h"
 #include "model/infer/tensor_values.h"
 #include "model/model_config.h"
 #include "model/ops/peer_layer.h"
@@ -38,9 +46,19 @@ struct InferenceTrace {
   std::function<void(int64_t layer, int64_t M, const float* h, const float* x)> block;
 };
 
+// How a model file is loaded. Streaming reads the expert records from the file on demand instead of
+// holding the tables (t·β floats) in memory.
+struct InferenceOptions {
+  bool stream_experts = false;
+  int64_t max_resident_bytes = 64 << 20;  // cap on the cached records (streamed)
+  int64_t window = 0;                     // tokens a record stays after its last use; 0 = until the cap needs it
+  ExpertIo io = ExpertIo::direct;
+  int io_depth = 8;                       // reads in flight
+};
+
 class InferenceModel {
  public:
-  static std::unique_ptr<InferenceModel> load(const gguf::File& f);
+  static std::unique_ptr<InferenceModel> load(const gguf::File& f, const InferenceOptions& options = {});
   // From a model in memory (the trainer's samples; tests).
   static std::unique_ptr<InferenceModel> from_model(const Model& m, const float* params);
 
@@ -70,8 +88,11 @@ class InferenceModel {
   // Bytes of weights read per decoded token (codes, scales, one embedding row, PEER retrieval and
   // the rows it gathers): the numerator of the decode roofline (FORMATS §8).
   int64_t bytes_per_token() const;
-  // Bytes held in memory by this object (repacked weights and copies; excludes a file's mapping).
+  // Bytes held in memory by this object (repacked weights and copies, the resident expert tables or
+  // the streamed cache's records; excludes a file's mapping).
   int64_t resident_bytes() const;
+  // The expert store's counters (zeros without PEER blocks).
+  ExpertStoreStats expert_stats() const;
 
   struct Linear;
   struct Block;
@@ -83,6 +104,9 @@ class InferenceModel {
   void build(const Model& structure, const TensorValues& values, const GgufValues* in_place);
   void linear(const Linear& l, int64_t M, const float* x, float* y, State::Scratch& sc,
               const InferenceTrace* trace) const;
+  void peer_block(const Block& b, int64_t M, const float* xn, float* y, State::Scratch& sc) const;
+  int64_t peer_group_end(const Block& b, const int32_t* ids, int64_t t0, int64_t M) const;
+  void peer_experts(const Block& b, int64_t t0, int64_t t1, const float* xn, float* y, State::Scratch& sc) const;
 
   ModelConfig config_;
   std::unique_ptr<Embedding> embed_;
@@ -95,6 +119,9 @@ class InferenceModel {
   };
   std::unique_ptr<uint8_t, FreeDeleter> arena_;  // the repacked BitLinear weights, execution order
   int64_t arena_bytes_ = 0;
+  InferenceOptions options_;
+  std::unique_ptr<ExpertStore> experts_;  // rows of every PEER block's table
+  mutable std::mutex experts_mu_;         // the store's cache is shared by concurrent forwards
 };
 
 }  // namespace peerless

@@ -166,18 +166,24 @@ std::string read_layout(const gguf::File& f) {
   return read_choice(f, key("tensor_data_layout"), {kLayoutReference, kLayoutR4});
 }
 
-std::vector<int64_t> stored_ne(const Tensor& t, bool r4) {
+std::vector<int64_t> stored_ne(const Tensor& t, bool r4, bool peer_records) {
   if (r4 && t.source == Source::ternary) return {t.shape[1], (t.shape[0] + 3) / 4};
+  if (r4 && peer_records && t.source == Source::peer_table) return {t.shape[1] / 4, t.shape[0]};
   return gguf_ne(t.shape);
+}
+
+bool has_peer_records(const gguf::File& f) {
+  return read_layout(f) == kLayoutR4 && f.has(kExpertTypeKey) && f.get_str(kExpertTypeKey) == kExpertTypeR1U2;
 }
 
 void check_tensors(const gguf::File& f, const std::vector<Tensor>& table, bool r4) {
   std::set<std::string> expected;
+  const bool records = r4 && has_peer_records(f);
   for (const Tensor& t : table) {
     expected.insert(t.name);
     const gguf::TensorInfo& info = f.tensor(t.name);
-    PL_CHECK(info.ne == stored_ne(t, r4), data, f.path(), ": tensor ", t.name, " has ne ", shape_text(info.ne),
-             ", the model keys imply ", shape_text(stored_ne(t, r4)));
+    PL_CHECK(info.ne == stored_ne(t, r4, records), data, f.path(), ": tensor ", t.name, " has ne ",
+             shape_text(info.ne), ", the model keys imply ", shape_text(stored_ne(t, r4, records)));
   }
   for (const auto& info : f.tensors())
     PL_CHECK(expected.count(info.name), data, f.path(), ": unknown tensor ", info.name, " for a ", kName,

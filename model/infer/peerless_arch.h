@@ -72,7 +72,18 @@ std::string read_layout(const gguf::File& f);
 // expected shapes; types are checked by the reader of each tensor.
 // In the r4 layout a BitLinear's X.weight is I8 with ne {K, ⌈N/4⌉} (FORMATS §6).
 void check_tensors(const gguf::File& f, const std::vector<Tensor>& table, bool r4);
-// The ne a tensor of the table has in a file of the given layout.
-std::vector<int64_t> stored_ne(const Tensor& t, bool r4);
+// The ne a tensor of the table has in a file of the given layout; `peer_records`: expert tables
+// stored as r1-u2 records, I8 {d/2, N} (FORMATS §6).
+std::vector<int64_t> stored_ne(const Tensor& t, bool r4, bool peer_records = false);
+
+// Expert tables as r1-u2 records (FORMATS §6): what `peerless.peer.expert_type` says.
+inline constexpr const char* kExpertTypeKey = "peerless.peer.expert_type";
+inline constexpr const char* kExpertTypeR1U2 = "r1-u2";
+// The packed profile writes r1-u2 records for ternary tables whose rows fill whole 128-code chunks.
+inline bool writes_peer_records(const ModelConfig& c, bool r4) {
+  return r4 && c.peer_ternary && c.d_model % 128 == 0;
+}
+// Whether a file stores its expert tables as r1-u2 records (packed layout and the key says so).
+bool has_peer_records(const gguf::File& f);
 
 }  // namespace peerless::arch

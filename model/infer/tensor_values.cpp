@@ -1,9 +1,11 @@
 // The three sources of arch tensor values (see tensor_values.h).
 #include "model/infer/tensor_values.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "model/infer/expert_records.h"
 #include "model/infer/ternary_kernels.h"
 #include "model/ops/mlgru.h"
 #include "model/ops/peer_layer.h"
@@ -107,7 +109,8 @@ void ModelValues::floats(const arch::Tensor& t, std::vector<float>& out) const {
 
 // ---- GgufValues -----------------------------------------------------------------------------------
 
-GgufValues::GgufValues(const gguf::File& f) : f_(f), r4_(arch::read_layout(f) == arch::kLayoutR4) {}
+GgufValues::GgufValues(const gguf::File& f)
+    : f_(f), r4_(arch::read_layout(f) == arch::kLayoutR4), records_(arch::has_peer_records(f)) {}
 
 const gguf::TensorInfo& GgufValues::info(const arch::Tensor& t, std::initializer_list<TensorType> allowed) const {
   const gguf::TensorInfo& i = f_.tensor(t.name);
@@ -146,10 +149,32 @@ void decode_ternary_tensor(const gguf::File& f, const gguf::TensorInfo& info, bo
              "; the peerless profile stores d = 1 and beta in the .scale tensor");
 }
 
+namespace {
+
+// An expert table of r1-u2 records (N, R = K/4 bytes) -> codes (N, K); code 3 names the expert.
+void decode_r1u2_table(const gguf::File& f, const gguf::TensorInfo& info, int64_t N, int64_t K,
+                       std::vector<int8_t>& codes) {
+  PL_CHECK(info.type == TensorType::i8 && K % 256 == 0, data, f.path(), ": tensor ", info.name,
+           " holds r1-u2 records, which are I8 with d % 128 = 0 (type ", tensor_type_name(info.type), ", 2d = ", K,
+           ")");
+  codes.resize(static_cast<size_t>(N * K));
+  const uint8_t* bytes = f.data(info);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t bad = decode_r1u2(K / 2, bytes + i * K / 4, codes.data() + i * K);
+    PL_CHECK(bad < 0, data, f.path(), ": tensor ", info.name, " expert ", i, " record byte ", bad, " = 0x", std::hex,
+             int(bytes[i * K / 4 + std::max<int64_t>(bad, 0)]), std::dec, " holds code 3 (r1-u2 codes are 0, 1, 2)");
+  }
+}
+
+}  // namespace
+
 void GgufValues::ternary(const arch::Tensor& t, std::vector<int8_t>& codes, float& beta) const {
   const auto [N, K] = rows_cols(t.shape);
   const bool r4 = r4_ && t.source == arch::Source::ternary;
-  decode_ternary_tensor(f_, info(t, {TensorType::tq2_0, TensorType::tq1_0, TensorType::i8}), r4, N, K, codes);
+  if (records_ && t.source == arch::Source::peer_table)
+    decode_r1u2_table(f_, f_.tensor(t.name), N, K, codes);
+  else
+    decode_ternary_tensor(f_, info(t, {TensorType::tq2_0, TensorType::tq1_0, TensorType::i8}), r4, N, K, codes);
   // β from the companion: X.scale for a BitLinear, peer_scale[0] for an expert table.
   std::string scale_name = t.name;
   if (t.source == arch::Source::ternary)

@@ -59,7 +59,8 @@ class ModelValues final : public TensorValues {
 
 // The arch tensors of a GGUF file of the peerless architecture, decoded from any stored type
 // (TQ2_0, TQ1_0, I8 codes in either layout, F32, F16, BF16, Q8_0) with FORMATS §10 item 8's value
-// checks (finite scales, β > 0 unless all codes are 0, no invalid codes, TQ blocks of d = 1).
+// checks (finite scales, β > 0 unless all codes are 0, no invalid codes, TQ blocks of d = 1). Expert
+// tables stored as r1-u2 records (FORMATS §6) decode to the same codes.
 class GgufValues final : public TensorValues {
  public:
   explicit GgufValues(const gguf::File& f);
@@ -67,11 +68,13 @@ class GgufValues final : public TensorValues {
   void floats(const arch::Tensor& t, std::vector<float>& out) const override;
   const gguf::File& file() const { return f_; }
   bool r4() const { return r4_; }
+  bool peer_records() const { return records_; }  // expert tables as r1-u2 records
 
  private:
   const gguf::TensorInfo& info(const arch::Tensor& t, std::initializer_list<TensorType> allowed) const;
   const gguf::File& f_;
   bool r4_ = false;
+  bool records_ = false;
 };
 
 // Decodes a GGUF tensor of codes (TQ2_0, TQ1_0, I8 reference or r4 layout) of row-major (N, K).
