@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "model/exact_sum.h"
+#include "model/modules/peer_mixer.h"
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
@@ -27,10 +28,6 @@ void grow(std::vector<T>& v, size_t n) {
   if (v.size() != n) v.resize(n);
 }
 
-void add_into(float* dst, const float* src, int64_t n) {
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
 
 }  // namespace
 
@@ -42,50 +39,22 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
   gate_form_ = config.gate_form == "paper" ? GateForm::paper : GateForm::code;
   glu_act_ = config.glu_activation == "relu2" ? GluActivation::relu2 : GluActivation::silu;
   quantize_ = config.quant == "ternary";
-  const int64_t d = config.d_model, V = config.vocab_size, I = inter_, L = config.n_layers;
+  const int64_t d = config.d_model, V = config.vocab_size, L = config.n_layers;
 
   peer_blocks_ = config.peer_block_list();
+  if (!peer_blocks_.empty())
+    PL_CHECK(peer_experts() % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
+             " must divide the number of experts N = model.peer_n_sub² = ", peer_experts());
   embed_ = layout_.add("embed/weight", {V, d}, ParamKind::embedding);
+  // Each block: the MLGRU token mixer, then its channel mixer (GLU, or PEER in model.peer_blocks).
   for (int64_t l = 0; l < L; ++l) {
-    const std::string p = "blocks/" + std::to_string(l) + "/";
     BlockParams b{};
-    b.mixer_norm = layout_.add(p + "mixer_norm/gain", {d}, ParamKind::gain);
-    b.i_gain = layout_.add(p + "mixer/i_proj/gain", {d}, ParamKind::gain);
-    b.i_w = layout_.add(p + "mixer/i_proj/weight", {d, d}, ParamKind::ternary_weight);
-    b.f_gain = layout_.add(p + "mixer/f_proj/gain", {d}, ParamKind::gain);
-    b.f_w = layout_.add(p + "mixer/f_proj/weight", {d, d}, ParamKind::ternary_weight);
-    b.g_gain = layout_.add(p + "mixer/g_proj/gain", {d}, ParamKind::gain);
-    b.g_w = layout_.add(p + "mixer/g_proj/weight", {d, d}, ParamKind::ternary_weight);
-    b.g_norm = layout_.add(p + "mixer/g_norm/gain", {d}, ParamKind::gain);
-    b.o_gain = layout_.add(p + "mixer/o_proj/gain", {d}, ParamKind::gain);
-    b.o_w = layout_.add(p + "mixer/o_proj/weight", {d, d}, ParamKind::ternary_weight);
-    b.mlp_norm = layout_.add(p + "mlp_norm/gain", {d}, ParamKind::gain);
     const auto peer_it = std::find(peer_blocks_.begin(), peer_blocks_.end(), l);
-    if (peer_it == peer_blocks_.end()) {
-      b.gate_gain = layout_.add(p + "mlp/gate_proj/gain", {d}, ParamKind::gain);
-      b.gate_w = layout_.add(p + "mlp/gate_proj/weight", {2 * I, d}, ParamKind::ternary_weight);
-      b.down_gain = layout_.add(p + "mlp/down_proj/gain", {I}, ParamKind::gain);
-      b.down_w = layout_.add(p + "mlp/down_proj/weight", {d, I}, ParamKind::ternary_weight);
-    } else {
-      // PEER replaces the GLU: query projection (full precision), query BatchNorm (γ, β trained;
-      // running statistics are buffers), the two sub-key tables and the expert table [u | v].
-      b.gate_gain = b.gate_w = b.down_gain = b.down_w = -1;
-      b.peer = static_cast<int>(peer_it - peer_blocks_.begin());
-      const PeerLayerShape ps = peer_shape(0);
-      const int64_t C = ps.channels(), half = config.peer_key_dim / 2;
-      b.peer_wq = layout_.add(p + "peer/query/weight", {C, d}, ParamKind::full_weight);
-      b.peer_bn_gamma = layout_.add(p + "peer/query_bn/gamma", {C}, ParamKind::gain);
-      b.peer_bn_beta = layout_.add(p + "peer/query_bn/beta", {C}, ParamKind::gain);
-      b.peer_bn_mean = layout_.add(p + "peer/query_bn/running_mean", {C}, ParamKind::buffer);
-      b.peer_bn_var = layout_.add(p + "peer/query_bn/running_var", {C}, ParamKind::buffer);
-      std::vector<int64_t> key_shape = {ps.sub_key_rows(), half};
-      if (ps.keys == PeerKeySharing::per_head) key_shape = {ps.heads, ps.n_sub, half};
-      b.peer_keys1 = layout_.add(p + "peer/sub_keys1", key_shape, ParamKind::full_weight);
-      b.peer_keys2 = layout_.add(p + "peer/sub_keys2", key_shape, ParamKind::full_weight);
-      PL_CHECK(peer_experts() % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
-               " must divide the number of experts N = model.peer_n_sub² = ", peer_experts());
-      b.peer_table = layout_.add(p + "peer/table", {peer_table_rows(), 2 * d}, ParamKind::full_weight);
-    }
+    const bool peer = peer_it != peer_blocks_.end();
+    ModuleBuild build{config, layout_, "blocks/" + std::to_string(l) + "/", l, b,
+                      peer ? static_cast<int>(peer_it - peer_blocks_.begin()) : -1, peer ? peer_table_rows() : 0};
+    modules_.push_back(make_module("mlgru", build));
+    modules_.push_back(make_module(peer ? "peer" : "glu", build));
     blocks_.push_back(b);
   }
   lower_bounds_ = layout_.add("lower_bounds", {L, d}, ParamKind::lower_bound);
@@ -185,7 +154,7 @@ void Model::add_expert_counts(const ForwardContext& ctx, std::vector<double>& co
   if (counts.size() != static_cast<size_t>(n_peer_layers() * N)) counts.assign(n_peer_layers() * N, 0.0);
   for (const auto& b : blocks_) {
     if (b.peer < 0) continue;
-    const auto& ids = ctx.blocks[peer_blocks_[b.peer]].peer.ids;
+    const auto& ids = peer_module_context(*ctx.caches[2 * peer_blocks_[b.peer] + 1]).ids;
     double* c = counts.data() + b.peer * N;
     for (int32_t id : ids) c[id] += 1.0;
   }
@@ -196,12 +165,12 @@ void Model::mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const
   for (const auto& b : blocks_) {
     if (b.peer < 0) continue;
     uint8_t* t = touched + b.peer * R;
-    const BlockCache& c = ctx.blocks[peer_blocks_[b.peer]];
+    const Module::Cache& c = *ctx.caches[2 * peer_blocks_[b.peer] + 1];
     if (experts_sharded()) {
-      c.peer_ep->mark_rows(t);
+      peer_module_exchange(c)->mark_rows(t);
       continue;
     }
-    for (int32_t id : c.peer.ids) t[id] = 1;
+    for (int32_t id : peer_module_context(c).ids) t[id] = 1;
   }
 }
 
@@ -231,26 +200,6 @@ void Model::update_buffers(float* params, float* grads, int64_t micro_batches, c
   }
 }
 
-namespace {
-// The PEER layer's parameter views of block b; the running statistics are the given pointers.
-PeerLayerParams<float> peer_params(const ParamLayout& layout, const BlockParams& b, const float* params, float* mean,
-                                   float* var) {
-  PeerLayerParams<float> p;
-  p.w_q = params + layout.at(b.peer_wq).offset;
-  p.bn_gamma = params + layout.at(b.peer_bn_gamma).offset;
-  p.bn_beta = params + layout.at(b.peer_bn_beta).offset;
-  p.bn_running_mean = mean;
-  p.bn_running_var = var;
-  p.sub_keys1 = params + layout.at(b.peer_keys1).offset;
-  p.sub_keys2 = params + layout.at(b.peer_keys2).offset;
-  p.table = params + layout.at(b.peer_table).offset;
-  return p;
-}
-// Eval mode only reads the running statistics, which live in the (const) parameter buffer.
-float* buffer_ptr(const ParamLayout& layout, const float* params, int idx) {
-  return const_cast<float*>(params + layout.at(idx).offset);
-}
-}  // namespace
 
 int64_t Model::qsparse_keep(int64_t K) const { return qsparse_keep_for(K, config_.qsparse, config_.qsparse_block); }
 
@@ -427,8 +376,7 @@ void Model::linear_backward(const float* params, int gain, int weight, int64_t r
 
 double Model::forward(const float* params, const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                       ForwardContext& ctx) const {
-  const int64_t M = batch * seq, d = config_.d_model, V = config_.vocab_size, I = inter_, L = config_.n_layers;
-  const float eps = static_cast<float>(config_.norm_eps);
+  const int64_t M = batch * seq, d = config_.d_model, V = config_.vocab_size, L = config_.n_layers;
   ctx.batch = batch;
   ctx.seq = seq;
   ctx.ids.assign(ids, ids + M);
@@ -436,81 +384,20 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   else ctx.targets.clear();
   grow(ctx.lb, L * d);
   lower_bounds_forward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.lb.data());
-  ctx.blocks.resize(L);
-
-  std::vector<float>& x = ctx.x;  // (M, d) residual stream
-  std::vector<float>& tmp = ctx.tmp;
-  grow(x, M * d);
-  grow(tmp, M * d);
-  embedding_forward_cpu(M, d, ids, params + layout_.at(embed_).offset, x.data());
-  const RmsNormShape nd{M, d, eps};
-  for (int64_t l = 0; l < L; ++l) {
-    const BlockParams& b = blocks_[l];
-    BlockCache& c = ctx.blocks[l];
-    c.x_in = x;
-    for (auto* v : {&c.xn, &c.ihat, &c.fhat, &c.ghat, &c.f, &c.h, &c.gn, &c.o, &c.xn2}) grow(*v, M * d);
-    for (auto* v : {&c.rstd1, &c.g_rstd, &c.rstd2}) grow(*v, M);
-    if (b.peer < 0) {
-      grow(c.au, M * 2 * I);
-      grow(c.z, M * I);
-    }
-
-    rmsnorm_forward_cpu(nd, x.data(), params + layout_.at(b.mixer_norm).offset, c.xn.data(), c.rstd1.data());
-    linear_forward(params, b.i_gain, b.i_w, M, c.xn.data(), c.ihat.data(), c.bl_i);
-    linear_forward(params, b.f_gain, b.f_w, M, c.xn.data(), c.fhat.data(), c.bl_f);
-    linear_forward(params, b.g_gain, b.g_w, M, c.xn.data(), c.ghat.data(), c.bl_g);
-    mlgru_scan_forward_cpu(ScanShape{batch, seq, d}, c.ihat.data(), c.fhat.data(), ctx.lb.data() + l * d, c.f.data(),
-                           c.h.data());
-    if (gate_form_ == GateForm::code)
-      rmsnorm_forward_cpu(nd, c.ghat.data(), params + layout_.at(b.g_norm).offset, c.gn.data(), c.g_rstd.data());
-    else
-      c.gn = c.ghat;
-    output_gate_forward_cpu(gate_form_, M * d, c.gn.data(), c.h.data(), c.o.data());
-    linear_forward(params, b.o_gain, b.o_w, M, c.o.data(), tmp.data(), c.bl_o);
-    add_into(x.data(), tmp.data(), M * d);
-    c.x_mid = x;
-
-    rmsnorm_forward_cpu(nd, x.data(), params + layout_.at(b.mlp_norm).offset, c.xn2.data(), c.rstd2.data());
-    if (b.peer >= 0) {
-      // PEER channel mixer. Train mode: the op's running-statistics update with momentum 1 leaves
-      // exactly the batch statistics in c.peer_batch_*; backward hands them to update_buffers().
-      PeerLayerShape ps = peer_shape(M);
-      const bool train = ctx.peer_mode == PeerNormMode::train;
-      PL_CHECK(!train || M >= 2, config, "a PEER block in train mode needs at least 2 tokens per forward (got ", M,
-               "); use eval mode (ForwardContext::peer_mode) for single tokens");
-      float *mean = buffer_ptr(layout_, params, b.peer_bn_mean), *var = buffer_ptr(layout_, params, b.peer_bn_var);
-      if (train) {
-        ps.bn_momentum = 1.f;
-        c.peer_batch_mean.assign(ps.channels(), 0.f);
-        c.peer_batch_var.assign(ps.channels(), 0.f);
-        mean = c.peer_batch_mean.data();
-        var = c.peer_batch_var.data();
-      }
-      auto pp = peer_params(layout_, b, params, mean, var);
-      pp.table = peer_table(params, b);
-      if (experts_sharded() || deterministic_) {
-        PL_CHECK(expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
-        if (!c.peer_ep) c.peer_ep = std::make_shared<ShardedPeerExperts>(*expert_comm(), peer_experts());
-        c.peer_ep->set_table(pp.table);
-        if (deterministic_) {
-          PL_CHECK(b.peer < static_cast<int>(peer_bounds_.size()), internal,
-                   "deterministic PEER experts without table bounds (refresh_peer_tables not called)");
-          c.peer_ep->set_fixed(&peer_bounds_[b.peer]);
-        }
-      }
-      c.peer = peer_layer_forward_cpu(ps, ctx.peer_mode, pp, c.xn2.data(), tmp.data(), c.peer_ep.get());
-      add_into(x.data(), tmp.data(), M * d);
-      continue;
-    }
-    linear_forward(params, b.gate_gain, b.gate_w, M, c.xn2.data(), c.au.data(), c.bl_gate);
-    glu_forward_cpu(glu_act_, M, I, c.au.data(), c.z.data());
-    linear_forward(params, b.down_gain, b.down_w, M, c.z.data(), tmp.data(), c.bl_down);
-    add_into(x.data(), tmp.data(), M * d);
+  if (ctx.caches.size() != modules_.size()) {
+    ctx.caches.clear();
+    for (const auto& m : modules_) ctx.caches.push_back(m->new_cache());
   }
+  std::vector<float>& x = ctx.x;  // (M, d) residual stream
+  grow(x, M * d);
+  embedding_forward_cpu(M, d, ids, params + layout_.at(embed_).offset, x.data());
+  const ModuleStep step = module_step(ctx);
+  for (size_t i = 0; i < modules_.size(); ++i) modules_[i]->forward(*this, params, step, x.data(), *ctx.caches[i]);
   ctx.x_final = x;
   grow(ctx.xf, M * d);
   grow(ctx.rstd_f, M);
-  rmsnorm_forward_cpu(nd, ctx.x_final.data(), params + layout_.at(final_norm_).offset, ctx.xf.data(), ctx.rstd_f.data());
+  rmsnorm_forward_cpu(RmsNormShape{M, d, static_cast<float>(config_.norm_eps)}, ctx.x_final.data(),
+                      params + layout_.at(final_norm_).offset, ctx.xf.data(), ctx.rstd_f.data());
   grow(ctx.logits, M * V);
   linear_forward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.logits.data(), ctx.bl_head);
 
@@ -525,119 +412,65 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   return sum;
 }
 
+ModuleStep Model::module_step(ForwardContext& ctx) const {
+  ModuleStep step;
+  step.batch = ctx.batch;
+  step.seq = ctx.seq;
+  step.peer_mode = ctx.peer_mode;
+  step.lower_bounds = ctx.lb.data();
+  step.lower_bounds_grad = ctx.dlb.data();
+  step.scratch = &ctx.scratch;
+  return step;
+}
+
 void Model::backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
                      const GradReady& grad_ready, ExactGradSum* exact) const {
-  auto ready = [&](std::initializer_list<int> indices) {
+  auto ready = [&](const std::vector<int>& indices) {
     if (grad_ready)
       for (int i : indices) grad_ready(i);
   };
   PL_CHECK(!ctx.targets.empty(), internal, "backward() needs a forward() with targets");
-  const int64_t B = ctx.batch, T = ctx.seq, M = B * T;
-  const int64_t d = config_.d_model, V = config_.vocab_size, I = inter_, L = config_.n_layers;
-  const float eps = static_cast<float>(config_.norm_eps);
-  const RmsNormShape nd{M, d, eps};
-
+  const int64_t M = ctx.batch * ctx.seq, d = config_.d_model, V = config_.vocab_size, L = config_.n_layers;
   // dlogits overwrite the logits in place.
   cross_entropy_cpu(M, V, ctx.logits.data(), ctx.targets.data(), ctx.losses.data(), ctx.logits.data(), grad_scale);
-  for (auto* v : {&ctx.dx, &ctx.t0, &ctx.t1, &ctx.dh, &ctx.dgn, &ctx.dghat, &ctx.dihat, &ctx.dfhat}) grow(*v, M * d);
-  grow(ctx.dz, M * I);
-  grow(ctx.dau, M * 2 * I);
+  grow(ctx.dx, M * d);
   ctx.dlb.assign(L * d, 0.f);
-  std::vector<float>&dx = ctx.dx, &t0 = ctx.t0, &t1 = ctx.t1, &dh = ctx.dh, &dgn = ctx.dgn, &dghat = ctx.dghat;
-  std::vector<float>&dihat = ctx.dihat, &dfhat = ctx.dfhat, &dz = ctx.dz, &dau = ctx.dau, &dlb = ctx.dlb;
-
-  linear_backward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0.data(), grads);
-  rmsnorm_backward_cpu(nd, ctx.x_final.data(), params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0.data(),
-                       dx.data(), grads + layout_.at(final_norm_).offset);
+  float* t0 = ctx.scratch.get(0, M * d);
+  linear_backward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0, grads);
+  rmsnorm_backward_cpu(RmsNormShape{M, d, static_cast<float>(config_.norm_eps)}, ctx.x_final.data(),
+                       params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0, ctx.dx.data(),
+                       grads + layout_.at(final_norm_).offset);
   ready({head_w_, head_gain_, final_norm_});
-
-  for (int64_t l = L - 1; l >= 0; --l) {
-    const BlockParams& b = blocks_[l];
-    const BlockCache& c = ctx.blocks[l];
-    if (b.peer >= 0) {
-      // Channel mixer: x_out = x_mid + PEER(norm(x_mid)). The table gradient comes back sparse and
-      // is added into the dense gradient (the data-parallel all-reduce then sums it over ranks).
-      const PeerLayerShape ps = peer_shape(M);
-      PeerSparseGrad<float>& sg = ctx.peer_table_grad;
-      PeerLayerGrads<float> pg;
-      pg.w_q = grads + layout_.at(b.peer_wq).offset;
-      pg.bn_gamma = grads + layout_.at(b.peer_bn_gamma).offset;
-      pg.bn_beta = grads + layout_.at(b.peer_bn_beta).offset;
-      pg.sub_keys1 = grads + layout_.at(b.peer_keys1).offset;
-      pg.sub_keys2 = grads + layout_.at(b.peer_keys2).offset;
-      pg.table = &sg;
-      auto pp = peer_params(layout_, b, params, buffer_ptr(layout_, params, b.peer_bn_mean),
-                            buffer_ptr(layout_, params, b.peer_bn_var));
-      pp.table = peer_table(params, b);  // straight-through: the gradient of the copy is the latent's
-      peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx.data(), t0.data(), pg, c.peer_ep.get());
-      // Sharded: the gradient of this rank's rows, from every token of the group that retrieved them.
-      if (exact) {  // one micro-batch (one sender's tokens) at a time
-        if (c.peer_ep)
-          for (const auto& g : c.peer_ep->table_grads()) exact->add_rows(b.peer_table, g);
-        else
-          exact->add_rows(b.peer_table, sg);
-      } else if (c.peer_ep) {
-        for (const auto& g : c.peer_ep->table_grads())
-          peer_sparse_grad_scatter_add_cpu(g, grads + layout_.at(b.peer_table).offset);
-      } else {
-        peer_sparse_grad_scatter_add_cpu(sg, grads + layout_.at(b.peer_table).offset);
-      }
-      if (c.peer.mode == PeerNormMode::train) {
-        add_into(grads + layout_.at(b.peer_bn_mean).offset, c.peer_batch_mean.data(), ps.channels());
-        add_into(grads + layout_.at(b.peer_bn_var).offset, c.peer_batch_var.data(), ps.channels());
-      }
-    } else {
-      // Channel mixer: x_out = x_mid + down(glu(gate(norm(x_mid)))).
-      linear_backward(params, b.down_gain, b.down_w, M, c.z.data(), c.bl_down, dx.data(), dz.data(), grads);
-      glu_backward_cpu(glu_act_, M, I, c.au.data(), dz.data(), dau.data());
-      linear_backward(params, b.gate_gain, b.gate_w, M, c.xn2.data(), c.bl_gate, dau.data(), t0.data(), grads);
-    }
-    rmsnorm_backward_cpu(nd, c.x_mid.data(), params + layout_.at(b.mlp_norm).offset, c.rstd2.data(), t0.data(),
-                         t1.data(), grads + layout_.at(b.mlp_norm).offset);
-    add_into(dx.data(), t1.data(), M * d);
-
-    // Token mixer: x_mid = x_in + o_proj(gate(gn, h)).
-    linear_backward(params, b.o_gain, b.o_w, M, c.o.data(), c.bl_o, dx.data(), t0.data(), grads);
-    output_gate_backward_cpu(gate_form_, M * d, c.gn.data(), c.h.data(), t0.data(), dgn.data(), dh.data());
-    if (gate_form_ == GateForm::code)
-      rmsnorm_backward_cpu(nd, c.ghat.data(), params + layout_.at(b.g_norm).offset, c.g_rstd.data(), dgn.data(),
-                           dghat.data(), grads + layout_.at(b.g_norm).offset);
-    else
-      dghat = dgn;
-    mlgru_scan_backward_cpu(ScanShape{B, T, d}, c.ihat.data(), c.fhat.data(), ctx.lb.data() + l * d, c.f.data(),
-                            c.h.data(), dh.data(), dihat.data(), dfhat.data(), dlb.data() + l * d);
-    // The three projections share their input xn: their input gradients add up.
-    linear_backward(params, b.i_gain, b.i_w, M, c.xn.data(), c.bl_i, dihat.data(), t0.data(), grads);
-    linear_backward(params, b.f_gain, b.f_w, M, c.xn.data(), c.bl_f, dfhat.data(), t1.data(), grads);
-    add_into(t0.data(), t1.data(), M * d);
-    linear_backward(params, b.g_gain, b.g_w, M, c.xn.data(), c.bl_g, dghat.data(), t1.data(), grads);
-    add_into(t0.data(), t1.data(), M * d);
-    rmsnorm_backward_cpu(nd, c.x_in.data(), params + layout_.at(b.mixer_norm).offset, c.rstd1.data(), t0.data(),
-                         t1.data(), grads + layout_.at(b.mixer_norm).offset);
-    add_into(dx.data(), t1.data(), M * d);
-    if (b.peer >= 0)
-      ready({b.peer_table, b.peer_keys2, b.peer_keys1, b.peer_bn_var, b.peer_bn_mean, b.peer_bn_beta,
-             b.peer_bn_gamma, b.peer_wq});
-    else
-      ready({b.down_w, b.down_gain, b.gate_w, b.gate_gain});
-    ready({b.mlp_norm, b.o_w, b.o_gain, b.g_norm, b.i_w, b.i_gain, b.f_w, b.f_gain, b.g_w, b.g_gain, b.mixer_norm});
+  const ModuleStep step = module_step(ctx);
+  for (size_t i = modules_.size(); i-- > 0;) {
+    modules_[i]->backward(*this, params, step, *ctx.caches[i], ctx.dx.data(), grads, exact);
+    ready(modules_[i]->params_backward_order());
   }
-  embedding_backward_cpu(M, d, ctx.ids.data(), dx.data(), grads + layout_.at(embed_).offset);
-  lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, dlb.data(),
+  embedding_backward_cpu(M, d, ctx.ids.data(), ctx.dx.data(), grads + layout_.at(embed_).offset);
+  lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.dlb.data(),
                             grads + layout_.at(lower_bounds_).offset);
   ready({embed_, lower_bounds_});
 }
 
 int64_t Model::activation_bytes_per_token() const {
-  const int64_t d = config_.d_model, I = inter_, V = config_.vocab_size;
-  // Per block: 12 (d)-vectors of float, au (2I) and z (I) floats, 3 norms' rstd, the int8 codes of
-  // six BitLinear inputs (4d + d + I) and their two floats each.
-  const int64_t per_block = 4 * (12 * d + 3 * I + 3) + (5 * d + I) + 6 * 8;
-  // A PEER block saves no au, z or GLU codes, but q̂ and q (2·h·d_k floats) and, per (head, expert),
-  // id, score, gate and pre-activation (4 × 4 bytes).
-  const int64_t glu_part = 4 * 3 * I + I + d + 2 * 8;
-  const int64_t peer_part = 4 * 2 * config_.peer_heads * config_.peer_key_dim + 16 * config_.peer_heads * config_.peer_topk;
-  return config_.n_layers * per_block + n_peer_layers() * (peer_part - glu_part) + 4 * (3 * d + 1 + V) + d + 8 + 4;
+  int64_t total = 0;
+  for (const auto& m : modules_) total += m->activation_bytes_per_token();
+  // The final norm's input, output and rstd, the logits, the head's int8 codes, rstd and scale,
+  // the token id and target.
+  const int64_t d = config_.d_model, V = config_.vocab_size;
+  return total + 4 * (3 * d + 1 + V) + d + 8 + 4;
+}
+
+double Model::flops_per_token() const {
+  double total = 0;
+  for (const auto& m : modules_) total += m->flops_per_token();
+  return total + 2.0 * static_cast<double>(config_.d_model) * static_cast<double>(config_.vocab_size);
+}
+
+const PeerTableBounds& Model::peer_bounds(int peer) const {
+  PL_CHECK(peer >= 0 && peer < static_cast<int>(peer_bounds_.size()), internal,
+           "deterministic PEER experts without table bounds (refresh_peer_tables not called)");
+  return peer_bounds_[static_cast<size_t>(peer)];
 }
 
 }  // namespace peerless

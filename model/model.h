@@ -15,6 +15,7 @@
 
 #include "model/expert_parallel.h"
 #include "model/model_config.h"
+#include "model/module.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
 #include "model/ops/peer_layer.h"
@@ -25,7 +26,8 @@ namespace peerless {
 
 class ExactGradSum;
 
-// Index of each parameter of one block in the layout.
+// Index of each parameter of one block in the layout, as the block's module kinds declared them
+// (model/modules/); the GPU model and the export table read parameters through it.
 // In a PEER block gate_*/down_* are -1 and the peer_* indices are set (else -1).
 struct BlockParams {
   int mixer_norm, i_gain, i_w, f_gain, f_w, g_gain, g_w, g_norm, o_gain, o_w;
@@ -35,32 +37,6 @@ struct BlockParams {
   int peer_keys1 = -1, peer_keys2 = -1, peer_table = -1;
 };
 
-// Saved activations of one BitLinear call: reciprocal std of its RMSNorm, int8 activation codes and
-// per-token scales (enough to recompute both straight-through products in backward).
-struct BitLinearCache {
-  std::vector<float> rstd;     // (M)
-  std::vector<int8_t> codes;   // (M, K)
-  std::vector<float> scale;    // (M)
-};
-
-struct BlockCache {
-  std::vector<float> x_in;        // (M, d) residual stream entering the block
-  std::vector<float> xn, rstd1;   // (M, d), (M) mixer pre-norm
-  std::vector<float> ihat, fhat, ghat;  // (M, d)
-  std::vector<float> f, h;        // (M, d) gate and hidden state of the scan
-  std::vector<float> gn, g_rstd;  // (M, d), (M) RMSNorm_g(ĝ) (code form)
-  std::vector<float> o;           // (M, d) gated output, input of o_proj
-  std::vector<float> x_mid;       // (M, d) residual after the mixer
-  std::vector<float> xn2, rstd2;  // (M, d), (M) channel-mixer pre-norm
-  std::vector<float> au;          // (M, 2I)
-  std::vector<float> z;           // (M, I)
-  BitLinearCache bl_i, bl_f, bl_g, bl_o, bl_gate, bl_down;
-  // PEER block: the layer's context and, in train mode, the batch statistics of its query BatchNorm
-  // (added into the gradient buffer at the running-statistics buffers by backward, see update_buffers).
-  PeerLayerContext<float> peer;
-  std::vector<float> peer_batch_mean, peer_batch_var;  // (heads·key_dim)
-  std::shared_ptr<ShardedPeerExperts> peer_ep;  // the expert exchange, when the table is sharded
-};
 
 // Everything forward() produced that backward() needs. Reused across steps (buffers only grow).
 struct ForwardContext {
@@ -70,17 +46,16 @@ struct ForwardContext {
   int64_t batch = 0, seq = 0;
   std::vector<int32_t> ids, targets;  // (M)
   std::vector<float> lb;              // (L, d) lower bounds
-  std::vector<BlockCache> blocks;
+  // Each module's saved activations, in Model::modules() order (two per block).
+  std::vector<std::unique_ptr<Module::Cache>> caches;
   std::vector<float> x_final, xf, rstd_f;  // (M, d), (M, d), (M)
   BitLinearCache bl_head;
   std::vector<float> logits;          // (M, V); holds dlogits after backward starts
   std::vector<float> losses;          // (M) per-token loss
   double loss_sum = 0;                // Σ losses (nats)
   // Scratch kept across steps: fresh multi-MB buffers every step cost page faults and zeroing.
-  std::vector<float> x, tmp;                              // (M, d) forward residual and scratch
-  std::vector<float> dx, t0, t1, dh, dgn, dghat, dihat, dfhat;  // (M, d) backward
-  std::vector<float> dz, dau, dlb;                        // (M, I), (M, 2I), (L, d)
-  PeerSparseGrad<float> peer_table_grad;                  // (U, 2d) scratch of a PEER backward
+  std::vector<float> x, dx, dlb;      // (M, d) forward residual and backward gradient, (L, d)
+  ModuleScratch scratch;              // shared by the modules
 };
 
 class Model {
@@ -153,6 +128,22 @@ class Model {
 
   // Bytes of activations that forward saves per token (for the memory estimate).
   int64_t activation_bytes_per_token() const;
+  // Forward FLOPs per token (SWEEPS.md §1: the modules' plus the LM head's 2dV).
+  double flops_per_token() const;
+  // The residual sub-layers in execution order: block l's token mixer at 2l, its channel mixer at 2l + 1.
+  const std::vector<std::shared_ptr<const Module>>& modules() const { return modules_; }
+
+  // For modules: one BitLinear of this model (or its full-precision ablation when quant = "none"),
+  // reading the ternary forward copies (codes, β) this model holds.
+  void linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
+                      BitLinearCache& cache) const;
+  void linear_backward(const float* params, int gain, int weight, int64_t rows, const float* x,
+                       const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
+  // For PEER modules: the communicator of the expert exchange (the expert-parallel group when
+  // sharded, this rank alone in unsharded deterministic mode; null otherwise), and PEER layer
+  // `peer`'s table bounds (deterministic mode; refresh_peer_tables computes them).
+  Comm* expert_comm() const { return experts_sharded() ? ep_comm_ : self_comm_.get(); }
+  const PeerTableBounds& peer_bounds(int peer) const;
 
   // PEER blocks (in block order) and the shape of their layer for `tokens` tokens.
   int n_peer_layers() const { return static_cast<int>(peer_blocks_.size()); }
@@ -178,19 +169,12 @@ class Model {
   void update_buffers(float* params, float* grads, int64_t micro_batches, const std::vector<Range>& ranges) const;
 
  private:
-  // One BitLinear (or its full-precision ablation when quant = "none").
-  void linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
-                      BitLinearCache& cache) const;
-  void linear_backward(const float* params, int gain, int weight, int64_t rows, const float* x,
-                       const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
-
   ModelConfig config_;
   ExpertShard shard_;
   Comm* ep_comm_ = nullptr;
   bool deterministic_ = false;
   std::unique_ptr<Comm> self_comm_;            // deterministic, unsharded: the exchange over this rank
   std::vector<PeerTableBounds> peer_bounds_;   // deterministic: per PEER layer (refresh_peer_tables)
-  Comm* expert_comm() const { return experts_sharded() ? ep_comm_ : self_comm_.get(); }
   int64_t inter_ = 0;
   GateForm gate_form_ = GateForm::code;
   GluActivation glu_act_ = GluActivation::silu;
@@ -198,7 +182,9 @@ class Model {
   ParamLayout layout_;
   int embed_ = -1, lower_bounds_ = -1, final_norm_ = -1, head_gain_ = -1, head_w_ = -1;
   std::vector<BlockParams> blocks_;
+  std::vector<std::shared_ptr<const Module>> modules_;
   std::vector<int64_t> peer_blocks_;  // block index of each PEER layer
+  ModuleStep module_step(ForwardContext& ctx) const;
   // Q-Sparse of one BitLinear's normalised input (rows, K) in place; no-op when model.qsparse = 0.
   void sparsify(int64_t rows, int64_t K, float* xt) const;
 

@@ -12,6 +12,7 @@
 
 #include "model/infer/inference_model.h"
 #include "model/model.h"
+#include "model/modules/peer_mixer.h"
 #include "model/ops/qsparse.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
@@ -64,9 +65,12 @@ void perturb(const Model& m, std::vector<float>& params, uint64_t seed) {
   }
 }
 
-std::vector<int32_t> all_ids(const ForwardContext& ctx) {
+std::vector<int32_t> all_ids(const Model& m, const ForwardContext& ctx) {
   std::vector<int32_t> ids;
-  for (const auto& b : ctx.blocks) ids.insert(ids.end(), b.peer.ids.begin(), b.peer.ids.end());
+  for (int64_t l : m.peer_blocks()) {
+    const auto& p = peer_module_context(*ctx.caches[2 * l + 1]);
+    ids.insert(ids.end(), p.ids.begin(), p.ids.end());
+  }
   return ids;
 }
 
@@ -125,7 +129,7 @@ TEST(ModelPeer, TinyFullPrecisionModelMatchesFiniteDifferences) {
   Batch b(c.vocab_size, 3);
   ForwardContext ctx;
   m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, ctx);
-  const std::vector<int32_t> base_ids = all_ids(ctx);
+  const std::vector<int32_t> base_ids = all_ids(m, ctx);
   m.backward(params.data(), ctx, 1.f, grads.data());
 
   Rng rng(11);
@@ -146,7 +150,7 @@ TEST(ModelPeer, TinyFullPrecisionModelMatchesFiniteDifferences) {
       auto loss_at = [&](float v) {
         params[i] = v;
         const double loss = m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, c2);
-        same = same && all_ids(c2) == base_ids;
+        same = same && all_ids(m, c2) == base_ids;
         return loss;
       };
       const double fd = (-loss_at(keep + 2 * h) + 8 * loss_at(keep + h) - 8 * loss_at(keep - h) + loss_at(keep - 2 * h)) /
@@ -329,10 +333,12 @@ TEST(ModelQSparse, BitLinearInputsKeepExactlyKAndTrain) {
   const double loss0 = m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, ctx);
   // Recompute the i_proj input of block 0 with the public ops: RMSNorm → top-K → codes.
   const ParamLayout& l = m.layout();
-  const auto& blk = ctx.blocks[0];
+  const auto i_proj = m.modules()[0]->linear(*ctx.caches[0], m.blocks()[0].i_w);
+  const auto down = m.modules()[1]->linear(*ctx.caches[1], m.blocks()[0].down_w);
+  ASSERT_TRUE(i_proj.input && down.input);
   for (const auto& [gain_name, input, cache, K] :
-       {std::tuple{"blocks/0/mixer/i_proj/gain", &blk.xn, &blk.bl_i, int64_t{20}},
-        std::tuple{"blocks/0/mlp/down_proj/gain", &blk.z, &blk.bl_down, int64_t{30}}}) {
+       {std::tuple{"blocks/0/mixer/i_proj/gain", i_proj.input, i_proj.saved, int64_t{20}},
+        std::tuple{"blocks/0/mlp/down_proj/gain", down.input, down.saved, int64_t{30}}}) {
     std::vector<float> xt(M * K), rstd(M), scale(M);
     std::vector<uint8_t> mask(M * K);
     std::vector<int8_t> codes(M * K);

@@ -1,0 +1,114 @@
+// Module kinds: the residual sub-layers a block is made of (issue 14 item 1). A block is a token
+// mixer and a channel mixer; each is a Module that owns its pre-norm and computes
+//     x ← x + f(RMSNorm(x))
+// on the residual stream. A kind declares its parameters into the model's flat layout (named under
+// the block's prefix, so buckets, ZeRO-1, checkpoints and model files need nothing kind-specific),
+// its CPU forward and backward (the reference ops of model/ops), what it saves per token and its
+// forward FLOPs per token (../shared/SWEEPS.md §1 conventions).
+//
+// Today's kinds: "mlgru" (token mixer), "glu" and "peer" (channel mixers); Q-Sparse and
+// quant = none|ternary are options of their BitLinears (Model::linear_forward). Adding a kind is a
+// new file under model/modules/ plus one line in model/modules/registry.cpp.
+//
+// The GPU path (model/cuda_model.cu) still runs the blocks from the indices the kinds record in
+// BlockParams; moving each kind's fused CUDA forward/backward into the kind is the next step.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/model_config.h"
+#include "model/ops/peer_layer.h"
+#include "runtime/param_layout.h"
+
+namespace peerless {
+
+class Model;
+class ExactGradSum;
+struct BlockParams;
+
+// Scratch shared by every module of one forward/backward: numbered buffers that only grow, so a
+// step allocates nothing after the first and the scratch is not multiplied by the layer count.
+class ModuleScratch {
+ public:
+  float* get(int slot, int64_t n) {
+    if (static_cast<int>(bufs_.size()) <= slot) bufs_.resize(static_cast<size_t>(slot) + 1);
+    auto& b = bufs_[static_cast<size_t>(slot)];
+    if (static_cast<int64_t>(b.size()) < n) b.resize(static_cast<size_t>(n));
+    return b.data();
+  }
+
+ private:
+  std::vector<std::vector<float>> bufs_;
+};
+
+// What one forward (and its backward) is about.
+struct ModuleStep {
+  int64_t batch = 0, seq = 0;              // the residual stream is (batch·seq, d)
+  PeerNormMode peer_mode = PeerNormMode::train;
+  const float* lower_bounds = nullptr;     // (L, d) the MLGRU's lower bounds after softmax and cumsum
+  float* lower_bounds_grad = nullptr;      // (L, d) backward: their gradient, accumulated
+  ModuleScratch* scratch = nullptr;
+  int64_t tokens() const { return batch * seq; }
+};
+
+// Saved activations of one BitLinear call: reciprocal std of its RMSNorm, int8 activation codes and
+// per-token scales (enough to recompute both straight-through products in backward).
+struct BitLinearCache {
+  std::vector<float> rstd;     // (M)
+  std::vector<int8_t> codes;   // (M, K)
+  std::vector<float> scale;    // (M)
+};
+
+class Module {
+ public:
+  virtual ~Module() = default;
+  virtual const char* kind() const = 0;
+
+  // The activations one forward saves for backward, each kind its own.
+  struct Cache {
+    virtual ~Cache() = default;
+  };
+  virtual std::unique_ptr<Cache> new_cache() const = 0;
+  // One of this module's BitLinears as the last forward saw it, by its weight's layout index: its
+  // input (before the BitLinear's RMSNorm) and what it saved. {null, null} when it has no such weight.
+  struct Linear {
+    const std::vector<float>* input = nullptr;
+    const BitLinearCache* saved = nullptr;
+  };
+  virtual Linear linear(const Cache& c, int weight) const = 0;
+
+  // x (tokens, d), the residual stream, updated in place.
+  virtual void forward(const Model& m, const float* params, const ModuleStep& step, float* x, Cache& c) const = 0;
+  // dx (tokens, d): the gradient of the stream after this module in, before it out (the residual
+  // path plus the sub-layer's input gradient). Parameter gradients are accumulated into grads; with
+  // `exact` (deterministic mode) a kind's sparse gradients go there instead (model/exact_sum.h).
+  virtual void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& c, float* dx,
+                        float* grads, ExactGradSum* exact) const = 0;
+  // Layout indices of the parameters, in the order backward finalizes them.
+  virtual std::vector<int> params_backward_order() const = 0;
+  // Bytes forward saves per token; forward FLOPs per token (2 per multiply-add, SWEEPS.md §1).
+  virtual int64_t activation_bytes_per_token() const = 0;
+  virtual double flops_per_token() const = 0;
+};
+
+// What a kind's factory gets: the config, the layout to add its parameters to (names under
+// `prefix`, e.g. "blocks/3/"), the block it belongs to, and the block's index record to fill (the
+// GPU model and the export table read parameters through it).
+struct ModuleBuild {
+  const ModelConfig& config;
+  ParamLayout& layout;
+  std::string prefix;
+  int64_t layer = 0;
+  BlockParams& record;
+  int peer_index = -1;        // PEER: this layer's index among the PEER blocks
+  int64_t peer_table_rows = 0;  // PEER: rows of the table this rank holds
+};
+
+// The registered kinds ("mlgru", "glu", "peer"); an unknown name is a config error listing them.
+std::unique_ptr<Module> make_module(const std::string& kind, ModuleBuild& build);
+std::vector<std::string> module_kinds();
+
+}  // namespace peerless

@@ -1,0 +1,89 @@
+// The GLU channel mixer (SPEC §2.2) as a module: x ← x + down(glu(gate_up(RMSNorm(x)))), gate_up
+// producing [a | u] (2I) and glu = act(a) ⊙ u.
+#include "model/model.h"
+#include "model/modules/mixers.h"
+#include "model/ops/glu.h"
+#include "model/ops/rmsnorm.h"
+
+namespace peerless {
+
+namespace {
+
+struct GluCache final : Module::Cache {
+  std::vector<float> x_mid, xn2, rstd2;  // stream entering, its norm (M, d), (M)
+  std::vector<float> au, z;              // (M, 2I), (M, I)
+  BitLinearCache bl_gate, bl_down;
+};
+
+class GluMixer final : public Module {
+ public:
+  explicit GluMixer(ModuleBuild& b) : d_(b.config.d_model), I_(b.config.glu_width()) {
+    BlockParams& r = b.record;
+    const std::string p = b.prefix;
+    r.mlp_norm = b.layout.add(p + "mlp_norm/gain", {d_}, ParamKind::gain);
+    r.gate_gain = b.layout.add(p + "mlp/gate_proj/gain", {d_}, ParamKind::gain);
+    r.gate_w = b.layout.add(p + "mlp/gate_proj/weight", {2 * I_, d_}, ParamKind::ternary_weight);
+    r.down_gain = b.layout.add(p + "mlp/down_proj/gain", {I_}, ParamKind::gain);
+    r.down_w = b.layout.add(p + "mlp/down_proj/weight", {d_, I_}, ParamKind::ternary_weight);
+    ix_ = r;
+  }
+  const char* kind() const override { return "glu"; }
+  std::unique_ptr<Cache> new_cache() const override { return std::make_unique<GluCache>(); }
+
+  Linear linear(const Cache& cache, int w) const override {
+    const auto& c = static_cast<const GluCache&>(cache);
+    if (w == ix_.gate_w) return {&c.xn2, &c.bl_gate};
+    if (w == ix_.down_w) return {&c.z, &c.bl_down};
+    return {};
+  }
+
+  void forward(const Model& m, const float* params, const ModuleStep& step, float* x, Cache& cache) const override {
+    auto& c = static_cast<GluCache&>(cache);
+    const int64_t M = step.tokens();
+    c.x_mid.assign(x, x + M * d_);
+    c.xn2.resize(M * d_);
+    c.rstd2.resize(M);
+    c.au.resize(M * 2 * I_);
+    c.z.resize(M * I_);
+    rmsnorm_forward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, x,
+                        params + m.layout().at(ix_.mlp_norm).offset, c.xn2.data(), c.rstd2.data());
+    m.linear_forward(params, ix_.gate_gain, ix_.gate_w, M, c.xn2.data(), c.au.data(), c.bl_gate);
+    glu_forward_cpu(m.glu_activation(), M, I_, c.au.data(), c.z.data());
+    float* y = step.scratch->get(0, M * d_);
+    m.linear_forward(params, ix_.down_gain, ix_.down_w, M, c.z.data(), y, c.bl_down);
+    add_rows(x, y, M * d_);
+  }
+
+  void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
+                float* grads, ExactGradSum*) const override {
+    const auto& c = static_cast<const GluCache&>(cache);
+    const int64_t M = step.tokens();
+    ModuleScratch& s = *step.scratch;
+    float *t0 = s.get(0, M * d_), *t1 = s.get(1, M * d_), *dz = s.get(7, M * I_), *dau = s.get(8, M * 2 * I_);
+    m.linear_backward(params, ix_.down_gain, ix_.down_w, M, c.z.data(), c.bl_down, dx, dz, grads);
+    glu_backward_cpu(m.glu_activation(), M, I_, c.au.data(), dz, dau);
+    m.linear_backward(params, ix_.gate_gain, ix_.gate_w, M, c.xn2.data(), c.bl_gate, dau, t0, grads);
+    const int64_t norm = m.layout().at(ix_.mlp_norm).offset;
+    rmsnorm_backward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, c.x_mid.data(),
+                         params + norm, c.rstd2.data(), t0, t1, grads + norm);
+    add_rows(dx, t1, M * d_);
+  }
+
+  std::vector<int> params_backward_order() const override {
+    return {ix_.down_w, ix_.down_gain, ix_.gate_w, ix_.gate_gain, ix_.mlp_norm};
+  }
+  // x_mid, xn2, [a | u], z and the norm's rstd; the int8 codes of both inputs, each BitLinear's
+  // rstd and scale.
+  int64_t activation_bytes_per_token() const override { return 4 * (2 * d_ + 3 * I_ + 1) + d_ + I_ + 2 * 8; }
+  double flops_per_token() const override { return 6.0 * static_cast<double>(d_) * static_cast<double>(I_); }
+
+ private:
+  int64_t d_, I_;
+  BlockParams ix_;
+};
+
+}  // namespace
+
+std::unique_ptr<Module> make_glu_mixer(ModuleBuild& b) { return std::make_unique<GluMixer>(b); }
+
+}  // namespace peerless

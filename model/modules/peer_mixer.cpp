@@ -1,0 +1,186 @@
+// The PEER channel mixer (SPEC §3) as a module: x ← x + PEER(RMSNorm(x)): query projection (full
+// precision), query BatchNorm (γ, β trained; running statistics are buffers), product-key
+// retrieval over the two sub-key tables, and the experts of the table [u | v] — this rank's rows
+// when the table is sharded (model/expert_parallel.h), the ternary copy t·β under
+// model.peer_ternary (the gradient goes straight through to the latent table).
+#include "model/modules/peer_mixer.h"
+
+#include "model/exact_sum.h"
+#include "model/model.h"
+#include "model/modules/mixers.h"
+#include "model/ops/rmsnorm.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+
+struct PeerCache final : Module::Cache {
+  std::vector<float> x_mid, xn2, rstd2;  // stream entering, its norm (M, d), (M)
+  PeerLayerContext<float> peer;
+  // Train mode: the batch statistics of the query BatchNorm, added into the gradient buffer at the
+  // running statistics' offsets by backward (Model::update_buffers turns them into the update).
+  std::vector<float> batch_mean, batch_var;
+  std::shared_ptr<ShardedPeerExperts> exchange;  // sharded tables or deterministic mode
+  PeerSparseGrad<float> table_grad;              // scratch of an unsharded backward
+};
+
+class PeerMixer final : public Module {
+ public:
+  explicit PeerMixer(ModuleBuild& b) : layer_(b.layer), d_(b.config.d_model), peer_(b.peer_index) {
+    BlockParams& r = b.record;
+    const ModelConfig& c = b.config;
+    const std::string p = b.prefix;
+    r.mlp_norm = b.layout.add(p + "mlp_norm/gain", {d_}, ParamKind::gain);
+    r.gate_gain = r.gate_w = r.down_gain = r.down_w = -1;
+    r.peer = b.peer_index;
+    const int64_t C = c.peer_heads * c.peer_key_dim, half = c.peer_key_dim / 2, n = c.peer_n_sub;
+    r.peer_wq = b.layout.add(p + "peer/query/weight", {C, d_}, ParamKind::full_weight);
+    r.peer_bn_gamma = b.layout.add(p + "peer/query_bn/gamma", {C}, ParamKind::gain);
+    r.peer_bn_beta = b.layout.add(p + "peer/query_bn/beta", {C}, ParamKind::gain);
+    r.peer_bn_mean = b.layout.add(p + "peer/query_bn/running_mean", {C}, ParamKind::buffer);
+    r.peer_bn_var = b.layout.add(p + "peer/query_bn/running_var", {C}, ParamKind::buffer);
+    const std::vector<int64_t> keys = c.peer_shared_keys ? std::vector<int64_t>{n, half}
+                                                         : std::vector<int64_t>{c.peer_heads, n, half};
+    r.peer_keys1 = b.layout.add(p + "peer/sub_keys1", keys, ParamKind::full_weight);
+    r.peer_keys2 = b.layout.add(p + "peer/sub_keys2", keys, ParamKind::full_weight);
+    r.peer_table = b.layout.add(p + "peer/table", {b.peer_table_rows, 2 * d_}, ParamKind::full_weight);
+    ix_ = r;
+    heads_ = c.peer_heads;
+    key_dim_ = c.peer_key_dim;
+    k_ = c.peer_topk;
+    n_sub_ = n;
+  }
+  const char* kind() const override { return "peer"; }
+  std::unique_ptr<Cache> new_cache() const override { return std::make_unique<PeerCache>(); }
+
+  Linear linear(const Cache&, int) const override { return {}; }  // full-precision query, no BitLinear
+
+  void forward(const Model& m, const float* params, const ModuleStep& step, float* x, Cache& cache) const override {
+    auto& c = static_cast<PeerCache&>(cache);
+    const int64_t M = step.tokens();
+    c.x_mid.assign(x, x + M * d_);
+    c.xn2.resize(M * d_);
+    c.rstd2.resize(M);
+    rmsnorm_forward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, x,
+                        params + m.layout().at(ix_.mlp_norm).offset, c.xn2.data(), c.rstd2.data());
+    // Train mode: the op's running-statistics update with momentum 1 leaves exactly the batch
+    // statistics in c.batch_*; backward hands them to update_buffers().
+    PeerLayerShape ps = m.peer_shape(M);
+    const bool train = step.peer_mode == PeerNormMode::train;
+    PL_CHECK(!train || M >= 2, config, "a PEER block in train mode needs at least 2 tokens per forward (got ", M,
+             "); use eval mode (ForwardContext::peer_mode) for single tokens");
+    float *mean = buffer(m, params, ix_.peer_bn_mean), *var = buffer(m, params, ix_.peer_bn_var);
+    if (train) {
+      ps.bn_momentum = 1.f;
+      c.batch_mean.assign(ps.channels(), 0.f);
+      c.batch_var.assign(ps.channels(), 0.f);
+      mean = c.batch_mean.data();
+      var = c.batch_var.data();
+    }
+    const PeerLayerParams<float> pp = views(m, params, mean, var);
+    if (m.experts_sharded() || m.deterministic()) {
+      PL_CHECK(m.expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
+      if (!c.exchange) c.exchange = std::make_shared<ShardedPeerExperts>(*m.expert_comm(), m.peer_experts());
+      c.exchange->set_table(pp.table);
+      if (m.deterministic()) c.exchange->set_fixed(&m.peer_bounds(peer_));
+    }
+    float* y = step.scratch->get(0, M * d_);
+    c.peer = peer_layer_forward_cpu(ps, step.peer_mode, pp, c.xn2.data(), y, c.exchange.get());
+    add_rows(x, y, M * d_);
+  }
+
+  void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
+                float* grads, ExactGradSum* exact) const override {
+    auto& c = const_cast<PeerCache&>(static_cast<const PeerCache&>(cache));  // the table-gradient scratch
+    const int64_t M = step.tokens();
+    const ParamLayout& L = m.layout();
+    float *t0 = step.scratch->get(0, M * d_), *t1 = step.scratch->get(1, M * d_);
+    const PeerLayerShape ps = m.peer_shape(M);
+    PeerLayerGrads<float> pg;
+    pg.w_q = grads + L.at(ix_.peer_wq).offset;
+    pg.bn_gamma = grads + L.at(ix_.peer_bn_gamma).offset;
+    pg.bn_beta = grads + L.at(ix_.peer_bn_beta).offset;
+    pg.sub_keys1 = grads + L.at(ix_.peer_keys1).offset;
+    pg.sub_keys2 = grads + L.at(ix_.peer_keys2).offset;
+    pg.table = &c.table_grad;
+    const auto pp = views(m, params, buffer(m, params, ix_.peer_bn_mean), buffer(m, params, ix_.peer_bn_var));
+    peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx, t0, pg, c.exchange.get());
+    add_table_gradient(c, grads, exact, L.at(ix_.peer_table).offset);
+    if (c.peer.mode == PeerNormMode::train) {
+      add_rows(grads + L.at(ix_.peer_bn_mean).offset, c.batch_mean.data(), ps.channels());
+      add_rows(grads + L.at(ix_.peer_bn_var).offset, c.batch_var.data(), ps.channels());
+    }
+    const int64_t norm = L.at(ix_.mlp_norm).offset;
+    rmsnorm_backward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, c.x_mid.data(),
+                         params + norm, c.rstd2.data(), t0, t1, grads + norm);
+    add_rows(dx, t1, M * d_);
+  }
+
+  std::vector<int> params_backward_order() const override {
+    return {ix_.peer_table, ix_.peer_keys2, ix_.peer_keys1, ix_.peer_bn_var, ix_.peer_bn_mean, ix_.peer_bn_beta,
+            ix_.peer_bn_gamma, ix_.peer_wq, ix_.mlp_norm};
+  }
+  // x_mid, xn2 and the norm's rstd; q̂ and q (2·h·d_k floats) and, per (head, expert), id, score,
+  // gate and pre-activation (4 × 4 bytes).
+  int64_t activation_bytes_per_token() const override {
+    return 4 * (2 * d_ + 1) + 4 * 2 * heads_ * key_dim_ + 16 * heads_ * k_;
+  }
+  // Query 2d·h·d_k, sub-key scores 2h·√N·d_k, candidate sums h·k², experts 4hkd (SWEEPS.md §1).
+  double flops_per_token() const override {
+    const double d = static_cast<double>(d_), h = static_cast<double>(heads_), dk = static_cast<double>(key_dim_);
+    const double k = static_cast<double>(k_), n = static_cast<double>(n_sub_);
+    return 2 * d * h * dk + 2 * h * n * dk + h * k * k + 4 * h * k * d;
+  }
+
+  static const PeerLayerContext<float>& context(const Cache& c) { return static_cast<const PeerCache&>(c).peer; }
+  static ShardedPeerExperts* exchange(const Cache& c) { return static_cast<const PeerCache&>(c).exchange.get(); }
+
+ private:
+  // Eval mode only reads the running statistics, which live in the (const) parameter buffer.
+  static float* buffer(const Model& m, const float* params, int idx) {
+    return const_cast<float*>(params + m.layout().at(idx).offset);
+  }
+  PeerLayerParams<float> views(const Model& m, const float* params, float* mean, float* var) const {
+    const ParamLayout& L = m.layout();
+    PeerLayerParams<float> p;
+    p.w_q = params + L.at(ix_.peer_wq).offset;
+    p.bn_gamma = params + L.at(ix_.peer_bn_gamma).offset;
+    p.bn_beta = params + L.at(ix_.peer_bn_beta).offset;
+    p.bn_running_mean = mean;
+    p.bn_running_var = var;
+    p.sub_keys1 = params + L.at(ix_.peer_keys1).offset;
+    p.sub_keys2 = params + L.at(ix_.peer_keys2).offset;
+    p.table = m.peer_forward_table(params, layer_);  // straight-through under model.peer_ternary
+    return p;
+  }
+  // The table gradient comes back sparse: this rank's rows, from every token of the group that
+  // retrieved them when sharded. Deterministic mode adds it to the exact sum one micro-batch (one
+  // sender's tokens) at a time; otherwise into the dense gradient (the all-reduce sums it over ranks).
+  void add_table_gradient(PeerCache& c, float* grads, ExactGradSum* exact, int64_t offset) const {
+    if (exact) {
+      if (c.exchange)
+        for (const auto& g : c.exchange->table_grads()) exact->add_rows(ix_.peer_table, g);
+      else
+        exact->add_rows(ix_.peer_table, c.table_grad);
+    } else if (c.exchange) {
+      for (const auto& g : c.exchange->table_grads()) peer_sparse_grad_scatter_add_cpu(g, grads + offset);
+    } else {
+      peer_sparse_grad_scatter_add_cpu(c.table_grad, grads + offset);
+    }
+  }
+
+  int64_t layer_, d_;
+  int peer_;
+  int64_t heads_ = 0, key_dim_ = 0, k_ = 0, n_sub_ = 0;
+  BlockParams ix_;
+};
+
+}  // namespace
+
+std::unique_ptr<Module> make_peer_mixer(ModuleBuild& b) { return std::make_unique<PeerMixer>(b); }
+
+const PeerLayerContext<float>& peer_module_context(const Module::Cache& c) { return PeerMixer::context(c); }
+ShardedPeerExperts* peer_module_exchange(const Module::Cache& c) { return PeerMixer::exchange(c); }
+
+}  // namespace peerless
