@@ -12,6 +12,7 @@
 #include "model/infer/inference_model.h"
 #include "model/model.h"
 #include "model/optimizer.h"
+#include "runtime/error.h"
 #include "runtime/rng.h"
 
 using namespace peerless;
@@ -235,5 +236,47 @@ TEST(ModelFile, TernaryPackingRoundTrips) {
     EXPECT_EQ(static_cast<int64_t>(packed.size()), (n + 3) / 4);
     unpack_ternary(packed.data(), n, back.data());
     EXPECT_EQ(codes, back);
+  }
+}
+
+// The modules' forward FLOPs per token against ../shared/SWEEPS.md §1: the MMF 370M is
+// L·(8d² + 6dI) + 2dV = 682.1M, and a PEER layer at d 1024, N 1024², h 8, k 16, d_k 256 is
+// 2d·h·d_k + 2h·√N·d_k + h·k² + 4hkd (4.19M + 4.19M + 2048 + 0.52M) in place of the GLU's 6dI.
+TEST(ModelModules, FlopsPerTokenFollowTheSweepsConventions) {
+  ModelConfig c;
+  c.vocab_size = 32000;
+  c.d_model = 1024;
+  c.n_layers = 24;
+  c.intermediate = 2816;
+  const Model dense(c);
+  EXPECT_DOUBLE_EQ(dense.flops_per_token(), 24.0 * (8.0 * 1024 * 1024 + 6.0 * 1024 * 2816) + 2.0 * 1024 * 32000);
+  EXPECT_NEAR(dense.flops_per_token() / 1e6, 682.1, 0.05);
+  c.peer_blocks = "3";
+  c.peer_n_sub = 1024;
+  c.peer_heads = 8;
+  c.peer_topk = 16;
+  c.peer_key_dim = 256;
+  const Model peer(c);
+  const double peer_layer = 2.0 * 1024 * 8 * 256 + 2.0 * 8 * 1024 * 256 + 8.0 * 16 * 16 + 4.0 * 8 * 16 * 1024;
+  EXPECT_DOUBLE_EQ(peer.flops_per_token() - dense.flops_per_token(), peer_layer - 6.0 * 1024 * 2816);
+  // The kinds are named in the model's order: token mixer, channel mixer per block.
+  ASSERT_EQ(peer.modules().size(), 48u);
+  EXPECT_STREQ(peer.modules()[6]->kind(), "mlgru");
+  EXPECT_STREQ(peer.modules()[7]->kind(), "peer");
+  EXPECT_STREQ(peer.modules()[9]->kind(), "glu");
+}
+
+TEST(ModelModules, UnknownKindIsAConfigErrorListingTheKinds) {
+  ModelConfig c = tiny_config("ternary");
+  ParamLayout layout;
+  BlockParams record{};
+  ModuleBuild build{c, layout, "blocks/0/", 0, record, -1, 0};
+  try {
+    make_module("attention", build);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown module kind \"attention\" (known: mlgru, glu, peer)"),
+              std::string::npos)
+        << e.what();
   }
 }
