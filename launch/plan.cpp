@@ -39,7 +39,7 @@ double expert_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
   return layers * (tokens * (as_sender + as_owner) + counts);
 }
 
-Topology plan_topology(const RunConfig& cfg, int world, int expert_parallel) {
+Topology plan_topology(int world, int expert_parallel) {
   PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
   return make_topology(0, world, expert_parallel);
 }
@@ -47,7 +47,7 @@ Topology plan_topology(const RunConfig& cfg, int world, int expert_parallel) {
 }  // namespace
 
 StepTrafficPlan plan_step_traffic(const RunConfig& cfg, int world, int expert_parallel) {
-  const Topology topo = plan_topology(cfg, world, expert_parallel);
+  const Topology topo = plan_topology(world, expert_parallel);
   const bool shard = topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
   const Model model(cfg.model, shard ? ExpertShard{topo.ep_size, 0} : ExpertShard{});
   const auto buckets = DataParallel::plan_buckets(model, world, cfg.parallel.bucket_mb << 20);
@@ -69,7 +69,7 @@ StepTrafficPlan plan_step_traffic(const RunConfig& cfg, int world, int expert_pa
 }
 
 std::string describe_plan(const RunConfig& cfg, int world, int expert_parallel) {
-  const Topology topo = plan_topology(cfg, world, expert_parallel);
+  const Topology topo = plan_topology(world, expert_parallel);
   const bool shard = topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
   const Model model(cfg.model, shard ? ExpertShard{topo.ep_size, 0} : ExpertShard{});
   RunConfig at = cfg;

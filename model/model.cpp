@@ -66,74 +66,14 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
   betas_.assign(layout_.entries().size(), 0.f);
 }
 
+// The SPEC §2 initialization: each module kind its own parameters (model/modules/), here the rest:
+// embedding and head N(0, init_std²), final and head gains 1, lower bounds 0.
 void Model::init_params(float* params, uint64_t seed) const {
-  const int64_t L = config_.n_layers;
-  std::vector<int> is_down, is_xavier;
-  for (const auto& b : blocks_) {
-    is_down.push_back(b.down_w);
-    for (int w : {b.i_w, b.f_w, b.g_w, b.o_w}) is_xavier.push_back(w);
-  }
   std::memset(params, 0, sizeof(float) * layout_.total());
-  const auto& entries = layout_.entries();
-  for (size_t idx = 0; idx < entries.size(); ++idx) {
-    const ParamInfo& p = entries[idx];
-    float* w = params + p.offset;
-    if (p.kind == ParamKind::gain) {
-      std::fill(w, w + p.numel, 1.f);
-      continue;
-    }
-    if (p.kind == ParamKind::lower_bound) continue;  // zeros
-    if (p.kind == ParamKind::full_weight || p.kind == ParamKind::buffer) continue;  // PEER: below
-    const bool xavier = std::find(is_xavier.begin(), is_xavier.end(), static_cast<int>(idx)) != is_xavier.end();
-    const bool down = std::find(is_down.begin(), is_down.end(), static_cast<int>(idx)) != is_down.end();
-    // xavier_uniform with gain 2^-2.5 for i/f/g/o; N(0, std) for the rest, down also / sqrt(2L).
-    const double fan_out = static_cast<double>(p.shape[0]), fan_in = static_cast<double>(p.shape.back());
-    const double bound = std::pow(2.0, -2.5) * std::sqrt(6.0 / (fan_in + fan_out));
-    const double std_dev = config_.init_std / (down ? std::sqrt(2.0 * static_cast<double>(L)) : 1.0);
-    // Independent streams per (parameter, chunk): identical values for any thread count.
-    constexpr int64_t kChunk = 1 << 16;
-    const int64_t n_chunks = (p.numel + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      Rng rng(hash_keys(seed, 0x1417, idx, c));
-      const int64_t end = std::min(p.numel, (c + 1) * kChunk);
-      for (int64_t i = c * kChunk; i < end; ++i)
-        w[i] = xavier ? static_cast<float>((2.0 * rng.uniform() - 1.0) * bound) : static_cast<float>(rng.normal() * std_dev);
-    }
-  }
-  // PEER blocks. Query W_q: xavier_uniform (gain 1). BatchNorm: γ = 1, β = 0, running mean 0 and
-  // variance 1. Sub-keys ~ N(0, 1/d_k), so a normalised query half scores O(1). Table rows [u | v]:
-  // u ~ N(0, 1/d) so that σ(uᵀx̂) is O(1) for an RMS-normalised x̂; v ~ N(0, init_std²/(2L)) like
-  // the GLU's down projection, so a PEER block starts as a small residual update.
-  const int64_t d = config_.d_model;
-  for (const auto& b : blocks_) {
-    if (b.peer < 0) continue;
-    auto fill = [&](int idx, auto&& value) {
-      const ParamInfo& p = layout_.at(idx);
-      Rng rng(hash_keys(seed, 0x9EE2, idx));
-      for (int64_t i = 0; i < p.numel; ++i) params[p.offset + i] = value(rng, i);
-    };
-    const ParamInfo& wq = layout_.at(b.peer_wq);
-    const double bound = std::sqrt(6.0 / static_cast<double>(wq.shape[0] + wq.shape[1]));
-    fill(b.peer_wq, [&](Rng& r, int64_t) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
-    fill(b.peer_bn_beta, [](Rng&, int64_t) { return 0.f; });
-    fill(b.peer_bn_mean, [](Rng&, int64_t) { return 0.f; });
-    fill(b.peer_bn_var, [](Rng&, int64_t) { return 1.f; });
-    const double key_std = 1.0 / std::sqrt(static_cast<double>(config_.peer_key_dim));
-    fill(b.peer_keys1, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
-    fill(b.peer_keys2, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
-    const double u_std = 1.0 / std::sqrt(static_cast<double>(d));
-    const double v_std = config_.init_std / std::sqrt(2.0 * static_cast<double>(L));
-    // One stream per global row, so the shards of a sharded table equal the unsharded table.
-    const ParamInfo& t = layout_.at(b.peer_table);
-    const int64_t first = shard_.first_row(peer_experts());
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < t.shape[0]; ++row) {
-      Rng rng(hash_keys(seed, 0x9EE3, b.peer_table, first + row));
-      float* w = params + t.offset + row * 2 * d;
-      for (int64_t c = 0; c < 2 * d; ++c) w[c] = static_cast<float>(rng.normal() * (c < d ? u_std : v_std));
-    }
-  }
+  init_normal(layout_, params, embed_, seed, config_.init_std);
+  init_normal(layout_, params, head_w_, seed, config_.init_std);
+  for (int g : {final_norm_, head_gain_}) init_constant(layout_, params, g, 1.f);
+  for (const auto& m : modules_) m->init(*this, params, seed);
 }
 
 PeerLayerShape Model::peer_shape(int64_t tokens) const {

@@ -87,6 +87,10 @@ class Module {
   // `exact` (deterministic mode) a kind's sparse gradients go there instead (model/exact_sum.h).
   virtual void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& c, float* dx,
                         float* grads, ExactGradSum* exact) const = 0;
+  // This kind's share of the SPEC initialization, deterministic from seed; the parameters arrive
+  // zeroed. Random streams are keyed by parameter index (and chunk or table row), so any thread
+  // count and any expert shard gives the same values.
+  virtual void init(const Model& m, float* params, uint64_t seed) const = 0;
   // Layout indices of the parameters, in the order backward finalizes them.
   virtual std::vector<int> params_backward_order() const = 0;
   // Bytes forward saves per token; forward FLOPs per token (2 per multiply-add, SWEEPS.md §1).
@@ -106,6 +110,13 @@ struct ModuleBuild {
   int peer_index = -1;        // PEER: this layer's index among the PEER blocks
   int64_t peer_table_rows = 0;  // PEER: rows of the table this rank holds
 };
+
+// Initialization rules the kinds share (model/modules/init.cpp): parameter `idx` of the layout
+// filled with a constant, N(0, std²), or xavier_uniform scaled by `gain` (bound gain·√(6/(fan_in +
+// fan_out)) over the shape's first and last extents), in streams of 2¹⁶ values keyed (seed, idx, chunk).
+void init_constant(const ParamLayout& layout, float* params, int idx, float value);
+void init_normal(const ParamLayout& layout, float* params, int idx, uint64_t seed, double std_dev);
+void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t seed, double gain);
 
 // The registered kinds ("mlgru", "glu", "peer"); an unknown name is a config error listing them.
 std::unique_ptr<Module> make_module(const std::string& kind, ModuleBuild& build);

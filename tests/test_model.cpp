@@ -80,8 +80,12 @@ TEST(ModelInit, GainsOnesLowerBoundsZeroAndLinearAtInit) {
   m.init_params(params.data(), 1);
   for (const auto& p : m.layout().entries()) {
     for (int64_t i = 0; i < p.numel; ++i) {
-      if (p.kind == ParamKind::gain) ASSERT_EQ(params[p.offset + i], 1.f) << p.name;
-      if (p.kind == ParamKind::lower_bound) ASSERT_EQ(params[p.offset + i], 0.f) << p.name;
+      if (p.kind == ParamKind::gain) {
+        ASSERT_EQ(params[p.offset + i], 1.f) << p.name;
+      }
+      if (p.kind == ParamKind::lower_bound) {
+        ASSERT_EQ(params[p.offset + i], 0.f) << p.name;
+      }
     }
   }
   // Same seed, same values; another seed, other values.

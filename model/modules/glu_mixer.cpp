@@ -1,5 +1,7 @@
 // The GLU channel mixer (SPEC §2.2) as a module: x ← x + down(glu(gate_up(RMSNorm(x)))), gate_up
 // producing [a | u] (2I) and glu = act(a) ⊙ u.
+#include <cmath>
+
 #include "model/model.h"
 #include "model/modules/mixers.h"
 #include "model/ops/glu.h"
@@ -67,6 +69,15 @@ class GluMixer final : public Module {
     rmsnorm_backward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, c.x_mid.data(),
                          params + norm, c.rstd2.data(), t0, t1, grads + norm);
     add_rows(dx, t1, M * d_);
+  }
+
+  // Gains 1; gate N(0, init_std²); down N(0, init_std²/(2L)), so each block starts as a small
+  // residual update (SPEC §2).
+  void init(const Model& m, float* params, uint64_t seed) const override {
+    const ModelConfig& c = m.config();
+    for (int g : {ix_.mlp_norm, ix_.gate_gain, ix_.down_gain}) init_constant(m.layout(), params, g, 1.f);
+    init_normal(m.layout(), params, ix_.gate_w, seed, c.init_std);
+    init_normal(m.layout(), params, ix_.down_w, seed, c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers)));
   }
 
   std::vector<int> params_backward_order() const override {

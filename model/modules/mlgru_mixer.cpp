@@ -2,6 +2,8 @@
 // h = scan(î, f̂; lower bound), î, f̂, ĝ = BitLinears of RMSNorm(x).
 #include "model/modules/mixers.h"
 
+#include <cmath>
+
 #include "model/model.h"
 #include "model/ops/mlgru.h"
 #include "model/ops/rmsnorm.h"
@@ -102,6 +104,13 @@ class MlgruMixer final : public Module {
     rmsnorm_backward_cpu(nd, c.x_in.data(), params + L.at(ix_.mixer_norm).offset, c.rstd1.data(), t0, t1,
                          grads + L.at(ix_.mixer_norm).offset);
     add_rows(dx, t1, M * d);
+  }
+
+  // Gains 1; i, f, g, o: xavier_uniform with gain 2^-2.5 (SPEC §2).
+  void init(const Model& m, float* params, uint64_t seed) const override {
+    for (int g : {ix_.mixer_norm, ix_.i_gain, ix_.f_gain, ix_.g_gain, ix_.g_norm, ix_.o_gain})
+      init_constant(m.layout(), params, g, 1.f);
+    for (int w : {ix_.i_w, ix_.f_w, ix_.g_w, ix_.o_w}) init_xavier(m.layout(), params, w, seed, std::pow(2.0, -2.5));
   }
 
   std::vector<int> params_backward_order() const override {

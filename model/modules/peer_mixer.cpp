@@ -5,11 +5,14 @@
 // model.peer_ternary (the gradient goes straight through to the latent table).
 #include "model/modules/peer_mixer.h"
 
+#include <cmath>
+
 #include "model/exact_sum.h"
 #include "model/model.h"
 #include "model/modules/mixers.h"
 #include "model/ops/rmsnorm.h"
 #include "runtime/error.h"
+#include "runtime/rng.h"
 
 namespace peerless {
 
@@ -115,6 +118,41 @@ class PeerMixer final : public Module {
     rmsnorm_backward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, c.x_mid.data(),
                          params + norm, c.rstd2.data(), t0, t1, grads + norm);
     add_rows(dx, t1, M * d_);
+  }
+
+  // Gains (norm, BatchNorm γ) 1. Query W_q: xavier_uniform (gain 1). BatchNorm: β = 0, running mean
+  // 0 and variance 1. Sub-keys ~ N(0, 1/d_k), so a normalised query half scores O(1). Table rows
+  // [u | v]: u ~ N(0, 1/d) so that σ(uᵀx̂) is O(1) for an RMS-normalised x̂; v ~ N(0, init_std²/(2L))
+  // like the GLU's down projection, so a PEER block starts as a small residual update.
+  void init(const Model& m, float* params, uint64_t seed) const override {
+    const ParamLayout& L = m.layout();
+    const ModelConfig& c = m.config();
+    for (int g : {ix_.mlp_norm, ix_.peer_bn_gamma}) init_constant(L, params, g, 1.f);
+    auto fill = [&](int idx, auto&& value) {
+      const ParamInfo& p = L.at(idx);
+      Rng rng(hash_keys(seed, 0x9EE2, idx));
+      for (int64_t i = 0; i < p.numel; ++i) params[p.offset + i] = value(rng, i);
+    };
+    const ParamInfo& wq = L.at(ix_.peer_wq);
+    const double bound = std::sqrt(6.0 / static_cast<double>(wq.shape[0] + wq.shape[1]));
+    fill(ix_.peer_wq, [&](Rng& r, int64_t) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
+    fill(ix_.peer_bn_beta, [](Rng&, int64_t) { return 0.f; });
+    fill(ix_.peer_bn_mean, [](Rng&, int64_t) { return 0.f; });
+    fill(ix_.peer_bn_var, [](Rng&, int64_t) { return 1.f; });
+    const double key_std = 1.0 / std::sqrt(static_cast<double>(c.peer_key_dim));
+    fill(ix_.peer_keys1, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
+    fill(ix_.peer_keys2, [&](Rng& r, int64_t) { return static_cast<float>(r.normal() * key_std); });
+    const double u_std = 1.0 / std::sqrt(static_cast<double>(d_));
+    const double v_std = c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers));
+    // One stream per global row, so the shards of a sharded table equal the unsharded table.
+    const ParamInfo& t = L.at(ix_.peer_table);
+    const int64_t first = m.expert_shard().first_row(m.peer_experts()), d = d_;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < t.shape[0]; ++row) {
+      Rng rng(hash_keys(seed, 0x9EE3, ix_.peer_table, first + row));
+      float* w = params + t.offset + row * 2 * d;
+      for (int64_t col = 0; col < 2 * d; ++col) w[col] = static_cast<float>(rng.normal() * (col < d ? u_std : v_std));
+    }
   }
 
   std::vector<int> params_backward_order() const override {

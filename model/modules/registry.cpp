@@ -27,7 +27,10 @@ std::unique_ptr<Module> make_module(const std::string& kind, ModuleBuild& build)
   for (const auto& [name, make] : kKinds)
     if (kind == name) return make(build);
   std::string list;
-  for (const auto& n : module_kinds()) list += (list.empty() ? "" : ", ") + n;
+  for (const auto& n : module_kinds()) {
+    if (!list.empty()) list += ", ";
+    list += n;
+  }
   PL_FAIL(config, "unknown module kind \"", kind, "\" (known: ", list, ")");
 }
 

@@ -1,0 +1,45 @@
+// Initialization rules shared by the module kinds (see model/module.h).
+#include <algorithm>
+#include <cmath>
+
+#include "model/module.h"
+#include "runtime/rng.h"
+
+namespace peerless {
+
+namespace {
+
+// Independent streams per (parameter, chunk): identical values for any thread count.
+template <typename Draw>
+void fill_chunks(const ParamLayout& layout, float* params, int idx, uint64_t seed, Draw draw) {
+  const ParamInfo& p = layout.at(idx);
+  float* w = params + p.offset;
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t n_chunks = (p.numel + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    Rng rng(hash_keys(seed, 0x1417, idx, c));
+    const int64_t end = std::min(p.numel, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) w[i] = draw(rng);
+  }
+}
+
+}  // namespace
+
+void init_constant(const ParamLayout& layout, float* params, int idx, float value) {
+  const ParamInfo& p = layout.at(idx);
+  std::fill(params + p.offset, params + p.offset + p.numel, value);
+}
+
+void init_normal(const ParamLayout& layout, float* params, int idx, uint64_t seed, double std_dev) {
+  fill_chunks(layout, params, idx, seed, [&](Rng& r) { return static_cast<float>(r.normal() * std_dev); });
+}
+
+void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t seed, double gain) {
+  const ParamInfo& p = layout.at(idx);
+  const double fan_out = static_cast<double>(p.shape[0]), fan_in = static_cast<double>(p.shape.back());
+  const double bound = gain * std::sqrt(6.0 / (fan_in + fan_out));
+  fill_chunks(layout, params, idx, seed, [&](Rng& r) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
+}
+
+}  // namespace peerless
