@@ -199,7 +199,7 @@ TEST(FuzzModels, ModelFile) {
     const ModelFileReader reader(files.model);
     h5::Handle file = h5::open_file(files.model);
     for (const auto& p : reader.structure().layout().entries()) {
-      for (const std::string ds : {"model/" + p.name, "ternary/" + p.name + "/codes"}) {
+      for (const std::string& ds : {"model/" + p.name, "ternary/" + p.name + "/codes"}) {
         if (!h5::exists(file, ds)) continue;
         h5::Handle d = h5::open_dataset(file, ds);
         const haddr_t at = H5Dget_offset(d);
