@@ -78,7 +78,7 @@ std::string describe_model(const Model& model, const RunConfig& cfg, int world) 
     const PeerLayerShape ps = model.peer_shape(0);
     const double peer_acts = tokens * model.n_peer_layers() *
                              (4.0 * 2 * static_cast<double>(ps.channels()) + 16.0 * static_cast<double>(ps.heads * ps.k));
-    os << "  PEER: " << model.n_peer_layers() << " layer(s) in block(s) " << cfg.model.peer_blocks << ", N = "
+    os << "  PEER: " << model.n_peer_layers() << " layer(s) in block(s) " << cfg.model.peer_blocks_text() << ", N = "
        << human_count(model.peer_experts()) << " experts, h " << ps.heads << ", k " << ps.k << ", d_k " << ps.key_dim
        << "; tables per rank: weights " << human_bytes(table) << ", gradients " << human_bytes(table)
        << ", AdamW moments " << human_bytes(peer_adam) << ", PEER activations " << human_bytes(peer_acts)

@@ -54,7 +54,7 @@ ExportReport export_safetensors(const ModelFileReader& reader, const ExportOptio
                                {"norm_eps", c.norm_eps},     {"quant", c.quant},
                                {"gate_form", c.gate_form},   {"glu_activation", c.glu_activation},
                                {"qsparse", c.qsparse},       {"qsparse_block", c.qsparse_block},
-                               {"peer_blocks", c.peer_blocks}, {"peer_n_sub", c.peer_n_sub},
+                               {"peer_blocks", c.peer_blocks_text()}, {"peer_n_sub", c.peer_n_sub},
                                {"peer_heads", c.peer_heads}, {"peer_topk", c.peer_topk},
                                {"peer_key_dim", c.peer_key_dim}, {"peer_shared_keys", c.peer_shared_keys},
                                {"peer_activation", c.peer_activation}, {"peer_ternary", c.peer_ternary},

@@ -1,8 +1,11 @@
 // Keys, ranges and help of every config field, and whole-config validation.
 #include "launch/run_config.h"
 
+#include "model/module.h"
+
 #include <limits>
 
+#include "model/module.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -32,6 +35,10 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("model.quant", &model.quant, {"ternary", "none"},
                "projections: ternary BitLinear, or full precision (ablation, gradient checks)");
   s.add_choice("model.glu_activation", &model.glu_activation, {"silu", "relu2"}, "channel-mixer activation");
+  s.add_choice("model.token_mixer", &model.token_mixer, module_kinds(ModuleRole::token_mixer),
+               "token mixer of every block (model/module.h)");
+  s.add_choice("model.channel_mixer", &model.channel_mixer, module_kinds(ModuleRole::channel_mixer),
+               "channel mixer of every block not in model.peer_blocks (\"peer\": every block)");
   s.add_string("model.peer_blocks", &model.peer_blocks,
                "blocks whose GLU is replaced by a PEER layer: comma-separated indices (\"\" = none)");
   s.add_int("model.peer_n_sub", &model.peer_n_sub, 1, 46340, "PEER sub-keys per table n (N = n^2 experts)");

@@ -53,8 +53,8 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
     const bool peer = peer_it != peer_blocks_.end();
     ModuleBuild build{config, layout_, "blocks/" + std::to_string(l) + "/", l, b,
                       peer ? static_cast<int>(peer_it - peer_blocks_.begin()) : -1, peer ? peer_table_rows() : 0};
-    modules_.push_back(make_module("mlgru", build));
-    modules_.push_back(make_module(peer ? "peer" : "glu", build));
+    modules_.push_back(make_module(config.token_mixer, build));
+    modules_.push_back(make_module(peer ? "peer" : config.channel_mixer, build));
     blocks_.push_back(b);
   }
   lower_bounds_ = layout_.add("lower_bounds", {L, d}, ParamKind::lower_bound);

@@ -54,13 +54,33 @@ std::vector<int64_t> parse_blocks(const std::string& text, int64_t n_layers, std
 }
 }  // namespace
 
-std::vector<int64_t> ModelConfig::peer_block_list() const { return parse_blocks(peer_blocks, n_layers, nullptr); }
+std::vector<int64_t> ModelConfig::peer_block_list() const {
+  if (channel_mixer == "peer") {
+    std::vector<int64_t> all(static_cast<size_t>(n_layers));
+    for (int64_t l = 0; l < n_layers; ++l) all[static_cast<size_t>(l)] = l;
+    return all;
+  }
+  return parse_blocks(peer_blocks, n_layers, nullptr);
+}
+
+std::string ModelConfig::peer_blocks_text() const {
+  std::string text;
+  for (int64_t l : peer_block_list()) {
+    if (!text.empty()) text += ",";
+    text += std::to_string(l);
+  }
+  return text;
+}
 
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
   if (intermediate > 0 && intermediate < 1)
     errors.push_back(cat("model.intermediate must be 0 (auto) or positive (got ", intermediate, ")"));
-  const bool peer = !parse_blocks(peer_blocks, n_layers, &errors).empty();
+  const bool listed = !parse_blocks(peer_blocks, n_layers, &errors).empty();
+  if (listed && channel_mixer == "peer")
+    errors.push_back(cat("model.peer_blocks = \"", peer_blocks,
+                         "\" is redundant with model.channel_mixer = \"peer\" (every block): set one of them"));
+  const bool peer = listed || channel_mixer == "peer";
   if (peer) {
     if (peer_key_dim % 2 != 0)
       errors.push_back(cat("model.peer_key_dim must be even: the query splits into two halves (got ", peer_key_dim, ")"));

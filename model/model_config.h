@@ -18,6 +18,10 @@ struct ModelConfig {
   std::string gate_form = "code";  // "code": RMSNorm_g(ĝ)⊙h⊙σ(h); "paper": σ(ĝ)⊙h
   std::string quant = "ternary";   // "ternary" (BitLinear) or "none" (full-precision ablation)
   std::string glu_activation = "silu";  // "silu" or "relu2" (Q-Sparse squared ReLU)
+  // The module kinds of every block (model/module.h); model.peer_blocks overrides the channel
+  // mixer of the blocks it lists; channel_mixer = "peer" makes every block a PEER block.
+  std::string token_mixer = "mlgru";
+  std::string channel_mixer = "glu";
 
   // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
   // PEER block, sharded by rows over parallel.expert_parallel ranks (model/expert_parallel.h).
@@ -36,6 +40,8 @@ struct ModelConfig {
 
   // The parsed peer_blocks (throws a config error naming the key when malformed).
   std::vector<int64_t> peer_block_list() const;
+  // The same as comma-separated text ("" = none).
+  std::string peer_blocks_text() const;
 
   int64_t glu_width() const;
   // Cross-field problems (appended, never thrown).

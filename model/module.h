@@ -119,7 +119,11 @@ void init_normal(const ParamLayout& layout, float* params, int idx, uint64_t see
 void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t seed, double gain);
 
 // The registered kinds ("mlgru", "glu", "peer"); an unknown name is a config error listing them.
+// Each kind has a role: the config keys model.token_mixer and model.channel_mixer choose among the
+// kinds of their role (model.peer_blocks puts "peer" in the listed blocks).
+enum class ModuleRole { token_mixer, channel_mixer };
 std::unique_ptr<Module> make_module(const std::string& kind, ModuleBuild& build);
 std::vector<std::string> module_kinds();
+std::vector<std::string> module_kinds(ModuleRole role);
 
 }  // namespace peerless

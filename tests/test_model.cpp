@@ -284,3 +284,28 @@ TEST(ModelModules, UnknownKindIsAConfigErrorListingTheKinds) {
         << e.what();
   }
 }
+
+// Blocks choose their kinds: model.channel_mixer = "peer" is model.peer_blocks listing every block
+// (the same layout, parameter for parameter); naming both is a config error naming both keys.
+TEST(ModelModules, ChannelMixerPeerEqualsEveryBlockListed) {
+  ModelConfig listed = tiny_config("ternary");
+  listed.n_layers = 3;
+  listed.peer_n_sub = 4;
+  listed.peer_heads = 2;
+  listed.peer_topk = 2;
+  listed.peer_key_dim = 4;
+  ModelConfig all = listed;
+  listed.peer_blocks = "0,1,2";
+  all.channel_mixer = "peer";
+  const Model a(listed), b(all);
+  ASSERT_EQ(a.layout().entries().size(), b.layout().entries().size());
+  for (size_t i = 0; i < a.layout().entries().size(); ++i) EXPECT_EQ(a.layout().entries()[i].name, b.layout().entries()[i].name);
+  EXPECT_EQ(all.peer_blocks_text(), "0,1,2");
+  for (const auto& m : b.modules()) EXPECT_STRNE(m->kind(), "glu");
+  all.peer_blocks = "1";
+  std::vector<std::string> errors;
+  all.validate(errors);
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_NE(errors[0].find("model.peer_blocks = \"1\" is redundant with model.channel_mixer = \"peer\""), std::string::npos)
+      << errors[0];
+}

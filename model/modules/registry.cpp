@@ -1,6 +1,4 @@
 // The module kinds (model/module.h): one line per kind.
-#include <utility>
-
 #include "model/modules/mixers.h"
 #include "runtime/error.h"
 
@@ -8,24 +6,35 @@ namespace peerless {
 
 namespace {
 
-using Factory = std::unique_ptr<Module> (*)(ModuleBuild&);
-const std::pair<const char*, Factory> kKinds[] = {
-    {"mlgru", make_mlgru_mixer},  // token mixer (SPEC §2.1)
-    {"glu", make_glu_mixer},      // channel mixer (SPEC §2.2)
-    {"peer", make_peer_mixer},    // channel mixer (SPEC §3)
+struct Kind {
+  const char* name;
+  ModuleRole role;
+  std::unique_ptr<Module> (*make)(ModuleBuild&);
+};
+const Kind kKinds[] = {
+    {"mlgru", ModuleRole::token_mixer, make_mlgru_mixer},  // SPEC §2.1
+    {"glu", ModuleRole::channel_mixer, make_glu_mixer},    // SPEC §2.2
+    {"peer", ModuleRole::channel_mixer, make_peer_mixer},  // SPEC §3
 };
 
 }  // namespace
 
 std::vector<std::string> module_kinds() {
   std::vector<std::string> names;
-  for (const auto& [name, make] : kKinds) names.emplace_back(name);
+  for (const Kind& k : kKinds) names.emplace_back(k.name);
+  return names;
+}
+
+std::vector<std::string> module_kinds(ModuleRole role) {
+  std::vector<std::string> names;
+  for (const Kind& k : kKinds)
+    if (k.role == role) names.emplace_back(k.name);
   return names;
 }
 
 std::unique_ptr<Module> make_module(const std::string& kind, ModuleBuild& build) {
-  for (const auto& [name, make] : kKinds)
-    if (kind == name) return make(build);
+  for (const Kind& k : kKinds)
+    if (kind == k.name) return k.make(build);
   std::string list;
   for (const auto& n : module_kinds()) {
     if (!list.empty()) list += ", ";
