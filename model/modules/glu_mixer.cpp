@@ -5,14 +5,13 @@
 #include "model/model.h"
 #include "model/modules/mixers.h"
 #include "model/ops/glu.h"
-#include "model/ops/rmsnorm.h"
 
 namespace peerless {
 
 namespace {
 
 struct GluCache final : Module::Cache {
-  std::vector<float> x_mid, xn2, rstd2;  // stream entering, its norm (M, d), (M)
+  PreNorm norm;
   std::vector<float> au, z;              // (M, 2I), (M, I)
   BitLinearCache bl_gate, bl_down;
 };
@@ -34,7 +33,7 @@ class GluMixer final : public Module {
 
   Linear linear(const Cache& cache, int w) const override {
     const auto& c = static_cast<const GluCache&>(cache);
-    if (w == ix_.gate_w) return {&c.xn2, &c.bl_gate};
+    if (w == ix_.gate_w) return {&c.norm.xn, &c.bl_gate};
     if (w == ix_.down_w) return {&c.z, &c.bl_down};
     return {};
   }
@@ -42,14 +41,10 @@ class GluMixer final : public Module {
   void forward(const Model& m, const float* params, const ModuleStep& step, float* x, Cache& cache) const override {
     auto& c = static_cast<GluCache&>(cache);
     const int64_t M = step.tokens();
-    c.x_mid.assign(x, x + M * d_);
-    c.xn2.resize(M * d_);
-    c.rstd2.resize(M);
     c.au.resize(M * 2 * I_);
     c.z.resize(M * I_);
-    rmsnorm_forward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, x,
-                        params + m.layout().at(ix_.mlp_norm).offset, c.xn2.data(), c.rstd2.data());
-    m.linear_forward(params, ix_.gate_gain, ix_.gate_w, M, c.xn2.data(), c.au.data(), c.bl_gate);
+    c.norm.forward(m, params, ix_.mlp_norm, M, x);
+    m.linear_forward(params, ix_.gate_gain, ix_.gate_w, M, c.norm.xn.data(), c.au.data(), c.bl_gate);
     glu_forward_cpu(m.glu_activation(), M, I_, c.au.data(), c.z.data());
     float* y = step.scratch->get(0, M * d_);
     m.linear_forward(params, ix_.down_gain, ix_.down_w, M, c.z.data(), y, c.bl_down);
@@ -64,11 +59,8 @@ class GluMixer final : public Module {
     float *t0 = s.get(0, M * d_), *t1 = s.get(1, M * d_), *dz = s.get(7, M * I_), *dau = s.get(8, M * 2 * I_);
     m.linear_backward(params, ix_.down_gain, ix_.down_w, M, c.z.data(), c.bl_down, dx, dz, grads);
     glu_backward_cpu(m.glu_activation(), M, I_, c.au.data(), dz, dau);
-    m.linear_backward(params, ix_.gate_gain, ix_.gate_w, M, c.xn2.data(), c.bl_gate, dau, t0, grads);
-    const int64_t norm = m.layout().at(ix_.mlp_norm).offset;
-    rmsnorm_backward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, c.x_mid.data(),
-                         params + norm, c.rstd2.data(), t0, t1, grads + norm);
-    add_rows(dx, t1, M * d_);
+    m.linear_backward(params, ix_.gate_gain, ix_.gate_w, M, c.norm.xn.data(), c.bl_gate, dau, t0, grads);
+    c.norm.backward(m, params, ix_.mlp_norm, M, t0, t1, dx, grads);
   }
 
   // Gains 1; gate N(0, init_std²); down N(0, init_std²/(2L)), so each block starts as a small
@@ -83,8 +75,8 @@ class GluMixer final : public Module {
   std::vector<int> params_backward_order() const override {
     return {ix_.down_w, ix_.down_gain, ix_.gate_w, ix_.gate_gain, ix_.mlp_norm};
   }
-  // x_mid, xn2, [a | u], z and the norm's rstd; the int8 codes of both inputs, each BitLinear's
-  // rstd and scale.
+  // The stream entering and its norm, [a | u], z and the norm's rstd; the int8 codes of both
+  // inputs, each BitLinear's rstd and scale.
   int64_t activation_bytes_per_token() const override { return 4 * (2 * d_ + 3 * I_ + 1) + d_ + I_ + 2 * 8; }
   double flops_per_token() const override { return 6.0 * static_cast<double>(d_) * static_cast<double>(I_); }
 

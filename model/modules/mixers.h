@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "model/module.h"
 
@@ -11,6 +12,18 @@ namespace peerless {
 std::unique_ptr<Module> make_mlgru_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_glu_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_peer_mixer(ModuleBuild& b);
+
+class Model;
+
+// The pre-norm every kind starts with: the stream entering (kept for backward) and its RMSNorm.
+struct PreNorm {
+  std::vector<float> x_in, xn, rstd;  // (M, d), (M, d), (M)
+  // xn = RMSNorm(x; gain), x (M, d) saved.
+  void forward(const Model& m, const float* params, int gain, int64_t M, const float* x);
+  // dx += the norm's input gradient for dxn (the sub-layer's input gradient); t (M, d) scratch.
+  void backward(const Model& m, const float* params, int gain, int64_t M, const float* dxn, float* t, float* dx,
+                float* grads) const;
+};
 
 // dst += src, element-wise (the residual adds).
 inline void add_rows(float* dst, const float* src, int64_t n) {

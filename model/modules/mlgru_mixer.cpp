@@ -14,7 +14,7 @@ namespace peerless {
 namespace {
 
 struct MlgruCache final : Module::Cache {
-  std::vector<float> x_in, xn, rstd1;   // stream entering, its norm (M, d), (M)
+  PreNorm norm;                         // the stream entering and its RMSNorm xn
   std::vector<float> ihat, fhat, ghat;  // (M, d)
   std::vector<float> f, h;              // gate and hidden state of the scan (M, d)
   std::vector<float> gn, g_rstd;        // RMSNorm_g(ĝ) (code form) (M, d), (M)
@@ -45,9 +45,9 @@ class MlgruMixer final : public Module {
 
   Linear linear(const Cache& cache, int w) const override {
     const auto& c = static_cast<const MlgruCache&>(cache);
-    if (w == ix_.i_w) return {&c.xn, &c.bl_i};
-    if (w == ix_.f_w) return {&c.xn, &c.bl_f};
-    if (w == ix_.g_w) return {&c.xn, &c.bl_g};
+    if (w == ix_.i_w) return {&c.norm.xn, &c.bl_i};
+    if (w == ix_.f_w) return {&c.norm.xn, &c.bl_f};
+    if (w == ix_.g_w) return {&c.norm.xn, &c.bl_g};
     if (w == ix_.o_w) return {&c.o, &c.bl_o};
     return {};
   }
@@ -57,13 +57,12 @@ class MlgruMixer final : public Module {
     const int64_t M = step.tokens(), d = d_;
     const RmsNormShape nd{M, d, static_cast<float>(m.config().norm_eps)};
     const ParamLayout& L = m.layout();
-    c.x_in.assign(x, x + M * d);
-    for (auto* v : {&c.xn, &c.ihat, &c.fhat, &c.ghat, &c.f, &c.h, &c.gn, &c.o}) v->resize(M * d);
-    for (auto* v : {&c.rstd1, &c.g_rstd}) v->resize(M);
-    rmsnorm_forward_cpu(nd, x, params + L.at(ix_.mixer_norm).offset, c.xn.data(), c.rstd1.data());
-    m.linear_forward(params, ix_.i_gain, ix_.i_w, M, c.xn.data(), c.ihat.data(), c.bl_i);
-    m.linear_forward(params, ix_.f_gain, ix_.f_w, M, c.xn.data(), c.fhat.data(), c.bl_f);
-    m.linear_forward(params, ix_.g_gain, ix_.g_w, M, c.xn.data(), c.ghat.data(), c.bl_g);
+    for (auto* v : {&c.ihat, &c.fhat, &c.ghat, &c.f, &c.h, &c.gn, &c.o}) v->resize(M * d);
+    c.g_rstd.resize(M);
+    c.norm.forward(m, params, ix_.mixer_norm, M, x);
+    m.linear_forward(params, ix_.i_gain, ix_.i_w, M, c.norm.xn.data(), c.ihat.data(), c.bl_i);
+    m.linear_forward(params, ix_.f_gain, ix_.f_w, M, c.norm.xn.data(), c.fhat.data(), c.bl_f);
+    m.linear_forward(params, ix_.g_gain, ix_.g_w, M, c.norm.xn.data(), c.ghat.data(), c.bl_g);
     mlgru_scan_forward_cpu(ScanShape{step.batch, step.seq, d}, c.ihat.data(), c.fhat.data(),
                            step.lower_bounds + layer_ * d, c.f.data(), c.h.data());
     if (m.gate_form() == GateForm::code)
@@ -96,14 +95,12 @@ class MlgruMixer final : public Module {
                             step.lower_bounds + layer_ * d, c.f.data(), c.h.data(), dh, dihat, dfhat,
                             step.lower_bounds_grad + layer_ * d);
     // The three projections share their input xn: their input gradients add up.
-    m.linear_backward(params, ix_.i_gain, ix_.i_w, M, c.xn.data(), c.bl_i, dihat, t0, grads);
-    m.linear_backward(params, ix_.f_gain, ix_.f_w, M, c.xn.data(), c.bl_f, dfhat, t1, grads);
+    m.linear_backward(params, ix_.i_gain, ix_.i_w, M, c.norm.xn.data(), c.bl_i, dihat, t0, grads);
+    m.linear_backward(params, ix_.f_gain, ix_.f_w, M, c.norm.xn.data(), c.bl_f, dfhat, t1, grads);
     add_rows(t0, t1, M * d);
-    m.linear_backward(params, ix_.g_gain, ix_.g_w, M, c.xn.data(), c.bl_g, dghat, t1, grads);
+    m.linear_backward(params, ix_.g_gain, ix_.g_w, M, c.norm.xn.data(), c.bl_g, dghat, t1, grads);
     add_rows(t0, t1, M * d);
-    rmsnorm_backward_cpu(nd, c.x_in.data(), params + L.at(ix_.mixer_norm).offset, c.rstd1.data(), t0, t1,
-                         grads + L.at(ix_.mixer_norm).offset);
-    add_rows(dx, t1, M * d);
+    c.norm.backward(m, params, ix_.mixer_norm, M, t0, t1, dx, grads);
   }
 
   // Gains 1; i, f, g, o: xavier_uniform with gain 2^-2.5 (SPEC §2).

@@ -10,7 +10,6 @@
 #include "model/exact_sum.h"
 #include "model/model.h"
 #include "model/modules/mixers.h"
-#include "model/ops/rmsnorm.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
 
@@ -19,7 +18,7 @@ namespace peerless {
 namespace {
 
 struct PeerCache final : Module::Cache {
-  std::vector<float> x_mid, xn2, rstd2;  // stream entering, its norm (M, d), (M)
+  PreNorm norm;
   PeerLayerContext<float> peer;
   // Train mode: the batch statistics of the query BatchNorm, added into the gradient buffer at the
   // running statistics' offsets by backward (Model::update_buffers turns them into the update).
@@ -62,11 +61,7 @@ class PeerMixer final : public Module {
   void forward(const Model& m, const float* params, const ModuleStep& step, float* x, Cache& cache) const override {
     auto& c = static_cast<PeerCache&>(cache);
     const int64_t M = step.tokens();
-    c.x_mid.assign(x, x + M * d_);
-    c.xn2.resize(M * d_);
-    c.rstd2.resize(M);
-    rmsnorm_forward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, x,
-                        params + m.layout().at(ix_.mlp_norm).offset, c.xn2.data(), c.rstd2.data());
+    c.norm.forward(m, params, ix_.mlp_norm, M, x);
     // Train mode: the op's running-statistics update with momentum 1 leaves exactly the batch
     // statistics in c.batch_*; backward hands them to update_buffers().
     PeerLayerShape ps = m.peer_shape(M);
@@ -89,7 +84,7 @@ class PeerMixer final : public Module {
       if (m.deterministic()) c.exchange->set_fixed(&m.peer_bounds(peer_));
     }
     float* y = step.scratch->get(0, M * d_);
-    c.peer = peer_layer_forward_cpu(ps, step.peer_mode, pp, c.xn2.data(), y, c.exchange.get());
+    c.peer = peer_layer_forward_cpu(ps, step.peer_mode, pp, c.norm.xn.data(), y, c.exchange.get());
     add_rows(x, y, M * d_);
   }
 
@@ -108,16 +103,13 @@ class PeerMixer final : public Module {
     pg.sub_keys2 = grads + L.at(ix_.peer_keys2).offset;
     pg.table = &c.table_grad;
     const auto pp = views(m, params, buffer(m, params, ix_.peer_bn_mean), buffer(m, params, ix_.peer_bn_var));
-    peer_layer_backward_cpu(ps, pp, c.peer, c.xn2.data(), dx, t0, pg, c.exchange.get());
+    peer_layer_backward_cpu(ps, pp, c.peer, c.norm.xn.data(), dx, t0, pg, c.exchange.get());
     add_table_gradient(c, grads, exact, L.at(ix_.peer_table).offset);
     if (c.peer.mode == PeerNormMode::train) {
       add_rows(grads + L.at(ix_.peer_bn_mean).offset, c.batch_mean.data(), ps.channels());
       add_rows(grads + L.at(ix_.peer_bn_var).offset, c.batch_var.data(), ps.channels());
     }
-    const int64_t norm = L.at(ix_.mlp_norm).offset;
-    rmsnorm_backward_cpu(RmsNormShape{M, d_, static_cast<float>(m.config().norm_eps)}, c.x_mid.data(),
-                         params + norm, c.rstd2.data(), t0, t1, grads + norm);
-    add_rows(dx, t1, M * d_);
+    c.norm.backward(m, params, ix_.mlp_norm, M, t0, t1, dx, grads);
   }
 
   // Gains (norm, BatchNorm γ) 1. Query W_q: xavier_uniform (gain 1). BatchNorm: β = 0, running mean
@@ -159,8 +151,8 @@ class PeerMixer final : public Module {
     return {ix_.peer_table, ix_.peer_keys2, ix_.peer_keys1, ix_.peer_bn_var, ix_.peer_bn_mean, ix_.peer_bn_beta,
             ix_.peer_bn_gamma, ix_.peer_wq, ix_.mlp_norm};
   }
-  // x_mid, xn2 and the norm's rstd; q̂ and q (2·h·d_k floats) and, per (head, expert), id, score,
-  // gate and pre-activation (4 × 4 bytes).
+  // The stream entering, its norm and rstd; q̂ and q (2·h·d_k floats) and, per (head, expert),
+  // id, score, gate and pre-activation (4 × 4 bytes).
   int64_t activation_bytes_per_token() const override {
     return 4 * (2 * d_ + 1) + 4 * 2 * heads_ * key_dim_ + 16 * heads_ * k_;
   }

@@ -1,8 +1,11 @@
-// Initialization rules shared by the module kinds (see model/module.h).
+// What the module kinds share: initialization rules (model/module.h) and the pre-norm (mixers.h).
 #include <algorithm>
 #include <cmath>
 
+#include "model/model.h"
 #include "model/module.h"
+#include "model/modules/mixers.h"
+#include "model/ops/rmsnorm.h"
 #include "runtime/rng.h"
 
 namespace peerless {
@@ -40,6 +43,23 @@ void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t see
   const double fan_out = static_cast<double>(p.shape[0]), fan_in = static_cast<double>(p.shape.back());
   const double bound = gain * std::sqrt(6.0 / (fan_in + fan_out));
   fill_chunks(layout, params, idx, seed, [&](Rng& r) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
+}
+
+void PreNorm::forward(const Model& m, const float* params, int gain, int64_t M, const float* x) {
+  const int64_t d = m.config().d_model;
+  x_in.assign(x, x + M * d);
+  xn.resize(static_cast<size_t>(M * d));
+  rstd.resize(static_cast<size_t>(M));
+  rmsnorm_forward_cpu(RmsNormShape{M, d, static_cast<float>(m.config().norm_eps)}, x,
+                      params + m.layout().at(gain).offset, xn.data(), rstd.data());
+}
+
+void PreNorm::backward(const Model& m, const float* params, int gain, int64_t M, const float* dxn, float* t,
+                       float* dx, float* grads) const {
+  const int64_t d = m.config().d_model, g = m.layout().at(gain).offset;
+  rmsnorm_backward_cpu(RmsNormShape{M, d, static_cast<float>(m.config().norm_eps)}, x_in.data(), params + g,
+                       rstd.data(), dxn, t, grads + g);
+  add_rows(dx, t, M * d);
 }
 
 }  // namespace peerless
