@@ -1,0 +1,25 @@
+// Loading a model for CPU generation (see generate_model.h).
+#include "launch/generate_model.h"
+
+#include <filesystem>
+
+#include "launch/gguf_tokenizer.h"
+#include "launch/model_file.h"
+
+namespace peerless {
+
+GenerateModel load_generate_model(const std::string& path, const std::string& data) {
+  GenerateModel g;
+  if (std::filesystem::is_regular_file(path) && !is_model_file(path)) {
+    g.file = std::make_unique<gguf::File>(path);
+    g.model = InferenceModel::load(*g.file);
+    g.tokenizer = read_gguf_tokenizer(*g.file);
+  } else {
+    const LoadedModel m = load_model_file(path);
+    g.model = InferenceModel::from_model(*m.model, m.params.data());
+    g.tokenizer = model_tokenizer(m, data);
+  }
+  return g;
+}
+
+}  // namespace peerless
