@@ -11,6 +11,8 @@
 // would otherwise stay in L2/L3 between calls is rotated: the weights exist in enough copies to
 // exceed the last-level cache (default 256 MiB in all) and successive calls read successive copies,
 // each from DRAM. --rotate-mib 0 keeps one copy (cache-hot when it fits).
+//
+// --target MODEL [--draft MODEL] adds speculative decoding at the end (launch/bench_speculative.cpp).
 #include <omp.h>
 #include <unistd.h>
 
@@ -29,6 +31,7 @@
 
 #include "launch/args.h"
 #include "launch/bench_decode.h"
+#include "launch/bench_speculative.h"
 #include "launch/commands.h"
 #include "model/infer/ternary_kernels.h"
 #include "model/ops/bitlinear.h"
@@ -146,6 +149,16 @@ int bench_infer(const Args& args) {
   p.option("config", &config_s, "PATH", "the dense model's config (default configs/mmf-370m.toml)");
   p.option("prompt", &prompt_s, "N", "prompt tokens of the end-to-end runs (default 128)");
   p.option("decode", &decode_s, "N", "decoded tokens of the end-to-end runs (default 64)");
+  SpeculativeBenchOptions spec;
+  std::string gammas_s = "2,4,8", spec_temps_s = "0,0.8", spec_tokens_s = "256", spec_reps_s = "5";
+  p.option("target", &spec.target, "MODEL", "speculative decoding section: the target (.gguf, model file or run dir)");
+  p.option("draft", &spec.draft, "MODEL", "its draft model (n-gram drafting runs with or without one)");
+  p.option("data", &spec.data, "PATH", "token file with the tokenizer, for model files without one");
+  p.option("gammas", &gammas_s, "G,...", "draft lengths of the speculative section (default 2,4,8)");
+  p.option("spec-temperatures", &spec_temps_s, "T,...", "temperatures of the speculative section (default 0,0.8)");
+  p.option("spec-tokens", &spec_tokens_s, "N", "tokens per speculative run (default 256)");
+  p.option("spec-reps", &spec_reps_s, "N", "runs per speculative row, median reported (default 5)");
+  p.option("spec-prompt", &spec.prompt, "TEXT", "prompt of the speculative runs (default ROMEO:)");
   if (!p.parse(args)) return 0;
   PL_CHECK(models_s == "none" || models_s == "dense" || models_s == "peer" || models_s == "dense,peer" ||
                models_s == "peer,dense",
@@ -270,6 +283,16 @@ int bench_infer(const Args& args) {
     // One read-bandwidth run per call, interleaved with the decode rounds (bench_decode.cpp).
     d.read_gbps = [words, bw_words](int threads) { return read_bandwidth(words, bw_words, threads); };
     bench_decode_models(d);
+  }
+  if (!spec.target.empty()) {
+    spec.gammas = parse_list("gammas", gammas_s);
+    spec.temperatures.clear();
+    std::stringstream ts(spec_temps_s);
+    for (std::string t; std::getline(ts, t, ',');) spec.temperatures.push_back(parse_float_arg("spec-temperatures", t));
+    spec.tokens = parse_int_arg("spec-tokens", spec_tokens_s);
+    spec.reps = parse_int_arg("spec-reps", spec_reps_s);
+    spec.threads = static_cast<int>(thread_counts.front());
+    bench_speculative(spec);
   }
   if (!variant_s.empty()) clear_forced_variant();
   return total_wrong ? 1 : 0;
