@@ -45,18 +45,24 @@ uint64_t prefix_count(Pred pred) {
   return lo;
 }
 
-// P(draw(d, u) = id) for u ~ Rng::uniform(), as a (V) vector.
-std::vector<double> draw_law(const TokenDistribution& d, int64_t V) {
+// P(token(u) = id) for u ~ Rng::uniform(), as a (V) vector, where token(u) walks `order` as u grows
+// (as draw() does over a distribution's order).
+template <typename TokenOf>
+std::vector<double> law_over_u(const std::vector<int32_t>& order, int64_t V, TokenOf token_of) {
   std::map<int32_t, size_t> pos;
-  for (size_t j = 0; j < d.order.size(); ++j) pos[d.order[j]] = j;
+  for (size_t j = 0; j < order.size(); ++j) pos[order[j]] = j;
   std::vector<double> law(static_cast<size_t>(V), 0.0);
   uint64_t before = 0;
-  for (size_t j = 0; j < d.order.size(); ++j) {
-    const uint64_t upto = prefix_count([&](double u) { return pos.at(draw(d, u)) <= j; });
-    law[static_cast<size_t>(d.order[j])] = static_cast<double>(upto - before) / kGrid;
+  for (size_t j = 0; j < order.size(); ++j) {
+    const uint64_t upto = prefix_count([&](double u) { return pos.at(token_of(u)) <= j; });
+    law[static_cast<size_t>(order[j])] = static_cast<double>(upto - before) / kGrid;
     before = upto;
   }
   return law;
+}
+
+std::vector<double> draw_law(const TokenDistribution& d, int64_t V) {
+  return law_over_u(d.order, V, [&](double u) { return draw(d, u); });
 }
 
 TokenDistribution make_distribution(const std::vector<double>& w) {
@@ -68,20 +74,26 @@ TokenDistribution make_distribution(const std::vector<double>& w) {
   return d;
 }
 
-// The law of one speculative step's output token: x ~ q (draw), accepted with the measure of r that
-// accept_draft keeps, else the residual's draw; what verify_draft computes, with r and u integrated out.
+// The law of one speculative step's output token: x ~ q (draw), then verify_draft with r and u
+// integrated out: the measure of r that keeps x, and for a rejecting r the law over u of the token
+// verify_draft returns (the residual's order only tells the binary search which way u moves it).
 std::vector<double> one_step_law(const TokenDistribution& p, const TokenDistribution& q, int64_t V) {
-  TokenDistribution residual;
+  TokenDistribution residual, scratch;
   residual_distribution(p, q, residual);
-  const std::vector<double> draft = draw_law(q, V), resample = draw_law(residual, V);
+  const std::vector<double> draft = draw_law(q, V);
   std::vector<double> law(static_cast<size_t>(V), 0.0);
   for (int32_t x = 0; x < V; ++x) {
     if (draft[x] == 0) continue;
-    const double acc = static_cast<double>(prefix_count([&](double r) {
-                         TokenDistribution unused;
-                         return verify_draft(p, q, x, r, 0.5, unused).accepted;
-                       })) / kGrid;
+    const uint64_t keep = prefix_count([&](double r) { return verify_draft(p, q, x, r, 0.5, scratch).accepted; });
+    const double acc = static_cast<double>(keep) / kGrid;
     law[x] += draft[x] * acc;
+    if (keep == uint64_t{1} << 53) continue;  // never rejected
+    const double r_reject = grid(keep);       // the first r that rejects x
+    const std::vector<double> resample = law_over_u(residual.order, V, [&](double u) {
+      const VerifyStep s = verify_draft(p, q, x, r_reject, u, scratch);
+      EXPECT_FALSE(s.accepted);
+      return s.token;
+    });
     for (int64_t y = 0; y < V; ++y) law[y] += draft[x] * (1 - acc) * resample[y];
   }
   return law;
@@ -283,16 +295,17 @@ TEST(SpeculativeDrafters, DraftModelRollsBackToTheKeptPrefix) {
 // top-k and top-p all active so p and q have zeros) give first 3 tokens distributed as the target's
 // enumerated joint law, by Pearson's chi-squared test over the V³ = 216 cells (sparse ones pooled).
 //
-// Runs: FORMATS §9 names 10⁶; on this 2-core machine one run (a draft pass over the prompt, 3 draft
-// steps, a 5-token verify pass and a second round) takes ~N µs, so 10⁶ runs take ~M s. 2·10⁵ runs keep
-// the test near K s and still resolve a shift of 0.3% of the mass of a typical cell (expected
-// ~900 counts, σ ≈ 30 ≈ 3%; summed over 216 cells the statistic catches systematic errors far smaller,
-// e.g. a residual off by a factor or a missed rejection step moves whole tokens' mass by percent).
-// Threshold: p ≥ 1e-3 as pinned; with a fixed seed the outcome is deterministic, and a correct rule
-// fails it with probability 1e-3 over seeds.
+// Runs: FORMATS §9 names 10⁶. One run here (a draft pass over the prompt, 3 draft steps, a 5-token
+// verify pass, often a second round) costs ~0.2 ms of CPU on this 2-core machine (20,000 runs: 4.1 s
+// of CPU), so 10⁶ runs would take ~200 s; 10⁵ take ~20 s. With 10⁵ runs a typical cell expects ~460
+// counts (σ ≈ 21, 5%), and the test's power is what matters: a 10% bias in the acceptance test
+// (r·q·0.9 < p) or resampling from p instead of the residual gives p-values < 1e-4 already at
+// 2·10⁴ runs (checked by mutating the rule), and 5x more runs resolve errors ~√5 smaller.
+// Threshold: p ≥ 1e-3 as pinned; the seeds are fixed, so the outcome is deterministic, and a
+// correct rule would fail it for one seed set in a thousand.
 TEST(SpeculativeDecode, FirstTokensFollowTheTargetLaw) {
   const OneThread one_thread;
-  constexpr int64_t V = 6, kRuns = 20000;
+  constexpr int64_t V = 6, kRuns = 100000;
   const TinyModel target(dense_config(V), 3, 0.5), draft(dense_config(V), 3, 0.5, 1.0, 9);
   SamplerOptions o;
   o.temperature = 0.9;
