@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <memory>
 
 #include "launch/generate_model.h"
@@ -67,7 +68,8 @@ void run_row(Row& row, const InferenceModel& target, const InferenceModel* draft
 // The cost of a verify pass: median seconds of a forward over M tokens with all logits and the
 // per-position states (as the decoder calls it) against a single-token step, from the same state.
 // PEER blocks gather up to M·h·k expert records, BitLinears read their weights once for all M rows.
-void verify_costs(const InferenceModel& m, const std::vector<int64_t>& gammas) {
+// Returns the cost of M tokens over one, by M.
+std::map<int64_t, double> verify_costs(const InferenceModel& m, const std::vector<int64_t>& gammas) {
   const int64_t V = m.vocab_size(), Ld = m.config().n_layers * m.config().d_model;
   std::vector<int64_t> ms = {1};
   for (int64_t g : gammas) ms.push_back(g + 1);
@@ -79,6 +81,7 @@ void verify_costs(const InferenceModel& m, const std::vector<int64_t>& gammas) {
   m.forward(tokens.data(), most, st, logits.data());  // a state that is not all zeros
   const std::vector<float> h0 = st.h;
   std::vector<double> one;
+  std::map<int64_t, double> ratio;
   std::printf("# verify pass cost (forward of M tokens, all logits and states, median of 200):");
   for (int64_t M : ms) {
     std::vector<double> t;
@@ -89,9 +92,11 @@ void verify_costs(const InferenceModel& m, const std::vector<int64_t>& gammas) {
       t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     if (M == 1) one = t;
+    ratio[M] = median(t) / median(one);
     std::printf(" M=%lld %.3f ms (%.2fx)", static_cast<long long>(M), 1e3 * median(t), median(t) / median(one));
   }
   std::printf("\n");
+  return ratio;
 }
 
 }  // namespace
@@ -119,11 +124,13 @@ void bench_speculative(const SpeculativeBenchOptions& o) {
               static_cast<long long>(o.reps), o.threads);
   describe("target", o.target, *target.model);
   if (draft.model) describe("draft ", o.draft, *draft.model);
-  verify_costs(*target.model, o.gammas);
+  const std::map<int64_t, double> v = verify_costs(*target.model, o.gammas);
   std::printf("# c = draft/target seconds per token (plain decoding); speedup = tokens/s over plain's; expected: "
-              "(1-a^(g+1))/(1-a) tokens/pass and (1-a^(g+1))/((1-a)(g*c+1)) with a = measured alpha\n");
-  std::printf("# %5s %-12s %5s %10s %8s %7s %9s %9s %7s %9s\n", "temp", "drafter", "gamma", "tokens/s", "speedup",
-              "alpha", "tok/pass", "exp_t/p", "c", "exp_spdup");
+              "(1-a^(g+1))/(1-a) tokens/pass, exp_spdup (1-a^(g+1))/((1-a)(g*c+1)) with a = measured alpha (FORMATS "
+              "§9: a verify pass priced as one step), exp_v the same with the measured verify cost v(g+1) in place of "
+              "the 1\n");
+  std::printf("# %5s %-12s %5s %10s %8s %7s %9s %9s %7s %9s %6s\n", "temp", "drafter", "gamma", "tokens/s", "speedup",
+              "alpha", "tok/pass", "exp_t/p", "c", "exp_spdup", "exp_v");
   for (double temperature : o.temperatures) {
     std::vector<Row> rows{{"plain", 0, {}, {}, {}, {}}};
     if (draft.model) rows.push_back({"draft plain", 0, {}, {}, {}, {}});
@@ -142,15 +149,17 @@ void bench_speculative(const SpeculativeBenchOptions& o) {
     for (const Row& row : rows) {
       const double tps = median(row.tps);
       if (row.gamma == 0) {
-        std::printf("  %5.2f %-12s %5s %10.1f %8.2f %7s %9s %9s %7s %9s\n", temperature, row.drafter.c_str(), "-", tps,
-                    tps / plain, "-", "-", "-", row.drafter == "plain" ? "-" : std::to_string(c_model).substr(0, 5).c_str(),
-                    "-");
+        std::printf("  %5.2f %-12s %5s %10.1f %8.2f %7s %9s %9s %7s %9s %6s\n", temperature, row.drafter.c_str(), "-",
+                    tps, tps / plain, "-", "-", "-",
+                    row.drafter == "plain" ? "-" : std::to_string(c_model).substr(0, 5).c_str(), "-", "-");
         continue;
       }
       const double a = median(row.alpha), c = row.drafter == "model" ? c_model : median(row.c);
-      std::printf("  %5.2f %-12s %5lld %10.1f %8.2f %7.3f %9.2f %9.2f %7.3f %9.2f\n", temperature, row.drafter.c_str(),
-                  static_cast<long long>(row.gamma), tps, tps / plain, a, median(row.per_pass),
-                  expected_tokens_per_pass(a, row.gamma), c, expected_speedup(a, row.gamma, c));
+      const double per_pass = expected_tokens_per_pass(a, row.gamma);
+      std::printf("  %5.2f %-12s %5lld %10.1f %8.2f %7.3f %9.2f %9.2f %7.3f %9.2f %6.2f\n", temperature,
+                  row.drafter.c_str(), static_cast<long long>(row.gamma), tps, tps / plain, a, median(row.per_pass),
+                  per_pass, c, expected_speedup(a, row.gamma, c),
+                  per_pass / (static_cast<double>(row.gamma) * c + v.at(row.gamma + 1)));
     }
     std::fflush(stdout);
   }

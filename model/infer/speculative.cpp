@@ -58,6 +58,14 @@ ModelDrafter::ModelDrafter(const InferenceModel& draft, int64_t target_vocab, co
   logits_.resize(static_cast<size_t>(draft.vocab_size()));
 }
 
+void ModelDrafter::start(const std::vector<int32_t>& prompt) {
+  PL_CHECK(fed_ == 0, internal, "draft model: start() after decoding began");
+  // All but the last token: the first round feeds it and drafts from its logits.
+  const int64_t n = static_cast<int64_t>(prompt.size()) - 1;
+  if (n > 0) m_.forward(prompt.data(), n, state_, logits_.data());
+  fed_ = std::max<int64_t>(n, 0);
+}
+
 int64_t ModelDrafter::propose(const std::vector<int32_t>& sequence, int64_t gamma, std::vector<int32_t>& drafts,
                               std::vector<TokenDistribution>& q) {
   drafts.clear();
@@ -209,6 +217,7 @@ std::vector<int32_t> speculative_generate(const InferenceModel& target, Drafter&
   // All but the last prompt token: the last one opens the first verify pass.
   if (prompt.size() > 1)
     target.forward(prompt.data(), static_cast<int64_t>(prompt.size()) - 1, ver.state, prompt_logits.data());
+  drafter.start(prompt);
   st.prompt_seconds = seconds_since(t0);
   const auto t1 = Clock::now();
   std::vector<int32_t> out = prompt, drafts;

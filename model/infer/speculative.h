@@ -53,6 +53,9 @@ class Drafter {
  public:
   virtual ~Drafter() = default;
   virtual std::string name() const = 0;
+  // Called once with the prompt before the first round, inside the prompt's timing: a draft model
+  // consumes the prompt here, as the target does (a long prompt is not decode work).
+  virtual void start(const std::vector<int32_t>& prompt) { (void)prompt; }
   // Appends up to gamma proposals to `drafts` (cleared first) and, for each, the distribution it was
   // drawn from to `q` (q[i] for drafts[i]). Returns how many; 0 = nothing to propose.
   virtual int64_t propose(const std::vector<int32_t>& sequence, int64_t gamma, std::vector<int32_t>& drafts,
@@ -67,6 +70,7 @@ class ModelDrafter final : public Drafter {
   // The vocabularies must match (config error naming both sizes otherwise).
   ModelDrafter(const InferenceModel& draft, int64_t target_vocab, const SamplerOptions& o);
   std::string name() const override { return "draft model"; }
+  void start(const std::vector<int32_t>& prompt) override;
   int64_t propose(const std::vector<int32_t>& sequence, int64_t gamma, std::vector<int32_t>& drafts,
                   std::vector<TokenDistribution>& q) override;
   void accepted(int64_t k) override;
