@@ -159,6 +159,8 @@ int bench_infer(const Args& args) {
   p.option("spec-tokens", &spec_tokens_s, "N", "tokens per speculative run (default 256)");
   p.option("spec-reps", &spec_reps_s, "N", "runs per speculative row, median reported (default 5)");
   p.option("spec-prompt", &spec.prompt, "TEXT", "prompt of the speculative runs (default ROMEO:)");
+  bool verify = false;
+  p.flag("verify", &verify, "with --models: also time speculative verify passes of 3, 5 and 9 tokens against 1");
   if (!p.parse(args)) return 0;
   PL_CHECK(models_s == "none" || models_s == "dense" || models_s == "peer" || models_s == "dense,peer" ||
                models_s == "peer,dense",
@@ -280,6 +282,7 @@ int bench_infer(const Args& args) {
     d.dense = models_s.find("dense") != std::string::npos;
     d.peer = models_s.find("peer") != std::string::npos;
     d.threads = thread_counts;
+    d.verify = verify;
     // One read-bandwidth run per call, interleaved with the decode rounds (bench_decode.cpp).
     d.read_gbps = [words, bw_words](int threads) { return read_bandwidth(words, bw_words, threads); };
     bench_decode_models(d);

@@ -68,6 +68,8 @@ void run_row(Row& row, const InferenceModel& target, const InferenceModel* draft
 // The cost of a verify pass: median seconds of a forward over M tokens with all logits and the
 // per-position states (as the decoder calls it) against a single-token step, from the same state.
 // PEER blocks gather up to M·h·k expert records, BitLinears read their weights once for all M rows.
+}  // namespace
+
 // Returns the cost of M tokens over one, by M.
 std::map<int64_t, double> verify_costs(const InferenceModel& m, const std::vector<int64_t>& gammas) {
   const int64_t V = m.vocab_size(), Ld = m.config().n_layers * m.config().d_model;
@@ -98,8 +100,6 @@ std::map<int64_t, double> verify_costs(const InferenceModel& m, const std::vecto
   std::printf("\n");
   return ratio;
 }
-
-}  // namespace
 
 void bench_speculative(const SpeculativeBenchOptions& o) {
   PL_CHECK(!o.target.empty(), config, "the speculative bench needs --target");

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -22,5 +23,10 @@ struct SpeculativeBenchOptions {
 };
 
 void bench_speculative(const SpeculativeBenchOptions& o);
+
+class InferenceModel;
+// The cost of a verify pass: median time of a forward over M = 1 and γ + 1 tokens (all logits and
+// per-position states, as the decoder calls it), printed on one line; returns time(M) / time(1) by M.
+std::map<int64_t, double> verify_costs(const InferenceModel& m, const std::vector<int64_t>& gammas);
 
 }  // namespace peerless
