@@ -52,8 +52,10 @@ void run_row(Row& row, const InferenceModel& target, const InferenceModel* draft
     return;
   }
   std::unique_ptr<Drafter> drafter;
-  if (row.drafter == "model") drafter = std::make_unique<ModelDrafter>(*draft, target.vocab_size(), so);
-  else drafter = std::make_unique<NgramDrafter>(target.vocab_size());
+  if (row.drafter == "model")
+    drafter = std::make_unique<ModelDrafter>(*draft, target.vocab_size(), so);
+  else
+    drafter = std::make_unique<NgramDrafter>(target.vocab_size());
   SpeculativeStats st;
   speculative_generate(target, *drafter, ids, o.tokens, so, row.gamma, nullptr, &st);
   // The speculative decoder decides every token in its rounds (the prompt pass gives no token), so its
@@ -118,17 +120,19 @@ void bench_speculative(const SpeculativeBenchOptions& o) {
   }
   const std::vector<int32_t> ids = target.tokenizer->encode(o.prompt);
   PL_CHECK(!ids.empty(), config, "--spec-prompt encodes to no tokens");
-  std::printf("\n# speculative decoding (FORMATS §9): %lld tokens after \"%s\" (%zu tokens), median of %lld "
-              "interleaved runs (seeds 1..%lld), %d thread(s)\n",
-              static_cast<long long>(o.tokens), o.prompt.c_str(), ids.size(), static_cast<long long>(o.reps),
-              static_cast<long long>(o.reps), o.threads);
+  std::printf(
+      "\n# speculative decoding (FORMATS §9): %lld tokens after \"%s\" (%zu tokens), median of %lld "
+      "interleaved runs (seeds 1..%lld), %d thread(s)\n",
+      static_cast<long long>(o.tokens), o.prompt.c_str(), ids.size(), static_cast<long long>(o.reps),
+      static_cast<long long>(o.reps), o.threads);
   describe("target", o.target, *target.model);
   if (draft.model) describe("draft ", o.draft, *draft.model);
   const std::map<int64_t, double> v = verify_costs(*target.model, o.gammas);
-  std::printf("# c = draft/target seconds per token (plain decoding); speedup = tokens/s over plain's; expected: "
-              "(1-a^(g+1))/(1-a) tokens/pass, exp_spdup (1-a^(g+1))/((1-a)(g*c+1)) with a = measured alpha (FORMATS "
-              "§9: a verify pass priced as one step), exp_v the same with the measured verify cost v(g+1) in place of "
-              "the 1\n");
+  std::printf(
+      "# c = draft/target seconds per token (plain decoding); speedup = tokens/s over plain's; expected: "
+      "(1-a^(g+1))/(1-a) tokens/pass, exp_spdup (1-a^(g+1))/((1-a)(g*c+1)) with a = measured alpha (FORMATS "
+      "§9: a verify pass priced as one step), exp_v the same with the measured verify cost v(g+1) in place of "
+      "the 1\n");
   std::printf("# %5s %-12s %5s %10s %8s %7s %9s %9s %7s %9s %6s\n", "temp", "drafter", "gamma", "tokens/s", "speedup",
               "alpha", "tok/pass", "exp_t/p", "c", "exp_spdup", "exp_v");
   for (double temperature : o.temperatures) {

@@ -12,13 +12,13 @@
 namespace peerless {
 
 struct SpeculativeBenchOptions {
-  std::string target, draft;           // model paths (.gguf, model file or run directory); draft optional
-  std::string data;                    // token file with the tokenizer, for model files without one
+  std::string target, draft;  // model paths (.gguf, model file or run directory); draft optional
+  std::string data;           // token file with the tokenizer, for model files without one
   std::string prompt = "ROMEO:";
   std::vector<int64_t> gammas = {2, 4, 8};
   std::vector<double> temperatures = {0.0, 0.8};
-  int64_t tokens = 256;                // generated per run
-  int64_t reps = 5;                    // runs per row (median), interleaved across rows
+  int64_t tokens = 256;  // generated per run
+  int64_t reps = 5;      // runs per row (median), interleaved across rows
   int threads = 1;
 };
 

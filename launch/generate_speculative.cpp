@@ -30,7 +30,8 @@ void report(const SpeculativeStats& st, const std::string& draft, int64_t gamma)
                static_cast<long long>(st.accepted), static_cast<long long>(st.drafted), st.alpha(), st.mean_overlap(),
                ms_pass, ms_draft, c, expected_speedup(st.alpha(), gamma, c));
   // The prompt's last token opens the first verify pass: the prompt pass feeds the others.
-  std::fprintf(stderr, "prompt: %lld tokens (%lld before the first verify pass) in %.1f ms (%.1f tokens/s); "
+  std::fprintf(stderr,
+               "prompt: %lld tokens (%lld before the first verify pass) in %.1f ms (%.1f tokens/s); "
                "decode: %lld tokens in %.1f ms (%.1f tokens/s); %d threads\n",
                static_cast<long long>(st.prompt_tokens), static_cast<long long>(st.prompt_tokens - 1),
                1e3 * st.prompt_seconds, static_cast<double>(st.prompt_tokens - 1) / std::max(st.prompt_seconds, 1e-9),

@@ -39,8 +39,10 @@ uint64_t prefix_count(Pred pred) {
   lo = 1;
   while (lo < hi) {
     const uint64_t mid = lo + (hi - lo) / 2;
-    if (pred(grid(mid))) lo = mid + 1;
-    else hi = mid;
+    if (pred(grid(mid)))
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo;
 }
@@ -341,10 +343,11 @@ TEST(SpeculativeDecode, FirstTokensFollowTheTargetLaw) {
   for (size_t i = 0; i < law.size(); ++i) expected[i] = law[i] * kRuns;
   int64_t bins = 0;
   const double pv = chi2_p_value(expected, observed, bins);
-  std::printf("%lld runs in %.1f s: %lld cells after pooling, p-value %.4f; alpha %.3f (%lld accepted, %lld "
-              "rejected)\n",
-              static_cast<long long>(kRuns), seconds, static_cast<long long>(bins), pv, total.alpha(),
-              static_cast<long long>(total.accepted), static_cast<long long>(total.rejected));
+  std::printf(
+      "%lld runs in %.1f s: %lld cells after pooling, p-value %.4f; alpha %.3f (%lld accepted, %lld "
+      "rejected)\n",
+      static_cast<long long>(kRuns), seconds, static_cast<long long>(bins), pv, total.alpha(),
+      static_cast<long long>(total.accepted), static_cast<long long>(total.rejected));
   EXPECT_GE(pv, 1e-3);
   EXPECT_GE(bins, 50);
   // Both branches of the rule ran many times (otherwise the test would only check the target).
@@ -376,8 +379,10 @@ TEST(SpeculativeDecode, GreedyEqualsPlainGreedy) {
     for (const bool use_model : {true, false}) {
       for (const int64_t gamma : {1, 4}) {
         std::unique_ptr<Drafter> drafter;  // fresh per run: a draft model's state starts empty
-        if (use_model) drafter = std::make_unique<ModelDrafter>(*draft.inf, V, greedy);
-        else drafter = std::make_unique<NgramDrafter>(V);
+        if (use_model)
+          drafter = std::make_unique<ModelDrafter>(*draft.inf, V, greedy);
+        else
+          drafter = std::make_unique<NgramDrafter>(V);
         SpeculativeStats st;
         const auto spec = speculative_generate(*target.inf, *drafter, prompt, kTokens, greedy, gamma, nullptr, &st);
         const std::string what = (peer ? "peer " : "dense ") + drafter->name() + " gamma " + std::to_string(gamma);

@@ -32,10 +32,10 @@ void check_sampler_options(const SamplerOptions& o);
 
 // A final sampling distribution over a vocabulary of V tokens.
 struct TokenDistribution {
-  std::vector<int32_t> order;   // (n) the tokens it can produce, in draw order (most likely first)
-  std::vector<double> weight;   // (n) their unnormalised weights, > 0
-  double total = 0;             // Σ weight
-  std::vector<double> p;        // (V) weight / total at the tokens of `order`, 0 elsewhere
+  std::vector<int32_t> order;  // (n) the tokens it can produce, in draw order (most likely first)
+  std::vector<double> weight;  // (n) their unnormalised weights, > 0
+  double total = 0;            // Σ weight
+  std::vector<double> p;       // (V) weight / total at the tokens of `order`, 0 elsewhere
   double prob(int32_t id) const { return p[static_cast<size_t>(id)]; }
 };
 

@@ -165,13 +165,13 @@ struct Verifier {
   SamplerOptions o;
   Rng rng;
   InferenceModel::State state;
-  std::vector<int32_t> input;        // (γ + 1) the last decided token, then the drafts
+  std::vector<int32_t> input;         // (γ + 1) the last decided token, then the drafts
   std::vector<float> logits, states;  // (γ + 1, V), (γ + 1, L, d)
   TokenDistribution p, residual;
   std::vector<std::pair<float, int32_t>> sort;
 
-  int64_t round(int32_t last, const std::vector<int32_t>& drafts, const std::vector<TokenDistribution>& q,
-                int64_t g, int32_t& token, SpeculativeStats& st) {
+  int64_t round(int32_t last, const std::vector<int32_t>& drafts, const std::vector<TokenDistribution>& q, int64_t g,
+                int32_t& token, SpeculativeStats& st) {
     const int64_t V = m.vocab_size(), M = g + 1, Ld = m.config().n_layers * m.config().d_model;
     input.assign(1, last);
     input.insert(input.end(), drafts.begin(), drafts.begin() + g);
@@ -204,9 +204,9 @@ struct Verifier {
 }  // namespace
 
 std::vector<int32_t> speculative_generate(const InferenceModel& target, Drafter& drafter,
-                                          const std::vector<int32_t>& prompt, int64_t n_tokens,
-                                          const SamplerOptions& o, int64_t gamma,
-                                          const std::function<void(int32_t)>& on_token, SpeculativeStats* stats) {
+                                          const std::vector<int32_t>& prompt, int64_t n_tokens, const SamplerOptions& o,
+                                          int64_t gamma, const std::function<void(int32_t)>& on_token,
+                                          SpeculativeStats* stats) {
   PL_CHECK(!prompt.empty(), config, "generation needs a prompt of at least one token");
   PL_CHECK(gamma >= 0, config, "speculative decoding needs gamma >= 0 (got ", gamma, ")");
   check_sampler_options(o);

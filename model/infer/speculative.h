@@ -64,7 +64,8 @@ class Drafter {
 };
 
 // A smaller peerless model of the same vocabulary, sampled with the target's options (its own random
-// stream); q = its final sampling distribution. Its state is rolled back on rejection.
+// stream); q = its final sampling distribution. Its state is rolled back on rejection. One drafter
+// serves one sequence (its state is that sequence's).
 class ModelDrafter final : public Drafter {
  public:
   // The vocabularies must match (config error naming both sizes otherwise).
@@ -80,10 +81,10 @@ class ModelDrafter final : public Drafter {
   SamplerOptions o_;
   Rng rng_;
   InferenceModel::State state_;
-  int64_t fed_ = 0;                 // tokens of the sequence the state has consumed
+  int64_t fed_ = 0;                  // tokens of the sequence the state has consumed
   int64_t base_ = 0, proposed_ = 0;  // the last round: sequence length and proposals
-  std::vector<float> logits_;       // (V)
-  std::vector<float> snapshots_;    // (γ, L, d): the state after the sequence and after each draft
+  std::vector<float> logits_;        // (V)
+  std::vector<float> snapshots_;     // (γ, L, d): the state after the sequence and after each draft
   std::vector<std::pair<float, int32_t>> sort_;
 };
 
@@ -105,10 +106,10 @@ class NgramDrafter final : public Drafter {
 // ---- the decoder -----------------------------------------------------------------------------------
 struct SpeculativeStats {
   int64_t prompt_tokens = 0, new_tokens = 0;
-  int64_t rounds = 0;     // target passes after the prompt
-  int64_t produced = 0;   // tokens the rounds produced (≥ new_tokens: the last round may overshoot)
+  int64_t rounds = 0;    // target passes after the prompt
+  int64_t produced = 0;  // tokens the rounds decided (= new_tokens: drafts stop at the tokens wanted)
   int64_t drafted = 0, accepted = 0, rejected = 0;  // rejected: rounds that ended at a rejection
-  double overlap_sum = 0;  // Σ over verified draft positions of Σ_x min(p, q)
+  double overlap_sum = 0;                           // Σ over verified draft positions of Σ_x min(p, q)
   double prompt_seconds = 0, decode_seconds = 0, draft_seconds = 0, target_seconds = 0;
   // α̂ = accepted / (accepted + rejected): the maximum-likelihood α when each verified draft is
   // accepted independently with probability α (the paper's model); drafts after a rejection are
@@ -125,9 +126,8 @@ double expected_speedup(double alpha, int64_t gamma, double c);
 // Generates n_tokens after the prompt with drafts of up to gamma tokens per round; on_token sees each
 // token as it is decided. Returns prompt + new tokens.
 std::vector<int32_t> speculative_generate(const InferenceModel& target, Drafter& drafter,
-                                          const std::vector<int32_t>& prompt, int64_t n_tokens,
-                                          const SamplerOptions& o, int64_t gamma,
-                                          const std::function<void(int32_t)>& on_token = nullptr,
+                                          const std::vector<int32_t>& prompt, int64_t n_tokens, const SamplerOptions& o,
+                                          int64_t gamma, const std::function<void(int32_t)>& on_token = nullptr,
                                           SpeculativeStats* stats = nullptr);
 
 }  // namespace peerless
