@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "launch/bench_speculative.h"
 #include "launch/format.h"
 #include "launch/run_config.h"
 #include "model/infer/inference_model.h"
@@ -74,6 +75,7 @@ void run_one(const char* label, const InferenceModel& m, const DecodeBenchOption
                 roof, 100.0 * tps / roof);
     std::fflush(stdout);
   }
+  if (o.verify) verify_costs(m, {2, 4, 8});  // what a speculative verify pass costs here (FORMATS §9)
 }
 
 }  // namespace

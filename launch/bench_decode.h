@@ -17,6 +17,7 @@ struct DecodeBenchOptions {
   bool peer = true;                 // a 1M-expert PEER model (d 256, N = 1024², h 8, k 16)
   std::vector<int64_t> threads;     // thread counts
   std::function<double(int threads)> read_gbps;  // measures the read bandwidth (GB/s) now
+  bool verify = false;              // also time speculative verify passes (M = 3, 5, 9 vs 1)
 };
 
 void bench_decode_models(const DecodeBenchOptions& o);

@@ -11,6 +11,8 @@
 // would otherwise stay in L2/L3 between calls is rotated: the weights exist in enough copies to
 // exceed the last-level cache (default 256 MiB in all) and successive calls read successive copies,
 // each from DRAM. --rotate-mib 0 keeps one copy (cache-hot when it fits).
+//
+// --target MODEL [--draft MODEL] adds speculative decoding at the end (launch/bench_speculative.cpp).
 #include <omp.h>
 #include <unistd.h>
 
@@ -30,6 +32,7 @@
 #include "launch/args.h"
 #include "launch/bench_decode.h"
 #include "launch/bench_stream.h"
+#include "launch/bench_speculative.h"
 #include "launch/commands.h"
 #include "model/infer/ternary_kernels.h"
 #include "model/ops/bitlinear.h"
@@ -153,6 +156,18 @@ int bench_infer(const Args& args) {
            "when absent (default bench-stream.gguf, ~150 MB at d 256)");
   p.option("stream-dim", &stream_dim_s, "D", "--models stream: d of that model (default 256)");
   p.option("io-depth", &io_depth_s, "N", "--models stream: reads in flight (default 8)");
+  SpeculativeBenchOptions spec;
+  std::string gammas_s = "2,4,8", spec_temps_s = "0,0.8", spec_tokens_s = "256", spec_reps_s = "5";
+  p.option("target", &spec.target, "MODEL", "speculative decoding section: the target (.gguf, model file or run dir)");
+  p.option("draft", &spec.draft, "MODEL", "its draft model (n-gram drafting runs with or without one)");
+  p.option("data", &spec.data, "PATH", "token file with the tokenizer, for model files without one");
+  p.option("gammas", &gammas_s, "G,...", "draft lengths of the speculative section (default 2,4,8)");
+  p.option("spec-temperatures", &spec_temps_s, "T,...", "temperatures of the speculative section (default 0,0.8)");
+  p.option("spec-tokens", &spec_tokens_s, "N", "tokens per speculative run (default 256)");
+  p.option("spec-reps", &spec_reps_s, "N", "runs per speculative row, median reported (default 5)");
+  p.option("spec-prompt", &spec.prompt, "TEXT", "prompt of the speculative runs (default ROMEO:)");
+  bool verify = false;
+  p.flag("verify", &verify, "with --models: also time speculative verify passes of 3, 5 and 9 tokens against 1");
   if (!p.parse(args)) return 0;
   {
     std::stringstream ss(models_s);
@@ -277,6 +292,7 @@ int bench_infer(const Args& args) {
     d.dense = models_s.find("dense") != std::string::npos;
     d.peer = models_s.find("peer") != std::string::npos;
     d.threads = thread_counts;
+    d.verify = verify;
     // One read-bandwidth run per call, interleaved with the decode rounds (bench_decode.cpp).
     d.read_gbps = [words, bw_words](int threads) { return read_bandwidth(words, bw_words, threads); };
     bench_decode_models(d);
@@ -292,6 +308,16 @@ int bench_infer(const Args& args) {
     PL_CHECK(so.dim >= 256 && so.dim % 128 == 0 && so.depth >= 1, config,
              "--stream-dim must be a multiple of 128, >= 256, and --io-depth >= 1");
     bench_stream(so);
+  }
+  if (!spec.target.empty()) {
+    spec.gammas = parse_list("gammas", gammas_s);
+    spec.temperatures.clear();
+    std::stringstream ts(spec_temps_s);
+    for (std::string t; std::getline(ts, t, ',');) spec.temperatures.push_back(parse_float_arg("spec-temperatures", t));
+    spec.tokens = parse_int_arg("spec-tokens", spec_tokens_s);
+    spec.reps = parse_int_arg("spec-reps", spec_reps_s);
+    spec.threads = static_cast<int>(thread_counts.front());
+    bench_speculative(spec);
   }
   if (!variant_s.empty()) clear_forced_variant();
   return total_wrong ? 1 : 0;

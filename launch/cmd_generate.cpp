@@ -1,5 +1,6 @@
 // `peerless generate MODEL --prompt TEXT`: text from a GGUF/packed file (or a model file) on the CPU,
 // streamed to the terminal as it is decoded, with prompt and decode speeds reported separately.
+// --draft MODEL|ngram decodes speculatively (launch/generate_speculative.cpp).
 #include <omp.h>
 
 #include <cstdio>
@@ -11,8 +12,8 @@
 #include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/format.h"
-#include "launch/gguf_tokenizer.h"
-#include "launch/model_file.h"
+#include "launch/generate_model.h"
+#include "launch/generate_speculative.h"
 #include "model/infer/sampler.h"
 #include "model/infer/ternary_kernels.h"
 #include "runtime/error.h"
@@ -66,7 +67,7 @@ void print_expert_stats(const ExpertStoreStats& s, int64_t tokens) {
 
 int cmd_generate(const Args& args) {
   std::string target, prompt = "\n", tokens = "200", temperature = "0.8", top_k = "0", top_p = "1", seed = "1",
-              threads = "0", data;
+              threads = "0", data, draft, gamma = "4";
   bool quiet = false;
   ArgParser p("generate",
               "Generate text on the CPU with the int8 x ternary kernels: from a .gguf file (peerless export, either "
@@ -80,6 +81,10 @@ int cmd_generate(const Args& args) {
   p.option("seed", &seed, "S", "random seed (default 1)");
   p.option("threads", &threads, "N", "CPU threads (default: all)");
   p.option("data", &data, "PATH", "token file with the tokenizer (model files without one)");
+  p.option("draft", &draft, "MODEL|ngram",
+           "speculative decoding: a smaller model of the same vocabulary (.gguf, model file or run directory) or "
+           "'ngram' (prompt lookup) proposes tokens the model verifies in one pass; same output distribution");
+  p.option("gamma", &gamma, "N", "tokens drafted per verify pass with --draft (default 4)");
   p.flag("quiet", &quiet, "print only the text (no speeds)");
   std::string max_resident_mb, expert_io = "direct", expert_window = "0", io_depth = "8";
   p.option("max-resident-mb", &max_resident_mb, "MB",
@@ -98,35 +103,29 @@ int cmd_generate(const Args& args) {
   so.top_p = parse_float_arg("top-p", top_p);
   so.seed = static_cast<uint64_t>(parse_int_arg("seed", seed));
   const int64_t n = parse_int_arg("tokens", tokens), nt = parse_int_arg("threads", threads);
+  const int64_t gamma_n = parse_int_arg("gamma", gamma);
   PL_CHECK(n >= 0 && nt >= 0, config, "--tokens and --threads must be >= 0");
+  PL_CHECK(gamma_n >= 1, config, "--gamma must be >= 1 (got ", gamma_n, ")");
   if (nt > 0) omp_set_num_threads(static_cast<int>(nt));
 
-  std::unique_ptr<gguf::File> file;
-  std::unique_ptr<InferenceModel> model;
-  std::shared_ptr<Tokenizer> tokenizer;
-  if (std::filesystem::is_regular_file(target) && !is_model_file(target)) {
-    file = std::make_unique<gguf::File>(target);
-    model = InferenceModel::load(*file, io_opts);
-    tokenizer = read_gguf_tokenizer(*file);
-  } else {
-    PL_CHECK(!io_opts.stream_experts, config, "--max-resident-mb streams experts from a .gguf file; ", target,
-             " is a model file (export it first)");
-    const LoadedModel m = load_model_file(target);
-    model = InferenceModel::from_model(*m.model, m.params.data());
-    tokenizer = model_tokenizer(m, data);
-  }
+  const GenerateModel loaded = load_generate_model(target, data, io_opts);
+  const std::unique_ptr<InferenceModel>& model = loaded.model;
+  const std::shared_ptr<Tokenizer>& tokenizer = loaded.tokenizer;
   const std::vector<int32_t> ids = tokenizer->encode(prompt);
   PL_CHECK(!ids.empty(), config, "--prompt encodes to no tokens; give a non-empty prompt");
   std::fputs(prompt.c_str(), stdout);
   std::fflush(stdout);
+  const auto print = [&](int32_t t) {
+    const std::string piece = tokenizer->decode(std::vector<int32_t>{t});
+    std::fwrite(piece.data(), 1, piece.size(), stdout);
+    std::fflush(stdout);
+  };
+  if (!draft.empty()) {
+    generate_speculative(loaded, SpeculativeRequest{target, draft, gamma_n, data, quiet}, ids, n, so, print);
+    return 0;
+  }
   GenerateStats st;
-  generate(*model, ids, n, so,
-           [&](int32_t t) {
-             const std::string piece = tokenizer->decode(std::vector<int32_t>{t});
-             std::fwrite(piece.data(), 1, piece.size(), stdout);
-             std::fflush(stdout);
-           },
-           &st);
+  generate(*model, ids, n, so, print, &st);
   std::fputs("\n", stdout);
   std::fflush(stdout);  // the text before the speeds when both go to one terminal or file
   if (!quiet) {

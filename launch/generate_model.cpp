@@ -1,0 +1,28 @@
+// Loading a model for CPU generation (see generate_model.h).
+#include "launch/generate_model.h"
+
+#include <filesystem>
+
+#include "launch/gguf_tokenizer.h"
+#include "launch/model_file.h"
+#include "runtime/error.h"
+
+namespace peerless {
+
+GenerateModel load_generate_model(const std::string& path, const std::string& data, const InferenceOptions& options) {
+  GenerateModel g;
+  if (std::filesystem::is_regular_file(path) && !is_model_file(path)) {
+    g.file = std::make_unique<gguf::File>(path);
+    g.model = InferenceModel::load(*g.file, options);
+    g.tokenizer = read_gguf_tokenizer(*g.file);
+  } else {
+    PL_CHECK(!options.stream_experts, config, "--max-resident-mb streams experts from a .gguf file; ", path,
+             " is a model file (export it first)");
+    const LoadedModel m = load_model_file(path);
+    g.model = InferenceModel::from_model(*m.model, m.params.data());
+    g.tokenizer = model_tokenizer(m, data);
+  }
+  return g;
+}
+
+}  // namespace peerless
