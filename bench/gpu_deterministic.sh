@@ -6,7 +6,7 @@
 # $OUT. Needs .deps/ carried (toml++ and pcre2 headers, shared data; see bench/gpu_train.sh).
 # Usage: bash bench/gpu_deterministic.sh
 source "$(dirname "$0")/gpu_common.sh"
-gpu_build peerless test_ops_cuda
+gpu_build peerless test_ops_train_cuda
 # The fixed-point op against its CPU reference, and 2 ranks on the GPU against 1 rank x 2 accumulation.
 (cd build-gpu && ctest -L gpu -R "fixed_point|cli.test_gpu_data_parallel" --timeout 400 --output-on-failure \
   > "$OUT/ctest_gpu.log" 2>&1)

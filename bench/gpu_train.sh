@@ -15,7 +15,7 @@ for a in "$@"; do
   [[ $a == --skip-tests ]] && tests=0
   [[ $a == --no-shakespeare ]] && shakespeare=0
 done
-gpu_build ${TARGETS:-peerless test_ops_cuda test_fused_cuda test_model_cuda test_peer_cuda}
+gpu_build ${TARGETS:-peerless test_ops_cuda test_ops_train_cuda test_fused_cuda test_model_cuda test_peer_cuda}
 if [[ $tests == 1 ]]; then
   # Every gpu-labelled test, the GPU-vs-CPU loss curves included (~5 min on the H100 with -j 2).
   (cd build-gpu && ctest -L gpu -j 2 --timeout 400 --output-on-failure > "$OUT/ctest_gpu.log" 2>&1)

@@ -5,7 +5,7 @@
 // learning-rate group and the frozen buffers untouched, and β and codes of weight_quant_cpu on the
 // same weights (β bit-identical to its own fixed-order sum, within one float ulp of
 // weight_quant_cpu's, codes equal whenever β is). The CUDA path is compared with this reference bit
-// for bit in tests/test_ops_cuda.cpp.
+// for bit in tests/test_ops_train_cuda.cpp.
 #include <gtest/gtest.h>
 
 #include <algorithm>

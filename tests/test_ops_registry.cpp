@@ -63,7 +63,7 @@ TEST(op_registry, every_op_has_a_cuda_backend) {
   for (const OpInfo& op : op_registry())
     EXPECT_TRUE(op.has_cuda) << "op '" << op.name << "' (model/ops/" << op.header
                              << ") has no CUDA backend: add its <op>_cuda launcher, compare it with the CPU "
-                             << "reference in tests/test_ops_cuda.cpp under an OP_TEST_CUDA(" << op.name
+                             << "reference in a tests/test_*_cuda.cpp under an OP_TEST_CUDA(" << op.name
                              << ") marker, and set has_cuda in model/ops/op_registry.cpp";
 }
 
@@ -95,7 +95,7 @@ TEST(op_registry, every_cuda_op_has_a_cuda_test) {
     EXPECT_TRUE(markers.count(std::string(op.name)))
         << "op '" << op.name << "' is registered with has_cuda but has no OP_TEST_CUDA(" << op.name
         << ") marker in any " << dir.string() << "/test_*.cpp (compare it with the CPU reference in "
-        << "tests/test_ops_cuda.cpp)";
+        << "a tests/test_*_cuda.cpp)";
   }
   for (const auto& [name, files] : markers) {
     std::ostringstream where;
