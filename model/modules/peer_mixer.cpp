@@ -24,7 +24,7 @@ struct PeerCache final : Module::Cache {
   // running statistics' offsets by backward (Model::update_buffers turns them into the update).
   std::vector<float> batch_mean, batch_var;
   std::shared_ptr<ShardedPeerExperts> exchange;  // sharded tables or deterministic mode
-  PeerSparseGrad<float> table_grad;              // scratch of an unsharded backward
+  mutable PeerSparseGrad<float> table_grad;      // scratch of an unsharded backward (const cache)
 };
 
 class PeerMixer final : public Module {
@@ -90,7 +90,7 @@ class PeerMixer final : public Module {
 
   void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
                 float* grads, ExactGradSum* exact) const override {
-    auto& c = const_cast<PeerCache&>(static_cast<const PeerCache&>(cache));  // the table-gradient scratch
+    const auto& c = static_cast<const PeerCache&>(cache);
     const int64_t M = step.tokens();
     const ParamLayout& L = m.layout();
     float *t0 = step.scratch->get(0, M * d_), *t1 = step.scratch->get(1, M * d_);
@@ -187,7 +187,7 @@ class PeerMixer final : public Module {
   // The table gradient comes back sparse: this rank's rows, from every token of the group that
   // retrieved them when sharded. Deterministic mode adds it to the exact sum one micro-batch (one
   // sender's tokens) at a time; otherwise into the dense gradient (the all-reduce sums it over ranks).
-  void add_table_gradient(PeerCache& c, float* grads, ExactGradSum* exact, int64_t offset) const {
+  void add_table_gradient(const PeerCache& c, float* grads, ExactGradSum* exact, int64_t offset) const {
     if (exact) {
       if (c.exchange)
         for (const auto& g : c.exchange->table_grads()) exact->add_rows(ix_.peer_table, g);
