@@ -122,6 +122,9 @@ int cmd_generate(const Args& args) {
   };
   if (!draft.empty()) {
     generate_speculative(loaded, SpeculativeRequest{target, draft, gamma_n, data, quiet}, ids, n, so, print);
+    // Per token decided: verify passes also read the records of drafts they reject.
+    if (io_opts.stream_experts && !quiet)
+      print_expert_stats(model->expert_stats(), static_cast<int64_t>(ids.size()) + n);
     return 0;
   }
   GenerateStats st;
