@@ -100,22 +100,27 @@ void bench_decode_models(const DecodeBenchOptions& o) {
   }
   if (!o.peer) return;
   // A PEER model with N = 1024² ternary experts at d = 256 (2 GiB of fp32 expert rows in memory).
-  ModelConfig peer;
-  peer.vocab_size = 32000;
-  peer.d_model = 256;
-  peer.n_layers = 4;
-  peer.peer_blocks = "1";
-  peer.peer_n_sub = 1024;
-  peer.peer_heads = 8;
-  peer.peer_topk = 16;
-  peer.peer_key_dim = 128;
-  peer.peer_ternary = true;
+  const ModelConfig peer = million_expert_peer_config(256);
   auto t0 = Clock::now();
   const auto m = random_model(peer);
   std::printf("# PEER: d 256, 4 layers, block 1 = N 1024^2 experts (h 8, k 16, d_k 128, ternary), V 32000 (built in "
               "%s)\n",
               human_duration(seconds_since(t0)).c_str());
   run_one("peer 1M experts d256", *m, o);
+}
+
+ModelConfig million_expert_peer_config(int64_t d) {
+  ModelConfig c;
+  c.vocab_size = 32000;
+  c.d_model = d;
+  c.n_layers = 4;
+  c.peer_blocks = "1";
+  c.peer_n_sub = 1024;
+  c.peer_heads = 8;
+  c.peer_topk = 16;
+  c.peer_key_dim = 128;
+  c.peer_ternary = true;
+  return c;
 }
 
 }  // namespace peerless

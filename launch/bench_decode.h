@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "model/model_config.h"
+
 namespace peerless {
 
 struct DecodeBenchOptions {
@@ -21,5 +23,9 @@ struct DecodeBenchOptions {
 };
 
 void bench_decode_models(const DecodeBenchOptions& o);
+
+// The benches' million-expert PEER model: V 32000, 4 layers, block 1 a ternary PEER layer of
+// N = 1024² experts (h 8, k 16, d_k 128) at width d (decode: d 256; streaming: any multiple of 128).
+ModelConfig million_expert_peer_config(int64_t d);
 
 }  // namespace peerless

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <memory>
 
+#include "launch/bench_decode.h"
 #include "launch/format.h"
 #include "launch/synthetic_model.h"
 #include "model/infer/expert_io.h"
@@ -110,25 +111,11 @@ void print_row(const char* label, double fraction, int64_t cap, const RunResult&
   std::fflush(stdout);
 }
 
-ModelConfig stream_model(int64_t d) {
-  ModelConfig c;
-  c.vocab_size = 32000;
-  c.d_model = d;
-  c.n_layers = 4;
-  c.peer_blocks = "1";
-  c.peer_n_sub = 1024;
-  c.peer_heads = 8;
-  c.peer_topk = 16;
-  c.peer_key_dim = 128;
-  c.peer_ternary = true;
-  return c;
-}
-
 }  // namespace
 
 void bench_stream(const StreamBenchOptions& o) {
   omp_set_num_threads(o.threads);
-  const ModelConfig c = stream_model(o.dim);
+  const ModelConfig c = million_expert_peer_config(o.dim);
   if (!std::filesystem::exists(o.path)) {
     const auto t0 = Clock::now();
     write_random_model(c, o.path, "packed", 1);

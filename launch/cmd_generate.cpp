@@ -4,9 +4,7 @@
 #include <omp.h>
 
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 
 #include "launch/args.h"
@@ -17,6 +15,7 @@
 #include "model/infer/sampler.h"
 #include "model/infer/ternary_kernels.h"
 #include "runtime/error.h"
+#include "runtime/memory.h"
 #include "runtime/gguf.h"
 
 namespace peerless {
@@ -39,13 +38,6 @@ InferenceOptions inference_options(const std::string& mb, const std::string& io,
   return o;
 }
 
-int64_t status_kib(const char* field) {
-  std::ifstream in("/proc/self/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(field, 0) == 0) return std::stoll(line.substr(std::strlen(field) + 1));
-  return -1;
-}
-
 void print_expert_stats(const ExpertStoreStats& s, int64_t tokens) {
   std::fprintf(stderr,
                "experts (%s): %lld lookups, %lld hits (%.1f%%), %lld misses; %lld reads, %s read (%s per token); "
@@ -60,7 +52,7 @@ void print_expert_stats(const ExpertStoreStats& s, int64_t tokens) {
                human_bytes(static_cast<double>(s.cap_bytes)).c_str(),
                human_bytes(static_cast<double>(s.cache_peak_bytes)).c_str(),
                human_bytes(static_cast<double>(s.overhead_bytes)).c_str(),
-               human_bytes(static_cast<double>(status_kib("VmHWM:")) * 1024).c_str());
+               human_bytes(static_cast<double>(process_status_bytes("VmHWM:"))).c_str());
 }
 
 }  // namespace

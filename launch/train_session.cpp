@@ -15,6 +15,7 @@
 #include "model/cpu_threads.h"
 #include "parallel/consistency.h"
 #include "runtime/error.h"
+#include "runtime/memory.h"
 #include "runtime/sha256.h"
 
 namespace peerless {
@@ -105,7 +106,7 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 }
 
 // Peak resident set size of this process (VmHWM) in bytes.
-int64_t peak_rss_bytes() { return proc_status_bytes("VmHWM:"); }
+int64_t peak_rss_bytes() { return process_status_bytes("VmHWM:"); }
 
 // Rank 0's string on every rank.
 std::string broadcast_string(Comm& comm, std::string text) {
@@ -201,14 +202,6 @@ TrainSession::~TrainSession() {
   if (metrics) std::fclose(metrics);
 }
 
-int64_t proc_status_bytes(const char* key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  const size_t n = std::strlen(key);
-  while (std::getline(in, line))
-    if (line.rfind(key, 0) == 0) return 1024 * std::atoll(line.c_str() + n);
-  return 0;
-}
 
 void run_micro_batches(const std::function<void()>& pass, const std::function<bool()>& sum_gradients,
                        const ExactGradSum* exact, std::vector<double>& expert_counts, bool lead, int64_t step) {
@@ -266,7 +259,7 @@ bool setup_session(TrainSession& s) {
   s.G = s.B * s.A * s.world;
   // What the process holds before the model's buffers (libraries: MPI, HDF5, OpenBLAS, and the
   // CUDA libraries of a CUDA build, whose loading alone touches ~140 MiB), for the memory check.
-  const int64_t base_rss = proc_status_bytes("VmRSS:");
+  const int64_t base_rss = process_status_bytes("VmRSS:");
   if (s.lead) std::printf("process before the model's buffers (VmRSS): %s = %lld bytes\n",
                           human_bytes(static_cast<double>(base_rss)).c_str(), static_cast<long long>(base_rss));
   const int64_t total = model.layout().total();

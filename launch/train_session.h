@@ -131,7 +131,4 @@ void finish_session(TrainSession& s, StepRunner& runner, double train_seconds);
 void run_micro_batches(const std::function<void()>& pass, const std::function<bool()>& sum_gradients,
                        const ExactGradSum* exact, std::vector<double>& expert_counts, bool lead, int64_t step);
 
-// A "Vm...:  123 kB" line of /proc/self/status in bytes; 0 where unknown.
-int64_t proc_status_bytes(const char* key);
-
 }  // namespace peerless

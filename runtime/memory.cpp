@@ -2,7 +2,10 @@
 // pointer is host memory and copies are memmove.
 #include "runtime/memory.h"
 
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <utility>
 
 #include "runtime/error.h"
@@ -12,6 +15,14 @@
 #endif
 
 namespace peerless {
+
+int64_t process_status_bytes(const char* field) {
+  std::ifstream in("/proc/self/status");
+  const size_t n = std::strlen(field);
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(field, 0) == 0) return 1024 * std::atoll(line.c_str() + n);
+  return 0;
+}
 
 #ifdef PEERLESS_HAVE_CUDA
 namespace {

@@ -5,10 +5,15 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace peerless {
 
 enum class MemoryKind { host, device };
+
+// A "Vm...:  123 kB" field of /proc/self/status ("VmRSS:", "VmHWM:") in bytes: this process's
+// resident and peak memory. 0 where unknown (no such field, no /proc).
+int64_t process_status_bytes(const char* field);
 
 // Device memory is cudaMalloc'ed memory. Managed and pinned memory count as host: the CPU can read
 // them directly. Without a visible GPU every pointer is host memory.

@@ -21,6 +21,7 @@
 #include "model/infer/expert_store.h"
 #include "model/infer/inference_model.h"
 #include "runtime/error.h"
+#include "runtime/memory.h"
 #include "runtime/rng.h"
 #include "test_util.h"
 
@@ -336,12 +337,11 @@ TEST(ExpertStreaming, LogitsEqualTheResidentTableBitForBit) {
 
 namespace {
 
-int64_t status_kib(const char* field) {
-  std::ifstream in("/proc/self/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(field, 0) == 0) return std::stoll(line.substr(std::strlen(field) + 1));
-  ADD_FAILURE() << field << " not in /proc/self/status";
-  return 0;
+// A /proc/self/status field in bytes; a missing one fails the test.
+int64_t status_bytes(const char* field) {
+  const int64_t b = process_status_bytes(field);
+  if (b == 0) ADD_FAILURE() << field << " not in /proc/self/status";
+  return b;
 }
 
 }  // namespace
@@ -368,7 +368,7 @@ TEST(ExpertStreaming, PeakRssStaysUnderTheCapWithATableFourTimesLarger) {
     std::ofstream clear("/proc/self/clear_refs");
     clear << "5";  // resets VmHWM to the current RSS
   }
-  const int64_t before = status_kib("VmRSS:") << 10;
+  const int64_t before = status_bytes("VmRSS:");
   std::vector<int32_t> streamed_text;
   ExpertStoreStats st;
   {
@@ -381,7 +381,7 @@ TEST(ExpertStreaming, PeakRssStaysUnderTheCapWithATableFourTimesLarger) {
     greedy_logits(*m, 64, &streamed_text);
     st = m->expert_stats();
   }
-  const int64_t peak = status_kib("VmHWM:") << 10;
+  const int64_t peak = status_bytes("VmHWM:");
   const int64_t dense = file_bytes - table_bytes, allowance = 8 << 20;
   std::printf("peak RSS growth %.2f MiB (cap %.2f, dense %.2f, index+staging %.2f, allowance %.2f MiB); "
               "table %.2f MiB; %lld hits, %lld misses, %lld reads\n",
