@@ -2,6 +2,7 @@
 #include "launch/plan.h"
 
 #include <cmath>
+#include <memory>
 #include <sstream>
 
 #include "launch/format.h"
@@ -39,47 +40,61 @@ double expert_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
   return layers * (tokens * (as_sender + as_owner) + counts);
 }
 
-Topology plan_topology(int world, int expert_parallel) {
+// Rank 0 of the planned world: its topology and its model (its rows of every PEER table).
+struct PlannedRank {
+  Topology topo;
+  bool shard = false;
+  std::unique_ptr<Model> model;
+};
+
+PlannedRank plan_rank(const RunConfig& cfg, int world, int expert_parallel) {
   PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
-  return make_topology(0, world, expert_parallel);
+  PlannedRank r;
+  r.topo = make_topology(0, world, expert_parallel);
+  r.shard = r.topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
+  r.model = std::make_unique<Model>(cfg.model, r.shard ? ExpertShard{r.topo.ep_size, 0} : ExpertShard{});
+  return r;
+}
+
+StepTrafficPlan traffic_of(const RunConfig& cfg, const PlannedRank& r) {
+  const Model& model = *r.model;
+  const int world = r.topo.world;
+  const auto buckets = DataParallel::plan_buckets(model, world, cfg.parallel.bucket_mb << 20);
+  const auto t = DataParallel::plan_traffic(buckets, world, cfg.parallel.zero1, deterministic_on(cfg),
+                                            r.shard ? r.topo.dp_size : 1);
+  StepTrafficPlan p;
+  p.gradients = t.grad_sent;
+  p.gathers = t.gather_sent;
+  p.expert_gradients = t.expert_grad_sent;
+  p.expert_exchange = r.shard ? expert_exchange_bytes(cfg, r.topo.ep_size) : 0;
+  // Lazy AdamW on the CPU: the union of the rows each rank retrieved, one byte per row of every
+  // table, all-reduced over the ranks holding the same rows (all ranks when the tables are whole).
+  if (cfg.optim.table_optimizer == "lazy_adam" && cfg.run.device == "cpu" && model.n_peer_layers() > 0) {
+    const double R = r.shard ? r.topo.dp_size : world;
+    const double flags = 2 * (R - 1) / R * static_cast<double>(model.n_peer_layers() * model.peer_table_rows());
+    (r.shard ? p.expert_gradients : p.gradients) += flags;
+  }
+  return p;
 }
 
 }  // namespace
 
 StepTrafficPlan plan_step_traffic(const RunConfig& cfg, int world, int expert_parallel) {
-  const Topology topo = plan_topology(world, expert_parallel);
-  const bool shard = topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
-  const Model model(cfg.model, shard ? ExpertShard{topo.ep_size, 0} : ExpertShard{});
-  const auto buckets = DataParallel::plan_buckets(model, world, cfg.parallel.bucket_mb << 20);
-  const bool deterministic = deterministic_on(cfg);
-  const auto t = DataParallel::plan_traffic(buckets, world, cfg.parallel.zero1, deterministic, shard ? topo.dp_size : 1);
-  StepTrafficPlan p;
-  p.gradients = t.grad_sent;
-  p.gathers = t.gather_sent;
-  p.expert_gradients = t.expert_grad_sent;
-  p.expert_exchange = shard ? expert_exchange_bytes(cfg, topo.ep_size) : 0;
-  // Lazy AdamW on the CPU: the union of the rows each rank retrieved, one byte per row of every
-  // table, all-reduced over the ranks holding the same rows (all ranks when the tables are whole).
-  if (cfg.optim.table_optimizer == "lazy_adam" && cfg.run.device == "cpu" && model.n_peer_layers() > 0) {
-    const double R = shard ? topo.dp_size : world;
-    const double flags = 2 * (R - 1) / R * static_cast<double>(model.n_peer_layers() * model.peer_table_rows());
-    (shard ? p.expert_gradients : p.gradients) += flags;
-  }
-  return p;
+  return traffic_of(cfg, plan_rank(cfg, world, expert_parallel));
 }
 
 std::string describe_plan(const RunConfig& cfg, int world, int expert_parallel) {
-  const Topology topo = plan_topology(world, expert_parallel);
-  const bool shard = topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
-  const Model model(cfg.model, shard ? ExpertShard{topo.ep_size, 0} : ExpertShard{});
+  const PlannedRank r = plan_rank(cfg, world, expert_parallel);
+  const Topology& topo = r.topo;
+  const bool shard = r.shard;
   RunConfig at = cfg;
   at.parallel.expert_parallel = topo.ep_size;
-  const StepTrafficPlan t = plan_step_traffic(cfg, world, topo.ep_size);
+  const StepTrafficPlan t = traffic_of(cfg, r);
   std::ostringstream os;
   os << "plan for world " << world << " (" << topo.dp_size << " data-parallel replica" << (topo.dp_size == 1 ? "" : "s")
      << " x " << topo.ep_size << " expert shard" << (topo.ep_size == 1 ? "" : "s") << "), rank 0, run.device "
      << cfg.run.device << ":\n";
-  os << describe_model(model, at, world);
+  os << describe_model(*r.model, at, world);
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.train.accum_steps * cfg.data.seq_len);
   os << "bytes rank 0 sends per optimizer step (ring algorithms; " << human_count(static_cast<int64_t>(tokens))
      << " tokens on this rank):\n";
