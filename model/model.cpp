@@ -1,6 +1,7 @@
-// The MatMul-free LM: parameter layout, initialization, explicit forward and backward, and the
-// recurrent decode step. The ops it calls are in model/ops/ (CPU reference + tests); this file only
-// wires them together in the order of SPEC §2.
+// The MatMul-free LM: the embedding, the blocks' modules (model/modules/: each kind its parameters,
+// initialization, forward and backward), the final norm, the head and the loss, in the order of
+// SPEC §2; plus the ternary forward copies, the PEER tables' copies and bounds, and the BitLinear
+// every module calls.
 #include "model/model.h"
 
 #include <algorithm>
@@ -27,7 +28,6 @@ template <typename T>
 void grow(std::vector<T>& v, size_t n) {
   if (v.size() != n) v.resize(n);
 }
-
 
 }  // namespace
 

@@ -1,5 +1,6 @@
 // The MatMul-free LM (SPEC §2): embedding, L blocks of [RMSNorm → MLGRU token mixer, RMSNorm → GLU
-// channel mixer] on an fp32 residual stream, final RMSNorm, ternary lm_head, cross-entropy.
+// channel mixer] on an fp32 residual stream, final RMSNorm, ternary lm_head, cross-entropy. Each
+// sub-layer is a Module of a registered kind (model/module.h; PEER replaces the GLU where asked).
 //
 // Parameters live in flat buffers described by a ParamLayout (runtime/param_layout.h); the model
 // holds the layout plus the ternary forward copies (int8 codes + one β per weight tensor), which
