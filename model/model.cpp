@@ -314,6 +314,59 @@ void Model::linear_backward(const float* params, int gain, int weight, int64_t r
   rmsnorm_backward_cpu(ns, x, params + g.offset, cache.rstd.data(), dxt.data(), dx, grads + g.offset);
 }
 
+void Model::proj_forward(const float* params, int weight, int64_t rows, const float* x, float* y,
+                         BitLinearCache& cache) const {
+  const ParamInfo& w = layout_.at(weight);
+  const int64_t N = w.shape[0], K = w.shape[1];
+  if (!quantize_) {
+    gemm_cpu(Trans::no, Trans::yes, rows, N, K, 1.f, x, K, params + w.offset, K, 0.f, y, N);
+    return;
+  }
+  grow(cache.codes, rows * K);
+  grow(cache.scale, rows);
+  thread_local std::vector<float> xt;
+  thread_local std::vector<int32_t> acc;
+  grow(acc, rows * N);
+  const float* in = x;
+  if (config_.qsparse > 0) {
+    xt.assign(x, x + rows * K);
+    sparsify(rows, K, xt.data());
+    in = xt.data();
+  }
+  act_quant_cpu(rows, K, in, cache.codes.data(), cache.scale.data());
+  ternary_int8_matmul_cpu(rows, N, K, cache.codes.data(), codes_.data() + w.offset, acc.data());
+  const float beta = betas_[weight];
+  for (int64_t m = 0; m < rows; ++m) {
+    const float factor = beta / cache.scale[m];
+    for (int64_t n = 0; n < N; ++n) y[m * N + n] = static_cast<float>(acc[m * N + n]) * factor;
+  }
+}
+
+void Model::proj_backward(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,
+                          const float* dy, float* dx, float* grads) const {
+  const ParamInfo& w = layout_.at(weight);
+  const int64_t N = w.shape[0], K = w.shape[1];
+  if (!quantize_) {
+    gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, x, K, 1.f, grads + w.offset, K);  // dW += dyᵀ x
+    if (dx) gemm_cpu(Trans::no, Trans::no, rows, K, N, 1.f, dy, N, params + w.offset, K, 0.f, dx, K);
+    return;
+  }
+  // The dequantized input a/s and the forward copy t·β, in float.
+  thread_local std::vector<float> a, tw;
+  grow(a, rows * K);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float sc = cache.scale[m];
+    for (int64_t k = 0; k < K; ++k) a[m * K + k] = static_cast<float>(cache.codes[m * K + k]) / sc;
+  }
+  gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, a.data(), K, 1.f, grads + w.offset, K);
+  if (!dx) return;
+  grow(tw, N * K);
+  const float beta = betas_[weight];
+  const int8_t* t = codes_.data() + w.offset;
+  for (int64_t i = 0; i < N * K; ++i) tw[i] = static_cast<float>(t[i]) * beta;
+  gemm_cpu(Trans::no, Trans::no, rows, K, N, 1.f, dy, N, tw.data(), K, 0.f, dx, K);
+}
+
 double Model::forward(const float* params, const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                       ForwardContext& ctx) const {
   const int64_t M = batch * seq, d = config_.d_model, V = config_.vocab_size, L = config_.n_layers;

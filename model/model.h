@@ -140,6 +140,16 @@ class Model {
                       BitLinearCache& cache) const;
   void linear_backward(const float* params, int gain, int weight, int64_t rows, const float* x,
                        const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
+  // For modules in the Transformer++ / BitNet SubLN form (../shared/BASELINES.md §1, §3): a
+  // projection without a norm of its own, its input x (rows, K) already normalized by the module.
+  // model.quant = "none": y = x·Wᵀ in fp32. "ternary": Q-Sparse top-K of x when model.qsparse > 0,
+  // per-token int8 absmax codes a, scale s, then y = (a·tᵀ)·β/s with the exact integer product.
+  // Backward (straight-through through both quantizers): dx = dy·W (dy·tβ) overwritten, or skipped
+  // when dx is null; dW += dyᵀ·x (dyᵀ·a/s) into grads.
+  void proj_forward(const float* params, int weight, int64_t rows, const float* x, float* y,
+                    BitLinearCache& cache) const;
+  void proj_backward(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,
+                     const float* dy, float* dx, float* grads) const;
   // For PEER modules: the communicator of the expert exchange (the expert-parallel group when
   // sharded, this rank alone in unsharded deterministic mode; null otherwise), and PEER layer
   // `peer`'s table bounds (deterministic mode; refresh_peer_tables computes them).

@@ -96,6 +96,21 @@ class Module {
   // Bytes forward saves per token; forward FLOPs per token (2 per multiply-add, SWEEPS.md §1).
   virtual int64_t activation_bytes_per_token() const = 0;
   virtual double flops_per_token() const = 0;
+  // Parameters in a product for one token (../shared/BASELINES.md §5: P_active). Default: every
+  // parameter of params_backward_order() but buffers; sparse kinds (PEER, MoE, PKM) override.
+  virtual double active_params_per_token(const ParamLayout& layout) const;
+
+  // Incremental decoding, one position at a time: x (1, d), the stream at that position, updated
+  // in place; `state` is what new_decode_state() made for this sequence (a KV cache, a recurrent
+  // state), null for kinds without state across positions. The default runs forward() on the one
+  // row with a cache of its own, which is exact for kinds whose output at a position depends on
+  // that position only (the channel mixers). Kinds that mix positions override both.
+  struct DecodeState {
+    virtual ~DecodeState() = default;
+  };
+  virtual std::unique_ptr<DecodeState> new_decode_state(int64_t max_positions) const;
+  virtual void decode(const Model& m, const float* params, ModuleScratch& scratch, float* x,
+                      DecodeState* state) const;
 };
 
 // What a kind's factory gets: the config, the layout to add its parameters to (names under

@@ -6,6 +6,7 @@
 #include "model/module.h"
 #include "model/modules/mixers.h"
 #include "model/ops/rmsnorm.h"
+#include "runtime/error.h"
 #include "runtime/rng.h"
 
 namespace peerless {
@@ -43,6 +44,26 @@ void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t see
   const double fan_out = static_cast<double>(p.shape[0]), fan_in = static_cast<double>(p.shape.back());
   const double bound = gain * std::sqrt(6.0 / (fan_in + fan_out));
   fill_chunks(layout, params, idx, seed, [&](Rng& r) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
+}
+
+double Module::active_params_per_token(const ParamLayout& layout) const {
+  double n = 0;
+  for (int i : params_backward_order())
+    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).numel);
+  return n;
+}
+
+std::unique_ptr<Module::DecodeState> Module::new_decode_state(int64_t) const { return nullptr; }
+
+void Module::decode(const Model& m, const float* params, ModuleScratch& scratch, float* x, DecodeState* state) const {
+  PL_CHECK(state == nullptr, internal, "module kind \"", kind(), "\" keeps decode state but has no decode()");
+  ModuleStep step;
+  step.batch = 1;
+  step.seq = 1;
+  step.peer_mode = PeerNormMode::eval;
+  step.scratch = &scratch;
+  const auto cache = new_cache();
+  forward(m, params, step, x, *cache);
 }
 
 void PreNorm::forward(const Model& m, const float* params, int gain, int64_t M, const float* x) {
