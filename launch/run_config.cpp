@@ -39,6 +39,8 @@ void RunConfig::bind(ConfigSchema& s) {
                "token mixer of every block (model/module.h)");
   s.add_choice("model.channel_mixer", &model.channel_mixer, module_kinds(ModuleRole::channel_mixer),
                "channel mixer of every block not in model.peer_blocks (\"peer\": every block)");
+  s.add_choice("model.head", &model.head, {"bitlinear", "linear", "tied"},
+               "LM head after the final norm: bitlinear (SPEC), linear (fp32 weight) or tied (the embedding)");
   s.add_string("model.peer_blocks", &model.peer_blocks,
                "blocks whose GLU is replaced by a PEER layer: comma-separated indices (\"\" = none)");
   s.add_int("model.peer_n_sub", &model.peer_n_sub, 1, 46340, "PEER sub-keys per table n (N = n^2 experts)");

@@ -22,6 +22,10 @@ struct ModelConfig {
   // mixer of the blocks it lists; channel_mixer = "peer" makes every block a PEER block.
   std::string token_mixer = "mlgru";
   std::string channel_mixer = "glu";
+  // The LM head after the final RMSNorm: "bitlinear" (SPEC §2: a BitLinear with its own gain, or its
+  // full-precision ablation under quant = "none"), "linear" (an fp32 (V, d) weight: Transformer++,
+  // BitNet), "tied" (the embedding table as that weight).
+  std::string head = "bitlinear";
 
   // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
   // PEER block, sharded by rows over parallel.expert_parallel ranks (model/expert_parallel.h).
