@@ -5,7 +5,9 @@
 #include <cmath>
 #include <vector>
 
+#include "model/infer/module_decoder.h"
 #include "model/model.h"
+#include "runtime/error.h"
 #include "model/ops/quant.h"
 #include "tests/model_test_util.h"
 
@@ -130,4 +132,38 @@ TEST(SwiGlu, TernaryModelLearnsABatch) {
     for (size_t i = 0; i < params.size(); ++i) params[i] -= 0.5f * g[i];
   }
   EXPECT_LT(last, first - 0.3) << first << " -> " << last;
+}
+
+// The module decoder (one position at a time, each kind's decode state: the MLGRU's carried h)
+// gives the parallel forward's logits. Ternary with the BitLinear head: bit for bit (exact integer
+// products, the same per-row float ops in the same order). With an fp32 head or quant = "none" the
+// products are BLAS sgemms whose blocking depends on the row count (a 1-row call may take the gemv
+// path), so rows agree to float rounding of d- and I-term dot products: 1e-5 relative.
+TEST(ModuleDecoder, StepwiseLogitsEqualForward) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"ternary", "bitlinear"}, {"ternary", "linear"}, {"none", "tied"}};
+  for (const auto& [quant, head] : cases) {
+    ModelConfig c = swiglu_config(quant, head);
+    Model m(c);
+    std::vector<float> params(m.layout().total());
+    m.init_params(params.data(), 21);
+    perturb(m, params, 22);
+    m.refresh_ternary(params.data());
+    const Batch b(c.vocab_size, 4, 1, 7);
+    ForwardContext ctx;
+    m.forward(params.data(), b.ids.data(), nullptr, 1, b.T, ctx);
+    const ModuleDecoder dec(m, params.data());
+    auto st = dec.new_state(b.T);
+    std::vector<float> logits(c.vocab_size);
+    const bool exact = std::string(head) == "bitlinear";
+    for (int64_t t = 0; t < b.T; ++t) {
+      dec.forward(&b.ids[t], 1, st, logits.data());
+      for (int64_t v = 0; v < c.vocab_size; ++v) {
+        const float want = ctx.logits[t * c.vocab_size + v];
+        if (exact) ASSERT_EQ(logits[v], want) << quant << "/" << head << " t=" << t << " v=" << v;
+        else ASSERT_NEAR(logits[v], want, 1e-5 * (1 + std::fabs(want))) << quant << "/" << head << " t=" << t;
+      }
+    }
+    EXPECT_THROW(dec.forward(&b.ids[0], 1, st, logits.data()), Error);  // past the state's capacity
+  }
 }
