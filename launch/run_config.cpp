@@ -52,6 +52,22 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_bool("model.peer_shared_keys", &model.peer_shared_keys, "PEER heads share the sub-key tables C, C'");
   s.add_bool("model.peer_ternary", &model.peer_ternary,
              "PEER experts compute with ternary forward copies t*beta of the table (one beta per table, STE)");
+  s.add_int("model.moe_experts", &model.moe_experts, 1, 1 << 16, "channel_mixer = moe: experts E");
+  s.add_int("model.moe_topk", &model.moe_topk, 1, 1 << 16, "moe: experts per token k (<= E)");
+  s.add_int("model.moe_width", &model.moe_width, 0, 1 << 20, "moe: expert SwiGLU width I_e (0 = ceil(GLU width / k))");
+  s.add_choice("model.moe_gate", &model.moe_gate, {"topk_softmax", "softmax_topk"},
+               "moe: gates softmax over the chosen scores, or the full softmax at the chosen (Switch)");
+  s.add_float("model.moe_capacity_factor", &model.moe_capacity_factor, 0, 1e6,
+              "moe: capacity ceil(CF*T*k/E) per expert, overflow dropped (0 = dropless)");
+  s.add_float("model.moe_aux_loss", &model.moe_aux_loss, 0, 1e3, "moe: load-balancing loss weight alpha");
+  s.add_float("model.moe_z_loss", &model.moe_z_loss, 0, 1e3, "moe: router z-loss weight c_z");
+  s.add_int("model.sigma_moe_experts", &model.sigma_moe_experts, 1, 1 << 16, "channel_mixer = sigma_moe: experts N_E");
+  s.add_int("model.sigma_moe_topk", &model.sigma_moe_topk, 1, 1 << 16, "sigma_moe: experts per token K (<= N_E)");
+  s.add_int("model.sigma_moe_group", &model.sigma_moe_group, 1, 1 << 20, "sigma_moe: expert width G");
+  s.add_float("model.sigma_moe_entropy", &model.sigma_moe_entropy, 0, 1e3,
+              "sigma_moe: weight gamma of the entropy regularizer gamma*sum p log p");
+  s.add_float("model.sigma_moe_dropout", &model.sigma_moe_dropout, 0, 0.999999,
+              "sigma_moe: expert dropout delta (training only)");
   s.add_float("model.qsparse", &model.qsparse, 0, 0.999999, "Q-Sparse sparsity of BitLinear inputs (0 = off)");
   s.add_int("model.qsparse_block", &model.qsparse_block, 0, 1 << 20,
             "Q-Sparse block size M for N:M sparsity (0 = per-token top-K)");
@@ -112,6 +128,13 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
     cfg.model.validate(errors);
     cfg.optim.validate(errors);
   }
+  // Expert parallelism shards the PEER tables only; the experts of "moe" and "sigma_moe" are dense
+  // parameters replicated on every rank (sharding them is not implemented).
+  const std::string& mixer = cfg.model.channel_mixer;
+  if (cfg.parallel.expert_parallel > 1 && (mixer == "moe" || mixer == "sigma_moe"))
+    errors.push_back(cat("key 'parallel.expert_parallel' = ", cfg.parallel.expert_parallel,
+                         " with model.channel_mixer = \"", mixer, "\": expert parallelism over ranks is not "
+                         "implemented for this kind (allowed: 0 or 1; its experts are replicated)"));
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

@@ -6,6 +6,7 @@
 
 #include "launch/train_session.h"
 #include "runtime/error.h"
+#include "runtime/rng.h"
 
 namespace peerless {
 
@@ -75,6 +76,8 @@ class CpuStepRunner final : public StepRunner {
     for (int64_t a = 0; a < s_.A; ++a) {
       const auto [first, n] = BatchLoader::shard(s_.G, s_.A, a, s_.rank, s_.world);
       s_.loader->fill(step, first, n, inputs_.data(), targets_.data());
+      ctx_.noise_key = hash_keys(static_cast<uint64_t>(s_.cfg.run.seed), 0xD207, step);  // expert dropout
+      ctx_.first_token = first * s_.T;
       const double loss = model.forward(s_.params.data(), inputs_.data(), targets_.data(), n, s_.T, ctx_);
       PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
                "); stopping before it corrupts the weights. Lower optim.lr (now ", s_.cfg.optim.lr,

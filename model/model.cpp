@@ -436,7 +436,16 @@ ModuleStep Model::module_step(ForwardContext& ctx) const {
   step.lower_bounds = ctx.lb.data();
   step.lower_bounds_grad = ctx.dlb.data();
   step.scratch = &ctx.scratch;
+  step.noise_key = ctx.noise_key;
+  step.first_token = ctx.first_token;
   return step;
+}
+
+double Model::aux_loss(const ForwardContext& ctx) const {
+  double sum = 0;
+  for (size_t i = 0; i < modules_.size() && i < ctx.caches.size(); ++i)
+    for (const auto& a : modules_[i]->aux_losses(*ctx.caches[i])) sum += a.value;
+  return sum;
 }
 
 void Model::backward(const float* params, ForwardContext& ctx, float grad_scale, float* grads,
@@ -458,7 +467,8 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
                        params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0, ctx.dx.data(),
                        grads + layout_.at(final_norm_).offset);
   ready({head_w_ == embed_ ? -1 : head_w_, head_gain_, final_norm_});  // a tied head: with the embedding
-  const ModuleStep step = module_step(ctx);
+  ModuleStep step = module_step(ctx);
+  step.aux_scale = grad_scale * static_cast<float>(M);
   for (size_t i = modules_.size(); i-- > 0;) {
     modules_[i]->backward(*this, params, step, *ctx.caches[i], ctx.dx.data(), grads, exact);
     ready(modules_[i]->params_backward_order());

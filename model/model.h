@@ -44,6 +44,10 @@ struct ForwardContext {
   // PEER query BatchNorm: train = batch statistics (training), eval = running statistics
   // (validation, decoding). Ignored by models without PEER blocks.
   PeerNormMode peer_mode = PeerNormMode::train;
+  // Training-only randomness (σ-MoE expert dropout; off in eval mode): the trainer sets noise_key
+  // from (run.seed, step) and first_token to the global index of this micro-batch's first token.
+  uint64_t noise_key = 0;
+  int64_t first_token = 0;
   int64_t batch = 0, seq = 0;
   std::vector<int32_t> ids, targets;  // (M)
   std::vector<float> lb;              // (L, d) lower bounds
@@ -108,7 +112,13 @@ class Model {
   // logits are computed (ctx.losses empty).
   double forward(const float* params, const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                  ForwardContext& ctx) const;
-  // Accumulates into grads (layout().total()) the gradient of grad_scale · Σ losses. When given,
+  // The modules' auxiliary losses of the last forward (Module::aux_losses), summed. Not part of
+  // forward()'s return value, so validation and perplexity are the cross-entropy alone.
+  double aux_loss(const ForwardContext& ctx) const;
+  // Accumulates into grads (layout().total()) the gradient of grad_scale · (Σ losses + M·aux_loss),
+  // M = batch·seq: the aux losses are means over this micro-batch's tokens, so with the trainer's
+  // grad_scale = 1/(global tokens) one micro-batch's objective is mean CE + aux_loss exactly, and
+  // several give mean CE + the token-weighted mean of each micro-batch's aux_loss. When given,
   // grad_ready(param index) is called as soon as that parameter's gradient is final (used to start
   // the gradient exchange of a bucket while the rest of the backward runs).
   // With `exact` (deterministic mode, model/exact_sum.h) the PEER tables' gradients are added there,

@@ -14,6 +14,11 @@ int64_t ModelConfig::glu_width() const {
   return 256 * ((base + 255) / 256);
 }
 
+int64_t ModelConfig::moe_expert_width() const {
+  if (moe_width > 0) return moe_width;
+  return (glu_width() + moe_topk - 1) / moe_topk;  // k experts of I/k: the dense GLU's 3dI MACs
+}
+
 namespace {
 // Parses "1, 3" into {1, 3}; problems go to errors (when given) or are thrown.
 std::vector<int64_t> parse_blocks(const std::string& text, int64_t n_layers, std::vector<std::string>* errors) {
@@ -92,6 +97,11 @@ void ModelConfig::validate(std::vector<std::string>& errors) const {
     if (peer_n_sub > 46340)
       errors.push_back(cat("model.peer_n_sub = ", peer_n_sub, " must be <= 46340 so expert ids fit int32"));
   }
+  if (moe_topk > moe_experts)
+    errors.push_back(cat("model.moe_topk = ", moe_topk, " must not exceed model.moe_experts = ", moe_experts));
+  if (sigma_moe_topk > sigma_moe_experts)
+    errors.push_back(cat("model.sigma_moe_topk = ", sigma_moe_topk, " must not exceed model.sigma_moe_experts = ",
+                         sigma_moe_experts));
   if (qsparse_block > 0 && qsparse > 0) {
     std::vector<int64_t> widths = {d_model, glu_width()};
     for (int64_t w : widths)

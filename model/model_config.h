@@ -38,6 +38,23 @@ struct ModelConfig {
   bool peer_query_bn = true;      // BatchNorm on the query (paper default); off = identity
   bool peer_shared_keys = true;   // heads share C, C′ (paper text); false = per-head sub-keys
   bool peer_ternary = false;      // experts use ternary forward copies t·β of the table (one β per table)
+  // Top-k mixture of experts, channel_mixer = "moe" (../shared/BASELINES.md §4): fp32 router,
+  // SwiGLU experts of width moe_width, aux and z losses added to the training objective.
+  int64_t moe_experts = 8;          // E
+  int64_t moe_topk = 2;             // k experts per token
+  int64_t moe_width = 0;            // I_e; 0 = ceil(GLU width / k): the active FLOPs of the dense GLU
+  std::string moe_gate = "topk_softmax";  // "topk_softmax": softmax(z_S); "softmax_topk": softmax(z)_S (Switch)
+  double moe_capacity_factor = 0;   // 0 = dropless; else ceil(CF·T·k/E) slots per expert, overflow adds 0
+  double moe_aux_loss = 1e-2;       // α of the load-balancing loss α·E·Σ f_i·P_i
+  double moe_z_loss = 1e-3;         // c_z of the router z-loss c_z·mean (logsumexp z)²
+  // σ-MoE, channel_mixer = "sigma_moe" (arXiv 2310.10837; BASELINES §4): sigmoid gates, ReLU
+  // experts of G channels, entropy regularizer on the mean router softmax, expert dropout.
+  int64_t sigma_moe_experts = 16;   // N_E
+  int64_t sigma_moe_topk = 4;       // K
+  int64_t sigma_moe_group = 128;    // G, each expert's width
+  double sigma_moe_entropy = 1e-3;  // γ of γ·Σ p_e log p_e (minimum −γ log N_E at uniform use)
+  double sigma_moe_dropout = 0;     // δ: training drops each (token, expert) score before top-k
+
   // Q-Sparse (SPEC §4): top-K of every BitLinear input after its RMSNorm, before quantization.
   double qsparse = 0;             // sparsity ratio S in [0, 1); 0 = off
   int64_t qsparse_block = 0;      // 0 = per-token top-K; M > 0 = N:M within blocks of M channels
@@ -48,6 +65,7 @@ struct ModelConfig {
   std::string peer_blocks_text() const;
 
   int64_t glu_width() const;
+  int64_t moe_expert_width() const;  // moe_width, or its default
   // Cross-field problems (appended, never thrown).
   void validate(std::vector<std::string>& errors) const;
 };

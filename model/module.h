@@ -6,7 +6,7 @@
 // its CPU forward and backward (the reference ops of model/ops), what it saves per token and its
 // forward FLOPs per token (../shared/SWEEPS.md §1 conventions).
 //
-// Today's kinds: "mlgru" (token mixer), "glu" and "peer" (channel mixers); Q-Sparse and
+// Today's kinds: "mlgru" (token mixer), "glu", "peer", "moe" and "sigma_moe" (channel mixers); Q-Sparse and
 // quant = none|ternary are options of their BitLinears (Model::linear_forward). Adding a kind is a
 // new file under model/modules/ plus one line in model/modules/registry.cpp.
 //
@@ -51,6 +51,14 @@ struct ModuleStep {
   const float* lower_bounds = nullptr;     // (L, d) the MLGRU's lower bounds after softmax and cumsum
   float* lower_bounds_grad = nullptr;      // (L, d) backward: their gradient, accumulated
   ModuleScratch* scratch = nullptr;
+  // Backward: the weight of this forward's auxiliary losses (Module::aux_losses, each a mean over
+  // these tokens) in the objective, relative to Σ losses: Model::backward sets grad_scale·tokens.
+  float aux_scale = 0;
+  // Training-only randomness (σ-MoE expert dropout) is keyed by (noise_key, layer, first_token + t),
+  // so it depends on the step and the token's place in the global batch, not on how the batch is
+  // split over ranks and micro-batches (ForwardContext says who sets them).
+  uint64_t noise_key = 0;
+  int64_t first_token = 0;
   int64_t tokens() const { return batch * seq; }
 };
 
@@ -99,6 +107,15 @@ class Module {
   // Parameters in a product for one token (../shared/BASELINES.md §5: P_active). Default: every
   // parameter of params_backward_order() but buffers; sparse kinds (PEER, MoE, PKM) override.
   virtual double active_params_per_token(const ParamLayout& layout) const;
+
+  // Auxiliary losses of the last forward (router load balancing, z-loss, entropy), each already
+  // weighted by its config coefficient and a mean over the forward's tokens, named for logging.
+  // backward() adds their gradient scaled by ModuleStep::aux_scale. Default: none.
+  struct AuxLoss {
+    const char* name;
+    double value;
+  };
+  virtual std::vector<AuxLoss> aux_losses(const Cache&) const { return {}; }
 
   // Incremental decoding, one position at a time: x (1, d), the stream at that position, updated
   // in place; `state` is what new_decode_state() made for this sequence (a KV cache, a recurrent

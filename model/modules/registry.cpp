@@ -16,6 +16,8 @@ const Kind kKinds[] = {
     {"glu", ModuleRole::channel_mixer, make_glu_mixer},    // SPEC §2.2
     {"peer", ModuleRole::channel_mixer, make_peer_mixer},  // SPEC §3
     {"swiglu", ModuleRole::channel_mixer, make_swiglu_mixer},  // BASELINES §1, §3
+    {"moe", ModuleRole::channel_mixer, make_moe_mixer},  // BASELINES §4 top-k
+    {"sigma_moe", ModuleRole::channel_mixer, make_sigma_moe_mixer},  // BASELINES §4 σ-MoE
 };
 
 }  // namespace
