@@ -120,6 +120,22 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("checkpoint.dir", &checkpoint.dir, "checkpoint directory (\"\" = <run.out_dir>/<run.name>/checkpoints)");
 }
 
+// What the mixture-of-experts channel mixers do not have yet: expert parallelism (their experts
+// are dense parameters replicated on every rank) and the recurrent decoder that sampling runs
+// (model/infer/ knows the GLU and PEER blocks only).
+static void check_moe_kinds(const RunConfig& cfg, std::vector<std::string>& errors) {
+  const std::string& mixer = cfg.model.channel_mixer;
+  if (mixer != "moe" && mixer != "sigma_moe") return;
+  if (cfg.parallel.expert_parallel > 1)
+    errors.push_back(cat("key 'parallel.expert_parallel' = ", cfg.parallel.expert_parallel,
+                         " with model.channel_mixer = \"", mixer,
+                         "\": expert parallelism over ranks is not implemented for this kind (allowed: 0 or 1; its "
+                         "experts are replicated)"));
+  if (cfg.train.sample_tokens > 0)
+    errors.push_back(cat("key 'train.sample_tokens' = ", cfg.train.sample_tokens, " with model.channel_mixer = \"",
+                         mixer, "\": the decoder that samples has no such kind yet (allowed: 0)"));
+}
+
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
                         const std::string& context, std::string* toml_text) {
   schema.check_ranges(errors);
@@ -128,13 +144,7 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
     cfg.model.validate(errors);
     cfg.optim.validate(errors);
   }
-  // Expert parallelism shards the PEER tables only; the experts of "moe" and "sigma_moe" are dense
-  // parameters replicated on every rank (sharding them is not implemented).
-  const std::string& mixer = cfg.model.channel_mixer;
-  if (cfg.parallel.expert_parallel > 1 && (mixer == "moe" || mixer == "sigma_moe"))
-    errors.push_back(cat("key 'parallel.expert_parallel' = ", cfg.parallel.expert_parallel,
-                         " with model.channel_mixer = \"", mixer, "\": expert parallelism over ranks is not "
-                         "implemented for this kind (allowed: 0 or 1; its experts are replicated)"));
+  check_moe_kinds(cfg, errors);
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

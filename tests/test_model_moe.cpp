@@ -1,8 +1,7 @@
-// The mixture-of-experts channel mixers "moe" and "sigma_moe" (../shared/BASELINES.md §4): the
-// routing helpers on hand-computed cases (top-k ties, Σ hits = T·k, capacity drops, permute and
-// unpermute), the aux losses' values by hand, float64 finite-difference gradients of the whole
-// module (output and aux losses) against an independent float64 reference, expert dropout, a tiny
-// model that trains, determinism, the parameter and FLOP accounting of BASELINES §5, and the
+// The mixture-of-experts channel mixers "moe" and "sigma_moe" (../shared/BASELINES.md §4; their
+// routing helpers are in test_model_moe_routing.cpp): the aux losses' values by hand, capacity, float64
+// finite-difference gradients of the whole module (output and aux losses) against an independent float64 reference,
+// expert dropout, a tiny model that trains, determinism, the parameter and FLOP accounting of BASELINES §5, and the
 // config errors.
 #include <gtest/gtest.h>
 #include <omp.h>
@@ -13,6 +12,7 @@
 #include <vector>
 
 #include "launch/run_config.h"
+#include "model/infer/peerless_arch.h"
 #include "model/model.h"
 #include "model/modules/experts.h"
 #include "model/optimizer.h"
@@ -72,71 +72,6 @@ std::vector<float> normal_values(int64_t n, uint64_t seed, double scale = 1.0) {
   return v;
 }
 
-// ---- routing helpers -------------------------------------------------------------------------
-
-TEST(MoeRouting, TopkTiesToTheLowerIndexAndSkipsMinusInfinity) {
-  const float inf = std::numeric_limits<float>::infinity();
-  const std::vector<float> z = {0.1f, 0.5f, 0.5f, -1.f,   //
-                                -inf, 2.f, -inf, -inf};
-  std::vector<int32_t> e(4);
-  topk_experts(2, 4, 2, z.data(), e.data());
-  EXPECT_EQ(e, (std::vector<int32_t>{1, 2, 1, -1}));
-}
-
-// T = 4 tokens, k = 2, E = 3; slots (token, expert): t0 {0, 1}, t1 {1, 0}, t2 {1, 2}, t3 {1, 0}.
-ExpertRouting hand_routing() {
-  ExpertRouting r;
-  r.tokens = 4, r.k = 2, r.experts = 3;
-  r.expert = {0, 1, 1, 0, 1, 2, 1, 0};
-  return r;
-}
-
-TEST(MoeRouting, DroplessGroupsEverySlotByExpertInTokenOrder) {
-  ExpertRouting r = hand_routing();
-  group_by_expert(r, 0);
-  EXPECT_EQ(r.hits, (std::vector<int64_t>{3, 4, 1}));  // Σ hits = T·k = 8
-  EXPECT_EQ(r.begin, (std::vector<int64_t>{0, 3, 7, 8}));
-  EXPECT_EQ(r.slot, (std::vector<int64_t>{0, 3, 7, 1, 2, 4, 6, 5}));
-  EXPECT_EQ(r.row, (std::vector<int64_t>{0, 3, 4, 1, 5, 7, 6, 2}));
-  EXPECT_EQ(r.dropped, 0);
-}
-
-// Capacity ceil(0.75·4·2/3) = 2: expert 0 keeps t0, t1 and drops t3's slot; expert 1 keeps t0, t1
-// and drops t2's and t3's; expert 2 keeps t2. Three drops; hits still count every choice.
-TEST(MoeRouting, CapacityKeepsTheFirstComersAndCountsTheDrops) {
-  EXPECT_EQ(expert_capacity(0.75, 4, 2, 3), 2);
-  EXPECT_EQ(expert_capacity(0, 4, 2, 3), 0);
-  EXPECT_EQ(expert_capacity(1.25, 10, 2, 8), 4);  // ceil(3.125)
-  ExpertRouting r = hand_routing();
-  group_by_expert(r, 2);
-  EXPECT_EQ(r.dropped, 3);
-  EXPECT_EQ(r.hits, (std::vector<int64_t>{3, 4, 1}));
-  EXPECT_EQ(r.begin, (std::vector<int64_t>{0, 2, 4, 5}));
-  EXPECT_EQ(r.row, (std::vector<int64_t>{0, 2, 3, 1, -1, 4, -1, -1}));
-}
-
-// Random routing: Σ hits = T·k, permute then unpermute gives each row back k times, and the
-// combine with weights 1/k is the identity (k = 2: halves and their sum are exact in fp32).
-TEST(MoeRouting, UnpermuteAfterPermuteIsTheIdentity) {
-  const int64_t T = 37, E = 5, k = 2, d = 3;
-  const auto z = normal_values(T * E, 3);
-  const auto x = normal_values(T * d, 4);
-  ExpertRouting r;
-  r.tokens = T, r.k = k, r.experts = E;
-  r.expert.resize(T * k);
-  topk_experts(T, E, k, z.data(), r.expert.data());
-  group_by_expert(r, 0);
-  EXPECT_EQ(std::accumulate(r.hits.begin(), r.hits.end(), int64_t{0}), T * k);
-  std::vector<float> xg(r.rows() * d), back(T * d, 0.f), w(T * k, 0.5f), y(T * d);
-  permute_rows(r, d, x.data(), xg.data());
-  unpermute_add_rows(r, d, xg.data(), back.data());
-  combine_rows(r, d, w.data(), xg.data(), y.data());
-  for (int64_t i = 0; i < T * d; ++i) {
-    ASSERT_EQ(back[i], 2 * x[i]) << i;
-    ASSERT_EQ(y[i], x[i]) << i;
-  }
-}
-
 // ---- aux losses by hand ------------------------------------------------------------------------
 
 // A zero router: p uniform, so P_i = 1/E and L_aux = α·E·Σ f_i/E = α whatever the ties did to f;
@@ -177,7 +112,8 @@ TEST(MoeAux, SkewedRoutingByHand) {
   Harness h(c, 1);
   float* wr = h.param("blocks/0/moe/router/weight");
   for (int64_t e = 0; e < 4; ++e)
-    for (int64_t i = 0; i < c.d_model; ++i) wr[e * c.d_model + i] = e == 0 ? static_cast<float>(std::log(3.0) / 8) : 0.f;
+    for (int64_t i = 0; i < c.d_model; ++i)
+      wr[e * c.d_model + i] = e == 0 ? static_cast<float>(std::log(3.0) / 8) : 0.f;
   std::vector<float> x(5 * c.d_model, 1.f);
   const auto cache = h.mod.new_cache();
   h.mod.forward(h.m, h.params.data(), h.step(5), x.data(), *cache);
@@ -257,10 +193,12 @@ Ref reference(const Model& m, const std::vector<double>& P, const std::vector<do
       r.chosen.push_back(drop ? -1 : e);
       if (drop) continue;
       kept[e] += 1;
-      const double g = sigma ? 1.0 / (1.0 + std::exp(-z[e]))
-                       : c.moe_gate == "softmax_topk" ? p[e] : std::exp(z[e] - z[order[0]]) / norm;
+      const double g = sigma                          ? 1.0 / (1.0 + std::exp(-z[e]))
+                       : c.moe_gate == "softmax_topk" ? p[e]
+                                                      : std::exp(z[e] - z[order[0]]) / norm;
       const std::string ex = pre + "experts/" + std::to_string(e) + "/";
-      const double *w_in = view(ex + (sigma ? "up_proj" : "gate_proj") + "/weight"), *w_out = view(ex + "down_proj/weight");
+      const double *w_in = view(ex + (sigma ? "up_proj" : "gate_proj") + "/weight"),
+                   *w_out = view(ex + "down_proj/weight");
       for (int64_t q = 0; q < (sigma ? H : 2 * H); ++q) {
         a[q] = 0;
         for (int64_t i = 0; i < d; ++i) a[q] += w_in[q * d + i] * xn[i];
@@ -290,7 +228,8 @@ void check_gradients(const ModelConfig& c, uint64_t seed, double lambda, bool ze
   for (int idx : h.mod.params_backward_order()) {
     const ParamInfo& p = h.m.layout().at(idx);
     for (int64_t i = 0; i < p.numel; ++i)
-      h.params[p.offset + i] = static_cast<float>(p.kind == ParamKind::gain ? 1 + 0.3 * rng.normal() : 0.5 * rng.normal());
+      h.params[p.offset + i] =
+          static_cast<float>(p.kind == ParamKind::gain ? 1 + 0.3 * rng.normal() : 0.5 * rng.normal());
   }
   const auto x = normal_values(M * d, seed + 2);
   const auto w = zero_w ? std::vector<float>(M * d, 0.f) : normal_values(M * d, seed + 3);
@@ -308,7 +247,8 @@ void check_gradients(const ModelConfig& c, uint64_t seed, double lambda, bool ze
   ASSERT_GT(base.margin, 1e-3) << "router scores too close for a finite-difference check; change the seed";
   double out_max = 0;
   for (double v : base.out) out_max = std::max(out_max, std::fabs(v));
-  for (int64_t i = 0; i < M * d; ++i) ASSERT_NEAR(xf[i], base.out[i], 1e-5 * out_max) << "output " << i;  // fp32 forward
+  for (int64_t i = 0; i < M * d; ++i)
+    ASSERT_NEAR(xf[i], base.out[i], 1e-5 * out_max) << "output " << i;  // fp32 forward
   EXPECT_NEAR(h.aux(*cache), base.aux, 1e-6 * std::max(1.0, std::fabs(base.aux)));
 
   auto objective = [&](const Ref& r) {
@@ -365,7 +305,9 @@ ModelConfig heavy_aux(ModelConfig c) {
   return c;
 }
 
-TEST(MoeGradient, TopkSoftmaxMatchesFloat64FiniteDifferences) { check_gradients(heavy_aux(moe_config("moe")), 11, 1.0, false); }
+TEST(MoeGradient, TopkSoftmaxMatchesFloat64FiniteDifferences) {
+  check_gradients(heavy_aux(moe_config("moe")), 11, 1.0, false);
+}
 
 TEST(MoeGradient, SwitchGatesMatchFloat64FiniteDifferences) {
   ModelConfig c = heavy_aux(moe_config("moe"));
@@ -582,19 +524,34 @@ std::string config_error(const std::vector<std::string>& overrides) {
 
 TEST(MoeConfig, ErrorsNameTheKeys) {
   for (const char* kind : {"moe", "sigma_moe"}) {
-    const std::string msg = config_error({std::string("model.channel_mixer=") + kind, "parallel.expert_parallel=2",
-                                          "data.path=tokens.bin"});
+    const std::string msg = config_error(
+        {std::string("model.channel_mixer=") + kind, "parallel.expert_parallel=2", "data.path=tokens.bin"});
     EXPECT_NE(msg.find("'parallel.expert_parallel' = 2"), std::string::npos) << msg;
     EXPECT_NE(msg.find("not implemented"), std::string::npos) << msg;
   }
-  std::string msg = config_error({"model.moe_topk=9", "data.path=tokens.bin"});
+  std::string msg = config_error({"model.channel_mixer=moe", "train.sample_tokens=5", "data.path=tokens.bin"});
+  EXPECT_NE(msg.find("'train.sample_tokens' = 5"), std::string::npos) << msg;
+  msg = config_error({"model.moe_topk=9", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.moe_topk = 9 must not exceed model.moe_experts = 8"), std::string::npos) << msg;
   msg = config_error({"model.sigma_moe_topk=17", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.sigma_moe_topk = 17"), std::string::npos) << msg;
   msg = config_error({"model.moe_gate=noisy", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.moe_gate"), std::string::npos) << msg;
-  // Replicated experts (expert_parallel 1 or 0 = all ranks) are fine.
-  EXPECT_NO_THROW(load_run_config("", {"model.channel_mixer=moe", "parallel.expert_parallel=1", "data.path=t.bin"}));
+  // Replicated experts (expert_parallel 1 or 0 = all ranks) without sampling are fine.
+  EXPECT_NO_THROW(load_run_config(
+      "", {"model.channel_mixer=moe", "parallel.expert_parallel=1", "train.sample_tokens=0", "data.path=t.bin"}));
+}
+
+// Export and the decoder have no tensors for these kinds: a config error naming the kind, not a crash.
+TEST(MoeConfig, ExportTableRefusesTheKinds) {
+  const Model m(moe_config("sigma_moe"));
+  try {
+    arch::tensors(m);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(e.what()).find("channel mixer \"sigma_moe\""), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -49,6 +49,9 @@ std::vector<Tensor> tensors(const Model& m) {
     if (m.gate_form() == GateForm::code) add_copy(out, m, blk(l, "mlgru_out_norm.weight"), b.g_norm);
     out.push_back({blk(l, "mlgru_lb"), Source::lower_bounds, {d}, idx.lower_bounds, l});
     add_copy(out, m, blk(l, "ffn_norm.weight"), b.mlp_norm);
+    PL_CHECK(b.peer >= 0 || b.gate_w >= 0, config, "the peerless architecture (export, decoding, sampling) has no ",
+             "tensors for channel mixer \"", m.modules()[static_cast<size_t>(2 * l + 1)]->kind(), "\" (block ", l,
+             "; it knows \"glu\" and \"peer\")");
     if (b.peer < 0) {
       add_bitlinear(out, m, blk(l, "ffn_gate_up"), b.gate_gain, b.gate_w);
       add_bitlinear(out, m, blk(l, "ffn_down"), b.down_gain, b.down_w);

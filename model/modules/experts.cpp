@@ -17,8 +17,8 @@ namespace peerless {
 namespace {
 
 // One projection per expert over its segment of x (S, K) into y (S, N); caches[e] its saved state.
-void segments_forward(const Model& m, const float* params, const std::vector<int>& weights,
-                          const ExpertRouting& r, const float* x, float* y, std::vector<BitLinearCache>& caches) {
+void segments_forward(const Model& m, const float* params, const std::vector<int>& weights, const ExpertRouting& r,
+                      const float* x, float* y, std::vector<BitLinearCache>& caches) {
   caches.resize(weights.size());
   for (size_t e = 0; e < weights.size(); ++e) {
     const ParamInfo& w = m.layout().at(weights[e]);
@@ -27,9 +27,9 @@ void segments_forward(const Model& m, const float* params, const std::vector<int
   }
 }
 
-void segments_backward(const Model& m, const float* params, const std::vector<int>& weights,
-                           const ExpertRouting& r, const float* x, const std::vector<BitLinearCache>& caches,
-                           const float* dy, float* dx, float* grads) {
+void segments_backward(const Model& m, const float* params, const std::vector<int>& weights, const ExpertRouting& r,
+                       const float* x, const std::vector<BitLinearCache>& caches, const float* dy, float* dx,
+                       float* grads) {
   for (size_t e = 0; e < weights.size(); ++e) {
     const ParamInfo& w = m.layout().at(weights[e]);
     const int64_t first = r.begin[e], n = r.begin[e + 1] - first, N = w.shape[0], K = w.shape[1];

@@ -32,16 +32,21 @@ struct MoeCache final : Module::Cache {
   std::vector<float> gate;       // (M, k)
   ExpertRouting route;
   ExpertStack experts;
-  std::vector<double> frac;      // (E) f_i = hits_i/(M·k)
-  double aux = 0, z_loss = 0;    // the weighted losses (α·…, c_z·…)
+  std::vector<double> frac;    // (E) f_i = hits_i/(M·k)
+  double aux = 0, z_loss = 0;  // the weighted losses (α·…, c_z·…)
 };
 
 class MoeMixer final : public Module {
  public:
   explicit MoeMixer(ModuleBuild& b)
-      : d_(b.config.d_model), E_(b.config.moe_experts), k_(b.config.moe_topk), I_(b.config.moe_expert_width()),
+      : d_(b.config.d_model),
+        E_(b.config.moe_experts),
+        k_(b.config.moe_topk),
+        I_(b.config.moe_expert_width()),
         gate_(b.config.moe_gate == "softmax_topk" ? MoeGate::softmax_topk : MoeGate::topk_softmax),
-        capacity_factor_(b.config.moe_capacity_factor), alpha_(b.config.moe_aux_loss), c_z_(b.config.moe_z_loss) {
+        capacity_factor_(b.config.moe_capacity_factor),
+        alpha_(b.config.moe_aux_loss),
+        c_z_(b.config.moe_z_loss) {
     BlockParams& r = b.record;
     const std::string p = b.prefix;
     norm_ = r.mlp_norm = b.layout.add(p + "mlp_norm/gain", {d_}, ParamKind::gain);
@@ -88,7 +93,8 @@ class MoeMixer final : public Module {
     init_constant(m.layout(), params, norm_, 1.f);
     init_normal(m.layout(), params, router_, seed, c.init_std);
     for (int w : w_.in) init_normal(m.layout(), params, w, seed, c.init_std);
-    for (int w : w_.out) init_normal(m.layout(), params, w, seed, c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers)));
+    for (int w : w_.out)
+      init_normal(m.layout(), params, w, seed, c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers)));
   }
 
   std::vector<int> params_backward_order() const override {
@@ -147,7 +153,8 @@ void MoeMixer::route(const Model& m, const float* params, int64_t M, MoeCache& c
     }
     double sum = 0;  // z_S sorted descending: z[e[0]] is the maximum
     for (int64_t j = 0; j < k_; ++j) sum += std::exp(static_cast<double>(zt[e[j]]) - zt[e[0]]);
-    for (int64_t j = 0; j < k_; ++j) g[j] = static_cast<float>(std::exp(static_cast<double>(zt[e[j]]) - zt[e[0]]) / sum);
+    for (int64_t j = 0; j < k_; ++j)
+      g[j] = static_cast<float>(std::exp(static_cast<double>(zt[e[j]]) - zt[e[0]]) / sum);
   }
   c.frac.assign(E_, 0.0);
   double aux = 0, z2 = 0;

@@ -30,8 +30,8 @@ struct SigmaMoeCache final : Module::Cache {
   std::vector<float> gate;       // (M, K) σ(s) of the chosen experts
   ExpertRouting route;
   ExpertStack experts;
-  std::vector<double> log_p;     // (N) log p_e, p the mean of q over the tokens
-  double entropy = 0;            // γ·Σ p log p
+  std::vector<double> log_p;  // (N) log p_e, p the mean of q over the tokens
+  double entropy = 0;         // γ·Σ p log p
 };
 
 // log p_e = log mean_t softmax(s_t)_e as a log-mean-exp of the log-softmax (no underflow when an
@@ -51,8 +51,13 @@ void batch_log_mean(int64_t M, int64_t N, const float* s, const float* lse, std:
 class SigmaMoeMixer final : public Module {
  public:
   explicit SigmaMoeMixer(ModuleBuild& b)
-      : layer_(b.layer), d_(b.config.d_model), N_(b.config.sigma_moe_experts), K_(b.config.sigma_moe_topk),
-        G_(b.config.sigma_moe_group), gamma_(b.config.sigma_moe_entropy), dropout_(b.config.sigma_moe_dropout) {
+      : layer_(b.layer),
+        d_(b.config.d_model),
+        N_(b.config.sigma_moe_experts),
+        K_(b.config.sigma_moe_topk),
+        G_(b.config.sigma_moe_group),
+        gamma_(b.config.sigma_moe_entropy),
+        dropout_(b.config.sigma_moe_dropout) {
     BlockParams& r = b.record;
     const std::string p = b.prefix;
     norm_ = r.mlp_norm = b.layout.add(p + "mlp_norm/gain", {d_}, ParamKind::gain);
@@ -134,8 +139,7 @@ class SigmaMoeMixer final : public Module {
     return static_cast<double>(N_ * d_) + 2.0 * static_cast<double>(K_) * static_cast<double>(G_ * d_);
   }
   void route(const Model& m, const float* params, const ModuleStep& step, SigmaMoeCache& c) const;
-  void router_grad(const SigmaMoeCache& c, int64_t M, const float* dgate, float aux_scale, float* dq,
-                   float* ds) const;
+  void router_grad(const SigmaMoeCache& c, int64_t M, const float* dgate, float aux_scale, float* dq, float* ds) const;
 
   int64_t layer_, d_, N_, K_, G_;
   double gamma_, dropout_;
