@@ -422,6 +422,62 @@ TEST(MoeModel, TinyTernaryModelsTrain) {
   }
 }
 
+// Model::backward weighs the aux losses by grad_scale·M (M = batch·seq): the objective is
+// grad_scale·(Σ CE + M·aux_loss). The z-loss and the entropy term depend on every router score,
+// not on the top-k choice, so aux_loss is smooth in the router weights. The aux coefficients do
+// not change the forward, so g(coefficient) − g(0) is the aux term's gradient alone; it must equal
+// grad_scale·M times the finite differences of Model::aux_loss.
+TEST(MoeModel, BackwardWeighsAuxLossesByGradScaleTimesTokens) {
+  for (const char* kind : {"moe", "sigma_moe"}) {
+    ModelConfig c = model_config(kind);
+    c.quant = "none";
+    c.n_layers = 1;
+    c.sigma_moe_dropout = 0;
+    c.moe_aux_loss = 0;  // f_i jumps where the top-k does
+    ModelConfig off = c;
+    c.moe_z_loss = c.sigma_moe_entropy = 1;
+    off.moe_z_loss = off.sigma_moe_entropy = 0;
+    Model m(c), m0(off);
+    std::vector<float> params(m.layout().total());
+    m.init_params(params.data(), 4);
+    const Tokens b(c.vocab_size, 5);
+    const float grad_scale = 0.25f;
+    const double M = static_cast<double>(b.B * b.T);
+    auto gradient = [&](const Model& model) {
+      std::vector<float> g(model.layout().total(), 0.f);
+      ForwardContext ctx;
+      model.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, ctx);
+      model.backward(params.data(), ctx, grad_scale, g.data());
+      return g;
+    };
+    const auto g1 = gradient(m), g0 = gradient(m0);
+    const ParamInfo& router = m.layout().at(m.layout().find(std::string("blocks/0/") + kind + "/router/weight"));
+    ForwardContext ctx;
+    auto aux_at = [&](int64_t i, float v) {
+      const float keep = params[i];
+      params[i] = v;
+      m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, ctx);
+      params[i] = keep;
+      return m.aux_loss(ctx);
+    };
+    std::vector<std::pair<double, double>> pairs;
+    double gmax = 0;
+    for (int64_t j = 0; j < router.numel; j += 3) {
+      const int64_t i = router.offset + j;
+      const float h = 1e-2f, x = params[i];
+      // Five-point stencil in float forwards: truncation ~h⁴ = 1e-8, rounding ~1e-7·aux/h = 1e-5·aux.
+      const double fd =
+          (-aux_at(i, x + 2 * h) + 8 * aux_at(i, x + h) - 8 * aux_at(i, x - h) + aux_at(i, x - 2 * h)) / (12.0 * h);
+      pairs.emplace_back((static_cast<double>(g1[i]) - g0[i]) / (grad_scale * M), fd);
+      gmax = std::max(gmax, std::fabs(fd));
+    }
+    ASSERT_GT(gmax, 1e-3) << kind;
+    // 1e-3 relative and 1e-4 of the largest: 10× the stencil's float noise above, and a wrong
+    // weight (a missing M = 32 or grad_scale) errs by a factor.
+    for (const auto& [an, fd] : pairs) EXPECT_NEAR(an, fd, 1e-3 * std::fabs(fd) + 1e-4 * gmax) << kind;
+  }
+}
+
 // Forward and backward twice, with 2 threads and 1: the same bits (fixed-order sums everywhere).
 TEST(MoeModel, SameBitsForAnyThreadCount) {
   for (const char* kind : {"moe", "sigma_moe"}) {

@@ -1,6 +1,7 @@
 // Routing and grouped expert products of the mixture-of-experts kinds (experts.h). Every loop that
 // runs in parallel writes rows of its own (a token's or a grouped row's), and every sum runs in a
-// fixed order, so the results do not depend on the thread count.
+// fixed order, so the results do not depend on the thread count; small loops (decoding one token)
+// stay on one thread.
 #include "model/modules/experts.h"
 
 #include <algorithm>
@@ -42,7 +43,7 @@ void segments_backward(const Model& m, const float* params, const std::vector<in
 }  // namespace
 
 void topk_experts(int64_t T, int64_t E, int64_t k, const float* scores, int32_t* expert) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * E * k > detail::kParallelMin)
   for (int64_t t = 0; t < T; ++t) {
     const float* z = scores + t * E;
     int32_t* out = expert + t * k;
@@ -92,7 +93,7 @@ int64_t expert_capacity(double factor, int64_t T, int64_t k, int64_t E) {
 
 void permute_rows(const ExpertRouting& r, int64_t d, const float* x, float* xg) {
   const int64_t S = r.rows();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (S * d > detail::kParallelMin)
   for (int64_t i = 0; i < S; ++i) {
     const float* src = x + (r.slot[i] / r.k) * d;
     std::copy(src, src + d, xg + i * d);
@@ -100,7 +101,7 @@ void permute_rows(const ExpertRouting& r, int64_t d, const float* x, float* xg) 
 }
 
 void combine_rows(const ExpertRouting& r, int64_t d, const float* w, const float* yg, float* y) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (r.tokens * r.k * d > detail::kParallelMin)
   for (int64_t t = 0; t < r.tokens; ++t) {
     float* out = y + t * d;
     std::fill(out, out + d, 0.f);
@@ -116,7 +117,7 @@ void combine_rows(const ExpertRouting& r, int64_t d, const float* w, const float
 
 void combine_rows_backward(const ExpertRouting& r, int64_t d, const float* w, const float* yg, const float* dy,
                            float* dyg, float* dw) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (r.tokens * r.k * d > detail::kParallelMin)
   for (int64_t t = 0; t < r.tokens; ++t) {
     const float* g_out = dy + t * d;
     for (int64_t j = 0; j < r.k; ++j) {
@@ -131,7 +132,7 @@ void combine_rows_backward(const ExpertRouting& r, int64_t d, const float* w, co
 }
 
 void unpermute_add_rows(const ExpertRouting& r, int64_t d, const float* dxg, float* dx) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (r.tokens * r.k * d > detail::kParallelMin)
   for (int64_t t = 0; t < r.tokens; ++t) {
     float* out = dx + t * d;
     for (int64_t j = 0; j < r.k; ++j) {
@@ -165,7 +166,7 @@ void experts_forward(const Model& m, const float* params, const ExpertWeights& w
   if (w.act == ExpertActivation::glu) {
     glu_forward_cpu(m.glu_activation(), S, H, s.pre.data(), s.hidden.data());
   } else {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (S * H > detail::kParallelMin)
     for (int64_t i = 0; i < S * H; ++i) s.hidden[i] = std::max(s.pre[i], 0.f);
   }
   segments_forward(m, params, w.out, r, s.hidden.data(), s.yg.data(), s.out);
@@ -184,7 +185,7 @@ void experts_backward(const Model& m, const float* params, const ExpertWeights& 
   if (w.act == ExpertActivation::glu) {
     glu_backward_cpu(m.glu_activation(), S, H, s.pre.data(), dh, dpre);
   } else {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (S * H > detail::kParallelMin)
     for (int64_t i = 0; i < S * H; ++i) dpre[i] = s.pre[i] > 0.f ? dh[i] : 0.f;
   }
   segments_backward(m, params, w.in, r, s.xg.data(), s.in, dpre, dxg, grads);
@@ -206,7 +207,7 @@ void router_backward(const Model& m, const float* params, int w, int64_t T, cons
 }
 
 void softmax_rows(int64_t T, int64_t E, const float* z, float* p, float* lse) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * E > detail::kParallelMin)
   for (int64_t t = 0; t < T; ++t) {
     const float* zt = z + t * E;
     double mx = zt[0], sum = 0;
@@ -218,7 +219,7 @@ void softmax_rows(int64_t T, int64_t E, const float* z, float* p, float* lse) {
 }
 
 void softmax_rows_backward(int64_t T, int64_t E, const float* p, const float* c, float* dz) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * E > detail::kParallelMin)
   for (int64_t t = 0; t < T; ++t) {
     const float *pt = p + t * E, *ct = c + t * E;
     double s = 0;

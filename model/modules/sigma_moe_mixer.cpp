@@ -165,7 +165,7 @@ void SigmaMoeMixer::route(const Model& m, const float* params, const ModuleStep&
     const float drop = -std::numeric_limits<float>::infinity();
     c.pick = c.s;
     pick = c.pick.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * N_ > detail::kParallelMin)
     for (int64_t t = 0; t < M; ++t) {
       Rng rng(hash_keys(step.noise_key, layer_, step.first_token + t));
       for (int64_t e = 0; e < N_; ++e)
