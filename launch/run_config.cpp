@@ -121,19 +121,14 @@ void RunConfig::bind(ConfigSchema& s) {
 }
 
 // What the mixture-of-experts channel mixers do not have yet: expert parallelism (their experts
-// are dense parameters replicated on every rank) and the recurrent decoder that sampling runs
-// (model/infer/ knows the GLU and PEER blocks only).
+// are dense parameters replicated on every rank).
 static void check_moe_kinds(const RunConfig& cfg, std::vector<std::string>& errors) {
   const std::string& mixer = cfg.model.channel_mixer;
-  if (mixer != "moe" && mixer != "sigma_moe") return;
-  if (cfg.parallel.expert_parallel > 1)
+  if ((mixer == "moe" || mixer == "sigma_moe") && cfg.parallel.expert_parallel > 1)
     errors.push_back(cat("key 'parallel.expert_parallel' = ", cfg.parallel.expert_parallel,
                          " with model.channel_mixer = \"", mixer,
                          "\": expert parallelism over ranks is not implemented for this kind (allowed: 0 or 1; its "
                          "experts are replicated)"));
-  if (cfg.train.sample_tokens > 0)
-    errors.push_back(cat("key 'train.sample_tokens' = ", cfg.train.sample_tokens, " with model.channel_mixer = \"",
-                         mixer, "\": the decoder that samples has no such kind yet (allowed: 0)"));
 }
 
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "launch/run_config.h"
+#include "model/infer/module_decoder.h"
 #include "model/infer/peerless_arch.h"
 #include "model/model.h"
 #include "model/modules/experts.h"
@@ -506,6 +507,32 @@ TEST(MoeModel, SameBitsForAnyThreadCount) {
   }
 }
 
+// The module decoder (sampling, generate) runs a channel mixer on one row in eval mode: without
+// capacity (which depends on the batch) a position's logits equal the eval forward's, to float
+// rounding (1e-4 relative: the BLAS blocks a one-row product differently from a 32-row one).
+TEST(MoeModel, ModuleDecoderMatchesTheEvalForward) {
+  for (const char* kind : {"moe", "sigma_moe"}) {
+    const ModelConfig c = model_config(kind);
+    Model m(c);
+    std::vector<float> params(m.layout().total());
+    m.init_params(params.data(), 6);
+    m.refresh_ternary(params.data());
+    const Tokens b(c.vocab_size, 7);
+    ForwardContext ev;
+    ev.peer_mode = PeerNormMode::eval;
+    m.forward(params.data(), b.ids.data(), nullptr, 1, b.T, ev);
+    const ModuleDecoder dec(m, params.data());
+    auto state = dec.new_state(b.T);
+    std::vector<float> logits(c.vocab_size);
+    for (int64_t t = 0; t < b.T; ++t) {
+      dec.forward(&b.ids[t], 1, state, logits.data());
+      for (int64_t v = 0; v < c.vocab_size; ++v)
+        ASSERT_NEAR(logits[v], ev.logits[t * c.vocab_size + v], 1e-4f * (1 + std::fabs(logits[v])))
+            << kind << " t=" << t << " v=" << v;
+    }
+  }
+}
+
 // Each expert is its own tensor, so refresh_ternary gives each its own β = mean |W_e|.
 TEST(MoeModel, TernaryBetaPerExpert) {
   const ModelConfig c = model_config("moe");
@@ -585,20 +612,18 @@ TEST(MoeConfig, ErrorsNameTheKeys) {
     EXPECT_NE(msg.find("'parallel.expert_parallel' = 2"), std::string::npos) << msg;
     EXPECT_NE(msg.find("not implemented"), std::string::npos) << msg;
   }
-  std::string msg = config_error({"model.channel_mixer=moe", "train.sample_tokens=5", "data.path=tokens.bin"});
-  EXPECT_NE(msg.find("'train.sample_tokens' = 5"), std::string::npos) << msg;
-  msg = config_error({"model.moe_topk=9", "data.path=tokens.bin"});
+  std::string msg = config_error({"model.moe_topk=9", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.moe_topk = 9 must not exceed model.moe_experts = 8"), std::string::npos) << msg;
   msg = config_error({"model.sigma_moe_topk=17", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.sigma_moe_topk = 17"), std::string::npos) << msg;
   msg = config_error({"model.moe_gate=noisy", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.moe_gate"), std::string::npos) << msg;
-  // Replicated experts (expert_parallel 1 or 0 = all ranks) without sampling are fine.
-  EXPECT_NO_THROW(load_run_config(
-      "", {"model.channel_mixer=moe", "parallel.expert_parallel=1", "train.sample_tokens=0", "data.path=t.bin"}));
+  // Replicated experts (expert_parallel 1 or 0 = all ranks) are fine.
+  EXPECT_NO_THROW(load_run_config("", {"model.channel_mixer=moe", "parallel.expert_parallel=1", "data.path=t.bin"}));
 }
 
-// Export and the decoder have no tensors for these kinds: a config error naming the kind, not a crash.
+// The export table (the deployment decoder's GGUF architecture) has no tensors for these kinds: a
+// config error naming the kind, not a table of wrong tensors. Sampling takes the module decoder.
 TEST(MoeConfig, ExportTableRefusesTheKinds) {
   const Model m(moe_config("sigma_moe"));
   try {
@@ -606,7 +631,7 @@ TEST(MoeConfig, ExportTableRefusesTheKinds) {
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::config);
-    EXPECT_NE(std::string(e.what()).find("channel mixer \"sigma_moe\""), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("module kind \"sigma_moe\""), std::string::npos) << e.what();
   }
 }
 
