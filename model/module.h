@@ -6,8 +6,9 @@
 // its CPU forward and backward (the reference ops of model/ops), what it saves per token and its
 // forward FLOPs per token (../shared/SWEEPS.md §1 conventions).
 //
-// Today's kinds: "mlgru" (token mixer), "glu", "peer", "moe" and "sigma_moe" (channel mixers); Q-Sparse and
-// quant = none|ternary are options of their BitLinears (Model::linear_forward). Adding a kind is a
+// Today's kinds: "mlgru" (token mixer), "glu", "peer", "moe" and "sigma_moe" (channel mixers), and
+// the others registry.cpp lists; Q-Sparse and quant = none|ternary are options of their BitLinears
+// (Model::linear_forward). Adding a kind is a
 // new file under model/modules/ plus one line in model/modules/registry.cpp.
 //
 // The GPU path (model/cuda_model.cu) still runs the blocks from the indices the kinds record in
