@@ -23,6 +23,14 @@ struct ModelConfig {
   std::string token_mixer = "mlgru";
   std::string channel_mixer = "glu";
 
+  // The "attention" token mixer (../shared/BASELINES.md §1-§2; model/modules/attention_mixer.cpp).
+  int64_t n_heads = 8;             // query heads H
+  int64_t n_kv_heads = 0;          // KV heads H_kv, dividing H; 0 = n_heads (MHA)
+  int64_t head_dim = 0;            // d_h, even; 0 = d_model / n_heads
+  double rope_theta = 10000;       // RoPE base θ
+  std::string rope_layout = "adjacent";  // RoPE pairs: "adjacent" (2j, 2j+1) or "rotate_half" (j, j + d_h/2)
+  int64_t context_length = 2048;   // the sequence length FLOP accounting assumes and the decode cache's capacity
+
   // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
   // PEER block, sharded by rows over parallel.expert_parallel ranks (model/expert_parallel.h).
   std::string peer_blocks = "";   // comma-separated block indices, "" = none
@@ -44,6 +52,9 @@ struct ModelConfig {
   std::string peer_blocks_text() const;
 
   int64_t glu_width() const;
+  // The attention's H_kv and d_h with their 0 = auto defaults resolved.
+  int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  int64_t attn_head_dim() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   // Cross-field problems (appended, never thrown).
   void validate(std::vector<std::string>& errors) const;
 };
