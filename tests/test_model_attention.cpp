@@ -1,8 +1,8 @@
 // The "attention" token mixer in whole models (model/modules/attention_mixer.cpp): float finite
 // differences of the full-precision model w.r.t. every attention tensor, causality (later tokens
 // never change earlier logits), incremental decoding with the KV cache against forward()'s logits,
-// a few training steps lowering the loss, the parameter names and the BASELINES §5 accounting, and
-// the config checks.
+// a few training steps lowering the loss, the parameter names and the BASELINES §5 accounting, the
+// config checks, and the export table's refusal of the kind.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "launch/run_config.h"
+#include "model/infer/inference_model.h"
 #include "model/model.h"
 #include "model/ops/embedding.h"
 #include "model/ops/rmsnorm.h"
@@ -296,4 +297,18 @@ TEST(ModelAttention, ConfigChecksNameKeysAndValues) {
   msg = errors_of({"model.rope_layout=neox"});
   EXPECT_NE(msg.find("model.rope_layout"), std::string::npos) << msg;
   EXPECT_EQ(errors_of({"model.n_heads=6", "model.head_dim=32", "model.n_kv_heads=2"}), "");
+}
+
+// The GGUF tensor table (model/infer/peerless_arch.cpp) behind model files, export and the
+// recurrent decoder is the MLGRU's: for other token mixers it is a config error, not a read of
+// unset BlockParams indices.
+TEST(ModelAttention, ModelFilesAndTheDecoderRefuseTheKind) {
+  TinyModel s(tiny_config("ternary"), 3);
+  try {
+    InferenceModel::from_model(s.m, s.params.data());
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(e.what()).find("model.token_mixer = \"attention\""), std::string::npos) << e.what();
+  }
 }

@@ -35,6 +35,9 @@ std::vector<int64_t> gguf_ne(const std::vector<int64_t>& shape) { return {shape.
 
 std::vector<Tensor> tensors(const Model& m) {
   const ModelConfig& c = m.config();
+  // The table reads the MLGRU's indices in BlockParams, which other token mixers leave unset.
+  PL_CHECK(c.token_mixer == "mlgru", config, "model.token_mixer = \"", c.token_mixer,
+           "\": model files, GGUF/safetensors export and the recurrent decoder know only \"mlgru\" blocks so far");
   const int64_t d = c.d_model;
   const auto idx = m.index();
   std::vector<Tensor> out;
