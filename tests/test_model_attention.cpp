@@ -122,7 +122,8 @@ TEST(ModelAttention, FullPrecisionGradientMatchesFiniteDifferences) {
           return s.m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, c2);
         };
         const double fd =
-            (-loss_at(keep + 2 * h) + 8 * loss_at(keep + h) - 8 * loss_at(keep - h) + loss_at(keep - 2 * h)) / (12.0 * h);
+            (-loss_at(keep + 2 * h) + 8 * loss_at(keep + h) - 8 * loss_at(keep - h) + loss_at(keep - 2 * h)) /
+            (12.0 * h);
         params[i] = keep;
         const double an = grads[i];
         dot += fd * an, n1 += fd * fd, n2 += an * an;
@@ -155,8 +156,10 @@ TEST(ModelAttention, LaterTokensDoNotChangeEarlierLogits) {
       for (int64_t u = 0; u < b.T; ++u)
         for (int64_t v = 0; v < V; ++v) {
           const int64_t i = (seq * b.T + u) * V + v;
-          if (u <= t) ASSERT_EQ(base.logits[i], changed.logits[i]) << quant << " seq " << seq << " pos " << u;
-          else differing_later += base.logits[i] != changed.logits[i];
+          if (u <= t)
+            ASSERT_EQ(base.logits[i], changed.logits[i]) << quant << " seq " << seq << " pos " << u;
+          else
+            differing_later += base.logits[i] != changed.logits[i];
         }
     EXPECT_GT(differing_later, 0) << quant << ": the change must reach the later positions";
   }
@@ -197,8 +200,10 @@ TEST(ModelAttention, IncrementalDecodeEqualsForward) {
           s.m.linear_forward(s.params.data(), ix.head_gain, ix.head_w, 1, xf.data(), logits.data(), head);
           const float* want = ctx.logits.data() + (seq * b.T + t) * V;
           for (int64_t v = 0; v < V; ++v) {
-            if (exact) ASSERT_EQ(logits[v], want[v]) << quant << second << " seq " << seq << " t " << t << " v " << v;
-            else ASSERT_NEAR(logits[v], want[v], 1e-5 * (1 + std::fabs(want[v]))) << second << " t " << t;
+            if (exact)
+              ASSERT_EQ(logits[v], want[v]) << quant << second << " seq " << seq << " t " << t << " v " << v;
+            else
+              ASSERT_NEAR(logits[v], want[v], 1e-5 * (1 + std::fabs(want[v]))) << second << " t " << t;
           }
         }
       }

@@ -45,7 +45,7 @@ std::string case_label(const testing::TestParamInfo<Case>& p) {
 // three tiles of 64; d_h/2 odd (3, 5) and even.
 std::vector<Case> cases() {
   std::vector<Case> out;
-  const Case shapes[] = {{2, 1, 4, 4, 6, {}}, {2, 7, 4, 2, 6, {}},   {1, 13, 4, 1, 8, {}},
+  const Case shapes[] = {{2, 1, 4, 4, 6, {}},   {2, 7, 4, 2, 6, {}},   {1, 13, 4, 1, 8, {}},
                          {2, 70, 4, 2, 10, {}}, {1, 130, 4, 1, 4, {}}, {1, 65, 8, 2, 2, {}}};
   for (Case c : shapes)
     for (RopeLayout l : {RopeLayout::adjacent, RopeLayout::rotate_half}) {
@@ -68,7 +68,8 @@ std::vector<Real> ref_rope(const Case& c, int64_t heads, std::vector<Real> x) {
       for (int64_t j = 0; j < half; ++j) {
         const float angle = rope_angle(r % c.T, j, c.dh, 10000.f);
         const Real co = static_cast<Real>(cosf(angle)), si = static_cast<Real>(sinf(angle));
-        const int64_t a = c.layout == RopeLayout::adjacent ? 2 * j : j, b = c.layout == RopeLayout::adjacent ? a + 1 : j + half;
+        const int64_t a = c.layout == RopeLayout::adjacent ? 2 * j : j,
+                      b = c.layout == RopeLayout::adjacent ? a + 1 : j + half;
         Real* xh = x.data() + (r * heads + h) * c.dh;
         const Real xa = xh[a], xb = xh[b];
         xh[a] = xa * co - xb * si;
@@ -331,7 +332,8 @@ TEST(rope, converted_rows_rotate_like_the_other_layout) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < dh / 2; ++j)
         for (int64_t s = 0; s < 2; ++s)
-          ASSERT_EQ(yr[(t * H + h) * dh + s * dh / 2 + j], ya[(t * H + h) * dh + 2 * j + s]) << t << " " << h << " " << j;
+          ASSERT_EQ(yr[(t * H + h) * dh + s * dh / 2 + j], ya[(t * H + h) * dh + 2 * j + s])
+              << t << " " << h << " " << j;
 }
 
 // ---- determinism -------------------------------------------------------------------------------

@@ -29,15 +29,19 @@ struct AttnCache final : Module::Cache {
 struct AttnDecodeState final : Module::DecodeState {
   int64_t capacity = 0, pos = 0;
   std::vector<float> k, v;
-  PreNorm norm;      // this position's pre-norm
-  BitLinearCache bl; // the projections' saved codes (unused after the call)
+  PreNorm norm;       // this position's pre-norm
+  BitLinearCache bl;  // the projections' saved codes (unused after the call)
 };
 
 class AttentionMixer final : public Module {
  public:
   explicit AttentionMixer(ModuleBuild& b)
-      : d_(b.config.d_model), H_(b.config.n_heads), G_(b.config.kv_heads()), dh_(b.config.attn_head_dim()),
-        T_(b.config.context_length), theta_(static_cast<float>(b.config.rope_theta)),
+      : d_(b.config.d_model),
+        H_(b.config.n_heads),
+        G_(b.config.kv_heads()),
+        dh_(b.config.attn_head_dim()),
+        T_(b.config.context_length),
+        theta_(static_cast<float>(b.config.rope_theta)),
         layout_(b.config.rope_layout == "rotate_half" ? RopeLayout::rotate_half : RopeLayout::adjacent),
         ternary_(b.config.quant == "ternary") {
     std::vector<std::string> errors;  // a Model built from a struct has not been through the schema
@@ -73,10 +77,9 @@ class AttentionMixer final : public Module {
     c.on.resize(ternary_ ? M * a : 0);
     c.sub_rstd.resize(ternary_ ? M : 0);
     c.norm.forward(m, params, norm_, M, x);
-    project(m, params, step.batch, step.seq, 0, c.norm.xn.data(), c.q.data(), c.k.data(), c.v.data(), c.bl_q,
-            c.bl_k, c.bl_v);
-    attention_forward_cpu(shape(step.batch, step.seq), c.q.data(), c.k.data(), c.v.data(), c.o.data(),
-                          c.lse.data());
+    project(m, params, step.batch, step.seq, 0, c.norm.xn.data(), c.q.data(), c.k.data(), c.v.data(), c.bl_q, c.bl_k,
+            c.bl_v);
+    attention_forward_cpu(shape(step.batch, step.seq), c.q.data(), c.k.data(), c.v.data(), c.o.data(), c.lse.data());
     float* y = step.scratch->get(0, M * d_);
     output(m, params, M, c.o.data(), c.on.data(), c.sub_rstd.data(), y, c.bl_o);
     add_rows(x, y, M * d_);
@@ -94,8 +97,8 @@ class AttentionMixer final : public Module {
       const int64_t g = m.layout().at(sub_).offset;
       rmsnorm_backward_cpu(sub_norm_shape(m, M), c.o.data(), params + g, c.sub_rstd.data(), d_o, d_o, grads + g);
     }
-    attention_backward_cpu(shape(step.batch, step.seq), c.q.data(), c.k.data(), c.v.data(), c.o.data(),
-                           c.lse.data(), d_o, dq, dk, dv);
+    attention_backward_cpu(shape(step.batch, step.seq), c.q.data(), c.k.data(), c.v.data(), c.o.data(), c.lse.data(),
+                           d_o, dq, dk, dv);
     rope_backward_cpu(rope(step.batch, step.seq, H_, 0), dq);
     rope_backward_cpu(rope(step.batch, step.seq, G_, 0), dk);
     // The three projections share their input xn: their input gradients add up.
@@ -186,8 +189,8 @@ class AttentionMixer final : public Module {
 
   // q (rows, H·d_h), k, v (rows, H_kv·d_h) from xn (rows, d), rows = batch·seq; RoPE on q and k,
   // row t of each sequence at position pos0 + t.
-  void project(const Model& m, const float* params, int64_t batch, int64_t seq, int64_t pos0, const float* xn,
-               float* q, float* k, float* v, BitLinearCache& bq, BitLinearCache& bk, BitLinearCache& bv) const {
+  void project(const Model& m, const float* params, int64_t batch, int64_t seq, int64_t pos0, const float* xn, float* q,
+               float* k, float* v, BitLinearCache& bq, BitLinearCache& bk, BitLinearCache& bv) const {
     const int64_t rows = batch * seq;
     m.proj_forward(params, wq_, rows, xn, q, bq);
     m.proj_forward(params, wk_, rows, xn, k, bk);
@@ -199,8 +202,7 @@ class AttentionMixer final : public Module {
   // y (rows, d) = W_o·o, through attn_sub_norm when ternary (on, rstd filled; unused otherwise).
   void output(const Model& m, const float* params, int64_t rows, const float* o, float* on, float* rstd, float* y,
               BitLinearCache& bl) const {
-    if (ternary_)
-      rmsnorm_forward_cpu(sub_norm_shape(m, rows), o, params + m.layout().at(sub_).offset, on, rstd);
+    if (ternary_) rmsnorm_forward_cpu(sub_norm_shape(m, rows), o, params + m.layout().at(sub_).offset, on, rstd);
     m.proj_forward(params, wo_, rows, ternary_ ? on : o, y, bl);
   }
 };

@@ -109,8 +109,7 @@ T attend_row(const T* q, const T* k, const T* v, int64_t stride, int64_t n, int6
 }
 
 void check_shape(const AttentionShape& s) {
-  PL_CHECK(s.heads > 0 && s.kv_heads > 0 && s.heads % s.kv_heads == 0 && s.head_dim > 0 && s.batch >= 0 &&
-               s.seq >= 0,
+  PL_CHECK(s.heads > 0 && s.kv_heads > 0 && s.heads % s.kv_heads == 0 && s.head_dim > 0 && s.batch >= 0 && s.seq >= 0,
            internal, "attention: heads ", s.heads, ", kv_heads ", s.kv_heads, " (must divide heads), head_dim ",
            s.head_dim, ", batch ", s.batch, ", seq ", s.seq);
 }
@@ -156,8 +155,8 @@ void backward_row(const AttentionShape& s, int64_t i, const T* q, const T* k, co
 }
 
 template <typename T>
-void backward_impl(const AttentionShape& s, const T* q, const T* k, const T* v, const T* o, const T* lse,
-                   const T* dout, T* dq, T* dk, T* dv) {
+void backward_impl(const AttentionShape& s, const T* q, const T* k, const T* v, const T* o, const T* lse, const T* dout,
+                   T* dq, T* dk, T* dv) {
   check_shape(s);
   const int64_t B = s.batch, S = s.seq, H = s.heads, G = s.kv_heads, dh = s.head_dim, group = H / G;
 #pragma omp parallel for collapse(2) schedule(static)
@@ -171,8 +170,8 @@ void backward_impl(const AttentionShape& s, const T* q, const T* k, const T* v, 
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {  // the group's heads in order
         const int64_t q0 = (b * S * H + h) * dh;
         for (int64_t i = 0; i < S; ++i)
-          backward_row(s, i, q + q0, k + kv0, v + kv0, o + q0, lse[(b * H + h) * S + i], dout + q0, dq + q0,
-                       dk + kv0, dv + kv0);
+          backward_row(s, i, q + q0, k + kv0, v + kv0, o + q0, lse[(b * H + h) * S + i], dout + q0, dq + q0, dk + kv0,
+                       dv + kv0);
       }
     }
 }
@@ -189,8 +188,8 @@ void rope_forward_cpu(const RopeShape& s, double* x) { rope_apply(s, x, false); 
 void rope_backward_cpu(const RopeShape& s, float* dx) { rope_apply(s, dx, true); }
 void rope_backward_cpu(const RopeShape& s, double* dx) { rope_apply(s, dx, true); }
 
-void rope_convert_rows(RopeLayout from, RopeLayout to, int64_t heads, int64_t head_dim, int64_t cols,
-                       const float* src, float* dst) {
+void rope_convert_rows(RopeLayout from, RopeLayout to, int64_t heads, int64_t head_dim, int64_t cols, const float* src,
+                       float* dst) {
   PL_CHECK(head_dim > 0 && head_dim % 2 == 0, internal, "rope_convert_rows: head_dim = ", head_dim, " must be even");
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t j = 0; j < head_dim / 2; ++j) {
@@ -214,9 +213,8 @@ void attention_backward_cpu(const AttentionShape& s, const float* q, const float
                             const float* lse, const float* dout, float* dq, float* dk, float* dv) {
   backward_impl(s, q, k, v, o, lse, dout, dq, dk, dv);
 }
-void attention_backward_cpu(const AttentionShape& s, const double* q, const double* k, const double* v,
-                            const double* o, const double* lse, const double* dout, double* dq, double* dk,
-                            double* dv) {
+void attention_backward_cpu(const AttentionShape& s, const double* q, const double* k, const double* v, const double* o,
+                            const double* lse, const double* dout, double* dq, double* dk, double* dv) {
   backward_impl(s, q, k, v, o, lse, dout, dq, dk, dv);
 }
 

@@ -20,7 +20,7 @@ namespace peerless {
 enum class RopeLayout { adjacent, rotate_half };
 
 struct RopeShape {
-  int64_t batch = 0, seq = 0;  // x is (batch, seq, heads, head_dim); row t has position pos0 + t
+  int64_t batch = 0, seq = 0;       // x is (batch, seq, heads, head_dim); row t has position pos0 + t
   int64_t heads = 0, head_dim = 0;  // head_dim even
   int64_t pos0 = 0;
   float theta = 10000.f;
@@ -43,8 +43,8 @@ void rope_backward_cpu(const RopeShape& s, double* dx);
 // Permutes the rows of a projection feeding RoPE (W_q per query head, W_k per KV head; LoRA B
 // rows) between layouts: rotate-half row h·d_h + s·d_h/2 + j = adjacent row h·d_h + 2j + s,
 // s ∈ {0, 1}. src and dst (heads·head_dim, cols), not aliased; from == to copies.
-void rope_convert_rows(RopeLayout from, RopeLayout to, int64_t heads, int64_t head_dim, int64_t cols,
-                       const float* src, float* dst);
+void rope_convert_rows(RopeLayout from, RopeLayout to, int64_t heads, int64_t head_dim, int64_t cols, const float* src,
+                       float* dst);
 
 struct AttentionShape {
   int64_t batch = 0, seq = 0;                     // B sequences of T positions (decode: T = cache capacity)
@@ -60,9 +60,8 @@ void attention_forward_cpu(const AttentionShape& s, const double* q, const doubl
 // positions in order: no atomics, the same bits for any thread count). P is recomputed from lse.
 void attention_backward_cpu(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
                             const float* lse, const float* dout, float* dq, float* dk, float* dv);
-void attention_backward_cpu(const AttentionShape& s, const double* q, const double* k, const double* v,
-                            const double* o, const double* lse, const double* dout, double* dq, double* dk,
-                            double* dv);
+void attention_backward_cpu(const AttentionShape& s, const double* q, const double* k, const double* v, const double* o,
+                            const double* lse, const double* dout, double* dq, double* dk, double* dv);
 
 // One new position `pos` per sequence against a KV cache: q (B, H, d_h) the position's (rotated)
 // queries, k_cache and v_cache (B, H_kv, T, d_h) with T = s.seq the capacity, positions 0..pos
