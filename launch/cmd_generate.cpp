@@ -101,7 +101,7 @@ int cmd_generate(const Args& args) {
   if (nt > 0) omp_set_num_threads(static_cast<int>(nt));
 
   const GenerateModel loaded = load_generate_model(target, data, io_opts);
-  const std::unique_ptr<InferenceModel>& model = loaded.model;
+  const std::unique_ptr<InferenceModel>& model = loaded.model;  // null: a model the module decoder runs
   const std::shared_ptr<Tokenizer>& tokenizer = loaded.tokenizer;
   const std::vector<int32_t> ids = tokenizer->encode(prompt);
   PL_CHECK(!ids.empty(), config, "--prompt encodes to no tokens; give a non-empty prompt");
@@ -113,6 +113,8 @@ int cmd_generate(const Args& args) {
     std::fflush(stdout);
   };
   if (!draft.empty()) {
+    PL_CHECK(model, config, "--draft: speculative decoding needs a MatMul-free target (", target,
+             " decodes through the module decoder, which cannot roll back a rejected draft yet)");
     generate_speculative(loaded, SpeculativeRequest{target, draft, gamma_n, data, quiet}, ids, n, so, print);
     // Per token decided: verify passes also read the records of drafts they reject.
     if (io_opts.stream_experts && !quiet)
@@ -120,7 +122,7 @@ int cmd_generate(const Args& args) {
     return 0;
   }
   GenerateStats st;
-  generate(*model, ids, n, so, print, &st);
+  generate(loaded.stream(static_cast<int64_t>(ids.size()) + n), ids, n, so, print, &st);
   std::fputs("\n", stdout);
   std::fflush(stdout);  // the text before the speeds when both go to one terminal or file
   if (!quiet) {
@@ -131,8 +133,8 @@ int cmd_generate(const Args& args) {
                  static_cast<long long>(st.prompt_tokens), 1e3 * st.prompt_seconds,
                  static_cast<double>(st.prompt_tokens) / std::max(st.prompt_seconds, 1e-9),
                  static_cast<long long>(st.new_tokens), 1e3 * st.decode_seconds,
-                 decoded / std::max(st.decode_seconds, 1e-9), variant_name(active_variant()), omp_get_max_threads(),
-                 human_bytes(static_cast<double>(model->bytes_per_token())).c_str());
+                 decoded / std::max(st.decode_seconds, 1e-9), model ? variant_name(active_variant()) : "modules (fp32)",
+                 omp_get_max_threads(), model ? human_bytes(static_cast<double>(model->bytes_per_token())).c_str() : "-");
     if (io_opts.stream_experts) print_expert_stats(model->expert_stats(), st.prompt_tokens + st.new_tokens);
   }
   return 0;

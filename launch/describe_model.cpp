@@ -11,7 +11,66 @@
 
 namespace peerless {
 
+namespace {
+
+double module_params(const Module& m, const ParamLayout& layout) {
+  double n = 0;
+  for (int i : m.params_backward_order())
+    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).numel);
+  return n;
+}
+
+std::string flops_text(double f) {
+  const char* unit[] = {"", "k", "M", "G", "T"};
+  int u = 0;
+  while (f >= 1000 && u < 4) f /= 1000, ++u;
+  return cat(std::round(f * 100) / 100, " ", unit[u], "FLOP");
+}
+
+}  // namespace
+
+// ../shared/BASELINES.md §5: P_total (tied tables once), P_nonemb (without the embedding and the LM
+// head), P_active (in a product for one token: each module's active parameters plus the head), and
+// forward FLOPs per token (2 per multiply-add; the modules' plus the head's 2Vd). Blocks alike in
+// kinds and counts print as one line.
+std::string describe_accounting(const Model& model) {
+  const ParamLayout& layout = model.layout();
+  const auto idx = model.index();
+  const double total = static_cast<double>(layout.count() - layout.count(ParamKind::buffer));
+  double head = 0;
+  for (int i : {idx.head_w, idx.head_gain})
+    if (i >= 0 && i != idx.embed) head += static_cast<double>(layout.at(i).numel);
+  const double nonemb = total - static_cast<double>(layout.at(idx.embed).numel) - head;
+  double active = head;
+  for (const auto& m : model.modules()) active += m->active_params_per_token(layout);
+  const double fwd = model.flops_per_token();
+  std::ostringstream os;
+  os << "accounting: parameters " << human_count(static_cast<int64_t>(total)) << ", non-embedding "
+     << human_count(static_cast<int64_t>(nonemb)) << ", active per token " << human_count(static_cast<int64_t>(active))
+     << "; forward " << flops_text(fwd) << " per token (LM head " << flops_text(2.0 * model.config().d_model *
+        static_cast<double>(model.config().vocab_size)) << "), training ≈ 3x = " << flops_text(3 * fwd) << "\n";
+  const auto& mods = model.modules();
+  auto line = [&](size_t i) {
+    const Module& m = *mods[i];
+    return cat(m.kind(), " ", human_count(static_cast<int64_t>(module_params(m, layout))), " params, ",
+               human_count(static_cast<int64_t>(m.active_params_per_token(layout))), " active, ",
+               flops_text(m.flops_per_token()));
+  };
+  for (size_t b = 0; b + 1 < mods.size();) {
+    const std::string text = line(b) + " | " + line(b + 1);
+    size_t e = b + 2;
+    while (e + 1 < mods.size() && line(e) + " | " + line(e + 1) == text) e += 2;
+    os << (e / 2 - 1 > b / 2 ? cat("  blocks ", b / 2, "-", e / 2 - 1) : cat("  block ", b / 2)) << ": " << text << "\n";
+    b = e;
+  }
+  return os.str();
+}
+
 std::string describe_model(const Model& model, const RunConfig& cfg, int world) {
+  return describe_accounting(model) + describe_memory(model, cfg, world);
+}
+
+std::string describe_memory(const Model& model, const RunConfig& cfg, int world) {
   const ParamLayout& layout = model.layout();
   const int64_t total = layout.count(), ternary = layout.count(ParamKind::ternary_weight);
   const double latent = 4.0 * static_cast<double>(layout.total());

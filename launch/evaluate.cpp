@@ -8,6 +8,7 @@
 #include "data/loader.h"
 #include "launch/trainer.h"
 #include "model/exact_sum.h"
+#include "model/infer/module_decoder.h"
 #include "model/infer/sampler.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
@@ -52,8 +53,11 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
 
 std::vector<int32_t> sample_tokens(const Model& model, const float* params, const std::vector<int32_t>& prompt,
                                    int64_t n_tokens, double temperature, int64_t top_k, uint64_t seed) {
-  const auto m = InferenceModel::from_model(model, params);
-  return generate(*m, prompt, n_tokens, SamplerOptions{temperature, top_k, 1.0, seed});
+  const SamplerOptions o{temperature, top_k, 1.0, seed};
+  if (!InferenceModel::covers(model.config()))
+    return generate(ModuleDecoder(model, params).stream(static_cast<int64_t>(prompt.size()) + n_tokens), prompt,
+                    n_tokens, o);
+  return generate(*InferenceModel::from_model(model, params), prompt, n_tokens, o);
 }
 
 }  // namespace peerless

@@ -18,11 +18,17 @@ GenerateModel load_generate_model(const std::string& path, const std::string& da
   } else {
     PL_CHECK(!options.stream_experts, config, "--max-resident-mb streams experts from a .gguf file; ", path,
              " is a model file (export it first)");
-    const LoadedModel m = load_model_file(path);
-    g.model = InferenceModel::from_model(*m.model, m.params.data());
+    g.trainer = std::make_shared<LoadedModel>(load_model_file(path));
+    const LoadedModel& m = *g.trainer;
+    if (InferenceModel::covers(m.model->config())) g.model = InferenceModel::from_model(*m.model, m.params.data());
+    else g.decoder = std::make_unique<ModuleDecoder>(*m.model, m.params.data());
     g.tokenizer = model_tokenizer(m, data);
   }
   return g;
+}
+
+TokenStream GenerateModel::stream(int64_t max_positions) const {
+  return decoder ? decoder->stream(max_positions) : model->stream();
 }
 
 }  // namespace peerless

@@ -51,6 +51,8 @@ void generate_speculative(const GenerateModel& target, const SpeculativeRequest&
     drafter = std::make_unique<NgramDrafter>(V);
   } else {
     draft_model = load_generate_model(r.draft, r.data);
+    PL_CHECK(draft_model.model, config, "--draft ", r.draft, ": a draft model must be a MatMul-free LM (it decodes "
+             "through the module decoder, which cannot roll back yet)");
     PL_CHECK(draft_model.model->vocab_size() == V, config, "--draft ", r.draft, " has a vocabulary of ",
              draft_model.model->vocab_size(), " tokens but the target ", r.target_path, " has ", V,
              ": the draft must share the target's tokenizer and vocabulary");

@@ -46,7 +46,9 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("model.rope_layout", &model.rope_layout, {"adjacent", "rotate_half"},
                "RoPE pairs: adjacent (2j, 2j+1: Meta, llama2.c) or rotate_half (j, j+d_h/2: HF, GGUF bitnet)");
   s.add_int("model.context_length", &model.context_length, 1, 1 << 24,
-            "the sequence length attention FLOP accounting assumes and the decode cache's capacity");
+            "the sequence length T attention's FLOP accounting assumes (decoders size the KV cache by what they decode)");
+  s.add_choice("model.head", &model.head, {"bitlinear", "linear", "tied"},
+               "LM head after the final norm: bitlinear (SPEC), linear (fp32 weight) or tied (the embedding)");
   s.add_string("model.peer_blocks", &model.peer_blocks,
                "blocks whose GLU is replaced by a PEER layer: comma-separated indices (\"\" = none)");
   s.add_int("model.peer_n_sub", &model.peer_n_sub, 1, 46340, "PEER sub-keys per table n (N = n^2 experts)");

@@ -53,5 +53,8 @@ std::vector<int32_t> sample_tokens(const Model& model, const float* params, cons
 
 // Parameter and memory accounting printed by --dry-run and at the start of training.
 std::string describe_model(const Model& model, const RunConfig& cfg, int world);
+// Its two parts: parameters and FLOPs per token (../shared/BASELINES.md §5), and memory per rank.
+std::string describe_accounting(const Model& model);
+std::string describe_memory(const Model& model, const RunConfig& cfg, int world);
 
 }  // namespace peerless

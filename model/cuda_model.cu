@@ -584,6 +584,13 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              "run.device = \"cuda\" holds whole PEER tables on one GPU (parallel.expert_parallel must leave them "
              "unsharded)");
   }
+  PL_CHECK(c.token_mixer == "mlgru", config, "run.device = \"cuda\" trains model.token_mixer = \"mlgru\" only (got \"",
+           c.token_mixer, "\": its kernels are CPU-only so far); use run.device = \"cpu\"");
+  PL_CHECK(c.channel_mixer == "glu" || c.channel_mixer == "peer", config,
+           "run.device = \"cuda\" trains model.channel_mixer = \"glu\" or \"peer\" only (got \"", c.channel_mixer,
+           "\": its kernels are CPU-only so far); use run.device = \"cpu\"");
+  PL_CHECK(c.head == "bitlinear", config, "run.device = \"cuda\" trains model.head = \"bitlinear\" only (got \"",
+           c.head, "\"); use run.device = \"cpu\"");
   PL_CHECK(c.qsparse == 0, config, "run.device = \"cuda\" does not support Q-Sparse yet (model.qsparse = ", c.qsparse,
            "); use run.device = \"cpu\"");
   PL_CHECK(host.quantized(), config, "run.device = \"cuda\" trains quant = \"ternary\" models only (model.quant = '",

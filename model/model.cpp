@@ -57,10 +57,17 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
     modules_.push_back(make_module(peer ? "peer" : config.channel_mixer, build));
     blocks_.push_back(b);
   }
-  lower_bounds_ = layout_.add("lower_bounds", {L, d}, ParamKind::lower_bound);
+  if (config.token_mixer == "mlgru") lower_bounds_ = layout_.add("lower_bounds", {L, d}, ParamKind::lower_bound);
   final_norm_ = layout_.add("final_norm/gain", {d}, ParamKind::gain);
-  head_gain_ = layout_.add("lm_head/gain", {d}, ParamKind::gain);
-  head_w_ = layout_.add("lm_head/weight", {V, d}, ParamKind::ternary_weight);
+  if (config.head == "bitlinear") {
+    head_gain_ = layout_.add("lm_head/gain", {d}, ParamKind::gain);
+    head_w_ = layout_.add("lm_head/weight", {V, d}, ParamKind::ternary_weight);
+  } else if (config.head == "linear") {
+    head_w_ = layout_.add("lm_head/weight", {V, d}, ParamKind::full_weight);
+  } else {
+    PL_CHECK(config.head == "tied", config, "model.head = \"", config.head, "\" (allowed: bitlinear, linear, tied)");
+    head_w_ = embed_;
+  }
 
   // codes_ is allocated on first use: --dry-run of a 2.7B config must not touch 2.7 GB.
   betas_.assign(layout_.entries().size(), 0.f);
@@ -71,8 +78,9 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
 void Model::init_params(float* params, uint64_t seed) const {
   std::memset(params, 0, sizeof(float) * layout_.total());
   init_normal(layout_, params, embed_, seed, config_.init_std);
-  init_normal(layout_, params, head_w_, seed, config_.init_std);
-  for (int g : {final_norm_, head_gain_}) init_constant(layout_, params, g, 1.f);
+  if (head_w_ != embed_) init_normal(layout_, params, head_w_, seed, config_.init_std);
+  for (int g : {final_norm_, head_gain_})
+    if (g >= 0) init_constant(layout_, params, g, 1.f);
   for (const auto& m : modules_) m->init(*this, params, seed);
 }
 
@@ -376,7 +384,7 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   if (targets) ctx.targets.assign(targets, targets + M);
   else ctx.targets.clear();
   grow(ctx.lb, L * d);
-  lower_bounds_forward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.lb.data());
+  if (lower_bounds_ >= 0) lower_bounds_forward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.lb.data());
   if (ctx.caches.size() != modules_.size()) {
     ctx.caches.clear();
     for (const auto& m : modules_) ctx.caches.push_back(m->new_cache());
@@ -392,7 +400,7 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   rmsnorm_forward_cpu(RmsNormShape{M, d, static_cast<float>(config_.norm_eps)}, ctx.x_final.data(),
                       params + layout_.at(final_norm_).offset, ctx.xf.data(), ctx.rstd_f.data());
   grow(ctx.logits, M * V);
-  linear_forward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.logits.data(), ctx.bl_head);
+  head_forward(params, M, ctx.xf.data(), ctx.logits.data(), ctx.bl_head);
 
   ctx.loss_sum = 0;
   ctx.losses.clear();
@@ -403,6 +411,21 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   for (int64_t i = 0; i < M; ++i) sum += ctx.losses[i];  // fixed order: deterministic
   ctx.loss_sum = sum;
   return sum;
+}
+
+void Model::head_forward(const float* params, int64_t rows, const float* xf, float* logits,
+                         BitLinearCache& cache) const {
+  if (head_gain_ >= 0) return linear_forward(params, head_gain_, head_w_, rows, xf, logits, cache);
+  const int64_t d = config_.d_model, V = config_.vocab_size;
+  gemm_cpu(Trans::no, Trans::yes, rows, V, d, 1.f, xf, d, params + layout_.at(head_w_).offset, d, 0.f, logits, V);
+}
+
+void Model::head_backward(const float* params, int64_t rows, const float* xf, const BitLinearCache& cache,
+                          const float* dlogits, float* dxf, float* grads) const {
+  if (head_gain_ >= 0) return linear_backward(params, head_gain_, head_w_, rows, xf, cache, dlogits, dxf, grads);
+  const int64_t d = config_.d_model, V = config_.vocab_size, w = layout_.at(head_w_).offset;
+  gemm_cpu(Trans::yes, Trans::no, V, d, rows, 1.f, dlogits, V, xf, d, 1.f, grads + w, d);  // dW += dlogitsᵀ xf
+  gemm_cpu(Trans::no, Trans::no, rows, d, V, 1.f, dlogits, V, params + w, d, 0.f, dxf, d);
 }
 
 ModuleStep Model::module_step(ForwardContext& ctx) const {
@@ -420,7 +443,8 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
                      const GradReady& grad_ready, ExactGradSum* exact) const {
   auto ready = [&](const std::vector<int>& indices) {
     if (grad_ready)
-      for (int i : indices) grad_ready(i);
+      for (int i : indices)
+        if (i >= 0) grad_ready(i);
   };
   PL_CHECK(!ctx.targets.empty(), internal, "backward() needs a forward() with targets");
   const int64_t M = ctx.batch * ctx.seq, d = config_.d_model, V = config_.vocab_size, L = config_.n_layers;
@@ -429,19 +453,20 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
   grow(ctx.dx, M * d);
   ctx.dlb.assign(L * d, 0.f);
   float* t0 = ctx.scratch.get(0, M * d);
-  linear_backward(params, head_gain_, head_w_, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0, grads);
+  head_backward(params, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0, grads);
   rmsnorm_backward_cpu(RmsNormShape{M, d, static_cast<float>(config_.norm_eps)}, ctx.x_final.data(),
                        params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0, ctx.dx.data(),
                        grads + layout_.at(final_norm_).offset);
-  ready({head_w_, head_gain_, final_norm_});
+  ready({head_w_ == embed_ ? -1 : head_w_, head_gain_, final_norm_});  // a tied head: with the embedding
   const ModuleStep step = module_step(ctx);
   for (size_t i = modules_.size(); i-- > 0;) {
     modules_[i]->backward(*this, params, step, *ctx.caches[i], ctx.dx.data(), grads, exact);
     ready(modules_[i]->params_backward_order());
   }
   embedding_backward_cpu(M, d, ctx.ids.data(), ctx.dx.data(), grads + layout_.at(embed_).offset);
-  lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.dlb.data(),
-                            grads + layout_.at(lower_bounds_).offset);
+  if (lower_bounds_ >= 0)
+    lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.dlb.data(),
+                              grads + layout_.at(lower_bounds_).offset);
   ready({embed_, lower_bounds_});
 }
 

@@ -119,8 +119,8 @@ class Model {
 
   // Parameter indices, for other implementations of the same forward/backward (model/cuda_model.h).
   struct Index {
-    int embed, lower_bounds, final_norm, head_gain, head_w;
-  };
+    int embed, lower_bounds, final_norm, head_gain, head_w;  // lower_bounds: -1 without MLGRU blocks;
+  };                                                        // head_gain: -1 unless model.head = "bitlinear"
   Index index() const { return {embed_, lower_bounds_, final_norm_, head_gain_, head_w_}; }
   const std::vector<BlockParams>& blocks() const { return blocks_; }
   bool quantized() const { return quantize_; }
@@ -150,6 +150,11 @@ class Model {
                     BitLinearCache& cache) const;
   void proj_backward(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,
                      const float* dy, float* dx, float* grads) const;
+  // The LM head on the final norm's output xf (rows, d): logits (rows, V) (model.head), and its
+  // backward: dxf (rows, d) overwritten, the head's parameter gradients accumulated.
+  void head_forward(const float* params, int64_t rows, const float* xf, float* logits, BitLinearCache& cache) const;
+  void head_backward(const float* params, int64_t rows, const float* xf, const BitLinearCache& cache,
+                     const float* dlogits, float* dxf, float* grads) const;
   // For PEER modules: the communicator of the expert exchange (the expert-parallel group when
   // sharded, this rank alone in unsharded deterministic mode; null otherwise), and PEER layer
   // `peer`'s table bounds (deterministic mode; refresh_peer_tables computes them).

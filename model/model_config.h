@@ -22,6 +22,10 @@ struct ModelConfig {
   // mixer of the blocks it lists; channel_mixer = "peer" makes every block a PEER block.
   std::string token_mixer = "mlgru";
   std::string channel_mixer = "glu";
+  // The LM head after the final RMSNorm: "bitlinear" (SPEC §2: a BitLinear with its own gain, or its
+  // full-precision ablation under quant = "none"), "linear" (an fp32 (V, d) weight: Transformer++,
+  // BitNet), "tied" (the embedding table as that weight).
+  std::string head = "bitlinear";
 
   // The "attention" token mixer (../shared/BASELINES.md §1-§2; model/modules/attention_mixer.cpp).
   int64_t n_heads = 8;             // query heads H
@@ -29,7 +33,7 @@ struct ModelConfig {
   int64_t head_dim = 0;            // d_h, even; 0 = d_model / n_heads
   double rope_theta = 10000;       // RoPE base θ
   std::string rope_layout = "adjacent";  // RoPE pairs: "adjacent" (2j, 2j+1) or "rotate_half" (j, j + d_h/2)
-  int64_t context_length = 2048;   // the sequence length FLOP accounting assumes and the decode cache's capacity
+  int64_t context_length = 2048;   // the T of attention's FLOP accounting (BASELINES §5)
 
   // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
   // PEER block, sharded by rows over parallel.expert_parallel ranks (model/expert_parallel.h).

@@ -14,8 +14,10 @@
 #include "model/optimizer.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
+#include "tests/model_test_util.h"
 
 using namespace peerless;
+using namespace peerless::test;
 
 namespace {
 
@@ -29,26 +31,6 @@ ModelConfig tiny_config(const std::string& quant) {
   c.intermediate = 12;
   c.quant = quant;
   return c;
-}
-
-struct Batch {
-  int64_t B = 2, T = 5;
-  std::vector<int32_t> ids, targets;
-  explicit Batch(int64_t vocab, uint64_t seed) {
-    Rng rng(seed);
-    for (int64_t i = 0; i < B * T; ++i) {
-      ids.push_back(static_cast<int32_t>(rng.below(vocab)));
-      targets.push_back(static_cast<int32_t>(rng.below(vocab)));
-    }
-  }
-};
-
-// Perturbs params so that gains and lower bounds are not at their special initial values.
-void perturb(const Model& m, std::vector<float>& params, uint64_t seed) {
-  Rng rng(seed);
-  for (const auto& p : m.layout().entries())
-    if (p.kind == ParamKind::gain || p.kind == ParamKind::lower_bound)
-      for (int64_t i = 0; i < p.numel; ++i) params[p.offset + i] += static_cast<float>(0.3 * rng.normal());
 }
 
 }  // namespace
@@ -97,51 +79,18 @@ TEST(ModelInit, GainsOnesLowerBoundsZeroAndLinearAtInit) {
 }
 
 // The full-precision model (quant = "none") is smooth: its backward must match central finite
-// differences of the summed loss. Float32 evaluations, so tolerances are loose but meaningful.
-constexpr float fd_step = 3e-3f;  // relative step; 1e-2 is too coarse for the xavier-sized weights
+// differences of the summed loss (tests/model_test_util.h).
 TEST(ModelGradient, TinyFullPrecisionModelMatchesFiniteDifferences) {
   for (const char* gate : {"code", "paper"}) {
     ModelConfig c = tiny_config("none");
     c.gate_form = gate;
     c.init_std = 0.3;  // embedding rows of norm ~1, so a finite step is a small relative change
     Model m(c);
-    std::vector<float> params(m.layout().total()), grads(m.layout().total(), 0.f);
+    std::vector<float> params(m.layout().total());
     m.init_params(params.data(), 5);
     perturb(m, params, 9);
     m.refresh_ternary(params.data());
-    Batch b(c.vocab_size, 3);
-    ForwardContext ctx;
-    m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, ctx);
-    m.backward(params.data(), ctx, 1.f, grads.data());
-
-    Rng rng(11);
-    int checked = 0, failed = 0;
-    double dot = 0, n1 = 0, n2 = 0;
-    for (const auto& p : m.layout().entries()) {
-      for (int probe = 0; probe < 6; ++probe) {
-        const int64_t i = p.offset + static_cast<int64_t>(rng.below(p.numel));
-        const float keep = params[i];
-        const float h = fd_step * std::max(1.f, std::fabs(keep));
-        ForwardContext c2;
-        auto loss_at = [&](float v) {
-          params[i] = v;
-          return m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, c2);
-        };
-        // Five-point stencil: O(h^4) truncation error, so h can stay large against float rounding.
-        const double fd = (-loss_at(keep + 2 * h) + 8 * loss_at(keep + h) - 8 * loss_at(keep - h) + loss_at(keep - 2 * h)) /
-                          (12.0 * h);
-        params[i] = keep;
-        const double an = grads[i];
-        dot += fd * an, n1 += fd * fd, n2 += an * an;
-        ++checked;
-        if (std::fabs(fd - an) > 2e-3 + 3e-2 * std::fabs(fd)) {
-          ++failed;
-          ADD_FAILURE() << gate << " " << p.name << "[" << i - p.offset << "]: analytic " << an << " vs fd " << fd;
-        }
-      }
-    }
-    EXPECT_EQ(failed, 0) << "of " << checked;
-    EXPECT_GT(dot / std::sqrt(n1 * n2), 0.9999) << gate;
+    expect_gradient_matches_fd(m, params, Batch(c.vocab_size, 3), gate);
   }
 }
 
@@ -276,12 +225,15 @@ TEST(ModelModules, UnknownKindIsAConfigErrorListingTheKinds) {
   BlockParams record{};
   ModuleBuild build{c, layout, "blocks/0/", 0, record, -1, 0};
   try {
-    make_module("lstm", build);
+    make_module("no_such_kind", build);
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("unknown module kind \"lstm\" (known: mlgru, glu, peer, attention)"),
+    std::string known;
+    for (const auto& k : module_kinds()) known += (known.empty() ? "" : ", ") + k;
+    EXPECT_NE(std::string(e.what()).find("unknown module kind \"no_such_kind\" (known: " + known + ")"),
               std::string::npos)
         << e.what();
+    EXPECT_NE(known.find("mlgru, glu, peer"), std::string::npos) << known;
   }
 }
 

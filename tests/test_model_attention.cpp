@@ -10,15 +10,15 @@
 #include <vector>
 
 #include "launch/run_config.h"
-#include "model/infer/inference_model.h"
+#include "model/infer/module_decoder.h"
+#include "model/infer/peerless_arch.h"
 #include "model/model.h"
-#include "model/ops/embedding.h"
-#include "model/ops/rmsnorm.h"
 #include "model/optimizer.h"
 #include "runtime/error.h"
-#include "runtime/rng.h"
+#include "tests/model_test_util.h"
 
 using namespace peerless;
+using namespace peerless::test;
 
 namespace {
 
@@ -40,33 +40,16 @@ ModelConfig tiny_config(const std::string& quant, bool second_shape = false) {
   return c;
 }
 
-struct Batch {
-  int64_t B, T;
-  std::vector<int32_t> ids, targets;
-  Batch(int64_t vocab, uint64_t seed, int64_t b = 2, int64_t t = 7) : B(b), T(t) {
-    Rng rng(seed);
-    for (int64_t i = 0; i < B * T; ++i) {
-      ids.push_back(static_cast<int32_t>(rng.below(vocab)));
-      targets.push_back(static_cast<int32_t>(rng.below(vocab)));
-    }
-  }
-};
-
 // A model with its parameters: initialized, gains moved off 1 (so their gradients are generic).
 struct TinyModel {
   Model m;
   std::vector<float> params;
   TinyModel(const ModelConfig& c, uint64_t seed) : m(c), params(m.layout().total()) {
     m.init_params(params.data(), seed);
-    Rng rng(seed + 1);
-    for (const auto& p : m.layout().entries())
-      if (p.kind == ParamKind::gain)
-        for (int64_t i = 0; i < p.numel; ++i) params[p.offset + i] += static_cast<float>(0.3 * rng.normal());
+    perturb(m, params, seed + 1);
     m.refresh_ternary(params.data());
   }
 };
-
-bool is_attention(const ParamInfo& p) { return p.name.find("/attn") != std::string::npos; }
 
 }  // namespace
 
@@ -91,11 +74,9 @@ TEST(ModelAttention, ParameterNamesShapesAndKinds) {
   }
 }
 
-// The full-precision model is smooth: its backward must match central finite differences of the
-// summed loss at 8 entries of every attention tensor (and the rest of the model, which shares the
-// stream). Float32 evaluations, so the bound is test_model.cpp's: five-point stencil with a 3e-3
-// relative step (truncation O(h⁴)), |fd − analytic| ≤ 2e-3 + 3e-2·|fd| per entry, and the cosine
-// of the two gradient samples > 0.9999. The ternary model is piecewise constant in its weights
+// The full-precision model is smooth: its backward must match finite differences of the summed loss
+// at 6 entries of every parameter, the attention tensors among them (tests/model_test_util.h: the
+// bound and stencil test_model.cpp uses). The ternary model is piecewise constant in its weights
 // (ternary codes) and activations (int8 codes), so finite differences there are 0 or jumps: its
 // straight-through backward is checked by the training test below and by the ops' STE tests.
 TEST(ModelAttention, FullPrecisionGradientMatchesFiniteDifferences) {
@@ -103,37 +84,7 @@ TEST(ModelAttention, FullPrecisionGradientMatchesFiniteDifferences) {
     ModelConfig c = tiny_config("none", second);
     c.init_std = 0.3;  // embedding rows of norm ~1 and scores of order 1: a finite step is a small change
     TinyModel s(c, 5);
-    std::vector<float>& params = s.params;
-    std::vector<float> grads(s.m.layout().total(), 0.f);
-    const Batch b(c.vocab_size, 3);
-    ForwardContext ctx;
-    s.m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, ctx);
-    s.m.backward(params.data(), ctx, 1.f, grads.data());
-    Rng rng(11);
-    int checked = 0, attention = 0;
-    double dot = 0, n1 = 0, n2 = 0;
-    for (const auto& p : s.m.layout().entries())
-      for (int probe = 0; probe < (is_attention(p) ? 8 : 2); ++probe) {
-        const int64_t i = p.offset + static_cast<int64_t>(rng.below(p.numel));
-        const float keep = params[i], h = 3e-3f * std::max(1.f, std::fabs(keep));
-        ForwardContext c2;
-        auto loss_at = [&](float v) {
-          params[i] = v;
-          return s.m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, c2);
-        };
-        const double fd =
-            (-loss_at(keep + 2 * h) + 8 * loss_at(keep + h) - 8 * loss_at(keep - h) + loss_at(keep - 2 * h)) /
-            (12.0 * h);
-        params[i] = keep;
-        const double an = grads[i];
-        dot += fd * an, n1 += fd * fd, n2 += an * an;
-        ++checked;
-        attention += is_attention(p);
-        EXPECT_LE(std::fabs(fd - an), 2e-3 + 3e-2 * std::fabs(fd))
-            << p.name << "[" << i - p.offset << "]: analytic " << an << " vs fd " << fd;
-      }
-    EXPECT_EQ(attention, 2 * 5 * 8);  // two blocks of five attention tensors (no sub-norm in fp32)
-    EXPECT_GT(dot / std::sqrt(n1 * n2), 0.9999) << "of " << checked;
+    expect_gradient_matches_fd(s.m, s.params, Batch(c.vocab_size, 3, 2, 7), second ? "H4/Hkv2/dh6" : "H2/Hkv1");
   }
 }
 
@@ -165,39 +116,29 @@ TEST(ModelAttention, LaterTokensDoNotChangeEarlierLogits) {
   }
 }
 
-// Decoding one position at a time through the model's modules (embedding row, each module's
-// decode with its own state, final norm, head) gives forward()'s logits rows. Ternary: bit for bit
-// (the projections are exact int32 products of per-row codes, every other op is per row or the
-// same row function as the forward's attention). Quant none: the projections are fp32 sgemms over
-// 1 row here and 2·7 rows in the forward, which BLAS may block differently on other kernels (equal
-// bits with this machine's AVX-512 OpenBLAS); 1e-5 relative is a few hundred float ulps of the
-// logits (|logit| ≲ 0.2) through two blocks.
+// Decoding one position at a time through the model's modules (ModuleDecoder: embedding row, each
+// module's decode with its own state, final norm, head) gives forward()'s logits rows. Ternary: bit
+// for bit (the projections are exact int32 products of per-row codes, every other op is per row or
+// the same row function as the forward's attention). Quant none: the projections are fp32 sgemms
+// over 1 row here and 2·7 rows in the forward, which BLAS may block differently on other kernels
+// (equal bits with this machine's AVX-512 OpenBLAS); 1e-5 relative is a few hundred float ulps of
+// the logits (|logit| ≲ 0.2) through two blocks.
 TEST(ModelAttention, IncrementalDecodeEqualsForward) {
   for (const char* quant : {"ternary", "none"})
     for (bool second : {false, true}) {
       const ModelConfig c = tiny_config(quant, second);
       TinyModel s(c, 9);
-      const Batch b(c.vocab_size, 10);
-      const int64_t d = c.d_model, V = c.vocab_size;
+      const Batch b(c.vocab_size, 10, 2, 7);
+      const int64_t V = c.vocab_size;
       ForwardContext ctx;
       s.m.forward(s.params.data(), b.ids.data(), nullptr, b.B, b.T, ctx);
-      const Model::Index ix = s.m.index();
-      const ParamLayout& L = s.m.layout();
       const bool exact = std::string(quant) == "ternary";
+      const ModuleDecoder dec(s.m, s.params.data());
       for (int64_t seq = 0; seq < b.B; ++seq) {
-        std::vector<std::unique_ptr<Module::DecodeState>> states;
-        for (const auto& mod : s.m.modules()) states.push_back(mod->new_decode_state(c.context_length));
-        ModuleScratch scratch;
-        std::vector<float> x(d), xf(d), logits(V);
-        float rstd = 0;
-        BitLinearCache head;
+        auto st = dec.new_state(b.T);
+        std::vector<float> logits(V);
         for (int64_t t = 0; t < b.T; ++t) {
-          embedding_forward_cpu(1, d, &b.ids[seq * b.T + t], s.params.data() + L.at(ix.embed).offset, x.data());
-          for (size_t i = 0; i < s.m.modules().size(); ++i)
-            s.m.modules()[i]->decode(s.m, s.params.data(), scratch, x.data(), states[i].get());
-          rmsnorm_forward_cpu(RmsNormShape{1, d, static_cast<float>(c.norm_eps)}, x.data(),
-                              s.params.data() + L.at(ix.final_norm).offset, xf.data(), &rstd);
-          s.m.linear_forward(s.params.data(), ix.head_gain, ix.head_w, 1, xf.data(), logits.data(), head);
+          dec.forward(&b.ids[seq * b.T + t], 1, st, logits.data());
           const float* want = ctx.logits.data() + (seq * b.T + t) * V;
           for (int64_t v = 0; v < V; ++v) {
             if (exact)
@@ -210,7 +151,7 @@ TEST(ModelAttention, IncrementalDecodeEqualsForward) {
     }
 }
 
-// The KV cache holds context_length positions; one more is a config error naming the key.
+// The KV cache holds the positions new_decode_state() was given; one more is an error.
 TEST(ModelAttention, DecodePastTheCacheIsAnError) {
   ModelConfig c = tiny_config("ternary");
   c.context_length = 2;
@@ -225,7 +166,8 @@ TEST(ModelAttention, DecodePastTheCacheIsAnError) {
     mod.decode(s.m, s.params.data(), scratch, x.data(), st.get());
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("capacity of 2 positions (model.context_length)"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("position 2 is past the KV cache's capacity of 2 positions"),
+              std::string::npos)
         << e.what();
   }
 }
@@ -304,13 +246,12 @@ TEST(ModelAttention, ConfigChecksNameKeysAndValues) {
   EXPECT_EQ(errors_of({"model.n_heads=6", "model.head_dim=32", "model.n_kv_heads=2"}), "");
 }
 
-// The GGUF tensor table (model/infer/peerless_arch.cpp) behind model files, export and the
-// recurrent decoder is the MLGRU's: for other token mixers it is a config error, not a read of
-// unset BlockParams indices.
-TEST(ModelAttention, ModelFilesAndTheDecoderRefuseTheKind) {
+// The GGUF tensor table (model/infer/peerless_arch.cpp) behind export and the deployment decoder is
+// the MLGRU's: for other token mixers it is a config error, not a read of unset BlockParams indices.
+TEST(ModelAttention, TheExportTableRefusesTheKind) {
   TinyModel s(tiny_config("ternary"), 3);
   try {
-    InferenceModel::from_model(s.m, s.params.data());
+    arch::tensors(s.m);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::config);

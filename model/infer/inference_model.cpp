@@ -131,7 +131,21 @@ std::unique_ptr<InferenceModel> InferenceModel::load(const gguf::File& f, const 
   return m;
 }
 
+TokenStream InferenceModel::stream() const {
+  auto state = std::make_shared<State>(new_state());
+  return TokenStream{vocab_size(), [this, state](const int32_t* tokens, int64_t M, float* logits) {
+                       forward(tokens, M, *state, logits);
+                     }};
+}
+
+bool InferenceModel::covers(const ModelConfig& c) {
+  return c.token_mixer == "mlgru" && (c.channel_mixer == "glu" || c.channel_mixer == "peer") && c.head == "bitlinear";
+}
+
 std::unique_ptr<InferenceModel> InferenceModel::from_model(const Model& model, const float* params) {
+  PL_CHECK(covers(model.config()), config, "the deployment decoder runs the MatMul-free LM only (model.token_mixer = \"",
+           model.config().token_mixer, "\", model.channel_mixer = \"", model.config().channel_mixer,
+           "\", model.head = \"", model.config().head, "\"): decode it with ModuleDecoder");
   PL_CHECK(!model.experts_sharded(), internal, "inference needs the whole expert tables (an unsharded model)");
   const MemoryParams source(model, params);
   const ModelValues values(model, source);

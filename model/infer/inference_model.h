@@ -28,6 +28,7 @@
 
 #include "model/infer/expert_store.h"
 #include "model/infer/tensor_values.h"
+#include "model/infer/token_stream.h"
 #include "model/model_config.h"
 #include "model/ops/peer_layer.h"
 #include "runtime/gguf.h"
@@ -61,6 +62,11 @@ class InferenceModel {
   static std::unique_ptr<InferenceModel> load(const gguf::File& f, const InferenceOptions& options = {});
   // From a model in memory (the trainer's samples; tests).
   static std::unique_ptr<InferenceModel> from_model(const Model& m, const float* params);
+  // Whether this decoder covers a model of these kinds (the MatMul-free LM: MLGRU token mixers, GLU
+  // or PEER channel mixers, the BitLinear head); other models decode through ModuleDecoder.
+  static bool covers(const ModelConfig& c);
+  // A stream over a fresh state (the model must outlive it).
+  TokenStream stream() const;
 
   const ModelConfig& config() const { return config_; }
   int64_t vocab_size() const { return config_.vocab_size; }

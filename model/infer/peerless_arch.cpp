@@ -37,7 +37,8 @@ std::vector<Tensor> tensors(const Model& m) {
   const ModelConfig& c = m.config();
   // The table reads the MLGRU's indices in BlockParams, which other token mixers leave unset.
   PL_CHECK(c.token_mixer == "mlgru", config, "model.token_mixer = \"", c.token_mixer,
-           "\": model files, GGUF/safetensors export and the recurrent decoder know only \"mlgru\" blocks so far");
+           "\": the peerless tensor table (GGUF, safetensors and FPGA export, the deployment decoder) knows only "
+           "\"mlgru\" blocks so far");
   const int64_t d = c.d_model;
   const auto idx = m.index();
   std::vector<Tensor> out;

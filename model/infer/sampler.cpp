@@ -71,21 +71,26 @@ int32_t Sampler::next(const float* logits, int64_t V) {
 std::vector<int32_t> generate(const InferenceModel& m, const std::vector<int32_t>& prompt, int64_t n_tokens,
                               const SamplerOptions& o, const std::function<void(int32_t)>& on_token,
                               GenerateStats* stats) {
+  return generate(m.stream(), prompt, n_tokens, o, on_token, stats);
+}
+
+std::vector<int32_t> generate(const TokenStream& m, const std::vector<int32_t>& prompt, int64_t n_tokens,
+                              const SamplerOptions& o, const std::function<void(int32_t)>& on_token,
+                              GenerateStats* stats) {
   PL_CHECK(!prompt.empty(), config, "generation needs a prompt of at least one token");
   using clock = std::chrono::steady_clock;
-  const int64_t V = m.vocab_size();
+  const int64_t V = m.vocab;
   Sampler sampler(o);
-  auto state = m.new_state();
   std::vector<float> logits(static_cast<size_t>(V));
   const auto t0 = clock::now();
-  m.forward(prompt.data(), static_cast<int64_t>(prompt.size()), state, logits.data());
+  m.feed(prompt.data(), static_cast<int64_t>(prompt.size()), logits.data());
   const auto t1 = clock::now();
   std::vector<int32_t> out = prompt;
   for (int64_t i = 0; i < n_tokens; ++i) {
     const int32_t next = sampler.next(logits.data(), V);
     out.push_back(next);
     if (on_token) on_token(next);
-    if (i + 1 < n_tokens) m.forward(&next, 1, state, logits.data());
+    if (i + 1 < n_tokens) m.feed(&next, 1, logits.data());
   }
   if (stats) {
     stats->prompt_tokens = static_cast<int64_t>(prompt.size());

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "model/infer/inference_model.h"
+#include "model/infer/token_stream.h"
 #include "runtime/rng.h"
 
 namespace peerless {
@@ -70,6 +71,10 @@ struct GenerateStats {
 
 // Feeds the prompt as one batch, then samples n_tokens one at a time; on_token (may be empty) sees
 // each new token as soon as it is chosen. Returns prompt + new tokens.
+std::vector<int32_t> generate(const TokenStream& m, const std::vector<int32_t>& prompt, int64_t n_tokens,
+                              const SamplerOptions& o, const std::function<void(int32_t)>& on_token = nullptr,
+                              GenerateStats* stats = nullptr);
+// The same over a fresh state of the deployment decoder.
 std::vector<int32_t> generate(const InferenceModel& m, const std::vector<int32_t>& prompt, int64_t n_tokens,
                               const SamplerOptions& o, const std::function<void(int32_t)>& on_token = nullptr,
                               GenerateStats* stats = nullptr);

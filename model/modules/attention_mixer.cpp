@@ -156,7 +156,7 @@ class AttentionMixer final : public Module {
     auto* st = dynamic_cast<AttnDecodeState*>(state);
     PL_CHECK(st, internal, "attention decode needs the state new_decode_state() made");
     PL_CHECK(st->pos < st->capacity, config, "attention decode: position ", st->pos,
-             " is past the KV cache's capacity of ", st->capacity, " positions (model.context_length)");
+             " is past the KV cache's capacity of ", st->capacity, " positions");
     const int64_t a = H_ * dh_, kv = G_ * dh_;
     float *q = scratch.get(0, a), *k = scratch.get(1, kv), *v = scratch.get(2, kv), *o = scratch.get(3, a);
     float *on = scratch.get(4, a), *rstd = scratch.get(5, 1), *y = scratch.get(6, d_);

@@ -13,6 +13,7 @@ std::unique_ptr<Module> make_mlgru_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_glu_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_peer_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_attention_mixer(ModuleBuild& b);
+std::unique_ptr<Module> make_swiglu_mixer(ModuleBuild& b);
 
 class Model;
 

@@ -53,7 +53,39 @@ class MlgruMixer final : public Module {
   }
 
   void forward(const Model& m, const float* params, const ModuleStep& step, float* x, Cache& cache) const override {
-    auto& c = static_cast<MlgruCache&>(cache);
+    run(m, params, step, x, static_cast<MlgruCache&>(cache), nullptr);
+  }
+
+  // Decoding carries h from one position to the next (the module decoder's path; the deployment
+  // decoder has its own, on the packed kernels).
+  struct State final : DecodeState {
+    std::vector<float> h, lb;  // (d) the carried state; (L, d) every layer's lower bounds
+    MlgruCache cache;
+  };
+  std::unique_ptr<DecodeState> new_decode_state(int64_t) const override {
+    auto s = std::make_unique<State>();
+    s->h.assign(static_cast<size_t>(d_), 0.f);
+    return s;
+  }
+  void decode(const Model& m, const float* params, ModuleScratch& scratch, float* x, DecodeState* state) const override {
+    auto& s = static_cast<State&>(*state);
+    const int64_t L = m.config().n_layers;
+    if (s.lb.empty()) {
+      s.lb.resize(static_cast<size_t>(L * d_));
+      lower_bounds_forward_cpu(L, d_, params + m.layout().at(m.index().lower_bounds).offset, s.lb.data());
+    }
+    ModuleStep step;
+    step.batch = step.seq = 1;
+    step.lower_bounds = s.lb.data();
+    step.scratch = &scratch;
+    run(m, params, step, x, s.cache, s.h.data());
+    s.h = s.cache.h;
+  }
+
+ private:
+  // forward, from the carried state h0 (d) when given (batch 1), else from zero.
+  void run(const Model& m, const float* params, const ModuleStep& step, float* x, MlgruCache& c,
+           const float* h0) const {
     const int64_t M = step.tokens(), d = d_;
     const RmsNormShape nd{M, d, static_cast<float>(m.config().norm_eps)};
     const ParamLayout& L = m.layout();
@@ -64,7 +96,7 @@ class MlgruMixer final : public Module {
     m.linear_forward(params, ix_.f_gain, ix_.f_w, M, c.norm.xn.data(), c.fhat.data(), c.bl_f);
     m.linear_forward(params, ix_.g_gain, ix_.g_w, M, c.norm.xn.data(), c.ghat.data(), c.bl_g);
     mlgru_scan_forward_cpu(ScanShape{step.batch, step.seq, d}, c.ihat.data(), c.fhat.data(),
-                           step.lower_bounds + layer_ * d, c.f.data(), c.h.data());
+                           step.lower_bounds + layer_ * d, c.f.data(), c.h.data(), h0);
     if (m.gate_form() == GateForm::code)
       rmsnorm_forward_cpu(nd, c.ghat.data(), params + L.at(ix_.g_norm).offset, c.gn.data(), c.g_rstd.data());
     else
@@ -75,6 +107,8 @@ class MlgruMixer final : public Module {
     add_rows(x, y, M * d);
   }
 
+
+ public:
   void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
                 float* grads, ExactGradSum*) const override {
     const auto& c = static_cast<const MlgruCache&>(cache);

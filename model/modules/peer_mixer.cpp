@@ -162,6 +162,11 @@ class PeerMixer final : public Module {
     const double k = static_cast<double>(k_), n = static_cast<double>(n_sub_);
     return 2 * d * h * dk + 2 * h * n * dk + h * k * k + 4 * h * k * d;
   }
+  // Everything but the expert table, plus the h·k experts (u and v rows of d each) one token uses.
+  double active_params_per_token(const ParamLayout& layout) const override {
+    const double table = static_cast<double>(layout.at(ix_.peer_table).numel);
+    return Module::active_params_per_token(layout) - table + 2.0 * static_cast<double>(heads_ * k_ * d_);
+  }
 
   static const PeerLayerContext<float>& context(const Cache& c) { return static_cast<const PeerCache&>(c).peer; }
   static ShardedPeerExperts* exchange(const Cache& c) { return static_cast<const PeerCache&>(c).exchange.get(); }

@@ -16,6 +16,7 @@ const Kind kKinds[] = {
     {"glu", ModuleRole::channel_mixer, make_glu_mixer},    // SPEC §2.2
     {"peer", ModuleRole::channel_mixer, make_peer_mixer},  // SPEC §3
     {"attention", ModuleRole::token_mixer, make_attention_mixer},  // BASELINES §1-§3 (Transformer++)
+    {"swiglu", ModuleRole::channel_mixer, make_swiglu_mixer},  // BASELINES §1, §3
 };
 
 }  // namespace

@@ -8,3 +8,12 @@ for pair in "mmf-370m 374108160" "mmf-1.3b 1364779008" "mmf-2.7b 2702357504"; do
   echo "$out" | grep -q "memory per rank" || fail "$1: no memory estimate"
   echo "ok: $1 parameters: $2"
 done
+# The BASELINES §5 accounting line: forward / training GFLOP per token of the HGRN-bit (MatMul-free)
+# references, 0.682 / 2.05 (370M), 2.597 / 7.79 (1.3B), 5.239 / 15.72 (2.7B).
+for pair in "mmf-370m 682.1_MFLOP 2.05_GFLOP" "mmf-1.3b 2.6_GFLOP 7.79_GFLOP" "mmf-2.7b 5.24_GFLOP 15.72_GFLOP"; do
+  set -- $pair
+  want="forward ${2/_/ } per token .*training ≈ 3x = ${3/_/ }"
+  line="$("$bin" train "$src/configs/$1.toml" --dry-run | grep '^accounting:')"
+  echo "$line" | grep -q "$want" || fail "$1: expected '$want' in: $line"
+  echo "ok: $1 $line"
+done
