@@ -39,6 +39,14 @@ void RunConfig::bind(ConfigSchema& s) {
                "token mixer of every block (model/module.h)");
   s.add_choice("model.channel_mixer", &model.channel_mixer, module_kinds(ModuleRole::channel_mixer),
                "channel mixer of every block not in model.peer_blocks (\"peer\": every block)");
+  s.add_int("model.n_heads", &model.n_heads, 1, 65536, "attention query heads H");
+  s.add_int("model.n_kv_heads", &model.n_kv_heads, 0, 65536, "attention KV heads H_kv, dividing n_heads (0 = n_heads)");
+  s.add_int("model.head_dim", &model.head_dim, 0, 65536, "attention head width d_h, even (0 = d_model / n_heads)");
+  s.add_float("model.rope_theta", &model.rope_theta, 1, 1e9, "RoPE base theta (10000; 500000 for 2B4T-like models)");
+  s.add_choice("model.rope_layout", &model.rope_layout, {"adjacent", "rotate_half"},
+               "RoPE pairs: adjacent (2j, 2j+1: Meta, llama2.c) or rotate_half (j, j+d_h/2: HF, GGUF bitnet)");
+  s.add_int("model.context_length", &model.context_length, 1, 1 << 24,
+            "the sequence length T attention's FLOP accounting assumes (decoders size the KV cache by what they decode)");
   s.add_choice("model.head", &model.head, {"bitlinear", "linear", "tied"},
                "LM head after the final norm: bitlinear (SPEC), linear (fp32 weight) or tied (the embedding)");
   s.add_string("model.peer_blocks", &model.peer_blocks,

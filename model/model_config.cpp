@@ -77,6 +77,21 @@ std::string ModelConfig::peer_blocks_text() const {
   return text;
 }
 
+namespace {
+// The "attention" token mixer's keys (model/modules/attention_mixer.cpp).
+void validate_attention(const ModelConfig& c, std::vector<std::string>& errors) {
+  if (c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads != 0)
+    errors.push_back(cat("model.n_kv_heads = ", c.n_kv_heads, " must divide model.n_heads = ", c.n_heads,
+                         " (each KV head serves a group of query heads)"));
+  if (c.head_dim == 0 && c.d_model % c.n_heads != 0)
+    errors.push_back(cat("model.head_dim = 0 takes d_model / n_heads, but model.d_model = ", c.d_model,
+                         " is not a multiple of model.n_heads = ", c.n_heads, ": set model.head_dim"));
+  else if (c.attn_head_dim() % 2 != 0)
+    errors.push_back(cat("model.head_dim must be even: RoPE turns pairs of features (got ", c.attn_head_dim(),
+                         c.head_dim == 0 ? " = model.d_model / model.n_heads)" : ")"));
+}
+}  // namespace
+
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
   if (intermediate > 0 && intermediate < 1)
@@ -102,6 +117,7 @@ void ModelConfig::validate(std::vector<std::string>& errors) const {
   if (sigma_moe_topk > sigma_moe_experts)
     errors.push_back(cat("model.sigma_moe_topk = ", sigma_moe_topk, " must not exceed model.sigma_moe_experts = ",
                          sigma_moe_experts));
+  if (token_mixer == "attention") validate_attention(*this, errors);
   if (qsparse_block > 0 && qsparse > 0) {
     std::vector<int64_t> widths = {d_model, glu_width()};
     for (int64_t w : widths)

@@ -27,6 +27,14 @@ struct ModelConfig {
   // BitNet), "tied" (the embedding table as that weight).
   std::string head = "bitlinear";
 
+  // The "attention" token mixer (../shared/BASELINES.md §1-§2; model/modules/attention_mixer.cpp).
+  int64_t n_heads = 8;             // query heads H
+  int64_t n_kv_heads = 0;          // KV heads H_kv, dividing H; 0 = n_heads (MHA)
+  int64_t head_dim = 0;            // d_h, even; 0 = d_model / n_heads
+  double rope_theta = 10000;       // RoPE base θ
+  std::string rope_layout = "adjacent";  // RoPE pairs: "adjacent" (2j, 2j+1) or "rotate_half" (j, j + d_h/2)
+  int64_t context_length = 2048;   // the T of attention's FLOP accounting (BASELINES §5)
+
   // PEER (SPEC §3): the blocks whose GLU channel mixer is replaced by a PEER layer. One table per
   // PEER block, sharded by rows over parallel.expert_parallel ranks (model/expert_parallel.h).
   std::string peer_blocks = "";   // comma-separated block indices, "" = none
@@ -66,6 +74,9 @@ struct ModelConfig {
 
   int64_t glu_width() const;
   int64_t moe_expert_width() const;  // moe_width, or its default
+  // The attention's H_kv and d_h with their 0 = auto defaults resolved.
+  int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  int64_t attn_head_dim() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   // Cross-field problems (appended, never thrown).
   void validate(std::vector<std::string>& errors) const;
 };

@@ -6,10 +6,10 @@
 // its CPU forward and backward (the reference ops of model/ops), what it saves per token and its
 // forward FLOPs per token (../shared/SWEEPS.md §1 conventions).
 //
-// Today's kinds: "mlgru" (token mixer), "glu", "peer", "moe" and "sigma_moe" (channel mixers), and
-// the others registry.cpp lists; Q-Sparse and quant = none|ternary are options of their BitLinears
-// (Model::linear_forward). Adding a kind is a
-// new file under model/modules/ plus one line in model/modules/registry.cpp.
+// Today's kinds: "mlgru" and "attention" (token mixers), "glu", "swiglu", "peer", "moe" and
+// "sigma_moe" (channel mixers); registry.cpp lists them all. Q-Sparse and quant = none|ternary are
+// options of their BitLinears (Model::linear_forward) and projections (Model::proj_forward). Adding
+// a kind is a new file under model/modules/ plus one line in model/modules/registry.cpp.
 //
 // The GPU path (model/cuda_model.cu) still runs the blocks from the indices the kinds record in
 // BlockParams; moving each kind's fused CUDA forward/backward into the kind is the next step.
@@ -151,7 +151,7 @@ void init_constant(const ParamLayout& layout, float* params, int idx, float valu
 void init_normal(const ParamLayout& layout, float* params, int idx, uint64_t seed, double std_dev);
 void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t seed, double gain);
 
-// The registered kinds ("mlgru", "glu", "peer"); an unknown name is a config error listing them.
+// The registered kinds (mlgru, glu, peer, attention, swiglu); an unknown name is a config error listing them.
 // Each kind has a role: the config keys model.token_mixer and model.channel_mixer choose among the
 // kinds of their role (model.peer_blocks puts "peer" in the listed blocks).
 enum class ModuleRole { token_mixer, channel_mixer };

@@ -35,6 +35,10 @@ std::vector<int64_t> gguf_ne(const std::vector<int64_t>& shape) { return {shape.
 
 std::vector<Tensor> tensors(const Model& m) {
   const ModelConfig& c = m.config();
+  // The table reads the MLGRU's indices in BlockParams, which other token mixers leave unset.
+  PL_CHECK(c.token_mixer == "mlgru", config, "model.token_mixer = \"", c.token_mixer,
+           "\": the peerless tensor table (GGUF, safetensors and FPGA export, the deployment decoder) knows only "
+           "\"mlgru\" blocks so far");
   const int64_t d = c.d_model;
   const auto idx = m.index();
   for (const auto& mod : m.modules()) {  // the block records of other kinds do not name these tensors

@@ -15,6 +15,7 @@ const Kind kKinds[] = {
     {"mlgru", ModuleRole::token_mixer, make_mlgru_mixer},  // SPEC §2.1
     {"glu", ModuleRole::channel_mixer, make_glu_mixer},    // SPEC §2.2
     {"peer", ModuleRole::channel_mixer, make_peer_mixer},  // SPEC §3
+    {"attention", ModuleRole::token_mixer, make_attention_mixer},  // BASELINES §1-§3 (Transformer++)
     {"swiglu", ModuleRole::channel_mixer, make_swiglu_mixer},  // BASELINES §1, §3
     {"moe", ModuleRole::channel_mixer, make_moe_mixer},  // BASELINES §4 top-k
     {"sigma_moe", ModuleRole::channel_mixer, make_sigma_moe_mixer},  // BASELINES §4 σ-MoE
