@@ -92,6 +92,14 @@ void ModelConfig::validate(std::vector<std::string>& errors) const {
     if (peer_n_sub > 46340)
       errors.push_back(cat("model.peer_n_sub = ", peer_n_sub, " must be <= 46340 so expert ids fit int32"));
   }
+  if (channel_mixer == "pkm") {
+    if (pkm_key_dim % 2 != 0)
+      errors.push_back(cat("model.pkm_key_dim = ", pkm_key_dim,
+                           " must be even: the query splits into two halves (allowed: even values in [2, 65536])"));
+    if (pkm_topk > pkm_n_sub)
+      errors.push_back(cat("model.pkm_topk = ", pkm_topk, " must not exceed model.pkm_n_sub = ", pkm_n_sub,
+                           " (top-k of each sub-key table; allowed: [1, model.pkm_n_sub])"));
+  }
   if (qsparse_block > 0 && qsparse > 0) {
     std::vector<int64_t> widths = {d_model, glu_width()};
     for (int64_t w : widths)

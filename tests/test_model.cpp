@@ -279,7 +279,7 @@ TEST(ModelModules, UnknownKindIsAConfigErrorListingTheKinds) {
     make_module("attention", build);
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("unknown module kind \"attention\" (known: mlgru, glu, peer)"),
+    EXPECT_NE(std::string(e.what()).find("unknown module kind \"attention\" (known: mlgru, glu, peer, pkm)"),
               std::string::npos)
         << e.what();
   }

@@ -12,6 +12,7 @@ namespace peerless {
 std::unique_ptr<Module> make_mlgru_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_glu_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_peer_mixer(ModuleBuild& b);
+std::unique_ptr<Module> make_pkm_mixer(ModuleBuild& b);
 
 class Model;
 

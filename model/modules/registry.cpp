@@ -15,6 +15,7 @@ const Kind kKinds[] = {
     {"mlgru", ModuleRole::token_mixer, make_mlgru_mixer},  // SPEC §2.1
     {"glu", ModuleRole::channel_mixer, make_glu_mixer},    // SPEC §2.2
     {"peer", ModuleRole::channel_mixer, make_peer_mixer},  // SPEC §3
+    {"pkm", ModuleRole::channel_mixer, make_pkm_mixer},    // BASELINES §4 (product-key memory)
 };
 
 }  // namespace
