@@ -125,7 +125,7 @@ double max_abs(const Vec& v) {
 
 // Product-key top-k = exhaustive top-k (ids exactly), and the whole layer = the naive reference.
 // float64: the scores are sums of the same products in another order (rounding ~1e-16), and the
-// data's smallest top-k margin is asserted ≥ 1e-6, so no rounding can swap a selection; the values
+// data's smallest top-k margin is asserted ≥ 1e-4, so no rounding can swap a selection; the values
 // then agree to 1e-12. float: the same ids (margin ≥ 1e-4 ≫ float rounding of O(1) scores, ~1e-6),
 // outputs to 1e-5 relative (float rounding of O(10)-term sums of O(1) values).
 TEST(ModelPkm, LayerEqualsNaiveReference) {
@@ -293,8 +293,7 @@ TEST(ModelPkm, GradientsMatchFiniteDifferences) {
         }
       }
       EXPECT_EQ(checked, 7 * 12);
-      // BatchNorm in eval mode has no γ-independent path: dβ is nonzero in both modes (sanity).
-      EXPECT_GT(max_abs(gb), 0.0);
+      EXPECT_GT(max_abs(gb), 0.0);  // sanity: the scores' gradient reaches the query
     }
 }
 
