@@ -76,6 +76,11 @@ void RunConfig::bind(ConfigSchema& s) {
               "sigma_moe: weight gamma of the entropy regularizer gamma*sum p log p");
   s.add_float("model.sigma_moe_dropout", &model.sigma_moe_dropout, 0, 0.999999,
               "sigma_moe: expert dropout delta (training only)");
+  s.add_int("model.pkm_n_sub", &model.pkm_n_sub, 1, 46340, "PKM sub-keys per table n (n^2 value rows)");
+  s.add_int("model.pkm_heads", &model.pkm_heads, 1, 1024, "PKM retrieval heads h");
+  s.add_int("model.pkm_topk", &model.pkm_topk, 1, 46340, "PKM value rows per head k (<= model.pkm_n_sub)");
+  s.add_int("model.pkm_key_dim", &model.pkm_key_dim, 2, 65536, "PKM query/key width per head d_k (even)");
+  s.add_bool("model.pkm_shared_keys", &model.pkm_shared_keys, "PKM heads share the sub-key tables C, C'");
   s.add_float("model.qsparse", &model.qsparse, 0, 0.999999, "Q-Sparse sparsity of BitLinear inputs (0 = off)");
   s.add_int("model.qsparse_block", &model.qsparse_block, 0, 1 << 20,
             "Q-Sparse block size M for N:M sparsity (0 = per-token top-K)");

@@ -16,9 +16,10 @@ class CpuStepRunner final : public StepRunner {
  public:
   explicit CpuStepRunner(TrainSession& s) : s_(s) {
     if (deterministic_on(s.cfg)) s.dp->set_deterministic(s.A * s.world);
-    // Lazy Adam: the expert-table rows retrieved in this step anywhere in the global batch, (n_peer, N).
+    // Lazy Adam: the table rows (PEER experts, PKM values) retrieved in this step anywhere in the
+    // global batch, tables in layout order.
     if (s.adam->lazy_tables()) {
-      PL_ASSERT(s.adam->table_rows() == s.model->n_peer_layers() * s.model->peer_table_rows());
+      PL_ASSERT(s.adam->table_rows() == s.model->lazy_table_rows());
       touched_.assign(s.adam->table_rows(), 0);
     }
     inputs_.resize(s.B * s.T);

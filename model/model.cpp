@@ -10,6 +10,7 @@
 
 #include "model/exact_sum.h"
 #include "model/modules/peer_mixer.h"
+#include "model/modules/pkm_mixer.h"
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
@@ -45,6 +46,9 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
   if (!peer_blocks_.empty())
     PL_CHECK(peer_experts() % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
              " must divide the number of experts N = model.peer_n_sub² = ", peer_experts());
+  PL_CHECK(shard.shards == 1 || config.channel_mixer != "pkm", config, "parallel.expert_parallel = ", shard.shards,
+           " with model.channel_mixer = \"pkm\": the PKM value table is not sharded over expert-parallel ranks "
+           "(allowed: parallel.expert_parallel = 1)");
   embed_ = layout_.add("embed/weight", {V, d}, ParamKind::embedding);
   // Each block: the MLGRU token mixer, then its channel mixer (GLU, or PEER in model.peer_blocks).
   for (int64_t l = 0; l < L; ++l) {
@@ -109,17 +113,29 @@ void Model::add_expert_counts(const ForwardContext& ctx, std::vector<double>& co
 }
 
 void Model::mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const {
-  const int64_t R = peer_table_rows();
-  for (const auto& b : blocks_) {
-    if (b.peer < 0) continue;
-    uint8_t* t = touched + b.peer * R;
-    const Module::Cache& c = *ctx.caches[2 * peer_blocks_[b.peer] + 1];
-    if (experts_sharded()) {
-      peer_module_exchange(c)->mark_rows(t);
+  const int64_t R = peer_table_rows(), pkm_rows = config_.pkm_n_sub * config_.pkm_n_sub;
+  uint8_t* t = touched;  // the next table's flags (tables in block order = layout order)
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    const Module::Cache& c = *ctx.caches[2 * l + 1];
+    if (std::string(modules_[2 * l + 1]->kind()) == "pkm") {
+      for (int32_t id : pkm_module_context(c).ids) t[id] = 1;
+      t += pkm_rows;
       continue;
     }
-    for (int32_t id : peer_module_context(c).ids) t[id] = 1;
+    if (blocks_[l].peer < 0) continue;
+    if (experts_sharded())
+      peer_module_exchange(c)->mark_rows(t);
+    else
+      for (int32_t id : peer_module_context(c).ids) t[id] = 1;
+    t += R;
   }
+}
+
+int64_t Model::lazy_table_rows() const {
+  int64_t rows = 0;
+  for (const auto& p : layout_.entries())
+    if (is_lazy_table(p)) rows += p.shape[0];
+  return rows;
 }
 
 void Model::copy_dense_params(const Model& from, const float* src, const Model& to, float* dst) {

@@ -41,8 +41,8 @@ struct BlockParams {
 
 // Everything forward() produced that backward() needs. Reused across steps (buffers only grow).
 struct ForwardContext {
-  // PEER query BatchNorm: train = batch statistics (training), eval = running statistics
-  // (validation, decoding). Ignored by models without PEER blocks.
+  // PEER and PKM query BatchNorm: train = batch statistics (training), eval = running statistics
+  // (validation, decoding). Ignored by models without PEER or PKM blocks.
   PeerNormMode peer_mode = PeerNormMode::train;
   // Training-only randomness (σ-MoE expert dropout; off in eval mode): the trainer sets noise_key
   // from (run.seed, step) and first_token to the global index of this micro-batch's first token.
@@ -183,7 +183,10 @@ class Model {
   // Sets touched[layer · R + row] = 1 for every row of this rank's tables (R = peer_table_rows())
   // that the last forward retrieved (touched: (n_peer_layers(), R), PEER layers in block order,
   // which is also their layout order). Sharded: rows retrieved by any rank of the group.
+  // PKM blocks' value tables (n² rows, never sharded) take their place in the same block order:
+  // touched has lazy_table_rows() flags, AdamW::table_rows().
   void mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const;
+  int64_t lazy_table_rows() const;
 
   // Buffers (ParamKind::buffer: the PEER BatchNorm running statistics). A train-mode backward adds
   // each micro-batch's batch statistics into grads at the buffers' offsets, so the gradient

@@ -118,6 +118,14 @@ void ModelConfig::validate(std::vector<std::string>& errors) const {
     errors.push_back(cat("model.sigma_moe_topk = ", sigma_moe_topk, " must not exceed model.sigma_moe_experts = ",
                          sigma_moe_experts));
   if (token_mixer == "attention") validate_attention(*this, errors);
+  if (channel_mixer == "pkm") {
+    if (pkm_key_dim % 2 != 0)
+      errors.push_back(cat("model.pkm_key_dim = ", pkm_key_dim,
+                           " must be even: the query splits into two halves (allowed: even values in [2, 65536])"));
+    if (pkm_topk > pkm_n_sub)
+      errors.push_back(cat("model.pkm_topk = ", pkm_topk, " must not exceed model.pkm_n_sub = ", pkm_n_sub,
+                           " (top-k of each sub-key table; allowed: [1, model.pkm_n_sub])"));
+  }
   if (qsparse_block > 0 && qsparse > 0) {
     std::vector<int64_t> widths = {d_model, glu_width()};
     for (int64_t w : widths)

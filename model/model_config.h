@@ -63,6 +63,14 @@ struct ModelConfig {
   double sigma_moe_entropy = 1e-3;  // γ of γ·Σ p_e log p_e (minimum −γ log N_E at uniform use)
   double sigma_moe_dropout = 0;     // δ: training drops each (token, expert) score before top-k
 
+  // PKM (BASELINES §4), channel_mixer = "pkm": PEER's query and product-key retrieval over a table of
+  // n² value rows (n², d). Small-model defaults (XLM's: n 512, d_k 256; n 64 here, 4096 rows, so
+  // that top-k of each sub-key table stays a real selection at k 32).
+  int64_t pkm_n_sub = 64;         // n sub-keys per table; n² value rows
+  int64_t pkm_heads = 4;          // h retrieval heads
+  int64_t pkm_topk = 32;          // k value rows per head
+  int64_t pkm_key_dim = 128;      // d_k per head (even)
+  bool pkm_shared_keys = false;   // heads share C, C′ (off for PKM, BASELINES §4)
   // Q-Sparse (SPEC §4): top-K of every BitLinear input after its RMSNorm, before quantization.
   double qsparse = 0;             // sparsity ratio S in [0, 1); 0 = off
   int64_t qsparse_block = 0;      // 0 = per-token top-K; M > 0 = N:M within blocks of M channels

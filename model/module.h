@@ -150,6 +150,8 @@ struct ModuleBuild {
 void init_constant(const ParamLayout& layout, float* params, int idx, float value);
 void init_normal(const ParamLayout& layout, float* params, int idx, uint64_t seed, double std_dev);
 void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t seed, double gain);
+// U(±bound), in the same streams.
+void init_uniform(const ParamLayout& layout, float* params, int idx, uint64_t seed, double bound);
 
 // The registered kinds (mlgru, glu, peer, attention, swiglu); an unknown name is a config error listing them.
 // Each kind has a role: the config keys model.token_mixer and model.channel_mixer choose among the

@@ -27,6 +27,8 @@ bool is_peer_table(const ParamInfo& p) { return ends_with(p.name, "/peer/table")
 bool is_peer_sub_keys(const ParamInfo& p) {
   return ends_with(p.name, "/peer/sub_keys1") || ends_with(p.name, "/peer/sub_keys2");
 }
+bool is_pkm_values(const ParamInfo& p) { return ends_with(p.name, "/pkm/values"); }
+bool is_lazy_table(const ParamInfo& p) { return is_peer_table(p) || is_pkm_values(p); }
 
 double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps) {
   if (c.warmup_steps > 0 && step <= c.warmup_steps)
@@ -72,8 +74,8 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
   int64_t at = 0;
   for (const ParamInfo* p : order) {
     push(at, p->offset, 1.0, 0, 0);  // alignment padding (zero gradients)
-    const bool table = is_peer_table(*p);
-    const double scale = table || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0;
+    const bool table = is_lazy_table(*p);
+    const double scale = is_peer_table(*p) || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0;
     if (table && lazy_) {
       PL_ASSERT(p->shape.size() == 2 && p->shape[0] * p->shape[1] == p->numel);
       push(p->offset, p->offset + p->numel, scale, p->shape[1], table_rows_);

@@ -7,6 +7,7 @@
 // with optim.table_optimizer = "lazy_adam" the expert tables are updated lazily: only rows retrieved
 // somewhere in the global batch of this step get a moment and weight update; the other rows and their
 // moments stay exactly as they are. Bias correction uses the global optimizer step t for every row.
+// The PKM value tables (model/modules/pkm_mixer.cpp) are updated lazily the same way (at lr · 1).
 #pragma once
 
 #include <cstdint>
@@ -48,6 +49,10 @@ using Range = std::pair<int64_t, int64_t>;
 // table (N, 2d) and the two sub-key tables.
 bool is_peer_table(const ParamInfo& p);
 bool is_peer_sub_keys(const ParamInfo& p);
+// The tables lazy Adam updates by rows, with one touched flag per row (tables in layout order): the
+// PEER expert tables and the PKM value tables (blocks/<l>/pkm/values).
+bool is_pkm_values(const ParamInfo& p);
+bool is_lazy_table(const ParamInfo& p);
 
 class AdamW {
  public:
@@ -61,7 +66,7 @@ class AdamW {
   // ranks and micro-batches, not "its reduced gradient is non-zero", which can be exactly zero).
   void step(float* params, const float* grads, int64_t t, double lr, const uint8_t* touched = nullptr);
   bool lazy_tables() const { return lazy_; }
-  int64_t table_rows() const { return table_rows_; }  // Σ rows of the PEER expert tables
+  int64_t table_rows() const { return table_rows_; }  // Σ rows of the lazy tables (is_lazy_table)
   const std::vector<Range>& owned() const { return owned_; }
   int64_t state_elements() const { return static_cast<int64_t>(m_.size()); }
   // Per element of the layout: 1 = weight decay applies, 0 = none, 2 = frozen (buffers).

@@ -46,6 +46,10 @@ void init_xavier(const ParamLayout& layout, float* params, int idx, uint64_t see
   fill_chunks(layout, params, idx, seed, [&](Rng& r) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
 }
 
+void init_uniform(const ParamLayout& layout, float* params, int idx, uint64_t seed, double bound) {
+  fill_chunks(layout, params, idx, seed, [&](Rng& r) { return static_cast<float>((2.0 * r.uniform() - 1.0) * bound); });
+}
+
 double Module::active_params_per_token(const ParamLayout& layout) const {
   double n = 0;
   for (int i : params_backward_order())

@@ -16,6 +16,7 @@ std::unique_ptr<Module> make_attention_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_swiglu_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_moe_mixer(ModuleBuild& b);
 std::unique_ptr<Module> make_sigma_moe_mixer(ModuleBuild& b);
+std::unique_ptr<Module> make_pkm_mixer(ModuleBuild& b);
 
 class Model;
 

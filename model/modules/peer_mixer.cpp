@@ -20,9 +20,7 @@ namespace {
 struct PeerCache final : Module::Cache {
   PreNorm norm;
   PeerLayerContext<float> peer;
-  // Train mode: the batch statistics of the query BatchNorm, added into the gradient buffer at the
-  // running statistics' offsets by backward (Model::update_buffers turns them into the update).
-  std::vector<float> batch_mean, batch_var;
+  QueryBatchStats stats;
   std::shared_ptr<ShardedPeerExperts> exchange;  // sharded tables or deterministic mode
   mutable PeerSparseGrad<float> table_grad;      // scratch of an unsharded backward (const cache)
 };
@@ -37,15 +35,16 @@ class PeerMixer final : public Module {
     r.gate_gain = r.gate_w = r.down_gain = r.down_w = -1;
     r.peer = b.peer_index;
     const int64_t C = c.peer_heads * c.peer_key_dim, half = c.peer_key_dim / 2, n = c.peer_n_sub;
-    r.peer_wq = b.layout.add(p + "peer/query/weight", {C, d_}, ParamKind::full_weight);
-    r.peer_bn_gamma = b.layout.add(p + "peer/query_bn/gamma", {C}, ParamKind::gain);
-    r.peer_bn_beta = b.layout.add(p + "peer/query_bn/beta", {C}, ParamKind::gain);
-    r.peer_bn_mean = b.layout.add(p + "peer/query_bn/running_mean", {C}, ParamKind::buffer);
-    r.peer_bn_var = b.layout.add(p + "peer/query_bn/running_var", {C}, ParamKind::buffer);
     const std::vector<int64_t> keys = c.peer_shared_keys ? std::vector<int64_t>{n, half}
                                                          : std::vector<int64_t>{c.peer_heads, n, half};
-    r.peer_keys1 = b.layout.add(p + "peer/sub_keys1", keys, ParamKind::full_weight);
-    r.peer_keys2 = b.layout.add(p + "peer/sub_keys2", keys, ParamKind::full_weight);
+    q_.declare(b.layout, p + "peer/", C, d_, keys);
+    r.peer_wq = q_.wq;
+    r.peer_bn_gamma = q_.bn_gamma;
+    r.peer_bn_beta = q_.bn_beta;
+    r.peer_bn_mean = q_.bn_mean;
+    r.peer_bn_var = q_.bn_var;
+    r.peer_keys1 = q_.keys1;
+    r.peer_keys2 = q_.keys2;
     r.peer_table = b.layout.add(p + "peer/table", {b.peer_table_rows, 2 * d_}, ParamKind::full_weight);
     ix_ = r;
     heads_ = c.peer_heads;
@@ -62,21 +61,12 @@ class PeerMixer final : public Module {
     auto& c = static_cast<PeerCache&>(cache);
     const int64_t M = step.tokens();
     c.norm.forward(m, params, ix_.mlp_norm, M, x);
-    // Train mode: the op's running-statistics update with momentum 1 leaves exactly the batch
-    // statistics in c.batch_*; backward hands them to update_buffers().
     PeerLayerShape ps = m.peer_shape(M);
     const bool train = step.peer_mode == PeerNormMode::train;
     PL_CHECK(!train || M >= 2, config, "a PEER block in train mode needs at least 2 tokens per forward (got ", M,
              "); use eval mode (ForwardContext::peer_mode) for single tokens");
-    float *mean = buffer(m, params, ix_.peer_bn_mean), *var = buffer(m, params, ix_.peer_bn_var);
-    if (train) {
-      ps.bn_momentum = 1.f;
-      c.batch_mean.assign(ps.channels(), 0.f);
-      c.batch_var.assign(ps.channels(), 0.f);
-      mean = c.batch_mean.data();
-      var = c.batch_var.data();
-    }
-    const PeerLayerParams<float> pp = views(m, params, mean, var);
+    PeerLayerParams<float> pp = views(m, params);
+    c.stats.bind(step.peer_mode, ps, pp);
     if (m.experts_sharded() || m.deterministic()) {
       PL_CHECK(m.expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
       if (!c.exchange) c.exchange = std::make_shared<ShardedPeerExperts>(*m.expert_comm(), m.peer_experts());
@@ -95,20 +85,11 @@ class PeerMixer final : public Module {
     const ParamLayout& L = m.layout();
     float *t0 = step.scratch->get(0, M * d_), *t1 = step.scratch->get(1, M * d_);
     const PeerLayerShape ps = m.peer_shape(M);
-    PeerLayerGrads<float> pg;
-    pg.w_q = grads + L.at(ix_.peer_wq).offset;
-    pg.bn_gamma = grads + L.at(ix_.peer_bn_gamma).offset;
-    pg.bn_beta = grads + L.at(ix_.peer_bn_beta).offset;
-    pg.sub_keys1 = grads + L.at(ix_.peer_keys1).offset;
-    pg.sub_keys2 = grads + L.at(ix_.peer_keys2).offset;
+    PeerLayerGrads<float> pg = q_.grads(L, grads);
     pg.table = &c.table_grad;
-    const auto pp = views(m, params, buffer(m, params, ix_.peer_bn_mean), buffer(m, params, ix_.peer_bn_var));
-    peer_layer_backward_cpu(ps, pp, c.peer, c.norm.xn.data(), dx, t0, pg, c.exchange.get());
+    peer_layer_backward_cpu(ps, views(m, params), c.peer, c.norm.xn.data(), dx, t0, pg, c.exchange.get());
     add_table_gradient(c, grads, exact, L.at(ix_.peer_table).offset);
-    if (c.peer.mode == PeerNormMode::train) {
-      add_rows(grads + L.at(ix_.peer_bn_mean).offset, c.batch_mean.data(), ps.channels());
-      add_rows(grads + L.at(ix_.peer_bn_var).offset, c.batch_var.data(), ps.channels());
-    }
+    c.stats.add_to_grads(L, q_, grads);
     c.norm.backward(m, params, ix_.mlp_norm, M, t0, t1, dx, grads);
   }
 
@@ -172,20 +153,10 @@ class PeerMixer final : public Module {
   static ShardedPeerExperts* exchange(const Cache& c) { return static_cast<const PeerCache&>(c).exchange.get(); }
 
  private:
-  // Eval mode only reads the running statistics, which live in the (const) parameter buffer.
-  static float* buffer(const Model& m, const float* params, int idx) {
-    return const_cast<float*>(params + m.layout().at(idx).offset);
-  }
-  PeerLayerParams<float> views(const Model& m, const float* params, float* mean, float* var) const {
+  // The running statistics of the parameter buffer (a train-mode forward rebinds them).
+  PeerLayerParams<float> views(const Model& m, const float* params) const {
     const ParamLayout& L = m.layout();
-    PeerLayerParams<float> p;
-    p.w_q = params + L.at(ix_.peer_wq).offset;
-    p.bn_gamma = params + L.at(ix_.peer_bn_gamma).offset;
-    p.bn_beta = params + L.at(ix_.peer_bn_beta).offset;
-    p.bn_running_mean = mean;
-    p.bn_running_var = var;
-    p.sub_keys1 = params + L.at(ix_.peer_keys1).offset;
-    p.sub_keys2 = params + L.at(ix_.peer_keys2).offset;
+    PeerLayerParams<float> p = q_.views(L, params, q_.running(L, params, q_.bn_mean), q_.running(L, params, q_.bn_var));
     p.table = m.peer_forward_table(params, layer_);  // straight-through under model.peer_ternary
     return p;
   }
@@ -209,9 +180,67 @@ class PeerMixer final : public Module {
   int peer_;
   int64_t heads_ = 0, key_dim_ = 0, k_ = 0, n_sub_ = 0;
   BlockParams ix_;
+  RetrievalQuery q_;
 };
 
 }  // namespace
+
+void RetrievalQuery::declare(ParamLayout& layout, const std::string& prefix, int64_t channels, int64_t d,
+                             const std::vector<int64_t>& key_shape) {
+  wq = layout.add(prefix + "query/weight", {channels, d}, ParamKind::full_weight);
+  bn_gamma = layout.add(prefix + "query_bn/gamma", {channels}, ParamKind::gain);
+  bn_beta = layout.add(prefix + "query_bn/beta", {channels}, ParamKind::gain);
+  bn_mean = layout.add(prefix + "query_bn/running_mean", {channels}, ParamKind::buffer);
+  bn_var = layout.add(prefix + "query_bn/running_var", {channels}, ParamKind::buffer);
+  keys1 = layout.add(prefix + "sub_keys1", key_shape, ParamKind::full_weight);
+  keys2 = layout.add(prefix + "sub_keys2", key_shape, ParamKind::full_weight);
+}
+
+PeerLayerParams<float> RetrievalQuery::views(const ParamLayout& L, const float* params, float* mean,
+                                             float* var) const {
+  PeerLayerParams<float> p;
+  p.w_q = params + L.at(wq).offset;
+  p.bn_gamma = params + L.at(bn_gamma).offset;
+  p.bn_beta = params + L.at(bn_beta).offset;
+  p.bn_running_mean = mean;
+  p.bn_running_var = var;
+  p.sub_keys1 = params + L.at(keys1).offset;
+  p.sub_keys2 = params + L.at(keys2).offset;
+  return p;
+}
+
+float* RetrievalQuery::running(const ParamLayout& L, const float* params, int idx) const {
+  return const_cast<float*>(params + L.at(idx).offset);
+}
+
+PeerLayerGrads<float> RetrievalQuery::grads(const ParamLayout& L, float* g) const {
+  PeerLayerGrads<float> pg;
+  pg.w_q = g + L.at(wq).offset;
+  pg.bn_gamma = g + L.at(bn_gamma).offset;
+  pg.bn_beta = g + L.at(bn_beta).offset;
+  pg.sub_keys1 = g + L.at(keys1).offset;
+  pg.sub_keys2 = g + L.at(keys2).offset;
+  return pg;
+}
+
+void QueryBatchStats::bind(PeerNormMode mode, PeerLayerShape& s, PeerLayerParams<float>& p) {
+  if (mode == PeerNormMode::eval) {
+    mean.clear();
+    var.clear();
+    return;
+  }
+  s.bn_momentum = 1.f;
+  mean.assign(static_cast<size_t>(s.channels()), 0.f);
+  var.assign(static_cast<size_t>(s.channels()), 0.f);
+  p.bn_running_mean = mean.data();
+  p.bn_running_var = var.data();
+}
+
+void QueryBatchStats::add_to_grads(const ParamLayout& L, const RetrievalQuery& q, float* grads) const {
+  if (mean.empty()) return;  // eval mode: the running statistics are constants
+  add_rows(grads + L.at(q.bn_mean).offset, mean.data(), static_cast<int64_t>(mean.size()));
+  add_rows(grads + L.at(q.bn_var).offset, var.data(), static_cast<int64_t>(var.size()));
+}
 
 std::unique_ptr<Module> make_peer_mixer(ModuleBuild& b) { return std::make_unique<PeerMixer>(b); }
 

@@ -19,6 +19,7 @@ const Kind kKinds[] = {
     {"swiglu", ModuleRole::channel_mixer, make_swiglu_mixer},  // BASELINES §1, §3
     {"moe", ModuleRole::channel_mixer, make_moe_mixer},  // BASELINES §4 top-k
     {"sigma_moe", ModuleRole::channel_mixer, make_sigma_moe_mixer},  // BASELINES §4 σ-MoE
+    {"pkm", ModuleRole::channel_mixer, make_pkm_mixer},    // BASELINES §4 (product-key memory)
 };
 
 }  // namespace

@@ -280,6 +280,13 @@ void peer_softmax_gates_backward_cpu(int64_t groups, int64_t k, const float* gat
                                      float* dscores) {
   softmax_gates_backward(groups, k, gates, dgates, dscores);
 }
+void peer_softmax_gates_cpu(int64_t groups, int64_t k, const double* scores, double* gates) {
+  softmax_gates(groups, k, scores, gates);
+}
+void peer_softmax_gates_backward_cpu(int64_t groups, int64_t k, const double* gates, const double* dgates,
+                                     double* dscores) {
+  softmax_gates_backward(groups, k, gates, dgates, dscores);
+}
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<float>& g, float* dense) { scatter_impl(g, dense); }
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* dense) { scatter_impl(g, dense); }
 

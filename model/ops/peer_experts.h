@@ -98,10 +98,14 @@ void peer_experts_gated_backward_cpu(const PeerGatedShape& s, const float* x, co
                                      PeerSparseGrad<float>& dtable, const PeerFixedOut& fixed = {});
 
 // gates (tokens, heads, k) = softmax of each head's k scores (max-shifted), and its backward
-// dscores = g ⊙ (dg − ⟨g, dg⟩) per head; what peer_experts_* compute around the gated form.
+// dscores = g ⊙ (dg − ⟨g, dg⟩) per head; what peer_experts_* compute around the gated form (and
+// the PEER/PKM query half, peer_layer.h). The double ones serve float64 gradient checks.
 void peer_softmax_gates_cpu(int64_t groups, int64_t k, const float* scores, float* gates);
+void peer_softmax_gates_cpu(int64_t groups, int64_t k, const double* scores, double* gates);
 void peer_softmax_gates_backward_cpu(int64_t groups, int64_t k, const float* gates, const float* dgates,
                                      float* dscores);
+void peer_softmax_gates_backward_cpu(int64_t groups, int64_t k, const double* gates, const double* dgates,
+                                     double* dscores);
 
 // dense (N, width) += the sparse gradient (each listed row is added once, so no ordering question).
 void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<float>& g, float* dense);

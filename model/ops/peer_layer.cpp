@@ -1,7 +1,8 @@
-// CPU reference of the whole PEER layer (SPEC §3): the query projection and BatchNorm around
-// peer_retrieval and peer_experts, and the gradient paths those two ops leave out: the scores'
-// gradient into the query (dq₁ += ds·c_a, dq₂ += ds·c′_b) and into the sub-keys
-// (dc_a += ds·q₁, dc′_b += ds·q₂), then BatchNorm and the projection.
+// CPU reference of the whole PEER layer (SPEC §3), in two halves. The query half (shared with PKM):
+// the query projection and BatchNorm around peer_retrieval, the softmax gates, and the gradient
+// paths retrieval leaves out: the scores' gradient into the query (dq₁ += ds·c_a, dq₂ += ds·c′_b)
+// and into the sub-keys (dc_a += ds·q₁, dc′_b += ds·q₂), then BatchNorm and the projection. The
+// layer is that half plus peer_experts.
 // Determinism: projections go through gemm_cpu (fixed tiles); BatchNorm reduces each channel over
 // tokens in token order on one thread; the sub-key gradients, a scatter onto n rows hit by many
 // tokens, use the same sort-by-row-then-segment-sum as the table gradient.
@@ -27,8 +28,8 @@ void validate(const PeerLayerShape& s) {
 namespace {
 
 template <typename T>
-PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<T>& p, const T* x,
-                                 T* out, PeerExpertsRunner* runner) {
+void query_forward_impl(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<T>& p, const T* x,
+                        PeerQueryContext<T>& ctx) {
   validate(s);
   PL_CHECK(mode == PeerNormMode::eval || s.tokens >= 2, config,
            "peer layer: a train-mode BatchNorm needs at least 2 tokens for a batch variance (got ", s.tokens,
@@ -36,7 +37,6 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
   PL_CHECK(!p.bn_scale == !p.bn_shift && (!p.bn_scale || mode == PeerNormMode::eval), config,
            "peer layer: a folded BatchNorm (bn_scale, bn_shift) needs both and eval mode");
   const int64_t T_ = s.tokens, C = s.channels(), d = s.dim, hk = s.heads * s.k;
-  PeerLayerContext<T> ctx;
   ctx.mode = mode;
   ctx.q_hat.resize(static_cast<size_t>(T_ * C));
   ctx.q.resize(static_cast<size_t>(T_ * C));
@@ -44,8 +44,7 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
   ctx.ids.resize(static_cast<size_t>(T_ * hk));
   ctx.scores.resize(static_cast<size_t>(T_ * hk));
   ctx.gates.resize(static_cast<size_t>(T_ * hk));
-  ctx.pre_act.resize(static_cast<size_t>(T_ * hk));
-  if (T_ == 0) return ctx;
+  if (T_ == 0) return;
 
   // q_raw (T, C) = x (T, d) · W_qᵀ, held in q_hat until normalised in place.
   detail::peer_gemm(Trans::no, Trans::yes, T_, C, d, x, d, p.w_q, d, T(0), ctx.q_hat.data(), C);
@@ -89,13 +88,24 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
   }
 
   peer_retrieval_cpu(s.retrieval(), ctx.q.data(), p.sub_keys1, p.sub_keys2, ctx.ids.data(), ctx.scores.data());
+  peer_softmax_gates_cpu(T_ * s.heads, s.k, ctx.scores.data(), ctx.gates.data());
+}
+
+template <typename T>
+PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<T>& p, const T* x,
+                                 T* out, PeerExpertsRunner* runner) {
+  PeerLayerContext<T> ctx;
+  query_forward_impl(s, mode, p, x, ctx);
+  ctx.pre_act.resize(static_cast<size_t>(s.tokens * s.heads * s.k));
+  if (s.tokens == 0) return ctx;
   if constexpr (std::is_same_v<T, float>) {
     if (runner) {
-      peer_softmax_gates_cpu(T_ * s.heads, s.k, ctx.scores.data(), ctx.gates.data());
       runner->forward(s.experts(), x, ctx.ids.data(), ctx.gates.data(), out);
       return ctx;
     }
   }
+  // peer_experts takes the scores and writes the same softmax into ctx.gates again (one exp per
+  // entry, negligible next to the experts): its interface is the one the CUDA layer shares.
   peer_experts_forward_cpu(s.experts(), x, ctx.ids.data(), ctx.scores.data(), p.table, out,
                            PeerExpertsSaved<T>{ctx.gates.data(), ctx.pre_act.data()});
   return ctx;
@@ -104,7 +114,7 @@ PeerLayerContext<T> forward_impl(const PeerLayerShape& s, PeerNormMode mode, con
 // dkeys (sub_key_rows, half) += Σ over entries hitting a row of ds · (the query half that scored it).
 // which = 0: C and q₁ (row a = id / n); which = 1: C′ and q₂ (row b = id % n).
 template <typename T>
-void sub_key_grad(const PeerLayerShape& s, const PeerLayerContext<T>& ctx, const T* dscores, int which, T* dkeys) {
+void sub_key_grad(const PeerLayerShape& s, const PeerQueryContext<T>& ctx, const T* dscores, int which, T* dkeys) {
   const int64_t n = s.n_sub, half = s.key_dim / 2, hk = s.heads * s.k, C = s.channels();
   const int64_t count = s.tokens * hk;
   const bool shared = s.keys == PeerKeySharing::shared;
@@ -129,33 +139,21 @@ void sub_key_grad(const PeerLayerShape& s, const PeerLayerContext<T>& ctx, const
 }
 
 template <typename T>
-void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const PeerLayerContext<T>& ctx, const T* x,
-                   const T* dy, T* dx, const PeerLayerGrads<T>& g, PeerExpertsRunner* runner) {
+void check_context(const PeerLayerShape& s, const PeerLayerParams<T>& p, const PeerQueryContext<T>& ctx) {
   validate(s);
+  PL_CHECK(static_cast<int64_t>(ctx.ids.size()) == s.tokens * s.heads * s.k &&
+               static_cast<int64_t>(ctx.q.size()) == s.tokens * s.channels(),
+           config, "peer layer backward: the context does not match the shape (was it made by a forward with this shape?)");
+  PL_CHECK(!p.bn_scale, config, "peer layer backward: a folded BatchNorm (inference parameters) has no backward");
+}
+
+template <typename T>
+void query_backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const PeerQueryContext<T>& ctx,
+                         const T* x, const T* dscores, T* dx, const PeerLayerGrads<T>& g) {
+  check_context(s, p, ctx);
   const int64_t T_ = s.tokens, C = s.channels(), d = s.dim, hk = s.heads * s.k, n = s.n_sub;
   const int64_t half = s.key_dim / 2;
-  PL_CHECK(static_cast<int64_t>(ctx.ids.size()) == T_ * hk && static_cast<int64_t>(ctx.q.size()) == T_ * C, config,
-           "peer layer backward: the context does not match the shape (was it made by a forward with this shape?)");
-  PL_CHECK(!p.bn_scale, config, "peer layer backward: a folded BatchNorm (inference parameters) has no backward");
   if (T_ == 0) return;
-
-  // Experts: dx (overwritten), dscores, the sparse table gradient.
-  std::vector<T> dscores(static_cast<size_t>(T_ * hk));
-  bool done = false;
-  if constexpr (std::is_same_v<T, float>) {
-    if (runner) {
-      std::vector<T> dgates(static_cast<size_t>(T_ * hk));
-      runner->backward(s.experts(), x, ctx.ids.data(), ctx.gates.data(), dy, dx, dgates.data());
-      peer_softmax_gates_backward_cpu(T_ * s.heads, s.k, ctx.gates.data(), dgates.data(), dscores.data());
-      done = true;
-    }
-  }
-  if (!done) {
-    PeerSparseGrad<T> local_table;
-    PeerSparseGrad<T>& dtable = g.table ? *g.table : local_table;
-    peer_experts_backward_cpu(s.experts(), x, ctx.ids.data(), p.table, ctx.gates.data(), ctx.pre_act.data(), dy, dx,
-                              dscores.data(), dtable);
-  }
 
   // Scores -> query: dq₁ = Σ_j ds_j c_a, dq₂ = Σ_j ds_j c′_b, per (token, head) in j order.
   std::vector<T> dq(static_cast<size_t>(T_ * C));  // (T, C)
@@ -176,8 +174,8 @@ void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const P
       }
     }
   // Scores -> sub-keys.
-  if (g.sub_keys1) sub_key_grad(s, ctx, dscores.data(), 0, g.sub_keys1);
-  if (g.sub_keys2) sub_key_grad(s, ctx, dscores.data(), 1, g.sub_keys2);
+  if (g.sub_keys1) sub_key_grad(s, ctx, dscores, 0, g.sub_keys1);
+  if (g.sub_keys2) sub_key_grad(s, ctx, dscores, 1, g.sub_keys2);
 
   // BatchNorm backward, in place: dq becomes dq_raw.
 #pragma omp parallel for schedule(static) if (T_ * C >= detail::kParallelMin)
@@ -205,7 +203,53 @@ void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const P
   detail::peer_gemm(Trans::no, Trans::no, T_, d, C, dq.data(), C, p.w_q, d, T(1), dx, d);
 }
 
+template <typename T>
+void backward_impl(const PeerLayerShape& s, const PeerLayerParams<T>& p, const PeerLayerContext<T>& ctx, const T* x,
+                   const T* dy, T* dx, const PeerLayerGrads<T>& g, PeerExpertsRunner* runner) {
+  check_context(s, p, ctx);
+  const int64_t T_ = s.tokens, hk = s.heads * s.k;
+  if (T_ == 0) return;
+
+  // Experts: dx (overwritten), dscores, the sparse table gradient.
+  std::vector<T> dscores(static_cast<size_t>(T_ * hk));
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (runner) {
+      std::vector<T> dgates(static_cast<size_t>(T_ * hk));
+      runner->backward(s.experts(), x, ctx.ids.data(), ctx.gates.data(), dy, dx, dgates.data());
+      peer_softmax_gates_backward_cpu(T_ * s.heads, s.k, ctx.gates.data(), dgates.data(), dscores.data());
+      done = true;
+    }
+  }
+  if (!done) {
+    PeerSparseGrad<T> local_table;
+    PeerSparseGrad<T>& dtable = g.table ? *g.table : local_table;
+    peer_experts_backward_cpu(s.experts(), x, ctx.ids.data(), p.table, ctx.gates.data(), ctx.pre_act.data(), dy, dx,
+                              dscores.data(), dtable);
+  }
+  query_backward_impl(s, p, ctx, x, dscores.data(), dx, g);
+}
+
 }  // namespace
+
+void peer_query_forward_cpu(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
+                            const float* x, PeerQueryContext<float>& ctx) {
+  query_forward_impl(s, mode, p, x, ctx);
+}
+void peer_query_forward_cpu(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<double>& p,
+                            const double* x, PeerQueryContext<double>& ctx) {
+  query_forward_impl(s, mode, p, x, ctx);
+}
+void peer_query_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<float>& p,
+                             const PeerQueryContext<float>& ctx, const float* x, const float* dscores, float* dx,
+                             const PeerLayerGrads<float>& g) {
+  query_backward_impl(s, p, ctx, x, dscores, dx, g);
+}
+void peer_query_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<double>& p,
+                             const PeerQueryContext<double>& ctx, const double* x, const double* dscores,
+                             double* dx, const PeerLayerGrads<double>& g) {
+  query_backward_impl(s, p, ctx, x, dscores, dx, g);
+}
 
 PeerLayerContext<float> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
                                                const PeerLayerParams<float>& p, const float* x, float* out,

@@ -3,7 +3,11 @@
 //   q_raw = x·W_qᵀ                      (tokens, heads·key_dim), full precision
 //   q     = γ ⊙ (q_raw − μ)·rstd + β     BatchNorm over the tokens of the batch, per channel
 //   ids, scores = peer_retrieval(q)      (tokens, heads, k)
-//   out   = peer_experts(x, ids, scores)
+//   gates = softmax of each head's k scores
+//   out   = peer_experts(x, ids, gates)
+// The first four lines are the query half (peer_query_*_cpu), which product-key memory shares
+// (PKM, BASELINES §4: "PKM and PEER share one op"; model/modules/pkm_mixer.cpp puts a bag of value
+// rows on top of the same ids and gates); peer_layer_*_cpu is that half plus the experts.
 // forward() returns a context that backward() consumes. Backward gives dx, dW_q, dγ, dβ, dC, dC′
 // (through the scores s = q₁·c_a + q₂·c′_b) and the sparse table gradient; top-k has no gradient.
 #pragma once
@@ -28,6 +32,7 @@ namespace peerless {
 // convention). eval: normalise with the running statistics, which are then constants for backward.
 enum class PeerNormMode { train, eval };
 
+// PKM (no experts) fills it too; `act` is then unused and n_sub² is the number of value rows.
 struct PeerLayerShape {
   int64_t tokens = 0;
   int64_t dim = 0;       // d
@@ -86,16 +91,21 @@ struct PeerLayerGrads {
   PeerSparseGrad<T>* table = nullptr;
 };
 
-// Everything backward needs from forward.
+// Everything the query half's backward needs from its forward.
 template <typename T>
-struct PeerLayerContext {
+struct PeerQueryContext {
   PeerNormMode mode = PeerNormMode::train;
   std::vector<T> q_hat;      // (tokens, heads·key_dim) normalised query, before γ and β
   std::vector<T> q;          // (tokens, heads·key_dim) the retrieval query γ ⊙ q̂ + β
   std::vector<T> bn_rstd;    // (heads·key_dim) 1/√(var + eps) of the statistics used
   std::vector<int32_t> ids;  // (tokens, heads, k)
   std::vector<T> scores;     // (tokens, heads, k) sorted descending per head
-  std::vector<T> gates;      // (tokens, heads, k)
+  std::vector<T> gates;      // (tokens, heads, k) softmax of each head's scores
+};
+
+// Everything the layer's backward needs from forward: the query half's and the experts'.
+template <typename T>
+struct PeerLayerContext : PeerQueryContext<T> {
   std::vector<T> pre_act;    // (tokens, heads, k)
 };
 
@@ -114,6 +124,24 @@ class PeerExpertsRunner {
                         const float* dy, float* dx, float* dgates) = 0;
 };
 
+// The query half, shared by PEER and PKM. x (tokens, d) -> ctx (q̂, q, rstd, ids, scores, gates)
+// overwritten; reads W_q, the BatchNorm and the sub-keys of p (p.table is not read); a train-mode
+// forward updates p's running statistics. Train mode needs tokens >= 2 (a batch variance).
+void peer_query_forward_cpu(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
+                            const float* x, PeerQueryContext<float>& ctx);
+void peer_query_forward_cpu(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<double>& p,
+                            const double* x, PeerQueryContext<double>& ctx);
+// dscores (tokens, heads, k), the gradient of the scores (softmax backward already applied by the
+// caller) -> dx (tokens, d) += the query path's input gradient; g accumulated (g.table not used).
+// Bit-identical for any thread count.
+void peer_query_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<float>& p,
+                             const PeerQueryContext<float>& ctx, const float* x, const float* dscores, float* dx,
+                             const PeerLayerGrads<float>& g);
+void peer_query_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<double>& p,
+                             const PeerQueryContext<double>& ctx, const double* x, const double* dscores,
+                             double* dx, const PeerLayerGrads<double>& g);
+
+// The whole layer: the query half, then the experts.
 // x (tokens, d) -> out (tokens, d) overwritten. Train mode needs tokens >= 2 (a batch variance).
 PeerLayerContext<float> peer_layer_forward_cpu(const PeerLayerShape& s, PeerNormMode mode,
                                                const PeerLayerParams<float>& p, const float* x, float* out,
