@@ -14,13 +14,22 @@
 
 namespace peerless {
 
-std::string Tokenizer::decode(std::span<const int32_t> ids) const {
+void Tokenizer::check_ids(std::span<const int32_t> ids) const {
   const int64_t v = vocab_size();
   for (size_t i = 0; i < ids.size(); ++i) {
     PL_CHECK(ids[i] >= 0 && ids[i] < v, data, "cannot decode token id ", ids[i], " at position ", i, ": the ", kind(),
              " tokenizer has ids 0..", v - 1, " (tokens from another tokenizer or corrupt data?)");
   }
+}
+
+std::string Tokenizer::decode(std::span<const int32_t> ids) const {
+  check_ids(ids);
   return decode_impl(ids);
+}
+
+std::string Tokenizer::decode_continuation(std::span<const int32_t> ids) const {
+  check_ids(ids);
+  return decode_continuation_impl(ids);
 }
 
 std::vector<int32_t> ByteTokenizer::encode_impl(std::string_view text, const EncodeProgress* progress) const {
@@ -50,9 +59,11 @@ std::unique_ptr<Tokenizer> Tokenizer::load_from_h5(hid_t group) {
   } else if (kind == "gpt2" || kind == "bpe") {
     tok = BpeTokenizer::from_gpt2_text(h5::read_text(group, "encoder.json"), h5::read_text(group, "vocab.bpe"), kind,
                                        h5::describe(group));
+  } else if (kind == "spm") {
+    tok = SpmTokenizer::load_h5(group);
   } else {
     PL_FAIL(data, "unknown tokenizer kind '", kind, "' in ", h5::describe(group),
-            " (expected byte, gpt2 or bpe; was the file written by a newer peerless?)");
+            " (expected byte, gpt2, bpe or spm; was the file written by a newer peerless?)");
   }
   PL_CHECK(tok->vocab_size() == vocab, data, "tokenizer in ", h5::describe(group), " declares vocab_size ", vocab,
            " but its vocabulary has ", tok->vocab_size(), " tokens (corrupt file?)");

@@ -108,7 +108,7 @@ int cmd_generate(const Args& args) {
   std::fputs(prompt.c_str(), stdout);
   std::fflush(stdout);
   const auto print = [&](int32_t t) {
-    const std::string piece = tokenizer->decode(std::vector<int32_t>{t});
+    const std::string piece = tokenizer->decode_continuation(std::span<const int32_t>(&t, 1));  // after the prompt
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
   };

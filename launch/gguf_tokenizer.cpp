@@ -1,6 +1,7 @@
 // Tokenizer keys of GGUF files (see gguf_tokenizer.h).
 #include "launch/gguf_tokenizer.h"
 
+#include <climits>
 #include <nlohmann/json.hpp>
 #include <unordered_set>
 
@@ -16,11 +17,61 @@ std::string unicode_of(const std::string& bytes) {
   return out;
 }
 
+// Unused tokens (type 5) up to the model's vocabulary: readers expect one token per embedding row.
+void pad_vocabulary(std::vector<std::string>& tokens, std::vector<int32_t>& types, int64_t vocab_size) {
+  for (auto id = static_cast<int64_t>(tokens.size()); id < vocab_size; ++id) {
+    tokens.push_back("[PAD" + std::to_string(id) + "]");
+    types.push_back(static_cast<int32_t>(SpmTokenizer::TokenType::unused));
+  }
+}
+
+// llama.cpp's keys for a SentencePiece vocabulary ("llama"); llama models expect BOS first.
+void write_spm(gguf::Writer& w, const SpmTokenizer& tok, int64_t vocab_size) {
+  const SpmTokenizer::Vocab& v = tok.vocab();
+  std::vector<std::string> tokens = v.tokens;
+  std::vector<int32_t> types = v.token_type;
+  std::vector<float> scores = v.scores;
+  pad_vocabulary(tokens, types, vocab_size);
+  scores.resize(tokens.size(), 0.f);
+  w.kv_str("tokenizer.ggml.model", "llama");
+  w.kv_str("peerless.tokenizer.kind", tok.kind());
+  w.kv_str_array("tokenizer.ggml.tokens", std::move(tokens));
+  w.kv_f32_array("tokenizer.ggml.scores", scores);
+  w.kv_i32_array("tokenizer.ggml.token_type", types);
+  w.kv_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(v.bos_token_id));
+  w.kv_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(v.eos_token_id));
+  w.kv_u32("tokenizer.ggml.unknown_token_id", static_cast<uint32_t>(v.unknown_token_id));
+  w.kv_bool("tokenizer.ggml.add_bos_token", true);
+}
+
+// A special-token id key, llama's default when absent (the llama2.c converter writes no unknown id).
+int32_t special_id(const gguf::File& f, const std::string& key, int32_t fallback) {
+  if (!f.has(key)) return fallback;
+  const uint32_t id = f.get_u32(key);
+  PL_CHECK(id <= INT32_MAX, data, f.path(), ": ", key, " = ", id, " is not a token id");
+  return static_cast<int32_t>(id);
+}
+
+std::unique_ptr<Tokenizer> read_spm(const gguf::File& f) {
+  SpmTokenizer::Vocab v;
+  v.tokens = f.get_str_array("tokenizer.ggml.tokens");
+  v.scores = f.get_f32_array("tokenizer.ggml.scores");
+  v.token_type = f.get_i32_array("tokenizer.ggml.token_type");
+  v.bos_token_id = special_id(f, "tokenizer.ggml.bos_token_id", v.bos_token_id);
+  v.eos_token_id = special_id(f, "tokenizer.ggml.eos_token_id", v.eos_token_id);
+  v.unknown_token_id = special_id(f, "tokenizer.ggml.unknown_token_id", v.unknown_token_id);
+  return std::make_unique<SpmTokenizer>(std::move(v), f.path(), "tokenizer.ggml.");
+}
+
 }  // namespace
 
 void write_gguf_tokenizer(gguf::Writer& w, const Tokenizer& tok, int64_t vocab_size) {
   const int64_t n = tok.vocab_size();
   PL_CHECK(n <= vocab_size, config, "the tokenizer has ", n, " tokens, more than the model's vocabulary ", vocab_size);
+  if (const auto* spm = dynamic_cast<const SpmTokenizer*>(&tok)) {
+    write_spm(w, *spm, vocab_size);
+    return;
+  }
   std::vector<std::string> tokens, merges;
   std::vector<int32_t> types;
   const auto* bpe = dynamic_cast<const BpeTokenizer*>(&tok);
@@ -30,10 +81,7 @@ void write_gguf_tokenizer(gguf::Writer& w, const Tokenizer& tok, int64_t vocab_s
                          : byte_to_unicode()[static_cast<size_t>(id)]);
     types.push_back(tok.eot_id() == i ? 3 : 1);
   }
-  for (int64_t id = n; id < vocab_size; ++id) {
-    tokens.push_back("[PAD" + std::to_string(id) + "]");
-    types.push_back(5);
-  }
+  pad_vocabulary(tokens, types, vocab_size);
   if (bpe)
     for (const auto& m : bpe->merges())
       merges.push_back(unicode_of(bpe->token_bytes(m.left)) + " " + unicode_of(bpe->token_bytes(m.right)));
@@ -51,6 +99,8 @@ void write_gguf_tokenizer(gguf::Writer& w, const Tokenizer& tok, int64_t vocab_s
 }
 
 std::unique_ptr<Tokenizer> read_gguf_tokenizer(const gguf::File& f) {
+  // llama.cpp's converters write no peerless kind: for them the model key names the algorithm.
+  if (f.has("tokenizer.ggml.model") && f.get_str("tokenizer.ggml.model") == "llama") return read_spm(f);
   const std::string kind = f.get_str("peerless.tokenizer.kind");
   const auto& tokens = f.get_str_array("tokenizer.ggml.tokens");
   const auto types = f.get_i32_array("tokenizer.ggml.token_type");
