@@ -51,6 +51,9 @@ class Tokenizer {
   virtual std::string kind() const = 0;  // "byte" | "gpt2" | "bpe" | "spm"
   // The end-of-text token that separates documents, if the vocabulary has one.
   virtual std::optional<int32_t> eot_id() const { return std::nullopt; }
+  // The begin-of-sequence token models of this vocabulary saw at position 0 (SentencePiece/llama),
+  // which generation puts before the prompt; none for peerless' own tokenizers.
+  virtual std::optional<int32_t> bos() const { return std::nullopt; }
 
   // Writes everything needed to rebuild the tokenizer into an (empty) HDF5 group: attribute `kind`,
   // `vocab_size`, optional `eot_id`, and for BPE the text datasets `encoder.json` and `vocab.bpe`.
@@ -193,6 +196,7 @@ class SpmTokenizer final : public Tokenizer {
 
   const Vocab& vocab() const { return vocab_; }
   int32_t bos_id() const { return vocab_.bos_token_id; }
+  std::optional<int32_t> bos() const override { return bos_id(); }
 
  protected:
   std::vector<int32_t> encode_impl(std::string_view text, const EncodeProgress* progress) const override;

@@ -93,13 +93,15 @@ int cmd_export(const Args& args) {
 
 int cmd_import(const Args& args) {
   std::string in, out;
-  ArgParser p("import", "Read a peerless GGUF file (either profile) back into a model file (model.h5).");
-  p.positional("FILE", &in, "a .gguf file written by peerless export");
+  ArgParser p("import", "Read a GGUF file into a model file (model.h5): peerless exports (either profile) and "
+              "llama.cpp `llama` models (F32/F16).");
+  p.positional("FILE", &in, "a .gguf file: written by peerless export, or of the llama architecture");
   p.option("out", &out, "PATH", "model file to write");
   if (!p.parse(args)) return 0;
   PL_CHECK(!out.empty(), config, "import needs --out PATH");
   const gguf::File f(in);
-  const LoadedModel m = import_gguf(f);
+  const std::string arch = f.has("general.architecture") ? f.get_str("general.architecture") : "";
+  const LoadedModel m = arch == "llama" ? import_llama_gguf(f) : import_gguf(f);
   save_model_file(out, *m.model, m.params.data(), m.config_text, m.step, m.tokens, m.tokenizer.get());
   std::printf("wrote %s (%s parameters)\n", out.c_str(), human_count(m.model->layout().total()).c_str());
   return 0;

@@ -103,7 +103,8 @@ int cmd_generate(const Args& args) {
   const GenerateModel loaded = load_generate_model(target, data, io_opts);
   const std::unique_ptr<InferenceModel>& model = loaded.model;  // null: a model the module decoder runs
   const std::shared_ptr<Tokenizer>& tokenizer = loaded.tokenizer;
-  const std::vector<int32_t> ids = tokenizer->encode(prompt);
+  std::vector<int32_t> ids = tokenizer->encode(prompt);
+  if (const auto bos = tokenizer->bos()) ids.insert(ids.begin(), *bos);
   PL_CHECK(!ids.empty(), config, "--prompt encodes to no tokens; give a non-empty prompt");
   std::fputs(prompt.c_str(), stdout);
   std::fflush(stdout);

@@ -18,4 +18,10 @@ namespace peerless {
 // from the file's keys; run.name from general.name.
 LoadedModel import_gguf(const gguf::File& f);
 
+// A GGUF file of llama.cpp's `llama` architecture (v1, v2 or v3; F32/F16 tensors; the tokenizer
+// inside) as a model of "attention" token mixers and "swiglu" channel mixers (quant = "none",
+// model.head = "linear", RoPE on adjacent pairs) that sample, eval and the trainer accept
+// (launch/import_llama.cpp).
+LoadedModel import_llama_gguf(const gguf::File& f);
+
 }  // namespace peerless

@@ -105,6 +105,8 @@ void save_model_file(const std::string& path, const Model& model, const float* p
       float beta = 0.f;
       const int8_t* codes = nullptr;
       if (p.kind == ParamKind::ternary_weight) {
+        PL_CHECK(static_cast<int64_t>(model.codes().size()) == model.layout().total(), internal,
+                 "save_model_file: the model has no ternary forward copies (call refresh_ternary first)");
         codes = model.codes().data() + p.offset;
         beta = model.betas()[idx];
       } else if (const int64_t layer = peer_table_layer(model, static_cast<int>(idx)); layer >= 0) {
