@@ -48,7 +48,8 @@ std::string describe_accounting(const Model& model) {
   os << "accounting: parameters " << human_count(static_cast<int64_t>(total)) << ", non-embedding "
      << human_count(static_cast<int64_t>(nonemb)) << ", active per token " << human_count(static_cast<int64_t>(active))
      << "; forward " << flops_text(fwd) << " per token (LM head " << flops_text(2.0 * model.config().d_model *
-        static_cast<double>(model.config().vocab_size)) << "), training ≈ 3x = " << flops_text(3 * fwd) << "\n";
+        static_cast<double>(model.config().vocab_size)) << "), training " << flops_text(model.training_flops_per_token())
+     << " (3x, attention scores 3.5x)\n";
   const auto& mods = model.modules();
   auto line = [&](size_t i) {
     const Module& m = *mods[i];

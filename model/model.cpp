@@ -511,6 +511,12 @@ double Model::flops_per_token() const {
   return total + 2.0 * static_cast<double>(config_.d_model) * static_cast<double>(config_.vocab_size);
 }
 
+double Model::training_flops_per_token() const {
+  double total = 0;
+  for (const auto& m : modules_) total += m->training_flops_per_token();
+  return total + 3.0 * 2.0 * static_cast<double>(config_.d_model) * static_cast<double>(config_.vocab_size);
+}
+
 const PeerTableBounds& Model::peer_bounds(int peer) const {
   PL_CHECK(peer >= 0 && peer < static_cast<int>(peer_bounds_.size()), internal,
            "deterministic PEER experts without table bounds (refresh_peer_tables not called)");

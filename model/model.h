@@ -141,6 +141,8 @@ class Model {
   int64_t activation_bytes_per_token() const;
   // Forward FLOPs per token (SWEEPS.md §1: the modules' plus the LM head's 2dV).
   double flops_per_token() const;
+  // Forward + backward: the modules' own figures plus 3x the head's 2dV.
+  double training_flops_per_token() const;
   // The residual sub-layers in execution order: block l's token mixer at 2l, its channel mixer at 2l + 1.
   const std::vector<std::shared_ptr<const Module>>& modules() const { return modules_; }
 

@@ -105,6 +105,9 @@ class Module {
   // Bytes forward saves per token; forward FLOPs per token (2 per multiply-add, SWEEPS.md §1).
   virtual int64_t activation_bytes_per_token() const = 0;
   virtual double flops_per_token() const = 0;
+  // Forward + backward FLOPs per token: 3x forward (BASELINES §5), more where the backward
+  // recomputes (attention's scores: 3.5x).
+  virtual double training_flops_per_token() const { return 3.0 * flops_per_token(); }
   // Parameters in a product for one token (../shared/BASELINES.md §5: P_active). Default: every
   // parameter of params_backward_order() but buffers; sparse kinds (PEER, MoE, PKM) override.
   virtual double active_params_per_token(const ParamLayout& layout) const;

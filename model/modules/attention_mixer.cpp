@@ -139,6 +139,12 @@ class AttentionMixer final : public Module {
     const double a = static_cast<double>(H_ * dh_), kv = static_cast<double>(G_ * dh_), d = static_cast<double>(d_);
     return 2.0 * (2.0 * d * a + 2.0 * d * kv + a * static_cast<double>(T_ + 1));
   }
+  // BASELINES §5: the projections 3x forward, the T² part (QKᵀ and PV) 3.5x (the backward
+  // recomputes P).
+  double training_flops_per_token() const override {
+    const double a = static_cast<double>(H_ * dh_), scores = 2.0 * a * static_cast<double>(T_ + 1);
+    return 3.0 * (flops_per_token() - scores) + 3.5 * scores;
+  }
 
   std::unique_ptr<DecodeState> new_decode_state(int64_t max_positions) const override {
     PL_CHECK(max_positions > 0, internal, "attention decode: a KV cache of ", max_positions, " positions");
