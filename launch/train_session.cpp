@@ -272,7 +272,12 @@ bool setup_session(TrainSession& s) {
   s.dp = std::make_unique<DataParallel>(model, s.comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20,
                                         s.replicas.get(), s.ep_comm.get());
   s.adam = std::make_unique<AdamW>(cfg.optim, model.layout(), s.dp->owned());
-  s.loader = std::make_unique<BatchLoader>(s.data->split(Split::train), s.T, static_cast<uint64_t>(cfg.run.seed));
+  s.loader = std::make_unique<BatchLoader>(*s.data, Split::train, s.T, static_cast<uint64_t>(cfg.run.seed));
+  if (const PackedWindows* p = s.loader->packed(); p && s.lead)
+    std::printf("data: instruction data (loss on %s): %lld train examples packed into %lld windows of %lld tokens, "
+                "%lld dropped as longer than that\n",
+                "assistant tokens only", static_cast<long long>(p->examples()), static_cast<long long>(p->count()),
+                static_cast<long long>(s.T + 1), static_cast<long long>(p->dropped()));
   s.loader->seek({static_cast<uint64_t>(cfg.run.seed), 1});
   if (model.n_peer_layers() > 0) s.expert_counts.assign(model.n_peer_layers() * model.peer_experts(), 0.0);
   return true;
