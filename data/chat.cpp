@@ -104,6 +104,7 @@ ChatExample parse_chat_line(const std::string& text, const std::string& file, in
       if (!input.empty()) prompt += "\n\n" + input;
     }
     ex.messages = {{ChatRole::user, prompt}, {ChatRole::assistant, get_string(obj, "output", at)}};
+    PL_CHECK(!chat_answer(ex).empty(), data, at, "\"output\" is an empty assistant reply (nothing to learn)");
   } else {
     PL_CHECK(obj.contains("prompt") || obj.contains("response"), data, at,
              "expected {\"prompt\", \"response\"}, {\"messages\": [...]} or {\"instruction\", \"output\"}");
@@ -111,6 +112,7 @@ ChatExample parse_chat_line(const std::string& text, const std::string& file, in
     ex.messages = {{ChatRole::user, get_string(obj, "prompt", at)},
                    {ChatRole::assistant, get_string(obj, "response", at)}};
     if (obj.contains("kind")) ex.kind = get_string(obj, "kind", at);
+    PL_CHECK(!chat_answer(ex).empty(), data, at, "\"response\" is an empty assistant reply (nothing to learn)");
   }
   check_order(ex.messages, at);
   return ex;
