@@ -54,7 +54,8 @@ const char* prepare_usage =
     "                          with a loss mask: only assistant tokens and their END are targets. The\n"
     "                          first (1 - F) of the examples go to train, the rest to val. A malformed\n"
     "                          line is an error naming the file and line. Training packs whole examples\n"
-    "                          into seq_len windows (longer ones are dropped and counted)\n"
+    "                          into seq_len windows (longer ones are dropped and counted).\n"
+    "                          `peerless tasks N --out T.jsonl` writes verifiable synthetic tasks\n"
     "  --quiet                 no progress lines on stderr\n"
     "  --help                  this text\n";
 
