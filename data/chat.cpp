@@ -23,7 +23,9 @@ namespace {
 using nlohmann::json;
 
 // "FILE:LINE: " for messages.
-std::string where(const std::string& file, int64_t line) { return cat(file.empty() ? "<input>" : file, ":", line, ": "); }
+std::string where(const std::string& file, int64_t line) {
+  return cat(file.empty() ? "<input>" : file, ":", line, ": ");
+}
 
 std::string get_string(const json& obj, const char* key, const std::string& at) {
   const auto it = obj.find(key);
@@ -59,7 +61,9 @@ void check_order(const std::vector<ChatMessage>& ms, const std::string& at) {
   for (; i < ms.size(); ++i) {
     const ChatRole want = (i - (ms[0].role == ChatRole::system)) % 2 == 0 ? ChatRole::user : ChatRole::assistant;
     PL_CHECK(ms[i].role == want, data, at, "message ", i, " has role ",
-             ms[i].role == ChatRole::system ? "system" : ms[i].role == ChatRole::user ? "user" : "assistant",
+             ms[i].role == ChatRole::system ? "system"
+             : ms[i].role == ChatRole::user ? "user"
+                                            : "assistant",
              " but ", want == ChatRole::user ? "user" : "assistant",
              " was expected (an optional system message first, then user and assistant alternating)");
     if (want == ChatRole::assistant)

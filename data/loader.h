@@ -54,7 +54,7 @@ class PackedWindows {
   PackedWindows(TokenSpan tokens, std::span<const uint8_t> mask, std::span<const int64_t> offsets, int64_t seq_len,
                 const std::string& what);
   int64_t count() const { return static_cast<int64_t>(windows_.size()); }
-  int64_t dropped() const { return dropped_; }  // examples longer than seq_len + 1 tokens
+  int64_t dropped() const { return dropped_; }    // examples longer than seq_len + 1 tokens
   int64_t examples() const { return examples_; }  // examples packed
   int64_t counted(int64_t window) const { return windows_[static_cast<size_t>(window)].counted; }
   // inputs, targets (seq_len) of window `window` (see the file comment).

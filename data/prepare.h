@@ -20,12 +20,12 @@
 // 2: /<split>/mask and /<split>/offsets beside the tokens, and the template (data/dataset.h).
 #pragma once
 
+#include <hdf5.h>
+
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
-
-#include <hdf5.h>
 
 namespace peerless {
 

@@ -42,7 +42,8 @@ std::unique_ptr<Tokenizer> chat_tokenizer(const TokenizerSpec& spec, const std::
       if (!s.end) texts.push_back(s.text);
   const std::vector<std::string_view> views(texts.begin(), texts.end());
   if (!quiet)
-    std::fprintf(stderr, "prepare: training a byte-level BPE of %lld tokens\n", static_cast<long long>(spec.vocab_size));
+    std::fprintf(stderr, "prepare: training a byte-level BPE of %lld tokens\n",
+                 static_cast<long long>(spec.vocab_size));
   return train_bpe(views, spec.vocab_size);
 }
 
@@ -85,8 +86,10 @@ PrepareSummary prepare_chat_dataset(const PrepareOptions& opt) {
   }
   // Whole examples per split: the first ceil(n (1 - f)) train, the rest val (at least one train).
   const size_t n = examples.size();
-  const auto n_train = std::max<size_t>(1, static_cast<size_t>(std::ceil(static_cast<double>(n) * (1.0 - opt.val_fraction))));
-  const std::vector<SourcedExample> train_part(examples.begin(), examples.begin() + static_cast<std::ptrdiff_t>(n_train));
+  const auto n_train =
+      std::max<size_t>(1, static_cast<size_t>(std::ceil(static_cast<double>(n) * (1.0 - opt.val_fraction))));
+  const std::vector<SourcedExample> train_part(examples.begin(),
+                                               examples.begin() + static_cast<std::ptrdiff_t>(n_train));
   const std::unique_ptr<Tokenizer> tok = chat_tokenizer(spec, train_part, opt.quiet);
   const ChatSplit splits[2] = {render_split(examples, 0, n_train, *tok), render_split(examples, n_train, n, *tok)};
 

@@ -62,8 +62,8 @@ std::vector<TaskExample> generate_tasks(const TaskOptions& o) {
   PL_CHECK(o.n >= 1, config, "the number of tasks must be at least 1 (got ", o.n, ")");
   PL_CHECK(!o.kinds.empty(), config, "no task kinds given; known kinds: add, reverse, lookup, copy");
   for (const std::string& k : o.kinds)
-    PL_CHECK(std::find(task_kinds().begin(), task_kinds().end(), k) != task_kinds().end(), config, "unknown task kind '",
-             k, "'; known kinds: add, reverse, lookup, copy");
+    PL_CHECK(std::find(task_kinds().begin(), task_kinds().end(), k) != task_kinds().end(), config,
+             "unknown task kind '", k, "'; known kinds: add, reverse, lookup, copy");
   Rng rng(hash_keys(o.seed, 0x7A5C));
   std::vector<TaskExample> out;
   const bool want_held_out = o.split == TaskSplit::held_out;

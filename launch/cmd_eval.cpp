@@ -4,13 +4,13 @@
 #include <cmath>
 #include <cstdio>
 
-#include "data/dataset.h"
 #include "data/chat.h"
+#include "data/dataset.h"
 #include "launch/args.h"
-#include "launch/generate_model.h"
-#include "launch/task_eval.h"
 #include "launch/commands.h"
+#include "launch/generate_model.h"
 #include "launch/model_file.h"
+#include "launch/task_eval.h"
 #include "launch/trainer.h"
 #include "runtime/error.h"
 
@@ -45,7 +45,8 @@ int cmd_eval(const Args& args) {
   p.option("max-new", &max_new, "N", "--tasks: at most N reply tokens before END (default 48)");
   p.option("limit", &limit, "N", "--tasks: at most the first N examples (default 0 = all)");
   if (!p.parse(args)) return 0;
-  if (!tasks.empty()) return eval_tasks(target, data_path, tasks, parse_int_arg("max-new", max_new), parse_int_arg("limit", limit));
+  if (!tasks.empty())
+    return eval_tasks(target, data_path, tasks, parse_int_arg("max-new", max_new), parse_int_arg("limit", limit));
   PL_CHECK(split == "val" || split == "train", config, "--split must be val or train (got '", split, "')");
   const int64_t max_windows = parse_int_arg("windows", windows), batch_n = parse_int_arg("batch", batch);
   PL_CHECK(max_windows >= 0 && batch_n > 0, config, "--windows must be >= 0 and --batch > 0");

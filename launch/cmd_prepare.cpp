@@ -145,7 +145,8 @@ int cmd_prepare(const Args& args) {
   std::printf("\n  val         %lld tokens", static_cast<long long>(s.n_val_tokens));
   if (opt.format == PrepareFormat::chat) std::printf(" in %lld examples", static_cast<long long>(s.n_val_examples));
   std::printf(" (val fraction %g)\n", opt.val_fraction);
-  if (opt.format == PrepareFormat::chat) std::printf("  template    %s, loss mask on assistant tokens\n", chat_template_name);
+  if (opt.format == PrepareFormat::chat)
+    std::printf("  template    %s, loss mask on assistant tokens\n", chat_template_name);
   std::printf("  dtype       %s\n", s.token_dtype.c_str());
   if (s.bpe_train_seconds > 0) std::printf("  bpe train   %.1f s\n", s.bpe_train_seconds);
   if (!opt.save_tokenizer_dir.empty()) std::printf("  tokenizer   saved to %s\n", opt.save_tokenizer_dir.c_str());

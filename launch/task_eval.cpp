@@ -70,8 +70,8 @@ TaskEvalResult evaluate_tasks(const StreamFactory& streams, const Tokenizer& tok
 std::string format_task_scores(const TaskEvalResult& r) {
   const auto line = [](const TaskScore& s) {
     char buf[160];
-    std::snprintf(buf, sizeof(buf), "  %-10s %6lld / %-6lld %6.1f%%\n", s.kind.c_str(), static_cast<long long>(s.correct),
-                  static_cast<long long>(s.total), 100.0 * s.accuracy());
+    std::snprintf(buf, sizeof(buf), "  %-10s %6lld / %-6lld %6.1f%%\n", s.kind.c_str(),
+                  static_cast<long long>(s.correct), static_cast<long long>(s.total), 100.0 * s.accuracy());
     return std::string(buf);
   };
   std::string out;

@@ -274,10 +274,11 @@ bool setup_session(TrainSession& s) {
   s.adam = std::make_unique<AdamW>(cfg.optim, model.layout(), s.dp->owned());
   s.loader = std::make_unique<BatchLoader>(*s.data, Split::train, s.T, static_cast<uint64_t>(cfg.run.seed));
   if (const PackedWindows* p = s.loader->packed(); p && s.lead)
-    std::printf("data: instruction data (loss on %s): %lld train examples packed into %lld windows of %lld tokens, "
-                "%lld dropped as longer than that\n",
-                "assistant tokens only", static_cast<long long>(p->examples()), static_cast<long long>(p->count()),
-                static_cast<long long>(s.T + 1), static_cast<long long>(p->dropped()));
+    std::printf(
+        "data: instruction data (loss on %s): %lld train examples packed into %lld windows of %lld tokens, "
+        "%lld dropped as longer than that\n",
+        "assistant tokens only", static_cast<long long>(p->examples()), static_cast<long long>(p->count()),
+        static_cast<long long>(s.T + 1), static_cast<long long>(p->dropped()));
   s.loader->seek({static_cast<uint64_t>(cfg.run.seed), 1});
   if (model.n_peer_layers() > 0) s.expert_counts.assign(model.n_peer_layers() * model.peer_experts(), 0.0);
   return true;

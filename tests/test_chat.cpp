@@ -170,8 +170,8 @@ TEST(ChatPrepare, MalformedLineLeavesNoFile) {
 // Examples of 5, 4, 10 and 3 tokens with seq_len 7 (windows of 8 tokens): [ex0], [ex1] (ex2 is
 // dropped: longer than 8), [ex3].
 TEST(PackedWindows, PacksWholeExamplesMasksAndPads) {
-  const std::vector<int32_t> tokens = {10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32, 33, 34,
-                                       35, 36, 37, 38, 39, 40, 41, 42};
+  const std::vector<int32_t> tokens = {10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31,
+                                       32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42};
   const std::vector<uint8_t> mask = {0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 1, 1};
   const std::vector<int64_t> offsets = {0, 5, 9, 19, 22};
   const PackedWindows p(tokens, mask, offsets, 7, "test");

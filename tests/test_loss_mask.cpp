@@ -34,11 +34,15 @@ TEST(CrossEntropyIgnore, IgnoredRowsHaveNoLossNoGradient) {
   cross_entropy_cpu(rows, V, d_some.data(), some.data(), loss_some.data(), d_some.data(), 0.25f);  // in place
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t v = 0; v < V; ++v) {
-      if (some[r] < 0) EXPECT_EQ(d_some[r * V + v], 0.f) << r;
-      else EXPECT_EQ(d_some[r * V + v], d_all[r * V + v]) << r;
+      if (some[r] < 0)
+        EXPECT_EQ(d_some[r * V + v], 0.f) << r;
+      else
+        EXPECT_EQ(d_some[r * V + v], d_all[r * V + v]) << r;
     }
-    if (some[r] < 0) EXPECT_EQ(loss_some[r], 0.f);
-    else EXPECT_EQ(loss_some[r], loss_all[r]);
+    if (some[r] < 0)
+      EXPECT_EQ(loss_some[r], 0.f);
+    else
+      EXPECT_EQ(loss_some[r], loss_all[r]);
   }
 }
 
@@ -57,7 +61,8 @@ struct Outcome {
   std::vector<float> losses, grads;
 };
 
-Outcome run(const Model& m, const std::vector<float>& params, const test::Batch& b, const std::vector<int32_t>& targets) {
+Outcome run(const Model& m, const std::vector<float>& params, const test::Batch& b,
+            const std::vector<int32_t>& targets) {
   Outcome r;
   ForwardContext ctx;
   r.loss = m.forward(params.data(), b.ids.data(), targets.data(), b.B, b.T, ctx);

@@ -127,7 +127,9 @@ TEST(TaskEval, ExactMatchPerKind) {
   ASSERT_EQ(perfect.kinds.size(), 4u);
   for (const TaskScore& s : perfect.kinds) EXPECT_EQ(s.correct, 3) << s.kind;
   // Wrong on every "add" (one digit too many): 9 of 12.
-  const auto wrong_add = [](const ChatExample& ex) { return ex.kind == "add" ? chat_answer(ex) + "0" : chat_answer(ex); };
+  const auto wrong_add = [](const ChatExample& ex) {
+    return ex.kind == "add" ? chat_answer(ex) + "0" : chat_answer(ex);
+  };
   const TaskEvalResult r = evaluate_tasks(oracle(examples, tok, wrong_add), tok, examples, {});
   EXPECT_EQ(r.all.correct, 9);
   EXPECT_EQ(r.kinds[0].kind, "add");

@@ -3,7 +3,8 @@
 // fixed block tree. Same numerics as the CPU reference: the argmax's own term is left out of the sum
 // so the loss is (max − target) + log1p(rest); a NaN logit makes the row's loss NaN. dlogits may
 // alias logits: every read of the row (the target logit included) happens before a barrier that
-// precedes the first write. A negative target (ignore_target) gives loss 0 and a zero row. Next optimisation: one-pass online softmax and float4 loads.
+// precedes the first write. A negative target (ignore_target) gives loss 0 and a zero row. Next optimisation: one-pass
+// online softmax and float4 loads.
 #include <cuda_bf16.h>
 
 #include <cfloat>
