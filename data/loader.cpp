@@ -63,6 +63,7 @@ PackedWindows::PackedWindows(TokenSpan tokens, std::span<const uint8_t> mask, st
   // A target counts iff its token (position i + 1 of the window) is a target token.
   for (Window& w : windows_)
     for (int64_t i = w.begin + 1; i < w.end; ++i) w.counted += mask_[static_cast<size_t>(i)];
+  PL_CHECK(offsets.size() > 1, data, what, " holds no examples (for the val split: prepare with --val-fraction > 0)");
   PL_CHECK(!windows_.empty(), data, what, " has ", dropped_, " examples and all are longer than seq_len+1 = ", cap,
            " tokens; raise data.seq_len or shorten the examples");
 }
