@@ -27,7 +27,7 @@ with h5py.File("tasks.h5") as f:
     assert "### Assistant:" in (t.decode() if isinstance(t, bytes) else t)
 print("ok: version 2 file with mask, offsets, template")
 PY
-train() { "$bin" train "$src/configs/tiny.toml" --set run.out_dir=runs --set train.sample_tokens=0 "$@"; }
+train() { "$bin" train "$src/configs/tiny.toml" --set run.out_dir=runs --set run.threads=1 --set train.sample_tokens=0 "$@"; }
 train --set data.path=tasks.h5 --set run.name=tasks --set data.seq_len=64 --set train.max_steps=6 > train.log
 grep -q "180 train examples packed into" train.log || { cat train.log; fail "no packing line"; }
 "$bin" eval runs/tasks | grep -q "val loss:" || fail "eval loss"
