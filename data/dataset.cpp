@@ -46,6 +46,23 @@ std::vector<int32_t> read_split(hid_t file, const std::string& path, Split split
   return out;
 }
 
+// Version 2: the split's mask (0/1, one per token) and offsets (0 = o_0 < o_1 < ... = n_tokens).
+void read_chat_split(hid_t file, const std::string& path, Split split, int64_t n_tokens, std::vector<uint8_t>& mask,
+                     std::vector<int64_t>& offsets) {
+  const std::string g = std::string("/") + split_name(split);
+  mask = h5::read_1d<uint8_t>(file, g + "/mask");
+  offsets = h5::read_1d<int64_t>(file, g + "/offsets");
+  PL_CHECK(static_cast<int64_t>(mask.size()) == n_tokens, data, "token file '", path, "': ", g, "/mask has ",
+           mask.size(), " entries for ", n_tokens, " tokens (corrupt file; re-run peerless prepare)");
+  for (size_t i = 0; i < mask.size(); ++i)
+    PL_CHECK(mask[i] <= 1, data, "token file '", path, "': ", g, "/mask[", i, "] = ", int{mask[i]},
+             ", expected 0 or 1 (corrupt file; re-run peerless prepare)");
+  bool ok = !offsets.empty() && offsets.front() == 0 && offsets.back() == n_tokens;
+  for (size_t i = 1; ok && i < offsets.size(); ++i) ok = offsets[i] > offsets[i - 1];
+  PL_CHECK(ok, data, "token file '", path, "': ", g, "/offsets must rise strictly from 0 to the split's ", n_tokens,
+           " tokens (corrupt file; re-run peerless prepare)");
+}
+
 }  // namespace
 
 TokenDataset::TokenDataset(const std::string& path) : path_(path) {
@@ -56,8 +73,9 @@ TokenDataset::TokenDataset(const std::string& path) : path_(path) {
   PL_CHECK(format == token_file_format, data, "'", path, "' has format '", format, "', expected '", token_file_format,
            "' (is it a model or checkpoint file? give the file written by peerless prepare)");
   const int64_t version = h5::read_int_attr(file, "format_version");
-  PL_CHECK(version == token_file_version, data, "token file '", path, "' has format_version ", version,
-           " but this peerless reads version ", token_file_version, "; re-run peerless prepare");
+  PL_CHECK(version == token_file_version || version == token_file_chat_version, data, "token file '", path,
+           "' has format_version ", version, " but this peerless reads versions ", token_file_version, " and ",
+           token_file_chat_version, "; re-run peerless prepare");
   vocab_size_ = h5::read_int_attr(file, "vocab_size");
   PL_CHECK(vocab_size_ >= 1 && vocab_size_ <= bpe_max_vocab, data, "token file '", path, "' has vocab_size ",
            vocab_size_, ", outside 1..", bpe_max_vocab);
@@ -79,11 +97,19 @@ TokenDataset::TokenDataset(const std::string& path) : path_(path) {
              have, " tokens (truncated or corrupt file; re-run peerless prepare)");
   }
 
+  if (version == token_file_chat_version) {
+    read_chat_split(file, path, Split::train, static_cast<int64_t>(train_.size()), train_mask_, train_offsets_);
+    read_chat_split(file, path, Split::val, static_cast<int64_t>(val_.size()), val_mask_, val_offsets_);
+    chat_template_ = h5::read_string_attr(file, "chat_template");
+  }
+
   uint64_t h = 0xcbf29ce484222325ull;
   const int64_t header[3] = {vocab_size_, static_cast<int64_t>(train_.size()), static_cast<int64_t>(val_.size())};
   h = fnv1a(h, header, sizeof(header));
   h = fnv1a(h, train_.data(), train_.size() * sizeof(int32_t));
   h = fnv1a(h, val_.data(), val_.size() * sizeof(int32_t));
+  for (const auto* m : {&train_mask_, &val_mask_}) h = fnv1a(h, m->data(), m->size());
+  for (const auto* o : {&train_offsets_, &val_offsets_}) h = fnv1a(h, o->data(), o->size() * sizeof(int64_t));
   hash_ = h;
 }
 

@@ -86,9 +86,11 @@ size_t utf8_split_point(const std::string& text, double val_fraction) {
   return cut;
 }
 
-void write_tokens(hid_t file, const std::string& group, const std::vector<int32_t>& tokens, h5::Dtype dtype) {
+}  // namespace
+
+void write_token_dataset(hid_t file, const std::string& group, const std::vector<int32_t>& tokens, int64_t vocab) {
   h5::Handle g = h5::create_group(file, group);
-  if (dtype == h5::Dtype::u16) {
+  if (vocab <= 65536) {
     std::vector<uint16_t> narrow(tokens.begin(), tokens.end());
     h5::write_1d<uint16_t>(g, "tokens", narrow, chunk_tokens);
   } else {
@@ -97,7 +99,25 @@ void write_tokens(hid_t file, const std::string& group, const std::vector<int32_
   }
 }
 
-}  // namespace
+void write_file_atomically(const std::string& out, const std::function<void(const std::string& tmp)>& write) {
+  const fs::path out_path(out);
+  if (out_path.has_parent_path()) {
+    std::error_code ec;
+    fs::create_directories(out_path.parent_path(), ec);
+    PL_CHECK(!ec, io, "cannot create the directory of --out '", out, "': ", ec.message());
+  }
+  const std::string tmp = out + ".tmp";
+  try {
+    write(tmp);
+    std::error_code ec;
+    fs::rename(tmp, out, ec);
+    PL_CHECK(!ec, io, "cannot rename '", tmp, "' to '", out, "': ", ec.message());
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);
+    throw;
+  }
+}
 
 std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   std::vector<std::string> files;
@@ -133,6 +153,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
 }
 
 PrepareSummary prepare_dataset(const PrepareOptions& opt) {
+  if (opt.format == PrepareFormat::chat) return prepare_chat_dataset(opt);
   const auto t0 = Clock::now();
   // Every option is checked before any expensive work.
   PL_CHECK(!opt.out.empty(), config, "no output file given; use --out DATA.h5");
@@ -195,8 +216,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
 
   sum.vocab_size = tokenizer->vocab_size();
   sum.tokenizer_kind = tokenizer->kind();
-  const h5::Dtype dtype = sum.vocab_size <= 65536 ? h5::Dtype::u16 : h5::Dtype::u32;
-  sum.token_dtype = h5::dtype_name(dtype);
+  sum.token_dtype = h5::dtype_name(sum.vocab_size <= 65536 ? h5::Dtype::u16 : h5::Dtype::u32);
   sum.eot_id = eot ? *eot : -1;
   sum.n_train_tokens = static_cast<int64_t>(splits[0].size());
   sum.n_val_tokens = static_cast<int64_t>(splits[1].size());
@@ -208,14 +228,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
     sources += (sources.empty() ? "" : "\n") + d.name;
   }
 
-  const fs::path out_path(opt.out);
-  if (out_path.has_parent_path()) {
-    std::error_code ec;
-    fs::create_directories(out_path.parent_path(), ec);
-    PL_CHECK(!ec, io, "cannot create the directory of --out '", opt.out, "': ", ec.message());
-  }
-  const std::string tmp = opt.out + ".tmp";
-  try {
+  write_file_atomically(opt.out, [&](const std::string& tmp) {
     {
       h5::Handle file = h5::create_file(tmp);
       h5::write_attr(file, "format", token_file_format);
@@ -229,22 +242,15 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
       h5::write_attr(file, "sources", sources);
       h5::write_attr(file, "source_bytes", sum.source_bytes);
       if (eot) h5::write_attr(file, "eot_id", static_cast<int64_t>(*eot));
-      write_tokens(file, "train", splits[0], dtype);
-      write_tokens(file, "val", splits[1], dtype);
+      write_token_dataset(file, "train", splits[0], sum.vocab_size);
+      write_token_dataset(file, "val", splits[1], sum.vocab_size);
       tokenizer->save_to_h5(h5::create_group(file, "tokenizer"));
       h5::check(H5Fflush(file, H5F_SCOPE_GLOBAL), "flush", tmp);
     }
     if (!opt.save_tokenizer_dir.empty()) {
       static_cast<const BpeTokenizer&>(*tokenizer).save_gpt2_dir(opt.save_tokenizer_dir);
     }
-    std::error_code ec;
-    fs::rename(tmp, opt.out, ec);
-    PL_CHECK(!ec, io, "cannot rename '", tmp, "' to '", opt.out, "': ", ec.message());
-  } catch (...) {
-    std::error_code ignored;
-    fs::remove(tmp, ignored);
-    throw;
-  }
+  });
   sum.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return sum;
 }

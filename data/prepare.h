@@ -13,9 +13,17 @@
 //   root attributes              format = "peerless-tokens", format_version = 1, vocab_size, tokenizer
 //                                (kind), token_dtype, n_train_tokens, n_val_tokens, val_fraction,
 //                                sources (newline-joined paths), source_bytes, eot_id (BPE kinds only)
+//
+// format = chat (data/prepare_chat.cpp): the inputs are JSONL conversations (data/chat.h), each
+// rendered with the chat template into tokens and a loss mask; the first ceil(n (1 - val_fraction))
+// examples (in path order, then line order) go to train, the rest to val. The file is format_version
+// 2: /<split>/mask and /<split>/offsets beside the tokens, and the template (data/dataset.h).
 #pragma once
 
+#include <hdf5.h>
+
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -27,7 +35,10 @@ struct MemoryInput {
   std::string text;
 };
 
+enum class PrepareFormat { text, chat };
+
 struct PrepareOptions {
+  PrepareFormat format = PrepareFormat::text;
   std::vector<std::string> inputs;         // files or directories (recursed; regular files sorted by path)
   std::string tokenizer = "byte";          // "byte" | "gpt2:DIR" | "bpe:N"
   std::string out;                         // the .h5 file to write
@@ -44,6 +55,7 @@ struct PrepareSummary {
   std::string tokenizer_kind;  // "byte" | "gpt2" | "bpe"
   std::string token_dtype;     // "uint16" | "uint32"
   int64_t eot_id = -1;         // -1: none
+  int64_t n_train_examples = 0, n_val_examples = 0;  // chat only
   std::vector<std::string> sources;
   int64_t source_bytes = 0;
   std::string out;
@@ -52,8 +64,16 @@ struct PrepareSummary {
 };
 
 // Throws peerless::Error (config for bad options, io for missing/unreadable inputs or an unwritable
-// output, data for inputs with no bytes at all); no output file is left behind on failure.
+// output, data for inputs with no bytes at all or malformed chat lines); no output file is left
+// behind on failure. Dispatches to prepare_chat_dataset for PrepareFormat::chat.
 PrepareSummary prepare_dataset(const PrepareOptions& options);
+PrepareSummary prepare_chat_dataset(const PrepareOptions& options);
+
+// Shared by both formats: creates the directory of `out`, calls write(tmp) with tmp = out + ".tmp"
+// and renames tmp to out; on any error the temporary file is removed and the error rethrown.
+void write_file_atomically(const std::string& out, const std::function<void(const std::string& tmp)>& write);
+// /<group>/tokens as uint16 when vocab <= 65536, else uint32 (chunked).
+void write_token_dataset(hid_t file, const std::string& group, const std::vector<int32_t>& tokens, int64_t vocab);
 
 // The file list `inputs` expands to (directories recursed, hidden entries skipped, sorted by path).
 // Archives (.tar, .tar.xz, .tgz, .zip, .gz, .xz, ...) are rejected with a message saying to extract them.

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <string>
 
+#include "data/chat.h"
 #include "data/default_data.h"
 #include "data/prepare.h"
 #include "launch/args.h"
@@ -17,6 +18,7 @@ namespace {
 
 const char* prepare_usage =
     "usage: peerless prepare (--input FILES/DIRS... | --default) --out DATA.h5 [options]\n"
+    "       peerless prepare --format chat --input TASKS.jsonl... --out DATA.h5 [options]\n"
     "\n"
     "Tokenizes text into an HDF5 token file (datasets /train/tokens and /val/tokens, the tokenizer in\n"
     "/tokenizer, self-describing attributes; see `h5dump -A DATA.h5`). Each input file is one document:\n"
@@ -40,6 +42,20 @@ const char* prepare_usage =
     "                          0 leaves the val split empty)\n"
     "  --save-tokenizer DIR    also write the tokenizer as DIR/encoder.json + DIR/vocab.bpe (GPT-2 format,\n"
     "                          loadable with --tokenizer gpt2:DIR); BPE tokenizers only\n"
+    "  --format text|chat      text (the default): plain text documents as above.\n"
+    "                          chat: JSONL instruction data, one example per line:\n"
+    "                            {\"prompt\": P, \"response\": R}        (optional \"kind\": a task label)\n"
+    "                            {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": C}, ...]}\n"
+    "                            {\"instruction\": I, \"input\": X, \"output\": R}   (Alpaca)\n"
+    "                          rendered with the template (peerless-chat-v1, stored in the file)\n"
+    "                            \"### System:\\n{C}\\n\\n\"   \"### User:\\n{C}\\n\\n### Assistant:\\n\"\n"
+    "                            \"{C}\" END   (turns joined by \"\\n\\n\"; END = the end-of-text token,\n"
+    "                            byte 0x04 with the byte tokenizer)\n"
+    "                          with a loss mask: only assistant tokens and their END are targets. The\n"
+    "                          first (1 - F) of the examples go to train, the rest to val. A malformed\n"
+    "                          line is an error naming the file and line. Training packs whole examples\n"
+    "                          into seq_len windows (longer ones are dropped and counted).\n"
+    "                          `peerless tasks N --out T.jsonl` writes verifiable synthetic tasks\n"
     "  --quiet                 no progress lines on stderr\n"
     "  --help                  this text\n";
 
@@ -91,6 +107,10 @@ int cmd_prepare(const Args& args) {
       opt.val_fraction = parse_float_arg("val-fraction", take_value("F"));
     } else if (name == "--save-tokenizer") {
       opt.save_tokenizer_dir = take_value("DIR");
+    } else if (name == "--format") {
+      const std::string f = take_value("text|chat");
+      PL_CHECK(f == "text" || f == "chat", config, "--format must be text or chat (got '", f, "')");
+      opt.format = f == "chat" ? PrepareFormat::chat : PrepareFormat::text;
     } else if (name == "--default") {
       no_value();
       use_default = true;
@@ -120,9 +140,13 @@ int cmd_prepare(const Args& args) {
   std::printf("  tokenizer   %s, vocab %lld%s\n", s.tokenizer_kind.c_str(), static_cast<long long>(s.vocab_size),
               s.eot_id >= 0 ? cat(", end-of-text id ", s.eot_id).c_str() : "");
   std::printf("  sources     %zu (%.2f MB)\n", s.sources.size(), static_cast<double>(s.source_bytes) / 1e6);
-  std::printf("  train       %lld tokens\n", static_cast<long long>(s.n_train_tokens));
-  std::printf("  val         %lld tokens (val fraction %g)\n", static_cast<long long>(s.n_val_tokens),
-              opt.val_fraction);
+  std::printf("  train       %lld tokens", static_cast<long long>(s.n_train_tokens));
+  if (opt.format == PrepareFormat::chat) std::printf(" in %lld examples", static_cast<long long>(s.n_train_examples));
+  std::printf("\n  val         %lld tokens", static_cast<long long>(s.n_val_tokens));
+  if (opt.format == PrepareFormat::chat) std::printf(" in %lld examples", static_cast<long long>(s.n_val_examples));
+  std::printf(" (val fraction %g)\n", opt.val_fraction);
+  if (opt.format == PrepareFormat::chat)
+    std::printf("  template    %s, loss mask on assistant tokens\n", chat_template_name);
   std::printf("  dtype       %s\n", s.token_dtype.c_str());
   if (s.bpe_train_seconds > 0) std::printf("  bpe train   %.1f s\n", s.bpe_train_seconds);
   if (!opt.save_tokenizer_dir.empty()) std::printf("  tokenizer   saved to %s\n", opt.save_tokenizer_dir.c_str());

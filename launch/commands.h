@@ -13,6 +13,7 @@ using Args = std::vector<std::string>;
 int cmd_prepare(const Args& args);
 int cmd_train(const Args& args);
 int cmd_eval(const Args& args);
+int cmd_tasks(const Args& args);
 int cmd_sample(const Args& args);
 int cmd_inspect(const Args& args);
 int cmd_export(const Args& args);

@@ -17,8 +17,8 @@ namespace peerless {
 
 EvalResult evaluate(const Model& model, const float* params, const TokenDataset& data, bool val_split,
                     int64_t seq_len, int64_t max_windows, int64_t batch, Comm* comm, const EvalForward& forward) {
-  const TokenSpan tokens = data.split(val_split ? Split::val : Split::train);
-  EvalWindows windows(tokens, seq_len, max_windows);
+  // Instruction data: packed examples, the loss over the assistant tokens only (data/loader.h).
+  EvalWindows windows(data, val_split ? Split::val : Split::train, seq_len, max_windows);
   // Batch j holds windows [j·batch, (j + 1)·batch) whatever the world size, rank r runs batches
   // j ≡ r (mod world), and the per-batch sums are added in batch order (ordered_sum): the result
   // has the same bits on any number of ranks.
@@ -45,7 +45,7 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
                             : model.forward(params, inputs.data(), targets.data(), n, seq_len, ctx);
   }
   EvalResult r;
-  r.tokens = windows.count() * seq_len;
+  r.tokens = windows.counted_targets();
   const double loss = ordered_sum(batch_loss, comm);
   r.mean_loss = r.tokens ? loss / static_cast<double>(r.tokens) : 0.0;
   return r;

@@ -23,7 +23,8 @@ struct Command {
 const Command kCommands[] = {
     {"prepare", peerless::cmd_prepare, "tokenize text files into an HDF5 token file"},
     {"train", peerless::cmd_train, "train a model from a TOML config"},
-    {"eval", peerless::cmd_eval, "validation loss of a trained model"},
+    {"eval", peerless::cmd_eval, "validation loss of a trained model, or its exact match on tasks"},
+    {"tasks", peerless::cmd_tasks, "write verifiable synthetic instruction tasks as JSONL"},
     {"sample", peerless::cmd_sample, "generate text from a trained model"},
     {"export", peerless::cmd_export, "write a model for deployment: GGUF or the packed CPU profile"},
     {"import", peerless::cmd_import, "read a GGUF file (peerless or llama) into a model file"},

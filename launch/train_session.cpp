@@ -174,10 +174,17 @@ std::string open_data(TrainSession& s) {
            data.vocab_size(), " but model.vocab_size = ", cfg.model.vocab_size,
            " (set model.vocab_size = 0 to take it from the data)");
   const int64_t n_train = data.split(Split::train).size(), n_val = data.split(Split::val).size();
-  PL_CHECK(n_train >= cfg.data.seq_len + 1, data, "the train split of ", cfg.data.path, " has ", n_train,
-           " tokens, fewer than data.seq_len + 1 = ", cfg.data.seq_len + 1);
-  PL_CHECK(n_val >= cfg.data.seq_len + 1, data, "the validation split of ", cfg.data.path, " has ", n_val,
-           " tokens, fewer than data.seq_len + 1 = ", cfg.data.seq_len + 1, " (prepare with a larger --val-fraction)");
+  if (data.has_mask()) {  // instruction data: whole examples, packed; each split needs one that fits
+    for (const Split split : {Split::train, Split::val}) {
+      const PackedWindows windows(data.split(split), data.mask(split), data.example_offsets(split), cfg.data.seq_len,
+                                  cat("the ", split_name(split), " split of ", cfg.data.path));  // throws if none
+    }
+  } else {
+    PL_CHECK(n_train >= cfg.data.seq_len + 1, data, "the train split of ", cfg.data.path, " has ", n_train,
+             " tokens, fewer than data.seq_len + 1 = ", cfg.data.seq_len + 1);
+    PL_CHECK(n_val >= cfg.data.seq_len + 1, data, "the validation split of ", cfg.data.path, " has ", n_val,
+             " tokens, fewer than data.seq_len + 1 = ", cfg.data.seq_len + 1, " (prepare with a larger --val-fraction)");
+  }
   return cat("data: ", cfg.data.path, " (", data.tokenizer().kind(), " tokenizer, vocab ", data.vocab_size(), ", train ",
              human_count(n_train), " tokens, val ", human_count(n_val), " tokens)");
 }
@@ -272,7 +279,13 @@ bool setup_session(TrainSession& s) {
   s.dp = std::make_unique<DataParallel>(model, s.comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20,
                                         s.replicas.get(), s.ep_comm.get());
   s.adam = std::make_unique<AdamW>(cfg.optim, model.layout(), s.dp->owned());
-  s.loader = std::make_unique<BatchLoader>(s.data->split(Split::train), s.T, static_cast<uint64_t>(cfg.run.seed));
+  s.loader = std::make_unique<BatchLoader>(*s.data, Split::train, s.T, static_cast<uint64_t>(cfg.run.seed));
+  if (const PackedWindows* p = s.loader->packed(); p && s.lead)
+    std::printf(
+        "data: instruction data (loss on %s): %lld train examples packed into %lld windows of %lld tokens, "
+        "%lld dropped as longer than that\n",
+        "assistant tokens only", static_cast<long long>(p->examples()), static_cast<long long>(p->count()),
+        static_cast<long long>(s.T + 1), static_cast<long long>(p->dropped()));
   s.loader->seek({static_cast<uint64_t>(cfg.run.seed), 1});
   if (model.n_peer_layers() > 0) s.expert_counts.assign(model.n_peer_layers() * model.peer_experts(), 0.0);
   return true;

@@ -49,7 +49,7 @@ class CpuStepRunner final : public StepRunner {
       s_.model->update_buffers(s_.params.data(), s_.grads.data(), s_.A * s_.world,
                                dp.deterministic() ? std::vector<Range>{{0, total}} : dp.owned());
     StepResult r;
-    r.loss = ordered_sum(micro_loss, &s_.comm) / static_cast<double>(s_.G * s_.T);
+    r.loss = ordered_sum(micro_loss, &s_.comm) / static_cast<double>(counted_);
     r.grad_norm = dp.grad_norm(s_.grads.data());
     PL_CHECK(std::isfinite(r.grad_norm), numeric, "the gradient norm is ", r.grad_norm, " at step ", step, " (loss ",
              r.loss, "); stopping before it corrupts the weights. Lower optim.lr or enable optim.grad_clip");
@@ -72,13 +72,20 @@ class CpuStepRunner final : public StepRunner {
     std::fill(s_.grads.begin(), s_.grads.end(), 0.f);
     std::fill(touched_.begin(), touched_.end(), 0);
     dp.begin_step();
-    const float grad_scale = 1.0f / static_cast<float>(s_.G * s_.T);
+    // The mean over the targets the loss counts in the global batch (all G·T without a mask): every
+    // rank computes the count from (seed, step) alone (BatchLoader::counted_targets), so ranks and
+    // accumulation steps agree on it without communicating.
+    counted_ = std::max<int64_t>(1, s_.loader->counted_targets(step, 0, s_.G));
+    const float grad_scale = 1.0f / static_cast<float>(counted_);
     const Model::GradReady grad_ready = [&](int param) { dp.param_ready(param, s_.grads.data()); };
     for (int64_t a = 0; a < s_.A; ++a) {
       const auto [first, n] = BatchLoader::shard(s_.G, s_.A, a, s_.rank, s_.world);
       s_.loader->fill(step, first, n, inputs_.data(), targets_.data());
       ctx_.noise_key = hash_keys(static_cast<uint64_t>(s_.cfg.run.seed), 0xD207, step);  // expert dropout
       ctx_.first_token = first * s_.T;
+      // Masked data: the aux losses stay token-weighted over the whole global batch (0 keeps
+      // Model::backward's grad_scale·M, the same weight when every target counts).
+      ctx_.aux_scale = s_.loader->packed() ? static_cast<float>(n) / static_cast<float>(s_.G) : 0.f;
       const double loss = model.forward(s_.params.data(), inputs_.data(), targets_.data(), n, s_.T, ctx_);
       PL_CHECK(std::isfinite(loss), numeric, "the training loss is ", loss, " at step ", step, " (micro-batch ", a,
                "); stopping before it corrupts the weights. Lower optim.lr (now ", s_.cfg.optim.lr,
@@ -109,6 +116,7 @@ class CpuStepRunner final : public StepRunner {
   ForwardContext ctx_;
   std::vector<int32_t> inputs_, targets_;
   std::vector<uint8_t> touched_;
+  int64_t counted_ = 1;  // targets the loss counts in this step's global batch
 };
 
 }  // namespace

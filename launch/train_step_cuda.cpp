@@ -1,6 +1,7 @@
 // The optimizer step on one GPU per rank (see train_session.h): parameters, gradients, AdamW
 // moments, codes and activations on the device (model/cuda_model.h); data parallel: the gradient
 // summed over the ranks after the backwards; deterministic mode's exact sums on the device.
+#include <algorithm>
 #include <cmath>
 
 #include "launch/format.h"
@@ -79,7 +80,7 @@ class CudaStepRunner final : public StepRunner {
              " (summed over the ranks); stopping before it corrupts the weights. Lower optim.lr (now ",
              s_.cfg.optim.lr, ")");
     StepResult r;
-    r.loss = loss_sum / static_cast<double>(s_.G * s_.T);
+    r.loss = loss_sum / static_cast<double>(counted_);
     if (s_.model->n_peer_layers() > 0) cuda_->update_buffers(s_.A * s_.world);
     r.grad_norm = cuda_->grad_norm();
     PL_CHECK(std::isfinite(r.grad_norm), numeric, "the gradient norm is ", r.grad_norm, " at step ", step);
@@ -94,7 +95,9 @@ class CudaStepRunner final : public StepRunner {
   void micro_batches(int64_t step, std::vector<double>& micro_loss) {
     cuda_->zero_grads();
     if (exact_) exact_->begin_step();
-    const float grad_scale = 1.0f / static_cast<float>(s_.G * s_.T);
+    // Mean over the counted targets of the global batch, as on the CPU path (train_step_cpu.cpp).
+    counted_ = std::max<int64_t>(1, s_.loader->counted_targets(step, 0, s_.G));
+    const float grad_scale = 1.0f / static_cast<float>(counted_);
     for (int64_t a = 0; a < s_.A; ++a) {
       const auto [first, n] = BatchLoader::shard(s_.G, s_.A, a, s_.rank, s_.world);
       s_.loader->fill(step, first, n, inputs_.data(), targets_.data());
@@ -116,6 +119,7 @@ class CudaStepRunner final : public StepRunner {
   std::unique_ptr<CudaModel> cuda_;
   std::unique_ptr<ExactGradSumDevice> exact_;
   std::vector<int32_t> inputs_, targets_;
+  int64_t counted_ = 1;  // targets the loss counts in this step's global batch
 };
 
 }  // namespace

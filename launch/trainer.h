@@ -34,6 +34,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm);
 // Mean loss (nats/token) of the model over consecutive windows of the split: window i reads
 // tokens [i·T, i·T + T] (inputs and shifted targets), so every token after the first is predicted
 // exactly once; at most max_windows windows (0 = all), `batch` windows per forward pass.
+// Instruction data (a file with a loss mask): the packed windows of data/loader.h, and the mean over
+// the targets the mask counts (assistant tokens), which `tokens` then counts.
 struct EvalResult {
   double mean_loss = 0;
   int64_t tokens = 0;

@@ -484,7 +484,7 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
                        grads + layout_.at(final_norm_).offset);
   ready({head_w_ == embed_ ? -1 : head_w_, head_gain_, final_norm_});  // a tied head: with the embedding
   ModuleStep step = module_step(ctx);
-  step.aux_scale = grad_scale * static_cast<float>(M);
+  step.aux_scale = ctx.aux_scale > 0 ? ctx.aux_scale : grad_scale * static_cast<float>(M);
   for (size_t i = modules_.size(); i-- > 0;) {
     modules_[i]->backward(*this, params, step, *ctx.caches[i], ctx.dx.data(), grads, exact);
     ready(modules_[i]->params_backward_order());

@@ -48,6 +48,10 @@ struct ForwardContext {
   // from (run.seed, step) and first_token to the global index of this micro-batch's first token.
   uint64_t noise_key = 0;
   int64_t first_token = 0;
+  // The weight of the modules' aux losses in backward: 0 means grad_scale·M (every token of the
+  // global batch counted by the loss). With masked targets the trainer sets M / (global tokens),
+  // so the aux losses keep their token-weighted mean while the CE divides by the counted targets.
+  float aux_scale = 0;
   int64_t batch = 0, seq = 0;
   std::vector<int32_t> ids, targets;  // (M)
   std::vector<float> lb;              // (L, d) lower bounds
@@ -108,8 +112,9 @@ class Model {
   const std::vector<float>& betas() const { return betas_; }  // indexed by parameter index
   std::vector<float>& mutable_betas() { return betas_; }
 
-  // ids, targets: (batch, seq). Returns the summed loss in nats. When targets is null only
-  // logits are computed (ctx.losses empty).
+  // ids, targets: (batch, seq); a negative target is not counted (loss 0, no gradient: the loss
+  // mask of instruction data). Returns the summed loss in nats. When targets is null only logits
+  // are computed (ctx.losses empty).
   double forward(const float* params, const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
                  ForwardContext& ctx) const;
   // The modules' auxiliary losses of the last forward (Module::aux_losses), summed. Not part of

@@ -3,6 +3,7 @@
 // model). Max-subtracted log-sum-exp keeps exp in range; a NaN logit makes that row's loss NaN.
 #include "model/ops/cross_entropy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -17,6 +18,11 @@ void cross_entropy_impl(int64_t rows, int64_t vocab, const T* logits, const int3
 #pragma omp parallel for schedule(static) if (rows * vocab >= detail::kParallelMin / 4)
   for (int64_t r = 0; r < rows; ++r) {
     const T* lr = logits + r * vocab;
+    if (targets[r] < 0) {  // ignored: no loss, no gradient (exact zeros, whatever the logits)
+      losses[r] = T(0);
+      if (dlogits) std::fill(dlogits + r * vocab, dlogits + (r + 1) * vocab, T(0));
+      continue;
+    }
     int64_t arg = 0;
     T m = -std::numeric_limits<T>::infinity();
     for (int64_t v = 0; v < vocab; ++v)

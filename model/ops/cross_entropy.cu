@@ -3,7 +3,8 @@
 // fixed block tree. Same numerics as the CPU reference: the argmax's own term is left out of the sum
 // so the loss is (max − target) + log1p(rest); a NaN logit makes the row's loss NaN. dlogits may
 // alias logits: every read of the row (the target logit included) happens before a barrier that
-// precedes the first write. Next optimisation: one-pass online softmax and float4 loads.
+// precedes the first write. A negative target (ignore_target) gives loss 0 and a zero row. Next optimisation: one-pass
+// online softmax and float4 loads.
 #include <cuda_bf16.h>
 
 #include <cfloat>
@@ -64,6 +65,13 @@ __global__ void cross_entropy_kernel(int64_t vocab, const float* logits, const i
   __shared__ float sum_scratch[32];
   const int64_t r = blockIdx.x;
   const float* lr = logits + r * vocab;
+  const int64_t tgt = targets[r];
+  if (tgt < 0) {  // ignored target (the CPU rule): loss 0, dlogits row 0; the whole block agrees
+    if (threadIdx.x == 0) losses[r] = 0.0f;
+    if (dlogits)
+      for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) st(dlogits + r * vocab + v, 0.0f);
+    return;
+  }
   // The CPU starts from (−inf, index 0): a row of −inf and NaN keeps index 0.
   ArgMax best{-INFINITY, 0};
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) best = better(best, ArgMax{lr[v], v});
@@ -74,7 +82,6 @@ __global__ void cross_entropy_kernel(int64_t vocab, const float* logits, const i
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
     if (v != top.i) rest += expf(lr[v] - m);
   rest = block_reduce(rest, Sum{}, 0.0f, sum_scratch);
-  const int64_t tgt = targets[r];
   const float target_logit = lr[tgt];
   if (threadIdx.x == 0) losses[r] = (m - target_logit) + log1pf(rest);
   if (!dlogits) return;
