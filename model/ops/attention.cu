@@ -15,10 +15,18 @@
 // K and V (lane = key) and the transposed reads of P, dS are then free of bank conflicts.
 //
 // Shared memory (floats): forward Q + K|V (one buffer: K, then V of the same tile) + P =
-// 2·64·(d_h + 1) + 64·65: 50 KB at d_h 64, 83 KB at 128 (2 blocks per SM on an H100's 227 KB).
-// The dK/dV pass keeps K, V, Q, dO and P, dS: 100 KB / 165 KB; the dQ pass Q, dO, K, V, dS: 84 KB /
-// 149 KB. Registers: the output accumulators are 16 (d_h 64) or 32 (128) floats a thread, 64 for
-// dK + dV at 128; ptxas reports no spills at 256 threads (the -Xptxas -v check of this file).
+// 2·64·(d_h + 1) + 64·65: 50 KB at d_h 64, 83 KB at 128. The dK/dV pass keeps K, V, Q, dO and P,
+// dS: 100 KB / 165 KB; the dQ pass Q, dO, K, V, dS: 84 KB / 149 KB (all over 48 KB: opted in per
+// launch). Registers (ptxas, sm_90, no spills): forward 107 / 125, dK/dV 128 / 193, dQ 126 / 128,
+// so the forward runs 2 blocks (16 warps) per SM at either d_h, dK/dV 2 at 64 and 1 at 128.
+//
+// Speed, measured once on an H100 80GB HBM3 (a throwaway bench, causal MHA, TF/s at attention.h's
+// nominal FLOPs): B 8, H 16, T 2048, d_h 64: forward 21, forward + backward 19; d_h 128: 23 / 15;
+// B 4, T 4096, d_h 128: 24 / 16. That is 8–10% of BASELINES §2's flash column (bf16 tensor cores,
+// 239–309 / 183–254), as expected of fp32 FMAs: 67 TF/s peak, and mm_acc is bound by shared-memory
+// loads (8 per 16 FMAs in QKᵀ). The flash column needs the tensor-core version (bf16 mma.sync
+// m16n8k16 with fp32 accumulators, P kept in registers as the A operand of PV, cp.async double
+// buffering of K/V) and, for GQA, one block per KV head sharing each K/V tile across its group.
 //
 // Determinism: no atomics anywhere. dK, dV of a K/V tile are summed by one block over the group's
 // query heads in order and the query tiles in order; dQ by a second pass over K/V tiles in order;
