@@ -4,6 +4,7 @@
 # 2 ranks sharing the GPU through the MPI backend). Logs under $OUT. Needs .deps/ carried.
 # Usage: bash bench/gpu_check.sh
 source "$(dirname "$0")/gpu_common.sh"
-gpu_build peerless test_ops_cuda test_ops_train_cuda test_fused_cuda test_model_cuda test_peer_cuda test_cuda_model_config
+gpu_build peerless test_ops_cuda test_ops_train_cuda test_fused_cuda test_model_cuda test_peer_cuda test_cuda_model_config \
+  test_ops_attention_cuda
 (cd build-gpu && ctest -L gpu --timeout 500 --output-on-failure > "$OUT/ctest_gpu.log" 2>&1)
 grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest_gpu.log" | head -30

@@ -19,10 +19,17 @@
 #include <vector>
 
 #include "model/ops/attention.h"
+#include "model/ops/op_registry.h"
 #include "tests/ops_test_util.h"
 
 namespace peerless {
 namespace {
+
+// Coverage markers read by tests/test_ops_registry.cpp; each also checks the op is registered.
+#define OP_TEST(op) \
+  TEST(op_coverage, op) { EXPECT_NE(find_op(#op), nullptr) << #op " is missing from model/ops/op_registry.cpp"; }
+OP_TEST(rope)
+OP_TEST(attention)
 
 using namespace test;
 

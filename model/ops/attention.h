@@ -1,6 +1,6 @@
 // Causal softmax attention with grouped KV heads and rotary position embeddings
-// (../shared/BASELINES.md §2), the CPU reference. No CUDA backend yet, so the op is not in
-// op_registry.cpp (whose coverage test requires one); its tests are tests/test_ops_attention.cpp.
+// (../shared/BASELINES.md §2): the CPU reference (attention.cpp; tests/test_ops_attention.cpp) and
+// the CUDA launchers (attention.cu; tests/test_ops_attention_cuda.cpp against the CPU).
 //
 // Shapes: q (B, T, H, d_h), k and v (B, T, H_kv, d_h), o like q, LSE (B, H, T). Query head h reads
 // KV head h / (H / H_kv). Scores s_ij = q_i·k_j / √d_h for j ≤ i. The forward is the online-softmax
@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "model/ops/cuda_fwd.h"
 
 namespace peerless {
 
@@ -68,5 +70,46 @@ void attention_backward_cpu(const AttentionShape& s, const double* q, const doub
 // filled (K after RoPE); o (B, H, d_h). Equal bit for bit to attention_forward_cpu's row pos.
 void attention_decode_cpu(const AttentionShape& s, int64_t pos, const float* q, const float* k_cache,
                           const float* v_cache, float* o);
+
+// FLOPs, for TF/s figures (BASELINES §2 and §5): the causal forward does QKᵀ and PV over half the
+// (T, T) square, 2·B·H·T²·d_h (2 matmuls × 2 FLOP per MAC × B·H·T²·d_h / 2); forward + backward
+// counts 3.5× that (backward 2.5×: dV, dP, dQ, dK and the recomputed S). The CUDA backward below
+// recomputes S and dP once more in its dQ pass (7 matmuls, not 5) but is reported at the nominal
+// 3.5×, like FlashAttention's own figures.
+inline double attention_forward_flops(const AttentionShape& s) {
+  return 2.0 * static_cast<double>(s.batch) * static_cast<double>(s.heads) * static_cast<double>(s.seq) *
+         static_cast<double>(s.seq) * static_cast<double>(s.head_dim);
+}
+inline double attention_training_flops(const AttentionShape& s) { return 3.5 * attention_forward_flops(s); }
+
+// ---- CUDA (model/ops/attention.cu; built when PEERLESS_HAVE_CUDA) ---------------------------------
+// All pointers are device memory, fp32, in the layouts above; the calls are ordered on `stream` and
+// not complete on return. Arithmetic is fp32 on CUDA cores (no tensor cores yet), so the results
+// agree with the CPU to fp32 rounding in another summation order, not bit for bit.
+//
+// RoPE, in place, same contract as rope_{forward,backward}_cpu. head_dim even and ≤ 256. The
+// frequencies are the CPU's rope_angle bits (computed on the host); the angle pos·freq is the same
+// correctly rounded product, but cosf/sinf on the device are CUDA's (≤ 2 ulp) against glibc's, so
+// an element may differ by a few ulp of its pair's norm (the test allows 2e-6 of the row norm).
+void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream);
+void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream);
+
+// FlashAttention-2 forward (arXiv 2307.08691 Alg. 1): o (B, T, H, d_h), lse (B, H, T) as
+// attention_forward_cpu, without a (T, T) matrix in memory. head_dim ∈ {64, 128} (other values
+// throw, naming the supported ones); none of o, lse may alias an input.
+void attention_forward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
+                            float* lse, cudaStream_t stream);
+// Backward (Alg. 2) from the forward's o and lse: dq, dk, dv overwritten, as attention_backward_cpu.
+// Deterministic: no atomics, every element of dq, dk, dv is summed by one thread in a fixed order
+// (dk, dv over the KV head's query heads in head order, then query positions in order), so two
+// calls give the same bits. dq's memory doubles as the scratch for D = rowsum(dO ⊙ O) (B, H, T)
+// between the kernels (it holds dQ on return), so dq, dk, dv must not alias each other or an input.
+void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
+                             const float* lse, const float* dout, float* dq, float* dk, float* dv, cudaStream_t stream);
+// attention_decode_cpu's contract on the device: q (B, H, d_h), caches (B, H_kv, T, d_h), o (B, H, d_h).
+// It runs the forward's kernel on one query row, so o equals attention_forward_cuda's row `pos`
+// bit for bit (same tiles, same order).
+void attention_decode_cuda(const AttentionShape& s, int64_t pos, const float* q, const float* k_cache,
+                           const float* v_cache, float* o, cudaStream_t stream);
 
 }  // namespace peerless

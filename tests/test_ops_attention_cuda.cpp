@@ -1,0 +1,320 @@
+// The CUDA attention op and RoPE (model/ops/attention.cu) against the CPU reference
+// (model/ops/attention.cpp): forward o and LSE, backward dq, dk, dv, decode against a KV cache,
+// RoPE both ways in both layouts; MHA, GQA and MQA (H_kv = H, H/2, 1); T = 1, within one 64-key
+// tile, exactly one tile, just under two, and five tiles; d_h 64 and 128; batch 2. Fresh random
+// inputs each run (seed printed; PEERLESS_TEST_SEED replays), outputs in poisoned, guarded buffers
+// (an element the kernels forget to write, or a write outside the tensor, fails), and the backward
+// run twice must give the same bits (it promises determinism: no atomics).
+//
+// Tolerances. Both sides compute in fp32; they differ in summation order (the GPU's dot products
+// run sequentially per thread with fma, the CPU's without fma), in exp2f of pre-scaled scores vs
+// expf, and in cosf/sinf (CUDA ≤ 2 ulp vs glibc's). Errors are measured per row (one head's d_h
+// vector, the natural unit of the op) as ‖gpu − cpu‖₂ / ‖cpu‖₂, stricter than a whole-tensor
+// norm. The scale of fp32 rounding here, measured as the CPU's own fp32 rows against its float64
+// overloads on these shapes (q at sd 2): o ≤ 2.6e-6, lse ≤ 7e-7, dq ≤ 7e-6, dk, dv ≤ 3.7e-6. The
+// GPU's rows carry errors of the same size in another order, so GPU vs CPU is up to about twice
+// that: the forward is checked at 2e-5 and the backward (sums of up to H/H_kv · T = 1200 terms per
+// dk, dv element, and dP − D cancelling inside dS) at 5e-5. Mistakes (a mask off by one, a wrong
+// KV head, a missed tile, a bf16 rounding) show up at 1e-3 and far above.
+// Where the exact row is 0 (dq at position 0 and every dq, dk row at T = 1: dS_ii = P(dP − D) with
+// P = 1 and D = dP), both sides hold rounding noise, so dq and dk rows are measured against
+// max(‖cpu row‖, √d_h / 4), a quarter of the norm of an input row (N(0, 1) entries): noise of
+// ~1e-6 passes, a wrong row does not.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "model/ops/attention.h"
+#include "model/ops/op_registry.h"
+#include "runtime/error.h"
+#include "tests/ops_test_util.h"
+
+namespace peerless {
+namespace {
+
+// CUDA coverage markers read by tests/test_ops_registry.cpp (OP_TEST_CUDA: tests/ops_test_util.h).
+OP_TEST_CUDA(rope)
+OP_TEST_CUDA(attention)
+
+}  // namespace
+}  // namespace peerless
+
+#ifndef PEERLESS_HAVE_CUDA
+
+CUDA_TESTS_NEED_A_CUDA_BUILD()
+
+#else  // PEERLESS_HAVE_CUDA
+
+#include "tests/cuda_test_util.h"
+
+namespace peerless {
+namespace {
+
+using namespace cuda_test;
+
+constexpr double kForwardTol = 2e-5;   // o rows, lse (file comment)
+constexpr double kBackwardTol = 5e-5;  // dq, dk, dv rows (file comment)
+// Scores of sd ~30: a score's absolute rounding error is ~15× larger than at sd 2, and exp turns
+// it into the same relative error of p; the CPU's own fp32 rows are 2.4e-5 (o), 2.3e-6 (lse)
+// from float64 there.
+constexpr double kLargeScoreTol = 2e-4;
+
+// Per row of `row_len` floats: no element left as the poison pattern (never written), finite
+// where the CPU is finite, and ‖gpu − cpu‖₂ ≤ tol·max(‖cpu‖₂, floor). Reports the worst row.
+void expect_rows_close(const std::vector<float>& gpu, const std::vector<float>& cpu, int64_t row_len, double floor,
+                       double tol, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  uint32_t poison;
+  std::memset(&poison, kPoison, sizeof(poison));
+  size_t unwritten = 0, nonfinite = 0;
+  double worst = 0;
+  int64_t worst_row = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(cpu.size()) / row_len; ++r) {
+    double d2 = 0, n2 = 0;
+    for (int64_t e = r * row_len; e < (r + 1) * row_len; ++e) {
+      uint32_t bits;
+      std::memcpy(&bits, &gpu[e], sizeof(bits));
+      unwritten += bits == poison;
+      if (!std::isfinite(gpu[e]) || !std::isfinite(cpu[e])) {
+        nonfinite += !(std::isfinite(gpu[e]) == std::isfinite(cpu[e]));
+        continue;
+      }
+      const double d = static_cast<double>(gpu[e]) - cpu[e];
+      d2 += d * d, n2 += static_cast<double>(cpu[e]) * cpu[e];
+    }
+    const double err = std::sqrt(d2) / std::max(std::sqrt(n2), floor);
+    if (err > worst) worst = err, worst_row = r;
+  }
+  EXPECT_EQ(unwritten, 0u) << what << ": " << unwritten << " elements still hold the poison (never written)";
+  EXPECT_EQ(nonfinite, 0u) << what << ": " << nonfinite << " elements finite on one side only";
+  EXPECT_LE(worst, tol) << what << ": row " << worst_row << " has relative error " << worst << " (tolerance " << tol
+                        << ")";
+}
+
+struct Case {
+  int64_t B, T, H, G, dh;  // G = H_kv
+  AttentionShape shape() const { return {B, T, H, G, dh}; }
+  int64_t nq() const { return B * T * H * dh; }
+  int64_t nk() const { return B * T * G * dh; }
+  int64_t nlse() const { return B * H * T; }
+  std::string name() const { return shape_name({{"B", B}, {"T", T}, {"H", H}, {"Hkv", G}, {"dh", dh}}); }
+};
+
+// B 2, H 4 with H_kv 4, 2, 1; T 1, 17 (part of one tile), 64 (one tile), 127 (just under two),
+// 300 (five, the last partial); d_h 64, 128.
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  for (int64_t dh : {64, 128})
+    for (int64_t T : {1, 17, 64, 127, 300})
+      for (int64_t G : {4, 2, 1}) out.push_back({2, T, 4, G, dh});
+  return out;
+}
+
+struct Inputs {
+  std::vector<float> q, k, v, dout;  // q at sd 2: scores of sd 2, a softmax far from uniform
+  Inputs(const Case& c, std::mt19937_64& rng, float q_sd = 2.0f)
+      : q(normal(rng, c.nq(), q_sd)), k(normal(rng, c.nk())), v(normal(rng, c.nk())), dout(normal(rng, c.nq())) {}
+};
+
+struct Grads {
+  std::vector<float> dq, dk, dv;
+};
+
+Grads backward_gpu(const Case& c, const Guarded<float>& q, const Guarded<float>& k, const Guarded<float>& v,
+                   const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout,
+                   cudaStream_t stream) {
+  Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk());
+  attention_backward_cuda(c.shape(), q.get(), k.get(), v.get(), o.get(), lse.get(), dout.get(), dq.get(), dk.get(),
+                          dv.get(), stream);
+  return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
+}
+
+void expect_grads_close(const Case& c, const Grads& gpu, const Grads& cpu, const std::string& what) {
+  const double floor = std::sqrt(static_cast<double>(c.dh)) / 4;
+  expect_rows_close(gpu.dq, cpu.dq, c.dh, floor, kBackwardTol, what + " dq " + c.name());
+  expect_rows_close(gpu.dk, cpu.dk, c.dh, floor, kBackwardTol, what + " dk " + c.name());
+  expect_rows_close(gpu.dv, cpu.dv, c.dh, 0, kBackwardTol, what + " dv " + c.name());
+}
+
+// ---- forward and backward ------------------------------------------------------------------------
+
+// The CPU forward and backward against the CUDA ones on the same inputs; the backward twice from
+// the CPU's (o, lse) (the same bits both times), and once from the GPU forward's (the chain a
+// model runs, within the same tolerance).
+TEST_F(Cuda, attention_forward_backward_match_cpu) {
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name());
+    const Inputs in(c, rng());
+    std::vector<float> o(c.nq()), lse(c.nlse());
+    attention_forward_cpu(c.shape(), in.q.data(), in.k.data(), in.v.data(), o.data(), lse.data());
+    Grads cpu{std::vector<float>(c.nq()), std::vector<float>(c.nk()), std::vector<float>(c.nk())};
+    attention_backward_cpu(c.shape(), in.q.data(), in.k.data(), in.v.data(), o.data(), lse.data(), in.dout.data(),
+                           cpu.dq.data(), cpu.dk.data(), cpu.dv.data());
+
+    Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_dout(in.dout), d_o(c.nq()), d_lse(c.nlse());
+    attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_lse.get(), stream());
+    const std::vector<float> o_gpu = d_o.download("o"), lse_gpu = d_lse.download("lse");
+    expect_rows_close(o_gpu, o, c.dh, 0, kForwardTol, "o " + c.name());
+    // LSE is a scalar per row: |Δ| ≤ tol·max(|lse|, 1) (lse near 0 is a sum of order-1 terms).
+    expect_rows_close(lse_gpu, lse, 1, 1.0, kForwardTol, "lse " + c.name());
+
+    Guarded<float> c_o(o), c_lse(lse);
+    const Grads g1 = backward_gpu(c, d_q, d_k, d_v, c_o, c_lse, d_dout, stream());
+    expect_grads_close(c, g1, cpu, "backward");
+    const Grads g2 = backward_gpu(c, d_q, d_k, d_v, c_o, c_lse, d_dout, stream());
+    expect_identical(g2.dq, g1.dq, "dq run to run " + c.name());
+    expect_identical(g2.dk, g1.dk, "dk run to run " + c.name());
+    expect_identical(g2.dv, g1.dv, "dv run to run " + c.name());
+
+    const Grads chain = backward_gpu(c, d_q, d_k, d_v, d_o, d_lse, d_dout, stream());
+    expect_grads_close(c, chain, cpu, "backward from the GPU forward");
+    if (HasFailure()) return;  // one failing case says enough
+  }
+}
+
+// Scores of sd ~30 (e^90 overflows fp32): only the running max keeps exp in range. Both sides
+// must stay finite and agree within kLargeScoreTol.
+TEST_F(Cuda, attention_forward_large_scores_stay_finite) {
+  for (const int64_t dh : {64, 128}) {
+    const Case c{2, 127, 4, 2, dh};
+    SCOPED_TRACE(c.name());
+    const Inputs in(c, rng(), 30.0f);
+    std::vector<float> o(c.nq()), lse(c.nlse());
+    attention_forward_cpu(c.shape(), in.q.data(), in.k.data(), in.v.data(), o.data(), lse.data());
+    Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_o(c.nq()), d_lse(c.nlse());
+    attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_lse.get(), stream());
+    const std::vector<float> o_gpu = d_o.download("o"), lse_gpu = d_lse.download("lse");
+    for (float x : o_gpu) ASSERT_TRUE(std::isfinite(x)) << "o not finite";
+    for (float x : lse_gpu) ASSERT_TRUE(std::isfinite(x)) << "lse not finite";
+    expect_rows_close(o_gpu, o, c.dh, 0, kLargeScoreTol, "o " + c.name());
+    expect_rows_close(lse_gpu, lse, 1, 1.0, kLargeScoreTol, "lse " + c.name());
+  }
+}
+
+// The forward twice: the same bits (every output has one writer and a fixed order).
+TEST_F(Cuda, attention_forward_is_deterministic) {
+  const Case c{2, 300, 4, 2, 128};
+  const Inputs in(c, rng());
+  Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), o1(c.nq()), l1(c.nlse()), o2(c.nq()), l2(c.nlse());
+  attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), o1.get(), l1.get(), stream());
+  attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), o2.get(), l2.get(), stream());
+  expect_identical(o2.download("o"), o1.download("o"), "o run to run");
+  expect_identical(l2.download("lse"), l1.download("lse"), "lse run to run");
+}
+
+// ---- decode --------------------------------------------------------------------------------------
+
+// One position against a KV cache (B, H_kv, T, d_h): within the forward tolerance of the CPU's
+// decode, and bit for bit the GPU forward's row at that position (the same kernel, tiles, order).
+// Positions: the first, the last of a tile, the first of the next, inside, the cache's last.
+TEST_F(Cuda, attention_decode_matches_cpu_and_the_forward_row) {
+  for (const int64_t dh : {64, 128})
+    for (const int64_t G : {4, 2, 1}) {
+      const Case c{2, 300, 4, G, dh};
+      SCOPED_TRACE(c.name());
+      const Inputs in(c, rng());
+      Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_o(c.nq()), d_lse(c.nlse());
+      attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_lse.get(), stream());
+      const std::vector<float> o_fwd = d_o.download("o");
+      // Caches (B, H_kv, T, d_h) from k, v (B, T, H_kv, d_h).
+      std::vector<float> kc(c.nk()), vc(c.nk());
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t t = 0; t < c.T; ++t)
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t d = 0; d < dh; ++d) {
+              kc[((b * G + g) * c.T + t) * dh + d] = in.k[((b * c.T + t) * G + g) * dh + d];
+              vc[((b * G + g) * c.T + t) * dh + d] = in.v[((b * c.T + t) * G + g) * dh + d];
+            }
+      Guarded<float> d_kc(kc), d_vc(vc);
+      for (const int64_t pos : {0, 63, 64, 200, 299}) {
+        SCOPED_TRACE("pos=" + std::to_string(pos));
+        std::vector<float> qp(c.B * c.H * dh), row(c.B * c.H * dh);  // (B, H, d_h)
+        for (int64_t b = 0; b < c.B; ++b)
+          for (int64_t e = 0; e < c.H * dh; ++e) {
+            qp[b * c.H * dh + e] = in.q[(b * c.T + pos) * c.H * dh + e];
+            row[b * c.H * dh + e] = o_fwd[(b * c.T + pos) * c.H * dh + e];
+          }
+        std::vector<float> o_cpu(qp.size());
+        attention_decode_cpu(c.shape(), pos, qp.data(), kc.data(), vc.data(), o_cpu.data());
+        Guarded<float> d_qp(qp), d_od(qp.size());
+        attention_decode_cuda(c.shape(), pos, d_qp.get(), d_kc.get(), d_vc.get(), d_od.get(), stream());
+        const std::vector<float> o_gpu = d_od.download("decode o");
+        expect_rows_close(o_gpu, o_cpu, dh, 0, kForwardTol, "decode vs cpu " + c.name());
+        expect_identical(o_gpu, row, "decode vs the forward's row " + c.name());
+      }
+    }
+}
+
+// ---- preconditions -------------------------------------------------------------------------------
+
+TEST_F(Cuda, attention_refuses_unsupported_shapes) {
+  Guarded<float> buf(2 * 8 * 4 * 96);
+  float* p = buf.get();
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream()), Error);               // d_h 96
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 3, 64}, p, p, p, p, p, stream()), Error);               // 3 ∤ 4
+  EXPECT_THROW(attention_decode_cuda({2, 8, 4, 4, 64}, 8, p, p, p, p, stream()), Error);                // pos ≥ T
+  EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, p, p, p, p, p, p, p, p, p, stream()), Error);  // aliasing
+  // Empty shapes launch nothing.
+  attention_forward_cuda({0, 8, 4, 4, 64}, nullptr, nullptr, nullptr, nullptr, nullptr, stream());
+  attention_backward_cuda({2, 0, 4, 4, 64}, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                          nullptr, stream());
+  PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+// ---- RoPE ----------------------------------------------------------------------------------------
+
+// Forward and backward, both layouts, against the CPU: the angles are the same bits (the host's
+// frequencies, the same rounded product), cosf/sinf differ by a few ulp, so a pair's outputs
+// differ by ≲ 5e-7 of the pair's norm: rows at 2e-6. At position 0 (cos 1, sin 0, exact on both
+// sides) the rows are bit-identical. Odd d_h/2 (6), the two model head dims, the largest (256);
+// θ 10000 and 500000; a decode-like pos0.
+TEST_F(Cuda, rope_matches_cpu) {
+  struct RopeCase {
+    int64_t B, T, heads, dh, pos0;
+    float theta;
+  };
+  for (const RopeCase rc :
+       {RopeCase{2, 300, 4, 64, 0, 10000.f}, RopeCase{2, 127, 2, 128, 0, 500000.f}, RopeCase{1, 17, 3, 6, 0, 10000.f},
+        RopeCase{2, 5, 4, 256, 4000, 10000.f}, RopeCase{1, 1, 8, 128, 2047, 10000.f}})
+    for (const RopeLayout layout : {RopeLayout::adjacent, RopeLayout::rotate_half})
+      for (const bool inverse : {false, true}) {
+        const RopeShape s{rc.B, rc.T, rc.heads, rc.dh, rc.pos0, rc.theta, layout};
+        const std::string name = shape_name({{"B", rc.B},
+                                             {"T", rc.T},
+                                             {"heads", rc.heads},
+                                             {"dh", rc.dh},
+                                             {"pos0", rc.pos0},
+                                             {"theta", static_cast<int64_t>(rc.theta)}}) +
+                                 (layout == RopeLayout::adjacent ? ",adjacent" : ",rotate_half") +
+                                 (inverse ? ",backward" : ",forward");
+        SCOPED_TRACE(name);
+        const std::vector<float> x = normal(rng(), rc.B * rc.T * rc.heads * rc.dh);
+        std::vector<float> cpu = x;
+        Guarded<float> d_x(x);
+        if (inverse) {
+          rope_backward_cpu(s, cpu.data());
+          rope_backward_cuda(s, d_x.get(), stream());
+        } else {
+          rope_forward_cpu(s, cpu.data());
+          rope_forward_cuda(s, d_x.get(), stream());
+        }
+        const std::vector<float> gpu = d_x.download("x");
+        expect_rows_close(gpu, cpu, rc.dh, 0, 2e-6, "rope " + name);
+        if (rc.pos0 == 0)
+          for (int64_t b = 0; b < rc.B; ++b) {
+            const int64_t n = rc.heads * rc.dh, at = b * rc.T * n;
+            expect_identical(std::vector<float>(gpu.begin() + at, gpu.begin() + at + n),
+                             std::vector<float>(cpu.begin() + at, cpu.begin() + at + n), "rope position 0 " + name);
+          }
+      }
+}
+
+}  // namespace
+}  // namespace peerless
+
+#endif  // PEERLESS_HAVE_CUDA
