@@ -30,6 +30,8 @@ const char* kBenchUsage =
     "  peer      expert parallelism of one PEER layer: rows exchange vs the column alternative's collectives\n"
     "            (launch/bench_peer.cpp); mpirun -np P peerless bench peer\n"
     "  train     training tokens/s, MFU and peak memory of a config on one GPU (launch/bench_train.cu)\n"
+    "  attention   causal attention forward and forward+backward on one GPU: TF/s beside the flash column of\n"
+    "            BASELINES §2 (launch/bench_attention.cu; bench/attention_torch.py times torch SDPA alike)\n"
     "  peer-layer  one PEER layer forward + backward on one GPU at N = 1024², d = 1024, h = 8, k = 16: tokens/s,\n"
     "            time per phase, GB/s of the expert phases against a device copy (launch/bench_peer_layer.cu)\n"
     "  ops       CUDA op kernels (fused norm + int8 quantizer, MLGRU scan) in GB/s against a device copy\n"
@@ -294,11 +296,13 @@ int cmd_bench(const Args& args) {
 #ifdef PEERLESS_HAVE_CUDA
   if (args[0] == "train") return bench_train(Args(args.begin() + 1, args.end()));
   if (args[0] == "peer-layer") return bench_peer_layer(Args(args.begin() + 1, args.end()));
+  if (args[0] == "attention") return bench_attention(Args(args.begin() + 1, args.end()));
 #else
+  PL_CHECK(args[0] != "attention", config, "bench attention needs a CUDA build");
   PL_CHECK(args[0] != "train", config, "bench train needs a CUDA build");
   PL_CHECK(args[0] != "peer-layer", config, "bench peer-layer needs a CUDA build");
 #endif
-  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint, peer, ops, train, peer-layer (see: peerless bench --help)");
+  PL_FAIL(config, "unknown benchmark '", args[0], "'; available: comm, checkpoint, peer, ops, train, peer-layer, attention (see: peerless bench --help)");
 }
 
 }  // namespace peerless

@@ -25,6 +25,7 @@ int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp
 int bench_ops(const Args& args);         // `bench ops`, launch/bench_ops.cpp
 int bench_infer(const Args& args);       // `bench infer`, launch/bench_infer.cpp
 int bench_train(const Args& args);       // `bench train`, launch/bench_train.cu (CUDA builds)
-int bench_peer_layer(const Args& args);  // `bench peer-layer`, launch/bench_peer_layer.cu (CUDA builds)
+int bench_peer_layer(const Args& args);
+int bench_attention(const Args& args);   // `bench attention`, launch/bench_attention.cu (CUDA builds)  // `bench peer-layer`, launch/bench_peer_layer.cu (CUDA builds)
 
 }  // namespace peerless

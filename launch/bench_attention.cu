@@ -1,0 +1,116 @@
+// `peerless bench attention`: the causal attention op's forward and forward + backward on one GPU
+// (model/ops/attention.cu, through the shipped launchers) at the shapes of ../shared/BASELINES.md §2,
+// in TFLOP/s by the FlashAttention convention (causal forward 2·B·H·T²·d_h, fwd + bwd 3.5x),
+// printed beside the published/measured flash column of BASELINES §2. Median of --iters timed
+// iterations after --warmup untimed ones; inputs N(0,1)-like hashed values (no host staging).
+// bench/attention_torch.py times PyTorch's SDPA backends at the same shapes in the same job.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "launch/cuda_bench_util.h"
+#include "model/ops/attention.h"
+#include "model/ops/cuda_check.h"
+#include "runtime/error.h"
+#include "runtime/memory.h"
+
+namespace peerless {
+
+namespace {
+
+__global__ void fill_hash_kernel(float* p, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    uint64_t z = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ (seed * 0xBF58476D1CE4E5B9ull);
+    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+    z ^= z >> 29;
+    p[i] = static_cast<float>((z >> 40) * (1.0 / (1ull << 24))) * 2.f - 1.f;  // U(-1, 1)
+  }
+}
+
+DeviceBytes filled(int64_t n, uint64_t seed) {
+  DeviceBytes d(static_cast<size_t>(n) * sizeof(float));
+  fill_hash_kernel<<<2048, 256>>>(static_cast<float*>(d.get()), n, seed);
+  PL_CUDA_CHECK_LAUNCH(fill_hash_kernel);
+  return d;
+}
+float* f(const DeviceBytes& b) { return static_cast<float*>(b.get()); }
+
+// Median milliseconds of `run` over iters (after warmup), timed with events on `stream`.
+template <typename Run>
+double median_ms(cudaStream_t stream, int warmup, int iters, Run run) {
+  for (int i = 0; i < warmup; ++i) run();
+  std::vector<double> ms;
+  CudaEvent a, b;
+  for (int i = 0; i < iters; ++i) {
+    PL_CUDA_CHECK(cudaEventRecord(a.get(), stream));
+    run();
+    PL_CUDA_CHECK(cudaEventRecord(b.get(), stream));
+    PL_CUDA_CHECK(cudaEventSynchronize(b.get()));
+    float t = 0;
+    PL_CUDA_CHECK(cudaEventElapsedTime(&t, a.get(), b.get()));
+    ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+struct Case {
+  int64_t B, H, T, dh;
+  double flash_fwd, flash_fwdbwd;  // BASELINES §2: torch SDPA flash backend, bf16, one project H100
+};
+
+void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
+  const AttentionShape sh{c.B, c.T, c.H, c.H, c.dh};
+  const int64_t n = c.B * c.T * c.H * c.dh, nl = c.B * c.H * c.T;
+  DeviceBytes q = filled(n, 1), k = filled(n, 2), v = filled(n, 3), o = filled(n, 4), dout = filled(n, 5);
+  DeviceBytes lse(static_cast<size_t>(nl) * 4), dq(static_cast<size_t>(n) * 4), dk(static_cast<size_t>(n) * 4),
+      dv(static_cast<size_t>(n) * 4);
+  float* L = static_cast<float*>(lse.get());
+  auto fwd = [&] { attention_forward_cuda(sh, f(q), f(k), f(v), f(o), L, s); };
+  const double t_fwd = median_ms(s, warmup, iters, fwd);
+  const double t_all = median_ms(s, warmup, iters, [&] {
+    fwd();
+    attention_backward_cuda(sh, f(q), f(k), f(v), f(o), L, f(dout), f(dq), f(dk), f(dv), s);
+  });
+  const double tf = attention_forward_flops(sh) / 1e12;
+  std::printf("| %lld, %lld, %lld, %lld | %.2f | %.1f | %.0f | %.2f | %.1f | %.0f |\n", static_cast<long long>(c.B),
+              static_cast<long long>(c.H), static_cast<long long>(c.T), static_cast<long long>(c.dh), t_fwd,
+              tf / (t_fwd * 1e-3), c.flash_fwd, t_all, 3.5 * tf / (t_all * 1e-3), c.flash_fwdbwd);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int bench_attention(const Args& args) {
+  std::string warmup_s = "3", iters_s = "10";
+  ArgParser p("bench attention",
+              "Causal MHA forward and forward+backward of the shipped attention kernels (fp32) at BASELINES §2's "
+              "shapes plus T 8192, in TFLOP/s (FlashAttention convention) beside the flash-backend column.");
+  p.option("warmup", &warmup_s, "N", "untimed iterations (default 3)");
+  p.option("iters", &iters_s, "N", "timed iterations, median reported (default 10)");
+  if (!p.parse(args)) return 0;
+  const int warmup = static_cast<int>(parse_int_arg("warmup", warmup_s));
+  const int iters = static_cast<int>(parse_int_arg("iters", iters_s));
+  PL_CHECK(warmup >= 0 && iters >= 1, config, "--warmup must be >= 0 and --iters >= 1");
+  cudaDeviceProp prop{};
+  PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("attention (model/ops/attention.cu, fp32 CUDA cores) on %s; flash = torch SDPA flash backend, bf16, "
+              "BASELINES §2 (0 = not published there)\n", prop.name);
+  std::printf("| B, H, T, d_h | fwd ms | fwd TF/s | flash fwd | fwd+bwd ms | fwd+bwd TF/s | flash fwd+bwd |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  CudaStream stream;
+  const Case cases[] = {{8, 16, 2048, 64, 239, 183},
+                        {8, 16, 2048, 128, 290, 209},
+                        {4, 16, 4096, 128, 309, 254},
+                        {2, 16, 8192, 64, 0, 0},
+                        {2, 16, 8192, 128, 0, 0}};
+  for (const Case& c : cases) bench_case(c, warmup, iters, stream.get());
+  return 0;
+}
+
+}  // namespace peerless
