@@ -14,7 +14,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yi
 [[ -e ../shared ]] || ln -s "$root/.deps/shared" ../shared
 export PEERLESS_SHARED="$root/../shared"
 nvidia-smi -L | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD >> "$OUT/gpu.txt" 2>/dev/null
+# The commit: give PEERLESS_COMMIT=$(git rev-parse --short HEAD) on the command line, since the
+# device machine's copy carries the working tree but not always the current git metadata.
+echo "commit ${PEERLESS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (device copy's git; may lag)}" >> "$OUT/gpu.txt"
 b=build-gpu/bin/peerless
 
 gpu_build() {
