@@ -26,6 +26,21 @@ uint32_t u32_or(const gguf::File& f, const std::string& key, uint32_t fallback) 
   return f.has(key) ? f.get_u32(key) : fallback;
 }
 
+// The hyperparameters must agree with the tensors before a model of their size is allocated (a
+// forged block_count or width must not allocate gigabytes): widths against token_embd and block 0,
+// the block count against the tensor count (9 per block).
+void check_sizes(const gguf::File& f, const ModelConfig& m) {
+  const auto& embd = f.tensor("token_embd.weight").ne;
+  PL_CHECK(embd.size() == 2 && embd[0] == m.d_model, data, f.path(), ": llama.embedding_length = ", m.d_model,
+           " but token_embd.weight has shape ", shape_text(embd));
+  const int64_t blocks = static_cast<int64_t>(f.tensors().size()) / 9;
+  PL_CHECK(m.n_layers >= 1 && m.n_layers <= blocks, data, f.path(), ": llama.block_count = ", m.n_layers,
+           " but the file has ", f.tensors().size(), " tensors (9 per block)");
+  const auto& up = f.tensor("blk.0.ffn_up.weight").ne;
+  PL_CHECK(up.size() == 2 && up[1] == m.intermediate, data, f.path(), ": llama.feed_forward_length = ",
+           m.intermediate, " but blk.0.ffn_up.weight has shape ", shape_text(up));
+}
+
 // The [model] section a `llama` file's hyperparameters give; data errors name the key.
 RunConfig llama_config(const gguf::File& f) {
   RunConfig cfg;
@@ -48,6 +63,7 @@ RunConfig llama_config(const gguf::File& f) {
   m.norm_eps = f.get_f32("llama.attention.layer_norm_rms_epsilon");
   m.context_length = u32_or(f, "llama.context_length", 2048);
   m.vocab_size = f.tensor("token_embd.weight").ne.size() == 2 ? f.tensor("token_embd.weight").ne[1] : 0;
+  check_sizes(f, m);
   m.token_mixer = "attention";
   m.channel_mixer = "swiglu";
   m.head = "linear";
