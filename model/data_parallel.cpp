@@ -357,7 +357,8 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
 void DataParallel::gather_full_params(float* params) {
   if (!zero1_ || dp_.size() == 1) return;
   for (const auto& b : buckets_) {
-    if (b.ternary) gather_values(b, params);  // full-precision buckets are gathered every step
+    // Full-precision buckets are gathered every step; sharded experts are whole on their holders.
+    if (b.ternary && !b.expert) gather_values(b, params);
   }
 }
 
