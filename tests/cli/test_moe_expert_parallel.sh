@@ -7,6 +7,7 @@
 #     data-parallel groups + ZeRO-1; with a capacity factor (overflow dropped per micro-batch) on
 #     1, 2 and 4 shards;
 #   - sigma_moe (N_E 4, K 2, expert dropout 0.1) on 1, 2 and 4 shards;
+#   - a checkpoint of the 1-rank run (step 6) resumes bit-identically with 2 and 4 shards;
 #   - the dry run of 4 ranks accounts the sharded experts and their exchange; 3 shards of 4 experts
 #     and checkpoints of sharded experts are config errors naming their keys.
 source "$(dirname "$0")/common.sh"
@@ -20,7 +21,7 @@ ep() { echo --set parallel.expert_parallel="$1"; }
 cap=(--set model.moe_capacity_factor=1)
 sig=(--set model.channel_mixer=sigma_moe --set model.sigma_moe_experts=4 --set model.sigma_moe_topk=2
      --set model.sigma_moe_group=16 --set model.sigma_moe_dropout=0.1)
-run_np m1 1 4
+run_np m1 1 4 --set checkpoint.every_steps=6
 run_np m2 2 2
 run_np m2e1 2 2 $(ep 1)
 run_np m4 4 1
@@ -38,6 +39,12 @@ grep -q "experts (moe): 4 per block; .* (replicated)" m1.log || fail "1 rank sho
 grep -q "(replicated)" m2e1.log || fail "expert_parallel 1 should replicate"
 [[ -s runs/m2/samples.txt ]] || fail "no sample from the assembled model"
 same_runs --rows 13 m1 m2 m2e1 m4 m4e2z
+# A replicated checkpoint (1 rank) resumes with the experts sharded: each rank reads its experts.
+ck=runs/m1/checkpoints/step_6
+run_np r2 2 2 --resume "$ck"
+run_np r4 4 1 --resume "$ck"
+grep -q "resumed from" r4.log || fail "r4 did not resume"
+same_resume m1 6 r2 r4
 same_runs --rows 13 c1 c2 c4
 same_runs --rows 13 s1 s2 s4
 /usr/bin/python3 - <<'PY'
