@@ -78,6 +78,9 @@ struct CheckpointWriteStats {
   double shard_s = 0, fsync_s = 0, hash_s = 0, commit_s = 0;
 };
 // Collective over `comm`: writes, verifies and commits step_<state.step> under `root`.
+// Config error when the model holds parameters that write_checkpoint cannot place yet: experts of
+// the mixture-of-experts kinds sharded over ranks (PEER tables are fine).
+void check_checkpointable(const Model& model);
 CheckpointWriteStats write_checkpoint(const std::string& root, const RunConfig& cfg, const std::string& config_text,
                                       const Model& model, const DataParallel& dp, const float* params, AdamW& adam,
                                       const TrainState& state, Comm& comm);

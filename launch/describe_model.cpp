@@ -79,11 +79,10 @@ std::string describe_memory(const Model& model, const RunConfig& cfg, int world)
   // byte per element each, the PEER tables included).
   const double grads = latent, codes = static_cast<double>(layout.total());
   const double flags = static_cast<double>(layout.total());
-  // Sharded PEER tables are never cut by ZeRO-1 (their state is sharded with the rows already).
+  // Sharded PEER tables and experts are never cut by ZeRO-1 (their state is sharded with them already).
   double sharded_tables = 0;
-  if (model.experts_sharded())
-    for (const auto& p : layout.entries())
-      if (is_peer_table(p)) sharded_tables += 4.0 * static_cast<double>(p.numel);
+  for (const auto& p : layout.entries())
+    if (p.sharded()) sharded_tables += 4.0 * static_cast<double>(p.numel);
   const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
   // Deterministic mode on the CPU: the int64 gradient sums (8 bytes per element; on a GPU they are in
   // device memory).
@@ -127,6 +126,21 @@ std::string describe_memory(const Model& model, const RunConfig& cfg, int world)
      << (peer_counters > 0 ? cat(" (incl. PEER usage counters and touched flags ", human_bytes(peer_counters), ")")
                            : std::string())
      << "\n";
+  const std::string& mixer = cfg.model.channel_mixer;
+  if (mixer == "moe" || mixer == "sigma_moe") {
+    // The experts this rank holds: all, or E/P whole experts per block (model/modules/experts.h).
+    const int64_t E = mixer == "moe" ? cfg.model.moe_experts : cfg.model.sigma_moe_experts;
+    const ExpertShard& es = model.expert_shard();
+    double held = 0;
+    for (const auto& p : layout.entries())
+      if (p.name.find("/" + mixer + "/experts/") != std::string::npos) held += 4.0 * static_cast<double>(p.numel);
+    os << "  experts (" << mixer << "): " << E << " per block; weights per rank " << human_bytes(held)
+       << " (+ gradients and AdamW moments, 4x in all)"
+       << (model.experts_sharded() ? cat(" (sharded over ", es.shards, " ranks: this rank holds experts [",
+                                         es.first_row(E), ", ", es.first_row(E) + es.rows(E), "))")
+                                   : std::string(" (replicated)"))
+       << "\n";
+  }
   if (model.n_peer_layers() > 0) {
     // Per rank: this rank's rows of every table (all rows when replicated). Weights, dense
     // gradients and the two AdamW moments are fp32 each; ZeRO-1 cuts only replicated tables.

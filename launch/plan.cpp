@@ -40,6 +40,25 @@ double expert_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
   return layers * (tokens * (as_sender + as_owner) + counts);
 }
 
+// The mixture-of-experts exchange of one rank per optimizer step (model/modules/experts.h), per
+// "moe" / "sigma_moe" block and micro-batch: the per-expert row counts (E/P int64 to each other rank)
+// forward, then every routed (token, slot) row whose expert lives on another rank: x there and the
+// output back forward, dy there and dx back backward (d floats each way). With uniform routing
+// (P − 1)/P of the k·tokens slots are remote; a rank sends as sender (x, dy) and as owner (outputs,
+// dx) the same amounts on average, 16·d bytes per remote slot. Capacity drops send less.
+double moe_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
+  const ModelConfig& m = cfg.model;
+  const bool sigma = m.channel_mixer == "sigma_moe";
+  if (expert_parallel <= 1 || (!sigma && m.channel_mixer != "moe")) return 0;
+  const double layers = static_cast<double>(m.n_layers) - static_cast<double>(m.peer_block_list().size());
+  const double P = expert_parallel, d = static_cast<double>(m.d_model);
+  const double E = static_cast<double>(sigma ? m.sigma_moe_experts : m.moe_experts);
+  const double k = static_cast<double>(sigma ? m.sigma_moe_topk : m.moe_topk);
+  const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.train.accum_steps * cfg.data.seq_len);
+  const double counts = 8 * E / P * (P - 1) * static_cast<double>(cfg.train.accum_steps);
+  return layers * (tokens * k * (P - 1) / P * 16 * d + counts);
+}
+
 // Rank 0 of the planned world: its topology and its model (its rows of every PEER table).
 struct PlannedRank {
   Topology topo;
@@ -51,7 +70,8 @@ PlannedRank plan_rank(const RunConfig& cfg, int world, int expert_parallel) {
   PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
   PlannedRank r;
   r.topo = make_topology(0, world, expert_parallel);
-  r.shard = r.topo.ep_size > 1 && !cfg.model.peer_block_list().empty();
+  const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
+  r.shard = r.topo.ep_size > 1 && (moe || !cfg.model.peer_block_list().empty());
   r.model = std::make_unique<Model>(cfg.model, r.shard ? ExpertShard{r.topo.ep_size, 0} : ExpertShard{});
   return r;
 }
@@ -66,7 +86,7 @@ StepTrafficPlan traffic_of(const RunConfig& cfg, const PlannedRank& r) {
   p.gradients = t.grad_sent;
   p.gathers = t.gather_sent;
   p.expert_gradients = t.expert_grad_sent;
-  p.expert_exchange = r.shard ? expert_exchange_bytes(cfg, r.topo.ep_size) : 0;
+  p.expert_exchange = r.shard ? expert_exchange_bytes(cfg, r.topo.ep_size) + moe_exchange_bytes(cfg, r.topo.ep_size) : 0;
   // Lazy AdamW on the CPU: the union of the rows each rank retrieved, one byte per row of every
   // table, all-reduced over the ranks holding the same rows (all ranks when the tables are whole).
   if (cfg.optim.table_optimizer == "lazy_adam" && cfg.run.device == "cpu" && model.n_peer_layers() > 0) {

@@ -133,17 +133,6 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("checkpoint.dir", &checkpoint.dir, "checkpoint directory (\"\" = <run.out_dir>/<run.name>/checkpoints)");
 }
 
-// What the mixture-of-experts channel mixers do not have yet: expert parallelism (their experts
-// are dense parameters replicated on every rank).
-static void check_moe_kinds(const RunConfig& cfg, std::vector<std::string>& errors) {
-  const std::string& mixer = cfg.model.channel_mixer;
-  if ((mixer == "moe" || mixer == "sigma_moe") && cfg.parallel.expert_parallel > 1)
-    errors.push_back(cat("key 'parallel.expert_parallel' = ", cfg.parallel.expert_parallel,
-                         " with model.channel_mixer = \"", mixer,
-                         "\": expert parallelism over ranks is not implemented for this kind (allowed: 0 or 1; its "
-                         "experts are replicated)"));
-}
-
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
                         const std::string& context, std::string* toml_text) {
   schema.check_ranges(errors);
@@ -152,7 +141,6 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
     cfg.model.validate(errors);
     cfg.optim.validate(errors);
   }
-  check_moe_kinds(cfg, errors);
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

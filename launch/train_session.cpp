@@ -13,6 +13,7 @@
 #include "launch/model_file.h"
 #include "launch/signals.h"
 #include "model/cpu_threads.h"
+#include "model/ops/quant.h"
 #include "parallel/consistency.h"
 #include "runtime/error.h"
 #include "runtime/memory.h"
@@ -119,8 +120,10 @@ std::string broadcast_string(Comm& comm, std::string text) {
 
 // The unsharded model from the shards of one expert-parallel group (collective over `ep`): rank 0
 // of the group gets every parameter in `whole_params` (the others only pass their rows through).
-// Dense parameters, codes and β are this rank's (identical on every rank); each table is assembled
-// with one broadcast per shard, so no rank but the first holds more than its own rows extra.
+// Dense parameters, codes and β are this rank's (identical on every rank); each sharded parameter
+// (PEER table rows, whole experts) is assembled with one broadcast per rank holding rows of it, so
+// no rank but the first holds more than its own rows extra. A whole expert's codes and β are
+// recomputed from its weights, as its holder computed them (Model::refresh_ternary).
 std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<float>& params, Comm& ep,
                                           std::vector<float>& whole_params) {
   auto whole = std::make_unique<Model>(model.config());
@@ -133,26 +136,35 @@ std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<
       const auto& from = model.layout().entries();
       const auto& to = whole->layout().entries();
       for (size_t i = 0; i < from.size(); ++i)
-        if (!is_peer_table(from[i]))
+        if (!from[i].sharded())
           std::copy_n(model.codes().data() + from[i].offset, from[i].numel, codes.data() + to[i].offset);
     }
     whole->mutable_betas() = model.betas();
   }
   std::vector<float> scratch;
-  for (const auto& p : model.layout().entries()) {
-    if (!is_peer_table(p)) continue;
-    const int64_t n = p.numel;
+  std::vector<int64_t> held(2 * ep.size());  // per rank: first row, rows
+  const auto& entries = model.layout().entries();
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const ParamInfo& p = entries[i];
+    if (!p.sharded()) continue;
+    const int64_t mine[2] = {p.first_row, p.shape[0]}, width = p.row_width();
+    ep.all_gather(mine, held.data(), 2, DType::i64);
     const ParamInfo& q = whole->layout().at(whole->layout().find(p.name));
     for (int r = 0; r < ep.size(); ++r) {
+      const int64_t n = held[2 * r + 1] * width;
+      if (n == 0) continue;
       float* buf = nullptr;
       if (root) {
-        buf = whole_params.data() + q.offset + r * n;
+        buf = whole_params.data() + q.offset + held[2 * r] * width;
         if (r == 0) std::copy_n(params.data() + p.offset, n, buf);
       }
       else if (r == ep.rank()) buf = const_cast<float*>(params.data()) + p.offset;  // sent, unchanged
       else buf = (scratch.resize(n), scratch.data());
       ep.broadcast(buf, n, DType::f32, r);
     }
+    if (root && q.kind == ParamKind::ternary_weight && !model.codes().empty())
+      whole->mutable_betas()[i] =
+          weight_quant_cpu(q.numel, whole_params.data() + q.offset, whole->mutable_codes().data() + q.offset);
   }
   if (root) whole->refresh_peer_tables(whole_params.data(), nullptr);  // model.peer_ternary only
   return whole;
@@ -243,9 +255,11 @@ bool setup_session(TrainSession& s) {
   cfg.bind(schema);
   s.config_text = schema.to_toml();
 
-  // Expert parallelism: the PEER tables are sharded by rows over groups of ep_size consecutive
-  // ranks (model/expert_parallel.h); `replicas` joins the ranks holding the same rows.
-  const bool shard_experts = s.topology.ep_size > 1 && !cfg.model.peer_block_list().empty();
+  // Expert parallelism: the PEER tables are sharded by rows, the experts of "moe" / "sigma_moe"
+  // blocks whole, over groups of ep_size consecutive ranks (model/expert_parallel.h); `replicas`
+  // joins the ranks holding the same rows.
+  const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
+  const bool shard_experts = s.topology.ep_size > 1 && (moe || !cfg.model.peer_block_list().empty());
   if (shard_experts && !s.options.dry_run) {
     s.ep_comm = s.comm.split(s.topology.dp_rank, s.topology.ep_rank);
     s.replicas = s.comm.split(s.topology.ep_rank, s.topology.dp_rank);
@@ -254,6 +268,7 @@ bool setup_session(TrainSession& s) {
   s.model = std::make_unique<Model>(cfg.model, shard);
   Model& model = *s.model;
   model.set_expert_comm(s.ep_comm.get());
+  if (cfg.checkpoint.every_steps > 0 || cfg.checkpoint.every_minutes > 0) check_checkpointable(model);
   if (s.lead) std::printf("%s%s\n", describe_model(model, cfg, s.world).c_str(), data_note.c_str());
   if (s.lead && s.world > 1) std::printf("%s\n", s.topology.describe().c_str());
   if (s.options.dry_run) {

@@ -22,7 +22,6 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
   const bool quantized = model.config().quant == "ternary";
   const int64_t cap = std::max<int64_t>(kAlign, round_up(bucket_bytes / 4, kAlign));
   const int W = world;
-  const bool sharded = model.experts_sharded();
   // Walk parameters in backward order (reverse layout), closing a bucket when it is full or the
   // class (ternary / full precision / sharded table) changes; split parameters larger than one bucket.
   Bucket cur;
@@ -37,7 +36,7 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
   for (int idx = static_cast<int>(entries.size()) - 1; idx >= 0; --idx) {
     const ParamInfo& p = entries[idx];
     const bool ternary = quantized && p.kind == ParamKind::ternary_weight;
-    const bool expert = sharded && is_peer_table(p);
+    const bool expert = p.sharded();
     const int64_t p_end = round_up(p.offset + p.numel, kAlign);
     if (open && (cur.ternary != ternary || cur.expert != expert || cur.end - p.offset > cap)) close();
     int64_t hi = p_end;
@@ -137,7 +136,8 @@ void DataParallel::set_deterministic(int64_t micro_batches) {
   std::vector<uint8_t> sparse(entries.size(), 0);
   sharded_params_.assign(entries.size(), 0);
   for (size_t i = 0; i < entries.size(); ++i)
-    if (is_peer_table(entries[i])) sparse[i] = 1, sharded_params_[i] = model_.experts_sharded();
+    // Sharded experts of the mixture-of-experts kinds add one term per source rank (experts.h).
+    if (is_peer_table(entries[i]) || entries[i].sharded()) sparse[i] = 1, sharded_params_[i] = entries[i].sharded();
   exact_ = std::make_unique<ExactGradSum>(model_.layout(), micro_batches, std::move(sparse));
 }
 
@@ -227,10 +227,21 @@ void DataParallel::exchange(int bucket, float* grads) {
 
 double DataParallel::grad_norm_exact(const float* grads) {
   // Every rank holds the whole sum: parameters in layout order, tables as row partials in row order.
+  // Experts held whole by one rank of the group (moe, sigma_moe) come from their holder: all-reduced
+  // with zeros in the other ranks' places (x + 0 = x), then added in their place in the order.
+  const auto& entries = model_.layout().entries();
+  std::vector<double> whole(entries.size(), 0.0);
+  bool any_whole = false;
+  for (size_t i = 0; i < entries.size(); ++i)
+    if (entries[i].sharded() && !is_peer_table(entries[i]))
+      whole[i] = sum_squares(grads + entries[i].offset, entries[i].numel), any_whole = true;
+  if (any_whole && expert_group_ && expert_group_->size() > 1)
+    expert_group_->all_reduce(whole.data(), static_cast<int64_t>(whole.size()), DType::f64, ReduceOp::sum);
   double total = 0;
-  for (const auto& p : model_.layout().entries()) {
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const ParamInfo& p = entries[i];
     if (!is_peer_table(p)) {
-      total += sum_squares(grads + p.offset, p.numel);
+      total += p.sharded() ? whole[i] : sum_squares(grads + p.offset, p.numel);
       continue;
     }
     const int64_t width = p.shape[1], rows = p.numel / width, N = model_.peer_experts();
@@ -297,7 +308,7 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
   // β per ternary tensor from the owners' partial Σ|W|.
   std::vector<double> abs_sums(entries.size(), 0.0);
   for (const auto& b : buckets_) {
-    if (!b.ternary) continue;
+    if (!b.ternary || b.expert) continue;  // sharded experts: every holder has the whole tensor
     const int64_t lo = owned_begin(b), hi = owned_end(b);
     for (int idx : b.params) {
       const ParamInfo& p = entries[idx];
@@ -310,6 +321,12 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
   std::vector<float>& betas = model.mutable_betas();
   for (size_t idx = 0; idx < entries.size(); ++idx)
     if (entries[idx].kind == ParamKind::ternary_weight) betas[idx] = ternary_beta(abs_sums[idx], entries[idx].numel);
+  for (const auto& b : buckets_)
+    if (b.expert && b.ternary)
+      for (int idx : b.params) {
+        const ParamInfo& p = entries[idx];
+        betas[idx] = weight_quant_cpu(p.numel, params + p.offset, codes.data() + p.offset);
+      }
 
   for (const auto& b : buckets_) {
     if (b.expert) continue;  // every holder updated its rows itself
@@ -340,7 +357,8 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
 void DataParallel::gather_full_params(float* params) {
   if (!zero1_ || dp_.size() == 1) return;
   for (const auto& b : buckets_) {
-    if (b.ternary) gather_values(b, params);  // full-precision buckets are gathered every step
+    // Full-precision buckets are gathered every step; sharded experts are whole on their holders.
+    if (b.ternary && !b.expert) gather_values(b, params);
   }
 }
 

@@ -24,8 +24,10 @@
 // computes β and the codes exactly as one rank does. Sharded PEER tables enter the norm as per-row
 // partial sums in row order (the same sum for any number of shards).
 //
-// Expert parallelism (Model::experts_sharded()): each PEER table holds this rank's rows only. The
-// tables get buckets of their own ("expert" buckets), all-reduced over `replicas` (the ranks holding
+// Expert parallelism (Model::experts_sharded()): each PEER table holds this rank's rows only, each
+// expert of a "moe" / "sigma_moe" block is whole on one rank of the group and empty on the others
+// (ParamInfo::sharded() either way; ZeRO-1 β of such an expert is its holder's own). They get buckets
+// of their own ("expert" buckets), all-reduced over `replicas` (the ranks holding
 // the same rows: equal ep_rank) instead of over all ranks, never cut by ZeRO-1 (the table's
 // optimizer state is already sharded with the table), and their squares in the gradient norm are
 // summed over `expert_group` (one copy of every row).
@@ -49,7 +51,7 @@ class DataParallel {
   struct Bucket {
     int64_t begin = 0, end = 0;  // [begin, end) of the flat buffers
     bool ternary = false;        // codes are gathered instead of fp32 values (ZeRO-1)
-    bool expert = false;         // a sharded PEER table: reduced over the replicas, owned whole
+    bool expert = false;         // sharded (a PEER table, whole experts): reduced over the replicas, owned whole
     int64_t slice = 0;           // ZeRO-1 elements per rank (multiple of 16); dp_size·slice ≥ end − begin
     std::vector<int> params;     // parameter indices overlapping the bucket
   };

@@ -95,6 +95,15 @@ void ExactGradSum::add_dense(const float* grads) {
   }
 }
 
+void ExactGradSum::add_param(int param, const float* g) {
+  PL_CHECK(sparse_[param], internal, "ExactGradSum::add_param on a dense parameter");
+  if (acc_.empty()) acc_.assign(layout_.total(), 0);
+  const ParamInfo& info = layout_.at(param);
+  const float m = max_abs_cpu(info.numel, g);
+  note_max(param, m);
+  if (on_grid(param, m)) fixed_add_cpu(info.numel, g, scale(param), acc_.data() + info.offset);
+}
+
 void ExactGradSum::add_rows(int param, const PeerSparseGrad<float>& g) {
   PL_CHECK(sparse_[param], internal, "ExactGradSum::add_rows on a dense parameter");
   if (acc_.empty()) acc_.assign(layout_.total(), 0);

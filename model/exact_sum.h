@@ -67,6 +67,10 @@ class ExactGradSum {
   void begin_step();  // zeroes the sums and the observed maxima
   // One micro-batch's dense gradient (layout().total() floats).
   void add_dense(const float* grads);
+  // One term of parameter `param`'s sum (its numel floats), for parameters marked sparse whose
+  // owner computes several terms per micro-batch (the sharded experts of the mixture-of-experts kinds:
+  // one per source rank).
+  void add_param(int param, const float* g);
   // One micro-batch's gradient of some rows of parameter `param` (rows of g.width elements, the
   // parameter's local row numbers).
   void add_rows(int param, const PeerSparseGrad<float>& g);

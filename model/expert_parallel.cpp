@@ -71,14 +71,14 @@ void ShardedPeerExperts::gather_partials(const void* partial, int64_t T, int64_t
     for (int64_t c = 0; c < d; ++c) out[t * d + c] = static_cast<float>(static_cast<double>(sum[t * d + c]) / scale[t]);
 }
 
-ShardedPeerExperts::ShardedPeerExperts(Comm& ep, int64_t n_experts) : ep_(ep), n_experts_(n_experts) {
+ShardedPeerExperts::ShardedPeerExperts(Comm& ep, int64_t n_experts) : ep_(ep), xchg_(ep), n_experts_(n_experts) {
   PL_CHECK(ep.size() >= 1 && n_experts % ep.size() == 0, config, "parallel.expert_parallel = ", ep.size(),
            " must divide the number of experts N = ", n_experts, " (model.peer_n_sub²)");
   rows_per_ = n_experts / ep.size();
 }
 
-ShardedPeerExperts::Lists ShardedPeerExperts::lists_of(std::vector<int64_t> counts) {
-  Lists l;
+ExchangeLists ExchangeLists::of(std::vector<int64_t> counts) {
+  ExchangeLists l;
   l.offsets.resize(counts.size());
   int64_t sum = 0;
   for (size_t r = 0; r < counts.size(); ++r) l.offsets[r] = sum, sum += counts[r];
@@ -86,25 +86,21 @@ ShardedPeerExperts::Lists ShardedPeerExperts::lists_of(std::vector<int64_t> coun
   return l;
 }
 
-ShardedPeerExperts::Lists ShardedPeerExperts::scaled(const Lists& l, int64_t by) {
-  Lists s = l;
+ExchangeLists ExchangeLists::scaled(int64_t by) const {
+  ExchangeLists s = *this;
   for (auto& c : s.counts) c *= by;
   for (auto& o : s.offsets) o *= by;
   return s;
 }
 
-void ShardedPeerExperts::exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type) {
+void ExpertExchange::exchange(const void* send, const ExchangeLists& s, void* recv, const ExchangeLists& r,
+                              DType type) {
   const auto t0 = std::chrono::steady_clock::now();
   ep_.all_to_all_v(send, s.counts, s.offsets, recv, r.counts, r.offsets, type);
   ep_.synchronize();
   stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (int o = 0; o < ep_.size(); ++o)
     if (o != ep_.rank()) stats_.bytes_sent += s.counts[o] * static_cast<int64_t>(dtype_size(type));
-}
-
-void ShardedPeerExperts::send_rows(const float* src, const Lists& send, float* dst, const Lists& recv,
-                                   int64_t width) {
-  exchange(src, scaled(send, width), dst, scaled(recv, width), DType::f32);
 }
 
 void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,

@@ -32,11 +32,46 @@ struct PeerTableBounds {
 // The bounds of a table of n_rows rows [u | v] (2d floats each), max-reduced over `group` (null = here).
 PeerTableBounds peer_table_bounds(const float* table, int64_t n_rows, int64_t d, Comm* group);
 
-// Which rows of each expert table this rank holds.
+// Which rows of each expert table this rank holds; for the mixture-of-experts kinds, which experts
+// (rank e of the group owns experts [e·E/P, (e+1)·E/P), each expert whole).
 struct ExpertShard {
   int shards = 1, shard = 0;
   int64_t rows(int64_t n_experts) const { return n_experts / shards; }
   int64_t first_row(int64_t n_experts) const { return shard * rows(n_experts); }
+  int owner(int64_t expert, int64_t n_experts) const { return static_cast<int>(expert / rows(n_experts)); }
+  bool owns(int64_t expert, int64_t n_experts) const { return owner(expert, n_experts) == shard; }
+};
+
+// Per rank of a group: how many items go to (or come from) it and where they start in a buffer.
+struct ExchangeLists {
+  std::vector<int64_t> counts, offsets;
+  int64_t total() const { return offsets.empty() ? 0 : offsets.back() + counts.back(); }
+  static ExchangeLists of(std::vector<int64_t> counts);  // offsets: the running sum
+  ExchangeLists scaled(int64_t by) const;                 // items of `by` elements each
+};
+
+// The all_to_all_v of an expert exchange over the expert-parallel group, timed and counted (the
+// trainer prints both). Shared by the PEER row shards and the mixture-of-experts kinds.
+class ExpertExchange {
+ public:
+  explicit ExpertExchange(Comm& ep) : ep_(ep) {}
+  Comm& group() const { return ep_; }
+  void exchange(const void* send, const ExchangeLists& s, void* recv, const ExchangeLists& r, DType type);
+  // Rows of `width` floats: send's lists count rows.
+  void send_rows(const float* src, const ExchangeLists& send, float* dst, const ExchangeLists& recv, int64_t width) {
+    exchange(src, send.scaled(width), dst, recv.scaled(width), DType::f32);
+  }
+  // Time spent in (and bytes this rank sent to other ranks through) the exchange's collectives,
+  // summed since construction.
+  struct Stats {
+    double seconds = 0;
+    int64_t bytes_sent = 0;
+  };
+  const Stats& stats() const { return stats_; }
+
+ private:
+  Comm& ep_;
+  Stats stats_;
 };
 
 // The expert half of one PEER layer for one micro-batch, its table sharded over `ep` (ranks in
@@ -63,30 +98,26 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   // Sets touched[r] = 1 for every local row some rank of the group retrieved in the last forward.
   void mark_rows(uint8_t* touched) const;
 
-  // Time spent in (and bytes this rank sent to other ranks through) the exchange's collectives,
-  // summed since construction.
-  struct Stats {
-    double seconds = 0;
-    int64_t bytes_sent = 0;
-  };
-  const Stats& stats() const { return stats_; }
+  using Stats = ExpertExchange::Stats;
+  const Stats& stats() const { return xchg_.stats(); }
 
  private:
   // Per owner o: a count of the items this rank sends to o, and their start in the send buffer.
-  struct Lists {
-    std::vector<int64_t> counts, offsets;
-    int64_t total() const { return offsets.empty() ? 0 : offsets.back() + counts.back(); }
-  };
-  static Lists lists_of(std::vector<int64_t> counts);
-  static Lists scaled(const Lists& l, int64_t by);
-  void send_rows(const float* src, const Lists& send, float* dst, const Lists& recv, int64_t width);
+  using Lists = ExchangeLists;
+  static Lists lists_of(std::vector<int64_t> counts) { return Lists::of(std::move(counts)); }
+  static Lists scaled(const Lists& l, int64_t by) { return l.scaled(by); }
+  void send_rows(const float* src, const Lists& send, float* dst, const Lists& recv, int64_t width) {
+    xchg_.send_rows(src, send, dst, recv, width);
+  }
   // The owners' partial rows (float, or int64 when fixed) back to the senders, added per token into
   // out (T, d): in owner order (float) or exactly (int64, then divided by the token's scale).
   void gather_partials(const void* partial, int64_t T, int64_t d, const std::vector<double>& scale, float* out);
-  // all_to_all_v over ep_, counted in stats_.
-  void exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type);
+  void exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type) {
+    xchg_.exchange(send, s, recv, r, type);
+  }
 
   Comm& ep_;
+  ExpertExchange xchg_;
   int64_t n_experts_, rows_per_;
   const float* table_ = nullptr;
   const PeerTableBounds* bounds_ = nullptr;
@@ -103,7 +134,6 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   std::vector<int64_t> recv_offsets_;  // (received tokens + 1)
   std::vector<int32_t> recv_rows_;
   std::vector<PeerSparseGrad<float>> table_grads_;
-  Stats stats_;
 };
 
 }  // namespace peerless

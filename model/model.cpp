@@ -46,6 +46,13 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
   if (!peer_blocks_.empty())
     PL_CHECK(peer_experts() % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
              " must divide the number of experts N = model.peer_n_sub² = ", peer_experts());
+  const bool moe = config.channel_mixer == "moe" || config.channel_mixer == "sigma_moe";
+  if (moe) {
+    const int64_t E = config.channel_mixer == "moe" ? config.moe_experts : config.sigma_moe_experts;
+    PL_CHECK(E % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
+             " must divide the number of experts model.", config.channel_mixer, "_experts = ", E,
+             " (each rank of the expert group holds E/P whole experts)");
+  }
   PL_CHECK(shard.shards == 1 || config.channel_mixer != "pkm", config, "parallel.expert_parallel = ", shard.shards,
            " with model.channel_mixer = \"pkm\": the PKM value table is not sharded over expert-parallel ranks "
            "(allowed: parallel.expert_parallel = 1)");
@@ -56,7 +63,7 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
     const auto peer_it = std::find(peer_blocks_.begin(), peer_blocks_.end(), l);
     const bool peer = peer_it != peer_blocks_.end();
     ModuleBuild build{config, layout_, "blocks/" + std::to_string(l) + "/", l, b,
-                      peer ? static_cast<int>(peer_it - peer_blocks_.begin()) : -1, peer ? peer_table_rows() : 0};
+                      peer ? static_cast<int>(peer_it - peer_blocks_.begin()) : -1, shard};
     modules_.push_back(make_module(config.token_mixer, build));
     modules_.push_back(make_module(peer ? "peer" : config.channel_mixer, build));
     blocks_.push_back(b);
@@ -144,7 +151,7 @@ void Model::copy_dense_params(const Model& from, const float* src, const Model& 
   PL_CHECK(a.size() == b.size(), internal, "copy_dense_params: layouts of different models");
   for (size_t i = 0; i < a.size(); ++i) {
     PL_CHECK(a[i].name == b[i].name, internal, "copy_dense_params: ", a[i].name, " vs ", b[i].name);
-    if (is_peer_table(a[i])) continue;
+    if (a[i].sharded() || b[i].sharded()) continue;
     std::copy(src + a[i].offset, src + a[i].offset + a[i].numel, dst + b[i].offset);
   }
 }

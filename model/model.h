@@ -70,7 +70,8 @@ struct ForwardContext {
 class Model {
  public:
   // config.vocab_size must be resolved (> 0). With shard.shards > 1 each PEER table holds only this
-  // rank's rows (N/P, 2d) and forward/backward exchange entries over the expert-parallel group
+  // rank's rows (N/P, 2d), a "moe" / "sigma_moe" block only its E/P experts (the others are declared
+  // with 0 rows), and forward/backward exchange entries or token rows over the expert-parallel group
   // given to set_expert_comm() (collective over it; see model/expert_parallel.h).
   explicit Model(const ModelConfig& config, ExpertShard shard = {});
   const ExpertShard& expert_shard() const { return shard_; }
@@ -84,7 +85,8 @@ class Model {
   void set_deterministic(bool on);
   bool deterministic() const { return deterministic_; }
   // Copies one rank's parameters into another layout of the same model (e.g. a sharded rank's into
-  // the unsharded one): every parameter but the expert tables, which the caller assembles.
+  // the unsharded one): every parameter but the sharded ones (ParamInfo::sharded(): PEER tables,
+  // experts of the mixture-of-experts kinds), which the caller assembles.
   static void copy_dense_params(const Model& from, const float* src, const Model& to, float* dst);
 
   const ModelConfig& config() const { return config_; }

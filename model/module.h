@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "model/expert_parallel.h"
 #include "model/model_config.h"
 #include "model/ops/peer_layer.h"
 #include "runtime/param_layout.h"
@@ -143,8 +144,10 @@ struct ModuleBuild {
   std::string prefix;
   int64_t layer = 0;
   BlockParams& record;
-  int peer_index = -1;        // PEER: this layer's index among the PEER blocks
-  int64_t peer_table_rows = 0;  // PEER: rows of the table this rank holds
+  int peer_index = -1;  // PEER: this layer's index among the PEER blocks
+  // Expert parallelism: which share of the expert weights this rank holds (PEER: rows of the table;
+  // moe, sigma_moe: whole experts; ExpertShard says which).
+  ExpertShard shard{};
 };
 
 // Initialization rules the kinds share (model/modules/init.cpp): parameter `idx` of the layout

@@ -34,6 +34,31 @@ int ParamLayout::add(const std::string& name, std::vector<int64_t> shape, ParamK
   return static_cast<int>(entries_.size()) - 1;
 }
 
+int ParamLayout::add_sharded(const std::string& name, const std::vector<int64_t>& whole_shape, ParamKind kind,
+                             int64_t first_row, int64_t rows) {
+  PL_CHECK(!whole_shape.empty() && first_row >= 0 && rows >= 0 && first_row + rows <= whole_shape[0], internal,
+           "parameter ", name, ": rows [", first_row, ", ", first_row + rows, ") outside its ", whole_shape[0]);
+  std::vector<int64_t> local = whole_shape;
+  local[0] = 1;  // add() refuses empty dimensions: checked with one row, then set
+  const int idx = add(name, local, kind);
+  ParamInfo& p = entries_[idx];
+  total_ = p.offset;
+  p.shape[0] = rows;
+  p.numel *= rows;
+  total_ += (p.numel + 15) / 16 * 16;
+  p.first_row = first_row;
+  p.whole_rows = whole_shape[0];
+  return idx;
+}
+
+int64_t ParamInfo::row_width() const {
+  int64_t w = 1;
+  for (size_t i = 1; i < shape.size(); ++i) w *= shape[i];
+  return w;
+}
+
+int64_t ParamInfo::whole_numel() const { return sharded() ? whole_rows * row_width() : numel; }
+
 int ParamLayout::find(const std::string& name) const {
   for (size_t i = 0; i < entries_.size(); ++i)
     if (entries_[i].name == name) return static_cast<int>(i);

@@ -25,6 +25,14 @@ struct ParamInfo {
   int64_t offset = 0;           // into the flat buffers, in elements
   int64_t numel = 0;
   ParamKind kind = ParamKind::gain;
+  // Expert parallelism: this rank holds rows [first_row, first_row + shape[0]) of a tensor of
+  // whole_rows rows; the other rows live on the other ranks of its expert-parallel group (a PEER
+  // table's row shard, or a mixture-of-experts expert that is whole on its owner and has 0 rows
+  // elsewhere). whole_rows = 0: not sharded, every rank holds the whole tensor.
+  int64_t first_row = 0, whole_rows = 0;
+  bool sharded() const { return whole_rows > 0; }
+  int64_t row_width() const;    // elements per row (the product of shape[1:])
+  int64_t whole_numel() const;  // of the whole tensor (numel when not sharded)
 };
 
 class ParamLayout {
@@ -32,6 +40,11 @@ class ParamLayout {
   // Appends a parameter; offsets are aligned to 16 elements (64 bytes) so every view starts on a
   // cache line and, later, a vector load boundary. Returns its index.
   int add(const std::string& name, std::vector<int64_t> shape, ParamKind kind);
+  // A row shard of a tensor of whole_shape: rows [first_row, first_row + rows) of whole_shape[0]
+  // (rows may be 0: the parameter then takes no space but keeps its index and name, so that every
+  // rank of an expert-parallel group has the same parameter indices and offsets).
+  int add_sharded(const std::string& name, const std::vector<int64_t>& whole_shape, ParamKind kind, int64_t first_row,
+                  int64_t rows);
   int find(const std::string& name) const;  // -1 when absent
   const ParamInfo& at(int index) const { return entries_[index]; }
   const std::vector<ParamInfo>& entries() const { return entries_; }

@@ -606,11 +606,19 @@ std::string config_error(const std::vector<std::string>& overrides) {
 }
 
 TEST(MoeConfig, ErrorsNameTheKeys) {
-  for (const char* kind : {"moe", "sigma_moe"}) {
-    const std::string msg = config_error(
-        {std::string("model.channel_mixer=") + kind, "parallel.expert_parallel=2", "data.path=tokens.bin"});
-    EXPECT_NE(msg.find("'parallel.expert_parallel' = 2"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("not implemented"), std::string::npos) << msg;
+  // Expert parallelism is a config choice now; P must divide E, which the model checks (it knows P).
+  for (const char* kind : {"moe", "sigma_moe"})
+    EXPECT_NO_THROW(load_run_config(
+        "", {std::string("model.channel_mixer=") + kind, "parallel.expert_parallel=2", "data.path=t.bin"}));
+  try {
+    const Model m(moe_config("moe"), ExpertShard{3, 0});
+    ADD_FAILURE() << "3 shards of " << m.config().moe_experts << " experts were built";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(e.what()).find("parallel.expert_parallel = 3 must divide the number of experts "
+                                         "model.moe_experts"),
+              std::string::npos)
+        << e.what();
   }
   std::string msg = config_error({"model.moe_topk=9", "data.path=tokens.bin"});
   EXPECT_NE(msg.find("model.moe_topk = 9 must not exceed model.moe_experts = 8"), std::string::npos) << msg;
@@ -636,3 +644,46 @@ TEST(MoeConfig, ExportTableRefusesTheKinds) {
 }
 
 }  // namespace
+
+// Sharded experts (model/modules/experts.h): every rank declares every expert, its own E/P with
+// their rows and the others empty, so parameter indices and offsets agree across the group and with
+// one rank; an expert's initial values are the same wherever it lives.
+TEST(MoeExpertParallel, ShardsHoldTheirExpertsWithTheUnshardedLayoutAndInit) {
+  for (const char* kind : {"moe", "sigma_moe"}) {
+    ModelConfig c = moe_config(kind);
+    c.sigma_moe_experts = 4;  // P = 2, 4 must divide it
+    const Model whole(c);
+    std::vector<float> pw(whole.layout().total());
+    whole.init_params(pw.data(), 7);
+    const int64_t E = std::string(kind) == "moe" ? c.moe_experts : c.sigma_moe_experts;
+    for (int P : {2, 4}) {
+      std::vector<int> holders(whole.layout().entries().size(), 0);
+      for (int r = 0; r < P; ++r) {
+        const Model m(c, ExpertShard{P, r});
+        ASSERT_EQ(m.layout().entries().size(), whole.layout().entries().size());
+        std::vector<float> pm(m.layout().total());
+        m.init_params(pm.data(), 7);
+        for (size_t i = 0; i < m.layout().entries().size(); ++i) {
+          const ParamInfo& p = m.layout().at(static_cast<int>(i));
+          const ParamInfo& q = whole.layout().at(static_cast<int>(i));
+          ASSERT_EQ(p.name, q.name);
+          const bool expert = p.name.find("/experts/") != std::string::npos;
+          EXPECT_EQ(p.sharded(), expert) << p.name;
+          EXPECT_EQ(p.whole_numel(), q.numel) << p.name;
+          if (p.numel == 0) continue;
+          holders[i] += 1;
+          EXPECT_EQ(p.numel, q.numel) << p.name;  // whole or nothing
+          if (expert) {
+            const int64_t e = std::stoll(p.name.substr(p.name.find("/experts/") + 9));
+            EXPECT_EQ(e / (E / P), r) << p.name;
+          }
+          EXPECT_TRUE(std::equal(pm.begin() + p.offset, pm.begin() + p.offset + p.numel, pw.begin() + q.offset))
+              << p.name << " on rank " << r << " of " << P;
+        }
+      }
+      for (size_t i = 0; i < holders.size(); ++i)
+        EXPECT_EQ(holders[i], whole.layout().at(static_cast<int>(i)).name.find("/experts/") != std::string::npos ? 1 : P)
+            << whole.layout().at(static_cast<int>(i)).name;
+    }
+  }
+}

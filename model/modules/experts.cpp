@@ -8,36 +8,104 @@
 #include <cmath>
 #include <limits>
 
+#include "model/exact_sum.h"
 #include "model/model.h"
 #include "model/ops/gemm.h"
 #include "model/ops/glu.h"
 #include "model/ops/row_math.h"
+#include "runtime/error.h"
 
 namespace peerless {
 
 namespace {
 
-// One projection per expert over its segment of x (S, K) into y (S, N); caches[e] its saved state.
-void segments_forward(const Model& m, const float* params, const std::vector<int>& weights, const ExpertRouting& r,
-                      const float* x, float* y, std::vector<BitLinearCache>& caches) {
-  caches.resize(weights.size());
-  for (size_t e = 0; e < weights.size(); ++e) {
-    const ParamInfo& w = m.layout().at(weights[e]);
-    const int64_t first = r.begin[e], n = r.begin[e + 1] - first;
-    if (n > 0) m.proj_forward(params, weights[e], n, x + first * w.shape[1], y + first * w.shape[0], caches[e]);
+// One product per segment over its rows of x (R, K) into y (R, N); caches[i] segment i's saved state.
+void segments_forward(const Model& m, const float* params, const std::vector<int>& weights,
+                      const std::vector<ExpertSegment>& segs, const float* x, float* y,
+                      std::vector<BitLinearCache>& caches) {
+  caches.resize(segs.size());
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const ExpertSegment& g = segs[i];
+    const ParamInfo& w = m.layout().at(weights[g.expert]);
+    const int64_t N = w.shape[0], K = w.shape[1];
+    if (g.rows > 0) m.proj_forward(params, weights[g.expert], g.rows, x + g.first * K, y + g.first * N, caches[i]);
   }
 }
 
-void segments_backward(const Model& m, const float* params, const std::vector<int>& weights, const ExpertRouting& r,
-                       const float* x, const std::vector<BitLinearCache>& caches, const float* dy, float* dx,
-                       float* grads) {
-  for (size_t e = 0; e < weights.size(); ++e) {
-    const ParamInfo& w = m.layout().at(weights[e]);
-    const int64_t first = r.begin[e], n = r.begin[e + 1] - first, N = w.shape[0], K = w.shape[1];
-    if (n > 0)
-      m.proj_backward(params, weights[e], n, x + first * K, caches[e], dy + first * N, dx ? dx + first * K : nullptr,
-                      grads);
+// Segments [lo, hi) of segs.
+void segments_backward(const Model& m, const float* params, const std::vector<int>& weights,
+                       const std::vector<ExpertSegment>& segs, int64_t lo, int64_t hi, const float* x,
+                       const std::vector<BitLinearCache>& caches, const float* dy, float* dx, float* grads) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const ExpertSegment& g = segs[i];
+    const ParamInfo& w = m.layout().at(weights[g.expert]);
+    const int64_t N = w.shape[0], K = w.shape[1];
+    if (g.rows > 0)
+      m.proj_backward(params, weights[g.expert], g.rows, x + g.first * K, caches[i], dy + g.first * N,
+                      dx + g.first * K, grads);
   }
+}
+
+// Unsharded: one product per expert over its segment of the grouped rows, one source.
+void plan_local(const ExpertRouting& r, ExpertStack& s) {
+  s.segs.clear();
+  for (int64_t e = 0; e < r.experts; ++e) s.segs.push_back({e, r.begin[e], r.begin[e + 1] - r.begin[e]});
+  s.source_segs = {0, static_cast<int64_t>(s.segs.size())};
+}
+
+// Sharded: the per-expert row counts to their owners (the grouped rows are in owner order
+// already), then the receiver's products, source-major.
+void plan_exchange(const ExpertRouting& r, ExpertStack& s) {
+  ExpertExchange& x = *s.exchange;
+  const int P = x.group().size();
+  const int64_t E = r.experts, El = E / P, first = x.group().rank() * El;
+  std::vector<int64_t> count(E), got(E), to(P, 0), from(P, 0);
+  for (int64_t e = 0; e < E; ++e) count[e] = r.begin[e + 1] - r.begin[e];
+  const ExchangeLists per_rank = ExchangeLists::of(std::vector<int64_t>(P, El));
+  x.exchange(count.data(), per_rank, got.data(), per_rank, DType::i64);
+  s.segs.clear();
+  s.source_segs.assign(1, 0);
+  int64_t at = 0;
+  for (int p = 0; p < P; ++p) {
+    for (int64_t j = 0; j < El; ++j) {
+      to[p] += count[p * El + j];
+      from[p] += got[p * El + j];
+      s.segs.push_back({first + j, at, got[p * El + j]});
+      at += got[p * El + j];
+    }
+    s.source_segs.push_back(static_cast<int64_t>(s.segs.size()));
+  }
+  s.send = ExchangeLists::of(std::move(to));
+  s.recv = ExchangeLists::of(std::move(from));
+}
+
+// The activation between the projections over rows [lo, hi): hidden = act(pre).
+void act_forward(const Model& m, ExpertActivation act, int64_t H, ExpertStack& s) {
+  const int64_t R = static_cast<int64_t>(s.hidden.size()) / std::max<int64_t>(H, 1);
+  if (act == ExpertActivation::glu) {
+    glu_forward_cpu(m.glu_activation(), R, H, s.pre.data(), s.hidden.data());
+    return;
+  }
+#pragma omp parallel for simd schedule(static) if (R * H > detail::kParallelMin)
+  for (int64_t i = 0; i < R * H; ++i) s.hidden[i] = std::max(s.pre[i], 0.f);
+}
+
+// Its backward over rows [lo, hi): dpre from dh (both whole buffers, row offsets applied here).
+void act_backward(const Model& m, ExpertActivation act, int64_t H, const ExpertStack& s, int64_t lo, int64_t hi,
+                  const float* dh, float* dpre) {
+  if (act == ExpertActivation::glu) {
+    glu_backward_cpu(m.glu_activation(), hi - lo, H, s.pre.data() + lo * 2 * H, dh + lo * H, dpre + lo * 2 * H);
+    return;
+  }
+#pragma omp parallel for simd schedule(static) if ((hi - lo) * H > detail::kParallelMin)
+  for (int64_t i = lo * H; i < hi * H; ++i) dpre[i] = s.pre[i] > 0.f ? dh[i] : 0.f;
+}
+
+// The layout indices of both projections of the experts that segments [lo, hi) run.
+std::vector<int> segment_weights(const ExpertWeights& w, const ExpertStack& s, int64_t lo, int64_t hi) {
+  std::vector<int> out;
+  for (int64_t i = lo; i < hi; ++i) out.push_back(w.in[s.segs[i].expert]), out.push_back(w.out[s.segs[i].expert]);
+  return out;
 }
 
 }  // namespace
@@ -145,50 +213,87 @@ void unpermute_add_rows(const ExpertRouting& r, int64_t d, const float* dxg, flo
 }
 
 std::vector<int> add_expert_weights(ParamLayout& layout, const std::string& prefix, const std::string& name,
-                                    int64_t experts, int64_t N, int64_t K) {
+                                    int64_t experts, int64_t N, int64_t K, const ExpertShard& shard) {
   std::vector<int> idx;
-  for (int64_t e = 0; e < experts; ++e)
-    idx.push_back(layout.add(prefix + "experts/" + std::to_string(e) + "/" + name + "/weight", {N, K},
-                             ParamKind::ternary_weight));
+  for (int64_t e = 0; e < experts; ++e) {
+    const std::string path = prefix + "experts/" + std::to_string(e) + "/" + name + "/weight";
+    idx.push_back(shard.shards > 1
+                      ? layout.add_sharded(path, {N, K}, ParamKind::ternary_weight, 0, shard.owns(e, experts) ? N : 0)
+                      : layout.add(path, {N, K}, ParamKind::ternary_weight));
+  }
   return idx;
+}
+
+void bind_expert_exchange(const Model& m, ExpertStack& s) {
+  if (!m.experts_sharded()) {
+    s.exchange.reset();
+    return;
+  }
+  PL_CHECK(m.expert_comm() != nullptr, internal, "a model with sharded experts needs set_expert_comm()");
+  if (!s.exchange) s.exchange = std::make_unique<ExpertExchange>(*m.expert_comm());
 }
 
 void experts_forward(const Model& m, const float* params, const ExpertWeights& w, const ExpertRouting& r,
                      const float* xn, const float* gate, ExpertStack& s, float* y) {
   const int64_t S = r.rows(), d = m.config().d_model, H = m.layout().at(w.out[0]).shape[1];
   const int64_t pre = w.act == ExpertActivation::glu ? 2 * H : H;
-  s.xg.resize(S * d);
-  s.pre.resize(S * pre);
-  s.hidden.resize(S * H);
   s.yg.resize(S * d);
-  permute_rows(r, d, xn, s.xg.data());
-  segments_forward(m, params, w.in, r, s.xg.data(), s.pre.data(), s.in);
-  if (w.act == ExpertActivation::glu) {
-    glu_forward_cpu(m.glu_activation(), S, H, s.pre.data(), s.hidden.data());
+  if (s.exchange) {  // this rank's grouped rows to their experts' owners
+    plan_exchange(r, s);
+    s.staged.resize(S * d);
+    permute_rows(r, d, xn, s.staged.data());
+    s.xg.resize(s.recv.total() * d);
+    s.exchange->send_rows(s.staged.data(), s.send, s.xg.data(), s.recv, d);
   } else {
-#pragma omp parallel for simd schedule(static) if (S * H > detail::kParallelMin)
-    for (int64_t i = 0; i < S * H; ++i) s.hidden[i] = std::max(s.pre[i], 0.f);
+    plan_local(r, s);
+    s.xg.resize(S * d);
+    permute_rows(r, d, xn, s.xg.data());
   }
-  segments_forward(m, params, w.out, r, s.hidden.data(), s.yg.data(), s.out);
+  const int64_t R = static_cast<int64_t>(s.xg.size()) / d;
+  s.pre.resize(R * pre);
+  s.hidden.resize(R * H);
+  segments_forward(m, params, w.in, s.segs, s.xg.data(), s.pre.data(), s.in);
+  act_forward(m, w.act, H, s);
+  if (s.exchange) {  // the outputs back to the senders, in the order they were sent
+    s.staged.resize(R * d);
+    segments_forward(m, params, w.out, s.segs, s.hidden.data(), s.staged.data(), s.out);
+    s.exchange->send_rows(s.staged.data(), s.recv, s.yg.data(), s.send, d);
+  } else {
+    segments_forward(m, params, w.out, s.segs, s.hidden.data(), s.yg.data(), s.out);
+  }
   combine_rows(r, d, gate, s.yg.data(), y);
 }
 
 void experts_backward(const Model& m, const float* params, const ExpertWeights& w, const ExpertRouting& r,
                       const float* gate, const ExpertStack& s, const float* dy, ModuleScratch& scratch, float* dxn,
-                      float* dgate, float* grads) {
+                      float* dgate, float* grads, ExactGradSum* exact) {
   const int64_t S = r.rows(), d = m.config().d_model, H = m.layout().at(w.out[0]).shape[1];
-  const int64_t pre = w.act == ExpertActivation::glu ? 2 * H : H;
-  float *dyg = scratch.get(10, S * d), *dh = scratch.get(11, S * H), *dpre = scratch.get(12, S * pre);
-  float* dxg = scratch.get(13, S * d);
+  const int64_t pre = w.act == ExpertActivation::glu ? 2 * H : H, R = static_cast<int64_t>(s.xg.size()) / d;
+  float *dyg = scratch.get(10, S * d), *dh = scratch.get(11, R * H), *dpre = scratch.get(12, R * pre);
+  float *dxg = scratch.get(13, S * d), *dyo = dyg, *dxo = dxg;
   combine_rows_backward(r, d, gate, s.yg.data(), dy, dyg, dgate);
-  segments_backward(m, params, w.out, r, s.hidden.data(), s.out, dyg, dh, grads);
-  if (w.act == ExpertActivation::glu) {
-    glu_backward_cpu(m.glu_activation(), S, H, s.pre.data(), dh, dpre);
-  } else {
-#pragma omp parallel for simd schedule(static) if (S * H > detail::kParallelMin)
-    for (int64_t i = 0; i < S * H; ++i) dpre[i] = s.pre[i] > 0.f ? dh[i] : 0.f;
+  ExpertExchange* x = s.exchange.get();
+  if (x) {  // dy rows to the owners; their input gradients come back below
+    dyo = scratch.get(14, R * d);
+    dxo = scratch.get(15, R * d);
+    x->send_rows(dyg, s.send, dyo, s.recv, d);
   }
-  segments_backward(m, params, w.in, r, s.xg.data(), s.in, dpre, dxg, grads);
+  const bool per_source = x && exact;
+  const ParamLayout& L = m.layout();
+  for (size_t p = 0; p + 1 < s.source_segs.size(); ++p) {  // one source rank's rows at a time
+    const int64_t lo = s.source_segs[p], hi = s.source_segs[p + 1];
+    if (lo == hi) continue;
+    const int64_t first = s.segs[lo].first, last = s.segs[hi - 1].first + s.segs[hi - 1].rows;
+    // Sharded deterministic mode: this source's term of each local expert's gradient alone, zeroed
+    // first and handed to the exact sum after (one micro-batch of one rank, as on one rank).
+    const std::vector<int> own = per_source ? segment_weights(w, s, lo, hi) : std::vector<int>{};
+    for (int i : own) std::fill(grads + L.at(i).offset, grads + L.at(i).offset + L.at(i).numel, 0.f);
+    segments_backward(m, params, w.out, s.segs, lo, hi, s.hidden.data(), s.out, dyo, dh, grads);
+    act_backward(m, w.act, H, s, first, last, dh, dpre);
+    segments_backward(m, params, w.in, s.segs, lo, hi, s.xg.data(), s.in, dpre, dxo, grads);
+    for (int i : own) exact->add_param(i, grads + L.at(i).offset);
+  }
+  if (x) x->send_rows(dxo, s.recv, dxg, s.send, d);
   unpermute_add_rows(r, d, dxg, dxn);
 }
 

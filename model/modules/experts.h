@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "model/expert_parallel.h"
 #include "model/module.h"
 
 namespace peerless {
@@ -55,9 +56,25 @@ void combine_rows_backward(const ExpertRouting& r, int64_t d, const float* w, co
 void unpermute_add_rows(const ExpertRouting& r, int64_t d, const float* dxg, float* dx);
 
 // One projection tensor per expert (N, K), named prefix + "experts/<e>/" + name + "/weight";
-// returns their layout indices, expert order.
+// returns their layout indices, expert order. Sharded (shard.shards > 1): the experts this rank
+// does not own are declared with 0 rows, so indices and offsets are the same on every rank.
 std::vector<int> add_expert_weights(ParamLayout& layout, const std::string& prefix, const std::string& name,
-                                    int64_t experts, int64_t N, int64_t K);
+                                    int64_t experts, int64_t N, int64_t K, const ExpertShard& shard);
+
+// Expert parallelism (model/expert_parallel.h, ../shared/BASELINES.md §4): with an exchange over
+// an expert-parallel group of P ranks, rank o owns experts [o·E/P, (o+1)·E/P) whole (the others are
+// declared with 0 rows). Each rank routes its own tokens; its grouped rows, being sorted by expert,
+// are already sorted by (owner, expert), so the exchange is an all-to-all of the per-expert counts,
+// then of the rows; the owner runs one product per (source rank, local expert) segment, so every
+// product has exactly the rows, in the order, that the source's micro-batch gives that expert on one
+// rank, and returns the outputs, which the sender combines in slot order as before. Backward sends
+// dy rows to the owners and the input gradients back. The weight gradient of each source's rows is
+// its own term: in deterministic mode each goes to the exact sum alone (one micro-batch of one rank),
+// so P = 1, 2, 4 give the same bits.
+struct ExpertSegment {
+  int64_t expert = 0;     // global expert index (into ExpertWeights::in / out)
+  int64_t first = 0, rows = 0;
+};
 
 // The experts of both kinds: two projections per expert around an activation, each expert one
 // product over its segment of the grouped rows (Model::proj_forward: fp32, or ternary with
@@ -70,19 +87,31 @@ struct ExpertWeights {
   ExpertActivation act = ExpertActivation::glu;
   std::vector<int> in, out;  // layout indices, one per expert
 };
-// What the experts' forward keeps for backward.
+// What the experts' forward keeps for backward. Unsharded the owner's rows are the grouped rows
+// (R = S); sharded they are the rows received, source-major, each source's rows by expert.
 struct ExpertStack {
-  std::vector<float> xg, pre, hidden, yg;  // (S, d), (S, 2H | H), (S, H), (S, d) in grouped order
-  std::vector<BitLinearCache> in, out;     // per expert
+  std::vector<float> xg, pre, hidden;    // the owner's rows: (R, d), (R, 2H | H), (R, H)
+  std::vector<float> yg;                 // (S, d) the expert outputs of this rank's grouped rows
+  std::vector<ExpertSegment> segs;       // the owner's products, source-major
+  std::vector<int64_t> source_segs;      // (P + 1) source p's products are segs[source_segs[p] ..)
+  std::vector<BitLinearCache> in, out;   // per product
+  // Sharded: the exchange (null = unsharded), rows this rank sends to / receives from each rank.
+  std::unique_ptr<ExpertExchange> exchange;
+  ExchangeLists send, recv;
+  std::vector<float> staged;             // scratch: rows on their way
 };
-// y (T, d) = Σ_j gate[t, j]·expert_j(xn[t]) over the routed slots; overwritten.
+// y (T, d) = Σ_j gate[t, j]·expert_j(xn[t]) over the routed slots; overwritten. With s.exchange
+// set, collective over its group (any number of tokens, 0 included).
 void experts_forward(const Model& m, const float* params, const ExpertWeights& w, const ExpertRouting& r,
                      const float* xn, const float* gate, ExpertStack& s, float* y);
 // dy (T, d) in; dxn (T, d) += the experts' input gradient; dgate (T, k) overwritten; the weights'
-// gradients accumulated into grads. Uses scratch slots 10 to 13.
+// gradients accumulated into grads, or with `exact` and a sharded stack added to it one source rank
+// at a time (the experts are sparse parameters of the exact sum then). Uses scratch slots 10 to 15.
 void experts_backward(const Model& m, const float* params, const ExpertWeights& w, const ExpertRouting& r,
                       const float* gate, const ExpertStack& s, const float* dy, ModuleScratch& scratch, float* dxn,
-                      float* dgate, float* grads);
+                      float* dgate, float* grads, ExactGradSum* exact);
+// Sets up s.exchange for model m: over m.expert_comm() when its experts are sharded, else none.
+void bind_expert_exchange(const Model& m, ExpertStack& s);
 
 // Router helpers, on fp32 scores z (T, E) of the module's normalized input xn (T, d):
 // z = xn·Wᵀ with W (E, d) at layout index `w`, always full precision.

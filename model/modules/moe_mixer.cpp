@@ -53,8 +53,8 @@ class MoeMixer final : public Module {
     r.gate_gain = r.gate_w = r.down_gain = r.down_w = -1;  // no GLU: the GPU model and export refuse it
     router_ = b.layout.add(p + "moe/router/weight", {E_, d_}, ParamKind::full_weight);
     w_.act = ExpertActivation::glu;
-    w_.in = add_expert_weights(b.layout, p + "moe/", "gate_proj", E_, 2 * I_, d_);
-    w_.out = add_expert_weights(b.layout, p + "moe/", "down_proj", E_, d_, I_);
+    w_.in = add_expert_weights(b.layout, p + "moe/", "gate_proj", E_, 2 * I_, d_, b.shard);
+    w_.out = add_expert_weights(b.layout, p + "moe/", "down_proj", E_, d_, I_, b.shard);
   }
   const char* kind() const override { return "moe"; }
   std::unique_ptr<Cache> new_cache() const override { return std::make_unique<MoeCache>(); }
@@ -66,18 +66,19 @@ class MoeMixer final : public Module {
     c.norm.forward(m, params, norm_, M, x);
     route(m, params, M, c);
     float* y = step.scratch->get(0, M * d_);
+    bind_expert_exchange(m, c.experts);
     experts_forward(m, params, w_, c.route, c.norm.xn.data(), c.gate.data(), c.experts, y);
     add_rows(x, y, M * d_);
   }
 
   void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
-                float* grads, ExactGradSum*) const override {
+                float* grads, ExactGradSum* exact) const override {
     const auto& c = static_cast<const MoeCache&>(cache);
     const int64_t M = step.tokens();
     ModuleScratch& s = *step.scratch;
     float *dxn = s.get(1, M * d_), *dgate = s.get(2, M * k_), *dz = s.get(3, M * E_), *t = s.get(4, M * d_);
     std::fill(dxn, dxn + M * d_, 0.f);
-    experts_backward(m, params, w_, c.route, c.gate.data(), c.experts, dx, s, dxn, dgate, grads);
+    experts_backward(m, params, w_, c.route, c.gate.data(), c.experts, dx, s, dxn, dgate, grads, exact);
     router_grad(c, M, dgate, step.aux_scale, s.get(5, M * E_), dz);
     router_backward(m, params, router_, M, c.norm.xn.data(), dz, dxn, grads);
     c.norm.backward(m, params, norm_, M, dxn, t, dx, grads);

@@ -45,7 +45,10 @@ class PeerMixer final : public Module {
     r.peer_bn_var = q_.bn_var;
     r.peer_keys1 = q_.keys1;
     r.peer_keys2 = q_.keys2;
-    r.peer_table = b.layout.add(p + "peer/table", {b.peer_table_rows, 2 * d_}, ParamKind::full_weight);
+    const int64_t N = n * n;  // sharded: this rank's rows of the table (model/expert_parallel.h)
+    r.peer_table = b.shard.shards > 1 ? b.layout.add_sharded(p + "peer/table", {N, 2 * d_}, ParamKind::full_weight,
+                                                             b.shard.first_row(N), b.shard.rows(N))
+                                      : b.layout.add(p + "peer/table", {N, 2 * d_}, ParamKind::full_weight);
     ix_ = r;
     heads_ = c.peer_heads;
     key_dim_ = c.peer_key_dim;

@@ -64,8 +64,8 @@ class SigmaMoeMixer final : public Module {
     r.gate_gain = r.gate_w = r.down_gain = r.down_w = -1;  // no GLU: the GPU model and export refuse it
     router_ = b.layout.add(p + "sigma_moe/router/weight", {N_, d_}, ParamKind::full_weight);
     w_.act = ExpertActivation::relu;
-    w_.in = add_expert_weights(b.layout, p + "sigma_moe/", "up_proj", N_, G_, d_);
-    w_.out = add_expert_weights(b.layout, p + "sigma_moe/", "down_proj", N_, d_, G_);
+    w_.in = add_expert_weights(b.layout, p + "sigma_moe/", "up_proj", N_, G_, d_, b.shard);
+    w_.out = add_expert_weights(b.layout, p + "sigma_moe/", "down_proj", N_, d_, G_, b.shard);
   }
   const char* kind() const override { return "sigma_moe"; }
   std::unique_ptr<Cache> new_cache() const override { return std::make_unique<SigmaMoeCache>(); }
@@ -77,18 +77,19 @@ class SigmaMoeMixer final : public Module {
     c.norm.forward(m, params, norm_, M, x);
     route(m, params, step, c);
     float* y = step.scratch->get(0, M * d_);
+    bind_expert_exchange(m, c.experts);
     experts_forward(m, params, w_, c.route, c.norm.xn.data(), c.gate.data(), c.experts, y);
     add_rows(x, y, M * d_);
   }
 
   void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
-                float* grads, ExactGradSum*) const override {
+                float* grads, ExactGradSum* exact) const override {
     const auto& c = static_cast<const SigmaMoeCache&>(cache);
     const int64_t M = step.tokens();
     ModuleScratch& s = *step.scratch;
     float *dxn = s.get(1, M * d_), *dgate = s.get(2, M * K_), *ds = s.get(3, M * N_), *t = s.get(4, M * d_);
     std::fill(dxn, dxn + M * d_, 0.f);
-    experts_backward(m, params, w_, c.route, c.gate.data(), c.experts, dx, s, dxn, dgate, grads);
+    experts_backward(m, params, w_, c.route, c.gate.data(), c.experts, dx, s, dxn, dgate, grads, exact);
     router_grad(c, M, dgate, step.aux_scale, s.get(5, M * N_), ds);
     router_backward(m, params, router_, M, c.norm.xn.data(), ds, dxn, grads);
     c.norm.backward(m, params, norm_, M, dxn, t, dx, grads);
