@@ -16,7 +16,7 @@ export PEERLESS_SHARED="$root/../shared"
 nvidia-smi -L | tee "$OUT/gpu.txt"
 # The commit: give PEERLESS_COMMIT=$(git rev-parse --short HEAD) on the command line, since the
 # device machine's copy carries the working tree but not always the current git metadata.
-echo "commit ${PEERLESS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (device copy's git; may lag)}" >> "$OUT/gpu.txt"
+echo "commit ${PEERLESS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (git of the device copy, may lag)}" >> "$OUT/gpu.txt"
 b=build-gpu/bin/peerless
 
 gpu_build() {
