@@ -10,7 +10,8 @@ namespace peerless {
 
 // Fine-tuning (issue 19, ../shared/BASELINES.md §6), keys finetune.*: low-rank adapters beside the
 // projections of the blocks and, in "lora" mode, a frozen base. They are part of the model (its
-// layout holds the adapters as "<weight>/lora_A" (r, K) and "/lora_B" (N, r)), so checkpoints, model
+// layout holds the adapters beside their weight "<module>/weight" as "<module>/lora_A" (r, K) and
+// "<module>/lora_B" (N, r)), so checkpoints, model
 // files and data parallelism carry them like any parameter.
 struct LoraConfig {
   std::string mode = "full";     // "full": every parameter trains; "lora": only the adapters

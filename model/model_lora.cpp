@@ -22,8 +22,10 @@ namespace {
 // The weights adapters may go on: the blocks' projections (ternary weights in the layout, also under
 // quant = "none"), never MoE expert tables (BASELINES §6), the embedding or the LM head.
 bool lora_candidate(const ParamInfo& p) {
+  const std::string tail = "/weight";
   return p.kind == ParamKind::ternary_weight && p.shape.size() == 2 && p.name.rfind("blocks/", 0) == 0 &&
-         p.name.find("/experts/") == std::string::npos;
+         p.name.find("/experts/") == std::string::npos && p.name.size() > tail.size() &&
+         p.name.compare(p.name.size() - tail.size(), tail.size(), tail) == 0;
 }
 
 bool lora_selected(const std::string& name, const std::string& targets) {
@@ -53,8 +55,11 @@ void Model::add_adapters() {
     if (!lora_candidate(p)) continue;
     if (candidates.size() < 200) candidates += (candidates.empty() ? "" : ", ") + p.name;
     if (!lora_selected(p.name, c.targets)) continue;
-    lora_a_[i] = layout_.add(p.name + "/lora_A", {c.rank, p.shape[1]}, ParamKind::full_weight);
-    layout_.add(p.name + "/lora_B", {p.shape[0], c.rank}, ParamKind::full_weight);
+    // Beside the weight ("blocks/0/mixer/i_proj/lora_A"), not under it: the weight is a dataset in
+    // model files and checkpoints (HDF5), which cannot hold children.
+    const std::string module = p.name.substr(0, p.name.size() - std::string("/weight").size());
+    lora_a_[i] = layout_.add(module + "/lora_A", {c.rank, p.shape[1]}, ParamKind::full_weight);
+    layout_.add(module + "/lora_B", {p.shape[0], c.rank}, ParamKind::full_weight);
   }
   lora_a_.resize(layout_.entries().size(), -1);
   PL_CHECK(layout_.entries().size() > base, config, "finetune.lora_targets = \"", c.targets,

@@ -17,7 +17,7 @@ lora=(--set data.path=tasks.h5 --set data.seq_len=64 --set run.out_dir=runs --se
 grep -Eq "^finetune: trainable [0-9,]+ parameters, frozen [0-9,]+ " dry.log || { cat dry.log; fail "dry run line"; }
 "$bin" finetune runs/base "$src/configs/tiny.toml" "${lora[@]}" --set run.name=tuned --set train.accum_steps=2 >tuned.log
 sha=$(sha256sum runs/base/model.h5 | cut -d' ' -f1)
-grep -q "base_sha256 = \"$sha\"" runs/tuned/config.toml || fail "the base's sha256 is not recorded"
+grep -q "base_sha256 = '$sha'" runs/tuned/config.toml || fail "the base's sha256 is not recorded"
 /usr/bin/python3 - <<'PY'
 import h5py, numpy as np
 base, tuned = h5py.File("runs/base/model.h5"), h5py.File("runs/tuned/model.h5")
