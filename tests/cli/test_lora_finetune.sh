@@ -2,7 +2,8 @@
 # `peerless finetune BASE CONFIG` in lora mode on chat data: the dry run prints trainable vs frozen
 # parameters, the run records the base's sha256, every base tensor of the tuned model.h5 (weights,
 # codes, β) is bit-identical to the base's while the adapters moved, and 2 ranks (deterministic
-# mode) give the same losses and tensors as 1 rank with 2 accumulation steps.
+# mode) give the same losses and tensors as 1 rank with 2 accumulation steps, also with ZeRO-1 on 2
+# ranks, and a run resumed from a step-4 checkpoint continues bit for bit.
 source "$(dirname "$0")/common.sh"
 source "$src/tests/cli/exact.sh"
 "$bin" prepare --input "$shared/tinyshakespeare/input.txt" --tokenizer byte --out ts.h5 --quiet >/dev/null
@@ -35,6 +36,11 @@ PY
 config="$src/configs/tiny.toml"
 common=("${lora[@]}" --set finetune.base=runs/base)
 run_np dp1 0 2
-run_np dp2 2 1
-same_runs --rows 9 dp1 dp2
-echo "ok: lora on 2 ranks == 1 rank"
+run_np dp2 2 1 --set checkpoint.every_steps=4
+run_np dp2z 2 1 --set parallel.zero1=true
+same_runs --rows 9 dp1 dp2 dp2z
+echo "ok: lora on 2 ranks (ZeRO-1 off and on) == 1 rank"
+"$bin" train "$config" "${common[@]}" --set run.name=dp1r --set train.accum_steps=2 \
+  --resume runs/dp2/checkpoints/step_4 > dp1r.log 2>&1 || { cat dp1r.log; fail "resume"; }
+same_resume dp2 4 dp1r
+echo "ok: a lora checkpoint of 2 ranks resumed on 1 continues bit for bit"
