@@ -4,11 +4,18 @@
 
 namespace peerless {
 
+namespace {
+// Below this many multiply-adds a loop stays on one thread: decoding runs the adapter on one row,
+// and waking a team for it costs more than the work (on a loaded machine, much more).
+constexpr int64_t kParallelMin = int64_t{1} << 15;
+}  // namespace
+
 template <typename T>
 void lora_forward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, T* u, T* y) {
   const int64_t M = s.rows, K = s.in, N = s.out, r = s.rank;
   const T scale = static_cast<T>(s.scale);
-#pragma omp parallel for schedule(static)
+  const bool par = M * r * (K + N) >= kParallelMin;
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t m = 0; m < M; ++m) {
     const T* xm = x + m * K;
     T* um = u + m * r;
@@ -30,21 +37,22 @@ void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, c
                        T* dA, T* dB, T* dx) {
   const int64_t M = s.rows, K = s.in, N = s.out, r = s.rank;
   const T scale = static_cast<T>(s.scale);
-#pragma omp parallel for schedule(static)
+  const bool par = M * r * (K + N) >= kParallelMin;
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t m = 0; m < M; ++m)  // g = dy·B (M, r)
     for (int64_t j = 0; j < r; ++j) {
       T acc = 0;
       for (int64_t n = 0; n < N; ++n) acc += dy[m * N + n] * B[n * r + j];
       g[m * r + j] = acc;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t n = 0; n < N; ++n)  // dB += scale·dyᵀ·u
     for (int64_t j = 0; j < r; ++j) {
       T acc = 0;
       for (int64_t m = 0; m < M; ++m) acc += dy[m * N + n] * u[m * r + j];
       dB[n * r + j] += scale * acc;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t k = 0; k < K; ++k)  // dA += scale·gᵀ·x, one input column per iteration
     for (int64_t j = 0; j < r; ++j) {
       T acc = 0;
@@ -52,7 +60,7 @@ void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, c
       dA[j * K + k] += scale * acc;
     }
   if (!dx) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t m = 0; m < M; ++m)  // dx += scale·g·A
     for (int64_t k = 0; k < K; ++k) {
       T acc = 0;
