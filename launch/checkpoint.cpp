@@ -193,7 +193,8 @@ std::vector<Source> writer_sources(const Model& model, const DataParallel& dp, i
   if (dp.zero1() && writer == 0 && model.has_frozen()) {  // ZeRO-1 slices only what trains: writer 0 adds the base
     const auto& entries = model.layout().entries();
     for (size_t i = 0; i < entries.size(); ++i)
-      if (!model.trainable(static_cast<int>(i))) local.push_back({entries[i].offset, entries[i].offset + entries[i].numel});
+      if (!model.trainable(static_cast<int>(i)))
+        local.push_back({entries[i].offset, entries[i].offset + entries[i].numel});
     std::sort(local.begin(), local.end());
   }
   const bool dense = dp.zero1() || writer == 0;

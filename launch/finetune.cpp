@@ -14,14 +14,15 @@ void record_base_hash(RunConfig& cfg) {
   if (cfg.finetune.base.empty()) return;
   const std::string path = model_file_path(cfg.finetune.base);
   const std::string hash = sha256_file(path);
-  PL_CHECK(cfg.finetune.base_sha256.empty() || cfg.finetune.base_sha256 == hash, config,
-           "finetune.base_sha256 = \"", cfg.finetune.base_sha256, "\" but ", path, " has sha256 ", hash,
+  PL_CHECK(cfg.finetune.base_sha256.empty() || cfg.finetune.base_sha256 == hash, config, "finetune.base_sha256 = \"",
+           cfg.finetune.base_sha256, "\" but ", path, " has sha256 ", hash,
            " (a different base model; clear the key to start from this file)");
   cfg.finetune.base_sha256 = hash;
 }
 
 void load_base(const std::string& base, Model& model, float* params) {
-  PL_CHECK(!model.experts_sharded(), config, "finetune.base with sharded PEER tables (parallel.expert_parallel > 1) "
+  PL_CHECK(!model.experts_sharded(), config,
+           "finetune.base with sharded PEER tables (parallel.expert_parallel > 1) "
            "is not supported (allowed: parallel.expert_parallel = 1)");
   const ModelFileReader reader(base);
   const ParamLayout& from = reader.structure().layout();
@@ -53,8 +54,10 @@ std::string describe_finetune(const Model& model) {
   int64_t trainable = 0, frozen = 0, frozen_ternary = 0;
   for (size_t i = 0; i < layout.entries().size(); ++i) {
     const ParamInfo& p = layout.entries()[i];
-    if (model.trainable(static_cast<int>(i))) trainable += p.numel;
-    else (p.kind == ParamKind::ternary_weight ? frozen_ternary : frozen) += p.numel;
+    if (model.trainable(static_cast<int>(i)))
+      trainable += p.numel;
+    else
+      (p.kind == ParamKind::ternary_weight ? frozen_ternary : frozen) += p.numel;
   }
   const double all = static_cast<double>(layout.count());
   // Full fine-tuning: fp32 latent, gradient and two AdamW moments per parameter (+1 B of codes).
@@ -64,10 +67,11 @@ std::string describe_finetune(const Model& model) {
   // The goal (issue 19): the frozen ternary base as 2-bit codes, other frozen parameters fp32.
   const double goal = 0.25 * static_cast<double>(frozen_ternary) + 4.0 * static_cast<double>(frozen) +
                       17.0 * static_cast<double>(trainable);
-  return cat("finetune: trainable ", human_count(trainable), " parameters, frozen ", human_count(frozen + frozen_ternary),
-             " (ternary ", human_count(frozen_ternary), "); parameter memory: full fine-tuning ", human_bytes(full), ", this run ", human_bytes(now), " (",
-             static_cast<int>(100.0 * (1.0 - now / full) + 0.5), "% less), with a codes-only base ",
-             human_bytes(goal), " (not yet: the flat buffers hold fp32 latents and gradients of the base)");
+  return cat("finetune: trainable ", human_count(trainable), " parameters, frozen ",
+             human_count(frozen + frozen_ternary), " (ternary ", human_count(frozen_ternary),
+             "); parameter memory: full fine-tuning ", human_bytes(full), ", this run ", human_bytes(now), " (",
+             static_cast<int>(100.0 * (1.0 - now / full) + 0.5), "% less), with a codes-only base ", human_bytes(goal),
+             " (not yet: the flat buffers hold fp32 latents and gradients of the base)");
 }
 
 }  // namespace peerless

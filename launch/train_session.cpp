@@ -258,8 +258,7 @@ bool setup_session(TrainSession& s) {
   model.set_expert_comm(s.ep_comm.get());
   if (s.lead) std::printf("%s%s\n", describe_model(model, cfg, s.world).c_str(), data_note.c_str());
   if (s.lead && s.world > 1) std::printf("%s\n", s.topology.describe().c_str());
-  if (s.lead && (model.has_frozen() || model.config().lora.on()))
-    std::printf("%s\n", describe_finetune(model).c_str());
+  if (s.lead && (model.has_frozen() || model.config().lora.on())) std::printf("%s\n", describe_finetune(model).c_str());
   if (s.options.dry_run) {
     if (s.lead) std::printf("dry run: config valid, nothing trained\n");
     return false;
@@ -281,7 +280,8 @@ bool setup_session(TrainSession& s) {
   model.refresh_ternary(s.params.data());
   if (!cfg.finetune.base.empty()) {  // the base's weights, codes and β; the adapters keep their init
     load_base(cfg.finetune.base, model, s.params.data());
-    if (s.lead) std::printf("finetune: base %s (sha256 %s)\n", cfg.finetune.base.c_str(), cfg.finetune.base_sha256.c_str());
+    if (s.lead)
+      std::printf("finetune: base %s (sha256 %s)\n", cfg.finetune.base.c_str(), cfg.finetune.base_sha256.c_str());
   }
   model.refresh_peer_tables(s.params.data(), s.ep_comm.get());  // model.peer_ternary only
   s.dp = std::make_unique<DataParallel>(model, s.comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20,

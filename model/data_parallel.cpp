@@ -119,8 +119,10 @@ std::vector<Range> DataParallel::trainable_ranges(const std::vector<Bucket>& buc
   std::sort(r.begin(), r.end());
   std::vector<Range> merged;
   for (const auto& x : r)
-    if (!merged.empty() && merged.back().second >= x.first) merged.back().second = std::max(merged.back().second, x.second);
-    else merged.push_back(x);
+    if (!merged.empty() && merged.back().second >= x.first)
+      merged.back().second = std::max(merged.back().second, x.second);
+    else
+      merged.push_back(x);
   if (merged.size() == 1 && merged[0].first == 0 && merged[0].second >= total) return {{0, total}};
   return merged;
 }

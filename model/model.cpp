@@ -55,8 +55,13 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
     BlockParams b{};
     const auto peer_it = std::find(peer_blocks_.begin(), peer_blocks_.end(), l);
     const bool peer = peer_it != peer_blocks_.end();
-    ModuleBuild build{config, layout_, "blocks/" + std::to_string(l) + "/", l, b,
-                      peer ? static_cast<int>(peer_it - peer_blocks_.begin()) : -1, peer ? peer_table_rows() : 0};
+    ModuleBuild build{config,
+                      layout_,
+                      "blocks/" + std::to_string(l) + "/",
+                      l,
+                      b,
+                      peer ? static_cast<int>(peer_it - peer_blocks_.begin()) : -1,
+                      peer ? peer_table_rows() : 0};
     modules_.push_back(make_module(config.token_mixer, build));
     modules_.push_back(make_module(peer ? "peer" : config.channel_mixer, build));
     blocks_.push_back(b);

@@ -232,9 +232,9 @@ class Model {
   ModuleStep module_step(ForwardContext& ctx) const;
   // LoRA (model/model_lora.cpp): adapters appended to the layout after every base parameter (so the
   // base's offsets do not move), their initialization, forward and backward on the float input x̃.
-  std::vector<int> lora_a_;       // per parameter: its adapter A, -1 = none
-  std::vector<uint8_t> frozen_;   // per parameter: 1 = not trained (lora mode's base); empty = none
-  bool base_codes_ready_ = false; // the frozen base's codes were computed once (they never change)
+  std::vector<int> lora_a_;        // per parameter: its adapter A, -1 = none
+  std::vector<uint8_t> frozen_;    // per parameter: 1 = not trained (lora mode's base); empty = none
+  bool base_codes_ready_ = false;  // the frozen base's codes were computed once (they never change)
   void add_adapters();
   void linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
                            BitLinearCache& cache) const;

@@ -1,9 +1,8 @@
 // Derived sizes and cross-field validation of ModelConfig.
 #include "model/model_config.h"
 
-#include <cmath>
-
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 #include "runtime/error.h"

@@ -111,8 +111,8 @@ const float* Model::normed_input(const float* params, int gain, int64_t rows, in
   thread_local std::vector<float> xt, rstd;
   grow(xt, static_cast<size_t>(rows * K));
   grow(rstd, static_cast<size_t>(rows));
-  rmsnorm_forward_cpu(RmsNormShape{rows, K, static_cast<float>(config_.norm_eps)}, x,
-                      params + layout_.at(gain).offset, xt.data(), rstd.data());
+  rmsnorm_forward_cpu(RmsNormShape{rows, K, static_cast<float>(config_.norm_eps)}, x, params + layout_.at(gain).offset,
+                      xt.data(), rstd.data());
   return xt.data();
 }
 

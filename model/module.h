@@ -144,7 +144,7 @@ struct ModuleBuild {
   std::string prefix;
   int64_t layer = 0;
   BlockParams& record;
-  int peer_index = -1;        // PEER: this layer's index among the PEER blocks
+  int peer_index = -1;          // PEER: this layer's index among the PEER blocks
   int64_t peer_table_rows = 0;  // PEER: rows of the table this rank holds
 };
 

@@ -163,8 +163,8 @@ TEST(Lora, BitLinearAdapterPathMatchesItsDefinition) {
   for (int64_t i = 0; i < M; ++i)  // base: dx̃ = dy·(tβ)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t n = 0; n < N; ++n) dxt[i * K + k] += dyd[i * N + n] * m.codes()[W.offset + n * K + k] * beta;
-  lora_backward_cpu<double>(ls, xt.data(), Ad.data(), Bd.data(), u.data(), dyd.data(), g.data(), dA.data(),
-                            dB.data(), dxt.data());
+  lora_backward_cpu<double>(ls, xt.data(), Ad.data(), Bd.data(), u.data(), dyd.data(), g.data(), dA.data(), dB.data(),
+                            dxt.data());
   rmsnorm_backward_cpu(ns, xd.data(), gd.data(), rstd.data(), dxt.data(), dxd.data(), dgain.data());
   for (int64_t i = 0; i < Ai.numel; ++i) EXPECT_NEAR(grads[Ai.offset + i], dA[i], 1e-5 * (1 + std::fabs(dA[i])));
   for (int64_t i = 0; i < Bi.numel; ++i) EXPECT_NEAR(grads[Bi.offset + i], dB[i], 1e-5 * (1 + std::fabs(dB[i])));
@@ -231,7 +231,8 @@ TEST(Lora, FrozenBaseGetsNoGradient) {
           ASSERT_EQ(g, 0.f) << p.name << "[" << k << "] " << kind[0] << "+" << kind[1];
           continue;
         }
-        ASSERT_NEAR(g, g_full[p.offset + k], 1e-7 + 1e-4 * std::fabs(g_full[p.offset + k])) << p.name << "[" << k << "]";
+        ASSERT_NEAR(g, g_full[p.offset + k], 1e-7 + 1e-4 * std::fabs(g_full[p.offset + k]))
+            << p.name << "[" << k << "]";
         adapter_norm += std::fabs(g);
       }
     }

@@ -33,8 +33,8 @@ void lora_forward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, T*
 }
 
 template <typename T>
-void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, const T* u, const T* dy, T* g,
-                       T* dA, T* dB, T* dx) {
+void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, const T* u, const T* dy, T* g, T* dA,
+                       T* dB, T* dx) {
   const int64_t M = s.rows, K = s.in, N = s.out, r = s.rank;
   const T scale = static_cast<T>(s.scale);
   const bool par = M * r * (K + N) >= kParallelMin;
@@ -70,11 +70,10 @@ void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, c
 }
 
 template void lora_forward_cpu<float>(const LoraShape&, const float*, const float*, const float*, float*, float*);
-template void lora_forward_cpu<double>(const LoraShape&, const double*, const double*, const double*, double*,
-                                       double*);
+template void lora_forward_cpu<double>(const LoraShape&, const double*, const double*, const double*, double*, double*);
 template void lora_backward_cpu<float>(const LoraShape&, const float*, const float*, const float*, const float*,
                                        const float*, float*, float*, float*, float*);
-template void lora_backward_cpu<double>(const LoraShape&, const double*, const double*, const double*,
-                                        const double*, const double*, double*, double*, double*, double*);
+template void lora_backward_cpu<double>(const LoraShape&, const double*, const double*, const double*, const double*,
+                                        const double*, double*, double*, double*, double*);
 
 }  // namespace peerless

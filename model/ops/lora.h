@@ -12,11 +12,11 @@
 namespace peerless {
 
 struct LoraShape {
-  int64_t rows = 0;   // M tokens
-  int64_t in = 0;     // K
-  int64_t out = 0;    // N
-  int64_t rank = 0;   // r
-  double scale = 1;   // α/r or α/√r
+  int64_t rows = 0;  // M tokens
+  int64_t in = 0;    // K
+  int64_t out = 0;   // N
+  int64_t rank = 0;  // r
+  double scale = 1;  // α/r or α/√r
 };
 
 // x (M, K), A (r, K), B (N, r) -> u (M, r) = x·Aᵀ (saved for backward), y (M, N) += scale·u·Bᵀ.
@@ -26,7 +26,7 @@ void lora_forward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, T*
 // dy (M, N) -> dA (r, K), dB (N, r) accumulated (+=): dB += scale·dyᵀ·u, dA += scale·(dy·B)ᵀ·x;
 // dx (M, K) += scale·(dy·B)·A when dx is not null. g (M, r) is caller scratch for dy·B.
 template <typename T>
-void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, const T* u, const T* dy, T* g,
-                       T* dA, T* dB, T* dx);
+void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, const T* u, const T* dy, T* g, T* dA,
+                       T* dB, T* dx);
 
 }  // namespace peerless
