@@ -138,6 +138,7 @@ void write_config(hid_t file, const std::string& config_text) {
 // everything else sits one to one. These map pieces of a rank's flat buffer to the checkpoint's.
 struct Source {
   int64_t global = 0, local = 0, count = 0;
+  bool frozen = false;  // a frozen base's parameters (no optimizer state)
 };
 
 // Offsets of every parameter in the unsharded layout.
@@ -166,10 +167,12 @@ std::vector<Source> to_global(const Model& model, int shard, const std::vector<R
       const bool table = model.experts_sharded() && is_peer_table(*it);
       if (a >= z || (table ? !tables : !dense)) continue;
       const int64_t g = goff[it - entries.begin()] + (table ? shard * it->numel : 0) + (a - it->offset);
-      if (!out.empty() && out.back().local + out.back().count == a && out.back().global + out.back().count == g)
+      const bool frozen = !model.trainable(static_cast<int>(it - entries.begin()));
+      if (!out.empty() && out.back().local + out.back().count == a && out.back().global + out.back().count == g &&
+          out.back().frozen == frozen)
         out.back().count += z - a;
       else
-        out.push_back({g, a, z - a});
+        out.push_back({g, a, z - a, frozen});
     }
   }
   return out;
@@ -186,7 +189,14 @@ int writer_count(const Model& model, const DataParallel& dp, int world) {
 std::vector<Source> writer_sources(const Model& model, const DataParallel& dp, int writer) {
   const int64_t total = model.layout().total();
   const int ep = model.expert_shard().shards;
-  const std::vector<Range> local = dp.zero1() ? dp.owned_by(writer) : std::vector<Range>{{0, total}};
+  std::vector<Range> local = dp.zero1() ? dp.owned_by(writer) : std::vector<Range>{{0, total}};
+  if (dp.zero1() && writer == 0 && model.has_frozen()) {  // ZeRO-1 slices only what trains: writer 0 adds the base
+    const auto& entries = model.layout().entries();
+    for (size_t i = 0; i < entries.size(); ++i)
+      if (!model.trainable(static_cast<int>(i)))
+        local.push_back({entries[i].offset, entries[i].offset + entries[i].numel});
+    std::sort(local.begin(), local.end());
+  }
   const bool dense = dp.zero1() || writer == 0;
   const bool tables = writer < ep;  // dp_rank 0: the first copy of every shard
   return to_global(model, writer % ep, local, dense, tables);
@@ -216,11 +226,20 @@ void write_shard(const fs::path& path, int writer, int writers, const std::vecto
   // The pieces go straight from the parameter and state buffers (no staging copy: fresh memory is
   // slow to touch, and the copy would cost as much as the write).
   std::vector<h5::WritePiece> latent, m, v;
+  // A frozen base (finetune.mode = "lora") has no optimizer state: its moments are written as zeros.
+  std::vector<float> zeros;
   for (const auto& src : sources) {
     flat_ranges.push_back(src.global), flat_ranges.push_back(src.global + src.count);
+    latent.push_back({params + src.local, n, src.count});
+    if (src.frozen) {
+      if (static_cast<int64_t>(zeros.size()) < src.count) zeros.assign(static_cast<size_t>(src.count), 0.f);
+      m.push_back({zeros.data(), n, src.count});
+      v.push_back({zeros.data(), n, src.count});
+      n += src.count;
+      continue;
+    }
     const int64_t state = state_position(adam.owned(), src.local);
     PL_ASSERT(state_position(adam.owned(), src.local + src.count - 1) == state + src.count - 1);
-    latent.push_back({params + src.local, n, src.count});
     m.push_back({adam.m().data() + state, n, src.count});
     v.push_back({adam.v().data() + state, n, src.count});
     n += src.count;

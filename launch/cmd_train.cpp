@@ -53,4 +53,21 @@ int cmd_train(const Args& args) {
   return run_training(cfg, options, *comm);
 }
 
+// `peerless finetune BASE CONFIG [train options]`: `train` starting from the model file or run
+// directory BASE (finetune.base; the config's [finetune] section says lora or full).
+int cmd_finetune(const Args& args) {
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    std::printf(
+        "usage: peerless finetune BASE CONFIG [train options]\n"
+        "  train CONFIG starting from BASE (a model file or run directory): --set finetune.base=BASE;\n"
+        "  finetune.mode = lora trains LoRA adapters on the frozen base, full every parameter.\n"
+        "  Options as `peerless train` (--dry-run prints trainable vs frozen parameters and memory).\n");
+    return args.empty() ? 2 : 0;
+  }
+  Args rest(args.begin() + 1, args.end());
+  rest.push_back("--set");
+  rest.push_back("finetune.base=" + args[0]);
+  return cmd_train(rest);
+}
+
 }  // namespace peerless

@@ -12,6 +12,7 @@ using Args = std::vector<std::string>;
 
 int cmd_prepare(const Args& args);
 int cmd_train(const Args& args);
+int cmd_finetune(const Args& args);  // launch/cmd_train.cpp
 int cmd_eval(const Args& args);
 int cmd_tasks(const Args& args);
 int cmd_sample(const Args& args);

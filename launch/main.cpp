@@ -23,6 +23,7 @@ struct Command {
 const Command kCommands[] = {
     {"prepare", peerless::cmd_prepare, "tokenize text files into an HDF5 token file"},
     {"train", peerless::cmd_train, "train a model from a TOML config"},
+    {"finetune", peerless::cmd_finetune, "fine-tune a trained model (LoRA on the frozen base, or full)"},
     {"eval", peerless::cmd_eval, "validation loss of a trained model, or its exact match on tasks"},
     {"tasks", peerless::cmd_tasks, "write verifiable synthetic instruction tasks as JSONL"},
     {"sample", peerless::cmd_sample, "generate text from a trained model"},

@@ -110,6 +110,18 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("parallel.deterministic", &parallel.deterministic, {"auto", "on", "off"},
                "exact, split-independent sums: the same bits for any world size (auto = on)");
 
+  s.add_choice("finetune.mode", &model.lora.mode, {"full", "lora"},
+               "full: every parameter trains; lora: only the adapters (the base frozen, ../shared/BASELINES.md §6)");
+  s.add_int("finetune.lora_rank", &model.lora.rank, 0, 65536, "adapter rank r (0 = no adapters)");
+  s.add_float("finetune.lora_alpha", &model.lora.alpha, 0, 1e6, "adapter scale alpha: y += (alpha/r) B A x");
+  s.add_string("finetune.lora_targets", &model.lora.targets,
+               "weights that get adapters: \"all\" (every projection of the blocks) or comma-separated substrings "
+               "of their names, e.g. \"i_proj,o_proj\"");
+  s.add_bool("finetune.rslora", &model.lora.rslora, "scale alpha/sqrt(r) instead of alpha/r (rsLoRA)");
+  s.add_string("finetune.base", &finetune.base,
+               "model file or run directory the run starts from (\"\" = random initialization)");
+  s.add_string("finetune.base_sha256", &finetune.base_sha256,
+               "sha256 of the base model file; the trainer records it (a different file is an error)");
   s.add_float("optim.lr", &optim.lr, 0, 10, "peak learning rate");
   s.add_float("optim.lr_min", &optim.lr_min, 0, 10, "final learning rate of the decay");
   s.add_int("optim.warmup_steps", &optim.warmup_steps, 0, kBig, "linear warmup steps");
@@ -133,6 +145,15 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("checkpoint.dir", &checkpoint.dir, "checkpoint directory (\"\" = <run.out_dir>/<run.name>/checkpoints)");
 }
 
+// Adapters run on the CPU model only (Model::linear_forward/proj_forward); the GPU model does not
+// read them yet.
+static void check_finetune(const RunConfig& cfg, std::vector<std::string>& errors) {
+  if (cfg.model.lora.on() && cfg.run.device == "cuda")
+    errors.push_back(cat("key 'finetune.lora_rank' = ", cfg.model.lora.rank,
+                         " with run.device = \"cuda\": LoRA adapters run on the CPU path only (allowed: 0, or "
+                         "run.device = \"cpu\")"));
+}
+
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
                         const std::string& context, std::string* toml_text) {
   schema.check_ranges(errors);
@@ -141,6 +162,7 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
     cfg.model.validate(errors);
     cfg.optim.validate(errors);
   }
+  check_finetune(cfg, errors);
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

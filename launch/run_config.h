@@ -59,6 +59,12 @@ struct CheckpointSection {
   std::string dir = "";          // "" = <run.out_dir>/<run.name>/checkpoints
 };
 
+// Where a fine-tuning run starts (the adapters and the frozen base are model.lora, also finetune.*).
+struct FinetuneSection {
+  std::string base = "";         // a model file or run directory; "" = train from random initialization
+  std::string base_sha256 = "";  // recorded by the trainer from the file it loaded
+};
+
 struct RunConfig {
   RunSection run;
   ParallelSection parallel;
@@ -67,6 +73,7 @@ struct RunConfig {
   TrainSection train;
   OptimConfig optim;
   CheckpointSection checkpoint;
+  FinetuneSection finetune;
 
   // Binds every field to its key, range and help text.
   void bind(ConfigSchema& schema);

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "launch/checkpoint.h"
+#include "launch/finetune.h"
 #include "launch/format.h"
 #include "launch/model_file.h"
 #include "launch/signals.h"
@@ -251,6 +252,7 @@ bool setup_session(TrainSession& s) {
   // only regroups ranks, so it is validated and printed here.
   s.topology = make_topology(s.rank, s.world, static_cast<int>(cfg.parallel.expert_parallel));
   if (cfg.run.threads > 0) set_cpu_threads(static_cast<int>(cfg.run.threads));
+  record_base_hash(cfg);  // before the config text: config.toml and checkpoints name the base
   ConfigSchema schema;
   cfg.bind(schema);
   s.config_text = schema.to_toml();
@@ -271,6 +273,7 @@ bool setup_session(TrainSession& s) {
   if (cfg.checkpoint.every_steps > 0 || cfg.checkpoint.every_minutes > 0) check_checkpointable(model);
   if (s.lead) std::printf("%s%s\n", describe_model(model, cfg, s.world).c_str(), data_note.c_str());
   if (s.lead && s.world > 1) std::printf("%s\n", s.topology.describe().c_str());
+  if (s.lead && (model.has_frozen() || model.config().lora.on())) std::printf("%s\n", describe_finetune(model).c_str());
   if (s.options.dry_run) {
     if (s.lead) std::printf("dry run: config valid, nothing trained\n");
     return false;
@@ -290,6 +293,11 @@ bool setup_session(TrainSession& s) {
   s.grads.assign(total, 0.f);
   model.init_params(s.params.data(), static_cast<uint64_t>(cfg.run.seed));
   model.refresh_ternary(s.params.data());
+  if (!cfg.finetune.base.empty()) {  // the base's weights, codes and β; the adapters keep their init
+    load_base(cfg.finetune.base, model, s.params.data());
+    if (s.lead)
+      std::printf("finetune: base %s (sha256 %s)\n", cfg.finetune.base.c_str(), cfg.finetune.base_sha256.c_str());
+  }
   model.refresh_peer_tables(s.params.data(), s.ep_comm.get());  // model.peer_ternary only
   s.dp = std::make_unique<DataParallel>(model, s.comm, cfg.parallel.zero1, cfg.parallel.bucket_mb << 20,
                                         s.replicas.get(), s.ep_comm.get());

@@ -35,6 +35,10 @@ std::vector<DataParallel::Bucket> DataParallel::plan_buckets(const Model& model,
   };
   for (int idx = static_cast<int>(entries.size()) - 1; idx >= 0; --idx) {
     const ParamInfo& p = entries[idx];
+    if (!model.trainable(idx)) {  // a frozen base (finetune.mode = "lora"): no gradient to exchange
+      close();
+      continue;
+    }
     const bool ternary = quantized && p.kind == ParamKind::ternary_weight;
     const bool expert = p.sharded();
     const int64_t p_end = round_up(p.offset + p.numel, kAlign);
@@ -107,9 +111,24 @@ int64_t DataParallel::owned_end(const Bucket& b) const {
   return std::min(b.end, b.begin + (dp_.rank() + 1) * b.slice);
 }
 
+// Without ZeRO-1 a rank owns what trains: everything, or (frozen base) the buckets' ranges merged.
+std::vector<Range> DataParallel::trainable_ranges(const std::vector<Bucket>& buckets, int64_t total) {
+  std::vector<Range> r;
+  for (const auto& b : buckets) r.push_back({b.begin, b.end});
+  std::sort(r.begin(), r.end());
+  std::vector<Range> merged;
+  for (const auto& x : r)
+    if (!merged.empty() && merged.back().second >= x.first)
+      merged.back().second = std::max(merged.back().second, x.second);
+    else
+      merged.push_back(x);
+  if (merged.size() == 1 && merged[0].first == 0 && merged[0].second >= total) return {{0, total}};
+  return merged;
+}
+
 std::vector<Range> DataParallel::owned_ranges(const std::vector<Bucket>& buckets, int rank, bool zero1, int world,
                                               int64_t total) {
-  if (!zero1) return {{0, total}};
+  if (!zero1) return trainable_ranges(buckets, total);
   PL_CHECK(rank >= 0 && rank < world, internal, "rank ", rank, " outside world ", world);
   std::vector<Range> r;
   for (const auto& b : buckets) {
@@ -139,6 +158,11 @@ void DataParallel::set_deterministic(int64_t micro_batches) {
     // Sharded experts of the mixture-of-experts kinds add one term per source rank (experts.h).
     if (is_peer_table(entries[i]) || entries[i].sharded()) sparse[i] = 1, sharded_params_[i] = entries[i].sharded();
   exact_ = std::make_unique<ExactGradSum>(model_.layout(), micro_batches, std::move(sparse));
+  if (model_.has_frozen()) {
+    std::vector<uint8_t> frozen(entries.size(), 0);
+    for (size_t i = 0; i < entries.size(); ++i) frozen[i] = !model_.trainable(static_cast<int>(i));
+    exact_->set_frozen(std::move(frozen));
+  }
 }
 
 void DataParallel::add_micro_batch(const float* grads) { exact_->add_dense(grads); }

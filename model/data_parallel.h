@@ -82,6 +82,8 @@ class DataParallel {
   // their arguments, so a checkpoint can name every rank's shard and tests can check any
   // (rank, world) in one process. Without ZeRO-1 a rank owns [0, total).
   static std::vector<Bucket> plan_buckets(const Model& model, int world, int64_t bucket_bytes);
+  // The ranges of the flat buffer that train under a bucket plan ([0, total) unless the base is frozen).
+  static std::vector<Range> trainable_ranges(const std::vector<Bucket>& buckets, int64_t total);
   static std::vector<Range> owned_ranges(const std::vector<Bucket>& buckets, int rank, bool zero1, int world,
                                          int64_t total);
 

@@ -85,7 +85,7 @@ void ExactGradSum::add_dense(const float* grads) {
   if (acc_.empty()) acc_.assign(layout_.total(), 0);
   const auto& entries = layout_.entries();
   for (size_t p = 0; p < entries.size(); ++p) {
-    if (sparse_[p]) continue;
+    if (sparse_[p] || frozen(p)) continue;
     const ParamInfo& info = entries[p];
     const float m = max_abs_cpu(info.numel, grads + info.offset);
     note_max(static_cast<int>(p), m);
@@ -106,6 +106,7 @@ void ExactGradSum::add_param(int param, const float* g) {
 
 void ExactGradSum::add_rows(int param, const PeerSparseGrad<float>& g) {
   PL_CHECK(sparse_[param], internal, "ExactGradSum::add_rows on a dense parameter");
+  if (frozen(static_cast<size_t>(param))) return;
   if (acc_.empty()) acc_.assign(layout_.total(), 0);
   const ParamInfo& info = layout_.at(param);
   const int64_t rows = static_cast<int64_t>(g.rows.size()), w = g.width;
@@ -150,10 +151,10 @@ void ExactGradSum::reduce(Comm& dp, Comm* replicas, const std::vector<uint8_t>& 
   // Runs of consecutive parameters reduced over the same communicator, one all-reduce each.
   size_t p = 0;
   while (p < entries.size()) {
-    const bool sh = p < sharded.size() && sharded[p];
+    const bool sh = p < sharded.size() && sharded[p], fr = frozen(p);
     size_t q = p + 1;
-    while (q < entries.size() && (q < sharded.size() && sharded[q]) == sh) ++q;
-    Comm* c = sh ? replicas : &dp;
+    while (q < entries.size() && (q < sharded.size() && sharded[q]) == sh && frozen(q) == fr) ++q;
+    Comm* c = fr ? nullptr : sh ? replicas : &dp;
     const int64_t lo = entries[p].offset;
     const int64_t hi = q < entries.size() ? entries[q].offset : layout_.total();
     // In pieces of 16 MiB, as the float path's buckets: MPI's reduction scratch grows with the message.

@@ -86,6 +86,9 @@ class ExactGradSum {
   // Per parameter; kNoExponent = unknown (the next step probes).
   const std::vector<int32_t>& exponents() const { return exp_; }
   void set_exponents(const std::vector<int32_t>& e);
+  // Parameters that do not train (a frozen base, finetune.mode = "lora"): never added, never
+  // exchanged; their summed gradient is 0.
+  void set_frozen(std::vector<uint8_t> frozen) { frozen_ = std::move(frozen); }
   int bits() const { return bits_; }
   int64_t retries() const { return retries_; }
   // After fits() returned false: whether only unknown grids were set (a probe), not outgrown ones.
@@ -114,6 +117,8 @@ class ExactGradSum {
   const ParamLayout& layout_;
   int bits_;
   std::vector<uint8_t> sparse_;
+  std::vector<uint8_t> frozen_;  // per parameter; empty = none
+  bool frozen(size_t p) const { return p < frozen_.size() && frozen_[p]; }
   std::vector<int32_t> exp_;
   std::vector<float> max_;  // per parameter: max |g| of any micro-batch term this step (NaN sticks)
   std::vector<int64_t> acc_;  // the host sums (allocated by the first add)

@@ -80,6 +80,7 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
     head_w_ = embed_;
   }
 
+  add_adapters();  // after every base parameter: the base's offsets are those of a model without them
   // codes_ is allocated on first use: --dry-run of a 2.7B config must not touch 2.7 GB.
   betas_.assign(layout_.entries().size(), 0.f);
 }
@@ -93,6 +94,7 @@ void Model::init_params(float* params, uint64_t seed) const {
   for (int g : {final_norm_, head_gain_})
     if (g >= 0) init_constant(layout_, params, g, 1.f);
   for (const auto& m : modules_) m->init(*this, params, seed);
+  init_adapters(params, seed);
 }
 
 PeerLayerShape Model::peer_shape(int64_t tokens) const {
@@ -270,12 +272,21 @@ void Model::refresh_ternary(const float* params) {
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
     if (p.kind != ParamKind::ternary_weight) continue;
+    if (base_codes_ready_ && !trainable(static_cast<int>(idx))) continue;  // a frozen base never changes
     betas_[idx] = weight_quant_cpu(p.numel, params + p.offset, codes_.data() + p.offset);
   }
+  base_codes_ready_ = true;
 }
 
 void Model::linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
                            BitLinearCache& cache) const {
+  linear_forward_base(params, gain, weight, rows, x, y, cache);
+  if (lora_adapter(weight) >= 0)
+    adapter_forward(params, weight, rows, normed_input(params, gain, rows, layout_.at(weight).shape[1], x), y, cache);
+}
+
+void Model::linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
+                                BitLinearCache& cache) const {
   const ParamInfo& w = layout_.at(weight);
   const int64_t N = w.shape[0], K = w.shape[1];
   grow(cache.rstd, rows);
@@ -320,6 +331,8 @@ void Model::linear_forward(const float* params, int gain, int weight, int64_t ro
 
 void Model::linear_backward(const float* params, int gain, int weight, int64_t rows, const float* x,
                             const BitLinearCache& cache, const float* dy, float* dx, float* grads) const {
+  if (lora_adapter(weight) >= 0 || !trainable(weight) || !trainable(gain))
+    return linear_backward_parts(params, gain, weight, rows, x, cache, dy, dx, grads);
   const ParamInfo& w = layout_.at(weight);
   const ParamInfo& g = layout_.at(gain);
   const int64_t N = w.shape[0], K = w.shape[1];
@@ -351,6 +364,7 @@ void Model::proj_forward(const float* params, int weight, int64_t rows, const fl
   const int64_t N = w.shape[0], K = w.shape[1];
   if (!quantize_) {
     gemm_cpu(Trans::no, Trans::yes, rows, N, K, 1.f, x, K, params + w.offset, K, 0.f, y, N);
+    adapter_forward(params, weight, rows, x, y, cache);
     return;
   }
   grow(cache.codes, rows * K);
@@ -371,25 +385,36 @@ void Model::proj_forward(const float* params, int weight, int64_t rows, const fl
     const float factor = beta / cache.scale[m];
     for (int64_t n = 0; n < N; ++n) y[m * N + n] = static_cast<float>(acc[m * N + n]) * factor;
   }
+  adapter_forward(params, weight, rows, x, y, cache);  // x̃ = the input before Q-Sparse and int8
 }
 
 void Model::proj_backward(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,
                           const float* dy, float* dx, float* grads) const {
+  proj_backward_base(params, weight, rows, x, cache, dy, dx, grads, trainable(weight));
+  adapter_backward(params, weight, rows, x, cache, dy, dx, grads);
+}
+
+void Model::proj_backward_base(const float* params, int weight, int64_t rows, const float* x,
+                               const BitLinearCache& cache, const float* dy, float* dx, float* grads,
+                               bool weight_grad) const {
   const ParamInfo& w = layout_.at(weight);
   const int64_t N = w.shape[0], K = w.shape[1];
   if (!quantize_) {
-    gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, x, K, 1.f, grads + w.offset, K);  // dW += dyᵀ x
+    if (weight_grad)  // dW += dyᵀ x
+      gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, x, K, 1.f, grads + w.offset, K);
     if (dx) gemm_cpu(Trans::no, Trans::no, rows, K, N, 1.f, dy, N, params + w.offset, K, 0.f, dx, K);
     return;
   }
   // The dequantized input a/s and the forward copy t·β, in float.
   thread_local std::vector<float> a, tw;
-  grow(a, rows * K);
-  for (int64_t m = 0; m < rows; ++m) {
-    const float sc = cache.scale[m];
-    for (int64_t k = 0; k < K; ++k) a[m * K + k] = static_cast<float>(cache.codes[m * K + k]) / sc;
+  if (weight_grad) {
+    grow(a, rows * K);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float sc = cache.scale[m];
+      for (int64_t k = 0; k < K; ++k) a[m * K + k] = static_cast<float>(cache.codes[m * K + k]) / sc;
+    }
+    gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, a.data(), K, 1.f, grads + w.offset, K);
   }
-  gemm_cpu(Trans::yes, Trans::no, N, K, rows, 1.f, dy, N, a.data(), K, 1.f, grads + w.offset, K);
   if (!dx) return;
   grow(tw, N * K);
   const float beta = betas_[weight];
@@ -447,7 +472,8 @@ void Model::head_backward(const float* params, int64_t rows, const float* xf, co
                           const float* dlogits, float* dxf, float* grads) const {
   if (head_gain_ >= 0) return linear_backward(params, head_gain_, head_w_, rows, xf, cache, dlogits, dxf, grads);
   const int64_t d = config_.d_model, V = config_.vocab_size, w = layout_.at(head_w_).offset;
-  gemm_cpu(Trans::yes, Trans::no, V, d, rows, 1.f, dlogits, V, xf, d, 1.f, grads + w, d);  // dW += dlogitsᵀ xf
+  if (trainable(head_w_))  // dW += dlogitsᵀ xf
+    gemm_cpu(Trans::yes, Trans::no, V, d, rows, 1.f, dlogits, V, xf, d, 1.f, grads + w, d);
   gemm_cpu(Trans::no, Trans::no, rows, d, V, 1.f, dlogits, V, params + w, d, 0.f, dxf, d);
 }
 
@@ -488,16 +514,21 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
   head_backward(params, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0, grads);
   rmsnorm_backward_cpu(RmsNormShape{M, d, static_cast<float>(config_.norm_eps)}, ctx.x_final.data(),
                        params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0, ctx.dx.data(),
-                       grads + layout_.at(final_norm_).offset);
+                       trainable(final_norm_) ? grads + layout_.at(final_norm_).offset : nullptr);
   ready({head_w_ == embed_ ? -1 : head_w_, head_gain_, final_norm_});  // a tied head: with the embedding
   ModuleStep step = module_step(ctx);
   step.aux_scale = ctx.aux_scale > 0 ? ctx.aux_scale : grad_scale * static_cast<float>(M);
   for (size_t i = modules_.size(); i-- > 0;) {
     modules_[i]->backward(*this, params, step, *ctx.caches[i], ctx.dx.data(), grads, exact);
+    discard_frozen_grads(modules_[i]->params_backward_order(), grads);
     ready(modules_[i]->params_backward_order());
   }
-  embedding_backward_cpu(M, d, ctx.ids.data(), ctx.dx.data(), grads + layout_.at(embed_).offset);
-  if (lower_bounds_ >= 0)
+  // Adapters: their gradients are final once every module has run (they follow the base in the layout).
+  if (grad_ready)
+    for (size_t a = 0; a < lora_a_.size(); ++a)
+      if (lora_a_[a] >= 0) grad_ready(lora_a_[a]), grad_ready(lora_a_[a] + 1);
+  if (trainable(embed_)) embedding_backward_cpu(M, d, ctx.ids.data(), ctx.dx.data(), grads + layout_.at(embed_).offset);
+  if (lower_bounds_ >= 0 && trainable(lower_bounds_))
     lower_bounds_backward_cpu(L, d, params + layout_.at(lower_bounds_).offset, ctx.dlb.data(),
                               grads + layout_.at(lower_bounds_).offset);
   ready({embed_, lower_bounds_});

@@ -174,6 +174,15 @@ class Model {
   void head_forward(const float* params, int64_t rows, const float* xf, float* logits, BitLinearCache& cache) const;
   void head_backward(const float* params, int64_t rows, const float* xf, const BitLinearCache& cache,
                      const float* dlogits, float* dxf, float* grads) const;
+  // Fine-tuning (config().lora, keys finetune.*; model/model_lora.cpp): the index of weight
+  // `weight`'s adapter A (its B is the next index), -1 when it has none; whether parameter `idx`
+  // trains (false for every base parameter in lora mode); whether any parameter is frozen.
+  int lora_adapter(int weight) const { return lora_a_.empty() ? -1 : lora_a_[static_cast<size_t>(weight)]; }
+  bool trainable(int idx) const { return frozen_.empty() || !frozen_[static_cast<size_t>(idx)]; }
+  bool has_frozen() const { return !frozen_.empty(); }
+  // Σ numel of the trainable and of the frozen parameters.
+  int64_t trainable_count() const;
+
   // For PEER modules: the communicator of the expert exchange (the expert-parallel group when
   // sharded, this rank alone in unsharded deterministic mode; null otherwise), and PEER layer
   // `peer`'s table bounds (deterministic mode; refresh_peer_tables computes them).
@@ -223,6 +232,32 @@ class Model {
   std::vector<std::shared_ptr<const Module>> modules_;
   std::vector<int64_t> peer_blocks_;  // block index of each PEER layer
   ModuleStep module_step(ForwardContext& ctx) const;
+  // LoRA (model/model_lora.cpp): adapters appended to the layout after every base parameter (so the
+  // base's offsets do not move), their initialization, forward and backward on the float input x̃.
+  std::vector<int> lora_a_;        // per parameter: its adapter A, -1 = none
+  std::vector<uint8_t> frozen_;    // per parameter: 1 = not trained (lora mode's base); empty = none
+  bool base_codes_ready_ = false;  // the frozen base's codes were computed once (they never change)
+  void add_adapters();
+  void linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
+                           BitLinearCache& cache) const;
+  void init_adapters(float* params, uint64_t seed) const;
+  void adapter_forward(const float* params, int weight, int64_t rows, const float* xt, float* y,
+                       BitLinearCache& cache) const;
+  void adapter_backward(const float* params, int weight, int64_t rows, const float* xt, const BitLinearCache& cache,
+                        const float* dy, float* dxt, float* grads) const;
+  // x̃ = RMSNorm(x; γ) (rows, K) recomputed into thread-local scratch.
+  const float* normed_input(const float* params, int gain, int64_t rows, int64_t K, const float* x) const;
+  // The BitLinear backward as its parts (used with an adapter or a frozen weight or gain):
+  // dx̃ from the base (dW only when trainable) plus the adapter's, then the RMSNorm backward.
+  void linear_backward_parts(const float* params, int gain, int weight, int64_t rows, const float* x,
+                             const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
+  // The projection's own backward (no adapter): dx overwritten (skipped when null), dW accumulated
+  // when weight_grad.
+  void proj_backward_base(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,
+                          const float* dy, float* dx, float* grads, bool weight_grad) const;
+  // Zeroes the gradients a module computed for frozen parameters among `params` (gains, routers,
+  // PEER and PKM tables: cheap next to the products; frozen ternary weights never get one).
+  void discard_frozen_grads(const std::vector<int>& params, float* grads) const;
   // Q-Sparse of one BitLinear's normalised input (rows, K) in place; no-op when model.qsparse = 0.
   void sparsify(int64_t rows, int64_t K, float* xt) const;
 

@@ -2,6 +2,7 @@
 #include "model/model_config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 #include "runtime/error.h"
@@ -92,8 +93,17 @@ void validate_attention(const ModelConfig& c, std::vector<std::string>& errors) 
 }
 }  // namespace
 
+double LoraConfig::scale() const {
+  if (rank <= 0) return 0;
+  return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+}
+
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
+  if (lora.frozen_base() && lora.rank == 0)
+    errors.push_back("finetune.mode = \"lora\" needs adapters: set finetune.lora_rank > 0 (got 0)");
+  if (lora.on() && lora.targets.empty())
+    errors.push_back("finetune.lora_targets = \"\" (allowed: \"all\" or comma-separated substrings of weight names)");
   if (intermediate > 0 && intermediate < 1)
     errors.push_back(cat("model.intermediate must be 0 (auto) or positive (got ", intermediate, ")"));
   const bool listed = !parse_blocks(peer_blocks, n_layers, &errors).empty();

@@ -8,6 +8,22 @@
 
 namespace peerless {
 
+// Fine-tuning (issue 19, ../shared/BASELINES.md §6), keys finetune.*: low-rank adapters beside the
+// projections of the blocks and, in "lora" mode, a frozen base. They are part of the model (its
+// layout holds the adapters beside their weight "<module>/weight" as "<module>/lora_A" (r, K) and
+// "<module>/lora_B" (N, r)), so checkpoints, model
+// files and data parallelism carry them like any parameter.
+struct LoraConfig {
+  std::string mode = "full";    // "full": every parameter trains; "lora": only the adapters
+  int64_t rank = 0;             // r; 0 = no adapters
+  double alpha = 16;            // α: the adapter adds (α/r)·B·A·x̃
+  std::string targets = "all";  // "all" or comma-separated substrings of the weight names
+  bool rslora = false;          // scale α/√r (arXiv 2312.03732) instead of α/r
+  double scale() const;
+  bool on() const { return rank > 0; }
+  bool frozen_base() const { return mode == "lora"; }
+};
+
 struct ModelConfig {
   int64_t vocab_size = 0;     // 0 = take it from the data file
   int64_t d_model = 256;
@@ -74,6 +90,8 @@ struct ModelConfig {
   // Q-Sparse (SPEC §4): top-K of every BitLinear input after its RMSNorm, before quantization.
   double qsparse = 0;             // sparsity ratio S in [0, 1); 0 = off
   int64_t qsparse_block = 0;      // 0 = per-token top-K; M > 0 = N:M within blocks of M channels
+
+  LoraConfig lora;  // finetune.* (adapters and the frozen base)
 
   // The parsed peer_blocks (throws a config error naming the key when malformed).
   std::vector<int64_t> peer_block_list() const;

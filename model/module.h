@@ -70,6 +70,7 @@ struct BitLinearCache {
   std::vector<float> rstd;     // (M)
   std::vector<int8_t> codes;   // (M, K)
   std::vector<float> scale;    // (M)
+  std::vector<float> lora_u;   // (M, r) the adapter's A·x̃, when the weight has one
 };
 
 class Module {

@@ -139,7 +139,10 @@ TokenStream InferenceModel::stream() const {
 }
 
 bool InferenceModel::covers(const ModelConfig& c) {
-  return c.token_mixer == "mlgru" && (c.channel_mixer == "glu" || c.channel_mixer == "peer") && c.head == "bitlinear";
+  // LoRA adapters (finetune.lora_rank) are applied by the trainer's ops (ModuleDecoder), not by the
+  // packed kernels: an adapted model decodes there.
+  return c.token_mixer == "mlgru" && (c.channel_mixer == "glu" || c.channel_mixer == "peer") && c.head == "bitlinear" &&
+         !c.lora.on();
 }
 
 std::unique_ptr<InferenceModel> InferenceModel::from_model(const Model& model, const float* params) {

@@ -1,0 +1,77 @@
+// Starting a run from a base model (see finetune.h).
+#include "launch/finetune.h"
+
+#include <algorithm>
+
+#include "launch/format.h"
+#include "launch/model_file.h"
+#include "runtime/error.h"
+#include "runtime/sha256.h"
+
+namespace peerless {
+
+void record_base_hash(RunConfig& cfg) {
+  if (cfg.finetune.base.empty()) return;
+  const std::string path = model_file_path(cfg.finetune.base);
+  const std::string hash = sha256_file(path);
+  PL_CHECK(cfg.finetune.base_sha256.empty() || cfg.finetune.base_sha256 == hash, config, "finetune.base_sha256 = \"",
+           cfg.finetune.base_sha256, "\" but ", path, " has sha256 ", hash,
+           " (a different base model; clear the key to start from this file)");
+  cfg.finetune.base_sha256 = hash;
+}
+
+void load_base(const std::string& base, Model& model, float* params) {
+  PL_CHECK(!model.experts_sharded(), config,
+           "finetune.base with sharded PEER tables (parallel.expert_parallel > 1) "
+           "is not supported (allowed: parallel.expert_parallel = 1)");
+  const ModelFileReader reader(base);
+  const ParamLayout& from = reader.structure().layout();
+  const ParamLayout& to = model.layout();
+  std::vector<uint8_t> loaded(to.entries().size(), 0);
+  std::vector<int8_t> codes;
+  for (size_t i = 0; i < from.entries().size(); ++i) {
+    const ParamInfo& p = from.entries()[i];
+    const int j = to.find(p.name);
+    PL_CHECK(j >= 0, config, "the base ", reader.path(), " has parameter ", p.name,
+             " that this config's model lacks: copy the base's [model] section into the config");
+    const ParamInfo& q = to.at(j);
+    PL_CHECK(q.shape == p.shape, config, "the base's ", p.name, " has shape (", shape_text(p.shape),
+             "), this config's model gives (", shape_text(q.shape), "): copy the base's [model] section");
+    reader.read_into(static_cast<int>(i), params + q.offset);
+    loaded[static_cast<size_t>(j)] = 1;
+    if (p.kind != ParamKind::ternary_weight) continue;
+    reader.read_ternary(static_cast<int>(i), codes, model.mutable_betas()[static_cast<size_t>(j)]);
+    std::copy(codes.begin(), codes.end(), model.mutable_codes().begin() + q.offset);
+  }
+  for (size_t j = 0; j < to.entries().size(); ++j)
+    PL_CHECK(loaded[j] || to.entries()[j].name.find("/lora_") != std::string::npos, config, "parameter ",
+             to.entries()[j].name, " is not in the base ", reader.path(),
+             ": copy the base's [model] section into the config");
+}
+
+std::string describe_finetune(const Model& model) {
+  const ParamLayout& layout = model.layout();
+  int64_t trainable = 0, frozen = 0, frozen_ternary = 0;
+  for (size_t i = 0; i < layout.entries().size(); ++i) {
+    const ParamInfo& p = layout.entries()[i];
+    if (model.trainable(static_cast<int>(i)))
+      trainable += p.numel;
+    else
+      (p.kind == ParamKind::ternary_weight ? frozen_ternary : frozen) += p.numel;
+  }
+  const double all = static_cast<double>(layout.count());
+  // Full fine-tuning: fp32 latent, gradient and two AdamW moments per parameter (+1 B of codes).
+  const double full = 17.0 * all;
+  // This run: fp32 latents and gradients over the whole flat layout (+ codes), moments of what trains.
+  const double now = 9.0 * all + 8.0 * static_cast<double>(trainable);
+  // The goal (issue 19): the frozen ternary base as 2-bit codes, other frozen parameters fp32.
+  const double goal = 0.25 * static_cast<double>(frozen_ternary) + 4.0 * static_cast<double>(frozen) +
+                      17.0 * static_cast<double>(trainable);
+  return cat("finetune: trainable ", human_count(trainable), " parameters, frozen ",
+             human_count(frozen + frozen_ternary), " (ternary ", human_count(frozen_ternary),
+             "); parameter memory: full fine-tuning ", human_bytes(full), ", this run ", human_bytes(now), " (",
+             static_cast<int>(100.0 * (1.0 - now / full) + 0.5), "% less), with a codes-only base ", human_bytes(goal),
+             " (not yet: the flat buffers hold fp32 latents and gradients of the base)");
+}
+
+}  // namespace peerless
