@@ -70,3 +70,8 @@ std::vector<ScalingPoint> resample_points(const std::vector<ScalingPoint>& pts, 
 std::vector<IsoflopBudget> resample_budgets(const std::vector<IsoflopBudget>& budgets, Rng& rng);
 
 }  // namespace peerless
+
+namespace peerless {
+// isoflop.png (when there are budgets), frontier.png, residuals.png in `dir` (launch/fit_plots.cpp).
+std::vector<std::string> write_fit_plots(const FitReport& report, const std::string& dir);
+}  // namespace peerless
