@@ -32,7 +32,8 @@ void print_quantities(const std::vector<Quantity>& qs, int replicates) {
   for (const auto& q : qs) {
     std::printf("  %-18s %12.5g", q.name.c_str(), q.value);
     if (replicates > 0)
-      std::printf(" %12.5g   [%11.5g, %11.5g]   [%11.5g, %11.5g]", q.ci.median, q.ci.lo95, q.ci.hi95, q.ci.lo80, q.ci.hi80);
+      std::printf(" %12.5g   [%11.5g, %11.5g]   [%11.5g, %11.5g]", q.ci.median, q.ci.lo95, q.ci.hi95, q.ci.lo80,
+                  q.ci.hi80);
     std::printf("\n");
   }
 }
@@ -50,7 +51,9 @@ void print_report(const Input& in, const FitReport& r) {
   for (const auto& n : r.a2.notes) std::printf("  note: %s\n", n.c_str());
   if (!r.a2.ok) return;
   for (const auto& b : r.a2.budgets)
-    if (b.ok) std::printf("  C %-10.4g N* %-11.4g D* %-11.4g loss %.5g (%zu points)\n", b.budget, b.n_star, b.d_star, b.loss_star, b.members.size());
+    if (b.ok)
+      std::printf("  C %-10.4g N* %-11.4g D* %-11.4g loss %.5g (%zu points)\n", b.budget, b.n_star, b.d_star,
+                  b.loss_star, b.members.size());
   std::printf("  bootstrap (within budgets): %d replicates, %d failed\n", r.a2_replicates, r.a2_failed);
   print_quantities(r.a2_quantities, r.a2_replicates);
 }
@@ -58,22 +61,32 @@ void print_report(const Input& in, const FitReport& r) {
 json quantities_json(const std::vector<Quantity>& qs) {
   json j = json::object();
   for (const auto& q : qs)
-    j[q.name] = {{"fit", q.value}, {"median", q.ci.median}, {"ci95", {q.ci.lo95, q.ci.hi95}}, {"ci80", {q.ci.lo80, q.ci.hi80}}};
+    j[q.name] = {
+        {"fit", q.value}, {"median", q.ci.median}, {"ci95", {q.ci.lo95, q.ci.hi95}}, {"ci80", {q.ci.lo80, q.ci.hi80}}};
   return j;
 }
 
 json approach3_json(const FitReport& r) {
   const Theta& t = r.a3.theta;
-  json frontier = {{"C", r.band_c}, {"N_opt", r.band_n}, {"D_opt", r.band_d}, {"N_opt_ci95", json::array()}, {"D_opt_ci95", json::array()}};
+  json frontier = {{"C", r.band_c},
+                   {"N_opt", r.band_n},
+                   {"D_opt", r.band_d},
+                   {"N_opt_ci95", json::array()},
+                   {"D_opt_ci95", json::array()}};
   for (size_t i = 0; i < r.band_c.size(); ++i) {
     frontier["N_opt_ci95"].push_back({r.band_n_ci[i].lo95, r.band_n_ci[i].hi95});
     frontier["D_opt_ci95"].push_back({r.band_d_ci[i].lo95, r.band_d_ci[i].hi95});
   }
   return {{"theta_log", {{"a", t.a}, {"b", t.b}, {"e", t.e}, {"alpha", t.alpha}, {"beta", t.beta}}},
-          {"objective", r.a3.objective}, {"iterations", r.a3.iterations}, {"converged", r.a3.converged},
-          {"starts", r.a3.starts}, {"box_flags", r.a3.box_flags}, {"huber_delta", r.options.a3.delta},
+          {"objective", r.a3.objective},
+          {"iterations", r.a3.iterations},
+          {"converged", r.a3.converged},
+          {"starts", r.a3.starts},
+          {"box_flags", r.a3.box_flags},
+          {"huber_delta", r.options.a3.delta},
           {"bootstrap", {{"replicates", r.a3_replicates}, {"failed", r.a3_failed}}},
-          {"quantities", quantities_json(r.a3_quantities)}, {"frontier", frontier}};
+          {"quantities", quantities_json(r.a3_quantities)},
+          {"frontier", frontier}};
 }
 
 json approach2_json(const FitReport& r) {
@@ -89,7 +102,9 @@ json approach2_json(const FitReport& r) {
     }
     budgets.push_back(jb);
   }
-  return {{"ok", r.a2.ok}, {"notes", r.a2.notes}, {"budgets", budgets},
+  return {{"ok", r.a2.ok},
+          {"notes", r.a2.notes},
+          {"budgets", budgets},
           {"bootstrap", {{"replicates", r.a2_replicates}, {"failed", r.a2_failed}}},
           {"quantities", quantities_json(r.a2_quantities)}};
 }
@@ -98,14 +113,26 @@ json report_json(const Input& in, const FitReport& r) {
   json points = json::array();
   for (size_t i = 0; i < r.points.size(); ++i) {
     const ScalingPoint& p = r.points[i];
-    points.push_back({{"id", in.selected[i].id}, {"name", in.selected[i].name}, {"N", p.n}, {"D", p.d}, {"C", p.c},
-                      {"budget_C", p.budget}, {"loss", p.loss}, {"loss_fit", r.a3.theta.loss(p.n, p.d)}});
+    points.push_back({{"id", in.selected[i].id},
+                      {"name", in.selected[i].name},
+                      {"N", p.n},
+                      {"D", p.d},
+                      {"C", p.c},
+                      {"budget_C", p.budget},
+                      {"loss", p.loss},
+                      {"loss_fit", r.a3.theta.loss(p.n, p.d)}});
   }
   return {{"fitter", kFitterVersion},
           {"input", {{"path", in.path}, {"sha256", in.sha256}, {"rows", in.rows}, {"points", r.points.size()}}},
-          {"options", {{"n", in.n_column}, {"flops", in.flops}, {"bootstrap", r.options.bootstrap},
-                       {"seed", r.options.seed}, {"target_C", r.options.target_c}}},
-          {"approach3", approach3_json(r)}, {"approach2", approach2_json(r)}, {"points", points}};
+          {"options",
+           {{"n", in.n_column},
+            {"flops", in.flops},
+            {"bootstrap", r.options.bootstrap},
+            {"seed", r.options.seed},
+            {"target_C", r.options.target_c}}},
+          {"approach3", approach3_json(r)},
+          {"approach2", approach2_json(r)},
+          {"points", points}};
 }
 
 }  // namespace
@@ -128,7 +155,8 @@ int cmd_fit(const Args& args) {
   PL_CHECK(n == "active" || n == "total", config, "--n must be active or total (got '", n, "')");
   FitOptions o;
   o.bootstrap = static_cast<int>(parse_int_arg("bootstrap", bootstrap));
-  PL_CHECK(o.bootstrap >= 0 && o.bootstrap <= 1000000, config, "--bootstrap must be in [0, 1000000] (got ", bootstrap, ")");
+  PL_CHECK(o.bootstrap >= 0 && o.bootstrap <= 1000000, config, "--bootstrap must be in [0, 1000000] (got ", bootstrap,
+           ")");
   o.seed = static_cast<uint64_t>(parse_int_arg("seed", seed));
   o.target_c = target.empty() ? 0 : parse_float_arg("target-C", target);
   PL_CHECK(target.empty() || o.target_c > 0, config, "--target-C must be positive (got ", target, ")");

@@ -38,7 +38,8 @@ LossCurve read_loss_curve(const std::string& path) {
     const double tokens = j["tokens"].get<double>();
     // The final-evaluation line repeats the last step's tokens: its training loss is not a new point.
     const bool repeat = !c.tokens.empty() && c.tokens.back() == tokens;
-    if (!repeat && j.contains("loss") && j["loss"].is_number()) c.tokens.push_back(tokens), c.loss.push_back(j["loss"].get<double>());
+    if (!repeat && j.contains("loss") && j["loss"].is_number())
+      c.tokens.push_back(tokens), c.loss.push_back(j["loss"].get<double>());
     if (j.contains("val_loss") && j["val_loss"].is_number())
       c.val_tokens.push_back(tokens), c.val_loss.push_back(j["val_loss"].get<double>());
   }

@@ -22,7 +22,9 @@ namespace {
 Theta from_vec(const std::vector<double>& v) { return {v[0], v[1], v[2], v[3], v[4]}; }
 std::vector<double> to_vec(const Theta& t) { return {t.a, t.b, t.e, t.alpha, t.beta}; }
 
-double huber(double r, double delta) { return std::fabs(r) <= delta ? 0.5 * r * r : delta * (std::fabs(r) - 0.5 * delta); }
+double huber(double r, double delta) {
+  return std::fabs(r) <= delta ? 0.5 * r * r : delta * (std::fabs(r) - 0.5 * delta);
+}
 double huber_grad(double r, double delta) { return std::fabs(r) <= delta ? r : (r > 0 ? delta : -delta); }
 
 // Parameters on or beyond the edge of the start grid's box (1e-3 of the width counts as "at").
@@ -31,15 +33,18 @@ std::vector<std::string> box_flags(const Theta& t) {
     const char* name;
     double v, lo, hi;
   };
-  const Range ranges[] = {{"a", t.a, 0, 25}, {"b", t.b, 0, 25}, {"e", t.e, -1, 1}, {"alpha", t.alpha, 0, 2},
-                          {"beta", t.beta, 0, 2}};
+  const Range ranges[] = {
+      {"a", t.a, 0, 25}, {"b", t.b, 0, 25}, {"e", t.e, -1, 1}, {"alpha", t.alpha, 0, 2}, {"beta", t.beta, 0, 2}};
   std::vector<std::string> flags;
   for (const auto& r : ranges) {
     const double tol = 1e-3 * (r.hi - r.lo);
     char buf[96];
-    if (r.v <= r.lo + tol) std::snprintf(buf, sizeof buf, "%s=%.6g at/below %g", r.name, r.v, r.lo);
-    else if (r.v >= r.hi - tol) std::snprintf(buf, sizeof buf, "%s=%.6g at/above %g", r.name, r.v, r.hi);
-    else continue;
+    if (r.v <= r.lo + tol)
+      std::snprintf(buf, sizeof buf, "%s=%.6g at/below %g", r.name, r.v, r.lo);
+    else if (r.v >= r.hi - tol)
+      std::snprintf(buf, sizeof buf, "%s=%.6g at/above %g", r.name, r.v, r.hi);
+    else
+      continue;
     flags.push_back(buf);
   }
   return flags;
@@ -157,8 +162,10 @@ double optimal_n(const Theta& t, double c, const FlopsLadder& ladder) {
   const double g = 0.6180339887498949;
   for (int it = 0; it < 100; ++it) {
     const double x1 = x3 - g * (x3 - x0), x2 = x0 + g * (x3 - x0);
-    if (loss_at(x1) < loss_at(x2)) x3 = x2;
-    else x0 = x1;
+    if (loss_at(x1) < loss_at(x2))
+      x3 = x2;
+    else
+      x0 = x1;
   }
   return std::exp(0.5 * (x0 + x3));
 }

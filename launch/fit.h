@@ -49,8 +49,8 @@ double approach3_objective(const std::vector<ScalingPoint>& pts, const Theta& t,
 struct Approach3Fit {
   Theta theta;
   double objective = 0;
-  int iterations = 0;       // of the winning start
-  bool converged = false;   // the winning start met the gradient test
+  int iterations = 0;      // of the winning start
+  bool converged = false;  // the winning start met the gradient test
   int starts = 0;
   std::vector<std::string> box_flags;  // parameters at or outside the start box ("alpha=2.31 > 2")
 };
@@ -86,7 +86,7 @@ struct IsoflopBudget {
   double budget = 0;
   std::vector<int> members;  // indices into the point list
   bool ok = false;
-  std::string skip_reason;   // when !ok
+  std::string skip_reason;  // when !ok
   Parabola in_ln_n, in_ln_d;
   double n_star = 0, d_star = 0, loss_star = 0;
 };
@@ -105,8 +105,7 @@ std::vector<IsoflopBudget> group_budgets(const std::vector<ScalingPoint>& pts, s
 // Fits every budget (members may repeat: a bootstrap replicate). `min_sizes` distinct sizes per
 // budget: 5 on the data; a replicate resampled within budgets needs only 3 (a parabola's worth),
 // since resampling 5 sizes keeps all 5 in only 4% of draws.
-Approach2Fit fit_approach2(const std::vector<ScalingPoint>& pts, std::vector<IsoflopBudget> budgets,
-                           int min_sizes = 5);
+Approach2Fit fit_approach2(const std::vector<ScalingPoint>& pts, std::vector<IsoflopBudget> budgets, int min_sizes = 5);
 
 // Slope and intercept of y = k + s x by least squares.
 void ols_line(const std::vector<double>& x, const std::vector<double>& y, double* intercept, double* slope);

@@ -25,7 +25,8 @@ Plot isoflop_plot(const FitReport& r) {
   PlotSeries minima{"parabola minima N*", PlotStyle::points, {}, {}, {}, 0};
   int color = 1;
   for (const IsoflopBudget& b : r.a2.budgets) {
-    PlotSeries pts{"C = " + sci(b.budget) + " FLOPs" + (b.ok ? "" : " (skipped)"), PlotStyle::points, {}, {}, {}, color};
+    PlotSeries pts{
+        "C = " + sci(b.budget) + " FLOPs" + (b.ok ? "" : " (skipped)"), PlotStyle::points, {}, {}, {}, color};
     double lo = INFINITY, hi = -INFINITY;
     for (int i : b.members) {
       pts.x.push_back(r.points[i].n), pts.y.push_back(r.points[i].loss);
@@ -64,7 +65,8 @@ Plot frontier_plot(const FitReport& r) {
   p.ylabel = "N_opt (parameters), D_opt (tokens)";
   p.log_x = p.log_y = true;
   p.key = "top left";
-  PlotSeries band_n{"N_opt 95% band", PlotStyle::band, r.band_c, {}, {}, 1}, band_d{"D_opt 95% band", PlotStyle::band, r.band_c, {}, {}, 2};
+  PlotSeries band_n{"N_opt 95% band", PlotStyle::band, r.band_c, {}, {}, 1},
+      band_d{"D_opt 95% band", PlotStyle::band, r.band_c, {}, {}, 2};
   for (size_t i = 0; i < r.band_c.size(); ++i) {
     band_n.y.push_back(r.band_n_ci[i].lo95), band_n.y_hi.push_back(r.band_n_ci[i].hi95);
     band_d.y.push_back(r.band_d_ci[i].lo95), band_d.y_hi.push_back(r.band_d_ci[i].hi95);
@@ -75,7 +77,9 @@ Plot frontier_plot(const FitReport& r) {
   PlotSeries n_star{"isoFLOP N* (Approach 2)", PlotStyle::points, {}, {}, {}, 1};
   PlotSeries d_star{"isoFLOP D* (Approach 2)", PlotStyle::points, {}, {}, {}, 2};
   for (const auto& b : r.a2.budgets)
-    if (b.ok) n_star.x.push_back(b.budget), n_star.y.push_back(b.n_star), d_star.x.push_back(b.budget), d_star.y.push_back(b.d_star);
+    if (b.ok)
+      n_star.x.push_back(b.budget), n_star.y.push_back(b.n_star), d_star.x.push_back(b.budget),
+          d_star.y.push_back(b.d_star);
   if (!n_star.x.empty()) p.series.insert(p.series.end(), {n_star, d_star});
   return p;
 }

@@ -41,8 +41,8 @@ std::vector<double> a3_values(const Theta& t, const FitReport& r) {
 
 bool theta_ok(const Approach3Fit& f) {
   const Theta& t = f.theta;
-  return std::isfinite(f.objective) && std::isfinite(t.a) && std::isfinite(t.b) && std::isfinite(t.e) &&
-         t.alpha > 0 && t.beta > 0 && std::isfinite(t.alpha) && std::isfinite(t.beta);
+  return std::isfinite(f.objective) && std::isfinite(t.a) && std::isfinite(t.b) && std::isfinite(t.e) && t.alpha > 0 &&
+         t.beta > 0 && std::isfinite(t.alpha) && std::isfinite(t.beta);
 }
 
 void approach3_with_bootstrap(FitReport& r) {
@@ -50,17 +50,20 @@ void approach3_with_bootstrap(FitReport& r) {
   const std::vector<std::string> names = a3_names(r.budgets, r.options.target_c);
   const std::vector<double> full = a3_values(r.a3.theta, r);
   const std::vector<Theta> grid = approach3_grid();
-  const BootstrapRun run = run_bootstrap(r.options.bootstrap, r.options.seed, 3, [&](Rng& rng, std::vector<double>* out) {
-    std::vector<Theta> starts = {r.a3.theta};
-    for (int i = 0; i < r.options.replicate_starts; ++i) starts.push_back(grid[rng.below(grid.size())]);
-    const std::vector<ScalingPoint> sample = resample_points(r.points, rng);
-    const Approach3Fit f = fit_approach3(sample, starts, r.options.a3);
-    if (!theta_ok(f)) return false;
-    *out = a3_values(f.theta, r);
-    return true;
-  });
+  const BootstrapRun run =
+      run_bootstrap(r.options.bootstrap, r.options.seed, 3, [&](Rng& rng, std::vector<double>* out) {
+        std::vector<Theta> starts = {r.a3.theta};
+        for (int i = 0; i < r.options.replicate_starts; ++i) starts.push_back(grid[rng.below(grid.size())]);
+        const std::vector<ScalingPoint> sample = resample_points(r.points, rng);
+        const Approach3Fit f = fit_approach3(sample, starts, r.options.a3);
+        if (!theta_ok(f)) return false;
+        *out = a3_values(f.theta, r);
+        return true;
+      });
   r.a3_replicates = run.replicates, r.a3_failed = run.failed;
-  const auto ci = [&](size_t k) { return run.values.empty() ? Interval{NAN, NAN, NAN, NAN, NAN} : percentile_interval(run.values[k]); };
+  const auto ci = [&](size_t k) {
+    return run.values.empty() ? Interval{NAN, NAN, NAN, NAN, NAN} : percentile_interval(run.values[k]);
+  };
   for (size_t k = 0; k < names.size(); ++k) r.a3_quantities.push_back({names[k], full[k], ci(k)});
   const size_t nb = r.band_c.size(), off = names.size();
   for (size_t i = 0; i < nb; ++i) {
@@ -71,7 +74,8 @@ void approach3_with_bootstrap(FitReport& r) {
 
 std::vector<double> a2_values(const Approach2Fit& f, double target_c) {
   std::vector<double> v = {f.a, f.b, std::exp(f.ln_k_n), std::exp(f.ln_k_d)};
-  if (target_c > 0) v.insert(v.end(), {std::exp(f.ln_k_n + f.a * std::log(target_c)), std::exp(f.ln_k_d + f.b * std::log(target_c))});
+  if (target_c > 0)
+    v.insert(v.end(), {std::exp(f.ln_k_n + f.a * std::log(target_c)), std::exp(f.ln_k_d + f.b * std::log(target_c))});
   return v;
 }
 
@@ -81,18 +85,22 @@ void approach2_with_bootstrap(FitReport& r, const std::vector<IsoflopBudget>& gr
   std::vector<IsoflopBudget> usable;  // replicates resample the budgets that passed on the data
   for (const auto& b : r.a2.budgets)
     if (b.ok) usable.push_back(b);
-  const BootstrapRun run = run_bootstrap(r.options.bootstrap, r.options.seed, 2, [&](Rng& rng, std::vector<double>* out) {
-    const Approach2Fit f = fit_approach2(r.points, resample_budgets(usable, rng), 3);
-    if (!f.ok) return false;
-    *out = a2_values(f, r.options.target_c);
-    return true;
-  });
+  const BootstrapRun run =
+      run_bootstrap(r.options.bootstrap, r.options.seed, 2, [&](Rng& rng, std::vector<double>* out) {
+        const Approach2Fit f = fit_approach2(r.points, resample_budgets(usable, rng), 3);
+        if (!f.ok) return false;
+        *out = a2_values(f, r.options.target_c);
+        return true;
+      });
   r.a2_replicates = run.replicates, r.a2_failed = run.failed;
   std::vector<std::string> names = {"a", "b", "k_n", "k_d"};
-  if (r.options.target_c > 0) names.insert(names.end(), {at_c("N_opt", r.options.target_c), at_c("D_opt", r.options.target_c)});
+  if (r.options.target_c > 0)
+    names.insert(names.end(), {at_c("N_opt", r.options.target_c), at_c("D_opt", r.options.target_c)});
   const std::vector<double> full = a2_values(r.a2, r.options.target_c);
   for (size_t k = 0; k < names.size(); ++k)
-    r.a2_quantities.push_back({names[k], full[k], run.values.empty() ? Interval{NAN, NAN, NAN, NAN, NAN} : percentile_interval(run.values[k])});
+    r.a2_quantities.push_back(
+        {names[k], full[k],
+         run.values.empty() ? Interval{NAN, NAN, NAN, NAN, NAN} : percentile_interval(run.values[k])});
 }
 
 }  // namespace

@@ -33,8 +33,8 @@ BootstrapRun run_bootstrap(int replicates, uint64_t seed, uint64_t purpose,
 struct FitOptions {
   int bootstrap = 1000;
   uint64_t seed = 1;
-  double target_c = 0;   // > 0: also report N_opt, D_opt there
-  bool six_nd = false;   // C = 6ND (closed-form frontier); else the points' FLOPs ladder
+  double target_c = 0;  // > 0: also report N_opt, D_opt there
+  bool six_nd = false;  // C = 6ND (closed-form frontier); else the points' FLOPs ladder
   int replicate_starts = 32;
   Approach3Options a3;
 };

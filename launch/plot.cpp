@@ -1,9 +1,9 @@
 // The gnuplot driver (see plot.h).
 #include "launch/plot.h"
 
+#include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
-#include <fcntl.h>
 
 #include <cerrno>
 #include <cmath>
@@ -56,11 +56,16 @@ std::string data_blocks(const Plot& p) {
 std::string style_clause(const PlotSeries& s, int line_type) {
   const std::string lt = " lt " + std::to_string(line_type);
   switch (s.style) {
-    case PlotStyle::lines: return "using 1:2 with lines lw 2" + lt;
-    case PlotStyle::points: return "using 1:2 with points pt 7 ps 1.2" + lt;
-    case PlotStyle::linespoints: return "using 1:2 with linespoints lw 2 pt 7" + lt;
-    case PlotStyle::steps: return "using 1:2 with steps lw 2 dt 2" + lt;
-    case PlotStyle::band: return "using 1:2:3 with filledcurves fs transparent solid 0.2 noborder" + lt;
+    case PlotStyle::lines:
+      return "using 1:2 with lines lw 2" + lt;
+    case PlotStyle::points:
+      return "using 1:2 with points pt 7 ps 1.2" + lt;
+    case PlotStyle::linespoints:
+      return "using 1:2 with linespoints lw 2 pt 7" + lt;
+    case PlotStyle::steps:
+      return "using 1:2 with steps lw 2 dt 2" + lt;
+    case PlotStyle::band:
+      return "using 1:2:3 with filledcurves fs transparent solid 0.2 noborder" + lt;
   }
   return "";
 }
@@ -80,7 +85,8 @@ void run_gnuplot(const std::string& script, const std::string& log) {
   pid_t pid = 0;
   const int rc = posix_spawnp(&pid, "gnuplot", &actions, nullptr, argv, environ);
   posix_spawn_file_actions_destroy(&actions);
-  PL_CHECK(rc != ENOENT, io, "gnuplot is not installed (or not on PATH): plots need it (Debian: apt-get install gnuplot-nox)");
+  PL_CHECK(rc != ENOENT, io,
+           "gnuplot is not installed (or not on PATH): plots need it (Debian: apt-get install gnuplot-nox)");
   PL_CHECK(rc == 0, io, "cannot start gnuplot: ", std::strerror(rc));
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
@@ -89,7 +95,8 @@ void run_gnuplot(const std::string& script, const std::string& log) {
   std::ifstream in(log);
   std::stringstream msg;
   msg << in.rdbuf();
-  PL_CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 127), io, "gnuplot could not be run (Debian: apt-get install gnuplot-nox)");
+  PL_CHECK(!(WIFEXITED(status) && WEXITSTATUS(status) == 127), io,
+           "gnuplot could not be run (Debian: apt-get install gnuplot-nox)");
   PL_FAIL(io, "gnuplot failed on ", script, ":\n", msg.str());
 }
 

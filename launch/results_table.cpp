@@ -28,9 +28,12 @@ std::vector<std::string> csv_record(const std::string& text, size_t& pos, int& l
   for (; pos < text.size(); ++pos) {
     const char c = text[pos];
     if (quoted) {
-      if (c == '"' && pos + 1 < text.size() && text[pos + 1] == '"') fields.back() += '"', ++pos;
-      else if (c == '"') quoted = false;
-      else fields.back() += c, line += (c == '\n');
+      if (c == '"' && pos + 1 < text.size() && text[pos + 1] == '"')
+        fields.back() += '"', ++pos;
+      else if (c == '"')
+        quoted = false;
+      else
+        fields.back() += c, line += (c == '\n');
       continue;
     }
     if (c == '"') {
@@ -77,9 +80,10 @@ double parse_number(const ResultsTable& t, size_t row, int col) {
 
 int require(const ResultsTable& t, const std::string& name) {
   const int c = t.column(name);
-  PL_CHECK(c >= 0, data, t.path, ": no column '", name, "' (the sweep runner writes it; columns present: ",
-           t.columns.size(), ")");
-  return c;
+  if (c >= 0) return c;
+  std::string present;
+  for (const auto& col : t.columns) present += (present.empty() ? "" : ",") + col;
+  PL_FAIL(data, t.path, ": no column '", name, "' (columns present: ", present, ")");
 }
 
 }  // namespace
@@ -100,7 +104,8 @@ ResultsTable parse_csv(const std::string& text, const std::string& path) {
   std::set<std::string> seen;
   for (size_t j = 0; j < t.columns.size(); ++j) {
     PL_CHECK(!t.columns[j].empty(), data, path, ":1: column ", j + 1, ": empty column name");
-    PL_CHECK(seen.insert(t.columns[j]).second, data, path, ":1: column ", j + 1, ": duplicate column '", t.columns[j], "'");
+    PL_CHECK(seen.insert(t.columns[j]).second, data, path, ":1: column ", j + 1, ": duplicate column '", t.columns[j],
+             "'");
   }
   while (pos < text.size()) {
     const int at = line;

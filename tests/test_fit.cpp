@@ -16,9 +16,7 @@ namespace peerless {
 namespace {
 
 // Epoch AI's refit of Chinchilla (arXiv 2404.10102), SWEEPS.md §4.
-Theta epoch_law() {
-  return {std::log(477.8), std::log(2143.0), std::log(1.8172), 0.3473, 0.3672};
-}
+Theta epoch_law() { return {std::log(477.8), std::log(2143.0), std::log(1.8172), 0.3473, 0.3672}; }
 
 // 9 budgets 6e18–3e21, 7 sizes each spread by e^(±0.5k) around the law's optimum (C = 6ND).
 std::vector<ScalingPoint> synthetic(const Theta& t, double noise, uint64_t seed, double spread = 0.5) {
@@ -113,8 +111,8 @@ TEST(FitApproach3, HuberGradientMatchesFiniteDifferences) {
       double* pl = &lo.a + k;
       *ph += h, *pl -= h;
       const double fd = (approach3_objective(pts, hi, o, nullptr) - approach3_objective(pts, lo, o, nullptr)) / (2 * h);
-      EXPECT_NEAR(g[k], fd, 1e-6 * std::max(1.0, std::fabs(fd)) + 1e-9) << "parameter " << k << ", " << inside
-                                                                          << " residuals inside delta";
+      EXPECT_NEAR(g[k], fd, 1e-6 * std::max(1.0, std::fabs(fd)) + 1e-9)
+          << "parameter " << k << ", " << inside << " residuals inside delta";
     }
   }
 }
@@ -122,6 +120,16 @@ TEST(FitApproach3, HuberGradientMatchesFiniteDifferences) {
 // Along an isoFLOP line, L − E = K(C)·(e^(−αu) + (α/β)e^(βu)) with u = ln N − ln N_opt(C): one shape,
 // scaled. With the sizes at the same u offsets in every budget, each parabola's vertex is off by the
 // same Δu, so the fitted slope a is exact up to rounding (1e-6), though every vertex is biased.
+// With a ladder where f(N) = 6N exactly, the numeric frontier must equal the closed form.
+TEST(FitApproach3, LadderFrontierMatchesClosedForm) {
+  const Theta t = epoch_law();
+  const FlopsLadder ladder = make_ladder(synthetic(t, 0, 1));
+  for (double c : {1e18, 1e21, 1e24}) {
+    EXPECT_NEAR(optimal_n(t, c, ladder) / optimal_n(t, c, FlopsLadder{}), 1, 1e-6) << c;
+    EXPECT_NEAR(optimal_d(t, c, ladder) / optimal_d(t, c, FlopsLadder{}), 1, 1e-6) << c;
+  }
+}
+
 TEST(FitApproach2, RecoversExponentFromCentredIsoflops) {
   const Theta truth = epoch_law();
   std::vector<ScalingPoint> pts = synthetic(truth, 0, 1, 0.4);
@@ -144,7 +152,7 @@ TEST(FitApproach2, ChecksEachBudget) {
     pts[k].n *= 30, pts[k].d /= 30;
     pts[k].loss = truth.loss(pts[k].n, pts[k].d);
   }
-  pts.resize(pts.size() - 3);                                   // budget 9: 4 sizes
+  pts.resize(pts.size() - 3);  // budget 9: 4 sizes
   std::vector<std::string> notes;
   const Approach2Fit f = fit_approach2(pts, group_budgets(pts, &notes));
   ASSERT_TRUE(f.ok);
@@ -168,8 +176,10 @@ TEST(FitInput, RejectsMalformedTables) {
     }
     return std::string("no error");
   };
-  EXPECT_NE(error_of(header + "x,done,1e6,2e7,1e14,1e14,3.1\ny,done,1e6,2e7\n").find("r.csv:3: 4 fields"), std::string::npos);
-  EXPECT_NE(error_of(header + "x,done,1e6,2e7,1e14,1e14,abc\n").find("r.csv:2: column 7 (val_loss): 'abc'"), std::string::npos);
+  EXPECT_NE(error_of(header + "x,done,1e6,2e7,1e14,1e14,3.1\ny,done,1e6,2e7\n").find("r.csv:3: 4 fields"),
+            std::string::npos);
+  EXPECT_NE(error_of(header + "x,done,1e6,2e7,1e14,1e14,abc\n").find("r.csv:2: column 7 (val_loss): 'abc'"),
+            std::string::npos);
   EXPECT_NE(error_of(header + "\"x,done,1e6,2e7,1e14,1e14,3\n").find("never closed"), std::string::npos);
   EXPECT_NE(error_of("id,status\nx,done\n").find("no column 'val_loss'"), std::string::npos);
   EXPECT_NE(error_of("id,id\n").find("duplicate column"), std::string::npos);
