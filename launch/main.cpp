@@ -32,6 +32,8 @@ const Command kCommands[] = {
     {"generate", peerless::cmd_generate, "generate text on the CPU from a GGUF, packed or model file"},
     {"inspect", peerless::cmd_inspect, "show and verify a checkpoint: config, step, tensors, checksums"},
     {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},
+    {"fit", peerless::cmd_fit, "scaling-law fits (Chinchilla approaches 3 and 2) of a sweep's results"},
+    {"plot", peerless::cmd_plot, "PNG plots (gnuplot) of a run's or a sweep's losses"},
 };
 
 void print_usage(std::FILE* out) {
