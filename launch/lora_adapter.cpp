@@ -261,6 +261,25 @@ LoadedModel load_with_adapter(const std::string& base, const LoraAdapter& a) {
   return m;
 }
 
+void merge_into(const Model& tuned, const float* tuned_params, const Model& base, float* base_params) {
+  const double scale = tuned.config().lora.scale();
+  const int64_t r = tuned.config().lora.rank;
+  for (size_t i = 0; i < base.layout().entries().size(); ++i) {
+    const int ai = tuned.lora_adapter(static_cast<int>(i));
+    if (ai < 0) continue;
+    const ParamInfo& w = base.layout().at(static_cast<int>(i));
+    const float* A = tuned_params + tuned.layout().at(ai).offset;      // (r, K)
+    const float* B = tuned_params + tuned.layout().at(ai + 1).offset;  // (N, r)
+    const int64_t N = w.shape[0], K = w.shape[1];
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        double s = 0;  // ΔW[n][k] in double, rounded once
+        for (int64_t j = 0; j < r; ++j) s += static_cast<double>(B[n * r + j]) * A[j * K + k];
+        base_params[w.offset + n * K + k] += static_cast<float>(scale * s);
+      }
+  }
+}
+
 LoadedModel merge_adapter(const std::string& base, const LoraAdapter& a) {
   LoadedModel m = load_with_adapter(base, a);
   PL_CHECK(m.config.model.quant == "none", config, "merge: the base ", m.path, " is ternary (model.quant = \"",
@@ -275,21 +294,7 @@ LoadedModel merge_adapter(const std::string& base, const LoraAdapter& a) {
   out.config_text = run_config_toml(out.config);
   out.model = std::make_unique<Model>(out.config.model);
   out.params.assign(m.params.begin(), m.params.begin() + out.model->layout().total());
-  const double scale = tuned.config().lora.scale();
-  for (size_t i = 0; i < out.model->layout().entries().size(); ++i) {
-    const int ai = tuned.lora_adapter(static_cast<int>(i));
-    if (ai < 0) continue;
-    const ParamInfo& w = out.model->layout().at(static_cast<int>(i));
-    const float* A = m.params.data() + tuned.layout().at(ai).offset;      // (r, K)
-    const float* B = m.params.data() + tuned.layout().at(ai + 1).offset;  // (N, r)
-    const int64_t N = w.shape[0], K = w.shape[1], r = tuned.config().lora.rank;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) {
-        double s = 0;
-        for (int64_t j = 0; j < r; ++j) s += static_cast<double>(B[n * r + j]) * A[j * K + k];
-        out.params[static_cast<size_t>(w.offset + n * K + k)] += static_cast<float>(scale * s);
-      }
-  }
+  merge_into(tuned, m.params.data(), *out.model, out.params.data());
   out.model->refresh_ternary(out.params.data());  // the forward copies a model file stores
   out.path = m.path;
   out.step = m.step;

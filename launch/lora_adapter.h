@@ -50,5 +50,8 @@ LoadedModel load_with_adapter(const std::string& base, const LoraAdapter& a);
 // W' = W + scale·B·A in a full-precision base (model.quant = "none"); a ternary base is an error
 // (W' is not ternary: decode it unmerged with `generate --lora`). The result has no adapters.
 LoadedModel merge_adapter(const std::string& base, const LoraAdapter& a);
+// The merge itself: base_params (base's layout, = tuned's without its adapters) += scale·B·A for every
+// adapted weight of `tuned`; ΔW summed in double and rounded once.
+void merge_into(const Model& tuned, const float* tuned_params, const Model& base, float* base_params);
 
 }  // namespace peerless
