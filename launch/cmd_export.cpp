@@ -1,5 +1,6 @@
-// `peerless export RUN|MODEL.h5 --format gguf|packed|fpga --out PATH`: a trained model to a deployment file,
-// one tensor at a time (launch/export.h), and `peerless import FILE.gguf --out MODEL.h5` back.
+// `peerless export RUN|MODEL.h5 --format gguf|packed|fpga|peft|gguf-lora --out PATH`: a trained model to a
+// deployment file, one tensor at a time (launch/export.h), or a LoRA run's adapters alone; and
+// `peerless import FILE.gguf --out MODEL.h5` back.
 #include <cstdio>
 
 #include "launch/args.h"
@@ -9,6 +10,7 @@
 #include "launch/export_safetensors.h"
 #include "launch/format.h"
 #include "launch/import.h"
+#include "launch/lora_adapter.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -33,6 +35,20 @@ void report(const std::string& out, const ExportReport& r) {
               human_duration(r.seconds).c_str(), human_bytes(static_cast<double>(r.peak_bytes)).c_str());
 }
 
+// The adapters of a fine-tuned run (finetune.mode = "lora") without its base (launch/lora_adapter.h).
+int export_adapter(const std::string& target, const std::string& format, const std::string& out) {
+  const LoraAdapter a = adapter_from_model(target);
+  if (format == "peft") {
+    write_peft(a, out);
+  } else {
+    const ModelFileReader reader(target);
+    write_gguf_lora(a, reader.structure(), out);
+  }
+  std::printf("wrote %s: %zu adapted projections, r = %lld, alpha = %g%s\n", out.c_str(), a.pairs.size(),
+              static_cast<long long>(a.config.rank), a.config.alpha, a.config.rslora ? " (rsLoRA)" : "");
+  return 0;
+}
+
 }  // namespace
 
 int cmd_export(const Args& args) {
@@ -45,7 +61,8 @@ int cmd_export(const Args& args) {
               "golden vectors. Streams one tensor at a time.");
   p.positional("MODEL", &target, "run directory (runs/<name>) or model file (.h5)");
   p.option("format", &format, "F",
-           "gguf (default), packed, safetensors, or fpga (a bundle directory, docs/deployment-fpga.md)");
+           "gguf (default), packed, safetensors, fpga (a bundle directory, docs/deployment-fpga.md); for a LoRA "
+           "run's adapters: peft (a directory: adapter_model.safetensors + adapter_config.json) or gguf-lora");
   p.option("out", &out, "PATH", "output file or fpga directory (written as PATH.tmp, renamed when complete)");
   p.option("tile-rows", &tile_rows, "TR", "fpga: weight rows per tile (default 16)");
   p.option("tile-cols", &tile_cols, "TK", "fpga: inputs per tile (default 128)");
@@ -58,8 +75,10 @@ int cmd_export(const Args& args) {
   p.flag("quiet", &quiet, "no progress line");
   if (!p.parse(args)) return 0;
   PL_CHECK(!out.empty(), config, "export needs --out PATH");
-  PL_CHECK(format == "gguf" || format == "packed" || format == "safetensors" || format == "fpga", config,
-           "--format = \"", format, "\" is not one of gguf, packed, safetensors, fpga");
+  PL_CHECK(format == "gguf" || format == "packed" || format == "safetensors" || format == "fpga" ||
+               format == "peft" || format == "gguf-lora",
+           config, "--format = \"", format, "\" is not one of gguf, packed, safetensors, fpga, peft, gguf-lora");
+  if (format == "peft" || format == "gguf-lora") return export_adapter(target, format, out);
   const FpgaOptions fpga = parse_fpga_options(tile_rows, tile_cols, tile_order, code_map);
   ExportOptions o;
   o.format = format;

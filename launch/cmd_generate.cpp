@@ -77,6 +77,12 @@ int cmd_generate(const Args& args) {
            "speculative decoding: a smaller model of the same vocabulary (.gguf, model file or run directory) or "
            "'ngram' (prompt lookup) proposes tokens the model verifies in one pass; same output distribution");
   p.option("gamma", &gamma, "N", "tokens drafted per verify pass with --draft (default 4)");
+  std::string lora;
+  p.option("lora", &lora, "ADAPTER",
+           "apply LoRA adapters (a PEFT directory from export --format peft, or the fine-tuned run) to the base "
+           "MODEL unmerged: y += (alpha/r)·B·A·x at every adapted projection. Unmerged because a ternary base "
+           "cannot absorb them exactly (W + (alpha/r)·B·A is not beta·T; `peerless merge` is for full-precision "
+           "bases)");
   p.flag("quiet", &quiet, "print only the text (no speeds)");
   std::string max_resident_mb, expert_io = "direct", expert_window = "0", io_depth = "8";
   p.option("max-resident-mb", &max_resident_mb, "MB",
@@ -100,7 +106,12 @@ int cmd_generate(const Args& args) {
   PL_CHECK(gamma_n >= 1, config, "--gamma must be >= 1 (got ", gamma_n, ")");
   if (nt > 0) omp_set_num_threads(static_cast<int>(nt));
 
-  const GenerateModel loaded = load_generate_model(target, data, io_opts);
+  const GenerateModel loaded = load_generate_model(target, data, io_opts, lora);
+  if (!lora.empty() && !quiet)
+    std::fprintf(stderr, "lora: %s applied unmerged on %s%s\n", lora.c_str(), target.c_str(),
+                 loaded.trainer->config.model.quant == "none"
+                     ? ""
+                     : " (a ternary base: merging would re-ternarize W + (alpha/r)·B·A and change the function)");
   const std::unique_ptr<InferenceModel>& model = loaded.model;  // null: a model the module decoder runs
   const std::shared_ptr<Tokenizer>& tokenizer = loaded.tokenizer;
   std::vector<int32_t> ids = tokenizer->encode(prompt);

@@ -15,11 +15,14 @@ int cmd_sample(const Args& args) {
   p.option("top-k", &top_k, "K", "sample among the K most likely tokens, 0 = all (default 0)");
   p.option("seed", &seed, "S", "random seed (default 1)");
   p.option("data", &data_path, "PATH", "token file holding the tokenizer (default: the model file's own, else the run's data.path)");
+  std::string lora;
+  p.option("lora", &lora, "ADAPTER", "LoRA adapters applied unmerged (as generate --lora)");
   if (!p.parse(args)) return 0;
   // `generate` with sample's defaults and without the speed line: one decoding path.
   Args g = {target, "--prompt", prompt, "--tokens", tokens, "--temperature", temperature, "--top-k", top_k,
             "--seed", seed, "--quiet"};
   if (!data_path.empty()) g.insert(g.end(), {"--data", data_path});
+  if (!lora.empty()) g.insert(g.end(), {"--lora", lora});
   return cmd_generate(g);
 }
 

@@ -19,6 +19,7 @@ int cmd_sample(const Args& args);
 int cmd_inspect(const Args& args);
 int cmd_export(const Args& args);
 int cmd_import(const Args& args);
+int cmd_merge(const Args& args);  // launch/cmd_merge.cpp
 int cmd_generate(const Args& args);
 int cmd_bench(const Args& args);
 int cmd_fit(const Args& args);   // launch/cmd_fit.cpp

@@ -29,7 +29,9 @@ struct GenerateModel {
 
 // `data`: a token file with the tokenizer, for model files that store none. `options` (streamed
 // PEER experts) apply to .gguf files only: a model file with streaming asked is a config error.
+// `lora`: LoRA adapters (a PEFT directory or a fine-tuned run, launch/lora_adapter.h) applied unmerged
+// to the base model file `path` ("" = none).
 GenerateModel load_generate_model(const std::string& path, const std::string& data,
-                                  const InferenceOptions& options = {});
+                                  const InferenceOptions& options = {}, const std::string& lora = "");
 
 }  // namespace peerless

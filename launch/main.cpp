@@ -29,6 +29,7 @@ const Command kCommands[] = {
     {"sample", peerless::cmd_sample, "generate text from a trained model"},
     {"export", peerless::cmd_export, "write a model for deployment: GGUF or the packed CPU profile"},
     {"import", peerless::cmd_import, "read a GGUF file (peerless or llama) into a model file"},
+    {"merge", peerless::cmd_merge, "merge LoRA adapters into a full-precision base model"},
     {"generate", peerless::cmd_generate, "generate text on the CPU from a GGUF, packed or model file"},
     {"inspect", peerless::cmd_inspect, "show and verify a checkpoint: config, step, tensors, checksums"},
     {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},

@@ -188,7 +188,7 @@ void ModelFileReader::read_ternary(int param, std::vector<int8_t>& codes, float&
   ternary_codes_cpu(p.numel, w.data(), beta, codes.data());
 }
 
-LoadedModel load_model_file(const std::string& path_or_run_dir) {
+LoadedModel load_model_file(const std::string& path_or_run_dir, const LoraConfig* adapters) {
   const ModelFileReader reader(path_or_run_dir);
   LoadedModel out;
   out.path = reader.path();
@@ -198,13 +198,23 @@ LoadedModel load_model_file(const std::string& path_or_run_dir) {
   out.step = reader.step();
   out.tokens = reader.tokens();
   out.tokenizer = reader.tokenizer();
+  if (adapters) {
+    PL_CHECK(!out.config.model.lora.on(), config, out.path, " already holds LoRA adapters (finetune.lora_rank = ",
+             out.config.model.lora.rank, "): give the base model it was tuned from");
+    out.config.model.lora = *adapters;
+    out.config_text = run_config_toml(out.config);
+  }
   out.model = std::make_unique<Model>(out.config.model);
   Model& model = *out.model;
   out.params.assign(model.layout().total(), 0.f);
+  // The file's parameters; adapters added here follow all of them in the layout (their values are
+  // the caller's to set).
   const auto& entries = model.layout().entries();
   std::vector<int8_t> codes;
-  for (size_t idx = 0; idx < entries.size(); ++idx) {
+  for (size_t idx = 0; idx < reader.structure().layout().entries().size(); ++idx) {
     const ParamInfo& p = entries[idx];
+    PL_CHECK(p.name == reader.structure().layout().at(static_cast<int>(idx)).name, internal,
+             "adapters moved base parameter ", p.name);
     reader.read_into(static_cast<int>(idx), out.params.data() + p.offset);
     if (p.kind != ParamKind::ternary_weight) continue;
     reader.read_ternary(static_cast<int>(idx), codes, model.mutable_betas()[idx]);

@@ -70,7 +70,9 @@ class ModelFileReader final : public ParamSource {
 
 // Accepts the file itself or a run directory holding model.h5. Every tensor's checksum is verified
 // (format version 2); β must be finite and positive unless the codes are all zero.
-LoadedModel load_model_file(const std::string& path_or_run_dir);
+// `adapters`: the model gets these LoRA adapters (zero; launch/lora_adapter.h fills them) on the
+// file's base, which must hold none.
+LoadedModel load_model_file(const std::string& path_or_run_dir, const LoraConfig* adapters = nullptr);
 // The model's tokenizer: `data_path`'s when given, else the file's own, else the one of the token file
 // its config names (data.path); an error naming all three when none is readable.
 std::shared_ptr<Tokenizer> model_tokenizer(const LoadedModel& m, const std::string& data_path = "");

@@ -118,6 +118,10 @@ void RunConfig::bind(ConfigSchema& s) {
                "weights that get adapters: \"all\" (every projection of the blocks) or comma-separated substrings "
                "of their names, e.g. \"i_proj,o_proj\"");
   s.add_bool("finetune.rslora", &model.lora.rslora, "scale alpha/sqrt(r) instead of alpha/r (rsLoRA)");
+  s.add_string("finetune.freeze", &model.lora.freeze,
+               "MoE parts that do not train: \"\" (none), router, experts, or router,experts");
+  s.add_choice("finetune.aux_losses", &model.lora.aux_losses, {"keep", "drop"},
+               "MoE balance, z and entropy losses while tuning: keep (BASELINES §7) or drop");
   s.add_string("finetune.base", &finetune.base,
                "model file or run directory the run starts from (\"\" = random initialization)");
   s.add_string("finetune.base_sha256", &finetune.base_sha256,

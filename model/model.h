@@ -237,7 +237,8 @@ class Model {
   std::vector<int> lora_a_;        // per parameter: its adapter A, -1 = none
   std::vector<uint8_t> frozen_;    // per parameter: 1 = not trained (lora mode's base); empty = none
   bool base_codes_ready_ = false;  // the frozen base's codes were computed once (they never change)
-  void add_adapters();
+  void add_adapters();        // the adapters, then the frozen flags (lora mode, finetune.freeze)
+  void add_adapter_params();
   void linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
                            BitLinearCache& cache) const;
   void init_adapters(float* params, uint64_t seed) const;

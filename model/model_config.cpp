@@ -98,12 +98,32 @@ double LoraConfig::scale() const {
   return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
 }
 
+bool LoraConfig::freezes(const std::string& part) const {
+  std::stringstream list(freeze);
+  std::string item;
+  while (std::getline(list, item, ','))
+    if (item == part) return true;
+  return false;
+}
+
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
   if (lora.frozen_base() && lora.rank == 0)
     errors.push_back("finetune.mode = \"lora\" needs adapters: set finetune.lora_rank > 0 (got 0)");
   if (lora.on() && lora.targets.empty())
     errors.push_back("finetune.lora_targets = \"\" (allowed: \"all\" or comma-separated substrings of weight names)");
+  {
+    std::stringstream list(lora.freeze);
+    std::string item;
+    while (std::getline(list, item, ','))
+      if (item != "router" && item != "experts")
+        errors.push_back(cat("finetune.freeze = \"", lora.freeze, "\": \"", item,
+                             "\" is not one of router, experts (comma-separated; \"\" = none)"));
+    const bool moe = channel_mixer == "moe" || channel_mixer == "sigma_moe";
+    if (!lora.freeze.empty() && !moe)
+      errors.push_back(cat("finetune.freeze = \"", lora.freeze, "\" needs a mixture of experts (model.channel_mixer = ",
+                           "moe or sigma_moe; got \"", channel_mixer, "\")"));
+  }
   if (intermediate > 0 && intermediate < 1)
     errors.push_back(cat("model.intermediate must be 0 (auto) or positive (got ", intermediate, ")"));
   const bool listed = !parse_blocks(peer_blocks, n_layers, &errors).empty();

@@ -19,6 +19,12 @@ struct LoraConfig {
   double alpha = 16;            // α: the adapter adds (α/r)·B·A·x̃
   std::string targets = "all";  // "all" or comma-separated substrings of the weight names
   bool rslora = false;          // scale α/√r (arXiv 2312.03732) instead of α/r
+  // MoE instruction tuning (BASELINES §7, arXiv 2305.14705): "router", "experts" or both
+  // (comma-separated) stay frozen; "drop" turns the balance/z/entropy losses off while tuning.
+  std::string freeze = "";
+  std::string aux_losses = "keep";  // "keep" | "drop"
+  bool freezes(const std::string& part) const;
+  bool drop_aux() const { return aux_losses == "drop"; }
   double scale() const;
   bool on() const { return rank > 0; }
   bool frozen_base() const { return mode == "lora"; }

@@ -48,7 +48,26 @@ void Model::add_adapters() {
   const LoraConfig& c = config_.lora;
   const size_t base = layout_.entries().size();
   lora_a_.assign(base, -1);
-  if (!c.on()) return;
+  if (c.on()) add_adapter_params();
+  lora_a_.resize(layout_.entries().size(), -1);
+  const bool router = c.freezes("router"), experts = c.freezes("experts");
+  if (!c.frozen_base() && !router && !experts) return;
+  frozen_.assign(layout_.entries().size(), 0);
+  int64_t matched = 0;
+  for (size_t i = 0; i < base; ++i) {
+    const std::string& name = layout_.entries()[i].name;
+    const bool part = (router && name.find("/router/") != std::string::npos) ||
+                      (experts && name.find("/experts/") != std::string::npos);
+    matched += part;
+    frozen_[i] = c.frozen_base() || part;
+  }
+  PL_CHECK(matched > 0 || (!router && !experts), config, "finetune.freeze = \"", c.freeze,
+           "\" matches no parameter of this model");
+}
+
+void Model::add_adapter_params() {
+  const LoraConfig& c = config_.lora;
+  const size_t base = layout_.entries().size();
   std::string candidates;
   for (size_t i = 0; i < base; ++i) {
     const ParamInfo p = layout_.at(static_cast<int>(i));  // a copy: add() may reallocate the entries
@@ -61,13 +80,8 @@ void Model::add_adapters() {
     lora_a_[i] = layout_.add(module + "/lora_A", {c.rank, p.shape[1]}, ParamKind::full_weight);
     layout_.add(module + "/lora_B", {p.shape[0], c.rank}, ParamKind::full_weight);
   }
-  lora_a_.resize(layout_.entries().size(), -1);
   PL_CHECK(layout_.entries().size() > base, config, "finetune.lora_targets = \"", c.targets,
            "\" matches no projection (candidates: ", candidates, "...)");
-  if (c.frozen_base()) {
-    frozen_.assign(layout_.entries().size(), 0);
-    std::fill(frozen_.begin(), frozen_.begin() + static_cast<std::ptrdiff_t>(base), 1);
-  }
 }
 
 // A ~ U(±1/√K), B = 0 (BASELINES §6; the parameters arrive zeroed): the model starts as its base.

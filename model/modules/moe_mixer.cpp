@@ -45,8 +45,8 @@ class MoeMixer final : public Module {
         I_(b.config.moe_expert_width()),
         gate_(b.config.moe_gate == "softmax_topk" ? MoeGate::softmax_topk : MoeGate::topk_softmax),
         capacity_factor_(b.config.moe_capacity_factor),
-        alpha_(b.config.moe_aux_loss),
-        c_z_(b.config.moe_z_loss) {
+        alpha_(b.config.lora.drop_aux() ? 0 : b.config.moe_aux_loss),  // finetune.aux_losses
+        c_z_(b.config.lora.drop_aux() ? 0 : b.config.moe_z_loss) {
     BlockParams& r = b.record;
     const std::string p = b.prefix;
     norm_ = r.mlp_norm = b.layout.add(p + "mlp_norm/gain", {d_}, ParamKind::gain);

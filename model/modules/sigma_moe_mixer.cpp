@@ -56,7 +56,7 @@ class SigmaMoeMixer final : public Module {
         N_(b.config.sigma_moe_experts),
         K_(b.config.sigma_moe_topk),
         G_(b.config.sigma_moe_group),
-        gamma_(b.config.sigma_moe_entropy),
+        gamma_(b.config.lora.drop_aux() ? 0 : b.config.sigma_moe_entropy),  // finetune.aux_losses
         dropout_(b.config.sigma_moe_dropout) {
     BlockParams& r = b.record;
     const std::string p = b.prefix;
