@@ -31,6 +31,7 @@ const Command kCommands[] = {
     {"import", peerless::cmd_import, "read a GGUF file (peerless or llama) into a model file"},
     {"generate", peerless::cmd_generate, "generate text on the CPU from a GGUF, packed or model file"},
     {"inspect", peerless::cmd_inspect, "show and verify a checkpoint: config, step, tensors, checksums"},
+    {"sweep", peerless::cmd_sweep, "run a grid of training runs: plan, run (under mpirun), status, collect"},
     {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},
 };
 
