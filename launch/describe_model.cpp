@@ -33,22 +33,31 @@ std::string flops_text(double f) {
 // head), P_active (in a product for one token: each module's active parameters plus the head), and
 // forward FLOPs per token (2 per multiply-add; the modules' plus the head's 2Vd). Blocks alike in
 // kinds and counts print as one line.
-std::string describe_accounting(const Model& model) {
+ModelAccounting model_accounting(const Model& model) {
   const ParamLayout& layout = model.layout();
   const auto idx = model.index();
-  const double total = static_cast<double>(layout.count() - layout.count(ParamKind::buffer));
+  ModelAccounting a;
+  a.total = static_cast<double>(layout.count() - layout.count(ParamKind::buffer));
   double head = 0;
   for (int i : {idx.head_w, idx.head_gain})
     if (i >= 0 && i != idx.embed) head += static_cast<double>(layout.at(i).numel);
-  const double nonemb = total - static_cast<double>(layout.at(idx.embed).numel) - head;
-  double active = head;
-  for (const auto& m : model.modules()) active += m->active_params_per_token(layout);
-  const double fwd = model.flops_per_token();
+  a.nonembedding = a.total - static_cast<double>(layout.at(idx.embed).numel) - head;
+  a.active = head;
+  for (const auto& m : model.modules()) a.active += m->active_params_per_token(layout);
+  a.forward_flops = model.flops_per_token();
+  a.training_flops = model.training_flops_per_token();
+  return a;
+}
+
+std::string describe_accounting(const Model& model) {
+  const ModelAccounting a = model_accounting(model);
+  const ParamLayout& layout = model.layout();
   std::ostringstream os;
-  os << "accounting: parameters " << human_count(static_cast<int64_t>(total)) << ", non-embedding "
-     << human_count(static_cast<int64_t>(nonemb)) << ", active per token " << human_count(static_cast<int64_t>(active))
-     << "; forward " << flops_text(fwd) << " per token (LM head " << flops_text(2.0 * model.config().d_model *
-        static_cast<double>(model.config().vocab_size)) << "), training " << flops_text(model.training_flops_per_token())
+  os << "accounting: parameters " << human_count(static_cast<int64_t>(a.total)) << ", non-embedding "
+     << human_count(static_cast<int64_t>(a.nonembedding)) << ", active per token "
+     << human_count(static_cast<int64_t>(a.active)) << "; forward " << flops_text(a.forward_flops)
+     << " per token (LM head " << flops_text(2.0 * model.config().d_model *
+        static_cast<double>(model.config().vocab_size)) << "), training " << flops_text(a.training_flops)
      << " (3x, attention scores 3.5x)\n";
   const auto& mods = model.modules();
   auto line = [&](size_t i) {

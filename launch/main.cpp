@@ -32,6 +32,7 @@ const Command kCommands[] = {
     {"merge", peerless::cmd_merge, "merge LoRA adapters into a full-precision base model"},
     {"generate", peerless::cmd_generate, "generate text on the CPU from a GGUF, packed or model file"},
     {"inspect", peerless::cmd_inspect, "show and verify a checkpoint: config, step, tensors, checksums"},
+    {"sweep", peerless::cmd_sweep, "run a grid of training runs: plan, run (under mpirun), status, collect"},
     {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},
     {"fit", peerless::cmd_fit, "scaling-law fits (Chinchilla approaches 3 and 2) of a sweep's results"},
     {"plot", peerless::cmd_plot, "PNG plots (gnuplot) of a run's or a sweep's losses"},

@@ -72,6 +72,8 @@ std::string metrics_line(int64_t step, int64_t tokens, double loss, double lr, d
   return line + "}\n";
 }
 
+}  // namespace
+
 void write_text_file(const fs::path& path, const std::string& text) {
   const fs::path tmp = path.string() + ".tmp";
   {
@@ -82,6 +84,8 @@ void write_text_file(const fs::path& path, const std::string& text) {
   }
   fs::rename(tmp, path);
 }
+
+namespace {
 
 // A resumed run continues metrics.jsonl after `step`: later lines (written after the checkpoint by
 // the interrupted run) and a torn last line are dropped. A second line of the same step is the
@@ -110,7 +114,8 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 // Peak resident set size of this process (VmHWM) in bytes.
 int64_t peak_rss_bytes() { return process_status_bytes("VmHWM:"); }
 
-// Rank 0's string on every rank.
+}  // namespace
+
 std::string broadcast_string(Comm& comm, std::string text) {
   int64_t n = static_cast<int64_t>(text.size());
   comm.broadcast(&n, 1, DType::i64, 0);
@@ -118,6 +123,8 @@ std::string broadcast_string(Comm& comm, std::string text) {
   if (n > 0) comm.broadcast(text.data(), n, DType::u8, 0);
   return text;
 }
+
+namespace {
 
 // The unsharded model from the shards of one expert-parallel group (collective over `ep`): rank 0
 // of the group gets every parameter in `whole_params` (the others only pass their rows through).
@@ -603,6 +610,8 @@ void finish_session(TrainSession& s, StepRunner& runner, double train_seconds) {
     whole = assemble_unsharded(*s.model, s.params, *s.ep_comm, whole_params);
   if (s.lead)
     write_results(s, whole ? *whole : *s.model, whole ? whole_params.data() : s.params.data(), eval, train_seconds);
+  if (TrainOutcome* o = s.options.outcome)
+    *o = TrainOutcome{true, eval, s.start_step, s.last_step, s.tokens_seen, s.G * s.T, train_seconds};
 }
 
 }  // namespace peerless

@@ -91,6 +91,11 @@ std::unique_ptr<StepRunner> make_step_runner(TrainSession& s);
 std::unique_ptr<StepRunner> make_cpu_step_runner(TrainSession& s);
 std::unique_ptr<StepRunner> make_cuda_step_runner(TrainSession& s);
 
+// Writes `text` to `path` through a temporary file and a rename (readers never see half a file).
+void write_text_file(const std::filesystem::path& path, const std::string& text);
+// Rank 0's string on every rank (collective).
+std::string broadcast_string(Comm& comm, std::string text);
+
 // ---- phases (launch/train_session.cpp) ----------------------------------------------------------
 // Data, model, optimizer, loader; prints the accounting. Returns false after a dry run.
 bool setup_session(TrainSession& s);

@@ -18,6 +18,8 @@ namespace peerless {
 
 class TokenDataset;
 
+struct TrainOutcome;
+
 struct TrainOptions {
   bool dry_run = false;
   bool overwrite = false;  // replace an existing run directory
@@ -26,6 +28,9 @@ struct TrainOptions {
   // plan_world ranks with plan_expert_parallel ranks per expert group (-1: the config's).
   int plan_world = 0;
   int plan_expert_parallel = -1;
+  // Filled at the end of a run that reached its last step (not after a stop by signal), on every
+  // rank: what `peerless sweep` records per point.
+  TrainOutcome* outcome = nullptr;
 };
 
 // Trains per `cfg`; returns the process exit status.
@@ -39,6 +44,14 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm);
 struct EvalResult {
   double mean_loss = 0;
   int64_t tokens = 0;
+};
+
+struct TrainOutcome {
+  bool finished = false;
+  EvalResult final_eval;  // the final validation pass (train.final_eval_windows)
+  int64_t start_step = 0, steps = 0, tokens = 0;  // resumed at, ended at, tokens trained in all
+  int64_t tokens_per_step = 0;
+  double train_seconds = 0;  // this process's training time (since start or resume)
 };
 // With a communicator the windows are split over its ranks and the result is global. `forward`,
 // when set, runs the batches instead of model.forward (the GPU model's CudaModel::forward_loss):
@@ -57,6 +70,12 @@ std::vector<int32_t> sample_tokens(const Model& model, const float* params, cons
 std::string describe_model(const Model& model, const RunConfig& cfg, int world);
 // Its two parts: parameters and FLOPs per token (../shared/BASELINES.md §5), and memory per rank.
 std::string describe_accounting(const Model& model);
+// The numbers behind it: parameters (tied tables once), non-embedding, active per token (modules'
+// plus the head), forward and training FLOPs per token.
+struct ModelAccounting {
+  double total = 0, nonembedding = 0, active = 0, forward_flops = 0, training_flops = 0;
+};
+ModelAccounting model_accounting(const Model& model);
 std::string describe_memory(const Model& model, const RunConfig& cfg, int world);
 
 }  // namespace peerless
