@@ -141,13 +141,15 @@ struct Source {
   bool frozen = false;  // a frozen base's parameters (no optimizer state)
 };
 
-// Offsets of every parameter in the unsharded layout.
+// Offsets of every parameter in the unsharded layout (padded like ParamLayout's: map_tensor_pieces
+// reads the plan's ranges against the unsharded layout's offsets).
 std::vector<int64_t> global_offsets(const Model& model) {
   std::vector<int64_t> out;
   int64_t at = 0;
   for (const auto& p : model.layout().entries()) {
     out.push_back(at);
-    at += is_peer_table(p) && model.experts_sharded() ? p.numel * model.expert_shard().shards : p.numel;
+    at += ParamLayout::padded(is_peer_table(p) && model.experts_sharded() ? p.numel * model.expert_shard().shards
+                                                                          : p.numel);
   }
   return out;
 }

@@ -29,7 +29,7 @@ int ParamLayout::add(const std::string& name, std::vector<int64_t> shape, ParamK
   p.shape = std::move(shape);
   p.kind = kind;
   p.offset = total_;
-  total_ += (p.numel + 15) / 16 * 16;
+  total_ += padded(p.numel);
   entries_.push_back(std::move(p));
   return static_cast<int>(entries_.size()) - 1;
 }
@@ -45,7 +45,7 @@ int ParamLayout::add_sharded(const std::string& name, const std::vector<int64_t>
   total_ = p.offset;
   p.shape[0] = rows;
   p.numel *= rows;
-  total_ += (p.numel + 15) / 16 * 16;
+  total_ += padded(p.numel);
   p.first_row = first_row;
   p.whole_rows = whole_shape[0];
   return idx;

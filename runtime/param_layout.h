@@ -49,6 +49,8 @@ class ParamLayout {
   const ParamInfo& at(int index) const { return entries_[index]; }
   const std::vector<ParamInfo>& entries() const { return entries_; }
   int64_t total() const { return total_; }          // buffer length incl. alignment padding
+  // The space a tensor of numel elements takes in the flat buffers (numel rounded up to 16).
+  static int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
   int64_t count() const;                            // sum of numel (what "parameters:" prints)
   int64_t count(ParamKind kind) const;
 

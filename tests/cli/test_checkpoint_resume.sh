@@ -67,3 +67,16 @@ print("ok: resume auto continues metrics.jsonl after step 15")
 PY
 same_runs --rows 31 r1 r1c
 echo "ok: exact resume (1 rank, 2 ranks ZeRO-1) and bit-identical resharding 2->1, 2->4, 4->2, 2->3 (global batch 12)"
+
+# Tensors whose sizes are not multiples of the layout's 16-element alignment (d_model 24: gains of 24
+# elements): the checkpoint's global offsets are padded like the layout's (they once were not, and
+# such a model could not write a checkpoint). 1 rank, and 2 ranks with ZeRO-1 continued on 1.
+pad=(--set model.d_model=24 --set model.intermediate=40)
+train "${pad[@]}" --set run.name=p1 --set train.accum_steps=4 > p1.log
+train "${pad[@]}" --set run.name=p1b --set train.accum_steps=4 --resume runs/p1/checkpoints/step_15 > p1b.log
+mpi 2 "$bin" train "$src/configs/tiny.toml" "${common[@]}" "${pad[@]}" "${z[@]}" --set run.name=p2 \
+    --set train.accum_steps=2 > p2.log
+train "${pad[@]}" "${z[@]}" --set run.name=p2to1 --set train.accum_steps=4 --resume runs/p2/checkpoints/step_15 > p2to1.log
+same_resume p1 15 p1b
+same_resume p2 15 p2to1
+echo "ok: exact resume with padded tensors (d_model 24), 1 rank and 2 -> 1 ranks with ZeRO-1"

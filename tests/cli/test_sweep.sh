@@ -31,7 +31,7 @@ warmup_steps = 2
 every_steps = 4
 keep = 2
 TOML
-# Five short points and one long one (the costliest, so claimed first): the kill lands inside it.
+# Five short points of several sizes and token budgets (so that the fit has N and D to fit) and one long one (the costliest, so claimed first): the kill lands inside it.
 cat > sweep.toml <<'TOML'
 [sweep]
 name = "crash"
@@ -42,15 +42,20 @@ stale_after_s = 600
 "train.max_steps" = 400
 "optim.lr" = 1e-3
 [[sweep.point]]
-"optim.lr" = 2e-3
+"model.d_model" = 16
+"train.max_steps" = 8
 [[sweep.point]]
-"optim.lr" = 3e-3
+"model.d_model" = 24
+"train.max_steps" = 12
 [[sweep.point]]
-"optim.lr" = 4e-3
+"model.d_model" = 32
+"train.max_steps" = 16
 [[sweep.point]]
-"optim.lr" = 5e-3
+"model.d_model" = 40
+"train.max_steps" = 8
 [[sweep.point]]
-"optim.lr" = 6e-3
+"model.d_model" = 48
+"train.max_steps" = 12
 TOML
 "$bin" sweep plan sweep.toml > plan.txt
 cat plan.txt
@@ -111,6 +116,15 @@ for d in sd/points/*/DONE; do stat -c '%n %Y.%y' "$d"; done | sort > done_after.
 grep -v "$long" done_after.txt > done_after_others.txt || true
 comm -23 done_before.txt done_after_others.txt | grep . && fail "a DONE point was rewritten by the rerun"
 echo "ok: rerun resumed $long from its checkpoint and skipped the DONE points"
+
+# The sweep's results feed the fit and the plots (issue 18: "results.csv complete; fit and plots produced").
+"$bin" fit sd/results.csv --bootstrap 20 --out fit > fit.txt 2>&1 || { cat fit.txt; fail "fit of the sweep's results failed"; }
+grep -q '"alpha"' fit/fit.json || fail "fit.json has no alpha"
+"$bin" plot sd --out plots > plot.txt 2>&1 || { cat plot.txt; fail "plot of the sweep failed"; }
+for f in fit/frontier.png plots/loss_curves.png plots/loss_vs_flops.png; do
+  [[ $(head -c 8 "$f" | od -An -tx1 | tr -d ' ') == 89504e470d0a1a0a ]] || fail "$f is not a PNG"
+done
+echo "ok: fit and plots of the sweep"
 
 # A point that fails at run time (its data file does not exist): FAILED.1, FAILED.2, then reported.
 cat > bad.toml <<'TOML'
