@@ -99,6 +99,11 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_int("train.sample_tokens", &train.sample_tokens, 0, 1 << 20, "tokens sampled at the end (0 = none)");
   s.add_string("train.sample_prompt", &train.sample_prompt, "prompt of the final sample");
   s.add_float("train.sample_temperature", &train.sample_temperature, 0, 100, "temperature of the final sample");
+  s.add_string("train.branch_steps", &train.branch_steps,
+               "steps with a permanent checkpoint (step_<n>/ with a KEEP file, never rotated): \"800,1600\" or [800, 1600]");
+  s.add_string("train.init_from", &train.init_from,
+               "checkpoint directory a fresh run starts from (state and step; model, optim, data, batch and seed "
+               "must match; own checkpoints take priority on --resume)");
 
   s.add_choice("parallel.backend", &parallel.backend, {"auto", "mpi", "nccl", "single"},
                "communication backend (auto = NCCL on GPUs, MPI under mpirun, else single process)");
@@ -125,7 +130,12 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_float("optim.lr", &optim.lr, 0, 10, "peak learning rate");
   s.add_float("optim.lr_min", &optim.lr_min, 0, 10, "final learning rate of the decay");
   s.add_int("optim.warmup_steps", &optim.warmup_steps, 0, kBig, "linear warmup steps");
-  s.add_choice("optim.schedule", &optim.schedule, {"cosine", "linear", "constant"}, "decay after warmup");
+  s.add_choice("optim.schedule", &optim.schedule, {"cosine", "linear", "constant", "wsd"},
+               "decay after warmup (wsd: constant, then a cooldown to 0 over the last optim.decay_fraction)");
+  s.add_float("optim.decay_fraction", &optim.decay_fraction, 1e-9, 1,
+              "wsd: fraction of train.max_steps spent cooling down (the last round(fraction * max_steps) steps)");
+  s.add_choice("optim.decay_shape", &optim.decay_shape, {"1-sqrt", "linear"},
+               "wsd cooldown shape: 1-sqrt (f = 1 - sqrt((n - n0)/n_decay)) or linear");
   s.add_float("optim.beta1", &optim.beta1, 0, 0.999999, "AdamW beta1");
   s.add_float("optim.beta2", &optim.beta2, 0, 0.999999999, "AdamW beta2");
   s.add_float("optim.eps", &optim.eps, 1e-30, 1, "AdamW epsilon");
@@ -154,6 +164,10 @@ static void check_finetune(const RunConfig& cfg, std::vector<std::string>& error
                          "run.device = \"cpu\")"));
 }
 
+std::vector<int64_t> TrainSection::branch_step_list() const {
+  return parse_int_list("train.branch_steps", branch_steps, "step", 1, max_steps, nullptr);
+}
+
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
                         const std::string& context, std::string* toml_text) {
   schema.check_ranges(errors);
@@ -163,6 +177,7 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
     cfg.optim.validate(errors);
   }
   check_finetune(cfg, errors);
+  parse_int_list("train.branch_steps", cfg.train.branch_steps, "step", 1, cfg.train.max_steps, &errors);
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

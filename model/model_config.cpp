@@ -5,6 +5,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "runtime/config.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -21,42 +22,9 @@ int64_t ModelConfig::moe_expert_width() const {
 }
 
 namespace {
-// Parses "1, 3" into {1, 3}; problems go to errors (when given) or are thrown.
+// "1, 3" -> {1, 3}; problems go to errors (when given) or are thrown.
 std::vector<int64_t> parse_blocks(const std::string& text, int64_t n_layers, std::vector<std::string>* errors) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  auto bad = [&](const std::string& msg) {
-    if (errors) errors->push_back(msg);
-    else PL_FAIL(config, msg);
-  };
-  while (std::getline(ss, item, ',')) {
-    const auto b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
-    const std::string t = b == std::string::npos ? "" : item.substr(b, e - b + 1);
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(t, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (t.empty() || used != t.size()) {
-      bad(cat("key 'model.peer_blocks' = \"", text, "\": '", t, "' is not a block index (allowed: comma-separated integers in [0, ",
-              n_layers, "))"));
-      continue;
-    }
-    if (v < 0 || v >= n_layers) {
-      bad(cat("key 'model.peer_blocks' = \"", text, "\": block ", v, " is outside [0, model.n_layers = ", n_layers, ")"));
-      continue;
-    }
-    if (std::find(out.begin(), out.end(), v) != out.end()) {
-      bad(cat("key 'model.peer_blocks' = \"", text, "\": block ", v, " is listed twice"));
-      continue;
-    }
-    out.push_back(v);
-  }
-  std::sort(out.begin(), out.end());
-  return out;
+  return parse_int_list("model.peer_blocks", text, "block index", 0, n_layers - 1, errors);
 }
 }  // namespace
 

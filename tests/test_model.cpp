@@ -180,6 +180,37 @@ TEST(Optimizer, ScheduleWarmupAndCosineEnds) {
   EXPECT_DOUBLE_EQ(learning_rate(o, 100, 110), 1.0);
 }
 
+// wsd (SWEEPS.md §2): full lr through n0 = max_steps - round(0.2 max_steps), 1 - sqrt or linear down
+// to exactly 0 at max_steps; the stable phase does not depend on max_steps (branching).
+TEST(Optimizer, ScheduleWsdShapesAndEnds) {
+  OptimConfig o;
+  o.schedule = "wsd";
+  o.lr = 2.0;
+  o.warmup_steps = 4;
+  EXPECT_EQ(wsd_decay_start(o, 100), 80);
+  EXPECT_EQ(wsd_decay_start(o, 7), 6);  // round(1.4) = 1 step of cooldown
+  EXPECT_DOUBLE_EQ(learning_rate(o, 2, 100), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 4, 100), 2.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 80, 100), 2.0);                       // n0: still the full rate
+  EXPECT_DOUBLE_EQ(learning_rate(o, 85, 100), 2.0 * (1 - std::sqrt(0.25)));  // 1-sqrt
+  EXPECT_DOUBLE_EQ(learning_rate(o, 100, 100), 0.0);
+  for (int64_t n = 1; n <= 80; ++n) EXPECT_EQ(learning_rate(o, n, 100), learning_rate(o, n, 1000)) << n;
+  o.decay_shape = "linear";
+  EXPECT_DOUBLE_EQ(learning_rate(o, 85, 100), 1.5);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 100, 100), 0.0);
+  o.decay_fraction = 1.0;  // all cooldown: the warmup factor still applies, the end is 0
+  EXPECT_EQ(wsd_decay_start(o, 10), 0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 2, 10), 2.0 * 0.5 * 0.8);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 10, 10), 0.0);
+  std::vector<std::string> errors;
+  o.decay_fraction = 0;
+  o.decay_shape = "cosine";
+  o.validate(errors);
+  ASSERT_EQ(errors.size(), 2u);
+  EXPECT_NE(errors[0].find("optim.decay_fraction = 0 (allowed: (0, 1])"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[1].find("optim.decay_shape"), std::string::npos) << errors[1];
+}
+
 TEST(ModelFile, TernaryPackingRoundTrips) {
   Rng rng(1);
   for (int64_t n : {0, 1, 3, 4, 5, 1001}) {
