@@ -21,6 +21,7 @@ int cmd_export(const Args& args);
 int cmd_import(const Args& args);
 int cmd_generate(const Args& args);
 int cmd_bench(const Args& args);
+int cmd_coordcheck(const Args& args);  // launch/cmd_coordcheck.cpp
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
 int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp
 int bench_ops(const Args& args);         // `bench ops`, launch/bench_ops.cpp

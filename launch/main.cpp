@@ -32,6 +32,7 @@ const Command kCommands[] = {
     {"generate", peerless::cmd_generate, "generate text on the CPU from a GGUF, packed or model file"},
     {"inspect", peerless::cmd_inspect, "show and verify a checkpoint: config, step, tensors, checksums"},
     {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},
+    {"coordcheck", peerless::cmd_coordcheck, "muP coordinate check: activation scale against width"},
 };
 
 void print_usage(std::FILE* out) {

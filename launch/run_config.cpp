@@ -49,6 +49,10 @@ void RunConfig::bind(ConfigSchema& s) {
             "the sequence length T attention's FLOP accounting assumes (decoders size the KV cache by what they decode)");
   s.add_choice("model.head", &model.head, {"bitlinear", "linear", "tied"},
                "LM head after the final norm: bitlinear (SPEC), linear (fp32 weight) or tied (the embedding)");
+  s.add_choice("model.param", &model.param, {"sp", "mup"},
+               "parameterisation: sp, or mup (hidden matrices init/sqrt(m), Adam lr/m; head output x1/m; "
+               "m = d_model / model.mup_base_width; ../shared/SWEEPS.md §3)");
+  s.add_int("model.mup_base_width", &model.mup_base_width, 1, 65536, "mup: the base width d_base of m = d_model / d_base");
   s.add_string("model.peer_blocks", &model.peer_blocks,
                "blocks whose GLU is replaced by a PEER layer: comma-separated indices (\"\" = none)");
   s.add_int("model.peer_n_sub", &model.peer_n_sub, 1, 46340, "PEER sub-keys per table n (N = n^2 experts)");
@@ -158,6 +162,10 @@ void RunConfig::bind(ConfigSchema& s) {
 // Adapters run on the CPU model only (Model::linear_forward/proj_forward); the GPU model does not
 // read them yet.
 static void check_finetune(const RunConfig& cfg, std::vector<std::string>& errors) {
+  // The GPU model (model/cuda_model.cu) has no per-tensor learning rates or head multiplier yet.
+  if (cfg.model.param == "mup" && cfg.run.device == "cuda")
+    errors.push_back("key 'model.param' = \"mup\" with run.device = \"cuda\": μP runs on the CPU path only (allowed: "
+                     "model.param = \"sp\", or run.device = \"cpu\")");
   if (cfg.model.lora.on() && cfg.run.device == "cuda")
     errors.push_back(cat("key 'finetune.lora_rank' = ", cfg.model.lora.rank,
                          " with run.device = \"cuda\": LoRA adapters run on the CPU path only (allowed: 0, or "

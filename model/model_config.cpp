@@ -66,8 +66,30 @@ double LoraConfig::scale() const {
   return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
 }
 
+double ModelConfig::mup_width_mult() const {
+  return param == "mup" ? static_cast<double>(d_model) / static_cast<double>(mup_base_width) : 1.0;
+}
+
+namespace {
+// μP is derived here for the dense kinds only: attention would need its 1/d_head logits, PEER, PKM
+// and the mixtures their own classes of tensors (SWEEPS.md §3), a tied head is both input and output.
+void check_mup(const ModelConfig& c, std::vector<std::string>& errors) {
+  if (c.param != "mup") return;
+  const auto bad = [&](const std::string& key, const std::string& value, const std::string& allowed) {
+    errors.push_back(cat("key 'model.param' = \"mup\" with ", key, " = \"", value, "\" (allowed with mup: ", allowed,
+                         "; or model.param = \"sp\")"));
+  };
+  if (c.token_mixer != "mlgru") bad("model.token_mixer", c.token_mixer, "\"mlgru\"");
+  if (c.channel_mixer != "glu" && c.channel_mixer != "swiglu") bad("model.channel_mixer", c.channel_mixer, "\"glu\", \"swiglu\"");
+  if (!c.peer_blocks.empty()) bad("model.peer_blocks", c.peer_blocks, "\"\"");
+  if (c.head == "tied") bad("model.head", c.head, "\"bitlinear\", \"linear\"");
+  if (c.lora.on()) bad("finetune.lora_rank", std::to_string(c.lora.rank), "0");
+}
+}  // namespace
+
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
+  check_mup(*this, errors);
   if (lora.frozen_base() && lora.rank == 0)
     errors.push_back("finetune.mode = \"lora\" needs adapters: set finetune.lora_rank > 0 (got 0)");
   if (lora.on() && lora.targets.empty())

@@ -98,7 +98,7 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
   for (const ParamInfo* p : order) {
     push(at, p->offset, 1.0, 0, 0);  // alignment padding (zero gradients)
     const bool table = is_lazy_table(*p);
-    const double scale = is_peer_table(*p) || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0;
+    const double scale = (is_peer_table(*p) || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0) * p->lr_mult;
     if (table && lazy_) {
       PL_ASSERT(p->shape.size() == 2 && p->shape[0] * p->shape[1] == p->numel);
       push(p->offset, p->offset + p->numel, scale, p->shape[1], table_rows_);
@@ -177,6 +177,8 @@ std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& a
   PL_CHECK(static_cast<int64_t>(flags.size()) == layout.total(), internal, "adamw_tensors: AdamW of another layout");
   std::vector<AdamwTensor> tensors;
   for (const ParamInfo& p : layout.entries()) {
+    PL_CHECK(p.lr_mult == 1.0, config, "the fused AdamW has no per-tensor learning rate: ", p.name, " trains at lr x ",
+             p.lr_mult, " (model.param = \"mup\" runs on the CPU path)");
     AdamwTensor t;
     t.offset = p.offset;
     t.numel = p.numel;
