@@ -360,12 +360,13 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
   }
 }
 
-// Keeps the newest `keep` complete checkpoints; removes leftovers of interrupted writes.
+// Keeps the newest `keep` complete checkpoints (permanent ones, with KEEP, are neither counted nor
+// removed); removes leftovers of interrupted writes.
 void prune(const fs::path& root, int64_t keep, const fs::path& just_written) {
   std::error_code ec;
   int64_t kept = 0;
   for (const auto& [n, dir] : list_checkpoints(root)) {
-    if (!fs::exists(dir / "COMPLETE")) continue;
+    if (!fs::exists(dir / "COMPLETE") || fs::exists(dir / "KEEP")) continue;
     if (++kept > keep && dir != just_written) fs::remove_all(dir, ec);
   }
   for (const auto& entry : fs::directory_iterator(root, ec)) {
@@ -434,7 +435,7 @@ void check_checkpointable(const Model& model) {
 
 CheckpointWriteStats write_checkpoint(const std::string& root_s, const RunConfig& cfg, const std::string& config_text,
                                       const Model& model, const DataParallel& dp, const float* params, AdamW& adam,
-                                      const TrainState& state, Comm& comm) {
+                                      const TrainState& state, Comm& comm, Retention retention) {
   check_checkpointable(model);
   const auto t0 = std::chrono::steady_clock::now();
   const int rank = comm.rank(), world = comm.size();
@@ -522,6 +523,9 @@ CheckpointWriteStats write_checkpoint(const std::string& root_s, const RunConfig
       PL_CHECK(static_cast<int64_t>(fs::file_size(tmp / f["name"].get<std::string>())) == f["bytes"].get<int64_t>(),
                io, "checkpoint file ", (tmp / f["name"].get<std::string>()).string(), " changed size while being written");
     fault_point("manifest", rank, state.step);
+    if (retention == Retention::keep)
+      write_file_synced(tmp / "KEEP", cat("permanent checkpoint of step ", state.step,
+                                          " (train.branch_steps): checkpoint rotation never deletes it\n"));
     write_file_synced(tmp / "COMPLETE", cat("peerless checkpoint complete\nstep ", state.step, "\nmanifest_sha256 ",
                                             sha256_hex(manifest_text.data(), manifest_text.size()), "\n"));
     fsync_path(tmp, true);
@@ -684,6 +688,34 @@ std::vector<std::string> compare_configs(const std::string& saved_text, const st
             "\nresume with the checkpoint's model settings, or start a new run without --resume");
   }
   return other;
+}
+
+void check_init_config(const std::string& saved_text, const std::string& current_text, const std::string& origin) {
+  RunConfig saved = parse_run_config_text(saved_text, origin + ":/config");
+  RunConfig now = parse_run_config_text(current_text, "this run's config");
+  ConfigSchema a, b;
+  saved.bind(a);
+  now.bind(b);
+  const auto va = a.values(), vb = b.values();
+  const auto free_key = [](const std::string& k) {
+    for (const char* f : {"optim.schedule", "optim.decay_fraction", "optim.decay_shape", "optim.lr_min"})
+      if (k == f) return true;
+    return false;
+  };
+  const auto must_match = [&](const std::string& k) {
+    for (const char* prefix : {"model.", "optim.", "data.", "finetune."})
+      if (k.rfind(prefix, 0) == 0) return !free_key(k);
+    return k == "train.micro_batch" || k == "train.accum_steps" || k == "run.seed";
+  };
+  std::string msg;
+  for (size_t i = 0; i < va.size(); ++i)
+    if (must_match(va[i].first) && va[i].second != vb[i].second)
+      msg += cat("\n  ", va[i].first, " = ", value_text(va[i].second), " in the checkpoint, ", value_text(vb[i].second),
+                 " now");
+  PL_CHECK(msg.empty(), config, "train.init_from = ", origin,
+           ": a branch run may change only train.max_steps and the schedule's decay (optim.schedule, "
+           "optim.decay_fraction, optim.decay_shape, optim.lr_min); these keys differ:",
+           msg);
 }
 
 void load_checkpoint_tensors(const std::string& dir, Model& model, float* params, AdamW& adam) {

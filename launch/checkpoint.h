@@ -17,6 +17,8 @@
 // The commit protocol: every writer writes and fsyncs its shard in <root>/.tmp_step_<N>/, rank 0
 // writes index, manifest and marker, fsyncs them and the directory, renames it to step_<N>,
 // replaces <root>/latest atomically and deletes all but the newest `keep` complete checkpoints.
+// A permanent checkpoint (train.branch_steps) also holds a file KEEP: rotation skips it and does
+// not count it, so <root>/step_<N>/ stays for the branch runs that start from it (train.init_from).
 // Loading on any number of ranks reads through the index: every rank takes the whole latent
 // weights, codes and β, and the moments of the ranges it owns under the new plan.
 #pragma once
@@ -81,9 +83,10 @@ struct CheckpointWriteStats {
 // Config error when the model holds parameters that write_checkpoint cannot place yet: experts of
 // the mixture-of-experts kinds sharded over ranks (PEER tables are fine).
 void check_checkpointable(const Model& model);
+enum class Retention { rotate, keep };  // keep: a permanent checkpoint (the KEEP file)
 CheckpointWriteStats write_checkpoint(const std::string& root, const RunConfig& cfg, const std::string& config_text,
                                       const Model& model, const DataParallel& dp, const float* params, AdamW& adam,
-                                      const TrainState& state, Comm& comm);
+                                      const TrainState& state, Comm& comm, Retention retention = Retention::rotate);
 
 // Throws ErrorKind::data naming the file when the checkpoint directory is incomplete (no marker)
 // or any file is missing, truncated or fails its SHA-256. `verified` receives one line per file.
@@ -108,6 +111,13 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir);
 // in the checkpoint, 0.001 now") so the caller can say what changes on resume.
 std::vector<std::string> compare_configs(const std::string& saved_text, const std::string& current_text,
                                          const std::string& origin);
+
+// train.init_from: a branch run may change only the length of its schedule (train.max_steps,
+// optim.schedule, optim.decay_fraction, optim.decay_shape, optim.lr_min) and what does not touch the
+// training state (logging, evaluation, checkpointing, names); model.*, the other optim.* keys,
+// data.*, train.micro_batch, train.accum_steps and run.seed must equal the checkpoint's. Config error
+// naming every differing key with both values.
+void check_init_config(const std::string& saved_text, const std::string& current_text, const std::string& origin);
 
 // Reads the whole latent weights into params (layout().total()), the stored ternary codes and β
 // into the model, and the AdamW moments of adam.owned() (any ZeRO-1 plan, any world size, any

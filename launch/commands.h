@@ -25,6 +25,7 @@ int cmd_bench(const Args& args);
 int cmd_fit(const Args& args);   // launch/cmd_fit.cpp
 int cmd_plot(const Args& args);  // launch/cmd_plot.cpp
 int cmd_sweep(const Args& args);  // launch/cmd_sweep.cpp
+int cmd_coordcheck(const Args& args);  // launch/cmd_coordcheck.cpp
 int bench_checkpoint(const Args& args);  // `bench checkpoint`, launch/bench_checkpoint.cpp
 int bench_peer(const Args& args);        // `bench peer`, launch/bench_peer.cpp
 int bench_ops(const Args& args);         // `bench ops`, launch/bench_ops.cpp

@@ -36,6 +36,7 @@ const Command kCommands[] = {
     {"bench", peerless::cmd_bench, "benchmarks: comm, checkpoint"},
     {"fit", peerless::cmd_fit, "scaling-law fits (Chinchilla approaches 3 and 2) of a sweep's results"},
     {"plot", peerless::cmd_plot, "PNG plots (gnuplot) of a run's or a sweep's losses"},
+    {"coordcheck", peerless::cmd_coordcheck, "muP coordinate check: activation scale against width"},
 };
 
 void print_usage(std::FILE* out) {

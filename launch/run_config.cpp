@@ -49,6 +49,10 @@ void RunConfig::bind(ConfigSchema& s) {
             "the sequence length T attention's FLOP accounting assumes (decoders size the KV cache by what they decode)");
   s.add_choice("model.head", &model.head, {"bitlinear", "linear", "tied"},
                "LM head after the final norm: bitlinear (SPEC), linear (fp32 weight) or tied (the embedding)");
+  s.add_choice("model.param", &model.param, {"sp", "mup"},
+               "parameterisation: sp, or mup (hidden matrices init/sqrt(m), Adam lr/m; head output x1/m; "
+               "m = d_model / model.mup_base_width; ../shared/SWEEPS.md §3)");
+  s.add_int("model.mup_base_width", &model.mup_base_width, 1, 65536, "mup: the base width d_base of m = d_model / d_base");
   s.add_string("model.peer_blocks", &model.peer_blocks,
                "blocks whose GLU is replaced by a PEER layer: comma-separated indices (\"\" = none)");
   s.add_int("model.peer_n_sub", &model.peer_n_sub, 1, 46340, "PEER sub-keys per table n (N = n^2 experts)");
@@ -99,6 +103,11 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_int("train.sample_tokens", &train.sample_tokens, 0, 1 << 20, "tokens sampled at the end (0 = none)");
   s.add_string("train.sample_prompt", &train.sample_prompt, "prompt of the final sample");
   s.add_float("train.sample_temperature", &train.sample_temperature, 0, 100, "temperature of the final sample");
+  s.add_string("train.branch_steps", &train.branch_steps,
+               "steps with a permanent checkpoint (step_<n>/ with a KEEP file, never rotated): \"800,1600\" or [800, 1600]");
+  s.add_string("train.init_from", &train.init_from,
+               "checkpoint directory a fresh run starts from (state and step; model, optim, data, batch and seed "
+               "must match; own checkpoints take priority on --resume)");
 
   s.add_choice("parallel.backend", &parallel.backend, {"auto", "mpi", "nccl", "single"},
                "communication backend (auto = NCCL on GPUs, MPI under mpirun, else single process)");
@@ -129,7 +138,12 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_float("optim.lr", &optim.lr, 0, 10, "peak learning rate");
   s.add_float("optim.lr_min", &optim.lr_min, 0, 10, "final learning rate of the decay");
   s.add_int("optim.warmup_steps", &optim.warmup_steps, 0, kBig, "linear warmup steps");
-  s.add_choice("optim.schedule", &optim.schedule, {"cosine", "linear", "constant"}, "decay after warmup");
+  s.add_choice("optim.schedule", &optim.schedule, {"cosine", "linear", "constant", "wsd"},
+               "decay after warmup (wsd: constant, then a cooldown to 0 over the last optim.decay_fraction)");
+  s.add_float("optim.decay_fraction", &optim.decay_fraction, 1e-9, 1,
+              "wsd: fraction of train.max_steps spent cooling down (the last round(fraction * max_steps) steps)");
+  s.add_choice("optim.decay_shape", &optim.decay_shape, {"1-sqrt", "linear"},
+               "wsd cooldown shape: 1-sqrt (f = 1 - sqrt((n - n0)/n_decay)) or linear");
   s.add_float("optim.beta1", &optim.beta1, 0, 0.999999, "AdamW beta1");
   s.add_float("optim.beta2", &optim.beta2, 0, 0.999999999, "AdamW beta2");
   s.add_float("optim.eps", &optim.eps, 1e-30, 1, "AdamW epsilon");
@@ -152,10 +166,18 @@ void RunConfig::bind(ConfigSchema& s) {
 // Adapters run on the CPU model only (Model::linear_forward/proj_forward); the GPU model does not
 // read them yet.
 static void check_finetune(const RunConfig& cfg, std::vector<std::string>& errors) {
+  // The GPU model (model/cuda_model.cu) has no per-tensor learning rates or head multiplier yet.
+  if (cfg.model.param == "mup" && cfg.run.device == "cuda")
+    errors.push_back("key 'model.param' = \"mup\" with run.device = \"cuda\": μP runs on the CPU path only (allowed: "
+                     "model.param = \"sp\", or run.device = \"cpu\")");
   if (cfg.model.lora.on() && cfg.run.device == "cuda")
     errors.push_back(cat("key 'finetune.lora_rank' = ", cfg.model.lora.rank,
                          " with run.device = \"cuda\": LoRA adapters run on the CPU path only (allowed: 0, or "
                          "run.device = \"cpu\")"));
+}
+
+std::vector<int64_t> TrainSection::branch_step_list() const {
+  return parse_int_list("train.branch_steps", branch_steps, "step", 1, max_steps, nullptr);
 }
 
 static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::string>& errors,
@@ -167,6 +189,7 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
     cfg.optim.validate(errors);
   }
   check_finetune(cfg, errors);
+  parse_int_list("train.branch_steps", cfg.train.branch_steps, "step", 1, cfg.train.max_steps, &errors);
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

@@ -39,6 +39,15 @@ struct TrainSection {
   int64_t sample_tokens = 400;   // sample written at the end; 0 = none
   std::string sample_prompt = "";
   double sample_temperature = 0.8;
+  // Branching (../shared/SWEEPS.md §2): steps after which a permanent checkpoint is written
+  // (step_<n>/ under the checkpoint directory with a KEEP file; rotation never deletes it), as
+  // comma-separated steps or a TOML list, e.g. [800, 1600].
+  std::string branch_steps = "";
+  // A fresh run (its own directory, max_steps and schedule) that starts from this checkpoint's whole
+  // state and step; keys that must match are checked (launch/checkpoint.h check_init_config).
+  std::string init_from = "";
+
+  std::vector<int64_t> branch_step_list() const;  // sorted; throws a config Error when malformed
 };
 
 struct ParallelSection {

@@ -333,12 +333,21 @@ void prepare_run_directory(TrainSession& s) {
       s.resume_dir = automatic ? find_resumable(s.ckpt_root, &notes) : resolve_resume_path(o.resume, &notes);
       for (const auto& n : notes) std::printf("resume: %s\n", n.c_str());
       if (automatic && s.resume_dir.empty())
-        std::printf("resume auto: no complete checkpoint under %s; starting from step 0\n", s.ckpt_root.c_str());
+        std::printf("resume auto: no complete checkpoint under %s; starting from %s\n", s.ckpt_root.c_str(),
+                    s.cfg.train.init_from.empty() ? "step 0" : "train.init_from");
       else if (!notes.empty())
         std::printf("resume: falling back to %s, the newest complete checkpoint\n", s.resume_dir.c_str());
       std::fflush(stdout);
     }
     s.resume_dir = broadcast_string(s.comm, s.resume_dir);
+  }
+  // A branch run's own checkpoints (above) take priority over the one it started from.
+  if (s.resume_dir.empty() && !s.cfg.train.init_from.empty()) {
+    s.init_dir = s.cfg.train.init_from;
+    PL_CHECK(fs::is_directory(s.init_dir), config, "train.init_from = \"", s.init_dir,
+             "\": no such checkpoint directory (expected <run>/checkpoints/step_<n>/)");
+    if (s.lead) verify_checkpoint(s.init_dir);
+    s.comm.barrier();
   }
   if (s.lead) {
     if (fs::exists(s.run_dir / "metrics.jsonl") && !o.overwrite && o.resume.empty())
@@ -357,8 +366,8 @@ void prepare_run_directory(TrainSession& s) {
 namespace {
 
 void print_resume_notes(const TrainSession& s, const CheckpointMeta& meta, const std::vector<std::string>& changes) {
-  std::printf("resumed from %s: step %lld, %s tokens; written by %d rank%s (ZeRO-1 %s), continuing on %d\n",
-              s.resume_dir.c_str(), static_cast<long long>(s.start_step), human_count(s.tokens_seen).c_str(),
+  std::printf("%s %s: step %lld, %s tokens; written by %d rank%s (ZeRO-1 %s), continuing on %d\n",
+              s.resume_dir.empty() ? "initialized from (train.init_from)" : "resumed from", meta.dir.c_str(), static_cast<long long>(s.start_step), human_count(s.tokens_seen).c_str(),
               meta.world, meta.world == 1 ? "" : "s", meta.zero1 ? "on" : "off", s.world);
   for (const auto& c : changes) std::printf("  config change on resume: %s\n", c.c_str());
   if (meta.state.global_batch != s.G)
@@ -375,11 +384,19 @@ void print_resume_notes(const TrainSession& s, const CheckpointMeta& meta, const
 }  // namespace
 
 void resume_session(TrainSession& s, ExactGradSum* exact) {
-  if (!s.resume_dir.empty()) {
-    const CheckpointMeta meta = read_checkpoint_meta(s.resume_dir);
-    const std::vector<std::string> changes = compare_configs(meta.config_text, s.config_text, s.resume_dir);
+  const std::string& dir = s.resume_dir.empty() ? s.init_dir : s.resume_dir;
+  if (!dir.empty()) {
+    const CheckpointMeta meta = read_checkpoint_meta(dir);
+    std::vector<std::string> changes;
+    if (s.resume_dir.empty()) {
+      check_init_config(meta.config_text, s.config_text, dir);
+      PL_CHECK(meta.state.data_hash == s.data->content_hash(), config, "train.init_from = \"", dir,
+               "\" was trained on other data than data.path = ", s.cfg.data.path, " holds now");
+    } else {
+      changes = compare_configs(meta.config_text, s.config_text, dir);
+    }
     // Codes and β as stored (never recomputed), moments of the ranges this rank owns now.
-    load_checkpoint_tensors(s.resume_dir, *s.model, s.params.data(), *s.adam);
+    load_checkpoint_tensors(dir, *s.model, s.params.data(), *s.adam);
     s.model->refresh_peer_tables(s.params.data(), s.ep_comm.get());
     s.loader->seek(meta.state.loader);
     s.start_step = meta.state.step;
@@ -511,13 +528,17 @@ std::string save_checkpoint(TrainSession& s, StepRunner& runner, int64_t step) {
   runner.sync_host();
   TrainState state{step, s.tokens_seen, s.loader->cursor(), s.G, s.window_loss, s.window_steps, s.data->content_hash(), {}};
   if (ExactGradSum* exact = runner.exact()) state.grad_exponents = exact->exponents();
+  const std::vector<int64_t> branches = s.cfg.train.branch_step_list();
+  const Retention retention =
+      std::binary_search(branches.begin(), branches.end(), step) ? Retention::keep : Retention::rotate;
   const auto written = write_checkpoint(s.ckpt_root, s.cfg, s.config_text, *s.model, *s.dp, s.params.data(), *s.adam,
-                                        state, s.comm);
+                                        state, s.comm, retention);
   s.t_checkpoint = TrainSession::Clock::now();
   // The window's speed leaves the checkpoint's time out.
   s.t_window += std::chrono::duration_cast<TrainSession::Clock::duration>(std::chrono::duration<double>(written.seconds));
   if (s.lead) {
-    std::printf("checkpoint %s: %s in %.2f s (%.0f MB/s)\n", written.dir.c_str(),
+    std::printf("%scheckpoint %s: %s in %.2f s (%.0f MB/s)\n", retention == Retention::keep ? "branch " : "",
+                written.dir.c_str(),
                 human_bytes(static_cast<double>(written.bytes)).c_str(), written.seconds,
                 static_cast<double>(written.bytes) / 1e6 / std::max(1e-9, written.seconds));
     std::fflush(stdout);

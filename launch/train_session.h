@@ -48,6 +48,7 @@ struct TrainSession {
 
   std::filesystem::path run_dir;
   std::string ckpt_root, resume_dir;
+  std::string init_dir;  // train.init_from's checkpoint when this run starts from it (no own checkpoint)
   std::FILE* metrics = nullptr;  // rank 0
 
   int64_t T = 0, B = 0, A = 0, G = 0;  // seq_len, micro_batch, accum_steps, sequences per step
@@ -99,9 +100,10 @@ std::string broadcast_string(Comm& comm, std::string text);
 // ---- phases (launch/train_session.cpp) ----------------------------------------------------------
 // Data, model, optimizer, loader; prints the accounting. Returns false after a dry run.
 bool setup_session(TrainSession& s);
-// Picks the checkpoint (--resume), creates the run directory, checks that every rank agrees.
+// Picks the checkpoint (--resume; else train.init_from), creates the run directory, checks that every
+// rank agrees.
 void prepare_run_directory(TrainSession& s);
-// Loads the chosen checkpoint, if any, into the host state.
+// Loads the chosen checkpoint (own or train.init_from), if any, into the host state.
 void resume_session(TrainSession& s, ExactGradSum* exact);
 // Opens metrics.jsonl (continuing a resumed run's), prints the run line, starts the clocks.
 void begin_training(TrainSession& s);
@@ -122,7 +124,8 @@ CommSnapshot comm_snapshot(const TrainSession& s);
 void account_step(TrainSession& s, int64_t step, const StepResult& r, const CommSnapshot& before);
 // The window's progress line and metrics (with a validation pass when due).
 void log_progress(TrainSession& s, StepRunner& runner, int64_t step, const StepResult& r, bool eval_now);
-// Writes a checkpoint of the state after `step`; returns its directory.
+// Writes a checkpoint of the state after `step` (permanent when `step` is in train.branch_steps);
+// returns its directory.
 std::string save_checkpoint(TrainSession& s, StepRunner& runner, int64_t step);
 // After a checkpoint forced by a signal: the message saying how to continue.
 void report_signal_stop(const TrainSession& s, int signal, int64_t step, const std::string& checkpoint_dir);

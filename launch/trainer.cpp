@@ -2,6 +2,7 @@
 // step loop. Everything device-specific is behind the StepRunner.
 #include "launch/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
@@ -22,6 +23,7 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
 
   const StopSignals stop_signals;
   const TrainSection& train = s.cfg.train;
+  const std::vector<int64_t> branch_steps = train.branch_step_list();
   for (int64_t step = s.start_step + 1; step <= train.max_steps; ++step) {
     PL_ASSERT(s.loader->step() == step);
     const CommSnapshot before = comm_snapshot(s);
@@ -31,7 +33,8 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
     const bool last = step == train.max_steps || stop.time_limit;
     const bool eval_now = !last && train.eval_every > 0 && step % train.eval_every == 0;
     if (step % train.log_every == 0 || eval_now || last) log_progress(s, *runner, step, r, eval_now);
-    const bool by_steps = s.cfg.checkpoint.every_steps > 0 && step % s.cfg.checkpoint.every_steps == 0;
+    const bool by_steps = (s.cfg.checkpoint.every_steps > 0 && step % s.cfg.checkpoint.every_steps == 0) ||
+                          std::binary_search(branch_steps.begin(), branch_steps.end(), step);
     if (stop.signal != 0 || stop.checkpoint_due || by_steps) {
       const std::string dir = save_checkpoint(s, *runner, step);
       if (stop.signal != 0) {

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "model/exact_sum.h"
+#include "model/optimizer.h"
 #include "model/modules/peer_mixer.h"
 #include "model/modules/pkm_mixer.h"
 #include "model/ops/bitlinear.h"
@@ -80,9 +81,28 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
     head_w_ = embed_;
   }
 
+  apply_mup();
   add_adapters();  // after every base parameter: the base's offsets are those of a model without them
   // codes_ is allocated on first use: --dry-run of a 2.7B config must not touch 2.7 GB.
   betas_.assign(layout_.entries().size(), 0.f);
+}
+
+// μP (model.param = "mup", SWEEPS.md §3, multiplier form of arXiv 2203.03466 Table 8): the hidden
+// matrices (both dimensions ∝ width: every block projection, as check_mup admits only dense kinds)
+// train at lr/m and start with variance ∝ 1/fan_in (init_params): the GLU/SwiGLU projections,
+// drawn at the width-independent init_std, are scaled by 1/√m; the MLGRU projections are Xavier
+// (std ∝ 1/√fan already) and stay. The head's output is multiplied by 1/m; the embedding, gains
+// and lower bounds (input-like) and the head weight keep σ and lr.
+bool Model::mup_hidden(const ParamInfo& p) const {
+  return config_.param == "mup" && p.name.rfind("blocks/", 0) == 0 && p.shape.size() == 2 &&
+         (p.kind == ParamKind::ternary_weight || p.kind == ParamKind::full_weight);
+}
+
+void Model::apply_mup() {
+  const double m = config_.mup_width_mult();
+  out_mult_ = static_cast<float>(1.0 / m);
+  for (size_t i = 0; i < layout_.entries().size(); ++i)
+    if (mup_hidden(layout_.at(static_cast<int>(i)))) layout_.set_lr_mult(static_cast<int>(i), 1.0 / m);
 }
 
 // The SPEC §2 initialization: each module kind its own parameters (model/modules/), here the rest:
@@ -94,6 +114,10 @@ void Model::init_params(float* params, uint64_t seed) const {
   for (int g : {final_norm_, head_gain_})
     if (g >= 0) init_constant(layout_, params, g, 1.f);
   for (const auto& m : modules_) m->init(*this, params, seed);
+  const float hidden_scale = static_cast<float>(1.0 / std::sqrt(config_.mup_width_mult()));
+  for (const auto& p : layout_.entries())  // μP: σ/√m, the modules' draws scaled
+    if (mup_hidden(p) && p.name.find("/mlp/") != std::string::npos)
+      scale_in_place(params + p.offset, p.numel, hidden_scale);
   init_adapters(params, seed);
 }
 
@@ -441,7 +465,15 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
   grow(x, M * d);
   embedding_forward_cpu(M, d, ids, params + layout_.at(embed_).offset, x.data());
   const ModuleStep step = module_step(ctx);
-  for (size_t i = 0; i < modules_.size(); ++i) modules_[i]->forward(*this, params, step, x.data(), *ctx.caches[i]);
+  if (ctx.probe) ctx.probe("embedding", x.data(), M * d);
+  std::vector<float> before;  // probe only: the residual stream before the module
+  for (size_t i = 0; i < modules_.size(); ++i) {
+    if (ctx.probe) before = x;
+    modules_[i]->forward(*this, params, step, x.data(), *ctx.caches[i]);
+    if (!ctx.probe) continue;
+    for (int64_t j = 0; j < M * d; ++j) before[j] = x[j] - before[j];
+    ctx.probe(cat("blocks/", i / 2, "/", modules_[i]->kind()), before.data(), M * d);
+  }
   ctx.x_final = x;
   grow(ctx.xf, M * d);
   grow(ctx.rstd_f, M);
@@ -449,6 +481,10 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
                       params + layout_.at(final_norm_).offset, ctx.xf.data(), ctx.rstd_f.data());
   grow(ctx.logits, M * V);
   head_forward(params, M, ctx.xf.data(), ctx.logits.data(), ctx.bl_head);
+  if (ctx.probe) {
+    ctx.probe("final_norm", ctx.xf.data(), M * d);
+    ctx.probe("logits", ctx.logits.data(), M * V);
+  }
 
   ctx.loss_sum = 0;
   ctx.losses.clear();
@@ -463,9 +499,10 @@ double Model::forward(const float* params, const int32_t* ids, const int32_t* ta
 
 void Model::head_forward(const float* params, int64_t rows, const float* xf, float* logits,
                          BitLinearCache& cache) const {
-  if (head_gain_ >= 0) return linear_forward(params, head_gain_, head_w_, rows, xf, logits, cache);
   const int64_t d = config_.d_model, V = config_.vocab_size;
-  gemm_cpu(Trans::no, Trans::yes, rows, V, d, 1.f, xf, d, params + layout_.at(head_w_).offset, d, 0.f, logits, V);
+  if (head_gain_ >= 0) linear_forward(params, head_gain_, head_w_, rows, xf, logits, cache);
+  else gemm_cpu(Trans::no, Trans::yes, rows, V, d, 1.f, xf, d, params + layout_.at(head_w_).offset, d, 0.f, logits, V);
+  if (out_mult_ != 1.f) scale_in_place(logits, rows * V, out_mult_);  // μP's output multiplier 1/m
 }
 
 void Model::head_backward(const float* params, int64_t rows, const float* xf, const BitLinearCache& cache,
@@ -511,6 +548,7 @@ void Model::backward(const float* params, ForwardContext& ctx, float grad_scale,
   grow(ctx.dx, M * d);
   ctx.dlb.assign(L * d, 0.f);
   float* t0 = ctx.scratch.get(0, M * d);
+  if (out_mult_ != 1.f) scale_in_place(ctx.logits.data(), M * V, out_mult_);  // through μP's 1/m
   head_backward(params, M, ctx.xf.data(), ctx.bl_head, ctx.logits.data(), t0, grads);
   rmsnorm_backward_cpu(RmsNormShape{M, d, static_cast<float>(config_.norm_eps)}, ctx.x_final.data(),
                        params + layout_.at(final_norm_).offset, ctx.rstd_f.data(), t0, ctx.dx.data(),

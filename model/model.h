@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "model/expert_parallel.h"
@@ -52,6 +53,10 @@ struct ForwardContext {
   // global batch counted by the loss). With masked targets the trainer sets M / (global tokens),
   // so the aux losses keep their token-weighted mean while the CE divides by the counted targets.
   float aux_scale = 0;
+  // Activation probe (peerless coordcheck): when set, forward() hands it each module's output:
+  // "embedding", "blocks/<l>/<kind>" (what the mixer adds to the residual stream), "final_norm",
+  // "logits"; (name, values, count). Costs a copy of the residual per module, only when set.
+  std::function<void(const std::string& name, const float* x, int64_t n)> probe;
   int64_t batch = 0, seq = 0;
   std::vector<int32_t> ids, targets;  // (M)
   std::vector<float> lb;              // (L, d) lower bounds
@@ -226,6 +231,9 @@ class Model {
   GateForm gate_form_ = GateForm::code;
   GluActivation glu_act_ = GluActivation::silu;
   bool quantize_ = true;
+  float out_mult_ = 1.f;  // μP: the head's output multiplier 1/m (1 for sp)
+  bool mup_hidden(const ParamInfo& p) const;
+  void apply_mup();
   ParamLayout layout_;
   int embed_ = -1, lower_bounds_ = -1, final_norm_ = -1, head_gain_ = -1, head_w_ = -1;
   std::vector<BlockParams> blocks_;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "runtime/config.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -21,42 +22,9 @@ int64_t ModelConfig::moe_expert_width() const {
 }
 
 namespace {
-// Parses "1, 3" into {1, 3}; problems go to errors (when given) or are thrown.
+// "1, 3" -> {1, 3}; problems go to errors (when given) or are thrown.
 std::vector<int64_t> parse_blocks(const std::string& text, int64_t n_layers, std::vector<std::string>* errors) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  auto bad = [&](const std::string& msg) {
-    if (errors) errors->push_back(msg);
-    else PL_FAIL(config, msg);
-  };
-  while (std::getline(ss, item, ',')) {
-    const auto b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
-    const std::string t = b == std::string::npos ? "" : item.substr(b, e - b + 1);
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(t, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (t.empty() || used != t.size()) {
-      bad(cat("key 'model.peer_blocks' = \"", text, "\": '", t, "' is not a block index (allowed: comma-separated integers in [0, ",
-              n_layers, "))"));
-      continue;
-    }
-    if (v < 0 || v >= n_layers) {
-      bad(cat("key 'model.peer_blocks' = \"", text, "\": block ", v, " is outside [0, model.n_layers = ", n_layers, ")"));
-      continue;
-    }
-    if (std::find(out.begin(), out.end(), v) != out.end()) {
-      bad(cat("key 'model.peer_blocks' = \"", text, "\": block ", v, " is listed twice"));
-      continue;
-    }
-    out.push_back(v);
-  }
-  std::sort(out.begin(), out.end());
-  return out;
+  return parse_int_list("model.peer_blocks", text, "block index", 0, n_layers - 1, errors);
 }
 }  // namespace
 
@@ -106,8 +74,30 @@ bool LoraConfig::freezes(const std::string& part) const {
   return false;
 }
 
+double ModelConfig::mup_width_mult() const {
+  return param == "mup" ? static_cast<double>(d_model) / static_cast<double>(mup_base_width) : 1.0;
+}
+
+namespace {
+// μP is derived here for the dense kinds only: attention would need its 1/d_head logits, PEER, PKM
+// and the mixtures their own classes of tensors (SWEEPS.md §3), a tied head is both input and output.
+void check_mup(const ModelConfig& c, std::vector<std::string>& errors) {
+  if (c.param != "mup") return;
+  const auto bad = [&](const std::string& key, const std::string& value, const std::string& allowed) {
+    errors.push_back(cat("key 'model.param' = \"mup\" with ", key, " = \"", value, "\" (allowed with mup: ", allowed,
+                         "; or model.param = \"sp\")"));
+  };
+  if (c.token_mixer != "mlgru") bad("model.token_mixer", c.token_mixer, "\"mlgru\"");
+  if (c.channel_mixer != "glu" && c.channel_mixer != "swiglu") bad("model.channel_mixer", c.channel_mixer, "\"glu\", \"swiglu\"");
+  if (!c.peer_blocks.empty()) bad("model.peer_blocks", c.peer_blocks, "\"\"");
+  if (c.head == "tied") bad("model.head", c.head, "\"bitlinear\", \"linear\"");
+  if (c.lora.on()) bad("finetune.lora_rank", std::to_string(c.lora.rank), "0");
+}
+}  // namespace
+
 void ModelConfig::validate(std::vector<std::string>& errors) const {
   // Single-key ranges are checked by the schema; only relations between keys belong here.
+  check_mup(*this, errors);
   if (lora.frozen_base() && lora.rank == 0)
     errors.push_back("finetune.mode = \"lora\" needs adapters: set finetune.lora_rank > 0 (got 0)");
   if (lora.on() && lora.targets.empty())

@@ -48,6 +48,12 @@ struct ModelConfig {
   // full-precision ablation under quant = "none"), "linear" (an fp32 (V, d) weight: Transformer++,
   // BitNet), "tied" (the embedding table as that weight).
   std::string head = "bitlinear";
+  // Parameterisation (../shared/SWEEPS.md §3): "sp" (standard) or "mup" in the multiplier form with
+  // m = d_model / mup_base_width: hidden matrices init σ/√m and Adam lr/m, the LM head's output ×1/m,
+  // vectors and the embedding unchanged (model/model.cpp). Dense MLGRU/GLU/SwiGLU models only.
+  std::string param = "sp";
+  int64_t mup_base_width = 128;
+  double mup_width_mult() const;  // m (1 for sp)
 
   // The "attention" token mixer (../shared/BASELINES.md §1-§2; model/modules/attention_mixer.cpp).
   int64_t n_heads = 8;             // query heads H

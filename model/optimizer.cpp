@@ -13,6 +13,10 @@ namespace peerless {
 void OptimConfig::validate(std::vector<std::string>& errors) const {
   if (lr_min > lr)
     errors.push_back(cat("optim.lr_min = ", lr_min, " must not exceed optim.lr = ", lr));
+  if (!(decay_fraction > 0 && decay_fraction <= 1))
+    errors.push_back(cat("optim.decay_fraction = ", decay_fraction, " (allowed: (0, 1])"));
+  if (decay_shape != "1-sqrt" && decay_shape != "linear")
+    errors.push_back(cat("optim.decay_shape = \"", decay_shape, "\" (allowed: \"1-sqrt\", \"linear\")"));
   if (table_optimizer != "adamw" && table_optimizer != "lazy_adam")
     errors.push_back(cat("optim.table_optimizer = \"", table_optimizer, "\" (allowed: \"adamw\", \"lazy_adam\")"));
 }
@@ -30,7 +34,26 @@ bool is_peer_sub_keys(const ParamInfo& p) {
 bool is_pkm_values(const ParamInfo& p) { return ends_with(p.name, "/pkm/values"); }
 bool is_lazy_table(const ParamInfo& p) { return is_peer_table(p) || is_pkm_values(p); }
 
+int64_t wsd_decay_start(const OptimConfig& c, int64_t max_steps) {
+  const int64_t n_decay = std::max<int64_t>(1, std::llround(c.decay_fraction * static_cast<double>(max_steps)));
+  return max_steps - n_decay;
+}
+
+namespace {
+double wsd_rate(const OptimConfig& c, int64_t step, int64_t max_steps) {
+  const double warm = c.warmup_steps > 0 && step < c.warmup_steps
+                          ? static_cast<double>(step) / static_cast<double>(c.warmup_steps)
+                          : 1.0;
+  const int64_t n0 = wsd_decay_start(c, max_steps);
+  if (step <= n0) return c.lr * warm;
+  const double x = std::min(1.0, static_cast<double>(step - n0) / static_cast<double>(max_steps - n0));
+  const double f = c.decay_shape == "linear" ? 1.0 - x : 1.0 - std::sqrt(x);
+  return c.lr * warm * f;
+}
+}  // namespace
+
 double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps) {
+  if (c.schedule == "wsd") return wsd_rate(c, step, max_steps);
   if (c.warmup_steps > 0 && step <= c.warmup_steps)
     return c.lr * static_cast<double>(step) / static_cast<double>(c.warmup_steps);
   if (c.schedule == "constant") return c.lr;
@@ -75,7 +98,7 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
   for (const ParamInfo* p : order) {
     push(at, p->offset, 1.0, 0, 0);  // alignment padding (zero gradients)
     const bool table = is_lazy_table(*p);
-    const double scale = is_peer_table(*p) || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0;
+    const double scale = (is_peer_table(*p) || is_peer_sub_keys(*p) ? config.table_lr_scale : 1.0) * p->lr_mult;
     if (table && lazy_) {
       PL_ASSERT(p->shape.size() == 2 && p->shape[0] * p->shape[1] == p->numel);
       push(p->offset, p->offset + p->numel, scale, p->shape[1], table_rows_);
@@ -154,6 +177,8 @@ std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& a
   PL_CHECK(static_cast<int64_t>(flags.size()) == layout.total(), internal, "adamw_tensors: AdamW of another layout");
   std::vector<AdamwTensor> tensors;
   for (const ParamInfo& p : layout.entries()) {
+    PL_CHECK(p.lr_mult == 1.0, config, "the fused AdamW has no per-tensor learning rate: ", p.name, " trains at lr x ",
+             p.lr_mult, " (model.param = \"mup\" runs on the CPU path)");
     AdamwTensor t;
     t.offset = p.offset;
     t.numel = p.numel;

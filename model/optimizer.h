@@ -22,9 +22,11 @@ namespace peerless {
 
 struct OptimConfig {
   double lr = 3e-3;           // peak learning rate
-  double lr_min = 3e-4;       // end of the cosine decay
+  double lr_min = 3e-4;       // end of the cosine and linear decays (wsd cools down to 0)
   int64_t warmup_steps = 100; // linear warmup from 0
-  std::string schedule = "cosine";  // "cosine" | "constant" | "linear"
+  std::string schedule = "cosine";  // "cosine" | "constant" | "linear" | "wsd"
+  double decay_fraction = 0.2;      // wsd: the cooldown is the last round(decay_fraction · max_steps) steps
+  std::string decay_shape = "1-sqrt";  // wsd cooldown: "1-sqrt" (f = 1 - sqrt(progress)) | "linear"
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
@@ -40,7 +42,18 @@ struct OptimConfig {
 };
 
 // Learning rate at optimizer step `step` (1-based) of `max_steps`.
+//   cosine:   warmup, then lr_min + (lr - lr_min)(1 + cos(pi p))/2 over the rest; lr_min exactly at max_steps.
+//   linear:   warmup, then lr -> lr_min linearly; constant: warmup, then lr.
+//   wsd:      warmup-stable-decay (arXiv 2405.18392 Eq. 1): warmup, lr until n0 = wsd_decay_start(), then
+//             lr · f((n - n0) / n_decay) down to exactly 0 at max_steps, f = 1 - sqrt(x) or 1 - x. The
+//             learning rate of a step n <= n0 does not depend on max_steps: a run with a longer
+//             max_steps passes through the same stable phase, so its checkpoint at n0 can branch
+//             into this run's cooldown (train.branch_steps, train.init_from).
+// With wsd the warmup factor min(1, n / warmup_steps) multiplies the rest (a cooldown that starts
+// inside the warmup still ends at 0).
 double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps);
+// wsd: the last step at the full learning rate, max_steps - max(1, round(decay_fraction · max_steps)).
+int64_t wsd_decay_start(const OptimConfig& c, int64_t max_steps);
 
 // A half-open range [begin, end) of the flat parameter buffer.
 using Range = std::pair<int64_t, int64_t>;

@@ -1,6 +1,7 @@
 // ConfigSchema: TOML in, validated struct fields out (see config.h).
 #include "runtime/config.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -78,6 +79,12 @@ static bool assign_node(const toml::node& node, std::variant<int64_t*, double*, 
   }
   auto p = std::get<std::string*>(target);
   if (auto v = node.value_exact<std::string>()) return *p = *v, true;
+  // A list of integers for a list key kept as text (parse_int_list reads it back): [8, 16] -> "8,16".
+  if (const toml::array* a = node.as_array(); a && a->is_homogeneous<int64_t>()) {
+    std::string text;
+    for (const auto& item : *a) text += cat(text.empty() ? "" : ",", *item.value<int64_t>());
+    return *p = text, true;
+  }
   err = "must be a string";
   return false;
 }
@@ -234,6 +241,43 @@ void throw_if_errors(const std::vector<std::string>& errors, const std::string& 
   std::string msg = context + (errors.size() == 1 ? ": 1 problem" : cat(": ", errors.size(), " problems"));
   for (const auto& e : errors) msg += "\n  - " + e;
   throw Error(ErrorKind::config, msg);
+}
+
+std::vector<int64_t> parse_int_list(const std::string& key, const std::string& text, const std::string& what,
+                                    int64_t lo, int64_t hi, std::vector<std::string>* errors) {
+  std::vector<int64_t> out;
+  auto bad = [&](const std::string& msg) {
+    const std::string full = cat("key '", key, "' = \"", text, "\": ", msg);
+    if (errors) errors->push_back(full);
+    else PL_FAIL(config, full);
+  };
+  std::string body = text;
+  const auto open = body.find_first_not_of(" \t"), close = body.find_last_not_of(" \t");
+  if (open != std::string::npos && body[open] == '[' && body[close] == ']') body = body.substr(open + 1, close - open - 1);
+  if (body.find_first_not_of(" \t") == std::string::npos) return out;
+  std::stringstream ss(body);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+    const std::string t = b == std::string::npos ? "" : item.substr(b, e - b + 1);
+    int64_t v = 0;
+    const auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+    if (t.empty() || ec != std::errc() || end != t.data() + t.size()) {
+      bad(cat("'", t, "' is not a ", what, " (allowed: comma-separated integers in [", lo, ", ", hi, "])"));
+      continue;
+    }
+    if (v < lo || v > hi) {
+      bad(cat(what, " ", v, " is outside [", lo, ", ", hi, "]"));
+      continue;
+    }
+    if (std::find(out.begin(), out.end(), v) != out.end()) {
+      bad(cat(what, " ", v, " is listed twice"));
+      continue;
+    }
+    out.push_back(v);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 }  // namespace peerless

@@ -49,6 +49,12 @@ class ConfigSchema {
   std::vector<Field> fields_;
 };
 
+// A list-valued key stored as text: "1, 3" (or "[1, 3]") -> sorted distinct integers, each in
+// [lo, hi] (`what` names one item in messages: "block", "step"). Problems name the key and value and
+// go to `errors` when given, else are thrown as a config Error.
+std::vector<int64_t> parse_int_list(const std::string& key, const std::string& text, const std::string& what,
+                                    int64_t lo, int64_t hi, std::vector<std::string>* errors);
+
 // Throws a config Error listing every message when `errors` is not empty.
 void throw_if_errors(const std::vector<std::string>& errors, const std::string& context);
 

@@ -30,6 +30,9 @@ struct ParamInfo {
   // table's row shard, or a mixture-of-experts expert that is whole on its owner and has 0 rows
   // elsewhere). whole_rows = 0: not sharded, every rank holds the whole tensor.
   int64_t first_row = 0, whole_rows = 0;
+  // The optimizer's learning-rate multiplier of this tensor (μP's hidden matrices train at lr/m;
+  // model.param, model/model.cpp). Every optimizer path reads it from here.
+  double lr_mult = 1.0;
   bool sharded() const { return whole_rows > 0; }
   int64_t row_width() const;    // elements per row (the product of shape[1:])
   int64_t whole_numel() const;  // of the whole tensor (numel when not sharded)
@@ -46,6 +49,7 @@ class ParamLayout {
   int add_sharded(const std::string& name, const std::vector<int64_t>& whole_shape, ParamKind kind, int64_t first_row,
                   int64_t rows);
   int find(const std::string& name) const;  // -1 when absent
+  void set_lr_mult(int index, double mult) { entries_[index].lr_mult = mult; }
   const ParamInfo& at(int index) const { return entries_[index]; }
   const std::vector<ParamInfo>& entries() const { return entries_; }
   int64_t total() const { return total_; }          // buffer length incl. alignment padding

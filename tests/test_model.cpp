@@ -180,6 +180,77 @@ TEST(Optimizer, ScheduleWarmupAndCosineEnds) {
   EXPECT_DOUBLE_EQ(learning_rate(o, 100, 110), 1.0);
 }
 
+// wsd (SWEEPS.md §2): full lr through n0 = max_steps - round(0.2 max_steps), 1 - sqrt or linear down
+// to exactly 0 at max_steps; the stable phase does not depend on max_steps (branching).
+TEST(Optimizer, ScheduleWsdShapesAndEnds) {
+  OptimConfig o;
+  o.schedule = "wsd";
+  o.lr = 2.0;
+  o.warmup_steps = 4;
+  EXPECT_EQ(wsd_decay_start(o, 100), 80);
+  EXPECT_EQ(wsd_decay_start(o, 7), 6);  // round(1.4) = 1 step of cooldown
+  EXPECT_DOUBLE_EQ(learning_rate(o, 2, 100), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 4, 100), 2.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 80, 100), 2.0);                       // n0: still the full rate
+  EXPECT_DOUBLE_EQ(learning_rate(o, 85, 100), 2.0 * (1 - std::sqrt(0.25)));  // 1-sqrt
+  EXPECT_DOUBLE_EQ(learning_rate(o, 100, 100), 0.0);
+  for (int64_t n = 1; n <= 80; ++n) EXPECT_EQ(learning_rate(o, n, 100), learning_rate(o, n, 1000)) << n;
+  o.decay_shape = "linear";
+  EXPECT_DOUBLE_EQ(learning_rate(o, 85, 100), 1.5);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 100, 100), 0.0);
+  o.decay_fraction = 1.0;  // all cooldown: the warmup factor still applies, the end is 0
+  EXPECT_EQ(wsd_decay_start(o, 10), 0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 2, 10), 2.0 * 0.5 * 0.8);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 10, 10), 0.0);
+  std::vector<std::string> errors;
+  o.decay_fraction = 0;
+  o.decay_shape = "cosine";
+  o.validate(errors);
+  ASSERT_EQ(errors.size(), 2u);
+  EXPECT_NE(errors[0].find("optim.decay_fraction = 0 (allowed: (0, 1])"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[1].find("optim.decay_shape"), std::string::npos) << errors[1];
+}
+
+// μP (SWEEPS.md §3) at m = d_model / mup_base_width = 4: the block projections train at lr/4 (the
+// layout's lr_mult, read by AdamW), the GLU projections start 1/√4 as large as sp's, the MLGRU ones
+// (Xavier) and every vector, the embedding and the head weight as sp's; the logits are sp's / 4 on
+// the same parameters.
+TEST(ModelMup, MultipliersInitAndLogits) {
+  ModelConfig sp = tiny_config("none"), mup = sp;
+  mup.param = "mup";
+  mup.mup_base_width = 2;
+  const Model a(sp), b(mup);
+  std::vector<float> pa(a.layout().total()), pb(b.layout().total());
+  a.init_params(pa.data(), 3);
+  b.init_params(pb.data(), 3);
+  for (const auto& p : b.layout().entries()) {
+    const bool hidden = p.name.rfind("blocks/", 0) == 0 && p.shape.size() == 2;
+    EXPECT_EQ(p.lr_mult, hidden ? 0.25 : 1.0) << p.name;
+    const float ratio = p.name.find("/mlp/") != std::string::npos && hidden ? 0.5f : 1.f;
+    for (int64_t i = 0; i < p.numel; ++i) ASSERT_EQ(pb[p.offset + i], pa[p.offset + i] * ratio) << p.name << "[" << i << "]";
+  }
+  const std::vector<int32_t> ids = {1, 2, 3, 4};
+  ForwardContext ca, cb;
+  a.forward(pa.data(), ids.data(), nullptr, 1, 4, ca);
+  b.forward(pa.data(), ids.data(), nullptr, 1, 4, cb);
+  for (size_t i = 0; i < ca.logits.size(); ++i) EXPECT_FLOAT_EQ(cb.logits[i], ca.logits[i] * 0.25f) << i;
+  // AdamW's first step moves by lr · lr_mult · sign(g).
+  OptimConfig o;
+  o.lr = 0.01;
+  o.weight_decay = 0;
+  AdamW adam(o, b.layout());
+  std::vector<float> params(b.layout().total(), 1.f), grads(b.layout().total(), -2.f);
+  adam.step(params.data(), grads.data(), 1, o.lr);
+  for (const auto& p : b.layout().entries())
+    if (p.kind != ParamKind::buffer) EXPECT_NEAR(params[p.offset], 1.f + 0.01f * p.lr_mult, 1e-6) << p.name;
+  std::vector<std::string> errors;
+  mup.token_mixer = "attention";
+  mup.validate(errors);
+  ASSERT_FALSE(errors.empty());
+  EXPECT_NE(errors[0].find("key 'model.param' = \"mup\" with model.token_mixer = \"attention\""), std::string::npos)
+      << errors[0];
+}
+
 TEST(ModelFile, TernaryPackingRoundTrips) {
   Rng rng(1);
   for (int64_t n : {0, 1, 3, 4, 5, 1001}) {
