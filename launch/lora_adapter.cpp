@@ -83,6 +83,8 @@ void check_peft_config(const nlohmann::json& j, const std::string& path, LoraCon
   c.alpha = json_field<double>(j, path, "lora_alpha", 8.0, false);  // PEFT's default
   PL_CHECK(std::isfinite(c.alpha) && c.alpha >= 0, data, path, ": lora_alpha = ", c.alpha, " (must be >= 0)");
   c.rslora = json_field<bool>(j, path, "use_rslora", false, false);
+  c.dropout = json_field<double>(j, path, "lora_dropout", 0.0, false);  // training only: recorded, not applied
+  PL_CHECK(c.dropout >= 0 && c.dropout < 1, data, path, ": lora_dropout = ", c.dropout, " (must be in [0, 1))");
   PL_CHECK(!json_field<bool>(j, path, "fan_in_fan_out", false, false), data, path,
            ": fan_in_fan_out = true (Conv1D-style transposed weights) is not supported");
   PL_CHECK(!json_field<bool>(j, path, "use_dora", false, false), data, path, ": use_dora = true is not supported");
@@ -189,7 +191,7 @@ void write_peft(const LoraAdapter& a, const std::string& dir) {
   w.finish();
   const nlohmann::json cfg = {
       {"peft_type", "LORA"},       {"task_type", "CAUSAL_LM"},   {"base_model_name_or_path", a.base_path},
-      {"r", r},                    {"lora_alpha", a.config.alpha}, {"lora_dropout", 0.0},
+      {"r", r},                    {"lora_alpha", a.config.alpha}, {"lora_dropout", a.config.dropout},
       {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
       {"bias", "none"},            {"fan_in_fan_out", false},    {"use_rslora", a.config.rslora},
       {"use_dora", false},         {"init_lora_weights", true},  {"inference_mode", true},

@@ -126,6 +126,8 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("finetune.lora_targets", &model.lora.targets,
                "weights that get adapters: \"all\" (every projection of the blocks) or comma-separated substrings "
                "of their names, e.g. \"i_proj,o_proj\"");
+  s.add_float("finetune.lora_dropout", &model.lora.dropout, 0, 0.999999,
+              "dropout p on the adapters' input x (training only; kept entries scaled by 1/(1-p))");
   s.add_bool("finetune.rslora", &model.lora.rslora, "scale alpha/sqrt(r) instead of alpha/r (rsLoRA)");
   s.add_string("finetune.freeze", &model.lora.freeze,
                "MoE parts that do not train: \"\" (none), router, experts, or router,experts");

@@ -303,10 +303,11 @@ void Model::refresh_ternary(const float* params) {
 }
 
 void Model::linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
-                           BitLinearCache& cache) const {
+                           BitLinearCache& cache, const LoraNoise& noise) const {
   linear_forward_base(params, gain, weight, rows, x, y, cache);
   if (lora_adapter(weight) >= 0)
-    adapter_forward(params, weight, rows, normed_input(params, gain, rows, layout_.at(weight).shape[1], x), y, cache);
+    adapter_forward(params, weight, rows, normed_input(params, gain, rows, layout_.at(weight).shape[1], x), y, cache,
+                    noise);
 }
 
 void Model::linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
@@ -382,13 +383,13 @@ void Model::linear_backward(const float* params, int gain, int weight, int64_t r
   rmsnorm_backward_cpu(ns, x, params + g.offset, cache.rstd.data(), dxt.data(), dx, grads + g.offset);
 }
 
-void Model::proj_forward(const float* params, int weight, int64_t rows, const float* x, float* y,
-                         BitLinearCache& cache) const {
+void Model::proj_forward(const float* params, int weight, int64_t rows, const float* x, float* y, BitLinearCache& cache,
+                         const LoraNoise& noise) const {
   const ParamInfo& w = layout_.at(weight);
   const int64_t N = w.shape[0], K = w.shape[1];
   if (!quantize_) {
     gemm_cpu(Trans::no, Trans::yes, rows, N, K, 1.f, x, K, params + w.offset, K, 0.f, y, N);
-    adapter_forward(params, weight, rows, x, y, cache);
+    adapter_forward(params, weight, rows, x, y, cache, noise);
     return;
   }
   grow(cache.codes, rows * K);
@@ -409,7 +410,7 @@ void Model::proj_forward(const float* params, int weight, int64_t rows, const fl
     const float factor = beta / cache.scale[m];
     for (int64_t n = 0; n < N; ++n) y[m * N + n] = static_cast<float>(acc[m * N + n]) * factor;
   }
-  adapter_forward(params, weight, rows, x, y, cache);  // x̃ = the input before Q-Sparse and int8
+  adapter_forward(params, weight, rows, x, y, cache, noise);  // x̃ = the input before Q-Sparse and int8
 }
 
 void Model::proj_backward(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,

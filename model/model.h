@@ -159,9 +159,10 @@ class Model {
   const std::vector<std::shared_ptr<const Module>>& modules() const { return modules_; }
 
   // For modules: one BitLinear of this model (or its full-precision ablation when quant = "none"),
-  // reading the ternary forward copies (codes, β) this model holds.
+  // reading the ternary forward copies (codes, β) this model holds. `noise`: the adapter's input
+  // dropout (finetune.lora_dropout) of a training forward (ModuleStep::lora_noise(); off by default).
   void linear_forward(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
-                      BitLinearCache& cache) const;
+                      BitLinearCache& cache, const LoraNoise& noise = {}) const;
   void linear_backward(const float* params, int gain, int weight, int64_t rows, const float* x,
                        const BitLinearCache& cache, const float* dy, float* dx, float* grads) const;
   // For modules in the Transformer++ / BitNet SubLN form (../shared/BASELINES.md §1, §3): a
@@ -170,8 +171,8 @@ class Model {
   // per-token int8 absmax codes a, scale s, then y = (a·tᵀ)·β/s with the exact integer product.
   // Backward (straight-through through both quantizers): dx = dy·W (dy·tβ) overwritten, or skipped
   // when dx is null; dW += dyᵀ·x (dyᵀ·a/s) into grads.
-  void proj_forward(const float* params, int weight, int64_t rows, const float* x, float* y,
-                    BitLinearCache& cache) const;
+  void proj_forward(const float* params, int weight, int64_t rows, const float* x, float* y, BitLinearCache& cache,
+                    const LoraNoise& noise = {}) const;
   void proj_backward(const float* params, int weight, int64_t rows, const float* x, const BitLinearCache& cache,
                      const float* dy, float* dx, float* grads) const;
   // The LM head on the final norm's output xf (rows, d): logits (rows, V) (model.head), and its
@@ -250,10 +251,14 @@ class Model {
   void linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
                            BitLinearCache& cache) const;
   void init_adapters(float* params, uint64_t seed) const;
-  void adapter_forward(const float* params, int weight, int64_t rows, const float* xt, float* y,
-                       BitLinearCache& cache) const;
+  void adapter_forward(const float* params, int weight, int64_t rows, const float* xt, float* y, BitLinearCache& cache,
+                       const LoraNoise& noise) const;
   void adapter_backward(const float* params, int weight, int64_t rows, const float* xt, const BitLinearCache& cache,
                         const float* dy, float* dxt, float* grads) const;
+  // finetune.lora_dropout: the multipliers m (rows, K) of weight `weight`'s adapter input, 0 with
+  // probability p else 1/(1-p), drawn from Rng(hash(noise.key, weight, global token)); false (m
+  // untouched) when no dropout applies (p = 0 or noise off: the adapter reads x̃ itself).
+  bool adapter_drop_mask(int weight, int64_t rows, int64_t K, const LoraNoise& noise, std::vector<float>& m) const;
   // x̃ = RMSNorm(x; γ) (rows, K) recomputed into thread-local scratch.
   const float* normed_input(const float* params, int gain, int64_t rows, int64_t K, const float* x) const;
   // The BitLinear backward as its parts (used with an adapter or a frozen weight or gain):

@@ -19,6 +19,9 @@ struct LoraConfig {
   double alpha = 16;            // α: the adapter adds (α/r)·B·A·x̃
   std::string targets = "all";  // "all" or comma-separated substrings of the weight names
   bool rslora = false;          // scale α/√r (arXiv 2312.03732) instead of α/r
+  // p: training-only inverted dropout on the adapter's input, y += scale·B·A·drop(x̃) (PEFT's
+  // lora_dropout); keyed by (run.seed, step, module, global token), off in eval and decoding.
+  double dropout = 0;
   // MoE instruction tuning (BASELINES §7, arXiv 2305.14705): "router", "experts" or both
   // (comma-separated) stay frozen; "drop" turns the balance/z/entropy losses off while tuning.
   std::string freeze = "";

@@ -14,6 +14,7 @@
 #include "model/ops/qsparse.h"
 #include "model/ops/rmsnorm.h"
 #include "runtime/error.h"
+#include "runtime/rng.h"
 
 namespace peerless {
 
@@ -97,17 +98,40 @@ int64_t Model::trainable_count() const {
   return n;
 }
 
+bool Model::adapter_drop_mask(int weight, int64_t rows, int64_t K, const LoraNoise& noise,
+                              std::vector<float>& m) const {
+  const double p = config_.lora.dropout;
+  if (!noise.on || p <= 0) return false;
+  grow(m, static_cast<size_t>(rows * K));
+  const float keep = static_cast<float>(1.0 / (1.0 - p));
+  const uint64_t key = hash_keys(noise.key, 0x10A4, weight);  // apart from the experts' (noise_key, layer, token)
+#pragma omp parallel for schedule(static) if (rows * K > (1 << 16))
+  for (int64_t t = 0; t < rows; ++t) {
+    Rng rng(hash_keys(key, noise.first_token + t));
+    for (int64_t k = 0; k < K; ++k) m[t * K + k] = rng.uniform() < p ? 0.f : keep;
+  }
+  return true;
+}
+
 void Model::adapter_forward(const float* params, int weight, int64_t rows, const float* xt, float* y,
-                            BitLinearCache& cache) const {
+                            BitLinearCache& cache, const LoraNoise& noise) const {
   const int a = lora_adapter(weight);
   if (a < 0) return;
   const ParamInfo& A = layout_.at(a);
   const ParamInfo& B = layout_.at(a + 1);
   const LoraShape s{rows, A.shape[1], B.shape[0], A.shape[0], config_.lora.scale()};
   grow(cache.lora_u, static_cast<size_t>(rows * s.rank));
+  cache.lora_noise = noise;
+  thread_local std::vector<float> m, xd;  // drop(x̃) = m ⊙ x̃
+  if (adapter_drop_mask(weight, rows, s.in, noise, m)) {
+    grow(xd, static_cast<size_t>(rows * s.in));
+    for (int64_t i = 0; i < rows * s.in; ++i) xd[i] = m[i] * xt[i];
+    xt = xd.data();
+  }
   lora_forward_cpu<float>(s, xt, params + A.offset, params + B.offset, cache.lora_u.data(), y);
 }
 
+// With dropout the adapter's gradients read drop(x̃) and its dx̃ is masked the same way: dx̃ += m ⊙ d(drop x̃).
 void Model::adapter_backward(const float* params, int weight, int64_t rows, const float* xt,
                              const BitLinearCache& cache, const float* dy, float* dxt, float* grads) const {
   const int a = lora_adapter(weight);
@@ -115,10 +139,21 @@ void Model::adapter_backward(const float* params, int weight, int64_t rows, cons
   const ParamInfo& A = layout_.at(a);
   const ParamInfo& B = layout_.at(a + 1);
   const LoraShape s{rows, A.shape[1], B.shape[0], A.shape[0], config_.lora.scale()};
-  thread_local std::vector<float> g;  // (rows, r) dy·B
+  thread_local std::vector<float> g, m, xd, dxd;  // g (rows, r) dy·B; m, xd, dxd (rows, K)
   grow(g, static_cast<size_t>(rows * s.rank));
-  lora_backward_cpu<float>(s, xt, params + A.offset, params + B.offset, cache.lora_u.data(), dy, g.data(),
-                           grads + A.offset, grads + B.offset, dxt);
+  if (!adapter_drop_mask(weight, rows, s.in, cache.lora_noise, m)) {
+    lora_backward_cpu<float>(s, xt, params + A.offset, params + B.offset, cache.lora_u.data(), dy, g.data(),
+                             grads + A.offset, grads + B.offset, dxt);
+    return;
+  }
+  const int64_t n = rows * s.in;
+  grow(xd, static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) xd[i] = m[i] * xt[i];
+  if (dxt) dxd.assign(static_cast<size_t>(n), 0.f);
+  lora_backward_cpu<float>(s, xd.data(), params + A.offset, params + B.offset, cache.lora_u.data(), dy, g.data(),
+                           grads + A.offset, grads + B.offset, dxt ? dxd.data() : nullptr);
+  if (dxt)
+    for (int64_t i = 0; i < n; ++i) dxt[i] += m[i] * dxd[i];
 }
 
 const float* Model::normed_input(const float* params, int gain, int64_t rows, int64_t K, const float* x) const {

@@ -47,6 +47,15 @@ class ModuleScratch {
 };
 
 // What one forward (and its backward) is about.
+// The adapters' input dropout (finetune.lora_dropout) of one projection call: on in training only;
+// row t of the call is global token first_token + t (every adapted projection runs on the step's
+// token rows in order), so the masks depend on (key, module, token), not on ranks or micro-batches.
+struct LoraNoise {
+  bool on = false;
+  uint64_t key = 0;
+  int64_t first_token = 0;
+};
+
 struct ModuleStep {
   int64_t batch = 0, seq = 0;              // the residual stream is (batch·seq, d)
   PeerNormMode peer_mode = PeerNormMode::train;
@@ -62,6 +71,7 @@ struct ModuleStep {
   uint64_t noise_key = 0;
   int64_t first_token = 0;
   int64_t tokens() const { return batch * seq; }
+  LoraNoise lora_noise() const { return {peer_mode == PeerNormMode::train, noise_key, first_token}; }
 };
 
 // Saved activations of one BitLinear call: reciprocal std of its RMSNorm, int8 activation codes and
@@ -70,7 +80,8 @@ struct BitLinearCache {
   std::vector<float> rstd;     // (M)
   std::vector<int8_t> codes;   // (M, K)
   std::vector<float> scale;    // (M)
-  std::vector<float> lora_u;   // (M, r) the adapter's A·x̃, when the weight has one
+  std::vector<float> lora_u;   // (M, r) the adapter's A·drop(x̃), when the weight has one
+  LoraNoise lora_noise;        // the forward's dropout key (backward regenerates the mask)
 };
 
 class Module {

@@ -6,10 +6,13 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "launch/run_config.h"
 #include "model/data_parallel.h"
+#include "model/infer/module_decoder.h"
 #include "model/model.h"
 #include "model/ops/lora.h"
 #include "model/ops/rmsnorm.h"
@@ -307,4 +310,108 @@ TEST(Lora, TargetsAndConfigErrors) {
   zero.validate(errors);
   ASSERT_EQ(errors.size(), 1u);
   EXPECT_NE(errors[0].find("finetune.lora_rank"), std::string::npos) << errors[0];
+}
+
+// finetune.lora_dropout (BASELINES §6: y += scale·B·A·drop(x̃)). Every forward below uses the same
+// key and tokens, so the mask is fixed and the backward (masked dA and dx̃) is checked against
+// finite differences of the dropped-out function; that function differs from the eval one.
+TEST(LoraDropout, GradientMatchesFiniteDifferencesWithTheMaskFixed) {
+  for (const auto& kind : {kKinds[0], kKinds[1]}) {
+    ModelConfig c = with_lora(tiny(kind[0], kind[1], "none"), "full");
+    c.init_std = 0.3;
+    c.lora.dropout = 0.3;
+    Model m(c);
+    std::vector<float> params(m.layout().total());
+    m.init_params(params.data(), 5);
+    perturb(m, params, 9);
+    randomize_adapters(m, params, 4);
+    m.refresh_ternary(params.data());
+    const Batch b(c.vocab_size, 3);
+    ForwardContext train, eval;
+    eval.peer_mode = PeerNormMode::eval;
+    EXPECT_NE(m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, train),
+              m.forward(params.data(), b.ids.data(), b.targets.data(), b.B, b.T, eval));
+    expect_gradient_matches_fd(m, params, b, std::string(kind[0]) + "+" + kind[1] + " dropout 0.3");
+  }
+}
+
+namespace {
+
+struct DropoutPair {  // the same tuned parameters under p = 0.5 and p = 0
+  ModelConfig c = with_lora(tiny("mlgru", "glu", "ternary"), "lora");
+  std::unique_ptr<Model> drop, plain;
+  std::vector<float> params;
+  DropoutPair() {
+    c.lora.dropout = 0.5;
+    drop = std::make_unique<Model>(c);
+    c.lora.dropout = 0;
+    plain = std::make_unique<Model>(c);
+    params.assign(drop->layout().total(), 0.f);
+    drop->init_params(params.data(), 7);
+    randomize_adapters(*drop, params, 5);
+    drop->refresh_ternary(params.data());
+    plain->refresh_ternary(params.data());
+  }
+  std::vector<float> losses(const Model& m, const Batch& b, PeerNormMode mode, uint64_t key, int64_t first = 0,
+                            int64_t seq0 = 0, int64_t n = -1) const {
+    ForwardContext ctx;
+    ctx.peer_mode = mode;
+    ctx.noise_key = key;
+    ctx.first_token = first;
+    n = n < 0 ? b.B : n;
+    m.forward(params.data(), b.ids.data() + seq0 * b.T, b.targets.data() + seq0 * b.T, n, b.T, ctx);
+    return ctx.losses;
+  }
+};
+
+}  // namespace
+
+// Training only and deterministic: eval-mode losses and token-by-token decoding (ModuleDecoder, as
+// generate runs) of the p = 0.5 model are bit-identical to p = 0; a training forward repeats
+// bit for bit under one key and changes with the key.
+TEST(LoraDropout, EvalAndDecodingIgnoreItTrainingIsKeyed) {
+  const DropoutPair s;
+  const Batch b(s.c.vocab_size, 2);
+  EXPECT_EQ(s.losses(*s.drop, b, PeerNormMode::eval, 1), s.losses(*s.plain, b, PeerNormMode::train, 1));
+  EXPECT_EQ(s.losses(*s.drop, b, PeerNormMode::train, 1), s.losses(*s.drop, b, PeerNormMode::train, 1));
+  EXPECT_NE(s.losses(*s.drop, b, PeerNormMode::train, 1), s.losses(*s.plain, b, PeerNormMode::train, 1));
+  EXPECT_NE(s.losses(*s.drop, b, PeerNormMode::train, 1), s.losses(*s.drop, b, PeerNormMode::train, 2));
+  const ModuleDecoder with(*s.drop, s.params.data()), without(*s.plain, s.params.data());
+  auto st1 = with.new_state(b.T), st2 = without.new_state(b.T);
+  std::vector<float> l1(s.c.vocab_size), l2(s.c.vocab_size);
+  for (int64_t t = 0; t < b.T; ++t) {
+    with.forward(&b.ids[t], 1, st1, l1.data());
+    without.forward(&b.ids[t], 1, st2, l2.data());
+    EXPECT_EQ(l1, l2) << "position " << t;
+  }
+}
+
+// The mask follows the global token index (ForwardContext::first_token), not the micro-batch: the
+// second sequence forwarded alone at first_token = T gets the losses it has inside the whole batch
+// (to float rounding of the row-independent ops), and at first_token = 0 another mask.
+TEST(LoraDropout, MaskFollowsGlobalTokensNotMicroBatches) {
+  const DropoutPair s;
+  const Batch b(s.c.vocab_size, 4, 2, 6);
+  const std::vector<float> whole = s.losses(*s.drop, b, PeerNormMode::train, 3);
+  const std::vector<float> alone = s.losses(*s.drop, b, PeerNormMode::train, 3, b.T, 1, 1);
+  const std::vector<float> shifted = s.losses(*s.drop, b, PeerNormMode::train, 3, 0, 1, 1);
+  double moved = 0;
+  for (int64_t t = 0; t < b.T; ++t) {
+    EXPECT_NEAR(alone[t], whole[b.T + t], 1e-5 * (1 + std::fabs(whole[b.T + t]))) << "token " << t;
+    moved = std::max(moved, std::fabs(static_cast<double>(shifted[t]) - whole[b.T + t]));
+  }
+  EXPECT_GT(moved, 1e-3);
+}
+
+// finetune.lora_dropout: 0 ≤ p < 1, an error naming the key outside.
+TEST(LoraDropout, ConfigRange) {
+  EXPECT_EQ(load_run_config("", {"finetune.lora_dropout=0.1"}).model.lora.dropout, 0.1);
+  for (const char* bad : {"finetune.lora_dropout=1", "finetune.lora_dropout=-0.1"}) {
+    try {
+      load_run_config("", {bad});
+      ADD_FAILURE() << bad << ": no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("finetune.lora_dropout"), std::string::npos) << e.what();
+    }
+  }
 }

@@ -109,6 +109,7 @@ TEST(LoraExport, PeftRoundTripIsExact) {
   std::vector<float> p(m.layout().total());
   LoraAdapter a = random_adapter(m, p, 4);
   a.config.rslora = true;
+  a.config.dropout = 0.25;  // training only, recorded as PEFT's lora_dropout
   a.base_sha256 = "00ff";
   a.base_path = "runs/base";
   TempDir dir;
@@ -117,6 +118,7 @@ TEST(LoraExport, PeftRoundTripIsExact) {
   EXPECT_EQ(b.config.rank, 2);
   EXPECT_EQ(b.config.alpha, 6);
   EXPECT_TRUE(b.config.rslora);
+  EXPECT_EQ(b.config.dropout, 0.25);
   EXPECT_EQ(b.base_sha256, "00ff");
   EXPECT_EQ(b.base_path, "runs/base");
   ASSERT_EQ(a.pairs.size(), b.pairs.size());
@@ -153,6 +155,8 @@ TEST(LoraExport, BadPeftDirectoriesNameTheProblem) {
   expect_error("r = 3 expects A [r, K]");
   write_text(d + "/adapter_config.json", "{\"peft_type\": \"LORA\", \"lora_alpha\": 6}");
   expect_error("\"r\" is missing");
+  write_text(d + "/adapter_config.json", "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_dropout\": 1}");
+  expect_error("lora_dropout = 1");
   write_text(d + "/adapter_config.json", "{not json");
   expect_error("not valid JSON");
   write_text(d + "/adapter_config.json", good);

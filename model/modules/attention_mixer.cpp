@@ -78,10 +78,10 @@ class AttentionMixer final : public Module {
     c.sub_rstd.resize(ternary_ ? M : 0);
     c.norm.forward(m, params, norm_, M, x);
     project(m, params, step.batch, step.seq, 0, c.norm.xn.data(), c.q.data(), c.k.data(), c.v.data(), c.bl_q, c.bl_k,
-            c.bl_v);
+            c.bl_v, step.lora_noise());
     attention_forward_cpu(shape(step.batch, step.seq), c.q.data(), c.k.data(), c.v.data(), c.o.data(), c.lse.data());
     float* y = step.scratch->get(0, M * d_);
-    output(m, params, M, c.o.data(), c.on.data(), c.sub_rstd.data(), y, c.bl_o);
+    output(m, params, M, c.o.data(), c.on.data(), c.sub_rstd.data(), y, c.bl_o, step.lora_noise());
     add_rows(x, y, M * d_);
   }
 
@@ -196,20 +196,21 @@ class AttentionMixer final : public Module {
   // q (rows, H·d_h), k, v (rows, H_kv·d_h) from xn (rows, d), rows = batch·seq; RoPE on q and k,
   // row t of each sequence at position pos0 + t.
   void project(const Model& m, const float* params, int64_t batch, int64_t seq, int64_t pos0, const float* xn, float* q,
-               float* k, float* v, BitLinearCache& bq, BitLinearCache& bk, BitLinearCache& bv) const {
+               float* k, float* v, BitLinearCache& bq, BitLinearCache& bk, BitLinearCache& bv,
+               const LoraNoise& noise = {}) const {
     const int64_t rows = batch * seq;
-    m.proj_forward(params, wq_, rows, xn, q, bq);
-    m.proj_forward(params, wk_, rows, xn, k, bk);
-    m.proj_forward(params, wv_, rows, xn, v, bv);
+    m.proj_forward(params, wq_, rows, xn, q, bq, noise);
+    m.proj_forward(params, wk_, rows, xn, k, bk, noise);
+    m.proj_forward(params, wv_, rows, xn, v, bv, noise);
     rope_forward_cpu(rope(batch, seq, H_, pos0), q);
     rope_forward_cpu(rope(batch, seq, G_, pos0), k);
   }
 
   // y (rows, d) = W_o·o, through attn_sub_norm when ternary (on, rstd filled; unused otherwise).
   void output(const Model& m, const float* params, int64_t rows, const float* o, float* on, float* rstd, float* y,
-              BitLinearCache& bl) const {
+              BitLinearCache& bl, const LoraNoise& noise = {}) const {
     if (ternary_) rmsnorm_forward_cpu(sub_norm_shape(m, rows), o, params + m.layout().at(sub_).offset, on, rstd);
-    m.proj_forward(params, wo_, rows, ternary_ ? on : o, y, bl);
+    m.proj_forward(params, wo_, rows, ternary_ ? on : o, y, bl, noise);
   }
 };
 

@@ -44,10 +44,10 @@ class GluMixer final : public Module {
     c.au.resize(M * 2 * I_);
     c.z.resize(M * I_);
     c.norm.forward(m, params, ix_.mlp_norm, M, x);
-    m.linear_forward(params, ix_.gate_gain, ix_.gate_w, M, c.norm.xn.data(), c.au.data(), c.bl_gate);
+    m.linear_forward(params, ix_.gate_gain, ix_.gate_w, M, c.norm.xn.data(), c.au.data(), c.bl_gate, step.lora_noise());
     glu_forward_cpu(m.glu_activation(), M, I_, c.au.data(), c.z.data());
     float* y = step.scratch->get(0, M * d_);
-    m.linear_forward(params, ix_.down_gain, ix_.down_w, M, c.z.data(), y, c.bl_down);
+    m.linear_forward(params, ix_.down_gain, ix_.down_w, M, c.z.data(), y, c.bl_down, step.lora_noise());
     add_rows(x, y, M * d_);
   }
 

@@ -76,6 +76,7 @@ class MlgruMixer final : public Module {
     }
     ModuleStep step;
     step.batch = step.seq = 1;
+    step.peer_mode = PeerNormMode::eval;  // decoding: no training-only randomness (adapter dropout)
     step.lower_bounds = s.lb.data();
     step.scratch = &scratch;
     run(m, params, step, x, s.cache, s.h.data());
@@ -92,9 +93,9 @@ class MlgruMixer final : public Module {
     for (auto* v : {&c.ihat, &c.fhat, &c.ghat, &c.f, &c.h, &c.gn, &c.o}) v->resize(M * d);
     c.g_rstd.resize(M);
     c.norm.forward(m, params, ix_.mixer_norm, M, x);
-    m.linear_forward(params, ix_.i_gain, ix_.i_w, M, c.norm.xn.data(), c.ihat.data(), c.bl_i);
-    m.linear_forward(params, ix_.f_gain, ix_.f_w, M, c.norm.xn.data(), c.fhat.data(), c.bl_f);
-    m.linear_forward(params, ix_.g_gain, ix_.g_w, M, c.norm.xn.data(), c.ghat.data(), c.bl_g);
+    m.linear_forward(params, ix_.i_gain, ix_.i_w, M, c.norm.xn.data(), c.ihat.data(), c.bl_i, step.lora_noise());
+    m.linear_forward(params, ix_.f_gain, ix_.f_w, M, c.norm.xn.data(), c.fhat.data(), c.bl_f, step.lora_noise());
+    m.linear_forward(params, ix_.g_gain, ix_.g_w, M, c.norm.xn.data(), c.ghat.data(), c.bl_g, step.lora_noise());
     mlgru_scan_forward_cpu(ScanShape{step.batch, step.seq, d}, c.ihat.data(), c.fhat.data(),
                            step.lower_bounds + layer_ * d, c.f.data(), c.h.data(), h0);
     if (m.gate_form() == GateForm::code)
@@ -103,7 +104,7 @@ class MlgruMixer final : public Module {
       c.gn = c.ghat;
     output_gate_forward_cpu(m.gate_form(), M * d, c.gn.data(), c.h.data(), c.o.data());
     float* y = step.scratch->get(0, M * d);
-    m.linear_forward(params, ix_.o_gain, ix_.o_w, M, c.o.data(), y, c.bl_o);
+    m.linear_forward(params, ix_.o_gain, ix_.o_w, M, c.o.data(), y, c.bl_o, step.lora_noise());
     add_rows(x, y, M * d);
   }
 

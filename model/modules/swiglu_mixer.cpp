@@ -44,8 +44,8 @@ class SwiGluMixer final : public Module {
     c.norm.forward(m, params, norm_, M, x);
     float* a = step.scratch->get(0, M * I_);
     float* u = step.scratch->get(1, M * I_);
-    m.proj_forward(params, gate_, M, c.norm.xn.data(), a, c.bl_gate);
-    m.proj_forward(params, up_, M, c.norm.xn.data(), u, c.bl_up);
+    m.proj_forward(params, gate_, M, c.norm.xn.data(), a, c.bl_gate, step.lora_noise());
+    m.proj_forward(params, up_, M, c.norm.xn.data(), u, c.bl_up, step.lora_noise());
     c.au.resize(static_cast<size_t>(M * 2 * I_));
     interleave(M, a, u, c.au.data());
     c.z.resize(static_cast<size_t>(M * I_));
@@ -59,7 +59,7 @@ class SwiGluMixer final : public Module {
       in = c.zn.data();
     }
     float* y = step.scratch->get(2, M * d_);
-    m.proj_forward(params, down_, M, in, y, c.bl_down);
+    m.proj_forward(params, down_, M, in, y, c.bl_down, step.lora_noise());
     add_rows(x, y, M * d_);
   }
 

@@ -3,7 +3,7 @@
 # parameters, the run records the base's sha256, every base tensor of the tuned model.h5 (weights,
 # codes, β) is bit-identical to the base's while the adapters moved, and 2 ranks (deterministic
 # mode) give the same losses and tensors as 1 rank with 2 accumulation steps, also with ZeRO-1 on 2
-# ranks, and a run resumed from a step-4 checkpoint continues bit for bit.
+# ranks, and a run resumed from a step-4 checkpoint continues bit for bit; with adapter dropout too.
 source "$(dirname "$0")/common.sh"
 source "$src/tests/cli/exact.sh"
 "$bin" prepare --input "$shared/tinyshakespeare/input.txt" --tokenizer byte --out ts.h5 --quiet >/dev/null
@@ -44,3 +44,12 @@ echo "ok: lora on 2 ranks (ZeRO-1 off and on) == 1 rank"
   --resume runs/dp2/checkpoints/step_4 > dp1r.log 2>&1 || { cat dp1r.log; fail "resume"; }
 same_resume dp2 4 dp1r
 echo "ok: a lora checkpoint of 2 ranks resumed on 1 continues bit for bit"
+# Adapter dropout (finetune.lora_dropout): keyed by (seed, step, module, global token), so 2 ranks
+# give 1 rank's bits; it changes the run; the PEFT export records p as lora_dropout.
+run_np dp1d 0 2 --set finetune.lora_dropout=0.2
+run_np dp2d 2 1 --set finetune.lora_dropout=0.2
+same_runs --rows 9 dp1d dp2d
+! cmp -s runs/dp1/metrics.jsonl runs/dp1d/metrics.jsonl || fail "lora_dropout = 0.2 changed nothing"
+"$bin" export runs/dp1d --format peft --out peft_d >/dev/null
+grep -q '"lora_dropout": 0.2' peft_d/adapter_config.json || { cat peft_d/adapter_config.json; fail "lora_dropout export"; }
+echo "ok: lora dropout on 2 ranks == 1 rank, exported as lora_dropout"
