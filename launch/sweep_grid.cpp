@@ -245,7 +245,7 @@ std::string key_label(const std::string& key) {
 // "0.001" -> "1e-3", "1e+18" -> "1e18", strings without quotes.
 std::string value_label(const std::string& v) {
   std::string s = v;
-  if (!s.empty() && s.front() == '"') return s.substr(1, s.size() - 2);
+  if (!s.empty() && (s.front() == '"' || s.front() == '\'')) return s.substr(1, s.size() - 2);  // TOML strings
   double d = 0;
   const auto r = std::from_chars(s.data(), s.data() + s.size(), d);
   if (r.ec == std::errc() && r.ptr == s.data() + s.size() && s.find('.') != std::string::npos && d != 0 &&
