@@ -110,7 +110,9 @@ int64_t int_key(const toml::table& t, const char* key, int64_t def, int64_t lo, 
 // distinct positive numbers (integers for steps).
 void parse_branch_targets(const toml::table& sw, SweepSpec& spec, const std::string& origin) {
   static const std::pair<const char*, const char*> keys[] = {
-      {"branch_tokens_per_param", "tokens_per_param"}, {"branch_budget_C", "budget_C"}, {"branch_max_steps", "train.max_steps"}};
+      {"branch_tokens_per_param", "tokens_per_param"},
+      {"branch_budget_C", "budget_C"},
+      {"branch_max_steps", "train.max_steps"}};
   for (const auto& [key, target] : keys) {
     const toml::node* n = sw.get(key);
     if (!n) continue;
@@ -395,10 +397,11 @@ std::vector<SweepPoint> branch_points(const SweepSpec& spec, size_t i, std::map<
     values.emplace_back(spec.branch_key, target);
     const std::string tag = point_name({{spec.branch_key, target}});
     SweepPoint b = build_point(spec, values, unnamed ? tag : given_or_derived_name(spec, i) + "-" + tag, vocab);
-    PL_CHECK(b.cfg.optim.schedule == "wsd", config, "key 'sweep.branch_", key, "' needs optim.schedule = \"wsd\" (got \"",
-             b.cfg.optim.schedule, "\"): only a wsd run's stable phase is shared by its cooldown branches");
+    PL_CHECK(b.cfg.optim.schedule == "wsd", config, "key 'sweep.branch_", key,
+             "' needs optim.schedule = \"wsd\" (got \"", b.cfg.optim.schedule, "\"): only a wsd run's stable phase is shared by its cooldown branches");
     PL_CHECK(b.cfg.train.branch_steps.empty() && b.cfg.train.init_from.empty() && b.cfg.train.stop_step == 0, config,
-             "a branched sweep sets train.branch_steps, train.init_from and train.stop_step itself (remove them from the base)");
+             "a branched sweep sets train.branch_steps, train.init_from and train.stop_step itself "
+             "(remove them from the base)");
     b.start_step = wsd_decay_start(b.cfg.optim, b.steps);
     PL_CHECK(b.start_step >= 1, config, "key 'sweep.branch_", key, "' target ", target, " gives ", b.steps,
              " step(s): too short for a cooldown branch (its cooldown would start at step ", b.start_step,
@@ -419,7 +422,8 @@ std::vector<SweepPoint> resolve_branched(const SweepSpec& spec, size_t i, std::m
   std::set<int64_t> starts;
   for (const auto& b : branches) starts.insert(b.start_step);
   const bool unnamed = spec.points[i].empty() && spec.point_names[i].empty();
-  SweepPoint stable = build_point(spec, spec.points[i], unnamed ? "stable" : given_or_derived_name(spec, i) + "-stable", vocab);
+  const std::string name = unnamed ? "stable" : given_or_derived_name(spec, i) + "-stable";
+  SweepPoint stable = build_point(spec, spec.points[i], name, vocab);
   std::string list;
   for (int64_t n : starts) list += (list.empty() ? "" : ",") + std::to_string(n);
   stable.cfg.train.max_steps = longest->steps;
@@ -455,8 +459,10 @@ std::vector<SweepPoint> resolve_points(const SweepSpec& spec) {
   for (size_t i = 0; i < spec.points.size(); ++i) {
     try {
       for (SweepPoint& p : resolve_grid_point(spec, i, vocab)) {
-        if (ids.count(p.id)) errors.push_back(cat("points ", ids[p.id], " and ", p.name, " resolve to the same config (id ", p.id, ")"));
-        else if (names.count(p.name)) errors.push_back(cat("two points are named ", p.name, " (give them names in [[sweep.point]])"));
+        if (ids.count(p.id))
+          errors.push_back(cat("points ", ids[p.id], " and ", p.name, " resolve to the same config (id ", p.id, ")"));
+        else if (names.count(p.name))
+          errors.push_back(cat("two points are named ", p.name, " (give them names in [[sweep.point]])"));
         ids[p.id] = p.name;
         names[p.name] = p.id;
         points.push_back(std::move(p));

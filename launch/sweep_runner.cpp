@@ -33,8 +33,8 @@ std::string plan_text(const SweepSpec& spec, const std::vector<SweepPoint>& poin
   std::string out = cat("sweep ", spec.name, ": ", points.size(), " points, ", spec.ranks_per_point,
                         " rank(s) per point; FLOPs = training (3x forward) per token x tokens\n");
   char line[512];
-  std::snprintf(line, sizeof line, "%-12s  %-28s %12s %12s %12s %12s %10s %8s  %s\n", "id", "name", "N_total", "N_active",
-                "flops/token", "tokens", "C", "steps", "branch");
+  std::snprintf(line, sizeof line, "%-12s  %-28s %12s %12s %12s %12s %10s %8s  %s\n", "id", "name", "N_total",
+                "N_active", "flops/token", "tokens", "C", "steps", "branch");
   out += line;
   double total = 0, trained = 0;
   for (const auto& p : points) {

@@ -99,7 +99,8 @@ TEST(SweepGrid, ErrorsNameTheKey) {
 const char* kWsd = "[base.optim]\nschedule = \"wsd\"\nwarmup_steps = 2\n";
 
 TEST(SweepGrid, BranchesOneStablePointAndOneBranchPerTarget) {
-  const SweepSpec s = parse(std::string("branch_tokens_per_param = [10, 20, 40]\n[[sweep.axis]]\n\"model.d_model\" = [32, 64]\n") + kWsd);
+  const SweepSpec s =
+      parse(std::string("branch_tokens_per_param = [10, 20, 40]\n[[sweep.axis]]\n\"model.d_model\" = [32, 64]\n") + kWsd);
   const auto p = resolve_points(s);
   ASSERT_EQ(p.size(), 8u);  // per size: stable + 3 branches
   std::vector<std::string> names;
@@ -160,7 +161,8 @@ TEST(SweepGrid, BranchTargetsInStepsAndC) {
 }
 
 TEST(SweepGrid, BranchErrorsNameTheKey) {
-  expect_error("branch_tokens_per_param = [10, 20]\n", "key 'sweep.branch_tokens_per_param' needs optim.schedule = \"wsd\" (got \"cosine\")", true);
+  expect_error("branch_tokens_per_param = [10, 20]\n",
+               "key 'sweep.branch_tokens_per_param' needs optim.schedule = \"wsd\" (got \"cosine\")", true);
   expect_error("branch_tokens_per_param = [10, 10]\n", "bad target 10");
   expect_error("branch_tokens_per_param = []\n", "key 'sweep.branch_tokens_per_param' = []");
   expect_error("branch_max_steps = [10.5]\n", "allowed: distinct integers > 0");
