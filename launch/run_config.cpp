@@ -108,6 +108,8 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_string("train.init_from", &train.init_from,
                "checkpoint directory a fresh run starts from (state and step; model, optim, data, batch and seed "
                "must match; own checkpoints take priority on --resume)");
+  s.add_int("train.stop_step", &train.stop_step, 0, kBig,
+            "end the run after this step, schedule still that of train.max_steps (0 = at train.max_steps)");
 
   s.add_choice("parallel.backend", &parallel.backend, {"auto", "mpi", "nccl", "single"},
                "communication backend (auto = NCCL on GPUs, MPI under mpirun, else single process)");
@@ -192,6 +194,9 @@ static RunConfig finish(RunConfig& cfg, ConfigSchema& schema, std::vector<std::s
   }
   check_finetune(cfg, errors);
   parse_int_list("train.branch_steps", cfg.train.branch_steps, "step", 1, cfg.train.max_steps, &errors);
+  if (cfg.train.stop_step > cfg.train.max_steps)
+    errors.push_back(cat("key 'train.stop_step' = ", cfg.train.stop_step, " is past train.max_steps = ",
+                         cfg.train.max_steps, " (allowed: 0 or a step in [1, train.max_steps])"));
   if (cfg.run.name.empty() || cfg.run.name.find('/') != std::string::npos)
     errors.push_back(cat("key 'run.name' = \"", cfg.run.name, "\" must be a non-empty name without '/'"));
   if (cfg.data.path.empty()) errors.push_back("key 'data.path' is empty (allowed: a token file made by `peerless prepare`)");

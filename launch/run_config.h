@@ -46,8 +46,12 @@ struct TrainSection {
   // A fresh run (its own directory, max_steps and schedule) that starts from this checkpoint's whole
   // state and step; keys that must match are checked (launch/checkpoint.h check_init_config).
   std::string init_from = "";
+  // End the run after this step (0 = at max_steps) while the learning-rate schedule stays that of
+  // max_steps: the WSD stable run of a branched sweep stops where its longest branch starts cooling.
+  int64_t stop_step = 0;
 
   std::vector<int64_t> branch_step_list() const;  // sorted; throws a config Error when malformed
+  int64_t last_step() const { return stop_step > 0 ? stop_step : max_steps; }
 };
 
 struct ParallelSection {

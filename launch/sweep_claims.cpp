@@ -28,6 +28,7 @@ const char* point_state_name(PointState s) {
     case PointState::done: return "done";
     case PointState::failed: return "failed";
     case PointState::diverged: return "diverged";
+    case PointState::blocked: return "blocked";
   }
   return "?";
 }
@@ -85,7 +86,28 @@ int count_lines(const fs::path& p) {
 
 }  // namespace
 
-PointStatus point_status(const fs::path& dir, const ClaimRules& rules) {
+namespace {
+
+// A pending branch point: ready once the parent's checkpoint is complete; blocked when the parent
+// ended without it.
+void check_parent(PointStatus& s, const fs::path& checkpoint, const ClaimRules& rules) {
+  s.ready = fs::exists(checkpoint / "COMPLETE");
+  if (s.ready) return;
+  const fs::path parent = checkpoint.parent_path().parent_path();
+  const PointStatus p = point_status(parent, rules);
+  const std::string who = cat("parent ", parent.filename().string(), " ");
+  if (p.state == PointState::failed || p.state == PointState::diverged || p.state == PointState::blocked) {
+    s.state = PointState::blocked;
+    s.error = who + point_state_name(p.state) + ": " + p.error;
+  } else if (p.state == PointState::done) {
+    s.state = PointState::blocked;
+    s.error = who + "is done but has no complete checkpoint " + checkpoint.string();
+  }
+}
+
+}  // namespace
+
+PointStatus point_status(const fs::path& dir, const ClaimRules& rules, const fs::path& parent_checkpoint) {
   PointStatus s;
   s.attempts = count_lines(dir / "attempts.log");
   while (fs::exists(dir / cat("FAILED.", s.failures + 1))) ++s.failures;
@@ -95,6 +117,7 @@ PointStatus point_status(const fs::path& dir, const ClaimRules& rules) {
   else if (s.failures >= rules.max_failures) s.state = PointState::failed;
   else if (fs::exists(dir / "claim") && claim_live(dir, rules)) s.state = PointState::running, s.claim = read_file(dir / "claim");
   else if (has_checkpoint(dir)) s.state = PointState::resumable;
+  if (s.state == PointState::pending && !parent_checkpoint.empty()) check_parent(s, parent_checkpoint, rules);
   return s;
 }
 

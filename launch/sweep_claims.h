@@ -9,6 +9,9 @@
 //   DIVERGED    a non-finite loss: terminal
 //   attempts.log one line per start of the point (the tests count them)
 // A point with a complete checkpoint and no live claim is resumable (the trainer resumes exactly).
+// A branch point (WSD cooldown, train.init_from) is ready once its parent's checkpoint is complete
+// (COMPLETE in it); until then it waits, and when the parent can no longer write it (failed,
+// diverged, or done without it) the branch is blocked (terminal, with the parent's reason).
 #pragma once
 
 #include <atomic>
@@ -20,14 +23,14 @@
 
 namespace peerless {
 
-enum class PointState { pending, resumable, running, done, failed, diverged };
+enum class PointState { pending, resumable, running, done, failed, diverged, blocked };
 const char* point_state_name(PointState s);
 
 struct PointStatus {
   PointState state = PointState::pending;
   int failures = 0;     // FAILED.<n> files
   int attempts = 0;     // lines of attempts.log
-  std::string error;    // the last FAILED.<n> or DIVERGED text
+  std::string error;    // the last FAILED.<n> or DIVERGED text; blocked: the parent's state and error
   std::string claim;    // the claim's text when running
   bool ready = true;    // false while a branch point waits for its parent's checkpoint
 };
@@ -37,8 +40,10 @@ struct ClaimRules {
   double stale_after_s = 600;
 };
 
-// Reads the point's files (no side effects).
-PointStatus point_status(const std::filesystem::path& dir, const ClaimRules& rules);
+// Reads the point's files (no side effects). `parent_checkpoint`: a branch point's train.init_from
+// directory (DIR/points/<parent>/checkpoints/step_<n>), whose point directory is two levels up.
+PointStatus point_status(const std::filesystem::path& dir, const ClaimRules& rules,
+                         const std::filesystem::path& parent_checkpoint = {});
 // Takes the claim (breaking a stale one first). False when another live claim holds it.
 bool try_claim(const std::filesystem::path& dir, const ClaimRules& rules);
 void release_claim(const std::filesystem::path& dir);

@@ -2,6 +2,7 @@
 // sweep_grid.h).
 #include "launch/sweep_grid.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include "data/dataset.h"
 #include "launch/trainer.h"
 #include "model/model.h"
+#include "model/optimizer.h"
 #include "runtime/error.h"
 #include "runtime/sha256.h"
 
@@ -104,12 +106,43 @@ int64_t int_key(const toml::table& t, const char* key, int64_t def, int64_t lo, 
   return *v;
 }
 
+// sweep.branch_tokens_per_param / branch_budget_C / branch_max_steps: at most one, a list of
+// distinct positive numbers (integers for steps).
+void parse_branch_targets(const toml::table& sw, SweepSpec& spec, const std::string& origin) {
+  static const std::pair<const char*, const char*> keys[] = {
+      {"branch_tokens_per_param", "tokens_per_param"},
+      {"branch_budget_C", "budget_C"},
+      {"branch_max_steps", "train.max_steps"}};
+  for (const auto& [key, target] : keys) {
+    const toml::node* n = sw.get(key);
+    if (!n) continue;
+    PL_CHECK(spec.branch_key.empty(), config, origin, ": give one of sweep.branch_tokens_per_param, branch_budget_C, "
+             "branch_max_steps, not several");
+    const toml::array* arr = n->as_array();
+    PL_CHECK(arr && !arr->empty(), config, origin, ": key 'sweep.", key, "' = ", value_text(*n),
+             " (allowed: a non-empty list of targets, e.g. [10, 20, 40])");
+    std::set<double> seen;
+    for (const toml::node& v : *arr) {
+      const auto d = v.value<double>();
+      const bool integral = !std::string(target).starts_with("train.") || v.is_integer();
+      PL_CHECK(d && *d > 0 && std::isfinite(*d) && integral && seen.insert(*d).second, config, origin, ": key 'sweep.",
+               key, "' = ", value_text(*n), ": bad target ", value_text(v),
+               integral ? " (allowed: distinct numbers > 0)" : " (allowed: distinct integers > 0)");
+      spec.branch_values.push_back(value_text(v));
+    }
+    spec.branch_key = target;
+  }
+}
+
 void parse_sweep_table(const toml::table& sw, SweepSpec& spec, const std::string& origin, const std::string& base_dir) {
   static const std::set<std::string> known = {"name", "ranks_per_point", "max_failures", "stale_after_s", "base",
-                                              "axis", "point"};
+                                              "axis", "point", "branch_tokens_per_param", "branch_budget_C",
+                                              "branch_max_steps"};
   for (auto&& [k, node] : sw)
     PL_CHECK(known.count(std::string(k.str())), config, origin, ": unknown key 'sweep.", k.str(),
-             "' (allowed: name, ranks_per_point, max_failures, stale_after_s, base, axis, point)");
+             "' (allowed: name, ranks_per_point, max_failures, stale_after_s, base, axis, point, "
+             "branch_tokens_per_param, branch_budget_C, branch_max_steps)");
+  parse_branch_targets(sw, spec, origin);
   if (auto n = sw.get("name")) {
     PL_CHECK(n->is_string() && !n->value<std::string>()->empty(), config, origin, ": key 'sweep.name' must be a non-empty string");
     spec.name = *n->value<std::string>();
@@ -214,7 +247,7 @@ std::string key_label(const std::string& key) {
 // "0.001" -> "1e-3", "1e+18" -> "1e18", strings without quotes.
 std::string value_label(const std::string& v) {
   std::string s = v;
-  if (!s.empty() && s.front() == '"') return s.substr(1, s.size() - 2);
+  if (!s.empty() && (s.front() == '"' || s.front() == '\'')) return s.substr(1, s.size() - 2);  // TOML strings
   double d = 0;
   const auto r = std::from_chars(s.data(), s.data() + s.size(), d);
   if (r.ec == std::errc() && r.ptr == s.data() + s.size() && s.find('.') != std::string::npos && d != 0 &&
@@ -300,6 +333,14 @@ double budget_value(const std::vector<AxisValue>& values, const std::string& key
   return 0;
 }
 
+// The point's length: steps, tokens, FLOPs (budget_C is the nominal budget, else the FLOPs).
+void set_steps(SweepPoint& p, int64_t steps, double budget_C) {
+  p.steps = steps;
+  p.tokens = p.steps * p.tokens_per_step;
+  p.flops = p.flops_per_token * static_cast<double>(p.tokens);
+  p.budget_C = budget_C > 0 ? budget_C : p.flops;
+}
+
 // Accounting and the budget's steps.
 void size_point(SweepPoint& p, const SweepSpec& spec, std::map<std::string, int64_t>& vocab) {
   ModelConfig mc = p.cfg.model;
@@ -316,23 +357,96 @@ void size_point(SweepPoint& p, const SweepSpec& spec, std::map<std::string, int6
   const double step_tokens = static_cast<double>(p.tokens_per_step);
   if (tpp > 0) p.cfg.train.max_steps = std::max<int64_t>(1, std::llround(tpp * p.n_active / step_tokens));
   if (C > 0) p.cfg.train.max_steps = std::max<int64_t>(1, std::llround(C / (p.flops_per_token * step_tokens)));
-  p.steps = p.cfg.train.max_steps;
-  p.tokens = p.steps * p.tokens_per_step;
-  p.flops = p.flops_per_token * static_cast<double>(p.tokens);
-  p.budget_C = C > 0 ? C : p.flops;
+  set_steps(p, p.cfg.train.max_steps, C);
 }
 
-SweepPoint resolve_one(const SweepSpec& spec, size_t i, std::map<std::string, int64_t>& vocab) {
-  SweepPoint p;
-  p.values = spec.points[i];
-  p.name = spec.point_names[i].empty() ? point_name(p.values) : spec.point_names[i];
-  p.cfg = parse_run_config_text(point_toml(spec.base_text, p.values), cat(spec.base_origin, " + point ", p.name));
-  p.cfg.checkpoint.dir = "";  // checkpoints live in the point's directory
-  size_point(p, spec, vocab);
+// The id: the sha256 of the canonical config (call after the last change to cfg).
+void seal(SweepPoint& p) {
   const std::string text = canonical_config(p.cfg);
   p.config_sha256 = sha256_hex(text.data(), text.size());
   p.id = p.config_sha256.substr(0, 12);
+}
+
+SweepPoint build_point(const SweepSpec& spec, std::vector<AxisValue> values, std::string name,
+                       std::map<std::string, int64_t>& vocab) {
+  SweepPoint p;
+  p.values = std::move(values);
+  p.name = std::move(name);
+  p.cfg = parse_run_config_text(point_toml(spec.base_text, p.values), cat(spec.base_origin, " + point ", p.name));
+  p.cfg.checkpoint.dir = "";  // checkpoints live in the point's directory
+  size_point(p, spec, vocab);
   return p;
+}
+
+std::string given_or_derived_name(const SweepSpec& spec, size_t i) {
+  return spec.point_names[i].empty() ? point_name(spec.points[i]) : spec.point_names[i];
+}
+
+// The branch points of grid point i (init_from not yet set) and their decay starts n0_k.
+std::vector<SweepPoint> branch_points(const SweepSpec& spec, size_t i, std::map<std::string, int64_t>& vocab) {
+  const std::string key = spec.branch_key == "train.max_steps" ? "max_steps" : spec.branch_key;
+  for (const auto& [k, v] : spec.points[i])
+    PL_CHECK(!kBudgetKeys.count(k) && k != "train.max_steps" && k != "train.branch_steps" && k != "train.init_from" &&
+                 k != "train.stop_step",
+             config, "key '", k, "' = ", v, ": a branched sweep sets it from sweep.branch_", key,
+             " (remove it from the axes and points)");
+  const bool unnamed = spec.points[i].empty() && spec.point_names[i].empty();
+  std::vector<SweepPoint> out;
+  for (const auto& target : spec.branch_values) {
+    auto values = spec.points[i];
+    values.emplace_back(spec.branch_key, target);
+    const std::string tag = point_name({{spec.branch_key, target}});
+    SweepPoint b = build_point(spec, values, unnamed ? tag : given_or_derived_name(spec, i) + "-" + tag, vocab);
+    PL_CHECK(b.cfg.optim.schedule == "wsd", config, "key 'sweep.branch_", key,
+             "' needs optim.schedule = \"wsd\" (got \"", b.cfg.optim.schedule, "\"): only a wsd run's stable phase is shared by its cooldown branches");
+    PL_CHECK(b.cfg.train.branch_steps.empty() && b.cfg.train.init_from.empty() && b.cfg.train.stop_step == 0, config,
+             "a branched sweep sets train.branch_steps, train.init_from and train.stop_step itself "
+             "(remove them from the base)");
+    b.start_step = wsd_decay_start(b.cfg.optim, b.steps);
+    PL_CHECK(b.start_step >= 1, config, "key 'sweep.branch_", key, "' target ", target, " gives ", b.steps,
+             " step(s): too short for a cooldown branch (its cooldown would start at step ", b.start_step,
+             "; allowed: targets of at least 2 steps)");
+    b.role = "branch";
+    out.push_back(std::move(b));
+  }
+  return out;
+}
+
+// Grid point i of a branched sweep: the stable point, then one branch per target (SWEEPS §2). The
+// stable run has the wsd schedule of the longest target, keeps a checkpoint at every n0_k and stops
+// at the largest one, so it never cools; every target, T_max included, is a branch.
+std::vector<SweepPoint> resolve_branched(const SweepSpec& spec, size_t i, std::map<std::string, int64_t>& vocab) {
+  std::vector<SweepPoint> branches = branch_points(spec, i, vocab);
+  const auto longest = std::max_element(branches.begin(), branches.end(),
+                                        [](const SweepPoint& a, const SweepPoint& b) { return a.steps < b.steps; });
+  std::set<int64_t> starts;
+  for (const auto& b : branches) starts.insert(b.start_step);
+  const bool unnamed = spec.points[i].empty() && spec.point_names[i].empty();
+  const std::string name = unnamed ? "stable" : given_or_derived_name(spec, i) + "-stable";
+  SweepPoint stable = build_point(spec, spec.points[i], name, vocab);
+  std::string list;
+  for (int64_t n : starts) list += (list.empty() ? "" : ",") + std::to_string(n);
+  stable.cfg.train.max_steps = longest->steps;
+  stable.cfg.train.branch_steps = list;
+  stable.cfg.train.stop_step = longest->start_step;
+  stable.role = "stable";
+  set_steps(stable, longest->start_step, 0);
+  seal(stable);
+  std::vector<SweepPoint> out = {stable};
+  for (auto& b : branches) {
+    b.cfg.train.init_from = cat("points/", stable.id, "/checkpoints/step_", b.start_step);
+    b.parent_id = stable.id;
+    seal(b);
+    out.push_back(std::move(b));
+  }
+  return out;
+}
+
+std::vector<SweepPoint> resolve_grid_point(const SweepSpec& spec, size_t i, std::map<std::string, int64_t>& vocab) {
+  if (!spec.branch_key.empty()) return resolve_branched(spec, i, vocab);
+  SweepPoint p = build_point(spec, spec.points[i], given_or_derived_name(spec, i), vocab);
+  seal(p);
+  return {p};
 }
 
 }  // namespace
@@ -344,12 +458,15 @@ std::vector<SweepPoint> resolve_points(const SweepSpec& spec) {
   std::map<std::string, std::string> ids, names;
   for (size_t i = 0; i < spec.points.size(); ++i) {
     try {
-      SweepPoint p = resolve_one(spec, i, vocab);
-      if (ids.count(p.id)) errors.push_back(cat("points ", ids[p.id], " and ", p.name, " resolve to the same config (id ", p.id, ")"));
-      else if (names.count(p.name)) errors.push_back(cat("two points are named ", p.name, " (give them names in [[sweep.point]])"));
-      ids[p.id] = p.name;
-      names[p.name] = p.id;
-      points.push_back(std::move(p));
+      for (SweepPoint& p : resolve_grid_point(spec, i, vocab)) {
+        if (ids.count(p.id))
+          errors.push_back(cat("points ", ids[p.id], " and ", p.name, " resolve to the same config (id ", p.id, ")"));
+        else if (names.count(p.name))
+          errors.push_back(cat("two points are named ", p.name, " (give them names in [[sweep.point]])"));
+        ids[p.id] = p.name;
+        names[p.name] = p.id;
+        points.push_back(std::move(p));
+      }
     } catch (const Error& e) {
       errors.push_back(cat("point ", point_name(spec.points[i]), ": ", e.what()));
     } catch (const toml::parse_error& e) {

@@ -64,7 +64,8 @@ std::vector<PointRow> read_points(const std::string& dir) {
     if (!fs::exists(e.path() / "point.json")) continue;
     PointRow r;
     r.point = read_json(e.path() / "point.json");
-    r.status = point_status(e.path(), rules);
+    const std::string init_from = r.point.value("init_from", "");
+    r.status = point_status(e.path(), rules, init_from.empty() ? fs::path() : fs::path(dir) / init_from);
     if (r.status.state == PointState::done) r.result = read_json(e.path() / "DONE");
     const json m = last_metrics(e.path() / "metrics.jsonl");
     if (m.is_object() && m.contains("step")) r.step = m["step"].get<int64_t>();
@@ -77,16 +78,21 @@ std::vector<PointRow> read_points(const std::string& dir) {
   return rows;
 }
 
-std::string status_word(const PointStatus& s) {
+// "done", "retry 1", "failed 2", "waiting" (a branch before its parent's checkpoint); a finished
+// WSD stable run is "stable", never "done": it is not cooled down, so `peerless fit` skips it.
+std::string status_word(const PointRow& r) {
+  const PointStatus& s = r.status;
   if (s.state == PointState::failed || (s.state == PointState::pending && s.failures > 0))
     return cat(s.state == PointState::failed ? "failed" : "retry", " ", s.failures);
+  if (s.state == PointState::pending && !s.ready) return "waiting";
+  if (s.state == PointState::done && r.point.value("role", "") == "stable") return "stable";
   return point_state_name(s.state);
 }
 
 json result_row(const PointRow& r) {
   json row;
   for (const auto& c : kResultColumns) row[c] = r.point.contains(c) ? r.point[c] : json("");
-  row["status"] = status_word(r.status);
+  row["status"] = status_word(r);
   row["attempts"] = r.status.attempts;
   row["val_loss"] = row["val_tokens"] = row["wall_s"] = row["tokens_per_s"] = "";
   if (r.result.is_object())
@@ -160,7 +166,11 @@ std::string eta_text(const std::vector<PointRow>& rows) {
         break;
       case PointState::running: ++running; [[fallthrough]];
       case PointState::pending:
-      case PointState::resumable: remaining += flops * (1.0 - static_cast<double>(r.step) / steps); break;
+      case PointState::resumable: {  // a branch trains from its parent's step on
+        const double from = std::max(static_cast<double>(r.step), r.point.value("start_step", 0.0));
+        remaining += flops * (1.0 - from / steps);
+        break;
+      }
       default: break;
     }
   }
@@ -182,11 +192,14 @@ std::string status_text(const std::string& dir) {
   os << line;
   std::map<std::string, int> counts;
   for (const auto& r : rows) {
-    const std::string state = status_word(r.status);
+    const std::string state = status_word(r);
     ++counts[state.substr(0, state.find(' '))];
     const std::string val = r.result.is_object() ? cat(std::round(r.result.value("val_loss", 0.0) * 1e4) / 1e4) : "";
     std::string note = r.status.error.substr(0, r.status.error.find('\n'));
     if (r.status.state == PointState::running) note = "claim " + r.status.claim.substr(0, r.status.claim.find('\n'));
+    if (r.point.value("role", "") == "branch" && r.status.state != PointState::blocked)
+      note = cat("branch of ", r.point.value("parent_id", ""), " at step ", r.point.value("start_step", 0),
+                 note.empty() ? "" : "; ", note);
     std::snprintf(line, sizeof line, "%-12s  %-28s %-10s %7lld/%-7lld %10s  %s\n",
                   r.point.value("id", "").c_str(), r.point.value("name", "").c_str(), state.c_str(),
                   static_cast<long long>(r.step), static_cast<long long>(r.point.value("steps", 0)), val.c_str(),

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <numeric>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -32,18 +33,25 @@ std::string plan_text(const SweepSpec& spec, const std::vector<SweepPoint>& poin
   std::string out = cat("sweep ", spec.name, ": ", points.size(), " points, ", spec.ranks_per_point,
                         " rank(s) per point; FLOPs = training (3x forward) per token x tokens\n");
   char line[512];
-  std::snprintf(line, sizeof line, "%-12s  %-28s %12s %12s %12s %12s %10s %8s\n", "id", "name", "N_total", "N_active",
-                "flops/token", "tokens", "C", "steps");
+  std::snprintf(line, sizeof line, "%-12s  %-28s %12s %12s %12s %12s %10s %8s  %s\n", "id", "name", "N_total",
+                "N_active", "flops/token", "tokens", "C", "steps", "branch");
   out += line;
-  double total = 0;
+  double total = 0, trained = 0;
   for (const auto& p : points) {
-    std::snprintf(line, sizeof line, "%-12s  %-28s %12.0f %12.0f %12.4g %12lld %10.3g %8lld\n", p.id.c_str(),
+    // A stable run stops where its longest branch cools down; a branch starts at its parent's step.
+    const std::string branch = p.role == "stable"   ? cat("stable: checkpoints at ", p.cfg.train.branch_steps)
+                               : p.role == "branch" ? cat("from ", p.parent_id, " step ", p.start_step)
+                                                    : "";
+    std::snprintf(line, sizeof line, "%-12s  %-28s %12.0f %12.0f %12.4g %12lld %10.3g %8lld  %s\n", p.id.c_str(),
                   p.name.c_str(), p.n_params, p.n_active, p.flops_per_token, static_cast<long long>(p.tokens), p.flops,
-                  static_cast<long long>(p.steps));
+                  static_cast<long long>(p.steps), branch.c_str());
     out += line;
     total += p.flops;
+    trained += p.flops * (1.0 - static_cast<double>(p.start_step) / static_cast<double>(p.steps));
   }
-  return out + cat("total: ", total, " FLOPs\n");
+  out += cat("total: ", total, " FLOPs");
+  if (trained != total) out += cat(" (", trained, " trained: branches share their stable run's steps)");
+  return out + "\n";
 }
 
 namespace {
@@ -59,7 +67,7 @@ nlohmann::json point_json(const SweepPoint& p, size_t index) {
           {"arch", p.arch},
           {"seed", p.cfg.run.seed},
           {"lr", p.cfg.optim.lr},
-          {"schedule", p.cfg.optim.schedule},
+          {"schedule", p.role == "stable" ? "wsd-stable" : p.cfg.optim.schedule},
           {"n_params", p.n_params},
           {"n_active", p.n_active},
           {"flops_per_token", p.flops_per_token},
@@ -69,6 +77,9 @@ nlohmann::json point_json(const SweepPoint& p, size_t index) {
           {"flops", p.flops},
           {"budget_C", p.budget_C},
           {"parent_id", p.parent_id},
+          {"role", p.role},
+          {"start_step", p.start_step},
+          {"init_from", p.cfg.train.init_from},
           {"git_sha", PEERLESS_GIT_SHA}};
 }
 
@@ -90,23 +101,37 @@ void prepare_sweep_dir(const std::string& sweep_path, const fs::path& dir, const
   }
 }
 
-// The costliest claimable point, claimed; "" when none is left.
-std::string claim_next(const std::vector<SweepPoint>& points, const fs::path& dir, const ClaimRules& rules) {
+// A point's state; a branch's readiness from its parent's checkpoint (train.init_from, relative
+// to the sweep directory).
+PointStatus status_of(const SweepPoint& p, const fs::path& dir, const ClaimRules& rules) {
+  const std::string& init = p.cfg.train.init_from;
+  return point_status(dir / "points" / p.id, rules, init.empty() ? fs::path() : dir / init);
+}
+
+// What the group leader found: a claimed point's id, or none; `wait` when some branch point is not
+// ready yet but its parent can still write the checkpoint it needs.
+struct Claim {
+  std::string id;
+  bool wait = false;
+};
+
+// The costliest claimable (and ready) point, claimed.
+Claim claim_next(const std::vector<SweepPoint>& points, const fs::path& dir, const ClaimRules& rules) {
   std::vector<size_t> order(points.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return points[a].flops > points[b].flops; });
+  Claim c;
   for (size_t i : order) {
     const fs::path pdir = dir / "points" / points[i].id;
-    const auto claimable = [&] {
-      const PointStatus s = point_status(pdir, rules);
-      return s.ready && (s.state == PointState::pending || s.state == PointState::resumable);
-    };
-    if (!claimable() || !try_claim(pdir, rules)) continue;
+    const PointStatus s = status_of(points[i], dir, rules);
+    if (s.state == PointState::pending && !s.ready) c.wait = true;
+    if (!s.ready || (s.state != PointState::pending && s.state != PointState::resumable) || !try_claim(pdir, rules))
+      continue;
     // Another group may have finished it between the look and the claim.
-    if (const PointStatus s = point_status(pdir, rules); s.state == PointState::running) return points[i].id;
+    if (point_status(pdir, rules).state == PointState::running) return {points[i].id, false};
     release_claim(pdir);
   }
-  return "";
+  return c;
 }
 
 // Sends this process's stdout to `path` (appending) until destroyed: each point's log is its own.
@@ -147,6 +172,7 @@ PointEnd run_point(const SweepPoint& point, const fs::path& dir, const SweepSpec
   RunConfig cfg = point.cfg;
   cfg.run.out_dir = (dir / "points").string();
   cfg.run.name = point.id;
+  if (!cfg.train.init_from.empty()) cfg.train.init_from = (dir / cfg.train.init_from).string();
   TrainOutcome outcome;
   TrainOptions options;
   options.resume = "auto";
@@ -194,10 +220,26 @@ void report(const Comm& world, const SweepPoint& p, PointEnd end, const fs::path
 void group_loop(const std::vector<SweepPoint>& points, const fs::path& dir, const SweepSpec& spec, Comm& group,
                 const Comm& world) {
   const ClaimRules rules{static_cast<int>(spec.max_failures), spec.stale_after_s};
+  bool said_waiting = false;
   for (;;) {
-    std::string id = group.rank() == 0 ? claim_next(points, dir, rules) : std::string();
+    // "" = nothing left, "-" = branch points wait for their parents' checkpoints: poll again.
+    std::string id;
+    if (group.rank() == 0) {
+      const Claim c = claim_next(points, dir, rules);
+      id = !c.id.empty() ? c.id : c.wait ? "-" : "";
+    }
     id = broadcast_string(group, id);
     if (id.empty()) return;
+    if (id == "-") {
+      if (group.rank() == 0 && !said_waiting) {
+        std::printf("[sweep] rank %d: waiting for branch checkpoints of points other groups run\n", world.rank());
+        std::fflush(stdout);
+      }
+      said_waiting = true;
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+      continue;
+    }
+    said_waiting = false;
     const auto it = std::find_if(points.begin(), points.end(), [&](const SweepPoint& p) { return p.id == id; });
     PL_ASSERT(it != points.end());
     if (group.rank() == 0) {

@@ -1,9 +1,10 @@
 // `peerless sweep` (../shared/SWEEPS.md §5): plan, run, status, collect. The runner packs points
 // into one job: under `mpirun -np N` the ranks split into groups of sweep.ranks_per_point
 // (sub-communicators of the one world), and each group leader claims points (launch/sweep_claims.h),
-// costliest ready point first, until none is claimable. Each point is an ordinary in-process
-// run_training with run directory DIR/points/<id> and resume "auto"; rank 0 writes the results
-// (launch/sweep_results.h) when every group is done.
+// costliest ready point first, until none is claimable; while WSD branch points still wait for a
+// checkpoint their parent is writing (launch/sweep_grid.h) the group polls every 2 s. Each point is
+// an ordinary in-process run_training with run directory DIR/points/<id> and resume "auto"; rank 0
+// writes the results (launch/sweep_results.h) when every group is done.
 #pragma once
 
 #include <string>

@@ -487,7 +487,7 @@ void print_progress(TrainSession& s, int64_t step, const StepResult& r, const do
                     double tps) {
   const double elapsed = seconds_since(s.t_start), avg_loss = s.window_loss / static_cast<double>(s.window_steps);
   const double per_step = elapsed / static_cast<double>(step - s.start_step);
-  double eta = per_step * static_cast<double>(s.cfg.train.max_steps - step);
+  double eta = per_step * static_cast<double>(s.cfg.train.last_step() - step);
   if (s.cfg.train.time_limit_minutes > 0) eta = std::min(eta, 60.0 * s.cfg.train.time_limit_minutes - elapsed);
   std::fputs(metrics_line(step, s.tokens_seen, avg_loss, lr_at(s, step), r.grad_norm, tps, val, &usage).c_str(),
              s.metrics);

@@ -24,13 +24,14 @@ int run_training(RunConfig cfg, const TrainOptions& options, Comm& comm) {
   const StopSignals stop_signals;
   const TrainSection& train = s.cfg.train;
   const std::vector<int64_t> branch_steps = train.branch_step_list();
-  for (int64_t step = s.start_step + 1; step <= train.max_steps; ++step) {
+  const int64_t last_step = train.last_step();  // train.stop_step, else max_steps (the schedule's length)
+  for (int64_t step = s.start_step + 1; step <= last_step; ++step) {
     PL_ASSERT(s.loader->step() == step);
     const CommSnapshot before = comm_snapshot(s);
     const StepResult r = runner->step(step);
     account_step(s, step, r, before);
     const StopFlags stop = agree_on_stop(s);
-    const bool last = step == train.max_steps || stop.time_limit;
+    const bool last = step == last_step || stop.time_limit;
     const bool eval_now = !last && train.eval_every > 0 && step % train.eval_every == 0;
     if (step % train.log_every == 0 || eval_now || last) log_progress(s, *runner, step, r, eval_now);
     const bool by_steps = (s.cfg.checkpoint.every_steps > 0 && step % s.cfg.checkpoint.every_steps == 0) ||

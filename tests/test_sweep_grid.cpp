@@ -1,11 +1,13 @@
 // Sweep files (launch/sweep_grid.h): zip within an axis vs grid across axes, explicit points, stable
-// names and ids, budgets turned into steps, and config errors that name the key.
+// names and ids, budgets turned into steps, WSD branching (stable + branch points), and config
+// errors that name the key.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <set>
 
 #include "launch/sweep_grid.h"
+#include "model/optimizer.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -49,6 +51,7 @@ TEST(SweepGrid, IdsAreStableAndFollowTheConfigOnly) {
   EXPECT_EQ(b[0].name, "x");
   EXPECT_NE(a[0].id, a[1].id);
   EXPECT_EQ(a[0].id, resolve_points(parse("[[sweep.axis]]\n\"optim.lr\" = [1e-3, 2e-3]\n"))[0].id);
+  EXPECT_EQ(resolve_points(parse("[[sweep.axis]]\n\"optim.schedule\" = [\"constant\"]\n"))[0].name, "constant");
 }
 
 TEST(SweepGrid, BudgetsBecomeSteps) {
@@ -90,6 +93,85 @@ TEST(SweepGrid, ErrorsNameTheKey) {
   expect_error("[[sweep.axis]]\n\"model.d_model\" = [-1]\n", "key 'model.d_model' = -1", true);
   expect_error("[[sweep.axis]]\n\"optim.lr\" = [1e-3, 1e-3]\n", "resolve to the same config", true);
   expect_error("[[sweep.axis]]\ntokens_per_param = [10]\nbudget_C = [1e12]\n", "one budget per point", true);
+}
+
+
+const char* kWsd = "[base.optim]\nschedule = \"wsd\"\nwarmup_steps = 2\n";
+
+TEST(SweepGrid, BranchesOneStablePointAndOneBranchPerTarget) {
+  const SweepSpec s =
+      parse(std::string("branch_tokens_per_param = [10, 20, 40]\n[[sweep.axis]]\n\"model.d_model\" = [32, 64]\n") + kWsd);
+  const auto p = resolve_points(s);
+  ASSERT_EQ(p.size(), 8u);  // per size: stable + 3 branches
+  std::vector<std::string> names;
+  for (const auto& q : p) names.push_back(q.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"d32-stable", "d32-tpp10", "d32-tpp20", "d32-tpp40", "d64-stable",
+                                             "d64-tpp10", "d64-tpp20", "d64-tpp40"}));
+  for (size_t g = 0; g < 2; ++g) {
+    const SweepPoint& stable = p[4 * g];
+    EXPECT_EQ(stable.role, "stable");
+    EXPECT_TRUE(stable.parent_id.empty());
+    std::string starts;
+    for (size_t k = 1; k <= 3; ++k) {
+      const SweepPoint& b = p[4 * g + k];
+      const double tpp = 10.0 * (k == 3 ? 4 : k);
+      EXPECT_EQ(b.steps, std::llround(tpp * b.n_active / 128.0)) << b.name;
+      EXPECT_EQ(b.cfg.train.max_steps, b.steps);
+      // The step a straight wsd run of T_k steps starts cooling: round(0.8 T_k) for decay_fraction 0.2.
+      EXPECT_EQ(b.start_step, wsd_decay_start(b.cfg.optim, b.steps)) << b.name;
+      EXPECT_EQ(b.start_step, b.steps - std::llround(0.2 * static_cast<double>(b.steps))) << b.name;
+      EXPECT_EQ(b.role, "branch");
+      EXPECT_EQ(b.parent_id, stable.id);
+      EXPECT_EQ(b.cfg.train.init_from, "points/" + stable.id + "/checkpoints/step_" + std::to_string(b.start_step));
+      EXPECT_EQ(b.cfg.train.stop_step, 0);
+      EXPECT_TRUE(b.cfg.train.branch_steps.empty());
+      starts += (starts.empty() ? "" : ",") + std::to_string(b.start_step);
+    }
+    // The stable run has the longest target's schedule and stops where it starts cooling.
+    EXPECT_EQ(stable.cfg.train.max_steps, p[4 * g + 3].steps);
+    EXPECT_EQ(stable.cfg.train.stop_step, p[4 * g + 3].start_step);
+    EXPECT_EQ(stable.steps, p[4 * g + 3].start_step);
+    EXPECT_EQ(stable.tokens, stable.steps * 128);
+    EXPECT_EQ(stable.cfg.train.branch_steps, starts);
+    EXPECT_EQ(stable.cfg.optim.schedule, "wsd");
+  }
+  // Stable ids: the same file resolves to the same ids; a branch's id follows its parent's.
+  const auto again = resolve_points(s);
+  for (size_t i = 0; i < p.size(); ++i) EXPECT_EQ(p[i].id, again[i].id);
+  const auto lr = resolve_points(parse(std::string("branch_tokens_per_param = [10, 20, 40]\n[[sweep.axis]]\n"
+                                                   "\"model.d_model\" = [32, 64]\n\"optim.lr\" = [1e-3, 1e-3]\n") + kWsd));
+  EXPECT_NE(lr[1].id, p[1].id);  // another stable run: other branches
+  EXPECT_EQ(lr[1].parent_id, lr[0].id);
+}
+
+TEST(SweepGrid, BranchTargetsInStepsAndC) {
+  const auto p = resolve_points(parse(std::string("branch_max_steps = [10, 25]\n") + kWsd));
+  ASSERT_EQ(p.size(), 3u);
+  EXPECT_EQ(p[0].name, "stable");
+  EXPECT_EQ(p[1].name, "steps10");
+  EXPECT_EQ(p[1].start_step, 8);
+  EXPECT_EQ(p[2].start_step, 20);
+  EXPECT_EQ(p[0].cfg.train.branch_steps, "8,20");
+  EXPECT_EQ(p[0].cfg.train.max_steps, 25);
+  EXPECT_EQ(p[0].steps, 20);
+  const auto c = resolve_points(parse(std::string("branch_budget_C = [1e12, 2e12]\n") + kWsd));
+  EXPECT_EQ(c[2].steps, std::llround(2e12 / (c[2].flops_per_token * 128)));
+  EXPECT_DOUBLE_EQ(c[2].budget_C, 2e12);
+  EXPECT_EQ(c[2].name, "C2e12");
+}
+
+TEST(SweepGrid, BranchErrorsNameTheKey) {
+  expect_error("branch_tokens_per_param = [10, 20]\n",
+               "key 'sweep.branch_tokens_per_param' needs optim.schedule = \"wsd\" (got \"cosine\")", true);
+  expect_error("branch_tokens_per_param = [10, 10]\n", "bad target 10");
+  expect_error("branch_tokens_per_param = []\n", "key 'sweep.branch_tokens_per_param' = []");
+  expect_error("branch_max_steps = [10.5]\n", "allowed: distinct integers > 0");
+  expect_error("branch_max_steps = [10]\nbranch_budget_C = [1e12]\n", "not several");
+  expect_error(std::string("branch_max_steps = [1, 10]\n") + kWsd, "target 1 gives 1 step(s): too short", true);
+  expect_error(std::string("branch_max_steps = [10]\n[[sweep.axis]]\ntokens_per_param = [10]\n") + kWsd,
+               "key 'tokens_per_param' = 10: a branched sweep sets it from sweep.branch_max_steps", true);
+  expect_error(std::string("branch_max_steps = [10]\n[[sweep.point]]\n\"train.branch_steps\" = \"3\"\n") + kWsd,
+               "key 'train.branch_steps' = '3': a branched sweep sets it", true);
 }
 
 }  // namespace
