@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The small-scale claims (docs/scaling.md) on the GPU machine, through `peerless sweep`: the PEER
+# isoFLOP sweep (C1), the WSD branches and their cosine controls (C5) on the GPU with 4 one-rank
+# groups packed on it, and the Q-Sparse sweep (C2) on the host's CPU cores beside them. Each sweep is
+# resumable: the command stops them (SIGTERM: checkpoint, exit 0) before the device call's limit, and
+# the next call continues where they stopped while the machine stays warm. Results (results.csv,
+# metrics, point.json, logs; no checkpoints) go to $OUT/claims after every call.
+# Needs .deps/ and runs/data/gutenberg-bpe8k.h5 carried. Usage: bash bench/claims/gpu_claims.sh [SECONDS]
+source "$(dirname "$0")/../gpu_common.sh"
+budget=${1:-480}
+gpu_build peerless
+sweep() {  # NAME RANKS: run bench/claims/NAME.toml into runs/claims/NAME until the budget is spent
+  timeout -s TERM "$budget" mpirun --oversubscribe -np "$2" "$b" sweep run "bench/claims/$1.toml" \
+    --dir "runs/claims/$1" > "$OUT/sweep_$1.log" 2>&1
+  echo "$1: exit $?"
+}
+start=$(date +%s)
+sweep qsparse 3 &
+cpu=$!
+for s in peer_isoflop wsd_branches cosine_controls; do
+  left=$((budget - ($(date +%s) - start)))
+  ((left > 20)) || break
+  budget=$left sweep "$s" 4
+done
+wait $cpu
+for s in qsparse peer_isoflop wsd_branches cosine_controls; do
+  [[ -d runs/claims/$s ]] || continue
+  $b sweep collect "runs/claims/$s" > /dev/null 2>&1
+  $b sweep status "runs/claims/$s" | tail -4
+  mkdir -p "$OUT/claims/$s"
+  (cd runs/claims/$s && find . -name checkpoints -prune -o -type f \( -name '*.csv' -o -name '*.jsonl' -o -name '*.json' \
+     -o -name '*.log' -o -name DONE -o -name 'FAILED.*' -o -name '*.toml' \) -print0 | tar --null -cf - -T - |
+     tar -xf - -C "$OUT/claims/$s")
+done
