@@ -17,6 +17,7 @@
 #include "data/loader.h"
 #include "launch/args.h"
 #include "launch/commands.h"
+#include "launch/plot.h"
 #include "launch/run_config.h"
 #include "model/model.h"
 #include "model/optimizer.h"
@@ -165,6 +166,31 @@ void report(const CoordOptions& o, const std::vector<Sample>& samples) {
                 static_cast<long long>(o.steps), v.first / v.second);
 }
 
+// coordcheck_<param>.png: mean|x| (mean over seeds) at the last step against width, one line per
+// tensor, log-log: flat lines are what μP promises (the microsoft/mup README's figure).
+void plot_coords(const CoordOptions& o, const std::vector<Sample>& samples) {
+  for (const std::string& prm : o.params) {
+    std::map<std::string, std::map<int64_t, std::pair<double, int>>> by_tensor;
+    for (const Sample& s : samples)
+      if (s.param == prm && s.step == o.steps && s.tensor != "loss") {
+        auto& cell = by_tensor[s.tensor][s.width];
+        cell.first += s.mean_abs, cell.second += 1;
+      }
+    Plot plot;
+    plot.title = cat("coordinate check, ", prm, ": after ", o.steps, " steps at ", o.lr_mult, "x lr");
+    plot.xlabel = "width d_model";
+    plot.ylabel = "mean |x| (mean over seeds)";
+    plot.log_x = plot.log_y = true;
+    plot.key = "outside right";
+    for (const auto& [tensor, by_width] : by_tensor) {
+      PlotSeries line{tensor, PlotStyle::linespoints, {}, {}, {}, 0};
+      for (const auto& [w, cell] : by_width) line.x.push_back(static_cast<double>(w)), line.y.push_back(cell.first / cell.second);
+      plot.series.push_back(std::move(line));
+    }
+    std::printf("plot: %s\n", render_plot(plot, o.out, "coordcheck_" + prm).c_str());
+  }
+}
+
 }  // namespace
 
 int cmd_coordcheck(const Args& args) {
@@ -178,7 +204,7 @@ int cmd_coordcheck(const Args& args) {
   p.option("lr-mult", &lr_mult, "X", "learning rate = optim.lr x X, constant (default 10)");
   p.option("param", &param, "sp|mup", "parameterisation (default: both)");
   p.option("tolerance", &tol, "X", "pass when |slope| <= X (default 0.1)");
-  p.option("out", &o.out, "DIR", "output directory (coordcheck.csv, flips.csv, slopes.csv)");
+  p.option("out", &o.out, "DIR", "output directory (coordcheck.csv, flips.csv, slopes.csv, coordcheck_<param>.png)");
   p.repeated("set", &o.overrides, "KEY=VALUE", "config override");
   if (!p.parse(args)) return 0;
   PL_CHECK(!o.out.empty(), config, "coordcheck: --out DIR is required");
@@ -208,6 +234,7 @@ int cmd_coordcheck(const Args& args) {
   PL_CHECK(csv.good() && flips.good(), io, "coordcheck: cannot write under ", o.out);
   report(o, samples);
   std::printf("wrote %s/coordcheck.csv, flips.csv, slopes.csv\n", o.out.c_str());
+  plot_coords(o, samples);
   return 0;
 }
 

@@ -28,6 +28,9 @@ assert not flips, "quant none has no ternary codes to flip"
 print("ok: mup slopes within ±0.1 at step 3; sp logits slope", slopes[("sp", "logits", 3)])
 PY
 grep -q "mup: .*at the last step 7 of 7: PASS" cc.log || { cat cc.log; fail "no mup PASS line"; }
+for f in cc/coordcheck_sp.png cc/coordcheck_mup.png; do
+  [[ $(head -c 8 "$f" | od -An -tx1 | tr -d ' ') == 89504e470d0a1a0a ]] || fail "$f is not a PNG"
+done
 t=("$bin" train "$src/configs/tiny.toml" --set data.path=ts.h5 --set model.param=mup --dry-run)
 expect_error "mup with attention" "key 'model.param' = \"mup\" with model.token_mixer = \"attention\"" \
     "${t[@]}" --set model.token_mixer=attention
