@@ -666,21 +666,32 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   return m;
 }
 
-std::vector<std::string> compare_configs(const std::string& saved_text, const std::string& current_text,
-                                         const std::string& origin) {
+namespace {
+// The keys whose values differ between the checkpoint's config and this run's, each as
+// (key, "key = A in the checkpoint, B now").
+std::vector<std::pair<std::string, std::string>> config_differences(const std::string& saved_text,
+                                                                    const std::string& current_text,
+                                                                    const std::string& origin) {
   RunConfig saved = parse_run_config_text(saved_text, origin + ":/config");
   RunConfig now = parse_run_config_text(current_text, "this run's config");
   ConfigSchema a, b;
   saved.bind(a);
   now.bind(b);
   const auto va = a.values(), vb = b.values();
+  std::vector<std::pair<std::string, std::string>> out;
+  for (size_t i = 0; i < va.size(); ++i)
+    if (va[i].second != vb[i].second)
+      out.emplace_back(va[i].first, cat(va[i].first, " = ", value_text(va[i].second), " in the checkpoint, ",
+                                        value_text(vb[i].second), " now"));
+  return out;
+}
+}  // namespace
+
+std::vector<std::string> compare_configs(const std::string& saved_text, const std::string& current_text,
+                                         const std::string& origin) {
   std::vector<std::string> model_diffs, other;
-  for (size_t i = 0; i < va.size(); ++i) {
-    if (va[i].second == vb[i].second) continue;
-    const std::string line =
-        cat(va[i].first, " = ", value_text(va[i].second), " in the checkpoint, ", value_text(vb[i].second), " now");
-    (va[i].first.rfind("model.", 0) == 0 ? model_diffs : other).push_back(line);
-  }
+  for (const auto& [key, line] : config_differences(saved_text, current_text, origin))
+    (key.rfind("model.", 0) == 0 ? model_diffs : other).push_back(line);
   if (!model_diffs.empty()) {
     std::string msg;
     for (const auto& d : model_diffs) msg += "\n  " + d;
@@ -691,12 +702,6 @@ std::vector<std::string> compare_configs(const std::string& saved_text, const st
 }
 
 void check_init_config(const std::string& saved_text, const std::string& current_text, const std::string& origin) {
-  RunConfig saved = parse_run_config_text(saved_text, origin + ":/config");
-  RunConfig now = parse_run_config_text(current_text, "this run's config");
-  ConfigSchema a, b;
-  saved.bind(a);
-  now.bind(b);
-  const auto va = a.values(), vb = b.values();
   const auto free_key = [](const std::string& k) {
     for (const char* f : {"optim.schedule", "optim.decay_fraction", "optim.decay_shape", "optim.lr_min"})
       if (k == f) return true;
@@ -708,10 +713,8 @@ void check_init_config(const std::string& saved_text, const std::string& current
     return k == "train.micro_batch" || k == "train.accum_steps" || k == "run.seed";
   };
   std::string msg;
-  for (size_t i = 0; i < va.size(); ++i)
-    if (must_match(va[i].first) && va[i].second != vb[i].second)
-      msg += cat("\n  ", va[i].first, " = ", value_text(va[i].second), " in the checkpoint, ", value_text(vb[i].second),
-                 " now");
+  for (const auto& [key, line] : config_differences(saved_text, current_text, origin))
+    if (must_match(key)) msg += "\n  " + line;
   PL_CHECK(msg.empty(), config, "train.init_from = ", origin,
            ": a branch run may change only train.max_steps and the schedule's decay (optim.schedule, "
            "optim.decay_fraction, optim.decay_shape, optim.lr_min); these keys differ:",
