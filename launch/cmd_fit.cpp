@@ -23,6 +23,7 @@ using nlohmann::json;
 
 struct Input {
   std::string path, sha256, n_column, flops;
+  std::vector<std::string> where;  // --where filters, as given
   size_t rows = 0;
   std::vector<SelectedPoint> selected;
 };
@@ -127,6 +128,7 @@ json report_json(const Input& in, const FitReport& r) {
           {"options",
            {{"n", in.n_column},
             {"flops", in.flops},
+            {"where", in.where},
             {"bootstrap", r.options.bootstrap},
             {"seed", r.options.seed},
             {"target_C", r.options.target_c}}},
@@ -151,7 +153,15 @@ int cmd_fit(const Args& args) {
   p.option("seed", &seed, "S", "bootstrap seed (default 1)");
   p.option("target-C", &target, "FLOPS", "also report N_opt and D_opt at this compute");
   p.option("out", &out, "DIR", "write fit.json and the plots (isoflop, frontier, residuals) here");
+  std::vector<std::string> where;
+  p.repeated("where", &where, "COLUMN=VALUE", "fit only the rows whose COLUMN is VALUE (repeatable; e.g. arch=mlgru/glu)");
   if (!p.parse(args)) return 0;
+  PointSelection sel{n == "active" ? SizeColumn::active : SizeColumn::total, flops, {}};
+  for (const std::string& w : where) {
+    const size_t eq = w.find('=');
+    PL_CHECK(eq != std::string::npos && eq > 0, config, "--where must be COLUMN=VALUE (got '", w, "')");
+    sel.where.emplace_back(w.substr(0, eq), w.substr(eq + 1));
+  }
   PL_CHECK(n == "active" || n == "total", config, "--n must be active or total (got '", n, "')");
   FitOptions o;
   o.bootstrap = static_cast<int>(parse_int_arg("bootstrap", bootstrap));
@@ -164,9 +174,10 @@ int cmd_fit(const Args& args) {
   Input in;
   in.path = results, in.sha256 = sha256_file(results), in.flops = flops;
   in.n_column = n == "active" ? "n_active" : "n_params";
+  in.where = where;
   const ResultsTable table = read_results_table(results);
   in.rows = table.rows.size();
-  in.selected = select_points(table, {n == "active" ? SizeColumn::active : SizeColumn::total, flops});
+  in.selected = select_points(table, sel);
   std::vector<ScalingPoint> pts;
   for (const auto& s : in.selected) pts.push_back(s.p);
   const FitReport r = run_fit(pts, o);

@@ -1,6 +1,7 @@
 // The results-table readers (see results_table.h).
 #include "launch/results_table.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -155,10 +156,13 @@ std::vector<SelectedPoint> select_points(const ResultsTable& t, const PointSelec
   const int n = require(t, s.n == SizeColumn::active ? "n_active" : "n_params");
   const int flops = six_nd ? -1 : require(t, s.flops);
   const int budget = t.column("budget_C"), id = t.column("id"), name = t.column("name");
+  std::vector<std::pair<int, std::string>> where;
+  for (const auto& [column, value] : s.where) where.emplace_back(require(t, column), value);
   std::vector<SelectedPoint> out;
   for (size_t r = 0; r < t.rows.size(); ++r) {
     const auto& row = t.rows[r];
     if (row[status] != "done" || row[loss].empty()) continue;
+    if (std::any_of(where.begin(), where.end(), [&](const auto& w) { return row[w.first] != w.second; })) continue;
     SelectedPoint sp;
     sp.p.loss = parse_number(t, r, loss);
     if (!std::isfinite(sp.p.loss)) continue;

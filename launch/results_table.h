@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "launch/fit.h"
@@ -28,9 +29,12 @@ enum class SizeColumn { active, total };  // n_active or n_params
 
 // Which rows become points: status == done and a finite val_loss. `flops` names the compute column
 // ("6nd": C = 6·N·D instead). Malformed numbers are data errors naming file, line and column.
+// `where`: (column, value) pairs a row must all match exactly (e.g. arch = mlgru/glu+peer[2]: one
+// architecture of a sweep); a column the table lacks is a data error.
 struct PointSelection {
   SizeColumn n = SizeColumn::active;
   std::string flops = "flops";
+  std::vector<std::pair<std::string, std::string>> where;
 };
 struct SelectedPoint {
   ScalingPoint p;

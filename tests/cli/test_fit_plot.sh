@@ -72,6 +72,16 @@ png sweep_plots/loss_curves.png
 png sweep_plots/loss_vs_flops.png
 grep -q "mmf-d32" sweep_plots/loss_curves.gp || fail "point name not in the legend"
 grep -q "'p2'" sweep_plots/loss_curves.gp || fail "point without point.json not labelled by id"
+png sweep_plots/isoflop.png  # the synthetic table has budget_C groups of 7 sizes
+# Two architectures: --where fits one of them; --with draws another sweep beside this one.
+sed '2,10s/,mmf,/,peer,/' results.csv > two.csv
+"$bin" fit two.csv --where arch=mmf --bootstrap 0 > where.log
+grep -q "fit: 25 points (of 35 rows)" where.log || { cat where.log; fail "--where arch=mmf selection"; }
+expect_error "--where on a missing column" "no column 'nope'" "$bin" fit two.csv --where nope=1
+mkdir -p other && cp two.csv other/results.csv
+"$bin" plot sweep --with other --out with_plots > with.log
+grep -q "'other: peer'" with_plots/loss_vs_flops.gp || { cat with_plots/loss_vs_flops.gp; fail "--with labels"; }
+png with_plots/loss_vs_flops.png
 mkdir empty
 expect_error "not a run or sweep" "neither a run directory" "$bin" plot empty
 echo "ok: fit, plot"
