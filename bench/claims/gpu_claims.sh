@@ -5,7 +5,7 @@
 # ladder C3; qsparse for C2) on the host's cores beside them. Each sweep is
 # resumable: the command stops them (SIGTERM: checkpoint, exit 0) before the device call's limit, and
 # the next call continues where they stopped while the machine stays warm. Results (results.csv,
-# metrics, point.json, logs; no checkpoints) go to $OUT/claims after every call.
+# metrics, point.json, logs; no checkpoints) go to $OUT/claims.tar.gz after every call.
 # Needs .deps/ and runs/data/gutenberg-bpe8k.h5 carried. Usage: bash bench/claims/gpu_claims.sh [SECONDS for the whole call, default 540]
 source "$(dirname "$0")/../gpu_common.sh"
 t0=$(date +%s)
@@ -21,7 +21,8 @@ cpu_sweeps() {  # on the host's cores beside the GPU sweeps: 3 ranks of 4 thread
   for s in ${CPU_SWEEPS:-mmf_vs_tpp}; do
     left=$((budget - ($(date +%s) - start)))
     ((left > 20)) || break
-    OMP_NUM_THREADS=4 budget=$left sweep "$s" 3 --bind-to none -x OMP_NUM_THREADS
+    # No GPU visible: the trainer's backend "auto" then picks MPI (NCCL refuses ranks sharing a GPU).
+    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 budget=$left sweep "$s" 3 --bind-to none -x OMP_NUM_THREADS -x CUDA_VISIBLE_DEVICES
   done
 }
 cpu_sweeps &
@@ -36,8 +37,6 @@ for s in mmf_vs_tpp qsparse peer_isoflop wsd_branches cosine_controls; do
   [[ -d runs/claims/$s ]] || continue
   $b sweep collect "runs/claims/$s" > /dev/null 2>&1
   $b sweep status "runs/claims/$s" | tail -4
-  mkdir -p "$OUT/claims/$s"
-  (cd runs/claims/$s && find . -name checkpoints -prune -o -type f \( -name '*.csv' -o -name '*.jsonl' -o -name '*.json' \
-     -o -name '*.log' -o -name DONE -o -name 'FAILED.*' -o -name '*.toml' \) -print0 | tar --null -cf - -T - |
-     tar -xf - -C "$OUT/claims/$s")
 done
+# One archive (the device tool returns a limited number of files): everything but checkpoints.
+(cd runs && find claims -name checkpoints -prune -o -type f -print0 | tar --null -czf "$OUT/claims.tar.gz" -T -)
