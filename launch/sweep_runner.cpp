@@ -21,9 +21,7 @@
 #include "parallel/bootstrap.h"
 #include "runtime/error.h"
 
-#ifndef PEERLESS_GIT_SHA
-#define PEERLESS_GIT_SHA ""
-#endif
+#include "peerless_git_sha.h"  // generated at build time (launch/git_sha.cmake)
 
 namespace peerless {
 
