@@ -1,6 +1,7 @@
-// Graceful preemption: SIGTERM and SIGINT set a flag that the training loop reads after each step
-// (then it finishes the step, writes a checkpoint and exits 0). A second signal of the same kind
-// gets the default action, so a second Ctrl-C still ends a stuck run at once.
+// Graceful preemption: SIGTERM, SIGINT and SIGUSR1 (Slurm's --signal=USR1@N warning) set a flag
+// that the training loop reads after each step (then it finishes the step, writes a checkpoint and
+// exits 0). A second signal of the same kind gets the default action, so a second Ctrl-C still ends
+// a stuck run at once.
 #pragma once
 
 namespace peerless {
@@ -12,7 +13,7 @@ class StopSignals {
   ~StopSignals();
   StopSignals(const StopSignals&) = delete;
   StopSignals& operator=(const StopSignals&) = delete;
-  // The signal received (SIGTERM or SIGINT), 0 when none.
+  // The signal received (SIGTERM, SIGINT or SIGUSR1), 0 when none.
   static int received();
 };
 

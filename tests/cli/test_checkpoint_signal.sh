@@ -1,4 +1,4 @@
-# Preemption: SIGTERM (or SIGINT) during training finishes the current step, writes a complete
+# Preemption: SIGTERM (or SIGINT, or Slurm's warning SIGUSR1) during training finishes the current step, writes a complete
 # checkpoint at that step and exits 0 with a message; --resume auto then continues with the losses
 # of an uninterrupted run. With 2 ranks a signal that reaches only one rank still stops both (the
 # flag is agreed by an all-reduce) and the job exits 0.
@@ -17,7 +17,7 @@ wait_for_steps() {  # wait_for_steps RUN N: until metrics.jsonl has N lines
 }
 "$bin" train "$src/configs/tiny.toml" "${common[@]}" --set run.name=ref --set train.max_steps=600 > ref.log
 
-for sig in TERM INT; do
+for sig in TERM INT USR1; do
   name=sig$sig
   "$bin" train "$src/configs/tiny.toml" "${common[@]}" --set run.name=$name --set train.max_steps=1000000 > $name.log 2>&1 &
   pid=$!
