@@ -10,6 +10,7 @@
 
 #include "data/tokenizer.h"
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 #include "runtime/h5.h"
 
 namespace peerless {
@@ -18,14 +19,6 @@ namespace {
 
 uint64_t pair_key(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
-}
-
-std::string read_file(const std::string& path, const std::string& purpose) {
-  std::ifstream in(path, std::ios::binary);
-  PL_CHECK(in.good(), io, "cannot read ", purpose, " '", path, "': no such file or not readable");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 // GPT-2 unicode string -> raw bytes; nullopt if a character is outside the byte alphabet.
@@ -93,7 +86,7 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::load_gpt2_dir(const std::string& dir
   PL_CHECK(fs::is_regular_file(enc), io, "GPT-2 tokenizer directory '", dir, "' has no encoder.json (expected ", enc,
            ")");
   PL_CHECK(fs::is_regular_file(bpe), io, "GPT-2 tokenizer directory '", dir, "' has no vocab.bpe (expected ", bpe, ")");
-  return from_gpt2_text(read_file(enc, "GPT-2 encoder"), read_file(bpe, "GPT-2 merges"), kind, dir);
+  return from_gpt2_text(read_text_file(enc, "GPT-2 encoder"), read_text_file(bpe, "GPT-2 merges"), kind, dir);
 }
 
 std::unique_ptr<BpeTokenizer> BpeTokenizer::from_gpt2_text(const std::string& encoder_json,

@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 #include "runtime/h5.h"
 
 namespace peerless {
@@ -38,17 +39,6 @@ void reject_archive(const std::string& path) {
   PL_CHECK(!is_archive(path), config, "input '", path,
            "' is an archive; prepare reads plain text only. Extract it first (e.g. `tar -xJf ", path,
            " -C DIR` for .tar.xz) and give the extracted files or directory");
-}
-
-std::string read_whole_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  PL_CHECK(in.good(), io, "cannot read input '", path, "' (permission denied?)");
-  const auto size = static_cast<size_t>(in.tellg());
-  std::string text(size, '\0');
-  in.seekg(0);
-  in.read(text.data(), static_cast<std::streamsize>(size));
-  PL_CHECK(in.good() || size == 0, io, "error while reading input '", path, "'");
-  return text;
 }
 
 // Prints "prepare: tokenized X / Y MB (Z MB/s)" at most once a second for large inputs.
@@ -169,7 +159,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
   if (spec.kind == TokenizerKind::gpt2) tokenizer = BpeTokenizer::load_gpt2_dir(spec.dir);
 
   std::vector<Document> docs;
-  for (const std::string& path : expand_inputs(opt.inputs)) docs.push_back({path, read_whole_file(path), 0});
+  for (const std::string& path : expand_inputs(opt.inputs)) docs.push_back({path, read_text_file(path, "input"), 0});
   for (const MemoryInput& m : opt.memory_inputs) docs.push_back({m.name, m.text, 0});
   int64_t total = 0;
   for (Document& d : docs) {

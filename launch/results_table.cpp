@@ -9,17 +9,10 @@
 #include <sstream>
 
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 
 namespace peerless {
 namespace {
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  PL_CHECK(in.good(), io, "cannot open results table ", path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // One CSV record starting at `pos`; advances pos past its line end and `line` past its newlines.
 std::vector<std::string> csv_record(const std::string& text, size_t& pos, int& line, const std::string& path) {
@@ -145,7 +138,7 @@ ResultsTable parse_jsonl(const std::string& text, const std::string& path) {
 }
 
 ResultsTable read_results_table(const std::string& path) {
-  const std::string text = read_text(path);
+  const std::string text = read_text_file(path, "results table");
   const bool jsonl = path.size() >= 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0;
   return jsonl ? parse_jsonl(text, path) : parse_csv(text, path);
 }

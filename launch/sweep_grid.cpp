@@ -17,6 +17,7 @@
 #include "model/model.h"
 #include "model/optimizer.h"
 #include "runtime/error.h"
+#include "runtime/file_io.h"
 #include "runtime/sha256.h"
 
 namespace peerless {
@@ -27,14 +28,6 @@ namespace {
 
 // Budget keys that are not config keys: they set train.max_steps.
 const std::set<std::string> kBudgetKeys = {"tokens_per_param", "budget_C"};
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  PL_CHECK(in.good(), io, "cannot open sweep file '", path, "'");
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
 
 // A TOML value as TOML text: numbers in their shortest form, strings quoted.
 std::string value_text(const toml::node& node) {
@@ -158,7 +151,7 @@ void parse_sweep_table(const toml::table& sw, SweepSpec& spec, const std::string
     PL_CHECK(n->is_string(), config, origin, ": key 'sweep.base' must be the path of a run config (a string)");
     const fs::path p = fs::path(base_dir) / *n->value<std::string>();
     PL_CHECK(fs::exists(p), config, origin, ": key 'sweep.base' = \"", *n->value<std::string>(), "\": no file ", p.string());
-    spec.base_text = read_text(p.string());
+    spec.base_text = read_text_file(p.string(), "base run config");
     spec.base_origin = p.string();
   }
 }
@@ -227,7 +220,7 @@ SweepSpec parse_sweep_text(const std::string& text, const std::string& origin, c
 }
 
 SweepSpec load_sweep_file(const std::string& path) {
-  return parse_sweep_text(read_text(path), path, fs::path(path).parent_path().string());
+  return parse_sweep_text(read_text_file(path, "sweep file"), path, fs::path(path).parent_path().string());
 }
 
 namespace {

@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "runtime/error.h"
 
@@ -180,6 +182,15 @@ void AtomicFile::commit() {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+std::string read_text_file(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  PL_CHECK(in.good(), io, "cannot read ", what, " '", path, "' (no such file, or not readable)");
+  std::ostringstream os;
+  os << in.rdbuf();
+  PL_CHECK(!in.bad(), io, "error while reading ", what, " '", path, "'");
+  return os.str();
 }
 
 }  // namespace peerless

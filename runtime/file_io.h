@@ -54,6 +54,9 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+// The whole file as bytes. Throws ErrorKind::io naming `what` and the path when it cannot be read.
+std::string read_text_file(const std::string& path, const std::string& what);
+
 // Well-formed UTF-8 (no overlong forms, surrogates or code points above U+10FFFF).
 bool is_valid_utf8(std::string_view s);
 
