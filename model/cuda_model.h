@@ -1,8 +1,11 @@
-// The MatMul-free LM trained on a GPU (one per rank; all_reduce_grads sums the gradient over ranks):
-// the same forward and backward as Model (model/model.h), op for op, through the CUDA launchers of
-// model/ops (every op tested against its CPU reference in
-// tests/test_ops_cuda.cpp, tests/test_fused_cuda.cpp and tests/test_peer_cuda.cpp), plus the
-// gradient norm and AdamW fused with the ternary refresh on the device.
+// A Model (model/model.h) trained on a GPU (one per rank; all_reduce_grads sums the gradient over
+// ranks): the embedding, then each module's CUDA half (model/cuda_module.h: the kind's fused kernels,
+// model/modules/*_cuda.cu, registered in model/modules/cuda_registry.cu) on the residual stream, the
+// final norm and the chunked head with the loss; backward in reverse; plus the gradient norm and
+// AdamW fused with the ternary refresh on the device. Every op is tested against its CPU reference
+// (tests/test_ops_cuda.cpp, tests/test_fused_cuda.cpp, tests/test_peer_cuda.cpp) and the whole model
+// against the CPU model's loss curves (tests/test_model_cuda.cpp). What the modules share (stream,
+// buffers, the BitLinear steps, scratch) is model/cuda_context.h.
 //
 // Parameters, gradients, AdamW moments, ternary codes and activations live on the GPU in the same
 // flat layout as on the host; the host copies (the caller's params, the AdamW moments, the Model's

@@ -11,8 +11,9 @@
 // options of their BitLinears (Model::linear_forward) and projections (Model::proj_forward). Adding
 // a kind is a new file under model/modules/ plus one line in model/modules/registry.cpp.
 //
-// The GPU path (model/cuda_model.cu) still runs the blocks from the indices the kinds record in
-// BlockParams; moving each kind's fused CUDA forward/backward into the kind is the next step.
+// A kind's CUDA half (model/cuda_module.h) is model/modules/<kind>_cuda.cu plus one line in
+// model/modules/cuda_registry.cu; the GPU model (model/cuda_model.h) walks the modules' CUDA halves
+// as Model walks the modules. It reads the parameter indices the kinds record in BlockParams.
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,140 @@
+// What every CUDA module of the GPU model shares (model/cuda_model.h): the stream, the cuBLASLt
+// handle, the flat parameter / gradient / code buffers on the device, β of every layout entry, the
+// BitLinear steps all kinds are built from (norm+quant → exact int8 product; the straight-through
+// backward's bf16 products), the scratch one module at a time uses, and the profiler's ticks.
+// Included by .cu files only (model/cuda_model.cu, model/modules/*_cuda.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+#include "model/model.h"
+#include "model/ops/cuda_check.h"
+#include "model/ops/gemm_cuda.h"
+#include "model/ops/norm_quant.h"
+
+namespace peerless {
+
+// A device array allocated once (grow-only); adds its bytes to a counter.
+template <typename T>
+struct DevBuf {
+  T* p = nullptr;
+  int64_t n = 0;
+  DevBuf() = default;
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  DevBuf(DevBuf&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
+  ~DevBuf() {
+    if (p) cudaFree(p);
+  }
+  void resize(int64_t count, int64_t& total) {
+    if (count <= n) return;
+    if (p) PL_CUDA_CHECK(cudaFree(p));
+    p = nullptr;
+    PL_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * std::max<int64_t>(count, 1)));
+    total += sizeof(T) * (count - n);
+    n = count;
+  }
+  T* get() const { return p; }
+};
+
+// The kinds of GPU work the profiler charges time to (CudaModel::profile).
+enum CudaPhase { ph_norm_quant, ph_glu_path, ph_gate_path, ph_gemm_forward, ph_gemm_backward, ph_scan, ph_peer_layer,
+                 ph_loss, ph_embedding, ph_optimizer, ph_other, kCudaPhases };
+
+// Grid-stride launch sizes of the elementwise kernels.
+constexpr int kCudaThreads = 256;
+inline int cuda_blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kCudaThreads - 1) / kCudaThreads, 65535 * 8));
+}
+void add_cuda(float* dst, const float* src, int64_t n, cudaStream_t s);               // dst += src
+void add2_cuda(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);  // out = a + b
+
+class CudaContext {
+ public:
+  // max_tokens: the largest micro-batch; head_rows: the LM head's chunk of rows.
+  CudaContext(const Model& host, int64_t max_tokens, int64_t head_rows);
+  ~CudaContext();
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+
+  const Model& host;
+  const ParamLayout& layout;
+  const int64_t max_tokens, head_rows;
+  const float eps;
+  cudaStream_t stream = nullptr;
+  BlasLt blas;
+  int64_t bytes = 0;  // device bytes allocated by the model (DevBuf counters point here)
+  DevBuf<float> params, grads;
+  DevBuf<int8_t> codes;
+  std::vector<float> betas;  // host, per parameter index
+
+  float* P(int i) const { return params.get() + layout.at(i).offset; }
+  float* G(int i) const { return grads.get() + layout.at(i).offset; }
+  const int8_t* C(int i) const { return codes.get() + layout.at(i).offset; }
+
+  // The current BitLinear's buffers (every kind's BitLinears go through them one at a time):
+  DevBuf<float> q_scale, q_rstd;   // per-row scales (up to 3 BitLinears side by side) and rstd
+  DevBuf<int8_t> q_codes;          // int8 codes, (M, wide)
+  DevBuf<bf16> a_bf, dy_bf, w_bf;  // backward operands: a/s (M, wide), dy (M, max N), weight codes
+  DevBuf<float> dxt, norm_ws;      // dx̃ (M, wide); the norm backwards' partials
+
+  // Scratch of one module's forward or backward, by slot (nothing in it survives to the next
+  // module). Modules reserve() what they need when they are built, so a step allocates nothing.
+  void reserve(int slot, int64_t bytes_needed);
+  template <typename T>
+  T* scratch(int slot) const {
+    return reinterpret_cast<T*>(scratch_[static_cast<size_t>(slot)].get());
+  }
+
+  // BitLinear forward, second half: the exact product of a_codes (scales a_scale; default the
+  // q_ buffers a fused norm+quant kernel wrote) with the weight's codes, y = ·β/s as Y (float or
+  // bf16), or with a residual y = residual + ·β/s in fp32 (the CPU's y then x += y, bit for bit).
+  template <typename Y>
+  void product(int weight, int64_t rows, Y* y, const float* residual, const int8_t* a_codes = nullptr,
+               const float* a_scale = nullptr);
+  // A BitLinear on a plain input (the LM head): RMSNorm(x; γ) → int8 codes → the product, y fp32.
+  void linear_forward(int gain, int weight, int64_t rows, const float* in, float* y);
+  // The backward products with dy (rows, N) bf16 and a/s (default a_bf): dxt (rows, K) = β·dy·t,
+  // dW (N, K) += dyᵀ·(a/s) (bf16 GEMMs, fp32 accumulation).
+  void backward_products(int weight, int64_t rows, const bf16* dy, const bf16* a_over_s = nullptr,
+                         float* dxt_out = nullptr);
+  // Straight-through backward from the layer's input: norm+quant again (a/s in bf16), the products,
+  // the RMSNorm backward into dx_out (overwritten or accumulated).
+  void linear_backward(int gain, int weight, int64_t rows, const float* in, const bf16* dy, float* dx_out,
+                       bool accumulate);
+  // RMSNorm backward from a saved rstd (deterministic dγ partials).
+  void norm_backward(const RmsNormShape& ns, const float* in, const float* gain, const float* rstd, const float* dy,
+                     float* dx_out, float* dgain, bool accumulate);
+
+  // Profiling (CudaModel::set_profiling): each tick waits for the stream and charges the time since
+  // the previous one to a phase; the synchronisations cost a little throughput.
+  bool profiling = false;
+  std::vector<double> profile;
+  void tick(int phase) {
+    if (!profiling) return;
+    PL_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const auto now = std::chrono::steady_clock::now();
+    profile[phase] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+  void start_profile(bool on);
+
+  // Sizes the BitLinear buffers for every ternary weight of the layout (call after the modules
+  // reserved their scratch; `wide`: the widest norm+quant output, e.g. 3d for i, f, g side by side).
+  void allocate_linears(int64_t wide);
+
+ private:
+  std::vector<DevBuf<char>> scratch_;
+  DevBuf<int32_t> acc_;  // (M, max N) int32 products, only for shapes IMMA refuses
+  DevBuf<float> tmp_;    // (M, max N) the non-IMMA residual path's product
+  bool all_imma_ = true;
+  std::chrono::steady_clock::time_point last_;
+};
+
+}  // namespace peerless

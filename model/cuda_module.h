@@ -1,0 +1,63 @@
+// The CUDA half of a module kind (model/module.h): the same sub-layer x_out = x_in + f(RMSNorm(x_in))
+// on device buffers, with the kind's fused kernels. The GPU model (model/cuda_model.h) keeps the
+// residual stream entering every module and walks the modules in order; everything else a kind
+// needs between its forward and its backward (the activations it saves, in the storage type the
+// model chose) it allocates when it is built and keeps here. Included by .cu files only.
+//
+// Kinds with a CUDA half are listed in model/modules/cuda_registry.cu (one line each); a kind without
+// one is a config error on run.device = "cuda" that names its config key.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "model/cuda_context.h"
+
+namespace peerless {
+
+// What one forward (and its backward) is about.
+struct CudaStep {
+  int64_t batch = 0, seq = 0;
+  bool train = true;          // false: a forward alone (evaluation), PEER BatchNorm on running statistics
+  const float* lb = nullptr;  // (L, d) the MLGRU lower bounds after softmax and cumsum
+  float* dlb = nullptr;       // (L, d) backward: their gradient, accumulated
+  int64_t tokens() const { return batch * seq; }
+};
+
+class CudaModule {
+ public:
+  virtual ~CudaModule() = default;
+  // x_in (M, d) the stream entering (kept by the model until the backward), x_out (M, d) leaving.
+  virtual void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) = 0;
+  // dx (M, d): dL/dx_out in, dL/dx_in out (the residual path plus the sub-layer's input gradient);
+  // parameter gradients accumulated into g.grads.
+  virtual void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) = 0;
+  // The expert ids the last forward retrieved ((tokens, heads, k) on the device, global rows), for
+  // the trainer's expert-usage counts; {null, 0} for kinds without experts.
+  struct Retrieved {
+    const int32_t* ids = nullptr;
+    int64_t count = 0;
+  };
+  virtual Retrieved retrieved() const { return {}; }
+};
+
+// What a kind's CUDA half gets when the GPU model is built.
+struct CudaModuleBuild {
+  const Module& module;      // the CPU half (its kind, its parameters)
+  const BlockParams& block;  // the block's parameter indices
+  int64_t layer = 0;
+  bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
+};
+
+// The CUDA half of build.module's kind, its buffers allocated (counted in g.bytes) and its scratch
+// reserved in g; a config error naming `key` when the kind has none.
+std::unique_ptr<CudaModule> make_cuda_module(CudaContext& g, const CudaModuleBuild& build, const std::string& key);
+bool has_cuda_module(const std::string& kind);
+
+// The registered CUDA halves (model/modules/*_cuda.cu).
+std::unique_ptr<CudaModule> make_mlgru_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_glu_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_peer_cuda(CudaContext& g, const CudaModuleBuild& b);
+
+}  // namespace peerless

@@ -1,0 +1,111 @@
+// The MLGRU token mixer's CUDA half (model/cuda_module.h; the CPU half is mlgru_mixer.cpp). Saved per
+// token (cuda_model.h, "Activation memory"): î, f̂, h, ĝ in the storage type A and three rstd; the
+// normalised input, f, gn, o and every BitLinear's quantized input are recomputed by fused kernels.
+#include "model/cuda_module.h"
+#include "model/ops/mlgru.h"
+
+namespace peerless {
+
+namespace {
+
+enum Slot { s_dh, s_dihat, s_dfhat, s_dghat, s_scan_ws };
+
+template <typename A>
+class MlgruCuda final : public CudaModule {
+ public:
+  MlgruCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), layer_(b.layer), d_(g.host.config().d_model) {
+    const int64_t M = g.max_tokens;
+    for (auto* buf : {&rstd1_, &g_rstd_}) buf->resize(M, g.bytes);
+    for (auto* buf : {&ihat_, &fhat_, &h_, &ghat_}) buf->resize(M * d_, g.bytes);
+    g.reserve(s_dh, sizeof(float) * M * d_);
+    for (int slot : {s_dihat, s_dfhat, s_dghat}) g.reserve(slot, sizeof(bf16) * M * d_);
+    g.reserve(s_scan_ws, sizeof(float) * M * d_);  // B·d ≤ M·d
+  }
+
+  void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
+    const int64_t M = s.tokens();
+    const RmsNormShape nd{M, d_, g.eps};
+    // The mixer norm and the i, f, g BitLinears' norm+quant in one kernel, then the three products.
+    const float* gains[3] = {g.P(b_.i_gain), g.P(b_.f_gain), g.P(b_.g_gain)};
+    g.tick(ph_other);
+    norm_norm_quant_forward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_codes.get(),
+                                 g.q_scale.get(), g.q_rstd.get(), g.stream);
+    g.tick(ph_norm_quant);
+    g.product(b_.i_w, M, ihat_.get(), nullptr, g.q_codes.get(), g.q_scale.get());
+    g.product(b_.f_w, M, fhat_.get(), nullptr, g.q_codes.get() + M * d_, g.q_scale.get() + M);
+    g.product(b_.g_w, M, ghat_.get(), nullptr, g.q_codes.get() + 2 * M * d_, g.q_scale.get() + 2 * M);
+    g.tick(ph_other);
+    mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
+                            static_cast<A*>(nullptr), h_.get(), g.stream);
+    g.tick(ph_scan);
+    // o = gate(RMSNorm_g(ĝ), h): the gate, both norms and the quantizer in one kernel (gn and o never
+    // in memory), then the product with the residual add.
+    const GateForm form = g.host.gate_form();
+    gate_act_quant_forward_cuda(form, nd, ghat_.get(), h_.get(), form == GateForm::code ? g.P(b_.g_norm) : nullptr,
+                                g_rstd_.get(), g.P(b_.o_gain), g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(),
+                                g.stream);
+    g.tick(ph_gate_path);
+    g.product(b_.o_w, M, x_out, x_in);
+  }
+
+  void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
+    const int64_t M = s.tokens();
+    const RmsNormShape nd{M, d_, g.eps};
+    float* dh = g.scratch<float>(s_dh);
+    bf16 *dihat = g.scratch<bf16>(s_dihat), *dfhat = g.scratch<bf16>(s_dfhat), *dghat = g.scratch<bf16>(s_dghat);
+    o_backward(g, M, dx, dh, dghat);
+    g.tick(ph_other);
+    mlgru_scan_backward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
+                             static_cast<const A*>(nullptr), h_.get(), dh, dihat, dfhat, s.dlb + layer_ * d_,
+                             g.scratch<float>(s_scan_ws), g.stream);
+    g.tick(ph_scan);
+    // i, f, g: their a/s recomputed from x_in through both norms (one kernel), the three products into
+    // dxt side by side, then one kernel for the three BitLinear norms' and the mixer norm's backwards.
+    const float* gains[3] = {g.P(b_.i_gain), g.P(b_.f_gain), g.P(b_.g_gain)};
+    float* dgains[3] = {g.G(b_.i_gain), g.G(b_.f_gain), g.G(b_.g_gain)};
+    g.tick(ph_other);
+    norm_norm_quant_dequant_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.a_bf.get(), g.q_scale.get(),
+                                 g.q_rstd.get(), g.stream);
+    g.tick(ph_norm_quant);
+    g.backward_products(b_.i_w, M, dihat, g.a_bf.get(), g.dxt.get());
+    g.backward_products(b_.f_w, M, dfhat, g.a_bf.get() + M * d_, g.dxt.get() + M * d_);
+    g.backward_products(b_.g_w, M, dghat, g.a_bf.get() + 2 * M * d_, g.dxt.get() + 2 * M * d_);
+    norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_rstd.get(), g.dxt.get(),
+                                  dx, g.G(b_.mixer_norm), dgains, g.norm_ws.get(), g.stream);
+    g.tick(ph_norm_quant);
+  }
+
+ private:
+  // Back through o from dy = dL/dx_out: a/s of o recomputed, the products, then one kernel for the o
+  // norm, the gate and the g norm backwards: dh (fp32) for the scan, dĝ (bf16) for the g projection.
+  void o_backward(CudaContext& g, int64_t M, const float* dy, float* dh, bf16* dghat) {
+    const GateForm form = g.host.gate_form();
+    const bool code = form == GateForm::code;
+    const RmsNormShape ns{M, d_, g.eps};
+    g.tick(ph_other);
+    rows_to_bf16_cuda(M, d_, dy, nullptr, g.dy_bf.get(), g.stream);
+    g.tick(ph_gemm_backward);
+    gate_act_quant_dequant_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
+                                g.P(b_.o_gain), g.a_bf.get(), g.q_scale.get(), g.q_rstd.get(), g.stream);
+    g.tick(ph_gate_path);
+    g.backward_products(b_.o_w, M, g.dy_bf.get());
+    gate_act_quant_backward_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
+                                 g.P(b_.o_gain), g.q_rstd.get(), g.dxt.get(), dh, dghat, g.G(b_.o_gain),
+                                 code ? g.G(b_.g_norm) : nullptr, g.norm_ws.get(), g.stream);
+    g.tick(ph_gate_path);
+  }
+
+  const BlockParams& b_;
+  const int64_t layer_, d_;
+  DevBuf<float> rstd1_, g_rstd_;
+  DevBuf<A> ihat_, fhat_, h_, ghat_;
+};
+
+}  // namespace
+
+std::unique_ptr<CudaModule> make_mlgru_cuda(CudaContext& g, const CudaModuleBuild& b) {
+  if (b.bf16_activations) return std::make_unique<MlgruCuda<bf16>>(g, b);
+  return std::make_unique<MlgruCuda<float>>(g, b);
+}
+
+}  // namespace peerless

@@ -1,0 +1,111 @@
+// The PEER channel mixer's CUDA half (model/cuda_module.h; the CPU half is peer_mixer.cpp): the
+// pre-norm, then model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, full-precision
+// experts, the deterministic gated expert kernels), then the residual add.
+//
+// BatchNorm statistics: a training forward normalises with the micro-batch's statistics and blends
+// them with momentum 1 into buffers of this module; the backward adds them into the statistics'
+// gradient slots, from which CudaModel::update_buffers computes the running statistics once per
+// step (Model::update_buffers). A forward alone (evaluation) normalises with the running statistics.
+#include "model/cuda_module.h"
+#include "model/ops/peer_layer.h"
+#include "model/ops/rmsnorm.h"
+
+namespace peerless {
+
+namespace {
+
+enum Slot { s_xn, s_out, s_dxn };
+
+class PeerCuda final : public CudaModule {
+ public:
+  PeerCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), d_(g.host.config().d_model) {
+    const int64_t M = g.max_tokens;
+    const PeerLayerShape ps = g.host.peer_shape(M);
+    layer_ = std::make_unique<PeerLayerCuda>(ps);
+    g.bytes += static_cast<int64_t>(layer_->device_bytes());
+    rstd_.resize(M, g.bytes);
+    mean_.resize(ps.channels(), g.bytes);
+    var_.resize(ps.channels(), g.bytes);
+    // The layer blends into these with momentum 1, (1 − 1)·old + batch: old must not be NaN.
+    PL_CUDA_CHECK(cudaMemset(mean_.get(), 0, sizeof(float) * ps.channels()));
+    PL_CUDA_CHECK(cudaMemset(var_.get(), 0, sizeof(float) * ps.channels()));
+    for (int slot : {s_xn, s_out, s_dxn}) g.reserve(slot, sizeof(float) * M * d_);
+  }
+
+  void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
+    const int64_t M = s.tokens();
+    float *xn = g.scratch<float>(s_xn), *out = g.scratch<float>(s_out);
+    rmsnorm_forward_cuda(RmsNormShape{M, d_, g.eps}, x_in, g.P(b_.mlp_norm), xn, rstd_.get(), g.stream);
+    g.tick(ph_other);
+    if (s.train)
+      peer_layer_forward_cuda(shape(g, M), PeerNormMode::train, params(g, mean_.get(), var_.get()), xn, out, *layer_,
+                              g.stream);
+    else
+      peer_layer_forward_cuda(shape(g, M), PeerNormMode::eval, params(g, g.P(b_.peer_bn_mean), g.P(b_.peer_bn_var)),
+                              xn, out, *layer_, g.stream);
+    g.tick(ph_peer_layer);
+    add2_cuda(x_out, x_in, out, M * d_, g.stream);
+  }
+
+  void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
+    const int64_t M = s.tokens();
+    float *xn = g.scratch<float>(s_xn), *dxn = g.scratch<float>(s_dxn);
+    const RmsNormShape nd{M, d_, g.eps};
+    rmsnorm_forward_cuda(nd, x_in, g.P(b_.mlp_norm), xn, rstd_.get(), g.stream);  // xn recomputed
+    PeerLayerGradsCuda pg;
+    pg.w_q = g.G(b_.peer_wq);
+    pg.bn_gamma = g.G(b_.peer_bn_gamma);
+    pg.bn_beta = g.G(b_.peer_bn_beta);
+    pg.sub_keys1 = g.G(b_.peer_keys1);
+    pg.sub_keys2 = g.G(b_.peer_keys2);
+    pg.table.form = PeerTableGradForm::dense_accumulate;
+    pg.table.dense = g.G(b_.peer_table);
+    g.tick(ph_other);
+    const PeerLayerShape ps = shape(g, M);
+    peer_layer_backward_cuda(ps, params(g, mean_.get(), var_.get()), *layer_, xn, dx, dxn, pg, g.stream);
+    g.tick(ph_peer_layer);
+    add_cuda(g.G(b_.peer_bn_mean), mean_.get(), ps.channels(), g.stream);
+    add_cuda(g.G(b_.peer_bn_var), var_.get(), ps.channels(), g.stream);
+    g.norm_backward(nd, x_in, g.P(b_.mlp_norm), rstd_.get(), dxn, dx, g.G(b_.mlp_norm), true);
+  }
+
+  Retrieved retrieved() const override {
+    if (layer_->tokens <= 0) return {};
+    const PeerLayerShape& m = layer_->max_shape();
+    return {layer_->ids, layer_->tokens * m.heads * m.k};
+  }
+
+ private:
+  // The layer's shape at M tokens; momentum 1 (see the top of this file).
+  static PeerLayerShape shape(const CudaContext& g, int64_t M) {
+    PeerLayerShape ps = g.host.peer_shape(M);
+    ps.bn_momentum = 1.f;
+    return ps;
+  }
+  // The layer's parameter views (device), BatchNorm statistics as given.
+  PeerLayerParams<float> params(const CudaContext& g, float* mean, float* var) const {
+    PeerLayerParams<float> p;
+    p.w_q = g.P(b_.peer_wq);
+    p.bn_gamma = g.P(b_.peer_bn_gamma);
+    p.bn_beta = g.P(b_.peer_bn_beta);
+    p.bn_running_mean = mean;
+    p.bn_running_var = var;
+    p.sub_keys1 = g.P(b_.peer_keys1);
+    p.sub_keys2 = g.P(b_.peer_keys2);
+    p.table = g.P(b_.peer_table);
+    return p;
+  }
+
+  const BlockParams& b_;
+  const int64_t d_;
+  std::unique_ptr<PeerLayerCuda> layer_;
+  DevBuf<float> rstd_, mean_, var_;
+};
+
+}  // namespace
+
+std::unique_ptr<CudaModule> make_peer_cuda(CudaContext& g, const CudaModuleBuild& b) {
+  return std::make_unique<PeerCuda>(g, b);
+}
+
+}  // namespace peerless
