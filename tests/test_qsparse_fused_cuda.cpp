@@ -2,11 +2,12 @@
 // the CPU composition rmsnorm_forward_cpu -> qsparse_apply_cpu -> act_quant_cpu: codes, scales and
 // rstds bit-identical, and the dequant variant's a/s the masked codes over their scale rounded to
 // bf16, for each fused kernel (the single BitLinear's, the GLU's, the output gate's, the block
-// input's norm with 1 and 3 BitLinears), top-K at sparsity 0.4 and 0.75, N:M 16:32, 8:16, 8:32, 32:64,
-// 2:8, 12:24 and 24:40 (at the dims the block divides), keep = 0 (sparsity 1) and off. Every case has rows with ties at the
-// threshold (quantised inputs and gains), a NaN, an Inf (whose row normalises to NaN and ±0: ties
-// everywhere), and all zeros. The GLU's and the gate's row (z, o) comes from the unfused GPU ops,
-// which the fused kernels reproduce bit for bit (expf differs from the CPU's exp in the last ulp).
+// input's norm with 1 and 3 BitLinears). Settings: top-K at sparsity 0.4 and 0.75; N:M 16:32, 8:16,
+// 8:32, 32:64, 2:8, 12:24 and 24:40 at the dims the block divides; keep = 0 (sparsity 1); off. Every
+// case has rows with ties at the threshold (quantised inputs and gains), a NaN, an Inf (whose row
+// normalises to NaN and ±0: ties everywhere), and all zeros. The GLU's and the gate's row (z, o)
+// comes from the unfused GPU ops, which the fused kernels reproduce bit for bit (their expf differs
+// from the CPU's exp in the last ulp, which is not what is tested here).
 // The backward is straight-through, the kernels without the option: the rstd a Q-Sparse forward
 // saves equals the dense one, so the backward given it is the dense backward; checked on the
 // single BitLinear's and the block input's kernels.
@@ -52,7 +53,7 @@ struct Sparsity {
 };
 // Blocks 24 (lanes in groups of 32 holding 24 entries) and 40 (radix-selected blocks that straddle
 // the bitmap's words) run at the dims they divide (96; 1000).
-const Sparsity kSettings[] = {{0.4, 0},  {0.75, 0},  {0.5, 32}, {0.5, 16}, {0.75, 32}, {0.5, 64},
+const Sparsity kSettings[] = {{0.4, 0},  {0.75, 0}, {0.5, 32}, {0.5, 16}, {0.75, 32}, {0.5, 64},
                               {0.75, 8}, {0.5, 24}, {0.4, 40}, {1.0, 0},  {0.0, 0}};
 
 bool applies(const Sparsity& sp, int64_t dim) { return sp.block == 0 || dim % sp.block == 0; }
@@ -171,8 +172,10 @@ TEST_F(Cuda, glu_act_quant_qsparse_exact) {
         for (size_t i = 0; i < au.size(); ++i) au_bits[i] = to_bf16(au[i]);
         Guarded<uint16_t> d_aub(au_bits), d_dq(n);
         Guarded<int8_t> d_codes(n);
-        if (bf) glu_forward_cuda(act, kRows, dim, as_bf16(d_aub), d_z.get(), stream());
-        else glu_forward_cuda(act, kRows, dim, d_au.get(), d_z.get(), stream());
+        if (bf)
+          glu_forward_cuda(act, kRows, dim, as_bf16(d_aub), d_z.get(), stream());
+        else
+          glu_forward_cuda(act, kRows, dim, d_au.get(), d_z.get(), stream());
         const std::vector<float> z = d_z.download("z");
         for (const Sparsity& sp : kSettings) {
           if (!applies(sp, dim)) continue;
@@ -182,16 +185,16 @@ TEST_F(Cuda, glu_act_quant_qsparse_exact) {
           const Ref ref = cpu_ref(s, z.data(), gain.data(), sp);
           const QSparseSel sel = sel_for(sp, dim);
           if (bf) {
-            glu_act_quant_forward_cuda(act, s, as_bf16(d_aub), d_gain.get(), d_codes.get(), d_scale.get(),
-                                       d_rstd.get(), stream(), sel);
+            glu_act_quant_forward_cuda(act, s, as_bf16(d_aub), d_gain.get(), d_codes.get(), d_scale.get(), d_rstd.get(),
+                                       stream(), sel);
           } else {
             glu_act_quant_forward_cuda(act, s, d_au.get(), d_gain.get(), d_codes.get(), d_scale.get(), d_rstd.get(),
                                        stream(), sel);
           }
           expect_forward(ref, d_codes, d_scale, d_rstd, tag);
           if (bf) {
-            glu_act_quant_dequant_cuda(act, s, as_bf16(d_aub), d_gain.get(), as_bf16(d_dq), d_scale.get(),
-                                       d_rstd.get(), stream(), sel);
+            glu_act_quant_dequant_cuda(act, s, as_bf16(d_aub), d_gain.get(), as_bf16(d_dq), d_scale.get(), d_rstd.get(),
+                                       stream(), sel);
           } else {
             glu_act_quant_dequant_cuda(act, s, d_au.get(), d_gain.get(), as_bf16(d_dq), d_scale.get(), d_rstd.get(),
                                        stream(), sel);
@@ -211,8 +214,10 @@ TEST_F(Cuda, gate_act_quant_qsparse_exact) {
       std::vector<float> ghat = normal(rng(), n, 2.0f), h = test_rows(rng(), kRows, dim);
       const std::vector<float> gg = normal(rng(), dim, 0.5f, 1.0f), go = test_gain(rng(), dim);
       std::vector<float> gn(n), rg(kRows);
-      if (form == GateForm::code) rmsnorm_forward_cpu(s, ghat.data(), gg.data(), gn.data(), rg.data());
-      else gn = ghat;
+      if (form == GateForm::code)
+        rmsnorm_forward_cpu(s, ghat.data(), gg.data(), gn.data(), rg.data());
+      else
+        gn = ghat;
       Guarded<float> d_g(ghat), d_h(h), d_gn(gn), d_o(n), d_gg(gg), d_go(go), d_rg(kRows), d_scale(kRows),
           d_rstd(kRows);
       Guarded<int8_t> d_codes(n);
@@ -221,8 +226,8 @@ TEST_F(Cuda, gate_act_quant_qsparse_exact) {
       const std::vector<float> o = d_o.download("o");
       for (const Sparsity& sp : kSettings) {
         if (!applies(sp, dim)) continue;
-        const std::string tag = std::string(form == GateForm::code ? "code " : "paper ") + sp.name() +
-                                " dim=" + std::to_string(dim);
+        const std::string tag =
+            std::string(form == GateForm::code ? "code " : "paper ") + sp.name() + " dim=" + std::to_string(dim);
         SCOPED_TRACE(tag);
         const Ref ref = cpu_ref(s, o.data(), go.data(), sp);
         const QSparseSel sel = sel_for(sp, dim);
@@ -246,13 +251,12 @@ TEST_F(Cuda, norm_norm_quant_qsparse_exact) {
       const RmsNormShape s{kRows, dim, 1e-6f};
       const int64_t n = kRows * dim;
       const std::vector<float> x = test_rows(rng(), kRows, dim), go = test_gain(rng(), dim);
-      std::vector<std::vector<float>> gk(ng);
+      std::vector<std::vector<float> > gk(ng);
       for (auto& g : gk) g = test_gain(rng(), dim);
       std::vector<float> xn(n), r1(kRows);
       rmsnorm_forward_cpu(s, x.data(), go.data(), xn.data(), r1.data());
-      Guarded<float> d_x(x), d_go(go), d_r1(kRows), d_rk(kRows), d_sc(ng * kRows), d_r1_dense(kRows),
-          d_rk_dense(kRows);
-      std::vector<Guarded<float>> d_gk;
+      Guarded<float> d_x(x), d_go(go), d_r1(kRows), d_rk(kRows), d_sc(ng * kRows), d_r1_dense(kRows), d_rk_dense(kRows);
+      std::vector<Guarded<float> > d_gk;
       for (int k = 0; k < ng; ++k) d_gk.emplace_back(gk[k]);
       const float* gains[3];
       for (int k = 0; k < ng; ++k) gains[k] = d_gk[k].get();

@@ -1,8 +1,10 @@
 // Shared by the fused RMSNorm + int8 quantizer kernels (norm_quant.cu: the single BitLinear and the
 // block-input pair; norm_quant_glu.cu: the GLU's; norm_quant_gate.cu: the output gate's): the
 // bit-exact row helpers, the row sources, the forward and backward kernels every fused variant is
-// built on, the dγ partial sum, and the host-side shape checks and launchers. Included only by those
-// .cu files; everything is in an anonymous namespace (each file instantiates what it uses).
+// built on (with the Q-Sparse option: a per-row keep bitmap from qsparse_select.cuh, the dropped
+// entries of x̃ zeroed before the scale and the codes), the dγ partial sum, and the host-side shape
+// checks and launchers. Included only by those .cu files; everything is in an anonymous namespace
+// (each file instantiates what it uses).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -123,7 +123,7 @@ __device__ __forceinline__ void qsparse_warp_segment(int off, int len, uint32_t 
       const int i = base + lane;
       const uint32_t b = __ballot_sync(kFull, i < len && seg_key(i) == t.key);
       const uint32_t c = __popc(b);
-      if (before + c >= t.need) {  // warp-uniform
+      if (before + c >= t.need) {               // warp-uniform
         const uint32_t want = t.need - before;  // 1-based among this chunk's equal entries
         const bool mine = ((b >> lane) & 1u) && __popc(b & ((1u << lane) - 1u)) == static_cast<int>(want - 1);
         last = base + __ffs(__ballot_sync(kFull, mine)) - 1;
