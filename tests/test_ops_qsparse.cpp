@@ -70,6 +70,19 @@ TEST(qsparse, keep_count_from_sparsity) {
   EXPECT_THROW(qsparse_keep_count(64, -0.1), Error);
 }
 
+// The fused kernels' option (norm_quant.h) as a model's config gives it: off (keep ≥ the segment)
+// at sparsity 0, else qsparse_keep_for's count and the block.
+TEST(qsparse, sel_for_a_model_config) {
+  EXPECT_GE(QSparseSel{}.keep, int64_t{1} << 40);  // the default keeps everything
+  EXPECT_EQ(qsparse_sel_for(1000, 0.0, 0).keep, 1000);
+  EXPECT_EQ(qsparse_sel_for(1000, 0.4, 0).keep, 600);
+  EXPECT_EQ(qsparse_sel_for(1000, 0.4, 0).block, 0);
+  EXPECT_EQ(qsparse_sel_for(1024, 0.5, 32).keep, 16);
+  EXPECT_EQ(qsparse_sel_for(1024, 0.5, 32).block, 32);
+  EXPECT_GE(qsparse_sel_for(1024, 0.0, 32).keep, 32);  // off
+  EXPECT_EQ(qsparse_sel_for(1024, 1.0, 0).keep, 0);
+}
+
 struct TopkCase {
   int64_t rows, dim, keep;
 };

@@ -33,12 +33,12 @@ struct Gains {
 // in bf16) into slice k of codes/dequant (rows·dim each) and scale (rows each). One warp per row, the
 // row in shared memory; every value computed as in the single-gain kernel above, so codes and scales
 // are bit-identical to rmsnorm_forward_cpu (outer) -> rmsnorm_forward_cpu -> act_quant_cpu.
-template <bool kVec, bool kDequant, int NG>
+template <bool kVec, bool kDequant, bool kSparse, int NG>
 __global__ void __launch_bounds__(128)
     norm_norm_quant_forward_kernel(int64_t rows, int64_t dim64, float eps, const float* __restrict__ x,
                                    const float* __restrict__ outer_gain, float* __restrict__ outer_rstd, Gains gains,
                                    int8_t* __restrict__ codes, __nv_bfloat16* __restrict__ dequant,
-                                   float* __restrict__ scale, float* __restrict__ inner_rstd) {
+                                   float* __restrict__ scale, float* __restrict__ inner_rstd, QsDev sel) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
@@ -72,8 +72,15 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int k = 0; k < NG; ++k) {
     const int64_t off = (k * rows + r) * dim;
-    const float sk = quant_row<kVec, kDequant>(xs, rs, gains.g[k], dim, lane, kDequant ? nullptr : codes + off,
-                                               kDequant ? dequant + off : nullptr, tbl);
+    // Q-Sparse: each BitLinear's x̃_k has its own gain, so its own kept set.
+    const uint32_t* kept = nullptr;
+    if constexpr (kSparse) {
+      const QsWarpSmem sm = qs_warp_smem(smem, dim, warp);
+      qs_row_mask(xs, rs, gains.g[k], dim, lane, sel, sm);
+      kept = sm.kept;
+    }
+    const float sk = quant_row<kVec, kDequant, kSparse>(xs, rs, gains.g[k], dim, lane, kDequant ? nullptr : codes + off,
+                                                        kDequant ? dequant + off : nullptr, tbl, kept);
     if (lane == 0) scale[k * rows + r] = sk;
   }
 }
@@ -153,16 +160,17 @@ __global__ void __launch_bounds__(kBwdThreads)
 }  // namespace
 
 void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
-                                    float* scale, float* rstd, cudaStream_t stream) {
+                                    float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {
   PL_CHECK(x && codes, internal, "rmsnorm_act_quant_forward_cuda: null pointer");
-  forward("rmsnorm_act_quant_forward_cuda", s, PlainRows{x}, aligned16(x), gain, codes, nullptr, scale, rstd, stream);
+  forward("rmsnorm_act_quant_forward_cuda", s, PlainRows{x}, aligned16(x), gain, codes, nullptr, scale, rstd, stream,
+          qs);
 }
 
 void rmsnorm_act_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* gain, bf16* a_over_s,
-                                    float* scale, float* rstd, cudaStream_t stream) {
+                                    float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {
   PL_CHECK(x && a_over_s, internal, "rmsnorm_act_quant_dequant_cuda: null pointer");
   forward("rmsnorm_act_quant_dequant_cuda", s, PlainRows{x}, aligned16(x), gain, nullptr, a_over_s, scale, rstd,
-          stream);
+          stream, qs);
 }
 
 int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s) { return bwd_blocks(s.rows) * s.dim; }
@@ -204,28 +212,23 @@ namespace {
 
 template <int NG>
 void nnq_forward(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd, const Gains& g,
-                 int8_t* codes, bf16* dequant, float* scale, float* inner_rstd, cudaStream_t stream) {
+                 int8_t* codes, bf16* dequant, float* scale, float* inner_rstd, const QsHost& q, cudaStream_t stream) {
   const int per_block = fwd_rows_per_block(s.dim);
   const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
   const int threads = per_block * 32;
-  const size_t smem = static_cast<size_t>(per_block) * fwd_smem_per_warp(s.dim);
+  const size_t smem = fwd_smem(s, q.on);
   bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(outer_gain) &&
              (reinterpret_cast<uintptr_t>(codes) & 3u) == 0 && (reinterpret_cast<uintptr_t>(dequant) & 7u) == 0;
   for (int k = 0; k < NG; ++k) vec = vec && aligned16(g.g[k]);
-  if (dequant) {
-    if (vec)
-      norm_norm_quant_forward_kernel<true, true, NG><<<blocks, threads, smem, stream>>>(
-          s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, nullptr, dequant, scale, inner_rstd);
-    else
-      norm_norm_quant_forward_kernel<false, true, NG><<<blocks, threads, smem, stream>>>(
-          s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, nullptr, dequant, scale, inner_rstd);
-  } else if (vec) {
-    norm_norm_quant_forward_kernel<true, false, NG><<<blocks, threads, smem, stream>>>(
-        s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, codes, nullptr, scale, inner_rstd);
-  } else {
-    norm_norm_quant_forward_kernel<false, false, NG><<<blocks, threads, smem, stream>>>(
-        s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, codes, nullptr, scale, inner_rstd);
-  }
+  with_bool(vec, [&](auto kv) {
+    with_bool(dequant != nullptr, [&](auto kd) {
+      with_bool(q.on, [&](auto ks) {
+        norm_norm_quant_forward_kernel<decltype(kv)::value, decltype(kd)::value, decltype(ks)::value, NG>
+            <<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, x, outer_gain, outer_rstd, g, codes, dequant,
+                                                scale, inner_rstd, q.dev);
+      });
+    });
+  });
   PL_CUDA_CHECK_LAUNCH(norm_norm_quant_forward_kernel);
 }
 
@@ -237,16 +240,17 @@ Gains make_gains(int n, const float* const* gains) {
 
 void nnq_forward_any(const char* who, const RmsNormShape& s, const float* x, const float* outer_gain,
                      float* outer_rstd, int n_gains, const float* const* gains, int8_t* codes, bf16* dequant,
-                     float* scale, float* inner_rstd, cudaStream_t stream) {
+                     float* scale, float* inner_rstd, cudaStream_t stream, const QSparseSel& qs) {
   check_shape(who, s);
+  const QsHost q = qs_host(who, s, qs);
   PL_CHECK(n_gains == 1 || n_gains == 3, internal, who, ": ", n_gains, " gains (1 or 3 supported)");
   if (s.rows == 0) return;
   PL_CHECK(x && outer_gain && outer_rstd && gains && (codes || dequant) && scale && inner_rstd, internal, who,
            ": null pointer");
   for (int i = 0; i < n_gains; ++i) PL_CHECK(gains[i], internal, who, ": null gain ", i);
   const Gains g = make_gains(n_gains, gains);
-  if (n_gains == 1) nnq_forward<1>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, stream);
-  else nnq_forward<3>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, stream);
+  if (n_gains == 1) nnq_forward<1>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, q, stream);
+  else nnq_forward<3>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, q, stream);
 }
 
 template <int K, int NG>
@@ -272,18 +276,18 @@ void nnq_backward(const RmsNormShape& s, const float* x, const float* outer_gain
 
 void norm_norm_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
                                   int n_gains, const float* const* gains, int8_t* codes, float* scale,
-                                  float* inner_rstd, cudaStream_t stream) {
+                                  float* inner_rstd, cudaStream_t stream, const QSparseSel& qs) {
   PL_CHECK(codes, internal, "norm_norm_quant_forward_cuda: null pointer");
   nnq_forward_any("norm_norm_quant_forward_cuda", s, x, outer_gain, outer_rstd, n_gains, gains, codes, nullptr, scale,
-                  inner_rstd, stream);
+                  inner_rstd, stream, qs);
 }
 
 void norm_norm_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
                                   int n_gains, const float* const* gains, bf16* a_over_s, float* scale,
-                                  float* inner_rstd, cudaStream_t stream) {
+                                  float* inner_rstd, cudaStream_t stream, const QSparseSel& qs) {
   PL_CHECK(a_over_s, internal, "norm_norm_quant_dequant_cuda: null pointer");
   nnq_forward_any("norm_norm_quant_dequant_cuda", s, x, outer_gain, outer_rstd, n_gains, gains, nullptr, a_over_s,
-                  scale, inner_rstd, stream);
+                  scale, inner_rstd, stream, qs);
 }
 
 int64_t norm_norm_quant_backward_workspace(const RmsNormShape& s, int n_gains) {

@@ -13,6 +13,7 @@
 #include "model/ops/cuda_fwd.h"
 #include "model/ops/glu.h"
 #include "model/ops/mlgru.h"
+#include "model/ops/qsparse.h"
 #include "model/ops/rmsnorm.h"
 
 namespace peerless {
@@ -32,8 +33,17 @@ void rmsnorm_act_quant_backward_cpu(const RmsNormShape& s, const float* x, const
 // ---- CUDA (model/ops/norm_quant.cu; built when PEERLESS_HAVE_CUDA) --------------------------------
 // All pointers are device memory; the calls are ordered on `stream` and not complete on return.
 // dim ≤ kNormQuantMaxDim. Forward: one warp per row; codes, scale and rstd bit-identical to the CPU.
+// Q-Sparse (SPEC §4): every forward and dequant below takes a QSparseSel `qs` (qsparse.h; default
+// off, the plain kernels then run unchanged). When on, the entries of x̃ = RMSNorm(·) outside the
+// `keep` largest |x̃| of each row (block = 0) or of each block of `block` channels (N:M; dim % block
+// == 0) are zeroed before the scale and the codes (qsparse_*_forward_cpu's selection: ties to the
+// lower index, NaN above all), so codes, scale and rstd are bit-identical to rmsnorm_forward_cpu ->
+// qsparse_apply_cpu -> act_quant_cpu, and the dequant writes the masked a/s (the dropped entries 0).
+// rstd is the unmasked row's. The scale of a row with keep ≥ 1 is the unmasked one except when it
+// drops a NaN; with keep = 0 a row is all zeros (scale 127/1e-5). The backwards take no option: the
+// Q-Sparse backward is straight-through (dx̃ not masked), the same kernels as without it.
 void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* gain, int8_t* codes,
-                                    float* scale, float* rstd, cudaStream_t stream);
+                                    float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs = {});
 // Floats of device workspace the backward needs when dgain is wanted: one partial row of dgain per
 // block of rows.
 int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s);
@@ -42,7 +52,7 @@ int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s);
 // weight gradient dW += dyᵀ·(a/s) in the GPU model's backward, which recomputes it from x instead of
 // keeping the codes. scale and rstd are written as by the forward (the same values).
 void rmsnorm_act_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* gain, bf16* a_over_s,
-                                    float* scale, float* rstd, cudaStream_t stream);
+                                    float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs = {});
 // Backward: each block handles a fixed run of rows, writes dx and its partial column sums of dγ to
 // `workspace`; a second kernel adds the partials in block order (deterministic, no atomics; agrees
 // with the CPU to rounding, not bit for bit). dx may alias dy; dgain may be null (then workspace may be).
@@ -64,13 +74,17 @@ void rmsnorm_act_quant_backward_cuda(const RmsNormShape& s, const bf16* x, const
 // gate projection's backward operand), dγ as rmsnorm_act_quant_backward_cuda; its results equal that
 // backward followed by glu_backward_cuda with bf16 output.
 void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const float* au, const float* gain,
-                                int8_t* codes, float* scale, float* rstd, cudaStream_t stream);
+                                int8_t* codes, float* scale, float* rstd, cudaStream_t stream,
+                                const QSparseSel& qs = {});
 void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const bf16* au, const float* gain,
-                                int8_t* codes, float* scale, float* rstd, cudaStream_t stream);
+                                int8_t* codes, float* scale, float* rstd, cudaStream_t stream,
+                                const QSparseSel& qs = {});
 void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const float* au, const float* gain,
-                                bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream);
+                                bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream,
+                                const QSparseSel& qs = {});
 void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const bf16* au, const float* gain,
-                                bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream);
+                                bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream,
+                                const QSparseSel& qs = {});
 // workspace: rmsnorm_act_quant_backward_workspace(s) floats when dgain is wanted.
 void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const float* au, const float* gain,
                                  const float* rstd, const float* dy, bf16* dau, float* dgain, float* workspace,
@@ -90,16 +104,16 @@ void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const
 // floats. The same expressions as the unfused ops (mlgru.h output gate, rmsnorm, norm_quant).
 void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const float* ghat, const float* h,
                                  const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes, float* scale,
-                                 float* rstd, cudaStream_t stream);
+                                 float* rstd, cudaStream_t stream, const QSparseSel& qs = {});
 void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const bf16* ghat, const bf16* h,
                                  const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes, float* scale,
-                                 float* rstd, cudaStream_t stream);
+                                 float* rstd, cudaStream_t stream, const QSparseSel& qs = {});
 void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const float* ghat, const float* h,
                                  const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s, float* scale,
-                                 float* rstd, cudaStream_t stream);
+                                 float* rstd, cudaStream_t stream, const QSparseSel& qs = {});
 void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const bf16* ghat, const bf16* h,
                                  const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s, float* scale,
-                                 float* rstd, cudaStream_t stream);
+                                 float* rstd, cudaStream_t stream, const QSparseSel& qs = {});
 void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const float* ghat, const float* h,
                                   const float* g_gain, const float* g_rstd, const float* o_gain, const float* o_rstd,
                                   const float* dxt, float* dh, bf16* dghat, float* do_gain, float* dg_gain,
@@ -116,13 +130,13 @@ void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const bf
 // same for every BitLinear, saved to inner_rstd), then per BitLinear k its scale (scale + k·rows) and
 // codes (codes + k·rows·dim), or a/s in bf16 for the backward's recomputation. xn is never in memory.
 // Bit-identical to rmsnorm_forward_cpu -> rmsnorm_forward_cpu -> act_quant_cpu per BitLinear.
-// n_gains: 1 or 3.
+// n_gains: 1 or 3. Q-Sparse (qs) selects within each BitLinear's own x̃_k (its own gain): one kept set each.
 void norm_norm_quant_forward_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
                                   int n_gains, const float* const* gains, int8_t* codes, float* scale,
-                                  float* inner_rstd, cudaStream_t stream);
+                                  float* inner_rstd, cudaStream_t stream, const QSparseSel& qs = {});
 void norm_norm_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
                                   int n_gains, const float* const* gains, bf16* a_over_s, float* scale,
-                                  float* inner_rstd, cudaStream_t stream);
+                                  float* inner_rstd, cudaStream_t stream, const QSparseSel& qs = {});
 // Backward from dxt (n_gains slices of rows·dim: dL/dx̃_k), straight through the quantizers: the
 // BitLinear norms' backwards (they share xn and r, so they sum into one) and the outer norm's, added
 // into dx (accumulated); d_gains[k] and d_outer_gain accumulated (fixed-order partials, no atomics).

@@ -1,8 +1,10 @@
 // Shared by the fused RMSNorm + int8 quantizer kernels (norm_quant.cu: the single BitLinear and the
 // block-input pair; norm_quant_glu.cu: the GLU's; norm_quant_gate.cu: the output gate's): the
 // bit-exact row helpers, the row sources, the forward and backward kernels every fused variant is
-// built on, the dγ partial sum, and the host-side shape checks and launchers. Included only by those
-// .cu files; everything is in an anonymous namespace (each file instantiates what it uses).
+// built on (with the Q-Sparse option: a per-row keep bitmap from qsparse_select.cuh, the dropped
+// entries of x̃ zeroed before the scale and the codes), the dγ partial sum, and the host-side shape
+// checks and launchers. Included only by those .cu files; everything is in an anonymous namespace
+// (each file instantiates what it uses).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,6 +15,7 @@
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/norm_quant.h"
+#include "model/ops/qsparse_select.cuh"
 #include "model/ops/quant_rules.cuh"
 
 namespace peerless {
@@ -231,18 +234,60 @@ __device__ __forceinline__ uint16_t* warp_table(float* smem, int64_t dim, int wa
   return reinterpret_cast<uint16_t*>(smem + (dim * (blockDim.x / cuda_detail::kWarp))) + warp * kTableSlots;
 }
 
+// Q-Sparse (kSparse kernels): after the tables, per warp the radix select's histogram (256 words),
+// its pick (4 words) and the row's keep bitmap (ceil(dim/32) words, bit j = entry j kept).
+constexpr int kQsHistWords = 256, kQsPickWords = 4;
+int qs_mask_words(int64_t dim) { return static_cast<int>((dim + 31) / 32); }
+size_t qs_smem_per_warp(int64_t dim) { return (kQsHistWords + kQsPickWords + qs_mask_words(dim)) * sizeof(uint32_t); }
+struct QsWarpSmem {
+  uint32_t* hist;
+  cuda_detail::QsPick* pick;
+  uint32_t* kept;
+};
+__device__ __forceinline__ QsWarpSmem qs_warp_smem(float* smem, int dim, int warp) {
+  const int n_warps = blockDim.x / cuda_detail::kWarp;
+  uint32_t* base = reinterpret_cast<uint32_t*>(warp_table(smem, dim, n_warps)) +
+                   warp * (kQsHistWords + kQsPickWords + (dim + 31) / 32);
+  return {base, reinterpret_cast<cuda_detail::QsPick*>(base + kQsHistWords), base + kQsHistWords + kQsPickWords};
+}
+
+// The selection as the kernels take it: keep the `keep` best of every segment of seg_len entries
+// (seg_len = dim for top-K); 0 ≤ keep < seg_len (the host turns keep ≥ seg_len into kSparse = false).
+struct QsDev {
+  int keep = 0, seg_len = 0;
+};
+
+// The keep bitmap of x̃ = (x·rs)·γ for the warp's row x in shared memory (qsparse_warp_mask with
+// x̃'s keys computed as quant_row computes x̃, so the selection sees the CPU's x̃ bit for bit).
+__device__ __forceinline__ void qs_row_mask(const float* xs, float rs, const float* __restrict__ gain, int dim,
+                                            int lane, QsDev sel, const QsWarpSmem& sm) {
+  auto key_at = [&](int j) {
+    return cuda_detail::qsparse_key(__float_as_uint(__fmul_rn(__fmul_rn(xs[j], rs), __ldg(gain + j))));
+  };
+  __syncwarp();  // the warp is done with an earlier bitmap
+  cuda_detail::qsparse_warp_mask(dim, sel.seg_len, sel.keep, key_at, lane, sm.kept, sm.hist, sm.pick);
+}
+
 // x̃ = (x·rs)·γ of the warp's row x (shared memory, read only), s = 127 / max|x̃| (returned), and x̃'s
 // codes into cr, or (kDequant) a/s rounded to bf16 into dr, all bit-identical to rmsnorm_forward_cpu →
 // act_quant_cpu. The a/s of a row take only 257 values: the warp divides the 129 magnitudes once into
 // tbl (shared memory) and the elements look theirs up, with the sign set: the same bits as dividing
 // each (IEEE division and round-to-nearest-even commute with negation). kVec: dim % 4 == 0, γ 16-byte,
 // cr 4-byte, dr 8-byte aligned.
-template <bool kVec, bool kDequant>
+// kSparse: Q-Sparse, x̃_j replaced by 0 where bit j of `kept` (shared memory) is clear, before the
+// scale and the codes, exactly as qsparse_apply_cpu zeroes them before act_quant_cpu (so a row with
+// nothing kept gets the 1e-5 floor's scale, and a dropped NaN does not make the scale NaN).
+template <bool kVec, bool kDequant, bool kSparse = false>
 __device__ __forceinline__ float quant_row(const float* xs, float rs, const float* __restrict__ gain, int dim,
                                            int lane, int8_t* __restrict__ cr, __nv_bfloat16* __restrict__ dr,
-                                           uint16_t* tbl) {
+                                           uint16_t* tbl, const uint32_t* kept = nullptr) {
   constexpr int kW = cuda_detail::kWarp;
-  auto xt = [rs](float x, float g) { return __fmul_rn(__fmul_rn(x, rs), g); };
+  // x̃ of entry j (j is used only by kSparse: the compiler drops it otherwise).
+  auto xt = [rs, kept](float x, float g, int j) {
+    const float t = __fmul_rn(__fmul_rn(x, rs), g);
+    if constexpr (kSparse) return ((kept[j >> 5] >> (j & 31)) & 1u) ? t : 0.0f;
+    else return t;
+  };
   uint32_t m = 0;
   if constexpr (kVec) {
     const float4* s4 = reinterpret_cast<const float4*>(xs);
@@ -250,14 +295,17 @@ __device__ __forceinline__ float quant_row(const float* xs, float rs, const floa
 #pragma unroll 4
     for (int v = lane; v < dim / 4; v += kW) {
       const float4 x = s4[v], g = __ldg(g4 + v);
-      m = max(max(m, max(abs_bits(xt(x.x, g.x)), abs_bits(xt(x.y, g.y)))),
-              max(abs_bits(xt(x.z, g.z)), abs_bits(xt(x.w, g.w))));
+      const int j = 4 * v;
+      m = max(max(m, max(abs_bits(xt(x.x, g.x, j)), abs_bits(xt(x.y, g.y, j + 1)))),
+              max(abs_bits(xt(x.z, g.z, j + 2)), abs_bits(xt(x.w, g.w, j + 3))));
     }
   } else {
-    for (int j = lane; j < dim; j += kW) m = max(m, abs_bits(xt(xs[j], __ldg(gain + j))));
+    for (int j = lane; j < dim; j += kW) m = max(m, abs_bits(xt(xs[j], __ldg(gain + j), j)));
   }
   const float s = act_scale_dev(__uint_as_float(cuda_detail::warp_reduce(m, MaxU32{})));
-  auto code = [&](float x, float g) { return quant_round_clamp_dev(__fmul_rn(xt(x, g), s), -128.0f, 127.0f); };
+  auto code = [&](float x, float g, int j) {
+    return quant_round_clamp_dev(__fmul_rn(xt(x, g, j), s), -128.0f, 127.0f);
+  };
   if constexpr (kDequant) {
     for (int q = lane; q <= 128; q += kW)
       tbl[q] = __bfloat16_as_ushort(__float2bfloat16_rn(__fdiv_rn(static_cast<float>(q), s)));
@@ -270,12 +318,13 @@ __device__ __forceinline__ float quant_row(const float* xs, float rs, const floa
 #pragma unroll 4
       for (int v = lane; v < dim / 4; v += kW) {
         const float4 x = s4[v], g = __ldg(g4 + v);
-        d2[v] = make_uint2(deq(code(x.x, g.x)) | deq(code(x.y, g.y)) << 16,
-                           deq(code(x.z, g.z)) | deq(code(x.w, g.w)) << 16);
+        const int j = 4 * v;
+        d2[v] = make_uint2(deq(code(x.x, g.x, j)) | deq(code(x.y, g.y, j + 1)) << 16,
+                           deq(code(x.z, g.z, j + 2)) | deq(code(x.w, g.w, j + 3)) << 16);
       }
     } else {
       for (int j = lane; j < dim; j += kW)
-        dr[j] = __ushort_as_bfloat16(static_cast<uint16_t>(deq(code(xs[j], __ldg(gain + j)))));
+        dr[j] = __ushort_as_bfloat16(static_cast<uint16_t>(deq(code(xs[j], __ldg(gain + j), j))));
     }
     __syncwarp();  // every lane is done with tbl before a next call rewrites it
   } else if constexpr (kVec) {
@@ -285,19 +334,20 @@ __device__ __forceinline__ float quant_row(const float* xs, float rs, const floa
 #pragma unroll 4
     for (int v = lane; v < dim / 4; v += kW) {
       const float4 x = s4[v], g = __ldg(g4 + v);
-      c4[v] = make_char4(code(x.x, g.x), code(x.y, g.y), code(x.z, g.z), code(x.w, g.w));
+      const int j = 4 * v;
+      c4[v] = make_char4(code(x.x, g.x, j), code(x.y, g.y, j + 1), code(x.z, g.z, j + 2), code(x.w, g.w, j + 3));
     }
   } else {
-    for (int j = lane; j < dim; j += kW) cr[j] = code(xs[j], __ldg(gain + j));
+    for (int j = lane; j < dim; j += kW) cr[j] = code(xs[j], __ldg(gain + j), j);
   }
   return s;
 }
 
-template <bool kVec, bool kDequant, typename Src>
+template <bool kVec, bool kDequant, bool kSparse, typename Src>
 __global__ void __launch_bounds__(128)
     rmsnorm_act_quant_forward_kernel(int64_t rows, int64_t dim64, float eps, Src src, const float* __restrict__ gain,
                                      int8_t* __restrict__ codes, __nv_bfloat16* __restrict__ dequant,
-                                     float* __restrict__ scale, float* __restrict__ rstd) {
+                                     float* __restrict__ scale, float* __restrict__ rstd, QsDev sel) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / cuda_detail::kWarp, lane = threadIdx.x % cuda_detail::kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / cuda_detail::kWarp) + warp;
@@ -363,9 +413,17 @@ __global__ void __launch_bounds__(128)
   const float rs = row_rstd(xs, dim, eps, lane);
   if (lane == 0) rstd[r] = rs;
 
-  // 3. x̃ = (x·rstd)·γ, its scale and codes (or a/s).
-  const float s = quant_row<kVec, kDequant>(xs, rs, gain, dim, lane, kDequant ? nullptr : codes + r * dim,
-                                            kDequant ? dequant + r * dim : nullptr, tbl);
+  // 3. (Q-Sparse) which entries of x̃ = (x·rstd)·γ are kept.
+  const uint32_t* kept = nullptr;
+  if constexpr (kSparse) {
+    const QsWarpSmem sm = qs_warp_smem(smem, dim, warp);
+    qs_row_mask(xs, rs, gain, dim, lane, sel, sm);
+    kept = sm.kept;
+  }
+
+  // 4. x̃ (kept entries), its scale and codes (or a/s).
+  const float s = quant_row<kVec, kDequant, kSparse>(xs, rs, gain, dim, lane, kDequant ? nullptr : codes + r * dim,
+                                                     kDequant ? dequant + r * dim : nullptr, tbl, kept);
   if (lane == 0) scale[r] = s;
 }
 
@@ -517,33 +575,56 @@ void launch_backward(const RmsNormShape& s, const X* x, const float* gain, const
       s.rows, s.dim, x, gain, rstd, dy, dx, partials, accumulate);
   PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_backward_kernel);
 }
+// Calls f(std::bool_constant<b>{}).
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+// The kernels' form of a Q-Sparse option for rows of s.dim channels; active() false when it keeps
+// everything (then the plain kernels run). Config errors name the option and the allowed range.
+struct QsHost {
+  QsDev dev;
+  bool on = false;
+};
+QsHost qs_host(const char* who, const RmsNormShape& s, const QSparseSel& qs) {
+  const int64_t seg = qs.block > 0 ? qs.block : s.dim;
+  if (qs.keep >= seg) return {};
+  PL_CHECK(qs.keep >= 0, config, who, ": qsparse keep must be >= 0 (got ", qs.keep, ")");
+  PL_CHECK(qs.block <= s.dim && s.dim % seg == 0, config, who, ": qsparse N:M block must divide dim (got dim=", s.dim,
+           ", block=", qs.block, ")");
+  return {QsDev{static_cast<int>(qs.keep), static_cast<int>(seg)}, true};
+}
+
+// Shared memory of a forward kernel's block: per warp its row, a/s table and (Q-Sparse) scratch.
+size_t fwd_smem(const RmsNormShape& s, bool sparse) {
+  return static_cast<size_t>(fwd_rows_per_block(s.dim)) *
+         (fwd_smem_per_warp(s.dim) + (sparse ? qs_smem_per_warp(s.dim) : 0));  // ≤ 40 KB
+}
+
 template <typename Src>
 void forward(const char* who, const RmsNormShape& s, Src src, bool vec_src, const float* gain, int8_t* codes,
-             bf16* dequant, float* scale, float* rstd, cudaStream_t stream) {
+             bf16* dequant, float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {
   check_shape(who, s);
+  const QsHost q = qs_host(who, s, qs);
   if (s.rows == 0) return;
   PL_CHECK(gain && (codes || dequant) && scale && rstd, internal, who, ": null pointer");
   const int per_block = fwd_rows_per_block(s.dim);
   const auto blocks = static_cast<unsigned>((s.rows + per_block - 1) / per_block);
   const int threads = per_block * 32;
-  const size_t smem = static_cast<size_t>(per_block) * fwd_smem_per_warp(s.dim);  // ≤ 33 KB
+  const size_t smem = fwd_smem(s, q.on);
   // Every row start is 16-byte aligned when dim % 4 == 0 and x is; codes need 4-byte, a/s 8-byte alignment.
   const bool vec = s.dim % 4 == 0 && vec_src && aligned16(gain) && (reinterpret_cast<uintptr_t>(codes) & 3u) == 0 &&
                    (reinterpret_cast<uintptr_t>(dequant) & 7u) == 0;
-  if (dequant) {
-    if (vec)
-      rmsnorm_act_quant_forward_kernel<true, true, Src><<<blocks, threads, smem, stream>>>(
-          s.rows, s.dim, s.eps, src, gain, nullptr, dequant, scale, rstd);
-    else
-      rmsnorm_act_quant_forward_kernel<false, true, Src><<<blocks, threads, smem, stream>>>(
-          s.rows, s.dim, s.eps, src, gain, nullptr, dequant, scale, rstd);
-  } else if (vec) {
-    rmsnorm_act_quant_forward_kernel<true, false, Src><<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, src,
-                                                                                         gain, codes, nullptr, scale, rstd);
-  } else {
-    rmsnorm_act_quant_forward_kernel<false, false, Src><<<blocks, threads, smem, stream>>>(
-        s.rows, s.dim, s.eps, src, gain, codes, nullptr, scale, rstd);
-  }
+  with_bool(vec, [&](auto kv) {
+    with_bool(dequant != nullptr, [&](auto kd) {
+      with_bool(q.on, [&](auto ks) {
+        rmsnorm_act_quant_forward_kernel<decltype(kv)::value, decltype(kd)::value, decltype(ks)::value, Src>
+            <<<blocks, threads, smem, stream>>>(s.rows, s.dim, s.eps, src, gain, codes, dequant, scale, rstd, q.dev);
+      });
+    });
+  });
   PL_CUDA_CHECK_LAUNCH(rmsnorm_act_quant_forward_kernel);
 }
 }  // namespace

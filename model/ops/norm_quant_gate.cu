@@ -190,21 +190,21 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
 #define PL_GATE_NQ(A)                                                                                               \
   void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
                                    const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes,          \
-                                   float* scale, float* rstd, cudaStream_t stream) {                                \
+                                   float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {          \
     PL_CHECK(ghat && h && codes && (form == GateForm::paper || (g_gain && g_rstd)), internal,                        \
              "gate_act_quant_forward_cuda: null pointer");                                                          \
     forward("gate_act_quant_forward_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},         \
             s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h),                                               \
-            o_gain, codes, nullptr, scale, rstd, stream);                                                           \
+            o_gain, codes, nullptr, scale, rstd, stream, qs);                                                       \
   }                                                                                                                 \
   void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
                                    const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s,         \
-                                   float* scale, float* rstd, cudaStream_t stream) {                                \
+                                   float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {          \
     PL_CHECK(ghat && h && a_over_s && (form == GateForm::paper || (g_gain && g_rstd)), internal,                     \
              "gate_act_quant_dequant_cuda: null pointer");                                                          \
     forward("gate_act_quant_dequant_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},         \
             s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h),                                               \
-            o_gain, nullptr, a_over_s, scale, rstd, stream);                                                        \
+            o_gain, nullptr, a_over_s, scale, rstd, stream, qs);                                                    \
   }                                                                                                                 \
   void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,               \
                                     const float* g_gain, const float* g_rstd, const float* o_gain,                  \

@@ -166,18 +166,20 @@ void glu_backward(GluActivation act, const RmsNormShape& s, const A* au, const f
 
 #define PL_GLU_NQ(A)                                                                                                \
   void glu_act_quant_forward_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,         \
-                                  int8_t* codes, float* scale, float* rstd, cudaStream_t stream) {                  \
+                                  int8_t* codes, float* scale, float* rstd, cudaStream_t stream,                    \
+                                  const QSparseSel& qs) {                                                           \
     PL_CHECK(au && codes, internal, "glu_act_quant_forward_cuda: null pointer");                                     \
     forward("glu_act_quant_forward_cuda", s, GluRows<A>{au, act == GluActivation::silu},                            \
             s.dim % kPer16<A> == 0 && aligned16(au), gain, codes, nullptr,                                           \
-            scale, rstd, stream);                                                                                   \
+            scale, rstd, stream, qs);                                                                               \
   }                                                                                                                 \
   void glu_act_quant_dequant_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,         \
-                                  bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream) {                 \
+                                  bf16* a_over_s, float* scale, float* rstd, cudaStream_t stream,                   \
+                                  const QSparseSel& qs) {                                                           \
     PL_CHECK(au && a_over_s, internal, "glu_act_quant_dequant_cuda: null pointer");                                  \
     forward("glu_act_quant_dequant_cuda", s, GluRows<A>{au, act == GluActivation::silu},                            \
             s.dim % kPer16<A> == 0 && aligned16(au), gain, nullptr,                                                  \
-            a_over_s, scale, rstd, stream);                                                                         \
+            a_over_s, scale, rstd, stream, qs);                                                                     \
   }                                                                                                                 \
   void glu_act_quant_backward_cuda(GluActivation act, const RmsNormShape& s, const A* au, const float* gain,        \
                                    const float* rstd, const float* dy, bf16* dau, float* dgain, float* workspace,   \

@@ -94,6 +94,10 @@ int64_t qsparse_keep_for(int64_t dim, double sparsity, int64_t block) {
   return qsparse_keep_count(block > 0 ? block : dim, sparsity);
 }
 
+QSparseSel qsparse_sel_for(int64_t dim, double sparsity, int64_t block) {
+  return QSparseSel{qsparse_keep_for(dim, sparsity, block), block > 0 ? block : 0};
+}
+
 void qsparse_apply_cpu(double sparsity, int64_t block, int64_t rows, int64_t dim, float* x) {
   if (sparsity <= 0) return;
   const QSparseShape qs{rows, dim};

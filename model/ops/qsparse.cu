@@ -16,6 +16,7 @@
 // - Segments of up to 32 (the N:M blocks, M = 32 by default): a group of G lanes of a warp per segment
 //   (G the power of two ≥ M). Each lane ranks its own entry against the other M − 1 (shuffles) under
 //   the total order and keeps it when rank < keep, so ties need no special case.
+// The select and the ranking are qsparse_select.cuh's, which the fused norm+quant kernels share.
 // y may alias x: every entry of a segment is read before any of it is written (the block path
 // synchronises in between; a lane reads only its own entry before writing it), and x is never read
 // through the non-coherent cache (no __restrict__ on x or y).
@@ -23,22 +24,18 @@
 
 #include "model/ops/cuda_check.h"
 #include "model/ops/qsparse.h"
+#include "model/ops/qsparse_select.cuh"
 
 namespace peerless {
 namespace {
 
-constexpr uint32_t kInfKey = 0x7f800000u;
 constexpr int kWarp = 32;
 constexpr int kSmallThreads = 256;
 // Segments staged in shared memory: 44 KiB of keys, leaving room for the static arrays under the
 // default 48 KiB per block.
 constexpr int64_t kMaxStaged = 11 * 1024;
 
-// The magnitude key of a float's bit pattern: |x| as unsigned bits, NaN as +inf.
-__device__ __forceinline__ uint32_t key_of(uint32_t bits) {
-  const uint32_t a = bits & 0x7fffffffu;
-  return a > kInfKey ? kInfKey : a;
-}
+using cuda_detail::qsparse_key;
 
 __device__ __forceinline__ void write_entry(float* ys, uint8_t* ms, int64_t i, uint32_t bits, bool kept) {
   ys[i] = kept ? __uint_as_float(bits) : 0.0f;
@@ -51,7 +48,7 @@ __global__ void qsparse_segment_kernel(int64_t len, int64_t keep, const float* x
   extern __shared__ uint32_t staged[];  // (len) bit patterns when kStaged
   __shared__ uint32_t hist[256];
   __shared__ uint32_t warp_counts[kWarp];
-  __shared__ uint32_t s_bin, s_above, s_eq;
+  __shared__ cuda_detail::QsPick pick;
   const int64_t seg = blockIdx.x;
   const float* xs = x + seg * len;
   float* ys = y + seg * len;
@@ -68,56 +65,14 @@ __global__ void qsparse_segment_kernel(int64_t len, int64_t keep, const float* x
     return;
   }
 
-  // Radix select, most significant digit first. Invariant: the wanted key is the k_rem-th largest
-  // (1-based) of the keys whose digits above `shift` equal `prefix`.
-  uint32_t prefix = 0, pmask = 0, k_rem = static_cast<uint32_t>(keep);
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = tid; b < 256; b += nt) hist[b] = 0;
-    __syncthreads();
-    // Lanes of a warp with the same digit add once (real data crowd into a few bins: the exponents
-    // of |x| ~ 1), so the whole block does not serialise on one shared-memory address.
-    for (int64_t base = 0; base < len; base += nt) {
-      const int64_t i = base + tid;
-      const uint32_t k = i < len ? key_of(bits_at(i)) : 0u;
-      const bool counted = i < len && (k & pmask) == prefix;
-      const uint32_t bin = counted ? (k >> shift) & 255u : 256u;
-      const uint32_t peers = __match_any_sync(0xffffffffu, bin);
-      if (counted && (__ffs(peers) - 1) == tid % kWarp) atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
-    }
-    __syncthreads();
-    if (tid < kWarp) {
-      // Lane l owns bins 8l..8l+7; `above` counts the keys in the bins of the higher lanes.
-      uint32_t c[8], own = 0;
-#pragma unroll
-      for (int b = 0; b < 8; ++b) c[b] = hist[tid * 8 + b], own += c[b];
-      uint32_t incl = own;  // own + every higher lane's
-#pragma unroll
-      for (int off = 1; off < kWarp; off *= 2) {
-        const uint32_t v = __shfl_down_sync(0xffffffffu, incl, off);
-        if (tid + off < kWarp) incl += v;
-      }
-      uint32_t above = incl - own;
-      if (above < k_rem && k_rem <= incl) {  // exactly one lane
-        for (int b = 7; b >= 0; --b) {
-          if (above + c[b] >= k_rem) {
-            s_bin = static_cast<uint32_t>(tid * 8 + b), s_above = above, s_eq = c[b];
-            break;
-          }
-          above += c[b];
-        }
-      }
-    }
-    __syncthreads();
-    prefix |= s_bin << shift;
-    pmask |= 255u << shift;
-    k_rem -= s_above;
-  }
-  // Now prefix is T, k_rem the number of entries equal to T to keep, s_eq how many there are.
-  const uint32_t T = prefix, need = k_rem;
-  if (need == s_eq) {
+  const cuda_detail::QsThreshold th = cuda_detail::qsparse_radix_select(
+      len, static_cast<uint32_t>(keep), tid, nt, [&](int64_t i) { return qsparse_key(bits_at(i)); }, hist, &pick,
+      [] { __syncthreads(); });
+  const uint32_t T = th.key, need = th.need;
+  if (need == th.eq) {
     for (int64_t i = tid; i < len; i += nt) {
       const uint32_t bits = bits_at(i);
-      write_entry(ys, ms, i, bits, key_of(bits) >= T);
+      write_entry(ys, ms, i, bits, qsparse_key(bits) >= T);
     }
     return;
   }
@@ -127,7 +82,7 @@ __global__ void qsparse_segment_kernel(int64_t len, int64_t keep, const float* x
   for (int64_t base = 0; base < len; base += nt) {
     const int64_t i = base + tid;
     const uint32_t bits = i < len ? bits_at(i) : 0u;
-    const uint32_t k = key_of(bits);
+    const uint32_t k = qsparse_key(bits);
     const bool eq = i < len && k == T;
     const uint32_t ballot = __ballot_sync(0xffffffffu, eq);
     if (lane == 0) warp_counts[warp] = __popc(ballot);
@@ -153,13 +108,9 @@ __global__ void qsparse_small_kernel(int64_t segments, int len, int group, int64
   const bool live = seg < segments && lane < len;
   const int64_t i = seg * len + lane;
   const uint32_t bits = live ? __float_as_uint(x[i]) : 0u;
-  const uint32_t k = key_of(bits);
+  const uint32_t k = qsparse_key(bits);
   // Every lane takes part in the shuffles (the dead ones too), so the full mask is right.
-  int rank = 0;
-  for (int j = 0; j < len; ++j) {
-    const uint32_t kj = __shfl_sync(0xffffffffu, k, j, group);
-    rank += (kj > k || (kj == k && j < lane)) ? 1 : 0;
-  }
+  const int rank = cuda_detail::qsparse_rank_in_group(k, lane, len, group);
   if (live) write_entry(y, mask, i, bits, rank < keep);
 }
 

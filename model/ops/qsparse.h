@@ -35,6 +35,16 @@ void qsparse_block_forward_cpu(const QSparseShape& s, int64_t keep, int64_t bloc
 int64_t qsparse_keep_for(int64_t dim, double sparsity, int64_t block);
 void qsparse_apply_cpu(double sparsity, int64_t block, int64_t rows, int64_t dim, float* x);
 
+// Q-Sparse as an option of the fused norm+quant kernels (norm_quant.h): keep the `keep` largest |x̃|
+// of every row (block = 0: top-K) or of every block of `block` consecutive channels (N:M). Off when
+// keep is at least the segment's length (the row's, or the block's): the default keeps everything.
+struct QSparseSel {
+  int64_t keep = INT64_MAX;
+  int64_t block = 0;
+};
+// The selection qsparse_apply_cpu applies to rows of `dim` channels: {qsparse_keep_for(...), block}.
+QSparseSel qsparse_sel_for(int64_t dim, double sparsity, int64_t block);
+
 // Straight-through backward of both: dx = dy (rows, dim), unmasked. dx may alias dy.
 void qsparse_backward_cpu(const QSparseShape& s, const float* dy, float* dx);
 
