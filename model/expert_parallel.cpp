@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "model/exact_sum.h"
+#include "model/ops/carve.h"
 #include "model/ops/fixed_point.h"
 
 #include "runtime/error.h"
@@ -103,6 +104,21 @@ void ExpertExchange::exchange(const void* send, const ExchangeLists& s, void* re
     if (o != ep_.rank()) stats_.bytes_sent += s.counts[o] * static_cast<int64_t>(dtype_size(type));
 }
 
+ExchangePlan plan_exchange(ExpertExchange& xchg, const std::vector<int64_t>& tok_count,
+                           const std::vector<int64_t>& ent_count) {
+  const int P = xchg.group().size();
+  PL_CHECK(static_cast<int>(tok_count.size()) == P && static_cast<int>(ent_count.size()) == P, internal,
+           "plan_exchange: ", tok_count.size(), " token and ", ent_count.size(), " entry counts for a group of ", P);
+  // Counts: (tokens, entries) per pair of ranks.
+  std::vector<int64_t> send_counts(2 * P), recv_counts(2 * P);
+  for (int o = 0; o < P; ++o) send_counts[2 * o] = tok_count[o], send_counts[2 * o + 1] = ent_count[o];
+  const ExchangeLists pairs = ExchangeLists::of(std::vector<int64_t>(P, 2));
+  xchg.exchange(send_counts.data(), pairs, recv_counts.data(), pairs, DType::i64);
+  std::vector<int64_t> rt(P), re(P);
+  for (int r = 0; r < P; ++r) rt[r] = recv_counts[2 * r], re[r] = recv_counts[2 * r + 1];
+  return {ExchangeLists::of(tok_count), ExchangeLists::of(ent_count), ExchangeLists::of(rt), ExchangeLists::of(re)};
+}
+
 void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
                                  float* out) {
   PL_CHECK(table_ != nullptr, internal, "ShardedPeerExperts::forward without set_table()");
@@ -125,8 +141,11 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
       ++ent_count[o];
       if (last_token[o] != t) last_token[o] = t, ++tok_count[o];
     }
-  send_tokens_ = lists_of(tok_count);
-  send_entries_ = lists_of(ent_count);
+  const ExchangePlan plan = plan_exchange(xchg_, tok_count, ent_count);
+  send_tokens_ = plan.send_tokens;
+  send_entries_ = plan.send_entries;
+  recv_tokens_ = plan.recv_tokens;
+  recv_entries_ = plan.recv_entries;
   send_token_.resize(send_tokens_.total());
   send_entry_.resize(send_entries_.total());
   std::vector<int64_t> per_token_entries(send_tokens_.total());
@@ -153,15 +172,6 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
       }
   }
 
-  // Counts: (tokens, entries) per pair of ranks.
-  std::vector<int64_t> send_counts(2 * P), recv_counts(2 * P);
-  for (int o = 0; o < P; ++o) send_counts[2 * o] = tok_count[o], send_counts[2 * o + 1] = ent_count[o];
-  const Lists pairs = lists_of(std::vector<int64_t>(P, 2));
-  exchange(send_counts.data(), pairs, recv_counts.data(), pairs, DType::i64);
-  std::vector<int64_t> rt(P), re(P);
-  for (int r = 0; r < P; ++r) rt[r] = recv_counts[2 * r], re[r] = recv_counts[2 * r + 1];
-  recv_tokens_ = lists_of(rt);
-  recv_entries_ = lists_of(re);
   const int64_t R = recv_tokens_.total(), E = recv_entries_.total();
 
   // x once per (token, owner); the entry lists.
@@ -244,6 +254,57 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
 
 void ShardedPeerExperts::mark_rows(uint8_t* touched) const {
   for (int32_t r : recv_rows_) touched[r] = 1;
+}
+
+size_t carve_sharded_peer(const PeerExpertsShape& m, int shards, const ShardedPeerTempBytes& temp, void* base,
+                          ShardedPeerBuffers& b) {
+  const int64_t P = shards, T = m.tokens, d = m.dim, hk = m.heads * m.k;
+  const int64_t PT = P * T, S = T * std::min(P, hk), R = P * T, E = R * hk;
+  Carve c(base);
+  b.ent_cnt = c.take<int32_t>(PT + 1);
+  b.tok_flag = c.take<int32_t>(PT + 1);
+  b.ent_pos = c.take<int32_t>(PT + 1);
+  b.tok_pos = c.take<int32_t>(PT + 1);
+  b.bounds = c.take<int32_t>(2 * P + 2);
+  b.send_token = c.take<int32_t>(S);
+  b.send_per_token = c.take<int32_t>(S);
+  b.send_entry = c.take<int32_t>(T * hk);
+  b.send_rows = c.take<int32_t>(T * hk);
+  b.send_gates = c.take<float>(T * hk);
+  b.back_dgates = c.take<float>(T * hk);
+  b.send_buf = c.take<float>(S * d);
+  b.recv_x = c.take<float>(R * d);
+  b.recv_dy = c.take<float>(R * d);
+  b.dx_partial = c.take<float>(R * d);
+  b.recv_per_token = c.take<int32_t>(R + 1);
+  b.recv_pos = c.take<int32_t>(R + 1);
+  b.recv_offsets = c.take<int64_t>(R + 1);
+  b.recv_rows = c.take<int32_t>(E);
+  b.recv_gates = c.take<float>(E);
+  b.recv_pre_act = c.take<float>(E);
+  b.recv_dgates = c.take<float>(E);
+  b.gated_ws = c.take_bytes(temp.gated_ws);
+  b.scan_temp = c.take_bytes(temp.scan);
+  return c.used();
+}
+
+ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& m, int shards) {
+  PL_CHECK(shards >= 1 && m.n_experts % shards == 0, config, "parallel.expert_parallel = ", shards,
+           " must divide the number of experts N = ", m.n_experts, " (model.peer_n_sub²)");
+  const int64_t rows = m.n_experts / shards, E = shards * m.tokens * m.heads * m.k;
+  // The gated backward's workspace (peer_experts.cu): coef_u, coef_v, token_of and the grouping's keys
+  // and values (E each), its row lists (≤ min(rows, E) + 1, three of them), cub's radix sort
+  // (alternate keys and values: 8 bytes per entry) and a little for the run-length encoding and scans.
+  constexpr size_t kCubSlack = size_t{1} << 20;
+  const int64_t cap = std::min(rows, E);
+  ShardedPeerTempBytes temp;
+  temp.gated_ws = static_cast<size_t>(6 * E + 3 * (cap + 1)) * 4 + 8 * static_cast<size_t>(E) + kCubSlack + 8 * 256;
+  temp.scan = kCubSlack;
+  ShardedPeerBuffers b{};
+  ShardedPeerMemory mem;
+  mem.table_shard = rows * 2 * m.dim * static_cast<int64_t>(sizeof(float));
+  mem.exchange = static_cast<int64_t>(carve_sharded_peer(m, shards, temp, nullptr, b));
+  return mem;
 }
 
 }  // namespace peerless

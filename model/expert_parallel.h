@@ -16,6 +16,7 @@
 
 #include "model/ops/peer_layer.h"
 #include "parallel/comm.h"
+#include "runtime/memory.h"
 
 namespace peerless {
 
@@ -73,6 +74,15 @@ class ExpertExchange {
   Comm& ep_;
   Stats stats_;
 };
+
+// One expert exchange's lists: per owner, the tokens and entries this rank sends (from its own
+// counts); per sender, what this rank receives, learnt by plan_exchange() from one all_to_all_v of
+// the (tokens, entries) pairs. The CPU and CUDA runners both plan through it.
+struct ExchangePlan {
+  ExchangeLists send_tokens, send_entries, recv_tokens, recv_entries;
+};
+ExchangePlan plan_exchange(ExpertExchange& xchg, const std::vector<int64_t>& tok_count,
+                           const std::vector<int64_t>& ent_count);
 
 // The expert half of one PEER layer for one micro-batch, its table sharded over `ep` (ranks in
 // ep-rank order). Collective over `ep`: every rank of the group must run forward (and backward)
@@ -134,6 +144,98 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   std::vector<int64_t> recv_offsets_;  // (received tokens + 1)
   std::vector<int32_t> recv_rows_;
   std::vector<PeerSparseGrad<float>> table_grads_;
+};
+
+// ---- CUDA (model/expert_parallel_cuda.cu; PEERLESS_HAVE_CUDA builds) -----------------------------
+
+// The device buffers of one ShardedPeerExpertsCuda (per rank), sized for the worst case: every rank
+// of the group sends all its tokens (at most max_tokens each) to this rank. Sender side: per (owner,
+// token) counts and their scans, the send lists and one (tokens·min(P, h·k), d) row buffer (x, dy
+// out; partials back); owner side: the received x, partial and dx rows (P·max_tokens, d), entry lists
+// (P·max_tokens·h·k) and the gated backward's workspace. Carved in one fixed order by
+// carve_sharded_peer (measuring when base is null); the byte counts of the two cub-backed pieces come
+// from outside, exact on the device, estimated by sharded_peer_device_bytes() on a host.
+struct ShardedPeerBuffers {
+  int32_t *ent_cnt, *tok_flag, *ent_pos, *tok_pos;  // (P·T + 1) owner-major
+  int32_t* bounds;                                   // (2P + 2) per-owner starts of tokens, entries
+  int32_t *send_token, *send_per_token;              // (S) S = T·min(P, h·k)
+  int32_t *send_entry, *send_rows;                   // (T·h·k)
+  float *send_gates, *back_dgates;                   // (T·h·k)
+  float* send_buf;                                   // (S, d)
+  float *recv_x, *recv_dy, *dx_partial;              // (R, d) R = P·T; recv_dy also the forward partials
+  int32_t* recv_per_token;                           // (R + 1)
+  int32_t* recv_pos;                                 // (R + 1) its exclusive scan
+  int64_t* recv_offsets;                             // (R + 1)
+  int32_t* recv_rows;                                // (E) E = P·T·h·k
+  float *recv_gates, *recv_pre_act, *recv_dgates;    // (E)
+  void* gated_ws;                                    // peer_experts_gated_backward_workspace_bytes
+  void* scan_temp;                                   // cub scans
+};
+struct ShardedPeerTempBytes {
+  size_t gated_ws = 0, scan = 0;
+};
+size_t carve_sharded_peer(const PeerExpertsShape& max_shape, int shards, const ShardedPeerTempBytes& temp, void* base,
+                          ShardedPeerBuffers& b);
+
+// Per-rank device memory of one sharded PEER layer, computable without a GPU (the planner prints it):
+// the table shard (N/P, 2d) fp32 (its gradient slice is as large again, optimizer state on top) and
+// the runner's exchange buffers for max_shape.tokens tokens per rank (cub's temporaries estimated
+// from their inputs: about 8 bytes per sorted entry).
+struct ShardedPeerMemory {
+  int64_t table_shard = 0;
+  int64_t exchange = 0;
+};
+ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& max_shape, int shards);
+
+// The device form of ShardedPeerExperts, the runner peer_layer_*_cuda take: the same exchange (per
+// owner, the distinct tokens that retrieved one of its rows, their x rows once and their entries
+// (local row, gate); the owner runs the gated expert kernels on its rows; partials back, added per
+// token in owner order), with every list built on the device (per (owner, token) counts, cub scans);
+// only the per-owner counts visit the host (they size the all_to_all_v). Every buffer handed to `ep`
+// is device memory: NCCL moves it directly, the MPI backend stages it through pinned host memory
+// (parallel/mpi_comm.h). Float partials only (no fixed point): out and dx equal the unsharded
+// layer's up to the order of float sums (bit for bit with one shard); dgates, like z, are the same
+// floats. Backward adds the gradient of the local rows into this rank's (N/P, 2d) gradient slice
+// (dense), each row's entries from all senders summed in (sender rank, token) order: deterministic,
+// no float atomics. Collective over `ep`, like ShardedPeerExperts (0 tokens included).
+class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
+ public:
+  // max_shape: the most tokens per rank and the layer's dim, heads, k, N (= n_experts), act.
+  ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape);
+  // This rank's rows (N/P, 2d) and their gradient (N/P, 2d, accumulated): device memory, set before
+  // forward, unchanged until backward.
+  void set_table(const float* local_rows, float* local_grad) { table_ = local_rows, grad_ = local_grad; }
+  void forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates, float* out,
+               cudaStream_t stream) override;
+  void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates, const float* dy,
+                float* dx, float* dgates, cudaStream_t stream) override;
+  size_t device_bytes() const { return mem_.size(); }
+  using Stats = ExpertExchange::Stats;
+  const Stats& stats() const { return xchg_.stats(); }
+
+ private:
+  void check_shape(const PeerExpertsShape& s) const;
+  // Sender side of forward: per-owner counts on the device, their starts to the host, the send lists.
+  void build_send_lists(int64_t T, const int32_t* ids, const float* gates, cudaStream_t stream);
+  // Owner side: the received counts -> int64 offsets; returns the entries received.
+  void received_offsets(cudaStream_t stream);
+  // Rows (S, d) in send_buf go to the owners' `recv` (R, d), or back (recv -> send_buf).
+  void rows_out(float* recv, cudaStream_t stream);
+  void rows_back(const float* recv, cudaStream_t stream);
+  // out (T, d) = Σ over owners (in order) of each token's partial in send_buf.
+  void combine(int64_t T, float* out, cudaStream_t stream);
+
+  Comm& ep_;
+  ExpertExchange xchg_;
+  PeerExpertsShape max_;
+  int64_t rows_per_;
+  const float* table_ = nullptr;
+  float* grad_ = nullptr;
+  DeviceBytes mem_;
+  ShardedPeerBuffers b_{};
+  ShardedPeerTempBytes temp_;
+  ExchangePlan plan_;
+  int64_t tokens_ = -1;  // of the last forward
 };
 
 }  // namespace peerless

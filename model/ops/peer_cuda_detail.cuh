@@ -1,7 +1,6 @@
 // Device helpers shared by the PEER CUDA ops (peer_experts.cu, peer_retrieval.cu, peer_layer.cu): the
 // expert activations in the CPU reference's exact expression order, V-wide loads (float4 when the row
-// width allows it), a bump allocator that carves one workspace into typed slices (the same code
-// measures the workspace and hands out the pointers), and the deterministic replacement for
+// width allows it), and the deterministic replacement for
 // scatter-adds with float atomics: entries grouped by row with a stable cub radix sort (rows, then
 // entry order within a row, as detail::group_by_row does on the CPU), run-length encoded into the
 // distinct rows and their segment offsets, which a kernel then sums one row per block in entry order.
@@ -15,6 +14,7 @@
 #include <cstdint>
 #include <cub/cub.cuh>
 
+#include "model/ops/carve.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm.h"
 #include "model/ops/peer_experts.h"
@@ -183,24 +183,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Carves typed, 256-byte aligned slices out of one block of memory. With base == nullptr it only
-// measures: run the same sequence of take() calls once to size the workspace, once to use it.
-class Carve {
- public:
-  explicit Carve(void* base) : base_(static_cast<char*>(base)) {}
-  template <typename T>
-  T* take(int64_t n) {
-    const size_t at = (used_ + 255) & ~size_t{255};
-    used_ = at + static_cast<size_t>(n) * sizeof(T);
-    return base_ ? reinterpret_cast<T*>(base_ + at) : nullptr;
-  }
-  void* take_bytes(size_t bytes) { return take<char>(static_cast<int64_t>(bytes)); }
-  size_t used() const { return used_; }
-
- private:
-  char* base_;
-  size_t used_ = 0;
-};
+// Carve (model/ops/carve.h) sizes and hands out every workspace below.
 
 // Bits needed to hold every row index in [0, n_rows).
 inline int row_bits(int64_t n_rows) {

@@ -70,26 +70,39 @@ __device__ __forceinline__ float warp_dot(const float* row, const float* vec, in
   return warp_sum(acc);
 }
 
-// Block per token. Shared: x (d), w (hk), ids (hk).
+// The entries of token t: [t·hk, (t+1)·hk) in the dense form (offsets null), [offsets[t],
+// offsets[t+1]) in the gated, ragged form (at most hk of them).
+struct TokenEntries {
+  int64_t beg;
+  int n;
+};
+__device__ __forceinline__ TokenEntries token_entries(const int64_t* offsets, int64_t t, int hk) {
+  if (!offsets) return {t * hk, hk};
+  return {offsets[t], static_cast<int>(offsets[t + 1] - offsets[t])};
+}
+
+// Block per token. Shared: x (d), w (hk), ids (hk). offsets: see token_entries.
 template <int V>
 __global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t d, int hk, PeerActivation act,
-                                                                        const float* x, const int32_t* ids,
-                                                                        const float* gates, const float* table,
-                                                                        float* out, float* pre_act) {
+                                                                        const float* x, const int64_t* offsets,
+                                                                        const int32_t* ids, const float* gates,
+                                                                        const float* table, float* out,
+                                                                        float* pre_act) {
   extern __shared__ float smem[];
   float* xs = smem;
   float* ws = xs + ((d + 3) & ~int64_t{3});
   int32_t* id_s = reinterpret_cast<int32_t*>(ws + hk);
   const int64_t t = blockIdx.x, width = 2 * d;
+  const TokenEntries te = token_entries(offsets, t, hk);
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) xs[c] = x[t * d + c];
-  for (int e = threadIdx.x; e < hk; e += blockDim.x) id_s[e] = ids[t * hk + e];
+  for (int e = threadIdx.x; e < te.n; e += blockDim.x) id_s[e] = ids[te.beg + e];
   __syncthreads();
   const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
-  for (int e = warp; e < hk; e += n_warps) {
+  for (int e = warp; e < te.n; e += n_warps) {
     const float z = warp_dot<V>(table + int64_t{id_s[e]} * width, xs, d);
     if (threadIdx.x % kWarp == 0) {
-      pre_act[t * hk + e] = z;
-      ws[e] = gates[t * hk + e] * activation(act, z);
+      pre_act[te.beg + e] = z;
+      ws[e] = gates[te.beg + e] * activation(act, z);
     }
   }
   __syncthreads();
@@ -98,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t 
 #pragma unroll
     for (int i = 0; i < V; ++i) o.v[i] = 0.0f;
 #pragma unroll 4
-    for (int e = 0; e < hk; ++e) {
+    for (int e = 0; e < te.n; ++e) {
       const float w = ws[e];
       const Vec<V> v = load<V>(table + int64_t{id_s[e]} * width + d + c);
 #pragma unroll
@@ -108,12 +121,15 @@ __global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t 
   }
 }
 
-// Block per token: dw, dz, dgates per entry (warps), dx (threads over columns), softmax backward
-// (threads over heads). Shared: dy (d), dz (hk), dg (hk), ids (hk).
+// Block per token: dw, dz, dgates per entry (warps), dx (threads over columns), then either the
+// softmax backward (dense form: threads over heads -> dscores) or, in the gated form (offsets set),
+// dgates written as they are and each entry's token recorded in token_of (for the table gradient).
+// Shared: dy (d), dz (hk), dg (hk), ids (hk).
 template <int V>
 __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
-    int64_t d, int heads, int k, PeerActivation act, const int32_t* ids, const float* table, const float* gates,
-    const float* pre_act, const float* dy, float* dx, float* dscores, float* coef_u, float* coef_v) {
+    int64_t d, int heads, int k, PeerActivation act, const int64_t* offsets, const int32_t* ids, const float* table,
+    const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores, float* dgates,
+    int32_t* token_of, float* coef_u, float* coef_v) {
   extern __shared__ float smem[];
   const int hk = heads * k;
   float* dys = smem;
@@ -121,14 +137,15 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
   float* dgs = dzs + hk;
   int32_t* id_s = reinterpret_cast<int32_t*>(dgs + hk);
   const int64_t t = blockIdx.x, width = 2 * d;
+  const TokenEntries te = token_entries(offsets, t, hk);
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dys[c] = dy[t * d + c];
-  for (int e = threadIdx.x; e < hk; e += blockDim.x) id_s[e] = ids[t * hk + e];
+  for (int e = threadIdx.x; e < te.n; e += blockDim.x) id_s[e] = ids[te.beg + e];
   __syncthreads();
   const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
-  for (int e = warp; e < hk; e += n_warps) {
+  for (int e = warp; e < te.n; e += n_warps) {
     const float dw = warp_dot<V>(table + int64_t{id_s[e]} * width + d, dys, d);
     if (threadIdx.x % kWarp == 0) {
-      const int64_t i = t * hk + e;
+      const int64_t i = te.beg + e;
       const float z = pre_act[i], g = gates[i];
       const float a = activation(act, z);
       const float dz = g * dw * activation_grad(act, z);
@@ -144,13 +161,20 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
 #pragma unroll
     for (int i = 0; i < V; ++i) o.v[i] = 0.0f;
 #pragma unroll 4
-    for (int e = 0; e < hk; ++e) {
+    for (int e = 0; e < te.n; ++e) {
       const float dz = dzs[e];
       const Vec<V> u = load<V>(table + int64_t{id_s[e]} * width + c);
 #pragma unroll
       for (int i = 0; i < V; ++i) o.v[i] += dz * u.v[i];
     }
     store<V>(dx + t * d + c, o);
+  }
+  if (offsets) {
+    for (int e = threadIdx.x; e < te.n; e += blockDim.x) {
+      dgates[te.beg + e] = dgs[e];
+      token_of[te.beg + e] = static_cast<int32_t>(t);
+    }
+    return;
   }
   for (int h = threadIdx.x; h < heads; h += blockDim.x) {
     const float* gt = gates + t * hk + h * k;
@@ -172,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
 // ranges, then up to 32 entries (token offset, coefficient) at a time, which are handed out by
 // shuffles; the source loads of kBatch entries are issued before their terms are added in order, and
 // a row's sum is stored when its last entry is in. Work items (slice, group) are taken in order with
-// a grid stride over the warps.
+// a grid stride over the warps. An entry's token is entry / hk (dense form) or token_of[entry] (gated form).
 template <int V>
 __device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
   if constexpr (V == 4) {
@@ -184,9 +208,10 @@ __device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
 }
 constexpr int kSlice = 256, kGroup = 32, kBatch = 4;
 template <int V>
-__global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, int half, const float* src,
-                                                                   const float* coef, RowGroups groups,
-                                                                   float* sparse_values, float* dense) {
+__global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, const int32_t* token_of,
+                                                                   int half, const float* src, const float* coef,
+                                                                   RowGroups groups, float* sparse_values,
+                                                                   float* dense) {
   constexpr int kPer = kSlice / (kWarp * V);  // V-wide column groups per lane
   const int64_t n_rows = *groups.n_rows, width = 2 * d;
   const int64_t slices = (d + kSlice - 1) / kSlice, n_groups = (n_rows + kGroup - 1) / kGroup;
@@ -217,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, in
       float my_cf = 0.0f;
       if (e0 + lane < e_end) {
         const int32_t entry = groups.entries[e0 + lane];
-        my_off = int64_t{entry / hk} * d;
+        my_off = int64_t{token_of ? token_of[entry] : entry / hk} * d;
         my_cf = coef[entry];
       }
       const int n = e_end - e0 < kWarp ? e_end - e0 : kWarp;
@@ -274,22 +299,27 @@ __global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, in
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The workspace of the backward, carved in one fixed order (measuring when base is null).
+// The workspace of the backward, carved in one fixed order (measuring when base is null): `count`
+// entries, at most `cap` distinct rows of a table of n_rows; token_of only for the gated form.
 struct BackwardScratch {
-  float* coef_u = nullptr;  // (tokens·hk)
-  float* coef_v = nullptr;  // (tokens·hk)
+  float* coef_u = nullptr;     // (count)
+  float* coef_v = nullptr;     // (count)
+  int32_t* token_of = nullptr;  // (count) gated form
   GroupScratch group;
   size_t bytes = 0;
 };
-BackwardScratch carve_backward(const PeerExpertsShape& s, void* base) {
-  const int64_t count = s.tokens * s.heads * s.k;
+BackwardScratch carve_backward(int64_t count, int64_t cap, int64_t n_rows, bool gated, void* base) {
   Carve c(base);
   BackwardScratch b;
   b.coef_u = c.take<float>(count);
   b.coef_v = c.take<float>(count);
-  b.group = carve_group_scratch(c, count, peer_table_grad_capacity(s), row_bits(s.n_experts));
+  if (gated) b.token_of = c.take<int32_t>(count);
+  b.group = carve_group_scratch(c, count, cap, row_bits(n_rows));
   b.bytes = c.used();
   return b;
+}
+BackwardScratch carve_backward(const PeerExpertsShape& s, void* base) {
+  return carve_backward(s.tokens * s.heads * s.k, peer_table_grad_capacity(s), s.n_experts, false, base);
 }
 
 size_t token_smem(int64_t d, int64_t hk, int arrays) {
@@ -299,6 +329,87 @@ size_t token_smem(int64_t d, int64_t hk, int arrays) {
 void check_smem(size_t bytes, const char* what) {
   PL_CHECK(bytes <= 48 * 1024, config, what, ": dim + heads·k too large for one block's shared memory (",
            bytes, " bytes > 48 KiB)");
+}
+
+// Both forms of the forward: block per token, at most hk entries each.
+void launch_forward(int64_t tokens, int64_t d, int64_t hk, PeerActivation act, const float* x, const int64_t* offsets,
+                    const int32_t* ids, const float* gates, const float* table, float* out, float* pre_act,
+                    cudaStream_t stream) {
+  PL_CHECK(tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", tokens, ")");
+  if (tokens == 0) return;
+  const size_t smem = token_smem(d, hk, 2);
+  check_smem(smem, "peer experts forward (cuda)");
+  const bool vec = d % 4 == 0 && aligned16(x) && aligned16(table) && aligned16(out);
+  const dim3 grid(static_cast<unsigned>(tokens));
+  const int hk_i = static_cast<int>(hk);
+  if (vec)
+    peer_experts_forward_kernel<4><<<grid, kThreads, smem, stream>>>(d, hk_i, act, x, offsets, ids, gates, table, out,
+                                                                     pre_act);
+  else
+    peer_experts_forward_kernel<1><<<grid, kThreads, smem, stream>>>(d, hk_i, act, x, offsets, ids, gates, table, out,
+                                                                     pre_act);
+  PL_CUDA_CHECK_LAUNCH(peer_experts_forward_kernel);
+}
+
+// What the backward of either form computes, and where it goes.
+struct BackwardArgs {
+  int64_t tokens = 0, d = 0, count = 0, cap = 0, n_rows = 0;
+  int heads = 1, k = 1;  // the gated form passes heads = 1, k = its most entries per token
+  PeerActivation act = PeerActivation::relu;
+  const float *x = nullptr, *table = nullptr, *gates = nullptr, *pre_act = nullptr, *dy = nullptr;
+  const int64_t* offsets = nullptr;  // gated form
+  const int32_t* ids = nullptr;      // table rows of the entries
+  float *dx = nullptr, *dscores = nullptr, *dgates = nullptr;
+};
+
+// The per-token pass, then the table gradient (entries grouped by row, summed per row in entry order).
+void launch_backward(const BackwardArgs& a, const PeerTableGradCuda& dtable, const BackwardScratch& b,
+                     cudaStream_t stream) {
+  PL_CHECK(a.tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", a.tokens, ")");
+  const bool sparse = dtable.form == PeerTableGradForm::sparse;
+  PL_CHECK(sparse ? (dtable.rows && dtable.values && dtable.count) : dtable.dense != nullptr, config,
+           "peer experts backward (cuda): the ", sparse ? "sparse" : "dense",
+           " table gradient needs its buffers (rows, values, count / dense)");
+  if (a.tokens == 0 || a.count == 0) {
+    if (sparse) PL_CUDA_CHECK(cudaMemsetAsync(dtable.count, 0, sizeof(int32_t), stream));
+    if (a.tokens > 0) PL_CUDA_CHECK(cudaMemsetAsync(a.dx, 0, a.tokens * a.d * sizeof(float), stream));
+    return;
+  }
+  const int64_t hk = int64_t{a.heads} * a.k;
+  const size_t smem = token_smem(a.d, hk, 3);
+  check_smem(smem, "peer experts backward (cuda)");
+  const bool vec = a.d % 4 == 0 && aligned16(a.x) && aligned16(a.table) && aligned16(a.dy) && aligned16(a.dx) &&
+                   (sparse ? aligned16(dtable.values) : aligned16(dtable.dense));
+  const dim3 grid(static_cast<unsigned>(a.tokens));
+  if (vec)
+    peer_experts_backward_token_kernel<4><<<grid, kThreads, smem, stream>>>(
+        a.d, a.heads, a.k, a.act, a.offsets, a.ids, a.table, a.gates, a.pre_act, a.dy, a.dx, a.dscores, a.dgates,
+        b.token_of, b.coef_u, b.coef_v);
+  else
+    peer_experts_backward_token_kernel<1><<<grid, kThreads, smem, stream>>>(
+        a.d, a.heads, a.k, a.act, a.offsets, a.ids, a.table, a.gates, a.pre_act, a.dy, a.dx, a.dscores, a.dgates,
+        b.token_of, b.coef_u, b.coef_v);
+  PL_CUDA_CHECK_LAUNCH(peer_experts_backward_token_kernel);
+
+  const RowGroups groups = group_rows(a.ids, a.count, a.cap, row_bits(a.n_rows), b.group,
+                                      sparse ? dtable.rows : nullptr, sparse ? dtable.count : nullptr, stream);
+  float* values = sparse ? dtable.values : nullptr;
+  float* dense = sparse ? nullptr : dtable.dense;
+  const int64_t visits = (a.d + kSlice - 1) / kSlice * ((a.cap + kGroup - 1) / kGroup);  // warp work items
+  const unsigned blocks = vec ? warp_row_blocks(peer_table_grad_kernel<4>, visits, kThreads)
+                             : warp_row_blocks(peer_table_grad_kernel<1>, visits, kThreads);
+  const int hk_i = static_cast<int>(hk);
+  for (int half = 0; half < 2; ++half) {
+    const float* src = half == 0 ? a.x : a.dy;
+    const float* coef = half == 0 ? b.coef_u : b.coef_v;
+    if (vec)
+      peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(a.d, hk_i, b.token_of, half, src, coef, groups,
+                                                                 values, dense);
+    else
+      peer_table_grad_kernel<1><<<blocks, kThreads, 0, stream>>>(a.d, hk_i, b.token_of, half, src, coef, groups,
+                                                                 values, dense);
+  }
+  PL_CUDA_CHECK_LAUNCH(peer_table_grad_kernel);
 }
 
 }  // namespace
@@ -324,21 +435,10 @@ void peer_experts_forward_cuda(const PeerExpertsShape& s, const float* x, const 
                                const float* table, float* out, const PeerExpertsSaved<float>& saved,
                                cudaStream_t stream) {
   validate(s);
-  PL_CHECK(s.tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", s.tokens, ")");
   if (s.tokens == 0) return;
-  const int64_t hk = s.heads * s.k;
   peer_softmax_gates_cuda(s.tokens * s.heads, s.k, scores, saved.gates, stream);
-  const size_t smem = token_smem(s.dim, hk, 2);
-  check_smem(smem, "peer experts forward (cuda)");
-  const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(table) && aligned16(out);
-  const dim3 grid(static_cast<unsigned>(s.tokens));
-  if (vec)
-    peer_experts_forward_kernel<4><<<grid, kThreads, smem, stream>>>(s.dim, static_cast<int>(hk), s.act, x, ids,
-                                                                     saved.gates, table, out, saved.pre_act);
-  else
-    peer_experts_forward_kernel<1><<<grid, kThreads, smem, stream>>>(s.dim, static_cast<int>(hk), s.act, x, ids,
-                                                                     saved.gates, table, out, saved.pre_act);
-  PL_CUDA_CHECK_LAUNCH(peer_experts_forward_kernel);
+  launch_forward(s.tokens, s.dim, s.heads * s.k, s.act, x, nullptr, ids, saved.gates, table, out, saved.pre_act,
+                 stream);
 }
 
 int64_t peer_table_grad_capacity(const PeerExpertsShape& s) {
@@ -355,50 +455,55 @@ void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const
                                 const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream) {
   validate(s);
-  PL_CHECK(s.tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", s.tokens, ")");
-  const bool sparse = dtable.form == PeerTableGradForm::sparse;
-  PL_CHECK(sparse ? (dtable.rows && dtable.values && dtable.count) : dtable.dense != nullptr, config,
-           "peer experts backward (cuda): the ", sparse ? "sparse" : "dense",
-           " table gradient needs its buffers (rows, values, count / dense)");
   const BackwardScratch b = carve_backward(s, workspace);
   PL_CHECK(workspace && workspace_bytes >= b.bytes, config, "peer experts backward (cuda): workspace of ",
            workspace_bytes, " bytes, needs ", b.bytes, " (peer_experts_backward_workspace_bytes)");
-  const int64_t hk = s.heads * s.k, count = s.tokens * hk, cap = peer_table_grad_capacity(s);
-  if (s.tokens == 0) {
-    if (sparse) PL_CUDA_CHECK(cudaMemsetAsync(dtable.count, 0, sizeof(int32_t), stream));
-    return;
-  }
-  const size_t smem = token_smem(s.dim, hk, 3);
-  check_smem(smem, "peer experts backward (cuda)");
-  const bool vec = s.dim % 4 == 0 && aligned16(x) && aligned16(table) && aligned16(dy) && aligned16(dx) &&
-                   (sparse ? aligned16(dtable.values) : aligned16(dtable.dense));
-  const dim3 grid(static_cast<unsigned>(s.tokens));
-  const int heads = static_cast<int>(s.heads), k = static_cast<int>(s.k);
-  if (vec)
-    peer_experts_backward_token_kernel<4><<<grid, kThreads, smem, stream>>>(
-        s.dim, heads, k, s.act, ids, table, gates, pre_act, dy, dx, dscores, b.coef_u, b.coef_v);
-  else
-    peer_experts_backward_token_kernel<1><<<grid, kThreads, smem, stream>>>(
-        s.dim, heads, k, s.act, ids, table, gates, pre_act, dy, dx, dscores, b.coef_u, b.coef_v);
-  PL_CUDA_CHECK_LAUNCH(peer_experts_backward_token_kernel);
+  BackwardArgs a;
+  a.tokens = s.tokens, a.d = s.dim, a.count = s.tokens * s.heads * s.k, a.cap = peer_table_grad_capacity(s);
+  a.n_rows = s.n_experts, a.heads = static_cast<int>(s.heads), a.k = static_cast<int>(s.k), a.act = s.act;
+  a.x = x, a.table = table, a.gates = gates, a.pre_act = pre_act, a.dy = dy, a.ids = ids;
+  a.dx = dx, a.dscores = dscores;
+  launch_backward(a, dtable, b, stream);
+}
 
-  const RowGroups groups = group_rows(ids, count, cap, row_bits(s.n_experts), b.group, sparse ? dtable.rows : nullptr,
-                                      sparse ? dtable.count : nullptr, stream);
-  float* values = sparse ? dtable.values : nullptr;
-  float* dense = sparse ? nullptr : dtable.dense;
-  const int64_t visits = (s.dim + kSlice - 1) / kSlice * ((cap + kGroup - 1) / kGroup);  // warp work items
-  const unsigned blocks = vec ? warp_row_blocks(peer_table_grad_kernel<4>, visits, kThreads)
-                             : warp_row_blocks(peer_table_grad_kernel<1>, visits, kThreads);
-  const int hk_i = static_cast<int>(hk);
-  for (int half = 0; half < 2; ++half) {
-    const float* src = half == 0 ? x : dy;
-    const float* coef = half == 0 ? b.coef_u : b.coef_v;
-    if (vec)
-      peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, half, src, coef, groups, values, dense);
-    else
-      peer_table_grad_kernel<1><<<blocks, kThreads, 0, stream>>>(s.dim, hk_i, half, src, coef, groups, values, dense);
-  }
-  PL_CUDA_CHECK_LAUNCH(peer_table_grad_kernel);
+namespace {
+void check_gated_cuda(const PeerGatedShape& s, int64_t max_entries, int64_t entries) {
+  PL_CHECK(s.tokens >= 0 && s.dim >= 1 && s.n_rows >= 1 && s.n_rows <= INT32_MAX && max_entries >= 1 &&
+               max_entries <= INT32_MAX && entries >= 0 && entries <= INT32_MAX,
+           config, "peer experts (gated, cuda): bad shape (tokens ", s.tokens, ", dim ", s.dim, ", rows ", s.n_rows,
+           ", at most ", max_entries, " entries per token, ", entries, " entries)");
+}
+}  // namespace
+
+void peer_experts_gated_forward_cuda(const PeerGatedShape& s, int64_t max_entries, const float* x,
+                                     const int64_t* offsets, const int32_t* rows, const float* gates,
+                                     const float* table, float* out, float* pre_act, cudaStream_t stream) {
+  check_gated_cuda(s, max_entries, 0);
+  launch_forward(s.tokens, s.dim, max_entries, s.act, x, offsets, rows, gates, table, out, pre_act, stream);
+}
+
+size_t peer_experts_gated_backward_workspace_bytes(const PeerGatedShape& s, int64_t entries) {
+  check_gated_cuda(s, 1, entries);
+  return carve_backward(entries, std::min(s.n_rows, entries), s.n_rows, true, nullptr).bytes;
+}
+
+void peer_experts_gated_backward_cuda(const PeerGatedShape& s, int64_t max_entries, int64_t entries, const float* x,
+                                      const int64_t* offsets, const int32_t* rows, const float* gates,
+                                      const float* pre_act, const float* table, const float* dy, float* dx,
+                                      float* dgates, const PeerTableGradCuda& dtable, void* workspace,
+                                      size_t workspace_bytes, cudaStream_t stream) {
+  check_gated_cuda(s, max_entries, entries);
+  const int64_t cap = std::min(s.n_rows, entries);
+  const BackwardScratch b = carve_backward(entries, cap, s.n_rows, true, workspace);
+  PL_CHECK(workspace_bytes >= b.bytes && (workspace || b.bytes == 0), config,
+           "peer experts gated backward (cuda): workspace of ", workspace_bytes, " bytes, needs ", b.bytes,
+           " (peer_experts_gated_backward_workspace_bytes)");
+  BackwardArgs a;
+  a.tokens = s.tokens, a.d = s.dim, a.count = entries, a.cap = cap, a.n_rows = s.n_rows;
+  a.heads = 1, a.k = static_cast<int>(max_entries), a.act = s.act;
+  a.x = x, a.table = table, a.gates = gates, a.pre_act = pre_act, a.dy = dy, a.offsets = offsets, a.ids = rows;
+  a.dx = dx, a.dgates = dgates;
+  launch_backward(a, dtable, b, stream);
 }
 
 }  // namespace peerless

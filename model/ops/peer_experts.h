@@ -155,4 +155,21 @@ void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const
                                 const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream);
 
+// The gated, ragged form on the device (expert parallelism's owner side, model/expert_parallel.h):
+// the contracts of peer_experts_gated_forward_cpu / _backward_cpu with float sums (no PeerFixedOut),
+// offsets (tokens + 1) on the device, every token holding at most max_entries entries (it sizes the
+// shared memory, like heads·k in the dense form). Same kernels as the dense form, so a token's z,
+// gates' gradients and coefficients are the same floats; out and dx sum the token's entries in
+// entry order. Backward: dgates (entries) overwritten, the table gradient of the rows listed as
+// `dtable` says (dense_accumulate into the local (n_rows, 2d) gradient: rows summed in entry order).
+void peer_experts_gated_forward_cuda(const PeerGatedShape& s, int64_t max_entries, const float* x,
+                                     const int64_t* offsets, const int32_t* rows, const float* gates,
+                                     const float* table, float* out, float* pre_act, cudaStream_t stream);
+size_t peer_experts_gated_backward_workspace_bytes(const PeerGatedShape& s, int64_t entries);
+void peer_experts_gated_backward_cuda(const PeerGatedShape& s, int64_t max_entries, int64_t entries, const float* x,
+                                      const int64_t* offsets, const int32_t* rows, const float* gates,
+                                      const float* pre_act, const float* table, const float* dy, float* dx,
+                                      float* dgates, const PeerTableGradCuda& dtable, void* workspace,
+                                      size_t workspace_bytes, cudaStream_t stream);
+
 }  // namespace peerless

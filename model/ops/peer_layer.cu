@@ -428,7 +428,8 @@ PeerLayerCuda::PeerLayerCuda(PeerLayerCuda&&) noexcept = default;
 PeerLayerCuda& PeerLayerCuda::operator=(PeerLayerCuda&&) noexcept = default;
 
 void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
-                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream) {
+                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream,
+                             PeerExpertsRunnerCuda* runner) {
   check_fits(s, ctx);
   PL_CHECK(mode == PeerNormMode::eval || s.tokens >= 2, config,
            "peer layer: a train-mode BatchNorm needs at least 2 tokens for a batch variance (got ", s.tokens,
@@ -438,7 +439,9 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
   const int64_t T = s.tokens, C = s.channels(), d = s.dim;
   mark(ctx, 0, stream);
   if (T == 0) {
-    for (int i = 1; i < 4; ++i) mark(ctx, i, stream);
+    for (int i = 1; i < 3; ++i) mark(ctx, i, stream);
+    if (runner) runner->forward(s.experts(), x, ctx.ids, ctx.gates, out, stream);  // collective: even with none
+    mark(ctx, 3, stream);
     return;
   }
   PeerLayerCuda::Scratch& w = ctx.scratch();
@@ -464,14 +467,19 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
   peer_retrieval_cuda(ctx.blas(), s.retrieval(), ctx.q, p.sub_keys1, p.sub_keys2, ctx.ids, ctx.scores, w.phase,
                       w.phase_bytes, stream);
   mark(ctx, 2, stream);
-  peer_experts_forward_cuda(s.experts(), x, ctx.ids, ctx.scores, p.table, out,
-                            PeerExpertsSaved<float>{ctx.gates, ctx.pre_act}, stream);
+  if (runner) {
+    peer_softmax_gates_cuda(T * s.heads, s.k, ctx.scores, ctx.gates, stream);
+    runner->forward(s.experts(), x, ctx.ids, ctx.gates, out, stream);
+  } else {
+    peer_experts_forward_cuda(s.experts(), x, ctx.ids, ctx.scores, p.table, out,
+                              PeerExpertsSaved<float>{ctx.gates, ctx.pre_act}, stream);
+  }
   mark(ctx, 3, stream);
 }
 
 void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
                               const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, PeerExpertsRunnerCuda* runner) {
   check_fits(s, ctx);
   PL_CHECK(ctx.tokens == s.tokens, config, "peer layer backward (cuda): the saved forward had ", ctx.tokens,
            " tokens, this backward ", s.tokens, " (run forward with this shape first)");
@@ -480,9 +488,16 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
   const int train = ctx.mode == PeerNormMode::train;
   PeerLayerCuda::Scratch& w = ctx.scratch();
   mark(ctx, 4, stream);
-  // Experts: dx (overwritten), dscores, the table gradient.
-  peer_experts_backward_cuda(s.experts(), x, ctx.ids, p.table, ctx.gates, ctx.pre_act, dy, dx, w.dscores, g.table,
-                             w.experts, w.experts_bytes, stream);
+  // Experts: dx (overwritten), dscores, the table gradient (or the runner's).
+  if (runner) {
+    // The experts' workspace is idle with a runner; its first (tokens, heads, k) floats take dgates.
+    float* dgates = static_cast<float*>(w.experts);
+    runner->backward(s.experts(), x, ctx.ids, ctx.gates, dy, dx, dgates, stream);
+    peer_softmax_gates_backward_cuda(T * s.heads, s.k, ctx.gates, dgates, w.dscores, stream);
+  } else {
+    peer_experts_backward_cuda(s.experts(), x, ctx.ids, p.table, ctx.gates, ctx.pre_act, dy, dx, w.dscores, g.table,
+                               w.experts, w.experts_bytes, stream);
+  }
   mark(ctx, 5, stream);
   if (T == 0) {
     mark(ctx, 6, stream);

@@ -203,6 +203,22 @@ class PeerLayerCuda {
   std::unique_ptr<Scratch> scratch_;
 };
 
+// The expert half of the CUDA layer with the gates given, the device form of PeerExpertsRunner:
+// without a runner peer_layer_*_cuda call peer_experts_*_cuda on p.table (the whole table); expert
+// parallelism (ShardedPeerExpertsCuda, model/expert_parallel.h) passes one that routes each entry to
+// the rank owning its row, and p.table and g.table are then unused. Device pointers; calls are
+// ordered on `stream` (a runner may synchronize it). ids are global expert ids (tokens, heads, k).
+class PeerExpertsRunnerCuda {
+ public:
+  virtual ~PeerExpertsRunnerCuda() = default;
+  // -> out (tokens, d) overwritten.
+  virtual void forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates, float* out,
+                       cudaStream_t stream) = 0;
+  // -> dx (tokens, d) and dgates (tokens, heads, k) overwritten; the table gradient is the runner's.
+  virtual void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
+                        const float* dy, float* dx, float* dgates, cudaStream_t stream) = 0;
+};
+
 // Parameter gradients on the device: accumulated (+=), like the CPU's; any may be null (not
 // wanted). The table gradient goes where `table` says (sparse rows + values, or a dense += ).
 struct PeerLayerGradsCuda {
@@ -216,15 +232,17 @@ struct PeerLayerGradsCuda {
 
 // The CPU contract of peer_layer_forward_cpu on device pointers (params included), saving into ctx.
 // q_raw = x·W_qᵀ by a cuBLAS GEMM in ctx.blas().math(); BatchNorm statistics per channel as
-// fixed-order sums.
+// fixed-order sums. With a runner the experts run there (p.table unused).
 void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
-                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream);
+                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream,
+                             PeerExpertsRunnerCuda* runner = nullptr);
 // The CPU contract of peer_layer_backward_cpu: dx overwritten, g accumulated. dC and dC′ are
 // reduced like the table gradient (entries sorted by sub-key row, summed in that order in fixed
 // tiles, partials of rows crossing tiles added in tile order): no float atomics anywhere, so
 // repeated calls give bit-identical results. The GEMMs use ctx.blas().math() (default tf32x3).
+// With a runner (the same one as forward's) the runner keeps the table gradient; g.table is unused.
 void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
                               const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
-                              cudaStream_t stream);
+                              cudaStream_t stream, PeerExpertsRunnerCuda* runner = nullptr);
 
 }  // namespace peerless

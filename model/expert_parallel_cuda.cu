@@ -1,0 +1,264 @@
+// Row-sharded PEER experts on the GPU (ShardedPeerExpertsCuda, see expert_parallel.h): the CPU
+// runner's exchange with its lists built on the device. Sender side, per forward:
+//   ent_cnt[o·T + t]  entries of token t whose row owner o holds (one thread per (owner, token))
+//   ent_pos, tok_pos  exclusive scans (cub) of ent_cnt and of its "> 0" flags: owner-major, tokens
+//                     ascending, which is exactly the send order, so the scans are the send slots
+//   bounds            each owner's first slot: to the host, where they size the all_to_all_v
+//   fill              one thread per entry: its slot is ent_pos + the earlier entries of its token with
+//                     the same owner; the first of them also writes the token's slot
+// The owner runs the gated kernels (peer_experts.cu) on what it received; partials come back into
+// the sender's row buffer and combine() adds each token's partials in owner order.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "model/expert_parallel.h"
+#include "model/ops/cuda_check.h"
+#include "model/ops/peer_cuda_detail.cuh"
+#include "runtime/error.h"
+
+namespace peerless {
+
+namespace {
+
+using namespace peer_cuda;
+
+constexpr int kThreads = 256;
+
+unsigned grid_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(std::clamp<int64_t>(b, 1, 65535 * 16));
+}
+
+// Threads over (owner o, token t) = i, o-major; the last thread (i = P·T) writes the zero that makes
+// the exclusive scans end in the totals.
+__global__ void owner_counts_kernel(int64_t T, int hk, int P, int32_t rows_per, const int32_t* ids, int32_t* ent_cnt,
+                                    int32_t* tok_flag) {
+  const int64_t n = int64_t{P} * T;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i <= n; i += int64_t{gridDim.x} * blockDim.x) {
+    int32_t c = 0;
+    if (i < n) {
+      const int64_t o = i / T, t = i - o * T;
+      for (int e = 0; e < hk; ++e) c += ids[t * hk + e] / rows_per == o;
+    }
+    ent_cnt[i] = c;
+    tok_flag[i] = c > 0;
+  }
+}
+
+// bounds[o] = first token slot of owner o, bounds[P + 1 + o] = its first entry slot (o = P: totals).
+__global__ void owner_bounds_kernel(int64_t T, int P, const int32_t* tok_pos, const int32_t* ent_pos,
+                                    int32_t* bounds) {
+  for (int o = threadIdx.x; o <= P; o += blockDim.x) {
+    bounds[o] = tok_pos[o * T];
+    bounds[P + 1 + o] = ent_pos[o * T];
+  }
+}
+
+// One thread per entry i = t·hk + e (see the file comment).
+__global__ void fill_send_kernel(int64_t T, int hk, int32_t rows_per, const int32_t* ids, const float* gates,
+                                 const int32_t* ent_cnt, const int32_t* ent_pos, const int32_t* tok_pos,
+                                 int32_t* send_token, int32_t* send_per_token, int32_t* send_entry, int32_t* send_rows,
+                                 float* send_gates) {
+  const int64_t n = T * hk;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = i / hk, e = i - t * hk;
+    const int32_t id = ids[i], o = id / rows_per;
+    int32_t before = 0;
+    for (int64_t j = 0; j < e; ++j) before += ids[t * hk + j] / rows_per == o;
+    const int64_t pair = int64_t{o} * T + t;
+    const int32_t slot = ent_pos[pair] + before;
+    send_entry[slot] = static_cast<int32_t>(i);
+    send_rows[slot] = id - o * rows_per;
+    send_gates[slot] = gates[i];
+    if (before == 0) {
+      send_token[tok_pos[pair]] = static_cast<int32_t>(t);
+      send_per_token[tok_pos[pair]] = ent_cnt[pair];
+    }
+  }
+}
+
+// dst (n, d) = src rows index[0..n).
+__global__ void gather_rows_kernel(int64_t n, int64_t d, const int32_t* index, const float* src, float* dst) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n * d; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / d, c = i - r * d;
+    dst[i] = src[int64_t{index[r]} * d + c];
+  }
+}
+
+// out (T, d): per token, the partial rows of its owners added in owner order.
+__global__ void combine_kernel(int64_t T, int64_t d, int P, const int32_t* ent_cnt, const int32_t* tok_pos,
+                               const float* back, float* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * d; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = i / d, c = i - t * d;
+    float acc = 0.0f;
+    for (int o = 0; o < P; ++o) {
+      const int64_t pair = int64_t{o} * T + t;
+      if (ent_cnt[pair] > 0) acc += back[int64_t{tok_pos[pair]} * d + c];
+    }
+    out[i] = acc;
+  }
+}
+
+__global__ void widen_kernel(int64_t n, const int32_t* in, int64_t* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = in[i];
+}
+
+// dgates[send_entry[i]] = back[i]: every entry was sent exactly once.
+__global__ void scatter_dgates_kernel(int64_t n, const int32_t* send_entry, const float* back, float* dgates) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    dgates[send_entry[i]] = back[i];
+}
+
+size_t scan_temp_bytes(int64_t n) {
+  size_t bytes = 0;
+  PL_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int32_t*>(nullptr),
+                                              static_cast<int32_t*>(nullptr), static_cast<int>(n)));
+  return bytes;
+}
+
+void exclusive_scan(void* temp, size_t temp_bytes, const int32_t* in, int32_t* out, int64_t n, cudaStream_t stream) {
+  PL_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, in, out, static_cast<int>(n), stream));
+}
+
+void sync(cudaStream_t stream) { PL_CUDA_CHECK(cudaStreamSynchronize(stream)); }
+
+}  // namespace
+
+ShardedPeerExpertsCuda::ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape)
+    : ep_(ep), xchg_(ep), max_(max_shape) {
+  validate(max_);
+  const int64_t P = ep.size();
+  PL_CHECK(P >= 1 && max_.n_experts % P == 0, config, "parallel.expert_parallel = ", P,
+           " must divide the number of experts N = ", max_.n_experts, " (model.peer_n_sub²)");
+  rows_per_ = max_.n_experts / P;
+  const int64_t hk = max_.heads * max_.k, E = P * max_.tokens * hk;
+  PL_CHECK(E <= INT32_MAX, config, "sharded PEER (cuda): expert_parallel · tokens · heads · k = ", E,
+           " entries could reach one owner; keep it below 2^31 (a smaller micro-batch)");
+  const PeerGatedShape owner{P * max_.tokens, max_.dim, rows_per_, max_.act};
+  temp_.gated_ws = peer_experts_gated_backward_workspace_bytes(owner, E);
+  temp_.scan = std::max(scan_temp_bytes(P * max_.tokens + 1), size_t{1});
+  mem_ = DeviceBytes(carve_sharded_peer(max_, static_cast<int>(P), temp_, nullptr, b_));
+  carve_sharded_peer(max_, static_cast<int>(P), temp_, mem_.get(), b_);
+}
+
+void ShardedPeerExpertsCuda::check_shape(const PeerExpertsShape& s) const {
+  PL_CHECK(s.tokens >= 0 && s.tokens <= max_.tokens && s.dim == max_.dim && s.heads == max_.heads && s.k == max_.k &&
+               s.n_experts == max_.n_experts && s.act == max_.act,
+           config, "sharded PEER (cuda): shape (tokens ", s.tokens, ", dim ", s.dim, ", heads ", s.heads, ", k ", s.k,
+           ", N ", s.n_experts, ") does not fit the runner (at most ", max_.tokens, " tokens of dim ", max_.dim,
+           ", heads ", max_.heads, ", k ", max_.k, ", N ", max_.n_experts, ")");
+}
+
+void ShardedPeerExpertsCuda::build_send_lists(int64_t T, const int32_t* ids, const float* gates,
+                                              cudaStream_t stream) {
+  const int P = ep_.size();
+  const int hk = static_cast<int>(max_.heads * max_.k);
+  const int32_t rows_per = static_cast<int32_t>(rows_per_);
+  const int64_t PT = int64_t{P} * T;
+  owner_counts_kernel<<<grid_for(PT + 1), kThreads, 0, stream>>>(T, hk, P, rows_per, ids, b_.ent_cnt, b_.tok_flag);
+  PL_CUDA_CHECK_LAUNCH(owner_counts_kernel);
+  exclusive_scan(b_.scan_temp, temp_.scan, b_.ent_cnt, b_.ent_pos, PT + 1, stream);
+  exclusive_scan(b_.scan_temp, temp_.scan, b_.tok_flag, b_.tok_pos, PT + 1, stream);
+  owner_bounds_kernel<<<1, kWarp, 0, stream>>>(T, P, b_.tok_pos, b_.ent_pos, b_.bounds);
+  PL_CUDA_CHECK_LAUNCH(owner_bounds_kernel);
+  if (T > 0) {
+    fill_send_kernel<<<grid_for(T * hk), kThreads, 0, stream>>>(T, hk, rows_per, ids, gates, b_.ent_cnt, b_.ent_pos,
+                                                                b_.tok_pos, b_.send_token, b_.send_per_token,
+                                                                b_.send_entry, b_.send_rows, b_.send_gates);
+    PL_CUDA_CHECK_LAUNCH(fill_send_kernel);
+  }
+  std::vector<int32_t> bounds(2 * P + 2);
+  PL_CUDA_CHECK(cudaMemcpyAsync(bounds.data(), b_.bounds, bounds.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                stream));
+  sync(stream);  // the send lists are complete too
+  std::vector<int64_t> tok(P), ent(P);
+  for (int o = 0; o < P; ++o) tok[o] = bounds[o + 1] - bounds[o], ent[o] = bounds[P + 2 + o] - bounds[P + 1 + o];
+  plan_ = plan_exchange(xchg_, tok, ent);
+}
+
+void ShardedPeerExpertsCuda::received_offsets(cudaStream_t stream) {
+  const int64_t R = plan_.recv_tokens.total();
+  PL_CUDA_CHECK(cudaMemsetAsync(b_.recv_per_token + R, 0, sizeof(int32_t), stream));
+  exclusive_scan(b_.scan_temp, temp_.scan, b_.recv_per_token, b_.recv_pos, R + 1, stream);
+  widen_kernel<<<grid_for(R + 1), kThreads, 0, stream>>>(R + 1, b_.recv_pos, b_.recv_offsets);
+  PL_CUDA_CHECK_LAUNCH(widen_kernel);
+  int32_t listed = 0;
+  PL_CUDA_CHECK(cudaMemcpyAsync(&listed, b_.recv_pos + R, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  sync(stream);
+  PL_CHECK(listed == plan_.recv_entries.total(), internal, "expert exchange (cuda): ", plan_.recv_entries.total(),
+           " entries announced, ", listed, " listed");
+}
+
+void ShardedPeerExpertsCuda::rows_out(float* recv, cudaStream_t stream) {
+  sync(stream);
+  xchg_.send_rows(b_.send_buf, plan_.send_tokens, recv, plan_.recv_tokens, max_.dim);
+}
+
+void ShardedPeerExpertsCuda::rows_back(const float* recv, cudaStream_t stream) {
+  sync(stream);
+  xchg_.send_rows(recv, plan_.recv_tokens, b_.send_buf, plan_.send_tokens, max_.dim);
+}
+
+void ShardedPeerExpertsCuda::combine(int64_t T, float* out, cudaStream_t stream) {
+  if (T == 0) return;
+  combine_kernel<<<grid_for(T * max_.dim), kThreads, 0, stream>>>(T, max_.dim, ep_.size(), b_.ent_cnt, b_.tok_pos,
+                                                                  b_.send_buf, out);
+  PL_CUDA_CHECK_LAUNCH(combine_kernel);
+}
+
+void ShardedPeerExpertsCuda::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids,
+                                     const float* gates, float* out, cudaStream_t stream) {
+  check_shape(s);
+  PL_CHECK(table_ != nullptr, internal, "ShardedPeerExpertsCuda::forward without set_table()");
+  const int64_t T = s.tokens, d = s.dim;
+  tokens_ = T;
+  build_send_lists(T, ids, gates, stream);
+  const int64_t S = plan_.send_tokens.total(), R = plan_.recv_tokens.total();
+  if (S > 0) {
+    gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, b_.send_token, x, b_.send_buf);
+    PL_CUDA_CHECK_LAUNCH(gather_rows_kernel);
+  }
+  rows_out(b_.recv_x, stream);
+  xchg_.exchange(b_.send_per_token, plan_.send_tokens, b_.recv_per_token, plan_.recv_tokens, DType::i32);
+  xchg_.exchange(b_.send_rows, plan_.send_entries, b_.recv_rows, plan_.recv_entries, DType::i32);
+  xchg_.exchange(b_.send_gates, plan_.send_entries, b_.recv_gates, plan_.recv_entries, DType::f32);
+  received_offsets(stream);
+  // The owner's partial outputs (in recv_dy, free until backward), back to the senders.
+  const int64_t hk = s.heads * s.k;
+  peer_experts_gated_forward_cuda(PeerGatedShape{R, d, rows_per_, s.act}, hk, b_.recv_x, b_.recv_offsets,
+                                  b_.recv_rows, b_.recv_gates, table_, b_.recv_dy, b_.recv_pre_act, stream);
+  rows_back(b_.recv_dy, stream);
+  combine(T, out, stream);
+}
+
+void ShardedPeerExpertsCuda::backward(const PeerExpertsShape& s, const float*, const int32_t*, const float*,
+                                      const float* dy, float* dx, float* dgates, cudaStream_t stream) {
+  check_shape(s);
+  PL_CHECK(s.tokens == tokens_, internal, "ShardedPeerExpertsCuda::backward of ", s.tokens,
+           " tokens without a matching forward (", tokens_, ")");
+  PL_CHECK(grad_ != nullptr, internal, "ShardedPeerExpertsCuda::backward without a gradient (set_table)");
+  const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
+  const int64_t S = plan_.send_tokens.total(), R = plan_.recv_tokens.total(), E = plan_.recv_entries.total();
+  if (S > 0) {
+    gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, b_.send_token, dy, b_.send_buf);
+    PL_CUDA_CHECK_LAUNCH(gather_rows_kernel);
+  }
+  rows_out(b_.recv_dy, stream);
+  PeerTableGradCuda dtable;
+  dtable.form = PeerTableGradForm::dense_accumulate;
+  dtable.dense = grad_;
+  peer_experts_gated_backward_cuda(PeerGatedShape{R, d, rows_per_, s.act}, hk, E, b_.recv_x, b_.recv_offsets,
+                                   b_.recv_rows, b_.recv_gates, b_.recv_pre_act, table_, b_.recv_dy, b_.dx_partial,
+                                   b_.recv_dgates, dtable, b_.gated_ws, temp_.gated_ws, stream);
+  rows_back(b_.dx_partial, stream);
+  combine(T, dx, stream);
+  xchg_.exchange(b_.recv_dgates, plan_.recv_entries, b_.back_dgates, plan_.send_entries, DType::f32);
+  if (T > 0) {
+    scatter_dgates_kernel<<<grid_for(T * hk), kThreads, 0, stream>>>(T * hk, b_.send_entry, b_.back_dgates, dgates);
+    PL_CUDA_CHECK_LAUNCH(scatter_dgates_kernel);
+  }
+}
+
+}  // namespace peerless
