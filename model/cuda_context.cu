@@ -124,8 +124,9 @@ template void CudaContext::product<bf16>(int, int64_t, bf16*, const float*, cons
 
 void CudaContext::linear_forward(int gain, int weight, int64_t rows, const float* in, float* y) {
   tick(ph_other);
-  rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, layout.at(weight).shape[1], eps}, in, P(gain), q_codes.get(),
-                                 q_scale.get(), q_rstd.get(), stream);
+  const int64_t K = layout.at(weight).shape[1];
+  rmsnorm_act_quant_forward_cuda(RmsNormShape{rows, K, eps}, in, P(gain), q_codes.get(), q_scale.get(), q_rstd.get(),
+                                 stream, qs(K));
   tick(ph_norm_quant);
   product(weight, rows, y, nullptr);
 }
@@ -145,7 +146,7 @@ void CudaContext::linear_backward(int gain, int weight, int64_t rows, const floa
                                   bool accumulate) {
   const RmsNormShape ns{rows, layout.at(weight).shape[1], eps};
   tick(ph_other);
-  rmsnorm_act_quant_dequant_cuda(ns, in, P(gain), a_bf.get(), q_scale.get(), q_rstd.get(), stream);
+  rmsnorm_act_quant_dequant_cuda(ns, in, P(gain), a_bf.get(), q_scale.get(), q_rstd.get(), stream, qs(ns.dim));
   tick(ph_norm_quant);
   backward_products(weight, rows, dy);
   rmsnorm_act_quant_backward_cuda(ns, in, P(gain), q_rstd.get(), dxt.get(), dx_out, G(gain), norm_ws.get(), stream,

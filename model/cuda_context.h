@@ -17,6 +17,7 @@
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/norm_quant.h"
+#include "model/ops/qsparse.h"
 
 namespace peerless {
 
@@ -73,6 +74,12 @@ class CudaContext {
   DevBuf<float> params, grads;
   DevBuf<int8_t> codes;
   std::vector<float> betas;  // host, per parameter index
+
+  // Q-Sparse (model.qsparse, model.qsparse_block) of a BitLinear with input width K, for the fused
+  // norm+quant kernels' forward and dequant (model/ops/norm_quant.h); off when model.qsparse = 0.
+  QSparseSel qs(int64_t K) const {
+    return qsparse_sel_for(K, host.config().qsparse, host.config().qsparse_block);
+  }
 
   float* P(int i) const { return params.get() + layout.at(i).offset; }
   float* G(int i) const { return grads.get() + layout.at(i).offset; }

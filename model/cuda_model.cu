@@ -194,8 +194,6 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   }
   PL_CHECK(c.head == "bitlinear", config, "run.device = \"cuda\" trains model.head = \"bitlinear\" only (got \"",
            c.head, "\"); use run.device = \"cpu\"");
-  PL_CHECK(c.qsparse == 0, config, "run.device = \"cuda\" does not support Q-Sparse yet (model.qsparse = ", c.qsparse,
-           "); use run.device = \"cpu\"");
   PL_CHECK(host.quantized(), config, "run.device = \"cuda\" trains quant = \"ternary\" models only (model.quant = '",
            c.quant, "')");
   PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\" updates PEER tables with dense AdamW only "

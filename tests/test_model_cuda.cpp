@@ -18,6 +18,11 @@
 // And once with block 1's GLU replaced by a PEER layer (fp32 storage; the same tolerances: the PEER
 // layer is fp32 on both sides, and a retrieval that flips between two near-tied experts after the
 // trajectories separate changes one of 4 gates of one token, a small loss change).
+// And with Q-Sparse at sparsity 0.5 on every BitLinear, top-K (fp32 storage) and N:M 16:32 (bf16
+// storage), with the tolerances of their storage: the fused kernels select exactly the CPU's kept
+// set from equal inputs (tests/test_qsparse_fused_cuda.cpp), so step 1 is as tight as without it;
+// later, a channel near the K-th largest |x| can swap in or out once the trajectories separate,
+// which moves one activation of one token by a value at the threshold, as a ternary flip does.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -47,14 +52,16 @@ bool have_gpu() {
 }
 
 struct CurveCase {
-  bool bf16;  // bf16 activation storage
-  bool peer;  // block 1's GLU replaced by a PEER layer
+  bool bf16;             // bf16 activation storage
+  bool peer;             // block 1's GLU replaced by a PEER layer
+  int64_t qsparse_block = -1;  // Q-Sparse at sparsity 0.5 on every BitLinear: 0 top-K, > 0 N:M blocks; -1 off
 };
 
 class CudaModelCurve : public ::testing::TestWithParam<CurveCase> {};
 
 TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   const bool bf16 = GetParam().bf16, peer = GetParam().peer;
+  const int64_t qsparse_block = GetParam().qsparse_block;
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
   // The CPU model's ops are bit-identical for any thread count. With the default (all 16 cores of the
   // GPU machine) a case took ~80 s for 50 tiny steps; thread synchronisation is the suspect (not yet
@@ -77,6 +84,10 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     mc.peer_heads = 2;
     mc.peer_topk = 4;
     mc.peer_key_dim = 16;
+  }
+  if (qsparse_block >= 0) {  // keep 32 of d = 64 and 128 of I = 256 (top-K), or 16 of every 32 (N:M)
+    mc.qsparse = 0.5;
+    mc.qsparse_block = qsparse_block;
   }
   OptimConfig oc;
   oc.lr = 3e-3;
@@ -177,9 +188,12 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
 }
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
-                         ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true}),
+                         ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true},
+                                           CurveCase{false, false, 0}, CurveCase{true, false, 32}),
                          [](const ::testing::TestParamInfo<CurveCase>& i) {
-                           return std::string(i.param.bf16 ? "bf16" : "fp32") + (i.param.peer ? "_peer" : "");
+                           const int64_t qb = i.param.qsparse_block;
+                           return std::string(i.param.bf16 ? "bf16" : "fp32") + (i.param.peer ? "_peer" : "") +
+                                  (qb == 0 ? "_qsparse_topk" : qb > 0 ? "_qsparse_nm" : "");
                          });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }

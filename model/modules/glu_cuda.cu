@@ -27,13 +27,13 @@ class GluCuda final : public CudaModule {
     const float* gate_gain = g.P(b_.gate_gain);
     g.tick(ph_other);
     norm_norm_quant_forward_cuda(RmsNormShape{M, d_, g.eps}, x_in, g.P(b_.mlp_norm), rstd_.get(), 1, &gate_gain,
-                                 g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream);
+                                 g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.product(b_.gate_w, M, au_.get(), nullptr);
     // down on z = GLU([a | u]): the GLU, norm and quantizer in one kernel, the product with the residual.
     g.tick(ph_other);
     glu_act_quant_forward_cuda(g.host.glu_activation(), RmsNormShape{M, I_, g.eps}, au_.get(), g.P(b_.down_gain),
-                               g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream);
+                               g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(I_));
     g.tick(ph_glu_path);
     g.product(b_.down_w, M, x_out, x_in);
   }
@@ -48,7 +48,7 @@ class GluCuda final : public CudaModule {
     rows_to_bf16_cuda(M, d_, dx, nullptr, g.dy_bf.get(), g.stream);
     g.tick(ph_gemm_backward);
     glu_act_quant_dequant_cuda(g.host.glu_activation(), ni, au_.get(), g.P(b_.down_gain), g.a_bf.get(),
-                               g.q_scale.get(), g.q_rstd.get(), g.stream);
+                               g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(I_));
     g.tick(ph_glu_path);
     g.backward_products(b_.down_w, M, g.dy_bf.get());
     glu_act_quant_backward_cuda(g.host.glu_activation(), ni, au_.get(), g.P(b_.down_gain), g.q_rstd.get(),
@@ -60,7 +60,7 @@ class GluCuda final : public CudaModule {
     float* d_gate_gain = g.G(b_.gate_gain);
     g.tick(ph_other);
     norm_norm_quant_dequant_cuda(nd, x_in, g.P(b_.mlp_norm), rstd_.get(), 1, &gate_gain, g.a_bf.get(),
-                                 g.q_scale.get(), g.q_rstd.get(), g.stream);
+                                 g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.backward_products(b_.gate_w, M, dau);
     norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mlp_norm), rstd_.get(), 1, &gate_gain, g.q_rstd.get(), g.dxt.get(),

@@ -29,7 +29,7 @@ class MlgruCuda final : public CudaModule {
     const float* gains[3] = {g.P(b_.i_gain), g.P(b_.f_gain), g.P(b_.g_gain)};
     g.tick(ph_other);
     norm_norm_quant_forward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_codes.get(),
-                                 g.q_scale.get(), g.q_rstd.get(), g.stream);
+                                 g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.product(b_.i_w, M, ihat_.get(), nullptr, g.q_codes.get(), g.q_scale.get());
     g.product(b_.f_w, M, fhat_.get(), nullptr, g.q_codes.get() + M * d_, g.q_scale.get() + M);
@@ -43,7 +43,7 @@ class MlgruCuda final : public CudaModule {
     const GateForm form = g.host.gate_form();
     gate_act_quant_forward_cuda(form, nd, ghat_.get(), h_.get(), form == GateForm::code ? g.P(b_.g_norm) : nullptr,
                                 g_rstd_.get(), g.P(b_.o_gain), g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(),
-                                g.stream);
+                                g.stream, g.qs(d_));
     g.tick(ph_gate_path);
     g.product(b_.o_w, M, x_out, x_in);
   }
@@ -65,7 +65,7 @@ class MlgruCuda final : public CudaModule {
     float* dgains[3] = {g.G(b_.i_gain), g.G(b_.f_gain), g.G(b_.g_gain)};
     g.tick(ph_other);
     norm_norm_quant_dequant_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.a_bf.get(), g.q_scale.get(),
-                                 g.q_rstd.get(), g.stream);
+                                 g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.backward_products(b_.i_w, M, dihat, g.a_bf.get(), g.dxt.get());
     g.backward_products(b_.f_w, M, dfhat, g.a_bf.get() + M * d_, g.dxt.get() + M * d_);
@@ -86,7 +86,7 @@ class MlgruCuda final : public CudaModule {
     rows_to_bf16_cuda(M, d_, dy, nullptr, g.dy_bf.get(), g.stream);
     g.tick(ph_gemm_backward);
     gate_act_quant_dequant_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
-                                g.P(b_.o_gain), g.a_bf.get(), g.q_scale.get(), g.q_rstd.get(), g.stream);
+                                g.P(b_.o_gain), g.a_bf.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_gate_path);
     g.backward_products(b_.o_w, M, g.dy_bf.get());
     gate_act_quant_backward_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
