@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <initializer_list>
 #include <type_traits>
 #include <cmath>
 #include <vector>
 
+#include "model/data_parallel_cuda.h"
 #include "model/ops/adamw.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/cuda_check.h"
@@ -131,8 +133,20 @@ struct CudaModel::Impl {
   DevBuf<double> partials;  // the gradient norm's block sums
   // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
   // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
-  std::unique_ptr<AdamwTernaryCuda> adamw;
+  std::unique_ptr<AdamwTernaryCuda> adamw;  // null with a ZeRO-1 shard (DeviceDataParallel steps)
   DevBuf<float> betas_dev;  // (n entries)
+  int64_t state_total = 0;  // elements of m and v (AdamW::owned())
+  // Data parallel: told of each parameter whose gradient kernels are enqueued (CudaModel::forward_backward).
+  Model::GradReady ready;
+  void final_params(std::initializer_list<int> ids) const {
+    if (ready)
+      for (int i : ids)
+        if (i >= 0) ready(i);
+  }
+  void final_module(int64_t m) const {
+    if (ready)
+      for (int i : host.modules()[m]->params_backward_order()) ready(i);
+  }
   DevBuf<char> emb_ws;  // the embedding backward's sort
   // PEER channel mixers, by PEER index: the layer's device state (what its forward saves, its
   // scratch), this micro-batch's BatchNorm statistics, and the layer's output before the residual add.
@@ -194,7 +208,8 @@ struct CudaModel::Impl {
 
   void allocate() {
     const int64_t total = layout.total(), M = max_tokens;
-    for (auto* b : {&params, &grads, &m, &v}) b->resize(total, bytes);
+    for (auto* b : {&params, &grads}) b->resize(total, bytes);
+    for (auto* b : {&m, &v}) b->resize(state_total, bytes);
     codes.resize(total, bytes);
     ids.resize(M, bytes);
     targets.resize(M, bytes);
@@ -504,6 +519,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
   float* dxp = dx.get();
   PL_CUDA_CHECK(cudaMemsetAsync(dlb.get(), 0, sizeof(float) * L * d, s));
   norm_backward(nd, x_final, P(idx.final_norm), rstd_f.get(), t0.get(), dxp, G(idx.final_norm), false);
+  final_params({idx.head_w == idx.embed ? -1 : idx.head_w, idx.head_gain, idx.final_norm});
   for (int64_t l = L - 1; l >= 0; --l) {
     const BlockParams& b = host.blocks()[l];
     BlockSaved<A>& c = saved[l];
@@ -543,6 +559,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
                                     dxt.get(), dxp, G(b.mlp_norm), &d_gate_gain, norm_ws.get(), s);
       g.tick(norm_quant);
     }
+    final_module(2 * l + 1);  // the channel mixer (Model's modules: token, channel mixer per block)
 
     // Token mixer: back through o, the gate and the g norm (one fused kernel), the scan and i, f, g.
     o_backward(b, M, c.ghat.get(), c.h.get(), c.g_rstd.get(), dxp, dh.get(), dghat.get());
@@ -564,6 +581,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
     norm_norm_quant_backward_cuda(nd, x_in, P(b.mixer_norm), c.rstd1.get(), 3, ifg_gains, q_rstd.get(), dxt.get(),
                                   dxp, G(b.mixer_norm), d_ifg_gains, norm_ws.get(), s);
     g.tick(norm_quant);
+    final_module(2 * l);
   }
   g.tick(other);
   embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);
@@ -571,6 +589,7 @@ double CudaModel::Impl::forward_backward(std::vector<BlockSaved<A>>& saved, int6
   // Lower bounds: dlb through the cumsum and the softmax, added into the gradient.
   lower_bounds_backward_cuda(L, d, P(idx.lower_bounds), dlb.get(), G(idx.lower_bounds), s);
   g.tick(other);
+  final_params({idx.embed, idx.lower_bounds});
   return sum;
 }
 
@@ -606,12 +625,13 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOp
     : impl_(std::make_unique<Impl>(host, tokens, options)) {
   check_supported(host, adam);
   impl_->optim = adam.config();
-  PL_CHECK(adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total()), config,
-           "run.device = \"cuda\" needs the whole optimizer state on this rank (one GPU, no ZeRO-1)");
+  impl_->state_total = adam.state_elements();
   impl_->allocate();
-  const std::vector<AdamwTensor> tensors = adamw_tensors(host.layout(), adam);
-  impl_->adamw = std::make_unique<AdamwTernaryCuda>(tensors);
-  impl_->bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
+  // A ZeRO-1 shard of the moments is stepped by DeviceDataParallel (optimizer_step's zero1).
+  if (adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total())) {
+    impl_->adamw = std::make_unique<AdamwTernaryCuda>(adamw_tensors(host.layout(), adam));
+    impl_->bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
+  }
 }
 
 CudaModel::~CudaModel() = default;
@@ -620,8 +640,10 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   Impl& g = *impl_;
   const int64_t total = g.layout.total();
   PL_CUDA_CHECK(cudaMemcpyAsync(g.params.get(), params, sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.m.get(), adam.m().data(), sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.v.get(), adam.v().data(), sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
+  const size_t state = sizeof(float) * g.state_total;
+  PL_CHECK(adam.state_elements() == g.state_total, internal, "CudaModel::upload: AdamW of another shard");
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.m.get(), adam.m().data(), state, cudaMemcpyHostToDevice, g.stream));
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.v.get(), adam.v().data(), state, cudaMemcpyHostToDevice, g.stream));
   const auto& codes = g.host.codes();
   PL_CHECK(static_cast<int64_t>(codes.size()) == total, internal, "CudaModel::upload: the host model has no codes");
   PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), total, cudaMemcpyHostToDevice, g.stream));
@@ -636,8 +658,10 @@ void CudaModel::download(float* params, AdamW& adam) {
   Impl& g = *impl_;
   const int64_t total = g.layout.total();
   PL_CUDA_CHECK(cudaMemcpyAsync(params, g.params.get(), sizeof(float) * total, cudaMemcpyDeviceToHost, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(adam.m().data(), g.m.get(), sizeof(float) * total, cudaMemcpyDeviceToHost, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(adam.v().data(), g.v.get(), sizeof(float) * total, cudaMemcpyDeviceToHost, g.stream));
+  const size_t state = sizeof(float) * g.state_total;
+  PL_CHECK(adam.state_elements() == g.state_total, internal, "CudaModel::download: AdamW of another shard");
+  PL_CUDA_CHECK(cudaMemcpyAsync(adam.m().data(), g.m.get(), state, cudaMemcpyDeviceToHost, g.stream));
+  PL_CUDA_CHECK(cudaMemcpyAsync(adam.v().data(), g.v.get(), state, cudaMemcpyDeviceToHost, g.stream));
   std::vector<int8_t>& codes = g.host.mutable_codes();
   PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), g.codes.get(), total, cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
@@ -658,11 +682,14 @@ void CudaModel::Impl::upload_batch(const int32_t* ids_host, const int32_t* targe
 }
 
 double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
-                                   float grad_scale) {
+                                   float grad_scale, const Model::GradReady& ready) {
   Impl& g = *impl_;
   g.upload_batch(ids, targets, batch * seq);
-  return g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, grad_scale)
-                                : g.forward_backward(g.saved32, batch, seq, grad_scale);
+  g.ready = ready;
+  const double sum = g.opt.bf16_activations ? g.forward_backward(g.saved16, batch, seq, grad_scale)
+                                            : g.forward_backward(g.saved32, batch, seq, grad_scale);
+  g.ready = nullptr;
+  return sum;
 }
 
 double CudaModel::forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq) {
@@ -744,13 +771,18 @@ double CudaModel::grad_norm() {
   return std::sqrt(total);
 }
 
-void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor) {
+void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor, DeviceDataParallel* zero1) {
   Impl& g = *impl_;
   // The fused pass (model/ops/adamw.h): AdamW on grads · grad_factor, then β and the codes of every
   // ternary weight; β (one float per entry) comes to the host after it, one synchronisation.
   const AdamwStep step = adamw_step(g.optim, t, lr, grad_factor);
-  adamw_ternary_cuda(*g.adamw, step, g.params.get(), g.grads.get(), g.m.get(), g.v.get(), g.codes.get(),
-                     g.betas_dev.get(), g.stream);
+  PL_CHECK(zero1 || g.adamw, internal, "CudaModel::optimizer_step: a ZeRO-1 shard needs its DeviceDataParallel");
+  if (zero1)
+    zero1->optimizer_step(step, DeviceModelBuffers{g.params.get(), g.grads.get(), g.m.get(), g.v.get(), g.codes.get(),
+                                                   g.betas_dev.get()});
+  else
+    adamw_ternary_cuda(*g.adamw, step, g.params.get(), g.grads.get(), g.m.get(), g.v.get(), g.codes.get(),
+                       g.betas_dev.get(), g.stream);
   PL_CUDA_CHECK(cudaMemcpyAsync(g.betas.data(), g.betas_dev.get(), sizeof(float) * g.betas.size(),
                                 cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));

@@ -60,6 +60,8 @@
 
 namespace peerless {
 
+class DeviceDataParallel;
+
 struct CudaModelOptions {
   bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
   int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
@@ -81,8 +83,11 @@ class CudaModel {
 
   void zero_grads();
   // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
-  // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order.
-  double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale);
+  // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order. `ready`
+  // (data parallel) hears of each parameter once the kernels writing its gradient are enqueued, in
+  // Model::backward's order (DeviceDataParallel::param_ready).
+  double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale,
+                          const Model::GradReady& ready = nullptr);
   // The forward alone (evaluation): Σ losses of the micro-batch, PEER BatchNorm on its running
   // statistics (Model::forward with PeerNormMode::eval). Leaves the gradient untouched.
   double forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq);
@@ -104,8 +109,9 @@ class CudaModel {
   // One optimizer step, fused (model/ops/adamw.h): AdamW exactly as AdamW::step on the gradient
   // scaled by grad_factor (the clipping factor, 1 for none; equal to scaling first), the PEER tables
   // and sub-keys at lr · optim.table_lr_scale, then every ternary weight's codes and β from the
-  // updated latent weights (β also to the host model). Waits for the step to finish.
-  void optimizer_step(int64_t t, double lr, float grad_factor);
+  // updated latent weights (β also to the host model). Waits for the step to finish. With `zero1`
+  // (the moments are a ZeRO-1 shard) the update, gathers and refresh are its optimizer_step's.
+  void optimizer_step(int64_t t, double lr, float grad_factor, DeviceDataParallel* zero1 = nullptr);
 
   // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
   // wall time charged to it (seconds, summed since set_profiling(true)).
