@@ -108,7 +108,6 @@ struct CudaModel::Impl {
   const ParamLayout& layout;
   Model::Index idx;
   int64_t max_tokens, d, V, I, L, head_rows;
-  std::vector<float> grads_host;  // all_reduce_grads through a host backend
   float eps;
   cudaStream_t stream = nullptr;
   BlasLt blas;
@@ -729,28 +728,6 @@ void CudaModel::update_buffers(int64_t micro_batches) {
                                                                           g.grads.get() + p.offset, p.numel, m, inv);
     PL_CUDA_CHECK_LAUNCH(update_buffer_kernel);
   }
-}
-
-void CudaModel::all_reduce_grads(Comm& comm) {
-  Impl& g = *impl_;
-  if (comm.size() == 1) return;
-  const int64_t n = g.layout.total();
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // the backwards' gradients are complete
-  if (comm.backend_name() == "nccl") {
-    comm.all_reduce(g.grads.get(), n, DType::f32, ReduceOp::sum);
-    comm.synchronize();
-    return;
-  }
-  // Both copies on the model's stream (a non-blocking stream: the legacy stream of a plain cudaMemcpy
-  // is not ordered with it, and a pageable host-to-device copy may return before it lands).
-  g.grads_host.resize(static_cast<size_t>(n));
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.grads_host.data(), g.grads.get(), sizeof(float) * n, cudaMemcpyDeviceToHost,
-                                g.stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
-  comm.all_reduce(g.grads_host.data(), n, DType::f32, ReduceOp::sum);
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.grads.get(), g.grads_host.data(), sizeof(float) * n, cudaMemcpyHostToDevice,
-                                g.stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // grads_host may be reused or resized after return
 }
 
 float* CudaModel::device_grads() { return impl_->grads.get(); }

@@ -1,4 +1,4 @@
-// The MatMul-free LM trained on a GPU (one per rank; all_reduce_grads sums the gradient over ranks):
+// The MatMul-free LM trained on a GPU (one per rank; DeviceDataParallel sums the gradient over ranks):
 // the same forward and backward as Model (model/model.h), op for op, through the CUDA launchers of
 // model/ops (every op tested against its CPU reference in
 // tests/test_ops_cuda.cpp, tests/test_fused_cuda.cpp and tests/test_peer_cuda.cpp), plus the
@@ -97,10 +97,6 @@ class CudaModel {
   // PEER BatchNorm running statistics from the batch statistics the backwards summed into their
   // gradient slots (Model::update_buffers); call once per step after the last micro-batch.
   void update_buffers(int64_t micro_batches);
-  // Data parallel: sums the gradient (and the PEER BatchNorm statistics in its buffer slots) over
-  // comm's ranks, in place. NCCL reduces the device array directly; host backends (MPI) go through a
-  // host copy. Waits for the backward first and for the reduction after. No-op on one rank.
-  void all_reduce_grads(Comm& comm);
   // The gradient (device memory, the layout's total floats) and the stream every call is ordered on:
   // deterministic mode sums it exactly after each micro-batch (ExactGradSumDevice, model/exact_sum.h).
   float* device_grads();

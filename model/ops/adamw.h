@@ -41,13 +41,13 @@ enum class AdamwDecay : uint8_t { none = 0, decay = 1, frozen = 2 };
 struct AdamwTensor {
   int64_t offset = 0;  // into the flat buffers (p, g, codes), in elements; a multiple of 4
   int64_t numel = 0;
+  AdamwDecay decay = AdamwDecay::decay;
+  bool ternary = false;  // refresh codes[offset, offset + numel) and its β
+  int group = 0;         // learning-rate group, [0, kAdamwGroups)
   // Into the moment buffers (m, v): −1 = offset (moments of the whole layout); a ZeRO-1 shard keeps
   // the moments of its owned ranges only, concatenated (AdamW::owned()). A multiple of 4.
   int64_t state_offset = -1;
   int64_t state() const { return state_offset < 0 ? offset : state_offset; }
-  AdamwDecay decay = AdamwDecay::decay;
-  bool ternary = false;  // refresh codes[offset, offset + numel) and its β
-  int group = 0;         // learning-rate group, [0, kAdamwGroups)
 };
 
 // AdamW::step's scalars for step t (1-based) at learning rate lr (the group's, scale included),

@@ -101,4 +101,38 @@ print(f"AdamW moments per GPU: {whole:.0f} B (whole), {half:.0f} B (ZeRO-1, 2 ra
 assert moments("d2z0") == whole and half < 0.6 * whole and quarter < 0.35 * whole, (whole, half, quarter)
 PY
 grep -h "gradient exchange" f2z0o1.log f2z0o0.log f2z1o1.log f2z1o0.log
+# With two GPUs or more: the NCCL path (one GPU per rank, reductions on NCCL's stream during the
+# backward): deterministic runs identical to 1 rank, the fast path within the same tolerance.
+gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c "^GPU" || true)
+if [[ ${gpus:-0} -ge 2 ]]; then
+  nccl() {  # NAME EXTRA...
+    local name="$1"
+    shift
+    mpi 2 "$bin" train "$src/configs/tiny.toml" "${common[@]}" "$@" --set parallel.backend=nccl \
+        --set run.name=$name --set train.accum_steps=2 > $name.log
+  }
+  nccl n2z1 --set parallel.deterministic=on --set parallel.zero1=true
+  for o in true false; do
+    nccl n2z0$o --set parallel.deterministic=off --set parallel.zero1=false --set parallel.overlap=$o
+    nccl n2z1$o --set parallel.deterministic=off --set parallel.zero1=true --set parallel.overlap=$o
+  done
+  grep -q "during the backward (NCCL stream)" n2z0true.log || { cat n2z0true.log; fail "NCCL run did not overlap"; }
+  /usr/bin/python3 - <<'PY'
+import json
+def rows(name):
+    return [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
+a, b = rows("d1z0"), rows("n2z1")
+for key in ("loss", "grad_norm", "val_loss"):
+    assert [r.get(key) for r in a] == [r.get(key) for r in b], ("n2z1", key)
+base = rows("n2z0false")
+for name in ("n2z0true", "n2z1true", "n2z1false"):
+    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(base, rows(name)))
+    print(f"NCCL {name} vs n2z0false: max relative loss difference {worst:.2e}")
+    assert worst < 3e-4, (name, worst)
+print("NCCL: deterministic ZeRO-1 on 2 GPUs identical to 1 rank")
+PY
+  grep -h "gradient exchange" n2z0true.log n2z0false.log n2z1true.log n2z1false.log
+else
+  echo "note: fewer than 2 GPUs: the NCCL runs (one GPU per rank) are left out"
+fi
 echo "ok: GPU ZeRO-1 and bucket exchange: deterministic runs identical over 1, 2, 4 ranks, ZeRO-1 on and off"
