@@ -143,8 +143,10 @@ struct CudaModel::Impl {
         if (i >= 0) ready(i);
   }
   void final_module(int64_t m) const {
-    if (ready)
-      for (int i : host.modules()[m]->params_backward_order()) ready(i);
+    if (!ready) return;
+    PL_CHECK(m < static_cast<int64_t>(host.modules().size()), internal, "CudaModel: module ", m, " of ",
+             host.modules().size());
+    for (int i : host.modules()[m]->params_backward_order()) ready(i);
   }
   DevBuf<char> emb_ws;  // the embedding backward's sort
   // PEER channel mixers, by PEER index: the layer's device state (what its forward saves, its

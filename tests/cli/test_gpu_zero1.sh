@@ -31,8 +31,13 @@ run() {  # NAME RANKS EXTRA...: 16 sequences per step over RANKS ranks
 }
 for ranks in 1 2 4; do
   run d${ranks}z0 $ranks --set parallel.deterministic=on --set parallel.zero1=false
-  run d${ranks}z1 $ranks --set parallel.deterministic=on --set parallel.zero1=true
+  run d${ranks}z1 $ranks --set parallel.deterministic=on --set parallel.zero1=true --set checkpoint.every_steps=10
 done
+# The 2-rank ZeRO-1 checkpoint of step 10 (moment shards downloaded from the GPUs) continues on 4 ranks
+# with ZeRO-1 and on 1 rank without, each uploading its own part of the moments.
+ck=runs/d2z1/checkpoints/step_10
+run r4z1 4 --set parallel.deterministic=on --set parallel.zero1=true --resume $ck
+run r1z0 1 --set parallel.deterministic=on --set parallel.zero1=false --resume $ck
 for z in 0 1; do
   zero1=$([[ $z == 1 ]] && echo true || echo false)
   run f2z${z}o1 2 --set parallel.deterministic=off --set parallel.zero1=$zero1 --set parallel.overlap=true
@@ -86,6 +91,17 @@ for name in ("d1z1", "d2z0", "d2z1", "d4z0", "d4z1"):
     identical("d1z0", name, "deterministic")
 for z in (0, 1):
     identical(f"f2z{z}o0", f"f2z{z}o1", "fast path, overlap on vs off")
+after = base[10:]  # steps 11-20 and the final evaluation
+for name in ("r4z1", "r1z0"):
+    resumed = rows(name)
+    assert len(resumed) == len(after) and resumed[0]["step"] == 11, (name, len(resumed), resumed[0].get("step"))
+    for r, want in zip(resumed, after):
+        for key in ("step", "loss", "grad_norm", "val_loss"):
+            assert r.get(key) == want.get(key), (name, r["step"], key, r.get(key), want.get(key))
+    same, how = same_model("d1z0", name)
+    assert same, (name, "model files differ", how)
+    print(f"{name}: resumed from the 2-rank ZeRO-1 checkpoint of step 10: steps 11-20 and the model file ({how}) "
+          f"identical to d1z0")
 a, b = rows("f2z0o1"), rows("f2z1o1")
 worst = max(rel(x["loss"], y["loss"]) for x, y in zip(a, b))
 print(f"f2z1o1 (ZeRO-1, fast path) vs f2z0o1: max relative loss difference {worst:.2e}")
