@@ -275,8 +275,9 @@ void DeviceDataParallel::refresh_sharded(const DeviceModelBuffers& buf) {
   g.piece_sums_host.assign(n_pieces, 0.0);
   g.entry_betas.resize(entries.size());
   abs_sums_cuda(*g.pieces, buf.params, static_cast<double*>(g.piece_sums.get()), g.compute);
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.piece_sums_host.data(), g.piece_sums.get(), sizeof(double) * n_pieces,
-                                cudaMemcpyDeviceToHost, g.compute));
+  if (n_pieces > 0)
+    PL_CUDA_CHECK(cudaMemcpyAsync(g.piece_sums_host.data(), g.piece_sums.get(), sizeof(double) * n_pieces,
+                                  cudaMemcpyDeviceToHost, g.compute));
   PL_CUDA_CHECK(cudaMemcpyAsync(g.entry_betas.data(), buf.betas, sizeof(float) * entries.size(),
                                 cudaMemcpyDeviceToHost, g.compute));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.compute));
@@ -290,8 +291,9 @@ void DeviceDataParallel::refresh_sharded(const DeviceModelBuffers& buf) {
   for (size_t i = 0; i < n_pieces; ++i) g.piece_betas_host[i] = g.entry_betas[g.piece_entry[i]];
   PL_CUDA_CHECK(cudaMemcpyAsync(buf.betas, g.entry_betas.data(), sizeof(float) * entries.size(),
                                 cudaMemcpyHostToDevice, g.compute));
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.piece_betas.get(), g.piece_betas_host.data(), sizeof(float) * n_pieces,
-                                cudaMemcpyHostToDevice, g.compute));
+  if (n_pieces > 0)
+    PL_CUDA_CHECK(cudaMemcpyAsync(g.piece_betas.get(), g.piece_betas_host.data(), sizeof(float) * n_pieces,
+                                  cudaMemcpyHostToDevice, g.compute));
   ternary_codes_cuda(*g.pieces, buf.params, static_cast<const float*>(g.piece_betas.get()), buf.codes, g.compute);
   g.order(g.comm, g.compute, g.ready.e);
   for (const auto& b : dp_.buckets()) {
