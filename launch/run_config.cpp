@@ -115,6 +115,8 @@ void RunConfig::bind(ConfigSchema& s) {
                "communication backend (auto = NCCL on GPUs, MPI under mpirun, else single process)");
   s.add_bool("parallel.zero1", &parallel.zero1, "ZeRO-1: shard AdamW state over data-parallel ranks");
   s.add_int("parallel.bucket_mb", &parallel.bucket_mb, 1, 1 << 16, "gradient exchange bucket size in MiB");
+  s.add_bool("parallel.overlap", &parallel.overlap,
+             "run.device = \"cuda\": reduce gradient buckets while the backward runs (false: after it)");
   s.add_float("parallel.timeout_s", &parallel.timeout_s, 0, 1e6, "abort when a collective takes longer (0 = never)");
   s.add_int("parallel.expert_parallel", &parallel.expert_parallel, 0, 1 << 20,
             "ranks per expert-parallel group (0 = all ranks)");

@@ -58,6 +58,7 @@ struct ParallelSection {
   std::string backend = "auto";  // "auto" (NCCL on GPUs, else MPI under mpirun, else single) | "mpi" | "nccl" | "single"
   bool zero1 = false;            // shard fp32 latent weights' optimizer state over data-parallel ranks
   int64_t bucket_mb = 16;        // gradient exchange bucket size (MiB of fp32)
+  bool overlap = true;           // run.device = "cuda": reduce buckets during the backward (comm stream)
   double timeout_s = 300;        // a collective not done within this aborts the job (0 = never)
   int64_t expert_parallel = 0;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
   // Bit-identical training for any world size / accumulation split (docs/parallel.md): "on" | "off" |

@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "model/cuda_module.h"
+#include "model/data_parallel_cuda.h"
 #include "model/ops/adamw.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
@@ -56,7 +58,6 @@ struct CudaModel::Impl {
   const ParamLayout& layout;
   Model::Index idx;
   int64_t max_tokens, d, V, L, head_rows;
-  std::vector<float> grads_host;  // all_reduce_grads through a host backend
   CudaContext g;                  // stream, BLAS, params/grads/codes, the BitLinear steps, scratch
   DevBuf<float> m, v;
   DevBuf<int32_t> ids, targets;
@@ -69,8 +70,20 @@ struct CudaModel::Impl {
   DevBuf<double> partials;           // the gradient norm's block sums
   // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
   // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
-  std::unique_ptr<AdamwTernaryCuda> adamw;
+  std::unique_ptr<AdamwTernaryCuda> adamw;  // null with a ZeRO-1 shard (DeviceDataParallel steps)
   DevBuf<float> betas_dev;  // (n entries)
+  int64_t state_total = 0;  // elements of m and v (AdamW::owned())
+  // Data parallel: told of each parameter whose gradient kernels are enqueued (forward_backward).
+  Model::GradReady ready;
+  void final_params(std::initializer_list<int> ids) const {
+    if (ready)
+      for (int i : ids)
+        if (i >= 0) ready(i);
+  }
+  void final_module(size_t i) const {
+    if (ready)
+      for (int p : host.modules()[i]->params_backward_order()) ready(p);
+  }
   DevBuf<char> emb_ws;      // the embedding backward's sort
 
   Impl(Model& h, int64_t tokens, CudaModelOptions o)
@@ -101,7 +114,8 @@ struct CudaModel::Impl {
   void allocate() {
     const int64_t total = layout.total(), M = max_tokens;
     int64_t& bytes = g.bytes;
-    for (auto* b : {&g.params, &g.grads, &m, &v}) b->resize(total, bytes);
+    for (auto* b : {&g.params, &g.grads}) b->resize(total, bytes);
+    for (auto* b : {&m, &v}) b->resize(state_total, bytes);
     g.codes.resize(total, bytes);
     ids.resize(M, bytes);
     targets.resize(M, bytes);
@@ -142,13 +156,18 @@ double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_
   PL_CUDA_CHECK(cudaMemsetAsync(dlb.get(), 0, sizeof(float) * L * d, s));
   g.norm_backward(RmsNormShape{M, d, g.eps}, resid[n].get(), P(idx.final_norm), rstd_f.get(), t0.get(), dxp,
                   G(idx.final_norm), false);
-  for (int64_t i = n - 1; i >= 0; --i) modules[i]->backward(g, step, resid[i].get(), dxp);
+  final_params({idx.head_w == idx.embed ? -1 : idx.head_w, idx.head_gain, idx.final_norm});
+  for (int64_t i = n - 1; i >= 0; --i) {
+    modules[i]->backward(g, step, resid[i].get(), dxp);
+    final_module(static_cast<size_t>(i));
+  }
   g.tick(ph_other);
   embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);
   g.tick(ph_embedding);
   // Lower bounds: dlb through the cumsum and the softmax, added into the gradient.
   if (idx.lower_bounds >= 0) lower_bounds_backward_cuda(L, d, P(idx.lower_bounds), dlb.get(), G(idx.lower_bounds), s);
   g.tick(ph_other);
+  final_params({idx.embed, idx.lower_bounds});
   return sum;
 }
 
@@ -207,12 +226,13 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOp
     : impl_(std::make_unique<Impl>(host, tokens, options)) {
   check_supported(host, adam);
   impl_->optim = adam.config();
-  PL_CHECK(adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total()), config,
-           "run.device = \"cuda\" needs the whole optimizer state on this rank (one GPU, no ZeRO-1)");
+  impl_->state_total = adam.state_elements();
   impl_->allocate();
-  const std::vector<AdamwTensor> tensors = adamw_tensors(host.layout(), adam);
-  impl_->adamw = std::make_unique<AdamwTernaryCuda>(tensors);
-  impl_->g.bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
+  // A ZeRO-1 shard of the moments is stepped by DeviceDataParallel (optimizer_step's zero1).
+  if (adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total())) {
+    impl_->adamw = std::make_unique<AdamwTernaryCuda>(adamw_tensors(host.layout(), adam));
+    impl_->g.bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
+  }
 }
 
 CudaModel::~CudaModel() = default;
@@ -222,8 +242,10 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   CudaContext& g = im.g;
   const int64_t total = g.layout.total();
   PL_CUDA_CHECK(cudaMemcpyAsync(g.params.get(), params, sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(im.m.get(), adam.m().data(), sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(im.v.get(), adam.v().data(), sizeof(float) * total, cudaMemcpyHostToDevice, g.stream));
+  const size_t state = sizeof(float) * im.state_total;
+  PL_CHECK(adam.state_elements() == im.state_total, internal, "CudaModel::upload: AdamW of another shard");
+  PL_CUDA_CHECK(cudaMemcpyAsync(im.m.get(), adam.m().data(), state, cudaMemcpyHostToDevice, g.stream));
+  PL_CUDA_CHECK(cudaMemcpyAsync(im.v.get(), adam.v().data(), state, cudaMemcpyHostToDevice, g.stream));
   const auto& codes = im.host.codes();
   PL_CHECK(static_cast<int64_t>(codes.size()) == total, internal, "CudaModel::upload: the host model has no codes");
   PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), total, cudaMemcpyHostToDevice, g.stream));
@@ -239,8 +261,10 @@ void CudaModel::download(float* params, AdamW& adam) {
   CudaContext& g = im.g;
   const int64_t total = g.layout.total();
   PL_CUDA_CHECK(cudaMemcpyAsync(params, g.params.get(), sizeof(float) * total, cudaMemcpyDeviceToHost, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(adam.m().data(), im.m.get(), sizeof(float) * total, cudaMemcpyDeviceToHost, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(adam.v().data(), im.v.get(), sizeof(float) * total, cudaMemcpyDeviceToHost, g.stream));
+  const size_t state = sizeof(float) * im.state_total;
+  PL_CHECK(adam.state_elements() == im.state_total, internal, "CudaModel::download: AdamW of another shard");
+  PL_CUDA_CHECK(cudaMemcpyAsync(adam.m().data(), im.m.get(), state, cudaMemcpyDeviceToHost, g.stream));
+  PL_CUDA_CHECK(cudaMemcpyAsync(adam.v().data(), im.v.get(), state, cudaMemcpyDeviceToHost, g.stream));
   std::vector<int8_t>& codes = im.host.mutable_codes();
   PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), g.codes.get(), total, cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
@@ -261,9 +285,12 @@ void CudaModel::Impl::upload_batch(const int32_t* ids_host, const int32_t* targe
 }
 
 double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq,
-                                   float grad_scale) {
+                                   float grad_scale, const Model::GradReady& ready) {
   impl_->upload_batch(ids, targets, batch * seq);
-  return impl_->forward_backward(batch, seq, grad_scale);
+  impl_->ready = ready;
+  const double sum = impl_->forward_backward(batch, seq, grad_scale);
+  impl_->ready = nullptr;
+  return sum;
 }
 
 double CudaModel::forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq) {
@@ -304,29 +331,6 @@ void CudaModel::update_buffers(int64_t micro_batches) {
   }
 }
 
-void CudaModel::all_reduce_grads(Comm& comm) {
-  Impl& im = *impl_;
-  CudaContext& g = im.g;
-  if (comm.size() == 1) return;
-  const int64_t n = g.layout.total();
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // the backwards' gradients are complete
-  if (comm.backend_name() == "nccl") {
-    comm.all_reduce(g.grads.get(), n, DType::f32, ReduceOp::sum);
-    comm.synchronize();
-    return;
-  }
-  // Both copies on the model's stream (a non-blocking stream: the legacy stream of a plain cudaMemcpy
-  // is not ordered with it, and a pageable host-to-device copy may return before it lands).
-  im.grads_host.resize(static_cast<size_t>(n));
-  PL_CUDA_CHECK(cudaMemcpyAsync(im.grads_host.data(), g.grads.get(), sizeof(float) * n, cudaMemcpyDeviceToHost,
-                                g.stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
-  comm.all_reduce(im.grads_host.data(), n, DType::f32, ReduceOp::sum);
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.grads.get(), im.grads_host.data(), sizeof(float) * n, cudaMemcpyHostToDevice,
-                                g.stream));
-  PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));  // grads_host may be reused or resized after return
-}
-
 float* CudaModel::device_grads() { return impl_->g.grads.get(); }
 cudaStream_t CudaModel::stream() const { return impl_->g.stream; }
 
@@ -346,14 +350,19 @@ double CudaModel::grad_norm() {
   return std::sqrt(total);
 }
 
-void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor) {
+void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor, DeviceDataParallel* zero1) {
   Impl& im = *impl_;
   CudaContext& g = im.g;
   // The fused pass (model/ops/adamw.h): AdamW on grads · grad_factor, then β and the codes of every
   // ternary weight; β (one float per entry) comes to the host after it, one synchronisation.
   const AdamwStep step = adamw_step(im.optim, t, lr, grad_factor);
-  adamw_ternary_cuda(*im.adamw, step, g.params.get(), g.grads.get(), im.m.get(), im.v.get(), g.codes.get(),
-                     im.betas_dev.get(), g.stream);
+  PL_CHECK(zero1 || im.adamw, internal, "CudaModel::optimizer_step: a ZeRO-1 shard needs its DeviceDataParallel");
+  if (zero1)
+    zero1->optimizer_step(step, DeviceModelBuffers{g.params.get(), g.grads.get(), im.m.get(), im.v.get(),
+                                                   g.codes.get(), im.betas_dev.get()});
+  else
+    adamw_ternary_cuda(*im.adamw, step, g.params.get(), g.grads.get(), im.m.get(), im.v.get(), g.codes.get(),
+                       im.betas_dev.get(), g.stream);
   PL_CUDA_CHECK(cudaMemcpyAsync(g.betas.data(), im.betas_dev.get(), sizeof(float) * g.betas.size(),
                                 cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));

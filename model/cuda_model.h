@@ -1,5 +1,5 @@
-// A Model (model/model.h) trained on a GPU (one per rank; all_reduce_grads sums the gradient over
-// ranks): the embedding, then each module's CUDA half (model/cuda_module.h: the kind's fused kernels,
+// A Model (model/model.h) trained on a GPU (one per rank; DeviceDataParallel sums the gradient over
+// ranks, model/data_parallel_cuda.h): the embedding, then each module's CUDA half (model/cuda_module.h: the kind's fused kernels,
 // model/modules/*_cuda.cu, registered in model/modules/cuda_registry.cu) on the residual stream, the
 // final norm and the chunked head with the loss; backward in reverse; plus the gradient norm and
 // AdamW fused with the ternary refresh on the device. Every op is tested against its CPU reference
@@ -63,6 +63,8 @@
 
 namespace peerless {
 
+class DeviceDataParallel;
+
 struct CudaModelOptions {
   bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
   int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
@@ -84,8 +86,11 @@ class CudaModel {
 
   void zero_grads();
   // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
-  // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order.
-  double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale);
+  // the gradient of grad_scale · Σ losses. Returns Σ losses (nats), summed in token order. `ready`
+  // (data parallel) hears of each parameter once the kernels writing its gradient are enqueued, in
+  // Model::backward's order (DeviceDataParallel::param_ready).
+  double forward_backward(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq, float grad_scale,
+                          const Model::GradReady& ready = nullptr);
   // The forward alone (evaluation): Σ losses of the micro-batch, PEER BatchNorm on its running
   // statistics (Model::forward with PeerNormMode::eval). Leaves the gradient untouched.
   double forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq);
@@ -95,10 +100,6 @@ class CudaModel {
   // PEER BatchNorm running statistics from the batch statistics the backwards summed into their
   // gradient slots (Model::update_buffers); call once per step after the last micro-batch.
   void update_buffers(int64_t micro_batches);
-  // Data parallel: sums the gradient (and the PEER BatchNorm statistics in its buffer slots) over
-  // comm's ranks, in place. NCCL reduces the device array directly; host backends (MPI) go through a
-  // host copy. Waits for the backward first and for the reduction after. No-op on one rank.
-  void all_reduce_grads(Comm& comm);
   // The gradient (device memory, the layout's total floats) and the stream every call is ordered on:
   // deterministic mode sums it exactly after each micro-batch (ExactGradSumDevice, model/exact_sum.h).
   float* device_grads();
@@ -107,8 +108,9 @@ class CudaModel {
   // One optimizer step, fused (model/ops/adamw.h): AdamW exactly as AdamW::step on the gradient
   // scaled by grad_factor (the clipping factor, 1 for none; equal to scaling first), the PEER tables
   // and sub-keys at lr · optim.table_lr_scale, then every ternary weight's codes and β from the
-  // updated latent weights (β also to the host model). Waits for the step to finish.
-  void optimizer_step(int64_t t, double lr, float grad_factor);
+  // updated latent weights (β also to the host model). Waits for the step to finish. With `zero1`
+  // (the moments are a ZeRO-1 shard) the update, gathers and refresh are its optimizer_step's.
+  void optimizer_step(int64_t t, double lr, float grad_factor, DeviceDataParallel* zero1 = nullptr);
 
   // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
   // wall time charged to it (seconds, summed since set_profiling(true)).

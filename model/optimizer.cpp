@@ -173,23 +173,34 @@ void AdamW::step(float* params, const float* grads, int64_t t, double lr, const 
 std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& adam) {
   PL_CHECK(!adam.lazy_tables() && adam.owned().size() == 1 && adam.owned()[0] == Range(0, layout.total()), internal,
            "adamw_tensors: dense AdamW over the whole layout only");
+  return adamw_shard_tensors(layout, adam, true);
+}
+
+std::vector<AdamwTensor> adamw_shard_tensors(const ParamLayout& layout, const AdamW& adam, bool refresh) {
+  PL_CHECK(!adam.lazy_tables(), internal, "adamw_shard_tensors: dense AdamW only");
   const std::vector<uint8_t>& flags = adam.decay_flags();
   PL_CHECK(static_cast<int64_t>(flags.size()) == layout.total(), internal, "adamw_tensors: AdamW of another layout");
   std::vector<AdamwTensor> tensors;
-  for (const ParamInfo& p : layout.entries()) {
-    PL_CHECK(p.lr_mult == 1.0, config, "the fused AdamW has no per-tensor learning rate: ", p.name, " trains at lr x ",
-             p.lr_mult, " (model.param = \"mup\" runs on the CPU path)");
-    AdamwTensor t;
-    t.offset = p.offset;
-    t.numel = p.numel;
-    const uint8_t mode = p.numel > 0 ? flags[p.offset] : 0;
-    PL_CHECK(std::all_of(flags.begin() + p.offset, flags.begin() + p.offset + p.numel,
-                         [&](uint8_t f) { return f == mode; }),
-             internal, "adamw_tensors: AdamW's decay flags vary inside ", p.name);
-    t.decay = static_cast<AdamwDecay>(mode);
-    t.ternary = p.kind == ParamKind::ternary_weight;
-    t.group = is_peer_table(p) || is_peer_sub_keys(p) ? 1 : 0;
-    tensors.push_back(t);
+  int64_t state = 0;  // where the current owned range's moments start
+  for (const auto& [lo, hi] : adam.owned()) {
+    for (const ParamInfo& p : layout.entries()) {
+      const int64_t a = std::max(lo, p.offset), z = std::min(hi, p.offset + p.numel);
+      if (a > z || (a == z && p.numel > 0)) continue;  // outside (empty entries stay, as whole ones)
+      PL_CHECK(p.lr_mult == 1.0, config, "the fused AdamW has no per-tensor learning rate: ", p.name,
+               " trains at lr x ", p.lr_mult, " (model.param = \"mup\" runs on the CPU path)");
+      AdamwTensor t;
+      t.offset = a;
+      t.numel = z - a;
+      t.state_offset = state + (a - lo);
+      const uint8_t mode = t.numel > 0 ? flags[a] : 0;
+      PL_CHECK(std::all_of(flags.begin() + a, flags.begin() + z, [&](uint8_t f) { return f == mode; }), internal,
+               "adamw_tensors: AdamW's decay flags vary inside ", p.name);
+      t.decay = static_cast<AdamwDecay>(mode);
+      t.ternary = refresh && p.kind == ParamKind::ternary_weight && t.numel == p.numel;
+      t.group = is_peer_table(p) || is_peer_sub_keys(p) ? 1 : 0;
+      tensors.push_back(t);
+    }
+    state += hi - lo;
   }
   return tensors;
 }

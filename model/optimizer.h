@@ -115,6 +115,11 @@ class AdamW {
 // alignment padding between entries is left out: its gradient is zero, so AdamW leaves it as it is.
 // Dense AdamW over the whole layout only (no lazy tables, no ZeRO-1 shard).
 std::vector<AdamwTensor> adamw_tensors(const ParamLayout& layout, const AdamW& adam);
+// The same over AdamW's owned ranges (a ZeRO-1 shard, or everything): one tensor per (owned range,
+// entry) overlap, in range then layout order, its moments at the range's place in the concatenated
+// state (AdamwTensor::state_offset). Ternary (refreshed by the fused op) only with `refresh` and where
+// the piece is the whole entry. With everything owned and refresh = true: adamw_tensors.
+std::vector<AdamwTensor> adamw_shard_tensors(const ParamLayout& layout, const AdamW& adam, bool refresh);
 // The step's scalars for adamw_ternary_cpu/_cuda: AdamW::step's at step t and learning rate lr,
 // the gradient read as g · grad_factor.
 AdamwStep adamw_step(const OptimConfig& c, int64_t t, double lr, float grad_factor);

@@ -13,6 +13,7 @@ class StagingComm final : public Comm {
  public:
   explicit StagingComm(std::unique_ptr<Comm> inner) : Comm(inner->rank(), inner->size()), inner_(std::move(inner)) {}
   std::string backend_name() const override { return inner_->backend_name(); }
+  const Comm& inner() const { return *inner_; }
 
  protected:
   void all_reduce_impl(void* buf, int64_t n, DType t, ReduceOp op) override {
@@ -89,6 +90,11 @@ class StagingComm final : public Comm {
 
 std::unique_ptr<Comm> make_host_staging_comm(std::unique_ptr<Comm> inner) {
   return std::make_unique<StagingComm>(std::move(inner));
+}
+
+const Comm* staged_inner(const Comm& comm) {
+  const auto* s = dynamic_cast<const StagingComm*>(&comm);
+  return s ? &s->inner() : nullptr;
 }
 
 }  // namespace peerless

@@ -12,5 +12,8 @@
 namespace peerless {
 
 std::unique_ptr<Comm> make_host_staging_comm(std::unique_ptr<Comm> inner);
+// The communicator a staging wrapper forwards device buffers to (e.g. for nccl_stream), or null when
+// `comm` is not one.
+const Comm* staged_inner(const Comm& comm);
 
 }  // namespace peerless

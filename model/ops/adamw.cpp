@@ -28,8 +28,9 @@ void adamw_check_tensors(const std::vector<AdamwTensor>& tensors) {
   std::vector<std::pair<int64_t, int64_t>> spans;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const AdamwTensor& t = tensors[i];
-    PL_CHECK(t.offset >= 0 && t.offset % 4 == 0 && t.numel >= 0, internal, "adamw: tensor ", i, " at offset ",
-             t.offset, " with ", t.numel, " elements (offsets must be multiples of 4)");
+    PL_CHECK(t.offset >= 0 && t.offset % 4 == 0 && t.state() % 4 == 0 && t.numel >= 0, internal, "adamw: tensor ",
+             i, " at offset ", t.offset, " (state ", t.state(), ") with ", t.numel,
+             " elements (offsets must be multiples of 4)");
     PL_CHECK(t.group >= 0 && t.group < kAdamwGroups, internal, "adamw: tensor ", i, " in group ", t.group,
              " (groups: 0..", kAdamwGroups - 1, ")");
     PL_CHECK(t.decay == AdamwDecay::none || t.decay == AdamwDecay::decay || t.decay == AdamwDecay::frozen, internal,
@@ -94,8 +95,8 @@ void adamw_ternary_cpu(const std::vector<AdamwTensor>& tensors, const AdamwStep&
     const AdamwScalars c = step.group[t.group];
     const AdamwDecay mode = t.decay;
     float* p = params + t.offset;
-    float* mt = m + t.offset;
-    float* vt = v + t.offset;
+    float* mt = m + t.state();
+    float* vt = v + t.state();
     const float* g = grads + t.offset;
 #pragma omp parallel for simd schedule(static) if (t.numel >= (1 << 16))
     for (int64_t j = 0; j < t.numel; ++j) update(c, mode, factor, p[j], mt[j], vt[j], g[j]);

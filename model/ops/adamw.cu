@@ -21,6 +21,7 @@ namespace peerless {
 
 struct AdamwTernaryCuda::Chunk {
   int64_t begin = 0;   // first element in the flat buffers
+  int64_t state = 0;   // its place in the moment buffers (AdamwTensor::state())
   int32_t len = 0;     // elements, 1..kAdamwChunk
   int32_t tensor = 0;  // index in the tensor list
   uint8_t decay = 0, group = 0, ternary = 0, pad = 0;
@@ -61,6 +62,28 @@ __device__ __forceinline__ double warp_tree_sum(double s) {
   return s;
 }
 
+// The block's 256 thread sums by the tree of adamw.h (within each warp, then the 8 warp sums) into
+// partials[blockIdx.x].
+__device__ __forceinline__ void store_block_sum(double acc, double* partials) {
+  __shared__ double warp_sums[kThreads / kWarp];
+  acc = warp_tree_sum(acc);
+  if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double* s = warp_sums;
+    for (int o = kThreads / kWarp / 2; o > 0; o /= 2)
+      for (int t = 0; t < o; ++t) s[t] += s[t + o];
+    partials[blockIdx.x] = s[0];
+  }
+}
+
+// One warp: lane l adds the tensor's chunk sums l, l + 32, ... in order, then the tree (lane 0's result).
+__device__ __forceinline__ double tensor_sum(const TensorSums& t, const double* partials) {
+  double acc = 0.0;
+  for (int k = threadIdx.x; k < t.count; k += kWarp) acc += partials[t.first + k];
+  return warp_tree_sum(acc);
+}
+
 __global__ void __launch_bounds__(kThreads)
     adamw_update_kernel(const Chunk* __restrict__ chunks, AdamwStep step, float* __restrict__ params,
                         const float* __restrict__ grads, float* __restrict__ m, float* __restrict__ v,
@@ -70,8 +93,8 @@ __global__ void __launch_bounds__(kThreads)
   const float f = step.grad_factor;
   float* __restrict__ p = params + c.begin;
   const float* __restrict__ g = grads + c.begin;
-  float* __restrict__ mc = m + c.begin;
-  float* __restrict__ vc = v + c.begin;
+  float* __restrict__ mc = m + c.state;
+  float* __restrict__ vc = v + c.state;
   // Element j of the chunk belongs to thread (j mod 1024) / 4, which adds |p_j| in increasing j.
   double acc = 0.0;
   for (int j = 4 * threadIdx.x; j < c.len; j += 4 * kThreads) {
@@ -101,16 +124,28 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (!c.ternary) return;  // uniform over the block
-  __shared__ double warp_sums[kThreads / kWarp];
-  acc = warp_tree_sum(acc);
-  if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double* s = warp_sums;
-    for (int o = kThreads / kWarp / 2; o > 0; o /= 2)
-      for (int t = 0; t < o; ++t) s[t] += s[t + o];
-    partials[blockIdx.x] = s[0];
+  store_block_sum(acc, partials);
+}
+
+// Σ|p| of one chunk alone (no update), every thread adding the same elements in the same order as
+// adamw_update_kernel does after its update.
+__global__ void __launch_bounds__(kThreads)
+    abs_chunks_kernel(const Chunk* __restrict__ chunks, const float* __restrict__ params, double* __restrict__ partials) {
+  const Chunk c = chunks[blockIdx.x];
+  const float* __restrict__ p = params + c.begin;
+  double acc = 0.0;
+  for (int j = 4 * threadIdx.x; j < c.len; j += 4 * kThreads) {
+    if (j + 4 <= c.len) {
+      const float4 pv = *reinterpret_cast<const float4*>(p + j);
+      acc += fabs(static_cast<double>(pv.x));
+      acc += fabs(static_cast<double>(pv.y));
+      acc += fabs(static_cast<double>(pv.z));
+      acc += fabs(static_cast<double>(pv.w));
+    } else {
+      for (int e = j; e < c.len; ++e) acc += fabs(static_cast<double>(p[e]));
+    }
   }
+  store_block_sum(acc, partials);
 }
 
 // One warp per tensor: lane l adds the tensor's chunk sums l, l + 32, ... in order, then the tree;
@@ -119,13 +154,20 @@ __global__ void adamw_beta_kernel(const TensorSums* __restrict__ sums, const dou
                                   float* __restrict__ betas) {
   const TensorSums t = sums[blockIdx.x];
   if (t.first < 0) return;
-  double acc = 0.0;
-  for (int k = threadIdx.x; k < t.count; k += kWarp) acc += partials[t.first + k];
-  acc = warp_tree_sum(acc);
+  const double acc = tensor_sum(t, partials);
   if (threadIdx.x == 0) {
     const double mean = t.numel > 0 ? acc / static_cast<double>(t.numel) : 0.0;
     betas[blockIdx.x] = static_cast<float>(mean < 1e-5 ? 1e-5 : mean);
   }
+}
+
+// Σ|p| per ternary tensor (abs_sums_cuda).
+__global__ void tensor_sums_kernel(const TensorSums* __restrict__ sums, const double* __restrict__ partials,
+                                   double* __restrict__ out) {
+  const TensorSums t = sums[blockIdx.x];
+  if (t.first < 0) return;
+  const double acc = tensor_sum(t, partials);
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
 // ternary_codes_cpu on one chunk: round(p/β) clamped to [−1, 1].
@@ -172,6 +214,7 @@ AdamwTernaryCuda::AdamwTernaryCuda(const std::vector<AdamwTensor>& tensors) {
       for (int64_t k = 0; k < count; ++k) {
         Chunk c;
         c.begin = t.offset + k * kAdamwChunk;
+        c.state = t.state() + k * kAdamwChunk;
         c.len = static_cast<int32_t>(std::min(kAdamwChunk, t.numel - k * kAdamwChunk));
         c.tensor = static_cast<int32_t>(i);
         c.decay = static_cast<uint8_t>(t.decay);
@@ -215,6 +258,46 @@ void adamw_ternary_cuda(const AdamwTernaryCuda& plan, const AdamwStep& step, flo
                                                                                   plan.partials(), betas);
   PL_CUDA_CHECK_LAUNCH(adamw_beta_kernel);
   if (plan.n_ternary_chunks() == 0) return;
+  adamw_codes_kernel<<<static_cast<unsigned>(plan.n_ternary_chunks()), kThreads, 0, stream>>>(plan.chunks(), params,
+                                                                                              betas, codes);
+  PL_CUDA_CHECK_LAUNCH(adamw_codes_kernel);
+}
+
+namespace {
+void launch_abs_chunks(const AdamwTernaryCuda& plan, const float* params, cudaStream_t stream) {
+  PL_CHECK(params && reinterpret_cast<uintptr_t>(params) % 16 == 0, internal,
+           "ternary refresh: params must be a 16-byte aligned device buffer");
+  abs_chunks_kernel<<<static_cast<unsigned>(plan.n_ternary_chunks()), kThreads, 0, stream>>>(plan.chunks(), params,
+                                                                                             plan.partials());
+  PL_CUDA_CHECK_LAUNCH(abs_chunks_kernel);
+}
+}  // namespace
+
+void ternary_refresh_cuda(const AdamwTernaryCuda& plan, const float* params, int8_t* codes, float* betas,
+                          cudaStream_t stream) {
+  if (!plan.has_ternary()) return;
+  PL_CHECK(codes && betas, internal, "ternary_refresh_cuda: null codes or betas");
+  if (plan.n_ternary_chunks() > 0) launch_abs_chunks(plan, params, stream);
+  adamw_beta_kernel<<<static_cast<unsigned>(plan.n_tensors()), kWarp, 0, stream>>>(plan.tensor_sums(),
+                                                                                  plan.partials(), betas);
+  PL_CUDA_CHECK_LAUNCH(adamw_beta_kernel);
+  ternary_codes_cuda(plan, params, betas, codes, stream);
+}
+
+void abs_sums_cuda(const AdamwTernaryCuda& plan, const float* params, double* sums, cudaStream_t stream) {
+  if (!plan.has_ternary()) return;
+  PL_CHECK(sums, internal, "abs_sums_cuda: null sums");
+  if (plan.n_ternary_chunks() > 0) launch_abs_chunks(plan, params, stream);
+  tensor_sums_kernel<<<static_cast<unsigned>(plan.n_tensors()), kWarp, 0, stream>>>(plan.tensor_sums(),
+                                                                                   plan.partials(), sums);
+  PL_CUDA_CHECK_LAUNCH(tensor_sums_kernel);
+}
+
+void ternary_codes_cuda(const AdamwTernaryCuda& plan, const float* params, const float* betas, int8_t* codes,
+                        cudaStream_t stream) {
+  if (plan.n_ternary_chunks() == 0) return;
+  PL_CHECK(codes && betas && reinterpret_cast<uintptr_t>(codes) % 4 == 0, internal,
+           "ternary_codes_cuda: codes (4-byte aligned) and betas needed");
   adamw_codes_kernel<<<static_cast<unsigned>(plan.n_ternary_chunks()), kThreads, 0, stream>>>(plan.chunks(), params,
                                                                                               betas, codes);
   PL_CUDA_CHECK_LAUNCH(adamw_codes_kernel);

@@ -39,11 +39,15 @@ inline constexpr int kAdamwGroups = 2;        // learning-rate groups (lr and lr
 enum class AdamwDecay : uint8_t { none = 0, decay = 1, frozen = 2 };
 
 struct AdamwTensor {
-  int64_t offset = 0;  // into the flat buffers (p, g, m, v, codes), in elements; a multiple of 4
+  int64_t offset = 0;  // into the flat buffers (p, g, codes), in elements; a multiple of 4
   int64_t numel = 0;
   AdamwDecay decay = AdamwDecay::decay;
   bool ternary = false;  // refresh codes[offset, offset + numel) and its β
   int group = 0;         // learning-rate group, [0, kAdamwGroups)
+  // Into the moment buffers (m, v): −1 = offset (moments of the whole layout); a ZeRO-1 shard keeps
+  // the moments of its owned ranges only, concatenated (AdamW::owned()). A multiple of 4.
+  int64_t state_offset = -1;
+  int64_t state() const { return state_offset < 0 ? offset : state_offset; }
 };
 
 // AdamW::step's scalars for step t (1-based) at learning rate lr (the group's, scale included),
@@ -58,8 +62,8 @@ struct AdamwStep {
   float grad_factor = 1.0f;  // the gradient is read as g · grad_factor (global-norm clipping)
 };
 
-// Throws (internal error) unless every tensor has offset % 4 == 0, numel >= 0, a group in range, and
-// no two tensors overlap.
+// Throws (internal error) unless every tensor has offset % 4 == 0 (state() too), numel >= 0, a group
+// in range, and no two tensors overlap.
 void adamw_check_tensors(const std::vector<AdamwTensor>& tensors);
 
 // The CPU reference. tensors must not overlap. betas: one float per tensor (index as in tensors),
@@ -104,5 +108,17 @@ class AdamwTernaryCuda {
 // bit-identical to the CPU reference. Ordered on `stream`, not complete on return.
 void adamw_ternary_cuda(const AdamwTernaryCuda& plan, const AdamwStep& step, float* params, const float* grads,
                         float* m, float* v, int8_t* codes, float* betas, cudaStream_t stream);
+
+// The refresh half alone (ZeRO-1, model/data_parallel_cuda.h), for the ternary tensors of `plan`:
+// - ternary_refresh_cuda: β and codes from the current params, Σ|p| in the order above: bit-identical
+//   to what adamw_ternary_cuda writes after its update when params hold the updated values;
+// - abs_sums_cuda: Σ|p| per tensor (float64, that order) into sums[tensor] (device; others untouched);
+// - ternary_codes_cuda: the codes from given β (betas[tensor], device).
+// Ordered on `stream`, not complete on return.
+void ternary_refresh_cuda(const AdamwTernaryCuda& plan, const float* params, int8_t* codes, float* betas,
+                          cudaStream_t stream);
+void abs_sums_cuda(const AdamwTernaryCuda& plan, const float* params, double* sums, cudaStream_t stream);
+void ternary_codes_cuda(const AdamwTernaryCuda& plan, const float* params, const float* betas, int8_t* codes,
+                        cudaStream_t stream);
 
 }  // namespace peerless

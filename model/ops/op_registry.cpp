@@ -28,6 +28,7 @@ constexpr std::array kOps = {
     OpInfo{"qsparse_block", "qsparse.h", true, true},
     OpInfo{"adamw_ternary", "adamw.h", true, true},
     OpInfo{"fixed_point", "fixed_point.h", true, true},
+    OpInfo{"ternary_pack", "ternary_pack.h", true, true},  // CPU reference: model/ternary_pack.h
     OpInfo{"rope", "attention.h", true, true},
     OpInfo{"attention", "attention.h", true, true},
 };

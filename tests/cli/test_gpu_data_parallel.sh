@@ -9,7 +9,7 @@
 #    H100: 8.6e-5 for the losses, 5.0e-5 for the validations, 0 for the step-1 gradient norm.
 # The 2-rank runs use the MPI backend, so both ranks may share one GPU (NCCL refuses that; with one
 # GPU per rank the NCCL path reduces the device arrays directly). Settings the GPU model does not
-# support are config errors naming their key.
+# support are config errors naming their key. ZeRO-1 on GPUs: test_gpu_zero1.sh.
 source "$(dirname "$0")/common.sh"
 "$bin" prepare --input "$shared/tinyshakespeare/input.txt" --tokenizer byte --out ts.h5 --quiet >/dev/null
 common=(--set data.path=ts.h5 --set run.out_dir=runs --set run.device=cuda --set train.sample_tokens=0
@@ -81,9 +81,6 @@ print(f"f2 (fast path): max relative difference: losses {worst:.2e}, validation 
       f"norm {g_first:.2e}")
 assert len(vals) == 2 and worst < 3e-4 and worst_val < 3e-4 and g_first < 1e-5, (worst, worst_val, g_first)
 PY
-expect_error "GPU data parallel with ZeRO-1" "parallel.zero1" \
-  mpi 2 "$bin" train "$src/configs/tiny.toml" "${common[@]}" --set parallel.backend=mpi --set run.name=gz \
-  --set parallel.zero1=true
 expect_error "GPU data parallel with sharded PEER tables" "parallel.expert_parallel = 1" \
   mpi 2 "$bin" train "$src/configs/tiny.toml" "${common[@]}" --set parallel.backend=mpi --set run.name=ge \
   --set model.peer_blocks=0 --set model.peer_n_sub=16 --set model.peer_heads=2 --set model.peer_topk=4 \
