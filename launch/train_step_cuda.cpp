@@ -30,10 +30,13 @@ class CudaStepRunner final : public StepRunner {
   explicit CudaStepRunner(TrainSession& s) : s_(s) {
     // Data parallel over GPUs (one rank each): whole weights on every rank; the optimizer state
     // whole, or with parallel.zero1 the rank's slices (the session's AdamW owns s.dp->owned()).
-    PL_CHECK(!s.model->experts_sharded(), config, "parallel.expert_parallel = ", s.cfg.parallel.expert_parallel,
-             s.cfg.parallel.expert_parallel == 0 ? " (all ranks)" : "",
-             " shards the PEER tables over ranks, which run.device = \"cuda\" does not support; set "
-             "parallel.expert_parallel = 1 (every GPU holds whole tables)");
+    // Sharded PEER tables (parallel.expert_parallel > 1): the GPU exchange sums the owners' partial
+    // outputs in float (model/expert_parallel.h, ShardedPeerExpertsCuda), not in the fixed point that
+    // makes the CPU's sharded runs bit-identical to one rank.
+    PL_CHECK(!s.model->experts_sharded() || !deterministic_on(s.cfg), config,
+             "parallel.deterministic = true with parallel.expert_parallel = ", s.cfg.parallel.expert_parallel,
+             " on run.device = \"cuda\": the GPU expert exchange sums partial outputs in float, so its bits depend "
+             "on the number of shards; set parallel.deterministic = false");
     // Deterministic mode: the exact sum's bookkeeping on the host, its int64 sums on the device.
     if (deterministic_on(s.cfg))
       sum_ = std::make_unique<ExactGradSum>(s.model->layout(), s.A * s.world, std::vector<uint8_t>{});
@@ -106,9 +109,10 @@ class CudaStepRunner final : public StepRunner {
     StepResult r;
     r.loss = loss_sum / static_cast<double>(counted_);
     if (s_.model->n_peer_layers() > 0) cuda_->update_buffers(s_.A * s_.world);
-    // ZeRO-1's fast path holds the reduced gradient on its slices only.
-    r.grad_norm = ddp_ && ddp_->zero1() && s_.world > 1 && !exact_ ? ddp_->grad_norm(cuda_->device_grads())
-                                                                    : cuda_->grad_norm();
+    // ZeRO-1's fast path holds the reduced gradient on its slices only; sharded tables hold this
+    // rank's rows: both sum over groups of ranks (DataParallel::norm_pieces).
+    const bool pieces = s_.world > 1 && !exact_ && (ddp_->zero1() || s_.model->experts_sharded());
+    r.grad_norm = pieces ? ddp_->grad_norm(cuda_->device_grads()) : cuda_->grad_norm();
     PL_CHECK(std::isfinite(r.grad_norm), numeric, "the gradient norm is ", r.grad_norm, " at step ", step);
     // Clipping as on the CPU path; the factor is applied as the optimizer reads the gradient.
     const OptimConfig& o = s_.cfg.optim;

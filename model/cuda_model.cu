@@ -207,9 +207,6 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
     PL_CHECK(!c.peer_ternary, config, "run.device = \"cuda\" trains PEER tables in full precision only "
              "(model.peer_ternary = true); use run.device = \"cpu\"");
     PL_CHECK(c.peer_query_bn, config, "run.device = \"cuda\": PEER needs model.peer_query_bn = true");
-    PL_CHECK(host.peer_table_rows() == host.peer_experts(), config,
-             "run.device = \"cuda\" holds whole PEER tables on one GPU (parallel.expert_parallel must leave them "
-             "unsharded)");
   }
   PL_CHECK(c.head == "bitlinear", config, "run.device = \"cuda\" trains model.head = \"bitlinear\" only (got \"",
            c.head, "\"); use run.device = \"cpu\"");

@@ -277,24 +277,35 @@ double DataParallel::grad_norm_exact(const float* grads) {
 
 double DataParallel::grad_norm(const float* grads) {
   if (exact_) return grad_norm_exact(grads);
+  double sq = 0, sq_expert = 0;
+  for (const NormPiece& p : norm_pieces()) {
+    const double n = grad_norm_l2(grads + p.range.first, p.range.second - p.range.first);
+    (p.expert ? sq_expert : sq) += n * n;
+  }
+  return combine_norm(sq, sq_expert);
+}
+
+std::vector<DataParallel::NormPiece> DataParallel::norm_pieces() const {
   // Replicated (or ZeRO-1 sliced) parameters and sharded tables are summed over different groups,
   // so the owned ranges are split at the tables' ranges.
-  double sq = 0, sq_expert = 0;
-  auto add = [&](double& acc, int64_t lo, int64_t hi) {
-    if (lo >= hi) return;
-    const double n = grad_norm_l2(grads + lo, hi - lo);
-    acc += n * n;
+  std::vector<NormPiece> pieces;
+  auto add = [&](int64_t lo, int64_t hi, bool expert) {
+    if (lo < hi) pieces.push_back({Range(lo, hi), expert});
   };
   for (const auto& [lo, hi] : owned()) {
     int64_t at = lo;
     for (const auto& [e_lo, e_hi] : expert_ranges_) {
       if (e_hi <= at || e_lo >= hi) continue;
-      add(sq, at, e_lo);
-      add(sq_expert, std::max(at, e_lo), std::min(hi, e_hi));
+      add(at, e_lo, false);
+      add(std::max(at, e_lo), std::min(hi, e_hi), true);
       at = std::min(hi, e_hi);
     }
-    add(sq, at, hi);
+    add(at, hi, false);
   }
+  return pieces;
+}
+
+double DataParallel::combine_norm(double sq, double sq_expert) {
   if (zero1_ && dp_.size() > 1) dp_.all_reduce(&sq, 1, DType::f64, ReduceOp::sum);
   if (expert_group_ && expert_group_->size() > 1)
     expert_group_->all_reduce(&sq_expert, 1, DType::f64, ReduceOp::sum);

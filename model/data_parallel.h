@@ -108,6 +108,16 @@ class DataParallel {
   bool finish_exact(float* grads);
   // Global L2 norm of the reduced gradient (over owned ranges, summed across ranks with ZeRO-1).
   double grad_norm(const float* grads);
+  // What grad_norm sums, for any device: the owned ranges cut at the sharded tables' ranges (expert
+  // = true: summed over the expert group; else over all ranks with ZeRO-1, or here alone), and the
+  // sums of squares of both classes combined into the norm (collective).
+  struct NormPiece {
+    Range range;
+    bool expert = false;
+  };
+  std::vector<NormPiece> norm_pieces() const;
+  double combine_norm(double sq, double sq_expert);
+  Comm* replicas() const { return replicas_; }
   void scale_gradients(float* grads, float factor);  // owned ranges only
 
   // After the optimizer step: new ternary forward copies everywhere (and ZeRO-1 gathers).

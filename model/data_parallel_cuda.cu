@@ -72,7 +72,7 @@ struct DeviceDataParallel::Impl {
   Event ready{false}, back{false}, t_backward{true}, t_done{true};
   int64_t bytes = 0;
   DeviceBytes stage, recv, stage_u8;  // ZeRO-1: W·slice floats, slice floats, W·slice/4 bytes
-  DeviceBytes partials;               // grad_norm: kNormBlocks doubles per owned range
+  DeviceBytes partials;               // grad_norm: kNormBlocks doubles per DataParallel::norm_pieces() range
   // ZeRO-1 optimizer: AdamW on the owned pieces (moments concatenated); the ternary pieces owned
   // (Σ|W| and codes, one β each); every trained ternary tensor whole (β indexed by layout entry).
   std::unique_ptr<AdamwTernaryCuda> update, pieces, whole;
@@ -131,17 +131,16 @@ DeviceDataParallel::DeviceDataParallel(const DataParallel& dp, Comm& comm, const
   param_buckets_.assign(entries.size(), {});
   int64_t max_slice = 0;
   for (size_t b = 0; b < buckets.size(); ++b) {
-    PL_CHECK(!buckets[b].expert, config, "run.device = \"cuda\" holds whole PEER tables (parallel.expert_parallel = 1)");
     for (int idx : buckets[b].params) param_buckets_[idx].push_back(static_cast<int>(b));
     max_slice = std::max(max_slice, buckets[b].slice);
   }
   const int W = comm.size();
+  g.partials = g.alloc(sizeof(double) * kNormBlocks * std::max<size_t>(1, dp.norm_pieces().size()));
   if (!dp.zero1()) return;
   if (W > 1) {
     g.stage = g.alloc(sizeof(float) * W * max_slice);
     g.recv = g.alloc(sizeof(float) * max_slice);
     g.stage_u8 = g.alloc(W * max_slice / 4);
-    g.partials = g.alloc(sizeof(double) * kNormBlocks * dp.owned().size());
   }
   g.update = std::make_unique<AdamwTernaryCuda>(adamw_shard_tensors(model.layout(), adam, false));
   g.whole = std::make_unique<AdamwTernaryCuda>(whole_ternary(dp, model.layout()));
@@ -214,6 +213,14 @@ void DeviceDataParallel::reduce_bucket(int bucket, cudaStream_t s) {
   Impl& g = *impl_;
   const DataParallel::Bucket& b = dp_.buckets()[bucket];
   const int64_t n = b.end - b.begin;
+  if (b.expert) {  // a sharded table's rows: summed over the ranks holding the same rows, never sliced
+    Comm* replicas = dp_.replicas();
+    if (!replicas || replicas->size() == 1) return;
+    PL_CUDA_CHECK(cudaStreamSynchronize(s));  // another communicator: its own ordering, completed here
+    replicas->all_reduce(grads_ + b.begin, n, DType::f32, ReduceOp::sum);
+    replicas->synchronize();
+    return;
+  }
   if (!dp_.zero1()) {
     g.settle(s);
     comm_.all_reduce(grads_ + b.begin, n, DType::f32, ReduceOp::sum);
@@ -233,21 +240,23 @@ void DeviceDataParallel::reduce_bucket(int bucket, cudaStream_t s) {
 
 double DeviceDataParallel::grad_norm(const float* grads) {
   Impl& g = *impl_;
-  PL_CHECK(dp_.zero1() && comm_.size() > 1, internal, "DeviceDataParallel::grad_norm is ZeRO-1's (owned slices)");
-  const std::vector<Range> owned = dp_.owned();
+  // DataParallel::grad_norm's pieces and groups (owned slices, sharded tables over the expert group).
+  const std::vector<DataParallel::NormPiece> pieces = dp_.norm_pieces();
+  PL_CHECK(g.partials.size() >= sizeof(double) * kNormBlocks * pieces.size(), internal,
+           "DeviceDataParallel::grad_norm: the norm's pieces changed");
   double* partials = static_cast<double*>(g.partials.get());
-  for (size_t r = 0; r < owned.size(); ++r) {
-    const auto [lo, hi] = owned[r];
+  for (size_t r = 0; r < pieces.size(); ++r) {
+    const auto [lo, hi] = pieces[r].range;
     sumsq_kernel<<<kNormBlocks, kThreads, 0, g.compute>>>(grads + lo, hi - lo, partials + r * kNormBlocks);
     PL_CUDA_CHECK_LAUNCH(sumsq_kernel);
   }
-  std::vector<double> host(owned.size() * kNormBlocks);
+  std::vector<double> host(pieces.size() * kNormBlocks);
   PL_CUDA_CHECK(cudaMemcpyAsync(host.data(), partials, sizeof(double) * host.size(), cudaMemcpyDeviceToHost, g.compute));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.compute));
-  double sq = 0;
-  for (double p : host) sq += p;
-  comm_.all_reduce(&sq, 1, DType::f64, ReduceOp::sum);
-  return std::sqrt(sq);
+  double sq = 0, sq_expert = 0;
+  for (size_t r = 0; r < pieces.size(); ++r)
+    for (int i = 0; i < kNormBlocks; ++i) (pieces[r].expert ? sq_expert : sq) += host[r * kNormBlocks + i];
+  return const_cast<DataParallel&>(dp_).combine_norm(sq, sq_expert);
 }
 
 void DeviceDataParallel::optimizer_step(const AdamwStep& step, const DeviceModelBuffers& buf) {

@@ -70,7 +70,8 @@ class DeviceDataParallel {
   void begin_step(float* grads);  // before the last micro-batch's backward
   void param_ready(int param);    // the kernels writing its final gradient are enqueued on compute
   void finish();                  // the remaining buckets; waits until the gradient is reduced
-  // ZeRO-1's fast path: the L2 norm of the reduced gradient (owned slices, summed over the ranks).
+  // The L2 norm of the reduced gradient as DataParallel::grad_norm sums it (owned slices summed over
+  // the ranks with ZeRO-1; sharded tables over the expert group). Collective.
   double grad_norm(const float* grads);
 
   // ---- ZeRO-1 optimizer step (zero1() only) ----

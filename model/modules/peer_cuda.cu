@@ -1,12 +1,17 @@
 // The PEER channel mixer's CUDA half (model/cuda_module.h; the CPU half is peer_mixer.cpp): the
-// pre-norm, then model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, full-precision
-// experts, the deterministic gated expert kernels), then the residual add.
+// pre-norm, then model/ops/peer_layer.h's CUDA layer (full-precision experts, the deterministic
+// gated expert kernels), then the residual add. With the tables sharded by rows over the expert
+// group (parallel.expert_parallel > 1, Model::experts_sharded()) the experts run through
+// ShardedPeerExpertsCuda (model/expert_parallel.h): each retrieved entry goes to the rank owning
+// its row, over the group's Comm on device buffers; the gradient of this rank's rows is
+// accumulated into its slice of the flat gradient.
 //
 // BatchNorm statistics: a training forward normalises with the micro-batch's statistics and blends
 // them with momentum 1 into buffers of this module; the backward adds them into the statistics'
 // gradient slots, from which CudaModel::update_buffers computes the running statistics once per
 // step (Model::update_buffers). A forward alone (evaluation) normalises with the running statistics.
 #include "model/cuda_module.h"
+#include "model/expert_parallel.h"
 #include "model/ops/peer_layer.h"
 #include "model/ops/rmsnorm.h"
 
@@ -30,6 +35,11 @@ class PeerCuda final : public CudaModule {
     PL_CUDA_CHECK(cudaMemset(mean_.get(), 0, sizeof(float) * ps.channels()));
     PL_CUDA_CHECK(cudaMemset(var_.get(), 0, sizeof(float) * ps.channels()));
     for (int slot : {s_xn, s_out, s_dxn}) g.reserve(slot, sizeof(float) * M * d_);
+    if (g.host.experts_sharded()) {
+      PL_CHECK(g.host.expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
+      shard_ = std::make_unique<ShardedPeerExpertsCuda>(*g.host.expert_comm(), ps.experts());
+      g.bytes += shard_->device_bytes();
+    }
   }
 
   void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
@@ -37,12 +47,13 @@ class PeerCuda final : public CudaModule {
     float *xn = g.scratch<float>(s_xn), *out = g.scratch<float>(s_out);
     rmsnorm_forward_cuda(RmsNormShape{M, d_, g.eps}, x_in, g.P(b_.mlp_norm), xn, rstd_.get(), g.stream);
     g.tick(ph_other);
+    if (shard_) shard_->set_table(g.P(b_.peer_table), g.G(b_.peer_table));
     if (s.train)
       peer_layer_forward_cuda(shape(g, M), PeerNormMode::train, params(g, mean_.get(), var_.get()), xn, out, *layer_,
-                              g.stream);
+                              g.stream, shard_.get());
     else
       peer_layer_forward_cuda(shape(g, M), PeerNormMode::eval, params(g, g.P(b_.peer_bn_mean), g.P(b_.peer_bn_var)),
-                              xn, out, *layer_, g.stream);
+                              xn, out, *layer_, g.stream, shard_.get());
     g.tick(ph_peer_layer);
     add2_cuda(x_out, x_in, out, M * d_, g.stream);
   }
@@ -62,7 +73,7 @@ class PeerCuda final : public CudaModule {
     pg.table.dense = g.G(b_.peer_table);
     g.tick(ph_other);
     const PeerLayerShape ps = shape(g, M);
-    peer_layer_backward_cuda(ps, params(g, mean_.get(), var_.get()), *layer_, xn, dx, dxn, pg, g.stream);
+    peer_layer_backward_cuda(ps, params(g, mean_.get(), var_.get()), *layer_, xn, dx, dxn, pg, g.stream, shard_.get());
     g.tick(ph_peer_layer);
     add_cuda(g.G(b_.peer_bn_mean), mean_.get(), ps.channels(), g.stream);
     add_cuda(g.G(b_.peer_bn_var), var_.get(), ps.channels(), g.stream);
@@ -99,6 +110,7 @@ class PeerCuda final : public CudaModule {
   const BlockParams& b_;
   const int64_t d_;
   std::unique_ptr<PeerLayerCuda> layer_;
+  std::unique_ptr<ShardedPeerExpertsCuda> shard_;  // sharded tables only
   DevBuf<float> rstd_, mean_, var_;
 };
 
