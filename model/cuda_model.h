@@ -112,7 +112,7 @@ class CudaModel {
 
   // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
   // wall time charged to it (seconds, summed since set_profiling(true)).
-  enum Category { norm_quant, glu_path, gate_path, gemm_forward, gemm_backward, scan, peer_layer, loss, embedding,
+  enum Category { norm_quant, glu_path, gate_path, gemm_forward, gemm_backward, scan, peer_layer, attention, loss, embedding,
                   optimizer, other, kCategories };
   void set_profiling(bool on);
   std::vector<double> profile() const;
