@@ -107,7 +107,9 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   }
   if (transformer) set_transformer(mc, GetParam().arch);
   OptimConfig oc;
-  oc.lr = 3e-3;
+  // The tiny BitNet spikes at 3e-3 on the CPU alone (gradient norm 528 at step 50; measured), which
+  // no GPU-vs-CPU tolerance survives: it trains at 2e-3 (loss 5.53 -> 3.63 in 50 steps on the CPU).
+  oc.lr = GetParam().arch == Arch::bitnet ? 2e-3 : 3e-3;
   oc.weight_decay = 0.1;
   oc.grad_clip = 1.0;
   const int64_t B = 8, T = 64, steps = 50;
