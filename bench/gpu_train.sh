@@ -15,7 +15,7 @@ for a in "$@"; do
   [[ $a == --skip-tests ]] && tests=0
   [[ $a == --no-shakespeare ]] && shakespeare=0
 done
-gpu_build ${TARGETS:-peerless test_ops_cuda test_ops_train_cuda test_fused_cuda test_model_cuda test_peer_cuda}
+gpu_build ${TARGETS:-peerless test_ops_cuda test_ops_train_cuda test_fused_cuda test_model_cuda test_peer_cuda test_proj_cuda}
 if [[ $tests == 1 ]]; then
   # Every gpu-labelled test, the GPU-vs-CPU loss curves included (~5 min on the H100 with -j 2).
   (cd build-gpu && ctest -L gpu -j 2 --timeout 400 --output-on-failure > "$OUT/ctest_gpu.log" 2>&1)
@@ -23,6 +23,9 @@ if [[ $tests == 1 ]]; then
 fi
 echo "== bench train (370M)"
 timeout 300 $b bench train --config configs/mmf-370m.toml --batch 4,8,16 --seq 2048 --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_train.txt"
+echo "== bench train (Transformer++ 370M, the same shape)"
+timeout 300 $b bench train --config configs/tpp-370m.toml --batch 8,16 --seq 2048 --steps 5 --warmup 2 \
+  --deterministic off 2>&1 | tee "$OUT/bench_train_tpp.txt"
 echo "== bench ops"
 timeout 100 $b bench ops --tokens 32768 2>&1 | tee "$OUT/bench_ops.txt" | tail -24
 echo "== bench peer-layer"

@@ -83,6 +83,7 @@ void CudaContext::allocate_linears(int64_t wide) {
     acc_.resize(max_n, bytes);
     tmp_.resize(max_n, bytes);
   }
+  allocate_head();  // cuda_context_proj.cu
 }
 
 template <typename Y>

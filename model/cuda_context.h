@@ -46,7 +46,7 @@ struct DevBuf {
 
 // The kinds of GPU work the profiler charges time to (CudaModel::profile).
 enum CudaPhase { ph_norm_quant, ph_glu_path, ph_gate_path, ph_gemm_forward, ph_gemm_backward, ph_scan, ph_peer_layer,
-                 ph_loss, ph_embedding, ph_optimizer, ph_other, kCudaPhases };
+                 ph_attention, ph_loss, ph_embedding, ph_optimizer, ph_other, kCudaPhases };
 
 // Grid-stride launch sizes of the elementwise kernels.
 constexpr int kCudaThreads = 256;
@@ -119,6 +119,32 @@ class CudaContext {
   void norm_backward(const RmsNormShape& ns, const float* in, const float* gain, const float* rstd, const float* dy,
                      float* dx_out, float* dgain, bool accumulate);
 
+  // A projection without a norm of its own (Model::proj_forward / proj_backward: the Transformer++
+  // and BitNet SubLN kinds, whose input the module normalized), one implementation for both modes:
+  //   model.quant = "none": y = x·Wᵀ, a bf16 tensor-core GEMM with fp32 accumulation on x and on the
+  //     fp32 master W, both rounded to bf16 per call (a_bf, w_bf): ~2^-9 relative per operand
+  //     against the CPU's fp32 GEMM.
+  //   "ternary": per-token int8 absmax codes of x (act_quant_cuda), the exact integer product with
+  //     the weight's codes, ·β/s: bit-identical to Model::proj_forward.
+  // y (rows, N) as Y (float or bf16), or in fp32 y = residual + x·Wᵀ (residual may alias y).
+  // No Q-Sparse (the kinds that call this refuse model.qsparse on the GPU).
+  template <typename Y>
+  void proj_forward(int weight, int64_t rows, const float* x, Y* y, const float* residual = nullptr);
+  // Its backward (straight-through) from dy (rows, N) bf16, row stride ldy (0: N): dW += dyᵀ·x (none:
+  // x in bf16; ternary: a/s in bf16, recomputed from x); dx (rows, K) = dy·W (none: W in bf16;
+  // ternary: β·dy·t, codes exact) overwritten, or added with accumulate; dx null: no input gradient.
+  void proj_backward(int weight, int64_t rows, const float* x, const bf16* dy, int64_t ldy, float* dx,
+                     bool accumulate);
+
+  // The LM head on the final norm's output xf (rows, d) (Model::head_forward): model.head =
+  // "bitlinear" is linear_forward; "linear" and "tied" multiply by an fp32 (V, d) weight (lm_head or
+  // the embedding) as a bf16 GEMM with fp32 accumulation, on a bf16 copy of it made when `refresh`
+  // (the first chunk of rows of a forward). logits (rows, V) fp32.
+  void head_forward(int64_t rows, const float* xf, float* logits, bool refresh);
+  // Its backward from dlogits (rows, V) bf16: dxf (rows, d) overwritten, the head's gradients
+  // accumulated (tied: into the embedding's, before the embedding backward adds its rows).
+  void head_backward(int64_t rows, const float* xf, const bf16* dlogits, float* dxf);
+
   // Profiling (CudaModel::set_profiling): each tick waits for the stream and charges the time since
   // the previous one to a phase; the synchronisations cost a little throughput.
   bool profiling = false;
@@ -138,6 +164,8 @@ class CudaContext {
 
  private:
   std::vector<DevBuf<char>> scratch_;
+  DevBuf<bf16> head_bf_;  // model.head = "linear" / "tied": the bf16 copy of the (V, d) head weight
+  void allocate_head();    // its buffers (allocate_linears calls it)
   DevBuf<int32_t> acc_;  // (M, max N) int32 products, only for shapes IMMA refuses
   DevBuf<float> tmp_;    // (M, max N) the non-IMMA residual path's product
   bool all_imma_ = true;

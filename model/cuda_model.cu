@@ -178,13 +178,12 @@ double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward
   rmsnorm_forward_cuda(RmsNormShape{M, d, g.eps}, resid.back().get(), P(idx.final_norm), xf.get(), rstd_f.get(), s);
   for (int64_t r0 = 0; r0 < M; r0 += head_rows) {
     const int64_t rows = std::min(head_rows, M - r0);
-    g.linear_forward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, logits.get());
+    g.head_forward(rows, xf.get() + r0 * d, logits.get(), r0 == 0);
     g.tick(ph_other);
     cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
     g.tick(ph_loss);
     if (backward)
-      g.linear_backward(idx.head_gain, idx.head_w, rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()),
-                        t0.get() + r0 * d, false);
+      g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0.get() + r0 * d);
   }
   std::vector<float> loss_host(M);
   PL_CUDA_CHECK(cudaMemcpyAsync(loss_host.data(), losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
@@ -208,10 +207,19 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              "(model.peer_ternary = true); use run.device = \"cpu\"");
     PL_CHECK(c.peer_query_bn, config, "run.device = \"cuda\": PEER needs model.peer_query_bn = true");
   }
-  PL_CHECK(c.head == "bitlinear", config, "run.device = \"cuda\" trains model.head = \"bitlinear\" only (got \"",
-           c.head, "\"); use run.device = \"cpu\"");
-  PL_CHECK(host.quantized(), config, "run.device = \"cuda\" trains quant = \"ternary\" models only (model.quant = '",
-           c.quant, "')");
+  // model.quant = "none": only kinds whose CUDA half has the full-precision form (cuda_registry.cu).
+  for (size_t i = 0; !host.quantized() && i < host.modules().size(); ++i) {
+    const std::string kind = host.modules()[i]->kind();
+    PL_CHECK(cuda_module_full_precision(kind), config, "run.device = \"cuda\" with model.quant = \"none\": ",
+             i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
+             "\" has ternary CUDA kernels only; use model.quant = \"ternary\" or run.device = \"cpu\"");
+  }
+  PL_CHECK(c.token_mixer != "attention" || c.attn_head_dim() == 64 || c.attn_head_dim() == 128, config,
+           "run.device = \"cuda\": the attention kernels take a head dimension of 64 or 128 (model.head_dim, or "
+           "model.d_model / model.n_heads = ", c.attn_head_dim(), ")");
+  PL_CHECK(c.head != "bitlinear" || host.quantized(), config, "run.device = \"cuda\": model.head = \"bitlinear\" "
+           "with model.quant = \"none\" (the full-precision BitLinear head) is CPU-only; use model.head = \"linear\" "
+           "or \"tied\", or run.device = \"cpu\"");
   PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\" updates PEER tables with dense AdamW only "
            "(optim.table_optimizer = \"lazy_adam\" is CPU-only)");
   PL_CHECK(c.d_model <= kNormQuantMaxDim && host.intermediate() <= kNormQuantMaxDim, config,
@@ -375,7 +383,7 @@ const char* CudaModel::category_name(int c) {
   static const char* names[] = {"norm+quant (fwd, bwd)", "GLU + down norm+quant (fused, fwd/bwd)",
                                 "output gate + o norms+quant (fused, fwd/bwd)", "GEMM forward (IMMA + epilogue)",
                                 "GEMM backward (bf16 + conversions)", "MLGRU scan (fwd, bwd)", "PEER layer (fwd, bwd)",
-                                "cross-entropy",
+                                "attention (RoPE, flash fwd/bwd)", "cross-entropy",
                                 "embedding backward", "optimizer + grad norm + ternary refresh",
                                 "other (elementwise, norms' copies, host transfers)"};
   return c >= 0 && c < kCategories ? names[c] : "?";

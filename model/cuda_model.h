@@ -45,7 +45,8 @@
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
 // PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, dense
-// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary; no ZeRO-1. Every device buffer
+// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary (also "none" for the attention and
+// SwiGLU kinds, model/cuda_context_proj.cu); no ZeRO-1. Every device buffer
 // of the model is allocated once, at construction, for the largest micro-batch (an arena in effect;
 // device_bytes() counts them); cuBLASLt's scratch for the int32 products (BlasLt, up to tokens × 2I
 // int32) grows on the first step and is not in device_bytes(); peak_bytes() reports everything the
@@ -114,7 +115,7 @@ class CudaModel {
 
   // Time per kind of work: with profiling on, the stream is synchronised after each kind and the
   // wall time charged to it (seconds, summed since set_profiling(true)).
-  enum Category { norm_quant, glu_path, gate_path, gemm_forward, gemm_backward, scan, peer_layer, loss, embedding,
+  enum Category { norm_quant, glu_path, gate_path, gemm_forward, gemm_backward, scan, peer_layer, attention, loss, embedding,
                   optimizer, other, kCategories };
   void set_profiling(bool on);
   std::vector<double> profile() const;

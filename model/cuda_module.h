@@ -50,14 +50,22 @@ struct CudaModuleBuild {
   bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
 };
 
+// The layout index of parameter `name` of block `layer` ("blocks/<layer>/<name>"), for kinds whose
+// CPU half records no BlockParams entries (attention, swiglu); an internal error when absent.
+int block_param(const ParamLayout& layout, int64_t layer, const std::string& name);
+
 // The CUDA half of build.module's kind, its buffers allocated (counted in g.bytes) and its scratch
 // reserved in g; a config error naming `key` when the kind has none.
 std::unique_ptr<CudaModule> make_cuda_module(CudaContext& g, const CudaModuleBuild& build, const std::string& key);
 bool has_cuda_module(const std::string& kind);
+// Whether kind's CUDA half also runs model.quant = "none" (full-precision projections).
+bool cuda_module_full_precision(const std::string& kind);
 
 // The registered CUDA halves (model/modules/*_cuda.cu).
 std::unique_ptr<CudaModule> make_mlgru_cuda(CudaContext& g, const CudaModuleBuild& b);
 std::unique_ptr<CudaModule> make_glu_cuda(CudaContext& g, const CudaModuleBuild& b);
 std::unique_ptr<CudaModule> make_peer_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_attention_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_swiglu_cuda(CudaContext& g, const CudaModuleBuild& b);
 
 }  // namespace peerless

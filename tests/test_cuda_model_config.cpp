@@ -36,6 +36,26 @@ ModelConfig tiny_peer() {
   return mc;
 }
 
+// Transformer++ (attention + SwiGLU, full precision, fp32 LM head) and the BitNet b1.58 transformer
+// (the same kinds ternary, SubLN, tied head): heads of 64.
+ModelConfig tiny_tpp() {
+  ModelConfig mc = tiny();
+  mc.token_mixer = "attention";
+  mc.channel_mixer = "swiglu";
+  mc.n_heads = 2;
+  mc.head_dim = 64;
+  mc.quant = "none";
+  mc.head = "linear";
+  return mc;
+}
+
+ModelConfig tiny_bitnet() {
+  ModelConfig mc = tiny_tpp();
+  mc.quant = "ternary";
+  mc.head = "tied";
+  return mc;
+}
+
 // The config error check_supported throws, or "" when it accepts.
 std::string refusal(const ModelConfig& mc, const OptimConfig& oc = {}) {
   Model model(mc);
@@ -55,6 +75,37 @@ TEST(cuda_model_config, accepts_dense_and_peer_models) {
   ModelConfig q = tiny();  // Q-Sparse runs inside the fused norm+quant kernels
   q.qsparse = 0.4;
   EXPECT_EQ(refusal(q), "");
+}
+
+TEST(cuda_model_config, accepts_transformer_baselines) {
+  EXPECT_EQ(refusal(tiny_tpp()), "");
+  EXPECT_EQ(refusal(tiny_bitnet()), "");
+  ModelConfig tied = tiny_tpp();
+  tied.head = "tied";
+  EXPECT_EQ(refusal(tied), "");
+  ModelConfig linear = tiny_bitnet();
+  linear.head = "linear";
+  EXPECT_EQ(refusal(linear), "");
+  ModelConfig mixed = tiny();  // the MatMul-free kinds with a full-precision head
+  mixed.head = "tied";
+  EXPECT_EQ(refusal(mixed), "");
+}
+
+TEST(cuda_model_config, full_precision_refusals_name_the_key) {
+  ModelConfig glu = tiny_tpp();  // quant none needs full-precision CUDA halves: the GLU has none
+  glu.channel_mixer = "glu";
+  const std::string r = refusal(glu);
+  EXPECT_NE(r.find("model.channel_mixer = \"glu\""), std::string::npos) << r;
+  EXPECT_NE(r.find("model.quant"), std::string::npos) << r;
+  ModelConfig mlgru = tiny_tpp();
+  mlgru.token_mixer = "mlgru";
+  EXPECT_NE(refusal(mlgru).find("model.token_mixer = \"mlgru\""), std::string::npos);
+  ModelConfig bitlinear_head = tiny_tpp();  // the full-precision BitLinear head is CPU-only
+  bitlinear_head.head = "bitlinear";
+  EXPECT_NE(refusal(bitlinear_head).find("model.head"), std::string::npos);
+  ModelConfig head32 = tiny_tpp();  // the attention kernels take heads of 64 or 128
+  head32.head_dim = 32;
+  EXPECT_NE(refusal(head32).find("model.head_dim"), std::string::npos);
 }
 
 TEST(cuda_model_config, refusals_name_the_key) {

@@ -367,6 +367,29 @@ TEST_F(Cuda, rmsnorm_act_quant_dequant_exact) {
   }
 }
 
+// The norm-free projections' recomputation (CudaContext::proj_backward): the plain quantizer writing
+// a/s as bf16, bit-identical to act_quant_cpu's codes divided by its scale, rounded to nearest even.
+TEST_F(Cuda, act_quant_dequant_exact) {
+  for (const auto& [rows, dim] : {std::pair<int64_t, int64_t>{1, 1}, {37, 64}, {64, 1000}, {9, 2816}}) {
+    const std::string name = shape_name({{"rows", rows}, {"dim", dim}});
+    SCOPED_TRACE(name);
+    const int64_t n = rows * dim;
+    std::vector<float> x = normal(rng(), n, 2.0f);
+    if (rows > 3) x[2 * dim] = kNaN;  // a NaN row: scale NaN, codes 0, a/s = 0/NaN = NaN
+    if (rows > 4) std::fill(x.begin() + 3 * dim, x.begin() + 4 * dim, 0.0f);  // an all-zero row: the scale floor
+    std::vector<float> scale_cpu(rows), dq_cpu(n);
+    std::vector<int8_t> codes(n);
+    act_quant_cpu(rows, dim, x.data(), codes.data(), scale_cpu.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < dim; ++j) dq_cpu[r * dim + j] = static_cast<float>(codes[r * dim + j]) / scale_cpu[r];
+    Guarded<float> d_x(x), d_scale(rows);
+    Guarded<uint16_t> d_dq(n);
+    act_quant_dequant_cuda(rows, dim, d_x.get(), as_bf16(d_dq), d_scale.get(), stream());
+    expect_identical(from_bf16(d_dq.download("a/s")), bf16_round(dq_cpu), "a/s bf16 " + name);
+    expect_identical(d_scale.download("scale"), scale_cpu, "scale " + name);
+  }
+}
+
 // The forward product with the residual add in its epilogue: bit-identical to the CPU's product
 // (exact integers times β/s, one rounding) followed by the add (a second rounding), in place too.
 TEST_F(Cuda, bitlinear_matmul_residual_exact) {

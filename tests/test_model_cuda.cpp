@@ -23,6 +23,14 @@
 // set from equal inputs (tests/test_qsparse_fused_cuda.cpp), so step 1 is as tight as without it;
 // later, a channel near the K-th largest |x| can swap in or out once the trajectories separate,
 // which moves one activation of one token by a value at the threshold, as a ternary flip does.
+// And the transformer baselines (../shared/BASELINES.md §1, §3; fp32 storage, 2 heads of 64 sharing
+// one KV head): Transformer++ (attention + SwiGLU, model.quant = "none", fp32 LM head) and the
+// BitNet b1.58 transformer (the same kinds ternary with sub-norms, rotate-half RoPE, tied head).
+// Their forward already differs from the CPU's by bf16 GEMM rounding: the full-precision
+// projections and LM heads run as bf16 GEMMs (x and W rounded to bf16, relative 2^-9 per operand,
+// fp32 accumulation) against the CPU's fp32 GEMMs; the BitNet projections are exact (int8 ×
+// ternary) but its tied head is such a GEMM. That is the same size of perturbation as bf16 storage,
+// so they get the bf16 case's tolerances: step 1 within 5e-3, every step 3e-2, the mean 1e-2.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -51,16 +59,35 @@ bool have_gpu() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+enum class Arch { mmf, tpp, bitnet };  // MatMul-free (MLGRU + GLU), Transformer++, BitNet b1.58
+
 struct CurveCase {
-  bool bf16;             // bf16 activation storage
-  bool peer;             // block 1's GLU replaced by a PEER layer
+  bool bf16;  // bf16 activation storage
+  bool peer;  // block 1's GLU replaced by a PEER layer
+  Arch arch = Arch::mmf;
   int64_t qsparse_block = -1;  // Q-Sparse at sparsity 0.5 on every BitLinear: 0 top-K, > 0 N:M blocks; -1 off
 };
+
+// Attention (2 query heads of 64, one KV head) + SwiGLU: Transformer++ (quant none, fp32 head) or
+// the BitNet transformer (ternary, SubLN, rotate-half RoPE, tied head).
+void set_transformer(ModelConfig& mc, Arch arch) {
+  mc.token_mixer = "attention";
+  mc.channel_mixer = "swiglu";
+  mc.n_heads = 2;
+  mc.n_kv_heads = 1;
+  mc.head_dim = 64;
+  mc.context_length = 64;
+  const bool tpp = arch == Arch::tpp;
+  mc.quant = tpp ? "none" : "ternary";
+  mc.head = tpp ? "linear" : "tied";
+  mc.rope_layout = tpp ? "adjacent" : "rotate_half";
+}
 
 class CudaModelCurve : public ::testing::TestWithParam<CurveCase> {};
 
 TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
-  const bool bf16 = GetParam().bf16, peer = GetParam().peer;
+  const bool bf16 = GetParam().bf16, peer = GetParam().peer, transformer = GetParam().arch != Arch::mmf;
+  const bool bf16_forward = bf16 || transformer;  // the forward itself rounds to bf16 (see the top)
   const int64_t qsparse_block = GetParam().qsparse_block;
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
   // The CPU model's ops are bit-identical for any thread count. With the default (all 16 cores of the
@@ -89,8 +116,11 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     mc.qsparse = 0.5;
     mc.qsparse_block = qsparse_block;
   }
+  if (transformer) set_transformer(mc, GetParam().arch);
   OptimConfig oc;
-  oc.lr = 3e-3;
+  // The tiny BitNet spikes at 3e-3 on the CPU alone (gradient norm 528 at step 50; measured), which
+  // no GPU-vs-CPU tolerance survives: it trains at 2e-3 (loss 5.53 -> 3.63 in 50 steps on the CPU).
+  oc.lr = GetParam().arch == Arch::bitnet ? 2e-3 : 3e-3;
   oc.weight_decay = 0.1;
   oc.grad_clip = 1.0;
   const int64_t B = 8, T = 64, steps = 50;
@@ -142,7 +172,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     if (step == 1) {
       // fp32 storage, dense: only the bf16 backward GEMMs differ (measured 4e-6); with a PEER block its
       // tables' sparse gradients average fewer rounded terms (measured 3e-4); bf16 storage 6e-4.
-      EXPECT_NEAR(ng, nc, (bf16 ? 2e-2 : peer ? 5e-3 : 1e-4) * nc) << "gradient norm at step 1";
+      EXPECT_NEAR(ng, nc, (bf16_forward ? 2e-2 : peer ? 5e-3 : 1e-4) * nc) << "gradient norm at step 1";
       std::printf("step 1 gradient norm: cpu %.6f gpu %.6f\n", nc, ng);
     }
   }
@@ -156,10 +186,10 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   }
   std::printf("max relative loss difference %.3e, mean %.3e over %lld steps\n", worst, mean,
               static_cast<long long>(steps));
-  EXPECT_LT(std::fabs(loss_gpu[0] - loss_cpu[0]) / loss_cpu[0], bf16 ? 5e-3 : 1e-5)
+  EXPECT_LT(std::fabs(loss_gpu[0] - loss_cpu[0]) / loss_cpu[0], bf16_forward ? 5e-3 : 1e-5)
       << "step 1 is a forward of equal parameters";
-  EXPECT_LT(worst, bf16 ? 3e-2 : 2e-2);
-  EXPECT_LT(mean, bf16 ? 1e-2 : 5e-3);
+  EXPECT_LT(worst, bf16_forward ? 3e-2 : 2e-2);
+  EXPECT_LT(mean, bf16_forward ? 1e-2 : 5e-3);
   EXPECT_LT(loss_cpu.back(), loss_cpu.front() - 1.0);
   EXPECT_LT(loss_gpu.back(), loss_gpu.front() - 1.0);
 
@@ -174,7 +204,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   eval_ctx.peer_mode = PeerNormMode::eval;
   const double eval_cpu = gpu_host.forward(p_gpu.data(), ids.data(), targets.data(), B, T, eval_ctx);
   std::printf("evaluation of the GPU's parameters: cpu %.6f gpu %.6f\n", eval_cpu / (B * T), eval_gpu / (B * T));
-  EXPECT_LT(std::fabs(eval_gpu - eval_cpu) / eval_cpu, bf16 ? 5e-3 : 1e-5);
+  EXPECT_LT(std::fabs(eval_gpu - eval_cpu) / eval_cpu, bf16_forward ? 5e-3 : 1e-5);
 
   // The downloaded parameters are the GPU's: how far the two trajectories ended apart.
   double diff = 0;
@@ -187,14 +217,17 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   EXPECT_LT(diff, 0.15);
 }
 
+std::string case_name(const CurveCase& c) {
+  const char* arch = c.arch == Arch::tpp ? "_tpp" : c.arch == Arch::bitnet ? "_bitnet" : "";
+  const char* qs = c.qsparse_block == 0 ? "_qsparse_topk" : c.qsparse_block > 0 ? "_qsparse_nm" : "";
+  return std::string(c.bf16 ? "bf16" : "fp32") + (c.peer ? "_peer" : "") + arch + qs;
+}
+
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
                          ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true},
-                                           CurveCase{false, false, 0}, CurveCase{true, false, 32}),
-                         [](const ::testing::TestParamInfo<CurveCase>& i) {
-                           const int64_t qb = i.param.qsparse_block;
-                           return std::string(i.param.bf16 ? "bf16" : "fp32") + (i.param.peer ? "_peer" : "") +
-                                  (qb == 0 ? "_qsparse_topk" : qb > 0 ? "_qsparse_nm" : "");
-                         });
+                                           CurveCase{false, false, Arch::tpp}, CurveCase{false, false, Arch::bitnet},
+                                           CurveCase{false, false, Arch::mmf, 0}, CurveCase{true, false, Arch::mmf, 32}),
+                         [](const ::testing::TestParamInfo<CurveCase>& i) { return case_name(i.param); });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }
 #endif

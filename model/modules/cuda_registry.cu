@@ -9,11 +9,14 @@ namespace {
 struct CudaKind {
   const char* name;
   std::unique_ptr<CudaModule> (*make)(CudaContext&, const CudaModuleBuild&);
+  bool full_precision = false;  // also model.quant = "none"
 };
 const CudaKind kCudaKinds[] = {
     {"mlgru", make_mlgru_cuda},
     {"glu", make_glu_cuda},
     {"peer", make_peer_cuda},
+    {"attention", make_attention_cuda, true},
+    {"swiglu", make_swiglu_cuda, true},
 };
 
 }  // namespace
@@ -21,6 +24,19 @@ const CudaKind kCudaKinds[] = {
 bool has_cuda_module(const std::string& kind) {
   for (const CudaKind& k : kCudaKinds)
     if (kind == k.name) return true;
+  return false;
+}
+
+int block_param(const ParamLayout& layout, int64_t layer, const std::string& name) {
+  const std::string full = "blocks/" + std::to_string(layer) + "/" + name;
+  const int i = layout.find(full);
+  PL_CHECK(i >= 0, internal, "the GPU model found no parameter '", full, "' in the layout");
+  return i;
+}
+
+bool cuda_module_full_precision(const std::string& kind) {
+  for (const CudaKind& k : kCudaKinds)
+    if (kind == k.name) return k.full_precision;
   return false;
 }
 

@@ -3,6 +3,8 @@
 // explicitly rounded (__fmul_rn, __fdiv_rn, __fsub_rn).
 // abs_sum is a fixed two-pass float64 reduction (block partials, then one block), so β is
 // deterministic; it is not bit-identical to abs_sum_cpu's order (~1e-16 relative).
+#include <cuda_bf16.h>
+
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
 #include "model/ops/quant.h"
@@ -19,12 +21,14 @@ using cuda_detail::quant_round_clamp_dev;
 
 constexpr int kThreads = 256;
 
+// kDequant: a/s in bf16 (the IEEE quotient of the code by the scale, rounded to nearest even) into
+// dq instead of the codes.
+template <bool kDequant>
 __global__ void act_quant_kernel(int64_t dim, const float* __restrict__ x, int8_t* __restrict__ codes,
-                                 float* __restrict__ scale) {
+                                 __nv_bfloat16* __restrict__ dq, float* __restrict__ scale) {
   __shared__ uint32_t scratch[32];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * dim;
-  int8_t* cr = codes + r * dim;
   // max |x| on the bit patterns, as on the CPU: exact, and a NaN anywhere makes amax NaN.
   uint32_t m = 0;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
@@ -34,8 +38,11 @@ __global__ void act_quant_kernel(int64_t dim, const float* __restrict__ x, int8_
   const float amax = __uint_as_float(block_reduce(m, MaxU32{}, 0u, scratch));
   const float s = act_scale_dev(amax);
   if (threadIdx.x == 0) scale[r] = s;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x)
-    cr[j] = quant_round_clamp_dev(__fmul_rn(xr[j], s), -128.0f, 127.0f);
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+    const int8_t c = quant_round_clamp_dev(__fmul_rn(xr[j], s), -128.0f, 127.0f);
+    if constexpr (kDequant) dq[r * dim + j] = __float2bfloat16_rn(__fdiv_rn(static_cast<float>(c), s));
+    else codes[r * dim + j] = c;
+  }
 }
 
 // Pass 1: block b sums |w_i| for i ≡ b·T + t (mod kAbsSumPartials·T) in index order per thread, then a
@@ -69,7 +76,17 @@ void act_quant_cuda(int64_t rows, int64_t dim, const float* x, int8_t* codes, fl
   PL_CHECK(rows >= 0 && dim > 0 && rows <= 0x7fffffff, internal, "act_quant_cuda: bad shape rows=", rows, " dim=", dim);
   if (rows == 0) return;
   PL_CHECK(x && codes && scale, internal, "act_quant_cuda: null pointer");
-  act_quant_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(dim, x, codes, scale);
+  act_quant_kernel<false><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(dim, x, codes, nullptr, scale);
+  PL_CUDA_CHECK_LAUNCH(act_quant_kernel);
+}
+
+void act_quant_dequant_cuda(int64_t rows, int64_t dim, const float* x, bf16* a_over_s, float* scale,
+                            cudaStream_t stream) {
+  PL_CHECK(rows >= 0 && dim > 0 && rows <= 0x7fffffff, internal, "act_quant_dequant_cuda: bad shape rows=", rows,
+           " dim=", dim);
+  if (rows == 0) return;
+  PL_CHECK(x && a_over_s && scale, internal, "act_quant_dequant_cuda: null pointer");
+  act_quant_kernel<true><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(dim, x, nullptr, a_over_s, scale);
   PL_CUDA_CHECK_LAUNCH(act_quant_kernel);
 }
 

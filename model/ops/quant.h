@@ -45,6 +45,12 @@ inline int8_t quant_round_clamp(float v, float lo, float hi) {
 // All pointers are device memory; the calls are ordered on `stream` and not complete on return.
 // act_quant_cpu on the GPU; codes are bit-identical (same scalar rule, no contracted multiplies).
 void act_quant_cuda(int64_t rows, int64_t dim, const float* x, int8_t* codes, float* scale, cudaStream_t stream);
+// The same quantizer writing a / s rounded to bf16 (round to nearest even of the IEEE quotient of the
+// code by its row's scale) instead of the codes: the dequantized input of a projection without a norm
+// of its own (CudaContext::proj_backward's weight-gradient operand), bit-identical to act_quant_cpu's
+// codes divided by its scale, then rounded. scale as act_quant_cuda writes it.
+void act_quant_dequant_cuda(int64_t rows, int64_t dim, const float* x, bf16* a_over_s, float* scale,
+                            cudaStream_t stream);
 // Σ|w| in float64 into *sum (one device double), in a fixed two-pass order: kAbsSumPartials block
 // partials (written to `partials`, a device buffer of that many doubles), then one block adds them
 // in a fixed tree. Deterministic for a given n; it agrees with abs_sum_cpu to ~1e-15 relative, not
