@@ -16,7 +16,7 @@ namespace {
 double module_params(const Module& m, const ParamLayout& layout) {
   double n = 0;
   for (int i : m.params_backward_order())
-    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).numel);
+    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).tensor_numel());
   return n;
 }
 
@@ -86,7 +86,7 @@ std::string describe_memory(const Model& model, const RunConfig& cfg, int world)
   const double latent = 4.0 * static_cast<double>(layout.total());
   // The int8 code buffer and the optimizer's per-element flags span the whole flat buffer (one
   // byte per element each, the PEER tables included).
-  const double grads = latent, codes = static_cast<double>(layout.total());
+  const double grads = latent, codes = static_cast<double>(layout.code_total());
   const double flags = static_cast<double>(layout.total());
   // Sharded PEER tables and experts are never cut by ZeRO-1 (their state is sharded with them already).
   double sharded_tables = 0;
