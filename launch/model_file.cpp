@@ -216,7 +216,8 @@ LoadedModel load_model_file(const std::string& path_or_run_dir, const LoraConfig
     const ParamInfo& p = entries[idx];
     PL_CHECK(p.name == reader.structure().layout().at(static_cast<int>(idx)).name, internal,
              "adapters moved base parameter ", p.name);
-    reader.read_into(static_cast<int>(idx), out.params.data() + p.offset);
+    // A codes-only weight (the base under adapters in lora mode) takes its codes and β alone.
+    if (!p.codes_only) reader.read_into(static_cast<int>(idx), out.params.data() + p.offset);
     if (p.kind != ParamKind::ternary_weight) continue;
     reader.read_ternary(static_cast<int>(idx), codes, model.mutable_betas()[idx]);
     std::copy(codes.begin(), codes.end(), model.mutable_weight_codes(static_cast<int>(idx)));
