@@ -52,6 +52,27 @@ void load_base(const std::string& base, Model& model, float* params) {
              ": copy the base's [model] section into the config");
 }
 
+void check_checkpoint_base(const RunConfig& cfg, const Model& model, const std::string& saved_config_text,
+                           const std::string& checkpoint) {
+  if (!model.layout().has_codes_only()) return;
+  const RunConfig saved = parse_run_config_text(saved_config_text, checkpoint + ":/config");
+  const std::string& want = saved.finetune.base_sha256;
+  if (want.empty()) {  // a random base, drawn from run.seed (Model::init_base_codes)
+    PL_CHECK(cfg.finetune.base.empty() && cfg.run.seed == saved.run.seed, config, "checkpoint ", checkpoint,
+             " was tuned on a random base drawn from run.seed = ", saved.run.seed, " (no finetune.base); this run has ",
+             cfg.finetune.base.empty() ? cat("run.seed = ", cfg.run.seed) : cat("finetune.base = ", cfg.finetune.base),
+             ": resume with run.seed = ", saved.run.seed, " and no finetune.base");
+    return;
+  }
+  PL_CHECK(!cfg.finetune.base.empty(), config, "checkpoint ", checkpoint, " holds LoRA adapters on a codes-only base ",
+           "it does not store: set finetune.base to the model it was tuned from (",
+           saved.finetune.base.empty() ? "sha256 " + want : saved.finetune.base + ", sha256 " + want, ")");
+  PL_CHECK(cfg.finetune.base_sha256 == want, config, "finetune.base = ", cfg.finetune.base, " has sha256 ",
+           cfg.finetune.base_sha256, ", but checkpoint ", checkpoint, " was tuned on the base with sha256 ", want,
+           saved.finetune.base.empty() ? "" : " (" + saved.finetune.base + ")",
+           ", which it does not store: set finetune.base to that model");
+}
+
 std::string describe_finetune(const Model& model) {
   const ParamLayout& layout = model.layout();
   int64_t trainable = 0, frozen = 0, frozen_ternary = 0, codes_only = 0;

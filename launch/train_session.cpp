@@ -395,6 +395,7 @@ void resume_session(TrainSession& s, ExactGradSum* exact) {
     } else {
       changes = compare_configs(meta.config_text, s.config_text, dir);
     }
+    check_checkpoint_base(s.cfg, *s.model, meta.config_text, dir);  // a codes-only base is not in the checkpoint
     // Codes and β as stored (never recomputed), moments of the ranges this rank owns now.
     load_checkpoint_tensors(dir, *s.model, s.params.data(), *s.adam);
     s.model->refresh_peer_tables(s.params.data(), s.ep_comm.get());
