@@ -92,7 +92,9 @@ std::string describe_memory(const Model& model, const RunConfig& cfg, int world)
   double sharded_tables = 0;
   for (const auto& p : layout.entries())
     if (p.sharded()) sharded_tables += 4.0 * static_cast<double>(p.numel);
-  const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
+  // A frozen base (finetune.*) takes no moments: AdamW covers what trains.
+  const double trained = model.has_frozen() ? 4.0 * static_cast<double>(model.trainable_count()) : latent;
+  const double adam = 2 * (trained - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
   // Deterministic mode on the CPU: the int64 gradient sums (8 bytes per element; on a GPU they are in
   // device memory).
   const double exact_sums =

@@ -4,7 +4,8 @@
 //
 // Parameters live in flat buffers described by a ParamLayout (runtime/param_layout.h); the model
 // holds the layout plus the ternary forward copies (int8 codes + one β per weight tensor), which
-// refresh_ternary() recomputes from the latent weights after every optimizer update. forward()
+// refresh_ternary() recomputes from the latent weights after every optimizer update (a LoRA run's
+// frozen base has no latents: codes + β only, ParamInfo::codes_only). forward()
 // fills a ForwardContext with everything backward() needs; backward() consumes it and accumulates
 // into a gradient buffer of the same layout.
 #pragma once
