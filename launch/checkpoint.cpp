@@ -253,10 +253,12 @@ void write_shard(const fs::path& path, int writer, int writers, const std::vecto
   if (writer != 0) return;
   const auto& entries = model.layout().entries();
   std::vector<uint8_t> codes;
-  for (const auto& p : entries) {
-    if (p.kind != ParamKind::ternary_weight) continue;
+  for (size_t idx = 0; idx < entries.size(); ++idx) {
+    const ParamInfo& p = entries[idx];
+    if (p.kind != ParamKind::ternary_weight || p.codes_only) continue;  // codes-only: the base file holds them
     std::vector<int8_t> zeros;
-    const int8_t* c = model.codes().empty() ? (zeros.assign(p.numel, 0), zeros.data()) : model.codes().data() + p.offset;
+    const int8_t* c =
+        model.codes().empty() ? (zeros.assign(p.numel, 0), zeros.data()) : model.weight_codes(static_cast<int>(idx));
     const auto packed = pack_ternary(c, p.numel);
     codes.insert(codes.end(), packed.begin(), packed.end());
   }
@@ -331,6 +333,7 @@ void write_index(const fs::path& path, const RunConfig& cfg, const std::string& 
   int64_t code_offset = 0;
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
+    if (p.codes_only) continue;  // a LoRA run's frozen base: finetune.base (its sha256 in the config) holds it
     const size_t slash = p.name.rfind('/');
     const std::string dir = slash == std::string::npos ? "" : p.name.substr(0, slash);
     const std::string leaf = slash == std::string::npos ? p.name : p.name.substr(slash + 1);
@@ -725,7 +728,6 @@ void load_checkpoint_tensors(const std::string& dir, Model& model, float* params
   const std::string path = (fs::path(dir) / "index.h5").string();
   h5::Handle file = h5::open_file(path);
   const auto& entries = model.layout().entries();
-  std::vector<int8_t>& codes = model.mutable_codes();
   std::vector<float>& betas = model.mutable_betas();
   std::vector<uint8_t> packed;
   // A sharded table reads its rows of the whole table: the tensor offset of local element i is
@@ -734,6 +736,7 @@ void load_checkpoint_tensors(const std::string& dir, Model& model, float* params
   auto first_of = [&](const ParamInfo& p) -> int64_t { return p.first_row * p.row_width(); };
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
+    if (p.codes_only) continue;  // the frozen base's codes and β: loaded from finetune.base (load_base)
     const std::string name = "model/" + p.name;
     PL_CHECK(h5::exists(file, name), data, path, " has no tensor /", name, " (a checkpoint of another model?)");
     h5::Handle ds = h5::open_dataset(file, name);
@@ -749,7 +752,7 @@ void load_checkpoint_tensors(const std::string& dir, Model& model, float* params
       h5::Handle g = h5::open_group(file, "ternary/" + p.name);
       packed.resize(static_cast<size_t>((p.numel + 3) / 4));
       h5::read_1d_range(g, "codes", h5::Dtype::u8, 0, static_cast<int64_t>(packed.size()), packed.data());
-      unpack_ternary(packed.data(), p.numel, codes.data() + p.offset);
+      unpack_ternary(packed.data(), p.numel, model.mutable_weight_codes(static_cast<int>(idx)));
       betas[idx] = static_cast<float>(h5::read_float_attr(g, "beta"));
     }
   }

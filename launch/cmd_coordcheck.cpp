@@ -103,7 +103,7 @@ void run_one(const CoordOptions& o, const std::string& param, int64_t width, int
     for (const ParamInfo& p : layout.entries()) {
       if (p.kind != ParamKind::ternary_weight) continue;
       int64_t changed = 0;
-      for (int64_t i = p.offset; i < p.offset + p.numel; ++i) changed += before[i] != model.codes()[i];
+      for (int64_t i = p.code_offset; i < p.code_offset + p.numel; ++i) changed += before[i] != model.codes()[i];
       flips << param << "," << width << "," << seed << "," << step + 1 << "," << p.name << ","
             << static_cast<double>(changed) / static_cast<double>(p.numel) << "\n";
     }

@@ -174,7 +174,7 @@ int cmd_inspect(const Args& args) {
     for (size_t idx = 0; idx < entries.size(); ++idx) {
       const ParamInfo& pi = entries[idx];
       const bool codes = std::string(top) == "ternary";
-      if (codes && pi.kind != ParamKind::ternary_weight) continue;
+      if ((codes && pi.kind != ParamKind::ternary_weight) || pi.codes_only) continue;  // codes-only: in the base
       const std::string name = codes ? cat(top, "/", pi.name, "/codes") : cat(top, "/", pi.name);
       PL_CHECK(h5::exists(file, name), data, index_path, " lacks /", name);
       h5::Handle ds = h5::open_dataset(file, name);

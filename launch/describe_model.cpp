@@ -16,7 +16,7 @@ namespace {
 double module_params(const Module& m, const ParamLayout& layout) {
   double n = 0;
   for (int i : m.params_backward_order())
-    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).numel);
+    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).tensor_numel());
   return n;
 }
 
@@ -86,13 +86,15 @@ std::string describe_memory(const Model& model, const RunConfig& cfg, int world)
   const double latent = 4.0 * static_cast<double>(layout.total());
   // The int8 code buffer and the optimizer's per-element flags span the whole flat buffer (one
   // byte per element each, the PEER tables included).
-  const double grads = latent, codes = static_cast<double>(layout.total());
+  const double grads = latent, codes = static_cast<double>(layout.code_total());
   const double flags = static_cast<double>(layout.total());
   // Sharded PEER tables and experts are never cut by ZeRO-1 (their state is sharded with them already).
   double sharded_tables = 0;
   for (const auto& p : layout.entries())
     if (p.sharded()) sharded_tables += 4.0 * static_cast<double>(p.numel);
-  const double adam = 2 * (latent - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
+  // A frozen base (finetune.*) takes no moments: AdamW covers what trains.
+  const double trained = model.has_frozen() ? 4.0 * static_cast<double>(model.trainable_count()) : latent;
+  const double adam = 2 * (trained - sharded_tables) / (cfg.parallel.zero1 ? world : 1) + 2 * sharded_tables;
   // Deterministic mode on the CPU: the int64 gradient sums (8 bytes per element; on a GPU they are in
   // device memory).
   const double exact_sums =

@@ -50,7 +50,6 @@ LoadedModel import_gguf(const gguf::File& f) {
   std::vector<float> x;
   std::vector<int8_t> codes;
   for (const auto& t : table) {
-    const ParamInfo& p = m.layout().at(t.param);
     switch (t.source) {
       case arch::Source::copy:
       case arch::Source::embedding:
@@ -60,7 +59,7 @@ LoadedModel import_gguf(const gguf::File& f) {
       case arch::Source::ternary: {
         float beta = 0.f;
         values.ternary(t, codes, beta);
-        std::memcpy(m.mutable_codes().data() + p.offset, codes.data(), codes.size());
+        std::memcpy(m.mutable_weight_codes(t.param), codes.data(), codes.size());
         m.mutable_betas()[static_cast<size_t>(t.param)] = beta;
         for (size_t i = 0; i < codes.size(); ++i) slice(t.param)[i] = static_cast<float>(codes[i]) * beta;
         break;

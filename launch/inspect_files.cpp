@@ -34,11 +34,12 @@ int inspect_model(const std::string& path, bool no_stats) {
   for (size_t i = 0; i < entries.size(); ++i) {
     const ParamInfo& p = entries[i];
     std::printf("  /model/%-44s %-12s %-14s", p.name.c_str(), shape_text(p.shape).c_str(), param_kind_name(p.kind));
-    if (!no_stats) {  // reading verifies the checksum
+    if (!no_stats) {  // reading verifies the checksum; a codes-only tensor (LoRA base) has no latent to read
       reader.read(static_cast<int>(i), x);
       double lo = x.empty() ? 0 : x[0], hi = lo, sum = 0;
       for (float v : x) lo = std::min<double>(lo, v), hi = std::max<double>(hi, v), sum += v;
-      std::printf(" min %.6g max %.6g mean %.6g", lo, hi, x.empty() ? 0.0 : sum / static_cast<double>(x.size()));
+      if (p.codes_only) std::printf(" latent: none (codes only)");
+      else std::printf(" min %.6g max %.6g mean %.6g", lo, hi, x.empty() ? 0.0 : sum / static_cast<double>(x.size()));
       if (p.kind == ParamKind::ternary_weight) {
         float beta = 0.f;
         reader.read_ternary(static_cast<int>(i), codes, beta);

@@ -48,11 +48,11 @@ void read_checked(hid_t file, const std::string& path, const std::string& name, 
 
 void write_ternary(hid_t file, const ParamInfo& p, const int8_t* codes, float beta) {
   const std::string tgroup = "ternary/" + p.name;
-  const auto packed = pack_ternary(codes, p.numel);
+  const auto packed = pack_ternary(codes, p.tensor_numel());
   write_checked(file, tgroup, "codes", h5::Dtype::u8, packed.data(), packed.size(), {static_cast<int64_t>(packed.size())});
   h5::Handle g = h5::open_group(file, tgroup);
   h5::write_attr(g, "beta", static_cast<double>(beta));
-  h5::write_attr(g, "numel", p.numel);
+  h5::write_attr(g, "numel", p.tensor_numel());
   h5::write_attr(g, "shape", shape_text(p.shape));
   h5::write_attr(g, "encoding", "2-bit: 0b00=0, 0b01=+1, 0b10=-1, 4 per byte, low bits first");
 }
@@ -61,13 +61,13 @@ void write_ternary(hid_t file, const ParamInfo& p, const int8_t* codes, float be
 void read_ternary_group(hid_t file, const std::string& path, const ParamInfo& p, bool verify, int8_t* codes,
                         float& beta) {
   const std::string tg = "ternary/" + p.name;
-  const int64_t bytes = (p.numel + 3) / 4;
+  const int64_t n = p.tensor_numel(), bytes = (n + 3) / 4;
   std::vector<uint8_t> packed(static_cast<size_t>(bytes));
   read_checked(file, path, tg + "/codes", h5::Dtype::u8, bytes, 1, packed.data(), verify);
-  unpack_ternary(packed.data(), p.numel, codes);
+  unpack_ternary(packed.data(), n, codes);
   beta = static_cast<float>(h5::read_float_attr(h5::open_group(file, tg), "beta"));
   bool any = false;
-  for (int64_t i = 0; i < p.numel && !any; ++i) any = codes[i] != 0;
+  for (int64_t i = 0; i < n && !any; ++i) any = codes[i] != 0;
   PL_CHECK(std::isfinite(beta) && (beta > 0 || !any), data, path, ":/", tg, " has beta = ", beta,
            " (must be finite and > 0 for nonzero codes)");
 }
@@ -96,8 +96,8 @@ void save_model_file(const std::string& path, const Model& model, const float* p
     for (size_t idx = 0; idx < entries.size(); ++idx) {
       const ParamInfo& p = entries[idx];
       const auto [group, leaf] = split_path("model", p.name);
-      write_checked(file, group, leaf, h5::Dtype::f32, params + p.offset, p.numel * sizeof(float), p.shape);
-      {
+      if (!p.codes_only) {  // a codes-only tensor (a LoRA run's frozen base) is its codes + β alone
+        write_checked(file, group, leaf, h5::Dtype::f32, params + p.offset, p.numel * sizeof(float), p.shape);
         h5::Handle ds = h5::open_dataset(file, group + "/" + leaf);
         h5::write_attr(ds, "kind", param_kind_name(p.kind));
       }
@@ -105,9 +105,9 @@ void save_model_file(const std::string& path, const Model& model, const float* p
       float beta = 0.f;
       const int8_t* codes = nullptr;
       if (p.kind == ParamKind::ternary_weight) {
-        PL_CHECK(static_cast<int64_t>(model.codes().size()) == model.layout().total(), internal,
+        PL_CHECK(static_cast<int64_t>(model.codes().size()) == model.layout().code_total(), internal,
                  "save_model_file: the model has no ternary forward copies (call refresh_ternary first)");
-        codes = model.codes().data() + p.offset;
+        codes = model.weight_codes(static_cast<int>(idx));
         beta = model.betas()[idx];
       } else if (const int64_t layer = peer_table_layer(model, static_cast<int>(idx)); layer >= 0) {
         model.peer_table_ternary(layer, table_codes, beta);  // model.peer_ternary: the experts' copy
@@ -159,6 +159,7 @@ std::shared_ptr<Tokenizer> ModelFileReader::tokenizer() const {
 
 void ModelFileReader::read_into(int param, float* dst) const {
   const ParamInfo& p = structure_->layout().at(param);
+  if (p.codes_only) return;  // no latent (numel 0): its codes and β are read by read_ternary
   const std::string ds = "model/" + p.name;
   const bool verify = version_ >= 2;
   if (verify) {
@@ -176,7 +177,7 @@ void ModelFileReader::read(int param, std::vector<float>& out) const {
 
 void ModelFileReader::read_ternary(int param, std::vector<int8_t>& codes, float& beta) const {
   const ParamInfo& p = structure_->layout().at(param);
-  codes.resize(static_cast<size_t>(p.numel));
+  codes.resize(static_cast<size_t>(p.tensor_numel()));
   if (p.kind == ParamKind::ternary_weight || h5::exists(file_, "ternary/" + p.name)) {
     read_ternary_group(file_, path_, p, version_ >= 2, codes.data(), beta);
     return;
@@ -215,10 +216,11 @@ LoadedModel load_model_file(const std::string& path_or_run_dir, const LoraConfig
     const ParamInfo& p = entries[idx];
     PL_CHECK(p.name == reader.structure().layout().at(static_cast<int>(idx)).name, internal,
              "adapters moved base parameter ", p.name);
-    reader.read_into(static_cast<int>(idx), out.params.data() + p.offset);
+    // A codes-only weight (the base under adapters in lora mode) takes its codes and β alone.
+    if (!p.codes_only) reader.read_into(static_cast<int>(idx), out.params.data() + p.offset);
     if (p.kind != ParamKind::ternary_weight) continue;
     reader.read_ternary(static_cast<int>(idx), codes, model.mutable_betas()[idx]);
-    std::copy(codes.begin(), codes.end(), model.mutable_codes().begin() + p.offset);
+    std::copy(codes.begin(), codes.end(), model.mutable_weight_codes(static_cast<int>(idx)));
   }
   model.refresh_peer_tables(out.params.data(), nullptr);  // model.peer_ternary: the tables' t·β
   for (size_t idx = 0; idx < entries.size(); ++idx) {  // the stored copies, exactly, where there are some

@@ -2,7 +2,8 @@
 // `sample`, `inspect` and `export`: the effective config as text, the fp32 latent weights under
 // /model/<parameter path> as datasets of their real shapes, and the ternary forward copies under
 // /ternary/<path>/codes as 2-bit codes (4 per byte) plus β. β is stored, never recomputed from
-// dequantized values (SPEC §1). Format version 2 puts a `sha256` attribute on every dataset (of its
+// dequantized values (SPEC §1). A LoRA run's frozen ternary base (ParamInfo::codes_only) has no
+// latent: only its /ternary group is written, and readers skip its /model dataset. Format version 2 puts a `sha256` attribute on every dataset (of its
 // little-endian bytes) and every read verifies it, so a flipped byte is an error, never a silently
 // different model. Version 1 files (flat datasets, no checksums) still load, with a warning.
 #pragma once

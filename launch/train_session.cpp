@@ -140,12 +140,11 @@ std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<
     whole_params.assign(whole->layout().total(), 0.f);
     Model::copy_dense_params(model, params.data(), *whole, whole_params.data());
     if (!model.codes().empty()) {
-      std::vector<int8_t>& codes = whole->mutable_codes();
       const auto& from = model.layout().entries();
-      const auto& to = whole->layout().entries();
       for (size_t i = 0; i < from.size(); ++i)
-        if (!from[i].sharded())
-          std::copy_n(model.codes().data() + from[i].offset, from[i].numel, codes.data() + to[i].offset);
+        if (!from[i].sharded() && from[i].kind == ParamKind::ternary_weight)
+          std::copy_n(model.weight_codes(static_cast<int>(i)), from[i].tensor_numel(),
+                      whole->mutable_weight_codes(static_cast<int>(i)));
     }
     whole->mutable_betas() = model.betas();
   }
@@ -172,7 +171,7 @@ std::unique_ptr<Model> assemble_unsharded(const Model& model, const std::vector<
     }
     if (root && q.kind == ParamKind::ternary_weight && !model.codes().empty())
       whole->mutable_betas()[i] =
-          weight_quant_cpu(q.numel, whole_params.data() + q.offset, whole->mutable_codes().data() + q.offset);
+          weight_quant_cpu(q.numel, whole_params.data() + q.offset, whole->mutable_weight_codes(static_cast<int>(i)));
   }
   if (root) whole->refresh_peer_tables(whole_params.data(), nullptr);  // model.peer_ternary only
   return whole;
@@ -299,6 +298,7 @@ bool setup_session(TrainSession& s) {
   s.params.assign(total, 0.f);
   s.grads.assign(total, 0.f);
   model.init_params(s.params.data(), static_cast<uint64_t>(cfg.run.seed));
+  if (cfg.finetune.base.empty()) model.init_base_codes(static_cast<uint64_t>(cfg.run.seed));  // a random base
   model.refresh_ternary(s.params.data());
   if (!cfg.finetune.base.empty()) {  // the base's weights, codes and β; the adapters keep their init
     load_base(cfg.finetune.base, model, s.params.data());
@@ -395,6 +395,7 @@ void resume_session(TrainSession& s, ExactGradSum* exact) {
     } else {
       changes = compare_configs(meta.config_text, s.config_text, dir);
     }
+    check_checkpoint_base(s.cfg, *s.model, meta.config_text, dir);  // a codes-only base is not in the checkpoint
     // Codes and β as stored (never recomputed), moments of the ranges this rank owns now.
     load_checkpoint_tensors(dir, *s.model, s.params.data(), *s.adam);
     s.model->refresh_peer_tables(s.params.data(), s.ep_comm.get());

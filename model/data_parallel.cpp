@@ -354,14 +354,17 @@ void DataParallel::refresh_and_gather(Model& model, float* params) {
   dp_.all_reduce(abs_sums.data(), static_cast<int64_t>(abs_sums.size()), DType::f64, ReduceOp::sum);
   std::vector<int8_t>& codes = model.mutable_codes();
   std::vector<float>& betas = model.mutable_betas();
-  for (size_t idx = 0; idx < entries.size(); ++idx)
-    if (entries[idx].kind == ParamKind::ternary_weight) betas[idx] = ternary_beta(abs_sums[idx], entries[idx].numel);
+  for (size_t idx = 0; idx < entries.size(); ++idx)  // a frozen weight keeps its β (no bucket holds it)
+    if (entries[idx].kind == ParamKind::ternary_weight && model.trainable(static_cast<int>(idx)))
+      betas[idx] = ternary_beta(abs_sums[idx], entries[idx].numel);
   for (const auto& b : buckets_)
     if (b.expert && b.ternary)
       for (int idx : b.params) {
         const ParamInfo& p = entries[idx];
-        betas[idx] = weight_quant_cpu(p.numel, params + p.offset, codes.data() + p.offset);
+        betas[idx] = weight_quant_cpu(p.numel, params + p.offset, model.mutable_weight_codes(idx));
       }
+  // Buckets hold trainable tensors only, whose codes sit at their fp32 offsets (ParamInfo::code_offset):
+  // a bucket's range indexes the code storage as it does the parameters.
 
   for (const auto& b : buckets_) {
     if (b.expert) continue;  // every holder updated its rows itself

@@ -83,6 +83,7 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
 
   apply_mup();
   add_adapters();  // after every base parameter: the base's offsets are those of a model without them
+  hold_base_as_codes();
   // codes_ is allocated on first use: --dry-run of a 2.7B config must not touch 2.7 GB.
   betas_.assign(layout_.entries().size(), 0.f);
 }
@@ -205,9 +206,11 @@ void Model::sparsify(int64_t rows, int64_t K, float* xt) const {
 }
 
 std::vector<int8_t>& Model::mutable_codes() {
-  if (codes_.empty()) codes_.assign(layout_.total(), 0);
+  if (codes_.empty()) codes_.assign(static_cast<size_t>(layout_.code_total()), 0);
   return codes_;
 }
+
+int8_t* Model::mutable_weight_codes(int idx) { return mutable_codes().data() + layout_.at(idx).code_offset; }
 
 void Model::set_deterministic(bool on) {
   deterministic_ = on;
@@ -295,9 +298,9 @@ void Model::refresh_ternary(const float* params) {
   const auto& entries = layout_.entries();
   for (size_t idx = 0; idx < entries.size(); ++idx) {
     const ParamInfo& p = entries[idx];
-    if (p.kind != ParamKind::ternary_weight) continue;
+    if (p.kind != ParamKind::ternary_weight || p.codes_only) continue;  // codes-only: set by load or init_base_codes
     if (base_codes_ready_ && !trainable(static_cast<int>(idx))) continue;  // a frozen base never changes
-    betas_[idx] = weight_quant_cpu(p.numel, params + p.offset, codes_.data() + p.offset);
+    betas_[idx] = weight_quant_cpu(p.numel, params + p.offset, codes_.data() + p.code_offset);
   }
   base_codes_ready_ = true;
 }
@@ -330,7 +333,7 @@ void Model::linear_forward_base(const float* params, int gain, int weight, int64
                         params + layout_.at(gain).offset, xt.data(), cache.rstd.data());
     sparsify(rows, K, xt.data());
     act_quant_cpu(rows, K, xt.data(), cache.codes.data(), cache.scale.data());
-    ternary_int8_matmul_cpu(rows, N, K, cache.codes.data(), codes_.data() + w.offset, acc.data());
+    ternary_int8_matmul_cpu(rows, N, K, cache.codes.data(), weight_codes(weight), acc.data());
     const float beta = betas_[weight];
     for (int64_t m = 0; m < rows; ++m) {
       const float factor = beta / cache.scale[m];
@@ -341,7 +344,7 @@ void Model::linear_forward_base(const float* params, int gain, int weight, int64
   if (quantize_) {
     grow(cache.codes, rows * K);
     BitLinearShape s{rows, K, N, static_cast<float>(config_.norm_eps)};
-    bitlinear_forward_cpu(s, x, params + layout_.at(gain).offset, codes_.data() + w.offset, betas_[weight], y,
+    bitlinear_forward_cpu(s, x, params + layout_.at(gain).offset, weight_codes(weight), betas_[weight], y,
                           BitLinearSaved{cache.rstd.data(), cache.codes.data(), cache.scale.data()});
     return;
   }
@@ -366,7 +369,7 @@ void Model::linear_backward(const float* params, int gain, int weight, int64_t r
     // The saved pointers are read-only in backward.
     BitLinearSaved saved{const_cast<float*>(cache.rstd.data()), const_cast<int8_t*>(cache.codes.data()),
                          const_cast<float*>(cache.scale.data())};
-    bitlinear_backward_cpu(s, x, params + g.offset, codes_.data() + w.offset, betas_[weight], saved, dy, dx,
+    bitlinear_backward_cpu(s, x, params + g.offset, weight_codes(weight), betas_[weight], saved, dy, dx,
                            grads + g.offset, grads + w.offset);
     return;
   }
@@ -404,7 +407,7 @@ void Model::proj_forward(const float* params, int weight, int64_t rows, const fl
     in = xt.data();
   }
   act_quant_cpu(rows, K, in, cache.codes.data(), cache.scale.data());
-  ternary_int8_matmul_cpu(rows, N, K, cache.codes.data(), codes_.data() + w.offset, acc.data());
+  ternary_int8_matmul_cpu(rows, N, K, cache.codes.data(), weight_codes(weight), acc.data());
   const float beta = betas_[weight];
   for (int64_t m = 0; m < rows; ++m) {
     const float factor = beta / cache.scale[m];
@@ -443,7 +446,7 @@ void Model::proj_backward_base(const float* params, int weight, int64_t rows, co
   if (!dx) return;
   grow(tw, N * K);
   const float beta = betas_[weight];
-  const int8_t* t = codes_.data() + w.offset;
+  const int8_t* t = weight_codes(weight);
   for (int64_t i = 0; i < N * K; ++i) tw[i] = static_cast<float>(t[i]) * beta;
   gemm_cpu(Trans::no, Trans::no, rows, K, N, 1.f, dy, N, tw.data(), K, 0.f, dx, K);
 }

@@ -4,7 +4,8 @@
 //
 // Parameters live in flat buffers described by a ParamLayout (runtime/param_layout.h); the model
 // holds the layout plus the ternary forward copies (int8 codes + one β per weight tensor), which
-// refresh_ternary() recomputes from the latent weights after every optimizer update. forward()
+// refresh_ternary() recomputes from the latent weights after every optimizer update (a LoRA run's
+// frozen base has no latents: codes + β only, ParamInfo::codes_only). forward()
 // fills a ForwardContext with everything backward() needs; backward() consumes it and accumulates
 // into a gradient buffer of the same layout.
 #pragma once
@@ -114,8 +115,19 @@ class Model {
   // that a reloaded or imported model computes with exactly these), and setting it from them.
   void peer_table_ternary(int64_t layer, std::vector<int8_t>& codes, float& beta) const;
   void set_peer_table_ternary(int64_t layer, const int8_t* codes, float beta);
+  // The code storage (layout().code_total() bytes, allocated on first use): each ternary weight's
+  // int8 codes at its ParamInfo::code_offset. Index it only through weight_codes().
   const std::vector<int8_t>& codes() const { return codes_; }
-  std::vector<int8_t>& mutable_codes();  // allocates on first use
+  std::vector<int8_t>& mutable_codes();
+  // Ternary weight `idx`'s codes (tensor_numel() of them), wherever the layout keeps them.
+  const int8_t* weight_codes(int idx) const { return codes_.data() + layout_.at(idx).code_offset; }
+  int8_t* mutable_weight_codes(int idx);  // allocates the storage on first use
+  // A codes-only base (finetune.mode = "lora" on a ternary model, ParamInfo::codes_only) has no
+  // latents for init_params to draw: without a base file, this draws them as a model without
+  // codes-only entries would (same seed, same values, in a temporary full-precision twin) and keeps
+  // their codes and β, so a LoRA run on a random base computes what it did with fp32 latents.
+  // No-op when the layout has no codes-only entry.
+  void init_base_codes(uint64_t seed);
   const std::vector<float>& betas() const { return betas_; }  // indexed by parameter index
   std::vector<float>& mutable_betas() { return betas_; }
 
@@ -247,6 +259,8 @@ class Model {
   std::vector<uint8_t> frozen_;    // per parameter: 1 = not trained (lora mode's base); empty = none
   bool base_codes_ready_ = false;  // the frozen base's codes were computed once (they never change)
   void add_adapters();        // the adapters, then the frozen flags (lora mode, finetune.freeze)
+  // lora mode on a ternary model: the frozen ternary weights become codes-only (ParamLayout::set_codes_only).
+  void hold_base_as_codes();
   void add_adapter_params();
   void linear_forward_base(const float* params, int gain, int weight, int64_t rows, const float* x, float* y,
                            BitLinearCache& cache) const;
@@ -280,7 +294,7 @@ class Model {
   int64_t qsparse_keep(int64_t K) const;
 
  private:
-  std::vector<int8_t> codes_;  // (layout().total()) ternary codes at each weight's offset
+  std::vector<int8_t> codes_;  // (layout().code_total()) ternary codes at each weight's code_offset
   std::vector<std::vector<float>> peer_tables_;  // model.peer_ternary: t·β per PEER layer (this rank's rows)
   const float* peer_table(const float* params, const BlockParams& b) const;
   void refresh_peer_copies(const float* params, Comm* ep);  // model.peer_ternary: t·β

@@ -11,6 +11,7 @@
 
 #include "model/model.h"
 #include "model/ops/lora.h"
+#include "model/ops/quant.h"
 #include "model/ops/qsparse.h"
 #include "model/ops/rmsnorm.h"
 #include "runtime/error.h"
@@ -83,6 +84,32 @@ void Model::add_adapter_params() {
   }
   PL_CHECK(layout_.entries().size() > base, config, "finetune.lora_targets = \"", c.targets,
            "\" matches no projection (candidates: ", candidates, "...)");
+}
+
+// Sharded experts (expert parallelism) keep their latents: their codes move with their rows.
+void Model::hold_base_as_codes() {
+  if (!config_.lora.frozen_base() || !quantize_) return;
+  const auto& entries = layout_.entries();
+  std::vector<uint8_t> flags(entries.size(), 0);
+  for (size_t i = 0; i < entries.size(); ++i)
+    flags[i] = entries[i].kind == ParamKind::ternary_weight && !entries[i].sharded() && !trainable(static_cast<int>(i));
+  layout_.set_codes_only(flags);
+}
+
+void Model::init_base_codes(uint64_t seed) {
+  if (!layout_.has_codes_only()) return;
+  ModelConfig full = config_;
+  full.lora.mode = "full";  // the same parameters and indices, every one with its latent
+  full.lora.freeze.clear();
+  const Model twin(full, shard_);
+  std::vector<float> latent(static_cast<size_t>(twin.layout().total()));
+  twin.init_params(latent.data(), seed);
+  for (size_t i = 0; i < layout_.entries().size(); ++i) {
+    const ParamInfo& p = layout_.at(static_cast<int>(i));
+    if (!p.codes_only) continue;
+    const ParamInfo& q = twin.layout().at(static_cast<int>(i));
+    betas_[i] = weight_quant_cpu(q.numel, latent.data() + q.offset, mutable_weight_codes(static_cast<int>(i)));
+  }
 }
 
 // A ~ U(±1/√K), B = 0 (BASELINES §6; the parameters arrive zeroed): the model starts as its base.

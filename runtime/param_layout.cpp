@@ -19,6 +19,7 @@ const char* param_kind_name(ParamKind kind) {
 
 int ParamLayout::add(const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
   PL_CHECK(find(name) < 0, internal, "duplicate parameter name ", name);
+  PL_CHECK(!has_codes_only(), internal, "parameter ", name, " added after set_codes_only");
   ParamInfo p;
   p.name = name;
   p.numel = 1;
@@ -28,8 +29,9 @@ int ParamLayout::add(const std::string& name, std::vector<int64_t> shape, ParamK
   }
   p.shape = std::move(shape);
   p.kind = kind;
-  p.offset = total_;
+  p.offset = p.code_offset = total_;
   total_ += padded(p.numel);
+  code_total_ = total_;
   entries_.push_back(std::move(p));
   return static_cast<int>(entries_.size()) - 1;
 }
@@ -46,6 +48,7 @@ int ParamLayout::add_sharded(const std::string& name, const std::vector<int64_t>
   p.shape[0] = rows;
   p.numel *= rows;
   total_ += padded(p.numel);
+  code_total_ = total_;
   p.first_row = first_row;
   p.whole_rows = whole_shape[0];
   return idx;
@@ -57,7 +60,38 @@ int64_t ParamInfo::row_width() const {
   return w;
 }
 
-int64_t ParamInfo::whole_numel() const { return sharded() ? whole_rows * row_width() : numel; }
+int64_t ParamInfo::whole_numel() const { return sharded() ? whole_rows * row_width() : tensor_numel(); }
+
+int64_t ParamInfo::tensor_numel() const {
+  if (!codes_only) return numel;
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+void ParamLayout::set_codes_only(const std::vector<uint8_t>& flags) {
+  PL_CHECK(flags.size() == entries_.size() && !has_codes_only(), internal, "set_codes_only: ", flags.size(),
+           " flags for ", entries_.size(), " parameters");
+  total_ = 0;
+  int64_t codes = 0;  // the codes-only entries' codes, in layout order
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    ParamInfo& p = entries_[i];
+    if (flags[i]) {
+      PL_CHECK(p.kind == ParamKind::ternary_weight && !p.sharded(), internal, "set_codes_only: ", p.name,
+               " is not a whole ternary weight");
+      p.codes_only = true;
+      p.code_offset = codes;  // made absolute below, once total_ is known
+      codes += padded(p.numel);
+      p.numel = 0;
+    }
+    p.offset = total_;
+    if (!p.codes_only) p.code_offset = p.offset;
+    total_ += padded(p.numel);
+  }
+  for (auto& p : entries_)
+    if (p.codes_only) p.code_offset += total_;
+  code_total_ = total_ + codes;
+}
 
 int ParamLayout::find(const std::string& name) const {
   for (size_t i = 0; i < entries_.size(); ++i)
@@ -67,14 +101,14 @@ int ParamLayout::find(const std::string& name) const {
 
 int64_t ParamLayout::count() const {
   int64_t n = 0;
-  for (const auto& p : entries_) n += p.numel;
+  for (const auto& p : entries_) n += p.tensor_numel();
   return n;
 }
 
 int64_t ParamLayout::count(ParamKind kind) const {
   int64_t n = 0;
   for (const auto& p : entries_)
-    if (p.kind == kind) n += p.numel;
+    if (p.kind == kind) n += p.tensor_numel();
   return n;
 }
 

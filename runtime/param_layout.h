@@ -33,7 +33,16 @@ struct ParamInfo {
   // The optimizer's learning-rate multiplier of this tensor (μP's hidden matrices train at lr/m;
   // model.param, model/model.cpp). Every optimizer path reads it from here.
   double lr_mult = 1.0;
+  // A codes-only entry (ParamLayout::set_codes_only: the frozen ternary base of a LoRA run) exists
+  // only as its int8 codes + β: numel = 0 in the fp32 buffers (no latent, gradient or optimizer
+  // state; every walker over (offset, numel) skips it as it does a 0-row shard), its shape whole.
+  bool codes_only = false;
+  // Where this tensor's int8 codes live in the model's code storage (Model::weight_codes): the
+  // fp32 offset for every entry with an fp32 span, past ParamLayout::total() for codes-only ones.
+  int64_t code_offset = 0;
   bool sharded() const { return whole_rows > 0; }
+  // Elements of this rank's tensor: numel, or for a codes-only entry the product of its shape.
+  int64_t tensor_numel() const;
   int64_t row_width() const;    // elements per row (the product of shape[1:])
   int64_t whole_numel() const;  // of the whole tensor (numel when not sharded)
 };
@@ -49,18 +58,25 @@ class ParamLayout {
   int add_sharded(const std::string& name, const std::vector<int64_t>& whole_shape, ParamKind kind, int64_t first_row,
                   int64_t rows);
   int find(const std::string& name) const;  // -1 when absent
+  // Makes the flagged entries (flags[i] != 0; ternary weights) codes-only and lays the fp32 buffers
+  // out again without them: the other entries keep their order and indices, their offsets close up.
+  // Called once, after the last add().
+  void set_codes_only(const std::vector<uint8_t>& flags);
+  bool has_codes_only() const { return code_total_ > total_; }
   void set_lr_mult(int index, double mult) { entries_[index].lr_mult = mult; }
   const ParamInfo& at(int index) const { return entries_[index]; }
   const std::vector<ParamInfo>& entries() const { return entries_; }
   int64_t total() const { return total_; }          // buffer length incl. alignment padding
+  // Length of the int8 code storage: total() plus the codes-only entries' codes (padded alike).
+  int64_t code_total() const { return code_total_; }
   // The space a tensor of numel elements takes in the flat buffers (numel rounded up to 16).
   static int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
-  int64_t count() const;                            // sum of numel (what "parameters:" prints)
+  int64_t count() const;  // sum of tensor_numel(), codes-only entries included (what "parameters:" prints)
   int64_t count(ParamKind kind) const;
 
  private:
   std::vector<ParamInfo> entries_;
-  int64_t total_ = 0;
+  int64_t total_ = 0, code_total_ = 0;
 };
 
 // "1024,2816": a shape as the files store it (HDF5 "shape" attributes).

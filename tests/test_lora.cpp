@@ -127,6 +127,7 @@ TEST(Lora, BitLinearAdapterPathMatchesItsDefinition) {
   Model m(with_lora(tiny("mlgru", "glu", "ternary"), "lora"));
   std::vector<float> params(m.layout().total());
   m.init_params(params.data(), 7);
+  m.init_base_codes(7);
   perturb(m, params, 2);
   randomize_adapters(m, params, 5);
   m.refresh_ternary(params.data());
@@ -158,22 +159,23 @@ TEST(Lora, BitLinearAdapterPathMatchesItsDefinition) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t n = 0; n < N; ++n) {
       int64_t acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += cache.codes[i * K + k] * m.codes()[W.offset + n * K + k];
+      for (int64_t k = 0; k < K; ++k) acc += cache.codes[i * K + k] * m.weight_codes(b.i_w)[n * K + k];
       const double want = static_cast<double>(acc) * beta / cache.scale[i] + ylora[i * N + n];
       EXPECT_NEAR(y[i * N + n], want, 1e-5 * (1 + std::fabs(want))) << "y " << i << "," << n;
     }
   std::vector<double> dA(Ai.numel, 0.0), dB(Bi.numel, 0.0), dxt(M * K, 0.0), dxd(M * K), dgain(K, 0.0);
   for (int64_t i = 0; i < M; ++i)  // base: dx̃ = dy·(tβ)
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) dxt[i * K + k] += dyd[i * N + n] * m.codes()[W.offset + n * K + k] * beta;
+      for (int64_t n = 0; n < N; ++n) dxt[i * K + k] += dyd[i * N + n] * m.weight_codes(b.i_w)[n * K + k] * beta;
   lora_backward_cpu<double>(ls, xt.data(), Ad.data(), Bd.data(), u.data(), dyd.data(), g.data(), dA.data(), dB.data(),
                             dxt.data());
   rmsnorm_backward_cpu(ns, xd.data(), gd.data(), rstd.data(), dxt.data(), dxd.data(), dgain.data());
   for (int64_t i = 0; i < Ai.numel; ++i) EXPECT_NEAR(grads[Ai.offset + i], dA[i], 1e-5 * (1 + std::fabs(dA[i])));
   for (int64_t i = 0; i < Bi.numel; ++i) EXPECT_NEAR(grads[Bi.offset + i], dB[i], 1e-5 * (1 + std::fabs(dB[i])));
   for (int64_t i = 0; i < M * K; ++i) EXPECT_NEAR(dx[i], dxd[i], 1e-5 * (1 + std::fabs(dxd[i])));
-  // Frozen: neither the weight nor the gain got a gradient.
-  for (int64_t i = 0; i < W.numel; ++i) ASSERT_EQ(grads[W.offset + i], 0.f);
+  // Frozen: the weight has no gradient to get (codes only), the gain got none.
+  EXPECT_TRUE(W.codes_only);
+  EXPECT_EQ(W.numel, 0);
   for (int64_t i = 0; i < K; ++i) ASSERT_EQ(grads[G.offset + i], 0.f);
 }
 
@@ -187,11 +189,21 @@ TEST(Lora, ZeroBLeavesTheModelBitIdentical) {
       std::vector<float> p0(base.layout().total()), p1(tuned.layout().total());
       base.init_params(p0.data(), 11);
       tuned.init_params(p1.data(), 11);
-      // The adapters follow every base parameter: the base's offsets are unchanged.
-      ASSERT_GT(tuned.layout().total(), base.layout().total());
-      EXPECT_EQ(0, std::memcmp(p0.data(), p1.data(), sizeof(float) * p0.size())) << kind[0] << "+" << kind[1];
+      tuned.init_base_codes(11);  // ternary: the frozen base is codes-only, drawn as the base's latents were
       base.refresh_ternary(p0.data());
       tuned.refresh_ternary(p1.data());
+      for (size_t i = 0; i < base.layout().entries().size(); ++i) {  // the adapters follow every base parameter
+        const ParamInfo &p = base.layout().at(static_cast<int>(i)), &q = tuned.layout().at(static_cast<int>(i));
+        ASSERT_EQ(p.name, q.name);
+        EXPECT_EQ(q.codes_only, p.kind == ParamKind::ternary_weight && std::string(quant) == "ternary") << q.name;
+        if (q.codes_only)
+          EXPECT_EQ(0, std::memcmp(base.weight_codes(static_cast<int>(i)), tuned.weight_codes(static_cast<int>(i)),
+                                   static_cast<size_t>(p.numel)))
+              << q.name;
+        else
+          EXPECT_EQ(0, std::memcmp(p0.data() + p.offset, p1.data() + q.offset, sizeof(float) * p.numel)) << q.name;
+      }
+      EXPECT_EQ(base.betas(), std::vector<float>(tuned.betas().begin(), tuned.betas().begin() + base.betas().size()));
       const Batch batch(base_cfg.vocab_size, 6);
       ForwardContext c0, c1;
       const double l0 = base.forward(p0.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, c0);
@@ -211,30 +223,36 @@ TEST(Lora, FrozenBaseGetsNoGradient) {
   for (const auto& kind : kKinds) {
     Model frozen(with_lora(tiny(kind[0], kind[1], "ternary"), "lora"));
     Model full(with_lora(tiny(kind[0], kind[1], "ternary"), "full"));
-    std::vector<float> params(frozen.layout().total());
+    std::vector<float> params(frozen.layout().total()), p_full(full.layout().total());
     frozen.init_params(params.data(), 2);
+    frozen.init_base_codes(2);
     randomize_adapters(frozen, params, 3);
     frozen.refresh_ternary(params.data());
-    full.refresh_ternary(params.data());
+    full.init_params(p_full.data(), 2);
+    randomize_adapters(full, p_full, 3);
+    full.refresh_ternary(p_full.data());
+    EXPECT_EQ(frozen.betas(), full.betas());  // the same model, its base held two ways
     const Batch batch(13, 4, 2, 6);
-    std::vector<float> g_frozen(params.size(), 0.f), g_full(params.size(), 0.f);
+    std::vector<float> g_frozen(params.size(), 0.f), g_full(p_full.size(), 0.f);
     ForwardContext c0, c1;
     frozen.forward(params.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, c0);
     frozen.backward(params.data(), c0, 0.1f, g_frozen.data());
-    full.forward(params.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, c1);
-    full.backward(params.data(), c1, 0.1f, g_full.data());
+    full.forward(p_full.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, c1);
+    full.backward(p_full.data(), c1, 0.1f, g_full.data());
     double adapter_norm = 0;
     for (size_t i = 0; i < frozen.layout().entries().size(); ++i) {
       const ParamInfo& p = frozen.layout().entries()[i];
+      const ParamInfo& q = full.layout().entries()[i];
       const bool trains = frozen.trainable(static_cast<int>(i));
       EXPECT_EQ(trains, p.name.find("/lora_") != std::string::npos) << p.name;
+      EXPECT_EQ(p.codes_only, p.kind == ParamKind::ternary_weight) << p.name;  // no latent, hence no gradient
       for (int64_t k = 0; k < p.numel; ++k) {
         const float g = g_frozen[p.offset + k];
         if (!trains) {
           ASSERT_EQ(g, 0.f) << p.name << "[" << k << "] " << kind[0] << "+" << kind[1];
           continue;
         }
-        ASSERT_NEAR(g, g_full[p.offset + k], 1e-7 + 1e-4 * std::fabs(g_full[p.offset + k]))
+        ASSERT_NEAR(g, g_full[q.offset + k], 1e-7 + 1e-4 * std::fabs(g_full[q.offset + k]))
             << p.name << "[" << k << "]";
         adapter_norm += std::fabs(g);
       }
@@ -249,6 +267,7 @@ TEST(Lora, FrozenBaseUnchangedByTraining) {
   Model m(with_lora(tiny("mlgru", "glu", "ternary"), "lora", 4));
   std::vector<float> params(m.layout().total()), grads(params.size());
   m.init_params(params.data(), 3);
+  m.init_base_codes(3);
   m.refresh_ternary(params.data());
   const std::vector<float> before = params;
   const std::vector<int8_t> codes = m.codes();
@@ -287,6 +306,41 @@ TEST(Lora, FrozenBaseUnchangedByTraining) {
   }
   EXPECT_EQ(codes, m.codes());
   EXPECT_EQ(betas, m.betas());
+}
+
+// finetune.mode = "lora" on a ternary model holds the frozen base as codes + β only: every ternary
+// weight is codes-only (no fp32 span: numel 0, so no latent, gradient, AdamW moment or exchange),
+// the flat buffers hold exactly the trainable and the frozen full-precision parameters, and the code
+// storage adds the base's codes past them. The parameter count is the full model's; quant = "none"
+// and full mode keep every latent.
+TEST(Lora, CodesOnlyBaseHoldsNoLatents) {
+  for (const auto& kind : kKinds) {
+    Model lora(with_lora(tiny(kind[0], kind[1], "ternary"), "lora"));
+    const Model full(with_lora(tiny(kind[0], kind[1], "ternary"), "full"));
+    const Model none(with_lora(tiny(kind[0], kind[1], "none"), "lora"));
+    const ParamLayout& L = lora.layout();
+    int64_t flat = 0, codes = 0;
+    for (size_t i = 0; i < L.entries().size(); ++i) {
+      const ParamInfo& p = L.at(static_cast<int>(i));
+      EXPECT_EQ(p.codes_only, p.kind == ParamKind::ternary_weight) << p.name;
+      EXPECT_EQ(p.tensor_numel(), full.layout().at(static_cast<int>(i)).numel) << p.name;
+      if (p.codes_only) {
+        EXPECT_EQ(p.numel, 0) << p.name;
+        EXPECT_GE(p.code_offset, L.total()) << p.name;
+        codes += ParamLayout::padded(p.tensor_numel());
+      } else {
+        EXPECT_EQ(p.code_offset, p.offset) << p.name;
+        flat += ParamLayout::padded(p.numel);
+      }
+    }
+    EXPECT_EQ(L.total(), flat);  // trainable + frozen full-precision floats, nothing else
+    EXPECT_EQ(L.total() + codes, full.layout().total()) << "every latent of the base is gone";
+    EXPECT_EQ(L.code_total(), L.total() + codes);
+    EXPECT_EQ(L.count(), full.layout().count());
+    EXPECT_EQ(static_cast<int64_t>(lora.mutable_codes().size()), L.code_total());
+    EXPECT_FALSE(full.layout().has_codes_only());
+    EXPECT_FALSE(none.layout().has_codes_only());
+  }
 }
 
 // Targets by name; a list that matches nothing and lora mode without adapters are config errors.
@@ -349,6 +403,8 @@ struct DropoutPair {  // the same tuned parameters under p = 0.5 and p = 0
     params.assign(drop->layout().total(), 0.f);
     drop->init_params(params.data(), 7);
     randomize_adapters(*drop, params, 5);
+    drop->init_base_codes(7);
+    plain->init_base_codes(7);
     drop->refresh_ternary(params.data());
     plain->refresh_ternary(params.data());
   }

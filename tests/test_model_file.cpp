@@ -149,7 +149,7 @@ TEST(ModelFile, VersionOneFlatFilesStillLoad) {
       h5::write_1d(g, nested ? p.name.substr(slash + 1) : p.name, h5::Dtype::f32, m.params.data() + p.offset, p.numel);
       if (p.kind != ParamKind::ternary_weight) continue;
       h5::Handle t = h5::ensure_groups(file, "ternary/" + p.name);
-      const auto packed = pack_ternary(m.model->codes().data() + p.offset, p.numel);
+      const auto packed = pack_ternary(m.model->weight_codes(static_cast<int>(i)), p.numel);
       h5::write_1d(t, "codes", h5::Dtype::u8, packed.data(), static_cast<int64_t>(packed.size()));
       h5::write_attr(t, "beta", static_cast<double>(m.model->betas()[i]));
     }

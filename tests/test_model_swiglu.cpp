@@ -84,7 +84,7 @@ TEST(SwiGlu, TernaryProjectionIsTheExactCodeProduct) {
   std::vector<int8_t> a(M * K);
   std::vector<float> s(M);
   act_quant_cpu(M, K, x.data(), a.data(), s.data());
-  const int8_t* t = m.codes().data() + m.layout().at(w).offset;
+  const int8_t* t = m.weight_codes(w);
   const float beta = m.betas()[w];
   for (int64_t r = 0; r < M; ++r)
     for (int64_t n = 0; n < N; ++n) {

@@ -40,7 +40,8 @@ void MemoryParams::read(int param, std::vector<float>& out) const {
 void MemoryParams::read_ternary(int param, std::vector<int8_t>& codes, float& beta) const {
   const ParamInfo& p = m_.layout().at(param);
   if (p.kind == ParamKind::ternary_weight) {
-    codes.assign(m_.codes().data() + p.offset, m_.codes().data() + p.offset + p.numel);
+    const int8_t* c = m_.weight_codes(param);
+    codes.assign(c, c + p.tensor_numel());
     beta = m_.betas()[static_cast<size_t>(param)];
     return;
   }

@@ -53,7 +53,7 @@ void init_uniform(const ParamLayout& layout, float* params, int idx, uint64_t se
 double Module::active_params_per_token(const ParamLayout& layout) const {
   double n = 0;
   for (int i : params_backward_order())
-    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).numel);
+    if (layout.at(i).kind != ParamKind::buffer) n += static_cast<double>(layout.at(i).tensor_numel());
   return n;
 }
 
