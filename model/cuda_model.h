@@ -122,6 +122,9 @@ class CudaModel {
   static const char* category_name(int c);
 
   int64_t device_bytes() const;  // bytes this model allocated on the device
+  // Device memory the model's cuBLASLt handle holds outside device_bytes(): its workspace and the
+  // staging of the int32 products it grows on the first step (the largest BitLinear's rows × N).
+  int64_t library_bytes() const;
   int64_t peak_bytes() const;    // peak device memory in use by the process (cudaMemGetInfo)
 
   struct Impl;
