@@ -59,23 +59,6 @@ double moe_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
   return layers * (tokens * k * (P - 1) / P * 16 * d + counts);
 }
 
-// Rank 0 of the planned world: its topology and its model (its rows of every PEER table).
-struct PlannedRank {
-  Topology topo;
-  bool shard = false;
-  std::unique_ptr<Model> model;
-};
-
-PlannedRank plan_rank(const RunConfig& cfg, int world, int expert_parallel) {
-  PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
-  PlannedRank r;
-  r.topo = make_topology(0, world, expert_parallel);
-  const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
-  r.shard = r.topo.ep_size > 1 && (moe || !cfg.model.peer_block_list().empty());
-  r.model = std::make_unique<Model>(cfg.model, r.shard ? ExpertShard{r.topo.ep_size, 0} : ExpertShard{});
-  return r;
-}
-
 StepTrafficPlan traffic_of(const RunConfig& cfg, const PlannedRank& r) {
   const Model& model = *r.model;
   const int world = r.topo.world;
@@ -98,6 +81,16 @@ StepTrafficPlan traffic_of(const RunConfig& cfg, const PlannedRank& r) {
 }
 
 }  // namespace
+
+PlannedRank plan_rank(const RunConfig& cfg, int world, int expert_parallel) {
+  PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
+  PlannedRank r;
+  r.topo = make_topology(0, world, expert_parallel);
+  const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
+  r.shard = r.topo.ep_size > 1 && (moe || !cfg.model.peer_block_list().empty());
+  r.model = std::make_unique<Model>(cfg.model, r.shard ? ExpertShard{r.topo.ep_size, 0} : ExpertShard{});
+  return r;
+}
 
 StepTrafficPlan plan_step_traffic(const RunConfig& cfg, int world, int expert_parallel) {
   return traffic_of(cfg, plan_rank(cfg, world, expert_parallel));
@@ -125,9 +118,7 @@ std::string describe_plan(const RunConfig& cfg, int world, int expert_parallel) 
   os << "  expert exchange " << human_bytes(t.expert_exchange) << " = " << static_cast<int64_t>(t.expert_exchange)
      << (shard ? " (uniform routing)" : "") << "\n";
   os << "  total " << human_bytes(t.total()) << " = " << static_cast<int64_t>(t.total()) << "\n";
-  if (cfg.run.device == "cuda")
-    os << "device memory: the GPU path's estimate is not in the planner yet; `peerless train` prints the measured "
-          "figure at start (docs/architecture.md)\n";
+  if (cfg.run.device == "cuda") os << describe_device_memory(cfg, world, expert_parallel);
   return os.str();
 }
 

@@ -55,10 +55,14 @@ class CudaStepRunner final : public StepRunner {
     if (s_.world > 1 || p.zero1)
       ddp_ = std::make_unique<DeviceDataParallel>(*s_.dp, s_.comm, *s_.model, *s_.adam, cuda_->stream(), p.overlap,
                                                   sum_ != nullptr);
-    const int64_t bytes = cuda_->device_bytes() + (ddp_ ? ddp_->device_bytes() : 0);
+    // The figure --dry-run --world plans (launch/plan.h): the model, the data-parallel staging, the exact sums.
+    const int64_t bytes =
+        cuda_->device_bytes() + (ddp_ ? ddp_->device_bytes() : 0) + (exact_ ? exact_->device_bytes() : 0);
     if (s_.lead)
-      std::printf("device: cuda, %s allocated on the GPU for a micro-batch of %lld tokens (AdamW moments: %s%s)\n",
-                  human_bytes(static_cast<double>(bytes)).c_str(), static_cast<long long>(s_.B * s_.T),
+      std::printf("device: cuda, %s = %lld bytes allocated on the GPU for a micro-batch of %lld tokens (AdamW moments: "
+                  "%s%s)\n",
+                  human_bytes(static_cast<double>(bytes)).c_str(), static_cast<long long>(bytes),
+                  static_cast<long long>(s_.B * s_.T),
                   human_bytes(8.0 * static_cast<double>(s_.adam->state_elements())).c_str(),
                   p.zero1 && s_.world > 1 ? cat(", ZeRO-1 slices of ", s_.world, " ranks").c_str() : "");
     if (s_.lead && ddp_ && s_.world > 1 && !sum_)

@@ -34,7 +34,7 @@ void add2_cuda(float* out, const float* a, const float* b, int64_t n, cudaStream
 
 CudaContext::CudaContext(const Model& h, int64_t tokens, int64_t rows)
     : host(h), layout(h.layout()), max_tokens(tokens), head_rows(rows), eps(static_cast<float>(h.config().norm_eps)) {
-  PL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  if (!device_counting()) PL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   profile.assign(kCudaPhases, 0.0);
 }
 
@@ -44,6 +44,7 @@ CudaContext::~CudaContext() {
 
 void CudaContext::reserve(int slot, int64_t bytes_needed) {
   if (static_cast<int>(scratch_.size()) <= slot) scratch_.resize(static_cast<size_t>(slot) + 1);
+  const DeviceUseScope use(DeviceUse::scratch);
   scratch_[static_cast<size_t>(slot)].resize(bytes_needed, bytes);
 }
 
@@ -55,6 +56,7 @@ void CudaContext::start_profile(bool on) {
 }
 
 void CudaContext::allocate_linears(int64_t wide) {
+  const DeviceUseScope use(DeviceUse::scratch);
   const int64_t M = max_tokens, head_w = host.index().head_w;
   int64_t max_k = 0, max_n = 0, max_w = 0;
   for (int i = 0; i < static_cast<int>(layout.entries().size()); ++i) {
@@ -67,6 +69,7 @@ void CudaContext::allocate_linears(int64_t wide) {
     if (w.shape[0] % 4 != 0 || w.shape[1] % 4 != 0) all_imma_ = false;
   }
   wide = std::max(wide, max_k);
+  blas_staging = static_cast<int64_t>(sizeof(int32_t)) * max_n;  // bitlinear_matmul_cuda's (rows, N) products
   const int64_t d = host.config().d_model;
   q_scale.resize(3 * M, bytes);
   q_rstd.resize(M, bytes);

@@ -18,10 +18,12 @@
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/norm_quant.h"
 #include "model/ops/qsparse.h"
+#include "runtime/memory.h"
 
 namespace peerless {
 
-// A device array allocated once (grow-only); adds its bytes to a counter.
+// A device array allocated once (grow-only); adds its bytes to a counter. In counting mode
+// (runtime/memory.h) it allocates nothing and only counts.
 template <typename T>
 struct DevBuf {
   T* p = nullptr;
@@ -37,7 +39,10 @@ struct DevBuf {
     if (count <= n) return;
     if (p) PL_CUDA_CHECK(cudaFree(p));
     p = nullptr;
-    PL_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * std::max<int64_t>(count, 1)));
+    if (device_counting())
+      count_device_bytes(static_cast<int64_t>(sizeof(T)) * (count - n));
+    else
+      PL_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * std::max<int64_t>(count, 1)));
     total += sizeof(T) * (count - n);
     n = count;
   }
@@ -71,6 +76,7 @@ class CudaContext {
   cudaStream_t stream = nullptr;
   BlasLt blas;
   int64_t bytes = 0;  // device bytes allocated by the model (DevBuf counters point here)
+  int64_t blas_staging = 0;  // what `blas` grows on the first step for the int32 products (not in bytes)
   DevBuf<float> params, grads;
   DevBuf<int8_t> codes;
   std::vector<float> betas;  // host, per parameter index

@@ -111,27 +111,35 @@ struct CudaModel::Impl {
     }
   }
 
+  // Every buffer, by its use (counting mode tallies them so: runtime/memory.h; the planner prints it).
   void allocate() {
     const int64_t total = layout.total(), M = max_tokens;
     int64_t& bytes = g.bytes;
-    for (auto* b : {&g.params, &g.grads}) b->resize(total, bytes);
-    for (auto* b : {&m, &v}) b->resize(state_total, bytes);
-    g.codes.resize(total, bytes);
-    ids.resize(M, bytes);
-    targets.resize(M, bytes);
+    {
+      const DeviceUseScope use(DeviceUse::state);
+      for (auto* b : {&g.params, &g.grads}) b->resize(total, bytes);
+      for (auto* b : {&m, &v}) b->resize(state_total, bytes);
+      g.codes.resize(total, bytes);
+      betas_dev.resize(static_cast<int64_t>(layout.entries().size()), bytes);
+    }
+    {
+      const DeviceUseScope use(DeviceUse::activations);  // the modules' saved tensors (their scratch: reserve())
+      ids.resize(M, bytes);
+      targets.resize(M, bytes);
+      build_modules();
+      resid.resize(modules.size() + 1);
+      for (auto& r : resid) r.resize(M * d, bytes);
+      rstd_f.resize(M, bytes);
+    }
+    const DeviceUseScope use(DeviceUse::scratch);
     lb.resize(L * d, bytes);
     dlb.resize(L * d, bytes);
-    build_modules();
-    resid.resize(modules.size() + 1);
-    for (auto& r : resid) r.resize(M * d, bytes);
     for (auto* b : {&xf, &dx, &t0}) b->resize(M * d, bytes);
-    rstd_f.resize(M, bytes);
     losses.resize(M, bytes);
     logits.resize(head_rows * V, bytes);
     g.allocate_linears(3 * d);  // i, f, g side by side
     emb_ws.resize(static_cast<int64_t>(embedding_backward_workspace(M)), bytes);
     partials.resize(kNormBlocks, bytes);
-    betas_dev.resize(static_cast<int64_t>(layout.entries().size()), bytes);
   }
 
   double forward_backward(int64_t batch, int64_t seq, float grad_scale, bool backward = true);
@@ -235,6 +243,7 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOp
   impl_->allocate();
   // A ZeRO-1 shard of the moments is stepped by DeviceDataParallel (optimizer_step's zero1).
   if (adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total())) {
+    const DeviceUseScope use(DeviceUse::state);
     impl_->adamw = std::make_unique<AdamwTernaryCuda>(adamw_tensors(host.layout(), adam));
     impl_->g.bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
   }
@@ -390,6 +399,9 @@ const char* CudaModel::category_name(int c) {
 }
 
 int64_t CudaModel::device_bytes() const { return impl_->g.bytes; }
+int64_t CudaModel::library_bytes() const {
+  return static_cast<int64_t>(impl_->g.blas.workspace_bytes()) + impl_->g.blas_staging;
+}
 
 int64_t CudaModel::peak_bytes() const {
   size_t free_b = 0, total_b = 0;

@@ -48,8 +48,9 @@
 // AdamW on them, full-precision experts). No Q-Sparse; quant = ternary (also "none" for the attention and
 // SwiGLU kinds, model/cuda_context_proj.cu); no ZeRO-1. Every device buffer
 // of the model is allocated once, at construction, for the largest micro-batch (an arena in effect;
-// device_bytes() counts them); cuBLASLt's scratch for the int32 products (BlasLt, up to tokens × 2I
-// int32) grows on the first step and is not in device_bytes(); peak_bytes() reports everything the
+// device_bytes() counts them; the planner counts the same allocations without a GPU, launch/plan.h);
+// cuBLASLt's workspace and its scratch for the int32 products (BlasLt, up to tokens × 2I int32, grown
+// on the first step) are library_bytes(), not in device_bytes(); peak_bytes() reports everything the
 // process holds on the device.
 #pragma once
 
@@ -122,6 +123,9 @@ class CudaModel {
   static const char* category_name(int c);
 
   int64_t device_bytes() const;  // bytes this model allocated on the device
+  // Device memory the model's cuBLASLt handle holds outside device_bytes(): its workspace and the
+  // staging of the int32 products it grows on the first step (the largest BitLinear's rows × N).
+  int64_t library_bytes() const;
   int64_t peak_bytes() const;    // peak device memory in use by the process (cudaMemGetInfo)
 
   struct Impl;

@@ -53,6 +53,7 @@ cudaStream_t comm_stream_of(const Comm& comm) {
 struct Event {
   cudaEvent_t e = nullptr;
   explicit Event(bool timing) {
+    if (device_counting()) return;  // counting mode (runtime/memory.h): nothing on the device
     PL_CUDA_CHECK(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming));
   }
   ~Event() {
@@ -122,7 +123,7 @@ DeviceDataParallel::DeviceDataParallel(const DataParallel& dp, Comm& comm, const
   g.compute = compute;
   g.comm = comm_stream_of(comm);
   g.nccl = g.comm != nullptr;
-  if (!g.comm) {
+  if (!g.comm && !device_counting()) {
     PL_CUDA_CHECK(cudaStreamCreateWithFlags(&g.own_stream, cudaStreamNonBlocking));
     g.comm = g.own_stream;
   }

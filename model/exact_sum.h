@@ -139,6 +139,7 @@ class ExactGradSumDevice {
   // After sum.fits(): the sums all-reduced over comm (any backend; MPI stages device buffers) and
   // written to grads as floats. Waits for the device.
   void reduce(Comm& comm, float* grads);
+  int64_t device_bytes() const { return static_cast<int64_t>(acc_.size() + max_.size()); }
 
  private:
   ExactGradSum& sum_;

@@ -112,6 +112,7 @@ __global__ void scatter_dgates_kernel(int64_t n, const int32_t* send_entry, cons
 }
 
 size_t scan_temp_bytes(int64_t n) {
+  if (device_counting()) return cub_temp_estimate(CubTemp::scan, n);
   size_t bytes = 0;
   PL_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int32_t*>(nullptr),
                                               static_cast<int32_t*>(nullptr), static_cast<int>(n)));

@@ -64,7 +64,7 @@ double learning_rate(const OptimConfig& c, int64_t step, int64_t max_steps) {
   return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1.0 + std::cos(M_PI * progress));
 }
 
-AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned)
+AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned, bool moments)
     : config_(config), owned_(std::move(owned)) {
   decay_.assign(layout.total(), 0);
   for (const auto& p : layout.entries()) {
@@ -115,6 +115,8 @@ AdamW::AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<R
     PL_ASSERT(b >= 0 && b <= e && e <= layout.total());
     n += e - b;
   }
+  state_ = n;
+  if (!moments) return;
   m_.assign(n, 0.f);
   v_.assign(n, 0.f);
 }
@@ -137,6 +139,7 @@ inline void adam_update(const AdamwScalars& c, const uint8_t* dec, float* params
 
 void AdamW::step(float* params, const float* grads, int64_t t, double lr, const uint8_t* touched) {
   PL_ASSERT(!lazy_ || table_rows_ == 0 || touched != nullptr);
+  PL_CHECK(static_cast<int64_t>(m_.size()) == state_, internal, "AdamW::step on an optimizer built without moments");
   static_assert(kFrozen == 2);
   // Bias correction with the global step t for every element, lazy table rows included (docs/peer.md).
   auto coefficients = [&](double scale) {

@@ -71,7 +71,9 @@ class AdamW {
  public:
   // Moments are kept for `owned` ranges only (everything by default; one ZeRO-1 shard otherwise),
   // concatenated in range order. Per-element weight-decay flags follow the layout.
-  AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned = {});
+  // moments = false (planning, launch/plan.h): the same optimizer without its moments allocated
+  // (state_elements() as with them; m() and v() empty; step() refuses).
+  AdamW(const OptimConfig& config, const ParamLayout& layout, std::vector<Range> owned = {}, bool moments = true);
   // Updates params over the owned ranges with grads (already reduced, scaled, clipped) at step t
   // (1-based). Elements outside the owned ranges are not touched. With lazy tables
   // (lazy_tables()), touched holds one flag per expert-table row, tables in layout order
@@ -81,7 +83,7 @@ class AdamW {
   bool lazy_tables() const { return lazy_; }
   int64_t table_rows() const { return table_rows_; }  // Σ rows of the lazy tables (is_lazy_table)
   const std::vector<Range>& owned() const { return owned_; }
-  int64_t state_elements() const { return static_cast<int64_t>(m_.size()); }
+  int64_t state_elements() const { return state_; }
   // Per element of the layout: 1 = weight decay applies, 0 = none, 2 = frozen (buffers).
   const std::vector<uint8_t>& decay_flags() const { return decay_; }
   const OptimConfig& config() const { return config_; }
@@ -96,6 +98,7 @@ class AdamW {
   std::vector<uint8_t> decay_;  // (total) 1 where weight decay applies, kFrozen for buffers
   std::vector<Range> owned_;
   std::vector<float> m_, v_;    // (Σ owned lengths)
+  int64_t state_ = 0;           // Σ owned lengths
   // [0, total) cut into runs that share a learning-rate scale; lazy expert tables are their own
   // segments, with the row width and the index of their first row in the touched flags.
   struct Segment {

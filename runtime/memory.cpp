@@ -24,6 +24,36 @@ int64_t process_status_bytes(const char* field) {
   return 0;
 }
 
+namespace {
+thread_local DeviceCounting* tl_counting = nullptr;
+thread_local DeviceUse tl_use = DeviceUse::scratch;
+}  // namespace
+
+const char* device_use_name(DeviceUse u) {
+  static const char* names[] = {"parameters, gradients, moments, codes", "activations saved", "scratch",
+                                "PEER layers + expert exchange", "data-parallel staging",
+                                "library workspaces (cuBLASLt)"};
+  const int i = static_cast<int>(u);
+  return i >= 0 && i < static_cast<int>(DeviceUse::kCount) ? names[i] : "?";
+}
+
+DeviceCounting::DeviceCounting() {
+  PL_CHECK(!tl_counting, internal, "DeviceCounting: counting mode is already on on this thread");
+  tl_counting = this;
+}
+DeviceCounting::~DeviceCounting() { tl_counting = nullptr; }
+int64_t DeviceCounting::total() const {
+  int64_t t = 0;
+  for (int64_t b : by_use_) t += b;
+  return t;
+}
+bool device_counting() { return tl_counting != nullptr; }
+void count_device_bytes(int64_t bytes) {
+  if (tl_counting) tl_counting->add(bytes, tl_use);
+}
+DeviceUseScope::DeviceUseScope(DeviceUse use) : prev_(tl_use) { tl_use = use; }
+DeviceUseScope::~DeviceUseScope() { tl_use = prev_; }
+
 #ifdef PEERLESS_HAVE_CUDA
 namespace {
 // Asked once: CUDA builds also run on machines without a GPU (CI), where every runtime call fails.
@@ -68,6 +98,10 @@ void device_synchronize() {
 }
 DeviceBytes::DeviceBytes(size_t bytes) : bytes_(bytes) {
   if (!bytes) return;
+  if (device_counting()) {
+    count_device_bytes(static_cast<int64_t>(bytes));
+    return;
+  }
   PL_CHECK(gpu_visible(), device, "device buffer of ", bytes, " bytes requested, but no GPU is visible");
   const cudaError_t rc = cudaMalloc(&p_, bytes);
   PL_CHECK(rc == cudaSuccess, device, "cudaMalloc(", bytes, " bytes) failed: ", cudaGetErrorString(rc));
@@ -77,6 +111,10 @@ DeviceBytes::~DeviceBytes() {
 }
 #else
 DeviceBytes::DeviceBytes(size_t bytes) : bytes_(bytes) {
+  if (device_counting()) {
+    count_device_bytes(static_cast<int64_t>(bytes));
+    return;
+  }
   PL_CHECK(!bytes, device, "device buffer of ", bytes, " bytes requested in a build without CUDA");
 }
 DeviceBytes::~DeviceBytes() {}

@@ -26,15 +26,18 @@ class PeerCuda final : public CudaModule {
   PeerCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), d_(g.host.config().d_model) {
     const int64_t M = g.max_tokens;
     const PeerLayerShape ps = g.host.peer_shape(M);
-    layer_ = std::make_unique<PeerLayerCuda>(ps);
-    g.bytes += static_cast<int64_t>(layer_->device_bytes());
     rstd_.resize(M, g.bytes);
     mean_.resize(ps.channels(), g.bytes);
     var_.resize(ps.channels(), g.bytes);
     // The layer blends into these with momentum 1, (1 − 1)·old + batch: old must not be NaN.
-    PL_CUDA_CHECK(cudaMemset(mean_.get(), 0, sizeof(float) * ps.channels()));
-    PL_CUDA_CHECK(cudaMemset(var_.get(), 0, sizeof(float) * ps.channels()));
+    if (!device_counting()) {
+      PL_CUDA_CHECK(cudaMemset(mean_.get(), 0, sizeof(float) * ps.channels()));
+      PL_CUDA_CHECK(cudaMemset(var_.get(), 0, sizeof(float) * ps.channels()));
+    }
     for (int slot : {s_xn, s_out, s_dxn}) g.reserve(slot, sizeof(float) * M * d_);
+    const DeviceUseScope use(DeviceUse::experts);
+    layer_ = std::make_unique<PeerLayerCuda>(ps);
+    g.bytes += static_cast<int64_t>(layer_->device_bytes());
     if (g.host.experts_sharded()) {
       PL_CHECK(g.host.expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
       shard_ = std::make_unique<ShardedPeerExpertsCuda>(*g.host.expert_comm(), ps.experts());

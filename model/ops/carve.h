@@ -26,4 +26,15 @@ class Carve {
   size_t used_ = 0;
 };
 
+// cub's temporary storage estimated on the host, for counting mode (runtime/memory.h: no GPU to ask
+// cub, whose size queries need one). A radix sort of `items` int32 key-value pairs keeps alternate
+// keys and values (8 bytes per item), and per tile of at least 4096 items one look-back row of 256
+// counters (1/4 byte per item), plus histograms; scans and run-length encodings keep a few bytes of
+// look-back state per tile of at least 256 items. Upper bounds of what cub asks on sm_90.
+enum class CubTemp { sort_pairs, scan };
+inline size_t cub_temp_estimate(CubTemp kind, int64_t items) {
+  const size_t n = items > 0 ? static_cast<size_t>(items) : 0;
+  return kind == CubTemp::sort_pairs ? 8 * n + n / 4 + (size_t{64} << 10) : n / 16 + (size_t{4} << 10);
+}
+
 }  // namespace peerless

@@ -8,8 +8,10 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "model/ops/block_reduce.cuh"
+#include "model/ops/carve.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/embedding.h"
+#include "runtime/memory.h"
 
 namespace peerless {
 namespace {
@@ -52,6 +54,7 @@ __global__ void embedding_backward_sorted_kernel(int64_t rows, int64_t dim, cons
 
 // The workspace: sorted ids, the sorted row order, the row indices, then cub's temporary storage.
 size_t cub_bytes(int64_t rows) {
+  if (device_counting()) return cub_temp_estimate(CubTemp::sort_pairs, rows);
   size_t bytes = 0;
   cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
                                   static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),

@@ -148,8 +148,11 @@ struct BlasLt::Impl {
 };
 
 BlasLt::BlasLt(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
-  PL_CUDA_CHECK(cudaGetDevice(&impl_->device));
-  PL_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
+  if (!device_counting()) {  // counting mode (runtime/memory.h): no handle, the workspace counted
+    PL_CUDA_CHECK(cudaGetDevice(&impl_->device));
+    PL_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
+  }
+  const DeviceUseScope use(DeviceUse::library);
   if (workspace_bytes > 0) impl_->workspace = DeviceBytes(workspace_bytes);
 }
 BlasLt::~BlasLt() = default;

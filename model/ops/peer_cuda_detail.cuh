@@ -10,6 +10,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cub/cub.cuh>
@@ -19,6 +20,7 @@
 #include "model/ops/gemm.h"
 #include "model/ops/peer_experts.h"
 #include "runtime/error.h"
+#include "runtime/memory.h"
 
 namespace peerless::peer_cuda {
 
@@ -220,6 +222,9 @@ struct GroupScratch {
   size_t temp_bytes = 0;
 };
 inline size_t group_temp_bytes(int64_t count, int64_t cap, int bits) {
+  if (device_counting())
+    return std::max(cub_temp_estimate(CubTemp::sort_pairs, count),
+                    cub_temp_estimate(CubTemp::scan, std::max(count, cap + 1)));
   size_t sort = 0, rle = 0, scan = 0;
   const int n = static_cast<int>(count);
   PL_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort, static_cast<const int32_t*>(nullptr),

@@ -232,7 +232,9 @@ Scratch carve(const PeerRetrievalShape& s, void* base) {
 
 }  // namespace
 
-PeerBlas::PeerBlas(PeerGemmMath math) : math_(math) { PL_CUBLAS_CHECK(cublasCreate(&h_)); }
+PeerBlas::PeerBlas(PeerGemmMath math) : math_(math) {
+  if (!device_counting()) PL_CUBLAS_CHECK(cublasCreate(&h_));  // counting mode (runtime/memory.h): no handle
+}
 PeerBlas::~PeerBlas() {
   if (h_) cublasDestroy(h_);
 }

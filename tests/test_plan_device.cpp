@@ -1,0 +1,125 @@
+// The planner's device memory (launch/plan.h, run.device = "cuda"): the GPU model built in counting
+// mode (runtime/memory.h). Runs on machines without a GPU: in a CUDA build the figure is the
+// device_bytes() of a CudaModel built in counting mode, activations grow with the micro-batch, and
+// sharding a PEER table over two ranks halves its parameter, gradient, moment and code bytes; in a
+// build without CUDA the planner says it needs one.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "launch/plan.h"
+#include "runtime/error.h"
+#ifdef PEERLESS_HAVE_CUDA
+#include "model/cuda_model.h"
+#endif
+
+using namespace peerless;
+
+namespace {
+
+// A tiny PEER model on the GPU path: d 64, 2 blocks, the second a PEER layer of N = 32² experts.
+RunConfig tiny(std::vector<std::string> more = {}) {
+  std::vector<std::string> o = {"model.vocab_size=256", "model.d_model=64",  "model.n_layers=2",
+                                "model.intermediate=128", "model.peer_blocks=1", "model.peer_n_sub=32",
+                                "model.peer_heads=2",    "model.peer_topk=4", "model.peer_key_dim=16",
+                                "data.seq_len=32",       "train.micro_batch=4", "run.device=cuda",
+                                "parallel.deterministic=off"};
+  o.insert(o.end(), more.begin(), more.end());
+  return load_run_config("", o);
+}
+
+}  // namespace
+
+#ifdef PEERLESS_HAVE_CUDA
+
+TEST(PlanDevice, figure_is_the_device_bytes_of_the_model_built_in_counting_mode) {
+  const RunConfig cfg = tiny();
+  const DeviceMemoryPlan p = plan_device_memory(cfg, 1, 1);
+  Model model(cfg.model);
+  const AdamW adam(cfg.optim, model.layout(), {}, /*moments=*/false);
+  int64_t bytes = 0, counted = 0;
+  {
+    const DeviceCounting counting;
+    const CudaModel cuda(model, adam, cfg.train.micro_batch * cfg.data.seq_len);
+    bytes = cuda.device_bytes();
+    counted = counting.total() - counting.bytes(DeviceUse::library);
+  }
+  EXPECT_EQ(p.figure, bytes);
+  EXPECT_EQ(counted, bytes);
+  EXPECT_FALSE(device_counting());
+  // Every class the tiny PEER model has is there; one rank, no ZeRO-1: no data-parallel staging.
+  for (DeviceUse u : {DeviceUse::state, DeviceUse::activations, DeviceUse::scratch, DeviceUse::experts})
+    EXPECT_GT(p.bytes(u), 0) << device_use_name(u);
+  EXPECT_EQ(p.bytes(DeviceUse::staging), 0);
+  // Parameters, gradients (4 B each), codes (1 B) and moments (8 B) of every element at least.
+  EXPECT_GE(p.bytes(DeviceUse::state), 17 * model.layout().total());
+  EXPECT_GE(p.library, int64_t{32} << 20);  // the cuBLASLt workspace
+  EXPECT_EQ(p.peer_layers, 1);
+}
+
+TEST(PlanDevice, activations_grow_with_the_micro_batch_and_parameters_do_not) {
+  const DeviceMemoryPlan a = plan_device_memory(tiny(), 1, 1);
+  const DeviceMemoryPlan b = plan_device_memory(tiny({"train.micro_batch=8"}), 1, 1);
+  EXPECT_EQ(b.tokens, 2 * a.tokens);
+  EXPECT_EQ(b.bytes(DeviceUse::state), a.bytes(DeviceUse::state));
+  const double ratio =
+      static_cast<double>(b.bytes(DeviceUse::activations)) / static_cast<double>(a.bytes(DeviceUse::activations));
+  EXPECT_NEAR(ratio, 2.0, 0.05);
+  EXPECT_GT(b.bytes(DeviceUse::experts), a.bytes(DeviceUse::experts));
+  EXPECT_GT(b.figure, a.figure);
+}
+
+TEST(PlanDevice, sharding_a_peer_table_over_two_ranks_halves_its_state) {
+  const RunConfig cfg = tiny();
+  const DeviceMemoryPlan one = plan_device_memory(cfg, 1, 1), two = plan_device_memory(cfg, 2, 2);
+  // The table is N·2d floats: half of it leaves, with its gradient, moments and codes (17 B each).
+  const int64_t N = 32 * 32, d = 64, gone = 17 * N * 2 * d / 2;
+  const int64_t diff = one.bytes(DeviceUse::state) - two.bytes(DeviceUse::state);
+  EXPECT_NEAR(static_cast<double>(diff), static_cast<double>(gone), 17.0 * 1024)  // layout alignment
+      << "one rank " << one.bytes(DeviceUse::state) << ", two shards " << two.bytes(DeviceUse::state);
+  // The shard brings its exchange buffers; the data-parallel side its norm partials.
+  EXPECT_GT(two.bytes(DeviceUse::experts), one.bytes(DeviceUse::experts));
+  EXPECT_GT(two.bytes(DeviceUse::staging), 0);
+}
+
+TEST(PlanDevice, zero1_keeps_a_slice_of_the_moments_and_stages_buckets) {
+  const RunConfig dense = tiny({"model.peer_blocks="});
+  const DeviceMemoryPlan one = plan_device_memory(dense, 2, 1);
+  const DeviceMemoryPlan z = plan_device_memory(tiny({"model.peer_blocks=", "parallel.zero1=true"}), 2, 1);
+  Model model(dense.model);
+  const int64_t moments = 8 * model.layout().total();
+  // The moments shrink to about half; the ZeRO-1 staging and optimizer tables come on top.
+  EXPECT_LT(z.bytes(DeviceUse::state), one.bytes(DeviceUse::state) - moments / 2 + moments / 8);
+  EXPECT_GT(z.bytes(DeviceUse::staging), one.bytes(DeviceUse::staging));
+}
+
+TEST(PlanDevice, dry_run_prints_the_plan_by_use_and_the_figure) {
+  const RunConfig cfg = tiny();
+  const std::string text = describe_plan(cfg, 2, 2);
+  const DeviceMemoryPlan p = plan_device_memory(cfg, 2, 2);
+  for (const char* line : {"device memory per rank", "activations saved", "PEER layers + expert exchange",
+                           "data-parallel staging", "allowance, not in the total"})
+    EXPECT_NE(text.find(line), std::string::npos) << line << "\n" << text;
+  EXPECT_NE(text.find(cat("prints this figure at start) ")), std::string::npos) << text;
+  EXPECT_NE(text.find(cat("= ", p.figure, "\n")), std::string::npos) << text;
+  // A config the GPU path refuses: the plan says why instead of a figure.
+  const std::string refused = describe_plan(tiny({"model.peer_ternary=true"}), 1, 1);
+  EXPECT_NE(refused.find("no plan"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("model.peer_ternary"), std::string::npos) << refused;
+}
+
+#else
+
+TEST(PlanDevice, needs_a_cuda_build) {
+  try {
+    plan_device_memory(tiny(), 1, 1);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(e.what()).find("CUDA build"), std::string::npos) << e.what();
+  }
+  EXPECT_NE(describe_plan(tiny(), 1, 1).find("device memory per rank: no plan"), std::string::npos);
+}
+
+#endif
