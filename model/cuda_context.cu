@@ -20,7 +20,26 @@ __global__ void add2_kernel(float* out, const float* a, const float* b, int64_t 
     out[i] = a[i] + b[i];
 }
 
+__global__ void sumsq_kernel(const float* x, int64_t n, double* partials) {
+  __shared__ double s[kCudaThreads];
+  double acc = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    acc += static_cast<double>(x[i]) * x[i];
+  s[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = kCudaThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[blockIdx.x] = s[0];
+}
+
 }  // namespace
+
+void sumsq_partials_cuda(const float* x, int64_t n, double* partials, int blocks, cudaStream_t s) {
+  sumsq_kernel<<<blocks, kCudaThreads, 0, s>>>(x, n, partials);
+  PL_CUDA_CHECK_LAUNCH(sumsq_kernel);
+}
 
 void add_cuda(float* dst, const float* src, int64_t n, cudaStream_t s) {
   add_kernel<<<cuda_blocks_for(n), kCudaThreads, 0, s>>>(dst, src, n);

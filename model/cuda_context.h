@@ -60,6 +60,9 @@ inline int cuda_blocks_for(int64_t n) {
 }
 void add_cuda(float* dst, const float* src, int64_t n, cudaStream_t s);               // dst += src
 void add2_cuda(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);  // out = a + b
+// Σ x² in float64 over x (n): one partial per thread block (`blocks` of them, grid-stride) into
+// partials, for the caller to add on the host in block order (a fixed order: deterministic).
+void sumsq_partials_cuda(const float* x, int64_t n, double* partials, int blocks, cudaStream_t s);
 
 class CudaContext {
  public:

@@ -24,20 +24,6 @@ namespace {
 
 constexpr int kThreads = kCudaThreads;
 
-// Σ x² in float64: per-block partials (grid-stride), summed on the host in block order.
-__global__ void sumsq_kernel(const float* x, int64_t n, double* partials) {
-  __shared__ double s[kThreads];
-  double acc = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    acc += static_cast<double>(x[i]) * x[i];
-  s[threadIdx.x] = acc;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w /= 2) {
-    if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[blockIdx.x] = s[0];
-}
 constexpr int kNormBlocks = 1024;
 
 // Model::update_buffers on the device: running = (1 − m)·running + m·(Σ batch statistics / micro-batches),
@@ -353,8 +339,7 @@ double CudaModel::grad_norm() {
   CudaContext& g = im.g;
   g.tick(ph_other);
   const int64_t n = g.layout.total();
-  sumsq_kernel<<<kNormBlocks, kThreads, 0, g.stream>>>(g.grads.get(), n, im.partials.get());
-  PL_CUDA_CHECK_LAUNCH(sumsq_kernel);
+  sumsq_partials_cuda(g.grads.get(), n, im.partials.get(), kNormBlocks, g.stream);
   std::vector<double> partials(kNormBlocks);
   PL_CUDA_CHECK(cudaMemcpyAsync(partials.data(), im.partials.get(), sizeof(double) * kNormBlocks,
                                 cudaMemcpyDeviceToHost, g.stream));

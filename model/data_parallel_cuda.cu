@@ -1,6 +1,8 @@
 // DataParallel on device buffers: overlapped bucket reductions and ZeRO-1 (see data_parallel_cuda.h).
 #include "model/data_parallel_cuda.h"
 
+#include "model/cuda_context.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -22,22 +24,8 @@ namespace peerless {
 
 namespace {
 
-constexpr int kThreads = 256, kNormBlocks = 256;
+constexpr int kNormBlocks = 256;
 
-// Σ x² in float64 of one range: per-block partials (grid-stride), added on the host in block order.
-__global__ void sumsq_kernel(const float* x, int64_t n, double* partials) {
-  __shared__ double s[kThreads];
-  double acc = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    acc += static_cast<double>(x[i]) * x[i];
-  s[threadIdx.x] = acc;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w /= 2) {
-    if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[blockIdx.x] = s[0];
-}
 
 // The NCCL communicator's stream (through the host-staging wrapper), or null for other backends.
 cudaStream_t comm_stream_of(const Comm& comm) {
@@ -248,8 +236,7 @@ double DeviceDataParallel::grad_norm(const float* grads) {
   double* partials = static_cast<double*>(g.partials.get());
   for (size_t r = 0; r < pieces.size(); ++r) {
     const auto [lo, hi] = pieces[r].range;
-    sumsq_kernel<<<kNormBlocks, kThreads, 0, g.compute>>>(grads + lo, hi - lo, partials + r * kNormBlocks);
-    PL_CUDA_CHECK_LAUNCH(sumsq_kernel);
+    sumsq_partials_cuda(grads + lo, hi - lo, partials + r * kNormBlocks, kNormBlocks, g.compute);
   }
   std::vector<double> host(pieces.size() * kNormBlocks);
   PL_CUDA_CHECK(cudaMemcpyAsync(host.data(), partials, sizeof(double) * host.size(), cudaMemcpyDeviceToHost, g.compute));

@@ -2,6 +2,7 @@
 set -euo pipefail
 bin="$1"
 src="$2"
+export PYTHONPATH="$src/tests/cli${PYTHONPATH:+:$PYTHONPATH}"  # run_compare.py for the inline Python
 shared="${PEERLESS_SHARED:-$src/../shared}/data"
 [[ -f "$shared/tinyshakespeare/input.txt" ]] || { echo "FAIL: shared data missing at $shared"; exit 1; }
 work="$(mktemp -d)"

@@ -31,34 +31,10 @@ pair e --set parallel.deterministic=on "${peer[@]}"
 pair f --set parallel.deterministic=off
 grep -q "data parallel: 2 ranks, backend mpi" d2.log || { cat d2.log; fail "2-rank run did not report its setup"; }
 /usr/bin/python3 - <<'PY'
+from run_compare import rows, rel, params_sha, same_model
 import json
 import shutil
 import subprocess
-def rows(name):
-    return [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
-def rel(x, y):
-    return abs(x - y) / abs(x)
-def params_sha(name):
-    line = [l for l in open(f"{name}.log") if l.startswith("parameters sha256: ")]
-    assert len(line) == 1, (name, "no parameters sha256 line")
-    return line[0].split()[-1]
-def same_model(one, two):
-    # Every dataset but the config text (it names the run): h5py where installed, else h5diff, else
-    # (the GPU machine has neither) the trainer's SHA-256 of the saved parameters.
-    try:
-        import h5py
-    except ImportError:
-        if shutil.which("h5diff"):
-            r = subprocess.run(["h5diff", "--exclude-path", "/config", f"runs/{one}/model.h5", f"runs/{two}/model.h5"])
-            return r.returncode == 0, "h5diff"
-        return params_sha(one) == params_sha(two), "parameters sha256 " + params_sha(one)[:16]
-    out = []
-    for name in (one, two):
-        d = {}
-        with h5py.File(f"runs/{name}/model.h5", "r") as f:
-            f.visititems(lambda k, v: d.__setitem__(k, v[()].tobytes()) if isinstance(v, h5py.Dataset) and k != "config" else None)
-        out.append(d)
-    return out[0] == out[1] and len(out[0]) > 0, f"{len(out[0])} datasets"
 for one, two in [("d1", "d2"), ("e1", "e2")]:
     base, other = rows(one), rows(two)
     assert len(base) == 21 and len(other) == 21, (two, len(base), len(other))

@@ -54,12 +54,8 @@ done
 grep -q "sharded by rows over 4 ranks" s4.log || { cat s4.log; fail "s4: the table is not sharded"; }
 grep -q "ZeRO-1 slices of 2 ranks" z2.log || { cat z2.log; fail "z2: no ZeRO-1"; }
 /usr/bin/python3 - <<'PY'
+from run_compare import rows, rel, params_sha, same_model
 import json
-def rows(name):
-    r = [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
-    return [x for x in r if "loss" in x]
-def rel(x, y):
-    return abs(x - y) / abs(x)
 for base, name in [("b1", "s2"), ("b1", "s4"), ("b1", "z2"), ("q1", "q2")]:
     a, b = rows(base), rows(name)
     assert len(a) == 20 and len(b) == 20, (name, len(a), len(b))
@@ -93,6 +89,7 @@ grep "^device: cuda" million.log
 awk -v p="$planned" -v m="$measured" 'BEGIN { d = p - m; if (d < 0) d = -d; exit !(d <= 0.10 * m) }' ||
   fail "million: planned $planned bytes per rank, measured $measured (more than 10% apart)"
 /usr/bin/python3 - <<'PY'
+from run_compare import rows, rel, params_sha, same_model
 import json, math
 r = [json.loads(l) for l in open("runs/million/metrics.jsonl")]
 losses = [x["loss"] for x in r if "loss" in x]

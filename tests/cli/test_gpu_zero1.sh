@@ -47,34 +47,11 @@ grep -q "ZeRO-1 slices of 4 ranks" d4z1.log || { cat d4z1.log; fail "4-rank ZeRO
 grep -q "gradient exchange (parallel.overlap = true): exposed" f2z1o1.log || { cat f2z1o1.log; fail "no exchange timing"; }
 grep -q "gradient buckets: reduced as they complete" f2z0o1.log || { cat f2z0o1.log; fail "no bucket line"; }
 /usr/bin/python3 - <<'PY'
+from run_compare import rows, rel, params_sha, same_model
 import json
 import re
 import shutil
 import subprocess
-def rows(name):
-    return [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
-def rel(x, y):
-    return abs(x - y) / abs(x)
-def params_sha(name):
-    line = [l for l in open(f"{name}.log") if l.startswith("parameters sha256: ")]
-    assert len(line) == 1, (name, "no parameters sha256 line")
-    return line[0].split()[-1]
-def same_model(one, two):
-    # As test_gpu_data_parallel.sh: h5py, else h5diff, else the trainer's SHA-256 of the saved parameters.
-    try:
-        import h5py
-    except ImportError:
-        if shutil.which("h5diff"):
-            r = subprocess.run(["h5diff", "--exclude-path", "/config", f"runs/{one}/model.h5", f"runs/{two}/model.h5"])
-            return r.returncode == 0, "h5diff"
-        return params_sha(one) == params_sha(two), "parameters sha256 " + params_sha(one)[:16]
-    out = []
-    for name in (one, two):
-        d = {}
-        with h5py.File(f"runs/{name}/model.h5", "r") as f:
-            f.visititems(lambda k, v: d.__setitem__(k, v[()].tobytes()) if isinstance(v, h5py.Dataset) and k != "config" else None)
-        out.append(d)
-    return out[0] == out[1] and len(out[0]) > 0, f"{len(out[0])} datasets"
 def identical(one, two, what):
     base, other = rows(one), rows(two)
     assert len(base) == 21 and len(other) == 21, (two, len(base), len(other))
@@ -134,9 +111,8 @@ if [[ ${gpus:-0} -ge 2 ]]; then
   done
   grep -q "during the backward (NCCL stream)" n2z0true.log || { cat n2z0true.log; fail "NCCL run did not overlap"; }
   /usr/bin/python3 - <<'PY'
+from run_compare import rows, rel, params_sha, same_model
 import json
-def rows(name):
-    return [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
 a, b = rows("d1z0"), rows("n2z1")
 for key in ("loss", "grad_norm", "val_loss"):
     assert [r.get(key) for r in a] == [r.get(key) for r in b], ("n2z1", key)
