@@ -39,8 +39,9 @@ struct PkmParams {
 void check_supported(const PeerLayerShape& s) {
   PL_CHECK(s.k <= kPeerRetrievalCudaMaxK, config, "run.device = \"cuda\": model.pkm_topk = ", s.k,
            " exceeds the GPU retrieval's ", kPeerRetrievalCudaMaxK, "; use a smaller k or run.device = \"cpu\"");
-  PL_CHECK(s.heads * s.k <= kPeerQueryCudaMaxEntries, config, "run.device = \"cuda\": model.pkm_heads · model.pkm_topk = ",
-           s.heads, " · ", s.k, " exceeds the GPU query backward's ", kPeerQueryCudaMaxEntries,
+  PL_CHECK(s.heads * s.k <= kPeerQueryCudaMaxEntries, config,
+           "run.device = \"cuda\": model.pkm_heads · model.pkm_topk = ", s.heads, " · ", s.k,
+           " exceeds the GPU query backward's ", kPeerQueryCudaMaxEntries,
            " entries per token; use fewer heads or a smaller k, or run.device = \"cpu\"");
 }
 

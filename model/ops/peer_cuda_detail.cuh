@@ -416,7 +416,8 @@ __global__ void __launch_bounds__(256) row_sums_kernel(RowSums rs, const float* 
 #pragma unroll
           for (int m = 0; m < kPer; ++m)
 #pragma unroll
-            for (int i = 0; i < V; ++i) acc[m].v[i] += cf[b] * sv[b][m].v[i];
+            for (int i = 0; i < V; ++i)  // one rounding per term (pkm_values.cpp writes std::fma)
+              acc[m].v[i] = fmaf(cf[b], sv[b][m].v[i], acc[m].v[i]);
           if (e0 + u0 + b + 1 < cur_end) continue;
           // The row's last entry: store its slice, start the next row.
           float* dst = base + __shfl_sync(0xffffffffu, my_dst, ri);

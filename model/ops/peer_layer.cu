@@ -6,7 +6,8 @@
 // distinct rows used, in j order), scores -> sub-keys (dC, dC′: a scatter onto n rows hit by many
 // tokens, reduced without atomics: entries sorted by sub-key row, fixed tiles of sorted entries, a
 // second pass for rows crossing tiles), BatchNorm backward and the two projection GEMMs. Every
-// buffer lives in a caller-owned PeerLayerCuda sized once for the largest shape.
+// buffer lives in a caller-owned PeerLayerCuda sized once for the largest shape. The query half
+// (query_forward / query_backward below) is also public on its own, peer_query_*_cuda, for PKM.
 #include <cuda_runtime.h>
 
 #include <algorithm>

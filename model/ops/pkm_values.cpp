@@ -1,10 +1,13 @@
 // CPU reference of PKM's value bag (pkm_values.h): forward parallel over tokens, each token's entries
 // in (head, j) order; backward's dgates per entry, and the value gradient grouped by row (sort by
 // row, then entry = token order, detail::group_by_row as PEER's table gradient), each distinct row
-// summed by one thread in that order. Every output is a fixed-order sum.
+// summed by one thread in that order. Every output is a fixed-order sum, its product-adds written as
+// std::fma (one rounding, fixed by the source rather than by the compiler's contraction), so the
+// CUDA kernels reproduce the forward and the value gradient bit for bit.
 #include "model/ops/pkm_values.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "model/ops/peer_detail.h"
@@ -36,7 +39,7 @@ void forward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const 
     for (int64_t e = t * hk; e < (t + 1) * hk; ++e) {
       const T g = gates[e];
       const T* v = values + static_cast<int64_t>(ids[e]) * d;
-      for (int64_t c = 0; c < d; ++c) o[c] += g * v[c];
+      for (int64_t c = 0; c < d; ++c) o[c] = std::fma(g, v[c], o[c]);
     }
   }
 }
@@ -47,7 +50,8 @@ void backward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const
   validate(s);
   const int64_t d = s.dim, hk = s.heads * s.k, count = s.entries();
 #pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
-  for (int64_t e = 0; e < count; ++e) dgates[e] = detail::dot(values + static_cast<int64_t>(ids[e]) * d, dy + (e / hk) * d, d);
+  for (int64_t e = 0; e < count; ++e)
+    dgates[e] = detail::dot(values + static_cast<int64_t>(ids[e]) * d, dy + (e / hk) * d, d);
   std::vector<uint64_t> keys;
   std::vector<int64_t> seg;
   detail::group_by_row(
@@ -64,7 +68,7 @@ void backward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const
       const int64_t i = detail::key_entry(keys[e]);
       const T g = gates[i];
       const T* dyt = dy + (i / hk) * d;
-      for (int64_t c = 0; c < d; ++c) dv[c] += g * dyt[c];
+      for (int64_t c = 0; c < d; ++c) dv[c] = std::fma(g, dyt[c], dv[c]);
     }
   }
 }

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) pkm_values_forward_kernel(int64_t d,
       const float g = g_s[e];
       const Vec<V> v = load<V>(values + int64_t{id_s[e]} * d + c);
 #pragma unroll
-      for (int i = 0; i < V; ++i) o.v[i] += g * v.v[i];
+      for (int i = 0; i < V; ++i) o.v[i] = fmaf(g, v.v[i], o.v[i]);
     }
     store<V>(out + t * d + c, o);
   }
