@@ -42,10 +42,10 @@ class CpuStepRunner final : public StepRunner {
     };
     run_micro_batches(pass, sum_gradients, dp.exact(), s_.expert_counts, s_.lead, step);
     share_touched_rows();
-    // PEER BatchNorm running statistics from the summed batch statistics of all micro-batches
+    // PEER / PKM BatchNorm running statistics from the summed batch statistics of all micro-batches
     // (deterministic mode: every rank holds the whole sum and updates every buffer).
     const int64_t total = s_.model->layout().total();
-    if (s_.model->n_peer_layers() > 0)
+    if (s_.model->layout().count(ParamKind::buffer) > 0)
       s_.model->update_buffers(s_.params.data(), s_.grads.data(), s_.A * s_.world,
                                dp.deterministic() ? std::vector<Range>{{0, total}} : dp.owned());
     StepResult r;

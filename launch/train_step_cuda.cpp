@@ -112,7 +112,7 @@ class CudaStepRunner final : public StepRunner {
              s_.cfg.optim.lr, ")");
     StepResult r;
     r.loss = loss_sum / static_cast<double>(counted_);
-    if (s_.model->n_peer_layers() > 0) cuda_->update_buffers(s_.A * s_.world);
+    if (s_.model->layout().count(ParamKind::buffer) > 0) cuda_->update_buffers(s_.A * s_.world);  // PEER, PKM
     // ZeRO-1's fast path holds the reduced gradient on its slices only; sharded tables hold this
     // rank's rows: both sum over groups of ranks (DataParallel::norm_pieces).
     const bool pieces = s_.world > 1 && !exact_ && (ddp_->zero1() || s_.model->experts_sharded());

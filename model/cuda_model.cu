@@ -320,7 +320,7 @@ void CudaModel::add_expert_counts(std::vector<double>& counts) {
 void CudaModel::update_buffers(int64_t micro_batches) {
   Impl& im = *impl_;
   CudaContext& g = im.g;
-  if (im.host.n_peer_layers() == 0) return;
+  if (g.layout.count(ParamKind::buffer) == 0) return;  // no PEER / PKM BatchNorm
   const float m = im.host.peer_shape(0).bn_momentum;
   const float inv = 1.f / static_cast<float>(std::max<int64_t>(1, micro_batches));
   for (const ParamInfo& p : g.layout.entries()) {

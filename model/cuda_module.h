@@ -51,7 +51,7 @@ struct CudaModuleBuild {
 };
 
 // The layout index of parameter `name` of block `layer` ("blocks/<layer>/<name>"), for kinds whose
-// CPU half records no BlockParams entries (attention, swiglu); an internal error when absent.
+// CPU half records no BlockParams entries (attention, swiglu, pkm); an internal error when absent.
 int block_param(const ParamLayout& layout, int64_t layer, const std::string& name);
 
 // The CUDA half of build.module's kind, its buffers allocated (counted in g.bytes) and its scratch
@@ -67,5 +67,6 @@ std::unique_ptr<CudaModule> make_glu_cuda(CudaContext& g, const CudaModuleBuild&
 std::unique_ptr<CudaModule> make_peer_cuda(CudaContext& g, const CudaModuleBuild& b);
 std::unique_ptr<CudaModule> make_attention_cuda(CudaContext& g, const CudaModuleBuild& b);
 std::unique_ptr<CudaModule> make_swiglu_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_pkm_cuda(CudaContext& g, const CudaModuleBuild& b);
 
 }  // namespace peerless

@@ -18,6 +18,10 @@
 // And once with block 1's GLU replaced by a PEER layer (fp32 storage; the same tolerances: the PEER
 // layer is fp32 on both sides, and a retrieval that flips between two near-tied experts after the
 // trajectories separate changes one of 4 gates of one token, a small loss change).
+// And with the PKM channel mixer in both blocks (model/modules/pkm_cuda.cu; fp32 storage, the PEER
+// case's tolerances for the same reasons: the query half is PEER's fp32 code on both sides, the value
+// bag and its gradient are bit-identical to the CPU's from equal inputs (tests/test_pkm_cuda.cpp),
+// and after the trajectories separate a near-tied retrieval can flip one of 4 gates of one token).
 // And with Q-Sparse at sparsity 0.5 on every BitLinear, top-K (fp32 storage) and N:M 16:32 (bf16
 // storage), with the tolerances of their storage: the fused kernels select exactly the CPU's kept
 // set from equal inputs (tests/test_qsparse_fused_cuda.cpp), so step 1 is as tight as without it;
@@ -66,6 +70,7 @@ struct CurveCase {
   bool peer;  // block 1's GLU replaced by a PEER layer
   Arch arch = Arch::mmf;
   int64_t qsparse_block = -1;  // Q-Sparse at sparsity 0.5 on every BitLinear: 0 top-K, > 0 N:M blocks; -1 off
+  bool pkm = false;            // model.channel_mixer = "pkm" (every block)
 };
 
 // Attention (2 query heads of 64, one KV head) + SwiGLU: Transformer++ (quant none, fp32 head) or
@@ -87,6 +92,7 @@ class CudaModelCurve : public ::testing::TestWithParam<CurveCase> {};
 
 TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   const bool bf16 = GetParam().bf16, peer = GetParam().peer, transformer = GetParam().arch != Arch::mmf;
+  const bool pkm = GetParam().pkm, batch_norm = peer || pkm;  // a query BatchNorm (running statistics)
   const bool bf16_forward = bf16 || transformer;  // the forward itself rounds to bf16 (see the top)
   const int64_t qsparse_block = GetParam().qsparse_block;
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
@@ -111,6 +117,13 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     mc.peer_heads = 2;
     mc.peer_topk = 4;
     mc.peer_key_dim = 16;
+  }
+  if (pkm) {  // 16² value rows, 2 heads of 4, query width 2·16
+    mc.channel_mixer = "pkm";
+    mc.pkm_n_sub = 16;
+    mc.pkm_heads = 2;
+    mc.pkm_topk = 4;
+    mc.pkm_key_dim = 16;
   }
   if (qsparse_block >= 0) {  // keep 32 of d = 64 and 128 of I = 256 (top-K), or 16 of every 32 (N:M)
     mc.qsparse = 0.5;
@@ -156,7 +169,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     std::fill(grads.begin(), grads.end(), 0.f);
     const double lc = cpu.forward(p_cpu.data(), ids.data(), targets.data(), B, T, ctx);
     cpu.backward(p_cpu.data(), ctx, grad_scale, grads.data());
-    if (peer) cpu.update_buffers(p_cpu.data(), grads.data(), 1, {Range(0, cpu.layout().total())});
+    if (batch_norm) cpu.update_buffers(p_cpu.data(), grads.data(), 1, {Range(0, cpu.layout().total())});
     const double nc = grad_norm_l2(grads.data(), static_cast<int64_t>(grads.size()));
     if (nc > oc.grad_clip) scale_in_place(grads.data(), static_cast<int64_t>(grads.size()), oc.grad_clip / nc);
     adam_cpu.step(p_cpu.data(), grads.data(), step, lr);
@@ -164,7 +177,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     // GPU step.
     cuda.zero_grads();
     const double lg = cuda.forward_backward(ids.data(), targets.data(), B, T, grad_scale);
-    if (peer) cuda.update_buffers(1);
+    if (batch_norm) cuda.update_buffers(1);
     const double ng = cuda.grad_norm();
     cuda.optimizer_step(step, lr, ng > oc.grad_clip ? static_cast<float>(oc.grad_clip / ng) : 1.0f);
     loss_cpu.push_back(lc / (B * T));
@@ -172,7 +185,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     if (step == 1) {
       // fp32 storage, dense: only the bf16 backward GEMMs differ (measured 4e-6); with a PEER block its
       // tables' sparse gradients average fewer rounded terms (measured 3e-4); bf16 storage 6e-4.
-      EXPECT_NEAR(ng, nc, (bf16_forward ? 2e-2 : peer ? 5e-3 : 1e-4) * nc) << "gradient norm at step 1";
+      EXPECT_NEAR(ng, nc, (bf16_forward ? 2e-2 : batch_norm ? 5e-3 : 1e-4) * nc) << "gradient norm at step 1";
       std::printf("step 1 gradient norm: cpu %.6f gpu %.6f\n", nc, ng);
     }
   }
@@ -220,13 +233,14 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
 std::string case_name(const CurveCase& c) {
   const char* arch = c.arch == Arch::tpp ? "_tpp" : c.arch == Arch::bitnet ? "_bitnet" : "";
   const char* qs = c.qsparse_block == 0 ? "_qsparse_topk" : c.qsparse_block > 0 ? "_qsparse_nm" : "";
-  return std::string(c.bf16 ? "bf16" : "fp32") + (c.peer ? "_peer" : "") + arch + qs;
+  return std::string(c.bf16 ? "bf16" : "fp32") + (c.peer ? "_peer" : "") + (c.pkm ? "_pkm" : "") + arch + qs;
 }
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
                          ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true},
                                            CurveCase{false, false, Arch::tpp}, CurveCase{false, false, Arch::bitnet},
-                                           CurveCase{false, false, Arch::mmf, 0}, CurveCase{true, false, Arch::mmf, 32}),
+                                           CurveCase{false, false, Arch::mmf, 0}, CurveCase{true, false, Arch::mmf, 32},
+                                           CurveCase{false, false, Arch::mmf, -1, true}),
                          [](const ::testing::TestParamInfo<CurveCase>& i) { return case_name(i.param); });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }

@@ -6,7 +6,9 @@
 // - a tiny model with channel_mixer = "pkm" trains (loss falls), its value gradient touches only
 //   retrieved rows, and its eval-mode BatchNorm uses the running statistics (a token's output does
 //   not depend on the rest of the batch);
-// - config keys, the expert-parallel refusal, FLOPs and active parameters.
+// - config keys, the expert-parallel refusal, FLOPs and active parameters;
+// - the value bag op (model/ops/pkm_values.h) against a dense scatter in entry order (its CUDA
+//   kernels: tests/test_pkm_cuda.cpp).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,6 +18,8 @@
 
 #include "model/model.h"
 #include "model/modules/pkm_mixer.h"
+#include "model/ops/op_registry.h"
+#include "model/ops/pkm_values.h"
 #include "model/optimizer.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
@@ -23,6 +27,11 @@
 using namespace peerless;
 
 namespace {
+
+// Coverage marker read by tests/test_ops_registry.cpp; it also checks the op is registered.
+#define OP_TEST(op) \
+  TEST(op_coverage, op) { EXPECT_NE(find_op(#op), nullptr) << #op " is missing from model/ops/op_registry.cpp"; }
+OP_TEST(pkm_values)
 
 using Vec = std::vector<double>;
 
@@ -466,5 +475,43 @@ TEST(ModelPkm, LazyAdamUpdatesOnlyRetrievedValueRows) {
       untouched += !hit[r];
     }
     EXPECT_GT(untouched, 0);  // 6 tokens × 2 heads × 3 rows cannot cover 64 rows
+  }
+}
+
+// The value bag op on its own: forward = Σ g·V[id] per token in entry order, dgates = V[id]·dy_t, and
+// the sparse value gradient = a dense scatter dV[id] += g·dy_t in entry order restricted to the rows
+// retrieved (ascending, each once): the same product-adds in the same order (std::fma), so equal bit
+// for bit; dgates to the rounding of a length-d dot in another order. Duplicate ids within a token
+// and across tokens, and rows never retrieved.
+TEST(ModelPkm, ValuesOpEqualsDenseScatter) {
+  const PkmValuesShape s{13, 9, 2, 3, 11};
+  const int64_t E = s.entries(), d = s.dim, hk = s.heads * s.k;
+  Rng r(41);
+  std::vector<int32_t> ids(static_cast<size_t>(E));
+  for (auto& id : ids) id = static_cast<int32_t>(r.next_u64() % 7);  // rows 7..10 never retrieved
+  ids[1] = ids[0];
+  std::vector<float> gates(E), values(s.n_rows * d), dy(s.tokens * d);
+  for (auto* v : {&gates, &values, &dy})
+    for (float& x : *v) x = static_cast<float>(r.normal());
+  std::vector<float> out(s.tokens * d), want(s.tokens * d, 0.f), dgates(E);
+  std::vector<float> dense(s.n_rows * d, 0.f);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t c = 0; c < d; ++c) {
+      want[(e / hk) * d + c] = std::fma(gates[e], values[ids[e] * d + c], want[(e / hk) * d + c]);
+      dense[ids[e] * d + c] = std::fma(gates[e], dy[(e / hk) * d + c], dense[ids[e] * d + c]);
+    }
+  pkm_values_forward_cpu(s, ids.data(), gates.data(), values.data(), out.data());
+  EXPECT_EQ(out, want);
+  PeerSparseGrad<float> dv;
+  pkm_values_backward_cpu(s, ids.data(), gates.data(), values.data(), dy.data(), dgates.data(), dv);
+  ASSERT_EQ(dv.width, d);
+  EXPECT_EQ(dv.rows, (std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6}));
+  std::vector<float> scattered(s.n_rows * d, 0.f);
+  peer_sparse_grad_scatter_add_cpu(dv, scattered.data());
+  EXPECT_EQ(scattered, dense);
+  for (int64_t e = 0; e < E; ++e) {
+    double want_dg = 0;
+    for (int64_t c = 0; c < d; ++c) want_dg += double(values[ids[e] * d + c]) * dy[(e / hk) * d + c];
+    EXPECT_NEAR(dgates[e], want_dg, 1e-5 * (1 + std::fabs(want_dg))) << "entry " << e;
   }
 }

@@ -17,6 +17,7 @@ const CudaKind kCudaKinds[] = {
     {"peer", make_peer_cuda},
     {"attention", make_attention_cuda, true},
     {"swiglu", make_swiglu_cuda, true},
+    {"pkm", make_pkm_cuda, true},
 };
 
 }  // namespace

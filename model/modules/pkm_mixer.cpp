@@ -8,16 +8,18 @@
 // it; β is the bias that remains), so the query has none, like PEER's.
 // The value gradient is sparse (the rows retrieved), summed per row in token order like PEER's
 // table gradient. The value table is whole on every rank (Model refuses parallel.expert_parallel > 1
-// with a pkm block).
+// with a pkm block). The value bag is the op of model/ops/pkm_values.h; the kind's CUDA half is
+// model/modules/pkm_cuda.cu.
 #include "model/modules/pkm_mixer.h"
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "model/model.h"
 #include "model/modules/mixers.h"
 #include "model/modules/peer_mixer.h"
-#include "model/ops/peer_detail.h"
+#include "model/ops/pkm_values.h"
 #include "model/ops/row_math.h"
 #include "runtime/error.h"
 
@@ -25,50 +27,9 @@ namespace peerless {
 
 namespace {
 
-// out_t = Σ over the token's h·k entries, in (head, j) order, of g·V[id].
-template <typename T>
-void values_forward(const PeerLayerShape& s, const PeerQueryContext<T>& ctx, const T* values, T* out) {
-  const int64_t d = s.dim, hk = s.heads * s.k;
-#pragma omp parallel for schedule(static) if (s.tokens * hk * d >= detail::kParallelMin)
-  for (int64_t t = 0; t < s.tokens; ++t) {
-    T* o = out + t * d;
-    std::fill(o, o + d, T(0));
-    for (int64_t e = t * hk; e < (t + 1) * hk; ++e) {
-      const T g = ctx.gates[e];
-      const T* v = values + static_cast<int64_t>(ctx.ids[e]) * d;
-      for (int64_t c = 0; c < d; ++c) o[c] += g * v[c];
-    }
-  }
-}
-
-// dgates = V[id]·dy_t per entry; dvalues: the entries grouped by row (sort by row, then entry =
-// token order, as PEER's table gradient), each distinct row summed by one thread in that order.
-template <typename T>
-void values_backward(const PeerLayerShape& s, const PeerQueryContext<T>& ctx, const T* values, const T* dy, T* dgates,
-                     PeerSparseGrad<T>& dvalues) {
-  const int64_t d = s.dim, hk = s.heads * s.k, count = s.tokens * hk;
-#pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
-  for (int64_t e = 0; e < count; ++e)
-    dgates[e] = detail::dot(values + static_cast<int64_t>(ctx.ids[e]) * d, dy + (e / hk) * d, d);
-  std::vector<uint64_t> keys;
-  std::vector<int64_t> seg;
-  detail::group_by_row(
-      count, [&ctx](int64_t i) { return ctx.ids[i]; }, keys, seg);
-  const int64_t n_rows = static_cast<int64_t>(seg.size()) - 1;
-  dvalues.width = d;
-  dvalues.rows.resize(static_cast<size_t>(n_rows));
-  dvalues.values.assign(static_cast<size_t>(n_rows * d), T(0));
-#pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
-  for (int64_t r = 0; r < n_rows; ++r) {
-    dvalues.rows[r] = static_cast<int32_t>(detail::key_row(keys[seg[r]]));
-    T* dv = dvalues.values.data() + r * d;
-    for (int64_t e = seg[r]; e < seg[r + 1]; ++e) {
-      const int64_t i = detail::key_entry(keys[e]);
-      const T g = ctx.gates[i];
-      const T* dyt = dy + (i / hk) * d;
-      for (int64_t c = 0; c < d; ++c) dv[c] += g * dyt[c];
-    }
-  }
+// The value half's shape: the query's tokens, heads, k; n_sub² rows of width d.
+PkmValuesShape values_shape(const PeerLayerShape& s) {
+  return {s.tokens, s.dim, s.heads, s.k, s.n_sub * s.n_sub};
 }
 
 template <typename T>
@@ -76,7 +37,7 @@ PeerQueryContext<T> layer_forward(const PeerLayerShape& s, PeerNormMode mode, co
                                   const T* values, const T* x, T* out) {
   PeerQueryContext<T> ctx;
   peer_query_forward_cpu(s, mode, query, x, ctx);
-  values_forward(s, ctx, values, out);
+  pkm_values_forward_cpu(values_shape(s), ctx.ids.data(), ctx.gates.data(), values, out);
   return ctx;
 }
 
@@ -88,7 +49,7 @@ void layer_backward(const PeerLayerShape& s, const PeerLayerParams<T>& query, co
   PL_CHECK(static_cast<int64_t>(ctx.gates.size()) == count, config,
            "pkm layer backward: the context does not match the shape (was it made by a forward with this shape?)");
   std::vector<T> dgates(static_cast<size_t>(count)), dscores(static_cast<size_t>(count));
-  values_backward(s, ctx, values, dy, dgates.data(), dvalues);
+  pkm_values_backward_cpu(values_shape(s), ctx.ids.data(), ctx.gates.data(), values, dy, dgates.data(), dvalues);
   peer_softmax_gates_backward_cpu(groups, s.k, ctx.gates.data(), dgates.data(), dscores.data());
   std::fill(dx, dx + s.tokens * s.dim, T(0));  // the output depends on x through the query only
   peer_query_backward_cpu(s, query, ctx, x, dscores.data(), dx, g);
@@ -188,13 +149,13 @@ class PkmMixer final : public Module {
   }
 
   static const PeerQueryContext<float>& context(const Cache& c) { return static_cast<const PkmCache&>(c).query; }
-
- private:
   PeerLayerShape shape(int64_t tokens) const {
     PeerLayerShape s = shape_;
     s.tokens = tokens;
     return s;
   }
+
+ private:
   PeerLayerParams<float> views(const Model& m, const float* params) const {
     const ParamLayout& L = m.layout();
     return q_.views(L, params, q_.running(L, params, q_.bn_mean), q_.running(L, params, q_.bn_var));
@@ -233,5 +194,10 @@ void pkm_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<doubl
 std::unique_ptr<Module> make_pkm_mixer(ModuleBuild& b) { return std::make_unique<PkmMixer>(b); }
 
 const PeerQueryContext<float>& pkm_module_context(const Module::Cache& c) { return PkmMixer::context(c); }
+
+PeerLayerShape pkm_module_shape(const Module& m, int64_t tokens) {
+  PL_CHECK(std::string(m.kind()) == "pkm", internal, "pkm_module_shape of a \"", m.kind(), "\" module");
+  return static_cast<const PkmMixer&>(m).shape(tokens);
+}
 
 }  // namespace peerless

@@ -3,7 +3,8 @@
 // projection, BatchNorm, product-key top-k, softmax gates; one implementation for both kinds) and a
 // softmax-weighted bag of value rows instead of experts:
 //   y_t = Σ_heads Σ_j g_tj · V[id_tj],   V (n², d)
-// CPU only: the CUDA trainer refuses the kind. The float64 overloads serve gradient checks.
+// The value bag is the op of model/ops/pkm_values.h; the CUDA half of the kind is pkm_cuda.cu. The
+// float64 overloads serve gradient checks.
 #pragma once
 
 #include "model/module.h"
@@ -34,5 +35,8 @@ void pkm_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<doubl
 
 // The query half's context of a "pkm" module's cache (its last forward's ids and gates).
 const PeerQueryContext<float>& pkm_module_context(const Module::Cache& c);
+// The layer shape of a "pkm" module at `tokens` (its CUDA half, model/modules/pkm_cuda.cu, runs the
+// same shape); an internal error for other kinds.
+PeerLayerShape pkm_module_shape(const Module& m, int64_t tokens);
 
 }  // namespace peerless

@@ -24,6 +24,7 @@ constexpr std::array kOps = {
     OpInfo{"peer_retrieval", "peer_retrieval.h", true, true},
     OpInfo{"peer_experts", "peer_experts.h", true, true},
     OpInfo{"peer_layer", "peer_layer.h", true, true},
+    OpInfo{"pkm_values", "pkm_values.h", true, true},
     OpInfo{"qsparse_topk", "qsparse.h", true, true},
     OpInfo{"qsparse_block", "qsparse.h", true, true},
     OpInfo{"adamw_ternary", "adamw.h", true, true},

@@ -306,4 +306,157 @@ inline unsigned int warp_row_blocks(Kernel kernel, int64_t cap, int threads) {
   return static_cast<unsigned int>(need < want ? (need > 0 ? need : 1) : want);
 }
 
+// ---- shared by the PEER experts and PKM values -----------------------------------------------------
+
+// z = row[0:d]·vec (vec in shared memory) by one warp; every lane gets the same bits.
+template <int V>
+__device__ __forceinline__ float warp_dot(const float* row, const float* vec, int64_t d) {
+  float acc = 0.0f;
+  for (int64_t c = int64_t{threadIdx.x % kWarp} * V; c < d; c += kWarp * V) {
+    const Vec<V> a = load<V>(row + c), b = load<V>(vec + c);
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc += a.v[i] * b.v[i];
+  }
+  return warp_sum(acc);
+}
+
+// The deterministic row sums behind the PEER table gradient (peer_experts.cu: du = Σ dz·x_t into
+// columns [0, d) of the 2d-wide rows, dv = Σ g·a·dy_t into [d, 2d)) and PKM's value gradient
+// (pkm_values.cu: dV = Σ g·dy_t, rows d wide): over each distinct row's entries in entry order,
+// Σ coef[entry]·src[token of the entry] (d columns), written to columns [col_off, col_off + d) of
+// the row's sparse slot or added to the dense gradient's row (rows `width` wide). The entries are
+// sorted by row, so the tokens t a row needs are scattered over the whole (tokens, d) source: the
+// source must come from L2, not HBM. At 8192 tokens x or dy is 32 MiB,
+// more than L2 keeps for all SMs alike, so the rows are visited in column slices of kSlice (a warp's
+// 32 lanes x V x kPer) and all warps walk the same slice at a time: its 8 MiB of source stays in L2,
+// and HBM sees little besides the gradient rows written (streaming hint: they do not push it out).
+// A warp visit covers kGroup consecutive distinct rows for one slice: the lanes fetch the rows' entry
+// ranges, then up to 32 entries (token offset, coefficient) at a time, which are handed out by
+// shuffles; the source loads of kBatch entries are issued before their terms are added in order, and
+// a row's sum is stored when its last entry is in. Work items (slice, group) are taken in order with
+// a grid stride over the warps.
+template <int V>
+__device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
+  if constexpr (V == 4) {
+    __stcs(reinterpret_cast<float4*>(p), make_float4(r.v[0], r.v[1], r.v[2], r.v[3]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) __stcs(p + i, r.v[i]);
+  }
+}
+constexpr int kSlice = 256, kGroup = 32, kBatch = 4;
+// What the sums are over: d columns of the (tokens, d) source, into rows `width` wide from column
+// col_off; an entry's token is entry / hk (dense form) or token_of[entry] (gated form, when set).
+struct RowSums {
+  int64_t d = 0, width = 0, col_off = 0;
+  int hk = 1;
+  const int32_t* token_of = nullptr;
+};
+template <int V>
+__global__ void __launch_bounds__(256) row_sums_kernel(RowSums rs, const float* src, const float* coef,
+                                                       RowGroups groups, float* sparse_values, float* dense) {
+  const int64_t d = rs.d, width = rs.width;
+  const int hk = rs.hk;
+  const int32_t* token_of = rs.token_of;
+  constexpr int kPer = kSlice / (kWarp * V);  // V-wide column groups per lane
+  const int64_t n_rows = *groups.n_rows;
+  const int64_t slices = (d + kSlice - 1) / kSlice, n_groups = (n_rows + kGroup - 1) / kGroup;
+  const int lane = threadIdx.x % kWarp, warps_per_block = blockDim.x / kWarp;
+  const int64_t n_warps = int64_t{gridDim.x} * warps_per_block;
+  for (int64_t w = blockIdx.x * int64_t{warps_per_block} + threadIdx.x / kWarp; w < slices * n_groups;
+       w += n_warps) {
+    const int64_t slice = w / n_groups, r0 = (w - slice * n_groups) * kGroup, col0 = slice * kSlice;
+    const int nr = static_cast<int>(n_rows - r0 < kGroup ? n_rows - r0 : kGroup);
+    // Lane i: row r0 + i, its end in the entry list and its destination.
+    int32_t my_end = 0;
+    int64_t my_dst = 0;
+    if (lane < nr) {
+      my_end = groups.offsets[r0 + lane + 1];
+      my_dst = (dense ? int64_t{groups.rows[r0 + lane]} : r0 + lane) * width + rs.col_off + col0;
+    }
+    float* base = dense ? dense : sparse_values;
+    const int32_t e_beg = groups.offsets[r0], e_end = __shfl_sync(0xffffffffu, my_end, nr - 1);
+    int ri = 0;  // the row being summed (within the group)
+    int32_t cur_end = __shfl_sync(0xffffffffu, my_end, 0);
+    Vec<V> acc[kPer];
+#pragma unroll
+    for (int m = 0; m < kPer; ++m)
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[m].v[i] = 0.0f;
+    for (int32_t e0 = e_beg; e0 < e_end; e0 += kWarp) {
+      int64_t my_off = 0;  // entry e0 + lane: its token's row offset in src, its coefficient
+      float my_cf = 0.0f;
+      if (e0 + lane < e_end) {
+        const int32_t entry = groups.entries[e0 + lane];
+        my_off = int64_t{token_of ? token_of[entry] : entry / hk} * d;
+        my_cf = coef[entry];
+      }
+      const int n = e_end - e0 < kWarp ? e_end - e0 : kWarp;
+      for (int u0 = 0; u0 < n; u0 += kBatch) {
+        Vec<V> sv[kBatch][kPer];
+        float cf[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int64_t off = __shfl_sync(0xffffffffu, my_off, (u0 + b) % kWarp);
+          cf[b] = __shfl_sync(0xffffffffu, my_cf, (u0 + b) % kWarp);
+#pragma unroll
+          for (int m = 0; m < kPer; ++m) {
+            const int64_t c = col0 + (int64_t{m} * kWarp + lane) * V;
+            if (u0 + b < n && c < d) {
+              sv[b][m] = load<V>(src + off + c);
+            } else {
+#pragma unroll
+              for (int i = 0; i < V; ++i) sv[b][m].v[i] = 0.0f;
+            }
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (u0 + b >= n) break;
+#pragma unroll
+          for (int m = 0; m < kPer; ++m)
+#pragma unroll
+            for (int i = 0; i < V; ++i)  // one rounding per term (pkm_values.cpp writes std::fma)
+              acc[m].v[i] = fmaf(cf[b], sv[b][m].v[i], acc[m].v[i]);
+          if (e0 + u0 + b + 1 < cur_end) continue;
+          // The row's last entry: store its slice, start the next row.
+          float* dst = base + __shfl_sync(0xffffffffu, my_dst, ri);
+#pragma unroll
+          for (int m = 0; m < kPer; ++m) {
+            const int64_t c = (int64_t{m} * kWarp + lane) * V;
+            if (col0 + c >= d) continue;
+            if (dense) {
+              const Vec<V> a = load<V>(dst + c);
+#pragma unroll
+              for (int i = 0; i < V; ++i) acc[m].v[i] = a.v[i] + acc[m].v[i];
+              store<V>(dst + c, acc[m]);
+            } else {
+              store_streaming<V>(dst + c, acc[m]);
+            }
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[m].v[i] = 0.0f;
+          }
+          ++ri;
+          cur_end = __shfl_sync(0xffffffffu, my_end, ri % kWarp);
+        }
+      }
+    }
+  }
+}
+
+// Launches row_sums_kernel over the (device-counted) distinct rows of `groups` (at most cap), with
+// 16-byte loads when `vec` (d % 4 == 0 and every pointer 16-byte aligned; col_off and width too).
+inline void row_sums_cuda(bool vec, const RowSums& rs, const float* src, const float* coef, const RowGroups& groups,
+                          int64_t cap, float* sparse_values, float* dense, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t visits = (rs.d + kSlice - 1) / kSlice * ((cap + kGroup - 1) / kGroup);  // warp work items
+  const unsigned blocks = vec ? warp_row_blocks(row_sums_kernel<4>, visits, kThreads)
+                             : warp_row_blocks(row_sums_kernel<1>, visits, kThreads);
+  if (vec)
+    row_sums_kernel<4><<<blocks, kThreads, 0, stream>>>(rs, src, coef, groups, sparse_values, dense);
+  else
+    row_sums_kernel<1><<<blocks, kThreads, 0, stream>>>(rs, src, coef, groups, sparse_values, dense);
+  PL_CUDA_CHECK_LAUNCH(row_sums_kernel);
+}
+
 }  // namespace peerless::peer_cuda

@@ -7,7 +7,7 @@
 // and leaves two coefficients per entry (dz for the u half, g·σ(z) for the v half); the table
 // gradient is then a transposed product reduced without atomics: entries sorted by row (stable cub
 // radix sort), each distinct row summing dz·x_t, then (a second pass) g·a·dy_t, in entry (= token)
-// order, in column slices whose (tokens, slice) source stays in L2 (peer_table_grad_kernel).
+// order, in column slices whose (tokens, slice) source stays in L2 (row_sums_kernel, peer_cuda_detail.cuh).
 // Memory traffic per token at d = 1024, h·k = 128: forward 128 rows x 8 KiB = 1 MiB of table reads;
 // backward the same again plus the gradient rows written (8 KiB per distinct row) and x/dy re-read
 // per entry (mostly from L2). bench_peer_layer.cu measures it.
@@ -56,18 +56,6 @@ __global__ void peer_softmax_gates_backward_kernel(int64_t groups, int64_t k, co
 unsigned int group_blocks(int64_t groups) {
   const int64_t b = (groups + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(std::clamp<int64_t>(b, 1, 65535));
-}
-
-// z = row[0:d]·vec (vec in shared memory) by one warp; every lane gets the same bits.
-template <int V>
-__device__ __forceinline__ float warp_dot(const float* row, const float* vec, int64_t d) {
-  float acc = 0.0f;
-  for (int64_t c = int64_t{threadIdx.x % kWarp} * V; c < d; c += kWarp * V) {
-    const Vec<V> a = load<V>(row + c), b = load<V>(vec + c);
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc += a.v[i] * b.v[i];
-  }
-  return warp_sum(acc);
 }
 
 // The entries of token t: [t·hk, (t+1)·hk) in the dense form (offsets null), [offsets[t],
@@ -185,118 +173,6 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
   }
 }
 
-// The table gradient of one half of the rows: half 0: du = Σ dz·x_t, half 1: dv = Σ g·a·dy_t over each
-// distinct row's entries in entry order, written to the row's sparse slot or added to the dense
-// gradient's row. The entries are sorted by row, so the tokens t a row needs are scattered over the
-// whole (tokens, d) source: the source must come from L2, not HBM. At 8192 tokens x or dy is 32 MiB,
-// more than L2 keeps for all SMs alike, so the rows are visited in column slices of kSlice (a warp's
-// 32 lanes x V x kPer) and all warps walk the same slice at a time: its 8 MiB of source stays in L2,
-// and HBM sees little besides the gradient rows written (streaming hint: they do not push it out).
-// A warp visit covers kGroup consecutive distinct rows for one slice: the lanes fetch the rows' entry
-// ranges, then up to 32 entries (token offset, coefficient) at a time, which are handed out by
-// shuffles; the source loads of kBatch entries are issued before their terms are added in order, and
-// a row's sum is stored when its last entry is in. Work items (slice, group) are taken in order with
-// a grid stride over the warps. An entry's token is entry / hk (dense form) or token_of[entry] (gated form).
-template <int V>
-__device__ __forceinline__ void store_streaming(float* p, const Vec<V>& r) {
-  if constexpr (V == 4) {
-    __stcs(reinterpret_cast<float4*>(p), make_float4(r.v[0], r.v[1], r.v[2], r.v[3]));
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) __stcs(p + i, r.v[i]);
-  }
-}
-constexpr int kSlice = 256, kGroup = 32, kBatch = 4;
-template <int V>
-__global__ void __launch_bounds__(kThreads) peer_table_grad_kernel(int64_t d, int hk, const int32_t* token_of,
-                                                                   int half, const float* src, const float* coef,
-                                                                   RowGroups groups, float* sparse_values,
-                                                                   float* dense) {
-  constexpr int kPer = kSlice / (kWarp * V);  // V-wide column groups per lane
-  const int64_t n_rows = *groups.n_rows, width = 2 * d;
-  const int64_t slices = (d + kSlice - 1) / kSlice, n_groups = (n_rows + kGroup - 1) / kGroup;
-  const int lane = threadIdx.x % kWarp, warps_per_block = blockDim.x / kWarp;
-  const int64_t n_warps = int64_t{gridDim.x} * warps_per_block;
-  for (int64_t w = blockIdx.x * int64_t{warps_per_block} + threadIdx.x / kWarp; w < slices * n_groups;
-       w += n_warps) {
-    const int64_t slice = w / n_groups, r0 = (w - slice * n_groups) * kGroup, col0 = slice * kSlice;
-    const int nr = static_cast<int>(n_rows - r0 < kGroup ? n_rows - r0 : kGroup);
-    // Lane i: row r0 + i, its end in the entry list and its destination.
-    int32_t my_end = 0;
-    int64_t my_dst = 0;
-    if (lane < nr) {
-      my_end = groups.offsets[r0 + lane + 1];
-      my_dst = (dense ? int64_t{groups.rows[r0 + lane]} : r0 + lane) * width + half * d + col0;
-    }
-    float* base = dense ? dense : sparse_values;
-    const int32_t e_beg = groups.offsets[r0], e_end = __shfl_sync(0xffffffffu, my_end, nr - 1);
-    int ri = 0;  // the row being summed (within the group)
-    int32_t cur_end = __shfl_sync(0xffffffffu, my_end, 0);
-    Vec<V> acc[kPer];
-#pragma unroll
-    for (int m = 0; m < kPer; ++m)
-#pragma unroll
-      for (int i = 0; i < V; ++i) acc[m].v[i] = 0.0f;
-    for (int32_t e0 = e_beg; e0 < e_end; e0 += kWarp) {
-      int64_t my_off = 0;  // entry e0 + lane: its token's row offset in src, its coefficient
-      float my_cf = 0.0f;
-      if (e0 + lane < e_end) {
-        const int32_t entry = groups.entries[e0 + lane];
-        my_off = int64_t{token_of ? token_of[entry] : entry / hk} * d;
-        my_cf = coef[entry];
-      }
-      const int n = e_end - e0 < kWarp ? e_end - e0 : kWarp;
-      for (int u0 = 0; u0 < n; u0 += kBatch) {
-        Vec<V> sv[kBatch][kPer];
-        float cf[kBatch];
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int64_t off = __shfl_sync(0xffffffffu, my_off, (u0 + b) % kWarp);
-          cf[b] = __shfl_sync(0xffffffffu, my_cf, (u0 + b) % kWarp);
-#pragma unroll
-          for (int m = 0; m < kPer; ++m) {
-            const int64_t c = col0 + (int64_t{m} * kWarp + lane) * V;
-            if (u0 + b < n && c < d) {
-              sv[b][m] = load<V>(src + off + c);
-            } else {
-#pragma unroll
-              for (int i = 0; i < V; ++i) sv[b][m].v[i] = 0.0f;
-            }
-          }
-        }
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          if (u0 + b >= n) break;
-#pragma unroll
-          for (int m = 0; m < kPer; ++m)
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[m].v[i] += cf[b] * sv[b][m].v[i];
-          if (e0 + u0 + b + 1 < cur_end) continue;
-          // The row's last entry: store its slice, start the next row.
-          float* dst = base + __shfl_sync(0xffffffffu, my_dst, ri);
-#pragma unroll
-          for (int m = 0; m < kPer; ++m) {
-            const int64_t c = (int64_t{m} * kWarp + lane) * V;
-            if (col0 + c >= d) continue;
-            if (dense) {
-              const Vec<V> a = load<V>(dst + c);
-#pragma unroll
-              for (int i = 0; i < V; ++i) acc[m].v[i] = a.v[i] + acc[m].v[i];
-              store<V>(dst + c, acc[m]);
-            } else {
-              store_streaming<V>(dst + c, acc[m]);
-            }
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[m].v[i] = 0.0f;
-          }
-          ++ri;
-          cur_end = __shfl_sync(0xffffffffu, my_end, ri % kWarp);
-        }
-      }
-    }
-  }
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The workspace of the backward, carved in one fixed order (measuring when base is null): `count`
@@ -395,21 +271,10 @@ void launch_backward(const BackwardArgs& a, const PeerTableGradCuda& dtable, con
                                       sparse ? dtable.rows : nullptr, sparse ? dtable.count : nullptr, stream);
   float* values = sparse ? dtable.values : nullptr;
   float* dense = sparse ? nullptr : dtable.dense;
-  const int64_t visits = (a.d + kSlice - 1) / kSlice * ((a.cap + kGroup - 1) / kGroup);  // warp work items
-  const unsigned blocks = vec ? warp_row_blocks(peer_table_grad_kernel<4>, visits, kThreads)
-                             : warp_row_blocks(peer_table_grad_kernel<1>, visits, kThreads);
-  const int hk_i = static_cast<int>(hk);
-  for (int half = 0; half < 2; ++half) {
-    const float* src = half == 0 ? a.x : a.dy;
-    const float* coef = half == 0 ? b.coef_u : b.coef_v;
-    if (vec)
-      peer_table_grad_kernel<4><<<blocks, kThreads, 0, stream>>>(a.d, hk_i, b.token_of, half, src, coef, groups,
-                                                                 values, dense);
-    else
-      peer_table_grad_kernel<1><<<blocks, kThreads, 0, stream>>>(a.d, hk_i, b.token_of, half, src, coef, groups,
-                                                                 values, dense);
-  }
-  PL_CUDA_CHECK_LAUNCH(peer_table_grad_kernel);
+  const RowSums sums{a.d, 2 * a.d, 0, static_cast<int>(hk), b.token_of};
+  row_sums_cuda(vec, sums, a.x, b.coef_u, groups, a.cap, values, dense, stream);  // du = Σ dz·x_t
+  row_sums_cuda(vec, RowSums{sums.d, sums.width, a.d, sums.hk, sums.token_of}, a.dy, b.coef_v, groups, a.cap, values,
+                dense, stream);  // dv = Σ g·a·dy_t
 }
 
 }  // namespace

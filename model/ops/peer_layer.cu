@@ -6,7 +6,8 @@
 // distinct rows used, in j order), scores -> sub-keys (dC, dC′: a scatter onto n rows hit by many
 // tokens, reduced without atomics: entries sorted by sub-key row, fixed tiles of sorted entries, a
 // second pass for rows crossing tiles), BatchNorm backward and the two projection GEMMs. Every
-// buffer lives in a caller-owned PeerLayerCuda sized once for the largest shape.
+// buffer lives in a caller-owned PeerLayerCuda sized once for the largest shape. The query half
+// (query_forward / query_backward below) is also public on its own, peer_query_*_cuda, for PKM.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -71,7 +72,7 @@ ProjSplits carve_proj_splits(const PeerLayerShape& s, void* base, bool backward)
 }
 
 // Every buffer of a PeerLayerCuda for shape s, carved in one fixed order (measuring when base is null).
-size_t carve_layer(const PeerLayerShape& s, void* base, Views& v) {
+size_t carve_layer(const PeerLayerShape& s, bool experts, void* base, Views& v) {
   const int64_t T = s.tokens, C = s.channels(), E = T * s.heads * s.k;
   Carve c(base);
   v.q_hat = c.take<float>(T * C);
@@ -81,7 +82,7 @@ size_t carve_layer(const PeerLayerShape& s, void* base, Views& v) {
   v.ids = c.take<int32_t>(E);
   v.scores = c.take<float>(E);
   v.gates = c.take<float>(E);
-  v.pre_act = c.take<float>(E);
+  v.pre_act = experts ? c.take<float>(E) : nullptr;
   v.w.dscores = c.take<float>(E);
   v.w.dq = c.take<float>(T * C);
   v.w.ch_scale = c.take<float>(C);
@@ -92,7 +93,7 @@ size_t carve_layer(const PeerLayerShape& s, void* base, Views& v) {
   v.w.sub_carry = c.take<float>((2 * E + kSubTile - 1) / kSubTile * 2 * (s.key_dim / 2));
   const int64_t rows = 2 * s.sub_key_rows();  // C and C′ rows in one key space, + 1 sentinel row
   v.w.group = carve_group_scratch(c, 2 * E, std::min(rows, 2 * E) + 1, row_bits(rows + 1));
-  v.w.experts_bytes = peer_experts_backward_workspace_bytes(s.experts());
+  v.w.experts_bytes = experts ? peer_experts_backward_workspace_bytes(s.experts()) : 0;
   v.w.experts = c.take_bytes(v.w.experts_bytes);
   v.w.phase_bytes = std::max({peer_retrieval_workspace_bytes(s.retrieval()),
                               carve_proj_splits(s, nullptr, false).bytes, carve_proj_splits(s, nullptr, true).bytes});
@@ -414,11 +415,12 @@ void check_fits(const PeerLayerShape& s, const PeerLayerCuda& ctx) {
 
 }  // namespace
 
-PeerLayerCuda::PeerLayerCuda(const PeerLayerShape& max_shape) : max_(max_shape) {
+PeerLayerCuda::PeerLayerCuda(const PeerLayerShape& max_shape, PeerLayerParts parts)
+    : max_(max_shape), experts_(parts == PeerLayerParts::query_and_experts) {
   validate(max_);
   Views v{};
-  mem_ = DeviceBytes(carve_layer(max_, nullptr, v));
-  carve_layer(max_, mem_.get(), v);
+  mem_ = DeviceBytes(carve_layer(max_, experts_, nullptr, v));
+  carve_layer(max_, experts_, mem_.get(), v);
   q_hat = v.q_hat, q = v.q, bn_mean = v.bn_mean, bn_rstd = v.bn_rstd;
   ids = v.ids, scores = v.scores, gates = v.gates, pre_act = v.pre_act;
   scratch_ = std::make_unique<Scratch>(v.w);
@@ -427,9 +429,11 @@ PeerLayerCuda::~PeerLayerCuda() = default;
 PeerLayerCuda::PeerLayerCuda(PeerLayerCuda&&) noexcept = default;
 PeerLayerCuda& PeerLayerCuda::operator=(PeerLayerCuda&&) noexcept = default;
 
-void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
-                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream,
-                             PeerExpertsRunnerCuda* runner) {
+namespace {
+
+// The query half up to the retrieval (ids, scores; phase marks 0 to 2), saving into ctx.
+void query_forward(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p, const float* x,
+                   PeerLayerCuda& ctx, cudaStream_t stream) {
   check_fits(s, ctx);
   PL_CHECK(mode == PeerNormMode::eval || s.tokens >= 2, config,
            "peer layer: a train-mode BatchNorm needs at least 2 tokens for a batch variance (got ", s.tokens,
@@ -440,8 +444,6 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
   mark(ctx, 0, stream);
   if (T == 0) {
     for (int i = 1; i < 3; ++i) mark(ctx, i, stream);
-    if (runner) runner->forward(s.experts(), x, ctx.ids, ctx.gates, out, stream);  // collective: even with none
-    mark(ctx, 3, stream);
     return;
   }
   PeerLayerCuda::Scratch& w = ctx.scratch();
@@ -467,8 +469,29 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
   peer_retrieval_cuda(ctx.blas(), s.retrieval(), ctx.q, p.sub_keys1, p.sub_keys2, ctx.ids, ctx.scores, w.phase,
                       w.phase_bytes, stream);
   mark(ctx, 2, stream);
+}
+
+}  // namespace
+
+void peer_query_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
+                             const float* x, PeerLayerCuda& ctx, cudaStream_t stream) {
+  query_forward(s, mode, p, x, ctx, stream);
+  peer_softmax_gates_cuda(s.tokens * s.heads, s.k, ctx.scores, ctx.gates, stream);
+}
+
+void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
+                             const float* x, float* out, PeerLayerCuda& ctx, cudaStream_t stream,
+                             PeerExpertsRunnerCuda* runner) {
+  PL_CHECK(ctx.has_experts(), config,
+           "peer layer forward (cuda): this PeerLayerCuda was made for the query half only (PeerLayerParts::query)");
+  query_forward(s, mode, p, x, ctx, stream);
+  if (s.tokens == 0) {
+    if (runner) runner->forward(s.experts(), x, ctx.ids, ctx.gates, out, stream);  // collective: even with none
+    mark(ctx, 3, stream);
+    return;
+  }
   if (runner) {
-    peer_softmax_gates_cuda(T * s.heads, s.k, ctx.scores, ctx.gates, stream);
+    peer_softmax_gates_cuda(s.tokens * s.heads, s.k, ctx.scores, ctx.gates, stream);
     runner->forward(s.experts(), x, ctx.ids, ctx.gates, out, stream);
   } else {
     peer_experts_forward_cuda(s.experts(), x, ctx.ids, ctx.scores, p.table, out,
@@ -477,41 +500,27 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
   mark(ctx, 3, stream);
 }
 
-void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
-                              const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
-                              cudaStream_t stream, PeerExpertsRunnerCuda* runner) {
-  check_fits(s, ctx);
-  PL_CHECK(ctx.tokens == s.tokens, config, "peer layer backward (cuda): the saved forward had ", ctx.tokens,
-           " tokens, this backward ", s.tokens, " (run forward with this shape first)");
+namespace {
+
+// The query half's backward from dscores (tokens, heads, k): dx += the query path, g accumulated
+// (g.table unused).
+void query_backward(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx, const float* x,
+                    const float* dscores, float* dx, const PeerLayerGradsCuda& g, cudaStream_t stream) {
   const int64_t T = s.tokens, C = s.channels(), d = s.dim, hk = s.heads * s.k, n = s.n_sub, E = T * hk;
   const int64_t half = s.key_dim / 2;
+  if (T == 0) return;
   const int train = ctx.mode == PeerNormMode::train;
   PeerLayerCuda::Scratch& w = ctx.scratch();
-  mark(ctx, 4, stream);
-  // Experts: dx (overwritten), dscores, the table gradient (or the runner's).
-  if (runner) {
-    // The experts' workspace is idle with a runner; its first (tokens, heads, k) floats take dgates.
-    float* dgates = static_cast<float*>(w.experts);
-    runner->backward(s.experts(), x, ctx.ids, ctx.gates, dy, dx, dgates, stream);
-    peer_softmax_gates_backward_cuda(T * s.heads, s.k, ctx.gates, dgates, w.dscores, stream);
-  } else {
-    peer_experts_backward_cuda(s.experts(), x, ctx.ids, p.table, ctx.gates, ctx.pre_act, dy, dx, w.dscores, g.table,
-                               w.experts, w.experts_bytes, stream);
-  }
-  mark(ctx, 5, stream);
-  if (T == 0) {
-    mark(ctx, 6, stream);
-    return;
-  }
   const int heads = static_cast<int>(s.heads), k = static_cast<int>(s.k);
   const int shared_keys = s.keys == PeerKeySharing::shared;
   // Scores -> query.
-  const size_t dq_smem = static_cast<size_t>(hk) * (2 * sizeof(float) + 4 * sizeof(int32_t));
-  PL_CHECK(dq_smem <= 48 * 1024, config, "peer layer (cuda): heads·k too large (", hk, ")");
+  const size_t dq_smem = static_cast<size_t>(hk) * (2 * sizeof(float) + 4 * sizeof(int32_t));  // ≤ 48 KiB
+  PL_CHECK(hk <= kPeerQueryCudaMaxEntries, config, "peer layer (cuda): heads·k must be <= ", kPeerQueryCudaMaxEntries,
+           " (got ", hk, ")");
   PL_CHECK(s.sub_key_rows() * half <= INT32_MAX && C <= INT32_MAX && 2 * E <= INT32_MAX, config,
            "peer layer (cuda): sub-key tables, query width or entries beyond 2^31");
   dq_kernel<<<static_cast<unsigned>(T), kThreads, dq_smem, stream>>>(
-      static_cast<int>(C), static_cast<int>(s.key_dim), static_cast<int>(n), heads, k, shared_keys, ctx.ids, w.dscores,
+      static_cast<int>(C), static_cast<int>(s.key_dim), static_cast<int>(n), heads, k, shared_keys, ctx.ids, dscores,
       p.sub_keys1, p.sub_keys2, w.dq);
   PL_CUDA_CHECK_LAUNCH(dq_kernel);
   // Scores -> sub-keys (both tables in one key space, one sort).
@@ -520,7 +529,7 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
     const int rows_i = static_cast<int>(rows);
     sub_rows_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(
         E, k, heads, static_cast<int>(n), rows_i, shared_keys, g.sub_keys1 != nullptr, g.sub_keys2 != nullptr,
-        ctx.ids, w.dscores, w.sub_rows, w.sub_ds);
+        ctx.ids, dscores, w.sub_rows, w.sub_ds);
     PL_CUDA_CHECK_LAUNCH(sub_rows_kernel);
     const RowGroups groups = group_rows(w.sub_rows, count, cap, row_bits(2 * rows + 1), w.group, nullptr, nullptr,
                                         stream);
@@ -563,7 +572,43 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
     if (g.w_q) sgemm_rm(h, Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
     sgemm_rm(h, Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
   }
+}
+
+}  // namespace
+
+void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
+                              const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
+                              cudaStream_t stream, PeerExpertsRunnerCuda* runner) {
+  check_fits(s, ctx);
+  PL_CHECK(ctx.has_experts(), config,
+           "peer layer backward (cuda): this PeerLayerCuda was made for the query half only (PeerLayerParts::query)");
+  PL_CHECK(ctx.tokens == s.tokens, config, "peer layer backward (cuda): the saved forward had ", ctx.tokens,
+           " tokens, this backward ", s.tokens, " (run forward with this shape first)");
+  const int64_t T = s.tokens;
+  PeerLayerCuda::Scratch& w = ctx.scratch();
+  mark(ctx, 4, stream);
+  // Experts: dx (overwritten), dscores, the table gradient (or the runner's).
+  if (runner) {
+    // The experts' workspace is idle with a runner; its first (tokens, heads, k) floats take dgates.
+    float* dgates = static_cast<float*>(w.experts);
+    runner->backward(s.experts(), x, ctx.ids, ctx.gates, dy, dx, dgates, stream);
+    peer_softmax_gates_backward_cuda(T * s.heads, s.k, ctx.gates, dgates, w.dscores, stream);
+  } else {
+    peer_experts_backward_cuda(s.experts(), x, ctx.ids, p.table, ctx.gates, ctx.pre_act, dy, dx, w.dscores, g.table,
+                               w.experts, w.experts_bytes, stream);
+  }
+  mark(ctx, 5, stream);
+  query_backward(s, p, ctx, x, w.dscores, dx, g, stream);
   mark(ctx, 6, stream);
+}
+
+void peer_query_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
+                              const float* x, const float* dscores, float* dx, const PeerLayerGradsCuda& g,
+                              cudaStream_t stream) {
+  check_fits(s, ctx);
+  PL_CHECK(ctx.tokens == s.tokens, config, "peer query backward (cuda): the saved forward had ", ctx.tokens,
+           " tokens, this backward ", s.tokens, " (run forward with this shape first)");
+  query_backward(s, p, ctx, x, dscores, dx, g, stream);
 }
 
 }  // namespace peerless

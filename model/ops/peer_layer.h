@@ -161,14 +161,19 @@ void peer_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<doub
 
 // ---- CUDA (model/ops/peer_layer.cu; PEERLESS_HAVE_CUDA builds) -------------------------------------
 
+// What a PeerLayerCuda holds: the whole layer, or the query half alone (PKM: peer_query_*_cuda, no
+// expert buffers: no pre_act, no expert workspace).
+enum class PeerLayerParts { query_and_experts, query };
+
 // The device state of one PEER layer: a cuBLAS handle, what forward saves for backward and the
 // scratch of both passes, all allocated once for a largest shape (any call may use fewer tokens;
 // every other field must match). Caller-owned; one forward/backward pair at a time, on one stream.
 // Move-only (it owns device memory).
 class PeerLayerCuda {
  public:
-  explicit PeerLayerCuda(const PeerLayerShape& max_shape);
+  explicit PeerLayerCuda(const PeerLayerShape& max_shape, PeerLayerParts parts = PeerLayerParts::query_and_experts);
   const PeerLayerShape& max_shape() const { return max_; }
+  bool has_experts() const { return experts_; }
   PeerBlas& blas() { return blas_; }
   size_t device_bytes() const { return mem_.size(); }
 
@@ -180,7 +185,7 @@ class PeerLayerCuda {
   int32_t* ids = nullptr;    // (tokens, heads, k)
   float* scores = nullptr;   // (tokens, heads, k)
   float* gates = nullptr;    // (tokens, heads, k)
-  float* pre_act = nullptr;  // (tokens, heads, k)
+  float* pre_act = nullptr;  // (tokens, heads, k); null for PeerLayerParts::query
   PeerNormMode mode = PeerNormMode::train;
   int64_t tokens = -1;       // of the last forward
 
@@ -198,6 +203,7 @@ class PeerLayerCuda {
 
  private:
   PeerLayerShape max_;
+  bool experts_ = true;
   PeerBlas blas_;
   DeviceBytes mem_;
   std::unique_ptr<Scratch> scratch_;
@@ -244,5 +250,20 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
 void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
                               const float* x, const float* dy, float* dx, const PeerLayerGradsCuda& g,
                               cudaStream_t stream, PeerExpertsRunnerCuda* runner = nullptr);
+
+// The query half alone on the device, shared by PEER (the layer above calls the same code) and PKM
+// (model/modules/pkm_cuda.cu): the CPU contracts of peer_query_forward_cpu / peer_query_backward_cpu.
+// Forward saves q̂, q, the statistics, ids, scores and gates (softmax of each head's scores) into
+// ctx; a train-mode forward updates p's running statistics; p.table is not read. Backward from
+// dscores (tokens, heads, k; device, the softmax backward already applied by the caller): dx (tokens,
+// d) += the query path's input gradient (dx must hold something: zeros, or another path's gradient);
+// g accumulated, g.table unused. Deterministic like the layer's backward.
+// The query backward holds a token's heads·k entries in shared memory: at most this many.
+inline constexpr int64_t kPeerQueryCudaMaxEntries = 2048;
+void peer_query_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerParams<float>& p,
+                             const float* x, PeerLayerCuda& ctx, cudaStream_t stream);
+void peer_query_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<float>& p, PeerLayerCuda& ctx,
+                              const float* x, const float* dscores, float* dx, const PeerLayerGradsCuda& g,
+                              cudaStream_t stream);
 
 }  // namespace peerless

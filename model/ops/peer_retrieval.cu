@@ -25,7 +25,7 @@ namespace {
 using namespace peer_cuda;
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxK = 512;
+constexpr int kMaxK = static_cast<int>(kPeerRetrievalCudaMaxK);
 
 __device__ __forceinline__ float rank_key(float v) { return isnan(v) ? -INFINITY : v; }
 __device__ __forceinline__ bool ranks_before(float ka, int32_t ia, float kb, int32_t ib) {

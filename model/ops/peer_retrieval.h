@@ -89,7 +89,8 @@ size_t peer_retrieval_workspace_bytes(const PeerRetrievalShape& s);
 // per (token, head) selects the k best of each half, forms the k² sums and selects their k best,
 // under the same total order (score descending, lower index first, NaN last). Scores differ from
 // the CPU's by the GEMMs' rounding only; with exactly representable sums (integer-valued data) ids
-// and scores are bit-identical to the CPU's. k ≤ 512.
+// and scores are bit-identical to the CPU's. k ≤ kPeerRetrievalCudaMaxK.
+inline constexpr int64_t kPeerRetrievalCudaMaxK = 512;
 void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const float* q, const float* sub_keys1,
                          const float* sub_keys2, int32_t* ids, float* scores, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);

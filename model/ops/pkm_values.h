@@ -1,0 +1,63 @@
+// The value half of product-key memory (PKM, arXiv 1907.05242; ../shared/BASELINES.md §4): given the
+// ids and softmax gates the PEER/PKM query half retrieved (model/ops/peer_layer.h, peer_query_*),
+// a gate-weighted bag of rows of the value table V (n_rows, d):
+//   out_t = Σ over the token's heads·k entries, in (head, j) order, of g·V[id]
+// Backward: dgates = V[id]·dy_t per entry; the value gradient dV[r] = Σ g·dy_t over the entries that
+// retrieved row r, sparse (rows ascending) and summed in entry (= token) order, the reduction of the
+// PEER table gradient (entries sorted by row, each row summed in a fixed order: no float atomics).
+// model/modules/pkm_mixer.cpp (CPU) and pkm_cuda.cu (GPU) put it on top of the query half.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "model/ops/cuda_fwd.h"
+#include "model/ops/peer_experts.h"
+
+namespace peerless {
+
+struct PkmValuesShape {
+  int64_t tokens = 0;
+  int64_t dim = 0;     // d, the width of a value row
+  int64_t heads = 1;
+  int64_t k = 1;       // entries per head
+  int64_t n_rows = 1;  // rows of V (n²); ids must lie in [0, n_rows)
+  int64_t entries() const { return tokens * heads * k; }
+};
+
+void validate(const PkmValuesShape& s);
+
+// ids, gates (tokens, heads, k), values (n_rows, d) -> out (tokens, d) overwritten.
+// Bit-identical for any thread count.
+void pkm_values_forward_cpu(const PkmValuesShape& s, const int32_t* ids, const float* gates, const float* values,
+                            float* out);
+void pkm_values_forward_cpu(const PkmValuesShape& s, const int32_t* ids, const double* gates, const double* values,
+                            double* out);
+
+// dy (tokens, d) -> dgates (tokens, heads, k) overwritten (V[id]·dy_t, a sequential dot), dvalues
+// replaced by the sparse value gradient (width d; every row retrieved, ascending, once).
+// Bit-identical for any thread count.
+void pkm_values_backward_cpu(const PkmValuesShape& s, const int32_t* ids, const float* gates, const float* values,
+                             const float* dy, float* dgates, PeerSparseGrad<float>& dvalues);
+void pkm_values_backward_cpu(const PkmValuesShape& s, const int32_t* ids, const double* gates, const double* values,
+                             const double* dy, double* dgates, PeerSparseGrad<double>& dvalues);
+
+// ---- CUDA (model/ops/pkm_values.cu; PEERLESS_HAVE_CUDA builds) -------------------------------------
+// Device pointers; calls are ordered on `stream`. Same equations as the CPU; no float atomics, so a
+// repeated call gives bit-identical results.
+
+// Block per token, threads over columns, each column summed over the entries in (head, j) order
+// (the CPU's order). ids must lie in [0, n_rows) (not checked on the device).
+void pkm_values_forward_cuda(const PkmValuesShape& s, const int32_t* ids, const float* gates, const float* values,
+                             float* out, cudaStream_t stream);
+
+// Device scratch of pkm_values_backward_cuda for this shape (O(entries) words + cub's).
+size_t pkm_values_backward_workspace_bytes(const PkmValuesShape& s);
+// dgates (tokens, heads, k) overwritten (V[id]·dy_t as a warp's butterfly sum); the value gradient
+// as `dvalues` says (PeerTableGradCuda with rows d wide instead of 2d: sparse rows + values, or dense
+// (n_rows, d) += ), each distinct row summed in entry order by the PEER table gradient's kernel.
+void pkm_values_backward_cuda(const PkmValuesShape& s, const int32_t* ids, const float* gates, const float* values,
+                              const float* dy, float* dgates, const PeerTableGradCuda& dvalues, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace peerless
