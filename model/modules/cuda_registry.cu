@@ -17,6 +17,8 @@ const CudaKind kCudaKinds[] = {
     {"peer", make_peer_cuda},
     {"attention", make_attention_cuda, true},
     {"swiglu", make_swiglu_cuda, true},
+    {"moe", make_moe_cuda, true},
+    {"sigma_moe", make_sigma_moe_cuda, true},
 };
 
 }  // namespace
