@@ -311,7 +311,8 @@ std::vector<Module::AuxLoss> CudaModel::aux_losses() {
   std::vector<Module::AuxLoss> sum;
   for (const auto& m : impl_->modules)
     for (const Module::AuxLoss& a : m->aux_losses(impl_->g)) {
-      auto it = std::find_if(sum.begin(), sum.end(), [&](const Module::AuxLoss& s) { return std::string(s.name) == a.name; });
+      auto it = std::find_if(sum.begin(), sum.end(),
+                             [&](const Module::AuxLoss& s) { return std::string(s.name) == a.name; });
       if (it == sum.end()) sum.push_back(a);
       else it->value += a.value;
     }

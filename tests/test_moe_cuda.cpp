@@ -67,11 +67,11 @@ TEST_P(MoeRoutingCuda, routing_matches_the_cpu_bit_for_bit) {
   Guarded<uint8_t> d_drop(drop);
   Guarded<int32_t> d_expert(n), d_row(n), d_token(n), d_begin(E + 1), d_tiles(E + 1), d_hits(E), d_dropped(1);
   const int64_t bytes = group_by_expert_scratch_bytes(n, E);
-  Guarded<char> d_scratch(static_cast<size_t>(bytes));
+  DeviceBytes d_scratch(static_cast<size_t>(bytes));  // cudaMalloc'd: aligned as cub wants
   softmax_rows_cuda(T, E, d_z.get(), d_p.get(), d_lse.get(), stream());
   topk_experts_cuda(T, E, k, d_z.get(), c.dropout > 0 ? d_drop.get() : nullptr, d_expert.get(), stream());
-  const RoutingDev rd{d_expert.get(), d_row.get(), d_token.get(), d_begin.get(), d_tiles.get(), d_hits.get(),
-                      d_dropped.get()};
+  const RoutingDev rd{d_expert.get(), d_row.get(),  d_token.get(),  d_begin.get(),
+                      d_tiles.get(),  d_hits.get(), d_dropped.get()};
   group_by_expert_cuda(T, k, E, cap, rd, d_scratch.get(), bytes, stream());
   expect_identical(d_expert.download("expert"), r.expert, "expert");
   expect_identical(d_row.download("row"), to_i32(r.row), "row");
@@ -83,7 +83,8 @@ TEST_P(MoeRoutingCuda, routing_matches_the_cpu_bit_for_bit) {
   expect_identical(d_token.download("token", token.size()), token, "token of each grouped row");
   std::vector<int32_t> tiles(E + 1, 0);
   for (int64_t e = 0; e < E; ++e)
-    tiles[e + 1] = tiles[e] + static_cast<int32_t>((r.begin[e + 1] - r.begin[e] + kExpertTileRows - 1) / kExpertTileRows);
+    tiles[e + 1] =
+        tiles[e] + static_cast<int32_t>((r.begin[e + 1] - r.begin[e] + kExpertTileRows - 1) / kExpertTileRows);
   expect_identical(d_tiles.download("tile_first"), tiles, "tile_first");
   expect_close(d_p.download("p"), p, 1e-6, "softmax");
   expect_close(d_lse.download("lse"), lse, 1e-6, "logsumexp");
@@ -192,7 +193,8 @@ TEST_P(MoeModuleCuda, forward_and_backward_match_the_cpu) {
 
 INSTANTIATE_TEST_SUITE_P(kinds, MoeModuleCuda,
                          ::testing::Values(ModuleCase{"moe", "none"}, ModuleCase{"moe", "ternary"},
-                                           ModuleCase{"moe", "ternary", 1.0}, ModuleCase{"moe", "none", 0, "softmax_topk"},
+                                           ModuleCase{"moe", "ternary", 1.0},
+                                           ModuleCase{"moe", "none", 0, "softmax_topk"},
                                            ModuleCase{"sigma_moe", "none"}, ModuleCase{"sigma_moe", "ternary"}),
                          [](const ::testing::TestParamInfo<ModuleCase>& i) {
                            const ModuleCase& c = i.param;

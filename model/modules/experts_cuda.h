@@ -63,8 +63,8 @@ void grouped_backward_data_cuda(const GroupedRows& rows, const float* dy, const 
                                 bool accumulate, cudaStream_t stream);
 // dW_g (N, K) at dw + offset[g] += Σ_{r of g} dy[r]ᵀ·x[gather(r)] (codes: the value code / s). Each
 // element is one thread's sum in row order: deterministic.
-void grouped_backward_weight_cuda(const GroupedRows& rows, const float* dy, const GroupedAct& x,
-                                  const GroupedWeight& w, float* dw, cudaStream_t stream);
+void grouped_backward_weight_cuda(const GroupedRows& rows, const float* dy, const GroupedAct& x, const GroupedWeight& w,
+                                  float* dw, cudaStream_t stream);
 // begin = {0, rows}, tile_first = {0, ceil(rows / kExpertTileRows)}: one group of `rows` (the router).
 void single_group_cuda(int64_t rows, int32_t* begin, int32_t* tile_first, cudaStream_t stream);
 
@@ -118,8 +118,8 @@ void sigma_router_grad_cuda(int64_t T, int64_t E, int64_t k, double gamma, float
 void combine_rows_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate, const float* yg,
                        const float* x_in, float* x_out, cudaStream_t stream);
 // combine_rows_backward: dyg rows of computed slots written, dgate (T, k) overwritten.
-void combine_rows_backward_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate,
-                                const float* yg, const float* dy, float* dyg, float* dgate, cudaStream_t stream);
+void combine_rows_backward_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate, const float* yg,
+                                const float* dy, float* dyg, float* dgate, cudaStream_t stream);
 // dx (T, d) = Σ_j dxg[row(t, j)] in slot order, overwritten (unpermute_add_rows onto zeros).
 void unpermute_rows_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* dxg, float* dx,
                          cudaStream_t stream);

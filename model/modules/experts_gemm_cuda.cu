@@ -17,10 +17,10 @@ namespace {
 constexpr int kBM = kExpertTileRows, kBN = 64, kBK = 16, kThreads = 256;
 
 struct Tile {
-  int64_t g = 0;                  // the group
-  int64_t row0 = 0, rows = 0;     // the tile's first output row (grouped row or weight row) and count
-  int64_t col0 = 0, cols = 0;     // its first output column and count
-  int64_t first = 0, len = 0;     // the reduction: from `first` (weight gradients: a grouped row), length
+  int64_t g = 0;               // the group
+  int64_t row0 = 0, rows = 0;  // the tile's first output row (grouped row or weight row) and count
+  int64_t col0 = 0, cols = 0;  // its first output column and count
+  int64_t first = 0, len = 0;  // the reduction: from `first` (weight gradients: a grouped row), length
 };
 
 // Group g and row tile of block bx over the grouped rows: the g with tile_first[g] ≤ bx < tile_first[g + 1]
@@ -30,8 +30,10 @@ __device__ bool row_tile(const GroupedRows& r, int64_t bx, Tile& t) {
   int64_t lo = 0, hi = r.groups;  // tile_first[lo] ≤ bx < tile_first[hi]
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    if (r.tile_first[mid] <= bx) lo = mid;
-    else hi = mid;
+    if (r.tile_first[mid] <= bx)
+      lo = mid;
+    else
+      hi = mid;
   }
   t.g = lo;
   t.row0 = r.begin[lo] + (bx - r.tile_first[lo]) * kBM;
@@ -123,8 +125,10 @@ struct WeightProblem {
 // k of one row) or in the row index.
 template <bool ContigK, int Rows>
 __device__ __forceinline__ void split(int l, int& i, int& k) {
-  if (ContigK) i = l / kBK, k = l % kBK;
-  else k = l / Rows, i = l % Rows;
+  if (ContigK)
+    i = l / kBK, k = l % kBK;
+  else
+    k = l / Rows, i = l % Rows;
 }
 
 template <class P>
@@ -196,8 +200,8 @@ void grouped_backward_data_cuda(const GroupedRows& rows, const float* dy, const 
   PL_CUDA_CHECK_LAUNCH(grouped_gemm_kernel);
 }
 
-void grouped_backward_weight_cuda(const GroupedRows& rows, const float* dy, const GroupedAct& x,
-                                  const GroupedWeight& w, float* dw, cudaStream_t stream) {
+void grouped_backward_weight_cuda(const GroupedRows& rows, const float* dy, const GroupedAct& x, const GroupedWeight& w,
+                                  float* dw, cudaStream_t stream) {
   if (rows.max_rows == 0 || w.N == 0 || w.K == 0) return;
   const int64_t gx = rows.groups * tiles(w.N, kBM), gy = tiles(w.K, kBN);
   PL_CHECK(gx < (int64_t{1} << 31) && gy <= 65535, internal, "grouped weight gradient grid ", gx, " x ", gy);

@@ -2,9 +2,8 @@
 // Each kernel mirrors its CPU function in experts.cpp, moe_mixer.cpp or sigma_moe_mixer.cpp; E and k
 // are small, so the per-token kernels give a token to one thread and loop over its experts.
 // Integer results (ids, rows, counts) are exact; the sums over tokens are fixed block trees.
-#include <cub/cub.cuh>
-
 #include <cmath>
+#include <cub/cub.cuh>
 
 #include "model/modules/experts_cuda.h"
 #include "model/ops/block_reduce.cuh"
@@ -25,7 +24,9 @@ struct MaxD {
   __device__ double operator()(double a, double b) const { return fmax(a, b); }
 };
 
-int blocks_for(int64_t n) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8))); }
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)));
+}
 
 #define GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
@@ -109,6 +110,8 @@ __global__ void gates_kernel(ExpertGate form, int64_t T, int64_t E, int64_t k, c
     float* g = gate + t * k;
     if (form == ExpertGate::sigmoid) {
       for (int64_t j = 0; j < k; ++j) g[j] = e[j] < 0 ? 0.f : 1.f / (1.f + expf(-zt[e[j]]));
+    } else if (e[0] < 0 || e[k - 1] < 0) {  // NaN scores left a slot without expert: no gates (the loss is NaN)
+      for (int64_t j = 0; j < k; ++j) g[j] = 0.f;
     } else if (form == ExpertGate::softmax_topk) {
       for (int64_t j = 0; j < k; ++j) g[j] = p[t * E + e[j]];
     } else {
@@ -177,6 +180,7 @@ __global__ void moe_router_grad_kernel(ExpertGate form, int64_t T, int64_t E, in
       return v;
     };
     for (int64_t i = 0; i < E; ++i) out[i] = 0.f;
+    if (e[0] < 0 || e[k - 1] < 0) continue;  // no experts (NaN scores): no gradient to route
     if (form == ExpertGate::topk_softmax) {
       double s = 0;  // softmax over the chosen scores: dz_{e_j} = g_j·(dg_j − Σ_l g_l·dg_l)
       for (int64_t j = 0; j < k; ++j) s += static_cast<double>(g[j]) * dg[j];
@@ -191,8 +195,8 @@ __global__ void moe_router_grad_kernel(ExpertGate form, int64_t T, int64_t E, in
 }
 
 // SigmaMoeMixer::router_grad for one token per thread.
-__global__ void sigma_router_grad_kernel(int64_t T, int64_t E, int64_t k, double gamma, float aux_scale,
-                                         const float* q, const int32_t* expert, const float* gate, const float* dgate,
+__global__ void sigma_router_grad_kernel(int64_t T, int64_t E, int64_t k, double gamma, float aux_scale, const float* q,
+                                         const int32_t* expert, const float* gate, const float* dgate,
                                          const double* log_p, float* ds) {
   GRID_STRIDE(t, T) {
     float* out = ds + t * E;
@@ -211,8 +215,8 @@ __global__ void sigma_router_grad_kernel(int64_t T, int64_t E, int64_t k, double
   }
 }
 
-__global__ void combine_kernel(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate,
-                               const float* yg, const float* x_in, float* x_out) {
+__global__ void combine_kernel(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate, const float* yg,
+                               const float* x_in, float* x_out) {
   GRID_STRIDE(i, T * d) {
     const int64_t t = i / d, c = i % d;
     float y = 0.f;
@@ -384,8 +388,8 @@ void combine_rows_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, cons
   PL_CUDA_CHECK_LAUNCH(combine_kernel);
 }
 
-void combine_rows_backward_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate,
-                                const float* yg, const float* dy, float* dyg, float* dgate, cudaStream_t stream) {
+void combine_rows_backward_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* gate, const float* yg,
+                                const float* dy, float* dyg, float* dgate, cudaStream_t stream) {
   if (T == 0) return;
   combine_dyg_kernel<<<blocks_for(T * k * d), kThreads, 0, stream>>>(T, k, d, row, gate, dy, dyg);
   PL_CUDA_CHECK_LAUNCH(combine_dyg_kernel);

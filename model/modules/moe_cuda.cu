@@ -59,18 +59,37 @@ MoeSpec sigma_spec(const ModelConfig& c) {
   return s;
 }
 
-enum Slot { s_xn, s_rstd, s_xcodes, s_xscale, s_hidden, s_hcodes, s_hscale, s_dyg, s_dh, s_dpre, s_dxg, s_dxn, s_dz,
-            s_dgate, s_group, s_drop };
+enum Slot {
+  s_xn,
+  s_rstd,
+  s_xcodes,
+  s_xscale,
+  s_hidden,
+  s_hcodes,
+  s_hscale,
+  s_dyg,
+  s_dh,
+  s_dpre,
+  s_dxg,
+  s_dxn,
+  s_dz,
+  s_dgate,
+  s_group,
+  s_drop
+};
 
 class MoeCuda final : public CudaModule {
  public:
   MoeCuda(CudaContext& g, const CudaModuleBuild& b, MoeSpec spec)
       : m_(std::move(spec)), d_(g.host.config().d_model), layer_(b.layer), ternary_(g.host.quantized()) {
     const std::string key = "model.channel_mixer = \"" + m_.name + "\"";
-    PL_CHECK(!g.host.experts_sharded(), config, "run.device = \"cuda\": ", key, " shards its experts over ranks on the CPU "
+    PL_CHECK(!g.host.experts_sharded(), config, "run.device = \"cuda\": ", key,
+             " shards its experts over ranks on the CPU "
              "only (parallel.expert_parallel > 1); use parallel.expert_parallel = 1 or run.device = \"cpu\"");
-    PL_CHECK(g.host.config().qsparse == 0, config, "run.device = \"cuda\": ", key, " has no Q-Sparse on the GPU "
-             "(model.qsparse = ", g.host.config().qsparse, "); use model.qsparse = 0 or run.device = \"cpu\"");
+    PL_CHECK(g.host.config().qsparse == 0, config, "run.device = \"cuda\": ", key,
+             " has no Q-Sparse on the GPU "
+             "(model.qsparse = ",
+             g.host.config().qsparse, "); use model.qsparse = 0 or run.device = \"cpu\"");
     const ParamLayout& L = g.layout;
     norm_ = b.block.mlp_norm;
     router_ = block_param(L, b.layer, m_.name + "/router/weight");
@@ -116,7 +135,7 @@ class MoeCuda final : public CudaModule {
   // Saved by the forward for the backward (see the top).
   DevBuf<float> z_, p_, lse_, gate_, pre_, yg_;
   DevBuf<int32_t> expert_, row_, token_, begin_, tiles_, hits_, dropped_, one_;
-  DevBuf<double> frac_, psum_, aux_;   // frac_: f_i (moe) or log p_e (σ-MoE)
+  DevBuf<double> frac_, psum_, aux_;  // frac_: f_i (moe) or log p_e (σ-MoE)
   DevBuf<int64_t> off_in_, off_out_;  // the experts' offsets in the flat buffers
   DevBuf<float> beta_;                // (2E) β of each expert's projections (ternary), in then out
   std::vector<float> beta_host_;
@@ -143,8 +162,10 @@ class MoeCuda final : public CudaModule {
   }
   GroupedWeight weights(CudaContext& g, bool in) const {
     GroupedWeight w;
-    if (ternary_) w.codes = g.codes.get(), w.beta = beta_.get() + (in ? 0 : m_.E);
-    else w.values = g.params.get();
+    if (ternary_)
+      w.codes = g.codes.get(), w.beta = beta_.get() + (in ? 0 : m_.E);
+    else
+      w.values = g.params.get();
     w.offset = in ? off_in_.get() : off_out_.get();
     w.N = in ? m_.pre() : d_;
     w.K = in ? d_ : m_.H;
@@ -160,8 +181,10 @@ class MoeCuda final : public CudaModule {
   // hidden (M·k, H) = act(pre) into scratch.
   float* hidden(CudaContext& g, int64_t S) const {
     float* h = g.scratch<float>(s_hidden);
-    if (m_.sigma) relu_forward_cuda(S * m_.H, pre_.get(), h, g.stream);
-    else glu_forward_cuda(g.host.glu_activation(), S, m_.H, pre_.get(), h, g.stream);
+    if (m_.sigma)
+      relu_forward_cuda(S * m_.H, pre_.get(), h, g.stream);
+    else
+      glu_forward_cuda(g.host.glu_activation(), S, m_.H, pre_.get(), h, g.stream);
     return h;
   }
   RoutingDev routing() const {
@@ -193,9 +216,9 @@ void MoeCuda::allocate(CudaContext& g, const std::vector<int64_t>& off_in, const
     PL_CUDA_CHECK(cudaMemset(aux_.get(), 0, sizeof(double) * 2));
   }
   group_bytes_ = group_by_expert_scratch_bytes(S, E);
-  const std::pair<int, int64_t> f32[] = {{s_xn, M * d_}, {s_rstd, M},      {s_xscale, M},      {s_hidden, S * H},
-                                         {s_hscale, S},  {s_dyg, S * d_},  {s_dh, S * H},      {s_dpre, S * m_.pre()},
-                                         {s_dxg, S * d_}, {s_dxn, M * d_}, {s_dz, M * E},      {s_dgate, M * k}};
+  const std::pair<int, int64_t> f32[] = {{s_xn, M * d_},  {s_rstd, M},     {s_xscale, M}, {s_hidden, S * H},
+                                         {s_hscale, S},   {s_dyg, S * d_}, {s_dh, S * H}, {s_dpre, S * m_.pre()},
+                                         {s_dxg, S * d_}, {s_dxn, M * d_}, {s_dz, M * E}, {s_dgate, M * k}};
   for (auto [slot, n] : f32) g.reserve(slot, static_cast<int64_t>(sizeof(float)) * n);
   g.reserve(s_xcodes, M * d_);
   g.reserve(s_hcodes, S * H);
@@ -213,8 +236,8 @@ void MoeCuda::route(CudaContext& g, const CudaStep& s, int64_t M, const float* x
   if (m_.dropout > 0 && s.train) {
     drop_host_.resize(static_cast<size_t>(M * E));
     expert_dropout_mask(s.noise_key, layer_, s.first_token, M, E, m_.dropout, drop_host_.data());
-    PL_CUDA_CHECK(cudaMemcpyAsync(g.scratch<uint8_t>(s_drop), drop_host_.data(), M * E, cudaMemcpyHostToDevice,
-                                  g.stream));
+    PL_CUDA_CHECK(
+        cudaMemcpyAsync(g.scratch<uint8_t>(s_drop), drop_host_.data(), M * E, cudaMemcpyHostToDevice, g.stream));
     drop = g.scratch<uint8_t>(s_drop);
   }
   topk_experts_cuda(M, E, k, z_.get(), drop, expert_.get(), g.stream);
@@ -234,8 +257,8 @@ void MoeCuda::experts_forward(CudaContext& g, int64_t M, const float* xn) {
   if (ternary_) {  // β of every expert projection, as refreshed by the last optimizer step
     beta_host_.resize(static_cast<size_t>(2 * m_.E));
     for (int64_t e = 0; e < m_.E; ++e) beta_host_[e] = g.betas[in_[e]], beta_host_[m_.E + e] = g.betas[out_[e]];
-    PL_CUDA_CHECK(cudaMemcpyAsync(beta_.get(), beta_host_.data(), sizeof(float) * 2 * m_.E, cudaMemcpyHostToDevice,
-                                  g.stream));
+    PL_CUDA_CHECK(
+        cudaMemcpyAsync(beta_.get(), beta_host_.data(), sizeof(float) * 2 * m_.E, cudaMemcpyHostToDevice, g.stream));
   }
   const GroupedAct xa = act_input(g, M, d_, xn, s_xcodes, s_xscale);
   grouped_forward_cuda(expert_rows(M, true), xa, weights(g, true), pre_.get(), g.stream);
@@ -255,13 +278,17 @@ void MoeCuda::backward(CudaContext& g, const CudaStep& s, const float* x_in, flo
   const GroupedRows rows = expert_rows(M, false), gathered = expert_rows(M, true);
   const GroupedAct ha = act_input(g, S, H, hidden(g, S), s_hcodes, s_hscale);
   grouped_backward_data_cuda(rows, dyg, weights(g, false), dh, false, g.stream);
-  if (g.host.trainable(out_[0])) grouped_backward_weight_cuda(rows, dyg, ha, weights(g, false), g.grads.get(), g.stream);
-  if (m_.sigma) relu_backward_cuda(S * H, pre_.get(), dh, dpre, g.stream);
-  else glu_backward_cuda(g.host.glu_activation(), S, H, pre_.get(), dh, dpre, g.stream);
+  if (g.host.trainable(out_[0]))
+    grouped_backward_weight_cuda(rows, dyg, ha, weights(g, false), g.grads.get(), g.stream);
+  if (m_.sigma)
+    relu_backward_cuda(S * H, pre_.get(), dh, dpre, g.stream);
+  else
+    glu_backward_cuda(g.host.glu_activation(), S, H, pre_.get(), dh, dpre, g.stream);
   // The first product: dxg = dpre·W_in, dW_in += dpreᵀ·x̂[token]; dxn = Σ_j dxg[row(t, j)].
   grouped_backward_data_cuda(rows, dpre, weights(g, true), dxg, false, g.stream);
   const GroupedAct xa = act_input(g, M, d_, xn, s_xcodes, s_xscale);
-  if (g.host.trainable(in_[0])) grouped_backward_weight_cuda(gathered, dpre, xa, weights(g, true), g.grads.get(), g.stream);
+  if (g.host.trainable(in_[0]))
+    grouped_backward_weight_cuda(gathered, dpre, xa, weights(g, true), g.grads.get(), g.stream);
   unpermute_rows_cuda(M, m_.k, d_, row_.get(), dxg, dxn, g.stream);
   g.tick(ph_gemm_backward);
   router_backward(g, s, M, xn, dgate, dxn);
