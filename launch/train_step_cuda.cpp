@@ -8,6 +8,7 @@
 #include "launch/format.h"
 #include "launch/train_session.h"
 #include "runtime/error.h"
+#include "runtime/rng.h"
 #ifdef PEERLESS_HAVE_CUDA
 #include "model/cuda_model.h"
 #include "model/data_parallel_cuda.h"
@@ -140,6 +141,9 @@ class CudaStepRunner final : public StepRunner {
       const auto [first, n] = BatchLoader::shard(s_.G, s_.A, a, s_.rank, s_.world);
       s_.loader->fill(step, first, n, inputs_.data(), targets_.data());
       if (exact_ && a > 0) cuda_->zero_grads();
+      // σ-MoE expert dropout and the aux losses' weight, as the CPU path sets them (train_step_cpu.cpp).
+      cuda_->set_step_keys(hash_keys(static_cast<uint64_t>(s_.cfg.run.seed), 0xD207, step), first * s_.T,
+                           s_.loader->packed() ? static_cast<float>(n) / static_cast<float>(s_.G) : 0.f);
       // The last micro-batch's backward starts each bucket's reduction as soon as it is final.
       const double loss = cuda_->forward_backward(inputs_.data(), targets_.data(), n, s_.T, grad_scale,
                                                   exchange && a + 1 == s_.A ? ready : nullptr);

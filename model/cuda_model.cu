@@ -61,6 +61,9 @@ struct CudaModel::Impl {
   int64_t state_total = 0;  // elements of m and v (AdamW::owned())
   // Data parallel: told of each parameter whose gradient kernels are enqueued (forward_backward).
   Model::GradReady ready;
+  uint64_t noise_key = 0;  // set_step_keys
+  int64_t first_token = 0;
+  float aux_scale = 0;
   void final_params(std::initializer_list<int> ids) const {
     if (ready)
       for (int i : ids)
@@ -140,7 +143,9 @@ struct CudaModel::Impl {
 double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_scale, bool backward) {
   const int64_t M = batch * seq, n = static_cast<int64_t>(modules.size());
   cudaStream_t s = g.stream;
-  const CudaStep step{batch, seq, backward, lb.get(), dlb.get()};
+  CudaStep step{batch, seq, backward, lb.get(), dlb.get()};
+  step.aux_scale = aux_scale > 0 ? aux_scale : grad_scale * static_cast<float>(M);
+  step.noise_key = noise_key, step.first_token = first_token;
   embedding_forward_cuda(M, d, ids.get(), P(idx.embed), resid[0].get(), s);
   for (int64_t i = 0; i < n; ++i) modules[i]->forward(g, step, resid[i].get(), resid[i + 1].get());
   const double sum = head_and_loss(M, grad_scale, backward);
@@ -296,6 +301,22 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
 double CudaModel::forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq) {
   impl_->upload_batch(ids, targets, batch * seq);
   return impl_->forward_backward(batch, seq, 0.f, false);
+}
+
+void CudaModel::set_step_keys(uint64_t noise_key, int64_t first_token, float aux_scale) {
+  impl_->noise_key = noise_key, impl_->first_token = first_token, impl_->aux_scale = aux_scale;
+}
+
+std::vector<Module::AuxLoss> CudaModel::aux_losses() {
+  std::vector<Module::AuxLoss> sum;
+  for (const auto& m : impl_->modules)
+    for (const Module::AuxLoss& a : m->aux_losses(impl_->g)) {
+      auto it = std::find_if(sum.begin(), sum.end(),
+                             [&](const Module::AuxLoss& s) { return std::string(s.name) == a.name; });
+      if (it == sum.end()) sum.push_back(a);
+      else it->value += a.value;
+    }
+  return sum;
 }
 
 void CudaModel::add_expert_counts(std::vector<double>& counts) {

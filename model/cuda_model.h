@@ -96,6 +96,12 @@ class CudaModel {
   // The forward alone (evaluation): Σ losses of the micro-batch, PEER BatchNorm on its running
   // statistics (Model::forward with PeerNormMode::eval). Leaves the gradient untouched.
   double forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq);
+  // The next forward_backward's training randomness and aux-loss weight, as ForwardContext's
+  // noise_key, first_token and aux_scale (σ-MoE expert dropout; 0 = grad_scale·tokens).
+  void set_step_keys(uint64_t noise_key, int64_t first_token, float aux_scale = 0);
+  // The modules' auxiliary losses of the last forward (Module::aux_losses, e.g. "moe_aux"), each
+  // copied from the device (a synchronisation), summed over the layers per name.
+  std::vector<Module::AuxLoss> aux_losses();
   // Adds the retrievals of the last forward to counts (n_peer_layers(), N), as Model::add_expert_counts
   // (one copy of the ids to the host per PEER layer: 4·tokens·h·k bytes).
   void add_expert_counts(std::vector<double>& counts);

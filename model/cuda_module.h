@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "model/cuda_context.h"
 
@@ -22,6 +23,12 @@ struct CudaStep {
   bool train = true;          // false: a forward alone (evaluation), PEER BatchNorm on running statistics
   const float* lb = nullptr;  // (L, d) the MLGRU lower bounds after softmax and cumsum
   float* dlb = nullptr;       // (L, d) backward: their gradient, accumulated
+  // As ModuleStep's: the aux losses' weight in the backward (grad_scale·tokens unless the trainer
+  // says otherwise) and the key of training-only randomness (σ-MoE expert dropout) with the global
+  // index of this micro-batch's first token.
+  float aux_scale = 0;
+  uint64_t noise_key = 0;
+  int64_t first_token = 0;
   int64_t tokens() const { return batch * seq; }
 };
 
@@ -40,6 +47,9 @@ class CudaModule {
     int64_t count = 0;
   };
   virtual Retrieved retrieved() const { return {}; }
+  // The auxiliary losses of the last forward (Module::aux_losses: the same names and weighting),
+  // copied from the device (waits for the stream); none by default.
+  virtual std::vector<Module::AuxLoss> aux_losses(CudaContext&) const { return {}; }
 };
 
 // What a kind's CUDA half gets when the GPU model is built.
@@ -68,5 +78,7 @@ std::unique_ptr<CudaModule> make_peer_cuda(CudaContext& g, const CudaModuleBuild
 std::unique_ptr<CudaModule> make_attention_cuda(CudaContext& g, const CudaModuleBuild& b);
 std::unique_ptr<CudaModule> make_swiglu_cuda(CudaContext& g, const CudaModuleBuild& b);
 std::unique_ptr<CudaModule> make_pkm_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_moe_cuda(CudaContext& g, const CudaModuleBuild& b);
+std::unique_ptr<CudaModule> make_sigma_moe_cuda(CudaContext& g, const CudaModuleBuild& b);
 
 }  // namespace peerless

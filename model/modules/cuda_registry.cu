@@ -18,6 +18,8 @@ const CudaKind kCudaKinds[] = {
     {"attention", make_attention_cuda, true},
     {"swiglu", make_swiglu_cuda, true},
     {"pkm", make_pkm_cuda, true},
+    {"moe", make_moe_cuda, true},
+    {"sigma_moe", make_sigma_moe_cuda, true},
 };
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "model/ops/glu.h"
 #include "model/ops/row_math.h"
 #include "runtime/error.h"
+#include "runtime/rng.h"
 
 namespace peerless {
 
@@ -295,6 +296,15 @@ void experts_backward(const Model& m, const float* params, const ExpertWeights& 
   }
   if (x) x->send_rows(dxo, s.recv, dxg, s.send, d);
   unpermute_add_rows(r, d, dxg, dxn);
+}
+
+void expert_dropout_mask(uint64_t key, int64_t layer, int64_t first_token, int64_t M, int64_t N, double p,
+                         uint8_t* drop) {
+#pragma omp parallel for schedule(static) if (M * N > detail::kParallelMin)
+  for (int64_t t = 0; t < M; ++t) {
+    Rng rng(hash_keys(key, layer, first_token + t));
+    for (int64_t e = 0; e < N; ++e) drop[t * N + e] = rng.uniform() < p ? 1 : 0;
+  }
 }
 
 void router_forward(const Model& m, const float* params, int w, int64_t T, const float* xn, float* z) {

@@ -113,6 +113,12 @@ void experts_backward(const Model& m, const float* params, const ExpertWeights& 
 // Sets up s.exchange for model m: over m.expert_comm() when its experts are sharded, else none.
 void bind_expert_exchange(const Model& m, ExpertStack& s);
 
+// σ-MoE expert dropout (training): drop (M, N) bytes, 1 where token first_token + t drops expert e,
+// each with probability p from Rng(hash_keys(key, layer, first_token + t)) in expert order; one
+// definition for the CPU kind and the GPU one (which uploads the mask).
+void expert_dropout_mask(uint64_t key, int64_t layer, int64_t first_token, int64_t M, int64_t N, double p,
+                         uint8_t* drop);
+
 // Router helpers, on fp32 scores z (T, E) of the module's normalized input xn (T, d):
 // z = xn·Wᵀ with W (E, d) at layout index `w`, always full precision.
 void router_forward(const Model& m, const float* params, int w, int64_t T, const float* xn, float* z);

@@ -17,7 +17,6 @@
 #include "model/modules/experts.h"
 #include "model/modules/mixers.h"
 #include "model/ops/row_math.h"
-#include "runtime/rng.h"
 
 namespace peerless {
 
@@ -27,6 +26,7 @@ struct SigmaMoeCache final : Module::Cache {
   PreNorm norm;
   std::vector<float> s, q, lse;  // (M, N) raw scores W_s x̂, their softmax, (M) its logsumexp
   std::vector<float> pick;       // (M, N) training with dropout: the scores top-K chooses from
+  std::vector<uint8_t> drop;     // (M, N) its dropout mask (expert_dropout_mask)
   std::vector<float> gate;       // (M, K) σ(s) of the chosen experts
   ExpertRouting route;
   ExpertStack experts;
@@ -163,15 +163,12 @@ void SigmaMoeMixer::route(const Model& m, const float* params, const ModuleStep&
   c.entropy = gamma_ * ent;
   const float* pick = c.s.data();
   if (dropout_ > 0 && step.peer_mode == PeerNormMode::train) {  // the one train/eval switch of a step
-    const float drop = -std::numeric_limits<float>::infinity();
     c.pick = c.s;
     pick = c.pick.data();
-#pragma omp parallel for schedule(static) if (M * N_ > detail::kParallelMin)
-    for (int64_t t = 0; t < M; ++t) {
-      Rng rng(hash_keys(step.noise_key, layer_, step.first_token + t));
-      for (int64_t e = 0; e < N_; ++e)
-        if (rng.uniform() < dropout_) c.pick[t * N_ + e] = drop;
-    }
+    c.drop.resize(M * N_);
+    expert_dropout_mask(step.noise_key, layer_, step.first_token, M, N_, dropout_, c.drop.data());
+    for (int64_t i = 0; i < M * N_; ++i)
+      if (c.drop[i]) c.pick[i] = -std::numeric_limits<float>::infinity();
   }
   ExpertRouting& r = c.route;
   r.tokens = M, r.k = K_, r.experts = N_;
