@@ -31,13 +31,6 @@ class CudaStepRunner final : public StepRunner {
   explicit CudaStepRunner(TrainSession& s) : s_(s) {
     // Data parallel over GPUs (one rank each): whole weights on every rank; the optimizer state
     // whole, or with parallel.zero1 the rank's slices (the session's AdamW owns s.dp->owned()).
-    // Sharded PEER tables (parallel.expert_parallel > 1): the GPU exchange sums the owners' partial
-    // outputs in float (model/expert_parallel.h, ShardedPeerExpertsCuda), not in the fixed point that
-    // makes the CPU's sharded runs bit-identical to one rank.
-    PL_CHECK(!s.model->experts_sharded() || !deterministic_on(s.cfg), config,
-             "parallel.deterministic = true with parallel.expert_parallel = ", s.cfg.parallel.expert_parallel,
-             " on run.device = \"cuda\": the GPU expert exchange sums partial outputs in float, so its bits depend "
-             "on the number of shards; set parallel.deterministic = false");
     // Deterministic mode: the exact sum's bookkeeping on the host, its int64 sums on the device.
     if (deterministic_on(s.cfg))
       sum_ = std::make_unique<ExactGradSum>(s.model->layout(), s.A * s.world, std::vector<uint8_t>{});

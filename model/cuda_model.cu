@@ -205,6 +205,12 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
     PL_CHECK(!c.peer_ternary, config, "run.device = \"cuda\" trains PEER tables in full precision only "
              "(model.peer_ternary = true); use run.device = \"cpu\"");
     PL_CHECK(c.peer_query_bn, config, "run.device = \"cuda\": PEER needs model.peer_query_bn = true");
+    // Sharded tables: the GPU exchange (ShardedPeerExpertsCuda) sums the owners' partial outputs in
+    // float, not in the fixed point that makes the CPU's sharded runs bit-identical to one rank.
+    PL_CHECK(!host.experts_sharded() || !host.deterministic(), config,
+             "parallel.deterministic = on with PEER tables sharded over ", host.expert_shard().shards,
+             " ranks (parallel.expert_parallel) on run.device = \"cuda\": the GPU expert exchange sums partial "
+             "outputs in float, so its bits depend on the number of shards; set parallel.deterministic = off");
   }
   // model.quant = "none": only kinds whose CUDA half has the full-precision form (cuda_registry.cu).
   for (size_t i = 0; !host.quantized() && i < host.modules().size(); ++i) {

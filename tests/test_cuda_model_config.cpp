@@ -121,6 +121,17 @@ TEST(cuda_model_config, refusals_name_the_key) {
   ModelConfig no_bn = tiny_peer();
   no_bn.peer_query_bn = false;
   EXPECT_NE(refusal(no_bn).find("model.peer_query_bn"), std::string::npos);
+  Model sharded(tiny_peer(), ExpertShard{2, 0});  // deterministic mode needs the CPU's fixed-point exchange
+  sharded.set_deterministic(true);
+  AdamW adam_sharded(OptimConfig{}, sharded.layout());
+  try {
+    CudaModel::check_supported(sharded, adam_sharded);
+    ADD_FAILURE() << "deterministic mode with sharded PEER tables was accepted on cuda";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.deterministic"), std::string::npos) << e.what();
+  }
+  sharded.set_deterministic(false);
+  EXPECT_NO_THROW(CudaModel::check_supported(sharded, adam_sharded));
   OptimConfig lazy;
   lazy.table_optimizer = "lazy_adam";
   EXPECT_NE(refusal(tiny_peer(), lazy).find("optim.table_optimizer"), std::string::npos);
