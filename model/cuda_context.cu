@@ -84,7 +84,7 @@ void CudaContext::allocate_linears(int64_t wide) {
     const int64_t rows = i == head_w ? std::min(head_rows, M) : M;
     max_n = std::max(max_n, rows * w.shape[0]);  // as elements of dy: rows × N
     max_k = std::max(max_k, w.shape[1]);
-    max_w = std::max(max_w, w.numel);
+    max_w = std::max(max_w, w.tensor_numel());  // codes-only weights (a LoRA base) have numel 0
     if (w.shape[0] % 4 != 0 || w.shape[1] % 4 != 0) all_imma_ = false;
   }
   wide = std::max(wide, max_k);
@@ -105,7 +105,8 @@ void CudaContext::allocate_linears(int64_t wide) {
     acc_.resize(max_n, bytes);
     tmp_.resize(max_n, bytes);
   }
-  allocate_head();  // cuda_context_proj.cu
+  allocate_head();        // cuda_context_proj.cu
+  allocate_adapters(wide);  // cuda_context_lora.cu
 }
 
 template <typename Y>
@@ -161,7 +162,8 @@ void CudaContext::backward_products(int weight, int64_t rows, const bf16* dy, co
   codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
   gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt_out, K,
                  stream);
-  gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_over_s, K, 1.0f, G(weight), K, stream);
+  if (host.trainable(weight))  // a frozen weight (LoRA base) has no gradient; codes-only ones no span for it
+    gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_over_s, K, 1.0f, G(weight), K, stream);
   tick(ph_gemm_backward);
 }
 

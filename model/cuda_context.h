@@ -60,6 +60,8 @@ inline int cuda_blocks_for(int64_t n) {
 }
 void add_cuda(float* dst, const float* src, int64_t n, cudaStream_t s);               // dst += src
 void add2_cuda(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);  // out = a + b
+// out (rows, cols) fp32 = in (rows, cols) bf16 with row stride ld.
+void bf16_rows_to_float_cuda(int64_t rows, int64_t cols, const bf16* in, int64_t ld, float* out, cudaStream_t s);
 // Σ x² in float64 over x (n): one partial per thread block (`blocks` of them, grid-stride) into
 // partials, for the caller to add on the host in block order (a fixed order: deterministic).
 void sumsq_partials_cuda(const float* x, int64_t n, double* partials, int blocks, cudaStream_t s);
@@ -92,7 +94,8 @@ class CudaContext {
 
   float* P(int i) const { return params.get() + layout.at(i).offset; }
   float* G(int i) const { return grads.get() + layout.at(i).offset; }
-  const int8_t* C(int i) const { return codes.get() + layout.at(i).offset; }
+  // Codes at code_offset: a codes-only weight (a LoRA run's frozen base) has no fp32 span.
+  const int8_t* C(int i) const { return codes.get() + layout.at(i).code_offset; }
 
   // The current BitLinear's buffers (every kind's BitLinears go through them one at a time):
   DevBuf<float> q_scale, q_rstd;   // per-row scales (up to 3 BitLinears side by side) and rstd
@@ -145,6 +148,23 @@ class CudaContext {
   void proj_backward(int weight, int64_t rows, const float* x, const bf16* dy, int64_t ldy, float* dx,
                      bool accumulate);
 
+  // LoRA (finetune.mode = "lora", model/ops/lora.h; cuda_context_lora.cu): the adapter of a block
+  // projection reads x̃ (rows, K) fp32, the float input the projection normalizes and quantizes (a
+  // BitLinear's RMSNorm output before the quantizer, a projection's input), as Model::adapter_forward.
+  // The fused norm+quant kernels never write x̃, so an adapted BitLinear's caller materialises it in
+  // lora_t0 / lora_t1 (rows, widest K) with the plain ops (norm_input) and passes it here.
+  bool adapted(int weight) const { return host.lora_adapter(weight) >= 0; }
+  DevBuf<float> lora_t0, lora_t1, lora_rstd;  // x̃ and the steps to it; a norm's rstd (thrown away)
+  // out (rows, K) = RMSNorm(x; P(gain)), x fp32 or bf16.
+  template <typename X>
+  float* norm_input(int gain, int64_t rows, int64_t K, const X* x, float* out);
+  // y (rows, N) += scale·B(A x̃) (Y float, or bf16: y read, the fp32 sum rounded again).
+  template <typename Y>
+  void adapter_forward(int weight, int64_t rows, const float* xt, Y* y);
+  // dA, dB accumulated, and dx̃ (rows, K) += scale·(dy·B)·A when dxt is not null; dy (rows, N) bf16
+  // with row stride ldy (0: N), as the base backward reads it. u = A x̃ is recomputed.
+  void adapter_backward(int weight, int64_t rows, const float* xt, const bf16* dy, int64_t ldy, float* dxt);
+
   // The LM head on the final norm's output xf (rows, d) (Model::head_forward): model.head =
   // "bitlinear" is linear_forward; "linear" and "tied" multiply by an fp32 (V, d) weight (lm_head or
   // the embedding) as a bf16 GEMM with fp32 accumulation, on a bf16 copy of it made when `refresh`
@@ -167,6 +187,9 @@ class CudaContext {
   }
   void start_profile(bool on);
 
+  // The adapters' buffers (allocate_linears calls it; nothing without adapters).
+  void allocate_adapters(int64_t wide);
+
   // Sizes the BitLinear buffers for every ternary weight of the layout (call after the modules
   // reserved their scratch; `wide`: the widest norm+quant output, e.g. 3d for i, f, g side by side).
   void allocate_linears(int64_t wide);
@@ -177,6 +200,7 @@ class CudaContext {
   void allocate_head();    // its buffers (allocate_linears calls it)
   DevBuf<int32_t> acc_;  // (M, max N) int32 products, only for shapes IMMA refuses
   DevBuf<float> tmp_;    // (M, max N) the non-IMMA residual path's product
+  DevBuf<float> lora_u_, lora_g_, lora_y_;  // (M, r) A x̃ and dy·B; (M, max N) fp32 dy or Δy
   bool all_imma_ = true;
   std::chrono::steady_clock::time_point last_;
 };

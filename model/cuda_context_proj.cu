@@ -19,6 +19,7 @@ void CudaContext::proj_forward(int weight, int64_t rows, const float* x, Y* y, c
     act_quant_cuda(rows, K, x, q_codes.get(), q_scale.get(), stream);
     tick(ph_norm_quant);
     product(weight, rows, y, residual);
+    adapter_forward(weight, rows, x, y);
     return;
   }
   rows_to_bf16_cuda(rows, K, x, nullptr, a_bf.get(), stream);
@@ -33,6 +34,7 @@ void CudaContext::proj_forward(int weight, int64_t rows, const float* x, Y* y, c
   constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
   gemm_bf16_cuda(blas, Trans::no, Trans::yes, rows, N, K, 1.f, a_bf.get(), K, w_bf.get(), K, beta, out, y, N, stream);
   tick(ph_gemm_forward);
+  adapter_forward(weight, rows, x, y);  // LoRA: x̃ is the projection's input
 }
 template void CudaContext::proj_forward<float>(int, int64_t, const float*, float*, const float*);
 template void CudaContext::proj_forward<bf16>(int, int64_t, const float*, bf16*, const float*);
@@ -59,6 +61,7 @@ void CudaContext::proj_backward(int weight, int64_t rows, const float* x, const 
   if (host.trainable(weight))
     gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.f, dy, ldy, a_bf.get(), K, 1.f, G(weight), K, stream);
   tick(ph_gemm_backward);
+  adapter_backward(weight, rows, x, dy, ldy, dx);
 }
 
 void CudaContext::head_forward(int64_t rows, const float* xf, float* logits, bool refresh) {

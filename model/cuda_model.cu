@@ -35,6 +35,31 @@ __global__ void update_buffer_kernel(float* params, float* grads, int64_t n, flo
   }
 }
 
+// A frozen base (finetune.*) without ZeRO-1: the session's AdamW owns the trainable entries whole
+// (DataParallel::trainable_ranges, moments concatenated). One tensor per layout entry, so that β stays
+// indexed by entry as adamw_tensors has it; frozen entries empty, so their latents, codes and β stay
+// as uploaded (a frozen base is never requantized). Empty when the pieces are not whole entries.
+std::vector<AdamwTensor> trainable_tensors(const Model& host, const AdamW& adam) {
+  const auto& entries = host.layout().entries();
+  std::vector<AdamwTensor> t(entries.size());
+  std::vector<int> at_offset;  // entries with an fp32 span, by offset
+  for (size_t i = 0; i < entries.size(); ++i) {
+    t[i].offset = entries[i].offset;  // numel 0: untouched
+    if (entries[i].numel > 0) at_offset.push_back(static_cast<int>(i));
+  }
+  std::sort(at_offset.begin(), at_offset.end(), [&](int a, int b) { return entries[a].offset < entries[b].offset; });
+  for (const AdamwTensor& piece : adamw_shard_tensors(host.layout(), adam, true)) {
+    if (piece.numel == 0) continue;
+    const auto it = std::lower_bound(at_offset.begin(), at_offset.end(), piece.offset,
+                                     [&](int e, int64_t off) { return entries[e].offset < off; });
+    if (it == at_offset.end() || entries[*it].offset != piece.offset || entries[*it].numel != piece.numel ||
+        !host.trainable(*it))
+      return {};
+    t[*it] = piece;
+  }
+  return t;
+}
+
 }  // namespace
 
 struct CudaModel::Impl {
@@ -68,6 +93,14 @@ struct CudaModel::Impl {
     if (ready)
       for (int i : ids)
         if (i >= 0) ready(i);
+  }
+  // A frozen base (finetune.*): the spans whose gradients the fused kernels write anyway (norm gains,
+  // the embedding, ...), cleared after each backward as Model::discard_frozen_grads does, so the
+  // gradient norm and the optimizer see the CPU's zeros. Frozen weights get no gradient at all.
+  std::vector<Range> frozen_spans;
+  void discard_frozen_grads() const {
+    for (const auto& [lo, hi] : frozen_spans)
+      PL_CUDA_CHECK(cudaMemsetAsync(g.grads.get() + lo, 0, sizeof(float) * (hi - lo), g.stream));
   }
   void final_module(size_t i) const {
     if (ready)
@@ -108,7 +141,7 @@ struct CudaModel::Impl {
       const DeviceUseScope use(DeviceUse::state);
       for (auto* b : {&g.params, &g.grads}) b->resize(total, bytes);
       for (auto* b : {&m, &v}) b->resize(state_total, bytes);
-      g.codes.resize(total, bytes);
+      g.codes.resize(layout.code_total(), bytes);  // past total(): a codes-only LoRA base
       betas_dev.resize(static_cast<int64_t>(layout.entries().size()), bytes);
     }
     {
@@ -161,11 +194,12 @@ double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_
     final_module(static_cast<size_t>(i));
   }
   g.tick(ph_other);
-  embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);
+  if (host.trainable(idx.embed)) embedding_backward_cuda(M, d, ids.get(), dxp, G(idx.embed), emb_ws.get(), emb_ws.n, s);
   g.tick(ph_embedding);
   // Lower bounds: dlb through the cumsum and the softmax, added into the gradient.
   if (idx.lower_bounds >= 0) lower_bounds_backward_cuda(L, d, P(idx.lower_bounds), dlb.get(), G(idx.lower_bounds), s);
   g.tick(ph_other);
+  discard_frozen_grads();
   final_params({idx.embed, idx.lower_bounds});
   return sum;
 }
@@ -190,6 +224,25 @@ double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward
   double sum = 0;
   for (int64_t i = 0; i < M; ++i) sum += loss_host[i];  // token order, as Model::forward
   return sum;
+}
+
+// LoRA on the GPU: the adapters run where CudaContext's projection steps or the MatMul-free kinds'
+// CUDA halves call them (cuda_context_lora.cu); other kinds' projections have no adapter hook yet.
+static void check_adapters_supported(const Model& host) {
+  const LoraConfig& lc = host.config().lora;
+  if (!lc.on()) return;
+  PL_CHECK(lc.dropout <= 0, config, "finetune.lora_dropout = ", lc.dropout, " with run.device = \"cuda\": the "
+           "adapters' dropout mask is drawn on the CPU path only (allowed: 0, or run.device = \"cpu\")");
+  static const char* const hooked[] = {"mlgru", "glu", "attention", "swiglu"};
+  for (size_t i = 0; i < host.modules().size(); ++i) {
+    const std::string kind = host.modules()[i]->kind();
+    if (std::find(std::begin(hooked), std::end(hooked), kind) != std::end(hooked)) continue;
+    for (int p : host.modules()[i]->params_backward_order())
+      PL_CHECK(p < 0 || host.lora_adapter(p) < 0, config, "finetune.lora_targets = \"", lc.targets,
+               "\" puts an adapter on ", host.layout().at(p).name, " of ", i % 2 == 0 ? "model.token_mixer" :
+               "model.channel_mixer", " = \"", kind, "\", whose CUDA half has no adapters yet (adapters on the "
+               "GPU: mlgru, glu, attention, swiglu); narrow finetune.lora_targets or use run.device = \"cpu\"");
+  }
 }
 
 void CudaModel::check_supported(const Model& host, const AdamW& adam) {
@@ -225,6 +278,7 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   PL_CHECK(c.head != "bitlinear" || host.quantized(), config, "run.device = \"cuda\": model.head = \"bitlinear\" "
            "with model.quant = \"none\" (the full-precision BitLinear head) is CPU-only; use model.head = \"linear\" "
            "or \"tied\", or run.device = \"cpu\"");
+  check_adapters_supported(host);
   PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\" updates PEER tables with dense AdamW only "
            "(optim.table_optimizer = \"lazy_adam\" is CPU-only)");
   PL_CHECK(c.d_model <= kNormQuantMaxDim && host.intermediate() <= kNormQuantMaxDim, config,
@@ -239,10 +293,19 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOp
   impl_->state_total = adam.state_elements();
   impl_->allocate();
   // A ZeRO-1 shard of the moments is stepped by DeviceDataParallel (optimizer_step's zero1).
-  if (adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total())) {
+  std::vector<AdamwTensor> tensors;
+  if (adam.owned().size() == 1 && adam.owned()[0] == Range(0, host.layout().total()))
+    tensors = adamw_tensors(host.layout(), adam);
+  else if (host.has_frozen())
+    tensors = trainable_tensors(host, adam);  // empty under ZeRO-1 (slices)
+  if (!tensors.empty()) {
     const DeviceUseScope use(DeviceUse::state);
-    impl_->adamw = std::make_unique<AdamwTernaryCuda>(adamw_tensors(host.layout(), adam));
+    impl_->adamw = std::make_unique<AdamwTernaryCuda>(tensors);
     impl_->g.bytes += static_cast<int64_t>(impl_->adamw->device_bytes());
+  }
+  for (size_t i = 0; i < host.layout().entries().size(); ++i) {
+    const ParamInfo& p = host.layout().entries()[i];
+    if (!host.trainable(static_cast<int>(i)) && p.numel > 0) impl_->frozen_spans.push_back({p.offset, p.offset + p.numel});
   }
 }
 
@@ -258,8 +321,9 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   PL_CUDA_CHECK(cudaMemcpyAsync(im.m.get(), adam.m().data(), state, cudaMemcpyHostToDevice, g.stream));
   PL_CUDA_CHECK(cudaMemcpyAsync(im.v.get(), adam.v().data(), state, cudaMemcpyHostToDevice, g.stream));
   const auto& codes = im.host.codes();
-  PL_CHECK(static_cast<int64_t>(codes.size()) == total, internal, "CudaModel::upload: the host model has no codes");
-  PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), total, cudaMemcpyHostToDevice, g.stream));
+  const int64_t code_total = g.layout.code_total();  // a codes-only base's codes too (never requantized here)
+  PL_CHECK(static_cast<int64_t>(codes.size()) == code_total, internal, "CudaModel::upload: the host model has no codes");
+  PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), code_total, cudaMemcpyHostToDevice, g.stream));
   g.betas = im.host.betas();
   PL_CHECK(g.betas.size() == g.layout.entries().size(), internal, "CudaModel::upload: the host model has no β");
   PL_CUDA_CHECK(cudaMemcpyAsync(im.betas_dev.get(), g.betas.data(), sizeof(float) * g.betas.size(),
@@ -277,7 +341,7 @@ void CudaModel::download(float* params, AdamW& adam) {
   PL_CUDA_CHECK(cudaMemcpyAsync(adam.m().data(), im.m.get(), state, cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaMemcpyAsync(adam.v().data(), im.v.get(), state, cudaMemcpyDeviceToHost, g.stream));
   std::vector<int8_t>& codes = im.host.mutable_codes();
-  PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), g.codes.get(), total, cudaMemcpyDeviceToHost, g.stream));
+  PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), g.codes.get(), g.layout.code_total(), cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
   im.host.mutable_betas() = g.betas;
 }

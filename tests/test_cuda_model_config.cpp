@@ -136,7 +136,21 @@ TEST(cuda_model_config, refusals_name_the_key) {
   lazy.table_optimizer = "lazy_adam";
   EXPECT_NE(refusal(tiny_peer(), lazy).find("optim.table_optimizer"), std::string::npos);
 }
+
+// LoRA (finetune.*) runs on the GPU for the kinds whose CUDA halves call the adapters; the adapters'
+// dropout is drawn on the CPU path only.
+TEST(cuda_model_config, lora_accepted_without_dropout) {
+  for (ModelConfig mc : {tiny(), tiny_tpp(), tiny_bitnet()}) {
+    mc.lora.mode = "lora";
+    mc.lora.rank = 4;
+    EXPECT_EQ(refusal(mc), "") << mc.token_mixer;
+    mc.lora.dropout = 0.1;
+    const std::string r = refusal(mc);
+    EXPECT_NE(r.find("finetune.lora_dropout = 0.1"), std::string::npos) << r;
+  }
+}
 #endif
+
 
 }  // namespace
 }  // namespace peerless

@@ -46,14 +46,17 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <string>
 #include <vector>
 
 #include "model/cpu_threads.h"
+#include "model/data_parallel.h"
 #include "model/model.h"
 #include "model/optimizer.h"
+#include "parallel/comm.h"
 #include "runtime/rng.h"
 #include "tests/test_util.h"
 #ifdef PEERLESS_HAVE_CUDA
@@ -285,6 +288,146 @@ INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
                                            CurveCase{false, false, Arch::mmf, -1, true},
                                            CurveCase{false, false, Arch::moe}, CurveCase{false, false, Arch::sigma_moe}),
                          [](const ::testing::TestParamInfo<CurveCase>& i) { return case_name(i.param); });
+
+// LoRA fine-tuning (finetune.mode = "lora", ../shared/BASELINES.md §6) on the GPU against the CPU
+// model: rank-8 adapters (α 16) on every block projection of a random frozen base, trained 50 steps
+// on both from the same initialization. The base is frozen: on a ternary model it is codes-only
+// (codes + β, no latent), under quant = "none" it keeps fp32 latents that nothing may change.
+// AdamW owns the trainable ranges only (DataParallel::owned(), as the trainer builds it).
+// Tolerances as the curve cases above: the base forward is the same computation, and B = 0 at
+// initialisation, so step 1 is a forward of the base (fp32 storage 1e-5; bf16 storage or bf16 GEMM
+// forwards 5e-3). The adapters are fp32 GEMMs on both sides (tests/test_lora_cuda.cpp), but x̃ is
+// recomputed by the plain RMSNorm op instead of the CPU's loop (float order), their dy arrives in
+// bf16 as the base backward's does (relative 2^-9 per element), and the BitLinear backward GEMMs
+// round to bf16: the curve cases' per-step (2e-2, bf16 3e-2) and mean (5e-3, bf16 1e-2) bounds.
+// The step-1 gradient is dB alone (dA = 0 at B = 0): dyᵀ·u averaged over 512 tokens of bf16-rounded
+// dy, within 1e-3 (bf16 forwards 2e-2). After the steps the base must be bit-identical on the GPU:
+// every frozen fp32 span, all codes and every β.
+struct LoraCase {
+  Arch arch;
+  bool bf16;
+};
+
+class CudaModelLora : public ::testing::TestWithParam<LoraCase> {};
+
+TEST_P(CudaModelLora, fifty_steps_match_the_cpu_and_keep_the_base) {
+  const Arch arch = GetParam().arch;
+  const bool bf16_forward = GetParam().bf16 || arch != Arch::mmf;
+  ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
+  set_cpu_threads(2);
+  std::ifstream in(test::shared_data() + "/tinyshakespeare/input.txt", std::ios::binary);
+  ASSERT_TRUE(in.good());
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ModelConfig mc;
+  mc.vocab_size = 256;
+  mc.d_model = 64;
+  mc.n_layers = 2;
+  mc.intermediate = 256;
+  if (arch != Arch::mmf) set_transformer(mc, arch);
+  mc.lora.mode = "lora";
+  mc.lora.rank = 8;
+  mc.lora.alpha = 16;
+  OptimConfig oc;
+  oc.lr = 3e-3;
+  oc.weight_decay = 0;
+  oc.grad_clip = 1.0;
+  const int64_t B = 8, T = 64, steps = 50;
+
+  Model cpu(mc), gpu_host(mc);
+  std::vector<float> p_cpu(cpu.layout().total()), grads(p_cpu.size());
+  for (Model* m : {&cpu, &gpu_host}) {
+    m->init_params(p_cpu.data(), 7);  // the same values into both (p_cpu is rewritten identically)
+    m->init_base_codes(7);
+    m->refresh_ternary(p_cpu.data());
+  }
+  std::vector<float> p_gpu = p_cpu;
+  const std::vector<float> p0 = p_cpu;
+  const std::vector<int8_t> codes0 = gpu_host.codes();
+  const std::vector<float> betas0 = gpu_host.betas();
+  auto comm = make_single_comm();
+  DataParallel dp_cpu(cpu, *comm, false, 1 << 20), dp_gpu(gpu_host, *comm, false, 1 << 20);
+  AdamW adam_cpu(oc, cpu.layout(), dp_cpu.owned()), adam_gpu(oc, gpu_host.layout(), dp_gpu.owned());
+  CudaModelOptions copt;
+  copt.bf16_activations = GetParam().bf16;
+  CudaModel cuda(gpu_host, adam_gpu, B * T, copt);
+  cuda.upload(p_gpu.data(), adam_gpu);
+
+  std::vector<int32_t> ids(B * T), targets(B * T);
+  std::vector<double> loss_cpu, loss_gpu;
+  const float grad_scale = 1.f / static_cast<float>(B * T);
+  for (int64_t step = 1; step <= steps; ++step) {
+    for (int64_t b = 0; b < B; ++b) {
+      const size_t start = static_cast<size_t>((step * 7919 + b * 104729) * 13) % (text.size() - T - 1);
+      for (int64_t t = 0; t < T; ++t) {
+        ids[b * T + t] = static_cast<uint8_t>(text[start + t]);
+        targets[b * T + t] = static_cast<uint8_t>(text[start + t + 1]);
+      }
+    }
+    const double lr = learning_rate(oc, step, steps);
+    std::fill(grads.begin(), grads.end(), 0.f);
+    ForwardContext ctx;
+    const double lc = cpu.forward(p_cpu.data(), ids.data(), targets.data(), B, T, ctx);
+    cpu.backward(p_cpu.data(), ctx, grad_scale, grads.data());
+    const double nc = grad_norm_l2(grads.data(), static_cast<int64_t>(grads.size()));
+    if (nc > oc.grad_clip) scale_in_place(grads.data(), static_cast<int64_t>(grads.size()), oc.grad_clip / nc);
+    adam_cpu.step(p_cpu.data(), grads.data(), step, lr);
+    cpu.refresh_ternary(p_cpu.data());
+    cuda.zero_grads();
+    const double lg = cuda.forward_backward(ids.data(), targets.data(), B, T, grad_scale);
+    const double ng = cuda.grad_norm();
+    cuda.optimizer_step(step, lr, ng > oc.grad_clip ? static_cast<float>(oc.grad_clip / ng) : 1.0f);
+    loss_cpu.push_back(lc / (B * T));
+    loss_gpu.push_back(lg / (B * T));
+    if (step == 1) {
+      std::printf("step 1 gradient norm: cpu %.6f gpu %.6f\n", nc, ng);
+      EXPECT_GT(nc, 0.0);
+      EXPECT_NEAR(ng, nc, (bf16_forward ? 2e-2 : 1e-3) * nc) << "gradient norm at step 1";
+    }
+  }
+  double worst = 0, mean = 0;
+  for (int64_t i = 0; i < steps; ++i) {
+    const double r = std::fabs(loss_gpu[i] - loss_cpu[i]) / loss_cpu[i];
+    worst = std::max(worst, r);
+    mean += r / steps;
+    if (i % 10 == 0 || i == steps - 1)
+      std::printf("step %3lld: cpu %.6f gpu %.6f rel %.2e\n", static_cast<long long>(i + 1), loss_cpu[i], loss_gpu[i], r);
+  }
+  std::printf("max relative loss difference %.3e, mean %.3e over %lld steps\n", worst, mean,
+              static_cast<long long>(steps));
+  EXPECT_LT(std::fabs(loss_gpu[0] - loss_cpu[0]) / loss_cpu[0], bf16_forward ? 5e-3 : 1e-5);
+  EXPECT_LT(worst, bf16_forward ? 3e-2 : 2e-2);
+  EXPECT_LT(mean, bf16_forward ? 1e-2 : 5e-3);
+  EXPECT_LT(loss_cpu.back(), loss_cpu.front());  // the adapters alone move the loss
+  EXPECT_LT(loss_gpu.back(), loss_gpu.front());
+
+  // The frozen base after 50 GPU steps: bit-identical fp32 spans, codes and β; the adapters moved.
+  cuda.download(p_gpu.data(), adam_gpu);
+  const ParamLayout& L = gpu_host.layout();
+  double adapter_change = 0;
+  for (size_t i = 0; i < L.entries().size(); ++i) {
+    const ParamInfo& p = L.at(static_cast<int>(i));
+    for (int64_t k = 0; k < p.numel; ++k) {
+      const float now = p_gpu[p.offset + k], was = p0[p.offset + k];
+      if (gpu_host.trainable(static_cast<int>(i))) {
+        adapter_change = std::max(adapter_change, std::fabs(double(now) - was));
+        continue;
+      }
+      ASSERT_EQ(0, std::memcmp(&now, &was, sizeof(float))) << p.name << "[" << k << "] changed on the GPU";
+    }
+  }
+  EXPECT_GT(adapter_change, 0.0);
+  EXPECT_EQ(gpu_host.codes(), codes0) << "the frozen base's codes changed on the GPU";
+  EXPECT_EQ(gpu_host.betas(), betas0) << "the frozen base's beta changed on the GPU";
+  EXPECT_EQ(L.has_codes_only(), mc.quant == "ternary");  // the ternary bases ran codes-only
+}
+
+INSTANTIATE_TEST_SUITE_P(lora, CudaModelLora,
+                         ::testing::Values(LoraCase{Arch::mmf, false}, LoraCase{Arch::mmf, true},
+                                           LoraCase{Arch::tpp, false}, LoraCase{Arch::bitnet, false}),
+                         [](const ::testing::TestParamInfo<LoraCase>& i) {
+                           return std::string(i.param.bf16 ? "bf16" : "fp32") +
+                                  (i.param.arch == Arch::tpp ? "_tpp" : i.param.arch == Arch::bitnet ? "_bitnet" : "");
+                         });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }
 #endif

@@ -30,12 +30,14 @@ class GluCuda final : public CudaModule {
                                  g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.product(b_.gate_w, M, au_.get(), nullptr);
+    if (g.adapted(b_.gate_w)) g.adapter_forward(b_.gate_w, M, gate_input(g, M, x_in), au_.get());
     // down on z = GLU([a | u]): the GLU, norm and quantizer in one kernel, the product with the residual.
     g.tick(ph_other);
     glu_act_quant_forward_cuda(g.host.glu_activation(), RmsNormShape{M, I_, g.eps}, au_.get(), g.P(b_.down_gain),
                                g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(I_));
     g.tick(ph_glu_path);
     g.product(b_.down_w, M, x_out, x_in);
+    if (g.adapted(b_.down_w)) g.adapter_forward(b_.down_w, M, down_input(g, M), x_out);
   }
 
   void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
@@ -51,6 +53,7 @@ class GluCuda final : public CudaModule {
                                g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(I_));
     g.tick(ph_glu_path);
     g.backward_products(b_.down_w, M, g.dy_bf.get());
+    if (g.adapted(b_.down_w)) g.adapter_backward(b_.down_w, M, down_input(g, M), g.dy_bf.get(), d_, g.dxt.get());
     glu_act_quant_backward_cuda(g.host.glu_activation(), ni, au_.get(), g.P(b_.down_gain), g.q_rstd.get(),
                                 g.dxt.get(), dau, g.G(b_.down_gain), g.norm_ws.get(), g.stream);
     g.tick(ph_glu_path);
@@ -63,12 +66,25 @@ class GluCuda final : public CudaModule {
                                  g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.backward_products(b_.gate_w, M, dau);
+    if (g.adapted(b_.gate_w)) g.adapter_backward(b_.gate_w, M, gate_input(g, M, x_in), dau, 2 * I_, g.dxt.get());
     norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mlp_norm), rstd_.get(), 1, &gate_gain, g.q_rstd.get(), g.dxt.get(),
                                   dx, g.G(b_.mlp_norm), &d_gate_gain, g.norm_ws.get(), g.stream);
     g.tick(ph_norm_quant);
   }
 
  private:
+  // LoRA's x̃ (CudaContext::adapter_forward), recomputed where needed: the gate's RMSNorm(RMSNorm(x_in;
+  // MLP norm); gate gain) and down's RMSNorm(z; down gain), z = GLU([a | u]) (the fused kernel never
+  // writes z), in g.lora_t1.
+  const float* gate_input(CudaContext& g, int64_t M, const float* x_in) const {
+    const float* xn = g.norm_input(b_.mlp_norm, M, d_, x_in, g.lora_t0.get());
+    return g.norm_input(b_.gate_gain, M, d_, xn, g.lora_t1.get());
+  }
+  const float* down_input(CudaContext& g, int64_t M) const {
+    glu_forward_cuda(g.host.glu_activation(), M, I_, au_.get(), g.lora_t0.get(), g.stream);
+    return g.norm_input(b_.down_gain, M, I_, g.lora_t0.get(), g.lora_t1.get());
+  }
+
   const BlockParams& b_;
   const int64_t d_, I_;
   DevBuf<float> rstd_;

@@ -1,6 +1,8 @@
 // The MLGRU token mixer's CUDA half (model/cuda_module.h; the CPU half is mlgru_mixer.cpp). Saved per
 // token (cuda_model.h, "Activation memory"): î, f̂, h, ĝ in the storage type A and three rstd; the
 // normalised input, f, gn, o and every BitLinear's quantized input are recomputed by fused kernels.
+#include <type_traits>
+
 #include "model/cuda_module.h"
 #include "model/ops/mlgru.h"
 
@@ -34,6 +36,8 @@ class MlgruCuda final : public CudaModule {
     g.product(b_.i_w, M, ihat_.get(), nullptr, g.q_codes.get(), g.q_scale.get());
     g.product(b_.f_w, M, fhat_.get(), nullptr, g.q_codes.get() + M * d_, g.q_scale.get() + M);
     g.product(b_.g_w, M, ghat_.get(), nullptr, g.q_codes.get() + 2 * M * d_, g.q_scale.get() + 2 * M);
+    for (int j = 0; j < 3; ++j)  // LoRA: each adapter on its x̃ (none: nothing runs)
+      if (g.adapted(ifg_w(j))) g.adapter_forward(ifg_w(j), M, ifg_input(g, M, x_in, j), ifg_out(j));
     g.tick(ph_other);
     mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
                             static_cast<A*>(nullptr), h_.get(), g.stream);
@@ -46,6 +50,7 @@ class MlgruCuda final : public CudaModule {
                                 g.stream, g.qs(d_));
     g.tick(ph_gate_path);
     g.product(b_.o_w, M, x_out, x_in);
+    if (g.adapted(b_.o_w)) g.adapter_forward(b_.o_w, M, o_input(g, M), x_out);
   }
 
   void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
@@ -70,6 +75,10 @@ class MlgruCuda final : public CudaModule {
     g.backward_products(b_.i_w, M, dihat, g.a_bf.get(), g.dxt.get());
     g.backward_products(b_.f_w, M, dfhat, g.a_bf.get() + M * d_, g.dxt.get() + M * d_);
     g.backward_products(b_.g_w, M, dghat, g.a_bf.get() + 2 * M * d_, g.dxt.get() + 2 * M * d_);
+    const bf16* difg[3] = {dihat, dfhat, dghat};
+    for (int j = 0; j < 3; ++j)  // LoRA: the adapters' dx̃ into the same slices
+      if (g.adapted(ifg_w(j)))
+        g.adapter_backward(ifg_w(j), M, ifg_input(g, M, x_in, j), difg[j], d_, g.dxt.get() + j * M * d_);
     norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_rstd.get(), g.dxt.get(),
                                   dx, g.G(b_.mixer_norm), dgains, g.norm_ws.get(), g.stream);
     g.tick(ph_norm_quant);
@@ -89,10 +98,35 @@ class MlgruCuda final : public CudaModule {
                                 g.P(b_.o_gain), g.a_bf.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_gate_path);
     g.backward_products(b_.o_w, M, g.dy_bf.get());
+    if (g.adapted(b_.o_w)) g.adapter_backward(b_.o_w, M, o_input(g, M), g.dy_bf.get(), d_, g.dxt.get());
     gate_act_quant_backward_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
                                  g.P(b_.o_gain), g.q_rstd.get(), g.dxt.get(), dh, dghat, g.G(b_.o_gain),
                                  code ? g.G(b_.g_norm) : nullptr, g.norm_ws.get(), g.stream);
     g.tick(ph_gate_path);
+  }
+
+  // LoRA (CudaContext::adapter_forward): the i, f, g projections (j = 0, 1, 2), their outputs, and
+  // x̃ = RMSNorm(RMSNorm(x_in; mixer norm); gain_j) in g.lora_t1, recomputed from x_in.
+  int ifg_w(int j) const { return j == 0 ? b_.i_w : j == 1 ? b_.f_w : b_.g_w; }
+  A* ifg_out(int j) const { return j == 0 ? ihat_.get() : j == 1 ? fhat_.get() : ghat_.get(); }
+  const float* ifg_input(CudaContext& g, int64_t M, const float* x_in, int j) const {
+    const float* xn = g.norm_input(b_.mixer_norm, M, d_, x_in, g.lora_t0.get());
+    const int gain = j == 0 ? b_.i_gain : j == 1 ? b_.f_gain : b_.g_gain;
+    return g.norm_input(gain, M, d_, xn, g.lora_t1.get());
+  }
+  // o_proj's x̃ = RMSNorm(o; o gain), o = gate(gn, h) as the CPU computes it (the fused gate kernel
+  // never writes o): gn = RMSNorm_g(ĝ) (code form) or ĝ, in g.lora_t0.
+  const float* o_input(CudaContext& g, int64_t M) const {
+    const GateForm form = g.host.gate_form();
+    float *gn = g.lora_t0.get(), *o = g.lora_t1.get();
+    if (form == GateForm::code)
+      g.norm_input(b_.g_norm, M, d_, ghat_.get(), gn);
+    else if constexpr (std::is_same_v<A, float>)
+      PL_CUDA_CHECK(cudaMemcpyAsync(gn, ghat_.get(), sizeof(float) * M * d_, cudaMemcpyDeviceToDevice, g.stream));
+    else
+      bf16_rows_to_float_cuda(M, d_, ghat_.get(), d_, gn, g.stream);
+    output_gate_forward_cuda(form, M * d_, gn, h_.get(), o, g.stream);
+    return g.norm_input(b_.o_gain, M, d_, o, gn);
   }
 
   const BlockParams& b_;

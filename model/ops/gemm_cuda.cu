@@ -495,6 +495,25 @@ void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int6
   gemm_bf16_cuda(blas, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, GemmOut::f32, C, ldc, stream);
 }
 
+void gemm_f32_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
+  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "gemm_f32_cuda: bad shape M=", M, " N=", N, " K=", K);
+  if (M == 0 || N == 0) return;
+  PL_CHECK(lda >= std::max<int64_t>(1, ta == Trans::no ? K : M) && ldb >= std::max<int64_t>(1, tb == Trans::no ? N : K) &&
+               ldc >= N,
+           internal, "gemm_f32_cuda: leading dimension too small (lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
+  PL_CHECK(C && (K == 0 || (A && B)), internal, "gemm_f32_cuda: null pointer");
+  if (K == 0) {  // C = beta · C; cuBLASLt wants k ≥ 1
+    scale_matrix_kernel<<<row_grid(M, N), kThreads, 0, stream>>>(M, N, beta, C, ldc);
+    PL_CUDA_CHECK_LAUNCH(scale_matrix_kernel);
+    return;
+  }
+  LtProblem p = row_major_problem(ta, tb, M, N, K, lda, ldb, ldc, A, B, C);
+  p.a_type = CUDA_R_32F, p.b_type = CUDA_R_32F, p.d_type = CUDA_R_32F;
+  p.scale_type = CUDA_R_32F, p.compute = CUBLAS_COMPUTE_32F;
+  lt_matmul(blas, p, &alpha, B, A, &beta, C, stream, "gemm_f32_cuda");
+}
+
 void bitlinear_backward_gemms_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* dy,
                                    const bf16* dy_over_s, const bf16* w_codes, const bf16* a_codes, float beta,
                                    float* dxt, float* dw, cudaStream_t stream) {

@@ -110,6 +110,12 @@ void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int6
                     int64_t lda, const bf16* B, int64_t ldb, float beta, GemmOut out, void* C, int64_t ldc,
                     cudaStream_t stream);
 
+// ---- generic fp32 GEMM (the LoRA adapters, model/ops/lora.h) -----------------------------------------
+// The same row-major contract on fp32 A, B and C, computed in fp32 (CUBLAS_COMPUTE_32F: no TF32 or
+// bf16 rounding of the inputs), so it agrees with an fp32 CPU loop up to the order of the sums.
+void gemm_f32_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream);
+
 // The two backward products of BitLinear (SPEC §1), straight-through:
 //   dxt (M,K)  = β · dy (M,N) · w_codes (N,K)            (overwritten)
 //   dw  (N,K) += dy_over_s (M,N)ᵀ · a_codes (M,K)        (accumulated, fp32 for the latent weights)

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "model/ops/cuda_fwd.h"
+
 namespace peerless {
 
 struct LoraShape {
@@ -28,5 +30,17 @@ void lora_forward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, T*
 template <typename T>
 void lora_backward_cpu(const LoraShape& s, const T* x, const T* A, const T* B, const T* u, const T* dy, T* g, T* dA,
                        T* dB, T* dx);
+
+// ---- CUDA (model/ops/lora.cu; built when PEERLESS_HAVE_CUDA) -----------------------------------
+// The same two calls on fp32 device buffers, as fp32 GEMMs (gemm_f32_cuda, cuBLASLt with fp32
+// compute): the adapters are small (rank 16 by default) and stay fp32 on the GPU as on the CPU, so
+// the only difference from the CPU is the order of each sum. Same shapes and accumulation rules;
+// blas serves `stream` (model/ops/gemm_cuda.h). Ordered on `stream`, not complete on return.
+class BlasLt;
+void lora_forward_cuda(BlasLt& blas, const LoraShape& s, const float* x, const float* A, const float* B, float* u,
+                       float* y, cudaStream_t stream);
+void lora_backward_cuda(BlasLt& blas, const LoraShape& s, const float* x, const float* A, const float* B,
+                        const float* u, const float* dy, float* g, float* dA, float* dB, float* dx,
+                        cudaStream_t stream);
 
 }  // namespace peerless
