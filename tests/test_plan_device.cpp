@@ -32,6 +32,18 @@ RunConfig tiny(std::vector<std::string> more = {}) {
 
 }  // namespace
 
+// Traffic, not memory, but the same key: on cuda, several exchange rounds make the backward send x
+// and the entry lists again (+~25% here: x is a quarter of the d-wide rows); the CPU runs one round.
+TEST(PlanDevice, exchange_rounds_on_cuda_send_x_again_in_the_backward) {
+  const double one = plan_step_traffic(tiny(), 8, 8).expert_exchange;
+  const double rounds = plan_step_traffic(tiny({"parallel.peer_round_tokens=16"}), 8, 8).expert_exchange;
+  EXPECT_GT(one, 0);
+  EXPECT_GT(rounds, 1.2 * one);
+  EXPECT_LT(rounds, 1.3 * one);
+  EXPECT_EQ(plan_step_traffic(tiny({"run.device=cpu", "parallel.peer_round_tokens=16"}), 8, 8).expert_exchange,
+            plan_step_traffic(tiny({"run.device=cpu"}), 8, 8).expert_exchange);
+}
+
 #ifdef PEERLESS_HAVE_CUDA
 
 TEST(PlanDevice, figure_is_the_device_bytes_of_the_model_built_in_counting_mode) {
@@ -86,16 +98,20 @@ TEST(PlanDevice, sharding_a_peer_table_over_two_ranks_halves_its_state) {
 
 TEST(PlanDevice, sharded_peer_exchange_is_bounded_by_rounds_not_by_the_group) {
   // 128 tokens a rank, h·k = 8: one round up to 8 shards, then rounds of ceil(8·128/P) tokens keep
-  // the owner side at 8·128 received tokens, so 64 and 512 shards plan about what 8 do.
+  // the owner side at 8·128 received tokens: 64 and 512 shards plan no more than 8 do (the sender
+  // side shrinks with the round), and about the same as each other (independent of P).
   const int64_t at8 = plan_device_memory(tiny(), 8, 8).bytes(DeviceUse::experts);
+  std::vector<int64_t> bounded;
   for (int P : {64, 512}) {
     SCOPED_TRACE("P = " + std::to_string(P));
-    const int64_t bounded = plan_device_memory(tiny(), P, P).bytes(DeviceUse::experts);
-    EXPECT_NEAR(static_cast<double>(bounded), static_cast<double>(at8), 0.02 * static_cast<double>(at8));
+    bounded.push_back(plan_device_memory(tiny(), P, P).bytes(DeviceUse::experts));
+    EXPECT_LE(bounded.back(), at8);
+    EXPECT_GE(bounded.back(), at8 / 2);
     // All 128 tokens in one round: the owner side holds P·128 tokens.
     const int64_t one = plan_device_memory(tiny({"parallel.peer_round_tokens=128"}), P, P).bytes(DeviceUse::experts);
-    EXPECT_GT(one, 4 * bounded);
+    EXPECT_GT(one, 4 * bounded.back());
   }
+  EXPECT_NEAR(static_cast<double>(bounded[1]), static_cast<double>(bounded[0]), 0.02 * static_cast<double>(bounded[0]));
   // A given round size bounds it below the automatic choice, which is one round at 8 shards.
   EXPECT_EQ(plan_device_memory(tiny({"parallel.peer_round_tokens=128"}), 8, 8).bytes(DeviceUse::experts), at8);
   EXPECT_LT(plan_device_memory(tiny({"parallel.peer_round_tokens=16"}), 8, 8).bytes(DeviceUse::experts), at8);
