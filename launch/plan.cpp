@@ -24,7 +24,9 @@ namespace {
 // token-owner pair, row and gate (8 B) per entry; as an owner, returning what its peers sent it
 // (the same amounts on average): the partial outputs and dx (d floats each; int64 in deterministic
 // mode) per pair and the gates' gradients (4 B) per entry. Routing concentrated on few owners sends
-// less (fewer distinct owners per token); the measured figure says by how much.
+// less (fewer distinct owners per token); the measured figure says by how much. On run.device =
+// "cuda" the exchange runs in rounds (PeerRounds, parallel.peer_round_tokens): with more than one,
+// the backward sends x and the entries again and every round exchanges its own counts.
 double expert_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
   const ModelConfig& m = cfg.model;
   const auto layers = static_cast<double>(m.peer_block_list().size());
@@ -32,11 +34,22 @@ double expert_exchange_bytes(const RunConfig& cfg, int expert_parallel) {
   const double P = expert_parallel, E = static_cast<double>(m.peer_heads * m.peer_topk), d = static_cast<double>(m.d_model);
   const double pairs = (P - 1) * (1 - std::pow(1 - 1 / P, E)), remote_entries = E * (P - 1) / P;
   const double partial_word = deterministic_on(cfg) ? 8.0 : 4.0;
-  const double as_sender = pairs * (4 * d + 4 * d + 8) + remote_entries * 8;
+  double rounds = 1;
+  if (cfg.run.device == "cuda") {
+    const PeerExpertsShape s{cfg.train.micro_batch * cfg.data.seq_len, m.d_model, m.peer_heads, m.peer_topk,
+                             m.peer_n_sub * m.peer_n_sub};
+    try {
+      rounds = static_cast<double>(sharded_peer_rounds(s, expert_parallel, cfg.parallel.peer_round_tokens).count);
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::config) throw;  // refused: the device plan says why
+    }
+  }
+  const double resend = rounds > 1 ? pairs * (4 * d + 8) + remote_entries * 8 : 0;  // backward: x, entries again
+  const double as_sender = pairs * (4 * d + 4 * d + 8) + remote_entries * 8 + resend;
   const double as_owner = pairs * 2 * partial_word * d + remote_entries * 4;
   const double tokens = static_cast<double>(cfg.train.micro_batch * cfg.train.accum_steps * cfg.data.seq_len);
-  // The counts exchange: 2 int64 per owner forward.
-  const double counts = 16 * (P - 1) * static_cast<double>(cfg.train.accum_steps);
+  // The counts exchange: 2 int64 per owner forward, per round (and backward too with several rounds).
+  const double counts = 16 * (P - 1) * static_cast<double>(cfg.train.accum_steps) * (rounds > 1 ? 2 * rounds : 1);
   return layers * (tokens * (as_sender + as_owner) + counts);
 }
 

@@ -81,6 +81,7 @@ DeviceMemoryPlan plan_device_memory(const RunConfig& cfg, int world, int expert_
   const DeviceCounting counting;
   CudaModelOptions options;
   options.bf16_activations = cfg.run.activations == "bf16";
+  options.peer_round_tokens = cfg.parallel.peer_round_tokens;
   const CudaModel cuda(model, adam, p.tokens, options);
   p.figure = cuda.device_bytes();
   p.library = cuda.library_bytes();

@@ -61,6 +61,9 @@ struct ParallelSection {
   bool overlap = true;           // run.device = "cuda": reduce buckets during the backward (comm stream)
   double timeout_s = 300;        // a collective not done within this aborts the job (0 = never)
   int64_t expert_parallel = 0;   // ranks per expert-parallel group (PEER tables); 0 = all ranks
+  // run.device = "cuda", sharded PEER tables: tokens per sender in one round of the expert exchange
+  // (model/expert_parallel.h, PeerRounds); 0 = automatic (one round up to 8 shards, else ~8·T/P).
+  int64_t peer_round_tokens = 0;
   // Bit-identical training for any world size / accumulation split (docs/parallel.md): "on" | "off" |
   // "auto" (on for run.device = "cpu"; deterministic_on()).
   std::string deterministic = "auto";

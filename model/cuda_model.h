@@ -70,6 +70,7 @@ class DeviceDataParallel;
 struct CudaModelOptions {
   bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
   int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
+  int64_t peer_round_tokens = 0;  // parallel.peer_round_tokens: sharded PEER exchange rounds (expert_parallel.h)
 };
 
 class CudaModel {

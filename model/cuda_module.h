@@ -58,6 +58,7 @@ struct CudaModuleBuild {
   const BlockParams& block;  // the block's parameter indices
   int64_t layer = 0;
   bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
+  int64_t peer_round_tokens = 0;  // sharded PEER tables: tokens per exchange round (0 = automatic)
 };
 
 // The layout index of parameter `name` of block `layer` ("blocks/<layer>/<name>"), for kinds whose

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 
 #include "model/exact_sum.h"
 #include "model/ops/carve.h"
@@ -256,6 +257,28 @@ void ShardedPeerExperts::mark_rows(uint8_t* touched) const {
   for (int32_t r : recv_rows_) touched[r] = 1;
 }
 
+PeerRounds sharded_peer_rounds(const PeerExpertsShape& m, int shards, int64_t round_tokens) {
+  PL_CHECK(round_tokens >= 0, config, "parallel.peer_round_tokens = ", round_tokens,
+           " must be at least 0 (0 = automatic)");
+  const int64_t P = shards, T = std::max<int64_t>(m.tokens, 1), hk = m.heads * m.k;
+  PeerRounds r;
+  if (round_tokens > 0) {
+    r.tokens = std::min(round_tokens, T);
+  } else {
+    // The owner side holds at most ~8·T received tokens (one round while P ≤ 8), and below 2³¹ entries.
+    constexpr int64_t kOwnerTokens = 8;
+    r.tokens = std::clamp<int64_t>((kOwnerTokens * T + P - 1) / P, 1, T);
+    if (P * hk > 0) r.tokens = std::max<int64_t>(1, std::min(r.tokens, INT32_MAX / (P * hk)));
+  }
+  r.count = (T + r.tokens - 1) / r.tokens;
+  const int64_t E = P * r.tokens * hk;
+  PL_CHECK(E <= INT32_MAX, config, "sharded PEER (cuda): expert_parallel · round tokens · heads · k = ", P, " · ",
+           r.tokens, " · ", hk, " = ", E, " entries could reach one owner in a round; keep it below 2^31 "
+           "(parallel.peer_round_tokens = ", round_tokens, ": set it to 0 (automatic) or at most ",
+           std::max<int64_t>(INT32_MAX / std::max<int64_t>(P * hk, 1), 1), ")");
+  return r;
+}
+
 size_t carve_sharded_peer(const PeerExpertsShape& m, int shards, const ShardedPeerTempBytes& temp, void* base,
                           ShardedPeerBuffers& b) {
   const int64_t P = shards, T = m.tokens, d = m.dim, hk = m.heads * m.k;
@@ -288,10 +311,12 @@ size_t carve_sharded_peer(const PeerExpertsShape& m, int shards, const ShardedPe
   return c.used();
 }
 
-ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& m, int shards) {
+ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& m, int shards, int64_t round_tokens) {
   PL_CHECK(shards >= 1 && m.n_experts % shards == 0, config, "parallel.expert_parallel = ", shards,
            " must divide the number of experts N = ", m.n_experts, " (model.peer_n_sub²)");
-  const int64_t rows = m.n_experts / shards, E = shards * m.tokens * m.heads * m.k;
+  PeerExpertsShape round = m;
+  round.tokens = sharded_peer_rounds(m, shards, round_tokens).tokens;
+  const int64_t rows = m.n_experts / shards, E = shards * round.tokens * m.heads * m.k;
   // The gated backward's workspace (peer_experts.cu): coef_u, coef_v, token_of and the grouping's keys
   // and values (E each), its row lists (≤ min(rows, E) + 1, three of them), cub's radix sort
   // (alternate keys and values: 8 bytes per entry) and a little for the run-length encoding and scans.
@@ -303,7 +328,7 @@ ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& m, int shard
   ShardedPeerBuffers b{};
   ShardedPeerMemory mem;
   mem.table_shard = rows * 2 * m.dim * static_cast<int64_t>(sizeof(float));
-  mem.exchange = static_cast<int64_t>(carve_sharded_peer(m, shards, temp, nullptr, b));
+  mem.exchange = static_cast<int64_t>(carve_sharded_peer(round, shards, temp, nullptr, b));
   return mem;
 }
 

@@ -11,6 +11,7 @@
 // Four all_to_all_v calls forward (counts, x, entry lists, partials back) and four backward.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -148,25 +149,39 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
 
 // ---- CUDA (model/expert_parallel_cuda.cu; PEERLESS_HAVE_CUDA builds) -----------------------------
 
-// The device buffers of one ShardedPeerExpertsCuda (per rank), sized for the worst case: every rank
-// of the group sends all its tokens (at most max_tokens each) to this rank. Sender side: per (owner,
-// token) counts and their scans, the send lists and one (tokens·min(P, h·k), d) row buffer (x, dy
-// out; partials back); owner side: the received x, partial and dx rows (P·max_tokens, d), entry lists
-// (P·max_tokens·h·k) and the gated backward's workspace. Carved in one fixed order by
-// carve_sharded_peer (measuring when base is null); the byte counts of the two cub-backed pieces come
-// from outside, exact on the device, estimated by sharded_peer_device_bytes() on a host.
+// The CUDA runner exchanges a micro-batch in rounds: round r takes every sender's tokens [r·Tc,
+// (r+1)·Tc), so the owner side holds at most P·Tc received tokens and P·Tc·h·k entries whatever the
+// micro-batch. Sizing for the expected load would not help: with h·k ≥ P even uniform routing sends
+// almost every token to every owner (1 − (1 − 1/P)^(h·k) ≈ 1). Every rank of the group runs the
+// same number of rounds, ceil(max tokens / Tc) (a rank with fewer tokens sends empty ones).
+struct PeerRounds {
+  int64_t tokens = 1;  // Tc, at most this many tokens per sender and round
+  int64_t count = 1;   // rounds per forward (and per backward)
+};
+// round_tokens = parallel.peer_round_tokens: 0 = automatic (one round while the owner side holds at
+// most 8·T tokens, i.e. P ≤ 8; else Tc = ceil(8·T/P)), else Tc = min(round_tokens, T). A config
+// error when one round's P·Tc·h·k entries reach 2³¹ (the automatic choice stays below).
+PeerRounds sharded_peer_rounds(const PeerExpertsShape& max_shape, int shards, int64_t round_tokens);
+
+// The device buffers of one ShardedPeerExpertsCuda (per rank), sized for one round of the worst
+// case: every rank of the group sends all its round's tokens (at most round.tokens = Tc each) to this
+// rank. Sender side: per (owner, token) counts and their scans, the send lists and one
+// (Tc·min(P, h·k), d) row buffer (x, dy out; partials back); owner side: the received x, partial and
+// dx rows (P·Tc, d), entry lists (P·Tc·h·k) and the gated backward's workspace. Carved in one fixed
+// order by carve_sharded_peer (measuring when base is null); the byte counts of the two cub-backed
+// pieces come from outside, exact on the device, estimated by sharded_peer_device_bytes() on a host.
 struct ShardedPeerBuffers {
-  int32_t *ent_cnt, *tok_flag, *ent_pos, *tok_pos;  // (P·T + 1) owner-major
+  int32_t *ent_cnt, *tok_flag, *ent_pos, *tok_pos;  // (P·Tc + 1) owner-major
   int32_t* bounds;                                   // (2P + 2) per-owner starts of tokens, entries
-  int32_t *send_token, *send_per_token;              // (S) S = T·min(P, h·k)
-  int32_t *send_entry, *send_rows;                   // (T·h·k)
-  float *send_gates, *back_dgates;                   // (T·h·k)
+  int32_t *send_token, *send_per_token;              // (S) S = Tc·min(P, h·k)
+  int32_t *send_entry, *send_rows;                   // (Tc·h·k)
+  float *send_gates, *back_dgates;                   // (Tc·h·k)
   float* send_buf;                                   // (S, d)
-  float *recv_x, *recv_dy, *dx_partial;              // (R, d) R = P·T; recv_dy also the forward partials
+  float *recv_x, *recv_dy, *dx_partial;              // (R, d) R = P·Tc; recv_dy also the forward partials
   int32_t* recv_per_token;                           // (R + 1)
   int32_t* recv_pos;                                 // (R + 1) its exclusive scan
   int64_t* recv_offsets;                             // (R + 1)
-  int32_t* recv_rows;                                // (E) E = P·T·h·k
+  int32_t* recv_rows;                                // (E) E = P·Tc·h·k
   float *recv_gates, *recv_pre_act, *recv_dgates;    // (E)
   void* gated_ws;                                    // peer_experts_gated_backward_workspace_bytes
   void* scan_temp;                                   // cub scans
@@ -174,18 +189,19 @@ struct ShardedPeerBuffers {
 struct ShardedPeerTempBytes {
   size_t gated_ws = 0, scan = 0;
 };
-size_t carve_sharded_peer(const PeerExpertsShape& max_shape, int shards, const ShardedPeerTempBytes& temp, void* base,
+// round.tokens: Tc, the most tokens of one sender in one round.
+size_t carve_sharded_peer(const PeerExpertsShape& round, int shards, const ShardedPeerTempBytes& temp, void* base,
                           ShardedPeerBuffers& b);
 
 // Per-rank device memory of one sharded PEER layer, computable without a GPU (the planner prints it):
 // the table shard (N/P, 2d) fp32 (its gradient slice is as large again, optimizer state on top) and
-// the runner's exchange buffers for max_shape.tokens tokens per rank (cub's temporaries estimated
-// from their inputs: about 8 bytes per sorted entry).
+// the runner's exchange buffers for max_shape.tokens tokens per rank in rounds of round_tokens
+// (sharded_peer_rounds; cub's temporaries estimated from their inputs: about 8 bytes per sorted entry).
 struct ShardedPeerMemory {
   int64_t table_shard = 0;
   int64_t exchange = 0;
 };
-ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& max_shape, int shards);
+ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& max_shape, int shards, int64_t round_tokens = 0);
 
 // The device form of ShardedPeerExperts, the runner peer_layer_*_cuda take: the same exchange (per
 // owner, the distinct tokens that retrieved one of its rows, their x rows once and their entries
@@ -196,12 +212,19 @@ ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& max_shape, i
 // (parallel/mpi_comm.h). Float partials only (no fixed point): out and dx equal the unsharded
 // layer's up to the order of float sums (bit for bit with one shard); dgates, like z, are the same
 // floats. Backward adds the gradient of the local rows into this rank's (N/P, 2d) gradient slice
-// (dense), each row's entries from all senders summed in (sender rank, token) order: deterministic,
-// no float atomics. Collective over `ep`, like ShardedPeerExperts (0 tokens included).
+// (dense), each row's entries from all senders summed in (sender rank, token) order within a round,
+// rounds added in order: deterministic, no float atomics. The round size changes no per-token
+// result (out, dx, dgates: a token's entries never span rounds), only the order of the table
+// gradient's float sums. Rounds (PeerRounds): forward exchanges and combines each round in turn;
+// backward with one round reuses what forward left on the owner (received x, z); with several it
+// re-sends each round's x with its dy and reruns the owner's gated forward into scratch for z (the
+// same kernel, so z is the same floats, at the cost of one more (entries × d) product). Collective
+// over `ep`, like ShardedPeerExperts (0 tokens included).
 class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
  public:
-  // max_shape: the most tokens per rank and the layer's dim, heads, k, N (= n_experts), act.
-  ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape);
+  // max_shape: the most tokens per rank and the layer's dim, heads, k, N (= n_experts), act;
+  // round_tokens: parallel.peer_round_tokens (sharded_peer_rounds; 0 = automatic).
+  ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape, int64_t round_tokens = 0);
   // This rank's rows (N/P, 2d) and their gradient (N/P, 2d, accumulated): device memory, set before
   // forward, unchanged until backward.
   void set_table(const float* local_rows, float* local_grad) { table_ = local_rows, grad_ = local_grad; }
@@ -210,13 +233,24 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates, const float* dy,
                 float* dx, float* dgates, cudaStream_t stream) override;
   size_t device_bytes() const { return mem_.size(); }
+  const PeerRounds& rounds() const { return rounds_; }
   using Stats = ExpertExchange::Stats;
   const Stats& stats() const { return xchg_.stats(); }
 
  private:
   void check_shape(const PeerExpertsShape& s) const;
+  // Round r of a rank's T tokens: its first token and how many (0 past the rank's last token).
+  int64_t round_first(int64_t T, int64_t r) const { return std::min(T, r * rounds_.tokens); }
+  int64_t round_count(int64_t T, int64_t r) const { return std::min(rounds_.tokens, T - round_first(T, r)); }
   // Sender side of forward: per-owner counts on the device, their starts to the host, the send lists.
   void build_send_lists(int64_t T, const int32_t* ids, const float* gates, cudaStream_t stream);
+  // One round's send lists, x rows and entry lists to the owners; the owner's offsets.
+  void send_round(int64_t T, const float* x, const int32_t* ids, const float* gates, cudaStream_t stream);
+  // The owner's gated forward on what it received: partials (R, d) into `out`, z into recv_pre_act.
+  void owner_forward(float* out, cudaStream_t stream);
+  // One round's backward after its x and lists are on the owner: dy out, the gated backward, dx
+  // partials and dgates back (T tokens of this rank).
+  void backward_round(int64_t T, const float* dy, float* dx, float* dgates, cudaStream_t stream);
   // Owner side: the received counts -> int64 offsets; returns the entries received.
   void received_offsets(cudaStream_t stream);
   // Rows (S, d) in send_buf go to the owners' `recv` (R, d), or back (recv -> send_buf).
@@ -228,6 +262,7 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   Comm& ep_;
   ExpertExchange xchg_;
   PeerExpertsShape max_;
+  PeerRounds rounds_;
   int64_t rows_per_;
   const float* table_ = nullptr;
   float* grad_ = nullptr;

@@ -7,7 +7,9 @@
 //   fill              one thread per entry: its slot is ent_pos + the earlier entries of its token with
 //                     the same owner; the first of them also writes the token's slot
 // The owner runs the gated kernels (peer_experts.cu) on what it received; partials come back into
-// the sender's row buffer and combine() adds each token's partials in owner order.
+// the sender's row buffer and combine() adds each token's partials in owner order. All of it runs
+// once per round (PeerRounds, expert_parallel.h) on the round's slice of the tokens: the buffers hold
+// one round, so the owner side does not grow with the group.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -127,21 +129,22 @@ void sync(cudaStream_t stream) { PL_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 
 }  // namespace
 
-ShardedPeerExpertsCuda::ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape)
+ShardedPeerExpertsCuda::ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape, int64_t round_tokens)
     : ep_(ep), xchg_(ep), max_(max_shape) {
   validate(max_);
   const int64_t P = ep.size();
   PL_CHECK(P >= 1 && max_.n_experts % P == 0, config, "parallel.expert_parallel = ", P,
            " must divide the number of experts N = ", max_.n_experts, " (model.peer_n_sub²)");
   rows_per_ = max_.n_experts / P;
-  const int64_t hk = max_.heads * max_.k, E = P * max_.tokens * hk;
-  PL_CHECK(E <= INT32_MAX, config, "sharded PEER (cuda): expert_parallel · tokens · heads · k = ", E,
-           " entries could reach one owner; keep it below 2^31 (a smaller micro-batch)");
-  const PeerGatedShape owner{P * max_.tokens, max_.dim, rows_per_, max_.act};
+  rounds_ = sharded_peer_rounds(max_, static_cast<int>(P), round_tokens);  // refuses ≥ 2^31 entries a round
+  PeerExpertsShape round = max_;
+  round.tokens = rounds_.tokens;
+  const int64_t E = P * round.tokens * max_.heads * max_.k;
+  const PeerGatedShape owner{P * round.tokens, max_.dim, rows_per_, max_.act};
   temp_.gated_ws = peer_experts_gated_backward_workspace_bytes(owner, E);
-  temp_.scan = std::max(scan_temp_bytes(P * max_.tokens + 1), size_t{1});
-  mem_ = DeviceBytes(carve_sharded_peer(max_, static_cast<int>(P), temp_, nullptr, b_));
-  carve_sharded_peer(max_, static_cast<int>(P), temp_, mem_.get(), b_);
+  temp_.scan = std::max(scan_temp_bytes(P * round.tokens + 1), size_t{1});
+  mem_ = DeviceBytes(carve_sharded_peer(round, static_cast<int>(P), temp_, nullptr, b_));
+  carve_sharded_peer(round, static_cast<int>(P), temp_, mem_.get(), b_);
 }
 
 void ShardedPeerExpertsCuda::check_shape(const PeerExpertsShape& s) const {
@@ -209,14 +212,10 @@ void ShardedPeerExpertsCuda::combine(int64_t T, float* out, cudaStream_t stream)
   PL_CUDA_CHECK_LAUNCH(combine_kernel);
 }
 
-void ShardedPeerExpertsCuda::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids,
-                                     const float* gates, float* out, cudaStream_t stream) {
-  check_shape(s);
-  PL_CHECK(table_ != nullptr, internal, "ShardedPeerExpertsCuda::forward without set_table()");
-  const int64_t T = s.tokens, d = s.dim;
-  tokens_ = T;
+void ShardedPeerExpertsCuda::send_round(int64_t T, const float* x, const int32_t* ids, const float* gates,
+                                        cudaStream_t stream) {
   build_send_lists(T, ids, gates, stream);
-  const int64_t S = plan_.send_tokens.total(), R = plan_.recv_tokens.total();
+  const int64_t S = plan_.send_tokens.total(), d = max_.dim;
   if (S > 0) {
     gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, b_.send_token, x, b_.send_buf);
     PL_CUDA_CHECK_LAUNCH(gather_rows_kernel);
@@ -226,21 +225,50 @@ void ShardedPeerExpertsCuda::forward(const PeerExpertsShape& s, const float* x, 
   xchg_.exchange(b_.send_rows, plan_.send_entries, b_.recv_rows, plan_.recv_entries, DType::i32);
   xchg_.exchange(b_.send_gates, plan_.send_entries, b_.recv_gates, plan_.recv_entries, DType::f32);
   received_offsets(stream);
-  // The owner's partial outputs (in recv_dy, free until backward), back to the senders.
-  const int64_t hk = s.heads * s.k;
-  peer_experts_gated_forward_cuda(PeerGatedShape{R, d, rows_per_, s.act}, hk, b_.recv_x, b_.recv_offsets,
-                                  b_.recv_rows, b_.recv_gates, table_, b_.recv_dy, b_.recv_pre_act, stream);
-  rows_back(b_.recv_dy, stream);
-  combine(T, out, stream);
 }
 
-void ShardedPeerExpertsCuda::backward(const PeerExpertsShape& s, const float*, const int32_t*, const float*,
-                                      const float* dy, float* dx, float* dgates, cudaStream_t stream) {
+void ShardedPeerExpertsCuda::owner_forward(float* out, cudaStream_t stream) {
+  const int64_t R = plan_.recv_tokens.total();
+  peer_experts_gated_forward_cuda(PeerGatedShape{R, max_.dim, rows_per_, max_.act}, max_.heads * max_.k, b_.recv_x,
+                                  b_.recv_offsets, b_.recv_rows, b_.recv_gates, table_, out, b_.recv_pre_act, stream);
+}
+
+void ShardedPeerExpertsCuda::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids,
+                                     const float* gates, float* out, cudaStream_t stream) {
+  check_shape(s);
+  PL_CHECK(table_ != nullptr, internal, "ShardedPeerExpertsCuda::forward without set_table()");
+  const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
+  tokens_ = T;
+  for (int64_t r = 0; r < rounds_.count; ++r) {
+    const int64_t t0 = round_first(T, r), n = round_count(T, r);
+    send_round(n, x + t0 * d, ids + t0 * hk, gates + t0 * hk, stream);
+    owner_forward(b_.recv_dy, stream);  // the partials (recv_dy is free until backward)
+    rows_back(b_.recv_dy, stream);
+    combine(n, out + t0 * d, stream);
+  }
+}
+
+void ShardedPeerExpertsCuda::backward(const PeerExpertsShape& s, const float* x, const int32_t* ids,
+                                      const float* gates, const float* dy, float* dx, float* dgates,
+                                      cudaStream_t stream) {
   check_shape(s);
   PL_CHECK(s.tokens == tokens_, internal, "ShardedPeerExpertsCuda::backward of ", s.tokens,
            " tokens without a matching forward (", tokens_, ")");
   PL_CHECK(grad_ != nullptr, internal, "ShardedPeerExpertsCuda::backward without a gradient (set_table)");
   const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
+  for (int64_t r = 0; r < rounds_.count; ++r) {
+    const int64_t t0 = round_first(T, r), n = round_count(T, r);
+    if (rounds_.count > 1) {  // the forward's owner side holds the last round only: send x again, redo z
+      send_round(n, x + t0 * d, ids + t0 * hk, gates + t0 * hk, stream);
+      owner_forward(b_.dx_partial, stream);  // partials into scratch, z into recv_pre_act
+    }
+    backward_round(n, dy + t0 * d, dx + t0 * d, dgates + t0 * hk, stream);
+  }
+}
+
+void ShardedPeerExpertsCuda::backward_round(int64_t T, const float* dy, float* dx, float* dgates,
+                                            cudaStream_t stream) {
+  const int64_t d = max_.dim, hk = max_.heads * max_.k;
   const int64_t S = plan_.send_tokens.total(), R = plan_.recv_tokens.total(), E = plan_.recv_entries.total();
   if (S > 0) {
     gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, b_.send_token, dy, b_.send_buf);
@@ -250,7 +278,7 @@ void ShardedPeerExpertsCuda::backward(const PeerExpertsShape& s, const float*, c
   PeerTableGradCuda dtable;
   dtable.form = PeerTableGradForm::dense_accumulate;
   dtable.dense = grad_;
-  peer_experts_gated_backward_cuda(PeerGatedShape{R, d, rows_per_, s.act}, hk, E, b_.recv_x, b_.recv_offsets,
+  peer_experts_gated_backward_cuda(PeerGatedShape{R, d, rows_per_, max_.act}, hk, E, b_.recv_x, b_.recv_offsets,
                                    b_.recv_rows, b_.recv_gates, b_.recv_pre_act, table_, b_.recv_dy, b_.dx_partial,
                                    b_.recv_dgates, dtable, b_.gated_ws, temp_.gated_ws, stream);
   rows_back(b_.dx_partial, stream);

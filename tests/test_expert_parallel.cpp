@@ -68,5 +68,54 @@ TEST(ExpertParallel, sharded_peer_device_bytes_counts_the_shard_and_the_worst_ca
   }
 }
 
+TEST(ExpertParallel, sharded_peer_rounds_bound_the_owner_side) {
+  const PeerExpertsShape s = experts(32768, 2048, 8, 16, 1024);  // 16 × 2048 tokens, h·k = 128
+  // Automatic: one round up to 8 shards, then ceil(8·T/P) tokens a round.
+  for (int P : {1, 2, 3, 8}) {
+    const PeerRounds r = sharded_peer_rounds(s, P, 0);
+    EXPECT_EQ(r.tokens, 32768) << P;
+    EXPECT_EQ(r.count, 1) << P;
+  }
+  EXPECT_EQ(sharded_peer_rounds(s, 64, 0).tokens, 4096);
+  EXPECT_EQ(sharded_peer_rounds(s, 64, 0).count, 8);
+  EXPECT_EQ(sharded_peer_rounds(s, 512, 0).tokens, 512);
+  EXPECT_EQ(sharded_peer_rounds(s, 512, 0).count, 64);
+  // Given: min(round_tokens, T); the last round may be short.
+  EXPECT_EQ(sharded_peer_rounds(s, 8, 5000).tokens, 5000);
+  EXPECT_EQ(sharded_peer_rounds(s, 8, 5000).count, 7);
+  EXPECT_EQ(sharded_peer_rounds(s, 8, 1 << 20).tokens, 32768);
+  EXPECT_EQ(sharded_peer_rounds(experts(0, 64, 4, 8, 64), 2, 0).count, 1);  // no tokens: one (empty) round
+  // The 2^31-entries refusal applies per round: 512 · 32768 · 128 = 2^31 in one round.
+  try {
+    sharded_peer_rounds(s, 512, 32768);
+    FAIL() << "2^31 entries a round were accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(e.what()).find("parallel.peer_round_tokens = 32768"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("at most 32767"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(sharded_peer_rounds(s, 512, 32767));
+}
+
+TEST(ExpertParallel, sharded_peer_exchange_bytes_stop_growing_with_the_group_in_rounds) {
+  const PeerExpertsShape s = experts(4096, 256, 8, 16, 256);
+  // One round (P ≤ 8): the owner side grows with P; from 8 shards on, automatic rounds keep it at
+  // ~8·T received tokens, so 16, 64 and 256 shards hold about what 8 do (the send side shrinks a
+  // little, the per-owner bounds grow by 8 bytes a shard).
+  const int64_t at8 = sharded_peer_device_bytes(s, 8).exchange;
+  EXPECT_GT(at8, sharded_peer_device_bytes(s, 4).exchange);
+  for (int P : {16, 64, 256}) {
+    SCOPED_TRACE("P = " + std::to_string(P));
+    const int64_t b = sharded_peer_device_bytes(s, P).exchange;
+    EXPECT_LE(b, at8 + 8 * P + 256);
+    EXPECT_GE(b, at8 * 9 / 10);
+    // One round of every token would have been P/8 times the owner side.
+    EXPECT_GT(sharded_peer_device_bytes(s, P, 4096).exchange, b * (P / 8) * 8 / 10);
+  }
+  // A given round size: the exchange is that of a micro-batch of round_tokens tokens in one round.
+  EXPECT_EQ(sharded_peer_device_bytes(s, 64, 100).exchange,
+            sharded_peer_device_bytes(experts(100, 256, 8, 16, 256), 64, 100).exchange);
+}
+
 }  // namespace
 }  // namespace peerless

@@ -1,8 +1,9 @@
 // The planner's device memory (launch/plan.h, run.device = "cuda"): the GPU model built in counting
 // mode (runtime/memory.h). Runs on machines without a GPU: in a CUDA build the figure is the
 // device_bytes() of a CudaModel built in counting mode, activations grow with the micro-batch, and
-// sharding a PEER table over two ranks halves its parameter, gradient, moment and code bytes; in a
-// build without CUDA the planner says it needs one.
+// sharding a PEER table over two ranks halves its parameter, gradient, moment and code bytes, and its
+// exchange buffers stop growing with the expert group once it runs in rounds; in a build without
+// CUDA the planner says it needs one.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -30,6 +31,18 @@ RunConfig tiny(std::vector<std::string> more = {}) {
 }
 
 }  // namespace
+
+// Traffic, not memory, but the same key: on cuda, several exchange rounds make the backward send x
+// and the entry lists again (+~25% here: x is a quarter of the d-wide rows); the CPU runs one round.
+TEST(PlanDevice, exchange_rounds_on_cuda_send_x_again_in_the_backward) {
+  const double one = plan_step_traffic(tiny(), 8, 8).expert_exchange;
+  const double rounds = plan_step_traffic(tiny({"parallel.peer_round_tokens=16"}), 8, 8).expert_exchange;
+  EXPECT_GT(one, 0);
+  EXPECT_GT(rounds, 1.2 * one);
+  EXPECT_LT(rounds, 1.3 * one);
+  EXPECT_EQ(plan_step_traffic(tiny({"run.device=cpu", "parallel.peer_round_tokens=16"}), 8, 8).expert_exchange,
+            plan_step_traffic(tiny({"run.device=cpu"}), 8, 8).expert_exchange);
+}
 
 #ifdef PEERLESS_HAVE_CUDA
 
@@ -81,6 +94,36 @@ TEST(PlanDevice, sharding_a_peer_table_over_two_ranks_halves_its_state) {
   // The shard brings its exchange buffers; the data-parallel side its norm partials.
   EXPECT_GT(two.bytes(DeviceUse::experts), one.bytes(DeviceUse::experts));
   EXPECT_GT(two.bytes(DeviceUse::staging), 0);
+}
+
+TEST(PlanDevice, sharded_peer_exchange_is_bounded_by_rounds_not_by_the_group) {
+  // 128 tokens a rank, h·k = 8: one round up to 8 shards, then rounds of ceil(8·128/P) tokens keep
+  // the owner side at 8·128 received tokens: 64 and 512 shards plan no more than 8 do (the sender
+  // side shrinks with the round), and about the same as each other (independent of P).
+  const int64_t at8 = plan_device_memory(tiny(), 8, 8).bytes(DeviceUse::experts);
+  std::vector<int64_t> bounded;
+  for (int P : {64, 512}) {
+    SCOPED_TRACE("P = " + std::to_string(P));
+    bounded.push_back(plan_device_memory(tiny(), P, P).bytes(DeviceUse::experts));
+    EXPECT_LE(bounded.back(), at8);
+    EXPECT_GE(bounded.back(), at8 / 2);
+    // All 128 tokens in one round: the owner side holds P·128 tokens.
+    const int64_t one = plan_device_memory(tiny({"parallel.peer_round_tokens=128"}), P, P).bytes(DeviceUse::experts);
+    EXPECT_GT(one, 4 * bounded.back());
+  }
+  EXPECT_NEAR(static_cast<double>(bounded[1]), static_cast<double>(bounded[0]), 0.02 * static_cast<double>(bounded[0]));
+  // A given round size bounds it below the automatic choice, which is one round at 8 shards.
+  EXPECT_EQ(plan_device_memory(tiny({"parallel.peer_round_tokens=128"}), 8, 8).bytes(DeviceUse::experts), at8);
+  EXPECT_LT(plan_device_memory(tiny({"parallel.peer_round_tokens=16"}), 8, 8).bytes(DeviceUse::experts), at8);
+  // The 2^31-entries refusal applies per round: 1024 shards · 262144 tokens · 8 entries in one round
+  // is refused (the plan says why), in the automatic rounds (2048 tokens) it is planned.
+  const std::vector<std::string> big = {"train.micro_batch=8192"};
+  std::vector<std::string> one_round = big;
+  one_round.push_back("parallel.peer_round_tokens=262144");
+  const std::string refused = describe_plan(tiny(one_round), 1024, 1024);
+  EXPECT_NE(refused.find("no plan"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("parallel.peer_round_tokens = 262144"), std::string::npos) << refused;
+  EXPECT_GT(plan_device_memory(tiny(big), 1024, 1024).figure, 0);
 }
 
 TEST(PlanDevice, zero1_keeps_a_slice_of_the_moments_and_stages_buckets) {

@@ -24,6 +24,7 @@ enum Slot { s_xn, s_out, s_dxn };
 class PeerCuda final : public CudaModule {
  public:
   PeerCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), d_(g.host.config().d_model) {
+    // With sharded tables the exchange runs in rounds of b.peer_round_tokens (expert_parallel.h).
     const int64_t M = g.max_tokens;
     const PeerLayerShape ps = g.host.peer_shape(M);
     rstd_.resize(M, g.bytes);
@@ -40,7 +41,7 @@ class PeerCuda final : public CudaModule {
     g.bytes += static_cast<int64_t>(layer_->device_bytes());
     if (g.host.experts_sharded()) {
       PL_CHECK(g.host.expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
-      shard_ = std::make_unique<ShardedPeerExpertsCuda>(*g.host.expert_comm(), ps.experts());
+      shard_ = std::make_unique<ShardedPeerExpertsCuda>(*g.host.expert_comm(), ps.experts(), b.peer_round_tokens);
       g.bytes += shard_->device_bytes();
     }
   }

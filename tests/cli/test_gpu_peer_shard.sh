@@ -8,6 +8,9 @@
 #   s4  4 ranks, expert_parallel = 4
 #   z2  2 ranks, expert_parallel = 2 and ZeRO-1
 #   q2  2 ranks, expert_parallel = 2, model.qsparse = 0.5 (against q1: 1 rank with Q-Sparse)
+#   r2  2 ranks, expert_parallel = 2, the exchange in rounds of 16 tokens (parallel.peer_round_tokens;
+#       s2 runs one round): step 1's loss is s2's bit for bit (rounds change no token's output), the
+#       device figure is smaller (the owner side holds 2·16 tokens), and it tracks b1 like s2
 # Tolerance, and why: every micro-batch holds the same sequences in every run, so step 1 is a forward
 # of equal parameters on equal tokens where only the PEER layer's output differs: each token's
 # output is the sum of the owners' partial outputs, added in owner order instead of entry order
@@ -48,7 +51,8 @@ run s4 4 4
 run z2 2 2 --set parallel.zero1=true
 run q1 1 1 --set model.qsparse=0.5
 run q2 2 2 --set model.qsparse=0.5
-for name in s2 z2 q2; do
+run r2 2 2 --set parallel.peer_round_tokens=16
+for name in s2 z2 q2 r2; do
   grep -q "sharded by rows over 2 ranks" $name.log || { cat $name.log; fail "$name: the table is not sharded"; }
 done
 grep -q "sharded by rows over 4 ranks" s4.log || { cat s4.log; fail "s4: the table is not sharded"; }
@@ -56,7 +60,7 @@ grep -q "ZeRO-1 slices of 2 ranks" z2.log || { cat z2.log; fail "z2: no ZeRO-1";
 /usr/bin/python3 - <<'PY'
 from run_compare import rows, rel, params_sha, same_model
 import json
-for base, name in [("b1", "s2"), ("b1", "s4"), ("b1", "z2"), ("q1", "q2")]:
+for base, name in [("b1", "s2"), ("b1", "s4"), ("b1", "z2"), ("q1", "q2"), ("b1", "r2")]:
     a, b = rows(base), rows(name)
     assert len(a) == 20 and len(b) == 20, (name, len(a), len(b))
     diffs = [rel(x["loss"], y["loss"]) for x, y in zip(a, b)]
@@ -67,7 +71,11 @@ for base, name in [("b1", "s2"), ("b1", "s4"), ("b1", "z2"), ("q1", "q2")]:
     assert worst < 2e-2 and mean < 5e-3, (name, worst, mean)
     for n, r in ((base, a), (name, b)):
         assert r[-1]["loss"] < r[0]["loss"] - 0.3, f"{n} did not learn"
+assert rows("r2")[0]["loss"] == rows("s2")[0]["loss"], ("rounds changed step 1", rows("r2")[0], rows("s2")[0])
 PY
+device_bytes() { sed -n 's/^device: cuda, .* = \([0-9]*\) bytes allocated on the GPU.*/\1/p' "$1" | head -1; }
+[[ $(device_bytes r2.log) -lt $(device_bytes s2.log) ]] ||
+  fail "r2: rounds of 16 tokens did not shrink the device figure ($(device_bytes r2.log) vs $(device_bytes s2.log))"
 
 # Acceptance: N = 1024² experts at d 256 (the table 1,048,576 x 512 fp32 = 2 GiB, 1 GiB per rank).
 big=(--set data.path=ts.h5 --set run.out_dir=runs --set run.device=cuda --set train.sample_tokens=0

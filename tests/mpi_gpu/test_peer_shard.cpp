@@ -18,7 +18,11 @@
 //     so two orders differ by at most 2·n·u·Σ|term|: each element is held to that bound, with Σ|term|
 //     and n computed here in double from the ref's ids, gates and pre-activations (ReLU experts);
 //     dx adds the query path's GEMM on top (one more rounding of |dx|).
-//   - one rank (P = 1): out, dx and the table gradient bit-identical (the same kernels, same order).
+//   - one rank (P = 1): out, dx and the table gradient bit-identical (the same kernels, same order;
+//     the table gradient within the order bound when the exchange runs in several rounds).
+//   - rounds (the runner's round_tokens < the tokens): out, dx and the query path's gradients
+//     bit-identical to the same runner in one round (a token's entries never span rounds), every
+//     rank running the same number of rounds, rank 0 of the uneven case with none of its own.
 //   - the device memory the runner allocated is what sharded_peer_device_bytes() predicts (within
 //     its estimate of cub's temporaries).
 #include <gtest/gtest.h>
@@ -56,6 +60,7 @@ struct Case {
   PeerLayerShape s;  // s.tokens: the most tokens a rank holds
   PeerNormMode mode;
   bool uneven;  // rank r holds (r·37 + 23) % (tokens + 1) tokens, rank 0 none (eval mode only)
+  int64_t round_tokens = 0;  // the runner's exchange rounds (PeerRounds; 0 = automatic: one round here)
 };
 
 PeerLayerShape shape(int64_t T, int64_t d, int64_t h, int64_t dk, int64_t n, int64_t k, PeerKeySharing keys) {
@@ -120,7 +125,7 @@ struct Result {
 // Runs forward + backward of this rank's s.tokens tokens (the layer and runner sized for max_tokens
 // per rank, the most any rank holds); sharded: the table is split over the ranks.
 Result run_layer(const PeerLayerShape& s, int64_t max_tokens, PeerNormMode mode, const Inputs& in, int64_t first,
-                 bool sharded) {
+                 bool sharded, int64_t round_tokens = 0) {
   Comm& world = *g_world;
   const int P = world.size(), r = world.rank();
   const int64_t T = s.tokens, d = s.dim, C = s.channels(), N = s.n_sub * s.n_sub, W = 2 * d, hk = s.heads * s.k;
@@ -145,9 +150,12 @@ Result run_layer(const PeerLayerShape& s, int64_t max_tokens, PeerNormMode mode,
   PeerLayerGradsCuda g{f(d_dwq), f(d_dg), f(d_db), f(d_dc1), f(d_dc2), {}};
   std::unique_ptr<ShardedPeerExpertsCuda> runner;
   if (sharded) {
-    runner = std::make_unique<ShardedPeerExpertsCuda>(world, max_shape.experts());
+    runner = std::make_unique<ShardedPeerExpertsCuda>(world, max_shape.experts(), round_tokens);
     runner->set_table(f(d_table) + r * rows * W, f(d_grad));
-    const ShardedPeerMemory mem = sharded_peer_device_bytes(max_shape.experts(), P);
+    const int64_t tc = round_tokens > 0 ? std::min(round_tokens, max_tokens) : max_tokens;  // P ≤ 8: one round
+    EXPECT_EQ(runner->rounds().tokens, tc);
+    EXPECT_EQ(runner->rounds().count, (max_tokens + tc - 1) / tc);
+    const ShardedPeerMemory mem = sharded_peer_device_bytes(max_shape.experts(), P, round_tokens);
     EXPECT_EQ(mem.table_shard, rows * W * 4);
     EXPECT_GE(mem.exchange, static_cast<int64_t>(runner->device_bytes())) << "the planner's estimate is low";
     EXPECT_LE(mem.exchange, static_cast<int64_t>(runner->device_bytes() * 1.25) + (8 << 20))
@@ -249,7 +257,17 @@ void check_case(const Case& c) {
   SCOPED_TRACE(std::string(c.name) + ", rank " + std::to_string(r) + " of " + std::to_string(P) + ", " +
                std::to_string(s.tokens) + " tokens");
   const Result ref = run_layer(s, c.s.tokens, c.mode, in, first, false);
-  const Result sh = run_layer(s, c.s.tokens, c.mode, in, first, true);
+  const Result sh = run_layer(s, c.s.tokens, c.mode, in, first, true, c.round_tokens);
+  if (c.round_tokens > 0) {
+    // Rounds change no per-token result: out, dx and dgates (hence the query path's gradients) are
+    // the same bits as with one round; only the table gradient's sums are ordered by round.
+    const Result one = run_layer(s, c.s.tokens, c.mode, in, first, true);
+    expect_identical(sh.out, one.out, "out (rounds vs one round)");
+    expect_identical(sh.dx, one.dx, "dx (rounds vs one round)");
+    expect_identical(sh.dwq, one.dwq, "dW_q (rounds vs one round)");
+    expect_identical(sh.dc1, one.dc1, "dC (rounds vs one round)");
+    expect_identical(sh.dc2, one.dc2, "dC' (rounds vs one round)");
+  }
   const AbsSums a = abs_sums(s, in, first, ref);
   const int64_t hk = s.heads * s.k, d = s.dim;
 
@@ -265,7 +283,13 @@ void check_case(const Case& c) {
   if (P == 1) {
     expect_identical(sh.out, ref.out, "out (one shard)");
     expect_identical(sh.dx, ref.dx, "dx (one shard)");
-    expect_identical(sh.table_grad, ref.table_grad, "table gradient (one shard)");
+    if (c.round_tokens == 0 || c.round_tokens >= c.s.tokens) {
+      expect_identical(sh.table_grad, ref.table_grad, "table gradient (one shard)");
+    } else {  // rounds add their sums in turn: another order
+      expect_within_order_bound(
+          sh.table_grad, ref.table_grad, a.table, [&](size_t i) { return a.row_terms[i / (2 * d)] + 1; }, 0,
+          "table gradient (one shard, rounds)");
+    }
     return;
   }
   const double n_tok = static_cast<double>(hk + P);  // a token's terms, and the owners' partials added
@@ -284,6 +308,12 @@ TEST(PeerShardCuda, sharded_table_matches_the_whole_table_layer) {
        PeerNormMode::train, false},
       {"N=64² d=64, eval, uneven tokens (rank 0 none)", shape(60, 64, 4, 32, 64, 8, PeerKeySharing::shared),
        PeerNormMode::eval, true},
+      // Rounds (PeerRounds): 96 tokens in rounds of 40 (40, 40, 16); uneven ranks in rounds of 7 (9
+      // rounds for every rank: rank 0 sends only empty ones, a rank of 12 tokens 2 and then empty ones).
+      {"N=64² d=64 h=4 k=8, train, rounds of 40 tokens", shape(96, 64, 4, 32, 64, 8, PeerKeySharing::shared),
+       PeerNormMode::train, false, 40},
+      {"N=64² d=64, eval, uneven tokens (rank 0 none), rounds of 7",
+       shape(60, 64, 4, 32, 64, 8, PeerKeySharing::shared), PeerNormMode::eval, true, 7},
   };
   for (const Case& c : cases) {
     if (g_world->rank() == 0) std::printf("case %s, %d rank(s)\n", c.name, g_world->size());
