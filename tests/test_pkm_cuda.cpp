@@ -254,7 +254,9 @@ TEST_F(Cuda, pkm_layer_query_half_and_values_match_cpu_and_are_deterministic) {
       {layer_shape(48, 32, 2, 16, 24, 4, PeerKeySharing::per_head), PeerNormMode::train},
       {layer_shape(48, 32, 2, 16, 24, 4, PeerKeySharing::per_head), PeerNormMode::eval},
       {layer_shape(33, 20, 3, 8, 10, 3, PeerKeySharing::shared), PeerNormMode::train},
-      {layer_shape(64, 64, 4, 32, 32, 8, PeerKeySharing::per_head), PeerNormMode::train},
+      // 32 tokens x 2 heads, not 64 x 4: with k 8 of 1024 candidates a draw separates all 256 groups'
+      // top-k by 3e-5·max|score| about 1 time in 3 (64 x 4: 1 in 25, and 50 draws failed on an H100)
+      {layer_shape(32, 64, 2, 32, 32, 8, PeerKeySharing::per_head), PeerNormMode::train},
       {layer_shape(256, 16, 2, 8, 5, 4, PeerKeySharing::shared), PeerNormMode::train},  // 25 rows, crowded
   };
   for (const LayerCase& lc : cases) {

@@ -57,8 +57,5 @@ print(f"f2 (fast path): max relative difference: losses {worst:.2e}, validation 
       f"norm {g_first:.2e}")
 assert len(vals) == 2 and worst < 3e-4 and worst_val < 3e-4 and g_first < 1e-5, (worst, worst_val, g_first)
 PY
-expect_error "GPU data parallel with sharded PEER tables" "parallel.expert_parallel = 1" \
-  mpi 2 "$bin" train "$src/configs/tiny.toml" "${common[@]}" --set parallel.backend=mpi --set run.name=ge \
-  --set model.peer_blocks=0 --set model.peer_n_sub=16 --set model.peer_heads=2 --set model.peer_topk=4 \
-  --set model.peer_key_dim=16
+# Sharded PEER tables with data parallelism on GPUs: tests/cli/test_gpu_peer_shard.sh.
 echo "ok: GPU data parallel on 2 ranks equals 1 rank with accumulation (deterministic), close on the fast path"

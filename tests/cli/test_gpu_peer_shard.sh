@@ -39,10 +39,11 @@ run() {  # NAME RANKS EXPERT_PARALLEL EXTRA...: 16 sequences per step over RANKS
   local accum=$((4 / ranks))
   if [[ $ranks == 1 ]]; then
     "$bin" train "$src/configs/tiny.toml" "${common[@]}" "$@" --set run.name=$name --set train.accum_steps=$accum \
-        > $name.log
+        > $name.log || { tail -40 $name.log; fail "$name: exited non-zero"; }
   else
     mpi $ranks "$bin" train "$src/configs/tiny.toml" "${common[@]}" "$@" --set parallel.backend=mpi \
-        --set parallel.expert_parallel=$ep --set run.name=$name --set train.accum_steps=$accum > $name.log
+        --set parallel.expert_parallel=$ep --set run.name=$name --set train.accum_steps=$accum > $name.log ||
+        { tail -40 $name.log; fail "$name: exited non-zero"; }
   fi
 }
 run b1 1 1
