@@ -34,9 +34,12 @@ EvalResult evaluate(const Model& model, const float* params, const TokenDataset&
   if (comm && model.experts_sharded()) iterations = (n_batches + world - 1) / world;
   for (int64_t i = 0; i < iterations; ++i) {
     const int64_t j = i * world + rank;
-    if (j >= n_batches) {
+    if (j >= n_batches) {  // on the device that runs the others (a GPU's runner exchanges on device buffers)
       windows.fill(0, 1, inputs.data(), targets.data());
-      model.forward(params, inputs.data(), targets.data(), 1, seq_len, ctx);
+      if (forward)
+        forward(inputs.data(), targets.data(), 1, seq_len);
+      else
+        model.forward(params, inputs.data(), targets.data(), 1, seq_len, ctx);
       continue;
     }
     const int64_t first = j * batch, n = std::min(batch, windows.count() - first);
