@@ -468,16 +468,23 @@ void bitlinear_matmul_bf16_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, c
   dequant_launch(M, N, static_cast<const float*>(acc), a_scale, beta, out, y, stream);
 }
 
+// The shape, leading dimensions and pointers of a row-major GEMM (A (M,K) or, transposed, (K,M);
+// likewise B; C (M,N)), checked; false when there is nothing to compute (M or N zero).
+static bool gemm_args(const char* name, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
+                      const void* B, int64_t ldb, const void* C, int64_t ldc) {
+  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, name, ": bad shape M=", M, " N=", N, " K=", K);
+  if (M == 0 || N == 0) return false;
+  PL_CHECK(lda >= std::max<int64_t>(1, ta == Trans::no ? K : M) && ldb >= std::max<int64_t>(1, tb == Trans::no ? N : K) &&
+               ldc >= N,
+           internal, name, ": leading dimension too small (lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
+  PL_CHECK(C && (K == 0 || (A && B)), internal, name, ": null pointer");
+  return true;
+}
+
 void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
                     int64_t lda, const bf16* B, int64_t ldb, float beta, GemmOut out, void* C, int64_t ldc,
                     cudaStream_t stream) {
-  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "gemm_bf16_cuda: bad shape M=", M, " N=", N, " K=", K);
-  if (M == 0 || N == 0) return;
-  // Row-major storage: A is (M,K) or, transposed, (K,M); likewise B; C is (M,N).
-  PL_CHECK(lda >= std::max<int64_t>(1, ta == Trans::no ? K : M) && ldb >= std::max<int64_t>(1, tb == Trans::no ? N : K) &&
-               ldc >= N,
-           internal, "gemm_bf16_cuda: leading dimension too small (lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
-  PL_CHECK(C && (K == 0 || (A && B)), internal, "gemm_bf16_cuda: null pointer");
+  if (!gemm_args("gemm_bf16_cuda", ta, tb, M, N, K, A, lda, B, ldb, C, ldc)) return;
   if (K == 0) {  // C = beta · C; cuBLASLt wants k ≥ 1
     PL_CHECK(out == GemmOut::f32, internal, "gemm_bf16_cuda: K=0 with a bf16 C is not supported");
     scale_matrix_kernel<<<row_grid(M, N), kThreads, 0, stream>>>(M, N, beta, static_cast<float*>(C), ldc);
@@ -497,12 +504,7 @@ void gemm_bf16_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int6
 
 void gemm_f32_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
-  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "gemm_f32_cuda: bad shape M=", M, " N=", N, " K=", K);
-  if (M == 0 || N == 0) return;
-  PL_CHECK(lda >= std::max<int64_t>(1, ta == Trans::no ? K : M) && ldb >= std::max<int64_t>(1, tb == Trans::no ? N : K) &&
-               ldc >= N,
-           internal, "gemm_f32_cuda: leading dimension too small (lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
-  PL_CHECK(C && (K == 0 || (A && B)), internal, "gemm_f32_cuda: null pointer");
+  if (!gemm_args("gemm_f32_cuda", ta, tb, M, N, K, A, lda, B, ldb, C, ldc)) return;
   if (K == 0) {  // C = beta · C; cuBLASLt wants k ≥ 1
     scale_matrix_kernel<<<row_grid(M, N), kThreads, 0, stream>>>(M, N, beta, C, ldc);
     PL_CUDA_CHECK_LAUNCH(scale_matrix_kernel);
