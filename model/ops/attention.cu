@@ -27,6 +27,7 @@
 // loads (8 per 16 FMAs in QKᵀ). The flash column needs the tensor-core version (bf16 mma.sync
 // m16n8k16 with fp32 accumulators, P kept in registers as the A operand of PV, cp.async double
 // buffering of K/V) and, for GQA, one block per KV head sharing each K/V tile across its group.
+// That version is attention_bf16.cu (AttentionPrecision::bf16; this file's launchers dispatch to it).
 //
 // Determinism: no atomics anywhere. dK, dV of a K/V tile are summed by one block over the group's
 // query heads in order and the query tiles in order; dQ by a second pass over K/V tiles in order;

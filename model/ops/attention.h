@@ -1,6 +1,7 @@
 // Causal softmax attention with grouped KV heads and rotary position embeddings
 // (../shared/BASELINES.md §2): the CPU reference (attention.cpp; tests/test_ops_attention.cpp) and
-// the CUDA launchers (attention.cu; tests/test_ops_attention_cuda.cpp against the CPU).
+// the CUDA launchers (attention.cu, fp32; attention_bf16.cu, bf16 tensor cores; tests/test_ops_attention_cuda.cpp
+// against the CPU).
 //
 // Shapes: q (B, T, H, d_h), k and v (B, T, H_kv, d_h), o like q, LSE (B, H, T). Query head h reads
 // KV head h / (H / H_kv). Scores s_ij = q_i·k_j / √d_h for j ≤ i. The forward is the online-softmax
@@ -99,7 +100,7 @@ void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream);
 //         reference the fp32 GPU curve tests use; decode always runs this kernel.
 //   bf16: bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators and softmax; attention_bf16.cu):
 //         q, k, v, dO (and P, dS) rounded to bf16 (2^-9 relative each) inside the tile loads, so
-//         outputs are within ~1e-2 of the row norm of the fp32 ones (tests/test_attention_bf16_cuda.cpp
+//         outputs are within ~1e-2 of the row norm of the fp32 ones (tests/test_ops_attention_cuda.cpp
 //         derives the bound); ~10x faster. Same head dims (64, 128), same determinism.
 enum class AttentionPrecision { fp32, bf16 };
 

@@ -33,7 +33,9 @@
 //   dQ       block (b·h, 128-row Q tile), heaviest first; 64-key tiles in order: dQ += dS K.
 // Every output element has one owner thread summing in a fixed order: deterministic, no atomics.
 // Shared memory: forward (128 + 2·64)·(d_h + 8)·2 B = 36 KB (d_h 64) / 68 KB (128); dK/dV and dQ
-// (2·128 + 2·64)·(d_h + 8)·2 B + 1 KB = 55 KB / 103 KB.
+// (2·128 + 2·64)·(d_h + 8)·2 B + 1 KB = 55 KB / 103 KB. Registers (ptxas, sm_90): forward 123 / 208,
+// dK/dV 214 / 255 (16 bytes spilled at d_h 128), dQ 125 / 216: 2 blocks (16 warps) per SM for the
+// forward and dQ at d_h 64 (launch bounds ask for it), 1 block (8 warps) otherwise.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
 // (this backward does 7: the dQ pass recomputes S and dP). Compulsory HBM bytes are ~16·T·d_h
@@ -211,7 +213,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kNS][4], float (&m)[2]
 }
 
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_forward_bf16_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_bf16_kernel(Args a) {
   constexpr int ld = kLd<D>, NB = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
@@ -331,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
 // dQ of one 128-row Q tile (file comment). The rows' D are recomputed from O and dO (fp32, global)
 // with attention_row_delta, since a.delta may live in dq's memory, which this pass overwrites.
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_dq_bf16_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_kernel(Args a) {
   constexpr int ld = kLd<D>, NB = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
