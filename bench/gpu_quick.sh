@@ -7,9 +7,9 @@
 source "$(dirname "$0")/gpu_common.sh"
 budget="${1:-300}"
 gpu_build peerless test_model_cuda test_cuda_model_config test_peer_shard_cuda test_qsparse_fused_cuda test_zero1_cuda \
-  test_peer_cuda test_pkm_cuda test_moe_cuda test_proj_cuda test_lora_cuda
+  test_peer_cuda test_pkm_cuda test_moe_cuda test_proj_cuda test_lora_cuda test_ops_attention_cuda
 cd build-gpu
-timeout "$budget" ctest -j 4 --timeout 240 -R "CudaModelCurve|CudaModelLora|lora_|cuda_model_config|peer_shard|qsparse|zero1|Cuda\.peer|Pkm|Moe|Proj|cli.test_gpu" \
+timeout "$budget" ctest -j 4 --timeout 240 -R "CudaModelCurve|CudaModelLora|lora_|cuda_model_config|peer_shard|qsparse|zero1|Cuda\.peer|Pkm|Moe|Proj|cli.test_gpu|attention_bf16" \
   -L gpu --output-on-failure > "$OUT/ctest_quick.log" 2>&1
 echo "ctest rc=$?"
 grep -E "tests passed|Failed|\*\*\*|Passed|Timeout" "$OUT/ctest_quick.log" | tail -60

@@ -1,7 +1,7 @@
 // `peerless bench attention`: the causal attention op's forward and forward + backward on one GPU
-// (model/ops/attention.cu, through the shipped launchers) at the shapes of ../shared/BASELINES.md §2,
-// in TFLOP/s by the FlashAttention convention (causal forward 2·B·H·T²·d_h, fwd + bwd 3.5x),
-// printed beside the published/measured flash column of BASELINES §2. Median of --iters timed
+// (model/ops/attention.cu and attention_bf16.cu, both precisions, through the shipped launchers) at
+// the shapes of ../shared/BASELINES.md §2, in TFLOP/s by the FlashAttention convention (causal
+// forward 2·B·H·T²·d_h, fwd + bwd 3.5x), printed beside the published/measured flash column of BASELINES §2. Median of --iters timed
 // iterations after --warmup untimed ones; inputs N(0,1)-like hashed values (no host staging).
 // bench/attention_torch.py times PyTorch's SDPA backends at the same shapes in the same job.
 #include <cuda_runtime.h>
@@ -64,23 +64,39 @@ struct Case {
   double flash_fwd, flash_fwdbwd;  // BASELINES §2: torch SDPA flash backend, bf16, one project H100
 };
 
+struct Timing {
+  double fwd_ms, all_ms;
+};
+
+// Median forward and forward + backward times of one precision on the shared buffers.
+Timing time_precision(const AttentionShape& sh, AttentionPrecision pr, const std::vector<DeviceBytes*>& b, int warmup,
+                      int iters, cudaStream_t s) {
+  float *q = f(*b[0]), *k = f(*b[1]), *v = f(*b[2]), *o = f(*b[3]), *dout = f(*b[4]), *L = f(*b[5]);
+  float *dq = f(*b[6]), *dk = f(*b[7]), *dv = f(*b[8]);
+  auto fwd = [&] { attention_forward_cuda(sh, q, k, v, o, L, s, pr); };
+  const double t_fwd = median_ms(s, warmup, iters, fwd);
+  const double t_all = median_ms(s, warmup, iters, [&] {
+    fwd();
+    attention_backward_cuda(sh, q, k, v, o, L, dout, dq, dk, dv, s, pr);
+  });
+  return {t_fwd, t_all};
+}
+
 void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
   const AttentionShape sh{c.B, c.T, c.H, c.H, c.dh};
   const int64_t n = c.B * c.T * c.H * c.dh, nl = c.B * c.H * c.T;
   DeviceBytes q = filled(n, 1), k = filled(n, 2), v = filled(n, 3), o = filled(n, 4), dout = filled(n, 5);
   DeviceBytes lse(static_cast<size_t>(nl) * 4), dq(static_cast<size_t>(n) * 4), dk(static_cast<size_t>(n) * 4),
       dv(static_cast<size_t>(n) * 4);
-  float* L = static_cast<float*>(lse.get());
-  auto fwd = [&] { attention_forward_cuda(sh, f(q), f(k), f(v), f(o), L, s); };
-  const double t_fwd = median_ms(s, warmup, iters, fwd);
-  const double t_all = median_ms(s, warmup, iters, [&] {
-    fwd();
-    attention_backward_cuda(sh, f(q), f(k), f(v), f(o), L, f(dout), f(dq), f(dk), f(dv), s);
-  });
+  const std::vector<DeviceBytes*> bufs{&q, &k, &v, &o, &dout, &lse, &dq, &dk, &dv};
+  const Timing f32 = time_precision(sh, AttentionPrecision::fp32, bufs, warmup, iters, s);
+  const Timing b16 = time_precision(sh, AttentionPrecision::bf16, bufs, warmup, iters, s);
   const double tf = attention_forward_flops(sh) / 1e12;
-  std::printf("| %lld, %lld, %lld, %lld | %.2f | %.1f | %.0f | %.2f | %.1f | %.0f |\n", static_cast<long long>(c.B),
-              static_cast<long long>(c.H), static_cast<long long>(c.T), static_cast<long long>(c.dh), t_fwd,
-              tf / (t_fwd * 1e-3), c.flash_fwd, t_all, 3.5 * tf / (t_all * 1e-3), c.flash_fwdbwd);
+  auto rate = [&](double flops, double ms) { return flops / (ms * 1e-3); };
+  std::printf("| %lld, %lld, %lld, %lld | %.1f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.0f |\n",
+              static_cast<long long>(c.B), static_cast<long long>(c.H), static_cast<long long>(c.T),
+              static_cast<long long>(c.dh), rate(tf, f32.fwd_ms), rate(3.5 * tf, f32.all_ms), b16.fwd_ms,
+              rate(tf, b16.fwd_ms), c.flash_fwd, b16.all_ms, rate(3.5 * tf, b16.all_ms), c.flash_fwdbwd);
   std::fflush(stdout);
 }
 
@@ -89,7 +105,7 @@ void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
 int bench_attention(const Args& args) {
   std::string warmup_s = "3", iters_s = "10";
   ArgParser p("bench attention",
-              "Causal MHA forward and forward+backward of the shipped attention kernels (fp32) at BASELINES §2's "
+              "Causal MHA forward and forward+backward of the shipped attention kernels (fp32 and bf16) at BASELINES §2's "
               "shapes plus T 8192, in TFLOP/s (FlashAttention convention) beside the flash-backend column.");
   p.option("warmup", &warmup_s, "N", "untimed iterations (default 3)");
   p.option("iters", &iters_s, "N", "timed iterations, median reported (default 10)");
@@ -99,10 +115,12 @@ int bench_attention(const Args& args) {
   PL_CHECK(warmup >= 0 && iters >= 1, config, "--warmup must be >= 0 and --iters >= 1");
   cudaDeviceProp prop{};
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("attention (model/ops/attention.cu, fp32 CUDA cores) on %s; flash = torch SDPA flash backend, bf16, "
-              "BASELINES §2 (0 = not published there)\n", prop.name);
-  std::printf("| B, H, T, d_h | fwd ms | fwd TF/s | flash fwd | fwd+bwd ms | fwd+bwd TF/s | flash fwd+bwd |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
+  std::printf("attention on %s: fp32 = model/ops/attention.cu (CUDA cores), bf16 = attention_bf16.cu (mma.sync "
+              "tensor cores, fp32 in/out); flash = torch SDPA flash backend, bf16, BASELINES §2 (0 = not published "
+              "there)\n", prop.name);
+  std::printf("| B, H, T, d_h | fp32 fwd TF/s | fp32 fwd+bwd TF/s | bf16 fwd ms | bf16 fwd TF/s | flash fwd | "
+              "bf16 fwd+bwd ms | bf16 fwd+bwd TF/s | flash fwd+bwd |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   CudaStream stream;
   const Case cases[] = {{8, 16, 2048, 64, 239, 183},
                         {8, 16, 2048, 128, 290, 209},

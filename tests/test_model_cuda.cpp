@@ -30,6 +30,8 @@
 // And the transformer baselines (../shared/BASELINES.md §1, §3; fp32 storage, 2 heads of 64 sharing
 // one KV head): Transformer++ (attention + SwiGLU, model.quant = "none", fp32 LM head) and the
 // BitNet b1.58 transformer (the same kinds ternary with sub-norms, rotate-half RoPE, tied head).
+// Transformer++ also with bf16 storage, where its attention runs the bf16 tensor-core kernels
+// (model/ops/attention_bf16.cu) within the bf16-forward tolerances.
 // Their forward already differs from the CPU's by bf16 GEMM rounding: the full-precision
 // projections and LM heads run as bf16 GEMMs (x and W rounded to bf16, relative 2^-9 per operand,
 // fp32 accumulation) against the CPU's fp32 GEMMs; the BitNet projections are exact (int8 ×
@@ -298,7 +300,8 @@ std::string case_name(const CurveCase& c) {
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
                          ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true},
-                                           CurveCase{false, false, Arch::tpp}, CurveCase{false, false, Arch::bitnet},
+                                           CurveCase{false, false, Arch::tpp}, CurveCase{true, false, Arch::tpp},
+                                           CurveCase{false, false, Arch::bitnet},
                                            CurveCase{false, false, Arch::mmf, 0}, CurveCase{true, false, Arch::mmf, 32},
                                            CurveCase{false, false, Arch::mmf, -1, true},
                                            CurveCase{false, false, Arch::moe}, CurveCase{false, false, Arch::sigma_moe}),

@@ -16,6 +16,8 @@
 // that: the forward is checked at 2e-5 and the backward (sums of up to H/H_kv · T = 1200 terms per
 // dk, dv element, and dP − D cancelling inside dS) at 5e-5. Mistakes (a mask off by one, a wrong
 // KV head, a missed tile, a bf16 rounding) show up at 1e-3 and far above.
+// The bf16 tensor-core kernels (AttentionPrecision::bf16) are checked further down against the
+// float64 CPU with tolerances derived from bf16 rounding (their section's comment).
 // Where the exact row is 0 (dq at position 0 and every dq, dk row at T = 1: dS_ii = P(dP − D) with
 // P = 1 and D = dP), both sides hold rounding noise, so dq and dk rows are measured against
 // max(‖cpu row‖, √d_h / 4), a quarter of the norm of an input row (N(0, 1) entries): noise of
@@ -250,6 +252,110 @@ TEST_F(Cuda, attention_decode_matches_cpu_and_the_forward_row) {
     }
 }
 
+// ---- bf16 tensor cores (AttentionPrecision::bf16, model/ops/attention_bf16.cu) ----------------------
+//
+// Oracle: the CPU's float64 overloads on the unrounded inputs. Tolerances from the rounding the
+// kernel does, with u = 2^-9 (bf16 keeps 8 significant bits: |x − bf16(x)| ≤ 2^-9·|x|, rms
+// u/√3 for random mantissas). Scores s = q·k/√d_h from rounded q (sd 2) and k (sd 1): rms
+// δs = √(2/3)·u·σ_q·σ_k = 3.2e-3 (absolute, whatever d_h). A row o = Σ_j p_j v_j moves by
+// Σ_j p_j δs_j (v_j − o) + Σ_j p_j δv_j + P's own rounding; with random v, ‖o‖ ≈ √(Σ p_j²)·‖v‖, so the
+// row-relative error is ≈ √(δs² + 2(u/√3)²) ≈ 3.6e-3 rms. The worst of 2400 rows (their ‖o‖
+// fluctuates) is allowed 5.5× that: 2e-2. LSE moves by Σ_j p_j δs_j, ≤ 3.2e-3 rms absolute: 1.5e-2
+// of max(|lse|, 1) is ≥ 4.7σ. Backward: dP = dO·v from rounded operands has relative error ~1.6e-3,
+// dS = P(dP − D) adds δs and its own rounding, the products dS K, dSᵀQ, PᵀdO one more operand each:
+// ~5e-3 rms per row, and the chain from the bf16 forward adds the forward's: 5e-2 (7×). Rows whose
+// exact value is 0 (dq at position 0, dq and dk at T = 1) hold |δdP| + |δp·D| ≈ 0.03·√d_h/8·8 of
+// noise: measured against the floor √d_h/2 (a one-key row's dq is ~√d_h), i.e. ≤ 2e-2 there.
+// Mistakes (a fragment in the wrong lane, a mask off by one, a lost tile) are errors of 0.1 to 1.
+constexpr double kBf16ForwardTol = 2e-2, kBf16LseTol = 1.5e-2, kBf16BackwardTol = 5e-2;
+
+std::vector<double> to_double(const std::vector<float>& x) { return std::vector<double>(x.begin(), x.end()); }
+std::vector<float> to_float(const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); }
+
+// The float64 CPU forward and backward of `in`, as floats.
+struct Exact {
+  std::vector<float> o, lse;
+  Grads g;
+};
+Exact exact(const Case& c, const Inputs& in) {
+  const std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v), dout = to_double(in.dout);
+  std::vector<double> o(c.nq()), lse(c.nlse()), dq(c.nq()), dk(c.nk()), dv(c.nk());
+  attention_forward_cpu(c.shape(), q.data(), k.data(), v.data(), o.data(), lse.data());
+  attention_backward_cpu(c.shape(), q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), dq.data(),
+                         dk.data(), dv.data());
+  return {to_float(o), to_float(lse), {to_float(dq), to_float(dk), to_float(dv)}};
+}
+
+Grads backward_bf16(const Case& c, const Guarded<float>& q, const Guarded<float>& k, const Guarded<float>& v,
+                    const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout,
+                    cudaStream_t stream) {
+  Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk());
+  attention_backward_cuda(c.shape(), q.get(), k.get(), v.get(), o.get(), lse.get(), dout.get(), dq.get(), dk.get(),
+                          dv.get(), stream, AttentionPrecision::bf16);
+  return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
+}
+
+void expect_bf16_grads_close(const Case& c, const Grads& gpu, const Grads& ref, const std::string& what) {
+  const double floor = std::sqrt(static_cast<double>(c.dh)) / 2;
+  expect_rows_close(gpu.dq, ref.dq, c.dh, floor, kBf16BackwardTol, what + " dq " + c.name());
+  expect_rows_close(gpu.dk, ref.dk, c.dh, floor, kBf16BackwardTol, what + " dk " + c.name());
+  expect_rows_close(gpu.dv, ref.dv, c.dh, 0, kBf16BackwardTol, what + " dv " + c.name());
+}
+
+// B 2, H 4 with H_kv 4, 2, 1; T 1, 17, 64, 129 (one past the kernels' 128-row tile), 300; d_h 64,
+// 128. Forward and backward against the float64 CPU, each twice (the same bits), the backward
+// from the exact (o, lse) and from the bf16 forward's.
+TEST_F(Cuda, attention_bf16_matches_cpu_and_is_deterministic) {
+  for (int64_t dh : {64, 128})
+    for (int64_t T : {1, 17, 64, 129, 300})
+      for (int64_t G : {4, 2, 1}) {
+        const Case c{2, T, 4, G, dh};
+        SCOPED_TRACE(c.name());
+        const Inputs in(c, rng());
+        const Exact ref = exact(c, in);
+        Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_dout(in.dout), d_o(c.nq()), d_lse(c.nlse()),
+            d_o2(c.nq()), d_lse2(c.nlse());
+        for (Guarded<float>* o : {&d_o, &d_o2})
+          attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), o->get(),
+                                 (o == &d_o ? d_lse : d_lse2).get(), stream(), AttentionPrecision::bf16);
+        const std::vector<float> o_gpu = d_o.download("o"), lse_gpu = d_lse.download("lse");
+        expect_rows_close(o_gpu, ref.o, c.dh, 0, kBf16ForwardTol, "bf16 o " + c.name());
+        expect_rows_close(lse_gpu, ref.lse, 1, 1.0, kBf16LseTol, "bf16 lse " + c.name());
+        expect_identical(d_o2.download("o"), o_gpu, "bf16 o run to run " + c.name());
+        expect_identical(d_lse2.download("lse"), lse_gpu, "bf16 lse run to run " + c.name());
+
+        Guarded<float> c_o(ref.o), c_lse(ref.lse);
+        const Grads g1 = backward_bf16(c, d_q, d_k, d_v, c_o, c_lse, d_dout, stream());
+        expect_bf16_grads_close(c, g1, ref.g, "bf16 backward");
+        const Grads g2 = backward_bf16(c, d_q, d_k, d_v, c_o, c_lse, d_dout, stream());
+        expect_identical(g2.dq, g1.dq, "bf16 dq run to run " + c.name());
+        expect_identical(g2.dk, g1.dk, "bf16 dk run to run " + c.name());
+        expect_identical(g2.dv, g1.dv, "bf16 dv run to run " + c.name());
+        const Grads chain = backward_bf16(c, d_q, d_k, d_v, d_o, d_lse, d_dout, stream());
+        expect_bf16_grads_close(c, chain, ref.g, "bf16 backward from the bf16 forward");
+        if (HasFailure()) return;  // one failing case says enough
+      }
+}
+
+// Scores of sd ~30: the running max must keep exp in range on the tensor-core path too. δs scales
+// with σ_q (15× the case above), so o and lse get 15× the tolerance; finiteness is the point.
+TEST_F(Cuda, attention_bf16_large_scores_stay_finite) {
+  for (const int64_t dh : {64, 128}) {
+    const Case c{2, 129, 4, 2, dh};
+    SCOPED_TRACE(c.name());
+    const Inputs in(c, rng(), 30.0f);
+    const Exact ref = exact(c, in);
+    Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_o(c.nq()), d_lse(c.nlse());
+    attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_lse.get(), stream(),
+                           AttentionPrecision::bf16);
+    const std::vector<float> o_gpu = d_o.download("o"), lse_gpu = d_lse.download("lse");
+    for (float x : o_gpu) ASSERT_TRUE(std::isfinite(x)) << "o not finite";
+    for (float x : lse_gpu) ASSERT_TRUE(std::isfinite(x)) << "lse not finite";
+    expect_rows_close(o_gpu, ref.o, c.dh, 0, 15 * kBf16ForwardTol, "bf16 o " + c.name());
+    expect_rows_close(lse_gpu, ref.lse, 1, 1.0, 15 * kBf16LseTol, "bf16 lse " + c.name());
+  }
+}
+
 // ---- preconditions -------------------------------------------------------------------------------
 
 TEST_F(Cuda, attention_refuses_unsupported_shapes) {
@@ -257,6 +363,7 @@ TEST_F(Cuda, attention_refuses_unsupported_shapes) {
   float* p = buf.get();
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream()), Error);               // d_h 96
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 3, 64}, p, p, p, p, p, stream()), Error);               // 3 ∤ 4
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream(), AttentionPrecision::bf16), Error);
   EXPECT_THROW(attention_decode_cuda({2, 8, 4, 4, 64}, 8, p, p, p, p, stream()), Error);                // pos ≥ T
   EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, p, p, p, p, p, p, p, p, p, stream()), Error);  // aliasing
   // Empty shapes launch nothing.

@@ -2,9 +2,11 @@
 //     x ← x + W_o·[SubLN](Attn(RoPE(W_q n), RoPE(W_k n), W_v n)),  n = RMSNorm(x; attn_norm)
 // The projections are CudaContext::proj_forward / proj_backward (bf16 GEMMs on the fp32 weights under
 // model.quant = "none", int8 × ternary under "ternary", where attn_sub_norm feeds W_o); the attention
-// itself is model/ops/attention.h's FlashAttention-2 style kernels (fp32, LSE saved, deterministic
-// backward). Saved per token: q, k (after RoPE), v, o in fp32 (the attention kernels read fp32 only,
-// so run.activations = "bf16" does not shrink them), the LSE per head, and attn_sub_norm's rstd;
+// itself is model/ops/attention.h's FlashAttention-2 style kernels (LSE saved, deterministic
+// backward): bf16 tensor cores when the model stores its activations in bf16 (run.activations =
+// "bf16", CudaModuleBuild::bf16_activations), the fp32 kernel otherwise (the fp32 reference runs).
+// Saved per token: q, k (after RoPE), v, o in fp32 (the kernels read fp32 and round to bf16 in their
+// tile loads, so "bf16" does not shrink them), the LSE per head, and attn_sub_norm's rstd;
 // n, the sub-norm's output and every projection's quantized input are recomputed in the backward.
 #include "model/cuda_module.h"
 #include "model/ops/attention.h"
@@ -25,6 +27,7 @@ class AttentionCuda final : public CudaModule {
     theta_ = static_cast<float>(c.rope_theta);
     rope_layout_ = c.rope_layout == "rotate_half" ? RopeLayout::rotate_half : RopeLayout::adjacent;
     ternary_ = g.host.quantized();
+    precision_ = b.bf16_activations ? AttentionPrecision::bf16 : AttentionPrecision::fp32;
     PL_CHECK(c.qsparse == 0, config, "run.device = \"cuda\": model.token_mixer = \"attention\" has no Q-Sparse on the "
              "GPU (model.qsparse = ", c.qsparse, "); use model.qsparse = 0 or run.device = \"cpu\"");
     const ParamLayout& L = g.layout;
@@ -55,7 +58,7 @@ class AttentionCuda final : public CudaModule {
     g.tick(ph_other);
     rope_forward_cuda(rope(s, H_), q_.get(), g.stream);
     rope_forward_cuda(rope(s, G_), k_.get(), g.stream);
-    attention_forward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), g.stream);
+    attention_forward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), g.stream, precision_);
     g.tick(ph_attention);
     g.proj_forward(wo_, M, o_input(g, M), x_out, x_in);
   }
@@ -74,7 +77,8 @@ class AttentionCuda final : public CudaModule {
       rmsnorm_backward_cuda(RmsNormShape{M, a, g.eps}, o_.get(), g.P(sub_), sub_rstd_.get(), d_o, d_o, g.G(sub_),
                             g.stream);
     g.tick(ph_norm_quant);
-    attention_backward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), d_o, dq, dk, dv, g.stream);
+    attention_backward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), d_o, dq, dk, dv, g.stream,
+                            precision_);
     rope_backward_cuda(rope(s, H_), dq, g.stream);
     rope_backward_cuda(rope(s, G_), dk, g.stream);
     g.tick(ph_attention);
@@ -96,6 +100,7 @@ class AttentionCuda final : public CudaModule {
   float theta_ = 10000.f;
   RopeLayout rope_layout_ = RopeLayout::adjacent;
   bool ternary_ = true;
+  AttentionPrecision precision_ = AttentionPrecision::fp32;
   int norm_ = -1, wq_ = -1, wk_ = -1, wv_ = -1, wo_ = -1, sub_ = -1;
   DevBuf<float> q_, k_, v_, o_, lse_, sub_rstd_;
 

@@ -27,6 +27,7 @@
 // loads (8 per 16 FMAs in QKᵀ). The flash column needs the tensor-core version (bf16 mma.sync
 // m16n8k16 with fp32 accumulators, P kept in registers as the A operand of PV, cp.async double
 // buffering of K/V) and, for GQA, one block per KV head sharing each K/V tile across its group.
+// That version is attention_bf16.cu (AttentionPrecision::bf16; this file's launchers dispatch to it).
 //
 // Determinism: no atomics anywhere. dK, dV of a K/V tile are summed by one block over the group's
 // query heads in order and the query tiles in order; dQ by a second pass over K/V tiles in order;
@@ -38,6 +39,7 @@
 #include <cstdint>
 
 #include "model/ops/attention.h"
+#include "model/ops/attention_internal.cuh"
 #include "model/ops/cuda_check.h"
 
 namespace peerless {
@@ -147,13 +149,9 @@ __device__ __forceinline__ float row_sum16(float v) {
   return v;
 }
 
-// D_i = Σ_d dO_id·O_id by one warp: lane-strided partial sums, then a fixed xor tree. The
-// preprocessing kernel and the dQ pass both compute D here, so they get the same bits.
+// D_i = Σ_d dO_id·O_id by one warp (attention_internal.cuh: the bf16 kernels use the same bits).
 __device__ __forceinline__ float row_delta(const float* o, const float* dout, int dh, int lane) {
-  float acc = 0.0f;
-  for (int d = lane; d < dh; d += 32) acc = fmaf(dout[d], o[d], acc);
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  return acc;
+  return attention_row_delta(o, dout, dh, lane);
 }
 
 template <typename T>
@@ -478,10 +476,11 @@ void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream) { rope
 void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream) { rope_cuda(s, dx, true, stream); }
 
 void attention_forward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
-                            float* lse, cudaStream_t stream) {
+                            float* lse, cudaStream_t stream, AttentionPrecision precision) {
   check_shape("attention_forward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(q && k && v && o && lse, internal, "attention_forward_cuda: null pointer");
+  if (precision == AttentionPrecision::bf16) return attention_forward_bf16_cuda(s, q, k, v, o, lse, stream);
   const int64_t H = s.heads, G = s.kv_heads, dh = s.head_dim, T = s.seq;
   ForwardArgs a{q,
                 k,
@@ -507,7 +506,7 @@ void attention_forward_cuda(const AttentionShape& s, const float* q, const float
 
 void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
                              const float* lse, const float* dout, float* dq, float* dk, float* dv,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, AttentionPrecision precision) {
   check_shape("attention_backward_cuda", s);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(q && k && v && o && lse && dout && dq && dk && dv, internal, "attention_backward_cuda: null pointer");
@@ -523,6 +522,8 @@ void attention_backward_cuda(const AttentionShape& s, const float* q, const floa
   attention_delta_kernel<<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(
       rows, T, static_cast<int>(H), static_cast<int>(dh), o, dout, dq);
   PL_CUDA_CHECK_LAUNCH(attention_delta_kernel);
+  if (precision == AttentionPrecision::bf16)
+    return attention_backward_bf16_cuda(s, q, k, v, o, lse, dout, dq, dq, dk, dv, stream);
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   BackwardArgs a{q,
                  k,

@@ -1,0 +1,455 @@
+// bf16 tensor-core attention (attention.h with AttentionPrecision::bf16; BASELINES §2): the
+// FlashAttention-2 forward (arXiv 2307.08691 Alg. 1) and its backward (Alg. 2) made deterministic,
+// on mma.sync.m16n8k16 bf16 × bf16 → fp32. The algorithm, masks and determinism are attention.cu's;
+// what changes is who multiplies: warps on tensor cores, 16 rows each, P and dS kept in registers.
+//
+// Inputs stay fp32 in global memory (the model's q, k, v, o, dO) and are rounded to bf16 by the tile
+// loaders (float4 reads, bf16 in shared memory): the interface is the fp32 kernel's, and no separate
+// cast pass writes and rereads a bf16 copy (4 bytes read per element once, against 4 + 2 + 2 for a
+// cast kernel). The price is twice the bytes per tile reread from L2 (below). Softmax, the running
+// max and sum, LSE and every accumulator are fp32; only the matmul operands are bf16 (P and dS are
+// rounded to bf16 as the A operand of PV, PᵀdO, dSᵀQ, dS K, as FlashAttention-2 does).
+//
+// mma.sync.m16n8k16.row.col fragments (PTX ISA "Matrix Fragments for mma.m16n8k16"), lane = 4g + t
+// (g = lane / 4 the group, t = lane % 4), each .b32 register two bf16, the lower column in the low
+// half (__floats2bfloat162_rn(lo, hi)):
+//   A (16 × 16, row-major): a0 = (g, 2t..2t+1), a1 = (g + 8, 2t..2t+1), a2 = (g, 2t+8..2t+9),
+//                           a3 = (g + 8, 2t+8..2t+9)
+//   B (16 × 8, k × n):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C (16 × 8, fp32):       c0, c1 = (g, 2t..2t+1), c2, c3 = (g + 8, 2t..2t+1)
+// So a row of C lives in the 4 lanes of one group (row max and sum: xor 1, 2), and the C fragments
+// of two adjacent 8-column blocks are, packed to bf16, the A fragment of a 16-wide k step: P never
+// leaves registers (to_a below). A and "B from rows" (B(k, n) = X[n][k], X row-major: K in QKᵀ,
+// Q in KQᵀ) are 32-bit shared loads of adjacent pairs; "B from columns" (B(k, n) = X[k][n]: V in PV,
+// dO in PᵀdO, Q in dSᵀQ, K in dS K) is ldmatrix.x4.trans (two n blocks per instruction).
+// Shared tiles are bf16 with row stride d_h + 8 (rows 16 bytes apart mod 128): the pair loads of
+// a warp (rows g, words t) hit 32 distinct banks, and ldmatrix's 8 row addresses 8 distinct 16-byte
+// bank groups.
+//
+// Kernels (8 warps = 256 threads each; tiles past T are zero rows, masked as j ≤ i < T):
+//   forward  block (b·h, 128-row Q tile), heaviest first; 64-key K/V tiles up to the diagonal.
+//   dK, dV   block (b·h_kv, 128-key K/V tile); the group's query heads in order, 64-row Q, dO tiles
+//            from the diagonal down in order: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q.
+//   dQ       block (b·h, 128-row Q tile), heaviest first; 64-key tiles in order: dQ += dS K.
+// Every output element has one owner thread summing in a fixed order: deterministic, no atomics.
+// Shared memory: forward (128 + 2·64)·(d_h + 8)·2 B = 36 KB (d_h 64) / 68 KB (128); dK/dV and dQ
+// (2·128 + 2·64)·(d_h + 8)·2 B + 1 KB = 55 KB / 103 KB. Registers (ptxas, sm_90): forward 123 / 208,
+// dK/dV 214 / 255 (16 bytes spilled at d_h 128), dQ 125 / 216: 2 blocks (16 warps) per SM for the
+// forward and dQ at d_h 64 (launch bounds ask for it), 1 block (8 warps) otherwise.
+//
+// The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
+// (this backward does 7: the dQ pass recomputes S and dP). Compulsory HBM bytes are ~16·T·d_h
+// (q, k, v, o fp32 once), T/8 FLOP/B: compute-bound. Rereads: a 128-row Q tile reads on average
+// T/2 keys of K and V in fp32, 8·(T/2)·d_h bytes for 4·128·(T/2)·d_h FLOPs = 64 FLOP/B from L2
+// (bf16 inputs would make it 128); the dK/dV pass rereads Q and dO (64 FLOP/B per 128-key tile).
+// At ~6 TB/s of L2 that caps near 380 TF/s, above what mma.sync (no wgmma) sustains on an H100
+// (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches). The tile loads are synchronous
+// (fp32 → bf16 conversion rules out cp.async; 2–3 blocks per SM hide each other's loads), so the
+// prediction is ~200–250 TF/s forward at T ≥ 2048, and ~120–170 fwd + bwd at the nominal 3.5×
+// (7 matmuls in place of 5, and dK/dV's 128 fp32 accumulators per thread at d_h 128): the flash
+// column (239–309 / 183–254) within ~1.5×, and ~8× the fp32 kernel. Next steps if it falls short:
+// register prefetch of the next K/V tile during the current tile's mma, and bf16 q, k, v inputs.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "model/ops/attention_internal.cuh"
+#include "model/ops/cuda_check.h"
+
+namespace peerless {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kBig = 16 * kWarps;  // rows of the tile a block keeps (Q in fwd and dQ, K/V in dK/dV)
+constexpr int kSmall = 64;         // rows of the tile it streams
+constexpr int kNS = kSmall / 8;    // 8-column blocks of a 16 × 64 score tile
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+template <int D>
+constexpr int kLd = D + 8;  // bf16 row stride of a shared tile (file comment)
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// d (16 × 8) += a (16 × 16) · b (16 × 8), bf16 operands, fp32 accumulators (file comment).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8 × 8 bf16 matrices, transposed: lanes 8m..8m+7 give the row addresses of matrix m, and
+// register m receives the fragment of it that B's b0/b1 layout wants (file comment).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c (16 × 8·NB) += X[x0..x0+16)[0..K) · Y[y0..y0+8·NB)[0..K)ᵀ for row-major bf16 tiles X, Y of
+// stride ld: A from X's rows, B from Y's rows (QKᵀ, dO Vᵀ, K Qᵀ, V dOᵀ). k steps in order.
+template <int NB, int K>
+__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x0, const bf16* y, int y0, int ld) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    const bf16* pa = x + (x0 + g) * ld + k0 + 2 * t;
+    const uint32_t a[4] = {ld_pair(pa), ld_pair(pa + 8 * ld), ld_pair(pa + 8), ld_pair(pa + 8 * ld + 8)};
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const bf16* pb = y + (y0 + 8 * nb + g) * ld + k0 + 2 * t;
+      mma_bf16(c[nb], a, ld_pair(pb), ld_pair(pb + 8));
+    }
+  }
+}
+
+// c (16 × 8·NB) += A (16 × 16·KS, bf16 fragments in registers) · Y[y0..y0+16·KS)[0..8·NB) (row
+// major, stride ld): B from Y's columns by ldmatrix.trans (PV, PᵀdO, dSᵀQ, dS K). Lane l addresses
+// row y0 + 16ks + l % 16, column 8·(nb + l / 16): matrices (k 0–7, n), (k 8–15, n), (k 0–7, n + 8),
+// (k 8–15, n + 8) give b0, b1 of block nb and b0, b1 of block nb + 1.
+template <int NB, int KS>
+__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0,
+                                         int ld) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, y + (y0 + 16 * ks + lane % 16) * ld + 8 * (nb + lane / 16));
+      mma_bf16(c[nb], a[ks], b[0], b[1]);
+      mma_bf16(c[nb + 1], a[ks], b[2], b[3]);
+    }
+}
+
+// The C fragments of a 16 × 64 tile (8 blocks of 8 columns) as A fragments of 4 k steps of 16.
+__device__ __forceinline__ void to_a(uint32_t (&a)[kNS / 2][4], const float (&c)[kNS][4]) {
+#pragma unroll
+  for (int ks = 0; ks < kNS / 2; ++ks) {
+    a[ks][0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
+    a[ks][1] = pack_bf16(c[2 * ks][2], c[2 * ks][3]);
+    a[ks][2] = pack_bf16(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+    a[ks][3] = pack_bf16(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+  }
+}
+
+template <int NB>
+__device__ __forceinline__ void zero(float (&c)[NB][4]) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
+}
+
+// Rows [row0, row0 + R) of a (rows, D) fp32 slice with rows gs floats apart into a bf16 shared tile
+// (stride kLd<D>); rows at or past n_rows are zeros. float4 reads, consecutive threads consecutive
+// 16 bytes of a row (coalesced); sources are 16-byte aligned (D and gs multiples of 4).
+template <int D, int R>
+__device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, int64_t gs, int64_t row0,
+                                          int64_t n_rows) {
+  constexpr int kVec = D / 4;
+#pragma unroll 4
+  for (int e = threadIdx.x; e < R * kVec; e += kThreads) {
+    const int r = e / kVec, c = (e % kVec) * 4;
+    const int64_t gr = row0 + r;
+    const float4 x = gr < n_rows ? *reinterpret_cast<const float4*>(src + gr * gs + c) : make_float4(0, 0, 0, 0);
+    *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+  }
+}
+
+struct Args {
+  const float *q, *k, *v, *o, *lse, *dout, *delta;
+  float *o_out, *lse_out;  // forward
+  float *dq, *dk, *dv;     // backward
+  int64_t seq;
+  int heads, kv_heads, group;
+  float scale, scale_log2;  // 1/√d_h, log2(e)/√d_h
+};
+
+// ---- forward -------------------------------------------------------------------------------------
+
+// Online softmax of one warp's 16 × 64 score tile s (raw QKᵀ) for its rows at positions row_g and
+// row_g + 8 (this lane's), keys j0 + column: masks j > i, turns s into P = exp2(s·scale_log2 − m'),
+// updates m, l and rescales the output accumulators o by e^{m − m'}.
+template <int NB>
+__device__ __forceinline__ void online_softmax(float (&s)[kNS][4], float (&m)[2], float (&l)[2], float (&o)[NB][4],
+                                               int64_t row_g, int64_t j0, float scale_log2) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = row_g + 8 * h;
+    float mx = m[h];
+#pragma unroll
+    for (int nb = 0; nb < kNS; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nb][2 * h + e];
+        x = j0 + 8 * nb + 2 * t + e <= i ? x * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_use = mx == -INFINITY ? 0.0f : mx;  // a row with no key yet keeps m = −∞
+    const float corr = exp2f(m[h] - m_use);
+    float rs = 0.0f;
+#pragma unroll
+    for (int nb = 0; nb < kNS; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) rs += s[nb][2 * h + e] = exp2f(s[nb][2 * h + e] - m_use);
+    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+    l[h] = l[h] * corr + rs, m[h] = mx;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) o[nb][2 * h] *= corr, o[nb][2 * h + 1] *= corr;
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
+  bf16* ks = qs + kBig * ld;                 // (kSmall, ld)
+  bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
+  const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
+  const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
+  load_tile<D, kBig>(qs, a.q + q_off, q_t, i0, T);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NB][4];
+  zero(o);
+  const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
+    __syncthreads();  // Q is in; the previous tile's reads of K, V are done
+    load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
+    load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
+    __syncthreads();
+    if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: the tile is past all the warp's rows
+    float s[kNS][4];
+    zero(s);
+    mma_rows<kNS, D>(s, qs, 16 * warp, ks, 0, ld);  // S = Q Kᵀ
+    online_softmax<NB>(s, m, l, o, w0 + g, j0, a.scale_log2);
+    uint32_t p[kNS / 2][4];
+    to_a(p, s);
+    mma_cols<NB, kNS / 2>(o, p, vs, 0, ld);  // O += P V
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t i = w0 + g + 8 * hh;
+    if (i >= T) continue;
+    float* orow = a.o_out + q_off + i * q_t;
+    const float inv = 1.0f / l[hh];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+      *reinterpret_cast<float2*>(orow + 8 * nb + 2 * t) = make_float2(o[nb][2 * hh] * inv, o[nb][2 * hh + 1] * inv);
+    if (t == 0) a.lse_out[static_cast<int64_t>(blockIdx.x) * T + i] = (m[hh] + log2f(l[hh])) * kLn2;
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------------
+
+// Which of this lane's C elements (block nb, element e) of a 16 × 64 tile is which row, column.
+__device__ __forceinline__ int c_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int c_col(int nb, int e) { return 8 * nb + 2 * (threadIdx.x % 4) + e % 2; }
+
+// dK, dV of one 128-key tile (file comment). Per warp 16 keys; lse2 (LSE·log2 e) and D of the
+// current 64 query rows in shared memory, indexed by column.
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* ks = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
+  bf16* vs = ks + kBig * ld;                 // (kBig, ld)
+  bf16* qs = vs + kBig * ld;                 // (kSmall, ld)
+  bf16* dos = qs + kSmall * ld;              // (kSmall, ld)
+  float* lse2 = reinterpret_cast<float*>(dos + kSmall * ld);  // (kSmall)
+  float* dlt = lse2 + kSmall;                                  // (kSmall)
+  const int warp = threadIdx.x / 32;
+  const int b = blockIdx.x / a.kv_heads, kh = blockIdx.x % a.kv_heads;
+  const int64_t T = a.seq, j0 = static_cast<int64_t>(blockIdx.y) * kBig, w0 = j0 + 16 * warp;
+  const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
+  const int64_t k_off = b * T * k_t + kh * D;
+  load_tile<D, kBig>(ks, a.k + k_off, k_t, j0, T);
+  load_tile<D, kBig>(vs, a.v + k_off, k_t, j0, T);
+  float dk[NB][4], dv[NB][4];
+  zero(dk);
+  zero(dv);
+  for (int h = kh * a.group; h < (kh + 1) * a.group; ++h) {
+    const int64_t q_off = b * T * q_t + h * D, bh = static_cast<int64_t>(b) * a.heads + h;
+    for (int64_t i0 = j0; i0 < T; i0 += kSmall) {
+      __syncthreads();  // K, V are in; the previous iteration's reads are done
+      load_tile<D, kSmall>(qs, a.q + q_off, q_t, i0, T);
+      load_tile<D, kSmall>(dos, a.dout + q_off, q_t, i0, T);
+      if (threadIdx.x < kSmall) {
+        const int64_t i = i0 + threadIdx.x;
+        lse2[threadIdx.x] = i < T ? a.lse[bh * T + i] * kLog2e : 0.0f;
+        dlt[threadIdx.x] = i < T ? a.delta[bh * T + i] : 0.0f;
+      }
+      __syncthreads();
+      if (i0 + kSmall - 1 < w0 || w0 >= T) continue;  // warp-uniform: every query precedes the warp's keys
+      float st[kNS][4], dpt[kNS][4];
+      zero(st);
+      zero(dpt);
+      mma_rows<kNS, D>(st, ks, 16 * warp, qs, 0, ld);    // Sᵀ = K Qᵀ
+      mma_rows<kNS, D>(dpt, vs, 16 * warp, dos, 0, ld);  // dPᵀ = V dOᵀ
+#pragma unroll
+      for (int nb = 0; nb < kNS; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = c_col(nb, e);
+          const int64_t j = w0 + c_row(e), i = i0 + c;
+          const float p = j <= i && i < T ? exp2f(st[nb][e] * a.scale_log2 - lse2[c]) : 0.0f;
+          st[nb][e] = p, dpt[nb][e] = p * (dpt[nb][e] - dlt[c]);
+        }
+      uint32_t pa[kNS / 2][4];
+      to_a(pa, st);
+      mma_cols<NB, kNS / 2>(dv, pa, dos, 0, ld);  // dV += Pᵀ dO
+      to_a(pa, dpt);
+      mma_cols<NB, kNS / 2>(dk, pa, qs, 0, ld);  // dK += dSᵀ Q
+    }
+  }
+#pragma unroll
+  for (int e2 = 0; e2 < 4; e2 += 2) {
+    const int64_t j = w0 + c_row(e2);
+    if (j >= T) continue;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const int64_t at = k_off + j * k_t + c_col(nb, e2);
+      *reinterpret_cast<float2*>(a.dk + at) = make_float2(dk[nb][e2] * a.scale, dk[nb][e2 + 1] * a.scale);
+      *reinterpret_cast<float2*>(a.dv + at) = make_float2(dv[nb][e2], dv[nb][e2 + 1]);
+    }
+  }
+}
+
+// dQ of one 128-row Q tile (file comment). The rows' D are recomputed from O and dO (fp32, global)
+// with attention_row_delta, since a.delta may live in dq's memory, which this pass overwrites.
+template <int D>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
+  bf16* dos = qs + kBig * ld;                // (kBig, ld)
+  bf16* ks = dos + kBig * ld;                // (kSmall, ld)
+  bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
+  float* lse2 = reinterpret_cast<float*>(vs + kSmall * ld);  // (kBig)
+  float* dlt = lse2 + kBig;                                   // (kBig)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
+  const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
+  const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
+  load_tile<D, kBig>(qs, a.q + q_off, q_t, i0, T);
+  load_tile<D, kBig>(dos, a.dout + q_off, q_t, i0, T);
+  for (int r = warp; r < kBig; r += kWarps) {
+    const int64_t i = i0 + r;
+    const float d = i < T ? attention_row_delta(a.o + q_off + i * q_t, a.dout + q_off + i * q_t, D, lane) : 0.0f;
+    if (lane == 0) dlt[r] = d, lse2[r] = i < T ? a.lse[blockIdx.x * T + i] * kLog2e : 0.0f;
+  }
+  __syncthreads();
+  const float row_lse2[2] = {lse2[16 * warp + c_row(0)], lse2[16 * warp + c_row(2)]};
+  const float row_dlt[2] = {dlt[16 * warp + c_row(0)], dlt[16 * warp + c_row(2)]};
+  float dq[NB][4];
+  zero(dq);
+  const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
+    __syncthreads();  // the previous tile's reads of K, V are done
+    load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
+    load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
+    __syncthreads();
+    if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: every key follows the warp's rows
+    float s[kNS][4], dp[kNS][4];
+    zero(s);
+    zero(dp);
+    mma_rows<kNS, D>(s, qs, 16 * warp, ks, 0, ld);    // S = Q Kᵀ
+    mma_rows<kNS, D>(dp, dos, 16 * warp, vs, 0, ld);  // dP = dO Vᵀ
+#pragma unroll
+    for (int nb = 0; nb < kNS; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t i = w0 + c_row(e), j = j0 + c_col(nb, e);
+        const float p = j <= i && i < T ? exp2f(s[nb][e] * a.scale_log2 - row_lse2[e / 2]) : 0.0f;
+        dp[nb][e] = p * (dp[nb][e] - row_dlt[e / 2]);
+      }
+    uint32_t dsa[kNS / 2][4];
+    to_a(dsa, dp);
+    mma_cols<NB, kNS / 2>(dq, dsa, ks, 0, ld);  // dQ += dS K
+  }
+#pragma unroll
+  for (int e2 = 0; e2 < 4; e2 += 2) {
+    const int64_t i = w0 + c_row(e2);
+    if (i >= T) continue;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+      *reinterpret_cast<float2*>(a.dq + q_off + i * q_t + c_col(nb, e2)) =
+          make_float2(dq[nb][e2] * a.scale, dq[nb][e2 + 1] * a.scale);
+  }
+}
+
+template <int D>
+constexpr size_t forward_smem() {
+  return sizeof(bf16) * (kBig + 2 * kSmall) * kLd<D>;
+}
+template <int D>
+constexpr size_t backward_smem() {
+  return sizeof(bf16) * (2 * kBig + 2 * kSmall) * kLd<D> + sizeof(float) * 2 * kBig;
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, size_t smem, const Args& a, cudaStream_t stream) {
+  PL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+}
+
+Args make_args(const AttentionShape& s) {
+  Args a{};
+  a.seq = s.seq, a.heads = static_cast<int>(s.heads), a.kv_heads = static_cast<int>(s.kv_heads);
+  a.group = static_cast<int>(s.heads / s.kv_heads);
+  a.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim)), a.scale_log2 = kLog2e * a.scale;
+  return a;
+}
+
+unsigned tiles(int64_t seq) { return static_cast<unsigned>((seq + kBig - 1) / kBig); }
+
+}  // namespace
+
+void attention_forward_bf16_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
+                                 float* lse, cudaStream_t stream) {
+  Args a = make_args(s);
+  a.q = q, a.k = k, a.v = v, a.o_out = o, a.lse_out = lse;
+  const dim3 grid(static_cast<unsigned>(s.batch * s.heads), tiles(s.seq));
+  if (s.head_dim == 64)
+    launch(attention_forward_bf16_kernel<64>, grid, forward_smem<64>(), a, stream);
+  else
+    launch(attention_forward_bf16_kernel<128>, grid, forward_smem<128>(), a, stream);
+  PL_CUDA_CHECK_LAUNCH(attention_forward_bf16_kernel);
+}
+
+void attention_backward_bf16_cuda(const AttentionShape& s, const float* q, const float* k, const float* v,
+                                  const float* o, const float* lse, const float* dout, const float* delta, float* dq,
+                                  float* dk, float* dv, cudaStream_t stream) {
+  Args a = make_args(s);
+  a.q = q, a.k = k, a.v = v, a.o = o, a.lse = lse, a.dout = dout, a.delta = delta, a.dq = dq, a.dk = dk, a.dv = dv;
+  const dim3 grid_kv(static_cast<unsigned>(s.batch * s.kv_heads), tiles(s.seq));
+  const dim3 grid_q(static_cast<unsigned>(s.batch * s.heads), tiles(s.seq));
+  if (s.head_dim == 64) {
+    launch(attention_dkdv_bf16_kernel<64>, grid_kv, backward_smem<64>(), a, stream);
+    PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
+    launch(attention_dq_bf16_kernel<64>, grid_q, backward_smem<64>(), a, stream);
+  } else {
+    launch(attention_dkdv_bf16_kernel<128>, grid_kv, backward_smem<128>(), a, stream);
+    PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
+    launch(attention_dq_bf16_kernel<128>, grid_q, backward_smem<128>(), a, stream);
+  }
+  PL_CUDA_CHECK_LAUNCH(attention_dq_bf16_kernel);
+}
+
+}  // namespace peerless
