@@ -51,8 +51,8 @@ void ShardedPkmValues::forward(const PkmValuesShape& s, const int32_t* ids, cons
   validate(s);
   const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
   for (int64_t i = 0; i < T * hk; ++i)
-    PL_CHECK(ids[i] >= 0 && ids[i] < n_rows_, data, "pkm values: row id ", ids[i], " at entry ", i,
-             " is outside [0, ", n_rows_, ")");
+    PL_CHECK(ids[i] >= 0 && ids[i] < n_rows_, data, "pkm values: row id ", ids[i], " at entry ", i, " is outside [0, ",
+             n_rows_, ")");
   dim_ = d, tokens_ = T;
   xr_ = plan_row_exchange(xchg_, T, hk, ids, rows_per_);
   recv_ = send_row_entries(xchg_, xr_, gates);
@@ -66,8 +66,8 @@ void ShardedPkmValues::forward(const PkmValuesShape& s, const int32_t* ids, cons
   std::vector<float> partial;
   std::vector<int64_t> partial_q;
   owner_partials(d, partial, partial_q);
-  combine_row_partials(xchg_, xr_, scale.empty() ? static_cast<const void*>(partial.data()) : partial_q.data(), T,
-                       d, scale.empty() ? nullptr : scale.data(), out);
+  combine_row_partials(xchg_, xr_, scale.empty() ? static_cast<const void*>(partial.data()) : partial_q.data(), T, d,
+                       scale.empty() ? nullptr : scale.data(), out);
 }
 
 void ShardedPkmValues::backward(const PkmValuesShape& s, const float* dy, float* dgates) {
@@ -75,7 +75,8 @@ void ShardedPkmValues::backward(const PkmValuesShape& s, const float* dy, float*
   const ExchangePlan& p = xr_.plan;
   const int64_t d = s.dim, S = p.send_tokens.total(), R = p.recv_tokens.total(), E = p.recv_entries.total();
   std::vector<float> send_dy(S * d), recv_dy(R * d);
-  for (int64_t i = 0; i < S; ++i) std::copy(dy + xr_.token[i] * d, dy + (xr_.token[i] + 1) * d, send_dy.begin() + i * d);
+  for (int64_t i = 0; i < S; ++i)
+    std::copy(dy + xr_.token[i] * d, dy + (xr_.token[i] + 1) * d, send_dy.begin() + i * d);
   xchg_.send_rows(send_dy.data(), p.send_tokens, recv_dy.data(), p.recv_tokens, d);
   // Per received entry: its token (into recv_dy) and its dgate.
   std::vector<int64_t> token_of(E);

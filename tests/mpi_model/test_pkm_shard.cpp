@@ -115,13 +115,14 @@ void check(bool deterministic) {
     ASSERT_EQ(got.values, want_vals) << "sender " << r;  // bit for bit (== on floats)
   }
   // out against the float op: 2·n·u·Σ|g·v| (float partials) or, on the grid, n half-steps plus u·|out|.
-  const double u = std::ldexp(1.0, -24), step = deterministic ? std::ldexp(1.0, exponent_above(2 * vmax) - fixed_bits(hk)) : 0;
+  const double u = std::ldexp(1.0, -24),
+               step = deterministic ? std::ldexp(1.0, exponent_above(2 * vmax) - fixed_bits(hk)) : 0;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t c = 0; c < d; ++c) {
       double mag = 0;
       for (int64_t e = t * hk; e < (t + 1) * hk; ++e) mag += std::fabs(gates[e] * pb.values[ids[e] * d + c]);
-      const double tol = deterministic ? hk * (0.5 * step + u * mag) + 2 * u * std::fabs(out_ref[t * d + c])
-                                       : 2 * hk * u * mag;
+      const double tol =
+          deterministic ? hk * (0.5 * step + u * mag) + 2 * u * std::fabs(out_ref[t * d + c]) : 2 * hk * u * mag;
       ASSERT_LE(std::fabs(out[t * d + c] - out_ref[t * d + c]), tol) << "out token " << t << " col " << c;
     }
   if (!deterministic) return;
@@ -153,7 +154,8 @@ TEST(PkmShard, RankWithoutTokens) {
   std::vector<float> out(s.tokens * s.dim + 1), dg(s.entries() + 1), ref(s.tokens * s.dim + 1);
   sharded.forward(s, pb.ids.data() + pb.entry0(me), pb.gates.data() + pb.entry0(me), out.data());
   sharded.backward(s, pb.dy.data() + pb.token0(me) * s.dim, dg.data());
-  pkm_values_forward_cpu(s, pb.ids.data() + pb.entry0(me), pb.gates.data() + pb.entry0(me), pb.values.data(), ref.data());
+  pkm_values_forward_cpu(s, pb.ids.data() + pb.entry0(me), pb.gates.data() + pb.entry0(me), pb.values.data(),
+                         ref.data());
   for (int64_t i = 0; i < s.tokens * s.dim; ++i) EXPECT_NEAR(out[i], ref[i], 1e-5) << i;
 }
 
