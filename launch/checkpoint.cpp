@@ -148,7 +148,7 @@ std::vector<int64_t> global_offsets(const Model& model) {
   int64_t at = 0;
   for (const auto& p : model.layout().entries()) {
     out.push_back(at);
-    at += ParamLayout::padded(is_peer_table(p) && model.experts_sharded() ? p.numel * model.expert_shard().shards
+    at += ParamLayout::padded(is_lazy_table(p) && model.experts_sharded() ? p.numel * model.expert_shard().shards
                                                                           : p.numel);
   }
   return out;
@@ -166,7 +166,7 @@ std::vector<Source> to_global(const Model& model, int shard, const std::vector<R
                                [](const ParamInfo& p, int64_t x) { return p.offset + p.numel <= x; });
     for (; it != entries.end() && it->offset < hi; ++it) {
       const int64_t a = std::max(lo, it->offset), z = std::min(hi, it->offset + it->numel);
-      const bool table = model.experts_sharded() && is_peer_table(*it);
+      const bool table = model.experts_sharded() && is_lazy_table(*it);
       if (a >= z || (table ? !tables : !dense)) continue;
       const int64_t g = goff[it - entries.begin()] + (table ? shard * it->numel : 0) + (a - it->offset);
       const bool frozen = !model.trainable(static_cast<int>(it - entries.begin()));
@@ -429,7 +429,7 @@ std::string checkpoint_root(const RunConfig& cfg) {
 
 void check_checkpointable(const Model& model) {
   for (const auto& p : model.layout().entries())
-    PL_CHECK(!p.sharded() || is_peer_table(p), config, "parallel.expert_parallel = ", model.expert_shard().shards,
+    PL_CHECK(!p.sharded() || is_lazy_table(p), config, "parallel.expert_parallel = ", model.expert_shard().shards,
              " with model.channel_mixer = \"", model.config().channel_mixer,
              "\": checkpoints of experts sharded over ranks are not written yet (their codes and beta live on their "
              "holders); set checkpoint.every_steps = 0 and checkpoint.every_minutes = 0, or parallel.expert_parallel "

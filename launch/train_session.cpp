@@ -263,11 +263,13 @@ bool setup_session(TrainSession& s) {
   cfg.bind(schema);
   s.config_text = schema.to_toml();
 
-  // Expert parallelism: the PEER tables are sharded by rows, the experts of "moe" / "sigma_moe"
-  // blocks whole, over groups of ep_size consecutive ranks (model/expert_parallel.h); `replicas`
-  // joins the ranks holding the same rows.
+  // Expert parallelism: the PEER tables and PKM value tables are sharded by rows, the experts of
+  // "moe" / "sigma_moe" blocks whole, over groups of ep_size consecutive ranks (model/expert_parallel.h,
+  // model/pkm_values_parallel.h); `replicas` joins the ranks holding the same rows. The GPU keeps PKM
+  // values whole: there only an explicit parallel.expert_parallel > 1 shards them (and is refused).
   const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
-  const bool shard_experts = s.topology.ep_size > 1 && (moe || !cfg.model.peer_block_list().empty());
+  const bool pkm = cfg.model.channel_mixer == "pkm" && (cfg.run.device == "cpu" || cfg.parallel.expert_parallel > 1);
+  const bool shard_experts = s.topology.ep_size > 1 && (moe || pkm || !cfg.model.peer_block_list().empty());
   if (shard_experts && !s.options.dry_run) {
     s.ep_comm = s.comm.split(s.topology.dp_rank, s.topology.ep_rank);
     s.replicas = s.comm.split(s.topology.ep_rank, s.topology.dp_rank);

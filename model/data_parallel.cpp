@@ -257,19 +257,20 @@ double DataParallel::grad_norm_exact(const float* grads) {
   std::vector<double> whole(entries.size(), 0.0);
   bool any_whole = false;
   for (size_t i = 0; i < entries.size(); ++i)
-    if (entries[i].sharded() && !is_peer_table(entries[i]))
+    if (entries[i].sharded() && !is_lazy_table(entries[i]))
       whole[i] = sum_squares(grads + entries[i].offset, entries[i].numel), any_whole = true;
   if (any_whole && expert_group_ && expert_group_->size() > 1)
     expert_group_->all_reduce(whole.data(), static_cast<int64_t>(whole.size()), DType::f64, ReduceOp::sum);
   double total = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
     const ParamInfo& p = entries[i];
-    if (!is_peer_table(p)) {
+    if (!is_lazy_table(p)) {
       total += p.sharded() ? whole[i] : sum_squares(grads + p.offset, p.numel);
       continue;
     }
-    const int64_t width = p.shape[1], rows = p.numel / width, N = model_.peer_experts();
-    total += row_ordered_sum(grads + p.offset, rows, width, model_.expert_shard().first_row(N), N, RowSum::squares,
+    // PEER tables and PKM values: row partials in row order, the same sum for any number of shards.
+    const int64_t width = p.shape[1], rows = p.numel / width, N = p.sharded() ? p.whole_rows : rows;
+    total += row_ordered_sum(grads + p.offset, rows, width, p.first_row, N, RowSum::squares,
                              model_.experts_sharded() ? expert_group_ : nullptr);
   }
   return std::sqrt(total);

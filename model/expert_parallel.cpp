@@ -50,29 +50,6 @@ std::vector<double> token_scales(const float* rows, int64_t n, int64_t d, double
 }
 }  // namespace
 
-void ShardedPeerExperts::gather_partials(const void* partial, int64_t T, int64_t d, const std::vector<double>& scale,
-                                         float* out) {
-  const int64_t S = send_tokens_.total();
-  if (!bounds_) {
-    std::vector<float> back(S * d);
-    send_rows(static_cast<const float*>(partial), recv_tokens_, back.data(), send_tokens_, d);
-    std::fill(out, out + T * d, 0.f);
-    for (int64_t i = 0; i < S; ++i) {  // owner order
-      float* o = out + send_token_[i] * d;
-      for (int64_t c = 0; c < d; ++c) o[c] += back[i * d + c];
-    }
-    return;
-  }
-  std::vector<int64_t> back(S * d), sum(T * d, 0);
-  exchange(partial, scaled(recv_tokens_, d), back.data(), scaled(send_tokens_, d), DType::i64);
-  for (int64_t i = 0; i < S; ++i) {
-    int64_t* o = sum.data() + send_token_[i] * d;
-    for (int64_t c = 0; c < d; ++c) o[c] += back[i * d + c];
-  }
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < d; ++c) out[t * d + c] = static_cast<float>(static_cast<double>(sum[t * d + c]) / scale[t]);
-}
-
 ShardedPeerExperts::ShardedPeerExperts(Comm& ep, int64_t n_experts) : ep_(ep), xchg_(ep), n_experts_(n_experts) {
   PL_CHECK(ep.size() >= 1 && n_experts % ep.size() == 0, config, "parallel.expert_parallel = ", ep.size(),
            " must divide the number of experts N = ", n_experts, " (model.peer_n_sub²)");
@@ -120,12 +97,84 @@ ExchangePlan plan_exchange(ExpertExchange& xchg, const std::vector<int64_t>& tok
   return {ExchangeLists::of(tok_count), ExchangeLists::of(ent_count), ExchangeLists::of(rt), ExchangeLists::of(re)};
 }
 
+RowExchange plan_row_exchange(ExpertExchange& xchg, int64_t T, int64_t hk, const int32_t* ids, int64_t rows_per) {
+  const int P = xchg.group().size();
+  // Owner-major, tokens ascending, each token's entries in (head, j) order.
+  std::vector<int64_t> tok_count(P, 0), ent_count(P, 0), last_token(P, -1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < hk; ++j) {
+      const int o = static_cast<int>(ids[t * hk + j] / rows_per);
+      ++ent_count[o];
+      if (last_token[o] != t) last_token[o] = t, ++tok_count[o];
+    }
+  RowExchange x;
+  x.plan = plan_exchange(xchg, tok_count, ent_count);
+  const int64_t S = x.plan.send_tokens.total(), E = x.plan.send_entries.total();
+  x.token.resize(S);
+  x.per_token.assign(S, 0);
+  x.entry.resize(E);
+  x.rows.resize(E);
+  std::vector<int64_t> tok_at = x.plan.send_tokens.offsets, ent_at = x.plan.send_entries.offsets;
+  std::fill(last_token.begin(), last_token.end(), -1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < hk; ++j) {
+      const int64_t e = t * hk + j, id = ids[e];
+      const int o = static_cast<int>(id / rows_per);
+      if (last_token[o] != t) last_token[o] = t, x.token[tok_at[o]++] = static_cast<int32_t>(t);
+      ++x.per_token[tok_at[o] - 1];
+      x.entry[ent_at[o]] = e;
+      x.rows[ent_at[o]++] = static_cast<int32_t>(id - o * rows_per);
+    }
+  return x;
+}
+
+RowEntries send_row_entries(ExpertExchange& xchg, const RowExchange& x, const float* gates) {
+  const ExchangePlan& p = x.plan;
+  const int64_t R = p.recv_tokens.total(), E = p.recv_entries.total();
+  std::vector<float> send_gates(x.entry.size());
+  for (size_t i = 0; i < x.entry.size(); ++i) send_gates[i] = gates[x.entry[i]];
+  std::vector<int64_t> per_token(R);
+  xchg.exchange(x.per_token.data(), p.send_tokens, per_token.data(), p.recv_tokens, DType::i64);
+  RowEntries r;
+  r.rows.resize(E);
+  xchg.exchange(x.rows.data(), p.send_entries, r.rows.data(), p.recv_entries, DType::i32);
+  r.gates.resize(E);
+  xchg.exchange(send_gates.data(), p.send_entries, r.gates.data(), p.recv_entries, DType::f32);
+  r.offsets.assign(R + 1, 0);
+  for (int64_t i = 0; i < R; ++i) r.offsets[i + 1] = r.offsets[i] + per_token[i];
+  PL_CHECK(r.offsets[R] == E, internal, "expert exchange: ", E, " entries announced, ", r.offsets[R], " listed");
+  return r;
+}
+
+void combine_row_partials(ExpertExchange& xchg, const RowExchange& x, const void* partial, int64_t T, int64_t d,
+                          const double* scale, float* out) {
+  const ExchangePlan& p = x.plan;
+  const int64_t S = p.send_tokens.total();
+  if (!scale) {
+    std::vector<float> back(S * d);
+    xchg.send_rows(static_cast<const float*>(partial), p.recv_tokens, back.data(), p.send_tokens, d);
+    std::fill(out, out + T * d, 0.f);
+    for (int64_t i = 0; i < S; ++i) {  // owner order
+      float* o = out + x.token[i] * d;
+      for (int64_t c = 0; c < d; ++c) o[c] += back[i * d + c];
+    }
+    return;
+  }
+  std::vector<int64_t> back(S * d), sum(T * d, 0);
+  xchg.exchange(partial, p.recv_tokens.scaled(d), back.data(), p.send_tokens.scaled(d), DType::i64);
+  for (int64_t i = 0; i < S; ++i) {
+    int64_t* o = sum.data() + x.token[i] * d;
+    for (int64_t c = 0; c < d; ++c) o[c] += back[i * d + c];
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < d; ++c) out[t * d + c] = static_cast<float>(static_cast<double>(sum[t * d + c]) / scale[t]);
+}
+
 void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates,
                                  float* out) {
   PL_CHECK(table_ != nullptr, internal, "ShardedPeerExperts::forward without set_table()");
   PL_CHECK(s.n_experts == n_experts_, internal, "ShardedPeerExperts: table of ", s.n_experts,
            " experts, runner made for ", n_experts_);
-  const int P = ep_.size();
   const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
   dim_ = d;
   act_ = s.act;
@@ -133,64 +182,25 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
     PL_CHECK(ids[i] >= 0 && ids[i] < n_experts_, data, "peer experts: expert id ", ids[i], " at entry ", i,
              " is outside [0, ", n_experts_, ")");
 
-  // The send plan: owner-major, tokens ascending, each token's entries in (head, j) order.
-  std::vector<int64_t> tok_count(P, 0), ent_count(P, 0);
-  std::vector<int64_t> last_token(P, -1);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < hk; ++j) {
-      const int o = static_cast<int>(ids[t * hk + j] / rows_per_);
-      ++ent_count[o];
-      if (last_token[o] != t) last_token[o] = t, ++tok_count[o];
-    }
-  const ExchangePlan plan = plan_exchange(xchg_, tok_count, ent_count);
-  send_tokens_ = plan.send_tokens;
-  send_entries_ = plan.send_entries;
-  recv_tokens_ = plan.recv_tokens;
-  recv_entries_ = plan.recv_entries;
-  send_token_.resize(send_tokens_.total());
-  send_entry_.resize(send_entries_.total());
-  std::vector<int64_t> per_token_entries(send_tokens_.total());
-  std::vector<int32_t> send_rows_local(send_entries_.total());
-  std::vector<float> send_gates(send_entries_.total());
-  {
-    std::vector<int64_t> tok_at = send_tokens_.offsets, ent_at = send_entries_.offsets;
-    std::fill(last_token.begin(), last_token.end(), -1);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < hk; ++j) {
-        const int64_t e = t * hk + j, id = ids[e];
-        const int o = static_cast<int>(id / rows_per_);
-        if (last_token[o] != t) {
-          last_token[o] = t;
-          send_token_[tok_at[o]] = static_cast<int32_t>(t);
-          per_token_entries[tok_at[o]] = 0;
-          ++tok_at[o];
-        }
-        ++per_token_entries[tok_at[o] - 1];
-        send_entry_[ent_at[o]] = e;
-        send_rows_local[ent_at[o]] = static_cast<int32_t>(id - o * rows_per_);
-        send_gates[ent_at[o]] = gates[e];
-        ++ent_at[o];
-      }
-  }
-
-  const int64_t R = recv_tokens_.total(), E = recv_entries_.total();
+  xr_ = plan_row_exchange(xchg_, T, hk, ids, rows_per_);
+  const RowExchange& xr = xr_;
+  send_tokens_ = xr.plan.send_tokens;
+  send_entries_ = xr.plan.send_entries;
+  recv_tokens_ = xr.plan.recv_tokens;
+  recv_entries_ = xr.plan.recv_entries;
+  const int64_t R = recv_tokens_.total();
 
   // x once per (token, owner); the entry lists.
   std::vector<float> send_x(send_tokens_.total() * d);
   for (int64_t i = 0; i < send_tokens_.total(); ++i)
-    std::copy(x + send_token_[i] * d, x + (send_token_[i] + 1) * d, send_x.begin() + i * d);
+    std::copy(x + xr.token[i] * d, x + (xr.token[i] + 1) * d, send_x.begin() + i * d);
   recv_x_.resize(R * d);
   send_rows(send_x.data(), send_tokens_, recv_x_.data(), recv_tokens_, d);
-  std::vector<int64_t> recv_per_token(R);
-  exchange(per_token_entries.data(), send_tokens_, recv_per_token.data(), recv_tokens_, DType::i64);
-  recv_rows_.resize(E);
-  exchange(send_rows_local.data(), send_entries_, recv_rows_.data(), recv_entries_, DType::i32);
-  recv_gates_.resize(E);
-  exchange(send_gates.data(), send_entries_, recv_gates_.data(), recv_entries_, DType::f32);
-  recv_offsets_.assign(R + 1, 0);
-  for (int64_t i = 0; i < R; ++i) recv_offsets_[i + 1] = recv_offsets_[i] + recv_per_token[i];
-  PL_CHECK(recv_offsets_[R] == E, internal, "expert exchange: ", E, " entries announced, ", recv_offsets_[R],
-           " listed");
+  RowEntries re = send_row_entries(xchg_, xr, gates);
+  recv_offsets_ = std::move(re.offsets);
+  recv_rows_ = std::move(re.rows);
+  recv_gates_ = std::move(re.gates);
+  const int64_t E = recv_entries_.total();
 
   // The owner's partial outputs, back to the senders.
   recv_pre_act_.resize(E);
@@ -211,7 +221,8 @@ void ShardedPeerExperts::forward(const PeerExpertsShape& s, const float* x, cons
   peer_experts_gated_forward_cpu(PeerGatedShape{R, d, rows_per_, s.act}, recv_x_.data(), recv_offsets_.data(),
                                  recv_rows_.data(), recv_gates_.data(), table_, partial.data(), recv_pre_act_.data(),
                                  fixed);
-  gather_partials(bounds_ ? static_cast<const void*>(partial_q.data()) : partial.data(), T, d, scale, out);
+  combine_row_partials(xchg_, xr_, bounds_ ? static_cast<const void*>(partial_q.data()) : partial.data(), T, d,
+                       bounds_ ? scale.data() : nullptr, out);
 }
 
 void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const int32_t*, const float*,
@@ -221,7 +232,7 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
   const int64_t T = s.tokens, d = s.dim, R = recv_tokens_.total(), E = recv_entries_.total();
   std::vector<float> send_buf(send_tokens_.total() * d), recv_dy(R * d);
   for (int64_t i = 0; i < send_tokens_.total(); ++i)
-    std::copy(dy + send_token_[i] * d, dy + (send_token_[i] + 1) * d, send_buf.begin() + i * d);
+    std::copy(dy + xr_.token[i] * d, dy + (xr_.token[i] + 1) * d, send_buf.begin() + i * d);
   send_rows(send_buf.data(), send_tokens_, recv_dy.data(), recv_tokens_, d);
 
   std::vector<float> dx_partial(bounds_ ? 0 : R * d), recv_dgates(E);
@@ -247,10 +258,11 @@ void ShardedPeerExperts::backward(const PeerExpertsShape& s, const float*, const
                                     recv_dgates.data() + e0, table_grads_[r], fixed);
   }
 
-  gather_partials(bounds_ ? static_cast<const void*>(dx_q.data()) : dx_partial.data(), T, d, scale, dx);
+  combine_row_partials(xchg_, xr_, bounds_ ? static_cast<const void*>(dx_q.data()) : dx_partial.data(), T, d,
+                       bounds_ ? scale.data() : nullptr, dx);
   std::vector<float> back_dgates(send_entries_.total());
   exchange(recv_dgates.data(), recv_entries_, back_dgates.data(), send_entries_, DType::f32);
-  for (int64_t i = 0; i < send_entries_.total(); ++i) dgates[send_entry_[i]] = back_dgates[i];
+  for (int64_t i = 0; i < send_entries_.total(); ++i) dgates[xr_.entry[i]] = back_dgates[i];
 }
 
 void ShardedPeerExperts::mark_rows(uint8_t* touched) const {

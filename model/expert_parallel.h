@@ -85,6 +85,32 @@ struct ExchangePlan {
 ExchangePlan plan_exchange(ExpertExchange& xchg, const std::vector<int64_t>& tok_count,
                            const std::vector<int64_t>& ent_count);
 
+// The sender side of one row-shard exchange (PEER tables, PKM value tables) for T tokens of hk
+// entries each, entry e retrieving global row ids[e] of a table whose owners hold rows_per rows each:
+// per owner, the distinct tokens (ascending) that retrieved one of its rows and their entries in
+// (head, j) order. Collective over the group (plan_exchange).
+struct RowExchange {
+  ExchangePlan plan;
+  std::vector<int32_t> token;      // (owner, token) pairs sent, owner-major: the token
+  std::vector<int64_t> per_token;  // (owner, token) pairs sent: how many of its entries
+  std::vector<int64_t> entry;      // entries sent, in send order: the index into ids / gates
+  std::vector<int32_t> rows;       // entries sent: the owner's local row
+};
+RowExchange plan_row_exchange(ExpertExchange& xchg, int64_t T, int64_t hk, const int32_t* ids, int64_t rows_per);
+// The owner side's entry lists from the senders' (per received token, sender-major): offsets
+// (received tokens + 1) into rows and gates (received entries). Collective over the group.
+struct RowEntries {
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> rows;
+  std::vector<float> gates;
+};
+RowEntries send_row_entries(ExpertExchange& xchg, const RowExchange& x, const float* gates);
+// The owners' partial rows (one per received token: float, or int64 with `scale` per token of this
+// rank) back to the senders, added per token into out (T, d): in owner order (float) or exactly
+// (int64, then divided by the token's scale). Tokens no owner answered get 0.
+void combine_row_partials(ExpertExchange& xchg, const RowExchange& x, const void* partial, int64_t T, int64_t d,
+                          const double* scale, float* out);
+
 // The expert half of one PEER layer for one micro-batch, its table sharded over `ep` (ranks in
 // ep-rank order). Collective over `ep`: every rank of the group must run forward (and backward)
 // of the same layers in the same order, with any number of tokens (0 included).
@@ -120,9 +146,6 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   void send_rows(const float* src, const Lists& send, float* dst, const Lists& recv, int64_t width) {
     xchg_.send_rows(src, send, dst, recv, width);
   }
-  // The owners' partial rows (float, or int64 when fixed) back to the senders, added per token into
-  // out (T, d): in owner order (float) or exactly (int64, then divided by the token's scale).
-  void gather_partials(const void* partial, int64_t T, int64_t d, const std::vector<double>& scale, float* out);
   void exchange(const void* send, const Lists& s, void* recv, const Lists& r, DType type) {
     xchg_.exchange(send, s, recv, r, type);
   }
@@ -135,10 +158,8 @@ class ShardedPeerExperts final : public PeerExpertsRunner {
   int bits_ = 0;  // fixed-point grid bits for heads·k terms per token
   int64_t dim_ = 0;
   PeerActivation act_ = PeerActivation::relu;
-  // Sender side: the (owner, token) pairs in send order (owner-major, tokens ascending), and the
-  // entry index (into ids / gates) of every entry sent, in send order.
-  std::vector<int32_t> send_token_;
-  std::vector<int64_t> send_entry_;
+  // Sender side: the (owner, token) pairs and entries sent, in send order.
+  RowExchange xr_;
   Lists send_tokens_, send_entries_, recv_tokens_, recv_entries_;
   // Owner side: what was received (tokens of every sender, in rank order).
   std::vector<float> recv_x_, recv_gates_, recv_pre_act_;

@@ -12,6 +12,7 @@
 #include "model/optimizer.h"
 #include "model/modules/peer_mixer.h"
 #include "model/modules/pkm_mixer.h"
+#include "model/pkm_values_parallel.h"
 #include "model/ops/bitlinear.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
@@ -54,9 +55,11 @@ Model::Model(const ModelConfig& config, ExpertShard shard) : config_(config), sh
              " must divide the number of experts model.", config.channel_mixer, "_experts = ", E,
              " (each rank of the expert group holds E/P whole experts)");
   }
-  PL_CHECK(shard.shards == 1 || config.channel_mixer != "pkm", config, "parallel.expert_parallel = ", shard.shards,
-           " with model.channel_mixer = \"pkm\": the PKM value table is not sharded over expert-parallel ranks "
-           "(allowed: parallel.expert_parallel = 1)");
+  if (config.channel_mixer == "pkm") {
+    const int64_t N = config.pkm_n_sub * config.pkm_n_sub;
+    PL_CHECK(N % shard.shards == 0, config, "parallel.expert_parallel = ", shard.shards,
+             " must divide the PKM value rows N = model.pkm_n_sub² = ", N, " (each rank holds N/P rows)");
+  }
   embed_ = layout_.add("embed/weight", {V, d}, ParamKind::embedding);
   // Each block: the MLGRU token mixer, then its channel mixer (GLU, or PEER in model.peer_blocks).
   for (int64_t l = 0; l < L; ++l) {
@@ -147,12 +150,15 @@ void Model::add_expert_counts(const ForwardContext& ctx, std::vector<double>& co
 }
 
 void Model::mark_touched_rows(const ForwardContext& ctx, uint8_t* touched) const {
-  const int64_t R = peer_table_rows(), pkm_rows = config_.pkm_n_sub * config_.pkm_n_sub;
+  const int64_t R = peer_table_rows(), pkm_rows = shard_.rows(config_.pkm_n_sub * config_.pkm_n_sub);
   uint8_t* t = touched;  // the next table's flags (tables in block order = layout order)
   for (size_t l = 0; l < blocks_.size(); ++l) {
     const Module::Cache& c = *ctx.caches[2 * l + 1];
     if (std::string(modules_[2 * l + 1]->kind()) == "pkm") {
-      for (int32_t id : pkm_module_context(c).ids) t[id] = 1;
+      if (experts_sharded())
+        pkm_module_exchange(c)->mark_rows(t);
+      else
+        for (int32_t id : pkm_module_context(c).ids) t[id] = 1;
       t += pkm_rows;
       continue;
     }
@@ -214,7 +220,8 @@ int8_t* Model::mutable_weight_codes(int idx) { return mutable_codes().data() + l
 
 void Model::set_deterministic(bool on) {
   deterministic_ = on;
-  if (on && !experts_sharded() && !peer_blocks_.empty() && !self_comm_) self_comm_ = make_single_comm();
+  const bool exchanged = !peer_blocks_.empty() || config_.channel_mixer == "pkm";
+  if (on && !experts_sharded() && exchanged && !self_comm_) self_comm_ = make_single_comm();
 }
 
 void Model::refresh_peer_tables(const float* params, Comm* ep) {
@@ -224,6 +231,12 @@ void Model::refresh_peer_tables(const float* params, Comm* ep) {
     const int64_t d = config_.d_model;
     for (const auto& b : blocks_)
       if (b.peer >= 0) peer_bounds_.push_back(peer_table_bounds(peer_table(params, b), peer_table_rows(), d, ep));
+    pkm_value_max_.assign(blocks_.size(), -1.0);
+    for (size_t l = 0; l < blocks_.size(); ++l) {
+      if (std::string(modules_[2 * l + 1]->kind()) != "pkm") continue;
+      const ParamInfo& v = layout_.at(layout_.find("blocks/" + std::to_string(l) + "/pkm/values"));
+      pkm_value_max_[l] = pkm_value_bound(params + v.offset, v.numel, experts_sharded() ? ep : nullptr);
+    }
     return;
   }
   refresh_peer_copies(params, ep);
@@ -601,6 +614,12 @@ const PeerTableBounds& Model::peer_bounds(int peer) const {
   PL_CHECK(peer >= 0 && peer < static_cast<int>(peer_bounds_.size()), internal,
            "deterministic PEER experts without table bounds (refresh_peer_tables not called)");
   return peer_bounds_[static_cast<size_t>(peer)];
+}
+
+double Model::pkm_value_max(int64_t layer) const {
+  PL_CHECK(layer >= 0 && layer < static_cast<int64_t>(pkm_value_max_.size()) && pkm_value_max_[layer] >= 0, internal,
+           "deterministic PKM values without a table bound (refresh_peer_tables not called)");
+  return pkm_value_max_[static_cast<size_t>(layer)];
 }
 
 }  // namespace peerless

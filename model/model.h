@@ -206,6 +206,9 @@ class Model {
   // `peer`'s table bounds (deterministic mode; refresh_peer_tables computes them).
   Comm* expert_comm() const { return experts_sharded() ? ep_comm_ : self_comm_.get(); }
   const PeerTableBounds& peer_bounds(int peer) const;
+  // For PKM modules (deterministic mode): max |V| of block `layer`'s value table over the expert
+  // group, the grid of its fixed-point exchange (refresh_peer_tables computes it).
+  double pkm_value_max(int64_t layer) const;
 
   // PEER blocks (in block order) and the shape of their layer for `tokens` tokens.
   int n_peer_layers() const { return static_cast<int>(peer_blocks_.size()); }
@@ -240,6 +243,7 @@ class Model {
   bool deterministic_ = false;
   std::unique_ptr<Comm> self_comm_;            // deterministic, unsharded: the exchange over this rank
   std::vector<PeerTableBounds> peer_bounds_;   // deterministic: per PEER layer (refresh_peer_tables)
+  std::vector<double> pkm_value_max_;          // deterministic: per block, PKM blocks only (-1 elsewhere)
   int64_t inter_ = 0;
   GateForm gate_form_ = GateForm::code;
   GluActivation glu_act_ = GluActivation::silu;

@@ -63,7 +63,8 @@ using Range = std::pair<int64_t, int64_t>;
 bool is_peer_table(const ParamInfo& p);
 bool is_peer_sub_keys(const ParamInfo& p);
 // The tables lazy Adam updates by rows, with one touched flag per row (tables in layout order): the
-// PEER expert tables and the PKM value tables (blocks/<l>/pkm/values).
+// PEER expert tables and the PKM value tables (blocks/<l>/pkm/values). They are also the tables
+// sharded by rows over the expert-parallel group (checkpoints, row-ordered gradient norms).
 bool is_pkm_values(const ParamInfo& p);
 bool is_lazy_table(const ParamInfo& p);
 

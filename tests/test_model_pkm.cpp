@@ -371,10 +371,17 @@ TEST(ModelPkm, LayoutConfigAndAccounting) {
   e = errors_of(wide);
   ASSERT_EQ(e.size(), 1u);
   EXPECT_NE(e[0].find("model.pkm_topk"), std::string::npos) << e[0];
-  // Sharding the value table over expert-parallel ranks is not implemented: refused, naming the key.
+  // The value table shards by rows over expert-parallel ranks (model/pkm_values_parallel.h): rank 1
+  // of 2 holds the second half; a number of shards that does not divide N is refused, naming the key.
+  const int64_t N = pkm_config().pkm_n_sub * pkm_config().pkm_n_sub;
+  Model sharded(pkm_config(), ExpertShard{2, 1});
+  const ParamInfo& v = sharded.layout().at(sharded.layout().find("blocks/1/pkm/values"));
+  EXPECT_EQ(v.shape[0], N / 2);
+  EXPECT_EQ(v.first_row, N / 2);
+  EXPECT_EQ(v.whole_rows, N);
   try {
-    Model sharded(pkm_config(), ExpertShard{2, 0});
-    ADD_FAILURE() << "a pkm model with expert_parallel = 2 was built";
+    Model bad(pkm_config(), ExpertShard{static_cast<int>(N + 1), 0});
+    ADD_FAILURE() << "a pkm model with expert_parallel = N + 1 was built";
   } catch (const Error& err) {
     EXPECT_NE(std::string(err.what()).find("parallel.expert_parallel"), std::string::npos) << err.what();
   }

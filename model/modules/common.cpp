@@ -17,14 +17,20 @@ namespace {
 template <typename Draw>
 void fill_chunks(const ParamLayout& layout, float* params, int idx, uint64_t seed, Draw draw) {
   const ParamInfo& p = layout.at(idx);
-  float* w = params + p.offset;
+  // Chunks of the whole tensor: a row shard (a sharded PKM value table) draws the values the unsharded
+  // tensor holds at its rows, skipping the draws before its first element.
+  const int64_t g0 = p.sharded() ? p.first_row * p.row_width() : 0, g1 = g0 + p.numel;
+  float* w = params + p.offset - g0;  // w[i]: element i of the whole tensor
   constexpr int64_t kChunk = 1 << 16;
-  const int64_t n_chunks = (p.numel + kChunk - 1) / kChunk;
+  const int64_t c0 = g0 / kChunk, c1 = (g1 + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     Rng rng(hash_keys(seed, 0x1417, idx, c));
-    const int64_t end = std::min(p.numel, (c + 1) * kChunk);
-    for (int64_t i = c * kChunk; i < end; ++i) w[i] = draw(rng);
+    const int64_t end = std::min(g1, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) {
+      const float v = draw(rng);
+      if (i >= g0) w[i] = v;
+    }
   }
 }
 

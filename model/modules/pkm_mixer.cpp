@@ -7,8 +7,9 @@
 // subtracts the batch mean, which contains b; eval mode subtracts the running mean, which tracks
 // it; β is the bias that remains), so the query has none, like PEER's.
 // The value gradient is sparse (the rows retrieved), summed per row in token order like PEER's
-// table gradient. The value table is whole on every rank (Model refuses parallel.expert_parallel > 1
-// with a pkm block). The value bag is the op of model/ops/pkm_values.h; the kind's CUDA half is
+// table gradient. Under parallel.expert_parallel > 1 the value table is sharded by rows over the
+// expert group like PEER's (model/pkm_values_parallel.h; also in deterministic mode, where one rank
+// runs the same fixed-point exchange over itself). The value bag is the op of model/ops/pkm_values.h; the kind's CUDA half is
 // model/modules/pkm_cuda.cu.
 #include "model/modules/pkm_mixer.h"
 
@@ -16,11 +17,13 @@
 #include <cmath>
 #include <string>
 
+#include "model/exact_sum.h"
 #include "model/model.h"
 #include "model/modules/mixers.h"
 #include "model/modules/peer_mixer.h"
 #include "model/ops/pkm_values.h"
 #include "model/ops/row_math.h"
+#include "model/pkm_values_parallel.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -41,18 +44,28 @@ PeerQueryContext<T> layer_forward(const PeerLayerShape& s, PeerNormMode mode, co
   return ctx;
 }
 
+// From the gates' gradient on: softmax backward and the query half's backward (dx overwritten: the
+// output depends on x through the query only).
+template <typename T>
+void query_backward(const PeerLayerShape& s, const PeerLayerParams<T>& query, const PeerQueryContext<T>& ctx,
+                    const T* x, const T* dgates, T* dx, const PeerLayerGrads<T>& g) {
+  const int64_t groups = s.tokens * s.heads;
+  std::vector<T> dscores(static_cast<size_t>(groups * s.k));
+  peer_softmax_gates_backward_cpu(groups, s.k, ctx.gates.data(), dgates, dscores.data());
+  std::fill(dx, dx + s.tokens * s.dim, T(0));
+  peer_query_backward_cpu(s, query, ctx, x, dscores.data(), dx, g);
+}
+
 template <typename T>
 void layer_backward(const PeerLayerShape& s, const PeerLayerParams<T>& query, const T* values,
                     const PeerQueryContext<T>& ctx, const T* x, const T* dy, T* dx, const PeerLayerGrads<T>& g,
                     PeerSparseGrad<T>& dvalues) {
-  const int64_t groups = s.tokens * s.heads, count = groups * s.k;
+  const int64_t count = s.tokens * s.heads * s.k;
   PL_CHECK(static_cast<int64_t>(ctx.gates.size()) == count, config,
            "pkm layer backward: the context does not match the shape (was it made by a forward with this shape?)");
-  std::vector<T> dgates(static_cast<size_t>(count)), dscores(static_cast<size_t>(count));
+  std::vector<T> dgates(static_cast<size_t>(count));
   pkm_values_backward_cpu(values_shape(s), ctx.ids.data(), ctx.gates.data(), values, dy, dgates.data(), dvalues);
-  peer_softmax_gates_backward_cpu(groups, s.k, ctx.gates.data(), dgates.data(), dscores.data());
-  std::fill(dx, dx + s.tokens * s.dim, T(0));  // the output depends on x through the query only
-  peer_query_backward_cpu(s, query, ctx, x, dscores.data(), dx, g);
+  query_backward(s, query, ctx, x, dgates.data(), dx, g);
 }
 
 struct PkmCache final : Module::Cache {
@@ -60,6 +73,7 @@ struct PkmCache final : Module::Cache {
   PeerQueryContext<float> query;
   QueryBatchStats stats;
   mutable PeerSparseGrad<float> value_grad;  // scratch of backward (the cache is const there)
+  std::shared_ptr<ShardedPkmValues> exchange;  // sharded values or deterministic mode
 };
 
 class PkmMixer final : public Module {
@@ -79,7 +93,13 @@ class PkmMixer final : public Module {
     const std::vector<int64_t> keys =
         c.pkm_shared_keys ? std::vector<int64_t>{n, half} : std::vector<int64_t>{shape_.heads, n, half};
     q_.declare(b.layout, b.prefix + "pkm/", shape_.channels(), d_, keys);
-    values_ = b.layout.add(b.prefix + "pkm/values", {n * n, d_}, ParamKind::full_weight);
+    // Sharded: this rank's rows of the table (model/pkm_values_parallel.h).
+    const int64_t N = n * n;
+    layer_ = b.layer;
+    layout_sharded_ = b.shard.shards > 1;
+    values_ = layout_sharded_ ? b.layout.add_sharded(b.prefix + "pkm/values", {N, d_}, ParamKind::full_weight,
+                                                     b.shard.first_row(N), b.shard.rows(N))
+                              : b.layout.add(b.prefix + "pkm/values", {N, d_}, ParamKind::full_weight);
   }
   const char* kind() const override { return "pkm"; }
   std::unique_ptr<Cache> new_cache() const override { return std::make_unique<PkmCache>(); }
@@ -93,21 +113,36 @@ class PkmMixer final : public Module {
     PeerLayerParams<float> p = views(m, params);
     c.stats.bind(step.peer_mode, s, p);
     float* y = step.scratch->get(0, M * d_);
-    c.query = pkm_layer_forward_cpu(s, step.peer_mode, p, value_table(m, params), c.norm.xn.data(), y);
+    if (m.experts_sharded() || m.deterministic()) {
+      PL_CHECK(m.expert_comm() != nullptr, internal, "a sharded PKM model needs set_expert_comm()");
+      if (!c.exchange) c.exchange = std::make_shared<ShardedPkmValues>(*m.expert_comm(), shape_.n_sub * shape_.n_sub);
+      c.exchange->set_values(value_table(m, params));
+      c.exchange->set_fixed(m.deterministic() ? m.pkm_value_max(layer_) : -1.0);
+      c.query = PeerQueryContext<float>{};
+      peer_query_forward_cpu(s, step.peer_mode, p, c.norm.xn.data(), c.query);
+      c.exchange->forward(values_shape(s), c.query.ids.data(), c.query.gates.data(), y);
+    } else {
+      c.query = pkm_layer_forward_cpu(s, step.peer_mode, p, value_table(m, params), c.norm.xn.data(), y);
+    }
     add_rows(x, y, M * d_);
   }
 
   void backward(const Model& m, const float* params, const ModuleStep& step, const Cache& cache, float* dx,
-                float* grads, ExactGradSum*) const override {
+                float* grads, ExactGradSum* exact) const override {
     const auto& c = static_cast<const PkmCache&>(cache);
     const int64_t M = step.tokens();
     const ParamLayout& L = m.layout();
     float *t0 = step.scratch->get(0, M * d_), *t1 = step.scratch->get(1, M * d_);
-    pkm_layer_backward_cpu(shape(M), views(m, params), value_table(m, params), c.query, c.norm.xn.data(), dx, t0,
-                           q_.grads(L, grads), c.value_grad);
-    // Into the dense gradient (each row once): the values are not an expert table, so deterministic
-    // mode sums them with the dense gradients (model/exact_sum.h).
-    peer_sparse_grad_scatter_add_cpu(c.value_grad, grads + L.at(values_).offset);
+    if (c.exchange) {
+      const PeerLayerShape s = shape(M);
+      std::vector<float> dgates(c.query.gates.size());
+      c.exchange->backward(values_shape(s), dx, dgates.data());
+      query_backward(s, views(m, params), c.query, c.norm.xn.data(), dgates.data(), t0, q_.grads(L, grads));
+    } else {
+      pkm_layer_backward_cpu(shape(M), views(m, params), value_table(m, params), c.query, c.norm.xn.data(), dx, t0,
+                             q_.grads(L, grads), c.value_grad);
+    }
+    add_value_gradient(c, grads + L.at(values_).offset, exact);
     c.stats.add_to_grads(L, q_, grads);
     c.norm.backward(m, params, norm_, M, t0, t1, dx, grads);
   }
@@ -149,6 +184,7 @@ class PkmMixer final : public Module {
   }
 
   static const PeerQueryContext<float>& context(const Cache& c) { return static_cast<const PkmCache&>(c).query; }
+  static ShardedPkmValues* exchange(const Cache& c) { return static_cast<const PkmCache&>(c).exchange.get(); }
   PeerLayerShape shape(int64_t tokens) const {
     PeerLayerShape s = shape_;
     s.tokens = tokens;
@@ -161,10 +197,26 @@ class PkmMixer final : public Module {
     return q_.views(L, params, q_.running(L, params, q_.bn_mean), q_.running(L, params, q_.bn_var));
   }
   const float* value_table(const Model& m, const float* params) const { return params + m.layout().at(values_).offset; }
+  // The value gradient comes back sparse: this rank's rows, per sender rank when exchanged. A sharded
+  // table in deterministic mode adds it to the exact sum one sender (micro-batch) at a time, as PEER's
+  // tables; otherwise into the dense gradient (each row once; an unsharded table's then enters the
+  // exact sum with the dense gradients: the same per-row float sums on the same grid).
+  void add_value_gradient(const PkmCache& c, float* grad, ExactGradSum* exact) const {
+    if (!c.exchange) return peer_sparse_grad_scatter_add_cpu(c.value_grad, grad);
+    const bool sharded_exact = exact && layout_sharded_;
+    for (const auto& g : c.exchange->value_grads()) {
+      if (sharded_exact)
+        exact->add_rows(values_, g);
+      else
+        peer_sparse_grad_scatter_add_cpu(g, grad);
+    }
+  }
 
   int64_t d_;
   PeerLayerShape shape_;  // tokens 0; bn_eps and bn_momentum PEER's (Model::update_buffers reads PEER's)
   int norm_ = -1, values_ = -1;
+  int64_t layer_ = 0;
+  bool layout_sharded_ = false;  // the value table holds this rank's rows only
   RetrievalQuery q_;
 };
 
@@ -194,6 +246,7 @@ void pkm_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<doubl
 std::unique_ptr<Module> make_pkm_mixer(ModuleBuild& b) { return std::make_unique<PkmMixer>(b); }
 
 const PeerQueryContext<float>& pkm_module_context(const Module::Cache& c) { return PkmMixer::context(c); }
+ShardedPkmValues* pkm_module_exchange(const Module::Cache& c) { return PkmMixer::exchange(c); }
 
 PeerLayerShape pkm_module_shape(const Module& m, int64_t tokens) {
   PL_CHECK(std::string(m.kind()) == "pkm", internal, "pkm_module_shape of a \"", m.kind(), "\" module");

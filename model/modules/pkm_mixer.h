@@ -33,6 +33,9 @@ void pkm_layer_backward_cpu(const PeerLayerShape& s, const PeerLayerParams<doubl
                             const PeerQueryContext<double>& ctx, const double* x, const double* dy, double* dx,
                             const PeerLayerGrads<double>& g, PeerSparseGrad<double>& dvalues);
 
+// The value exchange of a sharded (or deterministic) forward of a "pkm" module's cache, else null.
+class ShardedPkmValues;
+ShardedPkmValues* pkm_module_exchange(const Module::Cache& c);
 // The query half's context of a "pkm" module's cache (its last forward's ids and gates).
 const PeerQueryContext<float>& pkm_module_context(const Module::Cache& c);
 // The layer shape of a "pkm" module at `tokens` (its CUDA half, model/modules/pkm_cuda.cu, runs the

@@ -44,18 +44,13 @@ void forward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const 
   }
 }
 
-template <typename T>
-void backward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const T* values, const T* dy, T* dgates,
-              PeerSparseGrad<T>& dvalues) {
-  validate(s);
-  const int64_t d = s.dim, hk = s.heads * s.k, count = s.entries();
-#pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
-  for (int64_t e = 0; e < count; ++e)
-    dgates[e] = detail::dot(values + static_cast<int64_t>(ids[e]) * d, dy + (e / hk) * d, d);
+// The sparse value gradient of `count` entries: entry i read row row_of(i) with gate gates[i] for
+// the dy row dy_of(i); rows grouped (sorted by row, then entry), each summed by one thread in entry order.
+template <typename T, typename RowOf, typename DyOf>
+void value_grad(int64_t count, int64_t d, RowOf row_of, const T* gates, DyOf dy_of, PeerSparseGrad<T>& dvalues) {
   std::vector<uint64_t> keys;
   std::vector<int64_t> seg;
-  detail::group_by_row(
-      count, [ids](int64_t i) { return ids[i]; }, keys, seg);
+  detail::group_by_row(count, row_of, keys, seg);
   const int64_t n_rows = static_cast<int64_t>(seg.size()) - 1;
   dvalues.width = d;
   dvalues.rows.resize(static_cast<size_t>(n_rows));
@@ -67,10 +62,23 @@ void backward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const
     for (int64_t e = seg[r]; e < seg[r + 1]; ++e) {
       const int64_t i = detail::key_entry(keys[e]);
       const T g = gates[i];
-      const T* dyt = dy + (i / hk) * d;
+      const T* dyt = dy_of(i);
       for (int64_t c = 0; c < d; ++c) dv[c] = std::fma(g, dyt[c], dv[c]);
     }
   }
+}
+
+template <typename T>
+void backward(const PkmValuesShape& s, const int32_t* ids, const T* gates, const T* values, const T* dy, T* dgates,
+              PeerSparseGrad<T>& dvalues) {
+  validate(s);
+  const int64_t d = s.dim, hk = s.heads * s.k, count = s.entries();
+#pragma omp parallel for schedule(static) if (count * d >= detail::kParallelMin)
+  for (int64_t e = 0; e < count; ++e)
+    dgates[e] = detail::dot(values + static_cast<int64_t>(ids[e]) * d, dy + (e / hk) * d, d);
+  value_grad(
+      count, d, [ids](int64_t i) { return ids[i]; }, gates, [dy, d, hk](int64_t i) { return dy + (i / hk) * d; },
+      dvalues);
 }
 
 }  // namespace
@@ -90,6 +98,17 @@ void pkm_values_backward_cpu(const PkmValuesShape& s, const int32_t* ids, const 
 void pkm_values_backward_cpu(const PkmValuesShape& s, const int32_t* ids, const double* gates, const double* values,
                              const double* dy, double* dgates, PeerSparseGrad<double>& dvalues) {
   backward(s, ids, gates, values, dy, dgates, dvalues);
+}
+
+void pkm_values_grad_cpu(int64_t count, int64_t d, const int32_t* rows, const float* gates, const int64_t* token_of,
+                         const float* dy, PeerSparseGrad<float>& dvalues) {
+  value_grad(
+      count, d, [rows](int64_t i) { return rows[i]; }, gates, [dy, d, token_of](int64_t i) { return dy + token_of[i] * d; },
+      dvalues);
+}
+
+float pkm_value_dot_cpu(int64_t d, const float* value_row, const float* dy_row) {
+  return detail::dot(value_row, dy_row, d);
 }
 
 }  // namespace peerless

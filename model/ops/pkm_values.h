@@ -42,6 +42,14 @@ void pkm_values_backward_cpu(const PkmValuesShape& s, const int32_t* ids, const 
 void pkm_values_backward_cpu(const PkmValuesShape& s, const int32_t* ids, const double* gates, const double* values,
                              const double* dy, double* dgates, PeerSparseGrad<double>& dvalues);
 
+// The two halves of that backward for an entry list (the owners of a sharded value table,
+// model/pkm_values_parallel.h): the sparse gradient of `count` entries, entry i having read local
+// row rows[i] with gate gates[i] for dy row token_of[i] (every row once, ascending, each summed in
+// entry order: the same reduction), and one entry's dgate V[row]·dy_t (the same sequential dot).
+void pkm_values_grad_cpu(int64_t count, int64_t d, const int32_t* rows, const float* gates, const int64_t* token_of,
+                         const float* dy, PeerSparseGrad<float>& dvalues);
+float pkm_value_dot_cpu(int64_t d, const float* value_row, const float* dy_row);
+
 // ---- CUDA (model/ops/pkm_values.cu; PEERLESS_HAVE_CUDA builds) -------------------------------------
 // Device pointers; calls are ordered on `stream`. Same equations as the CPU; no float atomics, so a
 // repeated call gives bit-identical results.
