@@ -28,6 +28,7 @@
 #include "parallel/topology.h"
 #include "parallel/watchdog.h"
 #include "runtime/error.h"
+#include "tests/mpi_test_main.h"
 
 using namespace peerless;
 
@@ -434,20 +435,6 @@ TEST(Watchdog, GuardsThatFinishInTimeDoNothing) {
   CollectiveGuard no_watch("barrier", 0, DType::u8, 0);
 }
 
-// Non-zero ranks keep quiet except for their own failures, prefixed with the rank.
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& r) override {
-    if (!r.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_, r.file_name() ? r.file_name() : "?", r.line_number(),
-                 r.message());
-  }
-
- private:
-  int rank_;
-};
-
 #if defined(PEERLESS_HAVE_CUDA) && defined(PEERLESS_HAVE_NCCL)
 // Runs host-buffer tests on a device-only backend: every buffer goes to fresh device memory, the
 // inner call runs there, and results come back after a synchronize(). Test-only, slow on purpose.
@@ -527,52 +514,19 @@ int run_timeout_scenario(const ProcessInfo& info) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  ProcessInfo info;
-  try {
-    info = bootstrap(&argc, &argv);
-  } catch (const Error& e) {
-    std::fprintf(stderr, "test_mpi_collectives: %s\n", e.what());
-    return 1;
-  }
-  const char* expect = std::getenv("PEERLESS_EXPECT_WORLD");
-  if (!expect || std::atoi(expect) < 1)
-    abort_job("set PEERLESS_EXPECT_WORLD to the number of ranks this test is launched with (1 without mpirun)");
-  if (std::atoi(expect) != info.world_size)
-    abort_job(cat("this job has ", info.world_size, " ranks but PEERLESS_EXPECT_WORLD=", expect,
-                  ": launch it with mpirun -np ", expect, " (a world of the wrong size fails, it is never skipped)"));
+  const ProcessInfo info = mpi_test::start(&argc, &argv, "test_mpi_collectives");
   for (int i = 1; i < argc; ++i)
     if (!std::strcmp(argv[i], "--timeout-scenario")) return run_timeout_scenario(info);
-
-  ::testing::InitGoogleTest(&argc, argv);
-  if (info.world_rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new RankFailurePrinter(info.world_rank));
-  }
-  int failed = 0;
-  {
-    // Host buffers throughout: "mpi" or "single" explicitly, never auto (which picks NCCL on GPUs).
-    std::unique_ptr<Comm> world;
-    try {
-      world = make_world_comm(info, info.under_mpi ? "mpi" : "single", 120);
-      if (const char* b = std::getenv("PEERLESS_TEST_BACKEND"); b && std::string(b) == "nccl") {
+  // Host buffers throughout: "mpi" or "single" explicitly, never auto (which picks NCCL on GPUs).
+  return mpi_test::run_all(info, &argc, argv, g_world, [&]() -> std::unique_ptr<Comm> {
+    auto world = make_world_comm(info, info.under_mpi ? "mpi" : "single", 120);
+    if (const char* b = std::getenv("PEERLESS_TEST_BACKEND"); b && std::string(b) == "nccl") {
 #if defined(PEERLESS_HAVE_CUDA) && defined(PEERLESS_HAVE_NCCL)
-        world = std::make_unique<ViaDevice>(make_world_comm(info, "nccl", 120));
+      world = std::make_unique<ViaDevice>(make_world_comm(info, "nccl", 120));
 #else
-        abort_job("PEERLESS_TEST_BACKEND=nccl, but this binary was built without CUDA/NCCL");
+      abort_job("PEERLESS_TEST_BACKEND=nccl, but this binary was built without CUDA/NCCL");
 #endif
-      }
-    } catch (const Error& e) {
-      abort_job(e.what());
     }
-    g_world = world.get();
-    failed = RUN_ALL_TESTS() != 0;
-    g_world = nullptr;
-  }
-  int any_failed = failed;
-  if (info.under_mpi) MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (info.world_rank == 0 && any_failed && !failed)
-    std::fprintf(stderr, "FAILED on another rank (its [rank R] messages are above)\n");
-  finalize();
-  return any_failed;
+    return world;
+  });
 }

@@ -29,6 +29,7 @@
 #include "parallel/bootstrap.h"
 #include "parallel/comm.h"
 #include "runtime/error.h"
+#include "tests/mpi_test_main.h"
 
 namespace peerless {
 namespace {
@@ -159,60 +160,12 @@ TEST(PkmShard, RankWithoutTokens) {
   for (int64_t i = 0; i < s.tokens * s.dim; ++i) EXPECT_NEAR(out[i], ref[i], 1e-5) << i;
 }
 
-// Non-zero ranks keep quiet except for their own failures, prefixed with the rank.
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& r) override {
-    if (!r.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_, r.file_name() ? r.file_name() : "?", r.line_number(),
-                 r.message());
-  }
-
- private:
-  int rank_;
-};
-
 }  // namespace
 }  // namespace peerless
 
 int main(int argc, char** argv) {
   using namespace peerless;
-  ProcessInfo info;
-  try {
-    info = bootstrap(&argc, &argv);
-  } catch (const Error& e) {
-    std::fprintf(stderr, "test_pkm_shard: %s\n", e.what());
-    return 1;
-  }
-  const char* expect = std::getenv("PEERLESS_EXPECT_WORLD");
-  if (!expect || std::atoi(expect) < 1)
-    abort_job("set PEERLESS_EXPECT_WORLD to the number of ranks this test is launched with (1 without mpirun)");
-  if (std::atoi(expect) != info.world_size)
-    abort_job(cat("this job has ", info.world_size, " ranks but PEERLESS_EXPECT_WORLD=", expect,
-                  ": launch it with mpirun -np ", expect, " (a world of the wrong size fails, it is never skipped)"));
-  ::testing::InitGoogleTest(&argc, argv);
-  if (info.world_rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new RankFailurePrinter(info.world_rank));
-  }
-  int failed = 0;
-  {
-    std::unique_ptr<Comm> world;
-    try {
-      world = make_world_comm(info, info.under_mpi ? "mpi" : "single", 120);
-    } catch (const Error& e) {
-      abort_job(e.what());
-    }
-    g_world = world.get();
-    failed = RUN_ALL_TESTS() != 0;
-    g_world = nullptr;
-  }
-  int any_failed = failed;
-  if (info.under_mpi) MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (info.world_rank == 0 && any_failed && !failed)
-    std::fprintf(stderr, "FAILED on another rank (its [rank R] messages are above)\n");
-  finalize();
-  return any_failed;
+  const ProcessInfo info = mpi_test::start(&argc, &argv, "test_pkm_shard");
+  return mpi_test::run_all(info, &argc, argv, g_world,
+                           [&] { return make_world_comm(info, info.under_mpi ? "mpi" : "single", 120); });
 }
