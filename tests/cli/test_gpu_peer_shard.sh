@@ -103,7 +103,7 @@ awk -v p="$planned" -v m="$measured" 'BEGIN { d = p - m; if (d < 0) d = -d; exit
 from run_compare import rows, rel, params_sha, same_model
 import json, math
 r = [json.loads(l) for l in open("runs/million/metrics.jsonl")]
-losses = [x["loss"] for x in r if "loss" in x]
+losses = [x["loss"] for x in r if "loss" in x and "val_loss" not in x]  # the last row is the final validation
 assert len(losses) == 3 and all(math.isfinite(l) for l in losses), losses
 print("million: 3 steps, losses", [round(l, 4) for l in losses])
 PY
