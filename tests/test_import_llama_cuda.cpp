@@ -15,7 +15,7 @@
 // smallest margin, so every argmax agrees. The default bf16 path is not: bf16-rounded weights alone
 // move the logits by 0.14 and flip position 185 (argmax 336 for 279), hence the fp32 option here.
 // The GPU logits are also held within kLogitTol of the CPU's. The default path (bf16 GEMM operands
-// and storage) is run once more and only reported.
+// and storage) is run too: its argmax agreement is reported, its logits held loosely to the CPU's.
 #include <gtest/gtest.h>
 
 #include "tests/ops_test_util.h"
@@ -28,6 +28,7 @@ CUDA_TESTS_NEED_A_CUDA_BUILD()
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <vector>
 
 #include "launch/import.h"
@@ -60,10 +61,23 @@ std::vector<float> gpu_logits(const LoadedModel& m, const std::vector<int32_t>& 
   return logits;
 }
 
+// max |a − b|; infinity where either side is not finite (a NaN must not pass as a small difference).
 double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0;
-  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::fabs(static_cast<double>(a[i]) - b[i]));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double e = std::fabs(static_cast<double>(a[i]) - b[i]);
+    if (!std::isfinite(e)) return std::numeric_limits<double>::infinity();
+    d = std::max(d, e);
+  }
   return d;
+}
+
+// The CPU model's logits (T, V) for one sequence (Model::forward).
+std::vector<float> cpu_logits(const LoadedModel& m, const std::vector<int32_t>& in) {
+  ForwardContext ctx;
+  ctx.peer_mode = PeerNormMode::eval;
+  m.model->forward(m.params.data(), in.data(), nullptr, 1, static_cast<int64_t>(in.size()), ctx);
+  return ctx.logits;
 }
 
 TEST_F(Cuda, stories260k_teacher_forced_greedy_is_the_reference) {
@@ -71,26 +85,33 @@ TEST_F(Cuda, stories260k_teacher_forced_greedy_is_the_reference) {
   const std::vector<int32_t> want = reference_ids();
   ASSERT_EQ(want.size(), 257u);
   const std::vector<int32_t> in = teacher_forced_input(want);
-  const int64_t V = m.model->config().vocab_size;
-  ForwardContext ctx;
-  ctx.peer_mode = PeerNormMode::eval;
-  m.model->forward(m.params.data(), in.data(), nullptr, 1, static_cast<int64_t>(in.size()), ctx);
-
   CudaModelOptions exact;
   exact.bf16_activations = false;
   exact.float_gemm = FloatGemm::fp32;
   exact.head_chunk = 100;  // three chunks of the head's rows, the last partial (257 positions)
   const std::vector<float> logits = gpu_logits(m, in, exact);
-  const GreedyRows r = check_greedy_rows(logits, V, want);
-  const double diff = max_abs_diff(logits, ctx.logits);
-  std::printf("[ gpu ] stories260K teacher-forced greedy (fp32): %s; max |gpu - cpu| logit %g\n",
+  const GreedyRows r = check_greedy_rows(logits, m.model->config().vocab_size, want);
+  const double diff = max_abs_diff(logits, cpu_logits(m, in));
+  std::printf("[ gpu ] stories260K teacher-forced greedy (fp32 GEMMs and storage): %s; max |gpu - cpu| logit %g\n",
               r.summary(want).c_str(), diff);
   EXPECT_EQ(r.wrong, 0) << r.summary(want);
   EXPECT_LE(diff, kLogitTol) << "the fp32 GPU logits left the CPU's";
+}
 
-  const std::vector<float> fast = gpu_logits(m, in, CudaModelOptions{});  // training defaults: reported only
-  std::printf("[ gpu ] the same with bf16 GEMMs and storage (not asserted): %s; max |gpu - cpu| logit %g\n",
-              check_greedy_rows(fast, V, want).summary(want).c_str(), max_abs_diff(fast, ctx.logits));
+// The training defaults (bf16 GEMM operands, bf16 storage of SwiGLU's [a | u]) on the same input:
+// the argmax agreement is only reported (position 185 may flip, file comment). Asserted: the
+// logits stay within 1.0 of the CPU's, ~7× what bf16-rounded weights alone cause (0.14) and a
+// twentieth of the logits' range, where a wrong kernel gives errors of the logits' own size.
+TEST_F(Cuda, stories260k_bf16_path_stays_near_the_cpu) {
+  const LoadedModel m = import_llama_gguf(gguf::File(stories()));
+  const std::vector<int32_t> want = reference_ids();
+  ASSERT_EQ(want.size(), 257u);
+  const std::vector<int32_t> in = teacher_forced_input(want);
+  const std::vector<float> logits = gpu_logits(m, in, CudaModelOptions{});
+  const double diff = max_abs_diff(logits, cpu_logits(m, in));
+  std::printf("[ gpu ] the same with bf16 GEMMs and storage: %s; max |gpu - cpu| logit %g\n",
+              check_greedy_rows(logits, m.model->config().vocab_size, want).summary(want).c_str(), diff);
+  EXPECT_LE(diff, 1.0);
 }
 
 }  // namespace
