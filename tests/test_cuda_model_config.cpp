@@ -89,6 +89,11 @@ TEST(cuda_model_config, accepts_transformer_baselines) {
   ModelConfig mixed = tiny();  // the MatMul-free kinds with a full-precision head
   mixed.head = "tied";
   EXPECT_EQ(refusal(mixed), "");
+  for (const int64_t dh : {8, 16, 32}) {  // narrow heads (llama2.c's stories260K: 8) on the fp32 kernel
+    ModelConfig narrow = tiny_tpp();
+    narrow.head_dim = dh;
+    EXPECT_EQ(refusal(narrow), "") << "head_dim " << dh;
+  }
 }
 
 TEST(cuda_model_config, full_precision_refusals_name_the_key) {
