@@ -131,11 +131,17 @@ class CudaContext {
   void norm_backward(const RmsNormShape& ns, const float* in, const float* gain, const float* rstd, const float* dy,
                      float* dx_out, float* dgain, bool accumulate);
 
+  // The arithmetic of the full-precision forward products (model.quant = "none": proj_forward, and
+  // head_forward of a "linear" / "tied" head): bf16 tensor cores (the default: training), or fp32
+  // GEMMs (CudaModelOptions::float_gemm: evaluation and exactness checks; fp32 outputs only, so
+  // fp32 activation storage). The backward products are bf16 either way.
+  FloatGemm float_gemm = FloatGemm::bf16;
+
   // A projection without a norm of its own (Model::proj_forward / proj_backward: the Transformer++
   // and BitNet SubLN kinds, whose input the module normalized), one implementation for both modes:
   //   model.quant = "none": y = x·Wᵀ, a bf16 tensor-core GEMM with fp32 accumulation on x and on the
   //     fp32 master W, both rounded to bf16 per call (a_bf, w_bf): ~2^-9 relative per operand
-  //     against the CPU's fp32 GEMM.
+  //     against the CPU's fp32 GEMM; with float_gemm = fp32 an fp32 GEMM on x and W themselves.
   //   "ternary": per-token int8 absmax codes of x (act_quant_cuda), the exact integer product with
   //     the weight's codes, ·β/s: bit-identical to Model::proj_forward.
   // y (rows, N) as Y (float or bf16), or in fp32 y = residual + x·Wᵀ (residual may alias y).
@@ -168,7 +174,8 @@ class CudaContext {
   // The LM head on the final norm's output xf (rows, d) (Model::head_forward): model.head =
   // "bitlinear" is linear_forward; "linear" and "tied" multiply by an fp32 (V, d) weight (lm_head or
   // the embedding) as a bf16 GEMM with fp32 accumulation, on a bf16 copy of it made when `refresh`
-  // (the first chunk of rows of a forward). logits (rows, V) fp32.
+  // (the first chunk of rows of a forward; the backward reads it), or as an fp32 GEMM on the weight
+  // itself with float_gemm = fp32. logits (rows, V) fp32.
   void head_forward(int64_t rows, const float* xf, float* logits, bool refresh);
   // Its backward from dlogits (rows, V) bf16: dxf (rows, d) overwritten, the head's gradients
   // accumulated (tied: into the embedding's, before the embedding backward adds its rows).

@@ -22,17 +22,23 @@ void CudaContext::proj_forward(int weight, int64_t rows, const float* x, Y* y, c
     adapter_forward(weight, rows, x, y);
     return;
   }
-  rows_to_bf16_cuda(rows, K, x, nullptr, a_bf.get(), stream);
-  rows_to_bf16_cuda(N, K, P(weight), nullptr, w_bf.get(), stream);
-  tick(ph_gemm_forward);
   float beta = 0.f;
   if (residual) {  // y = residual + x·Wᵀ in the GEMM's epilogue
     if (static_cast<const void*>(y) != static_cast<const void*>(residual))
       PL_CUDA_CHECK(cudaMemcpyAsync(y, residual, sizeof(float) * rows * N, cudaMemcpyDeviceToDevice, stream));
     beta = 1.f;
   }
-  constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
-  gemm_bf16_cuda(blas, Trans::no, Trans::yes, rows, N, K, 1.f, a_bf.get(), K, w_bf.get(), K, beta, out, y, N, stream);
+  if (float_gemm == FloatGemm::fp32) {
+    PL_CHECK((std::is_same_v<Y, float>), internal, "CudaContext::proj_forward: fp32 GEMMs write fp32 outputs only");
+    if constexpr (std::is_same_v<Y, float>)
+      gemm_f32_cuda(blas, Trans::no, Trans::yes, rows, N, K, 1.f, x, K, P(weight), K, beta, y, N, stream);
+  } else {
+    rows_to_bf16_cuda(rows, K, x, nullptr, a_bf.get(), stream);
+    rows_to_bf16_cuda(N, K, P(weight), nullptr, w_bf.get(), stream);
+    tick(ph_gemm_forward);
+    constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
+    gemm_bf16_cuda(blas, Trans::no, Trans::yes, rows, N, K, 1.f, a_bf.get(), K, w_bf.get(), K, beta, out, y, N, stream);
+  }
   tick(ph_gemm_forward);
   adapter_forward(weight, rows, x, y);  // LoRA: x̃ is the projection's input
 }
@@ -69,10 +75,14 @@ void CudaContext::head_forward(int64_t rows, const float* xf, float* logits, boo
   if (idx.head_gain >= 0) return linear_forward(idx.head_gain, idx.head_w, rows, xf, logits);
   const int64_t V = host.config().vocab_size, d = host.config().d_model;
   tick(ph_other);
-  if (refresh) rows_to_bf16_cuda(V, d, P(idx.head_w), nullptr, head_bf_.get(), stream);
-  rows_to_bf16_cuda(rows, d, xf, nullptr, a_bf.get(), stream);
-  gemm_bf16_cuda(blas, Trans::no, Trans::yes, rows, V, d, 1.f, a_bf.get(), d, head_bf_.get(), d, 0.f, logits, V,
-                 stream);
+  if (refresh) rows_to_bf16_cuda(V, d, P(idx.head_w), nullptr, head_bf_.get(), stream);  // head_backward's operand
+  if (float_gemm == FloatGemm::fp32) {
+    gemm_f32_cuda(blas, Trans::no, Trans::yes, rows, V, d, 1.f, xf, d, P(idx.head_w), d, 0.f, logits, V, stream);
+  } else {
+    rows_to_bf16_cuda(rows, d, xf, nullptr, a_bf.get(), stream);
+    gemm_bf16_cuda(blas, Trans::no, Trans::yes, rows, V, d, 1.f, a_bf.get(), d, head_bf_.get(), d, 0.f, logits, V,
+                   stream);
+  }
   tick(ph_gemm_forward);
 }
 

@@ -13,6 +13,7 @@
 #include "model/cuda_module.h"
 #include "model/data_parallel_cuda.h"
 #include "model/ops/adamw.h"
+#include "model/ops/attention.h"
 #include "model/ops/cross_entropy.h"
 #include "model/ops/embedding.h"
 #include "model/ops/mlgru.h"
@@ -114,6 +115,9 @@ struct CudaModel::Impl {
     const ModelConfig& c = h.config();
     d = c.d_model, V = c.vocab_size, L = c.n_layers;
     PL_CHECK(opt.head_chunk >= 1, internal, "CudaModelOptions::head_chunk = ", opt.head_chunk);
+    PL_CHECK(opt.float_gemm == FloatGemm::bf16 || !opt.bf16_activations, internal,
+             "CudaModelOptions: float_gemm = fp32 writes fp32 outputs, so it needs bf16_activations = false");
+    g.float_gemm = opt.float_gemm;
     head_rows = g.head_rows;
   }
 
@@ -164,16 +168,20 @@ struct CudaModel::Impl {
     partials.resize(kNormBlocks, bytes);
   }
 
-  double forward_backward(int64_t batch, int64_t seq, float grad_scale, bool backward = true);
-  double head_and_loss(int64_t M, float grad_scale, bool backward);
-  // ids, targets (M tokens, host) to the device, and the lower bounds from their parameters.
+  // logits_out (forward_logits, no backward): the head's chunks go to this host array, no loss.
+  double forward_backward(int64_t batch, int64_t seq, float grad_scale, bool backward = true,
+                          float* logits_out = nullptr);
+  double head_and_loss(int64_t M, float grad_scale, bool backward, float* logits_out);
+  // ids, targets (M tokens, host; targets may be null) to the device, and the lower bounds from
+  // their parameters.
   void upload_batch(const int32_t* ids_host, const int32_t* targets_host, int64_t M);
 };
 
 // The forward and backward of one micro-batch (ids and targets already on the device): the
 // embedding, every module's CUDA half in order (model/cuda_module.h), the final norm and the head
 // with the loss; the backward in reverse. Follows Model::forward / Model::backward.
-double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_scale, bool backward) {
+double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_scale, bool backward,
+                                         float* logits_out) {
   const int64_t M = batch * seq, n = static_cast<int64_t>(modules.size());
   cudaStream_t s = g.stream;
   CudaStep step{batch, seq, backward, lb.get(), dlb.get()};
@@ -181,7 +189,7 @@ double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_
   step.noise_key = noise_key, step.first_token = first_token;
   embedding_forward_cuda(M, d, ids.get(), P(idx.embed), resid[0].get(), s);
   for (int64_t i = 0; i < n; ++i) modules[i]->forward(g, step, resid[i].get(), resid[i + 1].get());
-  const double sum = head_and_loss(M, grad_scale, backward);
+  const double sum = head_and_loss(M, grad_scale, backward, logits_out);
   if (!backward) return sum;
 
   float* dxp = dx.get();
@@ -205,18 +213,28 @@ double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_
 }
 
 // The final norm and the head in chunks of rows: logits, losses and dlogits (in place), and the
-// head's backward into t0 (the final norm's output gradient). Returns Σ losses in token order.
-double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward) {
+// head's backward into t0 (the final norm's output gradient). Returns Σ losses in token order; with
+// logits_out, copies each chunk's logits there instead and returns 0.
+double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward, float* logits_out) {
   cudaStream_t s = g.stream;
   rmsnorm_forward_cuda(RmsNormShape{M, d, g.eps}, resid.back().get(), P(idx.final_norm), xf.get(), rstd_f.get(), s);
   for (int64_t r0 = 0; r0 < M; r0 += head_rows) {
     const int64_t rows = std::min(head_rows, M - r0);
     g.head_forward(rows, xf.get() + r0 * d, logits.get(), r0 == 0);
     g.tick(ph_other);
+    if (logits_out) {  // forward_logits: the chunk to the host (stream-ordered before the next chunk)
+      PL_CUDA_CHECK(
+          cudaMemcpyAsync(logits_out + r0 * V, logits.get(), sizeof(float) * rows * V, cudaMemcpyDeviceToHost, s));
+      continue;
+    }
     cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
     g.tick(ph_loss);
     if (backward)
       g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0.get() + r0 * d);
+  }
+  if (logits_out) {
+    PL_CUDA_CHECK(cudaStreamSynchronize(s));  // the caller reads logits_out
+    return 0;
   }
   std::vector<float> loss_host(M);
   PL_CUDA_CHECK(cudaMemcpyAsync(loss_host.data(), losses.get(), sizeof(float) * M, cudaMemcpyDeviceToHost, s));
@@ -277,9 +295,9 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
              "\" has ternary CUDA kernels only; use model.quant = \"ternary\" or run.device = \"cpu\"");
   }
-  PL_CHECK(c.token_mixer != "attention" || c.attn_head_dim() == 64 || c.attn_head_dim() == 128, config,
-           "run.device = \"cuda\": the attention kernels take a head dimension of 64 or 128 (model.head_dim, or "
-           "model.d_model / model.n_heads = ", c.attn_head_dim(), ")");
+  PL_CHECK(c.token_mixer != "attention" || attention_cuda_head_dim_supported(c.attn_head_dim(), AttentionPrecision::fp32),
+           config, "run.device = \"cuda\": the attention kernels take a head dimension of 8, 16, 32, 64 or 128 "
+           "(model.head_dim, or model.d_model / model.n_heads = ", c.attn_head_dim(), ")");
   PL_CHECK(c.head != "bitlinear" || host.quantized(), config, "run.device = \"cuda\": model.head = \"bitlinear\" "
            "with model.quant = \"none\" (the full-precision BitLinear head) is CPU-only; use model.head = \"linear\" "
            "or \"tied\", or run.device = \"cpu\"");
@@ -359,7 +377,8 @@ void CudaModel::zero_grads() {
 void CudaModel::Impl::upload_batch(const int32_t* ids_host, const int32_t* targets_host, int64_t M) {
   PL_CHECK(M <= max_tokens, internal, "CudaModel: micro-batch of ", M, " tokens, allocated for ", max_tokens);
   PL_CUDA_CHECK(cudaMemcpyAsync(ids.get(), ids_host, sizeof(int32_t) * M, cudaMemcpyHostToDevice, g.stream));
-  PL_CUDA_CHECK(cudaMemcpyAsync(targets.get(), targets_host, sizeof(int32_t) * M, cudaMemcpyHostToDevice, g.stream));
+  if (targets_host)  // null: forward_logits, no loss
+    PL_CUDA_CHECK(cudaMemcpyAsync(targets.get(), targets_host, sizeof(int32_t) * M, cudaMemcpyHostToDevice, g.stream));
   // Lower bounds (L·d numbers) from their raw parameters.
   if (idx.lower_bounds >= 0) lower_bounds_forward_cuda(L, d, P(idx.lower_bounds), lb.get(), g.stream);
 }
@@ -376,6 +395,12 @@ double CudaModel::forward_backward(const int32_t* ids, const int32_t* targets, i
 double CudaModel::forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq) {
   impl_->upload_batch(ids, targets, batch * seq);
   return impl_->forward_backward(batch, seq, 0.f, false);
+}
+
+void CudaModel::forward_logits(const int32_t* ids, int64_t batch, int64_t seq, float* logits) {
+  PL_CHECK(logits, internal, "CudaModel::forward_logits: null logits");
+  impl_->upload_batch(ids, nullptr, batch * seq);
+  impl_->forward_backward(batch, seq, 0.f, false, logits);
 }
 
 void CudaModel::set_step_keys(uint64_t noise_key, int64_t first_token, float aux_scale) {

@@ -60,6 +60,7 @@
 
 #include "model/model.h"
 #include "model/ops/cuda_fwd.h"
+#include "model/ops/gemm_cuda.h"
 #include "model/optimizer.h"
 #include "parallel/comm.h"
 
@@ -71,6 +72,11 @@ struct CudaModelOptions {
   bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
   int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
   int64_t peer_round_tokens = 0;  // parallel.peer_round_tokens: sharded PEER exchange rounds (expert_parallel.h)
+  // The full-precision forward products (model.quant = "none": attention's and SwiGLU's projections,
+  // a "linear" / "tied" LM head; model/cuda_context_proj.cu): bf16 tensor cores (training), or fp32
+  // GEMMs, with which (and fp32 storage, which it needs) the forward is the CPU model's up to float
+  // summation order: what inference-style checks use (tests/test_import_llama_cuda.cpp).
+  FloatGemm float_gemm = FloatGemm::bf16;
 };
 
 class CudaModel {
@@ -97,6 +103,10 @@ class CudaModel {
   // The forward alone (evaluation): Σ losses of the micro-batch, PEER BatchNorm on its running
   // statistics (Model::forward with PeerNormMode::eval). Leaves the gradient untouched.
   double forward_loss(const int32_t* ids, const int32_t* targets, int64_t batch, int64_t seq);
+  // The same forward returning its logits instead of a loss: logits (batch·seq, V), a host array,
+  // row t the LM head's output after ids[0..t] of its sequence (Model::forward's ctx.logits).
+  // Copied to the host one head chunk at a time, so no (tokens, V) buffer exists on the device.
+  void forward_logits(const int32_t* ids, int64_t batch, int64_t seq, float* logits);
   // The next forward_backward's training randomness and aux-loss weight, as ForwardContext's
   // noise_key, first_token and aux_scale (σ-MoE expert dropout; 0 = grad_scale·tokens).
   void set_step_keys(uint64_t noise_key, int64_t first_token, float aux_scale = 0);

@@ -89,6 +89,11 @@ TEST(cuda_model_config, accepts_transformer_baselines) {
   ModelConfig mixed = tiny();  // the MatMul-free kinds with a full-precision head
   mixed.head = "tied";
   EXPECT_EQ(refusal(mixed), "");
+  for (const int64_t dh : {8, 16, 32}) {  // narrow heads (llama2.c's stories260K: 8) on the fp32 kernel
+    ModelConfig narrow = tiny_tpp();
+    narrow.head_dim = dh;
+    EXPECT_EQ(refusal(narrow), "") << "head_dim " << dh;
+  }
 }
 
 TEST(cuda_model_config, full_precision_refusals_name_the_key) {
@@ -103,9 +108,9 @@ TEST(cuda_model_config, full_precision_refusals_name_the_key) {
   ModelConfig bitlinear_head = tiny_tpp();  // the full-precision BitLinear head is CPU-only
   bitlinear_head.head = "bitlinear";
   EXPECT_NE(refusal(bitlinear_head).find("model.head"), std::string::npos);
-  ModelConfig head32 = tiny_tpp();  // the attention kernels take heads of 64 or 128
-  head32.head_dim = 32;
-  EXPECT_NE(refusal(head32).find("model.head_dim"), std::string::npos);
+  ModelConfig head48 = tiny_tpp();  // the attention kernels take heads of 8, 16, 32, 64 or 128
+  head48.head_dim = 48;
+  EXPECT_NE(refusal(head48).find("model.head_dim"), std::string::npos);
 }
 
 TEST(cuda_model_config, refusals_name_the_key) {

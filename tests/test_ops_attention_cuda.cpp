@@ -1,7 +1,8 @@
 // The CUDA attention op and RoPE (model/ops/attention.cu) against the CPU reference
 // (model/ops/attention.cpp): forward o and LSE, backward dq, dk, dv, decode against a KV cache,
 // RoPE both ways in both layouts; MHA, GQA and MQA (H_kv = H, H/2, 1); T = 1, within one 64-key
-// tile, exactly one tile, just under two, and five tiles; d_h 64 and 128; batch 2. Fresh random
+// tile, exactly one tile, just under two, and five tiles; d_h 8, 16, 32 (the fp32 kernels only; 8 runs
+// in 16-wide tiles with zero columns), 64 and 128; batch 2. Fresh random
 // inputs each run (seed printed; PEERLESS_TEST_SEED replays), outputs in poisoned, guarded buffers
 // (an element the kernels forget to write, or a write outside the tensor, fails), and the backward
 // run twice must give the same bits (it promises determinism: no atomics).
@@ -108,10 +109,10 @@ struct Case {
 };
 
 // B 2, H 4 with H_kv 4, 2, 1; T 1, 17 (part of one tile), 64 (one tile), 127 (just under two),
-// 300 (five, the last partial); d_h 64, 128.
+// 300 (five, the last partial); d_h 8, 16, 32, 64, 128.
 std::vector<Case> cases() {
   std::vector<Case> out;
-  for (int64_t dh : {64, 128})
+  for (int64_t dh : {8, 16, 32, 64, 128})
     for (int64_t T : {1, 17, 64, 127, 300})
       for (int64_t G : {4, 2, 1}) out.push_back({2, T, 4, G, dh});
   return out;
@@ -182,7 +183,7 @@ TEST_F(Cuda, attention_forward_backward_match_cpu) {
 // Scores of sd ~30 (e^90 overflows fp32): only the running max keeps exp in range. Both sides
 // must stay finite and agree within kLargeScoreTol.
 TEST_F(Cuda, attention_forward_large_scores_stay_finite) {
-  for (const int64_t dh : {64, 128}) {
+  for (const int64_t dh : {8, 64, 128}) {
     const Case c{2, 127, 4, 2, dh};
     SCOPED_TRACE(c.name());
     const Inputs in(c, rng(), 30.0f);
@@ -215,7 +216,7 @@ TEST_F(Cuda, attention_forward_is_deterministic) {
 // decode, and bit for bit the GPU forward's row at that position (the same kernel, tiles, order).
 // Positions: the first, the last of a tile, the first of the next, inside, the cache's last.
 TEST_F(Cuda, attention_decode_matches_cpu_and_the_forward_row) {
-  for (const int64_t dh : {64, 128})
+  for (const int64_t dh : {8, 64, 128})
     for (const int64_t G : {4, 2, 1}) {
       const Case c{2, 300, 4, G, dh};
       SCOPED_TRACE(c.name());
@@ -364,6 +365,12 @@ TEST_F(Cuda, attention_refuses_unsupported_shapes) {
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream()), Error);               // d_h 96
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 3, 64}, p, p, p, p, p, stream()), Error);               // 3 ∤ 4
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream(), AttentionPrecision::bf16), Error);
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 24}, p, p, p, p, p, stream()), Error);  // d_h 24
+  // Heads under 64 have fp32 kernels only.
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 8}, p, p, p, p, p, stream(), AttentionPrecision::bf16), Error);
+  EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 32}, p, p, p, p, p, p, p + 1, p + 2, p + 3, stream(),
+                                       AttentionPrecision::bf16),
+               Error);
   EXPECT_THROW(attention_decode_cuda({2, 8, 4, 4, 64}, 8, p, p, p, p, stream()), Error);                // pos ≥ T
   EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, p, p, p, p, p, p, p, p, p, stream()), Error);  // aliasing
   // Empty shapes launch nothing.

@@ -6,6 +6,7 @@
 //   quant none forward, every backward, the fp32 heads: bf16 GEMMs with fp32 accumulation against
 //   fp32 GEMMs (the GPU rounds both operands to bf16; the CPU side gets the same bf16 dy so only
 //   that rounding differs): max |error| within 1e-2 of max |value| (2^-8 per operand is ~4e-3).
+//   quant none forward with fp32 GEMMs (CudaContext::float_gemm): fp32 against fp32, 2e-5.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -144,6 +145,47 @@ TEST_F(Cuda, linear_and_tied_heads_match_the_cpu) {
     expect_close(d_dxf.download("dxf"), dxf, 1e-2, "dxf");
     const int w = model.index().head_w;
     expect_close(dev.grad(model, w), slice(grads, model.layout().at(w).offset, V * d), 1e-2, "dW");
+  }
+}
+
+// The fp32 forward GEMMs (CudaContext::float_gemm = fp32, the exact-inference option): y, y +
+// residual and both heads' logits against the CPU's fp32 GEMMs. Both sides sum K ≤ 96 fp32 products
+// in their own orders: ≲ K·2^-24 ≈ 6e-6 of Σ|terms| in the worst case, so norm-wise within 2e-5
+// (a bf16 operand, the default path's ~4e-3, fails it).
+TEST_F(Cuda, fp32_forward_gemms_match_the_cpu) {
+  constexpr double kTol = 2e-5;
+  for (const char* head : {"linear", "tied"}) {
+    SCOPED_TRACE(head);
+    Model model(tiny("none", head));
+    std::vector<float> params(model.layout().total());
+    model.init_params(params.data(), 11);
+    model.refresh_ternary(params.data());
+    const int64_t M = 70, d = model.config().d_model, V = model.config().vocab_size;
+    Device dev(model, params, M);
+    dev.g.float_gemm = FloatGemm::fp32;
+    for (const char* name : {"blocks/0/attn/q_proj/weight", "blocks/0/mlp/down_proj/weight"}) {
+      SCOPED_TRACE(name);
+      const int w = model.layout().find(name);
+      const int64_t N = model.layout().at(w).shape[0], K = model.layout().at(w).shape[1];
+      const std::vector<float> x = normal(rng(), M * K), res = normal(rng(), M * N);
+      BitLinearCache cache;
+      std::vector<float> y(M * N);
+      model.proj_forward(params.data(), w, M, x.data(), y.data(), cache);
+      std::vector<float> y_res(y);
+      for (size_t i = 0; i < y.size(); ++i) y_res[i] += res[i];
+      Guarded<float> d_x(x), d_res(res), d_y(M * N);
+      dev.g.proj_forward(w, M, d_x.get(), d_y.get());
+      expect_close(d_y.download("y"), y, kTol, "y");
+      dev.g.proj_forward(w, M, d_x.get(), d_res.get(), d_res.get());
+      expect_close(d_res.download("y + residual"), y_res, kTol, "y + residual");
+    }
+    const std::vector<float> xf = normal(rng(), M * d);
+    BitLinearCache cache;
+    std::vector<float> logits(M * V);
+    model.head_forward(params.data(), M, xf.data(), logits.data(), cache);
+    Guarded<float> d_xf(xf), d_logits(M * V);
+    dev.g.head_forward(M, d_xf.get(), d_logits.get(), true);
+    expect_close(d_logits.download("logits"), logits, kTol, "logits");
   }
 }
 

@@ -4,7 +4,8 @@
 // model.quant = "none", int8 × ternary under "ternary", where attn_sub_norm feeds W_o); the attention
 // itself is model/ops/attention.h's FlashAttention-2 style kernels (LSE saved, deterministic
 // backward): bf16 tensor cores when the model stores its activations in bf16 (run.activations =
-// "bf16", CudaModuleBuild::bf16_activations), the fp32 kernel otherwise (the fp32 reference runs).
+// "bf16", CudaModuleBuild::bf16_activations, and a head of 64 or 128), the fp32 kernel otherwise (the
+// fp32 reference runs, heads of 8 to 32).
 // Saved per token: q, k (after RoPE), v, o in fp32 (the kernels read fp32 and round to bf16 in their
 // tile loads, so "bf16" does not shrink them), the LSE per head, and attn_sub_norm's rstd;
 // n, the sub-norm's output and every projection's quantized input are recomputed in the backward.
@@ -27,7 +28,10 @@ class AttentionCuda final : public CudaModule {
     theta_ = static_cast<float>(c.rope_theta);
     rope_layout_ = c.rope_layout == "rotate_half" ? RopeLayout::rotate_half : RopeLayout::adjacent;
     ternary_ = g.host.quantized();
-    precision_ = b.bf16_activations ? AttentionPrecision::bf16 : AttentionPrecision::fp32;
+    // bf16 tensor cores with bf16 storage where they take the head (64, 128); narrower heads (an
+    // imported llama2.c model's 8, 16, 32) run the fp32 kernel whatever the storage.
+    const bool tensor_cores = b.bf16_activations && attention_cuda_head_dim_supported(dh_, AttentionPrecision::bf16);
+    precision_ = tensor_cores ? AttentionPrecision::bf16 : AttentionPrecision::fp32;
     PL_CHECK(c.qsparse == 0, config, "run.device = \"cuda\": model.token_mixer = \"attention\" has no Q-Sparse on the "
              "GPU (model.qsparse = ", c.qsparse, "); use model.qsparse = 0 or run.device = \"cpu\"");
     const ParamLayout& L = g.layout;

@@ -10,9 +10,10 @@
 //
 // Thread layout, every kernel: 256 threads = 16 × 16; thread (ty, tx) owns rows ty·4 + r (r < 4)
 // of a 64-row tile, and columns tx + 16c of it (c < 4 for a 64 × 64 score tile, c < d_h/16 for a
-// 64 × d_h output tile). A row's 16 owners are 16 consecutive lanes of one warp, so row max and
-// row sum are 4 xor-shuffles. Shared tiles have odd row strides (d_h + 1, 65): the column reads of
-// K and V (lane = key) and the transposed reads of P, dS are then free of bank conflicts.
+// 64 × d_h output tile; a head of 8 is held 16 wide, its last 8 columns zeros: kCols). A row's 16
+// owners are 16 consecutive lanes of one warp, so row max and row sum are 4 xor-shuffles. Shared
+// tiles have odd row strides (d_h + 1, 65): the column reads of K and V (lane = key) and the
+// transposed reads of P, dS are then free of bank conflicts.
 //
 // Shared memory (floats): forward Q + K|V (one buffer: K, then V of the same tile) + P =
 // 2·64·(d_h + 1) + 64·65: 50 KB at d_h 64, 83 KB at 128. The dK/dV pass keeps K, V, Q, dO and P,
@@ -37,6 +38,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "model/ops/attention.h"
 #include "model/ops/attention_internal.cuh"
@@ -98,20 +100,35 @@ constexpr int kTile = 64;        // query rows per Q tile = keys per K/V tile (B
 constexpr int kLdS = kTile + 1;  // row stride of the 64 × 64 P and dS tiles
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
+// Width of a 64 × D operand tile in shared memory: D, or 16 for a head narrower than the 16 column
+// owners of a row (D = 8: the columns past D are zeros, so every product reads zeros there, and
+// stores_column() keeps their results out of memory).
+template <int D>
+constexpr int kCols = D < 16 ? 16 : D;
 // Row stride of a 64 × D operand tile: odd, see the file comment.
 template <int D>
-constexpr int kLd = D + 1;
+constexpr int kLd = kCols<D> + 1;
+// Output columns per thread of a 64 × D tile (columns tx + 16c).
+template <int D>
+constexpr int kNc = kCols<D> / 16;
+// Whether column tx + 16c of a 64 × D output tile is one of the head's D (always, unless D < 16).
+template <int D>
+__device__ __forceinline__ bool stores_column(int tx, int c) {
+  return D >= 16 || tx + 16 * c < D;
+}
 
 // Rows [row0, row0 + 64) of a (rows, D) slice whose rows are `gs` floats apart into shared memory
-// (row stride D + 1); rows at or past n_rows are zeros (masked entries then multiply zeros, never
-// stale values or NaN). Consecutive threads read consecutive floats of a row: coalesced.
+// (row stride kLd); rows at or past n_rows and columns past D are zeros (masked entries then
+// multiply zeros, never stale values or NaN). Consecutive threads read consecutive floats of a
+// row: coalesced.
 template <int D>
 __device__ __forceinline__ void load_tile(float* __restrict__ dst, const float* __restrict__ src, int64_t gs,
                                           int64_t row0, int64_t n_rows) {
-  for (int e = threadIdx.x; e < kTile * D; e += kThreads) {
-    const int r = e / D, c = e % D;
+  constexpr int W = kCols<D>;
+  for (int e = threadIdx.x; e < kTile * W; e += kThreads) {
+    const int r = e / W, c = e % W;
     const int64_t gr = row0 + r;
-    dst[r * kLd<D> + c] = gr < n_rows ? src[gr * gs + c] : 0.0f;
+    dst[r * kLd<D> + c] = gr < n_rows && c < D ? src[gr * gs + c] : 0.0f;
   }
 }
 
@@ -182,7 +199,7 @@ struct ForwardArgs {
 // are never visited (the skip of tiles above the diagonal).
 template <int D>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(ForwardArgs a) {
-  constexpr int ld = kLd<D>, NC = D / 16;
+  constexpr int ld = kLd<D>, NC = kNc<D>;
   extern __shared__ float smem[];
   float* qs = smem;             // (64, ld) Q tile
   float* kv = qs + kTile * ld;  // (64, ld) K tile, then V tile
@@ -249,7 +266,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(ForwardArgs
     if (i >= a.n_q) continue;
     float* orow = a.o + b * a.q_b + h * a.q_h + i * a.q_t;
 #pragma unroll
-    for (int c = 0; c < NC; ++c) orow[tx + 16 * c] = acc[r][c] / l[r];
+    for (int c = 0; c < NC; ++c)
+      if (stores_column<D>(tx, c)) orow[tx + 16 * c] = acc[r][c] / l[r];
     if (a.lse && tx == 0) a.lse[static_cast<int64_t>(bh) * a.n_q + i] = (m[r] + log2f(l[r])) * kLn2;
   }
 }
@@ -324,7 +342,7 @@ __device__ __forceinline__ void probs_and_dscores(const float* qs, const float* 
 // the diagonal one down in order: dV += PᵀdO, dK += dSᵀQ, in registers; ·1/√d_h at the end.
 template <int D>
 __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(BackwardArgs a) {
-  constexpr int ld = kLd<D>, NC = D / 16;
+  constexpr int ld = kLd<D>, NC = kNc<D>;
   extern __shared__ float smem[];
   float* ks = smem;                // (64, ld)
   float* vs = ks + kTile * ld;     // (64, ld)
@@ -370,6 +388,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Backw
     if (j >= a.seq) continue;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
+      if (!stores_column<D>(tx, c)) continue;
       a.dk[kv_off + j * ks_t + tx + 16 * c] = dk[r][c] * a.scale;
       a.dv[kv_off + j * ks_t + tx + 16 * c] = dv[r][c];
     }
@@ -381,7 +400,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Backw
 // runs over the K/V tiles up to the diagonal in order: dQ += dS K, ·1/√d_h at the end.
 template <int D>
 __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(BackwardArgs a) {
-  constexpr int ld = kLd<D>, NC = D / 16;
+  constexpr int ld = kLd<D>, NC = kNc<D>;
   extern __shared__ float smem[];
   float* qs = smem;                       // (64, ld)
   float* dos = qs + kTile * ld;           // (64, ld)
@@ -430,7 +449,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Backwar
     const int64_t i = i0 + ty * 4 + r;
     if (i >= a.seq) continue;
 #pragma unroll
-    for (int c = 0; c < NC; ++c) a.dq[q_off + i * qs_t + tx + 16 * c] = dq[r][c] * a.scale;
+    for (int c = 0; c < NC; ++c)
+      if (stores_column<D>(tx, c)) a.dq[q_off + i * qs_t + tx + 16 * c] = dq[r][c] * a.scale;
   }
 }
 
@@ -459,25 +479,48 @@ void launch_backward(const BackwardArgs& a, int64_t batch, cudaStream_t stream) 
   PL_CUDA_CHECK_LAUNCH(attention_backward_dq_kernel);
 }
 
+// Calls f(std::integral_constant<int, D>{}) with D = dh, one of the fp32 kernels' head dims
+// (attention_cuda_head_dim_supported; the caller has checked).
+template <typename F>
+void with_head_dim(int64_t dh, F&& f) {
+  switch (dh) {
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    default:
+      return f(std::integral_constant<int, 128>{});
+  }
+}
+
 // Shape checks shared by the launchers: the CPU's, the supported head dims and the grid limits
 // (batch·heads is grid x, up to 2³¹ − 1; T/64 is grid y, up to 65535).
-void check_shape(const char* who, const AttentionShape& s) {
+void check_shape(const char* who, const AttentionShape& s, AttentionPrecision precision) {
   PL_CHECK(s.heads > 0 && s.kv_heads > 0 && s.heads % s.kv_heads == 0 && s.batch >= 0 && s.seq >= 0, internal, who,
            ": heads ", s.heads, ", kv_heads ", s.kv_heads, " (must divide heads), batch ", s.batch, ", seq ", s.seq);
-  PL_CHECK(s.head_dim == 64 || s.head_dim == 128, internal, who, ": head_dim ", s.head_dim,
-           " is not supported on the GPU (64 or 128)");
+  PL_CHECK(attention_cuda_head_dim_supported(s.head_dim, precision), internal, who, ": head_dim ", s.head_dim,
+           " is not supported on the GPU (fp32: 8, 16, 32, 64 or 128; bf16: 64 or 128)");
   PL_CHECK(s.batch * s.heads <= 0x7fffffff && (s.seq + kTile - 1) / kTile <= 65535, internal, who, ": batch·heads ",
            s.batch * s.heads, " or seq ", s.seq, " exceeds the grid (2^31 - 1, 65535·64)");
 }
 
 }  // namespace
 
+bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision) {
+  if (precision == AttentionPrecision::bf16) return head_dim == 64 || head_dim == 128;
+  return head_dim == 8 || head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
+
 void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream) { rope_cuda(s, x, false, stream); }
 void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream) { rope_cuda(s, dx, true, stream); }
 
 void attention_forward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
                             float* lse, cudaStream_t stream, AttentionPrecision precision) {
-  check_shape("attention_forward_cuda", s);
+  check_shape("attention_forward_cuda", s, precision);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(q && k && v && o && lse, internal, "attention_forward_cuda: null pointer");
   if (precision == AttentionPrecision::bf16) return attention_forward_bf16_cuda(s, q, k, v, o, lse, stream);
@@ -498,16 +541,13 @@ void attention_forward_cuda(const AttentionShape& s, const float* q, const float
                 G * dh,
                 dh,
                 kLog2e / std::sqrt(static_cast<float>(dh))};
-  if (dh == 64)
-    launch_forward<64>(a, s.batch * H, stream);
-  else
-    launch_forward<128>(a, s.batch * H, stream);
+  with_head_dim(dh, [&](auto D) { launch_forward<decltype(D)::value>(a, s.batch * H, stream); });
 }
 
 void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
                              const float* lse, const float* dout, float* dq, float* dk, float* dv,
                              cudaStream_t stream, AttentionPrecision precision) {
-  check_shape("attention_backward_cuda", s);
+  check_shape("attention_backward_cuda", s, precision);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(q && k && v && o && lse && dout && dq && dk && dv, internal, "attention_backward_cuda: null pointer");
   PL_CHECK(dq != dk && dq != dv && dk != dv && dq != o && dq != dout && dq != q, internal,
@@ -541,15 +581,12 @@ void attention_backward_cuda(const AttentionShape& s, const float* q, const floa
                  static_cast<int>(H / G),
                  scale,
                  kLog2e * scale};
-  if (dh == 64)
-    launch_backward<64>(a, s.batch, stream);
-  else
-    launch_backward<128>(a, s.batch, stream);
+  with_head_dim(dh, [&](auto D) { launch_backward<decltype(D)::value>(a, s.batch, stream); });
 }
 
 void attention_decode_cuda(const AttentionShape& s, int64_t pos, const float* q, const float* k_cache,
                            const float* v_cache, float* o, cudaStream_t stream) {
-  check_shape("attention_decode_cuda", s);
+  check_shape("attention_decode_cuda", s, AttentionPrecision::fp32);
   PL_CHECK(pos >= 0 && pos < s.seq, internal, "attention_decode_cuda: position ", pos, " outside the cache's ", s.seq);
   if (s.batch == 0) return;
   PL_CHECK(q && k_cache && v_cache && o, internal, "attention_decode_cuda: null pointer");
@@ -571,10 +608,7 @@ void attention_decode_cuda(const AttentionShape& s, int64_t pos, const float* q,
                 dh,
                 T * dh,
                 kLog2e / std::sqrt(static_cast<float>(dh))};
-  if (dh == 64)
-    launch_forward<64>(a, s.batch * H, stream);
-  else
-    launch_forward<128>(a, s.batch * H, stream);
+  with_head_dim(dh, [&](auto D) { launch_forward<decltype(D)::value>(a, s.batch * H, stream); });
 }
 
 }  // namespace peerless

@@ -101,12 +101,17 @@ void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream);
 //   bf16: bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators and softmax; attention_bf16.cu):
 //         q, k, v, dO (and P, dS) rounded to bf16 (2^-9 relative each) inside the tile loads, so
 //         outputs are within ~1e-2 of the row norm of the fp32 ones (tests/test_ops_attention_cuda.cpp
-//         derives the bound); ~10x faster. Same head dims (64, 128), same determinism.
+//         derives the bound); ~10x faster. Head dims 64 and 128 only; same determinism.
 enum class AttentionPrecision { fp32, bf16 };
 
+// The head dims the kernels take: fp32 8, 16, 32, 64, 128 (a head of 8, like llama2.c's
+// stories260K, runs in 16-wide tiles whose extra columns are zeros); bf16 64, 128.
+bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision);
+
 // FlashAttention-2 forward (arXiv 2307.08691 Alg. 1): o (B, T, H, d_h), lse (B, H, T) as
-// attention_forward_cpu, without a (T, T) matrix in memory. head_dim ∈ {64, 128} (other values
-// throw, naming the supported ones); none of o, lse may alias an input.
+// attention_forward_cpu, without a (T, T) matrix in memory. head_dim as
+// attention_cuda_head_dim_supported says (other values throw, naming the supported ones); none of
+// o, lse may alias an input.
 void attention_forward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
                             float* lse, cudaStream_t stream,
                             AttentionPrecision precision = AttentionPrecision::fp32);

@@ -31,6 +31,12 @@ namespace peerless {
 
 enum class GemmOut { f32, bf16 };
 
+// The arithmetic of a product of fp32 operands that a caller may run either way (the GPU model's
+// full-precision forward projections, CudaModelOptions::float_gemm): bf16 tensor cores on
+// operands rounded to bf16 with fp32 accumulation (gemm_bf16_cuda: fast, ~2^-9 relative per
+// operand), or fp32 throughout (gemm_f32_cuda: an fp32 CPU loop's result up to summation order).
+enum class FloatGemm { bf16, fp32 };
+
 // One cuBLASLt handle, its workspace and a small cache of chosen algorithms, bound to the device
 // current at construction. The workspace and scratch are reused by every call made through it, so
 // one BlasLt serves one stream at a time: give each stream its own. Move-only.
