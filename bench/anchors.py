@@ -185,7 +185,8 @@ def run_mmfreelm(args):
     for B in args.batches:
         def one():
             torch.manual_seed(1234)
-            model = HGRNBitForCausalLM(hf).to(dev)
+            with dev:  # parameters made and initialised on the GPU
+                model = HGRNBitForCausalLM(hf).to(dev)
             model.train()
             n_params = sum(p.numel() for p in model.parameters())
             opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
@@ -242,7 +243,8 @@ def run_peer(args):
 
         def one():
             torch.manual_seed(1234)
-            layer = PEER(**settings, activation=nn.ReLU).to(dev)
+            with dev:  # the 2 x 4 GiB expert tables made on the GPU, not on the host
+                layer = PEER(**settings, activation=nn.ReLU).to(dev)
             x = torch.randn(B, args.seq, args.dim, device=dev, requires_grad=True)
 
             def step():

@@ -141,8 +141,8 @@ void swiglu_work(Ledger& l, double d, double I) {
   l.tok(C::glu_path, 2 * A * I + 4 * I);
   if (sub) l.tok(C::norm_quant, 8 * I);
   l.proj_forward(d, I, 4, true);
-  // backward
-  l.tok(C::other, 6 * d);
+  // backward (dy to bf16 lands in the GLU path's tick with z's recomputation)
+  l.tok(C::glu_path, 6 * d);
   l.tok(C::glu_path, 2 * A * I + 4 * I);  // z again
   if (sub) l.tok(C::norm_quant, 8 * I);
   l.proj_backward(d, I, false);
