@@ -7,6 +7,10 @@
 // clipping + AdamW + ternary refresh, as in `peerless train` with run.device = "cuda".
 // Peak memory: cudaMemGetInfo's used bytes after the timed steps (nothing is freed in between:
 // every buffer is allocated at construction), printed with the model's own allocation.
+// Per batch size, a breakdown by kind of work (CudaModel::profile, two steps with the stream
+// synchronised between kinds) and each kind's floor, max(FLOPs / peak FLOP/s, bytes / copy bandwidth)
+// with the int8 IMMA and bf16 GEMM rates and the copy bandwidth measured in the same run
+// (launch/bench_floor.h: what is counted), and the gap measured / floor, per phase and for the step.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -19,53 +23,98 @@
 #include <vector>
 
 #include "launch/args.h"
+#include "launch/bench_floor.h"
 #include "launch/commands.h"
+#include "launch/cuda_bench_util.h"
 #include "launch/run_config.h"
 #include "model/cuda_model.h"
 #include "model/exact_sum.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
 #include "runtime/error.h"
+#include "runtime/memory.h"
 #include "runtime/rng.h"
 
 namespace peerless {
 
 namespace {
 
-double bf16_peak_tflops() {
-  const int64_t n = 8192;
-  bf16 *a = nullptr, *b = nullptr;
-  float* c = nullptr;
-  PL_CUDA_CHECK(cudaMalloc(&a, sizeof(bf16) * n * n));
-  PL_CUDA_CHECK(cudaMalloc(&b, sizeof(bf16) * n * n));
-  PL_CUDA_CHECK(cudaMalloc(&c, sizeof(float) * n * n));
-  PL_CUDA_CHECK(cudaMemset(a, 0, sizeof(bf16) * n * n));
-  PL_CUDA_CHECK(cudaMemset(b, 0, sizeof(bf16) * n * n));
-  cudaStream_t s;
-  PL_CUDA_CHECK(cudaStreamCreate(&s));
+// Best rate of `work` units per second of `call` on stream s over 10 timed calls after 2 untimed ones.
+template <typename F>
+double best_rate(cudaStream_t s, double work, F&& call) {
+  CudaEvent e0, e1;
   double best = 0;
-  {
-    BlasLt blas;
-    cudaEvent_t e0, e1;
-    PL_CUDA_CHECK(cudaEventCreate(&e0));
-    PL_CUDA_CHECK(cudaEventCreate(&e1));
-    for (int it = 0; it < 12; ++it) {
-      PL_CUDA_CHECK(cudaEventRecord(e0, s));
-      gemm_bf16_cuda(blas, Trans::no, Trans::yes, n, n, n, 1.f, a, n, b, n, 0.f, c, n, s);
-      PL_CUDA_CHECK(cudaEventRecord(e1, s));
-      PL_CUDA_CHECK(cudaEventSynchronize(e1));
-      float ms = 0;
-      PL_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      if (it >= 2) best = std::max(best, 2.0 * n * n * n / (ms * 1e-3) / 1e12);
-    }
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
+  for (int it = 0; it < 12; ++it) {
+    PL_CUDA_CHECK(cudaEventRecord(e0.get(), s));
+    call();
+    PL_CUDA_CHECK(cudaEventRecord(e1.get(), s));
+    PL_CUDA_CHECK(cudaEventSynchronize(e1.get()));
+    float ms = 0;
+    PL_CUDA_CHECK(cudaEventElapsedTime(&ms, e0.get(), e1.get()));
+    if (it >= 2) best = std::max(best, work / (ms * 1e-3));
   }
-  cudaStreamDestroy(s);
-  cudaFree(a);
-  cudaFree(b);
-  cudaFree(c);
   return best;
+}
+
+// The device's peaks, measured here: the dense bf16 GEMM (cuBLASLt, 8192³, fp32 accumulate), the
+// int8 IMMA GEMM the BitLinear forward uses (8192³, int32 out), and a 1 GiB device-to-device
+// cudaMemcpy (read + write: 2 × 1 GiB moved). Operands are zeros: the rates do not depend on values.
+PeakRates measure_peaks() {
+  const int64_t n = 8192;
+  const double flops = 2.0 * n * n * n;
+  const size_t nn = static_cast<size_t>(n * n), copy = size_t{1} << 30;
+  CudaStream stream;
+  const cudaStream_t s = stream.get();
+  BlasLt blas;
+  PeakRates r;
+  {
+    DeviceBytes a(sizeof(bf16) * nn), b(sizeof(bf16) * nn), c(sizeof(float) * nn);
+    PL_CUDA_CHECK(cudaMemsetAsync(a.get(), 0, a.size(), s));
+    PL_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, b.size(), s));
+    r.bf16_flops = best_rate(s, flops, [&] {
+      gemm_bf16_cuda(blas, Trans::no, Trans::yes, n, n, n, 1.f, static_cast<const bf16*>(a.get()), n,
+                     static_cast<const bf16*>(b.get()), n, 0.f, static_cast<float*>(c.get()), n, s);
+    });
+  }
+  {
+    DeviceBytes a(nn), b(nn), c(sizeof(int32_t) * nn);
+    PL_CUDA_CHECK(cudaMemsetAsync(a.get(), 0, a.size(), s));
+    PL_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, b.size(), s));
+    r.int8_flops = best_rate(s, flops, [&] {
+      ternary_int8_matmul_imma_cuda(blas, n, n, n, static_cast<const int8_t*>(a.get()),
+                                    static_cast<const int8_t*>(b.get()), static_cast<int32_t*>(c.get()), s);
+    });
+  }
+  {
+    DeviceBytes a(copy), b(copy);
+    PL_CUDA_CHECK(cudaMemsetAsync(a.get(), 1, copy, s));
+    r.bytes = best_rate(s, 2.0 * static_cast<double>(copy),
+                        [&] { PL_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), copy, cudaMemcpyDeviceToDevice, s)); });
+  }
+  PL_CUDA_CHECK(cudaStreamSynchronize(s));
+  return r;
+}
+
+// The profiled breakdown beside each phase's floor (launch/bench_floor.h): measured ms per step,
+// the phase's FLOPs and estimated bytes, the floor and what binds it, and measured / floor; then the
+// whole step, timed without the profiler's synchronisations, against the sum of the floors.
+void print_floors(const std::vector<double>& prof, int profiled_steps, double step_s,
+                  const std::vector<PhaseWork>& work, const PeakRates& peaks) {
+  std::printf("       %-48s %9s %8s %9s %9s %6s %8s\n", "phase (floor: bytes are estimates)", "ms/step", "TFLOP", "GB",
+              "floor_ms", "bound", "gap");
+  double floor_total = 0;
+  for (int c = 0; c < CudaModel::kCategories; ++c) {
+    const PhaseWork& w = work[c];
+    const double ms = 1e3 * prof[c] / profiled_steps, floor_ms = 1e3 * floor_seconds(w, peaks);
+    const double compute = w.int8_flops / peaks.int8_flops + w.bf16_flops / peaks.bf16_flops;
+    floor_total += floor_ms;
+    if (ms <= 0 && floor_ms <= 0) continue;
+    std::printf("       %-48s %9.2f %8.2f %9.2f %9.2f %6s %7.1fx\n", CudaModel::category_name(c), ms,
+                (w.int8_flops + w.bf16_flops) / 1e12, w.bytes / 1e9, floor_ms,
+                compute * peaks.bytes >= w.bytes ? "flops" : "bytes", floor_ms > 0 ? ms / floor_ms : 0.0);
+  }
+  std::printf("       %-48s %9.2f %8s %9s %9.2f %6s %7.1fx\n", "step (timed, no profiler syncs)", 1e3 * step_s, "", "",
+              floor_total, "", floor_total > 0 ? 1e3 * step_s / floor_total : 0.0);
 }
 
 std::vector<int64_t> parse_list(const std::string& option, const std::string& text) {
@@ -75,6 +124,95 @@ std::vector<int64_t> parse_list(const std::string& option, const std::string& te
   while (std::getline(ss, item, ',')) out.push_back(parse_int_arg(option, item));
   PL_CHECK(!out.empty(), config, "--", option, " needs at least one value");
   return out;
+}
+
+// What every batch size shares: the config, T, the step counts, the measured peaks, the one-rank Comm.
+struct BenchSetup {
+  const RunConfig& cfg;
+  int64_t T, steps, warmup;
+  const PeakRates& peaks;
+  Comm& single;
+};
+
+// One micro-batch size B in one mode (deterministic or not): the model built for B·T tokens, --warmup
+// untimed steps, --steps timed ones, the result line, then two profiled steps and the floor table.
+void bench_batch(const BenchSetup& b, int64_t B, bool det) {
+  const RunConfig& cfg = b.cfg;
+  const int64_t T = b.T, steps = b.steps, warmup = b.warmup;
+  const double peak = b.peaks.bf16_flops / 1e12;
+  Model model(cfg.model);
+  const int64_t n_params = model.layout().count();
+  std::vector<float> params(model.layout().total());
+  model.init_params(params.data(), 7);
+  model.refresh_ternary(params.data());
+  AdamW adam(cfg.optim, model.layout());
+  std::unique_ptr<CudaModel> cuda;
+  try {
+    CudaModelOptions copt;
+    copt.bf16_activations = cfg.run.activations == "bf16";
+    cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
+  } catch (const Error& e) {
+    std::printf("%6lld %6lld  out of memory or unsupported: %s\n", static_cast<long long>(B), static_cast<long long>(T),
+                e.what());
+    cudaGetLastError();
+    return;
+  }
+  cuda->upload(params.data(), adam);
+  std::vector<int32_t> ids(B * T), targets(B * T);
+  Rng rng(11);
+  for (int64_t i = 0; i < B * T; ++i) ids[i] = static_cast<int32_t>(rng.uniform() * cfg.model.vocab_size);
+  for (int64_t i = 0; i < B * T; ++i) targets[i] = ids[(i + 1) % (B * T)];
+  // Deterministic: the micro-batch's gradient into the device's int64 sums and back (one rank: the
+  // all-reduce is a no-op, so this is the mode's compute cost; its bytes are in docs/parallel.md).
+  ExactGradSum exact(model.layout(), 1, {});
+  std::unique_ptr<ExactGradSumDevice> exact_dev;
+  if (det) exact_dev = std::make_unique<ExactGradSumDevice>(exact, cuda->stream());
+  auto step = [&](int64_t t) {
+    for (;;) {
+      cuda->zero_grads();
+      if (det) exact_dev->begin_step();
+      cuda->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(B * T));
+      if (!det) break;
+      exact_dev->add(cuda->device_grads());
+      if (exact.fits(b.single)) {
+        exact_dev->reduce(b.single, cuda->device_grads());
+        break;
+      }
+    }
+    const double n = cuda->grad_norm();
+    cuda->optimizer_step(t, 1e-3, n > 1.0 ? static_cast<float>(1.0 / n) : 1.0f);
+  };
+  for (int64_t i = 0; i < warmup; ++i) step(i + 1);
+  PL_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < steps; ++i) step(warmup + i + 1);
+  PL_CUDA_CHECK(cudaDeviceSynchronize());
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+  const double tps = static_cast<double>(B * T) / sec;
+  const double mfu = 6.0 * static_cast<double>(n_params) * tps / (peak * 1e12);
+  std::printf("%6lld %6lld %5s %10.1f %12.0f %7.1f%% %12.2f %12.2f %lld\n", static_cast<long long>(B),
+              static_cast<long long>(T), det ? "on" : "off", 1e3 * sec, tps, 100 * mfu,
+              static_cast<double>(cuda->device_bytes()) / (1 << 30),
+              static_cast<double>(cuda->peak_bytes()) / (1 << 30), static_cast<long long>(n_params));
+  // Breakdown: two more steps with the stream synchronised between kinds of work, then each kind's
+  // floor beside it.
+  const int profiled = 2;
+  cuda->set_profiling(true);
+  for (int64_t i = 0; i < profiled; ++i) step(warmup + steps + i + 1);
+  const auto prof = cuda->profile();
+  cuda->set_profiling(false);
+  double total = 0;
+  for (double t : prof) total += t;
+  std::printf("       breakdown (%d synchronised steps, %.1f ms per step):", profiled, 1e3 * total / profiled);
+  for (int c = 0; c < CudaModel::kCategories; ++c)
+    std::printf("%s %s %.1f%%", c ? ";" : "", CudaModel::category_name(c), 100 * prof[c] / total);
+  std::printf("\n");
+  StepShape shape;
+  shape.batch = B, shape.seq = T, shape.deterministic = det;
+  shape.bf16_activations = cfg.run.activations == "bf16";
+  shape.head_chunk = CudaModelOptions{}.head_chunk;
+  print_floors(prof, profiled, sec, step_work(model, shape), b.peaks);
+  std::fflush(stdout);
 }
 
 }  // namespace
@@ -90,7 +228,8 @@ int bench_train(const Args& args) {
   p.option("seq", &seq_s, "T", "sequence length (default 2048)");
   p.option("steps", &steps_s, "N", "timed steps per batch size (default 5)");
   p.option("warmup", &warmup_s, "N", "untimed steps first (default 2)");
-  p.option("activations", &activations, "bf16|fp32", "storage of the saved activations (run.activations; default bf16)");
+  p.option("activations", &activations, "bf16|fp32",
+           "storage of the saved activations (run.activations; default bf16)");
   p.option("deterministic", &deterministic, "off|on|both",
            "exact fixed-point gradient sums (parallel.deterministic) off, on, or both side by side (default both)");
   if (!p.parse(args)) return 0;
@@ -106,85 +245,23 @@ int bench_train(const Args& args) {
   auto single = make_single_comm();
   RunConfig cfg = load_run_config(config, {"run.device=cuda", "run.activations=" + activations});
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = 32000;
+  cfg.model.context_length = T;  // the T of attention's FLOPs (the floors' count): the benched length
 
   int dev = 0;
   cudaDeviceProp prop{};
   PL_CUDA_CHECK(cudaGetDevice(&dev));
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  const double peak = bf16_peak_tflops();
-  std::printf("# peerless bench train: %s on %s, activations %s; bf16 GEMM peak measured %.0f TFLOP/s (8192^3)\n",
-              config.c_str(), prop.name, cfg.run.activations.c_str(), peak);
+  const PeakRates peaks = measure_peaks();
+  const double peak = peaks.bf16_flops / 1e12;
+  std::printf(
+      "# peerless bench train: %s on %s, activations %s; measured peaks: bf16 GEMM %.0f TFLOP/s, int8 IMMA "
+      "GEMM %.0f TOP/s (8192^3), d2d copy %.0f GB/s\n",
+      config.c_str(), prop.name, cfg.run.activations.c_str(), peak, peaks.int8_flops / 1e12, peaks.bytes / 1e9);
   std::printf("%6s %6s %5s %10s %12s %8s %12s %12s %s\n", "batch", "seq", "det", "step_ms", "tokens/s", "MFU",
               "model_GiB", "device_GiB", "params");
+  const BenchSetup setup{cfg, T, steps, warmup, peaks, *single};
   for (int64_t B : batches)
-  for (const bool det : modes) {
-    Model model(cfg.model);
-    const int64_t n_params = model.layout().count();
-    std::vector<float> params(model.layout().total());
-    model.init_params(params.data(), 7);
-    model.refresh_ternary(params.data());
-    AdamW adam(cfg.optim, model.layout());
-    std::unique_ptr<CudaModel> cuda;
-    try {
-      CudaModelOptions copt;
-      copt.bf16_activations = cfg.run.activations == "bf16";
-      cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
-    } catch (const Error& e) {
-      std::printf("%6lld %6lld  out of memory or unsupported: %s\n", static_cast<long long>(B),
-                  static_cast<long long>(T), e.what());
-      cudaGetLastError();
-      continue;
-    }
-    cuda->upload(params.data(), adam);
-    std::vector<int32_t> ids(B * T), targets(B * T);
-    Rng rng(11);
-    for (int64_t i = 0; i < B * T; ++i) ids[i] = static_cast<int32_t>(rng.uniform() * cfg.model.vocab_size);
-    for (int64_t i = 0; i < B * T; ++i) targets[i] = ids[(i + 1) % (B * T)];
-    // Deterministic: the micro-batch's gradient into the device's int64 sums and back (one rank: the
-    // all-reduce is a no-op, so this is the mode's compute cost; its bytes are in docs/parallel.md).
-    ExactGradSum exact(model.layout(), 1, {});
-    std::unique_ptr<ExactGradSumDevice> exact_dev;
-    if (det) exact_dev = std::make_unique<ExactGradSumDevice>(exact, cuda->stream());
-    auto step = [&](int64_t t) {
-      for (;;) {
-        cuda->zero_grads();
-        if (det) exact_dev->begin_step();
-        cuda->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(B * T));
-        if (!det) break;
-        exact_dev->add(cuda->device_grads());
-        if (exact.fits(*single)) {
-          exact_dev->reduce(*single, cuda->device_grads());
-          break;
-        }
-      }
-      const double n = cuda->grad_norm();
-      cuda->optimizer_step(t, 1e-3, n > 1.0 ? static_cast<float>(1.0 / n) : 1.0f);
-    };
-    for (int64_t i = 0; i < warmup; ++i) step(i + 1);
-    PL_CUDA_CHECK(cudaDeviceSynchronize());
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < steps; ++i) step(warmup + i + 1);
-    PL_CUDA_CHECK(cudaDeviceSynchronize());
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
-    const double tps = static_cast<double>(B * T) / sec;
-    const double mfu = 6.0 * static_cast<double>(n_params) * tps / (peak * 1e12);
-    std::printf("%6lld %6lld %5s %10.1f %12.0f %7.1f%% %12.2f %12.2f %lld\n", static_cast<long long>(B),
-                static_cast<long long>(T), det ? "on" : "off", 1e3 * sec, tps, 100 * mfu,
-                static_cast<double>(cuda->device_bytes()) / (1 << 30),
-                static_cast<double>(cuda->peak_bytes()) / (1 << 30), static_cast<long long>(n_params));
-    // Breakdown: two more steps with the stream synchronised between kinds of work.
-    cuda->set_profiling(true);
-    for (int64_t i = 0; i < 2; ++i) step(warmup + steps + i + 1);
-    const auto prof = cuda->profile();
-    cuda->set_profiling(false);
-    double total = 0;
-    for (double t : prof) total += t;
-    std::printf("       breakdown (2 synchronised steps, %.1f ms per step):", 1e3 * total / 2);
-    for (int c = 0; c < CudaModel::kCategories; ++c)
-      std::printf("%s %s %.1f%%", c ? ";" : "", CudaModel::category_name(c), 100 * prof[c] / total);
-    std::printf("\n");
-    std::fflush(stdout);
-  }
+    for (const bool det : modes) bench_batch(setup, B, det);
   return 0;
 }
 
