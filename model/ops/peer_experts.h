@@ -119,8 +119,9 @@ void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* d
 // The table the expert kernels read (device memory, rows [u|v], (N, 2d)): fp32 rows, or
 // (model.peer_ternary) int8 ternary codes t ∈ {−1, 0, 1} with the table's one β, read as the floats
 // t·β. That product is exact, so every kernel computes bit for bit what it computes on a dequantized
-// fp32 copy of the table, while the gathers read 1 byte per weight instead of 4. Both forms go
-// through one row load (peer_cuda_detail.cuh); a float pointer converts to the fp32 form.
+// fp32 copy of the table, while the gathers read 1 byte per weight instead of 4. The table gradient
+// is then that of t·β, which the caller adds to the fp32 latent rows (the straight-through estimator).
+// Both forms go through one row load (peer_cuda_detail.cuh); a float pointer converts to the fp32 form.
 struct PeerTableCuda {
   const float* rows = nullptr;    // (N, 2d) fp32, or null for the codes
   const int8_t* codes = nullptr;  // (N, 2d) ternary codes
