@@ -9,9 +9,13 @@
 // a prediction from the device copy bandwidth measured in the same run and an assumed fp32 GEMM
 // rate, the achieved GB/s and its share of the copy. The table gradient is timed in the form given
 // by --table-grad (sparse: rows + values of the U distinct rows; dense: (N, 2d) += per row).
+// --ternary: the experts read an int8 ternary copy of the table (model.peer_ternary on the GPU:
+// PeerLayerParams::table_codes, 1 byte per weight instead of 4; the gradient rows stay fp32), and the
+// copy's refresh (β's float64 segment sums in either order, then the codes) is timed once per order.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -24,6 +28,7 @@
 #include "model/ops/cuda_check.h"
 #include "model/ops/peer_cuda_detail.cuh"
 #include "model/ops/peer_layer.h"
+#include "model/ops/quant.h"
 #include "runtime/memory.h"
 #include "runtime/error.h"
 
@@ -81,6 +86,27 @@ struct Row {
   double ms, bytes, flops;
 };
 
+// model.peer_ternary's refresh of an (N, 2d) table as the GPU model runs it (model/modules/peer_cuda.cu):
+// float64 Σ|W| per segment of `seg` elements on the device, the sums added in order on the host, the
+// codes from β. Returns β; *ms: the wall time of the whole refresh (device and host).
+float ternary_refresh(const float* table, int64_t n, int64_t seg, int8_t* codes, cudaStream_t st, double* ms) {
+  const int64_t n_sums = (n + seg - 1) / seg;
+  DeviceBytes sums(static_cast<size_t>(n_sums) * sizeof(double));
+  std::vector<double> host(static_cast<size_t>(n_sums));
+  PL_CUDA_CHECK(cudaStreamSynchronize(st));
+  const auto t0 = std::chrono::steady_clock::now();
+  segment_abs_sums_cuda(n, seg, table, static_cast<double*>(sums.get()), st);
+  PL_CUDA_CHECK(cudaMemcpyAsync(host.data(), sums.get(), sums.size(), cudaMemcpyDeviceToHost, st));
+  PL_CUDA_CHECK(cudaStreamSynchronize(st));
+  double total = 0;
+  for (double v : host) total += v;
+  const float beta = ternary_beta(total, n);
+  ternary_codes_cuda(n, table, beta, codes, st);
+  PL_CUDA_CHECK(cudaStreamSynchronize(st));
+  *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return beta;
+}
+
 }  // namespace
 
 int bench_peer_layer(const Args& args) {
@@ -100,6 +126,9 @@ int bench_peer_layer(const Args& args) {
   p.option("act", &act_s, "NAME", "expert activation: relu or gelu (default relu)");
   p.option("gemm", &gemm_s, "MATH", "GEMM math: fp32 (SGEMM) or tf32x3 (fp32-accurate 3xTF32; default)");
   p.option("fp32-tflops", &tflops_s, "X", "assumed fp32 GEMM rate for the predictions (default 50)");
+  bool ternary = false;
+  p.flag("ternary", &ternary,
+         "experts read an int8 ternary copy of the table (model.peer_ternary): 1 byte per weight instead of 4");
   p.option("iters", &iters_s, "N", "timed iterations (default 10)");
   p.option("warmup", &warmup_s, "N", "untimed iterations first (default 2)");
   if (!p.parse(args)) return 0;
@@ -122,12 +151,13 @@ int bench_peer_layer(const Args& args) {
   PL_CUDA_CHECK(cudaGetDevice(&dev));
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   const double base_used = used_device_bytes();
-  std::printf("# peerless bench peer-layer: %s, %d SMs; N = %lld² experts, d = %lld, h = %lld, k = %lld, d_k = %lld "
-              "(%lld per half), %s, fp32 tables, %s GEMMs; median of %lld iterations after %lld warm-up\n",
-              prop.name, prop.multiProcessorCount, static_cast<long long>(n_sub), static_cast<long long>(d),
-              static_cast<long long>(heads), static_cast<long long>(k), static_cast<long long>(key_dim),
-              static_cast<long long>(key_dim / 2), act_s.c_str(), gemm_s.c_str(), static_cast<long long>(iters),
-              static_cast<long long>(warmup));
+  std::printf(
+      "# peerless bench peer-layer: %s, %d SMs; N = %lld² experts, d = %lld, h = %lld, k = %lld, d_k = %lld "
+      "(%lld per half), %s, %s tables, %s GEMMs; median of %lld iterations after %lld warm-up\n",
+      prop.name, prop.multiProcessorCount, static_cast<long long>(n_sub), static_cast<long long>(d),
+      static_cast<long long>(heads), static_cast<long long>(k), static_cast<long long>(key_dim),
+      static_cast<long long>(key_dim / 2), act_s.c_str(), ternary ? "int8 ternary (fp32 latent)" : "fp32",
+      gemm_s.c_str(), static_cast<long long>(iters), static_cast<long long>(warmup));
   Stream stream;
   const cudaStream_t st = stream.get();
 
@@ -171,8 +201,21 @@ int bench_peer_layer(const Args& args) {
   DeviceBytes dbeta = device_uniform(C, 0, 0, 11), dc1 = device_uniform(n_sub * half, 0, 0, 12);
   DeviceBytes dc2 = device_uniform(n_sub * half, 0, 0, 13);
   DeviceBytes dense = want_dense ? device_uniform(N * W, 0, 0, 14) : DeviceBytes();
-  const PeerLayerParams<float> params{f32(w_q), f32(gamma), f32(beta), f32(run_mean), f32(run_var),
-                                      f32(c1),  f32(c2),    f32(table)};
+  PeerLayerParams<float> params{f32(w_q),     f32(gamma), f32(beta), f32(run_mean),
+                                f32(run_var), f32(c1),    f32(c2),   f32(table)};
+  DeviceBytes codes = ternary ? DeviceBytes(static_cast<size_t>(N * W)) : DeviceBytes();
+  if (ternary) {
+    double by_chunk = 0, by_row = 0;
+    ternary_refresh(f32(table), N * W, W, static_cast<int8_t*>(codes.get()), st, &by_row);
+    params.table_beta =
+        ternary_refresh(f32(table), N * W, kAbsSumChunk, static_cast<int8_t*>(codes.get()), st, &by_chunk);
+    params.table_codes = static_cast<const int8_t*>(codes.get());
+    std::printf(
+        "# ternary copy: beta %.6g; refresh (reads the fp32 table twice, %.2f GB, writes %.2f GB of codes): "
+        "%.3f ms with kAbsSumChunk segments, %.3f ms with per-row segments (parallel.deterministic: %lld "
+        "sums added on the host)\n",
+        params.table_beta, 8e-9 * N * W, 1e-9 * N * W, by_chunk, by_row, static_cast<long long>(N));
+  }
   double peak = 0;
 
   for (const int64_t T : token_list) {
@@ -224,25 +267,26 @@ int bench_peer_layer(const Args& args) {
       if (sparse_form) PL_CUDA_CHECK(cudaMemcpy(&U, count.get(), sizeof(U), cudaMemcpyDeviceToHost));
       else U = static_cast<int32_t>(std::round(N * (1.0 - std::exp(-static_cast<double>(E) / N))));  // expected
       // Napkin bytes (HBM) and FLOPs per phase.
-      const double f = 4.0, Td = double(T) * d, TC = double(T) * C, row = W * f;
+      // A gathered row is 2d floats, or 2d int8 codes with --ternary; gradient rows are fp32 either way.
+      const double f = 4.0, Td = double(T) * d, TC = double(T) * C, row = W * (ternary ? 1.0 : f), grow = W * f;
       const Row phases[] = {
           {"projection + BatchNorm", median(t_proj), f * (Td + double(C) * d + 6 * TC), 2.0 * TC * d},
           {"retrieval (GEMMs + top-k)", median(t_retr), f * (TC + 4.0 * pairs * n_sub + 2.0 * n_sub * half),
            2.0 * pairs * n_sub * key_dim},
           {"experts forward", median(t_efwd), E * row + f * (2 * Td + 4.0 * E), 4.0 * E * d},
           {sparse_form ? "experts backward (sparse grad)" : "experts backward (dense += grad)", median(t_ebwd),
-           E * row + (sparse_form ? 1.0 : 2.0) * U * row + f * (3 * Td + 12.0 * E), 8.0 * E * d},
+           E * row + (sparse_form ? 1.0 : 2.0) * U * grow + f * (3 * Td + 12.0 * E), 8.0 * E * d},
           {"rest of backward (dq, dC, BN, GEMMs)", median(t_rest), f * (5 * TC + 2.0 * E * half), 4.0 * TC * d},
       };
       const double total = median(t_total);
       std::printf("\n## tokens %lld, table gradient %s: %lld entries, %d distinct rows%s\n", static_cast<long long>(T),
                   sparse_form ? "sparse (rows + values)" : "dense (N, 2d) +=", static_cast<long long>(E), U,
                   sparse_form ? "" : " (expected)");
-      std::printf("#   napkin per token: experts fwd %.2f MB (h·k = %lld rows x %.0f KiB), experts bwd %.2f MB "
-                  "(gather again + %.2f MB of gradient rows)\n",
-                  heads * k * row / 1e6, static_cast<long long>(heads * k), row / 1024,
-                  (E * row + (sparse_form ? 1.0 : 2.0) * U * row) / T / 1e6,
-                  (sparse_form ? 1.0 : 2.0) * U * row / T / 1e6);
+      std::printf(
+          "#   napkin per token: experts fwd %.2f MB (h·k = %lld rows x %.0f KiB), experts bwd %.2f MB "
+          "(gather again + %.2f MB of gradient rows)\n",
+          heads * k * row / 1e6, static_cast<long long>(heads * k), row / 1024,
+          (E * row + (sparse_form ? 1.0 : 2.0) * U * grow) / T / 1e6, (sparse_form ? 1.0 : 2.0) * U * grow / T / 1e6);
       std::printf("  %-38s %9s %9s %9s %8s %6s %8s\n", "phase", "ms", "pred_ms", "GB", "GB/s", "%copy", "TFLOP/s");
       double predicted_total = 0;
       for (const Row& r : phases) {

@@ -273,8 +273,6 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              "\" has no CUDA kernels yet (its kernels are CPU-only so far); use run.device = \"cpu\"");
   }
   if (host.n_peer_layers() > 0) {
-    PL_CHECK(!c.peer_ternary, config, "run.device = \"cuda\" trains PEER tables in full precision only "
-             "(model.peer_ternary = true); use run.device = \"cpu\"");
     PL_CHECK(c.peer_query_bn, config, "run.device = \"cuda\": PEER needs model.peer_query_bn = true");
     // Sharded tables: the GPU exchange (ShardedPeerExpertsCuda) sums the owners' partial outputs in
     // float, not in the fixed point that makes the CPU's sharded runs bit-identical to one rank.
@@ -351,6 +349,7 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   PL_CHECK(g.betas.size() == g.layout.entries().size(), internal, "CudaModel::upload: the host model has no β");
   PL_CUDA_CHECK(cudaMemcpyAsync(im.betas_dev.get(), g.betas.data(), sizeof(float) * g.betas.size(),
                                 cudaMemcpyHostToDevice, g.stream));
+  for (const auto& m : im.modules) m->refresh(g);  // what the kinds derive from the latents (PEER's ternary copy)
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
 }
 
@@ -367,6 +366,7 @@ void CudaModel::download(float* params, AdamW& adam) {
   PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), g.codes.get(), g.layout.code_total(), cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
   im.host.mutable_betas() = g.betas;
+  for (const auto& m : im.modules) m->download(g, im.host);  // PEER's ternary copy: the codes the GPU used
 }
 
 void CudaModel::zero_grads() {
@@ -487,6 +487,9 @@ void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor, DeviceDa
                                 cudaMemcpyDeviceToHost, g.stream));
   PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
   im.host.mutable_betas() = g.betas;
+  // The kinds' derived state from the new latents (model.peer_ternary: each PEER table's codes and β,
+  // as Model::refresh_peer_tables computes them after the CPU's step; collective over the expert group).
+  for (const auto& m : im.modules) m->refresh(g);
   g.tick(ph_optimizer);
 }
 

@@ -44,14 +44,14 @@
 // model trains on the bf16-rounded activations, like the reference's bf16 autocast. fp32 storage
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
-// PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole tables on this GPU, dense
-// AdamW on them, full-precision experts). No Q-Sparse; quant = ternary (also "none" for the attention and
-// SwiGLU kinds, model/cuda_context_proj.cu); no ZeRO-1. Every device buffer
-// of the model is allocated once, at construction, for the largest micro-batch (an arena in effect;
-// device_bytes() counts them; the planner counts the same allocations without a GPU, launch/plan.h);
-// cuBLASLt's workspace and its scratch for the int32 products (BlasLt, up to tokens × 2I int32, grown
-// on the first step) are library_bytes(), not in device_bytes(); peak_bytes() reports everything the
-// process holds on the device.
+// PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole or row-sharded tables, dense
+// AdamW on them; model.peer_ternary: the experts read the tables' int8 ternary copies, refreshed
+// after every optimizer step with the CPU's β bits, model/modules/peer_cuda.cu). No Q-Sparse; quant = ternary (also
+// "none" for the attention and SwiGLU kinds, model/cuda_context_proj.cu); no ZeRO-1. Every device buffer of the model
+// is allocated once, at construction, for the largest micro-batch (an arena in effect; device_bytes() counts them; the
+// planner counts the same allocations without a GPU, launch/plan.h); cuBLASLt's workspace and its scratch for the int32
+// products (BlasLt, up to tokens × 2I int32, grown on the first step) are library_bytes(), not in device_bytes();
+// peak_bytes() reports everything the process holds on the device.
 #pragma once
 
 #include <cstdint>
@@ -90,8 +90,12 @@ class CudaModel {
   // Whether this model/optimizer can run here; else a config error naming what is unsupported.
   static void check_supported(const Model& host, const AdamW& adam);
 
-  void upload(const float* params, const AdamW& adam);  // params, moments, and the host model's codes and β
-  void download(float* params, AdamW& adam);            // params and moments; codes and β into the host model
+  // params, moments, and the host model's codes and β; then the PEER tables' ternary copies are
+  // computed from the params (model.peer_ternary; collective over the expert group when sharded).
+  void upload(const float* params, const AdamW& adam);
+  // params and moments; codes and β into the host model, and the PEER tables' ternary copies
+  // (Model::set_peer_table_ternary: the codes and β the GPU computes with).
+  void download(float* params, AdamW& adam);
 
   void zero_grads();
   // Forward and backward of one micro-batch (ids, targets: (batch, seq) host arrays); accumulates
@@ -127,7 +131,8 @@ class CudaModel {
   // One optimizer step, fused (model/ops/adamw.h): AdamW exactly as AdamW::step on the gradient
   // scaled by grad_factor (the clipping factor, 1 for none; equal to scaling first), the PEER tables
   // and sub-keys at lr · optim.table_lr_scale, then every ternary weight's codes and β from the
-  // updated latent weights (β also to the host model). Waits for the step to finish. With `zero1`
+  // updated latent weights (β also to the host model), then model.peer_ternary's copies of the PEER
+  // tables (collective over the expert group when sharded). Waits for the step to finish. With `zero1`
   // (the moments are a ZeRO-1 shard) the update, gathers and refresh are its optimizer_step's.
   void optimizer_step(int64_t t, double lr, float grad_factor, DeviceDataParallel* zero1 = nullptr);
 

@@ -50,6 +50,13 @@ class CudaModule {
   // The auxiliary losses of the last forward (Module::aux_losses: the same names and weighting),
   // copied from the device (waits for the stream); none by default.
   virtual std::vector<Module::AuxLoss> aux_losses(CudaContext&) const { return {}; }
+  // What the kind derives from its latent parameters on the device (PEER under model.peer_ternary: the
+  // table's ternary copy), recomputed after every change of them (CudaModel::optimizer_step, upload);
+  // collective over the expert group when the tables are sharded. Nothing by default.
+  virtual void refresh(CudaContext&) {}
+  // The same derived state brought to the host model (CudaModel::download), so that what the host
+  // saves or samples computes as the GPU did. Waits for the stream. Nothing by default.
+  virtual void download(CudaContext&, Model&) const {}
 };
 
 // What a kind's CUDA half gets when the GPU model is built.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/ops/quant.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -35,19 +36,26 @@ double ordered_sum(std::vector<double>& values, Comm* comm) {
 
 double row_ordered_sum(const float* local, int64_t rows, int64_t width, int64_t first, int64_t total_rows,
                        RowSum what, Comm* group) {
-  PL_CHECK(first >= 0 && first + rows <= total_rows, internal, "row_ordered_sum: rows outside the table");
-  std::vector<double> part(static_cast<size_t>(total_rows), 0.0);
+  std::vector<double> part(static_cast<size_t>(rows), 0.0);
+  if (what == RowSum::abs) {
+    segment_abs_sums_cpu(rows * width, width, local, part.data());
+  } else {
 #pragma omp parallel for schedule(static) if (rows * width >= (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* w = local + r * width;
-    double s = 0;
-    if (what == RowSum::squares)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* w = local + r * width;
+      double s = 0;
       for (int64_t c = 0; c < width; ++c) s += static_cast<double>(w[c]) * w[c];
-    else
-      for (int64_t c = 0; c < width; ++c) s += std::fabs(static_cast<double>(w[c]));
-    part[first + r] = s;
+      part[r] = s;
+    }
   }
-  return ordered_sum(part, group);
+  return ordered_row_sum(part.data(), rows, first, total_rows, group);
+}
+
+double ordered_row_sum(const double* row_sums, int64_t rows, int64_t first, int64_t total_rows, Comm* group) {
+  PL_CHECK(first >= 0 && rows >= 0 && first + rows <= total_rows, internal, "ordered_row_sum: rows outside the table");
+  std::vector<double> all(static_cast<size_t>(total_rows), 0.0);
+  std::copy_n(row_sums, rows, all.begin() + first);
+  return ordered_sum(all, group);
 }
 
 ExactGradSum::ExactGradSum(const ParamLayout& layout, int64_t micro_batches, std::vector<uint8_t> sparse)

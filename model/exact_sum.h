@@ -47,6 +47,10 @@ double ordered_sum(std::vector<double>& values, Comm* comm);
 enum class RowSum { abs, squares };
 double row_ordered_sum(const float* local, int64_t rows, int64_t width, int64_t first, int64_t total_rows,
                        RowSum what, Comm* group);
+// Its second half, for row partials computed elsewhere (segment_abs_sums_cuda on a GPU): this rank's
+// per-row partials `row_sums` (rows of them, for global rows [first, first + rows) of total_rows)
+// all-reduced in place of zeros over `group` and summed in row order.
+double ordered_row_sum(const double* row_sums, int64_t rows, int64_t first, int64_t total_rows, Comm* group);
 
 // The exact gradient sum of one optimizer step over micro-batches and ranks.
 //

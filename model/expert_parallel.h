@@ -246,9 +246,9 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   // max_shape: the most tokens per rank and the layer's dim, heads, k, N (= n_experts), act;
   // round_tokens: parallel.peer_round_tokens (sharded_peer_rounds; 0 = automatic).
   ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape, int64_t round_tokens = 0);
-  // This rank's rows (N/P, 2d) and their gradient (N/P, 2d, accumulated): device memory, set before
-  // forward, unchanged until backward.
-  void set_table(const float* local_rows, float* local_grad) { table_ = local_rows, grad_ = local_grad; }
+  // This rank's rows (N/P, 2d: fp32, or model.peer_ternary's codes and β) and the gradient of the fp32
+  // rows (N/P, 2d, accumulated): device memory, set before forward, unchanged until backward.
+  void set_table(const PeerTableCuda& local_rows, float* local_grad) { table_ = local_rows, grad_ = local_grad; }
   void forward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates, float* out,
                cudaStream_t stream) override;
   void backward(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* gates, const float* dy,
@@ -285,7 +285,7 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   PeerExpertsShape max_;
   PeerRounds rounds_;
   int64_t rows_per_;
-  const float* table_ = nullptr;
+  PeerTableCuda table_;
   float* grad_ = nullptr;
   DeviceBytes mem_;
   ShardedPeerBuffers b_{};

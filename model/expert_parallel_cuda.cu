@@ -236,7 +236,7 @@ void ShardedPeerExpertsCuda::owner_forward(float* out, cudaStream_t stream) {
 void ShardedPeerExpertsCuda::forward(const PeerExpertsShape& s, const float* x, const int32_t* ids,
                                      const float* gates, float* out, cudaStream_t stream) {
   check_shape(s);
-  PL_CHECK(table_ != nullptr, internal, "ShardedPeerExpertsCuda::forward without set_table()");
+  PL_CHECK(!table_.empty(), internal, "ShardedPeerExpertsCuda::forward without set_table()");
   const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k;
   tokens_ = T;
   for (int64_t r = 0; r < rounds_.count; ++r) {

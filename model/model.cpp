@@ -242,28 +242,36 @@ void Model::refresh_peer_tables(const float* params, Comm* ep) {
   refresh_peer_copies(params, ep);
 }
 
+int64_t Model::peer_abs_sum_segment() const { return deterministic_ ? 2 * config_.d_model : kAbsSumChunk; }
+
+float Model::peer_table_beta(const double* sums, int64_t n_sums, Comm* ep) const {
+  const int64_t rows = peer_table_rows(), N = peer_experts(), width = 2 * config_.d_model;
+  const int shards = ep ? ep->size() : 1;
+  if (deterministic_) {
+    PL_CHECK(n_sums == rows, internal, "peer_table_beta: ", n_sums, " row sums for ", rows, " rows");
+    return ternary_beta(ordered_row_sum(sums, rows, shard_.first_row(N), N, ep), rows * width * shards);
+  }
+  double sum = 0.0;
+  for (int64_t i = 0; i < n_sums; ++i) sum += sums[i];
+  if (shards > 1) ep->all_reduce(&sum, 1, DType::f64, ReduceOp::sum);
+  return ternary_beta(sum, rows * width * shards);
+}
+
 void Model::refresh_peer_copies(const float* params, Comm* ep) {
   if (!config_.peer_ternary) return;
   peer_tables_.resize(peer_blocks_.size());
+  const int64_t seg = peer_abs_sum_segment();
   std::vector<double> sums;
-  const int64_t N = peer_experts(), width = 2 * config_.d_model;
-  for (const auto& b : blocks_)
-    if (b.peer >= 0) {
-      const ParamInfo& t = layout_.at(b.peer_table);
-      // Deterministic: row partials in row order, the same sum for any number of shards.
-      sums.push_back(deterministic_ ? row_ordered_sum(params + t.offset, peer_table_rows(), width,
-                                                      shard_.first_row(N), N, RowSum::abs, ep)
-                                    : abs_sum_cpu(t.numel, params + t.offset));
-    }
-  if (!deterministic_ && ep && ep->size() > 1)
-    ep->all_reduce(sums.data(), static_cast<int64_t>(sums.size()), DType::f64, ReduceOp::sum);
   std::vector<int8_t> codes;
   for (const auto& b : blocks_) {
     if (b.peer < 0) continue;
     const ParamInfo& t = layout_.at(b.peer_table);
-    const float beta = ternary_beta(sums[b.peer], t.numel * (ep ? ep->size() : 1));
+    const float* w = params + t.offset;
+    sums.resize(static_cast<size_t>((t.numel + seg - 1) / seg));
+    segment_abs_sums_cpu(t.numel, seg, w, sums.data());
+    const float beta = peer_table_beta(sums.data(), static_cast<int64_t>(sums.size()), ep);
     codes.resize(t.numel);
-    ternary_codes_cpu(t.numel, params + t.offset, beta, codes.data());
+    ternary_codes_cpu(t.numel, w, beta, codes.data());
     auto& q = peer_tables_[b.peer];
     q.resize(t.numel);
     for (int64_t i = 0; i < t.numel; ++i) q[i] = static_cast<float>(codes[i]) * beta;

@@ -108,6 +108,16 @@ class Model {
   // table). The experts compute with the copy; the gradient goes straight through to the latent
   // table. Call after every change of the latent tables (the trainer does, after each update).
   void refresh_peer_tables(const float* params, Comm* ep);
+  // How β of a PEER table's ternary copy is summed, shared by refresh_peer_tables and the GPU's
+  // refresh (model/modules/peer_cuda.cu) so that both devices give the same bits: Σ|W| over this
+  // rank's rows is cut into segments of peer_abs_sum_segment() elements, each summed in float64 in
+  // element order (segment_abs_sums_cpu / _cuda, model/ops/quant.h): one table row (2d) in
+  // deterministic mode, kAbsSumChunk otherwise. peer_table_beta() takes those n_sums sums in order:
+  // deterministic, the rows' partials summed in row order over the whole table (ordered_row_sum over
+  // `ep`: the same bits for any number of shards); otherwise the segments in order, all-reduced over
+  // `ep` when sharded; then β = max(mean|W|, 1e-5). Collective over `ep` (null: these rows are the table).
+  int64_t peer_abs_sum_segment() const;
+  float peer_table_beta(const double* sums, int64_t n_sums, Comm* ep) const;
   // The expert table a PEER block (block index `layer`) computes with: the latent table, or its
   // ternary copy t·β under model.peer_ternary.
   const float* peer_forward_table(const float* params, int64_t layer) const;

@@ -72,6 +72,11 @@ std::string refusal(const ModelConfig& mc, const OptimConfig& oc = {}) {
 TEST(cuda_model_config, accepts_dense_and_peer_models) {
   EXPECT_EQ(refusal(tiny()), "");
   EXPECT_EQ(refusal(tiny_peer()), "");
+  ModelConfig ternary_experts = tiny_peer();  // the experts read int8 ternary copies of the tables
+  ternary_experts.peer_ternary = true;
+  EXPECT_EQ(refusal(ternary_experts), "");
+  Model sharded(ternary_experts, ExpertShard{2, 1});  // β's sum all-reduced over the expert group
+  EXPECT_NO_THROW(CudaModel::check_supported(sharded, AdamW(OptimConfig{}, sharded.layout())));
   ModelConfig q = tiny();  // Q-Sparse runs inside the fused norm+quant kernels
   q.qsparse = 0.4;
   EXPECT_EQ(refusal(q), "");
@@ -120,9 +125,6 @@ TEST(cuda_model_config, refusals_name_the_key) {
   ModelConfig wide = tiny();  // the GLU width beyond what the fused norm kernels take
   wide.intermediate = kNormQuantMaxDim + 8;
   EXPECT_NE(refusal(wide).find("model.intermediate"), std::string::npos);
-  ModelConfig ternary_experts = tiny_peer();
-  ternary_experts.peer_ternary = true;
-  EXPECT_NE(refusal(ternary_experts).find("model.peer_ternary"), std::string::npos);
   ModelConfig no_bn = tiny_peer();
   no_bn.peer_query_bn = false;
   EXPECT_NE(refusal(no_bn).find("model.peer_query_bn"), std::string::npos);

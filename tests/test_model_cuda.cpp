@@ -18,6 +18,13 @@
 // And once with block 1's GLU replaced by a PEER layer (fp32 storage; the same tolerances: the PEER
 // layer is fp32 on both sides, and a retrieval that flips between two near-tied experts after the
 // trajectories separate changes one of 4 gates of one token, a small loss change).
+// And the same PEER layer with model.peer_ternary (the GPU's experts read the table's int8 ternary
+// copy, refreshed after every step: tests/test_peer_cuda.cpp holds the kernels to the fp32 ones on
+// the dequantized table bit for bit, and the refresh gives the CPU's β and codes from equal latents).
+// The PEER case's tolerances: step 1 is a forward of equal parameters and equal copies; later, a table
+// weight near ±β/2 can round to another code on one side once the trajectories separate, as a
+// BitLinear weight can. After the steps, the GPU's last copy equals the CPU's refresh of the GPU's
+// latent table bit for bit.
 // And with the PKM channel mixer in both blocks (model/modules/pkm_cuda.cu; fp32 storage, the PEER
 // case's tolerances for the same reasons: the query half is PEER's fp32 code on both sides, the value
 // bag and its gradient are bit-identical to the CPU's from equal inputs (tests/test_pkm_cuda.cpp),
@@ -85,6 +92,7 @@ struct CurveCase {
   Arch arch = Arch::mmf;
   int64_t qsparse_block = -1;  // Q-Sparse at sparsity 0.5 on every BitLinear: 0 top-K, > 0 N:M blocks; -1 off
   bool pkm = false;            // model.channel_mixer = "pkm" (every block)
+  bool peer_ternary = false;   // with `peer`: model.peer_ternary (the experts read the table's ternary copy)
 };
 
 // Attention (2 query heads of 64, one KV head) + SwiGLU: Transformer++ (quant none, fp32 head) or
@@ -152,6 +160,23 @@ void expect_curves_close(const std::vector<double>& loss_cpu, const std::vector<
   EXPECT_LT(mean, bf16_forward ? 1e-2 : 5e-3);  // the MoE cases: as PEER's (see the top)
 }
 
+// model.peer_ternary: the PEER table's ternary copy that `gpu` downloaded from the GPU (codes and β of
+// block 1) equals, bit for bit, the copy Model::refresh_peer_tables computes on the CPU from the same
+// latent parameters in the same sum order (deterministic or not, as `gpu` is set).
+void expect_cpu_peer_copy(const Model& gpu, const std::vector<float>& params, const std::string& when) {
+  Model ref(gpu.config());
+  ref.set_deterministic(gpu.deterministic());
+  ref.refresh_peer_tables(params.data(), nullptr);
+  std::vector<int8_t> codes_gpu, codes_cpu;
+  float beta_gpu = 0, beta_cpu = 0;
+  gpu.peer_table_ternary(1, codes_gpu, beta_gpu);
+  ref.peer_table_ternary(1, codes_cpu, beta_cpu);
+  EXPECT_EQ(0, std::memcmp(&beta_gpu, &beta_cpu, sizeof(float)))
+      << "beta " << when << ": gpu " << beta_gpu << " cpu " << beta_cpu;
+  EXPECT_EQ(codes_gpu, codes_cpu) << "codes " << when;
+  EXPECT_GT(beta_cpu, 1e-5f) << "a real mean|W|, not the floor";
+}
+
 class CudaModelCurve : public ::testing::TestWithParam<CurveCase> {};
 
 TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
@@ -183,6 +208,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     mc.peer_heads = 2;
     mc.peer_topk = 4;
     mc.peer_key_dim = 16;
+    mc.peer_ternary = GetParam().peer_ternary;
   }
   if (pkm) {  // 16² value rows, 2 heads of 4, query width 2·16
     mc.channel_mixer = "pkm";
@@ -212,6 +238,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   ASSERT_EQ(p_cpu, p_gpu);
   cpu.refresh_ternary(p_cpu.data());
   gpu_host.refresh_ternary(p_gpu.data());
+  cpu.refresh_peer_tables(p_cpu.data(), nullptr);  // model.peer_ternary only (CudaModel::upload makes its own)
   AdamW adam_cpu(oc, cpu.layout()), adam_gpu(oc, gpu_host.layout());
   CudaModelOptions copt;
   copt.bf16_activations = bf16;
@@ -238,6 +265,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     if (nc > oc.grad_clip) scale_in_place(grads.data(), static_cast<int64_t>(grads.size()), oc.grad_clip / nc);
     adam_cpu.step(p_cpu.data(), grads.data(), step, lr);
     cpu.refresh_ternary(p_cpu.data());
+    cpu.refresh_peer_tables(p_cpu.data(), nullptr);
     // GPU step.
     cuda.zero_grads();
     const double lg = cuda.forward_backward(ids.data(), targets.data(), B, T, grad_scale);
@@ -270,7 +298,8 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   const double g_before = cuda.grad_norm();
   const double eval_gpu = cuda.forward_loss(ids.data(), targets.data(), B, T);
   EXPECT_EQ(cuda.grad_norm(), g_before) << "forward_loss touched the gradient";
-  cuda.download(p_gpu.data(), adam_gpu);
+  cuda.download(p_gpu.data(), adam_gpu);  // with model.peer_ternary, the codes and β the GPU computed with
+  if (mc.peer_ternary) expect_cpu_peer_copy(gpu_host, p_gpu, "after 50 GPU steps");
   ForwardContext eval_ctx;
   eval_ctx.peer_mode = PeerNormMode::eval;
   const double eval_cpu = gpu_host.forward(p_gpu.data(), ids.data(), targets.data(), B, T, eval_ctx);
@@ -295,17 +324,55 @@ std::string case_name(const CurveCase& c) {
                      : c.arch == Arch::sigma_moe ? "_sigma_moe"
                                                  : "";
   const char* qs = c.qsparse_block == 0 ? "_qsparse_topk" : c.qsparse_block > 0 ? "_qsparse_nm" : "";
-  return std::string(c.bf16 ? "bf16" : "fp32") + (c.peer ? "_peer" : "") + (c.pkm ? "_pkm" : "") + arch + qs;
+  return std::string(c.bf16 ? "bf16" : "fp32") + (c.peer ? "_peer" : "") + (c.peer_ternary ? "_ternary" : "") +
+         (c.pkm ? "_pkm" : "") + arch + qs;
 }
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
                          ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true},
+                                           CurveCase{false, true, Arch::mmf, -1, false, true},
                                            CurveCase{false, false, Arch::tpp}, CurveCase{true, false, Arch::tpp},
                                            CurveCase{false, false, Arch::bitnet},
                                            CurveCase{false, false, Arch::mmf, 0}, CurveCase{true, false, Arch::mmf, 32},
                                            CurveCase{false, false, Arch::mmf, -1, true},
                                            CurveCase{false, false, Arch::moe}, CurveCase{false, false, Arch::sigma_moe}),
                          [](const ::testing::TestParamInfo<CurveCase>& i) { return case_name(i.param); });
+
+// model.peer_ternary's refresh on the GPU (CudaModel::upload here; optimizer_step runs the same code):
+// β and the codes bit-identical to the CPU's from the same latent table, in both sum orders (per row
+// in deterministic mode, per kAbsSumChunk otherwise). The table (N = 64² experts, d 64: 16 chunks)
+// gets a spread of magnitudes so that the float64 sums carry many significant bits.
+TEST(CudaModelPeerTernary, refresh_gives_the_cpu_codes_and_beta_in_both_sum_orders) {
+  ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
+  ModelConfig mc;
+  mc.vocab_size = 256;
+  mc.d_model = 64;
+  mc.n_layers = 2;
+  mc.intermediate = 256;
+  mc.peer_blocks = "1";
+  mc.peer_n_sub = 64;
+  mc.peer_heads = 2;
+  mc.peer_topk = 4;
+  mc.peer_key_dim = 16;
+  mc.peer_ternary = true;
+  for (const bool deterministic : {false, true}) {
+    SCOPED_TRACE(deterministic ? "deterministic" : "not deterministic");
+    Model host(mc);
+    host.set_deterministic(deterministic);
+    std::vector<float> params(host.layout().total());
+    host.init_params(params.data(), 11);
+    const ParamInfo& t = host.layout().at(host.layout().find("blocks/1/peer/table"));
+    for (int64_t i = 0; i < t.numel; ++i) params[t.offset + i] *= static_cast<float>(1 + (i * 7919) % 1000);
+    host.refresh_ternary(params.data());
+    AdamW adam(OptimConfig{}, host.layout());
+    CudaModel cuda(host, adam, 64);
+    cuda.upload(params.data(), adam);
+    std::vector<float> back(params.size());
+    cuda.download(back.data(), adam);
+    ASSERT_EQ(back, params);
+    expect_cpu_peer_copy(host, params, "after upload");
+  }
+}
 
 // LoRA fine-tuning (finetune.mode = "lora", ../shared/BASELINES.md §6) on the GPU against the CPU
 // model: rank-8 adapters (α 16) on every block projection of a random frozen base, trained 50 steps

@@ -10,6 +10,7 @@
 #include <set>
 #include <vector>
 
+#include "model/exact_sum.h"
 #include "model/infer/inference_model.h"
 #include "model/model.h"
 #include "model/modules/peer_mixer.h"
@@ -299,6 +300,40 @@ TEST(ModelPeer, TernaryExpertsAreAStraightThroughCopy) {
   ForwardContext cl;
   const double ll = plain.forward(params.data(), batch.ids.data(), batch.targets.data(), batch.B, batch.T, cl);
   EXPECT_NE(ll, lt);
+}
+
+// β of the ternary copy in its two sum orders (Model::peer_abs_sum_segment / peer_table_beta, which
+// the GPU's refresh shares, model/modules/peer_cuda.cu): abs_sum_cpu's kAbsSumChunk chunks, and in
+// deterministic mode the rows' float64 partials in row order (row_ordered_sum). N = 50² rows of 16
+// (40,000 elements: two chunks), magnitudes spread over three decades.
+TEST(ModelPeer, TernaryBetaSumsInTheDocumentedOrders) {
+  ModelConfig c = peer_config("ternary");
+  c.peer_n_sub = 50;
+  c.peer_ternary = true;
+  for (const bool deterministic : {false, true}) {
+    SCOPED_TRACE(deterministic ? "deterministic" : "not deterministic");
+    Model m(c);
+    m.set_deterministic(deterministic);
+    std::vector<float> params(m.layout().total());
+    m.init_params(params.data(), 9);
+    const ParamInfo& t = m.layout().at(m.layout().find("blocks/1/peer/table"));
+    float* w = params.data() + t.offset;
+    for (int64_t i = 0; i < t.numel; ++i) w[i] *= static_cast<float>(1 + (i * 7919) % 1000);
+    m.refresh_ternary(params.data());
+    m.refresh_peer_tables(params.data(), nullptr);
+    std::vector<int8_t> codes;
+    float beta = 0;
+    m.peer_table_ternary(1, codes, beta);
+    const int64_t rows = m.peer_experts(), width = 2 * c.d_model;
+    ASSERT_EQ(t.numel, rows * width);
+    EXPECT_EQ(m.peer_abs_sum_segment(), deterministic ? width : kAbsSumChunk);
+    const double sum = deterministic ? row_ordered_sum(w, rows, width, 0, rows, RowSum::abs, nullptr)
+                                     : abs_sum_cpu(t.numel, w);
+    EXPECT_EQ(beta, ternary_beta(sum, t.numel));
+    std::vector<int8_t> want(t.numel);
+    ternary_codes_cpu(t.numel, w, beta, want.data());
+    EXPECT_EQ(codes, want);
+  }
 }
 
 TEST(ModelPeer, TrainModeNeedsTwoTokens) {

@@ -181,6 +181,48 @@ TEST_F(Cuda, weight_quant_abs_sum_and_codes) {
   }
 }
 
+// Σ|w| per segment (β of model.peer_ternary's PEER tables): every segment's float64 sum bit-identical
+// to the CPU's, which is what makes β the same bits on both devices. Segments of one table row (the
+// deterministic order, 2d wide: whole 32-column tiles, a partial tile, fewer than 32 columns), of
+// kAbsSumChunk (the other order; the last one short), one segment longer than n, n = 0, and
+// non-finite, subnormal and huge values (NaN, Inf and 3e38s whose float64 sums exceed FLT_MAX).
+TEST_F(Cuda, segment_abs_sums_bit_identical_to_cpu) {
+  struct SegCase {
+    int64_t n, seg;
+  };
+  const SegCase cases[] = {{0, 7},
+                           {1, 1},
+                           {1000, 64},
+                           {1000, 33},
+                           {64 * 2048, 2048},
+                           {37 * 96, 96},
+                           {(1 << 20) + 3, kAbsSumChunk},
+                           {500, 4096},
+                           {33 * 17, 17}};
+  for (const SegCase& c : cases) {
+    const std::string name = shape_name({{"n", c.n}, {"seg", c.seg}});
+    SCOPED_TRACE(name);
+    std::vector<float> w = normal(rng(), c.n, 0.02f);
+    if (c.n >= 1000) {
+      w[3] = kNaN, w[c.n / 2] = kInf, w[c.n - 1] = -kInf;
+      w[5] = std::numeric_limits<float>::denorm_min(), w[6] = -3e38f, w[7] = 3e38f;
+    }
+    const int64_t n_segs = (c.n + c.seg - 1) / c.seg;
+    std::vector<double> cpu(n_segs);
+    segment_abs_sums_cpu(c.n, c.seg, w.data(), cpu.data());
+    Guarded<float> d_w(w);
+    Guarded<double> d_sums(n_segs);
+    segment_abs_sums_cuda(c.n, c.seg, d_w.get(), d_sums.get(), stream());
+    expect_identical(d_sums.download("sums"), cpu, "segment sums " + name);
+    if (c.seg == kAbsSumChunk) {  // abs_sum_cpu is the chunks' sums added in order
+      double total = 0;
+      for (double v : cpu) total += v;
+      const double direct = abs_sum_cpu(c.n, w.data());
+      EXPECT_EQ(0, std::memcmp(&total, &direct, sizeof total)) << name;
+    }
+  }
+}
+
 // ---- fused rmsnorm + act_quant -------------------------------------------------------------------
 
 // Forward: codes, scales and rstd bit-identical to rmsnorm_forward_cpu -> act_quant_cpu (the kernel

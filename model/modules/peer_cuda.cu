@@ -1,10 +1,20 @@
 // The PEER channel mixer's CUDA half (model/cuda_module.h; the CPU half is peer_mixer.cpp): the
-// pre-norm, then model/ops/peer_layer.h's CUDA layer (full-precision experts, the deterministic
+// pre-norm, then model/ops/peer_layer.h's CUDA layer (fp32 or ternary experts, the deterministic
 // gated expert kernels), then the residual add. With the tables sharded by rows over the expert
 // group (parallel.expert_parallel > 1, Model::experts_sharded()) the experts run through
 // ShardedPeerExpertsCuda (model/expert_parallel.h): each retrieved entry goes to the rank owning
 // its row, over the group's Comm on device buffers; the gradient of this rank's rows is
 // accumulated into its slice of the flat gradient.
+//
+// model.peer_ternary: the experts read the table's ternary forward copy as int8 codes (this rank's
+// rows, N/P × 2d bytes, beside the fp32 latent rows) times one β, through the same kernels as the
+// fp32 table (PeerTableCuda, model/ops/peer_experts.h); the gradient goes to the latent rows
+// (straight through). refresh() recomputes the copy after every optimizer step: Σ|W| in the
+// segments Model::peer_abs_sum_segment() says, summed on the device in the CPU's order
+// (segment_abs_sums_cuda), combined on the host by the same Model::peer_table_beta as the CPU's
+// refresh (an all-reduce over the expert group when sharded), then the codes. So β and the codes are
+// the CPU's bits from the same latent table (the non-deterministic sum of a table sharded over 3 or
+// more ranks excepted: its all-reduce order is the backend's on both devices).
 //
 // BatchNorm statistics: a training forward normalises with the micro-batch's statistics and blends
 // them with momentum 1 into buffers of this module; the backward adds them into the statistics'
@@ -13,6 +23,7 @@
 #include "model/cuda_module.h"
 #include "model/expert_parallel.h"
 #include "model/ops/peer_layer.h"
+#include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
 
 namespace peerless {
@@ -23,7 +34,7 @@ enum Slot { s_xn, s_out, s_dxn };
 
 class PeerCuda final : public CudaModule {
  public:
-  PeerCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), d_(g.host.config().d_model) {
+  PeerCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), d_(g.host.config().d_model), block_(b.layer) {
     // With sharded tables the exchange runs in rounds of b.peer_round_tokens (expert_parallel.h).
     const int64_t M = g.max_tokens;
     const PeerLayerShape ps = g.host.peer_shape(M);
@@ -39,6 +50,13 @@ class PeerCuda final : public CudaModule {
     const DeviceUseScope use(DeviceUse::experts);
     layer_ = std::make_unique<PeerLayerCuda>(ps);
     g.bytes += static_cast<int64_t>(layer_->device_bytes());
+    if (g.host.config().peer_ternary) {
+      const DeviceUseScope state(DeviceUse::state);
+      const int64_t n = g.layout.at(b_.peer_table).numel;
+      codes_.resize(n, g.bytes);
+      // Enough segment sums for either mode: one per row (deterministic) or per kAbsSumChunk.
+      sums_.resize(std::max(g.host.peer_table_rows(), (n + kAbsSumChunk - 1) / kAbsSumChunk), g.bytes);
+    }
     if (g.host.experts_sharded()) {
       PL_CHECK(g.host.expert_comm() != nullptr, internal, "a sharded PEER model needs set_expert_comm()");
       shard_ = std::make_unique<ShardedPeerExpertsCuda>(*g.host.expert_comm(), ps.experts(), b.peer_round_tokens);
@@ -51,7 +69,7 @@ class PeerCuda final : public CudaModule {
     float *xn = g.scratch<float>(s_xn), *out = g.scratch<float>(s_out);
     rmsnorm_forward_cuda(RmsNormShape{M, d_, g.eps}, x_in, g.P(b_.mlp_norm), xn, rstd_.get(), g.stream);
     g.tick(ph_other);
-    if (shard_) shard_->set_table(g.P(b_.peer_table), g.G(b_.peer_table));
+    if (shard_) shard_->set_table(expert_table(g), g.G(b_.peer_table));
     if (s.train)
       peer_layer_forward_cuda(shape(g, M), PeerNormMode::train, params(g, mean_.get(), var_.get()), xn, out, *layer_,
                               g.stream, shard_.get());
@@ -84,6 +102,31 @@ class PeerCuda final : public CudaModule {
     g.norm_backward(nd, x_in, g.P(b_.mlp_norm), rstd_.get(), dxn, dx, g.G(b_.mlp_norm), true);
   }
 
+  // model.peer_ternary: β and the codes from the latent table (see the top of this file).
+  void refresh(CudaContext& g) override {
+    if (!ternary() || device_counting()) return;
+    const Model& host = g.host;
+    const float* w = g.P(b_.peer_table);
+    const int64_t n = g.layout.at(b_.peer_table).numel, seg = host.peer_abs_sum_segment();
+    const int64_t n_sums = (n + seg - 1) / seg;
+    PL_CHECK(n_sums <= sums_.n, internal, "PEER ternary refresh: ", n_sums, " segment sums, room for ", sums_.n);
+    segment_abs_sums_cuda(n, seg, w, sums_.get(), g.stream);
+    sums_host_.resize(static_cast<size_t>(n_sums));
+    PL_CUDA_CHECK(
+        cudaMemcpyAsync(sums_host_.data(), sums_.get(), sizeof(double) * n_sums, cudaMemcpyDeviceToHost, g.stream));
+    PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    beta_ = host.peer_table_beta(sums_host_.data(), n_sums, host.expert_comm());
+    ternary_codes_cuda(n, w, beta_, codes_.get(), g.stream);
+  }
+
+  void download(CudaContext& g, Model& host) const override {
+    if (!ternary()) return;
+    std::vector<int8_t> codes(static_cast<size_t>(codes_.n));
+    PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), codes_.get(), codes.size(), cudaMemcpyDeviceToHost, g.stream));
+    PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    host.set_peer_table_ternary(block_, codes.data(), beta_);
+  }
+
   Retrieved retrieved() const override {
     if (layer_->tokens <= 0) return {};
     const PeerLayerShape& m = layer_->max_shape();
@@ -108,14 +151,26 @@ class PeerCuda final : public CudaModule {
     p.sub_keys1 = g.P(b_.peer_keys1);
     p.sub_keys2 = g.P(b_.peer_keys2);
     p.table = g.P(b_.peer_table);
+    if (ternary()) p.table_codes = codes_.get(), p.table_beta = beta_;
     return p;
+  }
+  bool ternary() const { return codes_.n > 0; }  // model.peer_ternary
+  // The table the experts read: the ternary copy under model.peer_ternary, else the latent rows.
+  PeerTableCuda expert_table(const CudaContext& g) const {
+    return ternary() ? PeerTableCuda{codes_.get(), beta_} : PeerTableCuda{g.P(b_.peer_table)};
   }
 
   const BlockParams& b_;
-  const int64_t d_;
+  const int64_t d_, block_;  // model width, block index
   std::unique_ptr<PeerLayerCuda> layer_;
   std::unique_ptr<ShardedPeerExpertsCuda> shard_;  // sharded tables only
   DevBuf<float> rstd_, mean_, var_;
+  // model.peer_ternary: the table's forward copy (this rank's rows) and its β; the segment sums of
+  // Σ|W| on the device and on the host (refresh()).
+  DevBuf<int8_t> codes_;
+  DevBuf<double> sums_;
+  std::vector<double> sums_host_;
+  float beta_ = 0;
 };
 
 }  // namespace

@@ -179,6 +179,47 @@ __device__ __forceinline__ void store(float* p, const Vec<V>& r) {
   }
 }
 
+// The rows of an expert table as the kernels read them (PeerTableCuda, peer_experts.h): load<V>(i)
+// gives the V floats at element i of the (N, 2d) table. Ternary codes give t·β, exactly the float a
+// dequantized fp32 copy holds (t ∈ {−1, 0, 1}), so a kernel templated on the row type sums the same
+// floats in the same order either way and only the bytes read differ (4 per weight, or 1).
+// aligned(): whether the V = 4 loads may be used (16-byte float4, 4-byte char4), given d % 4 == 0.
+struct F32Rows {
+  const float* p;
+  template <int V>
+  __device__ __forceinline__ Vec<V> load(int64_t i) const {
+    return peerless::peer_cuda::load<V>(p + i);
+  }
+  bool aligned() const { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+};
+struct TernaryRows {
+  const int8_t* p;
+  float beta;
+  template <int V>
+  __device__ __forceinline__ Vec<V> load(int64_t i) const {
+    Vec<V> r;
+    if constexpr (V == 4) {
+      const char4 c = *reinterpret_cast<const char4*>(p + i);
+      r.v[0] = static_cast<float>(c.x) * beta, r.v[1] = static_cast<float>(c.y) * beta;
+      r.v[2] = static_cast<float>(c.z) * beta, r.v[3] = static_cast<float>(c.w) * beta;
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) r.v[k] = static_cast<float>(p[i + k]) * beta;
+    }
+    return r;
+  }
+  bool aligned() const { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
+};
+// Calls f with the row type of `table` (F32Rows or TernaryRows), for launching templated kernels.
+template <typename F>
+inline void with_rows(const PeerTableCuda& table, F&& f) {
+  PL_CHECK(!table.empty(), internal, "peer experts (cuda): no table (neither fp32 rows nor ternary codes)");
+  if (table.codes)
+    f(TernaryRows{table.codes, table.beta});
+  else
+    f(F32Rows{table.rows});
+}
+
 // A butterfly sum over the warp: a fixed tree, every lane gets the same bits.
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -308,16 +349,20 @@ inline unsigned int warp_row_blocks(Kernel kernel, int64_t cap, int threads) {
 
 // ---- shared by the PEER experts and PKM values -----------------------------------------------------
 
-// z = row[0:d]·vec (vec in shared memory) by one warp; every lane gets the same bits.
-template <int V>
-__device__ __forceinline__ float warp_dot(const float* row, const float* vec, int64_t d) {
+// z = rows[at : at + d]·vec (vec in shared memory) by one warp; every lane gets the same bits.
+template <int V, typename Rows>
+__device__ __forceinline__ float warp_dot(const Rows& rows, int64_t at, const float* vec, int64_t d) {
   float acc = 0.0f;
   for (int64_t c = int64_t{threadIdx.x % kWarp} * V; c < d; c += kWarp * V) {
-    const Vec<V> a = load<V>(row + c), b = load<V>(vec + c);
+    const Vec<V> a = rows.template load<V>(at + c), b = load<V>(vec + c);
 #pragma unroll
     for (int i = 0; i < V; ++i) acc += a.v[i] * b.v[i];
   }
   return warp_sum(acc);
+}
+template <int V>
+__device__ __forceinline__ float warp_dot(const float* row, const float* vec, int64_t d) {
+  return warp_dot<V>(F32Rows{row}, 0, vec, d);
 }
 
 // The deterministic row sums behind the PEER table gradient (peer_experts.cu: du = Σ dz·x_t into

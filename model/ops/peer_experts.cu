@@ -10,7 +10,10 @@
 // order, in column slices whose (tokens, slice) source stays in L2 (row_sums_kernel, peer_cuda_detail.cuh).
 // Memory traffic per token at d = 1024, h·k = 128: forward 128 rows x 8 KiB = 1 MiB of table reads;
 // backward the same again plus the gradient rows written (8 KiB per distinct row) and x/dy re-read
-// per entry (mostly from L2). bench_peer_layer.cu measures it.
+// per entry (mostly from L2). bench_peer_layer.cu measures it. With a ternary table (PeerTableCuda's
+// codes, model.peer_ternary) the kernels are the same templates on another row type, reading 2 KiB
+// per row instead of 8 and computing the same floats as on the dequantized fp32 table; the gradient
+// is the dequantized table's, for the caller to add to the fp32 latent rows (straight through).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -69,13 +72,12 @@ __device__ __forceinline__ TokenEntries token_entries(const int64_t* offsets, in
   return {offsets[t], static_cast<int>(offsets[t + 1] - offsets[t])};
 }
 
-// Block per token. Shared: x (d), w (hk), ids (hk). offsets: see token_entries.
-template <int V>
-__global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t d, int hk, PeerActivation act,
-                                                                        const float* x, const int64_t* offsets,
-                                                                        const int32_t* ids, const float* gates,
-                                                                        const float* table, float* out,
-                                                                        float* pre_act) {
+// Block per token. Shared: x (d), w (hk), ids (hk). offsets: see token_entries. Rows: F32Rows or
+// TernaryRows (peer_cuda_detail.cuh), the one difference between the fp32 and the ternary table.
+template <int V, typename Rows>
+__global__ void __launch_bounds__(kThreads)
+    peer_experts_forward_kernel(int64_t d, int hk, PeerActivation act, const float* x, const int64_t* offsets,
+                                const int32_t* ids, const float* gates, Rows table, float* out, float* pre_act) {
   extern __shared__ float smem[];
   float* xs = smem;
   float* ws = xs + ((d + 3) & ~int64_t{3});
@@ -87,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t 
   __syncthreads();
   const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   for (int e = warp; e < te.n; e += n_warps) {
-    const float z = warp_dot<V>(table + int64_t{id_s[e]} * width, xs, d);
+    const float z = warp_dot<V>(table, int64_t{id_s[e]} * width, xs, d);
     if (threadIdx.x % kWarp == 0) {
       pre_act[te.beg + e] = z;
       ws[e] = gates[te.beg + e] * activation(act, z);
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t 
 #pragma unroll 4
     for (int e = 0; e < te.n; ++e) {
       const float w = ws[e];
-      const Vec<V> v = load<V>(table + int64_t{id_s[e]} * width + d + c);
+      const Vec<V> v = table.template load<V>(int64_t{id_s[e]} * width + d + c);
 #pragma unroll
       for (int i = 0; i < V; ++i) o.v[i] += w * v.v[i];
     }
@@ -113,11 +115,12 @@ __global__ void __launch_bounds__(kThreads) peer_experts_forward_kernel(int64_t 
 // softmax backward (dense form: threads over heads -> dscores) or, in the gated form (offsets set),
 // dgates written as they are and each entry's token recorded in token_of (for the table gradient).
 // Shared: dy (d), dz (hk), dg (hk), ids (hk).
-template <int V>
-__global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
-    int64_t d, int heads, int k, PeerActivation act, const int64_t* offsets, const int32_t* ids, const float* table,
-    const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores, float* dgates,
-    int32_t* token_of, float* coef_u, float* coef_v) {
+template <int V, typename Rows>
+__global__ void __launch_bounds__(kThreads)
+    peer_experts_backward_token_kernel(int64_t d, int heads, int k, PeerActivation act, const int64_t* offsets,
+                                       const int32_t* ids, Rows table, const float* gates, const float* pre_act,
+                                       const float* dy, float* dx, float* dscores, float* dgates, int32_t* token_of,
+                                       float* coef_u, float* coef_v) {
   extern __shared__ float smem[];
   const int hk = heads * k;
   float* dys = smem;
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
   __syncthreads();
   const int warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   for (int e = warp; e < te.n; e += n_warps) {
-    const float dw = warp_dot<V>(table + int64_t{id_s[e]} * width + d, dys, d);
+    const float dw = warp_dot<V>(table, int64_t{id_s[e]} * width + d, dys, d);
     if (threadIdx.x % kWarp == 0) {
       const int64_t i = te.beg + e;
       const float z = pre_act[i], g = gates[i];
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) peer_experts_backward_token_kernel(
 #pragma unroll 4
     for (int e = 0; e < te.n; ++e) {
       const float dz = dzs[e];
-      const Vec<V> u = load<V>(table + int64_t{id_s[e]} * width + c);
+      const Vec<V> u = table.template load<V>(int64_t{id_s[e]} * width + c);
 #pragma unroll
       for (int i = 0; i < V; ++i) o.v[i] += dz * u.v[i];
     }
@@ -209,22 +212,25 @@ void check_smem(size_t bytes, const char* what) {
 
 // Both forms of the forward: block per token, at most hk entries each.
 void launch_forward(int64_t tokens, int64_t d, int64_t hk, PeerActivation act, const float* x, const int64_t* offsets,
-                    const int32_t* ids, const float* gates, const float* table, float* out, float* pre_act,
+                    const int32_t* ids, const float* gates, const PeerTableCuda& table, float* out, float* pre_act,
                     cudaStream_t stream) {
   PL_CHECK(tokens <= INT32_MAX, config, "peer experts (cuda): tokens must fit a grid (got ", tokens, ")");
   if (tokens == 0) return;
   const size_t smem = token_smem(d, hk, 2);
   check_smem(smem, "peer experts forward (cuda)");
-  const bool vec = d % 4 == 0 && aligned16(x) && aligned16(table) && aligned16(out);
   const dim3 grid(static_cast<unsigned>(tokens));
   const int hk_i = static_cast<int>(hk);
-  if (vec)
-    peer_experts_forward_kernel<4><<<grid, kThreads, smem, stream>>>(d, hk_i, act, x, offsets, ids, gates, table, out,
-                                                                     pre_act);
-  else
-    peer_experts_forward_kernel<1><<<grid, kThreads, smem, stream>>>(d, hk_i, act, x, offsets, ids, gates, table, out,
-                                                                     pre_act);
-  PL_CUDA_CHECK_LAUNCH(peer_experts_forward_kernel);
+  with_rows(table, [&](auto rows) {
+    using Rows = decltype(rows);
+    const bool vec = d % 4 == 0 && aligned16(x) && rows.aligned() && aligned16(out);
+    if (vec)
+      peer_experts_forward_kernel<4, Rows>
+          <<<grid, kThreads, smem, stream>>>(d, hk_i, act, x, offsets, ids, gates, rows, out, pre_act);
+    else
+      peer_experts_forward_kernel<1, Rows>
+          <<<grid, kThreads, smem, stream>>>(d, hk_i, act, x, offsets, ids, gates, rows, out, pre_act);
+    PL_CUDA_CHECK_LAUNCH(peer_experts_forward_kernel);
+  });
 }
 
 // What the backward of either form computes, and where it goes.
@@ -232,7 +238,8 @@ struct BackwardArgs {
   int64_t tokens = 0, d = 0, count = 0, cap = 0, n_rows = 0;
   int heads = 1, k = 1;  // the gated form passes heads = 1, k = its most entries per token
   PeerActivation act = PeerActivation::relu;
-  const float *x = nullptr, *table = nullptr, *gates = nullptr, *pre_act = nullptr, *dy = nullptr;
+  PeerTableCuda table;
+  const float *x = nullptr, *gates = nullptr, *pre_act = nullptr, *dy = nullptr;
   const int64_t* offsets = nullptr;  // gated form
   const int32_t* ids = nullptr;      // table rows of the entries
   float *dx = nullptr, *dscores = nullptr, *dgates = nullptr;
@@ -254,18 +261,21 @@ void launch_backward(const BackwardArgs& a, const PeerTableGradCuda& dtable, con
   const int64_t hk = int64_t{a.heads} * a.k;
   const size_t smem = token_smem(a.d, hk, 3);
   check_smem(smem, "peer experts backward (cuda)");
-  const bool vec = a.d % 4 == 0 && aligned16(a.x) && aligned16(a.table) && aligned16(a.dy) && aligned16(a.dx) &&
+  const bool vec = a.d % 4 == 0 && aligned16(a.x) && aligned16(a.dy) && aligned16(a.dx) &&
                    (sparse ? aligned16(dtable.values) : aligned16(dtable.dense));
   const dim3 grid(static_cast<unsigned>(a.tokens));
-  if (vec)
-    peer_experts_backward_token_kernel<4><<<grid, kThreads, smem, stream>>>(
-        a.d, a.heads, a.k, a.act, a.offsets, a.ids, a.table, a.gates, a.pre_act, a.dy, a.dx, a.dscores, a.dgates,
-        b.token_of, b.coef_u, b.coef_v);
-  else
-    peer_experts_backward_token_kernel<1><<<grid, kThreads, smem, stream>>>(
-        a.d, a.heads, a.k, a.act, a.offsets, a.ids, a.table, a.gates, a.pre_act, a.dy, a.dx, a.dscores, a.dgates,
-        b.token_of, b.coef_u, b.coef_v);
-  PL_CUDA_CHECK_LAUNCH(peer_experts_backward_token_kernel);
+  with_rows(a.table, [&](auto rows) {
+    using Rows = decltype(rows);
+    if (vec && rows.aligned())
+      peer_experts_backward_token_kernel<4, Rows>
+          <<<grid, kThreads, smem, stream>>>(a.d, a.heads, a.k, a.act, a.offsets, a.ids, rows, a.gates, a.pre_act, a.dy,
+                                             a.dx, a.dscores, a.dgates, b.token_of, b.coef_u, b.coef_v);
+    else
+      peer_experts_backward_token_kernel<1, Rows>
+          <<<grid, kThreads, smem, stream>>>(a.d, a.heads, a.k, a.act, a.offsets, a.ids, rows, a.gates, a.pre_act, a.dy,
+                                             a.dx, a.dscores, a.dgates, b.token_of, b.coef_u, b.coef_v);
+    PL_CUDA_CHECK_LAUNCH(peer_experts_backward_token_kernel);
+  });
 
   const RowGroups groups = group_rows(a.ids, a.count, a.cap, row_bits(a.n_rows), b.group,
                                       sparse ? dtable.rows : nullptr, sparse ? dtable.count : nullptr, stream);
@@ -297,7 +307,7 @@ void peer_softmax_gates_backward_cuda(int64_t groups, int64_t k, const float* ga
 }
 
 void peer_experts_forward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* scores,
-                               const float* table, float* out, const PeerExpertsSaved<float>& saved,
+                               const PeerTableCuda& table, float* out, const PeerExpertsSaved<float>& saved,
                                cudaStream_t stream) {
   validate(s);
   if (s.tokens == 0) return;
@@ -315,10 +325,10 @@ size_t peer_experts_backward_workspace_bytes(const PeerExpertsShape& s) {
   return carve_backward(s, nullptr).bytes;
 }
 
-void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* table,
-                                const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores,
-                                const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,
-                                cudaStream_t stream) {
+void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids,
+                                const PeerTableCuda& table, const float* gates, const float* pre_act, const float* dy,
+                                float* dx, float* dscores, const PeerTableGradCuda& dtable, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream) {
   validate(s);
   const BackwardScratch b = carve_backward(s, workspace);
   PL_CHECK(workspace && workspace_bytes >= b.bytes, config, "peer experts backward (cuda): workspace of ",
@@ -342,7 +352,7 @@ void check_gated_cuda(const PeerGatedShape& s, int64_t max_entries, int64_t entr
 
 void peer_experts_gated_forward_cuda(const PeerGatedShape& s, int64_t max_entries, const float* x,
                                      const int64_t* offsets, const int32_t* rows, const float* gates,
-                                     const float* table, float* out, float* pre_act, cudaStream_t stream) {
+                                     const PeerTableCuda& table, float* out, float* pre_act, cudaStream_t stream) {
   check_gated_cuda(s, max_entries, 0);
   launch_forward(s.tokens, s.dim, max_entries, s.act, x, offsets, rows, gates, table, out, pre_act, stream);
 }
@@ -354,7 +364,7 @@ size_t peer_experts_gated_backward_workspace_bytes(const PeerGatedShape& s, int6
 
 void peer_experts_gated_backward_cuda(const PeerGatedShape& s, int64_t max_entries, int64_t entries, const float* x,
                                       const int64_t* offsets, const int32_t* rows, const float* gates,
-                                      const float* pre_act, const float* table, const float* dy, float* dx,
+                                      const float* pre_act, const PeerTableCuda& table, const float* dy, float* dx,
                                       float* dgates, const PeerTableGradCuda& dtable, void* workspace,
                                       size_t workspace_bytes, cudaStream_t stream) {
   check_gated_cuda(s, max_entries, entries);

@@ -116,6 +116,22 @@ void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* d
 // equations and expression order as the CPU functions above; every output is a fixed-order sum (no
 // float atomics), so a call repeated on the same inputs gives bit-identical results.
 
+// The table the expert kernels read (device memory, rows [u|v], (N, 2d)): fp32 rows, or
+// (model.peer_ternary) int8 ternary codes t ∈ {−1, 0, 1} with the table's one β, read as the floats
+// t·β. That product is exact, so every kernel computes bit for bit what it computes on a dequantized
+// fp32 copy of the table, while the gathers read 1 byte per weight instead of 4. The table gradient
+// is then that of t·β, which the caller adds to the fp32 latent rows (the straight-through estimator).
+// Both forms go through one row load (peer_cuda_detail.cuh); a float pointer converts to the fp32 form.
+struct PeerTableCuda {
+  const float* rows = nullptr;    // (N, 2d) fp32, or null for the codes
+  const int8_t* codes = nullptr;  // (N, 2d) ternary codes
+  float beta = 0.0f;              // β of the codes
+  PeerTableCuda() = default;
+  PeerTableCuda(const float* fp32_rows) : rows(fp32_rows) {}  // implicit: the full-precision table
+  PeerTableCuda(const int8_t* ternary_codes, float b) : codes(ternary_codes), beta(b) {}
+  bool empty() const { return !rows && !codes; }
+};
+
 void peer_softmax_gates_cuda(int64_t groups, int64_t k, const float* scores, float* gates, cudaStream_t stream);
 void peer_softmax_gates_backward_cuda(int64_t groups, int64_t k, const float* gates, const float* dgates,
                                       float* dscores, cudaStream_t stream);
@@ -124,7 +140,7 @@ void peer_softmax_gates_backward_cuda(int64_t groups, int64_t k, const float* ga
 // entries (one gather of the row [u|v] per entry), then out = Σ g·σ(z)·v in (head, j) order. The
 // gathered (tokens, h·k, d) weights never exist. ids must lie in [0, N) (not checked on the device).
 void peer_experts_forward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* scores,
-                               const float* table, float* out, const PeerExpertsSaved<float>& saved,
+                               const PeerTableCuda& table, float* out, const PeerExpertsSaved<float>& saved,
                                cudaStream_t stream);
 
 // Where the table gradient of peer_experts_backward_cuda goes.
@@ -150,10 +166,10 @@ size_t peer_experts_backward_workspace_bytes(const PeerExpertsShape& s);
 // `dtable` says. Per token: dw = v_idᵀdy and dx = Σ dz·u_id (one more gather of each selected row);
 // then the (row, entry) pairs are sorted by row (stable cub radix sort: entries in token order within
 // a row) and each distinct row is summed by one warp in that order: du = Σ dz·x_t, dv = Σ g·a·dy_t.
-void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids, const float* table,
-                                const float* gates, const float* pre_act, const float* dy, float* dx, float* dscores,
-                                const PeerTableGradCuda& dtable, void* workspace, size_t workspace_bytes,
-                                cudaStream_t stream);
+void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const int32_t* ids,
+                                const PeerTableCuda& table, const float* gates, const float* pre_act, const float* dy,
+                                float* dx, float* dscores, const PeerTableGradCuda& dtable, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream);
 
 // The gated, ragged form on the device (expert parallelism's owner side, model/expert_parallel.h):
 // the contracts of peer_experts_gated_forward_cpu / _backward_cpu with float sums (no PeerFixedOut),
@@ -164,11 +180,11 @@ void peer_experts_backward_cuda(const PeerExpertsShape& s, const float* x, const
 // `dtable` says (dense_accumulate into the local (n_rows, 2d) gradient: rows summed in entry order).
 void peer_experts_gated_forward_cuda(const PeerGatedShape& s, int64_t max_entries, const float* x,
                                      const int64_t* offsets, const int32_t* rows, const float* gates,
-                                     const float* table, float* out, float* pre_act, cudaStream_t stream);
+                                     const PeerTableCuda& table, float* out, float* pre_act, cudaStream_t stream);
 size_t peer_experts_gated_backward_workspace_bytes(const PeerGatedShape& s, int64_t entries);
 void peer_experts_gated_backward_cuda(const PeerGatedShape& s, int64_t max_entries, int64_t entries, const float* x,
                                       const int64_t* offsets, const int32_t* rows, const float* gates,
-                                      const float* pre_act, const float* table, const float* dy, float* dx,
+                                      const float* pre_act, const PeerTableCuda& table, const float* dy, float* dx,
                                       float* dgates, const PeerTableGradCuda& dtable, void* workspace,
                                       size_t workspace_bytes, cudaStream_t stream);
 

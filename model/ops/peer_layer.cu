@@ -402,6 +402,11 @@ void mark(const PeerLayerCuda& ctx, int i, cudaStream_t stream) {
   if (ctx.phase_marks) PL_CUDA_CHECK(cudaEventRecord(ctx.phase_marks[i], stream));
 }
 
+// The table the experts read: the ternary codes when given (model.peer_ternary), else the fp32 rows.
+PeerTableCuda expert_table(const PeerLayerParams<float>& p) {
+  return p.table_codes ? PeerTableCuda{p.table_codes, p.table_beta} : PeerTableCuda{p.table};
+}
+
 void check_fits(const PeerLayerShape& s, const PeerLayerCuda& ctx) {
   validate(s);
   const PeerLayerShape& m = ctx.max_shape();
@@ -494,7 +499,7 @@ void peer_layer_forward_cuda(const PeerLayerShape& s, PeerNormMode mode, const P
     peer_softmax_gates_cuda(s.tokens * s.heads, s.k, ctx.scores, ctx.gates, stream);
     runner->forward(s.experts(), x, ctx.ids, ctx.gates, out, stream);
   } else {
-    peer_experts_forward_cuda(s.experts(), x, ctx.ids, ctx.scores, p.table, out,
+    peer_experts_forward_cuda(s.experts(), x, ctx.ids, ctx.scores, expert_table(p), out,
                               PeerExpertsSaved<float>{ctx.gates, ctx.pre_act}, stream);
   }
   mark(ctx, 3, stream);
@@ -594,8 +599,8 @@ void peer_layer_backward_cuda(const PeerLayerShape& s, const PeerLayerParams<flo
     runner->backward(s.experts(), x, ctx.ids, ctx.gates, dy, dx, dgates, stream);
     peer_softmax_gates_backward_cuda(T * s.heads, s.k, ctx.gates, dgates, w.dscores, stream);
   } else {
-    peer_experts_backward_cuda(s.experts(), x, ctx.ids, p.table, ctx.gates, ctx.pre_act, dy, dx, w.dscores, g.table,
-                               w.experts, w.experts_bytes, stream);
+    peer_experts_backward_cuda(s.experts(), x, ctx.ids, expert_table(p), ctx.gates, ctx.pre_act, dy, dx, w.dscores,
+                               g.table, w.experts, w.experts_bytes, stream);
   }
   mark(ctx, 5, stream);
   query_backward(s, p, ctx, x, w.dscores, dx, g, stream);

@@ -37,19 +37,23 @@ void act_quant_cpu(int64_t rows, int64_t dim, const float* x, int8_t* codes, flo
 double abs_sum_cpu(int64_t n, const float* w) {
   // float64 over fixed chunks, partials added in chunk order: the same sum for any thread count,
   // and no float32 drift on multi-million-element tensors.
-  constexpr int64_t chunk = 1 << 15;
-  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  const int64_t n_chunks = (n + kAbsSumChunk - 1) / kAbsSumChunk;
   double* partials = detail::scratch<double>(detail::ScratchSlot::weight_quant_partials, n_chunks);
-#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    double acc = 0.0;
-    const int64_t end = std::min(n, (c + 1) * chunk);
-    for (int64_t i = c * chunk; i < end; ++i) acc += std::fabs(static_cast<double>(w[i]));
-    partials[c] = acc;
-  }
+  segment_abs_sums_cpu(n, kAbsSumChunk, w, partials);
   double sum = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) sum += partials[c];
   return sum;
+}
+
+void segment_abs_sums_cpu(int64_t n, int64_t seg, const float* w, double* sums) {
+  const int64_t n_segs = (n + seg - 1) / seg;
+#pragma omp parallel for schedule(static) if (n >= 4 * kAbsSumChunk)
+  for (int64_t s = 0; s < n_segs; ++s) {
+    double acc = 0.0;
+    const int64_t end = std::min(n, (s + 1) * seg);
+    for (int64_t i = s * seg; i < end; ++i) acc += std::fabs(static_cast<double>(w[i]));
+    sums[s] = acc;
+  }
 }
 
 float ternary_beta(double abs_sum, int64_t n) {

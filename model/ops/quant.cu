@@ -2,8 +2,11 @@
 // the scalar rule of quant.h is repeated for the device (quant_rules.cuh) with every operation
 // explicitly rounded (__fmul_rn, __fdiv_rn, __fsub_rn).
 // abs_sum is a fixed two-pass float64 reduction (block partials, then one block), so β is
-// deterministic; it is not bit-identical to abs_sum_cpu's order (~1e-16 relative).
+// deterministic; it is not bit-identical to abs_sum_cpu's order (~1e-16 relative). segment_abs_sums
+// is: one thread's in-order sum per segment, as on the CPU.
 #include <cuda_bf16.h>
+
+#include <algorithm>
 
 #include "model/ops/block_reduce.cuh"
 #include "model/ops/cuda_check.h"
@@ -64,6 +67,39 @@ __global__ void abs_sum_final_kernel(const double* __restrict__ partials, double
   if (threadIdx.x == 0) *sum = total;
 }
 
+// segment_abs_sums: warp w of the grid takes segments [32w, 32w + 32) (grid stride); lane l owns
+// segment 32w + l and adds its elements in index order. The warp walks the segments' columns 32 at a
+// time: for each of its 32 segments the lanes load 32 consecutive elements (one coalesced 128-byte
+// row of the tile), then each lane adds its own tile row. Elements past a segment's end (or past n)
+// are staged as 0: adding +0.0 to a float64 sum of magnitudes leaves it unchanged, so the sums are
+// segment_abs_sums_cpu's exactly.
+constexpr int kSegWarps = 4;
+__global__ void __launch_bounds__(kSegWarps * 32)
+    segment_abs_sums_kernel(int64_t n, int64_t seg, int64_t n_segs, const float* __restrict__ w,
+                            double* __restrict__ sums) {
+  __shared__ float tile[kSegWarps][32][33];  // (segment, column), padded: conflict-free both ways
+  const int lane = threadIdx.x % 32, wi = threadIdx.x / 32;
+  float(*t)[33] = tile[wi];
+  const int64_t groups = (n_segs + 31) / 32, stride = static_cast<int64_t>(gridDim.x) * kSegWarps;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kSegWarps + wi; g < groups; g += stride) {
+    const int64_t s0 = g * 32;
+    double acc = 0.0;
+    for (int64_t c0 = 0; c0 < seg; c0 += 32) {
+      const bool in_seg = c0 + lane < seg;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int64_t i = (s0 + j) * seg + c0 + lane;
+        t[j][lane] = in_seg && s0 + j < n_segs && i < n ? w[i] : 0.0f;
+      }
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < 32; ++c) acc += fabs(static_cast<double>(t[lane][c]));
+      __syncwarp();
+    }
+    if (s0 + lane < n_segs) sums[s0 + lane] = acc;
+  }
+}
+
 __global__ void ternary_codes_kernel(int64_t n, const float* __restrict__ w, float beta, int8_t* __restrict__ codes) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
@@ -99,6 +135,16 @@ void abs_sum_cuda(int64_t n, const float* w, double* partials, double* sum, cuda
   PL_CUDA_CHECK_LAUNCH(abs_sum_partials_kernel);
   abs_sum_final_kernel<<<1, kAbsSumPartials, 0, stream>>>(partials, sum);
   PL_CUDA_CHECK_LAUNCH(abs_sum_final_kernel);
+}
+
+void segment_abs_sums_cuda(int64_t n, int64_t seg, const float* w, double* sums, cudaStream_t stream) {
+  PL_CHECK(n >= 0 && seg >= 1, internal, "segment_abs_sums_cuda: n=", n, " seg=", seg);
+  if (n == 0) return;
+  PL_CHECK(w && sums, internal, "segment_abs_sums_cuda: null pointer");
+  const int64_t n_segs = (n + seg - 1) / seg, groups = (n_segs + 31) / 32;
+  const int64_t blocks = std::min<int64_t>((groups + kSegWarps - 1) / kSegWarps, int64_t{65535} * 16);
+  segment_abs_sums_kernel<<<static_cast<unsigned>(blocks), kSegWarps * 32, 0, stream>>>(n, seg, n_segs, w, sums);
+  PL_CUDA_CHECK_LAUNCH(segment_abs_sums_kernel);
 }
 
 void ternary_codes_cuda(int64_t n, const float* w, float beta, int8_t* codes, cudaStream_t stream) {

@@ -19,6 +19,13 @@ float weight_quant_cpu(int64_t n, const float* w, int8_t* codes);
 // sums are all-reduced, β = ternary_beta(total, numel), then each rank quantizes its part.
 double abs_sum_cpu(int64_t n, const float* w);
 float ternary_beta(double abs_sum, int64_t numel);
+// Σ|w| per segment: sums[s] = Σ |w_i| over i in [s·seg, min(n, (s + 1)·seg)), in float64, added in
+// index order from 0 (sums: ceil(n / seg) of them; seg >= 1). The same bits for any thread count.
+// abs_sum_cpu is the segment sums of kAbsSumChunk elements added in segment order; row_ordered_sum
+// (model/exact_sum.h) uses one segment per table row. Its CUDA twin below gives the same bits, which
+// is what makes β of a PEER table's ternary copy the same on both devices (Model::peer_table_beta).
+inline constexpr int64_t kAbsSumChunk = int64_t{1} << 15;
+void segment_abs_sums_cpu(int64_t n, int64_t seg, const float* w, double* sums);
 void ternary_codes_cpu(int64_t n, const float* w, float beta, int8_t* codes);
 // The scalar rules, shared by the CPU and (later) CUDA paths and by tests.
 // Round half away from zero, exact for every float: v − trunc(v) is exact in floating point, so
@@ -58,6 +65,9 @@ void act_quant_dequant_cuda(int64_t rows, int64_t dim, const float* x, bf16* a_o
 // of the sums when sharded).
 inline constexpr int kAbsSumPartials = 256;
 void abs_sum_cuda(int64_t n, const float* w, double* partials, double* sum, cudaStream_t stream);
+// segment_abs_sums_cpu on the GPU, bit for bit: each segment is one thread's float64 sum in index
+// order (a warp stages 32 segments' columns through shared memory so that its loads coalesce).
+void segment_abs_sums_cuda(int64_t n, int64_t seg, const float* w, double* sums, cudaStream_t stream);
 // ternary_codes_cpu on the GPU; codes bit-identical for the same β.
 void ternary_codes_cuda(int64_t n, const float* w, float beta, int8_t* codes, cudaStream_t stream);
 
