@@ -76,7 +76,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-__device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // d (16 × 8) += a (16 × 16) · b (16 × 8), bf16 operands, fp32 accumulators (file comment).
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -87,8 +86,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8 × 8 bf16 matrices, transposed: lanes 8m..8m+7 give the row addresses of matrix m, and
-// register m receives the fragment of it that B's b0/b1 layout wants (file comment).
+// Four 8 × 8 bf16 matrices: lanes 8m..8m+7 give the row addresses of matrix m (16 bytes each), and
+// register m receives lane (g, t)'s pair (row g, columns 2t, 2t + 1) of it, the layout of A and of
+// "B from rows" (file comment). With .trans, the pair (rows 2t, 2t + 1, column g): "B from columns".
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -96,20 +102,37 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
                : "r"(addr));
 }
 
+// The A fragment of rows x0..x0+16, columns k0..k0+16 of a row-major shared tile: lane l addresses
+// row x0 + l % 16, column k0 + 8·(l / 16), so matrices 0–3 are (rows 0–7, k 0–7), (8–15, 0–7),
+// (0–7, 8–15), (8–15, 8–15): a0, a1, a2, a3.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* x, int x0, int k0, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, x + (x0 + lane % 16) * ld + k0 + 8 * (lane / 16));
+}
+
+// c[nb], c[nb + 1] (16 × 8 each) += a · B, B(k, n) = Y[y0 + 8·nb + n][k0 + k] ("B from rows"): lane l
+// addresses row y0 + 8·(nb + l / 16) + l % 8, column k0 + 8·(l / 8 % 2), so matrices 0–3 are
+// (n block nb, k 0–7), (nb, k 8–15), (nb + 1, k 0–7), (nb + 1, k 8–15): b0, b1 of nb, then of nb + 1.
+template <int NB>
+__device__ __forceinline__ void mma_b_rows(float (&c)[NB][4], int nb, const uint32_t (&a)[4], const bf16* y, int y0,
+                                           int k0, int ld) {
+  const int lane = threadIdx.x % 32;
+  uint32_t b[4];
+  ldmatrix_x4(b, y + (y0 + 8 * (nb + lane / 16) + lane % 8) * ld + k0 + 8 * (lane / 8 % 2));
+  mma_bf16(c[nb], a, b[0], b[1]);
+  mma_bf16(c[nb + 1], a, b[2], b[3]);
+}
+
 // c (16 × 8·NB) += X[x0..x0+16)[0..K) · Y[y0..y0+8·NB)[0..K)ᵀ for row-major bf16 tiles X, Y of
 // stride ld: A from X's rows, B from Y's rows (QKᵀ, dO Vᵀ, K Qᵀ, V dOᵀ). k steps in order.
 template <int NB, int K>
 __device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x0, const bf16* y, int y0, int ld) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
-    const bf16* pa = x + (x0 + g) * ld + k0 + 2 * t;
-    const uint32_t a[4] = {ld_pair(pa), ld_pair(pa + 8 * ld), ld_pair(pa + 8), ld_pair(pa + 8 * ld + 8)};
+    uint32_t a[4];
+    load_a(a, x, x0, k0, ld);
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      const bf16* pb = y + (y0 + 8 * nb + g) * ld + k0 + 2 * t;
-      mma_bf16(c[nb], a, ld_pair(pb), ld_pair(pb + 8));
-    }
+    for (int nb = 0; nb < NB; nb += 2) mma_b_rows(c, nb, a, y, y0, k0, ld);
   }
 }
 
