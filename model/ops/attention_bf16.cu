@@ -136,13 +136,22 @@ __device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x
   }
 }
 
+// c (16 × 8·NB) += A · Y[y0..y0+8·NB)[0..16·KS)ᵀ with A (16 × 16·KS) in registers: mma_rows for a
+// warp that keeps its 16 rows of X as fragments for a whole pass (Q in the forward).
+template <int NB, int KS>
+__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0, int ld) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) mma_b_rows(c, nb, a[ks], y, y0, 16 * ks, ld);
+}
+
 // c (16 × 8·NB) += A (16 × 16·KS, bf16 fragments in registers) · Y[y0..y0+16·KS)[0..8·NB) (row
 // major, stride ld): B from Y's columns by ldmatrix.trans (PV, PᵀdO, dSᵀQ, dS K). Lane l addresses
 // row y0 + 16ks + l % 16, column 8·(nb + l / 16): matrices (k 0–7, n), (k 8–15, n), (k 0–7, n + 8),
 // (k 8–15, n + 8) give b0, b1 of block nb and b0, b1 of block nb + 1.
 template <int NB, int KS>
-__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0,
-                                         int ld) {
+__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0, int ld) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
@@ -185,6 +194,26 @@ __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ s
     const int64_t gr = row0 + r;
     const float4 x = gr < n_rows ? *reinterpret_cast<const float4*>(src + gr * gs + c) : make_float4(0, 0, 0, 0);
     *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+  }
+}
+
+// The A fragments (all D columns) of rows r0..r0+16 of a (rows, D) fp32 slice with rows gs floats
+// apart, straight from global memory into registers, rows at or past n_rows as zeros; the same bf16
+// as load_tile then load_a would give. float2 reads: a quad reads 32 contiguous bytes of a row.
+template <int D>
+__device__ __forceinline__ void load_a_global(uint32_t (&a)[D / 16][4], const float* __restrict__ src, int64_t gs,
+                                              int64_t r0, int64_t n_rows) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // a0, a2 from row g; a1, a3 from row g + 8
+    const int64_t r = r0 + g + 8 * h;
+    const float* row = src + r * gs + 2 * t;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const float2 lo = r < n_rows ? *reinterpret_cast<const float2*>(row + 16 * ks) : make_float2(0, 0);
+      const float2 hi = r < n_rows ? *reinterpret_cast<const float2*>(row + 16 * ks + 8) : make_float2(0, 0);
+      a[ks][h] = pack_bf16(lo.x, lo.y), a[ks][2 + h] = pack_bf16(hi.x, hi.y);
+    }
   }
 }
 
@@ -239,27 +268,27 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_bf16_kernel(Args a) {
   constexpr int ld = kLd<D>, NB = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
-  bf16* ks = qs + kBig * ld;                 // (kSmall, ld)
+  bf16* ks = reinterpret_cast<bf16*>(smem);  // (kSmall, ld)
   bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
   const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
   const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
-  load_tile<D, kBig>(qs, a.q + q_off, q_t, i0, T);
+  uint32_t qa[D / 16][4];  // the warp's 16 Q rows, for the whole pass
+  load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NB][4];
   zero(o);
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
   for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
-    __syncthreads();  // Q is in; the previous tile's reads of K, V are done
+    __syncthreads();  // the previous tile's reads of K, V are done
     load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
     load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
     __syncthreads();
     if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: the tile is past all the warp's rows
     float s[kNS][4];
     zero(s);
-    mma_rows<kNS, D>(s, qs, 16 * warp, ks, 0, ld);  // S = Q Kᵀ
+    mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
     online_softmax<NB>(s, m, l, o, w0 + g, j0, a.scale_log2);
     uint32_t p[kNS / 2][4];
     to_a(p, s);
@@ -290,12 +319,12 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
   constexpr int ld = kLd<D>, NB = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* ks = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
-  bf16* vs = ks + kBig * ld;                 // (kBig, ld)
-  bf16* qs = vs + kBig * ld;                 // (kSmall, ld)
-  bf16* dos = qs + kSmall * ld;              // (kSmall, ld)
+  bf16* ks = reinterpret_cast<bf16*>(smem);                   // (kBig, ld)
+  bf16* vs = ks + kBig * ld;                                  // (kBig, ld)
+  bf16* qs = vs + kBig * ld;                                  // (kSmall, ld)
+  bf16* dos = qs + kSmall * ld;                               // (kSmall, ld)
   float* lse2 = reinterpret_cast<float*>(dos + kSmall * ld);  // (kSmall)
-  float* dlt = lse2 + kSmall;                                  // (kSmall)
+  float* dlt = lse2 + kSmall;                                 // (kSmall)
   const int warp = threadIdx.x / 32;
   const int b = blockIdx.x / a.kv_heads, kh = blockIdx.x % a.kv_heads;
   const int64_t T = a.seq, j0 = static_cast<int64_t>(blockIdx.y) * kBig, w0 = j0 + 16 * warp;
@@ -359,12 +388,12 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_kernel(Args a) {
   constexpr int ld = kLd<D>, NB = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
-  bf16* dos = qs + kBig * ld;                // (kBig, ld)
-  bf16* ks = dos + kBig * ld;                // (kSmall, ld)
-  bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
+  bf16* qs = reinterpret_cast<bf16*>(smem);                  // (kBig, ld)
+  bf16* dos = qs + kBig * ld;                                // (kBig, ld)
+  bf16* ks = dos + kBig * ld;                                // (kSmall, ld)
+  bf16* vs = ks + kSmall * ld;                               // (kSmall, ld)
   float* lse2 = reinterpret_cast<float*>(vs + kSmall * ld);  // (kBig)
-  float* dlt = lse2 + kBig;                                   // (kBig)
+  float* dlt = lse2 + kBig;                                  // (kBig)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
@@ -419,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_k
 
 template <int D>
 constexpr size_t forward_smem() {
-  return sizeof(bf16) * (kBig + 2 * kSmall) * kLd<D>;
+  return sizeof(bf16) * 2 * kSmall * kLd<D>;
 }
 template <int D>
 constexpr size_t backward_smem() {
