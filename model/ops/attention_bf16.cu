@@ -228,37 +228,47 @@ struct Args {
 
 // ---- forward -------------------------------------------------------------------------------------
 
-// Online softmax of one warp's 16 × 64 score tile s (raw QKᵀ) for its rows at positions row_g and
-// row_g + 8 (this lane's), keys j0 + column: masks j > i, turns s into P = exp2(s·scale_log2 − m'),
-// updates m, l and rescales the output accumulators o by e^{m − m'}.
-template <int NB>
-__device__ __forceinline__ void online_softmax(float (&s)[kNS][4], float (&m)[2], float (&l)[2], float (&o)[NB][4],
+// 2^x on the SFU without the denormal fix-ups exp2f adds (ex2.approx.ftz: relative error ~2^-22;
+// results below 2^-126 flush to 0, weights no softmax sum can see).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Online softmax of one warp's 16 × 8·NS score tile s (raw QKᵀ), for this lane's rows at positions
+// row_g and row_g + 8 and keys j0 + column. Masked tiles (those crossing the warp's diagonal) set
+// keys j > i to −∞ first. m is the running max in log2 units (scale folded in: 2^(s·scale_log2 − m)
+// is one FMA and one ex2); s becomes P, o is rescaled by 2^(m_old − m). The row max takes 2 shuffles
+// per tile; l is this lane's share of the row sum (its columns), summed over the quad at the end.
+template <bool kMask, int NS, int NB>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2], float (&l)[2], float (&o)[NB][4],
                                                int64_t row_g, int64_t j0, float scale_log2) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t i = row_g + 8 * h;
-    float mx = m[h];
+    if (kMask) {  // key j0 + 8·nb + 2t + e > row: 8·nb + e > lim, |lim| < 128 in a diagonal tile
+      const int lim = static_cast<int>(row_g + 8 * h - j0) - 2 * t;
 #pragma unroll
-    for (int nb = 0; nb < kNS; ++nb)
+      for (int nb = 0; nb < NS; ++nb)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nb][2 * h + e];
-        x = j0 + 8 * nb + 2 * t + e <= i ? x * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x);
-      }
+        for (int e = 0; e < 2; ++e)
+          if (8 * nb + e > lim) s[nb][2 * h + e] = -INFINITY;
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < NS; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * h], s[nb][2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_use = mx == -INFINITY ? 0.0f : mx;  // a row with no key yet keeps m = −∞
-    const float corr = exp2f(m[h] - m_use);
+    const float m_new = fmaxf(m[h], mx * scale_log2);       // scale > 0: the max of the scaled scores
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with no key yet keeps m = −∞
+    const float corr = exp2_ftz(m[h] - m_use);
     float rs = 0.0f;
 #pragma unroll
-    for (int nb = 0; nb < kNS; ++nb)
+    for (int nb = 0; nb < NS; ++nb)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) rs += s[nb][2 * h + e] = exp2f(s[nb][2 * h + e] - m_use);
-    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-    l[h] = l[h] * corr + rs, m[h] = mx;
+      for (int e = 0; e < 2; ++e) rs += s[nb][2 * h + e] = exp2_ftz(fmaf(s[nb][2 * h + e], scale_log2, -m_use));
+    l[h] = l[h] * corr + rs, m[h] = m_new;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) o[nb][2 * h] *= corr, o[nb][2 * h + 1] *= corr;
   }
@@ -289,10 +299,18 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_b
     float s[kNS][4];
     zero(s);
     mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
-    online_softmax<NB>(s, m, l, o, w0 + g, j0, a.scale_log2);
+    if (j0 + kSmall - 1 > w0)    // warp-uniform: some key of the tile follows some row of the warp
+      online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
+    else
+      online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
     uint32_t p[kNS / 2][4];
     to_a(p, s);
     mma_cols<NB, kNS / 2>(o, p, vs, 0, ld);  // O += P V
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {  // the row sums: the quad's shares, in a fixed order
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
