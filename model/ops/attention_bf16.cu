@@ -164,10 +164,11 @@ __device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[
     }
 }
 
-// The C fragments of a 16 × 64 tile (8 blocks of 8 columns) as A fragments of 4 k steps of 16.
-__device__ __forceinline__ void to_a(uint32_t (&a)[kNS / 2][4], const float (&c)[kNS][4]) {
+// The C fragments of a 16 × 8·NS tile (NS blocks of 8 columns) as A fragments of NS / 2 k steps.
+template <int NS>
+__device__ __forceinline__ void to_a(uint32_t (&a)[NS / 2][4], const float (&c)[NS][4]) {
 #pragma unroll
-  for (int ks = 0; ks < kNS / 2; ++ks) {
+  for (int ks = 0; ks < NS / 2; ++ks) {
     a[ks][0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
     a[ks][1] = pack_bf16(c[2 * ks][2], c[2 * ks][3]);
     a[ks][2] = pack_bf16(c[2 * ks + 1][0], c[2 * ks + 1][1]);
@@ -181,19 +182,46 @@ __device__ __forceinline__ void zero(float (&c)[NB][4]) {
   for (int nb = 0; nb < NB; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
 }
 
-// Rows [row0, row0 + R) of a (rows, D) fp32 slice with rows gs floats apart into a bf16 shared tile
-// (stride kLd<D>); rows at or past n_rows are zeros. float4 reads, consecutive threads consecutive
-// 16 bytes of a row (coalesced); sources are 16-byte aligned (D and gs multiples of 4).
+// Rows [row0, row0 + R) of a (rows, D) fp32 slice with rows gs floats apart, on their way to a bf16
+// shared tile (stride kLd<D>): fetch issues this thread's float4 reads into registers (rows at or
+// past n_rows read as zeros; consecutive threads read consecutive 16 bytes of a row: coalesced,
+// aligned as D and gs are multiples of 4), put rounds them to bf16 and stores them. Between the two
+// the reads are in flight while the thread works on the current tile: the streamed tiles are double
+// buffered through registers, which keeps the fp32 interface (cp.async cannot round).
+template <int D, int R>
+struct TileFetch {
+  static constexpr int kVec = D / 4, kPer = R * kVec / kThreads;
+  static_assert(R * kVec % kThreads == 0, "a whole number of float4 per thread");
+  float4 x[kPer];
+
+  __device__ __forceinline__ void fetch(const float* __restrict__ src, int64_t gs, int64_t row0, int64_t n_rows) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int e = threadIdx.x + u * kThreads, r = e / kVec, c = e % kVec * 4;
+      x[u] = row0 + r < n_rows ? *reinterpret_cast<const float4*>(src + (row0 + r) * gs + c) : make_float4(0, 0, 0, 0);
+    }
+  }
+  __device__ __forceinline__ void put(bf16* dst) const {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int e = threadIdx.x + u * kThreads, r = e / kVec, c = e % kVec * 4;
+      *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) =
+          make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
+    }
+  }
+};
+
+// fetch then put, 4 float4 per thread at a time: the tiles a block loads once (and, for now, the
+// streamed tiles of the backward).
 template <int D, int R>
 __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, int64_t gs, int64_t row0,
                                           int64_t n_rows) {
-  constexpr int kVec = D / 4;
-#pragma unroll 4
-  for (int e = threadIdx.x; e < R * kVec; e += kThreads) {
-    const int r = e / kVec, c = (e % kVec) * 4;
-    const int64_t gr = row0 + r;
-    const float4 x = gr < n_rows ? *reinterpret_cast<const float4*>(src + gr * gs + c) : make_float4(0, 0, 0, 0);
-    *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+  constexpr int kChunk = R < 8 * kThreads / D ? R : 8 * kThreads / D;  // rows of 2 float4 per thread
+#pragma unroll 1
+  for (int r = 0; r < R; r += kChunk) {
+    TileFetch<D, kChunk> f;
+    f.fetch(src, gs, row0 + r, n_rows);
+    f.put(dst + r * kLd<D>);
   }
 }
 
@@ -274,12 +302,15 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2],
   }
 }
 
+// Keys per streamed tile of the forward and the dQ pass (file comment).
 template <int D>
-__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8;
+constexpr int kFwdKeys = D == 64 ? 64 : 32;
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8, N = kFwdKeys<D>, NS = N / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* ks = reinterpret_cast<bf16*>(smem);  // (kSmall, ld)
-  bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
+  bf16* const kv = reinterpret_cast<bf16*>(smem);  // 2 buffers of (K: N rows, V: N rows), stride ld
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
@@ -289,23 +320,39 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_b
   load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NB][4];
   zero(o);
+  TileFetch<D, N> fk, fv;
+  fk.fetch(a.k + k_off, k_t, 0, T);
+  fv.fetch(a.v + k_off, k_t, 0, T);
+  fk.put(kv);
+  fv.put(kv + N * ld);
+  __syncthreads();
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
-    __syncthreads();  // the previous tile's reads of K, V are done
-    load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
-    load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
+  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
+    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
+    const bf16* vs = ks + N * ld;
+    const bool more = j0 + N < n_keys;
+    if (more) {  // tile j0 + N in flight during this tile's work
+      fk.fetch(a.k + k_off, k_t, j0 + N, T);
+      fv.fetch(a.v + k_off, k_t, j0 + N, T);
+    }
+    if (j0 <= w0 + 15 && w0 < T) {  // warp-uniform: some key of the tile precedes some row of the warp
+      float s[NS][4];
+      zero(s);
+      mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
+      if (j0 + N - 1 > w0)         // warp-uniform: some key of the tile follows some row of the warp
+        online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
+      else
+        online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
+      uint32_t p[NS / 2][4];
+      to_a(p, s);
+      mma_cols(o, p, vs, 0, ld);  // O += P V
+    }
+    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
+      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
+      fk.put(next);
+      fv.put(next + N * ld);
+    }
     __syncthreads();
-    if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: the tile is past all the warp's rows
-    float s[kNS][4];
-    zero(s);
-    mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
-    if (j0 + kSmall - 1 > w0)    // warp-uniform: some key of the tile follows some row of the warp
-      online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
-    else
-      online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
-    uint32_t p[kNS / 2][4];
-    to_a(p, s);
-    mma_cols<NB, kNS / 2>(o, p, vs, 0, ld);  // O += P V
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {  // the row sums: the quad's shares, in a fixed order
@@ -466,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_k
 
 template <int D>
 constexpr size_t forward_smem() {
-  return sizeof(bf16) * 2 * kSmall * kLd<D>;
+  return sizeof(bf16) * 4 * kFwdKeys<D> * kLd<D>;
 }
 template <int D>
 constexpr size_t backward_smem() {
