@@ -67,6 +67,8 @@ constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kBig = 16 * kWarps;  // rows of the tile a block keeps (Q in fwd and dQ, K/V in dK/dV)
 constexpr int kSmall = 64;         // rows of the tile it streams
 constexpr int kNS = kSmall / 8;    // 8-column blocks of a 16 × 64 score tile
+template <int D>
+constexpr int kStream = D == 64 ? 64 : 32;  // rows of a double-buffered streamed tile (file comment)
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 template <int D>
@@ -302,13 +304,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2],
   }
 }
 
-// Keys per streamed tile of the forward and the dQ pass (file comment).
-template <int D>
-constexpr int kFwdKeys = D == 64 ? 64 : 32;
-
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8, N = kFwdKeys<D>, NS = N / 8;
+  constexpr int ld = kLd<D>, NB = D / 8, N = kStream<D>, NS = N / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* const kv = reinterpret_cast<bf16*>(smem);  // 2 buffers of (K: N rows, V: N rows), stride ld
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -447,58 +445,84 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
   }
 }
 
-// dQ of one 128-row Q tile (file comment). The rows' D are recomputed from O and dO (fp32, global)
+// dS = P ⊙ (dP − D) in place of dP, P = 2^(S·scale_log2 − lse2) from the raw scores S of one warp's
+// 16 rows × 8·NS keys, for this lane's rows (lse2 = LSE·log2 e and D per row half) and key columns.
+// Masked tiles (crossing the warp's diagonal) zero keys past the row: column > lim + row in the warp.
+template <bool kMask, int NS>
+__device__ __forceinline__ void dscores(const float (&s)[NS][4], float (&dp)[NS][4], const float (&lse2)[2],
+                                        const float (&dlt)[2], int lim, float scale_log2) {
+#pragma unroll
+  for (int nb = 0; nb < NS; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p =
+          !kMask || c_col(nb, e) <= lim + c_row(e) ? exp2_ftz(fmaf(s[nb][e], scale_log2, -lse2[e / 2])) : 0.0f;
+      dp[nb][e] = p * (dp[nb][e] - dlt[e / 2]);
+    }
+}
+
+// dQ of one 128-row Q tile (file comment): the warp's Q and dO rows as A fragments in registers, K, V
+// tiles double-buffered as in the forward. The rows' D are recomputed from O and dO (fp32, global)
 // with attention_row_delta, since a.delta may live in dq's memory, which this pass overwrites.
 template <int D>
-__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8;
+__global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8, N = kStream<D>, NS = N / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* qs = reinterpret_cast<bf16*>(smem);                  // (kBig, ld)
-  bf16* dos = qs + kBig * ld;                                // (kBig, ld)
-  bf16* ks = dos + kBig * ld;                                // (kSmall, ld)
-  bf16* vs = ks + kSmall * ld;                               // (kSmall, ld)
-  float* lse2 = reinterpret_cast<float*>(vs + kSmall * ld);  // (kBig)
-  float* dlt = lse2 + kBig;                                  // (kBig)
+  bf16* const kv = reinterpret_cast<bf16*>(smem);                 // 2 buffers of (K: N rows, V: N rows)
+  float* const lse2 = reinterpret_cast<float*>(kv + 4 * N * ld);  // (kBig)
+  float* const dlt = lse2 + kBig;                                 // (kBig)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
   const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
   const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
-  load_tile<D, kBig>(qs, a.q + q_off, q_t, i0, T);
-  load_tile<D, kBig>(dos, a.dout + q_off, q_t, i0, T);
+  TileFetch<D, N> fk, fv;
+  fk.fetch(a.k + k_off, k_t, 0, T);
+  fv.fetch(a.v + k_off, k_t, 0, T);
+  uint32_t qa[D / 16][4], da[D / 16][4];  // the warp's 16 Q and dO rows, for the whole pass
+  load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
+  load_a_global<D>(da, a.dout + q_off, q_t, w0, T);
   for (int r = warp; r < kBig; r += kWarps) {
     const int64_t i = i0 + r;
     const float d = i < T ? attention_row_delta(a.o + q_off + i * q_t, a.dout + q_off + i * q_t, D, lane) : 0.0f;
     if (lane == 0) dlt[r] = d, lse2[r] = i < T ? a.lse[blockIdx.x * T + i] * kLog2e : 0.0f;
   }
+  fk.put(kv);
+  fv.put(kv + N * ld);
   __syncthreads();
   const float row_lse2[2] = {lse2[16 * warp + c_row(0)], lse2[16 * warp + c_row(2)]};
   const float row_dlt[2] = {dlt[16 * warp + c_row(0)], dlt[16 * warp + c_row(2)]};
   float dq[NB][4];
   zero(dq);
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
-    __syncthreads();  // the previous tile's reads of K, V are done
-    load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
-    load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
+  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
+    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
+    const bf16* vs = ks + N * ld;
+    const bool more = j0 + N < n_keys;
+    if (more) {  // tile j0 + N in flight during this tile's work
+      fk.fetch(a.k + k_off, k_t, j0 + N, T);
+      fv.fetch(a.v + k_off, k_t, j0 + N, T);
+    }
+    if (j0 <= w0 + 15 && w0 < T) {  // warp-uniform: some key of the tile precedes some row of the warp
+      float s[NS][4], dp[NS][4];
+      zero(s);
+      zero(dp);
+      mma_rows(s, qa, ks, 0, ld);   // S = Q Kᵀ
+      mma_rows(dp, da, vs, 0, ld);  // dP = dO Vᵀ
+      if (j0 + N - 1 > w0)          // warp-uniform: some key of the tile follows some row of the warp
+        dscores<true>(s, dp, row_lse2, row_dlt, static_cast<int>(w0 - j0), a.scale_log2);
+      else
+        dscores<false>(s, dp, row_lse2, row_dlt, 0, a.scale_log2);
+      uint32_t dsa[NS / 2][4];
+      to_a(dsa, dp);
+      mma_cols(dq, dsa, ks, 0, ld);  // dQ += dS K
+    }
+    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
+      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
+      fk.put(next);
+      fv.put(next + N * ld);
+    }
     __syncthreads();
-    if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: every key follows the warp's rows
-    float s[kNS][4], dp[kNS][4];
-    zero(s);
-    zero(dp);
-    mma_rows<kNS, D>(s, qs, 16 * warp, ks, 0, ld);    // S = Q Kᵀ
-    mma_rows<kNS, D>(dp, dos, 16 * warp, vs, 0, ld);  // dP = dO Vᵀ
-#pragma unroll
-    for (int nb = 0; nb < kNS; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t i = w0 + c_row(e), j = j0 + c_col(nb, e);
-        const float p = j <= i && i < T ? exp2f(s[nb][e] * a.scale_log2 - row_lse2[e / 2]) : 0.0f;
-        dp[nb][e] = p * (dp[nb][e] - row_dlt[e / 2]);
-      }
-    uint32_t dsa[kNS / 2][4];
-    to_a(dsa, dp);
-    mma_cols<NB, kNS / 2>(dq, dsa, ks, 0, ld);  // dQ += dS K
   }
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
@@ -513,7 +537,11 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_k
 
 template <int D>
 constexpr size_t forward_smem() {
-  return sizeof(bf16) * 4 * kFwdKeys<D> * kLd<D>;
+  return sizeof(bf16) * 4 * kStream<D> * kLd<D>;
+}
+template <int D>
+constexpr size_t dq_smem() {
+  return sizeof(bf16) * 4 * kStream<D> * kLd<D> + sizeof(float) * 2 * kBig;
 }
 template <int D>
 constexpr size_t backward_smem() {
@@ -560,11 +588,11 @@ void attention_backward_bf16_cuda(const AttentionShape& s, const float* q, const
   if (s.head_dim == 64) {
     launch(attention_dkdv_bf16_kernel<64>, grid_kv, backward_smem<64>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
-    launch(attention_dq_bf16_kernel<64>, grid_q, backward_smem<64>(), a, stream);
+    launch(attention_dq_bf16_kernel<64>, grid_q, dq_smem<64>(), a, stream);
   } else {
     launch(attention_dkdv_bf16_kernel<128>, grid_kv, backward_smem<128>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
-    launch(attention_dq_bf16_kernel<128>, grid_q, backward_smem<128>(), a, stream);
+    launch(attention_dq_bf16_kernel<128>, grid_q, dq_smem<128>(), a, stream);
   }
   PL_CUDA_CHECK_LAUNCH(attention_dq_bf16_kernel);
 }
