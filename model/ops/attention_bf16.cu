@@ -65,8 +65,6 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kBig = 16 * kWarps;  // rows of the tile a block keeps (Q in fwd and dQ, K/V in dK/dV)
-constexpr int kSmall = 64;         // rows of the tile it streams
-constexpr int kNS = kSmall / 8;    // 8-column blocks of a 16 × 64 score tile
 template <int D>
 constexpr int kStream = D == 64 ? 64 : 32;  // rows of a double-buffered streamed tile (file comment)
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -376,61 +374,107 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Arg
 __device__ __forceinline__ int c_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
 __device__ __forceinline__ int c_col(int nb, int e) { return 8 * nb + 2 * (threadIdx.x % 4) + e % 2; }
 
-// dK, dV of one 128-key tile (file comment). Per warp 16 keys; lse2 (LSE·log2 e) and D of the
-// current 64 query rows in shared memory, indexed by column.
+// The streamed tile of the dK/dV pass: M rows of Q and dO (bf16 tiles) and their lse2 = LSE·log2 e
+// and D (thread r < M holds row r's), fetched into registers a tile ahead, as TileFetch.
+template <int D, int M>
+struct QRowsFetch {
+  TileFetch<D, M> q, dout;
+  float lse2 = 0.0f, dlt = 0.0f;
+
+  __device__ __forceinline__ void fetch(const Args& a, int b, int h, int64_t i0) {
+    const int64_t T = a.seq, q_t = static_cast<int64_t>(a.heads) * D, q_off = b * T * q_t + h * D;
+    q.fetch(a.q + q_off, q_t, i0, T);
+    dout.fetch(a.dout + q_off, q_t, i0, T);
+    const int64_t i = i0 + threadIdx.x, bh = static_cast<int64_t>(b) * a.heads + h;
+    if (threadIdx.x < M) lse2 = i < T ? a.lse[bh * T + i] * kLog2e : 0.0f, dlt = i < T ? a.delta[bh * T + i] : 0.0f;
+  }
+  // Q and dO tiles at qs and qs + M rows; lse2 and D at rows[0..M), rows[M..2M).
+  __device__ __forceinline__ void put(bf16* qs, float* rows) const {
+    q.put(qs);
+    dout.put(qs + M * kLd<D>);
+    if (threadIdx.x < M) rows[threadIdx.x] = lse2, rows[M + threadIdx.x] = dlt;
+  }
+};
+
+// Pᵀ and dSᵀ = Pᵀ ⊙ (dPᵀ − D) in place of the raw Sᵀ, dPᵀ of one warp's 16 keys × 8·NS queries: this
+// lane's keys are rows c_row(e), its queries columns c_col(nb, e), whose lse2 and D are indexed by
+// column. Masked tiles zero the pairs with the key after the query (column < lo + row) and the
+// queries at or past T (column ≥ hi).
+template <bool kMask, int NS>
+__device__ __forceinline__ void dscores_t(float (&st)[NS][4], float (&dpt)[NS][4], const float* lse2, const float* dlt,
+                                          int lo, int hi, float scale_log2) {
+#pragma unroll
+  for (int nb = 0; nb < NS; ++nb) {
+    const int c0 = c_col(nb, 0);  // this lane's two columns c0, c0 + 1
+    const float2 l2 = *reinterpret_cast<const float2*>(lse2 + c0), dd = *reinterpret_cast<const float2*>(dlt + c0);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = c0 + e % 2;
+      const bool keep = !kMask || (c >= lo + c_row(e) && c < hi);
+      const float p = keep ? exp2_ftz(fmaf(st[nb][e], scale_log2, -(e % 2 ? l2.y : l2.x))) : 0.0f;
+      st[nb][e] = p, dpt[nb][e] = p * (dpt[nb][e] - (e % 2 ? dd.y : dd.x));
+    }
+  }
+}
+
+// dK, dV of one 128-key tile (file comment): K, V resident in shared memory (the warps' A fragments
+// reread per tile: 128 fp32 accumulators per thread at d_h 128 leave no room to keep them), the Q, dO
+// tiles of the group's heads streamed M rows at a time, double-buffered through registers.
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8;
+__global__ void __launch_bounds__(kThreads, 1) attention_dkdv_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8, M = kStream<D>, NS = M / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* ks = reinterpret_cast<bf16*>(smem);                   // (kBig, ld)
-  bf16* vs = ks + kBig * ld;                                  // (kBig, ld)
-  bf16* qs = vs + kBig * ld;                                  // (kSmall, ld)
-  bf16* dos = qs + kSmall * ld;                               // (kSmall, ld)
-  float* lse2 = reinterpret_cast<float*>(dos + kSmall * ld);  // (kSmall)
-  float* dlt = lse2 + kSmall;                                 // (kSmall)
+  bf16* const ks = reinterpret_cast<bf16*>(smem);                 // (kBig, ld)
+  bf16* const vs = ks + kBig * ld;                                // (kBig, ld)
+  bf16* const qd = vs + kBig * ld;                                // 2 buffers of (Q: M rows, dO: M rows)
+  float* const rows = reinterpret_cast<float*>(qd + 4 * M * ld);  // 2 buffers of (lse2: M, D: M)
   const int warp = threadIdx.x / 32;
   const int b = blockIdx.x / a.kv_heads, kh = blockIdx.x % a.kv_heads;
   const int64_t T = a.seq, j0 = static_cast<int64_t>(blockIdx.y) * kBig, w0 = j0 + 16 * warp;
-  const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
-  const int64_t k_off = b * T * k_t + kh * D;
+  const int64_t k_t = static_cast<int64_t>(a.kv_heads) * D, k_off = b * T * k_t + kh * D;
+  // The (head, Q tile) pairs in order: the group's heads, each from the tile holding query j0 (the
+  // first that sees a key of this block) to the end; tile u is head kh·group + u / per_head.
+  const int64_t per_head = (T - j0 + M - 1) / M, n_tiles = per_head * a.group;
+  QRowsFetch<D, M> f;
+  f.fetch(a, b, kh * a.group, j0);
   load_tile<D, kBig>(ks, a.k + k_off, k_t, j0, T);
   load_tile<D, kBig>(vs, a.v + k_off, k_t, j0, T);
+  f.put(qd, rows);
+  __syncthreads();
   float dk[NB][4], dv[NB][4];
   zero(dk);
   zero(dv);
-  for (int h = kh * a.group; h < (kh + 1) * a.group; ++h) {
-    const int64_t q_off = b * T * q_t + h * D, bh = static_cast<int64_t>(b) * a.heads + h;
-    for (int64_t i0 = j0; i0 < T; i0 += kSmall) {
-      __syncthreads();  // K, V are in; the previous iteration's reads are done
-      load_tile<D, kSmall>(qs, a.q + q_off, q_t, i0, T);
-      load_tile<D, kSmall>(dos, a.dout + q_off, q_t, i0, T);
-      if (threadIdx.x < kSmall) {
-        const int64_t i = i0 + threadIdx.x;
-        lse2[threadIdx.x] = i < T ? a.lse[bh * T + i] * kLog2e : 0.0f;
-        dlt[threadIdx.x] = i < T ? a.delta[bh * T + i] : 0.0f;
-      }
-      __syncthreads();
-      if (i0 + kSmall - 1 < w0 || w0 >= T) continue;  // warp-uniform: every query precedes the warp's keys
-      float st[kNS][4], dpt[kNS][4];
+  for (int64_t u = 0; u < n_tiles; ++u) {
+    const int64_t i0 = j0 + u % per_head * M;
+    const bf16* qs = qd + u % 2 * 2 * M * ld;
+    const bf16* dos = qs + M * ld;
+    const float* lse2 = rows + u % 2 * 2 * M;
+    const bool more = u + 1 < n_tiles;
+    if (more)  // tile u + 1 in flight during this tile's work
+      f.fetch(a, b, static_cast<int>(kh * a.group + (u + 1) / per_head), j0 + (u + 1) % per_head * M);
+    if (i0 + M - 1 >= w0 && w0 < T) {  // warp-uniform: some query of the tile sees some key of the warp
+      float st[NS][4], dpt[NS][4];
       zero(st);
       zero(dpt);
-      mma_rows<kNS, D>(st, ks, 16 * warp, qs, 0, ld);    // Sᵀ = K Qᵀ
-      mma_rows<kNS, D>(dpt, vs, 16 * warp, dos, 0, ld);  // dPᵀ = V dOᵀ
-#pragma unroll
-      for (int nb = 0; nb < kNS; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = c_col(nb, e);
-          const int64_t j = w0 + c_row(e), i = i0 + c;
-          const float p = j <= i && i < T ? exp2f(st[nb][e] * a.scale_log2 - lse2[c]) : 0.0f;
-          st[nb][e] = p, dpt[nb][e] = p * (dpt[nb][e] - dlt[c]);
-        }
-      uint32_t pa[kNS / 2][4];
+      mma_rows<NS, D>(st, ks, 16 * warp, qs, 0, ld);    // Sᵀ = K Qᵀ
+      mma_rows<NS, D>(dpt, vs, 16 * warp, dos, 0, ld);  // dPᵀ = V dOᵀ
+      if (i0 < w0 + 15 || i0 + M > T) {                 // warp-uniform: a key after a query, or queries past T
+        const int lo = static_cast<int>(w0 - i0 < -M ? -M : w0 - i0), hi = static_cast<int>(T - i0 < M ? T - i0 : M);
+        dscores_t<true>(st, dpt, lse2, lse2 + M, lo, hi, a.scale_log2);
+      } else {
+        dscores_t<false>(st, dpt, lse2, lse2 + M, 0, M, a.scale_log2);
+      }
+      uint32_t pa[NS / 2][4];
       to_a(pa, st);
-      mma_cols<NB, kNS / 2>(dv, pa, dos, 0, ld);  // dV += Pᵀ dO
+      mma_cols(dv, pa, dos, 0, ld);  // dV += Pᵀ dO
       to_a(pa, dpt);
-      mma_cols<NB, kNS / 2>(dk, pa, qs, 0, ld);  // dK += dSᵀ Q
+      mma_cols(dk, pa, qs, 0, ld);  // dK += dSᵀ Q
     }
+    if (more) {  // into the other buffer, whose last readers (tile u − 1) passed the barrier below
+      const int64_t nx = (u + 1) % 2;
+      f.put(qd + nx * 2 * M * ld, rows + nx * 2 * M);
+    }
+    __syncthreads();
   }
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
@@ -544,8 +588,8 @@ constexpr size_t dq_smem() {
   return sizeof(bf16) * 4 * kStream<D> * kLd<D> + sizeof(float) * 2 * kBig;
 }
 template <int D>
-constexpr size_t backward_smem() {
-  return sizeof(bf16) * (2 * kBig + 2 * kSmall) * kLd<D> + sizeof(float) * 2 * kBig;
+constexpr size_t dkdv_smem() {
+  return sizeof(bf16) * (2 * kBig + 4 * kStream<D>)*kLd<D> + sizeof(float) * 4 * kStream<D>;
 }
 
 template <typename Kernel>
@@ -586,11 +630,11 @@ void attention_backward_bf16_cuda(const AttentionShape& s, const float* q, const
   const dim3 grid_kv(static_cast<unsigned>(s.batch * s.kv_heads), tiles(s.seq));
   const dim3 grid_q(static_cast<unsigned>(s.batch * s.heads), tiles(s.seq));
   if (s.head_dim == 64) {
-    launch(attention_dkdv_bf16_kernel<64>, grid_kv, backward_smem<64>(), a, stream);
+    launch(attention_dkdv_bf16_kernel<64>, grid_kv, dkdv_smem<64>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
     launch(attention_dq_bf16_kernel<64>, grid_q, dq_smem<64>(), a, stream);
   } else {
-    launch(attention_dkdv_bf16_kernel<128>, grid_kv, backward_smem<128>(), a, stream);
+    launch(attention_dkdv_bf16_kernel<128>, grid_kv, dkdv_smem<128>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
     launch(attention_dq_bf16_kernel<128>, grid_q, dq_smem<128>(), a, stream);
   }
