@@ -17,38 +17,54 @@
 //                           a3 = (g + 8, 2t+8..2t+9)
 //   B (16 × 8, k × n):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
 //   C (16 × 8, fp32):       c0, c1 = (g, 2t..2t+1), c2, c3 = (g + 8, 2t..2t+1)
-// So a row of C lives in the 4 lanes of one group (row max and sum: xor 1, 2), and the C fragments
-// of two adjacent 8-column blocks are, packed to bf16, the A fragment of a 16-wide k step: P never
-// leaves registers (to_a below). A and "B from rows" (B(k, n) = X[n][k], X row-major: K in QKᵀ,
-// Q in KQᵀ) are 32-bit shared loads of adjacent pairs; "B from columns" (B(k, n) = X[k][n]: V in PV,
-// dO in PᵀdO, Q in dSᵀQ, K in dS K) is ldmatrix.x4.trans (two n blocks per instruction).
-// Shared tiles are bf16 with row stride d_h + 8 (rows 16 bytes apart mod 128): the pair loads of
-// a warp (rows g, words t) hit 32 distinct banks, and ldmatrix's 8 row addresses 8 distinct 16-byte
-// bank groups.
+// So a row of C lives in the 4 lanes of one group (row max: xor 1, 2), and the C fragments of two
+// adjacent 8-column blocks are, packed to bf16, the A fragment of a 16-wide k step: P never leaves
+// registers (to_a below). Shared operands come by ldmatrix.x4 (four 8 × 8 matrices, one per lane
+// octet's row addresses): A (a whole 16 × 16 fragment) and "B from rows" (B(k, n) = X[n][k], X
+// row-major: K in QKᵀ, Q in KQᵀ; two n blocks) plain, "B from columns" (B(k, n) = X[k][n]: V in PV,
+// dO in PᵀdO, Q in dSᵀQ, K in dS K; two n blocks) with .trans. Shared tiles are bf16 with row stride
+// d_h + 8 (rows 16 bytes apart mod 128): ldmatrix's 8 row addresses hit 8 distinct 16-byte bank
+// groups.
 //
-// Kernels (8 warps = 256 threads each; tiles past T are zero rows, masked as j ≤ i < T):
-//   forward  block (b·h, 128-row Q tile), heaviest first; 64-key K/V tiles up to the diagonal.
-//   dK, dV   block (b·h_kv, 128-key K/V tile); the group's query heads in order, 64-row Q, dO tiles
-//            from the diagonal down in order: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q.
-//   dQ       block (b·h, 128-row Q tile), heaviest first; 64-key tiles in order: dQ += dS K.
+// Kernels (8 warps = 256 threads, 16 rows per warp; tiles past T are zero rows, masked as j ≤ i < T):
+//   forward  block (b·h, 128-row Q tile), heaviest first; each warp keeps its 16 Q rows as A
+//            fragments in registers for the whole pass (read once from global); N-key K/V tiles up
+//            to the diagonal.
+//   dK, dV   block (b·h_kv, 128-key K/V tile, resident in shared memory); the group's query heads in
+//            order, each from the diagonal down, as one stream of M-row Q, dO tiles: Sᵀ = K Qᵀ,
+//            dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q.
+//   dQ       block (b·h, 128-row Q tile), heaviest first; Q and dO rows in registers as in the
+//            forward; N-key K/V tiles in order: dQ += dS K.
 // Every output element has one owner thread summing in a fixed order: deterministic, no atomics.
-// Shared memory: forward (128 + 2·64)·(d_h + 8)·2 B = 36 KB (d_h 64) / 68 KB (128); dK/dV and dQ
-// (2·128 + 2·64)·(d_h + 8)·2 B + 1 KB = 55 KB / 103 KB. Registers (ptxas, sm_90): forward 123 / 208,
-// dK/dV 214 / 255 (16 bytes spilled at d_h 128), dQ 125 / 216: 2 blocks (16 warps) per SM for the
-// forward and dQ at d_h 64 (launch bounds ask for it), 1 block (8 warps) otherwise.
+// Streamed tiles (N = M = kStream: 64 rows at d_h 64, 32 at d_h 128) are double-buffered through
+// registers: each thread issues the fp32 reads of tile n + 1 before the mma work of tile n and rounds
+// and stores them into the other shared buffer after it, one barrier per tile (cp.async cannot
+// round; an fp32 staging tile in shared memory would add ~40% to the shared traffic). A 64-row d_h
+// 128 tile in flight is 64 registers a thread, which beside 64 fp32 O (or dQ) accumulators, or 128
+// dK, dV ones, spills: hence 32 rows there. Masks are applied only in tiles that cross a warp's
+// diagonal (or T); the softmax is one FMA (scale folded into log2 e) and one ex2.approx.ftz per
+// score, 2 shuffles per row and tile for the max, and per-lane row sums added over the quad once.
+// Shared memory: forward 4·N·(d_h + 8)·2 B = 36 KB (d_h 64) / 34 KB (128), dQ that + 1 KB, dK/dV
+// (256 + 4·M)·(d_h + 8)·2 B + 16·M B = 73 KB / 103 KB. Registers (ptxas, sm_90, no spills): forward
+// 199 / 233, dQ 248 / 255, dK/dV 255 / 253: one block (8 warps) per SM, the double buffering in
+// place of a second block to hide the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
-// (this backward does 7: the dQ pass recomputes S and dP). Compulsory HBM bytes are ~16·T·d_h
-// (q, k, v, o fp32 once), T/8 FLOP/B: compute-bound. Rereads: a 128-row Q tile reads on average
-// T/2 keys of K and V in fp32, 8·(T/2)·d_h bytes for 4·128·(T/2)·d_h FLOPs = 64 FLOP/B from L2
-// (bf16 inputs would make it 128); the dK/dV pass rereads Q and dO (64 FLOP/B per 128-key tile).
-// At ~6 TB/s of L2 that caps near 380 TF/s, above what mma.sync (no wgmma) sustains on an H100
-// (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches). The tile loads are synchronous
-// (fp32 → bf16 conversion rules out cp.async; 2–3 blocks per SM hide each other's loads), so the
-// prediction is ~200–250 TF/s forward at T ≥ 2048, and ~120–170 fwd + bwd at the nominal 3.5×
-// (7 matmuls in place of 5, and dK/dV's 128 fp32 accumulators per thread at d_h 128): the flash
-// column (239–309 / 183–254) within ~1.5×, and ~8× the fp32 kernel. Next steps if it falls short:
-// register prefetch of the next K/V tile during the current tile's mma, and bf16 q, k, v inputs.
+// (this backward does 7: the dQ pass recomputes S and dP, the price of no atomics), so at equal
+// matmul speed fwd + bwd reaches 7/9 of a 5-matmul backward's TF/s. Compulsory HBM bytes are
+// ~16·T·d_h (q, k, v, o fp32 once), T/8 FLOP/B: compute-bound. Rereads: a 128-row Q tile reads on
+// average T/2 keys of K and V in fp32, 8·(T/2)·d_h bytes for 4·128·(T/2)·d_h FLOPs = 64 FLOP/B from
+// L2 (bf16 inputs would make it 128); the dK/dV pass rereads Q and dO (64 FLOP/B per 128-key tile).
+// At ~5.5–6 TB/s of L2 that caps near 350–380 TF/s, about what mma.sync (no wgmma) sustains on an
+// H100 (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches): the fp32 interface leaves no
+// slack, and loads must overlap the mma work, which the first version's synchronous tile loads (1
+// block per SM at d_h 128) did not. It measured (H100 80GB HBM3, TF/s forward / fwd + bwd at
+// B·H·T·d_h = 8·16·2048·64, 8·16·2048·128, 4·16·4096·128, 2·16·8192·64, 2·16·8192·128): 129 / 94,
+// 93 / 88, 111 / 105, 153 / 118, 120 / 115, against the flash column's 239–313 / 183–274.
+// Shared-memory traffic per warp is one B fragment (256 B) per m16n8k16 with A in registers
+// (forward, dQ), 2 cycles of the SM's 128 B/cycle per 4096 FLOPs: ~470 TF/s at 1.75 GHz, not the
+// limit. Prediction for this version: forward ~200–260 TF/s at T ≥ 2048 (within ~1.2× of the flash
+// column), fwd + bwd ~150–190 (the 7/9 above and dK/dV's 128 accumulators per thread at d_h 128).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
