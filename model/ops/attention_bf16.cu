@@ -46,7 +46,7 @@
 // score, 2 shuffles per row and tile for the max, and per-lane row sums added over the quad once.
 // Shared memory: forward 4·N·(d_h + 8)·2 B = 36 KB (d_h 64) / 34 KB (128), dQ that + 1 KB, dK/dV
 // (256 + 4·M)·(d_h + 8)·2 B + 16·M B = 73 KB / 103 KB. Registers (ptxas, sm_90, no spills): forward
-// 199 / 233, dQ 248 / 255, dK/dV 255 / 253: one block (8 warps) per SM, the double buffering in
+// 199 / 233, dQ 248 / 255, dK/dV 255 / 254: one block (8 warps) per SM, the double buffering in
 // place of a second block to hide the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
@@ -227,12 +227,11 @@ struct TileFetch {
   }
 };
 
-// fetch then put, 4 float4 per thread at a time: the tiles a block loads once (and, for now, the
-// streamed tiles of the backward).
+// fetch then put, 8 float4 per thread at a time: the K, V tiles the dK/dV pass loads once.
 template <int D, int R>
 __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, int64_t gs, int64_t row0,
                                           int64_t n_rows) {
-  constexpr int kChunk = R < 8 * kThreads / D ? R : 8 * kThreads / D;  // rows of 2 float4 per thread
+  constexpr int kChunk = R < 32 * kThreads / D ? R : 32 * kThreads / D;  // rows of 8 float4 per thread
 #pragma unroll 1
   for (int r = 0; r < R; r += kChunk) {
     TileFetch<D, kChunk> f;
