@@ -17,38 +17,54 @@
 //                           a3 = (g + 8, 2t+8..2t+9)
 //   B (16 × 8, k × n):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
 //   C (16 × 8, fp32):       c0, c1 = (g, 2t..2t+1), c2, c3 = (g + 8, 2t..2t+1)
-// So a row of C lives in the 4 lanes of one group (row max and sum: xor 1, 2), and the C fragments
-// of two adjacent 8-column blocks are, packed to bf16, the A fragment of a 16-wide k step: P never
-// leaves registers (to_a below). A and "B from rows" (B(k, n) = X[n][k], X row-major: K in QKᵀ,
-// Q in KQᵀ) are 32-bit shared loads of adjacent pairs; "B from columns" (B(k, n) = X[k][n]: V in PV,
-// dO in PᵀdO, Q in dSᵀQ, K in dS K) is ldmatrix.x4.trans (two n blocks per instruction).
-// Shared tiles are bf16 with row stride d_h + 8 (rows 16 bytes apart mod 128): the pair loads of
-// a warp (rows g, words t) hit 32 distinct banks, and ldmatrix's 8 row addresses 8 distinct 16-byte
-// bank groups.
+// So a row of C lives in the 4 lanes of one group (row max: xor 1, 2), and the C fragments of two
+// adjacent 8-column blocks are, packed to bf16, the A fragment of a 16-wide k step: P never leaves
+// registers (to_a below). Shared operands come by ldmatrix.x4 (four 8 × 8 matrices, one per lane
+// octet's row addresses): A (a whole 16 × 16 fragment) and "B from rows" (B(k, n) = X[n][k], X
+// row-major: K in QKᵀ, Q in KQᵀ; two n blocks) plain, "B from columns" (B(k, n) = X[k][n]: V in PV,
+// dO in PᵀdO, Q in dSᵀQ, K in dS K; two n blocks) with .trans. Shared tiles are bf16 with row stride
+// d_h + 8 (rows 16 bytes apart mod 128): ldmatrix's 8 row addresses hit 8 distinct 16-byte bank
+// groups.
 //
-// Kernels (8 warps = 256 threads each; tiles past T are zero rows, masked as j ≤ i < T):
-//   forward  block (b·h, 128-row Q tile), heaviest first; 64-key K/V tiles up to the diagonal.
-//   dK, dV   block (b·h_kv, 128-key K/V tile); the group's query heads in order, 64-row Q, dO tiles
-//            from the diagonal down in order: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q.
-//   dQ       block (b·h, 128-row Q tile), heaviest first; 64-key tiles in order: dQ += dS K.
+// Kernels (8 warps = 256 threads, 16 rows per warp; tiles past T are zero rows, masked as j ≤ i < T):
+//   forward  block (b·h, 128-row Q tile), heaviest first; each warp keeps its 16 Q rows as A
+//            fragments in registers for the whole pass (read once from global); N-key K/V tiles up
+//            to the diagonal.
+//   dK, dV   block (b·h_kv, 128-key K/V tile, resident in shared memory); the group's query heads in
+//            order, each from the diagonal down, as one stream of M-row Q, dO tiles: Sᵀ = K Qᵀ,
+//            dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q.
+//   dQ       block (b·h, 128-row Q tile), heaviest first; Q and dO rows in registers as in the
+//            forward; N-key K/V tiles in order: dQ += dS K.
 // Every output element has one owner thread summing in a fixed order: deterministic, no atomics.
-// Shared memory: forward (128 + 2·64)·(d_h + 8)·2 B = 36 KB (d_h 64) / 68 KB (128); dK/dV and dQ
-// (2·128 + 2·64)·(d_h + 8)·2 B + 1 KB = 55 KB / 103 KB. Registers (ptxas, sm_90): forward 123 / 208,
-// dK/dV 214 / 255 (16 bytes spilled at d_h 128), dQ 125 / 216: 2 blocks (16 warps) per SM for the
-// forward and dQ at d_h 64 (launch bounds ask for it), 1 block (8 warps) otherwise.
+// Streamed tiles (N = M = kStream: 64 rows at d_h 64, 32 at d_h 128) are double-buffered through
+// registers: each thread issues the fp32 reads of tile n + 1 before the mma work of tile n and rounds
+// and stores them into the other shared buffer after it, one barrier per tile (cp.async cannot
+// round; an fp32 staging tile in shared memory would add ~40% to the shared traffic). A 64-row d_h
+// 128 tile in flight is 64 registers a thread, which beside 64 fp32 O (or dQ) accumulators, or 128
+// dK, dV ones, spills: hence 32 rows there. Masks are applied only in tiles that cross a warp's
+// diagonal (or T); the softmax is one FMA (scale folded into log2 e) and one ex2.approx.ftz per
+// score, 2 shuffles per row and tile for the max, and per-lane row sums added over the quad once.
+// Shared memory: forward 4·N·(d_h + 8)·2 B = 36 KB (d_h 64) / 34 KB (128), dQ that + 1 KB, dK/dV
+// (256 + 4·M)·(d_h + 8)·2 B + 16·M B = 73 KB / 103 KB. Registers (ptxas, sm_90, no spills): forward
+// 199 / 233, dQ 248 / 255, dK/dV 255 / 254: one block (8 warps) per SM, the double buffering in
+// place of a second block to hide the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
-// (this backward does 7: the dQ pass recomputes S and dP). Compulsory HBM bytes are ~16·T·d_h
-// (q, k, v, o fp32 once), T/8 FLOP/B: compute-bound. Rereads: a 128-row Q tile reads on average
-// T/2 keys of K and V in fp32, 8·(T/2)·d_h bytes for 4·128·(T/2)·d_h FLOPs = 64 FLOP/B from L2
-// (bf16 inputs would make it 128); the dK/dV pass rereads Q and dO (64 FLOP/B per 128-key tile).
-// At ~6 TB/s of L2 that caps near 380 TF/s, above what mma.sync (no wgmma) sustains on an H100
-// (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches). The tile loads are synchronous
-// (fp32 → bf16 conversion rules out cp.async; 2–3 blocks per SM hide each other's loads), so the
-// prediction is ~200–250 TF/s forward at T ≥ 2048, and ~120–170 fwd + bwd at the nominal 3.5×
-// (7 matmuls in place of 5, and dK/dV's 128 fp32 accumulators per thread at d_h 128): the flash
-// column (239–309 / 183–254) within ~1.5×, and ~8× the fp32 kernel. Next steps if it falls short:
-// register prefetch of the next K/V tile during the current tile's mma, and bf16 q, k, v inputs.
+// (this backward does 7: the dQ pass recomputes S and dP, the price of no atomics), so at equal
+// matmul speed fwd + bwd reaches 7/9 of a 5-matmul backward's TF/s. Compulsory HBM bytes are
+// ~16·T·d_h (q, k, v, o fp32 once), T/8 FLOP/B: compute-bound. Rereads: a 128-row Q tile reads on
+// average T/2 keys of K and V in fp32, 8·(T/2)·d_h bytes for 4·128·(T/2)·d_h FLOPs = 64 FLOP/B from
+// L2 (bf16 inputs would make it 128); the dK/dV pass rereads Q and dO (64 FLOP/B per 128-key tile).
+// At ~5.5–6 TB/s of L2 that caps near 350–380 TF/s, about what mma.sync (no wgmma) sustains on an
+// H100 (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches): the fp32 interface leaves no
+// slack, and loads must overlap the mma work, which the first version's synchronous tile loads (1
+// block per SM at d_h 128) did not. It measured (H100 80GB HBM3, TF/s forward / fwd + bwd at
+// B·H·T·d_h = 8·16·2048·64, 8·16·2048·128, 4·16·4096·128, 2·16·8192·64, 2·16·8192·128): 129 / 94,
+// 93 / 88, 111 / 105, 153 / 118, 120 / 115, against the flash column's 239–313 / 183–274.
+// Shared-memory traffic per warp is one B fragment (256 B) per m16n8k16 with A in registers
+// (forward, dQ), 2 cycles of the SM's 128 B/cycle per 4096 FLOPs: ~470 TF/s at 1.75 GHz, not the
+// limit. Prediction for this version: forward ~200–260 TF/s at T ≥ 2048 (within ~1.2× of the flash
+// column), fwd + bwd ~150–190 (the 7/9 above and dK/dV's 128 accumulators per thread at d_h 128).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -65,8 +81,8 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kBig = 16 * kWarps;  // rows of the tile a block keeps (Q in fwd and dQ, K/V in dK/dV)
-constexpr int kSmall = 64;         // rows of the tile it streams
-constexpr int kNS = kSmall / 8;    // 8-column blocks of a 16 × 64 score tile
+template <int D>
+constexpr int kStream = D == 64 ? 64 : 32;  // rows of a double-buffered streamed tile (file comment)
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 template <int D>
@@ -76,7 +92,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-__device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // d (16 × 8) += a (16 × 16) · b (16 × 8), bf16 operands, fp32 accumulators (file comment).
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -87,8 +102,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8 × 8 bf16 matrices, transposed: lanes 8m..8m+7 give the row addresses of matrix m, and
-// register m receives the fragment of it that B's b0/b1 layout wants (file comment).
+// Four 8 × 8 bf16 matrices: lanes 8m..8m+7 give the row addresses of matrix m (16 bytes each), and
+// register m receives lane (g, t)'s pair (row g, columns 2t, 2t + 1) of it, the layout of A and of
+// "B from rows" (file comment). With .trans, the pair (rows 2t, 2t + 1, column g): "B from columns".
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -96,21 +118,48 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
                : "r"(addr));
 }
 
+// The A fragment of rows x0..x0+16, columns k0..k0+16 of a row-major shared tile: lane l addresses
+// row x0 + l % 16, column k0 + 8·(l / 16), so matrices 0–3 are (rows 0–7, k 0–7), (8–15, 0–7),
+// (0–7, 8–15), (8–15, 8–15): a0, a1, a2, a3.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* x, int x0, int k0, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, x + (x0 + lane % 16) * ld + k0 + 8 * (lane / 16));
+}
+
+// c[nb], c[nb + 1] (16 × 8 each) += a · B, B(k, n) = Y[y0 + 8·nb + n][k0 + k] ("B from rows"): lane l
+// addresses row y0 + 8·(nb + l / 16) + l % 8, column k0 + 8·(l / 8 % 2), so matrices 0–3 are
+// (n block nb, k 0–7), (nb, k 8–15), (nb + 1, k 0–7), (nb + 1, k 8–15): b0, b1 of nb, then of nb + 1.
+template <int NB>
+__device__ __forceinline__ void mma_b_rows(float (&c)[NB][4], int nb, const uint32_t (&a)[4], const bf16* y, int y0,
+                                           int k0, int ld) {
+  const int lane = threadIdx.x % 32;
+  uint32_t b[4];
+  ldmatrix_x4(b, y + (y0 + 8 * (nb + lane / 16) + lane % 8) * ld + k0 + 8 * (lane / 8 % 2));
+  mma_bf16(c[nb], a, b[0], b[1]);
+  mma_bf16(c[nb + 1], a, b[2], b[3]);
+}
+
 // c (16 × 8·NB) += X[x0..x0+16)[0..K) · Y[y0..y0+8·NB)[0..K)ᵀ for row-major bf16 tiles X, Y of
 // stride ld: A from X's rows, B from Y's rows (QKᵀ, dO Vᵀ, K Qᵀ, V dOᵀ). k steps in order.
 template <int NB, int K>
 __device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x0, const bf16* y, int y0, int ld) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
-    const bf16* pa = x + (x0 + g) * ld + k0 + 2 * t;
-    const uint32_t a[4] = {ld_pair(pa), ld_pair(pa + 8 * ld), ld_pair(pa + 8), ld_pair(pa + 8 * ld + 8)};
+    uint32_t a[4];
+    load_a(a, x, x0, k0, ld);
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      const bf16* pb = y + (y0 + 8 * nb + g) * ld + k0 + 2 * t;
-      mma_bf16(c[nb], a, ld_pair(pb), ld_pair(pb + 8));
-    }
+    for (int nb = 0; nb < NB; nb += 2) mma_b_rows(c, nb, a, y, y0, k0, ld);
   }
+}
+
+// c (16 × 8·NB) += A · Y[y0..y0+8·NB)[0..16·KS)ᵀ with A (16 × 16·KS) in registers: mma_rows for a
+// warp that keeps its 16 rows of X as fragments for a whole pass (Q in the forward).
+template <int NB, int KS>
+__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0, int ld) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) mma_b_rows(c, nb, a[ks], y, y0, 16 * ks, ld);
 }
 
 // c (16 × 8·NB) += A (16 × 16·KS, bf16 fragments in registers) · Y[y0..y0+16·KS)[0..8·NB) (row
@@ -118,8 +167,7 @@ __device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x
 // row y0 + 16ks + l % 16, column 8·(nb + l / 16): matrices (k 0–7, n), (k 8–15, n), (k 0–7, n + 8),
 // (k 8–15, n + 8) give b0, b1 of block nb and b0, b1 of block nb + 1.
 template <int NB, int KS>
-__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0,
-                                         int ld) {
+__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0, int ld) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
@@ -132,10 +180,11 @@ __device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[
     }
 }
 
-// The C fragments of a 16 × 64 tile (8 blocks of 8 columns) as A fragments of 4 k steps of 16.
-__device__ __forceinline__ void to_a(uint32_t (&a)[kNS / 2][4], const float (&c)[kNS][4]) {
+// The C fragments of a 16 × 8·NS tile (NS blocks of 8 columns) as A fragments of NS / 2 k steps.
+template <int NS>
+__device__ __forceinline__ void to_a(uint32_t (&a)[NS / 2][4], const float (&c)[NS][4]) {
 #pragma unroll
-  for (int ks = 0; ks < kNS / 2; ++ks) {
+  for (int ks = 0; ks < NS / 2; ++ks) {
     a[ks][0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
     a[ks][1] = pack_bf16(c[2 * ks][2], c[2 * ks][3]);
     a[ks][2] = pack_bf16(c[2 * ks + 1][0], c[2 * ks + 1][1]);
@@ -149,19 +198,65 @@ __device__ __forceinline__ void zero(float (&c)[NB][4]) {
   for (int nb = 0; nb < NB; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
 }
 
-// Rows [row0, row0 + R) of a (rows, D) fp32 slice with rows gs floats apart into a bf16 shared tile
-// (stride kLd<D>); rows at or past n_rows are zeros. float4 reads, consecutive threads consecutive
-// 16 bytes of a row (coalesced); sources are 16-byte aligned (D and gs multiples of 4).
+// Rows [row0, row0 + R) of a (rows, D) fp32 slice with rows gs floats apart, on their way to a bf16
+// shared tile (stride kLd<D>): fetch issues this thread's float4 reads into registers (rows at or
+// past n_rows read as zeros; consecutive threads read consecutive 16 bytes of a row: coalesced,
+// aligned as D and gs are multiples of 4), put rounds them to bf16 and stores them. Between the two
+// the reads are in flight while the thread works on the current tile: the streamed tiles are double
+// buffered through registers, which keeps the fp32 interface (cp.async cannot round).
+template <int D, int R>
+struct TileFetch {
+  static constexpr int kVec = D / 4, kPer = R * kVec / kThreads;
+  static_assert(R * kVec % kThreads == 0, "a whole number of float4 per thread");
+  float4 x[kPer];
+
+  __device__ __forceinline__ void fetch(const float* __restrict__ src, int64_t gs, int64_t row0, int64_t n_rows) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int e = threadIdx.x + u * kThreads, r = e / kVec, c = e % kVec * 4;
+      x[u] = row0 + r < n_rows ? *reinterpret_cast<const float4*>(src + (row0 + r) * gs + c) : make_float4(0, 0, 0, 0);
+    }
+  }
+  __device__ __forceinline__ void put(bf16* dst) const {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int e = threadIdx.x + u * kThreads, r = e / kVec, c = e % kVec * 4;
+      *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) =
+          make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
+    }
+  }
+};
+
+// fetch then put, 8 float4 per thread at a time: the K, V tiles the dK/dV pass loads once.
 template <int D, int R>
 __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, int64_t gs, int64_t row0,
                                           int64_t n_rows) {
-  constexpr int kVec = D / 4;
-#pragma unroll 4
-  for (int e = threadIdx.x; e < R * kVec; e += kThreads) {
-    const int r = e / kVec, c = (e % kVec) * 4;
-    const int64_t gr = row0 + r;
-    const float4 x = gr < n_rows ? *reinterpret_cast<const float4*>(src + gr * gs + c) : make_float4(0, 0, 0, 0);
-    *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+  constexpr int kChunk = R < 32 * kThreads / D ? R : 32 * kThreads / D;  // rows of 8 float4 per thread
+#pragma unroll 1
+  for (int r = 0; r < R; r += kChunk) {
+    TileFetch<D, kChunk> f;
+    f.fetch(src, gs, row0 + r, n_rows);
+    f.put(dst + r * kLd<D>);
+  }
+}
+
+// The A fragments (all D columns) of rows r0..r0+16 of a (rows, D) fp32 slice with rows gs floats
+// apart, straight from global memory into registers, rows at or past n_rows as zeros; the same bf16
+// as load_tile then load_a would give. float2 reads: a quad reads 32 contiguous bytes of a row.
+template <int D>
+__device__ __forceinline__ void load_a_global(uint32_t (&a)[D / 16][4], const float* __restrict__ src, int64_t gs,
+                                              int64_t r0, int64_t n_rows) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // a0, a2 from row g; a1, a3 from row g + 8
+    const int64_t r = r0 + g + 8 * h;
+    const float* row = src + r * gs + 2 * t;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const float2 lo = r < n_rows ? *reinterpret_cast<const float2*>(row + 16 * ks) : make_float2(0, 0);
+      const float2 hi = r < n_rows ? *reinterpret_cast<const float2*>(row + 16 * ks + 8) : make_float2(0, 0);
+      a[ks][h] = pack_bf16(lo.x, lo.y), a[ks][2 + h] = pack_bf16(hi.x, hi.y);
+    }
   }
 }
 
@@ -176,71 +271,104 @@ struct Args {
 
 // ---- forward -------------------------------------------------------------------------------------
 
-// Online softmax of one warp's 16 × 64 score tile s (raw QKᵀ) for its rows at positions row_g and
-// row_g + 8 (this lane's), keys j0 + column: masks j > i, turns s into P = exp2(s·scale_log2 − m'),
-// updates m, l and rescales the output accumulators o by e^{m − m'}.
-template <int NB>
-__device__ __forceinline__ void online_softmax(float (&s)[kNS][4], float (&m)[2], float (&l)[2], float (&o)[NB][4],
+// 2^x on the SFU without the denormal fix-ups exp2f adds (ex2.approx.ftz: relative error ~2^-22;
+// results below 2^-126 flush to 0, weights no softmax sum can see).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Online softmax of one warp's 16 × 8·NS score tile s (raw QKᵀ), for this lane's rows at positions
+// row_g and row_g + 8 and keys j0 + column. Masked tiles (those crossing the warp's diagonal) set
+// keys j > i to −∞ first. m is the running max in log2 units (scale folded in: 2^(s·scale_log2 − m)
+// is one FMA and one ex2); s becomes P, o is rescaled by 2^(m_old − m). The row max takes 2 shuffles
+// per tile; l is this lane's share of the row sum (its columns), summed over the quad at the end.
+template <bool kMask, int NS, int NB>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2], float (&l)[2], float (&o)[NB][4],
                                                int64_t row_g, int64_t j0, float scale_log2) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t i = row_g + 8 * h;
-    float mx = m[h];
+    if (kMask) {  // key j0 + 8·nb + 2t + e > row: 8·nb + e > lim, |lim| < 128 in a diagonal tile
+      const int lim = static_cast<int>(row_g + 8 * h - j0) - 2 * t;
 #pragma unroll
-    for (int nb = 0; nb < kNS; ++nb)
+      for (int nb = 0; nb < NS; ++nb)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nb][2 * h + e];
-        x = j0 + 8 * nb + 2 * t + e <= i ? x * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x);
-      }
+        for (int e = 0; e < 2; ++e)
+          if (8 * nb + e > lim) s[nb][2 * h + e] = -INFINITY;
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < NS; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * h], s[nb][2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_use = mx == -INFINITY ? 0.0f : mx;  // a row with no key yet keeps m = −∞
-    const float corr = exp2f(m[h] - m_use);
+    const float m_new = fmaxf(m[h], mx * scale_log2);       // scale > 0: the max of the scaled scores
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with no key yet keeps m = −∞
+    const float corr = exp2_ftz(m[h] - m_use);
     float rs = 0.0f;
 #pragma unroll
-    for (int nb = 0; nb < kNS; ++nb)
+    for (int nb = 0; nb < NS; ++nb)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) rs += s[nb][2 * h + e] = exp2f(s[nb][2 * h + e] - m_use);
-    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-    l[h] = l[h] * corr + rs, m[h] = mx;
+      for (int e = 0; e < 2; ++e) rs += s[nb][2 * h + e] = exp2_ftz(fmaf(s[nb][2 * h + e], scale_log2, -m_use));
+    l[h] = l[h] * corr + rs, m[h] = m_new;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) o[nb][2 * h] *= corr, o[nb][2 * h + 1] *= corr;
   }
 }
 
 template <int D>
-__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8;
+__global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8, N = kStream<D>, NS = N / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
-  bf16* ks = qs + kBig * ld;                 // (kSmall, ld)
-  bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
+  bf16* const kv = reinterpret_cast<bf16*>(smem);  // 2 buffers of (K: N rows, V: N rows), stride ld
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
   const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
   const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
-  load_tile<D, kBig>(qs, a.q + q_off, q_t, i0, T);
+  uint32_t qa[D / 16][4];  // the warp's 16 Q rows, for the whole pass
+  load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NB][4];
   zero(o);
+  TileFetch<D, N> fk, fv;
+  fk.fetch(a.k + k_off, k_t, 0, T);
+  fv.fetch(a.v + k_off, k_t, 0, T);
+  fk.put(kv);
+  fv.put(kv + N * ld);
+  __syncthreads();
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
-    __syncthreads();  // Q is in; the previous tile's reads of K, V are done
-    load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
-    load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
+  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
+    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
+    const bf16* vs = ks + N * ld;
+    const bool more = j0 + N < n_keys;
+    if (more) {  // tile j0 + N in flight during this tile's work
+      fk.fetch(a.k + k_off, k_t, j0 + N, T);
+      fv.fetch(a.v + k_off, k_t, j0 + N, T);
+    }
+    if (j0 <= w0 + 15 && w0 < T) {  // warp-uniform: some key of the tile precedes some row of the warp
+      float s[NS][4];
+      zero(s);
+      mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
+      if (j0 + N - 1 > w0)         // warp-uniform: some key of the tile follows some row of the warp
+        online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
+      else
+        online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
+      uint32_t p[NS / 2][4];
+      to_a(p, s);
+      mma_cols(o, p, vs, 0, ld);  // O += P V
+    }
+    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
+      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
+      fk.put(next);
+      fv.put(next + N * ld);
+    }
     __syncthreads();
-    if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: the tile is past all the warp's rows
-    float s[kNS][4];
-    zero(s);
-    mma_rows<kNS, D>(s, qs, 16 * warp, ks, 0, ld);  // S = Q Kᵀ
-    online_softmax<NB>(s, m, l, o, w0 + g, j0, a.scale_log2);
-    uint32_t p[kNS / 2][4];
-    to_a(p, s);
-    mma_cols<NB, kNS / 2>(o, p, vs, 0, ld);  // O += P V
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {  // the row sums: the quad's shares, in a fixed order
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
   }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -261,61 +389,107 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_forward_b
 __device__ __forceinline__ int c_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
 __device__ __forceinline__ int c_col(int nb, int e) { return 8 * nb + 2 * (threadIdx.x % 4) + e % 2; }
 
-// dK, dV of one 128-key tile (file comment). Per warp 16 keys; lse2 (LSE·log2 e) and D of the
-// current 64 query rows in shared memory, indexed by column.
+// The streamed tile of the dK/dV pass: M rows of Q and dO (bf16 tiles) and their lse2 = LSE·log2 e
+// and D (thread r < M holds row r's), fetched into registers a tile ahead, as TileFetch.
+template <int D, int M>
+struct QRowsFetch {
+  TileFetch<D, M> q, dout;
+  float lse2 = 0.0f, dlt = 0.0f;
+
+  __device__ __forceinline__ void fetch(const Args& a, int b, int h, int64_t i0) {
+    const int64_t T = a.seq, q_t = static_cast<int64_t>(a.heads) * D, q_off = b * T * q_t + h * D;
+    q.fetch(a.q + q_off, q_t, i0, T);
+    dout.fetch(a.dout + q_off, q_t, i0, T);
+    const int64_t i = i0 + threadIdx.x, bh = static_cast<int64_t>(b) * a.heads + h;
+    if (threadIdx.x < M) lse2 = i < T ? a.lse[bh * T + i] * kLog2e : 0.0f, dlt = i < T ? a.delta[bh * T + i] : 0.0f;
+  }
+  // Q and dO tiles at qs and qs + M rows; lse2 and D at rows[0..M), rows[M..2M).
+  __device__ __forceinline__ void put(bf16* qs, float* rows) const {
+    q.put(qs);
+    dout.put(qs + M * kLd<D>);
+    if (threadIdx.x < M) rows[threadIdx.x] = lse2, rows[M + threadIdx.x] = dlt;
+  }
+};
+
+// Pᵀ and dSᵀ = Pᵀ ⊙ (dPᵀ − D) in place of the raw Sᵀ, dPᵀ of one warp's 16 keys × 8·NS queries: this
+// lane's keys are rows c_row(e), its queries columns c_col(nb, e), whose lse2 and D are indexed by
+// column. Masked tiles zero the pairs with the key after the query (column < lo + row) and the
+// queries at or past T (column ≥ hi).
+template <bool kMask, int NS>
+__device__ __forceinline__ void dscores_t(float (&st)[NS][4], float (&dpt)[NS][4], const float* lse2, const float* dlt,
+                                          int lo, int hi, float scale_log2) {
+#pragma unroll
+  for (int nb = 0; nb < NS; ++nb) {
+    const int c0 = c_col(nb, 0);  // this lane's two columns c0, c0 + 1
+    const float2 l2 = *reinterpret_cast<const float2*>(lse2 + c0), dd = *reinterpret_cast<const float2*>(dlt + c0);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = c0 + e % 2;
+      const bool keep = !kMask || (c >= lo + c_row(e) && c < hi);
+      const float p = keep ? exp2_ftz(fmaf(st[nb][e], scale_log2, -(e % 2 ? l2.y : l2.x))) : 0.0f;
+      st[nb][e] = p, dpt[nb][e] = p * (dpt[nb][e] - (e % 2 ? dd.y : dd.x));
+    }
+  }
+}
+
+// dK, dV of one 128-key tile (file comment): K, V resident in shared memory (the warps' A fragments
+// reread per tile: 128 fp32 accumulators per thread at d_h 128 leave no room to keep them), the Q, dO
+// tiles of the group's heads streamed M rows at a time, double-buffered through registers.
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8;
+__global__ void __launch_bounds__(kThreads, 1) attention_dkdv_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8, M = kStream<D>, NS = M / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* ks = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
-  bf16* vs = ks + kBig * ld;                 // (kBig, ld)
-  bf16* qs = vs + kBig * ld;                 // (kSmall, ld)
-  bf16* dos = qs + kSmall * ld;              // (kSmall, ld)
-  float* lse2 = reinterpret_cast<float*>(dos + kSmall * ld);  // (kSmall)
-  float* dlt = lse2 + kSmall;                                  // (kSmall)
+  bf16* const ks = reinterpret_cast<bf16*>(smem);                 // (kBig, ld)
+  bf16* const vs = ks + kBig * ld;                                // (kBig, ld)
+  bf16* const qd = vs + kBig * ld;                                // 2 buffers of (Q: M rows, dO: M rows)
+  float* const rows = reinterpret_cast<float*>(qd + 4 * M * ld);  // 2 buffers of (lse2: M, D: M)
   const int warp = threadIdx.x / 32;
   const int b = blockIdx.x / a.kv_heads, kh = blockIdx.x % a.kv_heads;
   const int64_t T = a.seq, j0 = static_cast<int64_t>(blockIdx.y) * kBig, w0 = j0 + 16 * warp;
-  const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
-  const int64_t k_off = b * T * k_t + kh * D;
+  const int64_t k_t = static_cast<int64_t>(a.kv_heads) * D, k_off = b * T * k_t + kh * D;
+  // The (head, Q tile) pairs in order: the group's heads, each from the tile holding query j0 (the
+  // first that sees a key of this block) to the end; tile u is head kh·group + u / per_head.
+  const int64_t per_head = (T - j0 + M - 1) / M, n_tiles = per_head * a.group;
+  QRowsFetch<D, M> f;
+  f.fetch(a, b, kh * a.group, j0);
   load_tile<D, kBig>(ks, a.k + k_off, k_t, j0, T);
   load_tile<D, kBig>(vs, a.v + k_off, k_t, j0, T);
+  f.put(qd, rows);
+  __syncthreads();
   float dk[NB][4], dv[NB][4];
   zero(dk);
   zero(dv);
-  for (int h = kh * a.group; h < (kh + 1) * a.group; ++h) {
-    const int64_t q_off = b * T * q_t + h * D, bh = static_cast<int64_t>(b) * a.heads + h;
-    for (int64_t i0 = j0; i0 < T; i0 += kSmall) {
-      __syncthreads();  // K, V are in; the previous iteration's reads are done
-      load_tile<D, kSmall>(qs, a.q + q_off, q_t, i0, T);
-      load_tile<D, kSmall>(dos, a.dout + q_off, q_t, i0, T);
-      if (threadIdx.x < kSmall) {
-        const int64_t i = i0 + threadIdx.x;
-        lse2[threadIdx.x] = i < T ? a.lse[bh * T + i] * kLog2e : 0.0f;
-        dlt[threadIdx.x] = i < T ? a.delta[bh * T + i] : 0.0f;
-      }
-      __syncthreads();
-      if (i0 + kSmall - 1 < w0 || w0 >= T) continue;  // warp-uniform: every query precedes the warp's keys
-      float st[kNS][4], dpt[kNS][4];
+  for (int64_t u = 0; u < n_tiles; ++u) {
+    const int64_t i0 = j0 + u % per_head * M;
+    const bf16* qs = qd + u % 2 * 2 * M * ld;
+    const bf16* dos = qs + M * ld;
+    const float* lse2 = rows + u % 2 * 2 * M;
+    const bool more = u + 1 < n_tiles;
+    if (more)  // tile u + 1 in flight during this tile's work
+      f.fetch(a, b, static_cast<int>(kh * a.group + (u + 1) / per_head), j0 + (u + 1) % per_head * M);
+    if (i0 + M - 1 >= w0 && w0 < T) {  // warp-uniform: some query of the tile sees some key of the warp
+      float st[NS][4], dpt[NS][4];
       zero(st);
       zero(dpt);
-      mma_rows<kNS, D>(st, ks, 16 * warp, qs, 0, ld);    // Sᵀ = K Qᵀ
-      mma_rows<kNS, D>(dpt, vs, 16 * warp, dos, 0, ld);  // dPᵀ = V dOᵀ
-#pragma unroll
-      for (int nb = 0; nb < kNS; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = c_col(nb, e);
-          const int64_t j = w0 + c_row(e), i = i0 + c;
-          const float p = j <= i && i < T ? exp2f(st[nb][e] * a.scale_log2 - lse2[c]) : 0.0f;
-          st[nb][e] = p, dpt[nb][e] = p * (dpt[nb][e] - dlt[c]);
-        }
-      uint32_t pa[kNS / 2][4];
+      mma_rows<NS, D>(st, ks, 16 * warp, qs, 0, ld);    // Sᵀ = K Qᵀ
+      mma_rows<NS, D>(dpt, vs, 16 * warp, dos, 0, ld);  // dPᵀ = V dOᵀ
+      if (i0 < w0 + 15 || i0 + M > T) {                 // warp-uniform: a key after a query, or queries past T
+        const int lo = static_cast<int>(w0 - i0 < -M ? -M : w0 - i0), hi = static_cast<int>(T - i0 < M ? T - i0 : M);
+        dscores_t<true>(st, dpt, lse2, lse2 + M, lo, hi, a.scale_log2);
+      } else {
+        dscores_t<false>(st, dpt, lse2, lse2 + M, 0, M, a.scale_log2);
+      }
+      uint32_t pa[NS / 2][4];
       to_a(pa, st);
-      mma_cols<NB, kNS / 2>(dv, pa, dos, 0, ld);  // dV += Pᵀ dO
+      mma_cols(dv, pa, dos, 0, ld);  // dV += Pᵀ dO
       to_a(pa, dpt);
-      mma_cols<NB, kNS / 2>(dk, pa, qs, 0, ld);  // dK += dSᵀ Q
+      mma_cols(dk, pa, qs, 0, ld);  // dK += dSᵀ Q
     }
+    if (more) {  // into the other buffer, whose last readers (tile u − 1) passed the barrier below
+      const int64_t nx = (u + 1) % 2;
+      f.put(qd + nx * 2 * M * ld, rows + nx * 2 * M);
+    }
+    __syncthreads();
   }
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
@@ -330,58 +504,84 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_bf16_kernel(Args a) {
   }
 }
 
-// dQ of one 128-row Q tile (file comment). The rows' D are recomputed from O and dO (fp32, global)
+// dS = P ⊙ (dP − D) in place of dP, P = 2^(S·scale_log2 − lse2) from the raw scores S of one warp's
+// 16 rows × 8·NS keys, for this lane's rows (lse2 = LSE·log2 e and D per row half) and key columns.
+// Masked tiles (crossing the warp's diagonal) zero keys past the row: column > lim + row in the warp.
+template <bool kMask, int NS>
+__device__ __forceinline__ void dscores(const float (&s)[NS][4], float (&dp)[NS][4], const float (&lse2)[2],
+                                        const float (&dlt)[2], int lim, float scale_log2) {
+#pragma unroll
+  for (int nb = 0; nb < NS; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p =
+          !kMask || c_col(nb, e) <= lim + c_row(e) ? exp2_ftz(fmaf(s[nb][e], scale_log2, -lse2[e / 2])) : 0.0f;
+      dp[nb][e] = p * (dp[nb][e] - dlt[e / 2]);
+    }
+}
+
+// dQ of one 128-row Q tile (file comment): the warp's Q and dO rows as A fragments in registers, K, V
+// tiles double-buffered as in the forward. The rows' D are recomputed from O and dO (fp32, global)
 // with attention_row_delta, since a.delta may live in dq's memory, which this pass overwrites.
 template <int D>
-__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8;
+__global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) {
+  constexpr int ld = kLd<D>, NB = D / 8, N = kStream<D>, NS = N / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* qs = reinterpret_cast<bf16*>(smem);  // (kBig, ld)
-  bf16* dos = qs + kBig * ld;                // (kBig, ld)
-  bf16* ks = dos + kBig * ld;                // (kSmall, ld)
-  bf16* vs = ks + kSmall * ld;               // (kSmall, ld)
-  float* lse2 = reinterpret_cast<float*>(vs + kSmall * ld);  // (kBig)
-  float* dlt = lse2 + kBig;                                   // (kBig)
+  bf16* const kv = reinterpret_cast<bf16*>(smem);                 // 2 buffers of (K: N rows, V: N rows)
+  float* const lse2 = reinterpret_cast<float*>(kv + 4 * N * ld);  // (kBig)
+  float* const dlt = lse2 + kBig;                                 // (kBig)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
   const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
   const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
-  load_tile<D, kBig>(qs, a.q + q_off, q_t, i0, T);
-  load_tile<D, kBig>(dos, a.dout + q_off, q_t, i0, T);
+  TileFetch<D, N> fk, fv;
+  fk.fetch(a.k + k_off, k_t, 0, T);
+  fv.fetch(a.v + k_off, k_t, 0, T);
+  uint32_t qa[D / 16][4], da[D / 16][4];  // the warp's 16 Q and dO rows, for the whole pass
+  load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
+  load_a_global<D>(da, a.dout + q_off, q_t, w0, T);
   for (int r = warp; r < kBig; r += kWarps) {
     const int64_t i = i0 + r;
     const float d = i < T ? attention_row_delta(a.o + q_off + i * q_t, a.dout + q_off + i * q_t, D, lane) : 0.0f;
     if (lane == 0) dlt[r] = d, lse2[r] = i < T ? a.lse[blockIdx.x * T + i] * kLog2e : 0.0f;
   }
+  fk.put(kv);
+  fv.put(kv + N * ld);
   __syncthreads();
   const float row_lse2[2] = {lse2[16 * warp + c_row(0)], lse2[16 * warp + c_row(2)]};
   const float row_dlt[2] = {dlt[16 * warp + c_row(0)], dlt[16 * warp + c_row(2)]};
   float dq[NB][4];
   zero(dq);
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kSmall) {
-    __syncthreads();  // the previous tile's reads of K, V are done
-    load_tile<D, kSmall>(ks, a.k + k_off, k_t, j0, T);
-    load_tile<D, kSmall>(vs, a.v + k_off, k_t, j0, T);
+  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
+    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
+    const bf16* vs = ks + N * ld;
+    const bool more = j0 + N < n_keys;
+    if (more) {  // tile j0 + N in flight during this tile's work
+      fk.fetch(a.k + k_off, k_t, j0 + N, T);
+      fv.fetch(a.v + k_off, k_t, j0 + N, T);
+    }
+    if (j0 <= w0 + 15 && w0 < T) {  // warp-uniform: some key of the tile precedes some row of the warp
+      float s[NS][4], dp[NS][4];
+      zero(s);
+      zero(dp);
+      mma_rows(s, qa, ks, 0, ld);   // S = Q Kᵀ
+      mma_rows(dp, da, vs, 0, ld);  // dP = dO Vᵀ
+      if (j0 + N - 1 > w0)          // warp-uniform: some key of the tile follows some row of the warp
+        dscores<true>(s, dp, row_lse2, row_dlt, static_cast<int>(w0 - j0), a.scale_log2);
+      else
+        dscores<false>(s, dp, row_lse2, row_dlt, 0, a.scale_log2);
+      uint32_t dsa[NS / 2][4];
+      to_a(dsa, dp);
+      mma_cols(dq, dsa, ks, 0, ld);  // dQ += dS K
+    }
+    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
+      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
+      fk.put(next);
+      fv.put(next + N * ld);
+    }
     __syncthreads();
-    if (j0 > w0 + 15 || w0 >= T) continue;  // warp-uniform: every key follows the warp's rows
-    float s[kNS][4], dp[kNS][4];
-    zero(s);
-    zero(dp);
-    mma_rows<kNS, D>(s, qs, 16 * warp, ks, 0, ld);    // S = Q Kᵀ
-    mma_rows<kNS, D>(dp, dos, 16 * warp, vs, 0, ld);  // dP = dO Vᵀ
-#pragma unroll
-    for (int nb = 0; nb < kNS; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t i = w0 + c_row(e), j = j0 + c_col(nb, e);
-        const float p = j <= i && i < T ? exp2f(s[nb][e] * a.scale_log2 - row_lse2[e / 2]) : 0.0f;
-        dp[nb][e] = p * (dp[nb][e] - row_dlt[e / 2]);
-      }
-    uint32_t dsa[kNS / 2][4];
-    to_a(dsa, dp);
-    mma_cols<NB, kNS / 2>(dq, dsa, ks, 0, ld);  // dQ += dS K
   }
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
@@ -396,11 +596,15 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) attention_dq_bf16_k
 
 template <int D>
 constexpr size_t forward_smem() {
-  return sizeof(bf16) * (kBig + 2 * kSmall) * kLd<D>;
+  return sizeof(bf16) * 4 * kStream<D> * kLd<D>;
 }
 template <int D>
-constexpr size_t backward_smem() {
-  return sizeof(bf16) * (2 * kBig + 2 * kSmall) * kLd<D> + sizeof(float) * 2 * kBig;
+constexpr size_t dq_smem() {
+  return sizeof(bf16) * 4 * kStream<D> * kLd<D> + sizeof(float) * 2 * kBig;
+}
+template <int D>
+constexpr size_t dkdv_smem() {
+  return sizeof(bf16) * (2 * kBig + 4 * kStream<D>)*kLd<D> + sizeof(float) * 4 * kStream<D>;
 }
 
 template <typename Kernel>
@@ -441,13 +645,13 @@ void attention_backward_bf16_cuda(const AttentionShape& s, const float* q, const
   const dim3 grid_kv(static_cast<unsigned>(s.batch * s.kv_heads), tiles(s.seq));
   const dim3 grid_q(static_cast<unsigned>(s.batch * s.heads), tiles(s.seq));
   if (s.head_dim == 64) {
-    launch(attention_dkdv_bf16_kernel<64>, grid_kv, backward_smem<64>(), a, stream);
+    launch(attention_dkdv_bf16_kernel<64>, grid_kv, dkdv_smem<64>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
-    launch(attention_dq_bf16_kernel<64>, grid_q, backward_smem<64>(), a, stream);
+    launch(attention_dq_bf16_kernel<64>, grid_q, dq_smem<64>(), a, stream);
   } else {
-    launch(attention_dkdv_bf16_kernel<128>, grid_kv, backward_smem<128>(), a, stream);
+    launch(attention_dkdv_bf16_kernel<128>, grid_kv, dkdv_smem<128>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
-    launch(attention_dq_bf16_kernel<128>, grid_q, backward_smem<128>(), a, stream);
+    launch(attention_dq_bf16_kernel<128>, grid_q, dq_smem<128>(), a, stream);
   }
   PL_CUDA_CHECK_LAUNCH(attention_dq_bf16_kernel);
 }
