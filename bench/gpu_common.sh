@@ -1,7 +1,7 @@
 # Sourced by the GPU machine's scripts (bench/gpu_*.sh, run through the device tool with .deps/
 # carried: toml++ and pcre2 headers, shared data, made by bench/gpu_deps.sh; that machine has no
-# package manager): the repository root as the working directory, $OUT for logs, Open MPI allowed as root, ../shared from
-# .deps/, the GPU's name in $OUT/gpu.txt, and
+# package manager): the repository root as the working directory, $OUT for logs, Open MPI allowed
+# as root, ../shared from .deps/, the GPU's name in $OUT/gpu.txt, and
 #   gpu_build [TARGET...]   configure build-gpu for sm_90 and build the targets (all without any);
 #                           log in $OUT/build.log; exits with its tail on failure
 # and $b, the peerless binary it builds.
