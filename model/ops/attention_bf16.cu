@@ -46,7 +46,7 @@
 // score, 2 shuffles per row and tile for the max, and per-lane row sums added over the quad once.
 // Shared memory: forward 4·N·(d_h + 8)·2 B = 36 KB (d_h 64) / 34 KB (128), dQ that + 1 KB, dK/dV
 // (256 + 4·M)·(d_h + 8)·2 B + 16·M B = 73 KB / 103 KB. Registers (ptxas, sm_90, no spills): forward
-// 199 / 233, dQ 248 / 255, dK/dV 255 / 254: one block (8 warps) per SM, the double buffering in
+// 199 / 235, dQ 248 / 255, dK/dV 255 / 254: one block (8 warps) per SM, the double buffering in
 // place of a second block to hide the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
@@ -227,6 +227,34 @@ struct TileFetch {
   }
 };
 
+// The K, V tiles of keys [0, n_keys) streamed through the two shared buffers at kv (N keys each,
+// K then V, stride kLd<D>; tile 0 already put there by the caller): while work(j0, ks, vs) runs on
+// tile j0, tile j0 + N is in flight in fk, fv's registers; it is then stored into the other buffer,
+// one barrier per tile. work runs only where some key of the tile precedes some row of the warp
+// (rows w0..w0 + 15; warp-uniform). The forward and the dQ pass share it.
+template <int D, int N, typename Work>
+__device__ __forceinline__ void stream_kv_tiles(TileFetch<D, N>& fk, TileFetch<D, N>& fv, const float* k,
+                                                const float* v, int64_t k_t, int64_t T, bf16* kv, int64_t n_keys,
+                                                int64_t w0, Work&& work) {
+  constexpr int ld = kLd<D>;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
+    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
+    const bf16* vs = ks + N * ld;
+    const bool more = j0 + N < n_keys;
+    if (more) {  // tile j0 + N in flight during this tile's work
+      fk.fetch(k, k_t, j0 + N, T);
+      fv.fetch(v, k_t, j0 + N, T);
+    }
+    if (j0 <= w0 + 15 && w0 < T) work(j0, ks, vs);
+    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
+      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
+      fk.put(next);
+      fv.put(next + N * ld);
+    }
+    __syncthreads();
+  }
+}
+
 // fetch then put, 8 float4 per thread at a time: the K, V tiles the dK/dV pass loads once.
 template <int D, int R>
 __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, int64_t gs, int64_t row0,
@@ -338,33 +366,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Arg
   fv.put(kv + N * ld);
   __syncthreads();
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
-    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
-    const bf16* vs = ks + N * ld;
-    const bool more = j0 + N < n_keys;
-    if (more) {  // tile j0 + N in flight during this tile's work
-      fk.fetch(a.k + k_off, k_t, j0 + N, T);
-      fv.fetch(a.v + k_off, k_t, j0 + N, T);
-    }
-    if (j0 <= w0 + 15 && w0 < T) {  // warp-uniform: some key of the tile precedes some row of the warp
-      float s[NS][4];
-      zero(s);
-      mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
-      if (j0 + N - 1 > w0)         // warp-uniform: some key of the tile follows some row of the warp
-        online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
-      else
-        online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
-      uint32_t p[NS / 2][4];
-      to_a(p, s);
-      mma_cols(o, p, vs, 0, ld);  // O += P V
-    }
-    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
-      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
-      fk.put(next);
-      fv.put(next + N * ld);
-    }
-    __syncthreads();
-  }
+  const auto tile = [&](int64_t j0, const bf16* ks, const bf16* vs) {
+    float s[NS][4];
+    zero(s);
+    mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
+    if (j0 + N - 1 > w0)         // warp-uniform: some key of the tile follows some row of the warp
+      online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
+    else
+      online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
+    uint32_t p[NS / 2][4];
+    to_a(p, s);
+    mma_cols(o, p, vs, 0, ld);  // O += P V
+  };
+  stream_kv_tiles(fk, fv, a.k + k_off, a.v + k_off, k_t, T, kv, n_keys, w0, tile);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {  // the row sums: the quad's shares, in a fixed order
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
@@ -554,35 +568,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) 
   float dq[NB][4];
   zero(dq);
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
-    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
-    const bf16* vs = ks + N * ld;
-    const bool more = j0 + N < n_keys;
-    if (more) {  // tile j0 + N in flight during this tile's work
-      fk.fetch(a.k + k_off, k_t, j0 + N, T);
-      fv.fetch(a.v + k_off, k_t, j0 + N, T);
-    }
-    if (j0 <= w0 + 15 && w0 < T) {  // warp-uniform: some key of the tile precedes some row of the warp
-      float s[NS][4], dp[NS][4];
-      zero(s);
-      zero(dp);
-      mma_rows(s, qa, ks, 0, ld);   // S = Q Kᵀ
-      mma_rows(dp, da, vs, 0, ld);  // dP = dO Vᵀ
-      if (j0 + N - 1 > w0)          // warp-uniform: some key of the tile follows some row of the warp
-        dscores<true>(s, dp, row_lse2, row_dlt, static_cast<int>(w0 - j0), a.scale_log2);
-      else
-        dscores<false>(s, dp, row_lse2, row_dlt, 0, a.scale_log2);
-      uint32_t dsa[NS / 2][4];
-      to_a(dsa, dp);
-      mma_cols(dq, dsa, ks, 0, ld);  // dQ += dS K
-    }
-    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
-      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
-      fk.put(next);
-      fv.put(next + N * ld);
-    }
-    __syncthreads();
-  }
+  const auto tile = [&](int64_t j0, const bf16* ks, const bf16* vs) {
+    float s[NS][4], dp[NS][4];
+    zero(s);
+    zero(dp);
+    mma_rows(s, qa, ks, 0, ld);   // S = Q Kᵀ
+    mma_rows(dp, da, vs, 0, ld);  // dP = dO Vᵀ
+    if (j0 + N - 1 > w0)          // warp-uniform: some key of the tile follows some row of the warp
+      dscores<true>(s, dp, row_lse2, row_dlt, static_cast<int>(w0 - j0), a.scale_log2);
+    else
+      dscores<false>(s, dp, row_lse2, row_dlt, 0, a.scale_log2);
+    uint32_t dsa[NS / 2][4];
+    to_a(dsa, dp);
+    mma_cols(dq, dsa, ks, 0, ld);  // dQ += dS K
+  };
+  stream_kv_tiles(fk, fv, a.k + k_off, a.v + k_off, k_t, T, kv, n_keys, w0, tile);
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
     const int64_t i = w0 + c_row(e2);
