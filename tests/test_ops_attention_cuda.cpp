@@ -135,19 +135,24 @@ struct Grads {
 };
 
 Grads backward_gpu(const Case& c, const Guarded<float>& q, const Guarded<float>& k, const Guarded<float>& v,
-                   const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout,
-                   cudaStream_t stream) {
+                   const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout, cudaStream_t stream,
+                   AttentionPrecision precision = AttentionPrecision::fp32) {
   Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk());
   attention_backward_cuda(c.shape(), q.get(), k.get(), v.get(), o.get(), lse.get(), dout.get(), dq.get(), dk.get(),
-                          dv.get(), stream);
+                          dv.get(), stream, precision);
   return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
 }
 
+// dq and dk rows against max(‖ref‖, floor) (rows whose exact value is ~0 hold noise only), dv rows
+// against ‖ref‖, each within tol.
+void expect_grads_close(const Case& c, const Grads& gpu, const Grads& ref, const std::string& what, double floor,
+                        double tol) {
+  expect_rows_close(gpu.dq, ref.dq, c.dh, floor, tol, what + " dq " + c.name());
+  expect_rows_close(gpu.dk, ref.dk, c.dh, floor, tol, what + " dk " + c.name());
+  expect_rows_close(gpu.dv, ref.dv, c.dh, 0, tol, what + " dv " + c.name());
+}
 void expect_grads_close(const Case& c, const Grads& gpu, const Grads& cpu, const std::string& what) {
-  const double floor = std::sqrt(static_cast<double>(c.dh)) / 4;
-  expect_rows_close(gpu.dq, cpu.dq, c.dh, floor, kBackwardTol, what + " dq " + c.name());
-  expect_rows_close(gpu.dk, cpu.dk, c.dh, floor, kBackwardTol, what + " dk " + c.name());
-  expect_rows_close(gpu.dv, cpu.dv, c.dh, 0, kBackwardTol, what + " dv " + c.name());
+  expect_grads_close(c, gpu, cpu, what, std::sqrt(static_cast<double>(c.dh)) / 4, kBackwardTol);
 }
 
 // ---- forward and backward ------------------------------------------------------------------------
@@ -322,17 +327,11 @@ Exact exact(const Case& c, const Inputs& in) {
 Grads backward_bf16(const Case& c, const Guarded<float>& q, const Guarded<float>& k, const Guarded<float>& v,
                     const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout,
                     cudaStream_t stream) {
-  Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk());
-  attention_backward_cuda(c.shape(), q.get(), k.get(), v.get(), o.get(), lse.get(), dout.get(), dq.get(), dk.get(),
-                          dv.get(), stream, AttentionPrecision::bf16);
-  return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
+  return backward_gpu(c, q, k, v, o, lse, dout, stream, AttentionPrecision::bf16);
 }
 
 void expect_bf16_grads_close(const Case& c, const Grads& gpu, const Grads& ref, const std::string& what) {
-  const double floor = std::sqrt(static_cast<double>(c.dh)) / 2;
-  expect_rows_close(gpu.dq, ref.dq, c.dh, floor, kBf16BackwardTol, what + " dq " + c.name());
-  expect_rows_close(gpu.dk, ref.dk, c.dh, floor, kBf16BackwardTol, what + " dk " + c.name());
-  expect_rows_close(gpu.dv, ref.dv, c.dh, 0, kBf16BackwardTol, what + " dv " + c.name());
+  expect_grads_close(c, gpu, ref, what, std::sqrt(static_cast<double>(c.dh)) / 2, kBf16BackwardTol);
 }
 
 // B 2, H 4 with H_kv 4, 2, 1; T 1, 17, 64, 129 (one past the kernels' 128-row tile), 300; d_h 64,
@@ -346,8 +345,8 @@ TEST_F(Cuda, attention_bf16_matches_cpu_and_is_deterministic) {
         SCOPED_TRACE(c.name());
         const Inputs in(c, rng());
         const Exact ref = exact(c, in);
-        Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_dout(in.dout), d_o(c.nq()), d_lse(c.nlse()),
-            d_o2(c.nq()), d_lse2(c.nlse());
+        Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_dout(in.dout), d_o(c.nq()), d_lse(c.nlse()), d_o2(c.nq()),
+            d_lse2(c.nlse());
         for (Guarded<float>* o : {&d_o, &d_o2})
           attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), o->get(),
                                  (o == &d_o ? d_lse : d_lse2).get(), stream(), AttentionPrecision::bf16);
@@ -394,8 +393,8 @@ TEST_F(Cuda, attention_bf16_large_scores_stay_finite) {
 TEST_F(Cuda, attention_refuses_unsupported_shapes) {
   Guarded<float> buf(2 * 8 * 4 * 96);
   float* p = buf.get();
-  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream()), Error);               // d_h 96
-  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 3, 64}, p, p, p, p, p, stream()), Error);               // 3 ∤ 4
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream()), Error);  // d_h 96
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 3, 64}, p, p, p, p, p, stream()), Error);  // 3 ∤ 4
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream(), AttentionPrecision::bf16), Error);
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 24}, p, p, p, p, p, stream()), Error);  // d_h 24
   // Heads under 64 have fp32 kernels only.
