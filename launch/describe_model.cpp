@@ -119,7 +119,8 @@ std::string describe_memory(const Model& model, const RunConfig& cfg, int world)
      << ", lower bounds " << layout.count(ParamKind::lower_bound) << ")\n";
   os << "  model: d_model " << cfg.model.d_model << ", layers " << cfg.model.n_layers << ", GLU width "
      << model.intermediate() << ", vocab " << cfg.model.vocab_size << ", quant " << cfg.model.quant << "\n";
-  os << "memory per rank (world " << world << "): latent fp32 " << human_bytes(latent) << ", gradients "
+  os << "memory per rank (world " << world
+     << (cfg.run.device == "cuda" ? ", if trained on the CPU; the GPU's plan follows" : "") << "): latent fp32 " << human_bytes(latent) << ", gradients "
      << human_bytes(grads) << ", AdamW moments " << human_bytes(adam)
      << (cfg.parallel.zero1 && world > 1 ? cat(" (ZeRO-1: 1/", world, ")") : std::string()) << ", int8 code buffer "
      << human_bytes(codes) << ", optimizer flags " << human_bytes(flags)

@@ -12,6 +12,7 @@
 #include "launch/finetune.h"
 #include "launch/format.h"
 #include "launch/model_file.h"
+#include "launch/plan.h"
 #include "launch/signals.h"
 #include "model/cpu_threads.h"
 #include "model/ops/quant.h"
@@ -283,6 +284,8 @@ bool setup_session(TrainSession& s) {
   if (s.lead && s.world > 1) std::printf("%s\n", s.topology.describe().c_str());
   if (s.lead && (model.has_frozen() || model.config().lora.on())) std::printf("%s\n", describe_finetune(model).c_str());
   if (s.options.dry_run) {
+    if (s.lead && cfg.run.device == "cuda")
+      std::printf("%s", describe_device_memory(cfg, s.world, static_cast<int>(cfg.parallel.expert_parallel)).c_str());
     if (s.lead) std::printf("dry run: config valid, nothing trained\n");
     return false;
   }

@@ -24,3 +24,9 @@ echo "$out" | grep -qx "parameters: 373867520" || fail "tpp-370m: expected 37386
 echo "$out" | grep -q "forward 782.81 MFLOP per token .*training 2.4 GFLOP" || { echo "$out" | head -2; fail "tpp-370m FLOPs"; }
 "$bin" train "$src/configs/bitnet-370m.toml" --dry-run | grep -qx "parameters: 341191680" || fail "bitnet-370m: expected 341191680"
 echo "ok: tpp-370m and bitnet-370m match BASELINES"
+# A GPU run's dry run prints the GPU model's own plan (built in counting mode; no GPU needed), not
+# only the CPU layout.
+out="$("$bin" train "$src/configs/mmf-370m.toml" --dry-run --set run.device=cuda)"
+echo "$out" | grep -q "if trained on the CPU; the GPU's plan follows" || fail "cuda dry run: CPU line unlabelled"
+echo "$out" | grep -q "^device memory per rank" || { echo "$out"; fail "cuda dry run: no device plan"; }
+echo "ok: the cuda dry run prints the device plan"
