@@ -21,6 +21,7 @@ struct Ledger {
   double M = 0;      // tokens in the step
   double A = 2;      // bytes per saved activation element (run.activations)
   bool int8 = true;  // the block projections are int8 IMMA products (model.quant = "ternary")
+  bool recompute_glu = false;  // run.recompute = "glu": the backward runs the gate product again
 
   void tok(C c, double per_token) { w[c].bytes += M * per_token; }
   void bytes(C c, double b) { w[c].bytes += b; }
@@ -85,11 +86,15 @@ void mlgru_work(Ledger& l, double d) {
 }
 
 // GLU (glu_cuda.cu): norm+quant, the gate product into [a | u] (A), the GLU + down norm+quant, the
-// down product with the residual; the backward recomputes a/s through the GLU and the norms.
+// down product with the residual; the backward recomputes a/s through the GLU and the norms (and under
+// run.recompute = "glu" first [a | u]: the norm+quant and the gate product again, its FLOPs too).
 void glu_work(Ledger& l, double d, double I) {
   const double A = l.A;
-  l.tok(C::norm_quant, 4 * d + d);
-  l.bitlinear(2 * I, d, A, false);
+  for (int pass = 0; pass < (l.recompute_glu ? 2 : 1); ++pass) {
+    l.tok(C::norm_quant, 4 * d + d);
+    l.bitlinear(2 * I, d, A, false);
+    if (pass == 1) l.w[C::gemm_forward].int8_flops += l.M * 2 * (2 * I) * d;
+  }
   l.tok(C::glu_path, 2 * A * I + I);
   l.bitlinear(d, I, 4, true);
   // backward
@@ -133,10 +138,13 @@ void attention_work(Ledger& l, double d, double a, double kv, double H) {
 void swiglu_work(Ledger& l, double d, double I) {
   const double A = l.A;
   const bool sub = l.int8;  // ternary: ffn_sub_norm before W_down
-  l.tok(C::norm_quant, 8 * d);
-  for (int i = 0; i < 2; ++i) {
-    l.proj_forward(I, d, A, false);
-    l.tok(C::other, 2 * A * I);  // the half into [a | u]
+  for (int pass = 0; pass < (l.recompute_glu ? 2 : 1); ++pass) {  // run.recompute = "glu": twice
+    l.tok(C::norm_quant, 8 * d);
+    for (int i = 0; i < 2; ++i) {
+      l.proj_forward(I, d, A, false);
+      l.tok(C::other, 2 * A * I);  // the half into [a | u]
+    }
+    if (pass == 1) (l.int8 ? l.w[C::gemm_forward].int8_flops : l.w[C::gemm_forward].bf16_flops) += l.M * 4 * I * d;
   }
   l.tok(C::glu_path, 2 * A * I + 4 * I);
   if (sub) l.tok(C::norm_quant, 8 * I);
@@ -253,6 +261,7 @@ std::vector<PhaseWork> step_work(const Model& model, const StepShape& s) {
   l.M = static_cast<double>(s.batch * s.seq);
   l.A = s.bf16_activations ? 2 : 4;
   l.int8 = model.quantized();
+  l.recompute_glu = s.recompute_glu;
   const double d = static_cast<double>(c.d_model), I = static_cast<double>(model.intermediate());
   for (const auto& m : model.modules()) {
     const std::string kind = m->kind();

@@ -49,6 +49,7 @@ struct StepShape {
   int64_t batch = 1, seq = 1;
   bool bf16_activations = true;  // run.activations
   bool deterministic = false;    // parallel.deterministic: the exact gradient sums (charged to other)
+  bool recompute_glu = false;    // run.recompute = "glu" (GLU blocks: the gate product twice)
   int64_t head_chunk = 4096;     // CudaModelOptions::head_chunk: the LM head's weights are read per chunk
 };
 

@@ -26,6 +26,7 @@
 #include "launch/bench_floor.h"
 #include "launch/commands.h"
 #include "launch/cuda_bench_util.h"
+#include "launch/plan.h"
 #include "launch/run_config.h"
 #include "model/cuda_model.h"
 #include "model/exact_sum.h"
@@ -148,9 +149,7 @@ void bench_batch(const BenchSetup& b, int64_t B, bool det) {
   AdamW adam(cfg.optim, model.layout());
   std::unique_ptr<CudaModel> cuda;
   try {
-    CudaModelOptions copt;
-    copt.bf16_activations = cfg.run.activations == "bf16";
-    cuda = std::make_unique<CudaModel>(model, adam, B * T, copt);
+    cuda = std::make_unique<CudaModel>(model, adam, B * T, cuda_model_options(cfg));
   } catch (const Error& e) {
     std::printf("%6lld %6lld  out of memory or unsupported: %s\n", static_cast<long long>(B), static_cast<long long>(T),
                 e.what());
@@ -210,6 +209,7 @@ void bench_batch(const BenchSetup& b, int64_t B, bool det) {
   StepShape shape;
   shape.batch = B, shape.seq = T, shape.deterministic = det;
   shape.bf16_activations = cfg.run.activations == "bf16";
+  shape.recompute_glu = cfg.run.recompute == "glu";
   shape.head_chunk = CudaModelOptions{}.head_chunk;
   print_floors(prof, profiled, sec, step_work(model, shape), b.peaks);
   std::fflush(stdout);
@@ -232,6 +232,8 @@ int bench_train(const Args& args) {
            "storage of the saved activations (run.activations; default bf16)");
   p.option("deterministic", &deterministic, "off|on|both",
            "exact fixed-point gradient sums (parallel.deterministic) off, on, or both side by side (default both)");
+  std::vector<std::string> sets;
+  p.repeated("set", &sets, "KEY=VALUE", "override one config key, e.g. --set run.recompute=glu (repeatable)");
   if (!p.parse(args)) return 0;
   const auto batches = parse_list("batch", batches_s);
   const int64_t T = parse_int_arg("seq", seq_s), steps = parse_int_arg("steps", steps_s),
@@ -243,7 +245,9 @@ int bench_train(const Args& args) {
   if (deterministic != "on") modes.push_back(false);
   if (deterministic != "off") modes.push_back(true);
   auto single = make_single_comm();
-  RunConfig cfg = load_run_config(config, {"run.device=cuda", "run.activations=" + activations});
+  std::vector<std::string> overrides = {"run.device=cuda", "run.activations=" + activations};
+  overrides.insert(overrides.end(), sets.begin(), sets.end());
+  RunConfig cfg = load_run_config(config, overrides);
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = 32000;
   cfg.model.context_length = T;  // the T of attention's FLOPs (the floors' count): the benched length
 
@@ -254,9 +258,9 @@ int bench_train(const Args& args) {
   const PeakRates peaks = measure_peaks();
   const double peak = peaks.bf16_flops / 1e12;
   std::printf(
-      "# peerless bench train: %s on %s, activations %s; measured peaks: bf16 GEMM %.0f TFLOP/s, int8 IMMA "
+      "# peerless bench train: %s on %s, activations %s, recompute %s; measured peaks: bf16 GEMM %.0f TFLOP/s, int8 IMMA "
       "GEMM %.0f TOP/s (8192^3), d2d copy %.0f GB/s\n",
-      config.c_str(), prop.name, cfg.run.activations.c_str(), peak, peaks.int8_flops / 1e12, peaks.bytes / 1e9);
+      config.c_str(), prop.name, cfg.run.activations.c_str(), cfg.run.recompute.c_str(), peak, peaks.int8_flops / 1e12, peaks.bytes / 1e9);
   std::printf("%6s %6s %5s %10s %12s %8s %12s %12s %s\n", "batch", "seq", "det", "step_ms", "tokens/s", "MFU",
               "model_GiB", "device_GiB", "params");
   const BenchSetup setup{cfg, T, steps, warmup, peaks, *single};

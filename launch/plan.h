@@ -29,6 +29,12 @@ struct PlannedRank {
 };
 PlannedRank plan_rank(const RunConfig& cfg, int world, int expert_parallel);
 
+// The GPU model's options a run config asks for (run.activations, run.recompute,
+// parallel.peer_round_tokens): the trainer, the planner and `bench train` all build theirs here.
+// Callers include model/cuda_model.h (CUDA builds only).
+struct CudaModelOptions;
+CudaModelOptions cuda_model_options(const RunConfig& cfg);
+
 // The device memory of rank 0 (run.device = "cuda"; a config error in a build without CUDA).
 struct DeviceMemoryPlan {
   int64_t tokens = 0;                                          // the micro-batch the buffers are sized for

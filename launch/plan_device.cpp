@@ -63,6 +63,14 @@ class PlanComm final : public Comm {
 
 }  // namespace
 
+CudaModelOptions cuda_model_options(const RunConfig& cfg) {
+  CudaModelOptions o;
+  o.bf16_activations = cfg.run.activations == "bf16";
+  o.recompute_glu = cfg.run.recompute == "glu";
+  o.peer_round_tokens = cfg.parallel.peer_round_tokens;
+  return o;
+}
+
 // As the session and CudaStepRunner build them (train_session.cpp, train_step_cuda.cpp).
 DeviceMemoryPlan plan_device_memory(const RunConfig& cfg, int world, int expert_parallel) {
   PlannedRank r = plan_rank(cfg, world, expert_parallel);
@@ -79,10 +87,7 @@ DeviceMemoryPlan plan_device_memory(const RunConfig& cfg, int world, int expert_
   p.tokens = cfg.train.micro_batch * cfg.data.seq_len;
   p.peer_layers = model.n_peer_layers();
   const DeviceCounting counting;
-  CudaModelOptions options;
-  options.bf16_activations = cfg.run.activations == "bf16";
-  options.peer_round_tokens = cfg.parallel.peer_round_tokens;
-  const CudaModel cuda(model, adam, p.tokens, options);
+  const CudaModel cuda(model, adam, p.tokens, cuda_model_options(cfg));
   p.figure = cuda.device_bytes();
   p.library = cuda.library_bytes();
   {

@@ -23,6 +23,9 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("run.activations", &run.activations, {"bf16", "fp32"},
                "run.device = cuda: storage of the activations the backward keeps (bf16 halves their memory; "
                "fp32 keeps the forward equal to the CPU's)");
+  s.add_choice("run.recompute", &run.recompute, {"none", "glu"},
+               "run.device = cuda: activations the backward recomputes instead of keeping (glu: the GLU and SwiGLU "
+               "channel mixers' [a | u], 2I per token per block, for one more gate product per block)");
 
   s.add_int("model.vocab_size", &model.vocab_size, 0, 1 << 24, "vocabulary size (0 = from the data file)");
   s.add_int("model.d_model", &model.d_model, 1, 65536, "model width d");

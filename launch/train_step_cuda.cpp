@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "launch/format.h"
+#include "launch/plan.h"
 #include "launch/train_session.h"
 #include "runtime/error.h"
 #include "runtime/rng.h"
@@ -40,10 +41,7 @@ class CudaStepRunner final : public StepRunner {
   ExactGradSum* exact() override { return sum_.get(); }
 
   void start() override {
-    CudaModelOptions copt;
-    copt.bf16_activations = s_.cfg.run.activations == "bf16";
-    copt.peer_round_tokens = s_.cfg.parallel.peer_round_tokens;
-    cuda_ = std::make_unique<CudaModel>(*s_.model, *s_.adam, s_.B * s_.T, copt);
+    cuda_ = std::make_unique<CudaModel>(*s_.model, *s_.adam, s_.B * s_.T, cuda_model_options(s_.cfg));
     cuda_->upload(s_.params.data(), *s_.adam);
     if (sum_) exact_ = std::make_unique<ExactGradSumDevice>(*sum_, cuda_->stream());
     const ParallelSection& p = s_.cfg.parallel;

@@ -132,7 +132,7 @@ struct CudaModel::Impl {
                               : mods[i]->kind() == std::string("peer") ? "model.channel_mixer / model.peer_blocks"
                                                                        : "model.channel_mixer";
       modules.push_back(make_cuda_module(g, CudaModuleBuild{*mods[i], host.blocks()[layer], layer,
-                                                            opt.bf16_activations, opt.peer_round_tokens},
+                                                            opt.bf16_activations, opt.peer_round_tokens, opt.recompute_glu},
                                          key));
     }
   }

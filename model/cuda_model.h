@@ -23,7 +23,8 @@
 // 4 for fp32): the backward keeps only what it cannot recompute cheaply:
 //   x_in, x_mid            fp32 residual stream (the norms' inputs)                8d
 //   î, f̂, h, ĝ             the scan's inputs and output, the gate's input          4d·A
-//   [a | u]                the GLU input                                           2I·A
+//   [a | u]                the GLU input (run.recompute = "glu": not kept; the     2I·A
+//                          backward reruns the gate's norm+quant and product)
 // (+ three rstd per token). Nothing else is stored: the normalised block inputs, f, gn, o, z and every
 // BitLinear's quantized input are recomputed inside fused kernels (model/ops/norm_quant.h), which
 // read what is kept and write only what the next GEMM needs:
@@ -72,6 +73,11 @@ struct CudaModelOptions {
   bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
   int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
   int64_t peer_round_tokens = 0;  // parallel.peer_round_tokens: sharded PEER exchange rounds (expert_parallel.h)
+  // run.recompute = "glu": the GLU and SwiGLU channel mixers keep no [a | u] (2I per token) for the
+  // backward, which recomputes it with one more norm+quant and gate product per block (same kernels,
+  // same values): 2I·A bytes per token per block less, for the gate product's FLOPs again (at the 370M
+  // shape 45% of the forward GEMMs' FLOPs: about 12% more step time today).
+  bool recompute_glu = false;
   // The full-precision forward products (model.quant = "none": attention's and SwiGLU's projections,
   // a "linear" / "tied" LM head; model/cuda_context_proj.cu): bf16 tensor cores (training), or fp32
   // GEMMs, with which (and fp32 storage, which it needs) the forward is the CPU model's up to float

@@ -66,6 +66,7 @@ struct CudaModuleBuild {
   int64_t layer = 0;
   bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
   int64_t peer_round_tokens = 0;  // sharded PEER tables: tokens per exchange round (0 = automatic)
+  bool recompute_glu = false;     // GLU / SwiGLU keep no [a | u]: the backward recomputes it (run.recompute)
 };
 
 // The layout index of parameter `name` of block `layer` ("blocks/<layer>/<name>"), for kinds whose

@@ -79,6 +79,16 @@ TEST(BenchFloor, matmul_free_counts_by_hand) {
   EXPECT_EQ(step_work(model, s)[C::other].bytes, 6 * 224.0 + 36 * 904);
   s.bf16_activations = false;
   EXPECT_EQ(step_work(model, s)[C::scan].bytes, 6 * (3 * 4 * 8.0 + 3 * 4 * 8 + 64));
+  // run.recompute = "glu": the GLU's norm+quant (5d = 40 per token) and gate product (2·2I·d = 512
+  // FLOPs, codes 8 + [a|u] 4·32 = 136 per token at A = 4, the 256-byte weight) once more.
+  const std::vector<PhaseWork> kept = step_work(model, s);
+  s.recompute_glu = true;
+  const std::vector<PhaseWork> again = step_work(model, s);
+  EXPECT_EQ(again[C::gemm_forward].int8_flops - kept[C::gemm_forward].int8_flops, 6 * 512.0);
+  EXPECT_EQ(again[C::gemm_forward].bytes - kept[C::gemm_forward].bytes, 6 * 136.0 + 256);
+  EXPECT_EQ(again[C::norm_quant].bytes - kept[C::norm_quant].bytes, 6 * 40.0);
+  for (int c : {C::gemm_backward, C::glu_path, C::scan, C::gate_path, C::loss, C::optimizer, C::other})
+    EXPECT_EQ(again[c].bytes, kept[c].bytes) << CudaModel::Category(c);
 }
 
 // Transformer++ (attention + SwiGLU, quant none, linear head): the projections are bf16 products, the

@@ -58,6 +58,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -494,6 +495,78 @@ INSTANTIATE_TEST_SUITE_P(lora, CudaModelLora,
                          [](const ::testing::TestParamInfo<LoraCase>& i) {
                            return std::string(i.param.bf16 ? "bf16" : "fp32") +
                                   (i.param.arch == Arch::tpp ? "_tpp" : i.param.arch == Arch::bitnet ? "_bitnet" : "");
+                         });
+// run.recompute = "glu": the GLU (MatMul-free) and SwiGLU (Transformer++, BitNet) channel mixers keep
+// no [a | u] and the backward recomputes it with the forward's own kernels, so three training steps
+// give bit-identical losses, gradient norms and parameters to the model that keeps it, on about
+// L·M·2I·A fewer device bytes (less the one scratch [a | u] it needs instead).
+class CudaModelRecompute : public ::testing::TestWithParam<Arch> {};
+
+TEST_P(CudaModelRecompute, glu_recompute_is_bit_identical_and_smaller) {
+  ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
+  std::ifstream in(test::shared_data() + "/tinyshakespeare/input.txt", std::ios::binary);
+  ASSERT_TRUE(in.good());
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ModelConfig mc;
+  mc.vocab_size = 256;
+  mc.d_model = 64;
+  mc.n_layers = 2;
+  mc.intermediate = 256;
+  if (GetParam() != Arch::mmf) set_transformer(mc, GetParam());
+  OptimConfig oc;
+  oc.lr = 3e-3;
+  oc.weight_decay = 0.1;
+  oc.grad_clip = 1.0;
+  const int64_t B = 4, T = 64, M = B * T, steps = 3;
+  std::vector<std::unique_ptr<Model>> host;
+  std::vector<std::unique_ptr<AdamW>> adam;
+  std::vector<std::unique_ptr<CudaModel>> cuda;
+  std::vector<float> p0;
+  for (int r = 0; r < 2; ++r) {  // r = 1: recompute
+    host.push_back(std::make_unique<Model>(mc));
+    p0.assign(host[r]->layout().total(), 0.f);
+    host[r]->init_params(p0.data(), 7);
+    host[r]->refresh_ternary(p0.data());
+    adam.push_back(std::make_unique<AdamW>(oc, host[r]->layout()));
+    CudaModelOptions o;
+    o.recompute_glu = r == 1;
+    cuda.push_back(std::make_unique<CudaModel>(*host[r], *adam[r], M, o));
+    cuda[r]->upload(p0.data(), *adam[r]);
+  }
+  const double row = static_cast<double>(M * 2 * host[0]->intermediate() * 2);  // bf16 storage (the default)
+  const double saved = static_cast<double>(cuda[0]->device_bytes() - cuda[1]->device_bytes());
+  std::printf("device bytes: kept %lld, recomputed %lld (%.2f of L·M·2I·A)\n",
+              static_cast<long long>(cuda[0]->device_bytes()), static_cast<long long>(cuda[1]->device_bytes()),
+              saved / (mc.n_layers * row));
+  EXPECT_GE(saved, (mc.n_layers - 1) * row);
+  EXPECT_LE(saved, mc.n_layers * row);
+  std::vector<int32_t> ids(M), targets(M);
+  for (int64_t step = 1; step <= steps; ++step) {
+    fill_windows(text, step, B, T, ids, targets);
+    double loss[2], norm[2];
+    for (int r = 0; r < 2; ++r) {
+      cuda[r]->zero_grads();
+      loss[r] = cuda[r]->forward_backward(ids.data(), targets.data(), B, T, 1.f / static_cast<float>(M));
+      norm[r] = cuda[r]->grad_norm();
+      const double lr = learning_rate(oc, step, steps);
+      cuda[r]->optimizer_step(step, lr, norm[r] > oc.grad_clip ? static_cast<float>(oc.grad_clip / norm[r]) : 1.0f);
+    }
+    EXPECT_EQ(0, std::memcmp(&loss[0], &loss[1], sizeof(double))) << "step " << step << ": " << loss[0] << " vs " << loss[1];
+    EXPECT_EQ(0, std::memcmp(&norm[0], &norm[1], sizeof(double))) << "step " << step << ": " << norm[0] << " vs " << norm[1];
+  }
+  std::vector<float> p[2];
+  for (int r = 0; r < 2; ++r) {
+    p[r].assign(host[r]->layout().total(), 0.f);
+    cuda[r]->download(p[r].data(), *adam[r]);
+  }
+  EXPECT_NE(p[0], p0) << "three steps moved nothing";
+  EXPECT_EQ(0, std::memcmp(p[0].data(), p[1].data(), sizeof(float) * p[0].size())) << "parameters after " << steps << " steps";
+}
+
+INSTANTIATE_TEST_SUITE_P(kinds, CudaModelRecompute, ::testing::Values(Arch::mmf, Arch::tpp, Arch::bitnet),
+                         [](const ::testing::TestParamInfo<Arch>& i) {
+                           return std::string(i.param == Arch::mmf ? "glu" : i.param == Arch::tpp ? "swiglu_tpp"
+                                                                                                    : "swiglu_bitnet");
                          });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }
