@@ -49,10 +49,20 @@
 // into log2 e) and one ex2.approx.ftz per score, 2 shuffles per row and tile for the max, and
 // per-lane row sums added over the quad once.
 //
-// Sizes (kStages 3; N = M = kStream: 64 rows at d_h 64, 32 at 128): forward 3·2·N·d_h·2 B = 48 KB
-// at either d_h; dQ that + 1 KB; dK/dV 2·128·d_h·2 B resident + 3·2·M·d_h·2 B + 3·2·M·4 B = 81.5 KB /
+// Tiles. The forward streams N = 64 keys a tile at both head dims, the backward passes M = N =
+// kStream rows (64 at d_h 64, 32 at 128: the dQ pass's S and dP, and dK/dV's 128 accumulators at
+// d_h 128, leave no registers for 64). Why 64 in the forward at d_h 128 (it was 32): per warp and
+// tile the mma work is (N/8)·(d_h/16) + (d_h/8)·(N/16) m16n8k16s (64 at N 32), but the O rescale (64
+// FMULs at d_h 128), the row max (4 shuffles), the masks' tests and the barrier come once per tile
+// whatever N: at N 32 a warp issues ~250 such instructions beside its 64 mma (4 tensor cycles each
+// on its SM sub-partition, shared by 2 warps), near the issue limit; at N 64 ~320 beside 128 mma.
+// Shared-memory bytes per mma are 256 either way (one ldmatrix.x4 of B per 2 mma), so only the
+// overheads move. Registers 190 → 215 (no spills), shared 48 → 96 KB, still 1 block per SM.
+//
+// Sizes (kStages 3): forward 3·2·64·d_h·2 B = 48 KB / 96 KB (d_h 64 / 128); dQ 3·2·N·d_h·2 B + 1 KB
+// = 49 KB at either d_h; dK/dV 2·128·d_h·2 B resident + 3·2·M·d_h·2 B + 3·2·M·4 B = 81.5 KB /
 // 112.8 KB. One block (8 warps) per SM (__launch_bounds__(256, 1): the dK/dV and dQ passes need the
-// registers; ptxas, sm_90, no spills: forward 158 / 190, dQ 227 / 238, dK/dV 241 / 247), the
+// registers; ptxas, sm_90, no spills: forward 158 / 215, dQ 227 / 238, dK/dV 241 / 247), the
 // pipeline in place of a second block to hide the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
@@ -69,10 +79,14 @@
 // Measured, fp32-input version (H200, TF/s forward / fwd + bwd at B·H·T·d_h = 8·16·2048·64,
 // 8·16·2048·128, 4·16·4096·128, 2·16·8192·64, 2·16·8192·128): 159 / 126, 173 / 139, 191 / 158,
 // 184 / 159, 198 / 169, against the flash column's 239, 290, 309 / 183, 209, 254 (H100).
-// Prediction for this version (bf16 I/O, cp.async 3 stages, same tiles): forward +10–20% (half the
-// L2 bytes per tile, no conversion or staging instructions beside the mma loop, loads two tiles
-// ahead): ~175–235 TF/s; fwd + bwd +10–15%: ~140–190 (the backward keeps its 7-matmul structure and
-// dK/dV's 128 accumulators a thread at d_h 128).
+// Predictions. bf16 I/O with cp.async (3 stages, same tiles): forward +10–20% (half the L2 bytes
+// per tile, no conversion or staging instructions beside the mma loop, loads two tiles ahead):
+// ~175–235 TF/s; fwd + bwd +10–15%: ~140–190 (the backward keeps its 7-matmul structure and dK/dV's
+// 128 accumulators a thread at d_h 128). Then the forward's N 64 at d_h 128: +5–10% on those rows.
+// Next (not done): 32 rows per warp (FlashAttention-2's 4 warps × 32 rows for a 128-row tile), each
+// B fragment feeding two A row blocks: 128 shared-memory bytes per mma instead of 256, lifting the
+// ~470 TF/s shared-memory ceiling to ~940; it needs the O accumulators twice (128 registers at d_h
+// 128: Q then read from shared memory per tile), so d_h 64 first.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -91,7 +105,7 @@ constexpr int kStages = 3;         // shared buffers of a streamed tile (pipelin
 template <int D>
 constexpr int kStream = D == 64 ? 64 : 32;  // streamed rows of the backward passes (registers: file comment)
 template <int D>
-constexpr int kFwdStream = kStream<D>;  // keys per K/V tile of the forward
+constexpr int kFwdStream = 64;  // keys per K/V tile of the forward, both head dims (file comment)
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // Element offset of (row r, column c) in a swizzled D-wide shared tile (file comment); c % 8 is kept,
