@@ -518,11 +518,6 @@ void check_shape(const char* who, const AttentionShape& s, AttentionPrecision pr
 
 }  // namespace
 
-bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision) {
-  if (precision == AttentionPrecision::bf16) return head_dim == 64 || head_dim == 128;
-  return head_dim == 8 || head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
-}
-
 void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream) { rope_cuda(s, x, x, false, stream); }
 void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream) { rope_cuda(s, dx, dx, true, stream); }
 void rope_forward_cuda(const RopeShape& s, const float* x, bf16* y, cudaStream_t stream) {

@@ -109,7 +109,11 @@ enum class AttentionPrecision { fp32, bf16 };
 
 // The head dims the kernels take: fp32 8, 16, 32, 64, 128 (a head of 8, like llama2.c's
 // stories260K, runs in 16-wide tiles whose extra columns are zeros); bf16 64, 128.
-bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision);
+// Inline: plain logic, also used by CPU-only code (launch/bench_floor.cpp's byte counts).
+inline bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision) {
+  if (precision == AttentionPrecision::bf16) return head_dim == 64 || head_dim == 128;
+  return head_dim == 8 || head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
 
 // FlashAttention-2 forward (arXiv 2307.08691 Alg. 1): o (B, T, H, d_h), lse (B, H, T) as
 // attention_forward_cpu, without a (T, T) matrix in memory. head_dim as
