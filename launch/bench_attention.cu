@@ -1,9 +1,11 @@
 // `peerless bench attention`: the causal attention op's forward and forward + backward on one GPU
-// (model/ops/attention.cu and attention_bf16.cu, both precisions, through the shipped launchers) at
+// (model/ops/attention.cu on fp32 storage and attention_bf16.cu on bf16 storage, through the shipped
+// launchers) at
 // the shapes of ../shared/BASELINES.md §2, in TFLOP/s by the FlashAttention convention (causal
-// forward 2·B·H·T²·d_h, fwd + bwd 3.5x), printed beside the published/measured flash column of BASELINES §2. Median of --iters timed
-// iterations after --warmup untimed ones; inputs N(0,1)-like hashed values (no host staging).
+// forward 2·B·H·T²·d_h, fwd + bwd 3.5x), printed beside the published/measured flash column of BASELINES §2. Median of
+// --iters timed iterations after --warmup untimed ones; inputs N(0,1)-like hashed values (no host staging).
 // bench/attention_torch.py times PyTorch's SDPA backends at the same shapes in the same job.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,18 +25,23 @@ namespace peerless {
 
 namespace {
 
-__global__ void fill_hash_kernel(float* p, int64_t n, uint64_t seed) {
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(bf16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+template <typename T>
+__global__ void fill_hash_kernel(T* p, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     uint64_t z = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ (seed * 0xBF58476D1CE4E5B9ull);
     z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
     z ^= z >> 29;
-    p[i] = static_cast<float>((z >> 40) * (1.0 / (1ull << 24))) * 2.f - 1.f;  // U(-1, 1)
+    store(p + i, static_cast<float>((z >> 40) * (1.0 / (1ull << 24))) * 2.f - 1.f);  // U(-1, 1)
   }
 }
 
+template <typename T>
 DeviceBytes filled(int64_t n, uint64_t seed) {
-  DeviceBytes d(static_cast<size_t>(n) * sizeof(float));
-  fill_hash_kernel<<<2048, 256>>>(static_cast<float*>(d.get()), n, seed);
+  DeviceBytes d(static_cast<size_t>(n) * sizeof(T));
+  fill_hash_kernel<<<2048, 256>>>(static_cast<T*>(d.get()), n, seed);
   PL_CUDA_CHECK_LAUNCH(fill_hash_kernel);
   return d;
 }
@@ -68,29 +75,30 @@ struct Timing {
   double fwd_ms, all_ms;
 };
 
-// Median forward and forward + backward times of one precision on the shared buffers.
-Timing time_precision(const AttentionShape& sh, AttentionPrecision pr, const std::vector<DeviceBytes*>& b, int warmup,
-                      int iters, cudaStream_t s) {
-  float *q = f(*b[0]), *k = f(*b[1]), *v = f(*b[2]), *o = f(*b[3]), *dout = f(*b[4]), *L = f(*b[5]);
-  float *dq = f(*b[6]), *dk = f(*b[7]), *dv = f(*b[8]);
-  auto fwd = [&] { attention_forward_cuda(sh, q, k, v, o, L, s, pr); };
+// Median forward and forward + backward times of one storage type T (float: the fp32 kernels; bf16:
+// the tensor cores) with q, k, v, o, dO of type T and fp32 LSE, dq, dk, dv.
+template <typename T>
+Timing time_storage(const Case& c, const AttentionShape& sh, int warmup, int iters, cudaStream_t s) {
+  const int64_t n = c.B * c.T * c.H * c.dh, nl = c.B * c.H * c.T;
+  DeviceBytes qb = filled<T>(n, 1), kb = filled<T>(n, 2), vb = filled<T>(n, 3), ob = filled<T>(n, 4),
+              dob = filled<T>(n, 5);
+  DeviceBytes lse(static_cast<size_t>(nl) * 4), dq(static_cast<size_t>(n) * 4), dk(static_cast<size_t>(n) * 4),
+      dv(static_cast<size_t>(n) * 4);
+  const auto t = [](const DeviceBytes& b) { return static_cast<T*>(b.get()); };
+  T *q = t(qb), *k = t(kb), *v = t(vb), *o = t(ob), *dout = t(dob);
+  auto fwd = [&] { attention_forward_cuda(sh, q, k, v, o, f(lse), s); };
   const double t_fwd = median_ms(s, warmup, iters, fwd);
   const double t_all = median_ms(s, warmup, iters, [&] {
     fwd();
-    attention_backward_cuda(sh, q, k, v, o, L, dout, dq, dk, dv, s, pr);
+    attention_backward_cuda(sh, q, k, v, o, f(lse), dout, f(dq), f(dk), f(dv), s);
   });
   return {t_fwd, t_all};
 }
 
 void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
   const AttentionShape sh{c.B, c.T, c.H, c.H, c.dh};
-  const int64_t n = c.B * c.T * c.H * c.dh, nl = c.B * c.H * c.T;
-  DeviceBytes q = filled(n, 1), k = filled(n, 2), v = filled(n, 3), o = filled(n, 4), dout = filled(n, 5);
-  DeviceBytes lse(static_cast<size_t>(nl) * 4), dq(static_cast<size_t>(n) * 4), dk(static_cast<size_t>(n) * 4),
-      dv(static_cast<size_t>(n) * 4);
-  const std::vector<DeviceBytes*> bufs{&q, &k, &v, &o, &dout, &lse, &dq, &dk, &dv};
-  const Timing f32 = time_precision(sh, AttentionPrecision::fp32, bufs, warmup, iters, s);
-  const Timing b16 = time_precision(sh, AttentionPrecision::bf16, bufs, warmup, iters, s);
+  const Timing f32 = time_storage<float>(c, sh, warmup, iters, s);
+  const Timing b16 = time_storage<bf16>(c, sh, warmup, iters, s);
   const double tf = attention_forward_flops(sh) / 1e12;
   auto rate = [&](double flops, double ms) { return flops / (ms * 1e-3); };
   std::printf("| %lld, %lld, %lld, %lld | %.1f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.0f |\n",
@@ -104,9 +112,10 @@ void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
 
 int bench_attention(const Args& args) {
   std::string warmup_s = "3", iters_s = "10";
-  ArgParser p("bench attention",
-              "Causal MHA forward and forward+backward of the shipped attention kernels (fp32 and bf16) at BASELINES §2's "
-              "shapes plus T 8192, in TFLOP/s (FlashAttention convention) beside the flash-backend column.");
+  ArgParser p(
+      "bench attention",
+      "Causal MHA forward and forward+backward of the shipped attention kernels (fp32 and bf16) at BASELINES §2's "
+      "shapes plus T 8192, in TFLOP/s (FlashAttention convention) beside the flash-backend column.");
   p.option("warmup", &warmup_s, "N", "untimed iterations (default 3)");
   p.option("iters", &iters_s, "N", "timed iterations, median reported (default 10)");
   if (!p.parse(args)) return 0;
@@ -115,11 +124,15 @@ int bench_attention(const Args& args) {
   PL_CHECK(warmup >= 0 && iters >= 1, config, "--warmup must be >= 0 and --iters >= 1");
   cudaDeviceProp prop{};
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("attention on %s: fp32 = model/ops/attention.cu (CUDA cores), bf16 = attention_bf16.cu (mma.sync "
-              "tensor cores, fp32 in/out); flash = torch SDPA flash backend, bf16, BASELINES §2 (0 = not published "
-              "there)\n", prop.name);
-  std::printf("| B, H, T, d_h | fp32 fwd TF/s | fp32 fwd+bwd TF/s | bf16 fwd ms | bf16 fwd TF/s | flash fwd | "
-              "bf16 fwd+bwd ms | bf16 fwd+bwd TF/s | flash fwd+bwd |\n");
+  std::printf(
+      "attention on %s: fp32 = model/ops/attention.cu (CUDA cores), bf16 = attention_bf16.cu (mma.sync "
+      "tensor cores, bf16 q, k, v, o, dO; fp32 LSE, dq, dk, dv); flash = torch SDPA flash backend, bf16, BASELINES §2 "
+      "(0 = not published "
+      "there)\n",
+      prop.name);
+  std::printf(
+      "| B, H, T, d_h | fp32 fwd TF/s | fp32 fwd+bwd TF/s | bf16 fwd ms | bf16 fwd TF/s | flash fwd | "
+      "bf16 fwd+bwd ms | bf16 fwd+bwd TF/s | flash fwd+bwd |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   CudaStream stream;
   const Case cases[] = {{8, 16, 2048, 64, 239, 183},

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "model/cuda_model.h"
+#include "model/ops/attention.h"
 #include "runtime/error.h"
 
 namespace peerless {
@@ -107,25 +108,30 @@ void glu_work(Ledger& l, double d, double I) {
   l.tok(C::norm_quant, 4 * d + 4 * d + 8 * d);
 }
 
-// Attention (attention_cuda.cu): q, k, v, o saved in fp32; a = H·d_h, kv = H_kv·d_h.
-void attention_work(Ledger& l, double d, double a, double kv, double H) {
-  const bool sub = l.int8;      // ternary: attn_sub_norm before W_o
-  l.tok(C::norm_quant, 8 * d);  // n = RMSNorm(x)
+// Attention (attention_cuda.cu): q, k, v, o saved in S bytes (2: bf16 storage, the tensor-core
+// kernels; 4: fp32); a = H·d_h, kv = H_kv·d_h. With bf16 storage RoPE reads the fp32 q, k products
+// and writes bf16, o is widened to fp32 for W_o (and the sub-norm) and dO rounded to bf16.
+void attention_work(Ledger& l, double d, double a, double kv, double H, double S) {
+  const bool sub = l.int8;                 // ternary: attn_sub_norm before W_o
+  const double widen = S < 4 ? 6 * a : 0;  // o bf16 → fp32 for W_o's input
+  l.tok(C::norm_quant, 8 * d);             // n = RMSNorm(x)
   l.proj_forward(a, d, 4, false);
   l.proj_forward(kv, d, 4, false);
-  l.proj_forward(kv, d, 4, false);
-  l.tok(C::attention, 8 * a + 8 * kv);                  // RoPE in place on q, k
-  l.tok(C::attention, 4 * a + 8 * kv + 4 * a + 4 * H);  // q, k, v → o, LSE
+  l.proj_forward(kv, d, S, false);
+  l.tok(C::attention, (4 + S) * (a + kv));                // RoPE (in place when S = 4)
+  l.tok(C::attention, S * (a + 2 * kv) + S * a + 4 * H);  // q, k, v → o, LSE
+  l.tok(C::other, widen);
   if (sub) l.tok(C::norm_quant, 8 * a);
   l.proj_forward(d, a, 4, true);
   // backward
-  l.tok(C::other, 6 * d);  // dy to bf16
+  l.tok(C::other, 6 * d + widen);  // dy to bf16, o widened
   if (sub) l.tok(C::norm_quant, 8 * a);
   l.proj_backward(d, a, false);
-  if (sub) l.tok(C::norm_quant, 12 * a);
-  l.tok(C::attention, (4 * a + 8 * kv + 4 * a + 4 * H + 4 * a) + (4 * a + 8 * kv));  // → dq, dk, dv
-  l.tok(C::attention, 8 * a + 8 * kv);                                               // RoPE backward
-  l.tok(C::norm_quant, 8 * d);                                                       // n recomputed
+  if (sub) l.tok(C::norm_quant, 12 * a + widen);
+  if (S < 4) l.tok(C::attention, 6 * a);                                           // dO to bf16
+  l.tok(C::attention, (S * (2 * a + 2 * kv) + 4 * H + S * a) + (4 * a + 8 * kv));  // → dq, dk, dv
+  l.tok(C::attention, 8 * a + 8 * kv);                                             // RoPE backward
+  l.tok(C::norm_quant, 8 * d);                                                     // n recomputed
   const double outs[3] = {a, kv, kv};
   for (int i = 0; i < 3; ++i) {
     l.tok(C::other, 6 * outs[i]);  // dq, dk, dv to bf16
@@ -272,8 +278,10 @@ std::vector<PhaseWork> step_work(const Model& model, const StepShape& s) {
       glu_work(l, d, I);
     } else if (kind == "attention") {
       const double dh = static_cast<double>(c.attn_head_dim());
+      const bool bf16_storage =
+          l.A == 2 && attention_cuda_head_dim_supported(c.attn_head_dim(), AttentionPrecision::bf16);
       attention_work(l, d, static_cast<double>(c.n_heads) * dh, static_cast<double>(c.kv_heads()) * dh,
-                     static_cast<double>(c.n_heads));
+                     static_cast<double>(c.n_heads), bf16_storage ? 2 : 4);
     } else if (kind == "swiglu") {
       swiglu_work(l, d, I);
     } else if (kind == "peer") {

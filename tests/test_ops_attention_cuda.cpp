@@ -17,8 +17,8 @@
 // that: the forward is checked at 2e-5 and the backward (sums of up to H/H_kv · T = 1200 terms per
 // dk, dv element, and dP − D cancelling inside dS) at 5e-5. Mistakes (a mask off by one, a wrong
 // KV head, a missed tile, a bf16 rounding) show up at 1e-3 and far above.
-// The bf16 tensor-core kernels (AttentionPrecision::bf16) are checked further down against the
-// float64 CPU with tolerances derived from bf16 rounding (their section's comment).
+// The bf16 tensor-core kernels (bf16 storage) are checked further down against the float64 CPU,
+// with tolerances derived from bf16 rounding (their section's comment).
 // Where the exact row is 0 (dq at position 0 and every dq, dk row at T = 1: dS_ii = P(dP − D) with
 // P = 1 and D = dP), both sides hold rounding noise, so dq and dk rows are measured against
 // max(‖cpu row‖, √d_h / 4), a quarter of the norm of an input row (N(0, 1) entries): noise of
@@ -30,6 +30,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "model/ops/attention.h"
@@ -134,12 +135,18 @@ struct Grads {
   std::vector<float> dq, dk, dv;
 };
 
-Grads backward_gpu(const Case& c, const Guarded<float>& q, const Guarded<float>& k, const Guarded<float>& v,
-                   const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout, cudaStream_t stream,
-                   AttentionPrecision precision = AttentionPrecision::fp32) {
+// The backward on fp32 (T float) or bf16 (T uint16_t, bf16 bit patterns) storage; dq, dk, dv fp32.
+template <typename T>
+Grads backward_gpu(const Case& c, const Guarded<T>& q, const Guarded<T>& k, const Guarded<T>& v, const Guarded<T>& o,
+                   const Guarded<float>& lse, const Guarded<T>& dout, cudaStream_t stream) {
   Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk());
-  attention_backward_cuda(c.shape(), q.get(), k.get(), v.get(), o.get(), lse.get(), dout.get(), dq.get(), dk.get(),
-                          dv.get(), stream, precision);
+  const auto p = [](const Guarded<T>& g) {
+    if constexpr (std::is_same_v<T, float>)
+      return g.get();
+    else
+      return reinterpret_cast<const bf16*>(g.get());
+  };
+  attention_backward_cuda(c.shape(), p(q), p(k), p(v), p(o), lse.get(), p(dout), dq.get(), dk.get(), dv.get(), stream);
   return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
 }
 
@@ -264,9 +271,11 @@ TEST_F(Cuda, attention_decode_matches_cpu_and_the_forward_row) {
     }
 }
 
-// ---- bf16 tensor cores (AttentionPrecision::bf16, model/ops/attention_bf16.cu) ----------------------
+// ---- bf16 storage, tensor cores (attention.h's bf16 overloads, model/ops/attention_bf16.cu) ---------
 //
-// Oracle: the CPU's float64 overloads on the unrounded inputs. Tolerances from the rounding the
+// q, k, v, dO are the fp32 inputs rounded to bf16 on the host (the rounding the model's producers
+// do, and the one the fp32-input kernels did in their tile loads: the same δ as before), o comes back
+// in bf16. Oracle: the CPU's float64 overloads on the unrounded inputs. Tolerances from the rounding the
 // kernel does, with u = 2^-9 (bf16 keeps 8 significant bits: |x − bf16(x)| ≤ 2^-9·|x|, rms
 // u/√3 for random mantissas). Scores s = q·k/√d_h from rounded q (sd 2) and k (sd 1): rms
 // δs = √(2/3)·u·σ_q·σ_k = 3.2e-3 (absolute, whatever d_h). A row o = Σ_j p_j v_j moves by
@@ -274,11 +283,13 @@ TEST_F(Cuda, attention_decode_matches_cpu_and_the_forward_row) {
 // n = √(Σ_j p_j² ‖v_j‖²) times √(δs² + 2(u/√3)²) ≈ 3.6e-3 rms. ‖o‖ is about n only on average:
 // where the v_j cancel, ‖o‖ is smaller and the error relative to it larger (an H100 run once saw
 // 0.021 in one row against ‖o‖). So o rows are measured against max(‖o‖, n), n from the float64
-// probabilities (o_norm_floors), and the worst of 2400 rows is allowed 5.5× the rms: 2e-2. LSE
+// probabilities (o_norm_floors), and the worst of 2400 rows is allowed 5.5× the rms: 2e-2. Storing o
+// in bf16 adds u/√3 = 1.1e-3 rms of ‖o‖ (≤ n): 3.8e-3 in all, 2e-2 still 5.2×. LSE
 // moves by Σ_j p_j δs_j, ≤ 3.2e-3 rms absolute: 1.5e-2 of max(|lse|, 1) is ≥ 4.7σ. Backward: dP =
 // dO·v from rounded operands has relative error ~1.6e-3, dS = P(dP − D) adds δs and its own
-// rounding, the products dS K, dSᵀQ, PᵀdO one more operand each: ~5e-3 rms per row, and the chain
-// from the bf16 forward adds the forward's: 5e-2 (7×). Rows whose exact value is 0 (dq at position
+// rounding, the products dS K, dSᵀQ, PᵀdO one more operand each, and D = rowsum(dO ⊙ O) from the bf16 o
+// (the backward reads the exact o rounded to bf16, as the model stores it) δD ~ u·|D|: ~5e-3 rms per
+// row, and the chain from the bf16 forward adds the forward's: 5e-2 (7×). Rows whose exact value is 0 (dq at position
 // 0, dq and dk at T = 1) hold |δdP| + |δp·D| ≈ 0.03·√d_h/8·8 of noise: measured against the floor
 // √d_h/2 (a one-key row's dq is ~√d_h), i.e. ≤ 2e-2 there. Mistakes (a fragment in the wrong lane, a
 // mask off by one, a lost tile) are errors of 0.1 to 1.
@@ -324,10 +335,31 @@ Exact exact(const Case& c, const Inputs& in) {
   return {to_float(o), to_float(lse), {to_float(dq), to_float(dk), to_float(dv)}};
 }
 
-Grads backward_bf16(const Case& c, const Guarded<float>& q, const Guarded<float>& k, const Guarded<float>& v,
-                    const Guarded<float>& o, const Guarded<float>& lse, const Guarded<float>& dout,
-                    cudaStream_t stream) {
-  return backward_gpu(c, q, k, v, o, lse, dout, stream, AttentionPrecision::bf16);
+// Inputs in bf16 storage (host-rounded bit patterns); device views as bf16*.
+struct Bf16Inputs {
+  Guarded<uint16_t> q, k, v, dout;
+  explicit Bf16Inputs(const Inputs& in) : q(bits(in.q)), k(bits(in.k)), v(bits(in.v)), dout(bits(in.dout)) {}
+  static std::vector<uint16_t> bits(const std::vector<float>& x) {
+    std::vector<uint16_t> out(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = to_bf16(x[i]);
+    return out;
+  }
+};
+bf16* as_bf16(const Guarded<uint16_t>& g) { return reinterpret_cast<bf16*>(g.get()); }
+
+// A bf16 output as floats; no element may still hold the poison pattern (never written).
+std::vector<float> widen_written(const std::vector<uint16_t>& x, const std::string& what) {
+  uint16_t poison;
+  std::memset(&poison, kPoison, sizeof(poison));
+  size_t unwritten = 0;
+  for (uint16_t h : x) unwritten += h == poison;
+  EXPECT_EQ(unwritten, 0u) << what << ": " << unwritten << " elements still hold the poison (never written)";
+  return from_bf16(x);
+}
+
+void forward_bf16(const Case& c, const Bf16Inputs& in, const Guarded<uint16_t>& o, const Guarded<float>& lse,
+                  cudaStream_t stream) {
+  attention_forward_cuda(c.shape(), as_bf16(in.q), as_bf16(in.k), as_bf16(in.v), as_bf16(o), lse.get(), stream);
 }
 
 void expect_bf16_grads_close(const Case& c, const Grads& gpu, const Grads& ref, const std::string& what) {
@@ -336,7 +368,7 @@ void expect_bf16_grads_close(const Case& c, const Grads& gpu, const Grads& ref, 
 
 // B 2, H 4 with H_kv 4, 2, 1; T 1, 17, 64, 129 (one past the kernels' 128-row tile), 300; d_h 64,
 // 128. Forward and backward against the float64 CPU, each twice (the same bits), the backward
-// from the exact (o, lse) and from the bf16 forward's.
+// from the exact (o rounded to bf16, lse) and from the bf16 forward's.
 TEST_F(Cuda, attention_bf16_matches_cpu_and_is_deterministic) {
   for (int64_t dh : {64, 128})
     for (int64_t T : {1, 17, 64, 129, 300})
@@ -345,28 +377,60 @@ TEST_F(Cuda, attention_bf16_matches_cpu_and_is_deterministic) {
         SCOPED_TRACE(c.name());
         const Inputs in(c, rng());
         const Exact ref = exact(c, in);
-        Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_dout(in.dout), d_o(c.nq()), d_lse(c.nlse()), d_o2(c.nq()),
-            d_lse2(c.nlse());
-        for (Guarded<float>* o : {&d_o, &d_o2})
-          attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), o->get(),
-                                 (o == &d_o ? d_lse : d_lse2).get(), stream(), AttentionPrecision::bf16);
-        const std::vector<float> o_gpu = d_o.download("o"), lse_gpu = d_lse.download("lse");
+        const Bf16Inputs d_in(in);
+        Guarded<uint16_t> d_o(c.nq()), d_o2(c.nq());
+        Guarded<float> d_lse(c.nlse()), d_lse2(c.nlse());
+        forward_bf16(c, d_in, d_o, d_lse, stream());
+        forward_bf16(c, d_in, d_o2, d_lse2, stream());
+        const std::vector<uint16_t> o_bits = d_o.download("o");
+        const std::vector<float> o_gpu = widen_written(o_bits, "bf16 o " + c.name()), lse_gpu = d_lse.download("lse");
         expect_rows_close(o_gpu, ref.o, c.dh, o_norm_floors(c, in, ref.lse), kBf16ForwardTol, "bf16 o " + c.name());
         expect_rows_close(lse_gpu, ref.lse, 1, 1.0, kBf16LseTol, "bf16 lse " + c.name());
-        expect_identical(d_o2.download("o"), o_gpu, "bf16 o run to run " + c.name());
+        expect_identical(d_o2.download("o"), o_bits, "bf16 o run to run " + c.name());
         expect_identical(d_lse2.download("lse"), lse_gpu, "bf16 lse run to run " + c.name());
 
-        Guarded<float> c_o(ref.o), c_lse(ref.lse);
-        const Grads g1 = backward_bf16(c, d_q, d_k, d_v, c_o, c_lse, d_dout, stream());
+        Guarded<uint16_t> c_o(Bf16Inputs::bits(ref.o));
+        Guarded<float> c_lse(ref.lse);
+        const Grads g1 = backward_gpu(c, d_in.q, d_in.k, d_in.v, c_o, c_lse, d_in.dout, stream());
         expect_bf16_grads_close(c, g1, ref.g, "bf16 backward");
-        const Grads g2 = backward_bf16(c, d_q, d_k, d_v, c_o, c_lse, d_dout, stream());
+        const Grads g2 = backward_gpu(c, d_in.q, d_in.k, d_in.v, c_o, c_lse, d_in.dout, stream());
         expect_identical(g2.dq, g1.dq, "bf16 dq run to run " + c.name());
         expect_identical(g2.dk, g1.dk, "bf16 dk run to run " + c.name());
         expect_identical(g2.dv, g1.dv, "bf16 dv run to run " + c.name());
-        const Grads chain = backward_bf16(c, d_q, d_k, d_v, d_o, d_lse, d_dout, stream());
+        const Grads chain = backward_gpu(c, d_in.q, d_in.k, d_in.v, d_o, d_lse, d_in.dout, stream());
         expect_bf16_grads_close(c, chain, ref.g, "bf16 backward from the bf16 forward");
         if (HasFailure()) return;  // one failing case says enough
       }
+}
+
+// The tensor cores against the fp32 kernel on the same bf16-valued inputs at the benchmark's tile
+// counts (T 1000: 8 Q tiles of 128, 16 to 32 K/V tiles, the 3-stage pipeline wrapping around many
+// times; H 4 over H_kv 2). The fp32 kernel's own error is ~1e-5, so the bf16 kernel's (P, dS and o
+// rounded: the budget above without the input rounding, which both sides now share) must stay under
+// the same tolerances; a stage read before its copy lands, or a swizzle off by a chunk, is O(1).
+TEST_F(Cuda, attention_bf16_matches_the_fp32_kernel_on_long_sequences) {
+  for (int64_t dh : {64, 128}) {
+    const Case c{1, 1000, 4, 2, dh};
+    SCOPED_TRACE(c.name());
+    Inputs in(c, rng());
+    for (auto* x : {&in.q, &in.k, &in.v, &in.dout}) *x = bf16_round(*x);
+    const Bf16Inputs d_in(in);
+    Guarded<float> f_q(in.q), f_k(in.k), f_v(in.v), f_dout(in.dout), f_o(c.nq()), f_lse(c.nlse());
+    attention_forward_cuda(c.shape(), f_q.get(), f_k.get(), f_v.get(), f_o.get(), f_lse.get(), stream());
+    Guarded<uint16_t> d_o(c.nq());
+    Guarded<float> d_lse(c.nlse());
+    forward_bf16(c, d_in, d_o, d_lse, stream());
+    const std::vector<float> o32 = f_o.download("fp32 o"), lse32 = f_lse.download("fp32 lse");
+    expect_rows_close(widen_written(d_o.download("o"), "bf16 o"), o32, c.dh, o_norm_floors(c, in, lse32),
+                      kBf16ForwardTol, "bf16 o vs fp32");
+    expect_rows_close(d_lse.download("lse"), lse32, 1, 1.0, kBf16LseTol, "bf16 lse vs fp32");
+    // The fp32 backward from its own forward's o rounded to bf16, the o the bf16 backward reads.
+    Guarded<float> f_ob(bf16_round(o32));
+    const Grads ref = backward_gpu(c, f_q, f_k, f_v, f_ob, f_lse, f_dout, stream());
+    Guarded<uint16_t> d_ob(Bf16Inputs::bits(o32));
+    const Grads g = backward_gpu(c, d_in.q, d_in.k, d_in.v, d_ob, f_lse, d_in.dout, stream());
+    expect_bf16_grads_close(c, g, ref, "bf16 backward vs fp32");
+  }
 }
 
 // Scores of sd ~30: the running max must keep exp in range on the tensor-core path too. δs scales
@@ -377,10 +441,11 @@ TEST_F(Cuda, attention_bf16_large_scores_stay_finite) {
     SCOPED_TRACE(c.name());
     const Inputs in(c, rng(), 30.0f);
     const Exact ref = exact(c, in);
-    Guarded<float> d_q(in.q), d_k(in.k), d_v(in.v), d_o(c.nq()), d_lse(c.nlse());
-    attention_forward_cuda(c.shape(), d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_lse.get(), stream(),
-                           AttentionPrecision::bf16);
-    const std::vector<float> o_gpu = d_o.download("o"), lse_gpu = d_lse.download("lse");
+    const Bf16Inputs d_in(in);
+    Guarded<uint16_t> d_o(c.nq());
+    Guarded<float> d_lse(c.nlse());
+    forward_bf16(c, d_in, d_o, d_lse, stream());
+    const std::vector<float> o_gpu = widen_written(d_o.download("o"), "bf16 o"), lse_gpu = d_lse.download("lse");
     for (float x : o_gpu) ASSERT_TRUE(std::isfinite(x)) << "o not finite";
     for (float x : lse_gpu) ASSERT_TRUE(std::isfinite(x)) << "lse not finite";
     expect_rows_close(o_gpu, ref.o, c.dh, o_norm_floors(c, in, ref.lse), 15 * kBf16ForwardTol, "bf16 o " + c.name());
@@ -395,19 +460,22 @@ TEST_F(Cuda, attention_refuses_unsupported_shapes) {
   float* p = buf.get();
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream()), Error);  // d_h 96
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 3, 64}, p, p, p, p, p, stream()), Error);  // 3 ∤ 4
-  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, p, p, p, p, p, stream(), AttentionPrecision::bf16), Error);
+  bf16* h = reinterpret_cast<bf16*>(p);
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 96}, h, h, h, h, p, stream()), Error);
   EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 24}, p, p, p, p, p, stream()), Error);  // d_h 24
   // Heads under 64 have fp32 kernels only.
-  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 8}, p, p, p, p, p, stream(), AttentionPrecision::bf16), Error);
-  EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 32}, p, p, p, p, p, p, p + 1, p + 2, p + 3, stream(),
-                                       AttentionPrecision::bf16),
-               Error);
+  EXPECT_THROW(attention_forward_cuda({2, 8, 4, 4, 8}, h, h, h, h, p, stream()), Error);
+  EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 32}, h, h, h, h, p, h, p + 1, p + 2, p + 3, stream()), Error);
+  EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, h, h, h, h, p, h, p, p + 2, p + 3, stream()), Error);
   EXPECT_THROW(attention_decode_cuda({2, 8, 4, 4, 64}, 8, p, p, p, p, stream()), Error);                // pos ≥ T
   EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, p, p, p, p, p, p, p, p, p, stream()), Error);  // aliasing
   // Empty shapes launch nothing.
-  attention_forward_cuda({0, 8, 4, 4, 64}, nullptr, nullptr, nullptr, nullptr, nullptr, stream());
-  attention_backward_cuda({2, 0, 4, 4, 64}, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                          nullptr, stream());
+  const float* nf = nullptr;
+  const bf16* nb = nullptr;
+  attention_forward_cuda({0, 8, 4, 4, 64}, nf, nf, nf, nullptr, nullptr, stream());
+  attention_backward_cuda({2, 0, 4, 4, 64}, nf, nf, nf, nf, nullptr, nf, nullptr, nullptr, nullptr, stream());
+  attention_forward_cuda({0, 8, 4, 4, 64}, nb, nb, nb, nullptr, nullptr, stream());
+  attention_backward_cuda({2, 0, 4, 4, 64}, nb, nb, nb, nb, nullptr, nb, nullptr, nullptr, nullptr, stream());
   PL_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
@@ -450,6 +518,13 @@ TEST_F(Cuda, rope_matches_cpu) {
         }
         const std::vector<float> gpu = d_x.download("x");
         expect_rows_close(gpu, cpu, rc.dh, 0, 2e-6, "rope " + name);
+        if (!inverse) {  // into bf16 (the bf16 attention's q, k): the fp32 result rounded once, bit for bit
+          Guarded<float> d_x2(x);
+          Guarded<uint16_t> d_y(x.size());
+          rope_forward_cuda(s, d_x2.get(), as_bf16(d_y), stream());
+          expect_identical(d_y.download("y"), Bf16Inputs::bits(gpu), "rope into bf16 " + name);
+          expect_identical(d_x2.download("x"), x, "rope into bf16 leaves x " + name);
+        }
         if (rc.pos0 == 0)
           for (int64_t b = 0; b < rc.B; ++b) {
             const int64_t n = rc.heads * rc.dh, at = b * rc.T * n;

@@ -6,11 +6,13 @@
 // backward): bf16 tensor cores when the model stores its activations in bf16 (run.activations =
 // "bf16", CudaModuleBuild::bf16_activations, and a head of 64 or 128), the fp32 kernel otherwise (the
 // fp32 reference runs, heads of 8 to 32).
-// Saved per token: q, k (after RoPE), v, o in fp32 (the kernels read fp32 and round to bf16 in their
-// tile loads, so "bf16" does not shrink them), the LSE per head, and attn_sub_norm's rstd;
-// n, the sub-norm's output and every projection's quantized input are recomputed in the backward.
+// Saved per token: q, k (after RoPE), v, o, stored as the kernel reads them (bf16 for the tensor
+// cores: RoPE rotates the fp32 products and rounds once, v is its product rounded once, o the
+// kernel's rounded output; fp32 otherwise), the LSE per head, and attn_sub_norm's rstd; n, the
+// sub-norm's output and every projection's quantized input are recomputed in the backward.
 #include "model/cuda_module.h"
 #include "model/ops/attention.h"
+#include "model/ops/gemm_cuda.h"
 #include "model/ops/rmsnorm.h"
 #include "runtime/error.h"
 
@@ -18,7 +20,9 @@ namespace peerless {
 
 namespace {
 
-enum Slot { s_xn, s_rstd, s_on, s_do, s_dq, s_dk, s_dv, s_dxn };
+// s_dq and s_dk hold the fp32 q and k before RoPE in the bf16 forward; s_of o widened to fp32 (bf16
+// storage), s_dob dO in bf16.
+enum Slot { s_xn, s_rstd, s_on, s_do, s_dq, s_dk, s_dv, s_dxn, s_of, s_dob };
 
 class AttentionCuda final : public CudaModule {
  public:
@@ -31,9 +35,11 @@ class AttentionCuda final : public CudaModule {
     // bf16 tensor cores with bf16 storage where they take the head (64, 128); narrower heads (an
     // imported llama2.c model's 8, 16, 32) run the fp32 kernel whatever the storage.
     const bool tensor_cores = b.bf16_activations && attention_cuda_head_dim_supported(dh_, AttentionPrecision::bf16);
-    precision_ = tensor_cores ? AttentionPrecision::bf16 : AttentionPrecision::fp32;
-    PL_CHECK(c.qsparse == 0, config, "run.device = \"cuda\": model.token_mixer = \"attention\" has no Q-Sparse on the "
-             "GPU (model.qsparse = ", c.qsparse, "); use model.qsparse = 0 or run.device = \"cpu\"");
+    bf16_ = tensor_cores;
+    PL_CHECK(c.qsparse == 0, config,
+             "run.device = \"cuda\": model.token_mixer = \"attention\" has no Q-Sparse on the "
+             "GPU (model.qsparse = ",
+             c.qsparse, "); use model.qsparse = 0 or run.device = \"cpu\"");
     const ParamLayout& L = g.layout;
     norm_ = block_param(L, b.layer, "attn_norm/gain");
     wq_ = block_param(L, b.layer, "attn/q_proj/weight");
@@ -42,10 +48,18 @@ class AttentionCuda final : public CudaModule {
     wo_ = block_param(L, b.layer, "attn/o_proj/weight");
     if (ternary_) sub_ = block_param(L, b.layer, "attn/sub_norm/gain");
     const int64_t M = g.max_tokens, a = H_ * dh_, kv = G_ * dh_;
-    for (auto [buf, n] : {std::pair{&q_, a}, {&k_, kv}, {&v_, kv}, {&o_, a}, {&lse_, H_}}) buf->resize(M * n, g.bytes);
+    const auto store = [&](auto& buf, int64_t n) { buf.resize(M * n, g.bytes); };
+    if (bf16_) {
+      for (auto [buf, n] : {std::pair{&qb_, a}, {&kb_, kv}, {&vb_, kv}, {&ob_, a}}) store(*buf, n);
+      g.reserve(s_of, sizeof(float) * M * a);
+      g.reserve(s_dob, sizeof(bf16) * M * a);
+    } else {
+      for (auto [buf, n] : {std::pair{&q_, a}, {&k_, kv}, {&v_, kv}, {&o_, a}}) store(*buf, n);
+    }
+    store(lse_, H_);
     if (ternary_) sub_rstd_.resize(M, g.bytes);
-    for (auto [slot, n] : {std::pair{s_xn, d_}, {s_rstd, int64_t{1}}, {s_do, a}, {s_dq, a}, {s_dk, kv}, {s_dv, kv},
-                           {s_dxn, d_}})
+    for (auto [slot, n] :
+         {std::pair{s_xn, d_}, {s_rstd, int64_t{1}}, {s_do, a}, {s_dq, a}, {s_dk, kv}, {s_dv, kv}, {s_dxn, d_}})
       g.reserve(slot, sizeof(float) * M * n);
     if (ternary_) g.reserve(s_on, sizeof(float) * M * a);
   }
@@ -56,13 +70,24 @@ class AttentionCuda final : public CudaModule {
     g.tick(ph_other);
     rmsnorm_forward_cuda(RmsNormShape{M, d_, g.eps}, x_in, g.P(norm_), xn, rstd, g.stream);
     g.tick(ph_norm_quant);
-    g.proj_forward(wq_, M, xn, q_.get());
-    g.proj_forward(wk_, M, xn, k_.get());
-    g.proj_forward(wv_, M, xn, v_.get());
-    g.tick(ph_other);
-    rope_forward_cuda(rope(s, H_), q_.get(), g.stream);
-    rope_forward_cuda(rope(s, G_), k_.get(), g.stream);
-    attention_forward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), g.stream, precision_);
+    if (bf16_) {  // RoPE from the fp32 products (in the backward's dq, dk scratch) into bf16 q, k
+      float *q32 = g.scratch<float>(s_dq), *k32 = g.scratch<float>(s_dk);
+      g.proj_forward(wq_, M, xn, q32);
+      g.proj_forward(wk_, M, xn, k32);
+      g.proj_forward(wv_, M, xn, vb_.get());
+      g.tick(ph_other);
+      rope_forward_cuda(rope(s, H_), q32, qb_.get(), g.stream);
+      rope_forward_cuda(rope(s, G_), k32, kb_.get(), g.stream);
+      attention_forward_cuda(shape(s), qb_.get(), kb_.get(), vb_.get(), ob_.get(), lse_.get(), g.stream);
+    } else {
+      g.proj_forward(wq_, M, xn, q_.get());
+      g.proj_forward(wk_, M, xn, k_.get());
+      g.proj_forward(wv_, M, xn, v_.get());
+      g.tick(ph_other);
+      rope_forward_cuda(rope(s, H_), q_.get(), g.stream);
+      rope_forward_cuda(rope(s, G_), k_.get(), g.stream);
+      attention_forward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), g.stream);
+    }
     g.tick(ph_attention);
     g.proj_forward(wo_, M, o_input(g, M), x_out, x_in);
   }
@@ -78,11 +103,17 @@ class AttentionCuda final : public CudaModule {
     rows_to_bf16_cuda(M, d_, dx, nullptr, dy, g.stream);
     g.proj_backward(wo_, M, o_input(g, M), dy, 0, d_o, false);
     if (ternary_)
-      rmsnorm_backward_cuda(RmsNormShape{M, a, g.eps}, o_.get(), g.P(sub_), sub_rstd_.get(), d_o, d_o, g.G(sub_),
+      rmsnorm_backward_cuda(RmsNormShape{M, a, g.eps}, o_f32(g, M), g.P(sub_), sub_rstd_.get(), d_o, d_o, g.G(sub_),
                             g.stream);
     g.tick(ph_norm_quant);
-    attention_backward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), d_o, dq, dk, dv, g.stream,
-                            precision_);
+    if (bf16_) {
+      bf16* dob = g.scratch<bf16>(s_dob);
+      rows_to_bf16_cuda(M, a, d_o, nullptr, dob, g.stream);
+      attention_backward_cuda(shape(s), qb_.get(), kb_.get(), vb_.get(), ob_.get(), lse_.get(), dob, dq, dk, dv,
+                              g.stream);
+    } else {
+      attention_backward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), d_o, dq, dk, dv, g.stream);
+    }
     rope_backward_cuda(rope(s, H_), dq, g.stream);
     rope_backward_cuda(rope(s, G_), dk, g.stream);
     g.tick(ph_attention);
@@ -104,18 +135,29 @@ class AttentionCuda final : public CudaModule {
   float theta_ = 10000.f;
   RopeLayout rope_layout_ = RopeLayout::adjacent;
   bool ternary_ = true;
-  AttentionPrecision precision_ = AttentionPrecision::fp32;
+  bool bf16_ = false;  // bf16 storage and tensor cores (the constructor says when)
   int norm_ = -1, wq_ = -1, wk_ = -1, wv_ = -1, wo_ = -1, sub_ = -1;
-  DevBuf<float> q_, k_, v_, o_, lse_, sub_rstd_;
+  DevBuf<float> q_, k_, v_, o_, lse_, sub_rstd_;  // q_ to o_ with fp32 storage
+  DevBuf<bf16> qb_, kb_, vb_, ob_;                // with bf16 storage
 
   AttentionShape shape(const CudaStep& s) const { return {s.batch, s.seq, H_, G_, dh_}; }
-  RopeShape rope(const CudaStep& s, int64_t heads) const { return {s.batch, s.seq, heads, dh_, 0, theta_, rope_layout_}; }
+  RopeShape rope(const CudaStep& s, int64_t heads) const {
+    return {s.batch, s.seq, heads, dh_, 0, theta_, rope_layout_};
+  }
+  // o in fp32: o_ itself, or the bf16 o widened (exactly) into scratch.
+  const float* o_f32(CudaContext& g, int64_t M) {
+    if (!bf16_) return o_.get();
+    float* of = g.scratch<float>(s_of);
+    bf16_rows_to_float_cuda(M, H_ * dh_, ob_.get(), H_ * dh_, of, g.stream);
+    return of;
+  }
   // W_o's input: o, or attn_sub_norm(o) when ternary (computed into scratch, its rstd saved).
   const float* o_input(CudaContext& g, int64_t M) {
-    if (!ternary_) return o_.get();
-    float* on = g.scratch<float>(s_on);
     g.tick(ph_other);
-    rmsnorm_forward_cuda(RmsNormShape{M, H_ * dh_, g.eps}, o_.get(), g.P(sub_), on, sub_rstd_.get(), g.stream);
+    const float* o = o_f32(g, M);
+    if (!ternary_) return o;
+    float* on = g.scratch<float>(s_on);
+    rmsnorm_forward_cuda(RmsNormShape{M, H_ * dh_, g.eps}, o, g.P(sub_), on, sub_rstd_.get(), g.stream);
     g.tick(ph_norm_quant);
     return on;
   }

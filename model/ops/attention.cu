@@ -1,5 +1,6 @@
 // CUDA attention (attention.h; BASELINES §2): RoPE, the FlashAttention-2 forward (arXiv 2307.08691
-// Alg. 1), its backward (Alg. 2) made deterministic, and KV-cache decode, all fp32.
+// Alg. 1), its backward (Alg. 2) made deterministic, and KV-cache decode, all fp32; and the checks and
+// delta kernel of the bf16-storage launchers, whose kernels are attention_bf16.cu's.
 //
 // First version: fp32 operands on CUDA cores (SIMT), so it matches the fp32 CPU reference to
 // rounding. The algorithm is the tensor-core one already: per (batch, head, 64-row Q tile) a loop
@@ -28,7 +29,7 @@
 // loads (8 per 16 FMAs in QKᵀ). The flash column needs the tensor-core version (bf16 mma.sync
 // m16n8k16 with fp32 accumulators, P kept in registers as the A operand of PV, cp.async double
 // buffering of K/V) and, for GQA, one block per KV head sharing each K/V tile across its group.
-// That version is attention_bf16.cu (AttentionPrecision::bf16; this file's launchers dispatch to it).
+// That version is attention_bf16.cu (bf16 storage: attention.h's bf16 overloads, defined below).
 //
 // Determinism: no atomics anywhere. dK, dV of a K/V tile are summed by one block over the group's
 // query heads in order and the query tiles in order; dQ by a second pass over K/V tiles in order;
@@ -58,10 +59,15 @@ struct RopeFreqs {
   float f[kRopeMaxPairs];
 };
 
-// One thread per (row, head, pair). Products and sums rounded as written (__fmul_rn, no fma
-// contraction), as attention.cpp does, so only cosf/sinf differ from the CPU.
+__device__ __forceinline__ void rope_store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void rope_store(bf16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+// One thread per (row, head, pair), x rotated into y (in place when y == x, fp32). Products and sums
+// rounded as written (__fmul_rn, no fma contraction), as attention.cpp does, so only cosf/sinf differ
+// from the CPU; a bf16 y rounds that fp32 result once.
+template <typename Y>
 __global__ void rope_kernel(int64_t rows, int64_t seq, int64_t heads, int64_t head_dim, int64_t pos0, bool rotate_half,
-                            bool inverse, RopeFreqs freqs, float* __restrict__ x) {
+                            bool inverse, RopeFreqs freqs, const float* x, Y* y) {
   const int64_t half = head_dim / 2, n = rows * heads * half;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
@@ -69,27 +75,28 @@ __global__ void rope_kernel(int64_t rows, int64_t seq, int64_t heads, int64_t he
     const int64_t t = (rh / heads) % seq;
     const float angle = __fmul_rn(static_cast<float>(pos0 + t), freqs.f[j]);
     const float co = cosf(angle), si = inverse ? -sinf(angle) : sinf(angle);
-    float* xh = x + rh * head_dim;
-    const int64_t ia = rotate_half ? j : 2 * j, ib = rotate_half ? j + half : 2 * j + 1;
-    const float a = xh[ia], b = xh[ib];
-    xh[ia] = __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
-    xh[ib] = __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co));
+    const int64_t ia = rh * head_dim + (rotate_half ? j : 2 * j),
+                  ib = rh * head_dim + (rotate_half ? j + half : 2 * j + 1);
+    const float a = x[ia], b = x[ib];
+    rope_store(y + ia, __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si)));
+    rope_store(y + ib, __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)));
   }
 }
 
-void rope_cuda(const RopeShape& s, float* x, bool inverse, cudaStream_t stream) {
+template <typename Y>
+void rope_cuda(const RopeShape& s, const float* x, Y* y, bool inverse, cudaStream_t stream) {
   PL_CHECK(s.batch >= 0 && s.seq >= 0 && s.heads >= 0 && s.head_dim > 0 && s.head_dim % 2 == 0 &&
                s.head_dim <= 2 * kRopeMaxPairs && s.pos0 >= 0,
            internal, "rope_cuda: batch ", s.batch, ", seq ", s.seq, ", heads ", s.heads, ", head_dim ", s.head_dim,
            " (must be even and at most ", 2 * kRopeMaxPairs, "), pos0 ", s.pos0);
   const int64_t n = s.batch * s.seq * s.heads * (s.head_dim / 2);
   if (n == 0) return;
-  PL_CHECK(x, internal, "rope_cuda: null pointer");
+  PL_CHECK(x && y, internal, "rope_cuda: null pointer");
   RopeFreqs freqs{};
   for (int64_t j = 0; j < s.head_dim / 2; ++j) freqs.f[j] = rope_angle(1, j, s.head_dim, s.theta);  // 1·freq = freq
   const int64_t blocks = (n + kRopeThreads - 1) / kRopeThreads;
   rope_kernel<<<static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16), kRopeThreads, 0, stream>>>(
-      s.batch * s.seq, s.seq, s.heads, s.head_dim, s.pos0, s.layout == RopeLayout::rotate_half, inverse, freqs, x);
+      s.batch * s.seq, s.seq, s.heads, s.head_dim, s.pos0, s.layout == RopeLayout::rotate_half, inverse, freqs, x, y);
   PL_CUDA_CHECK_LAUNCH(rope_kernel);
 }
 
@@ -298,12 +305,13 @@ struct BackwardArgs {
   float scale, scale_log2;  // 1/√d_h, log2(e)/√d_h
 };
 
-// D = rowsum(dO ⊙ O), one warp per (batch, position, head) row, written (B, H, T).
-__global__ void attention_delta_kernel(int64_t rows, int64_t seq, int heads, int dh, const float* __restrict__ o,
-                                       const float* __restrict__ dout, float* __restrict__ delta) {
+// D = rowsum(dO ⊙ O), one warp per (batch, position, head) row, written (B, H, T); X fp32 or bf16.
+template <typename X>
+__global__ void attention_delta_kernel(int64_t rows, int64_t seq, int heads, int dh, const X* __restrict__ o,
+                                       const X* __restrict__ dout, float* __restrict__ delta) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (row >= rows) return;  // whole warps leave together (blockDim.x is a multiple of 32)
-  const float d = row_delta(o + row * dh, dout + row * dh, dh, threadIdx.x % 32);
+  const float d = attention_row_delta(o + row * dh, dout + row * dh, dh, static_cast<int>(threadIdx.x % 32));
   const int64_t h = row % heads, bt = row / heads, b = bt / seq, t = bt % seq;
   if (threadIdx.x % 32 == 0) delta[(b * heads + h) * seq + t] = d;
 }
@@ -510,20 +518,17 @@ void check_shape(const char* who, const AttentionShape& s, AttentionPrecision pr
 
 }  // namespace
 
-bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision) {
-  if (precision == AttentionPrecision::bf16) return head_dim == 64 || head_dim == 128;
-  return head_dim == 8 || head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream) { rope_cuda(s, x, x, false, stream); }
+void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream) { rope_cuda(s, dx, dx, true, stream); }
+void rope_forward_cuda(const RopeShape& s, const float* x, bf16* y, cudaStream_t stream) {
+  rope_cuda(s, x, y, false, stream);
 }
 
-void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream) { rope_cuda(s, x, false, stream); }
-void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream) { rope_cuda(s, dx, true, stream); }
-
 void attention_forward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
-                            float* lse, cudaStream_t stream, AttentionPrecision precision) {
-  check_shape("attention_forward_cuda", s, precision);
+                            float* lse, cudaStream_t stream) {
+  check_shape("attention_forward_cuda", s, AttentionPrecision::fp32);
   if (s.batch == 0 || s.seq == 0) return;
   PL_CHECK(q && k && v && o && lse, internal, "attention_forward_cuda: null pointer");
-  if (precision == AttentionPrecision::bf16) return attention_forward_bf16_cuda(s, q, k, v, o, lse, stream);
   const int64_t H = s.heads, G = s.kv_heads, dh = s.head_dim, T = s.seq;
   ForwardArgs a{q,
                 k,
@@ -544,26 +549,53 @@ void attention_forward_cuda(const AttentionShape& s, const float* q, const float
   with_head_dim(dh, [&](auto D) { launch_forward<decltype(D)::value>(a, s.batch * H, stream); });
 }
 
-void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
-                             const float* lse, const float* dout, float* dq, float* dk, float* dv,
-                             cudaStream_t stream, AttentionPrecision precision) {
-  check_shape("attention_backward_cuda", s, precision);
+void attention_forward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                            cudaStream_t stream) {
+  check_shape("attention_forward_cuda", s, AttentionPrecision::bf16);
   if (s.batch == 0 || s.seq == 0) return;
+  PL_CHECK(q && k && v && o && lse, internal, "attention_forward_cuda: null pointer");
+  attention_forward_bf16_cuda(s, q, k, v, o, lse, stream);
+}
+
+namespace {
+
+// The backward's checks and its first kernel, for both storages: D = rowsum(dO ⊙ O) into dq's
+// first B·H·T floats (dq holds B·T·H·d_h): read by the dK/dV pass, then overwritten by the dQ pass,
+// which recomputes its rows' D itself. False for an empty shape (nothing to do).
+template <typename X>
+bool backward_prologue(const AttentionShape& s, const X* q, const X* k, const X* v, const X* o, const float* lse,
+                       const X* dout, float* dq, float* dk, float* dv, cudaStream_t stream) {
+  constexpr bool bf = std::is_same_v<X, bf16>;
+  check_shape("attention_backward_cuda", s, bf ? AttentionPrecision::bf16 : AttentionPrecision::fp32);
+  if (s.batch == 0 || s.seq == 0) return false;
   PL_CHECK(q && k && v && o && lse && dout && dq && dk && dv, internal, "attention_backward_cuda: null pointer");
-  PL_CHECK(dq != dk && dq != dv && dk != dv && dq != o && dq != dout && dq != q, internal,
-           "attention_backward_cuda: dq, dk, dv must be distinct buffers, none aliasing an input");
-  const int64_t H = s.heads, G = s.kv_heads, dh = s.head_dim, T = s.seq;
-  // D into dq's first B·H·T floats (dq holds B·T·H·d_h): read by the dK/dV pass, then overwritten
-  // by the dQ pass, which recomputes its rows' D itself.
-  const int64_t rows = s.batch * T * H;
+  const void* ins[5] = {q, k, v, o, dout};
+  bool alias = dq == dk || dq == dv || dk == dv;
+  for (const void* in : ins) alias = alias || in == dq || in == dk || in == dv;
+  PL_CHECK(!alias, internal, "attention_backward_cuda: dq, dk, dv must be distinct buffers, none aliasing an input");
+  const int64_t rows = s.batch * s.seq * s.heads;
   constexpr int kDeltaThreads = 256;
   const int64_t delta_blocks = (rows * 32 + kDeltaThreads - 1) / kDeltaThreads;
   PL_CHECK(delta_blocks <= 0x7fffffff, internal, "attention_backward_cuda: ", rows, " rows exceed the grid");
-  attention_delta_kernel<<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(
-      rows, T, static_cast<int>(H), static_cast<int>(dh), o, dout, dq);
+  attention_delta_kernel<X><<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(
+      rows, s.seq, static_cast<int>(s.heads), static_cast<int>(s.head_dim), o, dout, dq);
   PL_CUDA_CHECK_LAUNCH(attention_delta_kernel);
-  if (precision == AttentionPrecision::bf16)
-    return attention_backward_bf16_cuda(s, q, k, v, o, lse, dout, dq, dq, dk, dv, stream);
+  return true;
+}
+
+}  // namespace
+
+void attention_backward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
+                             const float* lse, const bf16* dout, float* dq, float* dk, float* dv, cudaStream_t stream) {
+  if (backward_prologue(s, q, k, v, o, lse, dout, dq, dk, dv, stream))
+    attention_backward_bf16_cuda(s, q, k, v, o, lse, dout, dq, dq, dk, dv, stream);
+}
+
+void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
+                             const float* lse, const float* dout, float* dq, float* dk, float* dv,
+                             cudaStream_t stream) {
+  if (!backward_prologue(s, q, k, v, o, lse, dout, dq, dk, dv, stream)) return;
+  const int64_t H = s.heads, G = s.kv_heads, dh = s.head_dim, T = s.seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   BackwardArgs a{q,
                  k,

@@ -1,7 +1,7 @@
 // Causal softmax attention with grouped KV heads and rotary position embeddings
 // (../shared/BASELINES.md §2): the CPU reference (attention.cpp; tests/test_ops_attention.cpp) and
-// the CUDA launchers (attention.cu, fp32; attention_bf16.cu, bf16 tensor cores; tests/test_ops_attention_cuda.cpp
-// against the CPU).
+// the CUDA launchers (attention.cu: fp32; attention_bf16.cu: bf16 storage on tensor cores;
+// tests/test_ops_attention_cuda.cpp against the CPU).
 //
 // Shapes: q (B, T, H, d_h), k and v (B, T, H_kv, d_h), o like q, LSE (B, H, T). Query head h reads
 // KV head h / (H / H_kv). Scores s_ij = q_i·k_j / √d_h for j ≤ i. The forward is the online-softmax
@@ -84,9 +84,16 @@ inline double attention_forward_flops(const AttentionShape& s) {
 inline double attention_training_flops(const AttentionShape& s) { return 3.5 * attention_forward_flops(s); }
 
 // ---- CUDA (model/ops/attention.cu; built when PEERLESS_HAVE_CUDA) ---------------------------------
-// All pointers are device memory, fp32, in the layouts above; the calls are ordered on `stream` and
-// not complete on return. Arithmetic: AttentionPrecision below (fp32 by default: the results agree
-// with the CPU to fp32 rounding in another summation order, not bit for bit).
+// All pointers are device memory, in the layouts above; the calls are ordered on `stream` and not
+// complete on return. Two arithmetics, chosen by the storage type (AttentionPrecision names them):
+//   fp32: fp32 q, k, v, o, dO and fp32 operands on CUDA cores (attention.cu): agrees with the CPU to
+//         fp32 rounding in another summation order, not bit for bit; the reference the fp32 GPU
+//         curve tests use; decode always runs this kernel.
+//   bf16: bf16 q, k, v, o, dO in memory, bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators
+//         and softmax; attention_bf16.cu); P and dS rounded to bf16 as matmul operands, o rounded to
+//         bf16 once, LSE and dq, dk, dv fp32. Against the fp32 op on the same (bf16-valued) inputs,
+//         outputs are within ~1e-2 of the row norm (tests/test_ops_attention_cuda.cpp derives the
+//         bound); ~10x faster. Head dims 64 and 128 only; same determinism.
 //
 // RoPE, in place, same contract as rope_{forward,backward}_cpu. head_dim even and ≤ 256. The
 // frequencies are the CPU's rope_angle bits (computed on the host); the angle pos·freq is the same
@@ -94,35 +101,38 @@ inline double attention_training_flops(const AttentionShape& s) { return 3.5 * a
 // an element may differ by a few ulp of its pair's norm (the test allows 2e-6 of the row norm).
 void rope_forward_cuda(const RopeShape& s, float* x, cudaStream_t stream);
 void rope_backward_cuda(const RopeShape& s, float* dx, cudaStream_t stream);
+// The same rotation of fp32 x into y as bf16, each element rounded once (round to nearest even) from
+// the fp32 result: the bf16 attention's q and k. x and y must not overlap.
+void rope_forward_cuda(const RopeShape& s, const float* x, bf16* y, cudaStream_t stream);
 
-// The arithmetic of the forward and backward kernels; inputs and outputs are fp32 either way.
-//   fp32: fp32 operands on CUDA cores (attention.cu): agrees with the CPU to fp32 rounding; the
-//         reference the fp32 GPU curve tests use; decode always runs this kernel.
-//   bf16: bf16 tensor cores (mma.sync m16n8k16, fp32 accumulators and softmax; attention_bf16.cu):
-//         q, k, v, dO (and P, dS) rounded to bf16 (2^-9 relative each) inside the tile loads, so
-//         outputs are within ~1e-2 of the row norm of the fp32 ones (tests/test_ops_attention_cuda.cpp
-//         derives the bound); ~10x faster. Head dims 64 and 128 only; same determinism.
 enum class AttentionPrecision { fp32, bf16 };
 
 // The head dims the kernels take: fp32 8, 16, 32, 64, 128 (a head of 8, like llama2.c's
 // stories260K, runs in 16-wide tiles whose extra columns are zeros); bf16 64, 128.
-bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision);
+// Inline: plain logic, also used by CPU-only code (launch/bench_floor.cpp's byte counts).
+inline bool attention_cuda_head_dim_supported(int64_t head_dim, AttentionPrecision precision) {
+  if (precision == AttentionPrecision::bf16) return head_dim == 64 || head_dim == 128;
+  return head_dim == 8 || head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
 
 // FlashAttention-2 forward (arXiv 2307.08691 Alg. 1): o (B, T, H, d_h), lse (B, H, T) as
 // attention_forward_cpu, without a (T, T) matrix in memory. head_dim as
 // attention_cuda_head_dim_supported says (other values throw, naming the supported ones); none of
 // o, lse may alias an input.
 void attention_forward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
-                            float* lse, cudaStream_t stream,
-                            AttentionPrecision precision = AttentionPrecision::fp32);
-// Backward (Alg. 2) from the forward's o and lse: dq, dk, dv overwritten, as attention_backward_cpu.
-// Deterministic: no atomics, every element of dq, dk, dv is summed by one thread in a fixed order
-// (dk, dv over the KV head's query heads in head order, then query positions in order), so two
-// calls give the same bits. dq's memory doubles as the scratch for D = rowsum(dO ⊙ O) (B, H, T)
-// between the kernels (it holds dQ on return), so dq, dk, dv must not alias each other or an input.
+                            float* lse, cudaStream_t stream);
+void attention_forward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                            cudaStream_t stream);
+// Backward (Alg. 2) from the forward's o and lse: dq, dk, dv (fp32 for both storages) overwritten,
+// as attention_backward_cpu. Deterministic: no atomics, every element of dq, dk, dv is summed by one
+// thread in a fixed order (dk, dv over the KV head's query heads in head order, then query positions
+// in order), so two calls give the same bits. dq's memory doubles as the scratch for
+// D = rowsum(dO ⊙ O) (B, H, T) between the kernels (it holds dQ on return), so dq, dk, dv must not
+// alias each other or an input.
 void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
-                             const float* lse, const float* dout, float* dq, float* dk, float* dv, cudaStream_t stream,
-                             AttentionPrecision precision = AttentionPrecision::fp32);
+                             const float* lse, const float* dout, float* dq, float* dk, float* dv, cudaStream_t stream);
+void attention_backward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
+                             const float* lse, const bf16* dout, float* dq, float* dk, float* dv, cudaStream_t stream);
 // attention_decode_cpu's contract on the device: q (B, H, d_h), caches (B, H_kv, T, d_h), o (B, H, d_h).
 // It runs the forward's kernel on one query row, so o equals attention_forward_cuda's row `pos`
 // bit for bit (same tiles, same order).

@@ -1,14 +1,15 @@
-// bf16 tensor-core attention (attention.h with AttentionPrecision::bf16; BASELINES §2): the
-// FlashAttention-2 forward (arXiv 2307.08691 Alg. 1) and its backward (Alg. 2) made deterministic,
-// on mma.sync.m16n8k16 bf16 × bf16 → fp32. The algorithm, masks and determinism are attention.cu's;
+// bf16 tensor-core attention (attention.h's bf16 overloads; BASELINES §2): the FlashAttention-2
+// forward (arXiv 2307.08691 Alg. 1) and its backward (Alg. 2) made deterministic, on
+// mma.sync.m16n8k16 bf16 × bf16 → fp32. The algorithm, masks and determinism are attention.cu's;
 // what changes is who multiplies: warps on tensor cores, 16 rows each, P and dS kept in registers.
 //
-// Inputs stay fp32 in global memory (the model's q, k, v, o, dO) and are rounded to bf16 by the tile
-// loaders (float4 reads, bf16 in shared memory): the interface is the fp32 kernel's, and no separate
-// cast pass writes and rereads a bf16 copy (4 bytes read per element once, against 4 + 2 + 2 for a
-// cast kernel). The price is twice the bytes per tile reread from L2 (below). Softmax, the running
-// max and sum, LSE and every accumulator are fp32; only the matmul operands are bf16 (P and dS are
-// rounded to bf16 as the A operand of PV, PᵀdO, dSᵀQ, dS K, as FlashAttention-2 does).
+// I/O is FlashAttention's: q, k, v, o, dO bf16 in global memory (the model's producers round once:
+// RoPE in fp32 then bf16, v from its product), LSE fp32, and dq, dk, dv written fp32 (each is one
+// thread's fp32 sum and feeds an fp32 op, the RoPE backward, before its product rounds it to bf16:
+// a second rounding here would change the model's bits for 4 bytes of 2·T·d_h written per head
+// against 7·T²·d_h FLOPs read). Softmax, the running max and sum, LSE and every accumulator are fp32;
+// only the matmul operands are bf16 (P and dS are rounded to bf16 as the A operand of PV, PᵀdO, dSᵀQ,
+// dS K, as FlashAttention-2 does).
 //
 // mma.sync.m16n8k16.row.col fragments (PTX ISA "Matrix Fragments for mma.m16n8k16"), lane = 4g + t
 // (g = lane / 4 the group, t = lane % 4), each .b32 register two bf16, the lower column in the low
@@ -22,9 +23,13 @@
 // registers (to_a below). Shared operands come by ldmatrix.x4 (four 8 × 8 matrices, one per lane
 // octet's row addresses): A (a whole 16 × 16 fragment) and "B from rows" (B(k, n) = X[n][k], X
 // row-major: K in QKᵀ, Q in KQᵀ; two n blocks) plain, "B from columns" (B(k, n) = X[k][n]: V in PV,
-// dO in PᵀdO, Q in dSᵀQ, K in dS K; two n blocks) with .trans. Shared tiles are bf16 with row stride
-// d_h + 8 (rows 16 bytes apart mod 128): ldmatrix's 8 row addresses hit 8 distinct 16-byte bank
-// groups.
+// dO in PᵀdO, Q in dSᵀQ, K in dS K; two n blocks) with .trans.
+//
+// Shared tiles are bf16, d_h wide, unpadded, swizzled in 16-byte chunks: chunk c of row r is stored
+// at chunk c ^ (r % 8) of the row (at()). Every ldmatrix matrix is 8 consecutive rows (8-aligned) at
+// one logical chunk, so its 8 row addresses land in 8 distinct 16-byte bank groups; a cp.async
+// phase of 8 threads writes 8 chunks of one row, a permutation of them: no bank conflicts either way,
+// and no padding (the padded layout cost 8/d_h of the shared memory).
 //
 // Kernels (8 warps = 256 threads, 16 rows per warp; tiles past T are zero rows, masked as j ≤ i < T):
 //   forward  block (b·h, 128-row Q tile), heaviest first; each warp keeps its 16 Q rows as A
@@ -36,35 +41,52 @@
 //   dQ       block (b·h, 128-row Q tile), heaviest first; Q and dO rows in registers as in the
 //            forward; N-key K/V tiles in order: dQ += dS K.
 // Every output element has one owner thread summing in a fixed order: deterministic, no atomics.
-// Streamed tiles (N = M = kStream: 64 rows at d_h 64, 32 at d_h 128) are double-buffered through
-// registers: each thread issues the fp32 reads of tile n + 1 before the mma work of tile n and rounds
-// and stores them into the other shared buffer after it, one barrier per tile (cp.async cannot
-// round; an fp32 staging tile in shared memory would add ~40% to the shared traffic). A 64-row d_h
-// 128 tile in flight is 64 registers a thread, which beside 64 fp32 O (or dQ) accumulators, or 128
-// dK, dV ones, spills: hence 32 rows there. Masks are applied only in tiles that cross a warp's
-// diagonal (or T); the softmax is one FMA (scale folded into log2 e) and one ex2.approx.ftz per
-// score, 2 shuffles per row and tile for the max, and per-lane row sums added over the quad once.
-// Shared memory: forward 4·N·(d_h + 8)·2 B = 36 KB (d_h 64) / 34 KB (128), dQ that + 1 KB, dK/dV
-// (256 + 4·M)·(d_h + 8)·2 B + 16·M B = 73 KB / 103 KB. Registers (ptxas, sm_90, no spills): forward
-// 199 / 235, dQ 248 / 255, dK/dV 255 / 254: one block (8 warps) per SM, the double buffering in
-// place of a second block to hide the loads.
+// Streamed tiles go global → shared by cp.async (16 bytes a thread, rows past T zero-filled by the
+// copy itself) through kStages buffers (pipeline()): tile u + kStages − 1 is in flight while tile u
+// is multiplied, one barrier per tile, and no register holds a tile in flight (the fp32-input
+// version staged the next tile in registers to round it, 32–64 registers a thread). Masks are
+// applied only in tiles that cross a warp's diagonal (or T); the softmax is one FMA (scale folded
+// into log2 e) and one ex2.approx.ftz per score, 2 shuffles per row and tile for the max, and
+// per-lane row sums added over the quad once.
+//
+// Tiles. The forward streams N = 64 keys a tile at both head dims, the backward passes M = N =
+// kStream rows (64 at d_h 64, 32 at 128: the dQ pass's S and dP, and dK/dV's 128 accumulators at
+// d_h 128, leave no registers for 64). Why 64 in the forward at d_h 128 (it was 32): per warp and
+// tile the mma work is (N/8)·(d_h/16) + (d_h/8)·(N/16) m16n8k16s (64 at N 32), but the O rescale (64
+// FMULs at d_h 128), the row max (4 shuffles), the masks' tests and the barrier come once per tile
+// whatever N: at N 32 a warp issues ~250 such instructions beside its 64 mma (4 tensor cycles each
+// on its SM sub-partition, shared by 2 warps), near the issue limit; at N 64 ~320 beside 128 mma.
+// Shared-memory bytes per mma are 256 either way (one ldmatrix.x4 of B per 2 mma), so only the
+// overheads move. Registers 190 → 215 (no spills), shared 48 → 96 KB, still 1 block per SM.
+//
+// Sizes (kStages 3): forward 3·2·64·d_h·2 B = 48 KB / 96 KB (d_h 64 / 128); dQ 3·2·N·d_h·2 B + 1 KB
+// = 49 KB at either d_h; dK/dV 2·128·d_h·2 B resident + 3·2·M·d_h·2 B + 3·2·M·4 B = 81.5 KB /
+// 112.8 KB. One block (8 warps) per SM (__launch_bounds__(256, 1): the dK/dV and dQ passes need the
+// registers; ptxas, sm_90, no spills: forward 158 / 215, dQ 227 / 238, dK/dV 241 / 247), the
+// pipeline in place of a second block to hide the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
 // (this backward does 7: the dQ pass recomputes S and dP, the price of no atomics), so at equal
-// matmul speed fwd + bwd reaches 7/9 of a 5-matmul backward's TF/s. Compulsory HBM bytes are
-// ~16·T·d_h (q, k, v, o fp32 once), T/8 FLOP/B: compute-bound. Rereads: a 128-row Q tile reads on
-// average T/2 keys of K and V in fp32, 8·(T/2)·d_h bytes for 4·128·(T/2)·d_h FLOPs = 64 FLOP/B from
-// L2 (bf16 inputs would make it 128); the dK/dV pass rereads Q and dO (64 FLOP/B per 128-key tile).
-// At ~5.5–6 TB/s of L2 that caps near 350–380 TF/s, about what mma.sync (no wgmma) sustains on an
-// H100 (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches): the fp32 interface leaves no
-// slack, and loads must overlap the mma work, which the first version's synchronous tile loads (1
-// block per SM at d_h 128) did not. It measured (H100 80GB HBM3, TF/s forward / fwd + bwd at
-// B·H·T·d_h = 8·16·2048·64, 8·16·2048·128, 4·16·4096·128, 2·16·8192·64, 2·16·8192·128): 129 / 94,
-// 93 / 88, 111 / 105, 153 / 118, 120 / 115, against the flash column's 239–313 / 183–274.
-// Shared-memory traffic per warp is one B fragment (256 B) per m16n8k16 with A in registers
-// (forward, dQ), 2 cycles of the SM's 128 B/cycle per 4096 FLOPs: ~470 TF/s at 1.75 GHz, not the
-// limit. Prediction for this version: forward ~200–260 TF/s at T ≥ 2048 (within ~1.2× of the flash
-// column), fwd + bwd ~150–190 (the 7/9 above and dK/dV's 128 accumulators per thread at d_h 128).
+// matmul speed fwd + bwd reaches 7/9 of a 5-matmul backward's TF/s. L2 rereads: a 128-row Q tile
+// reads on average T/2 keys of K and V, 4·(T/2)·d_h bytes in bf16 for 4·128·(T/2)·d_h FLOPs =
+// 128 FLOP/B (64 with fp32 inputs); the dK/dV pass rereads Q and dO at the same ratio per 128-key
+// tile. At ~5.5–6 TB/s of L2 that is a ~700 TF/s ceiling, no longer near the ~600 TF/s mma.sync
+// sustains (~60–70% of the 990 TF/s dense bf16 peak that wgmma reaches). Shared-memory traffic per
+// warp is one B fragment (256 B) per m16n8k16 with A in registers (forward, dQ): ~470 TF/s at
+// 1.75 GHz on the SM's 128 B/cycle, the forward's nearest limit; the dK/dV pass also reads its A
+// fragments (K, V) from shared memory, twice that traffic per mma.
+//
+// Measured, fp32-input version (H200, TF/s forward / fwd + bwd at B·H·T·d_h = 8·16·2048·64,
+// 8·16·2048·128, 4·16·4096·128, 2·16·8192·64, 2·16·8192·128): 159 / 126, 173 / 139, 191 / 158,
+// 184 / 159, 198 / 169, against the flash column's 239, 290, 309 / 183, 209, 254 (H100).
+// Predictions. bf16 I/O with cp.async (3 stages, same tiles): forward +10–20% (half the L2 bytes
+// per tile, no conversion or staging instructions beside the mma loop, loads two tiles ahead):
+// ~175–235 TF/s; fwd + bwd +10–15%: ~140–190 (the backward keeps its 7-matmul structure and dK/dV's
+// 128 accumulators a thread at d_h 128). Then the forward's N 64 at d_h 128: +5–10% on those rows.
+// Next (not done): 32 rows per warp (FlashAttention-2's 4 warps × 32 rows for a 128-row tile), each
+// B fragment feeding two A row blocks: 128 shared-memory bytes per mma instead of 256, lifting the
+// ~470 TF/s shared-memory ceiling to ~940; it needs the O accumulators twice (128 registers at d_h
+// 128: Q then read from shared memory per tile), so d_h 64 first.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -77,16 +99,21 @@
 namespace peerless {
 namespace {
 
-using bf16 = __nv_bfloat16;
-
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kBig = 16 * kWarps;  // rows of the tile a block keeps (Q in fwd and dQ, K/V in dK/dV)
+constexpr int kStages = 3;         // shared buffers of a streamed tile (pipeline())
 template <int D>
-constexpr int kStream = D == 64 ? 64 : 32;  // rows of a double-buffered streamed tile (file comment)
+constexpr int kStream = D == 64 ? 64 : 32;  // streamed rows of the backward passes (registers: file comment)
+template <int D>
+constexpr int kFwdStream = 64;  // keys per K/V tile of the forward, both head dims (file comment)
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
+// Element offset of (row r, column c) in a swizzled D-wide shared tile (file comment); c % 8 is kept,
+// so an 8-aligned c addresses a whole 16-byte chunk.
 template <int D>
-constexpr int kLd = D + 8;  // bf16 row stride of a shared tile (file comment)
+__device__ __forceinline__ int at(int r, int c) {
+  return r * D + (((c / 8) ^ (r % 8)) * 8) + c % 8;
+}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -118,63 +145,124 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
                : "r"(addr));
 }
 
-// The A fragment of rows x0..x0+16, columns k0..k0+16 of a row-major shared tile: lane l addresses
+// ---- cp.async ------------------------------------------------------------------------------------
+
+// 16 bytes global → shared, bypassing L1 (.cg); with ok false the copy reads nothing and writes 16
+// zero bytes (src-size 0), so src need only be a valid address.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+// 4 bytes (one fp32), zero-filled likewise.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Rows [row0, row0 + R) of a (n_rows, D) bf16 slice with rows gs elements apart into the swizzled
+// tile dst, by cp.async (not committed): consecutive threads copy consecutive 16-byte chunks of a row
+// (coalesced; aligned as D, gs and the slice's offset are multiples of 8), rows at or past n_rows
+// zero-filled.
+template <int D, int R>
+__device__ __forceinline__ void tile_async(bf16* dst, const bf16* src, int64_t gs, int64_t row0, int64_t n_rows) {
+  constexpr int kChunks = D / 8, kPer = R * kChunks / kThreads;
+  static_assert(R * kChunks % kThreads == 0, "a whole number of chunks per thread");
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int e = threadIdx.x + u * kThreads, r = e / kChunks, c = e % kChunks * 8;
+    const bool ok = row0 + r < n_rows;
+    cp_async16(dst + at<D>(r, c), src + (ok ? (row0 + r) * gs + c : 0), ok);
+  }
+}
+
+// n tiles through kStages shared buffers: issue(u, buf) starts the copies of tile u into buffer buf
+// (cp.async, not committed), work(u, buf) uses it. Group u holds tile u's copies (and whatever the
+// caller issued before: resident tiles come with tile 0); before work(u) this thread waits for group
+// u and the barrier makes every thread's copies visible, after which buffer (u − 1) % kStages, last
+// read by work(u − 1), takes tile u + kStages − 1. One barrier per tile; empty groups keep the count.
+template <typename Issue, typename Work>
+__device__ __forceinline__ void pipeline(int64_t n, Issue&& issue, Work&& work) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n) issue(s, s);
+    cp_async_commit();
+  }
+  for (int64_t u = 0; u < n; ++u) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int64_t next = u + kStages - 1;
+    if (next < n) issue(next, static_cast<int>(next % kStages));
+    cp_async_commit();
+    work(u, static_cast<int>(u % kStages));
+  }
+  cp_async_wait<0>();
+}
+
+// ---- fragments -----------------------------------------------------------------------------------
+
+// The A fragment of rows x0..x0+16, columns k0..k0+16 of a swizzled shared tile: lane l addresses
 // row x0 + l % 16, column k0 + 8·(l / 16), so matrices 0–3 are (rows 0–7, k 0–7), (8–15, 0–7),
 // (0–7, 8–15), (8–15, 8–15): a0, a1, a2, a3.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* x, int x0, int k0, int ld) {
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* x, int x0, int k0) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4(a, x + (x0 + lane % 16) * ld + k0 + 8 * (lane / 16));
+  ldmatrix_x4(a, x + at<D>(x0 + lane % 16, k0 + 8 * (lane / 16)));
 }
 
 // c[nb], c[nb + 1] (16 × 8 each) += a · B, B(k, n) = Y[y0 + 8·nb + n][k0 + k] ("B from rows"): lane l
 // addresses row y0 + 8·(nb + l / 16) + l % 8, column k0 + 8·(l / 8 % 2), so matrices 0–3 are
 // (n block nb, k 0–7), (nb, k 8–15), (nb + 1, k 0–7), (nb + 1, k 8–15): b0, b1 of nb, then of nb + 1.
-template <int NB>
+template <int D, int NB>
 __device__ __forceinline__ void mma_b_rows(float (&c)[NB][4], int nb, const uint32_t (&a)[4], const bf16* y, int y0,
-                                           int k0, int ld) {
+                                           int k0) {
   const int lane = threadIdx.x % 32;
   uint32_t b[4];
-  ldmatrix_x4(b, y + (y0 + 8 * (nb + lane / 16) + lane % 8) * ld + k0 + 8 * (lane / 8 % 2));
+  ldmatrix_x4(b, y + at<D>(y0 + 8 * (nb + lane / 16) + lane % 8, k0 + 8 * (lane / 8 % 2)));
   mma_bf16(c[nb], a, b[0], b[1]);
   mma_bf16(c[nb + 1], a, b[2], b[3]);
 }
 
-// c (16 × 8·NB) += X[x0..x0+16)[0..K) · Y[y0..y0+8·NB)[0..K)ᵀ for row-major bf16 tiles X, Y of
-// stride ld: A from X's rows, B from Y's rows (QKᵀ, dO Vᵀ, K Qᵀ, V dOᵀ). k steps in order.
-template <int NB, int K>
-__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x0, const bf16* y, int y0, int ld) {
+// c (16 × 8·NB) += X[x0..x0+16)[0..D) · Y[y0..y0+8·NB)[0..D)ᵀ for swizzled D-wide tiles X, Y: A from
+// X's rows, B from Y's rows (K Qᵀ, V dOᵀ). k steps in order.
+template <int D, int NB>
+__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const bf16* x, int x0, const bf16* y, int y0) {
 #pragma unroll
-  for (int k0 = 0; k0 < K; k0 += 16) {
+  for (int k0 = 0; k0 < D; k0 += 16) {
     uint32_t a[4];
-    load_a(a, x, x0, k0, ld);
+    load_a<D>(a, x, x0, k0);
 #pragma unroll
-    for (int nb = 0; nb < NB; nb += 2) mma_b_rows(c, nb, a, y, y0, k0, ld);
+    for (int nb = 0; nb < NB; nb += 2) mma_b_rows<D>(c, nb, a, y, y0, k0);
   }
 }
 
 // c (16 × 8·NB) += A · Y[y0..y0+8·NB)[0..16·KS)ᵀ with A (16 × 16·KS) in registers: mma_rows for a
-// warp that keeps its 16 rows of X as fragments for a whole pass (Q in the forward).
-template <int NB, int KS>
-__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0, int ld) {
+// warp that keeps its 16 rows of X as fragments for a whole pass (Q in the forward, Q and dO in dQ).
+template <int D, int NB, int KS>
+__device__ __forceinline__ void mma_rows(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0) {
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-    for (int nb = 0; nb < NB; nb += 2) mma_b_rows(c, nb, a[ks], y, y0, 16 * ks, ld);
+    for (int nb = 0; nb < NB; nb += 2) mma_b_rows<D>(c, nb, a[ks], y, y0, 16 * ks);
 }
 
-// c (16 × 8·NB) += A (16 × 16·KS, bf16 fragments in registers) · Y[y0..y0+16·KS)[0..8·NB) (row
-// major, stride ld): B from Y's columns by ldmatrix.trans (PV, PᵀdO, dSᵀQ, dS K). Lane l addresses
-// row y0 + 16ks + l % 16, column 8·(nb + l / 16): matrices (k 0–7, n), (k 8–15, n), (k 0–7, n + 8),
+// c (16 × 8·NB) += A (16 × 16·KS, bf16 fragments in registers) · Y[y0..y0+16·KS)[0..8·NB) (swizzled,
+// D wide): B from Y's columns by ldmatrix.trans (PV, PᵀdO, dSᵀQ, dS K). Lane l addresses row
+// y0 + 16ks + l % 16, column 8·(nb + l / 16): matrices (k 0–7, n), (k 8–15, n), (k 0–7, n + 8),
 // (k 8–15, n + 8) give b0, b1 of block nb and b0, b1 of block nb + 1.
-template <int NB, int KS>
-__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0, int ld) {
+template <int D, int NB, int KS>
+__device__ __forceinline__ void mma_cols(float (&c)[NB][4], const uint32_t (&a)[KS][4], const bf16* y, int y0) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
     for (int nb = 0; nb < NB; nb += 2) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, y + (y0 + 16 * ks + lane % 16) * ld + 8 * (nb + lane / 16));
+      ldmatrix_x4_trans(b, y + at<D>(y0 + 16 * ks + lane % 16, 8 * (nb + lane / 16)));
       mma_bf16(c[nb], a[ks], b[0], b[1]);
       mma_bf16(c[nb + 1], a[ks], b[2], b[3]);
     }
@@ -198,100 +286,31 @@ __device__ __forceinline__ void zero(float (&c)[NB][4]) {
   for (int nb = 0; nb < NB; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
 }
 
-// Rows [row0, row0 + R) of a (rows, D) fp32 slice with rows gs floats apart, on their way to a bf16
-// shared tile (stride kLd<D>): fetch issues this thread's float4 reads into registers (rows at or
-// past n_rows read as zeros; consecutive threads read consecutive 16 bytes of a row: coalesced,
-// aligned as D and gs are multiples of 4), put rounds them to bf16 and stores them. Between the two
-// the reads are in flight while the thread works on the current tile: the streamed tiles are double
-// buffered through registers, which keeps the fp32 interface (cp.async cannot round).
-template <int D, int R>
-struct TileFetch {
-  static constexpr int kVec = D / 4, kPer = R * kVec / kThreads;
-  static_assert(R * kVec % kThreads == 0, "a whole number of float4 per thread");
-  float4 x[kPer];
-
-  __device__ __forceinline__ void fetch(const float* __restrict__ src, int64_t gs, int64_t row0, int64_t n_rows) {
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int e = threadIdx.x + u * kThreads, r = e / kVec, c = e % kVec * 4;
-      x[u] = row0 + r < n_rows ? *reinterpret_cast<const float4*>(src + (row0 + r) * gs + c) : make_float4(0, 0, 0, 0);
-    }
-  }
-  __device__ __forceinline__ void put(bf16* dst) const {
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int e = threadIdx.x + u * kThreads, r = e / kVec, c = e % kVec * 4;
-      *reinterpret_cast<uint2*>(dst + r * kLd<D> + c) =
-          make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
-    }
-  }
-};
-
-// The K, V tiles of keys [0, n_keys) streamed through the two shared buffers at kv (N keys each,
-// K then V, stride kLd<D>; tile 0 already put there by the caller): while work(j0, ks, vs) runs on
-// tile j0, tile j0 + N is in flight in fk, fv's registers; it is then stored into the other buffer,
-// one barrier per tile. work runs only where some key of the tile precedes some row of the warp
-// (rows w0..w0 + 15; warp-uniform). The forward and the dQ pass share it.
-template <int D, int N, typename Work>
-__device__ __forceinline__ void stream_kv_tiles(TileFetch<D, N>& fk, TileFetch<D, N>& fv, const float* k,
-                                                const float* v, int64_t k_t, int64_t T, bf16* kv, int64_t n_keys,
-                                                int64_t w0, Work&& work) {
-  constexpr int ld = kLd<D>;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += N) {
-    const bf16* ks = kv + (j0 / N % 2) * 2 * N * ld;
-    const bf16* vs = ks + N * ld;
-    const bool more = j0 + N < n_keys;
-    if (more) {  // tile j0 + N in flight during this tile's work
-      fk.fetch(k, k_t, j0 + N, T);
-      fv.fetch(v, k_t, j0 + N, T);
-    }
-    if (j0 <= w0 + 15 && w0 < T) work(j0, ks, vs);
-    if (more) {  // into the other buffer, whose last readers (tile j0 − N) passed the barrier below
-      bf16* next = kv + ((j0 / N + 1) % 2) * 2 * N * ld;
-      fk.put(next);
-      fv.put(next + N * ld);
-    }
-    __syncthreads();
-  }
-}
-
-// fetch then put, 8 float4 per thread at a time: the K, V tiles the dK/dV pass loads once.
-template <int D, int R>
-__device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, int64_t gs, int64_t row0,
-                                          int64_t n_rows) {
-  constexpr int kChunk = R < 32 * kThreads / D ? R : 32 * kThreads / D;  // rows of 8 float4 per thread
-#pragma unroll 1
-  for (int r = 0; r < R; r += kChunk) {
-    TileFetch<D, kChunk> f;
-    f.fetch(src, gs, row0 + r, n_rows);
-    f.put(dst + r * kLd<D>);
-  }
-}
-
-// The A fragments (all D columns) of rows r0..r0+16 of a (rows, D) fp32 slice with rows gs floats
-// apart, straight from global memory into registers, rows at or past n_rows as zeros; the same bf16
-// as load_tile then load_a would give. float2 reads: a quad reads 32 contiguous bytes of a row.
+// The A fragments (all D columns) of rows r0..r0+16 of a (rows, D) bf16 slice with rows gs elements
+// apart, straight from global memory into registers (rows at or past n_rows as zeros): lane (g, t)
+// reads the 4-byte pairs at columns 16ks + 2t and 16ks + 2t + 8 of rows g and g + 8.
 template <int D>
-__device__ __forceinline__ void load_a_global(uint32_t (&a)[D / 16][4], const float* __restrict__ src, int64_t gs,
+__device__ __forceinline__ void load_a_global(uint32_t (&a)[D / 16][4], const bf16* __restrict__ src, int64_t gs,
                                               int64_t r0, int64_t n_rows) {
   const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // a0, a2 from row g; a1, a3 from row g + 8
     const int64_t r = r0 + g + 8 * h;
-    const float* row = src + r * gs + 2 * t;
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(src + r * gs + 2 * t);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      const float2 lo = r < n_rows ? *reinterpret_cast<const float2*>(row + 16 * ks) : make_float2(0, 0);
-      const float2 hi = r < n_rows ? *reinterpret_cast<const float2*>(row + 16 * ks + 8) : make_float2(0, 0);
-      a[ks][h] = pack_bf16(lo.x, lo.y), a[ks][2 + h] = pack_bf16(hi.x, hi.y);
+      a[ks][h] = r < n_rows ? row[8 * ks] : 0u;
+      a[ks][2 + h] = r < n_rows ? row[8 * ks + 4] : 0u;
     }
   }
 }
 
 struct Args {
-  const float *q, *k, *v, *o, *lse, *dout, *delta;
-  float *o_out, *lse_out;  // forward
-  float *dq, *dk, *dv;     // backward
+  const bf16 *q, *k, *v, *o, *dout;
+  const float *lse, *delta;
+  bf16* o_out;          // forward
+  float* lse_out;       // forward
+  float *dq, *dk, *dv;  // backward
   int64_t seq;
   int heads, kv_heads, group;
   float scale, scale_log2;  // 1/√d_h, log2(e)/√d_h
@@ -345,11 +364,29 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2],
   }
 }
 
+// The K, V tiles of keys [0, n_keys), N keys each, streamed through the pipeline's buffers at kv
+// (buffer u: K then V, N rows each): work(j0, ks, vs) runs only where some key of the tile precedes
+// some row of the warp (rows w0..w0 + 15; warp-uniform). The forward and the dQ pass share it.
+template <int D, int N, typename Work>
+__device__ __forceinline__ void stream_kv_tiles(const bf16* k, const bf16* v, int64_t k_t, int64_t T, bf16* kv,
+                                                int64_t n_keys, int64_t w0, Work&& work) {
+  const auto issue = [&](int64_t u, int buf) {
+    bf16* dst = kv + buf * 2 * N * D;
+    tile_async<D, N>(dst, k, k_t, u * N, T);
+    tile_async<D, N>(dst + N * D, v, k_t, u * N, T);
+  };
+  const auto use = [&](int64_t u, int buf) {
+    const bf16* ks = kv + buf * 2 * N * D;
+    if (u * N <= w0 + 15 && w0 < T) work(u * N, ks, ks + N * D);
+  };
+  pipeline((n_keys + N - 1) / N, issue, use);
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8, N = kStream<D>, NS = N / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  bf16* const kv = reinterpret_cast<bf16*>(smem);  // 2 buffers of (K: N rows, V: N rows), stride ld
+  constexpr int NB = D / 8, N = kFwdStream<D>, NS = N / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* const kv = reinterpret_cast<bf16*>(smem);  // kStages buffers of (K: N rows, V: N rows)
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
@@ -359,26 +396,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Arg
   load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NB][4];
   zero(o);
-  TileFetch<D, N> fk, fv;
-  fk.fetch(a.k + k_off, k_t, 0, T);
-  fv.fetch(a.v + k_off, k_t, 0, T);
-  fk.put(kv);
-  fv.put(kv + N * ld);
-  __syncthreads();
   const int64_t n_keys = i0 + kBig < T ? i0 + kBig : T;
   const auto tile = [&](int64_t j0, const bf16* ks, const bf16* vs) {
     float s[NS][4];
     zero(s);
-    mma_rows(s, qa, ks, 0, ld);  // S = Q Kᵀ
-    if (j0 + N - 1 > w0)         // warp-uniform: some key of the tile follows some row of the warp
+    mma_rows<D>(s, qa, ks, 0);  // S = Q Kᵀ
+    if (j0 + N - 1 > w0)        // warp-uniform: some key of the tile follows some row of the warp
       online_softmax<true>(s, m, l, o, w0 + g, j0, a.scale_log2);
     else
       online_softmax<false>(s, m, l, o, w0 + g, j0, a.scale_log2);
     uint32_t p[NS / 2][4];
     to_a(p, s);
-    mma_cols(o, p, vs, 0, ld);  // O += P V
+    mma_cols<D>(o, p, vs, 0);  // O += P V
   };
-  stream_kv_tiles(fk, fv, a.k + k_off, a.v + k_off, k_t, T, kv, n_keys, w0, tile);
+  stream_kv_tiles<D, N>(a.k + k_off, a.v + k_off, k_t, T, kv, n_keys, w0, tile);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {  // the row sums: the quad's shares, in a fixed order
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
@@ -388,11 +419,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Arg
   for (int hh = 0; hh < 2; ++hh) {
     const int64_t i = w0 + g + 8 * hh;
     if (i >= T) continue;
-    float* orow = a.o_out + q_off + i * q_t;
+    bf16* orow = a.o_out + q_off + i * q_t;
     const float inv = 1.0f / l[hh];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
-      *reinterpret_cast<float2*>(orow + 8 * nb + 2 * t) = make_float2(o[nb][2 * hh] * inv, o[nb][2 * hh + 1] * inv);
+      *reinterpret_cast<uint32_t*>(orow + 8 * nb + 2 * t) = pack_bf16(o[nb][2 * hh] * inv, o[nb][2 * hh + 1] * inv);
     if (t == 0) a.lse_out[static_cast<int64_t>(blockIdx.x) * T + i] = (m[hh] + log2f(l[hh])) * kLn2;
   }
 }
@@ -403,117 +434,114 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_bf16_kernel(Arg
 __device__ __forceinline__ int c_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
 __device__ __forceinline__ int c_col(int nb, int e) { return 8 * nb + 2 * (threadIdx.x % 4) + e % 2; }
 
-// The streamed tile of the dK/dV pass: M rows of Q and dO (bf16 tiles) and their lse2 = LSE·log2 e
-// and D (thread r < M holds row r's), fetched into registers a tile ahead, as TileFetch.
-template <int D, int M>
-struct QRowsFetch {
-  TileFetch<D, M> q, dout;
-  float lse2 = 0.0f, dlt = 0.0f;
-
-  __device__ __forceinline__ void fetch(const Args& a, int b, int h, int64_t i0) {
-    const int64_t T = a.seq, q_t = static_cast<int64_t>(a.heads) * D, q_off = b * T * q_t + h * D;
-    q.fetch(a.q + q_off, q_t, i0, T);
-    dout.fetch(a.dout + q_off, q_t, i0, T);
-    const int64_t i = i0 + threadIdx.x, bh = static_cast<int64_t>(b) * a.heads + h;
-    if (threadIdx.x < M) lse2 = i < T ? a.lse[bh * T + i] * kLog2e : 0.0f, dlt = i < T ? a.delta[bh * T + i] : 0.0f;
-  }
-  // Q and dO tiles at qs and qs + M rows; lse2 and D at rows[0..M), rows[M..2M).
-  __device__ __forceinline__ void put(bf16* qs, float* rows) const {
-    q.put(qs);
-    dout.put(qs + M * kLd<D>);
-    if (threadIdx.x < M) rows[threadIdx.x] = lse2, rows[M + threadIdx.x] = dlt;
-  }
-};
-
 // Pᵀ and dSᵀ = Pᵀ ⊙ (dPᵀ − D) in place of the raw Sᵀ, dPᵀ of one warp's 16 keys × 8·NS queries: this
-// lane's keys are rows c_row(e), its queries columns c_col(nb, e), whose lse2 and D are indexed by
+// lane's keys are rows c_row(e), its queries columns c_col(nb, e), whose LSE and D are indexed by
 // column. Masked tiles zero the pairs with the key after the query (column < lo + row) and the
 // queries at or past T (column ≥ hi).
 template <bool kMask, int NS>
-__device__ __forceinline__ void dscores_t(float (&st)[NS][4], float (&dpt)[NS][4], const float* lse2, const float* dlt,
+__device__ __forceinline__ void dscores_t(float (&st)[NS][4], float (&dpt)[NS][4], const float* lse, const float* dlt,
                                           int lo, int hi, float scale_log2) {
 #pragma unroll
   for (int nb = 0; nb < NS; ++nb) {
     const int c0 = c_col(nb, 0);  // this lane's two columns c0, c0 + 1
-    const float2 l2 = *reinterpret_cast<const float2*>(lse2 + c0), dd = *reinterpret_cast<const float2*>(dlt + c0);
+    const float2 ll = *reinterpret_cast<const float2*>(lse + c0), dd = *reinterpret_cast<const float2*>(dlt + c0);
+    const float l2[2] = {ll.x * kLog2e, ll.y * kLog2e};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int c = c0 + e % 2;
       const bool keep = !kMask || (c >= lo + c_row(e) && c < hi);
-      const float p = keep ? exp2_ftz(fmaf(st[nb][e], scale_log2, -(e % 2 ? l2.y : l2.x))) : 0.0f;
+      const float p = keep ? exp2_ftz(fmaf(st[nb][e], scale_log2, -l2[e % 2])) : 0.0f;
       st[nb][e] = p, dpt[nb][e] = p * (dpt[nb][e] - (e % 2 ? dd.y : dd.x));
     }
   }
 }
 
+// Rows [i0, i0 + M) of head h's LSE and D (B·H, T) into rows[0..M), rows[M..2M) by cp.async (rows
+// at or past T zero-filled), threads 0..M − 1 one row each.
+template <int M>
+__device__ __forceinline__ void rows_async(float* rows, const Args& a, int64_t bh, int64_t i0) {
+  if (threadIdx.x >= M) return;
+  const int64_t i = i0 + threadIdx.x;
+  const bool ok = i < a.seq;
+  const int64_t off = ok ? bh * a.seq + i : 0;
+  cp_async4(rows + threadIdx.x, a.lse + off, ok);
+  cp_async4(rows + M + threadIdx.x, a.delta + off, ok);
+}
+
+// One warp's share of a (Q, dO) tile of the dK/dV pass: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, then dV += Pᵀ dO and
+// dK += dSᵀ Q. qs, dos the tile's M rows (query i0 first); rows its LSE and D.
+template <int D, int M>
+__device__ __forceinline__ void dkdv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4], const bf16* ks, const bf16* vs,
+                                          const bf16* qs, const bf16* dos, const float* rows, int64_t i0, int64_t w0,
+                                          int64_t T, float scale_log2) {
+  constexpr int NS = M / 8;
+  const int warp = threadIdx.x / 32;
+  float st[NS][4], dpt[NS][4];
+  zero(st);
+  zero(dpt);
+  mma_rows<D>(st, ks, 16 * warp, qs, 0);    // Sᵀ = K Qᵀ
+  mma_rows<D>(dpt, vs, 16 * warp, dos, 0);  // dPᵀ = V dOᵀ
+  if (i0 < w0 + 15 || i0 + M > T) {         // warp-uniform: a key after a query, or queries past T
+    const int lo = static_cast<int>(w0 - i0 < -M ? -M : w0 - i0), hi = static_cast<int>(T - i0 < M ? T - i0 : M);
+    dscores_t<true>(st, dpt, rows, rows + M, lo, hi, scale_log2);
+  } else {
+    dscores_t<false>(st, dpt, rows, rows + M, 0, M, scale_log2);
+  }
+  uint32_t pa[NS / 2][4];
+  to_a(pa, st);
+  mma_cols<D>(dv, pa, dos, 0);  // dV += Pᵀ dO
+  to_a(pa, dpt);
+  mma_cols<D>(dk, pa, qs, 0);  // dK += dSᵀ Q
+}
+
 // dK, dV of one 128-key tile (file comment): K, V resident in shared memory (the warps' A fragments
 // reread per tile: 128 fp32 accumulators per thread at d_h 128 leave no room to keep them), the Q, dO
-// tiles of the group's heads streamed M rows at a time, double-buffered through registers.
+// tiles and their LSE, D rows of the group's heads streamed M rows at a time through the pipeline.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8, M = kStream<D>, NS = M / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  bf16* const ks = reinterpret_cast<bf16*>(smem);                 // (kBig, ld)
-  bf16* const vs = ks + kBig * ld;                                // (kBig, ld)
-  bf16* const qd = vs + kBig * ld;                                // 2 buffers of (Q: M rows, dO: M rows)
-  float* const rows = reinterpret_cast<float*>(qd + 4 * M * ld);  // 2 buffers of (lse2: M, D: M)
+  constexpr int NB = D / 8, M = kStream<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* const ks = reinterpret_cast<bf16*>(smem);                          // (kBig, D)
+  bf16* const vs = ks + kBig * D;                                          // (kBig, D)
+  bf16* const qd = vs + kBig * D;                                          // kStages × (Q: M rows, dO: M rows)
+  float* const rows = reinterpret_cast<float*>(qd + kStages * 2 * M * D);  // kStages × (LSE: M, D: M)
   const int warp = threadIdx.x / 32;
   const int b = blockIdx.x / a.kv_heads, kh = blockIdx.x % a.kv_heads;
   const int64_t T = a.seq, j0 = static_cast<int64_t>(blockIdx.y) * kBig, w0 = j0 + 16 * warp;
-  const int64_t k_t = static_cast<int64_t>(a.kv_heads) * D, k_off = b * T * k_t + kh * D;
+  const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
+  const int64_t k_off = b * T * k_t + kh * D;
   // The (head, Q tile) pairs in order: the group's heads, each from the tile holding query j0 (the
   // first that sees a key of this block) to the end; tile u is head kh·group + u / per_head.
   const int64_t per_head = (T - j0 + M - 1) / M, n_tiles = per_head * a.group;
-  QRowsFetch<D, M> f;
-  f.fetch(a, b, kh * a.group, j0);
-  load_tile<D, kBig>(ks, a.k + k_off, k_t, j0, T);
-  load_tile<D, kBig>(vs, a.v + k_off, k_t, j0, T);
-  f.put(qd, rows);
-  __syncthreads();
+  tile_async<D, kBig>(ks, a.k + k_off, k_t, j0, T);  // in the pipeline's group 0, with tile 0
+  tile_async<D, kBig>(vs, a.v + k_off, k_t, j0, T);
+  const auto head = [&](int64_t u) { return static_cast<int64_t>(b) * a.heads + kh * a.group + u / per_head; };
+  const auto issue = [&](int64_t u, int buf) {
+    const int64_t bh = head(u), i0 = j0 + u % per_head * M, q_off = b * T * q_t + (bh % a.heads) * D;
+    bf16* dst = qd + buf * 2 * M * D;
+    tile_async<D, M>(dst, a.q + q_off, q_t, i0, T);
+    tile_async<D, M>(dst + M * D, a.dout + q_off, q_t, i0, T);
+    rows_async<M>(rows + buf * 2 * M, a, bh, i0);
+  };
   float dk[NB][4], dv[NB][4];
   zero(dk);
   zero(dv);
-  for (int64_t u = 0; u < n_tiles; ++u) {
+  const auto use = [&](int64_t u, int buf) {
     const int64_t i0 = j0 + u % per_head * M;
-    const bf16* qs = qd + u % 2 * 2 * M * ld;
-    const bf16* dos = qs + M * ld;
-    const float* lse2 = rows + u % 2 * 2 * M;
-    const bool more = u + 1 < n_tiles;
-    if (more)  // tile u + 1 in flight during this tile's work
-      f.fetch(a, b, static_cast<int>(kh * a.group + (u + 1) / per_head), j0 + (u + 1) % per_head * M);
-    if (i0 + M - 1 >= w0 && w0 < T) {  // warp-uniform: some query of the tile sees some key of the warp
-      float st[NS][4], dpt[NS][4];
-      zero(st);
-      zero(dpt);
-      mma_rows<NS, D>(st, ks, 16 * warp, qs, 0, ld);    // Sᵀ = K Qᵀ
-      mma_rows<NS, D>(dpt, vs, 16 * warp, dos, 0, ld);  // dPᵀ = V dOᵀ
-      if (i0 < w0 + 15 || i0 + M > T) {                 // warp-uniform: a key after a query, or queries past T
-        const int lo = static_cast<int>(w0 - i0 < -M ? -M : w0 - i0), hi = static_cast<int>(T - i0 < M ? T - i0 : M);
-        dscores_t<true>(st, dpt, lse2, lse2 + M, lo, hi, a.scale_log2);
-      } else {
-        dscores_t<false>(st, dpt, lse2, lse2 + M, 0, M, a.scale_log2);
-      }
-      uint32_t pa[NS / 2][4];
-      to_a(pa, st);
-      mma_cols(dv, pa, dos, 0, ld);  // dV += Pᵀ dO
-      to_a(pa, dpt);
-      mma_cols(dk, pa, qs, 0, ld);  // dK += dSᵀ Q
-    }
-    if (more) {  // into the other buffer, whose last readers (tile u − 1) passed the barrier below
-      const int64_t nx = (u + 1) % 2;
-      f.put(qd + nx * 2 * M * ld, rows + nx * 2 * M);
-    }
-    __syncthreads();
-  }
+    const bf16* qs = qd + buf * 2 * M * D;
+    if (i0 + M - 1 >= w0 && w0 < T)  // warp-uniform: some query of the tile sees some key of the warp
+      dkdv_tile<D, M>(dk, dv, ks, vs, qs, qs + M * D, rows + buf * 2 * M, i0, w0, T, a.scale_log2);
+  };
+  pipeline(n_tiles, issue, use);
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
     const int64_t j = w0 + c_row(e2);
     if (j >= T) continue;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-      const int64_t at = k_off + j * k_t + c_col(nb, e2);
-      *reinterpret_cast<float2*>(a.dk + at) = make_float2(dk[nb][e2] * a.scale, dk[nb][e2 + 1] * a.scale);
-      *reinterpret_cast<float2*>(a.dv + at) = make_float2(dv[nb][e2], dv[nb][e2 + 1]);
+      const int64_t off = k_off + j * k_t + c_col(nb, e2);
+      *reinterpret_cast<float2*>(a.dk + off) = make_float2(dk[nb][e2] * a.scale, dk[nb][e2 + 1] * a.scale);
+      *reinterpret_cast<float2*>(a.dv + off) = make_float2(dv[nb][e2], dv[nb][e2 + 1]);
     }
   }
 }
@@ -535,23 +563,20 @@ __device__ __forceinline__ void dscores(const float (&s)[NS][4], float (&dp)[NS]
 }
 
 // dQ of one 128-row Q tile (file comment): the warp's Q and dO rows as A fragments in registers, K, V
-// tiles double-buffered as in the forward. The rows' D are recomputed from O and dO (fp32, global)
-// with attention_row_delta, since a.delta may live in dq's memory, which this pass overwrites.
+// tiles streamed as in the forward. The rows' D are recomputed from O and dO with
+// attention_row_delta, since a.delta may live in dq's memory, which this pass overwrites.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) {
-  constexpr int ld = kLd<D>, NB = D / 8, N = kStream<D>, NS = N / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  bf16* const kv = reinterpret_cast<bf16*>(smem);                 // 2 buffers of (K: N rows, V: N rows)
-  float* const lse2 = reinterpret_cast<float*>(kv + 4 * N * ld);  // (kBig)
-  float* const dlt = lse2 + kBig;                                 // (kBig)
+  constexpr int NB = D / 8, N = kStream<D>, NS = N / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* const kv = reinterpret_cast<bf16*>(smem);                          // kStages × (K: N rows, V: N rows)
+  float* const lse2 = reinterpret_cast<float*>(kv + kStages * 2 * N * D);  // (kBig)
+  float* const dlt = lse2 + kBig;                                          // (kBig)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int64_t T = a.seq, i0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kBig, w0 = i0 + 16 * warp;
   const int64_t q_t = static_cast<int64_t>(a.heads) * D, k_t = static_cast<int64_t>(a.kv_heads) * D;
   const int64_t q_off = b * T * q_t + h * D, k_off = b * T * k_t + (h / a.group) * D;
-  TileFetch<D, N> fk, fv;
-  fk.fetch(a.k + k_off, k_t, 0, T);
-  fv.fetch(a.v + k_off, k_t, 0, T);
   uint32_t qa[D / 16][4], da[D / 16][4];  // the warp's 16 Q and dO rows, for the whole pass
   load_a_global<D>(qa, a.q + q_off, q_t, w0, T);
   load_a_global<D>(da, a.dout + q_off, q_t, w0, T);
@@ -560,8 +585,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) 
     const float d = i < T ? attention_row_delta(a.o + q_off + i * q_t, a.dout + q_off + i * q_t, D, lane) : 0.0f;
     if (lane == 0) dlt[r] = d, lse2[r] = i < T ? a.lse[blockIdx.x * T + i] * kLog2e : 0.0f;
   }
-  fk.put(kv);
-  fv.put(kv + N * ld);
   __syncthreads();
   const float row_lse2[2] = {lse2[16 * warp + c_row(0)], lse2[16 * warp + c_row(2)]};
   const float row_dlt[2] = {dlt[16 * warp + c_row(0)], dlt[16 * warp + c_row(2)]};
@@ -572,17 +595,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) 
     float s[NS][4], dp[NS][4];
     zero(s);
     zero(dp);
-    mma_rows(s, qa, ks, 0, ld);   // S = Q Kᵀ
-    mma_rows(dp, da, vs, 0, ld);  // dP = dO Vᵀ
-    if (j0 + N - 1 > w0)          // warp-uniform: some key of the tile follows some row of the warp
+    mma_rows<D>(s, qa, ks, 0);   // S = Q Kᵀ
+    mma_rows<D>(dp, da, vs, 0);  // dP = dO Vᵀ
+    if (j0 + N - 1 > w0)         // warp-uniform: some key of the tile follows some row of the warp
       dscores<true>(s, dp, row_lse2, row_dlt, static_cast<int>(w0 - j0), a.scale_log2);
     else
       dscores<false>(s, dp, row_lse2, row_dlt, 0, a.scale_log2);
     uint32_t dsa[NS / 2][4];
     to_a(dsa, dp);
-    mma_cols(dq, dsa, ks, 0, ld);  // dQ += dS K
+    mma_cols<D>(dq, dsa, ks, 0);  // dQ += dS K
   };
-  stream_kv_tiles(fk, fv, a.k + k_off, a.v + k_off, k_t, T, kv, n_keys, w0, tile);
+  stream_kv_tiles<D, N>(a.k + k_off, a.v + k_off, k_t, T, kv, n_keys, w0, tile);
 #pragma unroll
   for (int e2 = 0; e2 < 4; e2 += 2) {
     const int64_t i = w0 + c_row(e2);
@@ -596,15 +619,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_bf16_kernel(Args a) 
 
 template <int D>
 constexpr size_t forward_smem() {
-  return sizeof(bf16) * 4 * kStream<D> * kLd<D>;
+  return sizeof(bf16) * kStages * 2 * kFwdStream<D> * D;
 }
 template <int D>
 constexpr size_t dq_smem() {
-  return sizeof(bf16) * 4 * kStream<D> * kLd<D> + sizeof(float) * 2 * kBig;
+  return sizeof(bf16) * kStages * 2 * kStream<D> * D + sizeof(float) * 2 * kBig;
 }
 template <int D>
 constexpr size_t dkdv_smem() {
-  return sizeof(bf16) * (2 * kBig + 4 * kStream<D>)*kLd<D> + sizeof(float) * 4 * kStream<D>;
+  return sizeof(bf16) * (2 * kBig + kStages * 2 * kStream<D>)*D + sizeof(float) * kStages * 2 * kStream<D>;
 }
 
 template <typename Kernel>
@@ -625,7 +648,7 @@ unsigned tiles(int64_t seq) { return static_cast<unsigned>((seq + kBig - 1) / kB
 
 }  // namespace
 
-void attention_forward_bf16_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, float* o,
+void attention_forward_bf16_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, bf16* o,
                                  float* lse, cudaStream_t stream) {
   Args a = make_args(s);
   a.q = q, a.k = k, a.v = v, a.o_out = o, a.lse_out = lse;
@@ -637,9 +660,9 @@ void attention_forward_bf16_cuda(const AttentionShape& s, const float* q, const 
   PL_CUDA_CHECK_LAUNCH(attention_forward_bf16_kernel);
 }
 
-void attention_backward_bf16_cuda(const AttentionShape& s, const float* q, const float* k, const float* v,
-                                  const float* o, const float* lse, const float* dout, const float* delta, float* dq,
-                                  float* dk, float* dv, cudaStream_t stream) {
+void attention_backward_bf16_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
+                                  const float* lse, const bf16* dout, const float* delta, float* dq, float* dk,
+                                  float* dv, cudaStream_t stream) {
   Args a = make_args(s);
   a.q = q, a.k = k, a.v = v, a.o = o, a.lse = lse, a.dout = dout, a.delta = delta, a.dq = dq, a.dk = dk, a.dv = dv;
   const dim3 grid_kv(static_cast<unsigned>(s.batch * s.kv_heads), tiles(s.seq));
