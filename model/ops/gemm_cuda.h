@@ -81,8 +81,9 @@ void bitlinear_dequant_cuda(int64_t M, int64_t N, const float* acc, const float*
 // The forward product the model uses: IMMA into the BlasLt's int32 scratch, then the epilogue. Chosen
 // over path B because it was faster at every measured shape (bench/RESULTS.md, "Tensor-core GEMMs");
 // both are exact. Same shape rules as ternary_int8_matmul_imma_cuda.
-void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
-                           const float* a_scale, float beta, GemmOut out, void* y, cudaStream_t stream);
+void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                           const int8_t* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
+                           cudaStream_t stream);
 
 // The same with the residual add fused into the epilogue: y = residual + (a·tᵀ)·β/s in fp32, each
 // element the rounded product plus the residual (no fma): bit-identical to the CPU's y then x += y.
@@ -119,9 +120,9 @@ enum class Epilogue {
 // y (M,N) = (a_codes (M,K) · w_codesᵀ (w_codes (N,K))) · β / s[m]; a_codes and w_codes are the int8
 // codes converted to bf16 (codes_to_bf16_cuda). Exact while K ≤ 131072 (checked). `y` is float* or
 // bf16* as `out` says.
-void bitlinear_matmul_bf16_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* a_codes, const bf16* w_codes,
-                                const float* a_scale, float beta, GemmOut out, void* y, cudaStream_t stream,
-                                Epilogue epilogue = Epilogue::best);
+void bitlinear_matmul_bf16_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* a_codes,
+                                const bf16* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
+                                cudaStream_t stream, Epilogue epilogue = Epilogue::best);
 // Whether Epilogue::best fuses the scale for this shape (asks cuBLASLt once, then cached).
 bool bitlinear_bf16_scale_fused(BlasLt& blas, int64_t M, int64_t N, int64_t K, GemmOut out);
 
@@ -148,9 +149,9 @@ void gemm_f32_cuda(BlasLt& blas, Trans ta, Trans tb, int64_t M, int64_t N, int64
 // dequantizing a keeps a_codes exact, so each product has one bf16 rounding per input element
 // (relative ≤ 2^-8, rms ≈ 1.6e-3; measured norm-wise error of both products 1.65e-3).
 // dw may be null (no weight gradient).
-void bitlinear_backward_gemms_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* dy, const bf16* dy_over_s,
-                                   const bf16* w_codes, const bf16* a_codes, float beta, float* dxt, float* dw,
-                                   cudaStream_t stream);
+void bitlinear_backward_gemms_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const bf16* dy,
+                                   const bf16* dy_over_s, const bf16* w_codes, const bf16* a_codes, float beta,
+                                   float* dxt, float* dw, cudaStream_t stream);
 
 // ---- conversions ----------------------------------------------------------------------------------
 // out[i] = codes[i] as bf16 (exact for every int8).
