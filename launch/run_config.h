@@ -20,6 +20,7 @@ struct RunSection {
   int64_t threads = 0;           // CPU threads; 0 = all cores
   std::string device = "cpu";    // "cpu" or "cuda" (one GPU; model/cuda_model.h)
   std::string activations = "bf16";  // cuda: storage of the activations kept for the backward
+  std::string forward_gemm = "cublaslt";  // cuda: kernel of the ternary forward products ("cublaslt", "fused")
 };
 
 struct DataSection {

@@ -42,6 +42,7 @@ class CudaStepRunner final : public StepRunner {
   void start() override {
     CudaModelOptions copt;
     copt.bf16_activations = s_.cfg.run.activations == "bf16";
+    copt.forward_gemm = forward_gemm_from(s_.cfg.run.forward_gemm);
     copt.peer_round_tokens = s_.cfg.parallel.peer_round_tokens;
     cuda_ = std::make_unique<CudaModel>(*s_.model, *s_.adam, s_.B * s_.T, copt);
     cuda_->upload(s_.params.data(), *s_.adam);

@@ -118,6 +118,11 @@ void CudaContext::product(int weight, int64_t rows, Y* y, const float* residual,
   constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
   const float beta = betas[weight];
   PL_CHECK(!residual || (std::is_same_v<Y, float>), internal, "CudaContext::product: a residual needs an fp32 output");
+  if (forward_gemm == ForwardGemm::fused && bitlinear_fused_supported(rows, N, K, a_codes, C(weight), y, residual)) {
+    bitlinear_matmul_fused_cuda(rows, N, K, a_codes, C(weight), a_scale, beta, out, y, residual, stream);
+    tick(ph_gemm_forward);
+    return;
+  }
   if (K % 4 == 0 && N % 4 == 0) {
     if constexpr (std::is_same_v<Y, float>) {
       if (residual) {

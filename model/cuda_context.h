@@ -136,6 +136,10 @@ class CudaContext {
   // GEMMs (CudaModelOptions::float_gemm: evaluation and exactness checks; fp32 outputs only, so
   // fp32 activation storage). The backward products are bf16 either way.
   FloatGemm float_gemm = FloatGemm::bf16;
+  // Which kernel runs the ternary forward products (CudaModelOptions::forward_gemm, run.forward_gemm):
+  // cuBLASLt IMMA + epilogue, or the fused int8 kernel where bitlinear_fused_supported allows it.
+  // Bit-identical results either way.
+  ForwardGemm forward_gemm = ForwardGemm::cublaslt;
 
   // A projection without a norm of its own (Model::proj_forward / proj_backward: the Transformer++
   // and BitNet SubLN kinds, whose input the module normalized), one implementation for both modes:

@@ -118,6 +118,7 @@ struct CudaModel::Impl {
     PL_CHECK(opt.float_gemm == FloatGemm::bf16 || !opt.bf16_activations, internal,
              "CudaModelOptions: float_gemm = fp32 writes fp32 outputs, so it needs bf16_activations = false");
     g.float_gemm = opt.float_gemm;
+    g.forward_gemm = opt.forward_gemm;
     head_rows = g.head_rows;
   }
 

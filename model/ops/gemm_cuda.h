@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "model/ops/cuda_fwd.h"
 #include "model/ops/gemm.h"
@@ -111,6 +112,8 @@ bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_co
 // run.forward_gemm): cuBLASLt IMMA + the separate epilogue, or the fused kernel where it applies
 // (bitlinear_fused_supported; the cuBLASLt path otherwise). Both exact and bit-identical.
 enum class ForwardGemm { cublaslt, fused };
+// The value of run.forward_gemm ("cublaslt" or "fused"); anything else is a config error naming the key.
+ForwardGemm forward_gemm_from(const std::string& value);
 
 // ---- forward path B: bf16 tensor cores on exact codes ----------------------------------------------
 enum class Epilogue {

@@ -211,6 +211,12 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 
 }  // namespace
 
+ForwardGemm forward_gemm_from(const std::string& value) {
+  if (value == "cublaslt") return ForwardGemm::cublaslt;
+  PL_CHECK(value == "fused", config, "run.forward_gemm = \"", value, "\": must be \"cublaslt\" or \"fused\"");
+  return ForwardGemm::fused;
+}
+
 bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
                                const void* residual) {
   return M >= 0 && M <= kMaxGridY * kBM && N > 0 && N % 16 == 0 && K > 0 && K % 16 == 0 && K <= (int64_t{1} << 24) &&
