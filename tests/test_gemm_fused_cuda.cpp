@@ -6,7 +6,8 @@
 // forward products at a small M, and the extremes (a row of −128 codes against a row of −1 weights:
 // |acc| = 128·K; a NaN scale, a 1e-5 scale). Guards around every output catch writes past the edges.
 // Exact integer sums then the same fp32 operations leave nothing to tolerate: every comparison is
-// bit for bit (any NaN equals any NaN).
+// bit for bit (any NaN equals any NaN). Last, the switch in the model (CudaModelOptions::forward_gemm):
+// training steps with either kernel are bit-identical.
 // These tests need a GPU: labelled `gpu` by CMake (tests/test_*_cuda.cpp); without one they fail.
 #include <gtest/gtest.h>
 
@@ -17,8 +18,10 @@
 #include <string>
 #include <vector>
 
+#include "model/model.h"
 #include "model/ops/gemm.h"
 #include "model/ops/gemm_cuda.h"
+#include "model/optimizer.h"
 #include "tests/ops_test_util.h"
 
 #ifndef PEERLESS_HAVE_CUDA
@@ -27,6 +30,7 @@ CUDA_TESTS_NEED_A_CUDA_BUILD()
 
 #else  // PEERLESS_HAVE_CUDA
 
+#include "model/cuda_model.h"
 #include "tests/cuda_test_util.h"
 
 namespace peerless {
@@ -158,6 +162,59 @@ TEST_F(Cuda, bitlinear_matmul_fused_refusals) {
   EXPECT_EQ(forward_gemm_from("cublaslt"), ForwardGemm::cublaslt);
   EXPECT_EQ(forward_gemm_from("fused"), ForwardGemm::fused);
   EXPECT_THROW(forward_gemm_from("imma"), Error);
+}
+
+// The switch in the model: a small MatMul-free model (d 64, GLU 256: every BitLinear's N and K a
+// multiple of 16, so every forward product takes the fused kernel) trained 3 steps with
+// run.forward_gemm = cublaslt and = fused from the same parameters. The forward products are
+// bit-identical and every other kernel is deterministic, so losses, gradient norms and the updated
+// parameters must be equal bit for bit.
+TEST_F(Cuda, forward_gemm_switch_bit_identical_training) {
+  ModelConfig mc;
+  mc.vocab_size = 256;
+  mc.d_model = 64;
+  mc.n_layers = 2;
+  mc.intermediate = 256;
+  OptimConfig oc;
+  oc.lr = 3e-3;
+  const int64_t B = 4, T = 64, steps = 3;
+  std::vector<int32_t> ids(B * T), targets(B * T);
+  std::uniform_int_distribution<int32_t> tok(0, 255);
+  for (int64_t i = 0; i < B * T; ++i) ids[i] = tok(rng()), targets[i] = tok(rng());
+
+  struct Run {
+    std::vector<double> loss, norm;
+    std::vector<float> params;
+  };
+  auto train = [&](ForwardGemm fg) {
+    Model host(mc);
+    std::vector<float> p(host.layout().total());
+    host.init_params(p.data(), 7);
+    host.refresh_ternary(p.data());
+    AdamW adam(oc, host.layout());
+    CudaModelOptions copt;
+    copt.forward_gemm = fg;
+    CudaModel cuda(host, adam, B * T, copt);
+    cuda.upload(p.data(), adam);
+    Run r;
+    for (int64_t step = 1; step <= steps; ++step) {
+      cuda.zero_grads();
+      r.loss.push_back(cuda.forward_backward(ids.data(), targets.data(), B, T, 1.0f / (B * T)));
+      r.norm.push_back(cuda.grad_norm());
+      cuda.optimizer_step(step, oc.lr, 1.0f);
+    }
+    cuda.download(p.data(), adam);
+    r.params = p;
+    return r;
+  };
+  const Run lt = train(ForwardGemm::cublaslt), fu = train(ForwardGemm::fused);
+  for (int64_t s = 0; s < steps; ++s) {
+    std::printf("step %lld loss cublaslt %.17g fused %.17g\n", static_cast<long long>(s + 1), lt.loss[s], fu.loss[s]);
+    EXPECT_EQ(std::memcmp(&lt.loss[s], &fu.loss[s], sizeof(double)), 0) << "loss at step " << s + 1;
+    EXPECT_EQ(std::memcmp(&lt.norm[s], &fu.norm[s], sizeof(double)), 0) << "gradient norm at step " << s + 1;
+  }
+  EXPECT_GT(lt.norm[0], 0.0);
+  expect_identical(fu.params, lt.params, "parameters after 3 steps");
 }
 
 }  // namespace
