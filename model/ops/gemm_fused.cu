@@ -96,9 +96,10 @@ struct FusedArgs {
 template <int kRows>
 __device__ __forceinline__ void load_tile(uint32_t dst, const int8_t* src, int64_t rows, int64_t K, int64_t row0,
                                           int64_t k0) {
+  static_assert(kRows * 4 % kThreads == 0, "whole chunks per thread");
 #pragma unroll
-  for (int i = threadIdx.x; i < kRows * 4; i += kThreads) {
-    const int r = i >> 2, c = i & 3;
+  for (int it = 0; it < kRows * 4 / kThreads; ++it) {
+    const int i = static_cast<int>(threadIdx.x) + it * kThreads, r = i >> 2, c = i & 3;
     const int64_t gr = row0 + r, gk = k0 + 16 * c;
     const bool valid = gr < rows && gk < K;
     cp_async16(dst + swizzled(r, c), valid ? src + gr * K + gk : src, valid);
