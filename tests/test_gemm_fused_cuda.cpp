@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "model/ops/bitlinear.h"
 #include "model/ops/gemm.h"
 #include "model/ops/gemm_cuda.h"
 #include "model/optimizer.h"
