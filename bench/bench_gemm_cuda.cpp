@@ -5,10 +5,11 @@
 // per-row alpha vector, and separate), and the two backward products (bf16 in, fp32 out). TFLOP/s
 // (TOPS for int8) is 2·M·N·K / time; the epilogue alone is reported in GB/s against its bytes.
 // It first asks cuBLASLt which fused int8 epilogues exist at all (the probe lines).
-// Then the forward products of one 370M block (i, f, g, o, gate+up, down) and the LM head, each in
-// the output form the model uses, on the model's path (IMMA + epilogue) and on the fused int8 kernel
-// (bitlinear_matmul_fused_cuda): ms, TOP/s, the ratio, whether the outputs are bit-identical, and
-// the sum over the 24 blocks (what `peerless bench train` reports as "GEMM forward", less the head).
+// Then the forward products of one 370M block (i, f, g, o, gate+up, down) and the LM head (4096-row
+// chunks), each in the output form the model uses, on the model's path (IMMA + epilogue) and on the
+// fused int8 kernel (bitlinear_matmul_fused_cuda) with each tile: ms, TOP/s, the tile the automatic
+// rule takes, the ratio, whether all outputs are bit-identical, and the sums over the 24 blocks (what
+// `peerless bench train` reports as "GEMM forward", less the head).
 //
 //   bench_gemm_cuda [--reps N] [--tokens 16384,32768] [--fused-only]
 #include <cublasLt.h>
@@ -115,7 +116,16 @@ struct Forward {
   int64_t max_rows;  // the LM head runs on chunks of CudaModelOptions::head_chunk rows
 };
 
-// IMMA + epilogue against the fused kernel on the model's forward products at M tokens.
+// Whether `bytes` bytes at two device pointers are equal.
+bool same_bytes(const void* a, const void* b, size_t bytes) {
+  std::vector<unsigned char> ha(bytes), hb(bytes);
+  PL_CUDA_CHECK(cudaDeviceSynchronize());
+  PL_CUDA_CHECK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
+  PL_CUDA_CHECK(cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost));
+  return std::memcmp(ha.data(), hb.data(), bytes) == 0;
+}
+
+// IMMA + epilogue against the fused kernel (both tiles) on the model's forward products at M tokens.
 void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, const int8_t* a8, const int8_t* w8,
                  const float* sc, void* y_ref, void* y_fused, float* res) {
   const int64_t all = tokens;
@@ -126,39 +136,46 @@ void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, co
                                    {"lm_head", 1024, 32000, 0, GemmOut::f32, false, 4096}};
   constexpr int kBlocks = 24;
   const float beta = 0.02f;
-  double sum_ref = 0, sum_fused = 0, top_block = 0;
-  std::printf("\n%-8s %6s %5s %6s %-10s %9s %9s %9s %9s %7s %s\n", "product", "M", "K", "N", "out", "lt_ms", "lt_TOP/s",
-              "fused_ms", "fu_TOP/s", "lt/fu", "identical");
+  double sum[4] = {}, top_block = 0;  // IMMA + epilogue, fused 128, fused 256, fused automatic
+  std::printf("\n%-8s %6s %5s %6s %-8s %8s %8s %8s %8s %8s %8s %5s %7s %s\n", "product", "M", "K", "N", "out", "lt_ms",
+              "lt_TOP/s", "f128_ms", "TOP/s", "f256_ms", "TOP/s", "auto", "lt/auto", "identical");
   for (const Forward& f : fw) {
     const int64_t M = std::min(tokens, f.max_rows), K = f.K, N = f.N;
     const bool f32 = f.out == GemmOut::f32;
     const size_t bytes = static_cast<size_t>(M * N) * (f32 ? 4 : 2);
     PL_CUDA_CHECK(cudaMemsetAsync(res, 0, M * N * 4, stream));
-    auto reference = [&] {
+    const double t_ref = time_ms(stream, reps, [&] {
       if (f.residual)
         bitlinear_matmul_residual_cuda(blas, M, N, K, a8, w8, sc, beta, res, static_cast<float*>(y_ref), stream);
       else
         bitlinear_matmul_cuda(blas, M, N, K, a8, w8, sc, beta, f.out, y_ref, stream);
-    };
-    auto fused = [&] {
-      bitlinear_matmul_fused_cuda(M, N, K, a8, w8, sc, beta, f.out, y_fused, f.residual ? res : nullptr, stream);
-    };
-    const double t_ref = time_ms(stream, reps, reference), t_fused = time_ms(stream, reps, fused);
-    std::vector<unsigned char> h_ref(bytes), h_fused(bytes);
-    PL_CUDA_CHECK(cudaStreamSynchronize(stream));
-    PL_CUDA_CHECK(cudaMemcpy(h_ref.data(), y_ref, bytes, cudaMemcpyDeviceToHost));
-    PL_CUDA_CHECK(cudaMemcpy(h_fused.data(), y_fused, bytes, cudaMemcpyDeviceToHost));
-    const bool same = std::memcmp(h_ref.data(), h_fused.data(), bytes) == 0;
-    const double top = 2.0 * M * N * K / 1e12;
+    });
+    double t[2];
+    bool same = true;
+    for (int i = 0; i < 2; ++i) {
+      const FusedTile tile = i == 0 ? FusedTile::n128 : FusedTile::n256;
+      PL_CUDA_CHECK(cudaMemsetAsync(y_fused, 0, bytes, stream));
+      t[i] = time_ms(stream, reps, [&] {
+        bitlinear_matmul_fused_cuda(M, N, K, a8, w8, sc, beta, f.out, y_fused, f.residual ? res : nullptr, stream,
+                                    tile);
+      });
+      same = same && same_bytes(y_ref, y_fused, bytes);
+    }
+    const bool wide = fused_tile_for(M, N) == FusedTile::n256;  // what FusedTile::automatic takes
+    const double t_auto = wide ? t[1] : t[0], top = 2.0 * M * N * K / 1e12;
     const char* form = f.residual ? "fp32+res" : (f32 ? "fp32" : "bf16");
-    std::printf("%-8s %6lld %5lld %6lld %-10s %9.3f %9.1f %9.3f %9.1f %7.2f %s\n", f.what, static_cast<long long>(M),
-                static_cast<long long>(K), static_cast<long long>(N), form, t_ref, top / (t_ref * 1e-3), t_fused,
-                top / (t_fused * 1e-3), t_ref / t_fused, same ? "yes" : "NO");
-    sum_ref += f.count * t_ref, sum_fused += f.count * t_fused, top_block += f.count * top;
+    std::printf("%-8s %6lld %5lld %6lld %-8s %8.3f %8.1f %8.3f %8.1f %8.3f %8.1f %5s %7.2f %s\n", f.what,
+                static_cast<long long>(M), static_cast<long long>(K), static_cast<long long>(N), form, t_ref,
+                top / (t_ref * 1e-3), t[0], top / (t[0] * 1e-3), t[1], top / (t[1] * 1e-3), wide ? "256" : "128",
+                t_ref / t_auto, same ? "yes" : "NO");
+    sum[0] += f.count * t_ref, sum[1] += f.count * t[0], sum[2] += f.count * t[1], sum[3] += f.count * t_auto;
+    top_block += f.count * top;
   }
-  std::printf("%-8s %6lld  24 blocks (no head): IMMA + epilogue %.2f ms, fused %.2f ms (%.2f TOP; ratio %.2f)\n",
-              "total", static_cast<long long>(tokens), kBlocks * sum_ref, kBlocks * sum_fused, kBlocks * top_block,
-              sum_ref / sum_fused);
+  std::printf(
+      "%-8s %6lld  24 blocks (no head, %.2f TOP): IMMA + epilogue %.2f ms, fused 128 %.2f ms, fused 256 %.2f "
+      "ms, fused automatic %.2f ms (ratio %.2f)\n",
+      "total", static_cast<long long>(tokens), kBlocks * top_block, kBlocks * sum[0], kBlocks * sum[1],
+      kBlocks * sum[2], kBlocks * sum[3], sum[0] / sum[3]);
 }
 
 int run(int argc, char** argv) {

@@ -71,40 +71,49 @@ struct Problem {
   std::string name() const { return shape_name({{"M", M}, {"N", N}, {"K", K}}); }
 };
 
-// The fused kernel on p in the three output forms (and residual in place), each bit-identical to
-// the CPU and to the cuBLASLt path.
+// The fused kernel on p with either tile in the three output forms (and residual in place), each
+// bit-identical to the CPU and to the cuBLASLt path.
 void check_fused(BlasLt& blas, const Problem& p, float beta, cudaStream_t stream) {
-  const std::string name = p.name();
   const int64_t M = p.M, N = p.N, K = p.K;
   Guarded<int8_t> d_a(p.a), d_w(p.w);
-  Guarded<float> d_scale(p.scale), d_y(M * N), d_ref(M * N), d_res(p.res);
-  Guarded<uint16_t> d_yb(M * N), d_refb(M * N);
-  ASSERT_TRUE(bitlinear_fused_supported(M, N, K, d_a.get(), d_w.get(), d_y.get(), d_res.get())) << name;
-
-  bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y.get(), nullptr,
-                              stream);
+  Guarded<float> d_scale(p.scale), d_ref(M * N), d_refr(M * N);
+  Guarded<uint16_t> d_refb(M * N);
   bitlinear_matmul_cuda(blas, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_ref.get(), stream);
-  const std::vector<float> y = d_y.download("fused y f32");
-  expect_identical(y, p.y, "fused f32 vs cpu " + name);
-  expect_identical(y, d_ref.download("cublaslt y f32"), "fused f32 vs cublaslt " + name);
-
-  bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::bf16, d_yb.get(), nullptr,
-                              stream);
   bitlinear_matmul_cuda(blas, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::bf16, d_refb.get(), stream);
-  const std::vector<float> yb = from_bf16(d_yb.download("fused y bf16"));
-  expect_identical(yb, p.y_bf16, "fused bf16 vs cpu " + name);
-  expect_identical(yb, from_bf16(d_refb.download("cublaslt y bf16")), "fused bf16 vs cublaslt " + name);
+  {
+    const Guarded<float> d_res(p.res);
+    bitlinear_matmul_residual_cuda(blas, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, d_res.get(), d_refr.get(),
+                                   stream);
+  }
+  const std::vector<float> ref = d_ref.download("cublaslt y f32"), refr = d_refr.download("cublaslt y + residual");
+  const std::vector<float> refb = from_bf16(d_refb.download("cublaslt y bf16"));
+  for (const FusedTile tile : {FusedTile::n128, FusedTile::n256}) {
+    const std::string name = p.name() + (tile == FusedTile::n128 ? " tile 128" : " tile 256");
+    Guarded<float> d_y(M * N), d_res(p.res);
+    Guarded<uint16_t> d_yb(M * N);
+    ASSERT_TRUE(bitlinear_fused_supported(M, N, K, d_a.get(), d_w.get(), d_y.get(), d_res.get())) << name;
 
-  bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y.get(), d_res.get(),
-                              stream);
-  bitlinear_matmul_residual_cuda(blas, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, d_res.get(), d_ref.get(),
-                                 stream);
-  const std::vector<float> yr = d_y.download("fused y + residual");
-  expect_identical(yr, p.y_res, "fused residual vs cpu " + name);
-  expect_identical(yr, d_ref.download("cublaslt y + residual"), "fused residual vs cublaslt " + name);
-  bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_res.get(),
-                              d_res.get(), stream);
-  expect_identical(d_res.download("fused y + residual in place"), p.y_res, "fused residual in place " + name);
+    bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y.get(), nullptr,
+                                stream, tile);
+    const std::vector<float> y = d_y.download("fused y f32");
+    expect_identical(y, p.y, "fused f32 vs cpu " + name);
+    expect_identical(y, ref, "fused f32 vs cublaslt " + name);
+
+    bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::bf16, d_yb.get(), nullptr,
+                                stream, tile);
+    const std::vector<float> yb = from_bf16(d_yb.download("fused y bf16"));
+    expect_identical(yb, p.y_bf16, "fused bf16 vs cpu " + name);
+    expect_identical(yb, refb, "fused bf16 vs cublaslt " + name);
+
+    bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y.get(),
+                                d_res.get(), stream, tile);
+    const std::vector<float> yr = d_y.download("fused y + residual");
+    expect_identical(yr, p.y_res, "fused residual vs cpu " + name);
+    expect_identical(yr, refr, "fused residual vs cublaslt " + name);
+    bitlinear_matmul_fused_cuda(M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_res.get(),
+                                d_res.get(), stream, tile);
+    expect_identical(d_res.download("fused y + residual in place"), p.y_res, "fused residual in place " + name);
+  }
 }
 
 // Ragged M, partial N tiles (N mod 128 ≠ 0), a partial last K step (K mod 64 ≠ 0), single tiles.
@@ -115,7 +124,7 @@ TEST_F(Cuda, bitlinear_matmul_fused_exact) {
   BlasLt blas;
   const float beta = 0.0173f;
   for (const Case c : {Case{1, 16, 16}, Case{7, 48, 80}, Case{129, 144, 1024}, Case{128, 128, 64}, Case{300, 272, 2816},
-                       Case{33, 16, 4112}, Case{257, 1040, 208}}) {
+                       Case{33, 16, 4112}, Case{257, 1040, 208}, Case{131, 512, 1024}}) {
     const Problem p(rng(), c.M, c.N, c.K, beta);
     SCOPED_TRACE(p.name());
     check_fused(blas, p, beta, stream());

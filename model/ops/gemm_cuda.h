@@ -101,9 +101,15 @@ void bitlinear_matmul_residual_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t 
 // residual (fp32 output only) may be null or alias y. Needs N and K positive multiples of 16, K ≤ 2^24,
 // a_codes and w_codes 16-byte aligned, y and residual 8-byte aligned, M ≤ 65535·128 (checked: an
 // error, not a fallback; ask bitlinear_fused_supported first).
+// `tile`: the block's width in features (128: two blocks per SM; 256: one, half the shared-memory
+// reads per mma); automatic takes 256 where N % 256 == 0 and M ≥ 8192, a guess until bench_gemm_cuda
+// (fused_128 and fused_256 columns) has measured both. Every tile gives the same bits.
+enum class FusedTile { automatic, n128, n256 };
+// The tile FusedTile::automatic takes for an (M, N) product.
+FusedTile fused_tile_for(int64_t M, int64_t N);
 void bitlinear_matmul_fused_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
                                  const float* a_scale, float beta, GemmOut out, void* y, const float* residual,
-                                 cudaStream_t stream);
+                                 cudaStream_t stream, FusedTile tile = FusedTile::automatic);
 // Whether bitlinear_matmul_fused_cuda takes this call (residual may be null).
 bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
                                const void* residual);

@@ -2,11 +2,12 @@
 // float(a·wᵀ)·(β/s[m]) in one kernel, int8 tensor cores through inline PTX, the epilogue applied to
 // the int32 accumulators in registers, so the (M,N) int32 product never goes to memory.
 //
-// Tiling. A block of 8 warps computes a 128 × 128 tile of y (rows = tokens, columns = features);
-// warp (wm, wn) of a 2 × 4 grid owns 64 × 32 of it: 4 × 4 mma.sync.m16n8k32 tiles, 64 int32
-// accumulators per thread. K advances 64 codes (bytes) at a time through a 4-stage cp.async ring in
-// shared memory: stage s holds the A tile (128 token rows × 64 bytes) then the W tile (128 feature
-// rows × 64 bytes), 16 KB, 64 KB in all, so two blocks fit on an SM.
+// Tiling. A block of 8 warps computes a 128 × BN tile of y (rows = tokens, columns = features), BN
+// 128 or 256 (Tile<BN>, FusedTile); warp (wm, wn) of a 2 × 4 grid owns 64 × BN/4 of it: 4 × BN/32
+// mma.sync.m16n8k32 tiles, 64 or 128 int32 accumulators per thread. K advances 64 codes (bytes) at a
+// time through a 4-stage cp.async ring in shared memory: stage s holds the A tile (128 token rows ×
+// 64 bytes) then the W tile (BN feature rows × 64 bytes): 16 KB (64 KB in all, two blocks per SM) or
+// 24 KB (96 KB, one block per SM). ptxas (sm_90): 122 and 219 registers, no spills.
 //
 // Shared layout. A tile row is 64 bytes, four 16-byte chunks; chunk c of row r is stored at chunk
 // c ^ ((r / 2) % 4). ldmatrix reads one logical chunk of 8 consecutive rows per 8-lane phase; rows r
@@ -39,15 +40,22 @@
 namespace peerless {
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 4;
+constexpr int kBM = 128, kBK = 64, kStages = 4;
 constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
-constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // 64 × 32 per warp
-constexpr int kMT = kWM / 16, kNT = kWN / 8;             // 4 × 4 mma tiles per warp
-constexpr int kStageBytes = (kBM + kBN) * kBK;           // 16 KB
-constexpr int kSmemBytes = kStages * kStageBytes;        // 64 KB (dynamic: above the 48 KB static limit)
+constexpr int kWM = kBM / kWarpsM, kMT = kWM / 16;  // 64 rows, 4 m16 tiles per warp
 constexpr int64_t kMaxGridY = 65535;
 static_assert(kBK == 64, "the swizzle below assumes four 16-byte chunks per row");
-static_assert(kNT % 2 == 0, "one ldmatrix.x4 loads two n8 tiles of W");
+
+// The block's width: 128 (warp tile 64 × 32, 64 KB of shared memory, two blocks per SM) or 256 (warp
+// tile 64 × 64, 96 KB, one block per SM: half the shared-memory reads per mma, CUTLASS's int8 shape).
+template <int BN>
+struct Tile {
+  static constexpr int kWN = BN / kWarpsN, kNT = kWN / 8;
+  static constexpr int kStageBytes = (kBM + BN) * kBK;      // 16 or 24 KB
+  static constexpr int kSmemBytes = kStages * kStageBytes;  // dynamic: above the 48 KB static limit
+  static constexpr int kMinBlocks = BN == 128 ? 2 : 1;      // per SM (__launch_bounds__)
+  static_assert(kNT % 2 == 0, "one ldmatrix.x4 loads two n8 tiles of W");
+};
 
 // Byte offset of chunk c (16 bytes) of row r in a tile of 64-byte rows, swizzled (file comment).
 __device__ __forceinline__ uint32_t swizzled(int r, int c) {
@@ -106,7 +114,8 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const int8_t* src, int64
   }
 }
 
-// acc += the warp's 64 × 32 share of one stage (K 64: two k32 steps).
+// acc += the warp's 64 × kWN share of one stage (K 64: two k32 steps).
+template <int BN, int kNT = Tile<BN>::kNT, int kWN = Tile<BN>::kWN>
 __device__ __forceinline__ void mma_stage(int32_t (&acc)[kMT][kNT][4], uint32_t sa, uint32_t sw, int wm, int wn,
                                           int lane) {
 #pragma unroll
@@ -146,7 +155,7 @@ __device__ __forceinline__ void store_pair(const FusedArgs& p, int64_t idx, int3
 
 // Accumulator (i, j, e) of lane (g, t) is row 16i + g + 8·(e / 2), column 8j + 2t + e % 2 of the
 // warp's tile; each row's factor β / s[m] is computed once (IEEE division, as the CPU does).
-template <typename Out>
+template <typename Out, int kNT>
 __device__ __forceinline__ void epilogue(const FusedArgs& p, const int32_t (&acc)[kMT][kNT][4], int64_t m0, int64_t n0,
                                          int lane) {
   const int g = lane >> 2, t = lane & 3;
@@ -167,21 +176,22 @@ __device__ __forceinline__ void epilogue(const FusedArgs& p, const int32_t (&acc
 
 // blockIdx.x: the N tile (fastest, so that consecutive blocks share the A rows in L2), blockIdx.y:
 // the M tile.
-template <typename Out>
-__global__ void __launch_bounds__(kThreads, 2) bitlinear_fused_kernel(FusedArgs p) {
+template <typename Out, int BN>
+__global__ void __launch_bounds__(kThreads, Tile<BN>::kMinBlocks) bitlinear_fused_kernel(FusedArgs p) {
+  using T = Tile<BN>;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int k_tiles = static_cast<int>((p.K + kBK - 1) / kBK);
   auto load_stage = [&](int kt) {
-    const uint32_t s = base + (kt % kStages) * kStageBytes;
+    const uint32_t s = base + (kt % kStages) * T::kStageBytes;
     load_tile<kBM>(s, p.a, p.M, p.K, m0, static_cast<int64_t>(kt) * kBK);
-    load_tile<kBN>(s + kBM * kBK, p.w, p.N, p.K, n0, static_cast<int64_t>(kt) * kBK);
+    load_tile<BN>(s + kBM * kBK, p.w, p.N, p.K, n0, static_cast<int64_t>(kt) * kBK);
   };
 
-  int32_t acc[kMT][kNT][4] = {};
+  int32_t acc[kMT][T::kNT][4] = {};
 #pragma unroll
   for (int kt = 0; kt < kStages - 1; ++kt) {
     if (kt < k_tiles) load_stage(kt);
@@ -192,20 +202,22 @@ __global__ void __launch_bounds__(kThreads, 2) bitlinear_fused_kernel(FusedArgs 
     __syncthreads();               // ... and everyone's; stage kt - 1 is no longer read
     if (kt + kStages - 1 < k_tiles) load_stage(kt + kStages - 1);
     cp_async_commit();
-    const uint32_t s = base + (kt % kStages) * kStageBytes;
-    mma_stage(acc, s, s + kBM * kBK, wm, wn, lane);
+    const uint32_t s = base + (kt % kStages) * T::kStageBytes;
+    mma_stage<BN>(acc, s, s + kBM * kBK, wm, wn, lane);
   }
   cp_async_wait<0>();
-  epilogue<Out>(p, acc, m0 + wm * kWM, n0 + wn * kWN, lane);
+  epilogue<Out>(p, acc, m0 + wm * kWM, n0 + wn * T::kWN, lane);
 }
 
-// The 64 KB of dynamic shared memory need an opt-in, per device: asked at every launch (cheap next to
+// Dynamic shared memory above 48 KB needs an opt-in, per device: asked at every launch (cheap next to
 // a GEMM), so that any device current at the call has it.
-template <typename Out>
-void launch(dim3 grid, const FusedArgs& p, cudaStream_t stream) {
+template <typename Out, int BN>
+void launch(const FusedArgs& p, cudaStream_t stream) {
+  constexpr int smem = Tile<BN>::kSmemBytes;
   PL_CUDA_CHECK(
-      cudaFuncSetAttribute(bitlinear_fused_kernel<Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  bitlinear_fused_kernel<Out><<<grid, kThreads, kSmemBytes, stream>>>(p);
+      cudaFuncSetAttribute(bitlinear_fused_kernel<Out, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + kBM - 1) / kBM));
+  bitlinear_fused_kernel<Out, BN><<<grid, kThreads, smem, stream>>>(p);
 }
 
 bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
@@ -218,6 +230,8 @@ ForwardGemm forward_gemm_from(const std::string& value) {
   return ForwardGemm::fused;
 }
 
+FusedTile fused_tile_for(int64_t M, int64_t N) { return N % 256 == 0 && M >= 8192 ? FusedTile::n256 : FusedTile::n128; }
+
 bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
                                const void* residual) {
   return M >= 0 && M <= kMaxGridY * kBM && N > 0 && N % 16 == 0 && K > 0 && K % 16 == 0 && K <= (int64_t{1} << 24) &&
@@ -226,12 +240,11 @@ bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_co
 
 void bitlinear_matmul_fused_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
                                  const float* a_scale, float beta, GemmOut out, void* y, const float* residual,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, FusedTile tile) {
   PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "bitlinear_matmul_fused_cuda: bad shape M=", M, " N=", N, " K=", K);
   PL_CHECK(N % 16 == 0 && K % 16 == 0 && K > 0, config,
-           "bitlinear_matmul_fused_cuda: the fused int8 kernel needs N "
-           "and K to be positive multiples of 16 (got N=",
-           N, ", K=", K, "); use bitlinear_matmul_cuda");
+           "bitlinear_matmul_fused_cuda: N and K must be positive multiples of 16 (got N=", N, ", K=", K,
+           "); use bitlinear_matmul_cuda");
   PL_CHECK(K <= (int64_t{1} << 24), internal, "bitlinear_matmul_fused_cuda: K=", K, " could overflow int32 (max 2^24)");
   PL_CHECK(M <= kMaxGridY * kBM, internal, "bitlinear_matmul_fused_cuda: M=", M, " exceeds ", kMaxGridY * kBM,
            " rows (grid limit)");
@@ -241,11 +254,12 @@ void bitlinear_matmul_fused_cuda(int64_t M, int64_t N, int64_t K, const int8_t* 
   PL_CHECK(bitlinear_fused_supported(M, N, K, a_codes, w_codes, y, residual), internal,
            "bitlinear_matmul_fused_cuda: a_codes and w_codes must be 16-byte aligned, y and residual 8-byte aligned");
   const FusedArgs p{M, N, K, a_codes, w_codes, a_scale, beta, residual, y};
-  const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>((M + kBM - 1) / kBM));
-  if (out == GemmOut::f32)
-    launch<float>(grid, p, stream);
+  if (tile == FusedTile::automatic) tile = fused_tile_for(M, N);
+  const bool f32 = out == GemmOut::f32;
+  if (tile == FusedTile::n256)
+    f32 ? launch<float, 256>(p, stream) : launch<__nv_bfloat16, 256>(p, stream);
   else
-    launch<__nv_bfloat16>(grid, p, stream);
+    f32 ? launch<float, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
   PL_CUDA_CHECK_LAUNCH(bitlinear_fused_kernel);
 }
 
