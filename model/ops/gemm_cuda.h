@@ -7,8 +7,9 @@
 //         GEMM, and the per-token factor β/s as cuBLASLt's per-row alpha vector (row-ordered output)
 //         where cuBLASLt offers it, else the same separate epilogue. Every partial sum is an integer
 //         of magnitude ≤ 128·K, exact in fp32 while 128·K ≤ 2^24, i.e. K ≤ 131072.
-// Both give results bit-identical to bitlinear_forward_cpu (one fp32 multiply per output, after an
-// exact sum). The backward products are plain bf16 GEMMs with fp32 accumulation (gemm_bf16_cuda).
+// A third path, the fused int8 kernel (path C below, model/ops/gemm_fused.cu), is IMMA with the
+// epilogue in its registers. All give results bit-identical to bitlinear_forward_cpu (one fp32
+// multiply per output, after an exact sum). The backward products are plain bf16 GEMMs with fp32 accumulation (gemm_bf16_cuda).
 // bench/bench_gemm_cuda.cpp measures them; bench/RESULTS.md has the figures and the choice.
 //
 // Everything here exists only in CUDA builds (PEERLESS_HAVE_CUDA); the header itself needs no CUDA
