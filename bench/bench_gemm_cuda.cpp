@@ -5,8 +5,13 @@
 // per-row alpha vector, and separate), and the two backward products (bf16 in, fp32 out). TFLOP/s
 // (TOPS for int8) is 2·M·N·K / time; the epilogue alone is reported in GB/s against its bytes.
 // It first asks cuBLASLt which fused int8 epilogues exist at all (the probe lines).
+// Then the forward products of one 370M block (i, f, g, o, gate+up, down) and the LM head (4096-row
+// chunks), each in the output form the model uses, on the model's path (IMMA + epilogue) and on the
+// fused int8 kernel (bitlinear_matmul_fused_cuda) with each tile: ms, TOP/s, the tile the automatic
+// rule takes, the ratio, whether all outputs are bit-identical, and the sums over the 24 blocks (what
+// `peerless bench train` reports as "GEMM forward", less the head).
 //
-//   bench_gemm_cuda [--reps N] [--tokens 16384,32768]
+//   bench_gemm_cuda [--reps N] [--tokens 16384,32768] [--fused-only]
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -101,18 +106,93 @@ void probe(cublasLtHandle_t h, const char* what, cudaDataType_t d_type, cudaData
   cublasLtMatmulDescDestroy(op);
 }
 
+// One forward product of the model: its shape and output form (bf16, fp32, fp32 + residual).
+struct Forward {
+  const char* what;
+  int64_t K, N;
+  int count;  // per block (i, f, g share a shape)
+  GemmOut out;
+  bool residual;
+  int64_t max_rows;  // the LM head runs on chunks of CudaModelOptions::head_chunk rows
+};
+
+// Whether `bytes` bytes at two device pointers are equal.
+bool same_bytes(const void* a, const void* b, size_t bytes) {
+  std::vector<unsigned char> ha(bytes), hb(bytes);
+  PL_CUDA_CHECK(cudaDeviceSynchronize());
+  PL_CUDA_CHECK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
+  PL_CUDA_CHECK(cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost));
+  return std::memcmp(ha.data(), hb.data(), bytes) == 0;
+}
+
+// IMMA + epilogue against the fused kernel (both tiles) on the model's forward products at M tokens.
+void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, const int8_t* a8, const int8_t* w8,
+                 const float* sc, void* y_ref, void* y_fused, float* res) {
+  const int64_t all = tokens;
+  const std::vector<Forward> fw = {{"i/f/g", 1024, 1024, 3, GemmOut::bf16, false, all},
+                                   {"o", 1024, 1024, 1, GemmOut::f32, true, all},
+                                   {"gate+up", 1024, 5632, 1, GemmOut::bf16, false, all},
+                                   {"down", 2816, 1024, 1, GemmOut::f32, true, all},
+                                   {"lm_head", 1024, 32000, 0, GemmOut::f32, false, 4096}};
+  constexpr int kBlocks = 24;
+  const float beta = 0.02f;
+  double sum[4] = {}, top_block = 0;  // IMMA + epilogue, fused 128, fused 256, fused automatic
+  std::printf("\n%-8s %6s %5s %6s %-8s %8s %8s %8s %8s %8s %8s %5s %7s %s\n", "product", "M", "K", "N", "out", "lt_ms",
+              "lt_TOP/s", "f128_ms", "TOP/s", "f256_ms", "TOP/s", "auto", "lt/auto", "identical");
+  for (const Forward& f : fw) {
+    const int64_t M = std::min(tokens, f.max_rows), K = f.K, N = f.N;
+    const bool f32 = f.out == GemmOut::f32;
+    const size_t bytes = static_cast<size_t>(M * N) * (f32 ? 4 : 2);
+    PL_CUDA_CHECK(cudaMemsetAsync(res, 0, M * N * 4, stream));
+    const double t_ref = time_ms(stream, reps, [&] {
+      if (f.residual)
+        bitlinear_matmul_residual_cuda(blas, M, N, K, a8, w8, sc, beta, res, static_cast<float*>(y_ref), stream);
+      else
+        bitlinear_matmul_cuda(blas, M, N, K, a8, w8, sc, beta, f.out, y_ref, stream);
+    });
+    double t[2];
+    bool same = true;
+    for (int i = 0; i < 2; ++i) {
+      const FusedTile tile = i == 0 ? FusedTile::n128 : FusedTile::n256;
+      PL_CUDA_CHECK(cudaMemsetAsync(y_fused, 0, bytes, stream));
+      t[i] = time_ms(stream, reps, [&] {
+        bitlinear_matmul_fused_cuda(M, N, K, a8, w8, sc, beta, f.out, y_fused, f.residual ? res : nullptr, stream,
+                                    tile);
+      });
+      same = same && same_bytes(y_ref, y_fused, bytes);
+    }
+    const bool wide = fused_tile_for(M, N) == FusedTile::n256;  // what FusedTile::automatic takes
+    const double t_auto = wide ? t[1] : t[0], top = 2.0 * M * N * K / 1e12;
+    const char* form = f.residual ? "fp32+res" : (f32 ? "fp32" : "bf16");
+    std::printf("%-8s %6lld %5lld %6lld %-8s %8.3f %8.1f %8.3f %8.1f %8.3f %8.1f %5s %7.2f %s\n", f.what,
+                static_cast<long long>(M), static_cast<long long>(K), static_cast<long long>(N), form, t_ref,
+                top / (t_ref * 1e-3), t[0], top / (t[0] * 1e-3), t[1], top / (t[1] * 1e-3), wide ? "256" : "128",
+                t_ref / t_auto, same ? "yes" : "NO");
+    sum[0] += f.count * t_ref, sum[1] += f.count * t[0], sum[2] += f.count * t[1], sum[3] += f.count * t_auto;
+    top_block += f.count * top;
+  }
+  std::printf(
+      "%-8s %6lld  24 blocks (no head, %.2f TOP): IMMA + epilogue %.2f ms, fused 128 %.2f ms, fused 256 %.2f "
+      "ms, fused automatic %.2f ms (ratio %.2f)\n",
+      "total", static_cast<long long>(tokens), kBlocks * top_block, kBlocks * sum[0], kBlocks * sum[1],
+      kBlocks * sum[2], kBlocks * sum[3], sum[0] / sum[3]);
+}
+
 int run(int argc, char** argv) {
   int reps = 10;
+  bool fused_only = false;
   std::vector<int64_t> tokens = {16384, 32768};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--reps" && i + 1 < argc) {
       reps = std::atoi(argv[++i]);
+    } else if (arg == "--fused-only") {
+      fused_only = true;
     } else if (arg == "--tokens" && i + 1 < argc) {
       tokens.clear();
       for (char* s = std::strtok(argv[++i], ","); s; s = std::strtok(nullptr, ",")) tokens.push_back(std::atoll(s));
     } else {
-      std::fprintf(stderr, "usage: bench_gemm_cuda [--reps N] [--tokens 16384,32768]\n");
+      std::fprintf(stderr, "usage: bench_gemm_cuda [--reps N] [--tokens 16384,32768] [--fused-only]\n");
       return 2;
     }
   }
@@ -128,17 +208,20 @@ int run(int argc, char** argv) {
 
   // ---- which fused int8 epilogues does cuBLASLt offer?
   DeviceBytes vec(1 << 20);
-  probe(blas.handle(), "int8 -> int32, scale int32 (the IMMA product used here)", CUDA_R_32I, CUDA_R_32I,
-        CUBLASLT_POINTER_MODE_HOST, -1, nullptr);
-  probe(blas.handle(), "int8 -> fp32 out, scale fp32", CUDA_R_32F, CUDA_R_32F, CUBLASLT_POINTER_MODE_HOST, -1, nullptr);
-  probe(blas.handle(), "int8 -> bf16 out, scale fp32", CUDA_R_16BF, CUDA_R_32F, CUBLASLT_POINTER_MODE_HOST, -1,
-        nullptr);
-  probe(blas.handle(), "int8 -> fp32 out, outer-vector A/B scales (per row x per column)", CUDA_R_32F, CUDA_R_32F,
-        CUBLASLT_POINTER_MODE_HOST, CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, vec.get());
-  probe(blas.handle(), "int8 -> int8 out, fp32 per-row alpha vector (rows = features)", CUDA_R_8I, CUDA_R_32F,
-        CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO, -1, nullptr);
-  probe(blas.handle(), "int8 -> int32 out, int32 per-row alpha vector", CUDA_R_32I, CUDA_R_32I,
-        CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO, -1, nullptr);
+  if (!fused_only) {
+    probe(blas.handle(), "int8 -> int32, scale int32 (the IMMA product used here)", CUDA_R_32I, CUDA_R_32I,
+          CUBLASLT_POINTER_MODE_HOST, -1, nullptr);
+    probe(blas.handle(), "int8 -> fp32 out, scale fp32", CUDA_R_32F, CUDA_R_32F, CUBLASLT_POINTER_MODE_HOST, -1,
+          nullptr);
+    probe(blas.handle(), "int8 -> bf16 out, scale fp32", CUDA_R_16BF, CUDA_R_32F, CUBLASLT_POINTER_MODE_HOST, -1,
+          nullptr);
+    probe(blas.handle(), "int8 -> fp32 out, outer-vector A/B scales (per row x per column)", CUDA_R_32F, CUDA_R_32F,
+          CUBLASLT_POINTER_MODE_HOST, CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, vec.get());
+    probe(blas.handle(), "int8 -> int8 out, fp32 per-row alpha vector (rows = features)", CUDA_R_8I, CUDA_R_32F,
+          CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO, -1, nullptr);
+    probe(blas.handle(), "int8 -> int32 out, int32 per-row alpha vector", CUDA_R_32I, CUDA_R_32I,
+          CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO, -1, nullptr);
+  }
 
   const std::vector<Shape> shapes = {{"i/f/g/o", 1024, 1024}, {"gate+up", 1024, 5632}, {"down", 2816, 1024},
                                      {"lm_head", 1024, 32000}};
@@ -181,6 +264,15 @@ int run(int argc, char** argv) {
   auto* dys16 = static_cast<bf16*>(dysb.get());
   const float beta = 0.02f;
 
+  {  // the fused int8 kernel against the model's path: y_fused in `acc`, the residual in its own buffer
+    DeviceBytes res(max_mn * 4);
+    for (const int64_t M : tokens)
+      bench_fused(stream, blas, reps, M, a8, w8, sc, y.get(), acc.get(), static_cast<float*>(res.get()));
+  }
+  if (fused_only) {
+    cudaStreamDestroy(stream);
+    return 0;
+  }
   std::printf("\n%-8s %6s %5s %6s  %-34s %9s %9s\n", "shape", "M", "K", "N", "variant", "ms", "TFLOP/s");
   for (const Problem& p : problems) {
     const int64_t M = p.M, K = p.K, N = p.N;
@@ -192,16 +284,14 @@ int run(int argc, char** argv) {
     codes_to_bf16_cuda(M * K, a8, a16, stream);
     codes_to_bf16_cuda(N * K, w8, w16, stream);
     // Forward, path A.
-    const double t_imma = time_ms(stream, reps, [&] {
-      ternary_int8_matmul_imma_cuda(blas, M, N, K, a8, w8, acc32, stream);
-    });
+    const double t_imma =
+        time_ms(stream, reps, [&] { ternary_int8_matmul_imma_cuda(blas, M, N, K, a8, w8, acc32, stream); });
     row("imma int32 out", t_imma);
     for (const GemmOut out : {GemmOut::f32, GemmOut::bf16}) {
       const bool f32 = out == GemmOut::f32;
       void* dst = f32 ? y.get() : yb.get();
-      const double t_epi = time_ms(stream, reps, [&] {
-        bitlinear_dequant_cuda(M, N, acc32, sc, beta, out, dst, stream);
-      });
+      const double t_epi =
+          time_ms(stream, reps, [&] { bitlinear_dequant_cuda(M, N, acc32, sc, beta, out, dst, stream); });
       const double bytes = static_cast<double>(M) * N * (4 + (f32 ? 4 : 2)) + 4.0 * M;
       char note[96];
       std::snprintf(note, sizeof note, "(epilogue alone: %.3f ms, %.0f GB/s)", t_epi, bytes / (t_epi * 1e6));
@@ -240,13 +330,13 @@ int run(int argc, char** argv) {
     rows_to_bf16_cuda(M, N, yf, nullptr, dy16, stream);
     rows_to_bf16_cuda(M, N, yf, sc, dys16, stream);
     const double t_dx = time_ms(stream, reps, [&] {
-      gemm_bf16_cuda(blas, Trans::no, Trans::no, M, K, N, beta, dy16, N, w16, K, 0.0f,
-                     static_cast<float*>(dxt.get()), K, stream);
+      gemm_bf16_cuda(blas, Trans::no, Trans::no, M, K, N, beta, dy16, N, w16, K, 0.0f, static_cast<float*>(dxt.get()),
+                     K, stream);
     });
     row("bwd dX = dY.W (bf16, fp32 out)", t_dx);
     const double t_dw = time_ms(stream, reps, [&] {
-      gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, M, 1.0f, dys16, N, a16, K, 1.0f,
-                     static_cast<float*>(dw.get()), K, stream);
+      gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, M, 1.0f, dys16, N, a16, K, 1.0f, static_cast<float*>(dw.get()),
+                     K, stream);
     });
     row("bwd dW += dYt.a (bf16, fp32 acc)", t_dw);
     const double t_conv = time_ms(stream, reps, [&] { rows_to_bf16_cuda(M, N, yf, sc, dys16, stream); });

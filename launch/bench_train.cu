@@ -219,7 +219,7 @@ void bench_batch(const BenchSetup& b, int64_t B, bool det) {
 
 int bench_train(const Args& args) {
   std::string config = "configs/mmf-370m.toml", batches_s = "4,8,16", seq_s = "2048", steps_s = "5", warmup_s = "2",
-              activations = "bf16", deterministic = "both";
+              activations = "bf16", deterministic = "both", forward_gemm = "cublaslt";
   ArgParser p("bench train",
               "Training throughput of a config on one GPU (run.device = cuda): tokens/s, MFU against the bf16 GEMM "
               "peak measured in the same run, and peak device memory, per micro-batch size. Random token ids.");
@@ -230,6 +230,8 @@ int bench_train(const Args& args) {
   p.option("warmup", &warmup_s, "N", "untimed steps first (default 2)");
   p.option("activations", &activations, "bf16|fp32",
            "storage of the saved activations (run.activations; default bf16)");
+  p.option("forward-gemm", &forward_gemm, "cublaslt|fused",
+           "kernel of the ternary forward products (run.forward_gemm; default cublaslt)");
   p.option("deterministic", &deterministic, "off|on|both",
            "exact fixed-point gradient sums (parallel.deterministic) off, on, or both side by side (default both)");
   std::vector<std::string> sets;
@@ -245,7 +247,8 @@ int bench_train(const Args& args) {
   if (deterministic != "on") modes.push_back(false);
   if (deterministic != "off") modes.push_back(true);
   auto single = make_single_comm();
-  std::vector<std::string> overrides = {"run.device=cuda", "run.activations=" + activations};
+  std::vector<std::string> overrides = {"run.device=cuda", "run.activations=" + activations,
+                                       "run.forward_gemm=" + forward_gemm};
   overrides.insert(overrides.end(), sets.begin(), sets.end());
   RunConfig cfg = load_run_config(config, overrides);
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = 32000;
@@ -258,9 +261,10 @@ int bench_train(const Args& args) {
   const PeakRates peaks = measure_peaks();
   const double peak = peaks.bf16_flops / 1e12;
   std::printf(
-      "# peerless bench train: %s on %s, activations %s, recompute %s; measured peaks: bf16 GEMM %.0f TFLOP/s, int8 IMMA "
-      "GEMM %.0f TOP/s (8192^3), d2d copy %.0f GB/s\n",
-      config.c_str(), prop.name, cfg.run.activations.c_str(), cfg.run.recompute.c_str(), peak, peaks.int8_flops / 1e12, peaks.bytes / 1e9);
+      "# peerless bench train: %s on %s, activations %s, recompute %s, forward GEMM %s; measured peaks: bf16 GEMM "
+      "%.0f TFLOP/s, int8 IMMA GEMM %.0f TOP/s (8192^3), d2d copy %.0f GB/s\n",
+      config.c_str(), prop.name, cfg.run.activations.c_str(), cfg.run.recompute.c_str(), cfg.run.forward_gemm.c_str(),
+      peak, peaks.int8_flops / 1e12, peaks.bytes / 1e9);
   std::printf("%6s %6s %5s %10s %12s %8s %12s %12s %s\n", "batch", "seq", "det", "step_ms", "tokens/s", "MFU",
               "model_GiB", "device_GiB", "params");
   const BenchSetup setup{cfg, T, steps, warmup, peaks, *single};

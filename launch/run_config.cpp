@@ -26,6 +26,9 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("run.recompute", &run.recompute, {"none", "glu"},
                "run.device = cuda: activations the backward recomputes instead of keeping (glu: the GLU and SwiGLU "
                "channel mixers' [a | u], 2I per token per block, for one more gate product per block)");
+  s.add_choice("run.forward_gemm", &run.forward_gemm, {"cublaslt", "fused"},
+               "run.device = cuda: kernel of the ternary BitLinear forward products (cublaslt = int8 IMMA, then a "
+               "separate scaling pass; fused = one int8 kernel with the scaling in its epilogue; same results)");
 
   s.add_int("model.vocab_size", &model.vocab_size, 0, 1 << 24, "vocabulary size (0 = from the data file)");
   s.add_int("model.d_model", &model.d_model, 1, 65536, "model width d");

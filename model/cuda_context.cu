@@ -86,6 +86,7 @@ void CudaContext::allocate_linears(int64_t wide) {
     max_k = std::max(max_k, w.shape[1]);
     max_w = std::max(max_w, w.tensor_numel());  // codes-only weights (a LoRA base) have numel 0
     if (w.shape[0] % 4 != 0 || w.shape[1] % 4 != 0) all_imma_ = false;
+    if (w.shape[0] % 16 != 0 || w.shape[1] % 16 != 0) all_fused_shapes = false;
   }
   wide = std::max(wide, max_k);
   blas_staging = static_cast<int64_t>(sizeof(int32_t)) * max_n;  // bitlinear_matmul_cuda's (rows, N) products
@@ -118,6 +119,11 @@ void CudaContext::product(int weight, int64_t rows, Y* y, const float* residual,
   constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
   const float beta = betas[weight];
   PL_CHECK(!residual || (std::is_same_v<Y, float>), internal, "CudaContext::product: a residual needs an fp32 output");
+  if (forward_gemm == ForwardGemm::fused && bitlinear_fused_supported(rows, N, K, a_codes, C(weight), y, residual)) {
+    bitlinear_matmul_fused_cuda(rows, N, K, a_codes, C(weight), a_scale, beta, out, y, residual, stream);
+    tick(ph_gemm_forward);
+    return;
+  }
   if (K % 4 == 0 && N % 4 == 0) {
     if constexpr (std::is_same_v<Y, float>) {
       if (residual) {

@@ -82,6 +82,7 @@ class CudaContext {
   BlasLt blas;
   int64_t bytes = 0;  // device bytes allocated by the model (DevBuf counters point here)
   int64_t blas_staging = 0;  // what `blas` grows on the first step for the int32 products (not in bytes)
+  bool all_fused_shapes = true;  // every ternary weight's N, K multiples of 16: forward_gemm = fused needs no staging
   DevBuf<float> params, grads;
   DevBuf<int8_t> codes;
   std::vector<float> betas;  // host, per parameter index
@@ -136,6 +137,10 @@ class CudaContext {
   // GEMMs (CudaModelOptions::float_gemm: evaluation and exactness checks; fp32 outputs only, so
   // fp32 activation storage). The backward products are bf16 either way.
   FloatGemm float_gemm = FloatGemm::bf16;
+  // Which kernel runs the ternary forward products (CudaModelOptions::forward_gemm, run.forward_gemm):
+  // cuBLASLt IMMA + epilogue, or the fused int8 kernel where bitlinear_fused_supported allows it.
+  // Bit-identical results either way.
+  ForwardGemm forward_gemm = ForwardGemm::cublaslt;
 
   // A projection without a norm of its own (Model::proj_forward / proj_backward: the Transformer++
   // and BitNet SubLN kinds, whose input the module normalized), one implementation for both modes:

@@ -118,6 +118,7 @@ struct CudaModel::Impl {
     PL_CHECK(opt.float_gemm == FloatGemm::bf16 || !opt.bf16_activations, internal,
              "CudaModelOptions: float_gemm = fp32 writes fp32 outputs, so it needs bf16_activations = false");
     g.float_gemm = opt.float_gemm;
+    g.forward_gemm = opt.forward_gemm;
     head_rows = g.head_rows;
   }
 
@@ -509,7 +510,9 @@ const char* CudaModel::category_name(int c) {
 
 int64_t CudaModel::device_bytes() const { return impl_->g.bytes; }
 int64_t CudaModel::library_bytes() const {
-  return static_cast<int64_t>(impl_->g.blas.workspace_bytes()) + impl_->g.blas_staging;
+  const CudaContext& g = impl_->g;  // the fused forward products write no int32 staging
+  const bool staging = g.forward_gemm == ForwardGemm::cublaslt || !g.all_fused_shapes;
+  return static_cast<int64_t>(g.blas.workspace_bytes()) + (staging ? g.blas_staging : 0);
 }
 
 int64_t CudaModel::peak_bytes() const {

@@ -83,6 +83,9 @@ struct CudaModelOptions {
   // GEMMs, with which (and fp32 storage, which it needs) the forward is the CPU model's up to float
   // summation order: what inference-style checks use (tests/test_import_llama_cuda.cpp).
   FloatGemm float_gemm = FloatGemm::bf16;
+  // The ternary BitLinear forward products (run.forward_gemm): cuBLASLt IMMA + a separate epilogue, or
+  // the fused int8 kernel (model/ops/gemm_cuda.h, path C). Bit-identical; only the speed differs.
+  ForwardGemm forward_gemm = ForwardGemm::cublaslt;
 };
 
 class CudaModel {

@@ -7,8 +7,9 @@
 //         GEMM, and the per-token factor β/s as cuBLASLt's per-row alpha vector (row-ordered output)
 //         where cuBLASLt offers it, else the same separate epilogue. Every partial sum is an integer
 //         of magnitude ≤ 128·K, exact in fp32 while 128·K ≤ 2^24, i.e. K ≤ 131072.
-// Both give results bit-identical to bitlinear_forward_cpu (one fp32 multiply per output, after an
-// exact sum). The backward products are plain bf16 GEMMs with fp32 accumulation (gemm_bf16_cuda).
+// A third path, the fused int8 kernel (path C below, model/ops/gemm_fused.cu), is IMMA with the
+// epilogue in its registers. All give results bit-identical to bitlinear_forward_cpu (one fp32
+// multiply per output, after an exact sum). The backward products are plain bf16 GEMMs with fp32 accumulation (gemm_bf16_cuda).
 // bench/bench_gemm_cuda.cpp measures them; bench/RESULTS.md has the figures and the choice.
 //
 // Everything here exists only in CUDA builds (PEERLESS_HAVE_CUDA); the header itself needs no CUDA
@@ -18,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "model/ops/cuda_fwd.h"
 #include "model/ops/gemm.h"
@@ -91,6 +93,34 @@ void bitlinear_matmul_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const 
 void bitlinear_matmul_residual_cuda(BlasLt& blas, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
                                     const int8_t* w_codes, const float* a_scale, float beta, const float* residual,
                                     float* y, cudaStream_t stream);
+
+// ---- forward path C: one fused int8 kernel (model/ops/gemm_fused.cu) ---------------------------------
+// y (M,N) = [residual +] float(a_codes · w_codesᵀ) · (β / s[m]) in one kernel: int8 tensor cores
+// (mma.sync through inline PTX) and the epilogue applied to the accumulators in registers, so the
+// int32 product is never stored. The same arithmetic as bitlinear_matmul_cuda /
+// bitlinear_matmul_residual_cuda, hence bit-identical results. `y` is float* or bf16* as `out` says;
+// residual (fp32 output only) may be null or alias y. Needs N and K positive multiples of 16, K ≤ 2^24,
+// a_codes and w_codes 16-byte aligned, y and residual 8-byte aligned, M ≤ 65535·128 (checked: an
+// error, not a fallback; ask bitlinear_fused_supported first).
+// `tile`: the block's width in features (128: two blocks per SM; 256: one, half the shared-memory
+// reads per mma); automatic takes 256 where N % 256 == 0 and M ≥ 8192, a guess until bench_gemm_cuda
+// (fused_128 and fused_256 columns) has measured both. Every tile gives the same bits.
+enum class FusedTile { automatic, n128, n256 };
+// The tile FusedTile::automatic takes for an (M, N) product.
+FusedTile fused_tile_for(int64_t M, int64_t N);
+void bitlinear_matmul_fused_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
+                                 const float* a_scale, float beta, GemmOut out, void* y, const float* residual,
+                                 cudaStream_t stream, FusedTile tile = FusedTile::automatic);
+// Whether bitlinear_matmul_fused_cuda takes this call (residual may be null).
+bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
+                               const void* residual);
+
+// Which kernel runs the model's BitLinear forward products (CudaModelOptions::forward_gemm, the key
+// run.forward_gemm): cuBLASLt IMMA + the separate epilogue, or the fused kernel where it applies
+// (bitlinear_fused_supported; the cuBLASLt path otherwise). Both exact and bit-identical.
+enum class ForwardGemm { cublaslt, fused };
+// The value of run.forward_gemm ("cublaslt" or "fused"); anything else is a config error naming the key.
+ForwardGemm forward_gemm_from(const std::string& value);
 
 // ---- forward path B: bf16 tensor cores on exact codes ----------------------------------------------
 enum class Epilogue {
