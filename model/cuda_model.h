@@ -21,10 +21,15 @@
 //
 // Activation memory (the plan; bytes per token per block at d, GLU width I, A = 2 for bf16 storage,
 // 4 for fp32): the backward keeps only what it cannot recompute cheaply:
-//   x_in, x_mid            fp32 residual stream (the norms' inputs)                8d
+//   x_in                   fp32 residual stream entering the block (the norm's input)  4d
 //   î, f̂, h, ĝ             the scan's inputs and output, the gate's input          4d·A
 //   [a | u]                the GLU input                                           2I·A
-// (+ three rstd per token). Nothing else is stored: the normalised block inputs, f, gn, o, z and every
+// (+ three rstd per token). x_mid, the stream after the token mixer (the channel mixer's input), is
+// rebuilt in the backward just before the channel mixer's backward needs it, by the token mixer's
+// own forward tail (CudaModule::recompute_output: the gate kernel's codes, the o product with the
+// residual x_in; the same kernels on the same inputs, so bit for bit), into one buffer for all
+// blocks: one d × d int8 GEMM and the gate kernel per block again, ~3% of a step, for 4d bytes.
+// Nothing else is stored: the normalised block inputs, f, gn, o, z and every
 // BitLinear's quantized input are recomputed inside fused kernels (model/ops/norm_quant.h), which
 // read what is kept and write only what the next GEMM needs:
 //   block norm + BitLinear norm+quant   x_in → i, f, g codes (one read); x_mid → gate codes
@@ -33,8 +38,8 @@
 // each with a recomputation variant for the backward that writes a/s in bf16 (the weight gradient's
 // operand; no int8 codes are kept) and a fused backward (the norms' backwards, the GLU's or the
 // gate's, into dx or into the next bf16 GEMM operand). f is recomputed inside the scan backward.
-// At d 1024, I 2816: 27 KiB per token per block with bf16 storage (86 KiB when everything was kept
-// in fp32), 46.5 KiB with fp32 storage.
+// At d 1024, I 2816: 23 KiB per token per block with bf16 storage (86 KiB when everything was kept
+// in fp32; 27 KiB with x_mid kept), 42 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
 // never exist at once.
 // With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,

@@ -30,8 +30,8 @@ class MlgruCuda final : public CudaModule {
     // The mixer norm and the i, f, g BitLinears' norm+quant in one kernel, then the three products.
     const float* gains[3] = {g.P(b_.i_gain), g.P(b_.f_gain), g.P(b_.g_gain)};
     g.tick(ph_other);
-    norm_norm_quant_forward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_codes.get(),
-                                 g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
+    norm_norm_quant_forward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_codes.get(), g.q_scale.get(),
+                                 g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.product(b_.i_w, M, ihat_.get(), nullptr, g.q_codes.get(), g.q_scale.get());
     g.product(b_.f_w, M, fhat_.get(), nullptr, g.q_codes.get() + M * d_, g.q_scale.get() + M);
@@ -42,15 +42,14 @@ class MlgruCuda final : public CudaModule {
     mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
                             static_cast<A*>(nullptr), h_.get(), g.stream);
     g.tick(ph_scan);
-    // o = gate(RMSNorm_g(ĝ), h): the gate, both norms and the quantizer in one kernel (gn and o never
-    // in memory), then the product with the residual add.
-    const GateForm form = g.host.gate_form();
-    gate_act_quant_forward_cuda(form, nd, ghat_.get(), h_.get(), form == GateForm::code ? g.P(b_.g_norm) : nullptr,
-                                g_rstd_.get(), g.P(b_.o_gain), g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(),
-                                g.stream, g.qs(d_));
-    g.tick(ph_gate_path);
-    g.product(b_.o_w, M, x_out, x_in);
-    if (g.adapted(b_.o_w)) g.adapter_forward(b_.o_w, M, o_input(g, M), x_out);
+    output(g, M, x_in, x_out);
+  }
+
+  // x_mid, the stream after this mixer, is not kept (cuda_model.h, "Activation memory"): rebuilt in
+  // the backward by the forward's own tail on the same inputs, so bit for bit.
+  bool recomputes_output() const override { return true; }
+  void recompute_output(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
+    output(g, s.tokens(), x_in, x_out);
   }
 
   void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
@@ -79,8 +78,8 @@ class MlgruCuda final : public CudaModule {
     for (int j = 0; j < 3; ++j)  // LoRA: the adapters' dx̃ into the same slices
       if (g.adapted(ifg_w(j)))
         g.adapter_backward(ifg_w(j), M, ifg_input(g, M, x_in, j), difg[j], d_, g.dxt.get() + j * M * d_);
-    norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_rstd.get(), g.dxt.get(),
-                                  dx, g.G(b_.mixer_norm), dgains, g.norm_ws.get(), g.stream);
+    norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_rstd.get(), g.dxt.get(), dx,
+                                  g.G(b_.mixer_norm), dgains, g.norm_ws.get(), g.stream);
     g.tick(ph_norm_quant);
   }
 
@@ -103,6 +102,19 @@ class MlgruCuda final : public CudaModule {
                                  g.P(b_.o_gain), g.q_rstd.get(), g.dxt.get(), dh, dghat, g.G(b_.o_gain),
                                  code ? g.G(b_.g_norm) : nullptr, g.norm_ws.get(), g.stream);
     g.tick(ph_gate_path);
+  }
+
+  // x_out = x_in + o_proj(o), o = gate(RMSNorm_g(ĝ), h): the gate, both norms and the quantizer in
+  // one kernel (gn and o never in memory), then the product with the residual add.
+  void output(CudaContext& g, int64_t M, const float* x_in, float* x_out) {
+    const GateForm form = g.host.gate_form();
+    g.tick(ph_other);
+    gate_act_quant_forward_cuda(form, RmsNormShape{M, d_, g.eps}, ghat_.get(), h_.get(),
+                                form == GateForm::code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(), g.P(b_.o_gain),
+                                g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
+    g.tick(ph_gate_path);
+    g.product(b_.o_w, M, x_out, x_in);
+    if (g.adapted(b_.o_w)) g.adapter_forward(b_.o_w, M, o_input(g, M), x_out);
   }
 
   // LoRA (CudaContext::adapter_forward): the i, f, g projections (j = 0, 1, 2), their outputs, and
