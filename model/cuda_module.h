@@ -1,9 +1,9 @@
 // The CUDA half of a module kind (model/module.h): the same sub-layer x_out = x_in + f(RMSNorm(x_in))
 // on device buffers, with the kind's fused kernels. The GPU model (model/cuda_model.h) keeps the
 // residual stream entering every module (but the output of one that recomputes it) and walks the
-// modules in order; everything else a kind
-// needs between its forward and its backward (the activations it saves, in the storage type the
-// model chose) it allocates when it is built and keeps here. Included by .cu files only.
+// modules in order; everything else a kind needs between its forward and its backward (the
+// activations it saves, in the storage type the model chose) it allocates when it is built and
+// keeps here. Included by .cu files only.
 //
 // Kinds with a CUDA half are listed in model/modules/cuda_registry.cu (one line each); a kind without
 // one is a config error on run.device = "cuda" that names its config key.
