@@ -22,30 +22,32 @@
 // Activation memory (the plan; bytes per token per block at d, GLU width I, A = 2 for bf16 storage,
 // 4 for fp32): the backward keeps only what it cannot recompute cheaply:
 //   x_in                   fp32 residual stream entering the block (the norm's input)  4d
-//   î, f̂, h, ĝ             the scan's inputs and output, the gate's input          4d·A
+//   î, f̂, ĝ                the scan's inputs, the gate's input                     3d·A
 //   [a | u]                the GLU input                                           2I·A
-// (+ three rstd per token). x_mid, the stream after the token mixer (the channel mixer's input), is
-// rebuilt in the backward just before the channel mixer's backward needs it, by the token mixer's
-// own forward tail (CudaModule::recompute_output: the gate kernel's codes, the o product with the
-// residual x_in; the same kernels on the same inputs, so bit for bit), into one buffer for all
-// blocks: one d × d int8 GEMM and the gate kernel per block again, ~3% of a step, for 4d bytes.
-// Nothing else is stored: the normalised block inputs, f, gn, o, z and every
-// BitLinear's quantized input are recomputed inside fused kernels (model/ops/norm_quant.h), which
-// read what is kept and write only what the next GEMM needs:
+// (+ three rstd per token). Rebuilt in the backward, just before the channel mixer's backward, by
+// the token mixer's own forward tail (CudaModule::recompute_output; the same kernels on the same
+// inputs, so bit for bit): h by the scan from î, f̂ and the lower bound (memory-bound: A·3d bytes
+// a token), kept for the MLGRU backward in one buffer for all blocks (CudaContext::carry); then
+// x_mid, the stream after the token mixer (the channel mixer's input), by the gate kernel's codes
+// and the o product with the residual x_in, into xf's buffer: one d × d int8 GEMM and the gate
+// kernel per block again, ~3% of a step, for 4d bytes (and d·A for h). Nothing else is stored:
+// the normalised block inputs, f, gn, o, z and every BitLinear's quantized input are recomputed
+// inside fused kernels (model/ops/norm_quant.h), which read what is kept and write only what the
+// next GEMM needs:
 //   block norm + BitLinear norm+quant   x_in → i, f, g codes (one read); x_mid → gate codes
 //   GLU + down norm+quant               [a|u] → down codes (z never exists)
 //   gate + both norms + o norm+quant    ĝ, h → o codes (gn, o never exist)
 // each with a recomputation variant for the backward that writes a/s in bf16 (the weight gradient's
 // operand; no int8 codes are kept) and a fused backward (the norms' backwards, the GLU's or the
 // gate's, into dx or into the next bf16 GEMM operand). f is recomputed inside the scan backward.
-// At d 1024, I 2816: 23 KiB per token per block with bf16 storage (86 KiB when everything was kept
-// in fp32; 27 KiB with x_mid kept), 42 KiB with fp32 storage.
+// At d 1024, I 2816: 21 KiB per token per block with bf16 storage (86 KiB when everything was kept
+// in fp32; 27 KiB with x_mid and h kept), 38 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
 // never exist at once.
 // With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,
-// [a|u] as bf16; the scan stores h as bf16 and the gate reads that), so what the backward
+// [a|u] as bf16; the scan writes h as bf16 and the gate reads that), so what the backward
 // recomputes equals what the forward used; the one exception is the scan's own recurrence, which
-// carries h in fp32 while its backward reads the stored bf16 h_{t−1} (a bf16 rounding in df). The
+// carries h in fp32 while its backward reads the rebuilt bf16 h_{t−1} (a bf16 rounding in df). The
 // model trains on the bf16-rounded activations, like the reference's bf16 autocast. fp32 storage
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //

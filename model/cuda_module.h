@@ -46,6 +46,7 @@ class CudaModule {
   // on the same inputs), says so; the model then keeps no copy of its x_out (cuda_model.h,
   // "Activation memory") and, in every backward, calls recompute_output into a buffer of its own
   // just before the next module's backward (which reads it as its x_in), then this one's backward.
+  // What it rebuilds on the way may stay for that backward in CudaContext::carry.
   virtual bool recomputes_output() const { return false; }
   virtual void recompute_output(CudaContext&, const CudaStep&, const float* /*x_in*/, float* /*x_out*/) {}
   // The expert ids the last forward retrieved ((tokens, heads, k) on the device, global rows), for

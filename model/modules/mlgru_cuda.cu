@@ -1,6 +1,7 @@
 // The MLGRU token mixer's CUDA half (model/cuda_module.h; the CPU half is mlgru_mixer.cpp). Saved per
-// token (cuda_model.h, "Activation memory"): î, f̂, h, ĝ in the storage type A and three rstd; the
-// normalised input, f, gn, o and every BitLinear's quantized input are recomputed by fused kernels.
+// token (cuda_model.h, "Activation memory"): î, f̂, ĝ in the storage type A and two rstd; the
+// normalised input, f, gn, o and every BitLinear's quantized input are recomputed by fused kernels,
+// and h and the output x_mid by the scan and the forward's tail again (recompute_output).
 #include <type_traits>
 
 #include "model/cuda_module.h"
@@ -18,7 +19,8 @@ class MlgruCuda final : public CudaModule {
   MlgruCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), layer_(b.layer), d_(g.host.config().d_model) {
     const int64_t M = g.max_tokens;
     for (auto* buf : {&rstd1_, &g_rstd_}) buf->resize(M, g.bytes);
-    for (auto* buf : {&ihat_, &fhat_, &h_, &ghat_}) buf->resize(M * d_, g.bytes);
+    for (auto* buf : {&ihat_, &fhat_, &ghat_}) buf->resize(M * d_, g.bytes);
+    g.reserve_carry(sizeof(A) * M * d_);  // h, from the scan to the gate, and from recompute_output to backward
     g.reserve(s_dh, sizeof(float) * M * d_);
     for (int slot : {s_dihat, s_dfhat, s_dghat}) g.reserve(slot, sizeof(bf16) * M * d_);
     g.reserve(s_scan_ws, sizeof(float) * M * d_);  // B·d ≤ M·d
@@ -38,18 +40,15 @@ class MlgruCuda final : public CudaModule {
     g.product(b_.g_w, M, ghat_.get(), nullptr, g.q_codes.get() + 2 * M * d_, g.q_scale.get() + 2 * M);
     for (int j = 0; j < 3; ++j)  // LoRA: each adapter on its x̃ (none: nothing runs)
       if (g.adapted(ifg_w(j))) g.adapter_forward(ifg_w(j), M, ifg_input(g, M, x_in, j), ifg_out(j));
-    g.tick(ph_other);
-    mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
-                            static_cast<A*>(nullptr), h_.get(), g.stream);
-    g.tick(ph_scan);
-    output(g, M, x_in, x_out);
+    scan_and_output(g, s, x_in, x_out);
   }
 
-  // x_mid, the stream after this mixer, is not kept (cuda_model.h, "Activation memory"): rebuilt in
-  // the backward by the forward's own tail on the same inputs, so bit for bit.
+  // Neither h nor x_mid, the stream after this mixer, is kept (cuda_model.h, "Activation memory"):
+  // both rebuilt before the channel mixer's backward by the forward's own scan and tail on the same
+  // inputs, so bit for bit; h stays in g.carry for this mixer's backward, which needs it.
   bool recomputes_output() const override { return true; }
   void recompute_output(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
-    output(g, s.tokens(), x_in, x_out);
+    scan_and_output(g, s, x_in, x_out);
   }
 
   void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
@@ -60,7 +59,7 @@ class MlgruCuda final : public CudaModule {
     o_backward(g, M, dx, dh, dghat);
     g.tick(ph_other);
     mlgru_scan_backward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
-                             static_cast<const A*>(nullptr), h_.get(), dh, dihat, dfhat, s.dlb + layer_ * d_,
+                             static_cast<const A*>(nullptr), h(g), dh, dihat, dfhat, s.dlb + layer_ * d_,
                              g.scratch<float>(s_scan_ws), g.stream);
     g.tick(ph_scan);
     // i, f, g: their a/s recomputed from x_in through both norms (one kernel), the three products into
@@ -93,23 +92,28 @@ class MlgruCuda final : public CudaModule {
     g.tick(ph_other);
     rows_to_bf16_cuda(M, d_, dy, nullptr, g.dy_bf.get(), g.stream);
     g.tick(ph_gemm_backward);
-    gate_act_quant_dequant_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
+    gate_act_quant_dequant_cuda(form, ns, ghat_.get(), h(g), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
                                 g.P(b_.o_gain), g.a_bf.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_gate_path);
     g.backward_products(b_.o_w, M, g.dy_bf.get());
     if (g.adapted(b_.o_w)) g.adapter_backward(b_.o_w, M, o_input(g, M), g.dy_bf.get(), d_, g.dxt.get());
-    gate_act_quant_backward_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
+    gate_act_quant_backward_cuda(form, ns, ghat_.get(), h(g), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
                                  g.P(b_.o_gain), g.q_rstd.get(), g.dxt.get(), dh, dghat, g.G(b_.o_gain),
                                  code ? g.G(b_.g_norm) : nullptr, g.norm_ws.get(), g.stream);
     g.tick(ph_gate_path);
   }
 
-  // x_out = x_in + o_proj(o), o = gate(RMSNorm_g(ĝ), h): the gate, both norms and the quantizer in
-  // one kernel (gn and o never in memory), then the product with the residual add.
-  void output(CudaContext& g, int64_t M, const float* x_in, float* x_out) {
+  // h (in g.carry) from î, f̂; then x_out = x_in + o_proj(o), o = gate(RMSNorm_g(ĝ), h): the gate,
+  // both norms and the quantizer in one kernel (gn and o never in memory), the product with the
+  // residual add.
+  void scan_and_output(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) {
+    const int64_t M = s.tokens();
     const GateForm form = g.host.gate_form();
     g.tick(ph_other);
-    gate_act_quant_forward_cuda(form, RmsNormShape{M, d_, g.eps}, ghat_.get(), h_.get(),
+    mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
+                            static_cast<A*>(nullptr), h(g), g.stream);
+    g.tick(ph_scan);
+    gate_act_quant_forward_cuda(form, RmsNormShape{M, d_, g.eps}, ghat_.get(), h(g),
                                 form == GateForm::code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(), g.P(b_.o_gain),
                                 g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_gate_path);
@@ -137,14 +141,15 @@ class MlgruCuda final : public CudaModule {
       PL_CUDA_CHECK(cudaMemcpyAsync(gn, ghat_.get(), sizeof(float) * M * d_, cudaMemcpyDeviceToDevice, g.stream));
     else
       bf16_rows_to_float_cuda(M, d_, ghat_.get(), d_, gn, g.stream);
-    output_gate_forward_cuda(form, M * d_, gn, h_.get(), o, g.stream);
+    output_gate_forward_cuda(form, M * d_, gn, h(g), o, g.stream);
     return g.norm_input(b_.o_gain, M, d_, o, gn);
   }
 
   const BlockParams& b_;
   const int64_t layer_, d_;
   DevBuf<float> rstd1_, g_rstd_;
-  DevBuf<A> ihat_, fhat_, h_, ghat_;
+  DevBuf<A> ihat_, fhat_, ghat_;
+  A* h(const CudaContext& g) const { return g.carry<A>(); }
 };
 
 }  // namespace
