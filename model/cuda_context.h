@@ -115,7 +115,8 @@ class CudaContext {
   DevBuf<float> dxt, norm_ws;      // dx̃ (M, wide); the norm backwards' partials
 
   // Scratch of one module's forward or backward, by slot (nothing in it survives to the next
-  // module). Modules reserve() what they need when they are built, so a step allocates nothing.
+  // module). Modules reserve() what they need when they are built, so a step allocates nothing. The
+  // LM head and the final norm use slots 0 and 1 too (CudaModel: no module runs then).
   void reserve(int slot, int64_t bytes_needed);
   template <typename T>
   T* scratch(int slot) const {

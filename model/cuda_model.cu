@@ -80,11 +80,15 @@ struct CudaModel::Impl {
   std::vector<DevBuf<float>> resid;
   std::vector<bool> rebuilt;
   DevBuf<float> lb, dlb, rstd_f, losses;
-  // The final norm's output, one chunk of logits, the stream's gradient, the final norm's dy. xf also
-  // holds the stream after each module that recomputes its output: written and read by the next
-  // module in the forward before the final norm writes xf; rebuilt in the backward after the head's
-  // backward last read it.
-  DevBuf<float> xf, logits, dx, t0;
+  // The final norm's output and the stream's gradient. xf also holds the stream after each module
+  // that recomputes its output: written and read by the next module in the forward before the final
+  // norm writes xf; rebuilt in the backward after the head's backward last read it.
+  DevBuf<float> xf, dx;
+  // One chunk of the head's logits and the final norm's dy (M, d) live in the modules' scratch slots
+  // (CudaContext::reserve): no module runs from the final norm's forward to its backward.
+  enum HeadSlot { s_logits, s_t0 };
+  float* logits() const { return g.scratch<float>(s_logits); }
+  float* t0() const { return g.scratch<float>(s_t0); }
   DevBuf<double> partials;  // the gradient norm's block sums
   // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
   // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
@@ -178,9 +182,10 @@ struct CudaModel::Impl {
     const DeviceUseScope use(DeviceUse::scratch);
     lb.resize(L * d, bytes);
     dlb.resize(L * d, bytes);
-    for (auto* b : {&xf, &dx, &t0}) b->resize(M * d, bytes);
+    for (auto* b : {&xf, &dx}) b->resize(M * d, bytes);
     losses.resize(M, bytes);
-    logits.resize(head_rows * V, bytes);
+    g.reserve(s_logits, static_cast<int64_t>(sizeof(float)) * head_rows * V);
+    g.reserve(s_t0, static_cast<int64_t>(sizeof(float)) * M * d);
     g.allocate_linears(3 * d);  // i, f, g side by side
     emb_ws.resize(static_cast<int64_t>(embedding_backward_workspace(M)), bytes);
     partials.resize(kNormBlocks, bytes);
@@ -212,7 +217,7 @@ double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_
 
   float* dxp = dx.get();
   PL_CUDA_CHECK(cudaMemsetAsync(dlb.get(), 0, sizeof(float) * L * d, s));
-  g.norm_backward(RmsNormShape{M, d, g.eps}, resid[n].get(), P(idx.final_norm), rstd_f.get(), t0.get(), dxp,
+  g.norm_backward(RmsNormShape{M, d, g.eps}, resid[n].get(), P(idx.final_norm), rstd_f.get(), t0(), dxp,
                   G(idx.final_norm), false);
   final_params({idx.head_w == idx.embed ? -1 : idx.head_w, idx.head_gain, idx.final_norm});
   for (int64_t i = n - 1; i >= 0; --i) {
@@ -239,16 +244,16 @@ double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward
   rmsnorm_forward_cuda(RmsNormShape{M, d, g.eps}, resid.back().get(), P(idx.final_norm), xf.get(), rstd_f.get(), s);
   for (int64_t r0 = 0; r0 < M; r0 += head_rows) {
     const int64_t rows = std::min(head_rows, M - r0);
-    g.head_forward(rows, xf.get() + r0 * d, logits.get(), r0 == 0);
+    g.head_forward(rows, xf.get() + r0 * d, logits(), r0 == 0);
     g.tick(ph_other);
     if (logits_out) {  // forward_logits: the chunk to the host (stream-ordered before the next chunk)
       PL_CUDA_CHECK(
-          cudaMemcpyAsync(logits_out + r0 * V, logits.get(), sizeof(float) * rows * V, cudaMemcpyDeviceToHost, s));
+          cudaMemcpyAsync(logits_out + r0 * V, logits(), sizeof(float) * rows * V, cudaMemcpyDeviceToHost, s));
       continue;
     }
-    cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
+    cross_entropy_cuda(rows, V, logits(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
     g.tick(ph_loss);
-    if (backward) g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0.get() + r0 * d);
+    if (backward) g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0() + r0 * d);
   }
   if (logits_out) {
     PL_CUDA_CHECK(cudaStreamSynchronize(s));  // the caller reads logits_out

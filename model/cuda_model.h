@@ -43,7 +43,8 @@
 // At d 1024, I 2816: 21 KiB per token per block with bf16 storage (86 KiB when everything was kept
 // in fp32; 27 KiB with x_mid and h kept), 38 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
-// never exist at once.
+// never exist at once; the chunk's logits and the final norm's dy take the modules' scratch slots
+// (no module runs between the final norm's forward and its backward).
 // With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,
 // [a|u] as bf16; the scan writes h as bf16 and the gate reads that), so what the backward
 // recomputes equals what the forward used; the one exception is the scan's own recurrence, which

@@ -64,8 +64,7 @@ TEST_P(RecomputeCuda, mlgru_rebuilds_x_mid_and_h_bit_for_bit) {
   g.codes.resize(model.layout().code_total(), g.bytes);
   PL_CUDA_CHECK(cudaMemcpy(g.params.get(), params.data(), sizeof(float) * total, cudaMemcpyHostToDevice));
   PL_CUDA_CHECK(cudaMemset(g.grads.get(), 0, sizeof(float) * total));
-  PL_CUDA_CHECK(
-      cudaMemcpy(g.codes.get(), model.codes().data(), model.layout().code_total(), cudaMemcpyHostToDevice));
+  PL_CUDA_CHECK(cudaMemcpy(g.codes.get(), model.codes().data(), model.layout().code_total(), cudaMemcpyHostToDevice));
   g.betas = model.betas();
   const Module& mixer = *model.modules()[2 * layer];
   ASSERT_EQ(std::string(mixer.kind()), "mlgru");

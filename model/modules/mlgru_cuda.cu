@@ -11,7 +11,7 @@ namespace peerless {
 
 namespace {
 
-enum Slot { s_dh, s_dihat, s_dfhat, s_dghat, s_scan_ws };
+enum Slot { s_dh, s_dihat, s_dfhat, s_dghat };
 
 template <typename A>
 class MlgruCuda final : public CudaModule {
@@ -23,7 +23,6 @@ class MlgruCuda final : public CudaModule {
     g.reserve_carry(sizeof(A) * M * d_);  // h, from the scan to the gate, and from recompute_output to backward
     g.reserve(s_dh, sizeof(float) * M * d_);
     for (int slot : {s_dihat, s_dfhat, s_dghat}) g.reserve(slot, sizeof(bf16) * M * d_);
-    g.reserve(s_scan_ws, sizeof(float) * M * d_);  // B·d ≤ M·d
   }
 
   void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
@@ -60,7 +59,7 @@ class MlgruCuda final : public CudaModule {
     g.tick(ph_other);
     mlgru_scan_backward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
                              static_cast<const A*>(nullptr), h(g), dh, dihat, dfhat, s.dlb + layer_ * d_,
-                             g.scratch<float>(s_scan_ws), g.stream);
+                             scan_workspace(g), g.stream);
     g.tick(ph_scan);
     // i, f, g: their a/s recomputed from x_in through both norms (one kernel), the three products into
     // dxt side by side, then one kernel for the three BitLinear norms' and the mixer norm's backwards.
@@ -150,6 +149,10 @@ class MlgruCuda final : public CudaModule {
   DevBuf<float> rstd1_, g_rstd_;
   DevBuf<A> ihat_, fhat_, ghat_;
   A* h(const CudaContext& g) const { return g.carry<A>(); }
+  // The scan backward's B·d partials of dlb: in dxt (M × 3d floats), which is free from the gate
+  // backward's read of it to the i, f, g products' write (a slot of their own would be M·d floats:
+  // the batch is not known when the buffers are sized).
+  static float* scan_workspace(const CudaContext& g) { return g.dxt.get(); }
 };
 
 }  // namespace
