@@ -1,7 +1,8 @@
 // The GPU model's shared state and BitLinear steps (see cuda_context.h).
+#include "model/cuda_context.h"
+
 #include <type_traits>
 
-#include "model/cuda_context.h"
 #include "model/ops/bitlinear.h"
 #include "model/ops/quant.h"
 
@@ -109,7 +110,7 @@ void CudaContext::allocate_linears(int64_t wide) {
     acc_.resize(max_n, bytes);
     tmp_.resize(max_n, bytes);
   }
-  allocate_head();          // cuda_context_proj.cu
+  allocate_head();        // cuda_context_proj.cu
   allocate_adapters(wide);  // cuda_context_lora.cu
 }
 
@@ -164,7 +165,8 @@ void CudaContext::backward_products(int weight, int64_t rows, const bf16* dy, co
   const int64_t N = w.shape[0], K = w.shape[1];
   if (!a_over_s) a_over_s = a_bf.get(), dxt_out = dxt.get();
   codes_to_bf16_cuda(N * K, C(weight), w_bf.get(), stream);
-  gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt_out, K, stream);
+  gemm_bf16_cuda(blas, Trans::no, Trans::no, rows, K, N, betas[weight], dy, N, w_bf.get(), K, 0.0f, dxt_out, K,
+                 stream);
   if (host.trainable(weight))  // a frozen weight (LoRA base) has no gradient; codes-only ones no span for it
     gemm_bf16_cuda(blas, Trans::yes, Trans::no, N, K, rows, 1.0f, dy, N, a_over_s, K, 1.0f, G(weight), K, stream);
   tick(ph_gemm_backward);

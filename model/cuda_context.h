@@ -50,28 +50,15 @@ struct DevBuf {
 };
 
 // The kinds of GPU work the profiler charges time to (CudaModel::profile).
-enum CudaPhase {
-  ph_norm_quant,
-  ph_glu_path,
-  ph_gate_path,
-  ph_gemm_forward,
-  ph_gemm_backward,
-  ph_scan,
-  ph_peer_layer,
-  ph_attention,
-  ph_loss,
-  ph_embedding,
-  ph_optimizer,
-  ph_other,
-  kCudaPhases
-};
+enum CudaPhase { ph_norm_quant, ph_glu_path, ph_gate_path, ph_gemm_forward, ph_gemm_backward, ph_scan, ph_peer_layer,
+                 ph_attention, ph_loss, ph_embedding, ph_optimizer, ph_other, kCudaPhases };
 
 // Grid-stride launch sizes of the elementwise kernels.
 constexpr int kCudaThreads = 256;
 inline int cuda_blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kCudaThreads - 1) / kCudaThreads, 65535 * 8));
 }
-void add_cuda(float* dst, const float* src, int64_t n, cudaStream_t s);                 // dst += src
+void add_cuda(float* dst, const float* src, int64_t n, cudaStream_t s);               // dst += src
 void add2_cuda(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);  // out = a + b
 // out (rows, cols) fp32 = in (rows, cols) bf16 with row stride ld.
 void bf16_rows_to_float_cuda(int64_t rows, int64_t cols, const bf16* in, int64_t ld, float* out, cudaStream_t s);
@@ -93,7 +80,7 @@ class CudaContext {
   const float eps;
   cudaStream_t stream = nullptr;
   BlasLt blas;
-  int64_t bytes = 0;         // device bytes allocated by the model (DevBuf counters point here)
+  int64_t bytes = 0;  // device bytes allocated by the model (DevBuf counters point here)
   int64_t blas_staging = 0;  // what `blas` grows on the first step for the int32 products (not in bytes)
   DevBuf<float> params, grads;
   DevBuf<int8_t> codes;
@@ -101,7 +88,9 @@ class CudaContext {
 
   // Q-Sparse (model.qsparse, model.qsparse_block) of a BitLinear with input width K, for the fused
   // norm+quant kernels' forward and dequant (model/ops/norm_quant.h); off when model.qsparse = 0.
-  QSparseSel qs(int64_t K) const { return qsparse_sel_for(K, host.config().qsparse, host.config().qsparse_block); }
+  QSparseSel qs(int64_t K) const {
+    return qsparse_sel_for(K, host.config().qsparse, host.config().qsparse_block);
+  }
 
   float* P(int i) const { return params.get() + layout.at(i).offset; }
   float* G(int i) const { return grads.get() + layout.at(i).offset; }
@@ -171,7 +160,8 @@ class CudaContext {
   // Its backward (straight-through) from dy (rows, N) bf16, row stride ldy (0: N): dW += dyᵀ·x (none:
   // x in bf16; ternary: a/s in bf16, recomputed from x); dx (rows, K) = dy·W (none: W in bf16;
   // ternary: β·dy·t, codes exact) overwritten, or added with accumulate; dx null: no input gradient.
-  void proj_backward(int weight, int64_t rows, const float* x, const bf16* dy, int64_t ldy, float* dx, bool accumulate);
+  void proj_backward(int weight, int64_t rows, const float* x, const bf16* dy, int64_t ldy, float* dx,
+                     bool accumulate);
 
   // LoRA (finetune.mode = "lora", model/ops/lora.h; cuda_context_lora.cu): the adapter of a block
   // projection reads x̃ (rows, K) fp32, the float input the projection normalizes and quantizes (a
@@ -223,10 +213,10 @@ class CudaContext {
  private:
   std::vector<DevBuf<char>> scratch_;
   DevBuf<char> carry_;
-  DevBuf<bf16> head_bf_;                    // model.head = "linear" / "tied": the bf16 copy of the (V, d) head weight
-  void allocate_head();                     // its buffers (allocate_linears calls it)
-  DevBuf<int32_t> acc_;                     // (M, max N) int32 products, only for shapes IMMA refuses
-  DevBuf<float> tmp_;                       // (M, max N) the non-IMMA residual path's product
+  DevBuf<bf16> head_bf_;  // model.head = "linear" / "tied": the bf16 copy of the (V, d) head weight
+  void allocate_head();    // its buffers (allocate_linears calls it)
+  DevBuf<int32_t> acc_;  // (M, max N) int32 products, only for shapes IMMA refuses
+  DevBuf<float> tmp_;    // (M, max N) the non-IMMA residual path's product
   DevBuf<float> lora_u_, lora_g_, lora_y_;  // (M, r) A x̃ and dy·B; (M, max N) fp32 dy or Δy
   bool all_imma_ = true;
   std::chrono::steady_clock::time_point last_;

@@ -1,6 +1,8 @@
 // The GPU model (see cuda_model.h): the embedding, every module's CUDA half (model/cuda_module.h,
 // model/modules/*_cuda.cu), the final norm, the chunked head and loss; the gradient norm, the
 // fused optimizer step and the data-parallel reduction. Follows Model::forward / Model::backward.
+#include "model/cuda_model.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -8,7 +10,6 @@
 #include <initializer_list>
 #include <vector>
 
-#include "model/cuda_model.h"
 #include "model/cuda_module.h"
 #include "model/data_parallel_cuda.h"
 #include "model/ops/adamw.h"
@@ -69,7 +70,7 @@ struct CudaModel::Impl {
   const ParamLayout& layout;
   Model::Index idx;
   int64_t max_tokens, d, V, L, head_rows;
-  CudaContext g;  // stream, BLAS, params/grads/codes, the BitLinear steps, scratch
+  CudaContext g;                  // stream, BLAS, params/grads/codes, the BitLinear steps, scratch
   DevBuf<float> m, v;
   DevBuf<int32_t> ids, targets;
   // The modules' CUDA halves in Model::modules() order, and the residual stream entering each:
@@ -89,12 +90,12 @@ struct CudaModel::Impl {
   enum HeadSlot { s_logits, s_t0 };
   float* logits() const { return g.scratch<float>(s_logits); }
   float* t0() const { return g.scratch<float>(s_t0); }
-  DevBuf<double> partials;  // the gradient norm's block sums
+  DevBuf<double> partials;           // the gradient norm's block sums
   // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
   // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
   std::unique_ptr<AdamwTernaryCuda> adamw;  // null with a ZeRO-1 shard (DeviceDataParallel steps)
-  DevBuf<float> betas_dev;                  // (n entries)
-  int64_t state_total = 0;                  // elements of m and v (AdamW::owned())
+  DevBuf<float> betas_dev;  // (n entries)
+  int64_t state_total = 0;  // elements of m and v (AdamW::owned())
   // Data parallel: told of each parameter whose gradient kernels are enqueued (forward_backward).
   Model::GradReady ready;
   uint64_t noise_key = 0;  // set_step_keys
@@ -117,14 +118,10 @@ struct CudaModel::Impl {
     if (ready)
       for (int p : host.modules()[i]->params_backward_order()) ready(p);
   }
-  DevBuf<char> emb_ws;  // the embedding backward's sort
+  DevBuf<char> emb_ws;      // the embedding backward's sort
 
   Impl(Model& h, int64_t tokens, CudaModelOptions o)
-      : host(h),
-        opt(o),
-        layout(h.layout()),
-        idx(h.index()),
-        max_tokens(tokens),
+      : host(h), opt(o), layout(h.layout()), idx(h.index()), max_tokens(tokens),
         g(h, tokens, std::min(tokens, o.head_chunk)) {
     const ModelConfig& c = h.config();
     d = c.d_model, V = c.vocab_size, L = c.n_layers;
@@ -143,11 +140,12 @@ struct CudaModel::Impl {
     const auto& mods = host.modules();
     for (size_t i = 0; i < mods.size(); ++i) {
       const int64_t layer = static_cast<int64_t>(i / 2);
-      const std::string key = i % 2 == 0                               ? "model.token_mixer"
+      const std::string key = i % 2 == 0 ? "model.token_mixer"
                               : mods[i]->kind() == std::string("peer") ? "model.channel_mixer / model.peer_blocks"
                                                                        : "model.channel_mixer";
-      modules.push_back(make_cuda_module(
-          g, CudaModuleBuild{*mods[i], host.blocks()[layer], layer, opt.bf16_activations, opt.peer_round_tokens}, key));
+      modules.push_back(make_cuda_module(g, CudaModuleBuild{*mods[i], host.blocks()[layer], layer,
+                                                            opt.bf16_activations, opt.peer_round_tokens},
+                                         key));
     }
   }
 
@@ -253,7 +251,8 @@ double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward
     }
     cross_entropy_cuda(rows, V, logits(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
     g.tick(ph_loss);
-    if (backward) g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0() + r0 * d);
+    if (backward)
+      g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0() + r0 * d);
   }
   if (logits_out) {
     PL_CUDA_CHECK(cudaStreamSynchronize(s));  // the caller reads logits_out
@@ -272,8 +271,7 @@ double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward
 static void check_adapters_supported(const Model& host) {
   const LoraConfig& lc = host.config().lora;
   if (!lc.on()) return;
-  PL_CHECK(lc.dropout <= 0, config, "finetune.lora_dropout = ", lc.dropout,
-           " with run.device = \"cuda\": the "
+  PL_CHECK(lc.dropout <= 0, config, "finetune.lora_dropout = ", lc.dropout, " with run.device = \"cuda\": the "
            "adapters' dropout mask is drawn on the CPU path only (allowed: 0, or run.device = \"cpu\")");
   static const char* const hooked[] = {"mlgru", "glu", "attention", "swiglu"};
   for (size_t i = 0; i < host.modules().size(); ++i) {
@@ -281,9 +279,8 @@ static void check_adapters_supported(const Model& host) {
     if (std::find(std::begin(hooked), std::end(hooked), kind) != std::end(hooked)) continue;
     for (int p : host.modules()[i]->params_backward_order())
       PL_CHECK(p < 0 || host.lora_adapter(p) < 0, config, "finetune.lora_targets = \"", lc.targets,
-               "\" puts an adapter on ", host.layout().at(p).name, " of ",
-               i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
-               "\", whose CUDA half has no adapters yet (adapters on the "
+               "\" puts an adapter on ", host.layout().at(p).name, " of ", i % 2 == 0 ? "model.token_mixer" :
+               "model.channel_mixer", " = \"", kind, "\", whose CUDA half has no adapters yet (adapters on the "
                "GPU: mlgru, glu, attention, swiglu); narrow finetune.lora_targets or use run.device = \"cpu\"");
   }
 }
@@ -293,8 +290,8 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
   // Every module needs a CUDA half (model/modules/cuda_registry.cu).
   for (size_t i = 0; i < host.modules().size(); ++i) {
     const std::string kind = host.modules()[i]->kind();
-    PL_CHECK(has_cuda_module(kind), config,
-             "run.device = \"cuda\": ", i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
+    PL_CHECK(has_cuda_module(kind), config, "run.device = \"cuda\": ",
+             i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
              "\" has no CUDA kernels yet (its kernels are CPU-only so far); use run.device = \"cpu\"");
   }
   if (host.n_peer_layers() > 0) {
@@ -307,9 +304,8 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              "outputs in float, so its bits depend on the number of shards; set parallel.deterministic = off");
   }
   // The PKM value table sharded over the expert group runs on the CPU only (model/pkm_values_parallel.h).
-  PL_CHECK(c.channel_mixer != "pkm" || !host.experts_sharded(), config,
-           "parallel.expert_parallel = ", host.expert_shard().shards,
-           " with model.channel_mixer = \"pkm\" on run.device = \"cuda\": the GPU keeps "
+  PL_CHECK(c.channel_mixer != "pkm" || !host.experts_sharded(), config, "parallel.expert_parallel = ",
+           host.expert_shard().shards, " with model.channel_mixer = \"pkm\" on run.device = \"cuda\": the GPU keeps "
            "the whole value table on every rank (the sharded value exchange is CPU-only); set "
            "parallel.expert_parallel = 1 or run.device = \"cpu\"");
   // model.quant = "none": only kinds whose CUDA half has the full-precision form (cuda_registry.cu).
@@ -319,23 +315,18 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
              "\" has ternary CUDA kernels only; use model.quant = \"ternary\" or run.device = \"cpu\"");
   }
-  PL_CHECK(
-      c.token_mixer != "attention" || attention_cuda_head_dim_supported(c.attn_head_dim(), AttentionPrecision::fp32),
-      config,
-      "run.device = \"cuda\": the attention kernels take a head dimension of 8, 16, 32, 64 or 128 "
-      "(model.head_dim, or model.d_model / model.n_heads = ",
-      c.attn_head_dim(), ")");
-  PL_CHECK(c.head != "bitlinear" || host.quantized(), config,
-           "run.device = \"cuda\": model.head = \"bitlinear\" "
+  PL_CHECK(c.token_mixer != "attention" || attention_cuda_head_dim_supported(c.attn_head_dim(), AttentionPrecision::fp32),
+           config, "run.device = \"cuda\": the attention kernels take a head dimension of 8, 16, 32, 64 or 128 "
+           "(model.head_dim, or model.d_model / model.n_heads = ", c.attn_head_dim(), ")");
+  PL_CHECK(c.head != "bitlinear" || host.quantized(), config, "run.device = \"cuda\": model.head = \"bitlinear\" "
            "with model.quant = \"none\" (the full-precision BitLinear head) is CPU-only; use model.head = \"linear\" "
            "or \"tied\", or run.device = \"cpu\"");
   check_adapters_supported(host);
-  PL_CHECK(!adam.lazy_tables(), config,
-           "run.device = \"cuda\" updates PEER tables with dense AdamW only "
+  PL_CHECK(!adam.lazy_tables(), config, "run.device = \"cuda\" updates PEER tables with dense AdamW only "
            "(optim.table_optimizer = \"lazy_adam\" is CPU-only)");
   PL_CHECK(c.d_model <= kNormQuantMaxDim && host.intermediate() <= kNormQuantMaxDim, config,
-           "run.device = \"cuda\": model.d_model and model.intermediate (the GLU width) must be <= ", kNormQuantMaxDim,
-           " (got ", c.d_model, " and ", host.intermediate(), ")");
+           "run.device = \"cuda\": model.d_model and model.intermediate (the GLU width) must be <= ", kNormQuantMaxDim, " (got ",
+           c.d_model, " and ", host.intermediate(), ")");
 }
 
 CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOptions options)
@@ -357,8 +348,7 @@ CudaModel::CudaModel(Model& host, const AdamW& adam, int64_t tokens, CudaModelOp
   }
   for (size_t i = 0; i < host.layout().entries().size(); ++i) {
     const ParamInfo& p = host.layout().entries()[i];
-    if (!host.trainable(static_cast<int>(i)) && p.numel > 0)
-      impl_->frozen_spans.push_back({p.offset, p.offset + p.numel});
+    if (!host.trainable(static_cast<int>(i)) && p.numel > 0) impl_->frozen_spans.push_back({p.offset, p.offset + p.numel});
   }
 }
 
@@ -375,8 +365,7 @@ void CudaModel::upload(const float* params, const AdamW& adam) {
   PL_CUDA_CHECK(cudaMemcpyAsync(im.v.get(), adam.v().data(), state, cudaMemcpyHostToDevice, g.stream));
   const auto& codes = im.host.codes();
   const int64_t code_total = g.layout.code_total();  // a codes-only base's codes too (never requantized here)
-  PL_CHECK(static_cast<int64_t>(codes.size()) == code_total, internal,
-           "CudaModel::upload: the host model has no codes");
+  PL_CHECK(static_cast<int64_t>(codes.size()) == code_total, internal, "CudaModel::upload: the host model has no codes");
   PL_CUDA_CHECK(cudaMemcpyAsync(g.codes.get(), codes.data(), code_total, cudaMemcpyHostToDevice, g.stream));
   g.betas = im.host.betas();
   PL_CHECK(g.betas.size() == g.layout.entries().size(), internal, "CudaModel::upload: the host model has no β");
@@ -444,12 +433,10 @@ std::vector<Module::AuxLoss> CudaModel::aux_losses() {
   std::vector<Module::AuxLoss> sum;
   for (const auto& m : impl_->modules)
     for (const Module::AuxLoss& a : m->aux_losses(impl_->g)) {
-      auto it =
-          std::find_if(sum.begin(), sum.end(), [&](const Module::AuxLoss& s) { return std::string(s.name) == a.name; });
-      if (it == sum.end())
-        sum.push_back(a);
-      else
-        it->value += a.value;
+      auto it = std::find_if(sum.begin(), sum.end(),
+                             [&](const Module::AuxLoss& s) { return std::string(s.name) == a.name; });
+      if (it == sum.end()) sum.push_back(a);
+      else it->value += a.value;
     }
   return sum;
 }
@@ -481,8 +468,8 @@ void CudaModel::update_buffers(int64_t micro_batches) {
   const float inv = 1.f / static_cast<float>(std::max<int64_t>(1, micro_batches));
   for (const ParamInfo& p : g.layout.entries()) {
     if (p.kind != ParamKind::buffer) continue;
-    update_buffer_kernel<<<cuda_blocks_for(p.numel), kThreads, 0, g.stream>>>(
-        g.params.get() + p.offset, g.grads.get() + p.offset, p.numel, m, inv);
+    update_buffer_kernel<<<cuda_blocks_for(p.numel), kThreads, 0, g.stream>>>(g.params.get() + p.offset,
+                                                                               g.grads.get() + p.offset, p.numel, m, inv);
     PL_CUDA_CHECK_LAUNCH(update_buffer_kernel);
   }
 }
@@ -513,8 +500,8 @@ void CudaModel::optimizer_step(int64_t t, double lr, float grad_factor, DeviceDa
   const AdamwStep step = adamw_step(im.optim, t, lr, grad_factor);
   PL_CHECK(zero1 || im.adamw, internal, "CudaModel::optimizer_step: a ZeRO-1 shard needs its DeviceDataParallel");
   if (zero1)
-    zero1->optimizer_step(step, DeviceModelBuffers{g.params.get(), g.grads.get(), im.m.get(), im.v.get(), g.codes.get(),
-                                                   im.betas_dev.get()});
+    zero1->optimizer_step(step, DeviceModelBuffers{g.params.get(), g.grads.get(), im.m.get(), im.v.get(),
+                                                   g.codes.get(), im.betas_dev.get()});
   else
     adamw_ternary_cuda(*im.adamw, step, g.params.get(), g.grads.get(), im.m.get(), im.v.get(), g.codes.get(),
                        im.betas_dev.get(), g.stream);
@@ -533,17 +520,11 @@ void CudaModel::set_profiling(bool on) { impl_->g.start_profile(on); }
 std::vector<double> CudaModel::profile() const { return impl_->g.profile; }
 
 const char* CudaModel::category_name(int c) {
-  static const char* names[] = {"norm+quant (fwd, bwd)",
-                                "GLU + down norm+quant (fused, fwd/bwd)",
-                                "output gate + o norms+quant (fused, fwd/bwd)",
-                                "GEMM forward (IMMA + epilogue)",
-                                "GEMM backward (bf16 + conversions)",
-                                "MLGRU scan (fwd, bwd)",
-                                "PEER layer (fwd, bwd)",
-                                "attention (RoPE, flash fwd/bwd)",
-                                "cross-entropy",
-                                "embedding backward",
-                                "optimizer + grad norm + ternary refresh",
+  static const char* names[] = {"norm+quant (fwd, bwd)", "GLU + down norm+quant (fused, fwd/bwd)",
+                                "output gate + o norms+quant (fused, fwd/bwd)", "GEMM forward (IMMA + epilogue)",
+                                "GEMM backward (bf16 + conversions)", "MLGRU scan (fwd, bwd)", "PEER layer (fwd, bwd)",
+                                "attention (RoPE, flash fwd/bwd)", "cross-entropy",
+                                "embedding backward", "optimizer + grad norm + ternary refresh",
                                 "other (elementwise, norms' copies, host transfers)"};
   return c >= 0 && c < kCategories ? names[c] : "?";
 }

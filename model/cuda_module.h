@@ -73,7 +73,7 @@ struct CudaModuleBuild {
   const Module& module;      // the CPU half (its kind, its parameters)
   const BlockParams& block;  // the block's parameter indices
   int64_t layer = 0;
-  bool bf16_activations = true;   // storage of the saved activations (cuda_model.h)
+  bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
   int64_t peer_round_tokens = 0;  // sharded PEER tables: tokens per exchange round (0 = automatic)
 };
 

@@ -31,8 +31,8 @@ class MlgruCuda final : public CudaModule {
     // The mixer norm and the i, f, g BitLinears' norm+quant in one kernel, then the three products.
     const float* gains[3] = {g.P(b_.i_gain), g.P(b_.f_gain), g.P(b_.g_gain)};
     g.tick(ph_other);
-    norm_norm_quant_forward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_codes.get(), g.q_scale.get(),
-                                 g.q_rstd.get(), g.stream, g.qs(d_));
+    norm_norm_quant_forward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_codes.get(),
+                                 g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_norm_quant);
     g.product(b_.i_w, M, ihat_.get(), nullptr, g.q_codes.get(), g.q_scale.get());
     g.product(b_.f_w, M, fhat_.get(), nullptr, g.q_codes.get() + M * d_, g.q_scale.get() + M);
@@ -76,8 +76,8 @@ class MlgruCuda final : public CudaModule {
     for (int j = 0; j < 3; ++j)  // LoRA: the adapters' dx̃ into the same slices
       if (g.adapted(ifg_w(j)))
         g.adapter_backward(ifg_w(j), M, ifg_input(g, M, x_in, j), difg[j], d_, g.dxt.get() + j * M * d_);
-    norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_rstd.get(), g.dxt.get(), dx,
-                                  g.G(b_.mixer_norm), dgains, g.norm_ws.get(), g.stream);
+    norm_norm_quant_backward_cuda(nd, x_in, g.P(b_.mixer_norm), rstd1_.get(), 3, gains, g.q_rstd.get(), g.dxt.get(),
+                                  dx, g.G(b_.mixer_norm), dgains, g.norm_ws.get(), g.stream);
     g.tick(ph_norm_quant);
   }
 
