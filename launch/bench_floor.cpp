@@ -65,19 +65,21 @@ struct Ledger {
 
 // MLGRU (mlgru_cuda.cu): the mixer norm and the i, f, g norm+quant in one kernel, three products into
 // î, f̂, ĝ (A), the scan, the gate + o norm+quant, the o product with the residual; the backward
-// runs the scan, the gate and the o product again (recompute_output: h and x_mid are not kept; the
-// product's 2d² FLOPs a token are counted here, not in the module's count), then recomputes a/s of o
-// and of i, f, g from what is kept.
+// runs the g norm+quant and product, the scan, the gate and the o product again (recompute_output:
+// ĝ, h and x_mid are not kept; the two products' 4d² FLOPs a token are counted here, not in the
+// module's count), then recomputes a/s of o and of i, f, g from what is kept.
 void mlgru_work(Ledger& l, double d) {
   const double A = l.A;
   l.tok(C::norm_quant, 4 * d + 3 * d);  // x_in → three code rows
   for (int j = 0; j < 3; ++j) l.bitlinear(d, d, A, false);
-  for (int pass = 0; pass < 2; ++pass) {   // the forward's tail, then again in the backward
+  l.tok(C::norm_quant, 4 * d + d);  // again in the backward: x_in → g codes
+  l.bitlinear(d, d, A, false);
+  for (int pass = 0; pass < 2; ++pass) {  // the forward's tail, then again in the backward
     l.tok(C::scan, 3 * A * d);             // î, f̂ → h
     l.tok(C::gate_path, (2 * A + 1) * d);  // ĝ, h → o codes
     l.bitlinear(d, d, 4, true);
   }
-  l.w[C::gemm_forward].int8_flops += l.M * 2 * d * d;
+  l.w[C::gemm_forward].int8_flops += l.M * 4 * d * d;
   // backward
   l.tok(C::gemm_backward, 6 * d);        // dy to bf16
   l.tok(C::gate_path, (2 * A + 2) * d);  // ĝ, h → a/s of o

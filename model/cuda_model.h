@@ -22,26 +22,26 @@
 // Activation memory (the plan; bytes per token per block at d, GLU width I, A = 2 for bf16 storage,
 // 4 for fp32): the backward keeps only what it cannot recompute cheaply:
 //   x_in                   fp32 residual stream entering the block (the norm's input)  4d
-//   î, f̂, ĝ                the scan's inputs, the gate's input                     3d·A
+//   î, f̂                   the scan's inputs                                       2d·A
 //   [a | u]                the GLU input                                           2I·A
 // (+ three rstd per token). Rebuilt in the backward, just before the channel mixer's backward, by
-// the token mixer's own forward tail (CudaModule::recompute_output; the same kernels on the same
-// inputs, so bit for bit): h by the scan from î, f̂ and the lower bound (memory-bound: A·3d bytes
-// a token), kept for the MLGRU backward in one buffer for all blocks (CudaContext::carry); then
-// x_mid, the stream after the token mixer (the channel mixer's input), by the gate kernel's codes
-// and the o product with the residual x_in, into xf's buffer: one d × d int8 GEMM and the gate
-// kernel per block again, ~3% of a step, for 4d bytes (and d·A for h). Nothing else is stored:
-// the normalised block inputs, f, gn, o, z and every BitLinear's quantized input are recomputed
-// inside fused kernels (model/ops/norm_quant.h), which read what is kept and write only what the
-// next GEMM needs:
+// the token mixer's own forward kernels on the same inputs (CudaModule::recompute_output; so bit
+// for bit): ĝ by the g BitLinear's norm+quant from x_in and its product, h by the scan from î, f̂ and
+// the lower bound, both kept for the MLGRU backward in one buffer for all blocks
+// (CudaContext::carry); then x_mid, the stream after the token mixer (the channel mixer's input), by
+// the gate kernel's codes and the o product with the residual x_in, into xf's buffer. The price:
+// two d × d int8 GEMMs, a norm+quant, the scan and the gate kernel per block again, ~6% of a step,
+// for 4d + 2d·A bytes. Nothing else is stored: the normalised block inputs, f, gn, o, z and every
+// BitLinear's quantized input are recomputed inside fused kernels (model/ops/norm_quant.h), which
+// read what is kept and write only what the next GEMM needs:
 //   block norm + BitLinear norm+quant   x_in → i, f, g codes (one read); x_mid → gate codes
 //   GLU + down norm+quant               [a|u] → down codes (z never exists)
 //   gate + both norms + o norm+quant    ĝ, h → o codes (gn, o never exist)
 // each with a recomputation variant for the backward that writes a/s in bf16 (the weight gradient's
 // operand; no int8 codes are kept) and a fused backward (the norms' backwards, the GLU's or the
 // gate's, into dx or into the next bf16 GEMM operand). f is recomputed inside the scan backward.
-// At d 1024, I 2816: 21 KiB per token per block with bf16 storage (86 KiB when everything was kept
-// in fp32; 27 KiB with x_mid and h kept), 38 KiB with fp32 storage.
+// At d 1024, I 2816: 19 KiB per token per block with bf16 storage (86 KiB when everything was kept
+// in fp32; 27 KiB with x_mid, h and ĝ kept), 34 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
 // never exist at once; the chunk's logits and the final norm's dy take the modules' scratch slots
 // (no module runs between the final norm's forward and its backward).

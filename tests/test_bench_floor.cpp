@@ -36,25 +36,26 @@ TEST(BenchFloor, matmul_free_counts_by_hand) {
   const std::vector<PhaseWork> w = step_work(model, s);
   ASSERT_EQ(w.size(), static_cast<size_t>(CudaModel::kCategories));
   // FLOPs: forward L·(8d² + 6dI) + 2dV = 512 + 768 + 160 = 1440 per token, all IMMA products, and
-  // the o product again in the backward (recompute_output) 2d² = 128; the backward's two products
-  // per forward one at bf16.
-  EXPECT_EQ(w[C::gemm_forward].int8_flops, 6 * (1440.0 + 128));
+  // the g and o products again in the backward (recompute_output) 4d² = 256; the backward's two
+  // products per forward one at bf16.
+  EXPECT_EQ(w[C::gemm_forward].int8_flops, 6 * (1440.0 + 256));
   EXPECT_EQ(w[C::gemm_forward].bf16_flops, 0.0);
   EXPECT_EQ(w[C::gemm_backward].bf16_flops, 6 * 2880.0);
   for (int c : {C::norm_quant, C::scan, C::loss, C::optimizer, C::other})
     EXPECT_EQ(w[c].int8_flops + w[c].bf16_flops, 0.0) << CudaModel::Category(c);
   // GEMM forward: i, f, g: codes 8 + î/f̂/ĝ 2·8 = 24 each; o: codes 8 + residual 32 + out 32 = 72;
   // gate: codes 8 + [a|u] 2·32 = 72; down: codes 16 + 32 + 32 = 80; head: codes 8 + logits 4·10 = 48;
-  // o again in the backward 72. 416 per token; weights (int8): 5·64 + 32·8 + 8·16 + 2 chunks · 80 = 864.
-  EXPECT_EQ(w[C::gemm_forward].bytes, 6 * 416.0 + 864);
+  // g and o again in the backward 24 + 72. 440 per token; weights (int8): 6·64 + 32·8 + 8·16 + 2 chunks
+  // · 80 = 928.
+  EXPECT_EQ(w[C::gemm_forward].bytes, 6 * 440.0 + 928);
   // GEMM backward: each BitLinear (N, K): dy twice (2N + 2N), dx out 4K, a/s 2K = 4N + 6K per token,
   // 13NK per call (codes 1 + bf16 copy 2 + read 2 + gradient 8); dy to bf16 before o and down, 6d.
   //   per token: 48 + o 80 + i,f,g 3·80 + 48 + down (8,16) 128 + gate (32,8) 176 + head (10,8) 88 = 808
   //   weights: 13·(4·64 + 128 + 256 + 2·80) = 13·800 = 10400
   EXPECT_EQ(w[C::gemm_backward].bytes, 6 * 808.0 + 10400);
-  // norm+quant: MLGRU fwd 4d + 3d = 56, bwd (4d + 6d) + (4d + 12d + 8d) = 272; GLU fwd 5d = 40,
-  // bwd 6d + 16d = 176; head fwd 5d = 40, bwd 6d + 12d = 144. 728 per token.
-  EXPECT_EQ(w[C::norm_quant].bytes, 6 * 728.0);
+  // norm+quant: MLGRU fwd 4d + 3d = 56, bwd x_in → g codes again 5d = 40, (4d + 6d) + (4d + 12d + 8d)
+  // = 272; GLU fwd 5d = 40, bwd 6d + 16d = 176; head fwd 5d = 40, bwd 6d + 12d = 144. 768 per token.
+  EXPECT_EQ(w[C::norm_quant].bytes, 6 * 768.0);
   // scan: fwd î, f̂ → h 3·2·8 = 48, again in the backward 48; bwd î, f̂, h, dh → dî, df̂: 48 + 32 + 32 = 112.
   EXPECT_EQ(w[C::scan].bytes, 6 * 208.0);
   // gate path: fwd ĝ, h → codes (2A + 1)d = 40, again in the backward 40; bwd (2A + 2)d = 48 and

@@ -1,7 +1,7 @@
 // What the GPU model no longer keeps and rebuilds in the backward (model/cuda_model.h, "Activation
 // memory"): the MLGRU token mixer's recompute_output (model/modules/mlgru_cuda.cu) must give the
-// forward's x_mid and h bit for bit, since the channel mixer's backward and the MLGRU backward read
-// the rebuilt values as if they had been kept (same kernels on the same inputs: no tolerance). The
+// forward's x_mid, h and ĝ bit for bit, since the channel mixer's backward and the MLGRU backward
+// read the rebuilt values as if they had been kept (same kernels on the same inputs: no tolerance). The
 // rebuilt buffers are poisoned first, and the buffers every BitLinear shares (the int8 codes, scales,
 // rstd) are overwritten as the channel mixer's backward would, so nothing stale can pass. Both
 // storage types and both gate forms, on a layer with a non-zero lower bound, at a sequence length
@@ -45,7 +45,7 @@ std::vector<unsigned char> bytes_of(const void* p, int64_t n) {
   return out;
 }
 
-TEST_P(RecomputeCuda, mlgru_rebuilds_x_mid_and_h_bit_for_bit) {
+TEST_P(RecomputeCuda, mlgru_rebuilds_x_mid_h_and_ghat_bit_for_bit) {
   const RecomputeCase c = GetParam();
   ModelConfig mc;
   mc.vocab_size = 96, mc.d_model = 64, mc.n_layers = 2, mc.intermediate = 128;
@@ -77,13 +77,13 @@ TEST_P(RecomputeCuda, mlgru_rebuilds_x_mid_and_h_bit_for_bit) {
   lower_bounds_forward_cuda(L, d, g.P(model.index().lower_bounds), lb.get(), g.stream);
   CudaStep step{B, T, true, lb.get(), dlb.get()};
   m->forward(g, step, x_in.get(), x_mid.get());
-  const int64_t h_bytes = (c.bf16 ? 2 : 4) * M * d;
-  const std::vector<unsigned char> h = bytes_of(g.carry<char>(), h_bytes);
+  const int64_t carry_bytes = 2 * (c.bf16 ? 2 : 4) * M * d;  // h then ĝ (CudaContext::carry)
+  const std::vector<unsigned char> carry = bytes_of(g.carry<char>(), carry_bytes);
   const std::vector<float> mid = x_mid.download("x_mid");
 
   // What runs in between in a real backward: the channel mixer's BitLinears rewrite the shared codes,
   // scales and rstd; the carry is poisoned so that only a rebuild can restore it.
-  PL_CUDA_CHECK(cudaMemset(g.carry<char>(), 0xA5, h_bytes));
+  PL_CUDA_CHECK(cudaMemset(g.carry<char>(), 0xA5, carry_bytes));
   PL_CUDA_CHECK(cudaMemset(g.q_codes.get(), 0x5A, g.q_codes.n));
   PL_CUDA_CHECK(cudaMemset(g.q_scale.get(), 0x5A, sizeof(float) * g.q_scale.n));
   PL_CUDA_CHECK(cudaMemset(g.q_rstd.get(), 0x5A, sizeof(float) * g.q_rstd.n));
@@ -95,8 +95,11 @@ TEST_P(RecomputeCuda, mlgru_rebuilds_x_mid_and_h_bit_for_bit) {
   for (int64_t i = 0; i < M * d; ++i) moved = std::max(moved, std::fabs(static_cast<double>(mid[i]) - in[i]));
   EXPECT_GT(moved, 0.0);
   expect_identical(re, mid, "x_mid rebuilt");
-  const std::vector<unsigned char> h_re = bytes_of(g.carry<char>(), h_bytes);
-  expect_identical(h_re, h, "h rebuilt (bytes)");
+  const std::vector<unsigned char> carry_re = bytes_of(g.carry<char>(), carry_bytes);
+  expect_identical(std::vector<unsigned char>(carry_re.begin(), carry_re.begin() + carry_bytes / 2),
+                   std::vector<unsigned char>(carry.begin(), carry.begin() + carry_bytes / 2), "h rebuilt (bytes)");
+  expect_identical(std::vector<unsigned char>(carry_re.begin() + carry_bytes / 2, carry_re.end()),
+                   std::vector<unsigned char>(carry.begin() + carry_bytes / 2, carry.end()), "ĝ rebuilt (bytes)");
   // And the backward runs on what was rebuilt (a smoke check: finite input gradient).
   Guarded<float> dx(normal(rng(), M * d));
   m->backward(g, step, x_in.get(), dx.get());
