@@ -22,7 +22,8 @@ struct Ledger {
   double M = 0;      // tokens in the step
   double A = 2;      // bytes per saved activation element (run.activations)
   bool int8 = true;  // the block projections are int8 IMMA products (model.quant = "ternary")
-  bool recompute_glu = false;  // run.recompute = "glu": the backward runs the gate product again
+  bool recompute_glu = false;    // run.recompute = "glu" / "all": the backward runs the gate product again
+  bool recompute_mlgru = false;  // run.recompute = "mlgru" / "all": the MLGRU's ĝ product and tail again
 
   void tok(C c, double per_token) { w[c].bytes += M * per_token; }
   void bytes(C c, double b) { w[c].bytes += b; }
@@ -67,14 +68,24 @@ struct Ledger {
 
 // MLGRU (mlgru_cuda.cu): the mixer norm and the i, f, g norm+quant in one kernel, three products into
 // î, f̂, ĝ (A), the scan, the gate + o norm+quant, the o product with the residual; the backward
-// recomputes a/s of o and of i, f, g from what is kept.
+// (under run.recompute = "mlgru") runs the g norm+quant and product, the scan, the gate and the o
+// product again (recompute_output: ĝ, h and x_mid are not kept; the two products' 4d² FLOPs a token
+// are counted here, not in the module's count), then recomputes a/s of o and of i, f, g from what is
+// kept.
 void mlgru_work(Ledger& l, double d) {
   const double A = l.A;
   l.tok(C::norm_quant, 4 * d + 3 * d);  // x_in → three code rows
   for (int j = 0; j < 3; ++j) l.bitlinear(d, d, A, false);
-  l.tok(C::scan, 3 * A * d);             // î, f̂ → h
-  l.tok(C::gate_path, (2 * A + 1) * d);  // ĝ, h → o codes
-  l.bitlinear(d, d, 4, true);
+  if (l.recompute_mlgru) {
+    l.tok(C::norm_quant, 4 * d + d);  // again in the backward: x_in → g codes
+    l.bitlinear(d, d, A, false);
+    l.w[C::gemm_forward].int8_flops += l.M * 4 * d * d;
+  }
+  for (int pass = 0; pass < (l.recompute_mlgru ? 2 : 1); ++pass) {  // the forward's tail (and again)
+    l.tok(C::scan, 3 * A * d);             // î, f̂ → h
+    l.tok(C::gate_path, (2 * A + 1) * d);  // ĝ, h → o codes
+    l.bitlinear(d, d, 4, true);
+  }
   // backward
   l.tok(C::gemm_backward, 6 * d);        // dy to bf16
   l.tok(C::gate_path, (2 * A + 2) * d);  // ĝ, h → a/s of o
@@ -268,6 +279,7 @@ std::vector<PhaseWork> step_work(const Model& model, const StepShape& s) {
   l.A = s.bf16_activations ? 2 : 4;
   l.int8 = model.quantized();
   l.recompute_glu = s.recompute_glu;
+  l.recompute_mlgru = s.recompute_mlgru;
   const double d = static_cast<double>(c.d_model), I = static_cast<double>(model.intermediate());
   for (const auto& m : model.modules()) {
     const std::string kind = m->kind();

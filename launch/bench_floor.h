@@ -49,8 +49,9 @@ struct StepShape {
   int64_t batch = 1, seq = 1;
   bool bf16_activations = true;  // run.activations
   bool deterministic = false;    // parallel.deterministic: the exact gradient sums (charged to other)
-  bool recompute_glu = false;    // run.recompute = "glu" (GLU blocks: the gate product twice)
-  int64_t head_chunk = 4096;     // CudaModelOptions::head_chunk: the LM head's weights are read per chunk
+  bool recompute_glu = false;    // run.recompute = "glu" / "all" (GLU blocks: the gate product twice)
+  bool recompute_mlgru = false;  // run.recompute = "mlgru" / "all" (the MLGRU's tail twice, ĝ's product)
+  int64_t head_chunk = 2048;     // CudaModelOptions::head_chunk: the LM head's weights are read per chunk
 };
 
 // The work per phase of one training step (forward, backward, gradient norm, AdamW with the ternary

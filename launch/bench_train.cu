@@ -209,7 +209,8 @@ void bench_batch(const BenchSetup& b, int64_t B, bool det) {
   StepShape shape;
   shape.batch = B, shape.seq = T, shape.deterministic = det;
   shape.bf16_activations = cfg.run.activations == "bf16";
-  shape.recompute_glu = cfg.run.recompute == "glu";
+  shape.recompute_glu = cuda_model_options(cfg).recompute_glu;
+  shape.recompute_mlgru = cuda_model_options(cfg).recompute_mlgru;
   shape.head_chunk = CudaModelOptions{}.head_chunk;
   print_floors(prof, profiled, sec, step_work(model, shape), b.peaks);
   std::fflush(stdout);

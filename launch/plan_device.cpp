@@ -66,7 +66,8 @@ class PlanComm final : public Comm {
 CudaModelOptions cuda_model_options(const RunConfig& cfg) {
   CudaModelOptions o;
   o.bf16_activations = cfg.run.activations == "bf16";
-  o.recompute_glu = cfg.run.recompute == "glu";
+  o.recompute_glu = cfg.run.recompute == "glu" || cfg.run.recompute == "all";
+  o.recompute_mlgru = cfg.run.recompute == "mlgru" || cfg.run.recompute == "all";
   o.forward_gemm = forward_gemm_from(cfg.run.forward_gemm);
   o.peer_round_tokens = cfg.parallel.peer_round_tokens;
   return o;

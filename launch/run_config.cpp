@@ -23,9 +23,11 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_choice("run.activations", &run.activations, {"bf16", "fp32"},
                "run.device = cuda: storage of the activations the backward keeps (bf16 halves their memory; "
                "fp32 keeps the forward equal to the CPU's)");
-  s.add_choice("run.recompute", &run.recompute, {"none", "glu"},
-               "run.device = cuda: activations the backward recomputes instead of keeping (glu: the GLU and SwiGLU "
-               "channel mixers' [a | u], 2I per token per block, for one more gate product per block)");
+  s.add_choice("run.recompute", &run.recompute, {"none", "mlgru", "glu", "all"},
+               "run.device = cuda: activations the backward recomputes instead of keeping, bit for bit (mlgru: the "
+               "MLGRU's g product, h and output, 4d + 2d·A bytes per token per block, for two d x d products, the "
+               "scan and the gate kernel again; glu: the GLU / SwiGLU [a | u], 2I·A bytes, for the gate product "
+               "again; all: both)");
   s.add_choice("run.forward_gemm", &run.forward_gemm, {"cublaslt", "fused"},
                "run.device = cuda: kernel of the ternary BitLinear forward products (cublaslt = int8 IMMA, then a "
                "separate scaling pass; fused = one int8 kernel with the scaling in its epilogue; same results)");

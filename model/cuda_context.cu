@@ -67,6 +67,11 @@ void CudaContext::reserve(int slot, int64_t bytes_needed) {
   scratch_[static_cast<size_t>(slot)].resize(bytes_needed, bytes);
 }
 
+void CudaContext::reserve_carry(int64_t bytes_needed) {
+  const DeviceUseScope use(DeviceUse::scratch);
+  carry_.resize(bytes_needed, bytes);
+}
+
 void CudaContext::start_profile(bool on) {
   PL_CUDA_CHECK(cudaStreamSynchronize(stream));
   profiling = on;

@@ -105,11 +105,20 @@ class CudaContext {
   DevBuf<float> dxt, norm_ws;      // dx̃ (M, wide); the norm backwards' partials
 
   // Scratch of one module's forward or backward, by slot (nothing in it survives to the next
-  // module). Modules reserve() what they need when they are built, so a step allocates nothing.
+  // module). Modules reserve() what they need when they are built, so a step allocates nothing. The
+  // LM head and the final norm use slots 0 and 1 too (CudaModel: no module runs then).
   void reserve(int slot, int64_t bytes_needed);
   template <typename T>
   T* scratch(int slot) const {
     return reinterpret_cast<T*>(scratch_[static_cast<size_t>(slot)].get());
+  }
+  // Scratch a module keeps from its recompute_output to its backward (model/cuda_module.h), across
+  // the next module's backward, which runs between them and never touches it (nor any slot user
+  // but that module: it is no slot). One buffer for the model, sized for the largest reservation.
+  void reserve_carry(int64_t bytes_needed);
+  template <typename T>
+  T* carry() const {
+    return reinterpret_cast<T*>(carry_.get());
   }
 
   // BitLinear forward, second half: the exact product of a_codes (scales a_scale; default the
@@ -208,6 +217,7 @@ class CudaContext {
 
  private:
   std::vector<DevBuf<char>> scratch_;
+  DevBuf<char> carry_;
   DevBuf<bf16> head_bf_;  // model.head = "linear" / "tied": the bf16 copy of the (V, d) head weight
   void allocate_head();    // its buffers (allocate_linears calls it)
   DevBuf<int32_t> acc_;  // (M, max N) int32 products, only for shapes IMMA refuses

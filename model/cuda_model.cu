@@ -74,11 +74,22 @@ struct CudaModel::Impl {
   DevBuf<float> m, v;
   DevBuf<int32_t> ids, targets;
   // The modules' CUDA halves in Model::modules() order, and the residual stream entering each:
-  // resid[i] enters module i (the backward reads it again), resid[n] = x_final.
+  // resid[i] enters module i (the backward reads it again), resid[n] = x_final; but where module
+  // i − 1 recomputes its output (CudaModule::recomputes_output, rebuilt[i]), resid[i] is empty and
+  // that stream lives in xf's buffer (stream_in).
   std::vector<std::unique_ptr<CudaModule>> modules;
   std::vector<DevBuf<float>> resid;
+  std::vector<bool> rebuilt;
   DevBuf<float> lb, dlb, rstd_f, losses;
-  DevBuf<float> xf, logits, dx, t0;  // final norm output, one chunk of logits, the stream's gradient
+  // The final norm's output and the stream's gradient. xf also holds the stream after each module
+  // that recomputes its output: written and read by the next module in the forward before the final
+  // norm writes xf; rebuilt in the backward after the head's backward last read it.
+  DevBuf<float> xf, dx;
+  // One chunk of the head's logits and the final norm's dy (M, d) live in the modules' scratch slots
+  // (CudaContext::reserve): no module runs from the final norm's forward to its backward.
+  enum HeadSlot { s_logits, s_t0 };
+  float* logits() const { return g.scratch<float>(s_logits); }
+  float* t0() const { return g.scratch<float>(s_t0); }
   DevBuf<double> partials;           // the gradient norm's block sums
   // AdamW + ternary refresh (model/ops/adamw.h): one tensor per layout entry, in layout order; β of
   // every entry on the device (the ternary ones rewritten each step, the others as uploaded).
@@ -122,6 +133,7 @@ struct CudaModel::Impl {
     head_rows = g.head_rows;
   }
 
+  float* stream_in(int64_t i) const { return rebuilt[static_cast<size_t>(i)] ? xf.get() : resid[i].get(); }
   float* P(int i) const { return g.P(i); }
   float* G(int i) const { return g.G(i); }
 
@@ -133,7 +145,8 @@ struct CudaModel::Impl {
                               : mods[i]->kind() == std::string("peer") ? "model.channel_mixer / model.peer_blocks"
                                                                        : "model.channel_mixer";
       modules.push_back(make_cuda_module(g, CudaModuleBuild{*mods[i], host.blocks()[layer], layer,
-                                                            opt.bf16_activations, opt.peer_round_tokens, opt.recompute_glu},
+                                                            opt.bf16_activations, opt.peer_round_tokens, opt.recompute_glu,
+                                                            opt.recompute_mlgru},
                                          key));
     }
   }
@@ -154,16 +167,25 @@ struct CudaModel::Impl {
       ids.resize(M, bytes);
       targets.resize(M, bytes);
       build_modules();
-      resid.resize(modules.size() + 1);
-      for (auto& r : resid) r.resize(M * d, bytes);
+      const size_t n = modules.size();
+      resid.resize(n + 1);
+      rebuilt.assign(n + 1, false);
+      for (size_t i = 0; i <= n; ++i) {
+        rebuilt[i] = i > 0 && modules[i - 1]->recomputes_output();
+        // The module after one that recomputes reads the rebuilt stream and writes a kept one.
+        PL_CHECK(!rebuilt[i] || (i < n && !modules[i]->recomputes_output()), internal, "CudaModel: module ", i - 1,
+                 " recomputes its output but module ", i, " cannot take it");
+        if (!rebuilt[i]) resid[i].resize(M * d, bytes);
+      }
       rstd_f.resize(M, bytes);
     }
     const DeviceUseScope use(DeviceUse::scratch);
     lb.resize(L * d, bytes);
     dlb.resize(L * d, bytes);
-    for (auto* b : {&xf, &dx, &t0}) b->resize(M * d, bytes);
+    for (auto* b : {&xf, &dx}) b->resize(M * d, bytes);
     losses.resize(M, bytes);
-    logits.resize(head_rows * V, bytes);
+    g.reserve(s_logits, static_cast<int64_t>(sizeof(float)) * head_rows * V);
+    g.reserve(s_t0, static_cast<int64_t>(sizeof(float)) * M * d);
     g.allocate_linears(3 * d);  // i, f, g side by side
     emb_ws.resize(static_cast<int64_t>(embedding_backward_workspace(M)), bytes);
     partials.resize(kNormBlocks, bytes);
@@ -189,17 +211,18 @@ double CudaModel::Impl::forward_backward(int64_t batch, int64_t seq, float grad_
   step.aux_scale = aux_scale > 0 ? aux_scale : grad_scale * static_cast<float>(M);
   step.noise_key = noise_key, step.first_token = first_token;
   embedding_forward_cuda(M, d, ids.get(), P(idx.embed), resid[0].get(), s);
-  for (int64_t i = 0; i < n; ++i) modules[i]->forward(g, step, resid[i].get(), resid[i + 1].get());
+  for (int64_t i = 0; i < n; ++i) modules[i]->forward(g, step, stream_in(i), stream_in(i + 1));
   const double sum = head_and_loss(M, grad_scale, backward, logits_out);
   if (!backward) return sum;
 
   float* dxp = dx.get();
   PL_CUDA_CHECK(cudaMemsetAsync(dlb.get(), 0, sizeof(float) * L * d, s));
-  g.norm_backward(RmsNormShape{M, d, g.eps}, resid[n].get(), P(idx.final_norm), rstd_f.get(), t0.get(), dxp,
+  g.norm_backward(RmsNormShape{M, d, g.eps}, resid[n].get(), P(idx.final_norm), rstd_f.get(), t0(), dxp,
                   G(idx.final_norm), false);
   final_params({idx.head_w == idx.embed ? -1 : idx.head_w, idx.head_gain, idx.final_norm});
   for (int64_t i = n - 1; i >= 0; --i) {
-    modules[i]->backward(g, step, resid[i].get(), dxp);
+    if (rebuilt[static_cast<size_t>(i)]) modules[i - 1]->recompute_output(g, step, stream_in(i - 1), xf.get());
+    modules[i]->backward(g, step, stream_in(i), dxp);
     final_module(static_cast<size_t>(i));
   }
   g.tick(ph_other);
@@ -221,17 +244,17 @@ double CudaModel::Impl::head_and_loss(int64_t M, float grad_scale, bool backward
   rmsnorm_forward_cuda(RmsNormShape{M, d, g.eps}, resid.back().get(), P(idx.final_norm), xf.get(), rstd_f.get(), s);
   for (int64_t r0 = 0; r0 < M; r0 += head_rows) {
     const int64_t rows = std::min(head_rows, M - r0);
-    g.head_forward(rows, xf.get() + r0 * d, logits.get(), r0 == 0);
+    g.head_forward(rows, xf.get() + r0 * d, logits(), r0 == 0);
     g.tick(ph_other);
     if (logits_out) {  // forward_logits: the chunk to the host (stream-ordered before the next chunk)
       PL_CUDA_CHECK(
-          cudaMemcpyAsync(logits_out + r0 * V, logits.get(), sizeof(float) * rows * V, cudaMemcpyDeviceToHost, s));
+          cudaMemcpyAsync(logits_out + r0 * V, logits(), sizeof(float) * rows * V, cudaMemcpyDeviceToHost, s));
       continue;
     }
-    cross_entropy_cuda(rows, V, logits.get(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
+    cross_entropy_cuda(rows, V, logits(), targets.get() + r0, losses.get() + r0, g.dy_bf.get(), grad_scale, s);
     g.tick(ph_loss);
     if (backward)
-      g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0.get() + r0 * d);
+      g.head_backward(rows, xf.get() + r0 * d, static_cast<const bf16*>(g.dy_bf.get()), t0() + r0 * d);
   }
   if (logits_out) {
     PL_CUDA_CHECK(cudaStreamSynchronize(s));  // the caller reads logits_out

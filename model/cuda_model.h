@@ -23,9 +23,18 @@
 // 4 for fp32): the backward keeps only what it cannot recompute cheaply:
 //   x_in, x_mid            fp32 residual stream (the norms' inputs)                8d
 //   î, f̂, h, ĝ             the scan's inputs and output, the gate's input          4d·A
-//   [a | u]                the GLU input (run.recompute = "glu": not kept; the     2I·A
-//                          backward reruns the gate's norm+quant and product)
-// (+ three rstd per token). Nothing else is stored: the normalised block inputs, f, gn, o, z and every
+//   [a | u]                the GLU input                                           2I·A
+// (+ three rstd per token). run.recompute trades step time for memory, bit for bit (the forward's
+// own kernels on the same inputs; tests/test_recompute_cuda.cpp, test_model_cuda.cpp):
+//   "mlgru": ĝ, h and x_mid not kept (x_in, î, f̂ are): just before the channel mixer's backward the
+//     MLGRU rebuilds ĝ (the g BitLinear's norm+quant from x_in and its product) and h (the scan) into
+//     one buffer for all blocks (CudaContext::carry), then x_mid (the gate kernel's codes and the o
+//     product with the residual x_in) into xf's buffer (CudaModule::recompute_output): two d × d
+//     int8 GEMMs, a norm+quant, the scan and the gate kernel per block again, for 4d + 2d·A bytes;
+//   "glu": [a | u] not kept: the GLU (or SwiGLU) backward reruns the gate's norm+quant and product,
+//     for 2I·A bytes (the gate product is 45% of the forward GEMM FLOPs at the 370M shape);
+//   "all": both.
+// Nothing else is stored: the normalised block inputs, f, gn, o, z and every
 // BitLinear's quantized input are recomputed inside fused kernels (model/ops/norm_quant.h), which
 // read what is kept and write only what the next GEMM needs:
 //   block norm + BitLinear norm+quant   x_in → i, f, g codes (one read); x_mid → gate codes
@@ -34,14 +43,15 @@
 // each with a recomputation variant for the backward that writes a/s in bf16 (the weight gradient's
 // operand; no int8 codes are kept) and a fused backward (the norms' backwards, the GLU's or the
 // gate's, into dx or into the next bf16 GEMM operand). f is recomputed inside the scan backward.
-// At d 1024, I 2816: 27 KiB per token per block with bf16 storage (86 KiB when everything was kept
-// in fp32), 46.5 KiB with fp32 storage.
+// At d 1024, I 2816, bf16 storage: 27 KiB per token per block (86 KiB when everything was kept in
+// fp32), 19 KiB under "mlgru", 16 KiB under "glu", 8 KiB under "all"; 46.5 KiB with fp32 storage.
 // The LM head runs in chunks of rows (forward, loss, backward per chunk), so (tokens, vocab) logits
-// never exist at once.
+// never exist at once; the chunk's logits and the final norm's dy take the modules' scratch slots
+// (no module runs between the final norm's forward and its backward).
 // With bf16 storage the forward itself reads the rounded values (the GEMM epilogue writes î, f̂, ĝ,
-// [a|u] as bf16; the scan stores h as bf16 and the gate reads that), so what the backward
+// [a|u] as bf16; the scan writes h as bf16 and the gate reads that), so what the backward
 // recomputes equals what the forward used; the one exception is the scan's own recurrence, which
-// carries h in fp32 while its backward reads the stored bf16 h_{t−1} (a bf16 rounding in df). The
+// carries h in fp32 while its backward reads the rebuilt bf16 h_{t−1} (a bf16 rounding in df). The
 // model trains on the bf16-rounded activations, like the reference's bf16 autocast. fp32 storage
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
@@ -71,13 +81,18 @@ class DeviceDataParallel;
 
 struct CudaModelOptions {
   bool bf16_activations = true;  // storage of the saved activations (see above); false: fp32
-  int64_t head_chunk = 4096;     // rows of the LM head's logits at a time
+  // Rows of the LM head's logits at a time: the chunk's fp32 logits (rows·V), its bf16 dlogits and
+  // the int32 product staging scale with it (at V 32000, 2048 rows: 250 + 125 + 250 MiB; the head's
+  // GEMMs are still 2048 × V × d, and its weight is read and converted once per chunk, ~0.2% of a
+  // 370M step at 16 × 2048 tokens).
+  int64_t head_chunk = 2048;
   int64_t peer_round_tokens = 0;  // parallel.peer_round_tokens: sharded PEER exchange rounds (expert_parallel.h)
-  // run.recompute = "glu": the GLU and SwiGLU channel mixers keep no [a | u] (2I per token) for the
-  // backward, which recomputes it with one more norm+quant and gate product per block (same kernels,
-  // same values): 2I·A bytes per token per block less, for the gate product's FLOPs again (at the 370M
-  // shape 45% of the forward GEMMs' FLOPs: about 12% more step time today).
+  // run.recompute (see "Activation memory" above): "glu" / "all" keep no [a | u] in the GLU and
+  // SwiGLU channel mixers (the gate product again: about 12% more step time at the 370M shape today);
+  // "mlgru" / "all" keep no ĝ, h, x_mid in the MLGRU (two d × d products, the scan and the gate
+  // kernel again: ~6%).
   bool recompute_glu = false;
+  bool recompute_mlgru = false;
   // The full-precision forward products (model.quant = "none": attention's and SwiGLU's projections,
   // a "linear" / "tied" LM head; model/cuda_context_proj.cu): bf16 tensor cores (training), or fp32
   // GEMMs, with which (and fp32 storage, which it needs) the forward is the CPU model's up to float

@@ -1,8 +1,9 @@
 // The CUDA half of a module kind (model/module.h): the same sub-layer x_out = x_in + f(RMSNorm(x_in))
 // on device buffers, with the kind's fused kernels. The GPU model (model/cuda_model.h) keeps the
-// residual stream entering every module and walks the modules in order; everything else a kind
-// needs between its forward and its backward (the activations it saves, in the storage type the
-// model chose) it allocates when it is built and keeps here. Included by .cu files only.
+// residual stream entering every module (but the output of one that recomputes it) and walks the
+// modules in order; everything else a kind needs between its forward and its backward (the
+// activations it saves, in the storage type the model chose) it allocates when it is built and
+// keeps here. Included by .cu files only.
 //
 // Kinds with a CUDA half are listed in model/modules/cuda_registry.cu (one line each); a kind without
 // one is a config error on run.device = "cuda" that names its config key.
@@ -35,11 +36,19 @@ struct CudaStep {
 class CudaModule {
  public:
   virtual ~CudaModule() = default;
-  // x_in (M, d) the stream entering (kept by the model until the backward), x_out (M, d) leaving.
+  // x_in (M, d) the stream entering (kept by the model until the backward, or rebuilt for it: see
+  // recompute_output), x_out (M, d) leaving.
   virtual void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) = 0;
   // dx (M, d): dL/dx_out in, dL/dx_in out (the residual path plus the sub-layer's input gradient);
   // parameter gradients accumulated into g.grads.
   virtual void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) = 0;
+  // A kind that can rebuild x_out from x_in and what it keeps, bit for bit (the forward's own kernels
+  // on the same inputs), says so; the model then keeps no copy of its x_out (cuda_model.h,
+  // "Activation memory") and, in every backward, calls recompute_output into a buffer of its own
+  // just before the next module's backward (which reads it as its x_in), then this one's backward.
+  // What it rebuilds on the way may stay for that backward in CudaContext::carry.
+  virtual bool recomputes_output() const { return false; }
+  virtual void recompute_output(CudaContext&, const CudaStep&, const float* /*x_in*/, float* /*x_out*/) {}
   // The expert ids the last forward retrieved ((tokens, heads, k) on the device, global rows), for
   // the trainer's expert-usage counts; {null, 0} for kinds without experts.
   struct Retrieved {
@@ -67,6 +76,7 @@ struct CudaModuleBuild {
   bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
   int64_t peer_round_tokens = 0;  // sharded PEER tables: tokens per exchange round (0 = automatic)
   bool recompute_glu = false;     // GLU / SwiGLU keep no [a | u]: the backward recomputes it (run.recompute)
+  bool recompute_mlgru = false;   // the MLGRU keeps no ĝ, h, x_mid: recompute_output rebuilds them
 };
 
 // The layout index of parameter `name` of block `layer` ("blocks/<layer>/<name>"), for kinds whose

@@ -89,6 +89,18 @@ TEST(BenchFloor, matmul_free_counts_by_hand) {
   EXPECT_EQ(again[C::norm_quant].bytes - kept[C::norm_quant].bytes, 6 * 40.0);
   for (int c : {C::gemm_backward, C::glu_path, C::scan, C::gate_path, C::loss, C::optimizer, C::other})
     EXPECT_EQ(again[c].bytes, kept[c].bytes) << CudaModel::Category(c);
+  // run.recompute = "mlgru" (on top): the g norm+quant (5d = 40), the g and o products (4d² = 256
+  // FLOPs; g: codes 8 + ĝ 4·8 = 40, o: codes 8 + residual 32 + out 32 = 72, weights 2·64), the scan
+  // (3·4·8 = 96) and the gate kernel ((2A + 1)d = 72) once more.
+  s.recompute_mlgru = true;
+  const std::vector<PhaseWork> both = step_work(model, s);
+  EXPECT_EQ(both[C::gemm_forward].int8_flops - again[C::gemm_forward].int8_flops, 6 * 256.0);
+  EXPECT_EQ(both[C::gemm_forward].bytes - again[C::gemm_forward].bytes, 6 * 112.0 + 128);
+  EXPECT_EQ(both[C::norm_quant].bytes - again[C::norm_quant].bytes, 6 * 40.0);
+  EXPECT_EQ(both[C::scan].bytes - again[C::scan].bytes, 6 * 96.0);
+  EXPECT_EQ(both[C::gate_path].bytes - again[C::gate_path].bytes, 6 * 72.0);
+  for (int c : {C::gemm_backward, C::glu_path, C::loss, C::optimizer, C::other})
+    EXPECT_EQ(both[c].bytes, again[c].bytes) << CudaModel::Category(c);
 }
 
 // Transformer++ (attention + SwiGLU, quant none, linear head): the projections are bf16 products, the

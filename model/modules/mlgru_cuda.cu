@@ -1,6 +1,8 @@
 // The MLGRU token mixer's CUDA half (model/cuda_module.h; the CPU half is mlgru_mixer.cpp). Saved per
-// token (cuda_model.h, "Activation memory"): î, f̂, h, ĝ in the storage type A and three rstd; the
+// token (cuda_model.h, "Activation memory"): î, f̂, h, ĝ in the storage type A and two rstd; the
 // normalised input, f, gn, o and every BitLinear's quantized input are recomputed by fused kernels.
+// Under run.recompute = "mlgru" / "all" only î, f̂ are kept: ĝ, h and the output x_mid are rebuilt by
+// the g product, the scan and the forward's tail again (recompute_output).
 #include <type_traits>
 
 #include "model/cuda_module.h"
@@ -10,18 +12,22 @@ namespace peerless {
 
 namespace {
 
-enum Slot { s_dh, s_dihat, s_dfhat, s_dghat, s_scan_ws };
+enum Slot { s_dh, s_dihat, s_dfhat, s_dghat };
 
 template <typename A>
 class MlgruCuda final : public CudaModule {
  public:
-  MlgruCuda(CudaContext& g, const CudaModuleBuild& b) : b_(b.block), layer_(b.layer), d_(g.host.config().d_model) {
+  MlgruCuda(CudaContext& g, const CudaModuleBuild& b)
+      : b_(b.block), layer_(b.layer), d_(g.host.config().d_model), recompute_(b.recompute_mlgru) {
     const int64_t M = g.max_tokens;
     for (auto* buf : {&rstd1_, &g_rstd_}) buf->resize(M, g.bytes);
-    for (auto* buf : {&ihat_, &fhat_, &h_, &ghat_}) buf->resize(M * d_, g.bytes);
+    for (auto* buf : {&ihat_, &fhat_}) buf->resize(M * d_, g.bytes);
+    if (recompute_)
+      g.reserve_carry(2 * sizeof(A) * M * d_);  // h and ĝ: forward to the gate, recompute_output to backward
+    else
+      hg_.resize(2 * M * d_, g.bytes);
     g.reserve(s_dh, sizeof(float) * M * d_);
     for (int slot : {s_dihat, s_dfhat, s_dghat}) g.reserve(slot, sizeof(bf16) * M * d_);
-    g.reserve(s_scan_ws, sizeof(float) * M * d_);  // B·d ≤ M·d
   }
 
   void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
@@ -35,22 +41,27 @@ class MlgruCuda final : public CudaModule {
     g.tick(ph_norm_quant);
     g.product(b_.i_w, M, ihat_.get(), nullptr, g.q_codes.get(), g.q_scale.get());
     g.product(b_.f_w, M, fhat_.get(), nullptr, g.q_codes.get() + M * d_, g.q_scale.get() + M);
-    g.product(b_.g_w, M, ghat_.get(), nullptr, g.q_codes.get() + 2 * M * d_, g.q_scale.get() + 2 * M);
+    g.product(b_.g_w, M, ghat(g), nullptr, g.q_codes.get() + 2 * M * d_, g.q_scale.get() + 2 * M);
     for (int j = 0; j < 3; ++j)  // LoRA: each adapter on its x̃ (none: nothing runs)
-      if (g.adapted(ifg_w(j))) g.adapter_forward(ifg_w(j), M, ifg_input(g, M, x_in, j), ifg_out(j));
+      if (g.adapted(ifg_w(j))) g.adapter_forward(ifg_w(j), M, ifg_input(g, M, x_in, j), ifg_out(g, j));
+    scan_and_output(g, s, x_in, x_out);
+  }
+
+  // Neither ĝ, h nor x_mid, the stream after this mixer, is kept (cuda_model.h, "Activation
+  // memory"): rebuilt before the channel mixer's backward by the forward's own kernels on the same
+  // inputs, so bit for bit (the norm+quant kernel's codes and scale of one BitLinear do not depend on
+  // how many it writes, model/ops/norm_quant.h); ĝ and h stay in g.carry for this mixer's backward.
+  bool recomputes_output() const override { return recompute_; }
+  void recompute_output(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
+    const int64_t M = s.tokens();
+    const float* g_gain = g.P(b_.g_gain);
     g.tick(ph_other);
-    mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
-                            static_cast<A*>(nullptr), h_.get(), g.stream);
-    g.tick(ph_scan);
-    // o = gate(RMSNorm_g(ĝ), h): the gate, both norms and the quantizer in one kernel (gn and o never
-    // in memory), then the product with the residual add.
-    const GateForm form = g.host.gate_form();
-    gate_act_quant_forward_cuda(form, nd, ghat_.get(), h_.get(), form == GateForm::code ? g.P(b_.g_norm) : nullptr,
-                                g_rstd_.get(), g.P(b_.o_gain), g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(),
-                                g.stream, g.qs(d_));
-    g.tick(ph_gate_path);
-    g.product(b_.o_w, M, x_out, x_in);
-    if (g.adapted(b_.o_w)) g.adapter_forward(b_.o_w, M, o_input(g, M), x_out);
+    norm_norm_quant_forward_cuda(RmsNormShape{M, d_, g.eps}, x_in, g.P(b_.mixer_norm), rstd1_.get(), 1, &g_gain,
+                                 g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
+    g.tick(ph_norm_quant);
+    g.product(b_.g_w, M, ghat(g), nullptr);
+    if (g.adapted(b_.g_w)) g.adapter_forward(b_.g_w, M, ifg_input(g, M, x_in, 2), ghat(g));
+    scan_and_output(g, s, x_in, x_out);
   }
 
   void backward(CudaContext& g, const CudaStep& s, const float* x_in, float* dx) override {
@@ -61,8 +72,8 @@ class MlgruCuda final : public CudaModule {
     o_backward(g, M, dx, dh, dghat);
     g.tick(ph_other);
     mlgru_scan_backward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
-                             static_cast<const A*>(nullptr), h_.get(), dh, dihat, dfhat, s.dlb + layer_ * d_,
-                             g.scratch<float>(s_scan_ws), g.stream);
+                             static_cast<const A*>(nullptr), h(g), dh, dihat, dfhat, s.dlb + layer_ * d_,
+                             scan_workspace(g), g.stream);
     g.tick(ph_scan);
     // i, f, g: their a/s recomputed from x_in through both norms (one kernel), the three products into
     // dxt side by side, then one kernel for the three BitLinear norms' and the mixer norm's backwards.
@@ -94,21 +105,39 @@ class MlgruCuda final : public CudaModule {
     g.tick(ph_other);
     rows_to_bf16_cuda(M, d_, dy, nullptr, g.dy_bf.get(), g.stream);
     g.tick(ph_gemm_backward);
-    gate_act_quant_dequant_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
+    gate_act_quant_dequant_cuda(form, ns, ghat(g), h(g), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
                                 g.P(b_.o_gain), g.a_bf.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
     g.tick(ph_gate_path);
     g.backward_products(b_.o_w, M, g.dy_bf.get());
     if (g.adapted(b_.o_w)) g.adapter_backward(b_.o_w, M, o_input(g, M), g.dy_bf.get(), d_, g.dxt.get());
-    gate_act_quant_backward_cuda(form, ns, ghat_.get(), h_.get(), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
+    gate_act_quant_backward_cuda(form, ns, ghat(g), h(g), code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(),
                                  g.P(b_.o_gain), g.q_rstd.get(), g.dxt.get(), dh, dghat, g.G(b_.o_gain),
                                  code ? g.G(b_.g_norm) : nullptr, g.norm_ws.get(), g.stream);
     g.tick(ph_gate_path);
   }
 
+  // h (in g.carry) from î, f̂; then x_out = x_in + o_proj(o), o = gate(RMSNorm_g(ĝ), h): the gate,
+  // both norms and the quantizer in one kernel (gn and o never in memory), the product with the
+  // residual add.
+  void scan_and_output(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) {
+    const int64_t M = s.tokens();
+    const GateForm form = g.host.gate_form();
+    g.tick(ph_other);
+    mlgru_scan_forward_cuda(ScanShape{s.batch, s.seq, d_}, ihat_.get(), fhat_.get(), s.lb + layer_ * d_,
+                            static_cast<A*>(nullptr), h(g), g.stream);
+    g.tick(ph_scan);
+    gate_act_quant_forward_cuda(form, RmsNormShape{M, d_, g.eps}, ghat(g), h(g),
+                                form == GateForm::code ? g.P(b_.g_norm) : nullptr, g_rstd_.get(), g.P(b_.o_gain),
+                                g.q_codes.get(), g.q_scale.get(), g.q_rstd.get(), g.stream, g.qs(d_));
+    g.tick(ph_gate_path);
+    g.product(b_.o_w, M, x_out, x_in);
+    if (g.adapted(b_.o_w)) g.adapter_forward(b_.o_w, M, o_input(g, M), x_out);
+  }
+
   // LoRA (CudaContext::adapter_forward): the i, f, g projections (j = 0, 1, 2), their outputs, and
   // x̃ = RMSNorm(RMSNorm(x_in; mixer norm); gain_j) in g.lora_t1, recomputed from x_in.
   int ifg_w(int j) const { return j == 0 ? b_.i_w : j == 1 ? b_.f_w : b_.g_w; }
-  A* ifg_out(int j) const { return j == 0 ? ihat_.get() : j == 1 ? fhat_.get() : ghat_.get(); }
+  A* ifg_out(const CudaContext& g, int j) const { return j == 0 ? ihat_.get() : j == 1 ? fhat_.get() : ghat(g); }
   const float* ifg_input(CudaContext& g, int64_t M, const float* x_in, int j) const {
     const float* xn = g.norm_input(b_.mixer_norm, M, d_, x_in, g.lora_t0.get());
     const int gain = j == 0 ? b_.i_gain : j == 1 ? b_.f_gain : b_.g_gain;
@@ -120,19 +149,27 @@ class MlgruCuda final : public CudaModule {
     const GateForm form = g.host.gate_form();
     float *gn = g.lora_t0.get(), *o = g.lora_t1.get();
     if (form == GateForm::code)
-      g.norm_input(b_.g_norm, M, d_, ghat_.get(), gn);
+      g.norm_input(b_.g_norm, M, d_, ghat(g), gn);
     else if constexpr (std::is_same_v<A, float>)
-      PL_CUDA_CHECK(cudaMemcpyAsync(gn, ghat_.get(), sizeof(float) * M * d_, cudaMemcpyDeviceToDevice, g.stream));
+      PL_CUDA_CHECK(cudaMemcpyAsync(gn, ghat(g), sizeof(float) * M * d_, cudaMemcpyDeviceToDevice, g.stream));
     else
-      bf16_rows_to_float_cuda(M, d_, ghat_.get(), d_, gn, g.stream);
-    output_gate_forward_cuda(form, M * d_, gn, h_.get(), o, g.stream);
+      bf16_rows_to_float_cuda(M, d_, ghat(g), d_, gn, g.stream);
+    output_gate_forward_cuda(form, M * d_, gn, h(g), o, g.stream);
     return g.norm_input(b_.o_gain, M, d_, o, gn);
   }
 
   const BlockParams& b_;
   const int64_t layer_, d_;
   DevBuf<float> rstd1_, g_rstd_;
-  DevBuf<A> ihat_, fhat_, h_, ghat_;
+  DevBuf<A> ihat_, fhat_;
+  const bool recompute_;  // run.recompute = "mlgru" / "all"
+  DevBuf<A> hg_;          // h, then ĝ, kept (max_tokens rows each); under recompute_ they live in g.carry
+  A* h(const CudaContext& g) const { return recompute_ ? g.carry<A>() : hg_.get(); }
+  A* ghat(const CudaContext& g) const { return h(g) + g.max_tokens * d_; }
+  // The scan backward's B·d partials of dlb: in dxt (M × 3d floats), which is free from the gate
+  // backward's read of it to the i, f, g products' write (a slot of their own would be M·d floats:
+  // the batch is not known when the buffers are sized).
+  static float* scan_workspace(const CudaContext& g) { return g.dxt.get(); }
 };
 
 }  // namespace
