@@ -19,6 +19,7 @@
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm.h"
 #include "model/ops/peer_experts.h"
+#include "model/ops/peer_retrieval.h"
 #include "runtime/error.h"
 #include "runtime/memory.h"
 
@@ -72,6 +73,9 @@ inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t
                                                  static_cast<int>(batch), ct, CUBLAS_GEMM_DEFAULT));
   }
 }
+// The GemmInputs of a single-pass GEMM in math m (tf32x3 splits its operands first and multiplies
+// the splits as tf32: see below).
+inline GemmInputs gemm_inputs(PeerGemmMath m) { return m == PeerGemmMath::fp32 ? GemmInputs::fp32 : GemmInputs::tf32; }
 inline void sgemm_rm(cublasHandle_t h, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
                      const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
                      cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,

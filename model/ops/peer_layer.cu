@@ -1,5 +1,5 @@
 // The whole PEER layer on the GPU (SPEC §3), the CUDA side of peer_layer.cpp: the query projection
-// (cuBLAS GEMM, fp32 or fp32-accurate 3xTF32 as the layer's PeerBlas says), query BatchNorm
+// (cuBLAS GEMM, fp32, fp32-accurate 3xTF32 or one TF32 pass as the layer's PeerBlas says), query BatchNorm
 // (per-channel statistics as fixed-order sums: each thread sums a strided share of the tokens, the
 // shares are combined in thread order), peer_retrieval_cuda, peer_experts_*_cuda, and the backward
 // paths those leave out: scores -> query (dq₁ = Σ ds·c_a, dq₂ = Σ ds·c′_b per (token, head), over the
@@ -460,7 +460,8 @@ void query_forward(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerPa
     gemm_rm(ctx.blas().get(), GemmInputs::tf32, Trans::no, Trans::yes, T, C, 3 * d, 1.0f, sp.x3, 3 * d, sp.w3, 3 * d,
             0.0f, ctx.q_hat, C, stream);
   } else {
-    sgemm_rm(ctx.blas().get(), Trans::no, Trans::yes, T, C, d, 1.0f, x, d, p.w_q, d, 0.0f, ctx.q_hat, C, stream);
+    gemm_rm(ctx.blas().get(), gemm_inputs(ctx.blas().math()), Trans::no, Trans::yes, T, C, d, 1.0f, x, d, p.w_q, d,
+            0.0f, ctx.q_hat, C, stream);
   }
   const dim3 stat_block(kStatX, kStatY), stat_grid(static_cast<unsigned>((C + kStatX - 1) / kStatX));
   bn_stats_kernel<<<stat_grid, stat_block, 0, stream>>>(T, C, ctx.q_hat, mode == PeerNormMode::train, s.bn_momentum,
@@ -574,8 +575,9 @@ void query_backward(const PeerLayerShape& s, const PeerLayerParams<float>& p, Pe
     }
     gemm_rm(h, tf, Trans::no, Trans::no, T, d, 3 * C, 1.0f, sp.dq3, 3 * C, sp.w3, d, 1.0f, dx, d, stream);
   } else {
-    if (g.w_q) sgemm_rm(h, Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
-    sgemm_rm(h, Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
+    const GemmInputs in = gemm_inputs(ctx.blas().math());
+    if (g.w_q) gemm_rm(h, in, Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
+    gemm_rm(h, in, Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
   }
 }
 

@@ -263,9 +263,9 @@ void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const floa
            " bytes, needs ", w.bytes, " (peer_retrieval_workspace_bytes)");
   const int64_t n = s.n_sub, half = s.key_dim / 2, pairs = s.tokens * s.heads;
   if (pairs == 0) return;
-  // Sub-key scores s1 = q₁·Cᵀ, s2 = q₂·C′ᵀ, (pairs, n) each: fp32, or tf32x3 with K tripled.
+  // Sub-key scores s1 = q₁·Cᵀ, s2 = q₂·C′ᵀ, (pairs, n) each: fp32, tf32, or tf32x3 with K tripled.
   const bool x3 = blas.math() == PeerGemmMath::tf32x3;
-  const GemmInputs in = x3 ? GemmInputs::tf32 : GemmInputs::fp32;
+  const GemmInputs in = gemm_inputs(blas.math());
   const int64_t rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * n;
   const float *qa = q, *qb = q + half, *ka = sub_keys1, *kb = sub_keys2;
   int64_t kk = half, ld_q = s.key_dim, ld_k = half;  // reduction length, leading dimensions
