@@ -288,6 +288,13 @@ int bench_peer_layer(const Args& args) {
           "(gather again + %.2f MB of gradient rows)\n",
           heads * k * row / 1e6, static_cast<long long>(heads * k), row / 1024,
           (E * row + (sparse_form ? 1.0 : 2.0) * U * grow) / T / 1e6, (sparse_form ? 1.0 : 2.0) * U * grow / T / 1e6);
+      // Not in the HBM napkin: the table gradient's row sums read x_t (for du) and dy_t (for dv) once per
+      // entry, 2·E·d floats, from L2 (the column slices keep them there); at N = 1024², 8192 tokens that
+      // is 8.6 GB beside 5.4 GB of gradient rows written, which makes L2, not HBM, the limit of that phase.
+      const double l2_bytes = 2.0 * E * d * f;
+      std::printf("#   experts backward also re-reads x and dy per entry through L2: %.2f GB (%.0f GB/s over the "
+                  "phase)\n",
+                  l2_bytes / 1e9, l2_bytes / (median(t_ebwd) * 1e-3) / 1e9);
       std::printf("  %-38s %9s %9s %9s %8s %6s %8s\n", "phase", "ms", "pred_ms", "GB", "GB/s", "%copy", "TFLOP/s");
       double predicted_total = 0;
       for (const Row& r : phases) {
