@@ -44,6 +44,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kStatX = 32, kStatY = 32;  // channel tile x token shares of the per-channel sums
+// Loads in flight per thread in those sums (the loop unrolled; the adds stay in token order): one
+// 1024-thread block per 32 channels is one block per SM at C = 4096, so its bytes in flight are all
+// the SM has (4 per thread kept the (T, C) passes well under the copy rate).
+constexpr int kStatLoads = 8;
 
 constexpr int kSubTile = 128;  // sorted entries per block of the sub-key gradient's first pass
 
@@ -120,7 +124,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   }
   float sum = 0.0f;
   if (on)
-#pragma unroll 4
+#pragma unroll kStatLoads
     for (int64_t t = ty; t < T; t += kStatY) sum += q_raw[t * C + c];
   part[ty][tx] = sum;
   __syncthreads();
@@ -133,7 +137,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   const float mean = mean_s[tx];
   float sq = 0.0f;
   if (on)
-#pragma unroll 4
+#pragma unroll kStatLoads
     for (int64_t t = ty; t < T; t += kStatY) {
       const float e = q_raw[t * C + c] - mean;
       sq += e * e;
@@ -359,7 +363,7 @@ __global__ void bn_backward_stats_kernel(int64_t T, int64_t C, int train, const 
   const bool on = c < C;
   float s1 = 0.0f, s2 = 0.0f;
   if (on)
-#pragma unroll 4
+#pragma unroll kStatLoads
     for (int64_t t = ty; t < T; t += kStatY) {
       const float g = dq[t * C + c];
       s1 += g;
