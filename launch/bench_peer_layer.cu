@@ -125,8 +125,8 @@ int bench_peer_layer(const Args& args) {
   p.option("table-grad", &grad_s, "FORM", "table gradient form timed: sparse, dense or both (default both)");
   p.option("act", &act_s, "NAME", "expert activation: relu or gelu (default relu)");
   p.option("gemm", &gemm_s, "MATH",
-           "GEMM math (model.peer_gemm): tf32x3 (fp32-accurate 3xTF32; default), fp32 (SGEMM) or tf32 (one TF32 "
-           "pass)");
+           "GEMM math (model.peer_gemm): tf32x3 (fp32-accurate 3xTF32; default), fp32 (SGEMM), tf32 (one TF32 "
+           "pass) or bf16 (bf16 operand copies)");
   p.option("fp32-tflops", &tflops_s, "X", "assumed fp32 GEMM rate for the predictions (default 50)");
   bool ternary = false;
   p.flag("ternary", &ternary,

@@ -34,7 +34,7 @@ const char* kBenchUsage =
     "            BASELINES §2 (launch/bench_attention.cu; bench/attention_torch.py times torch SDPA alike)\n"
     "  peer-layer  one PEER layer forward + backward on one GPU at N = 1024², d = 1024, h = 8, k = 16: tokens/s,\n"
     "            time per phase, GB/s of the expert phases against a device copy (launch/bench_peer_layer.cu);\n"
-    "            --ternary: the experts read int8 ternary tables (model.peer_ternary); --gemm tf32x3|fp32|tf32:\n"
+    "            --ternary: the experts read int8 ternary tables (model.peer_ternary); --gemm tf32x3|fp32|tf32|bf16:\n"
     "            the GEMMs' math (model.peer_gemm)\n"
     "  ops       CUDA op kernels (fused norm + int8 quantizer, MLGRU scan) in GB/s against a device copy\n"
     "            (launch/bench_ops.cpp)\n"
