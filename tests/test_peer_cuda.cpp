@@ -522,12 +522,14 @@ TEST_F(Cuda, peer_retrieval_float_data_matches_cpu) {
 // Σ_c |q_c|·|c_c|, and B_p = that factor times max_a Σ|q₁|·|c_a| + max_b Σ|q₂|·|c′_b| bounds every
 // expert of p. Scores must be within B_p of the CPU's, and ids equal wherever the CPU's sorted
 // scores (k + 1 of them) leave more than 2·B_p on both sides: the GPU's top-k is exact on its own
-// sums (the product-key argument holds for any numbers), which move by at most B_p each. Small d_k
-// and k keep the top of the 4096 scores spaced well beyond 2·B_p at bf16's u.
+// sums (the product-key argument holds for any numbers), which move by at most B_p each. Small d_k,
+// n and k keep the top of the 256 scores spaced beyond 2·B_p: a simulation of these shapes (normal
+// data, the same rule) finds 60-70% of the positions clear at bf16's u and ~80% at tf32's, 47% at
+// n = 64; asserted: more than a quarter.
 TEST_F(Cuda, peer_retrieval_tf32_and_bf16_are_within_the_input_rounding_of_cpu) {
   const PeerRetrievalShape shapes[] = {
-      {64, 4, 16, 64, 4, PeerKeySharing::shared},
-      {48, 4, 8, 64, 4, PeerKeySharing::per_head},
+      {64, 4, 16, 16, 4, PeerKeySharing::shared},
+      {48, 4, 8, 16, 4, PeerKeySharing::per_head},
   };
   for (const PeerGemmMath math : {PeerGemmMath::tf32, PeerGemmMath::bf16})
     for (const PeerRetrievalShape& s : shapes) {
@@ -574,7 +576,7 @@ TEST_F(Cuda, peer_retrieval_tf32_and_bf16_are_within_the_input_rounding_of_cpu) 
       }
       EXPECT_EQ(outside, 0) << name << ": " << outside << " scores of the same expert beyond the rounding bound";
       EXPECT_EQ(differ, 0) << name << ": " << differ << " of " << checked << " clearly separated ids differ";
-      EXPECT_GT(checked, out / 2) << name;
+      EXPECT_GT(checked, out / 4) << name;
       expect_identical(a.ids, b.ids, "ids, run twice " + name);
       expect_identical(a.scores, b.scores, "scores, run twice " + name);
       // The mode really rounds: the scores are not all the fp32-accurate ones.
