@@ -47,9 +47,9 @@ enum class GemmInputs { fp32, tf32, bf16 };
 // Row-major C (M,N) = alpha·op(A)·op(B) + beta·C through column-major cuBLAS (computes Cᵀ =
 // op(B)ᵀ·op(A)ᵀ, which is the same memory). `batch` > 1: strided batched, strides in elements.
 // A and B are float, or __nv_bfloat16 for GemmInputs::bf16.
-inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
-                    float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
-                    int64_t ldc, cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
+inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                    cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
                     int64_t stride_c = 0) {
   PL_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
                ldc <= INT32_MAX && batch <= INT32_MAX,
@@ -65,8 +65,8 @@ inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t
     if (batch == 1)
       PL_CUBLAS_CHECK(cublasSgemm(h, ob, oa, m, n, k, &alpha, fb, la, fa, lb, &beta, C, lc));
     else
-      PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, m, n, k, &alpha, fb, la, stride_b, fa, lb, stride_a,
-                                                &beta, C, lc, stride_c, static_cast<int>(batch)));
+      PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, m, n, k, &alpha, fb, la, stride_b, fa, lb, stride_a, &beta,
+                                                C, lc, stride_c, static_cast<int>(batch)));
   } else {
     const bool b16 = in == GemmInputs::bf16;
     const cublasComputeType_t ct = b16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;

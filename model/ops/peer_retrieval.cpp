@@ -20,10 +20,14 @@ namespace peerless {
 
 const char* peer_gemm_math_name(PeerGemmMath m) {
   switch (m) {
-    case PeerGemmMath::fp32: return "fp32";
-    case PeerGemmMath::tf32x3: return "tf32x3";
-    case PeerGemmMath::tf32: return "tf32";
-    case PeerGemmMath::bf16: return "bf16";
+    case PeerGemmMath::fp32:
+      return "fp32";
+    case PeerGemmMath::tf32x3:
+      return "tf32x3";
+    case PeerGemmMath::tf32:
+      return "tf32";
+    case PeerGemmMath::bf16:
+      return "bf16";
   }
   return "?";
 }
