@@ -124,7 +124,9 @@ int bench_peer_layer(const Args& args) {
   p.option("k", &k_s, "N", "experts per head (default 16)");
   p.option("table-grad", &grad_s, "FORM", "table gradient form timed: sparse, dense or both (default both)");
   p.option("act", &act_s, "NAME", "expert activation: relu or gelu (default relu)");
-  p.option("gemm", &gemm_s, "MATH", "GEMM math: fp32 (SGEMM) or tf32x3 (fp32-accurate 3xTF32; default)");
+  p.option("gemm", &gemm_s, "MATH",
+           "GEMM math (model.peer_gemm): tf32x3 (fp32-accurate 3xTF32; default), fp32 (SGEMM), tf32 (one TF32 "
+           "pass) or bf16 (bf16 operand copies)");
   p.option("fp32-tflops", &tflops_s, "X", "assumed fp32 GEMM rate for the predictions (default 50)");
   bool ternary = false;
   p.flag("ternary", &ternary,
@@ -141,8 +143,7 @@ int bench_peer_layer(const Args& args) {
   PL_CHECK(grad_s == "sparse" || grad_s == "dense" || grad_s == "both", config,
            "--table-grad must be sparse, dense or both (got ", grad_s, ")");
   PL_CHECK(act_s == "relu" || act_s == "gelu", config, "--act must be relu or gelu (got ", act_s, ")");
-  PL_CHECK(gemm_s == "fp32" || gemm_s == "tf32x3", config, "--gemm must be fp32 or tf32x3 (got ", gemm_s, ")");
-  const PeerGemmMath math = gemm_s == "fp32" ? PeerGemmMath::fp32 : PeerGemmMath::tf32x3;
+  const PeerGemmMath math = parse_peer_gemm_math("--gemm", gemm_s);
   PL_CHECK(iters >= 1 && warmup >= 0 && tflops > 0, config, "--iters >= 1, --warmup >= 0, --fp32-tflops > 0");
   const bool want_sparse = grad_s != "dense", want_dense = grad_s != "sparse";
 
@@ -287,6 +288,13 @@ int bench_peer_layer(const Args& args) {
           "(gather again + %.2f MB of gradient rows)\n",
           heads * k * row / 1e6, static_cast<long long>(heads * k), row / 1024,
           (E * row + (sparse_form ? 1.0 : 2.0) * U * grow) / T / 1e6, (sparse_form ? 1.0 : 2.0) * U * grow / T / 1e6);
+      // Not in the HBM napkin: the table gradient's row sums read x_t (for du) and dy_t (for dv) once per
+      // entry, 2·E·d floats, from L2 (the column slices keep them there); at N = 1024², 8192 tokens that
+      // is 8.6 GB beside 5.4 GB of gradient rows written, which makes L2, not HBM, the limit of that phase.
+      const double l2_bytes = 2.0 * E * d * f;
+      std::printf("#   experts backward also re-reads x and dy per entry through L2: %.2f GB (%.0f GB/s over the "
+                  "phase)\n",
+                  l2_bytes / 1e9, l2_bytes / (median(t_ebwd) * 1e-3) / 1e9);
       std::printf("  %-38s %9s %9s %9s %8s %6s %8s\n", "phase", "ms", "pred_ms", "GB", "GB/s", "%copy", "TFLOP/s");
       double predicted_total = 0;
       for (const Row& r : phases) {
@@ -308,7 +316,7 @@ int bench_peer_layer(const Args& args) {
     {
       const bool x3 = math == PeerGemmMath::tf32x3;
       const int64_t r = x3 ? 3 : 1;  // reduction length factor
-      const peer_cuda::GemmInputs in = x3 ? peer_cuda::GemmInputs::tf32 : peer_cuda::GemmInputs::fp32;
+      const peer_cuda::GemmInputs in = peer_cuda::gemm_inputs(math);
       DeviceBytes qs(static_cast<size_t>(T * C * r) * sizeof(float));
       DeviceBytes ss(static_cast<size_t>(pairs * n_sub) * sizeof(float));
       DeviceBytes gw(static_cast<size_t>(C * d) * sizeof(float)), gx(static_cast<size_t>(T * d * r) * sizeof(float));

@@ -72,6 +72,11 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_bool("model.peer_shared_keys", &model.peer_shared_keys, "PEER heads share the sub-key tables C, C'");
   s.add_bool("model.peer_ternary", &model.peer_ternary,
              "PEER experts compute with ternary forward copies t*beta of the table (one beta per table, STE)");
+  s.add_choice("model.peer_gemm", &model.peer_gemm, {"tf32x3", "fp32", "tf32", "bf16"},
+               "GPU PEER GEMMs (query projection, sub-key scores, their backward): tf32x3 (fp32-accurate 3xTF32), "
+               "fp32 (SGEMM), tf32 (one TF32 pass, inputs rounded to 10 mantissa bits; ~3x faster) or bf16 (bf16 "
+               "copies of the inputs, 8 significant bits; ~2x tf32's GEMM rate); the CPU computes fp32 whatever "
+               "this says");
   s.add_int("model.moe_experts", &model.moe_experts, 1, 1 << 16, "channel_mixer = moe: experts E");
   s.add_int("model.moe_topk", &model.moe_topk, 1, 1 << 16, "moe: experts per token k (<= E)");
   s.add_int("model.moe_width", &model.moe_width, 0, 1 << 20, "moe: expert SwiGLU width I_e (0 = ceil(GLU width / k))");

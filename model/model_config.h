@@ -77,6 +77,10 @@ struct ModelConfig {
   bool peer_query_bn = true;      // BatchNorm on the query (paper default); off = identity
   bool peer_shared_keys = true;   // heads share C, C′ (paper text); false = per-head sub-keys
   bool peer_ternary = false;      // experts use ternary forward copies t·β of the table (one β per table)
+  // The GPU's PEER GEMMs (query projection, sub-key scores, the projection's backward): "tf32x3"
+  // (fp32-accurate 3xTF32), "fp32" (SGEMM), "tf32" (one TF32 pass) or "bf16" (bf16 operand copies);
+  // the CPU computes fp32 always.
+  std::string peer_gemm = "tf32x3";
   // Top-k mixture of experts, channel_mixer = "moe" (../shared/BASELINES.md §4): fp32 router,
   // SwiGLU experts of width moe_width, aux and z losses added to the training objective.
   int64_t moe_experts = 8;          // E

@@ -21,6 +21,10 @@
 // And the same PEER layer with model.peer_ternary (the GPU's experts read the table's int8 ternary
 // copy, refreshed after every step: tests/test_peer_cuda.cpp holds the kernels to the fp32 ones on
 // the dequantized table bit for bit, and the refresh gives the CPU's β and codes from equal latents).
+// And the PEER layer with model.peer_gemm = "tf32" and "bf16" (its query projection, sub-key scores
+// and their backward in one TF32 pass, or on bf16 copies, on the GPU; fp32 on the CPU): operands
+// rounded to TF32 (at most 2^-10 relative each) or bf16 (2^-9), the perturbation of a bf16 forward, so
+// the bf16-forward tolerances.
 // The PEER case's tolerances: step 1 is a forward of equal parameters and equal copies; later, a table
 // weight near ±β/2 can round to another code on one side once the trajectories separate, as a
 // BitLinear weight can. After the steps, the GPU's last copy equals the CPU's refresh of the GPU's
@@ -94,6 +98,7 @@ struct CurveCase {
   int64_t qsparse_block = -1;  // Q-Sparse at sparsity 0.5 on every BitLinear: 0 top-K, > 0 N:M blocks; -1 off
   bool pkm = false;            // model.channel_mixer = "pkm" (every block)
   bool peer_ternary = false;   // with `peer`: model.peer_ternary (the experts read the table's ternary copy)
+  const char* peer_gemm = "";  // with `peer`: model.peer_gemm ("" = the default tf32x3; "tf32", "bf16")
 };
 
 // Attention (2 query heads of 64, one KV head) + SwiGLU: Transformer++ (quant none, fp32 head) or
@@ -185,7 +190,8 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   const bool moe = arch == Arch::moe || arch == Arch::sigma_moe;
   const bool bf16 = GetParam().bf16, peer = GetParam().peer, transformer = arch == Arch::tpp || arch == Arch::bitnet;
   const bool pkm = GetParam().pkm, batch_norm = peer || pkm;  // a query BatchNorm (running statistics)
-  const bool bf16_forward = bf16 || transformer;  // the forward itself rounds to bf16 (see the top)
+  // The forward itself rounds to bf16, or the PEER GEMMs' operands to TF32 (see the top).
+  const bool bf16_forward = bf16 || transformer || *GetParam().peer_gemm;
   const int64_t qsparse_block = GetParam().qsparse_block;
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
   // The CPU model's ops are bit-identical for any thread count. With the default (all 16 cores of the
@@ -210,6 +216,7 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
     mc.peer_topk = 4;
     mc.peer_key_dim = 16;
     mc.peer_ternary = GetParam().peer_ternary;
+    if (*GetParam().peer_gemm) mc.peer_gemm = GetParam().peer_gemm;
   }
   if (pkm) {  // 16² value rows, 2 heads of 4, query width 2·16
     mc.channel_mixer = "pkm";
@@ -326,12 +333,14 @@ std::string case_name(const CurveCase& c) {
                                                  : "";
   const char* qs = c.qsparse_block == 0 ? "_qsparse_topk" : c.qsparse_block > 0 ? "_qsparse_nm" : "";
   return std::string(c.bf16 ? "bf16" : "fp32") + (c.peer ? "_peer" : "") + (c.peer_ternary ? "_ternary" : "") +
-         (c.pkm ? "_pkm" : "") + arch + qs;
+         (*c.peer_gemm ? "_" : "") + c.peer_gemm + (c.pkm ? "_pkm" : "") + arch + qs;
 }
 
 INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
                          ::testing::Values(CurveCase{false, false}, CurveCase{true, false}, CurveCase{false, true},
                                            CurveCase{false, true, Arch::mmf, -1, false, true},
+                                           CurveCase{false, true, Arch::mmf, -1, false, false, "tf32"},
+                                           CurveCase{false, true, Arch::mmf, -1, false, false, "bf16"},
                                            CurveCase{false, false, Arch::tpp}, CurveCase{true, false, Arch::tpp},
                                            CurveCase{false, false, Arch::bitnet},
                                            CurveCase{false, false, Arch::mmf, 0}, CurveCase{true, false, Arch::mmf, 32},

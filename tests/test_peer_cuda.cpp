@@ -380,15 +380,20 @@ std::string retrieval_name(const PeerRetrievalShape& s) {
          (s.keys == PeerKeySharing::shared ? "_shared" : "_perhead");
 }
 
+// The fp32-accurate maths (the float-data tolerances below hold for them); those exact on integers
+// below 2^11 (TF32 values); all maths, exact on integers up to 256 (bf16 values).
 const PeerGemmMath kMaths[] = {PeerGemmMath::fp32, PeerGemmMath::tf32x3};
-const char* math_name(PeerGemmMath m) { return m == PeerGemmMath::fp32 ? "_fp32" : "_tf32x3"; }
+const PeerGemmMath kInt11Maths[] = {PeerGemmMath::fp32, PeerGemmMath::tf32x3, PeerGemmMath::tf32};
+const PeerGemmMath kAllMaths[] = {PeerGemmMath::fp32, PeerGemmMath::tf32x3, PeerGemmMath::tf32, PeerGemmMath::bf16};
+std::string math_name(PeerGemmMath m) { return std::string("_") + peer_gemm_math_name(m); }
 
 // Integer-valued queries and keys: every sub-score and sum is exact in fp32 in any order, so the GPU
 // must give the CPU's ids and scores bit for bit, ties (plentiful here) resolved by lower index.
 // One query has a NaN (its whole row ranks by index).
-// Both GEMM maths: tf32x3 carries integers below 2^11 exactly (their low parts are 0).
+// Every GEMM math: integers below 2^11 are TF32 values (tf32x3's low parts are 0, tf32 rounds nothing),
+// and these (|v| ≤ 3) are bf16 values too.
 TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
-  for (const PeerGemmMath math : kMaths) {
+  for (const PeerGemmMath math : kAllMaths) {
     PeerBlas blas(math);
     const PeerRetrievalShape shapes[] = {
         {32, 8, 64, 1024, 16, PeerKeySharing::shared},    // N = 1024²
@@ -429,9 +434,10 @@ TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
 // falls back to k rounds. Crowd the first half: sub-key i of lane l < 16 scores 1000 + 100·l + i/32,
 // the other lanes i/32, so the threshold is lane 0's best and lanes 1..15 put all 32 of theirs
 // above it (481 candidates); the second half is random (threshold path). Integer-valued, exact: the
-// ids and scores must equal the CPU's bit for bit, in both GEMM maths.
+// ids and scores must equal the CPU's bit for bit, in every GEMM math exact on these integers (up
+// to 2531: not bf16 values).
 TEST_F(Cuda, peer_retrieval_crowded_lanes_take_the_fallback_and_match_cpu) {
-  for (const PeerGemmMath math : kMaths) {
+  for (const PeerGemmMath math : kInt11Maths) {
     PeerBlas blas(math);
     const PeerRetrievalShape s{24, 2, 16, 1024, 16, PeerKeySharing::shared};
     const std::string name = retrieval_name(s) + math_name(math);
@@ -504,6 +510,82 @@ TEST_F(Cuda, peer_retrieval_float_data_matches_cpu) {
       expect_identical(a.scores, b.scores, "scores, run twice " + name);
     }
   }
+}
+
+// model.peer_gemm = "tf32" and "bf16": the sub-key score GEMMs multiply rounded inputs, so the scores
+// carry the inputs' rounding, not fp32's. The bound, per (token, head) p and expert (a, b): each
+// input is rounded to m significant bits, q̃ = q(1 + δ), |δ| ≤ u: tf32 keeps 11 (10 stored), u = 2⁻¹¹
+// rounded to nearest, and the test takes u = 2⁻¹⁰ in case cuBLAS's conversion truncates; bf16 keeps
+// 8, and bf16_copy rounds to nearest, u = 2⁻⁹. So q̃·c̃ = q·c·(1 + θ), |θ| ≤ 2u + u²; the fp32
+// accumulation of the K = d_k/2 products of each half (GPU and CPU alike) adds ≤ K·2⁻²⁴ relative to
+// Σ|products| each, and s = s₁ + s₂ one more 2⁻²⁴. So |s_gpu − s_cpu| ≤ (2u + u² + 2·(K + 1)·2⁻²⁴)·
+// Σ_c |q_c|·|c_c|, and B_p = that factor times max_a Σ|q₁|·|c_a| + max_b Σ|q₂|·|c′_b| bounds every
+// expert of p. Scores must be within B_p of the CPU's, and ids equal wherever the CPU's sorted
+// scores (k + 1 of them) leave more than 2·B_p on both sides: the GPU's top-k is exact on its own
+// sums (the product-key argument holds for any numbers), which move by at most B_p each. Small d_k,
+// n and k keep the top of the 256 scores spaced beyond 2·B_p: a simulation of these shapes (normal
+// data, the same rule) finds 60-70% of the positions clear at bf16's u and ~80% at tf32's, 47% at
+// n = 64; asserted: more than a quarter.
+TEST_F(Cuda, peer_retrieval_tf32_and_bf16_are_within_the_input_rounding_of_cpu) {
+  const PeerRetrievalShape shapes[] = {
+      {64, 4, 16, 16, 4, PeerKeySharing::shared},
+      {48, 4, 8, 16, 4, PeerKeySharing::per_head},
+  };
+  for (const PeerGemmMath math : {PeerGemmMath::tf32, PeerGemmMath::bf16})
+    for (const PeerRetrievalShape& s : shapes) {
+      PeerBlas blas(math);
+      const double u = std::ldexp(1.0, math == PeerGemmMath::tf32 ? -10 : -9);
+      const std::string name = retrieval_name(s) + math_name(math);
+      SCOPED_TRACE(name);
+      const int64_t half = s.key_dim / 2, n = s.n_sub, tables = s.keys == PeerKeySharing::shared ? 1 : s.heads;
+      std::vector<float> q = normal_f(rng(), s.tokens * s.heads * s.key_dim), c1 = normal_f(rng(), tables * n * half),
+                         c2 = normal_f(rng(), tables * n * half);
+      const int64_t pairs = s.tokens * s.heads, out = pairs * s.k;
+      PeerRetrievalShape s1 = s;
+      s1.k = s.k + 1;
+      std::vector<int32_t> ids_cpu(out), ids_next(pairs * s1.k);
+      std::vector<float> scores_cpu(out), scores_next(pairs * s1.k);
+      peer_retrieval_cpu(s, q.data(), c1.data(), c2.data(), ids_cpu.data(), scores_cpu.data());
+      peer_retrieval_cpu(s1, q.data(), c1.data(), c2.data(), ids_next.data(), scores_next.data());
+      const RetrievalRun a = retrieve_gpu(blas, s, q, c1, c2, stream()), b = retrieve_gpu(blas, s, q, c1, c2, stream());
+      // max over the table's rows r of Σ_c |qh_c|·|key_rc|
+      auto abs_dot_max = [&](const float* qh, const std::vector<float>& keys, int64_t table) {
+        double m = 0;
+        for (int64_t r = 0; r < n; ++r) {
+          double acc = 0;
+          for (int64_t c = 0; c < half; ++c) acc += std::fabs(double(qh[c]) * keys[(table * n + r) * half + c]);
+          m = std::max(m, acc);
+        }
+        return m;
+      };
+      const double rel = 2 * u + u * u + 2.0 * (half + 1) * std::ldexp(1.0, -24);
+      int64_t checked = 0, differ = 0, outside = 0;
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t table = s.keys == PeerKeySharing::shared ? 0 : p % s.heads;
+        const float* qp = q.data() + p * s.key_dim;
+        const double bound = rel * (abs_dot_max(qp, c1, table) + abs_dot_max(qp + half, c2, table));
+        const float* sc = scores_next.data() + p * s1.k;  // k + 1 sorted CPU scores
+        for (int64_t j = 0; j < s.k; ++j) {
+          const int64_t i = p * s.k + j;
+          outside += !(std::fabs(double(a.scores[i]) - scores_cpu[i]) <= bound) && a.ids[i] == ids_cpu[i];
+          const bool clear = (j == 0 || sc[j - 1] - sc[j] > 2 * bound) && sc[j] - sc[j + 1] > 2 * bound;
+          if (!clear) continue;
+          ++checked;
+          differ += a.ids[i] != ids_cpu[i];
+        }
+      }
+      EXPECT_EQ(outside, 0) << name << ": " << outside << " scores of the same expert beyond the rounding bound";
+      EXPECT_EQ(differ, 0) << name << ": " << differ << " of " << checked << " clearly separated ids differ";
+      EXPECT_GT(checked, out / 4) << name;
+      expect_identical(a.ids, b.ids, "ids, run twice " + name);
+      expect_identical(a.scores, b.scores, "scores, run twice " + name);
+      // The mode really rounds: the scores are not all the fp32-accurate ones.
+      PeerBlas accurate(PeerGemmMath::tf32x3);
+      const RetrievalRun x3 = retrieve_gpu(accurate, s, q, c1, c2, stream());
+      int64_t same = 0;
+      for (int64_t i = 0; i < out; ++i) same += x3.scores[i] == a.scores[i];
+      EXPECT_LT(same, out) << name << ": scores identical to tf32x3's";
+    }
 }
 
 // ---- whole layer -----------------------------------------------------------------------------------

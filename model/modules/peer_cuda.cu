@@ -49,6 +49,7 @@ class PeerCuda final : public CudaModule {
     for (int slot : {s_xn, s_out, s_dxn}) g.reserve(slot, sizeof(float) * M * d_);
     const DeviceUseScope use(DeviceUse::experts);
     layer_ = std::make_unique<PeerLayerCuda>(ps);
+    layer_->blas().set_math(parse_peer_gemm_math("model.peer_gemm", g.host.config().peer_gemm));
     g.bytes += static_cast<int64_t>(layer_->device_bytes());
     if (g.host.config().peer_ternary) {
       const DeviceUseScope state(DeviceUse::state);

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm.h"
 #include "model/ops/peer_experts.h"
+#include "model/ops/peer_retrieval.h"
 #include "runtime/error.h"
 #include "runtime/memory.h"
 
@@ -36,15 +38,18 @@ inline constexpr int kWarp = 32;
                               __FILE__, __LINE__);                                                         \
   } while (0)
 
-// What a GEMM's inputs are multiplied as: fp32 (cuBLAS SGEMM, no tensor cores) or TF32 tensor-core
-// products with fp32 accumulation (only exact when the inputs are TF32 values: the tf32x3 splits below).
-enum class GemmInputs { fp32, tf32 };
+// What a GEMM's inputs are multiplied as: fp32 (cuBLAS SGEMM, no tensor cores), TF32 tensor-core
+// products with fp32 accumulation (only exact when the inputs are TF32 values: the tf32x3 splits
+// below), or bf16 tensor-core products of bf16 operands (A and B point at __nv_bfloat16, made by
+// bf16_copy below) with fp32 accumulation. C is fp32 in every case.
+enum class GemmInputs { fp32, tf32, bf16 };
 
 // Row-major C (M,N) = alpha·op(A)·op(B) + beta·C through column-major cuBLAS (computes Cᵀ =
 // op(B)ᵀ·op(A)ᵀ, which is the same memory). `batch` > 1: strided batched, strides in elements.
-inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
-                    float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                    int64_t ldc, cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
+// A and B are float, or __nv_bfloat16 for GemmInputs::bf16.
+inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                    cudaStream_t stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
                     int64_t stride_c = 0) {
   PL_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
                ldc <= INT32_MAX && batch <= INT32_MAX,
@@ -56,21 +61,48 @@ inline void gemm_rm(cublasHandle_t h, GemmInputs in, Trans ta, Trans tb, int64_t
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   if (in == GemmInputs::fp32) {
+    const float *fa = static_cast<const float*>(A), *fb = static_cast<const float*>(B);
     if (batch == 1)
-      PL_CUBLAS_CHECK(cublasSgemm(h, ob, oa, m, n, k, &alpha, B, la, A, lb, &beta, C, lc));
+      PL_CUBLAS_CHECK(cublasSgemm(h, ob, oa, m, n, k, &alpha, fb, la, fa, lb, &beta, C, lc));
     else
-      PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, m, n, k, &alpha, B, la, stride_b, A, lb, stride_a, &beta,
+      PL_CUBLAS_CHECK(cublasSgemmStridedBatched(h, ob, oa, m, n, k, &alpha, fb, la, stride_b, fa, lb, stride_a, &beta,
                                                 C, lc, stride_c, static_cast<int>(batch)));
   } else {
-    const cublasComputeType_t ct = CUBLAS_COMPUTE_32F_FAST_TF32;
+    const bool b16 = in == GemmInputs::bf16;
+    const cublasComputeType_t ct = b16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
+    const cudaDataType_t t = b16 ? CUDA_R_16BF : CUDA_R_32F;
     if (batch == 1)
-      PL_CUBLAS_CHECK(cublasGemmEx(h, ob, oa, m, n, k, &alpha, B, CUDA_R_32F, la, A, CUDA_R_32F, lb, &beta, C,
-                                   CUDA_R_32F, lc, ct, CUBLAS_GEMM_DEFAULT));
+      PL_CUBLAS_CHECK(cublasGemmEx(h, ob, oa, m, n, k, &alpha, B, t, la, A, t, lb, &beta, C, CUDA_R_32F, lc, ct,
+                                   CUBLAS_GEMM_DEFAULT));
     else
-      PL_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, ob, oa, m, n, k, &alpha, B, CUDA_R_32F, la, stride_b, A,
-                                                 CUDA_R_32F, lb, stride_a, &beta, C, CUDA_R_32F, lc, stride_c,
-                                                 static_cast<int>(batch), ct, CUBLAS_GEMM_DEFAULT));
+      PL_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, ob, oa, m, n, k, &alpha, B, t, la, stride_b, A, t, lb, stride_a,
+                                                 &beta, C, CUDA_R_32F, lc, stride_c, static_cast<int>(batch), ct,
+                                                 CUBLAS_GEMM_DEFAULT));
   }
+}
+// The GemmInputs of a single-pass GEMM in math m (tf32x3 splits its operands first and multiplies
+// the splits as tf32: see below; bf16 multiplies bf16_copy copies).
+inline GemmInputs gemm_inputs(PeerGemmMath m) {
+  return m == PeerGemmMath::fp32 ? GemmInputs::fp32 : m == PeerGemmMath::bf16 ? GemmInputs::bf16 : GemmInputs::tf32;
+}
+
+// dst (rows, cols) dense = src (rows, cols; leading dimension ld) rounded to bf16 (nearest even; NaN
+// and ±Inf kept): the operands of a GemmInputs::bf16 GEMM.
+static __global__ void bf16_copy_kernel(int64_t rows, int64_t cols, int64_t ld, const float* src, __nv_bfloat16* dst) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = n <= UINT32_MAX ? static_cast<uint32_t>(i) / static_cast<uint32_t>(cols) : i / cols;
+    dst[i] = __float2bfloat16_rn(src[r * ld + (i - r * cols)]);
+  }
+}
+inline void bf16_copy(int64_t rows, int64_t cols, int64_t ld, const float* src, __nv_bfloat16* dst,
+                      cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  const int64_t blocks = (n + 255) / 256;
+  bf16_copy_kernel<<<static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16), 256, 0, stream>>>(
+      rows, cols, ld, src, dst);
+  PL_CUDA_CHECK_LAUNCH(bf16_copy_kernel);
 }
 inline void sgemm_rm(cublasHandle_t h, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha,
                      const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
@@ -349,16 +381,61 @@ inline unsigned int warp_row_blocks(Kernel kernel, int64_t cap, int threads) {
 
 // ---- shared by the PEER experts and PKM values -----------------------------------------------------
 
+// The gathers below issue kRowLoads row loads before they use the first: a gathered row is read once
+// from HBM, so the bytes in flight per warp set the bandwidth (with int8 ternary rows a load is 4 bytes
+// a lane, 128 a warp; 4 at a time left the expert kernels near 75% of the copy rate at 40-48 warps an SM).
+// The sums are added in the same order as one load at a time: the batching changes no bit.
+constexpr int kRowLoads = 8;
+
 // z = rows[at : at + d]·vec (vec in shared memory) by one warp; every lane gets the same bits.
+// Lane l sums columns l·V + j·32V for j = 0, 1, ... in order, then the butterfly.
 template <int V, typename Rows>
 __device__ __forceinline__ float warp_dot(const Rows& rows, int64_t at, const float* vec, int64_t d) {
+  constexpr int64_t kStep = kWarp * V;
   float acc = 0.0f;
-  for (int64_t c = int64_t{threadIdx.x % kWarp} * V; c < d; c += kWarp * V) {
+  int64_t c = int64_t{threadIdx.x % kWarp} * V;
+  for (; c + (kRowLoads - 1) * kStep < d; c += kRowLoads * kStep) {
+    Vec<V> a[kRowLoads];
+#pragma unroll
+    for (int u = 0; u < kRowLoads; ++u) a[u] = rows.template load<V>(at + c + u * kStep);
+#pragma unroll
+    for (int u = 0; u < kRowLoads; ++u) {
+      const Vec<V> b = load<V>(vec + c + u * kStep);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc += a[u].v[i] * b.v[i];
+    }
+  }
+  for (; c < d; c += kStep) {
     const Vec<V> a = rows.template load<V>(at + c), b = load<V>(vec + c);
 #pragma unroll
     for (int i = 0; i < V; ++i) acc += a.v[i] * b.v[i];
   }
   return warp_sum(acc);
+}
+
+// o += Σ_e w[e]·rows[ids[e]·width + off : + V] over e = 0 .. n−1 in order (ids, w in shared memory):
+// one thread's V columns of a gated sum of n gathered rows.
+template <int V, typename Rows>
+__device__ __forceinline__ void gather_axpy(const Rows& rows, const int32_t* ids, const float* w, int n, int64_t width,
+                                            int64_t off, Vec<V>& o) {
+  int e = 0;
+  for (; e + kRowLoads <= n; e += kRowLoads) {
+    Vec<V> r[kRowLoads];
+#pragma unroll
+    for (int u = 0; u < kRowLoads; ++u) r[u] = rows.template load<V>(int64_t{ids[e + u]} * width + off);
+#pragma unroll
+    for (int u = 0; u < kRowLoads; ++u) {
+      const float wu = w[e + u];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o.v[i] += wu * r[u].v[i];
+    }
+  }
+  for (; e < n; ++e) {
+    const float we = w[e];
+    const Vec<V> r = rows.template load<V>(int64_t{ids[e]} * width + off);
+#pragma unroll
+    for (int i = 0; i < V; ++i) o.v[i] += we * r.v[i];
+  }
 }
 template <int V>
 __device__ __forceinline__ float warp_dot(const float* row, const float* vec, int64_t d) {

@@ -100,13 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     Vec<V> o;
 #pragma unroll
     for (int i = 0; i < V; ++i) o.v[i] = 0.0f;
-#pragma unroll 4
-    for (int e = 0; e < te.n; ++e) {
-      const float w = ws[e];
-      const Vec<V> v = table.template load<V>(int64_t{id_s[e]} * width + d + c);
-#pragma unroll
-      for (int i = 0; i < V; ++i) o.v[i] += w * v.v[i];
-    }
+    gather_axpy<V>(table, id_s, ws, te.n, width, d + c, o);  // Σ g·σ(z)·v_id
     store<V>(out + t * d + c, o);
   }
 }
@@ -151,13 +145,7 @@ __global__ void __launch_bounds__(kThreads)
     Vec<V> o;
 #pragma unroll
     for (int i = 0; i < V; ++i) o.v[i] = 0.0f;
-#pragma unroll 4
-    for (int e = 0; e < te.n; ++e) {
-      const float dz = dzs[e];
-      const Vec<V> u = table.template load<V>(int64_t{id_s[e]} * width + c);
-#pragma unroll
-      for (int i = 0; i < V; ++i) o.v[i] += dz * u.v[i];
-    }
+    gather_axpy<V>(table, id_s, dzs, te.n, width, c, o);  // Σ dz·u_id
     store<V>(dx + t * d + c, o);
   }
   if (offsets) {

@@ -1,5 +1,5 @@
 // The whole PEER layer on the GPU (SPEC §3), the CUDA side of peer_layer.cpp: the query projection
-// (cuBLAS GEMM, fp32 or fp32-accurate 3xTF32 as the layer's PeerBlas says), query BatchNorm
+// (cuBLAS GEMM, fp32, fp32-accurate 3xTF32, one TF32 pass or bf16 copies as the layer's PeerBlas says), query BatchNorm
 // (per-channel statistics as fixed-order sums: each thread sums a strided share of the tokens, the
 // shares are combined in thread order), peer_retrieval_cuda, peer_experts_*_cuda, and the backward
 // paths those leave out: scores -> query (dq₁ = Σ ds·c_a, dq₂ = Σ ds·c′_b per (token, head), over the
@@ -44,6 +44,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kStatX = 32, kStatY = 32;  // channel tile x token shares of the per-channel sums
+// Loads in flight per thread in those sums (the loop unrolled; the adds stay in token order): one
+// 1024-thread block per 32 channels is one block per SM at C = 4096, so its bytes in flight are all
+// the SM has (4 per thread kept the (T, C) passes well under the copy rate).
+constexpr int kStatLoads = 8;
 
 constexpr int kSubTile = 128;  // sorted entries per block of the sub-key gradient's first pass
 
@@ -120,7 +124,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   }
   float sum = 0.0f;
   if (on)
-#pragma unroll 4
+#pragma unroll kStatLoads
     for (int64_t t = ty; t < T; t += kStatY) sum += q_raw[t * C + c];
   part[ty][tx] = sum;
   __syncthreads();
@@ -133,7 +137,7 @@ __global__ void bn_stats_kernel(int64_t T, int64_t C, const float* q_raw, int tr
   const float mean = mean_s[tx];
   float sq = 0.0f;
   if (on)
-#pragma unroll 4
+#pragma unroll kStatLoads
     for (int64_t t = ty; t < T; t += kStatY) {
       const float e = q_raw[t * C + c] - mean;
       sq += e * e;
@@ -359,7 +363,7 @@ __global__ void bn_backward_stats_kernel(int64_t T, int64_t C, int train, const 
   const bool on = c < C;
   float s1 = 0.0f, s2 = 0.0f;
   if (on)
-#pragma unroll 4
+#pragma unroll kStatLoads
     for (int64_t t = ty; t < T; t += kStatY) {
       const float g = dq[t * C + c];
       s1 += g;
@@ -459,8 +463,16 @@ void query_forward(const PeerLayerShape& s, PeerNormMode mode, const PeerLayerPa
     tf32x3_split(C, d, d, d, Tf32Part::b, p.w_q, sp.w3, stream);
     gemm_rm(ctx.blas().get(), GemmInputs::tf32, Trans::no, Trans::yes, T, C, 3 * d, 1.0f, sp.x3, 3 * d, sp.w3, 3 * d,
             0.0f, ctx.q_hat, C, stream);
+  } else if (ctx.blas().math() == PeerGemmMath::bf16) {
+    const ProjSplits sp = carve_proj_splits(s, w.phase, false);  // bf16 copies in the splits' space
+    auto *x16 = reinterpret_cast<__nv_bfloat16*>(sp.x3), *w16 = reinterpret_cast<__nv_bfloat16*>(sp.w3);
+    bf16_copy(T, d, d, x, x16, stream);
+    bf16_copy(C, d, d, p.w_q, w16, stream);
+    gemm_rm(ctx.blas().get(), GemmInputs::bf16, Trans::no, Trans::yes, T, C, d, 1.0f, x16, d, w16, d, 0.0f,
+            ctx.q_hat, C, stream);
   } else {
-    sgemm_rm(ctx.blas().get(), Trans::no, Trans::yes, T, C, d, 1.0f, x, d, p.w_q, d, 0.0f, ctx.q_hat, C, stream);
+    gemm_rm(ctx.blas().get(), gemm_inputs(ctx.blas().math()), Trans::no, Trans::yes, T, C, d, 1.0f, x, d, p.w_q, d,
+            0.0f, ctx.q_hat, C, stream);
   }
   const dim3 stat_block(kStatX, kStatY), stat_grid(static_cast<unsigned>((C + kStatX - 1) / kStatX));
   bn_stats_kernel<<<stat_grid, stat_block, 0, stream>>>(T, C, ctx.q_hat, mode == PeerNormMode::train, s.bn_momentum,
@@ -573,9 +585,22 @@ void query_backward(const PeerLayerShape& s, const PeerLayerParams<float>& p, Pe
       gemm_rm(h, tf, Trans::yes, Trans::no, C, d, T, 1.0f, dq_hi, 3 * C, x_hi, 3 * d, 1.0f, g.w_q, d, stream);
     }
     gemm_rm(h, tf, Trans::no, Trans::no, T, d, 3 * C, 1.0f, sp.dq3, 3 * C, sp.w3, d, 1.0f, dx, d, stream);
+  } else if (ctx.blas().math() == PeerGemmMath::bf16) {
+    // bf16 copies of dq_raw, x and W_q in the splits' space (each at most a sixth of it).
+    auto *dq16 = reinterpret_cast<__nv_bfloat16*>(sp.dq3), *x16 = reinterpret_cast<__nv_bfloat16*>(sp.x3);
+    auto* w16 = reinterpret_cast<__nv_bfloat16*>(sp.w3);
+    bf16_copy(T, C, C, w.dq, dq16, stream);
+    bf16_copy(C, d, d, p.w_q, w16, stream);
+    const GemmInputs b16 = GemmInputs::bf16;
+    if (g.w_q) {
+      bf16_copy(T, d, d, x, x16, stream);
+      gemm_rm(h, b16, Trans::yes, Trans::no, C, d, T, 1.0f, dq16, C, x16, d, 1.0f, g.w_q, d, stream);
+    }
+    gemm_rm(h, b16, Trans::no, Trans::no, T, d, C, 1.0f, dq16, C, w16, d, 1.0f, dx, d, stream);
   } else {
-    if (g.w_q) sgemm_rm(h, Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
-    sgemm_rm(h, Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
+    const GemmInputs in = gemm_inputs(ctx.blas().math());
+    if (g.w_q) gemm_rm(h, in, Trans::yes, Trans::no, C, d, T, 1.0f, w.dq, C, x, d, 1.0f, g.w_q, d, stream);
+    gemm_rm(h, in, Trans::no, Trans::no, T, d, C, 1.0f, w.dq, C, p.w_q, d, 1.0f, dx, d, stream);
   }
 }
 

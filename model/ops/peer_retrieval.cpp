@@ -18,6 +18,27 @@
 
 namespace peerless {
 
+const char* peer_gemm_math_name(PeerGemmMath m) {
+  switch (m) {
+    case PeerGemmMath::fp32:
+      return "fp32";
+    case PeerGemmMath::tf32x3:
+      return "tf32x3";
+    case PeerGemmMath::tf32:
+      return "tf32";
+    case PeerGemmMath::bf16:
+      return "bf16";
+  }
+  return "?";
+}
+
+PeerGemmMath parse_peer_gemm_math(const char* what, const std::string& name) {
+  for (const PeerGemmMath m : {PeerGemmMath::fp32, PeerGemmMath::tf32x3, PeerGemmMath::tf32, PeerGemmMath::bf16})
+    if (name == peer_gemm_math_name(m)) return m;
+  throw_error(ErrorKind::config, cat(what, " must be fp32, tf32x3, tf32 or bf16 (got \"", name, "\")"), __FILE__,
+              __LINE__);
+}
+
 void validate(const PeerRetrievalShape& s) {
   PL_CHECK(s.tokens >= 0, config, "peer retrieval: tokens must be >= 0 (got ", s.tokens, ")");
   PL_CHECK(s.heads >= 1, config, "peer retrieval: heads must be >= 1 (got ", s.heads, ")");

@@ -263,18 +263,26 @@ void peer_retrieval_cuda(PeerBlas& blas, const PeerRetrievalShape& s, const floa
            " bytes, needs ", w.bytes, " (peer_retrieval_workspace_bytes)");
   const int64_t n = s.n_sub, half = s.key_dim / 2, pairs = s.tokens * s.heads;
   if (pairs == 0) return;
-  // Sub-key scores s1 = q₁·Cᵀ, s2 = q₂·C′ᵀ, (pairs, n) each: fp32, or tf32x3 with K tripled.
-  const bool x3 = blas.math() == PeerGemmMath::tf32x3;
-  const GemmInputs in = x3 ? GemmInputs::tf32 : GemmInputs::fp32;
+  // Sub-key scores s1 = q₁·Cᵀ, s2 = q₂·C′ᵀ, (pairs, n) each: fp32, tf32, tf32x3 with K tripled, or
+  // bf16 copies (in the tf32x3 copies' space, which holds them three times over).
+  const bool x3 = blas.math() == PeerGemmMath::tf32x3, b16 = blas.math() == PeerGemmMath::bf16;
+  const GemmInputs in = gemm_inputs(blas.math());
   const int64_t rows = (s.keys == PeerKeySharing::shared ? 1 : s.heads) * n;
-  const float *qa = q, *qb = q + half, *ka = sub_keys1, *kb = sub_keys2;
-  int64_t kk = half, ld_q = s.key_dim, ld_k = half;  // reduction length, leading dimensions
+  const void *qa = q, *qb = q + half, *ka = sub_keys1, *kb = sub_keys2;
+  int64_t kk = half, ld_q = s.key_dim, ld_k = half;  // reduction length, leading dimensions (elements)
   if (x3) {
     tf32x3_split(pairs * 2, half, half, half, Tf32Part::a, q, w.q3, stream);
     tf32x3_split(rows, half, half, half, Tf32Part::b, sub_keys1, w.keys3a, stream);
     tf32x3_split(rows, half, half, half, Tf32Part::b, sub_keys2, w.keys3b, stream);
     qa = w.q3, qb = w.q3 + 3 * half, ka = w.keys3a, kb = w.keys3b;
     kk = 3 * half, ld_q = 3 * s.key_dim, ld_k = 3 * half;
+  } else if (b16) {
+    auto* q16 = reinterpret_cast<__nv_bfloat16*>(w.q3);
+    auto *k16a = reinterpret_cast<__nv_bfloat16*>(w.keys3a), *k16b = reinterpret_cast<__nv_bfloat16*>(w.keys3b);
+    bf16_copy(pairs, s.key_dim, s.key_dim, q, q16, stream);
+    bf16_copy(rows, half, half, sub_keys1, k16a, stream);
+    bf16_copy(rows, half, half, sub_keys2, k16b, stream);
+    qa = q16, qb = q16 + half, ka = k16a, kb = k16b;
   }
   if (s.keys == PeerKeySharing::shared) {
     gemm_rm(blas.get(), in, Trans::no, Trans::yes, pairs, n, kk, 1.0f, qa, ld_q, ka, ld_k, 0.0f, w.s1, n, stream);

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "model/ops/cuda_fwd.h"
 
@@ -57,9 +58,20 @@ void peer_retrieval_bruteforce_cpu(const PeerRetrievalShape& s, const double* q,
 // How the PEER ops' GEMMs (query projection, sub-key scores, the projection's backward) multiply:
 // fp32: cuBLAS SGEMM (no tensor cores); tf32x3: the fp32 inputs split into two TF32 parts each and
 // three TF32 tensor-core products summed in one GEMM with a tripled reduction length (3xTF32, see
-// peer_cuda_detail.cuh): ~1e-6 relative error instead of SGEMM's ~1e-7 (plain TF32 would be ~1e-3),
-// exact on integer-valued data like SGEMM, ~2-3x faster on H100.
-enum class PeerGemmMath { fp32, tf32x3 };
+// peer_cuda_detail.cuh): ~1e-6 relative error instead of SGEMM's ~1e-7, exact on integer-valued
+// data like SGEMM, ~2-3x faster on H100. tf32: one TF32 tensor-core pass on the fp32 operands
+// (cuBLAS rounds each input to TF32, 10 mantissa bits: up to 2⁻¹¹ relative per input when rounded
+// to nearest, 2⁻¹⁰ if truncated; fp32 accumulation), ~3x faster again than tf32x3 and without its
+// split passes; integer-valued data below 2¹¹ stays exact. bf16: the operands copied to bf16 (round
+// to nearest even: 2⁻⁹ relative per input, 8 significant bits) by one pass each, then bf16 tensor-core
+// products with fp32 accumulation, about twice the tf32 GEMM rate; integers up to 256 stay exact.
+// model.peer_gemm picks the math for training.
+enum class PeerGemmMath { fp32, tf32x3, tf32, bf16 };
+
+// "fp32", "tf32x3", "tf32", "bf16": the names of model.peer_gemm and bench peer-layer --gemm.
+const char* peer_gemm_math_name(PeerGemmMath m);
+// The math of a name above; throws a config error naming `what`, the value and the choices otherwise.
+PeerGemmMath parse_peer_gemm_math(const char* what, const std::string& name);
 
 // A cuBLAS handle for the GEMMs of the PEER ops with their math (default tf32x3), bound to the
 // device current at construction. One handle serves one stream at a time. Move-only.
