@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU pass over a tree whose GPU code has not run yet, and issue 20's figures beside the anchors,
+# in parts that each fit one device call (10 min). Run through bench/gpu_prebuilt.sh after
+# bench/gpu_prebuild.sh here, e.g.
+#   run(command="bash bench/gpu_prebuilt.sh 'bash bench/gpu_pass.sh tests kernels'", carry=[".gpucarry"])
+#   run(command="bash bench/gpu_prebuilt.sh 'bash bench/gpu_pass.sh train'", carry=[".gpucarry", ".anchors"])
+# Parts (logs under $OUT, a summary on stdout):
+#   tests    ctest -L gpu (every CPU-vs-CUDA test, the model curves, 2 and 4 ranks on one GPU)   ~2 min
+#   kernels  bench_gemm_cuda --fused-only, bench attention, bench peer-layer (fp32 and --ternary
+#            tables; --gemm tf32x3 | tf32 | bf16)                                                  ~2 min
+#   train    the reference 370M and PEER-pytorch (bench/anchors.py, needs .anchors carried), then
+#            bench train 370M at batch 8 and 16 for run.forward_gemm x run.recompute              ~6 min
+#   large    bench train 1.3B (batch 8) and 2.7B (batch 4) with the fused GEMM, recompute none / all ~4 min
+#   learn    Tiny Shakespeare PEER model, 600 steps, model.peer_gemm tf32x3 against tf32 and bf16 ~3 min
+# Needs $B (gpu_prebuilt.sh sets it: build-sm90/bin).
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"
+B="${B:?run through bench/gpu_prebuilt.sh}"
+mkdir -p "$OUT"
+cfg=configs/mmf-370m.toml
+
+tests() {
+  (cd build-sm90 && timeout 420 ctest -L gpu -j 4 --timeout 300 --output-on-failure > "$OUT/ctest_gpu.log" 2>&1)
+  grep -E "tests passed|Failed|\*\*\*|Total Test" "$OUT/ctest_gpu.log" | head -40
+}
+
+kernels() {
+  timeout 120 $B/bench_gemm_cuda --fused-only --reps 20 > "$OUT/gemm_fused.txt" 2>&1
+  tail -25 "$OUT/gemm_fused.txt"
+  timeout 90 $B/peerless bench attention > "$OUT/attention.txt" 2>&1
+  tail -8 "$OUT/attention.txt"
+  timeout 60 $B/peerless bench peer-layer --tokens 8192 --table-grad sparse > "$OUT/peer_fp32.txt" 2>&1
+  grep -E "^##|tokens/s" "$OUT/peer_fp32.txt"
+  for g in tf32x3 tf32 bf16; do
+    timeout 60 $B/peerless bench peer-layer --ternary --tokens 8192 --table-grad sparse --gemm $g > "$OUT/peer_t_$g.txt" 2>&1
+    echo "ternary, --gemm $g:"; grep -E "tokens/s|experts|retrieval|projection|rest of" "$OUT/peer_t_$g.txt"
+  done
+}
+
+bench_train() {  # NAME CONFIG BATCHES then --set KEY=VALUE ...
+  local name=$1 config=$2 batches=$3
+  shift 3
+  timeout 200 $B/peerless bench train --config "$config" --batch "$batches" --seq 2048 --deterministic off "$@" \
+    > "$OUT/train_$name.txt" 2>&1
+  echo "== $name: $*"
+  grep -E "^ +[0-9]+ +2048|GEMM forward|out of memory|error" "$OUT/train_$name.txt"
+}
+
+train() {
+  export PYTHONUNBUFFERED=1
+  timeout 240 python3 bench/anchors.py mmfreelm --config $cfg --batch 8,16 --seq 2048 2>&1 | tee "$OUT/anchor_mmfreelm.txt" \
+    | grep -v '^{' | grep -v transformers | tail -4
+  timeout 100 python3 bench/anchors.py peer --batch 4 --seq 2048 2>&1 | tee "$OUT/anchor_peer.txt" | grep -v '^{' | tail -3
+  for g in cublaslt fused; do
+    for r in none mlgru all; do
+      [[ $g == cublaslt && $r != none ]] && continue
+      bench_train "370m_${g}_$r" $cfg 8,16 --forward-gemm $g --set run.recompute=$r
+    done
+  done
+}
+
+large() {
+  for r in none all; do
+    bench_train "1.3b_$r" configs/mmf-1.3b.toml 8 --forward-gemm fused --set run.recompute=$r
+    bench_train "2.7b_$r" configs/mmf-2.7b.toml 4 --forward-gemm fused --set run.recompute=$r
+  done
+}
+
+learn() {
+  local data=runs/data/default-byte.h5
+  [[ -f $data ]] || $B/peerless prepare --default --tokenizer byte --out $data > "$OUT/prepare.txt" 2>&1
+  for g in tf32x3 tf32 bf16; do
+    timeout 150 $B/peerless train configs/shakespeare-peer.toml --overwrite --set run.device=cuda \
+      --set run.name=peer_gemm_$g --set model.peer_gemm=$g --set train.max_steps=600 --set train.eval_every=200 \
+      > "$OUT/learn_$g.txt" 2>&1
+    echo "== model.peer_gemm = $g"; grep -E "val_loss|val loss|tokens/s" "$OUT/learn_$g.txt" | tail -4
+    cp runs/peer_gemm_$g/metrics.jsonl "$OUT/learn_$g.metrics.jsonl" 2>/dev/null
+  done
+}
+
+(($# > 0)) || { sed -n 2,17p "$0"; exit 1; }
+for part in "$@"; do
+  case $part in
+    tests | kernels | train | large | learn) echo "#### $part"; $part ;;
+    *) echo "unknown part '$part' (tests, kernels, train, large, learn)"; exit 1 ;;
+  esac
+done
