@@ -103,6 +103,22 @@ struct CurveCase {
 
 // Attention (2 query heads of 64, one KV head) + SwiGLU: Transformer++ (quant none, fp32 head) or
 // the BitNet transformer (ternary, SubLN, rotate-half RoPE, tied head).
+// Tiny Shakespeare (bytes) for the training windows; empty when the shared data is missing.
+std::string shakespeare_text() {
+  std::ifstream in(test::shared_data() + "/tinyshakespeare/input.txt", std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// The small model every case starts from: bytes, d 64, 2 blocks, I 256.
+ModelConfig tiny_model() {
+  ModelConfig mc;
+  mc.vocab_size = 256;
+  mc.d_model = 64;
+  mc.n_layers = 2;
+  mc.intermediate = 256;
+  return mc;
+}
+
 void set_transformer(ModelConfig& mc, Arch arch) {
   mc.token_mixer = "attention";
   mc.channel_mixer = "swiglu";
@@ -198,17 +214,10 @@ TEST_P(CudaModelCurve, fifty_steps_match_the_cpu_loss_curve) {
   // GPU machine) a case took ~80 s for 50 tiny steps; thread synchronisation is the suspect (not yet
   // measured), so two threads.
   set_cpu_threads(2);
-  const std::string dir = test::shared_data();
-  std::ifstream in(dir + "/tinyshakespeare/input.txt", std::ios::binary);
-  ASSERT_TRUE(in.good());
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  ASSERT_GT(text.size(), 100000u);
+  const std::string text = shakespeare_text();
+  ASSERT_GT(text.size(), 100000u) << test::shared_data() << "/tinyshakespeare/input.txt";
 
-  ModelConfig mc;
-  mc.vocab_size = 256;
-  mc.d_model = 64;
-  mc.n_layers = 2;
-  mc.intermediate = 256;
+  ModelConfig mc = tiny_model();
   if (peer) {  // N = 16² experts, 2 heads of 4, query width 2·16
     mc.peer_blocks = "1";
     mc.peer_n_sub = 16;
@@ -354,11 +363,7 @@ INSTANTIATE_TEST_SUITE_P(storage, CudaModelCurve,
 // gets a spread of magnitudes so that the float64 sums carry many significant bits.
 TEST(CudaModelPeerTernary, refresh_gives_the_cpu_codes_and_beta_in_both_sum_orders) {
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
-  ModelConfig mc;
-  mc.vocab_size = 256;
-  mc.d_model = 64;
-  mc.n_layers = 2;
-  mc.intermediate = 256;
+  ModelConfig mc = tiny_model();
   mc.peer_blocks = "1";
   mc.peer_n_sub = 64;
   mc.peer_heads = 2;
@@ -410,14 +415,9 @@ TEST_P(CudaModelLora, fifty_steps_match_the_cpu_and_keep_the_base) {
   const bool bf16_forward = GetParam().bf16 || arch != Arch::mmf;
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
   set_cpu_threads(2);
-  std::ifstream in(test::shared_data() + "/tinyshakespeare/input.txt", std::ios::binary);
-  ASSERT_TRUE(in.good());
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  ModelConfig mc;
-  mc.vocab_size = 256;
-  mc.d_model = 64;
-  mc.n_layers = 2;
-  mc.intermediate = 256;
+  const std::string text = shakespeare_text();
+  ASSERT_GT(text.size(), 100000u) << test::shared_data() << "/tinyshakespeare/input.txt";
+  ModelConfig mc = tiny_model();
   if (arch != Arch::mmf) set_transformer(mc, arch);
   mc.lora.mode = "lora";
   mc.lora.rank = 8;
@@ -512,16 +512,11 @@ INSTANTIATE_TEST_SUITE_P(lora, CudaModelLora,
 // scratch copy it needs instead).
 class CudaModelRecompute : public ::testing::TestWithParam<Arch> {};
 
-TEST_P(CudaModelRecompute, glu_recompute_is_bit_identical_and_smaller) {
+TEST_P(CudaModelRecompute, recompute_is_bit_identical_and_smaller) {
   ASSERT_TRUE(have_gpu()) << "no CUDA device: GPU tests must run on the GPU machine (ctest -L gpu)";
-  std::ifstream in(test::shared_data() + "/tinyshakespeare/input.txt", std::ios::binary);
-  ASSERT_TRUE(in.good());
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  ModelConfig mc;
-  mc.vocab_size = 256;
-  mc.d_model = 64;
-  mc.n_layers = 2;
-  mc.intermediate = 256;
+  const std::string text = shakespeare_text();
+  ASSERT_GT(text.size(), 100000u) << test::shared_data() << "/tinyshakespeare/input.txt";
+  ModelConfig mc = tiny_model();
   if (GetParam() != Arch::mmf) set_transformer(mc, GetParam());
   OptimConfig oc;
   oc.lr = 3e-3;
@@ -578,8 +573,7 @@ TEST_P(CudaModelRecompute, glu_recompute_is_bit_identical_and_smaller) {
 
 INSTANTIATE_TEST_SUITE_P(kinds, CudaModelRecompute, ::testing::Values(Arch::mmf, Arch::tpp, Arch::bitnet),
                          [](const ::testing::TestParamInfo<Arch>& i) {
-                           return std::string(i.param == Arch::mmf ? "glu" : i.param == Arch::tpp ? "swiglu_tpp"
-                                                                                                    : "swiglu_bitnet");
+                           return std::string(i.param == Arch::mmf ? "mmf_all" : i.param == Arch::tpp ? "tpp_glu" : "bitnet_glu");
                          });
 #else
 TEST(cuda_model, built_without_cuda) { FAIL() << "built without CUDA: the GPU tests need a CUDA build"; }
