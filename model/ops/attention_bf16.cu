@@ -95,6 +95,7 @@
 
 #include "model/ops/attention_internal.cuh"
 #include "model/ops/cuda_check.h"
+#include "model/ops/ptx.cuh"
 
 namespace peerless {
 namespace {
@@ -129,39 +130,23 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8 × 8 bf16 matrices: lanes 8m..8m+7 give the row addresses of matrix m (16 bytes each), and
-// register m receives lane (g, t)'s pair (row g, columns 2t, 2t + 1) of it, the layout of A and of
-// "B from rows" (file comment). With .trans, the pair (rows 2t, 2t + 1, column g): "B from columns".
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
+// ldmatrix of four 8 × 8 bf16 matrices at a shared tile element (ptx.cuh): register m receives lane
+// (g, t)'s pair (row g, columns 2t, 2t + 1) of matrix m, the layout of A and of "B from rows" (file
+// comment); with .trans the pair (rows 2t, 2t + 1, column g): "B from columns".
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) { ptx::ldmatrix_x4(r, ptx::smem_addr(p)); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  ptx::ldmatrix_x4_trans(r, ptx::smem_addr(p));
 }
 
 // ---- cp.async ------------------------------------------------------------------------------------
 
-// 16 bytes global → shared, bypassing L1 (.cg); with ok false the copy reads nothing and writes 16
-// zero bytes (src-size 0), so src need only be a valid address.
+using ptx::cp_async_commit, ptx::cp_async_wait;
+// cp.async of 16 bytes (or 4) into a shared element, zero-filled when !ok (ptx.cuh).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+  ptx::cp_async16(ptx::smem_addr(dst), src, ok);
 }
-// 4 bytes (one fp32), zero-filled likewise.
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  ptx::cp_async4(ptx::smem_addr(dst), src, ok);
 }
 
 // Rows [row0, row0 + R) of a (n_rows, D) bf16 slice with rows gs elements apart into the swizzled

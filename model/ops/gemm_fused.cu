@@ -36,9 +36,12 @@
 
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
+#include "model/ops/ptx.cuh"
 
 namespace peerless {
 namespace {
+
+using ptx::cp_async16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ldmatrix_x4;
 
 constexpr int kBM = 128, kBK = 64, kStages = 4;
 constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
@@ -60,24 +63,6 @@ struct Tile {
 // Byte offset of chunk c (16 bytes) of row r in a tile of 64-byte rows, swizzled (file comment).
 __device__ __forceinline__ uint32_t swizzled(int r, int c) {
   return static_cast<uint32_t>(r * kBK + ((c ^ ((r >> 1) & 3)) << 4));
-}
-
-// 16 bytes global → shared, asynchronously; zeros when !valid (src-size 0 reads nothing).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8 × 16-byte matrices from shared memory: lanes 8i..8i+7 address the rows of matrix i, and
-// register i receives row lane / 4, bytes 4·(lane % 4).. of it.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
 }
 
 // d (16 × 8) += a (16 × 32) · b (32 × 8), int8 operands, int32 accumulators (exact).
