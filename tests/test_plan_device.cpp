@@ -170,6 +170,30 @@ TEST(PlanDevice, ternary_experts_add_their_codes_to_the_state) {
   EXPECT_LE(extra_2, elements / 2 + 8 * rows / 2);
 }
 
+// run.recompute: what a mode stops keeping leaves the saved activations exactly (per block and
+// token: the GLU's [a | u] 2I·A; the MLGRU's ĝ and h 2d·A and x_mid, the fp32 stream after it, 4d), and
+// comes back as one shared scratch copy at most. The dense tiny model: 2 blocks, d 64, I 128, bf16.
+TEST(PlanDevice, recompute_modes_drop_exactly_what_they_rebuild) {
+  const std::vector<std::string> dense = {"model.peer_blocks="};
+  auto plan = [&](const std::string& mode) {
+    std::vector<std::string> o = dense;
+    o.push_back("run.recompute=" + mode);
+    return plan_device_memory(tiny(o), 1, 1);
+  };
+  const DeviceMemoryPlan none = plan("none"), mlgru = plan("mlgru"), glu = plan("glu"), all = plan("all");
+  const int64_t M = 4 * 32, L = 2, d = 64, I = 128, A = 2;
+  const auto acts = [](const DeviceMemoryPlan& p) { return p.bytes(DeviceUse::activations); };
+  EXPECT_EQ(acts(none) - acts(glu), L * M * 2 * I * A);
+  EXPECT_EQ(acts(none) - acts(mlgru), L * M * (2 * d * A + 4 * d));
+  EXPECT_EQ(acts(none) - acts(all), L * M * (2 * I * A + 2 * d * A + 4 * d));
+  for (const DeviceMemoryPlan* p : {&mlgru, &glu, &all}) {
+    EXPECT_EQ(p->bytes(DeviceUse::state), none.bytes(DeviceUse::state));
+    EXPECT_GE(p->bytes(DeviceUse::scratch), none.bytes(DeviceUse::scratch));
+    EXPECT_LE(p->bytes(DeviceUse::scratch), none.bytes(DeviceUse::scratch) + M * (2 * I * A + 2 * d * A));
+    EXPECT_LT(p->figure, none.figure);
+  }
+}
+
 #else
 
 TEST(PlanDevice, needs_a_cuda_build) {
