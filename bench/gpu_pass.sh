@@ -10,7 +10,8 @@
 #            tables; --gemm tf32x3 | tf32 | bf16)                                                  ~2 min
 #   train    the reference 370M and PEER-pytorch (bench/anchors.py, needs .anchors carried), then
 #            bench train 370M at batch 8 and 16 for run.forward_gemm x run.recompute              ~6 min
-#   large    bench train 1.3B (batch 8) and 2.7B (batch 4) with the fused GEMM, recompute none / all ~4 min
+#   large    the reference and bench train at 1.3B (batch 8) and 2.7B (batch 4), fused GEMM,
+#            recompute none / all (needs .anchors)                                                ~7 min
 #   learn    Tiny Shakespeare PEER model, 600 steps, model.peer_gemm tf32x3 against tf32 and bf16 ~3 min
 # Needs $B (gpu_prebuilt.sh sets it: build-sm90/bin).
 set -uo pipefail
@@ -60,6 +61,12 @@ train() {
 }
 
 large() {
+  export PYTHONUNBUFFERED=1
+  for cb in "mmf-1.3b 8" "mmf-2.7b 4"; do  # the reference where it fits (issue 20 item 3)
+    set -- $cb
+    timeout 150 python3 bench/anchors.py mmfreelm --config configs/$1.toml --batch $2 --seq 2048 2>&1 \
+      | tee "$OUT/anchor_$1.txt" | grep -v '^{' | grep -v transformers | tail -3
+  done
   for r in none all; do
     bench_train "1.3b_$r" configs/mmf-1.3b.toml 8 --forward-gemm fused --set run.recompute=$r
     bench_train "2.7b_$r" configs/mmf-2.7b.toml 4 --forward-gemm fused --set run.recompute=$r
