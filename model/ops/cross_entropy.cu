@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) st(dlogits + r * vocab + v, 0.0f);
     return;
   }
+  const float target_logit = lr[tgt];  // issued early: its latency hides behind the passes
   // The CPU starts from (−inf, index 0): a row of −inf and NaN keeps index 0.
   ArgMax best{-INFINITY, 0};
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) best = better(best, ArgMax{row[v], v});
@@ -102,10 +103,12 @@ __global__ void __launch_bounds__(kThreads)
   const ArgMax top = block_argmax(best, am_scratch);
   const float m = top.v;
   float rest = 0.0f;
+  // expf again in the gradient pass rather than its value kept from here: the sum's add may be fused
+  // with expf's last multiply (PTX mul.f32 + add.f32), and a second use of the product could change
+  // that choice, so the sum's bits.
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
     if (v != top.i) rest += expf(row[v] - m);
   rest = block_reduce(rest, Sum{}, 0.0f, sum_scratch);
-  const float target_logit = row[tgt];  // staged: every copy is visible after the reductions' barriers
   if (threadIdx.x == 0) losses[r] = (m - target_logit) + log1pf(rest);
   if (!dlogits) return;
   __syncthreads();  // every thread has read target_logit and the row before any write (in-place case)
