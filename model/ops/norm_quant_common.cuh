@@ -1,3 +1,32 @@
+// Memory audit of the memory-bound phases of a training step (issue 20): 370M (d 1024, I 2816, 24
+// blocks), T 2048, batch 16 (M = 32768 tokens), bf16 activations, H200 at the 4235 GB/s copy rate.
+// Bytes per step; "charged" is launch/bench_floor.cpp's count, "real" adds what it leaves out.
+//   kernel (phase)                        charged  real GB  limiter found                           ms now→pred.
+//   norm_norm_quant fwd, 3 gains (nq)       5.64    5.64   issue: a warp per row, two serial 8-lane    ) ~13 → 13
+//   norm_norm_quant dequant, 3 (nq)         8.05    8.05    Σx² chains (128 dependent fmas, 8 of 32    )  (not
+//   norm_norm_quant fwd/deq, 1 gain (nq)    8.86    8.86    lanes busy), x̃ recomputed per pass+gain   )  fixed)
+//   norm_norm_quant backward, 3 (nq)       19.33   20.94   one row in flight per block: loads, two      ) ~14 → 9
+//   norm_norm_quant backward, 1 (nq)       12.88   13.69    block reductions, then a dependent dx load: )  (fixed:
+//   head norm+quant, single (nq)            0.77    0.79    2 latencies + 4 barriers per row; dγ       )  prefetch)
+//                                                           partials (d/16 floats/row/slice) uncounted
+//   glu_act_quant fwd+dequant (glu)        24.36   24.36   smem-bound occupancy: the fp32 z row       ~10 → 7
+//                                                           (11 KB) per warp caps an SM at ~19 warps;
+//                                                           serial 352-fma Σz² chain per row
+//   glu_act_quant backward (glu)           26.58   27.69   prefetching already; partials uncounted    ~12 → 10
+//   gate fwd+dequant (gate)                 8.86    8.86   two serial Σ² chains per row (ĝ's, o's)    ~6 → 4.5
+//   gate backward (gate)                   11.27   12.08   ~8 KB in flight per block (2 pairs/thread), ~7 → 4
+//                                                           two block reductions per row
+//   mlgru scan fwd + bwd (scan)            16.11   16.11   16 channels per block: 32-byte pieces at    10.2 → 6
+//                                                           stride D; tile phases (load, log-depth
+//                                                           scan, replay) not overlapped
+//   cross_entropy (loss)                    6.29   14.68   the 128 KB row read 3 times; ~1000 rows    6.2 → 2.2
+//                                          → 6.29           in flight (135 MB) miss L2 (fixed:
+//                                                           staged once in shared memory, cp.async)
+// The split of each phase's time between its kernels is estimated (bench train reports phases); the
+// lead's ncu run of the bench gives the real one. Fixed here, bit for bit (same operations on the
+// same values in the same order; PTX float-op counts equal before and after): the backward prefetch
+// below and in norm_quant.cu, and cross_entropy.cu.
+//
 // Shared by the fused RMSNorm + int8 quantizer kernels (norm_quant.cu: the single BitLinear and the
 // block-input pair; norm_quant_glu.cu: the GLU's; norm_quant_gate.cu: the output gate's): the
 // bit-exact row helpers, the row sources, the forward and backward kernels every fused variant is
