@@ -14,8 +14,9 @@
 //                                                           serial 352-fma Σz² chain per row
 //   glu_act_quant backward (glu)           26.58   27.69   prefetching already; partials uncounted    ~12 → 10
 //   gate fwd+dequant (gate)                 8.86    8.86   two serial Σ² chains per row (ĝ's, o's)    ~6 → 4.5
-//   gate backward (gate)                   11.27   12.08   ~8 KB in flight per block (2 pairs/thread), ~7 → 4
-//                                                           two block reductions per row
+//   gate backward (gate)                   11.27   12.08   ~8 KB in flight per block (2 pairs/thread), ~7 → 5.5
+//                                                           two block reductions per row, 3 blocks/SM
+//                                                           (fixed: 4 blocks, 62 registers)
 //   mlgru scan fwd + bwd (scan)            16.11   16.11   16 channels per block: 32-byte pieces at    10.2 → 6
 //                                                           stride D; tile phases (load, log-depth
 //                                                           scan, replay) not overlapped
@@ -25,7 +26,7 @@
 // The split of each phase's time between its kernels is estimated (bench train reports phases); the
 // lead's ncu run of the bench gives the real one. Fixed here, bit for bit (same operations on the
 // same values in the same order; PTX float-op counts equal before and after): the backward prefetch
-// below and in norm_quant.cu, and cross_entropy.cu.
+// below and in norm_quant.cu, the gate backward's occupancy (norm_quant_gate.cu), cross_entropy.cu.
 //
 // Shared by the fused RMSNorm + int8 quantizer kernels (norm_quant.cu: the single BitLinear and the
 // block-input pair; norm_quant_glu.cu: the GLU's; norm_quant_gate.cu: the output gate's): the
