@@ -9,7 +9,8 @@
 // sequential one, forward and backward; the fused input paths of the GPU model (model/cuda_model.h)
 // at its shapes with bf16 storage: block norm + BitLinear norms + quantizer (1 and 3 gains), the GLU
 // in front of the down projection's, the output gate in front of the o projection's, each forward,
-// recomputation (a/s) and backward, beside the unfused GLU + norm+quant they replace.
+// recomputation (a/s) and backward, beside the unfused GLU + norm+quant they replace; the softmax
+// cross-entropy at the LM head's chunk.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -24,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "launch/cuda_bench_util.h"
+#include "model/ops/cross_entropy.h"
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
 #include "model/ops/glu.h"
@@ -213,6 +215,10 @@ int bench_ops(const Args& args) {
               norm_norm_quant_backward_cuda(sd, f32(x), f32(gain), f32(rstd2), 3, g3, f32(rstd), f32(dxt), f32(dx),
                                             f32(gain) + 3, dg3, f32(ws), st);
             }), 24 * nd);
+    out.row("block norm + 1 BitLinear norm bwd (fused)", shd, median_us(tm, st, [&] {
+              norm_norm_quant_backward_cuda(sd, f32(x), f32(gain), f32(rstd2), 1, g3, f32(rstd), f32(dxt), f32(dx),
+                                            f32(gain) + 3, dg3, f32(ws), st);
+            }), 16 * nd);
     out.row("GLU + down nq fwd (fused, bf16 au)", shi, median_us(tm, st, [&] {
               glu_act_quant_forward_cuda(GluActivation::silu, si, b16(au), f32(gain), c8, f32(scale), f32(rstd), st);
             }), 5 * ni);
@@ -246,6 +252,21 @@ int bench_ops(const Args& args) {
                                            f32(rstd), f32(dxt), f32(dh), b16(dgh), f32(dgain), f32(dgain) + D, f32(ws),
                                            st);
             }), 14 * nd);
+  }
+
+  // Softmax cross-entropy with bf16 dlogits at the LM head's chunk (2048 rows, vocab 32000): the
+  // logits read once (4 B), dlogits written (2 B), plus a target and a loss per row.
+  {
+    const int64_t rows = 2048, V = 32000;
+    DeviceBytes logits = device_floats(rows * V, -4.0f, 4.0f, 21), dl(rows * V * 2), loss(rows * sizeof(float));
+    std::vector<int32_t> tg(rows);
+    for (int64_t r = 0; r < rows; ++r) tg[r] = static_cast<int32_t>((r * 7919) % V);
+    DeviceBytes targets(rows * sizeof(int32_t));
+    PL_CUDA_CHECK(cudaMemcpy(targets.get(), tg.data(), rows * sizeof(int32_t), cudaMemcpyHostToDevice));
+    const auto* t32 = static_cast<const int32_t*>(targets.get());
+    out.row("cross_entropy (bf16 dlogits)", std::to_string(rows) + "x" + std::to_string(V), median_us(tm, st, [&] {
+              cross_entropy_cuda(rows, V, f32(logits), t32, f32(loss), b16(dl), 1.0f / rows, st);
+            }), 6.0 * rows * V + 8.0 * rows);
   }
 
   // MLGRU scan, (B, T, D).

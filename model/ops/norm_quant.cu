@@ -2,19 +2,17 @@
 // Forward: one warp per row. The row is read from memory once into shared memory; Σx² is then
 // summed exactly as the CPU reference does it (row_math.h dot_fma: 8 interleaved lanes of fmas, the
 // lanes added pairwise, the tail fma'd on; here 8 lanes of the warp run the lanes), so rstd,
-// x̃ = (x·rstd)·γ, max|x̃|, s and the codes are bit-identical to rmsnorm_forward_cpu -> act_quant_cpu. Every other operation is
-// explicitly rounded (__fmul_rn, __fdiv_rn, __fsqrt_rn) so that nvcc cannot contract or approximate
-// it. Memory: 4 bytes read and 1 byte written per element (the unfused pair moves 13: x̃ written and
-// read back in fp32). The kernels are issue-bound rather than memory-bound at d = 1024 (ncu: 80-85%
-// of issue slots busy), so instruction count is what the code below saves: 16-byte shared-memory
-// accesses, the a/s values from a per-row table instead of a division each, a 5-instruction rounding.
-// Backward: the straight-through RMSNorm backward, recomputing x̂ = x·rstd from x and the saved rstd.
-// A block owns kBwdRows consecutive rows and keeps γ and its running dγ partials in registers (each
-// thread owns columns tid + 256·k); per row one block reduction gives mean(x̂⊙γ⊙dy), then dx is
-// written. The per-block dγ partials go to a workspace and a second kernel adds them in block order:
-// deterministic without atomics. Memory: 8 bytes read and 4 written per element, plus the partials
-// (rows/kBwdRows · d floats written and read, ~6% at 16 rows per block).
-// This file: the single BitLinear's fused pair (forward and backward) and the block input's norm
+// x̃ = (x·rstd)·γ, max|x̃|, s and the codes are bit-identical to rmsnorm_forward_cpu -> act_quant_cpu. Every other
+// operation is explicitly rounded (__fmul_rn, __fdiv_rn, __fsqrt_rn) so that nvcc cannot contract or approximate it.
+// Memory: 4 bytes read and 1 byte written per element (the unfused pair moves 13: x̃ written and read back in fp32). The
+// kernels are issue-bound rather than memory-bound at d = 1024 (ncu: 80-85% of issue slots busy), so instruction count
+// is what the code below saves: 16-byte shared-memory accesses, the a/s values from a per-row table instead of a
+// division each, a 5-instruction rounding. Backward: the straight-through RMSNorm backward, recomputing x̂ = x·rstd from
+// x and the saved rstd. A block owns kBwdRows consecutive rows and keeps γ and its running dγ partials in registers
+// (each thread owns columns tid + 256·k); per row one block reduction gives mean(x̂⊙γ⊙dy), then dx is written. The
+// per-block dγ partials go to a workspace and a second kernel adds them in block order: deterministic without atomics.
+// Memory: 8 bytes read and 4 written per element, plus the partials (rows/kBwdRows · d floats written and read, ~6% at
+// 16 rows per block). This file: the single BitLinear's fused pair (forward and backward) and the block input's norm
 // followed by its BitLinears' norm+quant; the shared pieces are in norm_quant_common.cuh.
 #include "model/ops/norm_quant_common.cuh"
 
@@ -91,7 +89,7 @@ __global__ void __launch_bounds__(128)
 // then the outer norm's: dx += r₁·(γ_o⊙dxn − x̂₁·mean(x̂₁⊙γ_o⊙dxn)), dγ_o += Σ_rows dxn⊙x̂₁. xn is
 // recomputed from x. dγ partials: slice k < NG for γ_k, slice NG for γ_o (each bwd_blocks·dim).
 template <int K, int NG>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kBwdThreads, K <= 4 ? 3 : 1)
     norm_norm_quant_backward_kernel(int64_t rows, int64_t dim, const float* __restrict__ x,
                                     const float* __restrict__ outer_gain, const float* __restrict__ outer_rstd,
                                     Gains gains, const float* __restrict__ inner_rstd, const float* __restrict__ dxt,
@@ -106,29 +104,50 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
     for (int q = 0; q < NG; ++q) gk[q][k] = j < dim ? gains.g[q][j] : 0.0f, pk[q][k] = 0.0f;
   }
+  // Where the copies fit in registers (kBwdAheadRegs), the next row's x, dxt slices and rstds are
+  // fetched before the current row's reductions and this row's dx before them, not after (see the
+  // single kernel in norm_quant_common.cuh); otherwise each row is read as it is used, as before.
+  // K ≤ 4 (d ≤ 1024): 80 registers, three blocks per SM.
+  constexpr bool kAhead = K * (NG + 1) <= kBwdAheadRegs;
+  float nx[K], nd[NG][K], nro = 0.0f, nrs = 0.0f;
+  auto fetch = [&](int64_t r) {
+    nro = outer_rstd[r], nrs = inner_rstd[r];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      if (j >= dim) continue;
+      nx[k] = x[r * dim + j];
+#pragma unroll
+      for (int q = 0; q < NG; ++q) nd[q][k] = dxt[(q * rows + r) * dim + j];
+    }
+  };
   const float inv_dim = 1.0f / static_cast<float>(dim);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
   const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
+  if (kAhead && r0 < r1) fetch(r0);
   for (int64_t r = r0; r < r1; ++r) {
-    const float ro = outer_rstd[r], rs = inner_rstd[r];
-    float xv[K], xh[K], comb[K];
+    if (!kAhead) nro = outer_rstd[r], nrs = inner_rstd[r];
+    const float ro = nro, rs = nrs;
+    float xv[K], xh[K], comb[K], ov[K];
     float acc = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
-      xv[k] = 0.0f, xh[k] = 0.0f, comb[k] = 0.0f;
+      xv[k] = 0.0f, xh[k] = 0.0f, comb[k] = 0.0f, ov[k] = 0.0f;
       if (j < dim) {
-        xv[k] = x[r * dim + j];
+        xv[k] = kAhead ? nx[k] : x[r * dim + j];
+        if (kAhead) ov[k] = dx[r * dim + j];  // this row's: in flight during the reductions
         xh[k] = __fmul_rn(__fmul_rn(xv[k], ro), go[k]) * rs;
 #pragma unroll
         for (int q = 0; q < NG; ++q) {
-          const float d = dxt[(q * rows + r) * dim + j];
+          const float d = kAhead ? nd[q][k] : dxt[(q * rows + r) * dim + j];
           comb[k] = fmaf(gk[q][k], d, comb[k]);
           pk[q][k] = fmaf(d, xh[k], pk[q][k]);
         }
       }
       acc = fmaf(xh[k], comb[k], acc);
     }
+    if (kAhead && r + 1 < r1) fetch(r + 1);
     const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;
     float acc2 = 0.0f;
 #pragma unroll
@@ -142,7 +161,7 @@ __global__ void __launch_bounds__(kBwdThreads)
       const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
       if (j < dim) {
         const float x1 = xv[k] * ro;
-        dx[r * dim + j] += ro * (go[k] * comb[k] - x1 * m2);
+        dx[r * dim + j] = (kAhead ? ov[k] : dx[r * dim + j]) + ro * (go[k] * comb[k] - x1 * m2);
         po[k] = fmaf(comb[k], x1, po[k]);
       }
     }
@@ -169,8 +188,8 @@ void rmsnorm_act_quant_forward_cuda(const RmsNormShape& s, const float* x, const
 void rmsnorm_act_quant_dequant_cuda(const RmsNormShape& s, const float* x, const float* gain, bf16* a_over_s,
                                     float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {
   PL_CHECK(x && a_over_s, internal, "rmsnorm_act_quant_dequant_cuda: null pointer");
-  forward("rmsnorm_act_quant_dequant_cuda", s, PlainRows{x}, aligned16(x), gain, nullptr, a_over_s, scale, rstd,
-          stream, qs);
+  forward("rmsnorm_act_quant_dequant_cuda", s, PlainRows{x}, aligned16(x), gain, nullptr, a_over_s, scale, rstd, stream,
+          qs);
 }
 
 int64_t rmsnorm_act_quant_backward_workspace(const RmsNormShape& s) { return bwd_blocks(s.rows) * s.dim; }
@@ -238,9 +257,9 @@ Gains make_gains(int n, const float* const* gains) {
   return g;
 }
 
-void nnq_forward_any(const char* who, const RmsNormShape& s, const float* x, const float* outer_gain,
-                     float* outer_rstd, int n_gains, const float* const* gains, int8_t* codes, bf16* dequant,
-                     float* scale, float* inner_rstd, cudaStream_t stream, const QSparseSel& qs) {
+void nnq_forward_any(const char* who, const RmsNormShape& s, const float* x, const float* outer_gain, float* outer_rstd,
+                     int n_gains, const float* const* gains, int8_t* codes, bf16* dequant, float* scale,
+                     float* inner_rstd, cudaStream_t stream, const QSparseSel& qs) {
   check_shape(who, s);
   const QsHost q = qs_host(who, s, qs);
   PL_CHECK(n_gains == 1 || n_gains == 3, internal, who, ": ", n_gains, " gains (1 or 3 supported)");
@@ -249,8 +268,10 @@ void nnq_forward_any(const char* who, const RmsNormShape& s, const float* x, con
            ": null pointer");
   for (int i = 0; i < n_gains; ++i) PL_CHECK(gains[i], internal, who, ": null gain ", i);
   const Gains g = make_gains(n_gains, gains);
-  if (n_gains == 1) nnq_forward<1>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, q, stream);
-  else nnq_forward<3>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, q, stream);
+  if (n_gains == 1)
+    nnq_forward<1>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, q, stream);
+  else
+    nnq_forward<3>(s, x, outer_gain, outer_rstd, g, codes, dequant, scale, inner_rstd, q, stream);
 }
 
 template <int K, int NG>
@@ -304,14 +325,16 @@ void norm_norm_quant_backward_cuda(const RmsNormShape& s, const float* x, const 
   PL_CHECK(x && outer_gain && outer_rstd && gains && inner_rstd && dxt && dx && d_outer_gain && d_gains && workspace,
            internal, "norm_norm_quant_backward_cuda: null pointer");
   const Gains g = make_gains(n_gains, gains);
-  if (n_gains == 1) nnq_backward<1>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, workspace, stream);
-  else nnq_backward<3>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, workspace, stream);
+  if (n_gains == 1)
+    nnq_backward<1>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, workspace, stream);
+  else
+    nnq_backward<3>(s, x, outer_gain, outer_rstd, g, inner_rstd, dxt, dx, workspace, stream);
   const int64_t slice = rmsnorm_act_quant_backward_workspace(s);
   const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
   for (int q = 0; q <= n_gains; ++q) {
     float* target = q < n_gains ? d_gains[q] : d_outer_gain;
     rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim,
-                                                                          workspace + q * slice, target);
+                                                                           workspace + q * slice, target);
     PL_CUDA_CHECK_LAUNCH(rmsnorm_dgain_sum_kernel);
   }
 }

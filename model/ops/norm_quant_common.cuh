@@ -1,3 +1,33 @@
+// Memory audit of the memory-bound phases of a training step (issue 20): 370M (d 1024, I 2816, 24
+// blocks), T 2048, batch 16 (M = 32768 tokens), bf16 activations, H200 at the 4235 GB/s copy rate.
+// Bytes per step; "charged" is launch/bench_floor.cpp's count, "real" adds what it leaves out.
+//   kernel (phase)                        charged  real GB  limiter found                           ms now→pred.
+//   norm_norm_quant fwd, 3 gains (nq)       5.64    5.64   issue: a warp per row, two serial 8-lane    ) ~13 → 13
+//   norm_norm_quant dequant, 3 (nq)         8.05    8.05    Σx² chains (128 dependent fmas, 8 of 32    )  (not
+//   norm_norm_quant fwd/deq, 1 gain (nq)    8.86    8.86    lanes busy), x̃ recomputed per pass+gain   )  fixed)
+//   norm_norm_quant backward, 3 (nq)       19.33   20.94   one row in flight per block: loads, two      ) ~14 → 9
+//   norm_norm_quant backward, 1 (nq)       12.88   13.69    block reductions, then a dependent dx load: )  (fixed:
+//   head norm+quant, single (nq)            0.77    0.79    2 latencies + 4 barriers per row; dγ       )  prefetch)
+//                                                           partials (d/16 floats/row/slice) uncounted
+//   glu_act_quant fwd+dequant (glu)        24.36   24.36   smem-bound occupancy: the fp32 z row       ~10 → 7
+//                                                           (11 KB) per warp caps an SM at ~19 warps;
+//                                                           serial 352-fma Σz² chain per row
+//   glu_act_quant backward (glu)           26.58   27.69   prefetching already; partials uncounted    ~12 → 10
+//   gate fwd+dequant (gate)                 8.86    8.86   two serial Σ² chains per row (ĝ's, o's)    ~6 → 4.5
+//   gate backward (gate)                   11.27   12.08   ~8 KB in flight per block (2 pairs/thread), ~7 → 5.5
+//                                                           two block reductions per row, 3 blocks/SM
+//                                                           (fixed: 4 blocks, 62 registers)
+//   mlgru scan fwd + bwd (scan)            16.11   16.11   16 channels per block: 32-byte pieces at    10.2 → 6
+//                                                           stride D; tile phases (load, log-depth
+//                                                           scan, replay) not overlapped
+//   cross_entropy (loss)                    6.29   14.68   the 128 KB row read 3 times; ~1000 rows    6.2 → 2.2
+//                                          → 6.29           in flight (135 MB) miss L2 (fixed:
+//                                                           staged once in shared memory, cp.async)
+// The split of each phase's time between its kernels is estimated (bench train reports phases); the
+// lead's ncu run of the bench gives the real one. Fixed here, bit for bit (same operations on the
+// same values in the same order; PTX float-op counts equal before and after): the backward prefetch
+// below and in norm_quant.cu, the gate backward's occupancy (norm_quant_gate.cu), cross_entropy.cu.
+//
 // Shared by the fused RMSNorm + int8 quantizer kernels (norm_quant.cu: the single BitLinear and the
 // block-input pair; norm_quant_glu.cu: the GLU's; norm_quant_gate.cu: the output gate's): the
 // bit-exact row helpers, the row sources, the forward and backward kernels every fused variant is
@@ -21,13 +51,12 @@
 namespace peerless {
 namespace {
 
-
-using cuda_detail::ld;
-using cuda_detail::st;
 using cuda_detail::act_scale_dev;
 using cuda_detail::block_reduce;
+using cuda_detail::ld;
 using cuda_detail::MaxU32;
 using cuda_detail::quant_round_clamp_dev;
+using cuda_detail::st;
 using cuda_detail::Sum;
 
 constexpr int kLanes = 8;  // row_math.h kLanes: the CPU's interleaved partial sums
@@ -278,15 +307,17 @@ __device__ __forceinline__ void qs_row_mask(const float* xs, float rs, const flo
 // scale and the codes, exactly as qsparse_apply_cpu zeroes them before act_quant_cpu (so a row with
 // nothing kept gets the 1e-5 floor's scale, and a dropped NaN does not make the scale NaN).
 template <bool kVec, bool kDequant, bool kSparse = false>
-__device__ __forceinline__ float quant_row(const float* xs, float rs, const float* __restrict__ gain, int dim,
-                                           int lane, int8_t* __restrict__ cr, __nv_bfloat16* __restrict__ dr,
-                                           uint16_t* tbl, const uint32_t* kept = nullptr) {
+__device__ __forceinline__ float quant_row(const float* xs, float rs, const float* __restrict__ gain, int dim, int lane,
+                                           int8_t* __restrict__ cr, __nv_bfloat16* __restrict__ dr, uint16_t* tbl,
+                                           const uint32_t* kept = nullptr) {
   constexpr int kW = cuda_detail::kWarp;
   // x̃ of entry j (j is used only by kSparse: the compiler drops it otherwise).
   auto xt = [rs, kept](float x, float g, int j) {
     const float t = __fmul_rn(__fmul_rn(x, rs), g);
-    if constexpr (kSparse) return ((kept[j >> 5] >> (j & 31)) & 1u) ? t : 0.0f;
-    else return t;
+    if constexpr (kSparse)
+      return ((kept[j >> 5] >> (j & 31)) & 1u) ? t : 0.0f;
+    else
+      return t;
   };
   uint32_t m = 0;
   if constexpr (kVec) {
@@ -430,11 +461,19 @@ __global__ void __launch_bounds__(128)
 constexpr int kBwdThreads = 256;
 constexpr int kBwdRows = 16;  // rows per block, i.e. per partial row of dγ
 
-// K columns per thread: j = tid + kBwdThreads·k. dy and dx may alias (each element is read into a
-// register before the same thread writes it, and the row's mean is complete, behind the
-// reduction's barriers, before any write).
+// Registers a backward thread may spend on the next row's copies: beyond it (dim > 2048 here and in
+// norm_quant.cu's one-gain kernel, > 1024 in its three-gain kernel) the copies would cost occupancy
+// or spill, and the kernels read each row as they use it, as before.
+constexpr int kBwdAheadRegs = 24;
+
+// K columns per thread: j = tid + kBwdThreads·k. Where they fit (kBwdAheadRegs), the next row's x,
+// dy and rstd are fetched before the current row's reduction, and this row's dx (when accumulating)
+// before it too, so a block always has loads in flight (it waited on memory once per row before,
+// and again for dx after the reduction); the arithmetic is unchanged. dy and dx may alias (bitlinear.cu passes one
+// buffer): row r's elements are all in registers before the reduction's barriers and row r is written after them, while
+// the prefetch reads row r + 1 only.
 template <int K, typename X>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kBwdThreads, K == 16 ? 2 : 1)  // K = 16: its former 2 blocks per SM
     rmsnorm_act_quant_backward_kernel(int64_t rows, int64_t dim, const X* __restrict__ x,
                                       const float* __restrict__ gain, const float* __restrict__ rstd, const float* dy,
                                       float* dx, float* __restrict__ partials, bool accumulate) {
@@ -446,20 +485,37 @@ __global__ void __launch_bounds__(kBwdThreads)
     g[k] = j < dim ? gain[j] : 0.0f;
     p[k] = 0.0f;
   }
-  const float inv_dim = 1.0f / static_cast<float>(dim);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
-  const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float rs = rstd[r];
-    float xv[K], dv[K];
-    float acc = 0.0f;
+  constexpr bool kAhead = 2 * K <= kBwdAheadRegs;
+  X nx[K];  // the next row, raw (a bf16 widened here would wait for its load)
+  float nd[K], nrs = 0.0f;
+  auto fetch = [&](int64_t r) {
+    nrs = rstd[r];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
-      xv[k] = 0.0f, dv[k] = 0.0f;
-      if (j < dim) xv[k] = ld(x + r * dim + j), dv[k] = dy[r * dim + j];
-      acc = fmaf(xv[k] * rs, g[k] * dv[k], acc);
+      if (j >= dim) continue;
+      nx[k] = x[r * dim + j], nd[k] = dy[r * dim + j];
     }
+  };
+  const float inv_dim = 1.0f / static_cast<float>(dim);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t r1 = r0 + kBwdRows < rows ? r0 + kBwdRows : rows;
+  if (kAhead && r0 < r1) fetch(r0);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!kAhead) fetch(r);
+    const float rs = nrs;
+    float xv[K], dv[K], ov[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(kBwdThreads) * k;
+      xv[k] = 0.0f, dv[k] = 0.0f, ov[k] = 0.0f;
+      if (j < dim) xv[k] = ld(&nx[k]), dv[k] = nd[k];
+      if (j < dim && kAhead && accumulate) ov[k] = dx[r * dim + j];  // in flight during the reduction
+    }
+    if (kAhead && r + 1 < r1) fetch(r + 1);
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc = fmaf(xv[k] * rs, g[k] * dv[k], acc);
     const float m = block_reduce(acc, Sum{}, 0.0f, red) * inv_dim;  // mean(x̂ ⊙ γ ⊙ dy)
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -467,7 +523,7 @@ __global__ void __launch_bounds__(kBwdThreads)
       if (j < dim) {
         const float xh = xv[k] * rs;
         const float v = rs * (g[k] * dv[k] - xh * m);
-        dx[r * dim + j] = accumulate ? dx[r * dim + j] + v : v;
+        dx[r * dim + j] = accumulate ? (kAhead ? ov[k] : dx[r * dim + j]) + v : v;
         p[k] = fmaf(dv[k], xh, p[k]);
       }
     }
@@ -512,11 +568,17 @@ __device__ __forceinline__ void unpack_v(__nv_bfloat162 v, float* f) {
 template <typename T>
 __device__ __forceinline__ T pack_v(const float* f);
 template <>
-__device__ __forceinline__ float pack_v<float>(const float* f) { return f[0]; }
+__device__ __forceinline__ float pack_v<float>(const float* f) {
+  return f[0];
+}
 template <>
-__device__ __forceinline__ float2 pack_v<float2>(const float* f) { return make_float2(f[0], f[1]); }
+__device__ __forceinline__ float2 pack_v<float2>(const float* f) {
+  return make_float2(f[0], f[1]);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 pack_v<__nv_bfloat16>(const float* f) { return __float2bfloat16_rn(f[0]); }
+__device__ __forceinline__ __nv_bfloat16 pack_v<__nv_bfloat16>(const float* f) {
+  return __float2bfloat16_rn(f[0]);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat162 pack_v<__nv_bfloat162>(const float* f) {
   return __floats2bfloat162_rn(f[0], f[1]);
@@ -560,12 +622,18 @@ int64_t bwd_blocks(int64_t rows) { return (rows + kBwdRows - 1) / kBwdRows; }
 // per_thread columns: the backward kernels' register-array width.
 template <typename F>
 void with_columns(int64_t per_thread, F&& f) {
-  if (per_thread <= 1) f(std::integral_constant<int, 1>{});
-  else if (per_thread <= 2) f(std::integral_constant<int, 2>{});
-  else if (per_thread <= 4) f(std::integral_constant<int, 4>{});
-  else if (per_thread <= 8) f(std::integral_constant<int, 8>{});
-  else if (per_thread <= 16) f(std::integral_constant<int, 16>{});
-  else f(std::integral_constant<int, 32>{});
+  if (per_thread <= 1)
+    f(std::integral_constant<int, 1>{});
+  else if (per_thread <= 2)
+    f(std::integral_constant<int, 2>{});
+  else if (per_thread <= 4)
+    f(std::integral_constant<int, 4>{});
+  else if (per_thread <= 8)
+    f(std::integral_constant<int, 8>{});
+  else if (per_thread <= 16)
+    f(std::integral_constant<int, 16>{});
+  else
+    f(std::integral_constant<int, 32>{});
 }
 
 template <int K, typename X>
@@ -578,8 +646,10 @@ void launch_backward(const RmsNormShape& s, const X* x, const float* gain, const
 // Calls f(std::bool_constant<b>{}).
 template <typename F>
 void with_bool(bool b, F&& f) {
-  if (b) f(std::true_type{});
-  else f(std::false_type{});
+  if (b)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 // The kernels' form of a Q-Sparse option for rows of s.dim channels; active() false when it keeps

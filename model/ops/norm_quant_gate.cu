@@ -8,9 +8,11 @@ namespace {
 
 // The output gate's backward (see the comment above the forward's GateRows): the o norm's backward
 // from dxt, then the gate's, then (code form) the g norm's, per row, with the vectors of V columns and
-// the next row's prefetch of the GLU backward above.
+// the next row's prefetch of the GLU backward above. K ≤ 2 (d ≤ 1024): 4 blocks per SM (62 registers,
+// no spill; 3 at 72 before), a third more rows in flight: at d 1024 a row is ~8 KB of loads per
+// block, too little in flight per SM for the copy rate with 3 blocks.
 template <int K, int V, typename A, typename G>
-__global__ void __launch_bounds__(kBwdThreads, K <= 2 ? 3 : 1)
+__global__ void __launch_bounds__(kBwdThreads, K <= 2 ? 4 : 1)
     gate_act_quant_backward_kernel(int64_t rows, int64_t dim, bool code_form, const A* __restrict__ ghat,
                                    const A* __restrict__ h, const float* __restrict__ g_gain,
                                    const float* __restrict__ g_rstd, const float* __restrict__ o_gain,
@@ -168,12 +170,14 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
     constexpr int V = decltype(v)::value;
     const int64_t per_thread = (s.dim / V + kBwdThreads - 1) / kBwdThreads;
     with_columns(per_thread, [&](auto K) {
-      launch_gate_backward<decltype(K)::value, V>(s, code, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat,
-                                                  op, gp, stream);
+      launch_gate_backward<decltype(K)::value, V>(s, code, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, op,
+                                                  gp, stream);
     });
   };
-  if (pairs) launch(std::integral_constant<int, 2>{});
-  else launch(std::integral_constant<int, 1>{});
+  if (pairs)
+    launch(std::integral_constant<int, 2>{});
+  else
+    launch(std::integral_constant<int, 1>{});
   const auto blocks = static_cast<unsigned>((s.dim + kSumCols - 1) / kSumCols);
   if (op) {
     rmsnorm_dgain_sum_kernel<<<blocks, kSumCols * kSumGroups, 0, stream>>>(bwd_blocks(s.rows), s.dim, op, do_gain);
@@ -187,31 +191,31 @@ void gate_backward(GateForm form, const RmsNormShape& s, const A* ghat, const A*
 
 }  // namespace
 
-#define PL_GATE_NQ(A)                                                                                               \
-  void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
-                                   const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes,          \
-                                   float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {          \
-    PL_CHECK(ghat && h && codes && (form == GateForm::paper || (g_gain && g_rstd)), internal,                        \
-             "gate_act_quant_forward_cuda: null pointer");                                                          \
-    forward("gate_act_quant_forward_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},         \
-            s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h),                                               \
-            o_gain, codes, nullptr, scale, rstd, stream, qs);                                                       \
-  }                                                                                                                 \
-  void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                \
-                                   const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s,         \
-                                   float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {          \
-    PL_CHECK(ghat && h && a_over_s && (form == GateForm::paper || (g_gain && g_rstd)), internal,                     \
-             "gate_act_quant_dequant_cuda: null pointer");                                                          \
-    forward("gate_act_quant_dequant_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},         \
-            s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h),                                               \
-            o_gain, nullptr, a_over_s, scale, rstd, stream, qs);                                                    \
-  }                                                                                                                 \
-  void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,               \
-                                    const float* g_gain, const float* g_rstd, const float* o_gain,                  \
-                                    const float* o_rstd, const float* dxt, float* dh, bf16* dghat, float* do_gain,  \
-                                    float* dg_gain, float* workspace, cudaStream_t stream) {                        \
-    gate_backward(form, s, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, do_gain, dg_gain, workspace,     \
-                  stream);                                                                                          \
+#define PL_GATE_NQ(A)                                                                                                  \
+  void gate_act_quant_forward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                    \
+                                   const float* g_gain, float* g_rstd, const float* o_gain, int8_t* codes,             \
+                                   float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {             \
+    PL_CHECK(ghat&& h&& codes && (form == GateForm::paper || (g_gain && g_rstd)), internal,                            \
+             "gate_act_quant_forward_cuda: null pointer");                                                             \
+    forward("gate_act_quant_forward_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},            \
+            s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h), o_gain, codes, nullptr, scale, rstd, stream,    \
+            qs);                                                                                                       \
+  }                                                                                                                    \
+  void gate_act_quant_dequant_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                    \
+                                   const float* g_gain, float* g_rstd, const float* o_gain, bf16* a_over_s,            \
+                                   float* scale, float* rstd, cudaStream_t stream, const QSparseSel& qs) {             \
+    PL_CHECK(ghat&& h&& a_over_s && (form == GateForm::paper || (g_gain && g_rstd)), internal,                         \
+             "gate_act_quant_dequant_cuda: null pointer");                                                             \
+    forward("gate_act_quant_dequant_cuda", s, GateRows<A>{ghat, h, g_gain, g_rstd, form == GateForm::code},            \
+            s.dim % kPer16<A> == 0 && aligned16(ghat) && aligned16(h), o_gain, nullptr, a_over_s, scale, rstd, stream, \
+            qs);                                                                                                       \
+  }                                                                                                                    \
+  void gate_act_quant_backward_cuda(GateForm form, const RmsNormShape& s, const A* ghat, const A* h,                   \
+                                    const float* g_gain, const float* g_rstd, const float* o_gain,                     \
+                                    const float* o_rstd, const float* dxt, float* dh, bf16* dghat, float* do_gain,     \
+                                    float* dg_gain, float* workspace, cudaStream_t stream) {                           \
+    gate_backward(form, s, ghat, h, g_gain, g_rstd, o_gain, o_rstd, dxt, dh, dghat, do_gain, dg_gain, workspace,       \
+                  stream);                                                                                             \
   }
 PL_GATE_NQ(float)
 PL_GATE_NQ(bf16)
