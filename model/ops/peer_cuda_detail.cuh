@@ -245,12 +245,13 @@ struct TernaryRows {
   bool aligned() const { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
 };
 // The same codes 2-bit packed (model/ternary_pack.h: four a byte, low bits first; 0.25 byte per
-// weight), decoded in registers to the floats TernaryRows gives: 1·β, −1·β and 0·β are formed by the
-// same multiplications (once per load, hoisted out of the loops) and picked by the code's field, so
-// a kernel sums identical floats in identical order on either form (bit for bit), and no
-// integer-to-float conversion is issued per weight (conversions run at a fraction of the FP32
-// rate). V = 4 reads the one byte holding elements i .. i + 3 (i a multiple of 4, as the vector
-// paths give when d % 4 == 0): a warp's load is 32 consecutive bytes, one sector.
+// weight), decoded in registers to the floats TernaryRows gives: the three products 1·β, −1·β and 0·β
+// (β, −β and +0 for the positive finite β a table has; 0·β keeps TernaryRows' NaN for an infinite
+// β), formed once per load and hoisted out of the loops, then picked by each code's field. So a
+// kernel sums identical floats in identical order on either form (bit for bit), and no
+// integer-to-float conversion is issued per weight (TernaryRows issues one; conversions run at a
+// fraction of the FP32 rate). V = 4 reads the one byte holding elements i .. i + 3 (i a multiple of
+// 4, as the vector paths give when d % 4 == 0): a warp's load is 32 consecutive bytes, one sector.
 struct PackedTernaryRows {
   const uint8_t* p;
   float beta;
