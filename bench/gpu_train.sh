@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for the GPU machine (the device tool) for the CUDA training path: build for sm_90,
 # run the GPU tests (ctest -L gpu: op tests and the 50-step GPU-vs-CPU loss curves), `peerless bench
-# train` on the 370M config, `peerless bench ops`, `peerless bench peer-layer` (fp32 and --ternary
-# tables), 1-GPU training runs on Tiny Shakespeare (the dense demo and its PEER variant), and the PyTorch baseline
+# train` on the 370M config, `peerless bench ops`, `peerless bench peer-layer` (fp32, --ternary
+# and --ternary-int8 tables), 1-GPU training runs on Tiny Shakespeare (the dense demo and its PEER variant), and the PyTorch baseline
 # (bench/torch_mmf.py) when asked. Logs under $OUT. The whole thing is ~15 min on an H100: more than
 # one device call allows, so split it (--skip-tests for the second call; the build is reused while
 # the machine stays warm).
@@ -30,8 +30,10 @@ echo "== bench ops"
 timeout 100 $b bench ops --tokens 32768 2>&1 | tee "$OUT/bench_ops.txt" | tail -24
 echo "== bench peer-layer"
 timeout 200 $b bench peer-layer 2>&1 | tee "$OUT/bench_peer_layer.txt" | tail -30
-echo "== bench peer-layer --ternary (model.peer_ternary: int8 expert tables)"
+echo "== bench peer-layer --ternary (model.peer_ternary: 2-bit packed expert tables)"
 timeout 200 $b bench peer-layer --ternary 2>&1 | tee "$OUT/bench_peer_layer_ternary.txt" | tail -30
+echo "== bench peer-layer --ternary-int8 (the earlier int8 copy, for comparison)"
+timeout 200 $b bench peer-layer --ternary-int8 --tokens 8192 2>&1 | tee "$OUT/bench_peer_layer_ternary_int8.txt" | tail -16
 if [[ $shakespeare == 1 ]]; then
 echo "== train on Tiny Shakespeare, one GPU"
 $b prepare --input ../shared/data/tinyshakespeare/input.txt --out /tmp/ts.h5 --quiet > /dev/null

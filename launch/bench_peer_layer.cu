@@ -9,9 +9,10 @@
 // a prediction from the device copy bandwidth measured in the same run and an assumed fp32 GEMM
 // rate, the achieved GB/s and its share of the copy. The table gradient is timed in the form given
 // by --table-grad (sparse: rows + values of the U distinct rows; dense: (N, 2d) += per row).
-// --ternary: the experts read an int8 ternary copy of the table (model.peer_ternary on the GPU:
-// PeerLayerParams::table_codes, 1 byte per weight instead of 4; the gradient rows stay fp32), and the
-// copy's refresh (β's float64 segment sums in either order, then the codes) is timed once per order.
+// --ternary: the experts read a ternary copy of the table, 2-bit packed (model.peer_ternary on the GPU:
+// PeerLayerParams::table_copy, a quarter byte per weight instead of 4; the gradient rows stay fp32);
+// --ternary-int8: the same codes one byte each (the earlier form, kept as the baseline). The copy's
+// refresh (β's float64 segment sums in either order, then the codes) is timed once per order.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -88,8 +89,9 @@ struct Row {
 
 // model.peer_ternary's refresh of an (N, 2d) table as the GPU model runs it (model/modules/peer_cuda.cu):
 // float64 Σ|W| per segment of `seg` elements on the device, the sums added in order on the host, the
-// codes from β. Returns β; *ms: the wall time of the whole refresh (device and host).
-float ternary_refresh(const float* table, int64_t n, int64_t seg, int8_t* codes, cudaStream_t st, double* ms) {
+// codes from β into `codes`, 2-bit packed or (int8) one byte each. Returns β; *ms: the wall time of
+// the whole refresh (device and host).
+float ternary_refresh(const float* table, int64_t n, int64_t seg, void* codes, bool int8, cudaStream_t st, double* ms) {
   const int64_t n_sums = (n + seg - 1) / seg;
   DeviceBytes sums(static_cast<size_t>(n_sums) * sizeof(double));
   std::vector<double> host(static_cast<size_t>(n_sums));
@@ -101,7 +103,10 @@ float ternary_refresh(const float* table, int64_t n, int64_t seg, int8_t* codes,
   double total = 0;
   for (double v : host) total += v;
   const float beta = ternary_beta(total, n);
-  ternary_codes_cuda(n, table, beta, codes, st);
+  if (int8)
+    ternary_codes_cuda(n, table, beta, static_cast<int8_t*>(codes), st);
+  else
+    ternary_codes_packed_cuda(n, table, beta, static_cast<uint8_t*>(codes), st);
   PL_CUDA_CHECK(cudaStreamSynchronize(st));
   *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   return beta;
@@ -128,9 +133,11 @@ int bench_peer_layer(const Args& args) {
            "GEMM math (model.peer_gemm): tf32x3 (fp32-accurate 3xTF32; default), fp32 (SGEMM), tf32 (one TF32 "
            "pass) or bf16 (bf16 operand copies)");
   p.option("fp32-tflops", &tflops_s, "X", "assumed fp32 GEMM rate for the predictions (default 50)");
-  bool ternary = false;
+  bool ternary = false, ternary_int8 = false;
   p.flag("ternary", &ternary,
-         "experts read an int8 ternary copy of the table (model.peer_ternary): 1 byte per weight instead of 4");
+         "experts read a 2-bit packed ternary copy of the table (model.peer_ternary): a quarter byte per weight "
+         "instead of 4");
+  p.flag("ternary-int8", &ternary_int8, "the ternary copy as int8 codes instead (1 byte per weight; the baseline)");
   p.option("iters", &iters_s, "N", "timed iterations (default 10)");
   p.option("warmup", &warmup_s, "N", "untimed iterations first (default 2)");
   if (!p.parse(args)) return 0;
@@ -146,6 +153,12 @@ int bench_peer_layer(const Args& args) {
   const PeerGemmMath math = parse_peer_gemm_math("--gemm", gemm_s);
   PL_CHECK(iters >= 1 && warmup >= 0 && tflops > 0, config, "--iters >= 1, --warmup >= 0, --fp32-tflops > 0");
   const bool want_sparse = grad_s != "dense", want_dense = grad_s != "sparse";
+  ternary = ternary || ternary_int8;
+  // Bytes per table weight the experts gather.
+  const double weight_bytes = ternary_int8 ? 1.0 : ternary ? 0.25 : 4.0;
+  const char* table_form = ternary_int8 ? "int8 ternary (fp32 latent)"
+                           : ternary    ? "2-bit packed ternary (fp32 latent)"
+                                        : "fp32";
 
   int dev = 0;
   cudaDeviceProp prop{};
@@ -157,8 +170,8 @@ int bench_peer_layer(const Args& args) {
       "(%lld per half), %s, %s tables, %s GEMMs; median of %lld iterations after %lld warm-up\n",
       prop.name, prop.multiProcessorCount, static_cast<long long>(n_sub), static_cast<long long>(d),
       static_cast<long long>(heads), static_cast<long long>(k), static_cast<long long>(key_dim),
-      static_cast<long long>(key_dim / 2), act_s.c_str(), ternary ? "int8 ternary (fp32 latent)" : "fp32",
-      gemm_s.c_str(), static_cast<long long>(iters), static_cast<long long>(warmup));
+      static_cast<long long>(key_dim / 2), act_s.c_str(), table_form, gemm_s.c_str(), static_cast<long long>(iters),
+      static_cast<long long>(warmup));
   Stream stream;
   const cudaStream_t st = stream.get();
 
@@ -204,18 +217,19 @@ int bench_peer_layer(const Args& args) {
   DeviceBytes dense = want_dense ? device_uniform(N * W, 0, 0, 14) : DeviceBytes();
   PeerLayerParams<float> params{f32(w_q),     f32(gamma), f32(beta), f32(run_mean),
                                 f32(run_var), f32(c1),    f32(c2),   f32(table)};
-  DeviceBytes codes = ternary ? DeviceBytes(static_cast<size_t>(N * W)) : DeviceBytes();
+  const int64_t code_bytes = ternary_int8 ? N * W : (N * W + 3) / 4;
+  DeviceBytes codes = ternary ? DeviceBytes(static_cast<size_t>(code_bytes)) : DeviceBytes();
   if (ternary) {
     double by_chunk = 0, by_row = 0;
-    ternary_refresh(f32(table), N * W, W, static_cast<int8_t*>(codes.get()), st, &by_row);
-    params.table_beta =
-        ternary_refresh(f32(table), N * W, kAbsSumChunk, static_cast<int8_t*>(codes.get()), st, &by_chunk);
-    params.table_codes = static_cast<const int8_t*>(codes.get());
+    ternary_refresh(f32(table), N * W, W, codes.get(), ternary_int8, st, &by_row);
+    const float b = ternary_refresh(f32(table), N * W, kAbsSumChunk, codes.get(), ternary_int8, st, &by_chunk);
+    params.table_copy = ternary_int8 ? PeerTableCuda{static_cast<const int8_t*>(codes.get()), b}
+                                     : PeerTableCuda{static_cast<const uint8_t*>(codes.get()), b};
     std::printf(
         "# ternary copy: beta %.6g; refresh (reads the fp32 table twice, %.2f GB, writes %.2f GB of codes): "
         "%.3f ms with kAbsSumChunk segments, %.3f ms with per-row segments (parallel.deterministic: %lld "
         "sums added on the host)\n",
-        params.table_beta, 8e-9 * N * W, 1e-9 * N * W, by_chunk, by_row, static_cast<long long>(N));
+        b, 8e-9 * N * W, 1e-9 * code_bytes, by_chunk, by_row, static_cast<long long>(N));
   }
   double peak = 0;
 
@@ -268,8 +282,9 @@ int bench_peer_layer(const Args& args) {
       if (sparse_form) PL_CUDA_CHECK(cudaMemcpy(&U, count.get(), sizeof(U), cudaMemcpyDeviceToHost));
       else U = static_cast<int32_t>(std::round(N * (1.0 - std::exp(-static_cast<double>(E) / N))));  // expected
       // Napkin bytes (HBM) and FLOPs per phase.
-      // A gathered row is 2d floats, or 2d int8 codes with --ternary; gradient rows are fp32 either way.
-      const double f = 4.0, Td = double(T) * d, TC = double(T) * C, row = W * (ternary ? 1.0 : f), grow = W * f;
+      // A gathered row is 2d floats, 2d int8 codes (--ternary-int8) or 2d / 4 bytes of packed codes
+      // (--ternary: 512 bytes at d = 1024, sixteen 32-byte sectors); gradient rows are fp32 in every case.
+      const double f = 4.0, Td = double(T) * d, TC = double(T) * C, row = W * weight_bytes, grow = W * f;
       const Row phases[] = {
           {"projection + BatchNorm", median(t_proj), f * (Td + double(C) * d + 6 * TC), 2.0 * TC * d},
           {"retrieval (GEMMs + top-k)", median(t_retr), f * (TC + 4.0 * pairs * n_sub + 2.0 * n_sub * half),
@@ -284,7 +299,7 @@ int bench_peer_layer(const Args& args) {
                   sparse_form ? "sparse (rows + values)" : "dense (N, 2d) +=", static_cast<long long>(E), U,
                   sparse_form ? "" : " (expected)");
       std::printf(
-          "#   napkin per token: experts fwd %.2f MB (h·k = %lld rows x %.0f KiB), experts bwd %.2f MB "
+          "#   napkin per token: experts fwd %.2f MB (h·k = %lld rows x %.3g KiB), experts bwd %.2f MB "
           "(gather again + %.2f MB of gradient rows)\n",
           heads * k * row / 1e6, static_cast<long long>(heads * k), row / 1024,
           (E * row + (sparse_form ? 1.0 : 2.0) * U * grow) / T / 1e6, (sparse_form ? 1.0 : 2.0) * U * grow / T / 1e6);

@@ -56,7 +56,7 @@
 // keeps the forward equal to the CPU model's up to float summation order (the tests use both).
 //
 // PEER channel mixers run model/ops/peer_layer.h's CUDA layer (whole or row-sharded tables, dense
-// AdamW on them; model.peer_ternary: the experts read the tables' int8 ternary copies, refreshed
+// AdamW on them; model.peer_ternary: the experts read the tables' 2-bit packed ternary copies, refreshed
 // after every optimizer step with the CPU's β bits, model/modules/peer_cuda.cu). No Q-Sparse; quant = ternary (also
 // "none" for the attention and SwiGLU kinds, model/cuda_context_proj.cu); no ZeRO-1. Every device buffer of the model
 // is allocated once, at construction, for the largest micro-batch (an arena in effect; device_bytes() counts them; the

@@ -72,7 +72,7 @@ std::string refusal(const ModelConfig& mc, const OptimConfig& oc = {}) {
 TEST(cuda_model_config, accepts_dense_and_peer_models) {
   EXPECT_EQ(refusal(tiny()), "");
   EXPECT_EQ(refusal(tiny_peer()), "");
-  ModelConfig ternary_experts = tiny_peer();  // the experts read int8 ternary copies of the tables
+  ModelConfig ternary_experts = tiny_peer();  // the experts read packed ternary copies of the tables
   ternary_experts.peer_ternary = true;
   EXPECT_EQ(refusal(ternary_experts), "");
   Model sharded(ternary_experts, ExpertShard{2, 1});  // β's sum all-reduced over the expert group

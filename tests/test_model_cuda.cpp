@@ -18,9 +18,10 @@
 // And once with block 1's GLU replaced by a PEER layer (fp32 storage; the same tolerances: the PEER
 // layer is fp32 on both sides, and a retrieval that flips between two near-tied experts after the
 // trajectories separate changes one of 4 gates of one token, a small loss change).
-// And the same PEER layer with model.peer_ternary (the GPU's experts read the table's int8 ternary
-// copy, refreshed after every step: tests/test_peer_cuda.cpp holds the kernels to the fp32 ones on
-// the dequantized table bit for bit, and the refresh gives the CPU's β and codes from equal latents).
+// And the same PEER layer with model.peer_ternary (the GPU's experts read the table's 2-bit packed
+// ternary copy, refreshed after every step: tests/test_peer_ternary_cuda.cpp holds the kernels to the
+// fp32 ones on the dequantized table bit for bit, and the refresh gives the CPU's β and codes from
+// equal latents).
 // And the PEER layer with model.peer_gemm = "tf32" and "bf16" (its query projection, sub-key scores
 // and their backward in one TF32 pass, or on bf16 copies, on the GPU; fp32 on the CPU): operands
 // rounded to TF32 (at most 2^-10 relative each) or bf16 (2^-9), the perturbation of a bf16 forward, so

@@ -6,15 +6,18 @@
 // its row, over the group's Comm on device buffers; the gradient of this rank's rows is
 // accumulated into its slice of the flat gradient.
 //
-// model.peer_ternary: the experts read the table's ternary forward copy as int8 codes (this rank's
-// rows, N/P × 2d bytes, beside the fp32 latent rows) times one β, through the same kernels as the
-// fp32 table (PeerTableCuda, model/ops/peer_experts.h); the gradient goes to the latent rows
-// (straight through). refresh() recomputes the copy after every optimizer step: Σ|W| in the
+// model.peer_ternary: the experts read the table's ternary forward copy as 2-bit packed codes (this
+// rank's rows, N/P × 2d / 4 bytes beside the fp32 latent rows: 0.5 GiB at N = 1024², d = 1024) times
+// one β, through the same kernels as the fp32 table (PeerTableCuda, model/ops/peer_experts.h); the
+// gradient goes to the latent rows (straight through). The packed form is the only copy: the
+// gathers (forward and backward, whole or row-sharded tables) decode it in registers, and download()
+// unpacks it on the host. refresh() recomputes the copy after every optimizer step: Σ|W| in the
 // segments Model::peer_abs_sum_segment() says, summed on the device in the CPU's order
 // (segment_abs_sums_cuda), combined on the host by the same Model::peer_table_beta as the CPU's
-// refresh (an all-reduce over the expert group when sharded), then the codes. So β and the codes are
-// the CPU's bits from the same latent table (the non-deterministic sum of a table sharded over 3 or
-// more ranks excepted: its all-reduce order is the backend's on both devices).
+// refresh (an all-reduce over the expert group when sharded), then the packed codes
+// (ternary_codes_packed_cuda). So β and the codes are the CPU's bits from the same latent table (the
+// non-deterministic sum of a table sharded over 3 or more ranks excepted: its all-reduce order is the
+// backend's on both devices).
 //
 // BatchNorm statistics: a training forward normalises with the micro-batch's statistics and blends
 // them with momentum 1 into buffers of this module; the backward adds them into the statistics'
@@ -25,6 +28,7 @@
 #include "model/ops/peer_layer.h"
 #include "model/ops/quant.h"
 #include "model/ops/rmsnorm.h"
+#include "model/ternary_pack.h"
 
 namespace peerless {
 
@@ -54,7 +58,7 @@ class PeerCuda final : public CudaModule {
     if (g.host.config().peer_ternary) {
       const DeviceUseScope state(DeviceUse::state);
       const int64_t n = g.layout.at(b_.peer_table).numel;
-      codes_.resize(n, g.bytes);
+      packed_.resize((n + 3) / 4, g.bytes);
       // Enough segment sums for either mode: one per row (deterministic) or per kAbsSumChunk.
       sums_.resize(std::max(g.host.peer_table_rows(), (n + kAbsSumChunk - 1) / kAbsSumChunk), g.bytes);
     }
@@ -117,14 +121,16 @@ class PeerCuda final : public CudaModule {
         cudaMemcpyAsync(sums_host_.data(), sums_.get(), sizeof(double) * n_sums, cudaMemcpyDeviceToHost, g.stream));
     PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
     beta_ = host.peer_table_beta(sums_host_.data(), n_sums, host.expert_comm());
-    ternary_codes_cuda(n, w, beta_, codes_.get(), g.stream);
+    ternary_codes_packed_cuda(n, w, beta_, packed_.get(), g.stream);
   }
 
   void download(CudaContext& g, Model& host) const override {
     if (!ternary()) return;
-    std::vector<int8_t> codes(static_cast<size_t>(codes_.n));
-    PL_CUDA_CHECK(cudaMemcpyAsync(codes.data(), codes_.get(), codes.size(), cudaMemcpyDeviceToHost, g.stream));
+    std::vector<uint8_t> packed(static_cast<size_t>(packed_.n));
+    PL_CUDA_CHECK(cudaMemcpyAsync(packed.data(), packed_.get(), packed.size(), cudaMemcpyDeviceToHost, g.stream));
     PL_CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    std::vector<int8_t> codes(static_cast<size_t>(g.layout.at(b_.peer_table).numel));
+    unpack_ternary(packed.data(), static_cast<int64_t>(codes.size()), codes.data());
     host.set_peer_table_ternary(block_, codes.data(), beta_);
   }
 
@@ -152,13 +158,13 @@ class PeerCuda final : public CudaModule {
     p.sub_keys1 = g.P(b_.peer_keys1);
     p.sub_keys2 = g.P(b_.peer_keys2);
     p.table = g.P(b_.peer_table);
-    if (ternary()) p.table_codes = codes_.get(), p.table_beta = beta_;
+    if (ternary()) p.table_copy = PeerTableCuda{packed_.get(), beta_};
     return p;
   }
-  bool ternary() const { return codes_.n > 0; }  // model.peer_ternary
+  bool ternary() const { return packed_.n > 0; }  // model.peer_ternary
   // The table the experts read: the ternary copy under model.peer_ternary, else the latent rows.
   PeerTableCuda expert_table(const CudaContext& g) const {
-    return ternary() ? PeerTableCuda{codes_.get(), beta_} : PeerTableCuda{g.P(b_.peer_table)};
+    return ternary() ? PeerTableCuda{packed_.get(), beta_} : PeerTableCuda{g.P(b_.peer_table)};
   }
 
   const BlockParams& b_;
@@ -166,9 +172,9 @@ class PeerCuda final : public CudaModule {
   std::unique_ptr<PeerLayerCuda> layer_;
   std::unique_ptr<ShardedPeerExpertsCuda> shard_;  // sharded tables only
   DevBuf<float> rstd_, mean_, var_;
-  // model.peer_ternary: the table's forward copy (this rank's rows) and its β; the segment sums of
-  // Σ|W| on the device and on the host (refresh()).
-  DevBuf<int8_t> codes_;
+  // model.peer_ternary: the table's forward copy (this rank's rows, 2-bit packed) and its β; the
+  // segment sums of Σ|W| on the device and on the host (refresh()).
+  DevBuf<uint8_t> packed_;
   DevBuf<double> sums_;
   std::vector<double> sums_host_;
   float beta_ = 0;

@@ -21,6 +21,7 @@
 #include "model/ops/gemm.h"
 #include "model/ops/peer_experts.h"
 #include "model/ops/peer_retrieval.h"
+#include "model/ops/ternary_pack.cuh"
 #include "runtime/error.h"
 #include "runtime/memory.h"
 
@@ -214,7 +215,8 @@ __device__ __forceinline__ void store(float* p, const Vec<V>& r) {
 // The rows of an expert table as the kernels read them (PeerTableCuda, peer_experts.h): load<V>(i)
 // gives the V floats at element i of the (N, 2d) table. Ternary codes give t·β, exactly the float a
 // dequantized fp32 copy holds (t ∈ {−1, 0, 1}), so a kernel templated on the row type sums the same
-// floats in the same order either way and only the bytes read differ (4 per weight, or 1).
+// floats in the same order either way and only the bytes read differ (4 per weight, 1, or a quarter
+// packed).
 // aligned(): whether the V = 4 loads may be used (16-byte float4, 4-byte char4), given d % 4 == 0.
 struct F32Rows {
   const float* p;
@@ -242,11 +244,42 @@ struct TernaryRows {
   }
   bool aligned() const { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
 };
-// Calls f with the row type of `table` (F32Rows or TernaryRows), for launching templated kernels.
+// The same codes 2-bit packed (model/ternary_pack.h: four a byte, low bits first; 0.25 byte per
+// weight), decoded in registers to the floats TernaryRows gives: the three products 1·β, −1·β and 0·β
+// (β, −β and +0 for the positive finite β a table has; 0·β keeps TernaryRows' NaN for an infinite
+// β), formed once per load and hoisted out of the loops, then picked by each code's field. So a
+// kernel sums identical floats in identical order on either form (bit for bit), and no
+// integer-to-float conversion is issued per weight (TernaryRows issues one; conversions run at a
+// fraction of the FP32 rate). V = 4 reads the one byte holding elements i .. i + 3 (i a multiple of
+// 4, as the vector paths give when d % 4 == 0): a warp's load is 32 consecutive bytes, one sector.
+struct PackedTernaryRows {
+  const uint8_t* p;
+  float beta;
+  template <int V>
+  __device__ __forceinline__ Vec<V> load(int64_t i) const {
+    const float pos = 1.0f * beta, neg = -1.0f * beta, zero = 0.0f * beta;
+    auto value = [&](uint32_t c) { return c == 1u ? pos : (c == 2u ? neg : zero); };  // 0b11: 0, as unpacking
+    Vec<V> r;
+    if constexpr (V == 4) {
+      const uint32_t b = p[i >> 2];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) r.v[k] = value((b >> (2 * k)) & 3u);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) r.v[k] = value(cuda_detail::ternary_field_at(p, i + k));
+    }
+    return r;
+  }
+  bool aligned() const { return true; }  // a byte load: any address
+};
+// Calls f with the row type of `table` (F32Rows, TernaryRows or PackedTernaryRows), for launching
+// templated kernels.
 template <typename F>
 inline void with_rows(const PeerTableCuda& table, F&& f) {
   PL_CHECK(!table.empty(), internal, "peer experts (cuda): no table (neither fp32 rows nor ternary codes)");
-  if (table.codes)
+  if (table.packed)
+    f(PackedTernaryRows{table.packed, table.beta});
+  else if (table.codes)
     f(TernaryRows{table.codes, table.beta});
   else
     f(F32Rows{table.rows});

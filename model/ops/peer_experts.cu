@@ -11,9 +11,10 @@
 // Memory traffic per token at d = 1024, h·k = 128: forward 128 rows x 8 KiB = 1 MiB of table reads;
 // backward the same again plus the gradient rows written (8 KiB per distinct row) and x/dy re-read
 // per entry (mostly from L2). bench_peer_layer.cu measures it. With a ternary table (PeerTableCuda's
-// codes, model.peer_ternary) the kernels are the same templates on another row type, reading 2 KiB
-// per row instead of 8 and computing the same floats as on the dequantized fp32 table; the gradient
-// is the dequantized table's, for the caller to add to the fp32 latent rows (straight through).
+// codes; model.peer_ternary's are 2-bit packed) the kernels are the same templates on another row
+// type, reading 2 KiB per row (int8) or 512 bytes (packed) instead of 8 KiB and computing the same
+// floats as on the dequantized fp32 table; the gradient is the dequantized table's, for the caller to
+// add to the fp32 latent rows (straight through).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -72,8 +73,8 @@ __device__ __forceinline__ TokenEntries token_entries(const int64_t* offsets, in
   return {offsets[t], static_cast<int>(offsets[t + 1] - offsets[t])};
 }
 
-// Block per token. Shared: x (d), w (hk), ids (hk). offsets: see token_entries. Rows: F32Rows or
-// TernaryRows (peer_cuda_detail.cuh), the one difference between the fp32 and the ternary table.
+// Block per token. Shared: x (d), w (hk), ids (hk). offsets: see token_entries. Rows: F32Rows,
+// TernaryRows or PackedTernaryRows (peer_cuda_detail.cuh), the one difference between the table forms.
 template <int V, typename Rows>
 __global__ void __launch_bounds__(kThreads)
     peer_experts_forward_kernel(int64_t d, int hk, PeerActivation act, const float* x, const int64_t* offsets,

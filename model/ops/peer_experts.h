@@ -116,20 +116,24 @@ void peer_sparse_grad_scatter_add_cpu(const PeerSparseGrad<double>& g, double* d
 // equations and expression order as the CPU functions above; every output is a fixed-order sum (no
 // float atomics), so a call repeated on the same inputs gives bit-identical results.
 
-// The table the expert kernels read (device memory, rows [u|v], (N, 2d)): fp32 rows, or
-// (model.peer_ternary) int8 ternary codes t ∈ {−1, 0, 1} with the table's one β, read as the floats
-// t·β. That product is exact, so every kernel computes bit for bit what it computes on a dequantized
-// fp32 copy of the table, while the gathers read 1 byte per weight instead of 4. The table gradient
-// is then that of t·β, which the caller adds to the fp32 latent rows (the straight-through estimator).
-// Both forms go through one row load (peer_cuda_detail.cuh); a float pointer converts to the fp32 form.
+// The table the expert kernels read (device memory, rows [u|v], (N, 2d)): fp32 rows, or ternary codes
+// t ∈ {−1, 0, 1} with the table's one β, read as the floats t·β, one int8 a code or (model.peer_ternary)
+// 2-bit packed in model/ternary_pack.h's format, four a byte. That product is exact, so every kernel
+// computes bit for bit what it computes on a dequantized fp32 copy of the table, while the gathers
+// read 1 byte per weight (int8) or a quarter (packed) instead of 4. The table gradient is then that of
+// t·β, which the caller adds to the fp32 latent rows (the straight-through estimator). Every form goes
+// through one row load (peer_cuda_detail.cuh); a float pointer converts to the fp32 form. A packed
+// table starts at a byte: a row-sharded one's rows from row r are at packed + r·2d/4 (r·d even).
 struct PeerTableCuda {
-  const float* rows = nullptr;    // (N, 2d) fp32, or null for the codes
-  const int8_t* codes = nullptr;  // (N, 2d) ternary codes
-  float beta = 0.0f;              // β of the codes
+  const float* rows = nullptr;      // (N, 2d) fp32, or null for the codes
+  const int8_t* codes = nullptr;    // (N, 2d) ternary codes, one byte each
+  const uint8_t* packed = nullptr;  // (N·2d + 3) / 4 bytes: the codes 2-bit packed
+  float beta = 0.0f;                // β of the codes
   PeerTableCuda() = default;
   PeerTableCuda(const float* fp32_rows) : rows(fp32_rows) {}  // implicit: the full-precision table
   PeerTableCuda(const int8_t* ternary_codes, float b) : codes(ternary_codes), beta(b) {}
-  bool empty() const { return !rows && !codes; }
+  PeerTableCuda(const uint8_t* packed_codes, float b) : packed(packed_codes), beta(b) {}
+  bool empty() const { return !rows && !codes && !packed; }
 };
 
 void peer_softmax_gates_cuda(int64_t groups, int64_t k, const float* scores, float* gates, cudaStream_t stream);

@@ -406,9 +406,9 @@ void mark(const PeerLayerCuda& ctx, int i, cudaStream_t stream) {
   if (ctx.phase_marks) PL_CUDA_CHECK(cudaEventRecord(ctx.phase_marks[i], stream));
 }
 
-// The table the experts read: the ternary codes when given (model.peer_ternary), else the fp32 rows.
+// The table the experts read: the ternary copy when given (model.peer_ternary), else the fp32 rows.
 PeerTableCuda expert_table(const PeerLayerParams<float>& p) {
-  return p.table_codes ? PeerTableCuda{p.table_codes, p.table_beta} : PeerTableCuda{p.table};
+  return p.table_copy.empty() ? PeerTableCuda{p.table} : p.table_copy;
 }
 
 void check_fits(const PeerLayerShape& s, const PeerLayerCuda& ctx) {

@@ -63,11 +63,10 @@ struct PeerLayerParams {
   const T* sub_keys1 = nullptr;   // C : (n, key_dim/2), or (heads, n, key_dim/2) per head
   const T* sub_keys2 = nullptr;   // C′: same shape
   const T* table = nullptr;       // (n², 2d), rows [u_i | v_i]
-  // The CUDA layer only (model.peer_ternary on the GPU): the table's ternary forward copy as int8
-  // codes (n², 2d) and its β; when set, the experts read t·β from them (PeerTableCuda) instead of
-  // `table`, whose gradient is still the output (straight through). The CPU ops never read them.
-  const int8_t* table_codes = nullptr;
-  float table_beta = 0;
+  // The CUDA layer only (model.peer_ternary on the GPU): the table's ternary forward copy (n², 2d), its
+  // codes 2-bit packed (or int8) with β; when set, the experts read t·β from it instead of `table`,
+  // whose gradient is still the output (straight through). The CPU ops never read it.
+  PeerTableCuda table_copy{};
   // Eval mode only, optional: the BatchNorm already folded (peer_bn_fold), as an exported model
   // stores it; when set, γ, β and the running statistics are not read (and backward is not allowed).
   const T* bn_scale = nullptr;    // (heads·key_dim)

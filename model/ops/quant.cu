@@ -12,6 +12,7 @@
 #include "model/ops/cuda_check.h"
 #include "model/ops/quant.h"
 #include "model/ops/quant_rules.cuh"
+#include "model/ops/ternary_pack.cuh"
 
 namespace peerless {
 namespace {
@@ -106,6 +107,18 @@ __global__ void ternary_codes_kernel(int64_t n, const float* __restrict__ w, flo
     codes[i] = quant_round_clamp_dev(__fdiv_rn(w[i], beta), -1.0f, 1.0f);
 }
 
+// One thread per output byte: the codes of elements 4b .. 4b + 3 (those below n), packed.
+__global__ void ternary_codes_packed_kernel(int64_t n, const float* __restrict__ w, float beta,
+                                            uint8_t* __restrict__ packed) {
+  const int64_t bytes = (n + 3) / 4, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < bytes; b += stride) {
+    uint32_t v = 0;
+    for (int k = 0; k < 4 && 4 * b + k < n; ++k)
+      v |= cuda_detail::ternary_field(quant_round_clamp_dev(__fdiv_rn(w[4 * b + k], beta), -1.0f, 1.0f)) << (2 * k);
+    packed[b] = static_cast<uint8_t>(v);
+  }
+}
+
 }  // namespace
 
 void act_quant_cuda(int64_t rows, int64_t dim, const float* x, int8_t* codes, float* scale, cudaStream_t stream) {
@@ -153,6 +166,15 @@ void ternary_codes_cuda(int64_t n, const float* w, float beta, int8_t* codes, cu
   PL_CHECK(w && codes, internal, "ternary_codes_cuda: null pointer");
   ternary_codes_kernel<<<cuda_detail::elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(n, w, beta, codes);
   PL_CUDA_CHECK_LAUNCH(ternary_codes_kernel);
+}
+
+void ternary_codes_packed_cuda(int64_t n, const float* w, float beta, uint8_t* packed, cudaStream_t stream) {
+  PL_CHECK(n >= 0, internal, "ternary_codes_packed_cuda: n=", n);
+  if (n == 0) return;
+  PL_CHECK(w && packed, internal, "ternary_codes_packed_cuda: null pointer");
+  ternary_codes_packed_kernel<<<cuda_detail::elementwise_blocks((n + 3) / 4, kThreads), kThreads, 0, stream>>>(
+      n, w, beta, packed);
+  PL_CUDA_CHECK_LAUNCH(ternary_codes_packed_kernel);
 }
 
 }  // namespace peerless

@@ -70,5 +70,8 @@ void abs_sum_cuda(int64_t n, const float* w, double* partials, double* sum, cuda
 void segment_abs_sums_cuda(int64_t n, int64_t seg, const float* w, double* sums, cudaStream_t stream);
 // ternary_codes_cpu on the GPU; codes bit-identical for the same β.
 void ternary_codes_cuda(int64_t n, const float* w, float beta, int8_t* codes, cudaStream_t stream);
+// The same codes 2-bit packed (model/ternary_pack.h's format, (n + 3) / 4 bytes): bit for bit
+// pack_ternary of ternary_codes_cpu's codes. model.peer_ternary's PEER table copies on the GPU.
+void ternary_codes_packed_cuda(int64_t n, const float* w, float beta, uint8_t* packed, cudaStream_t stream);
 
 }  // namespace peerless

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "model/ops/cuda_check.h"
+#include "model/ops/ternary_pack.cuh"
 
 namespace peerless {
 
@@ -21,8 +22,7 @@ __global__ void pack_ternary_kernel(const int8_t* __restrict__ codes, int64_t n,
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * b + k;
       if (i >= n) break;
-      const int8_t c = codes[i];
-      v |= static_cast<uint8_t>((c == 0 ? 0 : (c > 0 ? 1 : 2)) << (2 * k));
+      v |= static_cast<uint8_t>(cuda_detail::ternary_field(codes[i]) << (2 * k));
     }
     out[b] = v;
   }
@@ -35,8 +35,7 @@ __global__ void unpack_ternary_kernel(const uint8_t* __restrict__ packed, int64_
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * b + k;
       if (i >= n) break;
-      const uint8_t c = (v >> (2 * k)) & 3;
-      codes[i] = c == 1 ? 1 : (c == 2 ? -1 : 0);
+      codes[i] = static_cast<int8_t>(cuda_detail::ternary_code((v >> (2 * k)) & 3u));
     }
   }
 }

@@ -25,8 +25,9 @@
 //     rank running the same number of rounds, rank 0 of the uneven case with none of its own.
 //   - the device memory the runner allocated is what sharded_peer_device_bytes() predicts (within
 //     its estimate of cub's temporaries).
-//   - model.peer_ternary (each owner reads its rows' int8 codes × β): every output bit-identical to
-//     the same run on the dequantized fp32 table, sharded and whole.
+//   - model.peer_ternary (each owner reads its rows' codes × β, 2-bit packed as the GPU model keeps
+//     them, or int8): every output bit-identical to the same run on the dequantized fp32 table,
+//     sharded and whole.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -44,6 +45,7 @@
 #include "model/expert_parallel.h"
 #include "model/ops/peer_layer.h"
 #include "model/ops/quant.h"
+#include "model/ternary_pack.h"
 #include "parallel/bootstrap.h"
 #include "parallel/comm.h"
 #include "runtime/error.h"
@@ -126,13 +128,20 @@ struct Result {
   std::vector<int32_t> ids;
 };
 
+// model.peer_ternary's copy of the whole table (N, 2d): its codes and β, which the experts read 2-bit
+// packed (the GPU model's form) or one byte a code.
+struct TernaryCopy {
+  std::vector<int8_t> codes;
+  float beta = 0;
+  bool packed = true;
+};
+
 // Runs forward + backward of this rank's s.tokens tokens (the layer and runner sized for max_tokens
 // per rank, the most any rank holds); sharded: the table is split over the ranks.
-// codes: model.peer_ternary's copy of the whole table (N, 2d) with its β, which the experts then read
-// instead of in.table (this rank's rows of it when sharded); the gradient still goes to the fp32 rows.
+// copy: the experts read it instead of in.table (this rank's rows of it when sharded); the gradient
+// still goes to the fp32 rows.
 Result run_layer(const PeerLayerShape& s, int64_t max_tokens, PeerNormMode mode, const Inputs& in, int64_t first,
-                 bool sharded, int64_t round_tokens = 0, const std::vector<int8_t>* codes = nullptr,
-                 float code_beta = 0) {
+                 bool sharded, int64_t round_tokens = 0, const TernaryCopy* copy = nullptr) {
   Comm& world = *g_world;
   const int P = world.size(), r = world.rank();
   const int64_t T = s.tokens, d = s.dim, C = s.channels(), N = s.n_sub * s.n_sub, W = 2 * d, hk = s.heads * s.k;
@@ -154,15 +163,28 @@ Result run_layer(const PeerLayerShape& s, int64_t max_tokens, PeerNormMode mode,
   max_shape.tokens = max_tokens;
   PeerLayerCuda ctx(max_shape);
   PeerLayerParams<float> p{f(d_wq), f(d_gamma), f(d_beta), f(d_rm), f(d_rv), f(d_c1), f(d_c2), f(d_table)};
-  const DeviceBytes d_codes = codes ? upload(*codes) : DeviceBytes();
-  const int8_t* code_rows = static_cast<const int8_t*>(d_codes.get());
-  if (codes) p.table_codes = code_rows, p.table_beta = code_beta;
+  // This rank's rows of the copy start at element r·rows·W: byte r·rows·W / 4 when packed (W = 2d is
+  // even, so rows·W is a multiple of 4 whenever rows is even; asserted).
+  const DeviceBytes d_copy = !copy          ? DeviceBytes()
+                             : copy->packed ? upload(pack_ternary(copy->codes.data(), N * W))
+                                            : upload(copy->codes);
+  PeerTableCuda local_copy;
+  if (copy && copy->packed) {
+    const uint8_t* packed = static_cast<const uint8_t*>(d_copy.get());
+    EXPECT_EQ(rows * W % 4, 0) << "a shard of packed codes must start at a byte";
+    p.table_copy = PeerTableCuda{packed, copy->beta};
+    local_copy = PeerTableCuda{packed + r * rows * W / 4, copy->beta};
+  } else if (copy) {
+    const int8_t* codes = static_cast<const int8_t*>(d_copy.get());
+    p.table_copy = PeerTableCuda{codes, copy->beta};
+    local_copy = PeerTableCuda{codes + r * rows * W, copy->beta};
+  }
   PeerLayerGradsCuda g{f(d_dwq), f(d_dg), f(d_db), f(d_dc1), f(d_dc2), {}};
   std::unique_ptr<ShardedPeerExpertsCuda> runner;
   if (sharded) {
     runner = std::make_unique<ShardedPeerExpertsCuda>(world, max_shape.experts(), round_tokens);
-    if (codes)
-      runner->set_table(PeerTableCuda{code_rows + r * rows * W, code_beta}, f(d_grad));
+    if (copy)
+      runner->set_table(local_copy, f(d_grad));
     else
       runner->set_table(f(d_table) + r * rows * W, f(d_grad));
     const int64_t tc = round_tokens > 0 ? std::min(round_tokens, max_tokens) : max_tokens;  // P ≤ 8: one round
@@ -334,26 +356,31 @@ TEST(PeerShardCuda, sharded_table_matches_the_whole_table_layer) {
   }
 }
 
-// model.peer_ternary with sharded tables: each owner reads its rows' int8 codes times the table's β.
-// The exchange is unchanged and the kernels read the same floats as from the dequantized fp32 table,
-// so every output is bit for bit the same run on the dequantized table (which the test above holds to
-// the whole-table layer), sharded and whole alike.
+// model.peer_ternary with sharded tables: each owner reads its rows' codes times the table's β, 2-bit
+// packed (the GPU model's form: a shard starts at byte r·rows·2d / 4) or int8. The exchange is
+// unchanged and the kernels read the same floats as from the dequantized fp32 table, so every output
+// is bit for bit the same run on the dequantized table (which the test above holds to the whole-table
+// layer), sharded and whole alike, in either form.
 TEST(PeerShardCuda, ternary_codes_equal_the_dequantized_table) {
   const int P = g_world->size(), r = g_world->rank();
   const PeerLayerShape s = shape(96, 64, 4, 32, 64, 8, PeerKeySharing::shared);
   const Inputs in = draw(s, P, 20261208u);
-  std::vector<int8_t> codes(in.table.size());
-  const float beta = weight_quant_cpu(static_cast<int64_t>(in.table.size()), in.table.data(), codes.data());
+  TernaryCopy copy;
+  copy.codes.resize(in.table.size());
+  copy.beta = weight_quant_cpu(static_cast<int64_t>(in.table.size()), in.table.data(), copy.codes.data());
   Inputs deq = in;
-  for (size_t i = 0; i < codes.size(); ++i) deq.table[i] = static_cast<float>(codes[i]) * beta;
-  for (const bool sharded : {true, false}) {
-    SCOPED_TRACE(sharded ? "sharded" : "whole table");
-    const Result t = run_layer(s, s.tokens, PeerNormMode::train, in, r * s.tokens, sharded, 0, &codes, beta);
-    const Result q = run_layer(s, s.tokens, PeerNormMode::train, deq, r * s.tokens, sharded);
-    expect_identical(t.out, q.out, "out (codes vs dequantized)");
-    expect_identical(t.dx, q.dx, "dx (codes vs dequantized)");
-    expect_identical(t.dwq, q.dwq, "dW_q (codes vs dequantized)");
-    expect_identical(t.table_grad, q.table_grad, "table gradient (codes vs dequantized)");
+  for (size_t i = 0; i < copy.codes.size(); ++i) deq.table[i] = static_cast<float>(copy.codes[i]) * copy.beta;
+  for (const bool packed : {true, false}) {
+    copy.packed = packed;
+    for (const bool sharded : {true, false}) {
+      SCOPED_TRACE(std::string(packed ? "packed, " : "int8, ") + (sharded ? "sharded" : "whole table"));
+      const Result t = run_layer(s, s.tokens, PeerNormMode::train, in, r * s.tokens, sharded, 0, &copy);
+      const Result q = run_layer(s, s.tokens, PeerNormMode::train, deq, r * s.tokens, sharded);
+      expect_identical(t.out, q.out, "out (codes vs dequantized)");
+      expect_identical(t.dx, q.dx, "dx (codes vs dequantized)");
+      expect_identical(t.dwq, q.dwq, "dW_q (codes vs dequantized)");
+      expect_identical(t.table_grad, q.table_grad, "table gradient (codes vs dequantized)");
+    }
   }
 }
 
