@@ -121,14 +121,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// d (16 × 8) += a (16 × 16) · b (16 × 8), bf16 operands, fp32 accumulators (file comment).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using ptx::mma_bf16;
 
 // ldmatrix of four 8 × 8 bf16 matrices at a shared tile element (ptx.cuh): register m receives lane
 // (g, t)'s pair (row g, columns 2t, 2t + 1) of matrix m, the layout of A and of "B from rows" (file

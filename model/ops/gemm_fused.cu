@@ -41,7 +41,7 @@
 namespace peerless {
 namespace {
 
-using ptx::cp_async16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ldmatrix_x4;
+using ptx::cp_async16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ldmatrix_x4, ptx::mma_s8;
 
 constexpr int kBM = 128, kBK = 64, kStages = 4;
 constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
@@ -63,15 +63,6 @@ struct Tile {
 // Byte offset of chunk c (16 bytes) of row r in a tile of 64-byte rows, swizzled (file comment).
 __device__ __forceinline__ uint32_t swizzled(int r, int c) {
   return static_cast<uint32_t>(r * kBK + ((c ^ ((r >> 1) & 3)) << 4));
-}
-
-// d (16 × 8) += a (16 × 32) · b (32 × 8), int8 operands, int32 accumulators (exact).
-__device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 struct FusedArgs {

@@ -1,5 +1,5 @@
-// The inline-PTX data movement the tensor-core kernels share (attention_bf16.cu, gemm_fused.cu):
-// cp.async global → shared copies with zero fill, their group commit and wait, and ldmatrix. Shared
+// The inline PTX the tensor-core kernels share (attention_bf16.cu, gemm_fused.cu): cp.async global →
+// shared copies with zero fill, their group commit and wait, ldmatrix, and the mma.sync products. Shared
 // addresses are 32-bit shared-window addresses (smem_addr of a generic pointer). sm_80 and later.
 #pragma once
 
@@ -40,6 +40,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+
+// The tensor-core products (mma.sync, sm_80+), accumulating in place:
+// d (16 × 8) += a (16 × 16) · b (16 × 8), bf16 operands, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d (16 × 8) += a (16 × 32) · b (32 × 8), int8 operands, int32 accumulators (exact).
+__device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 }  // namespace ptx
