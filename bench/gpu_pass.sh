@@ -6,8 +6,8 @@
 #   run(command="bash bench/gpu_prebuilt.sh 'bash bench/gpu_pass.sh train'", carry=[".gpucarry", ".anchors"])
 # Parts (logs under $OUT, a summary on stdout):
 #   tests    ctest -L gpu (every CPU-vs-CUDA test, the model curves, 2 and 4 ranks on one GPU)   ~2 min
-#   kernels  bench_gemm_cuda --fused-only, bench attention, bench peer-layer (fp32 and --ternary
-#            tables; --gemm tf32x3 | tf32 | bf16)                                                  ~2 min
+#   kernels  bench_gemm_cuda --fused-only, bench attention, bench peer-layer (fp32, int8 and packed
+#            ternary tables; --gemm tf32x3 | tf32 | bf16), bench ops                               ~3 min
 #   train    the reference 370M and PEER-pytorch (bench/anchors.py, needs .anchors carried), then
 #            bench train 370M at batch 8 and 16 for run.forward_gemm x run.recompute              ~6 min
 #   large    the reference and bench train at 1.3B (batch 8) and 2.7B (batch 4), fused GEMM,
@@ -30,8 +30,12 @@ kernels() {
   tail -25 "$OUT/gemm_fused.txt"
   timeout 90 $B/peerless bench attention > "$OUT/attention.txt" 2>&1
   tail -8 "$OUT/attention.txt"
+  timeout 60 $B/peerless bench ops --tokens 16384 > "$OUT/ops.txt" 2>&1
+  tail -20 "$OUT/ops.txt"
   timeout 60 $B/peerless bench peer-layer --tokens 8192 --table-grad sparse > "$OUT/peer_fp32.txt" 2>&1
   grep -E "^##|tokens/s" "$OUT/peer_fp32.txt"
+  timeout 60 $B/peerless bench peer-layer --ternary-int8 --tokens 8192 --table-grad sparse > "$OUT/peer_t_int8.txt" 2>&1
+  echo "int8 ternary rows (before the packed codes):"; grep -E "tokens/s|experts" "$OUT/peer_t_int8.txt"
   for g in tf32x3 tf32 bf16; do
     timeout 60 $B/peerless bench peer-layer --ternary --tokens 8192 --table-grad sparse --gemm $g > "$OUT/peer_t_$g.txt" 2>&1
     echo "ternary, --gemm $g:"; grep -E "tokens/s|experts|retrieval|projection|rest of" "$OUT/peer_t_$g.txt"
@@ -76,6 +80,8 @@ large() {
 learn() {
   local data=runs/data/default-byte.h5
   [[ -f $data ]] || $B/peerless prepare --default --tokenizer byte --out $data > "$OUT/prepare.txt" 2>&1
+  timeout 60 $B/peerless bench peer-layer --ternary-int8 --tokens 8192 --table-grad sparse > "$OUT/peer_t_int8.txt" 2>&1
+  echo "int8 ternary rows (before the packed codes):"; grep -E "tokens/s|experts" "$OUT/peer_t_int8.txt"
   for g in tf32x3 tf32 bf16; do
     timeout 150 $B/peerless train configs/shakespeare-peer.toml --overwrite --set run.device=cuda \
       --set run.name=peer_gemm_$g --set model.peer_gemm=$g --set train.max_steps=600 --set train.eval_every=200 \
