@@ -147,9 +147,10 @@ void bench_batch(const BenchSetup& b, int64_t B, bool det) {
   model.init_params(params.data(), 7);
   model.refresh_ternary(params.data());
   AdamW adam(cfg.optim, model.layout());
+  const CudaModelOptions opt = cuda_model_options(cfg);  // the model's, and the floor's shape below
   std::unique_ptr<CudaModel> cuda;
   try {
-    cuda = std::make_unique<CudaModel>(model, adam, B * T, cuda_model_options(cfg));
+    cuda = std::make_unique<CudaModel>(model, adam, B * T, opt);
   } catch (const Error& e) {
     std::printf("%6lld %6lld  out of memory or unsupported: %s\n", static_cast<long long>(B), static_cast<long long>(T),
                 e.what());
@@ -208,10 +209,9 @@ void bench_batch(const BenchSetup& b, int64_t B, bool det) {
   std::printf("\n");
   StepShape shape;
   shape.batch = B, shape.seq = T, shape.deterministic = det;
-  shape.bf16_activations = cfg.run.activations == "bf16";
-  shape.recompute_glu = cuda_model_options(cfg).recompute_glu;
-  shape.recompute_mlgru = cuda_model_options(cfg).recompute_mlgru;
-  shape.head_chunk = CudaModelOptions{}.head_chunk;
+  shape.bf16_activations = opt.bf16_activations;
+  shape.recompute_glu = opt.recompute_glu, shape.recompute_mlgru = opt.recompute_mlgru;
+  shape.head_chunk = opt.head_chunk;
   print_floors(prof, profiled, sec, step_work(model, shape), b.peaks);
   std::fflush(stdout);
 }
