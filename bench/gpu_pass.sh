@@ -80,8 +80,6 @@ large() {
 learn() {
   local data=runs/data/default-byte.h5
   [[ -f $data ]] || $B/peerless prepare --default --tokenizer byte --out $data > "$OUT/prepare.txt" 2>&1
-  timeout 60 $B/peerless bench peer-layer --ternary-int8 --tokens 8192 --table-grad sparse > "$OUT/peer_t_int8.txt" 2>&1
-  echo "int8 ternary rows (before the packed codes):"; grep -E "tokens/s|experts" "$OUT/peer_t_int8.txt"
   for g in tf32x3 tf32 bf16; do
     timeout 150 $B/peerless train configs/shakespeare-peer.toml --overwrite --set run.device=cuda \
       --set run.name=peer_gemm_$g --set model.peer_gemm=$g --set train.max_steps=600 --set train.eval_every=200 \
