@@ -256,7 +256,8 @@ void MoeCuda::allocate(CudaContext& g) {
   off_in_.resize(G, g.bytes);
   off_out_.resize(G, g.bytes);
   beta_.resize(2 * G, g.bytes);
-  if (xchg_) {
+  if (xchg_) {  // the owner side of the exchange, planned as the experts' (launch/plan.h)
+    const DeviceUseScope use(DeviceUse::experts);
     plan_.resize(2 * (G + 1), g.bytes);
     rx_.resize(max_recv_ * d_, g.bytes);
   }
