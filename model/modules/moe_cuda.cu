@@ -332,8 +332,8 @@ void MoeCuda::plan_exchange(CudaContext& g) {
   recv_ = ExchangeLists::of(std::move(from));
   PL_CHECK(recv_.total() <= max_recv_, internal, "MoE expert exchange (cuda): ", recv_.total(),
            " rows received, room for ", max_recv_);
-  PL_CUDA_CHECK(cudaMemcpyAsync(plan_.get(), plan_host_.data(), sizeof(int32_t) * 2 * (G + 1), cudaMemcpyHostToDevice,
-                                g.stream));
+  PL_CUDA_CHECK(
+      cudaMemcpyAsync(plan_.get(), plan_host_.data(), sizeof(int32_t) * 2 * (G + 1), cudaMemcpyHostToDevice, g.stream));
 }
 
 // pre = x̂·W_inᵀ per group, hidden = act(pre), yg = hidden·W_outᵀ; sharded, the x̂ rows go to their
@@ -343,8 +343,8 @@ void MoeCuda::experts_forward(CudaContext& g, int64_t M, const float* xn) {
     beta_host_.resize(static_cast<size_t>(2 * groups_));
     for (int64_t i = 0; i < groups_; ++i)
       beta_host_[i] = g.betas[in_[group_expert_[i]]], beta_host_[groups_ + i] = g.betas[out_[group_expert_[i]]];
-    PL_CUDA_CHECK(cudaMemcpyAsync(beta_.get(), beta_host_.data(), sizeof(float) * 2 * groups_, cudaMemcpyHostToDevice,
-                                  g.stream));
+    PL_CUDA_CHECK(
+        cudaMemcpyAsync(beta_.get(), beta_host_.data(), sizeof(float) * 2 * groups_, cudaMemcpyHostToDevice, g.stream));
   }
   const float* x = xn;
   int64_t x_rows = M;
