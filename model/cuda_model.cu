@@ -296,15 +296,15 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
              i % 2 == 0 ? "model.token_mixer" : "model.channel_mixer", " = \"", kind,
              "\" has no CUDA kernels yet (its kernels are CPU-only so far); use run.device = \"cpu\"");
   }
-  if (host.n_peer_layers() > 0) {
+  if (host.n_peer_layers() > 0)
     PL_CHECK(c.peer_query_bn, config, "run.device = \"cuda\": PEER needs model.peer_query_bn = true");
-    // Sharded tables: the GPU exchange (ShardedPeerExpertsCuda) sums the owners' partial outputs in
-    // float, not in the fixed point that makes the CPU's sharded runs bit-identical to one rank.
-    PL_CHECK(!host.experts_sharded() || !host.deterministic(), config,
-             "parallel.deterministic = on with PEER tables sharded over ", host.expert_shard().shards,
-             " ranks (parallel.expert_parallel) on run.device = \"cuda\": the GPU expert exchange sums partial "
-             "outputs in float, so its bits depend on the number of shards; set parallel.deterministic = off");
-  }
+  // Sharded experts (PEER tables, MoE / σ-MoE experts, the PKM value table): the GPU exchanges sum
+  // in float (PEER's and PKM's partial outputs per owner, the experts' weight gradients per source
+  // rank), not in the fixed point that makes the CPU's sharded runs bit-identical to one rank.
+  PL_CHECK(!host.experts_sharded() || !host.deterministic(), config, "parallel.deterministic = on with the experts (",
+           "model.channel_mixer = \"", c.channel_mixer, "\") sharded over ", host.expert_shard().shards,
+           " ranks (parallel.expert_parallel) on run.device = \"cuda\": the GPU expert exchange sums in float, so "
+           "its bits depend on the number of shards; set parallel.deterministic = off");
   // The PKM value table sharded over the expert group runs on the CPU only (model/pkm_values_parallel.h).
   PL_CHECK(c.channel_mixer != "pkm" || !host.experts_sharded(), config, "parallel.expert_parallel = ",
            host.expert_shard().shards, " with model.channel_mixer = \"pkm\" on run.device = \"cuda\": the GPU keeps "

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "launch/plan.h"
+#include "model/model.h"
 #include "runtime/error.h"
 #ifdef PEERLESS_HAVE_CUDA
 #include "model/cuda_model.h"
@@ -124,6 +125,32 @@ TEST(PlanDevice, sharded_peer_exchange_is_bounded_by_rounds_not_by_the_group) {
   EXPECT_NE(refused.find("no plan"), std::string::npos) << refused;
   EXPECT_NE(refused.find("parallel.peer_round_tokens = 262144"), std::string::npos) << refused;
   EXPECT_GT(plan_device_memory(tiny(big), 1024, 1024).figure, 0);
+}
+
+// The experts of "moe" and "sigma_moe" sharded whole over two ranks on cuda (moe_cuda.cu): the GPU
+// model builds (it refused before), half of the experts' elements leave the state with their
+// gradients, moments and codes (17 B each), and the owner side of the exchange adds device buffers.
+TEST(PlanDevice, sharding_moe_experts_over_two_ranks_halves_their_state) {
+  const std::vector<std::vector<std::string>> kinds = {
+      {"model.peer_blocks=", "model.channel_mixer=moe", "model.moe_experts=4", "model.moe_topk=2"},
+      {"model.peer_blocks=", "model.channel_mixer=sigma_moe", "model.sigma_moe_experts=4", "model.sigma_moe_topk=2",
+       "model.sigma_moe_group=16"}};
+  for (const auto& kind : kinds) {
+    SCOPED_TRACE(kind[1]);
+    const RunConfig cfg = tiny(kind);
+    const DeviceMemoryPlan one = plan_device_memory(cfg, 1, 1), two = plan_device_memory(cfg, 2, 2);
+    const Model model(cfg.model);
+    int64_t experts = 0, tensors = 0;
+    for (const ParamInfo& p : model.layout().entries())
+      if (p.name.find("/experts/") != std::string::npos) experts += p.numel, ++tensors;
+    ASSERT_GT(experts, 0);
+    const int64_t diff = one.bytes(DeviceUse::state) - two.bytes(DeviceUse::state);
+    // Each tensor's offset is aligned to 16 elements: up to 15 more or fewer elements per tensor.
+    EXPECT_NEAR(static_cast<double>(diff), 17.0 * static_cast<double>(experts) / 2, 17.0 * 16 * tensors)
+        << "one rank " << one.bytes(DeviceUse::state) << ", two shards " << two.bytes(DeviceUse::state);
+    EXPECT_GT(two.figure, 0);
+    EXPECT_GT(two.bytes(DeviceUse::staging), 0);  // the data-parallel side
+  }
 }
 
 TEST(PlanDevice, zero1_keeps_a_slice_of_the_moments_and_stages_buckets) {

@@ -123,6 +123,9 @@ void combine_rows_backward_cuda(int64_t T, int64_t k, int64_t d, const int32_t* 
 // dx (T, d) = Σ_j dxg[row(t, j)] in slot order, overwritten (unpermute_add_rows onto zeros).
 void unpermute_rows_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, const float* dxg, float* dx,
                          cudaStream_t stream);
+// xg (S, d) = x[token[r]] for r < S: the grouped rows in order (permute_rows; the sender's side of
+// the expert exchange, whose rows leave whole rather than through a product's gather).
+void permute_rows_cuda(int64_t S, int64_t d, const int32_t* token, const float* x, float* xg, cudaStream_t stream);
 // hidden = ReLU(pre), and its backward dpre = pre > 0 ? dh : 0 (n elements).
 void relu_forward_cuda(int64_t n, const float* pre, float* hidden, cudaStream_t stream);
 void relu_backward_cuda(int64_t n, const float* pre, const float* dh, float* dpre, cudaStream_t stream);

@@ -263,6 +263,14 @@ __global__ void unpermute_kernel(int64_t T, int64_t k, int64_t d, const int32_t*
   }
 }
 
+// xg (S, d) = x[token[r]] for the grouped rows r < S.
+__global__ void permute_kernel(int64_t S, int64_t d, const int32_t* token, const float* x, float* xg) {
+  GRID_STRIDE(i, S * d) {
+    const int64_t r = i / d, c = i % d;
+    xg[i] = x[int64_t{token[r]} * d + c];
+  }
+}
+
 __global__ void relu_forward_kernel(int64_t n, const float* pre, float* hidden) {
   GRID_STRIDE(i, n) hidden[i] = fmaxf(pre[i], 0.f);
 }
@@ -402,6 +410,12 @@ void unpermute_rows_cuda(int64_t T, int64_t k, int64_t d, const int32_t* row, co
   if (T == 0) return;
   unpermute_kernel<<<blocks_for(T * d), kThreads, 0, stream>>>(T, k, d, row, dxg, dx);
   PL_CUDA_CHECK_LAUNCH(unpermute_kernel);
+}
+
+void permute_rows_cuda(int64_t S, int64_t d, const int32_t* token, const float* x, float* xg, cudaStream_t stream) {
+  if (S == 0) return;
+  permute_kernel<<<blocks_for(S * d), kThreads, 0, stream>>>(S, d, token, x, xg);
+  PL_CUDA_CHECK_LAUNCH(permute_kernel);
 }
 
 void relu_forward_cuda(int64_t n, const float* pre, float* hidden, cudaStream_t stream) {

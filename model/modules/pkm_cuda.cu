@@ -7,7 +7,8 @@
 // blends the batch's into buffers of this module with momentum 1, the backward adds them into the
 // statistics' gradient slots, CudaModel::update_buffers makes the running statistics from them; a
 // forward alone (evaluation) normalises with the running statistics.
-// The value table is whole (parallel.expert_parallel > 1 with a pkm block is a config error of Model).
+// The value table is whole: parallel.expert_parallel > 1 with a pkm block is a config error of
+// CudaModel::check_supported (the sharded value exchange, model/pkm_values_parallel.h, is CPU-only).
 #include "model/cuda_module.h"
 #include "model/modules/pkm_mixer.h"
 #include "model/ops/peer_layer.h"
