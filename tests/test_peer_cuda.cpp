@@ -239,11 +239,11 @@ TEST_F(Cuda, peer_retrieval_integer_data_is_bit_identical_to_cpu) {
 
 // The selection's threshold path gives up when more than its candidate buffer (128) rank at or before
 // the threshold, the k-th best of the 32 lane bests (a lane holds sub-keys lane, lane + 32, ...), and
-// falls back to k rounds. Crowd the first half: sub-key i of lane l < 16 scores 1000 + 100·l + i/32,
-// the other lanes i/32, so the threshold is lane 0's best and lanes 1..15 put all 32 of theirs
+// falls back to k rounds. Crowd the first half: sub-key i of lane l < 16 scores 500 + 64·l + i/32,
+// the other lanes i/32, so the threshold is lane 0's best (531) and lanes 1..15 put all 32 of theirs
 // above it (481 candidates); the second half is random (threshold path). Integer-valued, exact: the
-// ids and scores must equal the CPU's bit for bit, in every GEMM math exact on these integers (up
-// to 2531: not bf16 values).
+// ids and scores must equal the CPU's bit for bit, in every GEMM math exact on these integers (keys
+// up to 1491 < 2^11: tf32's 11 significant bits hold them; not bf16's 8).
 TEST_F(Cuda, peer_retrieval_crowded_lanes_take_the_fallback_and_match_cpu) {
   for (const PeerGemmMath math : kInt11Maths) {
     PeerBlas blas(math);
@@ -257,7 +257,7 @@ TEST_F(Cuda, peer_retrieval_crowded_lanes_take_the_fallback_and_match_cpu) {
     for (int64_t i = 0; i < s.n_sub; ++i) {
       const int64_t lane = i % 32, m = i / 32;
       for (int64_t c = 0; c < half; ++c) c1[i * half + c] = static_cast<float>(small(rng()));
-      c1[i * half] = static_cast<float>(lane < 16 ? 1000 + 100 * lane + m : m);
+      c1[i * half] = static_cast<float>(lane < 16 ? 500 + 64 * lane + m : m);
     }
     for (int64_t p = 0; p < s.tokens * s.heads; ++p) {
       float* qp = q.data() + p * s.key_dim;
