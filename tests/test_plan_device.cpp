@@ -167,7 +167,7 @@ TEST(PlanDevice, sharding_the_pkm_value_table_over_two_ranks_halves_its_state) {
   int64_t values = 0, tensors = 0;
   for (const ParamInfo& p : model.layout().entries())
     if (p.name.find("pkm/values") != std::string::npos) values += p.numel, ++tensors;
-  ASSERT_EQ(values, 256 * 64);
+  ASSERT_EQ(values, 2 * 256 * 64);  // both blocks' channel mixers: N = 16² rows of d 64
   const int64_t diff = one.bytes(DeviceUse::state) - two.bytes(DeviceUse::state);
   // Each tensor's offset is aligned to 16 elements: up to 15 more or fewer elements per tensor.
   EXPECT_GE(diff, 16 * values / 2 - 17 * 16 * tensors) << "one rank " << one.bytes(DeviceUse::state) << ", two shards "
@@ -175,10 +175,11 @@ TEST(PlanDevice, sharding_the_pkm_value_table_over_two_ranks_halves_its_state) {
   EXPECT_LE(diff, 17 * values / 2 + 17 * 16 * tensors) << "one rank " << one.bytes(DeviceUse::state) << ", two shards "
                                                       << two.bytes(DeviceUse::state);
   EXPECT_EQ(whole.bytes(DeviceUse::state), one.bytes(DeviceUse::state));
-  // The exchange's owner side: at least the received dy rows of both ranks' tokens (2·128 tokens x 64
-  // floats) and their entry lists (2·128·8 entries of row, gate and dgate), counted as experts.
+  // The exchange's owner side, per layer: at least the received dy rows of both ranks' tokens (2·128
+  // tokens x 64 floats) and their entry lists (2·128·8 entries of row, gate and dgate), counted as experts.
   const int64_t tokens = 4 * 32;
-  EXPECT_GE(two.bytes(DeviceUse::experts) - one.bytes(DeviceUse::experts), 2 * tokens * 64 * 4 + 2 * tokens * 8 * 12);
+  EXPECT_GE(two.bytes(DeviceUse::experts) - one.bytes(DeviceUse::experts),
+            2 * (2 * tokens * 64 * 4 + 2 * tokens * 8 * 12));
   EXPECT_GT(two.figure, 0);
 }
 
