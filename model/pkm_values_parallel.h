@@ -13,6 +13,8 @@
 // same bits. The grid bounds the terms: |g·V_c| ≤ max|V| (softmax gates are ≤ 1; a token's sum is
 // at most h·max|V|, its h·k terms fit fixed_bits(h·k)), with max|V| max-reduced over the group
 // (pkm_value_bound), doubled for the float rounding of g·V_c.
+// On the GPU, ShardedPkmValuesCuda (below) runs the same exchange with float partials only, its lists
+// built on the device by PEER's RowExchangeCuda (expert_parallel.h).
 #pragma once
 
 #include <algorithm>

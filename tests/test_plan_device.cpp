@@ -2,8 +2,9 @@
 // mode (runtime/memory.h). Runs on machines without a GPU: in a CUDA build the figure is the
 // device_bytes() of a CudaModel built in counting mode, activations grow with the micro-batch, and
 // sharding a PEER table over two ranks halves its parameter, gradient, moment and code bytes, and its
-// exchange buffers stop growing with the expert group once it runs in rounds; in a build without
-// CUDA the planner says it needs one.
+// exchange buffers stop growing with the expert group once it runs in rounds (so do MoE experts and
+// the PKM value table, whose owner sides count as experts); in a build without CUDA the planner says
+// it needs one.
 #include <gtest/gtest.h>
 
 #include <string>
