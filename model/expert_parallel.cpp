@@ -284,9 +284,11 @@ PeerRounds sharded_peer_rounds(const PeerExpertsShape& m, int shards, int64_t ro
   }
   r.count = (T + r.tokens - 1) / r.tokens;
   const int64_t E = P * r.tokens * hk;
-  PL_CHECK(E <= INT32_MAX, config, "sharded PEER / PKM table (cuda): expert_parallel · round tokens · heads · k = ", P, " · ",
-           r.tokens, " · ", hk, " = ", E, " entries could reach one owner in a round; keep it below 2^31 "
-           "(parallel.peer_round_tokens = ", round_tokens, ": set it to 0 (automatic) or at most ",
+  PL_CHECK(E <= INT32_MAX, config, "sharded PEER / PKM table (cuda): expert_parallel · round tokens · heads · k = ", P,
+           " · ", r.tokens, " · ", hk, " = ", E,
+           " entries could reach one owner in a round; keep it below 2^31 "
+           "(parallel.peer_round_tokens = ",
+           round_tokens, ": set it to 0 (automatic) or at most ",
            std::max<int64_t>(INT32_MAX / std::max<int64_t>(P * hk, 1), 1), ")");
   return r;
 }

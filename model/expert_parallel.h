@@ -214,11 +214,11 @@ void carve_row_lists(Carve& c, int64_t round_tokens, int shards, int64_t hk, siz
 // cub-backed pieces come from outside, exact on the device, estimated by sharded_peer_device_bytes()
 // on a host.
 struct ShardedPeerBuffers : RowListsCuda {
-  float* back_dgates;                             // (Tc·h·k)
-  float* send_buf;                                // (S, d)
-  float *recv_x, *recv_dy, *dx_partial;           // (R, d) R = P·Tc; recv_dy also the forward partials
-  float *recv_pre_act, *recv_dgates;              // (E)
-  void* gated_ws;                                 // peer_experts_gated_backward_workspace_bytes
+  float* back_dgates;                    // (Tc·h·k)
+  float* send_buf;                       // (S, d)
+  float *recv_x, *recv_dy, *dx_partial;  // (R, d) R = P·Tc; recv_dy also the forward partials
+  float *recv_pre_act, *recv_dgates;     // (E)
+  void* gated_ws;                        // peer_experts_gated_backward_workspace_bytes
 };
 struct ShardedPeerTempBytes {
   size_t gated_ws = 0, scan = 0;

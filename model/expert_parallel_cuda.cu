@@ -152,8 +152,8 @@ void RowExchangeCuda::build(int64_t T, const int32_t* ids, const float* gates, c
     PL_CUDA_CHECK_LAUNCH(fill_send_kernel);
   }
   std::vector<int32_t> bounds(2 * P + 2);
-  PL_CUDA_CHECK(cudaMemcpyAsync(bounds.data(), l_.bounds, bounds.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                stream));
+  PL_CUDA_CHECK(
+      cudaMemcpyAsync(bounds.data(), l_.bounds, bounds.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
   sync(stream);  // the send lists are complete too
   std::vector<int64_t> tok(P), ent(P);
   for (int o = 0; o < P; ++o) tok[o] = bounds[o + 1] - bounds[o], ent[o] = bounds[P + 2 + o] - bounds[P + 1 + o];
@@ -197,7 +197,7 @@ void RowExchangeCuda::rows_back(const float* recv, float* send, int64_t d, cudaS
 void RowExchangeCuda::combine(int64_t T, int64_t d, const float* back, float* out, cudaStream_t stream) const {
   if (T == 0) return;
   combine_kernel<<<grid_for(T * d), kThreads, 0, stream>>>(T, d, xchg_.group().size(), l_.ent_cnt, l_.tok_pos, back,
-                                                          out);
+                                                           out);
   PL_CUDA_CHECK_LAUNCH(combine_kernel);
 }
 

@@ -67,8 +67,8 @@ void ShardedPkmValuesCuda::forward(const PkmValuesShape& s, const int32_t* ids, 
   }
 }
 
-void ShardedPkmValuesCuda::backward(const PkmValuesShape& s, const int32_t* ids, const float* gates,
-                                    const float* dy, float* dgates, cudaStream_t stream) {
+void ShardedPkmValuesCuda::backward(const PkmValuesShape& s, const int32_t* ids, const float* gates, const float* dy,
+                                    float* dgates, cudaStream_t stream) {
   check_shape(s);
   PL_CHECK(s.tokens == tokens_, internal, "ShardedPkmValuesCuda::backward of ", s.tokens,
            " tokens without a matching forward (", tokens_, ")");
@@ -86,9 +86,8 @@ void ShardedPkmValuesCuda::backward(const PkmValuesShape& s, const int32_t* ids,
     rx_.gather(d, dy + t0 * d, b_.send_buf, stream);
     rx_.rows_out(b_.send_buf, b_.recv_dy, d, stream);
     const PkmBagShape owner = owner_shape(rx_.plan().recv_tokens.total());
-    pkm_values_bag_backward_cuda(owner, rx_.plan().recv_entries.total(), b_.recv_offsets, b_.recv_rows,
-                                 b_.recv_gates, values_, b_.recv_dy, b_.recv_dgates, dvalues, b_.bag_ws, bag_ws_,
-                                 stream);
+    pkm_values_bag_backward_cuda(owner, rx_.plan().recv_entries.total(), b_.recv_offsets, b_.recv_rows, b_.recv_gates,
+                                 values_, b_.recv_dy, b_.recv_dgates, dvalues, b_.bag_ws, bag_ws_, stream);
     rx_.dgates_back(n, b_.recv_dgates, b_.back_dgates, dgates + t0 * hk, stream);
   }
 }

@@ -165,7 +165,8 @@ TEST_F(Cuda, pkm_values_ragged_form_matches_plain_loops_in_entry_order) {
       for (int64_t t = 0; t < T; ++t) {
         const size_t before = rows.size();
         for (int64_t e = 0; e < hk; ++e)
-          if ((ids[t * hk + e] >= N / 2) == (owner == 1)) rows.push_back(ids[t * hk + e]), rgates.push_back(gates[t * hk + e]);
+          if ((ids[t * hk + e] >= N / 2) == (owner == 1))
+            rows.push_back(ids[t * hk + e]), rgates.push_back(gates[t * hk + e]);
         if (rows.size() > before) offsets.push_back(static_cast<int64_t>(rows.size()));
       }
     const int64_t R = static_cast<int64_t>(offsets.size()) - 1, E = static_cast<int64_t>(rows.size());

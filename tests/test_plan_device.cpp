@@ -171,10 +171,10 @@ TEST(PlanDevice, sharding_the_pkm_value_table_over_two_ranks_halves_its_state) {
   ASSERT_EQ(values, 2 * 256 * 64);  // both blocks' channel mixers: N = 16² rows of d 64
   const int64_t diff = one.bytes(DeviceUse::state) - two.bytes(DeviceUse::state);
   // Each tensor's offset is aligned to 16 elements: up to 15 more or fewer elements per tensor.
-  EXPECT_GE(diff, 16 * values / 2 - 17 * 16 * tensors) << "one rank " << one.bytes(DeviceUse::state) << ", two shards "
-                                                      << two.bytes(DeviceUse::state);
-  EXPECT_LE(diff, 17 * values / 2 + 17 * 16 * tensors) << "one rank " << one.bytes(DeviceUse::state) << ", two shards "
-                                                      << two.bytes(DeviceUse::state);
+  EXPECT_GE(diff, 16 * values / 2 - 17 * 16 * tensors)
+      << "one rank " << one.bytes(DeviceUse::state) << ", two shards " << two.bytes(DeviceUse::state);
+  EXPECT_LE(diff, 17 * values / 2 + 17 * 16 * tensors)
+      << "one rank " << one.bytes(DeviceUse::state) << ", two shards " << two.bytes(DeviceUse::state);
   EXPECT_EQ(whole.bytes(DeviceUse::state), one.bytes(DeviceUse::state));
   // The exchange's owner side, per layer: at least the received dy rows of both ranks' tokens (2·128
   // tokens x 64 floats) and their entry lists (2·128·8 entries of row, gate and dgate), counted as experts.

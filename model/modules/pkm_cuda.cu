@@ -15,10 +15,10 @@
 // The query half stays replicated, as on the CPU.
 #include "model/cuda_module.h"
 #include "model/modules/pkm_mixer.h"
-#include "model/pkm_values_parallel.h"
 #include "model/ops/peer_layer.h"
 #include "model/ops/pkm_values.h"
 #include "model/ops/rmsnorm.h"
+#include "model/pkm_values_parallel.h"
 
 namespace peerless {
 

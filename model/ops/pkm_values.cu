@@ -27,9 +27,9 @@ constexpr int kThreads = 256;
 
 // Shared: ids (hk), gates (hk). offsets: see token_entries (null: the dense form).
 template <int V>
-__global__ void __launch_bounds__(kThreads) pkm_values_forward_kernel(int64_t d, int hk, const int64_t* offsets,
-                                                                      const int32_t* ids, const float* gates,
-                                                                      const float* values, float* out) {
+__global__ void __launch_bounds__(kThreads)
+    pkm_values_forward_kernel(int64_t d, int hk, const int64_t* offsets, const int32_t* ids, const float* gates,
+                              const float* values, float* out) {
   extern __shared__ float smem[];
   float* g_s = smem;
   int32_t* id_s = reinterpret_cast<int32_t*>(g_s + hk);
@@ -57,10 +57,9 @@ __global__ void __launch_bounds__(kThreads) pkm_values_forward_kernel(int64_t d,
 
 // Shared: dy (d). The ragged form (offsets set) also writes each entry's token into token_of.
 template <int V>
-__global__ void __launch_bounds__(kThreads) pkm_values_dgates_kernel(int64_t d, int hk, const int64_t* offsets,
-                                                                     const int32_t* ids, const float* values,
-                                                                     const float* dy, float* dgates,
-                                                                     int32_t* token_of) {
+__global__ void __launch_bounds__(kThreads)
+    pkm_values_dgates_kernel(int64_t d, int hk, const int64_t* offsets, const int32_t* ids, const float* values,
+                             const float* dy, float* dgates, int32_t* token_of) {
   extern __shared__ float smem[];
   float* dys = smem;
   const int64_t t = blockIdx.x;
@@ -94,9 +93,11 @@ Bag bag_of(const PkmValuesShape& s) {
 Bag bag_of(const PkmBagShape& s, int64_t entries, const int64_t* offsets) {
   PL_CHECK(s.tokens >= 0 && s.dim >= 1 && s.max_entries >= 1 && s.max_entries <= INT32_MAX && entries >= 0 &&
                entries <= INT32_MAX && s.n_rows >= 1 && s.n_rows <= INT32_MAX,
-           config, "pkm values (ragged, cuda): tokens >= 0, dim >= 1, max_entries and n_rows in [1, 2^31), entries in "
-           "[0, 2^31) (got tokens ", s.tokens, ", dim ", s.dim, ", max_entries ", s.max_entries, ", n_rows ", s.n_rows,
-           ", entries ", entries, ")");
+           config,
+           "pkm values (ragged, cuda): tokens >= 0, dim >= 1, max_entries and n_rows in [1, 2^31), entries in "
+           "[0, 2^31) (got tokens ",
+           s.tokens, ", dim ", s.dim, ", max_entries ", s.max_entries, ", n_rows ", s.n_rows, ", entries ", entries,
+           ")");
   PL_CHECK(offsets != nullptr || s.tokens == 0, config, "pkm values (ragged, cuda): offsets needed");
   return {s.tokens, s.dim, s.n_rows, entries, static_cast<int>(s.max_entries), offsets};
 }
@@ -160,11 +161,11 @@ void bag_backward(const Bag& b, const int32_t* ids, const float* gates, const fl
                    (sparse ? aligned16(dvalues.values) : aligned16(dvalues.dense));
   const dim3 grid(static_cast<unsigned>(b.tokens));
   if (vec)
-    pkm_values_dgates_kernel<4><<<grid, kThreads, smem, stream>>>(d, b.hk, b.offsets, ids, values, dy, dgates,
-                                                                  token_of);
+    pkm_values_dgates_kernel<4>
+        <<<grid, kThreads, smem, stream>>>(d, b.hk, b.offsets, ids, values, dy, dgates, token_of);
   else
-    pkm_values_dgates_kernel<1><<<grid, kThreads, smem, stream>>>(d, b.hk, b.offsets, ids, values, dy, dgates,
-                                                                  token_of);
+    pkm_values_dgates_kernel<1>
+        <<<grid, kThreads, smem, stream>>>(d, b.hk, b.offsets, ids, values, dy, dgates, token_of);
   PL_CUDA_CHECK_LAUNCH(pkm_values_dgates_kernel);
   const RowGroups groups = group_rows(ids, count, cap, row_bits(b.n_rows), gs, sparse ? dvalues.rows : nullptr,
                                       sparse ? dvalues.count : nullptr, stream);
@@ -187,8 +188,8 @@ void pkm_values_backward_cuda(const PkmValuesShape& s, const int32_t* ids, const
   bag_backward(bag_of(s), ids, gates, values, dy, dgates, dvalues, workspace, workspace_bytes, stream);
 }
 
-void pkm_values_bag_forward_cuda(const PkmBagShape& s, const int64_t* offsets, const int32_t* rows,
-                                 const float* gates, const float* values, float* out, cudaStream_t stream) {
+void pkm_values_bag_forward_cuda(const PkmBagShape& s, const int64_t* offsets, const int32_t* rows, const float* gates,
+                                 const float* values, float* out, cudaStream_t stream) {
   bag_forward(bag_of(s, 0, offsets), rows, gates, values, out, stream);
 }
 

@@ -81,8 +81,8 @@ struct PkmBagShape {
   int64_t max_entries = 1;  // per token
 };
 // out (tokens, d) overwritten: out_r = Σ over its entries, in order, of g·V[row].
-void pkm_values_bag_forward_cuda(const PkmBagShape& s, const int64_t* offsets, const int32_t* rows,
-                                 const float* gates, const float* values, float* out, cudaStream_t stream);
+void pkm_values_bag_forward_cuda(const PkmBagShape& s, const int64_t* offsets, const int32_t* rows, const float* gates,
+                                 const float* values, float* out, cudaStream_t stream);
 size_t pkm_values_bag_backward_workspace_bytes(const PkmBagShape& s, int64_t entries);
 // dy (tokens, d) -> dgates (entries) overwritten, the value gradient of the rows listed as `dvalues`
 // says (dense_accumulate into the local (n_rows, d) gradient: each row's entries summed in entry order).
