@@ -95,12 +95,18 @@ StepTrafficPlan traffic_of(const RunConfig& cfg, const PlannedRank& r) {
 
 }  // namespace
 
+bool shards_experts(const RunConfig& cfg, int ep_size, int64_t expert_parallel) {
+  const ModelConfig& m = cfg.model;
+  const bool moe = m.channel_mixer == "moe" || m.channel_mixer == "sigma_moe";
+  const bool pkm = m.channel_mixer == "pkm" && (cfg.run.device == "cpu" || expert_parallel > 1);
+  return ep_size > 1 && (moe || pkm || !m.peer_block_list().empty());
+}
+
 PlannedRank plan_rank(const RunConfig& cfg, int world, int expert_parallel) {
   PL_CHECK(world >= 1 && world <= (1 << 20), config, "--world = ", world, " is outside [1, 1048576]");
   PlannedRank r;
   r.topo = make_topology(0, world, expert_parallel);
-  const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
-  r.shard = r.topo.ep_size > 1 && (moe || !cfg.model.peer_block_list().empty());
+  r.shard = shards_experts(cfg, r.topo.ep_size, expert_parallel);
   r.model = std::make_unique<Model>(cfg.model, r.shard ? ExpertShard{r.topo.ep_size, 0} : ExpertShard{});
   return r;
 }

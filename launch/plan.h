@@ -21,6 +21,13 @@
 
 namespace peerless {
 
+// Whether expert groups of ep_size ranks shard cfg's expert tables (PEER tables and the PKM value
+// table by rows, MoE / σ-MoE experts whole): the trainer and the planner decide here alike.
+// expert_parallel: the parallel.expert_parallel asked for (0 = all ranks). On cuda a PKM value table
+// is sharded only when asked for explicitly (> 1); by default every GPU keeps it whole, as before its
+// GPU exchange existed (model/pkm_values_parallel.h).
+bool shards_experts(const RunConfig& cfg, int ep_size, int64_t expert_parallel);
+
 // Rank 0 of the planned world: its topology and its model (its rows of every PEER table).
 struct PlannedRank {
   Topology topo;

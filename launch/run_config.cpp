@@ -134,7 +134,7 @@ void RunConfig::bind(ConfigSchema& s) {
   s.add_int("parallel.expert_parallel", &parallel.expert_parallel, 0, 1 << 20,
             "ranks per expert-parallel group (0 = all ranks)");
   s.add_int("parallel.peer_round_tokens", &parallel.peer_round_tokens, 0, int64_t{1} << 30,
-            "run.device = \"cuda\", sharded PEER tables: tokens per rank in one round of the expert exchange, "
+            "run.device = \"cuda\", sharded PEER / PKM tables: tokens per rank in one round of the expert exchange, "
             "bounding its owner-side buffers to expert_parallel x this many tokens (0 = automatic: one round up to "
             "8 shards, else ceil(8 x tokens / expert_parallel))");
   s.add_choice("parallel.deterministic", &parallel.deterministic, {"auto", "on", "off"},

@@ -266,11 +266,9 @@ bool setup_session(TrainSession& s) {
 
   // Expert parallelism: the PEER tables and PKM value tables are sharded by rows, the experts of
   // "moe" / "sigma_moe" blocks whole, over groups of ep_size consecutive ranks (model/expert_parallel.h,
-  // model/pkm_values_parallel.h); `replicas` joins the ranks holding the same rows. The GPU keeps PKM
-  // values whole: there only an explicit parallel.expert_parallel > 1 shards them (and is refused).
-  const bool moe = cfg.model.channel_mixer == "moe" || cfg.model.channel_mixer == "sigma_moe";
-  const bool pkm = cfg.model.channel_mixer == "pkm" && (cfg.run.device == "cpu" || cfg.parallel.expert_parallel > 1);
-  const bool shard_experts = s.topology.ep_size > 1 && (moe || pkm || !cfg.model.peer_block_list().empty());
+  // model/pkm_values_parallel.h); `replicas` joins the ranks holding the same rows. On cuda only an
+  // explicit parallel.expert_parallel > 1 shards PKM values (shards_experts, launch/plan.h).
+  const bool shard_experts = shards_experts(cfg, s.topology.ep_size, cfg.parallel.expert_parallel);
   if (shard_experts && !s.options.dry_run) {
     s.ep_comm = s.comm.split(s.topology.dp_rank, s.topology.ep_rank);
     s.replicas = s.comm.split(s.topology.ep_rank, s.topology.dp_rank);

@@ -305,11 +305,6 @@ void CudaModel::check_supported(const Model& host, const AdamW& adam) {
            "model.channel_mixer = \"", c.channel_mixer, "\") sharded over ", host.expert_shard().shards,
            " ranks (parallel.expert_parallel) on run.device = \"cuda\": the GPU expert exchange sums in float, so "
            "its bits depend on the number of shards; set parallel.deterministic = off");
-  // The PKM value table sharded over the expert group runs on the CPU only (model/pkm_values_parallel.h).
-  PL_CHECK(c.channel_mixer != "pkm" || !host.experts_sharded(), config, "parallel.expert_parallel = ",
-           host.expert_shard().shards, " with model.channel_mixer = \"pkm\" on run.device = \"cuda\": the GPU keeps "
-           "the whole value table on every rank (the sharded value exchange is CPU-only); set "
-           "parallel.expert_parallel = 1 or run.device = \"cpu\"");
   // model.quant = "none": only kinds whose CUDA half has the full-precision form (cuda_registry.cu).
   for (size_t i = 0; !host.quantized() && i < host.modules().size(); ++i) {
     const std::string kind = host.modules()[i]->kind();

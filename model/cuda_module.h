@@ -74,7 +74,7 @@ struct CudaModuleBuild {
   const BlockParams& block;  // the block's parameter indices
   int64_t layer = 0;
   bool bf16_activations = true;  // storage of the saved activations (cuda_model.h)
-  int64_t peer_round_tokens = 0;  // sharded PEER tables: tokens per exchange round (0 = automatic)
+  int64_t peer_round_tokens = 0;  // sharded PEER / PKM tables: tokens per exchange round (0 = automatic)
   bool recompute_glu = false;     // GLU / SwiGLU keep no [a | u]: the backward recomputes it (run.recompute)
   bool recompute_mlgru = false;   // the MLGRU keeps no ĝ, h, x_mid: recompute_output rebuilds them
 };

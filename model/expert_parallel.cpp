@@ -284,42 +284,50 @@ PeerRounds sharded_peer_rounds(const PeerExpertsShape& m, int shards, int64_t ro
   }
   r.count = (T + r.tokens - 1) / r.tokens;
   const int64_t E = P * r.tokens * hk;
-  PL_CHECK(E <= INT32_MAX, config, "sharded PEER (cuda): expert_parallel · round tokens · heads · k = ", P, " · ",
-           r.tokens, " · ", hk, " = ", E, " entries could reach one owner in a round; keep it below 2^31 "
-           "(parallel.peer_round_tokens = ", round_tokens, ": set it to 0 (automatic) or at most ",
+  PL_CHECK(E <= INT32_MAX, config, "sharded PEER / PKM table (cuda): expert_parallel · round tokens · heads · k = ", P,
+           " · ", r.tokens, " · ", hk, " = ", E,
+           " entries could reach one owner in a round; keep it below 2^31 "
+           "(parallel.peer_round_tokens = ",
+           round_tokens, ": set it to 0 (automatic) or at most ",
            std::max<int64_t>(INT32_MAX / std::max<int64_t>(P * hk, 1), 1), ")");
   return r;
+}
+
+void carve_row_lists(Carve& c, int64_t round_tokens, int shards, int64_t hk, size_t scan, RowListsCuda& l) {
+  const int64_t P = shards, T = round_tokens;
+  const int64_t PT = P * T, S = T * std::min(P, hk), R = P * T, E = R * hk;
+  l.ent_cnt = c.take<int32_t>(PT + 1);
+  l.tok_flag = c.take<int32_t>(PT + 1);
+  l.ent_pos = c.take<int32_t>(PT + 1);
+  l.tok_pos = c.take<int32_t>(PT + 1);
+  l.bounds = c.take<int32_t>(2 * P + 2);
+  l.send_token = c.take<int32_t>(S);
+  l.send_per_token = c.take<int32_t>(S);
+  l.send_entry = c.take<int32_t>(T * hk);
+  l.send_rows = c.take<int32_t>(T * hk);
+  l.send_gates = c.take<float>(T * hk);
+  l.recv_per_token = c.take<int32_t>(R + 1);
+  l.recv_pos = c.take<int32_t>(R + 1);
+  l.recv_offsets = c.take<int64_t>(R + 1);
+  l.recv_rows = c.take<int32_t>(E);
+  l.recv_gates = c.take<float>(E);
+  l.scan_temp = c.take_bytes(scan);
 }
 
 size_t carve_sharded_peer(const PeerExpertsShape& m, int shards, const ShardedPeerTempBytes& temp, void* base,
                           ShardedPeerBuffers& b) {
   const int64_t P = shards, T = m.tokens, d = m.dim, hk = m.heads * m.k;
-  const int64_t PT = P * T, S = T * std::min(P, hk), R = P * T, E = R * hk;
+  const int64_t S = T * std::min(P, hk), R = P * T, E = R * hk;
   Carve c(base);
-  b.ent_cnt = c.take<int32_t>(PT + 1);
-  b.tok_flag = c.take<int32_t>(PT + 1);
-  b.ent_pos = c.take<int32_t>(PT + 1);
-  b.tok_pos = c.take<int32_t>(PT + 1);
-  b.bounds = c.take<int32_t>(2 * P + 2);
-  b.send_token = c.take<int32_t>(S);
-  b.send_per_token = c.take<int32_t>(S);
-  b.send_entry = c.take<int32_t>(T * hk);
-  b.send_rows = c.take<int32_t>(T * hk);
-  b.send_gates = c.take<float>(T * hk);
+  carve_row_lists(c, T, shards, hk, temp.scan, b);
   b.back_dgates = c.take<float>(T * hk);
   b.send_buf = c.take<float>(S * d);
   b.recv_x = c.take<float>(R * d);
   b.recv_dy = c.take<float>(R * d);
   b.dx_partial = c.take<float>(R * d);
-  b.recv_per_token = c.take<int32_t>(R + 1);
-  b.recv_pos = c.take<int32_t>(R + 1);
-  b.recv_offsets = c.take<int64_t>(R + 1);
-  b.recv_rows = c.take<int32_t>(E);
-  b.recv_gates = c.take<float>(E);
   b.recv_pre_act = c.take<float>(E);
   b.recv_dgates = c.take<float>(E);
   b.gated_ws = c.take_bytes(temp.gated_ws);
-  b.scan_temp = c.take_bytes(temp.scan);
   return c.used();
 }
 

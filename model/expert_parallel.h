@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/ops/carve.h"
 #include "model/ops/peer_layer.h"
 #include "parallel/comm.h"
 #include "runtime/memory.h"
@@ -184,28 +185,40 @@ struct PeerRounds {
 // error when one round's P·Tc·h·k entries reach 2³¹ (the automatic choice stays below).
 PeerRounds sharded_peer_rounds(const PeerExpertsShape& max_shape, int shards, int64_t round_tokens);
 
-// The device buffers of one ShardedPeerExpertsCuda (per rank), sized for one round of the worst
-// case: every rank of the group sends all its round's tokens (at most round.tokens = Tc each) to this
-// rank. Sender side: per (owner, token) counts and their scans, the send lists and one
-// (Tc·min(P, h·k), d) row buffer (x, dy out; partials back); owner side: the received x, partial and
-// dx rows (P·Tc, d), entry lists (P·Tc·h·k) and the gated backward's workspace. Carved in one fixed
-// order by carve_sharded_peer (measuring when base is null); the byte counts of the two cub-backed
-// pieces come from outside, exact on the device, estimated by sharded_peer_device_bytes() on a host.
-struct ShardedPeerBuffers {
+// The device lists of one row-shard exchange round (RowExchangeCuda below; PEER tables and PKM value
+// tables), for at most Tc tokens of h·k entries per sender and P owners: per (owner, token) counts and
+// their scans, the send lists, and the owner's entry lists. Carved by the runner that uses them.
+struct RowListsCuda {
   int32_t *ent_cnt, *tok_flag, *ent_pos, *tok_pos;  // (P·Tc + 1) owner-major
   int32_t* bounds;                                   // (2P + 2) per-owner starts of tokens, entries
   int32_t *send_token, *send_per_token;              // (S) S = Tc·min(P, h·k)
   int32_t *send_entry, *send_rows;                   // (Tc·h·k)
-  float *send_gates, *back_dgates;                   // (Tc·h·k)
-  float* send_buf;                                   // (S, d)
-  float *recv_x, *recv_dy, *dx_partial;              // (R, d) R = P·Tc; recv_dy also the forward partials
-  int32_t* recv_per_token;                           // (R + 1)
+  float* send_gates;                                 // (Tc·h·k)
+  int32_t* recv_per_token;                           // (R + 1) R = P·Tc
   int32_t* recv_pos;                                 // (R + 1) its exclusive scan
   int64_t* recv_offsets;                             // (R + 1)
   int32_t* recv_rows;                                // (E) E = P·Tc·h·k
-  float *recv_gates, *recv_pre_act, *recv_dgates;    // (E)
-  void* gated_ws;                                    // peer_experts_gated_backward_workspace_bytes
-  void* scan_temp;                                   // cub scans
+  float* recv_gates;                                 // (E)
+  void* scan_temp;                                   // cub scans: row_exchange_scan_bytes(P·Tc + 1)
+};
+// Carves a RowListsCuda's pieces from `c` in one fixed order (a measuring Carve sizes it);
+// round_tokens = Tc, scan = row_exchange_scan_bytes(P·Tc + 1).
+void carve_row_lists(Carve& c, int64_t round_tokens, int shards, int64_t hk, size_t scan, RowListsCuda& l);
+
+// The device buffers of one ShardedPeerExpertsCuda (per rank), sized for one round of the worst
+// case: every rank of the group sends all its round's tokens (at most round.tokens = Tc each) to this
+// rank. The row exchange's lists (RowListsCuda); sender side: one (Tc·min(P, h·k), d) row buffer (x,
+// dy out; partials back); owner side: the received x, partial and dx rows (P·Tc, d), the entries'
+// pre-activations and gates' gradients (P·Tc·h·k) and the gated backward's workspace. Carved in one
+// fixed order by carve_sharded_peer (measuring when base is null); the byte counts of the two
+// cub-backed pieces come from outside, exact on the device, estimated by sharded_peer_device_bytes()
+// on a host.
+struct ShardedPeerBuffers : RowListsCuda {
+  float* back_dgates;                    // (Tc·h·k)
+  float* send_buf;                       // (S, d)
+  float *recv_x, *recv_dy, *dx_partial;  // (R, d) R = P·Tc; recv_dy also the forward partials
+  float *recv_pre_act, *recv_dgates;     // (E)
+  void* gated_ws;                        // peer_experts_gated_backward_workspace_bytes
 };
 struct ShardedPeerTempBytes {
   size_t gated_ws = 0, scan = 0;
@@ -223,6 +236,46 @@ struct ShardedPeerMemory {
   int64_t exchange = 0;
 };
 ShardedPeerMemory sharded_peer_device_bytes(const PeerExpertsShape& max_shape, int shards, int64_t round_tokens = 0);
+
+// The exchange of one row-shard round on the device, shared by ShardedPeerExpertsCuda and
+// ShardedPkmValuesCuda (model/pkm_values_parallel.h); it moves indices, gates and rows, nothing of
+// the kernels either owner runs. Sender side, per round: build() counts each token's entries per
+// owner on the device (one thread per (owner, token)), scans the counts (owner-major, tokens
+// ascending: the send order, so the scans are the send slots), fills the lists (one thread per entry)
+// and brings each owner's first slot to the host, where plan_exchange() sizes the all_to_all_v;
+// send_entries() sends the (token, owner) pairs' entry counts and the entries (local row, gate) and
+// leaves the owner its int64 offsets per received token (sender-major, each sender's tokens
+// ascending). Rows move with gather() + rows_out() (d floats per (token, owner) pair: x, dy) and
+// rows_back(); combine() adds each token's partial rows in owner order; dgates_back() returns the
+// owners' per-entry gate gradients to their entries. Collective over the group like the runners.
+size_t row_exchange_scan_bytes(int64_t n);  // cub's scan temporary for n items (estimated when counting)
+class RowExchangeCuda {
+ public:
+  // hk entries per token, owners of rows_per rows each; `lists` carved by the runner (carve_row_lists).
+  RowExchangeCuda(Comm& ep, int64_t hk, int64_t rows_per) : xchg_(ep), hk_(hk), rows_per_(rows_per) {}
+  void set_lists(const RowListsCuda& lists, size_t scan_bytes) { l_ = lists, scan_bytes_ = scan_bytes; }
+  void build(int64_t T, const int32_t* ids, const float* gates, cudaStream_t stream);
+  void send_entries(cudaStream_t stream);
+  // dst (S, d) = the rows of src (T, d) of the (token, owner) pairs in send order.
+  void gather(int64_t d, const float* src, float* dst, cudaStream_t stream) const;
+  // Rows (S, d) of `send` to the owners' `recv` (R, d), or back.
+  void rows_out(const float* send, float* recv, int64_t d, cudaStream_t stream);
+  void rows_back(const float* recv, float* send, int64_t d, cudaStream_t stream);
+  // out (T, d) = per token, its owners' partial rows in `back` (S, d) added in owner order (0: none).
+  void combine(int64_t T, int64_t d, const float* back, float* out, cudaStream_t stream) const;
+  // The owners' recv_dgates (E) back into `back` (this rank's sent entries), then dgates (T, h·k).
+  void dgates_back(int64_t T, const float* recv_dgates, float* back, float* dgates, cudaStream_t stream);
+  const ExchangePlan& plan() const { return plan_; }
+  const RowListsCuda& lists() const { return l_; }
+  const ExpertExchange::Stats& stats() const { return xchg_.stats(); }
+
+ private:
+  ExpertExchange xchg_;
+  int64_t hk_, rows_per_;
+  RowListsCuda l_{};
+  size_t scan_bytes_ = 0;
+  ExchangePlan plan_;
+};
 
 // The device form of ShardedPeerExperts, the runner peer_layer_*_cuda take: the same exchange (per
 // owner, the distinct tokens that retrieved one of its rows, their x rows once and their entries
@@ -256,15 +309,13 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   size_t device_bytes() const { return mem_.size(); }
   const PeerRounds& rounds() const { return rounds_; }
   using Stats = ExpertExchange::Stats;
-  const Stats& stats() const { return xchg_.stats(); }
+  const Stats& stats() const { return rx_.stats(); }
 
  private:
   void check_shape(const PeerExpertsShape& s) const;
   // Round r of a rank's T tokens: its first token and how many (0 past the rank's last token).
   int64_t round_first(int64_t T, int64_t r) const { return std::min(T, r * rounds_.tokens); }
   int64_t round_count(int64_t T, int64_t r) const { return std::min(rounds_.tokens, T - round_first(T, r)); }
-  // Sender side of forward: per-owner counts on the device, their starts to the host, the send lists.
-  void build_send_lists(int64_t T, const int32_t* ids, const float* gates, cudaStream_t stream);
   // One round's send lists, x rows and entry lists to the owners; the owner's offsets.
   void send_round(int64_t T, const float* x, const int32_t* ids, const float* gates, cudaStream_t stream);
   // The owner's gated forward on what it received: partials (R, d) into `out`, z into recv_pre_act.
@@ -272,16 +323,9 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   // One round's backward after its x and lists are on the owner: dy out, the gated backward, dx
   // partials and dgates back (T tokens of this rank).
   void backward_round(int64_t T, const float* dy, float* dx, float* dgates, cudaStream_t stream);
-  // Owner side: the received counts -> int64 offsets; returns the entries received.
-  void received_offsets(cudaStream_t stream);
-  // Rows (S, d) in send_buf go to the owners' `recv` (R, d), or back (recv -> send_buf).
-  void rows_out(float* recv, cudaStream_t stream);
-  void rows_back(const float* recv, cudaStream_t stream);
-  // out (T, d) = Σ over owners (in order) of each token's partial in send_buf.
-  void combine(int64_t T, float* out, cudaStream_t stream);
 
   Comm& ep_;
-  ExpertExchange xchg_;
+  RowExchangeCuda rx_;
   PeerExpertsShape max_;
   PeerRounds rounds_;
   int64_t rows_per_;
@@ -290,7 +334,6 @@ class ShardedPeerExpertsCuda final : public PeerExpertsRunnerCuda {
   DeviceBytes mem_;
   ShardedPeerBuffers b_{};
   ShardedPeerTempBytes temp_;
-  ExchangePlan plan_;
   int64_t tokens_ = -1;  // of the last forward
 };
 

@@ -1,12 +1,13 @@
-// Row-sharded PEER experts on the GPU (ShardedPeerExpertsCuda, see expert_parallel.h): the CPU
-// runner's exchange with its lists built on the device. Sender side, per forward:
+// Row-sharded tables on the GPU: RowExchangeCuda, the CPU runner's exchange with its lists built on
+// the device, and ShardedPeerExpertsCuda on top of it (see expert_parallel.h; the PKM value table's
+// runner is pkm_values_parallel_cuda.cu). Sender side, per round:
 //   ent_cnt[o·T + t]  entries of token t whose row owner o holds (one thread per (owner, token))
 //   ent_pos, tok_pos  exclusive scans (cub) of ent_cnt and of its "> 0" flags: owner-major, tokens
 //                     ascending, which is exactly the send order, so the scans are the send slots
 //   bounds            each owner's first slot: to the host, where they size the all_to_all_v
 //   fill              one thread per entry: its slot is ent_pos + the earlier entries of its token with
 //                     the same owner; the first of them also writes the token's slot
-// The owner runs the gated kernels (peer_experts.cu) on what it received; partials come back into
+// The PEER owner runs the gated kernels (peer_experts.cu) on what it received; partials come back into
 // the sender's row buffer and combine() adds each token's partials in owner order. All of it runs
 // once per round (PeerRounds, expert_parallel.h) on the round's slice of the tokens: the buffers hold
 // one round, so the owner side does not grow with the group.
@@ -129,8 +130,90 @@ void sync(cudaStream_t stream) { PL_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 
 }  // namespace
 
+size_t row_exchange_scan_bytes(int64_t n) { return std::max(scan_temp_bytes(n), size_t{1}); }
+
+// ---- RowExchangeCuda -------------------------------------------------------------------------------
+
+void RowExchangeCuda::build(int64_t T, const int32_t* ids, const float* gates, cudaStream_t stream) {
+  const int P = xchg_.group().size();
+  const int hk = static_cast<int>(hk_);
+  const int32_t rows_per = static_cast<int32_t>(rows_per_);
+  const int64_t PT = int64_t{P} * T;
+  owner_counts_kernel<<<grid_for(PT + 1), kThreads, 0, stream>>>(T, hk, P, rows_per, ids, l_.ent_cnt, l_.tok_flag);
+  PL_CUDA_CHECK_LAUNCH(owner_counts_kernel);
+  exclusive_scan(l_.scan_temp, scan_bytes_, l_.ent_cnt, l_.ent_pos, PT + 1, stream);
+  exclusive_scan(l_.scan_temp, scan_bytes_, l_.tok_flag, l_.tok_pos, PT + 1, stream);
+  owner_bounds_kernel<<<1, kWarp, 0, stream>>>(T, P, l_.tok_pos, l_.ent_pos, l_.bounds);
+  PL_CUDA_CHECK_LAUNCH(owner_bounds_kernel);
+  if (T > 0) {
+    fill_send_kernel<<<grid_for(T * hk), kThreads, 0, stream>>>(T, hk, rows_per, ids, gates, l_.ent_cnt, l_.ent_pos,
+                                                                l_.tok_pos, l_.send_token, l_.send_per_token,
+                                                                l_.send_entry, l_.send_rows, l_.send_gates);
+    PL_CUDA_CHECK_LAUNCH(fill_send_kernel);
+  }
+  std::vector<int32_t> bounds(2 * P + 2);
+  PL_CUDA_CHECK(
+      cudaMemcpyAsync(bounds.data(), l_.bounds, bounds.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  sync(stream);  // the send lists are complete too
+  std::vector<int64_t> tok(P), ent(P);
+  for (int o = 0; o < P; ++o) tok[o] = bounds[o + 1] - bounds[o], ent[o] = bounds[P + 2 + o] - bounds[P + 1 + o];
+  plan_ = plan_exchange(xchg_, tok, ent);
+}
+
+void RowExchangeCuda::send_entries(cudaStream_t stream) {
+  xchg_.exchange(l_.send_per_token, plan_.send_tokens, l_.recv_per_token, plan_.recv_tokens, DType::i32);
+  xchg_.exchange(l_.send_rows, plan_.send_entries, l_.recv_rows, plan_.recv_entries, DType::i32);
+  xchg_.exchange(l_.send_gates, plan_.send_entries, l_.recv_gates, plan_.recv_entries, DType::f32);
+  // The owner side: the received counts -> int64 offsets.
+  const int64_t R = plan_.recv_tokens.total();
+  PL_CUDA_CHECK(cudaMemsetAsync(l_.recv_per_token + R, 0, sizeof(int32_t), stream));
+  exclusive_scan(l_.scan_temp, scan_bytes_, l_.recv_per_token, l_.recv_pos, R + 1, stream);
+  widen_kernel<<<grid_for(R + 1), kThreads, 0, stream>>>(R + 1, l_.recv_pos, l_.recv_offsets);
+  PL_CUDA_CHECK_LAUNCH(widen_kernel);
+  int32_t listed = 0;
+  PL_CUDA_CHECK(cudaMemcpyAsync(&listed, l_.recv_pos + R, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  sync(stream);
+  PL_CHECK(listed == plan_.recv_entries.total(), internal, "expert exchange (cuda): ", plan_.recv_entries.total(),
+           " entries announced, ", listed, " listed");
+}
+
+void RowExchangeCuda::gather(int64_t d, const float* src, float* dst, cudaStream_t stream) const {
+  const int64_t S = plan_.send_tokens.total();
+  if (S == 0) return;
+  gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, l_.send_token, src, dst);
+  PL_CUDA_CHECK_LAUNCH(gather_rows_kernel);
+}
+
+void RowExchangeCuda::rows_out(const float* send, float* recv, int64_t d, cudaStream_t stream) {
+  sync(stream);
+  xchg_.send_rows(send, plan_.send_tokens, recv, plan_.recv_tokens, d);
+}
+
+void RowExchangeCuda::rows_back(const float* recv, float* send, int64_t d, cudaStream_t stream) {
+  sync(stream);
+  xchg_.send_rows(recv, plan_.recv_tokens, send, plan_.send_tokens, d);
+}
+
+void RowExchangeCuda::combine(int64_t T, int64_t d, const float* back, float* out, cudaStream_t stream) const {
+  if (T == 0) return;
+  combine_kernel<<<grid_for(T * d), kThreads, 0, stream>>>(T, d, xchg_.group().size(), l_.ent_cnt, l_.tok_pos, back,
+                                                           out);
+  PL_CUDA_CHECK_LAUNCH(combine_kernel);
+}
+
+void RowExchangeCuda::dgates_back(int64_t T, const float* recv_dgates, float* back, float* dgates,
+                                  cudaStream_t stream) {
+  sync(stream);
+  xchg_.exchange(recv_dgates, plan_.recv_entries, back, plan_.send_entries, DType::f32);
+  if (T == 0) return;
+  scatter_dgates_kernel<<<grid_for(T * hk_), kThreads, 0, stream>>>(T * hk_, l_.send_entry, back, dgates);
+  PL_CUDA_CHECK_LAUNCH(scatter_dgates_kernel);
+}
+
+// ---- ShardedPeerExpertsCuda --------------------------------------------------------------------
+
 ShardedPeerExpertsCuda::ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape& max_shape, int64_t round_tokens)
-    : ep_(ep), xchg_(ep), max_(max_shape) {
+    : ep_(ep), rx_(ep, max_shape.heads * max_shape.k, max_shape.n_experts / std::max(ep.size(), 1)), max_(max_shape) {
   validate(max_);
   const int64_t P = ep.size();
   PL_CHECK(P >= 1 && max_.n_experts % P == 0, config, "parallel.expert_parallel = ", P,
@@ -142,9 +225,10 @@ ShardedPeerExpertsCuda::ShardedPeerExpertsCuda(Comm& ep, const PeerExpertsShape&
   const int64_t E = P * round.tokens * max_.heads * max_.k;
   const PeerGatedShape owner{P * round.tokens, max_.dim, rows_per_, max_.act};
   temp_.gated_ws = peer_experts_gated_backward_workspace_bytes(owner, E);
-  temp_.scan = std::max(scan_temp_bytes(P * round.tokens + 1), size_t{1});
+  temp_.scan = row_exchange_scan_bytes(P * round.tokens + 1);
   mem_ = DeviceBytes(carve_sharded_peer(round, static_cast<int>(P), temp_, nullptr, b_));
   carve_sharded_peer(round, static_cast<int>(P), temp_, mem_.get(), b_);
+  rx_.set_lists(b_, temp_.scan);
 }
 
 void ShardedPeerExpertsCuda::check_shape(const PeerExpertsShape& s) const {
@@ -155,80 +239,16 @@ void ShardedPeerExpertsCuda::check_shape(const PeerExpertsShape& s) const {
            ", heads ", max_.heads, ", k ", max_.k, ", N ", max_.n_experts, ")");
 }
 
-void ShardedPeerExpertsCuda::build_send_lists(int64_t T, const int32_t* ids, const float* gates,
-                                              cudaStream_t stream) {
-  const int P = ep_.size();
-  const int hk = static_cast<int>(max_.heads * max_.k);
-  const int32_t rows_per = static_cast<int32_t>(rows_per_);
-  const int64_t PT = int64_t{P} * T;
-  owner_counts_kernel<<<grid_for(PT + 1), kThreads, 0, stream>>>(T, hk, P, rows_per, ids, b_.ent_cnt, b_.tok_flag);
-  PL_CUDA_CHECK_LAUNCH(owner_counts_kernel);
-  exclusive_scan(b_.scan_temp, temp_.scan, b_.ent_cnt, b_.ent_pos, PT + 1, stream);
-  exclusive_scan(b_.scan_temp, temp_.scan, b_.tok_flag, b_.tok_pos, PT + 1, stream);
-  owner_bounds_kernel<<<1, kWarp, 0, stream>>>(T, P, b_.tok_pos, b_.ent_pos, b_.bounds);
-  PL_CUDA_CHECK_LAUNCH(owner_bounds_kernel);
-  if (T > 0) {
-    fill_send_kernel<<<grid_for(T * hk), kThreads, 0, stream>>>(T, hk, rows_per, ids, gates, b_.ent_cnt, b_.ent_pos,
-                                                                b_.tok_pos, b_.send_token, b_.send_per_token,
-                                                                b_.send_entry, b_.send_rows, b_.send_gates);
-    PL_CUDA_CHECK_LAUNCH(fill_send_kernel);
-  }
-  std::vector<int32_t> bounds(2 * P + 2);
-  PL_CUDA_CHECK(cudaMemcpyAsync(bounds.data(), b_.bounds, bounds.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                stream));
-  sync(stream);  // the send lists are complete too
-  std::vector<int64_t> tok(P), ent(P);
-  for (int o = 0; o < P; ++o) tok[o] = bounds[o + 1] - bounds[o], ent[o] = bounds[P + 2 + o] - bounds[P + 1 + o];
-  plan_ = plan_exchange(xchg_, tok, ent);
-}
-
-void ShardedPeerExpertsCuda::received_offsets(cudaStream_t stream) {
-  const int64_t R = plan_.recv_tokens.total();
-  PL_CUDA_CHECK(cudaMemsetAsync(b_.recv_per_token + R, 0, sizeof(int32_t), stream));
-  exclusive_scan(b_.scan_temp, temp_.scan, b_.recv_per_token, b_.recv_pos, R + 1, stream);
-  widen_kernel<<<grid_for(R + 1), kThreads, 0, stream>>>(R + 1, b_.recv_pos, b_.recv_offsets);
-  PL_CUDA_CHECK_LAUNCH(widen_kernel);
-  int32_t listed = 0;
-  PL_CUDA_CHECK(cudaMemcpyAsync(&listed, b_.recv_pos + R, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
-  sync(stream);
-  PL_CHECK(listed == plan_.recv_entries.total(), internal, "expert exchange (cuda): ", plan_.recv_entries.total(),
-           " entries announced, ", listed, " listed");
-}
-
-void ShardedPeerExpertsCuda::rows_out(float* recv, cudaStream_t stream) {
-  sync(stream);
-  xchg_.send_rows(b_.send_buf, plan_.send_tokens, recv, plan_.recv_tokens, max_.dim);
-}
-
-void ShardedPeerExpertsCuda::rows_back(const float* recv, cudaStream_t stream) {
-  sync(stream);
-  xchg_.send_rows(recv, plan_.recv_tokens, b_.send_buf, plan_.send_tokens, max_.dim);
-}
-
-void ShardedPeerExpertsCuda::combine(int64_t T, float* out, cudaStream_t stream) {
-  if (T == 0) return;
-  combine_kernel<<<grid_for(T * max_.dim), kThreads, 0, stream>>>(T, max_.dim, ep_.size(), b_.ent_cnt, b_.tok_pos,
-                                                                  b_.send_buf, out);
-  PL_CUDA_CHECK_LAUNCH(combine_kernel);
-}
-
 void ShardedPeerExpertsCuda::send_round(int64_t T, const float* x, const int32_t* ids, const float* gates,
                                         cudaStream_t stream) {
-  build_send_lists(T, ids, gates, stream);
-  const int64_t S = plan_.send_tokens.total(), d = max_.dim;
-  if (S > 0) {
-    gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, b_.send_token, x, b_.send_buf);
-    PL_CUDA_CHECK_LAUNCH(gather_rows_kernel);
-  }
-  rows_out(b_.recv_x, stream);
-  xchg_.exchange(b_.send_per_token, plan_.send_tokens, b_.recv_per_token, plan_.recv_tokens, DType::i32);
-  xchg_.exchange(b_.send_rows, plan_.send_entries, b_.recv_rows, plan_.recv_entries, DType::i32);
-  xchg_.exchange(b_.send_gates, plan_.send_entries, b_.recv_gates, plan_.recv_entries, DType::f32);
-  received_offsets(stream);
+  rx_.build(T, ids, gates, stream);
+  rx_.gather(max_.dim, x, b_.send_buf, stream);
+  rx_.rows_out(b_.send_buf, b_.recv_x, max_.dim, stream);
+  rx_.send_entries(stream);
 }
 
 void ShardedPeerExpertsCuda::owner_forward(float* out, cudaStream_t stream) {
-  const int64_t R = plan_.recv_tokens.total();
+  const int64_t R = rx_.plan().recv_tokens.total();
   peer_experts_gated_forward_cuda(PeerGatedShape{R, max_.dim, rows_per_, max_.act}, max_.heads * max_.k, b_.recv_x,
                                   b_.recv_offsets, b_.recv_rows, b_.recv_gates, table_, out, b_.recv_pre_act, stream);
 }
@@ -243,8 +263,8 @@ void ShardedPeerExpertsCuda::forward(const PeerExpertsShape& s, const float* x, 
     const int64_t t0 = round_first(T, r), n = round_count(T, r);
     send_round(n, x + t0 * d, ids + t0 * hk, gates + t0 * hk, stream);
     owner_forward(b_.recv_dy, stream);  // the partials (recv_dy is free until backward)
-    rows_back(b_.recv_dy, stream);
-    combine(n, out + t0 * d, stream);
+    rx_.rows_back(b_.recv_dy, b_.send_buf, d, stream);
+    rx_.combine(n, d, b_.send_buf, out + t0 * d, stream);
   }
 }
 
@@ -269,25 +289,19 @@ void ShardedPeerExpertsCuda::backward(const PeerExpertsShape& s, const float* x,
 void ShardedPeerExpertsCuda::backward_round(int64_t T, const float* dy, float* dx, float* dgates,
                                             cudaStream_t stream) {
   const int64_t d = max_.dim, hk = max_.heads * max_.k;
-  const int64_t S = plan_.send_tokens.total(), R = plan_.recv_tokens.total(), E = plan_.recv_entries.total();
-  if (S > 0) {
-    gather_rows_kernel<<<grid_for(S * d), kThreads, 0, stream>>>(S, d, b_.send_token, dy, b_.send_buf);
-    PL_CUDA_CHECK_LAUNCH(gather_rows_kernel);
-  }
-  rows_out(b_.recv_dy, stream);
+  const ExchangePlan& plan = rx_.plan();
+  const int64_t R = plan.recv_tokens.total(), E = plan.recv_entries.total();
+  rx_.gather(d, dy, b_.send_buf, stream);
+  rx_.rows_out(b_.send_buf, b_.recv_dy, d, stream);
   PeerTableGradCuda dtable;
   dtable.form = PeerTableGradForm::dense_accumulate;
   dtable.dense = grad_;
   peer_experts_gated_backward_cuda(PeerGatedShape{R, d, rows_per_, max_.act}, hk, E, b_.recv_x, b_.recv_offsets,
                                    b_.recv_rows, b_.recv_gates, b_.recv_pre_act, table_, b_.recv_dy, b_.dx_partial,
                                    b_.recv_dgates, dtable, b_.gated_ws, temp_.gated_ws, stream);
-  rows_back(b_.dx_partial, stream);
-  combine(T, dx, stream);
-  xchg_.exchange(b_.recv_dgates, plan_.recv_entries, b_.back_dgates, plan_.send_entries, DType::f32);
-  if (T > 0) {
-    scatter_dgates_kernel<<<grid_for(T * hk), kThreads, 0, stream>>>(T * hk, b_.send_entry, b_.back_dgates, dgates);
-    PL_CUDA_CHECK_LAUNCH(scatter_dgates_kernel);
-  }
+  rx_.rows_back(b_.dx_partial, b_.send_buf, d, stream);
+  rx_.combine(T, d, b_.send_buf, dx, stream);
+  rx_.dgates_back(T, b_.recv_dgates, b_.back_dgates, dgates, stream);
 }
 
 }  // namespace peerless

@@ -99,6 +99,20 @@ void ShardedPkmValues::backward(const PkmValuesShape& s, const float* dy, float*
   for (size_t i = 0; i < back.size(); ++i) dgates[xr_.entry[i]] = back[i];
 }
 
+size_t carve_sharded_pkm(const PkmValuesShape& m, int shards, size_t bag_ws, size_t scan, void* base,
+                         ShardedPkmBuffers& b) {
+  const int64_t P = shards, T = m.tokens, d = m.dim, hk = m.heads * m.k;
+  const int64_t S = T * std::min(P, hk), R = P * T, E = R * hk;
+  Carve c(base);
+  carve_row_lists(c, T, shards, hk, scan, b);
+  b.back_dgates = c.take<float>(T * hk);
+  b.send_buf = c.take<float>(S * d);
+  b.recv_dy = c.take<float>(R * d);
+  b.recv_dgates = c.take<float>(E);
+  b.bag_ws = c.take_bytes(bag_ws);
+  return c.used();
+}
+
 void ShardedPkmValues::mark_rows(uint8_t* touched) const {
   for (int32_t r : recv_.rows) touched[r] = 1;
 }

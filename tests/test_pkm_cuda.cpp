@@ -141,6 +141,69 @@ TEST_F(Cuda, pkm_values_forward_backward_match_cpu_and_are_deterministic) {
   }
 }
 
+// The ragged form (a sharded table's owner side, pkm_values_parallel.h): each token's entries split
+// between two owners as the sharded exchange splits them (rows below N/2, the rest), every (owner,
+// token) pair with entries becoming one ragged token of 1..h·k entries (owner-major). Forward and the
+// dense value gradient against plain loops in entry order (the same fmaf chains: bit-identical);
+// dgates against the CPU's dot (2e-5 norm-wise, the warp butterfly's order, as above).
+TEST_F(Cuda, pkm_values_ragged_form_matches_plain_loops_in_entry_order) {
+  const PkmValuesShape cases[] = {{37, 64, 2, 4, 96}, {19, 37, 3, 5, 50}, {64, 256, 4, 8, 4096}, {0, 16, 2, 2, 8}};
+  for (const PkmValuesShape& s : cases) {
+    const std::string name =
+        case_name({{"tokens", s.tokens}, {"dim", s.dim}, {"heads", s.heads}, {"k", s.k}, {"rows", s.n_rows}});
+    SCOPED_TRACE(name);
+    const int64_t T = s.tokens, d = s.dim, hk = s.heads * s.k, N = s.n_rows;
+    std::vector<float> gates = normal_f(rng(), T * hk, 0.3, 0.2), values = normal_f(rng(), N * d);
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(N - 1));
+    std::vector<int32_t> ids(T * hk);
+    for (auto& id : ids) id = pick(rng());
+    // The ragged lists: per (owner, token) pair with entries, its entries in (head, j) order.
+    std::vector<int64_t> offsets = {0};
+    std::vector<int32_t> rows;
+    std::vector<float> rgates;
+    for (int owner = 0; owner < 2; ++owner)
+      for (int64_t t = 0; t < T; ++t) {
+        const size_t before = rows.size();
+        for (int64_t e = 0; e < hk; ++e)
+          if ((ids[t * hk + e] >= N / 2) == (owner == 1))
+            rows.push_back(ids[t * hk + e]), rgates.push_back(gates[t * hk + e]);
+        if (rows.size() > before) offsets.push_back(static_cast<int64_t>(rows.size()));
+      }
+    const int64_t R = static_cast<int64_t>(offsets.size()) - 1, E = static_cast<int64_t>(rows.size());
+    const std::vector<float> dy = normal_f(rng(), R * d), dense0 = normal_f(rng(), N * d);
+    // Plain loops in entry order.
+    std::vector<float> out_cpu(R * d, 0.f), dg_cpu(E), dense_cpu = dense0;
+    std::vector<int64_t> token_of(E);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t e = offsets[r]; e < offsets[r + 1]; ++e) {
+        token_of[e] = r;
+        dg_cpu[e] = pkm_value_dot_cpu(d, values.data() + int64_t{rows[e]} * d, dy.data() + r * d);
+        for (int64_t c = 0; c < d; ++c)
+          out_cpu[r * d + c] = std::fma(rgates[e], values[int64_t{rows[e]} * d + c], out_cpu[r * d + c]);
+      }
+    PeerSparseGrad<float> dv_cpu;
+    pkm_values_grad_cpu(E, d, rows.data(), rgates.data(), token_of.data(), dy.data(), dv_cpu);
+    peer_sparse_grad_scatter_add_cpu(dv_cpu, dense_cpu.data());
+
+    const PkmBagShape bs{R, d, N, hk};
+    Guarded<float> d_gates(rgates), d_values(values), d_dy(dy);
+    Guarded<int32_t> d_rows(rows);
+    Guarded<int64_t> d_off(offsets);
+    const size_t ws_bytes = pkm_values_bag_backward_workspace_bytes(PkmBagShape{R, d, N, hk}, E);
+    DeviceBytes ws(std::max<size_t>(ws_bytes, 1));
+    Guarded<float> d_out(R * d), d_dg(E), d_dense(dense0);
+    pkm_values_bag_forward_cuda(bs, d_off.get(), d_rows.get(), d_gates.get(), d_values.get(), d_out.get(), stream());
+    PeerTableGradCuda dense;
+    dense.form = PeerTableGradForm::dense_accumulate;
+    dense.dense = d_dense.get();
+    pkm_values_bag_backward_cuda(bs, E, d_off.get(), d_rows.get(), d_gates.get(), d_values.get(), d_dy.get(),
+                                 d_dg.get(), dense, ws.get(), ws_bytes, stream());
+    expect_identical(d_out.download("out"), out_cpu, "ragged out " + name);
+    expect_close(d_dg.download("dgates"), dg_cpu, 2e-5, "ragged dgates " + name);
+    expect_identical(d_dense.download("dense"), dense_cpu, "ragged dense value grad " + name);
+  }
+}
+
 // ---- the layer: query half + value bag ---------------------------------------------------------
 
 struct LayerCase {

@@ -2,8 +2,9 @@
 // mode (runtime/memory.h). Runs on machines without a GPU: in a CUDA build the figure is the
 // device_bytes() of a CudaModel built in counting mode, activations grow with the micro-batch, and
 // sharding a PEER table over two ranks halves its parameter, gradient, moment and code bytes, and its
-// exchange buffers stop growing with the expert group once it runs in rounds; in a build without
-// CUDA the planner says it needs one.
+// exchange buffers stop growing with the expert group once it runs in rounds (so do MoE experts and
+// the PKM value table, whose owner sides count as experts); in a build without CUDA the planner says
+// it needs one.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -151,6 +152,36 @@ TEST(PlanDevice, sharding_moe_experts_over_two_ranks_halves_their_state) {
     EXPECT_GT(two.figure, 0);
     EXPECT_GT(two.bytes(DeviceUse::staging), 0);  // the data-parallel side
   }
+}
+
+// The PKM value table sharded by rows over two ranks on cuda (pkm_cuda.cu, ShardedPkmValuesCuda):
+// the GPU model builds (it refused before), half of the table's rows leave the state with their
+// gradients and moments (16 B each; 17 with a code), and the owner side of the exchange (its lists,
+// received dy rows, entry lists and the ragged bag's workspace) adds expert buffers. Asked for
+// explicitly: on cuda the default parallel.expert_parallel = 0 keeps the table whole.
+TEST(PlanDevice, sharding_the_pkm_value_table_over_two_ranks_halves_its_state) {
+  const RunConfig cfg = tiny({"model.peer_blocks=", "model.channel_mixer=pkm", "model.pkm_n_sub=16",
+                              "model.pkm_heads=2", "model.pkm_topk=4", "model.pkm_key_dim=16"});
+  const DeviceMemoryPlan one = plan_device_memory(cfg, 1, 1), two = plan_device_memory(cfg, 2, 2);
+  const DeviceMemoryPlan whole = plan_device_memory(cfg, 2, 0);  // default: not sharded on cuda
+  const Model model(cfg.model);
+  int64_t values = 0, tensors = 0;
+  for (const ParamInfo& p : model.layout().entries())
+    if (p.name.find("pkm/values") != std::string::npos) values += p.numel, ++tensors;
+  ASSERT_EQ(values, 2 * 256 * 64);  // both blocks' channel mixers: N = 16² rows of d 64
+  const int64_t diff = one.bytes(DeviceUse::state) - two.bytes(DeviceUse::state);
+  // Each tensor's offset is aligned to 16 elements: up to 15 more or fewer elements per tensor.
+  EXPECT_GE(diff, 16 * values / 2 - 17 * 16 * tensors)
+      << "one rank " << one.bytes(DeviceUse::state) << ", two shards " << two.bytes(DeviceUse::state);
+  EXPECT_LE(diff, 17 * values / 2 + 17 * 16 * tensors)
+      << "one rank " << one.bytes(DeviceUse::state) << ", two shards " << two.bytes(DeviceUse::state);
+  EXPECT_EQ(whole.bytes(DeviceUse::state), one.bytes(DeviceUse::state));
+  // The exchange's owner side, per layer: at least the received dy rows of both ranks' tokens (2·128
+  // tokens x 64 floats) and their entry lists (2·128·8 entries of row, gate and dgate), counted as experts.
+  const int64_t tokens = 4 * 32;
+  EXPECT_GE(two.bytes(DeviceUse::experts) - one.bytes(DeviceUse::experts),
+            2 * (2 * tokens * 64 * 4 + 2 * tokens * 8 * 12));
+  EXPECT_GT(two.figure, 0);
 }
 
 TEST(PlanDevice, zero1_keeps_a_slice_of_the_moments_and_stages_buckets) {

@@ -7,13 +7,18 @@
 // blends the batch's into buffers of this module with momentum 1, the backward adds them into the
 // statistics' gradient slots, CudaModel::update_buffers makes the running statistics from them; a
 // forward alone (evaluation) normalises with the running statistics.
-// The value table is whole: parallel.expert_parallel > 1 with a pkm block is a config error of
-// CudaModel::check_supported (the sharded value exchange, model/pkm_values_parallel.h, is CPU-only).
+// With the value table sharded by rows over the expert group (parallel.expert_parallel > 1,
+// Model::experts_sharded()) the bag runs through ShardedPkmValuesCuda (model/pkm_values_parallel.h):
+// each entry (local row, gate) goes to the rank owning its row, which returns one partial row per
+// (token, owner) in the forward and each entry's dgate in the backward, and dense-accumulates its rows'
+// gradient into its slice of the flat gradient (each row's entries in (sender rank, token) order).
+// The query half stays replicated, as on the CPU.
 #include "model/cuda_module.h"
 #include "model/modules/pkm_mixer.h"
 #include "model/ops/peer_layer.h"
 #include "model/ops/pkm_values.h"
 #include "model/ops/rmsnorm.h"
+#include "model/pkm_values_parallel.h"
 
 namespace peerless {
 
@@ -66,10 +71,16 @@ class PkmCuda final : public CudaModule {
     }
     for (int slot : {s_xn, s_out, s_dxn}) g.reserve(slot, sizeof(float) * M * d_);
     for (int slot : {s_dgates, s_dscores}) g.reserve(slot, sizeof(float) * E);
-    g.reserve(s_values_ws, static_cast<int64_t>(pkm_values_backward_workspace_bytes(values_shape(ps))));
     const DeviceUseScope use(DeviceUse::experts);
     query_ = std::make_unique<PeerLayerCuda>(ps, PeerLayerParts::query);
     g.bytes += static_cast<int64_t>(query_->device_bytes());
+    if (g.host.experts_sharded()) {  // the owner side and the exchange's lists, planned as the experts'
+      PL_CHECK(g.host.expert_comm() != nullptr, internal, "a sharded PKM model needs set_expert_comm()");
+      shard_ = std::make_unique<ShardedPkmValuesCuda>(*g.host.expert_comm(), values_shape(ps), b.peer_round_tokens);
+      g.bytes += static_cast<int64_t>(shard_->device_bytes());
+    } else {
+      g.reserve(s_values_ws, static_cast<int64_t>(pkm_values_backward_workspace_bytes(values_shape(ps))));
+    }
   }
 
   void forward(CudaContext& g, const CudaStep& s, const float* x_in, float* x_out) override {
@@ -82,7 +93,12 @@ class PkmCuda final : public CudaModule {
       peer_query_forward_cuda(ps, PeerNormMode::train, params(g, mean_.get(), var_.get()), xn, *query_, g.stream);
     else
       peer_query_forward_cuda(ps, PeerNormMode::eval, params(g, g.P(p_.mean), g.P(p_.var)), xn, *query_, g.stream);
-    pkm_values_forward_cuda(values_shape(ps), query_->ids, query_->gates, g.P(p_.values), out, g.stream);
+    if (shard_) {
+      shard_->set_values(g.P(p_.values), g.G(p_.values));
+      shard_->forward(values_shape(ps), query_->ids, query_->gates, out, g.stream);
+    } else {
+      pkm_values_forward_cuda(values_shape(ps), query_->ids, query_->gates, g.P(p_.values), out, g.stream);
+    }
     g.tick(ph_peer_layer);
     add2_cuda(x_out, x_in, out, M * d_, g.stream);
   }
@@ -95,13 +111,7 @@ class PkmCuda final : public CudaModule {
     rmsnorm_forward_cuda(nd, x_in, g.P(p_.norm), xn, rstd_.get(), g.stream);  // xn recomputed
     g.tick(ph_other);
     const PeerLayerShape ps = shape(M);
-    const PkmValuesShape vs = values_shape(ps);
-    PeerTableGradCuda dvalues;
-    dvalues.form = PeerTableGradForm::dense_accumulate;
-    dvalues.dense = g.G(p_.values);
-    const size_t ws_bytes = pkm_values_backward_workspace_bytes(vs);
-    pkm_values_backward_cuda(vs, query_->ids, query_->gates, g.P(p_.values), dx, dgates, dvalues,
-                             g.scratch<char>(s_values_ws), ws_bytes, g.stream);
+    values_backward(g, values_shape(ps), dx, dgates);
     peer_softmax_gates_backward_cuda(M * ps.heads, ps.k, query_->gates, dgates, dscores, g.stream);
     // The output depends on the normed input through the query only.
     PL_CUDA_CHECK(cudaMemsetAsync(dxn, 0, sizeof(float) * M * d_, g.stream));
@@ -119,6 +129,20 @@ class PkmCuda final : public CudaModule {
   }
 
  private:
+  // dgates and the value gradient (dense-accumulated into the flat gradient: the whole table's, or
+  // this rank's rows through the exchange) from dy, the block output's gradient.
+  void values_backward(CudaContext& g, const PkmValuesShape& vs, const float* dy, float* dgates) {
+    if (shard_) {
+      shard_->backward(vs, query_->ids, query_->gates, dy, dgates, g.stream);
+      return;
+    }
+    PeerTableGradCuda dvalues;
+    dvalues.form = PeerTableGradForm::dense_accumulate;
+    dvalues.dense = g.G(p_.values);
+    const size_t ws_bytes = pkm_values_backward_workspace_bytes(vs);
+    pkm_values_backward_cuda(vs, query_->ids, query_->gates, g.P(p_.values), dy, dgates, dvalues,
+                             g.scratch<char>(s_values_ws), ws_bytes, g.stream);
+  }
   // The query's shape at M tokens; momentum 1 (see the top of this file).
   PeerLayerShape shape(int64_t M) const {
     PeerLayerShape ps = pkm_module_shape(module_, M);
@@ -142,6 +166,7 @@ class PkmCuda final : public CudaModule {
   const PkmParams p_;
   const int64_t d_;
   std::unique_ptr<PeerLayerCuda> query_;
+  std::unique_ptr<ShardedPkmValuesCuda> shard_;  // sharded value table only
   DevBuf<float> rstd_, mean_, var_;
 };
 

@@ -293,6 +293,17 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Carve (model/ops/carve.h) sizes and hands out every workspace below.
 
+// The entries of token t: [t·hk, (t+1)·hk) in the dense form (offsets null), [offsets[t],
+// offsets[t+1]) in the gated, ragged form (at most hk of them; peer_experts.cu, pkm_values.cu).
+struct TokenEntries {
+  int64_t beg;
+  int n;
+};
+__device__ __forceinline__ TokenEntries token_entries(const int64_t* offsets, int64_t t, int hk) {
+  if (!offsets) return {t * hk, hk};
+  return {offsets[t], static_cast<int>(offsets[t + 1] - offsets[t])};
+}
+
 // Bits needed to hold every row index in [0, n_rows).
 inline int row_bits(int64_t n_rows) {
   int b = 1;

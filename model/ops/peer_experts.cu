@@ -62,17 +62,6 @@ unsigned int group_blocks(int64_t groups) {
   return static_cast<unsigned int>(std::clamp<int64_t>(b, 1, 65535));
 }
 
-// The entries of token t: [t·hk, (t+1)·hk) in the dense form (offsets null), [offsets[t],
-// offsets[t+1]) in the gated, ragged form (at most hk of them).
-struct TokenEntries {
-  int64_t beg;
-  int n;
-};
-__device__ __forceinline__ TokenEntries token_entries(const int64_t* offsets, int64_t t, int hk) {
-  if (!offsets) return {t * hk, hk};
-  return {offsets[t], static_cast<int>(offsets[t + 1] - offsets[t])};
-}
-
 // Block per token. Shared: x (d), w (hk), ids (hk). offsets: see token_entries. Rows: F32Rows,
 // TernaryRows or PackedTernaryRows (peer_cuda_detail.cuh), the one difference between the table forms.
 template <int V, typename Rows>

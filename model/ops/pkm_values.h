@@ -68,4 +68,27 @@ void pkm_values_backward_cuda(const PkmValuesShape& s, const int32_t* ids, const
                               const float* dy, float* dgates, const PeerTableGradCuda& dvalues, void* workspace,
                               size_t workspace_bytes, cudaStream_t stream);
 
+// The ragged form (the owners of a sharded value table on the GPU, model/pkm_values_parallel.h):
+// received token r has the entries [offsets[r], offsets[r+1]) (offsets: tokens + 1 on the device,
+// offsets[0] = 0), at most max_entries of them (it sizes the shared memory, like heads·k), each a
+// local row in [0, n_rows) and a gate. The dense form's kernels with each token's entry range read
+// from offsets, so a token's sum, dgates and each row's gradient are the same floats as the dense
+// form gives for the same entries in the same order.
+struct PkmBagShape {
+  int64_t tokens = 0;
+  int64_t dim = 0;
+  int64_t n_rows = 1;       // rows of the (local) table
+  int64_t max_entries = 1;  // per token
+};
+// out (tokens, d) overwritten: out_r = Σ over its entries, in order, of g·V[row].
+void pkm_values_bag_forward_cuda(const PkmBagShape& s, const int64_t* offsets, const int32_t* rows, const float* gates,
+                                 const float* values, float* out, cudaStream_t stream);
+size_t pkm_values_bag_backward_workspace_bytes(const PkmBagShape& s, int64_t entries);
+// dy (tokens, d) -> dgates (entries) overwritten, the value gradient of the rows listed as `dvalues`
+// says (dense_accumulate into the local (n_rows, d) gradient: each row's entries summed in entry order).
+void pkm_values_bag_backward_cuda(const PkmBagShape& s, int64_t entries, const int64_t* offsets, const int32_t* rows,
+                                  const float* gates, const float* values, const float* dy, float* dgates,
+                                  const PeerTableGradCuda& dvalues, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream);
+
 }  // namespace peerless
