@@ -10,9 +10,14 @@
 #            ternary tables; --gemm tf32x3 | tf32 | bf16), bench ops                               ~3 min
 #   train    the reference 370M and PEER-pytorch (bench/anchors.py, needs .anchors carried), then
 #            bench train 370M at batch 8 and 16 for run.forward_gemm x run.recompute              ~6 min
-#   large    the reference and bench train at 1.3B (batch 8) and 2.7B (batch 4), fused GEMM,
-#            recompute none / all (needs .anchors)                                                ~7 min
-#   learn    Tiny Shakespeare PEER model, 600 steps, model.peer_gemm tf32x3 against tf32 and bf16 ~3 min
+#   large    the reference and bench train at 1.3B (batch 8) and 2.7B (batch 4), the default
+#            GEMMs and activation plan (needs .anchors)                                           ~5 min
+#   learn    Tiny Shakespeare PEER model, 600 steps: fp32 tables on tf32x3 GEMMs (the default)
+#            against ternary tables on tf32x3 and on tf32                                          ~2 min
+#   verify   ctest -L gpu over what changed since the last full pass (-R "$VERIFY", default the
+#            expert-sharding and PEER tests)                                                     ~1.5 min
+#   baselines  Transformer++ and MatMul-free 370M, batch 8 and 16, one after the other (issue 15) ~1.5 min
+#   peer     PEER-pytorch, then bench peer-layer with ternary tables (packed, int8) on tf32 GEMMs  ~1.5 min
 # Needs $B (gpu_prebuilt.sh sets it: build-sm90/bin).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
@@ -71,28 +76,46 @@ large() {
     timeout 150 python3 bench/anchors.py mmfreelm --config configs/$1.toml --batch $2 --seq 2048 2>&1 \
       | tee "$OUT/anchor_$1.txt" | grep -v '^{' | grep -v transformers | tail -3
   done
-  for r in none all; do
-    bench_train "1.3b_$r" configs/mmf-1.3b.toml 8 --forward-gemm fused --set run.recompute=$r
-    bench_train "2.7b_$r" configs/mmf-2.7b.toml 4 --forward-gemm fused --set run.recompute=$r
-  done
+  bench_train 1.3b configs/mmf-1.3b.toml 8
+  bench_train 2.7b configs/mmf-2.7b.toml 4
 }
 
-learn() {
+learn() {  # fp32 tables on tf32x3 GEMMs (the verified default) against ternary tables on tf32x3 and tf32
   local data=runs/data/default-byte.h5
   [[ -f $data ]] || $B/peerless prepare --default --tokenizer byte --out $data > "$OUT/prepare.txt" 2>&1
-  for g in tf32x3 tf32 bf16; do
-    timeout 150 $B/peerless train configs/shakespeare-peer.toml --overwrite --set run.device=cuda \
-      --set run.name=peer_gemm_$g --set model.peer_gemm=$g --set train.max_steps=600 --set train.eval_every=200 \
-      > "$OUT/learn_$g.txt" 2>&1
-    echo "== model.peer_gemm = $g"; grep -E "val_loss|val loss|tokens/s" "$OUT/learn_$g.txt" | tail -4
-    cp runs/peer_gemm_$g/metrics.jsonl "$OUT/learn_$g.metrics.jsonl" 2>/dev/null
+  for tg in "false tf32x3" "true tf32x3" "true tf32"; do
+    set -- $tg
+    local name=peer_t$1_$2
+    timeout 100 $B/peerless train configs/shakespeare-peer.toml --overwrite --set run.device=cuda \
+      --set run.name=$name --set model.peer_ternary=$1 --set model.peer_gemm=$2 --set train.max_steps=600 \
+      --set train.eval_every=200 > "$OUT/learn_$name.txt" 2>&1
+    echo "== model.peer_ternary = $1, model.peer_gemm = $2"; grep -E "val_loss|val loss|tokens/s" "$OUT/learn_$name.txt" | tail -4
+    cp runs/$name/metrics.jsonl "$OUT/learn_$name.metrics.jsonl" 2>/dev/null
   done
 }
 
-(($# > 0)) || { sed -n 2,17p "$0"; exit 1; }
+verify() {
+  local re="${VERIFY:-peer|pkm|moe|expert|shard}"
+  (cd build-sm90 && timeout 300 ctest -L gpu -R "$re" -j 4 --timeout 240 --output-on-failure > "$OUT/ctest_verify.log" 2>&1)
+  grep -E "tests passed|Failed|\*\*\*|Total Test" "$OUT/ctest_verify.log" | head -20
+}
+
+baselines() {
+  for c in tpp-370m mmf-370m; do bench_train "$c" configs/$c.toml 8,16; done
+}
+
+peer() {
+  timeout 100 python3 bench/anchors.py peer --batch 4 --seq 2048 2>&1 | tee "$OUT/anchor_peer.txt" | grep -v '^{' | tail -3
+  for t in ternary ternary-int8; do
+    timeout 60 $B/peerless bench peer-layer --$t --tokens 8192 --table-grad sparse --gemm tf32 > "$OUT/peer_${t}_tf32.txt" 2>&1
+    echo "--$t --gemm tf32:"; grep -E "tokens/s|experts (for|back)" "$OUT/peer_${t}_tf32.txt"
+  done
+}
+
+(($# > 0)) || { sed -n 2,20p "$0"; exit 1; }
 for part in "$@"; do
   case $part in
-    tests | kernels | train | large | learn) echo "#### $part"; $part ;;
-    *) echo "unknown part '$part' (tests, kernels, train, large, learn)"; exit 1 ;;
+    tests | kernels | train | large | learn | verify | baselines | peer) echo "#### $part"; $part ;;
+    *) echo "unknown part '$part' (tests, kernels, train, large, learn, verify, baselines, peer)"; exit 1 ;;
   esac
 done
