@@ -18,10 +18,12 @@
 // gives several times that) keeps it compute-bound. Not overlapped (one block per SM): the prologue
 // (~1 µs until the first stage lands) and the epilogue (the 128 × 256 outputs: 64 KB in bf16, 128 KB
 // in fp32, + 128 KB read with a residual, at ~25 GB/s per SM: 2.6, 5 and 10 µs) against a main loop of
-// 5.4 µs (K 1024) or 15 µs (K 2816). Hence, at M = 32768: i/f/g (bf16, K 1024) ~0.08 ms (~850 TOP/s),
-// gate+up ~0.45 ms (~850), o (fp32 + residual, K 1024) ~0.13 ms (~520: the residual read and the fp32
-// store dominate), down (K 2816) ~0.17 ms (~1100); 128-wide tiles 10-20% slower (twice the A traffic
-// per product, the same epilogue share).
+// 5.4 µs (K 1024) or 15 µs (K 2816), ~6 and ~17 µs at a realistic 88% of the issue rate: ~9.5 µs a
+// block for i/f/g, ~17 for o, ~28 for down, in 8 rounds of 132 blocks (1024 blocks at N 1024), 43 for
+// gate+up. Hence, at M = 32768: i/f/g (bf16, K 1024) ~0.08 ms (~850 TOP/s), gate+up ~0.43 ms (~880),
+// o (fp32 + residual, K 1024) ~0.14 ms (~500: the residual read and the fp32 store dominate), down
+// (K 2816, fp32 + residual) ~0.22 ms (~850); 128-wide tiles 10-25% slower (twice the blocks, each
+// with its own prologue and epilogue, and twice the A traffic per product).
 //
 //   bench_gemm_cuda [--reps N] [--tokens 16384,32768] [--fused-only]
 #include <cublasLt.h>
