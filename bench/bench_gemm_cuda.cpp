@@ -208,8 +208,8 @@ void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, co
       "total", static_cast<long long>(tokens), kBlocks * top_block, kBlocks * sum[0], kBlocks * sum[1],
       kBlocks * sum[2], kBlocks * sum[3], sum[0] / sum[3]);
   if (hopper)
-    std::printf("%-8s %6lld  24 blocks: wgmma 128 %.2f ms, wgmma 256 %.2f ms\n", "total", static_cast<long long>(tokens),
-                kBlocks * sum[4], kBlocks * sum[5]);
+    std::printf("%-8s %6lld  24 blocks: wgmma 128 %.2f ms, wgmma 256 %.2f ms\n", "total",
+                static_cast<long long>(tokens), kBlocks * sum[4], kBlocks * sum[5]);
 }
 
 int run(int argc, char** argv) {

@@ -1,15 +1,14 @@
 // The fused int8 BitLinear forward (model/ops/gemm_fused.cu, bitlinear_matmul_fused_cuda) and its Hopper
 // wgmma form (model/ops/gemm_wgmma.cu, bitlinear_matmul_wgmma_cuda; skipped off compute capability 9.0
-// or in builds without sm_90a code) against the CPU's arithmetic and the cuBLASLt path it can replace (bitlinear_matmul_cuda /
-// bitlinear_matmul_residual_cuda): bit for bit, in fp32, bf16 and fp32 + residual (also in place),
-// on random codes. Shapes: ragged M (1, 7, 129, 515: partial M tiles), N and K multiples of 16 that
-// are not multiples of the 128 × 64 tile (partial N tiles, a partial last K step), the model's six
-// forward products at a small M, and the extremes (a row of −128 codes against a row of −1 weights:
-// |acc| = 128·K; a NaN scale, a 1e-5 scale). Guards around every output catch writes past the edges.
-// Exact integer sums then the same fp32 operations leave nothing to tolerate: every comparison is
-// bit for bit (any NaN equals any NaN). Last, the switch in the model (CudaModelOptions::forward_gemm):
-// training steps with each kernel are bit-identical to the cuBLASLt path's.
-// These tests need a GPU: labelled `gpu` by CMake (tests/test_*_cuda.cpp); without one they fail.
+// or in builds without sm_90a code) against the CPU's arithmetic and the cuBLASLt path it can replace
+// (bitlinear_matmul_cuda / bitlinear_matmul_residual_cuda): bit for bit, in fp32, bf16 and fp32 + residual (also in
+// place), on random codes. Shapes: ragged M (1, 7, 129, 515: partial M tiles), N and K multiples of 16 that are not
+// multiples of the 128 × 64 tile (partial N tiles, a partial last K step), the model's six forward products at a small
+// M, and the extremes (a row of −128 codes against a row of −1 weights: |acc| = 128·K; a NaN scale, a 1e-5 scale).
+// Guards around every output catch writes past the edges. Exact integer sums then the same fp32 operations leave
+// nothing to tolerate: every comparison is bit for bit (any NaN equals any NaN). Last, the switch in the model
+// (CudaModelOptions::forward_gemm): training steps with each kernel are bit-identical to the cuBLASLt path's. These
+// tests need a GPU: labelled `gpu` by CMake (tests/test_*_cuda.cpp); without one they fail.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -179,7 +178,8 @@ TEST_F(Cuda, bitlinear_matmul_wgmma_exact) {
     SCOPED_TRACE(p.name());
     check_fused(blas, p, beta, stream(), Kernel::wgmma);
   }
-  for (const Case c : {Case{515, 1024, 1024}, Case{515, 5632, 1024}, Case{515, 1024, 2816}}) {  // i/f/g/o, gate+up, down
+  for (const Case c :
+       {Case{515, 1024, 1024}, Case{515, 5632, 1024}, Case{515, 1024, 2816}}) {  // i/f/g/o, gate+up, down
     const Problem p(rng(), c.M, c.N, c.K, beta);
     SCOPED_TRACE("model shape " + p.name());
     check_fused(blas, p, beta, stream(), Kernel::wgmma);
@@ -293,7 +293,9 @@ void expect_training_identical(std::mt19937_64& rng, ForwardGemm other, const ch
   expect_identical(fu.params, lt.params, std::string("parameters after 3 steps, ") + other_name);
 }
 
-TEST_F(Cuda, forward_gemm_switch_bit_identical_training) { expect_training_identical(rng(), ForwardGemm::fused, "fused"); }
+TEST_F(Cuda, forward_gemm_switch_bit_identical_training) {
+  expect_training_identical(rng(), ForwardGemm::fused, "fused");
+}
 
 // The same with run.forward_gemm = wgmma (every product on the Hopper kernel; off Hopper it would take
 // the fused kernel, which the test above covers).

@@ -126,8 +126,8 @@ void bitlinear_matmul_wgmma_cuda(int64_t M, int64_t N, int64_t K, const int8_t* 
 // Whether this build has the kernel and the current device can run it.
 bool bitlinear_wgmma_device();
 // Whether bitlinear_matmul_wgmma_cuda takes this call: bitlinear_fused_supported and the device.
-bool bitlinear_wgmma_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes,
-                               const void* y, const void* residual);
+bool bitlinear_wgmma_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
+                               const void* residual);
 // The tile FusedTile::automatic takes for an (M, N) product on the wgmma kernel.
 FusedTile wgmma_tile_for(int64_t M, int64_t N);
 

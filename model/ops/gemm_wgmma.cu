@@ -183,8 +183,8 @@ CUtensorMap tensor_map(const int8_t* ptr, int64_t rows, int64_t K, int box_rows)
   const CUresult rc = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(ptr), dims, strides, box,
                                   unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  PL_CHECK(rc == CUDA_SUCCESS, internal, "bitlinear_matmul_wgmma_cuda: cuTensorMapEncodeTiled failed (", static_cast<int>(rc),
-           ") for rows=", rows, " K=", K);
+  PL_CHECK(rc == CUDA_SUCCESS, internal, "bitlinear_matmul_wgmma_cuda: cuTensorMapEncodeTiled failed (",
+           static_cast<int>(rc), ") for rows=", rows, " K=", K);
   return map;
 }
 
@@ -208,8 +208,8 @@ bool bitlinear_wgmma_device() {
   return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
 }
 
-bool bitlinear_wgmma_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes,
-                               const void* y, const void* residual) {
+bool bitlinear_wgmma_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
+                               const void* residual) {
   return bitlinear_fused_supported(M, N, K, a_codes, w_codes, y, residual) && bitlinear_wgmma_device();
 }
 
@@ -224,8 +224,9 @@ void bitlinear_matmul_wgmma_cuda(int64_t M, int64_t N, int64_t K, const int8_t* 
   PL_CHECK(M <= kMaxGridY * kBM, internal, "bitlinear_matmul_wgmma_cuda: M=", M, " exceeds ", kMaxGridY * kBM,
            " rows (grid limit)");
   PL_CHECK(!residual || out == GemmOut::f32, internal, "bitlinear_matmul_wgmma_cuda: a residual needs an fp32 output");
-  PL_CHECK(bitlinear_wgmma_device(), config,
-           "bitlinear_matmul_wgmma_cuda: needs a compute-capability 9.0 GPU (H100/H200); use bitlinear_matmul_fused_cuda");
+  PL_CHECK(
+      bitlinear_wgmma_device(), config,
+      "bitlinear_matmul_wgmma_cuda: needs a compute-capability 9.0 GPU (H100/H200); use bitlinear_matmul_fused_cuda");
   if (M == 0) return;
   PL_CHECK(a_codes && w_codes && a_scale && y, internal, "bitlinear_matmul_wgmma_cuda: null pointer");
   PL_CHECK(bitlinear_fused_supported(M, N, K, a_codes, w_codes, y, residual), internal,
