@@ -103,8 +103,9 @@ void check_fused(BlasLt& blas, const Problem& p, float beta, cudaStream_t stream
     Guarded<float> d_y(M * N), d_res(p.res);
     Guarded<uint16_t> d_yb(M * N);
     ASSERT_TRUE(bitlinear_fused_supported(M, N, K, d_a.get(), d_w.get(), d_y.get(), d_res.get())) << name;
-    if (kernel == Kernel::wgmma)
+    if (kernel == Kernel::wgmma) {
       ASSERT_TRUE(bitlinear_wgmma_supported(M, N, K, d_a.get(), d_w.get(), d_y.get(), d_res.get())) << name;
+    }
 
     run_kernel(kernel, M, N, K, d_a.get(), d_w.get(), d_scale.get(), beta, GemmOut::f32, d_y.get(), nullptr, stream,
                tile);
@@ -200,10 +201,11 @@ TEST_F(Cuda, bitlinear_matmul_wgmma_refusals) {
   EXPECT_THROW(bitlinear_matmul_wgmma_cuda(8, 16, 64, d_a.get(), d_w.get(), d_scale.get(), 1.0f, GemmOut::bf16,
                                            d_y.get(), d_y.get(), stream()),
                Error);  // a residual with a bf16 output
-  if (!bitlinear_wgmma_device())
+  if (!bitlinear_wgmma_device()) {
     EXPECT_THROW(bitlinear_matmul_wgmma_cuda(8, 16, 64, d_a.get(), d_w.get(), d_scale.get(), 1.0f, GemmOut::f32,
                                              d_y.get(), nullptr, stream()),
                  Error);
+  }
   const std::vector<float> y = d_y.download("y after refusals");
   size_t touched = 0;
   const std::vector<unsigned char> poison(sizeof(float), kPoison);
