@@ -259,8 +259,9 @@ void bitlinear_matmul_wgmma_cuda(int64_t, int64_t, int64_t, const int8_t*, const
 #endif  // PEERLESS_WGMMA
 
 FusedTile wgmma_tile_for(int64_t M, int64_t N) {
-  // 256 wide where it divides N and the grid still has a few blocks per SM (132 SMs): one block per SM
-  // at the full wgmma width; else 128 (two blocks per SM, less padding on ragged N).
+  // 256 wide (half the A traffic per product) where it divides N and the grid still has 4 blocks per
+  // SM of an H100 (132 SMs); else 128 (twice the blocks, so fewer SMs idle; less padding on ragged N).
+  // A guess until bench_gemm_cuda's w128 and w256 columns have measured both.
   return N % 256 == 0 && (M / 128) * (N / 256) >= 4 * 132 ? FusedTile::n256 : FusedTile::n128;
 }
 
