@@ -9,7 +9,21 @@
 // chunks), each in the output form the model uses, on the model's path (IMMA + epilogue) and on the
 // fused int8 kernel (bitlinear_matmul_fused_cuda) with each tile: ms, TOP/s, the tile the automatic
 // rule takes, the ratio, whether all outputs are bit-identical, and the sums over the 24 blocks (what
-// `peerless bench train` reports as "GEMM forward", less the head).
+// `peerless bench train` reports as "GEMM forward", less the head); then the Hopper wgmma kernel
+// (bitlinear_matmul_wgmma_cuda, path D) with each tile ("-" where the device or build lacks it).
+//
+// Expected wgmma figures (H100 SXM, 132 SMs, measured int8 peak 1638 TOP/s = 12.4 TOP/s per SM): a
+// 128 × 256 tile per K stage of 128 bytes is 8.4 MOP (0.68 µs at peak) against 48 KB of copies; at 4
+// stages in flight per SM, ~3.35 TB/s / 132 SMs = 25 GB/s per SM of DRAM (most of A and W hit L2, which
+// gives several times that) keeps it compute-bound. Not overlapped (one block per SM): the prologue
+// (~1 µs until the first stage lands) and the epilogue (the 128 × 256 outputs: 64 KB in bf16, 128 KB
+// in fp32, + 128 KB read with a residual, at ~25 GB/s per SM: 2.6, 5 and 10 µs) against a main loop of
+// 5.4 µs (K 1024) or 15 µs (K 2816), ~6 and ~17 µs at a realistic 88% of the issue rate: ~9.5 µs a
+// block for i/f/g, ~17 for o, ~28 for down, in 8 rounds of 132 blocks (1024 blocks at N 1024), 43 for
+// gate+up. Hence, at M = 32768: i/f/g (bf16, K 1024) ~0.08 ms (~850 TOP/s), gate+up ~0.43 ms (~880),
+// o (fp32 + residual, K 1024) ~0.14 ms (~500: the residual read and the fp32 store dominate), down
+// (K 2816, fp32 + residual) ~0.22 ms (~850); 128-wide tiles 10-25% slower (twice the blocks, each
+// with its own prologue and epilogue, and twice the A traffic per product).
 //
 //   bench_gemm_cuda [--reps N] [--tokens 16384,32768] [--fused-only]
 #include <cublasLt.h>
@@ -136,9 +150,11 @@ void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, co
                                    {"lm_head", 1024, 32000, 0, GemmOut::f32, false, 4096}};
   constexpr int kBlocks = 24;
   const float beta = 0.02f;
-  double sum[4] = {}, top_block = 0;  // IMMA + epilogue, fused 128, fused 256, fused automatic
-  std::printf("\n%-8s %6s %5s %6s %-8s %8s %8s %8s %8s %8s %8s %5s %7s %s\n", "product", "M", "K", "N", "out", "lt_ms",
-              "lt_TOP/s", "f128_ms", "TOP/s", "f256_ms", "TOP/s", "auto", "lt/auto", "identical");
+  const bool hopper = bitlinear_wgmma_device();
+  double sum[6] = {}, top_block = 0;  // IMMA + epilogue, fused 128, fused 256, fused automatic, wgmma 128, 256
+  std::printf("\n%-8s %6s %5s %6s %-8s %8s %8s %8s %8s %8s %8s %5s %7s %8s %8s %8s %8s %s\n", "product", "M", "K", "N",
+              "out", "lt_ms", "lt_TOP/s", "f128_ms", "TOP/s", "f256_ms", "TOP/s", "auto", "lt/auto", "w128_ms", "TOP/s",
+              "w256_ms", "TOP/s", "identical");
   for (const Forward& f : fw) {
     const int64_t M = std::min(tokens, f.max_rows), K = f.K, N = f.N;
     const bool f32 = f.out == GemmOut::f32;
@@ -161,14 +177,29 @@ void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, co
       });
       same = same && same_bytes(y_ref, y_fused, bytes);
     }
+    double tw[2] = {0, 0};
+    for (int i = 0; i < 2 && hopper; ++i) {
+      const FusedTile tile = i == 0 ? FusedTile::n128 : FusedTile::n256;
+      PL_CUDA_CHECK(cudaMemsetAsync(y_fused, 0, bytes, stream));
+      tw[i] = time_ms(stream, reps, [&] {
+        bitlinear_matmul_wgmma_cuda(M, N, K, a8, w8, sc, beta, f.out, y_fused, f.residual ? res : nullptr, stream,
+                                    tile);
+      });
+      same = same && same_bytes(y_ref, y_fused, bytes);
+    }
     const bool wide = fused_tile_for(M, N) == FusedTile::n256;  // what FusedTile::automatic takes
     const double t_auto = wide ? t[1] : t[0], top = 2.0 * M * N * K / 1e12;
     const char* form = f.residual ? "fp32+res" : (f32 ? "fp32" : "bf16");
-    std::printf("%-8s %6lld %5lld %6lld %-8s %8.3f %8.1f %8.3f %8.1f %8.3f %8.1f %5s %7.2f %s\n", f.what,
+    char wcols[64] = "       -        -        -        -";
+    if (hopper)
+      std::snprintf(wcols, sizeof wcols, "%8.3f %8.1f %8.3f %8.1f", tw[0], top / (tw[0] * 1e-3), tw[1],
+                    top / (tw[1] * 1e-3));
+    std::printf("%-8s %6lld %5lld %6lld %-8s %8.3f %8.1f %8.3f %8.1f %8.3f %8.1f %5s %7.2f %s %s\n", f.what,
                 static_cast<long long>(M), static_cast<long long>(K), static_cast<long long>(N), form, t_ref,
                 top / (t_ref * 1e-3), t[0], top / (t[0] * 1e-3), t[1], top / (t[1] * 1e-3), wide ? "256" : "128",
-                t_ref / t_auto, same ? "yes" : "NO");
+                t_ref / t_auto, wcols, same ? "yes" : "NO");
     sum[0] += f.count * t_ref, sum[1] += f.count * t[0], sum[2] += f.count * t[1], sum[3] += f.count * t_auto;
+    sum[4] += f.count * tw[0], sum[5] += f.count * tw[1];
     top_block += f.count * top;
   }
   std::printf(
@@ -176,6 +207,9 @@ void bench_fused(cudaStream_t stream, BlasLt& blas, int reps, int64_t tokens, co
       "ms, fused automatic %.2f ms (ratio %.2f)\n",
       "total", static_cast<long long>(tokens), kBlocks * top_block, kBlocks * sum[0], kBlocks * sum[1],
       kBlocks * sum[2], kBlocks * sum[3], sum[0] / sum[3]);
+  if (hopper)
+    std::printf("%-8s %6lld  24 blocks: wgmma 128 %.2f ms, wgmma 256 %.2f ms\n", "total",
+                static_cast<long long>(tokens), kBlocks * sum[4], kBlocks * sum[5]);
 }
 
 int run(int argc, char** argv) {

@@ -231,7 +231,7 @@ int bench_train(const Args& args) {
   p.option("warmup", &warmup_s, "N", "untimed steps first (default 2)");
   p.option("activations", &activations, "bf16|fp32",
            "storage of the saved activations (run.activations; default bf16)");
-  p.option("forward-gemm", &forward_gemm, "cublaslt|fused",
+  p.option("forward-gemm", &forward_gemm, "cublaslt|fused|wgmma",
            "kernel of the ternary forward products (run.forward_gemm; default cublaslt)");
   p.option("deterministic", &deterministic, "off|on|both",
            "exact fixed-point gradient sums (parallel.deterministic) off, on, or both side by side (default both)");

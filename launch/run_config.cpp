@@ -28,9 +28,10 @@ void RunConfig::bind(ConfigSchema& s) {
                "MLGRU's g product, h and output, 4d + 2d·A bytes per token per block, for two d x d products, the "
                "scan and the gate kernel again; glu: the GLU / SwiGLU [a | u], 2I·A bytes, for the gate product "
                "again; all: both)");
-  s.add_choice("run.forward_gemm", &run.forward_gemm, {"cublaslt", "fused"},
+  s.add_choice("run.forward_gemm", &run.forward_gemm, {"cublaslt", "fused", "wgmma"},
                "run.device = cuda: kernel of the ternary BitLinear forward products (cublaslt = int8 IMMA, then a "
-               "separate scaling pass; fused = one int8 kernel with the scaling in its epilogue; same results)");
+               "separate scaling pass; fused = one int8 kernel with the scaling in its epilogue; wgmma = the same on "
+               "Hopper's warpgroup tensor cores, fused elsewhere; same results)");
 
   s.add_int("model.vocab_size", &model.vocab_size, 0, 1 << 24, "vocabulary size (0 = from the data file)");
   s.add_int("model.d_model", &model.d_model, 1, 65536, "model width d");

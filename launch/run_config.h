@@ -21,7 +21,7 @@ struct RunSection {
   std::string device = "cpu";    // "cpu" or "cuda" (one GPU; model/cuda_model.h)
   std::string activations = "bf16";  // cuda: storage of the activations kept for the backward
   std::string recompute = "none";    // cuda: activations recomputed in the backward instead of kept
-  std::string forward_gemm = "cublaslt";  // cuda: kernel of the ternary forward products ("cublaslt", "fused")
+  std::string forward_gemm = "cublaslt";  // cuda: kernel of the ternary forward products ("cublaslt", "fused", "wgmma")
 };
 
 struct DataSection {

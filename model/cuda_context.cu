@@ -124,7 +124,12 @@ void CudaContext::product(int weight, int64_t rows, Y* y, const float* residual,
   constexpr GemmOut out = std::is_same_v<Y, float> ? GemmOut::f32 : GemmOut::bf16;
   const float beta = betas[weight];
   PL_CHECK(!residual || (std::is_same_v<Y, float>), internal, "CudaContext::product: a residual needs an fp32 output");
-  if (forward_gemm == ForwardGemm::fused && bitlinear_fused_supported(rows, N, K, a_codes, C(weight), y, residual)) {
+  if (forward_gemm == ForwardGemm::wgmma && bitlinear_wgmma_supported(rows, N, K, a_codes, C(weight), y, residual)) {
+    bitlinear_matmul_wgmma_cuda(rows, N, K, a_codes, C(weight), a_scale, beta, out, y, residual, stream);
+    tick(ph_gemm_forward);
+    return;
+  }
+  if (forward_gemm != ForwardGemm::cublaslt && bitlinear_fused_supported(rows, N, K, a_codes, C(weight), y, residual)) {
     bitlinear_matmul_fused_cuda(rows, N, K, a_codes, C(weight), a_scale, beta, out, y, residual, stream);
     tick(ph_gemm_forward);
     return;

@@ -147,7 +147,8 @@ class CudaContext {
   // fp32 activation storage). The backward products are bf16 either way.
   FloatGemm float_gemm = FloatGemm::bf16;
   // Which kernel runs the ternary forward products (CudaModelOptions::forward_gemm, run.forward_gemm):
-  // cuBLASLt IMMA + epilogue, or the fused int8 kernel where bitlinear_fused_supported allows it.
+  // cuBLASLt IMMA + epilogue, the fused int8 kernel where bitlinear_fused_supported allows it, or the
+  // wgmma kernel where bitlinear_wgmma_supported does (else as fused).
   // Bit-identical results either way.
   ForwardGemm forward_gemm = ForwardGemm::cublaslt;
 

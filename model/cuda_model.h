@@ -99,7 +99,8 @@ struct CudaModelOptions {
   // summation order: what inference-style checks use (tests/test_import_llama_cuda.cpp).
   FloatGemm float_gemm = FloatGemm::bf16;
   // The ternary BitLinear forward products (run.forward_gemm): cuBLASLt IMMA + a separate epilogue, or
-  // the fused int8 kernel (model/ops/gemm_cuda.h, path C). Bit-identical; only the speed differs.
+  // the fused int8 kernel (model/ops/gemm_cuda.h, path C), or its Hopper wgmma form (path D; path C
+  // where the device or build lacks it). Bit-identical; only the speed differs.
   ForwardGemm forward_gemm = ForwardGemm::cublaslt;
 };
 

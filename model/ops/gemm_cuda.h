@@ -115,11 +115,29 @@ void bitlinear_matmul_fused_cuda(int64_t M, int64_t N, int64_t K, const int8_t* 
 bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
                                const void* residual);
 
+// ---- forward path D: the fused kernel on Hopper's wgmma (model/ops/gemm_wgmma.cu) --------------------
+// The contract of path C (same arguments, rules and bits), the products on warpgroup tensor cores
+// (wgmma, fed by the bulk tensor copy engine): compute capability 9.0 only, and only in builds whose
+// CMAKE_CUDA_ARCHITECTURES include 90 (the file is compiled for sm_90a); elsewhere a call is a config
+// error and bitlinear_wgmma_supported says false. `tile` as path C's (one block per SM either way).
+void bitlinear_matmul_wgmma_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
+                                 const float* a_scale, float beta, GemmOut out, void* y, const float* residual,
+                                 cudaStream_t stream, FusedTile tile = FusedTile::automatic);
+// Whether this build has the kernel and the current device can run it.
+bool bitlinear_wgmma_device();
+// Whether bitlinear_matmul_wgmma_cuda takes this call: bitlinear_fused_supported and the device.
+bool bitlinear_wgmma_supported(int64_t M, int64_t N, int64_t K, const void* a_codes, const void* w_codes, const void* y,
+                               const void* residual);
+// The tile FusedTile::automatic takes for an (M, N) product on the wgmma kernel.
+FusedTile wgmma_tile_for(int64_t M, int64_t N);
+
 // Which kernel runs the model's BitLinear forward products (CudaModelOptions::forward_gemm, the key
-// run.forward_gemm): cuBLASLt IMMA + the separate epilogue, or the fused kernel where it applies
-// (bitlinear_fused_supported; the cuBLASLt path otherwise). Both exact and bit-identical.
-enum class ForwardGemm { cublaslt, fused };
-// The value of run.forward_gemm ("cublaslt" or "fused"); anything else is a config error naming the key.
+// run.forward_gemm): cuBLASLt IMMA + the separate epilogue, the fused kernel where it applies
+// (bitlinear_fused_supported; the cuBLASLt path otherwise), or the wgmma kernel where it applies
+// (bitlinear_wgmma_supported; else as fused). All exact and bit-identical.
+enum class ForwardGemm { cublaslt, fused, wgmma };
+// The value of run.forward_gemm ("cublaslt", "fused" or "wgmma"); anything else is a config error naming
+// the key.
 ForwardGemm forward_gemm_from(const std::string& value);
 
 // ---- forward path B: bf16 tensor cores on exact codes ----------------------------------------------

@@ -36,11 +36,13 @@
 
 #include "model/ops/cuda_check.h"
 #include "model/ops/gemm_cuda.h"
+#include "model/ops/gemm_fused.cuh"
 #include "model/ops/ptx.cuh"
 
 namespace peerless {
 namespace {
 
+using fused::FusedArgs, fused::store_pair;
 using ptx::cp_async16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ldmatrix_x4, ptx::mma_s8;
 
 constexpr int kBM = 128, kBK = 64, kStages = 4;
@@ -64,16 +66,6 @@ struct Tile {
 __device__ __forceinline__ uint32_t swizzled(int r, int c) {
   return static_cast<uint32_t>(r * kBK + ((c ^ ((r >> 1) & 3)) << 4));
 }
-
-struct FusedArgs {
-  int64_t M, N, K;
-  const int8_t* a;  // (M,K) activation codes
-  const int8_t* w;  // (N,K) ternary codes
-  const float* scale;
-  float beta;
-  const float* residual;  // (M,N) or null; may alias y
-  void* y;                // (M,N) float or bf16
-};
 
 // Rows row0.. of a (rows, K) int8 matrix, bytes k0..k0+64, into a swizzled shared tile of kRows rows:
 // kRows × 4 chunks, each thread a few; chunks past `rows` or K are zero-filled.
@@ -110,22 +102,6 @@ __device__ __forceinline__ void mma_stage(int32_t (&acc)[kMT][kNT][4], uint32_t 
     for (int i = 0; i < kMT; ++i)
 #pragma unroll
       for (int j = 0; j < kNT; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
-  }
-}
-
-// y[m, n..n+1] from two accumulators: float(acc)·factor rounded, then + residual (fp32) or rounded to
-// bf16: the operations of bitlinear_dequant_kernel / bitlinear_dequant_residual_kernel.
-template <typename Out>
-__device__ __forceinline__ void store_pair(const FusedArgs& p, int64_t idx, int32_t c0, int32_t c1, float factor) {
-  float v0 = __fmul_rn(__int2float_rn(c0), factor), v1 = __fmul_rn(__int2float_rn(c1), factor);
-  if constexpr (sizeof(Out) == 4) {
-    if (p.residual) {
-      const float2 r = *reinterpret_cast<const float2*>(p.residual + idx);
-      v0 = __fadd_rn(r.x, v0), v1 = __fadd_rn(r.y, v1);
-    }
-    *reinterpret_cast<float2*>(static_cast<float*>(p.y) + idx) = make_float2(v0, v1);
-  } else {
-    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.y) + idx) = __floats2bfloat162_rn(v0, v1);
   }
 }
 
@@ -202,7 +178,9 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 
 ForwardGemm forward_gemm_from(const std::string& value) {
   if (value == "cublaslt") return ForwardGemm::cublaslt;
-  PL_CHECK(value == "fused", config, "run.forward_gemm = \"", value, "\": must be \"cublaslt\" or \"fused\"");
+  if (value == "wgmma") return ForwardGemm::wgmma;
+  PL_CHECK(value == "fused", config, "run.forward_gemm = \"", value,
+           "\": must be \"cublaslt\", \"fused\" or \"wgmma\"");
   return ForwardGemm::fused;
 }
 
