@@ -17,6 +17,8 @@
 #   verify   ctest -L gpu over what changed since the last full pass (-R "$VERIFY", default the
 #            expert-sharding and PEER tests)                                                     ~1.5 min
 #   baselines  Transformer++ and MatMul-free 370M, batch 8 and 16, one after the other (issue 15) ~1.5 min
+#   wgmma    test_gemm_fused_cuda (the wgmma kernel bit for bit; a hang is killed), then if it passed
+#            bench_gemm_cuda --fused-only and bench train 370M with run.forward_gemm = wgmma     ~3 min
 #   peer     PEER-pytorch, then bench peer-layer with ternary tables (packed, int8) on tf32 GEMMs  ~1.5 min
 # Needs $B (gpu_prebuilt.sh sets it: build-sm90/bin).
 set -uo pipefail
@@ -104,6 +106,16 @@ baselines() {
   for c in tpp-370m mmf-370m; do bench_train "$c" configs/$c.toml 8,16; done
 }
 
+wgmma() {
+  timeout 150 $B/test_gemm_fused_cuda > "$OUT/test_gemm_fused.txt" 2>&1
+  local rc=$?
+  grep -E "^\[  (PASSED|FAILED|  OK|SKIPPED) |Failure|tests ran" "$OUT/test_gemm_fused.txt" | head -30
+  ((rc == 0)) || { echo "test_gemm_fused_cuda exit $rc: no wgmma timings"; return; }
+  timeout 90 $B/bench_gemm_cuda --fused-only --reps 20 > "$OUT/gemm_wgmma.txt" 2>&1
+  tail -16 "$OUT/gemm_wgmma.txt"
+  bench_train 370m_wgmma configs/mmf-370m.toml 8,16 --forward-gemm wgmma
+}
+
 peer() {
   timeout 100 python3 bench/anchors.py peer --batch 4 --seq 2048 2>&1 | tee "$OUT/anchor_peer.txt" | grep -v '^{' | tail -3
   for t in ternary ternary-int8; do
@@ -112,10 +124,10 @@ peer() {
   done
 }
 
-(($# > 0)) || { sed -n 2,20p "$0"; exit 1; }
+(($# > 0)) || { sed -n 2,22p "$0"; exit 1; }
 for part in "$@"; do
   case $part in
-    tests | kernels | train | large | learn | verify | baselines | peer) echo "#### $part"; $part ;;
-    *) echo "unknown part '$part' (tests, kernels, train, large, learn, verify, baselines, peer)"; exit 1 ;;
+    tests | kernels | train | large | learn | verify | baselines | wgmma | peer) echo "#### $part"; $part ;;
+    *) echo "unknown part '$part' (tests, kernels, train, large, learn, verify, baselines, wgmma, peer)"; exit 1 ;;
   esac
 done
