@@ -44,10 +44,10 @@
 // Atomic dQ (the non-deterministic backward, attention.h; BASELINES §2): the dK/dV pass also stores
 // each warp's dSᵀ rows (bf16, as dK uses them) in a shared (128 keys × 64) tile, and after a barrier
 // its 8 warps split the tile's M × d_h block of dQ += dS K (dS by ldmatrix.trans from dSᵀ, K
-// resident, only the key blocks of warps that ran), adding it to the zeroed fp32 dq by 8-byte atomics
-// (red.global.add.v2.f32): 5 tile products in place of 7, no dQ pass. The M·d_h fp32 adds per tile
-// are d_h atomics per (query, 128-key block): T²·d_h/256 per head, one per 1280 of the backward's
-// nominal 5·T²·d_h FLOPs (~0.6 TB/s of fp32 adds into L2 at 200 TF/s).
+// resident, only the key blocks of warps that ran), adding it to the zeroed fp32 dq by 8-byte
+// reductions (red.global.add.v2.f32, ptx.cuh): 5 tile products in place of 7, no dQ pass. The M·d_h
+// adds per tile are d_h per (query, 128-key block): T²·d_h/256 per head, one per 1280 of the
+// backward's nominal 5·T²·d_h FLOPs (~0.6 TB/s of fp32 adds into L2 at 200 TF/s).
 // Streamed tiles go global → shared by cp.async (16 bytes a thread, rows past T zero-filled by the
 // copy itself) through kStages buffers (pipeline()): tile u + kStages − 1 is in flight while tile u
 // is multiplied, one barrier per tile, and no register holds a tile in flight (the fp32-input
@@ -524,15 +524,8 @@ __device__ __forceinline__ void dq_atomic_tile(float* dq, int64_t q_t, const bf1
     const int64_t i = i0 + x0 + c_row(e2);
     if (i >= T) continue;
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      float* p = dq + i * q_t + n0 + c_col(nb, e2);
-#if __CUDA_ARCH__ >= 900
-      atomicAdd(reinterpret_cast<float2*>(p), make_float2(c[nb][e2] * scale, c[nb][e2 + 1] * scale));
-#else
-      atomicAdd(p, c[nb][e2] * scale);
-      atomicAdd(p + 1, c[nb][e2 + 1] * scale);
-#endif
-    }
+    for (int nb = 0; nb < NB; ++nb)
+      ptx::red_add_f32x2(dq + i * q_t + n0 + c_col(nb, e2), c[nb][e2] * scale, c[nb][e2 + 1] * scale);
   }
 }
 
