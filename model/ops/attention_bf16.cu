@@ -95,6 +95,25 @@
 // B fragment feeding two A row blocks: 128 shared-memory bytes per mma instead of 256, lifting the
 // ~470 TF/s shared-memory ceiling to ~940; it needs the O accumulators twice (128 registers at d_h
 // 128: Q then read from shared memory per tile), so d_h 64 first.
+//
+// Measured, bf16 version (H100, same shapes): 189.8 / 144.2, 240.3 / 167.1, 261.2 / 187.0,
+// 216.6 / 181.9, 273.4 / 198.1. Predicted for the atomic dQ: the backward's time × 5/7 for its tile
+// products, plus the dSᵀ stores, a second barrier per tile, the dQ product's A fragments read from
+// shared memory and the reductions: × 0.72–0.80, so fwd + bwd ~171–186, 199–217, 222–242, 215–232,
+// 235–256 (+19–29%): the flash column at d_h 128, T 2048, within ~5% at the other two.
+// The forward at d_h 128, T ≥ 4096 (0.85 of the flash column). Not 2 blocks per SM: that needs ≤ 128
+// registers a thread, and O alone is 64 at d_h 128, S 32 and P 16 at N 64, Q's fragments 32 (ptxas:
+// even d_h 64 at __launch_bounds__(256, 2) spills 20 bytes at 128 registers). Not 128-key tiles at
+// 16 rows a warp: S and P take 96 registers beside O's 64 and Q's 32. What limits it: the barrier per
+// tile keeps the 8 warps within a tile of each other, so they reach the softmax together and the
+// tensor pipes idle through it (2 warps a scheduler cannot hide it). The exp alone is one ex2 (16 a
+// clock per SM) per 4·d_h FLOPs against ~2600 FLOPs a clock of mma.sync: 32% of the mma time at d_h
+// 128 (63% at 64), with the rescale, max and sums on the FMA pipe besides. FlashAttention-2 runs two
+// 4-warp blocks per SM whose barriers are independent: one's softmax overlaps the other's products.
+// Next (not done): two 4-warp groups sharing the K/V stages half a tile apart (named barriers; a
+// stage refilled once both groups released it), FlashAttention-3's ping-pong on mma.sync. Predicted
+// at d_h 128: a tile costs max(mma, softmax) plus overheads instead of their sum, +10–15%: ~285–300
+// TF/s at T 4096 (0.92–0.97 of the flash column); less at d_h 64, where the exp is 63% of the mma.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
