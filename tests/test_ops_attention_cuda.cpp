@@ -5,7 +5,8 @@
 // in 16-wide tiles with zero columns), 64 and 128; batch 2. Fresh random
 // inputs each run (seed printed; PEERLESS_TEST_SEED replays), outputs in poisoned, guarded buffers
 // (an element the kernels forget to write, or a write outside the tensor, fails), and the backward
-// run twice must give the same bits (it promises determinism: no atomics).
+// run twice must give the same bits (it promises determinism: no atomics), but for the bf16 atomic-dQ
+// backward of parallel.deterministic = off, checked in its own section.
 //
 // Tolerances. Both sides compute in fp32; they differ in summation order (the GPU's dot products
 // run sequentially per thread with fma, the CPU's without fma), in exp2f of pre-scaled scores vs
