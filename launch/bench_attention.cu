@@ -1,4 +1,5 @@
-// `peerless bench attention`: the causal attention op's forward and forward + backward on one GPU
+// `peerless bench attention`: the causal attention op's forward and forward + backward on one GPU (the
+// bf16 backward twice: deterministic, and with dQ by atomics as under parallel.deterministic = off)
 // (model/ops/attention.cu on fp32 storage and attention_bf16.cu on bf16 storage, through the shipped
 // launchers) at
 // the shapes of ../shared/BASELINES.md §2, in TFLOP/s by the FlashAttention convention (causal
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "launch/args.h"
@@ -73,17 +75,19 @@ struct Case {
 
 struct Timing {
   double fwd_ms, all_ms;
+  double atomic_ms = 0;  // bf16: forward + the non-deterministic backward (atomic dQ)
 };
 
 // Median forward and forward + backward times of one storage type T (float: the fp32 kernels; bf16:
-// the tensor cores) with q, k, v, o, dO of type T and fp32 LSE, dq, dk, dv.
+// the tensor cores, also with the atomic-dQ backward) with q, k, v, o, dO of type T and fp32 LSE, dq,
+// dk, dv.
 template <typename T>
 Timing time_storage(const Case& c, const AttentionShape& sh, int warmup, int iters, cudaStream_t s) {
   const int64_t n = c.B * c.T * c.H * c.dh, nl = c.B * c.H * c.T;
   DeviceBytes qb = filled<T>(n, 1), kb = filled<T>(n, 2), vb = filled<T>(n, 3), ob = filled<T>(n, 4),
               dob = filled<T>(n, 5);
   DeviceBytes lse(static_cast<size_t>(nl) * 4), dq(static_cast<size_t>(n) * 4), dk(static_cast<size_t>(n) * 4),
-      dv(static_cast<size_t>(n) * 4);
+      dv(static_cast<size_t>(n) * 4), scratch(static_cast<size_t>(nl) * 4);
   const auto t = [](const DeviceBytes& b) { return static_cast<T*>(b.get()); };
   T *q = t(qb), *k = t(kb), *v = t(vb), *o = t(ob), *dout = t(dob);
   auto fwd = [&] { attention_forward_cuda(sh, q, k, v, o, f(lse), s); };
@@ -92,7 +96,15 @@ Timing time_storage(const Case& c, const AttentionShape& sh, int warmup, int ite
     fwd();
     attention_backward_cuda(sh, q, k, v, o, f(lse), dout, f(dq), f(dk), f(dv), s);
   });
-  return {t_fwd, t_all};
+  if constexpr (std::is_same_v<T, bf16>) {
+    const double t_atomic = median_ms(s, warmup, iters, [&] {
+      fwd();
+      attention_backward_cuda(sh, q, k, v, o, f(lse), dout, f(dq), f(dk), f(dv), false, f(scratch), s);
+    });
+    return {t_fwd, t_all, t_atomic};
+  } else {
+    return {t_fwd, t_all};
+  }
 }
 
 void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
@@ -101,10 +113,11 @@ void bench_case(const Case& c, int warmup, int iters, cudaStream_t s) {
   const Timing b16 = time_storage<bf16>(c, sh, warmup, iters, s);
   const double tf = attention_forward_flops(sh) / 1e12;
   auto rate = [&](double flops, double ms) { return flops / (ms * 1e-3); };
-  std::printf("| %lld, %lld, %lld, %lld | %.1f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.0f |\n",
+  std::printf("| %lld, %lld, %lld, %lld | %.1f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f | %.1f | %.0f |\n",
               static_cast<long long>(c.B), static_cast<long long>(c.H), static_cast<long long>(c.T),
               static_cast<long long>(c.dh), rate(tf, f32.fwd_ms), rate(3.5 * tf, f32.all_ms), b16.fwd_ms,
-              rate(tf, b16.fwd_ms), c.flash_fwd, b16.all_ms, rate(3.5 * tf, b16.all_ms), c.flash_fwdbwd);
+              rate(tf, b16.fwd_ms), c.flash_fwd, b16.all_ms, rate(3.5 * tf, b16.all_ms), b16.atomic_ms,
+              rate(3.5 * tf, b16.atomic_ms), c.flash_fwdbwd);
   std::fflush(stdout);
 }
 
@@ -126,14 +139,15 @@ int bench_attention(const Args& args) {
   PL_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf(
       "attention on %s: fp32 = model/ops/attention.cu (CUDA cores), bf16 = attention_bf16.cu (mma.sync "
-      "tensor cores, bf16 q, k, v, o, dO; fp32 LSE, dq, dk, dv); flash = torch SDPA flash backend, bf16, BASELINES §2 "
-      "(0 = not published "
-      "there)\n",
+      "tensor cores, bf16 q, k, v, o, dO; fp32 LSE, dq, dk, dv); det = the deterministic backward (dQ pass), atomic = "
+      "dQ by fp32 atomics in the dK/dV pass (parallel.deterministic = off); flash = torch SDPA flash backend, bf16, "
+      "BASELINES §2 (0 = not published there)\n",
       prop.name);
   std::printf(
       "| B, H, T, d_h | fp32 fwd TF/s | fp32 fwd+bwd TF/s | bf16 fwd ms | bf16 fwd TF/s | flash fwd | "
-      "bf16 fwd+bwd ms | bf16 fwd+bwd TF/s | flash fwd+bwd |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+      "bf16 fwd+bwd det ms | bf16 fwd+bwd det TF/s | bf16 fwd+bwd atomic ms | bf16 fwd+bwd atomic TF/s | "
+      "flash fwd+bwd |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
   CudaStream stream;
   const Case cases[] = {{8, 16, 2048, 64, 239, 183},
                         {8, 16, 2048, 128, 290, 209},

@@ -5,7 +5,8 @@
 // in 16-wide tiles with zero columns), 64 and 128; batch 2. Fresh random
 // inputs each run (seed printed; PEERLESS_TEST_SEED replays), outputs in poisoned, guarded buffers
 // (an element the kernels forget to write, or a write outside the tensor, fails), and the backward
-// run twice must give the same bits (it promises determinism: no atomics).
+// run twice must give the same bits (it promises determinism: no atomics), but for the bf16 atomic-dQ
+// backward of parallel.deterministic = off, checked in its own section.
 //
 // Tolerances. Both sides compute in fp32; they differ in summation order (the GPU's dot products
 // run sequentially per thread with fma, the CPU's without fma), in exp2f of pre-scaled scores vs
@@ -136,17 +137,24 @@ struct Grads {
 };
 
 // The backward on fp32 (T float) or bf16 (T uint16_t, bf16 bit patterns) storage; dq, dk, dv fp32.
+// deterministic = false (bf16 only): the atomic-dQ backward, D in a guarded scratch of its own.
 template <typename T>
 Grads backward_gpu(const Case& c, const Guarded<T>& q, const Guarded<T>& k, const Guarded<T>& v, const Guarded<T>& o,
-                   const Guarded<float>& lse, const Guarded<T>& dout, cudaStream_t stream) {
-  Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk());
+                   const Guarded<float>& lse, const Guarded<T>& dout, cudaStream_t stream, bool deterministic = true) {
+  Guarded<float> dq(c.nq()), dk(c.nk()), dv(c.nk()), scratch(deterministic ? 0 : c.nlse());
   const auto p = [](const Guarded<T>& g) {
     if constexpr (std::is_same_v<T, float>)
       return g.get();
     else
       return reinterpret_cast<const bf16*>(g.get());
   };
-  attention_backward_cuda(c.shape(), p(q), p(k), p(v), p(o), lse.get(), p(dout), dq.get(), dk.get(), dv.get(), stream);
+  if constexpr (std::is_same_v<T, float>)
+    attention_backward_cuda(c.shape(), p(q), p(k), p(v), p(o), lse.get(), p(dout), dq.get(), dk.get(), dv.get(),
+                            stream);
+  else
+    attention_backward_cuda(c.shape(), p(q), p(k), p(v), p(o), lse.get(), p(dout), dq.get(), dk.get(), dv.get(),
+                            deterministic, scratch.get(), stream);
+  scratch.download("scratch");  // its guards
   return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
 }
 
@@ -433,6 +441,68 @@ TEST_F(Cuda, attention_bf16_matches_the_fp32_kernel_on_long_sequences) {
   }
 }
 
+// The atomic-dQ backward (parallel.deterministic = off): dq = scale·Σ_j dS_ij K_j added per 128-key
+// block by fp32 atomics in the dK/dV pass, in whatever order they land. Checked per case against
+//   - the float64 CPU: kBf16BackwardTol, as the deterministic path (the budget there is bf16
+//     rounding; the summation order below adds ~1e-5 of it);
+//   - the deterministic GPU path, dk and dv bit for bit (the same instructions compute them; the
+//     pass only adds the dSᵀ stores and the dQ product), dq within kAtomicVsDetTol: its dS comes
+//     from Sᵀ = K Qᵀ, dPᵀ = V dOᵀ in the dK/dV pass instead of the dQ pass's S = Q Kᵀ, dP = dO Vᵀ,
+//     the same bf16 products and fp32 formulas, so an fp32 score may differ by a few ulp and round
+//     to the neighbouring bf16 dS: one ulp, ≤ 2^-7 of that |dS_ij|, i.e. ≤ 2^-7·|dS_ij|·‖K_j‖ ≲ 2^-7
+//     of the row (with random K_j, ‖Σ_j dS_ij K_j‖ ~ (Σ_j dS_ij²)^½·‖K‖ ≥ |dS_ij|·‖K‖). A flip needs
+//     a score within a few fp32 ulp of a bf16 rounding boundary (≲ 1e-4 of the elements), so two
+//     dominant flips in one row are the most the cases can meet: 1.6e-2. The reorder itself is below:
+//   - itself run to run: the same dS and block partials, only the order in which the ≤ ⌈T/128⌉ = 8
+//     partials of an element land changes: two orders of 7 fp32 additions, each off by ≤ 2^-24 of at
+//     most Σ_j |dS_ij K_jd|, whose row is ≤ √T·(Σ_j dS_ij²)^½·‖K‖ (Cauchy–Schwarz) ~ √T times the dq
+//     row: 14·2^-24·√1000 ≈ 2.6e-5 of the row at worst, allowed 1e-4 (a row may fall below its
+//     (Σ_j dS_ij²)^½·‖K‖ by cancellation). A race (a dSᵀ row read before it is stored, or after the
+//     next tile overwrote it) is O(1).
+// Rows whose exact value is 0 use the floor √d_h/2 as above. The inputs (o, lse: the forward's
+// outputs, q, k, v, dO) are left as they were, and nothing is written outside dq, dk, dv, the scratch.
+TEST_F(Cuda, attention_bf16_atomic_dq_matches_cpu_and_the_deterministic_backward) {
+  constexpr double kAtomicVsDetTol = 1.6e-2, kAtomicRunToRunTol = 1e-4;
+  std::vector<Case> cs;
+  for (int64_t dh : {64, 128}) {
+    for (int64_t T : {1, 17, 129, 300})
+      for (int64_t G : {4, 2, 1}) cs.push_back({2, T, 4, G, dh});
+    cs.push_back({1, 1000, 4, 2, dh});  // 8 key blocks adding into the last rows
+  }
+  for (const Case& c : cs) {
+    SCOPED_TRACE(c.name());
+    const Inputs in(c, rng());
+    const Bf16Inputs d_in(in);
+    const bool cpu = c.T < 1000;  // the float64 CPU at T 1000 is slow; the deterministic path is checked there
+    const Exact ref = cpu ? exact(c, in) : Exact{};
+    Guarded<uint16_t> d_o(c.nq());
+    Guarded<float> d_lse(c.nlse());
+    if (cpu) {
+      d_o.upload(Bf16Inputs::bits(ref.o));
+      d_lse.upload(ref.lse);
+    } else {
+      forward_bf16(c, d_in, d_o, d_lse, stream());
+    }
+    const std::vector<uint16_t> o_bits = d_o.download("o");
+    const std::vector<float> lse_bits = d_lse.download("lse");
+    const Grads det = backward_gpu(c, d_in.q, d_in.k, d_in.v, d_o, d_lse, d_in.dout, stream());
+    const Grads a1 = backward_gpu(c, d_in.q, d_in.k, d_in.v, d_o, d_lse, d_in.dout, stream(), false);
+    const Grads a2 = backward_gpu(c, d_in.q, d_in.k, d_in.v, d_o, d_lse, d_in.dout, stream(), false);
+    if (cpu) expect_bf16_grads_close(c, a1, ref.g, "atomic backward");
+    const double floor = std::sqrt(static_cast<double>(c.dh)) / 2;
+    expect_rows_close(a1.dq, det.dq, c.dh, floor, kAtomicVsDetTol, "atomic dq vs deterministic " + c.name());
+    expect_identical(a1.dk, det.dk, "atomic dk vs deterministic " + c.name());
+    expect_identical(a1.dv, det.dv, "atomic dv vs deterministic " + c.name());
+    expect_rows_close(a2.dq, a1.dq, c.dh, floor, kAtomicRunToRunTol, "atomic dq run to run " + c.name());
+    expect_identical(a2.dk, a1.dk, "atomic dk run to run " + c.name());
+    expect_identical(d_o.download("o"), o_bits, "o after the atomic backward " + c.name());
+    expect_identical(d_lse.download("lse"), lse_bits, "lse after the atomic backward " + c.name());
+    for (const auto& [g, x] : {std::pair{&d_in.q, &in.q}, {&d_in.k, &in.k}, {&d_in.v, &in.v}, {&d_in.dout, &in.dout}})
+      expect_identical(g->download("input"), Bf16Inputs::bits(*x), "an input after the atomic backward " + c.name());
+    if (HasFailure()) return;  // one failing case says enough
+  }
+}
+
 // Scores of sd ~30: the running max must keep exp in range on the tensor-core path too. δs scales
 // with σ_q (15× the case above), so o and lse get 15× the tolerance; finiteness is the point.
 TEST_F(Cuda, attention_bf16_large_scores_stay_finite) {
@@ -469,6 +539,12 @@ TEST_F(Cuda, attention_refuses_unsupported_shapes) {
   EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, h, h, h, h, p, h, p, p + 2, p + 3, stream()), Error);
   EXPECT_THROW(attention_decode_cuda({2, 8, 4, 4, 64}, 8, p, p, p, p, stream()), Error);                // pos ≥ T
   EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, p, p, p, p, p, p, p, p, p, stream()), Error);  // aliasing
+  // The atomic-dQ backward needs a scratch for D apart from dq.
+  EXPECT_THROW(
+      attention_backward_cuda({2, 8, 4, 4, 64}, h, h, h, h, p, h, p + 1, p + 2, p + 3, false, nullptr, stream()),
+      Error);
+  EXPECT_THROW(attention_backward_cuda({2, 8, 4, 4, 64}, h, h, h, h, p, h, p + 1, p + 2, p + 3, false, p + 5, stream()),
+               Error);
   // Empty shapes launch nothing.
   const float* nf = nullptr;
   const bf16* nb = nullptr;

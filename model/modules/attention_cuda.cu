@@ -2,10 +2,11 @@
 //     x ← x + W_o·[SubLN](Attn(RoPE(W_q n), RoPE(W_k n), W_v n)),  n = RMSNorm(x; attn_norm)
 // The projections are CudaContext::proj_forward / proj_backward (bf16 GEMMs on the fp32 weights under
 // model.quant = "none", int8 × ternary under "ternary", where attn_sub_norm feeds W_o); the attention
-// itself is model/ops/attention.h's FlashAttention-2 style kernels (LSE saved, deterministic
-// backward): bf16 tensor cores when the model stores its activations in bf16 (run.activations =
-// "bf16", CudaModuleBuild::bf16_activations, and a head of 64 or 128), the fp32 kernel otherwise (the
-// fp32 reference runs, heads of 8 to 32).
+// itself is model/ops/attention.h's FlashAttention-2 style kernels (LSE saved): bf16 tensor cores
+// when the model stores its activations in bf16 (run.activations = "bf16",
+// CudaModuleBuild::bf16_activations, and a head of 64 or 128), the fp32 kernel otherwise (the fp32
+// reference runs, heads of 8 to 32). The backward is deterministic, but for the bf16 kernels under
+// parallel.deterministic = off (Model::deterministic()), where dQ is added by atomics (attention.h).
 // Saved per token: q, k (after RoPE), v, o, stored as the kernel reads them (bf16 for the tensor
 // cores: RoPE rotates the fp32 products and rounds once, v is its product rounded once, o the
 // kernel's rounded output; fp32 otherwise), the LSE per head, and attn_sub_norm's rstd; n, the
@@ -109,8 +110,9 @@ class AttentionCuda final : public CudaModule {
     if (bf16_) {
       bf16* dob = g.scratch<bf16>(s_dob);
       rows_to_bf16_cuda(M, a, d_o, nullptr, dob, g.stream);
+      // The fp32 d_o, dead once rounded, is the atomic dQ's scratch for D (M·H of its M·H·d_h floats).
       attention_backward_cuda(shape(s), qb_.get(), kb_.get(), vb_.get(), ob_.get(), lse_.get(), dob, dq, dk, dv,
-                              g.stream);
+                              g.host.deterministic(), d_o, g.stream);
     } else {
       attention_backward_cuda(shape(s), q_.get(), k_.get(), v_.get(), o_.get(), lse_.get(), d_o, dq, dk, dv, g.stream);
     }

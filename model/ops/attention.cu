@@ -559,26 +559,29 @@ void attention_forward_cuda(const AttentionShape& s, const bf16* q, const bf16* 
 
 namespace {
 
-// The backward's checks and its first kernel, for both storages: D = rowsum(dO ⊙ O) into dq's
-// first B·H·T floats (dq holds B·T·H·d_h): read by the dK/dV pass, then overwritten by the dQ pass,
-// which recomputes its rows' D itself. False for an empty shape (nothing to do).
+// The backward's checks and its first kernel, for both storages: D = rowsum(dO ⊙ O) into `delta`,
+// B·H·T floats: dq's first ones (dq holds B·T·H·d_h; read by the dK/dV pass, then overwritten by the
+// dQ pass, which recomputes its rows' D itself), or the atomic dQ's scratch. False for an empty shape
+// (nothing to do).
 template <typename X>
 bool backward_prologue(const AttentionShape& s, const X* q, const X* k, const X* v, const X* o, const float* lse,
-                       const X* dout, float* dq, float* dk, float* dv, cudaStream_t stream) {
+                       const X* dout, float* dq, float* dk, float* dv, float* delta, cudaStream_t stream) {
   constexpr bool bf = std::is_same_v<X, bf16>;
   check_shape("attention_backward_cuda", s, bf ? AttentionPrecision::bf16 : AttentionPrecision::fp32);
   if (s.batch == 0 || s.seq == 0) return false;
-  PL_CHECK(q && k && v && o && lse && dout && dq && dk && dv, internal, "attention_backward_cuda: null pointer");
+  PL_CHECK(q && k && v && o && lse && dout && dq && dk && dv && delta, internal,
+           "attention_backward_cuda: null pointer");
   const void* ins[5] = {q, k, v, o, dout};
-  bool alias = dq == dk || dq == dv || dk == dv;
-  for (const void* in : ins) alias = alias || in == dq || in == dk || in == dv;
-  PL_CHECK(!alias, internal, "attention_backward_cuda: dq, dk, dv must be distinct buffers, none aliasing an input");
+  bool alias = dq == dk || dq == dv || dk == dv || (delta != dq && (delta == dk || delta == dv));
+  for (const void* in : ins) alias = alias || in == dq || in == dk || in == dv || in == delta;
+  PL_CHECK(!alias, internal,
+           "attention_backward_cuda: dq, dk, dv (and the scratch) must be distinct buffers, none aliasing an input");
   const int64_t rows = s.batch * s.seq * s.heads;
   constexpr int kDeltaThreads = 256;
   const int64_t delta_blocks = (rows * 32 + kDeltaThreads - 1) / kDeltaThreads;
   PL_CHECK(delta_blocks <= 0x7fffffff, internal, "attention_backward_cuda: ", rows, " rows exceed the grid");
   attention_delta_kernel<X><<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(
-      rows, s.seq, static_cast<int>(s.heads), static_cast<int>(s.head_dim), o, dout, dq);
+      rows, s.seq, static_cast<int>(s.heads), static_cast<int>(s.head_dim), o, dout, delta);
   PL_CUDA_CHECK_LAUNCH(attention_delta_kernel);
   return true;
 }
@@ -587,14 +590,28 @@ bool backward_prologue(const AttentionShape& s, const X* q, const X* k, const X*
 
 void attention_backward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
                              const float* lse, const bf16* dout, float* dq, float* dk, float* dv, cudaStream_t stream) {
-  if (backward_prologue(s, q, k, v, o, lse, dout, dq, dk, dv, stream))
-    attention_backward_bf16_cuda(s, q, k, v, o, lse, dout, dq, dq, dk, dv, stream);
+  attention_backward_cuda(s, q, k, v, o, lse, dout, dq, dk, dv, true, nullptr, stream);
+}
+
+void attention_backward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
+                             const float* lse, const bf16* dout, float* dq, float* dk, float* dv, bool deterministic,
+                             float* scratch, cudaStream_t stream) {
+  float* delta = deterministic ? dq : scratch;  // dq is zeroed before the dK/dV pass reads D in the atomic form
+  if (!deterministic && s.batch > 0 && s.seq > 0) {
+    const int64_t n_delta = s.batch * s.heads * s.seq, n_dq = n_delta * s.head_dim;
+    PL_CHECK(scratch, internal,
+             "attention_backward_cuda: the non-deterministic backward needs a scratch of B·H·T floats");
+    PL_CHECK(scratch + n_delta <= dq || dq + n_dq <= scratch, internal,
+             "attention_backward_cuda: the scratch overlaps dq");
+  }
+  if (backward_prologue(s, q, k, v, o, lse, dout, dq, dk, dv, delta, stream))
+    attention_backward_bf16_cuda(s, q, k, v, o, lse, dout, delta, dq, dk, dv, !deterministic, stream);
 }
 
 void attention_backward_cuda(const AttentionShape& s, const float* q, const float* k, const float* v, const float* o,
                              const float* lse, const float* dout, float* dq, float* dk, float* dv,
                              cudaStream_t stream) {
-  if (!backward_prologue(s, q, k, v, o, lse, dout, dq, dk, dv, stream)) return;
+  if (!backward_prologue(s, q, k, v, o, lse, dout, dq, dk, dv, dq, stream)) return;
   const int64_t H = s.heads, G = s.kv_heads, dh = s.head_dim, T = s.seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   BackwardArgs a{q,

@@ -74,9 +74,9 @@ void attention_decode_cpu(const AttentionShape& s, int64_t pos, const float* q, 
 
 // FLOPs, for TF/s figures (BASELINES §2 and §5): the causal forward does QKᵀ and PV over half the
 // (T, T) square, 2·B·H·T²·d_h (2 matmuls × 2 FLOP per MAC × B·H·T²·d_h / 2); forward + backward
-// counts 3.5× that (backward 2.5×: dV, dP, dQ, dK and the recomputed S). The CUDA backward below
-// recomputes S and dP once more in its dQ pass (7 matmuls, not 5) but is reported at the nominal
-// 3.5×, like FlashAttention's own figures.
+// counts 3.5× that (backward 2.5×: dV, dP, dQ, dK and the recomputed S). The deterministic CUDA
+// backward below recomputes S and dP once more in its dQ pass (7 matmuls, not 5; the atomic one does
+// 5) but is reported at the nominal 3.5×, like FlashAttention's own figures.
 inline double attention_forward_flops(const AttentionShape& s) {
   return 2.0 * static_cast<double>(s.batch) * static_cast<double>(s.heads) * static_cast<double>(s.seq) *
          static_cast<double>(s.seq) * static_cast<double>(s.head_dim);
@@ -133,6 +133,16 @@ void attention_backward_cuda(const AttentionShape& s, const float* q, const floa
                              const float* lse, const float* dout, float* dq, float* dk, float* dv, cudaStream_t stream);
 void attention_backward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
                              const float* lse, const bf16* dout, float* dq, float* dk, float* dv, cudaStream_t stream);
+// The bf16 backward for callers that need no determinism (parallel.deterministic = off), deterministic
+// = false: dQ = scale·dS K is added by fp32 atomics inside the dK/dV pass (BASELINES §2; 5 tile
+// products instead of 7, no separate dQ pass), so dq's bits depend on the order the atomics land
+// (its rounding is that of another summation order); dk and dv are the deterministic backward's, bit
+// for bit. D then needs its own memory: `scratch`, B·H·T floats, not overlapping dq, dk, dv or an
+// input (the model passes its fp32 dO, dead once rounded to bf16). deterministic = true is the
+// overload above (scratch unused).
+void attention_backward_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
+                             const float* lse, const bf16* dout, float* dq, float* dk, float* dv, bool deterministic,
+                             float* scratch, cudaStream_t stream);
 // attention_decode_cpu's contract on the device: q (B, H, d_h), caches (B, H_kv, T, d_h), o (B, H, d_h).
 // It runs the forward's kernel on one query row, so o equals attention_forward_cuda's row `pos`
 // bit for bit (same tiles, same order).

@@ -41,6 +41,13 @@
 //   dQ       block (b·h, 128-row Q tile), heaviest first; Q and dO rows in registers as in the
 //            forward; N-key K/V tiles in order: dQ += dS K.
 // Every output element has one owner thread summing in a fixed order: deterministic, no atomics.
+// Atomic dQ (the non-deterministic backward, attention.h; BASELINES §2): the dK/dV pass also stores
+// each warp's dSᵀ rows (bf16, as dK uses them) in a shared (128 keys × 64) tile, and after a barrier
+// its 8 warps split the tile's M × d_h block of dQ += dS K (dS by ldmatrix.trans from dSᵀ, K
+// resident, only the key blocks of warps that ran), adding it to the zeroed fp32 dq by 8-byte
+// reductions (red.global.add.v2.f32, ptx.cuh): 5 tile products in place of 7, no dQ pass. The M·d_h
+// adds per tile are d_h per (query, 128-key block): T²·d_h/256 per head, one per 1280 of the
+// backward's nominal 5·T²·d_h FLOPs (~0.6 TB/s of fp32 adds into L2 at 200 TF/s).
 // Streamed tiles go global → shared by cp.async (16 bytes a thread, rows past T zero-filled by the
 // copy itself) through kStages buffers (pipeline()): tile u + kStages − 1 is in flight while tile u
 // is multiplied, one barrier per tile, and no register holds a tile in flight (the fp32-input
@@ -61,9 +68,10 @@
 //
 // Sizes (kStages 3): forward 3·2·64·d_h·2 B = 48 KB / 96 KB (d_h 64 / 128); dQ 3·2·N·d_h·2 B + 1 KB
 // = 49 KB at either d_h; dK/dV 2·128·d_h·2 B resident + 3·2·M·d_h·2 B + 3·2·M·4 B = 81.5 KB /
-// 112.8 KB. One block (8 warps) per SM (__launch_bounds__(256, 1): the dK/dV and dQ passes need the
-// registers; ptxas, sm_90, no spills: forward 158 / 215, dQ 227 / 238, dK/dV 241 / 247), the
-// pipeline in place of a second block to hide the loads.
+// 112.8 KB (atomic dQ: + 16 KB of dSᵀ). One block (8 warps) per SM (__launch_bounds__(256, 1): the
+// dK/dV and dQ passes need the registers; ptxas, sm_90, no spills: forward 158 / 215, dQ 227 / 238,
+// dK/dV 241 / 247, dK/dV with atomic dQ 242 / 255), the pipeline in place of a second block to hide
+// the loads.
 //
 // The floor. Per (b, h), causal: forward 2·T²·d_h FLOPs (attention.h), backward 5·T²·d_h nominal
 // (this backward does 7: the dQ pass recomputes S and dP, the price of no atomics), so at equal
@@ -87,6 +95,25 @@
 // B fragment feeding two A row blocks: 128 shared-memory bytes per mma instead of 256, lifting the
 // ~470 TF/s shared-memory ceiling to ~940; it needs the O accumulators twice (128 registers at d_h
 // 128: Q then read from shared memory per tile), so d_h 64 first.
+//
+// Measured, bf16 version (H100, same shapes): 189.8 / 144.2, 240.3 / 167.1, 261.2 / 187.0,
+// 216.6 / 181.9, 273.4 / 198.1. Predicted for the atomic dQ: the backward's time × 5/7 for its tile
+// products, plus the dSᵀ stores, a second barrier per tile, the dQ product's A fragments read from
+// shared memory and the reductions: × 0.72–0.80, so fwd + bwd ~171–186, 199–217, 222–242, 215–232,
+// 235–256 (+19–29%): the flash column at d_h 128, T 2048, within ~5% at the other two.
+// The forward at d_h 128, T ≥ 4096 (0.85 of the flash column). Not 2 blocks per SM: that needs ≤ 128
+// registers a thread, and O alone is 64 at d_h 128, S 32 and P 16 at N 64, Q's fragments 32 (ptxas:
+// even d_h 64 at __launch_bounds__(256, 2) spills 20 bytes at 128 registers). Not 128-key tiles at
+// 16 rows a warp: S and P take 96 registers beside O's 64 and Q's 32. What limits it: the barrier per
+// tile keeps the 8 warps within a tile of each other, so they reach the softmax together and the
+// tensor pipes idle through it (2 warps a scheduler cannot hide it). The exp alone is one ex2 (16 a
+// clock per SM) per 4·d_h FLOPs against ~2600 FLOPs a clock of mma.sync: 32% of the mma time at d_h
+// 128 (63% at 64), with the rescale, max and sums on the FMA pipe besides. FlashAttention-2 runs two
+// 4-warp blocks per SM whose barriers are independent: one's softmax overlaps the other's products.
+// Next (not done): two 4-warp groups sharing the K/V stages half a tile apart (named barriers; a
+// stage refilled once both groups released it), FlashAttention-3's ping-pong on mma.sync. Predicted
+// at d_h 128: a tile costs max(mma, softmax) plus overheads instead of their sum, +10–15%: ~285–300
+// TF/s at T 4096 (0.92–0.97 of the flash column); less at d_h 64, where the exp is 63% of the mma.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -107,6 +134,7 @@ template <int D>
 constexpr int kStream = D == 64 ? 64 : 32;  // streamed rows of the backward passes (registers: file comment)
 template <int D>
 constexpr int kFwdStream = 64;  // keys per K/V tile of the forward, both head dims (file comment)
+constexpr int kDsWidth = 64;    // columns of the atomic dQ's shared dSᵀ tile (≥ kStream; at() needs 64)
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // Element offset of (row r, column c) in a swizzled D-wide shared tile (file comment); c % 8 is kept,
@@ -447,11 +475,12 @@ __device__ __forceinline__ void rows_async(float* rows, const Args& a, int64_t b
 }
 
 // One warp's share of a (Q, dO) tile of the dK/dV pass: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, then dV += Pᵀ dO and
-// dK += dSᵀ Q. qs, dos the tile's M rows (query i0 first); rows its LSE and D.
-template <int D, int M>
+// dK += dSᵀ Q. qs, dos the tile's M rows (query i0 first); rows its LSE and D. kDq (the atomic dQ):
+// the warp's 16 rows of dSᵀ, as rounded for dK, also go to the shared tile ds_t (kDsWidth wide).
+template <int D, int M, bool kDq>
 __device__ __forceinline__ void dkdv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4], const bf16* ks, const bf16* vs,
                                           const bf16* qs, const bf16* dos, const float* rows, int64_t i0, int64_t w0,
-                                          int64_t T, float scale_log2) {
+                                          int64_t T, float scale_log2, bf16* ds_t) {
   constexpr int NS = M / 8;
   const int warp = threadIdx.x / 32;
   float st[NS][4], dpt[NS][4];
@@ -470,19 +499,68 @@ __device__ __forceinline__ void dkdv_tile(float (&dk)[D / 8][4], float (&dv)[D /
   mma_cols<D>(dv, pa, dos, 0);  // dV += Pᵀ dO
   to_a(pa, dpt);
   mma_cols<D>(dk, pa, qs, 0);  // dK += dSᵀ Q
+  // kDq: word r of pa[ks2] holds key row g + 8·(r % 2), queries 16·ks2 + 8·(r / 2) + 2t and + 1.
+  if constexpr (kDq) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int ks2 = 0; ks2 < NS / 2; ++ks2)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        *reinterpret_cast<uint32_t*>(ds_t + at<kDsWidth>(16 * warp + g + 8 * (r % 2), 16 * ks2 + 8 * (r / 2) + 2 * t)) =
+            pa[ks2][r];
+  }
+}
+
+// The atomic dQ (attention_backward_bf16_cuda's atomic_dq): dQ[i0 + ·] += scale·dS K for the tile's M
+// queries, dS read by ldmatrix.trans from the warps' dSᵀ rows in ds_t (keys × queries: .trans gives A
+// fragments of dS, file comment), K resident. Warp w takes the 16 query rows 16·(w % (M/16)) and 32
+// of the D columns; only the first n_kb 16-key blocks count (those of the warps that ran dkdv_tile).
+// Each lane adds its pairs with one 8-byte atomic (red.global.add.v2.f32 on sm_90), rows past T not.
+template <int D, int M>
+__device__ __forceinline__ void dq_atomic_tile(float* dq, int64_t q_t, const bf16* ds_t, const bf16* ks, int n_kb,
+                                               int64_t i0, int64_t T, float scale) {
+  constexpr int kRowBlocks = M / 16, kCols = D * kRowBlocks / kWarps, NB = kCols / 8;
+  static_assert(NB % 2 == 0 && kRowBlocks * (D / kCols) == kWarps, "the warps tile the M × D block of dQ");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int x0 = 16 * (warp % kRowBlocks), n0 = kCols * (warp / kRowBlocks);
+  float c[NB][4];
+  zero(c);
+#pragma unroll
+  for (int kb = 0; kb < kWarps; ++kb) {
+    if (kb >= n_kb) break;
+    uint32_t a[4];  // matrices (keys 0–7, queries 0–7), (0–7, 8–15), (8–15, 0–7), (8–15, 8–15): a0..a3
+    ldmatrix_x4_trans(a, ds_t + at<kDsWidth>(16 * kb + lane % 8 + 8 * (lane / 16), x0 + 8 * (lane / 8 % 2)));
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {  // B(key, d) = K[key][n0 + d]: from columns, as mma_cols
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, ks + at<D>(16 * kb + lane % 16, n0 + 8 * (nb + lane / 16)));
+      mma_bf16(c[nb], a, b[0], b[1]);
+      mma_bf16(c[nb + 1], a, b[2], b[3]);
+    }
+  }
+#pragma unroll
+  for (int e2 = 0; e2 < 4; e2 += 2) {
+    const int64_t i = i0 + x0 + c_row(e2);
+    if (i >= T) continue;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+      ptx::red_add_f32x2(dq + i * q_t + n0 + c_col(nb, e2), c[nb][e2] * scale, c[nb][e2 + 1] * scale);
+  }
 }
 
 // dK, dV of one 128-key tile (file comment): K, V resident in shared memory (the warps' A fragments
 // reread per tile: 128 fp32 accumulators per thread at d_h 128 leave no room to keep them), the Q, dO
 // tiles and their LSE, D rows of the group's heads streamed M rows at a time through the pipeline.
-template <int D>
+// kDq: also dQ += scale·dS K per tile by atomics (dq zeroed by the launcher; a.delta not in dq).
+template <int D, bool kDq>
 __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_bf16_kernel(Args a) {
   constexpr int NB = D / 8, M = kStream<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf16* const ks = reinterpret_cast<bf16*>(smem);                          // (kBig, D)
-  bf16* const vs = ks + kBig * D;                                          // (kBig, D)
-  bf16* const qd = vs + kBig * D;                                          // kStages × (Q: M rows, dO: M rows)
-  float* const rows = reinterpret_cast<float*>(qd + kStages * 2 * M * D);  // kStages × (LSE: M, D: M)
+  bf16* const ks = reinterpret_cast<bf16*>(smem);  // (kBig, D)
+  bf16* const vs = ks + kBig * D;                  // (kBig, D)
+  bf16* const qd = vs + kBig * D;                  // kStages × (Q: M rows, dO: M rows)
+  bf16* const ds_t = qd + kStages * 2 * M * D;     // kDq: (kBig, kDsWidth) dSᵀ
+  float* const rows = reinterpret_cast<float*>(ds_t + (kDq ? kBig * kDsWidth : 0));  // kStages × (LSE: M, D: M)
   const int warp = threadIdx.x / 32;
   const int b = blockIdx.x / a.kv_heads, kh = blockIdx.x % a.kv_heads;
   const int64_t T = a.seq, j0 = static_cast<int64_t>(blockIdx.y) * kBig, w0 = j0 + 16 * warp;
@@ -508,7 +586,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_bf16_kernel(Args a
     const int64_t i0 = j0 + u % per_head * M;
     const bf16* qs = qd + buf * 2 * M * D;
     if (i0 + M - 1 >= w0 && w0 < T)  // warp-uniform: some query of the tile sees some key of the warp
-      dkdv_tile<D, M>(dk, dv, ks, vs, qs, qs + M * D, rows + buf * 2 * M, i0, w0, T, a.scale_log2);
+      dkdv_tile<D, M, kDq>(dk, dv, ks, vs, qs, qs + M * D, rows + buf * 2 * M, i0, w0, T, a.scale_log2, ds_t);
+    if constexpr (kDq) {  // the warps above: keys j0 .. min(i0 + M, T) − 1, n_kb blocks of 16
+      const int64_t last = (i0 + M < T ? i0 + M : T) - 1 - j0;
+      const int n_kb = last / 16 + 1 < kWarps ? static_cast<int>(last / 16 + 1) : kWarps;
+      __syncthreads();  // every warp's dSᵀ rows stored (the pipeline's next barrier guards the reuse)
+      dq_atomic_tile<D, M>(a.dq + b * T * q_t + (head(u) % a.heads) * D, q_t, ds_t, ks, n_kb, i0, T, a.scale);
+    }
   };
   pipeline(n_tiles, issue, use);
 #pragma unroll
@@ -603,9 +687,10 @@ template <int D>
 constexpr size_t dq_smem() {
   return sizeof(bf16) * kStages * 2 * kStream<D> * D + sizeof(float) * 2 * kBig;
 }
-template <int D>
+template <int D, bool kDq>
 constexpr size_t dkdv_smem() {
-  return sizeof(bf16) * (2 * kBig + kStages * 2 * kStream<D>)*D + sizeof(float) * kStages * 2 * kStream<D>;
+  return sizeof(bf16) * ((2 * kBig + kStages * 2 * kStream<D>)*D + (kDq ? kBig * kDsWidth : 0)) +
+         sizeof(float) * kStages * 2 * kStream<D>;
 }
 
 template <typename Kernel>
@@ -640,17 +725,26 @@ void attention_forward_bf16_cuda(const AttentionShape& s, const bf16* q, const b
 
 void attention_backward_bf16_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
                                   const float* lse, const bf16* dout, const float* delta, float* dq, float* dk,
-                                  float* dv, cudaStream_t stream) {
+                                  float* dv, bool atomic_dq, cudaStream_t stream) {
   Args a = make_args(s);
   a.q = q, a.k = k, a.v = v, a.o = o, a.lse = lse, a.dout = dout, a.delta = delta, a.dq = dq, a.dk = dk, a.dv = dv;
   const dim3 grid_kv(static_cast<unsigned>(s.batch * s.kv_heads), tiles(s.seq));
   const dim3 grid_q(static_cast<unsigned>(s.batch * s.heads), tiles(s.seq));
+  if (atomic_dq) {  // one pass: dK, dV and the atomic dQ (5 tile products)
+    PL_CUDA_CHECK(cudaMemsetAsync(dq, 0, sizeof(float) * s.batch * s.seq * s.heads * s.head_dim, stream));
+    if (s.head_dim == 64)
+      launch(attention_dkdv_bf16_kernel<64, true>, grid_kv, dkdv_smem<64, true>(), a, stream);
+    else
+      launch(attention_dkdv_bf16_kernel<128, true>, grid_kv, dkdv_smem<128, true>(), a, stream);
+    PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
+    return;
+  }
   if (s.head_dim == 64) {
-    launch(attention_dkdv_bf16_kernel<64>, grid_kv, dkdv_smem<64>(), a, stream);
+    launch(attention_dkdv_bf16_kernel<64, false>, grid_kv, dkdv_smem<64, false>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
     launch(attention_dq_bf16_kernel<64>, grid_q, dq_smem<64>(), a, stream);
   } else {
-    launch(attention_dkdv_bf16_kernel<128>, grid_kv, dkdv_smem<128>(), a, stream);
+    launch(attention_dkdv_bf16_kernel<128, false>, grid_kv, dkdv_smem<128, false>(), a, stream);
     PL_CUDA_CHECK_LAUNCH(attention_dkdv_bf16_kernel);
     launch(attention_dq_bf16_kernel<128>, grid_q, dq_smem<128>(), a, stream);
   }

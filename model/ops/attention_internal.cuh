@@ -29,11 +29,13 @@ __device__ __forceinline__ float attention_row_delta(const X* o, const X* dout, 
 // The bf16 tensor-core kernels (attention_bf16.cu), for shapes attention.cu has checked (head_dim
 // 64 or 128, kv_heads dividing heads, batch and seq > 0). Same layouts as the fp32 launchers, bf16
 // q, k, v, o, dO; `delta` (B, H, T) = rowsum(dO ⊙ O) from attention.cu's delta kernel, which may live
-// in dq's memory (the dQ pass recomputes its rows' D before it writes dq).
+// in dq's memory (the dQ pass recomputes its rows' D before it writes dq). atomic_dq: the
+// non-deterministic backward (dq zeroed, then dQ added by fp32 atomics in the dK/dV pass, no dQ pass),
+// where delta must not live in dq.
 void attention_forward_bf16_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, bf16* o,
                                  float* lse, cudaStream_t stream);
 void attention_backward_bf16_cuda(const AttentionShape& s, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
                                   const float* lse, const bf16* dout, const float* delta, float* dq, float* dk,
-                                  float* dv, cudaStream_t stream);
+                                  float* dv, bool atomic_dq, cudaStream_t stream);
 
 }  // namespace peerless

@@ -1,6 +1,7 @@
 // The inline PTX the tensor-core kernels share (attention_bf16.cu, gemm_fused.cu): cp.async global →
-// shared copies with zero fill, their group commit and wait, ldmatrix, and the mma.sync products. Shared
-// addresses are 32-bit shared-window addresses (smem_addr of a generic pointer). sm_80 and later.
+// shared copies with zero fill, their group commit and wait, ldmatrix, the mma.sync products, and a
+// vector fp32 reduction into global memory. Shared addresses are 32-bit shared-window addresses
+// (smem_addr of a generic pointer). sm_80 and later.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +41,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+
+// p[0] += a, p[1] += b in global memory as one reduction without a result (8-byte aligned p): one
+// red.global.add.v2.f32 on sm_90, two scalar ones before (the pair's two adds are then separate).
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
 }
 
 // The tensor-core products (mma.sync, sm_80+), accumulating in place:
