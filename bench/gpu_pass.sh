@@ -15,8 +15,8 @@
 #   learn    Tiny Shakespeare PEER model, 600 steps: fp32 tables on tf32x3 GEMMs (the default)
 #            against ternary tables on tf32x3 and on tf32                                          ~2 min
 #   verify   ctest -L gpu over what changed since the last full pass (-R "$VERIFY", default the
-#            expert-sharding and PEER tests)                                                     ~1.5 min
-#   baselines  Transformer++ and MatMul-free 370M, batch 8 and 16, one after the other (issue 15) ~1.5 min
+#            expert-sharding, PEER, attention and recompute tests)                                                     ~1.5 min
+#   baselines  bench attention, then Transformer++ and MatMul-free 370M, batch 8 and 16 (issue 15) ~2 min
 #   wgmma    test_gemm_fused_cuda (the wgmma kernel bit for bit; a hang is killed), then if it passed
 #            bench_gemm_cuda --fused-only and bench train 370M with run.forward_gemm = wgmma     ~3 min
 #   peer     PEER-pytorch, then bench peer-layer with ternary tables (packed, int8) on tf32 GEMMs  ~1.5 min
@@ -97,12 +97,14 @@ learn() {  # fp32 tables on tf32x3 GEMMs (the verified default) against ternary 
 }
 
 verify() {
-  local re="${VERIFY:-peer|pkm|moe|expert|shard}"
+  local re="${VERIFY:-peer|pkm|moe|expert|shard|attention|Recompute|tpp|bitnet}"
   (cd build-sm90 && timeout 300 ctest -L gpu -R "$re" -j 4 --timeout 240 --output-on-failure > "$OUT/ctest_verify.log" 2>&1)
   grep -E "tests passed|Failed|\*\*\*|Total Test" "$OUT/ctest_verify.log" | head -20
 }
 
 baselines() {
+  timeout 90 $B/peerless bench attention > "$OUT/attention.txt" 2>&1
+  tail -8 "$OUT/attention.txt"
   for c in tpp-370m mmf-370m; do bench_train "$c" configs/$c.toml 8,16; done
 }
 
