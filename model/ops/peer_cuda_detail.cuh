@@ -245,13 +245,16 @@ struct TernaryRows {
   bool aligned() const { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
 };
 // The same codes 2-bit packed (model/ternary_pack.h: four a byte, low bits first; 0.25 byte per
-// weight), decoded in registers to the floats TernaryRows gives: the three products 1·β, −1·β and 0·β
-// (β, −β and +0 for the positive finite β a table has; 0·β keeps TernaryRows' NaN for an infinite
-// β), formed once per load and hoisted out of the loops, then picked by each code's field. So a
-// kernel sums identical floats in identical order on either form (bit for bit), and no
-// integer-to-float conversion is issued per weight (TernaryRows issues one; conversions run at a
-// fraction of the FP32 rate). V = 4 reads the one byte holding elements i .. i + 3 (i a multiple of
-// 4, as the vector paths give when d % 4 == 0): a warp's load is 32 consecutive bytes, one sector.
+// weight), decoded in registers to the floats TernaryRows gives, so a kernel sums identical floats in
+// identical order on either form (bit for bit). V = 4 reads the one byte holding elements i .. i + 3
+// (i a multiple of 4, as the vector paths give when d % 4 == 0: a warp's load is 32 consecutive
+// bytes, one sector), spreads its four fields into the low bits of four nibbles (two shift-and-mask
+// steps) and maps them with one byte permute to TernaryRows' char4 (0b00 → 0, 0b01 → 1, 0b10 → −1,
+// 0b11 → 0), then converts as TernaryRows does: c·β per weight. The first version picked β, −β or
+// 0·β by two compares and two selects per weight instead, to skip the conversion; on the H100 that
+// made the experts forward slower than on int8 rows (1.046 against 0.802 ms at 8192 tokens, N =
+// 1024², bench peer-layer): ~6 issued instructions per weight against ~2, in a loop that is
+// issue-bound once the bytes shrink. Now ~3.3 (5 per byte + TernaryRows' 2 per weight).
 struct PackedTernaryRows {
   const uint8_t* p;
   float beta;
@@ -262,8 +265,11 @@ struct PackedTernaryRows {
     Vec<V> r;
     if constexpr (V == 4) {
       const uint32_t b = p[i >> 2];
+      uint32_t sel = (b | (b << 4)) & 0x0F0Fu;  // fields 0, 1 at bits 0-3, fields 2, 3 at bits 8-11
+      sel = (sel | (sel << 2)) & 0x3333u;        // field k at bits 4k, 4k + 1: nibble k selects byte k
+      const uint32_t codes = __byte_perm(0x00FF0100u, 0u, sel);  // bytes of the table: 0, 1, −1, 0
 #pragma unroll
-      for (int k = 0; k < 4; ++k) r.v[k] = value((b >> (2 * k)) & 3u);
+      for (int k = 0; k < 4; ++k) r.v[k] = static_cast<float>(static_cast<int8_t>(codes >> (8 * k))) * beta;
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k) r.v[k] = value(cuda_detail::ternary_field_at(p, i + k));
