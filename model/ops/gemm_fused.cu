@@ -192,22 +192,33 @@ bool bitlinear_fused_supported(int64_t M, int64_t N, int64_t K, const void* a_co
          aligned(a_codes, 16) && aligned(w_codes, 16) && aligned(y, 8) && aligned(residual, 8);
 }
 
+namespace fused {
+
+FusedArgs checked_fused_args(const char* who, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                             const int8_t* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
+                             const float* residual) {
+  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, who, ": bad shape M=", M, " N=", N, " K=", K);
+  PL_CHECK(N % 16 == 0 && K % 16 == 0 && K > 0, config, who, ": N and K must be positive multiples of 16 (got N=", N,
+           ", K=", K, "); use bitlinear_matmul_cuda");
+  PL_CHECK(K <= (int64_t{1} << 24), internal, who, ": K=", K, " could overflow int32 (max 2^24)");
+  PL_CHECK(M <= kMaxGridY * kBM, internal, who, ": M=", M, " exceeds ", kMaxGridY * kBM, " rows (grid limit)");
+  PL_CHECK(!residual || out == GemmOut::f32, internal, who, ": a residual needs an fp32 output");
+  if (M > 0) {
+    PL_CHECK(a_codes && w_codes && a_scale && y, internal, who, ": null pointer");
+    PL_CHECK(bitlinear_fused_supported(M, N, K, a_codes, w_codes, y, residual), internal, who,
+             ": a_codes and w_codes must be 16-byte aligned, y and residual 8-byte aligned");
+  }
+  return FusedArgs{M, N, K, a_codes, w_codes, a_scale, beta, residual, y};
+}
+
+}  // namespace fused
+
 void bitlinear_matmul_fused_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
                                  const float* a_scale, float beta, GemmOut out, void* y, const float* residual,
                                  cudaStream_t stream, FusedTile tile) {
-  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "bitlinear_matmul_fused_cuda: bad shape M=", M, " N=", N, " K=", K);
-  PL_CHECK(N % 16 == 0 && K % 16 == 0 && K > 0, config,
-           "bitlinear_matmul_fused_cuda: N and K must be positive multiples of 16 (got N=", N, ", K=", K,
-           "); use bitlinear_matmul_cuda");
-  PL_CHECK(K <= (int64_t{1} << 24), internal, "bitlinear_matmul_fused_cuda: K=", K, " could overflow int32 (max 2^24)");
-  PL_CHECK(M <= kMaxGridY * kBM, internal, "bitlinear_matmul_fused_cuda: M=", M, " exceeds ", kMaxGridY * kBM,
-           " rows (grid limit)");
-  PL_CHECK(!residual || out == GemmOut::f32, internal, "bitlinear_matmul_fused_cuda: a residual needs an fp32 output");
+  const FusedArgs p = fused::checked_fused_args("bitlinear_matmul_fused_cuda", M, N, K, a_codes, w_codes, a_scale,
+                                                beta, out, y, residual);
   if (M == 0) return;
-  PL_CHECK(a_codes && w_codes && a_scale && y, internal, "bitlinear_matmul_fused_cuda: null pointer");
-  PL_CHECK(bitlinear_fused_supported(M, N, K, a_codes, w_codes, y, residual), internal,
-           "bitlinear_matmul_fused_cuda: a_codes and w_codes must be 16-byte aligned, y and residual 8-byte aligned");
-  const FusedArgs p{M, N, K, a_codes, w_codes, a_scale, beta, residual, y};
   if (tile == FusedTile::automatic) tile = fused_tile_for(M, N);
   const bool f32 = out == GemmOut::f32;
   if (tile == FusedTile::n256)

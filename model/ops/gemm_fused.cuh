@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "model/ops/gemm_cuda.h"
+
 namespace peerless {
 namespace fused {
 
@@ -20,6 +22,13 @@ struct FusedArgs {
   const float* residual;  // (M,N) or null; may alias y
   void* y;                // (M,N) float or bf16
 };
+
+// The contract checks of path C (gemm_cuda.h) that both kernels' entry points make, errors naming
+// `who`: shape, K's int32 bound, grid rows, the residual's output form, then (M > 0) pointers and
+// alignment (bitlinear_fused_supported). Returns the kernel's arguments; the caller returns on M == 0.
+FusedArgs checked_fused_args(const char* who, int64_t M, int64_t N, int64_t K, const int8_t* a_codes,
+                             const int8_t* w_codes, const float* a_scale, float beta, GemmOut out, void* y,
+                             const float* residual);
 
 // y[m, n..n+1] from two accumulators: float(acc)·factor rounded, then + residual (fp32) or rounded to
 // bf16: the operations of bitlinear_dequant_kernel / bitlinear_dequant_residual_kernel.

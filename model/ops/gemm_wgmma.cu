@@ -53,7 +53,7 @@ using fused::FusedArgs, fused::store_pair;
 
 constexpr int kBM = 128, kBK = 128;  // rows of A per block; K bytes per stage (the 128-byte swizzle's row)
 constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
-constexpr int64_t kMaxGridY = 65535;
+static_assert(kBM == 128, "fused::checked_fused_args bounds M by the grid: 65535 row blocks of 128");
 
 template <int BN>
 struct WTile {
@@ -216,22 +216,12 @@ bool bitlinear_wgmma_supported(int64_t M, int64_t N, int64_t K, const void* a_co
 void bitlinear_matmul_wgmma_cuda(int64_t M, int64_t N, int64_t K, const int8_t* a_codes, const int8_t* w_codes,
                                  const float* a_scale, float beta, GemmOut out, void* y, const float* residual,
                                  cudaStream_t stream, FusedTile tile) {
-  PL_CHECK(M >= 0 && N >= 0 && K >= 0, internal, "bitlinear_matmul_wgmma_cuda: bad shape M=", M, " N=", N, " K=", K);
-  PL_CHECK(N % 16 == 0 && K % 16 == 0 && K > 0 && N > 0, config,
-           "bitlinear_matmul_wgmma_cuda: N and K must be positive multiples of 16 (got N=", N, ", K=", K,
-           "); use bitlinear_matmul_cuda");
-  PL_CHECK(K <= (int64_t{1} << 24), internal, "bitlinear_matmul_wgmma_cuda: K=", K, " could overflow int32 (max 2^24)");
-  PL_CHECK(M <= kMaxGridY * kBM, internal, "bitlinear_matmul_wgmma_cuda: M=", M, " exceeds ", kMaxGridY * kBM,
-           " rows (grid limit)");
-  PL_CHECK(!residual || out == GemmOut::f32, internal, "bitlinear_matmul_wgmma_cuda: a residual needs an fp32 output");
   PL_CHECK(
       bitlinear_wgmma_device(), config,
       "bitlinear_matmul_wgmma_cuda: needs a compute-capability 9.0 GPU (H100/H200); use bitlinear_matmul_fused_cuda");
+  const FusedArgs p = fused::checked_fused_args("bitlinear_matmul_wgmma_cuda", M, N, K, a_codes, w_codes, a_scale,
+                                                beta, out, y, residual);
   if (M == 0) return;
-  PL_CHECK(a_codes && w_codes && a_scale && y, internal, "bitlinear_matmul_wgmma_cuda: null pointer");
-  PL_CHECK(bitlinear_fused_supported(M, N, K, a_codes, w_codes, y, residual), internal,
-           "bitlinear_matmul_wgmma_cuda: a_codes and w_codes must be 16-byte aligned, y and residual 8-byte aligned");
-  const FusedArgs p{M, N, K, a_codes, w_codes, a_scale, beta, residual, y};
   if (tile == FusedTile::automatic) tile = wgmma_tile_for(M, N);
   const bool f32 = out == GemmOut::f32;
   if (tile == FusedTile::n256)
